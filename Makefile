@@ -1,0 +1,57 @@
+# SkyPrompt developer commands. `make help` lists them.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEBIAN_PACKAGES := python3-qgis qgis-providers python3-gdal gdal-bin python3-venv xvfb
+SETUP_STAMP := $(VENV)/.skyprompt-setup
+PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
+PROTO_STAMP := build/.proto-stamp
+export QT_QPA_PLATFORM ?= offscreen
+
+.PHONY: help setup check-debian proto test bench clean
+
+help:
+	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
+	@echo "make test    run the whole test suite (runs setup first when needed)"
+	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
+	@echo "make proto   regenerate the gRPC stubs from proto/"
+	@echo "make clean   remove build output (keeps .venv)"
+
+check-debian:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Missing Debian packages:$$missing"; \
+	  echo "Install them with:  sudo apt-get update && sudo apt-get install -y $(DEBIAN_PACKAGES)"; \
+	  exit 1; \
+	fi
+
+$(SETUP_STAMP): pyproject.toml | check-debian
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	# torch first and alone: pinned to the CPU wheel so nothing pulls a CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0" "numpy<2"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(PROTO_STAMP): $(PROTO_SRC) tools/build_proto.py $(SETUP_STAMP)
+	$(PY) tools/build_proto.py
+	@mkdir -p build && touch $@
+
+setup: check-debian $(SETUP_STAMP) $(PROTO_STAMP)
+
+proto: $(SETUP_STAMP)
+	$(PY) tools/build_proto.py
+	@mkdir -p build && touch $(PROTO_STAMP)
+
+test: setup
+	$(PY) -m pytest -p no:cacheprovider
+
+bench: setup
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build backend/rpc plugin/rpc .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""SkyPrompt backend: the MaMMUT model, raster tiling, tile index, search, SAO segmentation, gRPC server."""

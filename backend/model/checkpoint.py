@@ -1,0 +1,149 @@
+"""Checkpoint directories: `model.safetensors` + `config.json` + `tokenizer.json`.
+
+Self-contained (nothing is downloaded). Saving is atomic: everything is written into a temporary
+sibling directory which then replaces the target with renames, so a crash leaves either the old
+checkpoint or the new one, never a mix. Loading checks every file and says what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import PRESETS, ConfigError, MaMMUTConfig
+from .mammut import MaMMUT
+from .tokenizer import Tokenizer, TokenizerError
+
+FORMAT = "skyprompt-mammut"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded or written; the message says why and what to do."""
+
+
+def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.PathLike,
+                    dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
+    """Write model + config + tokenizer to `directory` atomically. `dtype` (e.g. torch.float16) casts
+    floating-point weights for a smaller file; `extra` (training metadata) goes into config.json."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        state[k] = v.contiguous()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+        if extra:
+            meta["training"] = extra
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        tokenizer.save(tmp / TOKENIZER)
+        for f in (WEIGHTS, CONFIG, TOKENIZER):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into place of `target` with renames (the old one is removed only afterwards)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, copy it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{path} is not a SkyPrompt model config (expected \"format\": \"{FORMAT}\")")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta['format_version']}; this SkyPrompt reads up to "
+                              f"{FORMAT_VERSION}: upgrade SkyPrompt")
+    preset = meta["model"].get("preset", "custom")
+    if preset != "custom" and preset not in PRESETS:
+        raise CheckpointError(f"{path} names unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    try:
+        return MaMMUTConfig.from_dict(meta["model"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[MaMMUT, Tokenizer]:
+    """Load (model in eval mode, tokenizer) from a checkpoint directory, checking everything."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
+    cfg = read_config(directory)
+    tok_path = directory / TOKENIZER
+    if not tok_path.is_file():
+        raise CheckpointError(f"{tok_path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
+    try:
+        tokenizer = Tokenizer.load(tok_path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens but {CONFIG} says vocab_size "
+                              f"{cfg.vocab_size}: the tokenizer does not belong to these weights")
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} is truncated or corrupt ({e}); copy or re-download the checkpoint") from None
+    model = MaMMUT(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
+        raise CheckpointError(f"{weights} does not match {CONFIG}: " + ", ".join(parts))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def checkpoint_hash(directory: str | os.PathLike) -> str:
+    """sha256 over weights, config and tokenizer: identifies the model that made an embedding."""
+    h = hashlib.sha256()
+    for name in (WEIGHTS, CONFIG, TOKENIZER):
+        with open(Path(directory) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,54 @@
+"""MaMMUT's training losses: symmetric contrastive (InfoNCE) + captioning cross-entropy.
+
+Under DDP the contrastive loss sees every rank's embeddings: features are all-gathered *with*
+gradients (torch.distributed.nn.all_gather), so each rank's loss covers the global batch and the
+gradient reaches the features computed on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate x from all ranks (differentiably); returns (gathered, offset of this rank's rows)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_fn
+
+    parts = dist_fn.all_gather(x)
+    return torch.cat(parts, 0), dist.get_rank() * x.shape[0]
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the (global) batch; the i-th image matches the i-th text."""
+    all_images, offset = gather_with_grad(image_features)
+    all_texts, _ = gather_with_grad(text_features)
+    n = image_features.shape[0]
+    labels = torch.arange(offset, offset + n, device=image_features.device)
+    logits_per_image = logit_scale * image_features @ all_texts.t()
+    logits_per_text = logit_scale * text_features @ all_images.t()
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy: logits [B, T-1, V] predict tokens[:, 1:]; padding is ignored."""
+    targets = tokens[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+
+
+class MaMMUTLoss(nn.Module):
+    def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 2.0, pad_id: int = 0):
+        super().__init__()
+        self.contrastive_weight = contrastive_weight
+        self.caption_weight = caption_weight
+        self.pad_id = pad_id
+
+    def forward(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        con = contrastive_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
+        cap = caption_loss(outputs["logits"], tokens, self.pad_id)
+        total = self.contrastive_weight * con + self.caption_weight * cap
+        return {"loss": total, "contrastive_loss": con.detach(), "caption_loss": cap.detach()}

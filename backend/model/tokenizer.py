@@ -1,0 +1,298 @@
+"""Caption tokenizer: byte-level BPE trained on remote-sensing captions.
+
+A checkpoint carries its own tokenizer.json (written by `Tokenizer.save`), so a model and the
+vocabulary it was trained with never drift apart, and nothing is downloaded at run time.
+
+Choices, and why:
+- Byte-level BPE: every string encodes (no <unk> ever comes out), including place names, units
+  and symbols users type that the captions never had.
+- Normalisation NFKC + lowercase + strip: the caption corpora are inconsistently cased, and a
+  search for "Parking Lot" should mean the same as "parking lot". decode(encode(x)) gives back
+  that normalised text exactly, punctuation, digits and inner spacing included.
+- add_prefix_space: a word gets the same tokens at the start of a caption as in the middle.
+- The four special tokens are trained first, so they always take ids 0..3; the model config's
+  pad_id/bos_id/eos_id defaults rely on that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+BYTE_ALPHABET_SIZE = 256
+RETRAIN_HINT = "retrain it with `python -m training.tokenizer`"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained, loaded or used as a SkyPrompt tokenizer."""
+
+
+class Tokenizer:
+    """A trained byte-level BPE tokenizer with SkyPrompt's fixed special-token ids."""
+
+    def __init__(self, backend: HFTokenizer, source: str = "<in memory>"):
+        _check_special_tokens(backend, source)
+        self._backend = backend
+
+    # --- loading and saving ---------------------------------------------------------------
+
+    @classmethod
+    def from_str(cls, json_text: str, source: str = "<in memory>") -> "Tokenizer":
+        """A tokenizer from the text of a tokenizer.json; `source` names it in error messages."""
+        try:
+            json.loads(json_text)
+        except json.JSONDecodeError as e:
+            raise TokenizerError(
+                f"tokenizer.json at {source} is not a SkyPrompt tokenizer: it is not valid JSON "
+                f"({e.msg} at line {e.lineno}, column {e.colno}); {RETRAIN_HINT}"
+            ) from None
+        try:
+            backend = HFTokenizer.from_str(json_text)
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad content
+            raise TokenizerError(
+                f"tokenizer.json at {source} is not a SkyPrompt tokenizer: the tokenizers library "
+                f"cannot read it ({e}); {RETRAIN_HINT}"
+            ) from None
+        return cls(backend, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load a tokenizer.json, or the tokenizer.json inside a checkpoint directory."""
+        path = _tokenizer_file(path)
+        if not path.is_file():
+            raise TokenizerError(
+                f"no tokenizer at {path}: the file does not exist; train one with "
+                f"`python -m training.tokenizer --captions CAPTIONS... --out {path}`"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise TokenizerError(
+                f"tokenizer.json at {path} is not a SkyPrompt tokenizer: it is not UTF-8 text "
+                f"(a corrupt or binary file?); {RETRAIN_HINT}"
+            ) from None
+        except OSError as e:
+            raise TokenizerError(f"cannot read tokenizer at {path}: {e.strerror or e}") from None
+        return cls.from_str(text, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write tokenizer.json atomically: a crash mid-write never leaves a truncated file.
+
+        `path` is a file, or an existing checkpoint directory (then `path/tokenizer.json`).
+        Returns the file written.
+        """
+        path = _tokenizer_file(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the temp file lives in the target's directory so os.replace is a rename, never a copy
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_str())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def to_str(self) -> str:
+        """The tokenizer.json text."""
+        return self._backend.to_str(pretty=True)
+
+    # --- vocabulary -----------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def unk_id(self) -> int:
+        return UNK_ID
+
+    # --- text <-> ids ---------------------------------------------------------------------
+
+    def normalize(self, text: str) -> str:
+        """The text as the tokenizer sees it; decode(encode(text)) gives exactly this back."""
+        return self._backend.normalizer.normalize_str(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without special tokens."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def tokens(self, text: str) -> list[str]:
+        """The BPE pieces of one text (byte-level: 'Ġ' marks a leading space); for inspection."""
+        return self._backend.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of a token sequence: stops at the first <eos>, skips other special tokens.
+
+        Model output may hold ids past the end of this vocabulary (the embedding table can be
+        larger than the trained vocabulary); those are dropped.
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        kept = []
+        for i in ids:
+            if i == EOS_ID:
+                break
+            if i >= len(SPECIAL_TOKENS):
+                kept.append(i)
+        text = self._backend.decode(kept, skip_special_tokens=True)
+        # undo add_prefix_space: the byte-level decoder keeps the space it added in front
+        return text[1:] if text.startswith(" ") else text
+
+    def __call__(self, texts: str | Sequence[str], context_length: int) -> torch.Tensor:
+        """A LongTensor [B, context_length] of `<bos> tokens... <eos> <pad>...`.
+
+        Long texts are cut so that <eos> is always present: the contrastive pass pools at it and
+        the generative pass must learn to stop.
+        """
+        if context_length < 2:
+            raise ValueError(f"context_length must be at least 2 (room for <bos> and <eos>), got {context_length}")
+        if isinstance(texts, str):
+            texts = [texts]
+        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        out = torch.full((len(encodings), context_length), PAD_ID, dtype=torch.long)
+        for row, enc in enumerate(encodings):
+            ids = [BOS_ID, *enc.ids[: context_length - 2], EOS_ID]
+            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on caption texts.
+
+    The result may have fewer than `vocab_size` tokens when the corpus has too few pairs seen
+    `min_frequency` times; the model's vocab_size must be at least `Tokenizer.vocab_size`.
+    """
+    floor = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE
+    if vocab_size < floor:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small: the special tokens and the 256 byte tokens "
+            f"alone take {floor}"
+        )
+    if min_frequency < 1:
+        raise TokenizerError(f"min_frequency must be at least 1, got {min_frequency}")
+
+    backend = HFTokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),  # first, so they take ids 0..3
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes, so <unk> never appears
+        show_progress=False,
+    )
+    seen = 0
+
+    def counted(it: Iterable[str]) -> Iterator[str]:
+        nonlocal seen
+        for text in it:
+            if not isinstance(text, str):
+                raise TokenizerError(f"training texts must be str, got {type(text).__name__}")
+            seen += 1
+            yield text
+
+    backend.train_from_iterator(counted(texts), trainer)
+    if seen == 0:
+        raise TokenizerError("no text to train the tokenizer on")
+    return Tokenizer(backend, source="<freshly trained>")
+
+
+def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Captions from text files (one a line) and JSONL manifests, blank lines skipped.
+
+    A file ending in .jsonl / .ndjson holds one JSON object a line, whose `captions` (a list of
+    strings) and/or `caption` (a string) are read; objects with neither (unlabelled images) are
+    skipped. Any other file is plain text, one caption a line (e.g. RSICD's *_caps.txt).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a directory; pass caption files (e.g. {path}/*_caps.txt)")
+        # utf-8-sig: tolerate a byte-order mark from files saved on Windows
+        with path.open(encoding="utf-8-sig") as f:
+            try:
+                if path.suffix.lower() in (".jsonl", ".ndjson"):
+                    yield from _manifest_captions(f, path)
+                else:
+                    for line in f:
+                        line = line.strip()
+                        if line:
+                            yield line
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); is it a caption file?") from None
+
+
+def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        captions = record.get("captions", [])
+        if isinstance(captions, str):
+            captions = [captions]
+        caption = record.get("caption")
+        if caption is not None:
+            captions = [*captions, caption]
+        for text in captions:
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: captions must be strings, got {type(text).__name__}")
+            text = text.strip()
+            if text:
+                yield text
+
+
+def _tokenizer_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def _check_special_tokens(backend: HFTokenizer, source: str) -> None:
+    wrong = [
+        f"{tok} has id {backend.token_to_id(tok)}" if backend.token_to_id(tok) is not None else f"{tok} is missing"
+        for want, tok in enumerate(SPECIAL_TOKENS)
+        if backend.token_to_id(tok) != want
+    ]
+    if wrong:
+        raise TokenizerError(
+            f"tokenizer.json at {source} is not a SkyPrompt tokenizer: special tokens must be "
+            f"{', '.join(f'{t}={i}' for i, t in enumerate(SPECIAL_TOKENS))} but {'; '.join(wrong)}; {RETRAIN_HINT}"
+        )
+    if backend.normalizer is None or backend.decoder is None:
+        raise TokenizerError(
+            f"tokenizer.json at {source} is not a SkyPrompt tokenizer: it has no "
+            f"{'normalizer' if backend.normalizer is None else 'decoder'}; {RETRAIN_HINT}"
+        )

@@ -1,0 +1,98 @@
+"""ViT image encoder and the attention-pooled image embedding."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import MaMMUTConfig
+from .layers import EncoderBlock, split_heads
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bicubically resample a [1, g*g, C] position embedding to a [1, grid*grid, C] one."""
+    n, c = pos_embed.shape[1], pos_embed.shape[2]
+    old = int(math.isqrt(n))
+    if old == grid:
+        return pos_embed
+    pe = pos_embed.reshape(1, old, old, c).permute(0, 3, 1, 2)
+    pe = F.interpolate(pe.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return pe.permute(0, 2, 3, 1).reshape(1, grid * grid, c).to(pos_embed.dtype)
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding + learned position embedding + pre-norm blocks; returns all patch tokens.
+
+    No class token: MaMMUT pools the image with a learned query instead (`AttentionPool`), and the
+    dense SAO path needs every patch token anyway. Inputs of another size than the configured one
+    work: the position embedding is resampled to the new patch grid.
+    """
+
+    def __init__(self, cfg: MaMMUTConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2, cfg.vision_width))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(cfg.vision_width, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.vision_layers)
+        )
+        self.ln_post = nn.LayerNorm(cfg.vision_width)
+        self.grad_checkpointing = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] (normalised) -> tokens [B, (H/p)*(W/p), width]."""
+        b, _, h, w = images.shape
+        if h % self.patch_size or w % self.patch_size or h != w:
+            raise ValueError(f"images must be square with sides a multiple of {self.patch_size} px, got {h}x{w}")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = x + resize_pos_embed(self.pos_embed, h // self.patch_size)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_post(x)
+
+
+class AttentionPool(nn.Module):
+    """One learned query attends over all patch tokens (multi-head), then projects to the joint space.
+
+    `keys_values` exposes the per-head scores and values so the Smooth-Attention-Operation can pool
+    the same quantities over local windows instead of the whole grid.
+    """
+
+    def __init__(self, width: int, heads: int, embed_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(1, 1, width))
+        self.ln_q = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.ln_out = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+
+    def scores_and_values(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, N, C] -> scores [B, heads, N] (q.k/sqrt(d)) and values [B, heads, N, d]."""
+        b, n, c = tokens.shape
+        q = split_heads(self.q(self.ln_q(self.query)), self.heads)            # [1, h, 1, d]
+        kv = self.kv(tokens).view(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)                                                   # [B, h, N, d]
+        scores = (q * k).sum(-1) / math.sqrt(c // self.heads)                 # [B, h, N]
+        return scores, v
+
+    def project(self, pooled_heads: torch.Tensor) -> torch.Tensor:
+        """Per-head pooled values [..., heads, d] -> joint-space embedding [..., embed_dim] (not normalised)."""
+        x = pooled_heads.flatten(-2)
+        return self.proj(self.ln_out(self.out(x)))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, c = tokens.shape
+        q = split_heads(self.q(self.ln_q(self.query)).expand(b, -1, -1), self.heads)
+        kv = self.kv(tokens).view(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        pooled = F.scaled_dot_product_attention(q, k, v)                      # [B, h, 1, d]
+        return self.project(pooled[:, :, 0, :])

@@ -1,0 +1,234 @@
+"""Caption tokenizer: training, round trips, fixed special ids, batching, file I/O, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.model.config import MaMMUTConfig
+from backend.model.tokenizer import (
+    SPECIAL_TOKENS,
+    Tokenizer,
+    TokenizerError,
+    read_caption_texts,
+    train_tokenizer,
+)
+from training.tokenizer import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data"
+
+CORPUS = [
+    "There is a piece of farmland .",
+    "Many planes are parked next to a long building in an airport.",
+    "Two white storage tanks stand beside a road, near 3 small houses.",
+    "A river with green trees on both sides; the water is dark-green!",
+    "Lots of cars are parked in the parking lot (about 40 of them).",
+    "Some buildings and green trees are around a playground with a 400 m track.",
+    "A bridge crosses the river; 2 roads meet at its end?",
+    "It's a dense residential area: houses, lawns & swimming pools.",
+]
+HELD_OUT = [
+    "Three baseball fields, 1 tennis court and 12 cars.",
+    "An airport with 7 planes; runway 09/27 is empty!",
+    "The harbor's boats (white & blue) are docked at pier #4.",
+    "Storage Tanks   next to a FREEWAY, 100% covered.",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(CORPUS * 20, vocab_size=400, min_frequency=2)
+
+
+def test_special_tokens_take_fixed_ids(tok):
+    assert SPECIAL_TOKENS == ("<pad>", "<bos>", "<eos>", "<unk>")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    cfg = MaMMUTConfig()
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (cfg.pad_id, cfg.bos_id, cfg.eos_id)
+    assert 260 < tok.vocab_size <= 400
+
+
+def test_round_trip_is_lowercased_text(tok):
+    for text in CORPUS + HELD_OUT:
+        ids = tok.encode(text)
+        assert all(i >= len(SPECIAL_TOKENS) for i in ids), "encode must not add or produce special tokens"
+        assert tok.decode(ids) == text.lower()
+        assert tok.normalize(text) == text.lower()
+
+
+def test_normalisation_strips_and_folds_unicode(tok):
+    assert tok.decode(tok.encode("  Ｐａｒｋｉｎｇ LOT\t")) == "parking lot"
+    # a word gets the same tokens at the start of a caption as in the middle
+    assert tok.encode("farmland")[-1] == tok.encode("a farmland")[-1]
+
+
+def test_bpe_learns_merges(tok):
+    # trained words take far fewer tokens than their bytes
+    text = "There is a piece of farmland ."
+    assert len(tok.encode(text)) < len(text.encode()) / 2
+
+
+def test_decode_stops_at_eos_and_skips_specials(tok):
+    ids = tok.encode("a river")
+    assert tok.decode([tok.bos_id, *ids, tok.eos_id, *tok.encode("junk"), tok.pad_id]) == "a river"
+    assert tok.decode(torch.tensor([tok.bos_id, *ids, tok.eos_id])) == "a river"
+    assert tok.decode([]) == ""
+
+
+def test_empty_string_is_bos_eos(tok):
+    assert tok.encode("") == []
+    assert tok("", context_length=4).tolist() == [[1, 2, 0, 0]]
+
+
+def test_batch_shape_padding_and_truncation_keeps_eos(tok):
+    texts = ["a river", CORPUS[1] * 5, ""]
+    batch = tok(texts, context_length=16)
+    assert batch.dtype == torch.long and batch.shape == (3, 16)
+    short = tok.encode("a river")
+    assert batch[0].tolist() == [1, *short, 2] + [0] * (16 - len(short) - 2)
+    long = tok.encode(CORPUS[1] * 5)
+    assert len(long) > 16
+    assert batch[1].tolist() == [1, *long[:14], 2]
+    assert batch[2].tolist() == [1, 2] + [0] * 14
+    for row in batch:
+        assert (row == tok.eos_id).sum() == 1
+    assert tok("a river", context_length=8).shape == (1, 8)
+    with pytest.raises(ValueError):
+        tok("a river", context_length=1)
+
+
+def test_save_then_load_gives_identical_ids(tok, tmp_path):
+    path = tok.save(tmp_path / "ckpt" / "tokenizer.json")
+    assert path.is_file()
+    assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"], "no temp file may be left behind"
+    for loaded in (Tokenizer.load(path), Tokenizer.load(path.parent), Tokenizer.from_str(path.read_text())):
+        assert loaded.vocab_size == tok.vocab_size
+        for text in CORPUS + HELD_OUT:
+            assert loaded.encode(text) == tok.encode(text)
+        assert torch.equal(loaded(HELD_OUT, 32), tok(HELD_OUT, 32))
+
+
+def test_load_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "tokenizer.json"
+    with pytest.raises(TokenizerError, match="does not exist") as err:
+        Tokenizer.load(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\x89PNG\r\n\x1a\n\x00\xff", b'{"version": "1.0"}', b""])
+def test_load_corrupt_file(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(TokenizerError, match="not a SkyPrompt tokenizer") as err:
+        Tokenizer.load(path)
+    assert str(path) in str(err.value)
+    assert "python -m training.tokenizer" in str(err.value)
+
+
+def test_load_foreign_tokenizer(tok, tmp_path):
+    # a valid tokenizer.json whose special tokens are not at 0..3 (as in most public tokenizers)
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    vocab["<pad>"], vocab["<eos>"] = vocab["<eos>"], vocab["<pad>"]
+    for added in data["added_tokens"]:
+        added["id"] = vocab[added["content"]]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="not a SkyPrompt tokenizer") as err:
+        Tokenizer.load(path)
+    assert str(path) in str(err.value) and "<pad> has id 2" in str(err.value)
+
+
+def test_training_rejects_bad_input():
+    with pytest.raises(TokenizerError, match="no text"):
+        train_tokenizer([])
+    with pytest.raises(TokenizerError, match="too small"):
+        train_tokenizer(CORPUS, vocab_size=100)
+
+
+def test_read_caption_texts(tmp_path):
+    txt = tmp_path / "caps.txt"
+    txt.write_text("A road .\n\n   \nTwo cars .\n")
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text(
+        json.dumps({"image": "a.jpg", "captions": ["A beach .", " "]}) + "\n\n"
+        + json.dumps({"image": "b.jpg", "caption": "A pond ."}) + "\n"
+        + json.dumps({"image": "c.jpg"}) + "\n"
+    )
+    assert list(read_caption_texts([txt, jsonl])) == ["A road .", "Two cars .", "A beach .", "A pond ."]
+    assert list(read_caption_texts(str(txt))) == ["A road .", "Two cars ."]
+    jsonl.write_text('{"captions": ["ok"]}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2"):
+        list(read_caption_texts(jsonl))
+
+
+def test_real_ucm_captions():
+    path = DATA / "captions" / "ucm_train_caps.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    texts = list(read_caption_texts(path))
+    assert len(texts) > 1000
+    tok = train_tokenizer(texts, vocab_size=2048)
+    for text in texts[::97]:
+        assert tok.decode(tok.encode(text)) == text.lower()
+    mean = sum(len(tok.encode(t)) for t in texts) / len(texts)
+    assert mean < 15, f"BPE barely merged: {mean:.1f} tokens per caption"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.tokenizer", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_writes_a_loadable_tokenizer(tmp_path):
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(CORPUS * 10) + "\n")
+    words = tmp_path / "classes.txt"
+    words.write_text("golf course\nrailway station\n")
+    out = tmp_path / "out" / "tokenizer.json"
+    result = run_cli("--captions", str(caps), "--vocab-size", "512", "--extra-words", "storage tanks", str(words),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"trained on {len(CORPUS) * 10} captions" in result.stdout
+    assert "decode:" in result.stdout
+    tok = Tokenizer.load(out)
+    assert f"vocab size: {tok.vocab_size}" in result.stdout
+    for text in CORPUS + ["golf course", "railway station"]:
+        assert tok.decode(tok.encode(text)) == text.lower()
+    # extra words were in the corpus, so BPE learned them as whole words
+    assert len(tok.encode("railway station")) == 2
+
+
+def test_cli_missing_captions_path(tmp_path):
+    missing = tmp_path / "no_such_caps.txt"
+    result = run_cli("--captions", str(missing), "--out", str(tmp_path / "tokenizer.json"))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tokenizer.json").exists()
+
+
+def test_cli_captions_without_text(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--captions", str(empty), "--out", str(tmp_path / "tokenizer.json")])
+    assert exit_.value.code == 2
+    assert "no caption text" in capsys.readouterr().err
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--captions", "--vocab-size", "--min-frequency", "--extra-words", "--out"):
+        assert flag in out

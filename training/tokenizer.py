@@ -1,0 +1,121 @@
+"""Train the caption tokenizer: `python -m training.tokenizer --captions FILES... --out tokenizer.json`.
+
+The tokenizer is trained once, offline, before the model; the model's vocab_size is then taken
+from it and the file is copied into every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from backend.model.tokenizer import TokenizerError, read_caption_texts, train_tokenizer
+
+EPILOG = """\
+caption files:
+  plain text, one caption a line (e.g. ../shared/data/captions/rsicd_train_caps.txt), or
+  JSONL manifests (.jsonl) whose objects carry "captions" (a list) or "caption" (a string)
+  (e.g. ../shared/data/ucm/captions.jsonl). Blank lines are skipped.
+
+example:
+  python -m training.tokenizer \\
+      --captions ../shared/data/captions/*_train_caps.txt ../shared/data/ucm/captions.jsonl \\
+      --extra-words "storage tanks" "railway station" classes.txt \\
+      --vocab-size 8192 --out tokenizer.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.tokenizer",
+        description="Train SkyPrompt's byte-level BPE caption tokenizer and write it as tokenizer.json. "
+        "Text is NFKC-normalised and lowercased; any text encodes (no unknown tokens).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--captions", nargs="+", required=True, metavar="PATH",
+                   help="caption files to train on (plain text or .jsonl manifests)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="where to write tokenizer.json (a directory means DIR/tokenizer.json)")
+    p.add_argument("--vocab-size", type=int, default=8192, metavar="N",
+                   help="largest vocabulary to learn, special and byte tokens included (default: %(default)s); "
+                        "the model's vocab_size must be at least the size reported")
+    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
+                   help="merge only pairs seen at least N times (default: %(default)s)")
+    p.add_argument("--extra-words", nargs="+", default=[], metavar="FILE_OR_WORDS",
+                   help="words users will type that the captions may lack, such as class names: each "
+                        "argument is a file (one word or phrase a line) or the phrase itself "
+                        "(quote multi-word phrases: \"storage tanks\")")
+    p.add_argument("--extra-repeat", type=int, default=10, metavar="N",
+                   help="add each extra word to the corpus N times, so that BPE learns it as whole "
+                        "tokens rather than leaving it as rare fragments (default: %(default)s)")
+    p.add_argument("--context-length", type=int, default=64, metavar="N",
+                   help="only for the summary: how many captions would be cut at this model "
+                        "context length, <bos> and <eos> included (default: %(default)s)")
+    return p
+
+
+def read_extra_words(args: list[str]) -> list[str]:
+    """Each argument is a file of words/phrases (one a line) or a phrase itself."""
+    words = []
+    for arg in args:
+        if Path(arg).is_file():
+            words.extend(read_caption_texts(arg))
+        elif arg.strip():
+            words.append(arg.strip())
+    return words
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for path in map(Path, args.captions):
+        if not path.exists():
+            parser.error(f"captions file {path} does not exist")
+        if path.is_dir():
+            parser.error(f"{path} is a directory; pass the caption files in it (e.g. {path}/*_train_caps.txt)")
+    if args.vocab_size < 1 or args.min_frequency < 1 or args.extra_repeat < 0 or args.context_length < 2:
+        parser.error("--vocab-size and --min-frequency must be positive, --extra-repeat non-negative, "
+                     "--context-length at least 2")
+
+    try:
+        texts = list(read_caption_texts(args.captions))
+        extra = read_extra_words(args.extra_words)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if not texts:
+        parser.error(f"no caption text in {', '.join(args.captions)} (empty files, or manifests without "
+                     f"\"captions\"/\"caption\")")
+
+    start = time.perf_counter()
+    try:
+        tok = train_tokenizer(texts + extra * args.extra_repeat, args.vocab_size, args.min_frequency)
+    except TokenizerError as e:
+        parser.error(str(e))
+    seconds = time.perf_counter() - start
+    out = tok.save(args.out)
+
+    lengths = [len(ids) for ids in (tok.encode(t) for t in texts)]
+    cut = sum(n + 2 > args.context_length for n in lengths)
+    example = texts[0]
+    ids = tok.encode(example)
+    print(f"trained on {len(texts)} captions from {len(args.captions)} file(s)"
+          + (f" + {len(extra)} extra words x{args.extra_repeat}" if extra else "")
+          + f" in {seconds:.1f}s")
+    print(f"vocab size: {tok.vocab_size} (asked for {args.vocab_size})")
+    print(f"tokens per caption: mean {statistics.fmean(lengths):.2f}, max {max(lengths)} (without <bos>/<eos>); "
+          f"{cut} caption(s) longer than context length {args.context_length}")
+    print(f"example: {example!r}")
+    print(f"  tokens: {tok.tokens(example)}")
+    print(f"  ids:    {ids}")
+    print(f"  decode: {tok.decode(ids)!r}")
+    for word in extra[:5]:
+        print(f"  extra {word!r} -> {tok.tokens(word)}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
