@@ -1,0 +1,1 @@
+"""SkyPrompt QGIS plugin."""
