@@ -184,3 +184,14 @@ def test_loss_decreases_when_training_a_few_steps(tiny_config, tokenizer):
         first = first if first is not None else out["loss"].item()
     assert out["loss"].item() < 0.5 * first
     assert out["contrastive_loss"] > 0 and out["caption_loss"] > 0
+
+
+def test_conv_stem_option(tiny_config):
+    cfg = tiny_config.with_overrides(patch_stem="conv")
+    model = MaMMUT(cfg).eval()
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    tokens = model.visual(x)
+    assert tokens.shape == (2, cfg.grid_size ** 2, cfg.vision_width)
+    assert torch.allclose(model.encode_image(x[:1]), model.encode_image(x)[:1], atol=1e-5)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        get_preset("large", patch_stem="conv")

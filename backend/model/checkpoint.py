@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -31,9 +32,14 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.PathLike,
-                    dtype: torch.dtype | None = None, extra: dict | None = None) -> Path:
-    """Write model + config + tokenizer to `directory` atomically. `dtype` (e.g. torch.float16) casts
-    floating-point weights for a smaller file; `extra` (training metadata) goes into config.json."""
+                    dtype: torch.dtype | None = None, extra: dict | None = None,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Write model + config + tokenizer to `directory` atomically.
+
+    `dtype` (e.g. torch.float16) casts floating-point weights for a smaller file; `extra` (training
+    metadata) goes into config.json; `write_extra(tmp_dir)` may add files (e.g. optimizer state)
+    that must appear together with the weights or not at all.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -52,8 +58,10 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
             meta["training"] = extra
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer.save(tmp / TOKENIZER)
-        for f in (WEIGHTS, CONFIG, TOKENIZER):
-            with open(tmp / f, "rb") as fh:
+        if write_extra is not None:
+            write_extra(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _replace_dir(tmp, directory)
     except BaseException:

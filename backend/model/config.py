@@ -21,6 +21,7 @@ class MaMMUTConfig:
     vision_width: int = 384
     vision_layers: int = 6
     vision_heads: int = 6
+    patch_stem: str = "linear"       # "linear": one patch conv; "conv": stack of 3x3 stride-2 convs
     # text decoder (one decoder, two passes)
     vocab_size: int = 8192
     context_length: int = 64
@@ -53,6 +54,10 @@ class MaMMUTConfig:
             problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
         if self.text_width % self.text_heads:
             problems.append(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
+        if self.patch_stem not in ("linear", "conv"):
+            problems.append(f"patch_stem must be 'linear' or 'conv', got {self.patch_stem!r}")
+        elif self.patch_stem == "conv" and self.patch_size & (self.patch_size - 1):
+            problems.append(f"a conv stem needs a power-of-two patch_size, got {self.patch_size}")
         if self.cross_attn_every < 1:
             problems.append("cross_attn_every must be >= 1")
         if min(self.vocab_size, self.context_length, self.embed_dim, self.vision_layers, self.text_layers) < 1:

@@ -35,9 +35,19 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
 
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Next-token cross-entropy: logits [B, T-1, V] predict tokens[:, 1:]; padding is ignored."""
-    targets = tokens[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id)
+    """Next-token cross-entropy: logits [B, T-1, V] predict tokens[:, 1:]; padding is ignored.
+
+    Under DDP the loss is normalised by the token count of the *global* batch (times the world size,
+    since DDP averages gradients), so every rank-split of a batch gives the loss of the whole batch.
+    """
+    targets = tokens[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=pad_id, reduction="sum")
+    n_tokens = (targets != pad_id).sum().to(total.dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        n_global = n_tokens.detach().clone()
+        dist.all_reduce(n_global)
+        return total * dist.get_world_size() / n_global.clamp_min(1.0)
+    return total / n_tokens.clamp_min(1.0)
 
 
 class MaMMUTLoss(nn.Module):

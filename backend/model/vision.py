@@ -23,6 +23,27 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return pe.permute(0, 2, 3, 1).reshape(1, grid * grid, c).to(pos_embed.dtype)
 
 
+class ConvStem(nn.Module):
+    """Convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers see
+    better"): log2(patch) 3x3 stride-2 convs, then a 1x1 conv to the model width. It trains more
+    stably than one large-stride patch conv, which matters most on small data. GroupNorm rather than
+    BatchNorm keeps every image's output independent of the rest of the batch."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        layers, c_in = [], 3
+        n = patch_size.bit_length() - 1
+        for i in range(n):
+            c_out = max(width // 2 ** (n - i), 16)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, c_out), nn.ReLU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class VisionTransformer(nn.Module):
     """Patch embedding + learned position embedding + pre-norm blocks; returns all patch tokens.
 
@@ -34,7 +55,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: MaMMUTConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.patch_stem == "conv":
+            self.patch_embed = ConvStem(cfg.vision_width, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size ** 2, cfg.vision_width))
         self.blocks = nn.ModuleList(
             EncoderBlock(cfg.vision_width, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.vision_layers)
