@@ -1,0 +1,510 @@
+"""Training data: readers, datasets, transforms and batching, on tiny images each test makes.
+
+The last tests check the shared data sets (../shared/data) parse as expected; they skip where
+that folder is absent.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training import data as data_mod
+from training.augment import eval_transform, train_transform
+from training.data import (
+    CAPTION_CLASS_WORDS, CaptionDataset, DataError, ManifestError, MixedDataset, Record,
+    SkippedImageWarning, WebDatasetShards, caption_file_class, class_caption_pool, collate_captions,
+    expand_urls, folder_records, karpathy_records, load_classnames, manifest_records,
+    precomp_records, split_records,
+)
+from training.templates import TEMPLATES, ZERO_SHOT_TEMPLATES
+
+from conftest import SHARED_DATA
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+SIZE = 16
+
+
+def make_image(path: Path, size=(20, 20), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def image_bytes(seed: int, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def class_folder(tmp_path):
+    """root/<class>/*.jpg with three classes of four images each."""
+    root = tmp_path / "scenes"
+    for c, cls in enumerate(("aPark", "bPort", "cRoad")):
+        for i in range(4):
+            make_image(root / cls / f"{cls}_{i}.jpg", seed=10 * c + i)
+    return root
+
+
+CLASSNAMES = {"aPark": "park", "bPort": "port", "cRoad": "road"}
+
+
+# --- templates and class-name maps --------------------------------------------------------------
+
+
+def test_templates_have_one_slot_and_are_varied():
+    assert len(TEMPLATES) >= 40 and len(set(TEMPLATES)) == len(TEMPLATES)
+    assert all(t.count("{}") == 1 for t in TEMPLATES + ZERO_SHOT_TEMPLATES)
+    assert set(ZERO_SHOT_TEMPLATES) <= set(TEMPLATES) and 4 <= len(ZERO_SHOT_TEMPLATES) <= 12
+
+
+def test_shipped_classnames_cover_every_shared_class_folder():
+    expected = {
+        "rsscn7": {"aGrass", "bField", "cIndustry", "dRiverLake", "eForest", "fResident", "gParking"},
+        "ucm": set(data_mod.UCM_CLASSES),
+        "aid": set(CAPTION_CLASS_WORDS["aid"].values()),
+    }
+    for name, keys in expected.items():
+        mapping = load_classnames(name)
+        assert set(mapping) == keys, name
+        assert all(v == v.strip().lower() and v for v in mapping.values())
+    assert load_classnames("aid")["RailwayStation"] == "railway station"
+    assert load_classnames("ucm")["baseballdiamond"] == "baseball diamond"
+    assert load_classnames("rsscn7")["gParking"] == "parking lot"
+    for name in ("rsscn7", "ucm", "aid"):  # every caption word targets a real class key
+        assert set(CAPTION_CLASS_WORDS[name].values()) <= set(load_classnames(name))
+    with pytest.raises(DataError, match="shipped maps"):
+        load_classnames("nosuchset")
+
+
+# --- folder of classes ----------------------------------------------------------------------------
+
+
+def test_folder_records_templates_pool_and_files(class_folder):
+    records = folder_records(class_folder, CLASSNAMES, templates=["a photo of {}.", "{} from above."],
+                             caption_pool={"bPort": ["boats at a pier .", "a photo of port."]})
+    assert len(records) == 12
+    assert [r.class_name for r in records] == ["aPark"] * 4 + ["bPort"] * 4 + ["cRoad"] * 4
+    assert all(Path(r.image).is_absolute() and Path(r.image).is_file() for r in records)
+    assert records[0].captions == ("a photo of park.", "park from above.")
+    # the pool follows the templates; a pool sentence equal to a template's is kept once
+    assert records[4].captions == ("a photo of port.", "port from above.", "boats at a pier .")
+
+    default = folder_records(class_folder, CLASSNAMES)
+    assert len(default[0].captions) == len(TEMPLATES)
+
+    subset = folder_records(class_folder, CLASSNAMES, files=["aPark/aPark_1.jpg", "cRoad/cRoad_3.jpg"])
+    assert [Path(r.image).name for r in subset] == ["aPark_1.jpg", "cRoad_3.jpg"]
+    with pytest.raises(DataError, match="1 listed files"):
+        folder_records(class_folder, CLASSNAMES, files=["aPark/aPark_1.jpg", "aPark/nope.jpg"])
+
+
+def test_folder_records_names_unmapped_classes(class_folder):
+    with pytest.raises(DataError) as e:
+        folder_records(class_folder, {"aPark": "park"})
+    assert "bPort" in str(e.value) and "cRoad" in str(e.value) and "2 class folder" in str(e.value)
+
+
+def test_folder_records_ucm_layout(tmp_path):
+    root = tmp_path / "ucm"
+    make_image(root / "images" / "beach" / "beach00.jpg")
+    make_image(root / "images" / "river" / "river00.png")
+    (root / "captions.jsonl").write_text("")
+    records = folder_records(root, {"beach": "beach", "river": "river"}, templates=["{}."])
+    assert [(r.class_name, r.captions) for r in records] == [("beach", ("beach.",)), ("river", ("river.",))]
+    only = folder_records(root, {"beach": "beach", "river": "river"}, files=["images/river/river00.png"])
+    assert [r.class_name for r in only] == ["river"]
+
+
+# --- caption benchmarks ---------------------------------------------------------------------------
+
+
+def write_precomp(folder: Path, ds: str, split: str, names: list[str], caps: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{ds}_{split}_filename.txt").write_text("\n".join(names) + "\n")
+    (folder / f"{ds}_{split}_caps.txt").write_text("\n".join(caps) + "\n")
+
+
+def test_precomp_records_train_and_test_layouts(tmp_path):
+    caps_dir, img_dir = tmp_path / "captions", tmp_path / "images"
+    names = ["parking_1.jpg", "forest_2.jpg"]
+    for n in names:
+        make_image(img_dir / n)
+    write_precomp(caps_dir, "rsicd", "train", names, [f"{n} caption {k} ." for n in names for k in range(5)])
+    write_precomp(caps_dir, "rsicd", "test", [n for n in names for _ in range(5)],
+                  [f"test {n} {k}" for n in names for k in range(5)])
+    train = precomp_records(caps_dir, "rsicd", "train", img_dir)
+    assert [(Path(r.image).name, r.class_name, len(r.captions)) for r in train] == [
+        ("parking_1.jpg", "parking", 5), ("forest_2.jpg", "forest", 5)]
+    assert train[0].captions[0] == "parking_1.jpg caption 0 ."
+    test = precomp_records(caps_dir, "rsicd", "test", img_dir)
+    assert [len(r.captions) for r in test] == [5, 5] and test[1].captions[4] == "test forest_2.jpg 4"
+
+    write_precomp(caps_dir, "rsicd", "val", [f"river_{i}.jpg" for i in range(8)], [f"c{i}" for i in range(8)])
+    with pytest.raises(DataError) as e:
+        precomp_records(caps_dir, "rsicd", "val", img_dir)
+    assert "8 of 8 images do not exist" in str(e.value) and "river_0.jpg" in str(e.value)
+    assert "... and 3 more" in str(e.value)
+
+
+def test_caption_file_class():
+    assert caption_file_class("rsicd", "denseresidential_7.jpg") == "denseresidential"
+    assert caption_file_class("rsitmd", "baseballfield_452.tif") == "baseballfield"
+    assert caption_file_class("rsicd", "00001.jpg") is None
+    assert caption_file_class("sydney", "3.tif") is None
+    assert caption_file_class("ucm", "1.tif") == "agricultural"
+    assert caption_file_class("ucm", "1600.tif") == "parkinglot"
+    assert caption_file_class("ucm", "2100.tif") == "tenniscourt"
+
+
+def test_karpathy_records(tmp_path):
+    img_dir = tmp_path / "imgs"
+    for n in ("port_1.jpg", "port_2.jpg", "beach_3.jpg"):
+        make_image(img_dir / n)
+    doc = {"dataset": "rsicd", "images": [
+        {"filename": "port_1.jpg", "split": "train", "sentences": [{"raw": "boats . "}, {"tokens": ["a", "pier"]}]},
+        {"filename": "port_2.jpg", "split": "test", "sentences": [{"raw": "ships ."}]},
+        {"filename": "beach_3.jpg", "split": "train", "sentences": [{"raw": "sand ."}]},
+    ]}
+    path = tmp_path / "dataset_rsicd.json"
+    path.write_text(json.dumps(doc))
+    train = karpathy_records(path, img_dir, split="train")
+    assert [(Path(r.image).name, r.captions, r.class_name) for r in train] == [
+        ("port_1.jpg", ("boats .", "a pier"), "port"), ("beach_3.jpg", ("sand .",), "beach")]
+    assert len(karpathy_records(path, img_dir)) == 3
+    with pytest.raises(DataError, match="splits present"):
+        karpathy_records(path, img_dir, split="val")
+
+
+def test_class_caption_pool(tmp_path):
+    caps = tmp_path / "captions"
+    write_precomp(caps, "rsicd", "train", ["parking_1.jpg", "meadow_2.jpg", "00003.jpg"],
+                  ["cars ."] * 5 + ["grass ."] * 4 + ["Grass  ."] + ["unknown ."] * 5)
+    write_precomp(caps, "rsicd", "test", ["parking_9.jpg"], ["held out ."])
+    # UCM numbering: 1501..1600 is the 16th class, parkinglot
+    write_precomp(caps, "ucm", "train", ["1501.tif", "1.tif"], ["lots of cars ."] * 5 + ["crops ."] * 5)
+    write_precomp(caps, "sydney", "train", ["1.tif"], ["a city ."] * 5)
+    pool = class_caption_pool(caps, {"parking": "P", "parkinglot": "P", "Meadow": "G"})
+    assert pool == {"G": ["grass ."], "P": ["cars .", "lots of cars ."]}
+    with_test = class_caption_pool(caps, {"parking": "P"}, splits=("train", "test"))
+    assert with_test["P"] == ["cars .", "held out ."]
+
+
+# --- manifests ------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_manifest_captions_caption_and_class(tmp_path):
+    make_image(tmp_path / "images" / "a.jpg")
+    make_image(tmp_path / "images" / "b.jpg")
+    path = write_jsonl(tmp_path / "m.jsonl", [
+        {"image": "images/a.jpg", "class": "beach", "captions": ["one .", "two ."]},
+        "",
+        {"image": "images/b.jpg", "caption": "three ."},
+    ])
+    records = manifest_records(path)
+    assert records == [
+        Record(str(tmp_path / "images" / "a.jpg"), ("one .", "two ."), "beach"),
+        Record(str(tmp_path / "images" / "b.jpg"), ("three .",), None),
+    ]
+
+
+def test_csv_manifest_merges_rows_of_one_image(tmp_path):
+    make_image(tmp_path / "x.png")
+    make_image(tmp_path / "y.png")
+    path = tmp_path / "m.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "class"])
+        w.writerows([["x.png", "a port, with ships", "port"], ["y.png", "a road", ""], ["x.png", "a harbour", "port"]])
+    records = manifest_records(path)
+    assert [(Path(r.image).name, r.captions, r.class_name) for r in records] == [
+        ("x.png", ("a port, with ships", "a harbour"), "port"), ("y.png", ("a road",), None)]
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    make_image(tmp_path / "a.jpg")
+    bad_json = write_jsonl(tmp_path / "bad.jsonl", [{"image": "a.jpg", "caption": "ok"}, '{"image": "a.jpg", '])
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2: not valid JSON"):
+        manifest_records(bad_json)
+
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"image": "a.jpg", "captions": ["", "  "]},
+                                                   {"image": "a.jpg", "caption": "ok"},
+                                                   {"image": "a.jpg"}])
+    with pytest.raises(ManifestError) as e:
+        manifest_records(empty)
+    assert "empty.jsonl:1: empty captions" in str(e.value) and "empty.jsonl:3: empty captions" in str(e.value)
+
+    missing = write_jsonl(tmp_path / "missing.jsonl",
+                          [{"image": "a.jpg", "caption": "ok"}] + [{"image": f"gone{i}.jpg", "caption": "x"} for i in range(9)])
+    with pytest.raises(ManifestError) as e:
+        manifest_records(missing)
+    msg = str(e.value)
+    assert "9 of 10 images do not exist" in msg and "missing.jsonl:2:" in msg and "gone0.jpg" in msg
+    assert "gone5.jpg" not in msg and "... and 4 more" in msg
+
+    (tmp_path / "nohead.csv").write_text("path,text\na.jpg,x\n")
+    with pytest.raises(ManifestError, match=r"nohead\.csv:1: the header"):
+        manifest_records(tmp_path / "nohead.csv")
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+
+def test_split_records_deterministic_disjoint_per_class():
+    records = [Record(f"/img/{c}/{i}.jpg", ("x",), c) for c in "abc" for i in range(10)]
+    train, val = split_records(records, per_class=3, seed=7)
+    assert Counter(r.class_name for r in val) == {"a": 3, "b": 3, "c": 3}
+    assert len(train) == 21 and not {r.image for r in train} & {r.image for r in val}
+    assert split_records(records, 3, 7) == (train, val)
+    shuffled = records[::-1]
+    assert {r.image for r in split_records(shuffled, 3, 7)[1]} == {r.image for r in val}
+    # one class's choice does not depend on the others being there
+    only_a = [r for r in records if r.class_name == "a"]
+    assert split_records(only_a, 3, 7)[1] == [r for r in val if r.class_name == "a"]
+    assert {r.image for r in split_records(records, 3, 8)[1]} != {r.image for r in val}
+    with pytest.raises(DataError, match="a \\(10\\)"):
+        split_records(records, per_class=10, seed=0)
+
+
+# --- datasets ---------------------------------------------------------------------------------------
+
+
+def test_caption_choice_is_deterministic_per_epoch(class_folder):
+    records = folder_records(class_folder, CLASSNAMES)
+    ds = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3)
+    epoch0 = [ds[i][1] for i in range(len(ds))]
+    again = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3)
+    assert [again[i][1] for i in reversed(range(len(ds)))][::-1] == epoch0  # order of access is irrelevant
+    assert torch.equal(ds[5][0], again[5][0])  # and so is the augmentation
+    ds.set_epoch(1)
+    epoch1 = [ds[i][1] for i in range(len(ds))]
+    assert epoch1 != epoch0 and all(c in r.captions for c, r in zip(epoch1, records))
+    assert epoch1 == [ds.caption(i, epoch=1) for i in range(len(ds))]
+    assert [CaptionDataset(records, eval_transform(SIZE, MEAN, STD), seed=4)[i][1] for i in range(len(ds))] != epoch0
+
+
+def test_unreadable_image_is_skipped_counted_and_warned_once(tmp_path):
+    good = make_image(tmp_path / "good.jpg")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(good.read_bytes()[:200])
+    ds = CaptionDataset([Record(str(good), ("g",)), Record(str(bad), ("b",)), Record(str(truncated), ("t",))],
+                        eval_transform(SIZE, MEAN, STD))
+    with pytest.warns(SkippedImageWarning) as caught:
+        items = [ds[0], ds[1], ds[1], ds[2]]
+    assert items[0][0].shape == (3, SIZE, SIZE) and items[1:] == [None, None, None]
+    assert ds.skipped == 3
+    assert sorted(str(w.message).split(":")[0] for w in caught) == [
+        f"skipping unreadable image {bad}", f"skipping unreadable image {truncated}"]
+
+
+class StubDataset(torch.utils.data.Dataset):
+    def __init__(self, name: str, n: int):
+        self.name, self.n, self.epoch = name, n, None
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def load(self, index, epoch, draw=0):
+        return self.name, index, draw
+
+
+def test_mixed_dataset_ratios_and_determinism():
+    small, large = StubDataset("small", 10), StubDataset("large", 1000)
+    mixed = MixedDataset([small, large], weights=[3, 1], length=400, seed=1)
+    items = [mixed[i] for i in range(len(mixed))]
+    counts = Counter(name for name, _, _ in items)
+    assert counts == {"small": 300, "large": 100}
+    # the small set is oversampled 30x: every image 30 times, each time with another draw
+    per_image = Counter((i, d) for name, i, d in items if name == "small")
+    assert len(per_image) == 300 and Counter(i for i, _ in per_image) == {i: 30 for i in range(10)}
+    assert len({i for name, i, _ in items if name == "large"}) == 100  # undersampled: all distinct
+    assert [mixed[i] for i in range(len(mixed))] == items
+    mixed.set_epoch(2)
+    assert small.epoch == 2 and large.epoch == 2
+    assert [mixed[i] for i in range(len(mixed))] != items
+    assert len(MixedDataset([small, large], [1, 1])) == 1010
+
+
+def test_mixed_dataset_of_caption_datasets(class_folder):
+    records = folder_records(class_folder, CLASSNAMES)
+    a = CaptionDataset(records[:4], eval_transform(SIZE, MEAN, STD))
+    b = CaptionDataset(records[4:], eval_transform(SIZE, MEAN, STD))
+    mixed = MixedDataset([a, b], [0.5, 0.5], length=8)
+    batch = [mixed[i] for i in range(8)]
+    assert all(image.shape == (3, SIZE, SIZE) and isinstance(caption, str) for image, caption in batch)
+    assert sum(caption in records[0].captions for _, caption in batch) == 4
+
+
+# --- WebDataset shards ---------------------------------------------------------------------------------
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, payload in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Six shards of four samples; sample captions are unique ids."""
+    for s in range(6):
+        samples = []
+        for k in range(4):
+            key = f"s{s}k{k}"
+            parts = {"jpg": image_bytes(10 * s + k), "txt": f"{key}\n{key}\n".encode()}
+            if (s, k) == (1, 1):
+                parts = {"png": image_bytes(11, "PNG"), "json": json.dumps({"captions": [key]}).encode()}
+            samples.append((f"data/{key}", parts))
+        write_shard(tmp_path / f"shard-{s:03d}.tar", samples)
+    return str(tmp_path / "shard-{000..005}.tar")
+
+
+def test_expand_urls():
+    assert expand_urls("a-{08..10}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar"]
+    assert expand_urls(["x{a,b}{1..2}.tar", "y.tar"]) == ["xa1.tar", "xa2.tar", "xb1.tar", "xb2.tar", "y.tar"]
+
+
+def test_webdataset_covers_every_sample_once_across_ranks_and_workers(shards, monkeypatch):
+    all_keys = {f"s{s}k{k}" for s in range(6) for k in range(4)}
+
+    def read(rank, worker, epoch):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setattr(data_mod, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=2))
+        ds = WebDatasetShards(shards, eval_transform(SIZE, MEAN, STD), seed=5, shuffle_buffer=3)
+        ds.set_epoch(epoch)
+        items = list(ds)
+        assert all(image.shape == (3, SIZE, SIZE) for image, _ in items)
+        return [caption for _, caption in items]
+
+    for epoch in (0, 1):
+        parts = [read(r, w, epoch) for r in (0, 1) for w in (0, 1)]
+        seen = [c for part in parts for c in part]
+        assert sorted(seen) == sorted(all_keys) and all(parts)
+        if epoch == 0:
+            first = parts
+    assert [set(p) for p in parts] != [set(p) for p in first]  # set_epoch reshuffled the shard order
+    assert read(0, 1, 0) == first[1]  # deterministic
+
+
+def test_webdataset_in_dataloader_workers_and_bad_members(tmp_path, shards):
+    write_shard(tmp_path / "shard-bad.tar", [
+        ("ok", {"jpg": image_bytes(1), "txt": b"fine"}),
+        ("corrupt", {"jpg": b"not an image", "txt": b"never"}),
+        ("nocaption", {"jpg": image_bytes(2)}),
+    ])
+    good = tmp_path / "shard-000.tar"
+    (tmp_path / "shard-cut.tar").write_bytes(good.read_bytes()[:2000])
+    ds = WebDatasetShards([str(tmp_path / "shard-bad.tar"), str(tmp_path / "shard-cut.tar")],
+                          eval_transform(SIZE, MEAN, STD), shuffle_buffer=10)
+    with pytest.warns(SkippedImageWarning):
+        items = list(ds)
+    captions = [item[1] for item in items if item is not None]
+    assert "fine" in captions and "never" not in captions
+    assert ds.skipped == items.count(None) == 3  # corrupt image, no caption, truncated shard
+
+    loader = torch.utils.data.DataLoader(WebDatasetShards(shards, eval_transform(SIZE, MEAN, STD), shuffle_buffer=4),
+                                         batch_size=5, num_workers=2,
+                                         collate_fn=lambda b: [caption for _, caption in b])
+    seen = [c for batch in loader for c in batch]
+    assert sorted(seen) == sorted(f"s{s}k{k}" for s in range(6) for k in range(4))
+
+
+# --- transforms and batching ------------------------------------------------------------------------
+
+
+def test_train_transform_shape_dtype_and_determinism():
+    rng_img = np.random.default_rng(0).integers(0, 256, (255, 256, 3), dtype=np.uint8)  # UCM's odd size
+    image = Image.fromarray(rng_img)
+    t = train_transform(32, MEAN, STD)
+    a, b = t(image, random.Random(1)), t(image, random.Random(1))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, t(image, random.Random(2)))
+    assert t(image.convert("L")).shape == (3, 32, 32)  # any mode, default generator
+
+
+def test_train_transform_keeps_colour_mild_and_uses_all_orientations():
+    grey = Image.new("RGB", (40, 40), (128, 128, 128))
+    out = train_transform(8, MEAN, STD, jitter=0.2)(grey, random.Random(0))
+    pixels = out * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    assert 0.3 < pixels.min() and pixels.max() < 0.7
+
+    # a one-pixel marker in the top-left corner lands in every corner over a few seeds
+    marked = np.zeros((8, 8, 3), dtype=np.uint8)
+    marked[0, 0] = 255
+    t = train_transform(8, (0, 0, 0), (1, 1, 1), scale=(1.0, 1.0), jitter=0.0)
+    corners = set()
+    for seed in range(40):
+        x = t(Image.fromarray(marked), random.Random(seed))[0]
+        corners.add(tuple(int(v) for v in np.unravel_index(int(x.argmax()), (8, 8))))
+    assert corners == {(0, 0), (0, 7), (7, 0), (7, 7)}
+
+
+def test_eval_transform_centre_crop_and_normalise():
+    image = Image.new("RGB", (30, 20), (255, 0, 0))
+    out = eval_transform(10, MEAN, STD)(image)
+    assert out.shape == (3, 10, 10) and out.dtype == torch.float32
+    assert torch.allclose(out[0], torch.full((10, 10), (1 - 0.5) / 0.25))
+    assert torch.allclose(out[1], torch.full((10, 10), -2.0))
+
+
+def test_collate_drops_none(tokenizer):
+    image = torch.zeros(3, SIZE, SIZE)
+    batch = collate_captions([(image, "a parking lot"), None, (image + 1, "a river")], tokenizer, 12)
+    assert batch["images"].shape == (2, 3, SIZE, SIZE) and batch["skipped"] == 1
+    assert batch["tokens"].shape == (2, 12) and batch["tokens"].dtype == torch.long
+    assert torch.equal(batch["tokens"], tokenizer(["a parking lot", "a river"], 12))
+    assert collate_captions([None, None], tokenizer, 12) is None
+
+
+# --- the shared data sets -----------------------------------------------------------------------------
+
+needs_shared = pytest.mark.skipif(not (SHARED_DATA / "rsscn7").is_dir(), reason="../shared/data not present")
+
+
+@needs_shared
+def test_shared_rsscn7_folder_with_class_caption_pools():
+    pool = class_caption_pool(SHARED_DATA / "captions", CAPTION_CLASS_WORDS["rsscn7"])
+    sizes = {k: len(v) for k, v in pool.items()}
+    assert set(sizes) == set(load_classnames("rsscn7")) and min(sizes.values()) > 100, sizes
+    records = folder_records(SHARED_DATA / "rsscn7", load_classnames("rsscn7"), caption_pool=pool)
+    assert len(records) == 2450
+    assert Counter(r.class_name for r in records) == {k: 350 for k in load_classnames("rsscn7")}
+    assert "an aerial photo of parking lot." in records[-1].captions
+
+
+@needs_shared
+def test_shared_ucm_and_aid():
+    records = manifest_records(SHARED_DATA / "ucm" / "captions.jsonl")
+    assert len(records) == 1680 and all(len(r.captions) == 5 for r in records)
+    assert len({r.class_name for r in records}) == 21
+    assert len(folder_records(SHARED_DATA / "ucm", load_classnames("ucm"))) == 1890
+    assert len(folder_records(SHARED_DATA / "aid", load_classnames("aid"))) == 8000
+    pairs = data_mod.read_precomp(SHARED_DATA / "captions", "rsicd", "train")
+    assert len(pairs) == 9828 and all(len(c) == 5 for _, c in pairs)

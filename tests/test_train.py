@@ -1,0 +1,133 @@
+"""The training loop: a tiny run end to end, exact resume, SIGKILL + resume, and DDP == one process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.model.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = {"red": "red roofs", "green": "green fields", "blue": "blue water"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A folder-of-classes set the test makes: 3 classes x 8 noisy colour images."""
+    root = tmp_path_factory.mktemp("scenes")
+    rng = np.random.default_rng(0)
+    base = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (30, 60, 200)}
+    for cls, rgb in base.items():
+        (root / cls).mkdir()
+        for i in range(8):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (72, 72, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg")
+    (root.parent / "classes.json").write_text(json.dumps(CLASSES))
+    return root
+
+
+def _args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["--folder", str(folder), "--classnames", str(folder.parent / "classes.json"), "--preset", "tiny",
+            "--vocab-size", "300", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+            "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0", "--log-every", "1", "--save-every", "3",
+            "--keep-last", "5", "--device", "cpu", "--precision", "fp32", *extra]
+
+
+def _train_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_run_end_to_end(folder, tmp_path):
+    out = tmp_path / "run"
+    r = _run(_args(folder, out, 6, "--export-fp16", str(tmp_path / "fp16"), "--val-per-class", "2",
+                   "--eval-every", "6"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _train_losses(out)
+    assert sorted(losses) == list(range(1, 7))
+    assert all(np.isfinite(v) for v in losses.values())
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert evals and 0.0 <= evals[-1][f"{folder.name}/top1"] <= 100.0
+    model, tok = load_checkpoint(tmp_path / "fp16")
+    assert model.config.preset == "tiny" and tok.vocab_size <= 300
+    assert (out / "tokenizer.json").is_file() and (out / "train_config.json").is_file()
+
+
+def test_resume_continues_exactly(folder, tmp_path):
+    full = tmp_path / "full"
+    assert _run(_args(folder, full, 6)).returncode == 0
+    reference = _train_losses(full)
+    # lose the last checkpoint and the metrics after step 3, then resume from step 3
+    import shutil
+
+    shutil.rmtree(full / "checkpoints" / "step_0000006")
+    rows = (full / "metrics.jsonl").read_text().splitlines()
+    (full / "metrics.jsonl").write_text("\n".join(r for r in rows if json.loads(r)["step"] <= 3) + "\n")
+    r = _run(_args(folder, full, 6, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    resumed = _train_losses(full)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-5)
+
+
+def test_sigkill_mid_run_then_resume(folder, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *_args(folder, out, 400)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        done = [p for p in (out / "checkpoints").glob("step_*")] if (out / "checkpoints").is_dir() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # every complete checkpoint loads; nothing half-written is left in its place
+    for ckpt in (out / "checkpoints").glob("step_*"):
+        load_checkpoint(ckpt)
+    last = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    r = _run(_args(folder, out, last + 3, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"(step {last})" in r.stderr
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert max(_train_losses(out)) == last + 3
+
+
+def test_two_process_ddp_matches_one_process(folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _run(_args(folder, one, 3)).returncode == 0
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "training.train", *_args(folder, two, 3, "--tokenizer", str(one / "tokenizer.json"))],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _train_losses(one), _train_losses(two)
+    for step in (1, 2, 3):
+        assert b[step] == pytest.approx(a[step], rel=2e-3)
+
+
+def test_bad_arguments_give_clear_errors(folder, tmp_path):
+    r = _run(["--folder", str(folder), "--out", str(tmp_path / "x")])
+    assert r.returncode == 2 and "one --classnames per --folder" in r.stderr
+    r = _run(["--folder", str(folder), "--classnames", "nonexistent_map", "--out", str(tmp_path / "x"),
+              "--preset", "tiny", "--steps", "1"])
+    assert r.returncode == 2 and "class-name map nonexistent_map not found" in r.stderr and "Traceback" not in r.stderr

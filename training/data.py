@@ -1,0 +1,832 @@
+"""Training data: readers that turn datasets on disk into Records, and the torch datasets over them.
+
+Readers (each returns list[Record]: one image and every caption it may be trained with):
+- folder_records:   a folder of class sub-folders + a class-name map + caption templates, and
+                    optionally class-level human caption pools (class_caption_pool);
+- precomp_records:  RSICD/RSITMD/UCM/Sydney "precomp" caption files + the user's image folder;
+- karpathy_records: Karpathy-style dataset_*.json + image folder;
+- manifest_records: a JSONL or CSV manifest of image paths and captions.
+For corpora too large for a list, WebDatasetShards streams tar shards instead.
+
+Determinism, so that `--resume` continues exactly: which caption an image is paired with, and how
+it is augmented, is a pure function of (seed, epoch, index). CaptionDataset seeds a fresh
+`random.Random(f"{seed}:{epoch}:{index}:{draw}")` per item (string seeds go through SHA-512, so
+they are the same in every process and unaffected by PYTHONHASHSEED), draws the caption from it and
+hands the same generator to the transform. Nothing depends on worker count or on order of access.
+
+Unreadable images never stop a run: the item comes back as None, is counted in `skipped` and
+warned about once per file, and collate_captions drops it and reports how many it dropped.
+Set the epoch with set_epoch in each epoch before iterating; DataLoader workers get a copy of the
+dataset when they start, so use persistent_workers=False (the default) or the epoch will not
+reach them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import re
+import tarfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass
+from inspect import Parameter, signature
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from training.templates import TEMPLATES, fill
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+FIRST_FEW = 5  # how many individual problems an error message lists before the total
+
+CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
+
+# UC Merced's 21 classes in sorted order: the precomp UCM files name images N.tif, N = 1..2100,
+# and the N-th hundred is the N-th class of this list.
+UCM_CLASSES = (
+    "agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
+    "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
+    "mediumresidential", "mobilehomepark", "overpass", "parkinglot", "river", "runway",
+    "sparseresidential", "storagetanks", "tenniscourt",
+)
+
+# Class words in caption-benchmark image names (RSICD/RSITMD "parking_12.jpg", UCM by number) ->
+# class keys of the sets shipped in training/classnames; the `mapping` for class_caption_pool.
+# Only words whose images clearly show the target class are mapped: a pool of wrong sentences
+# teaches the wrong words.
+CAPTION_CLASS_WORDS: dict[str, dict[str, str]] = {
+    "rsscn7": {
+        "meadow": "aGrass",
+        "farmland": "bField", "agricultural": "bField",
+        "industrial": "cIndustry",
+        "river": "dRiverLake", "pond": "dRiverLake",
+        "forest": "eForest",
+        "denseresidential": "fResident", "mediumresidential": "fResident",
+        "sparseresidential": "fResident",
+        "parking": "gParking", "parkinglot": "gParking",
+    },
+    "ucm": {
+        **{c: c for c in UCM_CLASSES},
+        "farmland": "agricultural", "plane": "airplane", "baseballfield": "baseballdiamond",
+        "port": "harbor", "boat": "harbor", "parking": "parkinglot",
+    },
+    "aid": {
+        **{c.lower(): c for c in (
+            "Airport", "BareLand", "BaseballField", "Beach", "Bridge", "Center", "Church",
+            "Commercial", "DenseResidential", "Desert", "Farmland", "Forest", "Industrial",
+            "Meadow", "MediumResidential", "Mountain", "Park", "Parking", "Playground", "Pond",
+            "Port", "RailwayStation", "Resort", "River", "School", "SparseResidential", "Square",
+            "Stadium", "StorageTanks", "Viaduct")},
+        "agricultural": "Farmland", "baseballdiamond": "BaseballField", "harbor": "Port",
+        "parkinglot": "Parking",
+    },
+}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read as asked: the message says which file, line or class."""
+
+
+class ManifestError(DataError):
+    """A manifest line that cannot be used; the message names the file and line numbers."""
+
+
+class SkippedImageWarning(UserWarning):
+    """An image that could not be decoded and was left out of training."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image and every caption it may be trained with."""
+
+    image: str  # absolute path
+    captions: tuple[str, ...]
+    class_name: str | None = None  # folder/class key (not the human name), if known
+
+    def __post_init__(self):
+        # Readers build lists; a tuple keeps Records hashable and safe to share across workers.
+        if not isinstance(self.captions, tuple):
+            object.__setattr__(self, "captions", tuple(self.captions))
+        if not self.captions:
+            raise DataError(f"{self.image}: no captions")
+
+
+# --- small helpers -----------------------------------------------------------------------------
+
+
+def _listing(items: Sequence[str], total: int | None = None) -> str:
+    """'a, b, c' or 'a, b, c, ... (12 in all)' for error messages."""
+    total = len(items) if total is None else total
+    shown = ", ".join(items[:FIRST_FEW])
+    return shown if total <= FIRST_FEW else f"{shown}, ... ({total} in all)"
+
+
+def _problems(source: str, problems: Sequence[str], what: str) -> str:
+    lines = [f"{source}: {len(problems)} {what}:"]
+    lines += [f"  {p}" for p in problems[:FIRST_FEW]]
+    if len(problems) > FIRST_FEW:
+        lines.append(f"  ... and {len(problems) - FIRST_FEW} more")
+    return "\n".join(lines)
+
+
+def _check_images_exist(records: Sequence[Record], source: str) -> None:
+    """Raise one DataError naming the first few missing images and the total."""
+    missing = [r.image for r in records if not os.path.isfile(r.image)]
+    if missing:
+        raise DataError(_problems(source, missing, f"of {len(records)} images do not exist"))
+
+
+def _nonblank(captions: Iterable[str]) -> list[str]:
+    """Captions as given, stripped, blanks dropped. Duplicates stay: benchmark files repeat a
+    sentence on purpose, and retrieval counts every caption line (5 per image)."""
+    return [c.strip() for c in captions if c.strip()]
+
+
+def _clean_captions(captions: Iterable[str]) -> list[str]:
+    """Whitespace collapsed, blanks dropped, duplicates (ignoring case) dropped, order kept."""
+    seen: dict[str, str] = {}
+    for c in captions:
+        c = " ".join(c.split())
+        if c and c.lower() not in seen:
+            seen[c.lower()] = c
+    return list(seen.values())
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def load_classnames(name_or_path: str | os.PathLike) -> dict[str, str]:
+    """A class-name map (folder key -> human name): a shipped one by name ("rsscn7", "ucm", "aid")
+    or any JSON file holding one object."""
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CLASSNAMES_DIR / f"{name_or_path}.json"
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        shipped = ", ".join(sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json")))
+        raise DataError(f"class-name map {name_or_path} not found (shipped maps: {shipped})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: class-name map is not valid JSON ({e.msg})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+        raise DataError(f"{path}: a class-name map must be one JSON object of \"folder\": \"human name\"")
+    return mapping
+
+
+# --- folder of classes -------------------------------------------------------------------------
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(
+        d for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and any(_is_image(f) for f in os.listdir(d))
+    )
+
+
+def find_class_root(root: str | os.PathLike) -> Path:
+    """The folder that holds the class sub-folders: `root` itself, or `root/images` (UCM's layout)."""
+    root = Path(root)
+    if not _class_dirs(root) and _class_dirs(root / "images"):
+        return root / "images"
+    return root
+
+
+def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
+                   templates: Sequence[str] | None = None,
+                   caption_pool: Mapping[str, Sequence[str]] | None = None,
+                   files: Sequence[str] | None = None) -> list[Record]:
+    """Records for root/<class>/*.jpg|png|tif (or root/images/<class>/...).
+
+    Captions: every template filled with the class's human name, then the class's human caption
+    pool (keyed by folder name) if given. `files` keeps only these paths, relative to `root` or to
+    the class folder's parent ("gParking/g001.jpg", "images/beach/beach03.jpg").
+    """
+    root = Path(os.path.abspath(root))
+    class_root = find_class_root(root)
+    dirs = _class_dirs(class_root)
+    if not dirs:
+        raise DataError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    unnamed = [d.name for d in dirs if d.name not in classnames]
+    if unnamed:
+        raise DataError(
+            f"{root}: {len(unnamed)} class folder(s) have no entry in the class-name map: "
+            f"{', '.join(unnamed)}; add them as \"folder\": \"human name\""
+        )
+    templates = TEMPLATES if templates is None else templates
+    caption_pool = caption_pool or {}
+    wanted = None if files is None else {Path(f).as_posix() for f in files}
+    found: set[str] = set()
+    records = []
+    for d in dirs:
+        captions = _clean_captions([*fill(templates, classnames[d.name]), *caption_pool.get(d.name, ())])
+        if not captions:
+            raise DataError(f"{root}: class {d.name} has no captions (no templates and no caption pool)")
+        for name in sorted(f for f in os.listdir(d) if _is_image(f)):
+            path = d / name
+            if wanted is not None:
+                keys = {path.relative_to(root).as_posix(), path.relative_to(class_root).as_posix()} & wanted
+                if not keys:
+                    continue
+                found |= keys
+            records.append(Record(str(path), tuple(captions), d.name))
+    if wanted is not None and len(found) < len(wanted):
+        missing = sorted(wanted - found)
+        raise DataError(_problems(str(root), missing, "listed files are not images of a class folder"))
+    return records
+
+
+# --- caption benchmarks: precomp files and Karpathy JSON -----------------------------------------
+
+
+def caption_file_class(dataset: str, filename: str) -> str | None:
+    """The class word an RS caption benchmark puts in its image names, lowercased, or None.
+
+    RSICD/RSITMD: "parking_12.jpg" -> "parking". UCM precomp: "N.tif" -> the N-th hundred of
+    UCM_CLASSES. Sydney and RSICD's "00001.jpg" images carry no class.
+    """
+    stem = Path(filename).stem.lower()
+    if dataset.lower().startswith("ucm") and stem.isdigit():
+        n = int(stem)
+        return UCM_CLASSES[(n - 1) // 100] if 1 <= n <= 100 * len(UCM_CLASSES) else None
+    m = re.fullmatch(r"([a-z]+)_?\d+", stem)
+    return m.group(1) if m else None
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():  # trailing blank lines only: inner ones keep alignment
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def read_precomp(captions_dir: str | os.PathLike, dataset: str, split: str) -> list[tuple[str, list[str]]]:
+    """(file name, captions) pairs from `<ds>_<split>_caps.txt` + `<ds>_<split>_filename.txt`.
+
+    Train files have k consecutive caption lines per file-name line (k = 5 in all four sets);
+    test files repeat the file name on every caption line. Both layouts are recognised by counts.
+    """
+    caps_path = Path(captions_dir) / f"{dataset}_{split}_caps.txt"
+    names_path = Path(captions_dir) / f"{dataset}_{split}_filename.txt"
+    caps, names = _read_lines(caps_path), _read_lines(names_path)
+    if not names:
+        raise DataError(f"{names_path}: no file names")
+    if len(caps) == len(names):
+        per_name = [[c] for c in caps]
+    elif len(caps) % len(names) == 0:
+        k = len(caps) // len(names)
+        per_name = [caps[i * k:(i + 1) * k] for i in range(len(names))]
+    else:
+        raise DataError(
+            f"{caps_path} has {len(caps)} captions for {len(names)} file names in {names_path}: "
+            f"expected one caption per name, or the same number per name"
+        )
+    grouped: dict[str, list[str]] = {}
+    for name, cs in zip(names, per_name):
+        grouped.setdefault(name, []).extend(cs)
+    return list(grouped.items())
+
+
+def precomp_records(captions_dir: str | os.PathLike, dataset: str, split: str,
+                    image_dir: str | os.PathLike) -> list[Record]:
+    """Records from the precomp caption files of `dataset` ("rsicd", "rsitmd", "ucm", "sydney")
+    and the folder that holds its images under the names the files list."""
+    image_dir = Path(os.path.abspath(image_dir))
+    records = []
+    for name, caps in read_precomp(captions_dir, dataset, split):
+        captions = _nonblank(caps)
+        if not captions:
+            raise DataError(f"{Path(captions_dir) / f'{dataset}_{split}_caps.txt'}: {name} has only empty captions")
+        records.append(Record(str(image_dir / name), tuple(captions), caption_file_class(dataset, name)))
+    _check_images_exist(records, f"{dataset} {split} images in {image_dir}")
+    return records
+
+
+def karpathy_records(json_path: str | os.PathLike, image_dir: str | os.PathLike,
+                     split: str | None = None) -> list[Record]:
+    """Records from a Karpathy-style dataset_*.json ({"images": [{"filename", "split",
+    "sentences": [{"raw"}], optional "filepath"}]}); `split` keeps one split ("train", "val",
+    "test"; "restval" is its own split, as in the file)."""
+    json_path, image_dir = Path(json_path), Path(os.path.abspath(image_dir))
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{json_path}: expected a Karpathy-style object with an \"images\" list")
+    dataset = str(data.get("dataset", json_path.stem.removeprefix("dataset_")))
+    records, splits_seen = [], set()
+    for i, entry in enumerate(data["images"]):
+        splits_seen.add(entry.get("split"))
+        if split is not None and entry.get("split") != split:
+            continue
+        name = entry.get("filename")
+        if not name:
+            raise DataError(f"{json_path}: images[{i}] has no \"filename\"")
+        raw = [s.get("raw") or " ".join(s.get("tokens", ())) for s in entry.get("sentences", ())]
+        captions = _nonblank(raw)
+        if not captions:
+            raise DataError(f"{json_path}: images[{i}] ({name}) has no captions")
+        path = image_dir / entry.get("filepath", "") / name
+        records.append(Record(str(path), tuple(captions), caption_file_class(dataset, name)))
+    if not records:
+        raise DataError(f"{json_path}: no images in split {split!r} (splits present: "
+                        f"{_listing(sorted(str(s) for s in splits_seen))})")
+    _check_images_exist(records, f"{json_path} (images in {image_dir})")
+    return records
+
+
+def class_caption_pool(captions_dir: str | os.PathLike, mapping: Mapping[str, str],
+                       splits: Sequence[str] = ("train",)) -> dict[str, list[str]]:
+    """Class-level human captions: every caption of every precomp image whose name carries a class
+    word in `mapping` (word -> target class key), grouped by target class, deduplicated.
+
+    Only the train splits by default: the test captions belong to the benchmarks' held-out images,
+    and keeping them out lets those benchmarks stay honest checks of a model trained on the pool.
+    Datasets whose image names carry no class (Sydney) add nothing.
+    """
+    words = {k.lower(): v for k, v in mapping.items()}
+    pool: dict[str, list[str]] = defaultdict(list)
+    found = [re.fullmatch(r"(.+)_([^_]+)_filename\.txt", p.name) for p in Path(captions_dir).glob("*_filename.txt")]
+    sources = sorted((m.groups() for m in found if m and m.group(2) in splits),
+                     key=lambda ds_split: (list(splits).index(ds_split[1]), ds_split[0]))
+    if not sources:
+        raise DataError(f"{captions_dir}: no <dataset>_<split>_filename.txt files for splits {list(splits)}")
+    for dataset, split in sources:
+        for name, caps in read_precomp(captions_dir, dataset, split):
+            target = words.get(caption_file_class(dataset, name) or "")
+            if target is not None:
+                pool[target].extend(caps)
+    return {k: _clean_captions(v) for k, v in sorted(pool.items())}
+
+
+# --- manifests -------------------------------------------------------------------------------------
+
+
+class _ManifestBuilder:
+    """Collects (image, captions, class) rows, merging rows of one image, and the problems found."""
+
+    def __init__(self, path: Path):
+        self.path, self.base = path, path.absolute().parent
+        self.rows: dict[str, tuple[list[str], str | None, int]] = {}
+        self.problems: list[str] = []
+
+    def problem(self, line: int, message: str) -> None:
+        self.problems.append(f"{self.path}:{line}: {message}")
+
+    def add(self, line: int, image: Any, captions: Any, class_name: Any) -> None:
+        if not isinstance(image, str) or not image.strip():
+            return self.problem(line, "no \"image\" path")
+        if captions is None:
+            captions = []
+        elif isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            return self.problem(line, "\"captions\" must be a list of strings (or \"caption\" one string)")
+        captions = _nonblank(captions)
+        if not captions:
+            return self.problem(line, f"empty captions for {image} (give \"captions\": [...] or \"caption\": \"...\")")
+        if class_name is not None and not isinstance(class_name, str):
+            return self.problem(line, "\"class\" must be a string")
+        path = os.path.normpath(self.base / image.strip())
+        if path in self.rows:
+            caps, known_class, first = self.rows[path]
+            if class_name and known_class and class_name != known_class:
+                return self.problem(line, f"class {class_name!r} for {image}, which line {first} gave class {known_class!r}")
+            caps.extend(captions)
+            self.rows[path] = (caps, known_class or class_name or None, first)
+        else:
+            self.rows[path] = (list(captions), class_name or None, line)
+
+    def records(self) -> list[Record]:
+        if self.problems:
+            raise ManifestError(_problems(str(self.path), self.problems, "bad lines"))
+        if not self.rows:
+            raise ManifestError(f"{self.path}: no records")
+        missing = [f"{self.path}:{line}: {p}" for p, (_, _, line) in self.rows.items() if not os.path.isfile(p)]
+        if missing:
+            raise ManifestError(_problems(str(self.path), missing, f"of {len(self.rows)} images do not exist"))
+        return [Record(p, tuple(c), k) for p, (c, k, _) in self.rows.items()]
+
+
+def manifest_records(path: str | os.PathLike) -> list[Record]:
+    """Records from a manifest; image paths are relative to the manifest's folder.
+
+    JSONL (.jsonl, .json): one object a line with "image", "captions" (list) or "caption" (str),
+    optional "class". CSV (.csv, .tsv): a header with image,caption[,class]; rows of one image
+    merge. Problems are collected and raised together (first few, then the total), each as
+    file:line: bad JSON, a missing image, empty captions.
+    """
+    path = Path(path)
+    builder = _ManifestBuilder(path)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        _read_csv_manifest(path, builder)
+    else:
+        _read_jsonl_manifest(path, builder)
+    return builder.records()
+
+
+def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder) -> None:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                builder.problem(line_no, f"not valid JSON ({e.msg}, column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                builder.problem(line_no, "expected a JSON object")
+                continue
+            captions = obj["captions"] if "captions" in obj else obj.get("caption")
+            builder.add(line_no, obj.get("image"), captions, obj.get("class"))
+
+
+def _read_csv_manifest(path: Path, builder: _ManifestBuilder) -> None:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = [h.strip() for h in reader.fieldnames or []]
+        if "image" not in header or "caption" not in header:
+            raise ManifestError(f"{path}:1: the header must name the columns image,caption[,class]; got {header}")
+        reader.fieldnames = header
+        for row in reader:
+            builder.add(reader.line_num, row.get("image"), row.get("caption") or "", row.get("class") or None)
+
+
+# --- splits ------------------------------------------------------------------------------------------
+
+
+def split_records(records: Sequence[Record], per_class: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, val) with `per_class` validation images from every class (records without a class
+    form one group of their own).
+
+    The choice in a class depends only on (seed, class, the class's image paths): not on the
+    order of `records` nor on other classes, so a split can be reproduced from its description.
+    Both lists keep the input order.
+    """
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0, got {per_class}")
+    by_class: dict[str | None, list[str]] = defaultdict(list)
+    for r in records:
+        by_class[r.class_name].append(r.image)
+    too_small = [f"{k} ({len(v)})" for k, v in by_class.items() if per_class and len(v) <= per_class]
+    if too_small:
+        raise DataError(f"cannot hold out {per_class} images per class and keep some for training: "
+                        f"{_listing(too_small)}")
+    val_images: set[str] = set()
+    for class_name, images in by_class.items():
+        images = sorted(set(images))
+        random.Random(f"{seed}:{class_name}").shuffle(images)
+        val_images.update(images[:per_class])
+    train = [r for r in records if r.image not in val_images]
+    val = [r for r in records if r.image in val_images]
+    return train, val
+
+
+# --- map-style datasets --------------------------------------------------------------------------
+
+
+def _accepts_rng(transform: Callable) -> bool:
+    """Whether transform(image, rng) may be called: ours take an rng; a plain callable may not."""
+    try:
+        params = list(signature(transform).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (Parameter.POSITIONAL_ONLY, Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == Parameter.VAR_POSITIONAL for p in params)
+
+
+class _CountsSkips:
+    """Mixin: `skipped` counts unusable samples seen by this copy of the dataset (each DataLoader
+    worker has its own copy; collate_captions reports per-batch counts to the training process),
+    and each file is warned about once."""
+
+    skipped: int = 0
+    _warned: frozenset[str] = frozenset()
+
+    def _skip(self, what: str, error: BaseException) -> None:
+        self.skipped += 1
+        if what not in self._warned:
+            self._warned = self._warned | {what}
+            warnings.warn(f"skipping unreadable image {what}: {type(error).__name__}: {error}",
+                          SkippedImageWarning, stacklevel=3)
+
+
+class CaptionDataset(_CountsSkips, Dataset):
+    """(image tensor, one caption) per Record; None for an image that cannot be read."""
+
+    def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0):
+        self.records = list(records)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._pass_rng = _accepts_rng(transform)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int, epoch: int, draw: int = 0) -> random.Random:
+        """The generator for one item: caption choice first, then the transform's draws."""
+        return random.Random(f"{self.seed}:{epoch}:{index}:{draw}")
+
+    def caption(self, index: int, epoch: int | None = None, draw: int = 0) -> str:
+        """The caption item `index` gets in `epoch` (default: the current one)."""
+        captions = self.records[index].captions
+        return captions[self.rng(index, self.epoch if epoch is None else epoch, draw).randrange(len(captions))]
+
+    def load(self, index: int, epoch: int, draw: int = 0) -> tuple[torch.Tensor, str] | None:
+        """Item `index` as it is in `epoch`; `draw` tells apart repeats of one image in an epoch
+        (MixedDataset oversampling) so that they get different captions and crops."""
+        record = self.records[index]
+        rng = self.rng(index, epoch, draw)
+        caption = record.captions[rng.randrange(len(record.captions))]
+        try:
+            image = load_image(record.image)
+        except Exception as e:  # any decoder failure: a long run must not die on one bad file
+            self._skip(record.image, e)
+            return None
+        tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
+        return tensor, caption
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+        return self.load(index, self.epoch)
+
+
+def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integer counts summing to `total`, as close to total * weights as integers allow."""
+    exact = total * weights / weights.sum()
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - counts.sum()]] += 1
+    return counts
+
+
+class MixedDataset(Dataset):
+    """Several datasets mixed by ratio: `weights` are the shares of each epoch's `length` items
+    (default: the datasets' total length) that come from each dataset.
+
+    Each epoch's plan is drawn from (seed, epoch): the exact counts per dataset (largest
+    remainder), in shuffled order; within a dataset, items come from successive random
+    permutations, so a small dataset oversampled k times shows every image k times with
+    different captions and crops, and a large one undersampled shows distinct images.
+    """
+
+    def __init__(self, datasets: Sequence[Dataset], weights: Sequence[float], length: int | None = None,
+                 seed: int = 0):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError(f"need one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")
+        w = np.asarray(weights, dtype=np.float64)
+        if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+        empty = [i for i, (d, wi) in enumerate(zip(datasets, w)) if wi > 0 and len(d) == 0]
+        if empty:
+            raise ValueError(f"datasets {empty} are empty but have a positive weight")
+        self.datasets, self.weights, self.seed = list(datasets), w / w.sum(), seed
+        self.length = sum(len(d) for d in datasets) if length is None else int(length)
+        self.epoch = 0
+        self._plan: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def skipped(self) -> int:
+        return sum(getattr(d, "skipped", 0) for d in self.datasets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for d in self.datasets:
+            if hasattr(d, "set_epoch"):
+                d.set_epoch(epoch)
+
+    def counts(self) -> list[int]:
+        """How many items of an epoch come from each dataset."""
+        return _largest_remainder(self.length, self.weights).tolist()
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dataset index, item index, draw) for every position of `epoch`."""
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            # int32: a plan of tens of millions of positions stays small in every worker
+            which = np.full(self.length, -1, dtype=np.int32)
+            item = np.zeros(self.length, dtype=np.int32)
+            draw = np.zeros(self.length, dtype=np.int32)
+            positions = rng.permutation(self.length)
+            start = 0
+            for k, n in enumerate(self.counts()):
+                size = len(self.datasets[k])
+                if n == 0:
+                    continue
+                rounds = math.ceil(n / size)
+                items = np.concatenate([rng.permutation(size) for _ in range(rounds)])[:n]
+                slots = positions[start:start + n]
+                which[slots], item[slots], draw[slots] = k, items, np.arange(n) // size
+                start += n
+            self._plan = (epoch, which, item, draw)
+        return self._plan[1:]
+
+    def __getitem__(self, index: int):
+        which, item, draw = self.plan(self.epoch)
+        d, j, r = self.datasets[which[index]], int(item[index]), int(draw[index])
+        return d.load(j, self.epoch, r) if hasattr(d, "load") else d[j]
+
+
+# --- WebDataset tar shards --------------------------------------------------------------------------
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard paths from paths and brace patterns: "shards-{000..009}.tar", "{a,b}.tar"."""
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [urls]
+    out: list[str] = []
+    for url in urls:
+        out.extend(_expand_braces(os.fspath(url)))
+    return out
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = r.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = body.split(",")
+    return [x for c in choices for x in _expand_braces(head + c + tail)]
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size): torch.distributed when initialised, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: "dir/abc.seg.jpg" -> key "dir/abc", extension "seg.jpg"."""
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(directory, stem), ext.lower()
+
+
+_SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
+
+
+class WebDatasetShards(_CountsSkips, IterableDataset):
+    """Streams (image tensor, caption) from WebDataset-style tar shards: members key.jpg/.png and
+    key.txt (one caption a line), optionally key.json (its "captions"/"caption" are used when no
+    .txt is there).
+
+    Shards are shuffled per epoch with (seed, epoch) - the same order on every rank - and dealt
+    out by shard to rank * num_workers + worker, so across all ranks and DataLoader workers every
+    shard, hence every sample, is read exactly once per epoch. Give at least world_size x
+    num_workers shards, ideally a multiple, or some readers get none. Samples are shuffled through
+    a buffer of `shuffle_buffer` raw samples (decoded only on the way out). A sample that cannot
+    be used (undecodable image, no caption, a truncated tar) comes out as None, counted in
+    `skipped` and warned about once, so collate_captions reports it like CaptionDataset's.
+    """
+
+    def __init__(self, urls: str | Sequence[str], transform: Callable, seed: int = 0, shuffle_buffer: int = 1000):
+        self.urls = expand_urls(urls)
+        if not self.urls:
+            raise DataError("no shards given")
+        self.transform = transform
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self._pass_rng = _accepts_rng(transform)
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self) -> list[str]:
+        """The shards this rank and DataLoader worker read in the current epoch."""
+        rank, world = distributed_rank()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = list(self.urls)
+        random.Random(f"{self.seed}:{self.epoch}:shards").shuffle(shards)
+        readers = world * workers
+        if len(shards) < readers:
+            warnings.warn(f"{len(shards)} shards for {readers} readers (ranks x workers): some read nothing",
+                          RuntimeWarning, stacklevel=2)
+        return shards[rank * workers + worker::readers]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str] | None]:
+        rank, _ = distributed_rank()
+        info = get_worker_info()
+        rng = random.Random(f"{self.seed}:{self.epoch}:{rank}:{info.id if info else 0}")
+        buffer: list = []
+        for sample in self._raw_samples(self.my_shards()):
+            if sample is None:
+                yield None
+            elif len(buffer) < max(self.shuffle_buffer, 1):
+                buffer.append(sample)
+            else:
+                k = rng.randrange(len(buffer))
+                sample, buffer[k] = buffer[k], sample
+                yield self._decode(sample, rng)
+        rng.shuffle(buffer)
+        for sample in buffer:
+            yield self._decode(sample, rng)
+
+    def _decode(self, sample: tuple[str, bytes, list[str]], rng: random.Random):
+        where, data, captions = sample
+        caption = captions[rng.randrange(len(captions))]
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            self._skip(where, e)
+            return None
+        return (self.transform(image, rng) if self._pass_rng else self.transform(image)), caption
+
+    def _raw_samples(self, shards: Sequence[str]) -> Iterator[tuple[str, bytes, list[str]] | None]:
+        """(where, image bytes, captions) per complete sample, None per unusable one."""
+        for shard in shards:
+            key, parts = None, {}
+            try:
+                with tarfile.open(shard, mode="r|*") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        k, ext = _split_key(member.name)
+                        if k != key:
+                            if key is not None:
+                                yield self._assemble(shard, key, parts)
+                            key, parts = k, {}
+                        parts[ext] = tar.extractfile(member).read()
+                if key is not None:
+                    yield self._assemble(shard, key, parts)
+            except (tarfile.TarError, OSError, EOFError) as e:
+                self._skip(f"{shard} (shard cut short after {key or 'its start'})", e)
+                yield None
+
+    def _assemble(self, shard: str, key: str, parts: dict[str, bytes]):
+        where = f"{shard}:{key}"
+        image = next((parts[e] for e in _SHARD_IMAGE_EXTS if e in parts), None)
+        captions: list[str] = []
+        try:
+            if "txt" in parts:
+                captions = _nonblank(parts["txt"].decode("utf-8").splitlines())
+            elif "json" in parts:
+                meta = json.loads(parts["json"])
+                found = meta.get("captions", meta.get("caption", []))
+                captions = _nonblank([found] if isinstance(found, str) else found)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+            self._skip(where, e)
+            return None
+        if image is None or not captions:
+            self._skip(where, DataError("no image" if image is None else "no caption"))
+            return None
+        return where, image, captions
+
+
+# --- batching ------------------------------------------------------------------------------------------
+
+
+def collate_captions(batch: Sequence[tuple[torch.Tensor, str] | None], tokenizer: Callable,
+                     context_length: int) -> dict | None:
+    """Stack images and tokenize captions, dropping None items (unreadable images).
+
+    Returns {"images": [B,3,H,W], "tokens": LongTensor [B,T], "captions": list[str],
+    "skipped": how many items were dropped}, or None when every item was. Use it with
+    functools.partial(collate_captions, tokenizer=..., context_length=...).
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None
+    captions = [caption for _, caption in kept]
+    return {
+        "images": torch.stack([image for image, _ in kept]),
+        "tokens": tokenizer(captions, context_length),
+        "captions": captions,
+        "skipped": len(batch) - len(kept),
+    }

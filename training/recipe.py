@@ -1,0 +1,146 @@
+"""Data recipes: which sources a training run reads, how they mix, and what is held out.
+
+A recipe is a JSON file (``--recipe``) or the equivalent command-line flags::
+
+    {"sources": [
+      {"kind": "folder", "root": "../shared/data/rsscn7", "classnames": "rsscn7",
+       "val_per_class": 50, "weight": 1.0,
+       "caption_pool": {"dir": "../shared/data/captions", "mapping": {"parking": "gParking"}}},
+      {"kind": "manifest", "path": "../shared/data/ucm/captions.jsonl", "val_per_class": 10, "weight": 1.0},
+      {"kind": "shards", "urls": ["shards/train-{000..009}.tar"]}
+    ]}
+
+Paths in a recipe file are relative to the file. `classnames` is a JSON map (folder -> human name)
+or the name of a bundled map in training/classnames/. Held-out images (`val_per_class`, a
+deterministic split from the run's seed) never enter training; they are validated on during the run
+(zero-shot for folders, retrieval for manifests).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .augment import train_transform
+
+
+
+class RecipeError(ValueError):
+    """A data recipe that cannot be used; the message says what to fix."""
+
+
+def sources_from_args(recipe: str | None, folders: list[str], classnames: list[str], manifests: list[str],
+                      shards: list[str], val_per_class: int) -> list[dict]:
+    sources: list[dict] = []
+    if recipe:
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {recipe} does not exist")
+        try:
+            spec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"recipe {recipe} is not valid JSON: {e}") from None
+        base = path.resolve().parent
+        for s in spec.get("sources", []):
+            s = dict(s)
+            for key in ("root", "path"):
+                if key in s and not Path(s[key]).is_absolute():
+                    s[key] = str(base / s[key])
+            if "urls" in s:
+                s["urls"] = [u if Path(u).is_absolute() else str(base / u) for u in s["urls"]]
+            if isinstance(s.get("classnames"), str) and (base / s["classnames"]).is_file():
+                s["classnames"] = str(base / s["classnames"])
+            if isinstance(s.get("caption_pool"), dict) and "dir" in s["caption_pool"]:
+                s["caption_pool"] = {**s["caption_pool"], "dir": str(base / s["caption_pool"]["dir"])}
+            sources.append(s)
+    if len(classnames) != len(folders):
+        raise RecipeError(f"give one --classnames per --folder ({len(folders)} folders, {len(classnames)} maps)")
+    sources += [{"kind": "folder", "root": r, "classnames": c, "val_per_class": val_per_class}
+                for r, c in zip(folders, classnames)]
+    sources += [{"kind": "manifest", "path": m, "val_per_class": val_per_class} for m in manifests]
+    if shards:
+        sources.append({"kind": "shards", "urls": shards})
+    if not sources:
+        raise RecipeError("no training data: give --folder/--classnames, --manifest, --shards or --recipe")
+    for s in sources:
+        if s.get("kind") not in ("folder", "manifest", "shards"):
+            raise RecipeError(f"unknown source kind {s.get('kind')!r} (folder, manifest or shards)")
+    return sources
+
+
+def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str, dict]]:
+    """Read every source's records and carve its validation split.
+
+    Returns (train sources with their `records`, validation sets by name)."""
+    train, val = [], {}
+    for i, s in enumerate(sources):
+        name = s.get("name") or Path(s.get("root") or s.get("path") or f"shards{i}").stem
+        if s["kind"] == "shards":
+            train.append({**s, "name": name})
+            continue
+        try:
+            if s["kind"] == "folder":
+                mapping = s["classnames"] if isinstance(s["classnames"], dict) else D.load_classnames(s["classnames"])
+                pool = None
+                if s.get("caption_pool"):
+                    words = s["caption_pool"]["mapping"]           # a dict, or a bundled name ("rsscn7")
+                    words = D.CAPTION_CLASS_WORDS[words] if isinstance(words, str) else words
+                    pool = D.class_caption_pool(s["caption_pool"]["dir"], words)
+                    if s["caption_pool"].get("max_per_class"):
+                        k = int(s["caption_pool"]["max_per_class"])
+                        pool = {c: list(v)[:k] for c, v in pool.items()}
+                records = D.folder_records(s["root"], mapping, caption_pool=pool)
+            else:
+                mapping = None
+                records = D.manifest_records(s["path"])
+        except (FileNotFoundError, ValueError) as e:
+            raise RecipeError(str(e)) from None
+        n_val = int(s.get("val_per_class", 0))
+        held = []
+        if n_val > 0:
+            records, held = D.split_records(records, n_val, seed)
+        train.append({**s, "name": name, "records": records})
+        if held:
+            if s["kind"] == "folder":
+                val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
+            else:
+                val[name] = {"kind": "retrieval", "records": held}
+    return train, val
+
+
+def caption_texts(train_sources: list[dict]):
+    """Every caption of the map-style sources (tokenizer training)."""
+    for s in train_sources:
+        for r in s.get("records", []):
+            yield from r.captions
+
+
+def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int):
+    transform = train_transform(image_size, model_config.image_mean, model_config.image_std)
+    shards = [s for s in train_sources if s["kind"] == "shards"]
+    if shards:
+        if len(shards) != len(train_sources):
+            raise RecipeError("shards cannot be mixed with folder/manifest sources in one run yet: "
+                              "write those into shards too")
+        urls = [u for s in shards for u in s["urls"]]
+        return D.WebDatasetShards(urls, transform, seed=seed)
+    datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i) for i, s in enumerate(train_sources)]
+    if len(datasets) == 1:
+        return datasets[0]
+    weights = [float(s.get("weight", 1.0)) for s in train_sources]
+    return D.MixedDataset(datasets, weights, length=sum(len(d) for d in datasets), seed=seed)
+
+
+class Collate:
+    """Picklable collate function (DataLoader workers): drops unreadable items, tokenizes captions."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, batch):
+        out = D.collate_captions(batch, self.tokenizer, self.context_length)
+        if out is None:
+            return {"images": torch.empty(0), "tokens": torch.empty(0, dtype=torch.long), "skipped": len(batch)}
+        return out

@@ -1,0 +1,494 @@
+"""Pre-train or fine-tune MaMMUT on image-caption pairs (contrastive + captioning losses).
+
+One process:   python -m training.train --folder ../shared/data/rsscn7 --classnames rsscn7 --out runs/rsscn7
+Several:       torchrun --nproc_per_node=2 -m training.train ...        (DDP: gloo on CPU, NCCL on GPU)
+Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 \
+                   --nproc_per_node=8 -m training.train ...
+
+`--batch-size` is the GLOBAL batch of one optimizer step; each rank takes its slice of the same
+global batch, so a 2-process run follows the same loss curve as a 1-process run with the same seed.
+Checkpoints are atomic directories `OUT/checkpoints/step_NNNNNNN` (the last K kept); `--resume`
+continues from the newest complete one exactly where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from backend.model import MaMMUT, MaMMUTLoss, get_preset
+from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.precision import autocast_context
+from backend.model.tokenizer import Tokenizer, train_tokenizer
+
+from . import recipe as recipes
+
+TRAIN_STATE = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    preset: str = "small"
+    init_checkpoint: str | None = None       # fine-tune from these weights (and their tokenizer)
+    tokenizer: str | None = None             # tokenizer.json; trained from the training captions if absent
+    vocab_size: int = 8192
+    conv_stem: bool = False
+    image_size: int | None = None            # train at this resolution (default: the preset's)
+    steps: int = 1000
+    batch_size: int = 64                     # global batch per optimizer step
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    contrastive_weight: float | None = None  # default: the model config's
+    caption_weight: float | None = None
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    precision: str = "auto"                  # auto | fp32 | bf16
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    save_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 0
+    log_every: int = 10
+    resume: bool = False
+    export_fp16: str | None = None           # also write the final weights as an fp16 checkpoint here
+    sources: list = field(default_factory=list)   # data sources (see training/recipe.py)
+
+
+# ---- distributed setup (torchrun env vars) --------------------------------------------------------
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        device = torch.device("cuda", local_rank if world > 1 else (torch.device(device_arg).index or 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---- optimisation ---------------------------------------------------------------------------------
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matmul/conv weights only: not on biases, norms, embeddings of positions,
+    the pooling query or the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith(("pos_embed", "query", "logit_scale")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ---- data order ------------------------------------------------------------------------------------
+class StepBatchSampler(torch.utils.data.Sampler):
+    """This rank's slice of each global batch of one epoch, starting at batch `start`.
+
+    The global order is a permutation seeded by (seed, epoch), independent of the world size, so
+    resuming mid-epoch and changing the number of processes both keep the same sample order.
+    """
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.epoch, self.start = seed, epoch, start
+        self.per_rank = global_batch // world
+
+    def __len__(self) -> int:
+        return max(0, self.n // self.global_batch - self.start)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        for b in range(self.start, self.n // self.global_batch):
+            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
+            yield chunk[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
+
+
+def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: int, collate, pin_memory: bool):
+    """Endless batches (this rank's slice of each global batch) from optimizer step `start_step` on.
+
+    Map-style data resumes exactly: step -> (epoch, batch in epoch). Streaming shards cannot seek,
+    so after a resume they restart with a new shuffle (seeded by the step) instead.
+    """
+    per_rank = cfg.batch_size // world
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        epoch = start_step
+        while True:
+            dataset.set_epoch(epoch)
+            yield from DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
+                                  drop_last=True, pin_memory=pin_memory)
+            epoch += 1
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, steps_per_epoch)
+        dataset.set_epoch(epoch)
+        sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch, offset)
+        for batch in DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+                                pin_memory=pin_memory):
+            yield batch
+            step += 1
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def clean_partial_checkpoints(out: Path) -> None:
+    """Remove temp directories a killed save left behind (complete checkpoints are renamed into place)."""
+    root = out / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def unwrap(model: torch.nn.Module) -> MaMMUT:
+    model = getattr(model, "_orig_mod", model)       # torch.compile
+    return getattr(model, "module", model)          # DDP
+
+
+def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return unwrap(model).state_dict()
+
+
+def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, cfg: TrainConfig, step: int,
+                             fsdp: bool) -> Path | None:
+    state = full_state_dict(model, fsdp)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt_state = get_optimizer_state_dict(model, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        opt_state = optimizer.state_dict()
+    path = None
+    if is_main():
+        holder = MaMMUT(unwrap(model).config)
+        holder.load_state_dict(state)
+        path = out / "checkpoints" / f"step_{step:07d}"
+
+        def write_state(tmp: Path) -> None:
+            torch.save({"optimizer": opt_state, "step": step, "config": asdict(cfg)}, tmp / TRAIN_STATE)
+
+        save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": asdict(cfg)},
+                        write_extra=write_state)
+        for old in checkpoint_dirs(out)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
+                         f"({world} x {cfg.grad_accum})")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial_checkpoints(out)
+    if dist.is_initialized():
+        dist.barrier()
+
+    # -- resume / init ---------------------------------------------------------------------------
+    start_step, opt_state, tokenizer, model = 0, None, None, None
+    if cfg.resume:
+        for ckpt in reversed(checkpoint_dirs(out)):
+            try:
+                model, tokenizer = load_checkpoint(ckpt)
+                state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=False)
+            except (CheckpointError, OSError, RuntimeError, EOFError) as e:
+                log(f"skipping unreadable checkpoint {ckpt}: {e}")
+                model = None
+                continue
+            start_step, opt_state = state["step"], state["optimizer"]
+            log(f"resuming from {ckpt} (step {start_step})")
+            break
+        else:
+            log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
+    train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
+    if model is None:
+        if cfg.init_checkpoint:
+            model, tokenizer = load_checkpoint(cfg.init_checkpoint)
+        else:
+            tokenizer = _get_tokenizer(cfg, out, train_sources)
+            overrides = {"vocab_size": max(tokenizer.vocab_size, 8)}
+            if cfg.conv_stem:
+                overrides["patch_stem"] = "conv"
+            model = MaMMUT(get_preset(cfg.preset, **overrides))
+    mcfg = model.config
+    image_size = cfg.image_size or mcfg.image_size
+    dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed)
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    if not streaming and len(dataset) < cfg.batch_size:
+        raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
+
+    model.to(device).train()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    loss_fn = MaMMUTLoss(
+        cfg.contrastive_weight if cfg.contrastive_weight is not None else mcfg.contrastive_weight,
+        cfg.caption_weight if cfg.caption_weight is not None else mcfg.caption_weight,
+        mcfg.pad_id,
+    )
+    train_model: torch.nn.Module = model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in list(model.visual.blocks) + list(model.text.blocks):
+            fully_shard(block)
+        fully_shard(model)
+    elif world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2),
+                                  eps=1e-6, fused=device.type == "cuda")
+    if opt_state is not None:
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+
+            set_optimizer_state_dict(model, optimizer, opt_state, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(opt_state)
+
+    precision = cfg.precision
+    amp = autocast_context(device) if precision == "auto" else (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    micro = cfg.batch_size // world // cfg.grad_accum
+    metrics_path = out / "metrics.jsonl"
+    if is_main():
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        size = "streaming shards" if streaming else f"{len(dataset)} samples, {len(dataset) // cfg.batch_size} steps/epoch"
+        log(f"MaMMUT {mcfg.preset}: {model.num_params() / 1e6:.1f}M params | {size} | {world} process(es) on {device} | global batch {cfg.batch_size}"
+            f" | {image_size}px | precision {precision}")
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not is_main(), dynamic_ncols=True, unit="step")
+    stream = batch_stream(dataset, cfg, rank, world, start_step, recipes.Collate(tokenizer, mcfg.context_length),
+                          pin_memory=device.type == "cuda")
+    last: dict = {}
+    t_log, samples_since, skipped_total = time.time(), 0, 0
+    for step in range(start_step + 1, cfg.steps + 1):
+        lr = lr_at(step - 1, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = next(stream)
+        images = batch["images"].to(device, non_blocking=True)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        skipped_total += batch["skipped"]
+        parts: dict[str, float] = {}
+        for i in range(cfg.grad_accum):
+            sl = slice(i * micro, (i + 1) * micro)
+            is_ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+            # gradients are all-reduced only on the last micro-batch
+            ctx = train_model.no_sync() if is_ddp and i < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, amp:
+                losses = loss_fn(train_model(images[sl], tokens[sl]), tokens[sl])
+            (losses["loss"] / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        samples_since += cfg.batch_size
+        if world > 1:
+            t = torch.tensor([parts["loss"], parts["contrastive_loss"], parts["caption_loss"]], device=device)
+            dist.all_reduce(t)
+            parts = dict(zip(["loss", "contrastive_loss", "caption_loss"], (t / world).tolist()))
+        last = {"step": step, "lr": lr, **parts,
+                "logit_scale": float(model.logit_scale.detach().clamp(max=mcfg.max_logit_scale).exp()),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            dt = time.time() - t_log
+            last["samples_per_s"] = samples_since / max(dt, 1e-9)
+            last["skipped_images"] = skipped_total
+            t_log, samples_since = time.time(), 0
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", con=f"{parts['contrastive_loss']:.3f}",
+                            cap=f"{parts['caption_loss']:.3f}", sps=f"{last['samples_per_s']:.1f}")
+            _append_metrics(metrics_path, {"kind": "train", **last})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_sets:
+            _evaluate(model, tokenizer, val_sets, device, metrics_path, step)
+            model.train()
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_training_checkpoint(out, train_model if cfg.fsdp else model, optimizer, tokenizer, cfg, step,
+                                     cfg.fsdp)
+    bar.close()
+    if cfg.export_fp16 and is_main():
+        save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
+                        extra={"step": cfg.steps, "train_config": asdict(cfg)})
+        log(f"wrote fp16 checkpoint {cfg.export_fp16}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return last
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    if is_main():
+        with open(path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _evaluate(model: MaMMUT, tokenizer: Tokenizer, val_sets: dict, device, metrics_path: Path, step: int) -> None:
+    if not is_main():
+        return
+    from . import evaluate as ev
+
+    model.eval()
+    row = {"kind": "eval", "step": step}
+    for name, vs in val_sets.items():
+        if vs["kind"] == "zero-shot":
+            r = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device, batch_size=64)
+            row[f"{name}/top1"] = r["top1"]
+        else:
+            r = ev.evaluate_retrieval(model, tokenizer, vs["records"], device, batch_size=64)
+            row[f"{name}/mean_recall"] = r["mean_recall"]
+            row[f"{name}/t2i_r10"] = r["t2i_r10"]
+    log("eval " + json.dumps(row))
+    _append_metrics(metrics_path, row)
+
+
+def _get_tokenizer(cfg: TrainConfig, out: Path, sources) -> Tokenizer:
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    path = out / "tokenizer.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    if dist.is_initialized() and not is_main():
+        dist.barrier()
+        return Tokenizer.load(path)
+    texts = list(recipes.caption_texts(sources))
+    log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
+    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    tok.save(path)
+    if dist.is_initialized():
+        dist.barrier()
+    return tok
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    data = p.add_argument_group("data (combine freely; or give a --recipe JSON file)")
+    data.add_argument("--recipe", help="JSON file listing data sources (see training/recipe.py)")
+    data.add_argument("--folder", action="append", default=[], metavar="ROOT",
+                      help="folder of class sub-folders; pair each with a --classnames")
+    data.add_argument("--classnames", action="append", default=[], metavar="MAP",
+                      help="class-name map: a JSON file (folder -> name) or a bundled one (rsscn7, ucm, aid)")
+    data.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                      help="JSONL/CSV manifest of image paths and captions")
+    data.add_argument("--shards", action="append", default=[], metavar="PATTERN",
+                      help="WebDataset tar shards, e.g. 'data/shard-{000..099}.tar'")
+    data.add_argument("--val-per-class", type=int, default=0,
+                      help="hold out this many images per class of each source for validation")
+    model = p.add_argument_group("model")
+    model.add_argument("--preset", default=d.preset, help="tiny | small | base | large (default %(default)s)")
+    model.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
+    model.add_argument("--tokenizer", help="tokenizer.json (default: train one on the training captions)")
+    model.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    model.add_argument("--conv-stem", action="store_true", help="convolutional stem instead of one patch conv")
+    model.add_argument("--image-size", type=int, help="training resolution (default: the preset's)")
+    opt = p.add_argument_group("optimisation")
+    for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "seed", "workers"):
+        opt.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr", "weight_decay", "beta2", "grad_clip"):
+        opt.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    opt.add_argument("--contrastive-weight", type=float)
+    opt.add_argument("--caption-weight", type=float)
+    opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
+                     help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--grad-checkpointing", action="store_true")
+    opt.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard) for base/large")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default=d.out, help="run directory (checkpoints, metrics.jsonl)")
+    run.add_argument("--save-every", type=int, default=d.save_every)
+    run.add_argument("--keep-last", type=int, default=d.keep_last)
+    run.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: off)")
+    run.add_argument("--log-every", type=int, default=d.log_every)
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.add_argument("--export-fp16", metavar="DIR", help="also write the final model as an fp16 checkpoint")
+    a = p.parse_args(argv)
+    try:
+        sources = recipes.sources_from_args(a.recipe, a.folder, a.classnames, a.manifest, a.shards, a.val_per_class)
+    except recipes.RecipeError as e:
+        p.error(str(e))
+    kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**kw, sources=sources)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (CheckpointError, recipes.RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
