@@ -10,7 +10,10 @@ A recipe is a JSON file (``--recipe``) or the equivalent command-line flags::
       {"kind": "shards", "urls": ["shards/train-{000..009}.tar"]}
     ]}
 
-Paths in a recipe file are relative to the file. `classnames` is a JSON map (folder -> human name)
+A folder source may drop the images of a manifest (`"exclude_manifest"`) that trains them with
+human captions, and cap its class caption pool (`"caption_pool": {..., "max_per_class": N}`); a
+manifest source with `"classnames"` is also validated zero-shot. Paths in a recipe file are relative
+to the file. `classnames` is a JSON map (folder -> human name)
 or the name of a bundled map in training/classnames/. Held-out images (`val_per_class`, a
 deterministic split from the run's seed) never enter training; they are validated on during the run
 (zero-shot for folders, retrieval for manifests).
@@ -18,6 +21,7 @@ deterministic split from the run's seed) never enter training; they are validate
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -45,7 +49,7 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
         base = path.resolve().parent
         for s in spec.get("sources", []):
             s = dict(s)
-            for key in ("root", "path"):
+            for key in ("root", "path", "exclude_manifest"):
                 if key in s and not Path(s[key]).is_absolute():
                     s[key] = str(base / s[key])
             if "urls" in s:
@@ -90,10 +94,15 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                     pool = D.class_caption_pool(s["caption_pool"]["dir"], words)
                     if s["caption_pool"].get("max_per_class"):
                         k = int(s["caption_pool"]["max_per_class"])
-                        pool = {c: list(v)[:k] for c, v in pool.items()}
+                        # a fixed sample, so templates keep a real share of each class's captions
+                        pool = {c: random.Random(f"pool:{c}").sample(list(v), min(k, len(v))) for c, v in pool.items()}
                 records = D.folder_records(s["root"], mapping, caption_pool=pool)
+                if s.get("exclude_manifest"):
+                    # images that another source already trains with human captions
+                    taken = {r.image for r in D.manifest_records(s["exclude_manifest"])}
+                    records = [r for r in records if r.image not in taken]
             else:
-                mapping = None
+                mapping = D.load_classnames(s["classnames"]) if s.get("classnames") else None
                 records = D.manifest_records(s["path"])
         except (FileNotFoundError, ValueError) as e:
             raise RecipeError(str(e)) from None
@@ -103,18 +112,22 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
             records, held = D.split_records(records, n_val, seed)
         train.append({**s, "name": name, "records": records})
         if held:
-            if s["kind"] == "folder":
+            if mapping is not None:
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
-            else:
-                val[name] = {"kind": "retrieval", "records": held}
+            if s["kind"] == "manifest":
+                val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
     return train, val
 
 
 def caption_texts(train_sources: list[dict]):
-    """Every caption of the map-style sources (tokenizer training)."""
+    """Every distinct caption of the map-style sources, in first-seen order (tokenizer training)."""
+    seen: set[str] = set()
     for s in train_sources:
         for r in s.get("records", []):
-            yield from r.captions
+            for c in r.captions:
+                if c not in seen:
+                    seen.add(c)
+                    yield c
 
 
 def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int):
