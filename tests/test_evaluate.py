@@ -1,0 +1,201 @@
+"""`python -m training.evaluate`: each subcommand on a tiny checkpoint and tiny images, its JSON,
+and its one-line errors (exit status 2)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from training import evaluate as ev
+
+RECALL_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}
+CLASSES = {"grass": "grassland", "field": "farmland", "river": "river", "forest": "forest",
+           "parking": "parking lot"}
+
+
+def _image(path, seed):
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 256, size=3)
+    pixels = np.clip(colour + rng.integers(-40, 40, size=(40, 48, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer, tiny_config):
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MaMMUT(tiny_config), tokenizer, root / "ckpt")
+    # RSSCN7/AID layout: <class>/*.jpg, 5 classes x 2 images
+    for c, cls in enumerate(CLASSES):
+        for j in range(2):
+            _image(root / "scenes" / cls / f"{cls}_{j}.jpg", 10 * c + j)
+    names = root / "names.json"
+    names.write_text(json.dumps(CLASSES))
+    # UCM layout with a manifest: images/<class>/<class>NN.png, 2 classes x 3 images, 2-5 captions
+    lines = []
+    for c, cls in enumerate(["beach", "forest"]):
+        for j in range(3):
+            rel = f"images/{cls}/{cls}{j:02d}.png"
+            _image(root / "ucm" / rel, 100 + 10 * c + j)
+            caps = [f"a {cls} seen from above", f"there is a {cls} here"] + [f"{cls} number {j}"] * (j + 1)
+            lines.append(json.dumps({"image": rel, "class": cls, "captions": caps}))
+    manifest = root / "ucm" / "captions.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    (root / "ucm" / "names.json").write_text(json.dumps({"beach": "beach", "forest": ["forest", "woods"]}))
+    return {"root": root, "ckpt": ckpt, "names": names, "manifest": manifest}
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "training.evaluate", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_main(capsys, *args):
+    rc = ev.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- the three subcommands through the real command line -----------------------------------------
+def test_retrieval_cli_json(setup):
+    p = run_cli("retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert RECALL_KEYS <= set(out)
+    assert all(0.0 <= out[k] <= 100.0 for k in RECALL_KEYS)
+    assert out["n_images"] == 6 and out["n_captions"] == 2 * 6 + (1 + 2 + 3) * 2   # duplicates kept
+    assert 0.0 < out["class_oracle_mean_recall"] <= 100.0
+    assert out["t2i_r10"] == 100.0                               # only 6 images: all in the top 10
+    assert "images" in p.stderr                                  # progress bar on stderr
+
+
+def test_zero_shot_cli_json_rsscn7_layout(setup):
+    p = run_cli("zero-shot", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                "--classnames", setup["names"], "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["classes"] == list(CLASSES) and out["n_images"] == 10
+    assert 0 <= out["top1"] <= out["top5"] <= 100
+    assert set(out["per_class"]) == set(CLASSES)
+    cm = np.array(out["confusion"])
+    assert cm.shape == (5, 5) and cm.sum(axis=1).tolist() == [2] * 5
+    assert out["top1"] == pytest.approx(100 * np.trace(cm) / 10)
+
+
+def test_caption_cli_json(setup):
+    p = run_cli("caption", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--json",
+                "--beam-size", "2", "--max-len", "6", "--examples", "2", "--quiet")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert 0.0 <= out["bleu4"] <= 1.0 and 0.0 <= out["cider"] <= 10.0
+    assert out["n_images"] == 6 and len(out["examples"]) == 2
+    assert {"image", "caption", "references"} <= set(out["examples"][0])
+
+
+# ---- the same entry point in-process: layouts, options, and errors ------------------------------
+def test_zero_shot_ucm_layout_synonyms_files_and_limit(setup, capsys):
+    ucm = setup["root"] / "ucm"
+    files = setup["root"] / "split.txt"
+    files.write_text("images/beach/beach00.png\nforest/forest02.png\n\n")
+    rc, out, err = run_main(capsys, "zero-shot", "--checkpoint", setup["ckpt"], "--data", ucm, "--classnames",
+                            ucm / "names.json", "--files", files, "--templates", "single", "--json", "--quiet")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n_images"] == 2 and res["classes"] == ["beach", "forest"] and "top5" not in res
+    assert res["class_names"]["forest"] == ["forest", "woods"] and res["n_templates"] == 1
+    rc, out, err = run_main(capsys, "zero-shot", "--checkpoint", setup["ckpt"], "--data", ucm, "--classnames",
+                            ucm / "names.json", "--limit-per-class", "1", "--quiet")
+    assert rc == 0, err
+    assert "top-1" in out and "confusion" in out                       # the human-readable table
+
+
+def test_retrieval_table_output(setup, capsys):
+    rc, out, err = run_main(capsys, "retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"],
+                            "--limit", "4", "--ties", "pessimistic", "--quiet")
+    assert rc == 0, err
+    assert "R@10" in out and "mean recall" in out and "class-oracle" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_checkpoint", "does not exist"),
+    ("bad_checkpoint", "config.json is missing"),
+    ("no_data", "does not exist"),
+    ("no_classnames", "does not exist"),
+    ("unmapped_class", "no entry in the class-name map"),
+    ("empty_folder", "no class sub-folders with images"),
+    ("empty_list", "no images to evaluate"),
+    ("empty_manifest", "no records"),
+    ("bad_manifest_line", "not valid JSON"),
+])
+def test_errors_exit_2_with_one_line(setup, tmp_path, capsys, case, message):
+    ck, scenes, names = setup["ckpt"], setup["root"] / "scenes", setup["names"]
+    zero_shot = ["zero-shot", "--checkpoint", ck, "--json"]
+    if case == "no_checkpoint":
+        args = ["retrieval", "--checkpoint", tmp_path / "nope", "--manifest", setup["manifest"]]
+    elif case == "bad_checkpoint":
+        args = ["retrieval", "--checkpoint", tmp_path, "--manifest", setup["manifest"]]
+    elif case == "no_data":
+        args = zero_shot + ["--data", tmp_path / "missing", "--classnames", names]
+    elif case == "no_classnames":
+        args = zero_shot + ["--data", scenes, "--classnames", tmp_path / "missing.json"]
+    elif case == "unmapped_class":
+        partial = tmp_path / "partial.json"
+        partial.write_text(json.dumps({k: v for k, v in CLASSES.items() if k != "river"}))
+        args = zero_shot + ["--data", scenes, "--classnames", partial]
+    elif case == "empty_folder":
+        (tmp_path / "empty" / "grass").mkdir(parents=True)
+        args = zero_shot + ["--data", tmp_path / "empty", "--classnames", names]
+    elif case == "empty_list":
+        (tmp_path / "list.txt").write_text("\n")
+        args = zero_shot + ["--data", scenes, "--classnames", names, "--files", tmp_path / "list.txt"]
+    elif case == "empty_manifest":
+        (tmp_path / "m.jsonl").write_text("")
+        args = ["retrieval", "--checkpoint", ck, "--manifest", tmp_path / "m.jsonl"]
+    else:
+        image = next((setup["root"] / "scenes" / "grass").iterdir())
+        (tmp_path / "m.jsonl").write_text(json.dumps({"image": str(image), "captions": ["x"]}) + "\n{oops\n")
+        args = ["caption", "--checkpoint", ck, "--manifest", tmp_path / "m.jsonl"]
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 2 and out == ""
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# ---- the functions the training loop calls ------------------------------------------------------
+def test_evaluate_functions_take_records(setup, tokenizer, tiny_config):
+    from backend.model import MaMMUT
+
+    torch.manual_seed(0)
+    model = MaMMUT(tiny_config).train()
+    records = ev.read_manifest(setup["manifest"])
+    r = ev.evaluate_retrieval(model, tokenizer, records, "cpu", batch_size=4)
+    assert RECALL_KEYS <= set(r) and "class_oracle_mean_recall" in r
+    assert model.training                                       # mode restored
+    # records may name classes by folder key or by human name
+    named = [ev.ImageRecord(x.image, (), "woods" if x.class_name == "forest" else x.class_name) for x in records]
+    z = ev.evaluate_zero_shot(model, tokenizer, named, {"beach": "beach", "forest": ["forest", "woods"]},
+                              "cpu", batch_size=4)
+    assert z["n_images"] == 6 and sum(map(sum, z["confusion"])) == 6
+    folder = ev.evaluate_zero_shot(model, tokenizer, setup["root"] / "scenes", CLASSES, "cpu", batch_size=8,
+                                   limit_per_class=1)
+    assert folder["n_images"] == 5 and "top5" in folder
+
+
+def test_help_names_every_subcommand_and_option():
+    parser = ev.build_parser()
+    text = parser.format_help()
+    assert "retrieval" in text and "zero-shot" in text and "caption" in text
+    sub = parser._subparsers._group_actions[0].choices
+    assert "--classnames" in sub["zero-shot"].format_help() and "--files" in sub["zero-shot"].format_help()
+    assert "--beam-size" in sub["caption"].format_help() and "--ties" in sub["retrieval"].format_help()

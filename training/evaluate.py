@@ -1,0 +1,593 @@
+"""Evaluate a checkpoint: text-image retrieval, zero-shot classification, captioning.
+
+    python -m training.evaluate retrieval --checkpoint DIR --manifest FILE.jsonl --json
+    python -m training.evaluate zero-shot --checkpoint DIR --data FOLDER --classnames FILE.json --json
+    python -m training.evaluate caption   --checkpoint DIR --manifest FILE.jsonl --json
+
+The metric definitions (tie rule, class-oracle reference, BLEU/CIDEr) are in `training.metrics`.
+The training loop validates with `evaluate_retrieval` and `evaluate_zero_shot` from this module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from backend.model.checkpoint import CheckpointError, load_checkpoint
+
+from . import metrics as M
+from .augment import eval_transform
+from .data import DataError, manifest_records
+from .templates import ZERO_SHOT_TEMPLATES, fill
+
+CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "default": tuple(ZERO_SHOT_TEMPLATES),      # prompt ensemble
+    "single": ("an aerial photo of {}.",),
+}
+
+
+class EvalError(ValueError):
+    """Data that cannot be evaluated; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One evaluation image: path, reference captions (may be empty) and class (folder name) if known."""
+    image: str
+    captions: tuple[str, ...] = ()
+    class_name: str | None = None
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike, limit: int | None = None) -> list:
+    """Records of a JSONL/CSV manifest (the training package's reader: every caption line is kept,
+    duplicates included, as the retrieval protocol counts each). `limit` keeps the first N images."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
+    try:
+        records = manifest_records(path)
+    except DataError as e:
+        raise EvalError(_one_line(str(e))) from None
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise EvalError(f"manifest {path} has no images")
+    return records
+
+
+def load_classnames(spec: str | os.PathLike | Mapping) -> dict[str, tuple[str, ...]]:
+    """A class-name map: folder -> human name (or a list of synonyms, all used as prompts).
+
+    `spec` is a mapping, a JSON file, or the name of a map bundled in training/classnames/
+    (e.g. "rsscn7"). Returns folder -> tuple of names, in the map's order.
+    """
+    source = "class-name map"
+    if not isinstance(spec, Mapping):
+        path = Path(spec)
+        if not path.is_file() and (CLASSNAMES_DIR / f"{spec}.json").is_file():
+            path = CLASSNAMES_DIR / f"{spec}.json"
+        if not path.is_file():
+            bundled = ", ".join(sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json")))
+            raise EvalError(f"class-name map {spec} does not exist (give a JSON file of folder -> name, "
+                            f"or a bundled map: {bundled})")
+        source = str(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"class-name map {path} is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise EvalError(f"class-name map {path} must be a JSON object of folder -> name")
+    out: dict[str, tuple[str, ...]] = {}
+    for key, value in spec.items():
+        names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+        names = tuple(n.strip() for n in names if isinstance(n, str) and n.strip())
+        if not names:
+            raise EvalError(f"{source}: class {key!r} needs a name (a non-empty string or list of strings), "
+                            f"got {value!r}")
+        out[str(key)] = names
+    if not out:
+        raise EvalError(f"{source} is empty")
+    return out
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.PathLike | None = None,
+                limit_per_class: int | None = None) -> list:
+    """Images of a folder of classes: `<class>/...` (RSSCN7, AID) or `images/<class>/...` (UCM),
+    read with the training reader (`training.data.folder_records`), so splits mean the same here.
+
+    Every class folder with images must be in `classnames` (folder -> name). `files` is a list file
+    (one path a line, relative to `root` or to the class folders' parent; blank lines and lines
+    starting with # are skipped) restricting to a split; `limit_per_class` keeps the first N images
+    (sorted by name) of each class. Records come back in the map's class order.
+    """
+    from .data import folder_records
+
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalError(f"data folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
+    wanted = None
+    if files is not None:
+        lst = Path(files)
+        if not lst.is_file():
+            raise EvalError(f"file list {lst} does not exist")
+        wanted = [ln.strip() for ln in lst.read_text(encoding="utf-8").splitlines()
+                  if ln.strip() and not ln.strip().startswith("#")]
+    first_names = {k: (v if isinstance(v, str) else v[0]) for k, v in classnames.items()}
+    try:
+        found = folder_records(root, first_names, templates=("{}",), files=wanted)
+    except (OSError, ValueError) as e:
+        raise EvalError(_one_line(e)) from None
+    by_class: dict[str, list] = {}
+    for r in found:
+        by_class.setdefault(r.class_name, []).append(r)
+    records = []
+    for cls in classnames:  # the map's order
+        kept = by_class.get(cls, [])
+        records += kept[:limit_per_class] if limit_per_class is not None else kept
+    if not records:
+        raise EvalError(f"no images to evaluate in {root}" + (f" from the list {files}" if files else ""))
+    return records
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def _device_of(model, device) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+class _EvalMode:
+    """Put a model in eval mode and inference mode; restore its training flag afterwards."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, model.training
+        self.inference = torch.inference_mode()
+
+    def __enter__(self):
+        self.model.eval()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc):
+        self.inference.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _load_image(path: str, transform) -> torch.Tensor:
+    try:
+        with Image.open(path) as im:
+            return transform(im)
+    except FileNotFoundError:
+        raise EvalError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise EvalError(f"cannot read image {path}: {e}") from None
+
+
+def _image_batches(paths: Sequence[str], transform, batch_size: int) -> Iterator[torch.Tensor]:
+    """Decoded, normalised image batches; decoding runs on threads (PIL releases the GIL)."""
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            yield torch.stack(list(pool.map(lambda p: _load_image(p, transform), chunk)))
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False,
+                dynamic_ncols=True)
+
+
+def encode_images(model, paths: Sequence[str], device=None, batch_size: int = 64,
+                  progress: bool = False) -> torch.Tensor:
+    """L2-normalised image embeddings [N, E] (float32, on CPU) of image files."""
+    model = _unwrap(model)
+    dev = _device_of(model, device)
+    cfg = model.config
+    transform = eval_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
+    out = []
+    with _EvalMode(model), _bar(len(paths), "images", "img", progress) as bar:
+        for batch in _image_batches(paths, transform, batch_size):
+            out.append(model.encode_image(batch.to(dev)).float().cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], device=None, batch_size: int = 256,
+                 progress: bool = False, desc: str = "texts") -> torch.Tensor:
+    """L2-normalised text embeddings [N, E] (float32, on CPU)."""
+    model = _unwrap(model)
+    dev = _device_of(model, device)
+    out = []
+    with _EvalMode(model), _bar(len(texts), desc, "text", progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            tokens = tokenizer(chunk, context_length=model.config.context_length).to(dev)
+            out.append(model.encode_text(tokens).float().cpu())
+            bar.update(len(chunk))
+    return torch.cat(out)
+
+
+# ---- the three evaluations ---------------------------------------------------------------------
+def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_size: int = 64,
+                       progress: bool = False, ties: str = "expected") -> dict:
+    """Image<->text recall@1/5/10 and mR (percent) over records with `.image` and `.captions`.
+
+    Every caption is a separate text query (identical captions of one image count separately, as
+    in the standard protocol). `ties`: "expected" or "pessimistic" (see `training.metrics`). When
+    every record has a `.class_name`, the result also holds `class_oracle_mean_recall`.
+    """
+    records = list(records)
+    if not records:
+        raise EvalError("no images to evaluate")
+    texts, text_to_image = [], []
+    for i, r in enumerate(records):
+        caps = [c for c in (r.captions or ()) if c and c.strip()]
+        if not caps:
+            raise EvalError(f"image {r.image} has no captions; retrieval needs at least one per image")
+        texts += caps
+        text_to_image += [i] * len(caps)
+    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress)
+    # each distinct text is encoded once, so identical captions get identical embeddings and tie
+    # exactly (the tie rule then decides), whatever batch they would have fallen in
+    unique = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(unique)}
+    txt = encode_texts(model, tokenizer, unique, device, max(batch_size, 128), progress, desc="captions")
+    txt = txt[torch.tensor([where[t] for t in texts], dtype=torch.long)]
+    sim = (img @ txt.T).numpy()
+    out: dict = M.retrieval_recall(sim, np.asarray(text_to_image), ties=ties)
+    out["n_images"], out["n_captions"] = len(records), len(texts)
+    out["ties"] = ties
+    classes = [getattr(r, "class_name", None) for r in records]
+    if all(c is not None for c in classes):
+        out["class_oracle_mean_recall"] = M.class_oracle_mean_recall(
+            classes, [classes[i] for i in text_to_image], np.asarray(text_to_image))
+    return out
+
+
+def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
+                          device=None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """Prompt ensemble: per class, the mean of the normalised embeddings of every (name, template)
+    prompt, re-normalised. Returns [C, E] in the map's order."""
+    names = load_classnames(classnames)
+    if not templates:
+        raise EvalError("no prompt templates")
+    prompts, owner = [], []
+    for c, (key, synonyms) in enumerate(names.items()):
+        for name in synonyms:
+            for text in fill(templates, name):
+                prompts.append(text)
+                owner.append(c)
+    emb = encode_texts(model, tokenizer, prompts, device, batch_size, progress, desc="class prompts")
+    sums = torch.zeros(len(names), emb.shape[1]).index_add_(0, torch.tensor(owner), emb)
+    return F.normalize(sums, dim=-1)
+
+
+def _class_key(record, names: Mapping[str, tuple[str, ...]]) -> str:
+    c = getattr(record, "class_name", None)
+    if c in names:
+        return c
+    for key, synonyms in names.items():
+        if c in synonyms:
+            return key
+    raise EvalError(f"image {record.image} has class {c!r}, which is not in the class-name map")
+
+
+def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=None, batch_size: int = 64,
+                       templates: Sequence[str] = ZERO_SHOT_TEMPLATES, files: str | os.PathLike | None = None,
+                       limit_per_class: int | None = None, progress: bool = False) -> dict:
+    """Classify images by their similarity to class prompts (top-1/top-5/per-class in percent).
+
+    records_or_folder: a folder of classes (see `scan_folder`) or records with `.image` and
+    `.class_name` (a folder name of the map, or one of its human names). classnames: folder ->
+    name (or list of names), a JSON file, or a bundled map name. Every class of the map is a
+    candidate, including classes with no images here (their per-class accuracy is None).
+    """
+    names = load_classnames(classnames)
+    if isinstance(records_or_folder, (str, os.PathLike)):
+        records = scan_folder(records_or_folder, names, files=files, limit_per_class=limit_per_class)
+    else:
+        records = list(records_or_folder)
+        if limit_per_class is not None:
+            kept, seen = [], {}
+            for r in records:
+                k = _class_key(r, names)
+                if seen.get(k, 0) < limit_per_class:
+                    kept.append(r)
+                    seen[k] = seen.get(k, 0) + 1
+            records = kept
+    if not records:
+        raise EvalError("no images to evaluate")
+    keys = list(names)
+    index = {k: i for i, k in enumerate(keys)}
+    labels = np.array([index[_class_key(r, names)] for r in records])
+    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress)
+    cls = class_text_embeddings(model, tokenizer, names, templates, device, max(batch_size, 128), progress)
+    out = M.zero_shot_metrics((img @ cls.T).numpy(), labels, keys)
+    out["classes"] = keys
+    out["class_names"] = {k: list(v) if len(v) > 1 else v[0] for k, v in names.items()}
+    out["n_images"] = len(records)
+    out["n_templates"] = len(templates)
+    return out
+
+
+def generate_captions(model, tokenizer, paths: Sequence[str], device=None, batch_size: int = 32,
+                      beam_size: int = 1, max_len: int = 24, progress: bool = False) -> list[str]:
+    """One generated caption per image file."""
+    model = _unwrap(model)
+    dev = _device_of(model, device)
+    cfg = model.config
+    transform = eval_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
+    out = []
+    with _EvalMode(model), _bar(len(paths), "captioning", "img", progress) as bar:
+        for batch in _image_batches(paths, transform, batch_size):
+            ids = model.caption(batch.to(dev), max_len=max_len, beam_size=beam_size)
+            out += [tokenizer.decode(s) for s in ids]
+            bar.update(len(batch))
+    return out
+
+
+def evaluate_captions(model, tokenizer, records: Sequence, device=None, batch_size: int = 32,
+                      beam_size: int = 1, max_len: int = 24, n_examples: int = 5,
+                      progress: bool = False) -> dict:
+    """Generate a caption per image and score BLEU-4 (0..1) and CIDEr-D (0..10) against all its
+    reference captions, over the whole set at once."""
+    records = list(records)
+    if not records:
+        raise EvalError("no images to evaluate")
+    for r in records:
+        if not [c for c in (r.captions or ()) if c and c.strip()]:
+            raise EvalError(f"image {r.image} has no reference captions")
+    generated = generate_captions(model, tokenizer, [str(r.image) for r in records], device, batch_size,
+                                  beam_size, max_len, progress)
+    cands = {i: g for i, g in enumerate(generated)}
+    refs = {i: [c for c in r.captions if c and c.strip()] for i, r in enumerate(records)}
+    picks = sorted({int(i) for i in np.linspace(0, len(records) - 1, num=min(n_examples, len(records))).round()})
+    return {
+        "bleu4": M.bleu4(cands, refs),
+        "cider": M.cider(cands, refs),
+        "n_images": len(records),
+        "n_references": sum(len(v) for v in refs.values()),
+        "beam_size": beam_size,
+        "max_len": max_len,
+        "examples": [{"image": str(records[i].image), "caption": generated[i], "references": refs[i]}
+                     for i in picks],
+    }
+
+
+# ---- command line ------------------------------------------------------------------------------
+EPILOG = """\
+examples:
+  python -m training.evaluate retrieval --checkpoint runs/ucm/checkpoints/step_0010000 \\
+      --manifest val.jsonl --json
+  python -m training.evaluate zero-shot --checkpoint CKPT --data ../shared/data/rsscn7 \\
+      --classnames training/classnames/rsscn7.json --files val.txt
+  python -m training.evaluate zero-shot --checkpoint CKPT --data ../shared/data/ucm --classnames ucm
+  python -m training.evaluate caption --checkpoint CKPT --manifest val.jsonl --beam-size 3
+
+Recall and accuracy are in percent. Tied retrieval scores (identical captions) count as the average
+of a random tie-break, computed exactly (--ties pessimistic: as misses); a class tied with the true
+one for the top score counts as a miss.
+Exit status: 0 on success, 2 on unusable input (missing checkpoint, data or class-name map, a class
+folder missing from the map, an empty set).
+"""
+
+MANIFEST_HELP = ("JSONL manifest, one image a line: {\"image\": \"images/beach/beach03.jpg\", \"class\": \"beach\", "
+                 "\"captions\": [...]}; paths relative to the manifest's folder")
+
+
+def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="checkpoint directory (model.safetensors + config.json + tokenizer.json)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help="images per forward pass (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.evaluate",
+        description="Evaluate a SkyPrompt checkpoint: text<->image retrieval recall, zero-shot scene "
+                    "classification with class-name prompts, or caption quality (BLEU-4, CIDEr-D).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption}")
+
+    r = sub.add_parser(
+        "retrieval", help="image->text and text->image recall@1/5/10 and mean recall (mR)",
+        description="Recall@1/5/10 both ways and their mean (mR), in percent. Every caption is a query; an "
+                    "image->text query is a hit when ANY of the image's captions is in the top K, a "
+                    "text->image query when the caption's own image is. When the manifest has classes, "
+                    "also class_oracle_mean_recall: the expected mR of a model that ranks same-class items "
+                    "first in random order (above it, the model tells instances apart, not only classes).")
+    _common(r, 64)
+    r.add_argument("--manifest", required=True, metavar="FILE.jsonl", help=MANIFEST_HELP)
+    r.add_argument("--limit", type=int, metavar="N", help="only the first N images of the manifest")
+    r.add_argument("--ties", choices=("expected", "pessimistic"), default="expected",
+                   help="scores tied with the correct item's (identical captions): 'expected' counts the "
+                        "average hit of a random tie-break, exactly; 'pessimistic' ranks every tied wrong "
+                        "item first (default: %(default)s)")
+
+    z = sub.add_parser(
+        "zero-shot", help="classify a folder of classes by similarity to class-name prompts",
+        description="Scene classification from class names alone: each class's text embedding averages "
+                    "prompts such as 'an aerial photo of {name}.' (prompt ensembling); each image goes to "
+                    "the most similar class. Works for any folder of classes and any map, including "
+                    "classes the model never trained on. Every class in the map is a candidate.")
+    _common(z, 64)
+    z.add_argument("--data", required=True, metavar="FOLDER",
+                   help="folder of class folders: FOLDER/<class>/*.jpg (RSSCN7, AID) or "
+                        "FOLDER/images/<class>/*.jpg (UC Merced)")
+    z.add_argument("--classnames", required=True, metavar="FILE.json",
+                   help="JSON object folder -> human name (or a list of synonyms), e.g. "
+                        "{\"gParking\": \"parking lot\"}; or a bundled map: "
+                        + ", ".join(sorted(q.stem for q in CLASSNAMES_DIR.glob("*.json"))))
+    z.add_argument("--templates", default="default", metavar="default|single|FILE",
+                   help="prompt templates: 'default' (an ensemble of %d), 'single' (\"an aerial photo of {}.\"), "
+                        "or a file with one template a line, '{}' marking the name (default: %%(default)s)"
+                        % len(TEMPLATE_SETS["default"]))
+    z.add_argument("--files", metavar="LISTFILE",
+                   help="evaluate only these images: one path a line, relative to FOLDER (e.g. a validation split)")
+    z.add_argument("--limit-per-class", type=int, metavar="N", help="only the first N images (by name) of each class")
+
+    c = sub.add_parser(
+        "caption", help="generate captions and score BLEU-4 and CIDEr-D against the references",
+        description="One caption per image (greedy for --beam-size 1, else beam search), scored against all "
+                    "of the image's reference captions with the coco-caption BLEU-4 (0..1) and CIDEr-D "
+                    "(0..10) scorers over the whole set.")
+    _common(c, 32)
+    c.add_argument("--manifest", required=True, metavar="FILE.jsonl", help=MANIFEST_HELP)
+    c.add_argument("--limit", type=int, metavar="N", help="only the first N images of the manifest")
+    c.add_argument("--beam-size", type=int, default=1, metavar="N",
+                   help="beam width: 1 = greedy (default); 3 often scores a little higher and takes "
+                        "about 3x as long")
+    c.add_argument("--max-len", type=int, default=24, metavar="N",
+                   help="most tokens per caption; 24 covers 99%% of UCM captions (default: %(default)s)")
+    c.add_argument("--examples", type=int, default=5, metavar="N",
+                   help="example captions to show (default: %(default)s)")
+    return p
+
+
+def _templates(spec: str) -> tuple[str, ...]:
+    if spec in TEMPLATE_SETS:
+        return TEMPLATE_SETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise EvalError(f"--templates {spec!r} is neither default, single nor a file")
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    bad = [ln for ln in lines if "{}" not in ln]
+    if not lines or bad:
+        raise EvalError(f"template file {path} needs one template a line, each with '{{}}' for the class name"
+                        + (f" (not: {bad[0]!r})" if bad else ""))
+    return tuple(lines)
+
+
+def _device(spec: str) -> torch.device:
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise EvalError(f"--device {spec!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _pct(v) -> str:
+    return "   -" if v is None else f"{v:5.1f}"
+
+
+def _print_retrieval(r: dict) -> None:
+    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']})")
+    print(f"{'':14}{'R@1':>7}{'R@5':>7}{'R@10':>7}")
+    for label, key in (("image -> text", "i2t"), ("text -> image", "t2i")):
+        print(f"{label:14}" + "".join(f"{r[f'{key}_r{k}']:7.1f}" for k in (1, 5, 10)))
+    print(f"mean recall (mR): {r['mean_recall']:.2f}")
+    if "class_oracle_mean_recall" in r:
+        print(f"class-oracle mR:  {r['class_oracle_mean_recall']:.2f}  "
+              f"(expected mR of a model that only tells classes apart)")
+
+
+def _print_zero_shot(r: dict) -> None:
+    print(f"zero-shot classification: {r['n_images']} images, {len(r['classes'])} classes, "
+          f"{r['n_templates']} prompt template(s)")
+    print(f"top-1: {r['top1']:.2f}%" + (f"   top-5: {r['top5']:.2f}%" if "top5" in r else "")
+          + f"   mean per class: {r['mean_per_class']:.2f}%")
+    width = max(len(k) for k in r["classes"])
+    print(f"\n{'#':>3}  {'class':{width}}  {'n':>5}  {'acc %':>5}  name")
+    for i, k in enumerate(r["classes"]):
+        n = sum(r["confusion"][i])
+        name = r["class_names"][k]
+        name = name if isinstance(name, str) else " / ".join(name)
+        print(f"{i:3d}  {k:{width}}  {n:5d}  {_pct(r['per_class'][k])}  {name}")
+    cm = r["confusion"]
+    cell = max(3, len(str(max(max(row) for row in cm))) + 1)
+    print("\nconfusion (rows: true class #, columns: predicted class #)")
+    print("    " + "".join(f"{j:>{cell}}" for j in range(len(cm))))
+    for i, row in enumerate(cm):
+        print(f"{i:3d} " + "".join(f"{v:>{cell}}" for v in row))
+
+
+def _print_caption(r: dict) -> None:
+    print(f"captioning: {r['n_images']} images, {r['n_references']} reference captions, "
+          f"beam size {r['beam_size']}")
+    print(f"BLEU-4: {r['bleu4']:.4f}   CIDEr-D: {r['cider']:.4f}")
+    for ex in r["examples"]:
+        print(f"\n{ex['image']}\n  generated: {ex['caption']}\n  reference: {ex['references'][0]}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    _positive(args, "batch_size", "limit", "limit_per_class", "beam_size", "max_len")
+    if getattr(args, "examples", 0) < 0:
+        raise EvalError("--examples must be 0 or more")
+    device = _device(args.device)
+    progress = not args.quiet
+    # inputs first: a bad path fails before a model is loaded
+    if args.command == "zero-shot":
+        names = load_classnames(args.classnames)
+        templates = _templates(args.templates)
+        records = scan_folder(args.data, names, files=args.files, limit_per_class=args.limit_per_class)
+    else:
+        records = read_manifest(args.manifest, limit=args.limit)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise EvalError(f"checkpoint directory {ckpt} does not exist")
+    model, tokenizer = load_checkpoint(ckpt, device=device)
+    start = time.perf_counter()
+    if args.command == "retrieval":
+        out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties)
+    elif args.command == "zero-shot":
+        out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size,
+                                 templates=templates, progress=progress)
+    else:
+        out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
+                                args.max_len, args.examples, progress)
+    out["checkpoint"] = str(ckpt)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except (EvalError, CheckpointError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption}[args.command](result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

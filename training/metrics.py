@@ -1,0 +1,307 @@
+"""Evaluation metrics as pure functions on arrays: retrieval recall, the class-oracle reference,
+zero-shot classification accuracy, and caption BLEU-4 / CIDEr-D.
+
+No model here: `training.evaluate` computes embeddings, logits and captions and hands them over.
+
+Ties in retrieval. Identical captions are common in remote-sensing caption sets (UCM repeats one
+sentence across many images of a class), and identical texts get identical embeddings, so exact
+ties are routine, not a corner case. Two deterministic rules, both free of item order:
+
+- "expected" (the default): the recall a uniformly random tie-break would give on average,
+  computed exactly. With b wrong items scoring strictly above the best correct item's score s,
+  e wrong items and g correct items scoring exactly s, a query is a hit at K with probability
+  1 - C(e, K - b) / C(e + g, K - b) (0 when K <= b; 1 when K - b > e). That is, each query adds
+  this fraction of a hit. Published results break ties by whatever order a sort leaves, which this
+  matches on average; and it is the rule the class-oracle reference is defined with, so a
+  similarity matrix that only encodes classes scores exactly `class_oracle_mean_recall`.
+- "pessimistic": ties count against the ground truth: rank = 1 + b + e, a hit when rank <= K.
+  A lower bound: a constant similarity matrix scores 0 whenever K <= the number of wrong items.
+
+Without ties both rules give the usual rank = 1 + b.
+
+Ties in classification (`zero_shot_metrics`) are pessimistic: the true class ranks 1 + the number
+of other classes scoring >= it (class prompts practically never tie).
+
+BLEU and CIDEr are pycocoevalcap's scorers (the coco-caption reference code): `Bleu(4)` with the
+"closest" reference length, and `Cider`, which is CIDEr-D (clipped n-gram counts, Gaussian length
+penalty with sigma 6, x10 scale, document frequencies from the reference set being scored). Text
+is tokenized here, not with its Java PTB tokenizer: lowercased, NFKC-normalised, apostrophes
+dropped, then split into runs of letters and digits (all punctuation removed).
+"""
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+RECALL_KS = (1, 5, 10)
+
+
+# ---- retrieval -----------------------------------------------------------------------------------
+def _as_numpy(x, dtype=None) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _check_retrieval_inputs(sim, text_to_image) -> tuple[np.ndarray, np.ndarray]:
+    sim = _as_numpy(sim, np.float64)
+    t2i = _as_numpy(text_to_image).astype(np.int64, copy=False)
+    if sim.ndim != 2:
+        raise ValueError(f"similarity matrix must be 2-D [n_images, n_texts], got shape {sim.shape}")
+    n_images, n_texts = sim.shape
+    if n_images == 0 or n_texts == 0:
+        raise ValueError("empty similarity matrix: need at least one image and one text")
+    if t2i.shape != (n_texts,):
+        raise ValueError(f"text_to_image must have one entry per text ({n_texts}), got shape {t2i.shape}")
+    if t2i.min() < 0 or t2i.max() >= n_images:
+        raise ValueError(f"text_to_image holds image indices outside 0..{n_images - 1}")
+    if not np.isfinite(sim).all():
+        raise ValueError("similarity matrix holds NaN or infinite values")
+    return sim, t2i
+
+
+def retrieval_tie_counts(sim, text_to_image) -> dict[str, np.ndarray]:
+    """Per query: wrong items scoring above the best correct one (b), wrong items tied with it (e),
+    and correct items tied at that best score (g).
+
+    Returns {"i2t_b", "i2t_e", "i2t_g"} over images and {"t2i_b", "t2i_e"} over texts (g is 1 for
+    a text query). An image with no caption gets b = n_texts (never a hit).
+    """
+    sim, t2i = _check_retrieval_inputs(sim, text_to_image)
+    n_images, n_texts = sim.shape
+    own = np.zeros_like(sim, dtype=bool)
+    own[t2i, np.arange(n_texts)] = True
+
+    # text -> image: the caption's own image against every other image
+    correct = sim[t2i, np.arange(n_texts)]                                   # [n_texts]
+    t2i_b = ((sim > correct[None, :]) & ~own).sum(axis=0)
+    t2i_e = ((sim == correct[None, :]) & ~own).sum(axis=0)
+
+    # image -> text: the best of the image's captions against every caption of other images
+    has_caption = own.any(axis=1)
+    best = np.where(own, sim, -np.inf).max(axis=1)                          # [n_images]
+    i2t_b = ((sim > best[:, None]) & ~own).sum(axis=1)
+    i2t_e = ((sim == best[:, None]) & ~own).sum(axis=1)
+    i2t_g = ((sim == best[:, None]) & own).sum(axis=1)
+    i2t_b[~has_caption], i2t_e[~has_caption], i2t_g[~has_caption] = n_texts, 0, 0
+    return {"i2t_b": i2t_b, "i2t_e": i2t_e, "i2t_g": i2t_g, "t2i_b": t2i_b, "t2i_e": t2i_e}
+
+
+def _p_hit(b: np.ndarray, e: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+    """P(some of g correct items is in the top k) when b wrong items are surely ahead and the g
+    correct items are shuffled uniformly with e tied wrong items: 1 - C(e, k-b) / C(e+g, k-b)."""
+    slots = np.clip(k - b, 0, None).astype(np.float64)
+    slots = np.minimum(slots, e + g)
+    miss = np.ones(len(b), dtype=np.float64)
+    for j in range(int(slots.max(initial=0))):      # C(e, s)/C(e+g, s) = prod_j (e-j)/(e+g-j)
+        active = j < slots
+        miss[active] *= np.clip(e[active] - j, 0, None) / (e[active] + g[active] - j)
+    return np.where(g > 0, np.where(slots > 0, 1.0 - miss, 0.0), 0.0)
+
+
+def retrieval_recall(sim, text_to_image, ks: Sequence[int] = RECALL_KS, ties: str = "expected") -> dict[str, float]:
+    """Image-to-text and text-to-image recall@K in percent, and their mean (mR).
+
+    sim: [n_images, n_texts] similarity (higher is better); text_to_image: [n_texts] index of each
+    text's image. Standard protocol (several captions per image): an image-to-text query is a hit
+    at K when ANY of the image's captions is in the top K; a text-to-image query is a hit when the
+    caption's own image is in the top K. `ties`: "expected" or "pessimistic" (module docstring).
+
+    Returns {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"} for the
+    default ks (keys follow `ks`); mean_recall is the mean of all the recalls.
+    """
+    if ties not in ("expected", "pessimistic"):
+        raise ValueError(f"ties must be 'expected' or 'pessimistic', got {ties!r}")
+    c = retrieval_tie_counts(sim, text_to_image)
+    out: dict[str, float] = {}
+    for direction, g in (("i2t", c["i2t_g"]), ("t2i", np.ones_like(c["t2i_b"]))):
+        b, e = c[f"{direction}_b"], c[f"{direction}_e"]
+        for k in ks:
+            if ties == "pessimistic":
+                hits = ((1 + b + e) <= k) & (g > 0)
+            else:
+                hits = _p_hit(b, e, g, k)
+            out[f"{direction}_r{k}"] = 100.0 * float(np.mean(hits))
+    out["mean_recall"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _p_any_in_top(m: int, g: int, k: int) -> float:
+    """Probability that at least one of g marked items among m, uniformly shuffled, is in the first k."""
+    if g <= 0 or k <= 0:
+        return 0.0
+    k = min(k, m)
+    return 1.0 - math.comb(m - g, k) / math.comb(m, k)
+
+
+def _p_hit_grouped(n: int, m: int, g_in: int, g_out: int, k: int) -> float:
+    """n items ranked as: the m same-class items in random order, then the other n - m in random
+    order. g_in correct items are among the m, g_out among the rest. P(some correct item in top k)."""
+    if g_in > 0:
+        return _p_any_in_top(m, g_in, k)
+    return _p_any_in_top(n - m, g_out, k - m)
+
+
+def class_oracle_mean_recall(image_classes, text_classes, text_to_image,
+                             ks: Sequence[int] = RECALL_KS) -> float:
+    """Expected mean recall (percent) of a model that only knows classes.
+
+    For every query it ranks the items of the query's class first, in uniformly random order among
+    themselves, then all other items in random order. Computed in closed form: when g of the m
+    same-class items are correct, P(hit at K) = 1 - C(m - g, K) / C(m, K) (no correct item among the
+    first K of a random order), and by linearity the expected recall is the mean of these
+    probabilities. Captions that share a class with many images cap what such a model reaches;
+    a model above this value tells instances apart, not only classes.
+
+    This equals `retrieval_recall(sim, text_to_image)["mean_recall"]` (expected tie rule) for the
+    similarity matrix sim[i, t] = 1 if image i and text t share a class, else 0.
+    text_classes[t] is normally the class of text t's image; any other class puts it with that class.
+    """
+    image_classes = list(image_classes)
+    text_classes = list(text_classes)
+    t2i = _as_numpy(text_to_image).astype(np.int64, copy=False)
+    n_images, n_texts = len(image_classes), len(text_classes)
+    if n_images == 0 or n_texts == 0:
+        raise ValueError("need at least one image and one text")
+    if t2i.shape != (n_texts,):
+        raise ValueError(f"text_to_image must have one entry per text ({n_texts}), got shape {t2i.shape}")
+    if t2i.min() < 0 or t2i.max() >= n_images:
+        raise ValueError(f"text_to_image holds image indices outside 0..{n_images - 1}")
+
+    img_count: dict = {}
+    for c in image_classes:
+        img_count[c] = img_count.get(c, 0) + 1
+    txt_count: dict = {}
+    for c in text_classes:
+        txt_count[c] = txt_count.get(c, 0) + 1
+    captions_of: list[list[int]] = [[] for _ in range(n_images)]
+    for t, i in enumerate(t2i.tolist()):
+        captions_of[i].append(t)
+
+    recalls = []
+    for k in ks:  # image -> text
+        p = 0.0
+        for i, c in enumerate(image_classes):
+            g_in = sum(text_classes[t] == c for t in captions_of[i])
+            g_out = len(captions_of[i]) - g_in
+            p += _p_hit_grouped(n_texts, txt_count.get(c, 0), g_in, g_out, k)
+        recalls.append(p / n_images)
+    for k in ks:  # text -> image
+        p = 0.0
+        for t, c in enumerate(text_classes):
+            same = image_classes[t2i[t]] == c
+            p += _p_hit_grouped(n_images, img_count.get(c, 0), int(same), int(not same), k)
+        recalls.append(p / n_texts)
+    return 100.0 * float(np.mean(recalls))
+
+
+# ---- classification ------------------------------------------------------------------------------
+def zero_shot_metrics(logits, labels, class_names: Sequence[str] | None = None) -> dict:
+    """Accuracy of class scores against labels, in percent.
+
+    logits: [n, C] scores (higher is better); labels: [n] class indices.
+    Returns {"top1", "top5" (only when C >= 5), "mean_per_class", "per_class", "confusion"}:
+    per_class maps each class name (default: its index as a string) to its accuracy, or None for a
+    class with no samples; mean_per_class averages the classes that have samples; confusion[i][j]
+    counts samples of class i predicted as class j.
+
+    Ties follow the module rule (against the truth): the true class ranks 1 + the number of other
+    classes scoring >= it, top-K is a hit when that rank is <= K, and a sample whose true class ties
+    for the best score is predicted as the lowest-index other class in the tie, so the confusion
+    matrix's diagonal always equals the top-1 hits.
+    """
+    logits = _as_numpy(logits, np.float64)
+    labels = _as_numpy(labels).astype(np.int64, copy=False)
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must be [n, C] with n >= 1, got shape {logits.shape}")
+    n, c = logits.shape
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have one entry per row of logits ({n}), got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(f"labels hold class indices outside 0..{c - 1}")
+    if not np.isfinite(logits).all():
+        raise ValueError("logits hold NaN or infinite values")
+    names = [str(i) for i in range(c)] if class_names is None else [str(x) for x in class_names]
+    if len(names) != c:
+        raise ValueError(f"{len(names)} class names for {c} classes")
+
+    rows = np.arange(n)
+    true_score = logits[rows, labels]
+    others = np.ones_like(logits, dtype=bool)
+    others[rows, labels] = False
+    rank = 1 + ((logits >= true_score[:, None]) & others).sum(axis=1)
+    pred = logits.argmax(axis=1)
+    tied = (rank > 1) & (pred == labels)
+    if tied.any():
+        at_max = (logits == logits.max(axis=1, keepdims=True)) & others
+        pred[tied] = at_max[tied].argmax(axis=1)
+
+    out: dict = {"top1": 100.0 * float(np.mean(rank <= 1))}
+    if c >= 5:
+        out["top5"] = 100.0 * float(np.mean(rank <= 5))
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(axis=1)
+    per_class = {}
+    for i, name in enumerate(names):
+        per_class[name] = 100.0 * float(confusion[i, i] / support[i]) if support[i] else None
+    out["mean_per_class"] = float(np.mean([v for v in per_class.values() if v is not None]))
+    out["per_class"] = per_class
+    out["confusion"] = confusion.tolist()
+    return out
+
+
+# ---- captioning ----------------------------------------------------------------------------------
+_WORD = re.compile(r"[^\W_]+")
+
+
+def caption_tokenize(text: str) -> str:
+    """Lowercase, NFKC-normalise, drop apostrophes and punctuation; words joined by single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("'", "").replace("\u2019", "")
+    return " ".join(_WORD.findall(text))
+
+
+def _prepare(candidates: Mapping, references: Mapping) -> tuple[dict, dict]:
+    if set(candidates) != set(references):
+        missing = set(references) - set(candidates)
+        extra = set(candidates) - set(references)
+        raise ValueError(f"candidates and references must have the same ids "
+                         f"({len(missing)} without a candidate, {len(extra)} without references)")
+    if not candidates:
+        raise ValueError("no captions to score")
+    res, gts = {}, {}
+    for key in candidates:
+        refs = references[key]
+        if isinstance(refs, str):
+            refs = [refs]
+        if not refs:
+            raise ValueError(f"id {key!r} has no reference captions")
+        res[key] = [caption_tokenize(candidates[key])]
+        gts[key] = [caption_tokenize(r) for r in refs]
+    return res, gts
+
+
+def bleu4(candidates: Mapping, references: Mapping) -> float:
+    """Corpus BLEU-4 (0..1) of one candidate caption per id against its references (pycocoevalcap)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    res, gts = _prepare(candidates, references)
+    score, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(score[3])
+
+
+def cider(candidates: Mapping, references: Mapping) -> float:
+    """CIDEr-D (0..10 scale) of one candidate per id against its references (pycocoevalcap `Cider`).
+
+    Document frequencies come from the references of all ids scored together, so a single id
+    alone scores 0 (every n-gram appears in every document); score a whole set at once.
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    res, gts = _prepare(candidates, references)
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
