@@ -41,10 +41,18 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: dict | None = None) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if cache is not None:
+            # incremental decoding: new queries attend to every cached key plus their own
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], 2)
+                v = torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+            is_causal = is_causal and n > 1 and k.shape[2] == n
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -63,12 +71,17 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         b, m, _ = context.shape
         c = x.shape[-1]
         q = split_heads(self.q(x), self.heads)
-        kv = self.kv(context).view(b, m, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
+        if cache is not None and "ck" in cache:
+            k, v = cache["ck"], cache["cv"]          # the image tokens' keys/values do not change
+        else:
+            kv = self.kv(context).view(b, m, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            k, v = kv.unbind(0)
+            if cache is not None:
+                cache["ck"], cache["cv"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(merge_heads(y))
 
@@ -109,8 +122,8 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal)
+                context: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask, is_causal=is_causal, cache=cache)
         if self.cross_attn is not None and context is not None:
-            x = x + self.cross_attn(self.ln_cross(x), context)
+            x = x + self.cross_attn(self.ln_cross(x), context, cache=cache)
         return x + self.mlp(self.ln_2(x))

@@ -107,8 +107,9 @@ class MaMMUT(nn.Module):
         if beam_size <= 1:
             seqs = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=images.device)
             done = torch.zeros(b, dtype=torch.bool, device=images.device)
+            caches = self.text.new_caches()
             for _ in range(max_len):
-                nxt = self._next_token_logits(seqs, image_tokens).argmax(-1)
+                nxt = self._next_token_logits(seqs, image_tokens, caches).argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
                 seqs = torch.cat([seqs, nxt[:, None]], 1)
                 done |= nxt == cfg.eos_id
@@ -117,8 +118,10 @@ class MaMMUT(nn.Module):
             return [self._strip(s) for s in seqs.tolist()]
         return self._beam_search(image_tokens, max_len, beam_size)
 
-    def _next_token_logits(self, seqs: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.text.generative(seqs, image_tokens)[:, -1].float()
+    def _next_token_logits(self, seqs: torch.Tensor, image_tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Logits for the token after `seqs`; `caches` already hold every position but the last."""
+        start = seqs.shape[1] - 1
+        logits = self.text.generative(seqs[:, start:], image_tokens, caches=caches, start=start)[:, -1].float()
         # <bos> and <pad> are never generated (a finished caption is padded explicitly)
         logits[:, [self.config.bos_id, self.config.pad_id]] = float("-inf")
         return logits
@@ -141,8 +144,9 @@ class MaMMUT(nn.Module):
         scores[:, 0] = 0.0                                     # start from one live beam per image
         lengths = torch.zeros(b * beam, device=dev)
         done = torch.zeros(b * beam, dtype=torch.bool, device=dev)
+        caches = self.text.new_caches()
         for _ in range(max_len):
-            logp = self._next_token_logits(seqs, ctx).log_softmax(-1)             # [b*beam, V]
+            logp = self._next_token_logits(seqs, ctx, caches).log_softmax(-1)     # [b*beam, V]
             v = logp.shape[-1]
             # a finished beam continues only with <pad>, at no cost, so it keeps its score
             frozen = torch.full_like(logp, float("-inf"))
@@ -154,6 +158,8 @@ class MaMMUT(nn.Module):
             tok = (idx % v).view(-1)
             src = src.view(-1)
             seqs = torch.cat([seqs[src], tok[:, None]], 1)
+            for cache in caches:                                # beams were reordered: so are their keys
+                cache["k"], cache["v"] = cache["k"][src], cache["v"][src]
             was_done = done[src]
             done = was_done | (tok == cfg.eos_id)
             lengths = lengths[src] + (~was_done).float()     # counts real tokens and the <eos>

@@ -35,15 +35,17 @@ class TextDecoder(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         self.grad_checkpointing = False
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
+    def _embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = start + tokens.shape[1]
         if t > self.context_length:
             raise ValueError(f"token sequence of length {t} is longer than the context length {self.context_length}")
-        return self.token_embed(tokens) + self.pos_embed[:, :t]
+        return self.token_embed(tokens) + self.pos_embed[:, start:t]
 
-    def _run(self, x: torch.Tensor, **kw) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+    def _run(self, x: torch.Tensor, caches: list[dict] | None = None, **kw) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            if caches is not None:
+                x = block(x, cache=caches[i], **kw)
+            elif self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False, **kw)
             else:
                 x = block(x, **kw)
@@ -58,7 +60,15 @@ class TextDecoder(nn.Module):
         pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         return self.text_proj(pooled)
 
-    def generative(self, tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T], image tokens [B, N, C] -> next-token logits [B, T, vocab]."""
-        x = self._run(self._embed(tokens), is_causal=True, context=image_tokens)
+    def generative(self, tokens: torch.Tensor, image_tokens: torch.Tensor, caches: list[dict] | None = None,
+                   start: int = 0) -> torch.Tensor:
+        """tokens [B, T], image tokens [B, N, C] -> next-token logits [B, T, vocab].
+
+        For step-by-step decoding pass `caches` (one dict per block, empty at first) and the position
+        `start` of `tokens`: keys and values of earlier steps are reused instead of recomputed.
+        """
+        x = self._run(self._embed(tokens, start), caches=caches, is_causal=True, context=image_tokens)
         return x @ self.token_embed.weight.t()                        # tied output embedding
+
+    def new_caches(self) -> list[dict]:
+        return [{} for _ in self.blocks]
