@@ -1,0 +1,1191 @@
+"""GDAL raster access: open a raster safely, choose its bands, scale them to RGB bytes, read by windows, cut tiles.
+
+One tiler serves the gRPC server (indexing, segmentation, captions) and the dataset builder, so
+every raster the model sees goes through the same band choice, stretch, masking and resampling.
+
+Nothing here reads a whole raster into memory: pixels are read window by window with GDAL doing the
+resampling (``buf_xsize``/``buf_ysize``), and raster-wide statistics come from one decimated read
+of at most ``STATS_SIDE`` pixels on the long side (GDAL uses overviews for it when the file has them).
+
+Conventions (those of proto/skyprompt/v1/skyprompt.proto):
+- pixel windows are ``(col, row, width, height)`` in the raster's native grid, from the top-left;
+- bounds are ``(xmin, ymin, xmax, ymax)``; "wgs84" values are EPSG:4326 with x = longitude;
+- every failure a request can cause is a ``RasterError`` whose ``kind`` names the gRPC status.
+
+A ``Raster`` serialises its own GDAL calls with a lock (a GDAL dataset must not be read from two
+threads at once); for parallel reads open one ``Raster`` per thread. GDAL's exception mode is
+switched on only around this module's own calls and the caller's setting is restored afterwards.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+from osgeo import gdal, osr
+
+ERROR_KINDS = frozenset({"invalid_argument", "not_found", "permission_denied", "resource_exhausted", "aborted"})
+
+DEFAULT_STRETCH = (2.0, 98.0)     # percentiles of the linear stretch for non-Byte data
+STATS_SIDE = 1024                 # long side of the decimated read behind the stretch and tile masks
+DEFAULT_MAX_PIXELS = 4096 * 4096  # cap on the output of read_extent
+MAX_TILE_SIZE = 8192
+FOOTPRINT_SEGMENTS = 8            # points per edge of EPSG:4326 footprints (projections bend edges)
+BOUNDS_DENSIFY = 21               # points per edge when transforming bounding boxes
+
+RESAMPLING = {
+    "nearest": gdal.GRIORA_NearestNeighbour,
+    "bilinear": gdal.GRIORA_Bilinear,
+    "cubic": gdal.GRIORA_Cubic,
+    "average": gdal.GRIORA_Average,
+    "mode": gdal.GRIORA_Mode,
+    "lanczos": gdal.GRIORA_Lanczos,
+}
+
+# The data types of PixelSource (proto DataType enum value -> GDAL name).
+DATA_TYPES = {
+    "Byte": (gdal.GDT_Byte, np.uint8),
+    "UInt16": (gdal.GDT_UInt16, np.uint16),
+    "Int16": (gdal.GDT_Int16, np.int16),
+    "UInt32": (gdal.GDT_UInt32, np.uint32),
+    "Int32": (gdal.GDT_Int32, np.int32),
+    "Float32": (gdal.GDT_Float32, np.float32),
+    "Float64": (gdal.GDT_Float64, np.float64),
+}
+_PROTO_DATA_TYPES = {1: "Byte", 2: "UInt16", 3: "Int16", 4: "UInt32", 5: "Int32", 6: "Float32", 7: "Float64"}
+_NUMPY_DATA_TYPES = {np.dtype(np_type).name: name for name, (_, np_type) in DATA_TYPES.items()}
+
+
+class RasterError(Exception):
+    """A raster request that cannot be served; ``kind`` is the gRPC status it maps to.
+
+    The message names the path or field at fault and what to do about it.
+    """
+
+    def __init__(self, kind: str, message: str):
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown RasterError kind {kind!r}; expected one of {sorted(ERROR_KINDS)}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# GDAL error handling
+# ---------------------------------------------------------------------------------------------
+
+# The bindings' exception flag is process-wide, not per thread. Concurrent readers therefore share
+# one count: the first to enter turns exceptions on, the last to leave restores the setting found.
+_exceptions_lock = threading.Lock()
+_exceptions_depth = 0
+_exceptions_turned_on: list = []
+
+
+@contextmanager
+def _gdal_exceptions():
+    global _exceptions_depth
+    with _exceptions_lock:
+        if _exceptions_depth == 0:
+            _exceptions_turned_on.clear()
+            for module in (gdal, osr):
+                if not module.GetUseExceptions():
+                    module.UseExceptions()
+                    _exceptions_turned_on.append(module)
+        _exceptions_depth += 1
+    try:
+        yield
+    finally:
+        with _exceptions_lock:
+            _exceptions_depth -= 1
+            if _exceptions_depth == 0:
+                # The bindings keep a stack of error handlers: undo in the reverse order.
+                for module in reversed(_exceptions_turned_on):
+                    try:
+                        module.DontUseExceptions()
+                    except RuntimeError:
+                        pass  # someone else changed the setting meanwhile; theirs stands
+                _exceptions_turned_on.clear()
+
+
+def _gdal_reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:300] if text else type(error).__name__
+
+
+@contextmanager
+def _gdal(kind: str, what: str):
+    """Run GDAL calls with exceptions on and turn any GDAL failure into RasterError(kind, what: reason)."""
+    with _gdal_exceptions():
+        try:
+            yield
+        except RasterError:
+            raise
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise RasterError(kind, f"{what} (GDAL: {_gdal_reason(error)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinate reference systems
+# ---------------------------------------------------------------------------------------------
+
+_AUTHID = re.compile(r"^[A-Za-z][A-Za-z0-9_]*:[A-Za-z0-9_.]+$")   # EPSG:4326, ESRI:102100, OGC:CRS84
+_URN = re.compile(r"^urn:ogc:def:crs:[A-Za-z0-9_.:]+$", re.IGNORECASE)
+_WKT = re.compile(
+    r"^\s*(PROJCS|GEOGCS|GEOCCS|COMPD_CS|LOCAL_CS|VERT_CS|PROJCRS|PROJECTEDCRS|GEOGCRS|GEOGRAPHICCRS|"
+    r"GEODCRS|GEODETICCRS|BOUNDCRS|COMPOUNDCRS|VERTCRS|VERTICALCRS|ENGCRS|ENGINEERINGCRS|DERIVEDPROJCRS)\s*\[",
+    re.IGNORECASE)
+_MAX_CRS_CHARS = 100_000
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _traditional(srs: osr.SpatialReference) -> osr.SpatialReference:
+    # x = easting/longitude everywhere, whatever axis order the EPSG definition declares.
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
+
+
+def _wgs84() -> osr.SpatialReference:
+    srs = osr.SpatialReference()
+    with _gdal("invalid_argument", "cannot build EPSG:4326"):
+        srs.ImportFromEPSG(4326)
+    return _traditional(srs)
+
+
+def parse_crs(text: str | osr.SpatialReference) -> osr.SpatialReference:
+    """A CRS from an authority id ("EPSG:26914", "OGC:CRS84", a urn), WKT 1/2 or a PROJ string.
+
+    File names and URLs are refused on purpose: GDAL would read or fetch them, and the text comes
+    from requests. Unknown or malformed -> RasterError("invalid_argument", "unknown CRS ...").
+    """
+    if isinstance(text, osr.SpatialReference):
+        return _traditional(text.Clone())
+    if not isinstance(text, str):
+        raise RasterError("invalid_argument", f"CRS must be text (an authority id such as 'EPSG:4326' or WKT), "
+                                              f"not {type(text).__name__}")
+    stripped = text.strip()
+    hint = "give an authority id such as 'EPSG:4326' or the CRS as WKT"
+    if not stripped:
+        raise RasterError("invalid_argument", f"empty CRS: {hint}")
+    if len(stripped) > _MAX_CRS_CHARS:
+        raise RasterError("invalid_argument", f"CRS text is {len(stripped)} characters long (limit {_MAX_CRS_CHARS}): {hint}")
+    srs = osr.SpatialReference()
+    unknown = f"unknown CRS '{_short(stripped)}': {hint}"
+    with _gdal_exceptions():
+        try:
+            if _WKT.match(stripped):
+                status = srs.ImportFromWkt(stripped)
+            elif _AUTHID.match(stripped) or _URN.match(stripped) or stripped.startswith("+proj="):
+                status = srs.SetFromUserInput(stripped)
+            else:
+                raise RasterError("invalid_argument", unknown)
+        except RuntimeError:
+            raise RasterError("invalid_argument", unknown) from None
+    if status != 0:
+        raise RasterError("invalid_argument", unknown)
+    return _traditional(srs)
+
+
+def crs_authid(srs: osr.SpatialReference | None) -> str:
+    """"EPSG:26914" style id of a CRS, or "" when it has none GDAL can name."""
+    if srs is None:
+        return ""
+    with _gdal_exceptions():
+        try:
+            name, code = srs.GetAuthorityName(None), srs.GetAuthorityCode(None)
+            if not (name and code):
+                # WKT1 files often lack the top-level ID even for plain EPSG systems.
+                guess = srs.Clone()
+                if guess.AutoIdentifyEPSG() == 0:
+                    name, code = guess.GetAuthorityName(None), guess.GetAuthorityCode(None)
+        except RuntimeError:
+            return ""
+    return f"{name}:{code}" if name and code else ""
+
+
+def _crs_label(srs: osr.SpatialReference) -> str:
+    authid = crs_authid(srs)
+    if authid:
+        return authid
+    name = srs.GetName() if srs is not None else ""
+    return f"'{_short(name, 60)}'" if name else "a CRS without an authority id"
+
+
+def _finite_bounds(bounds: Sequence[float]) -> tuple[float, float, float, float]:
+    values = tuple(float(v) for v in bounds)
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise RasterError("invalid_argument", f"bounds must be 4 finite numbers (xmin, ymin, xmax, ymax), got {bounds!r}")
+    return values  # type: ignore[return-value]
+
+
+def transform_bounds(bounds: Sequence[float], src_crs: str | osr.SpatialReference,
+                     dst_crs: str | osr.SpatialReference, densify: int = BOUNDS_DENSIFY) -> tuple[float, float, float, float]:
+    """Bounding box of ``bounds`` (xmin, ymin, xmax, ymax in src_crs) reprojected to dst_crs.
+
+    The edges are densified (``densify`` points each) so curved reprojected edges are enclosed.
+    Geographic results crossing the antimeridian come back with xmin > xmax, as GDAL returns them.
+    """
+    xmin, ymin, xmax, ymax = _finite_bounds(bounds)
+    src, dst = parse_crs(src_crs), parse_crs(dst_crs)
+    if src.IsSame(dst):
+        return xmin, ymin, xmax, ymax
+    what = f"cannot reproject ({xmin}, {ymin}, {xmax}, {ymax}) from {_crs_label(src)} to {_crs_label(dst)}"
+    with _gdal("invalid_argument", what):
+        transform = osr.CoordinateTransformation(src, dst)
+        result = transform.TransformBounds(xmin, ymin, xmax, ymax, int(densify))
+    if not all(math.isfinite(v) for v in result):
+        raise RasterError("invalid_argument", f"{what}: the box lies outside the area where that transformation is defined")
+    return tuple(float(v) for v in result)  # type: ignore[return-value]
+
+
+def bounds_from_geotransform(geotransform: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """Bounding box of a width x height grid placed by a GDAL geotransform."""
+    corners = _grid_to_map(geotransform, np.array([0, width, width, 0], float), np.array([0, 0, height, height], float))
+    return (float(corners[0].min()), float(corners[1].min()), float(corners[0].max()), float(corners[1].max()))
+
+
+def _grid_to_map(gt: Sequence[float], px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return gt[0] + px * gt[1] + py * gt[2], gt[3] + px * gt[4] + py * gt[5]
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests: band mapping and extents
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BandMapping:
+    """Which bands feed red, green and blue (1-based; 0 = automatic) and the stretch percentiles.
+
+    Automatic: the bands whose colour interpretation is red/green/blue, else the first three
+    non-alpha bands; a 1- or 2-band raster repeats its first band. Byte data is used as is and
+    other types are stretched between the 2nd and 98th percentiles; setting either percentile
+    stretches Byte data too (the other one keeps its default).
+    """
+
+    red: int = 0
+    green: int = 0
+    blue: int = 0
+    stretch_low: float | None = None
+    stretch_high: float | None = None
+
+    @classmethod
+    def from_message(cls, message) -> "BandMapping":
+        """From a skyprompt.v1.BandMapping message (None or unset -> automatic)."""
+        if message is None:
+            return cls()
+        has = message.HasField
+        return cls(red=int(message.red), green=int(message.green), blue=int(message.blue),
+                   stretch_low=float(message.stretch_low_percent) if has("stretch_low_percent") else None,
+                   stretch_high=float(message.stretch_high_percent) if has("stretch_high_percent") else None)
+
+    @property
+    def stretch_requested(self) -> bool:
+        return self.stretch_low is not None or self.stretch_high is not None
+
+    def percentiles(self) -> tuple[float, float]:
+        """(low, high) percentiles, validated."""
+        low = DEFAULT_STRETCH[0] if self.stretch_low is None else self.stretch_low
+        high = DEFAULT_STRETCH[1] if self.stretch_high is None else self.stretch_high
+        for name, value in (("stretch_low", low), ("stretch_high", high)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 100.0:
+                raise RasterError("invalid_argument", f"band mapping {name}={value!r} must be a percentile in 0..100")
+        if not low < high:
+            raise RasterError("invalid_argument", f"band mapping stretch_low={low} must be below stretch_high={high}")
+        return float(low), float(high)
+
+
+def _as_band_mapping(bands) -> BandMapping:
+    if bands is None:
+        return BandMapping()
+    if isinstance(bands, BandMapping):
+        return bands
+    if hasattr(bands, "HasField"):
+        return BandMapping.from_message(bands)
+    raise RasterError("invalid_argument", f"bands must be a BandMapping, not {type(bands).__name__}")
+
+
+def _extent_parts(extent) -> tuple[float, float, float, float, str] | None:
+    """(xmin, ymin, xmax, ymax, crs) from a tuple or an Extent-like object; None = the whole raster."""
+    if extent is None:
+        return None
+    if all(hasattr(extent, name) for name in ("xmin", "ymin", "xmax", "ymax")):
+        values = [extent.xmin, extent.ymin, extent.xmax, extent.ymax]
+        crs = getattr(extent, "crs", "") or ""
+    elif isinstance(extent, (tuple, list)) and len(extent) in (4, 5):
+        values = list(extent[:4])
+        crs = extent[4] if len(extent) == 5 and extent[4] is not None else ""
+    else:
+        raise RasterError("invalid_argument", f"extent must be (xmin, ymin, xmax, ymax[, crs]), got {extent!r}")
+    try:
+        xmin, ymin, xmax, ymax = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise RasterError("invalid_argument", f"extent coordinates must be numbers, got {values!r}") from None
+    if not isinstance(crs, (str, osr.SpatialReference)):
+        raise RasterError("invalid_argument", f"extent crs must be text (authority id or WKT), got {type(crs).__name__}")
+    if (xmin, ymin, xmax, ymax) == (0.0, 0.0, 0.0, 0.0) and crs == "":
+        return None  # the wire contract's "unset extent"
+    if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+        raise RasterError("invalid_argument",
+                          f"extent ({xmin}, {ymin}, {xmax}, {ymax}) has a coordinate that is not a finite number")
+    for low_name, low, high_name, high in (("xmin", xmin, "xmax", xmax), ("ymin", ymin, "ymax", ymax)):
+        if low > high:
+            raise RasterError("invalid_argument", f"extent is inverted: {low_name}={low} is greater than {high_name}={high}; "
+                                                  f"swap them (xmin < xmax and ymin < ymax are required)")
+        if low == high:
+            raise RasterError("invalid_argument", f"extent is degenerate: {low_name} = {high_name} = {low}; "
+                                                  f"give a rectangle with xmin < xmax and ymin < ymax")
+    return xmin, ymin, xmax, ymax, crs
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise RasterError("invalid_argument", f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise RasterError("invalid_argument", f"{name}={value} is out of range ({bound})")
+    return value
+
+
+def _check_number(name: str, value, low: float, high: float, high_inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+        raise RasterError("invalid_argument", f"{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if value < low or value > high or (not high_inclusive and value == high):
+        closing = "]" if high_inclusive else ")"
+        raise RasterError("invalid_argument", f"{name}={value} is out of range [{low}, {high}{closing}")
+    return value
+
+
+def _check_resample(resample: str) -> int:
+    if resample not in RESAMPLING:
+        raise RasterError("invalid_argument", f"resample={resample!r} is not one of {sorted(RESAMPLING)}")
+    return RESAMPLING[resample]
+
+
+def _check_resolution(target_resolution) -> float | None:
+    if target_resolution is None or target_resolution == 0:
+        return None  # 0 is the wire contract's "native resolution"
+    if isinstance(target_resolution, bool) or not isinstance(target_resolution, (int, float, np.floating)) \
+            or not math.isfinite(target_resolution) or target_resolution < 0:
+        raise RasterError("invalid_argument", f"target_resolution={target_resolution!r} must be a positive number of "
+                                              f"map units per pixel (or 0/None for native resolution)")
+    return float(target_resolution)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tile:
+    """One model-sized piece of a raster: its native pixel window and where it lies on the ground.
+
+    ``index`` is the tile's position in the row-major grid of the request (skipped tiles keep
+    their numbers, so indices are stable for a given raster and tiling). ``bounds_wgs84`` is None
+    and ``footprint_wgs84_wkt`` empty when the raster's CRS cannot be transformed to EPSG:4326.
+    """
+
+    index: int
+    col: int
+    row: int
+    width: int
+    height: int
+    bounds: tuple[float, float, float, float]
+    bounds_wgs84: tuple[float, float, float, float] | None
+    footprint_wkt: str
+    footprint_wgs84_wkt: str
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        return self.col, self.row, self.width, self.height
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    cols: list[tuple[int, int]]   # (start, size) along x
+    rows: list[tuple[int, int]]   # (start, size) along y
+    window_width: int             # native pixels a full tile spans
+    window_height: int
+    tile_size: int
+
+    def __len__(self) -> int:
+        return len(self.cols) * len(self.rows)
+
+    def windows(self) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
+        index = 0
+        for row, height in self.rows:
+            for col, width in self.cols:
+                yield index, (col, row, width, height)
+                index += 1
+
+    def out_size(self, width: int, height: int) -> tuple[int, int]:
+        # A window cut short by a raster smaller than one tile keeps the ground resolution and
+        # is padded later, rather than being stretched to the full tile.
+        out_w = self.tile_size if width == self.window_width else max(1, round(width * self.tile_size / self.window_width))
+        out_h = self.tile_size if height == self.window_height else max(1, round(height * self.tile_size / self.window_height))
+        return out_w, out_h
+
+
+def _axis_windows(start: int, stop: int, length: int, window: int, step: int) -> list[tuple[int, int]]:
+    """Tile starts along one axis covering [start, stop) of a raster `length` pixels long."""
+    if length <= window:
+        return [(0, length)]
+    if stop - start <= window:
+        # Area narrower than a tile: one full tile centred on it, kept inside the raster.
+        first = int(round((start + stop - window) / 2))
+        return [(min(max(first, 0), length - window), window)]
+    starts = list(range(start, stop - window + 1, step))
+    if starts[-1] < stop - window:
+        starts.append(stop - window)  # edge tile shifted inward so it stays full-size
+    return [(s, window) for s in starts]
+
+
+def _polygon_wkt(xs: Sequence[float], ys: Sequence[float]) -> str:
+    points = ", ".join(f"{x!r} {y!r}" for x, y in zip(xs, ys))
+    return f"POLYGON (({points}, {xs[0]!r} {ys[0]!r}))"
+
+
+# ---------------------------------------------------------------------------------------------
+# Raster
+# ---------------------------------------------------------------------------------------------
+
+def _decimated_size(width: int, height: int, side: int = STATS_SIDE) -> tuple[int, int]:
+    scale = max(width, height) / side
+    if scale <= 1:
+        return width, height
+    return max(1, round(width / scale)), max(1, round(height / scale))
+
+
+class Raster:
+    """An open raster with a resolved band mapping. Build with open_raster() or raster_from_pixels()."""
+
+    def __init__(self, dataset: gdal.Dataset, *, path: str, real_path: str, name: str, bands: BandMapping,
+                 stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = ""):
+        self._ds = dataset
+        self._lock = threading.RLock()
+        self.path = path
+        self.real_path = real_path
+        self.name = name
+        self.width = dataset.RasterXSize
+        self.height = dataset.RasterYSize
+        self.band_count = dataset.RasterCount
+        self._digest = digest
+        self._stat = stat  # taken before GDAL opened the file, so a change during the open is caught too
+        where = self._where()
+
+        if self.band_count < 1:
+            raise RasterError("invalid_argument", f"{where} has no raster bands (is it a vector file?); give an image raster")
+        geotransform = dataset.GetGeoTransform(can_return_null=True)
+        if geotransform is None:
+            extra = " It has ground control points: warp it first (gdalwarp)." if dataset.GetGCPCount() else ""
+            raise RasterError("invalid_argument", f"{where} has no georeferencing (no geotransform).{extra} "
+                                                  f"Georeference it, e.g. gdal_translate -a_ullr ... -a_srs EPSG:....")
+        self.geotransform = tuple(float(v) for v in geotransform)
+        determinant = self.geotransform[1] * self.geotransform[5] - self.geotransform[2] * self.geotransform[4]
+        if not all(math.isfinite(v) for v in self.geotransform) or determinant == 0:
+            raise RasterError("invalid_argument", f"{where} has an unusable geotransform {self.geotransform} "
+                                                  f"(a pixel size of 0); fix its georeferencing")
+        srs = dataset.GetSpatialRef()
+        if srs is None:
+            raise RasterError("invalid_argument", f"{where} has a geotransform but no CRS; assign one, "
+                                                  f"e.g. with gdal_edit.py -a_srs EPSG:<code> <file>")
+        self._srs = _traditional(srs.Clone())
+        with _gdal("invalid_argument", f"cannot describe the CRS of {where}"):
+            self.crs_wkt = self._srs.ExportToWkt(["FORMAT=WKT2_2019"])
+        self.crs_authid = crs_authid(self._srs)
+        self.data_type = gdal.GetDataTypeName(dataset.GetRasterBand(1).DataType)
+        gt = self.geotransform
+        self.pixel_size = (math.hypot(gt[1], gt[4]), math.hypot(gt[2], gt[5]))
+        self.bounds = bounds_from_geotransform(gt, self.width, self.height)
+        self._to_wgs84 = self._wgs84_transform()
+        self.bounds_wgs84 = self._bounds_wgs84(self.bounds)
+
+        self.bands = bands
+        self._percentiles = bands.percentiles()
+        self._alpha_band = alpha_band or self._find_alpha_band()
+        self.rgb_bands = self._resolve_bands(bands)
+        self._unique_bands = sorted(set(self.rgb_bands))
+        self._mask_parts = self._plan_mask()
+        self._float = any(dataset.GetRasterBand(b).DataType in (gdal.GDT_Float32, gdal.GDT_Float64)
+                          for b in self._unique_bands)
+        self._stretch: dict[int, tuple[float, float]] | None = None
+        self._coarse_valid: np.ndarray | None = None
+
+    # -- description -------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"raster '{self.path}'" if self.path else f"pixel source '{self.name}'"
+
+    def __repr__(self) -> str:
+        return (f"Raster({self.path or self.name!r}, {self.width}x{self.height}x{self.band_count} {self.data_type}, "
+                f"{self.crs_authid or 'custom CRS'})")
+
+    @property
+    def srs(self) -> osr.SpatialReference:
+        """A copy of the raster's CRS (traditional GIS axis order)."""
+        return _traditional(self._srs.Clone())
+
+    @property
+    def mask_kind(self) -> str:
+        """How validity is decided: "none", or "dataset" (alpha/internal mask), "alpha", "nodata", joined by '+'."""
+        return "+".join(kind for kind, _ in self._mask_parts) or "none"
+
+    @property
+    def nodata(self) -> list[float | None]:
+        return [self._dataset().GetRasterBand(b).GetNoDataValue() for b in range(1, self.band_count + 1)]
+
+    def identity(self) -> dict:
+        """Key of this raster's content: real path, size in bytes and mtime in ns as at open.
+
+        Pixel sources have no file: path "", size and mtime_ns 0, plus a ``sha256`` of their pixels
+        and georeferencing.
+        """
+        if self._stat is None:
+            return {"path": "", "size": 0, "mtime_ns": 0, "sha256": self._digest}
+        return {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
+
+    def _stat_now(self) -> os.stat_result:
+        return os.stat(self.real_path)
+
+    def check_unchanged(self) -> None:
+        """Raise RasterError("aborted") if the file was modified, replaced or removed since open."""
+        if self._stat is None:
+            return
+        try:
+            now = self._stat_now()
+        except OSError:
+            raise RasterError("aborted", f"{self._where()} was removed or became unreadable while it was being read; "
+                                         f"nothing was stored; retry once the file is in place") from None
+        before = self._stat
+        if (now.st_size, now.st_mtime_ns, now.st_ino, now.st_dev) != (before.st_size, before.st_mtime_ns,
+                                                                      before.st_ino, before.st_dev):
+            raise RasterError("aborted", f"{self._where()} changed on disk while it was being read; nothing was stored; "
+                                         f"retry once the file is no longer being written")
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def _dataset(self) -> gdal.Dataset:
+        if self._ds is None:
+            raise ValueError(f"{self._where()} is closed")
+        return self._ds
+
+    def close(self) -> None:
+        with self._lock:
+            self._ds = None
+
+    def __enter__(self) -> "Raster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _wgs84_transform(self) -> osr.CoordinateTransformation | None:
+        try:
+            with _gdal_exceptions():
+                return osr.CoordinateTransformation(self._srs, _wgs84())
+        except (RuntimeError, RasterError):
+            return None  # e.g. an engineering CRS: the raster is usable, it just has no place on the globe
+
+    def _bounds_wgs84(self, bounds) -> tuple[float, float, float, float] | None:
+        if self._to_wgs84 is None:
+            return None
+        try:
+            with _gdal_exceptions():
+                result = self._to_wgs84.TransformBounds(*bounds, BOUNDS_DENSIFY)
+        except RuntimeError:
+            return None
+        return tuple(float(v) for v in result) if all(math.isfinite(v) for v in result) else None
+
+    def _find_alpha_band(self) -> int:
+        ds = self._dataset()
+        for index in range(1, self.band_count + 1):
+            if ds.GetRasterBand(index).GetColorInterpretation() == gdal.GCI_AlphaBand:
+                return index
+        return 0
+
+    def _resolve_bands(self, mapping: BandMapping) -> tuple[int, int, int]:
+        ds = self._dataset()
+        by_colour: dict[int, int] = {}
+        for index in range(1, self.band_count + 1):
+            by_colour.setdefault(ds.GetRasterBand(index).GetColorInterpretation(), index)
+        colour = [by_colour.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+        if all(colour):
+            automatic = tuple(colour)
+        else:
+            candidates = [b for b in range(1, self.band_count + 1) if b != self._alpha_band] or [1]
+            automatic = tuple(candidates[:3]) if len(candidates) >= 3 else (candidates[0],) * 3
+        chosen = []
+        for channel, value, auto in zip(("red", "green", "blue"), (mapping.red, mapping.green, mapping.blue), automatic):
+            value = _check_int(f"band mapping {channel}", value, 0)
+            if value == 0:
+                chosen.append(auto)
+                continue
+            if value > self.band_count:
+                raise RasterError("invalid_argument", f"band mapping {channel}={value}: {self._where()} has "
+                                                      f"{self.band_count} band(s); use 1..{self.band_count} (0 = automatic)")
+            if value == self._alpha_band:
+                raise RasterError("invalid_argument", f"band mapping {channel}={value}: band {value} of {self._where()} "
+                                                      f"is its alpha band; choose a colour band")
+            chosen.append(value)
+        return tuple(chosen)  # type: ignore[return-value]
+
+    def _plan_mask(self) -> list[tuple[str, object]]:
+        """Which reads decide validity. A pixel is valid when every part says so."""
+        ds = self._dataset()
+        parts: list[tuple[str, object]] = []
+        first = ds.GetRasterBand(self.rgb_bands[0])
+        flags = first.GetMaskFlags()
+        if flags & gdal.GMF_PER_DATASET and not flags & gdal.GMF_ALL_VALID:
+            parts.append(("dataset", self.rgb_bands[0]))   # alpha band or internal mask, shared by all bands
+        elif self._alpha_band:
+            parts.append(("alpha", self._alpha_band))
+        nodata_bands = [b for b in self._unique_bands if ds.GetRasterBand(b).GetMaskFlags() == gdal.GMF_NODATA]
+        if nodata_bands and len(nodata_bands) == len(self._unique_bands):
+            # Like GDAL's warper, a pixel is no-data only when all its colour bands are: a dark
+            # pixel that is 0 in one band but not the others is real.
+            parts.append(("nodata", nodata_bands))
+        return parts
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read_valid(self, col: int, row: int, width: int, height: int, out_w: int, out_h: int) -> np.ndarray | None:
+        """Validity from masks (nearest sampling), or None when every pixel is valid."""
+        ds = self._dataset()
+        valid = None
+        nearest = gdal.GRIORA_NearestNeighbour
+        for kind, detail in self._mask_parts:
+            if kind == "dataset":
+                part = ds.GetRasterBand(detail).GetMaskBand().ReadAsArray(
+                    col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+            elif kind == "alpha":
+                part = ds.GetRasterBand(detail).ReadAsArray(
+                    col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+            else:
+                part = np.zeros((out_h, out_w), bool)
+                for band in detail:
+                    part |= ds.GetRasterBand(band).GetMaskBand().ReadAsArray(
+                        col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+            valid = part if valid is None else valid & part
+        return valid
+
+    def _read_bands(self, bands: list[int], col: int, row: int, width: int, height: int,
+                    out_w: int, out_h: int, resample_alg: int) -> np.ndarray:
+        data = self._dataset().ReadAsArray(col, row, width, height, buf_xsize=out_w, buf_ysize=out_h,
+                                           band_list=bands, resample_alg=resample_alg)
+        return np.asarray(data).reshape(len(bands), out_h, out_w)
+
+    def _read_failed(self, error: BaseException) -> RasterError:
+        self.check_unchanged()  # a file rewritten under us is the likelier cause: say so (aborted)
+        return RasterError("invalid_argument", f"cannot read pixels of {self._where()}: the file may be damaged "
+                                               f"(GDAL: {_gdal_reason(error)})")
+
+    def _guarded(self, work):
+        with self._lock, _gdal_exceptions():
+            try:
+                return work()
+            except RuntimeError as error:
+                raise self._read_failed(error) from None
+
+    def _stretch_ranges(self) -> dict[int, tuple[float, float]]:
+        """Per band (lo, hi) of the linear stretch, computed once from a decimated read."""
+        with self._lock:
+            if self._stretch is None:
+                self._stretch = self._guarded(self._compute_stretch)
+            return self._stretch
+
+    def _compute_stretch(self) -> dict[int, tuple[float, float]]:
+        ds = self._dataset()
+        bands = [b for b in self._unique_bands
+                 if self.bands.stretch_requested or ds.GetRasterBand(b).DataType != gdal.GDT_Byte]
+        if not bands:
+            return {}
+        out_w, out_h = _decimated_size(self.width, self.height)
+        data = self._read_bands(bands, 0, 0, self.width, self.height, out_w, out_h, gdal.GRIORA_NearestNeighbour)
+        valid = self._read_valid(0, 0, self.width, self.height, out_w, out_h)
+        ranges = {}
+        for plane, band in zip(data, bands):
+            values = plane[valid] if valid is not None else plane.ravel()
+            if values.dtype.kind == "f":
+                values = values[np.isfinite(values)]
+            if values.size == 0:
+                ranges[band] = (0.0, 1.0)
+                continue
+            low, high = (float(v) for v in np.percentile(values, self._percentiles))
+            ranges[band] = (low, high if high > low else low + 1.0)
+        return ranges
+
+    def stretch_ranges(self) -> tuple[tuple[float, float] | None, ...]:
+        """(lo, hi) mapped to 0..255 for each of the red, green, blue channels; None = Byte used as is."""
+        ranges = self._stretch_ranges()
+        return tuple(ranges.get(b) for b in self.rgb_bands)
+
+    def _to_rgb(self, data: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        _, out_h, out_w = data.shape
+        if valid is None:
+            valid = np.ones((out_h, out_w), bool)
+        if self._float:
+            valid &= np.isfinite(data).all(axis=0)
+        ranges = self._stretch_ranges()
+        rgb = np.empty((3, out_h, out_w), np.uint8)
+        for channel, band in enumerate(self.rgb_bands):
+            plane = data[self._unique_bands.index(band)]
+            if band not in ranges:
+                rgb[channel] = plane
+                continue
+            low, high = ranges[band]
+            scaled = (plane.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+            np.clip(scaled, 0.0, 255.0, out=scaled)
+            rgb[channel] = (scaled + 0.5).astype(np.uint8)
+        rgb[:, ~valid] = 0
+        return rgb, valid
+
+    def _check_window(self, col, row, width, height) -> tuple[int, int, int, int]:
+        col = _check_int("window col", col, 0, self.width - 1)
+        row = _check_int("window row", row, 0, self.height - 1)
+        width = _check_int("window width", width, 1, self.width - col)
+        height = _check_int("window height", height, 1, self.height - row)
+        return col, row, width, height
+
+    def read_window(self, col: int, row: int, width: int, height: int, out_size: tuple[int, int] | None = None,
+                    resample: str = "average") -> tuple[np.ndarray, np.ndarray]:
+        """Pixels of a native window, resampled by GDAL to out_size=(w, h) (default: native size).
+
+        Returns (rgb uint8 [3, H, W], valid bool [H, W]); invalid pixels are 0 in every channel.
+        """
+        col, row, width, height = self._check_window(col, row, width, height)
+        out_w, out_h = (width, height) if out_size is None else (
+            _check_int("out_size width", out_size[0], 1), _check_int("out_size height", out_size[1], 1))
+        alg = _check_resample(resample)
+
+        def work():
+            data = self._read_bands(self._unique_bands, col, row, width, height, out_w, out_h, alg)
+            valid = self._read_valid(col, row, width, height, out_w, out_h)
+            return data, valid
+
+        data, valid = self._guarded(work)
+        return self._to_rgb(data, valid)
+
+    def window_geotransform(self, col: int, row: int, width: int, height: int,
+                            out_w: int, out_h: int) -> tuple[float, ...]:
+        """Geotransform of an out_w x out_h grid covering the native window."""
+        gt = self.geotransform
+        x0, y0 = _grid_to_map(gt, np.float64(col), np.float64(row))
+        sx, sy = width / out_w, height / out_h
+        return (float(x0), gt[1] * sx, gt[2] * sy, float(y0), gt[4] * sx, gt[5] * sy)
+
+    # -- extents -------------------------------------------------------------------------------
+
+    def window_for_extent(self, extent) -> tuple[int, int, int, int]:
+        """Native window (col, row, width, height) covering ``extent`` clipped to the raster.
+
+        ``extent`` is (xmin, ymin, xmax, ymax[, crs]) or an Extent-like object; an empty crs means
+        the raster's CRS; None (or the all-zero unset Extent) means the whole raster.
+        """
+        parts = _extent_parts(extent)
+        if parts is None:
+            return 0, 0, self.width, self.height
+        xmin, ymin, xmax, ymax, crs = parts
+        given = f"extent ({xmin}, {ymin}, {xmax}, {ymax})"
+        if crs != "" and crs is not None:
+            source = parse_crs(crs)
+            given += f" in {_crs_label(source)}"
+            if not source.IsSame(self._srs):
+                xmin, ymin, xmax, ymax = transform_bounds((xmin, ymin, xmax, ymax), source, self._srs)
+                if not (xmin < xmax and ymin < ymax):
+                    raise RasterError("invalid_argument", f"{given} does not map to a usable rectangle in the raster's "
+                                                          f"CRS {_crs_label(self._srs)}; give it in that CRS instead")
+        inverse = gdal.InvGeoTransform(self.geotransform)
+        px, py = _grid_to_map(inverse, np.array([xmin, xmax, xmax, xmin]), np.array([ymin, ymin, ymax, ymax]))
+        left, right = max(float(px.min()), 0.0), min(float(px.max()), float(self.width))
+        top, bottom = max(float(py.min()), 0.0), min(float(py.max()), float(self.height))
+        if right <= left or bottom <= top:
+            b = self.bounds
+            raise RasterError("invalid_argument", f"{given} does not overlap {self._where()}, whose bounds are "
+                                                  f"({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        # Tolerance so an extent on pixel edges (up to float noise) does not grow by a pixel.
+        col0 = int(math.floor(left + 1e-6))
+        row0 = int(math.floor(top + 1e-6))
+        col1 = max(col0 + 1, int(math.ceil(right - 1e-6)))
+        row1 = max(row0 + 1, int(math.ceil(bottom - 1e-6)))
+        return col0, row0, min(col1, self.width) - col0, min(row1, self.height) - row0
+
+    def read_extent(self, extent=None, out_size: tuple[int, int] | None = None, target_resolution: float | None = None,
+                    resample: str = "average", max_pixels: int = DEFAULT_MAX_PIXELS
+                    ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+        """Pixels covering ``extent`` (any CRS), at out_size=(w, h) or target_resolution (map units per
+        pixel; default native). Returns (rgb, valid, geotransform of the returned grid).
+
+        Output above ``max_pixels`` -> RasterError("resource_exhausted").
+        """
+        if out_size is not None and target_resolution not in (None, 0):
+            raise RasterError("invalid_argument", "give out_size or target_resolution, not both")
+        col, row, width, height = self.window_for_extent(extent)
+        resolution = _check_resolution(target_resolution)
+        if out_size is not None:
+            out_w = _check_int("out_size width", out_size[0], 1)
+            out_h = _check_int("out_size height", out_size[1], 1)
+        elif resolution is not None:
+            out_w = max(1, round(width * self.pixel_size[0] / resolution))
+            out_h = max(1, round(height * self.pixel_size[1] / resolution))
+        else:
+            out_w, out_h = width, height
+        if out_w * out_h > max_pixels:
+            at = f" at {resolution} map units per pixel" if resolution else ""
+            raise RasterError("resource_exhausted", f"the extent would be read as {out_w} x {out_h} = {out_w * out_h} pixels"
+                                                    f"{at}; the limit is {max_pixels}: choose a smaller extent or a "
+                                                    f"coarser target resolution")
+        rgb, valid = self.read_window(col, row, width, height, (out_w, out_h), resample)
+        return rgb, valid, self.window_geotransform(col, row, width, height, out_w, out_h)
+
+    # -- tiles ---------------------------------------------------------------------------------
+
+    def _plan(self, tile_size, overlap, target_resolution, extent) -> _TilePlan:
+        tile_size = _check_int("tile_size", tile_size, 1, MAX_TILE_SIZE)
+        overlap = _check_number("overlap", overlap, 0.0, 0.9, high_inclusive=False)
+        resolution = _check_resolution(target_resolution)
+        if resolution is None:
+            window_w = window_h = tile_size
+        else:
+            window_w = max(1, round(tile_size * resolution / self.pixel_size[0]))
+            window_h = max(1, round(tile_size * resolution / self.pixel_size[1]))
+        col, row, width, height = self.window_for_extent(extent)
+        step_w = max(1, round(window_w * (1.0 - overlap)))
+        step_h = max(1, round(window_h * (1.0 - overlap)))
+        return _TilePlan(cols=_axis_windows(col, col + width, self.width, window_w, step_w),
+                         rows=_axis_windows(row, row + height, self.height, window_h, step_h),
+                         window_width=window_w, window_height=window_h, tile_size=tile_size)
+
+    def count_tiles(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
+                    extent=None) -> int:
+        """Number of tiles in the grid before empty ones are skipped (for progress totals)."""
+        return len(self._plan(tile_size, overlap, target_resolution, extent))
+
+    def _make_tiles(self, batch: list[tuple[int, tuple[int, int, int, int]]]) -> list[Tile]:
+        """Tiles with their footprints; the EPSG:4326 reprojection is done for the whole batch at once."""
+        gt = self.geotransform
+        # Unit square walked counter-clockwise on the ground for north-up rasters; reversed when
+        # the geotransform mirrors the grid.
+        t = np.linspace(0.0, 1.0, FOOTPRINT_SEGMENTS, endpoint=False)
+        zeros, ones = np.zeros_like(t), np.ones_like(t)
+        ring_u = np.concatenate([zeros, t, ones, 1.0 - t])
+        ring_v = np.concatenate([t, ones, 1.0 - t, zeros])
+        corner_u, corner_v = np.array([0.0, 0.0, 1.0, 1.0]), np.array([0.0, 1.0, 1.0, 0.0])
+        if gt[1] * gt[5] - gt[2] * gt[4] > 0:
+            ring_u, ring_v = ring_u[::-1], ring_v[::-1]
+            corner_u, corner_v = corner_u[::-1], corner_v[::-1]
+        windows = np.array([w for _, w in batch], float).reshape(-1, 4)
+        cols, rows, widths, heights = (windows[:, i:i + 1] for i in range(4))
+        cx, cy = _grid_to_map(gt, cols + corner_u * widths, rows + corner_v * heights)
+        wgs = None
+        if self._to_wgs84 is not None:
+            rx, ry = _grid_to_map(gt, cols + ring_u * widths, rows + ring_v * heights)
+            points = np.stack([rx.ravel(), ry.ravel()], axis=1).tolist()
+            try:
+                with self._lock, _gdal_exceptions():   # a coordinate transformation is not thread-safe
+                    wgs = np.asarray(self._to_wgs84.TransformPoints(points), float)[:, :2].reshape(len(batch), -1, 2)
+            except RuntimeError:
+                wgs = None
+        tiles = []
+        for i, (index, (col, row, width, height)) in enumerate(batch):
+            xs, ys = cx[i].tolist(), cy[i].tolist()
+            bounds_wgs84, footprint_wgs84 = None, ""
+            if wgs is not None and np.isfinite(wgs[i]).all():
+                lon, lat = wgs[i, :, 0], wgs[i, :, 1]
+                bounds_wgs84 = (float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max()))
+                footprint_wgs84 = _polygon_wkt(lon.tolist(), lat.tolist())
+            tiles.append(Tile(index=index, col=col, row=row, width=width, height=height,
+                              bounds=(min(xs), min(ys), max(xs), max(ys)), bounds_wgs84=bounds_wgs84,
+                              footprint_wkt=_polygon_wkt(xs, ys), footprint_wgs84_wkt=footprint_wgs84))
+        return tiles
+
+    def _iter_tile_batches(self, plan: _TilePlan, windows=None, batch_size: int = 256) -> Iterator[list[Tile]]:
+        batch = []
+        for item in (plan.windows() if windows is None else windows):
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield self._make_tiles(batch)
+                batch = []
+        if batch:
+            yield self._make_tiles(batch)
+
+    def _coarse_validity(self) -> np.ndarray | None:
+        """Raster-wide validity at STATS_SIDE resolution (None when every pixel is valid), cached."""
+        if not self._mask_parts and not self._float:
+            return None
+        with self._lock:
+            if self._coarse_valid is None:
+                out_w, out_h = _decimated_size(self.width, self.height)
+
+                def work():
+                    valid = self._read_valid(0, 0, self.width, self.height, out_w, out_h)
+                    if valid is None:
+                        valid = np.ones((out_h, out_w), bool)
+                    if self._float:
+                        data = self._read_bands(self._unique_bands, 0, 0, self.width, self.height, out_w, out_h,
+                                                gdal.GRIORA_NearestNeighbour)
+                        valid &= np.isfinite(data).all(axis=0)
+                    return valid
+
+                self._coarse_valid = self._guarded(work)
+            return self._coarse_valid
+
+    def _coarse_fraction(self, coarse: np.ndarray, window: tuple[int, int, int, int]) -> float:
+        col, row, width, height = window
+        out_h, out_w = coarse.shape
+        sx, sy = self.width / out_w, self.height / out_h
+        c0, r0 = min(int(col / sx), out_w - 1), min(int(row / sy), out_h - 1)
+        c1, r1 = max(c0 + 1, math.ceil((col + width) / sx)), max(r0 + 1, math.ceil((row + height) / sy))
+        return float(coarse[r0:r1, c0:c1].mean())
+
+    def tiles(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
+              extent=None, min_valid_fraction: float = 0.5) -> list[Tile]:
+        """The tile grid over the raster (or ``extent``), row-major.
+
+        Each tile spans tile_size * target_resolution / pixel size native pixels a side (tile_size
+        at native resolution), neighbours step by (1 - overlap) of that, and edge tiles are shifted
+        inward to stay full-size; a raster smaller than one tile gives one tile covering all of it.
+        Tiles whose valid fraction, estimated from a raster-wide low-resolution mask read, is below
+        min_valid_fraction are left out (0 keeps every tile).
+        """
+        plan = self._plan(tile_size, overlap, target_resolution, extent)
+        minimum = _check_number("min_valid_fraction", min_valid_fraction, 0.0, 1.0)
+        coarse = self._coarse_validity() if minimum > 0 else None
+        windows = plan.windows()
+        if coarse is not None:
+            windows = (item for item in windows if self._coarse_fraction(coarse, item[1]) >= minimum)
+        return [tile for batch in self._iter_tile_batches(plan, windows) for tile in batch]
+
+    def iter_tiles_with_pixels(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
+                               extent=None, min_valid_fraction: float = 0.5, resample: str = "average"
+                               ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+        """Yield (tile, rgb uint8 [3, S, S], valid bool [S, S]) with S = tile_size, reading lazily.
+
+        The same grid as tiles(); a tile is skipped when the valid fraction of its own read is below
+        min_valid_fraction. A tile cut short by a small raster is padded (invalid) at its right and
+        bottom so the ground resolution stays the requested one. Raises RasterError("aborted") as
+        soon as the file changes on disk. Arguments are checked when this is called, not on first use.
+        """
+        plan = self._plan(tile_size, overlap, target_resolution, extent)
+        minimum = _check_number("min_valid_fraction", min_valid_fraction, 0.0, 1.0)
+        alg = _check_resample(resample)
+        return self._tiles_with_pixels(plan, minimum, alg)
+
+    def _tiles_with_pixels(self, plan: _TilePlan, minimum: float, alg: int):
+        size = plan.tile_size
+        for batch in self._iter_tile_batches(plan, batch_size=64):
+            for tile in batch:
+                self.check_unchanged()
+                out_w, out_h = plan.out_size(tile.width, tile.height)
+                window = tile.window
+                valid = self._guarded(lambda: self._read_valid(*window, out_w, out_h))
+                if valid is not None and minimum > 0 and valid.mean() < minimum:
+                    continue  # mostly empty: skip before paying for the colour bands
+                data = self._guarded(lambda: self._read_bands(self._unique_bands, *window, out_w, out_h, alg))
+                rgb, valid = self._to_rgb(data, valid)
+                if minimum > 0 and valid.mean() < minimum:
+                    continue
+                if (out_w, out_h) != (size, size):
+                    padded_rgb = np.zeros((3, size, size), np.uint8)
+                    padded_valid = np.zeros((size, size), bool)
+                    padded_rgb[:, :out_h, :out_w] = rgb
+                    padded_valid[:out_h, :out_w] = valid
+                    rgb, valid = padded_rgb, padded_valid
+                yield tile, rgb, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening
+# ---------------------------------------------------------------------------------------------
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or os.path.commonpath([path, root]) == root
+
+
+def _check_roots(what: str, real: str, roots: list[str]) -> None:
+    if roots and not any(_inside(real, root) for root in roots):
+        raise RasterError("permission_denied", f"{what} is outside the allowed roots ({', '.join(roots)}); "
+                                               f"move it under one of them or allow its folder when starting the server")
+
+
+def _is_vrt(path: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(512).lstrip().startswith(b"<VRTDataset")
+    except OSError:
+        return False
+
+
+def _check_referenced_files(dataset: gdal.Dataset, shown: str, roots: list[str], seen: set[str], depth: int = 0) -> None:
+    """Every file a dataset reads (VRT sources, nested VRTs included) must be under the roots too."""
+    for referenced in dataset.GetFileList() or []:
+        if referenced.startswith("/vsi") or "://" in referenced:
+            raise RasterError("permission_denied", f"raster '{shown}' refers to '{_short(referenced)}', which is not a "
+                                                   f"local file under the allowed roots")
+        real = os.path.realpath(referenced)
+        _check_roots(f"file '{referenced}', which raster '{shown}' refers to,", real, roots)
+        if real in seen or not _is_vrt(real):
+            continue
+        seen.add(real)
+        if depth >= 8:
+            raise RasterError("invalid_argument", f"raster '{shown}' nests VRT files more than 8 deep; flatten it")
+        with _gdal("invalid_argument", f"raster '{shown}' refers to '{referenced}', which GDAL cannot open"):
+            nested = gdal.OpenEx(real, gdal.OF_RASTER | gdal.OF_READONLY)
+        _check_referenced_files(nested, shown, roots, seen, depth + 1)
+
+
+def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
+                allowed_roots: Sequence[str | os.PathLike] | None = None) -> Raster:
+    """Open a raster file read-only, with its band mapping resolved.
+
+    Only local files are accepted (no /vsi or URL names). With allowed_roots, the real path
+    (symlinks resolved) and every file the dataset refers to (e.g. the sources of a VRT) must lie
+    under one of them. Errors: missing -> not_found; outside the roots or unreadable ->
+    permission_denied; not a raster GDAL can open, no georeferencing, bad band index -> invalid_argument.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise RasterError("invalid_argument", f"raster path must be text, not {type(path).__name__}")
+    shown = os.fspath(path)
+    if isinstance(shown, bytes) or not shown.strip() or "\x00" in shown:
+        raise RasterError("invalid_argument", f"raster path {shown!r} is empty or malformed; give the path of a raster file")
+    if shown.startswith("/vsi") or "://" in shown:
+        raise RasterError("invalid_argument", f"raster path '{_short(shown)}' is a GDAL virtual or remote name; "
+                                              f"only local files can be opened: copy it to a local file first")
+    mapping = _as_band_mapping(bands)
+    mapping.percentiles()
+    absolute = os.path.abspath(shown)
+    roots = [os.path.realpath(os.fspath(root)) for root in (allowed_roots or [])]
+    # Roots first, so a request cannot learn which files exist outside them.
+    real = os.path.realpath(absolute)
+    _check_roots(f"raster '{shown}'", real, roots)
+    try:
+        if not os.path.exists(real):
+            raise RasterError("not_found", f"raster '{shown}' does not exist on the server machine; check the path "
+                                           f"(it must be a path the server can see, not one on the client)")
+        if os.path.isdir(real):
+            raise RasterError("invalid_argument", f"raster path '{shown}' is a folder; give the path of a raster file in it")
+        with open(real, "rb"):
+            pass  # os.access is not enough: it does not see every reason a read can fail
+        stat = os.stat(real)
+    except PermissionError:
+        raise RasterError("permission_denied", f"the server may not read raster '{shown}'; give its user read "
+                                               f"permission on the file and its folders") from None
+    except OSError as error:
+        raise RasterError("not_found", f"raster '{shown}' cannot be opened: {error.strerror or error}") from None
+
+    not_raster = f"'{shown}' is not a raster GDAL can open; give a GeoTIFF or another GDAL raster format"
+    with _gdal("invalid_argument", not_raster):
+        dataset = gdal.OpenEx(real, gdal.OF_RASTER | gdal.OF_READONLY)
+    if dataset is None:
+        raise RasterError("invalid_argument", not_raster)
+    if roots:
+        _check_referenced_files(dataset, shown, roots, seen={real})
+    name = os.path.basename(absolute)
+    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat)
+
+
+def _data_type_name(dtype) -> str:
+    if isinstance(dtype, bool):
+        pass
+    elif isinstance(dtype, (int, np.integer)) and int(dtype) in _PROTO_DATA_TYPES:
+        return _PROTO_DATA_TYPES[int(dtype)]
+    elif isinstance(dtype, str) and dtype in DATA_TYPES:
+        return dtype
+    else:
+        try:
+            return _NUMPY_DATA_TYPES[np.dtype(dtype).name]
+        except (TypeError, KeyError):
+            pass
+    raise RasterError("invalid_argument", f"pixel data_type {dtype!r} is not supported; use one of {', '.join(DATA_TYPES)}")
+
+
+def raster_from_pixels(data: bytes | np.ndarray, width: int, height: int, band_count: int, dtype,
+                       geotransform: Sequence[float], crs: str, nodata: float | None = None, alpha_band: int = 0,
+                       interleave: str = "band", bands: BandMapping | None = None, label: str = "") -> Raster:
+    """A Raster over pixels sent by a client (an in-memory GDAL dataset).
+
+    ``data`` is little-endian, row-major from the top-left, band-sequential (interleave="band") or
+    pixel-interleaved ("pixel"); its length must be width * height * band_count * size of dtype.
+    ``dtype`` is a GDAL name ("UInt16"), a numpy dtype or the wire DataType number. ``alpha_band``
+    is 1-based (0 = none); alpha 0 means no data, and that band is never a colour band.
+    """
+    width = _check_int("pixel source width", width, 1)
+    height = _check_int("pixel source height", height, 1)
+    band_count = _check_int("pixel source band_count", band_count, 1)
+    type_name = _data_type_name(dtype)
+    gdal_type, np_type = DATA_TYPES[type_name]
+    itemsize = np.dtype(np_type).itemsize
+    expected = width * height * band_count * itemsize
+    if interleave in (0, 1):
+        interleave = "band"
+    elif interleave == 2:
+        interleave = "pixel"
+    if interleave not in ("band", "pixel"):
+        raise RasterError("invalid_argument", f"pixel source interleave {interleave!r} must be 'band' or 'pixel'")
+    alpha_band = _check_int("pixel source alpha_band", alpha_band, 0, band_count)
+    if alpha_band and band_count == 1:
+        raise RasterError("invalid_argument", "pixel source alpha_band=1 leaves no colour band; send at least one more band")
+    if nodata is not None and (isinstance(nodata, bool) or not isinstance(nodata, (int, float, np.number))):
+        raise RasterError("invalid_argument", f"pixel source nodata must be a number, got {nodata!r}")
+
+    size_hint = (f"width {width} x height {height} x {band_count} band(s) x {itemsize} byte(s) ({type_name}) = "
+                 f"{expected} bytes; check width, height, band_count and data_type")
+    if isinstance(data, np.ndarray):
+        if _NUMPY_DATA_TYPES.get(data.dtype.name) != type_name:
+            raise RasterError("invalid_argument", f"pixel array has dtype {data.dtype} but data_type says {type_name}")
+        if data.size != width * height * band_count:
+            raise RasterError("invalid_argument", f"pixel array has {data.size} values but {size_hint}")
+        flat = np.ascontiguousarray(data).reshape(-1).astype(np.dtype(np_type), copy=False)
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        length = memoryview(data).nbytes
+        if length != expected:
+            raise RasterError("invalid_argument", f"pixel data is {length} bytes but {size_hint}")
+        flat = np.frombuffer(data, dtype=np.dtype(np_type).newbyteorder("<")).astype(np.dtype(np_type), copy=False)
+    else:
+        raise RasterError("invalid_argument", f"pixel data must be bytes or a numpy array, not {type(data).__name__}")
+
+    try:
+        gt = tuple(float(v) for v in geotransform)
+    except (TypeError, ValueError):
+        raise RasterError("invalid_argument", f"pixel source geotransform must be 6 numbers, got {geotransform!r}") from None
+    if len(gt) != 6 or not all(math.isfinite(v) for v in gt) or gt[1] * gt[5] - gt[2] * gt[4] == 0:
+        raise RasterError("invalid_argument", f"pixel source geotransform {list(gt)} must be 6 finite numbers in GDAL order "
+                                              f"[x of top-left, pixel width, row rotation, y of top-left, column rotation, "
+                                              f"pixel height] with a non-zero pixel size")
+    if not isinstance(crs, (str, osr.SpatialReference)) or (isinstance(crs, str) and not crs.strip()):
+        raise RasterError("invalid_argument", "pixel source crs is required: give an authority id such as 'EPSG:3857' or WKT")
+    srs = parse_crs(crs)
+
+    planes = flat.reshape(band_count, height, width) if interleave == "band" else \
+        flat.reshape(height, width, band_count).transpose(2, 0, 1)
+    name = _short(label, 256) if label else "pixels"
+    with _gdal("invalid_argument", f"cannot hold pixel source '{name}' in memory"):
+        dataset = gdal.GetDriverByName("MEM").Create("", width, height, band_count, gdal_type)
+        dataset.SetGeoTransform(gt)
+        dataset.SetSpatialRef(srs)
+        for index in range(band_count):
+            band = dataset.GetRasterBand(index + 1)
+            band.WriteArray(planes[index])
+            if index + 1 == alpha_band:
+                band.SetColorInterpretation(gdal.GCI_AlphaBand)
+            elif nodata is not None:
+                band.SetNoDataValue(float(nodata))
+    # The key covers the pixels in one canonical layout plus where they lie, so the same image
+    # sent band- or pixel-interleaved gets the same identity, and a moved one does not.
+    digest = hashlib.sha256()
+    digest.update(repr((width, height, band_count, type_name, gt, srs.ExportToWkt(), nodata, alpha_band)).encode())
+    digest.update(memoryview(np.ascontiguousarray(planes)))
+    return Raster(dataset, path="", real_path="", name=name, bands=_as_band_mapping(bands),
+                  alpha_band=alpha_band, digest=digest.hexdigest())

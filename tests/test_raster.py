@@ -1,0 +1,677 @@
+"""Raster access and tiling (backend.raster) on real GDAL rasters.
+
+The shared GeoTIFFs (../shared/data/geotiff) cover four CRSs, a 4-band NAIP image, an alpha
+orthophoto and a non-RGB Landsat band order; those tests skip where that folder is absent. The
+rest build their rasters in tmp_path with GDAL's GTiff driver.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from osgeo import gdal, osr
+
+from backend.raster import (
+    BandMapping, Raster, RasterError, Tile, open_raster, parse_crs, raster_from_pixels, transform_bounds,
+)
+
+GEOTIFF_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geotiff"
+
+# authid and a generous lon/lat box where each shared raster must lie.
+SHARED = {
+    "naip_m_4709963_se_14_2009.tif": ("EPSG:26914", (-100.0, 46.0, -98.0, 48.0)),
+    "naip_m_4709963_se_14_2020.tif": ("EPSG:26914", (-100.0, 46.0, -98.0, 48.0)),
+    "pix4d_orthophoto_alpha.tif": ("EPSG:32750", (114.0, -10.0, 117.0, -7.0)),
+    "colorado_aerial_0p15m.tif": ("EPSG:26913", (-106.0, 38.0, -104.0, 40.0)),
+    "landsat_pucallpa_2020.tif": ("EPSG:4326", (-76.0, -10.0, -73.0, -7.0)),
+}
+SHARED_FILES = sorted(p.name for p in GEOTIFF_DIR.glob("*.tif")) if GEOTIFF_DIR.is_dir() else []
+needs_shared = pytest.mark.skipif(not SHARED_FILES, reason=f"shared rasters not found in {GEOTIFF_DIR}")
+
+UTM = "EPSG:32633"
+
+
+def shared(name: str) -> Path:
+    path = GEOTIFF_DIR / name
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def make_tif(path: Path, bands: np.ndarray, geotransform=(500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0),
+             crs: str | None = UTM, nodata=None, colours=None, options=()) -> Path:
+    """Write a GeoTIFF from a (bands, rows, cols) array."""
+    bands = np.asarray(bands)
+    if bands.ndim == 2:
+        bands = bands[None]
+    gdal_type = {np.uint8: gdal.GDT_Byte, np.uint16: gdal.GDT_UInt16, np.int16: gdal.GDT_Int16,
+                 np.float32: gdal.GDT_Float32}[bands.dtype.type]
+    count, rows, cols = bands.shape
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, count, gdal_type, list(options))
+    if geotransform is not None:
+        ds.SetGeoTransform(geotransform)
+    if crs is not None:
+        srs = osr.SpatialReference()
+        srs.SetFromUserInput(crs)
+        ds.SetSpatialRef(srs)
+    for i in range(count):
+        band = ds.GetRasterBand(i + 1)
+        band.WriteArray(bands[i])
+        if nodata is not None:
+            band.SetNoDataValue(nodata)
+        if colours is not None:
+            band.SetColorInterpretation(colours[i])
+    ds.FlushCache()
+    ds = None
+    return path
+
+
+def noise(shape, dtype=np.uint8, low=1, high=255, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, high, shape).astype(dtype)
+
+
+def alpha_fraction(alpha: np.ndarray, tile: Tile) -> float:
+    return float((alpha[tile.row:tile.row + tile.height, tile.col:tile.col + tile.width] > 0).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared GeoTIFFs
+# ---------------------------------------------------------------------------------------------
+
+@needs_shared
+@pytest.mark.parametrize("name", SHARED_FILES or ["none"])
+def test_shared_raster_opens_in_its_crs_and_covers_it_with_tiles(name):
+    with open_raster(shared(name)) as raster:
+        assert raster.width > 0 and raster.height > 0 and raster.band_count >= 3
+        assert raster.data_type == "Byte"
+        if name in SHARED:
+            authid, (lon0, lat0, lon1, lat1) = SHARED[name]
+            assert raster.crs_authid == authid
+        else:
+            assert raster.crs_authid.startswith("EPSG:")
+            lon0, lat0, lon1, lat1 = -180.0, -90.0, 180.0, 90.0
+        west, south, east, north = raster.bounds_wgs84
+        assert lon0 <= west < east <= lon1 and lat0 <= south < north <= lat1
+        assert -180 <= west <= 180 and -90 <= south <= 90
+        assert raster.crs_wkt.startswith(("PROJCRS", "GEOGCRS"))
+        xmin, ymin, xmax, ymax = raster.bounds
+        assert xmax - xmin == pytest.approx(raster.width * raster.pixel_size[0])
+        assert ymax - ymin == pytest.approx(raster.height * raster.pixel_size[1])
+
+        tiles = raster.tiles(min_valid_fraction=0)
+        assert len(tiles) == raster.count_tiles()
+        covered = np.zeros((raster.height, raster.width), bool)
+        for tile in tiles:
+            assert (tile.width, tile.height) == (min(224, raster.width), min(224, raster.height))
+            covered[tile.row:tile.row + tile.height, tile.col:tile.col + tile.width] = True
+        assert covered.all()
+        assert [t.index for t in tiles] == list(range(len(tiles)))
+
+        last = tiles[-1]
+        footprint = shapely.from_wkt(last.footprint_wkt)
+        assert footprint.is_valid and footprint.bounds == pytest.approx(last.bounds)
+        assert footprint.area == pytest.approx(last.width * last.height * raster.pixel_size[0] * raster.pixel_size[1])
+        on_globe = shapely.from_wkt(last.footprint_wgs84_wkt)
+        assert on_globe.is_valid and on_globe.bounds == pytest.approx(last.bounds_wgs84)
+        assert shapely.box(*raster.bounds_wgs84).buffer(1e-9).contains(on_globe)
+
+        tile, rgb, valid = next(raster.iter_tiles_with_pixels(min_valid_fraction=0))
+        assert rgb.shape[0] == 3 and rgb.dtype == np.uint8 and valid.dtype == bool
+        assert rgb.shape[1:] == valid.shape == (224, 224)
+
+
+@needs_shared
+def test_naip_four_bands_use_the_first_three_and_pass_bytes_through():
+    path = shared("naip_m_4709963_se_14_2020.tif")
+    with open_raster(path) as raster:
+        assert raster.band_count == 4 and raster.rgb_bands == (1, 2, 3)
+        assert raster.stretch_ranges() == (None, None, None)
+        rgb, valid = raster.read_window(100, 50, 64, 32)
+    ds = gdal.Open(str(path))
+    expected = ds.ReadAsArray(100, 50, 64, 32, band_list=[1, 2, 3])
+    assert valid.all()
+    np.testing.assert_array_equal(rgb, expected)
+
+
+@needs_shared
+def test_colour_interpretation_chooses_rgb(tmp_path):
+    with open_raster(shared("colorado_aerial_0p15m.tif")) as raster:
+        assert raster.rgb_bands == (1, 2, 3)
+    # Stored blue, green, red, then an infrared band: colour interpretation wins over band order.
+    data = np.stack([np.full((8, 8), v, np.uint8) for v in (30, 20, 10, 40)])
+    colours = [gdal.GCI_BlueBand, gdal.GCI_GreenBand, gdal.GCI_RedBand, gdal.GCI_Undefined]
+    with open_raster(make_tif(tmp_path / "bgr.tif", data, colours=colours)) as raster:
+        assert raster.rgb_bands == (3, 2, 1)
+        rgb, _ = raster.read_window(0, 0, 8, 8)
+        assert rgb[:, 0, 0].tolist() == [10, 20, 30]
+
+
+@needs_shared
+def test_pix4d_alpha_marks_empty_corners_invalid_and_skips_mostly_empty_tiles():
+    path = shared("pix4d_orthophoto_alpha.tif")
+    ds = gdal.Open(str(path))
+    alpha = ds.GetRasterBand(4).ReadAsArray()
+    assert not alpha[0, 0] and not alpha[-1, -1]
+    with open_raster(path) as raster:
+        assert raster.rgb_bands == (1, 2, 3)          # the alpha band is never a colour
+        assert raster.mask_kind == "dataset"
+        rgb, valid = raster.read_window(0, 0, raster.width, raster.height, out_size=(200, 221))
+        assert not valid[0, 0] and not valid[-1, -1] and not valid[0, -1] and not valid[-1, 0]
+        assert valid[110, 100]
+        assert (rgb[:, ~valid] == 0).all()
+
+        every = raster.tiles(tile_size=128, min_valid_fraction=0)
+        kept = raster.tiles(tile_size=128)
+        mostly_empty = {t.index for t in every if alpha_fraction(alpha, t) < 0.5}
+        assert mostly_empty, "the corners should leave some 128-pixel tiles mostly empty"
+        assert {t.index for t in kept} == {t.index for t in every} - mostly_empty
+
+        read = list(raster.iter_tiles_with_pixels(tile_size=128))
+        assert [t.index for t, _, _ in read] == [t.index for t in kept]
+        corner_tile, corner_rgb, corner_valid = read[0]
+        assert corner_tile.index == 0 and not corner_valid[0, 0] and (corner_rgb[:, 0, 0] == 0).all()
+        assert corner_valid.mean() == pytest.approx(alpha_fraction(alpha, corner_tile), abs=0.02)
+
+
+@needs_shared
+def test_landsat_band_order_is_mapped_explicitly():
+    path = shared("landsat_pucallpa_2020.tif")   # bands: SWIR1, NIR, Red, Green
+    false_colour = BandMapping(red=2, green=3, blue=4)   # NIR, Red, Green
+    with open_raster(path, bands=false_colour) as raster:
+        assert raster.crs_authid == "EPSG:4326"
+        assert raster.rgb_bands == (2, 3, 4)
+        rgb, valid = raster.read_window(0, 0, raster.width, raster.height)
+    ds = gdal.Open(str(path))
+    nir, red, green = ds.ReadAsArray(band_list=[2, 3, 4])
+    np.testing.assert_array_equal(valid, (nir != 0) | (red != 0) | (green != 0))
+    np.testing.assert_array_equal(rgb[0][valid], nir[valid])
+    np.testing.assert_array_equal(rgb[2][valid], green[valid])
+
+    with pytest.raises(RasterError) as error:
+        open_raster(path, bands=BandMapping(red=2, green=5, blue=4))
+    assert error.value.kind == "invalid_argument"
+    assert "green=5" in str(error.value) and "4 band" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Band choice, scaling, masks
+# ---------------------------------------------------------------------------------------------
+
+def test_one_band_byte_becomes_three_grey_channels(tmp_path):
+    data = noise((40, 50))
+    with open_raster(make_tif(tmp_path / "grey.tif", data)) as raster:
+        assert raster.rgb_bands == (1, 1, 1) and raster.mask_kind == "none"
+        rgb, valid = raster.read_window(0, 0, 50, 40)
+    assert valid.all()
+    for channel in rgb:
+        np.testing.assert_array_equal(channel, data)
+
+
+def test_uint16_is_stretched_once_from_a_decimated_read(tmp_path, monkeypatch):
+    # A gradient wider than the decimated read: the stretch must not read it at full size.
+    cols = np.linspace(1000, 41000, 3000).astype(np.uint16)
+    data = np.broadcast_to(cols, (3, 200, 3000)).copy()
+    path = make_tif(tmp_path / "u16.tif", data, options=["TILED=YES"])
+    reads = []
+    original = gdal.Dataset.ReadAsArray
+
+    def recording(self, *args, **kwargs):
+        reads.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(gdal.Dataset, "ReadAsArray", recording)
+    with open_raster(path) as raster:
+        assert raster.data_type == "UInt16"
+        rgb, valid = raster.read_window(0, 0, 3000, 200, out_size=(600, 40))
+        low, high = raster.stretch_ranges()[0]
+        raster.read_window(0, 0, 100, 100)
+        raster.read_window(100, 0, 100, 100)
+    assert low == pytest.approx(1000 + 0.02 * 40000, rel=0.01)
+    assert high == pytest.approx(1000 + 0.98 * 40000, rel=0.01)
+    assert valid.all() and rgb.min() == 0 and rgb.max() == 255
+    assert np.all(np.diff(rgb[0, 0].astype(int)) >= 0)      # a monotonic stretch
+    stats_reads = [kw for _, kw in reads if kw.get("buf_xsize") and kw["buf_xsize"] <= 1024
+                   and kw.get("resample_alg") == gdal.GRIORA_NearestNeighbour]
+    assert len(stats_reads) == 1 and stats_reads[0]["buf_xsize"] == 1024
+    assert len(reads) == 4   # one statistics read, three window reads
+
+
+def test_stretch_percentiles_are_configurable_and_apply_to_bytes_when_set(tmp_path):
+    data = np.tile(np.arange(100, 200, dtype=np.uint8), (10, 1))
+    path = make_tif(tmp_path / "bytes.tif", data)
+    with open_raster(path, bands=BandMapping(stretch_low=0, stretch_high=100)) as raster:
+        assert raster.stretch_ranges()[0] == (100.0, 199.0)
+        rgb, _ = raster.read_window(0, 0, 100, 10)
+        assert rgb[0, 0, 0] == 0 and rgb[0, 0, -1] == 255
+    with pytest.raises(RasterError, match="stretch_low=90.0 must be below stretch_high=10.0") as error:
+        open_raster(path, bands=BandMapping(stretch_low=90.0, stretch_high=10.0))
+    assert error.value.kind == "invalid_argument"
+
+
+def test_nodata_is_honoured_only_where_every_colour_band_is_nodata(tmp_path):
+    data = noise((3, 30, 30))
+    data[:, :10, :] = 0                 # a no-data strip
+    data[0, 20, 20] = 0                 # a dark red value in a real pixel
+    with open_raster(make_tif(tmp_path / "nodata.tif", data, nodata=0)) as raster:
+        assert raster.mask_kind == "nodata" and raster.nodata == [0.0, 0.0, 0.0]
+        rgb, valid = raster.read_window(0, 0, 30, 30)
+        assert not valid[:10].any() and valid[10:].all()
+        assert (rgb[:, :10] == 0).all()
+        assert rgb[:, 20, 20].tolist() == [0, data[1, 20, 20], data[2, 20, 20]]
+        assert raster.tiles(tile_size=10, min_valid_fraction=0.5)[0].row == 10
+
+    floats = noise((1, 20, 20), np.float32, 0, 1000)
+    floats[0, :5] = np.nan
+    with open_raster(make_tif(tmp_path / "float.tif", floats)) as raster:
+        rgb, valid = raster.read_window(0, 0, 20, 20)
+        assert not valid[:5].any() and valid[5:].all()
+        assert rgb[:, 5:].max() == 255 and (rgb[:, :5] == 0).all()
+
+
+def test_raster_without_georeferencing_is_refused(tmp_path):
+    no_crs = make_tif(tmp_path / "no_crs.tif", noise((4, 4)), crs=None)
+    with pytest.raises(RasterError, match="no CRS") as error:
+        open_raster(no_crs)
+    assert error.value.kind == "invalid_argument" and "gdal_edit" in str(error.value)
+    nothing = make_tif(tmp_path / "plain.tif", noise((4, 4)), geotransform=None, crs=None)
+    with pytest.raises(RasterError, match="no georeferencing") as error:
+        open_raster(nothing)
+    assert error.value.kind == "invalid_argument"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------
+
+def test_overlap_steps_the_grid_and_edge_tiles_shift_inward(tmp_path):
+    with open_raster(make_tif(tmp_path / "grid.tif", np.zeros((1, 600, 1000), np.uint8) + 7)) as raster:
+        def starts(overlap):
+            tiles = raster.tiles(tile_size=200, overlap=overlap)
+            return sorted({t.col for t in tiles}), sorted({t.row for t in tiles}), tiles
+
+        cols, rows, tiles = starts(0.0)
+        assert cols == [0, 200, 400, 600, 800] and rows == [0, 200, 400]
+        cols, rows, tiles = starts(0.5)
+        assert cols == list(range(0, 801, 100)) and rows == [0, 100, 200, 300, 400]
+        cols, rows, tiles = starts(0.25)
+        assert cols == [0, 150, 300, 450, 600, 750, 800] and rows == [0, 150, 300, 400]
+        assert all((t.width, t.height) == (200, 200) for t in tiles)
+        assert raster.count_tiles(tile_size=200, overlap=0.25) == len(tiles) == 28
+        for bad in (-0.1, 0.9, 1.0):
+            with pytest.raises(RasterError, match="overlap") as error:
+                raster.tiles(tile_size=200, overlap=bad)
+            assert error.value.kind == "invalid_argument"
+
+
+def test_target_resolution_sets_the_native_window(tmp_path):
+    # 10 m pixels: a 100-pixel tile at 20 m spans 200 native pixels, at 40 m 400.
+    with open_raster(make_tif(tmp_path / "res.tif", noise((1, 800, 800)))) as raster:
+        assert raster.pixel_size == (10.0, 10.0)
+        assert raster.tiles(tile_size=100)[0].width == 100
+        assert raster.tiles(tile_size=100, target_resolution=20)[0].width == 200
+        assert raster.tiles(tile_size=100, target_resolution=40)[0].width == 400
+        assert raster.count_tiles(tile_size=100, target_resolution=40) == 4
+        tile, rgb, valid = next(raster.iter_tiles_with_pixels(tile_size=100, target_resolution=40))
+        assert (tile.width, tile.height) == (400, 400) and rgb.shape == (3, 100, 100) and valid.all()
+        with pytest.raises(RasterError, match="target_resolution"):
+            raster.tiles(target_resolution=-5)
+
+
+def test_raster_smaller_than_a_tile_gives_one_padded_tile(tmp_path):
+    with open_raster(make_tif(tmp_path / "small.tif", noise((3, 60, 100)))) as raster:
+        tiles = raster.tiles(tile_size=224)
+        assert [(t.col, t.row, t.width, t.height) for t in tiles] == [(0, 0, 100, 60)]
+        [(tile, rgb, valid)] = list(raster.iter_tiles_with_pixels(tile_size=224))
+    assert rgb.shape == (3, 224, 224)
+    assert valid[:60, :100].all() and not valid[60:].any() and not valid[:, 100:].any()
+
+
+def test_extent_in_wgs84_over_a_utm_raster(tmp_path):
+    with open_raster(make_tif(tmp_path / "utm.tif", noise((3, 1000, 1000)))) as raster:
+        # The UTM box of pixels 200..400 (cols) and 300..500 (rows), sent in EPSG:4326.
+        utm_box = (502000.0, 4995000.0, 504000.0, 4997000.0)
+        lon_lat = transform_bounds(utm_box, UTM, "EPSG:4326")
+        assert 14 < lon_lat[0] < lon_lat[2] < 16 and 45 < lon_lat[1] < lon_lat[3] < 46
+        col, row, width, height = raster.window_for_extent((*lon_lat, "EPSG:4326"))
+        # The reprojected box is a little larger than the original one, never smaller.
+        assert 195 <= col <= 200 and 295 <= row <= 300
+        assert 200 <= width <= 210 and 200 <= height <= 210
+        assert raster.window_for_extent((*utm_box, "")) == (200, 300, 200, 200)
+
+        rgb, valid, gt = raster.read_extent((*utm_box, UTM), target_resolution=20)
+        assert rgb.shape == (3, 100, 100) and valid.all()
+        assert gt == pytest.approx((502000.0, 20.0, 0.0, 4997000.0, 0.0, -20.0))
+        rgb, valid, gt = raster.read_extent((*lon_lat, "EPSG:4326"), out_size=(64, 32))
+        assert rgb.shape == (3, 32, 64)
+
+        tiles = raster.tiles(tile_size=100, extent=(*utm_box, UTM))
+        assert sorted({t.col for t in tiles}) == [200, 300] and sorted({t.row for t in tiles}) == [300, 400]
+        # An extent smaller than one tile still gets one full tile around it.
+        [tile] = raster.tiles(tile_size=100, extent=(502000.0, 4995000.0, 502100.0, 4995100.0))
+        assert (tile.width, tile.height) == (100, 100) and tile.col <= 200 < tile.col + 100
+
+
+@pytest.mark.parametrize("extent, words", [
+    ((504000.0, 4995000.0, 502000.0, 4997000.0, UTM), ["inverted", "xmin=504000.0"]),
+    ((502000.0, 4997000.0, 504000.0, 4995000.0, ""), ["inverted", "ymin=4997000.0"]),
+    ((502000.0, 4995000.0, 502000.0, 4997000.0, UTM), ["degenerate", "502000.0"]),
+    ((600000.0, 4995000.0, 601000.0, 4997000.0, UTM), ["does not overlap", "600000.0", "EPSG:32633"]),
+    ((-20.0, -10.0, -19.0, -9.0, "EPSG:4326"), ["does not overlap"]),
+    ((1.0, 2.0, 3.0, 4.0, "EPSG:999999"), ["unknown CRS", "EPSG:999999"]),
+    ((1.0, 2.0, 3.0, 4.0, "not a crs"), ["unknown CRS"]),
+    ((float("nan"), 2.0, 3.0, 4.0, UTM), ["finite"]),
+])
+def test_bad_extents_are_invalid_arguments_with_the_numbers(tmp_path, extent, words):
+    with open_raster(make_tif(tmp_path / "utm.tif", noise((3, 100, 100)))) as raster:
+        for call in (lambda: raster.tiles(extent=extent), lambda: raster.read_extent(extent)):
+            with pytest.raises(RasterError) as error:
+                call()
+            assert error.value.kind == "invalid_argument"
+            for word in words:
+                assert word in str(error.value)
+
+
+def test_read_extent_caps_the_output_pixels(tmp_path):
+    with open_raster(make_tif(tmp_path / "cap.tif", noise((3, 100, 100)))) as raster:
+        with pytest.raises(RasterError, match="limit is 1000") as error:
+            raster.read_extent(None, target_resolution=1, max_pixels=1000)
+        assert error.value.kind == "resource_exhausted"
+        rgb, valid, gt = raster.read_extent(None, max_pixels=100 * 100)
+        assert rgb.shape == (3, 100, 100) and gt == raster.geotransform
+
+
+def test_read_window_checks_its_arguments(tmp_path):
+    with open_raster(make_tif(tmp_path / "w.tif", noise((3, 50, 50)))) as raster:
+        for args in ((40, 0, 20, 10), (0, 0, 0, 10), (-1, 0, 5, 5)):
+            with pytest.raises(RasterError) as error:
+                raster.read_window(*args)
+            assert error.value.kind == "invalid_argument"
+        with pytest.raises(RasterError, match="resample"):
+            raster.read_window(0, 0, 10, 10, resample="sideways")
+        rgb, valid = raster.read_window(0, 0, 50, 50, out_size=(10, 5), resample="nearest")
+        assert rgb.shape == (3, 5, 10) and valid.shape == (5, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths, permissions, changes on disk
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_paths_get_the_right_kinds(tmp_path):
+    with pytest.raises(RasterError) as error:
+        open_raster(tmp_path / "missing.tif")
+    assert error.value.kind == "not_found" and "missing.tif" in str(error.value)
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a raster\n")
+    with pytest.raises(RasterError) as error:
+        open_raster(text)
+    assert error.value.kind == "invalid_argument" and "notes.txt" in str(error.value)
+    assert "not a raster" in str(error.value)
+    with pytest.raises(RasterError) as error:
+        open_raster(tmp_path)
+    assert error.value.kind == "invalid_argument" and "folder" in str(error.value)
+    for name in ("/vsicurl/http://example.com/a.tif", "https://example.com/a.tif", ""):
+        with pytest.raises(RasterError) as error:
+            open_raster(name)
+        assert error.value.kind == "invalid_argument"
+
+
+def test_allowed_roots_resolve_symlinks(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    inside_tif = make_tif(root / "in.tif", noise((8, 8)))
+    outside_tif = make_tif(outside / "out.tif", noise((8, 8)))
+    with open_raster(inside_tif, allowed_roots=[root]) as raster:
+        assert raster.identity()["path"] == os.path.realpath(inside_tif)
+
+    for path in (outside_tif, root / ".." / "outside" / "out.tif", outside / "missing.tif"):
+        with pytest.raises(RasterError) as error:
+            open_raster(path, allowed_roots=[root])
+        assert error.value.kind == "permission_denied" and "allowed roots" in str(error.value)
+
+    escape = root / "escape.tif"
+    escape.symlink_to(outside_tif)
+    with pytest.raises(RasterError) as error:
+        open_raster(escape, allowed_roots=[str(root)])
+    assert error.value.kind == "permission_denied"
+    alias = root / "alias.tif"
+    alias.symlink_to(inside_tif)
+    open_raster(alias, allowed_roots=[root]).close()
+    # A root given through a symlink is compared by its real path too.
+    root_link = tmp_path / "root_link"
+    root_link.symlink_to(root)
+    open_raster(inside_tif, allowed_roots=[root_link]).close()
+
+    # A VRT inside the root that reads a file outside it is refused as well.
+    vrt = root / "sneaky.vrt"
+    gdal.BuildVRT(str(vrt), [str(outside_tif)]).FlushCache()
+    with pytest.raises(RasterError) as error:
+        open_raster(vrt, allowed_roots=[root])
+    assert error.value.kind == "permission_denied" and "out.tif" in str(error.value)
+    open_raster(vrt).close()
+    # ... also when it does so through another VRT inside the root.
+    outer = root / "outer.vrt"
+    gdal.BuildVRT(str(outer), [str(vrt)]).FlushCache()
+    with pytest.raises(RasterError) as error:
+        open_raster(outer, allowed_roots=[root])
+    assert error.value.kind == "permission_denied" and "out.tif" in str(error.value)
+
+
+def test_unreadable_file_is_permission_denied(tmp_path, monkeypatch):
+    path = make_tif(tmp_path / "locked.tif", noise((8, 8)))
+    if os.geteuid() == 0:
+        # root reads files whatever their mode: make the read itself fail the way it would.
+        import backend.raster as raster_module
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(raster_module, "open", refuse, raising=False)
+    path.chmod(0)
+    try:
+        with pytest.raises(RasterError) as error:
+            open_raster(path)
+        assert error.value.kind == "permission_denied" and "locked.tif" in str(error.value)
+    finally:
+        path.chmod(0o644)
+
+
+def test_check_unchanged_detects_a_rewritten_file(tmp_path):
+    path = make_tif(tmp_path / "live.tif", noise((3, 300, 300)))
+    with open_raster(path) as raster:
+        before = raster.identity()
+        assert before["path"] == os.path.realpath(path) and before["size"] == path.stat().st_size
+        assert before["mtime_ns"] == path.stat().st_mtime_ns
+        raster.check_unchanged()
+        tiles = raster.iter_tiles_with_pixels(tile_size=100)
+        next(tiles)
+        make_tif(tmp_path / "replacement.tif", noise((3, 300, 300), seed=1)).replace(path)
+        with pytest.raises(RasterError) as error:
+            raster.check_unchanged()
+        assert error.value.kind == "aborted" and "changed on disk" in str(error.value)
+        with pytest.raises(RasterError) as error:
+            next(tiles)
+        assert error.value.kind == "aborted"
+        path.unlink()
+        with pytest.raises(RasterError, match="removed") as error:
+            raster.check_unchanged()
+        assert error.value.kind == "aborted"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel sources
+# ---------------------------------------------------------------------------------------------
+
+def test_raster_from_pixels_round_trips_both_layouts():
+    rgb = noise((3, 20, 30))
+    gt = (1000.0, 2.0, 0.0, 2000.0, 0.0, -2.0)
+    by_band = raster_from_pixels(rgb.tobytes(), 30, 20, 3, "Byte", gt, "EPSG:3857", label="layer")
+    by_pixel = raster_from_pixels(rgb.transpose(1, 2, 0).tobytes(), 30, 20, 3, 1, gt, "EPSG:3857",
+                                  interleave="pixel")
+    for raster in (by_band, by_pixel):
+        assert isinstance(raster, Raster) and raster.crs_authid == "EPSG:3857"
+        assert raster.bounds == (1000.0, 1960.0, 1060.0, 2000.0)
+        out, valid = raster.read_window(0, 0, 30, 20)
+        np.testing.assert_array_equal(out, rgb)
+        assert valid.all()
+    assert by_band.name == "layer" and by_band.identity()["path"] == ""
+    assert by_band.identity() == by_pixel.identity()   # same image, same place: same key
+    moved = raster_from_pixels(rgb.tobytes(), 30, 20, 3, "Byte", (0.0, 2.0, 0.0, 0.0, 0.0, -2.0), "EPSG:3857")
+    assert moved.identity()["sha256"] != by_band.identity()["sha256"]
+    by_band.check_unchanged()   # nothing on disk to change
+
+    # 16-bit with an alpha band in the middle and a nodata value.
+    values = noise((3, 10, 10), np.uint16, 100, 5000)
+    values[1, :, :3] = 0          # alpha 0: no data
+    values[0, 9, :] = 7
+    values[2, 9, :] = 7           # nodata in every colour band
+    raster = raster_from_pixels(values, 10, 10, 3, np.uint16, gt, "EPSG:3857", nodata=7, alpha_band=2)
+    assert raster.rgb_bands == (1, 1, 1)      # two colour bands left: the first is repeated
+    out, valid = raster.read_window(0, 0, 10, 10)
+    assert not valid[:, :3].any() and not valid[9].any() and valid[:9, 3:].all()
+    assert out[:, valid].max() == 255
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(data=b"\0" * 599), ["599 bytes", "600 bytes"]),
+    (dict(data=b"\0" * 1200), ["1200 bytes", "600 bytes"]),
+    (dict(dtype="UInt16"), ["1200 bytes"]),
+    (dict(dtype="Complex64"), ["data_type"]),
+    (dict(geotransform=(0.0, 1.0, 0.0, 0.0, 0.0)), ["geotransform", "6"]),
+    (dict(geotransform=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)), ["geotransform"]),
+    (dict(crs=""), ["crs is required"]),
+    (dict(crs="EPSG:0"), ["unknown CRS"]),
+    (dict(width=0), ["width"]),
+    (dict(alpha_band=4), ["alpha_band"]),
+    (dict(interleave="rows"), ["interleave"]),
+])
+def test_raster_from_pixels_rejects_bad_input(kwargs, words):
+    args = dict(data=b"\0" * 600, width=20, height=10, band_count=3, dtype="Byte",
+                geotransform=(0.0, 1.0, 0.0, 0.0, 0.0, -1.0), crs="EPSG:3857")
+    args.update(kwargs)
+    with pytest.raises(RasterError) as error:
+        raster_from_pixels(**args)
+    assert error.value.kind == "invalid_argument"
+    for word in words:
+        assert word in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# CRS helpers, error handling, the wire contract
+# ---------------------------------------------------------------------------------------------
+
+def test_crs_helpers():
+    wgs84 = parse_crs("EPSG:4326")
+    assert wgs84.GetAxisMappingStrategy() == osr.OAMS_TRADITIONAL_GIS_ORDER
+    assert parse_crs(wgs84.ExportToWkt()).IsSame(wgs84)
+    lon0, lat0, lon1, lat1 = transform_bounds((500000.0, 4990000.0, 510000.0, 5000000.0), UTM, wgs84)
+    assert 14.9 < lon0 < lon1 < 15.2 and 45.0 < lat0 < lat1 < 45.2   # longitude first
+    for text in ("", "EPSG:999999", "/etc/passwd", "http://example.com/crs.wkt", "bogus"):
+        with pytest.raises(RasterError) as error:
+            parse_crs(text)
+        assert error.value.kind == "invalid_argument"
+
+
+def test_gdal_exception_setting_is_restored(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a raster")
+    before = gdal.GetUseExceptions(), osr.GetUseExceptions()
+    with pytest.raises(RasterError):
+        open_raster(text)
+    with pytest.raises(RasterError):
+        parse_crs("EPSG:999999")
+    assert (gdal.GetUseExceptions(), osr.GetUseExceptions()) == before
+    # Callers that run with exceptions on keep them on.
+    gdal.UseExceptions()
+    try:
+        with pytest.raises(RasterError):
+            open_raster(text)
+        assert gdal.GetUseExceptions()
+    finally:
+        if not before[0]:
+            gdal.DontUseExceptions()
+
+
+def test_concurrent_readers_and_failures_do_not_disturb_each_other(tmp_path):
+    path = make_tif(tmp_path / "shared.tif", noise((3, 300, 300), np.uint16, 1, 60000), nodata=0)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a raster")
+    with open_raster(path) as raster:
+        expected = [(t.index, rgb.copy()) for t, rgb, _ in raster.iter_tiles_with_pixels(tile_size=64)]
+
+    def read_all(job: int):
+        if job % 2:
+            with pytest.raises(RasterError):
+                open_raster(text)
+            return None
+        with open_raster(path) as own:
+            return [(t.index, rgb) for t, rgb, _ in own.iter_tiles_with_pixels(tile_size=64)]
+
+    before = gdal.GetUseExceptions()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(read_all, range(8)))
+    assert gdal.GetUseExceptions() == before
+    for result in results[::2]:
+        assert [i for i, _ in result] == [i for i, _ in expected]
+        for (_, got), (_, want) in zip(result, expected):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_band_mapping_and_extent_from_wire_messages(tmp_path):
+    pb = pytest.importorskip("backend.rpc.skyprompt_pb2")
+    assert BandMapping.from_message(pb.BandMapping()) == BandMapping()
+    mapping = BandMapping.from_message(pb.BandMapping(red=3, green=2, blue=1, stretch_high_percent=99.5))
+    assert mapping == BandMapping(3, 2, 1, None, 99.5) and mapping.percentiles() == (2.0, 99.5)
+    with open_raster(make_tif(tmp_path / "m.tif", noise((3, 100, 100))), bands=pb.BandMapping(red=3)) as raster:
+        assert raster.rgb_bands == (3, 2, 3)
+        assert raster.window_for_extent(pb.Extent()) == (0, 0, 100, 100)   # unset = whole raster
+        extent = pb.Extent(xmin=500100, ymin=4999000, xmax=500300, ymax=4999500)
+        assert raster.window_for_extent(extent) == (10, 50, 20, 50)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a 20000 x 20000 raster is read tile by tile
+# ---------------------------------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_large_vrt_is_read_by_windows_with_flat_memory(tmp_path):
+    piece = make_tif(tmp_path / "piece.tif", noise((3, 500, 500), np.uint16, 1, 4000), options=["TILED=YES"])
+    repeats = 40   # 40 x 40 copies of the 500-pixel piece: 20000 x 20000 x 3 UInt16 = 2.4 GB of pixels
+    bands = []
+    for band in (1, 2, 3):
+        sources = "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="1">{piece.name}</SourceFilename>'
+            f'<SourceBand>{band}</SourceBand><SrcRect xOff="0" yOff="0" xSize="500" ySize="500"/>'
+            f'<DstRect xOff="{i * 500}" yOff="{j * 500}" xSize="500" ySize="500"/></SimpleSource>'
+            for j in range(repeats) for i in range(repeats))
+        bands.append(f'<VRTRasterBand dataType="UInt16" band="{band}"><NoDataValue>0</NoDataValue>{sources}'
+                     f'</VRTRasterBand>')
+    vrt = tmp_path / "big.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="20000" rasterYSize="20000"><SRS>{UTM}</SRS>'
+                   f'<GeoTransform>500000, 1, 0, 5000000, 0, -1</GeoTransform>{"".join(bands)}</VRTDataset>')
+
+    rss_before = _rss_bytes()
+    tracemalloc.start()
+    try:
+        with open_raster(vrt) as raster:
+            assert (raster.width, raster.height, raster.data_type) == (20000, 20000, "UInt16")
+            assert raster.count_tiles() == math.ceil(20000 / 224) ** 2
+            tiles = raster.iter_tiles_with_pixels(tile_size=224)
+            for _ in range(5):
+                tile, rgb, valid = next(tiles)
+                assert rgb.shape == (3, 224, 224) and valid.all() and rgb.max() > 200
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"Python allocations peaked at {peak / 2**20:.0f} MiB"
+    assert _rss_bytes() - rss_before < 300 * 2**20
