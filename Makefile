@@ -8,13 +8,15 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean
+.PHONY: help setup check-debian proto test bench clean train-default
+TRAIN_STEPS ?= 1600
 
 help:
 	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
 	@echo "make test    run the whole test suite (runs setup first when needed)"
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
+	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
 	@echo "make clean   remove build output (keeps .venv)"
 
 check-debian:
@@ -51,6 +53,14 @@ test: setup
 bench: setup
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	$(PY) -m bench.run
+
+# The default checkpoint: `small` with a conv stem, trained at 128 px on rsscn7 + ucm + aid (the
+# recipe holds out validation splits). Resumable: run it again to continue after an interruption.
+train-default: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --preset small --conv-stem \
+	    --image-size 128 --steps $(TRAIN_STEPS) --batch-size 64 --lr 5e-4 --warmup-steps 100 \
+	    --save-every 50 --keep-last 2 --eval-every 400 --workers 1 --out runs/default \
+	    --export-fp16 runs/default/fp16 --resume
 
 clean:
 	rm -rf build backend/rpc plugin/rpc .pytest_cache
