@@ -14,10 +14,10 @@ from backend.model.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     TokenizerError,
-    read_caption_texts,
     train_tokenizer,
 )
 from training.tokenizer import main as cli_main
+from training.tokenizer import read_caption_texts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"

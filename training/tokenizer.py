@@ -6,12 +6,15 @@ from it and the file is copied into every checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from backend.model.tokenizer import TokenizerError, read_caption_texts, train_tokenizer
+from backend.model.tokenizer import TokenizerError, train_tokenizer
 
 EPILOG = """\
 caption files:
@@ -25,6 +28,57 @@ example:
       --extra-words "storage tanks" "railway station" classes.txt \\
       --vocab-size 8192 --out tokenizer.json
 """
+
+
+
+def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Captions from text files (one a line) and JSONL manifests, blank lines skipped.
+
+    A file ending in .jsonl / .ndjson holds one JSON object a line, whose `captions` (a list of
+    strings) and/or `caption` (a string) are read; objects with neither (unlabelled images) are
+    skipped. Any other file is plain text, one caption a line (e.g. RSICD's *_caps.txt).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a directory; pass caption files (e.g. {path}/*_caps.txt)")
+        # utf-8-sig: tolerate a byte-order mark from files saved on Windows
+        with path.open(encoding="utf-8-sig") as f:
+            try:
+                if path.suffix.lower() in (".jsonl", ".ndjson"):
+                    yield from _manifest_captions(f, path)
+                else:
+                    for line in f:
+                        line = line.strip()
+                        if line:
+                            yield line
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); is it a caption file?") from None
+
+
+def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        captions = record.get("captions", [])
+        if isinstance(captions, str):
+            captions = [captions]
+        caption = record.get("caption")
+        if caption is not None:
+            captions = [*captions, caption]
+        for text in captions:
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: captions must be strings, got {type(text).__name__}")
+            text = text.strip()
+            if text:
+                yield text
 
 
 def build_parser() -> argparse.ArgumentParser:

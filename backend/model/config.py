@@ -5,7 +5,7 @@ which rejects unknown keys and unknown presets with a message that says what to 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 class ConfigError(ValueError):

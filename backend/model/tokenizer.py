@@ -225,56 +225,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     return Tokenizer(backend, source="<freshly trained>")
 
 
-def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Captions from text files (one a line) and JSONL manifests, blank lines skipped.
-
-    A file ending in .jsonl / .ndjson holds one JSON object a line, whose `captions` (a list of
-    strings) and/or `caption` (a string) are read; objects with neither (unlabelled images) are
-    skipped. Any other file is plain text, one caption a line (e.g. RSICD's *_caps.txt).
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise FileNotFoundError(f"{path} is a directory; pass caption files (e.g. {path}/*_caps.txt)")
-        # utf-8-sig: tolerate a byte-order mark from files saved on Windows
-        with path.open(encoding="utf-8-sig") as f:
-            try:
-                if path.suffix.lower() in (".jsonl", ".ndjson"):
-                    yield from _manifest_captions(f, path)
-                else:
-                    for line in f:
-                        line = line.strip()
-                        if line:
-                            yield line
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text ({e.reason}); is it a caption file?") from None
-
-
-def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        captions = record.get("captions", [])
-        if isinstance(captions, str):
-            captions = [captions]
-        caption = record.get("caption")
-        if caption is not None:
-            captions = [*captions, caption]
-        for text in captions:
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: captions must be strings, got {type(text).__name__}")
-            text = text.strip()
-            if text:
-                yield text
-
-
 def _tokenizer_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path / "tokenizer.json" if path.is_dir() else path
