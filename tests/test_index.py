@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend import index as index_module
 from backend.index import TileIndex, TileIndexError, _top_k, raster_identity
 
 REPO = Path(__file__).resolve().parents[1]

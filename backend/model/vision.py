@@ -11,6 +11,8 @@ from torch.utils.checkpoint import checkpoint
 from .config import MaMMUTConfig
 from .layers import EncoderBlock, split_heads
 
+CPU_CHUNK_TOKENS = 1536   # patch tokens per group in CPU inference (see VisionTransformer.forward)
+
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     """Bicubically resample a [1, g*g, C] position embedding to a [1, grid*grid, C] one."""
@@ -71,7 +73,17 @@ class VisionTransformer(nn.Module):
         b, _, h, w = images.shape
         if h % self.patch_size or w % self.patch_size or h != w:
             raise ValueError(f"images must be square with sides a multiple of {self.patch_size} px, got {h}x{w}")
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        step = max(1, CPU_CHUNK_TOKENS // (h // self.patch_size) ** 2)
+        if images.device.type == "cpu" and not torch.is_grad_enabled() and b > step:
+            # CPU inference in groups of images: the same numbers, but activations small enough to
+            # stay in cache and be reused by the allocator instead of faulting in fresh pages per op
+            return torch.cat([self._forward(images[i:i + step]) for i in range(0, b, step)])
+        return self._forward(images)
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = images.shape[-1]
+        # a channels-last convolution output flattens straight into contiguous [B, N, C] tokens
+        x = self.patch_embed(images.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
         x = x + resize_pos_embed(self.pos_embed, h // self.patch_size)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -114,9 +126,14 @@ class AttentionPool(nn.Module):
         return self.proj(self.ln_out(self.out(x)))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, n, c = tokens.shape
-        q = split_heads(self.q(self.ln_q(self.query)).expand(b, -1, -1), self.heads)
-        kv = self.kv(tokens).view(b, n, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
-        pooled = F.scaled_dot_product_attention(q, k, v)                      # [B, h, 1, d]
-        return self.project(pooled[:, :, 0, :])
+        """The same pool as `scores_and_values` + softmax, without a key and value for every token:
+        q.k_j = (Wk^T q).t_j + q.bk, and the q.bk shared by all j cancels in the softmax; and since
+        the weights a_j sum to one, sum_j a_j v_j = Wv (sum_j a_j t_j) + bv."""
+        c = tokens.shape[-1]
+        h, d = self.heads, c // self.heads
+        q = self.q(self.ln_q(self.query)).view(h, d)
+        wk, wv = self.kv.weight.view(2, h, d, c).unbind(0)
+        bv = self.kv.bias.view(2, h, d)[1]
+        scores = tokens @ torch.einsum("hd,hdc->ch", q, wk) / math.sqrt(d)        # [B, N, h]
+        mixed = scores.softmax(1).transpose(1, 2) @ tokens                         # [B, h, C]
+        return self.project(torch.einsum("bhc,hdc->bhd", mixed, wv) + bv)
