@@ -1,0 +1,45 @@
+"""Run SkyPrompt's benchmarks: every `bench/<name>_bench.py` module, or one with `--only <name>`.
+
+A benchmark module has `NAME`, `main(args) -> dict` (prints its tables, writes
+`<results-dir>/<name>.json`) and optionally `add_arguments(parser)` for its own options.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+import bench
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def discover() -> dict[str, str]:
+    """{benchmark name: module name} for every bench/*_bench.py."""
+    return {m.name.removesuffix("_bench"): f"bench.{m.name}"
+            for m in pkgutil.iter_modules(bench.__path__) if m.name.endswith("_bench")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    found = discover()
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(found), help="run only this benchmark")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and sizes (smoke runs; noisier numbers)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where the JSON results go (default: bench/results)")
+    modules = {name: importlib.import_module(mod) for name, mod in sorted(found.items())}
+    for module in modules.values():
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    for name, module in modules.items():
+        if args.only in (None, name):
+            print(f"== {name} benchmark ==", flush=True)
+            module.main(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

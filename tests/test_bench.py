@@ -1,0 +1,71 @@
+"""Smoke test of the model benchmark: `tiny` preset, quick mode, results JSON in a temp dir."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from bench import model_bench
+
+
+def test_model_bench_quick_tiny_writes_results(tmp_path):
+    peers = bool(importlib.util.find_spec("transformers") and importlib.util.find_spec("mammut_pytorch"))
+    model_bench.run(presets=["tiny"], quick=True, peers=peers, results_dir=tmp_path, mfu=False, threads=1,
+                    echo=lambda *a: None)
+    res = json.loads((tmp_path / "model.json").read_text())
+
+    assert {"machine", "settings", "matmul", "encode", "train", "mfu", "targets"} <= set(res)
+    m = res["machine"]
+    assert m["cpu"] and m["cores"] > 0 and m["torch"] and isinstance(m["bf16_supported"], bool)
+    assert res["matmul"]["fp32"]["gflops"] > 0
+
+    models = {"skyprompt", "hf-clip"} if peers else {"skyprompt"}
+    fp32 = {r["model"]: r for r in res["encode"] if r["dtype"] == "fp32" and "images_per_s" in r}
+    assert set(fp32) == models
+    for r in fp32.values():
+        assert r["preset"] == "tiny"
+        assert r["images_per_s"] > 0 and r["gflop_per_image"] > 0 and r["matmul_fraction"] > 0
+    if peers:
+        assert fp32["skyprompt"]["vs_clip"] > 0
+    for r in res["encode"]:
+        if r["dtype"] == "bf16" and not m["bf16_supported"]:
+            assert r["status"] == "not supported on this CPU"
+        elif r["dtype"] == "bf16" and "images_per_s" in r:
+            assert r["cosine_min"] > 0.9
+
+    train = {r["model"]: r for r in res["train"]}
+    assert set(train) == ({"skyprompt", "mammut-pytorch"} if peers else {"skyprompt"})
+    assert all(r["ms_per_step"] > 0 and r["params"] > 0 for r in train.values())
+
+    targets = res["targets"]
+    assert len(targets) == 4 and all(t["result"] in ("PASS", "FAIL", "N/A") for t in targets)
+    assert all(t["result"] == "N/A" for t in targets)           # no `base` preset in this run
+
+
+def test_flop_formulas_match_counted_flops():
+    """The analytic encoder FLOPs and the nanoGPT-style MFU numerator agree with torch's FLOP counter
+    (attention through the math SDPA backend, so its matmuls are counted too)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from backend.model import MaMMUT, MaMMUTLoss, get_preset
+
+    cfg = get_preset("tiny")
+    model = MaMMUT(cfg)
+    images, tokens = model_bench.make_batch(cfg, 2)
+
+    def counted(fn):
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            fn()
+        return counter.get_total_flops() / 2
+
+    with torch.no_grad():
+        enc = counted(lambda: model.encode_image(images))
+    assert abs(model_bench.encoder_flops(cfg, "skyprompt") / enc - 1) < 0.01
+    train = counted(lambda: MaMMUTLoss()(model(images, tokens), tokens)["loss"].backward())
+    assert abs(model_bench.train_flops_per_sample(model) / train - 1) < 0.03
+    if importlib.util.find_spec("transformers"):
+        clip = model_bench.clip_vision(cfg).eval()
+        with torch.no_grad():
+            enc = counted(lambda: clip(pixel_values=images))
+        assert abs(model_bench.encoder_flops(cfg, "hf-clip") / enc - 1) < 0.01
