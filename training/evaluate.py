@@ -198,16 +198,23 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
 def encode_images(model, paths: Sequence[str], device=None, batch_size: int = 64,
                   progress: bool = False) -> torch.Tensor:
     """L2-normalised image embeddings [N, E] (float32, on CPU) of image files."""
+    out = _map_image_batches(model, paths, device, batch_size, progress, "images",
+                             lambda m, x: [m.encode_image(x).float().cpu()])
+    return torch.cat(out)
+
+
+def _map_image_batches(model, paths: Sequence[str], device, batch_size: int, progress: bool, desc: str, fn) -> list:
+    """Load images in batches with the model's eval transform and collect fn(model, batch) over them."""
     model = _unwrap(model)
     dev = _device_of(model, device)
     cfg = model.config
     transform = eval_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
-    out = []
-    with _EvalMode(model), _bar(len(paths), "images", "img", progress) as bar:
+    out: list = []
+    with _EvalMode(model), _bar(len(paths), desc, "img", progress) as bar:
         for batch in _image_batches(paths, transform, batch_size):
-            out.append(model.encode_image(batch.to(dev)).float().cpu())
+            out += fn(model, batch.to(dev))
             bar.update(len(batch))
-    return torch.cat(out)
+    return out
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], device=None, batch_size: int = 256,
@@ -331,17 +338,9 @@ def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=N
 def generate_captions(model, tokenizer, paths: Sequence[str], device=None, batch_size: int = 32,
                       beam_size: int = 1, max_len: int = 24, progress: bool = False) -> list[str]:
     """One generated caption per image file."""
-    model = _unwrap(model)
-    dev = _device_of(model, device)
-    cfg = model.config
-    transform = eval_transform(cfg.image_size, cfg.image_mean, cfg.image_std)
-    out = []
-    with _EvalMode(model), _bar(len(paths), "captioning", "img", progress) as bar:
-        for batch in _image_batches(paths, transform, batch_size):
-            ids = model.caption(batch.to(dev), max_len=max_len, beam_size=beam_size)
-            out += [tokenizer.decode(s) for s in ids]
-            bar.update(len(batch))
-    return out
+    return _map_image_batches(
+        model, paths, device, batch_size, progress, "captioning",
+        lambda m, x: [tokenizer.decode(ids) for ids in m.caption(x, max_len=max_len, beam_size=beam_size)])
 
 
 def evaluate_captions(model, tokenizer, records: Sequence, device=None, batch_size: int = 32,
