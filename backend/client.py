@@ -1,0 +1,340 @@
+"""`python -m backend client ...`: talk to a running SkyPrompt server from the command line.
+
+Human-readable output by default, `--json` for scripts (shapes documented in README). Any error
+exits non-zero with the server's message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from .rpc import skyprompt_pb2 as pb
+from .rpc import skyprompt_pb2_grpc as pb_grpc
+
+SERVER_ENV = "SKYPROMPT_SERVER"
+TOKEN_ENV = "SKYPROMPT_TOKEN"
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class ClientError(Exception):
+    pass
+
+
+def connect(server: str, tls_ca: str | None = None) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    if tls_ca is not None:
+        root = Path(tls_ca).read_bytes() if tls_ca else None
+        return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+    return grpc.insecure_channel(server, options=options)
+
+
+def _metadata(token: str | None):
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _extent(values, crs: str) -> pb.Extent | None:
+    if not values:
+        return None
+    xmin, ymin, xmax, ymax = values
+    return pb.Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs=crs or "")
+
+
+def _box(b) -> list[float]:
+    return [b.xmin, b.ymin, b.xmax, b.ymax]
+
+
+def _source(path: str) -> pb.RasterSource:
+    # the server resolves paths on its own machine: send absolute ones so "./x.tif" means ours
+    return pb.RasterSource(path=os.path.abspath(path))
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_info(stub, args) -> int:
+    info = stub.GetInfo(pb.GetInfoRequest(), metadata=_metadata(args.token), timeout=args.timeout)
+    data = {
+        "server_version": info.server_version, "api_version": info.api_version, "model_name": info.model_name,
+        "model_preset": info.model_preset, "checkpoint_hash": info.checkpoint_hash, "device": info.device,
+        "image_size": info.image_size, "patch_size": info.patch_size, "embed_dim": info.embed_dim,
+        "capabilities": list(info.capabilities),
+        "index": {"rasters": info.index_stats.raster_count, "tiles": info.index_stats.tile_count,
+                  "disk_bytes": info.index_stats.disk_bytes, "ann_active": info.index_stats.ann_active},
+        "default_sao_window": info.default_sao_window.size, "default_tile_overlap": info.default_tile_overlap,
+        "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
+    }
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"SkyPrompt {data['server_version']} ({data['api_version']}) at {args.server}")
+        print(f"model: {data['model_name']} {data['model_preset']} on {data['device']}, "
+              f"{data['image_size']}px tiles, checkpoint {data['checkpoint_hash'][:12]}")
+        print(f"index: {data['index']['rasters']} rasters, {data['index']['tiles']} tiles, "
+              f"{data['index']['disk_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_index(stub, args) -> int:
+    results = []
+    for path in args.rasters:
+        request = pb.IndexRasterRequest(source=_source(path), force=args.force,
+                                        target_resolution=args.resolution or 0.0)
+        if args.overlap is not None:
+            request.tile_overlap = args.overlap
+        bar = None
+        final = None
+        for progress in stub.IndexRaster(request, metadata=_metadata(args.token), timeout=args.timeout):
+            if progress.done:
+                final = progress.result
+            elif not args.json and progress.tiles_total:
+                if bar is None:
+                    from tqdm import tqdm
+                    bar = tqdm(total=progress.tiles_total, desc=os.path.basename(path), unit="tile", file=sys.stderr)
+                bar.update(progress.tiles_done - bar.n)
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+            bar.close()
+        if final is None:
+            raise ClientError(f"the server ended the IndexRaster stream for {path} without a result")
+        outcome = pb.IndexOutcome.Name(final.outcome).removeprefix("INDEX_OUTCOME_").lower()
+        item = {"raster_id": final.raster_id, "raster_path": final.raster_path, "raster_name": final.raster_name,
+                "outcome": outcome, "tile_count": final.tile_count, "tiles_skipped": final.tiles_skipped,
+                "width": final.width, "height": final.height, "band_count": final.band_count,
+                "crs": final.crs.authid or final.crs.wkt, "bounds": _box(final.bounds),
+                "bounds_wgs84": _box(final.bounds_wgs84), "seconds": round(final.seconds, 3)}
+        results.append(item)
+        if not args.json:
+            print(f"{item['raster_name']}: {outcome}, {item['tile_count']} tiles "
+                  f"({item['tiles_skipped']} skipped as empty), id {item['raster_id']}, {item['seconds']:.1f} s")
+    if args.json:
+        _print_json(results)
+    return 0
+
+
+def cmd_search(stub, args) -> int:
+    request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
+                               raster_paths=[os.path.abspath(p) for p in args.raster],
+                               include_thumbnails=bool(args.thumbnails))
+    extent = _extent(args.extent, args.extent_crs)
+    if extent is not None:
+        request.extent.CopyFrom(extent)
+    if args.min_score is not None:
+        request.min_score = args.min_score
+    response = stub.Search(request, metadata=_metadata(args.token), timeout=args.timeout)
+    hits = []
+    for rank, hit in enumerate(response.hits, 1):
+        item = {"rank": rank, "score": round(hit.score, 6), "raster_id": hit.raster_id, "raster_path": hit.raster_path,
+                "raster_name": hit.raster_name, "tile_id": hit.tile_id,
+                "window": [hit.window.x_off, hit.window.y_off, hit.window.width, hit.window.height],
+                "crs": hit.crs.authid or hit.crs.wkt, "bounds": _box(hit.bounds),
+                "bounds_wgs84": _box(hit.bounds_wgs84), "footprint_wkt": hit.footprint_wkt}
+        if args.thumbnails and hit.thumbnail_png:
+            folder = Path(args.thumbnails)
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / f"{rank:03d}_tile{hit.tile_id}.png"
+            target.write_bytes(hit.thumbnail_png)
+            item["thumbnail"] = str(target)
+        hits.append(item)
+    if args.json:
+        _print_json({"query": args.query, "results": hits, "tiles_searched": response.tiles_searched,
+                     "approximate": response.approximate, "seconds": round(response.seconds, 4)})
+    else:
+        print(f"{len(hits)} hits for {args.query!r} among {response.tiles_searched} tiles "
+              f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
+        for h in hits:
+            b = h["bounds"]
+            print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']}  window {h['window']}  "
+                  f"[{b[0]:.2f}, {b[1]:.2f}, {b[2]:.2f}, {b[3]:.2f}] {h['crs']}")
+    return 0
+
+
+def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
+    """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
+    CRS, written to a temporary file first and moved into place, so a failure leaves no half file."""
+    from osgeo import ogr, osr
+
+    ext = Path(path).suffix.lower()
+    drivers = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
+    if ext not in drivers:
+        raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".skyprompt-", suffix=ext, dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    ogr.UseExceptions()
+    written = 0
+    try:
+        ds = ogr.GetDriverByName(drivers[ext]).CreateDataSource(tmp)
+        srs = None
+        if results and results[0].crs.wkt:
+            srs = osr.SpatialReference()
+            srs.ImportFromWkt(results[0].crs.wkt)
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        layer = ds.CreateLayer("skyprompt", srs=srs, geom_type=ogr.wkbPolygon)
+        for name, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
+                           ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
+            layer.CreateField(ogr.FieldDefn(name, kind))
+        layer.StartTransaction()
+        for result in results:
+            for polygon in result.polygons:
+                feature = ogr.Feature(layer.GetLayerDefn())
+                feature.SetField("prompt", result.prompt)
+                feature.SetField("score", float(polygon.score))
+                feature.SetField("max_score", float(polygon.max_score))
+                feature.SetField("area", float(polygon.area))
+                feature.SetField("area_m2", float(polygon.area_m2))
+                feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(polygon.wkb)))
+                layer.CreateFeature(feature)
+                written += 1
+        layer.CommitTransaction()
+        ds = None  # noqa: F841 - closing writes the file
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return written
+
+
+def cmd_segment(stub, args) -> int:
+    request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=args.min_area,
+                                include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
+                                target_resolution=args.resolution or 0.0)
+    extent = _extent(args.extent, args.extent_crs)
+    if extent is not None:
+        request.extent.CopyFrom(extent)
+    if args.threshold is not None:
+        request.threshold = args.threshold
+    if args.window:
+        request.sao_window.size = args.window
+    results = []
+    bar = None
+    for event in stub.Segment(request, metadata=_metadata(args.token), timeout=args.timeout):
+        if event.HasField("result"):
+            results.append(event.result)
+        elif not args.json and event.progress.tiles_total:
+            if bar is None:
+                from tqdm import tqdm
+                bar = tqdm(total=event.progress.tiles_total, desc="segment", unit="tile", file=sys.stderr)
+            bar.update(event.progress.tiles_done - bar.n)
+    if bar is not None:
+        bar.close()
+    written = write_polygons(args.output, results) if args.output else 0
+    if args.relevance_map:
+        stem = Path(args.relevance_map)
+        for r in results:
+            target = stem if len(results) == 1 else stem.with_name(f"{stem.stem}_{r.prompt_index}{stem.suffix}")
+            target.write_bytes(r.relevance_map_tiff)
+    out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
+           "crs": results[0].crs.authid if results else "", "polygons_written": written, "results": [
+               {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
+                "max_relevance": round(r.max_relevance, 6), "dropped_small": r.dropped_small,
+                "polygons": [{"score": round(p.score, 6), "max_score": round(p.max_score, 6), "area": p.area,
+                              "area_m2": p.area_m2, "bounds": _box(p.bounds), "wkt": p.wkt} for p in r.polygons]}
+               for r in results]}
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out["results"]:
+            area = sum(p["area"] for p in r["polygons"])
+            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2, "
+                  f"max relevance {r['max_relevance']:.2f}")
+        if args.output:
+            print(f"wrote {written} polygons to {out['output']} ({out['crs']})")
+    return 0
+
+
+def cmd_caption(stub, args) -> int:
+    request = pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len, beam_size=args.beam)
+    extent = _extent(args.extent, args.extent_crs)
+    if extent is not None:
+        request.extent.CopyFrom(extent)
+    response = stub.Caption(request, metadata=_metadata(args.token), timeout=args.timeout)
+    if args.json:
+        _print_json({"caption": response.caption, "mean_log_prob": response.mean_log_prob,
+                     "extent": _box(response.extent), "crs": response.crs.authid or response.crs.wkt,
+                     "seconds": round(response.seconds, 3)})
+    else:
+        print(response.caption)
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get(SERVER_ENV, "127.0.0.1:50051"),
+                        help=f"host:port of the server (default 127.0.0.1:50051; env {SERVER_ENV})")
+    common.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (env {TOKEN_ENV})")
+    common.add_argument("--tls-ca", nargs="?", const="", default=None, metavar="PEM",
+                        help="use TLS; optionally with this CA certificate (default: system roots)")
+    common.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
+    common.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    extent = argparse.ArgumentParser(add_help=False)
+    extent.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                        help="area to work on (default: the whole raster)")
+    extent.add_argument("--extent-crs", default="", help="CRS of --extent (default: the raster's own CRS)")
+
+    sub = parser.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+    sub.add_parser("info", parents=[common], help="describe the server, its model and index")
+    p = sub.add_parser("index", parents=[common], help="index rasters for search")
+    p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster files (paths as the server sees them)")
+    p.add_argument("--force", action="store_true", help="re-index even if unchanged")
+    p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
+    p.add_argument("--resolution", type=float, default=None, help="ground resolution to tile at (map units/pixel)")
+    p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")
+    p.add_argument("query", help="what to look for, e.g. \"tennis courts\"")
+    p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--raster-id", action="append", default=[], help="only this raster id (repeatable)")
+    p.add_argument("--raster", action="append", default=[], help="only this raster path (repeatable)")
+    p.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
+                   help="only tiles intersecting this box")
+    p.add_argument("--extent-crs", default="", help="CRS of --extent (default EPSG:4326 lon/lat)")
+    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR")
+    p = sub.add_parser("segment", parents=[common, extent], help="turn prompts into polygons")
+    p.add_argument("--raster", required=True, help="raster file")
+    p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
+    p.add_argument("--output", default=None, help="write polygons to this .gpkg or .geojson (raster's CRS)")
+    p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (map units^2)")
+    p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
+    p.add_argument("--resolution", type=float, default=None, help="work at this ground resolution")
+    p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
+    p = sub.add_parser("caption", parents=[common, extent], help="describe an area in words")
+    p.add_argument("--raster", required=True, help="raster file")
+    p.add_argument("--max-len", type=int, default=32, help="most tokens (default 32)")
+    p.add_argument("--beam", type=int, default=3, help="beam width (default 3; 1 = greedy)")
+
+
+def run_client(args: argparse.Namespace) -> int:
+    try:
+        channel = connect(args.server, args.tls_ca)
+    except OSError as e:
+        print(f"skyprompt client: cannot read --tls-ca: {e}", file=sys.stderr)
+        return 2
+    with channel:
+        stub = pb_grpc.SkyPromptStub(channel)
+        try:
+            return COMMANDS[args.client_command](stub, args)
+        except grpc.RpcError as e:
+            code = e.code()
+            detail = e.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in detail.lower() or "unavailable" in detail.lower()):
+                detail += f" (is the server running at {args.server}? start it with: python -m backend serve)"
+            print(f"skyprompt client: {code.name}: {detail}", file=sys.stderr)
+            return 1
+        except (ClientError, OSError, RuntimeError) as e:
+            print(f"skyprompt client: {e}", file=sys.stderr)
+            return 1

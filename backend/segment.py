@@ -1,0 +1,311 @@
+"""Prompt to polygons: SAO relevance maps over an extent -> mask -> GDAL Polygonize -> clean polygons.
+
+The extent is read once at the working resolution, cut into model-sized tiles with overlap, and
+each tile's patch-grid relevance is upsampled to pixels and blended into one map with weights that
+fall off towards tile edges, so a region that straddles a seam gets one smooth value and one
+polygon instead of two halves.
+
+Relevance in 0..1: the cosine similarities of a position to the prompts (and to a few generic
+"background" texts) are turned into probabilities with the model's own temperature, a softmax over
+{prompts, background}. A position is relevant to a prompt when that prompt wins against the
+others and against "just ground", so the same threshold means the same thing for any prompt; raw
+cosines of a contrastive model sit in a narrow band that differs from prompt to prompt.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from osgeo import gdal, ogr, osr
+from shapely import wkb as shapely_wkb
+from shapely.geometry import Polygon
+from shapely.validation import make_valid
+
+from .engine import EngineError
+from .raster import Raster, _gdal_exceptions
+
+# Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
+BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_SAO_WINDOW = 5      # patches; see the localization ablation in the README
+
+
+@dataclass
+class PolygonResult:
+    geometry: Polygon            # in the raster's CRS
+    score: float                 # mean relevance inside
+    max_score: float
+    area: float                  # map units squared
+    area_m2: float               # geodesic, 0 when unknown
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    index: int
+    polygons: list[PolygonResult]
+    max_relevance: float
+    dropped_small: int
+    relevance: np.ndarray | None = None      # float32 [H, W] when asked for
+
+
+@dataclass
+class SegmentOutput:
+    results: list[PromptResult]
+    extent: tuple[float, float, float, float]    # processed extent in the raster's CRS
+    geotransform: tuple[float, ...]
+    crs_wkt: str
+    shape: tuple[int, int]                       # (height, width) of the working grid
+    tiles: int = 0
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Tile starts along one axis of `length` pixels: step tile*(1-overlap), last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    step = max(1, int(round(tile * (1.0 - overlap))))
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_weights(size: int) -> np.ndarray:
+    """[size, size] weights: 1 in the middle, falling linearly to a small floor at the edges.
+
+    Pixels near a tile's border see less context, so where tiles overlap the one in whose middle
+    the pixel lies dominates; the floor keeps pixels covered by one tile only well defined.
+    """
+    ramp = np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / (size / 2.0)
+    ramp = np.clip(ramp, 0.05, 1.0).astype(np.float32)
+    return np.outer(ramp, ramp)
+
+
+def relevance_probabilities(cosines: torch.Tensor, n_prompts: int, logit_scale: float) -> torch.Tensor:
+    """[N, P + B, G, G] cosines (prompts first, then background) -> [N, P, G, G] probabilities."""
+    return (cosines * logit_scale).softmax(dim=1)[:, :n_prompts]
+
+
+def relevance_map(rgb: np.ndarray, valid: np.ndarray, text_embeddings: np.ndarray, n_prompts: int, engine,
+                  window: int, sigma: float, overlap: float,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, int]:
+    """Blended relevance [P, H, W] (0..1) of an RGB array [3, H, W] to the first n_prompts texts."""
+    _, height, width = rgb.shape
+    size = engine.image_size
+    ys, xs = tile_starts(height, size, overlap), tile_starts(width, size, overlap)
+    total = len(ys) * len(xs)
+    weights = blend_weights(size)
+    acc = np.zeros((n_prompts, height, width), np.float32)
+    wsum = np.zeros((height, width), np.float32)
+    positions = [(y, x) for y in ys for x in xs]
+    batch = 16
+    done = 0
+    for start in range(0, total, batch):
+        if cancelled():
+            raise EngineError("cancelled", "the request was cancelled")
+        chunk = positions[start:start + batch]
+        tiles = np.zeros((len(chunk), 3, size, size), np.uint8)
+        for i, (y, x) in enumerate(chunk):
+            piece = rgb[:, y:y + size, x:x + size]
+            tiles[i, :, :piece.shape[1], :piece.shape[2]] = piece
+        cos = engine.relevance(tiles, text_embeddings, window, sigma, cancelled=cancelled)
+        probs = relevance_probabilities(torch.from_numpy(cos), n_prompts, engine.logit_scale)
+        # bilinear upsampling of the patch grid to pixels (align_corners=False: patch centres)
+        up = F.interpolate(probs, size=(size, size), mode="bilinear", align_corners=False).numpy()
+        for i, (y, x) in enumerate(chunk):
+            h, w = min(size, height - y), min(size, width - x)
+            acc[:, y:y + h, x:x + w] += up[i, :, :h, :w] * weights[:h, :w]
+            wsum[y:y + h, x:x + w] += weights[:h, :w]
+        done += len(chunk)
+        if progress:
+            progress(done, total)
+    relevance = acc / np.maximum(wsum, 1e-6)
+    relevance[:, ~valid] = 0.0
+    return relevance, total
+
+
+# ---- polygons ---------------------------------------------------------------------------------
+
+def _mem_raster(array: np.ndarray, geotransform, srs: osr.SpatialReference, gdal_type) -> gdal.Dataset:
+    ds = gdal.GetDriverByName("MEM").Create("", array.shape[1], array.shape[0], 1, gdal_type)
+    ds.SetGeoTransform(tuple(geotransform))
+    ds.SetSpatialRef(srs)
+    ds.GetRasterBand(1).WriteArray(array)
+    return ds
+
+
+def polygonize(mask: np.ndarray, geotransform, srs: osr.SpatialReference) -> tuple[list[Polygon], np.ndarray]:
+    """Connected regions of a boolean mask as polygons in map coordinates, plus a label image
+    (0 = outside, i + 1 = polygon i) used to score each polygon."""
+    if not mask.any():
+        return [], np.zeros(mask.shape, np.int32)
+    with _gdal_exceptions():
+        src = _mem_raster(mask.astype(np.uint8), geotransform, srs, gdal.GDT_Byte)
+        band = src.GetRasterBand(1)
+        vector = ogr.GetDriverByName("Memory").CreateDataSource(f"polygons-{uuid.uuid4().hex}")
+        layer = vector.CreateLayer("polygons", srs=srs, geom_type=ogr.wkbPolygon)
+        layer.CreateField(ogr.FieldDefn("value", ogr.OFTInteger))
+        # the band is its own mask: only the True regions become polygons; 8-connected so a
+        # diagonal chain of pixels stays one region
+        gdal.Polygonize(band, band, layer, 0, ["8CONNECTED=8"])
+        polygons = []
+        for feature in layer:
+            polygons.append(shapely_wkb.loads(bytes(feature.GetGeometryRef().ExportToWkb())))
+        labels = _mem_raster(np.zeros(mask.shape, np.int32), geotransform, srs, gdal.GDT_Int32)
+        layer.ResetReading()
+        # burn FID + 1 so every polygon's own pixels can be found again
+        layer.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+        for i, feature in enumerate(layer):
+            feature.SetField("label", i + 1)
+            layer.SetFeature(feature)
+        gdal.RasterizeLayer(labels, [1], layer, options=["ATTRIBUTE=label"])
+        label_image = labels.GetRasterBand(1).ReadAsArray()
+    return polygons, label_image
+
+
+def clean_polygon(geometry, tolerance: float) -> list[Polygon]:
+    """make_valid, simplify (topology preserved), make_valid again; Polygon parts only."""
+    geometry = make_valid(geometry)
+    if tolerance > 0:
+        geometry = make_valid(geometry.simplify(tolerance, preserve_topology=True))
+    parts = []
+    stack = [geometry]
+    while stack:
+        g = stack.pop()
+        if isinstance(g, Polygon):
+            if not g.is_empty and g.area > 0:
+                parts.append(g)
+        elif hasattr(g, "geoms"):
+            stack.extend(g.geoms)
+    return parts
+
+
+_AUTHALIC_RADIUS = 6371007.181  # metres: the sphere with the WGS84 ellipsoid's area
+
+
+def geodesic_area_m2(geometry: Polygon, to_wgs84: osr.CoordinateTransformation | None) -> float:
+    """Area on the authalic sphere of WGS84 (within ~0.5% of the ellipsoidal area), 0 if unknown."""
+    if to_wgs84 is None:
+        return 0.0
+
+    def ring_area(coords) -> float:
+        pts = np.asarray(to_wgs84.TransformPoints([c[:2] for c in coords]), float)[:, :2]
+        if not np.isfinite(pts).all():
+            raise ValueError("not transformable")
+        lon, lat = np.radians(pts[:, 0]), np.radians(pts[:, 1])
+        # spherical polygon area by the trapezoid rule on (lon, sin lat): exact for a sphere
+        # along parallels, accurate for the short edges of pixel polygons
+        s = np.sum((lon[1:] - lon[:-1]) * (2 + np.sin(lat[:-1]) + np.sin(lat[1:])))
+        return abs(s) * _AUTHALIC_RADIUS ** 2 / 2.0
+
+    try:
+        with _gdal_exceptions():
+            area = ring_area(geometry.exterior.coords) - sum(ring_area(r.coords) for r in geometry.interiors)
+    except (RuntimeError, ValueError):
+        return 0.0
+    return max(area, 0.0)
+
+
+def wgs84_transform(srs: osr.SpatialReference) -> osr.CoordinateTransformation | None:
+    wgs = osr.SpatialReference()
+    wgs.ImportFromEPSG(4326)
+    wgs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    try:
+        with _gdal_exceptions():
+            return osr.CoordinateTransformation(srs, wgs)
+    except RuntimeError:
+        return None
+
+
+def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, srs: osr.SpatialReference,
+                        threshold: float, min_area: float, tolerance: float,
+                        to_wgs84: osr.CoordinateTransformation | None) -> tuple[list[PolygonResult], int]:
+    """Polygons where relevance >= threshold, scored, cleaned, small ones dropped (and counted)."""
+    mask = (relevance >= threshold) & valid
+    raw, labels = polygonize(mask, geotransform, srs)
+    if not raw:
+        return [], 0
+    flat_labels = labels.ravel()
+    flat_rel = relevance.ravel()
+    counts = np.bincount(flat_labels, minlength=len(raw) + 1)
+    sums = np.bincount(flat_labels, weights=flat_rel, minlength=len(raw) + 1)
+    maxima = np.zeros(len(raw) + 1, np.float64)
+    np.maximum.at(maxima, flat_labels, flat_rel)
+    results, dropped = [], 0
+    for i, geometry in enumerate(raw):
+        label = i + 1
+        score = float(sums[label] / counts[label]) if counts[label] else float(relevance[mask].mean())
+        top = float(maxima[label]) if counts[label] else score
+        for part in clean_polygon(geometry, tolerance):
+            if min_area > 0 and part.area < min_area:
+                dropped += 1
+                continue
+            results.append(PolygonResult(part, score, top, float(part.area), geodesic_area_m2(part, to_wgs84)))
+    results.sort(key=lambda r: (-r.score, -r.area))
+    return results, dropped
+
+
+def relevance_geotiff(relevance: np.ndarray, geotransform, srs: osr.SpatialReference) -> bytes:
+    """A single-band Float32 GeoTIFF (DEFLATE) of a relevance map, as bytes."""
+    name = f"/vsimem/skyprompt-relevance-{uuid.uuid4().hex}.tif"
+    with _gdal_exceptions():
+        src = _mem_raster(relevance.astype(np.float32), geotransform, srs, gdal.GDT_Float32)
+        out = gdal.GetDriverByName("GTiff").CreateCopy(name, src, options=["COMPRESS=DEFLATE", "PREDICTOR=3"])
+        out = None  # noqa: F841 - closing flushes the file
+        handle = gdal.VSIFOpenL(name, "rb")
+        try:
+            gdal.VSIFSeekL(handle, 0, 2)
+            size = gdal.VSIFTellL(handle)
+            gdal.VSIFSeekL(handle, 0, 0)
+            data = gdal.VSIFReadL(1, size, handle)
+        finally:
+            gdal.VSIFCloseL(handle)
+            gdal.Unlink(name)
+    return bytes(data)
+
+
+def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, threshold: float = DEFAULT_THRESHOLD,
+            min_area: float = 0.0, simplify_tolerance: float | None = None, window: int = DEFAULT_SAO_WINDOW,
+            sigma: float = 0.0, target_resolution: float | None = None, overlap: float = 0.25,
+            max_pixels: int = 4096 * 4096, keep_relevance: bool = False,
+            progress: Callable[[str, int, int], None] | None = None,
+            cancelled: Callable[[], bool] = lambda: False) -> SegmentOutput:
+    """Polygons for each prompt over `extent` of `raster` (see the module docstring)."""
+    if progress:
+        progress("reading", 0, 0)
+    rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
+    height, width = valid.shape
+    srs = raster.srs
+    texts = list(prompts) + list(BACKGROUND_PROMPTS)
+    text_embeddings = engine.embed_texts(texts, cancelled=cancelled)
+    rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
+                               progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
+                               cancelled=cancelled)
+    if progress:
+        progress("polygonizing", tiles, tiles)
+    pixel = math.hypot(gt[1], gt[4])
+    tolerance = pixel if simplify_tolerance is None else float(simplify_tolerance)
+    to_wgs84 = wgs84_transform(srs)
+    results = []
+    for i, prompt in enumerate(prompts):
+        if cancelled():
+            raise EngineError("cancelled", "the request was cancelled")
+        polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84)
+        results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
+                                    rel[i] if keep_relevance else None))
+    xs = [gt[0], gt[0] + gt[1] * width + gt[2] * height, gt[0] + gt[1] * width, gt[0] + gt[2] * height]
+    ys = [gt[3], gt[3] + gt[4] * width + gt[5] * height, gt[3] + gt[4] * width, gt[3] + gt[5] * height]
+    return SegmentOutput(results, (min(xs), min(ys), max(xs), max(ys)), tuple(gt), raster.crs_wkt,
+                         (height, width), tiles)
+
+
+__all__ = ["segment", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
+           "tile_starts", "relevance_geotiff", "BACKGROUND_PROMPTS", "DEFAULT_SAO_WINDOW", "DEFAULT_THRESHOLD",
+           "SegmentOutput", "PromptResult", "PolygonResult"]

@@ -1,0 +1,222 @@
+"""`python -m backend serve`: the SkyPrompt gRPC server.
+
+Binds to loopback by default. Off loopback a token is required (the server refuses to start
+without one), and it is worth adding TLS. Health (grpc.health.v1) answers without a token so
+launchers can wait for the server; every other call needs `authorization: Bearer <token>` when a
+token is set. SIGINT/SIGTERM: health goes NOT_SERVING, new calls are refused with UNAVAILABLE,
+in-flight calls get a grace period and are then cancelled, and the index is closed cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .engine import BUNDLED_CHECKPOINT, EngineError, ModelEngine
+from .index import TileIndex, TileIndexError
+from .rpc import skyprompt_pb2 as pb
+from .rpc import skyprompt_pb2_grpc as pb_grpc
+from .segment import DEFAULT_SAO_WINDOW
+from .service import SERVICE_NAME, Limits, SkyPromptService
+
+log = logging.getLogger("skyprompt.server")
+
+TOKEN_ENV = "SKYPROMPT_TOKEN"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+GRACE_S = 10.0
+
+
+def default_data_dir() -> Path:
+    """$SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, else ~/.local/share/skyprompt."""
+    if os.environ.get("SKYPROMPT_DATA_DIR"):
+        return Path(os.environ["SKYPROMPT_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "skyprompt"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects calls without `authorization: Bearer <token>` (health checks excepted)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(HEALTH_PREFIX):
+            return continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if isinstance(given, str):
+            given = given.encode()
+        if hmac.compare_digest(given, self._expected):
+            return continuation(details)
+        handler = continuation(details)
+        message = ("missing or wrong token: send the metadata 'authorization: Bearer <token>' with the token the "
+                   "server was started with (client: --token or $SKYPROMPT_TOKEN)")
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny, handler.request_deserializer)
+        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer)
+
+
+class Server:
+    """The model, the index and the gRPC server, started and stopped together."""
+
+    def __init__(self, checkpoint=None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
+                 data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
+                 workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None):
+        if not is_loopback(host) and not token:
+            raise SystemExit(f"refusing to listen on {host}: off loopback a token is required "
+                             f"(--token or ${TOKEN_ENV}); add TLS too (--tls-cert/--tls-key)")
+        if not is_loopback(host) and not allowed_roots:
+            log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
+        if bool(tls_cert) != bool(tls_key):
+            raise SystemExit("give both --tls-cert and --tls-key, or neither")
+        self.limits = limits or Limits()
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.engine = ModelEngine(checkpoint, device)
+        try:
+            self.index = TileIndex(self.data_dir / "index")
+        except BaseException:
+            self.engine.stop()
+            raise
+        self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
+                                        limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
+                                        auth=bool(token))
+        self.health = health.HealthServicer()
+        limit = self.limits.max_message_bytes
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        interceptors = [TokenInterceptor(token)] if token else []
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="skyprompt-rpc"),
+                                       options=options, interceptors=interceptors,
+                                       maximum_concurrent_rpcs=workers * 4)
+        pb_grpc.add_SkyPromptServicer_to_server(self.service, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        names = (pb.DESCRIPTOR.services_by_name["SkyPrompt"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.grpc_server)
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        try:
+            if tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+                self.port = self.grpc_server.add_secure_port(address, creds)
+            else:
+                self.port = self.grpc_server.add_insecure_port(address)
+        except (RuntimeError, OSError) as e:
+            self._close_resources()
+            raise SystemExit(f"cannot listen on {address}: {e}; is another server using the port? try --port") from None
+        self.address = f"{host}:{self.port}"
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SkyPrompt server listening on %s (model %s on %s, checkpoint %s, data %s)", self.address,
+                 self.engine.config.preset, self.engine.device, self.engine.checkpoint_hash[:12], self.data_dir)
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.stopping.set()   # new calls: UNAVAILABLE; running ones see cancellation
+        self.grpc_server.stop(grace).wait()
+        self._close_resources()
+        log.info("SkyPrompt server stopped")
+
+    def _close_resources(self) -> None:
+        self.engine.stop()
+        self.index.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    parser.add_argument("--checkpoint", default=None,
+                        help=f"checkpoint directory (default: the bundled one, {BUNDLED_CHECKPOINT})")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: a GPU when present)")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"where the tile index lives (default {default_data_dir()}; env SKYPROMPT_DATA_DIR)")
+    parser.add_argument("--allow-root", action="append", default=[], metavar="PATH",
+                        help="only open rasters under this folder (repeatable); default: any local path")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"require this bearer token on every call (env {TOKEN_ENV}); required off loopback")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
+    parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
+                        help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
+    parser.add_argument("--port-file", default=None,
+                        help="write the bound port to this file once serving (for launchers using --port 0)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+                        data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
+                        sao_window=args.sao_window)
+    except (EngineError, TileIndexError) as e:
+        print(f"skyprompt serve: {e}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.start()
+    if args.port_file:
+        tmp = f"{args.port_file}.tmp"
+        Path(tmp).write_text(str(server.port))
+        os.replace(tmp, args.port_file)
+    print(f"SkyPrompt serving on {server.address}", flush=True)
+    while not done.wait(0.5):
+        pass
+    server.stop()
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

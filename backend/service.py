@@ -1,0 +1,610 @@
+"""The skyprompt.v1.SkyPrompt gRPC service: requests checked, work done, errors mapped to status codes.
+
+Every handler validates its request first (INVALID_ARGUMENT with the field named), then does its
+work through the shared `ModelEngine` (batched model queue) and `TileIndex`. Exceptions of the
+backend's own kinds (RasterError, TileIndexError, EngineError) become the gRPC status their
+`kind` names; anything else is a bug and becomes INTERNAL with what failed. The server keeps
+serving after every error.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from functools import wraps
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from .engine import EngineError, ModelEngine
+from .index import TileIndex, TileIndexError
+from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
+from .rpc import skyprompt_pb2 as pb
+from .rpc import skyprompt_pb2_grpc as pb_grpc
+from .segment import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, relevance_geotiff, segment
+
+log = logging.getLogger("skyprompt.server")
+
+SERVICE_NAME = "skyprompt.v1.SkyPrompt"
+API_VERSION = "skyprompt.v1"
+DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
+DEFAULT_SEGMENT_OVERLAP = 0.25   # segmentation tiles overlap so seams can be blended away
+DEFAULT_MIN_VALID = 0.5
+INDEX_BATCH = 32                 # tiles read ahead and embedded together
+PROGRESS_INTERVAL_S = 0.25       # at most four progress messages a second
+
+_STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "aborted": grpc.StatusCode.ABORTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "cancelled": grpc.StatusCode.CANCELLED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def server_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("skyprompt")
+    except Exception:  # noqa: BLE001 - running from a source tree without installing
+        return "0.1.0"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 1000
+    max_k: int = 1000
+    max_pixel_source_side: int = 8192
+    max_message_bytes: int = 256 * 1024 * 1024   # a full-size 8192^2 RGBA pixel source fits
+    max_prompts: int = 16
+    max_texts: int = 256
+    max_extent_pixels: int = 4096 * 4096
+    max_thumbnail_side: int = 512
+    max_beam_size: int = 8
+
+    def message(self) -> pb.Limits:
+        return pb.Limits(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+
+class RequestError(Exception):
+    """A request that fails validation; `kind` names the gRPC status."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError("invalid_argument", message)
+
+
+def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    kind = getattr(error, "kind", None)
+    if isinstance(error, (RequestError, RasterError, TileIndexError, EngineError)) and kind in _STATUS:
+        return _STATUS[kind], str(error)
+    log.exception("internal error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}"
+
+
+def _abort(context: grpc.ServicerContext, error: BaseException):
+    code, message = _status_for(error)
+    if code == grpc.StatusCode.CANCELLED and not context.is_active():
+        return  # the client is gone: nobody to tell
+    context.abort(code, message)
+
+
+def unary(method):
+    @wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never a dead server
+            if isinstance(error, grpc.RpcError):
+                raise
+            _abort(context, error)
+    return handler
+
+
+def streaming(method):
+    @wraps(method)
+    def handler(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as error:  # noqa: BLE001
+            if isinstance(error, grpc.RpcError):
+                raise
+            _abort(context, error)
+    return handler
+
+
+# ---- request checking ---------------------------------------------------------------------------
+
+def check_text(field: str, text: str, limits: Limits) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise _bad(f"{field} is empty; give a few words describing what to find, e.g. \"parking lots\"")
+    if len(text) > limits.max_prompt_chars:
+        raise _bad(f"{field} is {len(text)} characters long; the limit is {limits.max_prompt_chars}: shorten it")
+    if "\x00" in text:
+        raise _bad(f"{field} contains a NUL character; send plain text")
+    return text.strip()
+
+
+def extent_parts(message) -> tuple | None:
+    """An Extent message as (xmin, ymin, xmax, ymax, crs), or None when unset / all zero."""
+    if message is None:
+        return None
+    values = (message.xmin, message.ymin, message.xmax, message.ymax)
+    if not message.crs and all(v == 0 for v in values):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        raise _bad(f"extent {values} has a coordinate that is not a finite number")
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is degenerate or inverted: "
+                   f"xmin must be < xmax and ymin < ymax")
+    if message.crs:
+        parse_crs(message.crs)  # an unknown CRS fails here, with its own message
+    return (*values, message.crs)
+
+
+def _overlap(value: float | None, default: float, field: str) -> float:
+    if value is None:
+        return default
+    if not (math.isfinite(value) and 0.0 <= value < 0.9):
+        raise _bad(f"{field} {value} is out of range: give a fraction of the tile side in [0, 0.9)")
+    return float(value)
+
+
+def _resolution(value: float, field: str = "target_resolution") -> float | None:
+    if not math.isfinite(value) or value < 0:
+        raise _bad(f"{field} {value} must be 0 (native resolution) or a positive ground size in map units per pixel")
+    return value or None
+
+
+def _crs_message(raster: Raster) -> pb.Crs:
+    return pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
+
+
+def _box(values) -> pb.BoundingBox | None:
+    if values is None:
+        return None
+    return pb.BoundingBox(xmin=values[0], ymin=values[1], xmax=values[2], ymax=values[3])
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).save(out, format="PNG")
+    return out.getvalue()
+
+
+class _Progress:
+    """Throttles progress messages to a few per second (the first and forced ones always go)."""
+
+    def __init__(self):
+        self._last = 0.0
+
+    def due(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._last >= PROGRESS_INTERVAL_S:
+            self._last = now
+            return True
+        return False
+
+
+# ---- the service -----------------------------------------------------------------------------
+
+class SkyPromptService(pb_grpc.SkyPromptServicer):
+    def __init__(self, engine: ModelEngine, index: TileIndex, allowed_roots: list[str] | None = None,
+                 limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
+                 auth: bool = False, io_threads: int = 4):
+        self.engine = engine
+        self.index = index
+        self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
+        self.limits = limits or Limits()
+        self.sao_window = sao_window
+        self.tls = tls
+        self.auth = auth
+        self.io_threads = max(1, io_threads)
+        self.stopping = threading.Event()
+
+    # -- shared pieces --
+    def _cancelled(self, context) -> "callable":
+        return lambda: self.stopping.is_set() or not context.is_active()
+
+    def _check_serving(self) -> None:
+        if self.stopping.is_set():
+            raise RequestError("unavailable", "the server is shutting down; retry later")
+
+    def _open(self, source, bands_message) -> Raster:
+        bands = BandMapping.from_message(bands_message) if bands_message is not None else None
+        kind = source.WhichOneof("kind") if source is not None else None
+        if kind is None:
+            raise _bad("source is not set: give a raster path or pixels")
+        if kind == "path":
+            return open_raster(source.path, bands=bands, allowed_roots=self.allowed_roots)
+        pixels = source.pixels
+        side = self.limits.max_pixel_source_side
+        if pixels.width > side or pixels.height > side:
+            raise RequestError("resource_exhausted", f"pixel source is {pixels.width} x {pixels.height} pixels; the "
+                                                     f"limit is {side} a side: send a smaller view or a coarser render")
+        if pixels.data_type == pb.DATA_TYPE_UNSPECIFIED:
+            raise _bad("pixel source data_type is not set; give e.g. DATA_TYPE_UINT8")
+        if len(pixels.label) > 256:
+            raise _bad(f"pixel source label is {len(pixels.label)} characters; the limit is 256")
+        return raster_from_pixels(pixels.data, pixels.width, pixels.height, pixels.band_count, int(pixels.data_type),
+                                  list(pixels.geotransform), pixels.crs,
+                                  nodata=pixels.nodata if pixels.HasField("nodata") else None,
+                                  alpha_band=pixels.alpha_band, interleave=int(pixels.interleave), bands=bands,
+                                  label=pixels.label)
+
+    @staticmethod
+    def _identity(raster: Raster) -> dict:
+        identity = raster.identity()
+        if not identity["path"]:
+            identity = {"path": f"pixels:{identity['sha256']}", "size": 0, "mtime_ns": 0}
+        return identity
+
+    # -- GetInfo --
+    @unary
+    def GetInfo(self, request, context):
+        cfg = self.engine.config
+        stats = self.index.stats(self.engine.checkpoint_hash)
+        capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
+                        "thumbnails", "ann"]
+        if self.tls:
+            capabilities.append("tls")
+        if self.auth:
+            capabilities.append("auth")
+        return pb.ServerInfo(
+            server_version=server_version(), api_version=API_VERSION, model_name="MaMMUT",
+            model_preset=cfg.preset or "custom", checkpoint_hash=self.engine.checkpoint_hash,
+            device=str(self.engine.device), image_size=cfg.image_size, patch_size=cfg.patch_size,
+            embed_dim=cfg.embed_dim, text_context_length=cfg.context_length, capabilities=capabilities,
+            index_stats=pb.IndexStats(raster_count=stats["rasters"], tile_count=stats["tiles"],
+                                      disk_bytes=stats["bytes"], ann_active=bool(stats.get("ann_active"))),
+            default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
+            limits=self.limits.message())
+
+    # -- IndexRaster --
+    @streaming
+    def IndexRaster(self, request, context):
+        self._check_serving()
+        started = time.monotonic()
+        cancelled = self._cancelled(context)
+        overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
+                           DEFAULT_TILE_OVERLAP, "tile_overlap")
+        resolution = _resolution(request.target_resolution)
+        min_valid = request.min_valid_fraction or DEFAULT_MIN_VALID
+        if not (0.0 <= min_valid <= 1.0):
+            raise _bad(f"min_valid_fraction {request.min_valid_fraction} must be in [0, 1]")
+        extent = extent_parts(request.extent) if request.HasField("extent") else None
+        yield pb.IndexProgress(stage=pb.INDEX_STAGE_OPENING, message="opening the raster")
+        raster = self._open(request.source, request.bands if request.HasField("bands") else None)
+        with raster:
+            size = self.engine.image_size
+            settings = {"tile_size": size, "overlap": overlap, "target_resolution": resolution,
+                        "min_valid_fraction": min_valid, "bands": list(raster.rgb_bands),
+                        "stretch": list(raster.bands.percentiles()) if raster.bands.stretch_requested else None,
+                        "extent": list(extent) if extent else None}
+            identity = self._identity(raster)
+            state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
+            total = raster.count_tiles(size, overlap, resolution, extent)
+            if state == "unchanged" and not request.force:
+                entry = self.index.raster_by_path(identity["path"])
+                yield self._index_done(raster, entry, pb.INDEX_OUTCOME_UNCHANGED, started, total,
+                                       f"{raster.name} is already indexed with this model; nothing to do")
+                return
+            yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_total=total,
+                                   message=f"embedding {total} tiles of {raster.name}")
+            meta = {"name": raster.name, "crs_authid": raster.crs_authid, "crs_wkt": raster.crs_wkt,
+                    "width": raster.width, "height": raster.height, "band_count": raster.band_count,
+                    "bounds": raster.bounds, "bounds_wgs84": raster.bounds_wgs84}
+            kept = 0
+            throttle = _Progress()
+            writer = self.index.writer(identity, self.engine.checkpoint_hash, settings, meta, self.engine.embed_dim)
+            try:
+                for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
+                                                            cancelled):
+                    if tiles:
+                        embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled)
+                        writer.add([_tile_dict(t) for t in tiles], embeddings)
+                        kept += len(tiles)
+                    if cancelled():
+                        raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
+                    if throttle.due():
+                        yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_done=seen, tiles_total=total,
+                                               tiles_skipped=seen - kept,
+                                               message=f"embedding tiles {seen}/{total}")
+                raster.check_unchanged()
+                writer.meta["tiles_skipped"] = total - kept
+                yield pb.IndexProgress(stage=pb.INDEX_STAGE_WRITING, tiles_done=total, tiles_total=total,
+                                       tiles_skipped=total - kept, message=f"writing {kept} tiles to the index")
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            outcome = pb.INDEX_OUTCOME_INDEXED if state == "new" and not writer.replaced else pb.INDEX_OUTCOME_REPLACED
+            entry = self.index.raster(writer.raster_id)
+            log.info("indexed %s: %d tiles (%d skipped) in %.1f s", raster.name, kept, total - kept,
+                     time.monotonic() - started)
+            yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
+
+    def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, cancelled):
+        """Yield (tiles, pixels, tiles seen so far) in batches, read by a background thread, so
+        GDAL reads of the next batch overlap with embedding this one."""
+        tile_iter = raster.iter_tiles_with_pixels(size, overlap, resolution, extent, min_valid)
+        plan_total = raster.count_tiles(size, overlap, resolution, extent)
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def reader():
+            try:
+                tiles, pixels = [], []
+                last_index = -1
+                for tile, rgb, _valid in tile_iter:
+                    if stop.is_set():
+                        return
+                    tiles.append(tile)
+                    pixels.append(rgb)
+                    last_index = tile.index
+                    if len(tiles) == INDEX_BATCH:
+                        batches.put(("batch", tiles, pixels, last_index + 1))
+                        tiles, pixels = [], []
+                batches.put(("batch", tiles, pixels, plan_total))
+                batches.put(("end", None, None, None))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                batches.put(("error", e, None, None))
+
+        thread = threading.Thread(target=reader, name="skyprompt-index-read", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    kind, a, b, c = batches.get(timeout=0.2)
+                except queue.Empty:
+                    if cancelled():
+                        raise EngineError("cancelled", "indexing was cancelled; nothing was stored") from None
+                    continue
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise a
+                yield a, b, c
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    batches.get_nowait()
+                except queue.Empty:
+                    thread.join(0.05)
+
+    def _index_done(self, raster: Raster, entry: dict, outcome, started, total, message) -> pb.IndexProgress:
+        result = pb.IndexResult(
+            raster_id=str(entry["id"]), raster_path=raster.path, raster_name=entry["name"], outcome=outcome,
+            tile_count=entry["tile_count"], tiles_skipped=entry["tiles_skipped"], width=raster.width,
+            height=raster.height, band_count=raster.band_count, crs=_crs_message(raster), bounds=_box(raster.bounds),
+            bounds_wgs84=_box(raster.bounds_wgs84), seconds=time.monotonic() - started)
+        return pb.IndexProgress(stage=pb.INDEX_STAGE_DONE, tiles_done=total, tiles_total=total,
+                                tiles_skipped=entry["tiles_skipped"], message=message, done=True, result=result)
+
+    # -- Search --
+    @unary
+    def Search(self, request, context):
+        self._check_serving()
+        started = time.monotonic()
+        query = check_text("query", request.query, self.limits)
+        k = request.k or 10
+        if k > self.limits.max_k:
+            raise _bad(f"k={k} is above the limit of {self.limits.max_k} hits")
+        thumb = request.thumbnail_size or 128
+        if request.include_thumbnails and thumb > self.limits.max_thumbnail_side:
+            raise _bad(f"thumbnail_size {thumb} is above the limit of {self.limits.max_thumbnail_side} pixels")
+        min_score = request.min_score if request.HasField("min_score") else None
+        if min_score is not None and not (-1.0 <= min_score <= 1.0):
+            raise _bad(f"min_score {min_score} must be a cosine similarity in [-1, 1]")
+        bbox = None
+        if request.HasField("extent"):
+            parts = extent_parts(request.extent)
+            if parts is not None:
+                crs = parts[4] or "EPSG:4326"
+                bbox = parts[:4] if crs.upper() in ("EPSG:4326", "OGC:CRS84") else \
+                    transform_bounds(parts[:4], crs, "EPSG:4326")
+        raster_ids = list(request.raster_ids)
+        for rid in raster_ids:
+            if not rid.strip().isdigit():
+                raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers from "
+                                                f"IndexResult.raster_id)")
+        cancelled = self._cancelled(context)
+        vector = self.engine.embed_texts([query], cancelled=cancelled)[0]
+        exact = request.mode != pb.SEARCH_MODE_APPROXIMATE
+        if request.mode == pb.SEARCH_MODE_UNSPECIFIED:
+            exact = False  # the index answers exactly below its ANN threshold anyway
+        hits = self.index.search(vector, k, self.engine.checkpoint_hash,
+                                 raster_ids=[int(r) for r in raster_ids] or None,
+                                 raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
+                                 min_score=min_score)
+        out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate)
+        for hit in hits:
+            msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
+                               raster_path="" if hit.raster_path.startswith("pixels:") else hit.raster_path,
+                               raster_name=hit.raster_name, tile_id=hit.tile_id,
+                               window=pb.PixelWindow(x_off=hit.col, y_off=hit.row, width=hit.width, height=hit.height),
+                               crs=pb.Crs(authid=hit.crs_authid, wkt=hit.crs_wkt), bounds=_box(hit.bounds),
+                               footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
+                               footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
+            if request.include_thumbnails:
+                msg.thumbnail_png = self._thumbnail(hit, thumb)
+        out.seconds = time.monotonic() - started
+        return out
+
+    def _thumbnail(self, hit, side: int) -> bytes:
+        if hit.raster_path.startswith("pixels:"):
+            return b""
+        try:
+            entry = self.index.raster(hit.raster_id)
+            settings = entry.get("settings") or {}
+            red, green, blue = settings.get("bands") or (0, 0, 0)
+            stretch = settings.get("stretch")
+            mapping = BandMapping(red=red, green=green, blue=blue, stretch_low=stretch[0] if stretch else None,
+                                  stretch_high=stretch[1] if stretch else None)
+            with open_raster(hit.raster_path, bands=mapping, allowed_roots=self.allowed_roots) as raster:
+                scale = side / max(hit.width, hit.height)
+                out = (max(1, round(hit.width * scale)), max(1, round(hit.height * scale)))
+                rgb, _ = raster.read_window(hit.col, hit.row, hit.width, hit.height, out)
+            return _png(rgb)
+        except (RasterError, TileIndexError, TypeError, ValueError) as e:
+            log.info("no thumbnail for tile %s: %s", hit.tile_id, e)
+            return b""
+
+    # -- Segment --
+    @streaming
+    def Segment(self, request, context):
+        self._check_serving()
+        limits = self.limits
+        prompts = list(request.prompts)
+        if not prompts:
+            raise _bad("prompts is empty; give at least one, e.g. [\"buildings\"]")
+        if len(prompts) > limits.max_prompts:
+            raise _bad(f"{len(prompts)} prompts given; the limit is {limits.max_prompts} per request")
+        prompts = [check_text(f"prompts[{i}]", p, limits) for i, p in enumerate(prompts)]
+        threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise _bad(f"threshold {threshold} must be in [0, 1]")
+        if not math.isfinite(request.min_area) or request.min_area < 0:
+            raise _bad(f"min_area {request.min_area} must be 0 or a positive area in map units squared")
+        tolerance = request.simplify_tolerance if request.HasField("simplify_tolerance") else None
+        if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
+            raise _bad(f"simplify_tolerance {tolerance} must be 0 (none) or a positive distance in map units")
+        window = request.sao_window.size or self.sao_window
+        sigma = request.sao_window.sigma
+        if not math.isfinite(sigma) or sigma < 0:
+            raise _bad(f"sao_window.sigma {sigma} must be >= 0 (0 = uniform window)")
+        grid = self.engine.grid
+        window = min(window, grid)
+        if window < grid and window % 2 == 0:
+            raise _bad(f"sao_window.size {window} must be odd (3, 5, 7, ...) so the window centres on a patch")
+        overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
+                           DEFAULT_SEGMENT_OVERLAP, "tile_overlap")
+        resolution = _resolution(request.target_resolution)
+        extent = extent_parts(request.extent) if request.HasField("extent") else None
+        cancelled = self._cancelled(context)
+
+        yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING, message="reading the extent"))
+        raster = self._open(request.source, request.bands if request.HasField("bands") else None)
+        events: queue.Queue = queue.Queue()
+        throttle = _Progress()
+
+        def progress(stage, done, total):
+            if stage == "relevance" and throttle.due(done == total):
+                events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_RELEVANCE, tiles_done=done, tiles_total=total,
+                                              message=f"relevance maps: tile {done}/{total}"))
+            elif stage == "polygonizing":
+                events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_POLYGONIZING, tiles_done=done, tiles_total=total,
+                                              message="thresholding and polygonizing"))
+
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["output"] = segment(
+                    raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
+                    simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
+                    overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
+                    progress=progress, cancelled=cancelled)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
+                outcome["error"] = e
+            finally:
+                events.put(None)
+
+        with raster:
+            thread = threading.Thread(target=work, name="skyprompt-segment", daemon=True)
+            thread.start()
+            while True:
+                event = events.get()
+                if event is None:
+                    break
+                yield pb.SegmentEvent(progress=event)
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        output = outcome["output"]
+        srs = raster.srs
+        crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
+        for result in output.results:
+            msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
+                                   extent=_box(output.extent), max_relevance=result.max_relevance,
+                                   dropped_small=result.dropped_small)
+            for polygon in result.polygons:
+                g = polygon.geometry
+                msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
+                                 max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
+                                 bounds=_box(g.bounds))
+            if request.return_relevance_map and result.relevance is not None:
+                msg.relevance_map_tiff = relevance_geotiff(result.relevance, output.geotransform, srs)
+            yield pb.SegmentEvent(result=msg)
+
+    # -- Caption --
+    @unary
+    def Caption(self, request, context):
+        self._check_serving()
+        started = time.monotonic()
+        max_len = request.max_len or 32
+        if max_len > self.engine.config.context_length:
+            raise _bad(f"max_len {max_len} is above the model's text context of {self.engine.config.context_length} tokens")
+        beam = max(1, request.beam_size)
+        if beam > self.limits.max_beam_size:
+            raise _bad(f"beam_size {beam} is above the limit of {self.limits.max_beam_size}")
+        extent = extent_parts(request.extent) if request.HasField("extent") else None
+        with self._open(request.source, request.bands if request.HasField("bands") else None) as raster:
+            image, box = model_input(raster, extent, self.engine.image_size, self.limits.max_extent_pixels)
+            text, logp = self.engine.caption(image, max_len, beam, cancelled=self._cancelled(context))
+            return pb.CaptionResponse(caption=text, mean_log_prob=min(0.0, logp), extent=_box(box),
+                                      crs=_crs_message(raster), seconds=time.monotonic() - started)
+
+    # -- EmbedText --
+    @unary
+    def EmbedText(self, request, context):
+        self._check_serving()
+        texts = list(request.texts)
+        if not texts:
+            raise _bad("texts is empty; give at least one text to embed")
+        if len(texts) > self.limits.max_texts:
+            raise _bad(f"{len(texts)} texts given; the limit is {self.limits.max_texts} per request")
+        texts = [check_text(f"texts[{i}]", t, self.limits) for i, t in enumerate(texts)]
+        vectors = self.engine.embed_texts(texts, cancelled=self._cancelled(context))
+        return pb.EmbedTextResponse(dim=vectors.shape[1], checkpoint_hash=self.engine.checkpoint_hash,
+                                    embeddings=[pb.Embedding(values=v.tolist()) for v in vectors])
+
+
+def _tile_dict(tile) -> dict:
+    return {"col": tile.col, "row": tile.row, "width": tile.width, "height": tile.height, "bounds": tile.bounds,
+            "bounds_wgs84": tile.bounds_wgs84 or tile.bounds, "footprint_wkt": tile.footprint_wkt,
+            "footprint_wgs84_wkt": tile.footprint_wgs84_wkt}
+
+
+def model_input(raster: Raster, extent, size: int, max_pixels: int) -> tuple[np.ndarray, tuple]:
+    """One model input [3, size, size] covering `extent`, aspect kept, padded right/bottom; and the
+    extent actually covered, in the raster's CRS."""
+    col, row, width, height = raster.window_for_extent(extent)
+    if width * height > max_pixels * 16:
+        # reading is decimated by GDAL, but an absurd extent still costs; 16x the Segment limit
+        raise RequestError("resource_exhausted", f"the extent covers {width} x {height} pixels; zoom in to at most "
+                                                 f"{max_pixels * 16} pixels for a caption")
+    scale = size / max(width, height)
+    out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    rgb, _ = raster.read_window(col, row, width, height, out)
+    image = np.zeros((3, size, size), np.uint8)
+    image[:, :rgb.shape[1], :rgb.shape[2]] = rgb
+    gt = raster.window_geotransform(col, row, width, height, width, height)
+    xs = [gt[0], gt[0] + gt[1] * width + gt[2] * height]
+    ys = [gt[3], gt[3] + gt[4] * width + gt[5] * height]
+    return image, (min(xs), min(ys), max(xs), max(ys))
