@@ -8,8 +8,8 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default
-TRAIN_STEPS ?= 1600
+.PHONY: help setup check-debian proto test bench clean train-default serve
+TRAIN_STEPS ?= 1200
 
 help:
 	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
+	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
 	@echo "make clean   remove build output (keeps .venv)"
 
 check-debian:
@@ -58,9 +59,12 @@ bench: setup
 # recipe holds out validation splits). Resumable: run it again to continue after an interruption.
 train-default: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --preset small --conv-stem \
-	    --image-size 128 --steps $(TRAIN_STEPS) --batch-size 64 --lr 5e-4 --warmup-steps 100 \
+	    --image-size 128 --steps $(TRAIN_STEPS) --batch-size 64 --lr 5e-4 --warmup-steps 100 --caption-weight 1.0 \
 	    --save-every 50 --keep-last 2 --eval-every 400 --workers 1 --out runs/default \
 	    --export-fp16 runs/default/fp16 --resume
+
+serve: setup
+	$(PY) -m backend serve $(SERVE_ARGS)
 
 clean:
 	rm -rf build backend/rpc plugin/rpc .pytest_cache

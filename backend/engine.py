@@ -25,13 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .defaults import BUNDLED_CHECKPOINT
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 
 log = logging.getLogger("skyprompt.engine")
 
-# The checkpoint shipped with the package (trained by `make train-default`), used when none is given.
-BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 
 MAX_BATCH_IMAGES = 32       # images per forward pass (tiles of several requests share one)
 MAX_BATCH_TEXTS = 256

@@ -26,14 +26,13 @@ from shapely import wkb as shapely_wkb
 from shapely.geometry import Polygon
 from shapely.validation import make_valid
 
+from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD
 from .engine import EngineError
 from .raster import Raster, _gdal_exceptions
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_SAO_WINDOW = 5      # patches; see the localization ablation in the README
 
 
 @dataclass
@@ -257,8 +256,8 @@ def relevance_geotiff(relevance: np.ndarray, geotransform, srs: osr.SpatialRefer
     name = f"/vsimem/skyprompt-relevance-{uuid.uuid4().hex}.tif"
     with _gdal_exceptions():
         src = _mem_raster(relevance.astype(np.float32), geotransform, srs, gdal.GDT_Float32)
-        out = gdal.GetDriverByName("GTiff").CreateCopy(name, src, options=["COMPRESS=DEFLATE", "PREDICTOR=3"])
-        out = None  # noqa: F841 - closing flushes the file
+        # the copy is closed (and so flushed) as soon as it is dropped
+        gdal.GetDriverByName("GTiff").CreateCopy(name, src, options=["COMPRESS=DEFLATE", "PREDICTOR=3"])
         handle = gdal.VSIFOpenL(name, "rb")
         try:
             gdal.VSIFSeekL(handle, 0, 2)

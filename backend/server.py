@@ -21,15 +21,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from .engine import BUNDLED_CHECKPOINT, EngineError, ModelEngine
-from .index import TileIndex, TileIndexError
-from .rpc import skyprompt_pb2 as pb
-from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .segment import DEFAULT_SAO_WINDOW
-from .service import SERVICE_NAME, Limits, SkyPromptService
+from .defaults import BUNDLED_CHECKPOINT, DEFAULT_SAO_WINDOW, SERVICE_NAME, Limits
 
 log = logging.getLogger("skyprompt.server")
 
@@ -100,6 +93,15 @@ class Server:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         if bool(tls_cert) != bool(tls_key):
             raise SystemExit("give both --tls-cert and --tls-key, or neither")
+        # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
+        from grpc_health.v1 import health, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from .engine import ModelEngine
+        from .index import TileIndex
+        from .rpc import skyprompt_pb2 as pb
+        from .rpc import skyprompt_pb2_grpc as pb_grpc
+        from .service import SkyPromptService
         self.limits = limits or Limits()
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.engine = ModelEngine(checkpoint, device)
@@ -121,8 +123,7 @@ class Server:
                                        maximum_concurrent_rpcs=workers * 4)
         pb_grpc.add_SkyPromptServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        names = (pb.DESCRIPTOR.services_by_name["SkyPrompt"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
+        names = (pb.DESCRIPTOR.services_by_name["SkyPrompt"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc_server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
@@ -138,6 +139,7 @@ class Server:
         self._stopped = threading.Event()
 
     def start(self) -> None:
+        from grpc_health.v1 import health_pb2
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -148,6 +150,7 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        from grpc_health.v1 import health_pb2
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.stopping.set()   # new calls: UNAVAILABLE; running ones see cancellation
@@ -180,19 +183,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
     parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
                         help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
+    parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
+                        help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
     parser.add_argument("--port-file", default=None,
                         help="write the bound port to this file once serving (for launchers using --port 0)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
 
 
 def serve(args: argparse.Namespace) -> int:
+    from .engine import EngineError
+    from .index import TileIndexError
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                         data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
-                        sao_window=args.sao_window)
+                        sao_window=args.sao_window,
+                        limits=Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20))))
     except (EngineError, TileIndexError) as e:
         print(f"skyprompt serve: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from functools import wraps
 
 import grpc
@@ -27,12 +26,11 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .segment import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, relevance_geotiff, segment
+from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits
+from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
 
-SERVICE_NAME = "skyprompt.v1.SkyPrompt"
-API_VERSION = "skyprompt.v1"
 DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
 DEFAULT_SEGMENT_OVERLAP = 0.25   # segmentation tiles overlap so seams can be blended away
 DEFAULT_MIN_VALID = 0.5
@@ -57,22 +55,6 @@ def server_version() -> str:
         return version("skyprompt")
     except Exception:  # noqa: BLE001 - running from a source tree without installing
         return "0.1.0"
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_chars: int = 1000
-    max_k: int = 1000
-    max_pixel_source_side: int = 8192
-    max_message_bytes: int = 256 * 1024 * 1024   # a full-size 8192^2 RGBA pixel source fits
-    max_prompts: int = 16
-    max_texts: int = 256
-    max_extent_pixels: int = 4096 * 4096
-    max_thumbnail_side: int = 512
-    max_beam_size: int = 8
-
-    def message(self) -> pb.Limits:
-        return pb.Limits(**{k: getattr(self, k) for k in self.__dataclass_fields__})
 
 
 class RequestError(Exception):
@@ -272,7 +254,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             index_stats=pb.IndexStats(raster_count=stats["rasters"], tile_count=stats["tiles"],
                                       disk_bytes=stats["bytes"], ann_active=bool(stats.get("ann_active"))),
             default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
-            limits=self.limits.message())
+            limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}))
 
     # -- IndexRaster --
     @streaming
@@ -329,8 +311,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 yield pb.IndexProgress(stage=pb.INDEX_STAGE_WRITING, tiles_done=total, tiles_total=total,
                                        tiles_skipped=total - kept, message=f"writing {kept} tiles to the index")
                 writer.commit()
-            except BaseException:
+            except BaseException as error:
                 writer.abort()
+                log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept,
+                         getattr(error, "message", None) or type(error).__name__)
                 raise
             outcome = pb.INDEX_OUTCOME_INDEXED if state == "new" and not writer.replaced else pb.INDEX_OUTCOME_REPLACED
             entry = self.index.raster(writer.raster_id)

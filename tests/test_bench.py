@@ -69,3 +69,24 @@ def test_flop_formulas_match_counted_flops():
         with torch.no_grad():
             enc = counted(lambda: clip(pixel_values=images))
         assert abs(model_bench.encoder_flops(cfg, "hf-clip") / enc - 1) < 0.01
+
+
+def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config):
+    """The backend benchmark end to end on a `tiny` checkpoint and small rasters (real server subprocess)."""
+    import torch
+
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+    from bench import backend_bench
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "tiny")
+    backend_bench.run(quick=True, out_dir=tmp_path, checkpoint=ckpt, index_side=256, big_side=1024,
+                      echo=lambda *a: None)
+    res = json.loads((tmp_path / "backend.json").read_text())
+    assert res["indexing"]["tiles"] == (256 // tiny_config.image_size) ** 2
+    assert res["indexing"]["tiles_per_s"] > 0 and res["indexing"]["ratio_to_bare_model"] > 0
+    assert res["segment"]["tiles"] > 0 and res["segment"]["median_s"] > 0
+    assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
+    assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100
+    assert [t["result"] in ("PASS", "FAIL") for t in res["targets"]] == [True, True]

@@ -1,0 +1,28 @@
+"""Defaults and limits shared by the server, its command line and the client (no heavy imports here:
+`python -m backend client` and `--help` must start fast)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The checkpoint shipped with the package (trained by `make train-default`), used when none is given.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
+
+SERVICE_NAME = "skyprompt.v1.SkyPrompt"
+API_VERSION = "skyprompt.v1"
+DEFAULT_SAO_WINDOW = 5          # patches; see the localization ablation in the README
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits the server enforces (reported in ServerInfo.limits)."""
+    max_prompt_chars: int = 1000
+    max_k: int = 1000
+    max_pixel_source_side: int = 8192
+    max_message_bytes: int = 256 * 1024 * 1024   # a full-size 8192^2 RGBA pixel source fits
+    max_prompts: int = 16
+    max_texts: int = 256
+    max_extent_pixels: int = 4096 * 4096
+    max_thumbnail_side: int = 512
+    max_beam_size: int = 8

@@ -1,0 +1,247 @@
+"""Backend benchmark: a real server subprocess, called over gRPC on loopback.
+
+Measures
+  - indexing throughput (tiles/s) of a generated 2048 x 2048 GeoTIFF, next to the bare model
+    encoding the same number of tiles in the same run (the ratio is what reading, tiling and
+    writing the index cost on top of the model);
+  - Segment latency for a 1024 x 1024-pixel extent (target: under 3 s on CPU with `small`);
+  - peak RSS of the server while indexing a 20000 x 20000-pixel raster (a VRT mosaic of one
+    generated GeoTIFF; target: under 1.5 GB), at a coarser target resolution so the run is short
+    on CPU: the reads are still windowed over the full-size raster;
+  - end-to-end Search latency through gRPC (query embedding + index lookup) on what was indexed.
+Search latency of the index alone at 10k / 100k / 1M embeddings next to FAISS is in index.json.
+
+Uses the bundled checkpoint when present, else a random-weight `small` (conv stem, 128 px): speed
+does not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NAME = "backend"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+SEGMENT_TARGET_S = 3.0
+RSS_TARGET_MB = 1536
+
+
+def _geotiff(path: Path, side: int, seed: int = 0) -> Path:
+    from osgeo import gdal, osr
+
+    rng = np.random.default_rng(seed)
+    # smooth-ish structured content rather than white noise: blocks of colour plus texture
+    base = rng.integers(0, 255, (3, side // 32 + 1, side // 32 + 1)).astype(np.uint8)
+    data = np.repeat(np.repeat(base, 32, 1), 32, 2)[:, :side, :side]
+    data = np.clip(data.astype(np.int16) + rng.integers(-20, 20, data.shape), 0, 255).astype(np.uint8)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), side, side, 3, gdal.GDT_Byte, ["TILED=YES"])
+    ds.SetGeoTransform((500000.0, 0.5, 0.0, 4000000.0, 0.0, -0.5))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetSpatialRef(srs)
+    for i in range(3):
+        ds.GetRasterBand(i + 1).WriteArray(data[i])
+    ds = None
+    return path
+
+
+def _mosaic_vrt(path: Path, tile: Path, tile_side: int, side: int) -> Path:
+    """A side x side VRT made of copies of one tile_side GeoTIFF (no pixels written)."""
+    n = side // tile_side
+    sources = []
+    for r in range(n):
+        for c in range(n):
+            for b in range(1, 4):
+                sources.append((b, f"""    <SimpleSource><SourceFilename relativeToVRT="0">{tile}</SourceFilename>
+      <SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{tile_side}" ySize="{tile_side}"/>
+      <DstRect xOff="{c * tile_side}" yOff="{r * tile_side}" xSize="{tile_side}" ySize="{tile_side}"/></SimpleSource>"""))
+    from osgeo import osr
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    bands = []
+    for b, colour in zip(range(1, 4), ("Red", "Green", "Blue")):
+        body = "\n".join(s for bb, s in sources if bb == b)
+        bands.append(f'  <VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{colour}</ColorInterp>\n{body}\n  </VRTRasterBand>')
+    path.write_text(f'<VRTDataset rasterXSize="{side}" rasterYSize="{side}">\n  <SRS>{srs.ExportToWkt()}</SRS>\n'
+                    f'  <GeoTransform>500000.0, 0.5, 0.0, 4000000.0, 0.0, -0.5</GeoTransform>\n'
+                    + "\n".join(bands) + "\n</VRTDataset>\n")
+    return path
+
+
+def _checkpoint(work: Path) -> Path:
+    from backend.engine import BUNDLED_CHECKPOINT
+    if (BUNDLED_CHECKPOINT / "model.safetensors").exists():
+        return BUNDLED_CHECKPOINT
+    import torch
+    from backend.model import MaMMUT, get_preset
+    from backend.model.checkpoint import save_checkpoint
+    from backend.model.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["an aerial image of fields and roads", "a river near a town"] * 10, vocab_size=300,
+                          min_frequency=1)
+    cfg = get_preset("small", vocab_size=8192, image_size=128, patch_stem="conv")
+    torch.manual_seed(0)
+    return save_checkpoint(MaMMUT(cfg).eval(), tok, work / "small-random")
+
+
+class _Server:
+    def __init__(self, checkpoint: Path, data_dir: Path, root: Path):
+        self.port_file = data_dir.parent / "port"
+        cmd = [sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+               "--port-file", str(self.port_file), "--data-dir", str(data_dir), "--device", "cpu",
+               "--allow-root", str(root), "--log-level", "WARNING"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            time.sleep(0.1)
+        import grpc
+        from backend.rpc import skyprompt_pb2_grpc as pb_grpc
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port_file.read_text()}")
+        self.stub = pb_grpc.SkyPromptStub(self.channel)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Path | None = None,
+        index_side: int | None = None, big_side: int = 20000, echo=print) -> dict:
+    """Measure everything (see the module docstring); `checkpoint`, `index_side` and `big_side` make
+    smaller runs for tests."""
+    import torch
+    from backend.engine import ModelEngine
+    from backend.rpc import skyprompt_pb2 as pb
+
+    work = Path(tempfile.mkdtemp(prefix="skyprompt-bench-"))
+    checkpoint = checkpoint or _checkpoint(work)
+    index_side = index_side or (1024 if quick else 2048)
+    raster = _geotiff(work / "index.tif", index_side)
+    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                                 "torch": torch.__version__},
+                     "checkpoint": str(checkpoint)}
+
+    # bare model, in-process: the peer for indexing throughput
+    engine = ModelEngine(checkpoint, "cpu")
+    size = engine.image_size
+    n_tiles = (index_side // size) ** 2
+    tiles = np.random.default_rng(0).integers(0, 255, (n_tiles, 3, size, size)).astype(np.uint8)
+    engine.embed_images(tiles[:8])
+    t = time.perf_counter()
+    engine.embed_images(tiles)
+    model_tps = n_tiles / (time.perf_counter() - t)
+    results["model"] = {"preset": engine.config.preset, "image_size": size}
+    engine.stop()
+    del engine
+
+    server = _Server(checkpoint, work / "data", work)
+    try:
+        baseline_rss = server.rss_mb()
+        t = time.perf_counter()
+        done = list(server.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(raster)))))[-1]
+        seconds = time.perf_counter() - t
+        results["indexing"] = {"raster_pixels": f"{index_side}x{index_side}", "tiles": done.result.tile_count,
+                               "seconds": seconds, "tiles_per_s": done.result.tile_count / seconds,
+                               "bare_model_tiles_per_s": model_tps,
+                               "ratio_to_bare_model": done.result.tile_count / seconds / model_tps}
+
+        # Segment latency: 1024 x 1024 pixels at native resolution, one prompt
+        gt_x0, gt_y0, px = 500000.0, 4000000.0, 0.5
+        extent = pb.Extent(xmin=gt_x0, ymin=gt_y0 - 1024 * px, xmax=gt_x0 + 1024 * px, ymax=gt_y0)
+        request = pb.SegmentRequest(source=pb.RasterSource(path=str(raster)), prompts=["buildings"], extent=extent)
+        list(server.stub.Segment(request))  # warm-up
+        runs = []
+        for _ in range(1 if quick else 3):
+            t = time.perf_counter()
+            events = list(server.stub.Segment(request))
+            runs.append(time.perf_counter() - t)
+        tiles_done = max((e.progress.tiles_total for e in events if e.HasField("progress")), default=0)
+        results["segment"] = {"extent_pixels": "1024x1024", "tiles": tiles_done, "median_s": float(np.median(runs)),
+                              "runs_s": runs, "target_s": SEGMENT_TARGET_S}
+
+        # Search through gRPC, end to end
+        latencies = []
+        for i in range(20 if quick else 100):
+            t = time.perf_counter()
+            server.stub.Search(pb.SearchRequest(query=f"a parking lot number {i}", k=10))
+            latencies.append(time.perf_counter() - t)
+        ms = np.array(latencies) * 1000
+        results["search_grpc"] = {"tiles": done.result.tile_count, "p50_ms": float(np.percentile(ms, 50)),
+                                  "p99_ms": float(np.percentile(ms, 99))}
+
+        # Peak RSS while indexing a 20000 x 20000 raster
+        side = big_side
+        vrt = _mosaic_vrt(work / "big.vrt", raster, index_side, side - side % index_side)
+        resolution = 0.5 * (16 if quick else 4)
+        before = server.peak_rss_mb()
+        t = time.perf_counter()
+        big = list(server.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(vrt)),
+                                                                  target_resolution=resolution)))[-1]
+        results["large_raster"] = {"raster_pixels": f"{side - side % index_side}^2", "target_resolution": resolution,
+                                   "tiles": big.result.tile_count, "seconds": time.perf_counter() - t,
+                                   "server_rss_at_start_mb": baseline_rss, "peak_rss_before_mb": before,
+                                   "peak_rss_mb": server.peak_rss_mb(), "target_mb": RSS_TARGET_MB}
+    finally:
+        server.stop()
+    results["targets"] = [
+        {"target": f"Segment 1024x1024 under {SEGMENT_TARGET_S} s",
+         "result": "PASS" if results["segment"]["median_s"] < SEGMENT_TARGET_S else "FAIL"},
+        {"target": f"peak RSS indexing a {big_side}^2 raster under {RSS_TARGET_MB} MB",
+         "result": "PASS" if results["large_raster"]["peak_rss_mb"] < RSS_TARGET_MB else "FAIL"},
+    ]
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    echo(report(results))
+    return results
+
+
+def report(r: dict) -> str:
+    i, s, q, big = r["indexing"], r["segment"], r["search_grpc"], r["large_raster"]
+    lines = [
+        f"model: {r['model']['preset']} @ {r['model']['image_size']} px ({r['checkpoint']})",
+        "",
+        "| measure | value | peer / target |",
+        "|---|---|---|",
+        f"| indexing {i['raster_pixels']} ({i['tiles']} tiles) | {i['tiles_per_s']:.1f} tiles/s | bare model "
+        f"{i['bare_model_tiles_per_s']:.1f} tiles/s (ratio {i['ratio_to_bare_model']:.2f}) |",
+        f"| Segment {s['extent_pixels']} ({s['tiles']} tiles) | {s['median_s']:.2f} s | < {s['target_s']} s |",
+        f"| Search over gRPC, {q['tiles']} tiles | p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms | |",
+        f"| peak RSS indexing {big['raster_pixels']} px at {big['target_resolution']} m ({big['tiles']} tiles, "
+        f"{big['seconds']:.0f} s) | {big['peak_rss_mb']:.0f} MB | < {big['target_mb']} MB |",
+        "",
+    ]
+    lines += [f"{t['result']:>4}  {t['target']}" for t in r["targets"]]
+    return "\n".join(lines)
+
+
+def main(args) -> dict:
+    return run(quick=getattr(args, "quick", False), out_dir=getattr(args, "results_dir", RESULTS_DIR))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    sys.exit(0 if main(parser.parse_args()) else 1)

@@ -1,0 +1,536 @@
+"""The backend server as users run it: a real `python -m backend serve` subprocess on a free loopback
+port, with a `tiny` checkpoint built here (random weights: these tests check plumbing, geometry and
+safety, not model quality), called over real gRPC and through the real command-line client."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import shapely
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from osgeo import gdal, ogr, osr
+from shapely import wkb as shapely_wkb
+from shapely.geometry import box
+
+from test_raster import GEOTIFF_DIR, make_tif, noise
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-123"
+MAX_MESSAGE_MB = 4
+SHARED_TIFS = sorted(GEOTIFF_DIR.glob("*.tif")) if GEOTIFF_DIR.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer, tiny_config):
+    import torch
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    return save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+class LiveServer:
+    """A server subprocess; restartable on the same data dir."""
+
+    def __init__(self, checkpoint: Path, data_dir: Path, roots: list[Path], token: str | None = TOKEN):
+        self.checkpoint, self.data_dir, self.roots, self.token = checkpoint, data_dir, roots, token
+        self.proc = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self, timeout: float = 120.0) -> "LiveServer":
+        port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "backend", "serve", "--checkpoint", str(self.checkpoint), "--port", "0",
+               "--port-file", str(port_file), "--data-dir", str(self.data_dir), "--device", "cpu",
+               "--max-message-mb", str(MAX_MESSAGE_MB)]
+        for root in self.roots:
+            cmd += ["--allow-root", str(root)]
+        env = {**os.environ, "SKYPROMPT_TOKEN": self.token or ""}
+        if not self.token:
+            env.pop("SKYPROMPT_TOKEN")
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.1)
+        self.address = f"127.0.0.1:{port_file.read_text()}"
+        self.channel = grpc.insecure_channel(self.address, options=[("grpc.max_send_message_length", 64 << 20)])
+        from backend.rpc import skyprompt_pb2_grpc as pb_grpc
+        self.stub = pb_grpc.SkyPromptStub(self.channel)
+        return self
+
+    @property
+    def metadata(self):
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.channel.close()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory):
+    """Rasters the tests make: RGB UTM, 1-band UInt16, 4-band with alpha in Web Mercator."""
+    folder = tmp_path_factory.mktemp("rasters")
+    rgb = make_tif(folder / "rgb_utm.tif", noise((3, 300, 400), seed=1))
+    grey16 = make_tif(folder / "grey16.tif", noise((1, 200, 200), np.uint16, 100, 4000, seed=2),
+                      geotransform=(-1000.0, 2.0, 0.0, 2000.0, 0.0, -2.0), crs="EPSG:3035")
+    rgba = noise((4, 160, 160), seed=3)
+    rgba[3] = 255
+    rgba[3, :, :80] = 0        # left half transparent
+    alpha = make_tif(folder / "rgba_3857.tif", rgba, geotransform=(1113194.9, 5.0, 0.0, 6800000.0, 0.0, -5.0),
+                     crs="EPSG:3857", colours=[gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand,
+                                               gdal.GCI_AlphaBand])
+    (folder / "not_a_raster.tif").write_text("hello")
+    return {"rgb": rgb, "grey16": grey16, "rgba": alpha, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, rasters, tmp_path_factory):
+    roots = [rasters["folder"]] + ([GEOTIFF_DIR] if GEOTIFF_DIR.is_dir() else [])
+    live = LiveServer(checkpoint, tmp_path_factory.mktemp("data") / "d", roots).start()
+    yield live
+    if live.proc.poll() is None:
+        live.stop()
+
+
+def pb():
+    from backend.rpc import skyprompt_pb2
+    return skyprompt_pb2
+
+
+def index(server, path, **kw):
+    request = pb().IndexRasterRequest(source=pb().RasterSource(path=str(path)), **kw)
+    return list(server.stub.IndexRaster(request, metadata=server.metadata, timeout=120))
+
+
+def segment(server, path, prompts, **kw):
+    request = pb().SegmentRequest(source=pb().RasterSource(path=str(path)), prompts=prompts, **kw)
+    events = list(server.stub.Segment(request, metadata=server.metadata, timeout=120))
+    return [e.result for e in events if e.HasField("result")], [e.progress for e in events if e.HasField("progress")]
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        result = call()
+        if hasattr(result, "__iter__") and not hasattr(result, "DESCRIPTOR"):
+            list(result)
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def srs_of(wkt: str) -> osr.SpatialReference:
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(wkt)
+    return srs
+
+
+def same_crs(a: osr.SpatialReference, b: osr.SpatialReference) -> bool:
+    return bool(a.IsSame(b, ["IGNORE_DATA_AXIS_TO_SRS_AXIS_MAPPING=YES"]))
+
+
+# ---- the whole path on real rasters ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [p.name for p in SHARED_TIFS] or ["(no shared data)"])
+def test_shared_geotiff_index_search_segment(server, name):
+    path = GEOTIFF_DIR / name
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    ds = gdal.Open(str(path))
+    native_srs = ds.GetSpatialRef()
+    progress = index(server, path)
+    assert progress[-1].done and all(not p.done for p in progress[:-1])
+    result = progress[-1].result
+    assert result.tile_count > 0 and result.width == ds.RasterXSize and result.height == ds.RasterYSize
+    assert same_crs(srs_of(result.crs.wkt), native_srs)
+
+    hits = server.stub.Search(pb().SearchRequest(query="a river next to fields", k=5, raster_ids=[result.raster_id],
+                                                 include_thumbnails=True), metadata=server.metadata).hits
+    assert 0 < len(hits) <= 5
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    for hit in hits:
+        footprint = shapely.from_wkt(hit.footprint_wkt)
+        raster_box = box(result.bounds.xmin, result.bounds.ymin, result.bounds.xmax, result.bounds.ymax)
+        assert footprint.within(raster_box.buffer(1e-6 * max(1.0, abs(result.bounds.xmax))))
+        assert hit.thumbnail_png.startswith(b"\x89PNG")
+
+    # a quarter of the raster, given in the raster's own CRS
+    b = result.bounds
+    extent = pb().Extent(xmin=b.xmin, ymin=b.ymin, xmax=(b.xmin + b.xmax) / 2, ymax=(b.ymin + b.ymax) / 2)
+    results, progress = segment(server, path, ["trees", "buildings"], extent=extent, threshold=0.2,
+                                return_relevance_map=True)
+    assert [r.prompt for r in results] == ["trees", "buildings"]
+    assert progress and progress[-1].stage == pb().SEGMENT_STAGE_POLYGONIZING
+    area = box(extent.xmin, extent.ymin, extent.xmax, extent.ymax)
+    pixel = abs(ds.GetGeoTransform()[1])
+    for r in results:
+        assert same_crs(srs_of(r.crs.wkt), native_srs)
+        for polygon in r.polygons:
+            geometry = shapely_wkb.loads(polygon.wkb)
+            assert geometry.geom_type == "Polygon" and geometry.is_valid and not geometry.is_empty
+            assert geometry.within(area.buffer(2 * pixel))     # snapped to whole pixels
+            assert 0.2 <= polygon.score <= polygon.max_score <= 1.0
+            assert polygon.area == pytest.approx(geometry.area)
+        relevance = gdal.Open(_vsimem(r.relevance_map_tiff))
+        assert relevance.RasterCount == 1 and same_crs(srs_of(relevance.GetProjection()), native_srs)
+        values = relevance.GetRasterBand(1).ReadAsArray()
+        assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() == pytest.approx(r.max_relevance, abs=1e-5)
+
+
+def _vsimem(data: bytes) -> str:
+    name = f"/vsimem/test-{time.monotonic_ns()}.tif"
+    gdal.FileFromMemBuffer(name, data)
+    return name
+
+
+def test_generated_rasters_one_band_16_bit_and_alpha(server, rasters):
+    grey = index(server, rasters["grey16"])[-1].result
+    assert grey.band_count == 1 and grey.crs.authid == "EPSG:3035" and grey.tile_count > 0
+    rgba = index(server, rasters["rgba"], min_valid_fraction=0.9)[-1].result
+    # 160 px wide, 64 px tiles: columns start at 0, 64, 96; the left 80 px are transparent
+    assert rgba.tiles_skipped > 0 and rgba.tile_count > 0
+    again = index(server, rasters["rgba"], min_valid_fraction=0.9)[-1].result
+    assert again.outcome == pb().INDEX_OUTCOME_UNCHANGED and again.raster_id == rgba.raster_id
+    forced = index(server, rasters["rgba"], min_valid_fraction=0.9, force=True)[-1].result
+    assert forced.outcome == pb().INDEX_OUTCOME_REPLACED
+
+    results, _ = segment(server, rasters["rgba"], ["water"], threshold=0.0)
+    polygons = [shapely_wkb.loads(p.wkb) for p in results[0].polygons]
+    assert polygons, "threshold 0 marks every valid pixel"
+    # transparent pixels are never part of a mask
+    gt = gdal.Open(str(rasters["rgba"])).GetGeoTransform()
+    transparent = box(gt[0], gt[3] + 160 * gt[5], gt[0] + 80 * gt[1], gt[3])
+    assert sum(p.intersection(transparent).area for p in polygons) < 1e-6 * transparent.area
+
+
+def test_extent_in_another_crs_and_search_extent_filter(server, rasters):
+    result = index(server, rasters["rgb"])[-1].result
+    wgs = result.bounds_wgs84
+    west_half = pb().Extent(xmin=wgs.xmin, ymin=wgs.ymin, xmax=(wgs.xmin + wgs.xmax) / 2, ymax=wgs.ymax)
+    response = server.stub.Search(pb().SearchRequest(query="roads", k=100, raster_ids=[result.raster_id],
+                                                     extent=west_half), metadata=server.metadata)
+    everything = server.stub.Search(pb().SearchRequest(query="roads", k=100, raster_ids=[result.raster_id]),
+                                    metadata=server.metadata)
+    assert 0 < response.tiles_searched < everything.tiles_searched == result.tile_count
+    for hit in response.hits:
+        assert hit.bounds_wgs84.xmin <= west_half.xmax
+    # Segment over the same half given in EPSG:4326: the polygons come back in the raster's UTM CRS
+    west_half.crs = "EPSG:4326"
+    results, _ = segment(server, rasters["rgb"], ["roads"], extent=west_half, threshold=0.0)
+    assert results[0].crs.authid == "EPSG:32633"
+    b = result.bounds
+    assert results[0].extent.xmax < (b.xmin + b.xmax) / 2 + 20  # roughly the west half, in metres
+
+
+def test_caption_and_embed_text(server, rasters):
+    response = server.stub.Caption(pb().CaptionRequest(source=pb().RasterSource(path=str(rasters["rgb"])),
+                                                       max_len=8, beam_size=2), metadata=server.metadata)
+    assert isinstance(response.caption, str) and response.mean_log_prob <= 0.0
+    assert response.crs.authid == "EPSG:32633"
+    embedded = server.stub.EmbedText(pb().EmbedTextRequest(texts=["a lake", "a road"]), metadata=server.metadata)
+    vectors = np.array([e.values for e in embedded.embeddings])
+    assert vectors.shape == (2, embedded.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    info = server.stub.GetInfo(pb().GetInfoRequest(), metadata=server.metadata)
+    assert embedded.checkpoint_hash == info.checkpoint_hash and info.model_preset == "tiny"
+
+
+def test_pixel_source_round_trip(server):
+    pixels = noise((3, 100, 120), seed=9)
+    source = pb().RasterSource(pixels=pb().PixelSource(
+        width=120, height=100, band_count=3, data_type=pb().DATA_TYPE_UINT8, data=pixels.tobytes(),
+        geotransform=[600000.0, 1.0, 0.0, 5500000.0, 0.0, -1.0], crs="EPSG:32631", label="canvas view"))
+    done = list(server.stub.IndexRaster(pb().IndexRasterRequest(source=source), metadata=server.metadata))[-1]
+    assert done.result.raster_name == "canvas view" and done.result.raster_path == ""
+    hits = server.stub.Search(pb().SearchRequest(query="houses", raster_ids=[done.result.raster_id],
+                                                 include_thumbnails=True), metadata=server.metadata).hits
+    assert hits and all(h.raster_path == "" and h.thumbnail_png == b"" for h in hits)
+    events = list(server.stub.Segment(pb().SegmentRequest(source=source, prompts=["houses"], threshold=0.0),
+                                      metadata=server.metadata))
+    assert events[-1].result.crs.authid == "EPSG:32631" and events[-1].result.polygons
+
+
+# ---- bad input: a status and a message a person can act on; the server keeps serving ----------
+
+def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
+    p, md, stub = pb(), server.metadata, server.stub
+    src = lambda path: p.RasterSource(path=str(path))  # noqa: E731
+    outside = make_tif(tmp_path / "outside.tif", noise((3, 32, 32)))
+    rgb = rasters["rgb"]
+    cases = [
+        (lambda: index(server, rasters["folder"] / "missing.tif"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+        (lambda: index(server, rasters["folder"] / "not_a_raster.tif"), grpc.StatusCode.INVALID_ARGUMENT, "not a raster"),
+        (lambda: index(server, outside), grpc.StatusCode.PERMISSION_DENIED, "allowed roots"),
+        (lambda: stub.Search(p.SearchRequest(query=""), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (lambda: stub.Search(p.SearchRequest(query="x" * 5000), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        (lambda: stub.Search(p.SearchRequest(query="roads", k=10**6), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "k="),
+        (lambda: stub.Search(p.SearchRequest(query="roads", raster_ids=["999999"]), metadata=md),
+         grpc.StatusCode.NOT_FOUND, "999999"),
+        (lambda: segment(server, rgb, ["trees"], extent=p.Extent(xmin=10, ymin=0, xmax=0, ymax=10)),
+         grpc.StatusCode.INVALID_ARGUMENT, "inverted"),
+        (lambda: segment(server, rgb, ["trees"], extent=p.Extent(xmin=0, ymin=0, xmax=10, ymax=10)),
+         grpc.StatusCode.INVALID_ARGUMENT, "does not overlap"),
+        (lambda: segment(server, rgb, ["trees"], extent=p.Extent(xmin=0, ymin=0, xmax=1, ymax=1, crs="EPSG:999999")),
+         grpc.StatusCode.INVALID_ARGUMENT, "EPSG:999999"),
+        (lambda: segment(server, rgb, []), grpc.StatusCode.INVALID_ARGUMENT, "prompts is empty"),
+        (lambda: segment(server, rgb, ["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT, "prompts[1]"),
+        (lambda: segment(server, rgb, ["trees"], threshold=1.5), grpc.StatusCode.INVALID_ARGUMENT, "threshold"),
+        (lambda: segment(server, rgb, ["trees"], bands=p.BandMapping(red=7)), grpc.StatusCode.INVALID_ARGUMENT, "7"),
+        (lambda: stub.Caption(p.CaptionRequest(source=src(rgb), beam_size=99), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, "beam_size"),
+        (lambda: stub.EmbedText(p.EmbedTextRequest(), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
+        (lambda: stub.IndexRaster(p.IndexRasterRequest(), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "source"),
+        (lambda: stub.Segment(p.SegmentRequest(source=p.RasterSource(pixels=p.PixelSource(
+            width=10, height=10, band_count=3, data_type=p.DATA_TYPE_UINT8, data=b"x" * 7,
+            geotransform=[0, 1, 0, 0, 0, -1], crs="EPSG:3857")), prompts=["a"]), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, "300 bytes"),
+        (lambda: stub.Segment(p.SegmentRequest(source=p.RasterSource(pixels=p.PixelSource(
+            width=1000, height=1000, band_count=5, data_type=p.DATA_TYPE_UINT8, data=b"\0" * 5_000_000,
+            geotransform=[0, 1, 0, 0, 0, -1], crs="EPSG:3857")), prompts=["a"]), metadata=md),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+    ]
+    for call, expected, words in cases:
+        code, details = code_of(call)
+        assert code == expected, (expected, code, details)
+        assert words in details, (words, details)
+    assert stub.GetInfo(p.GetInfoRequest(), metadata=md).api_version == "skyprompt.v1"
+
+
+def test_token_and_health(server):
+    p = pb()
+    code, details = code_of(lambda: server.stub.GetInfo(p.GetInfoRequest()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in details
+    code, _ = code_of(lambda: list(server.stub.IndexRaster(p.IndexRasterRequest(),
+                                                           metadata=(("authorization", "Bearer wrong"),))))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for name in ("", "skyprompt.v1.SkyPrompt"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = list(stub.ServerReflectionInfo(iter([request]), metadata=server.metadata))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"skyprompt.v1.SkyPrompt", "grpc.health.v1.Health"} <= names
+
+
+def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--checkpoint",
+                          str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "SKYPROMPT_TOKEN"}, timeout=120)
+    assert out.returncode != 0 and "token is required" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+
+
+# ---- concurrency, cancellation, crashes ------------------------------------------------------------
+
+def test_32_concurrent_clients(server, rasters):
+    index(server, rasters["rgb"])
+    p = pb()
+
+    def client(i):
+        channel = grpc.insecure_channel(server.address)
+        from backend.rpc import skyprompt_pb2_grpc as pb_grpc
+        stub = pb_grpc.SkyPromptStub(channel)
+        try:
+            if i % 2:
+                return len(stub.Search(p.SearchRequest(query=f"query number {i}", k=3), metadata=server.metadata,
+                                       timeout=120).hits)
+            return len(stub.EmbedText(p.EmbedTextRequest(texts=[f"text {i}", "lake"]), metadata=server.metadata,
+                                      timeout=120).embeddings)
+        finally:
+            channel.close()
+
+    with ThreadPoolExecutor(32) as pool:
+        counts = list(pool.map(client, range(32)))
+    assert all(c > 0 for c in counts)
+
+
+def big_raster(folder: Path, side: int = 3000) -> Path:
+    path = folder / f"big_{side}.tif"
+    if not path.exists():
+        make_tif(path, noise((3, side, side), seed=5), options=["TILED=YES"])
+    return path
+
+
+def test_cancelled_index_stops_within_a_second_and_stores_nothing(server, rasters):
+    path = big_raster(rasters["folder"])
+    p = pb()
+    call = server.stub.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(path))),
+                                   metadata=server.metadata)
+    for progress in call:
+        if progress.stage == p.INDEX_STAGE_EMBEDDING and progress.tiles_done > 0:
+            break
+    cancelled_at = time.monotonic()
+    call.cancel()
+    marker = f"indexing {path.name} stopped after"
+    while marker not in server.log_text():
+        assert time.monotonic() - cancelled_at < 1.0 + 0.5, "indexing did not stop within a second"
+        time.sleep(0.02)
+    hits = server.stub.Search(p.SearchRequest(query="x", k=1000, raster_paths=[str(rasters["rgb"])]),
+                              metadata=server.metadata)
+    assert hits.tiles_searched > 0
+    code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_paths=[str(path)]),
+                                                       metadata=server.metadata))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_raster_rewritten_mid_index_is_aborted(server, rasters):
+    path = big_raster(rasters["folder"], 2500)
+    p = pb()
+    call = server.stub.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(path))),
+                                   metadata=server.metadata)
+    code = None
+    try:
+        for progress in call:
+            if progress.stage == p.INDEX_STAGE_EMBEDDING and progress.tiles_done > 0:
+                os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))   # "rewritten"
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details()
+    assert code == grpc.StatusCode.ABORTED and "changed on disk" in details
+
+
+def test_restart_keeps_the_index_and_kill_9_mid_index_leaves_it_consistent(checkpoint, rasters, tmp_path):
+    data = tmp_path / "data"
+    roots = [rasters["folder"]]
+    live = LiveServer(checkpoint, data, roots).start()
+    first = index(live, rasters["rgb"])[-1].result
+    assert live.stop() == 0
+    assert "SkyPrompt server stopped" in live.log_text()
+
+    live = LiveServer(checkpoint, data, roots).start()
+    again = index(live, rasters["rgb"])[-1].result
+    assert again.outcome == pb().INDEX_OUTCOME_UNCHANGED and again.tile_count == first.tile_count
+    # start indexing a big raster and kill -9 the server in the middle
+    big = big_raster(rasters["folder"])
+    call = live.stub.IndexRaster(pb().IndexRasterRequest(source=pb().RasterSource(path=str(big))),
+                                 metadata=live.metadata)
+    with pytest.raises(grpc.RpcError):
+        for progress in call:
+            if progress.tiles_done > 0:
+                live.proc.kill()
+    live.proc.wait(30)
+    live.log.close()
+
+    live = LiveServer(checkpoint, data, roots).start()
+    info = live.stub.GetInfo(pb().GetInfoRequest(), metadata=live.metadata)
+    assert info.index_stats.raster_count == 1 and info.index_stats.tile_count == first.tile_count
+    hits = live.stub.Search(pb().SearchRequest(query="fields", k=3), metadata=live.metadata).hits
+    assert hits and {h.raster_id for h in hits} == {first.raster_id}
+    assert not list((data / "index" / "embeddings").glob(".tmp-*"))
+    live.stop()
+
+
+# ---- command-line client ----------------------------------------------------------------------
+
+def client(server, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend", "client", *args, "--server", server.address],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
+def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
+    out = client(server, "info", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["model_preset"] == "tiny"
+    out = client(server, "index", "--json", str(rasters["rgb"]), str(rasters["grey16"]))
+    assert out.returncode == 0, out.stderr
+    indexed = json.loads(out.stdout)
+    assert [Path(r["raster_path"]).name for r in indexed] == ["rgb_utm.tif", "grey16.tif"]
+    out = client(server, "search", "--json", "green fields", "--k", "4")
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert len(found["results"]) == 4 and found["results"][0]["score"] >= found["results"][-1]["score"]
+    target = tmp_path / f"out{suffix}"
+    out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--prompt",
+                 "roads", "--threshold", "0.3", "--output", str(target))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    ds = ogr.Open(str(target))
+    layer = ds.GetLayer(0)
+    assert layer.GetFeatureCount() == summary["polygons_written"] == sum(len(r["polygons"]) for r in summary["results"])
+    assert same_crs(layer.GetSpatialRef(), srs_of(gdal.Open(str(rasters["rgb"])).GetProjection()))
+    prompts = {f.GetField("prompt") for f in layer}
+    assert prompts <= {"trees", "roads"}
+    out = client(server, "caption", "--raster", str(rasters["rgb"]))
+    assert out.returncode == 0 and out.stdout.strip() is not None
+
+
+def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
+    out = client(server, "search", "   ")
+    assert out.returncode != 0 and "INVALID_ARGUMENT" in out.stderr and "Traceback" not in out.stderr
+    out = client(server, "segment", "--raster", str(rasters["folder"] / "nope.tif"), "--prompt", "x")
+    assert out.returncode != 0 and "NOT_FOUND" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", server.address, "--token", "bad"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr
+
+
+# ---- random requests: no crash, no hang, no corrupted index ------------------------------------
+
+def test_random_requests_never_break_the_server(server, rasters):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    p = pb()
+    index(server, rasters["rgb"])
+    before = server.stub.GetInfo(p.GetInfoRequest(), metadata=server.metadata).index_stats
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    text = st.text(max_size=40)
+    number = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    extent = st.builds(lambda a, b, c, d, crs: p.Extent(xmin=a, ymin=b, xmax=c, ymax=d, crs=crs),
+                       number, number, number, number, st.sampled_from(["", "EPSG:4326", "EPSG:32633", "nonsense"]))
+    path = st.sampled_from([str(rasters["rgb"]), str(rasters["grey16"]), "/etc/passwd", "", "relative.tif",
+                            str(rasters["folder"] / "not_a_raster.tif")])
+    requests = st.one_of(
+        st.builds(lambda q, k, e: ("Search", p.SearchRequest(query=q, k=k, extent=e)), text,
+                  st.integers(0, 5000), extent),
+        st.builds(lambda src, prompts, t, w, e: ("Segment", p.SegmentRequest(
+            source=p.RasterSource(path=src), prompts=prompts, threshold=t, sao_window=p.SaoWindow(size=w), extent=e)),
+            path, st.lists(text, max_size=3), st.floats(-1, 2, width=32), st.integers(0, 20), extent),
+        st.builds(lambda texts: ("EmbedText", p.EmbedTextRequest(texts=texts)), st.lists(text, max_size=4)),
+        st.builds(lambda src, b: ("Caption", p.CaptionRequest(source=p.RasterSource(path=src), beam_size=b)),
+                  path, st.integers(0, 12)),
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(requests)
+    def check(item):
+        method, request = item
+        call = getattr(server.stub, method)
+        code, details = code_of(lambda: call(request, metadata=server.metadata, timeout=60))
+        assert code in allowed, (method, request, code, details)
+        if code != grpc.StatusCode.OK:
+            assert details and "Traceback" not in details
+
+    check()
+    assert server.proc.poll() is None
+    after = server.stub.GetInfo(p.GetInfoRequest(), metadata=server.metadata).index_stats
+    assert (after.raster_count, after.tile_count) == (before.raster_count, before.tile_count)
