@@ -90,3 +90,18 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
     assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100
     assert [t["result"] in ("PASS", "FAIL") for t in res["targets"]] == [True, True]
+
+
+def test_training_bench_quick_tiny_writes_results(tmp_path):
+    from bench import training_bench
+    from backend.model.precision import cpu_supports_bf16
+
+    training_bench.run(presets=["tiny"], quick=True, results_dir=tmp_path, threads=1, echo=lambda *a: None)
+    res = json.loads((tmp_path / "training.json").read_text())
+    rows = {r["precision"]: r for r in res["rows"]}
+    assert rows["fp32"]["samples_per_s"] > 0 and rows["fp32"]["params"] > 0
+    if res["settings"]["peer"]:
+        assert rows["fp32"]["vs_peer"] == rows["fp32"]["samples_per_s"] / rows["fp32"]["peer_samples_per_s"]
+    if not cpu_supports_bf16():
+        assert rows["bf16"]["status"] == "not supported on this CPU"
+        assert [t["result"] for t in res["targets"]][1] == "N/A"
