@@ -86,7 +86,7 @@ def test_shipped_classnames_cover_every_shared_class_folder():
     assert load_classnames("rsscn7")["gParking"] == "parking lot"
     for name in ("rsscn7", "ucm", "aid"):  # every caption word targets a real class key
         assert set(CAPTION_CLASS_WORDS[name].values()) <= set(load_classnames(name))
-    with pytest.raises(DataError, match="shipped maps"):
+    with pytest.raises(DataError, match="shipped map"):
         load_classnames("nosuchset")
 
 

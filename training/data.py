@@ -170,20 +170,30 @@ def load_image(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
-def load_classnames(name_or_path: str | os.PathLike) -> dict[str, str]:
-    """A class-name map (folder key -> human name): a shipped one by name ("rsscn7", "ucm", "aid")
-    or any JSON file holding one object."""
+def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:
+    """The JSON object of a class-name map and its path: a shipped map by name ("rsscn7", "ucm",
+    "aid") or any JSON file. Values are not checked here (training wants one name per class,
+    evaluation also takes lists of synonyms)."""
     path = Path(name_or_path)
-    if not path.suffix and not path.exists():
+    if not path.is_file() and (CLASSNAMES_DIR / f"{name_or_path}.json").is_file():
         path = CLASSNAMES_DIR / f"{name_or_path}.json"
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         shipped = ", ".join(sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json")))
-        raise DataError(f"class-name map {name_or_path} not found (shipped maps: {shipped})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: class-name map is not valid JSON ({e.msg})") from None
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v.strip() for v in mapping.values()):
+        raise DataError(f"class-name map {name_or_path} does not exist: give a JSON file of folder -> name, or a "
+                        f"shipped map ({shipped})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: class-name map is not valid JSON ({e})") from None
+    if not isinstance(mapping, dict):
+        raise DataError(f"{path}: a class-name map must be one JSON object of \"folder\": \"human name\"")
+    return mapping, path
+
+
+def load_classnames(name_or_path: str | os.PathLike) -> dict[str, str]:
+    """A class-name map (folder key -> human name) for training."""
+    mapping, path = read_classnames_file(name_or_path)
+    if not all(isinstance(v, str) and v.strip() for v in mapping.values()):
         raise DataError(f"{path}: a class-name map must be one JSON object of \"folder\": \"human name\"")
     return mapping
 

@@ -29,10 +29,9 @@ from backend.model.checkpoint import CheckpointError, load_checkpoint
 
 from . import metrics as M
 from .augment import eval_transform
-from .data import DataError, manifest_records
+from .data import CLASSNAMES_DIR, DataError, manifest_records, read_classnames_file
 from .templates import ZERO_SHOT_TEMPLATES, fill
 
-CLASSNAMES_DIR = Path(__file__).resolve().parent / "classnames"
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "default": tuple(ZERO_SHOT_TEMPLATES),      # prompt ensemble
     "single": ("an aerial photo of {}.",),
@@ -77,20 +76,11 @@ def load_classnames(spec: str | os.PathLike | Mapping) -> dict[str, tuple[str, .
     """
     source = "class-name map"
     if not isinstance(spec, Mapping):
-        path = Path(spec)
-        if not path.is_file() and (CLASSNAMES_DIR / f"{spec}.json").is_file():
-            path = CLASSNAMES_DIR / f"{spec}.json"
-        if not path.is_file():
-            bundled = ", ".join(sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json")))
-            raise EvalError(f"class-name map {spec} does not exist (give a JSON file of folder -> name, "
-                            f"or a bundled map: {bundled})")
-        source = str(path)
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvalError(f"class-name map {path} is not valid JSON: {e}") from None
-        if not isinstance(spec, dict):
-            raise EvalError(f"class-name map {path} must be a JSON object of folder -> name")
+            spec, path = read_classnames_file(spec)
+        except DataError as e:
+            raise EvalError(str(e)) from None
+        source = str(path)
     out: dict[str, tuple[str, ...]] = {}
     for key, value in spec.items():
         names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
