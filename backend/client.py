@@ -132,10 +132,10 @@ def cmd_search(stub, args) -> int:
     response = stub.Search(request, metadata=_metadata(args.token), timeout=args.timeout)
     hits = []
     for rank, hit in enumerate(response.hits, 1):
-        item = {"rank": rank, "score": round(hit.score, 6), "raster_id": hit.raster_id, "raster_path": hit.raster_path,
+        item = {"rank": rank, "score": round(hit.score, 6), "raster": hit.raster_path, "raster_id": hit.raster_id,
                 "raster_name": hit.raster_name, "tile_id": hit.tile_id,
                 "window": [hit.window.x_off, hit.window.y_off, hit.window.width, hit.window.height],
-                "crs": hit.crs.authid or hit.crs.wkt, "bounds": _box(hit.bounds),
+                "crs": hit.crs.authid or hit.crs.wkt, "extent": _box(hit.bounds),
                 "bounds_wgs84": _box(hit.bounds_wgs84), "footprint_wkt": hit.footprint_wkt}
         if args.thumbnails and hit.thumbnail_png:
             folder = Path(args.thumbnails)
@@ -151,7 +151,7 @@ def cmd_search(stub, args) -> int:
         print(f"{len(hits)} hits for {args.query!r} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
         for h in hits:
-            b = h["bounds"]
+            b = h["extent"]
             print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']}  window {h['window']}  "
                   f"[{b[0]:.2f}, {b[1]:.2f}, {b[2]:.2f}, {b[3]:.2f}] {h['crs']}")
     return 0

@@ -17,7 +17,6 @@ does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench import save_results
 
 NAME = "backend"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -98,11 +99,14 @@ class _Server:
         cmd = [sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                "--port-file", str(self.port_file), "--data-dir", str(data_dir), "--device", "cpu",
                "--allow-root", str(root), "--log-level", "WARNING"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log_path = data_dir.parent / "server.log"
+        with open(self.log_path, "w") as log:   # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 300
         while not self.port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"benchmark server did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                self.proc.kill()
+                raise RuntimeError(f"benchmark server did not start: {self.log_path.read_text()}")
             time.sleep(0.1)
         import grpc
         from backend.rpc import skyprompt_pb2_grpc as pb_grpc
@@ -211,9 +215,7 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
         {"target": f"peak RSS indexing a {big_side}^2 raster under {RSS_TARGET_MB} MB",
          "result": "PASS" if results["large_raster"]["peak_rss_mb"] < RSS_TARGET_MB else "FAIL"},
     ]
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_results(results, NAME, out_dir)
     echo(report(results))
     return results
 

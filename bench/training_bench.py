@@ -7,7 +7,6 @@ or AMX) or on a GPU; elsewhere they are reported as not supported (`--force-bf16
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.precision import autocast_context, cpu_supports_bf16
 
+from . import save_results
 from .model_bench import NOT_SUPPORTED, _have, machine_info, make_batch, mammut_pytorch, time_interleaved
 
 NAME = "training"
@@ -82,10 +82,7 @@ def run(presets=("tiny", "small"), quick: bool = False, peers: bool = True, forc
         else:
             results["targets"].append({"target": goal, "result": "PASS" if row["vs_peer"] >= TARGETS[precision]
                                        else "FAIL", "value": row["vs_peer"]})
-    if results_dir is not None:
-        out = Path(results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_results(results, NAME, results_dir)
     echo(report(results))
     return results
 

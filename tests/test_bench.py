@@ -105,3 +105,59 @@ def test_training_bench_quick_tiny_writes_results(tmp_path):
     if not cpu_supports_bf16():
         assert rows["bf16"]["status"] == "not supported on this CPU"
         assert [t["result"] for t in res["targets"]][1] == "N/A"
+
+
+def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_config):
+    """Average precision on a known case; mosaic cells map back to their images' classes; one small
+    end-to-end run through a real server with a `tiny` (random) checkpoint."""
+    import numpy as np
+    import torch
+    from osgeo import gdal
+    from PIL import Image
+
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+    from backend.rpc import skyprompt_pb2 as pb
+    from bench import search_quality_bench as sq
+    from bench.backend_bench import _Server
+    from training.data import Record
+
+    # relevant at ranks 1 and 3 of 2 relevant items: (1/1 + 2/3) / 2
+    assert sq.average_precision([True, False, True, False], 2) == (1 + 2 / 3) / 2
+    assert sq.average_precision([False, False], 3) == 0.0
+
+    rng = np.random.default_rng(0)
+    records = []
+    for cls, colour in (("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))):
+        for i in range(4):
+            path = tmp_path / f"{cls}{i}.png"
+            pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path)
+            records.append(Record(str(path), ("x",), cls))
+    mosaic, classes = sq.build_mosaic(records, tmp_path / "m.tif")
+    ds = gdal.Open(str(mosaic))
+    assert ds.RasterXSize == ds.RasterYSize == 4 * sq.CHIP and classes.shape == (4, 4)
+    data = ds.ReadAsArray()
+    for r in range(4):
+        for c in range(4):
+            x = sq.ORIGIN[0] + (c + 0.5) * sq.CHIP * sq.PIXEL
+            y = sq.ORIGIN[1] - (r + 0.5) * sq.CHIP * sq.PIXEL
+            cls = sq.class_at(classes, x, y)
+            assert cls == classes[r, c]
+            if cls:   # the cell holds that class's colour
+                mean = data[:, r * sq.CHIP:(r + 1) * sq.CHIP, c * sq.CHIP:(c + 1) * sq.CHIP].mean(axis=(1, 2))
+                assert int(np.argmax(mean)) == ["red", "green", "blue"].index(cls)
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "tiny")
+    server = _Server(ckpt, tmp_path / "data", tmp_path)
+    try:
+        result = sq.evaluate_set(server.stub, pb, "toy", records, {"red": "red roofs", "blue": "blue water"},
+                                 tmp_path)
+    finally:
+        server.stop()
+    assert result["images"] == 12 and result["classes"] == 2
+    # tiles are resampled to 2 x the mosaic's pixel size: a 4-chip-wide mosaic is 4 * 256 / 2 px wide
+    assert result["tiles"] == (4 * sq.CHIP // 2 // tiny_config.image_size) ** 2
+    for v in result["per_class"].values():
+        assert 0.0 <= v["p_at_10"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 and v["images"] == 4

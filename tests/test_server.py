@@ -468,6 +468,10 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert len(found["results"]) == 4 and found["results"][0]["score"] >= found["results"][-1]["score"]
+    for hit in found["results"]:
+        assert Path(hit["raster"]).name in ("rgb_utm.tif", "grey16.tif") and hit["crs"] in ("EPSG:32633", "EPSG:3035")
+        xmin, ymin, xmax, ymax = hit["extent"]
+        assert xmin < xmax and ymin < ymax and len(hit["window"]) == 4 and hit["window"][2] > 0
     target = tmp_path / f"out{suffix}"
     out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--prompt",
                  "roads", "--threshold", "0.3", "--output", str(target))

@@ -1,0 +1,172 @@
+"""Search-quality benchmark: what users feel when they search a layer by text.
+
+For each validation split of the default recipe (RSSCN7, UC Merced, AID; the images the model did
+not train on):
+  1. build a georeferenced mosaic GeoTIFF: the images in a shuffled grid, 256 x 256 pixels each,
+     0.3 m pixels, in UTM zone 11N (EPSG:32611);
+  2. index it with the real backend (a server subprocess over gRPC), tiles resampled to 0.6 m so
+     one tile covers one image, as when a user picks a target resolution;
+  3. run one natural-language query per class (bench/search_queries.json: worded like a user,
+     not the class name);
+  4. report precision@10 and average precision per class and overall. A hit counts when the centre
+     of its footprint lies on an image of the query's class.
+Target: mean precision@10 >= 0.7. Needs ../shared/data; uses the bundled checkpoint (or --checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import save_results
+
+NAME = "search_quality"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+QUERIES = Path(__file__).resolve().parent / "search_queries.json"
+RECIPE = REPO / "training" / "recipes" / "default.json"
+CHIP = 256
+PIXEL = 0.3
+ORIGIN = (400000.0, 3800000.0)   # UTM 11N, southern California
+TARGET_P10 = 0.7
+
+
+def validation_records(recipe: Path = RECIPE, seed: int = 0) -> dict[str, list]:
+    """{set name: validation Records with classes}, exactly the split training held out."""
+    from training import recipe as recipes
+
+    sources = recipes.sources_from_args(str(recipe), [], [], [], [], 0)
+    _, val = recipes.build_sources(sources, seed=seed)
+    return {name: vs["records"] for name, vs in val.items() if vs["kind"] == "zero-shot"}
+
+
+def build_mosaic(records: list, path: Path, seed: int = 0) -> tuple[Path, np.ndarray]:
+    """A GeoTIFF of the images in a shuffled square grid; returns it and the class key of each cell
+    ([rows, cols], "" for empty cells)."""
+    from osgeo import gdal, osr
+    from PIL import Image
+
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    side = int(np.ceil(np.sqrt(len(order))))
+    classes = np.full((side, side), "", dtype=object)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), side * CHIP, side * CHIP, 3, gdal.GDT_Byte,
+                                              ["TILED=YES", "COMPRESS=DEFLATE"])
+    ds.SetGeoTransform((ORIGIN[0], PIXEL, 0.0, ORIGIN[1], 0.0, -PIXEL))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32611)
+    ds.SetSpatialRef(srs)
+    for i, record in enumerate(order):
+        r, c = divmod(i, side)
+        with Image.open(record.image) as im:
+            chip = np.asarray(im.convert("RGB").resize((CHIP, CHIP), Image.Resampling.BICUBIC))
+        for b in range(3):
+            ds.GetRasterBand(b + 1).WriteArray(chip[:, :, b], c * CHIP, r * CHIP)
+        classes[r, c] = record.class_name
+    ds = None
+    return path, classes
+
+
+def class_at(classes: np.ndarray, x: float, y: float) -> str:
+    col = int((x - ORIGIN[0]) / (CHIP * PIXEL))
+    row = int((ORIGIN[1] - y) / (CHIP * PIXEL))
+    if 0 <= row < classes.shape[0] and 0 <= col < classes.shape[1]:
+        return classes[row, col]
+    return ""
+
+
+def average_precision(relevant: list[bool], total_relevant: int) -> float:
+    hits, score = 0, 0.0
+    for rank, ok in enumerate(relevant, 1):
+        if ok:
+            hits += 1
+            score += hits / rank
+    return score / total_relevant if total_relevant else 0.0
+
+
+def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path) -> dict:
+    mosaic, classes = build_mosaic(records, work / f"{name}_mosaic.tif")
+    done = list(stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(mosaic)),
+                                                       target_resolution=2 * PIXEL, force=True)))[-1].result
+    n_tiles = done.tile_count
+    per_class = {}
+    for key, query in queries.items():
+        total = int((classes == key).sum())
+        if total == 0:
+            continue
+        hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[done.raster_id])).hits
+        relevant = []
+        for h in hits:
+            cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
+            relevant.append(class_at(classes, cx, cy) == key)
+        # every tile is ranked, so the relevant tiles are those of the ranking that lie on the class
+        per_class[key] = {"query": query, "images": total, "relevant_tiles": int(sum(relevant)),
+                          "p_at_10": float(np.mean(relevant[:10])), "ap": average_precision(relevant, sum(relevant))}
+    return {"images": len(records), "tiles": n_tiles, "classes": len(per_class),
+            "mean_p_at_10": float(np.mean([v["p_at_10"] for v in per_class.values()])),
+            "map": float(np.mean([v["ap"] for v in per_class.values()])), "per_class": per_class}
+
+
+def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets=None, echo=print) -> dict:
+    from backend.defaults import BUNDLED_CHECKPOINT
+    from backend.rpc import skyprompt_pb2 as pb
+
+    from .backend_bench import _Server
+
+    checkpoint = Path(checkpoint or BUNDLED_CHECKPOINT)
+    queries = json.loads(QUERIES.read_text())
+    val = validation_records()
+    work = Path(tempfile.mkdtemp(prefix="skyprompt-search-quality-"))
+    server = _Server(checkpoint, work / "data", work)
+    results = {"checkpoint": str(checkpoint), "sets": {}}
+    try:
+        for name in sets or [n for n in ("rsscn7", "ucm", "aid") if n in val]:
+            t = time.perf_counter()
+            results["sets"][name] = evaluate_set(server.stub, pb, name, val[name], queries[name], work)
+            results["sets"][name]["seconds"] = time.perf_counter() - t
+            r = results["sets"][name]
+            echo(f"{name}: {r['images']} images, mean P@10 {r['mean_p_at_10']:.3f}, mAP {r['map']:.3f}")
+    finally:
+        server.stop()
+    overall = [r["mean_p_at_10"] for r in results["sets"].values()]
+    results["targets"] = [{"target": f"mean precision@10 >= {TARGET_P10} on every set",
+                           "result": "PASS" if overall and min(overall) >= TARGET_P10 else "FAIL"}]
+    save_results(results, NAME, out_dir)
+    echo(report(results))
+    return results
+
+
+def report(results: dict) -> str:
+    lines = ["| set | images | classes | mean P@10 | mAP |", "|---|---|---|---|---|"]
+    for name, r in results["sets"].items():
+        lines.append(f"| {name} | {r['images']} | {r['classes']} | {r['mean_p_at_10']:.3f} | {r['map']:.3f} |")
+    lines.append("")
+    for name, r in results["sets"].items():
+        worst = sorted(r["per_class"].items(), key=lambda kv: kv[1]["ap"])[:3]
+        lines.append(f"{name} weakest: " + "; ".join(f"{k} \"{v['query']}\" P@10 {v['p_at_10']:.1f} AP {v['ap']:.2f}"
+                                                      for k, v in worst))
+    lines += [f"{t['result']:>4}  {t['target']}" for t in results["targets"]]
+    return "\n".join(lines)
+
+
+def main(args) -> dict | None:
+    from backend.defaults import BUNDLED_CHECKPOINT
+    if not (REPO.parent / "shared" / "data").is_dir() or not (BUNDLED_CHECKPOINT / "model.safetensors").exists():
+        print("search quality: skipped (needs ../shared/data and the bundled checkpoint)")
+        return None
+    return run(out_dir=getattr(args, "results_dir", RESULTS_DIR))
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--sets", default=None, help="comma-separated: rsscn7,ucm,aid")
+    a = parser.parse_args()
+    run(checkpoint=a.checkpoint, sets=a.sets.split(",") if a.sets else None)
+    sys.exit(0)
