@@ -508,3 +508,25 @@ def test_shared_ucm_and_aid():
     assert len(folder_records(SHARED_DATA / "aid", load_classnames("aid"))) == 8000
     pairs = data_mod.read_precomp(SHARED_DATA / "captions", "rsicd", "train")
     assert len(pairs) == 9828 and all(len(c) == 5 for _, c in pairs)
+
+
+def test_validation_lists_reproduce_the_split_for_the_evaluation_cli(class_folder, tmp_path):
+    from training import recipe as recipes
+    from training.evaluate import scan_folder
+
+    rows = [{"image": str(make_image(tmp_path / "m" / f"{i}.jpg", seed=i)), "class": "a" if i % 2 else "b",
+             "captions": [f"caption {i}"]} for i in range(6)]
+    manifest = write_jsonl(tmp_path / "m" / "captions.jsonl", rows)
+    names = {p.name: p.name.lower() for p in class_folder.iterdir() if p.is_dir()}
+    sources = [{"name": "scenes", "kind": "folder", "root": str(class_folder), "classnames": names, "val_per_class": 1},
+               {"name": "caps", "kind": "manifest", "path": str(manifest), "classnames": {"a": "a", "b": "b"},
+                "val_per_class": 1}]
+    _, val = recipes.build_sources(sources, seed=3)
+    written = recipes.write_validation_lists(sources, val, tmp_path / "val")
+    assert sorted(p.name for p in written) == ["caps.jsonl", "scenes.txt"]
+    # the folder split, read back the way `evaluate zero-shot --files` reads it
+    again = scan_folder(class_folder, names, files=tmp_path / "val" / "scenes.txt")
+    assert sorted(r.image for r in again) == sorted(r.image for r in val["scenes"]["records"])
+    held = [json.loads(line) for line in (tmp_path / "val" / "caps.jsonl").read_text().splitlines()]
+    assert sorted(h["image"] for h in held) == sorted(r.image for r in val["caps/retrieval"]["records"])
+    assert {h["class"] for h in held} == {"a", "b"}

@@ -102,7 +102,9 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                     taken = {r.image for r in D.manifest_records(s["exclude_manifest"])}
                     records = [r for r in records if r.image not in taken]
             else:
-                mapping = D.load_classnames(s["classnames"]) if s.get("classnames") else None
+                mapping = s.get("classnames") or None
+                if mapping is not None and not isinstance(mapping, dict):
+                    mapping = D.load_classnames(mapping)
                 records = D.manifest_records(s["path"])
         except (FileNotFoundError, ValueError) as e:
             raise RecipeError(str(e)) from None
@@ -117,6 +119,34 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
             if s["kind"] == "manifest":
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
     return train, val
+
+
+def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[Path]:
+    """Write each validation split so the evaluation CLI can reproduce the training's numbers:
+    `<name>.txt` (image paths relative to the source's folder, for `evaluate zero-shot --files`) and,
+    for manifest sources, `<name>.jsonl` (a manifest for `evaluate retrieval --manifest`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    roots = {s.get("name") or Path(s.get("root") or s.get("path") or "").stem: s for s in sources}
+    written = []
+    for name, vs in val_sets.items():
+        base = name.split("/")[0]
+        source = roots.get(base, {})
+        if vs["kind"] == "zero-shot" and source.get("kind") == "folder":
+            root = Path(source["root"]).resolve()
+            lines = [Path(r.image).resolve().relative_to(root).as_posix() for r in vs["records"]]
+            path = out / f"{base}.txt"
+            path.write_text("\n".join(lines) + "\n")
+        elif vs["kind"] == "retrieval":
+            path = out / f"{base}.jsonl"
+            with open(path, "w") as fh:
+                for r in vs["records"]:
+                    fh.write(json.dumps({"image": str(Path(r.image).resolve()), "class": r.class_name,
+                                         "captions": list(r.captions)}) + "\n")
+        else:
+            continue
+        written.append(path)
+    return written
 
 
 def caption_texts(train_sources: list[dict]):

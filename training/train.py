@@ -260,6 +260,8 @@ def train(cfg: TrainConfig) -> dict:
         else:
             log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
     train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
+    if is_main() and val_sets:
+        recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if model is None:
         if cfg.init_checkpoint:
             model, tokenizer = load_checkpoint(cfg.init_checkpoint)
