@@ -104,7 +104,7 @@ def relevance_map(rgb: np.ndarray, valid: np.ndarray, text_embeddings: np.ndarra
     acc = np.zeros((n_prompts, height, width), np.float32)
     wsum = np.zeros((height, width), np.float32)
     positions = [(y, x) for y in ys for x in xs]
-    batch = 16
+    batch = 32
     done = 0
     for start in range(0, total, batch):
         if cancelled():

@@ -4,8 +4,8 @@ For each validation split of the default recipe (RSSCN7, UC Merced, AID; the ima
 not train on):
   1. build a georeferenced mosaic GeoTIFF: the images in a shuffled grid, 256 x 256 pixels each,
      0.3 m pixels, in UTM zone 11N (EPSG:32611);
-  2. index it with the real backend (a server subprocess over gRPC), tiles resampled to 0.6 m so
-     one tile covers one image, as when a user picks a target resolution;
+  2. index it with the real backend (a server subprocess over gRPC), tiles resampled so one model
+     input covers one image (0.6 m for a 128 px model), as when a user picks a target resolution;
   3. run one natural-language query per class (bench/search_queries.json: worded like a user,
      not the class name);
   4. report precision@10 and average precision per class and overall. A hit counts when the centre
@@ -91,8 +91,10 @@ def average_precision(relevant: list[bool], total_relevant: int) -> float:
 
 def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path) -> dict:
     mosaic, classes = build_mosaic(records, work / f"{name}_mosaic.tif")
+    # tiles resampled so that one model input covers one chip, whatever the model's input size
+    tile = stub.GetInfo(pb.GetInfoRequest()).image_size
     done = list(stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(mosaic)),
-                                                       target_resolution=2 * PIXEL, force=True)))[-1].result
+                                                       target_resolution=CHIP * PIXEL / tile, force=True)))[-1].result
     n_tiles = done.tile_count
     per_class = {}
     for key, query in queries.items():

@@ -157,7 +157,7 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     finally:
         server.stop()
     assert result["images"] == 12 and result["classes"] == 2
-    # tiles are resampled to 2 x the mosaic's pixel size: a 4-chip-wide mosaic is 4 * 256 / 2 px wide
-    assert result["tiles"] == (4 * sq.CHIP // 2 // tiny_config.image_size) ** 2
+    # tiles are resampled so that one tile covers one chip: a 4 x 4 grid of chips is 16 tiles
+    assert result["tiles"] == 16
     for v in result["per_class"].values():
         assert 0.0 <= v["p_at_10"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 and v["images"] == 4

@@ -530,3 +530,18 @@ def test_validation_lists_reproduce_the_split_for_the_evaluation_cli(class_folde
     held = [json.loads(line) for line in (tmp_path / "val" / "caps.jsonl").read_text().splitlines()]
     assert sorted(h["image"] for h in held) == sorted(r.image for r in val["caps/retrieval"]["records"])
     assert {h["class"] for h in held} == {"a", "b"}
+
+
+def test_validation_lists_cli(class_folder, tmp_path, capsys):
+    from training import recipe as recipes
+
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({p.name: p.name.lower() for p in class_folder.iterdir() if p.is_dir()}))
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"sources": [{"name": "scenes", "kind": "folder", "root": str(class_folder),
+                                               "classnames": str(names), "val_per_class": 2}]}))
+    assert recipes.main([str(recipe), "--seed", "1", "--out", str(tmp_path / "val")]) == 0
+    lines = (tmp_path / "val" / "scenes.txt").read_text().split()
+    assert len(lines) == 2 * 3 and all((class_folder / line).is_file() for line in lines)
+    assert recipes.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "v2")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -464,7 +464,8 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert out.returncode == 0, out.stderr
     indexed = json.loads(out.stdout)
     assert [Path(r["raster_path"]).name for r in indexed] == ["rgb_utm.tif", "grey16.tif"]
-    out = client(server, "search", "--json", "green fields", "--k", "4")
+    out = client(server, "search", "--json", "green fields", "--k", "4", "--raster", str(rasters["rgb"]),
+                 "--raster", str(rasters["grey16"]))
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert len(found["results"]) == 4 and found["results"][0]["score"] >= found["results"][-1]["score"]

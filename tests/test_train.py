@@ -130,4 +130,4 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
     assert r.returncode == 2 and "one --classnames per --folder" in r.stderr
     r = _run(["--folder", str(folder), "--classnames", "nonexistent_map", "--out", str(tmp_path / "x"),
               "--preset", "tiny", "--steps", "1"])
-    assert r.returncode == 2 and "class-name map nonexistent_map not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "class-name map nonexistent_map does not exist" in r.stderr and "Traceback" not in r.stderr

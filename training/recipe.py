@@ -191,3 +191,29 @@ class Collate:
         keep = int((out["tokens"] != self.tokenizer.pad_id).sum(1).max())
         out["tokens"] = out["tokens"][:, :max(keep, 2)]
         return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m training.recipe",
+                                     description="Write a recipe's validation split (the images training holds out) as "
+                                                 "file lists and manifests for `python -m training.evaluate`.")
+    parser.add_argument("recipe", help="recipe JSON, e.g. training/recipes/default.json")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's --seed (default 0)")
+    parser.add_argument("--out", required=True, help="folder for <source>.txt / <source>.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        sources = sources_from_args(args.recipe, [], [], [], [], 0)
+        _, val = build_sources(sources, seed=args.seed)
+        for path in write_validation_lists(sources, val, args.out):
+            print(path)
+    except (RecipeError, D.DataError) as e:
+        print(f"training.recipe: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

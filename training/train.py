@@ -268,6 +268,9 @@ def train(cfg: TrainConfig) -> dict:
         else:
             tokenizer = _get_tokenizer(cfg, out, train_sources)
             overrides = {"vocab_size": max(tokenizer.vocab_size, 8)}
+            if cfg.image_size:
+                # the checkpoint records the resolution it learned at: the backend tiles at it
+                overrides["image_size"] = cfg.image_size
             if cfg.conv_stem:
                 overrides["patch_stem"] = "conv"
             model = MaMMUT(get_preset(cfg.preset, **overrides))
