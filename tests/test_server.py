@@ -42,8 +42,10 @@ def checkpoint(tmp_path_factory, tokenizer, tiny_config):
 class LiveServer:
     """A server subprocess; restartable on the same data dir."""
 
-    def __init__(self, checkpoint: Path, data_dir: Path, roots: list[Path], token: str | None = TOKEN):
+    def __init__(self, checkpoint: Path, data_dir: Path, roots: list[Path], token: str | None = TOKEN,
+                 extra: tuple[str, ...] = ()):
         self.checkpoint, self.data_dir, self.roots, self.token = checkpoint, data_dir, roots, token
+        self.extra = list(extra)
         self.proc = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
@@ -55,6 +57,7 @@ class LiveServer:
                "--max-message-mb", str(MAX_MESSAGE_MB)]
         for root in self.roots:
             cmd += ["--allow-root", str(root)]
+        cmd += self.extra
         env = {**os.environ, "SKYPROMPT_TOKEN": self.token or ""}
         if not self.token:
             env.pop("SKYPROMPT_TOKEN")
@@ -539,3 +542,26 @@ def test_random_requests_never_break_the_server(server, rasters):
     assert server.proc.poll() is None
     after = server.stub.GetInfo(p.GetInfoRequest(), metadata=server.metadata).index_stats
     assert (after.raster_count, after.tile_count) == (before.raster_count, before.tile_count)
+
+
+def test_tls_server_with_the_cli(checkpoint, rasters, tmp_path):
+    """A TLS server (self-signed certificate for 127.0.0.1): the CLI connects with --tls-ca; a
+    plaintext client does not get through."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    live = LiveServer(checkpoint, tmp_path / "data", [rasters["folder"]],
+                      extra=("--tls-cert", str(cert), "--tls-key", str(key))).start()
+    try:
+        out = client(live, "info", "--json", "--tls-ca", str(cert))
+        assert out.returncode == 0, out.stderr
+        assert "tls" in json.loads(out.stdout)["capabilities"]
+        plain = client(live, "info", "--json")
+        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+    finally:
+        live.stop()
