@@ -269,7 +269,21 @@ def cmd_caption(stub, args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
+def cmd_remove(stub, args) -> int:
+    removed = []
+    for item in args.rasters:
+        request = pb.RemoveRasterRequest(raster_id=item) if item.isdigit() else \
+            pb.RemoveRasterRequest(raster_path=os.path.abspath(item))
+        r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
+        removed.append({"raster_id": r.raster_id, "raster_name": r.raster_name, "tiles_removed": r.tiles_removed})
+        if not args.json:
+            print(f"removed {r.raster_name} (id {r.raster_id}, {r.tiles_removed} tiles) from the index")
+    if args.json:
+        _print_json(removed)
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "remove": cmd_remove, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +307,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-index even if unchanged")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
     p.add_argument("--resolution", type=float, default=None, help="ground resolution to tile at (map units/pixel)")
+    p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")
+    p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster ids or paths")
     p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")
     p.add_argument("query", help="what to look for, e.g. \"tennis courts\"")
     p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")

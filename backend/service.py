@@ -569,6 +569,27 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                     embeddings=[pb.Embedding(values=v.tolist()) for v in vectors])
 
 
+    # -- RemoveRaster --
+    @unary
+    def RemoveRaster(self, request, context):
+        self._check_serving()
+        rid, path = request.raster_id.strip(), request.raster_path.strip()
+        if bool(rid) == bool(path):
+            raise _bad("give exactly one of raster_id and raster_path")
+        if rid:
+            if not rid.isdigit():
+                raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers)")
+            entry = self.index.raster(int(rid))
+        else:
+            entry = self.index.raster_by_path(os.path.abspath(path))
+            if entry is None:
+                raise RequestError("not_found", f"raster '{path}' is not in the index; nothing to remove")
+        self.index.remove_raster(int(entry["id"]))
+        log.info("removed %s (%d tiles) from the index", entry["name"], entry["tile_count"])
+        return pb.RemoveRasterResponse(raster_id=str(entry["id"]), raster_name=entry["name"],
+                                       tiles_removed=entry["tile_count"])
+
+
 def _tile_dict(tile) -> dict:
     return {"col": tile.col, "row": tile.row, "width": tile.width, "height": tile.height, "bounds": tile.bounds,
             "bounds_wgs84": tile.bounds_wgs84 or tile.bounds, "footprint_wkt": tile.footprint_wkt,

@@ -30,6 +30,7 @@ EXPECTED_METHODS = {
     "Segment": ("SegmentRequest", "SegmentEvent", False, True),
     "Caption": ("CaptionRequest", "CaptionResponse", False, False),
     "EmbedText": ("EmbedTextRequest", "EmbedTextResponse", False, False),
+    "RemoveRaster": ("RemoveRasterRequest", "RemoveRasterResponse", False, False),
 }
 
 
@@ -166,7 +167,7 @@ def test_repo_stubs_are_current_and_import(package, built_stubs):
 
 # (c) ------------------------------------------------------------------------------------------
 
-def test_service_has_exactly_the_six_methods(built_stubs):
+def test_service_has_exactly_the_seven_methods(built_stubs):
     _, pb2, _ = built_stubs
     service = descriptor_pb2.ServiceDescriptorProto()
     pb2.DESCRIPTOR.services_by_name["SkyPrompt"].CopyToProto(service)

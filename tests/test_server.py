@@ -491,6 +491,28 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert out.returncode == 0 and out.stdout.strip() is not None
 
 
+def test_remove_raster_by_path_and_id(server, rasters):
+    p = pb()
+    first = index(server, rasters["grey16"])[-1].result
+    out = client(server, "remove", "--json", str(rasters["grey16"]))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"raster_id": first.raster_id, "raster_name": "grey16.tif",
+                                       "tiles_removed": first.tile_count}]
+    code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_ids=[first.raster_id]),
+                                                       metadata=server.metadata))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert rasters["grey16"].exists()          # the file itself is never touched
+    again = index(server, rasters["grey16"])[-1].result
+    assert again.outcome == p.INDEX_OUTCOME_INDEXED
+    removed = server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=again.raster_id), metadata=server.metadata)
+    assert removed.tiles_removed == again.tile_count
+    for request, expected in ((p.RemoveRasterRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+                              (p.RemoveRasterRequest(raster_id="1", raster_path="/x"), grpc.StatusCode.INVALID_ARGUMENT),
+                              (p.RemoveRasterRequest(raster_id=again.raster_id), grpc.StatusCode.NOT_FOUND),
+                              (p.RemoveRasterRequest(raster_path="/nowhere.tif"), grpc.StatusCode.NOT_FOUND)):
+        assert code_of(lambda: server.stub.RemoveRaster(request, metadata=server.metadata))[0] == expected
+
+
 def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     out = client(server, "search", "   ")
     assert out.returncode != 0 and "INVALID_ARGUMENT" in out.stderr and "Traceback" not in out.stderr
