@@ -295,7 +295,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             writer = self.index.writer(identity, self.engine.checkpoint_hash, settings, meta, self.engine.embed_dim)
             try:
                 for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
-                                                            cancelled):
+                                                            total, cancelled):
                     if tiles:
                         embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled)
                         writer.add([_tile_dict(t) for t in tiles], embeddings)
@@ -322,11 +322,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                      time.monotonic() - started)
             yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
 
-    def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, cancelled):
+    def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, plan_total, cancelled):
         """Yield (tiles, pixels, tiles seen so far) in batches, read by a background thread, so
         GDAL reads of the next batch overlap with embedding this one."""
         tile_iter = raster.iter_tiles_with_pixels(size, overlap, resolution, extent, min_valid)
-        plan_total = raster.count_tiles(size, overlap, resolution, extent)
         batches: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -409,9 +408,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                 f"IndexResult.raster_id)")
         cancelled = self._cancelled(context)
         vector = self.engine.embed_texts([query], cancelled=cancelled)[0]
-        exact = request.mode != pb.SEARCH_MODE_APPROXIMATE
-        if request.mode == pb.SEARCH_MODE_UNSPECIFIED:
-            exact = False  # the index answers exactly below its ANN threshold anyway
+        # unspecified = the server's choice: the index is exact below its ANN threshold anyway
+        exact = request.mode == pb.SEARCH_MODE_EXACT
         hits = self.index.search(vector, k, self.engine.checkpoint_hash,
                                  raster_ids=[int(r) for r in raster_ids] or None,
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
