@@ -1,0 +1,146 @@
+"""The plugin's side of the wire: one connection to a SkyPrompt backend.
+
+Pure Python (no QGIS): the dock, the QgsTasks and the Processing algorithms all call the backend
+through `BackendConnection`, so every gRPC detail lives here. gRPC is imported lazily: the plugin
+must load, and explain what is missing, in a QGIS whose Python has no grpc.
+
+Failures become `BackendError` with the server's status name and message, ready for the message
+bar. The health check speaks grpc.health.v1 by hand (an empty request; the response's field 1 is
+the status), so the plugin needs no grpcio-health-checking package.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+MAX_MESSAGE = 256 * 1024 * 1024
+HEALTH_METHOD = "/grpc.health.v1.Health/Check"
+SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
+_HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
+
+
+class BackendError(Exception):
+    """A failed call: `code` is the gRPC status name ("INVALID_ARGUMENT", ...), `message` the server's words."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}" if code else message)
+        self.code = code
+        self.message = message
+
+
+def _parse_health(data: bytes) -> str:
+    # HealthCheckResponse { ServingStatus status = 1; }: varint field 1, or empty for 0 (UNKNOWN)
+    if not data:
+        return "UNKNOWN"
+    if data[0] == 0x08 and len(data) >= 2:
+        return _HEALTH_STATUS.get(data[1], "UNKNOWN")
+    return "UNKNOWN"
+
+
+class BackendConnection:
+    """A channel to `address` ("host:port"), with the bearer token and TLS settings of the plugin.
+
+    tls_ca: None = plaintext; "" = TLS with the system's root certificates; else a PEM file.
+    """
+
+    def __init__(self, address: str, token: str | None = None, tls_ca: str | None = None):
+        import grpc
+
+        from .rpc import skyprompt_pb2 as pb
+        from .rpc import skyprompt_pb2_grpc as pb_grpc
+
+        self.address = address
+        self._grpc, self.pb = grpc, pb
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if tls_ca is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            root = open(tls_ca, "rb").read() if tls_ca else None
+            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
+        self.stub = pb_grpc.SkyPromptStub(self.channel)
+        self._health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=lambda b: b,
+                                                response_deserializer=lambda b: b)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "BackendConnection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _error(self, error) -> BackendError:
+        code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
+        message = error.details() if hasattr(error, "details") and error.details() else str(error)
+        if code == "UNAVAILABLE" and "connect" in message.lower():
+            message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
+        return BackendError(code, message)
+
+    # -- health --
+    def health(self, timeout: float = 2.0) -> str:
+        """SERVING, NOT_SERVING, UNKNOWN, or UNREACHABLE when nothing answers."""
+        try:
+            return _parse_health(self._health(b"", timeout=timeout))
+        except self._grpc.RpcError as e:
+            return NOT_SERVING if e.code() == self._grpc.StatusCode.NOT_FOUND else UNREACHABLE
+
+    def wait_until_serving(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not cancelled():
+            if self.health(timeout=1.0) == SERVING:
+                return True
+            time.sleep(0.2)
+        return False
+
+    # -- calls --
+    def _unary(self, method: str, request, timeout: float | None):
+        try:
+            return getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout)
+        except self._grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _stream(self, method: str, request, cancelled: Callable[[], bool]) -> Iterator:
+        call = getattr(self.stub, method)(request, metadata=self._metadata)
+        try:
+            for message in call:
+                if cancelled():
+                    call.cancel()
+                    raise BackendError("CANCELLED", "cancelled")
+                yield message
+        except self._grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def info(self, timeout: float = 10.0):
+        return self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)
+
+    def index(self, request, progress: Callable[[object], None] | None = None,
+              cancelled: Callable[[], bool] = lambda: False):
+        """Run IndexRaster; progress(IndexProgress) for every message; the IndexResult at the end."""
+        for message in self._stream("IndexRaster", request, cancelled):
+            if progress:
+                progress(message)
+            if message.done:
+                return message.result
+        raise BackendError("UNKNOWN", "the server ended indexing without a result")
+
+    def search(self, request, timeout: float | None = 60.0):
+        return self._unary("Search", request, timeout)
+
+    def segment(self, request, progress: Callable[[object], None] | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> list:
+        """Run Segment; progress(SegmentProgress) while it works; the SegmentResults in prompt order."""
+        results = []
+        for event in self._stream("Segment", request, cancelled):
+            if event.HasField("result"):
+                results.append(event.result)
+            elif progress:
+                progress(event.progress)
+        return results
+
+    def caption(self, request, timeout: float | None = 120.0):
+        return self._unary("Caption", request, timeout)
+
+    def remove(self, request, timeout: float | None = 30.0):
+        return self._unary("RemoveRaster", request, timeout)
