@@ -206,7 +206,7 @@ class ModelEngine:
                     if other is None:
                         self._stopped.set()
                         break
-                    if other.kind == job.kind and other.settings == job.settings and size + len(other.items) <= max(limit, size):
+                    if other.kind == job.kind and other.settings == job.settings and size + len(other.items) <= limit:
                         batch.append(other)
                         size += len(other.items)
                     else:

@@ -415,6 +415,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate)
+        mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:
             msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
                                raster_path="" if hit.raster_path.startswith("pixels:") else hit.raster_path,
@@ -424,20 +425,22 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
                                footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
             if request.include_thumbnails:
-                msg.thumbnail_png = self._thumbnail(hit, thumb)
+                msg.thumbnail_png = self._thumbnail(hit, thumb, mappings)
         out.seconds = time.monotonic() - started
         return out
 
-    def _thumbnail(self, hit, side: int) -> bytes:
+    def _thumbnail(self, hit, side: int, mappings: dict) -> bytes:
         if hit.raster_path.startswith("pixels:"):
             return b""
         try:
-            entry = self.index.raster(hit.raster_id)
-            settings = entry.get("settings") or {}
-            red, green, blue = settings.get("bands") or (0, 0, 0)
-            stretch = settings.get("stretch")
-            mapping = BandMapping(red=red, green=green, blue=blue, stretch_low=stretch[0] if stretch else None,
-                                  stretch_high=stretch[1] if stretch else None)
+            if hit.raster_id not in mappings:
+                settings = self.index.raster(hit.raster_id).get("settings") or {}
+                red, green, blue = settings.get("bands") or (0, 0, 0)
+                stretch = settings.get("stretch")
+                mappings[hit.raster_id] = BandMapping(red=red, green=green, blue=blue,
+                                                      stretch_low=stretch[0] if stretch else None,
+                                                      stretch_high=stretch[1] if stretch else None)
+            mapping = mappings[hit.raster_id]
             with open_raster(hit.raster_path, bands=mapping, allowed_roots=self.allowed_roots) as raster:
                 scale = side / max(hit.width, hit.height)
                 out = (max(1, round(hit.width * scale)), max(1, round(hit.height * scale)))

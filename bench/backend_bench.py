@@ -113,17 +113,17 @@ class _Server:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port_file.read_text()}")
         self.stub = pb_grpc.SkyPromptStub(self.channel)
 
-    def peak_rss_mb(self) -> float:
+    def _status_mb(self, field: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM")
+
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return self._status_mb("VmRSS")
 
     def stop(self) -> None:
         self.channel.close()

@@ -487,8 +487,10 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert same_crs(layer.GetSpatialRef(), srs_of(gdal.Open(str(rasters["rgb"])).GetProjection()))
     prompts = {f.GetField("prompt") for f in layer}
     assert prompts <= {"trees", "roads"}
-    out = client(server, "caption", "--raster", str(rasters["rgb"]))
-    assert out.returncode == 0 and out.stdout.strip() is not None
+    out = client(server, "caption", "--json", "--raster", str(rasters["rgb"]))
+    assert out.returncode == 0, out.stderr
+    described = json.loads(out.stdout)
+    assert described["crs"] == "EPSG:32633" and described["mean_log_prob"] <= 0 and isinstance(described["caption"], str)
 
 
 def test_remove_raster_by_path_and_id(server, rasters):
