@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default serve
+.PHONY: help setup check-debian proto test bench clean train-default serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -18,6 +18,8 @@ help:
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
+	@echo "make plugin-zip  build dist/skyprompt.zip, the QGIS plugin to install"
+	@echo "make screenshots  redraw the README screenshot of the plugin (docs/images/)"
 	@echo "make clean   remove build output (keeps .venv)"
 
 check-debian:
@@ -69,3 +71,9 @@ serve: setup
 clean:
 	rm -rf build backend/rpc plugin/rpc .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+plugin-zip: setup
+	$(PY) tools/build_plugin_zip.py
+
+screenshots: setup
+	xvfb-run -a $(PY) tools/screenshots.py

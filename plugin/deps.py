@@ -1,0 +1,154 @@
+"""The plugin's Python dependencies (grpcio, protobuf): check, private folder, install with pip.
+
+QGIS runs plugins in its own Python (on Debian the system one), which often has no grpc, or a
+protobuf older than the one the bundled stubs were generated for. So the check imports the stubs
+themselves, not just `grpc`. Missing packages are installed with pip into a folder private to the
+plugin (outside the plugin folder, so reinstalling the plugin keeps them), which goes first on
+sys.path. Nothing here imports QGIS: the plugin passes the folder in.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+RPC_DIR = Path(__file__).resolve().parent / "rpc"
+
+
+class DependencyError(RuntimeError):
+    """The dependencies could not be installed; the message says why and what to do."""
+
+
+def private_folder(settings_dir: str | os.PathLike) -> Path:
+    """Where pip puts the plugin's packages: per Python version, since wheels are built per version."""
+    return Path(settings_dir) / "skyprompt" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def activate(folder: str | os.PathLike) -> bool:
+    """Put `folder` first on sys.path (if it exists); True when it was added now."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        return False
+    if folder in sys.path:
+        sys.path.remove(folder)
+        sys.path.insert(0, folder)
+        return False
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    return True
+
+
+def _stub_versions() -> tuple[str | None, str | None]:
+    """(protobuf, grpcio) versions the generated stubs were made with, read from their headers."""
+    proto = grpc = None
+    try:
+        m = re.search(r"Protobuf Python Version: ([\d.]+)", (RPC_DIR / "skyprompt_pb2.py").read_text())
+        proto = m.group(1) if m else None
+        m = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", (RPC_DIR / "skyprompt_pb2_grpc.py").read_text())
+        grpc = m.group(1) if m else None
+    except OSError:
+        pass
+    return proto, grpc
+
+
+def requirements() -> list[str]:
+    """pip requirement strings that satisfy the bundled stubs."""
+    proto, grpc = _stub_versions()
+    reqs = [f"grpcio>={grpc}" if grpc else "grpcio"]
+    if proto:
+        major = int(proto.split(".")[0])
+        reqs.append(f"protobuf>={proto},<{major + 1}")
+    else:
+        reqs.append("protobuf")
+    return reqs
+
+
+def missing() -> str | None:
+    """None when grpc and the stubs import; else a sentence saying what is wrong."""
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        return "the Python package grpcio is not installed in QGIS's Python"
+    try:
+        from .rpc import skyprompt_pb2, skyprompt_pb2_grpc  # noqa: F401
+    except ImportError as e:
+        if "protobuf" in str(e).lower() or "google" in str(e).lower():
+            return f"the Python package protobuf is missing or too old in QGIS's Python ({e})"
+        return f"the plugin's gRPC stubs do not import ({e}); reinstall the plugin"
+    except Exception as e:  # protobuf's gencode check raises VersionError, a plain Exception subclass
+        return f"the installed protobuf is older than the plugin needs ({e})"
+    return None
+
+
+def _forget_failed_imports() -> None:
+    """Drop half-imported modules so a retry after installing imports them afresh."""
+    for name in list(sys.modules):
+        if name == "grpc" or name.startswith(("grpc.", "google", f"{__package__}.rpc")):
+            del sys.modules[name]
+
+
+def python_executable() -> str:
+    """The interpreter QGIS runs (sys.executable is the qgis binary on some platforms)."""
+    exe = Path(sys.executable)
+    if exe.name.startswith("python"):
+        return str(exe)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (Path(sys.exec_prefix) / "bin" / version, Path(sys.exec_prefix) / "python.exe",
+                      shutil.which(version), shutil.which("python3")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    raise DependencyError(f"cannot find the Python interpreter of this QGIS (looked for {version})")
+
+
+def _run(cmd: list[str], log: Callable[[str], None]) -> int:
+    log("$ " + " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with proc.stdout:
+        for line in proc.stdout:
+            log(line.rstrip())
+    return proc.wait()
+
+
+def _pip_works(python: str) -> bool:
+    return subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0
+
+
+def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_args: list[str] | None = None,
+            log: Callable[[str], None] = print, python: str | None = None) -> None:
+    """pip install `packages` (default: requirements()) into `folder`, then make them importable.
+
+    Uses `python -m pip` of QGIS's interpreter; where that has no pip (Debian without python3-pip),
+    a throwaway virtual environment supplies one. Raises DependencyError with pip's last words.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    python = python or python_executable()
+    packages = packages or requirements()
+    with tempfile.TemporaryDirectory(prefix="skyprompt-pip-") as tmp:
+        pip_python = python
+        if not _pip_works(python):
+            log("this Python has no pip: making a temporary environment that has one")
+            if _run([python, "-m", "venv", tmp], log) != 0:
+                raise DependencyError("QGIS's Python has no pip and cannot make a virtual environment; "
+                                      "install pip (Debian: apt install python3-pip) and try again")
+            pip_python = str(Path(tmp) / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+        lines: list[str] = []
+
+        def keep(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        cmd = [pip_python, "-m", "pip", "install", "--upgrade", "--target", str(folder),
+               "--disable-pip-version-check", "--no-warn-script-location", *(pip_args or []), *packages]
+        if _run(cmd, keep) != 0:
+            tail = "\n".join(lines[-5:])
+            raise DependencyError(f"pip could not install {' '.join(packages)} into {folder}:\n{tail}")
+    activate(folder)
+    _forget_failed_imports()
+

@@ -1,0 +1,607 @@
+"""The SkyPrompt dock: a connection bar and three tabs (Search, Segment, Describe).
+
+Every backend call runs in a BackendTask; the dock only prepares inputs on the main thread (layer
+paths, pixel readers, extents) and turns answers into layers in the task's finished(). `taskDone`
+fires after each answer is shown, with the kind ("health", "index", "search", "segment", "caption",
+"install") and the error (None on success).
+"""
+from __future__ import annotations
+
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+                       QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
+from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
+from qgis.PyQt.QtGui import QIcon, QPixmap
+from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidget, QDoubleSpinBox, QFormLayout,
+                                 QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPlainTextEdit,
+                                 QProgressBar, QPushButton, QSpinBox, QTabWidget, QCheckBox, QVBoxLayout, QWidget)
+
+from . import deps, operations, results
+from .local_backend import LocalBackend
+from .settings import LOG_TAG, PluginSettings
+from .sources import SourceError, prepare_source, to_layer_crs
+from .tasks import BackendTask, start
+
+LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
+          "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
+          "MISSING": ("#999999", "packages missing")}
+
+
+class SettingsDialog(QDialog):
+    """Token, TLS and the local backend's command; saved to QgsSettings on OK."""
+
+    def __init__(self, settings: PluginSettings, parent=None):
+        super().__init__(parent)
+        self.setWindowTitle("SkyPrompt settings")
+        self.settings = settings
+        form = QFormLayout(self)
+        self.token = QLineEdit(settings.token)
+        self.token.setEchoMode(QLineEdit.Password)
+        self.use_tls = QCheckBox("Use TLS")
+        self.use_tls.setChecked(settings.use_tls)
+        self.tls_ca = QgsFileWidget()
+        self.tls_ca.setFilePath(settings.tls_ca)
+        self.tls_ca.setFilter("PEM certificates (*.pem *.crt)")
+        self.python = QLineEdit(settings.python)
+        self.python.setToolTip("Python (or command) that runs `-m backend serve`, e.g. /path/to/.venv/bin/python")
+        self.backend_dir = QgsFileWidget()
+        self.backend_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.backend_dir.setFilePath(settings.backend_dir)
+        self.checkpoint = QgsFileWidget()
+        self.checkpoint.setStorageMode(QgsFileWidget.GetDirectory)
+        self.checkpoint.setFilePath(settings.checkpoint)
+        self.device = QComboBox()
+        self.device.setEditable(True)
+        self.device.addItems(["auto", "cpu", "cuda", "cuda:0", "cuda:1"])
+        self.device.setCurrentText(settings.device)
+        self.max_side = QSpinBox()
+        self.max_side.setRange(256, 16384)
+        self.max_side.setValue(settings.max_pixel_side)
+        form.addRow("Token", self.token)
+        form.addRow("", self.use_tls)
+        form.addRow("CA certificate", self.tls_ca)
+        form.addRow("Backend Python", self.python)
+        form.addRow("Backend folder", self.backend_dir)
+        form.addRow("Checkpoint (empty = bundled)", self.checkpoint)
+        form.addRow("Device", self.device)
+        form.addRow("Max side of layers sent as pixels", self.max_side)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+    def accept(self) -> None:
+        s = self.settings
+        s.token, s.use_tls, s.tls_ca = self.token.text(), self.use_tls.isChecked(), self.tls_ca.filePath()
+        s.python, s.backend_dir = self.python.text().strip() or "python3", self.backend_dir.filePath()
+        s.checkpoint, s.device = self.checkpoint.filePath(), self.device.currentText().strip() or "auto"
+        s.max_pixel_side = self.max_side.value()
+        s.save()
+        super().accept()
+
+
+class SkyPromptDock(QDockWidget):
+    taskDone = pyqtSignal(str, object)
+
+    def __init__(self, iface, deps_folder: str, parent=None):
+        super().__init__("SkyPrompt", parent)
+        self.setObjectName("SkyPromptDock")
+        self.iface = iface
+        self.canvas = iface.mapCanvas()
+        self.deps_folder = deps_folder
+        self.settings = PluginSettings.load()
+        self.tasks: set[QgsTask] = set()
+        self.indexed: dict[str, str] = {}      # layer id -> raster id
+        self.hits = []
+        self.last_layer = None                 # the last result layer added
+        self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        self.backend = LocalBackend(self)
+        self.backend.serving.connect(self._backend_serving)
+        self.backend.failed.connect(lambda m: self._message(m, Qgis.Critical))
+        self.backend.stopped.connect(self._backend_stopped)
+        self.extent_tool = QgsMapToolExtent(self.canvas)
+        self.extent_tool.extentChanged.connect(self._rectangle_drawn)
+        self._previous_tool = None
+        self._build()
+        QgsProject.instance().layersAdded.connect(self.refresh_layers)
+        QgsProject.instance().layersRemoved.connect(self.refresh_layers)
+        self.refresh_layers()
+        self.check_dependencies()
+
+    # -- building the widgets --
+    def _build(self) -> None:
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        bar = QHBoxLayout()
+        self.address = QLineEdit(self.settings.address)
+        self.address.setToolTip("host:port of the SkyPrompt backend")
+        self.address.editingFinished.connect(self._address_edited)
+        self.light = QLabel()
+        self.check_button = QPushButton("Check")
+        self.check_button.clicked.connect(self.refresh_health)
+        self.start_button = QPushButton("Start local backend")
+        self.start_button.clicked.connect(self.toggle_backend)
+        self.settings_button = QPushButton("Settings…")
+        self.settings_button.clicked.connect(self.open_settings)
+        for w in (self.light, self.address, self.check_button):
+            bar.addWidget(w)
+        layout.addLayout(bar)
+        bar2 = QHBoxLayout()
+        bar2.addWidget(self.start_button)
+        bar2.addWidget(self.settings_button)
+        layout.addLayout(bar2)
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+        layout.addWidget(self.info)
+        self.deps_box = QWidget()
+        deps_layout = QHBoxLayout(self.deps_box)
+        self.deps_label = QLabel()
+        self.deps_label.setWordWrap(True)
+        self.install_button = QPushButton("Install grpcio + protobuf")
+        self.install_button.clicked.connect(self.install_dependencies)
+        deps_layout.addWidget(self.deps_label, 1)
+        deps_layout.addWidget(self.install_button)
+        layout.addWidget(self.deps_box)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self._search_tab(), "Search")
+        self.tabs.addTab(self._segment_tab(), "Segment")
+        self.tabs.addTab(self._describe_tab(), "Describe")
+        layout.addWidget(self.tabs, 1)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self.cancel_all)
+        row = QHBoxLayout()
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.cancel_button)
+        layout.addLayout(row)
+        self._set_busy(False)
+        self.setWidget(body)
+        self._show_light("UNKNOWN")
+
+    def _search_tab(self) -> QWidget:
+        tab = QWidget()
+        v = QVBoxLayout(tab)
+        v.addWidget(QLabel("Raster layers to search"))
+        self.layer_list = QListWidget()
+        self.layer_list.setMaximumHeight(110)
+        v.addWidget(self.layer_list)
+        self.index_button = QPushButton("Index")
+        self.index_button.setToolTip("Tile the checked layers and store their embeddings in the backend")
+        self.index_button.clicked.connect(self.index_layers)
+        v.addWidget(self.index_button)
+        row = QHBoxLayout()
+        self.query = QLineEdit()
+        self.query.setPlaceholderText("e.g. parking lots next to a highway")
+        self.query.returnPressed.connect(self.search)
+        self.k = QSpinBox()
+        self.k.setRange(1, 1000)
+        self.k.setValue(self.settings.k)
+        self.k.setPrefix("k ")
+        self.search_button = QPushButton("Search")
+        self.search_button.clicked.connect(self.search)
+        row.addWidget(self.query, 1)
+        row.addWidget(self.k)
+        row.addWidget(self.search_button)
+        v.addLayout(row)
+        self.result_list = QListWidget()
+        self.result_list.setIconSize(QSize(64, 64))
+        self.result_list.itemClicked.connect(self.zoom_to_result)
+        v.addWidget(self.result_list, 1)
+        return tab
+
+    def _segment_tab(self) -> QWidget:
+        tab = QWidget()
+        form = QFormLayout(tab)
+        self.prompts = QLineEdit()
+        self.prompts.setPlaceholderText("buildings, trees")
+        self.segment_layer = QgsMapLayerComboBox()
+        self.segment_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.area = QComboBox()
+        self.area.addItems(["Canvas extent", "Drawn rectangle"])
+        self.draw_button = QPushButton("Draw rectangle")
+        self.draw_button.clicked.connect(self.draw_rectangle)
+        self.threshold = QDoubleSpinBox()
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(self.settings.threshold)
+        self.min_area = QDoubleSpinBox()
+        self.min_area.setRange(0.0, 1e9)
+        self.min_area.setSuffix(" m²")
+        self.min_area.setValue(self.settings.min_area_m2)
+        self.output = QgsFileWidget()
+        self.output.setStorageMode(QgsFileWidget.SaveFile)
+        self.output.setFilter("GeoPackage (*.gpkg)")
+        self.output.lineEdit().setPlaceholderText("[memory layer]")
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.clicked.connect(self.segment)
+        form.addRow("Prompts", self.prompts)
+        form.addRow("Layer", self.segment_layer)
+        area_row = QHBoxLayout()
+        area_row.addWidget(self.area, 1)
+        area_row.addWidget(self.draw_button)
+        form.addRow("Area", area_row)
+        form.addRow("Threshold", self.threshold)
+        form.addRow("Minimum area", self.min_area)
+        form.addRow("Output", self.output)
+        form.addRow(self.segment_button)
+        return tab
+
+    def _describe_tab(self) -> QWidget:
+        tab = QWidget()
+        v = QVBoxLayout(tab)
+        self.describe_layer = QgsMapLayerComboBox()
+        self.describe_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.describe_button = QPushButton("Describe current view")
+        self.describe_button.clicked.connect(self.describe)
+        self.caption = QPlainTextEdit()
+        self.caption.setReadOnly(True)
+        v.addWidget(self.describe_layer)
+        v.addWidget(self.describe_button)
+        v.addWidget(self.caption, 1)
+        return tab
+
+    # -- feedback --
+    def _message(self, text: str, level=Qgis.Info, duration: int = 8) -> None:
+        self.iface.messageBar().pushMessage("SkyPrompt", text, level, duration)
+        QgsMessageLog.logMessage(text, LOG_TAG, level)
+
+    def _show_light(self, state: str) -> None:
+        colour, words = LIGHTS.get(state, LIGHTS["UNKNOWN"])
+        self.light.setText(f"<span style='color:{colour}; font-size:16px'>●</span>")
+        self.light.setToolTip(words)
+        self.health_state = state
+
+    def _set_busy(self, busy: bool) -> None:
+        self.progress.setVisible(busy)
+        self.cancel_button.setVisible(busy)
+        if not busy:
+            self.progress.setValue(0)
+
+    def _task(self, kind: str, description: str, work, shown) -> BackendTask | None:
+        """Start a BackendTask whose answer goes to shown(result) and ends with taskDone(kind, error)."""
+        if self.deps_problem:
+            self._message(f"cannot call the backend: {self.deps_problem}", Qgis.Warning)
+            self.taskDone.emit(kind, self.deps_problem)
+            return None
+
+        def done(result, error):
+            self._set_busy(any(t.status() in (QgsTask.Queued, QgsTask.Running) for t in self.tasks if t is not task))
+            if error is None:
+                try:
+                    shown(result)
+                except Exception as e:  # a bad answer must not leave the dock half-updated silently
+                    error = e
+                    self._message(f"{description}: {e}", Qgis.Critical)
+            elif error.code != "CANCELLED":
+                self._message(f"{description} failed: {error.message}", Qgis.Critical)
+            for note in task.notes:
+                self._message(note, Qgis.Warning)
+            self.taskDone.emit(kind, error)
+
+        task = BackendTask(description, self.settings, work, done)
+        task.progressChanged.connect(lambda p: self.progress.setValue(int(p)))
+        self._set_busy(True)
+        return start(task, self.tasks)
+
+    def cancel_all(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    # -- connection --
+    def _address_edited(self) -> None:
+        address = self.address.text().strip()
+        if address and address != self.settings.address:
+            self.settings.address = address
+            self.settings.save()
+            self.refresh_health()
+
+    def check_dependencies(self) -> None:
+        deps.activate(self.deps_folder)
+        self.deps_problem = deps.missing()
+        self.deps_box.setVisible(bool(self.deps_problem))
+        if self.deps_problem:
+            self.deps_label.setText(f"SkyPrompt needs grpcio and protobuf: {self.deps_problem}.")
+            self._show_light("MISSING")
+        for w in (self.check_button, self.start_button, self.index_button, self.search_button,
+                  self.segment_button, self.describe_button):
+            w.setEnabled(not self.deps_problem)
+
+    def install_dependencies(self) -> None:
+        folder = self.deps_folder
+        lines: list[str] = []
+
+        def work(task):
+            deps.install(folder, log=lambda line: lines.append(line))
+            return True
+
+        def finished(exception, result=None):
+            for line in lines:
+                QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
+            self._set_busy(False)
+            self.check_dependencies()
+            if exception is not None:
+                self._message(str(exception), Qgis.Critical, 0)
+            elif self.deps_problem:
+                self._message("grpcio and protobuf are installed; restart QGIS to use them "
+                              f"({self.deps_problem})", Qgis.Warning, 0)
+            else:
+                self._message("grpcio and protobuf are installed", Qgis.Success)
+                self.refresh_health()
+            self.taskDone.emit("install", exception or (self.deps_problem or None))
+
+        task = QgsTask.fromFunction("SkyPrompt: installing grpcio and protobuf", work, on_finished=finished)
+        self._set_busy(True)
+        start(task, self.tasks)
+
+    def refresh_health(self) -> BackendTask | None:
+        def work(conn, task):
+            state = conn.health(timeout=2.0)
+            return state, (conn.info(timeout=5.0) if state == "SERVING" else None)
+
+        def shown(result):
+            state, info = result
+            self._show_light(state)
+            if info is not None:
+                stats = info.index_stats
+                self.info.setText(f"{info.model_name} ({info.model_preset}, {info.image_size} px) on {info.device} · "
+                                  f"{stats.raster_count} rasters, {stats.tile_count} tiles indexed")
+            else:
+                self.info.setText(f"no backend answers at {self.settings.address}: start one with "
+                                  "'Start local backend' or check the address")
+
+        return self._task("health", "SkyPrompt: checking the backend", work, shown)
+
+    def toggle_backend(self) -> None:
+        if self.backend.running:
+            self.backend.stop()
+            return
+        if self.deps_problem:
+            self._message(f"cannot start the backend: {self.deps_problem}", Qgis.Warning)
+            return
+        self.start_button.setText("Starting…")
+        self.start_button.setEnabled(False)
+        if not self.backend.start(self.settings):
+            self.start_button.setText("Start local backend")
+            self.start_button.setEnabled(True)
+
+    def _backend_serving(self, address: str) -> None:
+        self.start_button.setEnabled(True)
+        self.start_button.setText("Stop local backend" if self.backend.running else "Start local backend")
+        self._message(f"backend serving at {address}", Qgis.Success, 4)
+        self.refresh_health()
+
+    def _backend_stopped(self) -> None:
+        self.start_button.setEnabled(True)
+        self.start_button.setText("Start local backend")
+        self._show_light("UNKNOWN")
+
+    def open_settings(self) -> None:
+        if SettingsDialog(self.settings, self).exec_():
+            self.refresh_health()
+
+    # -- search --
+    def refresh_layers(self, *args) -> None:
+        checked = {self.layer_list.item(i).data(Qt.UserRole): self.layer_list.item(i).checkState()
+                   for i in range(self.layer_list.count())}
+        self.layer_list.clear()
+        for layer in QgsProject.instance().mapLayers().values():
+            if isinstance(layer, QgsRasterLayer):
+                item = QListWidgetItem(layer.name())
+                item.setData(Qt.UserRole, layer.id())
+                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setCheckState(checked.get(layer.id(), Qt.Checked))
+                self.layer_list.addItem(item)
+
+    def checked_layers(self) -> list[QgsRasterLayer]:
+        project = QgsProject.instance()
+        out = []
+        for i in range(self.layer_list.count()):
+            item = self.layer_list.item(i)
+            layer = project.mapLayer(item.data(Qt.UserRole))
+            if item.checkState() == Qt.Checked and layer is not None:
+                out.append(layer)
+        return out
+
+    def index_layers(self) -> BackendTask | None:
+        layers = self.checked_layers()
+        if not layers:
+            self._message("check at least one raster layer to index", Qgis.Warning)
+            self.taskDone.emit("index", "no layers")
+            return None
+        try:
+            prepared = [(layer.id(), layer.name(), prepare_source(layer)) for layer in layers]
+        except SourceError as e:
+            self._message(str(e), Qgis.Critical)
+            self.taskDone.emit("index", e)
+            return None
+        max_side = self.settings.max_pixel_side
+
+        def work(conn, task):
+            out = {}
+            for i, (layer_id, name, source) in enumerate(prepared):
+                if task.isCanceled():
+                    break
+                step = lambda p, i=i: task.setProgress((i + p / 100.0) * 100.0 / len(prepared))  # noqa: E731
+                out[layer_id] = operations.index_layer(conn, source, max_side, step, task.isCanceled,
+                                                       notes=task.notes)
+            return out
+
+        def shown(indexed):
+            self.indexed.update({lid: r.raster_id for lid, r in indexed.items()})
+            tiles = sum(r.tile_count for r in indexed.values())
+            self._message(f"indexed {len(indexed)} layer(s), {tiles} tiles", Qgis.Success, 4)
+
+        return self._task("index", f"SkyPrompt: indexing {len(layers)} layer(s)", work, shown)
+
+    def search(self) -> BackendTask | None:
+        query = self.query.text().strip()
+        if not query:
+            self._message("type what to look for, e.g. 'parking lots'", Qgis.Warning)
+            self.taskDone.emit("search", "empty query")
+            return None
+        layers = self.checked_layers()
+        raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
+        not_indexed = [l.name() for l in layers if l.id() not in self.indexed]
+        names = {}
+        for layer in layers:
+            src = prepare_source(layer) if layer.providerType() == "gdal" else None
+            if isinstance(src, str):
+                names[src] = layer.name()
+        k = self.k.value()
+        self.settings.k = k
+
+        def work(conn, task):
+            return operations.search(conn, query, k, raster_ids if not not_indexed else (), thumbnails=True)
+
+        def shown(response):
+            self.show_hits(query, list(response.hits), names)
+
+        if not_indexed:
+            QgsMessageLog.logMessage(f"searching the whole index: {', '.join(not_indexed)} not indexed in this "
+                                     "session", LOG_TAG, Qgis.Info)
+        return self._task("search", f"SkyPrompt: searching {query!r}", work, shown)
+
+    def show_hits(self, query: str, hits: list, names: dict) -> None:
+        self.hits = hits
+        self.result_list.clear()
+        for rank, h in enumerate(hits, 1):
+            item = QListWidgetItem(f"{h.score:.3f}  {names.get(h.raster_path, h.raster_name)}  tile {h.tile_id}")
+            item.setData(Qt.UserRole, rank - 1)
+            if h.thumbnail_png:
+                pixmap = QPixmap()
+                pixmap.loadFromData(h.thumbnail_png, "PNG")
+                item.setIcon(QIcon(pixmap))
+            self.result_list.addItem(item)
+        if not hits:
+            self._message(f"no tiles match {query!r}: index some layers first", Qgis.Warning)
+            return
+        crs = results.hits_crs(hits)
+        layer = results.memory_layer(f"SkyPrompt: {query}", crs, results.search_fields(),
+                                     results.search_features(hits, crs, names))
+        results.style_by_score(layer)
+        QgsProject.instance().addMapLayer(layer)
+        self.last_layer = layer
+
+    def zoom_to_result(self, item: QListWidgetItem) -> None:
+        h = self.hits[item.data(Qt.UserRole)]
+        crs = results.hits_crs([h])
+        rect = QgsRectangle(h.bounds.xmin, h.bounds.ymin, h.bounds.xmax, h.bounds.ymax)
+        if crs.authid() == results.WGS84 and h.crs.authid != results.WGS84:
+            rect = QgsRectangle(h.bounds_wgs84.xmin, h.bounds_wgs84.ymin, h.bounds_wgs84.xmax, h.bounds_wgs84.ymax)
+        target = self.canvas.mapSettings().destinationCrs()
+        if crs != target:
+            rect = QgsCoordinateTransform(crs, target, QgsProject.instance()).transformBoundingBox(rect)
+        rect.scale(1.5)
+        self.canvas.setExtent(rect)
+        self.canvas.refresh()
+
+    # -- segment --
+    def draw_rectangle(self) -> None:
+        self._previous_tool = self.canvas.mapTool()
+        self.canvas.setMapTool(self.extent_tool)
+
+    def _rectangle_drawn(self, rect: QgsRectangle) -> None:
+        if rect.isEmpty():
+            return
+        self.drawn_rect = (QgsRectangle(rect), self.canvas.mapSettings().destinationCrs())
+        self.area.setCurrentIndex(1)
+        if self._previous_tool is not None and self._previous_tool is not self.extent_tool:
+            self.canvas.setMapTool(self._previous_tool)
+        else:
+            self.canvas.unsetMapTool(self.extent_tool)
+
+    def _area(self) -> tuple[QgsRectangle, QgsCoordinateReferenceSystem]:
+        if self.area.currentIndex() == 1:
+            if self.drawn_rect is None:
+                raise SourceError("no rectangle drawn yet: click 'Draw rectangle' and drag on the map")
+            return self.drawn_rect
+        return QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
+
+    def _canvas_resolution(self, rect_in_layer: QgsRectangle) -> float:
+        """Map units (of the layer) per screen pixel: what a tile service is read at."""
+        size = self.canvas.mapSettings().outputSize()
+        return max(rect_in_layer.width() / max(size.width(), 1), rect_in_layer.height() / max(size.height(), 1))
+
+    def segment(self) -> BackendTask | None:
+        prompts = [p.strip() for p in self.prompts.text().replace(";", ",").split(",") if p.strip()]
+        layer = self.segment_layer.currentLayer()
+        try:
+            if not prompts:
+                raise SourceError("type one or more prompts, comma-separated, e.g. 'buildings, trees'")
+            if layer is None:
+                raise SourceError("choose a raster layer to segment")
+            rect, crs = self._area()
+            in_layer = to_layer_crs(rect, crs, layer)
+            if not in_layer.intersects(layer.extent()):
+                raise SourceError(f"the area does not overlap layer {layer.name()!r}: pan to it or draw another")
+            prepared = prepare_source(layer)
+        except SourceError as e:
+            self._message(str(e), Qgis.Warning)
+            self.taskDone.emit("segment", e)
+            return None
+        threshold, min_area, output = self.threshold.value(), self.min_area.value(), self.output.filePath().strip()
+        max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
+        layer_crs = layer.crs()
+
+        def work(conn, task):
+            return operations.segment(conn, prepared, prompts, rect, crs, in_layer, threshold, max_side,
+                                      task.setProgress, task.isCanceled, resolution=resolution, notes=task.notes)
+
+        def shown(answers):
+            features = results.segment_features(answers, min_area)
+            out_crs = layer_crs
+            if answers and answers[0].crs.wkt:
+                out_crs = QgsCoordinateReferenceSystem.fromWkt(answers[0].crs.wkt)
+            out = results.memory_layer(f"SkyPrompt: {', '.join(prompts)}", out_crs, results.segment_fields(),
+                                       features)
+            results.style_by_prompt(out, prompts)
+            if output:
+                out = results.write_gpkg(out, output if output.lower().endswith(".gpkg") else output + ".gpkg")
+            QgsProject.instance().addMapLayer(out)
+            self.last_layer = out
+            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}", Qgis.Success, 4)
+
+        return self._task("segment", f"SkyPrompt: segmenting {', '.join(prompts)}", work, shown)
+
+    # -- describe --
+    def describe(self) -> BackendTask | None:
+        layer = self.describe_layer.currentLayer()
+        if layer is None:
+            self._message("choose a raster layer to describe", Qgis.Warning)
+            self.taskDone.emit("caption", "no layer")
+            return None
+        rect, crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
+        in_layer = to_layer_crs(rect, crs, layer)
+        try:
+            prepared = prepare_source(layer)
+        except SourceError as e:
+            self._message(str(e), Qgis.Warning)
+            self.taskDone.emit("caption", e)
+            return None
+        max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
+
+        def work(conn, task):
+            return operations.caption(conn, prepared, rect, crs, in_layer, max_side, resolution, notes=task.notes)
+
+        def shown(answer):
+            self.caption.setPlainText(answer.caption)
+
+        return self._task("caption", f"SkyPrompt: describing {layer.name()}", work, shown)
+
+    # -- teardown --
+    def shutdown(self) -> None:
+        """Everything this dock started: tasks, the map tool, project signals, a local backend."""
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            task.waitForFinished(5000)
+        self.tasks.clear()
+        try:
+            QgsProject.instance().layersAdded.disconnect(self.refresh_layers)
+            QgsProject.instance().layersRemoved.disconnect(self.refresh_layers)
+        except TypeError:
+            pass
+        if self.canvas.mapTool() is self.extent_tool:
+            self.canvas.unsetMapTool(self.extent_tool)
+        self.backend.stop()

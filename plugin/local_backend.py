@@ -1,0 +1,131 @@
+"""Start and stop a backend on this machine as a child process of QGIS.
+
+`python -m backend serve` runs under QProcess (no thread of ours blocks); its log lines go to the
+QGIS log panel under the SkyPrompt tag; a timer polls the health service until it serves, fails
+or times out. If a backend already serves at the address, it is used and not started again.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+
+from qgis.core import Qgis, QgsMessageLog
+from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
+
+from .settings import LOG_TAG, PluginSettings
+
+
+class LocalBackend(QObject):
+    serving = pyqtSignal(str)   # address
+    failed = pyqtSignal(str)    # what went wrong, for the message bar
+    stopped = pyqtSignal()
+
+    POLL_MS = 500
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.process: QProcess | None = None
+        self.settings: PluginSettings | None = None
+        self._timer = QTimer(self)
+        self._timer.timeout.connect(self._poll)
+        self._waited_ms = 0
+        self._log_tail: list[str] = []
+
+    def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
+        host = settings.address.rsplit(":", 1)[0] or "127.0.0.1"
+        args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device]
+        if settings.checkpoint:
+            args += ["--checkpoint", settings.checkpoint]
+        program, *pre = shlex.split(settings.python) or ["python3"]
+        return program, pre + args
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.state() != QProcess.NotRunning
+
+    def start(self, settings: PluginSettings) -> bool:
+        """Start (asynchronous): `serving` or `failed` follows. False when one of ours already runs."""
+        if self.running:
+            return False
+        self.settings = settings
+        with settings.connection() as conn:
+            if conn.health(timeout=1.0) == "SERVING":
+                QgsMessageLog.logMessage(f"a backend already serves at {settings.address}: using it", LOG_TAG, Qgis.Info)
+                self.serving.emit(settings.address)
+                return True
+        program, args = self.command(settings)
+        self.process = QProcess(self)
+        if settings.backend_dir:
+            if not os.path.isdir(settings.backend_dir):
+                self.failed.emit(f"backend folder {settings.backend_dir} does not exist: fix it in SkyPrompt settings")
+                self.process = None
+                return False
+            self.process.setWorkingDirectory(settings.backend_dir)
+        env = QProcessEnvironment.systemEnvironment()
+        if settings.token:
+            env.insert("SKYPROMPT_TOKEN", settings.token)
+        self.process.setProcessEnvironment(env)
+        self.process.setProcessChannelMode(QProcess.MergedChannels)
+        self.process.readyReadStandardOutput.connect(self._read_output)
+        self.process.errorOccurred.connect(self._process_error)
+        self.process.finished.connect(self._process_finished)
+        self._log_tail = []
+        QgsMessageLog.logMessage(f"starting backend: {program} {' '.join(args)}", LOG_TAG, Qgis.Info)
+        self.process.start(program, args)
+        self._waited_ms = 0
+        self._timer.start(self.POLL_MS)
+        return True
+
+    def stop(self, wait_ms: int = 15000) -> None:
+        """SIGTERM (the server drains and closes its index), then kill if it does not exit in time."""
+        self._timer.stop()
+        if not self.running:
+            self.process = None
+            return
+        process = self.process
+        process.terminate()
+        if not process.waitForFinished(wait_ms):
+            process.kill()
+            process.waitForFinished(5000)
+        self.process = None
+        self.stopped.emit()
+
+    def _read_output(self) -> None:
+        if self.process is None:
+            return
+        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        for line in text.splitlines():
+            if line.strip():
+                self._log_tail = (self._log_tail + [line])[-20:]
+                QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
+
+    def _process_error(self, error) -> None:
+        if error == QProcess.FailedToStart:
+            self._timer.stop()
+            self.failed.emit(f"could not run {self.settings.python!r}: set the Python that has SkyPrompt's backend "
+                             "in SkyPrompt settings")
+            self.process = None
+
+    def _process_finished(self, code, status) -> None:
+        if self._timer.isActive():  # died before it served
+            self._timer.stop()
+            last = self._log_tail[-1] if self._log_tail else "no output"
+            self.failed.emit(f"the backend exited with code {code} before serving: {last} (see the SkyPrompt log)")
+        self.process = None
+        self.stopped.emit()
+
+    def _poll(self) -> None:
+        self._waited_ms += self.POLL_MS
+        try:
+            with self.settings.connection() as conn:
+                healthy = conn.health(timeout=0.4) == "SERVING"
+        except Exception:
+            healthy = False
+        if healthy:
+            self._timer.stop()
+            self.serving.emit(self.settings.address)
+        elif self._waited_ms >= self.settings.start_timeout_s * 1000:
+            self._timer.stop()
+            self.failed.emit(f"the backend did not answer at {self.settings.address} within "
+                             f"{self.settings.start_timeout_s:.0f} s (see the SkyPrompt log)")
+            self.stop()

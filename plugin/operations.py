@@ -1,0 +1,79 @@
+"""What the plugin asks the backend, shared by the dock's tasks and the Processing algorithms.
+
+Each function runs off the main thread: it takes a connection, a prepared source (see sources.py),
+plain values and two callbacks, progress(percent) and cancelled() -> bool.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+from .sources import build_source, wire_extent
+
+Progress = Callable[[float], None]
+Cancelled = Callable[[], bool]
+
+
+def _percent(done: int, total: int) -> float:
+    return 100.0 * done / total if total else 0.0
+
+
+def _source_and_extent(pb, prepared, rect: QgsRectangle | None, rect_crs: QgsCoordinateReferenceSystem | None,
+                       rect_in_layer_crs: QgsRectangle | None, max_side: int, resolution: float | None):
+    """(RasterSource, Extent or None, note). Paths get the extent as drawn (any CRS: the backend
+    reprojects it); pixel sources are read over the extent in the layer's CRS and need none."""
+    source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution)
+    extent = None
+    if rect is not None and source.WhichOneof("kind") == "path":
+        extent = wire_extent(pb, rect, rect_crs)
+    return source, extent, note
+
+
+def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Cancelled,
+                force: bool = False, notes: list | None = None):
+    """Index a whole layer; the IndexResult."""
+    pb = conn.pb
+    source, _, note = _source_and_extent(pb, prepared, None, None, None, max_side, None)
+    if note and notes is not None:
+        notes.append(note)
+    request = pb.IndexRasterRequest(source=source, force=force)
+    return conn.index(request, progress=lambda m: progress(_percent(m.tiles_done, m.tiles_total)),
+                      cancelled=cancelled)
+
+
+def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,
+           min_score: float | None = None):
+    pb = conn.pb
+    request = pb.SearchRequest(query=query, k=k, raster_ids=list(raster_ids), include_thumbnails=thumbnails,
+                               thumbnail_size=96 if thumbnails else 0)
+    if min_score is not None:
+        request.min_score = min_score
+    return conn.search(request)
+
+
+def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_crs, rect_in_layer_crs,
+            threshold: float, max_side: int, progress: Progress, cancelled: Cancelled,
+            resolution: float | None = None, notes: list | None = None) -> list:
+    """SegmentResults (one per prompt) over `rect` (in `rect_crs`; None = the whole layer)."""
+    pb = conn.pb
+    source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    if note and notes is not None:
+        notes.append(note)
+    request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold)
+    if extent is not None:
+        request.extent.CopyFrom(extent)
+    return conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
+                        cancelled=cancelled)
+
+
+def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_crs, max_side: int,
+            resolution: float | None = None, notes: list | None = None):
+    pb = conn.pb
+    source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    if note and notes is not None:
+        notes.append(note)
+    request = pb.CaptionRequest(source=source)
+    if extent is not None:
+        request.extent.CopyFrom(extent)
+    return conn.caption(request)

@@ -1,0 +1,232 @@
+"""The "SkyPrompt" Processing provider: Index raster, Search tiles by text, Prompt to polygons.
+
+Processing runs algorithms in a background thread (or the main thread in batch mode when asked),
+so each one calls the backend directly, reports progress through `feedback`, and stops when
+feedback.isCanceled(). Connection settings come from the plugin's settings; SERVER overrides the
+address for one run (handy in models and scripts).
+"""
+from __future__ import annotations
+
+import os
+
+from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterMultipleLayers,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString, QgsProcessingProvider, QgsProcessingOutputNumber,
+                       QgsProcessingOutputString, QgsProcessingParameterDefinition, QgsWkbTypes)
+from qgis.PyQt.QtGui import QIcon
+
+from . import operations, results
+from .settings import PluginSettings
+from .sources import prepare_source, to_layer_crs
+
+ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
+
+
+def _backend_error():
+    from .connection import BackendError
+
+    return BackendError
+
+
+class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
+    def group(self) -> str:
+        return ""
+
+    def groupId(self) -> str:
+        return ""
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def createInstance(self):
+        return type(self)()
+
+    def _add_server(self) -> None:
+        p = QgsProcessingParameterString("SERVER", "Backend address (host:port; empty = plugin settings)",
+                                         optional=True)
+        p.setFlags(p.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(p)
+
+    def _settings(self, parameters, context) -> PluginSettings:
+        from .deps import missing
+
+        problem = missing()
+        if problem:
+            raise QgsProcessingException(f"SkyPrompt cannot reach its backend: {problem}. Open the SkyPrompt "
+                                         "panel to install the missing packages.")
+        settings = PluginSettings.load()
+        server = self.parameterAsString(parameters, "SERVER", context)
+        if server:
+            settings.address = server.strip()
+        return settings
+
+    def _call(self, settings, fn):
+        """Run fn(conn); backend failures become QgsProcessingException with the server's message."""
+        BackendError = _backend_error()
+        try:
+            with settings.connection() as conn:
+                return fn(conn)
+        except BackendError as e:
+            if e.code == "CANCELLED":
+                return None
+            raise QgsProcessingException(f"SkyPrompt backend at {settings.address}: {e.message} ({e.code})")
+
+
+class IndexRasterAlgorithm(_SkyPromptAlgorithm):
+    def name(self):
+        return "indexraster"
+
+    def displayName(self):
+        return "Index raster"
+
+    def shortHelpString(self):
+        return ("Cuts the raster into tiles and stores their embeddings in the backend's index, so "
+                "'Search tiles by text' can find them. Unchanged rasters are skipped unless Force is set.")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
+        self.addParameter(QgsProcessingParameterBoolean("FORCE", "Re-index even if unchanged", defaultValue=False))
+        self._add_server()
+        self.addOutput(QgsProcessingOutputString("RASTER_ID", "Raster id"))
+        self.addOutput(QgsProcessingOutputNumber("TILE_COUNT", "Tiles indexed"))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if layer is None:
+            raise QgsProcessingException("Index raster needs a raster layer")
+        settings = self._settings(parameters, context)
+        prepared = prepare_source(layer)
+        notes: list[str] = []
+        result = self._call(settings, lambda conn: operations.index_layer(
+            conn, prepared, settings.max_pixel_side, feedback.setProgress, feedback.isCanceled,
+            force=self.parameterAsBool(parameters, "FORCE", context), notes=notes))
+        for note in notes:
+            feedback.pushInfo(note)
+        if result is None:
+            return {}
+        feedback.pushInfo(f"{result.raster_name}: {result.tile_count} tiles ({result.seconds:.1f} s)")
+        return {"RASTER_ID": result.raster_id, "TILE_COUNT": result.tile_count}
+
+
+class SearchTilesAlgorithm(_SkyPromptAlgorithm):
+    def name(self):
+        return "searchtiles"
+
+    def displayName(self):
+        return "Search tiles by text"
+
+    def shortHelpString(self):
+        return ("Finds the indexed tiles that best match a text query and writes their footprints with "
+                "scores. Restrict the search to some layers with Layers (they must be indexed).")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterString("QUERY", "Query"))
+        self.addParameter(QgsProcessingParameterNumber("K", "Number of tiles", defaultValue=20, minValue=1,
+                                                       maxValue=1000))
+        self.addParameter(QgsProcessingParameterMultipleLayers("LAYERS", "Only in these layers",
+                                                               QgsProcessing.TypeRaster, optional=True))
+        self._add_server()
+        self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Matching tiles",
+                                                            QgsProcessing.TypeVectorPolygon))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        query = self.parameterAsString(parameters, "QUERY", context).strip()
+        if not query:
+            raise QgsProcessingException("the query is empty: type what to look for, e.g. 'parking lots'")
+        k = self.parameterAsInt(parameters, "K", context)
+        settings = self._settings(parameters, context)
+        layers = self.parameterAsLayerList(parameters, "LAYERS", context)
+        names = {p: l.name() for l, p in ((l, prepare_source(l)) for l in layers) if isinstance(p, str)}
+        paths = list(names)
+
+        def run(conn):
+            request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
+            return conn.search(request)
+
+        response = self._call(settings, run)
+        hits = list(response.hits) if response else []
+        crs = results.hits_crs(hits) if hits else context.project().crs()
+        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.search_fields(),
+                                          QgsWkbTypes.MultiPolygon, crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        for f in results.search_features(hits, crs, names):
+            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        feedback.pushInfo(f"{len(hits)} tiles for {query!r}")
+        return {"OUTPUT": dest}
+
+
+class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
+    def name(self):
+        return "prompttopolygons"
+
+    def displayName(self):
+        return "Prompt to polygons"
+
+    def shortHelpString(self):
+        return ("Turns text prompts (comma-separated: 'buildings, trees') into polygons where the raster shows "
+                "them, over an extent (default: the whole layer). Attributes: prompt, score, area in m².")
+
+    def initAlgorithm(self, config=None):
+        self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
+        self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (comma-separated)"))
+        self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent", optional=True))
+        self.addParameter(QgsProcessingParameterNumber("THRESHOLD", "Threshold", QgsProcessingParameterNumber.Double,
+                                                       defaultValue=0.5, minValue=0.0, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber("MIN_AREA", "Minimum area (m²)",
+                                                       QgsProcessingParameterNumber.Double, defaultValue=0.0,
+                                                       minValue=0.0))
+        self._add_server()
+        self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Polygons", QgsProcessing.TypeVectorPolygon))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
+        if layer is None:
+            raise QgsProcessingException("Prompt to polygons needs a raster layer")
+        prompts = [p.strip() for p in self.parameterAsString(parameters, "PROMPTS", context).split(",") if p.strip()]
+        if not prompts:
+            raise QgsProcessingException("no prompt given: type what to outline, e.g. 'buildings, trees'")
+        settings = self._settings(parameters, context)
+        rect = crs = in_layer = None
+        if parameters.get("EXTENT"):
+            crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
+            if not crs.isValid():
+                crs = layer.crs()
+            rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
+            in_layer = to_layer_crs(rect, crs, layer)
+        prepared = prepare_source(layer)
+        notes: list[str] = []
+        answers = self._call(settings, lambda conn: operations.segment(
+            conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
+            settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes)) or []
+        for note in notes:
+            feedback.pushInfo(note)
+        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.segment_fields(),
+                                          QgsWkbTypes.MultiPolygon, layer.crs())
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        features = results.segment_features(answers, self.parameterAsDouble(parameters, "MIN_AREA", context))
+        for f in features:
+            g = f.geometry()
+            g.convertToMultiType()
+            f.setGeometry(g)
+            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}")
+        return {"OUTPUT": dest}
+
+
+class SkyPromptProvider(QgsProcessingProvider):
+    def id(self) -> str:
+        return "skyprompt"
+
+    def name(self) -> str:
+        return "SkyPrompt"
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def loadAlgorithms(self) -> None:
+        for algorithm in (IndexRasterAlgorithm(), SearchTilesAlgorithm(), PromptToPolygonsAlgorithm()):
+            self.addAlgorithm(algorithm)

@@ -1,0 +1,138 @@
+"""Backend answers as QGIS vector layers: search hits as tile footprints, segments as polygons.
+
+Plain data in (the protobuf messages), layers out; called on the main thread (in finished()) or in
+a Processing algorithm, which writes the same features into its sink.
+"""
+from __future__ import annotations
+
+import os
+
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem, QgsFeature, QgsField,
+                       QgsFields, QgsFillSymbol, QgsGeometry, QgsGradientColorRamp, QgsGraduatedSymbolRenderer,
+                       QgsRendererCategory, QgsVectorFileWriter, QgsVectorLayer, QgsProject, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QColor
+
+WGS84 = "EPSG:4326"
+_PALETTE = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999"]
+
+
+def _fields(spec: list[tuple[str, QVariant.Type]]) -> QgsFields:
+    out = QgsFields()
+    for name, kind in spec:
+        out.append(QgsField(name, kind))
+    return out
+
+
+def search_fields() -> QgsFields:
+    return _fields([("rank", QVariant.Int), ("score", QVariant.Double), ("layer", QVariant.String),
+                    ("raster_id", QVariant.String), ("tile_id", QVariant.LongLong), ("path", QVariant.String)])
+
+
+def segment_fields() -> QgsFields:
+    return _fields([("prompt", QVariant.String), ("score", QVariant.Double), ("max_score", QVariant.Double),
+                    ("area_m2", QVariant.Double)])
+
+
+def hits_crs(hits) -> QgsCoordinateReferenceSystem:
+    """The hits' own CRS when they share one (footprints exact), else WGS 84."""
+    wkts = {h.crs.wkt or h.crs.authid for h in hits}
+    if len(wkts) == 1:
+        h = hits[0]
+        crs = QgsCoordinateReferenceSystem(h.crs.authid) if h.crs.authid else QgsCoordinateReferenceSystem()
+        if not crs.isValid():
+            crs = QgsCoordinateReferenceSystem.fromWkt(h.crs.wkt)
+        if crs.isValid():
+            return crs
+    return QgsCoordinateReferenceSystem(WGS84)
+
+
+def search_features(hits, crs: QgsCoordinateReferenceSystem, layer_names: dict | None = None) -> list[QgsFeature]:
+    """One feature per hit, rank order; footprints native when `crs` is theirs, else WGS 84."""
+    fields = search_fields()
+    wgs84 = crs.authid() == WGS84
+    out = []
+    for rank, h in enumerate(hits, 1):
+        f = QgsFeature(fields)
+        f.setGeometry(QgsGeometry.fromWkt(h.footprint_wgs84_wkt if wgs84 else h.footprint_wkt))
+        name = (layer_names or {}).get(h.raster_path) or h.raster_name
+        f.setAttributes([rank, float(h.score), name, h.raster_id, int(h.tile_id), h.raster_path])
+        out.append(f)
+    return out
+
+
+def segment_features(results, min_area_m2: float = 0.0) -> list[QgsFeature]:
+    fields = segment_fields()
+    out = []
+    for result in results:
+        for p in result.polygons:
+            if p.area_m2 < min_area_m2:
+                continue
+            f = QgsFeature(fields)
+            geom = QgsGeometry()
+            geom.fromWkb(p.wkb)
+            f.setGeometry(geom)
+            f.setAttributes([result.prompt, float(p.score), float(p.max_score), float(p.area_m2)])
+            out.append(f)
+    return out
+
+
+def memory_layer(name: str, crs: QgsCoordinateReferenceSystem, fields: QgsFields,
+                 features: list[QgsFeature]) -> QgsVectorLayer:
+    layer = QgsVectorLayer(f"MultiPolygon?crs={crs.authid() or 'EPSG:4326'}", name, "memory")
+    if not crs.authid():
+        layer.setCrs(crs)
+    provider = layer.dataProvider()
+    provider.addAttributes(list(fields))
+    layer.updateFields()
+    for f in features:
+        g = f.geometry()
+        if g.isMultipart() is False:
+            g.convertToMultiType()
+            f.setGeometry(g)
+    provider.addFeatures(features)
+    layer.updateExtents()
+    return layer
+
+
+def style_by_score(layer: QgsVectorLayer) -> None:
+    """Graduated fill on `score`: pale for weak matches, strong red for the best."""
+    symbol = QgsFillSymbol.createSimple({"color": "255,0,0,90", "outline_color": "200,0,0", "outline_width": "0.6"})
+    renderer = QgsGraduatedSymbolRenderer("score")
+    renderer.setSourceSymbol(symbol)
+    renderer.setSourceColorRamp(QgsGradientColorRamp(QColor(255, 245, 200, 120), QColor(200, 0, 0, 160)))
+    renderer.setClassificationMethod(QgsClassificationEqualInterval())
+    renderer.updateClasses(layer, 5)
+    layer.setRenderer(renderer)
+
+
+def style_by_prompt(layer: QgsVectorLayer, prompts: list[str]) -> None:
+    categories = []
+    for i, prompt in enumerate(prompts):
+        colour = QColor(_PALETTE[i % len(_PALETTE)])
+        symbol = QgsFillSymbol.createSimple({"color": f"{colour.red()},{colour.green()},{colour.blue()},110",
+                                             "outline_color": colour.name(), "outline_width": "0.5"})
+        categories.append(QgsRendererCategory(prompt, symbol, prompt))
+    layer.setRenderer(QgsCategorizedSymbolRenderer("prompt", categories))
+
+
+def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
+    """Save `layer` as a GeoPackage (written beside, then moved: a failure keeps the old file) and open it."""
+    tmp = path + ".part.gpkg"
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = layer.name()
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, tmp, QgsProject.instance().transformContext(), options)
+    if error != QgsVectorFileWriter.NoError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path}: {message}")
+    os.replace(tmp, path)
+    out = QgsVectorLayer(path, layer.name(), "ogr")
+    out.setRenderer(layer.renderer().clone())
+    return out
+
+
+def is_polygon_layer(layer: QgsVectorLayer) -> bool:
+    return layer.geometryType() == QgsWkbTypes.PolygonGeometry

@@ -1,0 +1,61 @@
+"""The plugin's settings, kept in QgsSettings under "skyprompt/"."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from qgis.core import QgsSettings
+
+PREFIX = "skyprompt/"
+LOG_TAG = "SkyPrompt"
+
+
+@dataclass
+class PluginSettings:
+    address: str = "127.0.0.1:50051"  # host:port of the backend
+    token: str = ""                   # bearer token ("" = none)
+    use_tls: bool = False
+    tls_ca: str = ""                  # PEM file of the CA ("" = system roots) when use_tls
+    python: str = "python3"           # interpreter that runs `python -m backend serve`
+    backend_dir: str = ""             # working folder of that command (where `backend` imports)
+    checkpoint: str = ""              # "" = the backend's bundled checkpoint
+    device: str = "auto"
+    k: int = 20
+    threshold: float = 0.5
+    min_area_m2: float = 0.0
+    max_pixel_side: int = 2048        # cap for layers sent as pixels (XYZ, WMS, in-memory)
+    start_timeout_s: float = 180.0
+
+    @classmethod
+    def load(cls) -> "PluginSettings":
+        s, out = QgsSettings(), cls()
+        for f in fields(cls):
+            default = getattr(out, f.name)
+            value = s.value(PREFIX + f.name, default)
+            try:
+                if isinstance(default, bool):
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                else:
+                    value = type(default)(value)
+            except (TypeError, ValueError):
+                value = default
+            setattr(out, f.name, value)
+        return out
+
+    def save(self) -> None:
+        s = QgsSettings()
+        for f in fields(self):
+            s.setValue(PREFIX + f.name, getattr(self, f.name))
+
+    @property
+    def port(self) -> int:
+        try:
+            return int(self.address.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return 50051
+
+    def connection(self):
+        """A BackendConnection with these settings (imports grpc: call only once dependencies are in)."""
+        from .connection import BackendConnection
+
+        return BackendConnection(self.address, token=self.token or None,
+                                 tls_ca=(self.tls_ca if self.use_tls else None))

@@ -1,0 +1,140 @@
+"""From a QGIS raster layer to the wire's RasterSource and Extent.
+
+A layer the backend can open itself (a GDAL file on a local disk) is sent by path. Any other layer
+(XYZ/WMS tiles, /vsimem or remote rasters, rasters of other providers) is read here through a clone
+of its data provider and sent as pixels + geotransform + CRS, capped at a maximum side. The clone is
+made on the main thread (`PixelReader(layer)`); `read()` then runs safely inside a QgsTask.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject, QgsRasterLayer,
+                       QgsRectangle)
+
+# Qgis.DataType -> (numpy dtype, wire DataType name)
+_NUMERIC = {
+    Qgis.DataType.Byte: (np.uint8, "DATA_TYPE_UINT8"),
+    Qgis.DataType.UInt16: (np.uint16, "DATA_TYPE_UINT16"),
+    Qgis.DataType.Int16: (np.int16, "DATA_TYPE_INT16"),
+    Qgis.DataType.UInt32: (np.uint32, "DATA_TYPE_UINT32"),
+    Qgis.DataType.Int32: (np.int32, "DATA_TYPE_INT32"),
+    Qgis.DataType.Float32: (np.float32, "DATA_TYPE_FLOAT32"),
+    Qgis.DataType.Float64: (np.float64, "DATA_TYPE_FLOAT64"),
+}
+_ARGB = (Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied)
+
+
+class SourceError(ValueError):
+    """The layer cannot be sent to the backend; the message says why."""
+
+
+def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
+    """An authority id when there is one (short, exact), else WKT."""
+    return crs.authid() if crs.authid() and not crs.authid().startswith("USER:") else \
+        crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+
+
+def local_path(layer: QgsRasterLayer) -> str | None:
+    """The file behind a GDAL layer, when it is on a local disk the backend can read; else None."""
+    if layer.providerType() != "gdal":
+        return None
+    path = layer.source().split("|")[0]
+    return os.path.abspath(path) if os.path.isfile(path) else None
+
+
+def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
+    return pb.Extent(xmin=rect.xMinimum(), ymin=rect.yMinimum(), xmax=rect.xMaximum(), ymax=rect.yMaximum(),
+                     crs=crs_text(crs))
+
+
+def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:
+    if crs == layer.crs():
+        return QgsRectangle(rect)
+    transform = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance())
+    return transform.transformBoundingBox(rect)
+
+
+class PixelReader:
+    """Reads a layer's pixels inside an extent off the main thread, for layers sent as pixels."""
+
+    def __init__(self, layer: QgsRasterLayer):
+        self.name = layer.name()
+        self.crs = layer.crs()
+        self.full_extent = layer.extent()
+        provider = layer.dataProvider()
+        if provider is None or not layer.isValid():
+            raise SourceError(f"layer {layer.name()!r} is not valid: it cannot be read")
+        self.provider = provider.clone()
+        self.band_count = provider.bandCount()
+        self.data_type = provider.dataType(1)
+        # native ground resolution when the provider has one (tile services report none)
+        self.native_resolution = (layer.rasterUnitsPerPixelX()
+                                  if provider.capabilities() & provider.Size and layer.width() > 0 else None)
+
+    def plan(self, extent: QgsRectangle, max_side: int, resolution: float | None = None) -> tuple[int, int, str]:
+        """(width, height, note): the pixel size to read `extent` at, capped at max_side."""
+        extent = extent.intersect(self.full_extent) if not self.full_extent.isEmpty() else extent
+        if extent.isEmpty():
+            raise SourceError(f"the requested area does not overlap layer {self.name!r}")
+        res = resolution or self.native_resolution or max(extent.width(), extent.height()) / max_side
+        width, height = max(1, round(extent.width() / res)), max(1, round(extent.height() / res))
+        note = ""
+        if max(width, height) > max_side:
+            scale = max_side / max(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+            note = (f"layer {self.name!r} is sent as pixels, capped at {max_side} px a side: read at "
+                    f"{extent.width() / width:.3g} map units per pixel instead of {res:.3g}")
+        return width, height, note
+
+    def read(self, pb, extent: QgsRectangle, max_side: int, resolution: float | None = None):
+        """(RasterSource with pixels, note). `extent` is in the layer's CRS."""
+        if not self.full_extent.isEmpty():
+            extent = extent.intersect(self.full_extent)
+        width, height, note = self.plan(extent, max_side, resolution)
+        nodata = None
+        alpha = 0
+        if self.data_type in _ARGB:
+            block = self.provider.block(1, extent, width, height)
+            argb = np.frombuffer(bytes(block.data()), dtype=np.uint8).reshape(height, width, 4)
+            bgra = argb.astype(np.float32)
+            if self.data_type == Qgis.DataType.ARGB32_Premultiplied:
+                a = np.maximum(bgra[..., 3:4], 1.0)
+                bgra[..., :3] = np.clip(bgra[..., :3] * 255.0 / a, 0, 255)
+            rgba = bgra[..., [2, 1, 0, 3]].astype(np.uint8)
+            data, bands, dtype, alpha = np.ascontiguousarray(rgba.transpose(2, 0, 1)), 4, "DATA_TYPE_UINT8", 4
+        elif self.data_type in _NUMERIC:
+            np_type, dtype = _NUMERIC[self.data_type]
+            bands = min(self.band_count, 4)
+            planes = []
+            for b in range(1, bands + 1):
+                block = self.provider.block(b, extent, width, height)
+                planes.append(np.frombuffer(bytes(block.data()), dtype=np_type).reshape(height, width))
+                if b == 1 and self.provider.sourceHasNoDataValue(1):
+                    nodata = float(self.provider.sourceNoDataValue(1))
+            data = np.stack(planes)
+        else:
+            raise SourceError(f"layer {self.name!r} has pixel type {self.data_type}, which SkyPrompt cannot send")
+        geotransform = [extent.xMinimum(), extent.width() / width, 0.0, extent.yMaximum(), 0.0,
+                        -extent.height() / height]
+        pixels = pb.PixelSource(width=width, height=height, band_count=bands, data_type=dtype,
+                                data=np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(),
+                                interleave=pb.INTERLEAVE_BAND, geotransform=geotransform, crs=crs_text(self.crs),
+                                alpha_band=alpha, label=self.name)
+        if nodata is not None:
+            pixels.nodata = nodata
+        return pb.RasterSource(pixels=pixels), note
+
+
+def prepare_source(layer: QgsRasterLayer):
+    """On the main thread: the layer's path, or a PixelReader for layers the backend cannot open."""
+    path = local_path(layer)
+    return path if path else PixelReader(layer)
+
+
+def build_source(pb, prepared, extent: QgsRectangle | None, max_side: int, resolution: float | None = None):
+    """In a task: (RasterSource, note). `extent` (layer CRS) is needed only for pixel sources."""
+    if isinstance(prepared, str):
+        return pb.RasterSource(path=prepared), ""
+    return prepared.read(pb, extent if extent is not None else prepared.full_extent, max_side, resolution)

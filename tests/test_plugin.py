@@ -1,0 +1,480 @@
+"""The QGIS plugin in real QGIS 3.22 (headless, pytest-qgis) against a real backend subprocess with a
+tiny checkpoint: the packaged zip, loading and unloading, the dock's Search/Segment/Describe work in
+QgsTasks, the Processing algorithms, a backend that is down, and the local backend launcher.
+
+QGIS's desktop application is not installed here, so `iface` is tests/desktop_iface.py (real Qt and
+QGIS widgets); everything else is the real thing."""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
+                       QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings)
+
+from desktop_iface import DesktopIface
+from test_raster import GEOTIFF_DIR, make_tif, noise
+from test_server import REPO, TOKEN, LiveServer, checkpoint, rasters  # noqa: F401 - fixtures
+
+from plugin import deps
+from plugin.settings import PluginSettings
+
+SHARED = [GEOTIFF_DIR / n for n in ("naip_m_4709963_se_14_2020.tif", "colorado_aerial_0p15m.tif")]
+HAVE_SHARED = all(p.is_file() for p in SHARED)
+
+
+# -- helpers --
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+
+
+def run_dock(dock, kind: str, start, timeout: float = 120.0):
+    """Call start() (a dock action), process events until its taskDone(kind) arrives; the error."""
+    got = []
+
+    def seen(k, error):
+        if k == kind:
+            got.append(error)
+
+    dock.taskDone.connect(seen)
+    try:
+        start()
+        wait_until(lambda: got, timeout, f"the {kind} task")
+    finally:
+        dock.taskDone.disconnect(seen)
+    return got[0]
+
+
+def build_zip(tmp_path: Path) -> Path:
+    out = tmp_path / "skyprompt.zip"
+    subprocess.run([sys.executable, str(REPO / "tools" / "build_plugin_zip.py"), "--out", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def layer_rect(layer: QgsRasterLayer, frac: tuple[float, float, float, float]) -> QgsRectangle:
+    e = layer.extent()
+    return QgsRectangle(e.xMinimum() + frac[0] * e.width(), e.yMinimum() + frac[1] * e.height(),
+                        e.xMinimum() + frac[2] * e.width(), e.yMinimum() + frac[3] * e.height())
+
+
+# -- fixtures --
+@pytest.fixture(scope="module")
+def live(checkpoint, rasters, tmp_path_factory):  # noqa: F811
+    roots = [rasters["folder"]] + ([GEOTIFF_DIR] if GEOTIFF_DIR.is_dir() else [])
+    server = LiveServer(checkpoint, tmp_path_factory.mktemp("plugin-backend") / "d", roots).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def settings(live):
+    s = PluginSettings.load()
+    s.address, s.token, s.threshold = live.address, TOKEN, 0.5
+    s.save()
+    yield s
+    QgsSettings().remove("skyprompt")
+
+
+@pytest.fixture()
+def iface(qgis_app, monkeypatch):
+    import qgis.utils
+
+    desk = DesktopIface()
+    monkeypatch.setattr(qgis.utils, "iface", desk)
+    QgsProject.instance().clear()
+    yield desk
+    QgsProject.instance().clear()
+
+
+@pytest.fixture()
+def dock(iface, settings, tmp_path):
+    from plugin.dock import SkyPromptDock
+
+    d = SkyPromptDock(iface, str(tmp_path / "deps"), iface.mainWindow())
+    yield d
+    d.shutdown()
+    d.deleteLater()
+
+
+@pytest.fixture()
+def layers(rasters):  # noqa: F811
+    paths = SHARED if HAVE_SHARED else [rasters["rgb"], rasters["rgba"]]
+    out = [QgsRasterLayer(str(p), p.stem) for p in paths]
+    assert all(layer.isValid() for layer in out)
+    QgsProject.instance().addMapLayers(out)
+    return out
+
+
+# -- packaging and loading --
+def test_zip_layout_and_metadata(tmp_path):
+    with zipfile.ZipFile(build_zip(tmp_path)) as z:
+        names = z.namelist()
+        meta = configparser.ConfigParser()
+        meta.read_string(z.read("skyprompt/metadata.txt").decode())
+        grpc_stub = z.read("skyprompt/rpc/skyprompt_pb2_grpc.py").decode()
+    assert all(n.startswith("skyprompt/") for n in names)
+    for required in ("skyprompt/__init__.py", "skyprompt/metadata.txt", "skyprompt/LICENSE", "skyprompt/icon.svg",
+                     "skyprompt/rpc/skyprompt_pb2.py", "skyprompt/rpc/skyprompt_pb2_grpc.py"):
+        assert required in names
+    assert not [n for n in names if n.endswith((".pyc", ".safetensors", ".pt")) or "test" in n or "__pycache__" in n]
+    general = meta["general"]
+    for field in ("name", "qgisMinimumVersion", "description", "about", "version", "author", "email"):
+        assert general.get(field), field
+    version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version"))
+    assert general["version"] == version and general["hasProcessingProvider"] == "yes"
+    assert "from . import skyprompt_pb2" in grpc_stub and "from skyprompt.v1" not in grpc_stub
+
+
+def _install(zip_path: Path, profile: Path) -> Path:
+    plugins = profile / "python" / "plugins"
+    plugins.mkdir(parents=True)
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(plugins)
+    return plugins
+
+
+def test_installed_zip_loads_and_unloads_twice_leaving_nothing(iface, tmp_path, monkeypatch):
+    import qgis.utils
+
+    plugins = _install(build_zip(tmp_path), tmp_path / "profile")
+    monkeypatch.syspath_prepend(str(plugins))
+    monkeypatch.setattr(qgis.utils, "plugin_paths", [str(plugins)])
+    qgis.utils.updateAvailablePlugins()              # what QGIS does at start: reads metadata.txt
+    assert "skyprompt" in qgis.utils.available_plugins
+    assert qgis.utils.pluginMetadata("skyprompt", "name") == "SkyPrompt"
+    registry = QgsApplication.processingRegistry()
+    for _ in range(2):
+        assert qgis.utils.loadPlugin("skyprompt") and qgis.utils.startPlugin("skyprompt")
+        plugin = qgis.utils.plugins["skyprompt"]
+        assert plugin.action in iface.toolbar.actions() and "&SkyPrompt" in iface.menus
+        provider = registry.providerById("skyprompt")
+        assert sorted(a.name() for a in provider.algorithms()) == ["indexraster", "prompttopolygons", "searchtiles"]
+        plugin.action.trigger()                      # opens the dock
+        assert [d.objectName() for d in iface.docks()] == ["SkyPromptDock"] and plugin.dock.isVisible()
+        assert qgis.utils.unloadPlugin("skyprompt")
+        QgsApplication.processEvents()
+        assert not iface.toolbar.actions() and not iface.menus
+        assert registry.providerById("skyprompt") is None
+        assert not [d for d in iface.docks() if d.parent() is not None]
+        assert not [t for t in QgsApplication.taskManager().activeTasks() if "SkyPrompt" in t.description()]
+        for name in [m for m in sys.modules if m == "skyprompt" or m.startswith("skyprompt.")]:
+            del sys.modules[name]
+
+
+def _copy_packages(site: Path, target: Path) -> None:
+    """What `pip install --target` leaves: the venv's grpc and protobuf (same Python version)."""
+    for name in ("grpc", "google/protobuf", "google/_upb"):
+        if (site / name).exists():
+            shutil.copytree(site / name, target / name)
+    shutil.copy(site / "typing_extensions.py", target)
+
+
+SYSTEM_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])                       # the tests folder: desktop_iface
+sys.path.insert(0, sys.argv[2])                       # the profile's plugins folder
+from qgis.core import QgsApplication
+app = QgsApplication([], True); app.initQgis()
+import qgis.utils
+from desktop_iface import DesktopIface
+qgis.utils.iface = iface = DesktopIface()
+qgis.utils.plugin_paths = [sys.argv[2]]
+qgis.utils.updateAvailablePlugins()
+out = {"python": sys.executable, "venv": sys.prefix != sys.base_prefix}
+out["loaded"] = qgis.utils.loadPlugin("skyprompt") and qgis.utils.startPlugin("skyprompt")
+plugin = qgis.utils.plugins["skyprompt"]
+from qgis.core import QgsSettings
+QgsSettings().setValue("skyprompt/address", sys.argv[3]); QgsSettings().setValue("skyprompt/token", sys.argv[4])
+plugin.action.trigger()
+dock = plugin.dock
+out["deps_problem"] = dock.deps_problem
+out["deps_folder"] = plugin.deps_folder
+if not dock.deps_problem:
+    deadline = time.time() + 60
+    while dock.health_state != "SERVING" and time.time() < deadline:
+        app.processEvents(); time.sleep(0.05)
+    out["info"] = dock.info.text()
+out["health"] = dock.health_state
+out["unloaded"] = qgis.utils.unloadPlugin("skyprompt")
+print("RESULT " + json.dumps(out))
+app.exitQgis()
+"""
+
+
+def test_system_python_loads_the_zip_reports_missing_packages_then_uses_private_ones(live, tmp_path):
+    system_python = "/usr/bin/python3"
+    if not os.path.exists(system_python):
+        pytest.skip("no system Python at /usr/bin/python3")
+    plugins = _install(build_zip(tmp_path), tmp_path / "profile")
+    config = tmp_path / "qgis-config"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env.update(QT_QPA_PLATFORM="offscreen", QGIS_CUSTOM_CONFIG_PATH=str(config), PATH="/usr/bin:/bin")
+
+    def run() -> dict:
+        proc = subprocess.run([system_python, "-c", SYSTEM_SCRIPT, str(Path(__file__).parent), str(plugins),
+                               live.address, TOKEN], env=env, capture_output=True, text=True, timeout=180)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        assert proc.returncode == 0 and line, proc.stdout + proc.stderr
+        return json.loads(line[0][7:])
+
+    first = run()
+    assert first["python"] == system_python and not first["venv"] and first["loaded"] and first["unloaded"]
+    assert "grpcio" in first["deps_problem"] and first["health"] == "MISSING"
+    # the plugin's private folder, as its installer fills it; then the same QGIS Python uses it
+    import grpc
+    _copy_packages(Path(grpc.__file__).parents[1], Path(first["deps_folder"]))
+    second = run()
+    assert second["deps_problem"] is None and second["health"] == "SERVING", second
+    assert "tiny" in second["info"] and second["unloaded"]
+
+
+def _hand_made_wheel(folder: Path) -> Path:
+    """A real wheel (zip + dist-info) with one module, so pip can install it without a network."""
+    path = folder / "skyprompt_probe-1.0-py3-none-any.whl"
+    files = {"skyprompt_probe.py": "VALUE = 42\n",
+             "skyprompt_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: skyprompt-probe\nVersion: 1.0\n",
+             "skyprompt_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + "skyprompt_probe-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr("skyprompt_probe-1.0.dist-info/RECORD", record)
+    return path
+
+
+def test_dependency_installer_pip_installs_into_the_private_folder_and_imports(tmp_path, monkeypatch):
+    wheel = _hand_made_wheel(tmp_path)
+    folder = deps.private_folder(tmp_path / "settings")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    lines = []
+    deps.install(folder, packages=[str(wheel)], pip_args=["--no-index"], log=lines.append,
+                 python="/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable)
+    assert sys.path[0] == str(folder) and (folder / "skyprompt_probe.py").is_file()
+    import skyprompt_probe
+    assert skyprompt_probe.VALUE == 42 and any("pip" in line for line in lines)
+    with pytest.raises(deps.DependencyError, match="pip could not install"):
+        deps.install(folder, packages=["skyprompt-no-such-package==9"], pip_args=["--no-index"], log=lambda _: None)
+    # the requirements follow the stubs' own generator versions
+    proto_version = next(line.split(": ")[1] for line in (REPO / "plugin/rpc/skyprompt_pb2.py").read_text()
+                         .splitlines() if "Protobuf Python Version" in line)
+    assert f"protobuf>={proto_version},<{int(proto_version.split('.')[0]) + 1}" in deps.requirements()
+
+
+# -- the dock against a live backend --
+def test_index_search_results_layer_and_zoom(dock, layers, iface):
+    assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "SERVING"
+    assert run_dock(dock, "index", dock.index_layers) is None
+    assert set(dock.indexed) == {layer.id() for layer in layers}
+    dock.query.setText("roads and houses")
+    dock.k.setValue(7)
+    assert run_dock(dock, "search", dock.search) is None
+    result = dock.last_layer
+    assert result.name() == "SkyPrompt: roads and houses" and result.featureCount() == 7
+    assert dock.result_list.count() == 7 and not dock.result_list.item(0).icon().isNull()
+    scores = [f["score"] for f in result.getFeatures()]
+    assert scores == sorted(scores, reverse=True) and result.renderer().type() == "graduatedSymbol"
+    by_name = {layer.name(): layer for layer in layers}
+    for f in result.getFeatures():
+        raster = by_name[f["layer"]]
+        geom = QgsGeometry(f.geometry())
+        if result.crs() != raster.crs():
+            geom.transform(QgsCoordinateTransform(result.crs(), raster.crs(), QgsProject.instance()))
+        tolerance = raster.rasterUnitsPerPixelX()
+        outer = layer_rect(raster, (0, 0, 1, 1))
+        outer.grow(tolerance)
+        assert outer.contains(geom.boundingBox())
+    before = iface.canvas.extent()
+    dock.zoom_to_result(dock.result_list.item(0))
+    assert iface.canvas.extent() != before
+
+
+def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(dock, layers, iface, tmp_path):
+    layer = layers[-1]
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    assert layer.crs() != mercator
+    QgsProject.instance().setCrs(mercator)
+    iface.canvas.setDestinationCrs(mercator)
+    wanted = layer_rect(layer, (0.2, 0.25, 0.7, 0.8))                       # in the layer's CRS
+    to_map = QgsCoordinateTransform(layer.crs(), mercator, QgsProject.instance())
+    iface.canvas.setExtent(to_map.transformBoundingBox(wanted))
+    iface.canvas.refresh()
+    shown = QgsCoordinateTransform(mercator, layer.crs(), QgsProject.instance()).transformBoundingBox(
+        iface.canvas.extent()).intersect(layer.extent())
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText("buildings, trees")
+    dock.threshold.setValue(0.0)                         # everything passes: polygons must cover the view
+    dock.output.setFilePath(str(tmp_path / "segments.gpkg"))
+    assert run_dock(dock, "segment", dock.segment) is None
+    out = dock.last_layer
+    assert out.providerType() == "ogr" and (tmp_path / "segments.gpkg").is_file()
+    assert out.crs() == layer.crs() and out.featureCount() >= 2
+    assert {f["prompt"] for f in out.getFeatures()} == {"buildings", "trees"}
+    union = QgsGeometry.unaryUnion([f.geometry() for f in out.getFeatures() if f["prompt"] == "buildings"])
+    pixel = layer.rasterUnitsPerPixelX()
+    grown = QgsRectangle(shown)
+    grown.grow(2 * pixel)
+    assert grown.contains(union.boundingBox())                    # nothing outside the view...
+    assert union.area() > 0.9 * shown.area()                      # ...and the view is covered
+    assert all(f["area_m2"] > 0 for f in out.getFeatures())
+
+
+def test_drawn_rectangle_and_min_area(dock, layers, iface):
+    layer = layers[0]
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    dock.draw_rectangle()
+    assert iface.canvas.mapTool() is dock.extent_tool
+    rect = layer_rect(layer, (0.1, 0.1, 0.4, 0.5))
+    dock.extent_tool.extentChanged.emit(rect)                     # what dragging on the map emits
+    assert dock.area.currentIndex() == 1 and iface.canvas.mapTool() is not dock.extent_tool
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText("fields")
+    dock.threshold.setValue(0.0)
+    assert run_dock(dock, "segment", dock.segment) is None
+    area = sum(f["area_m2"] for f in dock.last_layer.getFeatures())
+    assert dock.last_layer.featureCount() >= 1
+    assert QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layer.getFeatures()]).boundingBox().width() \
+        <= rect.width() + 2 * layer.rasterUnitsPerPixelX()
+    dock.min_area.setValue(area * 10)                             # bigger than everything found
+    assert run_dock(dock, "segment", dock.segment) is None
+    assert dock.last_layer.featureCount() == 0
+
+
+def test_layer_the_backend_cannot_open_is_sent_as_pixels(dock, iface):
+    path = "/vsimem/skyprompt-plugin-test.tif"
+    data = noise((3, 120, 160), seed=5)
+    ds = gdal.GetDriverByName("GTiff").Create(path, 160, 120, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
+    ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
+    for i in range(3):
+        ds.GetRasterBand(i + 1).WriteArray(data[i])
+    ds = None
+    layer = QgsRasterLayer(path, "in memory")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    dock.segment_layer.setLayer(layer)
+    dock.describe_layer.setLayer(layer)
+    dock.prompts.setText("water")
+    dock.threshold.setValue(0.0)
+    dock.settings.max_pixel_side = 100                            # smaller than the layer: capped, and said so
+    assert run_dock(dock, "segment", dock.segment) is None
+    out = dock.last_layer
+    assert out.crs() == layer.crs() and out.featureCount() >= 1
+    extent = layer.extent()
+    extent.grow(4.0)
+    assert extent.contains(out.extent())
+    assert any("capped at 100 px" in (text or "") for _, text, _ in iface.message_bar.messages)
+    assert run_dock(dock, "caption", dock.describe) is None
+    assert dock.caption.toPlainText().strip()
+    gdal.Unlink(path)
+
+
+def test_backend_down_gives_a_clear_message_without_hanging(dock, layers, iface):
+    from backend.server import free_port
+
+    dock.settings.address = f"127.0.0.1:{free_port()}"
+    dock.query.setText("roads")
+    started = time.monotonic()
+    error = run_dock(dock, "search", dock.search, timeout=30)
+    assert error is not None and error.code == "UNAVAILABLE" and time.monotonic() - started < 30
+    assert any("no SkyPrompt backend answers" in (text or "") for _, text, _ in iface.message_bar.messages)
+    assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "UNREACHABLE"
+
+
+# -- Processing --
+def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+    from plugin.processing_provider import SkyPromptProvider
+
+    provider = SkyPromptProvider()
+    QgsApplication.processingRegistry().addProvider(provider)
+    try:
+        layer = layers[0]
+        indexed = processing.run("skyprompt:indexraster", {"INPUT": layer, "FORCE": False})
+        assert indexed["TILE_COUNT"] > 0 and indexed["RASTER_ID"]
+        found = processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "K": 4, "LAYERS": [layer],
+                                                        "OUTPUT": "memory:"})["OUTPUT"]
+        assert found.featureCount() == 4 and {f["layer"] for f in found.getFeatures()} == {layer.name()}
+        e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
+        extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
+        out_path = str(tmp_path / "polygons.gpkg")
+        polygons = processing.run("skyprompt:prompttopolygons", {
+            "INPUT": layer, "PROMPTS": "houses, water", "EXTENT": extent, "THRESHOLD": 0.0, "MIN_AREA": 0.0,
+            "OUTPUT": out_path})["OUTPUT"]
+        result = QgsVectorLayerFrom(polygons)
+        assert result.featureCount() >= 2 and result.crs() == layer.crs()
+        grown = QgsRectangle(e)
+        grown.grow(2 * layer.rasterUnitsPerPixelX())
+        assert grown.contains(result.extent())
+        with pytest.raises(QgsProcessingException, match="no SkyPrompt backend answers"):
+            from backend.server import free_port
+            processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": f"127.0.0.1:{free_port()}",
+                                                     "OUTPUT": "memory:"})
+    finally:
+        QgsApplication.processingRegistry().removeProvider(provider)
+
+
+def QgsVectorLayerFrom(source):  # noqa: N802
+    from qgis.core import QgsVectorLayer
+
+    return source if isinstance(source, QgsVectorLayer) else QgsVectorLayer(source, "out", "ogr")
+
+
+# -- the local backend launcher --
+def test_start_local_backend_then_unload_stops_it(iface, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    from backend.server import free_port
+    from plugin.plugin import SkyPromptPlugin
+
+    s = PluginSettings.load()
+    s.address, s.token = f"127.0.0.1:{free_port()}", ""
+    s.python, s.backend_dir, s.checkpoint, s.device = sys.executable, str(REPO), str(checkpoint), "cpu"
+    s.save()
+    monkeypatch.setenv("SKYPROMPT_DATA_DIR", str(tmp_path / "data"))
+    plugin = SkyPromptPlugin(iface)
+    plugin.initGui()
+    try:
+        plugin.show_dock(True)
+        dock = plugin.dock
+        dock.toggle_backend()
+        wait_until(lambda: dock.health_state == "SERVING", 180, "the local backend to serve")
+        process = dock.backend.process
+        assert dock.backend.running and dock.start_button.text() == "Stop local backend"
+        pid = process.processId()
+        assert pid > 0 and Path(f"/proc/{pid}").exists()
+    finally:
+        plugin.unload()
+        QgsSettings().remove("skyprompt")
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
+    from backend.server import free_port
+
+    dock.settings.address = f"127.0.0.1:{free_port()}"
+    dock.settings.python = "/nonexistent/python3"
+    failures = []
+    dock.backend.failed.connect(failures.append)
+    dock.toggle_backend()
+    wait_until(lambda: failures, 30, "the launcher to give up")
+    assert "could not run" in failures[0] and not dock.backend.running
