@@ -431,6 +431,7 @@ class SkyPromptDock(QDockWidget):
             self.indexed.update({lid: r.raster_id for lid, r in indexed.items()})
             tiles = sum(r.tile_count for r in indexed.values())
             self._message(f"indexed {len(indexed)} layer(s), {tiles} tiles", Qgis.Success, 4)
+            self.refresh_health()   # the index counts in the connection bar
 
         return self._task("index", f"SkyPrompt: indexing {len(layers)} layer(s)", work, shown)
 
@@ -466,7 +467,9 @@ class SkyPromptDock(QDockWidget):
         self.hits = hits
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
-            item = QListWidgetItem(f"{h.score:.3f}  {names.get(h.raster_path, h.raster_name)}  tile {h.tile_id}")
+            item = QListWidgetItem(f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n"
+                                   f"{names.get(h.raster_path, h.raster_name)}")
+            item.setToolTip(h.raster_path)
             item.setData(Qt.UserRole, rank - 1)
             if h.thumbnail_png:
                 pixmap = QPixmap()

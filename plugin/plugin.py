@@ -27,6 +27,8 @@ class SkyPromptPlugin:
         deps.activate(self.deps_folder)
 
     def initProcessing(self) -> None:
+        if self.provider is not None:  # QGIS may call this before initGui, which calls it again
+            return
         self.provider = SkyPromptProvider()
         QgsApplication.processingRegistry().addProvider(self.provider)
 

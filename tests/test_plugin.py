@@ -478,3 +478,19 @@ def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
     dock.toggle_backend()
     wait_until(lambda: failures, 30, "the launcher to give up")
     assert "could not run" in failures[0] and not dock.backend.running
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason=f"shared rasters not found in {GEOTIFF_DIR}")
+def test_screenshot_tool_draws_the_dock_with_results(tmp_path):
+    from qgis.PyQt.QtGui import QImage
+
+    out = tmp_path / "shot.png"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "screenshots.py"), "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    image = QImage(str(out))
+    assert image.width() >= 1000 and image.height() >= 500
+    # the map half shows imagery, not an empty canvas: many distinct colours
+    colours = {image.pixel(x, y) for x in range(60, 860, 20) for y in range(40, 620, 20)}
+    assert len(colours) > 100
