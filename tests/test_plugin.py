@@ -494,3 +494,38 @@ def test_screenshot_tool_draws_the_dock_with_results(tmp_path):
     # the map half shows imagery, not an empty canvas: many distinct colours
     colours = {image.pixel(x, y) for x in range(60, 860, 20) for y in range(40, 620, 20)}
     assert len(colours) > 100
+
+
+def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
+    """An XYZ layer (local file:// tiles made by gdal2tiles): pixels come from QGIS's own provider."""
+    from osgeo_utils import gdal2tiles
+
+    yy, xx = np.mgrid[0:512, 0:512]
+    ramps = np.stack([xx / 2, yy / 2, np.full_like(xx, 90)]).astype(np.uint8)   # red grows east, green south
+    source = make_tif(tmp_path / "src.tif", ramps, geotransform=(1113194.9, 2.0, 0.0, 6800000.0, 0.0, -2.0),
+                      crs="EPSG:3857")
+    gdal2tiles.main(["gdal2tiles", "--xyz", "-z", "14-16", "-w", "none", "-q", str(source), str(tmp_path / "tiles")])
+    layer = QgsRasterLayer(f"type=xyz&url=file://{tmp_path}/tiles/{{z}}/{{x}}/{{y}}.png&zmin=14&zmax=16", "tiles", "wms")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    from backend.rpc import skyprompt_pb2 as pb
+    from plugin.sources import PixelReader
+
+    area = QgsRectangle(1113194.9 + 100, 6800000.0 - 900, 1113194.9 + 900, 6800000.0 - 100)
+    src, note = PixelReader(layer).read(pb, area, 200, resolution=2.0)
+    px = src.pixels
+    rgba = np.frombuffer(px.data, np.uint8).reshape(4, px.height, px.width)
+    assert (px.width, px.height, px.alpha_band) == (200, 200, 4) and "capped at 200 px" in note
+    assert np.corrcoef(rgba[0].mean(axis=0), np.arange(px.width))[0, 1] > 0.95      # east ramp kept
+    assert np.corrcoef(rgba[1].mean(axis=1), np.arange(px.height))[0, 1] > 0.95     # south ramp kept
+    assert abs(float(rgba[2].mean()) - 90) < 3
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(area)
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText("fields")
+    dock.threshold.setValue(0.0)
+    assert run_dock(dock, "segment", dock.segment) is None
+    out = dock.last_layer
+    shown = iface.canvas.extent()
+    shown.grow(20.0)
+    assert out.crs().authid() == "EPSG:3857" and out.featureCount() >= 1 and shown.contains(out.extent())

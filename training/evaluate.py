@@ -1,8 +1,9 @@
-"""Evaluate a checkpoint: text-image retrieval, zero-shot classification, captioning.
+"""Evaluate a checkpoint: text-image retrieval, zero-shot classification, captioning, localization.
 
     python -m training.evaluate retrieval --checkpoint DIR --manifest FILE.jsonl --json
     python -m training.evaluate zero-shot --checkpoint DIR --data FOLDER --classnames FILE.json --json
     python -m training.evaluate caption   --checkpoint DIR --manifest FILE.jsonl --json
+    python -m training.evaluate segmentation --checkpoint DIR --data FOLDER --classnames FILE.json --seed N --json
 
 The metric definitions (tie rule, class-oracle reference, BLEU/CIDEr) are in `training.metrics`.
 The training loop validates with `evaluate_retrieval` and `evaluate_zero_shot` from this module.
@@ -398,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a SkyPrompt checkpoint: text<->image retrieval recall, zero-shot scene "
                     "classification with class-name prompts, or caption quality (BLEU-4, CIDEr-D).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption,segmentation}")
 
     r = sub.add_parser(
         "retrieval", help="image->text and text->image recall@1/5/10 and mean recall (mR)",
@@ -452,6 +453,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens per caption; 24 covers 99%% of UCM captions (default: %(default)s)")
     c.add_argument("--examples", type=int, default=5, metavar="N",
                    help="example captions to show (default: %(default)s)")
+
+    g = sub.add_parser(
+        "segmentation", help="localization: mIoU of dense class maps on mosaics with exact masks",
+        description="Builds mosaics from FOLDER (irregular regions, each filled with one scene image of one "
+                    "class; deterministic from --seed), lets every class of the map compete for every pixel "
+                    "(dense embeddings vs prompt-ensemble class embeddings, tiles blended as the backend "
+                    "does) and scores the result against the exact mask: IoU per class, mIoU, pixel accuracy, "
+                    "boundary F-score. --methods compares dense methods (the README's ablation); "
+                    "--end-to-end also runs the backend's Segment and scores its polygons against the "
+                    "ground-truth polygons.")
+    _common(g, 32)
+    g.add_argument("--data", required=True, metavar="FOLDER", help="folder of class folders (as for zero-shot)")
+    g.add_argument("--classnames", required=True, metavar="FILE.json",
+                   help="JSON object folder -> human name, or a bundled map (as for zero-shot)")
+    g.add_argument("--files", metavar="LISTFILE", help="build mosaics only from these images (e.g. a validation split)")
+    g.add_argument("--seed", type=int, default=0, help="mosaic seed (default: %(default)s)")
+    g.add_argument("--mosaics", type=int, default=20, metavar="N", help="number of mosaics (default: %(default)s)")
+    g.add_argument("--size", type=int, default=512, metavar="PX", help="mosaic side in pixels (default: %(default)s)")
+    g.add_argument("--regions", type=int, default=5, metavar="N",
+                   help="regions (distinct classes) per mosaic (default: %(default)s)")
+    g.add_argument("--layout", choices=("voronoi", "rectangles"), default="voronoi",
+                   help="region shapes: Voronoi cells or overlapping random rectangles (default: %(default)s)")
+    g.add_argument("--scene-px", type=int, metavar="PX",
+                   help="scene images are resized to this side before filling regions "
+                        "(default: the checkpoint's image size: one tile shows about one scene)")
+    g.add_argument("--methods", default="default", metavar="LIST",
+                   help="dense methods, comma-separated, or 'all' (global, maskclip, sao3, sao5, sao7, "
+                        "sao3-gauss, sao5-gauss, sao7-gauss); default: the backend's SAO window")
+    g.add_argument("--templates", default="default", metavar="default|single|FILE",
+                   help="class prompt templates, as for zero-shot (default: %(default)s)")
+    g.add_argument("--tolerance", type=int, default=3, metavar="PX",
+                   help="boundary F-score match distance in pixels (default: %(default)s)")
+    g.add_argument("--end-to-end", action="store_true",
+                   help="also run the backend's Segment on each mosaic and score polygons vs ground truth")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="Segment threshold for --end-to-end (default: the backend's)")
+    g.add_argument("--keep", metavar="DIR", help="write the mosaics (GeoTIFF, mask, class polygons) into DIR")
     return p
 
 
@@ -529,7 +567,92 @@ def _print_caption(r: dict) -> None:
         print(f"\n{ex['image']}\n  generated: {ex['caption']}\n  reference: {ex['references'][0]}")
 
 
+def _print_segmentation(r: dict) -> None:
+    st = r["settings"]
+    print(f"localization: {st['mosaics']} {st['layout']} mosaics of {st['size']} px, {st['regions']} regions, "
+          f"{len(st['classes'])} classes, seed {st['seed']}")
+    print(f"{'method':12}{'mIoU':>7}{'pix acc':>9}{'bound F':>9}")
+    for name, m in r["methods"].items():
+        print(f"{name:12}{100 * m['miou']:7.1f}{100 * m['pixel_accuracy']:9.1f}{100 * m['boundary_f']:9.1f}")
+    print(f"\nper-class IoU ({r['method']}):")
+    for k, v in r["per_class_iou"].items():
+        print(f"  {k:24} {'-' if v is None else f'{100 * v:5.1f}'}")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        print(f"\nend to end (backend Segment, threshold {e['threshold']}): polygon mIoU {100 * e['miou']:.1f}")
+
+
+def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
+    from backend.defaults import DEFAULT_THRESHOLD
+    from backend.engine import EngineError, ModelEngine
+
+    from . import localization as L
+    from .mosaic import MosaicError, build_mosaics, write_mosaic
+
+    _positive(args, "mosaics", "size", "regions", "scene_px")
+    if args.tolerance < 0:
+        raise EvalError("--tolerance must be 0 or more")
+    names = load_classnames(args.classnames)
+    templates = _templates(args.templates)
+    methods = (list(L.METHODS) if args.methods == "all" else [L.DEFAULT_METHOD] if args.methods == "default"
+               else [m.strip() for m in args.methods.split(",") if m.strip()])
+    unknown = [m for m in methods if m not in L.METHODS]
+    if unknown or not methods:
+        named = ", ".join(unknown) if unknown else repr(args.methods)
+        raise EvalError(f"unknown --methods {named}; choose from "
+                        f"{', '.join(L.METHODS)} or 'all'")
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise EvalError(f"--threshold {threshold} must be between 0 and 1")
+    records = scan_folder(args.data, names, files=args.files)
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise EvalError(f"checkpoint directory {ckpt} does not exist")
+    _device(args.device)
+    try:
+        engine = ModelEngine(ckpt, device=args.device)
+    except EngineError as e:
+        raise EvalError(str(e)) from None
+    try:
+        start = time.perf_counter()
+        scene_px = args.scene_px or engine.image_size
+        by_class = {k: v for k, v in L.images_by_class(records).items()}
+        by_class = {k: by_class.get(k, []) for k in names}       # the map's order = class indices
+        try:
+            mosaics = build_mosaics(by_class, args.seed, args.mosaics, size=args.size, regions=args.regions,
+                                    scene_px=scene_px, layout=args.layout)
+        except MosaicError as e:
+            raise EvalError(str(e)) from None
+        if args.keep:
+            for i, m in enumerate(mosaics):
+                write_mosaic(m, args.keep, f"mosaic_{i:03d}")
+        text = class_text_embeddings(engine.model, engine.tokenizer, names, templates, device=engine.device)
+        results = L.evaluate_mosaics(engine, mosaics, text.numpy().astype(np.float32), methods, args.tolerance,
+                                     progress)
+        # the headline is the backend's own method when it was measured
+        main = L.DEFAULT_METHOD if L.DEFAULT_METHOD in methods else methods[0]
+        first = results[main]
+        out = {"miou": first["miou"], "pixel_accuracy": first["pixel_accuracy"], "boundary_f": first["boundary_f"],
+               "per_class_iou": first["per_class_iou"], "method": main, "methods": results}
+        if args.end_to_end:
+            window = L.METHODS[main][0]
+            out["end_to_end"] = L.evaluate_end_to_end(engine, mosaics, L.first_names(names), threshold,
+                                                      window, progress=progress)
+        out["settings"] = {"data": str(args.data), "files": args.files, "classnames": str(args.classnames),
+                           "classes": list(names), "seed": args.seed, "mosaics": args.mosaics, "size": args.size,
+                           "regions": args.regions, "layout": args.layout, "scene_px": scene_px,
+                           "templates": len(templates), "tolerance_px": args.tolerance, "overlap": L.SEGMENT_OVERLAP,
+                           "threshold": threshold if args.end_to_end else None}
+        out["checkpoint"] = str(ckpt)
+        out["seconds"] = round(time.perf_counter() - start, 2)
+        return out
+    finally:
+        engine.stop()
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.command == "segmentation":
+        return run_segmentation(args, not args.quiet)
     _positive(args, "batch_size", "limit", "limit_per_class", "beam_size", "max_len")
     if getattr(args, "examples", 0) < 0:
         raise EvalError("--examples must be 0 or more")
@@ -574,7 +697,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption}[args.command](result)
+        {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption,
+         "segmentation": _print_segmentation}[args.command](result)
     return 0
 
 

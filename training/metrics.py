@@ -1,5 +1,6 @@
 """Evaluation metrics as pure functions on arrays: retrieval recall, the class-oracle reference,
-zero-shot classification accuracy, and caption BLEU-4 / CIDEr-D.
+zero-shot classification accuracy, caption BLEU-4 / CIDEr-D, and segmentation IoU, pixel accuracy
+and boundary F-score.
 
 No model here: `training.evaluate` computes embeddings, logits and captions and hands them over.
 
@@ -305,3 +306,86 @@ def cider(candidates: Mapping, references: Mapping) -> float:
     res, gts = _prepare(candidates, references)
     score, _ = Cider().compute_score(gts, res)
     return float(score)
+
+
+# ---- segmentation --------------------------------------------------------------------------------
+# Label maps are integer arrays; pixels labelled < 0 in the ground truth are ignored. Confusion
+# matrices are summed over a whole set before IoU is taken (the usual dataset-level IoU, not a mean
+# of per-image IoUs), and a class absent from both prediction and truth has no IoU (NaN).
+
+def segmentation_confusion(pred, truth, n_classes: int) -> np.ndarray:
+    """[n_classes, n_classes] pixel counts, rows = true class, columns = predicted class."""
+    pred, truth = np.asarray(pred).ravel(), np.asarray(truth).ravel()
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction has {pred.size} pixels, truth {truth.size}")
+    keep = truth >= 0
+    if (pred[keep] < 0).any() or (pred[keep] >= n_classes).any() or (truth[keep] >= n_classes).any():
+        raise ValueError(f"labels must be in 0..{n_classes - 1}")
+    return np.bincount(truth[keep] * n_classes + pred[keep], minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes).astype(np.int64)
+
+
+def iou_per_class(confusion) -> np.ndarray:
+    """IoU = TP / (TP + FP + FN) per class; NaN for a class absent from truth and prediction."""
+    cm = np.asarray(confusion, np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(confusion, present_only: bool = True) -> float:
+    """Mean IoU over the classes that occur in the truth (present_only) or in truth or prediction."""
+    cm = np.asarray(confusion)
+    iou = iou_per_class(cm)
+    if present_only:
+        iou = iou[cm.sum(1) > 0]
+    iou = iou[~np.isnan(iou)]
+    return float(iou.mean()) if iou.size else float("nan")
+
+
+def pixel_accuracy(confusion) -> float:
+    cm = np.asarray(confusion)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a boolean mask with a 4-neighbour outside it (image edges do not count)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation by `radius` pixels (Chebyshev distance)."""
+    if radius <= 0:
+        return mask.copy()
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def boundary_counts(pred_mask, truth_mask, tolerance: int) -> tuple[int, int, int, int]:
+    """(matched predicted boundary px, predicted boundary px, matched true boundary px, true boundary
+    px): a boundary pixel is matched when the other boundary lies within `tolerance` pixels."""
+    pb, tb = _boundary(np.asarray(pred_mask, bool)), _boundary(np.asarray(truth_mask, bool))
+    return (int((pb & _dilate(tb, tolerance)).sum()), int(pb.sum()),
+            int((tb & _dilate(pb, tolerance)).sum()), int(tb.sum()))
+
+
+def boundary_f_score(counts) -> float:
+    """F1 of boundary precision and recall from summed boundary_counts; NaN without true boundary."""
+    mp, p, mt, t = counts
+    if t == 0:
+        return float("nan")
+    precision = mp / p if p else 0.0
+    recall = mt / t
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0

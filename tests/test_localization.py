@@ -1,0 +1,133 @@
+"""The localization benchmark: mosaics with exact ground truth (training.mosaic), segmentation metrics
+on hand-made cases (training.metrics), and `python -m training.evaluate segmentation` on a tiny
+checkpoint (random weights: these tests check the plumbing and the numbers' meaning, not quality)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr, osr
+from PIL import Image
+
+from test_evaluate import run_cli, setup  # noqa: F401 - fixture
+
+from training import metrics as M
+from training.mosaic import MosaicError, build_mosaic, write_mosaic
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 210), "grey": (128, 128, 128)}
+
+
+@pytest.fixture(scope="module")
+def flat_classes(tmp_path_factory):
+    """Four classes whose images are flat colours, two images each (so each pixel names its class)."""
+    root = tmp_path_factory.mktemp("flat")
+    out = {}
+    for name, colour in COLOURS.items():
+        paths = []
+        for j in range(2):
+            p = root / name / f"{name}_{j}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((30, 40, 3), colour, np.uint8)).save(p)
+            paths.append(str(p))
+        out[name] = paths
+    return out
+
+
+@pytest.mark.parametrize("layout", ["voronoi", "rectangles"])
+def test_mosaic_regions_are_filled_from_their_own_class(flat_classes, layout):
+    m = build_mosaic(flat_classes, seed=3, index=1, size=96, regions=4, scene_px=32, layout=layout)
+    classes = list(flat_classes)
+    assert m.image.shape == (3, 96, 96) and m.mask.shape == (96, 96) and (m.mask >= 0).all()
+    assert len(m.present) == 4 and [r["class"] for r in m.regions] and m.classes == classes
+    for c in m.present:
+        pixels = m.image[:, m.mask == c].T
+        assert (np.abs(pixels - np.array(COLOURS[classes[c]])) <= 1).all()   # exactly its class, everywhere
+    again = build_mosaic(flat_classes, seed=3, index=1, size=96, regions=4, scene_px=32, layout=layout)
+    other = build_mosaic(flat_classes, seed=4, index=1, size=96, regions=4, scene_px=32, layout=layout)
+    assert np.array_equal(again.mask, m.mask) and np.array_equal(again.image, m.image)
+    assert not np.array_equal(other.mask, m.mask)
+    if layout == "voronoi":   # irregular: not a grid of rectangles
+        assert any(len(np.unique(row)) > 1 for row in m.mask) and any(len(np.unique(col)) > 1 for col in m.mask.T)
+
+
+def test_mosaic_errors(flat_classes):
+    with pytest.raises(MosaicError, match="at least two classes"):
+        build_mosaic({"red": flat_classes["red"]}, seed=0, index=0)
+    with pytest.raises(MosaicError, match="layout"):
+        build_mosaic(flat_classes, seed=0, index=0, layout="hexagons")
+
+
+def test_written_mosaic_round_trips_georeferencing_mask_and_polygons(flat_classes, tmp_path):
+    m = build_mosaic(flat_classes, seed=0, index=2, size=80, regions=3, scene_px=32, pixel_size=0.5)
+    paths = write_mosaic(m, tmp_path, "m")
+    ds = gdal.Open(str(paths["image"]))
+    assert ds.GetGeoTransform() == m.geotransform and ds.RasterCount == 3
+    srs = ds.GetSpatialRef()
+    assert srs.GetAuthorityCode(None) == "32633"
+    assert np.array_equal(np.stack([ds.GetRasterBand(b + 1).ReadAsArray() for b in range(3)]), m.image)
+    mask = gdal.Open(str(paths["mask"]))
+    assert np.array_equal(mask.GetRasterBand(1).ReadAsArray(), m.mask) and mask.GetGeoTransform() == m.geotransform
+    source = ogr.Open(str(paths["polygons"]))       # kept: a layer outlives its data source only in C
+    layer = source.GetLayer(0)
+    area = {}
+    for f in layer:
+        area[f.GetField("class_index")] = area.get(f.GetField("class_index"), 0.0) + f.GetGeometryRef().GetArea()
+        assert f.GetField("class") == m.classes[f.GetField("class_index")]
+    pixel_area = 0.5 * 0.5
+    assert area == {c: pytest.approx(float((m.mask == c).sum()) * pixel_area) for c in m.present}
+    # every polygon lies on the raster's ground
+    xmin, ymax = m.geotransform[0], m.geotransform[3]
+    ext = layer.GetExtent()
+    assert ext[0] >= xmin and ext[1] <= xmin + 80 * 0.5 and ext[2] >= ymax - 80 * 0.5 and ext[3] <= ymax
+
+
+def test_segmentation_metrics_on_hand_made_cases():
+    truth = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2], [-1, -1, 2, 2]])
+    pred = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [2, 2, 1, 2], [0, 1, 2, 2]])
+    cm = M.segmentation_confusion(pred, truth, 4)
+    assert cm.sum() == 14                              # the two ignored pixels are not counted
+    iou = M.iou_per_class(cm)
+    # class 0: TP 4, FP 1, FN 0 -> 4/5; class 1: TP 3, FP 1, FN 1 -> 3/5; class 2: TP 5, FN 1 -> 5/6
+    assert iou[:3] == pytest.approx([4 / 5, 3 / 5, 5 / 6]) and np.isnan(iou[3])
+    assert M.mean_iou(cm) == pytest.approx((4 / 5 + 3 / 5 + 5 / 6) / 3)
+    assert M.pixel_accuracy(cm) == pytest.approx(12 / 14)
+    with pytest.raises(ValueError, match="labels"):
+        M.segmentation_confusion(pred, truth, 2)
+    square = np.zeros((20, 20), bool)
+    square[5:15, 5:15] = True
+    shifted = np.roll(square, 1, axis=1)
+    assert M.boundary_f_score(M.boundary_counts(square, square, 0)) == 1.0
+    assert M.boundary_f_score(M.boundary_counts(shifted, square, 0)) < 0.8
+    assert M.boundary_f_score(M.boundary_counts(shifted, square, 1)) == 1.0
+    assert M.boundary_f_score(M.boundary_counts(np.zeros_like(square), square, 2)) == 0.0
+
+
+def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa: F811
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
+                "--methods", "global,maskclip,sao3", "--end-to-end", "--keep", tmp_path / "mosaics", "--json",
+                "--quiet")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert 0.0 <= r["miou"] <= 1.0 and r["method"] == "global"
+    assert set(r["methods"]) == {"global", "maskclip", "sao3"}
+    for m in r["methods"].values():
+        assert 0 <= m["miou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
+    assert set(r["per_class_iou"]) <= set(json.loads(setup["names"].read_text()))
+    assert r["settings"]["seed"] == 1 and r["settings"]["mosaics"] == 2 and r["settings"]["regions"] == 3
+    assert 0.0 <= r["end_to_end"]["miou"] <= 1.0
+    assert len(list((tmp_path / "mosaics").glob("mosaic_*_mask.tif"))) == 2
+    again = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                    "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
+                    "--methods", "global", "--json", "--quiet")
+    assert json.loads(again.stdout)["miou"] == pytest.approx(r["methods"]["global"]["miou"])   # deterministic
+
+
+def test_segmentation_cli_errors(setup):  # noqa: F811
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                "--classnames", setup["names"], "--methods", "sao4")
+    assert p.returncode == 2 and "unknown --methods sao4" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "nope",
+                "--classnames", setup["names"])
+    assert p.returncode == 2 and "does not exist" in p.stderr

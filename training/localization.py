@@ -1,0 +1,152 @@
+"""The localization benchmark: how well a checkpoint's dense maps find classes in mosaics with exact
+ground truth (training.mosaic), and which dense method to ship.
+
+Two measurements:
+- relevance maps directly: every dataset class competes for every pixel (its prompt-ensemble text
+  embedding against each position's dense embedding, softmax at the model's temperature, tiles
+  blended as the backend's Segment does); the pixel goes to the best class. Scored against the
+  mask: IoU per class, mIoU, pixel accuracy, boundary F-score (within `tolerance` pixels).
+- end to end through the backend's Segment (backend.segment.segment on the written GeoTIFF: the
+  class names as prompts, the default threshold, GDAL polygons): polygons of each class against the
+  ground-truth class polygons, IoU from areas in map units.
+
+Dense methods (`METHODS`): the global attention pool (one embedding per tile, upsampled), the
+value path alone (MaskCLIP-style: each position's own value through the pool's output projection;
+SAO with a 1x1 window) and SAO with 3/5/7 windows, with and without Gaussian weighting.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import shapely
+from osgeo import ogr
+from tqdm import tqdm
+
+from backend.defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD
+from backend.segment import relevance_map
+
+from . import metrics as M
+from .mosaic import Mosaic, write_mosaic
+
+GLOBAL_WINDOW = 10_000      # any window >= the patch grid is the global pool, exactly
+SEGMENT_OVERLAP = 0.125     # the backend's default tile overlap for Segment
+
+# name -> (window in patches, Gaussian sigma in patches; 0 = no Gaussian)
+METHODS: dict[str, tuple[int, float]] = {
+    "global": (GLOBAL_WINDOW, 0.0),
+    "maskclip": (1, 0.0),
+    "sao3": (3, 0.0), "sao5": (5, 0.0), "sao7": (7, 0.0),
+    "sao3-gauss": (3, 1.5), "sao5-gauss": (5, 2.5), "sao7-gauss": (7, 3.5),
+}
+DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}"
+
+
+def class_probabilities(engine, image: np.ndarray, class_embeddings: np.ndarray, window: int,
+                        sigma: float) -> np.ndarray:
+    """[C, H, W] probabilities of each class at each pixel of a uint8 [3, H, W] image."""
+    valid = np.ones(image.shape[1:], bool)
+    probs, _ = relevance_map(image, valid, class_embeddings, len(class_embeddings), engine, window, sigma,
+                             SEGMENT_OVERLAP)
+    return probs
+
+
+def _polygons_of(path: Path, n_classes: int) -> list:
+    """Ground-truth geometry (shapely) per class index from the written class polygons."""
+    out = [[] for _ in range(n_classes)]
+    ds = ogr.Open(str(path))
+    for feature in ds.GetLayer(0):
+        out[feature.GetField("class_index")].append(shapely.from_wkb(bytes(feature.GetGeometryRef().ExportToWkb())))
+    return [shapely.union_all(g) if g else None for g in out]
+
+
+def _summary(confusion: np.ndarray, boundary: np.ndarray, classes: Sequence[str]) -> dict:
+    iou = M.iou_per_class(confusion)
+    present = confusion.sum(1) > 0
+    bf = [M.boundary_f_score(boundary[c]) for c in range(len(classes)) if present[c]]
+    bf = [v for v in bf if not math.isnan(v)]
+    return {
+        "miou": M.mean_iou(confusion),
+        "pixel_accuracy": M.pixel_accuracy(confusion),
+        "boundary_f": float(np.mean(bf)) if bf else float("nan"),
+        "per_class_iou": {classes[c]: (None if math.isnan(iou[c]) else float(iou[c]))
+                          for c in range(len(classes)) if present[c]},
+    }
+
+
+def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.ndarray,
+                     methods: Sequence[str] = (DEFAULT_METHOD,), tolerance: int = 3,
+                     progress: bool = True) -> dict[str, dict]:
+    """Per method: mIoU, pixel accuracy, boundary F and per-class IoU over all mosaics."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    classes = mosaics[0].classes
+    n = len(classes)
+    out = {}
+    bar = tqdm(total=len(methods) * len(mosaics), desc="relevance maps", unit="map", disable=not progress)
+    for name in methods:
+        window, sigma = METHODS[name]
+        confusion = np.zeros((n, n), np.int64)
+        boundary = np.zeros((n, 4), np.int64)
+        for m in mosaics:
+            pred = class_probabilities(engine, m.image, class_embeddings, window, sigma).argmax(0)
+            confusion += M.segmentation_confusion(pred, m.mask, n)
+            for c in m.present:
+                boundary[c] += M.boundary_counts(pred == c, m.mask == c, tolerance)
+            bar.update(1)
+        out[name] = _summary(confusion, boundary, classes)
+        out[name]["window"], out[name]["sigma"] = window if window != GLOBAL_WINDOW else "global", sigma
+    bar.close()
+    return out
+
+
+def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str],
+                        threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
+                        folder: str | Path | None = None, progress: bool = True) -> dict:
+    """Backend Segment on each written mosaic, every class name as a prompt; polygon IoU per class
+    (intersection and union areas summed over mosaics, in map units)."""
+    from backend.raster import open_raster
+    from backend.segment import segment
+
+    classes = mosaics[0].classes
+    inter = np.zeros(len(classes))
+    union = np.zeros(len(classes))
+    with tempfile.TemporaryDirectory(prefix="skyprompt-mosaics-") as tmp:
+        folder = Path(folder) if folder else Path(tmp)
+        for i, m in enumerate(tqdm(mosaics, desc="segment (end to end)", unit="mosaic", disable=not progress)):
+            paths = write_mosaic(m, folder, f"mosaic_{i:03d}")
+            truth = _polygons_of(paths["polygons"], len(classes))
+            result = segment(open_raster(paths["image"]), list(prompts), engine, threshold=threshold,
+                             window=window, overlap=SEGMENT_OVERLAP)
+            for c, r in enumerate(result.results):
+                found = shapely.union_all([p.geometry for p in r.polygons]) if r.polygons else None
+                t = truth[c]
+                if t is None and found is None:
+                    continue
+                if t is None:
+                    union[c] += found.area
+                elif found is None:
+                    union[c] += t.area
+                else:
+                    inter[c] += shapely.intersection(found, t).area
+                    union[c] += shapely.union(found, t).area
+    present = sorted({c for m in mosaics for c in m.present})
+    per_class = {classes[c]: float(inter[c] / union[c]) for c in present if union[c] > 0}
+    return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+            "per_class_iou": per_class, "threshold": threshold, "window": window}
+
+
+def images_by_class(records) -> dict[str, list[str]]:
+    """Folder-of-classes records (training.data.Record) grouped by class key, in first-seen order."""
+    out: dict[str, list[str]] = {}
+    for r in records:
+        out.setdefault(r.class_name, []).append(str(r.image))
+    return out
+
+
+def first_names(names: Mapping[str, Sequence[str]]) -> list[str]:
+    return [v if isinstance(v, str) else v[0] for v in names.values()]
