@@ -86,13 +86,6 @@ def missing() -> str | None:
     return None
 
 
-def _forget_failed_imports() -> None:
-    """Drop half-imported modules so a retry after installing imports them afresh."""
-    for name in list(sys.modules):
-        if name == "grpc" or name.startswith(("grpc.", "google", f"{__package__}.rpc")):
-            del sys.modules[name]
-
-
 def python_executable() -> str:
     """The interpreter QGIS runs (sys.executable is the qgis binary on some platforms)."""
     exe = Path(sys.executable)
@@ -149,6 +142,8 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
         if _run(cmd, keep) != 0:
             tail = "\n".join(lines[-5:])
             raise DependencyError(f"pip could not install {' '.join(packages)} into {folder}:\n{tail}")
+    # Python drops modules whose import failed, so the next import finds the new packages; a
+    # protobuf that did load (too old) stays loaded: missing() then still says so, and only a
+    # QGIS restart replaces it (unloading C extensions in a running process is not safe).
     activate(folder)
-    _forget_failed_imports()
 

@@ -131,3 +131,84 @@ def test_segmentation_cli_errors(setup):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "nope",
                 "--classnames", setup["names"])
     assert p.returncode == 2 and "does not exist" in p.stderr
+
+
+# ---- pseudo-label refinement ---------------------------------------------------------------------
+def test_pseudo_labels_use_only_present_classes_and_ignore_unsure_patches(tiny_model, tiny_config, tokenizer):
+    import torch
+    import torch.nn.functional as F
+
+    from training.refine import IGNORE, pseudo_labels
+
+    rng = np.random.default_rng(0)
+    size = tiny_config.image_size
+    mosaics = rng.integers(0, 256, (2, 3, size, size), dtype=np.uint8)
+    tokens = tokenizer([f"an aerial photo of {c}." for c in ("a lake", "a forest", "fields", "roads")],
+                       tiny_config.context_length)
+    with torch.no_grad():
+        text = F.normalize(tiny_model.encode_text(tokens), dim=-1)
+    labels = pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=0.0, device="cpu")
+    grid = size // tiny_config.patch_size
+    assert labels.shape == (2, grid, grid)
+    assert set(labels[0].unique().tolist()) <= {0, 2} and set(labels[1].unique().tolist()) <= {1, 3}
+    assert (pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=1.01, device="cpu") == IGNORE).all()
+
+
+@pytest.fixture(scope="module")
+def refine_setup(tmp_path_factory, tokenizer, tiny_config):
+    import torch
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("refine")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(MaMMUT(tiny_config), tokenizer, root / "ckpt")
+    rng = np.random.default_rng(0)
+    names = {"lake": "a lake", "forest": "a forest", "fields": "farm fields"}
+    for c, cls in enumerate(names):
+        for j in range(4):
+            p = root / "scenes" / cls / f"{cls}_{j}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            base = np.array([(40, 60, 200), (30, 140, 40), (200, 180, 90)][c])
+            Image.fromarray(np.clip(base + rng.integers(-30, 30, (48, 48, 3)), 0, 255).astype(np.uint8)).save(p)
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"name": "scenes", "kind": "folder", "root": "scenes",
+                                               "classnames": names, "val_per_class": 1}]}))
+    return {"root": root, "ckpt": ckpt, "recipe": recipe}
+
+
+def _refine(refine_setup, out, rounds):
+    import subprocess
+    import sys
+
+    from test_server import REPO
+
+    return subprocess.run([sys.executable, "-m", "training.refine", "--checkpoint", str(refine_setup["ckpt"]),
+                           "--recipe", str(refine_setup["recipe"]), "--out", str(out), "--rounds", str(rounds),
+                           "--steps-per-round", "2", "--batch-size", "4", "--dense-batch", "2",
+                           "--mosaics-per-round", "4", "--eval-mosaics", "1", "--window", "3", "--device", "cpu",
+                           "--workers", "0", "--export-fp16", str(out / "fp16")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup, tmp_path):
+    import torch
+    from backend.model.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    p = _refine(refine_setup, out, 1)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    for r in rows:
+        assert 0 <= r["miou"] <= 1 and "scenes/top1" in r
+    assert 0 <= rows[1]["labelled_patch_fraction"] <= 1 and rows[1]["train_dense_loss"] > 0
+    start, _ = load_checkpoint(refine_setup["ckpt"])
+    refined, _ = load_checkpoint(out / "rounds" / "round_1")
+    changed = [n for n, p in refined.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
+    assert any(n.startswith("visual.") for n in changed) and any(n.startswith("attn_pool.") for n in changed)
+    fp16, _ = load_checkpoint(out / "fp16")
+    assert next(iter(fp16.state_dict().values())).dtype in (torch.float16, torch.float32)
+    p = _refine(refine_setup, out, 2)                       # continues after round 1
+    assert p.returncode == 0 and "resuming after round 1" in p.stderr
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]

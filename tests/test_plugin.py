@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from osgeo import gdal
 from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
-                       QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings)
+                       QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
 
 from desktop_iface import DesktopIface
 from test_raster import GEOTIFF_DIR, make_tif, noise
@@ -512,7 +512,14 @@ def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
     from plugin.sources import PixelReader
 
     area = QgsRectangle(1113194.9 + 100, 6800000.0 - 900, 1113194.9 + 900, 6800000.0 - 100)
-    src, note = PixelReader(layer).read(pb, area, 200, resolution=2.0)
+    reader = PixelReader(layer)             # made on the main thread, read in a task: as the dock does
+    got = {}
+    task = QgsTask.fromFunction("read tiles", lambda t: reader.read(pb, area, 200, resolution=2.0),
+                                on_finished=lambda e, r=None: got.update(error=e, result=r))
+    QgsApplication.taskManager().addTask(task)
+    wait_until(lambda: got, 60, "the tile read")
+    assert got["error"] is None
+    src, note = got["result"]
     px = src.pixels
     rgba = np.frombuffer(px.data, np.uint8).reshape(4, px.height, px.width)
     assert (px.width, px.height, px.alpha_band) == (200, 200, 4) and "capped at 200 px" in note

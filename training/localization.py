@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+import torch
 from osgeo import ogr
 from tqdm import tqdm
 
@@ -43,6 +44,27 @@ METHODS: dict[str, tuple[int, float]] = {
     "sao3-gauss": (3, 1.5), "sao5-gauss": (5, 2.5), "sao7-gauss": (7, 3.5),
 }
 DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}"
+
+
+class DirectModel:
+    """The part of the backend's ModelEngine interface that relevance maps need, on a model in memory
+    (refinement measures its model between rounds without writing a checkpoint)."""
+
+    def __init__(self, model, tokenizer, device):
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.image_size = model.config.image_size
+        self.logit_scale = float(model.logit_scale.detach().clamp(max=model.config.max_logit_scale).exp())
+
+    @torch.no_grad()
+    def relevance(self, images: np.ndarray, text_embeddings: np.ndarray, window: int, sigma: float,
+                  cancelled=None) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(images)).to(self.device))
+        text = torch.from_numpy(np.ascontiguousarray(text_embeddings, np.float32)).to(self.device)
+        out = self.model.sao_relevance_map(x, text, window, gaussian=sigma > 0, sigma=sigma or None)
+        self.model.train(was_training)
+        return out.float().cpu().numpy()
 
 
 def class_probabilities(engine, image: np.ndarray, class_embeddings: np.ndarray, window: int,

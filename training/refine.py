@@ -1,0 +1,369 @@
+"""Pseudo-label refinement of the dense path: distil image-level knowledge into localization.
+
+    python -m training.refine --checkpoint backend/checkpoints/default --recipe training/recipes/default.json \
+        --rounds 3 --steps-per-round 200 --out runs/refine --export-fp16 runs/refine/fp16
+
+Round r = 1..R:
+  1. Pseudo-labels. Training mosaics at the model's image size (2-3 regions of training images of the
+     recipe's folder-of-classes sources) get one label per patch from the current model's SAO maps,
+     restricted to the classes the mosaic is known to contain: image-level labels only, never its
+     mask. A patch whose best class does not beat the runner-up by --margin (in probability) is
+     ignored.
+  2. Training. --steps-per-round steps of the usual contrastive + captioning loss on the recipe's
+     caption data (so retrieval does not collapse) plus --dense-weight x a per-patch cross-entropy:
+     each patch's SAO embedding against every class's text embedding at the model's temperature.
+  3. Measurement. Localization mIoU (training.localization on validation mosaics, as `evaluate
+     segmentation` computes it), zero-shot top-1 and retrieval mR on the recipe's validation split.
+Round 0 is the starting checkpoint, measured the same way. Rows go to OUT/metrics.jsonl, weights to
+OUT/rounds/round_N (atomic). A re-run resumes after the last complete round. Runs under torchrun
+like training.train (each rank labels and trains on its own slice of the mosaics).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from backend.defaults import DEFAULT_SAO_WINDOW
+from backend.model import MaMMUTLoss
+from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.precision import autocast_context
+
+from . import recipe as recipes
+from .mosaic import build_mosaic, build_mosaics
+from .train import batch_stream, is_main, log, param_groups, setup_distributed
+
+PROMPT = "an aerial photo of {}."
+IGNORE = -1
+
+
+@dataclass
+class RefineConfig:
+    checkpoint: str = "backend/checkpoints/default"
+    recipe: str = "training/recipes/default.json"
+    out: str = "runs/refine"
+    rounds: int = 3
+    steps_per_round: int = 200
+    batch_size: int = 32             # caption pairs per step (global)
+    dense_batch: int = 16            # pseudo-labelled mosaics per step (global)
+    mosaics_per_round: int = 512
+    regions: int = 3
+    window: int = DEFAULT_SAO_WINDOW
+    margin: float = 0.2
+    dense_weight: float = 1.0
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    benchmark: str = ""              # validation set for the mIoU (default: the first folder source's)
+    eval_mosaics: int = 20
+    eval_seed: int = 0
+    device: str = "auto"
+    workers: int = 1
+    export_fp16: str | None = None
+
+
+class RefineStep(torch.nn.Module):
+    """One forward for all losses, so DDP sees every parameter's gradient through forward()."""
+
+    def __init__(self, model, loss_fn, window: int):
+        super().__init__()
+        self.model, self.loss_fn, self.window = model, loss_fn, window
+
+    def forward(self, images, tokens, mosaics, labels, class_tokens):
+        losses = self.loss_fn(self.model(images, tokens), tokens)
+        dense = self.model.sao_embeddings(mosaics, self.window)
+        text = F.normalize(self.model.encode_text(class_tokens), dim=-1)
+        scale = self.model.logit_scale.clamp(max=self.model.config.max_logit_scale).exp()
+        logits = scale * torch.einsum("bxye,ce->bcxy", dense, text)
+        losses["dense_loss"] = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+        return losses
+
+
+def folder_sources(train_sources: list[dict]) -> list[dict]:
+    """Training sources whose records carry classes: the ones mosaics can be made of."""
+    out = []
+    for s in train_sources:
+        if s.get("kind") != "folder":
+            continue
+        by_class: dict[str, list[str]] = {}
+        for r in s["records"]:
+            by_class.setdefault(r.class_name, []).append(str(r.image))
+        mapping = s["classnames"] if isinstance(s["classnames"], dict) else recipes.D.load_classnames(s["classnames"])
+        names = {k: (v if isinstance(v, str) else v[0]) for k, v in mapping.items() if k in by_class}
+        if len(names) >= 2:
+            out.append({"name": s["name"], "by_class": {k: by_class[k] for k in names}, "names": names})
+    return out
+
+
+@torch.no_grad()
+def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: torch.Tensor, window: int,
+                  margin: float, device) -> torch.Tensor:
+    """[B, G, G] class index per patch (IGNORE where unsure), from the model's own SAO maps over the
+    classes each mosaic contains."""
+    was = model.training
+    model.eval()
+    x = model.preprocess(torch.from_numpy(mosaics).to(device))
+    cos = model.sao_relevance_map(x, text, window)                      # [B, C, G, G]
+    scale = float(model.logit_scale.clamp(max=model.config.max_logit_scale).exp())
+    allowed = torch.full((len(present), text.shape[0]), float("-inf"), device=cos.device)
+    for i, classes in enumerate(present):
+        allowed[i, classes] = 0.0
+    probs = (cos * scale + allowed[:, :, None, None]).softmax(1)
+    top = probs.topk(2, dim=1)
+    labels = top.indices[:, 0]
+    unsure = (top.values[:, 0] - top.values[:, 1]) < margin
+    labels[unsure] = IGNORE
+    model.train(was)
+    return labels
+
+
+def _augment(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
+    """Same random flip / 90-degree rotation for a mosaic and its label grid."""
+    k = int(torch.randint(4, (1,), generator=g))
+    images, labels = torch.rot90(images, k, (-2, -1)), torch.rot90(labels, k, (-2, -1))
+    if torch.rand(1, generator=g) < 0.5:
+        images, labels = images.flip(-1), labels.flip(-1)
+    return images, labels
+
+
+def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineConfig, device) -> dict:
+    from . import evaluate as ev
+    from . import localization as L
+
+    model.eval()
+    row: dict = {}
+    if bench is not None:
+        direct = L.DirectModel(model, tokenizer, device)
+        text = ev.class_text_embeddings(model, tokenizer, bench["names"], device=device).numpy().astype(np.float32)
+        mosaics = build_mosaics({k: bench["by_class"].get(k, []) for k in bench["names"]}, cfg.eval_seed,
+                                cfg.eval_mosaics, size=512, regions=5, scene_px=model.config.image_size)
+        r = L.evaluate_mosaics(direct, mosaics, text, [f"sao{cfg.window}" if f"sao{cfg.window}" in L.METHODS
+                                                       else L.DEFAULT_METHOD], progress=False)
+        only = next(iter(r.values()))
+        row.update({"miou": only["miou"], "pixel_accuracy": only["pixel_accuracy"], "boundary_f": only["boundary_f"]})
+    for name, vs in val_sets.items():
+        if vs["kind"] == "zero-shot":
+            row[f"{name}/top1"] = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device)["top1"]
+        else:
+            row[f"{name}/mean_recall"] = ev.evaluate_retrieval(model, tokenizer, vs["records"], device)["mean_recall"]
+    model.train()
+    return row
+
+
+def _benchmark_set(val_sets: dict, name: str) -> dict | None:
+    candidates = {k: v for k, v in val_sets.items() if v["kind"] == "zero-shot"}
+    if not candidates:
+        return None
+    key = name or next(iter(candidates))
+    if key not in candidates:
+        raise SystemExit(f"error: --benchmark {key!r} is not a validation set of the recipe "
+                         f"(choose from {', '.join(candidates)})")
+    vs = candidates[key]
+    mapping = vs["classnames"]
+    by_class: dict[str, list[str]] = {}
+    for r in vs["records"]:
+        by_class.setdefault(r.class_name, []).append(str(r.image))
+    names = {k: (v if isinstance(v, str) else v[0]) for k, v in mapping.items() if k in by_class}
+    return {"name": key, "by_class": by_class, "names": names}
+
+
+def _rounds_done(out: Path) -> list[Path]:
+    root = out / "rounds"
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round_")) if root.is_dir() else []
+
+
+def refine(cfg: RefineConfig) -> list[dict]:
+    rank, world, device = setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    if cfg.batch_size % world or cfg.dense_batch % world:
+        raise SystemExit(f"error: --batch-size and --dense-batch must be divisible by the {world} processes")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    done = _rounds_done(out)
+    start_round = int(done[-1].name.split("_")[1]) if done else 0
+    source = done[-1] if done else Path(cfg.checkpoint)
+    try:
+        model, tokenizer = load_checkpoint(source, device=device, dtype=torch.float32)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if start_round:
+        log(f"resuming after round {start_round} ({source})")
+    sources = recipes.sources_from_args(cfg.recipe, [], [], [], [], 0)   # paths resolved as training.train does
+    train_sources, val_sets = recipes.build_sources(sources, seed=cfg.seed)
+    mosaic_sources = folder_sources(train_sources)
+    if not mosaic_sources:
+        raise SystemExit("error: the recipe has no folder-of-classes source with two or more classes to make "
+                         "mosaics of")
+    bench = _benchmark_set(val_sets, cfg.benchmark)
+    mcfg = model.config
+    size = mcfg.image_size
+    dataset = recipes.make_dataset(train_sources, size, mcfg, seed=cfg.seed)
+    loss_fn = MaMMUTLoss(mcfg.contrastive_weight, mcfg.caption_weight, mcfg.pad_id)
+    step_module = RefineStep(model, loss_fn, cfg.window)
+    model.to(device).train()
+    train_module = (torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index]
+                                                             if device.type == "cuda" else None)
+                    if world > 1 else step_module)
+    amp = autocast_context(device)
+    metrics_path = out / "metrics.jsonl"
+    rows = []
+    if start_round == 0 and is_main():
+        row = {"round": 0, **measure(model, tokenizer, val_sets, bench, cfg, device)}
+        log("round 0 " + json.dumps(row))
+        _append(metrics_path, row)
+        rows.append(row)
+    class_tokens = [tokenizer([PROMPT.format(n) for n in s["names"].values()], mcfg.context_length).to(device)
+                    for s in mosaic_sources]
+
+    from tqdm import tqdm
+
+    for rnd in range(start_round + 1, cfg.rounds + 1):
+        t0 = time.time()
+        # 1. pseudo-labels for this rank's mosaics
+        per_rank = max(cfg.mosaics_per_round // world, cfg.dense_batch // world)
+        pool = []           # (source index, uint8 image [3,S,S], labels [G,G])
+        with torch.no_grad():
+            text = [F.normalize(model.encode_text(t), dim=-1) for t in class_tokens]
+        for start in range(0, per_rank, 32):
+            chunk = range(start, min(start + 32, per_rank))
+            made = []
+            for j in chunk:
+                idx = rank * per_rank + j
+                s = idx % len(mosaic_sources)
+                m = build_mosaic(mosaic_sources[s]["by_class"], cfg.seed * 1000 + rnd, idx, size=size,
+                                 regions=cfg.regions, scene_px=size)
+                made.append((s, m))
+            for s in {s for s, _ in made}:
+                group = [(i, m) for i, (si, m) in enumerate(made) if si == s]
+                images = np.stack([m.image for _, m in group])
+                labels = pseudo_labels(model, images, [m.present for _, m in group], text[s], cfg.window,
+                                       cfg.margin, device)
+                pool += [(s, images[k], labels[k].cpu()) for k in range(len(group))]
+        kept = float(np.mean([(lab != IGNORE).float().mean().item() for _, _, lab in pool]))
+        # 2. training
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        stream = batch_stream(dataset, _StreamCfg(cfg), rank, world, (rnd - 1) * cfg.steps_per_round,
+                              recipes.Collate(tokenizer, mcfg.context_length), pin_memory=device.type == "cuda")
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + rnd * 31 + rank)
+        bar = tqdm(range(cfg.steps_per_round), desc=f"round {rnd}", disable=not is_main(), dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        for step in bar:
+            lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.steps_per_round // 10))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(stream)
+            s = step % len(mosaic_sources)
+            candidates = [i for i, item in enumerate(pool) if item[0] == s] or list(range(len(pool)))
+            pick = torch.randint(len(candidates), (cfg.dense_batch // world,), generator=g).tolist()
+            ims, labs = [], []
+            for p in pick:
+                _, im, lab = pool[candidates[p]]
+                a, b = _augment(torch.from_numpy(im), lab, g)
+                ims.append(a)
+                labs.append(b)
+            mosaics = model.preprocess(torch.stack(ims).to(device))
+            labels = torch.stack(labs).to(device)
+            with amp:
+                losses = train_module(batch["images"].to(device), batch["tokens"].to(device), mosaics, labels,
+                                      class_tokens[pool[candidates[pick[0]]][0]])
+                loss = losses["loss"] + cfg.dense_weight * losses["dense_loss"]
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.set_postfix(loss=f"{float(losses['loss']):.3f}", dense=f"{float(losses['dense_loss']):.3f}")
+        bar.close()
+        # 3. save, measure
+        if is_main():
+            path = save_checkpoint(model, tokenizer, out / "rounds" / f"round_{rnd}",
+                                   extra={"refine_round": rnd, "refine_config": asdict(cfg)})
+            row = {"round": rnd, "labelled_patch_fraction": kept,
+                   **{f"train_{k}": v / cfg.steps_per_round for k, v in sums.items()},
+                   **measure(model, tokenizer, val_sets, bench, cfg, device), "seconds": round(time.time() - t0, 1)}
+            log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
+            _append(metrics_path, row)
+            rows.append(row)
+        if dist.is_initialized():
+            dist.barrier()
+    if cfg.export_fp16 and is_main():
+        save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
+                        extra={"refine_rounds": cfg.rounds, "refine_config": asdict(cfg)})
+        log(f"wrote fp16 checkpoint {cfg.export_fp16}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return rows
+
+
+class _StreamCfg:
+    """The fields batch_stream reads, from a RefineConfig."""
+
+    def __init__(self, cfg: RefineConfig):
+        self.batch_size, self.workers, self.seed = cfg.batch_size, cfg.workers, cfg.seed
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.refine", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = RefineConfig()
+    p.add_argument("--checkpoint", default=d.checkpoint, help="starting weights (default: %(default)s)")
+    p.add_argument("--recipe", default=d.recipe, help="training recipe: caption data, folder sources for mosaics, "
+                                                      "validation split (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="run folder (default: %(default)s)")
+    for name, kind, help_text in (
+            ("rounds", int, "refinement rounds"), ("steps_per_round", int, "optimizer steps per round"),
+            ("batch_size", int, "caption pairs per step (global)"), ("dense_batch", int, "mosaics per step (global)"),
+            ("mosaics_per_round", int, "pseudo-labelled mosaics made each round"),
+            ("regions", int, "regions per training mosaic"), ("window", int, "SAO window for labels and training"),
+            ("margin", float, "a patch's best class must beat the runner-up by this probability, else it is ignored"),
+            ("dense_weight", float, "weight of the per-patch loss"), ("lr", float, "peak learning rate"),
+            ("weight_decay", float, "AdamW weight decay"), ("grad_clip", float, "gradient clipping (0 = off)"),
+            ("seed", int, "seed (also of the validation split: keep the recipe's)"),
+            ("eval_mosaics", int, "validation mosaics for the mIoU"), ("eval_seed", int, "their seed"),
+            ("workers", int, "data loader workers")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{help_text} (default: %(default)s)")
+    p.add_argument("--benchmark", default="", help="validation set whose mosaics give the mIoU (default: the first)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--export-fp16", default=None, metavar="DIR", help="also write the final weights in fp16 here")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = RefineConfig(**{k: v for k, v in vars(args).items()})
+    for name in ("rounds", "steps_per_round", "batch_size", "dense_batch", "mosaics_per_round", "eval_mosaics"):
+        if getattr(cfg, name) < 1:
+            print(f"python -m training.refine: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if not Path(cfg.recipe).is_file():
+        print(f"python -m training.refine: error: recipe {cfg.recipe} does not exist", file=sys.stderr)
+        return 2
+    try:
+        refine(cfg)
+    except recipes.RecipeError as e:
+        print(f"python -m training.refine: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
