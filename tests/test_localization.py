@@ -212,3 +212,42 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     p = _refine(refine_setup, out, 2)                       # continues after round 1
     assert p.returncode == 0 and "resuming after round 1" in p.stderr
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # noqa: F811
+    from test_raster import make_tif
+
+    pixels = np.full((3, 200, 200), 60, np.uint8)
+    pixels[:, 50:150, 50:150] = 220                                  # the labelled object: a bright square
+    raster = make_tif(tmp_path / "scene.tif", pixels, geotransform=(400000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0),
+                      crs="EPSG:32633")
+    utm, wgs = osr.SpatialReference(), osr.SpatialReference()
+    utm.ImportFromEPSG(32633)
+    wgs.ImportFromEPSG(4326)
+    for s in (utm, wgs):
+        s.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for x, y in ((400050, 4999950), (400150, 4999950), (400150, 4999850), (400050, 4999850), (400050, 4999950)):
+        ring.AddPoint_2D(x, y)
+    square = ogr.Geometry(ogr.wkbPolygon)
+    square.AddGeometry(ring)
+    square.Transform(osr.CoordinateTransformation(utm, wgs))       # labels in another CRS than the raster
+    labels = tmp_path / "labels.geojson"
+    ds = ogr.GetDriverByName("GeoJSON").CreateDataSource(str(labels))
+    layer = ds.CreateLayer("labels", wgs, ogr.wkbPolygon)
+    layer.CreateField(ogr.FieldDefn("kind", ogr.OFTString))
+    for kind in ("building", "tree"):
+        f = ogr.Feature(layer.GetLayerDefn())
+        f.SetField("kind", kind)
+        f.SetGeometry(square if kind == "building" else square.Buffer(-10))
+        layer.CreateFeature(f)
+    ds = None
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels,
+                "--where", "kind = 'building'", "--prompt", "buildings", "--threshold", "0.0", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["truth_fraction"] == pytest.approx(0.25, abs=0.01)       # the square, on the raster's grid
+    assert r["predicted_fraction"] == 1.0 and r["iou"] == pytest.approx(0.25, abs=0.01)   # threshold 0: all
+    assert r["end_to_end"]["polygon_iou"] == pytest.approx(0.25, abs=0.02)
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels)
+    assert p.returncode == 2 and "--prompt" in p.stderr

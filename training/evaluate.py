@@ -464,9 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--end-to-end also runs the backend's Segment and scores its polygons against the "
                     "ground-truth polygons.")
     _common(g, 32)
-    g.add_argument("--data", required=True, metavar="FOLDER", help="folder of class folders (as for zero-shot)")
-    g.add_argument("--classnames", required=True, metavar="FILE.json",
+    g.add_argument("--data", metavar="FOLDER", help="folder of class folders (as for zero-shot)")
+    g.add_argument("--classnames", metavar="FILE.json",
                    help="JSON object folder -> human name, or a bundled map (as for zero-shot)")
+    g.add_argument("--raster", metavar="FILE",
+                   help="instead of mosaics: a real raster, scored against --labels for one --prompt")
+    g.add_argument("--labels", metavar="VECTOR", help="labelled features for --raster (any OGR file and CRS)")
+    g.add_argument("--label-layer", metavar="NAME", help="layer of --labels (default: the first)")
+    g.add_argument("--where", metavar="SQL", help="attribute filter on --labels, e.g. \"building = 'yes'\"")
+    g.add_argument("--prompt", metavar="TEXT", help="what the labels are, e.g. 'buildings' (with --raster)")
     g.add_argument("--files", metavar="LISTFILE", help="build mosaics only from these images (e.g. a validation split)")
     g.add_argument("--seed", type=int, default=0, help="mosaic seed (default: %(default)s)")
     g.add_argument("--mosaics", type=int, default=20, metavar="N", help="number of mosaics (default: %(default)s)")
@@ -569,6 +575,14 @@ def _print_caption(r: dict) -> None:
 
 def _print_segmentation(r: dict) -> None:
     st = r["settings"]
+    if "prompt" in r:
+        print(f"{r['prompt']!r} on {st['raster']} vs {st['labels']} ({r['method']}, threshold {st['threshold']})")
+        iou = "-" if r["iou"] is None else f"{100 * r['iou']:.1f}"
+        print(f"pixel IoU {iou}   pixel accuracy {100 * r['pixel_accuracy']:.1f}   boundary F "
+              f"{100 * r['boundary_f']:.1f}   labelled {100 * r['truth_fraction']:.1f}% of the raster")
+        print(f"end to end: polygon IoU {100 * r['end_to_end']['polygon_iou']:.1f} "
+              f"({r['end_to_end']['polygons']} polygons)")
+        return
     print(f"localization: {st['mosaics']} {st['layout']} mosaics of {st['size']} px, {st['regions']} regions, "
           f"{len(st['classes'])} classes, seed {st['seed']}")
     print(f"{'method':12}{'mIoU':>7}{'pix acc':>9}{'bound F':>9}")
@@ -582,6 +596,42 @@ def _print_segmentation(r: dict) -> None:
         print(f"\nend to end (backend Segment, threshold {e['threshold']}): polygon mIoU {100 * e['miou']:.1f}")
 
 
+def _run_labelled_raster(args: argparse.Namespace) -> dict:
+    from backend.defaults import DEFAULT_THRESHOLD
+    from backend.engine import EngineError, ModelEngine
+    from backend.raster import RasterError
+
+    from . import localization as L
+
+    if not args.labels or not (args.prompt or "").strip():
+        raise EvalError("--raster needs --labels VECTOR and --prompt TEXT")
+    for what, path in (("raster", args.raster), ("labels", args.labels)):
+        if not Path(path).exists():
+            raise EvalError(f"{what} {path} does not exist")
+    methods = [L.DEFAULT_METHOD] if args.methods == "default" else [m.strip() for m in args.methods.split(",")]
+    if len(methods) != 1 or methods[0] not in L.METHODS:
+        raise EvalError(f"with --raster, --methods takes one of {', '.join(L.METHODS)}")
+    window, sigma = L.METHODS[methods[0]]
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    _device(args.device)
+    try:
+        engine = ModelEngine(args.checkpoint, device=args.device)
+    except EngineError as e:
+        raise EvalError(str(e)) from None
+    try:
+        start = time.perf_counter()
+        out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold, window,
+                                         sigma, args.label_layer, args.where, args.tolerance)
+    except (RasterError, ValueError) as e:
+        raise EvalError(_one_line(e)) from None
+    finally:
+        engine.stop()
+    out["method"] = methods[0]
+    out["checkpoint"] = str(args.checkpoint)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
 def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     from backend.defaults import DEFAULT_THRESHOLD
     from backend.engine import EngineError, ModelEngine
@@ -592,6 +642,11 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     _positive(args, "mosaics", "size", "regions", "scene_px")
     if args.tolerance < 0:
         raise EvalError("--tolerance must be 0 or more")
+    if args.raster:
+        return _run_labelled_raster(args)
+    if not args.data or not args.classnames:
+        raise EvalError("give --data FOLDER and --classnames FILE.json (mosaics), or --raster, --labels and "
+                        "--prompt (a labelled raster)")
     names = load_classnames(args.classnames)
     templates = _templates(args.templates)
     methods = (list(L.METHODS) if args.methods == "all" else [L.DEFAULT_METHOD] if args.methods == "default"

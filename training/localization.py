@@ -172,3 +172,85 @@ def images_by_class(records) -> dict[str, list[str]]:
 
 def first_names(names: Mapping[str, Sequence[str]]) -> list[str]:
     return [v if isinstance(v, str) else v[0] for v in names.values()]
+
+
+def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | None, shape, geotransform,
+                 srs) -> tuple[np.ndarray, object]:
+    """(bool [H, W] mask of the labelled features on the grid, their union as shapely in the grid's CRS).
+    The vector may be in any CRS: it is reprojected to the raster's."""
+    from osgeo import gdal, osr
+
+    source = ogr.Open(str(labels_path))
+    if source is None:
+        raise ValueError(f"{labels_path} is not a vector file OGR can open")
+    layer = source.GetLayerByName(layer_name) if layer_name else source.GetLayer(0)
+    if layer is None:
+        raise ValueError(f"{labels_path} has no layer {layer_name!r}")
+    if where and layer.SetAttributeFilter(where) != 0:
+        raise ValueError(f"--where {where!r} is not a valid filter for {labels_path}")
+    height, width = shape
+    grid = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
+    grid.SetGeoTransform(geotransform)
+    grid.SetSpatialRef(srs)
+    gdal.RasterizeLayer(grid, [1], layer, burn_values=[1])
+    mask = grid.GetRasterBand(1).ReadAsArray().astype(bool)
+    layer_srs = layer.GetSpatialRef()
+    transform = None
+    if layer_srs is not None and not layer_srs.IsSame(srs):
+        layer_srs = layer_srs.Clone()
+        layer_srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        target = srs.Clone()
+        target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        transform = osr.CoordinateTransformation(layer_srs, target)
+    geoms = []
+    layer.ResetReading()
+    for feature in layer:
+        g = feature.GetGeometryRef()
+        if g is None:
+            continue
+        g = g.Clone()
+        if transform is not None:
+            g.Transform(transform)
+        geoms.append(shapely.make_valid(shapely.from_wkb(bytes(g.ExportToWkb()))))
+    return mask, (shapely.union_all(geoms) if geoms else None)
+
+
+def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str | Path, prompt: str,
+                             threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
+                             sigma: float = 0.0, layer: str | None = None, where: str | None = None,
+                             tolerance: int = 3, target_resolution: float | None = None) -> dict:
+    """One prompt against labelled features (e.g. building footprints) on a real raster: pixel IoU,
+    accuracy and boundary F of the thresholded relevance map, and polygon IoU of the backend's
+    Segment against the label polygons (clipped to the raster), in map units."""
+    from backend.raster import open_raster
+    from backend.segment import BACKGROUND_PROMPTS, segment
+
+    raster = open_raster(raster_path)
+    rgb, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
+    truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
+    texts = engine.embed_texts([prompt, *BACKGROUND_PROMPTS])
+    rel, _ = relevance_map(rgb, valid, texts, 1, engine, window, sigma, SEGMENT_OVERLAP)
+    pred = rel[0] >= threshold
+    labels = np.where(valid, truth.astype(np.int64), -1)
+    confusion = M.segmentation_confusion(pred.astype(np.int64), labels, 2)
+    iou = M.iou_per_class(confusion)
+    result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
+                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP)
+    found = [p.geometry for p in result.results[0].polygons]
+    found = shapely.union_all(found) if found else None
+    xmin, ymin, xmax, ymax = result.extent
+    clip = shapely.box(xmin, ymin, xmax, ymax)
+    t = shapely.intersection(truth_geom, clip) if truth_geom is not None else None
+    if found is None or t is None or t.is_empty:
+        polygon_iou = 0.0 if (found is not None or (t is not None and not t.is_empty)) else float("nan")
+    else:
+        polygon_iou = float(shapely.intersection(found, t).area / shapely.union(found, t).area)
+    return {"prompt": prompt, "iou": None if math.isnan(iou[1]) else float(iou[1]),
+            "pixel_accuracy": M.pixel_accuracy(confusion),
+            "boundary_f": M.boundary_f_score(M.boundary_counts(pred & valid, truth & valid, tolerance)),
+            "truth_fraction": float(truth[valid].mean()) if valid.any() else 0.0,
+            "predicted_fraction": float(pred[valid].mean()) if valid.any() else 0.0,
+            "end_to_end": {"polygon_iou": polygon_iou, "polygons": len(result.results[0].polygons)},
+            "settings": {"raster": str(raster_path), "labels": str(labels_path), "layer": layer, "where": where,
+                         "threshold": threshold, "window": window, "tolerance_px": tolerance,
+                         "grid": list(valid.shape)}}
