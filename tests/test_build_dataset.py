@@ -1,0 +1,200 @@
+"""`python -m training.build_dataset landmarks` on a real GeoTIFF (UTM) with an OpenStreetMap .osm file
+and a GeoPackage in EPSG:4326 that the tests write: captions name the right tiles, nodata tiles are
+skipped, the shards train, a re-run does nothing, and bad input gets clear messages."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal, ogr, osr
+
+from test_raster import GEOTIFF_DIR, make_tif, noise
+from test_server import REPO
+
+from training.datasets import landmarks as LM
+
+COLORADO = GEOTIFF_DIR / "colorado_aerial_0p15m.tif"
+TILE = 64
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "training.build_dataset", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _to_wgs84(srs_wkt: str):
+    src, dst = osr.SpatialReference(), osr.SpatialReference()
+    src.ImportFromWkt(srs_wkt)
+    dst.ImportFromEPSG(4326)
+    for s in (src, dst):
+        s.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    ct = osr.CoordinateTransformation(src, dst)
+    return lambda x, y: ct.TransformPoint(x, y)[:2]
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A raster (the shared aerial GeoTIFF when present, else a generated one), its left 64 columns set
+    to nodata, and tile centres in WGS 84."""
+    root = tmp_path_factory.mktemp("landmarks")
+    if COLORADO.is_file():
+        src = gdal.Open(str(COLORADO))
+        data = np.stack([src.GetRasterBand(b + 1).ReadAsArray() for b in range(3)])
+        gt, wkt = src.GetGeoTransform(), src.GetProjection()
+    else:
+        data = noise((3, 232, 383), seed=4)
+        gt, wkt = (519467.5, 0.15, 0.0, 4311669.8, 0.0, -0.15), None
+    data = np.maximum(data, 1)
+    data[:, :, :TILE] = 0                                                   # a nodata strip: one column of tiles
+    srs = osr.SpatialReference()
+    if wkt:
+        srs.ImportFromWkt(wkt)
+    else:
+        srs.ImportFromEPSG(26913)
+    raster = make_tif(root / "scene.tif", data, geotransform=gt, crs=srs.ExportToWkt(), nodata=0)
+    to_wgs = _to_wgs84(srs.ExportToWkt())
+
+    def centre(col, row):   # the centre of tile (col, row) of the TILE-pixel grid, in WGS 84
+        return to_wgs(gt[0] + (col + 0.5) * TILE * gt[1], gt[3] + (row + 0.5) * TILE * gt[5])
+
+    def corner(px, py):
+        return to_wgs(gt[0] + px * gt[1], gt[3] + py * gt[5])
+
+    return {"root": root, "raster": raster, "centre": centre, "corner": corner, "width": data.shape[2],
+            "height": data.shape[1]}
+
+
+@pytest.fixture(scope="module")
+def vectors(scene):
+    root = scene["root"]
+    school = scene["centre"](2, 1)                     # inside tile column 2, row 1
+    a, b = scene["corner"](64, 2 * 64 + 20), scene["corner"](383, 2 * 64 + 20)   # a street along tile row 2
+    osm = root / "city.osm"
+    osm.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<osm version="0.6" generator="test">
+  <node id="1" lat="{school[1]:.9f}" lon="{school[0]:.9f}" version="1">
+    <tag k="name" v="Lincoln Elementary School"/><tag k="amenity" v="school"/>
+  </node>
+  <node id="2" lat="{a[1]:.9f}" lon="{a[0]:.9f}" version="1"/>
+  <node id="3" lat="{b[1]:.9f}" lon="{b[0]:.9f}" version="1"/>
+  <way id="10" version="1"><nd ref="2"/><nd ref="3"/><tag k="highway" v="residential"/></way>
+</osm>
+""")
+    gpkg = root / "landuse.gpkg"
+    wgs = osr.SpatialReference()
+    wgs.ImportFromEPSG(4326)
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(gpkg))
+    layer = ds.CreateLayer("landuse", wgs, ogr.wkbPolygon)
+    layer.CreateField(ogr.FieldDefn("landuse", ogr.OFTString))
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for px, py in ((64, 0), (scene["width"], 0), (scene["width"], 64), (64, 64), (64, 0)):  # tile row 0
+        x, y = scene["corner"](px, py)
+        ring.AddPoint_2D(x, y)
+    poly = ogr.Geometry(ogr.wkbPolygon)
+    poly.AddGeometry(ring)
+    f = ogr.Feature(layer.GetLayerDefn())
+    f.SetField("landuse", "residential")
+    f.SetGeometry(poly)
+    layer.CreateFeature(f)
+    ds = None
+    return {"osm": osm, "gpkg": gpkg}
+
+
+@pytest.fixture(scope="module")
+def built(scene, vectors):
+    out = scene["root"] / "out"
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--features", vectors["gpkg"],
+            "--out", out, "--tile-size", TILE, "--unit-tiles", 8, "--workers", 2)
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_named_features_caption_exactly_their_tiles_and_nodata_is_skipped(built, scene):
+    out, p = built
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    cols, nrows = -(-scene["width"] // TILE), -(-scene["height"] // TILE)
+    assert summary["tiles_seen"] == cols * nrows and summary["skipped"]["skipped_nodata"] == nrows
+    assert summary["kept"] == len(rows) > 0
+    named = [r for r in rows if "Lincoln Elementary School" in r["caption"]]
+    assert len(named) == 1
+    x, y = named[0]["extent"][0], named[0]["extent"][3]
+    gt = gdal.Open(str(scene["raster"])).GetGeoTransform()
+    assert (round((x - gt[0]) / gt[1] / TILE), round((y - gt[3]) / gt[5] / TILE)) == (2, 1)
+    for r in rows:
+        assert set(r) >= {"key", "caption", "extent", "crs", "raster"} and r["crs"] == "EPSG:26913"
+        assert r["extent"][0] >= gt[0] + TILE * gt[1] - 1e-6         # never a tile of the nodata strip
+    assert any("residential street" in r["caption"] for r in rows)       # the OSM way, on its row
+    assert any("residential buildings" in r["caption"] for r in rows)    # the GeoPackage cover
+    assert summary["vocabulary"] > 5 and summary["caption_words"]["mean"] > 3
+
+
+def test_shards_open_in_the_training_reader(built):
+    out, _ = built
+    from training.data import WebDatasetShards
+
+    shards = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    data = WebDatasetShards(shards, transform=lambda im: np.asarray(im), seed=0, shuffle_buffer=1)
+    samples = [s for s in data if s is not None]
+    manifest = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(samples) == len(manifest) and all(isinstance(c, str) and c for _, c in samples)
+    assert samples[0][0].shape == (TILE, TILE, 3)
+
+
+def test_rerun_is_a_no_op(built, scene, vectors):
+    out, _ = built
+    before = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--features", vectors["gpkg"],
+            "--out", out, "--tile-size", TILE, "--unit-tiles", 8)
+    assert p.returncode == 0 and "already done" in p.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == before
+
+
+def test_bad_input(scene, vectors, tmp_path):
+    far = tmp_path / "far.geojson"
+    far.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties":
+                   {"name": "Elsewhere", "amenity": "school"}, "geometry": {"type": "Point", "coordinates": [10, 50]}}]}))
+    broken = tmp_path / "broken.tif"
+    broken.write_text("not a raster")
+    p = run("landmarks", "--raster", scene["raster"], "--raster", broken, "--features", far, "--out", tmp_path / "o",
+            "--tile-size", TILE)
+    assert p.returncode == 0 and "no tile had a usable feature" in p.stderr and "unreadable raster" in p.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["kept"] == 0 and len(summary["unreadable_rasters"]) == 1
+    mapping = tmp_path / "tags.tsv"
+    mapping.write_text("# my tags\nshop=bakery\ta bakery\tobject\nshop=butcher a butcher object\n")
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
+            "--mapping", mapping)
+    assert p.returncode == 2 and f"{mapping} line 3" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_template_captions_and_mapping_rules():
+    rules = LM.read_mapping(LM.DEFAULT_MAPPING)
+    assert LM.match(rules, {"amenity": "parking"}) == ("a parking lot", "object")
+    assert LM.match(rules, {"leisure": "dog_park"}) == ("a dog park", "object")
+    assert LM.match(rules, {"building": "no"}) is None
+    features = [{"name": "Lincoln Elementary School", "phrase": "a school", "kind": "object", "share": 0.1},
+                {"name": "", "phrase": "a parking lot", "kind": "object", "share": 0.05},
+                {"name": "", "phrase": "a baseball field", "kind": "object", "share": 0.04},
+                {"name": "", "phrase": "residential buildings", "kind": "cover", "share": 0.7}]
+    captions = {LM.template_caption(features, f"k{i}") for i in range(20)}
+    assert len(captions) > 3                                              # varied sentence patterns
+    for c in captions:
+        assert c.count("Lincoln Elementary School") == 1 and "a parking lot" in c and "residential buildings" in c
+    assert LM.template_caption(features, "same") == LM.template_caption(features, "same")
+
+
+def test_custom_captioner_command(scene, vectors, tmp_path):
+    script = tmp_path / "cap.py"
+    script.write_text("import json, sys\ninfo = json.load(sys.stdin)\n"
+                      "print('custom: ' + ', '.join(sorted(f['phrase'] or f['name'] for f in info['features'])))\n")
+    out = tmp_path / "c"
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", out, "--tile-size", TILE,
+            "--captioner", f"{sys.executable} {script}")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert rows and all(r["caption"].startswith("custom: ") for r in rows)

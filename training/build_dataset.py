@@ -1,0 +1,148 @@
+"""Build training data: captioned tiles from imagery + map features.
+
+    python -m training.build_dataset landmarks --raster ortho.tif --features city.osm.pbf --out data/landmarks
+
+Writes OUT/shards/*.tar (WebDataset: key.jpg, key.txt, key.json with footprint, CRS, source raster
+and the features used), OUT/manifest.jsonl (one line per kept tile: key, caption, extent, crs,
+raster, shard) and OUT/summary.json (tiles seen, kept, skipped and why; caption length and
+vocabulary). Train on it with `python -m training.train --shards 'OUT/shards/*.tar'`.
+
+Resumable: a re-run skips finished units (one raster, --unit-tiles tiles of its grid). Parallel:
+--workers local processes, or --engine ray to run the same units as Ray Data tasks on a Ray
+cluster (--ray-address; default a local runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .datasets import landmarks as LM
+
+
+def _landmarks_parser(sub) -> None:
+    p = sub.add_parser("landmarks", help="imagery + vector features -> captioned tiles",
+                       description=LM.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raster", action="append", required=True, metavar="R", help="a GDAL raster (repeatable)")
+    p.add_argument("--features", action="append", required=True, metavar="F",
+                   help="an OGR vector source: GeoPackage, GeoJSON, Shapefile, OSM .osm/.pbf (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--layer", action="append", dest="layers", metavar="NAME",
+                   help="only these layers of the vector sources (repeatable; default all; OSM: points, lines, "
+                        "multilinestrings, multipolygons, other_relations)")
+    p.add_argument("--where", metavar="SQL", help="attribute filter on the vector layers")
+    p.add_argument("--mapping", action="append", default=[], metavar="FILE",
+                   help=f"extra tag -> phrase rules, tried before the default ({LM.DEFAULT_MAPPING.name}); "
+                        "format: TAG<TAB>PHRASE<TAB>KIND (object|line|cover)")
+    p.add_argument("--tile-size", type=int, default=256, metavar="PX", help="tile side in pixels (default: %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction 0..0.9 (default: %(default)s)")
+    p.add_argument("--resolution", type=float, default=None, metavar="M",
+                   help="ground resolution in map units per pixel (default: the raster's)")
+    p.add_argument("--min-valid", type=float, default=0.9,
+                   help="skip tiles with less than this fraction of valid (not nodata/alpha) pixels (default: %(default)s)")
+    p.add_argument("--min-cover", type=float, default=0.3,
+                   help="an area feature counts when it covers this share of a tile (default: %(default)s)")
+    p.add_argument("--max-object", type=float, default=0.25,
+                   help="...or lies inside it and is smaller than this share (default: %(default)s)")
+    p.add_argument("--min-line", type=float, default=0.5,
+                   help="a line counts with this many tile sides of length inside the tile (default: %(default)s)")
+    p.add_argument("--captioner", metavar="CMD|module:function",
+                   help="caption with your own model: a command that reads the tile's JSON on stdin and prints "
+                        "the caption, or a Python function; default: the built-in templates")
+    p.add_argument("--unit-tiles", type=int, default=256, metavar="N", help="tiles per unit of work/shard (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="local processes (default: %(default)s)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local processes, or Ray Data tasks (default: %(default)s)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local runtime)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{landmarks}")
+    _landmarks_parser(sub)
+    return p
+
+
+def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: str | None) -> list[dict]:
+    from tqdm import tqdm
+
+    if engine == "ray":
+        import ray
+
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False,
+                 include_dashboard=False, num_cpus=None if ray_address else max(1, workers))
+        try:
+            import ray.data
+
+            ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+            return list(ds.map(lambda u: LM.run_unit(cfg, u), num_cpus=1).take_all())
+        finally:
+            ray.shutdown()
+    if workers <= 1:
+        return [LM.run_unit(cfg, u) for u in tqdm(units, desc="units", unit="unit")]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(LM.run_unit, cfg, u) for u in units]
+        return [f.result() for f in tqdm(futures, desc="units", unit="unit")]
+
+
+def landmarks(args) -> dict:
+    for name in ("tile_size", "unit_tiles", "workers"):
+        if getattr(args, name) < 1:
+            raise LM.BuildError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("min_valid", "min_cover", "max_object"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise LM.BuildError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if not 0.0 <= args.overlap < 0.9:
+        raise LM.BuildError("--overlap must be in [0, 0.9)")
+    for path in args.features:
+        if not Path(path).exists():
+            raise LM.BuildError(f"vector source {path} does not exist")
+    cfg = LM.LandmarksConfig(rasters=args.raster, features=args.features, out=args.out, layers=args.layers,
+                             where=args.where, mapping=args.mapping, tile_size=args.tile_size, overlap=args.overlap,
+                             resolution=args.resolution, min_valid=args.min_valid,
+                             thresholds=LM.Thresholds(args.min_cover, args.max_object, args.min_line),
+                             captioner=args.captioner, unit_tiles=args.unit_tiles)
+    rules = LM.rules_for(cfg)                        # bad mapping files fail here, before any work
+    LM.load_captioner(cfg.captioner)
+    counts = {}
+    for path in cfg.features:
+        feats, _, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
+        counts[path] = {"read": seen, "usable": len(feats)}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    units, problems = LM.plan_units(cfg)
+    for p in problems:
+        print(f"skipping unreadable raster {p['raster']}: {p['error']}", file=sys.stderr)
+    pending = [u for u in units if not LM._done(Path(cfg.out), u)]
+    if len(pending) < len(units):
+        print(f"{len(units) - len(pending)} of {len(units)} units already done: skipped", file=sys.stderr)
+    _run_units(pending, cfg, args.engine, args.workers, args.ray_address)
+    summary = LM.summarize(cfg, units, problems, counts)
+    if summary["kept"] == 0:
+        print("no tile had a usable feature: check that the vector sources overlap the rasters "
+              "(their extents and CRSs) and that --layer/--where/--mapping select something", file=sys.stderr)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = landmarks(args)
+    except LM.BuildError as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted (finished units are kept; run again to resume)",
+              file=sys.stderr)
+        return 130
+    print(f"kept {summary['kept']} of {summary['tiles_seen']} tiles "
+          f"(nodata {summary['skipped']['skipped_nodata']}, no features {summary['skipped']['skipped_no_features']}); "
+          f"{summary['shards']} shard(s), vocabulary {summary['vocabulary']} words -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Imagery + map features -> captioned tiles (the "RS-Landmarks" recipe).
+
+Rasters are cut with the backend's tiler (`backend.raster.Raster.iter_tiles_with_pixels`: the one
+tiler of the project; tiles mostly nodata/alpha are skipped there). Vector features from any OGR
+source (GeoPackage, GeoJSON, Shapefile, OpenStreetMap .osm/.pbf) are reprojected to each raster's
+CRS and found per tile through a shapely STRtree. A feature counts for a tile when
+- an area covers at least `min_cover` of the tile, or lies wholly inside it and is small
+  (under `max_object` of the tile) - a named point or small object counts when inside;
+- a line (road, river) runs at least `min_line` tile sides inside it.
+Its words come from a tag -> phrase mapping (training/datasets/osm_tags.tsv, extendable) and its name.
+
+Work is cut into units (one raster, `unit_tiles` consecutive tiles of its grid); each unit writes
+one tar shard (key.jpg, key.txt, key.json) and a manifest part, atomically, so a re-run skips
+finished units and units run in parallel (local processes or Ray).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shlex
+import subprocess
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import shapely
+from osgeo import ogr, osr
+from PIL import Image
+from shapely.strtree import STRtree
+
+DEFAULT_MAPPING = Path(__file__).resolve().parent / "osm_tags.tsv"
+KINDS = ("object", "line", "cover")
+OSM_LAYERS = ("points", "lines", "multilinestrings", "multipolygons", "other_relations")
+_HSTORE = re.compile(r'"((?:[^"\\]|\\.)*)"=>"((?:[^"\\]|\\.)*)"')
+
+
+class BuildError(ValueError):
+    """Bad input the user can fix: the message names the file (and line)."""
+
+
+# ---- tag mapping ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    value: str          # "*" = any
+    phrase: str
+    kind: str
+
+
+def read_mapping(path: str | os.PathLike) -> list[Rule]:
+    """Rules from a TAG<TAB>PHRASE<TAB>KIND file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"tag mapping {path} does not exist")
+    rules = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise BuildError(f"{path} line {n}: expected TAG<TAB>PHRASE<TAB>KIND (3 tab-separated fields), "
+                             f"got {len(parts)}: {line.strip()!r}")
+        tag, phrase, kind = (p.strip() for p in parts)
+        if "=" not in tag or not tag.split("=", 1)[0] or not tag.split("=", 1)[1]:
+            raise BuildError(f"{path} line {n}: tag {tag!r} must be key=value or key=*")
+        if kind not in KINDS:
+            raise BuildError(f"{path} line {n}: kind {kind!r} must be one of {', '.join(KINDS)}")
+        if not phrase:
+            raise BuildError(f"{path} line {n}: empty phrase")
+        key, value = tag.split("=", 1)
+        rules.append(Rule(key.strip(), value.strip(), phrase, kind))
+    if not rules:
+        raise BuildError(f"tag mapping {path} has no rules")
+    return rules
+
+
+def match(rules: list[Rule], tags: dict[str, str]) -> tuple[str, str] | None:
+    """(phrase, kind) of the first rule the tags satisfy, or None."""
+    for r in rules:
+        v = tags.get(r.key)
+        if v is None or v in ("no", "") or (r.value != "*" and v != r.value):
+            continue
+        return r.phrase.replace("{value}", v.replace("_", " ")), r.kind
+    return None
+
+
+# ---- features -------------------------------------------------------------------------------------
+@dataclass
+class Feature:
+    geometry: object            # shapely, in the source's CRS until reprojected
+    name: str
+    phrase: str | None
+    kind: str                   # object | line | cover
+    tags: dict
+    source: str
+
+
+def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
+    tags = {}
+    for i in range(defn.GetFieldCount()):
+        name = defn.GetFieldDefn(i).GetName()
+        if not feature.IsFieldSetAndNotNull(i):
+            continue
+        if name == "other_tags":        # the OSM driver's hstore of the remaining tags
+            tags.update({k.replace('\\"', '"'): v.replace('\\"', '"')
+                         for k, v in _HSTORE.findall(feature.GetFieldAsString(i))})
+        elif name not in ("osm_id", "osm_way_id", "fid"):
+            tags[name] = feature.GetFieldAsString(i)
+    return tags
+
+
+def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] | None = None,
+                  where: str | None = None) -> tuple[list[Feature], osr.SpatialReference | None, int]:
+    """Features with a name or a mapped phrase, their CRS, and how many were read in all."""
+    path = str(path)
+    ds = ogr.Open(path)
+    if ds is None:
+        raise BuildError(f"{path} is not a vector file OGR can open")
+    names = layers or ([n for n in OSM_LAYERS if ds.GetLayerByName(n)] if ds.GetDriver().GetName() == "OSM"
+                       else [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())])
+    out, srs, seen = [], None, 0
+    for name in names:
+        layer = ds.GetLayerByName(name)
+        if layer is None:
+            raise BuildError(f"{path} has no layer {name!r} (it has: "
+                             f"{', '.join(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount()))})")
+        if where and layer.SetAttributeFilter(where) != 0:
+            raise BuildError(f"--where {where!r} is not a valid filter for {path} layer {name}")
+        srs = srs or layer.GetSpatialRef()
+        defn = layer.GetLayerDefn()
+        for f in layer:
+            seen += 1
+            g = f.GetGeometryRef()
+            if g is None or g.IsEmpty():
+                continue
+            tags = _tags_of(f, defn)
+            hit = match(rules, tags)
+            name_tag = tags.get("name", "").strip()
+            if hit is None and not name_tag:
+                continue
+            phrase, kind = hit if hit else (None, "object")
+            geom = shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb())))
+            out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path)))
+    return out, srs, seen
+
+
+def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: osr.SpatialReference) -> list[Feature]:
+    if src is None:
+        src = osr.SpatialReference()
+        src.ImportFromEPSG(4326)        # OGR sources without a CRS: GeoJSON's default
+    a, b = src.Clone(), dst.Clone()
+    a.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    b.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    if a.IsSame(b):
+        return list(features)
+    ct = osr.CoordinateTransformation(a, b)
+
+    def fwd(coords):
+        pts = ct.TransformPoints([(float(x), float(y)) for x, y in coords])
+        return np.array([(p[0], p[1]) for p in pts])
+
+    out = []
+    for f in features:
+        g = shapely.transform(f.geometry, fwd)
+        if g.is_valid and not g.is_empty and np.isfinite(shapely.bounds(g)).all():
+            out.append(Feature(g, f.name, f.phrase, f.kind, f.tags, f.source))
+    return out
+
+
+# ---- per tile -------------------------------------------------------------------------------------
+@dataclass
+class Thresholds:
+    min_cover: float = 0.3       # an area covering this share of the tile counts
+    max_object: float = 0.25     # an area wholly inside and smaller than this share counts as an object
+    min_line: float = 0.5        # a line counts with this many tile sides of length inside
+
+
+def features_in_tile(tree: STRtree, features: list[Feature], box, t: Thresholds) -> list[dict]:
+    """The features that count for a tile, each with its share of the tile (areas) or length (lines)."""
+    area = box.area
+    side = box.length / 4
+    used = []
+    for i in tree.query(box, predicate="intersects"):
+        f = features[int(i)]
+        g = f.geometry
+        dim = shapely.get_dimensions(g)
+        inside = box.contains(g)
+        if dim == 0:
+            ok, share = inside, 0.0
+        elif dim == 1:
+            length = shapely.intersection(g, box).length
+            ok, share = length >= t.min_line * side, length / side
+        else:
+            share = shapely.intersection(g, box).area / area
+            ok = share >= t.min_cover or (inside and g.area <= t.max_object * area)
+        if ok:
+            used.append({"name": f.name, "phrase": f.phrase, "kind": f.kind if dim == 2 or f.kind != "cover"
+                         else "object", "share": round(float(share), 4), "tags": f.tags, "source": f.source,
+                         "geometry": "point" if dim == 0 else "line" if dim == 1 else "area"})
+    return used
+
+
+# ---- captions -------------------------------------------------------------------------------------
+_OPENINGS = ("an aerial image of {}", "a satellite view of {}", "an overhead photo showing {}",
+             "aerial imagery of {}", "a top-down view of {}")
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def template_caption(features: list[dict], seed: str) -> str:
+    """A sentence from the tile's features: names first, then objects and lines, then the dominant
+    cover ("mostly farmland"). Pattern and order are drawn from `seed` (the sample key)."""
+    rng = random.Random(seed)
+    named = sorted((f for f in features if f["name"]), key=lambda f: -f["share"])
+    names = list(dict.fromkeys(f["name"] for f in named))[:2]
+    things = [f for f in features if f["kind"] in ("object", "line") and f["phrase"] and not f["name"]]
+    phrases = list(dict.fromkeys(f["phrase"] for f in sorted(things, key=lambda f: -f["share"])))[:3]
+    covers = sorted((f for f in features if f["kind"] == "cover" and f["phrase"]), key=lambda f: -f["share"])
+    cover = ""
+    if covers:
+        c = covers[0]
+        cover = f"mostly {c['phrase']}" if c["share"] >= 0.5 else f"among {c['phrase']}"
+    subject = _join(names) if names else (phrases.pop(0) if phrases else (covers[0]["phrase"] if covers else "land"))
+    text = rng.choice(_OPENINGS).format(subject)
+    if phrases:
+        text += rng.choice((" with ", " next to ", " and ")) + _join(phrases)
+    if cover and not (not names and not phrases and covers and subject == covers[0]["phrase"]):
+        text += ", " + cover if rng.random() < 0.5 else " " + ("in an area of " + covers[0]["phrase"]
+                                                                if cover.startswith("among") else cover)
+    return text
+
+
+def load_captioner(spec: str | None) -> Callable[[dict], str]:
+    """The template captioner (None), a Python function "module:function" (receives the tile's JSON
+    as a dict, returns text), or a command that reads the JSON on stdin and prints the caption."""
+    if not spec:
+        return lambda info: template_caption(info["features"], info["key"])
+    if re.fullmatch(r"[\w.]+:\w+", spec):
+        import importlib
+
+        module, fn = spec.split(":")
+        try:
+            return getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise BuildError(f"--captioner {spec}: {e}") from None
+    cmd = shlex.split(spec)
+
+    def run(info: dict) -> str:
+        p = subprocess.run(cmd, input=json.dumps(info), capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise BuildError(f"captioner {spec!r} failed ({p.returncode}): {p.stderr.strip()[-300:]}")
+        return p.stdout.strip()
+
+    return run
+
+
+# ---- units of work --------------------------------------------------------------------------------
+@dataclass
+class LandmarksConfig:
+    rasters: list[str]
+    features: list[str]
+    out: str
+    layers: list[str] | None = None
+    where: str | None = None
+    mapping: list[str] = field(default_factory=list)      # extra mapping files, before the default
+    tile_size: int = 256
+    overlap: float = 0.0
+    resolution: float | None = None                       # map units per pixel (default native)
+    min_valid: float = 0.9
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    captioner: str | None = None
+    unit_tiles: int = 256
+    jpeg_quality: int = 90
+
+
+def rules_for(cfg: LandmarksConfig) -> list[Rule]:
+    return [r for p in [*cfg.mapping, DEFAULT_MAPPING] for r in read_mapping(p)]
+
+
+def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
+    """(units, problems): one unit per `unit_tiles` planned tiles of each readable raster; unreadable
+    rasters become problems (skipped and counted), not errors."""
+    from backend.raster import RasterError, open_raster
+
+    units, problems = [], []
+    for r, path in enumerate(cfg.rasters):
+        try:
+            with open_raster(path) as raster:
+                n = raster.count_tiles(cfg.tile_size, cfg.overlap, cfg.resolution)
+        except RasterError as e:
+            problems.append({"raster": str(path), "error": str(e)})
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
+        for u, start in enumerate(range(0, n, cfg.unit_tiles)):
+            units.append({"raster": str(path), "raster_index": r, "name": f"{r:03d}-{stem}-{u:05d}",
+                          "tiles": [start, min(n, start + cfg.unit_tiles)]})
+    return units, problems
+
+
+def _done(out: Path, unit: dict) -> bool:
+    return (out / "parts" / f"{unit['name']}.json").is_file()
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+_FEATURE_CACHE: dict = {}
+
+
+def _features_for(cfg: LandmarksConfig, rules: list[Rule], dst: osr.SpatialReference):
+    """All features reprojected to `dst` and their STRtree, read once per process and CRS."""
+    key = (tuple(cfg.features), tuple(cfg.layers or ()), cfg.where, tuple(rules), dst.ExportToWkt())
+    if key not in _FEATURE_CACHE:
+        feats = []
+        for src_path in cfg.features:
+            fs, srs, _ = read_features(src_path, rules, cfg.layers, cfg.where)
+            feats += reproject(fs, srs, dst)
+        _FEATURE_CACHE.clear()
+        _FEATURE_CACHE[key] = (feats, STRtree([f.geometry for f in feats]) if feats else None)
+    return _FEATURE_CACHE[key]
+
+
+def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
+    """Tile one unit, caption its tiles, write its shard and manifest part (atomically). Returns its stats."""
+    from backend.raster import crs_authid, open_raster
+
+    out = Path(cfg.out)
+    if _done(out, unit):
+        return json.loads((out / "parts" / f"{unit['name']}.json").read_text())["stats"]
+    rules = rules_for(cfg)
+    captioner = load_captioner(cfg.captioner)
+    t0 = time.time()
+    stats = {"unit": unit["name"], "planned": unit["tiles"][1] - unit["tiles"][0], "kept": 0,
+             "skipped_nodata": 0, "skipped_no_features": 0, "skipped_empty_caption": 0}
+    rows = []
+    with open_raster(unit["raster"]) as raster:
+        dst = raster.srs
+        feats, tree = _features_for(cfg, rules, dst)
+        crs = crs_authid(dst) or dst.ExportToWkt()
+        start, stop = unit["tiles"]
+        grid = raster.tiles(cfg.tile_size, cfg.overlap, cfg.resolution, min_valid_fraction=0.0)
+        full_w, full_h = max(t.width for t in grid), max(t.height for t in grid)
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        shard = out / "shards" / f"{unit['name']}.tar"
+        tmp = shard.with_suffix(".tar.part")
+        with tarfile.open(tmp, "w") as tar:
+            for tile in grid[start:stop]:
+                size = (max(1, round(tile.width * cfg.tile_size / full_w)),
+                        max(1, round(tile.height * cfg.tile_size / full_h)))
+                rgb, valid = raster.read_window(*tile.window, out_size=size)
+                if valid.mean() < cfg.min_valid:
+                    stats["skipped_nodata"] += 1
+                    continue
+                box = shapely.box(*tile.bounds)
+                used = features_in_tile(tree, feats, box, cfg.thresholds) if tree is not None else []
+                if not used:
+                    stats["skipped_no_features"] += 1
+                    continue
+                key = f"{unit['name']}-{tile.index:06d}"
+                info = {"key": key, "raster": unit["raster"], "crs": crs, "extent": list(tile.bounds),
+                        "footprint_wkt": tile.footprint_wkt, "features": used}
+                caption = captioner(info).strip()
+                if not caption:
+                    stats["skipped_empty_caption"] += 1
+                    continue
+                buf = io.BytesIO()
+                Image.fromarray(rgb.transpose(1, 2, 0)).save(buf, "JPEG", quality=cfg.jpeg_quality)
+                _tar_add(tar, f"{key}.jpg", buf.getvalue())
+                _tar_add(tar, f"{key}.txt", caption.encode())
+                _tar_add(tar, f"{key}.json", json.dumps({**info, "caption": caption}).encode())
+                rows.append({"key": key, "caption": caption, "extent": list(tile.bounds), "crs": crs,
+                             "raster": unit["raster"], "shard": str(shard.relative_to(out)),
+                             "features": len(used)})
+                stats["kept"] += 1
+        if rows:
+            os.replace(tmp, shard)
+        else:
+            tmp.unlink()
+    stats["seconds"] = round(time.time() - t0, 3)
+    part = out / "parts" / f"{unit['name']}.json"
+    tmp_part = part.with_suffix(".json.part")
+    tmp_part.write_text(json.dumps({"stats": stats, "rows": rows}))
+    os.replace(tmp_part, part)          # the unit counts as done only now
+    return stats
+
+
+def summarize(cfg: LandmarksConfig, units: list[dict], problems: list[dict], feature_counts: dict) -> dict:
+    """Rebuild manifest.jsonl from the parts and write summary.json."""
+    out = Path(cfg.out)
+    rows, stats = [], []
+    for unit in units:
+        part = json.loads((out / "parts" / f"{unit['name']}.json").read_text())
+        rows += part["rows"]
+        stats.append(part["stats"])
+    tmp = out / "manifest.jsonl.part"
+    with open(tmp, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, out / "manifest.jsonl")
+    words = [w for r in rows for w in re.findall(r"[a-z]+", r["caption"].lower())]
+    lengths = [len(re.findall(r"\S+", r["caption"])) for r in rows]
+    summary = {
+        "tiles_seen": sum(s["planned"] for s in stats), "kept": len(rows),
+        "skipped": {k: sum(s[k] for s in stats) for k in ("skipped_nodata", "skipped_no_features",
+                                                          "skipped_empty_caption")},
+        "unreadable_rasters": problems, "features": feature_counts,
+        "caption_words": {"mean": float(np.mean(lengths)) if lengths else 0.0,
+                          "min": min(lengths, default=0), "max": max(lengths, default=0)},
+        "vocabulary": len(set(words)), "shards": len({r["shard"] for r in rows}),
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("rasters", "features")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
