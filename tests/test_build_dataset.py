@@ -4,6 +4,7 @@ skipped, the shards train, a re-run does nothing, and bad input gets clear messa
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
+from PIL import Image, ImageDraw
 
 from test_raster import GEOTIFF_DIR, make_tif, noise
 from test_server import REPO
@@ -198,3 +200,95 @@ def test_custom_captioner_command(scene, vectors, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert rows and all(r["caption"].startswith("custom: ") for r in rows)
+
+
+# ---- filter ----------------------------------------------------------------------------------------
+SHARED = GEOTIFF_DIR.parent
+CHECKPOINT = REPO / "backend" / "checkpoints" / "default"
+
+
+def _rendered(kind: str, seed: int) -> Image.Image:
+    """Non-overhead pictures the test draws: a page of text, a bar chart, a logo."""
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (256, 256), "white")
+    draw = ImageDraw.Draw(im)
+    if kind == "page":
+        for y in range(20, 240, 14):
+            draw.text((16, y), " ".join("lorem ipsum dolor sit amet".split()[: rng.integers(2, 6)]), fill="black")
+    elif kind == "chart":
+        for i in range(6):
+            h = int(rng.integers(30, 200))
+            draw.rectangle((20 + 38 * i, 240 - h, 48 + 38 * i, 240), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        draw.line((15, 240, 245, 240), fill="black", width=2)
+    else:
+        draw.ellipse((48, 48, 208, 208), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        draw.text((100, 120), "ACME", fill="white")
+    return im
+
+
+@pytest.mark.skipif(not (SHARED / "ucm" / "captions.jsonl").is_file(), reason="shared UCM captions not found")
+def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
+    import skimage.data
+
+    pairs, truth = [], {}
+    rows = [json.loads(line) for line in (SHARED / "ucm" / "captions.jsonl").read_text().splitlines()][::60][:24]
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, row in enumerate(rows):                                  # remote sensing, with their human captions
+        src = SHARED / "ucm" / row["image"]
+        dst = images / f"rs{i}{src.suffix}"
+        shutil.copy(src, dst)
+        pairs.append({"image": f"images/{dst.name}", "text": row["captions"][0]})
+        truth[len(pairs)] = True
+    photos = {"astronaut.png": "an astronaut in a white suit with a flag", "chelsea.png": "a cat looking at the camera",
+              "coffee.png": "a cup of coffee on a saucer", "rocket.jpg": "a rocket on the launch pad",
+              "motorcycle_left.png": "a motorcycle in a garage", "horse.png": "a horse silhouette"}
+    bundled = Path(skimage.data.__file__).parent                    # sample photos shipped inside the package
+    for name, text in photos.items():                               # ground-level photos, with their alt texts
+        with Image.open(bundled / name) as im:
+            im.convert("RGB").save(images / f"{Path(name).stem}.png")
+        pairs.append({"image": f"images/{Path(name).stem}.png", "text": text})
+        truth[len(pairs)] = False
+    for k, (kind, text) in enumerate([("page", "page two of the report"), ("chart", "quarterly sales chart"),
+                                      ("logo", "our company logo"), ("page", "terms and conditions")]):
+        _rendered(kind, k).save(images / f"{kind}{k}.png")
+        pairs.append({"image": f"images/{kind}{k}.png", "text": text})
+        truth[len(pairs)] = False
+    shutil.copy(images / "rs0.tif" if (images / "rs0.tif").exists() else next(images.glob("rs0.*")),
+                images / "rs0_copy.bin")
+    pairs.append({"image": "images/rs0_copy.bin", "text": rows[0]["captions"][1]})      # an exact duplicate
+    dup_line = len(pairs)
+    # the planted evaluation image: its re-encoded, slightly brighter copy must be dropped
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    test_image = SHARED / "ucm" / rows[5]["image"]
+    shutil.copy(test_image, evaluation / test_image.name)
+    with Image.open(test_image) as im:
+        brighter = Image.fromarray(np.clip(np.asarray(im.convert("RGB"), np.int16) + 6, 0, 255).astype(np.uint8))
+    brighter.save(images / "leak.jpg", quality=70)
+    pairs.append({"image": "images/leak.jpg", "text": rows[5]["captions"][0]})
+    leak_line = len(pairs)
+    pairs.append({"image": "images/missing.jpg", "text": "an aerial photo of a river"})
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    out = tmp_path / "out"
+    p = run("filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out, "--eval-folder", evaluation)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    c = report["counts"]
+    assert c["seen"] == len(pairs) and c["unreadable"] == 1 and c["eval_match"] >= 1 and c["duplicate"] >= 1
+    kept = {int(k.rsplit("-", 1)[1]) for k in report["kept_keys"]}
+    assert leak_line not in kept and dup_line not in kept
+    positives = {n for n, is_rs in truth.items() if is_rs and n != 6}       # rows[5] (line 6) is the leaked one
+    true_pos = len(kept & positives)
+    precision, recall = true_pos / max(1, len(kept)), true_pos / len(positives)
+    assert precision >= 0.9 and recall >= 0.7, (precision, recall)
+    assert sum(report["image_score_histogram"]["counts"]) == c["seen"] - c["unreadable"] - c["duplicate"] - c["eval_match"]
+    from training.data import WebDatasetShards
+
+    shards = sorted(str(s) for s in (out / "shards").glob("*.tar"))
+    samples = [s for s in WebDatasetShards(shards, transform=lambda im: im, seed=0, shuffle_buffer=1) if s]
+    assert len(samples) == c["kept"]
+    scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(scored) == sum(report["image_score_histogram"]["counts"])
+    assert all(0 <= s["image_score"] <= 1 and 0 <= s["text_score"] <= 1 for s in scored)

@@ -1,6 +1,9 @@
-"""Build training data: captioned tiles from imagery + map features.
+"""Build training data: captioned tiles from imagery + map features, and remote-sensing pairs
+filtered out of web image/text pairs.
 
     python -m training.build_dataset landmarks --raster ortho.tif --features city.osm.pbf --out data/landmarks
+    python -m training.build_dataset filter --shards 'web/{000000..000099}.tar' --eval-folder ../shared/data/ucm \
+        --checkpoint backend/checkpoints/default --out data/rs-web
 
 Writes OUT/shards/*.tar (WebDataset: key.jpg, key.txt, key.json with footprint, CRS, source raster
 and the features used), OUT/manifest.jsonl (one line per kept tile: key, caption, extent, crs,
@@ -18,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .datasets import landmarks as LM
+from .datasets import web_filter as WF
 
 
 def _landmarks_parser(sub) -> None:
@@ -56,11 +60,37 @@ def _landmarks_parser(sub) -> None:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local runtime)")
 
 
+def _filter_parser(sub) -> None:
+    p = sub.add_parser("filter", help="web image/text pairs -> remote-sensing pairs",
+                       description=WF.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", action="append", default=[], metavar="PATTERN",
+                   help="WebDataset shards (key.jpg/png + key.txt or key.json): paths, globs or {000..009} ranges")
+    p.add_argument("--manifest", metavar="FILE.jsonl",
+                   help='pairs as JSON lines {"image": path relative to the file, "text": ...}')
+    p.add_argument("--checkpoint", default="backend/checkpoints/default", help="scoring model (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: shards/ and report.json")
+    p.add_argument("--eval-folder", action="append", default=[], dest="eval_folders", metavar="DIR",
+                   help="drop pairs whose image matches (exactly or by perceptual hash) any image here (repeatable)")
+    p.add_argument("--image-threshold", type=float, default=0.0,
+                   help="least zero-shot overhead-imagery probability (default: %(default)s, off: the bundled "
+                        "checkpoint saw only overhead imagery in training and barely tells ground-level photos "
+                        "apart; set it, e.g. 0.5, with a checkpoint trained on broader data; scores.jsonl has "
+                        "every pair's scores for choosing)")
+    p.add_argument("--text-threshold", type=float, default=0.2,
+                   help="least share of remote-sensing words in the text (default: %(default)s)")
+    p.add_argument("--dup-distance", type=int, default=4,
+                   help="perceptual-hash bits within which two images are the same (0..7, default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=1000, help="kept pairs per output shard (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.build_dataset", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{landmarks}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{landmarks,filter}")
     _landmarks_parser(sub)
+    _filter_parser(sub)
     return p
 
 
@@ -126,10 +156,39 @@ def landmarks(args) -> dict:
     return summary
 
 
+def web_filter(args) -> dict:
+    if not args.shards and not args.manifest:
+        raise LM.BuildError("give --shards or --manifest: the pairs to filter")
+    if args.manifest and not Path(args.manifest).is_file():
+        raise LM.BuildError(f"manifest {args.manifest} does not exist")
+    for name in ("image_threshold", "text_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise LM.BuildError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if not 0 <= args.dup_distance <= 7:
+        raise LM.BuildError("--dup-distance must be 0..7")
+    if not Path(args.checkpoint).is_dir():
+        raise LM.BuildError(f"checkpoint {args.checkpoint} does not exist")
+    cfg = WF.FilterConfig(checkpoint=args.checkpoint, out=args.out, shards=args.shards, manifest=args.manifest,
+                          eval_folders=args.eval_folders, image_threshold=args.image_threshold,
+                          text_threshold=args.text_threshold, dup_distance=args.dup_distance,
+                          batch_size=args.batch_size, shard_size=args.shard_size, device=args.device)
+    try:
+        return WF.run_filter(cfg)
+    except ValueError as e:
+        raise LM.BuildError(str(e)) from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "filter":
+            report = web_filter(args)
+            c = report["counts"]
+            print(f"kept {c['kept']} of {c['seen']} pairs (image score {c['low_image_score']}, text score "
+                  f"{c['low_text_score']}, duplicates {c['duplicate']}, evaluation matches {c['eval_match']}, "
+                  f"unreadable {c['unreadable']}) -> {args.out}")
+            return 0
         summary = landmarks(args)
     except LM.BuildError as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)

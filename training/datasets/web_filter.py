@@ -1,0 +1,313 @@
+"""Web image/text pairs -> remote-sensing pairs (the "RS-WebLI" recipe).
+
+Each pair is scored twice:
+- image: the checkpoint's zero-shot probability that the image is overhead imagery, the softmax mass
+  of OVERHEAD_PROMPTS among OVERHEAD_PROMPTS + OTHER_PROMPTS at the model's own temperature;
+- text: the share of the text's content words that are remote-sensing words (rs_vocabulary.txt).
+A pair is kept when both scores reach their thresholds, it is not a duplicate of a pair kept before
+(same bytes, or a perceptual hash within `dup_distance` bits), and it does not match any image of
+the evaluation folders (decontamination: a retrieval number means nothing if test images trained).
+
+Perceptual hash: dHash, 64 bits (9x8 greyscale, one bit per horizontal neighbour pair). Lookups go
+through 8 bands of 8 bits, so every hash within 7 bits shares a band with its match.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+VOCABULARY = Path(__file__).resolve().parent / "rs_vocabulary.txt"
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+OVERHEAD_PROMPTS = ("an aerial photo of the ground", "a satellite image", "an overhead view of land",
+                    "an aerial view of buildings and roads", "a satellite image of fields and forest")
+OTHER_PROMPTS = ("a photo of a person", "a close-up photo of an object", "a page of text", "a diagram",
+                 "a photo of an animal", "a street photo taken at ground level", "a drawing", "a logo")
+STOPWORDS = frozenset("a an the of in on at to and or with without for from by is are was were be been this that "
+                      "these those it its as into over under near next there here some many few two three one "
+                      "several very".split())
+
+
+# ---- hashing -------------------------------------------------------------------------------------
+def dhash(image: Image.Image) -> int:
+    grey = np.asarray(image.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).ravel()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+class HashIndex:
+    """Near-duplicate lookup for 64-bit hashes within `distance` bits (distance <= 7)."""
+
+    def __init__(self, distance: int):
+        if not 0 <= distance <= 7:
+            raise ValueError("dup distance must be 0..7 bits")
+        self.distance = distance
+        self.bands: list[dict[int, list[int]]] = [{} for _ in range(8)]
+
+    def add(self, h: int) -> None:
+        for b in range(8):
+            self.bands[b].setdefault((h >> (8 * b)) & 0xFF, []).append(h)
+
+    def near(self, h: int) -> bool:
+        for b in range(8):
+            for other in self.bands[b].get((h >> (8 * b)) & 0xFF, ()):
+                if bin(h ^ other).count("1") <= self.distance:
+                    return True
+        return False
+
+
+def eval_hashes(folders: list[str], distance: int) -> tuple[HashIndex, int]:
+    index, n = HashIndex(distance), 0
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ValueError(f"evaluation folder {folder} does not exist")
+        for root, _, files in os.walk(folder):
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTS):
+                    try:
+                        with Image.open(os.path.join(root, name)) as im:
+                            index.add(dhash(im))
+                            n += 1
+                    except (UnidentifiedImageError, OSError):
+                        continue
+    return index, n
+
+
+# ---- text ----------------------------------------------------------------------------------------
+def read_vocabulary(path: str | os.PathLike = VOCABULARY) -> frozenset[str]:
+    words = set()
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip().lower()
+        if line and not line.startswith("#"):
+            words.update(line.split())
+    return frozenset(words)
+
+
+def text_score(text: str, vocabulary: frozenset[str]) -> float:
+    words = [w for w in re.findall(r"[a-z]+", text.lower()) if w not in STOPWORDS]
+    if not words:
+        return 0.0
+    stems = [w[:-1] if w.endswith("s") and w[:-1] in vocabulary else w for w in words]
+    return sum(w in vocabulary for w in stems) / len(words)
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, bytes | None, str]]:
+    """(key, image bytes or None when unreadable, text) from shards or a JSONL manifest
+    (lines {"image": path relative to the manifest, "text" or "caption": ...})."""
+    from training.data import expand_urls
+
+    for shard in expand_urls(shards) if shards else []:
+        key, parts = None, {}
+        with tarfile.open(shard, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, _, ext = member.name.rpartition(".")
+                if base != key and key is not None:
+                    yield _pair(shard, key, parts)
+                    parts = {}
+                key = base
+                parts[ext.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield _pair(shard, key, parts)
+    if manifest:
+        folder = Path(manifest).resolve().parent
+        for n, line in enumerate(Path(manifest).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                text = row.get("text", row.get("caption", ""))
+                path = folder / row["image"]
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{manifest} line {n}: {e}") from None
+            try:
+                data = path.read_bytes()
+            except OSError:
+                data = None
+            yield f"{Path(manifest).stem}-{n:07d}", data, str(text)
+
+
+def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
+    image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+    text = parts.get("txt", b"").decode("utf-8", "replace")
+    if not text and "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+            text = meta.get("text") or meta.get("caption") or ""
+        except json.JSONDecodeError:
+            text = ""
+    return f"{Path(shard).stem}-{key}", image, text
+
+
+# ---- the filter ----------------------------------------------------------------------------------
+@dataclass
+class FilterConfig:
+    checkpoint: str
+    out: str
+    shards: list[str] = field(default_factory=list)
+    manifest: str | None = None
+    eval_folders: list[str] = field(default_factory=list)
+    image_threshold: float = 0.0
+    text_threshold: float = 0.2
+    dup_distance: int = 4
+    batch_size: int = 64
+    shard_size: int = 1000
+    device: str = "cpu"
+
+
+class ImageScorer:
+    def __init__(self, checkpoint: str, device: str):
+        from backend.model.checkpoint import load_checkpoint
+        from training.evaluate import encode_texts
+
+        self.device = torch.device(device)
+        self.model, self.tokenizer = load_checkpoint(checkpoint, device=self.device, dtype=torch.float32)
+        self.model.eval()
+        self.size = self.model.config.image_size
+        self.text = encode_texts(self.model, self.tokenizer, list(OVERHEAD_PROMPTS + OTHER_PROMPTS), self.device)
+        self.scale = float(self.model.logit_scale.detach().clamp(max=self.model.config.max_logit_scale).exp())
+
+    def tensor(self, image: Image.Image) -> torch.Tensor:
+        im = image.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())
+
+    @torch.no_grad()
+    def scores(self, images: list[torch.Tensor]) -> np.ndarray:
+        x = self.model.preprocess(torch.stack(images).to(self.device))
+        emb = self.model.encode_image(x)
+        probs = (emb @ self.text.to(self.device).T * self.scale).softmax(-1)
+        return probs[:, :len(OVERHEAD_PROMPTS)].sum(-1).cpu().numpy()
+
+
+def _hist(values: list[float]) -> dict:
+    counts, edges = np.histogram(values, bins=10, range=(0.0, 1.0))
+    return {"edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, size: int):
+        self.folder, self.size, self.n, self.tar, self.index = folder, size, 0, None, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, key: str, image: bytes, ext: str, text: str, meta: dict) -> None:
+        if self.tar is None or self.n == self.size:
+            self.close()
+            self.path = self.folder / f"filtered-{self.index:06d}.tar"
+            self.tar = tarfile.open(self.path.with_suffix(".tar.part"), "w")
+            self.index += 1
+            self.n = 0
+        for name, data in ((f"{key}.{ext}", image), (f"{key}.txt", text.encode()),
+                           (f"{key}.json", json.dumps(meta).encode())):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            self.tar.addfile(info, io.BytesIO(data))
+        self.n += 1
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            os.replace(self.path.with_suffix(".tar.part"), self.path)
+            self.tar = None
+
+
+def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocabulary = read_vocabulary()
+    contamination, n_eval = eval_hashes(cfg.eval_folders, cfg.dup_distance)
+    scorer = ImageScorer(cfg.checkpoint, cfg.device)
+    seen_bytes: set[str] = set()
+    seen_hashes = HashIndex(cfg.dup_distance)
+    writer = _ShardWriter(out / "shards", cfg.shard_size)
+    counts = {"seen": 0, "kept": 0, "unreadable": 0, "duplicate": 0, "eval_match": 0, "low_image_score": 0,
+              "low_text_score": 0}
+    image_scores, text_scores, near, kept_keys = [], [], {"kept": [], "dropped": []}, []
+    t0 = time.time()
+    batch: list[tuple[str, bytes, str, Image.Image, float]] = []
+    scores_file = open(out / "scores.jsonl.part", "w")      # every scored pair: for tuning thresholds
+
+    def flush():
+        if not batch:
+            return
+        scores = scorer.scores([scorer.tensor(im) for _, _, _, im, _ in batch])
+        for (key, data, text, im, ts), score in zip(batch, scores):
+            score = float(score)
+            image_scores.append(score)
+            keep = score >= cfg.image_threshold and ts >= cfg.text_threshold
+            if score < cfg.image_threshold:
+                counts["low_image_score"] += 1
+            elif ts < cfg.text_threshold:
+                counts["low_text_score"] += 1
+            if abs(score - cfg.image_threshold) < 0.1:
+                side = near["kept" if keep else "dropped"]
+                if len(side) < 5:
+                    side.append({"key": key, "text": text[:200], "image_score": round(score, 3),
+                                 "text_score": round(ts, 3)})
+            scores_file.write(json.dumps({"key": key, "image_score": round(score, 4), "text_score": round(ts, 4),
+                                          "kept": keep}) + "\n")
+            if keep:
+                ext = (im.format or "jpeg").lower().replace("jpeg", "jpg")
+                writer.add(key, data, ext, text, {"image_score": score, "text_score": ts, "text": text})
+                counts["kept"] += 1
+                kept_keys.append(key)
+        batch.clear()
+
+    for key, data, text in tqdm(read_pairs(cfg.shards, cfg.manifest), desc="pairs", unit="pair",
+                                disable=not progress):
+        counts["seen"] += 1
+        if data is None:
+            counts["unreadable"] += 1
+            continue
+        try:
+            im = Image.open(io.BytesIO(data))
+            im.load()
+        except (UnidentifiedImageError, OSError):
+            counts["unreadable"] += 1
+            continue
+        h = dhash(im)
+        if contamination.near(h):
+            counts["eval_match"] += 1
+            continue
+        digest = hashlib.sha1(data).hexdigest()
+        if digest in seen_bytes or seen_hashes.near(h):
+            counts["duplicate"] += 1
+            continue
+        seen_bytes.add(digest)
+        seen_hashes.add(h)
+        ts = text_score(text, vocabulary)
+        text_scores.append(ts)
+        batch.append((key, data, text, im, ts))
+        if len(batch) >= cfg.batch_size:
+            flush()
+    flush()
+    writer.close()
+    scores_file.close()
+    os.replace(out / "scores.jsonl.part", out / "scores.jsonl")
+    seconds = time.time() - t0
+    report = {"counts": counts, "evaluation_images_hashed": n_eval,
+              "image_score_histogram": _hist(image_scores), "text_score_histogram": _hist(text_scores),
+              "near_threshold": near, "kept_keys": kept_keys, "seconds": round(seconds, 2),
+              "pairs_per_second": round(counts["seen"] / seconds, 2) if seconds > 0 else None,
+              "settings": asdict(cfg)}
+    tmp = out / "report.json.part"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "report.json")
+    return report
