@@ -161,3 +161,15 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     assert result["tiles"] == 16
     for v in result["per_class"].values():
         assert 0.0 <= v["p_at_10"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 and v["images"] == 4
+
+
+def test_dataset_bench_quick_writes_results(tmp_path):
+    from bench import dataset_bench
+
+    res = dataset_bench.run(quick=True, out_dir=tmp_path, echo=lambda *a: None, ray=False, side=512, filter_pairs=24)
+    saved = json.loads((tmp_path / "dataset.json").read_text())
+    assert saved["landmarks"]["local, 1 process"]["tiles"] == 4 and res["landmarks"]["local, 2 processes"]["kept"] > 0
+    assert all(r["tiles_per_s"] > 0 for r in saved["landmarks"].values())
+    assert saved["landmarks"]["local, 1 process"]["ratio_vs_1_process"] == 1.0
+    if saved["filter"] is not None:
+        assert saved["filter"]["pairs"] == 24 and saved["filter"]["pairs_per_s"] > 0

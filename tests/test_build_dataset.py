@@ -292,3 +292,25 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == sum(report["image_score_histogram"]["counts"])
     assert all(0 <= s["image_score"] <= 1 and 0 <= s["text_score"] <= 1 for s in scored)
+
+
+def test_ray_engine_resumes_a_half_done_run_and_writes_the_same_dataset(built, scene, vectors, tmp_path):
+    pytest.importorskip("ray.data", exc_type=ImportError)
+    local, _ = built
+    out = tmp_path / "ray"
+    (out / "parts").mkdir(parents=True)
+    (out / "shards").mkdir()
+    done = sorted((local / "parts").glob("*.json"))[:1]              # one unit finished earlier...
+    for part in done:
+        shutil.copy(part, out / "parts" / part.name)
+        shard = local / "shards" / f"{part.stem}.tar"
+        if shard.exists():
+            shutil.copy(shard, out / "shards" / shard.name)
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--features", vectors["gpkg"],
+            "--out", out, "--tile-size", TILE, "--unit-tiles", 8, "--engine", "ray", "--workers", 2, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert f"{len(done)} of" in p.stderr and "already done" in p.stderr   # ...is not redone by Ray
+
+    def rows(folder):
+        return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["caption"]) for r in rows(out)] == [(r["key"], r["caption"]) for r in rows(local)]

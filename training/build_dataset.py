@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 from .datasets import landmarks as LM
-from .datasets import web_filter as WF
 
 
 def _landmarks_parser(sub) -> None:
@@ -61,6 +60,8 @@ def _landmarks_parser(sub) -> None:
 
 
 def _filter_parser(sub) -> None:
+    from .datasets import web_filter as WF      # imports torch: only when the subcommand is built
+
     p = sub.add_parser("filter", help="web image/text pairs -> remote-sensing pairs",
                        description=WF.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", action="append", default=[], metavar="PATTERN",
@@ -157,6 +158,8 @@ def landmarks(args) -> dict:
 
 
 def web_filter(args) -> dict:
+    from .datasets import web_filter as WF
+
     if not args.shards and not args.manifest:
         raise LM.BuildError("give --shards or --manifest: the pairs to filter")
     if args.manifest and not Path(args.manifest).is_file():

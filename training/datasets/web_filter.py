@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 VOCABULARY = Path(__file__).resolve().parent / "rs_vocabulary.txt"
@@ -169,7 +168,11 @@ class FilterConfig:
 
 
 class ImageScorer:
+    """The checkpoint's zero-shot overhead-imagery probability (torch is imported only here)."""
+
     def __init__(self, checkpoint: str, device: str):
+        import torch
+
         from backend.model.checkpoint import load_checkpoint
         from training.evaluate import encode_texts
 
@@ -180,18 +183,22 @@ class ImageScorer:
         self.text = encode_texts(self.model, self.tokenizer, list(OVERHEAD_PROMPTS + OTHER_PROMPTS), self.device)
         self.scale = float(self.model.logit_scale.detach().clamp(max=self.model.config.max_logit_scale).exp())
 
-    def tensor(self, image: Image.Image) -> torch.Tensor:
+    def tensor(self, image: Image.Image):
+        import torch
+
         im = image.convert("RGB")
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC)
         return torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy())
 
-    @torch.no_grad()
-    def scores(self, images: list[torch.Tensor]) -> np.ndarray:
-        x = self.model.preprocess(torch.stack(images).to(self.device))
-        emb = self.model.encode_image(x)
-        probs = (emb @ self.text.to(self.device).T * self.scale).softmax(-1)
+    def scores(self, images: list) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = self.model.preprocess(torch.stack(images).to(self.device))
+            emb = self.model.encode_image(x)
+            probs = (emb @ self.text.to(self.device).T * self.scale).softmax(-1)
         return probs[:, :len(OVERHEAD_PROMPTS)].sum(-1).cpu().numpy()
 
 
