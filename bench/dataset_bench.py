@@ -83,14 +83,16 @@ def _landmarks(raster: Path, vectors: Path, out: Path, extra: list[str]) -> tupl
 
 
 def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, echo=print, ray: bool = True,
-        side: int | None = None, filter_pairs: int | None = None) -> dict:
+        side: int | None = None, filter_pairs: int | None = None, two_processes: bool = True) -> dict:
     side = side or (1024 if quick else 2048)
     filter_pairs = filter_pairs or (200 if quick else 1000)
     results: dict = {"raster_px": side, "tile_px": 256, "landmarks": {}, "filter": None}
     with tempfile.TemporaryDirectory(prefix="skyprompt-dsbench-") as tmp:
         tmp = Path(tmp)
         raster, vectors = make_inputs(tmp, side)
-        engines = [("local, 1 process", ["--workers", "1"]), ("local, 2 processes", ["--workers", "2"])]
+        engines = [("local, 1 process", ["--workers", "1"])]
+        if two_processes:
+            engines.append(("local, 2 processes", ["--workers", "2"]))
         try:
             import ray.data  # noqa: F401
 
