@@ -40,7 +40,7 @@ from backend.model.precision import autocast_context
 
 from . import recipe as recipes
 from .mosaic import build_mosaic, build_mosaics
-from .train import batch_stream, is_main, log, param_groups, setup_distributed
+from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
 
 PROMPT = "an aerial photo of {}."
 IGNORE = -1
@@ -221,7 +221,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
     if start_round == 0 and is_main():
         row = {"round": 0, **measure(model, tokenizer, val_sets, bench, cfg, device)}
         log("round 0 " + json.dumps(row))
-        _append(metrics_path, row)
+        _append_metrics(metrics_path, row)
         rows.append(row)
     class_tokens = [tokenizer([PROMPT.format(n) for n in s["names"].values()], mcfg.context_length).to(device)
                     for s in mosaic_sources]
@@ -295,7 +295,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
                    **{f"train_{k}": v / cfg.steps_per_round for k, v in sums.items()},
                    **measure(model, tokenizer, val_sets, bench, cfg, device), "seconds": round(time.time() - t0, 1)}
             log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
-            _append(metrics_path, row)
+            _append_metrics(metrics_path, row)
             rows.append(row)
         if dist.is_initialized():
             dist.barrier()
@@ -313,11 +313,6 @@ class _StreamCfg:
 
     def __init__(self, cfg: RefineConfig):
         self.batch_size, self.workers, self.seed = cfg.batch_size, cfg.workers, cfg.seed
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
