@@ -76,6 +76,15 @@ class DesktopIface:
     def removeDockWidget(self, dock):  # noqa: N802
         self.main_window.removeDockWidget(dock)
 
+    def close(self) -> None:
+        """Delete the window and its canvas now: a canvas that outlives QGIS's exit crashes Python's teardown."""
+        from qgis.core import QgsApplication
+        from qgis.PyQt.QtCore import QEvent
+
+        self.main_window.close()
+        self.main_window.deleteLater()
+        QgsApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+
     # for assertions
     def docks(self) -> list[QDockWidget]:
         return [d for d in self.main_window.findChildren(QDockWidget)]

@@ -100,6 +100,7 @@ def iface(qgis_app, monkeypatch):
     QgsProject.instance().clear()
     yield desk
     QgsProject.instance().clear()
+    desk.close()
 
 
 @pytest.fixture()
@@ -413,8 +414,9 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         layer = layers[0]
         indexed = processing.run("skyprompt:indexraster", {"INPUT": layer, "FORCE": False})
         assert indexed["TILE_COUNT"] > 0 and indexed["RASTER_ID"]
-        found = processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "K": 4, "LAYERS": [layer],
-                                                        "OUTPUT": "memory:"})["OUTPUT"]
+        # file outputs: a memory layer handed back by processing.run outlives QGIS's exit and crashes it
+        found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+            "QUERY": "farmland", "K": 4, "LAYERS": [layer], "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])
         assert found.featureCount() == 4 and {f["layer"] for f in found.getFeatures()} == {layer.name()}
         e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
         extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
@@ -427,10 +429,13 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         grown = QgsRectangle(e)
         grown.grow(2 * layer.rasterUnitsPerPixelX())
         assert grown.contains(result.extent())
+        # the traceback pytest keeps from raises() holds this frame: layers alive in it would be
+        # destroyed after QGIS's exit, which crashes Python's teardown
+        del found, result
         with pytest.raises(QgsProcessingException, match="no SkyPrompt backend answers"):
             from backend.server import free_port
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": f"127.0.0.1:{free_port()}",
-                                                     "OUTPUT": "memory:"})
+                                                     "OUTPUT": str(tmp_path / "none.gpkg")})
     finally:
         QgsApplication.processingRegistry().removeProvider(provider)
 
