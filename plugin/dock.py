@@ -7,7 +7,7 @@ fires after each answer is shown, with the kind ("health", "index", "search", "s
 """
 from __future__ import annotations
 
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
@@ -19,7 +19,7 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
-from .sources import SourceError, prepare_source, to_layer_crs
+from .sources import SourceError, local_path, prepare_source, to_layer_crs
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
@@ -444,11 +444,7 @@ class SkyPromptDock(QDockWidget):
         layers = self.checked_layers()
         raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
         not_indexed = [l.name() for l in layers if l.id() not in self.indexed]
-        names = {}
-        for layer in layers:
-            src = prepare_source(layer) if layer.providerType() == "gdal" else None
-            if isinstance(src, str):
-                names[src] = layer.name()
+        names = {path: layer.name() for layer in layers if (path := local_path(layer))}
         k = self.k.value()
         self.settings.k = k
 

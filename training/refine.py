@@ -21,7 +21,6 @@ like training.train (each rank labels and trains on its own slice of the mosaics
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
