@@ -483,6 +483,33 @@ def test_collate_drops_none(tokenizer):
     assert collate_captions([None, None], tokenizer, 12) is None
 
 
+def test_class_labels_follow_class_maps_across_sources(tmp_path, tokenizer):
+    from training.recipe import class_labels
+
+    for key in ("Forest", "Port"):
+        (tmp_path / "a" / key).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (0, 90, 0)).save(tmp_path / "a" / key / "x.jpg")
+    for key in ("forest", "river"):
+        (tmp_path / "b" / key).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (0, 0, 90)).save(tmp_path / "b" / key / "y.jpg")
+    a = {"name": "a", "classnames": {"Forest": "forest", "Port": "port"},
+         "records": folder_records(tmp_path / "a", {"Forest": "forest", "Port": "port"})}
+    b = {"name": "b", "classnames": {"forest": "Forest ", "river": "river"},
+         "records": folder_records(tmp_path / "b", {"forest": "Forest ", "river": "river"})}
+    la, lb = class_labels(a), class_labels(b)
+    assert la["Forest"] == lb["forest"]                   # one concept, one class across sets
+    assert len({la["Forest"], la["Port"], lb["river"]}) == 3
+    assert class_labels({**a, "classnames": None})["Forest"] != lb["forest"]  # no map: per-source keys
+
+    ds = CaptionDataset(a["records"], eval_transform(SIZE, MEAN, STD), labels=la)
+    items = [ds[i] for i in range(len(ds))]
+    assert {item[2] for item in items} == {la["Forest"], la["Port"]}
+    unlabelled = CaptionDataset([Record(a["records"][0].image, ("x",))], eval_transform(SIZE, MEAN, STD), labels=la)
+    batch = collate_captions(items + [None, unlabelled[0]], tokenizer, 12)
+    assert batch["labels"].tolist() == [item[2] for item in items] + [-1] and batch["skipped"] == 1
+    assert "labels" not in collate_captions([items[0][:2]], tokenizer, 12)
+
+
 # --- the shared data sets -----------------------------------------------------------------------------
 
 needs_shared = pytest.mark.skipif(not (SHARED_DATA / "rsscn7").is_dir(), reason="../shared/data not present")

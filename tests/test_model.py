@@ -1,6 +1,8 @@
 """MaMMUT model core: the two decoder passes, embeddings, SAO, captioning, batch consistency."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -184,6 +186,28 @@ def test_loss_decreases_when_training_a_few_steps(tiny_config, tokenizer):
         first = first if first is not None else out["loss"].item()
     assert out["loss"].item() < 0.5 * first
     assert out["contrastive_loss"] > 0 and out["caption_loss"] > 0
+
+
+def test_class_aware_contrastive_loss_known_values():
+    from backend.model import contrastive_loss
+
+    # image i == text i, orthonormal: logits are s * I
+    s = torch.tensor(2.0)
+    feats = torch.eye(2)
+    plain = contrastive_loss(feats, feats, s)
+    assert plain.item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-6)
+    # unlabelled items (-1) match only their own pair: the plain loss
+    assert contrastive_loss(feats, feats, s, torch.tensor([-1, -1])).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert contrastive_loss(feats, feats, s, torch.tensor([3, 4])).item() == pytest.approx(plain.item(), rel=1e-6)
+    # one class: each image's target is half its own text, half the other
+    same = contrastive_loss(feats, feats, s, torch.tensor([7, 7])).item()
+    assert same == pytest.approx(0.5 * (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(2.0))), rel=1e-6)
+    # the two losses prefer opposite geometries for a same-class pair: plain InfoNCE pushes the two
+    # apart (a false negative), the class-aware loss pulls them together
+    together = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    one_class = torch.tensor([7, 7])
+    assert contrastive_loss(together, together, s, one_class) < contrastive_loss(feats, feats, s, one_class)
+    assert contrastive_loss(together, together, s) > contrastive_loss(feats, feats, s)
 
 
 def test_conv_stem_option(tiny_config):

@@ -111,12 +111,14 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     assert max(_train_losses(out)) == last + 3
 
 
-def test_two_process_ddp_matches_one_process(folder, tmp_path):
+@pytest.mark.parametrize("loss_flags", [[], ["--class-aware"]], ids=["plain", "class-aware"])
+def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(_args(folder, one, 3)).returncode == 0
+    assert _run(_args(folder, one, 3, *loss_flags)).returncode == 0
     env = {"MASTER_ADDR": "127.0.0.1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "training.train", *_args(folder, two, 3, "--tokenizer", str(one / "tokenizer.json"))],
+                        "-m", "training.train",
+                        *_args(folder, two, 3, "--tokenizer", str(one / "tokenizer.json"), *loss_flags)],
                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

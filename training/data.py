@@ -31,6 +31,7 @@ import random
 import re
 import tarfile
 import warnings
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from inspect import Parameter, signature
@@ -539,16 +540,29 @@ class _CountsSkips:
                           SkippedImageWarning, stacklevel=3)
 
 
-class CaptionDataset(_CountsSkips, Dataset):
-    """(image tensor, one caption) per Record; None for an image that cannot be read."""
+def class_label_id(name: str) -> int:
+    """A stable non-negative int for a class name, the same in every process and run (the
+    class-aware contrastive loss compares labels across ranks): case and spacing do not matter."""
+    key = " ".join(name.lower().split())
+    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
 
-    def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0):
+
+class CaptionDataset(_CountsSkips, Dataset):
+    """(image tensor, one caption) per Record; None for an image that cannot be read.
+
+    With `labels` (class key -> int id, e.g. from class_label_id) items are (image, caption, label),
+    label -1 for a record whose class has no id; the class-aware contrastive loss uses them.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0,
+                 labels: Mapping[str, int] | None = None):
         self.records = list(records)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self._pass_rng = _accepts_rng(transform)
         self.skipped = 0
+        self.labels = dict(labels) if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -577,7 +591,9 @@ class CaptionDataset(_CountsSkips, Dataset):
             self._skip(record.image, e)
             return None
         tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
-        return tensor, caption
+        if self.labels is None:
+            return tensor, caption
+        return tensor, caption, self.labels.get(record.class_name, -1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
         return self.load(index, self.epoch)
@@ -822,21 +838,25 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
 # --- batching ------------------------------------------------------------------------------------------
 
 
-def collate_captions(batch: Sequence[tuple[torch.Tensor, str] | None], tokenizer: Callable,
+def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
                      context_length: int) -> dict | None:
     """Stack images and tokenize captions, dropping None items (unreadable images).
 
-    Returns {"images": [B,3,H,W], "tokens": LongTensor [B,T], "captions": list[str],
-    "skipped": how many items were dropped}, or None when every item was. Use it with
+    Items are (image, caption) or (image, caption, class label id). Returns {"images": [B,3,H,W],
+    "tokens": LongTensor [B,T], "captions": list[str], "skipped": how many items were dropped,
+    and "labels": LongTensor [B] for labelled items}, or None when every item was. Use it with
     functools.partial(collate_captions, tokenizer=..., context_length=...).
     """
     kept = [item for item in batch if item is not None]
     if not kept:
         return None
-    captions = [caption for _, caption in kept]
-    return {
-        "images": torch.stack([image for image, _ in kept]),
+    captions = [item[1] for item in kept]
+    out = {
+        "images": torch.stack([item[0] for item in kept]),
         "tokens": tokenizer(captions, context_length),
         "captions": captions,
         "skipped": len(batch) - len(kept),
     }
+    if len(kept[0]) > 2:
+        out["labels"] = torch.tensor([item[2] for item in kept], dtype=torch.long)
+    return out

@@ -160,7 +160,26 @@ def caption_texts(train_sources: list[dict]):
                     yield c
 
 
-def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int):
+def class_labels(source: dict) -> dict[str, int]:
+    """Class key -> label id for one source's records. Classes are named by the source's class map
+    (human names), so one concept shared by several sets ("forest", "parking lot") is one class
+    across them; without a map, the class key qualified by the source name."""
+    mapping = source.get("classnames")
+    if mapping is not None and not isinstance(mapping, dict):
+        mapping = D.load_classnames(mapping)
+    keys = {r.class_name for r in source.get("records", []) if r.class_name is not None}
+    out = {}
+    for key in keys:
+        name = (mapping or {}).get(key)
+        if isinstance(name, (list, tuple)):
+            name = name[0] if name else None
+        out[key] = D.class_label_id(name if name else f"{source.get('name', '')}:{key}")
+    return out
+
+
+def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int,
+                 class_aware: bool = False):
+    """The training dataset of a recipe's sources; with `class_aware`, items carry class label ids."""
     transform = train_transform(image_size, model_config.image_mean, model_config.image_std)
     shards = [s for s in train_sources if s["kind"] == "shards"]
     if shards:
@@ -169,7 +188,9 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
                               "write those into shards too")
         urls = [u for s in shards for u in s["urls"]]
         return D.WebDatasetShards(urls, transform, seed=seed)
-    datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i) for i, s in enumerate(train_sources)]
+    datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i,
+                                 labels=class_labels(s) if class_aware else None)
+                for i, s in enumerate(train_sources)]
     if len(datasets) == 1:
         return datasets[0]
     weights = [float(s.get("weight", 1.0)) for s in train_sources]

@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     contrastive_weight: float | None = None  # default: the model config's
     caption_weight: float | None = None
+    class_aware: bool = False                # same-class in-batch pairs are positives (UniCL)
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -276,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
             model = MaMMUT(get_preset(cfg.preset, **overrides))
     mcfg = model.config
     image_size = cfg.image_size or mcfg.image_size
-    dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed)
+    dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware)
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
@@ -336,6 +337,7 @@ def train(cfg: TrainConfig) -> dict:
         batch = next(stream)
         images = batch["images"].to(device, non_blocking=True)
         tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch.get("labels")  # only with --class-aware (and sources that know classes)
         skipped_total += batch["skipped"]
         parts: dict[str, float] = {}
         for i in range(cfg.grad_accum):
@@ -344,7 +346,8 @@ def train(cfg: TrainConfig) -> dict:
             # gradients are all-reduced only on the last micro-batch
             ctx = train_model.no_sync() if is_ddp and i < cfg.grad_accum - 1 else contextlib.nullcontext()
             with ctx, amp:
-                losses = loss_fn(train_model(images[sl], tokens[sl]), tokens[sl])
+                losses = loss_fn(train_model(images[sl], tokens[sl]), tokens[sl],
+                                 labels[sl] if labels is not None else None)
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
@@ -459,6 +462,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         opt.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     opt.add_argument("--contrastive-weight", type=float)
     opt.add_argument("--caption-weight", type=float)
+    opt.add_argument("--class-aware", action="store_true",
+                     help="contrastive positives include every in-batch pair of the same class (UniCL): "
+                          "class-template captions stop being false negatives of each other. Classes come "
+                          "from folder and manifest sources, named by their class maps; shards have none")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")

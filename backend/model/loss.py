@@ -3,6 +3,11 @@
 Under DDP the contrastive loss sees every rank's embeddings: features are all-gathered *with*
 gradients (torch.distributed.nn.all_gather), so each rank's loss covers the global batch and the
 gradient reaches the features computed on every rank.
+
+With class labels (UniCL, Yang et al. 2022) every in-batch pair of the same class is a positive:
+captions made from class templates say the same thing for every image of a class, so plain InfoNCE
+would push apart images and texts that match. Items without a class (label < 0) match only their
+own pair.
 """
 from __future__ import annotations
 
@@ -22,16 +27,40 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(parts, 0), dist.get_rank() * x.shape[0]
 
 
+def gather_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class labels of the global batch (no gradient); label < 0 (no class) becomes unique."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, labels.contiguous())
+        labels = torch.cat(parts, 0)
+    unique = -2 - torch.arange(labels.shape[0], device=labels.device)
+    return torch.where(labels < 0, unique, labels)
+
+
+def class_aware_targets(labels: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """Target distribution [n, N] of this rank's rows over the global batch: uniform over the
+    items that share the row's class (always including its own pair)."""
+    all_labels = gather_labels(labels)
+    mine = all_labels[offset:offset + n]
+    same = (mine[:, None] == all_labels[None, :]).float()
+    return same / same.sum(1, keepdim=True)
+
+
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over the (global) batch; the i-th image matches the i-th text."""
+                     logit_scale: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over the (global) batch; the i-th image matches the i-th text, and with
+    `labels` (int class ids, -1 for none) also every text/image of the same class."""
     all_images, offset = gather_with_grad(image_features)
     all_texts, _ = gather_with_grad(text_features)
     n = image_features.shape[0]
-    labels = torch.arange(offset, offset + n, device=image_features.device)
+    if labels is None:
+        targets = torch.arange(offset, offset + n, device=image_features.device)
+    else:
+        # the same-class relation is symmetric, so one target matrix serves both directions
+        targets = class_aware_targets(labels.to(image_features.device), offset, n)
     logits_per_image = logit_scale * image_features @ all_texts.t()
     logits_per_text = logit_scale * text_features @ all_images.t()
-    return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_text.float(), targets))
 
 
 def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -57,8 +86,9 @@ class MaMMUTLoss(nn.Module):
         self.caption_weight = caption_weight
         self.pad_id = pad_id
 
-    def forward(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        con = contrastive_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"])
+    def forward(self, outputs: dict[str, torch.Tensor], tokens: torch.Tensor,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        con = contrastive_loss(outputs["image_features"], outputs["text_features"], outputs["logit_scale"], labels)
         cap = caption_loss(outputs["logits"], tokens, self.pad_id)
         total = self.contrastive_weight * con + self.caption_weight * cap
         return {"loss": total, "contrastive_loss": con.detach(), "caption_loss": cap.detach()}
