@@ -11,3 +11,20 @@ def save_results(results: dict, name: str, out_dir) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def write_geotiff(path, data, origin: tuple[float, float], pixel: float = 0.5, epsg: int = 32633):
+    """A tiled GeoTIFF of uint8 bands `data` [bands, rows, cols], north-up, `pixel` map units per
+    pixel, top-left corner at `origin` in EPSG:`epsg` (benchmark inputs: real rasters, real CRSs)."""
+    from osgeo import gdal, osr
+
+    bands, rows, cols = data.shape
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, bands, gdal.GDT_Byte, ["TILED=YES"])
+    ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    ds.SetSpatialRef(srs)
+    for i in range(bands):
+        ds.GetRasterBand(i + 1).WriteArray(data[i])
+    ds = None
+    return path

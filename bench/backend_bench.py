@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import save_results
+from bench import save_results, write_geotiff
 
 NAME = "backend"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -36,22 +36,12 @@ RSS_TARGET_MB = 1536
 
 
 def _geotiff(path: Path, side: int, seed: int = 0) -> Path:
-    from osgeo import gdal, osr
-
     rng = np.random.default_rng(seed)
     # smooth-ish structured content rather than white noise: blocks of colour plus texture
     base = rng.integers(0, 255, (3, side // 32 + 1, side // 32 + 1)).astype(np.uint8)
     data = np.repeat(np.repeat(base, 32, 1), 32, 2)[:, :side, :side]
     data = np.clip(data.astype(np.int16) + rng.integers(-20, 20, data.shape), 0, 255).astype(np.uint8)
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), side, side, 3, gdal.GDT_Byte, ["TILED=YES"])
-    ds.SetGeoTransform((500000.0, 0.5, 0.0, 4000000.0, 0.0, -0.5))
-    srs = osr.SpatialReference()
-    srs.ImportFromEPSG(32633)
-    ds.SetSpatialRef(srs)
-    for i in range(3):
-        ds.GetRasterBand(i + 1).WriteArray(data[i])
-    ds = None
-    return path
+    return write_geotiff(path, data, origin=(500000.0, 4000000.0))
 
 
 def _mosaic_vrt(path: Path, tile: Path, tile_side: int, side: int) -> Path:

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from osgeo import gdal, ogr, osr
+from osgeo import ogr, osr
 
-from . import save_results
+from . import save_results, write_geotiff
 
 NAME = "dataset"
 REPO = Path(__file__).resolve().parent.parent
@@ -28,15 +28,10 @@ UCM = REPO.parent / "shared" / "data" / "ucm"
 
 def make_inputs(folder: Path, side: int) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
-    raster = folder / "bench.tif"
-    ds = gdal.GetDriverByName("GTiff").Create(str(raster), side, side, 3, gdal.GDT_Byte, ["TILED=YES"])
-    ds.SetGeoTransform((500000.0, 0.5, 0.0, 4500000.0, 0.0, -0.5))
+    raster = write_geotiff(folder / "bench.tif", rng.integers(0, 255, (3, side, side), dtype=np.uint8),
+                           origin=(500000.0, 4500000.0), epsg=32633)
     utm = osr.SpatialReference()
     utm.ImportFromEPSG(32633)
-    ds.SetSpatialRef(utm)
-    for b in range(3):
-        ds.GetRasterBand(b + 1).WriteArray(rng.integers(0, 255, (side, side), dtype=np.uint8))
-    ds = None
     wgs = osr.SpatialReference()
     wgs.ImportFromEPSG(4326)
     for s in (utm, wgs):
