@@ -81,8 +81,16 @@ class BackendConnection:
     # -- health --
     def health(self, timeout: float = 2.0) -> str:
         """SERVING, NOT_SERVING, UNKNOWN, or UNREACHABLE when nothing answers."""
+        return self.health_result(self.health_async(timeout))
+
+    def health_async(self, timeout: float = 2.0):
+        """The health check as a future: poll `.done()` from a timer (the GUI thread never blocks),
+        then read it with health_result. Keep the connection open until then."""
+        return self._health.future(b"", timeout=timeout)
+
+    def health_result(self, future) -> str:
         try:
-            return _parse_health(self._health(b"", timeout=timeout))
+            return _parse_health(future.result())
         except self._grpc.RpcError as e:
             return NOT_SERVING if e.code() == self._grpc.StatusCode.NOT_FOUND else UNREACHABLE
 

@@ -30,6 +30,7 @@ class LocalBackend(QObject):
         self._timer.timeout.connect(self._poll)
         self._waited_ms = 0
         self._log_tail: list[str] = []
+        self._probe = None   # (connection, health future) in flight while waiting for the backend
 
     def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
         host = settings.address.rsplit(":", 1)[0] or "127.0.0.1"
@@ -76,9 +77,15 @@ class LocalBackend(QObject):
         self._timer.start(self.POLL_MS)
         return True
 
+    def _stop_polling(self) -> None:
+        self._timer.stop()
+        if self._probe is not None:
+            self._probe[0].close()
+            self._probe = None
+
     def stop(self, wait_ms: int = 15000) -> None:
         """SIGTERM (the server drains and closes its index), then kill if it does not exit in time."""
-        self._timer.stop()
+        self._stop_polling()
         if not self.running:
             self.process = None
             return
@@ -101,31 +108,43 @@ class LocalBackend(QObject):
 
     def _process_error(self, error) -> None:
         if error == QProcess.FailedToStart:
-            self._timer.stop()
+            self._stop_polling()
             self.failed.emit(f"could not run {self.settings.python!r}: set the Python that has SkyPrompt's backend "
                              "in SkyPrompt settings")
             self.process = None
 
     def _process_finished(self, code, status) -> None:
         if self._timer.isActive():  # died before it served
-            self._timer.stop()
+            self._stop_polling()
             last = self._log_tail[-1] if self._log_tail else "no output"
             self.failed.emit(f"the backend exited with code {code} before serving: {last} (see the SkyPrompt log)")
         self.process = None
         self.stopped.emit()
 
     def _poll(self) -> None:
+        """One timer tick: read the last health check if it has answered, else start one. Checks
+        run as gRPC futures, so a slow backend never blocks QGIS's main thread."""
         self._waited_ms += self.POLL_MS
-        try:
-            with self.settings.connection() as conn:
-                healthy = conn.health(timeout=0.4) == "SERVING"
-        except Exception:
-            healthy = False
+        healthy = False
+        if self._probe is not None and self._probe[1].done():
+            conn, future = self._probe
+            healthy = conn.health_result(future) == "SERVING"
+            conn.close()
+            self._probe = None
+        if self._probe is None and not healthy:
+            try:
+                conn = self.settings.connection()
+                self._probe = (conn, conn.health_async(timeout=self.POLL_MS / 1000 * 4))
+            except Exception as e:  # a bad address or TLS file: report it rather than wait for the timeout
+                self._stop_polling()
+                self.failed.emit(f"cannot reach the backend at {self.settings.address}: {e}")
+                self.stop()
+                return
         if healthy:
-            self._timer.stop()
+            self._stop_polling()
             self.serving.emit(self.settings.address)
         elif self._waited_ms >= self.settings.start_timeout_s * 1000:
-            self._timer.stop()
+            self._stop_polling()
             self.failed.emit(f"the backend did not answer at {self.settings.address} within "
                              f"{self.settings.start_timeout_s:.0f} s (see the SkyPrompt log)")
             self.stop()

@@ -73,11 +73,16 @@ class PixelReader:
         self.native_resolution = (layer.rasterUnitsPerPixelX()
                                   if provider.capabilities() & provider.Size and layer.width() > 0 else None)
 
-    def plan(self, extent: QgsRectangle, max_side: int, resolution: float | None = None) -> tuple[int, int, str]:
-        """(width, height, note): the pixel size to read `extent` at, capped at max_side."""
-        extent = extent.intersect(self.full_extent) if not self.full_extent.isEmpty() else extent
+    def clip(self, extent: QgsRectangle) -> QgsRectangle:
+        """`extent` (layer CRS) cut to the layer; an error when nothing of it is on the layer."""
+        if not self.full_extent.isEmpty():
+            extent = extent.intersect(self.full_extent)
         if extent.isEmpty():
             raise SourceError(f"the requested area does not overlap layer {self.name!r}")
+        return extent
+
+    def plan(self, extent: QgsRectangle, max_side: int, resolution: float | None = None) -> tuple[int, int, str]:
+        """(width, height, note): the pixel size to read `extent` (already clipped) at, capped at max_side."""
         res = resolution or self.native_resolution or max(extent.width(), extent.height()) / max_side
         width, height = max(1, round(extent.width() / res)), max(1, round(extent.height() / res))
         note = ""
@@ -90,8 +95,7 @@ class PixelReader:
 
     def read(self, pb, extent: QgsRectangle, max_side: int, resolution: float | None = None):
         """(RasterSource with pixels, note). `extent` is in the layer's CRS."""
-        if not self.full_extent.isEmpty():
-            extent = extent.intersect(self.full_extent)
+        extent = self.clip(extent)
         width, height, note = self.plan(extent, max_side, resolution)
         nodata = None
         alpha = 0
