@@ -56,12 +56,13 @@ class MaMMUT(nn.Module):
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> image embeddings [B, embed_dim]."""
         x = self.attn_pool(self.visual(images))
-        return F.normalize(x, dim=-1) if normalize else x
+        # normalised in fp32: under bf16 autocast a bf16 norm is off by up to ~0.5%
+        return F.normalize(x.float(), dim=-1) if normalize else x
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Token ids [B, T] (<bos> ... <eos> <pad>...) -> text embeddings [B, embed_dim]."""
         x = self.text.contrastive(tokens)
-        return F.normalize(x, dim=-1) if normalize else x
+        return F.normalize(x.float(), dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both passes for training: embeddings for the contrastive loss, logits for captioning."""
