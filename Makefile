@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -17,7 +17,8 @@ help:
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
-	@echo "make train-default-stage2  continue it for 1,000 steps (how the shipped default was made)"
+	@echo "make train-default-stage2  continue it for 1,000 steps"
+	@echo "make train-default-stage3  then 2,000 steps with the class-aware loss"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
 	@echo "make plugin-zip  build dist/skyprompt.zip, the QGIS plugin to install"
 	@echo "make screenshots  redraw the README screenshot of the plugin (docs/images/)"
@@ -73,6 +74,14 @@ train-default-stage2: setup
 	    --image-size 128 --steps 1000 --batch-size 64 --lr 3e-4 --warmup-steps 50 --caption-weight 1.0 \
 	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage2 \
 	    --export-fp16 runs/default-stage2/fp16 --resume
+
+# Stage 3 continues stage 2 for 2,000 steps with the class-aware contrastive loss (same-class
+# pairs are positives); its fp16 export is backend/checkpoints/default when it measures better.
+train-default-stage3: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage2/fp16 \
+	    --image-size 128 --steps 2000 --batch-size 64 --lr 3e-4 --warmup-steps 50 --caption-weight 1.0 --class-aware \
+	    --save-every 100 --keep-last 2 --eval-every 1000 --workers 1 --out runs/default-stage3 \
+	    --export-fp16 runs/default-stage3/fp16 --resume
 
 serve: setup
 	$(PY) -m backend serve $(SERVE_ARGS)
