@@ -121,6 +121,30 @@ def test_zero_shot_ucm_layout_synonyms_files_and_limit(setup, capsys):
     assert "top-1" in out and "confusion" in out                       # the human-readable table
 
 
+def test_zero_shot_from_a_manifest_with_classes(setup, capsys, tmp_path):
+    ucm = setup["root"] / "ucm"
+    args = ("zero-shot", "--checkpoint", setup["ckpt"], "--classnames", ucm / "names.json", "--json", "--quiet")
+    rc, out, err = run_main(capsys, *args, "--manifest", setup["manifest"])
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n_images"] == 6 and res["classes"] == ["beach", "forest"]
+    # the same images as the folder gives, so the same result
+    rc, out_folder, err = run_main(capsys, *args, "--data", ucm)
+    assert rc == 0, err
+    assert json.loads(out_folder)["per_class"] == res["per_class"] and json.loads(out_folder)["n_images"] == 6
+    rc, out, err = run_main(capsys, *args, "--manifest", setup["manifest"], "--limit-per-class", "1")
+    assert rc == 0 and json.loads(out)["n_images"] == 2
+    # a line without a class, and both or neither of --data/--manifest: clear errors, exit 2
+    bad = tmp_path / "noclass.jsonl"
+    bad.write_text(json.dumps({"image": str(ucm / "images/beach/beach00.png"), "captions": ["a beach"]}) + "\n")
+    rc, out, err = run_main(capsys, *args, "--manifest", bad)
+    assert rc == 2 and "not in the class-name map" in err
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 2 and "--data FOLDER or as --manifest FILE" in err
+    rc, out, err = run_main(capsys, *args, "--manifest", setup["manifest"], "--files", tmp_path / "x.txt")
+    assert rc == 2 and "--files" in err
+
+
 def test_retrieval_table_output(setup, capsys):
     rc, out, err = run_main(capsys, "retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"],
                             "--limit", "4", "--ties", "pessimistic", "--quiet")

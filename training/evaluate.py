@@ -423,9 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "the most similar class. Works for any folder of classes and any map, including "
                     "classes the model never trained on. Every class in the map is a candidate.")
     _common(z, 64)
-    z.add_argument("--data", required=True, metavar="FOLDER",
+    z.add_argument("--data", metavar="FOLDER",
                    help="folder of class folders: FOLDER/<class>/*.jpg (RSSCN7, AID) or "
                         "FOLDER/images/<class>/*.jpg (UC Merced)")
+    z.add_argument("--manifest", metavar="FILE.jsonl",
+                   help="instead of --data: a JSONL/CSV manifest whose lines have a \"class\" (a key or name "
+                        "of the map), e.g. a validation split written by training (runs/NAME/val/ucm.jsonl)")
     z.add_argument("--classnames", required=True, metavar="FILE.json",
                    help="JSON object folder -> human name (or a list of synonyms), e.g. "
                         "{\"gParking\": \"parking lot\"}; or a bundled map: "
@@ -717,7 +720,16 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "zero-shot":
         names = load_classnames(args.classnames)
         templates = _templates(args.templates)
-        records = scan_folder(args.data, names, files=args.files, limit_per_class=args.limit_per_class)
+        if (args.data is None) == (args.manifest is None):
+            raise EvalError("give the images as --data FOLDER or as --manifest FILE (one of the two)")
+        if args.data is not None:
+            records = scan_folder(args.data, names, files=args.files, limit_per_class=args.limit_per_class)
+        elif args.files is not None:
+            raise EvalError("--files selects images of a --data folder; a --manifest already lists its images")
+        else:
+            records = read_manifest(args.manifest)
+            for r in records:
+                _class_key(r, names)  # every image needs a class of the map: fail before loading the model
     else:
         records = read_manifest(args.manifest, limit=args.limit)
     ckpt = Path(args.checkpoint)
@@ -728,8 +740,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties)
     elif args.command == "zero-shot":
-        out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size,
-                                 templates=templates, progress=progress)
+        out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size, templates=templates,
+                                 limit_per_class=args.limit_per_class if args.manifest else None,
+                                 progress=progress)
     else:
         out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
                                 args.max_len, args.examples, progress)
