@@ -492,14 +492,14 @@ def test_class_labels_follow_class_maps_across_sources(tmp_path, tokenizer):
     for key in ("forest", "river"):
         (tmp_path / "b" / key).mkdir(parents=True)
         Image.new("RGB", (16, 16), (0, 0, 90)).save(tmp_path / "b" / key / "y.jpg")
-    a = {"name": "a", "classnames": {"Forest": "forest", "Port": "port"},
+    a = {"name": "a", "class_map": {"Forest": "forest", "Port": "port"},
          "records": folder_records(tmp_path / "a", {"Forest": "forest", "Port": "port"})}
-    b = {"name": "b", "classnames": {"forest": "Forest ", "river": "river"},
+    b = {"name": "b", "class_map": {"forest": "Forest ", "river": "river"},
          "records": folder_records(tmp_path / "b", {"forest": "Forest ", "river": "river"})}
     la, lb = class_labels(a), class_labels(b)
     assert la["Forest"] == lb["forest"]                   # one concept, one class across sets
     assert len({la["Forest"], la["Port"], lb["river"]}) == 3
-    assert class_labels({**a, "classnames": None})["Forest"] != lb["forest"]  # no map: per-source keys
+    assert class_labels({**a, "class_map": None})["Forest"] != lb["forest"]  # no map: per-source keys
 
     ds = CaptionDataset(a["records"], eval_transform(SIZE, MEAN, STD), labels=la)
     items = [ds[i] for i in range(len(ds))]
@@ -508,6 +508,12 @@ def test_class_labels_follow_class_maps_across_sources(tmp_path, tokenizer):
     batch = collate_captions(items + [None, unlabelled[0]], tokenizer, 12)
     assert batch["labels"].tolist() == [item[2] for item in items] + [-1] and batch["skipped"] == 1
     assert "labels" not in collate_captions([items[0][:2]], tokenizer, 12)
+    # shards carry no classes: asking for class-aware training from them is a clear error
+    from training.recipe import RecipeError, make_dataset
+
+    with pytest.raises(RecipeError, match="shards carry none"):
+        make_dataset([{"kind": "shards", "name": "s", "urls": [str(tmp_path / "x.tar")]}], SIZE,
+                     SimpleNamespace(image_mean=MEAN, image_std=STD), seed=0, class_aware=True)
 
 
 # --- the shared data sets -----------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         held = []
         if n_val > 0:
             records, held = D.split_records(records, n_val, seed)
-        train.append({**s, "name": name, "records": records})
+        # class_map: the resolved map (folder key -> human name), for class-aware training
+        train.append({**s, "name": name, "records": records, "class_map": mapping})
         if held:
             if mapping is not None:
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
@@ -164,16 +165,11 @@ def class_labels(source: dict) -> dict[str, int]:
     """Class key -> label id for one source's records. Classes are named by the source's class map
     (human names), so one concept shared by several sets ("forest", "parking lot") is one class
     across them; without a map, the class key qualified by the source name."""
-    mapping = source.get("classnames")
-    if mapping is not None and not isinstance(mapping, dict):
-        mapping = D.load_classnames(mapping)
-    keys = {r.class_name for r in source.get("records", []) if r.class_name is not None}
+    mapping = source.get("class_map") or {}
     out = {}
-    for key in keys:
-        name = (mapping or {}).get(key)
-        if isinstance(name, (list, tuple)):
-            name = name[0] if name else None
-        out[key] = D.class_label_id(name if name else f"{source.get('name', '')}:{key}")
+    for key in {r.class_name for r in source.get("records", []) if r.class_name is not None}:
+        name = mapping.get(key)
+        out[key] = D.class_label_id(name if isinstance(name, str) and name.strip() else f"{source['name']}:{key}")
     return out
 
 
@@ -183,6 +179,9 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
     transform = train_transform(image_size, model_config.image_mean, model_config.image_std)
     shards = [s for s in train_sources if s["kind"] == "shards"]
     if shards:
+        if class_aware:
+            raise RecipeError("--class-aware needs the class of each image, and shards carry none: "
+                              "train from folder or manifest sources, or without --class-aware")
         if len(shards) != len(train_sources):
             raise RecipeError("shards cannot be mixed with folder/manifest sources in one run yet: "
                               "write those into shards too")

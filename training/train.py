@@ -465,7 +465,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     opt.add_argument("--class-aware", action="store_true",
                      help="contrastive positives include every in-batch pair of the same class (UniCL): "
                           "class-template captions stop being false negatives of each other. Classes come "
-                          "from folder and manifest sources, named by their class maps; shards have none")
+                          "from folder and manifest sources, named by their class maps (shards have none: refused)")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
