@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import random
 import tarfile
 from collections import Counter
@@ -160,6 +161,34 @@ def test_precomp_records_train_and_test_layouts(tmp_path):
     assert "... and 3 more" in str(e.value)
 
 
+def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
+    from training import recipe as recipes
+
+    names = [f"{c}_{i}.jpg" for c in ("parking", "forest") for i in range(3)]
+    for i, n in enumerate(names):
+        make_image(tmp_path / "bench" / "images" / n, seed=i)
+    write_precomp(tmp_path / "bench" / "captions", "rsicd", "train", names,
+                  [f"{n} caption {k} ." for n in names for k in range(5)])
+    doc = {"images": [{"filename": n, "split": "train" if i % 3 else "test", "sentences": [{"raw": f"about {n} ."}]}
+                      for i, n in enumerate(names)]}
+    (tmp_path / "bench" / "dataset_rsicd.json").write_text(json.dumps(doc))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [
+        {"name": "pre", "kind": "precomp", "captions": "bench/captions", "dataset": "rsicd", "images": "bench/images",
+         "classnames": {"parking": "parking lot", "forest": "forest"}, "val_per_class": 1},
+        {"name": "karp", "kind": "karpathy", "path": "bench/dataset_rsicd.json", "images": "bench/images"}]}))
+    sources = recipes.sources_from_args(str(recipe), [], [], [], [], 0)
+    train, val = recipes.build_sources(sources, seed=0)
+    assert len(train[0]["records"]) == 4 and all(len(r.captions) == 5 for r in train[0]["records"])
+    assert len(val["pre"]["records"]) == 2 and len(val["pre/retrieval"]["records"]) == 2   # zero-shot + retrieval
+    assert sorted(Path(r.image).name for r in train[1]["records"]) == sorted(n for i, n in enumerate(names) if i % 3)
+    assert {r.captions for r in train[1]["records"]} == {(f"about {n} .",) for i, n in enumerate(names) if i % 3}
+    # a source that lacks what its kind needs is named, with the missing keys
+    recipe.write_text(json.dumps({"sources": [{"kind": "precomp", "captions": "bench/captions"}]}))
+    with pytest.raises(recipes.RecipeError, match="a precomp source needs 'dataset', 'images'"):
+        recipes.sources_from_args(str(recipe), [], [], [], [], 0)
+
+
 def test_caption_file_class():
     assert caption_file_class("rsicd", "denseresidential_7.jpg") == "denseresidential"
     assert caption_file_class("rsitmd", "baseballfield_452.tif") == "baseballfield"
@@ -301,7 +330,7 @@ def test_caption_choice_is_deterministic_per_epoch(class_folder):
     assert [CaptionDataset(records, eval_transform(SIZE, MEAN, STD), seed=4)[i][1] for i in range(len(ds))] != epoch0
 
 
-def test_unreadable_image_is_skipped_counted_and_warned_once(tmp_path):
+def test_unreadable_image_is_replaced_counted_and_warned_once(tmp_path):
     good = make_image(tmp_path / "good.jpg")
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
@@ -311,8 +340,16 @@ def test_unreadable_image_is_skipped_counted_and_warned_once(tmp_path):
                         eval_transform(SIZE, MEAN, STD))
     with pytest.warns(SkippedImageWarning) as caught:
         items = [ds[0], ds[1], ds[1], ds[2]]
-    assert items[0][0].shape == (3, SIZE, SIZE) and items[1:] == [None, None, None]
-    assert ds.skipped == 3
+    # an unreadable image is replaced by the next readable record (wrapping round), so batches stay
+    # full: bad -> cut -> good, cut -> good
+    assert all(torch.equal(item[0], items[0][0]) and item[1] == "g" for item in items)
+    assert ds.skipped == 2 + 2 + 1 and [item.replaced for item in items] == [0, 2, 2, 1]
+    # the count survives a DataLoader worker's pickling and reaches the batch
+    again = pickle.loads(pickle.dumps(items[1]))
+    assert again.replaced == 2 and torch.equal(again[0], items[1][0])
+    assert collate_captions([items[0], again, None], lambda c, n: torch.zeros(len(c), n), 4)["skipped"] == 3
+    with pytest.warns(SkippedImageWarning):
+        assert CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0] is None
     assert sorted(str(w.message).split(":")[0] for w in caught) == [
         f"skipping unreadable image {bad}", f"skipping unreadable image {truncated}"]
 
@@ -563,6 +600,40 @@ def test_validation_lists_reproduce_the_split_for_the_evaluation_cli(class_folde
     held = [json.loads(line) for line in (tmp_path / "val" / "caps.jsonl").read_text().splitlines()]
     assert sorted(h["image"] for h in held) == sorted(r.image for r in val["caps/retrieval"]["records"])
     assert {h["class"] for h in held} == {"a", "b"}
+
+
+def test_pooled_captions_of_held_out_images_are_not_trained_on(class_folder, tmp_path):
+    """A class caption pool drawn from a benchmark's train split can hold the captions of images
+    another source holds out for validation: those captions leave the pool, the rest stay."""
+    from training import recipe as recipes
+
+    make_image(tmp_path / "m" / "0.jpg", seed=0)
+    make_image(tmp_path / "m" / "1.jpg", seed=1)
+    make_image(tmp_path / "m" / "2.jpg", seed=2)
+    manifest = write_jsonl(tmp_path / "m" / "captions.jsonl", [
+        {"image": "0.jpg", "class": "p", "captions": ["A  park with   trees ."]},
+        {"image": "1.jpg", "class": "p", "captions": ["a park with trees ."]},
+        {"image": "2.jpg", "class": "p", "captions": ["benches in a park ."]}])
+    caps = tmp_path / "captions"
+    write_precomp(caps, "rsicd", "train", ["park_1.jpg", "park_2.jpg"],
+                  ["a park with trees ."] * 5 + ["benches in a park ."] * 5)
+    names = {p.name: p.name.lower() for p in class_folder.iterdir() if p.is_dir()}
+    folder = {"name": "scenes", "kind": "folder", "root": str(class_folder), "classnames": names,
+              "caption_pool": {"dir": str(caps), "mapping": {"park": "aPark"}}}
+    captions = {"name": "caps", "kind": "manifest", "path": str(manifest), "classnames": {"p": "park"},
+                "val_per_class": 1}
+    train, val = recipes.build_sources([folder, captions], seed=0)
+    held = {c.lower() for r in val["caps/retrieval"]["records"] for c in r.captions}
+    parks = [r for r in train[0]["records"] if r.class_name == "aPark"]
+    pooled = {c for r in parks for c in r.captions}
+    assert len(parks) == 4 and all(len(r.captions) > 0 for r in parks)
+    assert {"a park with trees .", "benches in a park ."} - pooled == {" ".join(c.split()) for c in held}
+    assert not {" ".join(c.lower().split()) for c in pooled} & {" ".join(c.split()) for c in held}
+    # the manifest's own training images keep their captions, even one a held-out image shares
+    assert sum(len(r.captions) for r in train[1]["records"]) == 2
+    # without a validation split nothing is dropped
+    train, _ = recipes.build_sources([folder], seed=0)
+    assert {"a park with trees .", "benches in a park ."} <= {c for r in train[0]["records"] for c in r.captions}
 
 
 def test_validation_lists_cli(class_folder, tmp_path, capsys):

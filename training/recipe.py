@@ -7,12 +7,16 @@ A recipe is a JSON file (``--recipe``) or the equivalent command-line flags::
        "val_per_class": 50, "weight": 1.0,
        "caption_pool": {"dir": "../shared/data/captions", "mapping": {"parking": "gParking"}}},
       {"kind": "manifest", "path": "../shared/data/ucm/captions.jsonl", "val_per_class": 10, "weight": 1.0},
-      {"kind": "shards", "urls": ["shards/train-{000..009}.tar"]}
+      {"kind": "shards", "urls": ["shards/train-{000..009}.tar"]},
+      {"kind": "precomp", "captions": "../shared/data/captions", "dataset": "rsicd", "split": "train",
+       "images": "RSICD/images"},
+      {"kind": "karpathy", "path": "dataset_rsitmd.json", "images": "RSITMD/images", "split": "train"}
     ]}
 
 A folder source may drop the images of a manifest (`"exclude_manifest"`) that trains them with
 human captions, and cap its class caption pool (`"caption_pool": {..., "max_per_class": N}`); a
-manifest source with `"classnames"` is also validated zero-shot. Paths in a recipe file are relative
+manifest source with `"classnames"` is also validated zero-shot. Precomp (RSICD/RSITMD/UCM/Sydney
+caption files) and Karpathy `dataset_*.json` sources need the benchmark's images in `images`. Paths in a recipe file are relative
 to the file. `classnames` is a JSON map (folder -> human name)
 or the name of a bundled map in training/classnames/. Held-out images (`val_per_class`, a
 deterministic split from the run's seed) never enter training; they are validated on during the run
@@ -20,6 +24,7 @@ deterministic split from the run's seed) never enter training; they are validate
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -29,6 +34,12 @@ import torch
 from . import data as D
 from .augment import train_transform
 
+
+
+# the keys each source kind must have; the last three are caption files (one record per image)
+SOURCE_KEYS = {"folder": ("root", "classnames"), "shards": ("urls",), "manifest": ("path",),
+               "precomp": ("captions", "dataset", "images"), "karpathy": ("path", "images")}
+CAPTION_FILE_KINDS = ("manifest", "precomp", "karpathy")
 
 
 class RecipeError(ValueError):
@@ -49,7 +60,7 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
         base = path.resolve().parent
         for s in spec.get("sources", []):
             s = dict(s)
-            for key in ("root", "path", "exclude_manifest"):
+            for key in ("root", "path", "exclude_manifest", "captions", "images"):
                 if key in s and not Path(s[key]).is_absolute():
                     s[key] = str(base / s[key])
             if "urls" in s:
@@ -69,8 +80,12 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
     if not sources:
         raise RecipeError("no training data: give --folder/--classnames, --manifest, --shards or --recipe")
     for s in sources:
-        if s.get("kind") not in ("folder", "manifest", "shards"):
-            raise RecipeError(f"unknown source kind {s.get('kind')!r} (folder, manifest or shards)")
+        if s.get("kind") not in SOURCE_KEYS:
+            raise RecipeError(f"unknown source kind {s.get('kind')!r} ({', '.join(SOURCE_KEYS)})")
+        missing = [k for k in SOURCE_KEYS[s["kind"]] if not s.get(k)]
+        if missing:
+            raise RecipeError(f"a {s['kind']} source needs {', '.join(repr(k) for k in missing)}: "
+                              f"{json.dumps(s)[:200]}")
     return sources
 
 
@@ -105,7 +120,12 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                 mapping = s.get("classnames") or None
                 if mapping is not None and not isinstance(mapping, dict):
                     mapping = D.load_classnames(mapping)
-                records = D.manifest_records(s["path"])
+                if s["kind"] == "precomp":
+                    records = D.precomp_records(s["captions"], s["dataset"], s.get("split", "train"), s["images"])
+                elif s["kind"] == "karpathy":
+                    records = D.karpathy_records(s["path"], s["images"], s.get("split", "train"))
+                else:
+                    records = D.manifest_records(s["path"])
         except (FileNotFoundError, ValueError) as e:
             raise RecipeError(str(e)) from None
         n_val = int(s.get("val_per_class", 0))
@@ -117,9 +137,29 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         if held:
             if mapping is not None:
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
-            if s["kind"] == "manifest":
+            if s["kind"] in CAPTION_FILE_KINDS:
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
+    _drop_held_out_pool_captions(train, val)
     return train, val
+
+
+def _drop_held_out_pool_captions(train: list[dict], val: dict[str, dict]) -> None:
+    """Class caption pools come from benchmark train splits that may hold captions of images another
+    source holds out (UC Merced's precomp train split covers the UCM validation images): drop every
+    pooled caption that is also a validation caption, so retrieval and captioning metrics on the
+    split never score text the model trained on through a pool."""
+    held = {" ".join(c.lower().split()) for vs in val.values() for r in vs["records"] for c in r.captions}
+    if not held:
+        return
+    for s in train:
+        if not s.get("caption_pool"):
+            continue
+        kept = []
+        for r in s["records"]:
+            captions = tuple(c for c in r.captions if " ".join(c.lower().split()) not in held)
+            if captions:   # the class templates stay, so only a template-less record can end up empty
+                kept.append(r if captions == r.captions else dataclasses.replace(r, captions=captions))
+        s["records"] = kept
 
 
 def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[Path]:
