@@ -242,3 +242,36 @@ def test_caption_equals_argmax_of_full_recompute(tiny_model, images, tiny_config
         logits[[tiny_config.bos_id, tiny_config.pad_id]] = float("-inf")
         seq.append(int(logits.argmax()))
     assert seq[1:] == ids
+
+
+def _uneven_rank(rank: int, init: str, feats, labels, out):
+    import torch.distributed as dist
+
+    from backend.model import contrastive_loss
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        rows = slice(0, 3) if rank == 0 else slice(3, 5)    # rank 1 lost a streamed sample
+        img = feats[rows].clone().requires_grad_(True)
+        for lab in (None, labels[rows]):
+            loss = contrastive_loss(img, feats[rows], torch.tensor(3.0), lab)
+            loss.backward()
+            out[f"{rank}:{lab is not None}"] = (loss.item(), rows.stop - rows.start)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_contrastive_loss_with_uneven_rank_batches(tmp_path):
+    """Two gloo processes with 3 and 2 rows give the loss of the whole 5-row batch (row-weighted)."""
+    import torch.multiprocessing as mp
+
+    from backend.model import contrastive_loss
+
+    feats = torch.nn.functional.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    labels = torch.tensor([1, 2, 1, -1, 2])
+    out = mp.Manager().dict()
+    mp.spawn(_uneven_rank, args=(f"file://{tmp_path / 'pg'}", feats, labels, out), nprocs=2, join=True)
+    for with_labels in (False, True):
+        whole = contrastive_loss(feats, feats, torch.tensor(3.0), labels if with_labels else None).item()
+        parts = [out[f"{r}:{with_labels}"] for r in (0, 1)]
+        assert sum(loss * n for loss, n in parts) / 5 == pytest.approx(whole, rel=1e-5)

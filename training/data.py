@@ -14,8 +14,11 @@ it is augmented, is a pure function of (seed, epoch, index). CaptionDataset seed
 they are the same in every process and unaffected by PYTHONHASHSEED), draws the caption from it and
 hands the same generator to the transform. Nothing depends on worker count or on order of access.
 
-Unreadable images never stop a run: the item comes back as None, is counted in `skipped` and
-warned about once per file, and collate_captions drops it and reports how many it dropped.
+Unreadable images never stop a run: each is counted in `skipped` and warned about once per file.
+CaptionDataset replaces it with the next readable record, so batches stay full (every DDP rank must
+add the same number of rows to the gathered contrastive loss) and the item says how many it
+replaced; a streamed sample comes back as None instead. collate_captions drops None items and
+reports both counts as the batch's "skipped".
 Set the epoch with set_epoch in each epoch before iterating; DataLoader workers get a copy of the
 dataset when they start, so use persistent_workers=False (the default) or the epoch will not
 reach them.
@@ -524,6 +527,12 @@ def _accepts_rng(transform: Callable) -> bool:
     return len(positional) >= 2 or any(p.kind == Parameter.VAR_POSITIONAL for p in params)
 
 
+class Item(tuple):
+    """A dataset item (image, caption[, label]) that stood in for `replaced` unreadable images."""
+
+    replaced: int = 0
+
+
 class _CountsSkips:
     """Mixin: `skipped` counts unusable samples seen by this copy of the dataset (each DataLoader
     worker has its own copy; collate_captions reports per-batch counts to the training process),
@@ -548,7 +557,7 @@ def class_label_id(name: str) -> int:
 
 
 class CaptionDataset(_CountsSkips, Dataset):
-    """(image tensor, one caption) per Record; None for an image that cannot be read.
+    """(image tensor, one caption) per Record; an unreadable image is replaced by the next readable one.
 
     With `labels` (class key -> int id, e.g. from class_label_id) items are (image, caption, label),
     label -1 for a record whose class has no id; the class-aware contrastive loss uses them.
@@ -581,19 +590,30 @@ class CaptionDataset(_CountsSkips, Dataset):
 
     def load(self, index: int, epoch: int, draw: int = 0) -> tuple[torch.Tensor, str] | None:
         """Item `index` as it is in `epoch`; `draw` tells apart repeats of one image in an epoch
-        (MixedDataset oversampling) so that they get different captions and crops."""
-        record = self.records[index]
-        rng = self.rng(index, epoch, draw)
-        caption = record.captions[rng.randrange(len(record.captions))]
-        try:
-            image = load_image(record.image)
-        except Exception as e:  # any decoder failure: a long run must not die on one bad file
-            self._skip(record.image, e)
+        (MixedDataset oversampling) so that they get different captions and crops.
+
+        An unreadable image is counted, warned about once, and replaced by the next readable record
+        (deterministically), so batches stay full: under DDP every rank must contribute the same
+        number of rows to the gathered contrastive loss. None only when no record can be read."""
+        n, skipped = len(self.records), self.skipped
+        for k in range(n):
+            index_k = (index + k) % n
+            record = self.records[index_k]
+            rng = self.rng(index_k, epoch, draw)
+            caption = record.captions[rng.randrange(len(record.captions))]
+            try:
+                image = load_image(record.image)
+            except Exception as e:  # any decoder failure: a long run must not die on one bad file
+                self._skip(record.image, e)
+                continue
+            break
+        else:
             return None
         tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
-        if self.labels is None:
-            return tensor, caption
-        return tensor, caption, self.labels.get(record.class_name, -1)
+        item = Item((tensor, caption) if self.labels is None else
+                    (tensor, caption, self.labels.get(record.class_name, -1)))
+        item.replaced = self.skipped - skipped
+        return item
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
         return self.load(index, self.epoch)
@@ -843,8 +863,9 @@ def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
     """Stack images and tokenize captions, dropping None items (unreadable images).
 
     Items are (image, caption) or (image, caption, class label id). Returns {"images": [B,3,H,W],
-    "tokens": LongTensor [B,T], "captions": list[str], "skipped": how many items were dropped,
-    and "labels": LongTensor [B] for labelled items}, or None when every item was. Use it with
+    "tokens": LongTensor [B,T], "captions": list[str], "skipped": how many unreadable images the
+    batch dropped or replaced, and "labels": LongTensor [B] for labelled items}, or None when every
+    item was dropped. Use it with
     functools.partial(collate_captions, tokenizer=..., context_length=...).
     """
     kept = [item for item in batch if item is not None]
@@ -855,7 +876,7 @@ def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
         "images": torch.stack([item[0] for item in kept]),
         "tokens": tokenizer(captions, context_length),
         "captions": captions,
-        "skipped": len(batch) - len(kept),
+        "skipped": len(batch) - len(kept) + sum(getattr(item, "replaced", 0) for item in kept),
     }
     if len(kept[0]) > 2:
         out["labels"] = torch.tensor([item[2] for item in kept], dtype=torch.long)

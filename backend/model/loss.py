@@ -17,22 +17,45 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's row count: a rank whose batch lost unreadable streamed samples has fewer."""
+    mine = torch.tensor([n], device=device)
+    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(s) for s in sizes]
+
+
+def _padded(x: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
+    # all_gather needs the same shape on every rank: pad to the largest, strip after gathering
+    if x.shape[0] == rows:
+        return x.contiguous()
+    return torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), value)]).contiguous()
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate x from all ranks (differentiably); returns (gathered, offset of this rank's rows)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Concatenate x from all ranks (differentiably); returns (gathered, offset of this rank's rows).
+    Ranks may hold different numbers of rows."""
+    if not _distributed():
         return x, 0
     import torch.distributed.nn.functional as dist_fn
 
-    parts = dist_fn.all_gather(x)
-    return torch.cat(parts, 0), dist.get_rank() * x.shape[0]
+    sizes = _rank_sizes(x.shape[0], x.device)
+    parts = dist_fn.all_gather(_padded(x, max(sizes)))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0), sum(sizes[:dist.get_rank()])
 
 
 def gather_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class labels of the global batch (no gradient); label < 0 (no class) becomes unique."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, labels.contiguous())
-        labels = torch.cat(parts, 0)
+    if _distributed():
+        sizes = _rank_sizes(labels.shape[0], labels.device)
+        padded = _padded(labels, max(sizes), -1)
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        labels = torch.cat([p[:n] for p, n in zip(parts, sizes)], 0)
     unique = -2 - torch.arange(labels.shape[0], device=labels.device)
     return torch.where(labels < 0, unique, labels)
 
@@ -72,7 +95,7 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> tor
     targets = tokens[:, 1:].reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=pad_id, reduction="sum")
     n_tokens = (targets != pad_id).sum().to(total.dtype)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         n_global = n_tokens.detach().clone()
         dist.all_reduce(n_global)
         return total * dist.get_world_size() / n_global.clamp_min(1.0)
