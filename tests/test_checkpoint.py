@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from backend.model import MaMMUT
+from backend.model import ConfigError, MaMMUT
 from backend.model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint, save_checkpoint
 
 
@@ -129,3 +129,40 @@ def test_corrupt_tokenizer(saved):
     (saved / "tokenizer.json").write_text("[]")
     with pytest.raises(CheckpointError, match="tokenizer.json"):
         load_checkpoint(saved)
+
+
+def test_set_image_size_serves_the_same_model_at_another_resolution(tiny_model, tiny_config):
+    half = tiny_config.image_size // 2
+    x = torch.randn(2, 3, half, half, generator=torch.Generator().manual_seed(3))
+    before = tiny_model.encode_image(x)             # resampled on the fly to the smaller grid
+    tiny_model.set_image_size(half)
+    assert tiny_model.config.image_size == half
+    assert tiny_model.visual.pos_embed.shape[1] == (half // tiny_config.patch_size) ** 2
+    assert torch.allclose(tiny_model.encode_image(x), before, atol=1e-6)
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        tiny_model.set_image_size(half + 3)
+    assert tiny_model.config.image_size == half     # a refused size leaves the model as it was
+
+
+def test_export_cli_changes_the_resolution_and_keeps_dtype_and_metadata(tmp_path, tiny_model, tokenizer,
+                                                                         tiny_config, capsys):
+    from training.export import main, stored_dtype
+
+    src = save_checkpoint(tiny_model, tokenizer, tmp_path / "src", dtype=torch.float16,
+                          extra={"step": 7, "train_config": {"image_size": 32}})
+    assert main([str(src), str(tmp_path / "out"), "--image-size", "32"]) == 0
+    assert "32 px, float16" in capsys.readouterr().out
+    model, _ = load_checkpoint(tmp_path / "out")
+    assert model.config.image_size == 32 and model.visual.pos_embed.shape[1] == (32 // tiny_config.patch_size) ** 2
+    assert stored_dtype(tmp_path / "out") == torch.float16
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["training"]["step"] == 7 and meta["training"]["exports"] == [{"image_size": [64, 32]}]
+    # in place, to fp32: the directory is replaced atomically
+    assert main([str(src), str(src), "--fp32"]) == 0
+    assert stored_dtype(src) == torch.float32 and load_checkpoint(src)[0].config.image_size == 64
+    # bad input: one clear line, exit 2, nothing written
+    assert main([str(src), str(tmp_path / "bad"), "--image-size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 30" in err and "multiple of patch_size" in err and not (tmp_path / "bad").exists()
+    assert main([str(tmp_path / "missing"), str(tmp_path / "bad")]) == 2
+    assert "does not exist" in capsys.readouterr().err

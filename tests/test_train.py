@@ -127,6 +127,24 @@ def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
         assert b[step] == pytest.approx(a[step], rel=2e-3)
 
 
+def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_model, tokenizer):
+    """A checkpoint records the resolution it learned at: the backend tiles at it."""
+    from backend.model.checkpoint import save_checkpoint
+
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")     # tiny: 64 px
+    out = tmp_path / "run"
+    args = _args(folder, out, 2, "--init-checkpoint", str(init), "--image-size", "32",
+                 "--export-fp16", str(tmp_path / "fp16"))
+    r = _run(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "64 px checkpoint: training and saving at 32 px" in r.stderr
+    for path in (out / "checkpoints" / "step_0000002", tmp_path / "fp16"):
+        model, _ = load_checkpoint(path)
+        assert model.config.image_size == 32 and model.visual.pos_embed.shape[1] == 16
+    r = _run(_args(folder, tmp_path / "bad", 1, "--init-checkpoint", str(init), "--image-size", "30"))
+    assert r.returncode == 2 and "multiple of patch_size" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bad_arguments_give_clear_errors(folder, tmp_path):
     r = _run(["--folder", str(folder), "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and "one --classnames per --folder" in r.stderr

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.config import ConfigError
 from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, train_tokenizer
 
@@ -45,7 +46,7 @@ class TrainConfig:
     tokenizer: str | None = None             # tokenizer.json; trained from the training captions if absent
     vocab_size: int = 8192
     conv_stem: bool = False
-    image_size: int | None = None            # train at this resolution (default: the preset's)
+    image_size: int | None = None            # train (and save) at this resolution (default: the preset's / init's)
     steps: int = 1000
     batch_size: int = 64                     # global batch per optimizer step
     grad_accum: int = 1
@@ -266,6 +267,12 @@ def train(cfg: TrainConfig) -> dict:
     if model is None:
         if cfg.init_checkpoint:
             model, tokenizer = load_checkpoint(cfg.init_checkpoint)
+            if cfg.image_size and cfg.image_size != model.config.image_size:
+                # the checkpoint records the resolution it learned at (measured better than serving
+                # a 128 px-trained model at its starting checkpoint's 224 px)
+                log(f"{cfg.init_checkpoint} is a {model.config.image_size} px checkpoint: training and "
+                    f"saving at {cfg.image_size} px")
+                model.set_image_size(cfg.image_size)
         else:
             tokenizer = _get_tokenizer(cfg, out, train_sources)
             overrides = {"vocab_size": max(tokenizer.vocab_size, 8)}
@@ -454,7 +461,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     model.add_argument("--tokenizer", help="tokenizer.json (default: train one on the training captions)")
     model.add_argument("--vocab-size", type=int, default=d.vocab_size)
     model.add_argument("--conv-stem", action="store_true", help="convolutional stem instead of one patch conv")
-    model.add_argument("--image-size", type=int, help="training resolution (default: the preset's)")
+    model.add_argument("--image-size", type=int,
+                       help="training resolution, which the checkpoint records and the backend tiles at "
+                            "(default: the preset's, or the --init-checkpoint's)")
     opt = p.add_argument_group("optimisation")
     for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "seed", "workers"):
         opt.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -493,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (CheckpointError, recipes.RecipeError) as e:
+    except (CheckpointError, recipes.RecipeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

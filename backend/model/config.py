@@ -48,8 +48,8 @@ class MaMMUTConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size or self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a positive multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:
             problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
         if self.text_width % self.text_heads:

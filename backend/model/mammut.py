@@ -5,6 +5,8 @@ the generative pass and `sao_relevance_map` for dense text-image relevance (see 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +14,7 @@ from torch import nn
 from .config import MaMMUTConfig
 from .sao import cosine_map, sao_pool
 from .text import TextDecoder
-from .vision import AttentionPool, VisionTransformer
+from .vision import AttentionPool, VisionTransformer, resize_pos_embed
 
 
 class MaMMUT(nn.Module):
@@ -41,6 +43,21 @@ class MaMMUT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_image_size(self, image_size: int) -> None:
+        """Make `image_size` the resolution this model records, serves and evaluates at.
+
+        The position embedding is resampled to the new patch grid once, here, so the model computes
+        exactly what it computed at that size before (the forward pass resamples the same way when
+        an input does not match the stored grid); the config, and with it the checkpoint, then says
+        which resolution the backend tiles at.
+        """
+        cfg = dataclasses.replace(self.config, image_size=int(image_size))   # validates the size
+        grid = cfg.grid_size
+        with torch.no_grad():
+            resized = resize_pos_embed(self.visual.pos_embed.data, grid)
+        self.visual.pos_embed = nn.Parameter(resized.contiguous(), requires_grad=self.visual.pos_embed.requires_grad)
+        self.config = cfg
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.visual.grad_checkpointing = enabled
