@@ -619,19 +619,23 @@ def test_pooled_captions_of_held_out_images_are_not_trained_on(class_folder, tmp
                   ["a park with trees ."] * 5 + ["benches in a park ."] * 5)
     names = {p.name: p.name.lower() for p in class_folder.iterdir() if p.is_dir()}
     folder = {"name": "scenes", "kind": "folder", "root": str(class_folder), "classnames": names,
-              "caption_pool": {"dir": str(caps), "mapping": {"park": "aPark"}}}
+              "caption_pool": {"dir": str(caps), "mapping": {"park": "aPark"}}, "val_per_class": 1}
     captions = {"name": "caps", "kind": "manifest", "path": str(manifest), "classnames": {"p": "park"},
                 "val_per_class": 1}
     train, val = recipes.build_sources([folder, captions], seed=0)
     held = {c.lower() for r in val["caps/retrieval"]["records"] for c in r.captions}
     parks = [r for r in train[0]["records"] if r.class_name == "aPark"]
     pooled = {c for r in parks for c in r.captions}
-    assert len(parks) == 4 and all(len(r.captions) > 0 for r in parks)
+    # the folder's own held-out images share its class templates: those stay
+    assert len(parks) == 3 and all(len(r.captions) > 2 for r in parks)
+    templates = {c for r in val["scenes"]["records"] if r.class_name == "aPark" for c in r.captions}
+    templates -= {"a park with trees .", "benches in a park ."}
+    assert len(templates) > 2 and templates <= pooled
     assert {"a park with trees .", "benches in a park ."} - pooled == {" ".join(c.split()) for c in held}
     assert not {" ".join(c.lower().split()) for c in pooled} & {" ".join(c.split()) for c in held}
     # the manifest's own training images keep their captions, even one a held-out image shares
     assert sum(len(r.captions) for r in train[1]["records"]) == 2
-    # without a validation split nothing is dropped
+    # without a validation split of captions nothing is dropped
     train, _ = recipes.build_sources([folder], seed=0)
     assert {"a park with trees .", "benches in a park ."} <= {c for r in train[0]["records"] for c in r.captions}
 

@@ -94,6 +94,7 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
 
     Returns (train sources with their `records`, validation sets by name)."""
     train, val = [], {}
+    pooled: dict[int, set[str]] = {}   # source index -> its class caption pool (normalised)
     for i, s in enumerate(sources):
         name = s.get("name") or Path(s.get("root") or s.get("path") or f"shards{i}").stem
         if s["kind"] == "shards":
@@ -112,6 +113,8 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                         # a fixed sample, so templates keep a real share of each class's captions
                         pool = {c: random.Random(f"pool:{c}").sample(list(v), min(k, len(v))) for c, v in pool.items()}
                 records = D.folder_records(s["root"], mapping, caption_pool=pool)
+                if pool:
+                    pooled[i] = {_norm(c) for caps in pool.values() for c in caps}
                 if s.get("exclude_manifest"):
                     # images that another source already trains with human captions
                     taken = {r.image for r in D.manifest_records(s["exclude_manifest"])}
@@ -133,31 +136,37 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         if n_val > 0:
             records, held = D.split_records(records, n_val, seed)
         # class_map: the resolved map (folder key -> human name), for class-aware training
-        train.append({**s, "name": name, "records": records, "class_map": mapping})
+        train.append({**s, "name": name, "records": records, "class_map": mapping, "_index": i})
         if held:
             if mapping is not None:
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
             if s["kind"] in CAPTION_FILE_KINDS:
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
-    _drop_held_out_pool_captions(train, val)
+    _drop_held_out_pool_captions(train, val, pooled)
+    for s in train:
+        s.pop("_index", None)
     return train, val
 
 
-def _drop_held_out_pool_captions(train: list[dict], val: dict[str, dict]) -> None:
+def _norm(caption: str) -> str:
+    return " ".join(caption.lower().split())
+
+
+def _drop_held_out_pool_captions(train: list[dict], val: dict[str, dict], pooled: dict[int, set[str]]) -> None:
     """Class caption pools come from benchmark train splits that may hold captions of images another
     source holds out (UC Merced's precomp train split covers the UCM validation images): drop every
     pooled caption that is also a validation caption, so retrieval and captioning metrics on the
-    split never score text the model trained on through a pool."""
-    held = {" ".join(c.lower().split()) for vs in val.values() for r in vs["records"] for c in r.captions}
-    if not held:
-        return
+    split never score text the model trained on through a pool. Templates are never dropped."""
+    # the captions retrieval and captioning are scored on (zero-shot splits score class prompts)
+    held = {_norm(c) for vs in val.values() if vs["kind"] == "retrieval" for r in vs["records"] for c in r.captions}
     for s in train:
-        if not s.get("caption_pool"):
+        drop = pooled.get(s.get("_index"), set()) & held
+        if not drop:
             continue
         kept = []
         for r in s["records"]:
-            captions = tuple(c for c in r.captions if " ".join(c.lower().split()) not in held)
-            if captions:   # the class templates stay, so only a template-less record can end up empty
+            captions = tuple(c for c in r.captions if _norm(c) not in drop)
+            if captions:   # a record with nothing left (no templates) is left out
                 kept.append(r if captions == r.captions else dataclasses.replace(r, captions=captions))
         s["records"] = kept
 
