@@ -104,11 +104,17 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     for ckpt in (out / "checkpoints").glob("step_*"):
         load_checkpoint(ckpt)
     last = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    # what a run killed between checkpoints leaves behind: a logged step the checkpoint lacks, a cut line
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"kind": "train", "step": last + 1, "loss": 9.9}) + '\n{"kind": "tr')
     r = _run(_args(folder, out, last + 3, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"(step {last})" in r.stderr
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert max(_train_losses(out)) == last + 3
+    # rows the killed run logged after its last checkpoint are gone: each step once, in order
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, last + 4))
 
 
 @pytest.mark.parametrize("loss_flags", [[], ["--class-aware"]], ids=["plain", "class-aware"])

@@ -326,6 +326,8 @@ def train(cfg: TrainConfig) -> dict:
     metrics_path = out / "metrics.jsonl"
     if is_main():
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if start_step:
+            _truncate_metrics(metrics_path, start_step)
         size = "streaming shards" if streaming else f"{len(dataset)} samples, {len(dataset) // cfg.batch_size} steps/epoch"
         log(f"MaMMUT {mcfg.preset}: {model.num_params() / 1e6:.1f}M params | {size} | {world} process(es) on {device} | global batch {cfg.batch_size}"
             f" | {image_size}px | precision {precision}")
@@ -393,6 +395,26 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return last
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows past `step` (what a killed run logged after its last checkpoint), so a resumed
+    run's metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except (json.JSONDecodeError, AttributeError):
+            continue   # a line cut short by the kill
+        keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
 
 
 def _append_metrics(path: Path, row: dict) -> None:
