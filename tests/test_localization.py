@@ -103,6 +103,20 @@ def test_segmentation_metrics_on_hand_made_cases():
     assert M.boundary_f_score(M.boundary_counts(np.zeros_like(square), square, 2)) == 0.0
 
 
+def test_summary_per_class_scores_on_a_known_confusion():
+    from training.localization import _summary
+
+    # rows: true class; a: 8 of 10 pixels right, b: 9 of 10, c: absent from the truth
+    confusion = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 0]])
+    boundary = np.array([[3, 4, 3, 6], [0, 0, 0, 0], [0, 0, 0, 0]])   # a: P 3/4, R 3/6; b: no boundary
+    r = _summary(confusion, boundary, ["a", "b", "c"])
+    assert r["per_class_pixel_accuracy"] == pytest.approx({"a": 0.8, "b": 0.9})
+    assert r["per_class_iou"] == pytest.approx({"a": 8 / 11, "b": 9 / 12})
+    assert r["per_class_boundary_f"]["a"] == pytest.approx(2 * 0.75 * 0.5 / 1.25)
+    assert r["per_class_boundary_f"]["b"] is None and r["boundary_f"] == pytest.approx(0.6)
+    assert r["pixel_accuracy"] == pytest.approx(17 / 20) and r["miou"] == pytest.approx((8 / 11 + 9 / 12) / 2)
+
+
 def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
@@ -115,6 +129,7 @@ def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa
     for m in r["methods"].values():
         assert 0 <= m["miou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
     assert set(r["per_class_iou"]) <= set(json.loads(setup["names"].read_text()))
+    assert set(r["per_class_pixel_accuracy"]) == set(r["per_class_boundary_f"]) == set(r["per_class_iou"])
     assert r["settings"]["seed"] == 1 and r["settings"]["mosaics"] == 2 and r["settings"]["regions"] == 3
     assert 0.0 <= r["end_to_end"]["miou"] <= 1.0
     assert len(list((tmp_path / "mosaics").glob("mosaic_*_mask.tif"))) == 2

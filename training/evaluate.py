@@ -591,9 +591,10 @@ def _print_segmentation(r: dict) -> None:
     print(f"{'method':12}{'mIoU':>7}{'pix acc':>9}{'bound F':>9}")
     for name, m in r["methods"].items():
         print(f"{name:12}{100 * m['miou']:7.1f}{100 * m['pixel_accuracy']:9.1f}{100 * m['boundary_f']:9.1f}")
-    print(f"\nper-class IoU ({r['method']}):")
+    print(f"\nper class ({r['method']}):\n  {'':24}{'IoU':>9}{'pix acc':>9}{'bound F':>9}")
     for k, v in r["per_class_iou"].items():
-        print(f"  {k:24} {'-' if v is None else f'{100 * v:5.1f}'}")
+        row = (v, r["per_class_pixel_accuracy"].get(k), r["per_class_boundary_f"].get(k))
+        print(f"  {k:24}" + "".join(f"{'-' if x is None else f'{100 * x:.1f}':>9}" for x in row))
     if "end_to_end" in r:
         e = r["end_to_end"]
         print(f"\nend to end (backend Segment, threshold {e['threshold']}): polygon mIoU {100 * e['miou']:.1f}")
@@ -691,7 +692,8 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         main = L.DEFAULT_METHOD if L.DEFAULT_METHOD in methods else methods[0]
         first = results[main]
         out = {"miou": first["miou"], "pixel_accuracy": first["pixel_accuracy"], "boundary_f": first["boundary_f"],
-               "per_class_iou": first["per_class_iou"], "method": main, "methods": results}
+               "per_class_iou": first["per_class_iou"], "per_class_pixel_accuracy": first["per_class_pixel_accuracy"],
+               "per_class_boundary_f": first["per_class_boundary_f"], "method": main, "methods": results}
         if args.end_to_end:
             window = L.METHODS[main][0]
             out["end_to_end"] = L.evaluate_end_to_end(engine, mosaics, L.first_names(names), threshold,

@@ -88,14 +88,21 @@ def _polygons_of(path: Path, n_classes: int) -> list:
 def _summary(confusion: np.ndarray, boundary: np.ndarray, classes: Sequence[str]) -> dict:
     iou = M.iou_per_class(confusion)
     present = confusion.sum(1) > 0
-    bf = [M.boundary_f_score(boundary[c]) for c in range(len(classes)) if present[c]]
-    bf = [v for v in bf if not math.isnan(v)]
+    per_bf = {c: M.boundary_f_score(boundary[c]) for c in range(len(classes)) if present[c]}
+    bf = [v for v in per_bf.values() if not math.isnan(v)]
+
+    def by_class(values) -> dict:
+        return {classes[c]: (None if math.isnan(v) else float(v)) for c, v in values}
+
     return {
         "miou": M.mean_iou(confusion),
         "pixel_accuracy": M.pixel_accuracy(confusion),
         "boundary_f": float(np.mean(bf)) if bf else float("nan"),
-        "per_class_iou": {classes[c]: (None if math.isnan(iou[c]) else float(iou[c]))
-                          for c in range(len(classes)) if present[c]},
+        "per_class_iou": by_class((c, iou[c]) for c in range(len(classes)) if present[c]),
+        # the share of each class's pixels labelled with it (recall)
+        "per_class_pixel_accuracy": by_class((c, confusion[c, c] / confusion[c].sum())
+                                             for c in range(len(classes)) if present[c]),
+        "per_class_boundary_f": by_class(per_bf.items()),
     }
 
 
