@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# The checkpoint shipped with the package (`make train-default` + `make train-default-stage2`), used when none is given.
+# The checkpoint shipped with the package (the model card in README.md says how it was trained), used when none is given.
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 
 SERVICE_NAME = "skyprompt.v1.SkyPrompt"
