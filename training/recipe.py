@@ -16,8 +16,8 @@ A recipe is a JSON file (``--recipe``) or the equivalent command-line flags::
 A folder source may drop the images of a manifest (`"exclude_manifest"`) that trains them with
 human captions, and cap its class caption pool (`"caption_pool": {..., "max_per_class": N}`); a
 manifest source with `"classnames"` is also validated zero-shot. Precomp (RSICD/RSITMD/UCM/Sydney
-caption files) and Karpathy `dataset_*.json` sources need the benchmark's images in `images`. Paths in a recipe file are relative
-to the file. `classnames` is a JSON map (folder -> human name)
+caption files) and Karpathy `dataset_*.json` sources need the benchmark's images in `images`.
+Paths in a recipe file are relative to the file. `classnames` is a JSON map (folder -> human name)
 or the name of a bundled map in training/classnames/. Held-out images (`val_per_class`, a
 deterministic split from the run's seed) never enter training; they are validated on during the run
 (zero-shot for folders, retrieval for manifests).
@@ -136,15 +136,13 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         if n_val > 0:
             records, held = D.split_records(records, n_val, seed)
         # class_map: the resolved map (folder key -> human name), for class-aware training
-        train.append({**s, "name": name, "records": records, "class_map": mapping, "_index": i})
+        train.append({**s, "name": name, "records": records, "class_map": mapping})
         if held:
             if mapping is not None:
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
             if s["kind"] in CAPTION_FILE_KINDS:
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
     _drop_held_out_pool_captions(train, val, pooled)
-    for s in train:
-        s.pop("_index", None)
     return train, val
 
 
@@ -156,11 +154,12 @@ def _drop_held_out_pool_captions(train: list[dict], val: dict[str, dict], pooled
     """Class caption pools come from benchmark train splits that may hold captions of images another
     source holds out (UC Merced's precomp train split covers the UCM validation images): drop every
     pooled caption that is also a validation caption, so retrieval and captioning metrics on the
-    split never score text the model trained on through a pool. Templates are never dropped."""
+    split never score text the model trained on through a pool. Templates are never dropped.
+    `pooled`: index in `train` (which lists every source, in order) -> that source's pool captions."""
     # the captions retrieval and captioning are scored on (zero-shot splits score class prompts)
     held = {_norm(c) for vs in val.values() if vs["kind"] == "retrieval" for r in vs["records"] for c in r.captions}
-    for s in train:
-        drop = pooled.get(s.get("_index"), set()) & held
+    for i, s in enumerate(train):
+        drop = pooled.get(i, set()) & held
         if not drop:
             continue
         kept = []
