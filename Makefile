@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
 	@echo "make train-default-stage2  continue it for 1,000 steps"
 	@echo "make train-default-stage3  then 2,000 steps with the class-aware loss"
+	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
 	@echo "make plugin-zip  build dist/skyprompt.zip, the QGIS plugin to install"
 	@echo "make screenshots  redraw the README screenshot of the plugin (docs/images/)"
@@ -67,8 +68,8 @@ train-default: setup
 	    --save-every 50 --keep-last 2 --eval-every 400 --workers 1 --out runs/default \
 	    --export-fp16 runs/default/fp16 --resume
 
-# The shipped default continues stage 1 for 1,000 more steps on the same recipe and split (a new
-# warm-up + cosine cycle at a lower peak learning rate); its fp16 export is backend/checkpoints/default.
+# Stage 2 continues stage 1 for 1,000 more steps on the same recipe and split (a new warm-up +
+# cosine cycle at a lower peak learning rate).
 train-default-stage2: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default/checkpoints/step_0001200 \
 	    --image-size 128 --steps 1000 --batch-size 64 --lr 3e-4 --warmup-steps 50 --caption-weight 1.0 \
@@ -76,12 +77,20 @@ train-default-stage2: setup
 	    --export-fp16 runs/default-stage2/fp16 --resume
 
 # Stage 3 continues stage 2 for 2,000 steps with the class-aware contrastive loss (same-class
-# pairs are positives); its fp16 export is backend/checkpoints/default when it measures better.
+# pairs are positives).
 train-default-stage3: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage2/fp16 \
 	    --image-size 128 --steps 2000 --batch-size 64 --lr 3e-4 --warmup-steps 50 --caption-weight 1.0 --class-aware \
 	    --save-every 100 --keep-last 2 --eval-every 1000 --workers 1 --out runs/default-stage3 \
 	    --export-fp16 runs/default-stage3/fp16 --resume
+
+# Stage 4 continues stage 3 for 800 more class-aware steps (a new warm-up + cosine cycle, lower peak lr);
+# its fp16 export is backend/checkpoints/default when it measures better.
+train-default-stage4: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage3/fp16 \
+	    --image-size 128 --steps 800 --batch-size 64 --lr 2e-4 --warmup-steps 30 --caption-weight 1.0 --class-aware \
+	    --save-every 50 --keep-last 2 --eval-every 800 --workers 1 --out runs/default-stage4 \
+	    --export-fp16 runs/default-stage4/fp16 --resume
 
 serve: setup
 	$(PY) -m backend serve $(SERVE_ARGS)

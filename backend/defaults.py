@@ -10,8 +10,9 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 
 SERVICE_NAME = "skyprompt.v1.SkyPrompt"
 API_VERSION = "skyprompt.v1"
-# 5 x 5 patches, no Gaussian: the best mIoU of the localization ablation (README), tied with Gaussian 5
-DEFAULT_SAO_WINDOW = 5
+# 7 x 7 patches, no Gaussian: the best mIoU of the localization ablation at the default checkpoint
+# (README; tied with Gaussian 7; 5 x 5 was best at the earlier 224 px-served checkpoints)
+DEFAULT_SAO_WINDOW = 7
 DEFAULT_THRESHOLD = 0.5
 
 
