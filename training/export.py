@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from safetensors import safe_open
 
 from backend.model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint

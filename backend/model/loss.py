@@ -36,22 +36,22 @@ def _padded(x: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
     return torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), value)]).contiguous()
 
 
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
     """Concatenate x from all ranks (differentiably); returns (gathered, offset of this rank's rows).
-    Ranks may hold different numbers of rows."""
+    Ranks may hold different numbers of rows (`sizes`, from _rank_sizes, when already known)."""
     if not _distributed():
         return x, 0
     import torch.distributed.nn.functional as dist_fn
 
-    sizes = _rank_sizes(x.shape[0], x.device)
+    sizes = sizes or _rank_sizes(x.shape[0], x.device)
     parts = dist_fn.all_gather(_padded(x, max(sizes)))
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0), sum(sizes[:dist.get_rank()])
 
 
-def gather_labels(labels: torch.Tensor) -> torch.Tensor:
+def gather_labels(labels: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Class labels of the global batch (no gradient); label < 0 (no class) becomes unique."""
     if _distributed():
-        sizes = _rank_sizes(labels.shape[0], labels.device)
+        sizes = sizes or _rank_sizes(labels.shape[0], labels.device)
         padded = _padded(labels, max(sizes), -1)
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
@@ -60,10 +60,10 @@ def gather_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels < 0, unique, labels)
 
 
-def class_aware_targets(labels: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+def class_aware_targets(labels: torch.Tensor, offset: int, n: int, sizes: list[int] | None = None) -> torch.Tensor:
     """Target distribution [n, N] of this rank's rows over the global batch: uniform over the
     items that share the row's class (always including its own pair)."""
-    all_labels = gather_labels(labels)
+    all_labels = gather_labels(labels, sizes)
     mine = all_labels[offset:offset + n]
     same = (mine[:, None] == all_labels[None, :]).float()
     return same / same.sum(1, keepdim=True)
@@ -73,14 +73,15 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                      logit_scale: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch; the i-th image matches the i-th text, and with
     `labels` (int class ids, -1 for none) also every text/image of the same class."""
-    all_images, offset = gather_with_grad(image_features)
-    all_texts, _ = gather_with_grad(text_features)
     n = image_features.shape[0]
+    sizes = _rank_sizes(n, image_features.device) if _distributed() else None   # one exchange for all gathers
+    all_images, offset = gather_with_grad(image_features, sizes)
+    all_texts, _ = gather_with_grad(text_features, sizes)
     if labels is None:
         targets = torch.arange(offset, offset + n, device=image_features.device)
     else:
         # the same-class relation is symmetric, so one target matrix serves both directions
-        targets = class_aware_targets(labels.to(image_features.device), offset, n)
+        targets = class_aware_targets(labels.to(image_features.device), offset, n, sizes)
     logits_per_image = logit_scale * image_features @ all_texts.t()
     logits_per_text = logit_scale * text_features @ all_images.t()
     return 0.5 * (F.cross_entropy(logits_per_image.float(), targets) + F.cross_entropy(logits_per_text.float(), targets))
