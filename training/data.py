@@ -595,8 +595,8 @@ class CaptionDataset(_CountsSkips, Dataset):
         An unreadable image is counted, warned about once, and replaced by the next readable record
         (deterministically), so batches stay full: under DDP every rank must contribute the same
         number of rows to the gathered contrastive loss. None only when no record can be read."""
-        n, skipped = len(self.records), self.skipped
-        for k in range(n):
+        n = len(self.records)
+        for k in range(n):   # k: how many unreadable records this item stands in for
             index_k = (index + k) % n
             record = self.records[index_k]
             rng = self.rng(index_k, epoch, draw)
@@ -612,7 +612,7 @@ class CaptionDataset(_CountsSkips, Dataset):
         tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
         item = Item((tensor, caption) if self.labels is None else
                     (tensor, caption, self.labels.get(record.class_name, -1)))
-        item.replaced = self.skipped - skipped
+        item.replaced = k
         return item
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:

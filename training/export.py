@@ -34,8 +34,9 @@ def stored_dtype(directory: str | Path) -> torch.dtype:
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None = None,
-                      dtype: torch.dtype | None = None) -> Path:
-    """Write SRC to DST at `image_size` and in `dtype` (default: both as SRC has them); returns DST."""
+                      dtype: torch.dtype | None = None) -> tuple[Path, int, torch.dtype]:
+    """Write SRC to DST at `image_size` and in `dtype` (default: both as SRC has them); returns
+    (DST, its image size, its weight dtype)."""
     model, tokenizer = load_checkpoint(src)
     dtype = dtype or stored_dtype(src)
     meta = json.loads((Path(src) / CONFIG).read_text())
@@ -47,7 +48,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None =
         except ConfigError as e:
             raise CheckpointError(f"--image-size {image_size}: {e}") from None
         extra.setdefault("exports", []).append({"image_size": [before, image_size]})
-    return save_checkpoint(model, tokenizer, dst, dtype=dtype, extra=extra or None)
+    return save_checkpoint(model, tokenizer, dst, dtype=dtype, extra=extra or None), model.config.image_size, dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     kind.add_argument("--fp32", action="store_true", help="store the weights in fp32 (default: as SRC stores them)")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.src, args.dst, args.image_size,
-                                torch.float16 if args.fp16 else torch.float32 if args.fp32 else None)
+        out, size, dtype = export_checkpoint(args.src, args.dst, args.image_size,
+                                             torch.float16 if args.fp16 else torch.float32 if args.fp32 else None)
     except CheckpointError as e:
         print(f"training.export: {e}", file=sys.stderr)
         return 2
-    size = json.loads((out / CONFIG).read_text())["model"]["image_size"]
-    print(f"wrote {out} ({size} px, {str(stored_dtype(out)).replace('torch.', '')})")
+    print(f"wrote {out} ({size} px, {str(dtype).replace('torch.', '')})")
     return 0
 
 

@@ -29,11 +29,16 @@ def _rank_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def _padded(x: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
-    # all_gather needs the same shape on every rank: pad to the largest, strip after gathering
-    if x.shape[0] == rows:
-        return x.contiguous()
-    return torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), value)]).contiguous()
+def _gather_rows(x: torch.Tensor, sizes: list[int], pad: float = 0) -> torch.Tensor:
+    """x of every rank, concatenated (differentiably); all_gather needs one shape on every rank,
+    so rows are padded to the largest count and stripped after gathering."""
+    import torch.distributed.nn.functional as dist_fn
+
+    rows = max(sizes)
+    if x.shape[0] < rows:
+        x = torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), pad)])
+    parts = dist_fn.all_gather(x.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0)
 
 
 def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int]:
@@ -41,21 +46,14 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[t
     Ranks may hold different numbers of rows (`sizes`, from _rank_sizes, when already known)."""
     if not _distributed():
         return x, 0
-    import torch.distributed.nn.functional as dist_fn
-
     sizes = sizes or _rank_sizes(x.shape[0], x.device)
-    parts = dist_fn.all_gather(_padded(x, max(sizes)))
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0), sum(sizes[:dist.get_rank()])
+    return _gather_rows(x, sizes), sum(sizes[:dist.get_rank()])
 
 
 def gather_labels(labels: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Class labels of the global batch (no gradient); label < 0 (no class) becomes unique."""
     if _distributed():
-        sizes = sizes or _rank_sizes(labels.shape[0], labels.device)
-        padded = _padded(labels, max(sizes), -1)
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        labels = torch.cat([p[:n] for p, n in zip(parts, sizes)], 0)
+        labels = _gather_rows(labels, sizes or _rank_sizes(labels.shape[0], labels.device), pad=-1)
     unique = -2 - torch.arange(labels.shape[0], device=labels.device)
     return torch.where(labels < 0, unique, labels)
 
