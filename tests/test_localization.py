@@ -192,6 +192,30 @@ def refine_setup(tmp_path_factory, tokenizer, tiny_config):
     return {"root": root, "ckpt": ckpt, "recipe": recipe}
 
 
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_pseudo_labels_name_only_classes_the_mosaic_contains(flat_classes, tiny_model, zoom):
+    import torch
+    import torch.nn.functional as F
+
+    from training.refine import IGNORE, pseudo_labels
+
+    size = tiny_model.config.image_size
+    grid = size // tiny_model.config.patch_size
+    mosaics = [build_mosaic(flat_classes, seed=1, index=i, size=size, regions=2, scene_px=size) for i in range(3)]
+    images = np.stack([m.image for m in mosaics])
+    present = [m.present for m in mosaics]
+    text = F.normalize(torch.randn(len(flat_classes), tiny_model.config.embed_dim, generator=torch.Generator()
+                                   .manual_seed(0)), dim=-1)
+    tiny_model.train()
+    labels = pseudo_labels(tiny_model, images, present, text, 3, 0.0, "cpu", zoom)
+    assert labels.shape == (3, grid, grid) and tiny_model.training          # the caller's mode comes back
+    assert (labels != IGNORE).all()                                        # no margin: every patch labelled
+    for lab, classes in zip(labels, present):
+        assert set(lab.unique().tolist()) <= set(classes)                  # only classes the mosaic holds
+    # a probability margin above 1 can never be met: every patch is left out
+    assert (pseudo_labels(tiny_model, images, present, text, 3, 1.01, "cpu", zoom) == IGNORE).all()
+
+
 def _refine(refine_setup, out, rounds):
     import subprocess
     import sys
