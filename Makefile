@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 refine-default serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make train-default-stage2  continue it for 1,000 steps"
 	@echo "make train-default-stage3  then 2,000 steps with the class-aware loss"
 	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
+	@echo "make refine-default        pseudo-label refinement of the default checkpoint (runs/refine)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
 	@echo "make plugin-zip  build dist/skyprompt.zip, the QGIS plugin to install"
 	@echo "make screenshots  redraw the README screenshot of the plugin (docs/images/)"
@@ -91,6 +92,13 @@ train-default-stage4: setup
 	    --image-size 128 --steps 800 --batch-size 64 --lr 2e-4 --warmup-steps 30 --caption-weight 1.0 --class-aware \
 	    --save-every 50 --keep-last 2 --eval-every 800 --workers 1 --out runs/default-stage4 \
 	    --export-fp16 runs/default-stage4/fp16 --resume
+
+# Pseudo-label refinement of the default checkpoint's dense path (README "Localization"): 3 rounds of
+# 200 steps, labels from SAO maps at 2x zoom; per-round metrics in runs/refine/metrics.jsonl.
+refine-default: setup
+	$(PY) -m training.refine --checkpoint backend/checkpoints/default --recipe training/recipes/default.json \
+	    --rounds 3 --steps-per-round 200 --batch-size 32 --dense-batch 16 --mosaics-per-round 512 --lr 5e-5 \
+	    --label-zoom 2 --out runs/refine --export-fp16 runs/refine/fp16
 
 serve: setup
 	$(PY) -m backend serve $(SERVE_ARGS)

@@ -120,14 +120,16 @@ def test_summary_per_class_scores_on_a_known_confusion():
 def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
-                "--methods", "global,maskclip,sao3", "--end-to-end", "--keep", tmp_path / "mosaics", "--json",
+                "--methods", "global,maskclip,sao3,sao7-zoom2", "--end-to-end", "--keep", tmp_path / "mosaics", "--json",
                 "--quiet")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert 0.0 <= r["miou"] <= 1.0 and r["method"] == "global"
-    assert set(r["methods"]) == {"global", "maskclip", "sao3"}
-    for m in r["methods"].values():
+    assert set(r["methods"]) == {"global", "maskclip", "sao3", "sao7-zoom2"}
+    for name, m in r["methods"].items():
         assert 0 <= m["miou"] <= 1 and 0 <= m["pixel_accuracy"] <= 1
+        assert m["zoom"] == (2 if name == "sao7-zoom2" else 1)
+    assert r["methods"]["sao7-zoom2"]["window"] == 7
     assert set(r["per_class_iou"]) <= set(json.loads(setup["names"].read_text()))
     assert set(r["per_class_pixel_accuracy"]) == set(r["per_class_boundary_f"]) == set(r["per_class_iou"])
     assert r["settings"]["seed"] == 1 and r["settings"]["mosaics"] == 2 and r["settings"]["regions"] == 3

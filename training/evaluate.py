@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's image size: one tile shows about one scene)")
     g.add_argument("--methods", default="default", metavar="LIST",
                    help="dense methods, comma-separated, or 'all' (global, maskclip, sao3, sao5, sao7, "
-                        "sao3-gauss, sao5-gauss, sao7-gauss); default: the backend's SAO window")
+                        "sao3-gauss, sao5-gauss, sao7-gauss, sao7-zoom2: SAO 7x7 on the mosaic upsampled twice); "
+                        "default: the backend's SAO window")
     g.add_argument("--templates", default="default", metavar="default|single|FILE",
                    help="class prompt templates, as for zero-shot (default: %(default)s)")
     g.add_argument("--tolerance", type=int, default=3, metavar="PX",
@@ -613,8 +614,10 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         if not Path(path).exists():
             raise EvalError(f"{what} {path} does not exist")
     methods = [L.DEFAULT_METHOD] if args.methods == "default" else [m.strip() for m in args.methods.split(",")]
-    if len(methods) != 1 or methods[0] not in L.METHODS:
-        raise EvalError(f"with --raster, --methods takes one of {', '.join(L.METHODS)}")
+    unzoomed = [m for m in L.METHODS if m not in L.ZOOM]
+    if len(methods) != 1 or methods[0] not in unzoomed:
+        raise EvalError(f"with --raster, --methods takes one of {', '.join(unzoomed)} (to map a raster "
+                        "closer, give it a finer pixel size)")
     window, sigma = L.METHODS[methods[0]]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     _device(args.device)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 import torch
+import torch.nn.functional as F
 from osgeo import ogr
 from tqdm import tqdm
 
@@ -42,7 +43,10 @@ METHODS: dict[str, tuple[int, float]] = {
     "maskclip": (1, 0.0),
     "sao3": (3, 0.0), "sao5": (5, 0.0), "sao7": (7, 0.0),
     "sao3-gauss": (3, 1.5), "sao5-gauss": (5, 2.5), "sao7-gauss": (7, 3.5),
+    "sao7-zoom2": (7, 0.0),
 }
+# methods that map the image upsampled this many times (as Segment at half the pixel size would)
+ZOOM: dict[str, int] = {"sao7-zoom2": 2}
 DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}"
 
 
@@ -67,12 +71,23 @@ class DirectModel:
         return out.float().cpu().numpy()
 
 
+def upsample_image(image: np.ndarray, zoom: int) -> np.ndarray:
+    """A uint8 [3, H, W] image resampled (bilinear) to [3, zoom*H, zoom*W]."""
+    x = torch.from_numpy(np.ascontiguousarray(image[None])).float()
+    x = F.interpolate(x, scale_factor=zoom, mode="bilinear", align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8)[0].numpy()
+
+
 def class_probabilities(engine, image: np.ndarray, class_embeddings: np.ndarray, window: int,
-                        sigma: float) -> np.ndarray:
-    """[C, H, W] probabilities of each class at each pixel of a uint8 [3, H, W] image."""
-    valid = np.ones(image.shape[1:], bool)
-    probs, _ = relevance_map(image, valid, class_embeddings, len(class_embeddings), engine, window, sigma,
+                        sigma: float, zoom: int = 1) -> np.ndarray:
+    """[C, H, W] probabilities of each class at each pixel of a uint8 [3, H, W] image; with zoom > 1
+    the image is mapped upsampled and the probabilities averaged back onto its pixels."""
+    big = upsample_image(image, zoom) if zoom > 1 else image
+    valid = np.ones(big.shape[1:], bool)
+    probs, _ = relevance_map(big, valid, class_embeddings, len(class_embeddings), engine, window, sigma,
                              SEGMENT_OVERLAP)
+    if zoom > 1:
+        probs = F.avg_pool2d(torch.from_numpy(probs)[None], zoom)[0].numpy()
     return probs
 
 
@@ -119,16 +134,18 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
     bar = tqdm(total=len(methods) * len(mosaics), desc="relevance maps", unit="map", disable=not progress)
     for name in methods:
         window, sigma = METHODS[name]
+        zoom = ZOOM.get(name, 1)
         confusion = np.zeros((n, n), np.int64)
         boundary = np.zeros((n, 4), np.int64)
         for m in mosaics:
-            pred = class_probabilities(engine, m.image, class_embeddings, window, sigma).argmax(0)
+            pred = class_probabilities(engine, m.image, class_embeddings, window, sigma, zoom).argmax(0)
             confusion += M.segmentation_confusion(pred, m.mask, n)
             for c in m.present:
                 boundary[c] += M.boundary_counts(pred == c, m.mask == c, tolerance)
             bar.update(1)
         out[name] = _summary(confusion, boundary, classes)
         out[name]["window"], out[name]["sigma"] = window if window != GLOBAL_WINDOW else "global", sigma
+        out[name]["zoom"] = zoom
     bar.close()
     return out
 

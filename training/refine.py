@@ -40,7 +40,7 @@ from backend.model.precision import autocast_context
 from backend.segment import relevance_map
 
 from . import recipe as recipes
-from .localization import SEGMENT_OVERLAP, DirectModel
+from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
 from .mosaic import build_mosaic, build_mosaics
 from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
 
@@ -146,8 +146,7 @@ def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: to
         text_np = text.float().cpu().numpy()
         probs = torch.zeros(len(present), text.shape[0], grid, grid)
         for i, classes in enumerate(present):
-            big = F.interpolate(torch.from_numpy(mosaics[i:i + 1]).float(), scale_factor=zoom, mode="bilinear",
-                                align_corners=False).clamp(0, 255).round().to(torch.uint8)[0].numpy()
+            big = upsample_image(mosaics[i], zoom)
             blended, _ = relevance_map(big, np.ones(big.shape[1:], bool), text_np[classes], len(classes), engine,
                                        window, 0.0, SEGMENT_OVERLAP)
             probs[i, classes] = F.adaptive_avg_pool2d(torch.from_numpy(blended)[None], grid)[0]
