@@ -11,7 +11,8 @@ Round r = 1..R:
      ignored.
   2. Training. --steps-per-round steps of the usual contrastive + captioning loss on the recipe's
      caption data (so retrieval does not collapse) plus --dense-weight x a per-patch cross-entropy:
-     each patch's SAO embedding against every class's text embedding at the model's temperature.
+     each patch's SAO embedding against every class's text embedding at the model's temperature (text
+     side and temperature held fixed: the per-patch loss trains the image side only).
   3. Measurement. Localization mIoU (training.localization on validation mosaics, as `evaluate
      segmentation` computes it), zero-shot top-1 and retrieval mR on the recipe's validation split.
 Round 0 is the starting checkpoint, measured the same way. Rows go to OUT/metrics.jsonl, weights to
@@ -86,8 +87,11 @@ class RefineStep(torch.nn.Module):
     def forward(self, images, tokens, class_ids, mosaics, labels, class_tokens):
         losses = self.loss_fn(self.model(images, tokens), tokens, class_ids)
         dense = self.model.sao_embeddings(mosaics, self.window)
-        text = F.normalize(self.model.encode_text(class_tokens), dim=-1)
-        scale = self.model.logit_scale.clamp(max=self.model.config.max_logit_scale).exp()
+        # the per-patch loss moves the image side only: pseudo-labels are noisy, and letting them pull
+        # the class prompts' text embeddings or the temperature would move what zero-shot search uses
+        with torch.no_grad():
+            text = F.normalize(self.model.encode_text(class_tokens), dim=-1)
+            scale = self.model.logit_scale.clamp(max=self.model.config.max_logit_scale).exp()
         logits = scale * torch.einsum("bxye,ce->bcxy", dense, text)
         losses["dense_loss"] = F.cross_entropy(logits, labels, ignore_index=IGNORE)
         return losses
