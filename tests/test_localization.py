@@ -151,7 +151,8 @@ def test_segmentation_cli_errors(setup):  # noqa: F811
 
 
 # ---- pseudo-label refinement ---------------------------------------------------------------------
-def test_pseudo_labels_use_only_present_classes_and_ignore_unsure_patches(tiny_model, tiny_config, tokenizer):
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_pseudo_labels_use_only_present_classes_and_ignore_unsure_patches(tiny_model, tiny_config, tokenizer, zoom):
     import torch
     import torch.nn.functional as F
 
@@ -164,11 +165,14 @@ def test_pseudo_labels_use_only_present_classes_and_ignore_unsure_patches(tiny_m
                        tiny_config.context_length)
     with torch.no_grad():
         text = F.normalize(tiny_model.encode_text(tokens), dim=-1)
-    labels = pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=0.0, device="cpu")
+    tiny_model.train()
+    labels = pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=0.0, device="cpu", zoom=zoom)
     grid = size // tiny_config.patch_size
-    assert labels.shape == (2, grid, grid)
+    assert labels.shape == (2, grid, grid) and tiny_model.training        # the caller's mode comes back
+    assert (labels != IGNORE).all()                                       # no margin: every patch labelled
     assert set(labels[0].unique().tolist()) <= {0, 2} and set(labels[1].unique().tolist()) <= {1, 3}
-    assert (pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=1.01, device="cpu") == IGNORE).all()
+    assert (pseudo_labels(tiny_model, mosaics, [[0, 2], [1, 3]], text, 3, margin=1.01, device="cpu",
+                          zoom=zoom) == IGNORE).all()
 
 
 @pytest.fixture(scope="module")
@@ -194,28 +198,26 @@ def refine_setup(tmp_path_factory, tokenizer, tiny_config):
     return {"root": root, "ckpt": ckpt, "recipe": recipe}
 
 
-@pytest.mark.parametrize("zoom", [1, 2])
-def test_pseudo_labels_name_only_classes_the_mosaic_contains(flat_classes, tiny_model, zoom):
+def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     import torch
-    import torch.nn.functional as F
 
-    from training.refine import IGNORE, pseudo_labels
+    from backend.model import MaMMUTLoss
+    from training.refine import IGNORE, RefineStep
 
-    size = tiny_model.config.image_size
-    grid = size // tiny_model.config.patch_size
-    mosaics = [build_mosaic(flat_classes, seed=1, index=i, size=size, regions=2, scene_px=size) for i in range(3)]
-    images = np.stack([m.image for m in mosaics])
-    present = [m.present for m in mosaics]
-    text = F.normalize(torch.randn(len(flat_classes), tiny_model.config.embed_dim, generator=torch.Generator()
-                                   .manual_seed(0)), dim=-1)
-    tiny_model.train()
-    labels = pseudo_labels(tiny_model, images, present, text, 3, 0.0, "cpu", zoom)
-    assert labels.shape == (3, grid, grid) and tiny_model.training          # the caller's mode comes back
-    assert (labels != IGNORE).all()                                        # no margin: every patch labelled
-    for lab, classes in zip(labels, present):
-        assert set(lab.unique().tolist()) <= set(classes)                  # only classes the mosaic holds
-    # a probability margin above 1 can never be met: every patch is left out
-    assert (pseudo_labels(tiny_model, images, present, text, 3, 1.01, "cpu", zoom) == IGNORE).all()
+    cfg = tiny_model.config
+    step = RefineStep(tiny_model.train(), MaMMUTLoss(pad_id=cfg.pad_id), window=3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = tokenizer(["a lake", "a forest"], cfg.context_length)
+    grid = cfg.image_size // cfg.patch_size
+    labels = torch.randint(2, (2, grid, grid), generator=g)
+    labels[0, 0, 0] = IGNORE
+    losses = step(images, tokens, None, images, labels, tokens)
+    losses["dense_loss"].backward()
+    grads = {n: p.grad for n, p in tiny_model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("visual."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("attn_pool."))
+    assert all(g is None for n, g in grads.items() if n.startswith("text.") or n == "logit_scale")
 
 
 def _refine(refine_setup, out, rounds):
