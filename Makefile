@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 refine-default serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 refine-default serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make train-default-stage2  continue it for 1,000 steps"
 	@echo "make train-default-stage3  then 2,000 steps with the class-aware loss"
 	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
+	@echo "make train-default-stage5  then 1,000 more (init: runs/default-stage4/fp16, the stage-4 default)"
 	@echo "make refine-default        pseudo-label refinement of the default checkpoint (runs/refine)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
 	@echo "make plugin-zip  build dist/skyprompt.zip, the QGIS plugin to install"
@@ -93,11 +94,18 @@ train-default-stage4: setup
 	    --save-every 50 --keep-last 2 --eval-every 800 --workers 1 --out runs/default-stage4 \
 	    --export-fp16 runs/default-stage4/fp16 --resume
 
+# Stage 5 continues stage 4 (the default before it) for 1,000 more class-aware steps at a lower peak lr.
+train-default-stage5: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage4/fp16 \
+	    --image-size 128 --steps 1000 --batch-size 64 --lr 1.5e-4 --warmup-steps 20 --caption-weight 1.0 --class-aware \
+	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage5 \
+	    --export-fp16 runs/default-stage5/fp16 --resume
+
 # Pseudo-label refinement of the default checkpoint's dense path (README "Localization"): 3 rounds of
-# 200 steps, labels from SAO maps at 2x zoom; per-round metrics in runs/refine/metrics.jsonl.
+# 200 steps, mosaics of 2 regions, labels from SAO maps at 2x zoom; per-round metrics in runs/refine/metrics.jsonl.
 refine-default: setup
 	$(PY) -m training.refine --checkpoint backend/checkpoints/default --recipe training/recipes/default.json \
-	    --rounds 3 --steps-per-round 200 --batch-size 32 --dense-batch 16 --mosaics-per-round 512 --lr 5e-5 \
+	    --rounds 3 --steps-per-round 200 --batch-size 32 --dense-batch 16 --mosaics-per-round 512 --regions 2 --lr 5e-5 \
 	    --label-zoom 2 --out runs/refine --export-fp16 runs/refine/fp16
 
 serve: setup

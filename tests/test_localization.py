@@ -198,6 +198,17 @@ def refine_setup(tmp_path_factory, tokenizer, tiny_config):
     return {"root": root, "ckpt": ckpt, "recipe": recipe}
 
 
+def test_patch_classes_take_the_majority_of_each_patch():
+    from training.refine import patch_classes
+
+    mask = np.zeros((4, 6), np.int16)          # 2 x 3 patches of 2 x 2 pixels
+    mask[:, 4:] = 2                            # the right column of patches: class 2
+    mask[0:2, 2] = 5                           # top-middle patch: 2 of 4 pixels class 5, a tie: the lower wins
+    mask[2:, 0] = 5                            # bottom-left patch: 3 of 4 pixels class 5
+    mask[3, 1] = 5
+    assert patch_classes(mask, 2).tolist() == [[0, 0, 2], [5, 0, 2]]
+
+
 def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     import torch
 
@@ -246,6 +257,7 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     for r in rows:
         assert 0 <= r["miou"] <= 1 and "scenes/top1" in r
     assert 0 <= rows[1]["labelled_patch_fraction"] <= 1 and rows[1]["train_dense_loss"] > 0
+    assert rows[1]["pseudo_label_accuracy"] is None or 0 <= rows[1]["pseudo_label_accuracy"] <= 1
     start, _ = load_checkpoint(refine_setup["ckpt"])
     refined, _ = load_checkpoint(out / "rounds" / "round_1")
     changed = [n for n, p in refined.state_dict().items() if not torch.equal(p, start.state_dict()[n])]

@@ -13,8 +13,10 @@ Round r = 1..R:
      caption data (so retrieval does not collapse) plus --dense-weight x a per-patch cross-entropy:
      each patch's SAO embedding against every class's text embedding at the model's temperature (text
      side and temperature held fixed: the per-patch loss trains the image side only).
-  3. Measurement. Localization mIoU (training.localization on validation mosaics, as `evaluate
-     segmentation` computes it), zero-shot top-1 and retrieval mR on the recipe's validation split.
+  3. Measurement. The pseudo-labels' accuracy against the mosaics' own masks (monitoring only: the
+     masks never reach training; rank 0's mosaics), localization mIoU (training.localization on
+     validation mosaics, as `evaluate segmentation` computes it), zero-shot top-1 and retrieval mR on
+     the recipe's validation split.
 Round 0 is the starting checkpoint, measured the same way. Rows go to OUT/metrics.jsonl, weights to
 OUT/rounds/round_N (atomic). A re-run resumes after the last complete round. Runs under torchrun
 like training.train (each rank labels and trains on its own slice of the mosaics).
@@ -161,6 +163,16 @@ def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: to
     return labels
 
 
+def patch_classes(mask: np.ndarray, patch: int) -> np.ndarray:
+    """[G, G] the class covering most of each patch of a [H, W] class mask."""
+    g_h, g_w = mask.shape[0] // patch, mask.shape[1] // patch
+    cells = mask[:g_h * patch, :g_w * patch].reshape(g_h, patch, g_w, patch).transpose(0, 2, 1, 3)
+    cells = cells.reshape(g_h, g_w, patch * patch).astype(np.int64)
+    classes = np.unique(cells)
+    counts = np.stack([(cells == c).sum(-1) for c in classes])
+    return classes[counts.argmax(0)]
+
+
 def _augment(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
     """Same random flip / 90-degree rotation for a mosaic and its label grid."""
     k = int(torch.randint(4, (1,), generator=g))
@@ -267,6 +279,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
         # 1. pseudo-labels for this rank's mosaics
         per_rank = max(cfg.mosaics_per_round // world, cfg.dense_batch // world)
         pool = []           # (source index, uint8 image [3,S,S], labels [G,G])
+        right = labelled = 0  # pseudo-labels checked against the mosaics' masks (monitoring only)
         with torch.no_grad():
             text = [F.normalize(model.encode_text(t), dim=-1) for t in class_tokens]
         for start in range(0, per_rank, 32):
@@ -284,7 +297,12 @@ def refine(cfg: RefineConfig) -> list[dict]:
                 labels = pseudo_labels(model, images, [m.present for _, m in group], text[s], cfg.window,
                                        cfg.margin, device, cfg.label_zoom)
                 pool += [(s, images[k], labels[k].cpu()) for k in range(len(group))]
+                for k, (_, m) in enumerate(group):
+                    sure = labels[k].cpu().numpy() != IGNORE
+                    right += int((labels[k].cpu().numpy() == patch_classes(m.mask, mcfg.patch_size))[sure].sum())
+                    labelled += int(sure.sum())
         kept = float(np.mean([(lab != IGNORE).float().mean().item() for _, _, lab in pool]))
+        label_accuracy = right / labelled if labelled else None
         # 2. training
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         stream = batch_stream(dataset, _StreamCfg(cfg), rank, world, (rnd - 1) * cfg.steps_per_round,
@@ -327,7 +345,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
         if is_main():
             path = save_checkpoint(model, tokenizer, out / "rounds" / f"round_{rnd}",
                                    extra={"refine_round": rnd, "refine_config": asdict(cfg)})
-            row = {"round": rnd, "labelled_patch_fraction": kept,
+            row = {"round": rnd, "labelled_patch_fraction": kept, "pseudo_label_accuracy": label_accuracy,
                    **{f"train_{k}": v / cfg.steps_per_round for k, v in sums.items()},
                    **measure(model, tokenizer, val_sets, bench, cfg, device), "seconds": round(time.time() - t0, 1)}
             log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
