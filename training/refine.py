@@ -133,8 +133,8 @@ def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: to
 
     With zoom > 1 each mosaic is first upsampled `zoom` times and mapped tile by tile as the backend's
     Segment does, and the probabilities are averaged back onto the patch grid: each tile then holds
-    fewer regions, and the model's maps of it are more accurate than at 1x (on the default checkpoint,
-    training mosaics of 3 regions: 66% of RSSCN7 patches right at zoom 2 against 51% at 1x), so the
+    fewer regions, and the model's maps of it are more accurate than at 1x (stage-4 default, RSSCN7
+    training mosaics of 3 regions, SAO 7x7: 65% of patches right at zoom 2 against 47% at 1x), so the
     labels teach the 1x maps what the model sees when it looks closer."""
     was = model.training
     model.eval()
@@ -298,8 +298,9 @@ def refine(cfg: RefineConfig) -> list[dict]:
                                        cfg.margin, device, cfg.label_zoom)
                 pool += [(s, images[k], labels[k].cpu()) for k in range(len(group))]
                 for k, (_, m) in enumerate(group):
-                    sure = labels[k].cpu().numpy() != IGNORE
-                    right += int((labels[k].cpu().numpy() == patch_classes(m.mask, mcfg.patch_size))[sure].sum())
+                    lab = labels[k].cpu().numpy()
+                    sure = lab != IGNORE
+                    right += int((lab == patch_classes(m.mask, mcfg.patch_size))[sure].sum())
                     labelled += int(sure.sum())
         kept = float(np.mean([(lab != IGNORE).float().mean().item() for _, _, lab in pool]))
         label_accuracy = right / labelled if labelled else None
