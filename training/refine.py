@@ -133,7 +133,7 @@ def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: to
 
     With zoom > 1 each mosaic is first upsampled `zoom` times and mapped tile by tile as the backend's
     Segment does, and the probabilities are averaged back onto the patch grid: each tile then holds
-    fewer regions, and the model's maps of it are more accurate than at 1x (stage-4 default, RSSCN7
+    fewer regions, and the model's maps of it are more accurate than at 1x (stage-4 checkpoint, RSSCN7
     training mosaics of 3 regions, SAO 7x7: 65% of patches right at zoom 2 against 47% at 1x), so the
     labels teach the 1x maps what the model sees when it looks closer."""
     was = model.training
