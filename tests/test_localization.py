@@ -120,8 +120,8 @@ def test_summary_per_class_scores_on_a_known_confusion():
 def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
-                "--methods", "global,maskclip,sao3,sao7-zoom2", "--end-to-end", "--keep", tmp_path / "mosaics", "--json",
-                "--quiet")
+                "--methods", "global,maskclip,sao3,sao7-zoom2", "--end-to-end", "--keep", tmp_path / "mosaics",
+                "--json", "--quiet")
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert 0.0 <= r["miou"] <= 1.0 and r["method"] == "global"

@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = RefineConfig(**{k: v for k, v in vars(args).items()})
-    for name in ("rounds", "steps_per_round", "label_zoom", "batch_size", "dense_batch", "mosaics_per_round", "eval_mosaics"):
+    for name in ("rounds", "steps_per_round", "label_zoom", "batch_size", "dense_batch", "mosaics_per_round",
+                 "eval_mosaics"):
         if getattr(cfg, name) < 1:
             print(f"python -m training.refine: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
