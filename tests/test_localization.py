@@ -209,6 +209,15 @@ def test_patch_classes_take_the_majority_of_each_patch():
     assert patch_classes(mask, 2).tolist() == [[0, 0, 2], [5, 0, 2]]
 
 
+def test_round_schedule_warms_up_then_decays_to_a_tenth_of_the_peak():
+    from training.refine import round_lr
+
+    lrs = [round_lr(step, 100, 1e-4) for step in range(100)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(1e-4)      # 10 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                       # then never rises
+    assert lrs[-1] == pytest.approx(1e-5, rel=0.01)                             # ends near a tenth
+
+
 def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     import torch
 

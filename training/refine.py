@@ -128,8 +128,8 @@ def folder_sources(train_sources: list[dict]) -> list[dict]:
 @torch.no_grad()
 def pseudo_labels(model, mosaics: np.ndarray, present: list[list[int]], text: torch.Tensor, window: int,
                   margin: float, device, zoom: int = 1) -> torch.Tensor:
-    """[B, G, G] class index per patch (IGNORE where unsure), from the model's own SAO maps over the
-    classes each mosaic contains.
+    """[B, G, G] class index per patch (IGNORE where unsure; on the CPU), from the model's own SAO maps
+    over the classes each mosaic contains.
 
     With zoom > 1 each mosaic is first upsampled `zoom` times and mapped tile by tile as the backend's
     Segment does, and the probabilities are averaged back onto the patch grid: each tile then holds
@@ -296,9 +296,9 @@ def refine(cfg: RefineConfig) -> list[dict]:
                 images = np.stack([m.image for _, m in group])
                 labels = pseudo_labels(model, images, [m.present for _, m in group], text[s], cfg.window,
                                        cfg.margin, device, cfg.label_zoom)
-                pool += [(s, images[k], labels[k].cpu()) for k in range(len(group))]
                 for k, (_, m) in enumerate(group):
-                    lab = labels[k].cpu().numpy()
+                    pool.append((s, images[k], labels[k]))
+                    lab = labels[k].numpy()
                     sure = lab != IGNORE
                     right += int((lab == patch_classes(m.mask, mcfg.patch_size))[sure].sum())
                     labelled += int(sure.sum())
