@@ -101,6 +101,14 @@ train-default-stage5: setup
 	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage5 \
 	    --export-fp16 runs/default-stage5/fp16 --resume
 
+# Stage 6 continues stage 5 (the default before it; `cp -r backend/checkpoints/default runs/default-stage5/fp16`
+# on a fresh clone) for 1,000 more class-aware steps at a lower peak lr.
+train-default-stage6: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage5/fp16 \
+	    --image-size 128 --steps 1000 --batch-size 64 --lr 1.2e-4 --warmup-steps 20 --caption-weight 1.0 --class-aware \
+	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage6 \
+	    --export-fp16 runs/default-stage6/fp16 --resume
+
 # Pseudo-label refinement of the default checkpoint's dense path (README "Localization"): 3 rounds of
 # 200 steps, mosaics of 2 regions, labels from SAO maps at 2x zoom; per-round metrics in runs/refine/metrics.jsonl.
 refine-default: setup

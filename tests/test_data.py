@@ -520,6 +520,54 @@ def test_collate_drops_none(tokenizer):
     assert collate_captions([None, None], tokenizer, 12) is None
 
 
+def test_template_mix_swaps_captions_for_class_templates(class_folder):
+    from training.recipe import RecipeError, class_templates, make_dataset
+
+    records = [Record(r.image, (f"a human caption of {r.class_name}",), r.class_name)
+               for r in folder_records(class_folder, CLASSNAMES)]
+    source = {"name": "s", "class_map": CLASSNAMES, "records": records}
+    templates = class_templates(source)
+    assert set(templates) == set(CLASSNAMES) and templates["bPort"][0] == TEMPLATES[0].format(CLASSNAMES["bPort"])
+    plain = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3)
+    off = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3, class_templates=templates, template_mix=0.0)
+    always = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3, class_templates=templates,
+                            template_mix=1.0)
+    # P = 0 is exactly the run without mixing: same captions and the same crops
+    assert [off[i][1] for i in range(len(off))] == [plain[i][1] for i in range(len(plain))]
+    assert torch.equal(off[2][0], plain[2][0])
+    # P = 1 captions every image with a template of its own class
+    assert all(always[i][1] in templates[r.class_name] for i, r in enumerate(records))
+    half = CaptionDataset(records, train_transform(SIZE, MEAN, STD), seed=3, class_templates=templates,
+                          template_mix=0.5)
+    mixed = [half.caption(i, epoch=e) for e in range(20) for i in range(len(records))]
+    share = sum(c.startswith("a human caption") for c in mixed) / len(mixed)
+    assert 0.35 < share < 0.65
+    with pytest.raises(ValueError, match="template_mix"):
+        CaptionDataset(records, train_transform(SIZE, MEAN, STD), template_mix=1.5)
+    cfg = SimpleNamespace(image_mean=MEAN, image_std=STD)
+    ds = make_dataset([{**source, "kind": "folder"}], SIZE, cfg, seed=0, template_mix=1.0)
+    assert ds[0][1] in templates[records[0].class_name]
+    # sources without classes cannot mix templates in: say so rather than train without it
+    unclassed = {"name": "m", "kind": "manifest", "records": [Record(records[0].image, ("x",))]}
+    with pytest.raises(RecipeError, match="--template-mix needs"):
+        make_dataset([unclassed], SIZE, cfg, seed=0, template_mix=0.3)
+
+
+def test_augment_none_trains_on_the_evaluation_view(class_folder):
+    from training.recipe import make_dataset
+
+    records = folder_records(class_folder, CLASSNAMES)
+    cfg = SimpleNamespace(image_mean=MEAN, image_std=STD)
+    source = {"name": "s", "kind": "folder", "class_map": CLASSNAMES, "records": records}
+    plain = make_dataset([source], SIZE, cfg, seed=0, augment="none")
+    augmented = make_dataset([source], SIZE, cfg, seed=0)
+    reference = eval_transform(SIZE, MEAN, STD)(Image.open(records[1].image))
+    assert torch.equal(plain[1][0], reference)
+    assert any(not torch.equal(augmented[i][0], plain[i][0]) for i in range(len(records)))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        make_dataset([source], SIZE, cfg, seed=0, augment="strong")
+
+
 def test_class_labels_follow_class_maps_across_sources(tmp_path, tokenizer):
     from training.recipe import class_labels
 

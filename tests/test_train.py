@@ -55,7 +55,7 @@ def _run(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> 
 def test_tiny_run_end_to_end(folder, tmp_path):
     out = tmp_path / "run"
     r = _run(_args(folder, out, 6, "--export-fp16", str(tmp_path / "fp16"), "--val-per-class", "2",
-                   "--eval-every", "6"))
+                   "--eval-every", "6", "--template-mix", "0.3"))
     assert r.returncode == 0, r.stderr[-3000:]
     losses = _train_losses(out)
     assert sorted(losses) == list(range(1, 7))
@@ -66,6 +66,8 @@ def test_tiny_run_end_to_end(folder, tmp_path):
     model, tok = load_checkpoint(tmp_path / "fp16")
     assert model.config.preset == "tiny" and tok.vocab_size <= 300
     assert (out / "tokenizer.json").is_file() and (out / "train_config.json").is_file()
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["template_mix"] == 0.3 and config["augment"] == "overhead"
 
 
 def test_resume_continues_exactly(folder, tmp_path):
@@ -157,3 +159,5 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
     r = _run(["--folder", str(folder), "--classnames", "nonexistent_map", "--out", str(tmp_path / "x"),
               "--preset", "tiny", "--steps", "1"])
     assert r.returncode == 2 and "class-name map nonexistent_map does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _run(_args(folder, tmp_path / "x", 1, "--template-mix", "1.5"))
+    assert r.returncode == 2 and "--template-mix is a probability" in r.stderr and "Traceback" not in r.stderr

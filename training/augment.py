@@ -139,9 +139,19 @@ class EvalTransform:
         return f"EvalTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"
 
 
+# `--augment` choices: "overhead" (the default) is the augmentation above; "none" trains on the
+# evaluation transform (resize + centre crop), the baseline of the model card's recipe ablation.
+AUGMENTATIONS = ("overhead", "none")
+
+
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    scale: tuple[float, float] = (0.5, 1.0), jitter: float = 0.2) -> TrainTransform:
+                    scale: tuple[float, float] = (0.5, 1.0), jitter: float = 0.2,
+                    augment: str = "overhead") -> TrainTransform | EvalTransform:
     """The training augmentation; call it as `transform(pil_image, rng)`."""
+    if augment == "none":
+        return EvalTransform(image_size, mean, std)
+    if augment != "overhead":
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
     return TrainTransform(image_size, mean, std, scale=scale, jitter=jitter)
 
 

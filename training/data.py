@@ -564,7 +564,15 @@ class CaptionDataset(_CountsSkips, Dataset):
     """
 
     def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0,
-                 labels: Mapping[str, int] | None = None):
+                 labels: Mapping[str, int] | None = None,
+                 class_templates: Mapping[str, Sequence[str]] | None = None, template_mix: float = 0.0):
+        if not 0.0 <= template_mix <= 1.0:
+            raise ValueError(f"template_mix must be in [0, 1], got {template_mix}")
+        # Template mixing ("caption dropout"): with probability `template_mix` an item whose class has
+        # templates gets one of them instead of its own caption, so human-captioned images also
+        # learn the short class prompts users and zero-shot classification write.
+        self.class_templates = {k: list(v) for k, v in (class_templates or {}).items() if v}
+        self.template_mix = template_mix if self.class_templates else 0.0
         self.records = list(records)
         self.transform = transform
         self.seed = seed
@@ -585,8 +593,15 @@ class CaptionDataset(_CountsSkips, Dataset):
 
     def caption(self, index: int, epoch: int | None = None, draw: int = 0) -> str:
         """The caption item `index` gets in `epoch` (default: the current one)."""
-        captions = self.records[index].captions
-        return captions[self.rng(index, self.epoch if epoch is None else epoch, draw).randrange(len(captions))]
+        return self._pick_caption(self.records[index], self.rng(index, self.epoch if epoch is None else epoch, draw))
+
+    def _pick_caption(self, record: Record, rng: random.Random) -> str:
+        caption = record.captions[rng.randrange(len(record.captions))]
+        # no extra draw without mixing, so runs without it see the same captions and crops as before
+        if self.template_mix and record.class_name in self.class_templates and rng.random() < self.template_mix:
+            templates = self.class_templates[record.class_name]
+            caption = templates[rng.randrange(len(templates))]
+        return caption
 
     def load(self, index: int, epoch: int, draw: int = 0) -> tuple[torch.Tensor, str] | None:
         """Item `index` as it is in `epoch`; `draw` tells apart repeats of one image in an epoch
@@ -600,7 +615,7 @@ class CaptionDataset(_CountsSkips, Dataset):
             index_k = (index + k) % n
             record = self.records[index_k]
             rng = self.rng(index_k, epoch, draw)
-            caption = record.captions[rng.randrange(len(record.captions))]
+            caption = self._pick_caption(record, rng)
             try:
                 image = load_image(record.image)
             except Exception as e:  # any decoder failure: a long run must not die on one bad file

@@ -33,6 +33,7 @@ import torch
 
 from . import data as D
 from .augment import train_transform
+from .templates import TEMPLATES, fill
 
 
 
@@ -221,10 +222,22 @@ def class_labels(source: dict) -> dict[str, int]:
     return out
 
 
+def class_templates(source: dict) -> dict[str, list[str]]:
+    """Class key -> the class's caption templates filled with its human name, for the classes of a
+    source's class map that its records use (template mixing; sources without a map have none)."""
+    mapping = source.get("class_map") or {}
+    keys = {r.class_name for r in source.get("records", []) if r.class_name is not None}
+    return {k: fill(TEMPLATES, mapping[k]) for k in sorted(keys)
+            if isinstance(mapping.get(k), str) and mapping[k].strip()}
+
+
 def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int,
-                 class_aware: bool = False):
-    """The training dataset of a recipe's sources; with `class_aware`, items carry class label ids."""
-    transform = train_transform(image_size, model_config.image_mean, model_config.image_std)
+                 class_aware: bool = False, augment: str = "overhead", template_mix: float = 0.0):
+    """The training dataset of a recipe's sources; with `class_aware`, items carry class label ids.
+
+    `augment` picks the image augmentation (training.augment.AUGMENTATIONS); `template_mix` is the
+    probability that an item of a known class is captioned with one of its class templates instead."""
+    transform = train_transform(image_size, model_config.image_mean, model_config.image_std, augment=augment)
     shards = [s for s in train_sources if s["kind"] == "shards"]
     if shards:
         if class_aware:
@@ -235,8 +248,13 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
                               "write those into shards too")
         urls = [u for s in shards for u in s["urls"]]
         return D.WebDatasetShards(urls, transform, seed=seed)
+    if template_mix and not any(class_templates(s) for s in train_sources):
+        raise RecipeError("--template-mix needs sources whose images have classes named by a class map "
+                          "(folder sources, or manifests with a class field and \"classnames\")")
     datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i,
-                                 labels=class_labels(s) if class_aware else None)
+                                 labels=class_labels(s) if class_aware else None,
+                                 class_templates=class_templates(s) if template_mix else None,
+                                 template_mix=template_mix)
                 for i, s in enumerate(train_sources)]
     if len(datasets) == 1:
         return datasets[0]

@@ -34,6 +34,7 @@ from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, train_tokenizer
 
 from . import recipe as recipes
+from .augment import AUGMENTATIONS
 
 TRAIN_STATE = "train_state.pt"
 
@@ -59,6 +60,8 @@ class TrainConfig:
     contrastive_weight: float | None = None  # default: the model config's
     caption_weight: float | None = None
     class_aware: bool = False                # same-class in-batch pairs are positives (UniCL)
+    augment: str = "overhead"                # image augmentation: overhead | none (training.augment)
+    template_mix: float = 0.0                # P(caption -> one of its class's templates)
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -284,7 +287,8 @@ def train(cfg: TrainConfig) -> dict:
             model = MaMMUT(get_preset(cfg.preset, **overrides))
     mcfg = model.config
     image_size = cfg.image_size or mcfg.image_size
-    dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware)
+    dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
+                                   augment=cfg.augment, template_mix=cfg.template_mix)
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
@@ -497,6 +501,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                      help="contrastive positives include every in-batch pair of the same class (UniCL): "
                           "class-template captions stop being false negatives of each other. Classes come "
                           "from folder and manifest sources, named by their class maps (shards have none: refused)")
+    opt.add_argument("--augment", default=d.augment, choices=AUGMENTATIONS,
+                     help="overhead: random resized crop, the 8 flips/rotations, mild colour jitter; none: "
+                          "resize + centre crop as at evaluation (default %(default)s)")
+    opt.add_argument("--template-mix", type=float, default=d.template_mix, metavar="P",
+                     help="caption dropout: with probability P an image of a known class is captioned with one "
+                          "of its class templates instead of its own caption (default %(default)s)")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
@@ -516,6 +526,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         sources = recipes.sources_from_args(a.recipe, a.folder, a.classnames, a.manifest, a.shards, a.val_per_class)
     except recipes.RecipeError as e:
         p.error(str(e))
+    if not 0.0 <= a.template_mix <= 1.0:
+        p.error(f"--template-mix is a probability: give a value in [0, 1], not {a.template_mix}")
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     return TrainConfig(**kw, sources=sources)
 

@@ -1,0 +1,202 @@
+"""Recipe ablation: which training choices help on small data, measured from scratch.
+
+    python -m training.ablate --out runs/ablation                  # every variant, 250 steps each
+    python -m training.ablate --out runs/ablation --variants baseline,template-mix --steps 400
+
+Every variant trains the same model from scratch on the same recipe, seed, batch, learning-rate
+schedule and tokenizer, and differs from `baseline` in one choice (VARIANTS). Then each is scored on
+the recipe's validation split with the same code as `python -m training.evaluate`: zero-shot top-1 of
+every held-out folder and manifest with classes, and retrieval mean recall and CIDEr-D of every
+held-out manifest. Results go to OUT/results.json and OUT/results.md (a markdown table) and are
+printed. Finished variants are skipped on a rerun and an interrupted one resumes (`--resume`), so
+the command can be run again after a stop.
+
+One seed, short runs: a difference of a point or two is within what another seed could give (the
+RSSCN7 split has 350 images, so one image is 0.3 points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import evaluate as E
+from . import recipe as recipes
+
+
+@dataclass(frozen=True)
+class Variant:
+    about: str                 # what changes against the baseline, for the table
+    extra: tuple[str, ...]     # training flags on top of the common ones
+    low_res: bool = False      # first 1.5x the steps at half resolution, then a quarter at full resolution
+
+
+# The baseline is the default checkpoint's recipe (README model card): conv stem, overhead
+# augmentation, class-aware contrastive + captioning losses.
+VARIANTS: dict[str, Variant] = {
+    "baseline": Variant("the default recipe: conv stem, overhead augmentation, no template mixing", ("--conv-stem",)),
+    "no-conv-stem": Variant("one strided patch convolution instead of the conv stem", ()),
+    "no-augmentation": Variant("resize + centre crop only (no crops, flips, rotations, jitter)",
+                               ("--conv-stem", "--augment", "none")),
+    "template-mix": Variant("caption dropout: 30% of captions replaced by a class template",
+                            ("--conv-stem", "--template-mix", "0.3")),
+    "low-then-full": Variant("1.5x the steps at half resolution, then a quarter of the steps at full resolution",
+                             ("--conv-stem",), low_res=True),
+}
+
+
+def _train(args: argparse.Namespace, out: Path, steps: int, image_size: int, extra: list[str],
+           init: Path | None = None, lr: float | None = None) -> None:
+    cmd = [sys.executable, "-m", "training.train", "--recipe", args.recipe, "--tokenizer", args.tokenizer,
+           "--steps", str(steps), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
+           "--lr", str(lr or args.lr), "--warmup-steps", str(max(1, steps // 10)), "--caption-weight", "1.0",
+           "--class-aware", "--seed", str(args.seed), "--workers", str(args.workers),
+           "--save-every", str(args.save_every), "--keep-last", "1", "--out", str(out),
+           "--export-fp16", str(out / "fp16"), "--resume", *extra]
+    cmd += ["--init-checkpoint", str(init)] if init else ["--preset", args.preset]
+    if (out / "fp16" / "model.safetensors").is_file():
+        return
+    print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def train_variant(name: str, args: argparse.Namespace) -> tuple[Path, float]:
+    """Train one variant (or find it trained); its fp16 checkpoint and the training wall time."""
+    variant, root = VARIANTS[name], Path(args.out) / name
+    timing = root / "train_seconds.json"
+    if timing.is_file() and (root / "fp16" / "model.safetensors").is_file():
+        return root / "fp16", json.loads(timing.read_text())["seconds"]
+    start = time.perf_counter()
+    if variant.low_res:
+        low = root / f"{args.image_size // 2}px"
+        _train(args, low, args.steps * 3 // 2, args.image_size // 2, list(variant.extra))
+        # the full-resolution phase continues the low-resolution weights (position embedding
+        # resampled) at half the peak learning rate: a short fine-tune, not a restart
+        _train(args, root, args.steps // 4, args.image_size, [x for x in variant.extra if x != "--conv-stem"],
+               init=low / "fp16", lr=args.lr / 2)
+    else:
+        _train(args, root, args.steps, args.image_size, list(variant.extra))
+    seconds = round(time.perf_counter() - start, 1)
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return root / "fp16", seconds
+
+
+def evaluation_commands(val_dir: Path, sources: list[dict]) -> dict[str, list[str]]:
+    """Metric name -> `training.evaluate` arguments (without --checkpoint), for every held-out set."""
+    by_name = {s.get("name") or Path(s.get("root") or s.get("path") or "").stem: s for s in sources}
+    cmds: dict[str, list[str]] = {}
+    for path in sorted(val_dir.iterdir()):
+        source = by_name.get(path.stem, {})
+        if path.suffix == ".txt" and source.get("kind") == "folder":
+            cmds[f"{path.stem} top-1"] = ["zero-shot", "--data", source["root"], "--classnames",
+                                          str(source["classnames"]), "--files", str(path)]
+        elif path.suffix == ".jsonl":
+            if source.get("classnames"):
+                cmds[f"{path.stem} top-1"] = ["zero-shot", "--manifest", str(path), "--classnames",
+                                              str(source["classnames"])]
+            cmds[f"{path.stem} mR"] = ["retrieval", "--manifest", str(path)]
+            cmds[f"{path.stem} CIDEr-D"] = ["caption", "--manifest", str(path)]
+    return cmds
+
+
+def _score(command: str, result: dict) -> float:
+    key = {"zero-shot": "top1", "retrieval": "mean_recall", "caption": "cider"}[command]
+    return float(result[key])
+
+
+def evaluate_variant(checkpoint: Path, cmds: dict[str, list[str]], device: str) -> dict[str, float]:
+    cache = checkpoint.parent / "eval.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if set(cached) == set(cmds):
+            return cached
+    parser = E.build_parser()
+    scores = {}
+    for metric, cmd in cmds.items():
+        result = E.run(parser.parse_args([*cmd, "--checkpoint", str(checkpoint), "--device", device, "--quiet"]))
+        scores[metric] = round(_score(cmd[0], result), 2)
+    cache.write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def markdown_table(rows: list[dict], metrics: list[str]) -> str:
+    head = "| variant | what changes | train time | " + " | ".join(metrics) + " |"
+    lines = [head, "|" + "---|" * (3 + len(metrics))]
+    for r in rows:
+        cells = [f"{r['scores'][m]:.2f}" if "CIDEr" in m else f"{r['scores'][m]:.1f}" for m in metrics]
+        lines.append(f"| {r['variant']} | {r['about']} | {r['train_seconds'] / 60:.0f} min | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.ablate", description=__doc__.split("\n\n")[0],
+                                epilog="Variants: " + "; ".join(f"{k}: {v.about}" for k, v in VARIANTS.items()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs and results (default %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (default: all)")
+    p.add_argument("--recipe", default="training/recipes/default.json")
+    p.add_argument("--tokenizer", default="backend/checkpoints/default/tokenizer.json",
+                   help="one tokenizer for every variant (default: the default checkpoint's)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per variant (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=128, help="full training resolution (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--device", default="auto", help="evaluation device: auto | cpu | cuda[:N]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if args.steps < 4:
+        parser.error("--steps must be at least 4 (the low-resolution variant trains a quarter of them at full size)")
+    for path, what in ((args.recipe, "recipe"), (args.tokenizer, "tokenizer")):
+        if not Path(path).is_file():
+            parser.error(f"{what} file {path} does not exist")
+    out = Path(args.out)
+    try:
+        sources = recipes.sources_from_args(args.recipe, [], [], [], [], 0)
+        _, val = recipes.build_sources(sources, seed=args.seed)
+        recipes.write_validation_lists(sources, val, out / "val")
+    except (recipes.RecipeError, E.DataError) as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 2
+    cmds = evaluation_commands(out / "val", sources)
+    if not cmds:
+        print(f"{parser.prog}: the recipe holds out no validation images (set val_per_class)", file=sys.stderr)
+        return 2
+    rows = []
+    try:
+        for name in names:
+            checkpoint, seconds = train_variant(name, args)
+            scores = evaluate_variant(checkpoint, cmds, args.device)
+            rows.append({"variant": name, "about": VARIANTS[name].about, "train_seconds": seconds, "scores": scores})
+            print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), file=sys.stderr, flush=True)
+    except subprocess.CalledProcessError as e:
+        print(f"{parser.prog}: training failed (exit {e.returncode}); rerun the command to resume", file=sys.stderr)
+        return 1
+    except (E.EvalError, E.CheckpointError) as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 2
+    settings = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
+    (out / "results.json").write_text(json.dumps({"settings": settings, "variants": rows}, indent=2) + "\n")
+    table = markdown_table(rows, list(cmds))
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
