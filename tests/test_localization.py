@@ -240,18 +240,20 @@ def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     assert all(g is None for n, g in grads.items() if n.startswith("text.") or n == "logit_scale")
 
 
-def _refine(refine_setup, out, rounds):
+def _refine(refine_setup, out, rounds, launcher=()):
+    import os
     import subprocess
     import sys
 
     from test_server import REPO
 
-    return subprocess.run([sys.executable, "-m", "training.refine", "--checkpoint", str(refine_setup["ckpt"]),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    return subprocess.run([sys.executable, *launcher, "-m", "training.refine", "--checkpoint", str(refine_setup["ckpt"]),
                            "--recipe", str(refine_setup["recipe"]), "--out", str(out), "--rounds", str(rounds),
                            "--steps-per-round", "2", "--batch-size", "4", "--dense-batch", "2",
                            "--mosaics-per-round", "4", "--eval-mosaics", "1", "--window", "3", "--device", "cpu",
                            "--workers", "0", "--export-fp16", str(out / "fp16")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup, tmp_path):
@@ -276,6 +278,22 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     p = _refine(refine_setup, out, 2)                       # continues after round 1
     assert p.returncode == 0 and "resuming after round 1" in p.stderr
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_refinement_runs_distributed_under_torchrun(refine_setup, tmp_path):
+    """Two processes (gloo on CPU): each labels and trains on its own mosaics, rank 0 measures and saves."""
+    import torch
+    from backend.model.checkpoint import load_checkpoint
+
+    out = tmp_path / "ddp"
+    p = _refine(refine_setup, out, 1, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]          # one row per round: only rank 0 logs
+    start, _ = load_checkpoint(refine_setup["ckpt"])
+    refined, _ = load_checkpoint(out / "rounds" / "round_1")
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in refined.state_dict().items()
+               if k.startswith("visual."))
 
 
 def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # noqa: F811
