@@ -27,6 +27,18 @@ def test_save_load_gives_identical_outputs(saved, tiny_model, tokenizer, images,
     assert model.config == tiny_model.config
 
 
+def test_saved_checkpoint_gets_ordinary_file_permissions(tmp_path, tiny_model, tokenizer):
+    """Readable by a server running as another user: the umask's permissions, not mkdtemp's private ones."""
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644, "tokenizer.json": 0o644}
+
+
 def test_fp16_save_loads_close_to_fp32(tmp_path, tiny_model, tokenizer, images):
     path = save_checkpoint(tiny_model, tokenizer, tmp_path / "half", dtype=torch.float16)
     model, _ = load_checkpoint(path)
@@ -166,3 +178,35 @@ def test_export_cli_changes_the_resolution_and_keeps_dtype_and_metadata(tmp_path
     assert "--image-size 30" in err and "multiple of patch_size" in err and not (tmp_path / "bad").exists()
     assert main([str(tmp_path / "missing"), str(tmp_path / "bad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_average_writes_the_mean_of_checkpoints(tmp_path, tiny_config, tokenizer, capsys):
+    from backend.model import get_preset
+    from backend.model.tokenizer import train_tokenizer
+    from training.export import main
+
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(MaMMUT(tiny_config).eval())
+    a = save_checkpoint(models[0], tokenizer, tmp_path / "a")
+    b = save_checkpoint(models[1], tokenizer, tmp_path / "b")
+    assert main([str(a), str(tmp_path / "mean"), "--average", str(b)]) == 0
+    assert "mean of 2 checkpoints" in capsys.readouterr().out
+    mean, _ = load_checkpoint(tmp_path / "mean")
+    sa, sb = models[0].state_dict(), models[1].state_dict()
+    for k, v in mean.state_dict().items():
+        assert torch.allclose(v, (sa[k] + sb[k]) / 2, atol=1e-6), k
+    meta = json.loads((tmp_path / "mean" / "config.json").read_text())
+    assert meta["training"]["exports"] == [{"average_of": [str(a), str(b)]}]
+    # another model or another tokenizer cannot be averaged in: a clear error, nothing written
+    torch.manual_seed(3)
+    other = save_checkpoint(MaMMUT(get_preset("tiny", vocab_size=tiny_config.vocab_size, embed_dim=32)), tokenizer,
+                            tmp_path / "other")
+    assert main([str(a), str(tmp_path / "bad"), "--average", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "config differs in embed_dim" in err and not (tmp_path / "bad").exists()
+    retrained = train_tokenizer(["a different corpus of words"] * 20, vocab_size=280, min_frequency=1)
+    c = save_checkpoint(models[1], retrained, tmp_path / "c")
+    assert main([str(a), str(tmp_path / "bad"), "--average", str(c)]) == 2
+    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -60,7 +60,12 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         tokenizer.save(tmp / TOKENIZER)
         if write_extra is not None:
             write_extra(tmp)
+        # mkdtemp makes a private (0700) folder and some writers private files: give the checkpoint
+        # the permissions any new file would get, so a server running as another user can read it
+        umask = _current_umask()
+        tmp.chmod(0o777 & ~umask)
         for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _replace_dir(tmp, directory)
@@ -68,6 +73,12 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace_dir(new: Path, target: Path) -> None:
