@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 ablate-recipe refine-default serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 average-default ablate-recipe refine-default serve plugin-zip screenshots
 TRAIN_STEPS ?= 1200
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
 	@echo "make train-default-stage5  then 1,000 more (init: runs/default-stage4/fp16, the stage-4 default)"
 	@echo "make train-default-stage6  then 1,000 more (init: runs/default-stage5/fp16, the stage-5 weights)"
+	@echo "make average-default       write backend/checkpoints/default: the mean of the stage-5 and stage-6 weights"
 	@echo "make ablate-recipe         train each recipe variant from scratch and tabulate (runs/ablation/results.md)"
 	@echo "make refine-default        pseudo-label refinement of the default checkpoint (runs/refine)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
@@ -110,6 +111,10 @@ train-default-stage6: setup
 	    --image-size 128 --steps 1000 --batch-size 64 --lr 1.2e-4 --warmup-steps 20 --caption-weight 1.0 --class-aware \
 	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage6 \
 	    --export-fp16 runs/default-stage6/fp16 --resume
+
+# The default checkpoint is the uniform average of the stage-5 and stage-6 weights (README model card).
+average-default: setup
+	$(PY) -m training.export runs/default-stage5/fp16 backend/checkpoints/default --average runs/default-stage6/fp16 --fp16
 
 # Recipe ablation (README model card): each variant of the default recipe trained from scratch for
 # ABLATION_STEPS steps and scored on the validation split; table in runs/ablation/results.md.

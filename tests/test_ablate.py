@@ -51,7 +51,7 @@ def test_ablation_trains_scores_and_resumes(tmp_path, tokenizer):
     out = tmp_path / "ablation"
     args = ["--out", str(out), "--recipe", str(recipe), "--tokenizer", str(tok), "--preset", "tiny",
             "--variants", "baseline,low-then-full", "--steps", "4", "--image-size", "32", "--batch-size", "8",
-            "--workers", "0", "--save-every", "2", "--device", "cpu"]
+            "--workers", "0", "--save-every", "2"]  # evaluation on --device auto
     r = _ablate(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except (recipes.RecipeError, E.DataError) as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 2
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cmds = evaluation_commands(out / "val", sources)
     if not cmds:
         print(f"{parser.prog}: the recipe holds out no validation images (set val_per_class)", file=sys.stderr)
