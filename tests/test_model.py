@@ -257,6 +257,9 @@ def _uneven_rank(rank: int, init: str, feats, labels, out):
             loss = contrastive_loss(img, feats[rows], torch.tensor(3.0), lab)
             loss.backward()
             out[f"{rank}:{lab is not None}"] = (loss.item(), rows.stop - rows.start)
+        # both ranks done before either tears the group down: a rank that destroys it while the
+        # other's gloo pair is still closing can abort that process (seen once under load)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -359,6 +359,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
                         extra={"refine_rounds": cfg.rounds, "refine_config": asdict(cfg)})
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():
+        dist.barrier()   # as in training: no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return rows
 
