@@ -88,7 +88,7 @@ def train_variant(name: str, args: argparse.Namespace) -> tuple[Path, float]:
 
 def evaluation_commands(val_dir: Path, sources: list[dict]) -> dict[str, list[str]]:
     """Metric name -> `training.evaluate` arguments (without --checkpoint), for every held-out set."""
-    by_name = {s.get("name") or Path(s.get("root") or s.get("path") or "").stem: s for s in sources}
+    by_name = {recipes.source_name(s): s for s in sources}
     cmds: dict[str, list[str]] = {}
     for path in sorted(val_dir.iterdir()):
         source = by_name.get(path.stem, {})

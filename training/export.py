@@ -42,12 +42,13 @@ def stored_dtype(directory: str | Path) -> torch.dtype:
 def average_into(model, tokenizer, others: Sequence[str | Path]) -> None:
     """Replace `model`'s floating-point weights by their mean with those of `others` (in place);
     each must have the same model config and the same tokenizer."""
-    state = model.state_dict()
+    state, config = model.state_dict(), model.config.to_dict()
     total = {k: v.double() for k, v in state.items() if v.is_floating_point()}
     for other in others:
         o_model, o_tok = load_checkpoint(other)
-        if o_model.config.to_dict() != model.config.to_dict():
-            diff = sorted(k for k, v in model.config.to_dict().items() if o_model.config.to_dict().get(k) != v)
+        o_config = o_model.config.to_dict()
+        if o_config != config:
+            diff = sorted(k for k, v in config.items() if o_config.get(k) != v)
             raise CheckpointError(f"{other} is another model than the first checkpoint (config differs in "
                                   f"{', '.join(diff)}): only checkpoints of one model can be averaged")
         if o_tok.to_str() != tokenizer.to_str():

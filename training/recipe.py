@@ -171,13 +171,18 @@ def _drop_held_out_pool_captions(train: list[dict], val: dict[str, dict], pooled
         s["records"] = kept
 
 
+def source_name(source: dict) -> str:
+    """A source's name: its "name", else the stem of its folder or file (the validation lists' names)."""
+    return source.get("name") or Path(source.get("root") or source.get("path") or "").stem
+
+
 def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[Path]:
     """Write each validation split so the evaluation CLI can reproduce the training's numbers:
     `<name>.txt` (image paths relative to the source's folder, for `evaluate zero-shot --files`) and,
     for manifest sources, `<name>.jsonl` (a manifest for `evaluate retrieval --manifest`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    roots = {s.get("name") or Path(s.get("root") or s.get("path") or "").stem: s for s in sources}
+    roots = {source_name(s): s for s in sources}
     written = []
     for name, vs in val_sets.items():
         base = name.split("/")[0]
@@ -248,13 +253,13 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
                               "write those into shards too")
         urls = [u for s in shards for u in s["urls"]]
         return D.WebDatasetShards(urls, transform, seed=seed)
-    if template_mix and not any(class_templates(s) for s in train_sources):
+    templates = [class_templates(s) if template_mix else None for s in train_sources]
+    if template_mix and not any(templates):
         raise RecipeError("--template-mix needs sources whose images have classes named by a class map "
                           "(folder sources, or manifests with a class field and \"classnames\")")
     datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i,
                                  labels=class_labels(s) if class_aware else None,
-                                 class_templates=class_templates(s) if template_mix else None,
-                                 template_mix=template_mix)
+                                 class_templates=templates[i], template_mix=template_mix)
                 for i, s in enumerate(train_sources)]
     if len(datasets) == 1:
         return datasets[0]

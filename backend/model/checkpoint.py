@@ -76,7 +76,15 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)
+    # Linux reports it without changing it; os.umask would set it process-wide for a moment, which
+    # another thread creating files (a server saving while it serves) could observe
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
