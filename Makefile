@@ -8,13 +8,14 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 average-default ablate-recipe refine-default serve plugin-zip screenshots
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 average-default ablate-recipe refine-default serve plugin-zip screenshots gpu-check
 TRAIN_STEPS ?= 1200
 
 help:
 	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
 	@echo "make test    run the whole test suite (runs setup first when needed)"
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
+	@echo "make gpu-check  on a CUDA machine: the GPU tests and the GPU benchmark (GPU_PY=python with CUDA torch)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
 	@echo "make train-default-stage2  continue it for 1,000 steps"
@@ -131,6 +132,14 @@ refine-default: setup
 
 serve: setup
 	$(PY) -m backend serve $(SERVE_ARGS)
+
+# The CUDA paths on a GPU machine: tests/test_gpu.py (with the model and checkpoint tests) and the GPU
+# benchmark. The .venv holds the CPU torch build, so point GPU_PY at a Python whose torch has CUDA;
+# the GPU tests need neither GDAL nor QGIS.
+GPU_PY ?= $(PY)
+gpu-check:
+	$(GPU_PY) -m pytest -p no:cacheprovider -p no:qgis -rs tests/test_gpu.py tests/test_model.py tests/test_checkpoint.py
+	$(GPU_PY) -m bench.gpu_bench
 
 clean:
 	rm -rf build backend/rpc plugin/rpc .pytest_cache

@@ -174,3 +174,30 @@ def test_dataset_bench_quick_writes_results(tmp_path):
     assert saved["landmarks"]["local, 1 process"]["ratio_vs_1_process"] == 1.0
     if saved["filter"] is not None:
         assert saved["filter"]["pairs"] == 24 and saved["filter"]["pairs_per_s"] > 0
+
+
+def test_gpu_bench_skips_without_cuda_and_runs_its_sections_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU benchmark's code paths, run on the CPU with a `tiny` model (CI has no GPU; the numbers
+    mean nothing here). Without CUDA, asking for the GPU writes a skip record instead of failing."""
+    import torch
+    from bench import gpu_bench
+
+    if not torch.cuda.is_available():
+        res = gpu_bench.run(results_dir=tmp_path / "skip", echo=lambda *a: None)
+        assert res["skipped"] and json.loads((tmp_path / "skip" / "gpu.json").read_text())["skipped"]
+
+    monkeypatch.setitem(gpu_bench.MODELS, "tiny-64", ({"preset": "tiny"}, 2))
+    printed = []
+    gpu_bench.run(quick=True, compile_model=False, peers=False, device="cpu", models=("tiny-64",),
+                  results_dir=tmp_path, echo=printed.append)
+    res = json.loads((tmp_path / "gpu.json").read_text())
+    assert res["matmul"]["tflops"] > 0
+    assert [(r["model"], r["dtype"]) for r in res["encode"]] == [("skyprompt", "fp32"), ("skyprompt", "bf16")]
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in res["encode"])
+    (train,) = res["train"]
+    assert train["model_label"] == "tiny-64" and not train["compiled"] and train["batch"] == 2
+    assert train["ms_per_step"] > 0 and train["flops_per_step"] > 0 and 0 < train["mfu"] < 1
+    if res["engine"] is not None:                # the bundled checkpoint, on the CPU only here
+        assert set(res["engine"]) >= {"cpu", "checkpoint"} and "cuda" not in res["engine"]
+        assert res["engine"]["cpu"]["tiles_per_s"] > 0 and res["engine"]["cpu"]["caption_ms"] > 0
+    assert "training step, bf16 autocast" in printed[-1]
