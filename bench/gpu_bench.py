@@ -96,6 +96,10 @@ def bench_train(label: str, device, warmup: int, iters: int, compile_model: bool
     crit = MaMMUTLoss(cfg.contrastive_weight, cfg.caption_weight, cfg.pad_id)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images, tokens = make_batch(cfg, batch, device)
+    if compile_model:
+        # a fresh dynamo state per model: compiling a second model after the first in one process
+        # failed inside inductor on torch 2.11, where the same model compiled alone did not
+        torch._dynamo.reset()
     forward = torch.compile(model) if compile_model else model
 
     def step():

@@ -86,7 +86,8 @@ def conv_flops(module: nn.Module, image_size: int) -> int:
         total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
     hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        module(torch.zeros(1, 3, image_size, image_size))
+        weight = next(module.parameters())
+        module(torch.zeros(1, 3, image_size, image_size, device=weight.device, dtype=weight.dtype))
     for h in hooks:
         h.remove()
     return total

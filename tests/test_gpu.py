@@ -79,7 +79,7 @@ def test_bf16_training_steps_learn_on_gpu(tiny_config):
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.75 * losses[0] and losses[-1] == min(losses)
+    assert losses[-1] < 0.75 * losses[0] and np.mean(losses[-5:]) < np.mean(losses[5:10])
     assert all(p.dtype == torch.float32 for p in model.parameters())   # autocast keeps fp32 master weights
 
 
