@@ -51,7 +51,8 @@ def test_ablation_trains_scores_and_resumes(tmp_path, tokenizer):
     out = tmp_path / "ablation"
     args = ["--out", str(out), "--recipe", str(recipe), "--tokenizer", str(tok), "--preset", "tiny",
             "--variants", "baseline,low-then-full", "--steps", "4", "--image-size", "32", "--batch-size", "8",
-            "--workers", "0", "--save-every", "2"]  # evaluation on --device auto
+            "--workers", "0", "--save-every", "2", "--caption-weight", "0.5", "--warmup-steps", "1",
+            "--no-class-aware"]  # evaluation on --device auto
     r = _ablate(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -65,6 +66,10 @@ def test_ablation_trains_scores_and_resumes(tmp_path, tokenizer):
     full_cfg = json.loads((out / "low-then-full" / "train_config.json").read_text())
     assert (low_cfg["steps"], low_cfg["image_size"]) == (6, 16) and (full_cfg["steps"], full_cfg["image_size"]) == (1, 32)
     assert full_cfg["init_checkpoint"].endswith("16px/fp16") and full_cfg["lr"] == 2.5e-4
+    # the loss settings given to the ablation reach every phase of every variant
+    base_cfg = json.loads((out / "baseline" / "train_config.json").read_text())
+    for cfg in (low_cfg, full_cfg, base_cfg):
+        assert (cfg["caption_weight"], cfg["warmup_steps"], cfg["class_aware"]) == (0.5, 1, False)
     model, _ = load_checkpoint(out / "low-then-full" / "fp16")
     assert model.config.image_size == 32 and model.config.patch_stem == "conv"
     table = (out / "results.md").read_text()
@@ -78,6 +83,8 @@ def test_ablation_trains_scores_and_resumes(tmp_path, tokenizer):
 def test_ablation_bad_arguments(tmp_path):
     r = _ablate("--out", str(tmp_path), "--variants", "baseline,bigger-model")
     assert r.returncode == 2 and "unknown variant(s) bigger-model" in r.stderr and "Traceback" not in r.stderr
+    r = _ablate("--out", str(tmp_path), "--caption-weight", "-1")
+    assert r.returncode == 2 and "--caption-weight must be 0 or more" in r.stderr
     r = _ablate("--out", str(tmp_path), "--recipe", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "recipe file" in r.stderr and "does not exist" in r.stderr
 

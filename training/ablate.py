@@ -56,8 +56,9 @@ def _train(args: argparse.Namespace, out: Path, steps: int, image_size: int, ext
         return  # this phase finished before (e.g. the low-resolution phase of an interrupted variant)
     cmd = [sys.executable, "-m", "training.train", "--recipe", args.recipe, "--tokenizer", args.tokenizer,
            "--steps", str(steps), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
-           "--lr", str(lr or args.lr), "--warmup-steps", str(max(1, steps // 10)), "--caption-weight", "1.0",
-           "--class-aware", "--seed", str(args.seed), "--workers", str(args.workers),
+           "--lr", str(lr or args.lr), "--warmup-steps", str(args.warmup_steps or max(1, steps // 10)),
+           "--caption-weight", str(args.caption_weight), *(["--class-aware"] if args.class_aware else []),
+           "--seed", str(args.seed), "--workers", str(args.workers),
            "--save-every", str(args.save_every), "--keep-last", "1", "--out", str(out),
            "--export-fp16", str(out / "fp16"), "--resume", *extra]
     cmd += ["--init-checkpoint", str(init)] if init else ["--preset", args.preset]
@@ -147,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128, help="full training resolution (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="warm-up steps of each training phase (default: a tenth of the phase's steps)")
+    p.add_argument("--caption-weight", type=float, default=1.0,
+                   help="weight of the captioning loss in every variant (default %(default)s)")
+    p.add_argument("--no-class-aware", dest="class_aware", action="store_false",
+                   help="plain image-text contrastive loss instead of the class-aware one (same-class pairs positive)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initialisation, data order and validation split (default %(default)s)")
     p.add_argument("--workers", type=int, default=1)
@@ -162,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         parser.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        parser.error("--warmup-steps must be 0 or more")
+    if args.caption_weight < 0:
+        parser.error("--caption-weight must be 0 or more")
     if args.steps < 4:
         parser.error("--steps must be at least 4 (the low-resolution variant trains a quarter of them at full size)")
     for path, what in ((args.recipe, "recipe"), (args.tokenizer, "tokenizer")):
