@@ -240,7 +240,7 @@ def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     assert all(g is None for n, g in grads.items() if n.startswith("text.") or n == "logit_scale")
 
 
-def _refine(refine_setup, out, rounds, launcher=()):
+def _refine(refine_setup, out, rounds, launcher=(), extra=()):
     import os
     import subprocess
     import sys
@@ -252,7 +252,7 @@ def _refine(refine_setup, out, rounds, launcher=()):
                            "--recipe", str(refine_setup["recipe"]), "--out", str(out), "--rounds", str(rounds),
                            "--steps-per-round", "2", "--batch-size", "4", "--dense-batch", "2",
                            "--mosaics-per-round", "4", "--eval-mosaics", "1", "--window", "3", "--device", "cpu",
-                           "--workers", "0", "--export-fp16", str(out / "fp16")],
+                           "--workers", "0", "--export-fp16", str(out / "fp16"), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -286,8 +286,11 @@ def test_refinement_runs_distributed_under_torchrun(refine_setup, tmp_path):
     from backend.model.checkpoint import load_checkpoint
 
     out = tmp_path / "ddp"
-    p = _refine(refine_setup, out, 1, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    p = _refine(refine_setup, out, 1, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+                extra=("--augment", "none", "--template-mix", "0.5"))
     assert p.returncode == 0, p.stderr[-3000:]
+    config = json.loads((out / "refine_config.json").read_text())
+    assert (config["augment"], config["template_mix"]) == ("none", 0.5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]          # one row per round: only rank 0 logs
     start, _ = load_checkpoint(refine_setup["ckpt"])
@@ -333,3 +336,8 @@ def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # 
     assert r["end_to_end"]["polygon_iou"] == pytest.approx(0.25, abs=0.02)
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels)
     assert p.returncode == 2 and "--prompt" in p.stderr
+
+
+def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):
+    p = _refine(refine_setup, tmp_path / "bad", 1, extra=("--template-mix", "1.5"))
+    assert p.returncode == 2 and "--template-mix is a probability" in p.stderr and "Traceback" not in p.stderr

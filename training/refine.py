@@ -43,6 +43,7 @@ from backend.model.precision import autocast_context
 from backend.segment import relevance_map
 
 from . import recipe as recipes
+from .augment import AUGMENTATIONS
 from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
 from .mosaic import build_mosaic, build_mosaics
 from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
@@ -66,6 +67,8 @@ class RefineConfig:
     label_zoom: int = 2               # pseudo-labels from maps of the mosaic upsampled this much
     margin: float = 0.2
     class_aware: bool = True         # same-class pairs are positives, as the default checkpoint trained
+    augment: str = "overhead"        # image augmentation of the caption pairs (training.augment.AUGMENTATIONS)
+    template_mix: float = 0.0        # P(caption -> one of its class's templates), as training.train --template-mix
     dense_weight: float = 1.0
     lr: float = 5e-5
     weight_decay: float = 0.05
@@ -254,7 +257,8 @@ def refine(cfg: RefineConfig) -> list[dict]:
     bench = _benchmark_set(val_sets, cfg.benchmark)
     mcfg = model.config
     size = mcfg.image_size
-    dataset = recipes.make_dataset(train_sources, size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware)
+    dataset = recipes.make_dataset(train_sources, size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
+                                   augment=cfg.augment, template_mix=cfg.template_mix)
     loss_fn = MaMMUTLoss(mcfg.contrastive_weight, mcfg.caption_weight, mcfg.pad_id)
     step_module = RefineStep(model, loss_fn, cfg.window)
     model.to(device).train()
@@ -397,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-aware", action=argparse.BooleanOptionalAction, default=d.class_aware,
                    help="contrastive loss with same-class pairs as positives, as training.train --class-aware; "
                         "keep it on for a checkpoint trained that way, like the default (default: %(default)s)")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default=d.augment,
+                   help="augmentation of the caption pairs, as training.train --augment (default: %(default)s)")
+    p.add_argument("--template-mix", type=float, default=d.template_mix, metavar="P",
+                   help="probability that a caption pair of a known class is captioned with one of its class "
+                        "templates instead, as training.train --template-mix (default: %(default)s)")
     p.add_argument("--benchmark", default="", help="validation set whose mosaics give the mIoU (default: the first)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--export-fp16", default=None, metavar="DIR", help="also write the final weights in fp16 here")
@@ -411,6 +420,10 @@ def main(argv=None) -> int:
         if getattr(cfg, name) < 1:
             print(f"python -m training.refine: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    if not 0.0 <= cfg.template_mix <= 1.0:
+        print(f"python -m training.refine: error: --template-mix is a probability: give a value in [0, 1], "
+              f"not {cfg.template_mix}", file=sys.stderr)
+        return 2
     if not Path(cfg.recipe).is_file():
         print(f"python -m training.refine: error: recipe {cfg.recipe} does not exist", file=sys.stderr)
         return 2
