@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 average-default ablate-recipe refine-default serve plugin-zip screenshots gpu-check
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 train-default-stage7 train-default-stage8 average-default ablate-recipe refine-default serve plugin-zip screenshots gpu-check
 TRAIN_STEPS ?= 1200
 
 help:
@@ -23,7 +23,9 @@ help:
 	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
 	@echo "make train-default-stage5  then 1,000 more (init: runs/default-stage4/fp16, the stage-4 default)"
 	@echo "make train-default-stage6  then 1,000 more (init: runs/default-stage5/fp16, the stage-5 weights)"
-	@echo "make average-default       write backend/checkpoints/default: the mean of the stage-5 and stage-6 weights"
+	@echo "make train-default-stage7  then 1,000 steps with 30% template mixing (init: runs/default-stage7/init)"
+	@echo "make train-default-stage8  then 300 steps on the human captions alone (init: runs/default-stage7/fp16)"
+	@echo "make average-default       the mean of the stage-5 and stage-6 weights (the previous default) -> runs/default-stage7/init"
 	@echo "make ablate-recipe         train each recipe variant from scratch and tabulate (runs/ablation/results.md)"
 	@echo "make refine-default        pseudo-label refinement of the default checkpoint (runs/refine)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
@@ -113,9 +115,27 @@ train-default-stage6: setup
 	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage6 \
 	    --export-fp16 runs/default-stage6/fp16 --resume
 
-# The default checkpoint is the uniform average of the stage-5 and stage-6 weights (README model card).
+# Stage 7 continues the stage-5/6 average (`make average-default` writes it to runs/default-stage7/init) for
+# 1,000 class-aware steps with caption dropout to class templates (30%).
+train-default-stage7: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage7/init \
+	    --image-size 128 --steps 1000 --batch-size 64 --lr 1.2e-4 --warmup-steps 20 --caption-weight 1.0 --class-aware \
+	    --template-mix 0.3 --save-every 50 --keep-last 2 --eval-every 1000 --workers 1 --out runs/default-stage7 \
+	    --export-fp16 runs/default-stage7/fp16 --resume
+
+# Stage 8 continues stage 7 for 300 class-aware steps on the human captions alone (no template mixing),
+# at a low peak lr, so the caption decoder forgets the templates. Its fp16 export is the default checkpoint:
+# `cp runs/default-stage8/fp16/* backend/checkpoints/default/`.
+train-default-stage8: setup
+	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage7/fp16 \
+	    --image-size 128 --steps 300 --batch-size 64 --lr 8e-5 --warmup-steps 10 --caption-weight 1.0 --class-aware \
+	    --save-every 50 --keep-last 2 --eval-every 300 --workers 1 --out runs/default-stage8 \
+	    --export-fp16 runs/default-stage8/fp16 --resume
+
+# The previous default checkpoint was the uniform average of the stage-5 and stage-6 weights; stage 7 starts
+# from it (the default is now stage 8's export, README model card).
 average-default: setup
-	$(PY) -m training.export runs/default-stage5/fp16 backend/checkpoints/default --average runs/default-stage6/fp16 --fp16
+	$(PY) -m training.export runs/default-stage5/fp16 runs/default-stage7/init --average runs/default-stage6/fp16 --fp16
 
 # Recipe ablation (README model card): each variant of the default recipe trained from scratch for
 # ABLATION_STEPS steps and scored on the validation split; table in runs/ablation/results.md.
