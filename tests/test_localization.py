@@ -240,6 +240,32 @@ def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     assert all(g is None for n, g in grads.items() if n.startswith("text.") or n == "logit_scale")
 
 
+def test_keep_loss_is_zero_at_the_teacher_and_pulls_back_towards_it(tiny_model, tokenizer):
+    import copy
+
+    import torch
+    from backend.model import MaMMUTLoss
+    from training.refine import RefineStep
+
+    cfg = tiny_model.config
+    teacher = copy.deepcopy(tiny_model).eval().requires_grad_(False)
+    step = RefineStep(tiny_model.train(), MaMMUTLoss(pad_id=cfg.pad_id), window=3, teacher=teacher)
+    assert not any(n.startswith("_teacher") for n, _ in step.named_parameters())   # not trained, not in DDP
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
+    tokens = tokenizer(["a lake", "a forest"], cfg.context_length)
+    labels = torch.zeros(2, cfg.image_size // cfg.patch_size, cfg.image_size // cfg.patch_size, dtype=torch.long)
+    assert float(step(images, tokens, None, images, labels, tokens)["keep_loss"].detach()) < 1e-5   # same weights
+    with torch.no_grad():
+        for p in tiny_model.attn_pool.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    moved = step(images, tokens, None, images, labels, tokens)["keep_loss"]
+    assert float(moved.detach()) > 1e-3
+    moved.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.attn_pool.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
 def _refine(refine_setup, out, rounds, launcher=(), extra=()):
     import os
     import subprocess
@@ -268,6 +294,7 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     for r in rows:
         assert 0 <= r["miou"] <= 1 and "scenes/top1" in r
     assert 0 <= rows[1]["labelled_patch_fraction"] <= 1 and rows[1]["train_dense_loss"] > 0
+    assert "train_keep_loss" not in rows[1]                # --keep-global is off by default
     assert rows[1]["pseudo_label_accuracy"] is None or 0 <= rows[1]["pseudo_label_accuracy"] <= 1
     start, _ = load_checkpoint(refine_setup["ckpt"])
     refined, _ = load_checkpoint(out / "rounds" / "round_1")
@@ -287,12 +314,13 @@ def test_refinement_runs_distributed_under_torchrun(refine_setup, tmp_path):
 
     out = tmp_path / "ddp"
     p = _refine(refine_setup, out, 1, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
-                extra=("--augment", "none", "--template-mix", "0.5"))
+                extra=("--augment", "none", "--template-mix", "0.5", "--keep-global", "2"))
     assert p.returncode == 0, p.stderr[-3000:]
     config = json.loads((out / "refine_config.json").read_text())
-    assert (config["augment"], config["template_mix"]) == ("none", 0.5)
+    assert (config["augment"], config["template_mix"], config["keep_global"]) == ("none", 0.5, 2.0)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]          # one row per round: only rank 0 logs
+    assert 0 <= rows[1]["train_keep_loss"] <= 2           # 1 - cosine to the starting model's embeddings
     start, _ = load_checkpoint(refine_setup["ckpt"])
     refined, _ = load_checkpoint(out / "rounds" / "round_1")
     assert any(not torch.equal(v, start.state_dict()[k]) for k, v in refined.state_dict().items()

@@ -70,6 +70,7 @@ class RefineConfig:
     augment: str = "overhead"        # image augmentation of the caption pairs (training.augment.AUGMENTATIONS)
     template_mix: float = 0.0        # P(caption -> one of its class's templates), as training.train --template-mix
     dense_weight: float = 1.0
+    keep_global: float = 0.0         # weight of 1 - cos(global image embedding, the starting model's)
     lr: float = 5e-5
     weight_decay: float = 0.05
     grad_clip: float = 1.0
@@ -85,12 +86,21 @@ class RefineConfig:
 class RefineStep(torch.nn.Module):
     """One forward for all losses, so DDP sees every parameter's gradient through forward()."""
 
-    def __init__(self, model, loss_fn, window: int):
+    def __init__(self, model, loss_fn, window: int, teacher=None):
         super().__init__()
         self.model, self.loss_fn, self.window = model, loss_fn, window
+        # the frozen starting model, kept out of the module tree: DDP and the optimizer never see it
+        self._teacher = [teacher] if teacher is not None else []
 
     def forward(self, images, tokens, class_ids, mosaics, labels, class_tokens):
-        losses = self.loss_fn(self.model(images, tokens), tokens, class_ids)
+        out = self.model(images, tokens)
+        losses = self.loss_fn(out, tokens, class_ids)
+        if self._teacher:
+            # keep each caption image's global embedding where the starting model put it: the dense
+            # loss may reshape the patch path, but what zero-shot search and retrieval use stays put
+            with torch.no_grad():
+                target = self._teacher[0].encode_image(images)
+            losses["keep_loss"] = (1 - (out["image_features"] * target.to(out["image_features"].dtype)).sum(-1)).mean()
         dense = self.model.sao_embeddings(mosaics, self.window)
         # the per-patch loss moves the image side only: pseudo-labels are noisy, and letting them pull
         # the class prompts' text embeddings or the temperature would move what zero-shot search uses
@@ -260,7 +270,11 @@ def refine(cfg: RefineConfig) -> list[dict]:
     dataset = recipes.make_dataset(train_sources, size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
                                    augment=cfg.augment, template_mix=cfg.template_mix)
     loss_fn = MaMMUTLoss(mcfg.contrastive_weight, mcfg.caption_weight, mcfg.pad_id)
-    step_module = RefineStep(model, loss_fn, cfg.window)
+    teacher = None
+    if cfg.keep_global > 0:
+        teacher, _ = load_checkpoint(cfg.checkpoint, device=device, dtype=torch.float32)
+        teacher.requires_grad_(False)
+    step_module = RefineStep(model, loss_fn, cfg.window, teacher)
     model.to(device).train()
     train_module = (torch.nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index]
                                                              if device.type == "cuda" else None)
@@ -337,6 +351,8 @@ def refine(cfg: RefineConfig) -> list[dict]:
                                       class_ids.to(device) if class_ids is not None else None, mosaics, labels,
                                       class_tokens[pool[candidates[pick[0]]][0]])
                 loss = losses["loss"] + cfg.dense_weight * losses["dense_loss"]
+                if "keep_loss" in losses:
+                    loss = loss + cfg.keep_global * losses["keep_loss"]
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -391,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("label_zoom", int, "pseudo-labels come from SAO maps of each mosaic upsampled this many times, "
                                 "tiled like Segment (1 = the training view itself)"),
             ("margin", float, "a patch's best class must beat the runner-up by this probability, else it is ignored"),
-            ("dense_weight", float, "weight of the per-patch loss"), ("lr", float, "peak learning rate"),
+            ("dense_weight", float, "weight of the per-patch loss"),
+            ("keep_global", float, "weight of a loss that keeps each caption image's global embedding at the "
+                                   "starting checkpoint's (1 - cosine; 0 = off), so zero-shot accuracy holds"), ("lr", float, "peak learning rate"),
             ("weight_decay", float, "AdamW weight decay"), ("grad_clip", float, "gradient clipping (0 = off)"),
             ("seed", int, "seed (also of the validation split: keep the recipe's)"),
             ("eval_mosaics", int, "validation mosaics for the mIoU"), ("eval_seed", int, "their seed"),
