@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from backend.defaults import BUNDLED_CHECKPOINT
-from backend.model import MaMMUT, MaMMUTLoss, get_preset
+from backend.model import MaMMUT, get_preset
 from backend.model.precision import autocast_context
 
-from .model_bench import (GPU_BF16_PEAK, _f, _have, _table, clip_vision, encoder_flops, machine_info, make_batch,
-                          time_interleaved, train_flops_per_sample)
+from .model_bench import (GPU_BF16_PEAK, _f, _have, _table, autocast_train_step, clip_vision, encoder_flops,
+                          machine_info, make_batch, time_interleaved, train_flops_per_sample)
 
 NAME = "gpu"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -93,22 +93,11 @@ def bench_train(label: str, device, warmup: int, iters: int, compile_model: bool
     torch.manual_seed(0)
     model = MaMMUT(cfg).to(device).train()
     flops = train_flops_per_sample(model) * batch
-    crit = MaMMUTLoss(cfg.contrastive_weight, cfg.caption_weight, cfg.pad_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    images, tokens = make_batch(cfg, batch, device)
     if compile_model:
         # a fresh dynamo state per model: compiling a second model after the first in one process
         # failed inside inductor on torch 2.11, where the same model compiled alone did not
         torch._dynamo.reset()
-    forward = torch.compile(model) if compile_model else model
-
-    def step():
-        with autocast_context(device):
-            loss = crit(forward(images, tokens), tokens)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = autocast_train_step(model, batch, device, torch.compile(model) if compile_model else None)
     t0 = time.perf_counter()
     step()                          # the first step compiles; timed apart from the rest
     if device.type == "cuda":

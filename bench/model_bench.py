@@ -271,22 +271,31 @@ def bench_train(cfg, peers: bool, warmup: int, iters: int) -> list[dict]:
     return rows
 
 
+def autocast_train_step(model: MaMMUT, batch: int, device: torch.device, forward: nn.Module | None = None):
+    """A closure running one training step on a fixed random batch: forward (through `forward`, e.g. the
+    compiled model, else `model`) under bf16 autocast where it pays, both losses, backward, AdamW
+    (fused on CUDA)."""
+    cfg = model.config
+    crit = MaMMUTLoss(cfg.contrastive_weight, cfg.caption_weight, cfg.pad_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images, tokens = make_batch(cfg, batch, device)
+    forward = forward or model
+
+    def step():
+        with autocast_context(device):
+            loss = crit(forward(images, tokens), tokens)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def bench_mfu(cfg, device, batch: int = MFU_BATCH, warmup: int = 3, iters: int = 10) -> dict:
     """bf16-autocast training step of our MaMMUT on `device`; MFU = estimated FLOP/s / GPU_BF16_PEAK."""
     device = torch.device(device)
     torch.manual_seed(0)
     model = MaMMUT(cfg).to(device).train()
-    crit = MaMMUTLoss(cfg.contrastive_weight, cfg.caption_weight, cfg.pad_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    images, tokens = make_batch(cfg, batch, device)
-
-    def step():
-        with autocast_context(device):
-            loss = crit(model(images, tokens), tokens)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = autocast_train_step(model, batch, device)
     r = time_interleaved({"step": step}, warmup, iters, device)["step"]
     flops = train_flops_per_sample(model) * batch
     return {"preset": cfg.preset, "device": str(device), "batch": batch, "ms_per_step": 1e3 * r["median_s"],
