@@ -144,11 +144,12 @@ ablate-recipe: setup
 	$(PY) -m training.ablate --out runs/ablation --steps $(ABLATION_STEPS)
 
 # Pseudo-label refinement of the default checkpoint's dense path (README "Localization"): 3 rounds of
-# 200 steps, mosaics of 2 regions, labels from SAO maps at 2x zoom; per-round metrics in runs/refine/metrics.jsonl.
+# 200 steps, mosaics of 2 regions, labels from SAO maps at 2x zoom, global embeddings held at the start's
+# (--keep-global 5); per-round metrics in runs/refine/metrics.jsonl.
 refine-default: setup
 	$(PY) -m training.refine --checkpoint backend/checkpoints/default --recipe training/recipes/default.json \
 	    --rounds 3 --steps-per-round 200 --batch-size 32 --dense-batch 16 --mosaics-per-round 512 --regions 2 --lr 5e-5 \
-	    --label-zoom 2 --out runs/refine --export-fp16 runs/refine/fp16
+	    --label-zoom 2 --keep-global 5 --out runs/refine --export-fp16 runs/refine/fp16
 
 serve: setup
 	$(PY) -m backend serve $(SERVE_ARGS)
