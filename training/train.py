@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -396,6 +397,10 @@ def train(cfg: TrainConfig) -> dict:
                         extra={"step": cfg.steps, "train_config": asdict(cfg)})
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():
+        # the DDP/FSDP wrapper holds the process group: drop it first, so no gloo work object outlives
+        # the group into interpreter shutdown (a rank aborted there at exit, once, after training)
+        del train_model
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return last
