@@ -22,6 +22,7 @@ from backend.defaults import BUNDLED_CHECKPOINT
 from backend.model import MaMMUT, MaMMUTLoss
 from backend.model.checkpoint import load_checkpoint
 from backend.model.precision import autocast_context
+from test_train import _args, make_scene_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -108,33 +109,16 @@ def test_engine_on_gpu_matches_engine_on_cpu():
         cpu.stop()
 
 
-def _scene_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    base = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (30, 60, 200)}
-    for cls, rgb in base.items():
-        (root / cls).mkdir(parents=True)
-        for i in range(16):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (72, 72, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg")
-    (root.parent / "classes.json").write_text(json.dumps({"red": "red roofs", "green": "green fields",
-                                                          "blue": "blue water"}))
-    return root
-
-
 @pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
 def test_train_command_on_gpu(tmp_path, compile_model):
     """`python -m training.train --device cuda` end to end (bf16 autocast by --precision auto, fused AdamW,
     pinned-memory loader; torch.compile when asked); its fp16 export loads on a CPU-only machine."""
-    folder = _scene_folder(tmp_path / "scenes")
+    folder = make_scene_folder(tmp_path / "scenes", per_class=16)
     out = tmp_path / "run"
-    args = ["--folder", str(folder), "--classnames", str(folder.parent / "classes.json"), "--preset", "tiny",
-            "--vocab-size", "300", "--out", str(out), "--steps", "12", "--batch-size", "16", "--warmup-steps", "2",
-            "--lr", "1e-3", "--workers", "2", "--log-every", "1", "--save-every", "6", "--device", "cuda",
-            "--precision", "auto", "--val-per-class", "4", "--eval-every", "12", "--export-fp16", str(tmp_path / "fp16")]
-    if compile_model:
-        args.append("--compile")
+    # the CPU tests' arguments; the later --device, --precision and --batch-size win
+    args = _args(folder, out, 12, "--batch-size", "16", "--workers", "2", "--save-every", "6", "--device", "cuda",
+                 "--precision", "auto", "--val-per-class", "4", "--eval-every", "12",
+                 "--export-fp16", str(tmp_path / "fp16"), *(["--compile"] if compile_model else []))
     r = subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, capture_output=True, text=True,
                        timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -155,13 +139,11 @@ def test_train_command_on_gpu(tmp_path, compile_model):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL DDP")
 def test_train_command_ddp_nccl(tmp_path):
-    folder = _scene_folder(tmp_path / "scenes")
+    folder = make_scene_folder(tmp_path / "scenes", per_class=16)
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "training.train", "--folder", str(folder), "--classnames",
-                        str(folder.parent / "classes.json"), "--preset", "tiny", "--vocab-size", "300",
-                        "--out", str(out), "--steps", "6", "--batch-size", "16", "--warmup-steps", "2",
-                        "--workers", "0", "--log-every", "1", "--save-every", "6", "--device", "cuda"],
+                        "-m", "training.train", *_args(folder, out, 6, "--batch-size", "16", "--device", "cuda",
+                                                       "--precision", "auto")],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout + r.stderr

@@ -19,19 +19,23 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"red": "red roofs", "green": "green fields", "blue": "blue water"}
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A folder-of-classes set the test makes: 3 classes x 8 noisy colour images."""
-    root = tmp_path_factory.mktemp("scenes")
+def make_scene_folder(root: Path, per_class: int = 8) -> Path:
+    """A folder-of-classes set the tests make: 3 classes x `per_class` noisy colour images, and
+    classes.json (the class map) beside it."""
     rng = np.random.default_rng(0)
     base = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (30, 60, 200)}
     for cls, rgb in base.items():
-        (root / cls).mkdir()
-        for i in range(8):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
             arr = np.clip(np.array(rgb) + rng.normal(0, 25, (72, 72, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / cls / f"{cls}_{i}.jpg")
     (root.parent / "classes.json").write_text(json.dumps(CLASSES))
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_scene_folder(tmp_path_factory.mktemp("scenes") / "scenes")
 
 
 def _args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
