@@ -369,3 +369,5 @@ def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # 
 def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):
     p = _refine(refine_setup, tmp_path / "bad", 1, extra=("--template-mix", "1.5"))
     assert p.returncode == 2 and "--template-mix is a probability" in p.stderr and "Traceback" not in p.stderr
+    p = _refine(refine_setup, tmp_path / "bad", 1, extra=("--keep-global", "-1"))
+    assert p.returncode == 2 and "--keep-global is a loss weight" in p.stderr and "Traceback" not in p.stderr

@@ -438,6 +438,10 @@ def main(argv=None) -> int:
         if getattr(cfg, name) < 1:
             print(f"python -m training.refine: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    if cfg.keep_global < 0:
+        print(f"python -m training.refine: error: --keep-global is a loss weight: give 0 (off) or more, "
+              f"not {cfg.keep_global}", file=sys.stderr)
+        return 2
     if not 0.0 <= cfg.template_mix <= 1.0:
         print(f"python -m training.refine: error: --template-mix is a probability: give a value in [0, 1], "
               f"not {cfg.template_mix}", file=sys.stderr)
