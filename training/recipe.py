@@ -14,7 +14,8 @@ A recipe is a JSON file (``--recipe``) or the equivalent command-line flags::
     ]}
 
 A folder source may drop the images of a manifest (`"exclude_manifest"`) that trains them with
-human captions, and cap its class caption pool (`"caption_pool": {..., "max_per_class": N}`); a
+human captions, and cap its class caption pool (`"caption_pool": {..., "max_per_class": N}`) or give
+it inline (`"caption_pool": {"captions": {"<class folder>": [...]}}`, as training.pack writes it); a
 manifest source with `"classnames"` is also validated zero-shot. Precomp (RSICD/RSITMD/UCM/Sydney
 caption files) and Karpathy `dataset_*.json` sources need the benchmark's images in `images`.
 Paths in a recipe file are relative to the file. `classnames` is a JSON map (folder -> human name)
@@ -105,7 +106,9 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
             if s["kind"] == "folder":
                 mapping = s["classnames"] if isinstance(s["classnames"], dict) else D.load_classnames(s["classnames"])
                 pool = None
-                if s.get("caption_pool"):
+                if s.get("caption_pool") and "captions" in s["caption_pool"]:
+                    pool = _inline_pool(s["caption_pool"]["captions"])  # class key -> captions (a packed copy)
+                elif s.get("caption_pool"):
                     words = s["caption_pool"]["mapping"]           # a dict, or a bundled name ("rsscn7")
                     words = D.CAPTION_CLASS_WORDS[words] if isinstance(words, str) else words
                     pool = D.class_caption_pool(s["caption_pool"]["dir"], words)
@@ -145,6 +148,13 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
     _drop_held_out_pool_captions(train, val, pooled)
     return train, val
+
+
+def _inline_pool(captions) -> dict[str, list[str]]:
+    if not (isinstance(captions, dict) and all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                               for v in captions.values())):
+        raise RecipeError('"caption_pool": {"captions": ...} must map each class folder to a list of captions')
+    return {k: list(v) for k, v in captions.items()}
 
 
 def _norm(caption: str) -> str:

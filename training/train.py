@@ -73,6 +73,7 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     eval_every: int = 0
+    time_budget: float = 0.0                 # minutes of training; >0 shortens --steps (and the schedule) to fit
     log_every: int = 10
     resume: bool = False
     export_fp16: str | None = None           # also write the final weights as an fp16 checkpoint here
@@ -93,6 +94,18 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """The run's settings as checkpoints and train_config.json record them; a source's inline caption
+    pool (a packed recipe's, often thousands of captions) is recorded by its size alone."""
+    record = asdict(cfg)
+    for s in record["sources"]:
+        pool = s.get("caption_pool")
+        if isinstance(pool, dict) and isinstance(pool.get("captions"), dict):
+            s["caption_pool"] = {**pool, "captions": f"{sum(map(len, pool['captions'].values()))} captions "
+                                                     f"of {len(pool['captions'])} classes, inline"}
+    return record
 
 
 def is_main() -> bool:
@@ -125,6 +138,62 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def fit_steps_to_budget(asked: int, budget_min: float, warmup: int, step: int, start_step: int,
+                        elapsed_s: float) -> int:
+    """The run's total steps so that this process's steps end within `budget_min` minutes, at the
+    pace of the `step - start_step` steps done in `elapsed_s` seconds: never more than `asked`,
+    never fewer than the steps already done or the warm-up plus one."""
+    done = step - start_step
+    if budget_min <= 0 or done <= 0 or elapsed_s <= 0:
+        return asked
+    fit = start_step + int(budget_min * 60 * done / elapsed_s)
+    return max(min(asked, fit), step, min(asked, warmup + 1))
+
+
+class TimeBudget:
+    """Shortens cfg.steps so that this process's training steps fit --time-budget minutes; the
+    cosine schedule follows the new total. The pace is measured after the first SKIP steps (they
+    include start-up work) and the estimate refreshed every EVERY steps until half the budget is
+    spent: later changes would bend the schedule near its end. Every process takes rank 0's
+    estimate, so all stop at the same step."""
+
+    SKIP, EVERY = 10, 50
+
+    def __init__(self, cfg: TrainConfig, start_step: int):
+        self.cfg, self.start_step, self.asked = cfg, start_step, cfg.steps
+        self.logged = cfg.steps
+        self.t0: float | None = None
+        self.frozen = False
+
+    def update(self, step: int, device) -> bool:
+        """Call after each step; True when cfg.steps changed."""
+        if self.frozen or step < self.start_step + self.SKIP:
+            return False
+        if self.t0 is None:
+            self.t0 = time.time()
+            return False
+        measured = step - self.start_step - self.SKIP
+        if measured % self.EVERY:
+            return False
+        elapsed = time.time() - self.t0
+        # the skipped steps count at the measured pace
+        steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step,
+                                    self.start_step, elapsed * (step - self.start_step) / measured)
+        if dist.is_initialized():
+            t = torch.tensor([steps], device=device)
+            dist.broadcast(t, 0)
+            steps = int(t.item())
+        self.frozen = elapsed >= self.cfg.time_budget * 30   # half the budget (minutes x 60 / 2)
+        if steps == self.cfg.steps:
+            return False
+        if abs(steps - self.logged) > 0.02 * self.logged or self.frozen:
+            log(f"time budget {self.cfg.time_budget:g} min: {steps} steps fit (asked for {self.asked}); "
+                "the schedule ends there")
+            self.logged = steps
+        self.cfg.steps = steps
+        return True
 
 
 # ---- data order ------------------------------------------------------------------------------------
@@ -226,7 +295,7 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
         def write_state(tmp: Path) -> None:
             torch.save({"optimizer": opt_state, "step": step, "config": asdict(cfg)}, tmp / TRAIN_STATE)
 
-        save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": asdict(cfg)},
+        save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=write_state)
         for old in checkpoint_dirs(out)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -330,7 +399,7 @@ def train(cfg: TrainConfig) -> dict:
     micro = cfg.batch_size // world // cfg.grad_accum
     metrics_path = out / "metrics.jsonl"
     if is_main():
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out / "train_config.json").write_text(json.dumps(config_record(cfg), indent=2) + "\n")
         if start_step:
             _truncate_metrics(metrics_path, start_step)
         size = "streaming shards" if streaming else f"{len(dataset)} samples, {len(dataset) // cfg.batch_size} steps/epoch"
@@ -344,7 +413,10 @@ def train(cfg: TrainConfig) -> dict:
                           pin_memory=device.type == "cuda")
     last: dict = {}
     t_log, samples_since, skipped_total = time.time(), 0, 0
-    for step in range(start_step + 1, cfg.steps + 1):
+    budget = TimeBudget(cfg, start_step) if cfg.time_budget > 0 else None
+    step = start_step
+    while step < cfg.steps:
+        step += 1
         lr = lr_at(step - 1, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -377,6 +449,9 @@ def train(cfg: TrainConfig) -> dict:
                 "logit_scale": float(model.logit_scale.detach().clamp(max=mcfg.max_logit_scale).exp()),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None}
         bar.update(1)
+        if budget is not None and budget.update(step, device):
+            bar.total = cfg.steps
+            bar.refresh()
         if step % cfg.log_every == 0 or step == cfg.steps:
             dt = time.time() - t_log
             last["samples_per_s"] = samples_since / max(dt, 1e-9)
@@ -394,7 +469,7 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if cfg.export_fp16 and is_main():
         save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
-                        extra={"step": cfg.steps, "train_config": asdict(cfg)})
+                        extra={"step": cfg.steps, "train_config": config_record(cfg)})
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():
         # the DDP/FSDP wrapper holds the process group: drop it first, so no gloo work object outlives
@@ -526,11 +601,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     run.add_argument("--log-every", type=int, default=d.log_every)
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     run.add_argument("--export-fp16", metavar="DIR", help="also write the final model as an fp16 checkpoint")
+    run.add_argument("--time-budget", type=float, default=d.time_budget, metavar="MIN",
+                     help="minutes the training steps may take: after a few steps, --steps (and the learning-rate "
+                          "schedule with it) is shortened to what fits at the measured pace; never lengthened "
+                          "(default: off)")
     a = p.parse_args(argv)
     try:
         sources = recipes.sources_from_args(a.recipe, a.folder, a.classnames, a.manifest, a.shards, a.val_per_class)
     except recipes.RecipeError as e:
         p.error(str(e))
+    if a.time_budget < 0:
+        p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
     if not 0.0 <= a.template_mix <= 1.0:
         p.error(f"--template-mix is a probability: give a value in [0, 1], not {a.template_mix}")
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}

@@ -1,0 +1,103 @@
+"""training.pack: a recipe's training split as a small self-contained copy that trains the same."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training import recipe as R
+from test_train import make_scene_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pack(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.pack", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _make_recipe(tmp: Path) -> Path:
+    scenes = make_scene_folder(tmp / "data" / "scenes", per_class=6)
+    photos = tmp / "data" / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+        lines.append(json.dumps({"image": f"photos/p{i}.png", "class": "ab"[i % 2],
+                                 "captions": [f"photo {i} one", f"photo {i} two"]}))
+    (tmp / "data" / "photos.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = {"sources": [
+        {"name": "scenes", "kind": "folder", "root": "data/scenes", "classnames": "data/classes.json",
+         "val_per_class": 2, "weight": 2.0,
+         "caption_pool": {"captions": {"red": ["a roof of red tiles", "red roofs in rows"]}}},
+        {"name": "photos", "kind": "manifest", "path": "data/photos.jsonl", "val_per_class": 1, "weight": 0.5},
+    ]}
+    path = tmp / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def _keys(source: dict) -> list:
+    return sorted((r.class_name, Path(r.image).stem, r.captions) for r in source["records"])
+
+
+def test_pack_keeps_the_training_split_and_drops_the_held_out(tmp_path):
+    recipe = _make_recipe(tmp_path)
+    out = tmp_path / "pack"
+    r = _pack("--recipe", str(recipe), "--out", str(out), "--size", "32", "--workers", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "packed 18 images (scenes 12, photos 6)" in r.stdout   # 3 classes x (6 - 2) scenes, 8 - 2 photos
+
+    train, val = R.build_sources(R.sources_from_args(str(recipe), [], [], [], [], 0), seed=0)
+    packed, packed_val = R.build_sources(R.sources_from_args(str(out / "recipe.json"), [], [], [], [], 0), seed=0)
+    assert packed_val == {}   # the copy holds no validation split
+    for a, b in zip(train, packed):
+        assert a["name"] == b["name"] and a.get("weight") == b.get("weight") and a["class_map"] == b["class_map"]
+        assert _keys(a) == _keys(b)   # same images, classes and captions (pool captions included)
+    assert any("a roof of red tiles" in rec.captions for rec in packed[0]["records"])
+
+    held = {Path(rec.image).stem for vs in val.values() for rec in vs["records"]}
+    files = [p for p in out.rglob("*") if p.suffix == ".webp"]
+    assert len(files) == 18 and held and not held & {p.stem for p in files}
+    for p in files:
+        with Image.open(p) as im:
+            assert min(im.size) == 32   # shorter side resized, aspect kept
+            assert im.size in ((32, 32), (43, 32))
+
+
+def test_pack_refuses_bad_input_without_writing(tmp_path):
+    recipe = _make_recipe(tmp_path)
+    out = tmp_path / "pack"
+    (out / "keep.txt").parent.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = _pack("--recipe", str(recipe), "--out", str(out))
+    assert r.returncode == 2 and "not an empty folder" in r.stderr and "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    r = _pack("--recipe", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p2"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "p2").exists()
+    shards = tmp_path / "shards.json"
+    shards.write_text(json.dumps({"sources": [{"kind": "shards", "urls": ["x-{000..001}.tar"]}]}))
+    r = _pack("--recipe", str(shards), "--out", str(tmp_path / "p3"))
+    assert r.returncode == 2 and "shards are packed already" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_packed_copy_trains_and_records_its_pool_by_size(tmp_path):
+    recipe = _make_recipe(tmp_path)
+    out = tmp_path / "pack"
+    assert _pack("--recipe", str(recipe), "--out", str(out), "--size", "40", "--format", "jpeg").returncode == 0
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "training.train", "--recipe", str(out / "recipe.json"), "--preset",
+                        "tiny", "--vocab-size", "300", "--image-size", "32", "--steps", "2", "--batch-size", "4",
+                        "--workers", "0", "--device", "cpu", "--precision", "fp32", "--class-aware",
+                        "--out", str(run), "--export-fp16", str(tmp_path / "fp16")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "18 samples" in r.stderr
+    config = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    text = json.dumps(config)
+    assert "2 captions of 1 classes, inline" in text and "a roof of red tiles" not in text
