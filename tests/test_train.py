@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from backend.model.checkpoint import load_checkpoint
@@ -198,3 +199,49 @@ def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
     _, _ = load_checkpoint(tmp_path / "fp16")
     r = _run(_args(folder, tmp_path / "y", 1, "--time-budget", "-1"))
     assert r.returncode == 2 and "--time-budget is in minutes" in r.stderr and "Traceback" not in r.stderr
+
+
+class _EpochEcho(torch.utils.data.Dataset):
+    """Items are (epoch the dataset is in, index, worker process id): shows which epoch each worker's
+    copy was in when it made an item, and which process made it."""
+
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        return self.epoch, i, os.getpid()
+
+
+def test_one_loader_serves_every_epoch_in_order():
+    from training.train import EpochItems, StepBatchSampler
+
+    n, batch = 10, 4   # 2 steps an epoch; 2 items of each epoch are never drawn
+    full = StepBatchSampler(n, batch, 0, 1, seed=3)
+    it = iter(full)
+    keys = [next(it) for _ in range(6)]   # 3 epochs
+    assert [k[0][0] for k in keys] == [0, 0, 1, 1, 2, 2]
+    for e in range(3):   # each epoch: distinct indices, a new order
+        drawn = [i for k in keys[2 * e:2 * e + 2] for _, i in k]
+        assert len(set(drawn)) == 8
+    assert keys[0] != keys[2]
+    # resuming at step 3 gives the same keys as the full run from step 3 on
+    resumed = iter(StepBatchSampler(n, batch, 0, 1, seed=3, start=3))
+    assert [next(resumed) for _ in range(3)] == keys[3:]
+    # two ranks split each global batch
+    r0, r1 = iter(StepBatchSampler(n, batch, 0, 2, seed=3)), iter(StepBatchSampler(n, batch, 1, 2, seed=3))
+    assert [next(r0) + next(r1) for _ in range(6)] == keys
+
+    loader = torch.utils.data.DataLoader(EpochItems(_EpochEcho(n)), batch_sampler=full, num_workers=2,
+                                         collate_fn=lambda b: b)
+    seen, workers = [], set()
+    for step, items in zip(range(6), loader):
+        seen.append([(epoch, i) for epoch, i, _ in items])
+        workers |= {pid for _, _, pid in items}
+    assert seen == keys            # each worker's copy was in the item's epoch
+    assert len(workers) == 2       # the same two workers served all three epochs

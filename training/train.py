@@ -198,26 +198,49 @@ class TimeBudget:
 
 # ---- data order ------------------------------------------------------------------------------------
 class StepBatchSampler(torch.utils.data.Sampler):
-    """This rank's slice of each global batch of one epoch, starting at batch `start`.
+    """This rank's slice of each global batch from optimizer step `start` on, epoch after epoch,
+    as (epoch, index) keys for EpochItems; endless.
 
-    The global order is a permutation seeded by (seed, epoch), independent of the world size, so
-    resuming mid-epoch and changing the number of processes both keep the same sample order.
+    Each epoch's global order is a permutation seeded by (seed, epoch), independent of the world
+    size, so resuming mid-epoch and changing the number of processes both keep the same sample order.
     """
 
-    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start: int = 0):
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.epoch, self.start = seed, epoch, start
+        self.seed, self.start = seed, start
         self.per_rank = global_batch // world
-
-    def __len__(self) -> int:
-        return max(0, self.n // self.global_batch - self.start)
+        self.steps_per_epoch = n // global_batch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
-        for b in range(self.start, self.n // self.global_batch):
-            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
-            yield chunk[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()
+        step = self.start
+        while True:
+            epoch, first = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g)
+            for b in range(first, self.steps_per_epoch):
+                chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
+                yield [(epoch, i) for i in chunk[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist()]
+            step = (epoch + 1) * self.steps_per_epoch
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """A map-style dataset's items keyed (epoch, index): one DataLoader, so one set of workers, serves
+    the whole run, and each worker's copy of the dataset changes epoch when the keys do. (A loader
+    per epoch started its workers again every epoch: on a GPU with a small dataset, seconds of every
+    few.)"""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if epoch != self.epoch:
+            self.dataset.set_epoch(epoch)
+            self.epoch = epoch
+        return self.dataset[index]
 
 
 def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: int, collate, pin_memory: bool):
@@ -234,16 +257,9 @@ def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: i
             yield from DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
                                   drop_last=True, pin_memory=pin_memory)
             epoch += 1
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch, offset)
-        for batch in DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
-                                pin_memory=pin_memory):
-            yield batch
-            step += 1
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step)
+    yield from DataLoader(EpochItems(dataset), batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+                          pin_memory=pin_memory)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
