@@ -140,24 +140,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def fit_steps_to_budget(asked: int, budget_min: float, warmup: int, step: int, start_step: int,
-                        elapsed_s: float) -> int:
-    """The run's total steps so that this process's steps end within `budget_min` minutes, at the
-    pace of the `step - start_step` steps done in `elapsed_s` seconds: never more than `asked`,
-    never fewer than the steps already done or the warm-up plus one."""
-    done = step - start_step
-    if budget_min <= 0 or done <= 0 or elapsed_s <= 0:
+def fit_steps_to_budget(asked: int, budget_min: float, warmup: int, step: int, spent_s: float,
+                        s_per_step: float) -> int:
+    """The run's total steps so that this process's steps end within `budget_min` minutes: the steps
+    up to `step` took `spent_s` seconds, the rest go at `s_per_step`. Never more than `asked`, never
+    fewer than the steps already done or the warm-up plus one."""
+    if budget_min <= 0 or s_per_step <= 0:
         return asked
-    fit = start_step + int(budget_min * 60 * done / elapsed_s)
+    fit = step + int(max(0.0, budget_min * 60 - spent_s) / s_per_step)
     return max(min(asked, fit), step, min(asked, warmup + 1))
 
 
 class TimeBudget:
     """Shortens cfg.steps so that this process's training steps fit --time-budget minutes; the
-    cosine schedule follows the new total. The pace is measured after the first SKIP steps (they
-    include start-up work) and the estimate refreshed every EVERY steps until half the budget is
-    spent: later changes would bend the schedule near its end. Every process takes rank 0's
-    estimate, so all stop at the same step."""
+    cosine schedule follows the new total. From step SKIP on (the first steps include start-up work:
+    they are counted at the measured pace) it re-estimates every EVERY steps, with the time spent so
+    far and the pace of the last EVERY steps for the rest, until half the budget is spent: later
+    changes would bend the schedule near its end. Every process takes rank 0's estimate, so all stop
+    at the same step."""
 
     SKIP, EVERY = 10, 50
 
@@ -165,22 +165,25 @@ class TimeBudget:
         self.cfg, self.start_step, self.asked = cfg, start_step, cfg.steps
         self.logged = cfg.steps
         self.t0: float | None = None
+        self.t_last = 0.0
         self.frozen = False
 
     def update(self, step: int, device) -> bool:
         """Call after each step; True when cfg.steps changed."""
         if self.frozen or step < self.start_step + self.SKIP:
             return False
+        now = time.time()
         if self.t0 is None:
-            self.t0 = time.time()
+            self.t0 = self.t_last = now
             return False
         measured = step - self.start_step - self.SKIP
         if measured % self.EVERY:
             return False
-        elapsed = time.time() - self.t0
-        # the skipped steps count at the measured pace
-        steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step,
-                                    self.start_step, elapsed * (step - self.start_step) / measured)
+        elapsed = now - self.t0
+        spent = elapsed * (step - self.start_step) / measured   # the skipped steps at the measured pace
+        recent = (now - self.t_last) / self.EVERY
+        self.t_last = now
+        steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step, spent, recent)
         if dist.is_initialized():
             t = torch.tensor([steps], device=device)
             dist.broadcast(t, 0)
