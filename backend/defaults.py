@@ -10,9 +10,10 @@ BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 
 SERVICE_NAME = "skyprompt.v1.SkyPrompt"
 API_VERSION = "skyprompt.v1"
-# 7 x 7 patches, no Gaussian: the best mIoU of the localization ablation at the default checkpoint
-# (README; tied with Gaussian 7; 5 x 5 was best at the earlier 224 px-served checkpoints)
-DEFAULT_SAO_WINDOW = 7
+# 5 x 5 patches, no Gaussian: the best mIoU of the localization ablation at the default checkpoint, on
+# the relevance maps and end to end through Segment (README; tied with Gaussian 5; 7 x 7 led at the
+# CPU-trained defaults before it)
+DEFAULT_SAO_WINDOW = 5
 DEFAULT_THRESHOLD = 0.5
 
 
