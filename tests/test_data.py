@@ -503,6 +503,25 @@ def test_train_transform_keeps_colour_mild_and_uses_all_orientations():
     assert corners == {(0, 0), (0, 7), (7, 0), (7, 7)}
 
 
+def test_colour_jitter_is_brightness_then_contrast_then_saturation():
+    """The one-matrix jitter equals the three steps done one after another, with the same draws."""
+    from training.augment import colour_jitter
+
+    x = np.random.default_rng(3).random((3, 64), dtype=np.float32) * 0.8 + 0.1   # [3, N] in [0.1, 0.9]
+    draws = random.Random(7)
+    b, c, s = (draws.uniform(0.8, 1.2) for _ in range(3))
+    luma = np.array([0.299, 0.587, 0.114])
+    y = x.astype(np.float64) * b                                  # brightness
+    pivot = float((luma @ y).mean())
+    y = (y - pivot) * c + pivot                                   # contrast about the mean grey level
+    grey = luma @ y
+    y = s * y + (1 - s) * grey[None, :]                           # saturation: towards each pixel's grey
+    expected = np.clip(y, 0, 1)
+    got = colour_jitter(x.copy(), 0.2, random.Random(7))
+    assert got.shape == (3, 64) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 def test_eval_transform_centre_crop_and_normalise():
     image = Image.new("RGB", (30, 20), (255, 0, 0))
     out = eval_transform(10, MEAN, STD)(image)
