@@ -101,3 +101,16 @@ def test_a_packed_copy_trains_and_records_its_pool_by_size(tmp_path):
     config = json.loads((tmp_path / "fp16" / "config.json").read_text())
     text = json.dumps(config)
     assert "2 captions of 1 classes, inline" in text and "a roof of red tiles" not in text
+
+
+def test_an_unreadable_training_image_is_named_and_no_recipe_is_written(tmp_path):
+    scenes = make_scene_folder(tmp_path / "data" / "scenes", per_class=3)
+    (scenes / "red" / "red_1.jpg").write_bytes(b"not a jpeg at all")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": "data/scenes",
+                                               "classnames": "data/classes.json"}]}))
+    out = tmp_path / "pack"
+    r = _pack("--recipe", str(recipe), "--out", str(out), "--workers", "1")
+    assert r.returncode == 2 and "1 training image(s) could not be read" in r.stderr
+    assert "red_1.jpg" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "recipe.json").exists()

@@ -33,10 +33,13 @@ class PackError(ValueError):
     """A pack that cannot be written; the message says what to fix."""
 
 
-def _shrink(job: tuple[str, str, int, str, int]) -> int:
-    """Write one image resized; returns the bytes written."""
+def _shrink(job: tuple[str, str, int, str, int]) -> int | str:
+    """Write one image resized; returns the bytes written, or what went wrong reading it."""
     src, dst, size, fmt, quality = job
-    im = D.load_image(src)
+    try:
+        im = D.load_image(src)
+    except (OSError, ValueError) as e:   # PIL: unreadable, truncated or not an image
+        return f"{src}: {e}"
     scale = size / min(im.size)
     if scale < 1:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
@@ -137,11 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
-    total = 0
+    total, bad = 0, []
     with ProcessPoolExecutor(max(1, args.workers)) as pool:
         for n in tqdm(pool.map(_shrink, jobs, chunksize=64), total=len(jobs), desc="images", unit="img",
                       file=sys.stderr):
-            total += n
+            if isinstance(n, str):
+                bad.append(n)
+            else:
+                total += n
+    if bad:
+        # no recipe.json: a copy missing images must not be trained on by mistake
+        print(f"error: {len(bad)} training image(s) could not be read, so {out} has no recipe.json; fix or "
+              f"remove them and pack again into a new folder:\n  " + "\n  ".join(bad[:5]), file=sys.stderr)
+        return 2
     about = (f"Training split of {Path(args.recipe).name} (seed {args.seed}): images resized to a "
              f"{args.size}-pixel shorter side; held-out images are not in this copy.")
     (out / "recipe.json").write_text(json.dumps({"about": about, "sources": packed}, indent=1) + "\n")

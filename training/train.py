@@ -622,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     run.add_argument("--export-fp16", metavar="DIR", help="also write the final model as an fp16 checkpoint")
     run.add_argument("--time-budget", type=float, default=d.time_budget, metavar="MIN",
                      help="minutes the training steps may take: after a few steps, --steps (and the learning-rate "
-                          "schedule with it) is shortened to what fits at the measured pace; never lengthened "
+                          "schedule with it) is cut to what fits at the measured pace, never past --steps "
                           "(default: off)")
     a = p.parse_args(argv)
     try:
