@@ -223,3 +223,48 @@ def test_help_names_every_subcommand_and_option():
     sub = parser._subparsers._group_actions[0].choices
     assert "--classnames" in sub["zero-shot"].format_help() and "--files" in sub["zero-shot"].format_help()
     assert "--beam-size" in sub["caption"].format_help() and "--ties" in sub["retrieval"].format_help()
+
+
+def test_rerank_with_captioner_reorders_inside_each_top_k_only(setup, tokenizer, tiny_config):
+    from backend.model import MaMMUT
+
+    torch.manual_seed(0)
+    model = MaMMUT(tiny_config).eval()
+    records = ev.read_manifest(setup["manifest"])
+    paths = [str(r.image) for r in records]
+    texts = [c for r in records for c in r.captions]
+    unique = list(dict.fromkeys(texts))
+    index = np.asarray([unique.index(t) for t in texts])
+    sim = np.random.default_rng(0).uniform(-0.5, 0.5, (len(paths), len(texts))).astype(np.float32)
+    k = 3
+    i2t, t2i = ev.rerank_with_captioner(model, tokenizer, paths, unique, index, sim, k, 1000.0, "cpu", 4)
+    # the decoder's own scores for every pair, straight from the model
+    transform = ev.eval_transform(tiny_config.image_size, tiny_config.image_mean, tiny_config.image_std)
+    with torch.no_grad():
+        image_tokens = model.visual(torch.stack([ev._load_image(p, transform) for p in paths]))
+        tokens = tokenizer(unique, context_length=tiny_config.context_length)
+        ll = np.stack([model.caption_log_likelihood(image_tokens[i:i + 1].expand(len(unique), -1, -1), tokens).numpy()
+                       for i in range(len(paths))])                        # [n_images, n_unique]
+    for j in range(len(texts)):
+        top = set(np.argsort(-sim[:, j])[:k])
+        assert set(np.argsort(-t2i[:, j])[:k]) == top                    # the same top k, still on top
+        order = [int(i) for i in np.argsort(-t2i[:, j])[:k]]
+        assert order == sorted(top, key=lambda i: -ll[i, index[j]])     # a huge weight: the decoder's order
+        rest = [i for i in range(len(paths)) if i not in top]
+        assert np.array_equal(t2i[rest, j], sim[rest, j])               # the others untouched
+    for i in range(len(paths)):
+        top = set(np.argsort(-sim[i])[:k])
+        assert set(np.argsort(-i2t[i])[:k]) == top
+    # weight 0 keeps the similarity order inside each top k
+    i2t0, t2i0 = ev.rerank_with_captioner(model, tokenizer, paths, unique, index, sim, k, 0.0, "cpu", 4)
+    assert all(list(np.argsort(-t2i0[:, j])[:k]) == list(np.argsort(-sim[:, j])[:k]) for j in range(len(texts)))
+
+
+def test_retrieval_cli_rerank(setup):
+    p = run_cli("retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--rerank", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert RECALL_KEYS <= set(out) and out["rerank"] == 2 and out["rerank_weight"] == 1.0
+    assert all(0.0 <= out[k] <= 100.0 for k in RECALL_KEYS)
+    p = run_cli("retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--rerank", "-1")
+    assert p.returncode == 2 and "--rerank K" in p.stderr and "Traceback" not in p.stderr

@@ -284,3 +284,16 @@ def test_distributed_contrastive_loss_with_uneven_rank_batches(tmp_path):
         whole = contrastive_loss(feats, feats, torch.tensor(3.0), labels if with_labels else None).item()
         parts = [out[f"{r}:{with_labels}"] for r in (0, 1)]
         assert sum(loss * n for loss, n in parts) / 5 == pytest.approx(whole, rel=1e-5)
+
+
+def test_caption_log_likelihood_is_minus_the_captioning_loss(tiny_model, images, tokenizer, tiny_config):
+    from backend.model.loss import caption_loss
+
+    tokens = tokenizer(["a red roof", "green fields by a long river"], tiny_config.context_length)
+    with torch.no_grad():
+        image_tokens = tiny_model.visual(images[:2])
+        ll = tiny_model.caption_log_likelihood(image_tokens, tokens)
+        for b in range(2):
+            logits = tiny_model.text.generative(tokens[b:b + 1, :-1], image_tokens[b:b + 1])
+            assert float(ll[b]) == pytest.approx(-float(caption_loss(logits, tokens[b:b + 1], tiny_config.pad_id)),
+                                                 rel=1e-5)

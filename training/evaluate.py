@@ -225,12 +225,14 @@ def encode_texts(model, tokenizer, texts: Sequence[str], device=None, batch_size
 
 # ---- the three evaluations ---------------------------------------------------------------------
 def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_size: int = 64,
-                       progress: bool = False, ties: str = "expected") -> dict:
+                       progress: bool = False, ties: str = "expected", rerank: int = 0,
+                       rerank_weight: float = 1.0) -> dict:
     """Image<->text recall@1/5/10 and mR (percent) over records with `.image` and `.captions`.
 
     Every caption is a separate text query (identical captions of one image count separately, as
     in the standard protocol). `ties`: "expected" or "pessimistic" (see `training.metrics`). When
     every record has a `.class_name`, the result also holds `class_oracle_mean_recall`.
+    `rerank` K > 0 re-orders each query's top K by the captioning decoder (`rerank_with_captioner`).
     """
     records = list(records)
     if not records:
@@ -250,7 +252,17 @@ def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_s
     txt = encode_texts(model, tokenizer, unique, device, max(batch_size, 128), progress, desc="captions")
     txt = txt[torch.tensor([where[t] for t in texts], dtype=torch.long)]
     sim = (img @ txt.T).numpy()
-    out: dict = M.retrieval_recall(sim, np.asarray(text_to_image), ties=ties)
+    if rerank > 0:
+        i2t, t2i = rerank_with_captioner(model, tokenizer, [str(r.image) for r in records], unique,
+                                         np.asarray([where[t] for t in texts]), sim, rerank, rerank_weight,
+                                         device, batch_size, progress)
+        a = M.retrieval_recall(i2t, np.asarray(text_to_image), ties=ties)
+        b = M.retrieval_recall(t2i, np.asarray(text_to_image), ties=ties)
+        out = {k: (a if k.startswith("i2t") else b)[k] for k in a if k != "mean_recall"}
+        out["mean_recall"] = float(np.mean(list(out.values())))
+        out["rerank"], out["rerank_weight"] = rerank, rerank_weight
+    else:
+        out = M.retrieval_recall(sim, np.asarray(text_to_image), ties=ties)
     out["n_images"], out["n_captions"] = len(records), len(texts)
     out["ties"] = ties
     classes = [getattr(r, "class_name", None) for r in records]
@@ -258,6 +270,59 @@ def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_s
         out["class_oracle_mean_recall"] = M.class_oracle_mean_recall(
             classes, [classes[i] for i in text_to_image], np.asarray(text_to_image))
     return out
+
+
+def rerank_with_captioner(model, tokenizer, paths: Sequence[str], unique_texts: Sequence[str], text_index,
+                          sim: np.ndarray, k: int, weight: float, device=None, batch_size: int = 64,
+                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Re-order each query's top `k` by the captioning decoder: a candidate's score becomes its
+    cosine similarity plus `weight` x the caption's mean log-probability per token given the image
+    (MaMMUT's generative pass reads the image's patch tokens, so it can tell apart images that the
+    single global embedding puts close together). The top-k sets stay the same and stay above
+    every other candidate, so recall@k itself does not change; only the order inside them does.
+
+    sim [n_images, n_texts]; text_index [n_texts]: each text's row in `unique_texts`. Returns two
+    score matrices of sim's shape: one for image->text queries (rows re-ordered), one for
+    text->image queries (columns re-ordered)."""
+    model = _unwrap(model)
+    dev = _device_of(model, device)
+    k_img, k_txt = min(k, sim.shape[0]), min(k, sim.shape[1])
+    top_img = np.argsort(-sim, axis=0, kind="stable")[:k_img]          # [k, n_texts]
+    top_txt = np.argsort(-sim, axis=1, kind="stable")[:, :k_txt]       # [n_images, k]
+    pairs = {(int(i), int(text_index[j])) for j in range(sim.shape[1]) for i in top_img[:, j]}
+    pairs |= {(i, int(text_index[j])) for i in range(sim.shape[0]) for j in top_txt[i]}
+    by_image: dict[int, list[int]] = {}
+    for i, u in sorted(pairs):
+        by_image.setdefault(i, []).append(u)
+    tokens = tokenizer(list(unique_texts), context_length=model.config.context_length)
+    loglik: dict[tuple[int, int], float] = {}
+    wanted = sorted(by_image)
+    with _EvalMode(model), _bar(len(pairs), "re-ranking", "pair", progress) as bar:
+        # each image's patch tokens once, then every candidate caption of it in batches
+        image_tokens = _map_image_batches(model, [paths[i] for i in wanted], dev, batch_size, False, "images",
+                                          lambda m, x: list(m.visual(x)))
+        for i, tok_i in zip(wanted, image_tokens):
+            texts = by_image[i]
+            for start in range(0, len(texts), 256):
+                chunk = texts[start:start + 256]
+                t = tokens[torch.tensor(chunk)]
+                t = t[:, :max(2, int((t != model.config.pad_id).sum(1).max()))].to(dev)
+                ll = model.caption_log_likelihood(tok_i[None].expand(len(chunk), -1, -1), t)
+                loglik.update(((i, u), float(v)) for u, v in zip(chunk, ll.float().cpu()))
+                bar.update(len(chunk))
+    # inside a top-k, rank by the combined score; the whole top-k sits above 1 (every cosine's bound)
+    i2t, t2i = sim.copy(), sim.copy()
+    for j in range(sim.shape[1]):
+        cand = top_img[:, j]
+        combined = [sim[i, j] + weight * loglik[(int(i), int(text_index[j]))] for i in cand]
+        for rank, c in enumerate(np.argsort(-np.asarray(combined), kind="stable")):
+            t2i[cand[c], j] = 2.0 + (k_img - rank)
+    for i in range(sim.shape[0]):
+        cand = top_txt[i]
+        combined = [sim[i, j] + weight * loglik[(i, int(text_index[j]))] for j in cand]
+        for rank, c in enumerate(np.argsort(-np.asarray(combined), kind="stable")):
+            i2t[i, cand[c]] = 2.0 + (k_txt - rank)
+    return i2t, t2i
 
 
 def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
@@ -415,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scores tied with the correct item's (identical captions): 'expected' counts the "
                         "average hit of a random tie-break, exactly; 'pessimistic' ranks every tied wrong "
                         "item first (default: %(default)s)")
+    r.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-order each query's top K by the captioning decoder: score = cosine + W x the caption's "
+                        "mean log-probability given the image (0: off; default: %(default)s)")
+    r.add_argument("--rerank-weight", type=float, default=1.0, metavar="W",
+                   help="W for --rerank (default: %(default)s)")
 
     z = sub.add_parser(
         "zero-shot", help="classify a folder of classes by similarity to class-name prompts",
@@ -544,6 +614,8 @@ def _print_retrieval(r: dict) -> None:
     for label, key in (("image -> text", "i2t"), ("text -> image", "t2i")):
         print(f"{label:14}" + "".join(f"{r[f'{key}_r{k}']:7.1f}" for k in (1, 5, 10)))
     print(f"mean recall (mR): {r['mean_recall']:.2f}")
+    if r.get("rerank"):
+        print(f"(top {r['rerank']} of each query re-ordered by the captioning decoder, weight {r['rerank_weight']:g})")
     if "class_oracle_mean_recall" in r:
         print(f"class-oracle mR:  {r['class_oracle_mean_recall']:.2f}  "
               f"(expected mR of a model that only tells classes apart)")
@@ -743,7 +815,10 @@ def run(args: argparse.Namespace) -> dict:
     model, tokenizer = load_checkpoint(ckpt, device=device)
     start = time.perf_counter()
     if args.command == "retrieval":
-        out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties)
+        if args.rerank < 0 or args.rerank_weight < 0:
+            raise EvalError("--rerank K and --rerank-weight W must be >= 0 (K 0: no re-ranking)")
+        out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,
+                                 rerank=args.rerank, rerank_weight=args.rerank_weight)
     elif args.command == "zero-shot":
         out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size, templates=templates,
                                  limit_per_class=args.limit_per_class if args.manifest else None,

@@ -112,6 +112,16 @@ class MaMMUT(nn.Module):
         return cosine_map(dense, text_embeddings.float())
 
     # ---- generative pass --------------------------------------------------------------------
+    def caption_log_likelihood(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean log-probability per token of each caption given its image: image_tokens [B, P, D]
+        (`self.visual(images)`), tokens [B, T] (<bos> ... <eos> <pad>...). Returns [B]; it is minus the
+        captioning loss of each pair, so it scores how well a caption describes an image."""
+        logits = self.text.generative(tokens[:, :-1], image_tokens)
+        targets = tokens[:, 1:]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+        mask = (targets != self.config.pad_id).float()
+        return (logp * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
     @torch.no_grad()
     def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1) -> list[list[int]]:
         """Token ids of a caption for each normalised image (without <bos>/<eos>/<pad>).
