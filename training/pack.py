@@ -10,7 +10,8 @@ next to OUT/recipe.json, a recipe of the same sources with the same weights, cla
 captions (class caption pools inline) and no validation split. Held-out images stay behind, so a
 run on the copy trains on exactly the original run's training images and can never see a
 validation image; evaluate its checkpoint here, on the original split. At the training resolution
-the copy is about 5 kB an image (the default recipe's 11,500 training images: about 56 MB).
+the copy is about 5 kB an image (the default recipe's 11,180 training images: 56 MB; tar it to
+move it, as one file rather than thousands).
 """
 from __future__ import annotations
 
