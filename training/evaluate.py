@@ -310,19 +310,22 @@ def rerank_with_captioner(model, tokenizer, paths: Sequence[str], unique_texts: 
                 ll = model.caption_log_likelihood(tok_i[None].expand(len(chunk), -1, -1), t)
                 loglik.update(((i, u), float(v)) for u, v in zip(chunk, ll.float().cpu()))
                 bar.update(len(chunk))
-    # inside a top-k, rank by the combined score; the whole top-k sits above 1 (every cosine's bound)
     i2t, t2i = sim.copy(), sim.copy()
     for j in range(sim.shape[1]):
         cand = top_img[:, j]
-        combined = [sim[i, j] + weight * loglik[(int(i), int(text_index[j]))] for i in cand]
-        for rank, c in enumerate(np.argsort(-np.asarray(combined), kind="stable")):
-            t2i[cand[c], j] = 2.0 + (k_img - rank)
+        t2i[cand, j] = _above_every_cosine([sim[i, j] + weight * loglik[(int(i), int(text_index[j]))] for i in cand])
     for i in range(sim.shape[0]):
         cand = top_txt[i]
-        combined = [sim[i, j] + weight * loglik[(i, int(text_index[j]))] for j in cand]
-        for rank, c in enumerate(np.argsort(-np.asarray(combined), kind="stable")):
-            i2t[i, cand[c]] = 2.0 + (k_txt - rank)
+        i2t[i, cand] = _above_every_cosine([sim[i, j] + weight * loglik[(i, int(text_index[j]))] for j in cand])
     return i2t, t2i
+
+
+def _above_every_cosine(combined) -> np.ndarray:
+    """Scores in `combined`'s order, all above 1 (every cosine's bound), so a re-ordered top k stays
+    on top of the candidates outside it: the best gets 2 + k, the k-th 3."""
+    rank = np.empty(len(combined), dtype=np.int64)
+    rank[np.argsort(-np.asarray(combined), kind="stable")] = np.arange(len(combined))
+    return 2.0 + len(combined) - rank
 
 
 def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
