@@ -794,6 +794,8 @@ def run(args: argparse.Namespace) -> dict:
     _positive(args, "batch_size", "limit", "limit_per_class", "beam_size", "max_len")
     if getattr(args, "examples", 0) < 0:
         raise EvalError("--examples must be 0 or more")
+    if getattr(args, "rerank", 0) < 0 or getattr(args, "rerank_weight", 0.0) < 0:
+        raise EvalError("--rerank K and --rerank-weight W must be >= 0 (K 0: no re-ranking)")
     device = _device(args.device)
     progress = not args.quiet
     # inputs first: a bad path fails before a model is loaded
@@ -818,8 +820,6 @@ def run(args: argparse.Namespace) -> dict:
     model, tokenizer = load_checkpoint(ckpt, device=device)
     start = time.perf_counter()
     if args.command == "retrieval":
-        if args.rerank < 0 or args.rerank_weight < 0:
-            raise EvalError("--rerank K and --rerank-weight W must be >= 0 (K 0: no re-ranking)")
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,
                                  rerank=args.rerank, rerank_weight=args.rerank_weight)
     elif args.command == "zero-shot":
