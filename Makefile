@@ -17,7 +17,7 @@ help:
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
 	@echo "make gpu-check  on a CUDA machine: the GPU tests and the GPU benchmark (GPU_PY=python with CUDA torch)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
-	@echo "make train-default  train the default checkpoint (small preset, training/recipes/default.json) into runs/default"
+	@echo "make train-default  stage 1 of the CPU-trained checkpoints (small preset, training/recipes/default.json) into runs/default"
 	@echo "make train-default-stage2  continue it for 1,000 steps"
 	@echo "make train-default-stage3  then 2,000 steps with the class-aware loss"
 	@echo "make train-default-stage4  then 800 more class-aware steps (init: runs/default-stage3/fp16)"
@@ -25,7 +25,7 @@ help:
 	@echo "make train-default-stage6  then 1,000 more (init: runs/default-stage5/fp16, the stage-5 weights)"
 	@echo "make train-default-stage7  then 1,000 steps with 30% template mixing (init: runs/default-stage7/init)"
 	@echo "make train-default-stage8  then 300 steps on the human captions alone (init: runs/default-stage7/fp16)"
-	@echo "make average-default       the mean of the stage-5 and stage-6 weights (the previous default) -> runs/default-stage7/init"
+	@echo "make average-default       the mean of the stage-5 and stage-6 weights (a CPU-trained default) -> runs/default-stage7/init"
 	@echo "make pack-default          the default recipe's training split, resized, in runs/pack (to copy to a GPU machine)"
 	@echo "make train-default-gpu     the default checkpoint: one run from scratch on one GPU, on runs/pack (GPU_PY=...)"
 	@echo "make ablate-recipe         train each recipe variant from scratch and tabulate (runs/ablation/results.md)"
@@ -126,16 +126,16 @@ train-default-stage7: setup
 	    --export-fp16 runs/default-stage7/fp16 --resume
 
 # Stage 8 continues stage 7 for 300 class-aware steps on the human captions alone (no template mixing),
-# at a low peak lr, so the caption decoder forgets the templates. Its fp16 export is the default checkpoint:
-# `cp runs/default-stage8/fp16/* backend/checkpoints/default/`.
+# at a low peak lr, so the caption decoder forgets the templates. Its fp16 export was the default checkpoint
+# until the one-GPU run below (README model card, "History").
 train-default-stage8: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage7/fp16 \
 	    --image-size 128 --steps 300 --batch-size 64 --lr 8e-5 --warmup-steps 10 --caption-weight 1.0 --class-aware \
 	    --save-every 50 --keep-last 2 --eval-every 300 --workers 1 --out runs/default-stage8 \
 	    --export-fp16 runs/default-stage8/fp16 --resume
 
-# The previous default checkpoint was the uniform average of the stage-5 and stage-6 weights; stage 7 starts
-# from it (the default is now stage 8's export, README model card).
+# A CPU-trained default was the uniform average of the stage-5 and stage-6 weights; stage 7 starts from it
+# (README model card, "History").
 average-default: setup
 	$(PY) -m training.export runs/default-stage5/fp16 runs/default-stage7/init --average runs/default-stage6/fp16 --fp16
 
