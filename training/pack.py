@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     about = (f"Training split of {Path(args.recipe).name} (seed {args.seed}): images resized to a "
              f"{args.size}-pixel shorter side; held-out images are not in this copy.")
     (out / "recipe.json").write_text(json.dumps({"about": about, "sources": packed}, indent=1) + "\n")
-    counts = ", ".join(f"{s['name']} {sum(1 for j in jobs if Path(j[1]).relative_to(out).parts[0] == s['name'])}"
-                       for s in packed)
+    per_source = Counter(Path(j[1]).relative_to(out).parts[0] for j in jobs)
+    counts = ", ".join(f"{s['name']} {per_source[s['name']]}" for s in packed)
     print(f"packed {len(jobs)} images ({counts}), {total / 1e6:.1f} MB, into {out}; "
           f"train with --recipe {out / 'recipe.json'}")
     return 0
