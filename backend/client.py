@@ -123,7 +123,7 @@ def cmd_index(stub, args) -> int:
 def cmd_search(stub, args) -> int:
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[os.path.abspath(p) for p in args.raster],
-                               include_thumbnails=bool(args.thumbnails))
+                               include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
@@ -209,7 +209,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
 def cmd_segment(stub, args) -> int:
     request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=args.min_area,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
-                                target_resolution=args.resolution or 0.0)
+                                target_resolution=args.resolution or 0.0, raw_prompts=args.raw_prompts)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
@@ -319,6 +319,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--extent-crs", default="", help="CRS of --extent (default EPSG:4326 lon/lat)")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
     p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR")
+    p.add_argument("--raw-query", action="store_true",
+                   help="embed the query as typed (default: averaged over phrasings such as "
+                        "\"an aerial photo of QUERY.\", which ranks better)")
     p = sub.add_parser("segment", parents=[common, extent], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
@@ -328,6 +331,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
     p.add_argument("--resolution", type=float, default=None, help="work at this ground resolution")
     p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
+    p.add_argument("--raw-prompts", action="store_true",
+                   help="embed each prompt as typed (default: averaged over phrasings, as search does)")
     p = sub.add_parser("caption", parents=[common, extent], help="describe an area in words")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--max-len", type=int, default=32, help="most tokens (default 32)")

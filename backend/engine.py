@@ -28,6 +28,7 @@ import torch
 from .defaults import BUNDLED_CHECKPOINT
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
+from .model.prompts import ensemble_prompts, pool_ensemble
 
 log = logging.getLogger("skyprompt.engine")
 
@@ -125,6 +126,17 @@ class ModelEngine:
     def embed_texts(self, texts: list[str], cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
         """Texts -> L2-normalised float32 embeddings [N, E]."""
         return np.stack(self._call("text", list(texts), (), cancelled))
+
+    def embed_prompts(self, texts: list[str], ensemble: bool = True,
+                      cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
+        """A user's words -> L2-normalised float32 embeddings [N, E]. With `ensemble` (the default),
+        each text is embedded under the zero-shot templates ("an aerial photo of ...", ...) and the
+        phrasings averaged, as class names are in zero-shot evaluation; without it, as typed."""
+        if not ensemble:
+            return self.embed_texts(texts, cancelled)
+        prompts, owner = ensemble_prompts(texts)
+        pooled = pool_ensemble(torch.from_numpy(self.embed_texts(prompts, cancelled)), owner, len(texts))
+        return pooled.numpy()
 
     def relevance(self, images: np.ndarray, text_embeddings: np.ndarray, window: int, sigma: float,
                   cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:

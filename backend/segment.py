@@ -270,20 +270,29 @@ def relevance_geotiff(relevance: np.ndarray, geotransform, srs: osr.SpatialRefer
     return bytes(data)
 
 
+def prompt_embeddings(engine, prompts: Sequence[str], ensemble: bool = True,
+                      cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
+    """[len(prompts) + len(BACKGROUND_PROMPTS), E]: the prompts (ensembled unless `ensemble` is
+    False), then the background texts as they are: what `relevance_map` takes."""
+    return np.concatenate([engine.embed_prompts(list(prompts), ensemble, cancelled=cancelled),
+                           engine.embed_texts(list(BACKGROUND_PROMPTS), cancelled=cancelled)])
+
+
 def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, threshold: float = DEFAULT_THRESHOLD,
             min_area: float = 0.0, simplify_tolerance: float | None = None, window: int = DEFAULT_SAO_WINDOW,
             sigma: float = 0.0, target_resolution: float | None = None, overlap: float = 0.25,
-            max_pixels: int = 4096 * 4096, keep_relevance: bool = False,
+            max_pixels: int = 4096 * 4096, keep_relevance: bool = False, ensemble: bool = True,
             progress: Callable[[str, int, int], None] | None = None,
             cancelled: Callable[[], bool] = lambda: False) -> SegmentOutput:
-    """Polygons for each prompt over `extent` of `raster` (see the module docstring)."""
+    """Polygons for each prompt over `extent` of `raster` (see the module docstring). `ensemble`:
+    embed each prompt under the zero-shot templates and average (`ModelEngine.embed_prompts`); the
+    background texts are already phrased as captions and are embedded as they are."""
     if progress:
         progress("reading", 0, 0)
     rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
     height, width = valid.shape
     srs = raster.srs
-    texts = list(prompts) + list(BACKGROUND_PROMPTS)
-    text_embeddings = engine.embed_texts(texts, cancelled=cancelled)
+    text_embeddings = prompt_embeddings(engine, prompts, ensemble, cancelled)
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
                                cancelled=cancelled)
@@ -305,6 +314,6 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
                          (height, width), tiles)
 
 
-__all__ = ["segment", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
+__all__ = ["segment", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
            "tile_starts", "relevance_geotiff", "BACKGROUND_PROMPTS", "DEFAULT_SAO_WINDOW", "DEFAULT_THRESHOLD",
            "SegmentOutput", "PromptResult", "PolygonResult"]

@@ -407,7 +407,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers from "
                                                 f"IndexResult.raster_id)")
         cancelled = self._cancelled(context)
-        vector = self.engine.embed_texts([query], cancelled=cancelled)[0]
+        vector = self.engine.embed_prompts([query], ensemble=not request.raw_query, cancelled=cancelled)[0]
         # unspecified = the server's choice: the index is exact below its ANN threshold anyway
         exact = request.mode == pb.SEARCH_MODE_EXACT
         hits = self.index.search(vector, k, self.engine.checkpoint_hash,
@@ -504,7 +504,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
                     simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
                     overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
-                    progress=progress, cancelled=cancelled)
+                    ensemble=not request.raw_prompts, progress=progress, cancelled=cancelled)
             except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
                 outcome["error"] = e
             finally:

@@ -259,6 +259,40 @@ def test_caption_and_embed_text(server, rasters):
     assert embedded.checkpoint_hash == info.checkpoint_hash and info.model_preset == "tiny"
 
 
+def test_search_embeds_the_query_as_a_prompt_ensemble_unless_raw(server, rasters):
+    """A search scores tiles against the mean of the query's phrasings (re-normalised); raw_query
+    scores them against the query as typed. Checked exactly through the wire: a tile's ensemble
+    score is the sum of its raw scores for each phrasing over the norm of the phrasings' sum."""
+    from backend.model.prompts import ensemble_prompts
+
+    p = pb()
+    result = index(server, rasters["rgb"])[-1].result
+    n = result.tile_count
+
+    def scores(query, raw):
+        hits = server.stub.Search(p.SearchRequest(query=query, k=n, raster_ids=[result.raster_id], raw_query=raw),
+                                  metadata=server.metadata).hits
+        assert len(hits) == n
+        return {h.tile_id: h.score for h in hits}
+
+    query = "green fields next to a road."
+    phrasings, _ = ensemble_prompts([query])
+    assert "an aerial photo of green fields next to a road." in phrasings
+    vectors = np.array([e.values for e in server.stub.EmbedText(p.EmbedTextRequest(texts=phrasings),
+                                                                metadata=server.metadata).embeddings])
+    norm = np.linalg.norm(vectors.sum(0))
+    per_phrasing = [scores(text, raw=True) for text in phrasings]
+    ensemble = scores(query, raw=False)
+    for tile, score in ensemble.items():
+        assert score == pytest.approx(sum(s[tile] for s in per_phrasing) / norm, abs=1e-4)
+    raw = scores(query, raw=True)
+    assert max(abs(raw[t] - ensemble[t]) for t in raw) > 1e-3      # raw_query is not the ensemble
+
+    results, _ = segment(server, rasters["rgb"], ["trees"], return_relevance_map=True)
+    raw_results, _ = segment(server, rasters["rgb"], ["trees"], return_relevance_map=True, raw_prompts=True)
+    assert results[0].max_relevance != pytest.approx(raw_results[0].max_relevance, abs=1e-6)
+
+
 def test_pixel_source_round_trip(server):
     pixels = noise((3, 100, 120), seed=9)
     source = pb().RasterSource(pixels=pb().PixelSource(
@@ -472,6 +506,11 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)
     assert len(found["results"]) == 4 and found["results"][0]["score"] >= found["results"][-1]["score"]
+    out = client(server, "search", "--json", "green fields", "--k", "4", "--raster", str(rasters["rgb"]),
+                 "--raster", str(rasters["grey16"]), "--raw-query")
+    assert out.returncode == 0, out.stderr
+    raw = json.loads(out.stdout)["results"]
+    assert [h["score"] for h in raw] != [h["score"] for h in found["results"]]
     for hit in found["results"]:
         assert Path(hit["raster"]).name in ("rgb_utm.tif", "grey16.tif") and hit["crs"] in ("EPSG:32633", "EPSG:3035")
         xmin, ymin, xmax, ymax = hit["extent"]

@@ -27,11 +27,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from backend.model.checkpoint import CheckpointError, load_checkpoint
+from backend.model.prompts import ensemble_prompts, pool_ensemble
 
 from . import metrics as M
 from .augment import eval_transform
 from .data import CLASSNAMES_DIR, DataError, manifest_records, read_classnames_file
-from .templates import ZERO_SHOT_TEMPLATES, fill
+from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "default": tuple(ZERO_SHOT_TEMPLATES),      # prompt ensemble
@@ -335,15 +336,14 @@ def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequ
     names = load_classnames(classnames)
     if not templates:
         raise EvalError("no prompt templates")
-    prompts, owner = [], []
-    for c, (key, synonyms) in enumerate(names.items()):
+    words, class_of = [], []
+    for c, synonyms in enumerate(names.values()):
         for name in synonyms:
-            for text in fill(templates, name):
-                prompts.append(text)
-                owner.append(c)
+            words.append(name)
+            class_of.append(c)
+    prompts, owner = ensemble_prompts(words, templates)
     emb = encode_texts(model, tokenizer, prompts, device, batch_size, progress, desc="class prompts")
-    sums = torch.zeros(len(names), emb.shape[1]).index_add_(0, torch.tensor(owner), emb)
-    return F.normalize(sums, dim=-1)
+    return pool_ensemble(emb, [class_of[o] for o in owner], len(names))
 
 
 def _class_key(record, names: Mapping[str, tuple[str, ...]]) -> str:
@@ -572,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the backend's Segment on each mosaic and score polygons vs ground truth")
     g.add_argument("--threshold", type=float, default=None,
                    help="Segment threshold for --end-to-end (default: the backend's)")
+    g.add_argument("--raw-prompts", action="store_true",
+                   help="Segment embeds each prompt as typed instead of averaging it over the zero-shot "
+                        "templates, as the backend does by default (--end-to-end and --raster)")
     g.add_argument("--keep", metavar="DIR", help="write the mosaics (GeoTIFF, mask, class polygons) into DIR")
     return p
 
@@ -703,7 +706,8 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
     try:
         start = time.perf_counter()
         out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold, window,
-                                         sigma, args.label_layer, args.where, args.tolerance)
+                                         sigma, args.label_layer, args.where, args.tolerance,
+                                         ensemble=not args.raw_prompts)
     except (RasterError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
     finally:
@@ -775,12 +779,13 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         if args.end_to_end:
             window = L.METHODS[main][0]
             out["end_to_end"] = L.evaluate_end_to_end(engine, mosaics, L.first_names(names), threshold,
-                                                      window, progress=progress)
+                                                      window, progress=progress, ensemble=not args.raw_prompts)
         out["settings"] = {"data": str(args.data), "files": args.files, "classnames": str(args.classnames),
                            "classes": list(names), "seed": args.seed, "mosaics": args.mosaics, "size": args.size,
                            "regions": args.regions, "layout": args.layout, "scene_px": scene_px,
                            "templates": len(templates), "tolerance_px": args.tolerance, "overlap": L.SEGMENT_OVERLAP,
-                           "threshold": threshold if args.end_to_end else None}
+                           "threshold": threshold if args.end_to_end else None,
+                           "prompt_ensemble": not args.raw_prompts if args.end_to_end else None}
         out["checkpoint"] = str(ckpt)
         out["seconds"] = round(time.perf_counter() - start, 2)
         return out

@@ -152,7 +152,7 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
 
 def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str],
                         threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
-                        folder: str | Path | None = None, progress: bool = True) -> dict:
+                        folder: str | Path | None = None, progress: bool = True, ensemble: bool = True) -> dict:
     """Backend Segment on each written mosaic, every class name as a prompt; polygon IoU per class
     (intersection and union areas summed over mosaics, in map units)."""
     from backend.raster import open_raster
@@ -167,7 +167,7 @@ def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str
             paths = write_mosaic(m, folder, f"mosaic_{i:03d}")
             truth = _polygons_of(paths["polygons"], len(classes))
             result = segment(open_raster(paths["image"]), list(prompts), engine, threshold=threshold,
-                             window=window, overlap=SEGMENT_OVERLAP)
+                             window=window, overlap=SEGMENT_OVERLAP, ensemble=ensemble)
             for c, r in enumerate(result.results):
                 found = shapely.union_all([p.geometry for p in r.polygons]) if r.polygons else None
                 t = truth[c]
@@ -242,24 +242,24 @@ def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | N
 def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str | Path, prompt: str,
                              threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
                              sigma: float = 0.0, layer: str | None = None, where: str | None = None,
-                             tolerance: int = 3, target_resolution: float | None = None) -> dict:
+                             tolerance: int = 3, target_resolution: float | None = None, ensemble: bool = True) -> dict:
     """One prompt against labelled features (e.g. building footprints) on a real raster: pixel IoU,
     accuracy and boundary F of the thresholded relevance map, and polygon IoU of the backend's
     Segment against the label polygons (clipped to the raster), in map units."""
     from backend.raster import open_raster
-    from backend.segment import BACKGROUND_PROMPTS, segment
+    from backend.segment import prompt_embeddings, segment
 
     raster = open_raster(raster_path)
     rgb, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
     truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
-    texts = engine.embed_texts([prompt, *BACKGROUND_PROMPTS])
+    texts = prompt_embeddings(engine, [prompt], ensemble)
     rel, _ = relevance_map(rgb, valid, texts, 1, engine, window, sigma, SEGMENT_OVERLAP)
     pred = rel[0] >= threshold
     labels = np.where(valid, truth.astype(np.int64), -1)
     confusion = M.segmentation_confusion(pred.astype(np.int64), labels, 2)
     iou = M.iou_per_class(confusion)
     result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
-                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP)
+                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP, ensemble=ensemble)
     found = [p.geometry for p in result.results[0].polygons]
     found = shapely.union_all(found) if found else None
     xmin, ymin, xmax, ymax = result.extent
@@ -277,4 +277,5 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
             "end_to_end": {"polygon_iou": polygon_iou, "polygons": len(result.results[0].polygons)},
             "settings": {"raster": str(raster_path), "labels": str(labels_path), "layer": layer, "where": where,
                          "threshold": threshold, "window": window, "tolerance_px": tolerance,
+                         "prompt_ensemble": ensemble,
                          "grid": list(valid.shape)}}

@@ -5,15 +5,16 @@
 searches in all of these ways and a model that saw one fixed sentence learns the sentence rather
 than the scene.
 
-`ZERO_SHOT_TEMPLATES` is a short, plain subset for zero-shot classification: the text embeddings
-of a class under each template are averaged (prompt ensembling, as in CLIP), which is steadier
-than any single prompt. It stays small so evaluation stays fast.
+`ZERO_SHOT_TEMPLATES` (from `backend.model.prompts`, re-exported here) is a short, plain subset for
+zero-shot classification: the text embeddings of a class under each template are averaged (prompt
+ensembling, as in CLIP), which is steadier than any single prompt. It stays small so evaluation
+stays fast; the backend ensembles search queries and Segment prompts with the same templates.
 
 Every template has exactly one "{}" where the human class name goes (see `fill`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from backend.model.prompts import ZERO_SHOT_TEMPLATES, fill
 
 TEMPLATES: tuple[str, ...] = (
     "an aerial photo of {}.",
@@ -70,22 +71,4 @@ TEMPLATES: tuple[str, ...] = (
     "{}.",
 )
 
-ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
-    "an aerial photo of {}.",
-    "a satellite image of {}.",
-    "a remote sensing image of {}.",
-    "an overhead view of {}.",
-    "{} seen from above.",
-    "a high resolution remote sensing image of {}.",
-    "a bird's-eye view of {}.",
-    "{}.",
-)
-
-
-def fill(templates: Sequence[str], name: str) -> list[str]:
-    """Every template with `name` in its "{}" slot.
-
-    str.replace rather than str.format, so a user's own template with other braces in it
-    (a JSON-looking fragment, say) does not raise.
-    """
-    return [t.replace("{}", name) for t in templates]
+__all__ = ["TEMPLATES", "ZERO_SHOT_TEMPLATES", "fill"]
