@@ -232,12 +232,34 @@ def test_per_patch_loss_trains_the_image_side_only(tiny_model, tokenizer):
     grid = cfg.image_size // cfg.patch_size
     labels = torch.randint(2, (2, grid, grid), generator=g)
     labels[0, 0, 0] = IGNORE
-    losses = step(images, tokens, None, images, labels, tokens)
+    losses = step(images, tokens, None, images, labels, tokens, torch.arange(2))
     losses["dense_loss"].backward()
     grads = {n: p.grad for n, p in tiny_model.named_parameters()}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("visual."))
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("attn_pool."))
     assert all(g is None for n, g in grads.items() if n.startswith("text.") or n == "logit_scale")
+
+
+def test_refinement_class_text_pools_the_prompt_ensemble(tiny_model, tokenizer):
+    import torch
+    import torch.nn.functional as F
+
+    from backend.model.prompts import ZERO_SHOT_TEMPLATES
+    from training.refine import PROMPT, class_prompt_texts, class_text
+
+    texts, owner = class_prompt_texts(["forest", "lake"], "ensemble")
+    assert len(texts) == 2 * len(ZERO_SHOT_TEMPLATES) and owner == [0] * len(ZERO_SHOT_TEMPLATES) + [1] * len(ZERO_SHOT_TEMPLATES)
+    assert "an aerial photo of lake." in texts and texts[owner.index(1)].count("lake") == 1
+    with torch.no_grad():
+        tokens = tokenizer(texts, tiny_model.config.context_length)
+        pooled = class_text(tiny_model.eval(), tokens, torch.tensor(owner))
+        each = F.normalize(tiny_model.encode_text(tokens), dim=-1)
+    n = len(ZERO_SHOT_TEMPLATES)
+    expected = F.normalize(torch.stack([each[:n].mean(0), each[n:].mean(0)]), dim=-1)
+    assert torch.allclose(pooled, expected, atol=1e-6)
+    # the ensemble is not one of its phrasings: pooling did something
+    assert not torch.allclose(pooled[0], each[0], atol=1e-3)
+    assert class_prompt_texts(["forest", "lake"], "single") == ([PROMPT.format("forest"), PROMPT.format("lake")], [0, 1])
 
 
 def test_keep_loss_is_zero_at_the_teacher_and_pulls_back_towards_it(tiny_model, tokenizer):
@@ -255,11 +277,11 @@ def test_keep_loss_is_zero_at_the_teacher_and_pulls_back_towards_it(tiny_model, 
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
     tokens = tokenizer(["a lake", "a forest"], cfg.context_length)
     labels = torch.zeros(2, cfg.image_size // cfg.patch_size, cfg.image_size // cfg.patch_size, dtype=torch.long)
-    assert float(step(images, tokens, None, images, labels, tokens)["keep_loss"].detach()) < 1e-5   # same weights
+    assert float(step(images, tokens, None, images, labels, tokens, torch.arange(2))["keep_loss"].detach()) < 1e-5   # same weights
     with torch.no_grad():
         for p in tiny_model.attn_pool.parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g))
-    moved = step(images, tokens, None, images, labels, tokens)["keep_loss"]
+    moved = step(images, tokens, None, images, labels, tokens, torch.arange(2))["keep_loss"]
     assert float(moved.detach()) > 1e-3
     moved.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.attn_pool.parameters())

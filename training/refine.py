@@ -40,6 +40,7 @@ from backend.defaults import DEFAULT_SAO_WINDOW
 from backend.model import MaMMUTLoss
 from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from backend.model.precision import autocast_context
+from backend.model.prompts import ensemble_prompts, pool_ensemble
 from backend.segment import relevance_map
 
 from . import recipe as recipes
@@ -48,7 +49,7 @@ from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
 from .mosaic import build_mosaic, build_mosaics
 from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
 
-PROMPT = "an aerial photo of {}."
+PROMPT = "an aerial photo of {}."   # the class prompt of --class-prompts single
 IGNORE = -1
 
 
@@ -70,6 +71,7 @@ class RefineConfig:
     augment: str = "overhead"        # image augmentation of the caption pairs (training.augment.AUGMENTATIONS)
     template_mix: float = 0.0        # P(caption -> one of its class's templates), as training.train --template-mix
     dense_weight: float = 1.0
+    class_prompts: str = "ensemble"  # class text for labels and the dense loss: "ensemble" (as evaluation) or "single"
     keep_global: float = 0.0         # weight of 1 - cos(global image embedding, the starting model's)
     lr: float = 5e-5
     weight_decay: float = 0.05
@@ -92,7 +94,7 @@ class RefineStep(torch.nn.Module):
         # the frozen starting model, kept out of the module tree: DDP and the optimizer never see it
         self._teacher = [teacher] if teacher is not None else []
 
-    def forward(self, images, tokens, class_ids, mosaics, labels, class_tokens):
+    def forward(self, images, tokens, class_ids, mosaics, labels, class_tokens, class_owner):
         out = self.model(images, tokens)
         losses = self.loss_fn(out, tokens, class_ids)
         if self._teacher:
@@ -105,11 +107,24 @@ class RefineStep(torch.nn.Module):
         # the per-patch loss moves the image side only: pseudo-labels are noisy, and letting them pull
         # the class prompts' text embeddings or the temperature would move what zero-shot search uses
         with torch.no_grad():
-            text = F.normalize(self.model.encode_text(class_tokens), dim=-1)
+            text = class_text(self.model, class_tokens, class_owner)
             scale = self.model.logit_scale.clamp(max=self.model.config.max_logit_scale).exp()
         logits = scale * torch.einsum("bxye,ce->bcxy", dense, text)
         losses["dense_loss"] = F.cross_entropy(logits, labels, ignore_index=IGNORE)
         return losses
+
+
+def class_text(model, tokens: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """[C, E] class text embeddings from the tokens of every class's prompts ([P, L]; `owner`: the
+    class of each prompt), pooled per class as zero-shot evaluation pools its prompt ensemble."""
+    return pool_ensemble(F.normalize(model.encode_text(tokens), dim=-1), owner, int(owner.max()) + 1)
+
+
+def class_prompt_texts(names, kind: str) -> tuple[list[str], list[int]]:
+    """The prompts of each class name and their class index: the zero-shot ensemble, or one prompt."""
+    if kind == "ensemble":
+        return ensemble_prompts(list(names))
+    return [PROMPT.format(n) for n in names], list(range(len(names)))
 
 
 def round_lr(step: int, steps: int, peak: float) -> float:
@@ -287,8 +302,11 @@ def refine(cfg: RefineConfig) -> list[dict]:
         log("round 0 " + json.dumps(row))
         _append_metrics(metrics_path, row)
         rows.append(row)
-    class_tokens = [tokenizer([PROMPT.format(n) for n in s["names"].values()], mcfg.context_length).to(device)
-                    for s in mosaic_sources]
+    class_tokens, class_owner = [], []
+    for s in mosaic_sources:
+        texts, owner = class_prompt_texts(s["names"].values(), cfg.class_prompts)
+        class_tokens.append(tokenizer(texts, mcfg.context_length).to(device))
+        class_owner.append(torch.tensor(owner, dtype=torch.long, device=device))
 
     from tqdm import tqdm
 
@@ -299,7 +317,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
         pool = []           # (source index, uint8 image [3,S,S], labels [G,G])
         right = labelled = 0  # pseudo-labels checked against the mosaics' masks (monitoring only)
         with torch.no_grad():
-            text = [F.normalize(model.encode_text(t), dim=-1) for t in class_tokens]
+            text = [class_text(model, t, o) for t, o in zip(class_tokens, class_owner)]
         for start in range(0, per_rank, 32):
             chunk = range(start, min(start + 32, per_rank))
             made = []
@@ -349,7 +367,8 @@ def refine(cfg: RefineConfig) -> list[dict]:
             with amp:
                 losses = train_module(batch["images"].to(device), batch["tokens"].to(device),
                                       class_ids.to(device) if class_ids is not None else None, mosaics, labels,
-                                      class_tokens[pool[candidates[pick[0]]][0]])
+                                      class_tokens[pool[candidates[pick[0]]][0]],
+                                      class_owner[pool[candidates[pick[0]]][0]])
                 loss = losses["loss"] + cfg.dense_weight * losses["dense_loss"]
                 if "keep_loss" in losses:
                     loss = loss + cfg.keep_global * losses["keep_loss"]
@@ -424,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template-mix", type=float, default=d.template_mix, metavar="P",
                    help="probability that a caption pair of a known class is captioned with one of its class "
                         "templates instead, as training.train --template-mix (default: %(default)s)")
+    p.add_argument("--class-prompts", choices=("ensemble", "single"), default=d.class_prompts,
+                   help="class text for pseudo-labels and the per-patch loss: the zero-shot prompt ensemble, as "
+                        "evaluation and the backend use, or the one prompt %r (default: %%(default)s)" % PROMPT)
     p.add_argument("--benchmark", default="", help="validation set whose mosaics give the mIoU (default: the first)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--export-fp16", default=None, metavar="DIR", help="also write the final weights in fp16 here")
