@@ -9,7 +9,9 @@ not train on):
   3. run one natural-language query per class (bench/search_queries.json: worded like a user,
      not the class name);
   4. report precision@10 and average precision per class and overall. A hit counts when the centre
-     of its footprint lies on an image of the query's class.
+     of its footprint lies on an image of the query's class. Queries go through the backend's default
+     (each averaged over phrasings like "an aerial photo of QUERY."); the same queries embedded as
+     typed (`raw_query`) are the peer in the same run.
 Target: mean precision@10 >= 0.7. Needs ../shared/data; uses the bundled checkpoint (or --checkpoint).
 """
 from __future__ import annotations
@@ -96,22 +98,32 @@ def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path) 
     done = list(stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(mosaic)),
                                                        target_resolution=CHIP * PIXEL / tile, force=True)))[-1].result
     n_tiles = done.tile_count
-    per_class = {}
-    for key, query in queries.items():
-        total = int((classes == key).sum())
-        if total == 0:
-            continue
-        hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[done.raster_id])).hits
-        relevant = []
-        for h in hits:
-            cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
-            relevant.append(class_at(classes, cx, cy) == key)
-        # every tile is ranked, so the relevant tiles are those of the ranking that lie on the class
-        per_class[key] = {"query": query, "images": total, "relevant_tiles": int(sum(relevant)),
-                          "p_at_10": float(np.mean(relevant[:10])), "ap": average_precision(relevant, sum(relevant))}
-    return {"images": len(records), "tiles": n_tiles, "classes": len(per_class),
-            "mean_p_at_10": float(np.mean([v["p_at_10"] for v in per_class.values()])),
-            "map": float(np.mean([v["ap"] for v in per_class.values()])), "per_class": per_class}
+    out = {"images": len(records), "tiles": n_tiles}
+    # the backend's default (the query averaged over phrasings) and, as its peer in the same run, the
+    # query embedded as typed
+    for raw in (False, True):
+        per_class = {}
+        for key, query in queries.items():
+            total = int((classes == key).sum())
+            if total == 0:
+                continue
+            hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[done.raster_id],
+                                                raw_query=raw)).hits
+            relevant = []
+            for h in hits:
+                cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
+                relevant.append(class_at(classes, cx, cy) == key)
+            # every tile is ranked, so the relevant tiles are those of the ranking that lie on the class
+            per_class[key] = {"query": query, "images": total, "relevant_tiles": int(sum(relevant)),
+                              "p_at_10": float(np.mean(relevant[:10])), "ap": average_precision(relevant, sum(relevant))}
+        summary = {"classes": len(per_class),
+                   "mean_p_at_10": float(np.mean([v["p_at_10"] for v in per_class.values()])),
+                   "map": float(np.mean([v["ap"] for v in per_class.values()])), "per_class": per_class}
+        if raw:
+            out["raw_query"] = summary
+        else:
+            out.update(summary)
+    return out
 
 
 def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets=None, echo=print) -> dict:
@@ -132,7 +144,8 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
             results["sets"][name] = evaluate_set(server.stub, pb, name, val[name], queries[name], work)
             results["sets"][name]["seconds"] = time.perf_counter() - t
             r = results["sets"][name]
-            echo(f"{name}: {r['images']} images, mean P@10 {r['mean_p_at_10']:.3f}, mAP {r['map']:.3f}")
+            echo(f"{name}: {r['images']} images, mean P@10 {r['mean_p_at_10']:.3f}, mAP {r['map']:.3f} "
+                 f"(query as typed: {r['raw_query']['mean_p_at_10']:.3f}, {r['raw_query']['map']:.3f})")
     finally:
         server.stop()
     overall = [r["mean_p_at_10"] for r in results["sets"].values()]
@@ -144,9 +157,13 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
 
 
 def report(results: dict) -> str:
-    lines = ["| set | images | classes | mean P@10 | mAP |", "|---|---|---|---|---|"]
+    lines = ["| set | images | classes | mean P@10 | mAP | query as typed: P@10 | mAP | P@10 ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results["sets"].items():
-        lines.append(f"| {name} | {r['images']} | {r['classes']} | {r['mean_p_at_10']:.3f} | {r['map']:.3f} |")
+        raw = r["raw_query"]
+        ratio = r["mean_p_at_10"] / raw["mean_p_at_10"] if raw["mean_p_at_10"] else float("nan")
+        lines.append(f"| {name} | {r['images']} | {r['classes']} | {r['mean_p_at_10']:.3f} | {r['map']:.3f} | "
+                     f"{raw['mean_p_at_10']:.3f} | {raw['map']:.3f} | {ratio:.2f}x |")
     lines.append("")
     for name, r in results["sets"].items():
         worst = sorted(r["per_class"].items(), key=lambda kv: kv[1]["ap"])[:3]

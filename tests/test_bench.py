@@ -88,6 +88,7 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     assert res["indexing"]["tiles_per_s"] > 0 and res["indexing"]["ratio_to_bare_model"] > 0
     assert res["segment"]["tiles"] > 0 and res["segment"]["median_s"] > 0
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
+    assert 0 < res["search_grpc"]["raw_query_p50_ms"] <= res["search_grpc"]["raw_query_p99_ms"]
     assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100
     assert [t["result"] in ("PASS", "FAIL") for t in res["targets"]] == [True, True]
 
@@ -161,6 +162,9 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     assert result["tiles"] == 16
     for v in result["per_class"].values():
         assert 0.0 <= v["p_at_10"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 and v["images"] == 4
+    # the peer in the same run: the same queries embedded as typed, reported beside the default
+    assert result["raw_query"]["classes"] == 2 and set(result["raw_query"]["per_class"]) == {"red", "blue"}
+    assert "query as typed" in sq.report({"sets": {"toy": result}, "targets": []})
 
 
 def test_dataset_bench_quick_writes_results(tmp_path):
