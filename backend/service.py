@@ -241,7 +241,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         cfg = self.engine.config
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
-                        "thumbnails", "ann"]
+                        "thumbnails", "ann", "prompt_ensemble"]
         if self.tls:
             capabilities.append("tls")
         if self.auth:

@@ -287,6 +287,7 @@ def test_search_embeds_the_query_as_a_prompt_ensemble_unless_raw(server, rasters
         assert score == pytest.approx(sum(s[tile] for s in per_phrasing) / norm, abs=1e-4)
     raw = scores(query, raw=True)
     assert max(abs(raw[t] - ensemble[t]) for t in raw) > 1e-3      # raw_query is not the ensemble
+    assert "prompt_ensemble" in server.stub.GetInfo(p.GetInfoRequest(), metadata=server.metadata).capabilities
 
     results, _ = segment(server, rasters["rgb"], ["trees"], return_relevance_map=True)
     raw_results, _ = segment(server, rasters["rgb"], ["trees"], return_relevance_map=True, raw_prompts=True)
