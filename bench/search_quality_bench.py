@@ -98,32 +98,32 @@ def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path) 
     done = list(stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(mosaic)),
                                                        target_resolution=CHIP * PIXEL / tile, force=True)))[-1].result
     n_tiles = done.tile_count
-    out = {"images": len(records), "tiles": n_tiles}
     # the backend's default (the query averaged over phrasings) and, as its peer in the same run, the
     # query embedded as typed
-    for raw in (False, True):
-        per_class = {}
-        for key, query in queries.items():
-            total = int((classes == key).sum())
-            if total == 0:
-                continue
-            hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[done.raster_id],
-                                                raw_query=raw)).hits
-            relevant = []
-            for h in hits:
-                cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
-                relevant.append(class_at(classes, cx, cy) == key)
-            # every tile is ranked, so the relevant tiles are those of the ranking that lie on the class
-            per_class[key] = {"query": query, "images": total, "relevant_tiles": int(sum(relevant)),
-                              "p_at_10": float(np.mean(relevant[:10])), "ap": average_precision(relevant, sum(relevant))}
-        summary = {"classes": len(per_class),
-                   "mean_p_at_10": float(np.mean([v["p_at_10"] for v in per_class.values()])),
-                   "map": float(np.mean([v["ap"] for v in per_class.values()])), "per_class": per_class}
-        if raw:
-            out["raw_query"] = summary
-        else:
-            out.update(summary)
-    return out
+    return {"images": len(records), "tiles": n_tiles,
+            **search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=False),
+            "raw_query": search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=True)}
+
+
+def search_precision(stub, pb, queries: dict, classes: np.ndarray, raster_id: str, n_tiles: int,
+                     raw_query: bool) -> dict:
+    """P@10 and AP of each class's query over every tile of the mosaic, and their means."""
+    per_class = {}
+    for key, query in queries.items():
+        total = int((classes == key).sum())
+        if total == 0:
+            continue
+        hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[raster_id],
+                                            raw_query=raw_query)).hits
+        relevant = []
+        for h in hits:
+            cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
+            relevant.append(class_at(classes, cx, cy) == key)
+        # every tile is ranked, so the relevant tiles are those of the ranking that lie on the class
+        per_class[key] = {"query": query, "images": total, "relevant_tiles": int(sum(relevant)),
+                          "p_at_10": float(np.mean(relevant[:10])), "ap": average_precision(relevant, sum(relevant))}
+    return {"classes": len(per_class), "mean_p_at_10": float(np.mean([v["p_at_10"] for v in per_class.values()])),
+            "map": float(np.mean([v["ap"] for v in per_class.values()])), "per_class": per_class}
 
 
 def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets=None, echo=print) -> dict:
