@@ -70,6 +70,7 @@ def cmd_info(stub, args) -> int:
         "index": {"rasters": info.index_stats.raster_count, "tiles": info.index_stats.tile_count,
                   "disk_bytes": info.index_stats.disk_bytes, "ann_active": info.index_stats.ann_active},
         "default_sao_window": info.default_sao_window.size, "default_tile_overlap": info.default_tile_overlap,
+        "default_edge_radius": info.default_edge_radius,
         "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
     }
     if args.json:
@@ -80,6 +81,8 @@ def cmd_info(stub, args) -> int:
               f"{data['image_size']}px tiles, checkpoint {data['checkpoint_hash'][:12]}")
         print(f"index: {data['index']['rasters']} rasters, {data['index']['tiles']} tiles, "
               f"{data['index']['disk_bytes'] / 1e6:.1f} MB")
+        print(f"segment defaults: SAO window {data['default_sao_window']} patches, "
+              f"edge refinement radius {data['default_edge_radius']} px")
     return 0
 
 
@@ -217,6 +220,8 @@ def cmd_segment(stub, args) -> int:
         request.threshold = args.threshold
     if args.window:
         request.sao_window.size = args.window
+    if args.edge_radius is not None:
+        request.edge_radius = args.edge_radius
     results = []
     bar = None
     for event in stub.Segment(request, metadata=_metadata(args.token), timeout=args.timeout):
@@ -329,6 +334,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (map units^2)")
     p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
+    p.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
+                   help="radius of the edge refinement that makes masks follow the image's edges, in pixels "
+                        "of the working grid (default: the server's, see `info`; 0 = off)")
     p.add_argument("--resolution", type=float, default=None, help="work at this ground resolution")
     p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
     p.add_argument("--raw-prompts", action="store_true",

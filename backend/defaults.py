@@ -15,6 +15,15 @@ API_VERSION = "skyprompt.v1"
 # CPU-trained defaults before it)
 DEFAULT_SAO_WINDOW = 5
 DEFAULT_THRESHOLD = 0.5
+# Edge refinement (backend.edges): the guided filter's radius as a fraction of the model's input
+# side, so 64 pixels of the working grid at 128-pixel tiles. Half a tile had the best mIoU of the
+# localization benchmark's radius sweep on RSSCN7 and AID mosaics (README); 0 turns it off.
+DEFAULT_EDGE_RADIUS_FRACTION = 0.5
+
+
+def default_edge_radius(image_size: int) -> int:
+    """The guided filter radius, in pixels of the working grid, Segment uses when none is asked for."""
+    return int(round(DEFAULT_EDGE_RADIUS_FRACTION * image_size))
 
 
 @dataclass(frozen=True)
@@ -29,3 +38,4 @@ class Limits:
     max_extent_pixels: int = 4096 * 4096
     max_thumbnail_side: int = 512
     max_beam_size: int = 8
+    max_edge_radius: int = 1024

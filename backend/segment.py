@@ -10,6 +10,10 @@ Relevance in 0..1: the cosine similarities of a position to the prompts (and to 
 {prompts, background}. A position is relevant to a prompt when that prompt wins against the
 others and against "just ground", so the same threshold means the same thing for any prompt; raw
 cosines of a contrastive model sit in a narrow band that differs from prompt to prompt.
+
+The blended map is then refined along the image's own edges (backend.edges, a guided filter with
+the extent's grey level as the guide), because the model sees the ground in 16-pixel patches and
+its maps blur across every boundary; the mask follows field edges and roof lines instead.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from shapely import wkb as shapely_wkb
 from shapely.geometry import Polygon
 from shapely.validation import make_valid
 
-from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD
+from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, default_edge_radius
+from .edges import edge_refined
 from .engine import EngineError
 from .raster import Raster, _gdal_exceptions
 
@@ -282,11 +287,12 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
             min_area: float = 0.0, simplify_tolerance: float | None = None, window: int = DEFAULT_SAO_WINDOW,
             sigma: float = 0.0, target_resolution: float | None = None, overlap: float = 0.25,
             max_pixels: int = 4096 * 4096, keep_relevance: bool = False, ensemble: bool = True,
-            progress: Callable[[str, int, int], None] | None = None,
+            edge_radius: int | None = None, progress: Callable[[str, int, int], None] | None = None,
             cancelled: Callable[[], bool] = lambda: False) -> SegmentOutput:
     """Polygons for each prompt over `extent` of `raster` (see the module docstring). `ensemble`:
     embed each prompt under the zero-shot templates and average (`ModelEngine.embed_prompts`); the
-    background texts are already phrased as captions and are embedded as they are."""
+    background texts are already phrased as captions and are embedded as they are. `edge_radius`:
+    the guided filter's radius in working-grid pixels (None = `default_edge_radius`, 0 = off)."""
     if progress:
         progress("reading", 0, 0)
     rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
@@ -296,6 +302,9 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
                                cancelled=cancelled)
+    if cancelled():
+        raise EngineError("cancelled", "the request was cancelled")
+    rel = edge_refined(rel, rgb, valid, default_edge_radius(engine.image_size) if edge_radius is None else edge_radius)
     if progress:
         progress("polygonizing", tiles, tiles)
     pixel = math.hypot(gt[1], gt[4])

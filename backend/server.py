@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from .defaults import BUNDLED_CHECKPOINT, DEFAULT_SAO_WINDOW, SERVICE_NAME, Limits
+from .defaults import BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_SAO_WINDOW, SERVICE_NAME, Limits
 
 log = logging.getLogger("skyprompt.server")
 
@@ -85,7 +85,8 @@ class Server:
 
     def __init__(self, checkpoint=None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
                  data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
-                 workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None):
+                 workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
+                 edge_radius: int | None = None):
         if not is_loopback(host) and not token:
             raise SystemExit(f"refusing to listen on {host}: off loopback a token is required "
                              f"(--token or ${TOKEN_ENV}); add TLS too (--tls-cert/--tls-key)")
@@ -93,6 +94,9 @@ class Server:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         if bool(tls_cert) != bool(tls_key):
             raise SystemExit("give both --tls-cert and --tls-key, or neither")
+        max_edge_radius = (limits or Limits()).max_edge_radius
+        if edge_radius is not None and not 0 <= edge_radius <= max_edge_radius:
+            raise SystemExit(f"--edge-radius {edge_radius} must be 0 (off) or a radius in pixels up to {max_edge_radius}")
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
         from grpc_health.v1 import health, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
@@ -112,7 +116,7 @@ class Server:
             raise
         self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
-                                        auth=bool(token))
+                                        auth=bool(token), edge_radius=edge_radius)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -183,6 +187,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
     parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
                         help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
+    parser.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
+                        help="default radius of Segment's edge refinement (a guided filter along the image's "
+                             "edges), in pixels of the working grid; default "
+                             f"{DEFAULT_EDGE_RADIUS_FRACTION:g} x the model's input side (64 for 128-pixel tiles); "
+                             "0 = off unless a request asks")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
                         help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
     parser.add_argument("--port-file", default=None,
@@ -199,7 +208,7 @@ def serve(args: argparse.Namespace) -> int:
         server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                         data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
-                        sao_window=args.sao_window,
+                        sao_window=args.sao_window, edge_radius=args.edge_radius,
                         limits=Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20))))
     except (EngineError, TileIndexError) as e:
         print(f"skyprompt serve: {e}", file=sys.stderr)

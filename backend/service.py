@@ -26,7 +26,7 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits
+from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits, default_edge_radius
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -187,12 +187,16 @@ class _Progress:
 class SkyPromptService(pb_grpc.SkyPromptServicer):
     def __init__(self, engine: ModelEngine, index: TileIndex, allowed_roots: list[str] | None = None,
                  limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
-                 auth: bool = False, io_threads: int = 4):
+                 auth: bool = False, io_threads: int = 4, edge_radius: int | None = None):
         self.engine = engine
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or Limits()
         self.sao_window = sao_window
+        # the guided filter's default radius scales with the model's tile (backend.defaults)
+        self.edge_radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
+        if not 0 <= self.edge_radius <= self.limits.max_edge_radius:
+            raise ValueError(f"edge radius {self.edge_radius} must be in [0, {self.limits.max_edge_radius}] pixels")
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)
@@ -241,7 +245,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         cfg = self.engine.config
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
-                        "thumbnails", "ann", "prompt_ensemble"]
+                        "thumbnails", "ann", "prompt_ensemble", "edge_refinement"]
         if self.tls:
             capabilities.append("tls")
         if self.auth:
@@ -254,7 +258,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             index_stats=pb.IndexStats(raster_count=stats["rasters"], tile_count=stats["tiles"],
                                       disk_bytes=stats["bytes"], ann_active=bool(stats.get("ann_active"))),
             default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
-            limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}))
+            limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}),
+            default_edge_radius=self.edge_radius)
 
     # -- IndexRaster --
     @streaming
@@ -477,6 +482,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         window = min(window, grid)
         if window < grid and window % 2 == 0:
             raise _bad(f"sao_window.size {window} must be odd (3, 5, 7, ...) so the window centres on a patch")
+        edge_radius = request.edge_radius if request.HasField("edge_radius") else self.edge_radius
+        if not 0 <= edge_radius <= limits.max_edge_radius:
+            raise _bad(f"edge_radius {edge_radius} must be 0 (no edge refinement) or a radius in pixels up to "
+                       f"{limits.max_edge_radius}; leave it unset for the server's default ({self.edge_radius})")
         overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
                            DEFAULT_SEGMENT_OVERLAP, "tile_overlap")
         resolution = _resolution(request.target_resolution)
@@ -504,7 +513,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
                     simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
                     overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
-                    ensemble=not request.raw_prompts, progress=progress, cancelled=cancelled)
+                    ensemble=not request.raw_prompts, edge_radius=edge_radius, progress=progress,
+                    cancelled=cancelled)
             except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
                 outcome["error"] = e
             finally:

@@ -259,6 +259,37 @@ def test_caption_and_embed_text(server, rasters):
     assert embedded.checkpoint_hash == info.checkpoint_hash and info.model_preset == "tiny"
 
 
+def test_segment_refines_relevance_along_the_image_edges_unless_asked_not_to(server, rasters, tiny_config):
+    from backend.defaults import default_edge_radius
+    from backend.edges import edge_refined
+
+    info = server.stub.GetInfo(pb().GetInfoRequest(), metadata=server.metadata)
+    assert "edge_refinement" in info.capabilities
+    assert info.default_edge_radius == default_edge_radius(tiny_config.image_size) > 0
+    path = rasters["rgb"]
+
+    def relevance(**kw):
+        (r,), _ = segment(server, path, ["trees"], return_relevance_map=True, threshold=0.5, **kw)
+        ds = gdal.Open(_vsimem(r.relevance_map_tiff))    # held: a band outlives no dataset
+        return ds.GetRasterBand(1).ReadAsArray(), r
+
+    raw, _ = relevance(edge_radius=0)
+    refined, result = relevance()
+    radius = info.default_edge_radius
+    # the server's default is exactly the unrefined map refined with the image as the guide
+    rgb = gdal.Open(str(path)).ReadAsArray()
+    valid = np.ones(raw.shape, bool)
+    expected = edge_refined(raw[None], rgb, valid, radius)[0]
+    np.testing.assert_allclose(refined, expected, atol=1e-4)
+    assert np.abs(refined - raw).max() > 1e-3
+    assert result.max_relevance == pytest.approx(float(refined.max()), abs=1e-5)
+    smaller, _ = relevance(edge_radius=radius // 4)
+    np.testing.assert_allclose(smaller, edge_refined(raw[None], rgb, valid, radius // 4)[0], atol=1e-4)
+    for bad in (-1, info.limits.max_edge_radius + 1):
+        code, details = code_of(lambda: segment(server, path, ["trees"], edge_radius=bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "edge_radius" in details, (bad, details)
+
+
 def test_search_embeds_the_query_as_a_prompt_ensemble_unless_raw(server, rasters):
     """A search scores tiles against the mean of the query's phrasings (re-normalised); raw_query
     scores them against the query as typed. Checked exactly through the wire: a tile's ensemble
@@ -383,6 +414,14 @@ def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
                           str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "SKYPROMPT_TOKEN"}, timeout=120)
     assert out.returncode != 0 and "token is required" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_bad_default_edge_radius(checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--edge-radius", "-2", "--checkpoint",
+                          str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "--edge-radius -2" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
 
 
@@ -527,6 +566,9 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert same_crs(layer.GetSpatialRef(), srs_of(gdal.Open(str(rasters["rgb"])).GetProjection()))
     prompts = {f.GetField("prompt") for f in layer}
     assert prompts <= {"trees", "roads"}
+    out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees",
+                 "--edge-radius", "-3")
+    assert out.returncode != 0 and "edge_radius -3" in out.stderr
     out = client(server, "caption", "--json", "--raster", str(rasters["rgb"]))
     assert out.returncode == 0, out.stderr
     described = json.loads(out.stdout)

@@ -1,0 +1,112 @@
+"""Edge refinement of relevance maps (backend.edges): the guided filter against brute force and its
+behaviour at image edges; the default radius; Segment applying it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.defaults import default_edge_radius
+from backend.edges import box_mean, edge_refined, guide_from_rgb, guided_filter
+
+
+def brute_box_mean(x: np.ndarray, r: int) -> np.ndarray:
+    h, w = x.shape
+    return np.array([[x[max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean() for j in range(w)]
+                     for i in range(h)])
+
+
+@pytest.mark.parametrize("radius", [0, 1, 4, 40])
+def test_box_mean_matches_brute_force_with_clipped_borders(radius):
+    x = np.random.default_rng(radius).random((23, 31))
+    np.testing.assert_allclose(box_mean(x, radius), brute_box_mean(x, radius), atol=1e-6)
+
+
+def test_box_mean_keeps_precision_on_large_planes():
+    # a float32 running sum over 4 million pixels would lose the constant's digits
+    x = np.full((2048, 2048), 0.7, np.float32)
+    np.testing.assert_allclose(box_mean(x, 64), 0.7, atol=1e-6)
+
+
+def test_flat_guide_smooths_like_a_box_filter():
+    # where the image has no edges the filter cannot step: it averages (twice, as the fits are averaged)
+    rng = np.random.default_rng(0)
+    rel = rng.random((40, 40)).astype(np.float32)
+    out = guided_filter(rel, np.full((40, 40), 0.5, np.float32), 3)
+    np.testing.assert_allclose(out, box_mean(box_mean(rel, 3), 3), atol=1e-5)
+    assert out.std() < rel.std() / 3
+
+
+def test_map_blurred_across_an_image_edge_is_sharpened_onto_it():
+    # the image steps at column 32; the model's map ramps over 16 columns around it, as patches blur
+    w = 64
+    guide = np.zeros((48, w), np.float32)
+    guide[:, 32:] = 0.8
+    ramp = np.clip((np.arange(w) - 24) / 16, 0, 1).astype(np.float32)
+    rel = np.tile(ramp, (48, 1))
+    out = guided_filter(rel, guide, 12)
+    row = out[24]
+    # mostly one side or the other of the edge, not the blurred ramp
+    assert row[28:32].max() < 0.4 and row[32:36].min() > 0.6
+    assert abs(row[31] - row[32]) > 5 * abs(rel[24, 31] - rel[24, 32])
+    # and a mask thresholded at 0.5 cuts exactly at the image's edge
+    assert ((out >= 0.5) == (guide > 0.4)).all()
+
+
+def test_radius_zero_is_the_identity_and_values_stay_in_range():
+    rng = np.random.default_rng(1)
+    rel = rng.random((2, 30, 30)).astype(np.float32)
+    guide = rng.random((30, 30)).astype(np.float32)
+    assert guided_filter(rel, guide, 0) is rel
+    out = guided_filter(rel, guide, 5)
+    assert out.shape == rel.shape and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # the planes are filtered independently: filtering one alone gives the same plane
+    np.testing.assert_allclose(guided_filter(rel[1], guide, 5), out[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, words", [({"radius": -1}, "radius"), ({"radius": 3, "eps": 0.0}, "eps")])
+def test_bad_arguments_say_what_is_wrong(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        guided_filter(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32), **kwargs)
+
+
+def test_guide_must_match_the_maps():
+    with pytest.raises(ValueError, match=r"guide is \(8, 9\)"):
+        guided_filter(np.zeros((2, 8, 8), np.float32), np.zeros((8, 9), np.float32), 2)
+
+
+def test_nodata_stays_irrelevant_after_refinement():
+    rgb = np.random.default_rng(2).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    valid = np.ones((32, 32), bool)
+    valid[:, :10] = False
+    rel = np.where(valid, 0.9, 0.0)[None].astype(np.float32)
+    out = edge_refined(rel, rgb, valid, 6)
+    assert (out[:, ~valid] == 0).all()
+    # the zeros under nodata do not pull the border of the valid area down
+    np.testing.assert_allclose(out[:, valid], 0.9, atol=1e-4)
+    np.testing.assert_allclose(guide_from_rgb(rgb), rgb.mean(0) / 255, atol=1e-6)
+
+
+def test_refined_relevance_keeps_the_models_confidence_and_cuts_at_the_edge():
+    # two prompts whose maps ramp across 16 columns around an image edge at column 32; the model is
+    # sure of each side away from it
+    w = 64
+    rgb = np.zeros((3, 48, w), np.uint8)
+    rgb[:, :, 32:] = 200
+    ramp = np.clip((np.arange(w) - 24) / 16, 0, 1).astype(np.float32)
+    rel = np.stack([np.tile(1 - ramp, (48, 1)), np.tile(ramp, (48, 1))]) * 0.98
+    out = edge_refined(rel, rgb, np.ones((48, w), bool), 12)
+    assert out.shape == rel.shape and 0.0 <= out.min() and out.max() <= 1.0
+    assert (out.sum(0) <= 1.0 + 1e-5).all()
+    # each side goes to its prompt, past the threshold, right up to the image's edge ...
+    assert (out[0, :, :32] >= 0.5).all() and (out[1, :, 32:] >= 0.5).all()
+    assert (out[0, :, 32:] < 0.5).all() and (out[1, :, :32] < 0.5).all()
+    # ... and where the model was sure it stays as sure: averaging probabilities would flatten it
+    assert out[0, :, :20].min() > 0.95 and out[1, :, 44:].min() > 0.95
+    averaged = guided_filter(rel, guide_from_rgb(rgb), 12)
+    assert out[0, :, 28:32].mean() > averaged[0, :, 28:32].mean()
+    assert edge_refined(rel, rgb, np.ones((48, w), bool), 0) is rel
+
+
+def test_default_radius_is_half_the_tile():
+    assert default_edge_radius(128) == 64 and default_edge_radius(224) == 112
