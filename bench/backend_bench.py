@@ -4,7 +4,8 @@ Measures
   - indexing throughput (tiles/s) of a generated 2048 x 2048 GeoTIFF, next to the bare model
     encoding the same number of tiles in the same run (the ratio is what reading, tiling and
     writing the index cost on top of the model);
-  - Segment latency for a 1024 x 1024-pixel extent (target: under 3 s on CPU with `small`);
+  - Segment latency for a 1024 x 1024-pixel extent (target: under 3 s on CPU with `small`), with
+    the default edge refinement next to the same request without it (`edge_radius` 0);
   - peak RSS of the server while indexing a 20000 x 20000-pixel raster (a VRT mosaic of one
     generated GeoTIFF; target: under 1.5 GB), at a coarser target resolution so the run is short
     on CPU: the reads are still windowed over the full-size raster;
@@ -166,15 +167,21 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
         gt_x0, gt_y0, px = 500000.0, 4000000.0, 0.5
         extent = pb.Extent(xmin=gt_x0, ymin=gt_y0 - 1024 * px, xmax=gt_x0 + 1024 * px, ymax=gt_y0)
         request = pb.SegmentRequest(source=pb.RasterSource(path=str(raster)), prompts=["buildings"], extent=extent)
+        unrefined = pb.SegmentRequest(source=request.source, prompts=request.prompts, extent=extent, edge_radius=0)
         list(server.stub.Segment(request))  # warm-up
-        runs = []
-        for _ in range(1 if quick else 3):
+        runs, unrefined_runs = [], []
+        for _ in range(1 if quick else 3):       # interleaved: both see the same machine load
             t = time.perf_counter()
             events = list(server.stub.Segment(request))
             runs.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            list(server.stub.Segment(unrefined))
+            unrefined_runs.append(time.perf_counter() - t)
         tiles_done = max((e.progress.tiles_total for e in events if e.HasField("progress")), default=0)
         results["segment"] = {"extent_pixels": "1024x1024", "tiles": tiles_done, "median_s": float(np.median(runs)),
-                              "runs_s": runs, "target_s": SEGMENT_TARGET_S}
+                              "runs_s": runs, "target_s": SEGMENT_TARGET_S,
+                              "no_edge_refinement_median_s": float(np.median(unrefined_runs)),
+                              "no_edge_refinement_runs_s": unrefined_runs}
 
         # Search through gRPC, end to end: the default (query averaged over its phrasings) against the
         # query embedded as typed, requests interleaved so both see the same machine load
@@ -224,7 +231,9 @@ def report(r: dict) -> str:
         "|---|---|---|",
         f"| indexing {i['raster_pixels']} ({i['tiles']} tiles) | {i['tiles_per_s']:.1f} tiles/s | bare model "
         f"{i['bare_model_tiles_per_s']:.1f} tiles/s (ratio {i['ratio_to_bare_model']:.2f}) |",
-        f"| Segment {s['extent_pixels']} ({s['tiles']} tiles) | {s['median_s']:.2f} s | < {s['target_s']} s |",
+        f"| Segment {s['extent_pixels']} ({s['tiles']} tiles) | {s['median_s']:.2f} s | < {s['target_s']} s; "
+        f"without edge refinement {s['no_edge_refinement_median_s']:.2f} s "
+        f"(ratio {s['median_s'] / s['no_edge_refinement_median_s']:.2f}) |",
         f"| Search over gRPC, {q['tiles']} tiles | p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms | query as "
         f"typed: p50 {q['raw_query_p50_ms']:.1f} ms, p99 {q['raw_query_p99_ms']:.1f} ms "
         f"(p50 ratio {q['p50_ms'] / q['raw_query_p50_ms']:.2f}) |",

@@ -87,6 +87,7 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     assert res["indexing"]["tiles"] == (256 // tiny_config.image_size) ** 2
     assert res["indexing"]["tiles_per_s"] > 0 and res["indexing"]["ratio_to_bare_model"] > 0
     assert res["segment"]["tiles"] > 0 and res["segment"]["median_s"] > 0
+    assert res["segment"]["no_edge_refinement_median_s"] > 0 and len(res["segment"]["no_edge_refinement_runs_s"]) == 1
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
     assert 0 < res["search_grpc"]["raw_query_p50_ms"] <= res["search_grpc"]["raw_query_p99_ms"]
     assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100

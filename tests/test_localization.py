@@ -141,6 +141,26 @@ def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa
     assert json.loads(again.stdout)["miou"] == pytest.approx(r["methods"]["global"]["miou"])   # deterministic
 
 
+def test_segmentation_default_is_the_backends_edge_refined_sao(setup, tiny_config):  # noqa: F811
+    from backend.defaults import default_edge_radius
+
+    common = ("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes", "--classnames",
+              setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3", "--json", "--quiet")
+    p = run_cli(*common, "--methods", "sao5,sao5-edges", "--end-to-end")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    radius = default_edge_radius(tiny_config.image_size)
+    assert r["method"] == "sao5-edges" and r["methods"]["sao5-edges"]["edge_radius"] == radius
+    assert r["methods"]["sao5"]["edge_radius"] == 0 and r["end_to_end"]["edge_radius"] == radius
+    # with the filter turned off the two methods are the same map
+    off = json.loads(run_cli(*common, "--methods", "sao5,sao5-edges", "--edge-radius", "0").stdout)
+    assert off["methods"]["sao5-edges"]["miou"] == pytest.approx(off["methods"]["sao5"]["miou"])
+    assert off["methods"]["sao5-edges"]["edge_radius"] == 0
+    assert json.loads(run_cli(*common).stdout)["method"] == "sao5-edges"
+    p = run_cli(*common, "--edge-radius", "-1")
+    assert p.returncode == 2 and "--edge-radius" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_segmentation_cli_errors(setup):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--methods", "sao4")

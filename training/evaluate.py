@@ -561,8 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's image size: one tile shows about one scene)")
     g.add_argument("--methods", default="default", metavar="LIST",
                    help="dense methods, comma-separated, or 'all' (global, maskclip, sao3, sao5, sao7, "
-                        "sao3-gauss, sao5-gauss, sao7-gauss, sao7-zoom2: SAO 7x7 on the mosaic upsampled twice); "
-                        "default: the backend's SAO window")
+                        "sao3-gauss, sao5-gauss, sao7-gauss, sao7-zoom2: SAO 7x7 on the mosaic upsampled twice, "
+                        "sao5-edges: SAO 5x5 refined along the image's edges); default: what the backend's "
+                        "Segment does (sao5-edges)")
+    g.add_argument("--edge-radius", type=int, default=None, metavar="PX",
+                   help="guided-filter radius of the -edges methods and of --end-to-end / --raster with them "
+                        "(default: the backend's, half the checkpoint's image size; 0 = off)")
     g.add_argument("--templates", default="default", metavar="default|single|FILE",
                    help="class prompt templates, as for zero-shot (default: %(default)s)")
     g.add_argument("--tolerance", type=int, default=3, metavar="PX",
@@ -691,11 +695,11 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         if not Path(path).exists():
             raise EvalError(f"{what} {path} does not exist")
     methods = [L.DEFAULT_METHOD] if args.methods == "default" else [m.strip() for m in args.methods.split(",")]
-    unzoomed = [m for m in L.METHODS if m not in L.ZOOM]
+    unzoomed = [name for name, m in L.METHODS.items() if m.zoom == 1]
     if len(methods) != 1 or methods[0] not in unzoomed:
         raise EvalError(f"with --raster, --methods takes one of {', '.join(unzoomed)} (to map a raster "
                         "closer, give it a finer pixel size)")
-    window, sigma = L.METHODS[methods[0]]
+    window, sigma, _, edges = L.METHODS[methods[0]]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     _device(args.device)
     try:
@@ -706,7 +710,7 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold, window,
                                          sigma, args.label_layer, args.where, args.tolerance,
-                                         ensemble=not args.raw_prompts)
+                                         ensemble=not args.raw_prompts, edge_radius=args.edge_radius if edges else 0)
     except (RasterError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
     finally:
@@ -727,6 +731,8 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     _positive(args, "mosaics", "size", "regions", "scene_px")
     if args.tolerance < 0:
         raise EvalError("--tolerance must be 0 or more")
+    if args.edge_radius is not None and args.edge_radius < 0:
+        raise EvalError("--edge-radius must be 0 (no edge refinement) or a radius in pixels")
     if args.raster:
         return _run_labelled_raster(args)
     if not args.data or not args.classnames:
@@ -768,7 +774,7 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
                 write_mosaic(m, args.keep, f"mosaic_{i:03d}")
         text = class_text_embeddings(engine.model, engine.tokenizer, names, templates, device=engine.device)
         results = L.evaluate_mosaics(engine, mosaics, text.numpy().astype(np.float32), methods, args.tolerance,
-                                     progress)
+                                     progress, edge_radius=args.edge_radius)
         # the headline is the backend's own method when it was measured
         main = L.DEFAULT_METHOD if L.DEFAULT_METHOD in methods else methods[0]
         first = results[main]
@@ -776,9 +782,10 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
                "per_class_iou": first["per_class_iou"], "per_class_pixel_accuracy": first["per_class_pixel_accuracy"],
                "per_class_boundary_f": first["per_class_boundary_f"], "method": main, "methods": results}
         if args.end_to_end:
-            window = L.METHODS[main][0]
+            window, _, _, edges = L.METHODS[main]
             out["end_to_end"] = L.evaluate_end_to_end(engine, mosaics, L.first_names(names), threshold,
-                                                      window, progress=progress, ensemble=not args.raw_prompts)
+                                                      window, progress=progress, ensemble=not args.raw_prompts,
+                                                      edge_radius=args.edge_radius if edges else 0)
         out["settings"] = {"data": str(args.data), "files": args.files, "classnames": str(args.classnames),
                            "classes": list(names), "seed": args.seed, "mosaics": args.mosaics, "size": args.size,
                            "regions": args.regions, "layout": args.layout, "scene_px": scene_px,

@@ -12,7 +12,9 @@ Two measurements:
 
 Dense methods (`METHODS`): the global attention pool (one embedding per tile, upsampled), the
 value path alone (MaskCLIP-style: each position's own value through the pool's output projection;
-SAO with a 1x1 window) and SAO with 3/5/7 windows, with and without Gaussian weighting.
+SAO with a 1x1 window) and SAO with 3/5/7 windows, with and without Gaussian weighting, on the
+image upsampled twice, and with the backend's edge refinement (backend.edges: a guided filter with
+the image as the guide, radius `default_edge_radius` unless asked otherwise).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import shapely
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from osgeo import ogr
 from tqdm import tqdm
 
-from backend.defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD
+from backend.defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, default_edge_radius
+from backend.edges import edge_refined
 from backend.segment import relevance_map
 
 from . import metrics as M
@@ -37,17 +41,25 @@ from .mosaic import Mosaic, write_mosaic
 GLOBAL_WINDOW = 10_000      # any window >= the patch grid is the global pool, exactly
 SEGMENT_OVERLAP = 0.125     # the backend's default tile overlap for Segment
 
-# name -> (window in patches, Gaussian sigma in patches; 0 = no Gaussian)
-METHODS: dict[str, tuple[int, float]] = {
-    "global": (GLOBAL_WINDOW, 0.0),
-    "maskclip": (1, 0.0),
-    "sao3": (3, 0.0), "sao5": (5, 0.0), "sao7": (7, 0.0),
-    "sao3-gauss": (3, 1.5), "sao5-gauss": (5, 2.5), "sao7-gauss": (7, 3.5),
-    "sao7-zoom2": (7, 0.0),
+
+
+class DenseMethod(NamedTuple):
+    window: int            # SAO window in patches (GLOBAL_WINDOW = the global pool)
+    sigma: float = 0.0     # Gaussian sigma in patches; 0 = uniform window
+    zoom: int = 1          # map the image upsampled this many times (as Segment at half the pixel size would)
+    edges: bool = False    # refine the maps along the image's edges, as the backend's Segment does by default
+
+
+METHODS: dict[str, DenseMethod] = {
+    "global": DenseMethod(GLOBAL_WINDOW),
+    "maskclip": DenseMethod(1),
+    "sao3": DenseMethod(3), "sao5": DenseMethod(5), "sao7": DenseMethod(7),
+    "sao3-gauss": DenseMethod(3, 1.5), "sao5-gauss": DenseMethod(5, 2.5), "sao7-gauss": DenseMethod(7, 3.5),
+    "sao7-zoom2": DenseMethod(7, zoom=2),
+    f"sao{DEFAULT_SAO_WINDOW}-edges": DenseMethod(DEFAULT_SAO_WINDOW, edges=True),
 }
-# methods that map the image upsampled this many times (as Segment at half the pixel size would)
-ZOOM: dict[str, int] = {"sao7-zoom2": 2}
-DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}"
+# what the backend's Segment does when a request sets nothing
+DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}-edges"
 
 
 class DirectModel:
@@ -123,8 +135,9 @@ def _summary(confusion: np.ndarray, boundary: np.ndarray, classes: Sequence[str]
 
 def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.ndarray,
                      methods: Sequence[str] = (DEFAULT_METHOD,), tolerance: int = 3,
-                     progress: bool = True) -> dict[str, dict]:
-    """Per method: mIoU, pixel accuracy, boundary F and per-class IoU over all mosaics."""
+                     progress: bool = True, edge_radius: int | None = None) -> dict[str, dict]:
+    """Per method: mIoU, pixel accuracy, boundary F and per-class IoU over all mosaics. `edge_radius`
+    (pixels) for the edge-refined methods; None = the backend's default for the engine's tile."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -132,13 +145,16 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
     n = len(classes)
     out = {}
     bar = tqdm(total=len(methods) * len(mosaics), desc="relevance maps", unit="map", disable=not progress)
+    radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
     for name in methods:
-        window, sigma = METHODS[name]
-        zoom = ZOOM.get(name, 1)
+        window, sigma, zoom, edges = METHODS[name]
         confusion = np.zeros((n, n), np.int64)
         boundary = np.zeros((n, 4), np.int64)
         for m in mosaics:
-            pred = class_probabilities(engine, m.image, class_embeddings, window, sigma, zoom).argmax(0)
+            probs = class_probabilities(engine, m.image, class_embeddings, window, sigma, zoom)
+            if edges:
+                probs = edge_refined(probs, m.image, np.ones(m.mask.shape, bool), radius)
+            pred = probs.argmax(0)
             confusion += M.segmentation_confusion(pred, m.mask, n)
             for c in m.present:
                 boundary[c] += M.boundary_counts(pred == c, m.mask == c, tolerance)
@@ -146,15 +162,18 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
         out[name] = _summary(confusion, boundary, classes)
         out[name]["window"], out[name]["sigma"] = window if window != GLOBAL_WINDOW else "global", sigma
         out[name]["zoom"] = zoom
+        out[name]["edge_radius"] = radius if edges else 0
     bar.close()
     return out
 
 
 def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str],
                         threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
-                        folder: str | Path | None = None, progress: bool = True, ensemble: bool = True) -> dict:
+                        folder: str | Path | None = None, progress: bool = True, ensemble: bool = True,
+                        edge_radius: int | None = None) -> dict:
     """Backend Segment on each written mosaic, every class name as a prompt; polygon IoU per class
-    (intersection and union areas summed over mosaics, in map units)."""
+    (intersection and union areas summed over mosaics, in map units). `edge_radius` as Segment's
+    (None = its default, 0 = no edge refinement)."""
     from backend.raster import open_raster
     from backend.segment import segment
 
@@ -167,7 +186,7 @@ def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str
             paths = write_mosaic(m, folder, f"mosaic_{i:03d}")
             truth = _polygons_of(paths["polygons"], len(classes))
             result = segment(open_raster(paths["image"]), list(prompts), engine, threshold=threshold,
-                             window=window, overlap=SEGMENT_OVERLAP, ensemble=ensemble)
+                             window=window, overlap=SEGMENT_OVERLAP, ensemble=ensemble, edge_radius=edge_radius)
             for c, r in enumerate(result.results):
                 found = shapely.union_all([p.geometry for p in r.polygons]) if r.polygons else None
                 t = truth[c]
@@ -183,7 +202,8 @@ def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str
     present = sorted({c for m in mosaics for c in m.present})
     per_class = {classes[c]: float(inter[c] / union[c]) for c in present if union[c] > 0}
     return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
-            "per_class_iou": per_class, "threshold": threshold, "window": window}
+            "per_class_iou": per_class, "threshold": threshold, "window": window,
+            "edge_radius": default_edge_radius(engine.image_size) if edge_radius is None else edge_radius}
 
 
 def images_by_class(records) -> dict[str, list[str]]:
@@ -242,10 +262,12 @@ def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | N
 def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str | Path, prompt: str,
                              threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
                              sigma: float = 0.0, layer: str | None = None, where: str | None = None,
-                             tolerance: int = 3, target_resolution: float | None = None, ensemble: bool = True) -> dict:
+                             tolerance: int = 3, target_resolution: float | None = None, ensemble: bool = True,
+                             edge_radius: int | None = None) -> dict:
     """One prompt against labelled features (e.g. building footprints) on a real raster: pixel IoU,
     accuracy and boundary F of the thresholded relevance map, and polygon IoU of the backend's
-    Segment against the label polygons (clipped to the raster), in map units."""
+    Segment against the label polygons (clipped to the raster), in map units. `edge_radius` as
+    Segment's (None = its default, 0 = no edge refinement), for both."""
     from backend.raster import open_raster
     from backend.segment import prompt_embeddings, segment
 
@@ -253,13 +275,16 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
     rgb, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
     truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
     texts = prompt_embeddings(engine, [prompt], ensemble)
+    radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
     rel, _ = relevance_map(rgb, valid, texts, 1, engine, window, sigma, SEGMENT_OVERLAP)
+    rel = edge_refined(rel, rgb, valid, radius)
     pred = rel[0] >= threshold
     labels = np.where(valid, truth.astype(np.int64), -1)
     confusion = M.segmentation_confusion(pred.astype(np.int64), labels, 2)
     iou = M.iou_per_class(confusion)
     result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
-                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP, ensemble=ensemble)
+                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP, ensemble=ensemble,
+                     edge_radius=radius)
     found = [p.geometry for p in result.results[0].polygons]
     found = shapely.union_all(found) if found else None
     xmin, ymin, xmax, ymax = result.extent
@@ -277,5 +302,5 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
             "end_to_end": {"polygon_iou": polygon_iou, "polygons": len(result.results[0].polygons)},
             "settings": {"raster": str(raster_path), "labels": str(labels_path), "layer": layer, "where": where,
                          "threshold": threshold, "window": window, "tolerance_px": tolerance,
-                         "prompt_ensemble": ensemble,
+                         "prompt_ensemble": ensemble, "edge_radius": radius,
                          "grid": list(valid.shape)}}
