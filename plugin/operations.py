@@ -54,13 +54,16 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
 
 def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_crs, rect_in_layer_crs,
             threshold: float, max_side: int, progress: Progress, cancelled: Cancelled,
-            resolution: float | None = None, notes: list | None = None) -> list:
-    """SegmentResults (one per prompt) over `rect` (in `rect_crs`; None = the whole layer)."""
+            resolution: float | None = None, notes: list | None = None, edge_radius: int | None = None) -> list:
+    """SegmentResults (one per prompt) over `rect` (in `rect_crs`; None = the whole layer).
+    `edge_radius`: the edge refinement radius in pixels (None = the server's default, 0 = off)."""
     pb = conn.pb
     source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
     request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold)
+    if edge_radius is not None:
+        request.edge_radius = edge_radius
     if extent is not None:
         request.extent.CopyFrom(extent)
     return conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),

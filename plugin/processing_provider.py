@@ -167,7 +167,9 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Turns text prompts (comma-separated: 'buildings, trees') into polygons where the raster shows "
-                "them, over an extent (default: the whole layer). Attributes: prompt, score, area in m².")
+                "them, over an extent (default: the whole layer). Attributes: prompt, score, area in m². "
+                "Masks follow the image's own edges (edge refinement); the advanced Edge refinement radius "
+                "sets how far, in pixels, or turns it off (0).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
@@ -178,6 +180,11 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         self.addParameter(QgsProcessingParameterNumber("MIN_AREA", "Minimum area (m²)",
                                                        QgsProcessingParameterNumber.Double, defaultValue=0.0,
                                                        minValue=0.0))
+        edges = QgsProcessingParameterNumber("EDGE_RADIUS", "Edge refinement radius in pixels (-1 = the backend's "
+                                             "default, 0 = off)", QgsProcessingParameterNumber.Integer,
+                                             defaultValue=-1, minValue=-1)
+        edges.setFlags(edges.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(edges)
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Polygons", QgsProcessing.TypeVectorPolygon))
 
@@ -198,9 +205,11 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             in_layer = to_layer_crs(rect, crs, layer)
         prepared = prepare_source(layer)
         notes: list[str] = []
+        edge_radius = self.parameterAsInt(parameters, "EDGE_RADIUS", context)
         answers = self._call(settings, lambda conn: operations.segment(
             conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
-            settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes)) or []
+            settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes,
+            edge_radius=None if edge_radius < 0 else edge_radius)) or []
         for note in notes:
             feedback.pushInfo(note)
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.segment_fields(),

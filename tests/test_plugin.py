@@ -429,6 +429,10 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         grown = QgsRectangle(e)
         grown.grow(2 * layer.rasterUnitsPerPixelX())
         assert grown.contains(result.extent())
+        # the edge refinement radius reaches the backend: one above its limit is refused by name
+        with pytest.raises(QgsProcessingException, match="edge_radius 5000"):
+            processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "houses", "EXTENT": extent,
+                                                          "EDGE_RADIUS": 5000, "OUTPUT": str(tmp_path / "e.gpkg")})
         # the traceback pytest keeps from raises() holds this frame: layers alive in it would be
         # destroyed after QGIS's exit, which crashes Python's teardown
         del found, result
