@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from backend.defaults import default_edge_radius
-from backend.edges import box_mean, edge_refined, guide_from_rgb, guided_filter
+from backend.edges import box_mean, default_subsample, edge_refined, guide_from_rgb, guided_filter
 
 
 def brute_box_mean(x: np.ndarray, r: int) -> np.ndarray:
@@ -106,6 +106,26 @@ def test_refined_relevance_keeps_the_models_confidence_and_cuts_at_the_edge():
     averaged = guided_filter(rel, guide_from_rgb(rgb), 12)
     assert out[0, :, 28:32].mean() > averaged[0, :, 28:32].mean()
     assert edge_refined(rel, rgb, np.ones((48, w), bool), 0) is rel
+
+
+def test_fits_on_blocks_match_the_exact_filter_at_large_radii():
+    # three flat regions with sensor noise, a nodata corner, maps blurred across the region edges
+    rng = np.random.default_rng(3)
+    lab = np.zeros((250, 230), int)
+    lab[:, 100:] = 1
+    lab[140:, :] = 2
+    grey = (np.array([0.2, 0.6, 0.4])[lab] + rng.normal(0, 0.03, lab.shape)).astype(np.float32)
+    maps = np.stack([box_mean((lab == k).astype(np.float32), 12) for k in range(3)])
+    valid = np.ones(lab.shape, bool)
+    valid[:30, :40] = False
+    assert default_subsample(64) == 4 and default_subsample(31) == 1
+    exact = guided_filter(maps, grey, 64, valid=valid, subsample=1)
+    fast = guided_filter(maps, grey, 64, valid=valid)
+    assert np.abs(exact - fast).max() < 0.05 and np.abs(exact - fast).mean() < 0.01
+    assert (exact.argmax(0) == fast.argmax(0)).mean() > 0.999
+    assert (fast[:, ~valid] == 0).all() and (fast.argmax(0) == lab)[valid].mean() > 0.99
+    with pytest.raises(ValueError, match="subsample"):
+        guided_filter(maps, grey, 64, subsample=0)
 
 
 def test_default_radius_is_half_the_tile():
