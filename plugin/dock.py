@@ -209,6 +209,10 @@ class SkyPromptDock(QDockWidget):
         self.min_area.setRange(0.0, 1e9)
         self.min_area.setSuffix(" m²")
         self.min_area.setValue(self.settings.min_area_m2)
+        self.follow_edges = QCheckBox("Follow the image's edges")
+        self.follow_edges.setChecked(True)
+        self.follow_edges.setToolTip("Refine each mask along edges in the image (field borders, shores, roofs) "
+                                     "instead of the model's 16-pixel patches; the backend chooses the radius")
         self.output = QgsFileWidget()
         self.output.setStorageMode(QgsFileWidget.SaveFile)
         self.output.setFilter("GeoPackage (*.gpkg)")
@@ -223,6 +227,7 @@ class SkyPromptDock(QDockWidget):
         form.addRow("Area", area_row)
         form.addRow("Threshold", self.threshold)
         form.addRow("Minimum area", self.min_area)
+        form.addRow("", self.follow_edges)
         form.addRow("Output", self.output)
         form.addRow(self.segment_button)
         return tab
@@ -542,10 +547,12 @@ class SkyPromptDock(QDockWidget):
         threshold, min_area, output = self.threshold.value(), self.min_area.value(), self.output.filePath().strip()
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
         layer_crs = layer.crs()
+        edge_radius = None if self.follow_edges.isChecked() else 0      # None: the backend's default radius
 
         def work(conn, task):
             return operations.segment(conn, prepared, prompts, rect, crs, in_layer, threshold, max_side,
-                                      task.setProgress, task.isCanceled, resolution=resolution, notes=task.notes)
+                                      task.setProgress, task.isCanceled, resolution=resolution, notes=task.notes,
+                                      edge_radius=edge_radius)
 
         def shown(answers):
             features = results.segment_features(answers, min_area)

@@ -357,6 +357,15 @@ def test_drawn_rectangle_and_min_area(dock, layers, iface):
     dock.min_area.setValue(area * 10)                             # bigger than everything found
     assert run_dock(dock, "segment", dock.segment) is None
     assert dock.last_layer.featureCount() == 0
+    dock.min_area.setValue(0.0)
+    # edge refinement on (the default) and off: the same area, other relevance inside the polygons
+    scores = {}
+    for follow in (True, False):
+        dock.follow_edges.setChecked(follow)
+        assert run_dock(dock, "segment", dock.segment) is None
+        scores[follow] = sorted(round(f["score"], 6) for f in dock.last_layer.getFeatures())
+    dock.follow_edges.setChecked(True)
+    assert scores[True] and scores[False] and scores[True] != scores[False]
 
 
 def test_layer_the_backend_cannot_open_is_sent_as_pixels(dock, iface):
