@@ -88,12 +88,15 @@ def guided_filter(maps: np.ndarray, guide: np.ndarray, radius: int, eps: float =
     if factor < 1:
         raise ValueError(f"subsample must be 1 (exact) or more, got {factor}")
     full = guide.shape
+    all_valid = valid is None or bool(valid.all())
     weight_full = np.ones(full, np.float32) if valid is None else valid.astype(np.float32)
     g_full = guide.astype(np.float32)
     # block statistics: each block's valid share and the valid-weighted means in it
     valid_count = block_sums(weight_full, factor)
 
     def block_mean(x: np.ndarray) -> np.ndarray:
+        if all_valid:     # the common case, without the weighting passes over every pixel
+            return block_sums(x, factor) / np.maximum(valid_count, 1e-12)
         return (block_sums(weight_full * x, factor) / np.maximum(valid_count, 1e-12)).astype(np.float32)
 
     weight = (valid_count / factor ** 2).astype(np.float32)
@@ -121,14 +124,9 @@ def guided_filter(maps: np.ndarray, guide: np.ndarray, radius: int, eps: float =
         else:
             up_a, up_b = upsample_bilinear(np.stack([mean(a), mean(b)]), factor, full)
             q = up_a * g_full + up_b
-        out[i] = np.where(weight_full > 0, np.clip(q, 0.0, 1.0) if clip else q, 0.0)
+        q = np.clip(q, 0.0, 1.0) if clip else q
+        out[i] = q if all_valid else np.where(weight_full > 0, q, 0.0)
     return out.reshape(maps.shape)
-
-
-def softmax_planes(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the first axis of [K, H, W] scores (shifted by the per-pixel maximum: no overflow)."""
-    e = np.exp(scores - scores.max(0, keepdims=True))
-    return e / e.sum(0, keepdims=True)
 
 
 def edge_refined(relevance: np.ndarray, rgb: np.ndarray, valid: np.ndarray, radius: int) -> np.ndarray:
@@ -142,12 +140,14 @@ def edge_refined(relevance: np.ndarray, rgb: np.ndarray, valid: np.ndarray, radi
     themselves flattens every peak, and far fewer pixels pass Segment's threshold (README)."""
     if radius == 0:
         return relevance
-    rest = np.clip(1.0 - relevance.sum(0, keepdims=True), 0.0, 1.0)
-    scores = np.log(np.maximum(np.concatenate([relevance, rest]), LOG_FLOOR))
+    # element-wise work in torch: threaded, where numpy runs on one core
+    rel = torch.from_numpy(np.ascontiguousarray(relevance, np.float32))
+    rest = (1.0 - rel.sum(0, keepdim=True)).clamp_(0.0, 1.0)
+    scores = torch.cat([rel, rest]).clamp_(min=LOG_FLOOR).log_().numpy()
     scores = guided_filter(scores, guide_from_rgb(rgb), radius, valid=valid, clip=False)
-    refined = softmax_planes(scores)[:-1].astype(np.float32)
+    refined = torch.from_numpy(scores).softmax(0)[:-1].numpy()
     refined[:, ~valid] = 0.0
     return refined
 
 
-__all__ = ["guided_filter", "default_subsample", "edge_refined", "softmax_planes", "guide_from_rgb", "box_mean", "DEFAULT_EDGE_EPS", "LOG_FLOOR"]
+__all__ = ["guided_filter", "default_subsample", "edge_refined", "guide_from_rgb", "box_mean", "DEFAULT_EDGE_EPS", "LOG_FLOOR"]
