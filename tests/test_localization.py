@@ -334,7 +334,7 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     for r in rows:
-        assert 0 <= r["miou"] <= 1 and "scenes/top1" in r
+        assert 0 <= r["miou"] <= 1 and 0 <= r["miou_edges"] <= 1 and "scenes/top1" in r
     assert 0 <= rows[1]["labelled_patch_fraction"] <= 1 and rows[1]["train_dense_loss"] > 0
     assert "train_keep_loss" not in rows[1]                # --keep-global is off by default
     assert rows[1]["pseudo_label_accuracy"] is None or 0 <= rows[1]["pseudo_label_accuracy"] <= 1

@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", default="default", metavar="LIST",
                    help="dense methods, comma-separated, or 'all' (global, maskclip, sao3, sao5, sao7, "
                         "sao3-gauss, sao5-gauss, sao7-gauss, sao7-zoom2: SAO 7x7 on the mosaic upsampled twice, "
-                        "sao5-edges: SAO 5x5 refined along the image's edges); default: what the backend's "
+                        "sao3-edges, sao5-edges, sao7-edges: refined along the image's edges); default: what the backend's "
                         "Segment does (sao5-edges)")
     g.add_argument("--edge-radius", type=int, default=None, metavar="PX",
                    help="guided-filter radius of the -edges methods and of --end-to-end / --raster with them "

@@ -56,7 +56,8 @@ METHODS: dict[str, DenseMethod] = {
     "sao3": DenseMethod(3), "sao5": DenseMethod(5), "sao7": DenseMethod(7),
     "sao3-gauss": DenseMethod(3, 1.5), "sao5-gauss": DenseMethod(5, 2.5), "sao7-gauss": DenseMethod(7, 3.5),
     "sao7-zoom2": DenseMethod(7, zoom=2),
-    f"sao{DEFAULT_SAO_WINDOW}-edges": DenseMethod(DEFAULT_SAO_WINDOW, edges=True),
+    "sao3-edges": DenseMethod(3, edges=True), "sao5-edges": DenseMethod(5, edges=True),
+    "sao7-edges": DenseMethod(7, edges=True),
 }
 # what the backend's Segment does when a request sets nothing
 DEFAULT_METHOD = f"sao{DEFAULT_SAO_WINDOW}-edges"

@@ -221,10 +221,14 @@ def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineCon
         text = ev.class_text_embeddings(model, tokenizer, bench["names"], device=device).numpy().astype(np.float32)
         mosaics = build_mosaics({k: bench["by_class"].get(k, []) for k in bench["names"]}, cfg.eval_seed,
                                 cfg.eval_mosaics, size=512, regions=5, scene_px=model.config.image_size)
-        r = L.evaluate_mosaics(direct, mosaics, text, [f"sao{cfg.window}" if f"sao{cfg.window}" in L.METHODS
-                                                       else L.DEFAULT_METHOD], progress=False)
-        only = next(iter(r.values()))
-        row.update({"miou": only["miou"], "pixel_accuracy": only["pixel_accuracy"], "boundary_f": only["boundary_f"]})
+        # the dense maps refinement trains, and the same maps refined along the image's edges as
+        # Segment serves them (the labels never see the edges: the gain is the model's own)
+        plain = f"sao{cfg.window}" if f"sao{cfg.window}-edges" in L.METHODS else f"sao{DEFAULT_SAO_WINDOW}"
+        r = L.evaluate_mosaics(direct, mosaics, text, [plain, f"{plain}-edges"], progress=False)
+        edges = r[f"{plain}-edges"]
+        row.update({"miou": r[plain]["miou"], "pixel_accuracy": r[plain]["pixel_accuracy"],
+                    "boundary_f": r[plain]["boundary_f"], "miou_edges": edges["miou"],
+                    "boundary_f_edges": edges["boundary_f"]})
     for name, vs in val_sets.items():
         if vs["kind"] == "zero-shot":
             row[f"{name}/top1"] = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device)["top1"]
