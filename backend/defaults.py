@@ -26,6 +26,11 @@ def default_edge_radius(image_size: int) -> int:
     return int(round(DEFAULT_EDGE_RADIUS_FRACTION * image_size))
 
 
+def edge_radius_for(asked: int | None, image_size: int) -> int:
+    """The radius a caller gets: what it asked for, or the default for the model's tile (None)."""
+    return default_edge_radius(image_size) if asked is None else asked
+
+
 @dataclass(frozen=True)
 class Limits:
     """Request limits the server enforces (reported in ServerInfo.limits)."""

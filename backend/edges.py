@@ -40,7 +40,7 @@ def box_mean(x: np.ndarray, radius: int) -> np.ndarray:
 
 def guide_from_rgb(rgb: np.ndarray) -> np.ndarray:
     """A uint8 [3, H, W] image -> its grey level [H, W] in 0..1 (the filter's guide)."""
-    return (rgb.astype(np.float32).mean(0) / 255.0).astype(np.float32)
+    return rgb.astype(np.float32).mean(0) / np.float32(255.0)
 
 
 def block_sums(x: np.ndarray, factor: int) -> np.ndarray:

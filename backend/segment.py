@@ -30,7 +30,7 @@ from shapely import wkb as shapely_wkb
 from shapely.geometry import Polygon
 from shapely.validation import make_valid
 
-from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, default_edge_radius
+from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
 from .raster import Raster, _gdal_exceptions
@@ -80,6 +80,11 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     return starts
 
 
+def raise_if_cancelled(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise EngineError("cancelled", "the request was cancelled")
+
+
 def blend_weights(size: int) -> np.ndarray:
     """[size, size] weights: 1 in the middle, falling linearly to a small floor at the edges.
 
@@ -112,8 +117,7 @@ def relevance_map(rgb: np.ndarray, valid: np.ndarray, text_embeddings: np.ndarra
     batch = 32
     done = 0
     for start in range(0, total, batch):
-        if cancelled():
-            raise EngineError("cancelled", "the request was cancelled")
+        raise_if_cancelled(cancelled)
         chunk = positions[start:start + batch]
         tiles = np.zeros((len(chunk), 3, size, size), np.uint8)
         for i, (y, x) in enumerate(chunk):
@@ -302,9 +306,8 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
                                cancelled=cancelled)
-    if cancelled():
-        raise EngineError("cancelled", "the request was cancelled")
-    rel = edge_refined(rel, rgb, valid, default_edge_radius(engine.image_size) if edge_radius is None else edge_radius)
+    raise_if_cancelled(cancelled)       # the filter takes seconds on large extents
+    rel = edge_refined(rel, rgb, valid, edge_radius_for(edge_radius, engine.image_size))
     if progress:
         progress("polygonizing", tiles, tiles)
     pixel = math.hypot(gt[1], gt[4])
@@ -312,8 +315,7 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     to_wgs84 = wgs84_transform(srs)
     results = []
     for i, prompt in enumerate(prompts):
-        if cancelled():
-            raise EngineError("cancelled", "the request was cancelled")
+        raise_if_cancelled(cancelled)
         polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84)
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))

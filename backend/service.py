@@ -26,7 +26,7 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits, default_edge_radius
+from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits, edge_radius_for
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -193,10 +193,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or Limits()
         self.sao_window = sao_window
-        # the guided filter's default radius scales with the model's tile (backend.defaults)
-        self.edge_radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
-        if not 0 <= self.edge_radius <= self.limits.max_edge_radius:
-            raise ValueError(f"edge radius {self.edge_radius} must be in [0, {self.limits.max_edge_radius}] pixels")
+        # the guided filter's default radius scales with the model's tile (backend.defaults); a
+        # radius given here was range-checked by Server, before the model loaded
+        self.edge_radius = edge_radius_for(edge_radius, engine.image_size)
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)

@@ -699,7 +699,7 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
     if len(methods) != 1 or methods[0] not in unzoomed:
         raise EvalError(f"with --raster, --methods takes one of {', '.join(unzoomed)} (to map a raster "
                         "closer, give it a finer pixel size)")
-    window, sigma, _, edges = L.METHODS[methods[0]]
+    method = L.METHODS[methods[0]]
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     _device(args.device)
     try:
@@ -708,9 +708,10 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         raise EvalError(str(e)) from None
     try:
         start = time.perf_counter()
-        out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold, window,
-                                         sigma, args.label_layer, args.where, args.tolerance,
-                                         ensemble=not args.raw_prompts, edge_radius=args.edge_radius if edges else 0)
+        out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold,
+                                         method.window, method.sigma, args.label_layer, args.where, args.tolerance,
+                                         ensemble=not args.raw_prompts,
+                                         edge_radius=args.edge_radius if method.edges else 0)
     except (RasterError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
     finally:
@@ -782,10 +783,10 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
                "per_class_iou": first["per_class_iou"], "per_class_pixel_accuracy": first["per_class_pixel_accuracy"],
                "per_class_boundary_f": first["per_class_boundary_f"], "method": main, "methods": results}
         if args.end_to_end:
-            window, _, _, edges = L.METHODS[main]
+            method = L.METHODS[main]
             out["end_to_end"] = L.evaluate_end_to_end(engine, mosaics, L.first_names(names), threshold,
-                                                      window, progress=progress, ensemble=not args.raw_prompts,
-                                                      edge_radius=args.edge_radius if edges else 0)
+                                                      method.window, progress=progress, ensemble=not args.raw_prompts,
+                                                      edge_radius=args.edge_radius if method.edges else 0)
         out["settings"] = {"data": str(args.data), "files": args.files, "classnames": str(args.classnames),
                            "classes": list(names), "seed": args.seed, "mosaics": args.mosaics, "size": args.size,
                            "regions": args.regions, "layout": args.layout, "scene_px": scene_px,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from osgeo import ogr
 from tqdm import tqdm
 
-from backend.defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, default_edge_radius
+from backend.defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from backend.edges import edge_refined
 from backend.segment import relevance_map
 
@@ -146,7 +146,7 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
     n = len(classes)
     out = {}
     bar = tqdm(total=len(methods) * len(mosaics), desc="relevance maps", unit="map", disable=not progress)
-    radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
+    radius = edge_radius_for(edge_radius, engine.image_size)
     for name in methods:
         window, sigma, zoom, edges = METHODS[name]
         confusion = np.zeros((n, n), np.int64)
@@ -204,7 +204,7 @@ def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str
     per_class = {classes[c]: float(inter[c] / union[c]) for c in present if union[c] > 0}
     return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
             "per_class_iou": per_class, "threshold": threshold, "window": window,
-            "edge_radius": default_edge_radius(engine.image_size) if edge_radius is None else edge_radius}
+            "edge_radius": edge_radius_for(edge_radius, engine.image_size)}
 
 
 def images_by_class(records) -> dict[str, list[str]]:
@@ -270,22 +270,20 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
     Segment against the label polygons (clipped to the raster), in map units. `edge_radius` as
     Segment's (None = its default, 0 = no edge refinement), for both."""
     from backend.raster import open_raster
-    from backend.segment import prompt_embeddings, segment
+    from backend.segment import segment
 
     raster = open_raster(raster_path)
-    rgb, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
+    _, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
     truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
-    texts = prompt_embeddings(engine, [prompt], ensemble)
-    radius = default_edge_radius(engine.image_size) if edge_radius is None else edge_radius
-    rel, _ = relevance_map(rgb, valid, texts, 1, engine, window, sigma, SEGMENT_OVERLAP)
-    rel = edge_refined(rel, rgb, valid, radius)
-    pred = rel[0] >= threshold
+    radius = edge_radius_for(edge_radius, engine.image_size)
+    # one Segment call gives both: its relevance map (kept) for the pixel scores, its polygons
+    result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
+                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP, ensemble=ensemble,
+                     keep_relevance=True, edge_radius=radius)
+    pred = result.results[0].relevance >= threshold
     labels = np.where(valid, truth.astype(np.int64), -1)
     confusion = M.segmentation_confusion(pred.astype(np.int64), labels, 2)
     iou = M.iou_per_class(confusion)
-    result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
-                     target_resolution=target_resolution, overlap=SEGMENT_OVERLAP, ensemble=ensemble,
-                     edge_radius=radius)
     found = [p.geometry for p in result.results[0].polygons]
     found = shapely.union_all(found) if found else None
     xmin, ymin, xmax, ymax = result.extent
