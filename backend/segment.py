@@ -307,7 +307,9 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
                                cancelled=cancelled)
     raise_if_cancelled(cancelled)       # the filter takes seconds on large extents
-    rel = edge_refined(rel, rgb, valid, edge_radius_for(edge_radius, engine.image_size))
+    # on the model's device: on a GPU the filter takes a fraction of the seconds it takes on a CPU
+    rel = edge_refined(rel, rgb, valid, edge_radius_for(edge_radius, engine.image_size),
+                       device=engine.device)
     if progress:
         progress("polygonizing", tiles, tiles)
     pixel = math.hypot(gt[1], gt[4])

@@ -114,15 +114,32 @@ def bench_train(label: str, device, warmup: int, iters: int, compile_model: bool
             "peak_memory_gib": peak_mem, "params": model.num_params()}
 
 
+def time_edge_refinement(device, side: int, prompts: int, radius: int) -> float:
+    """Seconds for Segment's edge refinement (backend.edges) of `prompts` maps over side^2 pixels."""
+    from backend.edges import edge_refined
+
+    rng = np.random.default_rng(1)
+    rel = rng.random((prompts, side, side), dtype=np.float32) / (prompts + 1)
+    rgb = rng.integers(0, 256, (3, side, side), dtype=np.uint8)
+    valid = np.ones((side, side), bool)
+    edge_refined(rel[:1, :256, :256], rgb[:, :256, :256], valid[:256, :256], radius, device=device)   # warm-up
+    t0 = time.perf_counter()
+    edge_refined(rel, rgb, valid, radius, device=device)
+    return time.perf_counter() - t0
+
+
 def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64, prompts: int = 5,
-                 caption_iters: int = 5) -> dict | None:
-    """The serving path on `device` and on the CPU, one after the other (each engine owns its worker)."""
+                 caption_iters: int = 5, edge_side: int = 4096, edge_prompts: int = 16) -> dict | None:
+    """The serving path on `device` and on the CPU, one after the other (each engine owns its worker);
+    edge refinement of `edge_prompts` maps over an edge_side^2 extent (the largest Segment reads)."""
+    from backend.defaults import edge_radius_for
     from backend.engine import ModelEngine
 
     directory = Path(checkpoint) if checkpoint else BUNDLED_CHECKPOINT
     if not directory.is_dir():
         return None
-    out = {"checkpoint": str(directory), "tiles": tiles, "maps": maps, "prompts": prompts}
+    out = {"checkpoint": str(directory), "tiles": tiles, "maps": maps, "prompts": prompts,
+           "edge_side": edge_side, "edge_prompts": edge_prompts}
     for where in dict.fromkeys((device, "cpu")):
         engine = ModelEngine(directory, device=where)
         try:
@@ -145,14 +162,16 @@ def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64,
                 t0 = time.perf_counter()
                 engine.caption(batch[i + 1], max_len=30, beam_size=3)
                 times.append(time.perf_counter() - t0)
+            edge_s = time_edge_refinement(engine.device, edge_side, edge_prompts, edge_radius_for(None, size))
             out[engine.device.type] = {"tiles_per_s": tiles / embed_s, "maps_per_s": maps / maps_s,
-                                       "caption_ms": 1e3 * float(np.median(times)), "threads": torch.get_num_threads()}
+                                       "caption_ms": 1e3 * float(np.median(times)), "edge_refine_s": edge_s,
+                                       "threads": torch.get_num_threads()}
         finally:
             engine.stop()
     gpu, cpu = out.get("cuda"), out["cpu"]
     if gpu:
-        out["gpu_vs_cpu"] = {k: (gpu[k] / cpu[k] if k != "caption_ms" else cpu[k] / gpu[k])
-                             for k in ("tiles_per_s", "maps_per_s", "caption_ms")}
+        out["gpu_vs_cpu"] = {k: (gpu[k] / cpu[k] if k.endswith("_per_s") else cpu[k] / gpu[k])
+                             for k in ("tiles_per_s", "maps_per_s", "caption_ms", "edge_refine_s")}
     return out
 
 
@@ -177,14 +196,16 @@ def report(results: dict) -> str:
     e = results.get("engine")
     if e:
         rows = [[where, _f(e[where]["tiles_per_s"], ".0f"), _f(e[where]["maps_per_s"], ".0f"),
-                 _f(e[where]["caption_ms"], ".0f"), str(e[where]["threads"])] for where in ("cuda", "cpu") if where in e]
+                 _f(e[where]["caption_ms"], ".0f"), _f(e[where]["edge_refine_s"], ".2f"), str(e[where]["threads"])]
+                for where in ("cuda", "cpu") if where in e]
         if "gpu_vs_cpu" in e:
             r = e["gpu_vs_cpu"]
             rows.append(["GPU / CPU", _f(r["tiles_per_s"], ".1f") + "x", _f(r["maps_per_s"], ".1f") + "x",
-                         _f(r["caption_ms"], ".1f") + "x", ""])
+                         _f(r["caption_ms"], ".1f") + "x", _f(r["edge_refine_s"], ".1f") + "x", ""])
         parts.append(f"backend engine, {Path(e['checkpoint']).name} checkpoint ({e['tiles']} tiles; "
-                     f"{e['maps']} tiles x {e['prompts']} prompts SAO window 7; caption beam 3)\n"
-                     + _table(["device", "tiles/s", "maps/s", "caption ms", "CPU threads"], rows))
+                     f"{e['maps']} tiles x {e['prompts']} prompts SAO window 7; caption beam 3; edge refinement "
+                     f"of {e['edge_prompts']} maps over {e['edge_side']}^2 px)\n"
+                     + _table(["device", "tiles/s", "maps/s", "caption ms", "edge refine s", "CPU threads"], rows))
     return "\n\n".join(parts)
 
 
@@ -232,7 +253,8 @@ def run(quick: bool = False, compile_model: bool = True, peers: bool = True, dev
                  f"MFU {100 * r['mfu']:.1f}%")
             save()
     results["engine"] = bench_engine(device, tiles=64 if quick else 512, maps=8 if quick else 64,
-                                     caption_iters=2 if quick else 5)
+                                     caption_iters=2 if quick else 5, edge_side=512 if quick else 4096,
+                                     edge_prompts=2 if quick else 16)
     save()
     echo("\n" + report(results) + f"\n\nresults: {out / 'gpu.json'}")
     return results

@@ -205,4 +205,6 @@ def test_gpu_bench_skips_without_cuda_and_runs_its_sections_on_the_cpu(tmp_path,
     if res["engine"] is not None:                # the bundled checkpoint, on the CPU only here
         assert set(res["engine"]) >= {"cpu", "checkpoint"} and "cuda" not in res["engine"]
         assert res["engine"]["cpu"]["tiles_per_s"] > 0 and res["engine"]["cpu"]["caption_ms"] > 0
+        assert res["engine"]["cpu"]["edge_refine_s"] > 0 and res["engine"]["edge_side"] == 512
+        assert "edge refine s" in printed[-1]
     assert "training step, bf16 autocast" in printed[-1]

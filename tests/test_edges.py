@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from backend.defaults import default_edge_radius
 from backend.edges import box_mean, default_subsample, edge_refined, guide_from_rgb, guided_filter
@@ -126,6 +127,22 @@ def test_fits_on_blocks_match_the_exact_filter_at_large_radii():
     assert (fast[:, ~valid] == 0).all() and (fast.argmax(0) == lab)[valid].mean() > 0.99
     with pytest.raises(ValueError, match="subsample"):
         guided_filter(maps, grey, 64, subsample=0)
+
+
+def test_filter_on_an_explicit_device_gives_the_same_maps():
+    # Segment passes its engine's device; "cpu" named explicitly is the default path (the CUDA
+    # comparison is in test_gpu.py)
+    rng = np.random.default_rng(5)
+    rel = (rng.random((2, 90, 70)) / 2).astype(np.float32)
+    rgb = rng.integers(0, 256, (3, 90, 70), dtype=np.uint8)
+    valid = rng.random((90, 70)) > 0.1
+    np.testing.assert_array_equal(edge_refined(rel, rgb, valid, 40, device="cpu"), edge_refined(rel, rgb, valid, 40))
+    before = rel.copy()
+    out = guided_filter(rel, guide_from_rgb(rgb), 5, device=torch.device("cpu"))
+    assert out.shape == rel.shape and out.dtype == np.float32 and not np.allclose(out, rel)
+    np.testing.assert_array_equal(rel, before)    # the filter works on its own copy
+    with pytest.raises(ValueError, match=r"valid mask \(3, 3\)"):
+        edge_refined(rel, rgb, np.ones((3, 3), bool), 8)
 
 
 def test_default_radius_is_half_the_tile():

@@ -109,6 +109,26 @@ def test_engine_on_gpu_matches_engine_on_cpu():
         cpu.stop()
 
 
+def test_edge_refinement_on_gpu_matches_cpu():
+    """Segment refines on its engine's device: the guided filter on the GPU gives the CPU's maps."""
+    from backend.edges import edge_refined, guided_filter
+
+    rng = np.random.default_rng(4)
+    rel = rng.random((3, 700, 530)).astype(np.float32) / 3
+    rgb = rng.integers(0, 256, (3, 700, 530), dtype=np.uint8)
+    valid = np.ones((700, 530), bool)
+    valid[:200, :100] = False
+    for radius in (12, 64):     # exact, and fits on 4 x 4 blocks
+        cpu = edge_refined(rel, rgb, valid, radius)
+        gpu = edge_refined(rel, rgb, valid, radius, device="cuda")
+        assert gpu.shape == cpu.shape and gpu.dtype == np.float32
+        assert float(np.abs(gpu - cpu).max()) < 1e-4
+    # a large plane: float64 running sums on the GPU too
+    flat = np.full((4096, 4096), 0.7, np.float32)
+    out = guided_filter(flat[None], np.zeros_like(flat), 64, device="cuda")
+    np.testing.assert_allclose(out, 0.7, atol=1e-5)
+
+
 @pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
 def test_train_command_on_gpu(tmp_path, compile_model):
     """`python -m training.train --device cuda` end to end (bf16 autocast by --precision auto, fused AdamW,

@@ -154,7 +154,7 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
         for m in mosaics:
             probs = class_probabilities(engine, m.image, class_embeddings, window, sigma, zoom)
             if edges:
-                probs = edge_refined(probs, m.image, np.ones(m.mask.shape, bool), radius)
+                probs = edge_refined(probs, m.image, np.ones(m.mask.shape, bool), radius, device=engine.device)
             pred = probs.argmax(0)
             confusion += M.segmentation_confusion(pred, m.mask, n)
             for c in m.present:
