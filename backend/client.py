@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from .defaults import VIEW_COUNTS, VIEW_HELP
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -70,7 +71,7 @@ def cmd_info(stub, args) -> int:
         "index": {"rasters": info.index_stats.raster_count, "tiles": info.index_stats.tile_count,
                   "disk_bytes": info.index_stats.disk_bytes, "ann_active": info.index_stats.ann_active},
         "default_sao_window": info.default_sao_window.size, "default_tile_overlap": info.default_tile_overlap,
-        "default_edge_radius": info.default_edge_radius,
+        "default_edge_radius": info.default_edge_radius, "default_index_views": info.default_index_views,
         "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
     }
     if args.json:
@@ -81,6 +82,8 @@ def cmd_info(stub, args) -> int:
               f"{data['image_size']}px tiles, checkpoint {data['checkpoint_hash'][:12]}")
         print(f"index: {data['index']['rasters']} rasters, {data['index']['tiles']} tiles, "
               f"{data['index']['disk_bytes'] / 1e6:.1f} MB")
+        print(f"index defaults: tile overlap {data['default_tile_overlap']:g}, "
+              f"{data['default_index_views']} view(s) per tile")
         print(f"segment defaults: SAO window {data['default_sao_window']} patches, "
               f"edge refinement radius {data['default_edge_radius']} px")
     return 0
@@ -93,6 +96,8 @@ def cmd_index(stub, args) -> int:
                                         target_resolution=args.resolution or 0.0)
         if args.overlap is not None:
             request.tile_overlap = args.overlap
+        if args.views is not None:
+            request.views = args.views
         bar = None
         final = None
         for progress in stub.IndexRaster(request, metadata=_metadata(args.token), timeout=args.timeout):
@@ -312,6 +317,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-index even if unchanged")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
     p.add_argument("--resolution", type=float, default=None, help="ground resolution to tile at (map units/pixel)")
+    p.add_argument("--views", type=int, default=None, choices=VIEW_COUNTS, metavar="N",
+                   help=f"views per tile, their embeddings averaged: {VIEW_HELP}; more views search a little "
+                        "better and index N times slower (default: the server's, see `client info`)")
     p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")
     p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster ids or paths")
     p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")

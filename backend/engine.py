@@ -29,6 +29,7 @@ from .defaults import BUNDLED_CHECKPOINT
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 from .model.prompts import ensemble_prompts, pool_ensemble
+from .model.views import check_views
 
 log = logging.getLogger("skyprompt.engine")
 
@@ -118,9 +119,15 @@ class ModelEngine:
         self._worker.start()
 
     # -- public API: each call blocks until its job ran (or raises) --------------------------
-    def embed_images(self, images: np.ndarray, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
-        """uint8 [N, 3, S, S] tiles -> L2-normalised float32 embeddings [N, E]."""
-        return np.stack(self._call("image", list(images), (), cancelled)) if len(images) else \
+    def embed_images(self, images: np.ndarray, cancelled: Callable[[], bool] = lambda: False,
+                     views: int = 1) -> np.ndarray:
+        """uint8 [N, 3, S, S] tiles -> L2-normalised float32 embeddings [N, E]; `views` > 1 averages
+        each tile's flips / rotations (backend.model.views)."""
+        try:
+            check_views(views)
+        except ValueError as e:
+            raise EngineError("invalid_argument", str(e)) from None
+        return np.stack(self._call("image", list(images), (views,), cancelled)) if len(images) else \
             np.zeros((0, self.embed_dim), np.float32)
 
     def embed_texts(self, texts: list[str], cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
@@ -265,8 +272,9 @@ class ModelEngine:
     def _compute(self, kind: str, items: list, settings: tuple) -> list:
         with torch.inference_mode(), autocast_context(self.device):
             if kind == "image":
-                return [row for chunk in _chunks(items, MAX_BATCH_IMAGES)
-                        for row in self.model.encode_image(self._images_tensor(chunk)).float().cpu().numpy()]
+                (views,) = settings     # one forward pass holds at most MAX_BATCH_IMAGES views
+                return [row for chunk in _chunks(items, max(1, MAX_BATCH_IMAGES // views))
+                        for row in self.model.encode_image(self._images_tensor(chunk), views=views).float().cpu().numpy()]
             if kind == "text":
                 tokens = self.tokenizer(items, self.config.context_length).to(self.device)
                 out = self.model.encode_text(tokens).float()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import grpc
 
-from .defaults import BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_SAO_WINDOW, SERVICE_NAME, Limits
+from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW,
+                       SERVICE_NAME, VIEW_COUNTS, VIEW_HELP, Limits)
 
 log = logging.getLogger("skyprompt.server")
 
@@ -86,7 +87,7 @@ class Server:
     def __init__(self, checkpoint=None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
                  data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
                  workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
-                 edge_radius: int | None = None):
+                 edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS):
         if not is_loopback(host) and not token:
             raise SystemExit(f"refusing to listen on {host}: off loopback a token is required "
                              f"(--token or ${TOKEN_ENV}); add TLS too (--tls-cert/--tls-key)")
@@ -97,6 +98,8 @@ class Server:
         max_edge_radius = (limits or Limits()).max_edge_radius
         if edge_radius is not None and not 0 <= edge_radius <= max_edge_radius:
             raise SystemExit(f"--edge-radius {edge_radius} must be 0 (off) or a radius in pixels up to {max_edge_radius}")
+        if index_views not in VIEW_COUNTS:
+            raise SystemExit(f"--index-views {index_views} must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP})")
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
         from grpc_health.v1 import health, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
@@ -116,7 +119,7 @@ class Server:
             raise
         self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
-                                        auth=bool(token), edge_radius=edge_radius)
+                                        auth=bool(token), edge_radius=edge_radius, index_views=index_views)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -192,6 +195,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "edges), in pixels of the working grid; default "
                              f"{DEFAULT_EDGE_RADIUS_FRACTION:g} x the model's input side (64 for 128-pixel tiles); "
                              "0 = off unless a request asks")
+    parser.add_argument("--index-views", type=int, default=DEFAULT_INDEX_VIEWS, metavar="N",
+                        help="default views per tile when indexing, their embeddings averaged: "
+                             f"{VIEW_HELP}; more views search a little better and index N times slower "
+                             f"(default {DEFAULT_INDEX_VIEWS}; a request's views overrides it)")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
                         help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
     parser.add_argument("--port-file", default=None,
@@ -208,7 +215,7 @@ def serve(args: argparse.Namespace) -> int:
         server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
                         data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
-                        sao_window=args.sao_window, edge_radius=args.edge_radius,
+                        sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
                         limits=Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20))))
     except (EngineError, TileIndexError) as e:
         print(f"skyprompt serve: {e}", file=sys.stderr)

@@ -26,7 +26,8 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import API_VERSION, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits, edge_radius_for
+from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, VIEW_COUNTS, VIEW_HELP,
+                       Limits, edge_radius_for)
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -187,7 +188,8 @@ class _Progress:
 class SkyPromptService(pb_grpc.SkyPromptServicer):
     def __init__(self, engine: ModelEngine, index: TileIndex, allowed_roots: list[str] | None = None,
                  limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
-                 auth: bool = False, io_threads: int = 4, edge_radius: int | None = None):
+                 auth: bool = False, io_threads: int = 4, edge_radius: int | None = None,
+                 index_views: int = DEFAULT_INDEX_VIEWS):
         self.engine = engine
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
@@ -196,6 +198,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # the guided filter's default radius scales with the model's tile (backend.defaults); a
         # radius given here was range-checked by Server, before the model loaded
         self.edge_radius = edge_radius_for(edge_radius, engine.image_size)
+        self.index_views = index_views     # checked by Server, like the radius
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)
@@ -244,7 +247,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         cfg = self.engine.config
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
-                        "thumbnails", "ann", "prompt_ensemble", "edge_refinement"]
+                        "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views"]
         if self.tls:
             capabilities.append("tls")
         if self.auth:
@@ -258,7 +261,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                       disk_bytes=stats["bytes"], ann_active=bool(stats.get("ann_active"))),
             default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
             limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}),
-            default_edge_radius=self.edge_radius)
+            default_edge_radius=self.edge_radius, default_index_views=self.index_views)
 
     # -- IndexRaster --
     @streaming
@@ -273,6 +276,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if not (0.0 <= min_valid <= 1.0):
             raise _bad(f"min_valid_fraction {request.min_valid_fraction} must be in [0, 1]")
         extent = extent_parts(request.extent) if request.HasField("extent") else None
+        views = request.views if request.HasField("views") else self.index_views
+        if views not in VIEW_COUNTS:
+            raise _bad(f"views {views} must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP}); leave it "
+                       f"unset for the server's default ({self.index_views})")
         yield pb.IndexProgress(stage=pb.INDEX_STAGE_OPENING, message="opening the raster")
         raster = self._open(request.source, request.bands if request.HasField("bands") else None)
         with raster:
@@ -281,6 +288,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                         "min_valid_fraction": min_valid, "bands": list(raster.rgb_bands),
                         "stretch": list(raster.bands.percentiles()) if raster.bands.stretch_requested else None,
                         "extent": list(extent) if extent else None}
+            if views != 1:      # absent for one view, so rasters indexed before views existed stay unchanged
+                settings["views"] = views
             identity = self._identity(raster)
             state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
             total = raster.count_tiles(size, overlap, resolution, extent)
@@ -301,7 +310,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
                                                             total, cancelled):
                     if tiles:
-                        embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled)
+                        embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled, views=views)
                         writer.add([_tile_dict(t) for t in tiles], embeddings)
                         kept += len(tiles)
                     if cancelled():

@@ -31,13 +31,16 @@ def _source_and_extent(pb, prepared, rect: QgsRectangle | None, rect_crs: QgsCoo
 
 
 def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Cancelled,
-                force: bool = False, notes: list | None = None):
-    """Index a whole layer; the IndexResult."""
+                force: bool = False, notes: list | None = None, views: int | None = None):
+    """Index a whole layer; the IndexResult. `views`: views per tile averaged (1, 2, 4 or 8; None =
+    the server's default, ServerInfo.default_index_views)."""
     pb = conn.pb
     source, _, note = _source_and_extent(pb, prepared, None, None, None, max_side, None)
     if note and notes is not None:
         notes.append(note)
     request = pb.IndexRasterRequest(source=source, force=force)
+    if views is not None:
+        request.views = views
     return conn.index(request, progress=lambda m: progress(_percent(m.tiles_done, m.tiles_total)),
                       cancelled=cancelled)
 

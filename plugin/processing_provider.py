@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterExtent,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterMultipleLayers,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
                        QgsProcessingParameterString, QgsProcessingProvider, QgsProcessingOutputNumber,
@@ -74,6 +74,12 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(f"SkyPrompt backend at {settings.address}: {e.message} ({e.code})")
 
 
+# IndexRasterRequest.views: None = the backend's default (ServerInfo.default_index_views)
+VIEW_CHOICES = ((None, "the backend's default"), (1, "1: each tile as it is"), (2, "2: + its mirror image"),
+                (4, "4: its four rotations (about 4x slower)"), (8, "8: its rotations and their mirror images (about 8x slower)"))
+OUTCOMES = {1: "indexed", 2: "unchanged", 3: "replaced"}
+
+
 class IndexRasterAlgorithm(_SkyPromptAlgorithm):
     def name(self):
         return "indexraster"
@@ -83,14 +89,22 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Cuts the raster into tiles and stores their embeddings in the backend's index, so "
-                "'Search tiles by text' can find them. Unchanged rasters are skipped unless Force is set.")
+                "'Search tiles by text' can find them. Unchanged rasters are skipped unless Force is set. "
+                "Views per tile (advanced): the embeddings of each tile's rotations (and mirror images) are "
+                "averaged, so a search does not depend on which way the ground faces; a little better "
+                "search, one model pass per view.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
         self.addParameter(QgsProcessingParameterBoolean("FORCE", "Re-index even if unchanged", defaultValue=False))
+        views = QgsProcessingParameterEnum("VIEWS", "Views per tile", options=[label for _, label in VIEW_CHOICES],
+                                           defaultValue=0)
+        views.setFlags(views.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(views)
         self._add_server()
         self.addOutput(QgsProcessingOutputString("RASTER_ID", "Raster id"))
         self.addOutput(QgsProcessingOutputNumber("TILE_COUNT", "Tiles indexed"))
+        self.addOutput(QgsProcessingOutputString("OUTCOME", "What happened: indexed, unchanged or replaced"))
 
     def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
@@ -101,13 +115,15 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
         notes: list[str] = []
         result = self._call(settings, lambda conn: operations.index_layer(
             conn, prepared, settings.max_pixel_side, feedback.setProgress, feedback.isCanceled,
-            force=self.parameterAsBool(parameters, "FORCE", context), notes=notes))
+            force=self.parameterAsBool(parameters, "FORCE", context), notes=notes,
+            views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0]))
         for note in notes:
             feedback.pushInfo(note)
         if result is None:
             return {}
-        feedback.pushInfo(f"{result.raster_name}: {result.tile_count} tiles ({result.seconds:.1f} s)")
-        return {"RASTER_ID": result.raster_id, "TILE_COUNT": result.tile_count}
+        outcome = OUTCOMES.get(result.outcome, "unknown")
+        feedback.pushInfo(f"{result.raster_name}: {outcome}, {result.tile_count} tiles ({result.seconds:.1f} s)")
+        return {"RASTER_ID": result.raster_id, "TILE_COUNT": result.tile_count, "OUTCOME": outcome}
 
 
 class SearchTilesAlgorithm(_SkyPromptAlgorithm):

@@ -268,3 +268,28 @@ def test_retrieval_cli_rerank(setup):
     assert all(0.0 <= out[k] <= 100.0 for k in RECALL_KEYS)
     p = run_cli("retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--rerank", "-1")
     assert p.returncode == 2 and "--rerank K" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_views_average_each_images_turns_in_every_evaluation(setup, tokenizer, tiny_config, tmp_path, capsys):
+    from backend.model import MaMMUT
+
+    torch.manual_seed(0)
+    model = MaMMUT(tiny_config).eval()
+    # at the model's size, so the evaluation transform resamples nothing and a turned file is a turned input
+    side = tiny_config.image_size
+    pixels = np.random.default_rng(3).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels))).save(tmp_path / "turned.png")
+    paths = [str(tmp_path / "a.png"), str(tmp_path / "turned.png")]
+    one, four = ev.encode_images(model, paths, "cpu"), ev.encode_images(model, paths, "cpu", views=4)
+    assert (one[0] - one[1]).abs().max() > 1e-3
+    torch.testing.assert_close(four[0], four[1], atol=1e-5, rtol=0)
+    rc, out, _ = run_main(capsys, "zero-shot", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                          "--classnames", setup["names"], "--views", "4", "--json", "--quiet")
+    assert rc == 0 and json.loads(out)["views"] == 4
+    rc, out, _ = run_main(capsys, "retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"],
+                          "--views", "8", "--quiet")
+    assert rc == 0 and "8 views per image" in out
+    with pytest.raises(SystemExit):
+        ev.main(["retrieval", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]), "--views", "3"])
+    assert "invalid choice: 3" in capsys.readouterr().err

@@ -415,14 +415,20 @@ def test_backend_down_gives_a_clear_message_without_hanging(dock, layers, iface)
 def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
-    from plugin.processing_provider import SkyPromptProvider
+    from plugin.processing_provider import VIEW_CHOICES, SkyPromptProvider
 
     provider = SkyPromptProvider()
     QgsApplication.processingRegistry().addProvider(provider)
     try:
         layer = layers[0]
         indexed = processing.run("skyprompt:indexraster", {"INPUT": layer, "FORCE": False})
-        assert indexed["TILE_COUNT"] > 0 and indexed["RASTER_ID"]
+        assert indexed["TILE_COUNT"] > 0 and indexed["RASTER_ID"] and indexed["OUTCOME"] in ("indexed", "unchanged")
+        # views per tile reach the backend: other views re-index, the same views again do not
+        four = [v for v, _ in VIEW_CHOICES].index(4)
+        again = processing.run("skyprompt:indexraster", {"INPUT": layer, "VIEWS": four})
+        assert again["OUTCOME"] == "replaced" and again["TILE_COUNT"] == indexed["TILE_COUNT"]
+        assert processing.run("skyprompt:indexraster", {"INPUT": layer, "VIEWS": four})["OUTCOME"] == "unchanged"
+        assert processing.run("skyprompt:indexraster", {"INPUT": layer})["OUTCOME"] == "replaced"
         # file outputs: a memory layer handed back by processing.run outlives QGIS's exit and crashes it
         found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
             "QUERY": "farmland", "K": 4, "LAYERS": [layer], "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])

@@ -417,11 +417,12 @@ def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_serve_refuses_a_bad_default_edge_radius(checkpoint, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--edge-radius", "-2", "--checkpoint",
+@pytest.mark.parametrize("flag, value", [("--edge-radius", "-2"), ("--index-views", "3")])
+def test_serve_refuses_a_bad_default(checkpoint, tmp_path, flag, value):
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", flag, value, "--checkpoint",
                           str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode != 0 and "--edge-radius -2" in out.stderr + out.stdout
+    assert out.returncode != 0 and f"{flag} {value}" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
 
 

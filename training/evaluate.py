@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from backend.defaults import VIEW_COUNTS, VIEW_HELP
 from backend.model.checkpoint import CheckpointError, load_checkpoint
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 
@@ -187,10 +188,11 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
 
 
 def encode_images(model, paths: Sequence[str], device=None, batch_size: int = 64,
-                  progress: bool = False) -> torch.Tensor:
-    """L2-normalised image embeddings [N, E] (float32, on CPU) of image files."""
+                  progress: bool = False, views: int = 1) -> torch.Tensor:
+    """L2-normalised image embeddings [N, E] (float32, on CPU) of image files; `views` > 1 averages
+    each image's flips / rotations, as the backend's index does with `views` (backend.model.views)."""
     out = _map_image_batches(model, paths, device, batch_size, progress, "images",
-                             lambda m, x: [m.encode_image(x).float().cpu()])
+                             lambda m, x: [m.encode_image(x, views=views).float().cpu()])
     return torch.cat(out)
 
 
@@ -226,13 +228,14 @@ def encode_texts(model, tokenizer, texts: Sequence[str], device=None, batch_size
 # ---- the three evaluations ---------------------------------------------------------------------
 def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_size: int = 64,
                        progress: bool = False, ties: str = "expected", rerank: int = 0,
-                       rerank_weight: float = 1.0) -> dict:
+                       rerank_weight: float = 1.0, views: int = 1) -> dict:
     """Image<->text recall@1/5/10 and mR (percent) over records with `.image` and `.captions`.
 
     Every caption is a separate text query (identical captions of one image count separately, as
     in the standard protocol). `ties`: "expected" or "pessimistic" (see `training.metrics`). When
     every record has a `.class_name`, the result also holds `class_oracle_mean_recall`.
     `rerank` K > 0 re-orders each query's top K by the captioning decoder (`rerank_with_captioner`).
+    `views`: image embeddings averaged over that many flips / rotations (`encode_images`).
     """
     records = list(records)
     if not records:
@@ -244,7 +247,7 @@ def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_s
             raise EvalError(f"image {r.image} has no captions; retrieval needs at least one per image")
         texts += caps
         text_to_image += [i] * len(caps)
-    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress)
+    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress, views)
     # each distinct text is encoded once, so identical captions get identical embeddings and tie
     # exactly (the tie rule then decides), whatever batch they would have fallen in
     unique = list(dict.fromkeys(texts))
@@ -265,6 +268,7 @@ def evaluate_retrieval(model, tokenizer, records: Sequence, device=None, batch_s
         out = M.retrieval_recall(sim, np.asarray(text_to_image), ties=ties)
     out["n_images"], out["n_captions"] = len(records), len(texts)
     out["ties"] = ties
+    out["views"] = views
     classes = [getattr(r, "class_name", None) for r in records]
     if all(c is not None for c in classes):
         out["class_oracle_mean_recall"] = M.class_oracle_mean_recall(
@@ -357,13 +361,14 @@ def _class_key(record, names: Mapping[str, tuple[str, ...]]) -> str:
 
 def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=None, batch_size: int = 64,
                        templates: Sequence[str] = ZERO_SHOT_TEMPLATES, files: str | os.PathLike | None = None,
-                       limit_per_class: int | None = None, progress: bool = False) -> dict:
+                       limit_per_class: int | None = None, progress: bool = False, views: int = 1) -> dict:
     """Classify images by their similarity to class prompts (top-1/top-5/per-class in percent).
 
     records_or_folder: a folder of classes (see `scan_folder`) or records with `.image` and
     `.class_name` (a folder name of the map, or one of its human names). classnames: folder ->
     name (or list of names), a JSON file, or a bundled map name. Every class of the map is a
-    candidate, including classes with no images here (their per-class accuracy is None).
+    candidate, including classes with no images here (their per-class accuracy is None). `views`: as
+    in `encode_images`.
     """
     names = load_classnames(classnames)
     if isinstance(records_or_folder, (str, os.PathLike)):
@@ -383,13 +388,14 @@ def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=N
     keys = list(names)
     index = {k: i for i, k in enumerate(keys)}
     labels = np.array([index[_class_key(r, names)] for r in records])
-    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress)
+    img = encode_images(model, [str(r.image) for r in records], device, batch_size, progress, views)
     cls = class_text_embeddings(model, tokenizer, names, templates, device, max(batch_size, 128), progress)
     out = M.zero_shot_metrics((img @ cls.T).numpy(), labels, keys)
     out["classes"] = keys
     out["class_names"] = {k: list(v) if len(v) > 1 else v[0] for k, v in names.items()}
     out["n_images"] = len(records)
     out["n_templates"] = len(templates)
+    out["views"] = views
     return out
 
 
@@ -460,6 +466,12 @@ def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars on stderr")
 
 
+def _views_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--views", type=int, default=1, choices=VIEW_COUNTS, metavar="N",
+                   help=f"average each image's embedding over N views, as the backend's index can: {VIEW_HELP} "
+                        "(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate",
@@ -487,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mean log-probability given the image (0: off; default: %(default)s)")
     r.add_argument("--rerank-weight", type=float, default=1.0, metavar="W",
                    help="W for --rerank (default: %(default)s)")
+    _views_option(r)
 
     z = sub.add_parser(
         "zero-shot", help="classify a folder of classes by similarity to class-name prompts",
@@ -512,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--files", metavar="LISTFILE",
                    help="evaluate only these images: one path a line, relative to FOLDER (e.g. a validation split)")
     z.add_argument("--limit-per-class", type=int, metavar="N", help="only the first N images (by name) of each class")
+    _views_option(z)
 
     c = sub.add_parser(
         "caption", help="generate captions and score BLEU-4 and CIDEr-D against the references",
@@ -618,7 +632,8 @@ def _pct(v) -> str:
 
 
 def _print_retrieval(r: dict) -> None:
-    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']})")
+    views = f", {r['views']} views per image" if r.get("views", 1) != 1 else ""
+    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']}{views})")
     print(f"{'':14}{'R@1':>7}{'R@5':>7}{'R@10':>7}")
     for label, key in (("image -> text", "i2t"), ("text -> image", "t2i")):
         print(f"{label:14}" + "".join(f"{r[f'{key}_r{k}']:7.1f}" for k in (1, 5, 10)))
@@ -632,7 +647,7 @@ def _print_retrieval(r: dict) -> None:
 
 def _print_zero_shot(r: dict) -> None:
     print(f"zero-shot classification: {r['n_images']} images, {len(r['classes'])} classes, "
-          f"{r['n_templates']} prompt template(s)")
+          f"{r['n_templates']} prompt template(s)" + (f", {r['views']} views per image" if r.get("views", 1) != 1 else ""))
     print(f"top-1: {r['top1']:.2f}%" + (f"   top-5: {r['top5']:.2f}%" if "top5" in r else "")
           + f"   mean per class: {r['mean_per_class']:.2f}%")
     width = max(len(k) for k in r["classes"])
@@ -833,11 +848,11 @@ def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,
-                                 rerank=args.rerank, rerank_weight=args.rerank_weight)
+                                 rerank=args.rerank, rerank_weight=args.rerank_weight, views=args.views)
     elif args.command == "zero-shot":
         out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size, templates=templates,
                                  limit_per_class=args.limit_per_class if args.manifest else None,
-                                 progress=progress)
+                                 progress=progress, views=args.views)
     else:
         out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
                                 args.max_len, args.examples, progress)

@@ -14,6 +14,7 @@ from torch import nn
 from .config import MaMMUTConfig
 from .sao import cosine_map, sao_pool
 from .text import TextDecoder
+from .views import dihedral_views
 from .vision import AttentionPool, VisionTransformer, resize_pos_embed
 
 
@@ -70,8 +71,14 @@ class MaMMUT(nn.Module):
         return (x.to(self.image_mean.device) - self.image_mean) / self.image_std
 
     # ---- contrastive pass -----------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Normalised images [B, 3, H, W] -> image embeddings [B, embed_dim]."""
+    def encode_image(self, images: torch.Tensor, normalize: bool = True, views: int = 1) -> torch.Tensor:
+        """Normalised images [B, 3, H, W] -> image embeddings [B, embed_dim]. views > 1: the mean of
+        the normalised embeddings of that many flips / rotations of each image (`views.py`), normalised."""
+        if views != 1:
+            if not normalize:
+                raise ValueError("embeddings of several views are averaged after normalising; use normalize=True")
+            per_view = self.encode_image(dihedral_views(images, views))
+            return F.normalize(per_view.view(views, images.shape[0], -1).mean(0), dim=-1)
         x = self.attn_pool(self.visual(images))
         # normalised in fp32: under bf16 autocast a bf16 norm is off by up to ~0.5%
         return F.normalize(x.float(), dim=-1) if normalize else x
