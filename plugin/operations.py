@@ -30,6 +30,12 @@ def _source_and_extent(pb, prepared, rect: QgsRectangle | None, rect_crs: QgsCoo
     return source, extent, note
 
 
+# IndexResult.outcome -> a word for messages and Processing outputs
+OUTCOMES = {1: "indexed", 2: "unchanged", 3: "replaced"}
+# the views per tile the dock's "Rotation views" asks for (IndexRasterRequest.views)
+ROTATION_VIEWS = 4
+
+
 def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Cancelled,
                 force: bool = False, notes: list | None = None, views: int | None = None):
     """Index a whole layer; the IndexResult. `views`: views per tile averaged (1, 2, 4 or 8; None =

@@ -77,7 +77,6 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
 # IndexRasterRequest.views: None = the backend's default (ServerInfo.default_index_views)
 VIEW_CHOICES = ((None, "the backend's default"), (1, "1: each tile as it is"), (2, "2: + its mirror image"),
                 (4, "4: its four rotations (about 4x slower)"), (8, "8: its rotations and their mirror images (about 8x slower)"))
-OUTCOMES = {1: "indexed", 2: "unchanged", 3: "replaced"}
 
 
 class IndexRasterAlgorithm(_SkyPromptAlgorithm):
@@ -121,7 +120,7 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
             feedback.pushInfo(note)
         if result is None:
             return {}
-        outcome = OUTCOMES.get(result.outcome, "unknown")
+        outcome = operations.OUTCOMES.get(result.outcome, "unknown")
         feedback.pushInfo(f"{result.raster_name}: {outcome}, {result.tile_count} tiles ({result.seconds:.1f} s)")
         return {"RASTER_ID": result.raster_id, "TILE_COUNT": result.tile_count, "OUTCOME": outcome}
 

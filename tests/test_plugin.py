@@ -307,6 +307,26 @@ def test_index_search_results_layer_and_zoom(dock, layers, iface):
     assert iface.canvas.extent() != before
 
 
+
+def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
+    """The dock's "Rotation views" box asks for 4 views per tile: other views than the layers' index
+    holds re-index them, the same again does not, and unticked goes back to the backend's default."""
+    def index_message():
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "index", dock.index_layers) is None
+        return " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+
+    n = len(layers)
+    assert "indexed" in index_message()                     # with the backend's default views (or already)
+    assert f"({n} unchanged)" in index_message()
+    dock.rotation_views.setChecked(True)
+    try:
+        assert f"({n} replaced)" in index_message()
+        assert f"({n} unchanged)" in index_message()
+    finally:
+        dock.rotation_views.setChecked(False)
+    assert f"({n} replaced)" in index_message()
+
 def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(dock, layers, iface, tmp_path):
     layer = layers[-1] if HAVE_SHARED else layers[0]           # a layer without transparent parts
     mercator = QgsCoordinateReferenceSystem("EPSG:3857")
