@@ -32,7 +32,8 @@ def edge_radius_for(asked: int | None, image_size: int) -> int:
 
 
 # Index views (backend.model.views): embeddings of each tile's flips / rotations averaged. 1 = off:
-# four views score better on every measure of the model card but cost four model passes per tile.
+# four views score a little better on most measures of the model card (README) but cost four model
+# passes per tile.
 VIEW_COUNTS = (1, 2, 4, 8)
 VIEW_HELP = ("1 = the tile as it is, 2 = + its mirror image, 4 = its four 90-degree rotations, 8 = the "
              "rotations and their mirror images")

@@ -3,8 +3,8 @@
 An aerial or satellite image has no "up": a harbour seen rotated by 90 degrees is still a harbour,
 and the model trained on all eight flips and rotations of its images. Averaging the embeddings of
 several such views of a tile gives an embedding that no longer depends on which way the tile happens
-to face, and it scores a little better in every measure of the model card (README, "Index with
-rotation views"), at the cost of one encoder pass per view.
+to face. It scores a little better on most measures of the model card (README: the "Index views"
+table there, and under "Run the backend"), at the cost of one encoder pass per view.
 """
 from __future__ import annotations
 
