@@ -53,3 +53,17 @@ class Limits:
     max_thumbnail_side: int = 512
     max_beam_size: int = 8
     max_edge_radius: int = 1024
+
+
+def check_views(views: int, name: str = "views") -> int:
+    """views, or ValueError naming the setting (`name`) and the choices."""
+    if views not in VIEW_COUNTS:
+        raise ValueError(f"{name} {views} must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP})")
+    return views
+
+
+def check_edge_radius(radius: int, name: str = "edge_radius", limit: int = Limits.max_edge_radius) -> int:
+    """radius, or ValueError naming the setting (`name`) and the range."""
+    if not 0 <= radius <= limit:
+        raise ValueError(f"{name} {radius} must be 0 (no edge refinement) or a radius in pixels up to {limit}")
+    return radius

@@ -44,9 +44,14 @@ def box_mean(x: np.ndarray, radius: int) -> np.ndarray:
     return _box_mean(torch.from_numpy(np.ascontiguousarray(x)), radius).numpy()
 
 
+def _guide(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A uint8 [3, H, W] image -> its grey level [H, W] in 0..1 (the filter's guide), on `device`."""
+    return torch.as_tensor(np.ascontiguousarray(rgb), device=device).float().mean(0) / 255.0
+
+
 def guide_from_rgb(rgb: np.ndarray) -> np.ndarray:
-    """A uint8 [3, H, W] image -> its grey level [H, W] in 0..1 (the filter's guide)."""
-    return rgb.astype(np.float32).mean(0) / np.float32(255.0)
+    """`_guide` as a numpy array."""
+    return _guide(rgb, torch.device("cpu")).numpy()
 
 
 def _block_sums(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -94,13 +99,14 @@ def _guided_filter(planes: torch.Tensor, g_full: torch.Tensor, valid: torch.Tens
     all_valid = valid is None or bool(valid.all())
     weight_full = torch.ones_like(g_full) if valid is None else valid.float()
     # block statistics: each block's valid share and the valid-weighted means in it
-    valid_count = _block_sums(weight_full, factor).clamp(min=1e-12)
+    block_valid = _block_sums(weight_full, factor)
+    valid_count = block_valid.clamp(min=1e-12)
 
     def block_mean(x: torch.Tensor) -> torch.Tensor:
         # the common case (every pixel valid) skips the weighting pass over every pixel
         return _block_sums(x if all_valid else weight_full * x, factor) / valid_count
 
-    weight = _block_sums(weight_full, factor) / factor ** 2
+    weight = block_valid / factor ** 2
     r = max(1, radius // factor)
     covered = _box_mean(weight, r)
     share = torch.where(covered > 0, covered, torch.ones_like(covered))
@@ -127,10 +133,6 @@ def _guided_filter(planes: torch.Tensor, g_full: torch.Tensor, valid: torch.Tens
     return planes
 
 
-def _filter_device(device) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)
-
-
 def guided_filter(maps: np.ndarray, guide: np.ndarray, radius: int, eps: float = DEFAULT_EDGE_EPS,
                   valid: np.ndarray | None = None, clip: bool = True, subsample: int | None = None,
                   device=None) -> np.ndarray:
@@ -145,7 +147,7 @@ def guided_filter(maps: np.ndarray, guide: np.ndarray, radius: int, eps: float =
     factor = _check(maps.shape, guide.shape, None if valid is None else valid.shape, radius, eps, subsample)
     if radius == 0:
         return maps
-    dev = _filter_device(device)
+    dev = torch.device(device or "cpu")
     planes = torch.tensor(np.asarray(maps, np.float32), device=dev).reshape((-1,) + guide.shape)
     g = torch.as_tensor(np.asarray(guide, np.float32), device=dev)
     v = None if valid is None else torch.as_tensor(np.asarray(valid, bool), device=dev)
@@ -164,13 +166,12 @@ def edge_refined(relevance: np.ndarray, rgb: np.ndarray, valid: np.ndarray, radi
     factor = _check(relevance.shape, rgb.shape[-2:], valid.shape, radius, DEFAULT_EDGE_EPS, None)
     if radius == 0:
         return relevance
-    dev = _filter_device(device)
+    dev = torch.device(device or "cpu")
     rel = torch.as_tensor(np.ascontiguousarray(relevance, np.float32), device=dev)
     rest = (1.0 - rel.sum(0, keepdim=True)).clamp_(0.0, 1.0)
     scores = torch.cat([rel, rest]).clamp_(min=LOG_FLOOR).log_()
     v = torch.as_tensor(np.asarray(valid, bool), device=dev)
-    guide = torch.as_tensor(rgb, device=dev).float().mean(0) / 255.0
-    scores = _guided_filter(scores, guide, v, radius, DEFAULT_EDGE_EPS, False, factor)
+    scores = _guided_filter(scores, _guide(rgb, dev), v, radius, DEFAULT_EDGE_EPS, False, factor)
     refined = scores.softmax(0)[:-1] * v
     return refined.cpu().numpy()
 

@@ -25,11 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .defaults import BUNDLED_CHECKPOINT
+from .defaults import BUNDLED_CHECKPOINT, check_views
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 from .model.prompts import ensemble_prompts, pool_ensemble
-from .model.views import check_views
 
 log = logging.getLogger("skyprompt.engine")
 

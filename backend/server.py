@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW,
-                       SERVICE_NAME, VIEW_COUNTS, VIEW_HELP, Limits)
+                       SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius, check_views)
 
 log = logging.getLogger("skyprompt.server")
 
@@ -95,11 +95,12 @@ class Server:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         if bool(tls_cert) != bool(tls_key):
             raise SystemExit("give both --tls-cert and --tls-key, or neither")
-        max_edge_radius = (limits or Limits()).max_edge_radius
-        if edge_radius is not None and not 0 <= edge_radius <= max_edge_radius:
-            raise SystemExit(f"--edge-radius {edge_radius} must be 0 (off) or a radius in pixels up to {max_edge_radius}")
-        if index_views not in VIEW_COUNTS:
-            raise SystemExit(f"--index-views {index_views} must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP})")
+        try:
+            if edge_radius is not None:
+                check_edge_radius(edge_radius, "--edge-radius", (limits or Limits()).max_edge_radius)
+            check_views(index_views, "--index-views")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
         from grpc_health.v1 import health, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection

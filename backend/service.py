@@ -26,8 +26,8 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, VIEW_COUNTS, VIEW_HELP,
-                       Limits, edge_radius_for)
+from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits,
+                       check_edge_radius, check_views, edge_radius_for)
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -277,9 +277,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             raise _bad(f"min_valid_fraction {request.min_valid_fraction} must be in [0, 1]")
         extent = extent_parts(request.extent) if request.HasField("extent") else None
         views = request.views if request.HasField("views") else self.index_views
-        if views not in VIEW_COUNTS:
-            raise _bad(f"views {views} must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP}); leave it "
-                       f"unset for the server's default ({self.index_views})")
+        try:
+            check_views(views)
+        except ValueError as e:
+            raise _bad(f"{e}; leave it unset for the server's default ({self.index_views})") from None
         yield pb.IndexProgress(stage=pb.INDEX_STAGE_OPENING, message="opening the raster")
         raster = self._open(request.source, request.bands if request.HasField("bands") else None)
         with raster:
@@ -491,9 +492,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if window < grid and window % 2 == 0:
             raise _bad(f"sao_window.size {window} must be odd (3, 5, 7, ...) so the window centres on a patch")
         edge_radius = request.edge_radius if request.HasField("edge_radius") else self.edge_radius
-        if not 0 <= edge_radius <= limits.max_edge_radius:
-            raise _bad(f"edge_radius {edge_radius} must be 0 (no edge refinement) or a radius in pixels up to "
-                       f"{limits.max_edge_radius}; leave it unset for the server's default ({self.edge_radius})")
+        try:
+            check_edge_radius(edge_radius, limit=limits.max_edge_radius)
+        except ValueError as e:
+            raise _bad(f"{e}; leave it unset for the server's default ({self.edge_radius})") from None
         overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
                            DEFAULT_SEGMENT_OVERLAP, "tile_overlap")
         resolution = _resolution(request.target_resolution)

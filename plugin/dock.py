@@ -7,6 +7,8 @@ fires after each answer is shown, with the kind ("health", "index", "search", "s
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
@@ -444,10 +446,7 @@ class SkyPromptDock(QDockWidget):
         def shown(indexed):
             self.indexed.update({lid: r.raster_id for lid, r in indexed.items()})
             tiles = sum(r.tile_count for r in indexed.values())
-            counts: dict[str, int] = {}
-            for r in indexed.values():
-                word = operations.OUTCOMES.get(r.outcome, "unknown")
-                counts[word] = counts.get(word, 0) + 1
+            counts = Counter(operations.outcome_word(r) for r in indexed.values())
             what = ", ".join(f"{n} {word}" for word, n in counts.items())
             self._message(f"indexed {len(indexed)} layer(s), {tiles} tiles ({what})", Qgis.Success, 4)
             self.refresh_health()   # the index counts in the connection bar

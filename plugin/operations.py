@@ -30,8 +30,13 @@ def _source_and_extent(pb, prepared, rect: QgsRectangle | None, rect_crs: QgsCoo
     return source, extent, note
 
 
-# IndexResult.outcome -> a word for messages and Processing outputs
-OUTCOMES = {1: "indexed", 2: "unchanged", 3: "replaced"}
+def outcome_word(result) -> str:
+    """An IndexResult's outcome as a word ("indexed", "unchanged", "replaced"), from the wire enum's
+    own names, as the command-line client writes it."""
+    enum = result.DESCRIPTOR.fields_by_name["outcome"].enum_type
+    return enum.values_by_number[result.outcome].name.removeprefix("INDEX_OUTCOME_").lower()
+
+
 # the views per tile the dock's "Rotation views" asks for (IndexRasterRequest.views)
 ROTATION_VIEWS = 4
 

@@ -120,7 +120,7 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
             feedback.pushInfo(note)
         if result is None:
             return {}
-        outcome = operations.OUTCOMES.get(result.outcome, "unknown")
+        outcome = operations.outcome_word(result)
         feedback.pushInfo(f"{result.raster_name}: {outcome}, {result.tile_count} tiles ({result.seconds:.1f} s)")
         return {"RASTER_ID": result.raster_id, "TILE_COUNT": result.tile_count, "OUTCOME": outcome}
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from backend.defaults import VIEW_COUNTS, VIEW_HELP
+from backend.defaults import VIEW_COUNTS, VIEW_HELP, check_edge_radius
 from backend.model.checkpoint import CheckpointError, load_checkpoint
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 
@@ -631,9 +631,12 @@ def _pct(v) -> str:
     return "   -" if v is None else f"{v:5.1f}"
 
 
+def _views_note(r: dict) -> str:
+    return f", {r['views']} views per image" if r.get("views", 1) != 1 else ""
+
+
 def _print_retrieval(r: dict) -> None:
-    views = f", {r['views']} views per image" if r.get("views", 1) != 1 else ""
-    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']}{views})")
+    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']}{_views_note(r)})")
     print(f"{'':14}{'R@1':>7}{'R@5':>7}{'R@10':>7}")
     for label, key in (("image -> text", "i2t"), ("text -> image", "t2i")):
         print(f"{label:14}" + "".join(f"{r[f'{key}_r{k}']:7.1f}" for k in (1, 5, 10)))
@@ -647,7 +650,7 @@ def _print_retrieval(r: dict) -> None:
 
 def _print_zero_shot(r: dict) -> None:
     print(f"zero-shot classification: {r['n_images']} images, {len(r['classes'])} classes, "
-          f"{r['n_templates']} prompt template(s)" + (f", {r['views']} views per image" if r.get("views", 1) != 1 else ""))
+          f"{r['n_templates']} prompt template(s){_views_note(r)}")
     print(f"top-1: {r['top1']:.2f}%" + (f"   top-5: {r['top5']:.2f}%" if "top5" in r else "")
           + f"   mean per class: {r['mean_per_class']:.2f}%")
     width = max(len(k) for k in r["classes"])
@@ -747,8 +750,11 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     _positive(args, "mosaics", "size", "regions", "scene_px")
     if args.tolerance < 0:
         raise EvalError("--tolerance must be 0 or more")
-    if args.edge_radius is not None and args.edge_radius < 0:
-        raise EvalError("--edge-radius must be 0 (no edge refinement) or a radius in pixels")
+    if args.edge_radius is not None:
+        try:
+            check_edge_radius(args.edge_radius, "--edge-radius")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     if args.raster:
         return _run_labelled_raster(args)
     if not args.data or not args.classnames:

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..defaults import VIEW_COUNTS, VIEW_HELP
-
-
-def check_views(views: int) -> int:
-    """views, or ValueError naming the choices."""
-    if views not in VIEW_COUNTS:
-        raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))} ({VIEW_HELP}), got {views}")
-    return views
+from ..defaults import VIEW_COUNTS, VIEW_HELP, check_views
 
 
 def dihedral_views(images: torch.Tensor, views: int) -> torch.Tensor:
