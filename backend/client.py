@@ -72,6 +72,7 @@ def cmd_info(stub, args) -> int:
                   "disk_bytes": info.index_stats.disk_bytes, "ann_active": info.index_stats.ann_active},
         "default_sao_window": info.default_sao_window.size, "default_tile_overlap": info.default_tile_overlap,
         "default_edge_radius": info.default_edge_radius, "default_index_views": info.default_index_views,
+        "default_search_expand": info.default_search_expand,
         "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
     }
     if args.json:
@@ -84,6 +85,8 @@ def cmd_info(stub, args) -> int:
               f"{data['index']['disk_bytes'] / 1e6:.1f} MB")
         print(f"index defaults: tile overlap {data['default_tile_overlap']:g}, "
               f"{data['default_index_views']} view(s) per tile")
+        expand = data["default_search_expand"]
+        print(f"search defaults: query expansion {f'from the {expand} best tiles' if expand else 'off'}")
         print(f"segment defaults: SAO window {data['default_sao_window']} patches, "
               f"edge refinement radius {data['default_edge_radius']} px")
     return 0
@@ -129,6 +132,9 @@ def cmd_index(stub, args) -> int:
 
 
 def cmd_search(stub, args) -> int:
+    for name in ("k", "expand"):
+        if (getattr(args, name) or 0) < 0:
+            raise ClientError(f"--{name} {getattr(args, name)} must be 0 or more")
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[os.path.abspath(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
@@ -137,6 +143,8 @@ def cmd_search(stub, args) -> int:
         request.extent.CopyFrom(extent)
     if args.min_score is not None:
         request.min_score = args.min_score
+    if args.expand is not None:
+        request.expand = args.expand
     response = stub.Search(request, metadata=_metadata(args.token), timeout=args.timeout)
     hits = []
     for rank, hit in enumerate(response.hits, 1):
@@ -335,6 +343,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-query", action="store_true",
                    help="embed the query as typed (default: averaged over phrasings such as "
                         "\"an aerial photo of QUERY.\", which ranks better)")
+    p.add_argument("--expand", type=int, default=None, metavar="N",
+                   help="query expansion: rank, move the query toward the mean embedding of its N best tiles, "
+                        "rank again; brings up more tiles like the best hits (scores are then similarities "
+                        "to the expanded query; default: the server's, see `info`; 0 = off)")
     p = sub.add_parser("segment", parents=[common, extent], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")

@@ -39,6 +39,12 @@ VIEW_HELP = ("1 = the tile as it is, 2 = + its mirror image, 4 = its four 90-deg
              "rotations and their mirror images")
 DEFAULT_INDEX_VIEWS = 1
 
+# Query expansion (TileIndex.search `expand`, pseudo-relevance feedback): a search ranks once, moves
+# the query toward the mean embedding of its N best tiles (weight EXPAND_WEIGHT) and ranks again.
+# The search benchmark measures it against the plain ranking (README).
+DEFAULT_SEARCH_EXPAND = 0
+EXPAND_WEIGHT = 2.0
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -53,6 +59,7 @@ class Limits:
     max_thumbnail_side: int = 512
     max_beam_size: int = 8
     max_edge_radius: int = 1024
+    max_expand: int = 100
 
 
 def check_views(views: int, name: str = "views") -> int:
@@ -67,3 +74,10 @@ def check_edge_radius(radius: int, name: str = "edge_radius", limit: int = Limit
     if not 0 <= radius <= limit:
         raise ValueError(f"{name} {radius} must be 0 (no edge refinement) or a radius in pixels up to {limit}")
     return radius
+
+
+def check_expand(expand: int, name: str = "expand", limit: int = Limits.max_expand) -> int:
+    """expand, or ValueError naming the setting (`name`) and the range."""
+    if not 0 <= expand <= limit:
+        raise ValueError(f"{name} {expand} must be 0 (no query expansion) or a number of tiles up to {limit}")
+    return expand

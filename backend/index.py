@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .defaults import EXPAND_WEIGHT
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: run without the directory lock
@@ -360,6 +362,29 @@ class _Quantiser:
     centroids: np.ndarray
     trained_on: int
     labels: dict = field(default_factory=dict)       # (raster id, file) -> [tile_count] int32
+
+
+def expanded_queries(q: np.ndarray, vectors_t: np.ndarray, top_columns: Sequence[np.ndarray], n: int,
+                     weight: float) -> np.ndarray:
+    """Each unit query plus `weight` x the mean embedding of its `n` best tiles, re-normalised
+    (pseudo-relevance feedback). Tiles of one scene type lie closer to each other than any text
+    lies to them, so the best few hits pull in more of their kind; a query with no tile left is kept.
+    q [queries, dim]; vectors_t [dim, tiles]; top_columns: each query's best columns, best first."""
+    out = q.astype(np.float32, copy=True)
+    for i, columns in enumerate(top_columns):
+        best = np.asarray(columns[:n], dtype=np.int64)
+        if len(best):
+            out[i] += weight * vectors_t[:, best].mean(axis=1)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.ascontiguousarray(out / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def _check_expansion(expand, weight) -> tuple[int, float]:
+    if isinstance(expand, bool) or not isinstance(expand, (int, np.integer)) or expand < 0:
+        raise TileIndexError("invalid_argument", f"expand must be 0 (off) or a number of tiles, got {expand!r}")
+    if not (np.isfinite(weight) and weight > 0):
+        raise TileIndexError("invalid_argument", f"the expansion weight must be a positive number, got {weight!r}")
+    return int(expand), float(weight)
 
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -717,7 +742,8 @@ class TileIndex:
     # -- search --
     def search(self, query: np.ndarray, k: int, checkpoint_hash: str, raster_ids: Iterable | None = None,
                raster_paths: Iterable | None = None, bbox_wgs84: Sequence[float] | None = None, exact: bool = True,
-               nprobe: int | None = None, min_score: float | None = None) -> SearchHits | list[SearchHits]:
+               nprobe: int | None = None, min_score: float | None = None, expand: int = 0,
+               expand_weight: float = EXPAND_WEIGHT) -> SearchHits | list[SearchHits]:
         """The k tiles most similar (cosine) to `query`, best first, among tiles embedded with `checkpoint_hash`.
 
         `query` is one [dim] vector (returns SearchHits) or a [q, dim] batch (returns a list of them).
@@ -725,23 +751,28 @@ class TileIndex:
         `bbox_wgs84` (lon_min, lat_min, lon_max, lat_max) keeps tiles whose EPSG:4326 box intersects
         it. `exact=False` uses the inverted-file index when at least `ann_threshold` tiles are
         candidates (else the search is exact; SearchHits.approximate says which ran). `min_score`
-        drops hits below that cosine similarity.
+        drops hits below that cosine similarity. `expand` N > 0 ranks twice: the second time for the
+        query plus `expand_weight` x the mean embedding of its N best tiles (`expanded_queries`);
+        scores are then cosine similarities to that expanded query.
         """
         request = self._search_request(query, k, checkpoint_hash, raster_ids, raster_paths, bbox_wgs84, nprobe)
+        expansion = _check_expansion(expand, expand_weight)
         single = np.ndim(query) == 1
 
         def attempt():
             return [SearchHits(self._hits(r), tiles_searched=r.tiles_searched, approximate=r.approximate)
-                    for r in self._rank(*request, exact, min_score)]
+                    for r in self._rank(*request, exact, min_score, *expansion)]
         results = self._consistent(attempt)
         return results[0] if single else results
 
     def rank(self, query: np.ndarray, k: int, checkpoint_hash: str, raster_ids: Iterable | None = None,
              raster_paths: Iterable | None = None, bbox_wgs84: Sequence[float] | None = None, exact: bool = True,
-             nprobe: int | None = None, min_score: float | None = None) -> Ranking | list[Ranking]:
+             nprobe: int | None = None, min_score: float | None = None, expand: int = 0,
+             expand_weight: float = EXPAND_WEIGHT) -> Ranking | list[Ranking]:
         """`search` without the tiles' metadata: ids and scores only, for callers that need no more."""
         request = self._search_request(query, k, checkpoint_hash, raster_ids, raster_paths, bbox_wgs84, nprobe)
-        results = self._consistent(lambda: self._rank(*request, exact, min_score))
+        expansion = _check_expansion(expand, expand_weight)
+        results = self._consistent(lambda: self._rank(*request, exact, min_score, *expansion))
         return results[0] if np.ndim(query) == 1 else results
 
     def _consistent(self, work):
@@ -809,7 +840,8 @@ class TileIndex:
         return row["id"]
 
     def _rank(self, q: np.ndarray, k: int, checkpoint_hash: str, selected: set | None, box, nprobe: int,
-              exact: bool, min_score: float | None) -> list[Ranking]:
+              exact: bool, min_score: float | None, expand: int = 0,
+              expand_weight: float = EXPAND_WEIGHT) -> list[Ranking]:
         snap = self._snapshot(checkpoint_hash)
         if snap is None:
             return [Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), 0, False) for _ in q]
@@ -836,12 +868,18 @@ class TileIndex:
                     masks[slot.raster_id] = mask
             slots = kept
         candidates = sum(s.stop - s.start for s in slots) - sum(int((~m).sum()) for m in masks.values())
-        ranked = None
-        if not exact and candidates >= self.ann_threshold:
-            ranked = self._approximate(snap, q, k, slots, masks, nprobe, candidates)
-        approximate = ranked is not None
-        if ranked is None:
-            ranked = self._exact(snap, q, k, slots, masks)
+
+        def ranked_by(queries: np.ndarray, n: int) -> tuple[list, bool]:
+            if not exact and candidates >= self.ann_threshold:
+                found = self._approximate(snap, queries, n, slots, masks, nprobe, candidates)
+                if found is not None:
+                    return found, True
+            return self._exact(snap, queries, n, slots, masks), False
+        ranked, approximate = ranked_by(q, max(k, expand))
+        if expand > 0:
+            # pseudo-relevance feedback: one more ranking, for the query moved toward its best tiles
+            ranked, approximate = ranked_by(expanded_queries(q, snap.vectors_t, [c for c, _, _ in ranked],
+                                                             expand, expand_weight), k)
         out = []
         for columns, scores, searched in ranked:
             if min_score is not None:

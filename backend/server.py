@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 
 from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW,
-                       SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius, check_views)
+                       DEFAULT_SEARCH_EXPAND, SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius, check_expand,
+                       check_views)
 
 log = logging.getLogger("skyprompt.server")
 
@@ -87,7 +88,8 @@ class Server:
     def __init__(self, checkpoint=None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
                  data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
                  workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
-                 edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS):
+                 edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS,
+                 search_expand: int = DEFAULT_SEARCH_EXPAND):
         if not is_loopback(host) and not token:
             raise SystemExit(f"refusing to listen on {host}: off loopback a token is required "
                              f"(--token or ${TOKEN_ENV}); add TLS too (--tls-cert/--tls-key)")
@@ -99,6 +101,7 @@ class Server:
             if edge_radius is not None:
                 check_edge_radius(edge_radius, "--edge-radius", (limits or Limits()).max_edge_radius)
             check_views(index_views, "--index-views")
+            check_expand(search_expand, "--search-expand", (limits or Limits()).max_expand)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
@@ -120,7 +123,8 @@ class Server:
             raise
         self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
-                                        auth=bool(token), edge_radius=edge_radius, index_views=index_views)
+                                        auth=bool(token), edge_radius=edge_radius, index_views=index_views,
+                                        search_expand=search_expand)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -200,6 +204,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default views per tile when indexing, their embeddings averaged: "
                              f"{VIEW_HELP}; more views search a little better and index N times slower "
                              f"(default {DEFAULT_INDEX_VIEWS}; a request's views overrides it)")
+    parser.add_argument("--search-expand", type=int, default=DEFAULT_SEARCH_EXPAND, metavar="N",
+                        help="default query expansion of Search: rank, move the query toward the mean embedding "
+                             "of its N best tiles, rank again (more of the best hits' kind, for better or "
+                             f"worse); 0 = off (default {DEFAULT_SEARCH_EXPAND}; a request's expand overrides it)")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
                         help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
     parser.add_argument("--port-file", default=None,
@@ -217,6 +225,7 @@ def serve(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
                         sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
+                        search_expand=args.search_expand,
                         limits=Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20))))
     except (EngineError, TileIndexError) as e:
         print(f"skyprompt serve: {e}", file=sys.stderr)

@@ -26,8 +26,9 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, Limits,
-                       check_edge_radius, check_views, edge_radius_for)
+from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, Limits,
+                       check_edge_radius, check_expand, check_views,
+                       edge_radius_for)
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -189,7 +190,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def __init__(self, engine: ModelEngine, index: TileIndex, allowed_roots: list[str] | None = None,
                  limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
                  auth: bool = False, io_threads: int = 4, edge_radius: int | None = None,
-                 index_views: int = DEFAULT_INDEX_VIEWS):
+                 index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND):
         self.engine = engine
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
@@ -199,6 +200,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # radius given here was range-checked by Server, before the model loaded
         self.edge_radius = edge_radius_for(edge_radius, engine.image_size)
         self.index_views = index_views     # checked by Server, like the radius
+        self.search_expand = search_expand
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)
@@ -247,7 +249,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         cfg = self.engine.config
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
-                        "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views"]
+                        "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
+                        "query_expansion"]
         if self.tls:
             capabilities.append("tls")
         if self.auth:
@@ -261,7 +264,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                       disk_bytes=stats["bytes"], ann_active=bool(stats.get("ann_active"))),
             default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
             limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}),
-            default_edge_radius=self.edge_radius, default_index_views=self.index_views)
+            default_edge_radius=self.edge_radius, default_index_views=self.index_views,
+            default_search_expand=self.search_expand)
 
     # -- IndexRaster --
     @streaming
@@ -420,6 +424,11 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             if not rid.strip().isdigit():
                 raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers from "
                                                 f"IndexResult.raster_id)")
+        expand = request.expand if request.HasField("expand") else self.search_expand
+        try:
+            check_expand(expand, limit=self.limits.max_expand)
+        except ValueError as e:
+            raise _bad(f"{e}; leave it unset for the server's default ({self.search_expand})") from None
         cancelled = self._cancelled(context)
         vector = self.engine.embed_prompts([query], ensemble=not request.raw_query, cancelled=cancelled)[0]
         # unspecified = the server's choice: the index is exact below its ANN threshold anyway
@@ -427,7 +436,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         hits = self.index.search(vector, k, self.engine.checkpoint_hash,
                                  raster_ids=[int(r) for r in raster_ids] or None,
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
-                                 min_score=min_score)
+                                 min_score=min_score, expand=expand)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate)
         mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:

@@ -11,7 +11,8 @@ not train on):
   4. report precision@10 and average precision per class and overall. A hit counts when the centre
      of its footprint lies on an image of the query's class. Queries go through the backend's default
      (each averaged over phrasings like "an aerial photo of QUERY."); the same queries embedded as
-     typed (`raw_query`) are the peer in the same run, and so is the mosaic indexed again with
+     typed (`raw_query`) are the peer in the same run, and so are the default queries with query
+     expansion from their 3 best tiles (`SearchRequest.expand` 3), and the mosaic indexed again with
      each tile's four rotations averaged (`IndexRasterRequest.views` 4), with both index times.
 Target: mean precision@10 >= 0.7. Needs ../shared/data; uses the bundled checkpoint (or --checkpoint).
 """
@@ -38,6 +39,7 @@ PIXEL = 0.3
 ORIGIN = (400000.0, 3800000.0)   # UTM 11N, southern California
 TARGET_P10 = 0.7
 VIEWS_PEER = 4      # also indexed with the four rotations of each tile averaged (IndexRasterRequest.views)
+EXPAND_PEER = 3     # also searched with query expansion from the 3 best tiles (SearchRequest.expand)
 
 
 def validation_records(recipe: Path = RECIPE, seed: int = 0) -> dict[str, list]:
@@ -110,7 +112,9 @@ def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path, 
     # query embedded as typed
     out = {"images": len(records), "tiles": n_tiles, "index_seconds": seconds,
            **search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=False),
-           "raw_query": search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=True)}
+           "raw_query": search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=True),
+           "expanded": {"expand": EXPAND_PEER, **search_precision(stub, pb, queries, classes, done.raster_id, n_tiles,
+                                                                  raw_query=False, expand=EXPAND_PEER)}}
     if views > 1:   # the same mosaic indexed with several views per tile (IndexRasterRequest.views)
         done, seconds = index(views)
         out["views"] = {"views": views, "index_seconds": seconds,
@@ -119,15 +123,16 @@ def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path, 
 
 
 def search_precision(stub, pb, queries: dict, classes: np.ndarray, raster_id: str, n_tiles: int,
-                     raw_query: bool) -> dict:
-    """P@10 and AP of each class's query over every tile of the mosaic, and their means."""
+                     raw_query: bool, expand: int = 0) -> dict:
+    """P@10 and AP of each class's query over every tile of the mosaic, and their means (`expand`:
+    SearchRequest.expand, 0 = none)."""
     per_class = {}
     for key, query in queries.items():
         total = int((classes == key).sum())
         if total == 0:
             continue
         hits = stub.Search(pb.SearchRequest(query=query, k=min(n_tiles, 1000), raster_ids=[raster_id],
-                                            raw_query=raw_query)).hits
+                                            raw_query=raw_query, expand=expand)).hits
         relevant = []
         for h in hits:
             cx, cy = (h.bounds.xmin + h.bounds.xmax) / 2, (h.bounds.ymin + h.bounds.ymax) / 2
@@ -159,6 +164,8 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
             r = results["sets"][name]
             echo(f"{name}: {r['images']} images, mean P@10 {r['mean_p_at_10']:.3f}, mAP {r['map']:.3f} "
                  f"(query as typed: {r['raw_query']['mean_p_at_10']:.3f}, {r['raw_query']['map']:.3f}; "
+                 f"expanded from {r['expanded']['expand']} tiles: {r['expanded']['mean_p_at_10']:.3f}, "
+                 f"{r['expanded']['map']:.3f}; "
                  f"{r['views']['views']} views: {r['views']['mean_p_at_10']:.3f}, {r['views']['map']:.3f})")
     finally:
         server.stop()
@@ -176,12 +183,15 @@ def _ratio(a: float, b: float) -> str:
 
 def report(results: dict) -> str:
     lines = ["| set | images | classes | mean P@10 | mAP | query as typed: P@10 | mAP | P@10 ratio "
+             "| expanded from N tiles: P@10 | mAP | P@10 ratio "
              "| N views per tile: P@10 | mAP | P@10 ratio | index time ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["sets"].items():
-        raw, v = r["raw_query"], r.get("views")
+        raw, x, v = r["raw_query"], r.get("expanded"), r.get("views")
         row = (f"| {name} | {r['images']} | {r['classes']} | {r['mean_p_at_10']:.3f} | {r['map']:.3f} | "
                f"{raw['mean_p_at_10']:.3f} | {raw['map']:.3f} | {_ratio(r['mean_p_at_10'], raw['mean_p_at_10'])} |")
+        row += (f" {x['expand']}: {x['mean_p_at_10']:.3f} | {x['map']:.3f} | {_ratio(x['mean_p_at_10'], r['mean_p_at_10'])} |"
+                if x else " - | - | - |")
         row += (f" {v['views']}: {v['mean_p_at_10']:.3f} | {v['map']:.3f} | {_ratio(v['mean_p_at_10'], r['mean_p_at_10'])} "
                 f"| {_ratio(v['index_seconds'], r['index_seconds'])} |" if v else " - | - | - | - |")
         lines.append(row)

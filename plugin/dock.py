@@ -194,6 +194,12 @@ class SkyPromptDock(QDockWidget):
         row.addWidget(self.k)
         row.addWidget(self.search_button)
         v.addLayout(row)
+        self.expand_query = QCheckBox("More like the best hits")
+        self.expand_query.setToolTip(f"Search twice: the second time for the query moved toward its "
+                                     f"{operations.EXPAND_TILES} best tiles, which brings up more tiles like them "
+                                     "(better when the first hits are right, worse when they are not). Off: the "
+                                     "backend's default")
+        v.addWidget(self.expand_query)
         self.result_list = QListWidget()
         self.result_list.setIconSize(QSize(64, 64))
         self.result_list.itemClicked.connect(self.zoom_to_result)
@@ -465,9 +471,11 @@ class SkyPromptDock(QDockWidget):
         names = {path: layer.name() for layer in layers if (path := local_path(layer))}
         k = self.k.value()
         self.settings.k = k
+        expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
 
         def work(conn, task):
-            return operations.search(conn, query, k, raster_ids if not not_indexed else (), thumbnails=True)
+            return operations.search(conn, query, k, raster_ids if not not_indexed else (), thumbnails=True,
+                                     expand=expand)
 
         def shown(response):
             self.show_hits(query, list(response.hits), names)

@@ -134,7 +134,9 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Finds the indexed tiles that best match a text query and writes their footprints with "
-                "scores. Restrict the search to some layers with Layers (they must be indexed).")
+                "scores. Restrict the search to some layers with Layers (they must be indexed). The advanced "
+                "Query expansion searches twice, the second time for the query moved toward its N best "
+                "tiles: more tiles like the best hits, and scores that are similarities to that moved query.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query"))
@@ -142,6 +144,11 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                                                        maxValue=1000))
         self.addParameter(QgsProcessingParameterMultipleLayers("LAYERS", "Only in these layers",
                                                                QgsProcessing.TypeRaster, optional=True))
+        expand = QgsProcessingParameterNumber("EXPAND", "Query expansion from the N best tiles (-1 = the backend's "
+                                              "default, 0 = off)", QgsProcessingParameterNumber.Integer,
+                                              defaultValue=-1, minValue=-1)
+        expand.setFlags(expand.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(expand)
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Matching tiles",
                                                             QgsProcessing.TypeVectorPolygon))
@@ -156,8 +163,12 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         names = {p: l.name() for l, p in ((l, prepare_source(l)) for l in layers) if isinstance(p, str)}
         paths = list(names)
 
+        expand = self.parameterAsInt(parameters, "EXPAND", context)
+
         def run(conn):
             request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
+            if expand >= 0:
+                request.expand = expand
             return conn.search(request)
 
         response = self._call(settings, run)

@@ -170,8 +170,13 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     assert views["views"] == sq.VIEWS_PEER == 4 and set(views["per_class"]) == {"red", "blue"}
     assert views["index_seconds"] > 0 and result["index_seconds"] > 0
     assert 0.0 <= views["mean_p_at_10"] <= 1.0
+    # and the default queries expanded from their best tiles, on the one-view index
+    expanded = result["expanded"]
+    assert expanded["expand"] == sq.EXPAND_PEER == 3 and set(expanded["per_class"]) == {"red", "blue"}
+    assert 0.0 <= expanded["mean_p_at_10"] <= 1.0
     text = sq.report({"sets": {"toy": result}, "targets": []})
     assert "query as typed" in text and "N views per tile" in text and "| 4: " in text
+    assert "expanded from N tiles" in text and "| 3: " in text
 
 
 def test_dataset_bench_quick_writes_results(tmp_path):

@@ -222,6 +222,50 @@ def test_bad_arguments_get_actionable_errors(tmp_path, rng):
         index.search(emb[0], 3, CK)
 
 
+def test_query_expansion_ranks_again_for_the_query_moved_toward_its_best_tiles(tmp_path, rng):
+    """expand N: the query plus weight x the mean of its N best tiles, re-normalised, ranks the final
+    hits; their scores are cosine similarities to that expanded query. Built so it matters: a
+    cluster of 12 tiles of which the query is near only 3, and 20 scattered tiles that score between."""
+    base, query = unit(rng, 2, 64)
+    query = query - (query @ base) * base
+    query /= np.linalg.norm(query)
+    cluster = base + 0.25 * unit(rng, 12, 64)
+    cluster[:3] += 1.2 * query                     # the three the query finds
+    cluster /= np.linalg.norm(cluster, axis=1, keepdims=True)
+    scattered = unit(rng, 20, 64) + 0.35 * query   # nearer the query than most of the cluster
+    scattered /= np.linalg.norm(scattered, axis=1, keepdims=True)
+    emb = np.concatenate([cluster, scattered]).astype(np.float32)
+    with TileIndex(tmp_path / "idx") as index:
+        rid = add(index, tmp_path, "a", emb)
+        first = index._reader().execute("SELECT MIN(id) FROM tiles WHERE raster_id=?", (rid,)).fetchone()[0]
+        plain = index.search(query, 10, CK)
+        in_cluster = lambda hits: sum(h.tile_id - first < 12 for h in hits)  # noqa: E731
+        assert in_cluster(plain) < 6 and {h.tile_id - first for h in plain[:3]} == {0, 1, 2}
+        assert [h.tile_id for h in index.search(query, 10, CK, expand=0)] == [h.tile_id for h in plain]
+
+        expanded = index.search(query, 10, CK, expand=3, expand_weight=2.0)
+        assert in_cluster(expanded) >= in_cluster(plain) + 3, (in_cluster(plain), in_cluster(expanded))
+        stored = emb.astype(np.float16).astype(np.float32)   # the index keeps float16 embeddings
+        moved = query + 2.0 * stored[[h.tile_id - first for h in plain[:3]]].mean(0)
+        moved /= np.linalg.norm(moved)
+        by_hand = stored @ moved
+        assert [h.tile_id - first for h in expanded] == list(np.argsort(-by_hand)[:10])
+        np.testing.assert_allclose([h.score for h in expanded], np.sort(by_hand)[::-1][:10], atol=1e-5)
+        # the weight matters, and min_score filters the expanded scores
+        assert [h.score for h in index.search(query, 10, CK, expand=3, expand_weight=0.5)] != \
+            pytest.approx([h.score for h in expanded])
+        kept = index.search(query, 10, CK, expand=3, expand_weight=2.0, min_score=float(by_hand.max()) - 1e-4)
+        assert [h.tile_id - first for h in kept] == [int(np.argmax(by_hand))]
+        # more tiles asked for than there are: every tile averaged, no error
+        assert len(index.search(query, 5, CK, expand=100)) == 5
+        for bad in (-1, 2.5, True):
+            with pytest.raises(TileIndexError) as e:
+                index.search(query, 10, CK, expand=bad)
+            assert e.value.kind == "invalid_argument" and "expand must be" in str(e.value)
+        with pytest.raises(TileIndexError, match="weight must be a positive"):
+            index.search(query, 10, CK, expand=3, expand_weight=float("nan"))
+
+
 def test_index_persists_across_reopen(tmp_path, rng):
     emb = unit(rng, 25)
     with TileIndex(tmp_path / "idx") as index:
@@ -431,6 +475,11 @@ def test_ann_recall_at_10_against_exact_on_clustered_data(tmp_path):
         assert {h.raster_id for h in subset} <= set(ids[:2]) and subset.approximate
         small = index.search(queries[0], 10, CK, raster_ids=ids[:1], exact=False)
         assert not small.approximate and {h.raster_id for h in small} == {ids[0]}
+        # query expansion ranks both times through the inverted file, within the filter
+        expanded = index.search(queries[0], 10, CK, raster_ids=ids[:2], exact=False, expand=3)
+        assert expanded.approximate and {h.raster_id for h in expanded} <= set(ids[:2])
+        assert [h.score for h in expanded] == sorted((h.score for h in expanded), reverse=True)
+        assert [h.tile_id for h in expanded] != [h.tile_id for h in subset]
 
         # a new raster is found by the approximate search without retraining
         extra = clustered(rng, 100, 64, centers=1, noise=0.3)

@@ -327,6 +327,36 @@ def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
         dock.rotation_views.setChecked(False)
     assert f"({n} replaced)" in index_message()
 
+def test_more_like_the_best_hits_expands_the_query(dock, layers, live):
+    """The dock's "More like the best hits" box asks for query expansion from operations.EXPAND_TILES
+    tiles: its hits are those of the same search over the wire with that expand, and not the plain ones."""
+    from backend.rpc import skyprompt_pb2 as pb
+    from plugin import operations
+
+    assert run_dock(dock, "index", dock.index_layers) is None
+    raster_ids = [dock.indexed[layer.id()] for layer in layers]
+    dock.query.setText("roads and houses")
+    dock.k.setValue(6)
+
+    def dock_hits():
+        assert run_dock(dock, "search", dock.search) is None
+        return [(f["score"], f["layer"]) for f in dock.last_layer.getFeatures()]
+
+    def wire_scores(**kw):
+        request = pb.SearchRequest(query="roads and houses", k=6, raster_ids=raster_ids, **kw)
+        return [h.score for h in live.stub.Search(request, metadata=live.metadata).hits]
+
+    plain = dock_hits()
+    dock.expand_query.setChecked(True)
+    try:
+        expanded = dock_hits()
+    finally:
+        dock.expand_query.setChecked(False)
+    assert [s for s, _ in plain] == pytest.approx(wire_scores(), abs=1e-5)
+    assert [s for s, _ in expanded] == pytest.approx(wire_scores(expand=operations.EXPAND_TILES), abs=1e-5)
+    assert [s for s, _ in expanded] != pytest.approx([s for s, _ in plain], abs=1e-5)
+
+
 def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(dock, layers, iface, tmp_path):
     layer = layers[-1] if HAVE_SHARED else layers[0]           # a layer without transparent parts
     mercator = QgsCoordinateReferenceSystem("EPSG:3857")
@@ -453,6 +483,14 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
             "QUERY": "farmland", "K": 4, "LAYERS": [layer], "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])
         assert found.featureCount() == 4 and {f["layer"] for f in found.getFeatures()} == {layer.name()}
+        # query expansion reaches the backend: it changes the scores, and one above the limit is refused
+        expanded = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+            "QUERY": "farmland", "K": 4, "LAYERS": [layer], "EXPAND": 2, "OUTPUT": str(tmp_path / "x.gpkg")})["OUTPUT"])
+        assert expanded.featureCount() == 4
+        assert [f["score"] for f in expanded.getFeatures()] != pytest.approx([f["score"] for f in found.getFeatures()])
+        with pytest.raises(QgsProcessingException, match="expand 5000"):
+            processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [layer], "EXPAND": 5000,
+                                                     "OUTPUT": str(tmp_path / "y.gpkg")})
         e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
         extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
         out_path = str(tmp_path / "polygons.gpkg")
@@ -470,7 +508,7 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
                                                           "EDGE_RADIUS": 5000, "OUTPUT": str(tmp_path / "e.gpkg")})
         # the traceback pytest keeps from raises() holds this frame: layers alive in it would be
         # destroyed after QGIS's exit, which crashes Python's teardown
-        del found, result
+        del found, expanded, result
         with pytest.raises(QgsProcessingException, match="no SkyPrompt backend answers"):
             from backend.server import free_port
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": f"127.0.0.1:{free_port()}",

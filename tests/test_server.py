@@ -409,6 +409,53 @@ def test_reflection_lists_the_service(server):
     assert {"skyprompt.v1.SkyPrompt", "grpc.health.v1.Health"} <= names
 
 
+def test_search_query_expansion_over_the_wire(checkpoint, tmp_path):
+    """`serve --search-expand 2` makes expansion the default: GetInfo says so, a request without
+    expand gets it, expand 0 turns it off, and the hits are those of TileIndex.search with the same
+    expansion on the server's own index (opened here once the server has stopped). Bad counts are
+    refused by name; the client passes --expand through and shows the default."""
+    from backend.defaults import EXPAND_WEIGHT
+    from backend.index import TileIndex
+
+    p = pb()
+    raster = make_tif(tmp_path / "grid.tif", noise((3, 256, 256), seed=11))
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--search-expand", "2")).start()
+    try:
+        info = live.stub.GetInfo(p.GetInfoRequest(), metadata=live.metadata)
+        assert info.default_search_expand == 2 and "query_expansion" in info.capabilities
+        result = index(live, raster)[-1].result
+        n = result.tile_count
+        assert n >= 9
+
+        def search(**kw):
+            hits = live.stub.Search(p.SearchRequest(query="a quarry", k=n, raw_query=True, **kw),
+                                    metadata=live.metadata).hits
+            return [(h.tile_id, h.score) for h in hits]
+
+        default, off, two, three = search(), search(expand=0), search(expand=2), search(expand=3)
+        assert default == two and two != off and three != two
+        vector = np.array(live.stub.EmbedText(p.EmbedTextRequest(texts=["a quarry"]),
+                                              metadata=live.metadata).embeddings[0].values)
+        for bad in (info.limits.max_expand + 1,):
+            code, details = code_of(lambda: search(expand=bad))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and f"expand {bad}" in details, details
+        out = client(live, "info")
+        assert out.returncode == 0 and "query expansion from the 2 best tiles" in out.stdout, out.stderr
+        out = client(live, "search", "--json", "--raw-query", "--k", str(n), "--expand", "3", "a quarry")
+        assert out.returncode == 0, out.stderr
+        assert [r["tile_id"] for r in json.loads(out.stdout)["results"]] == [t for t, _ in three]
+        out = client(live, "search", "--expand", "-1", "a quarry")
+        assert out.returncode != 0 and "--expand -1 must be 0 or more" in out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        live.stop()
+    with TileIndex(tmp_path / "data" / "index") as tiles:
+        for expand, wire in ((0, off), (2, two), (3, three)):
+            local = tiles.search(vector, n, info.checkpoint_hash, expand=expand, expand_weight=EXPAND_WEIGHT)
+            assert [h.tile_id for h in local] == [t for t, _ in wire]
+            np.testing.assert_allclose([h.score for h in local], [s for _, s in wire], atol=1e-5)
+
+
 def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--checkpoint",
                           str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
@@ -417,7 +464,7 @@ def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--edge-radius", "-2"), ("--index-views", "3")])
+@pytest.mark.parametrize("flag, value", [("--edge-radius", "-2"), ("--index-views", "3"), ("--search-expand", "-1")])
 def test_serve_refuses_a_bad_default(checkpoint, tmp_path, flag, value):
     out = subprocess.run([sys.executable, "-m", "backend", "serve", flag, value, "--checkpoint",
                           str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
