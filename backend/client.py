@@ -131,6 +131,12 @@ def cmd_index(stub, args) -> int:
     return 0
 
 
+def unfamiliar_note(words) -> str:
+    listed = ", ".join(f"'{w}'" for w in words)
+    return (f"the model rarely or never saw {listed} in training, so the search can hardly follow "
+            f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may find more")
+
+
 def cmd_search(stub, args) -> int:
     for name in ("k", "expand"):
         if (getattr(args, name) or 0) < 0:
@@ -162,7 +168,8 @@ def cmd_search(stub, args) -> int:
         hits.append(item)
     if args.json:
         _print_json({"query": args.query, "results": hits, "tiles_searched": response.tiles_searched,
-                     "approximate": response.approximate, "seconds": round(response.seconds, 4)})
+                     "approximate": response.approximate, "seconds": round(response.seconds, 4),
+                     "unfamiliar_words": list(response.unfamiliar_words)})
     else:
         print(f"{len(hits)} hits for {args.query!r} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
@@ -170,6 +177,8 @@ def cmd_search(stub, args) -> int:
             b = h["extent"]
             print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']}  window {h['window']}  "
                   f"[{b[0]:.2f}, {b[1]:.2f}, {b[2]:.2f}, {b[3]:.2f}] {h['crs']}")
+        if response.unfamiliar_words:
+            print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     return 0
 
 

@@ -29,6 +29,7 @@ from .defaults import BUNDLED_CHECKPOINT, check_views
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 from .model.prompts import ensemble_prompts, pool_ensemble
+from .model.vocabulary import TrainingWords, VocabularyError
 
 log = logging.getLogger("skyprompt.engine")
 
@@ -104,6 +105,12 @@ class ModelEngine:
         except CheckpointError as e:
             raise EngineError("invalid_argument", str(e)) from None
         self.checkpoint_dir = directory.resolve()
+        try:
+            # optional: which words the checkpoint trained on, to tell a user which query words it barely knows
+            self.words = TrainingWords.load(directory)
+        except VocabularyError as e:
+            log.warning("%s; searches will not point out unfamiliar words", e)
+            self.words = None
         self.config = self.model.config
         self.image_size = self.config.image_size
         self.grid = self.config.grid_size

@@ -251,6 +251,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
                         "query_expansion"]
+        if self.engine.words:
+            capabilities.append("unfamiliar_words")
         if self.tls:
             capabilities.append("tls")
         if self.auth:
@@ -437,7 +439,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  raster_ids=[int(r) for r in raster_ids] or None,
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score, expand=expand)
-        out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate)
+        out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
+                                unfamiliar_words=self.engine.words.unfamiliar(query) if self.engine.words else [])
         mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:
             msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),

@@ -479,6 +479,8 @@ class SkyPromptDock(QDockWidget):
 
         def shown(response):
             self.show_hits(query, list(response.hits), names)
+            if response.unfamiliar_words:
+                self._message(operations.unfamiliar_note(response.unfamiliar_words), Qgis.Warning, 12)
 
         if not_indexed:
             QgsMessageLog.logMessage(f"searching the whole index: {', '.join(not_indexed)} not indexed in this "

@@ -181,6 +181,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         for f in results.search_features(hits, crs, names):
             sink.addFeature(f, QgsFeatureSink.FastInsert)
         feedback.pushInfo(f"{len(hits)} tiles for {query!r}")
+        if response and response.unfamiliar_words:
+            feedback.pushWarning(operations.unfamiliar_note(response.unfamiliar_words))
         return {"OUTPUT": dest}
 
 

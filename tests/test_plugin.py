@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from osgeo import gdal
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
                        QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
 
 from desktop_iface import DesktopIface
@@ -357,6 +357,22 @@ def test_more_like_the_best_hits_expands_the_query(dock, layers, live):
     assert [s for s, _ in expanded] != pytest.approx([s for s, _ in plain], abs=1e-5)
 
 
+def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
+    """SearchResponse.unfamiliar_words (the test checkpoint's word list has "roads" and "houses", not
+    "quarries") becomes a warning in the message bar; a query of familiar words gets none."""
+    assert run_dock(dock, "index", dock.index_layers) is None
+
+    def warnings_for(query):
+        before = len(iface.message_bar.messages)
+        dock.query.setText(query)
+        assert run_dock(dock, "search", dock.search) is None
+        return [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Warning)]
+
+    assert warnings_for("roads and houses") == []
+    warned = warnings_for("roads and quarries")
+    assert len(warned) == 1 and "rarely or never saw 'quarries' in training" in warned[0]
+
+
 def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(dock, layers, iface, tmp_path):
     layer = layers[-1] if HAVE_SHARED else layers[0]           # a layer without transparent parts
     mercator = QgsCoordinateReferenceSystem("EPSG:3857")
@@ -488,6 +504,21 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
             "QUERY": "farmland", "K": 4, "LAYERS": [layer], "EXPAND": 2, "OUTPUT": str(tmp_path / "x.gpkg")})["OUTPUT"])
         assert expanded.featureCount() == 4
         assert [f["score"] for f in expanded.getFeatures()] != pytest.approx([f["score"] for f in found.getFeatures()])
+        # words the model barely knows come back as a warning of the run
+        from qgis.core import QgsProcessingFeedback
+
+        class Warnings(QgsProcessingFeedback):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def pushWarning(self, text):  # noqa: N802 - QGIS API
+                self.seen.append(text)
+
+        feedback = Warnings()
+        processing.run("skyprompt:searchtiles", {"QUERY": "quarries", "K": 2, "LAYERS": [layer],
+                                                 "OUTPUT": str(tmp_path / "q.gpkg")}, feedback=feedback)
+        assert any("rarely or never saw 'quarries'" in w for w in feedback.seen), feedback.seen
         with pytest.raises(QgsProcessingException, match="expand 5000"):
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [layer], "EXPAND": 5000,
                                                      "OUTPUT": str(tmp_path / "y.gpkg")})

@@ -35,8 +35,13 @@ def checkpoint(tmp_path_factory, tokenizer, tiny_config):
     from backend.model import MaMMUT
     from backend.model.checkpoint import save_checkpoint
 
+    from backend.model.vocabulary import TrainingWords, count_words
+
     torch.manual_seed(0)
-    return save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny")
+    path = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny")
+    # a word list, as training writes one: searches then name the query words outside it
+    TrainingWords(count_words(["roads and houses, green fields and trees by a harbour"] * 3)).save(path)
+    return path
 
 
 class LiveServer:

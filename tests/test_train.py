@@ -73,6 +73,13 @@ def test_tiny_run_end_to_end(folder, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "train_config.json").is_file()
     config = json.loads((out / "train_config.json").read_text())
     assert config["template_mix"] == 0.3 and config["augment"] == "overhead"
+    # each checkpoint and the export carry the words the run trained on: the class names and their
+    # templates (this set has no other captions); a word of no caption is unfamiliar
+    from backend.model.vocabulary import TrainingWords
+    for path in (out / "checkpoints" / "step_0000006", tmp_path / "fp16"):
+        words = TrainingWords.load(path)
+        assert words is not None and words.count("roofs") >= 3 and words.count("aerial") >= 3
+        assert words.unfamiliar("an aerial photo of red roofs, a quarry") == ["quarry"]
 
 
 def test_resume_continues_exactly(folder, tmp_path):
@@ -154,6 +161,14 @@ def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_mod
     for path in (out / "checkpoints" / "step_0000002", tmp_path / "fp16"):
         model, _ = load_checkpoint(path)
         assert model.config.image_size == 32 and model.visual.pos_embed.shape[1] == 16
+    # a fine-tuned checkpoint knows the words of its starting checkpoint and of its own run
+    from backend.model.vocabulary import TrainingWords
+    TrainingWords({"quarry": 7}, "earlier run").save(init)
+    r = _run(_args(folder, tmp_path / "run2", 1, "--init-checkpoint", str(init), "--export-fp16",
+                   str(tmp_path / "fp16b")))
+    assert r.returncode == 0, r.stderr[-3000:]
+    words = TrainingWords.load(tmp_path / "fp16b")
+    assert words.count("quarry") == 7 and words.count("roofs") >= 3 and "earlier run" in words.source
     r = _run(_args(folder, tmp_path / "bad", 1, "--init-checkpoint", str(init), "--image-size", "30"))
     assert r.returncode == 2 and "multiple of patch_size" in r.stderr and "Traceback" not in r.stderr
 

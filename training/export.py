@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from backend.model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.vocabulary import TrainingWords, VocabularyError
 from backend.model.config import ConfigError
 
 
@@ -80,7 +81,14 @@ def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None =
         except ConfigError as e:
             raise CheckpointError(f"--image-size {image_size}: {e}") from None
         extra.setdefault("exports", []).append({"image_size": [before, image_size]})
-    return save_checkpoint(model, tokenizer, dst, dtype=dtype, extra=extra or None), model.config.image_size, dtype
+    # the word list goes along: the weights learned the same words (an average: those of SRC's run)
+    try:
+        words = TrainingWords.load(src)
+    except VocabularyError as e:
+        raise CheckpointError(f"{e} (or export without it: remove it from {src})") from None
+    return (save_checkpoint(model, tokenizer, dst, dtype=dtype, extra=extra or None,
+                            write_extra=words.save if words is not None else None),
+            model.config.image_size, dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

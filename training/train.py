@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,10 @@ from backend.model.checkpoint import CheckpointError, load_checkpoint, save_chec
 from backend.model.config import ConfigError
 from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, train_tokenizer
+from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import recipe as recipes
+from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 
 TRAIN_STATE = "train_state.pt"
@@ -296,7 +299,7 @@ def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict:
 
 
 def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, cfg: TrainConfig, step: int,
-                             fsdp: bool) -> Path | None:
+                             fsdp: bool, words: TrainingWords | None = None) -> Path | None:
     state = full_state_dict(model, fsdp)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -313,6 +316,8 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
 
         def write_state(tmp: Path) -> None:
             torch.save({"optimizer": opt_state, "step": step, "config": asdict(cfg)}, tmp / TRAIN_STATE)
+            if words is not None:
+                words.save(tmp)
 
         save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=write_state)
@@ -374,6 +379,7 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.conv_stem:
                 overrides["patch_stem"] = "conv"
             model = MaMMUT(get_preset(cfg.preset, **overrides))
+    words = run_words(cfg, train_sources) if is_main() else None
     mcfg = model.config
     image_size = cfg.image_size or mcfg.image_size
     dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
@@ -484,11 +490,12 @@ def train(cfg: TrainConfig) -> dict:
             model.train()
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_training_checkpoint(out, train_model if cfg.fsdp else model, optimizer, tokenizer, cfg, step,
-                                     cfg.fsdp)
+                                     cfg.fsdp, words)
     bar.close()
     if cfg.export_fp16 and is_main():
         save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
-                        extra={"step": cfg.steps, "train_config": config_record(cfg)})
+                        extra={"step": cfg.steps, "train_config": config_record(cfg)},
+                        write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():
         # the DDP/FSDP wrapper holds the process group: drop it first, so no gloo work object outlives
@@ -543,6 +550,26 @@ def _evaluate(model: MaMMUT, tokenizer: Tokenizer, val_sets: dict, device, metri
             row[f"{name}/t2i_r10"] = r["t2i_r10"]
     log("eval " + json.dumps(row))
     _append_metrics(metrics_path, row)
+
+
+def run_words(cfg: TrainConfig, train_sources: list[dict]) -> TrainingWords | None:
+    """The words this run trains on, plus those of the checkpoint it starts from (its words.json);
+    None when shards are among the sources (streamed, not counted: no list beats a partial one,
+    which would call every word of the shards unfamiliar)."""
+    if any(s.get("kind") == "shards" for s in train_sources):
+        log("shard sources are not counted: the checkpoints get no words.json")
+        return None
+    words = training_words(train_sources, "training captions of this run")
+    if cfg.init_checkpoint:
+        try:
+            before = TrainingWords.load(cfg.init_checkpoint)
+        except VocabularyError as e:
+            log(f"{e}: its words are not carried over")
+            before = None
+        if before is not None:
+            words = TrainingWords(Counter(before.counts) + Counter(words.counts),
+                                  f"{before.source} + training captions of this run")
+    return words
 
 
 def _get_tokenizer(cfg: TrainConfig, out: Path, sources) -> Tokenizer:

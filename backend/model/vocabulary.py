@@ -1,0 +1,118 @@
+"""The words a checkpoint saw in training, so a search can say which of a user's words it barely knows.
+
+A text tower learns a word only from the captions it trained on: a query word that never appeared
+there ("shrubland", "trailers") still gets an embedding, from its sub-word pieces, but one that
+means little, and the search then quietly follows the other words. `TrainingWords` keeps how often
+each word appeared in the training captions (`words.json` beside the weights, written by training
+and by `python -m training.vocabulary`); `unfamiliar(text)` lists the words of a text seen fewer
+than `RARE_COUNT` times, counting a word's plural and singular together ("tank" / "tanks").
+
+The file is optional: a checkpoint without it works as before and reports no words.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+WORDS_FILE = "words.json"
+FORMAT = "skyprompt-words"
+FORMAT_VERSION = 1
+# a word seen once or twice in ten thousand captions has not been learned
+RARE_COUNT = 3
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+class VocabularyError(ValueError):
+    """A words file that cannot be read; the message names the file and what to do."""
+
+
+def words_of(text: str) -> list[str]:
+    """The lower-case words of a text, in order (letters, with an inner apostrophe: "bird's")."""
+    return _WORD.findall(text.lower())
+
+
+def count_words(texts: Iterable[str]) -> Counter:
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(words_of(text))
+    return counts
+
+
+def _forms(word: str) -> set[str]:
+    """The word and its likely singular / plural ("tanks" -> tank; "ches" / "sses" -> -ch, -ss; "y" <-> "ies")."""
+    forms = {word, word + "s", word + "es"}
+    if word.endswith("ies"):
+        forms.add(word[:-3] + "y")
+    if word.endswith("y"):
+        forms.add(word[:-1] + "ies")
+    if word.endswith("es"):
+        forms.add(word[:-2])
+    if word.endswith("s"):
+        forms.add(word[:-1])
+    return forms
+
+
+class TrainingWords:
+    """How often each word appeared in a checkpoint's training captions."""
+
+    def __init__(self, counts: Mapping[str, int], source: str = ""):
+        self.counts = {str(w): int(n) for w, n in counts.items()}
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def count(self, word: str) -> int:
+        """Times the word or its singular / plural appeared."""
+        return sum(self.counts.get(f, 0) for f in _forms(word.lower()))
+
+    def unfamiliar(self, text: str) -> list[str]:
+        """Words of `text` seen fewer than RARE_COUNT times, in the order they come, each once (a
+        plural after its singular, or the other way round, is the same word)."""
+        out: list[str] = []
+        listed: set[str] = set()
+        for word in words_of(text):
+            if word not in listed and self.count(word) < RARE_COUNT:
+                out.append(word)
+                listed |= _forms(word)
+        return out
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write DIRECTORY/words.json atomically (a temporary file renamed into place)."""
+        path = Path(directory) / WORDS_FILE
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
+                "words": dict(sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))}
+        fd, tmp = tempfile.mkstemp(prefix=".words-", suffix=".json", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=0, ensure_ascii=False)
+                fh.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "TrainingWords | None":
+        """The checkpoint's words, or None when it has no words.json; VocabularyError when unreadable."""
+        path = Path(directory) / WORDS_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise VocabularyError(f"{path} cannot be read ({e}); write it again with python -m training.vocabulary "
+                                  "or delete it") from None
+        words = data.get("words") if isinstance(data, dict) else None
+        if (not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(words, dict)
+                or not all(isinstance(n, int) and n >= 0 for n in words.values())):
+            raise VocabularyError(f"{path} is not a {FORMAT} file (a 'words' object of word -> count); write it "
+                                  "again with python -m training.vocabulary or delete it")
+        return cls(words, str(data.get("source", "")))

@@ -1,0 +1,139 @@
+"""A checkpoint's word list (backend.model.vocabulary, training.vocabulary): counting, plural forms,
+unfamiliar words, the file's errors, the command, the export, and SearchResponse.unfamiliar_words
+through a live server, the client and the dock's message (training's own words.json is checked
+in test_train)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.model.vocabulary import RARE_COUNT, WORDS_FILE, TrainingWords, VocabularyError, count_words, words_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_words_counts_and_unfamiliar_words():
+    assert words_of("A bird's-eye view of Storage TANKS, 2 piers.") == ["a", "bird's", "eye", "view", "of",
+                                                                        "storage", "tanks", "piers"]
+    words = TrainingWords(count_words(["storage tanks near a pier"] * 2 + ["a storage tank", "one pier",
+                                                                             "many factories", "a factory"]))
+    assert words.count("tanks") == words.count("tank") == 3          # singular and plural together
+    assert words.count("factory") == words.count("factories") == 2  # -y / -ies
+    assert words.count("piers") == 3 and words.count("quarry") == 0
+    assert RARE_COUNT == 3
+    # in query order, each once (a plural after its singular is the same word), case ignored
+    assert words.unfamiliar("Factories and a QUARRY, quarries, storage TANKS") == ["factories", "and", "quarry"]
+    assert words.unfamiliar("storage tanks by a pier") == ["by"]
+    assert TrainingWords({}).unfamiliar("") == []
+
+
+def test_word_file_round_trip_and_errors(tmp_path):
+    assert TrainingWords.load(tmp_path) is None                       # optional: absent is no list
+    words = TrainingWords({"pier": 4, "tank": 9}, "toy")
+    path = words.save(tmp_path)
+    assert path == tmp_path / WORDS_FILE and [p.name for p in tmp_path.iterdir()] == [WORDS_FILE]
+    back = TrainingWords.load(tmp_path)
+    assert back.counts == {"pier": 4, "tank": 9} and back.source == "toy"
+    assert list(json.loads(path.read_text())["words"]) == ["tank", "pier"]   # most frequent first
+    for text in ("{not json", json.dumps({"format": "other", "words": {}}),
+                 json.dumps({"format": "skyprompt-words", "words": {"pier": -1}}),
+                 json.dumps({"format": "skyprompt-words", "words": ["pier"]})):
+        path.write_text(text)
+        with pytest.raises(VocabularyError) as e:
+            TrainingWords.load(tmp_path)
+        assert str(path) in str(e.value) and "training.vocabulary" in str(e.value)
+
+
+def _recipe(tmp_path: Path) -> Path:
+    """A folder of two classes with a class map, and a captioned manifest, as a recipe."""
+    from PIL import Image
+
+    for cls in ("pier", "tank"):
+        (tmp_path / "scenes" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (10 * i, 50, 90)).save(tmp_path / "scenes" / cls / f"{cls}{i}.png")
+    (tmp_path / "scenes.json").write_text(json.dumps({"pier": "wooden pier", "tank": "storage tank"}))
+    lines = [{"image": f"scenes/pier/pier{i}.png", "class": "pier", "captions": [f"a jetty number {i}"]}
+             for i in range(4)]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    recipe = {"sources": [{"name": "scenes", "kind": "folder", "root": "scenes", "classnames": str(tmp_path / "scenes.json"),
+                           "val_per_class": 1},
+                          {"name": "caps", "kind": "manifest", "path": "captions.jsonl", "val_per_class": 0}]}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    return tmp_path / "recipe.json"
+
+
+def test_training_vocabulary_command_counts_captions_and_templates(tmp_path, tiny_model, tokenizer):
+    from backend.model.checkpoint import save_checkpoint
+    from training.templates import TEMPLATES
+
+    recipe = _recipe(tmp_path)
+    ckpt = save_checkpoint(tiny_model, tokenizer, tmp_path / "ckpt")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "training.vocabulary", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    out = run("--recipe", str(recipe), "--checkpoint", str(ckpt))
+    assert out.returncode == 0, out.stderr
+    words = TrainingWords.load(ckpt)
+    assert words.count("jetty") == 4                                   # the manifest's captions
+    # the class templates, filled with the human names, for the 3 training images' classes
+    assert words.count("wooden") == words.count("storage") == len(TEMPLATES)
+    assert words.count("satellite") >= 4 and words.unfamiliar("a wooden jetty by a quarry") == ["by", "quarry"]
+    assert "seed 0" in words.source
+    out = run("--recipe", str(recipe), "--checkpoint", str(tmp_path / "scenes"))
+    assert out.returncode == 2 and "not a checkpoint directory" in out.stderr and "Traceback" not in out.stderr
+    out = run("--recipe", str(tmp_path / "none.json"), "--checkpoint", str(ckpt))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):
+    from backend.model.checkpoint import checkpoint_hash, save_checkpoint
+    from training.export import export_checkpoint
+
+    src = save_checkpoint(tiny_model, tokenizer, tmp_path / "src")
+    before = checkpoint_hash(src)
+    TrainingWords({"pier": 5}, "toy").save(src)
+    assert checkpoint_hash(src) == before          # the list does not change the model's identity
+    dst, _, _ = export_checkpoint(src, tmp_path / "dst")
+    assert TrainingWords.load(dst).counts == {"pier": 5}
+    (src / WORDS_FILE).write_text("{broken")
+    with pytest.raises(Exception, match="cannot be read"):
+        export_checkpoint(src, tmp_path / "dst2")
+    assert not (tmp_path / "dst2").exists()
+
+
+def test_search_reports_unfamiliar_words_over_the_wire(tmp_path, tiny_model, tokenizer):
+    from test_raster import make_tif, noise
+    from test_server import LiveServer, client
+
+    from backend.model.checkpoint import save_checkpoint
+    from backend.rpc import skyprompt_pb2 as pb
+
+    plain = save_checkpoint(tiny_model, tokenizer, tmp_path / "plain")
+    known = save_checkpoint(tiny_model, tokenizer, tmp_path / "known")
+    TrainingWords(count_words(["green fields near a road"] * 3)).save(known)
+    broken = save_checkpoint(tiny_model, tokenizer, tmp_path / "broken")
+    (broken / WORDS_FILE).write_text("{broken")
+    raster = make_tif(tmp_path / "r.tif", noise((3, 128, 128), seed=3))
+    for ckpt, expected in ((known, ["quarries", "by"]), (plain, []), (broken, [])):
+        live = LiveServer(ckpt, tmp_path / f"data-{ckpt.name}", [tmp_path]).start()
+        try:
+            info = live.stub.GetInfo(pb.GetInfoRequest(), metadata=live.metadata)
+            assert ("unfamiliar_words" in info.capabilities) == bool(expected)
+            list(live.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(raster))),
+                                       metadata=live.metadata))
+            response = live.stub.Search(pb.SearchRequest(query="Green fields, quarries by a road", k=3),
+                                        metadata=live.metadata)
+            assert list(response.unfamiliar_words) == expected and len(response.hits) > 0
+            out = client(live, "search", "--json", "Green fields, quarries by a road")
+            assert out.returncode == 0 and json.loads(out.stdout)["unfamiliar_words"] == expected, out.stderr
+            out = client(live, "search", "Green fields, quarries by a road")
+            assert out.returncode == 0
+            assert ("rarely or never saw 'quarries', 'by' in training" in out.stderr) == bool(expected), out.stderr
+        finally:
+            live.stop()
+        if ckpt == broken:   # the server starts without the list and says why
+            assert "cannot be read" in live.log_text() and "unfamiliar words" in live.log_text()

@@ -1,0 +1,74 @@
+"""Write a checkpoint's word list (words.json): how often each word appeared in the captions it trained on.
+
+The backend reads it to tell a user which words of a search it barely knows
+(`backend.model.vocabulary`). Training writes it into every checkpoint it saves; this command writes
+it for a checkpoint trained before that, or on other data, from the same recipe and seed:
+
+  python -m training.vocabulary --recipe training/recipes/default.json --checkpoint backend/checkpoints/default
+
+Counted: every distinct caption of the recipe's training split (human captions, caption pools) and
+the class templates filled with each class's human name (template mixing trains on them). Shard sources are
+streamed at training time and not counted here. The validation split is left out, as training
+leaves it out.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from backend.model.vocabulary import TrainingWords, count_words
+
+from . import data as D
+from . import recipe as recipes
+
+
+def training_texts(train_sources: list[dict]) -> Iterable[str]:
+    """The distinct captions a run on these sources trains on: the records' own (class templates
+    already, for images with no caption) and the class templates that template mixing draws."""
+    seen: set[str] = set()
+    templated = (c for source in train_sources for captions in recipes.class_templates(source).values()
+                 for c in captions)
+    for caption in itertools.chain(recipes.caption_texts(train_sources), templated):
+        if caption not in seen:
+            seen.add(caption)
+            yield caption
+
+
+def training_words(train_sources: list[dict], source: str = "") -> TrainingWords:
+    return TrainingWords(count_words(training_texts(train_sources)), source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.vocabulary", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipe JSON the checkpoint trained on")
+    p.add_argument("--seed", type=int, default=0, help="the training run's --seed, which drew its validation split "
+                                                       "(default 0)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="checkpoint directory to write words.json into (its weights are not touched)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        print(f"training.vocabulary: {ckpt} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
+    try:
+        sources = recipes.sources_from_args(args.recipe, [], [], [], [], 0)
+        train, _ = recipes.build_sources(sources, seed=args.seed)
+    except (recipes.RecipeError, D.DataError) as e:
+        print(f"training.vocabulary: {e}", file=sys.stderr)
+        return 2
+    words = training_words(train, f"{Path(args.recipe).name}, seed {args.seed}")
+    path = words.save(ckpt)
+    print(f"{path}: {len(words)} distinct words from the training captions of {args.recipe}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
