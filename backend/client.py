@@ -133,8 +133,8 @@ def cmd_index(stub, args) -> int:
 
 def unfamiliar_note(words) -> str:
     listed = ", ".join(f"'{w}'" for w in words)
-    return (f"the model rarely or never saw {listed} in training, so the search can hardly follow "
-            f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may find more")
+    return (f"the model rarely or never saw {listed} in training and can hardly follow "
+            f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
 def cmd_search(stub, args) -> int:
@@ -266,6 +266,7 @@ def cmd_segment(stub, args) -> int:
            "crs": results[0].crs.authid if results else "", "polygons_written": written, "results": [
                {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
                 "max_relevance": round(r.max_relevance, 6), "dropped_small": r.dropped_small,
+                "unfamiliar_words": list(r.unfamiliar_words),
                 "polygons": [{"score": round(p.score, 6), "max_score": round(p.max_score, 6), "area": p.area,
                               "area_m2": p.area_m2, "bounds": _box(p.bounds), "wkt": p.wkt} for p in r.polygons]}
                for r in results]}
@@ -276,6 +277,8 @@ def cmd_segment(stub, args) -> int:
             area = sum(p["area"] for p in r["polygons"])
             print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2, "
                   f"max relevance {r['max_relevance']:.2f}")
+            if r["unfamiliar_words"]:
+                print(f"note: {unfamiliar_note(r['unfamiliar_words'])}", file=sys.stderr)
         if args.output:
             print(f"wrote {written} polygons to {out['output']} ({out['crs']})")
     return 0

@@ -440,7 +440,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score, expand=expand)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
-                                unfamiliar_words=self.engine.words.unfamiliar(query) if self.engine.words else [])
+                                unfamiliar_words=self._unfamiliar(query))
         mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:
             msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
@@ -454,6 +454,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 msg.thumbnail_png = self._thumbnail(hit, thumb, mappings)
         out.seconds = time.monotonic() - started
         return out
+
+    def _unfamiliar(self, text: str) -> list[str]:
+        """The words of a query or prompt the checkpoint barely trained on (none without its word list)."""
+        return self.engine.words.unfamiliar(text) if self.engine.words else []
 
     def _thumbnail(self, hit, side: int, mappings: dict) -> bytes:
         if hit.raster_path.startswith("pixels:"):
@@ -559,7 +563,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         for result in output.results:
             msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
                                    extent=_box(output.extent), max_relevance=result.max_relevance,
-                                   dropped_small=result.dropped_small)
+                                   dropped_small=result.dropped_small,
+                                   unfamiliar_words=self._unfamiliar(result.prompt))
             for polygon in result.polygons:
                 g = polygon.geometry
                 msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,

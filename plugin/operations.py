@@ -62,8 +62,8 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
 def unfamiliar_note(words) -> str:
     """What to tell a user about SearchResponse.unfamiliar_words (the backend client says the same)."""
     listed = ", ".join(f"'{w}'" for w in words)
-    return (f"the model rarely or never saw {listed} in training, so the search can hardly follow "
-            f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may find more")
+    return (f"the model rarely or never saw {listed} in training and can hardly follow "
+            f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,

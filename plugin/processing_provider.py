@@ -251,6 +251,9 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             f.setGeometry(g)
             sink.addFeature(f, QgsFeatureSink.FastInsert)
         feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}")
+        unfamiliar = list(dict.fromkeys(w for answer in answers or () for w in answer.unfamiliar_words))
+        if unfamiliar:
+            feedback.pushWarning(operations.unfamiliar_note(unfamiliar))
         return {"OUTPUT": dest}
 
 

@@ -371,6 +371,18 @@ def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
     assert warnings_for("roads and houses") == []
     warned = warnings_for("roads and quarries")
     assert len(warned) == 1 and "rarely or never saw 'quarries' in training" in warned[0]
+    # Segment's prompts too, one warning for all of them (over a small part of a layer)
+    layer = layers[0]
+    QgsProject.instance().setCrs(layer.crs())
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer_rect(layer, (0.4, 0.4, 0.6, 0.6)))
+    dock.area.setCurrentIndex(0)                                  # the canvas extent
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText("roads, quarries, scree")
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "segment", dock.segment) is None
+    warned = [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Warning)]
+    assert len(warned) == 1 and "rarely or never saw 'quarries', 'scree' in training" in warned[0], warned
 
 
 def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(dock, layers, iface, tmp_path):
@@ -525,9 +537,13 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
         extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
         out_path = str(tmp_path / "polygons.gpkg")
+        feedback = Warnings()
         polygons = processing.run("skyprompt:prompttopolygons", {
             "INPUT": layer, "PROMPTS": "houses, water", "EXTENT": extent, "THRESHOLD": 0.0, "MIN_AREA": 0.0,
-            "OUTPUT": out_path})["OUTPUT"]
+            "OUTPUT": out_path}, feedback=feedback)["OUTPUT"]
+        assert [w for w in feedback.seen if "rarely or never saw" in w] == [
+            "the model rarely or never saw 'water' in training and can hardly follow it; other words for the same "
+            "thing may work better"]
         result = QgsVectorLayerFrom(polygons)
         assert result.featureCount() >= 2 and result.crs() == layer.crs()
         grown = QgsRectangle(e)

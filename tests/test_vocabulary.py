@@ -1,7 +1,7 @@
 """A checkpoint's word list (backend.model.vocabulary, training.vocabulary): counting, plural forms,
-unfamiliar words, the file's errors, the command, the export, and SearchResponse.unfamiliar_words
-through a live server, the client and the dock's message (training's own words.json is checked
-in test_train)."""
+unfamiliar words, the file's errors, the command, the export, and SearchResponse / SegmentResult
+unfamiliar_words through a live server and the client (training's own words.json is checked in
+test_train, the dock's and Processing's warnings in test_plugin)."""
 from __future__ import annotations
 
 import json
@@ -107,7 +107,7 @@ def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):
 
 def test_search_reports_unfamiliar_words_over_the_wire(tmp_path, tiny_model, tokenizer):
     from test_raster import make_tif, noise
-    from test_server import LiveServer, client
+    from test_server import LiveServer, client, segment
 
     from backend.model.checkpoint import save_checkpoint
     from backend.rpc import skyprompt_pb2 as pb
@@ -133,6 +133,13 @@ def test_search_reports_unfamiliar_words_over_the_wire(tmp_path, tiny_model, tok
             out = client(live, "search", "Green fields, quarries by a road")
             assert out.returncode == 0
             assert ("rarely or never saw 'quarries', 'by' in training" in out.stderr) == bool(expected), out.stderr
+            # Segment names them per prompt, and so does the client
+            results, _ = segment(live, raster, ["green fields", "quarries by a road"])
+            assert [list(r.unfamiliar_words) for r in results] == [[], expected]
+            out = client(live, "segment", "--json", "--raster", str(raster), "--prompt", "quarries by a road")
+            assert out.returncode == 0 and json.loads(out.stdout)["results"][0]["unfamiliar_words"] == expected
+            out = client(live, "segment", "--raster", str(raster), "--prompt", "quarries by a road")
+            assert out.returncode == 0 and ("rarely or never saw" in out.stderr) == bool(expected), out.stderr
         finally:
             live.stop()
         if ckpt == broken:   # the server starts without the list and says why
