@@ -501,6 +501,7 @@ def test_index_benchmark_smoke_writes_results(tmp_path):
     res = index_bench.run(sizes=(3000,), dim=32, out_dir=tmp_path, queries=5, warmup=1, echo=lambda *a, **k: None)
     (size,) = res["sizes"]
     assert size["skyprompt_search"]["p50_ms"] > 0 and size["skyprompt_rank"]["p50_ms"] > 0
+    assert size["skyprompt_search_expanded"]["p50_ms"] > 0 and "expand 3 p50" in index_bench.report(res)
     assert 0 <= size["skyprompt_ivf"]["recall_at_10"] <= 1
     assert size["faiss_flat"] == "N/A" or size["faiss_flat"]["p50_ms"] > 0
     assert {t["result"] for t in res["targets"]} <= {"PASS", "FAIL", "N/A"}
