@@ -26,9 +26,8 @@ from .index import TileIndex, TileIndexError
 from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, Limits,
-                       check_edge_radius, check_expand, check_views,
-                       edge_radius_for)
+from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND,
+                       DEFAULT_THRESHOLD, Limits, check_edge_radius, check_expand, check_views, edge_radius_for)
 from .segment import relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -200,7 +199,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # radius given here was range-checked by Server, before the model loaded
         self.edge_radius = edge_radius_for(edge_radius, engine.image_size)
         self.index_views = index_views     # checked by Server, like the radius
-        self.search_expand = search_expand
+        self.search_expand = search_expand  # checked by Server too
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)

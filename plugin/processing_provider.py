@@ -136,7 +136,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         return ("Finds the indexed tiles that best match a text query and writes their footprints with "
                 "scores. Restrict the search to some layers with Layers (they must be indexed). The advanced "
                 "Query expansion searches twice, the second time for the query moved toward its N best "
-                "tiles: more tiles like the best hits, and scores that are similarities to that moved query.")
+                "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
+                "Query words the model rarely or never saw in training are named in a warning.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query"))

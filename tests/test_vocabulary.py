@@ -99,6 +99,13 @@ def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):
     assert checkpoint_hash(src) == before          # the list does not change the model's identity
     dst, _, _ = export_checkpoint(src, tmp_path / "dst")
     assert TrainingWords.load(dst).counts == {"pier": 5}
+    # an average learned what each of its checkpoints learned; one without a list leaves it unknown
+    other = save_checkpoint(tiny_model, tokenizer, tmp_path / "other")
+    TrainingWords({"pier": 1, "jetty": 3}, "other run").save(other)
+    averaged, _, _ = export_checkpoint(src, tmp_path / "avg", average=[other])
+    assert TrainingWords.load(averaged).counts == {"pier": 6, "jetty": 3}
+    (other / WORDS_FILE).unlink()
+    assert TrainingWords.load(export_checkpoint(src, tmp_path / "avg2", average=[other])[0]) is None
     (src / WORDS_FILE).write_text("{broken")
     with pytest.raises(Exception, match="cannot be read"):
         export_checkpoint(src, tmp_path / "dst2")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +26,8 @@ import torch
 from safetensors import safe_open
 
 from backend.model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
-from backend.model.vocabulary import TrainingWords, VocabularyError
 from backend.model.config import ConfigError
+from backend.model.vocabulary import TrainingWords, VocabularyError
 
 
 def stored_dtype(directory: str | Path) -> torch.dtype:
@@ -62,6 +63,24 @@ def average_into(model, tokenizer, others: Sequence[str | Path]) -> None:
     model.load_state_dict({k: (total[k] / n).to(v.dtype) if k in total else v for k, v in state.items()})
 
 
+def exported_words(checkpoints: Sequence[str | Path]) -> TrainingWords | None:
+    """The word list of an export: the weights learned what their checkpoints learned, so the
+    counts of all of them summed; None when one of them has no list (its words are unknown)."""
+    lists = []
+    for ckpt in checkpoints:
+        try:
+            words = TrainingWords.load(ckpt)
+        except VocabularyError as e:
+            raise CheckpointError(f"{e} (or export without it: remove it from {ckpt})") from None
+        if words is None:
+            return None
+        lists.append(words)
+    if len(lists) == 1:
+        return lists[0]
+    return TrainingWords(sum((Counter(w.counts) for w in lists), Counter()),
+                         " + ".join(w.source or str(c) for w, c in zip(lists, checkpoints)))
+
+
 def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None = None,
                       dtype: torch.dtype | None = None,
                       average: Sequence[str | Path] = ()) -> tuple[Path, int, torch.dtype]:
@@ -81,11 +100,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None =
         except ConfigError as e:
             raise CheckpointError(f"--image-size {image_size}: {e}") from None
         extra.setdefault("exports", []).append({"image_size": [before, image_size]})
-    # the word list goes along: the weights learned the same words (an average: those of SRC's run)
-    try:
-        words = TrainingWords.load(src)
-    except VocabularyError as e:
-        raise CheckpointError(f"{e} (or export without it: remove it from {src})") from None
+    words = exported_words([src, *average])
     return (save_checkpoint(model, tokenizer, dst, dtype=dtype, extra=extra or None,
                             write_extra=words.save if words is not None else None),
             model.config.image_size, dtype)
