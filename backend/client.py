@@ -131,8 +131,15 @@ def cmd_index(stub, args) -> int:
     return 0
 
 
+def unfamiliar_words(words) -> list[dict]:
+    """UnfamiliarWord messages as JSON objects."""
+    return [{"word": w.word, "close_spellings": list(w.close_spellings)} for w in words]
+
+
 def unfamiliar_note(words) -> str:
-    listed = ", ".join(f"'{w}'" for w in words)
+    """What to tell a user about UnfamiliarWord messages (the plugin's operations.unfamiliar_note says the same)."""
+    listed = ", ".join(f"'{w.word}'" + (f" (close in spelling: {', '.join(repr(c) for c in w.close_spellings)})"
+                                        if w.close_spellings else "") for w in words)
     return (f"the model rarely or never saw {listed} in training and can hardly follow "
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
@@ -169,7 +176,7 @@ def cmd_search(stub, args) -> int:
     if args.json:
         _print_json({"query": args.query, "results": hits, "tiles_searched": response.tiles_searched,
                      "approximate": response.approximate, "seconds": round(response.seconds, 4),
-                     "unfamiliar_words": list(response.unfamiliar_words)})
+                     "unfamiliar_words": unfamiliar_words(response.unfamiliar_words)})
     else:
         print(f"{len(hits)} hits for {args.query!r} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
@@ -266,7 +273,7 @@ def cmd_segment(stub, args) -> int:
            "crs": results[0].crs.authid if results else "", "polygons_written": written, "results": [
                {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
                 "max_relevance": round(r.max_relevance, 6), "dropped_small": r.dropped_small,
-                "unfamiliar_words": list(r.unfamiliar_words),
+                "unfamiliar_words": unfamiliar_words(r.unfamiliar_words),
                 "polygons": [{"score": round(p.score, 6), "max_score": round(p.max_score, 6), "area": p.area,
                               "area_m2": p.area_m2, "bounds": _box(p.bounds), "wkt": p.wkt} for p in r.polygons]}
                for r in results]}
@@ -277,8 +284,9 @@ def cmd_segment(stub, args) -> int:
             area = sum(p["area"] for p in r["polygons"])
             print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2, "
                   f"max relevance {r['max_relevance']:.2f}")
-            if r["unfamiliar_words"]:
-                print(f"note: {unfamiliar_note(r['unfamiliar_words'])}", file=sys.stderr)
+        for r in results:
+            if r.unfamiliar_words:
+                print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
         if args.output:
             print(f"wrote {written} polygons to {out['output']} ({out['crs']})")
     return 0

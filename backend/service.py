@@ -454,9 +454,13 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         out.seconds = time.monotonic() - started
         return out
 
-    def _unfamiliar(self, text: str) -> list[str]:
-        """The words of a query or prompt the checkpoint barely trained on (none without its word list)."""
-        return self.engine.words.unfamiliar(text) if self.engine.words else []
+    def _unfamiliar(self, text: str) -> list:
+        """The words of a query or prompt the checkpoint barely trained on, with close spellings it
+        knows (none without its word list)."""
+        words = self.engine.words
+        if not words:
+            return []
+        return [pb.UnfamiliarWord(word=w, close_spellings=words.close_spellings(w)) for w in words.unfamiliar(text)]
 
     def _thumbnail(self, hit, side: int, mappings: dict) -> bytes:
         if hit.raster_path.startswith("pixels:"):

@@ -590,7 +590,7 @@ class SkyPromptDock(QDockWidget):
             QgsProject.instance().addMapLayer(out)
             self.last_layer = out
             self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}", Qgis.Success, 4)
-            unfamiliar = list(dict.fromkeys(w for answer in answers for w in answer.unfamiliar_words))
+            unfamiliar = operations.distinct_unfamiliar(answers)
             if unfamiliar:
                 self._message(operations.unfamiliar_note(unfamiliar), Qgis.Warning, 12)
 

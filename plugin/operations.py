@@ -60,10 +60,21 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
 
 
 def unfamiliar_note(words) -> str:
-    """What to tell a user about SearchResponse.unfamiliar_words (the backend client says the same)."""
-    listed = ", ".join(f"'{w}'" for w in words)
+    """What to tell a user about UnfamiliarWord messages (SearchResponse / SegmentResult
+    unfamiliar_words; the backend client says the same)."""
+    listed = ", ".join(f"'{w.word}'" + (f" (close in spelling: {', '.join(repr(c) for c in w.close_spellings)})"
+                                        if w.close_spellings else "") for w in words)
     return (f"the model rarely or never saw {listed} in training and can hardly follow "
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
+
+
+def distinct_unfamiliar(answers) -> list:
+    """The UnfamiliarWord messages of several SegmentResults, each word once."""
+    seen = {}
+    for answer in answers or ():
+        for w in answer.unfamiliar_words:
+            seen.setdefault(w.word, w)
+    return list(seen.values())
 
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,

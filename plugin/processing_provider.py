@@ -252,7 +252,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             f.setGeometry(g)
             sink.addFeature(f, QgsFeatureSink.FastInsert)
         feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}")
-        unfamiliar = list(dict.fromkeys(w for answer in answers or () for w in answer.unfamiliar_words))
+        unfamiliar = operations.distinct_unfamiliar(answers)
         if unfamiliar:
             feedback.pushWarning(operations.unfamiliar_note(unfamiliar))
         return {"OUTPUT": dest}

@@ -371,6 +371,8 @@ def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
     assert warnings_for("roads and houses") == []
     warned = warnings_for("roads and quarries")
     assert len(warned) == 1 and "rarely or never saw 'quarries' in training" in warned[0]
+    warned = warnings_for("roads and hoouses")                    # a typing error gets its fix offered
+    assert len(warned) == 1 and "'hoouses' (close in spelling: 'houses')" in warned[0]
     # Segment's prompts too, one warning for all of them (over a small part of a layer)
     layer = layers[0]
     QgsProject.instance().setCrs(layer.crs())

@@ -31,6 +31,19 @@ def test_words_counts_and_unfamiliar_words():
     assert TrainingWords({}).unfamiliar("") == []
 
 
+def test_close_spellings_catch_typing_errors():
+    words = TrainingWords(count_words(["a parking lot beside the residential area and a tennis court"] * 3
+                                      + ["one park", "a parking"]))
+    assert words.close_spellings("parkng") == ["parking"]
+    assert words.close_spellings("resedential") == ["residential"]
+    assert words.close_spellings("Tenis") == ["tennis"]
+    assert words.close_spellings("quarry") == []                   # nothing near it
+    assert words.close_spellings("parkings") == []                 # a form of a familiar word is no typo
+    both = TrainingWords(count_words(["residential", "residentials"] * 3))
+    assert both.close_spellings("resedential") == ["residential"]  # one form of a word, not two
+    assert "park" not in words.close_spellings("parkng", n=5)      # seen twice: not familiar
+
+
 def test_word_file_round_trip_and_errors(tmp_path):
     assert TrainingWords.load(tmp_path) is None                       # optional: absent is no list
     words = TrainingWords({"pier": 4, "tank": 9}, "toy")
@@ -122,30 +135,34 @@ def test_search_reports_unfamiliar_words_over_the_wire(tmp_path, tiny_model, tok
     plain = save_checkpoint(tiny_model, tokenizer, tmp_path / "plain")
     known = save_checkpoint(tiny_model, tokenizer, tmp_path / "known")
     TrainingWords(count_words(["green fields near a road"] * 3)).save(known)
+    query = "Green fields, quarries by a roadd"
     broken = save_checkpoint(tiny_model, tokenizer, tmp_path / "broken")
     (broken / WORDS_FILE).write_text("{broken")
     raster = make_tif(tmp_path / "r.tif", noise((3, 128, 128), seed=3))
-    for ckpt, expected in ((known, ["quarries", "by"]), (plain, []), (broken, [])):
+    as_json = [{"word": "quarries", "close_spellings": []}, {"word": "by", "close_spellings": []},
+               {"word": "roadd", "close_spellings": ["road"]}]
+    for ckpt, expected in ((known, as_json), (plain, []), (broken, [])):
         live = LiveServer(ckpt, tmp_path / f"data-{ckpt.name}", [tmp_path]).start()
         try:
             info = live.stub.GetInfo(pb.GetInfoRequest(), metadata=live.metadata)
             assert ("unfamiliar_words" in info.capabilities) == bool(expected)
             list(live.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(raster))),
                                        metadata=live.metadata))
-            response = live.stub.Search(pb.SearchRequest(query="Green fields, quarries by a road", k=3),
-                                        metadata=live.metadata)
-            assert list(response.unfamiliar_words) == expected and len(response.hits) > 0
-            out = client(live, "search", "--json", "Green fields, quarries by a road")
+            response = live.stub.Search(pb.SearchRequest(query=query, k=3), metadata=live.metadata)
+            assert [{"word": w.word, "close_spellings": list(w.close_spellings)}
+                    for w in response.unfamiliar_words] == expected and len(response.hits) > 0
+            out = client(live, "search", "--json", query)
             assert out.returncode == 0 and json.loads(out.stdout)["unfamiliar_words"] == expected, out.stderr
-            out = client(live, "search", "Green fields, quarries by a road")
+            out = client(live, "search", query)
             assert out.returncode == 0
-            assert ("rarely or never saw 'quarries', 'by' in training" in out.stderr) == bool(expected), out.stderr
+            note = "rarely or never saw 'quarries', 'by', 'roadd' (close in spelling: 'road') in training"
+            assert (note in out.stderr) == bool(expected), out.stderr
             # Segment names them per prompt, and so does the client
-            results, _ = segment(live, raster, ["green fields", "quarries by a road"])
-            assert [list(r.unfamiliar_words) for r in results] == [[], expected]
-            out = client(live, "segment", "--json", "--raster", str(raster), "--prompt", "quarries by a road")
+            results, _ = segment(live, raster, ["green fields", "quarries by a roadd"])
+            assert [[w.word for w in r.unfamiliar_words] for r in results] == [[], [w["word"] for w in expected]]
+            out = client(live, "segment", "--json", "--raster", str(raster), "--prompt", "quarries by a roadd")
             assert out.returncode == 0 and json.loads(out.stdout)["results"][0]["unfamiliar_words"] == expected
-            out = client(live, "segment", "--raster", str(raster), "--prompt", "quarries by a road")
+            out = client(live, "segment", "--raster", str(raster), "--prompt", "quarries by a roadd")
             assert out.returncode == 0 and ("rarely or never saw" in out.stderr) == bool(expected), out.stderr
         finally:
             live.stop()

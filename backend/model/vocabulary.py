@@ -5,12 +5,15 @@ there ("shrubland", "trailers") still gets an embedding, from its sub-word piece
 means little, and the search then quietly follows the other words. `TrainingWords` keeps how often
 each word appeared in the training captions (`words.json` beside the weights, written by training
 and by `python -m training.vocabulary`); `unfamiliar(text)` lists the words of a text seen fewer
-than `RARE_COUNT` times, counting a word's plural and singular together ("tank" / "tanks").
+than `RARE_COUNT` times, counting a word's plural and singular together ("tank" / "tanks"), and
+`close_spellings(word)` the familiar words spelled nearly like it, which catches typing errors
+("parkng" -> "parking", "resedential" -> "residential").
 
 The file is optional: a checkpoint without it works as before and reports no words.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -24,6 +27,9 @@ FORMAT = "skyprompt-words"
 FORMAT_VERSION = 1
 # a word seen once or twice in ten thousand captions has not been learned
 RARE_COUNT = 3
+# difflib's similarity ratio a familiar word needs to be offered as a close spelling: one letter
+# missing, doubled or swapped in a word of six or more letters passes, an unrelated word does not
+CLOSE_SPELLING_RATIO = 0.85
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
@@ -63,6 +69,7 @@ class TrainingWords:
     def __init__(self, counts: Mapping[str, int], source: str = ""):
         self.counts = {str(w): int(n) for w, n in counts.items()}
         self.source = source
+        self._familiar: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -81,6 +88,21 @@ class TrainingWords:
                 out.append(word)
                 listed |= _forms(word)
         return out
+
+    def close_spellings(self, word: str, n: int = 2) -> list[str]:
+        """Up to n familiar words (seen at least RARE_COUNT times) spelled nearly like `word`, closest
+        first; none that is only a form of the word itself or of a word already offered."""
+        if self._familiar is None:
+            self._familiar = sorted(w for w in self.counts if len(w) > 2 and self.count(w) >= RARE_COUNT)
+        word = word.lower()
+        own = _forms(word)
+        out: list[str] = []
+        taken = set(own)
+        for close in difflib.get_close_matches(word, self._familiar, n=3 * n + len(own), cutoff=CLOSE_SPELLING_RATIO):
+            if not _forms(close) & taken:   # neither the word's own forms nor another form of one offered
+                out.append(close)
+                taken |= _forms(close)
+        return out[:n]
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write DIRECTORY/words.json atomically (a temporary file renamed into place)."""
