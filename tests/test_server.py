@@ -449,9 +449,10 @@ def test_search_query_expansion_over_the_wire(checkpoint, tmp_path):
         out = client(live, "search", "--json", "--raw-query", "--k", str(n), "--expand", "3", "a quarry")
         assert out.returncode == 0, out.stderr
         assert [r["tile_id"] for r in json.loads(out.stdout)["results"]] == [t for t, _ in three]
-        out = client(live, "search", "--expand", "-1", "a quarry")
-        assert out.returncode != 0 and "--expand -1 must be 0 or more" in out.stderr
-        assert "Traceback" not in out.stderr
+        for flag in ("--expand", "--k"):
+            out = client(live, "search", flag, "-1", "a quarry")
+            assert out.returncode != 0 and f"{flag} -1 must be 0 or more" in out.stderr
+            assert "Traceback" not in out.stderr
     finally:
         live.stop()
     with TileIndex(tmp_path / "data" / "index") as tiles:
