@@ -145,9 +145,12 @@ def unfamiliar_note(words) -> str:
 
 
 def cmd_search(stub, args) -> int:
-    for name in ("k", "expand"):
+    for name in ("k", "expand", "like_tile"):
         if (getattr(args, name) or 0) < 0:
-            raise ClientError(f"--{name} {getattr(args, name)} must be 0 or more")
+            raise ClientError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+    # a blank QUERY goes to the server, which says what is wrong with it; none at all is told here
+    if bool(args.query) == (args.like_tile is not None):
+        raise ClientError("give what to look for as QUERY, or --like-tile ID for tiles like one tile (not both)")
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[os.path.abspath(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
@@ -158,6 +161,9 @@ def cmd_search(stub, args) -> int:
         request.min_score = args.min_score
     if args.expand is not None:
         request.expand = args.expand
+    if args.like_tile is not None:
+        request.like_tile_id = args.like_tile
+    what = repr(args.query) if args.like_tile is None else f"tiles like tile {args.like_tile}"
     response = stub.Search(request, metadata=_metadata(args.token), timeout=args.timeout)
     hits = []
     for rank, hit in enumerate(response.hits, 1):
@@ -174,11 +180,11 @@ def cmd_search(stub, args) -> int:
             item["thumbnail"] = str(target)
         hits.append(item)
     if args.json:
-        _print_json({"query": args.query, "results": hits, "tiles_searched": response.tiles_searched,
+        _print_json({"query": args.query, "like_tile_id": args.like_tile, "results": hits, "tiles_searched": response.tiles_searched,
                      "approximate": response.approximate, "seconds": round(response.seconds, 4),
                      "unfamiliar_words": unfamiliar_words(response.unfamiliar_words)})
     else:
-        print(f"{len(hits)} hits for {args.query!r} among {response.tiles_searched} tiles "
+        print(f"{len(hits)} hits for {what} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
         for h in hits:
             b = h["extent"]
@@ -351,7 +357,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")
     p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster ids or paths")
     p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")
-    p.add_argument("query", help="what to look for, e.g. \"tennis courts\"")
+    p.add_argument("query", nargs="?", default="", help="what to look for, e.g. \"tennis courts\" (or --like-tile)")
+    p.add_argument("--like-tile", type=int, default=None, metavar="ID",
+                   help="instead of a query: tiles that look like this one (a tile_id from an earlier search), "
+                        "for when words fail")
     p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
     p.add_argument("--raster-id", action="append", default=[], help="only this raster id (repeatable)")
     p.add_argument("--raster", action="append", default=[], help="only this raster path (repeatable)")

@@ -775,6 +775,33 @@ class TileIndex:
         results = self._consistent(lambda: self._rank(*request, exact, min_score, *expansion))
         return results[0] if np.ndim(query) == 1 else results
 
+    def tile_embedding(self, tile_id: int, checkpoint_hash: str) -> np.ndarray:
+        """The stored unit embedding of one tile (float32 [dim]), as a query for tiles like it."""
+        self._check_open()
+        if isinstance(tile_id, bool) or not isinstance(tile_id, (int, np.integer)) or tile_id < 0:
+            raise TileIndexError("invalid_argument", f"a tile id is a whole number >= 0, got {tile_id!r}")
+
+        def attempt() -> np.ndarray:
+            conn = self._reader()
+            row = conn.execute("SELECT raster_id FROM tiles WHERE id=?", (int(tile_id),)).fetchone()
+            if row is None:
+                raise TileIndexError("not_found", f"tile {tile_id} is not in the tile index (ids are SearchHit."
+                                                  "tile_id of a search; re-indexing a raster gives its tiles new ids)")
+            header = conn.execute("SELECT id, source_key, checkpoint_hash FROM rasters WHERE id=?",
+                                  (row[0],)).fetchone()
+            if header is None:
+                raise _Stale()
+            raster_id = self._check_checkpoint(header, checkpoint_hash)
+            snap = self._snapshot(checkpoint_hash)
+            if snap is None or raster_id not in snap.slot_by_raster:
+                raise _Stale()
+            slot = snap.slots[snap.slot_by_raster[raster_id]]
+            column = slot.start + int(tile_id) - slot.first_tile_id
+            if not slot.start <= column < slot.stop:
+                raise _Stale()
+            return np.array(snap.vectors_t[:, column], dtype=np.float32)
+        return self._consistent(attempt)
+
     def _consistent(self, work):
         """Run `work` until no write lands while it runs (it raises _Stale when one does)."""
         for _ in range(2):

@@ -249,7 +249,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
-                        "query_expansion"]
+                        "query_expansion", "like_tile"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:
@@ -403,7 +403,11 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def Search(self, request, context):
         self._check_serving()
         started = time.monotonic()
-        query = check_text("query", request.query, self.limits)
+        like = request.like_tile_id if request.HasField("like_tile_id") else None
+        if like is None:
+            query = check_text("query", request.query, self.limits)
+        elif request.query.strip():
+            raise _bad("give a query or like_tile_id, not both: like_tile_id searches by that tile's embedding")
         k = request.k or 10
         if k > self.limits.max_k:
             raise _bad(f"k={k} is above the limit of {self.limits.max_k} hits")
@@ -431,7 +435,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         except ValueError as e:
             raise _bad(f"{e}; leave it unset for the server's default ({self.search_expand})") from None
         cancelled = self._cancelled(context)
-        vector = self.engine.embed_prompts([query], ensemble=not request.raw_query, cancelled=cancelled)[0]
+        if like is None:
+            vector = self.engine.embed_prompts([query], ensemble=not request.raw_query, cancelled=cancelled)[0]
+        else:
+            vector = self.index.tile_embedding(like, self.engine.checkpoint_hash)
         # unspecified = the server's choice: the index is exact below its ANN threshold anyway
         exact = request.mode == pb.SEARCH_MODE_EXACT
         hits = self.index.search(vector, k, self.engine.checkpoint_hash,
@@ -439,7 +446,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score, expand=expand)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
-                                unfamiliar_words=self._unfamiliar(query))
+                                unfamiliar_words=self._unfamiliar(query) if like is None else [])
         mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:
             msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),

@@ -204,6 +204,13 @@ class SkyPromptDock(QDockWidget):
         self.result_list.setIconSize(QSize(64, 64))
         self.result_list.itemClicked.connect(self.zoom_to_result)
         v.addWidget(self.result_list, 1)
+        self.like_button = QPushButton("More like this tile")
+        self.like_button.setToolTip("Search for tiles that look like the selected result (its embedding is the query): "
+                                    "for when words fail")
+        self.like_button.clicked.connect(self.search_like_selected)
+        self.like_button.setEnabled(False)
+        self.result_list.currentItemChanged.connect(lambda item, _: self.like_button.setEnabled(item is not None))
+        v.addWidget(self.like_button)
         return tab
 
     def _segment_tab(self) -> QWidget:
@@ -465,6 +472,20 @@ class SkyPromptDock(QDockWidget):
             self._message("type what to look for, e.g. 'parking lots'", Qgis.Warning)
             self.taskDone.emit("search", "empty query")
             return None
+        return self._search(query, None)
+
+    def search_like_selected(self) -> BackendTask | None:
+        """Tiles like the selected result (SearchRequest.like_tile_id)."""
+        item = self.result_list.currentItem()
+        if item is None:
+            self._message("select a result first: the search looks for tiles like it", Qgis.Warning)
+            self.taskDone.emit("search", "no result selected")
+            return None
+        tile_id = self.hits[item.data(Qt.UserRole)].tile_id
+        return self._search(f"like tile {tile_id}", tile_id)
+
+    def _search(self, title: str, like_tile_id: int | None) -> BackendTask | None:
+        query = title if like_tile_id is None else ""
         layers = self.checked_layers()
         raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
         not_indexed = [l.name() for l in layers if l.id() not in self.indexed]
@@ -475,17 +496,17 @@ class SkyPromptDock(QDockWidget):
 
         def work(conn, task):
             return operations.search(conn, query, k, raster_ids if not not_indexed else (), thumbnails=True,
-                                     expand=expand)
+                                     expand=expand, like_tile_id=like_tile_id)
 
         def shown(response):
-            self.show_hits(query, list(response.hits), names)
+            self.show_hits(title, list(response.hits), names)
             if response.unfamiliar_words:
                 self._message(operations.unfamiliar_note(response.unfamiliar_words), Qgis.Warning, 12)
 
         if not_indexed:
             QgsMessageLog.logMessage(f"searching the whole index: {', '.join(not_indexed)} not indexed in this "
                                      "session", LOG_TAG, Qgis.Info)
-        return self._task("search", f"SkyPrompt: searching {query!r}", work, shown)
+        return self._task("search", f"SkyPrompt: searching {title!r}", work, shown)
 
     def show_hits(self, query: str, hits: list, names: dict) -> None:
         self.hits = hits

@@ -266,6 +266,27 @@ def test_query_expansion_ranks_again_for_the_query_moved_toward_its_best_tiles(t
             index.search(query, 10, CK, expand=3, expand_weight=float("nan"))
 
 
+def test_tile_embedding_is_the_stored_vector_and_a_query_for_tiles_like_it(tmp_path, rng):
+    with TileIndex(tmp_path / "idx") as index:
+        emb = unit(rng, 12)
+        add(index, tmp_path, "a", unit(rng, 5))
+        rid = add(index, tmp_path, "b", emb)
+        add(index, tmp_path, "other", unit(rng, 4), checkpoint="ckpt-b")
+        first = index._reader().execute("SELECT MIN(id) FROM tiles WHERE raster_id=?", (rid,)).fetchone()[0]
+        vector = index.tile_embedding(first + 7, CK)
+        np.testing.assert_array_equal(vector, emb[7].astype(np.float16).astype(np.float32))
+        hits = index.search(vector, 3, CK)
+        assert hits[0].tile_id == first + 7 and hits[0].score == pytest.approx(1.0, abs=1e-3)
+        other = index._reader().execute("SELECT MIN(t.id) FROM tiles t JOIN rasters r ON r.id = t.raster_id "
+                                        "WHERE r.checkpoint_hash='ckpt-b'").fetchone()[0]
+        for tile, kind, words in ((10_000, "not_found", "is not in the tile index"),
+                                  (other, "not_found", "was indexed with checkpoint ckpt-b"),
+                                  (-1, "invalid_argument", "whole number"), (True, "invalid_argument", "whole number")):
+            with pytest.raises(TileIndexError) as e:
+                index.tile_embedding(tile, CK)
+            assert e.value.kind == kind and words in str(e.value), (tile, e.value)
+
+
 def test_index_persists_across_reopen(tmp_path, rng):
     emb = unit(rng, 25)
     with TileIndex(tmp_path / "idx") as index:

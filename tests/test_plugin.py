@@ -357,6 +357,23 @@ def test_more_like_the_best_hits_expands_the_query(dock, layers, live):
     assert [s for s, _ in expanded] != pytest.approx([s for s, _ in plain], abs=1e-5)
 
 
+def test_more_like_this_tile_searches_by_the_selected_result(dock, layers):
+    """"More like this tile" is off until a result is selected; then it searches for tiles like it,
+    which puts that tile first (score 1)."""
+    assert run_dock(dock, "index", dock.index_layers) is None
+    dock.query.setText("roads and houses")
+    dock.k.setValue(5)
+    assert run_dock(dock, "search", dock.search) is None
+    assert not dock.like_button.isEnabled()
+    dock.result_list.setCurrentRow(3)
+    assert dock.like_button.isEnabled()
+    chosen = dock.hits[3]
+    assert run_dock(dock, "search", dock.like_button.click) is None
+    assert dock.last_layer.name() == f"SkyPrompt: like tile {chosen.tile_id}"
+    assert dock.hits[0].tile_id == chosen.tile_id and dock.hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert not dock.like_button.isEnabled()                       # a new list, nothing selected
+
+
 def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
     """SearchResponse.unfamiliar_words (the test checkpoint's word list has "roads" and "houses", not
     "quarries") becomes a warning in the message bar; a query of familiar words gets none."""

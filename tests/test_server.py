@@ -462,6 +462,37 @@ def test_search_query_expansion_over_the_wire(checkpoint, tmp_path):
             np.testing.assert_allclose([h.score for h in local], [s for _, s in wire], atol=1e-5)
 
 
+def test_search_for_tiles_like_a_tile(server, rasters):
+    """like_tile_id: that tile's stored embedding is the query, so it comes first with score 1; with a
+    query too, or an unknown tile, the call fails by name; the client's --like-tile does the same."""
+    p = pb()
+    result = index(server, rasters["rgb"])[-1].result
+    n = result.tile_count
+    text = server.stub.Search(p.SearchRequest(query="green fields", k=n, raster_ids=[result.raster_id]),
+                              metadata=server.metadata).hits
+    target = text[-1].tile_id                                  # the tile least like the words
+    like = server.stub.Search(p.SearchRequest(like_tile_id=target, k=n, raster_ids=[result.raster_id]),
+                              metadata=server.metadata)
+    assert like.hits[0].tile_id == target and like.hits[0].score == pytest.approx(1.0, abs=1e-3)
+    assert len(like.hits) == n and list(like.unfamiliar_words) == []
+    assert [h.tile_id for h in like.hits] != [h.tile_id for h in text]
+    info = server.stub.GetInfo(p.GetInfoRequest(), metadata=server.metadata)
+    assert "like_tile" in info.capabilities
+    code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="fields", like_tile_id=target),
+                                                       metadata=server.metadata))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not both" in details
+    code, details = code_of(lambda: server.stub.Search(p.SearchRequest(like_tile_id=10 ** 9), metadata=server.metadata))
+    assert code == grpc.StatusCode.NOT_FOUND and f"tile {10 ** 9} is not in the tile index" in details
+    out = client(server, "search", "--json", "--k", str(n), "--raster-id", result.raster_id, "--like-tile", str(target))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["like_tile_id"] == target and [r["tile_id"] for r in data["results"]] == [h.tile_id for h in like.hits]
+    out = client(server, "search", "--like-tile", str(target), "green fields")
+    assert out.returncode != 0 and "not both" in out.stderr and "Traceback" not in out.stderr
+    out = client(server, "search")
+    assert out.returncode != 0 and "give what to look for" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
     out = subprocess.run([sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--checkpoint",
                           str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
