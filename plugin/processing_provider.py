@@ -137,10 +137,12 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 "scores. Restrict the search to some layers with Layers (they must be indexed). The advanced "
                 "Query expansion searches twice, the second time for the query moved toward its N best "
                 "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
-                "Query words the model rarely or never saw in training are named in a warning.")
+                "Query words the model rarely or never saw in training are named in a warning. The advanced "
+                "Like tile searches for tiles that look like one tile (a tile_id of an earlier result) "
+                "instead of a query; leave Query empty then.")
 
     def initAlgorithm(self, config=None):
-        self.addParameter(QgsProcessingParameterString("QUERY", "Query"))
+        self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))
         self.addParameter(QgsProcessingParameterNumber("K", "Number of tiles", defaultValue=20, minValue=1,
                                                        maxValue=1000))
         self.addParameter(QgsProcessingParameterMultipleLayers("LAYERS", "Only in these layers",
@@ -150,13 +152,20 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                                               defaultValue=-1, minValue=-1)
         expand.setFlags(expand.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(expand)
+        like = QgsProcessingParameterNumber("LIKE_TILE", "Tiles like this tile id instead of a query (-1 = none)",
+                                            QgsProcessingParameterNumber.Integer, defaultValue=-1, minValue=-1)
+        like.setFlags(like.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(like)
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Matching tiles",
                                                             QgsProcessing.TypeVectorPolygon))
 
     def processAlgorithm(self, parameters, context, feedback):
         query = self.parameterAsString(parameters, "QUERY", context).strip()
-        if not query:
+        like = self.parameterAsInt(parameters, "LIKE_TILE", context)
+        if like >= 0 and query:
+            raise QgsProcessingException("give a query or Like tile, not both")
+        if like < 0 and not query:
             raise QgsProcessingException("the query is empty: type what to look for, e.g. 'parking lots'")
         k = self.parameterAsInt(parameters, "K", context)
         settings = self._settings(parameters, context)
@@ -170,6 +179,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
             if expand >= 0:
                 request.expand = expand
+            if like >= 0:
+                request.like_tile_id = like
             return conn.search(request)
 
         response = self._call(settings, run)
@@ -181,7 +192,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
         for f in results.search_features(hits, crs, names):
             sink.addFeature(f, QgsFeatureSink.FastInsert)
-        feedback.pushInfo(f"{len(hits)} tiles for {query!r}")
+        feedback.pushInfo(f"{len(hits)} tiles for {query!r}" if like < 0 else f"{len(hits)} tiles like tile {like}")
         if response and response.unfamiliar_words:
             feedback.pushWarning(operations.unfamiliar_note(response.unfamiliar_words))
         return {"OUTPUT": dest}

@@ -550,6 +550,15 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         processing.run("skyprompt:searchtiles", {"QUERY": "quarries", "K": 2, "LAYERS": [layer],
                                                  "OUTPUT": str(tmp_path / "q.gpkg")}, feedback=feedback)
         assert any("rarely or never saw 'quarries'" in w for w in feedback.seen), feedback.seen
+        # tiles like a tile: that tile first, with score 1
+        tile = next(found.getFeatures())["tile_id"]
+        like = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+            "LIKE_TILE": tile, "K": 3, "LAYERS": [layer], "OUTPUT": str(tmp_path / "like.gpkg")})["OUTPUT"])
+        best = next(like.getFeatures())
+        assert best["tile_id"] == tile and best["score"] == pytest.approx(1.0, abs=1e-3)
+        with pytest.raises(QgsProcessingException, match="not both"):
+            processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LIKE_TILE": tile,
+                                                     "OUTPUT": str(tmp_path / "z.gpkg")})
         with pytest.raises(QgsProcessingException, match="expand 5000"):
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [layer], "EXPAND": 5000,
                                                      "OUTPUT": str(tmp_path / "y.gpkg")})
@@ -574,7 +583,7 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
                                                           "EDGE_RADIUS": 5000, "OUTPUT": str(tmp_path / "e.gpkg")})
         # the traceback pytest keeps from raises() holds this frame: layers alive in it would be
         # destroyed after QGIS's exit, which crashes Python's teardown
-        del found, expanded, result
+        del found, expanded, like, best, result
         with pytest.raises(QgsProcessingException, match="no SkyPrompt backend answers"):
             from backend.server import free_port
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": f"127.0.0.1:{free_port()}",
