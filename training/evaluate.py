@@ -4,6 +4,7 @@
     python -m training.evaluate zero-shot --checkpoint DIR --data FOLDER --classnames FILE.json --json
     python -m training.evaluate caption   --checkpoint DIR --manifest FILE.jsonl --json
     python -m training.evaluate segmentation --checkpoint DIR --data FOLDER --classnames FILE.json --seed N --json
+    python -m training.evaluate probe     --checkpoint DIR --data FOLDER --classnames FILE.json --files VAL.txt --json
 
 The metric definitions (tie rule, class-oracle reference, BLEU/CIDEr) are in `training.metrics`.
 The training loop validates with `evaluate_retrieval` and `evaluate_zero_shot` from this module.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +32,7 @@ from backend.model.checkpoint import CheckpointError, load_checkpoint
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 
 from . import metrics as M
+from . import probe as P
 from .augment import eval_transform
 from .data import CLASSNAMES_DIR, DataError, manifest_records, read_classnames_file
 from .templates import ZERO_SHOT_TEMPLATES
@@ -399,6 +402,66 @@ def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=N
     return out
 
 
+def _sample_per_class(records: Sequence, per_class: int | None, seed: int) -> list:
+    by_class: dict[str, list] = {}
+    for r in records:
+        by_class.setdefault(r.class_name, []).append(r)
+    out = []
+    for cls, items in by_class.items():
+        if per_class is not None and len(items) > per_class:
+            items = random.Random(f"{seed}:{cls}").sample(items, per_class)
+        out += items
+    return out
+
+
+def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequence, classnames, device=None,
+                   batch_size: int = 64, train_per_class: int | None = 100, k: int = 10, seed: int = 0,
+                   templates: Sequence[str] = ZERO_SHOT_TEMPLATES, progress: bool = False, views: int = 1) -> dict:
+    """Zero-shot beside image-only classifiers (class centroids, k nearest neighbours, a linear probe;
+    see `training.probe`) learnt from the labelled images of `folder_records` that are not held out
+    (at most `train_per_class` of each class, seeded), all scored on `held_out`; and each class's
+    top-10 precision when the held-out images are ranked by its prompt ensemble or by its centroid.
+    Top-1 in percent, precision in [0, 1]."""
+    names = load_classnames(classnames)
+    keys = list(names)
+    index = {c: i for i, c in enumerate(keys)}
+    held_y = np.array([index[_class_key(r, names)] for r in held_out])
+    held_paths = {str(Path(r.image).resolve()) for r in held_out}
+    pool = [r for r in folder_records if str(Path(r.image).resolve()) not in held_paths]
+    train = _sample_per_class(pool, train_per_class, seed)
+    train_y = np.array([index[_class_key(r, names)] for r in train])
+    missing = [c for i, c in enumerate(keys) if i in set(held_y.tolist()) and not (train_y == i).any()]
+    if missing:
+        raise EvalError(f"class {missing[0]!r} has held-out images but no other image in the folder to learn it "
+                        f"from; a probe needs training images of every class it scores")
+    held_emb = encode_images(model, [str(r.image) for r in held_out], device, batch_size, progress, views)
+    train_emb = encode_images(model, [str(r.image) for r in train], device, batch_size, progress, views)
+    text = class_text_embeddings(model, tokenizer, names, templates, device, max(batch_size, 128), progress)
+    # classes with no training image cannot be learnt; they stay out of the image-only classifiers
+    learnt = sorted(set(train_y.tolist()))
+    remap = {c: j for j, c in enumerate(learnt)}
+    ty = np.array([remap[c] for c in train_y])
+    hy = np.array([remap[c] for c in held_y])
+    centroids = P.class_centroids(train_emb, ty, len(learnt))
+    logits, l2 = P.linear_probe(train_emb, ty, held_emb, len(learnt), seed=seed)
+    text_search = P.class_search_precision(text, held_emb, held_y)
+    centroid_search = P.class_search_precision(centroids, held_emb, hy)
+    return {
+        "n_images": len(held_out), "n_train": len(train), "classes": keys, "k": k, "views": views,
+        "zero_shot_top1": P.top1(held_emb @ text.T, held_y),
+        "zero_shot_train_top1": P.top1(train_emb @ text.T, train_y),
+        "centroid_top1": P.top1(held_emb @ centroids.T, hy),
+        "knn_top1": P.top1(P.knn_scores(train_emb, ty, held_emb, len(learnt), k), hy),
+        "linear_probe_top1": P.top1(logits, hy),
+        "linear_probe_l2": l2,
+        "text_search_p10": text_search["mean"],
+        "centroid_search_p10": centroid_search["mean"],
+        "per_class_search_p10": {keys[c]: {"text": text_search["per_class"][c],
+                                           "centroid": centroid_search["per_class"][remap[c]] if c in remap else None}
+                                 for c in range(len(keys))},
+    }
+
+
 def generate_captions(model, tokenizer, paths: Sequence[str], device=None, batch_size: int = 32,
                       beam_size: int = 1, max_len: int = 24, progress: bool = False) -> list[str]:
     """One generated caption per image file."""
@@ -444,6 +507,8 @@ examples:
       --classnames training/classnames/rsscn7.json --files val.txt
   python -m training.evaluate zero-shot --checkpoint CKPT --data ../shared/data/ucm --classnames ucm
   python -m training.evaluate caption --checkpoint CKPT --manifest val.jsonl --beam-size 3
+  python -m training.evaluate probe --checkpoint CKPT --data ../shared/data/aid --classnames aid \
+      --files runs/default/val/aid.txt
 
 Recall and accuracy are in percent. Tied retrieval scores (identical captions) count as the average
 of a random tie-break, computed exactly (--ties pessimistic: as misses); a class tied with the true
@@ -478,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a SkyPrompt checkpoint: text<->image retrieval recall, zero-shot scene "
                     "classification with class-name prompts, or caption quality (BLEU-4, CIDEr-D).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption,segmentation}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption,segmentation,probe}")
 
     r = sub.add_parser(
         "retrieval", help="image->text and text->image recall@1/5/10 and mean recall (mR)",
@@ -593,6 +658,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Segment embeds each prompt as typed instead of averaging it over the zero-shot "
                         "templates, as the backend does by default (--end-to-end and --raster)")
     g.add_argument("--keep", metavar="DIR", help="write the mosaics (GeoTIFF, mask, class polygons) into DIR")
+
+    b = sub.add_parser(
+        "probe", help="zero-shot beside image-only classifiers: is the text or the image side the bound?",
+        description="Scores held-out images (--files of FOLDER, or a --manifest with classes) four ways: zero-shot "
+                    "with class-name prompts, and three classifiers that use no text, learnt from the labelled "
+                    "images of FOLDER that are not held out (for a checkpoint's own recipe split: the images it "
+                    "trained on): nearest class centroid, k nearest neighbours, and a linear probe (logistic "
+                    "regression, L2 weight picked on a fifth of those images). When zero-shot is about as good "
+                    "as the three, its errors are in the image embeddings, and better prompts or a better text "
+                    "tower cannot lift it far. Also each class's top-10 precision when the held-out images are "
+                    "ranked by its prompt ensemble or by its centroid, the search benchmark's measure.")
+    _common(b, 64)
+    b.add_argument("--data", required=True, metavar="FOLDER",
+                   help="folder of class folders (as for zero-shot); its images that are not held out train the "
+                        "image-only classifiers")
+    b.add_argument("--classnames", required=True, metavar="FILE.json",
+                   help="JSON object folder -> human name, or a bundled map (as for zero-shot)")
+    b.add_argument("--files", metavar="LISTFILE",
+                   help="the held-out images: one path a line, relative to FOLDER (e.g. runs/default/val/aid.txt)")
+    b.add_argument("--manifest", metavar="FILE.jsonl",
+                   help="instead of --files: the held-out images as a manifest whose lines have a \"class\" "
+                        "(e.g. runs/default/val/ucm.jsonl)")
+    b.add_argument("--train-per-class", type=int, default=100, metavar="N",
+                   help="learn each class from at most N of its other images, a seeded sample (0: all; "
+                        "default: %(default)s)")
+    b.add_argument("--k", type=int, default=10, metavar="K", help="neighbours of the kNN vote (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sample and of the L2 split (default: %(default)s)")
+    b.add_argument("--templates", default="default", metavar="default|single|FILE",
+                   help="class prompt templates, as for zero-shot (default: %(default)s)")
+    _views_option(b)
     return p
 
 
@@ -666,6 +761,28 @@ def _print_zero_shot(r: dict) -> None:
     print("    " + "".join(f"{j:>{cell}}" for j in range(len(cm))))
     for i, row in enumerate(cm):
         print(f"{i:3d} " + "".join(f"{v:>{cell}}" for v in row))
+
+
+def _print_probe(r: dict) -> None:
+    print(f"probe: {r['n_images']} held-out images, {len(r['classes'])} classes; image-only classifiers learnt "
+          f"from {r['n_train']} other images{_views_note(r)}")
+    rows = (("zero-shot (class-name prompts)", r["zero_shot_top1"]),
+            ("nearest class centroid", r["centroid_top1"]),
+            (f"{r['k']} nearest neighbours", r["knn_top1"]),
+            (f"linear probe (L2 {r['linear_probe_l2']:g})", r["linear_probe_top1"]))
+    print(f"{'top-1 %':>40}")
+    for label, v in rows:
+        print(f"{label:33}{v:7.1f}")
+    print(f"zero-shot on the training images themselves: {r['zero_shot_train_top1']:.1f}%")
+    best = max(v for _, v in rows[1:])
+    if r["zero_shot_top1"] >= best - 2.0:
+        print(f"-> zero-shot is within 2 points of the best image-only classifier ({best:.1f}%): the image "
+              "embeddings, not the prompts, bound it")
+    else:
+        print(f"-> an image-only classifier does {best - r['zero_shot_top1']:.1f} points better: the class "
+              "prompts' embeddings leave accuracy behind")
+    print(f"\nclass search, mean precision of each class's top 10: prompts {r['text_search_p10']:.3f}, "
+          f"centroids {r['centroid_search_p10']:.3f}")
 
 
 def _print_caption(r: dict) -> None:
@@ -832,7 +949,22 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     progress = not args.quiet
     # inputs first: a bad path fails before a model is loaded
-    if args.command == "zero-shot":
+    if args.command == "probe":
+        names = load_classnames(args.classnames)
+        templates = _templates(args.templates)
+        if (args.files is None) == (args.manifest is None):
+            raise EvalError("give the held-out images as --files LISTFILE (of --data) or as --manifest FILE "
+                            "(one of the two); the folder's other images train the image-only classifiers")
+        if args.train_per_class < 0 or args.k < 1:
+            raise EvalError("--train-per-class must be 0 or more (0: all) and --k at least 1")
+        folder = scan_folder(args.data, names)
+        if args.files is not None:
+            records = scan_folder(args.data, names, files=args.files)
+        else:
+            records = read_manifest(args.manifest)
+            for r in records:
+                _class_key(r, names)
+    elif args.command == "zero-shot":
         names = load_classnames(args.classnames)
         templates = _templates(args.templates)
         if (args.data is None) == (args.manifest is None):
@@ -855,6 +987,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,
                                  rerank=args.rerank, rerank_weight=args.rerank_weight, views=args.views)
+    elif args.command == "probe":
+        out = evaluate_probe(model, tokenizer, records, folder, names, device, args.batch_size,
+                             train_per_class=args.train_per_class or None, k=args.k, seed=args.seed,
+                             templates=templates, progress=progress, views=args.views)
     elif args.command == "zero-shot":
         out = evaluate_zero_shot(model, tokenizer, records, names, device, args.batch_size, templates=templates,
                                  limit_per_class=args.limit_per_class if args.manifest else None,
@@ -882,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption,
-         "segmentation": _print_segmentation}[args.command](result)
+         "segmentation": _print_segmentation, "probe": _print_probe}[args.command](result)
     return 0
 
 
