@@ -173,6 +173,29 @@ def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_mod
     assert r.returncode == 2 and "multiple of patch_size" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, tokenizer):
+    """Locked-image tuning: image tower and attention pool come out bit for bit as they went in, so
+    every image embedding is unchanged; the text decoder and the temperature learn."""
+    from backend.model.checkpoint import save_checkpoint
+
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
+    r = _run(_args(folder, tmp_path / "run", 3, "--init-checkpoint", str(init), "--freeze-image", "--class-aware"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, _ = load_checkpoint(init)
+    after, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000003")
+    b, a = before.state_dict(), after.state_dict()
+    image = [k for k in b if k.startswith(("visual.", "attn_pool."))]
+    text = [k for k in b if k.startswith("text.")]
+    assert image and text
+    assert all(torch.equal(b[k], a[k]) for k in image)
+    assert sum(not torch.equal(b[k], a[k]) for k in text) > len(text) // 2
+    assert not torch.equal(b["logit_scale"], a["logit_scale"])
+    # a random image tower would stay random: refused before anything runs
+    r = _run(_args(folder, tmp_path / "bad", 1, "--freeze-image"))
+    assert r.returncode == 2 and "--freeze-image keeps the image tower of --init-checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_bad_arguments_give_clear_errors(folder, tmp_path):
     r = _run(["--folder", str(folder), "--out", str(tmp_path / "x")])
     assert r.returncode == 2 and "one --classnames per --folder" in r.stderr

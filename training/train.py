@@ -66,6 +66,7 @@ class TrainConfig:
     class_aware: bool = False                # same-class in-batch pairs are positives (UniCL)
     augment: str = "overhead"                # image augmentation: overhead | none (training.augment)
     template_mix: float = 0.0                # P(caption -> one of its class's templates)
+    freeze_image: bool = False               # locked-image tuning: only the text decoder and temperature learn
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -133,6 +134,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def freeze_image_tower(model: torch.nn.Module) -> None:
+    """Locked-image tuning: the ViT and its attention pool stop learning, so every image embedding
+    (and SAO's dense path) stays what the starting checkpoint computes; the text decoder (both
+    passes) and the temperature go on learning. No gradient flows into the image tower, so a step
+    also costs less."""
+    for part in (model.visual, model.attn_pool):
+        for p in part.parameters():
+            p.requires_grad_(False)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -389,6 +400,8 @@ def train(cfg: TrainConfig) -> dict:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
 
     model.to(device).train()
+    if cfg.freeze_image:
+        freeze_image_tower(model)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     loss_fn = MaMMUTLoss(
@@ -633,6 +646,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     opt.add_argument("--template-mix", type=float, default=d.template_mix, metavar="P",
                      help="caption dropout: with probability P an image of a known class is captioned with one "
                           "of its class templates instead of its own caption (default %(default)s)")
+    opt.add_argument("--freeze-image", action="store_true",
+                     help="locked-image tuning from --init-checkpoint: the image tower and its attention pool stay "
+                          "as they are (image embeddings unchanged), only the text decoder and the temperature "
+                          "learn; cheaper steps, for teaching the text side new wording")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
@@ -658,6 +675,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(str(e))
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
+    if a.freeze_image and not a.init_checkpoint:
+        p.error("--freeze-image keeps the image tower of --init-checkpoint: give one (a random tower would stay random)")
     if not 0.0 <= a.template_mix <= 1.0:
         p.error(f"--template-mix is a probability: give a value in [0, 1], not {a.template_mix}")
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
