@@ -13,7 +13,9 @@ not train on):
      (each averaged over phrasings like "an aerial photo of QUERY."); the same queries embedded as
      typed (`raw_query`) are the peer in the same run, and so are the default queries with query
      expansion from their 3 best tiles (`SearchRequest.expand` 3), and the mosaic indexed again with
-     each tile's four rotations averaged (`IndexRasterRequest.views` 4), with both index times.
+     each tile's four rotations averaged (`IndexRasterRequest.views` 4), with both index times; and
+     the class map's own names as queries ("storage tanks", "mobile home park"): the gap between
+     those and the worded queries is what wording costs, since the images are the same.
 Target: mean precision@10 >= 0.7. Needs ../shared/data; uses the bundled checkpoint (or --checkpoint).
 """
 from __future__ import annotations
@@ -95,7 +97,15 @@ def average_precision(relevant: list[bool], total_relevant: int) -> float:
     return score / total_relevant if total_relevant else 0.0
 
 
-def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path, views: int = VIEWS_PEER) -> dict:
+def class_name_queries(set_name: str) -> dict[str, str]:
+    """{class key: the first human name of the set's bundled class map}."""
+    from training.evaluate import load_classnames
+
+    return {k: v[0] for k, v in load_classnames(set_name).items()}
+
+
+def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path, views: int = VIEWS_PEER,
+                 class_queries: dict | None = None) -> dict:
     mosaic, classes = build_mosaic(records, work / f"{name}_mosaic.tif")
     # tiles resampled so that one model input covers one chip, whatever the model's input size
     tile = stub.GetInfo(pb.GetInfoRequest()).image_size
@@ -115,6 +125,8 @@ def evaluate_set(stub, pb, name: str, records: list, queries: dict, work: Path, 
            "raw_query": search_precision(stub, pb, queries, classes, done.raster_id, n_tiles, raw_query=True),
            "expanded": {"expand": EXPAND_PEER, **search_precision(stub, pb, queries, classes, done.raster_id, n_tiles,
                                                                   raw_query=False, expand=EXPAND_PEER)}}
+    if class_queries:
+        out["class_names"] = search_precision(stub, pb, class_queries, classes, done.raster_id, n_tiles, raw_query=False)
     if views > 1:   # the same mosaic indexed with several views per tile (IndexRasterRequest.views)
         done, seconds = index(views)
         out["views"] = {"views": views, "index_seconds": seconds,
@@ -159,14 +171,16 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
     try:
         for name in sets or [n for n in ("rsscn7", "ucm", "aid") if n in val]:
             t = time.perf_counter()
-            results["sets"][name] = evaluate_set(server.stub, pb, name, val[name], queries[name], work)
+            results["sets"][name] = evaluate_set(server.stub, pb, name, val[name], queries[name], work,
+                                                 class_queries=class_name_queries(name))
             results["sets"][name]["seconds"] = time.perf_counter() - t
             r = results["sets"][name]
             echo(f"{name}: {r['images']} images, mean P@10 {r['mean_p_at_10']:.3f}, mAP {r['map']:.3f} "
                  f"(query as typed: {r['raw_query']['mean_p_at_10']:.3f}, {r['raw_query']['map']:.3f}; "
                  f"expanded from {r['expanded']['expand']} tiles: {r['expanded']['mean_p_at_10']:.3f}, "
                  f"{r['expanded']['map']:.3f}; "
-                 f"{r['views']['views']} views: {r['views']['mean_p_at_10']:.3f}, {r['views']['map']:.3f})")
+                 f"{r['views']['views']} views: {r['views']['mean_p_at_10']:.3f}, {r['views']['map']:.3f}; "
+                 f"class names as queries: {r['class_names']['mean_p_at_10']:.3f}, {r['class_names']['map']:.3f})")
     finally:
         server.stop()
     overall = [r["mean_p_at_10"] for r in results["sets"].values()]
@@ -184,16 +198,19 @@ def _ratio(a: float, b: float) -> str:
 def report(results: dict) -> str:
     lines = ["| set | images | classes | mean P@10 | mAP | query as typed: P@10 | mAP | P@10 ratio "
              "| expanded from N tiles: P@10 | mAP | P@10 ratio "
-             "| N views per tile: P@10 | mAP | P@10 ratio | index time ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| N views per tile: P@10 | mAP | P@10 ratio | index time ratio "
+             "| class names as queries: P@10 | mAP | P@10 ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["sets"].items():
-        raw, x, v = r["raw_query"], r.get("expanded"), r.get("views")
+        raw, x, v, c = r["raw_query"], r.get("expanded"), r.get("views"), r.get("class_names")
         row = (f"| {name} | {r['images']} | {r['classes']} | {r['mean_p_at_10']:.3f} | {r['map']:.3f} | "
                f"{raw['mean_p_at_10']:.3f} | {raw['map']:.3f} | {_ratio(r['mean_p_at_10'], raw['mean_p_at_10'])} |")
         row += (f" {x['expand']}: {x['mean_p_at_10']:.3f} | {x['map']:.3f} | {_ratio(x['mean_p_at_10'], r['mean_p_at_10'])} |"
                 if x else " - | - | - |")
         row += (f" {v['views']}: {v['mean_p_at_10']:.3f} | {v['map']:.3f} | {_ratio(v['mean_p_at_10'], r['mean_p_at_10'])} "
                 f"| {_ratio(v['index_seconds'], r['index_seconds'])} |" if v else " - | - | - | - |")
+        row += (f" {c['mean_p_at_10']:.3f} | {c['map']:.3f} | {_ratio(c['mean_p_at_10'], r['mean_p_at_10'])} |"
+                if c else " - | - | - |")
         lines.append(row)
     lines.append("")
     for name, r in results["sets"].items():

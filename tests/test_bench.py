@@ -155,7 +155,7 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     server = _Server(ckpt, tmp_path / "data", tmp_path)
     try:
         result = sq.evaluate_set(server.stub, pb, "toy", records, {"red": "red roofs", "blue": "blue water"},
-                                 tmp_path)
+                                 tmp_path, class_queries={"red": "red", "green": "green", "blue": "blue"})
     finally:
         server.stop()
     assert result["images"] == 12 and result["classes"] == 2
@@ -174,7 +174,15 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     expanded = result["expanded"]
     assert expanded["expand"] == sq.EXPAND_PEER == 3 and set(expanded["per_class"]) == {"red", "blue"}
     assert 0.0 <= expanded["mean_p_at_10"] <= 1.0
+    # and the class names as queries, every class of the mosaic
+    assert set(result["class_names"]["per_class"]) == {"red", "green", "blue"}
+    assert result["class_names"]["per_class"]["green"]["query"] == "green"
+    # the bundled maps name every class the benchmark's worded queries do
+    for name in ("rsscn7", "ucm", "aid"):
+        assert set(sq.class_name_queries(name)) == set(json.loads(sq.QUERIES.read_text())[name])
+    assert sq.class_name_queries("ucm")["storagetanks"] == "storage tanks"
     text = sq.report({"sets": {"toy": result}, "targets": []})
+    assert "class names as queries" in text
     assert "query as typed" in text and "N views per tile" in text and "| 4: " in text
     assert "expanded from N tiles" in text and "| 3: " in text
 
