@@ -27,6 +27,11 @@ def test_centroids_are_the_renormalised_class_means():
     assert P.top1(TEST @ c.T, [1]) == 100.0
 
 
+def test_top1_counts_a_tie_with_another_class_as_a_miss():
+    # the package's one accuracy rule (training.metrics.zero_shot_metrics), not argmax's first index
+    assert P.top1(torch.tensor([[0.5, 0.5], [0.2, 0.9]]), [0, 1]) == 50.0
+
+
 def test_a_class_with_no_training_image_is_named():
     with pytest.raises(ValueError, match=r"classes \[2\] have no training images"):
         P.class_centroids(TRAIN, TRAIN_Y, 3)

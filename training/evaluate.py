@@ -430,7 +430,8 @@ def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequenc
     pool = [r for r in folder_records if str(Path(r.image).resolve()) not in held_paths]
     train = _sample_per_class(pool, train_per_class, seed)
     train_y = np.array([index[_class_key(r, names)] for r in train])
-    missing = [c for i, c in enumerate(keys) if i in set(held_y.tolist()) and not (train_y == i).any()]
+    held_classes = set(held_y.tolist())
+    missing = [c for i, c in enumerate(keys) if i in held_classes and not (train_y == i).any()]
     if missing:
         raise EvalError(f"class {missing[0]!r} has held-out images but no other image in the folder to learn it "
                         f"from; a probe needs training images of every class it scores")
@@ -938,6 +939,14 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         engine.stop()
 
 
+def _manifest_with_classes(path, names: Mapping) -> list:
+    """A manifest's records, each checked to have a class of the map (before a model is loaded)."""
+    records = read_manifest(path)
+    for r in records:
+        _class_key(r, names)
+    return records
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.command == "segmentation":
         return run_segmentation(args, not args.quiet)
@@ -949,9 +958,10 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     progress = not args.quiet
     # inputs first: a bad path fails before a model is loaded
-    if args.command == "probe":
+    if args.command in ("probe", "zero-shot"):
         names = load_classnames(args.classnames)
         templates = _templates(args.templates)
+    if args.command == "probe":
         if (args.files is None) == (args.manifest is None):
             raise EvalError("give the held-out images as --files LISTFILE (of --data) or as --manifest FILE "
                             "(one of the two); the folder's other images train the image-only classifiers")
@@ -961,12 +971,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.files is not None:
             records = scan_folder(args.data, names, files=args.files)
         else:
-            records = read_manifest(args.manifest)
-            for r in records:
-                _class_key(r, names)
+            records = _manifest_with_classes(args.manifest, names)
     elif args.command == "zero-shot":
-        names = load_classnames(args.classnames)
-        templates = _templates(args.templates)
         if (args.data is None) == (args.manifest is None):
             raise EvalError("give the images as --data FOLDER or as --manifest FILE (one of the two)")
         if args.data is not None:
@@ -974,9 +980,7 @@ def run(args: argparse.Namespace) -> dict:
         elif args.files is not None:
             raise EvalError("--files selects images of a --data folder; a --manifest already lists its images")
         else:
-            records = read_manifest(args.manifest)
-            for r in records:
-                _class_key(r, names)  # every image needs a class of the map: fail before loading the model
+            records = _manifest_with_classes(args.manifest, names)
     else:
         records = read_manifest(args.manifest, limit=args.limit)
     ckpt = Path(args.checkpoint)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import zero_shot_metrics
+
 L2_GRID: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
@@ -116,9 +118,9 @@ def linear_probe(train_emb: torch.Tensor, train_y, test_emb: torch.Tensor, n_cla
 
 
 def top1(scores: torch.Tensor, labels) -> float:
-    """Percent of rows whose highest score is at the true class."""
-    hits = scores.argmax(1).numpy() == np.asarray(labels)
-    return 100.0 * float(hits.mean())
+    """Percent of rows whose true class scores highest; a tie with another class is a miss, the rule
+    of every accuracy this package reports (`training.metrics.zero_shot_metrics`)."""
+    return zero_shot_metrics(scores, labels)["top1"]
 
 
 def class_search_precision(class_emb: torch.Tensor, test_emb: torch.Tensor, test_y, k: int = 10) -> dict:
