@@ -73,6 +73,47 @@ def test_failed_save_keeps_the_old_checkpoint(saved, tiny_model, tokenizer, monk
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
 
 
+def test_save_refuses_a_target_that_is_not_a_checkpoint(tmp_path, tiny_model, tokenizer, capsys):
+    """Saving replaces the whole folder: a mistyped output path must not delete a user's files."""
+    from training.export import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scene.tif").write_bytes(b"precious")
+    with pytest.raises(CheckpointError, match="not a SkyPrompt checkpoint .*scene.tif"):
+        save_checkpoint(tiny_model, tokenizer, data)
+    assert (data / "scene.tif").read_bytes() == b"precious"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        save_checkpoint(tiny_model, tokenizer, notes)
+    assert notes.read_text() == "keep me"
+    # the export command: one clear line, exit 2, the folder untouched and no temporary folder left
+    src = save_checkpoint(tiny_model, tokenizer, tmp_path / "src")
+    assert main([str(src), str(data)]) == 2
+    assert "not a SkyPrompt checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["scene.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt", "src"]
+    # an empty folder is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(src), str(empty)]) == 0 and load_checkpoint(empty)
+
+
+def test_train_refuses_a_bad_export_target_before_training(tmp_path, capsys):
+    from training.train import main as train_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--folder", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "out"),
+                    "--export-fp16", str(run)])
+    assert exit_info.value.code == 2
+    assert "--export-fp16" in capsys.readouterr().err and (run / "metrics.jsonl").exists()
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
 def test_missing_file_is_named(saved, name):
     (saved / name).unlink()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from backend.defaults import DEFAULT_SAO_WINDOW
 from backend.model import MaMMUTLoss
-from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.checkpoint import CheckpointError, check_checkpoint_target, load_checkpoint, save_checkpoint
 from backend.model.precision import autocast_context
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 from backend.segment import relevance_map
@@ -476,8 +476,10 @@ def main(argv=None) -> int:
         print(f"python -m training.refine: error: recipe {cfg.recipe} does not exist", file=sys.stderr)
         return 2
     try:
+        if cfg.export_fp16:   # checked now, not after the rounds
+            check_checkpoint_target(Path(cfg.export_fp16))
         refine(cfg)
-    except recipes.RecipeError as e:
+    except (recipes.RecipeError, CheckpointError) as e:
         print(f"python -m training.refine: error: {e}", file=sys.stderr)
         return 2
     return 0

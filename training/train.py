@@ -30,13 +30,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
-from backend.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.checkpoint import CheckpointError, check_checkpoint_target, load_checkpoint, save_checkpoint
 from backend.model.config import ConfigError
 from backend.model.precision import autocast_context
-from backend.model.tokenizer import Tokenizer, train_tokenizer
+from backend.model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import recipe as recipes
+from .data import DataError
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 
@@ -271,8 +272,16 @@ def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: i
         epoch = start_step
         while True:
             dataset.set_epoch(epoch)
-            yield from DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
-                                  drop_last=True, pin_memory=pin_memory)
+            batches = 0
+            for batch in DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
+                                    drop_last=True, pin_memory=pin_memory):
+                batches += 1
+                yield batch
+            if batches == 0:
+                # else the next pass gives nothing either, and training waits forever
+                raise DataError(f"a whole pass over the shards gave no batch of {per_rank} samples: the shards hold "
+                                "fewer usable samples than that (see the warnings above); check them or lower "
+                                "--batch-size")
             epoch += 1
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, rank, world, cfg.seed, start_step)
     yield from DataLoader(EpochItems(dataset), batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
@@ -679,6 +688,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error("--freeze-image keeps the image tower of --init-checkpoint: give one (a random tower would stay random)")
     if not 0.0 <= a.template_mix <= 1.0:
         p.error(f"--template-mix is a probability: give a value in [0, 1], not {a.template_mix}")
+    if a.export_fp16:
+        try:   # checked now, not after hours of training
+            check_checkpoint_target(Path(a.export_fp16))
+        except CheckpointError as e:
+            p.error(f"--export-fp16: {e}")
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     return TrainConfig(**kw, sources=sources)
 
@@ -687,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (CheckpointError, recipes.RecipeError, ConfigError) as e:
+    except (CheckpointError, recipes.RecipeError, ConfigError, DataError, TokenizerError, VocabularyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

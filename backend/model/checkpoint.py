@@ -41,7 +41,12 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
     that must appear together with the weights or not at all.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    check_checkpoint_target(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the folder {directory.parent} for the checkpoint: "
+                              f"{e.strerror or e}; pick a writable output path") from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     state = {}
@@ -87,6 +92,31 @@ def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def check_checkpoint_target(target: Path) -> None:
+    """Refuse to overwrite anything but an empty folder or an earlier checkpoint.
+
+    Saving replaces the whole target folder, so a mistyped output path (a data folder, a run
+    folder, a file) would otherwise be deleted without a word.
+    """
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"{target} exists and is not a folder; a checkpoint is a folder: "
+                              "pick a new output path")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    try:
+        meta = json.loads((target / CONFIG).read_text())
+        is_checkpoint = isinstance(meta, dict) and meta.get("format") == FORMAT
+    except (OSError, ValueError):
+        is_checkpoint = False
+    if not is_checkpoint:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CheckpointError(f"{target} already holds files that are not a SkyPrompt checkpoint ({shown}); "
+                              "saving would replace the whole folder: pick a new output path or remove it first")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
