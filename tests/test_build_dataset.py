@@ -238,7 +238,9 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
         src = SHARED / "ucm" / row["image"]
         dst = images / f"rs{i}{src.suffix}"
         shutil.copy(src, dst)
-        pairs.append({"image": f"images/{dst.name}", "text": row["captions"][0]})
+        # half the pairs carry all five captions as a list (the manifest format the trainer reads too)
+        pairs.append({"image": f"images/{dst.name}", **({"captions": row["captions"]} if i % 2 else
+                                                         {"text": row["captions"][0]})})
         truth[len(pairs)] = True
     photos = {"astronaut.png": "an astronaut in a white suit with a flag", "chelsea.png": "a cat looking at the camera",
               "coffee.png": "a cup of coffee on a saucer", "rocket.jpg": "a rocket on the launch pad",
@@ -289,9 +291,22 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
     shards = sorted(str(s) for s in (out / "shards").glob("*.tar"))
     samples = [s for s in WebDatasetShards(shards, transform=lambda im: im, seed=0, shuffle_buffer=1) if s]
     assert len(samples) == c["kept"]
+    listed = {n for n in kept if n in truth and truth[n] and (n - 1) % 2}      # pairs given a captions list
+    assert len(listed) >= 0.7 * sum(1 for n in positives if (n - 1) % 2)
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scored) == sum(report["image_score_histogram"]["counts"])
     assert all(0 <= s["image_score"] <= 1 and 0 <= s["text_score"] <= 1 for s in scored)
+
+
+def test_filter_bad_shards_give_one_clear_line(tmp_path):
+    (tmp_path / "notatar.tar").write_text("just text")
+    p = run("filter", "--shards", tmp_path / "web-*.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o1")
+    assert p.returncode == 2 and "no shard matches" in p.stderr and "Traceback" not in p.stderr
+    p = run("filter", "--shards", tmp_path / "web-{000..002}.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o2")
+    assert p.returncode == 2 and "3 of 3 shards are not files" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    p = run("filter", "--shards", tmp_path / "notatar.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o3")
+    assert p.returncode == 2 and "notatar.tar is not a readable tar file" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_ray_engine_resumes_a_half_done_run_and_writes_the_same_dataset(built, scene, vectors, tmp_path):

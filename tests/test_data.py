@@ -427,6 +427,18 @@ def test_expand_urls():
     assert expand_urls(["x{a,b}{1..2}.tar", "y.tar"]) == ["xa1.tar", "xa2.tar", "xb1.tar", "xb2.tar", "y.tar"]
 
 
+def test_shard_wildcards_expand_and_missing_shards_are_named(shards, tmp_path):
+    folder = Path(shards).parent
+    assert expand_urls(str(folder / "shard-*.tar")) == [str(folder / f"shard-{s:03d}.tar") for s in range(6)]
+    with pytest.raises(DataError, match=r"no shard matches .*nothing-\*\.tar"):
+        expand_urls(str(folder / "nothing-*.tar"))
+    with pytest.raises(DataError, match=r"2 of 8 shards are not files: .*shard-006\.tar.*shard-007\.tar"):
+        WebDatasetShards([str(folder / "shard-*.tar"), str(folder / "shard-{006..007}.tar")],
+                         eval_transform(SIZE, MEAN, STD))
+    ds = WebDatasetShards(str(folder / "shard-*.tar"), eval_transform(SIZE, MEAN, STD), shuffle_buffer=2)
+    assert len([item for item in ds if item is not None]) == 24
+
+
 def test_webdataset_covers_every_sample_once_across_ranks_and_workers(shards, monkeypatch):
     all_keys = {f"s{s}k{k}" for s in range(6) for k in range(4)}
 

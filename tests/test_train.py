@@ -206,6 +206,46 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
     assert r.returncode == 2 and "--template-mix is a probability" in r.stderr and "Traceback" not in r.stderr
 
 
+def _write_shards(folder: Path, dest: Path, per_shard: int) -> None:
+    """The folder's images as WebDataset shards (key.jpg + key.txt), `per_shard` samples each."""
+    import io
+    import tarfile
+
+    images = sorted(folder.glob("*/*.jpg"))
+    dest.mkdir()
+    for n in range(0, len(images), per_shard):
+        with tarfile.open(dest / f"part-{n // per_shard:03d}.tar", "w") as tar:
+            for path in images[n:n + per_shard]:
+                for name, payload in ((f"{path.stem}.jpg", path.read_bytes()),
+                                      (f"{path.stem}.txt", f"an aerial photo of {CLASSES[path.parent.name]}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_shards_run_with_a_wildcard_and_its_own_tokenizer(folder, tmp_path):
+    _write_shards(folder, tmp_path / "shards", per_shard=6)
+
+    def train(shards: str, out: str, batch: int = 4, timeout: int = 300):
+        return _run(["--shards", shards, "--out", str(tmp_path / out), "--batch-size", str(batch), "--preset", "tiny",
+                     "--vocab-size", "300", "--steps", "2", "--warmup-steps", "1", "--workers", "0",
+                     "--save-every", "2", "--device", "cpu", "--precision", "fp32", "--eval-every", "0"],
+                    timeout=timeout)
+
+    r = train(str(tmp_path / "shards" / "*.tar"), "run")
+    assert r.returncode == 0, r.stderr
+    assert "training a tokenizer on 3 captions" in r.stderr + r.stdout     # read from the shards' .txt members
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000002")[1].encode("green fields")
+    # a wildcard that matches nothing, a missing shard: one clear line, at once
+    r = train(str(tmp_path / "none" / "*.tar"), "a")
+    assert r.returncode == 2 and "no shard matches" in r.stderr and "Traceback" not in r.stderr
+    r = train(str(tmp_path / "shards" / "part-{000..009}.tar"), "b")
+    assert r.returncode == 2 and "6 of 10 shards are not files" in r.stderr and "Traceback" not in r.stderr
+    # fewer usable samples than one batch: an error, not a run that waits forever
+    r = train(str(tmp_path / "shards" / "*.tar"), "c", batch=64, timeout=120)
+    assert r.returncode == 2 and "gave no batch of 64 samples" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_fit_steps_to_budget_arithmetic():
     from training.train import fit_steps_to_budget
 

@@ -169,6 +169,15 @@ def web_filter(args) -> dict:
             raise LM.BuildError(f"--{name.replace('_', '-')} must be between 0 and 1")
     if not 0 <= args.dup_distance <= 7:
         raise LM.BuildError("--dup-distance must be 0..7")
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise LM.BuildError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.shards:
+        from .data import DataError, check_shards_exist, expand_urls
+        try:    # before the model loads: a typo in a path is reported at once
+            check_shards_exist(expand_urls(args.shards))
+        except DataError as e:
+            raise LM.BuildError(str(e)) from None
     if not Path(args.checkpoint).is_dir():
         raise LM.BuildError(f"checkpoint {args.checkpoint} does not exist")
     cfg = WF.FilterConfig(checkpoint=args.checkpoint, out=args.out, shards=args.shards, manifest=args.manifest,

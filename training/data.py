@@ -26,6 +26,7 @@ reach them.
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import math
@@ -717,13 +718,31 @@ class MixedDataset(Dataset):
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard paths from paths and brace patterns: "shards-{000..009}.tar", "{a,b}.tar"."""
+    """Shard paths from paths, brace patterns ("shards-{000..009}.tar", "{a,b}.tar") and shell
+    wildcards ("shards/*.tar", sorted). A wildcard that matches nothing is an error naming it."""
     if isinstance(urls, (str, os.PathLike)):
         urls = [urls]
     out: list[str] = []
     for url in urls:
-        out.extend(_expand_braces(os.fspath(url)))
+        for path in _expand_braces(os.fspath(url)):
+            if glob.has_magic(path):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise DataError(f"no shard matches {path}: check the folder and the pattern")
+                out.extend(matches)
+            else:
+                out.append(path)
     return out
+
+
+def check_shards_exist(paths: Sequence[str]) -> None:
+    """Refuse shard paths that are not files, all named at once (a missing shard otherwise shows only
+    as a warning per epoch while training waits for samples)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"{len(missing)} of {len(paths)} shards are not files: {shown}; "
+                        "check the paths (brace patterns {000..009} and wildcards * are expanded)")
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -777,6 +796,7 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise DataError("no shards given")
+        check_shards_exist(self.urls)
         self.transform = transform
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -853,14 +873,8 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
     def _assemble(self, shard: str, key: str, parts: dict[str, bytes]):
         where = f"{shard}:{key}"
         image = next((parts[e] for e in _SHARD_IMAGE_EXTS if e in parts), None)
-        captions: list[str] = []
         try:
-            if "txt" in parts:
-                captions = _nonblank(parts["txt"].decode("utf-8").splitlines())
-            elif "json" in parts:
-                meta = json.loads(parts["json"])
-                found = meta.get("captions", meta.get("caption", []))
-                captions = _nonblank([found] if isinstance(found, str) else found)
+            captions = _member_captions(parts)
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
             self._skip(where, e)
             return None
@@ -868,6 +882,45 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
             self._skip(where, DataError("no image" if image is None else "no caption"))
             return None
         return where, image, captions
+
+
+def _member_captions(parts: dict[str, bytes]) -> list[str]:
+    """A shard sample's captions: key.txt (one a line), else key.json's "captions" or "caption"."""
+    if "txt" in parts:
+        return _nonblank(parts["txt"].decode("utf-8").splitlines())
+    if "json" in parts:
+        meta = json.loads(parts["json"])
+        found = meta.get("captions", meta.get("caption", []))
+        return _nonblank([found] if isinstance(found, str) else found)
+    return []
+
+
+def shard_captions(urls: str | Sequence[str]) -> Iterator[str]:
+    """Every caption in the shards, read without decoding an image (tokenizer training). Members
+    that cannot be read are passed over here: the training reader reports them."""
+    for shard in expand_urls(urls):
+        key, parts = None, {}
+        try:
+            with tarfile.open(shard, mode="r|*") as tar:
+                for member in tar:
+                    k, ext = _split_key(member.name)
+                    if not member.isfile() or ext not in ("txt", "json"):
+                        continue
+                    if k != key and parts:
+                        yield from _safe_captions(parts)
+                        parts = {}
+                    key = k
+                    parts[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+        yield from _safe_captions(parts)
+
+
+def _safe_captions(parts: dict[str, bytes]) -> list[str]:
+    try:
+        return _member_captions(parts)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+        return []
 
 
 # --- batching ------------------------------------------------------------------------------------------

@@ -215,14 +215,15 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
 
 
 def caption_texts(train_sources: list[dict]):
-    """Every distinct caption of the map-style sources, in first-seen order (tokenizer training)."""
+    """Every distinct caption of the sources, in first-seen order (tokenizer training)."""
     seen: set[str] = set()
     for s in train_sources:
-        for r in s.get("records", []):
-            for c in r.captions:
-                if c not in seen:
-                    seen.add(c)
-                    yield c
+        texts = (D.shard_captions(s["urls"]) if s["kind"] == "shards"
+                 else (c for r in s.get("records", []) for c in r.captions))
+        for c in texts:
+            if c not in seen:
+                seen.add(c)
+                yield c
 
 
 def class_labels(source: dict) -> dict[str, int]:

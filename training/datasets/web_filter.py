@@ -104,21 +104,28 @@ def text_score(text: str, vocabulary: frozenset[str]) -> float:
 # ---- inputs --------------------------------------------------------------------------------------
 def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, bytes | None, str]]:
     """(key, image bytes or None when unreadable, text) from shards or a JSONL manifest
-    (lines {"image": path relative to the manifest, "text" or "caption": ...})."""
-    from training.data import expand_urls
+    (lines {"image": path relative to the manifest, "text", "caption" or "captions": ...}).
+    A pair's several captions are joined one a line, as the shard writer stores them."""
+    from training.data import check_shards_exist, expand_urls
 
-    for shard in expand_urls(shards) if shards else []:
+    paths = expand_urls(shards) if shards else []
+    check_shards_exist(paths)
+    for shard in paths:
         key, parts = None, {}
-        with tarfile.open(shard, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base, _, ext = member.name.rpartition(".")
-                if base != key and key is not None:
-                    yield _pair(shard, key, parts)
-                    parts = {}
-                key = base
-                parts[ext.lower()] = tar.extractfile(member).read()
+        try:
+            with tarfile.open(shard, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base, _, ext = member.name.rpartition(".")
+                    if base != key and key is not None:
+                        yield _pair(shard, key, parts)
+                        parts = {}
+                    key = base
+                    parts[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"shard {shard} is not a readable tar file ({e}); pairs kept before it are "
+                             "written, fix or drop this shard and run again") from None
         if key is not None:
             yield _pair(shard, key, parts)
     if manifest:
@@ -128,15 +135,23 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
                 continue
             try:
                 row = json.loads(line)
-                text = row.get("text", row.get("caption", ""))
+                text = caption_text(row)
                 path = folder / row["image"]
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                raise ValueError(f"{manifest} line {n}: {e}") from None
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise ValueError(f"{manifest} line {n}: {type(e).__name__}: {e}") from None
             try:
                 data = path.read_bytes()
             except OSError:
                 data = None
-            yield f"{Path(manifest).stem}-{n:07d}", data, str(text)
+            yield f"{Path(manifest).stem}-{n:07d}", data, text
+
+
+def caption_text(meta: dict) -> str:
+    """A pair's text from its "text", "caption" or "captions" (a list: one caption a line)."""
+    text = meta.get("text") or meta.get("caption") or meta.get("captions") or ""
+    if isinstance(text, list):
+        text = "\n".join(str(t).strip() for t in text if str(t).strip())
+    return str(text)
 
 
 def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
@@ -144,9 +159,8 @@ def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
     text = parts.get("txt", b"").decode("utf-8", "replace")
     if not text and "json" in parts:
         try:
-            meta = json.loads(parts["json"])
-            text = meta.get("text") or meta.get("caption") or ""
-        except json.JSONDecodeError:
+            text = caption_text(json.loads(parts["json"]))
+        except (json.JSONDecodeError, AttributeError):
             text = ""
     return f"{Path(shard).stem}-{key}", image, text
 
