@@ -67,7 +67,8 @@ def _filter_parser(sub) -> None:
     p.add_argument("--shards", action="append", default=[], metavar="PATTERN",
                    help="WebDataset shards (key.jpg/png + key.txt or key.json): paths, globs or {000..009} ranges")
     p.add_argument("--manifest", metavar="FILE.jsonl",
-                   help='pairs as JSON lines {"image": path relative to the file, "text": ...}')
+                   help='pairs as JSON lines {"image": path relative to the file, "text" or "caption": "...", or '
+                        '"captions": [...]}')
     p.add_argument("--checkpoint", default="backend/checkpoints/default", help="scoring model (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: shards/ and report.json")
     p.add_argument("--eval-folder", action="append", default=[], dest="eval_folders", metavar="DIR",
