@@ -204,6 +204,24 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
     assert r.returncode == 2 and "class-name map nonexistent_map does not exist" in r.stderr and "Traceback" not in r.stderr
     r = _run(_args(folder, tmp_path / "x", 1, "--template-mix", "1.5"))
     assert r.returncode == 2 and "--template-mix is a probability" in r.stderr and "Traceback" not in r.stderr
+    for flags, message in ((["--steps", "0"], "--steps must be at least 1"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1"),
+                           (["--save-every", "0"], "--save-every must be at least 1"),
+                           (["--workers", "-1"], "--workers must be at least 0"),
+                           (["--lr", "-1"], "give --lr > 0"),
+                           (["--device", "gpu"], "use auto, cpu or cuda[:N]")):
+        r = _run(_args(folder, tmp_path / "y", 1, *flags))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+    assert not (tmp_path / "y").exists()     # refused before anything is written
+    (tmp_path / "file").write_text("")
+    r = _run(_args(folder, tmp_path / "file", 1))
+    assert r.returncode == 2 and "is a file" in r.stderr
+    # a second run into a run directory: refused unless it resumes
+    done = tmp_path / "done"
+    (done / "checkpoints" / "step_0000003").mkdir(parents=True)
+    r = _run(_args(folder, done, 1))
+    assert r.returncode == 2 and "already holds a run (checkpoints up to step_0000003)" in r.stderr
+    assert "add --resume" in r.stderr
 
 
 def _write_shards(folder: Path, dest: Path, per_shard: int) -> None:

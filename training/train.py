@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -682,6 +683,25 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         sources = recipes.sources_from_args(a.recipe, a.folder, a.classnames, a.manifest, a.shards, a.val_per_class)
     except recipes.RecipeError as e:
         p.error(str(e))
+    for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1),
+                        ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0), ("vocab_size", 8)):
+        if getattr(a, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(a, name)}")
+    if not a.lr > 0 or a.min_lr < 0 or a.min_lr > a.lr:
+        p.error(f"learning rates: give --lr > 0 and 0 <= --min-lr <= --lr (got {a.lr} and {a.min_lr})")
+    if a.weight_decay < 0 or a.grad_clip < 0 or not 0 < a.beta2 < 1:
+        p.error("give --weight-decay >= 0, --grad-clip >= 0 (0: off) and 0 < --beta2 < 1")
+    device = a.device.strip().lower()
+    if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device)):
+        p.error(f"--device {a.device!r}: use auto, cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: this machine (or this torch build) has no CUDA GPU; use --device cpu or auto")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {a.out} is a file; the run directory must be a folder")
+    if not a.resume and checkpoint_dirs(out):
+        p.error(f"--out {a.out} already holds a run (checkpoints up to {checkpoint_dirs(out)[-1].name}): add --resume "
+                "to continue it, or give another --out (a new run there would mix the two)")
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
     if a.freeze_image and not a.init_checkpoint:
