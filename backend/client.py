@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -93,7 +94,17 @@ def cmd_info(stub, args) -> int:
 
 
 def cmd_index(stub, args) -> int:
-    results = []
+    results: list[dict] = []
+    try:
+        _index_each(stub, args, results)
+    finally:
+        # rasters indexed before a failure (or Ctrl-C) stay indexed: a script still gets their JSON
+        if args.json:
+            _print_json(results)
+    return 0
+
+
+def _index_each(stub, args, results: list[dict]) -> None:
     for path in args.rasters:
         request = pb.IndexRasterRequest(source=_source(path), force=args.force,
                                         target_resolution=args.resolution or 0.0)
@@ -126,9 +137,6 @@ def cmd_index(stub, args) -> int:
         if not args.json:
             print(f"{item['raster_name']}: {outcome}, {item['tile_count']} tiles "
                   f"({item['tiles_skipped']} skipped as empty), id {item['raster_id']}, {item['seconds']:.1f} s")
-    if args.json:
-        _print_json(results)
-    return 0
 
 
 def unfamiliar_words(words) -> list[dict]:
@@ -195,15 +203,25 @@ def cmd_search(stub, args) -> int:
     return 0
 
 
+POLYGON_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
+
+
+def check_polygon_output(path: str) -> str:
+    """The file's extension when write_polygons can write it, else ClientError (asked before the work)."""
+    ext = Path(path).suffix.lower()
+    if ext not in POLYGON_DRIVERS:
+        raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
+    if Path(path).is_dir():
+        raise ClientError(f"--output {path} is a folder; give a file name")
+    return ext
+
+
 def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
     """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
     CRS, written to a temporary file first and moved into place, so a failure leaves no half file."""
     from osgeo import ogr, osr
 
-    ext = Path(path).suffix.lower()
-    drivers = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
-    if ext not in drivers:
-        raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
+    ext = check_polygon_output(path)
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".skyprompt-", suffix=ext, dir=target.parent)
@@ -212,7 +230,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
     ogr.UseExceptions()
     written = 0
     try:
-        ds = ogr.GetDriverByName(drivers[ext]).CreateDataSource(tmp)
+        ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
         srs = None
         if results and results[0].crs.wkt:
             srs = osr.SpatialReference()
@@ -245,6 +263,11 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
 
 
 def cmd_segment(stub, args) -> int:
+    # outputs are checked before the server works, not after
+    if args.output:
+        check_polygon_output(args.output)
+    if args.relevance_map and not Path(args.relevance_map).resolve().parent.is_dir():
+        raise ClientError(f"--relevance-map {args.relevance_map}: its folder does not exist")
     request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=args.min_area,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
                                 target_resolution=args.resolution or 0.0, raw_prompts=args.raw_prompts)
@@ -299,6 +322,8 @@ def cmd_segment(stub, args) -> int:
 
 
 def cmd_caption(stub, args) -> int:
+    if args.max_len < 1 or args.beam < 1:
+        raise ClientError(f"--max-len {args.max_len} and --beam {args.beam} must be at least 1")
     request = pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len, beam_size=args.beam)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
@@ -396,7 +421,25 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--beam", type=int, default=3, help="beam width (default 3; 1 = greedy)")
 
 
+SERVER_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/]+):(\d{1,5})")
+
+
+def check_server_address(server: str) -> str | None:
+    """What is wrong with --server, or None: host:port with a port 1..65535 ([v6]:port; gRPC's own
+    target forms such as unix:PATH or dns:///host:port are passed on as they are)."""
+    if server.startswith(("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")):
+        return None
+    m = SERVER_ADDRESS.fullmatch(server.strip())
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        return f"--server {server!r}: give host:port with a port from 1 to 65535, e.g. 127.0.0.1:50051"
+    return None
+
+
 def run_client(args: argparse.Namespace) -> int:
+    problem = check_server_address(args.server)
+    if problem:
+        print(f"skyprompt client: {problem}", file=sys.stderr)
+        return 2
     try:
         channel = connect(args.server, args.tls_ca)
     except OSError as e:
@@ -416,3 +459,7 @@ def run_client(args: argparse.Namespace) -> int:
         except (ClientError, OSError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            # closing the channel cancels the call: the server drops the work in progress
+            print("skyprompt client: interrupted; the server cancels the call in progress", file=sys.stderr)
+            return 130

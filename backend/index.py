@@ -457,7 +457,11 @@ class TileIndex:
         self.embeddings_dir = self.directory / EMBEDDINGS_DIR
         self.ann_threshold = int(ann_threshold)
         self.nprobe = int(nprobe)
-        self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TileIndexError("unavailable", f"cannot use {self.directory} for the tile index: "
+                                                f"{e.strerror or e}; give a writable folder (--data-dir)") from None
         self._lock = threading.RLock()
         self._generation = 0
         self._snapshots: dict[str, _Snapshot] = {}
@@ -467,6 +471,16 @@ class TileIndex:
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
         self._lock_file = self._acquire_directory_lock()
+        try:
+            self._open_database()
+        except sqlite3.DatabaseError as e:
+            # never repaired or replaced here: the file may be the only copy of a long indexing run
+            # (_open_database has closed it and released the folder's lock)
+            raise TileIndexError("unavailable", f"the tile index database {self.directory / DB_NAME} cannot be read "
+                                                f"({e}): it is damaged or not a SkyPrompt index; move it aside "
+                                                "(keep it) to start a new index, or use another --data-dir") from None
+
+    def _open_database(self) -> None:
         try:
             self._db = _connect(self.directory / DB_NAME)
             self._db.row_factory = sqlite3.Row

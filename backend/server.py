@@ -12,6 +12,7 @@ import argparse
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -146,6 +147,9 @@ class Server:
                 self.port = self.grpc_server.add_insecure_port(address)
         except (RuntimeError, OSError) as e:
             self._close_resources()
+            if tls_cert:
+                raise SystemExit(f"cannot listen on {address} with TLS: {e}; check that --tls-cert and --tls-key are "
+                                 "a matching PEM certificate chain and private key, and that the port is free") from None
             raise SystemExit(f"cannot listen on {address}: {e}; is another server using the port? try --port") from None
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
@@ -212,13 +216,42 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
     parser.add_argument("--port-file", default=None,
                         help="write the bound port to this file once serving (for launchers using --port 0)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def check_serve_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the serve options, in one line, or None: checked before the model loads."""
+    if not 0 <= args.port <= 65535:
+        return f"--port {args.port} must be 0 (pick a free one) to 65535"
+    if args.workers < 1:
+        return f"--workers {args.workers} must be at least 1"
+    if args.sao_window < 1 or args.sao_window % 2 == 0:
+        return f"--sao-window {args.sao_window} must be odd (1, 3, 5, ...) so the window centres on a patch"
+    if not (args.max_message_mb > 0 and math.isfinite(args.max_message_mb)):
+        return f"--max-message-mb {args.max_message_mb} must be a positive size in MiB"
+    if str(args.log_level).upper() not in LOG_LEVELS:
+        return f"--log-level {args.log_level}: use one of {', '.join(LOG_LEVELS)}"
+    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        return f"--data-dir {args.data_dir} is a file; give a folder for the tile index"
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path and not os.access(path, os.R_OK):
+            return f"{flag} {path} cannot be read: {'no such file' if not Path(path).exists() else 'permission denied'}"
+    if args.port_file and not Path(args.port_file).resolve().parent.is_dir():
+        return f"--port-file {args.port_file}: its folder does not exist"
+    return None
 
 
 def serve(args: argparse.Namespace) -> int:
     from .engine import EngineError
     from .index import TileIndexError
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    problem = check_serve_arguments(args)
+    if problem:
+        print(f"skyprompt serve: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,

@@ -510,6 +510,35 @@ def test_serve_refuses_a_bad_default(checkpoint, tmp_path, flag, value):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "-5"], "--port -5 must be 0"), (["--workers", "0"], "--workers 0 must be at least 1"),
+    (["--sao-window", "4"], "--sao-window 4 must be odd"), (["--max-message-mb", "0"], "--max-message-mb 0"),
+    (["--log-level", "LOUD"], "--log-level LOUD: use one of"), (["--data-dir", "FILE"], "is a file"),
+    (["--port-file", "MISSING/port"], "its folder does not exist"),
+    (["--tls-cert", "MISSING/c.pem", "--tls-key", "MISSING/k.pem"], "--tls-cert MISSING/c.pem cannot be read"),
+], ids=["port", "workers", "sao-window", "max-message", "log-level", "data-dir", "port-file", "tls"])
+def test_serve_checks_its_options_before_loading_the_model(checkpoint, tmp_path, flags, message):
+    (tmp_path / "FILE").write_text("not a folder")
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint),
+                          "--data-dir", str(tmp_path / "data"), *flags], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert (tmp_path / "FILE").read_text() == "not a folder"
+
+
+def test_serve_refuses_a_damaged_index_and_leaves_it_alone(checkpoint, tmp_path):
+    from backend.index import DB_NAME
+
+    db = tmp_path / "data" / "index" / DB_NAME
+    db.parent.mkdir(parents=True)
+    garbage = b"this is not an sqlite database " * 300
+    db.write_bytes(garbage)
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint), "--data-dir",
+                          str(tmp_path / "data"), "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "cannot be read" in out.stderr and "move it aside" in out.stderr
+    assert "Traceback" not in out.stderr and db.read_bytes() == garbage
+
+
 # ---- concurrency, cancellation, crashes ------------------------------------------------------------
 
 def test_32_concurrent_clients(server, rasters):
@@ -690,6 +719,20 @@ def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", server.address, "--token", "bad"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr
+    # a later raster's failure: the JSON of the rasters indexed before it still comes out
+    out = client(server, "index", "--json", str(rasters["rgb"]), str(rasters["folder"] / "nope.tif"))
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+    assert [Path(r["raster_path"]).name for r in json.loads(out.stdout)] == ["rgb_utm.tif"]
+    out = client(server, "caption", "--raster", str(rasters["rgb"]), "--max-len", "-3")
+    assert out.returncode == 1 and "--max-len -3" in out.stderr and "Traceback" not in out.stderr
+    for flags, message in ((["--output", "masks.shp"], "use a .gpkg or .geojson"),
+                           (["--relevance-map", "/nowhere/map.tif"], "its folder does not exist")):
+        out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", *flags)
+        assert out.returncode == 1 and message in out.stderr and "segment:" not in out.stderr    # no progress bar ran
+    for address in ("localhost", "127.0.0.1:-5", "127.0.0.1:70000"):
+        out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", address],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "give host:port" in out.stderr and "Traceback" not in out.stderr
 
 
 # ---- random requests: no crash, no hang, no corrupted index ------------------------------------
