@@ -170,6 +170,21 @@ def test_segmentation_cli_errors(setup):  # noqa: F811
     assert p.returncode == 2 and "does not exist" in p.stderr
 
 
+
+def test_segmentation_scores_the_classes_that_have_images(setup, tmp_path):  # noqa: F811
+    """A class map naming more classes than the folder holds (a shared map, a subset of a set)."""
+    names = json.loads(setup["names"].read_text())
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**names, "zz_airport": "airport", "zz_harbor": "harbor"}))
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
+                "--classnames", wider, "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
+                "--methods", "global", "--json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "no images of 2 class(es) of the map (zz_airport, zz_harbor)" in p.stderr
+    r = json.loads(p.stdout)
+    assert r["settings"]["classes"] == list(names) and set(r["per_class_iou"]) <= set(names.values()) | set(names)
+
+
 # ---- pseudo-label refinement ---------------------------------------------------------------------
 @pytest.mark.parametrize("zoom", [1, 2])
 def test_pseudo_labels_use_only_present_classes_and_ignore_unsure_patches(tiny_model, tiny_config, tokenizer, zoom):
@@ -406,6 +421,17 @@ def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # 
     assert r["end_to_end"]["polygon_iou"] == pytest.approx(0.25, abs=0.02)
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels)
     assert p.returncode == 2 and "--prompt" in p.stderr
+    # inputs that would score 0 for a reason that is not the model's: one clear line each
+    for where, message in (("kind = 'road'", "no label features to score against where kind = 'road'"),
+                           ("kind ==== 1", "is not a valid filter")):
+        p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels,
+                    "--where", where, "--prompt", "buildings")
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    elsewhere = make_tif(tmp_path / "elsewhere.tif", pixels, geotransform=(420000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0),
+                         crs="EPSG:32633")
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", elsewhere, "--labels", labels,
+                "--prompt", "buildings")
+    assert p.returncode == 2 and "none of the label features" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):

@@ -903,7 +903,15 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         start = time.perf_counter()
         scene_px = args.scene_px or engine.image_size
         by_class = {k: v for k, v in L.images_by_class(records).items()}
-        by_class = {k: by_class.get(k, []) for k in names}       # the map's order = class indices
+        missing = [k for k in names if not by_class.get(k)]
+        if missing:
+            # mosaics are made of (and score against) the classes that have images; a class with
+            # none would be a prediction the truth can never hold
+            print(f"note: no images of {len(missing)} class(es) of the map ({', '.join(missing[:5])}"
+                  f"{', ...' if len(missing) > 5 else ''}): scoring the other {len(names) - len(missing)}",
+                  file=sys.stderr)
+            names = {k: v for k, v in names.items() if k not in missing}
+        by_class = {k: by_class[k] for k in names}       # the map's order = class indices
         try:
             mosaics = build_mosaics(by_class, args.seed, args.mosaics, size=args.size, regions=args.regions,
                                     scene_px=scene_px, layout=args.layout)

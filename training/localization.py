@@ -231,8 +231,13 @@ def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | N
     layer = source.GetLayerByName(layer_name) if layer_name else source.GetLayer(0)
     if layer is None:
         raise ValueError(f"{labels_path} has no layer {layer_name!r}")
-    if where and layer.SetAttributeFilter(where) != 0:
-        raise ValueError(f"--where {where!r} is not a valid filter for {labels_path}")
+    try:
+        bad_filter = bool(where) and layer.SetAttributeFilter(where) != 0
+    except RuntimeError:      # GDAL raises instead of returning a code when its exceptions are on
+        bad_filter = True
+    if bad_filter:
+        raise ValueError(f"--where {where!r} is not a valid filter for {labels_path} (fields: "
+                         f"{', '.join(_field_names(layer)) or 'none'})")
     height, width = shape
     grid = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
     grid.SetGeoTransform(geotransform)
@@ -257,7 +262,15 @@ def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | N
         if transform is not None:
             g.Transform(transform)
         geoms.append(shapely.make_valid(shapely.from_wkb(bytes(g.ExportToWkb()))))
-    return mask, (shapely.union_all(geoms) if geoms else None)
+    if not geoms:
+        raise ValueError(f"{labels_path} has no label features to score against"
+                         + (f" where {where}" if where else "") + ": check --where and --label-layer")
+    return mask, shapely.union_all(geoms)
+
+
+def _field_names(layer) -> list[str]:
+    defn = layer.GetLayerDefn()
+    return [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
 
 
 def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str | Path, prompt: str,
@@ -275,6 +288,10 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
     raster = open_raster(raster_path)
     _, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
     truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
+    if not (truth & valid).any():
+        # scoring would report IoU 0 for a mistake in the inputs, not for the model
+        raise ValueError(f"none of the label features of {labels_path} fall on the valid pixels of {raster_path}: "
+                         "check that the two cover the same area (the labels are reprojected to the raster's CRS)")
     radius = edge_radius_for(edge_radius, engine.image_size)
     # one Segment call gives both: its relevance map (kept) for the pixel scores, its polygons
     result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
