@@ -172,6 +172,11 @@ def test_bad_input(scene, vectors, tmp_path):
     p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
             "--mapping", mapping)
     assert p.returncode == 2 and f"{mapping} line 3" in p.stderr and "Traceback" not in p.stderr
+    # every raster unreadable: an error, not an empty dataset and exit 0
+    p = run("landmarks", "--raster", broken, "--raster", tmp_path / "missing.tif", "--features", far,
+            "--out", tmp_path / "o3", "--tile-size", TILE)
+    assert p.returncode == 2 and "none of the 2 raster(s) could be read" in p.stderr
+    assert f"{tmp_path / 'missing.tif'} does not exist" in p.stderr and "server" not in p.stderr
 
 
 def test_template_captions_and_mapping_rules():
@@ -200,6 +205,20 @@ def test_custom_captioner_command(scene, vectors, tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert rows and all(r["caption"].startswith("custom: ") for r in rows)
+    # a captioner that is not there, or that hangs: one line naming it
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "d",
+            "--tile-size", TILE, "--captioner", str(tmp_path / "no-such-captioner"))
+    assert p.returncode == 2 and "cannot run the captioner" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_hanging_captioner_times_out(scene, vectors, tmp_path, monkeypatch, capsys):
+    from training import build_dataset
+
+    monkeypatch.setattr(LM, "CAPTIONER_TIMEOUT_S", 1)
+    code = build_dataset.main(["landmarks", "--raster", str(scene["raster"]), "--features", str(vectors["osm"]),
+                               "--out", str(tmp_path / "h"), "--tile-size", str(TILE), "--workers", "1",
+                               "--captioner", f"{sys.executable} -c 'import time; time.sleep(30)'"])
+    assert code == 2 and "gave no caption within 1 s" in capsys.readouterr().err
 
 
 # ---- filter ----------------------------------------------------------------------------------------

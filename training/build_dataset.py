@@ -145,6 +145,9 @@ def landmarks(args) -> dict:
         counts[path] = {"read": seen, "usable": len(feats)}
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     units, problems = LM.plan_units(cfg)
+    if problems and not units:
+        raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "
+                            + "; ".join(p["error"] for p in problems[:3]) + ("; ..." if len(problems) > 3 else ""))
     for p in problems:
         print(f"skipping unreadable raster {p['raster']}: {p['error']}", file=sys.stderr)
     pending = [u for u in units if not LM._done(Path(cfg.out), u)]

@@ -238,6 +238,9 @@ def template_caption(features: list[dict], seed: str) -> str:
     return text
 
 
+CAPTIONER_TIMEOUT_S = 300
+
+
 def load_captioner(spec: str | None) -> Callable[[dict], str]:
     """The template captioner (None), a Python function "module:function" (receives the tile's JSON
     as a dict, returns text), or a command that reads the JSON on stdin and prints the caption."""
@@ -254,7 +257,14 @@ def load_captioner(spec: str | None) -> Callable[[dict], str]:
     cmd = shlex.split(spec)
 
     def run(info: dict) -> str:
-        p = subprocess.run(cmd, input=json.dumps(info), capture_output=True, text=True, timeout=300)
+        try:
+            p = subprocess.run(cmd, input=json.dumps(info), capture_output=True, text=True,
+                               timeout=CAPTIONER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"captioner {spec!r} gave no caption within {CAPTIONER_TIMEOUT_S} s for tile "
+                             f"{info.get('key')}; finished units are kept, run again to resume") from None
+        except OSError as e:
+            raise BuildError(f"cannot run the captioner {spec!r}: {e.strerror or e}") from None
         if p.returncode != 0:
             raise BuildError(f"captioner {spec!r} failed ({p.returncode}): {p.stderr.strip()[-300:]}")
         return p.stdout.strip()
@@ -296,7 +306,9 @@ def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
             with open_raster(path) as raster:
                 n = raster.count_tiles(cfg.tile_size, cfg.overlap, cfg.resolution)
         except RasterError as e:
-            problems.append({"raster": str(path), "error": str(e)})
+            # the reader's words are a server's ("a path the server can see"): here the path is local
+            error = f"{path} does not exist" if e.kind == "not_found" else str(e)
+            problems.append({"raster": str(path), "error": error})
             continue
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
         for u, start in enumerate(range(0, n, cfg.unit_tiles)):
