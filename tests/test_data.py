@@ -187,6 +187,15 @@ def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
     recipe.write_text(json.dumps({"sources": [{"kind": "precomp", "captions": "bench/captions"}]}))
     with pytest.raises(recipes.RecipeError, match="a precomp source needs 'dataset', 'images'"):
         recipes.sources_from_args(str(recipe), [], [], [], [], 0)
+    for spec, message in (([{"kind": "manifest", "path": "m.jsonl"}], 'must be a JSON object with a "sources" list'),
+                          ({"sources": ["m.jsonl"]}, "source 1 must be an object"),
+                          ({"sources": [{"kind": "manifest", "path": "m.jsonl", "weight": -1}]}, "weight -1"),
+                          ({"sources": [{"kind": "manifest", "path": "m.jsonl", "weight": "2"}]}, "weight '2'"),
+                          ({"sources": [{"kind": "manifest", "path": "m.jsonl", "val_per_class": 1.5}]},
+                           "val_per_class 1.5")):
+        recipe.write_text(json.dumps(spec))
+        with pytest.raises(recipes.RecipeError, match=message):
+            recipes.sources_from_args(str(recipe), [], [], [], [], 0)
 
 
 def test_caption_file_class():

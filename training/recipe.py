@@ -60,7 +60,21 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
         except json.JSONDecodeError as e:
             raise RecipeError(f"recipe {recipe} is not valid JSON: {e}") from None
         base = path.resolve().parent
-        for s in spec.get("sources", []):
+        if not isinstance(spec, dict) or not isinstance(spec.get("sources"), list):
+            raise RecipeError(f'recipe {recipe} must be a JSON object with a "sources" list, e.g. '
+                              '{"sources": [{"kind": "manifest", "path": "captions.jsonl"}]}')
+        for n, s in enumerate(spec["sources"], 1):
+            if not isinstance(s, dict):
+                raise RecipeError(f"recipe {recipe}: source {n} must be an object, not {json.dumps(s)[:60]}")
+            weight = s.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+                raise RecipeError(f"recipe {recipe}: source {n} has weight {weight!r}; a weight is a share of "
+                                  "each epoch, a number >= 0 (0: left out)")
+            val = s.get("val_per_class", 0)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                raise RecipeError(f"recipe {recipe}: source {n} has val_per_class {val!r}; give a whole number >= 0")
+            if isinstance(s.get("urls"), str):
+                s = {**s, "urls": [s["urls"]]}
             s = dict(s)
             for key in ("root", "path", "exclude_manifest", "captions", "images"):
                 if key in s and not Path(s[key]).is_absolute():
