@@ -386,7 +386,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--like-tile", type=int, default=None, metavar="ID",
                    help="instead of a query: tiles that look like this one (a tile_id from an earlier search), "
                         "for when words fail")
-    p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--k", type=int, default=10, help="number of hits (default 10; 0 = the server's default, 10)")
     p.add_argument("--raster-id", action="append", default=[], help="only this raster id (repeatable)")
     p.add_argument("--raster", action="append", default=[], help="only this raster path (repeatable)")
     p.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),

@@ -172,6 +172,9 @@ def test_bad_input(scene, vectors, tmp_path):
     p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
             "--mapping", mapping)
     assert p.returncode == 2 and f"{mapping} line 3" in p.stderr and "Traceback" not in p.stderr
+    p = run("landmarks", "--raster", scene["raster"], "--features", far, "--out", mapping, "--tile-size", TILE)
+    assert p.returncode == 2 and "is a file" in p.stderr and "Traceback" not in p.stderr
+    assert mapping.read_text().startswith("# my tags")
     # every raster unreadable: an error, not an empty dataset and exit 0
     p = run("landmarks", "--raster", broken, "--raster", tmp_path / "missing.tif", "--features", far,
             "--out", tmp_path / "o3", "--tile-size", TILE)

@@ -198,6 +198,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise LM.BuildError(f"--out {args.out} is a file; give a folder (new, or an earlier run's to resume)")
         if args.command == "filter":
             report = web_filter(args)
             c = report["counts"]
