@@ -107,10 +107,12 @@ def test_train_refuses_a_bad_export_target_before_training(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(SystemExit) as exit_info:
-        train_main(["--folder", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "out"),
+        train_main(["--manifest", str(tmp_path / "pairs.jsonl"), "--steps", "1", "--out", str(tmp_path / "out"),
                     "--export-fp16", str(run)])
     assert exit_info.value.code == 2
-    assert "--export-fp16" in capsys.readouterr().err and (run / "metrics.jsonl").exists()
+    err = capsys.readouterr().err
+    assert "--export-fp16" in err and "not a SkyPrompt checkpoint (metrics.jsonl)" in err
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
     assert not (tmp_path / "out").exists()
 
 
