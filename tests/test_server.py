@@ -592,6 +592,32 @@ def test_cancelled_index_stops_within_a_second_and_stores_nothing(server, raster
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def test_ctrl_c_in_the_cli_cancels_indexing_on_the_server(server, rasters):
+    import select
+    import signal
+
+    path = big_raster(rasters["folder"], side=2900)
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "client", "index", str(path), "--server", server.address],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+    shown, deadline = b"", time.monotonic() + 120
+    while b"%|" not in shown:                      # the progress bar: the server is working on it
+        assert time.monotonic() < deadline and proc.poll() is None, shown
+        if select.select([proc.stderr], [], [], 0.1)[0]:
+            shown += os.read(proc.stderr.fileno(), 4096)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err
+    marker, stopped = f"indexing {path.name} stopped after", time.monotonic()
+    while marker not in server.log_text():
+        assert time.monotonic() - stopped < 5, "the server went on indexing"
+        time.sleep(0.05)
+    p = pb()
+    code, _ = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_paths=[str(path)]),
+                                                 metadata=server.metadata))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
 def test_raster_rewritten_mid_index_is_aborted(server, rasters):
     path = big_raster(rasters["folder"], 2500)
     p = pb()
