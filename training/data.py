@@ -775,6 +775,28 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
+def tar_samples(shard: str, split: Callable[[str], tuple[str, str]] = _split_key,
+                exts: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a WebDataset tar: its file members grouped by key
+    (`split(name)` -> (key, extension)) in stream order; with `exts`, only those members are read.
+    A damaged tar raises to the caller after the samples read before the damage."""
+    key, parts = None, {}
+    with tarfile.open(shard, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = split(member.name)
+            if exts is not None and ext not in exts:
+                continue
+            if k != key:
+                if key is not None:
+                    yield key, parts
+                key, parts = k, {}
+            parts[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, parts
+
+
 _SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp")
 
 
@@ -852,19 +874,9 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
     def _raw_samples(self, shards: Sequence[str]) -> Iterator[tuple[str, bytes, list[str]] | None]:
         """(where, image bytes, captions) per complete sample, None per unusable one."""
         for shard in shards:
-            key, parts = None, {}
+            key = None
             try:
-                with tarfile.open(shard, mode="r|*") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        k, ext = _split_key(member.name)
-                        if k != key:
-                            if key is not None:
-                                yield self._assemble(shard, key, parts)
-                            key, parts = k, {}
-                        parts[ext] = tar.extractfile(member).read()
-                if key is not None:
+                for key, parts in tar_samples(shard):
                     yield self._assemble(shard, key, parts)
             except (tarfile.TarError, OSError, EOFError) as e:
                 self._skip(f"{shard} (shard cut short after {key or 'its start'})", e)
@@ -899,21 +911,11 @@ def shard_captions(urls: str | Sequence[str]) -> Iterator[str]:
     """Every caption in the shards, read without decoding an image (tokenizer training). Members
     that cannot be read are passed over here: the training reader reports them."""
     for shard in expand_urls(urls):
-        key, parts = None, {}
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                for member in tar:
-                    k, ext = _split_key(member.name)
-                    if not member.isfile() or ext not in ("txt", "json"):
-                        continue
-                    if k != key and parts:
-                        yield from _safe_captions(parts)
-                        parts = {}
-                    key = k
-                    parts[ext] = tar.extractfile(member).read()
+            for _, parts in tar_samples(shard, exts=("txt", "json")):
+                yield from _safe_captions(parts)
         except (tarfile.TarError, OSError, EOFError):
             pass
-        yield from _safe_captions(parts)
 
 
 def _safe_captions(parts: dict[str, bytes]) -> list[str]:

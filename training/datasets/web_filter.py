@@ -106,28 +106,15 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
     """(key, image bytes or None when unreadable, text) from shards or a JSONL manifest
     (lines {"image": path relative to the manifest, "text", "caption" or "captions": ...}).
     A pair's several captions are joined one a line, as the shard writer stores them."""
-    from training.data import check_shards_exist, expand_urls
+    from training.data import expand_urls, tar_samples
 
-    paths = expand_urls(shards) if shards else []
-    check_shards_exist(paths)
-    for shard in paths:
-        key, parts = None, {}
+    for shard in expand_urls(shards) if shards else []:
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base, _, ext = member.name.rpartition(".")
-                    if base != key and key is not None:
-                        yield _pair(shard, key, parts)
-                        parts = {}
-                    key = base
-                    parts[ext.lower()] = tar.extractfile(member).read()
+            for key, parts in tar_samples(shard, split=_split_last_dot):
+                yield _pair(shard, key, parts)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"shard {shard} is not a readable tar file ({e}); pairs kept before it are "
                              "written, fix or drop this shard and run again") from None
-        if key is not None:
-            yield _pair(shard, key, parts)
     if manifest:
         folder = Path(manifest).resolve().parent
         for n, line in enumerate(Path(manifest).read_text(encoding="utf-8").splitlines(), 1):
@@ -144,6 +131,11 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
             except OSError:
                 data = None
             yield f"{Path(manifest).stem}-{n:07d}", data, text
+
+
+def _split_last_dot(name: str) -> tuple[str, str]:
+    base, _, ext = name.rpartition(".")
+    return base, ext.lower()
 
 
 def caption_text(meta: dict) -> str:
