@@ -196,6 +196,8 @@ def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
         recipe.write_text(json.dumps(spec))
         with pytest.raises(recipes.RecipeError, match=message):
             recipes.sources_from_args(str(recipe), [], [], [], [], 0)
+    recipe.write_text(json.dumps({"sources": [{"kind": "shards", "urls": "web/part-{0..1}.tar"}]}))
+    assert recipes.sources_from_args(str(recipe), [], [], [], [], 0)[0]["urls"] == [str(tmp_path / "web/part-{0..1}.tar")]
 
 
 def test_caption_file_class():

@@ -305,16 +305,16 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
     found = shapely.union_all(found) if found else None
     xmin, ymin, xmax, ymax = result.extent
     clip = shapely.box(xmin, ymin, xmax, ymax)
-    t = shapely.intersection(truth_geom, clip) if truth_geom is not None else None
-    if found is None or t is None or t.is_empty:
-        polygon_iou = 0.0 if (found is not None or (t is not None and not t.is_empty)) else float("nan")
+    t = shapely.intersection(truth_geom, clip)       # _label_truth refuses labels with no features
+    if found is None or t.is_empty:
+        polygon_iou = 0.0 if (found is not None or not t.is_empty) else float("nan")
     else:
         polygon_iou = float(shapely.intersection(found, t).area / shapely.union(found, t).area)
     return {"prompt": prompt, "iou": None if math.isnan(iou[1]) else float(iou[1]),
             "pixel_accuracy": M.pixel_accuracy(confusion),
             "boundary_f": M.boundary_f_score(M.boundary_counts(pred & valid, truth & valid, tolerance)),
-            "truth_fraction": float(truth[valid].mean()) if valid.any() else 0.0,
-            "predicted_fraction": float(pred[valid].mean()) if valid.any() else 0.0,
+            "truth_fraction": float(truth[valid].mean()),        # valid has pixels: truth & valid has some
+            "predicted_fraction": float(pred[valid].mean()),
             "end_to_end": {"polygon_iou": polygon_iou, "polygons": len(result.results[0].polygons)},
             "settings": {"raster": str(raster_path), "labels": str(labels_path), "layer": layer, "where": where,
                          "threshold": threshold, "window": window, "tolerance_px": tolerance,

@@ -73,9 +73,9 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             val = s.get("val_per_class", 0)
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise RecipeError(f"recipe {recipe}: source {n} has val_per_class {val!r}; give a whole number >= 0")
-            if isinstance(s.get("urls"), str):
-                s = {**s, "urls": [s["urls"]]}
             s = dict(s)
+            if isinstance(s.get("urls"), str):     # one pattern given as a string, not a list
+                s["urls"] = [s["urls"]]
             for key in ("root", "path", "exclude_manifest", "captions", "images"):
                 if key in s and not Path(s[key]).is_absolute():
                     s[key] = str(base / s[key])

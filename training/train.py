@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from backend.engine import EngineError, resolve_device
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import CheckpointError, check_checkpoint_target, load_checkpoint, save_checkpoint
 from backend.model.config import ConfigError
@@ -691,16 +691,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"learning rates: give --lr > 0 and 0 <= --min-lr <= --lr (got {a.lr} and {a.min_lr})")
     if a.weight_decay < 0 or a.grad_clip < 0 or not 0 < a.beta2 < 1:
         p.error("give --weight-decay >= 0, --grad-clip >= 0 (0: off) and 0 < --beta2 < 1")
-    device = a.device.strip().lower()
-    if not (device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", device)):
-        p.error(f"--device {a.device!r}: use auto, cpu or cuda[:N]")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: this machine (or this torch build) has no CUDA GPU; use --device cpu or auto")
+    try:
+        resolve_device(a.device)
+    except EngineError as e:
+        p.error(f"--device: {e}")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out} is a file; the run directory must be a folder")
-    if not a.resume and checkpoint_dirs(out):
-        p.error(f"--out {a.out} already holds a run (checkpoints up to {checkpoint_dirs(out)[-1].name}): add --resume "
+    earlier = checkpoint_dirs(out)
+    if earlier and not a.resume:
+        p.error(f"--out {a.out} already holds a run (checkpoints up to {earlier[-1].name}): add --resume "
                 "to continue it, or give another --out (a new run there would mix the two)")
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
