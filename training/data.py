@@ -149,6 +149,12 @@ def _check_images_exist(records: Sequence[Record], source: str) -> None:
         raise DataError(_problems(source, missing, f"of {len(records)} images do not exist"))
 
 
+def caption_field(obj: dict):
+    """A JSON record's captions as written: its "captions" (a list) when present, else its "caption"
+    (a string), else None. Manifests, shard .json members and the web filter read them alike."""
+    return obj["captions"] if "captions" in obj else obj.get("caption")
+
+
 def _nonblank(captions: Iterable[str]) -> list[str]:
     """Captions as given, stripped, blanks dropped. Duplicates stay: benchmark files repeat a
     sentence on purpose, and retrieval counts every caption line (5 per image)."""
@@ -470,8 +476,7 @@ def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder) -> None:
             if not isinstance(obj, dict):
                 builder.problem(line_no, "expected a JSON object")
                 continue
-            captions = obj["captions"] if "captions" in obj else obj.get("caption")
-            builder.add(line_no, obj.get("image"), captions, obj.get("class"))
+            builder.add(line_no, obj.get("image"), caption_field(obj), obj.get("class"))
 
 
 def _read_csv_manifest(path: Path, builder: _ManifestBuilder) -> None:
@@ -901,8 +906,7 @@ def _member_captions(parts: dict[str, bytes]) -> list[str]:
     if "txt" in parts:
         return _nonblank(parts["txt"].decode("utf-8").splitlines())
     if "json" in parts:
-        meta = json.loads(parts["json"])
-        found = meta.get("captions", meta.get("caption", []))
+        found = caption_field(json.loads(parts["json"])) or []
         return _nonblank([found] if isinstance(found, str) else found)
     return []
 

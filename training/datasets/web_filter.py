@@ -139,8 +139,10 @@ def _split_last_dot(name: str) -> tuple[str, str]:
 
 
 def caption_text(meta: dict) -> str:
-    """A pair's text from its "text", "caption" or "captions" (a list: one caption a line)."""
-    text = meta.get("text") or meta.get("caption") or meta.get("captions") or ""
+    """A pair's text: its "text", else its captions as the trainer reads them (a list: one a line)."""
+    from training.data import caption_field
+
+    text = meta.get("text") or caption_field(meta) or ""
     if isinstance(text, list):
         text = "\n".join(str(t).strip() for t in text if str(t).strip())
     return str(text)
