@@ -83,28 +83,46 @@ class TokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer)
 
 
+class ServerSetupError(ValueError):
+    """A server that cannot start as asked: the message names the setting and what to do."""
+
+
+def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edge_radius: int | None,
+                            index_views: int, search_expand: int, limits: Limits) -> str | None:
+    """What is wrong with the settings `Server` is given, in one line, or None (cheap: no model, no files)."""
+    if not is_loopback(host) and not token:
+        return (f"refusing to listen on {host}: off loopback a token is required (--token or ${TOKEN_ENV}); "
+                "add TLS too (--tls-cert/--tls-key)")
+    if bool(tls_cert) != bool(tls_key):
+        return "give both --tls-cert and --tls-key, or neither"
+    try:
+        if edge_radius is not None:
+            check_edge_radius(edge_radius, "--edge-radius", limits.max_edge_radius)
+        check_views(index_views, "--index-views")
+        check_expand(search_expand, "--search-expand", limits.max_expand)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class Server:
-    """The model, the index and the gRPC server, started and stopped together."""
+    """The model, the index and the gRPC server, started and stopped together.
+
+    Raises ServerSetupError for settings it cannot start with (before loading the model) and when it
+    cannot listen; EngineError and TileIndexError for a checkpoint or index it cannot open.
+    """
 
     def __init__(self, checkpoint=None, host: str = "127.0.0.1", port: int = 50051, device: str = "auto",
                  data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
                  workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
                  edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS,
                  search_expand: int = DEFAULT_SEARCH_EXPAND):
-        if not is_loopback(host) and not token:
-            raise SystemExit(f"refusing to listen on {host}: off loopback a token is required "
-                             f"(--token or ${TOKEN_ENV}); add TLS too (--tls-cert/--tls-key)")
+        problem = server_settings_problem(host, token, tls_cert, tls_key, edge_radius, index_views, search_expand,
+                                          limits or Limits())
+        if problem:
+            raise ServerSetupError(problem)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
-        if bool(tls_cert) != bool(tls_key):
-            raise SystemExit("give both --tls-cert and --tls-key, or neither")
-        try:
-            if edge_radius is not None:
-                check_edge_radius(edge_radius, "--edge-radius", (limits or Limits()).max_edge_radius)
-            check_views(index_views, "--index-views")
-            check_expand(search_expand, "--search-expand", (limits or Limits()).max_expand)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
         from grpc_health.v1 import health, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
@@ -148,9 +166,11 @@ class Server:
         except (RuntimeError, OSError) as e:
             self._close_resources()
             if tls_cert:
-                raise SystemExit(f"cannot listen on {address} with TLS: {e}; check that --tls-cert and --tls-key are "
-                                 "a matching PEM certificate chain and private key, and that the port is free") from None
-            raise SystemExit(f"cannot listen on {address}: {e}; is another server using the port? try --port") from None
+                raise ServerSetupError(f"cannot listen on {address} with TLS: {e}; check that --tls-cert and --tls-key "
+                                       "are a matching PEM certificate chain and private key, and that the port is "
+                                       "free") from None
+            raise ServerSetupError(f"cannot listen on {address}: {e}; is another server using the port? "
+                                   "try --port") from None
         self.address = f"{host}:{self.port}"
         self._stopped = threading.Event()
 
@@ -241,7 +261,12 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
             return f"{flag} {path} cannot be read: {'no such file' if not Path(path).exists() else 'permission denied'}"
     if args.port_file and not Path(args.port_file).resolve().parent.is_dir():
         return f"--port-file {args.port_file}: its folder does not exist"
-    return None
+    return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
+                                   args.index_views, args.search_expand, serve_limits(args))
+
+
+def serve_limits(args: argparse.Namespace) -> Limits:
+    return Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20)))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -258,9 +283,8 @@ def serve(args: argparse.Namespace) -> int:
                         data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
                         sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
-                        search_expand=args.search_expand,
-                        limits=Limits(max_message_bytes=max(1, int(args.max_message_mb * 2**20))))
-    except (EngineError, TileIndexError) as e:
+                        search_expand=args.search_expand, limits=serve_limits(args))
+    except (EngineError, TileIndexError, ServerSetupError) as e:
         print(f"skyprompt serve: {e}", file=sys.stderr)
         return 2
     done = threading.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -493,21 +494,17 @@ def test_search_for_tiles_like_a_tile(server, rasters):
     assert out.returncode != 0 and "give what to look for" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_refusing_non_loopback_without_token(checkpoint, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--host", "0.0.0.0", "--checkpoint",
-                          str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                         env={k: v for k, v in os.environ.items() if k != "SKYPROMPT_TOKEN"}, timeout=120)
-    assert out.returncode != 0 and "token is required" in out.stderr + out.stdout
-    assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize("flag, value", [("--edge-radius", "-2"), ("--index-views", "3"), ("--search-expand", "-1")])
-def test_serve_refuses_a_bad_default(checkpoint, tmp_path, flag, value):
-    out = subprocess.run([sys.executable, "-m", "backend", "serve", flag, value, "--checkpoint",
-                          str(checkpoint), "--data-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode != 0 and f"{flag} {value}" in out.stderr + out.stdout
-    assert "Traceback" not in out.stderr
+def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
+    """Setup errors found after the model loads (here: the port is taken) exit 2 like the option checks."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "backend", "serve", "--port", str(port), "--checkpoint",
+                              str(checkpoint), "--data-dir", str(tmp_path / "data")], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
+    assert "try --port" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -516,12 +513,18 @@ def test_serve_refuses_a_bad_default(checkpoint, tmp_path, flag, value):
     (["--log-level", "LOUD"], "--log-level LOUD: use one of"), (["--data-dir", "FILE"], "is a file"),
     (["--port-file", "MISSING/port"], "its folder does not exist"),
     (["--tls-cert", "MISSING/c.pem", "--tls-key", "MISSING/k.pem"], "--tls-cert MISSING/c.pem cannot be read"),
-], ids=["port", "workers", "sao-window", "max-message", "log-level", "data-dir", "port-file", "tls"])
-def test_serve_checks_its_options_before_loading_the_model(checkpoint, tmp_path, flags, message):
+    (["--tls-cert", "FILE"], "give both --tls-cert and --tls-key"),
+    (["--host", "0.0.0.0"], "off loopback a token is required"), (["--index-views", "3"], "--index-views 3"),
+    (["--edge-radius", "-2"], "--edge-radius -2"), (["--search-expand", "-1"], "--search-expand -1"),
+], ids=["port", "workers", "sao-window", "max-message", "log-level", "data-dir", "port-file", "tls", "tls-pair",
+        "token", "views", "edge-radius", "search-expand"])
+def test_serve_checks_its_options_before_loading_the_model(tmp_path, flags, message):
+    # the checkpoint does not exist: a message about the option shows it was checked before the model loaded
     (tmp_path / "FILE").write_text("not a folder")
-    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint),
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--checkpoint", str(tmp_path / "no-checkpoint"),
                           "--data-dir", str(tmp_path / "data"), *flags], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if k != "SKYPROMPT_TOKEN"}, "PYTHONPATH": str(REPO)})
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert (tmp_path / "FILE").read_text() == "not a folder"
 
