@@ -8,7 +8,7 @@ PROTO_SRC := proto/skyprompt/v1/skyprompt.proto
 PROTO_STAMP := build/.proto-stamp
 export QT_QPA_PLATFORM ?= offscreen
 
-.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 train-default-stage7 train-default-stage8 average-default pack-default train-default-gpu ablate-recipe refine-default serve plugin-zip screenshots gpu-check
+.PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 train-default-stage7 train-default-stage8 average-default pack-default train-default-gpu train-default-gpu-bank ablate-recipe refine-default serve plugin-zip screenshots gpu-check
 TRAIN_STEPS ?= 1200
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make average-default       the mean of the stage-5 and stage-6 weights (a CPU-trained default) -> runs/default-stage7/init"
 	@echo "make pack-default          the default recipe's training split, resized, in runs/pack (to copy to a GPU machine)"
 	@echo "make train-default-gpu     the default checkpoint: one run from scratch on one GPU, on runs/pack (GPU_PY=...)"
+	@echo "make train-default-gpu-bank  the same with the images in a bank on the GPU, GPU_MINUTES of training"
 	@echo "make ablate-recipe         train each recipe variant from scratch and tabulate (runs/ablation/results.md)"
 	@echo "make refine-default        pseudo-label refinement of the default checkpoint (runs/refine)"
 	@echo "make serve   start the backend on 127.0.0.1:50051 with the bundled checkpoint (SERVE_ARGS=... for more)"
@@ -153,6 +154,16 @@ train-default-gpu:
 	    --workers 14 --save-every 500 --keep-last 2 --log-every 100 --out runs/default-gpu \
 	    --export-fp16 runs/default-gpu/fp16 --resume
 
+# The same recipe with the images in a bank on the GPU (--images-on-device) and a time budget in minutes
+# (GPU_MINUTES): the schedule is fitted to the pace the bank allows. Not the default's recipe yet.
+GPU_MINUTES ?= 5.5
+train-default-gpu-bank:
+	$(GPU_PY) -m training.train --recipe runs/pack/recipe.json --preset small --conv-stem --image-size 128 \
+	    --tokenizer backend/checkpoints/default/tokenizer.json --steps 20000 --time-budget $(GPU_MINUTES) \
+	    --batch-size 256 --lr 8e-4 --warmup-steps 400 --caption-weight 1.0 --class-aware --template-mix 0.15 \
+	    --device cuda --precision bf16 --images-on-device --workers 6 --save-every 1000 --keep-last 2 \
+	    --log-every 100 --out runs/default-gpu-bank --export-fp16 runs/default-gpu-bank/fp16 --resume
+
 # Recipe ablation (README model card): each variant of the default recipe trained from scratch for
 # ABLATION_STEPS steps and scored on the validation split; table in runs/ablation/results.md.
 ABLATION_STEPS ?= 250
@@ -178,6 +189,7 @@ GPU_PY ?= $(PY)
 gpu-check:
 	$(GPU_PY) -m pytest -p no:cacheprovider -p no:qgis -rs tests/test_gpu.py tests/test_model.py tests/test_checkpoint.py
 	$(GPU_PY) -m bench.gpu_bench
+	$(GPU_PY) -m bench.training_data_bench
 
 clean:
 	rm -rf build backend/rpc plugin/rpc .pytest_cache

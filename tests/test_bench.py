@@ -200,6 +200,20 @@ def test_dataset_bench_quick_writes_results(tmp_path):
         assert saved["filter"]["pairs"] == 24 and saved["filter"]["pairs_per_s"] > 0
 
 
+def test_training_data_bench_quick_writes_results(tmp_path):
+    import torch
+
+    from bench import training_data_bench
+
+    training_data_bench.run(quick=True, out_dir=tmp_path, echo=lambda *a: None, workers=1, images=24)
+    saved = json.loads((tmp_path / "training_data.json").read_text())
+    pipelines = [(r["pipeline"].split()[0], r["device"]) for r in saved["rows"]]
+    assert pipelines[:2] == [("loader", "cpu"), ("bank", "cpu")] and saved["rows"][0]["vs_loader"] == 1.0
+    assert all(r["samples_per_s"] > 0 for r in saved["rows"]) and saved["bank_images_per_s"] > 0
+    assert saved["targets"][0]["result"] in (("PASS", "FAIL") if torch.cuda.is_available() else ("N/A",))
+    assert "24 " in saved["images"]
+
+
 def test_gpu_bench_skips_without_cuda_and_runs_its_sections_on_the_cpu(tmp_path, monkeypatch):
     """The GPU benchmark's code paths, run on the CPU with a `tiny` model (CI has no GPU; the numbers
     mean nothing here). Without CUDA, asking for the GPU writes a skip record instead of failing."""

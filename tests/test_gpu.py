@@ -129,20 +129,35 @@ def test_edge_refinement_on_gpu_matches_cpu():
     np.testing.assert_allclose(out, 0.7, atol=1e-5)
 
 
-@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
-def test_train_command_on_gpu(tmp_path, compile_model):
+def test_bank_augment_on_gpu_matches_cpu():
+    from training.device_images import BankAugment
+
+    images = torch.randint(0, 256, (32, 3, 48, 48), dtype=torch.uint8)
+    augment = BankAugment(32, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    params = augment.step_params(0, 5, 32)
+    on_cpu, on_gpu = augment(images, params), augment(images.to(CUDA), params)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("compile_model, extra", [(False, ()), (True, ()), (False, ("--images-on-device",))],
+                         ids=["eager", "compiled", "image-bank"])
+def test_train_command_on_gpu(tmp_path, compile_model, extra):
     """`python -m training.train --device cuda` end to end (bf16 autocast by --precision auto, fused AdamW,
-    pinned-memory loader; torch.compile when asked); its fp16 export loads on a CPU-only machine."""
+    pinned-memory loader; torch.compile when asked; the images in a bank on the GPU when asked); its
+    fp16 export loads on a CPU-only machine."""
     folder = make_scene_folder(tmp_path / "scenes", per_class=16)
     out = tmp_path / "run"
     # the CPU tests' arguments; the later --device, --precision and --batch-size win
     args = _args(folder, out, 12, "--batch-size", "16", "--workers", "2", "--save-every", "6", "--device", "cuda",
                  "--precision", "auto", "--val-per-class", "4", "--eval-every", "12",
-                 "--export-fp16", str(tmp_path / "fp16"), *(["--compile"] if compile_model else []))
+                 "--export-fp16", str(tmp_path / "fp16"), *(["--compile"] if compile_model else []), *extra)
     r = subprocess.run([sys.executable, "-m", "training.train", *args], cwd=REPO, capture_output=True, text=True,
                        timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cuda" in r.stdout + r.stderr
+    if extra:
+        assert "image bank: 36 images at 64 px on cuda" in r.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if row["kind"] == "train"]
     assert len(losses) == 12 and all(np.isfinite(losses))

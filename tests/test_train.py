@@ -131,7 +131,8 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     assert steps == list(range(1, last + 4))
 
 
-@pytest.mark.parametrize("loss_flags", [[], ["--class-aware"]], ids=["plain", "class-aware"])
+@pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"]],
+                         ids=["plain", "class-aware", "image-bank"])
 def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(_args(folder, one, 3, *loss_flags)).returncode == 0

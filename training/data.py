@@ -586,6 +586,9 @@ class CaptionDataset(_CountsSkips, Dataset):
         self._pass_rng = _accepts_rng(transform)
         self.skipped = 0
         self.labels = dict(labels) if labels is not None else None
+        # With the images decoded once into a bank (training.device_images), each record's row in
+        # it, -1 for an unreadable image: items then carry the row, not pixels.
+        self.image_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -622,6 +625,11 @@ class CaptionDataset(_CountsSkips, Dataset):
             record = self.records[index_k]
             rng = self.rng(index_k, epoch, draw)
             caption = self._pick_caption(record, rng)
+            if self.image_rows is not None:
+                if self.image_rows[index_k] < 0:
+                    self._skip(record.image, OSError("it could not be decoded into the image bank"))
+                    continue
+                break
             try:
                 image = load_image(record.image)
             except Exception as e:  # any decoder failure: a long run must not die on one bad file
@@ -630,7 +638,10 @@ class CaptionDataset(_CountsSkips, Dataset):
             break
         else:
             return None
-        tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
+        if self.image_rows is not None:
+            tensor = torch.tensor(int(self.image_rows[index_k]))   # BankAugment makes the pixels
+        else:
+            tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
         item = Item((tensor, caption) if self.labels is None else
                     (tensor, caption, self.labels.get(record.class_name, -1)))
         item.replaced = k

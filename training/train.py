@@ -37,6 +37,7 @@ from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
+from . import device_images
 from . import recipe as recipes
 from .data import DataError
 from .vocabulary import training_words
@@ -69,6 +70,8 @@ class TrainConfig:
     augment: str = "overhead"                # image augmentation: overhead | none (training.augment)
     template_mix: float = 0.0                # P(caption -> one of its class's templates)
     freeze_image: bool = False               # locked-image tuning: only the text decoder and temperature learn
+    images_on_device: bool = False           # decode the images once into a bank on the device, augment there
+    bank_size: int | None = None             # the bank's side in pixels (default: the training resolution)
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -408,6 +411,15 @@ def train(cfg: TrainConfig) -> dict:
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
+    bank = bank_augment = None
+    if cfg.images_on_device:
+        parts = device_images.caption_datasets(dataset)
+        bank = device_images.ImageBank.build(parts, cfg.bank_size or image_size, device, workers=cfg.workers,
+                                             progress=is_main())
+        bank_augment = device_images.BankAugment(image_size, mcfg.image_mean, mcfg.image_std, augment=cfg.augment)
+        log(f"image bank: {bank.images.shape[0]} images at {bank.side} px on {device} "
+            f"({bank.images.numel() / 2**20:.0f} MiB)" + (f", {bank.unreadable} unreadable (skipped)"
+                                                          if bank.unreadable else ""))
 
     model.to(device).train()
     if cfg.freeze_image:
@@ -470,6 +482,9 @@ def train(cfg: TrainConfig) -> dict:
             g["lr"] = lr
         batch = next(stream)
         images = batch["images"].to(device, non_blocking=True)
+        if bank is not None:   # bank rows -> this step's augmented pixels
+            images = bank_augment(bank.images[images],
+                                  bank_augment.step_params(cfg.seed, step, cfg.batch_size, rank, world))
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch.get("labels")  # only with --class-aware (and sources that know classes)
         skipped_total += batch["skipped"]
@@ -660,6 +675,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                      help="locked-image tuning from --init-checkpoint: the image tower and its attention pool stay "
                           "as they are (image embeddings unchanged), only the text decoder and the temperature "
                           "learn; cheaper steps, for teaching the text side new wording")
+    opt.add_argument("--images-on-device", action="store_true",
+                     help="decode every training image once into a bank in the device's memory and augment each "
+                          "batch there (the same augmentation, in one pass): for GPUs that the data loader's "
+                          "processes cannot keep busy; folder and manifest sources only")
+    opt.add_argument("--bank-size", type=int, metavar="PX",
+                     help="side of the bank's images with --images-on-device (default: --image-size); a larger "
+                          "one keeps detail for crops at a low training resolution")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
@@ -704,6 +726,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 "to continue it, or give another --out (a new run there would mix the two)")
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
+    if a.bank_size is not None and (a.bank_size < 8 or not a.images_on_device):
+        p.error(f"--bank-size {a.bank_size}: give a side of at least 8 px, with --images-on-device")
     if a.freeze_image and not a.init_checkpoint:
         p.error("--freeze-image keeps the image tower of --init-checkpoint: give one (a random tower would stay random)")
     if not 0.0 <= a.template_mix <= 1.0:
