@@ -36,6 +36,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MATMUL_N = 8192
 ENCODE_BATCH = 256
 # (label, preset overrides, training batch): the default recipe's model, and the ViT-B/16 size
+LARGE_BATCH = 1024
 MODELS = {"small-128": ({"preset": "small", "image_size": 128, "patch_stem": "conv"}, 256),
           "base-224": ({"preset": "base"}, 64)}
 
@@ -252,6 +253,13 @@ def run(quick: bool = False, compile_model: bool = True, peers: bool = True, dev
             echo(f"train {label} {'compiled' if compiled else 'eager'}: {r['ms_per_step']:.1f} ms/step, "
                  f"MFU {100 * r['mfu']:.1f}%")
             save()
+    if dev.type == "cuda" and "small-128" in models:
+        # the default's model at 4x the batch, eager: whether a bigger batch buys samples/s (a step this
+        # small is bound by kernel launches, not FLOPs) now that --images-on-device can feed it
+        r = bench_train("small-128", dev, warm, iters, False, LARGE_BATCH)
+        results["train"].append(r)
+        echo(f"train small-128 eager, batch {LARGE_BATCH}: {r['ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f}%")
+        save()
     results["engine"] = bench_engine(device, tiles=64 if quick else 512, maps=8 if quick else 64,
                                      caption_iters=2 if quick else 5, edge_side=512 if quick else 4096,
                                      edge_prompts=2 if quick else 16)
