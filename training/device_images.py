@@ -80,7 +80,8 @@ class ImageBank:
 
         if side < 8:
             raise ImageBankError(f"an image bank of {side} px is too small; give a side of at least 8")
-        paths = [r.image for d in datasets for r in d.records]
+        # an image that several records share is decoded and held once
+        paths = list(dict.fromkeys(r.image for d in datasets for r in d.records))
         if not paths:
             raise ImageBankError("no training images to hold on the device")
         need = len(paths) * 3 * side * side
@@ -91,35 +92,32 @@ class ImageBank:
                                      f"of the GPU's free {free / 2**30:.1f} GiB: lower --bank-size or train without "
                                      "--images-on-device")
         bank = torch.zeros((len(paths), 3, side, side), dtype=torch.uint8)
-        rows = np.full(len(paths), -1, dtype=np.int64)
+        row_of: dict[str, int] = {}
         jobs = [(p, side) for p in paths]
         bar = tqdm(total=len(jobs), desc="decoding training images", unit="img", disable=not progress,
                    dynamic_ncols=True)
-        kept = 0
         pool = ProcessPoolExecutor(workers) if workers > 0 else None
         try:
             results = pool.map(decode_square, jobs, chunksize=64) if pool else map(decode_square, jobs)
-            for i, result in enumerate(results):
+            for path, result in zip(paths, results):
                 if isinstance(result, str):
-                    warnings.warn(f"skipping unreadable image {paths[i]}: {result}", D.SkippedImageWarning,
+                    warnings.warn(f"skipping unreadable image {path}: {result}", D.SkippedImageWarning,
                                   stacklevel=2)
                 else:
-                    bank[kept] = torch.from_numpy(result)
-                    rows[i] = kept
-                    kept += 1
+                    bank[len(row_of)] = torch.from_numpy(result)
+                    row_of[path] = len(row_of)
                 bar.update(1)
         finally:
             bar.close()
             if pool:
                 pool.shutdown()
+        kept = len(row_of)
         if kept == 0:
             raise ImageBankError(f"none of the {len(paths)} training images could be read (first: {paths[0]})")
-        start = 0
         for d in datasets:
-            d.image_rows = rows[start:start + len(d.records)]
+            d.image_rows = np.array([row_of.get(r.image, -1) for r in d.records], dtype=np.int64)
             # warned about above: the dataset counts their stand-ins without warning again
-            d._warned = d._warned | {r.image for r, row in zip(d.records, d.image_rows) if row < 0}
-            start += len(d.records)
+            d._warned = d._warned | {r.image for r in d.records if r.image not in row_of}
         return cls(bank[:kept].to(device), unreadable=len(paths) - kept)
 
 
