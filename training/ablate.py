@@ -47,6 +47,8 @@ VARIANTS: dict[str, Variant] = {
                             ("--conv-stem", "--template-mix", "0.3")),
     "low-then-full": Variant("1.5x the steps at half resolution, then a quarter of the steps at full resolution",
                              ("--conv-stem",), low_res=True),
+    "image-bank": Variant("the baseline with its images decoded once and augmented in the training process "
+                          "(--images-on-device), which GPU runs use", ("--conv-stem", "--images-on-device")),
 }
 
 
