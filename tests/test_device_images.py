@@ -81,6 +81,16 @@ def test_crops_stay_inside_the_image_with_the_asked_area_and_aspect():
     assert (out[:, 1:] >= out[:, :-1] - 1e-3).all()                 # still increasing left to right
 
 
+def test_a_larger_bank_is_supersampled_not_aliased():
+    # one-pixel stripes in a 64 px bank, 90% of it cropped to 32 px: near grey everywhere (sampled at
+    # the output size alone, the stripes alias into full-contrast bands of 0 and 1)
+    stripes = (torch.arange(64) % 2 * 255).to(torch.uint8).expand(1, 3, 64, 64).clone()
+    params = {"w": torch.tensor([0.9]), "h": torch.tensor([0.9]), "cx": torch.tensor([0.5]),
+              "cy": torch.tensor([0.5]), "orientation": torch.tensor([0]), "factors": torch.ones(1, 3)}
+    out = BankAugment(32, (0, 0, 0), (1, 1, 1), jitter=0)(stripes, params)[0, 0]
+    assert (out - 0.5).abs().max() < 0.1
+
+
 def test_no_augmentation_is_the_evaluation_view_of_the_bank():
     images = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8)
     augment = BankAugment(20, MEAN, STD, augment="none")

@@ -12,7 +12,8 @@ default checkpoint's run got about 2,500 samples/s out of 14 loader processes on
 - `BankAugment` augments a whole batch in one pass on the device: the same random resized crop
   (scale and aspect as training.augment), the eight flips and quarter turns, and the same colour
   jitter (brightness, contrast, saturation as one 3x3 matrix and offset), then normalises. Crop and
-  orientation are one affine resampling (bicubic) per image.
+  orientation are one affine resampling (bicubic) per image, supersampled k x k when the bank is
+  k times the training resolution (`--bank-size`), so that detail does not alias.
 
 The crop is taken from the bank's centre square, not from the whole picture: the same for the
 square scenes of RSSCN7, UC Merced and AID. Its parameters are drawn on the CPU for the whole global batch
@@ -203,8 +204,12 @@ class BankAugment:
             theta = torch.zeros(n, 2, 3, device=device)
             theta[:, :, :2] = torch.stack([p["w"], p["h"]], 1)[:, :, None] * _DIHEDRAL.to(device)[p["orientation"]]
             theta[:, 0, 2], theta[:, 1, 2] = 2 * p["cx"] - 1, 2 * p["cy"] - 1
-            grid = F.affine_grid(theta, [n, 3, self.image_size, self.image_size], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp_(0, 1)
+            # a bank larger than the output is sampled at k times the output size and averaged down
+            # (k x k supersampling), so that fine detail does not alias into the smaller crop
+            k = max(1, round(x.shape[-1] / self.image_size))
+            grid = F.affine_grid(theta, [n, 3, k * self.image_size, k * self.image_size], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+            x = (F.avg_pool2d(x, k) if k > 1 else x).clamp_(0, 1)
             if self.jitter > 0:
                 matrix, offset = jitter_affine(p["factors"], x.mean(dim=(2, 3)))
                 x = (torch.einsum("bij,bjhw->bihw", matrix, x) + offset[:, :, None, None]).clamp_(0, 1)
