@@ -364,6 +364,16 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+def test_refinement_setup_errors_are_one_line(refine_setup, tmp_path):
+    missing = {**refine_setup, "ckpt": tmp_path / "no-such-checkpoint"}
+    p = _refine(missing, tmp_path / "typo", 1)
+    assert p.returncode == 2 and "--checkpoint" in p.stderr and "is not a checkpoint folder" in p.stderr
+    assert not (tmp_path / "typo").exists() and "Traceback" not in p.stderr
+    p = _refine(refine_setup, tmp_path / "bench", 1, extra=("--benchmark", "nope"))
+    assert p.returncode == 2 and "error: --benchmark 'nope' is not a validation set" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_refinement_runs_distributed_under_torchrun(refine_setup, tmp_path):
     """Two processes (gloo on CPU): each labels and trains on its own mosaics, rank 0 measures and saves."""
     import torch

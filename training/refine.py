@@ -238,14 +238,18 @@ def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineCon
     return row
 
 
+class RefineError(ValueError):
+    """Refinement that cannot start as asked; the message says what to fix."""
+
+
 def _benchmark_set(val_sets: dict, name: str) -> dict | None:
     candidates = {k: v for k, v in val_sets.items() if v["kind"] == "zero-shot"}
     if not candidates:
         return None
     key = name or next(iter(candidates))
     if key not in candidates:
-        raise SystemExit(f"error: --benchmark {key!r} is not a validation set of the recipe "
-                         f"(choose from {', '.join(candidates)})")
+        raise RefineError(f"--benchmark {key!r} is not a validation set of the recipe "
+                          f"(choose from {', '.join(candidates)})")
     vs = candidates[key]
     mapping = vs["classnames"]
     by_class: dict[str, list[str]] = {}
@@ -264,25 +268,22 @@ def refine(cfg: RefineConfig) -> list[dict]:
     rank, world, device = setup_distributed(cfg.device)
     out = Path(cfg.out)
     if cfg.batch_size % world or cfg.dense_batch % world:
-        raise SystemExit(f"error: --batch-size and --dense-batch must be divisible by the {world} processes")
+        raise RefineError(f"--batch-size and --dense-batch must be divisible by the {world} processes")
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     done = _rounds_done(out)
     start_round = int(done[-1].name.split("_")[1]) if done else 0
     source = done[-1] if done else Path(cfg.checkpoint)
-    try:
-        model, tokenizer = load_checkpoint(source, device=device, dtype=torch.float32)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    model, tokenizer = load_checkpoint(source, device=device, dtype=torch.float32)
     if start_round:
         log(f"resuming after round {start_round} ({source})")
     sources = recipes.sources_from_args(cfg.recipe, [], [], [], [], 0)   # paths resolved as training.train does
     train_sources, val_sets = recipes.build_sources(sources, seed=cfg.seed)
     mosaic_sources = folder_sources(train_sources)
     if not mosaic_sources:
-        raise SystemExit("error: the recipe has no folder-of-classes source with two or more classes to make "
-                         "mosaics of")
+        raise RefineError("the recipe has no folder-of-classes source with two or more classes to make "
+                          "mosaics of")
     bench = _benchmark_set(val_sets, cfg.benchmark)
     mcfg = model.config
     size = mcfg.image_size
@@ -475,11 +476,16 @@ def main(argv=None) -> int:
     if not Path(cfg.recipe).is_file():
         print(f"python -m training.refine: error: recipe {cfg.recipe} does not exist", file=sys.stderr)
         return 2
+    if not _rounds_done(Path(cfg.out)) and not Path(cfg.checkpoint).is_dir():
+        # checked before the run folder is made: a typo leaves nothing behind
+        print(f"python -m training.refine: error: --checkpoint {cfg.checkpoint} is not a checkpoint folder",
+              file=sys.stderr)
+        return 2
     try:
         if cfg.export_fp16:   # checked now, not after the rounds
             check_checkpoint_target(Path(cfg.export_fp16))
         refine(cfg)
-    except (recipes.RecipeError, CheckpointError) as e:
+    except (recipes.RecipeError, CheckpointError, RefineError) as e:
         print(f"python -m training.refine: error: {e}", file=sys.stderr)
         return 2
     return 0
