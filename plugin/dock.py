@@ -583,12 +583,19 @@ class SkyPromptDock(QDockWidget):
             in_layer = to_layer_crs(rect, crs, layer)
             if not in_layer.intersects(layer.extent()):
                 raise SourceError(f"the area does not overlap layer {layer.name()!r}: pan to it or draw another")
+            output = self.output.filePath().strip()
+            if output:
+                output = output if output.lower().endswith(".gpkg") else output + ".gpkg"
+                try:   # before the work: a file that is not a GeoPackage is refused, never replaced
+                    results.gpkg_layer_names(output)
+                except OSError as e:
+                    raise SourceError(str(e)) from None
             prepared = prepare_source(layer)
         except SourceError as e:
             self._message(str(e), Qgis.Warning)
             self.taskDone.emit("segment", e)
             return None
-        threshold, min_area, output = self.threshold.value(), self.min_area.value(), self.output.filePath().strip()
+        threshold, min_area = self.threshold.value(), self.min_area.value()
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
         layer_crs = layer.crs()
         edge_radius = None if self.follow_edges.isChecked() else 0      # None: the backend's default radius
@@ -607,7 +614,7 @@ class SkyPromptDock(QDockWidget):
                                        features)
             results.style_by_prompt(out, prompts)
             if output:
-                out = results.write_gpkg(out, output if output.lower().endswith(".gpkg") else output + ".gpkg")
+                out = results.write_gpkg(out, output)
             QgsProject.instance().addMapLayer(out)
             self.last_layer = out
             self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}", Qgis.Success, 4)

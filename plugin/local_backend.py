@@ -49,11 +49,16 @@ class LocalBackend(QObject):
         if self.running:
             return False
         self.settings = settings
-        with settings.connection() as conn:
-            if conn.health(timeout=1.0) == "SERVING":
-                QgsMessageLog.logMessage(f"a backend already serves at {settings.address}: using it", LOG_TAG, Qgis.Info)
-                self.serving.emit(settings.address)
-                return True
+        try:
+            with settings.connection() as conn:
+                if conn.health(timeout=1.0) == "SERVING":
+                    QgsMessageLog.logMessage(f"a backend already serves at {settings.address}: using it", LOG_TAG,
+                                             Qgis.Info)
+                    self.serving.emit(settings.address)
+                    return True
+        except Exception as e:  # a bad address, or a TLS CA file that cannot be read
+            self.failed.emit(f"cannot reach the backend at {settings.address}: {e}; fix it in SkyPrompt settings")
+            return False
         program, args = self.command(settings)
         self.process = QProcess(self)
         if settings.backend_dir:
@@ -112,6 +117,7 @@ class LocalBackend(QObject):
             self.failed.emit(f"could not run {self.settings.python!r}: set the Python that has SkyPrompt's backend "
                              "in SkyPrompt settings")
             self.process = None
+            self.stopped.emit()   # Qt sends no `finished` for a process that never started
 
     def _process_finished(self, code, status) -> None:
         if self._timer.isActive():  # died before it served

@@ -116,20 +116,37 @@ def style_by_prompt(layer: QgsVectorLayer, prompts: list[str]) -> None:
     layer.setRenderer(QgsCategorizedSymbolRenderer("prompt", categories))
 
 
+def gpkg_layer_names(path: str) -> list[str]:
+    """The layers of the GeoPackage at `path` ([] when there is no file); OSError when the file is
+    there but is not a GeoPackage (it is never overwritten)."""
+    if not os.path.exists(path):
+        return []
+    from osgeo import gdal
+
+    ds = gdal.OpenEx(path, gdal.OF_VECTOR, allowed_drivers=["GPKG"])
+    if ds is None:
+        raise OSError(f"{path} exists and is not a GeoPackage: choose another output file")
+    return [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+
+
 def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
-    """Save `layer` as a GeoPackage (written beside, then moved: a failure keeps the old file) and open it."""
-    tmp = path + ".part.gpkg"
+    """Save `layer` into the GeoPackage at `path` as a layer of its own and open it: the file's other
+    layers stay, and a name already there gets a number (" (2)", ...) instead of being replaced."""
+    taken = set(gpkg_layer_names(path))
+    name, n = layer.name(), 1
+    while name in taken:
+        n += 1
+        name = f"{layer.name()} ({n})"
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
-    options.layerName = layer.name()
+    options.layerName = name
+    options.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path)
+                                    else QgsVectorFileWriter.CreateOrOverwriteFile)
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, tmp, QgsProject.instance().transformContext(), options)
+        layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise OSError(f"could not write {path}: {message}")
-    os.replace(tmp, path)
-    out = QgsVectorLayer(path, layer.name(), "ogr")
+    out = QgsVectorLayer(f"{path}|layername={name}", name, "ogr")
     out.setRenderer(layer.renderer().clone())
     return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from osgeo import gdal
+from osgeo import gdal, ogr
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
                        QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
 
@@ -419,10 +419,16 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     dock.segment_layer.setLayer(layer)
     dock.prompts.setText("buildings, trees")
     dock.threshold.setValue(0.0)                         # everything passes: polygons must cover the view
-    dock.output.setFilePath(str(tmp_path / "segments.gpkg"))
+    target = tmp_path / "segments.gpkg"
+    kept = ogr.GetDriverByName("GPKG").CreateDataSource(str(target))   # the user's own layer in the file
+    kept.CreateLayer("roads", None, ogr.wkbLineString)
+    kept = None
+    dock.output.setFilePath(str(target))
     assert run_dock(dock, "segment", dock.segment) is None
     out = dock.last_layer
-    assert out.providerType() == "ogr" and (tmp_path / "segments.gpkg").is_file()
+    assert out.providerType() == "ogr" and target.is_file()
+    layers_in = lambda: sorted(l.GetName() for l in ogr.Open(str(target)))   # noqa: E731
+    assert layers_in() == ["SkyPrompt: buildings, trees", "roads"]
     assert out.crs() == layer.crs() and out.featureCount() >= 2
     assert {f["prompt"] for f in out.getFeatures()} == {"buildings", "trees"}
     union = QgsGeometry.unaryUnion([f.geometry() for f in out.getFeatures() if f["prompt"] == "buildings"])
@@ -432,6 +438,19 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     assert grown.contains(union.boundingBox())                    # nothing outside the view...
     assert union.area() > 0.9 * shown.area()                      # ...and the view is covered
     assert all(f["area_m2"] > 0 for f in out.getFeatures())
+    # again into the same file: a new layer beside the first, which keeps its polygons
+    first_count = out.featureCount()
+    assert run_dock(dock, "segment", dock.segment) is None
+    assert layers_in() == ["SkyPrompt: buildings, trees", "SkyPrompt: buildings, trees (2)", "roads"]
+    assert dock.last_layer.name() == "SkyPrompt: buildings, trees (2)" and out.featureCount() == first_count
+    # a file that is not a GeoPackage is refused before any work, and left as it was
+    other = tmp_path / "notes.gpkg"
+    other.write_text("my notes")
+    dock.output.setFilePath(str(other))
+    before = len(iface.message_bar.messages)
+    assert dock.segment() is None and other.read_text() == "my notes"
+    assert any("is not a GeoPackage" in text for _, text, _ in iface.message_bar.messages[before:])
+    dock.output.setFilePath("")
 
 
 def test_drawn_rectangle_and_min_area(dock, layers, iface):
@@ -635,6 +654,25 @@ def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
     dock.toggle_backend()
     wait_until(lambda: failures, 30, "the launcher to give up")
     assert "could not run" in failures[0] and not dock.backend.running
+    # the button is usable again, not stuck at "Starting…"
+    wait_until(lambda: dock.start_button.isEnabled(), 5, "the start button to come back")
+    assert dock.start_button.text() == "Start local backend"
+
+
+def test_local_backend_with_an_unreadable_ca_file_fails_clearly(dock, iface, tmp_path):
+    from backend.server import free_port
+
+    address, use_tls, tls_ca = dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca
+    dock.settings.address = f"127.0.0.1:{free_port()}"
+    dock.settings.use_tls, dock.settings.tls_ca = True, str(tmp_path / "missing-ca.pem")
+    failures = []
+    dock.backend.failed.connect(failures.append)
+    try:
+        dock.toggle_backend()                                      # no exception reaches QGIS
+        assert failures and "missing-ca.pem" in failures[0] and not dock.backend.running
+        assert dock.start_button.isEnabled() and dock.start_button.text() == "Start local backend"
+    finally:
+        dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca = address, use_tls, tls_ca
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason=f"shared rasters not found in {GEOTIFF_DIR}")
