@@ -487,25 +487,34 @@ class SkyPromptDock(QDockWidget):
     def _search(self, title: str, like_tile_id: int | None) -> BackendTask | None:
         query = title if like_tile_id is None else ""
         layers = self.checked_layers()
-        raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
-        not_indexed = [l.name() for l in layers if l.id() not in self.indexed]
         names = {path: layer.name() for layer in layers if (path := local_path(layer))}
+        # the ticked layers, by the id this session indexed them under, else by file path (indexed in
+        # an earlier session: the server says NOT_FOUND if it never was); a layer read as pixels has
+        # no path, so one not indexed in this session cannot be searched alone
+        raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
+        raster_paths = [local_path(l) for l in layers if l.id() not in self.indexed and local_path(l)]
+        unreachable = [l.name() for l in layers if l.id() not in self.indexed and not local_path(l)]
+        if layers and not raster_ids and not raster_paths:
+            self._message(f"{', '.join(unreachable)}: index the ticked layers first (press Index), then search",
+                          Qgis.Warning)
+            self.taskDone.emit("search", "not indexed")
+            return None
         k = self.k.value()
         self.settings.k = k
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
 
         def work(conn, task):
-            return operations.search(conn, query, k, raster_ids if not not_indexed else (), thumbnails=True,
-                                     expand=expand, like_tile_id=like_tile_id)
+            return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
+                                     like_tile_id=like_tile_id, raster_paths=raster_paths)
 
         def shown(response):
             self.show_hits(title, list(response.hits), names)
             if response.unfamiliar_words:
                 self._message(operations.unfamiliar_note(response.unfamiliar_words), Qgis.Warning, 12)
 
-        if not_indexed:
-            QgsMessageLog.logMessage(f"searching the whole index: {', '.join(not_indexed)} not indexed in this "
-                                     "session", LOG_TAG, Qgis.Info)
+        if unreachable:
+            self._message(f"not searched: {', '.join(unreachable)} (read as pixels and not indexed in this "
+                          "session: press Index first)", Qgis.Warning, 8)
         return self._task("search", f"SkyPrompt: searching {title!r}", work, shown)
 
     def show_hits(self, query: str, hits: list, names: dict) -> None:

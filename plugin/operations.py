@@ -78,13 +78,16 @@ def distinct_unfamiliar(answers) -> list:
 
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,
-           min_score: float | None = None, expand: int | None = None, like_tile_id: int | None = None):
-    """The SearchResponse. `expand`: query expansion from that many best tiles (SearchRequest.expand;
-    None = the server's default, ServerInfo.default_search_expand; 0 = off). `like_tile_id`: tiles
-    like that one instead of the text (`query` is then ignored)."""
+           min_score: float | None = None, expand: int | None = None, like_tile_id: int | None = None,
+           raster_paths: list[str] = ()):
+    """The SearchResponse, over the union of `raster_ids` and `raster_paths` (both empty: the whole
+    index). `expand`: query expansion from that many best tiles (SearchRequest.expand; None = the
+    server's default, ServerInfo.default_search_expand; 0 = off). `like_tile_id`: tiles like that
+    one instead of the text (`query` is then ignored)."""
     pb = conn.pb
     request = pb.SearchRequest(query=query if like_tile_id is None else "", k=k, raster_ids=list(raster_ids),
-                               include_thumbnails=thumbnails, thumbnail_size=96 if thumbnails else 0)
+                               raster_paths=list(raster_paths), include_thumbnails=thumbnails,
+                               thumbnail_size=96 if thumbnails else 0)
     if like_tile_id is not None:
         request.like_tile_id = like_tile_id
     if min_score is not None:

@@ -308,6 +308,22 @@ def test_index_search_results_layer_and_zoom(dock, layers, iface):
 
 
 
+def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, iface):
+    from qgis.PyQt.QtCore import Qt
+
+    assert run_dock(dock, "index", dock.index_layers) is None
+    dock.indexed.clear()                  # as after restarting QGIS: the index remains, this session's ids do not
+    keep = layers[0]
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == keep.id() else Qt.Unchecked)
+    dock.query.setText("roads and houses")
+    dock.k.setValue(50)
+    assert run_dock(dock, "search", dock.search) is None
+    assert dock.last_layer.featureCount() > 0
+    assert {f["layer"] for f in dock.last_layer.getFeatures()} == {keep.name()}
+
+
 def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
     """The dock's "Rotation views" box asks for 4 views per tile: other views than the layers' index
     holds re-index them, the same again does not, and unticked goes back to the backend's default."""
