@@ -19,7 +19,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
-from .sources import prepare_source, to_layer_crs
+from .sources import local_path, prepare_source, to_layer_crs
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -134,7 +134,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Finds the indexed tiles that best match a text query and writes their footprints with "
-                "scores. Restrict the search to some layers with Layers (they must be indexed). The advanced "
+                "scores. Restrict the search to some layers with Layers (they must be indexed files; a layer read "
+                "as pixels, such as a tile service, cannot restrict it and is named in a warning). The advanced "
                 "Query expansion searches twice, the second time for the query moved toward its N best "
                 "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
                 "Query words the model rarely or never saw in training are named in a warning. The advanced "
@@ -170,8 +171,16 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         k = self.parameterAsInt(parameters, "K", context)
         settings = self._settings(parameters, context)
         layers = self.parameterAsLayerList(parameters, "LAYERS", context)
-        names = {p: l.name() for l, p in ((l, prepare_source(l)) for l in layers) if isinstance(p, str)}
+        names = {path: l.name() for l in layers if (path := local_path(l))}
         paths = list(names)
+        # a layer read as pixels (tile services, memory rasters) has no path to restrict the search to
+        unreachable = [l.name() for l in layers if not local_path(l)]
+        if unreachable and not paths:
+            raise QgsProcessingException(f"cannot search only in {', '.join(unreachable)}: layers read as pixels "
+                                         "(tile services, non-file rasters) are not searchable by layer; leave "
+                                         "'Only in these layers' empty to search the whole index")
+        if unreachable:
+            feedback.pushWarning(f"not searched: {', '.join(unreachable)} (read as pixels, not searchable by layer)")
 
         expand = self.parameterAsInt(parameters, "EXPAND", context)
 

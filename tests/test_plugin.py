@@ -585,6 +585,21 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         processing.run("skyprompt:searchtiles", {"QUERY": "quarries", "K": 2, "LAYERS": [layer],
                                                  "OUTPUT": str(tmp_path / "q.gpkg")}, feedback=feedback)
         assert any("rarely or never saw 'quarries'" in w for w in feedback.seen), feedback.seen
+        # a layer read as pixels cannot restrict the search: named, never widened to the whole index
+        ds = gdal.GetDriverByName("GTiff").Create("/vsimem/skyprompt-search.tif", 64, 64, 3, gdal.GDT_Byte)
+        ds.SetGeoTransform((300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
+        ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
+        ds = None
+        in_memory = QgsRasterLayer("/vsimem/skyprompt-search.tif", "in memory")
+        with pytest.raises(QgsProcessingException, match="cannot search only in in memory"):
+            processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [in_memory],
+                                                     "OUTPUT": str(tmp_path / "m.gpkg")})
+        feedback = Warnings()
+        mixed = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+            "QUERY": "farmland", "K": 4, "LAYERS": [layer, in_memory], "OUTPUT": str(tmp_path / "mixed.gpkg")},
+            feedback=feedback)["OUTPUT"])
+        assert {f["layer"] for f in mixed.getFeatures()} == {layer.name()}
+        assert any("not searched: in memory" in w for w in feedback.seen), feedback.seen
         # tiles like a tile: that tile first, with score 1
         tile = next(found.getFeatures())["tile_id"]
         like = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
