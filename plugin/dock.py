@@ -21,7 +21,7 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
-from .sources import SourceError, local_path, prepare_source, to_layer_crs
+from .sources import SourceError, has_no_resolution, local_path, prepare_source, to_layer_crs
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
@@ -438,22 +438,38 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("index", "no layers")
             return None
         try:
-            prepared = [(layer.id(), layer.name(), prepare_source(layer)) for layer in layers]
+            prepared, seen = [], []
+            canvas_rect, canvas_crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
+            for layer in layers:
+                source, view, resolution = prepare_source(layer), None, None
+                if has_no_resolution(source):
+                    # a tile service has no extent or resolution to index whole: the current view at
+                    # the canvas resolution, as Segment reads it
+                    view = to_layer_crs(canvas_rect, canvas_crs, layer)
+                    if not view.intersects(layer.extent()):
+                        raise SourceError(f"layer {layer.name()!r} is a tile service: pan to the area to index")
+                    resolution = self._canvas_resolution(view)
+                    seen.append(layer.name())
+                prepared.append((layer.id(), source, view, resolution))
         except SourceError as e:
             self._message(str(e), Qgis.Critical)
             self.taskDone.emit("index", e)
             return None
         max_side = self.settings.max_pixel_side
         views = operations.ROTATION_VIEWS if self.rotation_views.isChecked() else None
+        if seen:
+            self._message(f"{', '.join(seen)}: tile service(s), indexing the current view at the map's resolution",
+                          Qgis.Info, 6)
 
         def work(conn, task):
             out = {}
-            for i, (layer_id, name, source) in enumerate(prepared):
+            for i, (layer_id, source, view, resolution) in enumerate(prepared):
                 if task.isCanceled():
                     break
                 step = lambda p, i=i: task.setProgress((i + p / 100.0) * 100.0 / len(prepared))  # noqa: E731
                 out[layer_id] = operations.index_layer(conn, source, max_side, step, task.isCanceled,
-                                                       notes=task.notes, views=views)
+                                                       notes=task.notes, views=views, view=view,
+                                                       resolution=resolution)
             return out
 
         def shown(indexed):

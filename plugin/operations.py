@@ -45,11 +45,13 @@ EXPAND_TILES = 3
 
 
 def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Cancelled,
-                force: bool = False, notes: list | None = None, views: int | None = None):
-    """Index a whole layer; the IndexResult. `views`: views per tile averaged (1, 2, 4 or 8; None =
-    the server's default, ServerInfo.default_index_views)."""
+                force: bool = False, notes: list | None = None, views: int | None = None,
+                view: QgsRectangle | None = None, resolution: float | None = None):
+    """Index a whole layer, or for a pixel source `view` (layer CRS) at `resolution`; the IndexResult.
+    `views`: views per tile averaged (1, 2, 4 or 8; None = the server's default,
+    ServerInfo.default_index_views)."""
     pb = conn.pb
-    source, _, note = _source_and_extent(pb, prepared, None, None, None, max_side, None)
+    source, _, note = _source_and_extent(pb, prepared, None, None, view, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
     request = pb.IndexRasterRequest(source=source, force=force)

@@ -19,7 +19,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
-from .sources import local_path, prepare_source, to_layer_crs
+from .sources import has_no_resolution, local_path, prepare_source, to_layer_crs
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -111,6 +111,10 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
             raise QgsProcessingException("Index raster needs a raster layer")
         settings = self._settings(parameters, context)
         prepared = prepare_source(layer)
+        if has_no_resolution(prepared):
+            raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "
+                                         "to index whole: index the view you want from the SkyPrompt panel (its "
+                                         "Index reads the current view at the map's resolution)")
         notes: list[str] = []
         result = self._call(settings, lambda conn: operations.index_layer(
             conn, prepared, settings.max_pixel_side, feedback.setProgress, feedback.isCanceled,

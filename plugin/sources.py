@@ -131,6 +131,12 @@ class PixelReader:
         return pb.RasterSource(pixels=pixels), note
 
 
+def has_no_resolution(prepared) -> bool:
+    """A pixel source with no ground resolution of its own (a tile service): it can only be read over
+    a chosen view at a chosen resolution, not whole."""
+    return isinstance(prepared, PixelReader) and prepared.native_resolution is None
+
+
 def prepare_source(layer: QgsRasterLayer):
     """On the main thread: the layer's path, or a PixelReader for layers the backend cannot open."""
     path = local_path(layer)

@@ -762,3 +762,23 @@ def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
     shown = iface.canvas.extent()
     shown.grow(20.0)
     assert out.crs().authid() == "EPSG:3857" and out.featureCount() >= 1 and shown.contains(out.extent())
+    # Index reads a tile service's current view at the map's resolution, not the whole world at 2048 px
+    from qgis.PyQt.QtCore import Qt
+
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    assert any("tile service" in text for _, text, _ in iface.message_bar.messages[before:])
+    assert layer.id() in dock.indexed
+    dock.query.setText("fields")
+    dock.k.setValue(50)
+    assert run_dock(dock, "search", dock.search) is None
+    hits = dock.last_layer
+    assert hits.featureCount() >= 1
+    footprints = QgsGeometry.unaryUnion([f.geometry() for f in hits.getFeatures()]).boundingBox()
+    if hits.crs() != layer.crs():
+        footprints = QgsCoordinateTransform(hits.crs(), layer.crs(), QgsProject.instance()).transformBoundingBox(
+            footprints)
+    assert shown.contains(footprints), (footprints.toString(), shown.toString())
