@@ -612,6 +612,8 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         with pytest.raises(QgsProcessingException, match="expand 5000"):
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [layer], "EXPAND": 5000,
                                                      "OUTPUT": str(tmp_path / "y.gpkg")})
+        with pytest.raises(QgsProcessingException, match="is a tile service"):    # not the world at 2048 px
+            processing.run("skyprompt:indexraster", {"INPUT": make_xyz_layer(tmp_path)})
         e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
         extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
         out_path = str(tmp_path / "polygons.gpkg")
@@ -722,8 +724,8 @@ def test_screenshot_tool_draws_the_dock_with_results(tmp_path):
     assert len(colours) > 100
 
 
-def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
-    """An XYZ layer (local file:// tiles made by gdal2tiles): pixels come from QGIS's own provider."""
+def make_xyz_layer(tmp_path: Path) -> QgsRasterLayer:
+    """An XYZ layer of local file:// tiles made by gdal2tiles from a 512 px ramp image in EPSG:3857."""
     from osgeo_utils import gdal2tiles
 
     yy, xx = np.mgrid[0:512, 0:512]
@@ -733,6 +735,12 @@ def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
     gdal2tiles.main(["gdal2tiles", "--xyz", "-z", "14-16", "-w", "none", "-q", str(source), str(tmp_path / "tiles")])
     layer = QgsRasterLayer(f"type=xyz&url=file://{tmp_path}/tiles/{{z}}/{{x}}/{{y}}.png&zmin=14&zmax=16", "tiles", "wms")
     assert layer.isValid()
+    return layer
+
+
+def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
+    """An XYZ layer (local file:// tiles made by gdal2tiles): pixels come from QGIS's own provider."""
+    layer = make_xyz_layer(tmp_path)
     QgsProject.instance().addMapLayer(layer)
     from backend.rpc import skyprompt_pb2 as pb
     from plugin.sources import PixelReader
