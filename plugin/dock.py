@@ -517,6 +517,7 @@ class SkyPromptDock(QDockWidget):
             return None
         k = self.k.value()
         self.settings.k = k
+        self.settings.save()        # the next QGIS session starts with this k
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
 
         def work(conn, task):
@@ -621,6 +622,8 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("segment", e)
             return None
         threshold, min_area = self.threshold.value(), self.min_area.value()
+        self.settings.threshold, self.settings.min_area_m2 = threshold, min_area
+        self.settings.save()        # the next QGIS session starts with these
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
         layer_crs = layer.crs()
         edge_radius = None if self.follow_edges.isChecked() else 0      # None: the backend's default radius

@@ -289,6 +289,7 @@ def test_index_search_results_layer_and_zoom(dock, layers, iface):
     assert run_dock(dock, "search", dock.search) is None
     result = dock.last_layer
     assert result.name() == "SkyPrompt: roads and houses" and result.featureCount() == 7
+    assert PluginSettings.load().k == 7
     assert dock.result_list.count() == 7 and not dock.result_list.item(0).icon().isNull()
     scores = [f["score"] for f in result.getFeatures()]
     assert scores == sorted(scores, reverse=True) and result.renderer().type() == "graduatedSymbol"
@@ -489,6 +490,8 @@ def test_drawn_rectangle_and_min_area(dock, layers, iface):
     dock.min_area.setValue(area * 10)                             # bigger than everything found
     assert run_dock(dock, "segment", dock.segment) is None
     assert dock.last_layer.featureCount() == 0
+    remembered = PluginSettings.load()                             # what the next QGIS session starts with
+    assert (remembered.threshold, remembered.min_area_m2) == (0.0, pytest.approx(area * 10))
     dock.min_area.setValue(0.0)
     # edge refinement on (the default) and off: the same area, other relevance inside the polygons
     scores = {}
