@@ -797,7 +797,9 @@ class TileIndex:
 
         def attempt() -> np.ndarray:
             conn = self._reader()
-            row = conn.execute("SELECT raster_id FROM tiles WHERE id=?", (int(tile_id),)).fetchone()
+            # SQLite's integers stop at 2**63 - 1: a larger id names no tile
+            row = None if tile_id >= 2**63 else conn.execute("SELECT raster_id FROM tiles WHERE id=?",
+                                                              (int(tile_id),)).fetchone()
             if row is None:
                 raise TileIndexError("not_found", f"tile {tile_id} is not in the tile index (ids are SearchHit."
                                                   "tile_id of a search; re-indexing a raster gives its tiles new ids)")

@@ -23,7 +23,8 @@ from PIL import Image
 
 from .engine import EngineError, ModelEngine
 from .index import TileIndex, TileIndexError
-from .raster import BandMapping, Raster, RasterError, open_raster, parse_crs, raster_from_pixels, transform_bounds
+from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
+                     raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND,
@@ -424,9 +425,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 crs = parts[4] or "EPSG:4326"
                 bbox = parts[:4] if crs.upper() in ("EPSG:4326", "OGC:CRS84") else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
-        raster_ids = list(request.raster_ids)
-        for rid in raster_ids:
-            if not rid.strip().isdigit():
+        raster_ids = [index_id(rid) for rid in request.raster_ids]
+        for rid, parsed in zip(request.raster_ids, raster_ids):
+            if parsed is None:
                 raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers from "
                                                 f"IndexResult.raster_id)")
         expand = request.expand if request.HasField("expand") else self.search_expand
@@ -442,7 +443,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # unspecified = the server's choice: the index is exact below its ANN threshold anyway
         exact = request.mode == pb.SEARCH_MODE_EXACT
         hits = self.index.search(vector, k, self.engine.checkpoint_hash,
-                                 raster_ids=[int(r) for r in raster_ids] or None,
+                                 raster_ids=raster_ids or None,
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score, expand=expand)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
@@ -625,9 +626,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if bool(rid) == bool(path):
             raise _bad("give exactly one of raster_id and raster_path")
         if rid:
-            if not rid.isdigit():
+            if index_id(rid) is None:
                 raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers)")
-            entry = self.index.raster(int(rid))
+            entry = self.index.raster(index_id(rid))
         else:
             entry = self.index.raster_by_path(os.path.abspath(path))
             if entry is None:
@@ -636,6 +637,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         log.info("removed %s (%d tiles) from the index", entry["name"], entry["tile_count"])
         return pb.RemoveRasterResponse(raster_id=str(entry["id"]), raster_name=entry["name"],
                                        tiles_removed=entry["tile_count"])
+
+
+def index_id(text: str) -> int | None:
+    """A raster id as the index stores it (a non-negative 64-bit integer), or None for text that can
+    name none: ASCII digits only ("²" is a digit to str.isdigit, not to int), below 2**63."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**63:
+        return None
+    return int(text)
 
 
 def _tile_dict(tile) -> dict:
@@ -658,6 +668,4 @@ def model_input(raster: Raster, extent, size: int, max_pixels: int) -> tuple[np.
     image = np.zeros((3, size, size), np.uint8)
     image[:, :rgb.shape[1], :rgb.shape[2]] = rgb
     gt = raster.window_geotransform(col, row, width, height, width, height)
-    xs = [gt[0], gt[0] + gt[1] * width + gt[2] * height]
-    ys = [gt[3], gt[3] + gt[4] * width + gt[5] * height]
-    return image, (min(xs), min(ys), max(xs), max(ys))
+    return image, bounds_from_geotransform(gt, width, height)   # all four corners: rotated rasters too

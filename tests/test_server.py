@@ -265,6 +265,20 @@ def test_caption_and_embed_text(server, rasters):
     assert embedded.checkpoint_hash == info.checkpoint_hash and info.model_preset == "tiny"
 
 
+def test_caption_extent_of_a_rotated_raster_covers_all_four_corners(server, rasters):
+    import math
+
+    c, s_ = math.cos(math.radians(30)), math.sin(math.radians(30))
+    path = make_tif(rasters["folder"] / "rotated.tif", noise((3, 50, 100), seed=9),
+                    geotransform=(1000.0, c, s_, 2000.0, s_, -c))
+    response = server.stub.Caption(pb().CaptionRequest(source=pb().RasterSource(path=str(path)), max_len=4),
+                                   metadata=server.metadata)
+    xs = [1000.0 + c * px + s_ * py for px, py in ((0, 0), (100, 0), (0, 50), (100, 50))]
+    ys = [2000.0 + s_ * px - c * py for px, py in ((0, 0), (100, 0), (0, 50), (100, 50))]
+    e = response.extent
+    assert (e.xmin, e.ymin, e.xmax, e.ymax) == pytest.approx((min(xs), min(ys), max(xs), max(ys)), abs=1e-6)
+
+
 def test_segment_refines_relevance_along_the_image_edges_unless_asked_not_to(server, rasters, tiny_config):
     from backend.defaults import default_edge_radius
     from backend.edges import edge_refined
@@ -362,6 +376,15 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
         (lambda: stub.Search(p.SearchRequest(query="roads", k=10**6), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "k="),
         (lambda: stub.Search(p.SearchRequest(query="roads", raster_ids=["999999"]), metadata=md),
          grpc.StatusCode.NOT_FOUND, "999999"),
+        # ids no index can hold: a digit str.isdigit accepts and int() does not, and past SQLite's integers
+        (lambda: stub.Search(p.SearchRequest(query="roads", raster_ids=["\u00b2"]), metadata=md),
+         grpc.StatusCode.NOT_FOUND, "is not in the index"),
+        (lambda: stub.Search(p.SearchRequest(query="roads", raster_ids=["9" * 23]), metadata=md),
+         grpc.StatusCode.NOT_FOUND, "is not in the index"),
+        (lambda: stub.RemoveRaster(p.RemoveRasterRequest(raster_id="\u00b2"), metadata=md),
+         grpc.StatusCode.NOT_FOUND, "is not in the index"),
+        (lambda: stub.Search(p.SearchRequest(like_tile_id=2**63), metadata=md),
+         grpc.StatusCode.NOT_FOUND, "is not in the tile index"),
         (lambda: segment(server, rgb, ["trees"], extent=p.Extent(xmin=10, ymin=0, xmax=0, ymax=10)),
          grpc.StatusCode.INVALID_ARGUMENT, "inverted"),
         (lambda: segment(server, rgb, ["trees"], extent=p.Extent(xmin=0, ymin=0, xmax=10, ymax=10)),
