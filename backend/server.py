@@ -4,7 +4,8 @@ Binds to loopback by default. Off loopback a token is required (the server refus
 without one), and it is worth adding TLS. Health (grpc.health.v1) answers without a token so
 launchers can wait for the server; every other call needs `authorization: Bearer <token>` when a
 token is set. SIGINT/SIGTERM: health goes NOT_SERVING, new calls are refused with UNAVAILABLE,
-in-flight calls get a grace period and are then cancelled, and the index is closed cleanly.
+in-flight calls see cancellation at once (gRPC gets a grace period to deliver their last messages),
+and the index is closed cleanly.
 """
 from __future__ import annotations
 

@@ -690,6 +690,30 @@ def test_restart_keeps_the_index_and_kill_9_mid_index_leaves_it_consistent(check
     live.stop()
 
 
+def test_sigterm_mid_index_cancels_it_at_once_and_stores_nothing(checkpoint, rasters, tmp_path):
+    from backend.server import GRACE_S
+
+    data, roots = tmp_path / "data", [rasters["folder"]]
+    live = LiveServer(checkpoint, data, roots).start()
+    big = big_raster(rasters["folder"])
+    call = live.stub.IndexRaster(pb().IndexRasterRequest(source=pb().RasterSource(path=str(big))),
+                                 metadata=live.metadata)
+    with pytest.raises(grpc.RpcError) as stopped:
+        for progress in call:
+            if progress.tiles_done > 0 and live.proc.poll() is None:
+                signalled = time.monotonic()
+                live.proc.send_signal(signal.SIGTERM)
+    assert stopped.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert live.proc.wait(60) == 0
+    assert time.monotonic() - signalled < GRACE_S          # the running call did not hold shutdown up
+    live.log.close()
+    assert "SkyPrompt server stopped" in live.log_text()
+    live = LiveServer(checkpoint, data, roots).start()
+    info = live.stub.GetInfo(pb().GetInfoRequest(), metadata=live.metadata)
+    assert info.index_stats.raster_count == 0 and info.index_stats.tile_count == 0
+    live.stop()
+
+
 # ---- command-line client ----------------------------------------------------------------------
 
 def client(server, *args) -> subprocess.CompletedProcess:
