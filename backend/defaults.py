@@ -52,7 +52,9 @@ class Limits:
     max_prompt_chars: int = 1000
     max_k: int = 1000
     max_pixel_source_side: int = 8192
-    max_message_bytes: int = 256 * 1024 * 1024   # a full-size 8192^2 RGBA pixel source fits
+    # an 8192^2 RGB pixel source (192 MiB) fits; four bands at that size are the whole 256 MiB with
+    # nothing left for the request's other fields: serve --max-message-mb 260 for those
+    max_message_bytes: int = 256 * 1024 * 1024
     max_prompts: int = 16
     max_texts: int = 256
     max_extent_pixels: int = 4096 * 4096
