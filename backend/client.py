@@ -51,6 +51,11 @@ def _box(b) -> list[float]:
     return [b.xmin, b.ymin, b.xmax, b.ymax]
 
 
+def _lonlat_box(message) -> list[float] | None:
+    """A message's bounds_wgs84, or None where the server sent none (a CRS without longitude/latitude)."""
+    return _box(message.bounds_wgs84) if message.HasField("bounds_wgs84") else None
+
+
 def _source(path: str) -> pb.RasterSource:
     # the server resolves paths on its own machine: send absolute ones so "./x.tif" means ours
     return pb.RasterSource(path=os.path.abspath(path))
@@ -132,7 +137,7 @@ def _index_each(stub, args, results: list[dict]) -> None:
                 "outcome": outcome, "tile_count": final.tile_count, "tiles_skipped": final.tiles_skipped,
                 "width": final.width, "height": final.height, "band_count": final.band_count,
                 "crs": final.crs.authid or final.crs.wkt, "bounds": _box(final.bounds),
-                "bounds_wgs84": _box(final.bounds_wgs84), "seconds": round(final.seconds, 3)}
+                "bounds_wgs84": _lonlat_box(final), "seconds": round(final.seconds, 3)}
         results.append(item)
         if not args.json:
             print(f"{item['raster_name']}: {outcome}, {item['tile_count']} tiles "
@@ -179,7 +184,7 @@ def cmd_search(stub, args) -> int:
                 "raster_name": hit.raster_name, "tile_id": hit.tile_id,
                 "window": [hit.window.x_off, hit.window.y_off, hit.window.width, hit.window.height],
                 "crs": hit.crs.authid or hit.crs.wkt, "extent": _box(hit.bounds),
-                "bounds_wgs84": _box(hit.bounds_wgs84), "footprint_wkt": hit.footprint_wkt}
+                "bounds_wgs84": _lonlat_box(hit), "footprint_wkt": hit.footprint_wkt}
         if args.thumbnails and hit.thumbnail_png:
             folder = Path(args.thumbnails)
             folder.mkdir(parents=True, exist_ok=True)

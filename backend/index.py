@@ -86,7 +86,7 @@ class Hit:
     width: int
     height: int
     bounds: tuple               # (xmin, ymin, xmax, ymax) in the raster's CRS
-    bounds_wgs84: tuple         # (lon_min, lat_min, lon_max, lat_max)
+    bounds_wgs84: tuple | None  # (lon_min, lat_min, lon_max, lat_max); None: the CRS has no lon/lat
     footprint_wkt: str
     footprint_wgs84_wkt: str
     crs_authid: str
@@ -167,8 +167,9 @@ def _identity_fields(identity: dict) -> tuple[str, int, int]:
     return key, size, mtime_ns
 
 
-def _box(value, what: str) -> tuple[float, float, float, float]:
-    """(xmin, ymin, xmax, ymax) from a 4-sequence or a dict with those keys."""
+def _box(value, what: str, wraps: bool = False) -> tuple[float, float, float, float]:
+    """(xmin, ymin, xmax, ymax) from a 4-sequence or a dict with those keys. With `wraps` (longitudes of
+    a raster across 180 degrees, as GDAL reports them) xmin may be above xmax."""
     if isinstance(value, dict):
         value = [value.get(k) for k in ("xmin", "ymin", "xmax", "ymax")]
     try:
@@ -178,9 +179,15 @@ def _box(value, what: str) -> tuple[float, float, float, float]:
     if len(box) != 4 or not all(np.isfinite(box)):
         raise TileIndexError("invalid_argument",
                              f"{what} must be 4 finite numbers (xmin, ymin, xmax, ymax), got {value!r}")
-    if box[0] > box[2] or box[1] > box[3]:
+    if (box[0] > box[2] and not wraps) or box[1] > box[3]:
         raise TileIndexError("invalid_argument", f"{what} {box} is inverted: xmin must be <= xmax and ymin <= ymax")
     return box
+
+
+# The EPSG:4326 box stored for the tiles of a raster whose CRS has no longitude/latitude (a local
+# engineering CRS, or none): outside every longitude/latitude extent, so extent filters never match
+# them, and hits report no box and no footprint in EPSG:4326.
+NO_LONLAT_BOX = (1000.0, 1000.0, 1000.0, 1000.0)
 
 
 def _rectangle_wkt(b) -> str:
@@ -1033,8 +1040,9 @@ class TileIndex:
             (_, rid, col, row, width, height, x0, y0, x1, y1, gx0, gy0, gx1, gy1, footprint, footprint_wgs84,
              extra) = rows[tid]
             path, name, crs_authid, crs_wkt = rasters[rid]
+            lonlat = None if (gx0, gy0, gx1, gy1) == NO_LONLAT_BOX else (gx0, gy0, gx1, gy1)
             hits.append(Hit(score, rid, path, name, tid, col, row, width, height, (x0, y0, x1, y1),
-                            (gx0, gy0, gx1, gy1), footprint, footprint_wgs84, crs_authid, crs_wkt,
+                            lonlat, footprint, footprint_wgs84, crs_authid, crs_wkt,
                             json.loads(extra) if extra else {}))
         return hits
 
@@ -1202,7 +1210,7 @@ class RasterWriter:
             "band_count": int(meta.get("band_count") or 0), "tiles_skipped": int(meta.get("tiles_skipped") or 0),
             "bounds": None if meta.get("bounds") is None else _box(meta["bounds"], "raster bounds"),
             "bounds_wgs84": None if meta.get("bounds_wgs84") is None else _box(meta["bounds_wgs84"],
-                                                                                "raster bounds_wgs84"),
+                                                                                "raster bounds_wgs84", wraps=True),
             "extra": extra,
         }
 
@@ -1214,10 +1222,12 @@ class RasterWriter:
                                                      f"(its pixel window), got {sorted(tile)}") from None
         if "bounds" not in tile or "bounds_wgs84" not in tile:
             raise TileIndexError("invalid_argument", f"tile {i} needs 'bounds' (raster CRS) and 'bounds_wgs84'")
-        b, g = _box(tile["bounds"], f"tile {i} bounds"), _box(tile["bounds_wgs84"], f"tile {i} bounds_wgs84")
+        b = _box(tile["bounds"], f"tile {i} bounds")
+        g = NO_LONLAT_BOX if tile["bounds_wgs84"] is None else _box(tile["bounds_wgs84"], f"tile {i} bounds_wgs84")
+        footprint_wgs84 = "" if g == NO_LONLAT_BOX else str(tile.get("footprint_wgs84_wkt") or _rectangle_wkt(g))
         unknown = {k: v for k, v in tile.items() if k not in TILE_FIELDS}
         return (col, row, width, height, *b, *g, str(tile.get("footprint_wkt") or _rectangle_wkt(b)),
-                str(tile.get("footprint_wgs84_wkt") or _rectangle_wkt(g)), json.dumps(unknown) if unknown else None)
+                footprint_wgs84, json.dumps(unknown) if unknown else None)
 
     def add(self, tiles: Sequence[dict], embeddings: np.ndarray) -> None:
         """Append tiles and their [len(tiles), dim] embeddings (rows are L2-normalised here)."""

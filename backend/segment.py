@@ -207,7 +207,8 @@ def geodesic_area_m2(geometry: Polygon, to_wgs84: osr.CoordinateTransformation |
         pts = np.asarray(to_wgs84.TransformPoints([c[:2] for c in coords]), float)[:, :2]
         if not np.isfinite(pts).all():
             raise ValueError("not transformable")
-        lon, lat = np.radians(pts[:, 0]), np.radians(pts[:, 1])
+        # unwrapped: a ring across 180 degrees of longitude jumps by 2 pi between two of its points
+        lon, lat = np.unwrap(np.radians(pts[:, 0])), np.radians(pts[:, 1])
         # spherical polygon area by the trapezoid rule on (lon, sin lat): exact for a sphere
         # along parallels, accurate for the short edges of pixel polygons
         s = np.sum((lon[1:] - lon[:-1]) * (2 + np.sin(lat[:-1]) + np.sin(lat[1:])))

@@ -650,7 +650,7 @@ def index_id(text: str) -> int | None:
 
 def _tile_dict(tile) -> dict:
     return {"col": tile.col, "row": tile.row, "width": tile.width, "height": tile.height, "bounds": tile.bounds,
-            "bounds_wgs84": tile.bounds_wgs84 or tile.bounds, "footprint_wkt": tile.footprint_wkt,
+            "bounds_wgs84": tile.bounds_wgs84, "footprint_wkt": tile.footprint_wkt,
             "footprint_wgs84_wkt": tile.footprint_wgs84_wkt}
 
 

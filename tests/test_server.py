@@ -279,6 +279,44 @@ def test_caption_extent_of_a_rotated_raster_covers_all_four_corners(server, rast
     assert (e.xmin, e.ymin, e.xmax, e.ymax) == pytest.approx((min(xs), min(ys), max(xs), max(ys)), abs=1e-6)
 
 
+def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, rasters):
+    from osgeo import osr
+    from shapely.geometry import box as shapely_box
+
+    from backend.segment import geodesic_area_m2, wgs84_transform
+
+    # UTM zone 60 north from 830 km to 930 km east: the 180th meridian runs through it
+    path = make_tif(rasters["folder"] / "antimeridian.tif", noise((3, 100, 100), seed=11),
+                    geotransform=(830000.0, 1000.0, 0.0, 100000.0, 0.0, -1000.0), crs="EPSG:32660")
+    done = index(server, path)[-1].result
+    assert done.tile_count > 0 and done.bounds_wgs84.xmin > done.bounds_wgs84.xmax    # as GDAL gives them
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32660)
+    to_wgs84 = wgs84_transform(srs)
+    across, west = shapely_box(880000, 50000, 890000, 60000), shapely_box(760000, 50000, 770000, 60000)
+    assert geodesic_area_m2(across, to_wgs84) == pytest.approx(1e8, rel=0.02)   # 10 km x 10 km, give or take
+    assert geodesic_area_m2(across, to_wgs84) == pytest.approx(geodesic_area_m2(west, to_wgs84), rel=0.02)
+
+
+def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server, rasters):
+    path = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=12),
+                    geotransform=(10.0, 1.0, 0.0, 50.0, 0.0, -1.0), crs="LOCAL_CS[\"site grid\",UNIT[\"metre\",1]]")
+    done = index(server, path)[-1].result
+    p = pb()
+    only = [done.raster_id]
+    hits = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only), metadata=server.metadata).hits
+    assert hits and all(not h.HasField("bounds_wgs84") and h.footprint_wgs84_wkt == "" for h in hits)
+    assert all(h.bounds.xmin >= 10.0 and h.bounds.ymax <= 50.0 for h in hits)         # its own grid is kept
+    # its grid numbers are no longitudes: an extent around (20 E, 30 N) does not find it
+    placed = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=p.Extent(
+        xmin=20, ymin=30, xmax=21, ymax=31, crs="EPSG:4326")), metadata=server.metadata)
+    assert not placed.hits
+    out = client(server, "search", "--json", "x", "--k", "2", "--raster-id", done.raster_id)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)["results"]
+    assert found and all(r["bounds_wgs84"] is None for r in found)
+
+
 def test_segment_refines_relevance_along_the_image_edges_unless_asked_not_to(server, rasters, tiny_config):
     from backend.defaults import default_edge_radius
     from backend.edges import edge_refined
