@@ -662,6 +662,8 @@ class SkyPromptDock(QDockWidget):
         rect, crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
         in_layer = to_layer_crs(rect, crs, layer)
         try:
+            if not in_layer.intersects(layer.extent()):
+                raise SourceError(f"the view does not overlap layer {layer.name()!r}: pan to it to describe it")
             prepared = prepare_source(layer)
         except SourceError as e:
             self._message(str(e), Qgis.Warning)

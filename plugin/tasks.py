@@ -8,6 +8,7 @@ from typing import Any, Callable
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
 
 from .settings import LOG_TAG
+from .sources import SourceError
 
 
 class BackendTask(QgsTask):
@@ -32,6 +33,8 @@ class BackendTask(QgsTask):
             return not self.isCanceled()
         except BackendError as e:
             self.error = e
+        except SourceError as e:   # the layer's pixels could not be read as asked: the user's to fix
+            self.error = BackendError("INVALID_ARGUMENT", str(e))
         except Exception as e:  # a bug or an unexpected layer: log it whole, show one line
             QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG, Qgis.Critical)
             self.error = BackendError("INTERNAL", f"{type(e).__name__}: {e}")

@@ -531,7 +531,29 @@ def test_layer_the_backend_cannot_open_is_sent_as_pixels(dock, iface):
     assert any("capped at 100 px" in (text or "") for _, text, _ in iface.message_bar.messages)
     assert run_dock(dock, "caption", dock.describe) is None
     assert dock.caption.toPlainText().strip()
+    # a view beside the layer: said so at once, no task, no INTERNAL error
+    far = layer.extent()
+    far.setXMinimum(far.xMaximum() + 1000.0)
+    far.setXMaximum(far.xMinimum() + 300.0)
+    iface.canvas.setExtent(far)
+    before = len(iface.message_bar.messages)
+    assert dock.describe() is None
+    shown = [text for _, text, _ in iface.message_bar.messages[before:]]
+    assert any("does not overlap layer 'in memory'" in t for t in shown) and not any("INTERNAL" in t for t in shown)
     gdal.Unlink(path)
+
+
+def test_a_layer_read_error_in_a_task_is_the_users_to_fix_not_internal(settings):
+    from plugin.sources import SourceError
+    from plugin.tasks import BackendTask, start
+
+    def work(conn, task):
+        raise SourceError("the requested area does not overlap layer 'x'")
+
+    got, keep = [], set()
+    start(BackendTask("read", settings, work, lambda result, error: got.append(error)), keep)
+    wait_until(lambda: got, 30, "the task to end")
+    assert got[0].code == "INVALID_ARGUMENT" and "does not overlap layer 'x'" in got[0].message
 
 
 def test_backend_down_gives_a_clear_message_without_hanging(dock, layers, iface):
