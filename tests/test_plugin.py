@@ -615,16 +615,19 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         ds.SetGeoTransform((300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
         ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
         ds = None
-        in_memory = QgsRasterLayer("/vsimem/skyprompt-search.tif", "in memory")
+        # in the project while used, removed after (see the del at the end)
+        in_memory = QgsProject.instance().addMapLayer(QgsRasterLayer("/vsimem/skyprompt-search.tif", "in memory"))
         with pytest.raises(QgsProcessingException, match="cannot search only in in memory"):
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [in_memory],
                                                      "OUTPUT": str(tmp_path / "m.gpkg")})
-        feedback = Warnings()
+        mixed_feedback = Warnings()
         mixed = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
             "QUERY": "farmland", "K": 4, "LAYERS": [layer, in_memory], "OUTPUT": str(tmp_path / "mixed.gpkg")},
-            feedback=feedback)["OUTPUT"])
+            feedback=mixed_feedback)["OUTPUT"])
         assert {f["layer"] for f in mixed.getFeatures()} == {layer.name()}
-        assert any("not searched: in memory" in w for w in feedback.seen), feedback.seen
+        assert any("not searched: in memory" in w for w in mixed_feedback.seen), mixed_feedback.seen
+        QgsProject.instance().removeMapLayer(in_memory.id())
+        gdal.Unlink("/vsimem/skyprompt-search.tif")
         # tiles like a tile: that tile first, with score 1
         tile = next(found.getFeatures())["tile_id"]
         like = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
@@ -637,8 +640,10 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         with pytest.raises(QgsProcessingException, match="expand 5000"):
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "LAYERS": [layer], "EXPAND": 5000,
                                                      "OUTPUT": str(tmp_path / "y.gpkg")})
+        tiles = QgsProject.instance().addMapLayer(make_xyz_layer(tmp_path))
         with pytest.raises(QgsProcessingException, match="is a tile service"):    # not the world at 2048 px
-            processing.run("skyprompt:indexraster", {"INPUT": make_xyz_layer(tmp_path)})
+            processing.run("skyprompt:indexraster", {"INPUT": tiles})
+        QgsProject.instance().removeMapLayer(tiles.id())
         e = layer_rect(layer, (0.3, 0.3, 0.6, 0.6))
         extent = f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]"
         out_path = str(tmp_path / "polygons.gpkg")
@@ -660,7 +665,7 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
                                                           "EDGE_RADIUS": 5000, "OUTPUT": str(tmp_path / "e.gpkg")})
         # the traceback pytest keeps from raises() holds this frame: layers alive in it would be
         # destroyed after QGIS's exit, which crashes Python's teardown
-        del found, expanded, like, best, result
+        del found, expanded, like, best, result, mixed, in_memory, tiles
         with pytest.raises(QgsProcessingException, match="no SkyPrompt backend answers"):
             from backend.server import free_port
             processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": f"127.0.0.1:{free_port()}",
