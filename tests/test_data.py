@@ -692,6 +692,39 @@ def test_validation_lists_reproduce_the_split_for_the_evaluation_cli(class_folde
     assert {h["class"] for h in held} == {"a", "b"}
 
 
+def test_recipe_problems_are_found_before_training(class_folder, tmp_path):
+    import os
+
+    from training import recipe as recipes
+
+    rows = [{"image": str(make_image(tmp_path / d / f"{i}.jpg", seed=i)), "class": "a" if i % 2 else "b",
+             "captions": [f"caption {i}"]} for d in ("one", "two") for i in range(4)]
+    one = write_jsonl(tmp_path / "one" / "captions.jsonl", rows[:4])
+    two = write_jsonl(tmp_path / "two" / "captions.jsonl", rows[4:])
+    # two sources named after their files, "captions": their validation sets and packs would collide
+    same = [{"kind": "manifest", "path": str(one), "val_per_class": 1},
+            {"kind": "manifest", "path": str(two), "val_per_class": 1}]
+    with pytest.raises(recipes.RecipeError, match="two sources are named 'captions'"):
+        recipes.build_sources(same, seed=0)
+    named = [dict(same[0], name="one"), dict(same[1], name="two")]
+    assert set(recipes.build_sources(named, seed=0)[1]) == {"one/retrieval", "two/retrieval"}
+    # a held-out class the map does not name: found now, not at the first validation of a long run
+    with pytest.raises(recipes.RecipeError, match="classes its class-name map does not name: b"):
+        recipes.build_sources([dict(named[0], classnames={"a": "the a class"})], seed=0)
+    # a class folder of links to images elsewhere: its validation list names the links
+    linked = tmp_path / "linked"
+    for cls in ("x", "y"):
+        (linked / cls).mkdir(parents=True)
+        for i in range(3):
+            os.symlink(make_image(tmp_path / "elsewhere" / f"{cls}{i}.jpg", seed=i), linked / cls / f"{i}.jpg")
+    folder = [{"name": "linked", "kind": "folder", "root": str(linked), "classnames": {"x": "x", "y": "y"},
+               "val_per_class": 1}]
+    _, val = recipes.build_sources(folder, seed=0)
+    recipes.write_validation_lists(folder, val, tmp_path / "val")
+    listed = (tmp_path / "val" / "linked.txt").read_text().split()
+    assert len(listed) == 2 and all((linked / line).is_symlink() for line in listed)
+
+
 def test_pooled_captions_of_held_out_images_are_not_trained_on(class_folder, tmp_path):
     """A class caption pool drawn from a benchmark's train split can hold the captions of images
     another source holds out for validation: those captions leave the pool, the rest stay."""

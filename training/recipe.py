@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -111,8 +112,14 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
     Returns (train sources with their `records`, validation sets by name)."""
     train, val = [], {}
     pooled: dict[int, set[str]] = {}   # source index -> its class caption pool (normalised)
+    names: set[str] = set()
     for i, s in enumerate(sources):
         name = s.get("name") or Path(s.get("root") or s.get("path") or f"shards{i}").stem
+        if name in names:
+            # validation sets, their lists and packed copies are kept by source name: one would replace the other
+            raise RecipeError(f"two sources are named {name!r} (named after their folder or file when no \"name\" "
+                              "is given): give each a distinct \"name\"")
+        names.add(name)
         if s["kind"] == "shards":
             train.append({**s, "name": name})
             continue
@@ -157,11 +164,22 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         train.append({**s, "name": name, "records": records, "class_map": mapping})
         if held:
             if mapping is not None:
+                _check_held_out_classes(name, held, mapping)
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
             if s["kind"] in CAPTION_FILE_KINDS:
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
     _drop_held_out_pool_captions(train, val, pooled)
     return train, val
+
+
+def _check_held_out_classes(name: str, held: list, mapping: dict) -> None:
+    """Every held-out image's class must be named by the class map (by key or by one of its names):
+    checked before training, not at its first validation."""
+    known = set(mapping) | {n for v in mapping.values() for n in ([v] if isinstance(v, str) else v)}
+    unknown = sorted({str(r.class_name) for r in held if r.class_name not in known})
+    if unknown:
+        raise RecipeError(f"source {name}: held-out images have classes its class-name map does not name: "
+                          f"{', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}; add them to the map")
 
 
 def _inline_pool(captions) -> dict[str, list[str]]:
@@ -212,8 +230,9 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
         base = name.split("/")[0]
         source = roots.get(base, {})
         if vs["kind"] == "zero-shot" and source.get("kind") == "folder":
-            root = Path(source["root"]).resolve()
-            lines = [Path(r.image).resolve().relative_to(root).as_posix() for r in vs["records"]]
+            # relative without resolving links: an image may be a link to a file elsewhere
+            root = os.path.abspath(source["root"])
+            lines = [Path(os.path.relpath(os.path.abspath(r.image), root)).as_posix() for r in vs["records"]]
             path = out / f"{base}.txt"
             path.write_text("\n".join(lines) + "\n")
         elif vs["kind"] == "retrieval":

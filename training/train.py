@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 
 from backend.engine import EngineError, resolve_device
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
-from backend.model.checkpoint import CheckpointError, check_checkpoint_target, load_checkpoint, save_checkpoint
+from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_checkpoint_target, load_checkpoint,
+                                     save_checkpoint)
 from backend.model.config import ConfigError
 from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
@@ -43,7 +44,7 @@ from .data import DataError
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 
-TRAIN_STATE = "train_state.pt"
+TRAIN_STATE = TRAINING_STATE
 
 
 @dataclass

@@ -27,6 +27,10 @@ FORMAT_VERSION = 1
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
+# The optimizer state and step a training checkpoint holds beside its weights (training.train).
+TRAINING_STATE = "train_state.pt"
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded or written; the message says why and what to do."""
 
@@ -41,7 +45,7 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
     that must appear together with the weights or not at all.
     """
     directory = Path(directory)
-    check_checkpoint_target(directory)
+    check_checkpoint_target(directory, training_save=write_extra is not None)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -94,11 +98,13 @@ def _current_umask() -> int:
     return mask
 
 
-def check_checkpoint_target(target: Path) -> None:
+def check_checkpoint_target(target: Path, training_save: bool = False) -> None:
     """Refuse to overwrite anything but an empty folder or an earlier checkpoint.
 
     Saving replaces the whole target folder, so a mistyped output path (a data folder, a run
-    folder, a file) would otherwise be deleted without a word.
+    folder, a file) would otherwise be deleted without a word. Nor may a plain save (an export)
+    replace a training checkpoint: its optimizer state, which `--resume` needs, would go with it;
+    only a training save (`training_save`, which writes that state again) may.
     """
     if not target.exists() and not target.is_symlink():
         return
@@ -117,6 +123,9 @@ def check_checkpoint_target(target: Path) -> None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise CheckpointError(f"{target} already holds files that are not a SkyPrompt checkpoint ({shown}); "
                               "saving would replace the whole folder: pick a new output path or remove it first")
+    if TRAINING_STATE in entries and not training_save:
+        raise CheckpointError(f"{target} is a training checkpoint (its {TRAINING_STATE} is what --resume continues "
+                              "from); saving here would drop it: pick a new output path")
 
 
 def _replace_dir(new: Path, target: Path) -> None:
