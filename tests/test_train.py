@@ -342,3 +342,16 @@ def test_one_loader_serves_every_epoch_in_order():
         workers |= {pid for _, _, pid in items}
     assert seen == keys            # each worker's copy was in the item's epoch
     assert len(workers) == 2       # the same two workers served all three epochs
+
+
+def test_a_validation_set_gone_bad_is_logged_not_fatal(tiny_model, tokenizer, tmp_path):
+    from training.data import Record
+    from training.train import _evaluate
+
+    gone = [Record(str(tmp_path / "deleted.jpg"), ("a caption",), "red")]
+    metrics = tmp_path / "metrics.jsonl"
+    _evaluate(tiny_model, tokenizer, {"scenes": {"kind": "zero-shot", "records": gone,
+                                                 "classnames": {"blue": "blue water"}}},
+              torch.device("cpu"), metrics, step=7)
+    row = json.loads(metrics.read_text())
+    assert row["step"] == 7 and "not in the class-name map" in row["scenes/error"]

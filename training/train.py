@@ -580,13 +580,17 @@ def _evaluate(model: MaMMUT, tokenizer: Tokenizer, val_sets: dict, device, metri
     model.eval()
     row = {"kind": "eval", "step": step}
     for name, vs in val_sets.items():
-        if vs["kind"] == "zero-shot":
-            r = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device, batch_size=64)
-            row[f"{name}/top1"] = r["top1"]
-        else:
-            r = ev.evaluate_retrieval(model, tokenizer, vs["records"], device, batch_size=64)
-            row[f"{name}/mean_recall"] = r["mean_recall"]
-            row[f"{name}/t2i_r10"] = r["t2i_r10"]
+        try:
+            if vs["kind"] == "zero-shot":
+                r = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device, batch_size=64)
+                row[f"{name}/top1"] = r["top1"]
+            else:
+                r = ev.evaluate_retrieval(model, tokenizer, vs["records"], device, batch_size=64)
+                row[f"{name}/mean_recall"] = r["mean_recall"]
+                row[f"{name}/t2i_r10"] = r["t2i_r10"]
+        except (ev.EvalError, OSError) as e:   # a validation set gone bad must not end hours of training
+            log(f"validation of {name} failed at step {step}: {e}")
+            row[f"{name}/error"] = str(e)
     log("eval " + json.dumps(row))
     _append_metrics(metrics_path, row)
 
