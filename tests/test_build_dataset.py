@@ -320,6 +320,43 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
     assert all(0 <= s["image_score"] <= 1 and 0 <= s["text_score"] <= 1 for s in scored)
 
 
+@pytest.mark.skipif(not (SHARED / "ucm" / "captions.jsonl").is_file(), reason="shared UCM captions not found")
+def test_a_pair_dropped_by_the_thresholds_does_not_make_its_copy_a_duplicate(tmp_path):
+    row = json.loads((SHARED / "ucm" / "captions.jsonl").read_text().splitlines()[0])
+    shutil.copy(SHARED / "ucm" / row["image"], tmp_path / "scene.tif")
+    pairs = [{"image": "scene.tif", "text": "my cat sleeping on the sofa"},        # dropped: not about the ground
+             {"image": "scene.tif", "text": row["captions"][0]},                 # the same picture, its caption
+             {"image": "scene.tif", "text": row["captions"][1]}]                 # and now a real duplicate
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in pairs) + "\n")
+    p = run("filter", "--manifest", tmp_path / "pairs.jsonl", "--checkpoint", CHECKPOINT, "--out", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["kept"] == 1 and report["counts"]["duplicate"] == 1
+    assert [int(k.rsplit("-", 1)[1]) for k in report["kept_keys"]] == [2]
+
+
+def test_kept_images_are_stored_in_formats_training_reads():
+    import io
+
+    from training.data import _SHARD_IMAGE_EXTS
+    from training.datasets.web_filter import shard_image
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    encoded = {}
+    for fmt, kw in (("JPEG", {}), ("MPO", {"save_all": True, "append_images": [picture]}), ("GIF", {})):
+        buf = io.BytesIO()
+        picture.save(buf, format=fmt, **kw)
+        encoded[fmt] = buf.getvalue()
+    for fmt, data in encoded.items():
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            ext, payload = shard_image(im, data)
+        assert ext in _SHARD_IMAGE_EXTS
+        assert (payload == data) == (fmt != "GIF")              # JPEG and MPO as they came, GIF re-encoded
+        with Image.open(io.BytesIO(payload)) as back:
+            assert back.size == (32, 32)
+
+
 def test_filter_bad_shards_give_one_clear_line(tmp_path):
     (tmp_path / "notatar.tar").write_text("just text")
     p = run("filter", "--shards", tmp_path / "web-*.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o1")

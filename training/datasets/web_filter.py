@@ -45,6 +45,21 @@ def dhash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
+# Shard members by file extension, as training.data reads them; other formats are re-encoded.
+_SHARD_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp"}
+
+
+def shard_image(im: Image.Image, data: bytes) -> tuple[str, bytes]:
+    """(extension, bytes) to store a kept image as: its own bytes when training reads the format (a
+    phone's multi-picture JPEG, MPO, is a JPEG to every reader), else re-encoded as PNG (GIF, ICO...)."""
+    ext = _SHARD_FORMATS.get(im.format or "")
+    if ext:
+        return ext, data
+    out = io.BytesIO()
+    im.convert("RGB").save(out, format="PNG")
+    return "png", out.getvalue()
+
+
 class HashIndex:
     """Near-duplicate lookup for 64-bit hashes within `distance` bits (distance <= 7)."""
 
@@ -249,21 +264,23 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
     vocabulary = read_vocabulary()
     contamination, n_eval = eval_hashes(cfg.eval_folders, cfg.dup_distance)
     scorer = ImageScorer(cfg.checkpoint, cfg.device)
+    # duplicates are of pairs kept before: a pair dropped by the thresholds takes no later copy with it
     seen_bytes: set[str] = set()
     seen_hashes = HashIndex(cfg.dup_distance)
+    pending: list = [set(), HashIndex(cfg.dup_distance)]   # the unscored batch's bytes digests and hashes
     writer = _ShardWriter(out / "shards", cfg.shard_size)
     counts = {"seen": 0, "kept": 0, "unreadable": 0, "duplicate": 0, "eval_match": 0, "low_image_score": 0,
               "low_text_score": 0}
     image_scores, text_scores, near, kept_keys = [], [], {"kept": [], "dropped": []}, []
     t0 = time.time()
-    batch: list[tuple[str, bytes, str, Image.Image, float]] = []
+    batch: list[tuple[str, bytes, str, Image.Image, float, str, int]] = []   # ..., text score, digest, hash
     scores_file = open(out / "scores.jsonl.part", "w")      # every scored pair: for tuning thresholds
 
     def flush():
         if not batch:
             return
-        scores = scorer.scores([scorer.tensor(im) for _, _, _, im, _ in batch])
-        for (key, data, text, im, ts), score in zip(batch, scores):
+        scores = scorer.scores([scorer.tensor(im) for _, _, _, im, _, _, _ in batch])
+        for (key, data, text, im, ts, digest, h), score in zip(batch, scores):
             score = float(score)
             image_scores.append(score)
             keep = score >= cfg.image_threshold and ts >= cfg.text_threshold
@@ -279,11 +296,14 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
             scores_file.write(json.dumps({"key": key, "image_score": round(score, 4), "text_score": round(ts, 4),
                                           "kept": keep}) + "\n")
             if keep:
-                ext = (im.format or "jpeg").lower().replace("jpeg", "jpg")
-                writer.add(key, data, ext, text, {"image_score": score, "text_score": ts, "text": text})
+                ext, payload = shard_image(im, data)
+                writer.add(key, payload, ext, text, {"image_score": score, "text_score": ts, "text": text})
                 counts["kept"] += 1
                 kept_keys.append(key)
+                seen_bytes.add(digest)
+                seen_hashes.add(h)
         batch.clear()
+        pending[:] = [set(), HashIndex(cfg.dup_distance)]
 
     for key, data, text in tqdm(read_pairs(cfg.shards, cfg.manifest), desc="pairs", unit="pair",
                                 disable=not progress):
@@ -302,14 +322,16 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
             counts["eval_match"] += 1
             continue
         digest = hashlib.sha1(data).hexdigest()
+        if digest in pending[0] or pending[1].near(h):
+            flush()     # a copy of a pair not yet scored: whether it is a duplicate depends on that pair
         if digest in seen_bytes or seen_hashes.near(h):
             counts["duplicate"] += 1
             continue
-        seen_bytes.add(digest)
-        seen_hashes.add(h)
+        pending[0].add(digest)
+        pending[1].add(h)
         ts = text_score(text, vocabulary)
         text_scores.append(ts)
-        batch.append((key, data, text, im, ts))
+        batch.append((key, data, text, im, ts, digest, h))
         if len(batch) >= cfg.batch_size:
             flush()
     flush()
