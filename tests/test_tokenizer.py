@@ -168,6 +168,35 @@ def test_read_caption_texts(tmp_path):
         list(read_caption_texts(jsonl))
 
 
+def test_read_caption_texts_of_json_files(tmp_path):
+    karpathy = tmp_path / "dataset_x.json"
+    karpathy.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": [{"raw": "A port ."}, {"raw": " "}]},
+                                               {"filename": "b.jpg", "sentences": [{"raw": "Two ships ."}]}]}))
+    listed = tmp_path / "pairs.json"
+    listed.write_text(json.dumps([{"image": "a.jpg", "captions": ["A farm ."]}, {"image": "b.jpg", "caption": "A dam ."}]))
+    lines = tmp_path / "lines.json"                      # JSONL under a .json name, as manifests may be
+    lines.write_text(json.dumps({"image": "a.jpg", "caption": "A golf course ."}) + "\n"
+                     + json.dumps({"image": "b.jpg", "captions": ["A lake ."]}) + "\n")
+    assert list(read_caption_texts([karpathy, listed, lines])) == [
+        "A port .", "Two ships .", "A farm .", "A dam .", "A golf course .", "A lake ."]
+
+
+def test_cli_refuses_an_out_it_cannot_or_should_not_write(tmp_path, tiny_model, tokenizer):
+    from backend.model.checkpoint import save_checkpoint
+
+    tok = tokenizer     # the conftest tokenizer, which fits the tiny model
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(CORPUS * 10) + "\n")
+    checkpoint = save_checkpoint(tiny_model, tok, tmp_path / "ckpt")
+    before = (checkpoint / "tokenizer.json").read_bytes()
+    result = run_cli("--captions", str(caps), "--vocab-size", "300", "--out", str(checkpoint))
+    assert result.returncode == 2 and "checkpoint folder" in result.stderr
+    assert (checkpoint / "tokenizer.json").read_bytes() == before
+    (tmp_path / "afile").write_text("x")
+    result = run_cli("--captions", str(caps), "--vocab-size", "300", "--out", str(tmp_path / "afile" / "tok.json"))
+    assert result.returncode == 2 and "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_real_ucm_captions():
     path = DATA / "captions" / "ucm_train_caps.txt"
     if not path.is_file():

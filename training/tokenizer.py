@@ -19,8 +19,9 @@ from backend.model.tokenizer import TokenizerError, train_tokenizer
 EPILOG = """\
 caption files:
   plain text, one caption a line (e.g. ../shared/data/captions/rsicd_train_caps.txt), or
-  JSONL manifests (.jsonl) whose objects carry "captions" (a list) or "caption" (a string)
-  (e.g. ../shared/data/ucm/captions.jsonl). Blank lines are skipped.
+  JSONL manifests (.jsonl, or .json) whose objects carry "captions" (a list) or "caption" (a
+  string) (e.g. ../shared/data/ucm/captions.jsonl), or Karpathy split files (dataset_*.json).
+  Blank lines are skipped.
 
 example:
   python -m training.tokenizer \\
@@ -36,7 +37,9 @@ def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
 
     A file ending in .jsonl / .ndjson holds one JSON object a line, whose `captions` (a list of
     strings) and/or `caption` (a string) are read; objects with neither (unlabelled images) are
-    skipped. Any other file is plain text, one caption a line (e.g. RSICD's *_caps.txt).
+    skipped. A .json file is read the same way, unless it is one JSON document: a Karpathy split
+    file (`{"images": [{"sentences": [{"raw": ...}]}]}`) or a list of such objects. Any other file
+    is plain text, one caption a line (e.g. RSICD's *_caps.txt).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -46,7 +49,9 @@ def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
         # utf-8-sig: tolerate a byte-order mark from files saved on Windows
         with path.open(encoding="utf-8-sig") as f:
             try:
-                if path.suffix.lower() in (".jsonl", ".ndjson"):
+                if path.suffix.lower() == ".json":
+                    yield from _json_captions(f.read(), path)
+                elif path.suffix.lower() in (".jsonl", ".ndjson"):
                     yield from _manifest_captions(f, path)
                 else:
                     for line in f:
@@ -55,6 +60,25 @@ def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
                             yield line
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path} is not UTF-8 text ({e.reason}); is it a caption file?") from None
+
+
+def _json_captions(text: str, path: Path) -> Iterator[str]:
+    """A .json file: one document (Karpathy split file, or a list of manifest objects), else JSONL."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _manifest_captions(text.splitlines(), path)   # one object a line
+        return
+    if isinstance(document, dict) and isinstance(document.get("images"), list):
+        for image in document["images"]:
+            for sentence in image.get("sentences", []) if isinstance(image, dict) else []:
+                raw = sentence.get("raw") if isinstance(sentence, dict) else None
+                if isinstance(raw, str) and raw.strip():
+                    yield raw.strip()
+    elif isinstance(document, list):
+        yield from _manifest_captions([json.dumps(x) for x in document], path)
+    else:
+        yield from _manifest_captions(text.splitlines(), path)
 
 
 def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
@@ -130,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"captions file {path} does not exist")
         if path.is_dir():
             parser.error(f"{path} is a directory; pass the caption files in it (e.g. {path}/*_train_caps.txt)")
+    out = Path(args.out)
+    target = out / "tokenizer.json" if out.is_dir() else out
+    if (target.parent / "model.safetensors").is_file():
+        parser.error(f"--out {args.out} is in a checkpoint folder: writing there would replace the tokenizer its "
+                     "model was trained with; write the new tokenizer elsewhere")
+    blocking = next((d for d in target.parents if d.exists() and not d.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
     if args.vocab_size < 1 or args.min_frequency < 1 or args.extra_repeat < 0 or args.context_length < 2:
         parser.error("--vocab-size and --min-frequency must be positive, --extra-repeat non-negative, "
                      "--context-length at least 2")
