@@ -154,6 +154,13 @@ def test_rerun_is_a_no_op(built, scene, vectors):
             "--out", out, "--tile-size", TILE, "--unit-tiles", 8)
     assert p.returncode == 0 and "already done" in p.stderr
     assert {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == before
+    # other settings into the same folder would mix two datasets: refused, nothing touched
+    summary = (out / "summary.json").read_text()
+    p = run("landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--features", vectors["gpkg"],
+            "--out", out, "--tile-size", TILE, "--unit-tiles", 4)
+    assert p.returncode == 2 and "unit_tiles: 8 before, 4 now" in p.stderr and "Traceback" not in p.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == before
+    assert (out / "summary.json").read_text() == summary
 
 
 def test_bad_input(scene, vectors, tmp_path):

@@ -143,7 +143,7 @@ def landmarks(args) -> dict:
     for path in cfg.features:
         feats, _, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
         counts[path] = {"read": seen, "usable": len(feats)}
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    LM.check_same_settings(cfg)
     units, problems = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "

@@ -317,6 +317,32 @@ def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
     return units, problems
 
 
+SETTINGS_FILE = "settings.json"
+
+
+def check_same_settings(cfg: LandmarksConfig) -> None:
+    """A run into an OUT that holds units of a run with other settings would mix two datasets (units are
+    named by raster and number, not by settings): refused, naming what changed. The first run writes
+    OUT/settings.json; the captioner and worker settings may change between runs."""
+    out = Path(cfg.out)
+    ours = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "captioner")}))
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {theirs.get(k)!r} before, {ours.get(k)!r} now" for k in changed[:4])
+            raise BuildError(f"{out} holds a dataset built with other settings ({shown}); give another --out, "
+                             "or remove it to rebuild")
+        return
+    if (out / "parts").is_dir() and any((out / "parts").glob("*.json")):
+        return   # built before settings were recorded: nothing to compare with
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(ours, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _done(out: Path, unit: dict) -> bool:
     return (out / "parts" / f"{unit['name']}.json").is_file()
 
