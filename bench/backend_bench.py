@@ -6,7 +6,7 @@ Measures
     writing the index cost on top of the model);
   - Segment latency for a 1024 x 1024-pixel extent (target: under 3 s on CPU with `small`), with
     the default edge refinement next to the same request without it (`edge_radius` 0);
-  - peak RSS of the server while indexing a 20000 x 20000-pixel raster (a VRT mosaic of one
+  - peak RSS of the server while indexing a raster of about 20000 x 20000 pixels (18432^2: a VRT mosaic of one
     generated GeoTIFF; target: under 1.5 GB), at a coarser target resolution so the run is short
     on CPU: the reads are still windowed over the full-size raster;
   - end-to-end Search latency through gRPC (query embedding + index lookup) on what was indexed,
@@ -197,7 +197,7 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
                                   "raw_query_p50_ms": float(np.percentile(raw_ms, 50)),
                                   "raw_query_p99_ms": float(np.percentile(raw_ms, 99))}
 
-        # Peak RSS while indexing a 20000 x 20000 raster
+        # Peak RSS while indexing a big raster: whole index tiles of the mosaic, so a little under big_side
         side = big_side
         vrt = _mosaic_vrt(work / "big.vrt", raster, index_side, side - side % index_side)
         resolution = 0.5 * (16 if quick else 4)
@@ -214,7 +214,7 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
     results["targets"] = [
         {"target": f"Segment 1024x1024 under {SEGMENT_TARGET_S} s",
          "result": "PASS" if results["segment"]["median_s"] < SEGMENT_TARGET_S else "FAIL"},
-        {"target": f"peak RSS indexing a {big_side}^2 raster under {RSS_TARGET_MB} MB",
+        {"target": f"peak RSS indexing a {results['large_raster']['raster_pixels']} raster under {RSS_TARGET_MB} MB",
          "result": "PASS" if results["large_raster"]["peak_rss_mb"] < RSS_TARGET_MB else "FAIL"},
     ]
     save_results(results, NAME, out_dir)

@@ -260,6 +260,11 @@ def test_rerank_with_captioner_reorders_inside_each_top_k_only(setup, tokenizer,
     assert all(list(np.argsort(-t2i0[:, j])[:k]) == list(np.argsort(-sim[:, j])[:k]) for j in range(len(texts)))
 
 
+def test_rerank_scores_tie_where_the_combined_scores_tie():
+    scores = ev._above_every_cosine([0.5, 0.2, 0.5, -1.0])
+    assert scores[0] == scores[2] > scores[1] > scores[3] > 1.0
+
+
 def test_retrieval_cli_rerank(setup):
     p = run_cli("retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--rerank", "2", "--json")
     assert p.returncode == 0, p.stderr

@@ -101,6 +101,21 @@ def test_segmentation_metrics_on_hand_made_cases():
     assert M.boundary_f_score(M.boundary_counts(shifted, square, 0)) < 0.8
     assert M.boundary_f_score(M.boundary_counts(shifted, square, 1)) == 1.0
     assert M.boundary_f_score(M.boundary_counts(np.zeros_like(square), square, 2)) == 0.0
+    # per class of a label map: a class predicted where it is absent is charged its false boundary
+    truth = np.zeros((20, 20), np.int64)
+    pred = truth.copy()
+    pred[5:15, 5:15] = 1
+    counts = M.class_boundary_counts(pred, truth, 2, 1)
+    assert counts[1, 1] > 0 and counts[1, 0] == 0 and counts[1, 3] == 0   # class 1: only false boundary
+
+
+def test_rectangle_layouts_that_cannot_fit_are_an_error_not_a_hang():
+    from training.mosaic import MosaicError, rectangle_regions
+
+    labels = rectangle_regions(64, 4, np.random.default_rng(0))
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    with pytest.raises(MosaicError, match="use fewer --regions or --layout voronoi"):
+        rectangle_regions(64, 40, np.random.default_rng(0))
 
 
 def test_summary_per_class_scores_on_a_known_confusion():
@@ -442,6 +457,9 @@ def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # 
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", elsewhere, "--labels", labels,
                 "--prompt", "buildings")
     assert p.returncode == 2 and "none of the label features" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels,
+                "--prompt", "buildings", "--threshold", "50")
+    assert p.returncode == 2 and "--threshold 50.0 must be between 0 and 1" in p.stderr
 
 
 def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):

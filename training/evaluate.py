@@ -329,10 +329,11 @@ def rerank_with_captioner(model, tokenizer, paths: Sequence[str], unique_texts: 
 
 def _above_every_cosine(combined) -> np.ndarray:
     """Scores in `combined`'s order, all above 1 (every cosine's bound), so a re-ordered top k stays
-    on top of the candidates outside it: the best gets 2 + k, the k-th 3."""
-    rank = np.empty(len(combined), dtype=np.int64)
-    rank[np.argsort(-np.asarray(combined), kind="stable")] = np.arange(len(combined))
-    return 2.0 + len(combined) - rank
+    on top of the candidates outside it: the best gets 2 + k, the next best value 1 less, and so on.
+    Equal combined scores get equal ranks (a text that is two images' caption scores the same for
+    both), so the metrics' tie rule still holds and the order of the manifest decides nothing."""
+    _, dense = np.unique(-np.asarray(combined, dtype=np.float64), return_inverse=True)
+    return 2.0 + len(combined) - dense.reshape(-1)
 
 
 def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequence[str] = ZERO_SHOT_TEMPLATES,
@@ -873,6 +874,8 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
             check_edge_radius(args.edge_radius, "--edge-radius")
         except ValueError as e:
             raise EvalError(str(e)) from None
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise EvalError(f"--threshold {args.threshold} must be between 0 and 1")
     if args.raster:
         return _run_labelled_raster(args)
     if not args.data or not args.classnames:

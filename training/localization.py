@@ -157,8 +157,7 @@ def evaluate_mosaics(engine, mosaics: Sequence[Mosaic], class_embeddings: np.nda
                 probs = edge_refined(probs, m.image, np.ones(m.mask.shape, bool), radius, device=engine.device)
             pred = probs.argmax(0)
             confusion += M.segmentation_confusion(pred, m.mask, n)
-            for c in m.present:
-                boundary[c] += M.boundary_counts(pred == c, m.mask == c, tolerance)
+            boundary += M.class_boundary_counts(pred, m.mask, n, tolerance)
             bar.update(1)
         out[name] = _summary(confusion, boundary, classes)
         out[name]["window"], out[name]["sigma"] = window if window != GLOBAL_WINDOW else "global", sigma

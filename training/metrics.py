@@ -373,6 +373,15 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def class_boundary_counts(pred: np.ndarray, truth: np.ndarray, n: int, tolerance: int) -> np.ndarray:
+    """boundary_counts for every class of a label map, [n, 4]: of the classes in the truth and of those
+    only predicted (their false boundaries count against their precision)."""
+    out = np.zeros((n, 4), np.int64)
+    for c in sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())):
+        out[c] += boundary_counts(pred == c, truth == c, tolerance)
+    return out
+
+
 def boundary_counts(pred_mask, truth_mask, tolerance: int) -> tuple[int, int, int, int]:
     """(matched predicted boundary px, predicted boundary px, matched true boundary px, true boundary
     px): a boundary pixel is matched when the other boundary lies within `tolerance` pixels."""

@@ -53,10 +53,14 @@ def voronoi_regions(size: int, n: int, rng: np.random.Generator) -> np.ndarray:
             return labels
 
 
+RECTANGLE_TRIES = 2000   # rectangle layouts drawn before giving up on one where every region shows
+
+
 def rectangle_regions(size: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """Region 0 is the background; regions 1..n-1 are rectangles of varied size painted in turn
-    (later ones over earlier ones). Redrawn until every region keeps some pixels."""
-    while True:
+    (later ones over earlier ones). Redrawn until every region keeps some pixels; too many regions
+    for that (the chance falls fast past about 16) is an error, not an endless loop."""
+    for _ in range(RECTANGLE_TRIES):
         labels = np.zeros((size, size), np.int64)
         for r in range(1, n):
             h, w = (rng.uniform(0.2, 0.6, 2) * size).astype(int)
@@ -65,6 +69,8 @@ def rectangle_regions(size: int, n: int, rng: np.random.Generator) -> np.ndarray
         counts = np.bincount(labels.ravel(), minlength=n)
         if (counts >= (size * size) // (8 * n)).all():
             return labels
+    raise MosaicError(f"{RECTANGLE_TRIES} rectangle layouts of {n} regions left some region too small: use fewer "
+                      "--regions or --layout voronoi")
 
 
 def _scene(path: str, scene_px: int) -> np.ndarray:
