@@ -49,8 +49,10 @@ check-debian:
 $(SETUP_STAMP): pyproject.toml | check-debian
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	# torch first and alone: pinned to the CPU wheel so nothing pulls a CUDA build.
-	$(PY) -m pip install --quiet "torch==2.13.0" "numpy<2"
+	# torch first and alone: pinned to the CPU wheel so nothing pulls a CUDA build. Where pip's index
+	# serves the CUDA build of that version, point it at the CPU wheels:
+	# make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "torch==2.13.0" "numpy<2"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

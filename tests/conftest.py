@@ -8,6 +8,8 @@ import pytest
 import torch
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# GDAL would write .aux.xml statistics beside the rasters QGIS opens, shared read-only data included
+os.environ.setdefault("GDAL_PAM_ENABLED", "NO")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
