@@ -189,6 +189,35 @@ def test_unknown_config_key(saved):
         load_checkpoint(saved)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"image_mean": [0.5]}, "its model settings cannot make a model"),
+    ({"image_size": 64.0}, "its model settings cannot make a model"),
+    ({"pad_id": 5}, "the tokenizer does not belong to these weights"),
+    ("format_version", "format_version must be a whole number"),
+], ids=["one-channel-mean", "float-size", "special-ids", "version-text"])
+def test_damaged_config_values_are_named(saved, change, message):
+    meta = json.loads((saved / "config.json").read_text())
+    if change == "format_version":
+        meta["format_version"] = "2"
+    else:
+        meta["model"].update(change)
+    (saved / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(saved)
+
+
+def test_non_finite_weights_are_named(saved):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(saved / "model.safetensors"))
+    name = sorted(state)[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("inf")
+    save_file(state, str(saved / "model.safetensors"), metadata={"format": "skyprompt-mammut"})
+    with pytest.raises(CheckpointError, match=f"non-finite values in 1 tensor.*{name}"):
+        load_checkpoint(saved)
+
+
 def test_corrupt_tokenizer(saved):
     (saved / "tokenizer.json").write_text("[]")
     with pytest.raises(CheckpointError, match="tokenizer.json"):

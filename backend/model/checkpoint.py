@@ -150,7 +150,11 @@ def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, copy it again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} is not a SkyPrompt model config (expected \"format\": \"{FORMAT}\")")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path}: format_version must be a whole number, got {version!r}; the checkpoint is "
+                              "damaged, copy it again")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {meta['format_version']}; this SkyPrompt reads up to "
                               f"{FORMAT_VERSION}: upgrade SkyPrompt")
     preset = meta["model"].get("preset", "custom")
@@ -179,6 +183,11 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens but {CONFIG} says vocab_size "
                               f"{cfg.vocab_size}: the tokenizer does not belong to these weights")
+    ours = (cfg.pad_id, cfg.bos_id, cfg.eos_id)
+    theirs = (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    if ours != theirs:
+        raise CheckpointError(f"{CONFIG} gives <pad>, <bos>, <eos> the ids {ours} but {tok_path} has {theirs}: the "
+                              "tokenizer does not belong to these weights")
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
@@ -186,7 +195,11 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights} is truncated or corrupt ({e}); copy or re-download the checkpoint") from None
-    model = MaMMUT(cfg)
+    try:
+        model = MaMMUT(cfg)
+    except (ConfigError, TypeError, ValueError, RuntimeError) as e:   # e.g. a 1-channel mean, a float size
+        raise CheckpointError(f"{directory / CONFIG}: its model settings cannot make a model ({e}); the "
+                              "checkpoint is damaged, copy it again") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -201,6 +214,11 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {'; '.join(wrong[:3])})")
         raise CheckpointError(f"{weights} does not match {CONFIG}: " + ", ".join(parts))
+    # the file format checks the header and sizes, not the numbers: damaged data shows up as NaN or inf
+    damaged = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if damaged:
+        raise CheckpointError(f"{weights} holds non-finite values in {len(damaged)} tensor(s) (e.g. "
+                              f"{', '.join(damaged[:3])}): the file is damaged, copy it again")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
