@@ -119,6 +119,9 @@ class ModelEngine:
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._pending: list[_Job] = []   # taken from the queue but not yet run (worker thread only)
         self._stopped = threading.Event()
+        # taken by _call around its check-and-put and by stop() around its flag-and-wake, so that no
+        # job slips into the queue after stop() has looked at it for the last time
+        self._submit = threading.Lock()
         self.batches_run = 0
         self.items_run = 0
         self._worker = threading.Thread(target=self._run, name="skyprompt-model", daemon=True)
@@ -164,17 +167,20 @@ class ModelEngine:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the job in hand, fail the queued ones with UNAVAILABLE, stop the worker."""
-        self._stopped.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
+        with self._submit:
+            self._stopped.set()
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
         self._worker.join(timeout)
+        left = [] if self._worker.is_alive() else list(self._pending)   # taken from the queue, never run
         while True:
             try:
-                job = self._queue.get_nowait()
+                left.append(self._queue.get_nowait())
             except queue.Empty:
                 break
+        for job in left:
             if job is not None and not job.future.done():
                 job.future.set_exception(EngineError("unavailable", "the server is shutting down; retry later"))
 
@@ -184,14 +190,15 @@ class ModelEngine:
 
     # -- queue ---------------------------------------------------------------------------------
     def _call(self, kind: str, items: list, settings: tuple, cancelled: Callable[[], bool]) -> list:
-        if self._stopped.is_set():
-            raise EngineError("unavailable", "the server is shutting down; retry later")
         job = _Job(kind, items, settings, cancelled)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise EngineError("resource_exhausted", f"the model queue is full ({self._queue.maxsize} jobs waiting); "
-                                                    f"retry in a moment") from None
+        with self._submit:
+            if self._stopped.is_set():
+                raise EngineError("unavailable", "the server is shutting down; retry later")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise EngineError("resource_exhausted", f"the model queue is full ({self._queue.maxsize} jobs "
+                                                        "waiting); retry in a moment") from None
         while True:
             try:
                 return job.future.result(timeout=0.25)

@@ -131,3 +131,37 @@ def test_index_raster_views_over_the_wire(checkpoint_dir, tmp_path, tiny_config)
     finally:
         live.stop()
 
+
+
+def test_a_call_racing_engine_stop_is_answered_not_left_waiting(checkpoint_dir):
+    """A job put on the queue while stop() runs: it gets an answer (here UNAVAILABLE), not a wait
+    that only its caller's cancellation could end. The put is slowed to open the window."""
+    import threading
+    import time
+
+    from backend.engine import EngineError, ModelEngine
+
+    engine = ModelEngine(checkpoint_dir, "cpu")
+    put = engine._queue.put_nowait
+
+    def slow_put(job):
+        if job is not None:
+            time.sleep(0.5)
+        put(job)
+
+    engine._queue.put_nowait = slow_put
+    outcome = []
+
+    def call():
+        try:
+            outcome.append(engine.embed_texts(["a harbour"]))
+        except EngineError as e:
+            outcome.append(e.kind)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.1)
+    engine.stop()
+    caller.join(10)
+    assert not caller.is_alive() and outcome
+    assert outcome[0] == "unavailable" if isinstance(outcome[0], str) else outcome[0].shape[0] == 1
