@@ -132,6 +132,13 @@ def test_missing_file_is_named(saved, name):
         load_checkpoint(saved)
 
 
+def test_a_save_interrupted_between_its_renames_says_where_the_old_checkpoint_is(saved):
+    aside = saved.with_name(f".{saved.name}.old-4242")
+    saved.rename(aside)                       # what a crash between the two renames leaves
+    with pytest.raises(CheckpointError, match=f"interrupted.*{aside.name}"):
+        load_checkpoint(saved)
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

@@ -297,3 +297,27 @@ def test_caption_log_likelihood_is_minus_the_captioning_loss(tiny_model, images,
             logits = tiny_model.text.generative(tokens[b:b + 1, :-1], image_tokens[b:b + 1])
             assert float(ll[b]) == pytest.approx(-float(caption_loss(logits, tokens[b:b + 1], tiny_config.pad_id)),
                                                  rel=1e-5)
+
+
+def test_relevance_cosines_stay_float32_under_bf16_autocast():
+    from backend.model.sao import cosine_map
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.nn.functional.normalize(torch.randn(2, 8, 8, 64, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    exact = torch.einsum("bxye,te->btxy", dense.double(), text.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cosine_map(dense, text)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=0)
+
+
+def test_a_model_loaded_in_bf16_takes_preprocessed_images(tiny_model, tiny_config):
+    import copy
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    pixels = torch.randint(0, 256, (2, 3, tiny_config.image_size, tiny_config.image_size), dtype=torch.uint8)
+    x = model.preprocess(pixels)
+    assert x.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(x).float()).all()

@@ -31,6 +31,13 @@ def test_words_counts_and_unfamiliar_words():
     assert TrainingWords({}).unfamiliar("") == []
 
 
+def test_words_of_any_script_are_whole_words():
+    assert words_of("São Paulo harbour") == ["são", "paulo", "harbour"]
+    assert words_of("Café near the Großstadt") == ["café", "near", "the", "grossstadt"]   # case-folded as typed
+    assert words_of("the bird\u2019s nest") == ["the", "bird's", "nest"]
+    assert words_of("ＡＩＲＰＯＲＴ") == ["airport"]                                       # NFKC: full-width letters
+
+
 def test_close_spellings_catch_typing_errors():
     words = TrainingWords(count_words(["a parking lot beside the residential area and a tennis court"] * 3
                                       + ["one park", "a parking"]))

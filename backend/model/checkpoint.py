@@ -1,8 +1,9 @@
 """Checkpoint directories: `model.safetensors` + `config.json` + `tokenizer.json`.
 
-Self-contained (nothing is downloaded). Saving is atomic: everything is written into a temporary
-sibling directory which then replaces the target with renames, so a crash leaves either the old
-checkpoint or the new one, never a mix. Loading checks every file and says what is wrong.
+Self-contained (nothing is downloaded). Saving never mixes two checkpoints: everything is written
+into a temporary sibling directory, the old one is renamed aside and the new one into place. A
+crash between those two renames leaves the old one as `.NAME.old-PID` and no NAME; loading NAME
+then says so and where it is. Loading checks every file and says what is wrong.
 """
 from __future__ import annotations
 
@@ -171,6 +172,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     """Load (model in eval mode, tokenizer) from a checkpoint directory, checking everything."""
     directory = Path(directory)
     if not directory.is_dir():
+        aside = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.name else []
+        if aside and not directory.exists():
+            raise CheckpointError(f"checkpoint directory {directory} does not exist: a save into it was interrupted, "
+                                  f"and the checkpoint before it is {aside[-1]}; rename that back to use it")
         raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
     cfg = read_config(directory)
     tok_path = directory / TOKENIZER

@@ -68,7 +68,8 @@ class MaMMUT(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] (0..255) or float (0..1) -> normalised float input for `encode_image`."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        return (x.to(self.image_mean.device) - self.image_mean) / self.image_std
+        # in the model's own dtype: a checkpoint loaded in fp16 or bf16 takes its input as it is
+        return ((x.to(self.image_mean.device) - self.image_mean) / self.image_std).to(self.image_mean.dtype)
 
     # ---- contrastive pass -----------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True, views: int = 1) -> torch.Tensor:

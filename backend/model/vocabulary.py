@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,7 +31,8 @@ RARE_COUNT = 3
 # difflib's similarity ratio a familiar word needs to be offered as a close spelling: one letter
 # missing, doubled or swapped in a word of six or more letters passes, an unrelated word does not
 CLOSE_SPELLING_RATIO = 0.85
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+# letters of any script (not digits or "_"), with an inner apostrophe: "bird's", "são", "großstadt"
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
 class VocabularyError(ValueError):
@@ -38,8 +40,11 @@ class VocabularyError(ValueError):
 
 
 def words_of(text: str) -> list[str]:
-    """The lower-case words of a text, in order (letters, with an inner apostrophe: "bird's")."""
-    return _WORD.findall(text.lower())
+    """The lower-case words of a text, in order (letters of any script, with an inner apostrophe:
+    "bird's"); NFKC-normalised and case-folded as the tokenizer reads text, a typographic apostrophe
+    read as "'"."""
+    text = unicodedata.normalize("NFKC", text).casefold().replace("\u2019", "'")
+    return _WORD.findall(text)
 
 
 def count_words(texts: Iterable[str]) -> Counter:
