@@ -645,7 +645,8 @@ def test_class_labels_follow_class_maps_across_sources(tmp_path, tokenizer):
 
 # --- the shared data sets -----------------------------------------------------------------------------
 
-needs_shared = pytest.mark.skipif(not (SHARED_DATA / "rsscn7").is_dir(), reason="../shared/data not present")
+needs_shared = pytest.mark.skipif(not all((SHARED_DATA / d).is_dir() for d in ("rsscn7", "ucm", "aid", "captions")),
+                                  reason="../shared/data (rsscn7, ucm, aid, captions) not present")
 
 
 @needs_shared
