@@ -101,11 +101,12 @@ def test_save_refuses_a_target_that_is_not_a_checkpoint(tmp_path, tiny_model, to
     # a training checkpoint keeps the optimizer state --resume needs: an export may not replace it,
     # a training save (which writes that state again) may
     write_state = lambda folder: (folder / "train_state.pt").write_bytes(b"state")  # noqa: E731
-    step = save_checkpoint(tiny_model, tokenizer, tmp_path / "step_0000100", write_extra=write_state)
+    step = save_checkpoint(tiny_model, tokenizer, tmp_path / "step_0000100", write_extra=write_state,
+                           training_state=True)
     assert main([str(step), str(step), "--fp16"]) == 2
     assert "is a training checkpoint" in capsys.readouterr().err
     assert (step / "train_state.pt").read_bytes() == b"state"
-    save_checkpoint(tiny_model, tokenizer, step, write_extra=write_state)
+    save_checkpoint(tiny_model, tokenizer, step, write_extra=write_state, training_state=True)
     assert (step / "train_state.pt").is_file()
 
 

@@ -265,6 +265,26 @@ def test_shards_run_with_a_wildcard_and_its_own_tokenizer(folder, tmp_path):
     assert r.returncode == 2 and "gave no batch of 64 samples" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):
+    out = tmp_path / "run"
+    assert _run(_args(folder, out, 6)).returncode == 0                    # checkpoints at steps 3 and 6
+    (out / "checkpoints" / "step_0000006" / "train_state.pt").write_bytes(b"")   # damaged: resume skips it
+    r = _run(_args(folder, out, 5, "--resume", "--save-every", "1", "--keep-last", "1"))
+    assert r.returncode == 0 and "skipping unreadable checkpoint" in r.stderr, r.stderr[-2000:]
+    # the newest save is kept (pruning counts only checkpoints up to the step it saved)
+    assert "step_0000005" in [p.name for p in (out / "checkpoints").iterdir()]
+    r = _run(_args(folder, out, 8, "--resume", "--image-size", "32"))
+    assert r.returncode == 2 and "--image-size 32 with --resume would mix the two" in r.stderr
+
+
+def test_refinement_rounds_are_ordered_by_number(tmp_path):
+    from training.refine import _rounds_done
+
+    for n in range(1, 12):
+        (tmp_path / "rounds" / f"round_{n}").mkdir(parents=True)
+    assert [p.name for p in _rounds_done(tmp_path)][-2:] == ["round_10", "round_11"]
+
+
 def test_fit_steps_to_budget_arithmetic():
     from training.train import fit_steps_to_budget
 
@@ -294,6 +314,12 @@ def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
     assert rows[-1]["lr"] < 1e-4
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{last:07d}"]
     _, _ = load_checkpoint(tmp_path / "fp16")
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["training"]["step"] == last
+    # resumed with the same command: the fitted schedule is finished, not a new budget begun
+    r = _run(_args(folder, out, 5000, "--time-budget", "0.3", "--save-every", "100000", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"keeping the {last} steps" in r.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == last
     r = _run(_args(folder, tmp_path / "y", 1, "--time-budget", "-1"))
     assert r.returncode == 2 and "--time-budget is in minutes" in r.stderr and "Traceback" not in r.stderr
 

@@ -261,7 +261,10 @@ def _benchmark_set(val_sets: dict, name: str) -> dict | None:
 
 def _rounds_done(out: Path) -> list[Path]:
     root = out / "rounds"
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round_")) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("round_") and p.name[6:].isdigit()]
+    return sorted(done, key=lambda p: int(p.name[6:]))     # by number: round_10 after round_9
 
 
 def refine(cfg: RefineConfig) -> list[dict]:

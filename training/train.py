@@ -204,11 +204,14 @@ class TimeBudget:
         recent = (now - self.t_last) / self.EVERY
         self.t_last = now
         steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step, spent, recent)
+        frozen = elapsed >= self.cfg.time_budget * 30   # half the budget (minutes x 60 / 2)
         if dist.is_initialized():
-            t = torch.tensor([steps], device=device)
+            # rank 0's estimate and its decision to stop estimating, together: ranks that froze at
+            # different steps would stop calling broadcast at different steps and hang
+            t = torch.tensor([steps, int(frozen)], device=device)
             dist.broadcast(t, 0)
-            steps = int(t.item())
-        self.frozen = elapsed >= self.cfg.time_budget * 30   # half the budget (minutes x 60 / 2)
+            steps, frozen = int(t[0].item()), bool(t[1].item())
+        self.frozen = frozen
         if steps == self.cfg.steps:
             return False
         if abs(steps - self.logged) > 0.02 * self.logged or self.frozen:
@@ -345,8 +348,11 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
                 words.save(tmp)
 
         save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": config_record(cfg)},
-                        write_extra=write_state)
-        for old in checkpoint_dirs(out)[:-cfg.keep_last]:
+                        write_extra=write_state, training_state=True)
+        # the newest --keep-last up to this step: a later-numbered one left by an earlier run (one
+        # that --resume skipped as unreadable) is not counted, so it never pushes this one out
+        kept = [d for d in checkpoint_dirs(out) if int(d.name.split("_")[1]) <= step]
+        for old in kept[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -380,6 +386,15 @@ def train(cfg: TrainConfig) -> dict:
                 continue
             start_step, opt_state = state["step"], state["optimizer"]
             log(f"resuming from {ckpt} (step {start_step})")
+            if cfg.image_size and cfg.image_size != model.config.image_size:
+                raise CheckpointError(f"{out} trains at {model.config.image_size} px (its checkpoints); --image-size "
+                                      f"{cfg.image_size} with --resume would mix the two: leave --image-size out, "
+                                      "or start a new --out from --init-checkpoint")
+            fitted = state.get("config", {}).get("steps")
+            if cfg.time_budget > 0 and isinstance(fitted, int) and start_step <= fitted < cfg.steps:
+                # the first run fitted its schedule to the budget: finish that schedule, not a new one
+                log(f"time budget: keeping the {fitted} steps the run's schedule was fitted to")
+                cfg.steps, cfg.time_budget = fitted, 0.0
             break
         else:
             log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
@@ -533,7 +548,7 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     if cfg.export_fp16 and is_main():
         save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
-                        extra={"step": cfg.steps, "train_config": config_record(cfg)},
+                        extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():

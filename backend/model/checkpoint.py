@@ -38,15 +38,16 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.PathLike,
                     dtype: torch.dtype | None = None, extra: dict | None = None,
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
+                    write_extra: Callable[[Path], None] | None = None, training_state: bool = False) -> Path:
     """Write model + config + tokenizer to `directory` atomically.
 
     `dtype` (e.g. torch.float16) casts floating-point weights for a smaller file; `extra` (training
     metadata) goes into config.json; `write_extra(tmp_dir)` may add files (e.g. optimizer state)
-    that must appear together with the weights or not at all.
+    that must appear together with the weights or not at all; `training_state` says that they include
+    the optimizer state (a training checkpoint may then replace an earlier one).
     """
     directory = Path(directory)
-    check_checkpoint_target(directory, training_save=write_extra is not None)
+    check_checkpoint_target(directory, training_save=training_state)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
