@@ -131,11 +131,12 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     assert steps == list(range(1, last + 4))
 
 
-@pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"]],
-                         ids=["plain", "class-aware", "image-bank"])
+@pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"], ["--fsdp"]],
+                         ids=["plain", "class-aware", "image-bank", "fsdp"])
 def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _run(_args(folder, one, 3, *loss_flags)).returncode == 0
+    # the reference is one process with the same loss settings (--fsdp needs several)
+    assert _run(_args(folder, one, 3, *[f for f in loss_flags if f != "--fsdp"])).returncode == 0
     env = {"MASTER_ADDR": "127.0.0.1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "training.train",
@@ -146,6 +147,22 @@ def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
     a, b = _train_losses(one), _train_losses(two)
     for step in (1, 2, 3):
         assert b[step] == pytest.approx(a[step], rel=2e-3)
+
+
+def test_fsdp_run_validates_and_exports_a_whole_model(folder, tmp_path):
+    r = _run(_args(folder, tmp_path / "alone", 2, "--fsdp"))
+    assert r.returncode == 2 and "start the run with torchrun" in r.stderr and "Traceback" not in r.stderr
+    out = tmp_path / "fsdp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "training.train", *_args(folder, out, 4, "--fsdp", "--val-per-class", "2",
+                                                       "--eval-every", "2", "--export-fp16", str(tmp_path / "fp16"))],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [2, 4] and all(0 <= e[f"{folder.name}/top1"] <= 100 for e in evals)
+    model, _ = load_checkpoint(tmp_path / "fp16")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_model, tokenizer):

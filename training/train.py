@@ -326,6 +326,18 @@ def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict:
     return unwrap(model).state_dict()
 
 
+def whole_model(train_model: torch.nn.Module, model: MaMMUT, fsdp: bool, device) -> MaMMUT:
+    """The model with every parameter whole on the main process, for evaluation and export: itself,
+    or under FSDP an unsharded copy gathered from every rank (so every rank must call this)."""
+    if not fsdp:
+        return model
+    state = full_state_dict(train_model, True)
+    copy = MaMMUT(model.config)
+    if is_main():
+        copy.load_state_dict(state)
+    return copy.to(device).eval()
+
+
 def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, cfg: TrainConfig, step: int,
                              fsdp: bool, words: TrainingWords | None = None) -> Path | None:
     state = full_state_dict(model, fsdp)
@@ -453,7 +465,9 @@ def train(cfg: TrainConfig) -> dict:
 
         for block in list(model.visual.blocks) + list(model.text.blocks):
             fully_shard(block)
-        fully_shard(model)
+        # the temperature is one scalar, which FSDP cannot shard: kept whole on every rank, its
+        # gradient averaged by hand after each backward pass
+        fully_shard(model, ignored_params={model.logit_scale})
     elif world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -516,6 +530,9 @@ def train(cfg: TrainConfig) -> dict:
             (losses["loss"] / cfg.grad_accum).backward()
             for k, v in losses.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        if cfg.fsdp and world > 1 and model.logit_scale.grad is not None:
+            dist.all_reduce(model.logit_scale.grad)
+            model.logit_scale.grad /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -540,14 +557,16 @@ def train(cfg: TrainConfig) -> dict:
                             cap=f"{parts['caption_loss']:.3f}", sps=f"{last['samples_per_s']:.1f}")
             _append_metrics(metrics_path, {"kind": "train", **last})
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_sets:
-            _evaluate(model, tokenizer, val_sets, device, metrics_path, step)
+            _evaluate(whole_model(train_model, model, cfg.fsdp, device), tokenizer, val_sets, device, metrics_path,
+                      step)
             model.train()
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_training_checkpoint(out, train_model if cfg.fsdp else model, optimizer, tokenizer, cfg, step,
                                      cfg.fsdp, words)
     bar.close()
+    final = whole_model(train_model, model, cfg.fsdp, device) if cfg.export_fp16 else model
     if cfg.export_fp16 and is_main():
-        save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
+        save_checkpoint(final, tokenizer, cfg.export_fp16, dtype=torch.float16,
                         extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
@@ -746,6 +765,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                 "to continue it, or give another --out (a new run there would mix the two)")
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
+    if a.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        p.error("--fsdp shards the model across processes: start the run with torchrun --nproc_per_node=N "
+                "(N >= 2), or leave --fsdp out")
     if a.bank_size is not None and (a.bank_size < 8 or not a.images_on_device):
         p.error(f"--bank-size {a.bank_size}: give a side of at least 8 px, with --images-on-device")
     if a.freeze_image and not a.init_checkpoint:
