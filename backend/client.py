@@ -304,7 +304,8 @@ def cmd_segment(stub, args) -> int:
             target = stem if len(results) == 1 else stem.with_name(f"{stem.stem}_{r.prompt_index}{stem.suffix}")
             target.write_bytes(r.relevance_map_tiff)
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
-           "crs": results[0].crs.authid if results else "", "polygons_written": written, "results": [
+           "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
+           "results": [
                {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
                 "max_relevance": round(r.max_relevance, 6), "dropped_small": r.dropped_small,
                 "unfamiliar_words": unfamiliar_words(r.unfamiliar_words),

@@ -1092,6 +1092,11 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
         raise RasterError("invalid_argument", not_raster)
     if roots:
         _check_referenced_files(dataset, shown, roots, seen={real})
+    first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
+    if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
+        # a colour-table image: its values are palette entries, not grey levels; read it as the colours
+        with _gdal("invalid_argument", f"cannot expand the colour table of '{shown}'"):
+            dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba")
     name = os.path.basename(absolute)
     return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat)
 

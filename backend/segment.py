@@ -252,10 +252,13 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         label = i + 1
         score = float(sums[label] / counts[label]) if counts[label] else float(relevance[mask].mean())
         top = float(maxima[label]) if counts[label] else score
-        for part in clean_polygon(geometry, tolerance):
-            if min_area > 0 and part.area < min_area:
-                dropped += 1
-                continue
+        # a region of pixels that touch only at a corner comes back from make_valid in parts: they
+        # stand or fall together, by the region's area
+        parts = clean_polygon(geometry, tolerance)
+        if min_area > 0 and sum(part.area for part in parts) < min_area:
+            dropped += 1
+            continue
+        for part in parts:
             results.append(PolygonResult(part, score, top, float(part.area), geodesic_area_m2(part, to_wgs84)))
     results.sort(key=lambda r: (-r.score, -r.area))
     return results, dropped

@@ -153,6 +153,28 @@ def test_colour_interpretation_chooses_rgb(tmp_path):
 
 
 @needs_shared
+def test_a_colour_table_image_is_read_as_its_colours(tmp_path):
+    path = tmp_path / "classes.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 4, 1, 1, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetSpatialRef(srs)
+    table = gdal.ColorTable()
+    palette = [(0, 0, 255), (0, 160, 0), (128, 128, 128), (255, 0, 0)]
+    for i, rgb in enumerate(palette):
+        table.SetColorEntry(i, (*rgb, 255))
+    band = ds.GetRasterBand(1)
+    band.SetColorTable(table)
+    band.SetColorInterpretation(gdal.GCI_PaletteIndex)
+    band.WriteArray(np.array([[0, 1, 2, 3]], np.uint8))
+    ds = None
+    with open_raster(path) as raster:
+        rgb, valid = raster.read_window(0, 0, 4, 1)
+    assert valid.all()
+    assert [tuple(int(v) for v in rgb[:, 0, i]) for i in range(4)] == palette     # the colours, not 0..3
+
+
 def test_pix4d_alpha_marks_empty_corners_invalid_and_skips_mostly_empty_tiles():
     path = shared("pix4d_orthophoto_alpha.tif")
     ds = gdal.Open(str(path))

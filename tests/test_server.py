@@ -298,6 +298,22 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     assert geodesic_area_m2(across, to_wgs84) == pytest.approx(geodesic_area_m2(west, to_wgs84), rel=0.02)
 
 
+def test_pixels_touching_at_a_corner_are_kept_or_dropped_as_one_region():
+    from osgeo import osr
+
+    from backend.segment import polygons_for_prompt
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    relevance = np.zeros((6, 6))
+    relevance[0:2, 0:2] = relevance[2:4, 2:4] = 1.0          # two 2 x 2 blocks meeting at one corner: 8 px
+    args = (np.ones((6, 6), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5)
+    kept, dropped = polygons_for_prompt(relevance, *args, 5.0, 0.0, None)       # region of 8 m2 >= 5
+    assert dropped == 0 and sum(r.area for r in kept) == 8.0
+    kept, dropped = polygons_for_prompt(relevance, *args, 9.0, 0.0, None)       # one region below 9 m2
+    assert kept == [] and dropped == 1
+
+
 def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server, rasters):
     path = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=12),
                     geotransform=(10.0, 1.0, 0.0, 50.0, 0.0, -1.0), crs="LOCAL_CS[\"site grid\",UNIT[\"metre\",1]]")
@@ -315,6 +331,10 @@ def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)["results"]
     assert found and all(r["bounds_wgs84"] is None for r in found)
+    # its CRS has no code: segment names it by its WKT, as search does
+    out = client(server, "segment", "--json", "--raster", str(path), "--prompt", "x", "--threshold", "0")
+    assert out.returncode == 0, out.stderr
+    assert "site grid" in json.loads(out.stdout)["crs"] and "site grid" in found[0]["crs"]
 
 
 def test_segment_refines_relevance_along_the_image_edges_unless_asked_not_to(server, rasters, tiny_config):
