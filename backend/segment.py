@@ -33,7 +33,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _gdal_exceptions
+from .raster import Raster, _gdal_exceptions, bounds_from_geotransform
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -305,6 +305,16 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         progress("reading", 0, 0)
     rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
     height, width = valid.shape
+    inside = None
+    wider = _context_read(raster, extent, target_resolution, engine.image_size)
+    if wider is not None:
+        # an extent smaller than one model tile: the model sees the ground around it rather than a
+        # tile padded with black, and only the extent's own pixels become polygons
+        rgb, wide_valid, wide_gt, inside = wider
+        valid = wide_valid & inside
+        box_gt, box_shape = gt, (height, width)
+        gt = wide_gt
+        height, width = valid.shape
     srs = raster.srs
     text_embeddings = prompt_embeddings(engine, prompts, ensemble, cancelled)
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
@@ -320,15 +330,42 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     tolerance = pixel if simplify_tolerance is None else float(simplify_tolerance)
     to_wgs84 = wgs84_transform(srs)
     results = []
+    if inside is not None:
+        rel[:, ~inside] = 0.0
     for i, prompt in enumerate(prompts):
         raise_if_cancelled(cancelled)
         polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84)
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))
-    xs = [gt[0], gt[0] + gt[1] * width + gt[2] * height, gt[0] + gt[1] * width, gt[0] + gt[2] * height]
-    ys = [gt[3], gt[3] + gt[4] * width + gt[5] * height, gt[3] + gt[4] * width, gt[3] + gt[5] * height]
-    return SegmentOutput(results, (min(xs), min(ys), max(xs), max(ys)), tuple(gt), raster.crs_wkt,
+    # the extent segmented: the request's, also when the model saw more around it
+    shown_gt, (shown_h, shown_w) = (box_gt, box_shape) if inside is not None else (gt, (height, width))
+    return SegmentOutput(results, bounds_from_geotransform(shown_gt, shown_w, shown_h), tuple(gt), raster.crs_wkt,
                          (height, width), tiles)
+
+
+def _context_read(raster: Raster, extent, target_resolution: float | None, size: int):
+    """For an extent under one model tile a side on a north-up raster: (rgb, valid, geotransform,
+    inside) of a read widened to a tile of real ground around it (kept within the raster), `inside`
+    marking the extent's own pixels; None when the extent is large enough or the raster is rotated."""
+    gt = raster.geotransform
+    if gt[2] != 0 or gt[4] != 0:
+        return None
+    col, row, w, h = raster.window_for_extent(extent)
+    per = (target_resolution / raster.pixel_size[0]) if target_resolution else 1.0   # native px per working px
+    need = int(math.ceil(size * per))
+    if (w >= need and h >= need) or per <= 0:
+        return None
+    wide_w, wide_h = min(raster.width, max(w, need)), min(raster.height, max(h, need))
+    wide_col = min(max(0, col - (wide_w - w) // 2), raster.width - wide_w)
+    wide_row = min(max(0, row - (wide_h - h) // 2), raster.height - wide_h)
+    out_w, out_h = max(1, round(wide_w / per)), max(1, round(wide_h / per))
+    rgb, valid = raster.read_window(wide_col, wide_row, wide_w, wide_h, (out_w, out_h))
+    wide_gt = raster.window_geotransform(wide_col, wide_row, wide_w, wide_h, out_w, out_h)
+    # pixel centres of the working grid inside the requested native window
+    cx = wide_col + (np.arange(out_w) + 0.5) * wide_w / out_w
+    cy = wide_row + (np.arange(out_h) + 0.5) * wide_h / out_h
+    inside = ((cy >= row) & (cy < row + h))[:, None] & ((cx >= col) & (cx < col + w))[None, :]
+    return rgb, valid, wide_gt, inside
 
 
 __all__ = ["segment", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",

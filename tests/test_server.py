@@ -298,6 +298,31 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     assert geodesic_area_m2(across, to_wgs84) == pytest.approx(geodesic_area_m2(west, to_wgs84), rel=0.02)
 
 
+def test_a_small_extent_is_segmented_with_the_ground_around_it(checkpoint, rasters):
+    from backend.engine import ModelEngine
+    from backend.raster import open_raster
+    from backend.segment import segment
+
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        with open_raster(rasters["rgb"]) as raster:
+            gt, size = raster.geotransform, engine.image_size
+            x0, y0 = gt[0] + 180 * gt[1], gt[3] + 130 * gt[5]          # a 24 x 24 pixel extent inside
+            extent = (x0, y0 + 24 * gt[5], x0 + 24 * gt[1], y0)
+            out = segment(raster, ["trees", "roads"], engine, extent=extent, threshold=0.0, edge_radius=0,
+                          keep_relevance=True)
+    finally:
+        engine.stop()
+    assert out.extent == pytest.approx(extent)                          # the request's extent, not the read's
+    assert min(out.shape) >= size                                       # the model saw a whole tile of ground
+    for result in out.results:
+        assert result.relevance[result.relevance > 0].size == 24 * 24  # relevance only inside the extent
+        for polygon in result.polygons:
+            b = polygon.geometry.bounds
+            assert b[0] >= extent[0] - 1e-6 and b[2] <= extent[2] + 1e-6 and b[1] >= extent[1] - 1e-6
+            assert b[3] <= extent[3] + 1e-6
+
+
 def test_pixels_touching_at_a_corner_are_kept_or_dropped_as_one_region():
     from osgeo import osr
 
