@@ -788,6 +788,30 @@ class Raster:
 
     # -- extents -------------------------------------------------------------------------------
 
+    def extent_polygon(self, extent, points_per_edge: int = 16):
+        """The requested extent as a polygon in the raster's CRS (its edges densified, so a box in
+        another CRS keeps its curved shape), or None for the whole raster; and whether it is an exact
+        pixel-aligned box of this raster (same CRS, north-up grid), where the window alone is exact."""
+        import shapely
+
+        parts = _extent_parts(extent)
+        if parts is None:
+            return None, True
+        xmin, ymin, xmax, ymax, crs = parts
+        t = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
+        xs = np.concatenate([xmin + (xmax - xmin) * t, np.full_like(t, xmax), xmax - (xmax - xmin) * t,
+                             np.full_like(t, xmin)])
+        ys = np.concatenate([np.full_like(t, ymin), ymin + (ymax - ymin) * t, np.full_like(t, ymax),
+                             ymax - (ymax - ymin) * t])
+        same = crs in ("", None) or parse_crs(crs).IsSame(self._srs)
+        if not same:
+            with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
+                ct = osr.CoordinateTransformation(parse_crs(crs), self._srs)
+                moved = np.asarray(ct.TransformPoints(np.column_stack([xs, ys]).tolist()), float)
+            xs, ys = moved[:, 0], moved[:, 1]
+        north_up = self.geotransform[2] == 0 and self.geotransform[4] == 0
+        return shapely.Polygon(np.column_stack([xs, ys])), same and north_up
+
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import shapely
 import torch
 import torch.nn.functional as F
 from osgeo import gdal, ogr, osr
@@ -315,6 +316,16 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         box_gt, box_shape = gt, (height, width)
         gt = wide_gt
         height, width = valid.shape
+    # a rotated raster, or an extent in another CRS: the window is the box around the extent, so
+    # only the pixels whose centres lie in the extent itself may become polygons
+    clip, exact = raster.extent_polygon(extent)
+    if not exact:
+        rows, cols = np.mgrid[0:height, 0:width] + 0.5
+        centre_x = gt[0] + cols * gt[1] + rows * gt[2]
+        centre_y = gt[3] + cols * gt[4] + rows * gt[5]
+        in_clip = shapely.contains_xy(clip, centre_x, centre_y)
+        inside = in_clip if inside is None else inside & in_clip
+        valid = valid & in_clip
     srs = raster.srs
     text_embeddings = prompt_embeddings(engine, prompts, ensemble, cancelled)
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
@@ -338,9 +349,18 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))
     # the extent segmented: the request's, also when the model saw more around it
-    shown_gt, (shown_h, shown_w) = (box_gt, box_shape) if inside is not None else (gt, (height, width))
-    return SegmentOutput(results, bounds_from_geotransform(shown_gt, shown_w, shown_h), tuple(gt), raster.crs_wkt,
-                         (height, width), tiles)
+    if not exact:
+        grid = shapely.Polygon(_grid_corners(gt, width, height))
+        processed = tuple(clip.intersection(grid).bounds) if clip.intersects(grid) else tuple(grid.bounds)
+    else:
+        shown_gt, (shown_h, shown_w) = (box_gt, box_shape) if wider is not None else (gt, (height, width))
+        processed = bounds_from_geotransform(shown_gt, shown_w, shown_h)
+    return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles)
+
+
+def _grid_corners(gt, width: int, height: int) -> list[tuple[float, float]]:
+    return [(gt[0] + gt[1] * c + gt[2] * r, gt[3] + gt[4] * c + gt[5] * r)
+            for c, r in ((0, 0), (width, 0), (width, height), (0, height))]
 
 
 def _context_read(raster: Raster, extent, target_resolution: float | None, size: int):

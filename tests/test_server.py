@@ -323,6 +323,34 @@ def test_a_small_extent_is_segmented_with_the_ground_around_it(checkpoint, raste
             assert b[3] <= extent[3] + 1e-6
 
 
+def test_segment_of_a_rotated_raster_keeps_to_the_requested_extent(checkpoint, rasters):
+    import math
+
+    import shapely
+
+    from backend.engine import ModelEngine
+    from backend.raster import open_raster
+    from backend.segment import segment
+
+    c, s_ = math.cos(math.radians(30)), math.sin(math.radians(30))
+    path = make_tif(rasters["folder"] / "rotated_scene.tif", noise((3, 300, 300), seed=3),
+                    geotransform=(500000.0, c, s_, 5000000.0, s_, -c))
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        with open_raster(path) as raster:
+            b = raster.bounds
+            cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+            extent = (cx - 40, cy - 40, cx + 40, cy + 40)
+            out = segment(raster, ["trees"], engine, extent=extent, threshold=0.0, edge_radius=0)
+    finally:
+        engine.stop()
+    assert out.extent == pytest.approx(extent)
+    polygons = [p.geometry for p in out.results[0].polygons]
+    covered = sum(p.area for p in polygons)
+    outside = sum(p.difference(shapely.box(*extent)).area for p in polygons)
+    assert covered == pytest.approx(80 * 80, rel=0.05) and outside < 0.02 * covered   # pixel edges only
+
+
 def test_pixels_touching_at_a_corner_are_kept_or_dropped_as_one_region():
     from osgeo import osr
 
