@@ -34,7 +34,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _gdal_exceptions, bounds_from_geotransform
+from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -304,26 +304,21 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     the guided filter's radius in working-grid pixels (None = `default_edge_radius`, 0 = off)."""
     if progress:
         progress("reading", 0, 0)
-    rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
-    height, width = valid.shape
-    inside = None
+    # an extent smaller than one model tile: the model sees the ground around it rather than a tile
+    # padded with black, and only the extent's own pixels (`inside`) become polygons
     wider = _context_read(raster, extent, target_resolution, engine.image_size)
     if wider is not None:
-        # an extent smaller than one model tile: the model sees the ground around it rather than a
-        # tile padded with black, and only the extent's own pixels become polygons
-        rgb, wide_valid, wide_gt, inside = wider
-        valid = wide_valid & inside
-        box_gt, box_shape = gt, (height, width)
-        gt = wide_gt
-        height, width = valid.shape
+        rgb, valid, gt, inside, processed = wider
+    else:
+        rgb, valid, gt = raster.read_extent(extent, target_resolution=target_resolution, max_pixels=max_pixels)
+        inside, processed = None, None
+    height, width = valid.shape
     # a rotated raster, or an extent in another CRS: the window is the box around the extent, so
     # only the pixels whose centres lie in the extent itself may become polygons
     clip, exact = raster.extent_polygon(extent)
     if not exact:
         rows, cols = np.mgrid[0:height, 0:width] + 0.5
-        centre_x = gt[0] + cols * gt[1] + rows * gt[2]
-        centre_y = gt[3] + cols * gt[4] + rows * gt[5]
-        in_clip = shapely.contains_xy(clip, centre_x, centre_y)
+        in_clip = shapely.contains_xy(clip, *_grid_to_map(gt, cols, rows))
         inside = in_clip if inside is None else inside & in_clip
         valid = valid & in_clip
     srs = raster.srs
@@ -350,23 +345,19 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
                                     rel[i] if keep_relevance else None))
     # the extent segmented: the request's, also when the model saw more around it
     if not exact:
-        grid = shapely.Polygon(_grid_corners(gt, width, height))
+        grid = shapely.Polygon(np.column_stack(_grid_to_map(gt, np.array([0, width, width, 0], float),
+                                                            np.array([0, 0, height, height], float))))
         processed = tuple(clip.intersection(grid).bounds) if clip.intersects(grid) else tuple(grid.bounds)
-    else:
-        shown_gt, (shown_h, shown_w) = (box_gt, box_shape) if wider is not None else (gt, (height, width))
-        processed = bounds_from_geotransform(shown_gt, shown_w, shown_h)
+    elif processed is None:
+        processed = bounds_from_geotransform(gt, width, height)
     return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles)
-
-
-def _grid_corners(gt, width: int, height: int) -> list[tuple[float, float]]:
-    return [(gt[0] + gt[1] * c + gt[2] * r, gt[3] + gt[4] * c + gt[5] * r)
-            for c, r in ((0, 0), (width, 0), (width, height), (0, height))]
 
 
 def _context_read(raster: Raster, extent, target_resolution: float | None, size: int):
     """For an extent under one model tile a side on a north-up raster: (rgb, valid, geotransform,
-    inside) of a read widened to a tile of real ground around it (kept within the raster), `inside`
-    marking the extent's own pixels; None when the extent is large enough or the raster is rotated."""
+    inside, bounds) of a read widened to a tile of real ground around it (kept within the raster),
+    `inside` marking the extent's own pixels (`valid` only there) and `bounds` the extent's native
+    window; None when the extent is large enough or the raster is rotated."""
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:
         return None
@@ -385,7 +376,8 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     cx = wide_col + (np.arange(out_w) + 0.5) * wide_w / out_w
     cy = wide_row + (np.arange(out_h) + 0.5) * wide_h / out_h
     inside = ((cy >= row) & (cy < row + h))[:, None] & ((cx >= col) & (cx < col + w))[None, :]
-    return rgb, valid, wide_gt, inside
+    bounds = bounds_from_geotransform(raster.window_geotransform(col, row, w, h, w, h), w, h)
+    return rgb, valid & inside, wide_gt, inside, bounds
 
 
 __all__ = ["segment", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
