@@ -503,13 +503,15 @@ class SkyPromptDock(QDockWidget):
     def _search(self, title: str, like_tile_id: int | None) -> BackendTask | None:
         query = title if like_tile_id is None else ""
         layers = self.checked_layers()
-        names = {path: layer.name() for layer in layers if (path := local_path(layer))}
+        path_of = {layer.id(): local_path(layer) for layer in layers}
+        names = {path_of[layer.id()]: layer.name() for layer in layers if path_of[layer.id()]}
         # the ticked layers, by the id this session indexed them under, else by file path (indexed in
         # an earlier session: the server says NOT_FOUND if it never was); a layer read as pixels has
         # no path, so one not indexed in this session cannot be searched alone
         raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
-        raster_paths = [local_path(l) for l in layers if l.id() not in self.indexed and local_path(l)]
-        unreachable = [l.name() for l in layers if l.id() not in self.indexed and not local_path(l)]
+        earlier = [l for l in layers if l.id() not in self.indexed]
+        raster_paths = [path_of[l.id()] for l in earlier if path_of[l.id()]]
+        unreachable = [l.name() for l in earlier if not path_of[l.id()]]
         if layers and not raster_ids and not raster_paths:
             self._message(f"{', '.join(unreachable)}: index the ticked layers first (press Index), then search",
                           Qgis.Warning)

@@ -175,10 +175,11 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         k = self.parameterAsInt(parameters, "K", context)
         settings = self._settings(parameters, context)
         layers = self.parameterAsLayerList(parameters, "LAYERS", context)
-        names = {path: l.name() for l in layers if (path := local_path(l))}
+        path_of = [(l, local_path(l)) for l in layers]
+        names = {path: l.name() for l, path in path_of if path}
         paths = list(names)
         # a layer read as pixels (tile services, memory rasters) has no path to restrict the search to
-        unreachable = [l.name() for l in layers if not local_path(l)]
+        unreachable = [l.name() for l, path in path_of if not path]
         if unreachable and not paths:
             raise QgsProcessingException(f"cannot search only in {', '.join(unreachable)}: layers read as pixels "
                                          "(tile services, non-file rasters) are not searchable by layer; leave "

@@ -44,8 +44,6 @@ from .data import DataError
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 
-TRAIN_STATE = TRAINING_STATE
-
 
 @dataclass
 class TrainConfig:
@@ -355,7 +353,7 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
         path = out / "checkpoints" / f"step_{step:07d}"
 
         def write_state(tmp: Path) -> None:
-            torch.save({"optimizer": opt_state, "step": step, "config": asdict(cfg)}, tmp / TRAIN_STATE)
+            torch.save({"optimizer": opt_state, "step": step, "config": asdict(cfg)}, tmp / TRAINING_STATE)
             if words is not None:
                 words.save(tmp)
 
@@ -391,7 +389,7 @@ def train(cfg: TrainConfig) -> dict:
         for ckpt in reversed(checkpoint_dirs(out)):
             try:
                 model, tokenizer = load_checkpoint(ckpt)
-                state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=False)
+                state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
             except (CheckpointError, OSError, RuntimeError, EOFError) as e:
                 log(f"skipping unreadable checkpoint {ckpt}: {e}")
                 model = None
