@@ -943,6 +943,8 @@ class TileIndex:
     def _box_mask(self, snap: _Snapshot, slot: _Slot, box):
         """True (every tile of the raster intersects the box), False (none does) or a per-tile mask."""
         env = slot.envelope
+        if env == NO_LONLAT_BOX:
+            return False    # a raster without longitude/latitude lies in no EPSG:4326 box, whatever its numbers
         if env[0] > box[2] or env[2] < box[0] or env[1] > box[3] or env[3] < box[1]:
             return False
         if env[0] >= box[0] and env[2] <= box[2] and env[1] >= box[1] and env[3] <= box[3]:

@@ -798,19 +798,21 @@ class Raster:
         if parts is None:
             return None, True
         xmin, ymin, xmax, ymax, crs = parts
+        source = None if crs in ("", None) else parse_crs(crs)
+        same = source is None or source.IsSame(self._srs)
+        if same and self.geotransform[2] == 0 and self.geotransform[4] == 0:
+            return shapely.box(xmin, ymin, xmax, ymax), True
         t = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
         xs = np.concatenate([xmin + (xmax - xmin) * t, np.full_like(t, xmax), xmax - (xmax - xmin) * t,
                              np.full_like(t, xmin)])
         ys = np.concatenate([np.full_like(t, ymin), ymin + (ymax - ymin) * t, np.full_like(t, ymax),
                              ymax - (ymax - ymin) * t])
-        same = crs in ("", None) or parse_crs(crs).IsSame(self._srs)
         if not same:
             with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
-                ct = osr.CoordinateTransformation(parse_crs(crs), self._srs)
+                ct = osr.CoordinateTransformation(source, self._srs)
                 moved = np.asarray(ct.TransformPoints(np.column_stack([xs, ys]).tolist()), float)
             xs, ys = moved[:, 0], moved[:, 1]
-        north_up = self.geotransform[2] == 0 and self.geotransform[4] == 0
-        return shapely.Polygon(np.column_stack([xs, ys])), same and north_up
+        return shapely.Polygon(np.column_stack([xs, ys])), False
 
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.

@@ -34,7 +34,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
+from .raster import Raster, _check_resolution, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -361,10 +361,11 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:
         return None
+    resolution = _check_resolution(target_resolution)
     col, row, w, h = raster.window_for_extent(extent)
-    per = (target_resolution / raster.pixel_size[0]) if target_resolution else 1.0   # native px per working px
+    per = (resolution / raster.pixel_size[0]) if resolution else 1.0   # native px per working px
     need = int(math.ceil(size * per))
-    if (w >= need and h >= need) or per <= 0:
+    if w >= need and h >= need:
         return None
     wide_w, wide_h = min(raster.width, max(w, need)), min(raster.height, max(h, need))
     wide_col = min(max(0, col - (wide_w - w) // 2), raster.width - wide_w)

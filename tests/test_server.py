@@ -380,6 +380,9 @@ def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server
     placed = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=p.Extent(
         xmin=20, ymin=30, xmax=21, ymax=31, crs="EPSG:4326")), metadata=server.metadata)
     assert not placed.hits
+    anywhere = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=p.Extent(
+        xmin=0, ymin=0, xmax=2000, ymax=2000, crs="EPSG:4326")), metadata=server.metadata)
+    assert not anywhere.hits                                   # not even a box around its stored numbers
     out = client(server, "search", "--json", "x", "--k", "2", "--raster-id", done.raster_id)
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)["results"]

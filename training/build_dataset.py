@@ -138,12 +138,12 @@ def landmarks(args) -> dict:
                              thresholds=LM.Thresholds(args.min_cover, args.max_object, args.min_line),
                              captioner=args.captioner, unit_tiles=args.unit_tiles)
     rules = LM.rules_for(cfg)                        # bad mapping files fail here, before any work
+    LM.check_same_settings(cfg)                      # and a folder of another run's settings
     LM.load_captioner(cfg.captioner)
     counts = {}
     for path in cfg.features:
         feats, _, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
         counts[path] = {"read": seen, "usable": len(feats)}
-    LM.check_same_settings(cfg)
     units, problems = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "

@@ -41,9 +41,9 @@ class VocabularyError(ValueError):
 
 def words_of(text: str) -> list[str]:
     """The lower-case words of a text, in order (letters of any script, with an inner apostrophe:
-    "bird's"); NFKC-normalised and case-folded as the tokenizer reads text, a typographic apostrophe
+    "bird's"); NFKC-normalised and lower-cased as the tokenizer reads text, a typographic apostrophe
     read as "'"."""
-    text = unicodedata.normalize("NFKC", text).casefold().replace("\u2019", "'")
+    text = unicodedata.normalize("NFKC", text).lower().replace("\u2019", "'")
     return _WORD.findall(text)
 
 

@@ -327,7 +327,8 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
     out = Path(cfg.out)
     ours = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "captioner")}))
     path = out / SETTINGS_FILE
-    if path.is_file():
+    built = (out / "parts").is_dir() and any((out / "parts").glob("*.json"))
+    if path.is_file() and built:
         theirs = json.loads(path.read_text())
         changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if changed:
@@ -335,7 +336,7 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
             raise BuildError(f"{out} holds a dataset built with other settings ({shown}); give another --out, "
                              "or remove it to rebuild")
         return
-    if (out / "parts").is_dir() and any((out / "parts").glob("*.json")):
+    if built:
         return   # built before settings were recorded: nothing to compare with
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.part")
