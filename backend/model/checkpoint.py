@@ -47,7 +47,7 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
     the optimizer state (a training checkpoint may then replace an earlier one).
     """
     directory = Path(directory)
-    check_checkpoint_target(directory, training_save=training_state)
+    check_checkpoint_target(directory, training_state=training_state)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -100,13 +100,13 @@ def _current_umask() -> int:
     return mask
 
 
-def check_checkpoint_target(target: Path, training_save: bool = False) -> None:
+def check_checkpoint_target(target: Path, training_state: bool = False) -> None:
     """Refuse to overwrite anything but an empty folder or an earlier checkpoint.
 
     Saving replaces the whole target folder, so a mistyped output path (a data folder, a run
     folder, a file) would otherwise be deleted without a word. Nor may a plain save (an export)
     replace a training checkpoint: its optimizer state, which `--resume` needs, would go with it;
-    only a training save (`training_save`, which writes that state again) may.
+    only a training save (`training_state`, which writes that state again) may.
     """
     if not target.exists() and not target.is_symlink():
         return
@@ -125,15 +125,20 @@ def check_checkpoint_target(target: Path, training_save: bool = False) -> None:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise CheckpointError(f"{target} already holds files that are not a SkyPrompt checkpoint ({shown}); "
                               "saving would replace the whole folder: pick a new output path or remove it first")
-    if TRAINING_STATE in entries and not training_save:
+    if TRAINING_STATE in entries and not training_state:
         raise CheckpointError(f"{target} is a training checkpoint (its {TRAINING_STATE} is what --resume continues "
                               "from); saving here would drop it: pick a new output path")
+
+
+def _aside_prefix(target: Path) -> str:
+    """The name a checkpoint being replaced takes while the new one is renamed in, less the pid."""
+    return f".{target.name}.old-"
 
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap `new` into place of `target` with renames (the old one is removed only afterwards)."""
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f"{_aside_prefix(target)}{os.getpid()}")
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -173,10 +178,11 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     """Load (model in eval mode, tokenizer) from a checkpoint directory, checking everything."""
     directory = Path(directory)
     if not directory.is_dir():
-        aside = sorted(directory.parent.glob(f".{directory.name}.old-*")) if directory.name else []
+        aside = list(directory.parent.glob(f"{_aside_prefix(directory)}*")) if directory.name else []
         if aside and not directory.exists():
+            newest = max(aside, key=lambda p: p.stat().st_mtime)
             raise CheckpointError(f"checkpoint directory {directory} does not exist: a save into it was interrupted, "
-                                  f"and the checkpoint before it is {aside[-1]}; rename that back to use it")
+                                  f"and the checkpoint before it is {newest}; rename that back to use it")
         raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
     cfg = read_config(directory)
     tok_path = directory / TOKENIZER

@@ -45,15 +45,15 @@ def dhash(image: Image.Image) -> int:
     return int("".join("1" if b else "0" for b in bits), 2)
 
 
-# Shard members by file extension, as training.data reads them; other formats are re-encoded.
-_SHARD_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tif", "BMP": "bmp"}
-
-
 def shard_image(im: Image.Image, data: bytes) -> tuple[str, bytes]:
-    """(extension, bytes) to store a kept image as: its own bytes when training reads the format (a
-    phone's multi-picture JPEG, MPO, is a JPEG to every reader), else re-encoded as PNG (GIF, ICO...)."""
-    ext = _SHARD_FORMATS.get(im.format or "")
-    if ext:
+    """(extension, bytes) to store a kept image as: its own bytes when training reads the format
+    (training.data's shard extensions; a phone's multi-picture JPEG, MPO, is a JPEG to every
+    reader), else re-encoded as PNG (GIF, ICO...)."""
+    from training.data import _SHARD_IMAGE_EXTS
+
+    fmt = (im.format or "").lower()
+    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
+    if ext in _SHARD_IMAGE_EXTS:
         return ext, data
     out = io.BytesIO()
     im.convert("RGB").save(out, format="PNG")
@@ -267,7 +267,8 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
     # duplicates are of pairs kept before: a pair dropped by the thresholds takes no later copy with it
     seen_bytes: set[str] = set()
     seen_hashes = HashIndex(cfg.dup_distance)
-    pending: list = [set(), HashIndex(cfg.dup_distance)]   # the unscored batch's bytes digests and hashes
+    pending_bytes: set[str] = set()                    # the unscored batch's bytes digests and hashes
+    pending_hashes = HashIndex(cfg.dup_distance)
     writer = _ShardWriter(out / "shards", cfg.shard_size)
     counts = {"seen": 0, "kept": 0, "unreadable": 0, "duplicate": 0, "eval_match": 0, "low_image_score": 0,
               "low_text_score": 0}
@@ -277,6 +278,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
     scores_file = open(out / "scores.jsonl.part", "w")      # every scored pair: for tuning thresholds
 
     def flush():
+        nonlocal pending_hashes
         if not batch:
             return
         scores = scorer.scores([scorer.tensor(im) for _, _, _, im, _, _, _ in batch])
@@ -303,7 +305,8 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
                 seen_bytes.add(digest)
                 seen_hashes.add(h)
         batch.clear()
-        pending[:] = [set(), HashIndex(cfg.dup_distance)]
+        pending_bytes.clear()
+        pending_hashes = HashIndex(cfg.dup_distance)
 
     for key, data, text in tqdm(read_pairs(cfg.shards, cfg.manifest), desc="pairs", unit="pair",
                                 disable=not progress):
@@ -322,13 +325,13 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
             counts["eval_match"] += 1
             continue
         digest = hashlib.sha1(data).hexdigest()
-        if digest in pending[0] or pending[1].near(h):
+        if digest in pending_bytes or pending_hashes.near(h):
             flush()     # a copy of a pair not yet scored: whether it is a duplicate depends on that pair
         if digest in seen_bytes or seen_hashes.near(h):
             counts["duplicate"] += 1
             continue
-        pending[0].add(digest)
-        pending[1].add(h)
+        pending_bytes.add(digest)
+        pending_hashes.add(h)
         ts = text_score(text, vocabulary)
         text_scores.append(ts)
         batch.append((key, data, text, im, ts, digest, h))
