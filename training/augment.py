@@ -64,6 +64,14 @@ def centre_square(width: int, height: int, side: int) -> tuple[int, int, int, in
     return left, top, left + side, top + side
 
 
+def centre_square_resized(image: Image.Image, size: int) -> Image.Image:
+    """The image's centre square resized to size x size in one bicubic resample (RGB): the same
+    picture as resize-then-crop, and it copes with the UCM images a pixel short of 256."""
+    image = image.convert("RGB")
+    box = centre_square(image.width, image.height, min(image.width, image.height))
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+
+
 def colour_jitter(x: np.ndarray, strength: float, rng: random.Random) -> np.ndarray:
     """Brightness, contrast and saturation each scaled by a factor in [1 - strength, 1 + strength];
     x is float [3, N] (channels first) in [0, 1] and stays in it; changed in place.
@@ -129,21 +137,15 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to `image_size` and take the centre square, normalise.
-
-    Done as one resample of the centre square of the original, which is the same picture as
-    resize-then-crop and also copes with the UCM images that are a pixel short of 256.
-    """
+    """Resize the shorter side to `image_size` and take the centre square (centre_square_resized),
+    normalise."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         del rng  # deterministic; accepted so datasets can call every transform the same way
-        image = image.convert("RGB")
-        box = centre_square(image.width, image.height, min(image.width, image.height))
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, box=box)
-        return to_normalised_tensor(image, self.mean, self.std)
+        return to_normalised_tensor(centre_square_resized(image, self.image_size), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"EvalTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"

@@ -555,6 +555,17 @@ class _CountsSkips:
                           SkippedImageWarning, stacklevel=3)
 
 
+def class_key(class_name: str | None, names: Mapping) -> str | None:
+    """The class-map key a record's class names: the key itself, or a key one of whose human names
+    (a string or a sequence of them) it is; None when the map names it nowhere."""
+    if class_name in names:
+        return class_name
+    for key, synonyms in names.items():
+        if class_name == synonyms or (not isinstance(synonyms, str) and class_name in synonyms):
+            return key
+    return None
+
+
 def class_label_id(name: str) -> int:
     """A stable non-negative int for a class name, the same in every process and run (the
     class-aware contrastive loss compares labels across ranks): case and spacing do not matter."""

@@ -30,10 +30,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from . import data as D
-from .augment import _LUMA, centre_square
+from .augment import _LUMA, centre_square_resized
 
 
 class ImageBankError(D.DataError):
@@ -44,9 +43,7 @@ def decode_square(job: tuple[str, int]) -> np.ndarray | str:
     """One image's centre square at side x side, uint8 [3, side, side]; or what went wrong reading it."""
     path, side = job
     try:
-        image = D.load_image(path)
-        box = centre_square(image.width, image.height, min(image.width, image.height))
-        image = image.resize((side, side), Image.Resampling.BICUBIC, box=box)
+        image = centre_square_resized(D.load_image(path), side)     # the evaluation view, uint8
     except Exception as e:  # any decoder failure, as CaptionDataset treats it: skipped, not fatal
         return f"{type(e).__name__}: {e}"
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))

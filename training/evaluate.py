@@ -34,7 +34,7 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import CLASSNAMES_DIR, DataError, manifest_records, read_classnames_file
+from .data import CLASSNAMES_DIR, DataError, class_key, manifest_records, read_classnames_file
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -355,12 +355,10 @@ def class_text_embeddings(model, tokenizer, classnames: Mapping, templates: Sequ
 
 def _class_key(record, names: Mapping[str, tuple[str, ...]]) -> str:
     c = getattr(record, "class_name", None)
-    if c in names:
-        return c
-    for key, synonyms in names.items():
-        if c in synonyms:
-            return key
-    raise EvalError(f"image {record.image} has class {c!r}, which is not in the class-name map")
+    key = class_key(c, names)
+    if key is None:
+        raise EvalError(f"image {record.image} has class {c!r}, which is not in the class-name map")
+    return key
 
 
 def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=None, batch_size: int = 64,

@@ -175,8 +175,7 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
 def _check_held_out_classes(name: str, held: list, mapping: dict) -> None:
     """Every held-out image's class must be named by the class map (by key or by one of its names):
     checked before training, not at its first validation."""
-    known = set(mapping) | {n for v in mapping.values() for n in ([v] if isinstance(v, str) else v)}
-    unknown = sorted({str(r.class_name) for r in held if r.class_name not in known})
+    unknown = sorted({str(r.class_name) for r in held if D.class_key(r.class_name, mapping) is None})
     if unknown:
         raise RecipeError(f"source {name}: held-out images have classes its class-name map does not name: "
                           f"{', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}; add them to the map")
