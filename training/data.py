@@ -360,7 +360,7 @@ def karpathy_records(json_path: str | os.PathLike, image_dir: str | os.PathLike,
         name = entry.get("filename")
         if not name:
             raise DataError(f"{json_path}: images[{i}] has no \"filename\"")
-        raw = [s.get("raw") or " ".join(s.get("tokens", ())) for s in entry.get("sentences", ())]
+        raw = [karpathy_sentence(s) for s in entry.get("sentences", ())]
         captions = _nonblank(raw)
         if not captions:
             raise DataError(f"{json_path}: images[{i}] ({name}) has no captions")
@@ -553,6 +553,11 @@ class _CountsSkips:
             self._warned = self._warned | {what}
             warnings.warn(f"skipping unreadable image {what}: {type(error).__name__}: {error}",
                           SkippedImageWarning, stacklevel=3)
+
+
+def karpathy_sentence(sentence: dict) -> str:
+    """One sentence of a Karpathy split file: its raw text, else its tokens joined."""
+    return sentence.get("raw") or " ".join(sentence.get("tokens", ()))
 
 
 def class_key(class_name: str | None, names: Mapping) -> str | None:

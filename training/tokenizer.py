@@ -70,13 +70,16 @@ def _json_captions(text: str, path: Path) -> Iterator[str]:
         yield from _manifest_captions(text.splitlines(), path)   # one object a line
         return
     if isinstance(document, dict) and isinstance(document.get("images"), list):
+        from training.data import karpathy_sentence
+
         for image in document["images"]:
             for sentence in image.get("sentences", []) if isinstance(image, dict) else []:
-                raw = sentence.get("raw") if isinstance(sentence, dict) else None
+                raw = karpathy_sentence(sentence) if isinstance(sentence, dict) else None
                 if isinstance(raw, str) and raw.strip():
                     yield raw.strip()
     elif isinstance(document, list):
-        yield from _manifest_captions([json.dumps(x) for x in document], path)
+        for i, record in enumerate(document, 1):
+            yield from _record_captions(record, f"{path}[{i}]")
     else:
         yield from _manifest_captions(text.splitlines(), path)
 
@@ -89,20 +92,25 @@ def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-        captions = record.get("captions", [])
-        if isinstance(captions, str):
-            captions = [captions]
-        caption = record.get("caption")
-        if caption is not None:
-            captions = [*captions, caption]
-        for text in captions:
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: captions must be strings, got {type(text).__name__}")
-            text = text.strip()
-            if text:
-                yield text
+        yield from _record_captions(record, f"{path}:{lineno}")
+
+
+def _record_captions(record, where: str) -> Iterator[str]:
+    """The captions of one manifest object: its "captions" (a list or a string) and "caption"."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    captions = record.get("captions", [])
+    if isinstance(captions, str):
+        captions = [captions]
+    caption = record.get("caption")
+    if caption is not None:
+        captions = [*captions, caption]
+    for text in captions:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: captions must be strings, got {type(text).__name__}")
+        text = text.strip()
+        if text:
+            yield text
 
 
 def build_parser() -> argparse.ArgumentParser:
