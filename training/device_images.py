@@ -195,12 +195,14 @@ class BankAugment:
                 x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                                   antialias=True).clamp_(0, 1)
         else:
-            p = {k: v[:n].to(device) for k, v in params.items()}
             # affine_grid maps output (x, y) in [-1, 1] to input coordinates: first the orientation,
-            # then the crop's scale, then its centre
-            theta = torch.zeros(n, 2, 3, device=device)
-            theta[:, :, :2] = torch.stack([p["w"], p["h"]], 1)[:, :, None] * _DIHEDRAL.to(device)[p["orientation"]]
-            theta[:, 0, 2], theta[:, 1, 2] = 2 * p["cx"] - 1, 2 * p["cy"] - 1
+            # then the crop's scale, then its centre; built on the CPU and sent in one copy a step
+            theta = torch.zeros(n, 2, 3)
+            theta[:, :, :2] = torch.stack([params["w"][:n], params["h"][:n]], 1)[:, :, None] * \
+                _DIHEDRAL[params["orientation"][:n]]
+            theta[:, 0, 2], theta[:, 1, 2] = 2 * params["cx"][:n] - 1, 2 * params["cy"][:n] - 1
+            theta, factors = torch.cat([theta.flatten(1), params["factors"][:n]], 1).to(device).split([6, 3], 1)
+            theta = theta.reshape(n, 2, 3)
             # a bank larger than the output is sampled at k times the output size and averaged down
             # (k x k supersampling), so that fine detail does not alias into the smaller crop
             k = max(1, round(x.shape[-1] / self.image_size))
@@ -208,8 +210,9 @@ class BankAugment:
             x = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
             x = (F.avg_pool2d(x, k) if k > 1 else x).clamp_(0, 1)
             if self.jitter > 0:
-                matrix, offset = jitter_affine(p["factors"], x.mean(dim=(2, 3)))
+                matrix, offset = jitter_affine(factors, x.mean(dim=(2, 3)))
                 x = (torch.einsum("bij,bjhw->bihw", matrix, x) + offset[:, :, None, None]).clamp_(0, 1)
-        mean, std = self.mean.to(device)[None, :, None, None], self.std.to(device)[None, :, None, None]
-        return (x - mean) / std
+        if self.mean.device != device:      # once: the constants then live where the bank does
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None]
 

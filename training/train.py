@@ -330,9 +330,10 @@ def whole_model(train_model: torch.nn.Module, model: MaMMUT, fsdp: bool, device)
     if not fsdp:
         return model
     state = full_state_dict(train_model, True)
+    if not is_main():
+        return model        # the gather needs every rank; only the main one uses its result
     copy = MaMMUT(model.config)
-    if is_main():
-        copy.load_state_dict(state)
+    copy.load_state_dict(state)
     return copy.to(device).eval()
 
 
