@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import re
 import sqlite3
@@ -647,10 +648,21 @@ class TileIndex:
 
     @staticmethod
     def _raster_id_arg(raster_id) -> int:
-        try:
-            return int(raster_id)
-        except (TypeError, ValueError):
-            raise TileIndexError("invalid_argument", f"raster id {raster_id!r} is not a number") from None
+        """A raster id as the index stores it: a non-negative 64-bit integer, given as an int or as its
+        ASCII digits (ids travel as text on the wire). Text that can name no raster ("abc", "²", which
+        str.isdigit accepts and int() does not, or 2**63 and up) is simply not in the index: not_found."""
+        if isinstance(raster_id, str):
+            text = raster_id.strip()
+            value = int(text) if text.isascii() and text.isdigit() else -1
+        elif isinstance(raster_id, numbers.Integral) and not isinstance(raster_id, bool):
+            value = int(raster_id)
+        else:
+            raise TileIndexError("invalid_argument", f"a raster id is an int or its digits as text, "
+                                                     f"not {type(raster_id).__name__} {raster_id!r}")
+        if not 0 <= value < 2**63:
+            raise TileIndexError("not_found", f"raster id {raster_id!r} is not in the tile index (ids are the whole "
+                                              f"numbers list_rasters() and IndexResult.raster_id give)")
+        return value
 
     # -- writing --
     def writer(self, identity: dict, checkpoint_hash: str, settings: dict | str | None, raster_meta: dict,

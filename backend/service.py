@@ -425,11 +425,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 crs = parts[4] or "EPSG:4326"
                 bbox = parts[:4] if crs.upper() in ("EPSG:4326", "OGC:CRS84") else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
-        raster_ids = [index_id(rid) for rid in request.raster_ids]
-        for rid, parsed in zip(request.raster_ids, raster_ids):
-            if parsed is None:
-                raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers from "
-                                                f"IndexResult.raster_id)")
+        raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:
             check_expand(expand, limit=self.limits.max_expand)
@@ -626,9 +622,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if bool(rid) == bool(path):
             raise _bad("give exactly one of raster_id and raster_path")
         if rid:
-            if index_id(rid) is None:
-                raise RequestError("not_found", f"raster id {rid!r} is not in the index (ids are numbers)")
-            entry = self.index.raster(index_id(rid))
+            entry = self.index.raster(rid)
         else:
             entry = self.index.raster_by_path(os.path.abspath(path))
             if entry is None:
@@ -637,15 +631,6 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         log.info("removed %s (%d tiles) from the index", entry["name"], entry["tile_count"])
         return pb.RemoveRasterResponse(raster_id=str(entry["id"]), raster_name=entry["name"],
                                        tiles_removed=entry["tile_count"])
-
-
-def index_id(text: str) -> int | None:
-    """A raster id as the index stores it (a non-negative 64-bit integer), or None for text that can
-    name none: ASCII digits only ("²" is a digit to str.isdigit, not to int), below 2**63."""
-    text = text.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) >= 2**63:
-        return None
-    return int(text)
 
 
 def _tile_dict(tile) -> dict:

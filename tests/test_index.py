@@ -122,6 +122,20 @@ def test_filters_by_raster_id_path_union_and_wgs84_extent(tmp_path, rng):
         with pytest.raises(TileIndexError) as e:
             index.search(query, 5, CK, raster_ids=[999])
         assert e.value.kind == "not_found" and "999" in str(e.value)
+        # ids as text, as the wire carries them: digits name a raster, text that can name none is not found
+        assert {h.raster_id for h in index.search(query, 100, CK, raster_ids=[f" {b} "])} == {b}
+        assert index.raster(np.int64(b))["id"] == b
+        for never in ("abc", "\u00b2", "-1", "9" * 23, 2**63, -1):
+            with pytest.raises(TileIndexError) as e:
+                index.search(query, 5, CK, raster_ids=[never])
+            assert e.value.kind == "not_found", never
+            with pytest.raises(TileIndexError) as e:
+                index.raster(never)
+            assert e.value.kind == "not_found", never
+        for wrong_type in (None, 1.0, True):
+            with pytest.raises(TileIndexError) as e:
+                index.raster(wrong_type)
+            assert e.value.kind == "invalid_argument" and type(wrong_type).__name__ in str(e.value)
         with pytest.raises(TileIndexError) as e:
             index.search(query, 5, CK, raster_paths=[tmp_path / "nope.tif"])
         assert e.value.kind == "not_found" and "nope.tif" in str(e.value)
