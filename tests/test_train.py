@@ -288,8 +288,10 @@ def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):
     (out / "checkpoints" / "step_0000006" / "train_state.pt").write_bytes(b"")   # damaged: resume skips it
     r = _run(_args(folder, out, 5, "--resume", "--save-every", "1", "--keep-last", "1"))
     assert r.returncode == 0 and "skipping unreadable checkpoint" in r.stderr, r.stderr[-2000:]
-    # the newest save is kept (pruning counts only checkpoints up to the step it saved)
-    assert "step_0000005" in [p.name for p in (out / "checkpoints").iterdir()]
+    # the damaged one is set aside, not deleted, and never pushes this run's newest save out
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step_0000005", "unreadable_step_0000006"], names
+    assert "moved it aside" in r.stderr
     r = _run(_args(folder, out, 8, "--resume", "--image-size", "32"))
     assert r.returncode == 2 and "--image-size 32 with --resume would mix the two" in r.stderr
 

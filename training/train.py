@@ -8,7 +8,7 @@ Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_por
 `--batch-size` is the GLOBAL batch of one optimizer step; each rank takes its slice of the same
 global batch, so a 2-process run follows the same loss curve as a 1-process run with the same seed.
 Checkpoints are atomic directories `OUT/checkpoints/step_NNNNNNN` (the last K kept); `--resume`
-continues from the newest complete one exactly where it stopped.
+continues from the newest readable one exactly where it stopped (unreadable newer ones are set aside).
 """
 from __future__ import annotations
 
@@ -311,6 +311,22 @@ def clean_partial_checkpoints(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def set_aside_checkpoints(out: Path, skipped: list[Path]) -> None:
+    """Rename checkpoints --resume could not read to `unreadable_step_N` (kept for a look, never
+    deleted): this run saves new ones in their place, and --keep-last counts this run's only."""
+    if is_main():
+        for ckpt in skipped:
+            aside = ckpt.with_name(f"unreadable_{ckpt.name}")
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = ckpt.with_name(f"unreadable_{ckpt.name}_{n}")
+            ckpt.rename(aside)
+            log(f"moved it aside to {aside}")
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def unwrap(model: torch.nn.Module) -> MaMMUT:
     model = getattr(model, "_orig_mod", model)       # torch.compile
     return getattr(model, "module", model)          # DDP
@@ -360,10 +376,8 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
 
         save_checkpoint(holder, tokenizer, path, extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=write_state, training_state=True)
-        # the newest --keep-last up to this step: a later-numbered one left by an earlier run (one
-        # that --resume skipped as unreadable) is not counted, so it never pushes this one out
-        kept = [d for d in checkpoint_dirs(out) if int(d.name.split("_")[1]) <= step]
-        for old in kept[:-cfg.keep_last]:
+        # --resume moved any later-numbered, unreadable checkpoint aside, so the newest are this run's
+        for old in checkpoint_dirs(out)[:-cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
@@ -387,12 +401,14 @@ def train(cfg: TrainConfig) -> dict:
     # -- resume / init ---------------------------------------------------------------------------
     start_step, opt_state, tokenizer, model = 0, None, None, None
     if cfg.resume:
+        unreadable = []
         for ckpt in reversed(checkpoint_dirs(out)):
             try:
                 model, tokenizer = load_checkpoint(ckpt)
                 state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
             except (CheckpointError, OSError, RuntimeError, EOFError) as e:
                 log(f"skipping unreadable checkpoint {ckpt}: {e}")
+                unreadable.append(ckpt)
                 model = None
                 continue
             start_step, opt_state = state["step"], state["optimizer"]
@@ -409,6 +425,8 @@ def train(cfg: TrainConfig) -> dict:
             break
         else:
             log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
+        if unreadable:
+            set_aside_checkpoints(out, unreadable)
     train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
     if is_main() and val_sets:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
