@@ -153,12 +153,24 @@ def test_fsdp_run_validates_and_exports_a_whole_model(folder, tmp_path):
     r = _run(_args(folder, tmp_path / "alone", 2, "--fsdp"))
     assert r.returncode == 2 and "start the run with torchrun" in r.stderr and "Traceback" not in r.stderr
     out = tmp_path / "fsdp"
+    # training.train's own main, with its weight gathers counted (each is a collective over every rank
+    # and a full copy in host memory)
+    counted = tmp_path / "counted_train.py"
+    counted.write_text(
+        "import os, sys\nimport training.train as t\nfull, gathers = t.full_state_dict, []\n"
+        "def counting(model, fsdp):\n    gathers.append(fsdp)\n    return full(model, fsdp)\n"
+        "t.full_state_dict = counting\ncode = t.main(sys.argv[1:])\n"
+        "open(os.path.join(sys.argv[sys.argv.index('--out') + 1], 'gathers_' + os.environ['RANK']), 'w')"
+        ".write(str(sum(gathers)))\nsys.exit(code)\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "training.train", *_args(folder, out, 4, "--fsdp", "--val-per-class", "2",
-                                                       "--eval-every", "2", "--export-fp16", str(tmp_path / "fp16"))],
-                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"},
+                        str(counted), *_args(folder, out, 4, "--fsdp", "--val-per-class", "2",
+                                             "--eval-every", "2", "--export-fp16", str(tmp_path / "fp16"))],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+                                      "PYTHONPATH": str(REPO)},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    # validation at steps 2 and 4, checkpoints at 3 and 4, the export after 4: one gather per step
+    assert [(out / f"gathers_{rank}").read_text() for rank in "01"] == ["3", "3"]
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e["step"] for e in evals] == [2, 4] and all(0 <= e[f"{folder.name}/top1"] <= 100 for e in evals)
     model, _ = load_checkpoint(tmp_path / "fp16")

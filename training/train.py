@@ -340,22 +340,22 @@ def full_state_dict(model: torch.nn.Module, fsdp: bool) -> dict:
     return unwrap(model).state_dict()
 
 
-def whole_model(train_model: torch.nn.Module, model: MaMMUT, fsdp: bool, device) -> MaMMUT:
+def whole_model(model: MaMMUT, gathered: dict | None, device) -> MaMMUT:
     """The model with every parameter whole on the main process, for evaluation and export: itself,
-    or under FSDP an unsharded copy gathered from every rank (so every rank must call this)."""
-    if not fsdp:
+    or under FSDP an unsharded copy built from the state `full_state_dict` gathered from every rank
+    (which only the main process receives)."""
+    if gathered is None or not is_main():
         return model
-    state = full_state_dict(train_model, True)
-    if not is_main():
-        return model        # the gather needs every rank; only the main one uses its result
     copy = MaMMUT(model.config)
-    copy.load_state_dict(state)
+    copy.load_state_dict(gathered)
     return copy.to(device).eval()
 
 
 def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, cfg: TrainConfig, step: int,
-                             fsdp: bool, words: TrainingWords | None = None) -> Path | None:
-    state = full_state_dict(model, fsdp)
+                             fsdp: bool, words: TrainingWords | None = None, gathered: dict | None = None) -> Path | None:
+    """Save a resumable checkpoint; under FSDP pass the step's `gathered` weights if they are at hand
+    (gathering them costs a full copy in host memory and a collective over every rank)."""
+    state = gathered if gathered is not None else full_state_dict(model, fsdp)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -522,6 +522,7 @@ def train(cfg: TrainConfig) -> dict:
     t_log, samples_since, skipped_total = time.time(), 0, 0
     budget = TimeBudget(cfg, start_step) if cfg.time_budget > 0 else None
     step = start_step
+    whole = gathered = None   # the step's whole model (for validation) and FSDP-gathered weights
     while step < cfg.steps:
         step += 1
         lr = lr_at(step - 1, cfg)
@@ -573,15 +574,25 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{parts['loss']:.3f}", con=f"{parts['contrastive_loss']:.3f}",
                             cap=f"{parts['caption_loss']:.3f}", sps=f"{last['samples_per_s']:.1f}")
             _append_metrics(metrics_path, {"kind": "train", **last})
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_sets:
-            _evaluate(whole_model(train_model, model, cfg.fsdp, device), tokenizer, val_sets, device, metrics_path,
-                      step)
+        evaluate_now = bool(cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_sets)
+        save_now = step % cfg.save_every == 0 or step == cfg.steps
+        whole = gathered = None
+        if cfg.fsdp and (evaluate_now or save_now or (cfg.export_fp16 and step == cfg.steps)):
+            # the whole weights, gathered once for this step's validation, checkpoint and export
+            gathered = full_state_dict(train_model, True)
+        if evaluate_now:
+            whole = whole_model(model, gathered, device)
+            _evaluate(whole, tokenizer, val_sets, device, metrics_path, step)
             model.train()
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if save_now:
             save_training_checkpoint(out, train_model if cfg.fsdp else model, optimizer, tokenizer, cfg, step,
-                                     cfg.fsdp, words)
+                                     cfg.fsdp, words, gathered=gathered)
     bar.close()
-    final = whole_model(train_model, model, cfg.fsdp, device) if cfg.export_fp16 else model
+    if cfg.export_fp16 and cfg.fsdp and step == start_step:
+        gathered = full_state_dict(train_model, True)   # no step ran here (resumed at the last one)
+    final = model
+    if cfg.export_fp16:
+        final = whole if whole is not None else whole_model(model, gathered, device)
     if cfg.export_fp16 and is_main():
         save_checkpoint(final, tokenizer, cfg.export_fp16, dtype=torch.float16,
                         extra={"step": step, "train_config": config_record(cfg)},
