@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from training.augment import colour_jitter
 from training.device_images import BankAugment, ImageBank, ImageBankError, jitter_affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import _args, _run, _train_losses, folder  # noqa: E402,F401 - the fixture
+from test_train import REPO, _args, _run, _train_losses, folder  # noqa: E402,F401 - the fixture
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -138,6 +139,38 @@ def test_bank_holds_centre_squares_and_skips_unreadable_images_like_the_files_do
                 a, b = on_files.load(index, epoch), in_bank.load(index, epoch)
                 assert a[1] == b[1] and a.replaced == b.replaced      # the same caption, the same stand-in
                 assert int(b[0]) == in_bank.image_rows[(index + b.replaced) % 5]
+
+
+def test_ddp_ranks_each_decode_a_share_and_gather_the_same_bank(tmp_path):
+    """Two gloo processes (a real process group on loopback) build the bank a single process builds."""
+    records = _records(tmp_path, broken=1)    # 5 images in 2 shares of 3: one padded, one broken
+    script = tmp_path / "bank_rank.py"
+    script.write_text(
+        "import json, os, sys, warnings\nimport torch, torch.distributed as dist\n"
+        "from training import data as D\nfrom training.device_images import ImageBank\n"
+        "dist.init_process_group('gloo')\nrank, world = dist.get_rank(), dist.get_world_size()\n"
+        "records = [D.Record(p, ('a caption',), 'c') for p in json.loads(sys.argv[1])]\n"
+        "dataset = D.CaptionDataset(records, lambda image, rng: image)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    bank = ImageBank.build([dataset], side=16, device='cpu', progress=False, rank=rank, world=world)\n"
+        "torch.save({'images': bank.images, 'rows': dataset.image_rows.tolist(), 'unreadable': bank.unreadable,"
+        " 'warned': len(seen)}, os.path.join(sys.argv[2], f'bank_{rank}.pt'))\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), json.dumps([r.image for r in records]), str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    alone = D.CaptionDataset(records, lambda image, rng: image)
+    with pytest.warns(D.SkippedImageWarning):
+        reference = ImageBank.build([alone], side=16, device="cpu", progress=False)
+    ranks = [torch.load(tmp_path / f"bank_{rank}.pt") for rank in (0, 1)]
+    for got in ranks:
+        assert torch.equal(got["images"], reference.images) and got["rows"] == alone.image_rows.tolist()
+        assert got["unreadable"] == 1
+    # the broken image was one rank's to decode: that rank alone warned of it
+    assert sorted(got["warned"] for got in ranks) == [0, 1]
 
 
 def test_a_bank_of_nothing_readable_is_refused(tmp_path):

@@ -6,7 +6,8 @@ default checkpoint's run got about 2,500 samples/s out of 14 loader processes on
 
 - `ImageBank` decodes every training image once, as its centre square resized to the bank's side,
   into one uint8 tensor on the device (the default recipe's 11,180 images at 128 px: 550 MB), and
-  tells each CaptionDataset which bank row holds each of its records (-1: unreadable);
+  tells each CaptionDataset which bank row holds each of its records (-1: unreadable); under DDP
+  each process decodes its share and the processes all-gather the rest;
 - the loader's processes then only pick each item's caption and label (the same draws as without
   the bank) and hand over bank rows instead of pixels;
 - `BankAugment` augments a whole batch in one pass on the device: the same random resized crop
@@ -70,10 +71,13 @@ class ImageBank:
 
     @classmethod
     def build(cls, datasets: Sequence[D.CaptionDataset], side: int, device, workers: int = 0,
-              progress: bool = True) -> "ImageBank":
+              progress: bool = True, rank: int = 0, world: int = 1) -> "ImageBank":
         """Decode the datasets' images (with `workers` processes; 0: in this one) and point each
         dataset at its rows (`dataset.image_rows`); unreadable images get row -1, and the datasets
-        replace them as they replace unreadable files."""
+        replace them as they replace unreadable files.
+
+        Under DDP (`world` > 1, every rank calls this) each rank decodes every world-th image and the
+        ranks all-gather the rest, so a node decodes each image once, not once per GPU."""
         from tqdm import tqdm
 
         if side < 8:
@@ -89,34 +93,53 @@ class ImageBank:
                 raise ImageBankError(f"{len(paths)} images at {side} px need {need / 2**30:.1f} GiB, more than half "
                                      f"of the GPU's free {free / 2**30:.1f} GiB: lower --bank-size or train without "
                                      "--images-on-device")
-        bank = torch.zeros((len(paths), 3, side, side), dtype=torch.uint8)
-        row_of: dict[str, int] = {}
-        jobs = [(p, side) for p in paths]
-        bar = tqdm(total=len(jobs), desc="decoding training images", unit="img", disable=not progress,
-                   dynamic_ncols=True)
+        per_rank = -(-len(paths) // world)          # all-gather wants equal parts: the last one padded
+        mine = paths[rank * per_rank:(rank + 1) * per_rank]
+        decoded = torch.zeros((per_rank, 3, side, side), dtype=torch.uint8)
+        readable = torch.zeros(per_rank, dtype=torch.uint8)
+        bar = tqdm(total=len(mine), desc="decoding training images" + (f" (1 in {world} on each process)"
+                                                                       if world > 1 else ""),
+                   unit="img", disable=not progress, dynamic_ncols=True)
         pool = ProcessPoolExecutor(workers) if workers > 0 else None
         try:
+            jobs = [(p, side) for p in mine]
             results = pool.map(decode_square, jobs, chunksize=64) if pool else map(decode_square, jobs)
-            for path, result in zip(paths, results):
+            for i, (path, result) in enumerate(zip(mine, results)):
                 if isinstance(result, str):
                     warnings.warn(f"skipping unreadable image {path}: {result}", D.SkippedImageWarning,
                                   stacklevel=2)
                 else:
-                    bank[len(row_of)] = torch.from_numpy(result)
-                    row_of[path] = len(row_of)
+                    decoded[i], readable[i] = torch.from_numpy(result), 1
                 bar.update(1)
         finally:
             bar.close()
             if pool:
                 pool.shutdown()
-        kept = len(row_of)
-        if kept == 0:
+        if world > 1:
+            decoded, readable = _all_gather_rows(decoded, device), _all_gather_rows(readable, device).cpu()
+        # row j of `decoded` is paths[j] now, on every rank
+        kept = [j for j in range(len(paths)) if readable[j]]
+        if not kept:
             raise ImageBankError(f"none of the {len(paths)} training images could be read (first: {paths[0]})")
+        row_of = {paths[j]: row for row, j in enumerate(kept)}
         for d in datasets:
             d.image_rows = np.array([row_of.get(r.image, -1) for r in d.records], dtype=np.int64)
             # warned about above: the dataset counts their stand-ins without warning again
             d._warned = d._warned | {r.image for r in d.records if r.image not in row_of}
-        return cls(bank[:kept].to(device), unreadable=len(paths) - kept)
+        # a copy only when some image was unreadable (drops its row); else the padding is sliced off
+        images = decoded[:len(kept)] if len(kept) == len(paths) else \
+            decoded.index_select(0, torch.tensor(kept, dtype=torch.long, device=decoded.device))
+        return cls(images.to(device), unreadable=len(paths) - len(kept))
+
+
+def _all_gather_rows(part: torch.Tensor, device) -> torch.Tensor:
+    """Every rank's equal-sized `part`, concatenated in rank order, on `device` (gloo or NCCL)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    whole = torch.empty((world * part.shape[0], *part.shape[1:]), dtype=part.dtype, device=device)
+    dist.all_gather(list(whole.chunk(world)), part.to(device))   # written in place into the chunks
+    return whole
 
 
 # The eight symmetries of the square as 2x2 matrices acting on (x, y) output coordinates: quarter
