@@ -98,10 +98,11 @@ def loader_rate(paths: list[str], workers: int, batches: int) -> float:
 
 def bank_rate(bank_images: torch.Tensor, device: torch.device, batches: int) -> float:
     """samples/s of gathering and augmenting batches from the bank on `device`, after one warm-up batch."""
+    from training.augment import train_transform
     from training.device_images import BankAugment
 
     images = bank_images.to(device)
-    augment = BankAugment(SIZE, MEAN, STD)
+    augment = BankAugment(train_transform(SIZE, MEAN, STD))   # the loader's augmentation, on the device
     rows = torch.randint(0, images.shape[0], (batches + 1, BATCH), generator=torch.Generator().manual_seed(0))
 
     def one(step: int) -> None:

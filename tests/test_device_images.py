@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from training import data as D
-from training.augment import colour_jitter
+from training.augment import EvalTransform, TrainTransform, colour_jitter
 from training.device_images import BankAugment, ImageBank, ImageBankError, jitter_affine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +53,7 @@ def _normalised(images: torch.Tensor) -> torch.Tensor:
 
 def test_whole_square_crops_give_the_eight_symmetries_of_the_square():
     images = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
-    augment = BankAugment(12, MEAN, STD, scale=(1, 1), ratio=(1, 1), jitter=0)
+    augment = BankAugment(TrainTransform(12, MEAN, STD, scale=(1, 1), ratio=(1, 1), jitter=0))
     out = augment(images, augment.draw(64, torch.Generator().manual_seed(0)))
     seen = set()
     for image, got in zip(_normalised(images), out):
@@ -65,7 +65,7 @@ def test_whole_square_crops_give_the_eight_symmetries_of_the_square():
 
 
 def test_crops_stay_inside_the_image_with_the_asked_area_and_aspect():
-    augment = BankAugment(16, MEAN, STD, scale=(0.3, 0.6), ratio=(3 / 4, 4 / 3))
+    augment = BankAugment(TrainTransform(16, MEAN, STD, scale=(0.3, 0.6), ratio=(3 / 4, 4 / 3)))
     p = augment.draw(2000, torch.Generator().manual_seed(3))
     area, aspect = p["w"] * p["h"], p["w"] / p["h"]
     assert ((area >= 0.3 - 1e-6) & (area <= 0.6 + 1e-6)).all()
@@ -77,7 +77,7 @@ def test_crops_stay_inside_the_image_with_the_asked_area_and_aspect():
     ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(1, 3, 64, 64).clone()
     params = {"w": torch.tensor([0.25]), "h": torch.tensor([0.5]), "cx": torch.tensor([0.75]),
               "cy": torch.tensor([0.5]), "orientation": torch.tensor([0]), "factors": torch.ones(1, 3)}
-    out = BankAugment(16, (0, 0, 0), (1, 1, 1), jitter=0)(ramp, params)[0, 0] * 255
+    out = BankAugment(TrainTransform(16, (0, 0, 0), (1, 1, 1), jitter=0))(ramp, params)[0, 0] * 255
     assert out.min() >= 4 * 40 - 4 and out.max() <= 4 * 56 + 4     # columns 40..56 of 64
     assert (out[:, 1:] >= out[:, :-1] - 1e-3).all()                 # still increasing left to right
 
@@ -88,19 +88,19 @@ def test_a_larger_bank_is_supersampled_not_aliased():
     stripes = (torch.arange(64) % 2 * 255).to(torch.uint8).expand(1, 3, 64, 64).clone()
     params = {"w": torch.tensor([0.9]), "h": torch.tensor([0.9]), "cx": torch.tensor([0.5]),
               "cy": torch.tensor([0.5]), "orientation": torch.tensor([0]), "factors": torch.ones(1, 3)}
-    out = BankAugment(32, (0, 0, 0), (1, 1, 1), jitter=0)(stripes, params)[0, 0]
+    out = BankAugment(TrainTransform(32, (0, 0, 0), (1, 1, 1), jitter=0))(stripes, params)[0, 0]
     assert (out - 0.5).abs().max() < 0.1
 
 
 def test_no_augmentation_is_the_evaluation_view_of_the_bank():
     images = torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8)
-    augment = BankAugment(20, MEAN, STD, augment="none")
+    augment = BankAugment(EvalTransform(20, MEAN, STD))
     out = augment(images, augment.step_params(0, 1, 3))
     torch.testing.assert_close(out, _normalised(images))
 
 
 def test_step_params_slice_one_global_draw_per_step():
-    augment = BankAugment(16, MEAN, STD)
+    augment = BankAugment(TrainTransform(16, MEAN, STD))
     whole = augment.step_params(7, 12, 8)
     halves = [augment.step_params(7, 12, 8, rank, 2) for rank in (0, 1)]
     for key in whole:

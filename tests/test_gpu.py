@@ -130,10 +130,11 @@ def test_edge_refinement_on_gpu_matches_cpu():
 
 
 def test_bank_augment_on_gpu_matches_cpu():
+    from training.augment import TrainTransform
     from training.device_images import BankAugment
 
     images = torch.randint(0, 256, (32, 3, 48, 48), dtype=torch.uint8)
-    augment = BankAugment(32, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    augment = BankAugment(TrainTransform(32, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2)))
     params = augment.step_params(0, 5, 32)
     on_cpu, on_gpu = augment(images, params), augment(images.to(CUDA), params)
     assert on_gpu.device.type == "cuda"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .augment import _LUMA, centre_square_resized
+from .augment import _LUMA, EvalTransform, TrainTransform, centre_square_resized
 
 
 class ImageBankError(D.DataError):
@@ -166,20 +166,21 @@ def jitter_affine(factors: torch.Tensor, channel_means: torch.Tensor) -> tuple[t
 
 class BankAugment:
     """Bank images (uint8 [B, 3, S, S], on the training device) -> the training batch, float
-    [B, 3, size, size], normalised: training.augment's overhead augmentation, or with
-    augment="none" the evaluation transform (the bank already holds centre squares)."""
+    [B, 3, size, size], normalised: what `transform` (the loader's training.augment.TrainTransform,
+    with its size, crop scale and aspect, jitter and normalisation) does to one image, for a whole
+    batch; for an EvalTransform (`--augment none`) the evaluation view (the bank already holds
+    centre squares)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 scale: tuple[float, float] = (0.5, 1.0), jitter: float = 0.2,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), augment: str = "overhead"):
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-        if not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        self.image_size, self.scale, self.ratio, self.jitter = image_size, scale, ratio, jitter
-        self.augment = augment
-        self.mean = torch.tensor(mean, dtype=torch.float32)
-        self.std = torch.tensor(std, dtype=torch.float32)
+    def __init__(self, transform: TrainTransform | EvalTransform):
+        if not isinstance(transform, (TrainTransform, EvalTransform)):
+            raise TypeError(f"BankAugment follows a TrainTransform or EvalTransform, not {type(transform).__name__}")
+        self.image_size = transform.image_size
+        self.augment = "overhead" if isinstance(transform, TrainTransform) else "none"
+        # the evaluation view is the whole square, unjittered (its draws are then never used)
+        self.scale, self.ratio, self.jitter = ((transform.scale, transform.ratio, transform.jitter)
+                                               if self.augment == "overhead" else ((1.0, 1.0), (1.0, 1.0), 0.0))
+        self.mean = torch.tensor(transform.mean, dtype=torch.float32)
+        self.std = torch.tensor(transform.std, dtype=torch.float32)
 
     def draw(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Each image's crop (width and height as fractions of the side, centre in [0, 1]), orientation

@@ -461,7 +461,7 @@ def train(cfg: TrainConfig) -> dict:
         parts = device_images.caption_datasets(dataset)
         bank = device_images.ImageBank.build(parts, cfg.bank_size or image_size, device, workers=cfg.workers,
                                              progress=is_main(), rank=rank, world=world)
-        bank_augment = device_images.BankAugment(image_size, mcfg.image_mean, mcfg.image_std, augment=cfg.augment)
+        bank_augment = device_images.BankAugment(parts[0].transform)    # what the loader would have done
         log(f"image bank: {bank.images.shape[0]} images at {bank.side} px on {device} "
             f"({bank.images.numel() / 2**20:.0f} MiB)" + (f", {bank.unreadable} unreadable (skipped)"
                                                           if bank.unreadable else ""))
