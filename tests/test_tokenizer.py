@@ -166,6 +166,17 @@ def test_read_caption_texts(tmp_path):
     jsonl.write_text('{"captions": ["ok"]}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"captions.jsonl:2"):
         list(read_caption_texts(jsonl))
+    # the tokenizer reads a manifest's captions as training does: "captions" when there, else "caption"
+    from training.data import manifest_records
+
+    (tmp_path / "a.jpg").write_bytes(b"")
+    jsonl.write_text(json.dumps({"image": "a.jpg", "captions": ["A beach ."], "caption": "A summary ."}) + "\n"
+                     + json.dumps({"image": "a.jpg", "captions": "A bay ."}) + "\n")
+    assert list(read_caption_texts(jsonl)) == ["A beach .", "A bay ."]
+    assert [c for r in manifest_records(jsonl) for c in r.captions] == ["A beach .", "A bay ."]
+    jsonl.write_text(json.dumps({"image": "a.jpg", "captions": ["fine", 3]}) + "\n")
+    with pytest.raises(ValueError, match=r"captions.jsonl:1: \"captions\" must be a list of strings"):
+        list(read_caption_texts(jsonl))
 
 
 def test_read_caption_texts_of_json_files(tmp_path):

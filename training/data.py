@@ -155,6 +155,18 @@ def caption_field(obj: dict):
     return obj["captions"] if "captions" in obj else obj.get("caption")
 
 
+def caption_list(found: Any) -> list[str]:
+    """caption_field's value as a list of captions, stripped, blanks dropped: one string is one
+    caption, None none; anything but a string or a list of strings is a ValueError."""
+    if found is None:
+        return []
+    if isinstance(found, str):
+        found = [found]
+    if not isinstance(found, list) or not all(isinstance(c, str) for c in found):
+        raise ValueError("\"captions\" must be a list of strings (or \"caption\" one string)")
+    return _nonblank(found)
+
+
 def _nonblank(captions: Iterable[str]) -> list[str]:
     """Captions as given, stripped, blanks dropped. Duplicates stay: benchmark files repeat a
     sentence on purpose, and retrieval counts every caption line (5 per image)."""
@@ -414,13 +426,10 @@ class _ManifestBuilder:
     def add(self, line: int, image: Any, captions: Any, class_name: Any) -> None:
         if not isinstance(image, str) or not image.strip():
             return self.problem(line, "no \"image\" path")
-        if captions is None:
-            captions = []
-        elif isinstance(captions, str):
-            captions = [captions]
-        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-            return self.problem(line, "\"captions\" must be a list of strings (or \"caption\" one string)")
-        captions = _nonblank(captions)
+        try:
+            captions = caption_list(captions)
+        except ValueError as e:
+            return self.problem(line, str(e))
         if not captions:
             return self.problem(line, f"empty captions for {image} (give \"captions\": [...] or \"caption\": \"...\")")
         if class_name is not None and not isinstance(class_name, str):
@@ -933,8 +942,7 @@ def _member_captions(parts: dict[str, bytes]) -> list[str]:
     if "txt" in parts:
         return _nonblank(parts["txt"].decode("utf-8").splitlines())
     if "json" in parts:
-        found = caption_field(json.loads(parts["json"])) or []
-        return _nonblank([found] if isinstance(found, str) else found)
+        return caption_list(caption_field(json.loads(parts["json"])))
     return []
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from backend.model.tokenizer import TokenizerError, train_tokenizer
+from training.data import caption_field, caption_list, karpathy_sentence
 
 EPILOG = """\
 caption files:
@@ -36,7 +37,7 @@ def read_caption_texts(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
     """Captions from text files (one a line) and JSONL manifests, blank lines skipped.
 
     A file ending in .jsonl / .ndjson holds one JSON object a line, whose `captions` (a list of
-    strings) and/or `caption` (a string) are read; objects with neither (unlabelled images) are
+    strings) or else `caption` (a string) are read, as training reads a manifest; objects with neither (unlabelled images) are
     skipped. A .json file is read the same way, unless it is one JSON document: a Karpathy split
     file (`{"images": [{"sentences": [{"raw": ...}]}]}`) or a list of such objects. Any other file
     is plain text, one caption a line (e.g. RSICD's *_caps.txt).
@@ -70,8 +71,6 @@ def _json_captions(text: str, path: Path) -> Iterator[str]:
         yield from _manifest_captions(text.splitlines(), path)   # one object a line
         return
     if isinstance(document, dict) and isinstance(document.get("images"), list):
-        from training.data import karpathy_sentence
-
         for image in document["images"]:
             for sentence in image.get("sentences", []) if isinstance(image, dict) else []:
                 raw = karpathy_sentence(sentence) if isinstance(sentence, dict) else None
@@ -96,21 +95,13 @@ def _manifest_captions(lines: Iterable[str], path: Path) -> Iterator[str]:
 
 
 def _record_captions(record, where: str) -> Iterator[str]:
-    """The captions of one manifest object: its "captions" (a list or a string) and "caption"."""
+    """The captions of one manifest object, read as training reads them (data.caption_field)."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    captions = record.get("captions", [])
-    if isinstance(captions, str):
-        captions = [captions]
-    caption = record.get("caption")
-    if caption is not None:
-        captions = [*captions, caption]
-    for text in captions:
-        if not isinstance(text, str):
-            raise ValueError(f"{where}: captions must be strings, got {type(text).__name__}")
-        text = text.strip()
-        if text:
-            yield text
+    try:
+        yield from caption_list(caption_field(record))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
