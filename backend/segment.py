@@ -306,7 +306,7 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         progress("reading", 0, 0)
     # an extent smaller than one model tile: the model sees the ground around it rather than a tile
     # padded with black, and only the extent's own pixels (`inside`) become polygons
-    wider = _context_read(raster, extent, target_resolution, engine.image_size)
+    wider = _context_read(raster, extent, target_resolution, engine.image_size, max_pixels)
     if wider is not None:
         rgb, valid, gt, inside, processed = wider
     else:
@@ -353,24 +353,28 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles)
 
 
-def _context_read(raster: Raster, extent, target_resolution: float | None, size: int):
+def _context_read(raster: Raster, extent, target_resolution: float | None, size: int, max_pixels: int):
     """For an extent under one model tile a side on a north-up raster: (rgb, valid, geotransform,
     inside, bounds) of a read widened to a tile of real ground around it (kept within the raster),
     `inside` marking the extent's own pixels (`valid` only there) and `bounds` the extent's native
-    window; None when the extent is large enough or the raster is rotated."""
+    window; None when the extent is large enough, the raster is rotated, or the widened read would
+    pass `max_pixels` (read_extent then reads the extent itself, under that limit)."""
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:
         return None
     resolution = _check_resolution(target_resolution)
     col, row, w, h = raster.window_for_extent(extent)
-    per = (resolution / raster.pixel_size[0]) if resolution else 1.0   # native px per working px
-    need = int(math.ceil(size * per))
-    if w >= need and h >= need:
+    # native px per working px along each axis, as read_extent resamples (pixels need not be square)
+    per_x, per_y = (resolution / raster.pixel_size[0], resolution / raster.pixel_size[1]) if resolution else (1.0, 1.0)
+    need_w, need_h = int(math.ceil(size * per_x)), int(math.ceil(size * per_y))
+    if w >= need_w and h >= need_h:
         return None
-    wide_w, wide_h = min(raster.width, max(w, need)), min(raster.height, max(h, need))
+    wide_w, wide_h = min(raster.width, max(w, need_w)), min(raster.height, max(h, need_h))
     wide_col = min(max(0, col - (wide_w - w) // 2), raster.width - wide_w)
     wide_row = min(max(0, row - (wide_h - h) // 2), raster.height - wide_h)
-    out_w, out_h = max(1, round(wide_w / per)), max(1, round(wide_h / per))
+    out_w, out_h = max(1, round(wide_w / per_x)), max(1, round(wide_h / per_y))
+    if out_w * out_h > max_pixels:
+        return None
     rgb, valid = raster.read_window(wide_col, wide_row, wide_w, wide_h, (out_w, out_h))
     wide_gt = raster.window_geotransform(wide_col, wide_row, wide_w, wide_h, out_w, out_h)
     # pixel centres of the working grid inside the requested native window

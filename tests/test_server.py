@@ -323,6 +323,38 @@ def test_a_small_extent_is_segmented_with_the_ground_around_it(checkpoint, raste
             assert b[3] <= extent[3] + 1e-6
 
 
+def test_the_ground_around_a_small_extent_keeps_square_working_pixels_and_the_pixel_limit(checkpoint):
+    from backend.engine import ModelEngine
+    from backend.raster import RasterError, raster_from_pixels
+    from backend.segment import segment
+
+    # pixels 1 m wide and 2 m tall: at a 4 m target resolution the working pixels are 4 x 4 m, as
+    # for a large extent, not 4 x 8
+    tall = raster_from_pixels(noise((3, 1000, 1000), seed=5), 1000, 1000, 3, "Byte",
+                              (500000.0, 1.0, 0.0, 5002000.0, 0.0, -2.0), "EPSG:32614")
+    # a long strip thinner than one tile: widening it to a tile of ground would pass the pixel limit
+    strip = raster_from_pixels(noise((3, 200, 4000), seed=6), 4000, 200, 3, "Byte",
+                               (500000.0, 1.0, 0.0, 5000200.0, 0.0, -1.0), "EPSG:32614")
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        small = segment(tall, ["trees"], engine, extent=(500400, 5001000, 500460, 5001100), target_resolution=4.0,
+                        threshold=0.0, edge_radius=0)
+        large = segment(tall, ["trees"], engine, extent=(500000, 5000000, 501000, 5002000), target_resolution=4.0,
+                        threshold=0.0, edge_radius=0)
+        assert (small.geotransform[1], small.geotransform[5]) == pytest.approx((4.0, -4.0))
+        assert (large.geotransform[1], large.geotransform[5]) == pytest.approx((4.0, -4.0))
+        out = segment(strip, ["trees"], engine, extent=(500000, 5000190, 504000, 5000200), max_pixels=100_000,
+                      threshold=0.0, edge_radius=0)
+        assert out.shape == (10, 4000)              # the strip itself, within the limit
+        with pytest.raises(RasterError) as e:       # and a strip over the limit is refused, not widened
+            segment(strip, ["trees"], engine, extent=(500000, 5000190, 504000, 5000200), max_pixels=30_000)
+        assert e.value.kind == "resource_exhausted"
+    finally:
+        engine.stop()
+        tall.close()    # in-memory GDAL datasets: closed here, not by the garbage collector at exit
+        strip.close()
+
+
 def test_segment_of_a_rotated_raster_keeps_to_the_requested_extent(checkpoint, rasters):
     import math
 
