@@ -465,6 +465,9 @@ def run_client(args: argparse.Namespace) -> int:
         except (ClientError, OSError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 1
+        except ValueError as e:     # a number the request's field cannot hold, e.g. --k 4294967296
+            print(f"skyprompt client: {e}; check the numbers given (see --help)", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             # closing the channel cancels the call: the server drops the work in progress
             print("skyprompt client: interrupted; the server cancels the call in progress", file=sys.stderr)

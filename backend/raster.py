@@ -25,6 +25,7 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from stat import S_ISREG
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -745,7 +746,11 @@ class Raster:
                 rgb[channel] = plane
                 continue
             low, high = ranges[band]
-            scaled = (plane.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+            # float32 is exact for 8- and 16-bit values; wider ones (Int32, Float64) far from zero lose
+            # levels in it (a step of 8 at 1e8), so they are offset in float64 first
+            wide = plane.dtype.itemsize > 2 and plane.dtype != np.float32
+            scaled = ((plane.astype(np.float64) - low).astype(np.float32) if wide else
+                      plane.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
             np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
             np.clip(scaled, 0.0, 255.0, out=scaled)
             rgb[channel] = (scaled + 0.5).astype(np.uint8)
@@ -1102,9 +1107,13 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
                                            f"(it must be a path the server can see, not one on the client)")
         if os.path.isdir(real):
             raise RasterError("invalid_argument", f"raster path '{shown}' is a folder; give the path of a raster file in it")
+        stat = os.stat(real)
+        if not S_ISREG(stat.st_mode):
+            # a named pipe would block the request's thread in open() until something writes to it
+            raise RasterError("invalid_argument", f"raster path '{shown}' is not a regular file (a pipe, device or "
+                                                  f"socket); give the path of a raster file")
         with open(real, "rb"):
             pass  # os.access is not enough: it does not see every reason a read can fail
-        stat = os.stat(real)
     except PermissionError:
         raise RasterError("permission_denied", f"the server may not read raster '{shown}'; give its user read "
                                                f"permission on the file and its folders") from None
@@ -1122,7 +1131,9 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
     if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
         # a colour-table image: its values are palette entries, not grey levels; read it as the colours
         with _gdal("invalid_argument", f"cannot expand the colour table of '{shown}'"):
-            dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba")
+            # as bytes: colour-table entries are 0-255 whatever the index type (a UInt16 index would
+            # otherwise be stretched as if it were 16-bit data)
+            dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
     name = os.path.basename(absolute)
     return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat)
 
@@ -1142,6 +1153,9 @@ def _data_type_name(dtype) -> str:
     raise RasterError("invalid_argument", f"pixel data_type {dtype!r} is not supported; use one of {', '.join(DATA_TYPES)}")
 
 
+MAX_PIXEL_SOURCE_BANDS = 256
+
+
 def raster_from_pixels(data: bytes | np.ndarray, width: int, height: int, band_count: int, dtype,
                        geotransform: Sequence[float], crs: str, nodata: float | None = None, alpha_band: int = 0,
                        interleave: str = "band", bands: BandMapping | None = None, label: str = "") -> Raster:
@@ -1154,7 +1168,8 @@ def raster_from_pixels(data: bytes | np.ndarray, width: int, height: int, band_c
     """
     width = _check_int("pixel source width", width, 1)
     height = _check_int("pixel source height", height, 1)
-    band_count = _check_int("pixel source band_count", band_count, 1)
+    # GDAL makes an object per band: a tiny message naming a million bands costs seconds and gigabytes
+    band_count = _check_int("pixel source band_count", band_count, 1, MAX_PIXEL_SOURCE_BANDS)
     type_name = _data_type_name(dtype)
     gdal_type, np_type = DATA_TYPES[type_name]
     itemsize = np.dtype(np_type).itemsize

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,7 +52,7 @@ def make_tif(path: Path, bands: np.ndarray, geotransform=(500000.0, 10.0, 0.0, 5
     if bands.ndim == 2:
         bands = bands[None]
     gdal_type = {np.uint8: gdal.GDT_Byte, np.uint16: gdal.GDT_UInt16, np.int16: gdal.GDT_Int16,
-                 np.float32: gdal.GDT_Float32}[bands.dtype.type]
+                 np.float32: gdal.GDT_Float32, np.float64: gdal.GDT_Float64}[bands.dtype.type]
     count, rows, cols = bands.shape
     ds = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, count, gdal_type, list(options))
     if geotransform is not None:
@@ -153,9 +154,10 @@ def test_colour_interpretation_chooses_rgb(tmp_path):
 
 
 @needs_shared
-def test_a_colour_table_image_is_read_as_its_colours(tmp_path):
+@pytest.mark.parametrize("index_type", [gdal.GDT_Byte, gdal.GDT_UInt16], ids=["byte", "uint16"])
+def test_a_colour_table_image_is_read_as_its_colours(tmp_path, index_type):
     path = tmp_path / "classes.tif"
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), 4, 1, 1, gdal.GDT_Byte)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 4, 1, 1, index_type)
     ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32633)
@@ -172,7 +174,17 @@ def test_a_colour_table_image_is_read_as_its_colours(tmp_path):
     with open_raster(path) as raster:
         rgb, valid = raster.read_window(0, 0, 4, 1)
     assert valid.all()
-    assert [tuple(int(v) for v in rgb[:, 0, i]) for i in range(4)] == palette     # the colours, not 0..3
+    # the colours, not 0..3, and not stretched as 16-bit data
+    assert [tuple(int(v) for v in rgb[:, 0, i]) for i in range(4)] == palette
+
+
+def test_wide_integers_far_from_zero_keep_their_levels_in_the_stretch(tmp_path):
+    # 256 levels at 1e8: float32 has a step of 8 there, float64 keeps all of them
+    data = (1e8 + np.broadcast_to(np.arange(256, dtype=np.float64), (3, 4, 256))).copy()
+    path = make_tif(tmp_path / "f64.tif", data)
+    with open_raster(path, bands=BandMapping(stretch_low=0, stretch_high=100)) as raster:
+        rgb, _ = raster.read_window(0, 0, 256, 4)
+    assert len(np.unique(rgb[0, 0])) == 256
 
 
 def test_pix4d_alpha_marks_empty_corners_invalid_and_skips_mostly_empty_tiles():
@@ -437,6 +449,22 @@ def test_bad_paths_get_the_right_kinds(tmp_path):
     with pytest.raises(RasterError) as error:
         open_raster(tmp_path)
     assert error.value.kind == "invalid_argument" and "folder" in str(error.value)
+    pipe = tmp_path / "pipe.tif"
+    os.mkfifo(pipe)                             # opening a pipe would wait forever for a writer
+    outcome = []
+
+    def opening():
+        try:
+            open_raster(pipe)
+        except RasterError as e:
+            outcome.append(e)
+
+    reader = threading.Thread(target=opening, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():                       # release the blocked open() before failing
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and outcome[0].kind == "invalid_argument" and "not a regular file" in str(outcome[0])
     for name in ("/vsicurl/http://example.com/a.tif", "https://example.com/a.tif", ""):
         with pytest.raises(RasterError) as error:
             open_raster(name)
@@ -572,6 +600,8 @@ def test_raster_from_pixels_round_trips_both_layouts():
     (dict(width=0), ["width"]),
     (dict(alpha_band=4), ["alpha_band"]),
     (dict(interleave="rows"), ["interleave"]),
+    # a small message naming a million bands: refused before GDAL makes an object for each
+    (dict(data=b"\0" * 1_000_000, width=1, height=1, band_count=1_000_000), ["band_count", "1..256"]),
 ])
 def test_raster_from_pixels_rejects_bad_input(kwargs, words):
     args = dict(data=b"\0" * 600, width=20, height=10, band_count=3, dtype="Byte",

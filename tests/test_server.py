@@ -938,6 +938,8 @@ def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     assert out.returncode != 0 and "INVALID_ARGUMENT" in out.stderr and "Traceback" not in out.stderr
     out = client(server, "segment", "--raster", str(rasters["folder"] / "nope.tif"), "--prompt", "x")
     assert out.returncode != 0 and "NOT_FOUND" in out.stderr
+    out = client(server, "search", "roads", "--k", str(2**32))      # more than the request's field holds
+    assert out.returncode == 2 and "out of range" in out.stderr and "Traceback" not in out.stderr
     out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", server.address, "--token", "bad"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "UNAUTHENTICATED" in out.stderr
