@@ -807,6 +807,20 @@ class Raster:
         same = source is None or source.IsSame(self._srs)
         if same and self.geotransform[2] == 0 and self.geotransform[4] == 0:
             return shapely.box(xmin, ymin, xmax, ymax), True
+        if not same:
+            # a zoomed-out view in another CRS reaches far past the raster, to where the raster's CRS
+            # may not be defined: only its part over the raster's bounds (in the view's CRS) matters
+            try:
+                over = transform_bounds(self.bounds, self._srs, source)
+            except RasterError:
+                over = None
+            if over is not None and over[0] < over[2]:      # not across the antimeridian
+                # with a margin: the box's edges come back curved, and must not cut into the raster
+                mx, my = 0.05 * (over[2] - over[0]), 0.05 * (over[3] - over[1])
+                clipped = (max(xmin, over[0] - mx), max(ymin, over[1] - my), min(xmax, over[2] + mx),
+                           min(ymax, over[3] + my))
+                if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
+                    xmin, ymin, xmax, ymax = clipped
         t = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
         xs = np.concatenate([xmin + (xmax - xmin) * t, np.full_like(t, xmax), xmax - (xmax - xmin) * t,
                              np.full_like(t, xmin)])

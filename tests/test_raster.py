@@ -391,6 +391,16 @@ def test_extent_in_wgs84_over_a_utm_raster(tmp_path):
         assert (tile.width, tile.height) == (100, 100) and tile.col <= 200 < tile.col + 100
 
 
+def test_a_world_view_in_another_crs_is_clipped_to_the_raster_before_it_is_transformed(tmp_path):
+    # a zoomed-out web-map view reaches where UTM zone 33 is undefined; only its part over the raster counts
+    path = make_tif(tmp_path / "utm.tif", noise((3, 100, 100)))
+    world = (-20037508.0, -15e6, 20037508.0, 15e6, "EPSG:3857")
+    with open_raster(path) as raster:
+        assert raster.window_for_extent(world) == (0, 0, 100, 100)
+        polygon, exact = raster.extent_polygon(world)
+        assert not exact and polygon.contains(shapely.box(*raster.bounds))
+
+
 @pytest.mark.parametrize("extent, words", [
     ((504000.0, 4995000.0, 502000.0, 4997000.0, UTM), ["inverted", "xmin=504000.0"]),
     ((502000.0, 4997000.0, 504000.0, 4995000.0, ""), ["inverted", "ymin=4997000.0"]),
