@@ -863,7 +863,11 @@ class TileIndex:
         q = np.ascontiguousarray(q / norms, dtype=np.float32)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise TileIndexError("invalid_argument", f"k must be a positive whole number of hits, got {k!r}")
-        box = None if bbox_wgs84 is None else _box(bbox_wgs84, "the search extent (EPSG:4326)")
+        box = None
+        if bbox_wgs84 is not None:
+            box = _box(bbox_wgs84, "the search extent (EPSG:4326)", wraps=True)
+            if box[0] > box[2]:     # across 180 degrees, as GDAL reports such boxes: continuous instead
+                box = (box[0], box[1], box[2] + 360.0, box[3])
         selected = self._selected_rasters(raster_ids, raster_paths, checkpoint_hash)
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe <= 0:
@@ -953,13 +957,17 @@ class TileIndex:
         return out
 
     def _box_mask(self, snap: _Snapshot, slot: _Slot, box):
-        """True (every tile of the raster intersects the box), False (none does) or a per-tile mask."""
+        """True (every tile of the raster intersects the box), False (none does) or a per-tile mask.
+        Longitudes are continuous, so a box or a tile may reach past 180 degrees: the box is tried
+        as given and a turn of the globe either way."""
         env = slot.envelope
         if env == NO_LONLAT_BOX:
             return False    # a raster without longitude/latitude lies in no EPSG:4326 box, whatever its numbers
-        if env[0] > box[2] or env[2] < box[0] or env[1] > box[3] or env[3] < box[1]:
+        shifted = [(box[0] + turn, box[1], box[2] + turn, box[3]) for turn in (-360.0, 0.0, 360.0)]
+        shifted = [b for b in shifted if not (env[0] > b[2] or env[2] < b[0] or env[1] > b[3] or env[3] < b[1])]
+        if not shifted:
             return False
-        if env[0] >= box[0] and env[2] <= box[2] and env[1] >= box[1] and env[3] <= box[3]:
+        if any(env[0] >= b[0] and env[2] <= b[2] and env[1] >= b[1] and env[3] <= b[3] for b in shifted):
             return True
         boxes = snap.tile_boxes.get(slot.raster_id)
         if boxes is None:
@@ -970,7 +978,10 @@ class TileIndex:
             if len(boxes) != slot.stop - slot.start:
                 raise _Stale()
             snap.tile_boxes[slot.raster_id] = boxes
-        return (boxes[:, 0] <= box[2]) & (boxes[:, 2] >= box[0]) & (boxes[:, 1] <= box[3]) & (boxes[:, 3] >= box[1])
+        mask = np.zeros(len(boxes), bool)
+        for b in shifted:
+            mask |= (boxes[:, 0] <= b[2]) & (boxes[:, 2] >= b[0]) & (boxes[:, 1] <= b[3]) & (boxes[:, 3] >= b[1])
+        return mask
 
     @staticmethod
     def _exact(snap: _Snapshot, q: np.ndarray, k: int, slots: list, masks: dict) -> list:

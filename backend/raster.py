@@ -248,6 +248,14 @@ def transform_bounds(bounds: Sequence[float], src_crs: str | osr.SpatialReferenc
     return tuple(float(v) for v in result)  # type: ignore[return-value]
 
 
+def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:
+    """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
+    in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
+    globe. Its box may then end past 180; searches test boxes at -360, 0 and +360 degrees."""
+    lon = np.degrees(np.unwrap(np.radians(np.asarray(lon, float))))
+    return lon - 360.0 * np.floor((lon.min() + 180.0) / 360.0)
+
+
 def bounds_from_geotransform(geotransform: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
     """Bounding box of a width x height grid placed by a GDAL geotransform."""
     corners = _grid_to_map(geotransform, np.array([0, width, width, 0], float), np.array([0, 0, height, height], float))
@@ -948,7 +956,7 @@ class Raster:
             xs, ys = cx[i].tolist(), cy[i].tolist()
             bounds_wgs84, footprint_wgs84 = None, ""
             if wgs is not None and np.isfinite(wgs[i]).all():
-                lon, lat = wgs[i, :, 0], wgs[i, :, 1]
+                lon, lat = unwrap_longitudes(wgs[i, :, 0]), wgs[i, :, 1]
                 bounds_wgs84 = (float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max()))
                 footprint_wgs84 = _polygon_wkt(lon.tolist(), lat.tolist())
             tiles.append(Tile(index=index, col=col, row=row, width=width, height=height,

@@ -144,6 +144,47 @@ def test_filters_by_raster_id_path_union_and_wgs84_extent(tmp_path, rng):
         assert e.value.kind == "invalid_argument" and "inverted" in str(e.value)
 
 
+def test_tiles_across_180_degrees_match_only_extents_over_them(tmp_path, rng):
+    """A raster in a Pacific CRS over 176E..176W: its tiles' EPSG:4326 boxes are continuous (one
+    spans about 179.7..180.3), so extents on either side of 180 degrees, or across it as GDAL reports
+    such boxes (xmin > xmax), find them, and an extent on the other side of the world does not."""
+    from osgeo import osr
+
+    from backend.raster import raster_from_pixels, transform_bounds
+
+    x0, y0 = transform_bounds((176.0, -15.0, 176.0, -15.0), "EPSG:4326", "EPSG:3832")[:2]
+    x1, y1 = transform_bounds((-176.0, -17.0, -176.0, -17.0), "EPSG:4326", "EPSG:3832")[:2]
+    width, height = 768, 256
+    raster = raster_from_pixels(np.full((3, height, width), 100, np.uint8), width, height, 3, "Byte",
+                                (x0, (x1 - x0) / width, 0, y0, 0, (y1 - y0) / height), "EPSG:3832")
+    try:
+        tiles = raster.tiles(tile_size=256)
+        meta = dict(name="pacific", crs_authid="EPSG:3832", crs_wkt=raster.crs_wkt, width=width, height=height,
+                    band_count=3, bounds=raster.bounds, bounds_wgs84=raster.bounds_wgs84)
+        rows = [dict(col=t.col, row=t.row, width=t.width, height=t.height, bounds=t.bounds,
+                     bounds_wgs84=t.bounds_wgs84, footprint_wkt=t.footprint_wkt,
+                     footprint_wgs84_wkt=t.footprint_wgs84_wkt) for t in tiles]
+    finally:
+        raster.close()
+    assert [round(t.bounds_wgs84[2] - t.bounds_wgs84[0], 1) for t in tiles] == [2.7, 2.7, 2.7]
+    assert tiles[1].bounds_wgs84[0] < 180 < tiles[1].bounds_wgs84[2]
+    emb = unit(rng, 3)
+    with TileIndex(tmp_path / "idx") as index:
+        index.add_raster(ident(tmp_path, "pacific"), CK, {}, meta, rows, emb)
+
+        def cols(box):
+            return sorted(h.col // 256 for h in index.search(emb[0], 10, CK, bbox_wgs84=box))
+
+        assert cols((20, -17, 30, -15)) == []                       # southern Africa
+        assert cols((176.5, -17, 177, -15)) == [0]
+        assert cols((179.9, -17, 180, -15)) == [1]                  # west of 180
+        assert cols((-180, -17, -179.9, -15)) == [1]                # east of 180
+        assert cols((-178, -17, -177, -15)) == [2]
+        assert cols((179, -17, 181, -15)) == [1]                    # continuous longitudes, as the tiles'
+        assert cols((170, -17, -170, -15)) == [0, 1, 2]             # across 180, GDAL-style
+        assert cols((-184, -17, -183, -15)) == [0]                  # 176E..177E written as -184..-183
+
+
 def test_unchanged_is_a_noop_changed_is_replaced_and_remove_deletes(tmp_path, rng):
     directory = tmp_path / "idx"
     with TileIndex(directory) as index:

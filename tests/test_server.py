@@ -290,6 +290,16 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
                     geotransform=(830000.0, 1000.0, 0.0, 100000.0, 0.0, -1000.0), crs="EPSG:32660")
     done = index(server, path)[-1].result
     assert done.tile_count > 0 and done.bounds_wgs84.xmin > done.bounds_wgs84.xmax    # as GDAL gives them
+    # a search extent in the raster's own CRS, which reaches EPSG:4326 across 180 degrees, finds its
+    # tiles; one on the far side of the world does not
+    p = pb()
+
+    def found(extent):
+        return server.stub.Search(p.SearchRequest(query="fields", k=100, raster_ids=[done.raster_id], extent=extent),
+                                  metadata=server.metadata).hits
+
+    assert len(found(p.Extent(xmin=840000, ymin=20000, xmax=920000, ymax=90000, crs="EPSG:32660"))) == done.tile_count
+    assert len(found(p.Extent(xmin=20, ymin=0, xmax=30, ymax=1, crs="EPSG:4326"))) == 0
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32660)
     to_wgs84 = wgs84_transform(srs)
