@@ -24,7 +24,7 @@ help:
 	@echo "make train-default-stage5  then 1,000 more (init: runs/default-stage4/fp16, the stage-4 default)"
 	@echo "make train-default-stage6  then 1,000 more (init: runs/default-stage5/fp16, the stage-5 weights)"
 	@echo "make train-default-stage7  then 1,000 steps with 30% template mixing (init: runs/default-stage7/init)"
-	@echo "make train-default-stage8  then 300 steps on the human captions alone (init: runs/default-stage7/fp16)"
+	@echo "make train-default-stage8  then 300 steps without template mixing (init: runs/default-stage7/fp16)"
 	@echo "make average-default       the mean of the stage-5 and stage-6 weights (a CPU-trained default) -> runs/default-stage7/init"
 	@echo "make pack-default          the default recipe's training split, resized, in runs/pack (to copy to a GPU machine)"
 	@echo "make train-default-gpu     the default checkpoint: one run from scratch on one GPU, on runs/pack (GPU_PY=...)"
@@ -49,8 +49,8 @@ check-debian:
 $(SETUP_STAMP): pyproject.toml | check-debian
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
-	# torch first and alone: pinned to the CPU wheel so nothing pulls a CUDA build. Where pip's index
-	# serves the CUDA build of that version, point it at the CPU wheels:
+	# torch first and alone, pinned, from pip's configured index (which here serves the CPU wheel).
+	# Where that index serves the CUDA build of that version (PyPI does), point it at the CPU wheels:
 	# make setup TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "torch==2.13.0" "numpy<2"
 	$(PY) -m pip install --quiet -e ".[dev]"
@@ -97,8 +97,7 @@ train-default-stage3: setup
 	    --save-every 100 --keep-last 2 --eval-every 1000 --workers 1 --out runs/default-stage3 \
 	    --export-fp16 runs/default-stage3/fp16 --resume
 
-# Stage 4 continues stage 3 for 800 more class-aware steps (a new warm-up + cosine cycle, lower peak lr);
-# its fp16 export is backend/checkpoints/default when it measures better.
+# Stage 4 continues stage 3 for 800 more class-aware steps (a new warm-up + cosine cycle, lower peak lr).
 train-default-stage4: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage3/fp16 \
 	    --image-size 128 --steps 800 --batch-size 64 --lr 2e-4 --warmup-steps 30 --caption-weight 1.0 --class-aware \
@@ -112,8 +111,8 @@ train-default-stage5: setup
 	    --save-every 50 --keep-last 2 --eval-every 500 --workers 1 --out runs/default-stage5 \
 	    --export-fp16 runs/default-stage5/fp16 --resume
 
-# Stage 6 continues stage 5 (the default before it; `cp -r backend/checkpoints/default runs/default-stage5/fp16`
-# on a fresh clone) for 1,000 more class-aware steps at a lower peak lr.
+# Stage 6 continues stage 5 for 1,000 more class-aware steps at a lower peak lr (the stage-5 weights are
+# not shipped: the bundled default is now the GPU run, so run stages 1 to 5 first).
 train-default-stage6: setup
 	$(PY) -m training.train --recipe training/recipes/default.json --init-checkpoint runs/default-stage5/fp16 \
 	    --image-size 128 --steps 1000 --batch-size 64 --lr 1.2e-4 --warmup-steps 20 --caption-weight 1.0 --class-aware \
@@ -128,7 +127,7 @@ train-default-stage7: setup
 	    --template-mix 0.3 --save-every 50 --keep-last 2 --eval-every 1000 --workers 1 --out runs/default-stage7 \
 	    --export-fp16 runs/default-stage7/fp16 --resume
 
-# Stage 8 continues stage 7 for 300 class-aware steps on the human captions alone (no template mixing),
+# Stage 8 continues stage 7 for 300 class-aware steps without template mixing (the same recipe),
 # at a low peak lr, so the caption decoder forgets the templates. Its fp16 export was the default checkpoint
 # until the one-GPU run below (README model card, "History").
 train-default-stage8: setup
@@ -194,7 +193,7 @@ gpu-check:
 	$(GPU_PY) -m bench.training_data_bench
 
 clean:
-	rm -rf build backend/rpc plugin/rpc .pytest_cache
+	rm -rf build dist backend/rpc plugin/rpc .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 plugin-zip: setup
