@@ -300,8 +300,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             identity = self._identity(raster)
             state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
             total = raster.count_tiles(size, overlap, resolution, extent)
-            if state == "unchanged" and not request.force:
-                entry = self.index.raster_by_path(identity["path"])
+            # (a RemoveRaster between the two lookups leaves no entry: then it is indexed again)
+            entry = self.index.raster_by_path(identity["path"]) if state == "unchanged" and not request.force else None
+            if entry is not None:
                 yield self._index_done(raster, entry, pb.INDEX_OUTCOME_UNCHANGED, started, total,
                                        f"{raster.name} is already indexed with this model; nothing to do")
                 return
