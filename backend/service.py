@@ -445,17 +445,27 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  min_score=min_score, expand=expand)
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
-        mappings: dict = {}   # raster id -> its band mapping, looked up once per search
         for hit in hits:
-            msg = out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
+            out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
                                raster_path="" if hit.raster_path.startswith("pixels:") else hit.raster_path,
                                raster_name=hit.raster_name, tile_id=hit.tile_id,
                                window=pb.PixelWindow(x_off=hit.col, y_off=hit.row, width=hit.width, height=hit.height),
                                crs=pb.Crs(authid=hit.crs_authid, wkt=hit.crs_wkt), bounds=_box(hit.bounds),
                                footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
                                footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
-            if request.include_thumbnails:
-                msg.thumbnail_png = self._thumbnail(hit, thumb, mappings)
+        if request.include_thumbnails:
+            # best first, as many as the message limit holds: k=1000 at 512 px would pass it, and the
+            # whole answer would then fail to send
+            room = self.limits.max_message_bytes - out.ByteSize() - 1024
+            mappings: dict = {}   # raster id -> its band mapping, looked up once per search
+            for i, (hit, msg) in enumerate(zip(hits, out.hits)):
+                png = self._thumbnail(hit, thumb, mappings)
+                if len(png) + 16 > room:
+                    log.info("search: thumbnails for the first %d of %d hits; more would pass the message limit "
+                             "of %d bytes", i, len(out.hits), self.limits.max_message_bytes)
+                    break
+                msg.thumbnail_png = png
+                room -= len(png) + 16
         out.seconds = time.monotonic() - started
         return out
 

@@ -878,6 +878,24 @@ def client(server, *args) -> subprocess.CompletedProcess:
                           env={**os.environ, "SKYPROMPT_TOKEN": server.token})
 
 
+def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp_path):
+    """Thumbnails of many hits can outgrow the message limit: the answer keeps every hit, with
+    thumbnails for the best ones that fit, instead of failing to send at all."""
+    p = pb()
+    raster = make_tif(tmp_path / "noisy.tif", noise((3, 512, 512), seed=12))   # noise: PNGs barely compress
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--max-message-mb", "0.25")).start()
+    try:
+        n = index(live, raster)[-1].result.tile_count
+        hits = live.stub.Search(p.SearchRequest(query="fields", k=n, include_thumbnails=True, thumbnail_size=128),
+                                metadata=live.metadata).hits
+    finally:
+        live.stop()
+    with_png = [bool(h.thumbnail_png) for h in hits]
+    assert len(hits) == n and 0 < sum(with_png) < n
+    assert with_png == sorted(with_png, reverse=True)               # the best hits have theirs
+    assert sum(len(h.thumbnail_png) for h in hits) < 0.25 * 2**20
+
+
 @pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
 def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     out = client(server, "info", "--json")
