@@ -347,7 +347,9 @@ def cmd_caption(stub, args) -> int:
 def cmd_remove(stub, args) -> int:
     removed = []
     for item in args.rasters:
-        request = pb.RemoveRasterRequest(raster_id=item) if item.isdigit() else \
+        # digits are an id, unless a file here has that name (a raster called "2020")
+        by_id = item.isascii() and item.isdigit() and not os.path.exists(item)
+        request = pb.RemoveRasterRequest(raster_id=item) if by_id else \
             pb.RemoveRasterRequest(raster_path=os.path.abspath(item))
         r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
         removed.append({"raster_id": r.raster_id, "raster_name": r.raster_name, "tiles_removed": r.tiles_removed})
@@ -386,7 +388,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"views per tile, their embeddings averaged: {VIEW_HELP}; more views search a little "
                         "better and index N times slower (default: the server's, see `client info`)")
     p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")
-    p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster ids or paths")
+    p.add_argument("rasters", nargs="+", metavar="RASTER",
+                   help="raster ids (from index or info) or paths; a name that is both a number and a file here is the file")
     p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")
     p.add_argument("query", nargs="?", default="", help="what to look for, e.g. \"tennis courts\" (or --like-tile)")
     p.add_argument("--like-tile", type=int, default=None, metavar="ID",

@@ -959,6 +959,17 @@ def test_remove_raster_by_path_and_id(server, rasters):
                               (p.RemoveRasterRequest(raster_id=again.raster_id), grpc.StatusCode.NOT_FOUND),
                               (p.RemoveRasterRequest(raster_path="/nowhere.tif"), grpc.StatusCode.NOT_FOUND)):
         assert code_of(lambda: server.stub.RemoveRaster(request, metadata=server.metadata))[0] == expected
+    # a raster file whose name is a number, removed from its folder by that name: the file, not an id
+    import shutil
+    numbered = rasters["folder"] / "2020"
+    shutil.copy(rasters["grey16"], numbered)
+    indexed = index(server, numbered)[-1].result
+    out = subprocess.run([sys.executable, "-m", "backend", "client", "remove", "--json", "2020", "--server",
+                          server.address], cwd=rasters["folder"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SKYPROMPT_TOKEN": server.token, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["raster_id"] == indexed.raster_id
+    numbered.unlink()
 
 
 def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
