@@ -10,6 +10,7 @@ the status), so the plugin needs no grpcio-health-checking package.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -17,6 +18,7 @@ MAX_MESSAGE = 256 * 1024 * 1024
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
+CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
 
 
 class BackendError(Exception):
@@ -74,6 +76,8 @@ class BackendConnection:
     def _error(self, error) -> BackendError:
         code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
         message = error.details() if hasattr(error, "details") and error.details() else str(error)
+        if code == "CANCELLED":   # the user's own cancel never gets here (see _stream): the backend's doing
+            message = f"the backend cancelled the call, perhaps because it was stopped ({message})"
         if code == "UNAVAILABLE" and "connect" in message.lower():
             message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
         return BackendError(code, message)
@@ -111,6 +115,17 @@ class BackendConnection:
 
     def _stream(self, method: str, request, cancelled: Callable[[], bool]) -> Iterator:
         call = getattr(self.stub, method)(request, metadata=self._metadata)
+        # the backend sends nothing for long stretches (edge refinement, polygonizing): a watcher
+        # cancels the call within CANCEL_POLL_S of the user's cancel, not at the next message
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(CANCEL_POLL_S):
+                if cancelled():
+                    call.cancel()
+                    return
+
+        threading.Thread(target=watch, name="skyprompt-cancel-watch", daemon=True).start()
         try:
             for message in call:
                 if cancelled():
@@ -118,7 +133,11 @@ class BackendConnection:
                     raise BackendError("CANCELLED", "cancelled")
                 yield message
         except self._grpc.RpcError as e:
+            if cancelled():     # our own call.cancel(), not a failure
+                raise BackendError("CANCELLED", "cancelled") from None
             raise self._error(e) from None
+        finally:
+            done.set()
 
     def info(self, timeout: float = 10.0):
         return self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)

@@ -21,7 +21,7 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
-from .sources import SourceError, has_no_resolution, local_path, prepare_source, to_layer_crs
+from .sources import SourceError, has_no_resolution, local_path, native_pixels, prepare_source, to_layer_crs
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
@@ -93,7 +93,10 @@ class SkyPromptDock(QDockWidget):
         self.deps_folder = deps_folder
         self.settings = PluginSettings.load()
         self.tasks: set[QgsTask] = set()
-        self.indexed: dict[str, str] = {}      # layer id -> raster id
+        # layer id -> the raster ids it was indexed under: a tile service indexed in several views
+        # is several rasters (the backend names pixels by their hash), all of them searchable
+        self.indexed: dict[str, set[str]] = {}
+        self._closed = False                   # shutdown() ran: callbacks must not touch the widgets
         self.hits = []
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
@@ -294,6 +297,8 @@ class SkyPromptDock(QDockWidget):
             return None
 
         def done(result, error):
+            if self._closed:        # the plugin was unloaded meanwhile: its widgets are gone
+                return
             self._set_busy(any(t.status() in (QgsTask.Queued, QgsTask.Running) for t in self.tasks if t is not task))
             if error is None:
                 try:
@@ -301,16 +306,20 @@ class SkyPromptDock(QDockWidget):
                 except Exception as e:  # a bad answer must not leave the dock half-updated silently
                     error = e
                     self._message(f"{description}: {e}", Qgis.Critical)
-            elif error.code != "CANCELLED":
+            elif not (error.code == "CANCELLED" and task.isCanceled()):   # a backend that stopped is an error
                 self._message(f"{description} failed: {error.message}", Qgis.Critical)
             for note in task.notes:
                 self._message(note, Qgis.Warning)
             self.taskDone.emit(kind, error)
 
         task = BackendTask(description, self.settings, work, done)
-        task.progressChanged.connect(lambda p: self.progress.setValue(int(p)))
+        task.progressChanged.connect(self._show_progress)
         self._set_busy(True)
         return start(task, self.tasks)
+
+    def _show_progress(self, percent: float) -> None:
+        if not self._closed:     # a task's last progress can arrive after the plugin was unloaded
+            self.progress.setValue(int(percent))
 
     def cancel_all(self) -> None:
         for task in list(self.tasks):
@@ -344,6 +353,8 @@ class SkyPromptDock(QDockWidget):
             return True
 
         def finished(exception, result=None):
+            if self._closed:
+                return
             for line in lines:
                 QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
             self._set_busy(False)
@@ -473,7 +484,8 @@ class SkyPromptDock(QDockWidget):
             return out
 
         def shown(indexed):
-            self.indexed.update({lid: r.raster_id for lid, r in indexed.items()})
+            for lid, r in indexed.items():
+                self.indexed.setdefault(lid, set()).add(r.raster_id)
             tiles = sum(r.tile_count for r in indexed.values())
             counts = Counter(operations.outcome_word(r) for r in indexed.values())
             what = ", ".join(f"{n} {word}" for word, n in counts.items())
@@ -508,7 +520,7 @@ class SkyPromptDock(QDockWidget):
         # the ticked layers, by the id this session indexed them under, else by file path (indexed in
         # an earlier session: the server says NOT_FOUND if it never was); a layer read as pixels has
         # no path, so one not indexed in this session cannot be searched alone
-        raster_ids = [self.indexed[l.id()] for l in layers if l.id() in self.indexed]
+        raster_ids = sorted({rid for l in layers for rid in self.indexed.get(l.id(), ())})
         earlier = [l for l in layers if l.id() not in self.indexed]
         raster_paths = [path_of[l.id()] for l in earlier if path_of[l.id()]]
         unreachable = [l.name() for l in earlier if not path_of[l.id()]]
@@ -629,11 +641,14 @@ class SkyPromptDock(QDockWidget):
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
         layer_crs = layer.crs()
         edge_radius = None if self.follow_edges.isChecked() else 0      # None: the backend's default radius
+        # a file's pixels in the area (read here: layers belong to the main thread), coarsened in the
+        # task if over the backend's limit
+        native = native_pixels(layer, in_layer) if isinstance(prepared, str) else None
 
         def work(conn, task):
             return operations.segment(conn, prepared, prompts, rect, crs, in_layer, threshold, max_side,
                                       task.setProgress, task.isCanceled, resolution=resolution, notes=task.notes,
-                                      edge_radius=edge_radius)
+                                      edge_radius=edge_radius, native=native)
 
         def shown(answers):
             features = results.segment_features(answers, min_area)
@@ -684,6 +699,7 @@ class SkyPromptDock(QDockWidget):
     # -- teardown --
     def shutdown(self) -> None:
         """Everything this dock started: tasks, the map tool, project signals, a local backend."""
+        self._closed = True
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):

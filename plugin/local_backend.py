@@ -37,6 +37,9 @@ class LocalBackend(QObject):
         args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device]
         if settings.checkpoint:
             args += ["--checkpoint", settings.checkpoint]
+        # a path to an interpreter as it is (spaces, Windows backslashes); else a command line to split
+        if os.path.isfile(settings.python):
+            return settings.python, args
         program, *pre = shlex.split(settings.python) or ["python3"]
         return program, pre + args
 

@@ -5,6 +5,7 @@ plain values and two callbacks, progress(percent) and cancelled() -> bool.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
@@ -99,11 +100,28 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
     return conn.search(request)
 
 
+# how much coarser than the bare limit an automatic resolution is: the backend's window rounds out to
+# whole pixels and reprojects an extent in another CRS a little differently than QGIS does
+RESOLUTION_MARGIN = 1.02
+
+
+def fitting_resolution(pixels: float, native: float, limit: int) -> float | None:
+    """The target_resolution at which an area of `pixels` at `native` map units per pixel fits in
+    `limit` pixels (ServerInfo.limits.max_extent_pixels); None when it fits as it is or there is no limit."""
+    if not limit or pixels <= limit:
+        return None
+    return native * math.sqrt(pixels / limit) * RESOLUTION_MARGIN
+
+
 def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_crs, rect_in_layer_crs,
             threshold: float, max_side: int, progress: Progress, cancelled: Cancelled,
-            resolution: float | None = None, notes: list | None = None, edge_radius: int | None = None) -> list:
+            resolution: float | None = None, notes: list | None = None, edge_radius: int | None = None,
+            native: tuple[float, float] | None = None, path_resolution: float | None = None) -> list:
     """SegmentResults (one per prompt) over `rect` (in `rect_crs`; None = the whole layer).
-    `edge_radius`: the edge refinement radius in pixels (None = the server's default, 0 = off)."""
+    `edge_radius`: the edge refinement radius in pixels (None = the server's default, 0 = off).
+    `resolution` is what a pixel source is read at; a layer sent by path is segmented at
+    `path_resolution`, else at its own resolution, or, when `native` (sources.native_pixels: the
+    area's pixel count and the layer's resolution) is over the server's limit, coarser (said in `notes`)."""
     pb = conn.pb
     source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
@@ -113,6 +131,21 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
         request.edge_radius = edge_radius
     if extent is not None:
         request.extent.CopyFrom(extent)
+    if source.WhichOneof("kind") == "path":
+        if path_resolution:
+            request.target_resolution = path_resolution
+        elif native is not None:
+            # the backend refuses an area over its limit at full resolution: read it coarser instead
+            pixels, own = native
+            limit = conn.info().limits.max_extent_pixels
+            coarser = fitting_resolution(pixels, own, limit)
+            if coarser is not None:
+                request.target_resolution = coarser
+                if notes is not None:
+                    notes.append(f"the area is {pixels / 1e6:.1f} million pixels at the layer's resolution "
+                                 f"({own:.3g} map units per pixel), over the backend's limit of {limit / 1e6:.1f} "
+                                 f"million: segmented at a coarser {coarser:.3g} map units per pixel (a smaller "
+                                 "area is segmented at full detail)")
     return conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
                         cancelled=cancelled)
 

@@ -19,7 +19,7 @@ from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
-from .sources import has_no_resolution, local_path, prepare_source, to_layer_crs
+from .sources import SourceError, has_no_resolution, local_path, native_pixels, prepare_source, to_layer_crs
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -62,16 +62,33 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             settings.address = server.strip()
         return settings
 
-    def _call(self, settings, fn):
-        """Run fn(conn); backend failures become QgsProcessingException with the server's message."""
+    @staticmethod
+    def _prepare(layer):
+        """prepare_source, its refusal (an invalid layer) a QgsProcessingException: one line, no traceback."""
+        try:
+            return prepare_source(layer)
+        except SourceError as e:
+            raise QgsProcessingException(str(e)) from None
+
+    def _call(self, settings, fn, feedback):
+        """Run fn(conn); None when the user cancelled. Backend failures (a cancel the user did not ask
+        for too: a backend that stopped), unreadable layer areas and an unreadable TLS CA file become
+        QgsProcessingException with one line for the user."""
         BackendError = _backend_error()
         try:
-            with settings.connection() as conn:
+            conn = settings.connection()
+        except OSError as e:   # the CA certificate file of the settings
+            raise QgsProcessingException(f"cannot connect to the SkyPrompt backend at {settings.address}: {e}; "
+                                         "fix it in SkyPrompt settings") from None
+        try:
+            with conn:
                 return fn(conn)
         except BackendError as e:
-            if e.code == "CANCELLED":
+            if e.code == "CANCELLED" and feedback.isCanceled():
                 return None
-            raise QgsProcessingException(f"SkyPrompt backend at {settings.address}: {e.message} ({e.code})")
+            raise QgsProcessingException(f"SkyPrompt backend at {settings.address}: {e.message} ({e.code})") from None
+        except SourceError as e:   # the layer's pixels could not be read as asked: the user's to fix
+            raise QgsProcessingException(str(e)) from None
 
 
 # IndexRasterRequest.views: None = the backend's default (ServerInfo.default_index_views)
@@ -110,7 +127,7 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
         if layer is None:
             raise QgsProcessingException("Index raster needs a raster layer")
         settings = self._settings(parameters, context)
-        prepared = prepare_source(layer)
+        prepared = self._prepare(layer)
         if has_no_resolution(prepared):
             raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "
                                          "to index whole: index the view you want from the SkyPrompt panel (its "
@@ -119,7 +136,7 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
         result = self._call(settings, lambda conn: operations.index_layer(
             conn, prepared, settings.max_pixel_side, feedback.setProgress, feedback.isCanceled,
             force=self.parameterAsBool(parameters, "FORCE", context), notes=notes,
-            views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0]))
+            views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0]), feedback)
         for note in notes:
             feedback.pushInfo(note)
         if result is None:
@@ -197,7 +214,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 request.like_tile_id = like
             return conn.search(request)
 
-        response = self._call(settings, run)
+        response = self._call(settings, run, feedback)
         hits = list(response.hits) if response else []
         crs = results.hits_crs(hits) if hits else context.project().crs()
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.search_fields(),
@@ -223,7 +240,10 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         return ("Turns text prompts (comma-separated: 'buildings, trees') into polygons where the raster shows "
                 "them, over an extent (default: the whole layer). Attributes: prompt, score, area in m². "
                 "Masks follow the image's own edges (edge refinement); the advanced Edge refinement radius "
-                "sets how far, in pixels, or turns it off (0).")
+                "sets how far, in pixels, or turns it off (0). A tile service (XYZ, WMS) needs an extent. "
+                "The advanced Resolution is the ground size of a working pixel in the layer's map units; "
+                "empty: the layer's own, or coarser when the extent holds more pixels than the backend "
+                "takes at once (the log says so).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
@@ -239,6 +259,11 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
                                              defaultValue=-1, minValue=-1)
         edges.setFlags(edges.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(edges)
+        resolution = QgsProcessingParameterNumber("RESOLUTION", "Resolution in map units of the layer per pixel "
+                                                  "(empty = automatic)", QgsProcessingParameterNumber.Double,
+                                                  optional=True, minValue=0.0)
+        resolution.setFlags(resolution.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(resolution)
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Polygons", QgsProcessing.TypeVectorPolygon))
 
@@ -257,13 +282,21 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
                 crs = layer.crs()
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
             in_layer = to_layer_crs(rect, crs, layer)
-        prepared = prepare_source(layer)
+        prepared = self._prepare(layer)
+        if rect is None and has_no_resolution(prepared):
+            raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "
+                                         "to segment whole: set Extent to the area to segment")
+        # Resolution (map units per pixel; empty or 0 = automatic): a pixel source is read at it, a
+        # file segmented at it; automatic, a file's area over the backend's limit is coarsened
+        resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
+        native = native_pixels(layer, in_layer) if isinstance(prepared, str) else None
         notes: list[str] = []
         edge_radius = self.parameterAsInt(parameters, "EDGE_RADIUS", context)
         answers = self._call(settings, lambda conn: operations.segment(
             conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
             settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes,
-            edge_radius=None if edge_radius < 0 else edge_radius)) or []
+            edge_radius=None if edge_radius < 0 else edge_radius, resolution=resolution, native=native,
+            path_resolution=resolution), feedback) or []
         for note in notes:
             feedback.pushInfo(note)
         sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.segment_fields(),

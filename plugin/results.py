@@ -132,9 +132,10 @@ def gpkg_layer_names(path: str) -> list[str]:
 def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     """Save `layer` into the GeoPackage at `path` as a layer of its own and open it: the file's other
     layers stay, and a name already there gets a number (" (2)", ...) instead of being replaced."""
-    taken = set(gpkg_layer_names(path))
+    # GeoPackage layer names are case-insensitive: "Trees" would overwrite "trees"
+    taken = {n.casefold() for n in gpkg_layer_names(path)}
     name, n = layer.name(), 1
-    while name in taken:
+    while name.casefold() in taken:
         n += 1
         name = f"{layer.name()} ({n})"
     options = QgsVectorFileWriter.SaveVectorOptions()

@@ -7,6 +7,7 @@ made on the main thread (`PixelReader(layer)`); `read()` then runs safely inside
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -135,6 +136,15 @@ def has_no_resolution(prepared) -> bool:
     """A pixel source with no ground resolution of its own (a tile service): it can only be read over
     a chosen view at a chosen resolution, not whole."""
     return isinstance(prepared, PixelReader) and prepared.native_resolution is None
+
+
+def native_pixels(layer: QgsRasterLayer, area: QgsRectangle | None = None) -> tuple[float, float]:
+    """On the main thread, for a layer sent by path: (pixels, resolution), the pixel count of `area`
+    (layer CRS, cut to the layer; None = the whole layer) at the layer's own resolution, and that
+    resolution in map units per pixel (the geometric mean of x and y, as the backend resamples)."""
+    extent = layer.extent() if area is None else area.intersect(layer.extent())
+    rx, ry = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
+    return (extent.width() / rx) * (extent.height() / ry), math.sqrt(rx * ry)
 
 
 def prepare_source(layer: QgsRasterLayer):

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -19,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from osgeo import gdal, ogr
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
-                       QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsTask)
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature,
+                       QgsGeometry, QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
+                       QgsTask)
 
 from desktop_iface import DesktopIface
 from test_raster import GEOTIFF_DIR, make_tif, noise
 from test_server import REPO, TOKEN, LiveServer, checkpoint, rasters  # noqa: F401 - fixtures
 
+from backend.defaults import Limits
 from plugin import deps
 from plugin.settings import PluginSettings
 
@@ -351,7 +354,7 @@ def test_more_like_the_best_hits_expands_the_query(dock, layers, live):
     from plugin import operations
 
     assert run_dock(dock, "index", dock.index_layers) is None
-    raster_ids = [dock.indexed[layer.id()] for layer in layers]
+    raster_ids = sorted({rid for layer in layers for rid in dock.indexed[layer.id()]})
     dock.query.setText("roads and houses")
     dock.k.setValue(6)
 
@@ -820,3 +823,329 @@ def test_xyz_tile_layer_is_read_in_qgis_and_segmented(dock, iface, tmp_path):
         footprints = QgsCoordinateTransform(hits.crs(), layer.crs(), QgsProject.instance()).transformBoundingBox(
             footprints)
     assert shown.contains(footprints), (footprints.toString(), shown.toString())
+
+
+# -- limits, cancels, unloading and errors the user can fix --
+class OwnBackends:
+    """Real backends in this process, for a test to configure (limits, which the command line does not
+    set) or to stop in the middle of a call as SIGTERM does; all stopped at the end."""
+
+    def __init__(self, checkpoint: Path, roots: list[Path], data: Path):
+        self.checkpoint, self.roots, self.data = checkpoint, roots, data
+        self.servers, self.stopping = [], []
+
+    def start(self, **kw):
+        """(Server, address) of a new backend; `kw` as for backend.server.Server."""
+        from backend.server import Server
+
+        server = Server(self.checkpoint, port=0, device="cpu", data_dir=self.data / f"backend{len(self.servers)}",
+                        allowed_roots=self.roots, token=TOKEN, **kw)
+        server.start()
+        self.servers.append(server)
+        return server, f"127.0.0.1:{server.port}"
+
+    def stop_soon(self, server) -> None:
+        """What SIGTERM does (Server.stop: running calls are cancelled, then the server drains), without
+        blocking the caller."""
+        thread = threading.Thread(target=server.stop, kwargs={"grace": 5.0}, daemon=True)
+        thread.start()
+        self.stopping.append(thread)
+
+    def close(self) -> None:
+        for thread in self.stopping:
+            thread.join(30)
+        for server in self.servers:
+            server.stop(grace=1.0)
+
+
+@pytest.fixture()
+def own_backend(checkpoint, rasters, tmp_path):  # noqa: F811
+    backends = OwnBackends(checkpoint, [rasters["folder"]], tmp_path)
+    yield backends
+    backends.close()
+
+
+@pytest.fixture()
+def skyprompt_processing(qgis_processing, settings):
+    from plugin.processing_provider import SkyPromptProvider
+
+    provider = SkyPromptProvider()
+    QgsApplication.processingRegistry().addProvider(provider)
+    yield
+    QgsApplication.processingRegistry().removeProvider(provider)
+
+
+def slow_raster(rasters) -> Path:  # noqa: F811
+    """A 1200 x 1200 px file: Segment over it takes the test checkpoint seconds on a CPU, so a call is
+    still running when a test acts on it."""
+    path = rasters["folder"] / "slow_utm.tif"
+    if not path.exists():
+        yy, xx = np.mgrid[0:1200, 0:1200]
+        bands = np.stack([xx // 3 % 256, yy // 5 % 256, (xx + yy) // 7 % 256]).astype(np.uint8)
+        make_tif(path, bands, geotransform=(500000.0, 0.5, 0.0, 5000000.0, 0.0, -0.5),
+                 options=["COMPRESS=DEFLATE", "TILED=YES"])
+    return path
+
+
+class RecordingFeedback(QgsProcessingFeedback):
+    """Keeps a run's messages, and calls `on_progress` (once) at the first progress the plugin reports."""
+
+    def __init__(self, on_progress=None):
+        super().__init__()
+        self.infos, self.warnings, self.on_progress = [], [], on_progress
+
+    def pushInfo(self, text):  # noqa: N802 - QGIS API
+        self.infos.append(text)
+
+    def pushWarning(self, text):  # noqa: N802 - QGIS API
+        self.warnings.append(text)
+
+    def setProgress(self, value):  # noqa: N802 - QGIS API
+        act, self.on_progress = self.on_progress, None
+        if act is not None:
+            act()
+        super().setProgress(value)
+
+
+def segment_whole_layer_setup(dock, iface, layer, prompts: str = "fields") -> None:
+    """Add `layer`, fit the map to it and set the panel to segment `prompts` over the map's extent."""
+    QgsProject.instance().addMapLayer(layer)
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    dock.area.setCurrentIndex(0)
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText(prompts)
+
+
+def test_segment_of_a_file_area_over_the_backends_limit_is_read_coarser(dock, iface, rasters, own_backend):  # noqa: F811
+    """A file layer is sent by path: an area with more pixels than the backend's max_extent_pixels
+    is segmented at a coarser target_resolution (and the message bar says so), not refused."""
+    limit = 200 * 200
+    _, address = own_backend.start(limits=Limits(max_extent_pixels=limit))
+    dock.settings.address = address
+    layer = QgsRasterLayer(str(rasters["rgb"]), "ortho")                  # 400 x 300 px of 10 m
+    segment_whole_layer_setup(dock, iface, layer)
+    dock.threshold.setValue(0.0)                                          # polygons cover what was read
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "segment", dock.segment) is None
+    said = [text for _, text, _ in iface.message_bar.messages[before:]]
+    assert any("over the backend's limit" in t and "coarser" in t for t in said), said
+    out = dock.last_layer
+    assert out.featureCount() >= 1
+    union = QgsGeometry.unaryUnion([f.geometry() for f in out.getFeatures()])
+    assert union.area() > 0.9 * layer.extent().width() * layer.extent().height()
+    # an area under the limit is segmented at the layer's own resolution, with nothing said
+    dock.drawn_rect = (layer_rect(layer, (0.1, 0.1, 0.45, 0.5)), layer.crs())       # 140 x 120 px
+    dock.area.setCurrentIndex(1)
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "segment", dock.segment) is None
+    assert not [t for _, t, _ in iface.message_bar.messages[before:] if "coarser" in (t or "")]
+    dock.area.setCurrentIndex(0)
+
+
+def test_processing_prompt_to_polygons_resolution(skyprompt_processing, rasters, own_backend, tmp_path):  # noqa: F811
+    """Automatic: an extent over the backend's limit is segmented coarser, and the log says so;
+    RESOLUTION (advanced) sets it: too fine is the backend's refusal, coarse enough works."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    _, address = own_backend.start(limits=Limits(max_extent_pixels=200 * 200))
+    params = {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields", "THRESHOLD": 0.0, "SERVER": address}
+    feedback = RecordingFeedback()
+    out = QgsVectorLayerFrom(processing.run("skyprompt:prompttopolygons", {
+        **params, "OUTPUT": str(tmp_path / "auto.gpkg")}, feedback=feedback)["OUTPUT"])
+    assert out.featureCount() >= 1
+    assert any("coarser" in t for t in feedback.infos), feedback.infos
+    feedback = RecordingFeedback()
+    coarse = QgsVectorLayerFrom(processing.run("skyprompt:prompttopolygons", {
+        **params, "RESOLUTION": 25.0, "OUTPUT": str(tmp_path / "coarse.gpkg")}, feedback=feedback)["OUTPUT"])
+    assert coarse.featureCount() >= 1 and not any("coarser" in t for t in feedback.infos)
+    del out, coarse
+    with pytest.raises(QgsProcessingException, match="RESOURCE_EXHAUSTED"):     # 800 x 600 px at 5 m
+        processing.run("skyprompt:prompttopolygons", {**params, "RESOLUTION": 5.0,
+                                                      "OUTPUT": str(tmp_path / "fine.gpkg")})
+
+
+def test_gpkg_layer_names_differing_only_in_case_do_not_replace_each_other(qgis_app, tmp_path):
+    from plugin import results
+
+    def result(name: str, n: int):
+        features = []
+        for i in range(n):
+            f = QgsFeature(results.segment_fields())
+            f.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({i} 0,{i + 1} 0,{i + 1} 1,{i} 0))"))
+            f.setAttributes(["trees", 0.5, 0.6, 1.0])
+            features.append(f)
+        layer = results.memory_layer(name, QgsCoordinateReferenceSystem("EPSG:32611"), results.segment_fields(),
+                                     features)
+        results.style_by_prompt(layer, ["trees"])
+        return layer
+
+    path = str(tmp_path / "out.gpkg")
+    first = results.write_gpkg(result("SkyPrompt: Trees", 5), path)
+    second = results.write_gpkg(result("SkyPrompt: trees", 2), path)
+    got = (second.name(), first.featureCount(), second.featureCount())
+    del first, second                  # no layer alive in a failure's traceback (a crash at exit)
+    assert got == ("SkyPrompt: trees (2)", 5, 2)
+    assert sorted(results.gpkg_layer_names(path)) == ["SkyPrompt: Trees", "SkyPrompt: trees (2)"]
+
+
+def test_a_backend_that_stops_during_segment_is_an_error_in_the_panel(dock, iface, rasters, own_backend):  # noqa: F811
+    """The backend cancels running calls when it stops (Stop local backend, SIGTERM): not the user's
+    cancel, so the panel says Segment failed instead of showing nothing."""
+    server, address = own_backend.start()
+    dock.settings.address = address
+    layer = QgsRasterLayer(str(slow_raster(rasters)), "slow")
+    segment_whole_layer_setup(dock, iface, layer)
+    stopping = []
+
+    def stop_once(_):
+        if not stopping:                                        # at the first progress: the call is running
+            stopping.append(True)
+            own_backend.stop_soon(server)
+
+    def start():
+        dock.segment().progressChanged.connect(stop_once)
+
+    before = len(iface.message_bar.messages)
+    error = run_dock(dock, "segment", start)
+    assert stopping and error is not None and error.code == "CANCELLED"
+    failed = [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Critical)]
+    assert len(failed) == 1 and "failed: the backend cancelled the call" in failed[0], failed
+
+
+def test_processing_a_backend_that_stops_mid_run_is_an_error(skyprompt_processing, rasters, own_backend, tmp_path):  # noqa: F811
+    """Prompt to polygons and Index raster raise when the backend stops under them, instead of an
+    empty layer (or {}) reported as a success."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    path = str(slow_raster(rasters))
+    server, address = own_backend.start()
+    with pytest.raises(QgsProcessingException, match="backend cancelled the call"):
+        processing.run("skyprompt:prompttopolygons", {"INPUT": path, "PROMPTS": "fields", "SERVER": address,
+                                                      "OUTPUT": str(tmp_path / "p.gpkg")},
+                       feedback=RecordingFeedback(on_progress=lambda: own_backend.stop_soon(server)))
+    server, address = own_backend.start()
+    with pytest.raises(QgsProcessingException, match="backend cancelled the call"):
+        processing.run("skyprompt:indexraster", {"INPUT": path, "SERVER": address},
+                       feedback=RecordingFeedback(on_progress=lambda: own_backend.stop_soon(server)))
+
+
+def test_unloading_while_a_task_runs_is_quick_and_quiet(iface, settings, rasters, monkeypatch):  # noqa: F811
+    """Unload with a Segment running: the cancel reaches the backend at once, and the task's end,
+    which comes after the dock is deleted, touches none of its widgets."""
+    from qgis.PyQt.QtCore import QEvent
+    from plugin.plugin import SkyPromptPlugin
+
+    errors = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: errors.append(f"{kind.__name__}: {value}"))
+    layer = QgsRasterLayer(str(slow_raster(rasters)), "slow")
+    QgsProject.instance().addMapLayer(layer)
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    plugin = SkyPromptPlugin(iface)
+    plugin.initGui()
+    plugin.show_dock(True)
+    dock = plugin.dock
+    dock.segment_layer.setLayer(layer)
+    dock.prompts.setText("fields")
+    task = dock.segment()
+    wait_until(lambda: task.status() == QgsTask.Running, 30, "the Segment task to run")
+    time.sleep(0.3)                                              # the call is at the backend
+    started = time.monotonic()
+    plugin.unload()
+    took = time.monotonic() - started
+    QgsApplication.sendPostedEvents(None, QEvent.DeferredDelete)           # the dock is deleted
+    wait_until(lambda: not [t for t in QgsApplication.taskManager().activeTasks()
+                            if "SkyPrompt" in t.description()], 30, "the task to end")
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:                                # its finished() runs on the main thread
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+    assert took < 2.0 and errors == [], (took, errors)
+
+
+def test_a_tile_service_indexed_in_several_views_is_searched_in_all(dock, iface, tmp_path):
+    from qgis.PyQt.QtCore import Qt
+
+    layer = make_xyz_layer(tmp_path)
+    QgsProject.instance().addMapLayer(layer)
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+    iface.canvas.setDestinationCrs(layer.crs())
+    x0, y0 = 1113194.9, 6800000.0
+    for dx in (0, 500):                                          # two views, side by side, indexed in turn
+        iface.canvas.setExtent(QgsRectangle(x0 + dx, y0 - 500, x0 + dx + 400, y0 - 100))
+        iface.canvas.refresh()
+        assert run_dock(dock, "index", dock.index_layers) is None
+    views = dock.indexed[layer.id()]
+    assert len(views) == 2
+    dock.query.setText("fields")
+    dock.k.setValue(200)
+    assert run_dock(dock, "search", dock.search) is None
+    assert {f["raster_id"] for f in dock.last_layer.getFeatures()} == views
+
+
+def test_processing_prompt_to_polygons_on_a_tile_service_needs_an_extent(skyprompt_processing, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    tiles = QgsProject.instance().addMapLayer(make_xyz_layer(tmp_path))
+    try:
+        with pytest.raises(QgsProcessingException, match="is a tile service") as err:   # not the planet at 2048 px
+            processing.run("skyprompt:prompttopolygons", {"INPUT": tiles, "PROMPTS": "fields",
+                                                          "OUTPUT": str(tmp_path / "p.gpkg")})
+        assert "set Extent" in str(err.value)
+    finally:
+        QgsProject.instance().removeMapLayer(tiles.id())
+        del tiles
+
+
+def test_processing_errors_the_user_can_fix_are_one_line_not_a_traceback(skyprompt_processing, settings, tmp_path):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    path = "/vsimem/skyprompt-outside.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(path, 64, 64, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
+    ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
+    ds = None
+    in_memory = QgsProject.instance().addMapLayer(QgsRasterLayer(path, "in memory"))   # read as pixels
+    try:
+        # an extent beside a layer read as pixels
+        with pytest.raises(QgsProcessingException) as err:
+            processing.run("skyprompt:prompttopolygons", {"INPUT": in_memory, "PROMPTS": "trees",
+                                                          "EXTENT": "0,10,0,10 [EPSG:32633]",
+                                                          "OUTPUT": str(tmp_path / "a.gpkg")})
+        assert str(err.value) == "the requested area does not overlap layer 'in memory'"
+        # a TLS CA file that is not there
+        settings.use_tls, settings.tls_ca = True, str(tmp_path / "missing-ca.pem")
+        settings.save()
+        with pytest.raises(QgsProcessingException) as err:
+            processing.run("skyprompt:searchtiles", {"QUERY": "trees", "OUTPUT": str(tmp_path / "b.gpkg")})
+        message = str(err.value)
+        assert "missing-ca.pem" in message and "Traceback" not in message and "\n" not in message.strip(), message
+    finally:
+        QgsProject.instance().removeMapLayer(in_memory.id())
+        gdal.Unlink(path)
+        del in_memory
+
+
+def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app, tmp_path):
+    from plugin.local_backend import LocalBackend
+
+    launcher = LocalBackend()
+    settings = PluginSettings(address="127.0.0.1:50999")
+    for folder in ("My Projects/.venv/bin", "C:\\Users\\me\\Python 3.11"):     # a Windows path, as a name here
+        program = tmp_path / folder / "python"
+        program.parent.mkdir(parents=True)
+        program.symlink_to(sys.executable)
+        settings.python = str(program)
+        got, args = launcher.command(settings)
+        assert got == str(program) and args[:3] == ["-m", "backend", "serve"]
+        assert subprocess.run([got, "-c", "print(42)"], capture_output=True, text=True).stdout == "42\n"
+    settings.python = f"{sys.executable} -X utf8"                # not a file: a command line, split
+    assert launcher.command(settings) == (sys.executable, ["-X", "utf8", "-m", "backend", "serve", "--host",
+                                                           "127.0.0.1", "--port", "50999", "--device", "auto"])

@@ -1,6 +1,11 @@
 """The plugin's backend connection (plugin/connection.py) against a real server subprocess."""
 from __future__ import annotations
 
+import threading
+import time
+from concurrent import futures
+
+import grpc
 import pytest
 
 from test_server import TOKEN, LiveServer, checkpoint, rasters  # noqa: F401 - fixtures
@@ -59,3 +64,54 @@ def test_unreachable_backend_is_reported_not_raised():
         with pytest.raises(BackendError) as err:
             conn.info(timeout=2)
         assert err.value.code == "UNAVAILABLE"
+
+
+SILENT_S = 8.0
+
+
+class _SilentBackend:
+    """A gRPC server whose Segment sends one progress message, then nothing for SILENT_S seconds, as
+    the real backend does while it refines edges or polygonizes a large area (for a time that
+    depends on the raster and the machine; here it is certain). It notes when the client goes away."""
+
+    def __init__(self):
+        from plugin.rpc import skyprompt_pb2 as pb
+        from plugin.rpc import skyprompt_pb2_grpc as pb_grpc
+
+        self.client_gone = threading.Event()
+        outer = self
+
+        class Servicer(pb_grpc.SkyPromptServicer):
+            def Segment(self, request, context):  # noqa: N802 - gRPC API
+                yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING))
+                deadline = time.monotonic() + SILENT_S
+                while time.monotonic() < deadline:
+                    if not context.is_active():
+                        outer.client_gone.set()
+                        return
+                    time.sleep(0.02)
+                yield pb.SegmentEvent(result=pb.SegmentResult(prompt=request.prompts[0]))
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        pb_grpc.add_SkyPromptServicer_to_server(Servicer(), self.server)
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+def test_cancel_reaches_a_backend_that_sends_nothing_for_a_while():
+    silent = _SilentBackend()
+    try:
+        cancel = threading.Event()
+        with BackendConnection(silent.address) as conn:
+            request = conn.pb.SegmentRequest(source=conn.pb.RasterSource(path="/x.tif"), prompts=["trees"])
+            threading.Timer(0.5, cancel.set).start()               # the user presses Cancel
+            started = time.monotonic()
+            with pytest.raises(BackendError) as err:
+                conn.segment(request, cancelled=cancel.is_set)
+            took = time.monotonic() - started
+        assert err.value.code == "CANCELLED" and took < 1.5, (err.value, took)
+        assert silent.client_gone.wait(1.0)                       # the backend stops its work too
+        time.sleep(0.3)
+        assert not [t for t in threading.enumerate() if t.name == "skyprompt-cancel-watch"]
+    finally:
+        silent.server.stop(0)
