@@ -316,7 +316,8 @@ def evaluate_targets(results: dict) -> list[dict]:
         return {"name": name, "value": value, "threshold": threshold,
                 "result": "PASS" if value >= threshold else "FAIL", "reason": None}
 
-    no_base, no_clip = "base not measured", "transformers not installed"
+    no_base = "base not measured"
+    no_clip = "transformers not installed" if results["settings"].get("peers", True) else "peers off (--no-peers)"
     no_bf16 = no_base if native else f"bf16 {NOT_SUPPORTED}"
     return [
         target("base fp32 images/s vs transformers CLIP fp32", fp32, "vs_clip", TARGETS["fp32_vs_clip"],
@@ -405,7 +406,7 @@ def run(presets=("small", "base"), quick: bool = False, force_bf16: bool = False
                "settings": {"quick": quick, "presets": list(presets), "train_presets": list(train_presets),
                             "force_bf16": force_bf16, "warmup": warm, "encode_iters": enc_iters,
                             "matmul_iters": mm_iters, "train_iters": train_iters, "encode_batch": ENCODE_BATCH,
-                            "train_batch": TRAIN_BATCH, "matmul_n": MATMUL_N, "peers_clip": have_clip,
+                            "train_batch": TRAIN_BATCH, "matmul_n": MATMUL_N, "peers": peers, "peers_clip": have_clip,
                             "peers_mammut_pytorch": have_peer},
                "matmul": {}, "encode": [], "train": [], "mfu": None}
     with torch.inference_mode():
@@ -423,7 +424,7 @@ def run(presets=("small", "base"), quick: bool = False, force_bf16: bool = False
                 rows = bench_encode(cfg, dtype, have_clip, warm, enc_iters, results["matmul"][dtype]["gflops"])
                 if not have_clip:
                     rows.append({"preset": name, "model": "hf-clip", "dtype": dtype,
-                                 "status": "skipped: transformers not installed"})
+                                 "status": "skipped: " + ("transformers not installed" if peers else "--no-peers")})
                 results["encode"] += rows
                 echo(f"encode {name} {dtype}: " + ", ".join(f"{r['model']} {r['images_per_s']:.1f} img/s"
                                                              for r in rows if "images_per_s" in r))

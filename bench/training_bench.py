@@ -53,7 +53,7 @@ def run(presets=("tiny", "small"), quick: bool = False, peers: bool = True, forc
         results_dir: str | os.PathLike | None = RESULTS_DIR, threads: int | None = None, echo=print) -> dict:
     torch.set_num_threads(threads or os.cpu_count())
     warmup, iters = (1, 2) if quick else (2, 5)
-    peers = peers and _have("mammut_pytorch")
+    peers = peers and _have("mammut_pytorch") and _have("transformers")   # its image encoder is transformers' CLIP
     native = cpu_supports_bf16()
     results = {"machine": machine_info(), "settings": {"batch": BATCH, "warmup": warmup, "iters": iters,
                                                          "peer": peers, "force_bf16": force_bf16},

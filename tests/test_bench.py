@@ -18,6 +18,9 @@ def test_model_bench_quick_tiny_writes_results(tmp_path):
     assert m["cpu"] and m["cores"] > 0 and m["torch"] and isinstance(m["bf16_supported"], bool)
     assert res["matmul"]["fp32"]["gflops"] > 0
 
+    if not peers:   # turned off here: the peer's row says so (not "transformers not installed")
+        clip = [r["status"] for r in res["encode"] if r["model"] == "hf-clip" and r["dtype"] == "fp32"]
+        assert clip == ["skipped: --no-peers"]
     models = {"skyprompt", "hf-clip"} if peers else {"skyprompt"}
     fp32 = {r["model"]: r for r in res["encode"] if r["dtype"] == "fp32" and "images_per_s" in r}
     assert set(fp32) == models
@@ -196,6 +199,7 @@ def test_dataset_bench_quick_writes_results(tmp_path):
     assert saved["landmarks"]["local, 1 process"]["tiles"] == 4 and res["landmarks"]["local, 1 process"]["kept"] > 0
     assert all(r["tiles_per_s"] > 0 for r in saved["landmarks"].values())
     assert saved["landmarks"]["local, 1 process"]["ratio_vs_1_process"] == 1.0
+    assert list(saved["landmarks"]) == ["local, 1 process"]     # ray=False: no Ray row, installed or not
     if saved["filter"] is not None:
         assert saved["filter"]["pairs"] == 24 and saved["filter"]["pairs_per_s"] > 0
 

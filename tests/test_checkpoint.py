@@ -198,15 +198,20 @@ def test_unknown_config_key(saved):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"image_mean": [0.5]}, "its model settings cannot make a model"),
-    ({"image_size": 64.0}, "its model settings cannot make a model"),
+    ({"image_mean": [0.5]}, "image_mean must be 3 numbers"),
+    ({"image_mean": ["a", "b", "c"]}, "could not convert string to float"),
+    ({"image_size": 64.0}, "image_size must be a whole number"),
+    ({"text_heads": 0}, "heads and patch_size must be >= 1"),
     ({"pad_id": 5}, "the tokenizer does not belong to these weights"),
     ("format_version", "format_version must be a whole number"),
-], ids=["one-channel-mean", "float-size", "special-ids", "version-text"])
+    ("model-list", "not a SkyPrompt model config"),
+], ids=["one-channel-mean", "mean-of-words", "float-size", "no-heads", "special-ids", "version-text", "model-list"])
 def test_damaged_config_values_are_named(saved, change, message):
     meta = json.loads((saved / "config.json").read_text())
     if change == "format_version":
         meta["format_version"] = "2"
+    elif change == "model-list":
+        meta["model"] = []
     else:
         meta["model"].update(change)
     (saved / "config.json").write_text(json.dumps(meta))

@@ -81,6 +81,15 @@ def test_decode_stops_at_eos_and_skips_specials(tok):
     assert tok.decode([]) == ""
 
 
+def test_special_token_names_in_text_are_text(tok):
+    # a query that says "<eos>" or "<pad>" is words, not an early end or a hole in the pooled text
+    for text in ("a <eos> b", "<pad> road", "<bos><unk>"):
+        ids = tok.encode(text)
+        assert all(i >= len(SPECIAL_TOKENS) for i in ids) and tok.decode(ids) == tok.normalize(text)
+    row = tok("a <eos> b", context_length=16)[0].tolist()
+    assert row.count(tok.eos_id) == 1 and tok.pad_id not in row[:row.index(tok.eos_id)]
+
+
 def test_empty_string_is_bos_eos(tok):
     assert tok.encode("") == []
     assert tok("", context_length=4).tolist() == [[1, 2, 0, 0]]

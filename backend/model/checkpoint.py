@@ -155,7 +155,7 @@ def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged, copy it again") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path} is not a SkyPrompt model config (expected \"format\": \"{FORMAT}\")")
     version = meta.get("format_version", 0)
     if isinstance(version, bool) or not isinstance(version, int):
@@ -169,8 +169,8 @@ def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
         raise CheckpointError(f"{path} names unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
     try:
         return MaMMUTConfig.from_dict(meta["model"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (ConfigError, TypeError, ValueError) as e:     # ValueError: e.g. an image_mean of words
+        raise CheckpointError(f"{path}: {e}; the checkpoint is damaged, copy it again") from None
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",

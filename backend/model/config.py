@@ -47,7 +47,16 @@ class MaMMUTConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        problems = []
+        # types first: the arithmetic below needs whole numbers, and heads of 0 would divide by zero
+        problems = [f"{f.name} must be a whole number, got {getattr(self, f.name)!r}" for f in fields(self)
+                    if f.type == "int" and (isinstance(getattr(self, f.name), bool)
+                                            or not isinstance(getattr(self, f.name), int))]
+        problems += [f"{name} must be 3 numbers (one per RGB channel), got {getattr(self, name)!r}"
+                     for name in ("image_mean", "image_std") if len(getattr(self, name)) != 3]
+        if not problems and min(self.vision_heads, self.text_heads, self.patch_size) < 1:
+            problems.append("vision_heads, text_heads and patch_size must be >= 1")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
         if self.image_size < self.patch_size or self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a positive multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:

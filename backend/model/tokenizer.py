@@ -40,6 +40,9 @@ class Tokenizer:
 
     def __init__(self, backend: HFTokenizer, source: str = "<in memory>"):
         _check_special_tokens(backend, source)
+        # "<eos>" typed in a query is text, not the end of it: special ids are placed by __call__ alone
+        # (an in-memory setting: tokenizer.json and the checkpoint's hash stay as they are)
+        backend.encode_special_tokens = True
         self._backend = backend
 
     # --- loading and saving ---------------------------------------------------------------
