@@ -143,6 +143,7 @@ def test_zip_layout_and_metadata(tmp_path):
     version = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
                    if line.startswith("version"))
     assert general["version"] == version and general["hasProcessingProvider"] == "yes"
+    assert f"skyprompt/{general['icon']}" in names       # the Plugin Manager shows the plugin's own icon
     assert "from . import skyprompt_pb2" in grpc_stub and "from skyprompt.v1" not in grpc_stub
 
 
