@@ -94,3 +94,25 @@ def test_markdown_table_rounds_per_metric():
              "scores": {"a top-1": 51.234, "a CIDEr-D": 1.234}}]
     table = markdown_table(rows, ["a top-1", "a CIDEr-D"])
     assert "| baseline |" in table and "| 10 min | 51.2 | 1.23 |" in table
+
+
+def test_an_explicit_zero_warmup_reaches_every_phase(tmp_path, tokenizer, monkeypatch):
+    """--warmup-steps 0 is "no warm-up", not "the default" (a tenth of each phase's steps)."""
+    from training import ablate
+    from training.train import parse_args
+
+    recipe, tok = _recipe(tmp_path, tokenizer)
+    commands = []
+
+    def fake_run(cmd, check):      # the commands, not the training runs
+        commands.append(cmd)
+        Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_run)
+    common = ["--recipe", str(recipe), "--tokenizer", str(tok), "--steps", "40", "--preset", "tiny", "--workers", "0"]
+    for given, expected in ((["--warmup-steps", "0"], [0, 0]), ([], [6, 1])):   # low-res phase: 60 steps, then 10
+        commands.clear()
+        out = tmp_path / ("zero" if given else "default")
+        ablate.train_variant("low-then-full", ablate.build_parser().parse_args(common + given + ["--out", str(out)]))
+        # each phase's command as training.train reads it
+        assert [parse_args(cmd[3:]).warmup_steps for cmd in commands] == expected, given

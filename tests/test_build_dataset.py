@@ -375,6 +375,99 @@ def test_filter_bad_shards_give_one_clear_line(tmp_path):
     assert p.returncode == 2 and "notatar.tar is not a readable tar file" in p.stderr and "Traceback" not in p.stderr
 
 
+def _web_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """A shard and a manifest whose names hold dots, with 3 + 2 pairs of distinct noise images: two
+    captioned wholly in remote-sensing words, three partly; and all.jsonl, the 5 pairs in one manifest."""
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(7)
+
+    def jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    captions = ["forest river", "an aerial photo of fields", "my holiday picture of a forest",
+                "dense residential buildings and roads", "an aerial photo of a lake and my boat"]
+    (tmp_path / "images").mkdir()
+    for i in range(5):
+        (tmp_path / "images" / f"p{i}.jpg").write_bytes(jpeg())
+    shard = tmp_path / "web.v1-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            members = [(f"scene{i}.jpg", (tmp_path / "images" / f"p{i}.jpg").read_bytes()),
+                       (f"scene{i}.txt", captions[i].encode())]
+            if i == 0:      # a second image of the same sample (training's reader groups it with scene0)
+                members.append(("scene0.seg.png", jpeg()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    rows = [json.dumps({"image": f"images/p{i}.jpg", "text": captions[i]}) for i in range(5)]
+    manifest = tmp_path / "pairs.v2.jsonl"
+    manifest.write_text("\n".join(rows[3:]) + "\n")
+    (tmp_path / "all.jsonl").write_text("\n".join(rows) + "\n")
+    return shard, manifest
+
+
+def _members(folder: Path) -> list[str]:
+    import tarfile
+
+    names = []
+    for shard in sorted(folder.glob("filtered-*.tar")):
+        with tarfile.open(shard) as tar:
+            names += tar.getnames()
+    return names
+
+
+def test_filter_reads_pairs_as_training_does_and_writes_keys_it_reads(tmp_path):
+    from training.data import WebDatasetShards
+
+    shard, manifest = _web_pairs(tmp_path)
+    out = tmp_path / "out"
+    p = run("filter", "--shards", shard, "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out,
+            "--text-threshold", "0")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["seen"] == 5 and report["counts"]["kept"] == 5    # scene0.seg.png is scene0's
+    # no dot in a written key: training's reader ends a key at the first one
+    names = _members(out / "shards")
+    assert len(names) == 15 and all(n.count(".") == 1 for n in names), names
+    assert {n.split(".")[0] for n in names} == set(report["kept_keys"])
+    samples = [x for x in WebDatasetShards([str(s) for s in sorted((out / "shards").glob("*.tar"))],
+                                           transform=lambda im: im, seed=0, shuffle_buffer=1) if x]
+    assert len(samples) == 5 and all(caption for _, caption in samples)
+
+
+def test_filter_rerun_replaces_its_own_shards_only(tmp_path):
+    _web_pairs(tmp_path)
+    manifest = tmp_path / "all.jsonl"
+    out = tmp_path / "out"
+    p = run("filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out,
+            "--text-threshold", "0", "--shard-size", "1")
+    assert p.returncode == 0, p.stderr
+    assert len(list((out / "shards").glob("filtered-*.tar"))) == 5
+    (out / "shards" / "filtered-000009.tar.part").write_bytes(b"cut short")    # a killed run's
+    (out / "shards" / "notes.txt").write_text("mine")
+    (out / "shards" / "mine.tar").write_bytes(b"")
+    # stricter: the two captions made of remote-sensing words only, so two shards
+    p = run("filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out,
+            "--text-threshold", "1.0", "--shard-size", "1")
+    assert p.returncode == 0, p.stderr
+    assert "removed the earlier run's outputs" in p.stderr and "6 shard file(s)" in p.stderr
+    assert "also holds 1 .tar file(s) the filter did not write (mine.tar)" in p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["kept"] == 2
+    assert sorted(q.name for q in (out / "shards").iterdir()) == ["filtered-000000.tar", "filtered-000001.tar",
+                                                                  "mine.tar", "notes.txt"]
+    assert {n.split(".")[0] for n in _members(out / "shards")} == set(report["kept_keys"])
+    # filtering an earlier run's shards into its own --out would delete them before they are read
+    p = run("filter", "--shards", out / "shards" / "filtered-*.tar", "--checkpoint", CHECKPOINT, "--out", out)
+    assert p.returncode == 2 and "holds shards this run reads" in p.stderr and "Traceback" not in p.stderr
+    assert len(list((out / "shards").glob("filtered-*.tar"))) == 2
+
+
 def test_ray_engine_resumes_a_half_done_run_and_writes_the_same_dataset(built, scene, vectors, tmp_path):
     pytest.importorskip("ray.data", exc_type=ImportError)
     local, _ = built

@@ -200,6 +200,23 @@ def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
     assert recipes.sources_from_args(str(recipe), [], [], [], [], 0)[0]["urls"] == [str(tmp_path / "web/part-{0..1}.tar")]
 
 
+def test_val_per_class_is_for_flag_sources_and_refused_with_a_recipe(tmp_path, class_folder):
+    from training import recipe as recipes
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": str(class_folder),
+                                               "classnames": {"aPark": "park", "bPort": "port", "cRoad": "road"}}]}))
+    # the recipe's sources set their own hold-out: a flag for all of them is refused, not dropped
+    with pytest.raises(recipes.RecipeError, match='--val-per-class 2 is for --folder/--manifest sources.*"val_per_class"'):
+        recipes.sources_from_args(str(recipe), [], [], [], [], 2)
+    assert recipes.sources_from_args(str(recipe), [], [], [], [], 0)[0].get("val_per_class", 0) == 0
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"aPark": "park", "bPort": "port", "cRoad": "road"}))
+    (source,) = recipes.sources_from_args(None, [str(class_folder)], [str(names)], [], [], 2)
+    _, val = recipes.build_sources([source], seed=0)
+    assert len(val["scenes"]["records"]) == 3 * 2                     # 2 of each class held out
+
+
 def test_caption_file_class():
     assert caption_file_class("rsicd", "denseresidential_7.jpg") == "denseresidential"
     assert caption_file_class("rsitmd", "baseballfield_452.tif") == "baseballfield"

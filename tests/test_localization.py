@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 from osgeo import gdal, ogr, osr
 from PIL import Image
 
@@ -132,6 +133,37 @@ def test_summary_per_class_scores_on_a_known_confusion():
     assert r["pixel_accuracy"] == pytest.approx(17 / 20) and r["miou"] == pytest.approx((8 / 11 + 9 / 12) / 2)
 
 
+def test_a_class_predicted_where_the_truth_has_none_scores_zero(flat_classes, tmp_path, monkeypatch):
+    """The standard mIoU: the mean over every class in truth or prediction, so a false detection of an
+    absent class costs an IoU (and a boundary F) of 0 instead of going unseen."""
+    from types import SimpleNamespace
+
+    from training import localization as L
+
+    # rows: true class; a: 8 of 10 right, b: 7 of 10 (2 of them called c), c: absent from the truth
+    confusion = np.array([[8, 2, 0], [1, 7, 2], [0, 0, 0]])
+    assert M.mean_iou(confusion) == pytest.approx((8 / 11 + 7 / 12 + 0) / 3)
+    assert M.mean_iou(confusion, present_only=True) == pytest.approx((8 / 11 + 7 / 12) / 2)
+    boundary = np.array([[3, 4, 3, 6], [2, 2, 2, 2], [0, 5, 0, 0]])    # c: 5 boundary pixels, all false
+    r = L._summary(confusion, boundary, ["a", "b", "c"])
+    assert r["miou"] == pytest.approx((8 / 11 + 7 / 12) / 3) and r["per_class_iou"]["c"] == 0.0
+    assert r["per_class_boundary_f"]["c"] == 0.0 and r["per_class_pixel_accuracy"]["c"] is None
+    assert r["boundary_f"] == pytest.approx((2 * 0.75 * 0.5 / 1.25 + 1.0 + 0.0) / 3)
+    # end to end: a Segment that finds every class of the mosaic exactly, and one class it lacks
+    m = build_mosaic(flat_classes, seed=0, index=0, size=64, regions=2, scene_px=32)
+    truth = L._polygons_of(write_mosaic(m, tmp_path / "truth", "m")["polygons"], len(m.classes))
+    absent = next(c for c in range(len(m.classes)) if c not in m.present)
+    x0, y0 = m.geotransform[0], m.geotransform[3]
+    found = {c: truth[c] for c in m.present}
+    found[absent] = shapely.box(x0, y0 - 4, x0 + 4, y0)               # a small false detection
+    fake = SimpleNamespace(results=[SimpleNamespace(polygons=[SimpleNamespace(geometry=found[c])] if c in found else [])
+                                    for c in range(len(m.classes))])
+    monkeypatch.setattr("backend.segment.segment", lambda *a, **kw: fake)
+    e2e = L.evaluate_end_to_end(SimpleNamespace(image_size=64), [m], m.classes, progress=False, edge_radius=0)
+    assert e2e["per_class_iou"][m.classes[absent]] == 0.0
+    assert e2e["miou"] == pytest.approx(len(m.present) / (len(m.present) + 1))
+
+
 def test_segmentation_cli_json_ablation_and_end_to_end(setup, tmp_path):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--seed", "1", "--mosaics", "2", "--size", "96", "--regions", "3",
@@ -183,6 +215,30 @@ def test_segmentation_cli_errors(setup):  # noqa: F811
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "nope",
                 "--classnames", setup["names"])
     assert p.returncode == 2 and "does not exist" in p.stderr
+
+
+def test_segmentation_unreadable_scene_and_keep_file_are_one_line(setup, tmp_path):  # noqa: F811
+    # two classes of one image each, so every mosaic reads both; one is not an image
+    names = json.loads(setup["names"].read_text())
+    grass, field = list(names)[:2]
+    (tmp_path / "scenes" / grass).mkdir(parents=True)
+    (tmp_path / "scenes" / field).mkdir(parents=True)
+    good = next((setup["root"] / "scenes" / grass).iterdir())
+    (tmp_path / "scenes" / grass / good.name).write_bytes(good.read_bytes())
+    (tmp_path / "scenes" / field / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "names.json").write_text(json.dumps({grass: names[grass], field: names[field]}))
+    common = ("segmentation", "--checkpoint", setup["ckpt"], "--classnames", tmp_path / "names.json",
+              "--mosaics", "1", "--size", "96", "--regions", "2", "--methods", "global", "--quiet")
+    p = run_cli(*common, "--data", tmp_path / "scenes")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "broken.jpg is not an image file that can be read" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    # --keep naming a file: refused before any work, the file left alone
+    (tmp_path / "scenes" / field / "broken.jpg").unlink()
+    (tmp_path / "scenes" / field / good.name).write_bytes(good.read_bytes())
+    (tmp_path / "notes.txt").write_text("mine")
+    p = run_cli(*common, "--data", tmp_path / "scenes", "--keep", tmp_path / "notes.txt")
+    assert p.returncode == 2 and "--keep" in p.stderr and "is a file" in p.stderr and "Traceback" not in p.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 
@@ -361,6 +417,9 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     out = tmp_path / "run"
     p = _refine(refine_setup, out, 1)
     assert p.returncode == 0, p.stderr
+    # progress bars through the long parts of a round: labelling, and measuring (round 0's and round 1's)
+    assert "round 1 pseudo-labels: 100%" in p.stderr and "4/4" in p.stderr
+    assert p.stderr.count("relevance maps: 100%") >= 2 and "images" in p.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1]
     for r in rows:
@@ -387,6 +446,23 @@ def test_refinement_setup_errors_are_one_line(refine_setup, tmp_path):
     p = _refine(refine_setup, tmp_path / "bench", 1, extra=("--benchmark", "nope"))
     assert p.returncode == 2 and "error: --benchmark 'nope' is not a validation set" in p.stderr
     assert "Traceback" not in p.stderr
+    # a mosaic needs two regions: said at once, not after round 0's measurement
+    p = _refine(refine_setup, tmp_path / "one", 1, extra=("--regions", "1"))
+    assert p.returncode == 2 and "--regions must be at least 2" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "one").exists()
+
+
+def test_refinement_unreadable_scene_image_is_one_line(refine_setup, tmp_path):
+    import shutil
+
+    shutil.copytree(refine_setup["root"] / "scenes", tmp_path / "scenes")
+    for path in (tmp_path / "scenes" / "lake").iterdir():       # every lake scene: a mosaic meets one
+        path.write_bytes(b"not a png")
+    recipe = json.loads(refine_setup["recipe"].read_text())
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    p = _refine({**refine_setup, "recipe": tmp_path / "recipe.json"}, tmp_path / "run", 1)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "is not an image file that can be read" in p.stderr.strip().splitlines()[-1]
 
 
 def test_refinement_runs_distributed_under_torchrun(refine_setup, tmp_path):

@@ -268,3 +268,22 @@ def test_caption_scores_need_matching_ids_and_references():
         bleu4({"a": "x"}, {"b": ["x"]})
     with pytest.raises(ValueError, match="no reference"):
         cider({"a": "x"}, {"a": []})
+
+
+# ---- segmentation ----------------------------------------------------------------------------------
+def test_class_boundaries_leave_the_ignored_truth_out():
+    from training.metrics import class_boundary_counts
+
+    # classes 0 | 1 side by side under an ignored (-1) strip; the prediction there is noise, and
+    # class 2 is predicted only inside the strip
+    truth = np.zeros((20, 20), np.int64)
+    truth[:, 10:] = 1
+    truth[:5] = -1
+    pred = np.where(truth < 0, 0, truth)
+    pred[:5] = np.random.default_rng(0).integers(0, 3, (5, 20))
+    counts = class_boundary_counts(pred, truth, 3, 1)
+    # the strip scores as if the image ended there: no class is charged for the strip's edge or for
+    # what is predicted inside it, and -1 is no class (it was added to the last one)
+    assert counts.tolist() == class_boundary_counts(pred[5:], truth[5:], 3, 1).tolist()
+    assert counts[2].tolist() == [0, 0, 0, 0]
+    assert counts[0].tolist() == counts[1].tolist() == [15, 15, 15, 15]     # the 0|1 edge, both sides

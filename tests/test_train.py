@@ -131,6 +131,20 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     assert steps == list(range(1, last + 4))
 
 
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_rows_behind(folder, tmp_path):
+    """Its rows (steps 1, 2, 3 and a cut line) go when the next run starts at step 0, resumed or not:
+    each step is in metrics.jsonl once."""
+    earlier = "".join(json.dumps({"kind": "train", "step": s, "loss": 9.9}) + "\n" for s in (1, 2, 3)) + '{"kind": "tr'
+    for out, extra in ((tmp_path / "resumed", ["--resume"]), (tmp_path / "fresh", [])):
+        out.mkdir()
+        (out / "metrics.jsonl").write_text(earlier)
+        r = _run(_args(folder, out, 2, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "dropped 4 row(s) past step 0" in r.stderr
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == [1, 2] and all(row["loss"] != 9.9 for row in rows)
+
+
 @pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"], ["--fsdp"]],
                          ids=["plain", "class-aware", "image-bank", "fsdp"])
 def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
@@ -239,6 +253,9 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
                            (["--save-every", "0"], "--save-every must be at least 1"),
                            (["--workers", "-1"], "--workers must be at least 0"),
                            (["--lr", "-1"], "give --lr > 0"),
+                           (["--val-per-class", "-1"], "--val-per-class must be at least 0"),
+                           (["--recipe", str(folder.parent / "classes.json"), "--val-per-class", "2"],
+                            "--val-per-class 2 is for --folder/--manifest sources"),
                            (["--device", "gpu"], "use auto, cpu or cuda[:N]")):
         r = _run(_args(folder, tmp_path / "y", 1, *flags))
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
@@ -292,6 +309,31 @@ def test_shards_run_with_a_wildcard_and_its_own_tokenizer(folder, tmp_path):
     # fewer usable samples than one batch: an error, not a run that waits forever
     r = train(str(tmp_path / "shards" / "*.tar"), "c", batch=64, timeout=120)
     assert r.returncode == 2 and "gave no batch of 64 samples" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad", [6, 2], ids=["a-batch-of-only-unusable-samples", "a-shortened-batch"])
+def test_streamed_batches_short_of_samples_train_on(folder, tmp_path, bad):
+    """Unusable samples stream out first (the good ones wait in the shuffle buffer): with 6, the first
+    batch of 4 has none left and the next has 2; with 2, the first has 2. An empty batch is skipped
+    (its samples counted), and --grad-accum cuts the short one into parts that are never empty."""
+    import io
+    import tarfile
+
+    _write_shards(folder, tmp_path / "shards", per_shard=6)
+    with tarfile.open(tmp_path / "shards" / "unusable.tar", "w") as tar:
+        for i in range(bad):           # a caption whose image member is missing
+            info = tarfile.TarInfo(f"lost{i}.txt")
+            info.size = len(b"an aerial photo")
+            tar.addfile(info, io.BytesIO(b"an aerial photo"))
+    out = tmp_path / "run"
+    r = _run(["--shards", str(tmp_path / "shards" / "*.tar"), "--out", str(out), "--batch-size", "4",
+              "--grad-accum", "2", "--preset", "tiny", "--vocab-size", "300", "--steps", "3", "--warmup-steps", "1",
+              "--workers", "0", "--log-every", "1", "--save-every", "3", "--device", "cpu", "--precision", "fp32"])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert all(np.isfinite(row[k]) for row in rows for k in ("loss", "contrastive_loss", "caption_loss"))
+    assert rows[-1]["skipped_images"] == bad
 
 
 def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):

@@ -58,7 +58,9 @@ def _train(args: argparse.Namespace, out: Path, steps: int, image_size: int, ext
         return  # this phase finished before (e.g. the low-resolution phase of an interrupted variant)
     cmd = [sys.executable, "-m", "training.train", "--recipe", args.recipe, "--tokenizer", args.tokenizer,
            "--steps", str(steps), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
-           "--lr", str(lr or args.lr), "--warmup-steps", str(args.warmup_steps or max(1, steps // 10)),
+           "--lr", str(lr or args.lr), "--warmup-steps",
+           # None means "not given"; an explicit 0 (no warm-up) is a value, not a default
+           str(max(1, steps // 10) if args.warmup_steps is None else args.warmup_steps),
            "--caption-weight", str(args.caption_weight), *(["--class-aware"] if args.class_aware else []),
            "--seed", str(args.seed), "--workers", str(args.workers),
            "--save-every", str(args.save_every), "--keep-last", "1", "--out", str(out),

@@ -892,6 +892,8 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     if not 0.0 <= threshold <= 1.0:
         raise EvalError(f"--threshold {threshold} must be between 0 and 1")
     records = scan_folder(args.data, names, files=args.files)
+    if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
+        raise EvalError(f"--keep {args.keep} is a file; give a folder for the mosaics (new or existing)")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise EvalError(f"checkpoint directory {ckpt} does not exist")
@@ -919,8 +921,11 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         except MosaicError as e:
             raise EvalError(str(e)) from None
         if args.keep:
-            for i, m in enumerate(mosaics):
-                write_mosaic(m, args.keep, f"mosaic_{i:03d}")
+            try:
+                for i, m in enumerate(mosaics):
+                    write_mosaic(m, args.keep, f"mosaic_{i:03d}")
+            except OSError as e:     # a folder that cannot be made or written (permissions, a full disk)
+                raise EvalError(f"--keep {args.keep}: cannot write the mosaics: {e}") from None
         text = class_text_embeddings(engine.model, engine.tokenizer, names, templates, device=engine.device)
         results = L.evaluate_mosaics(engine, mosaics, text.numpy().astype(np.float32), methods, args.tolerance,
                                      progress, edge_radius=args.edge_radius)

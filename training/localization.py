@@ -114,9 +114,13 @@ def _polygons_of(path: Path, n_classes: int) -> list:
 
 
 def _summary(confusion: np.ndarray, boundary: np.ndarray, classes: Sequence[str]) -> dict:
+    """Scores of the classes in the truth or the prediction (the standard mIoU): a class predicted
+    where the truth never has it scores IoU 0 and boundary F 0, and pulls the means down."""
     iou = M.iou_per_class(confusion)
     present = confusion.sum(1) > 0
-    per_bf = {c: M.boundary_f_score(boundary[c]) for c in range(len(classes)) if present[c]}
+    scored = present | (confusion.sum(0) > 0)
+    # a class only predicted has no true boundary (F undefined): every boundary it drew is false
+    per_bf = {c: M.boundary_f_score(boundary[c]) if present[c] else 0.0 for c in range(len(classes)) if scored[c]}
     bf = [v for v in per_bf.values() if not math.isnan(v)]
 
     def by_class(values) -> dict:
@@ -126,10 +130,10 @@ def _summary(confusion: np.ndarray, boundary: np.ndarray, classes: Sequence[str]
         "miou": M.mean_iou(confusion),
         "pixel_accuracy": M.pixel_accuracy(confusion),
         "boundary_f": float(np.mean(bf)) if bf else float("nan"),
-        "per_class_iou": by_class((c, iou[c]) for c in range(len(classes)) if present[c]),
-        # the share of each class's pixels labelled with it (recall)
-        "per_class_pixel_accuracy": by_class((c, confusion[c, c] / confusion[c].sum())
-                                             for c in range(len(classes)) if present[c]),
+        "per_class_iou": by_class((c, iou[c]) for c in range(len(classes)) if scored[c]),
+        # the share of each class's pixels labelled with it (recall; none for a class only predicted)
+        "per_class_pixel_accuracy": by_class((c, confusion[c, c] / confusion[c].sum() if present[c] else math.nan)
+                                             for c in range(len(classes)) if scored[c]),
         "per_class_boundary_f": by_class(per_bf.items()),
     }
 
@@ -199,8 +203,8 @@ def evaluate_end_to_end(engine, mosaics: Sequence[Mosaic], prompts: Sequence[str
                 else:
                     inter[c] += shapely.intersection(found, t).area
                     union[c] += shapely.union(found, t).area
-    present = sorted({c for m in mosaics for c in m.present})
-    per_class = {classes[c]: float(inter[c] / union[c]) for c in present if union[c] > 0}
+    # every class found or present (union > 0): one found where no mosaic has it scores 0
+    per_class = {classes[c]: float(inter[c] / union[c]) for c in range(len(classes)) if union[c] > 0}
     return {"miou": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
             "per_class_iou": per_class, "threshold": threshold, "window": window,
             "edge_radius": edge_radius_for(edge_radius, engine.image_size)}

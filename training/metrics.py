@@ -311,7 +311,8 @@ def cider(candidates: Mapping, references: Mapping) -> float:
 # ---- segmentation --------------------------------------------------------------------------------
 # Label maps are integer arrays; pixels labelled < 0 in the ground truth are ignored. Confusion
 # matrices are summed over a whole set before IoU is taken (the usual dataset-level IoU, not a mean
-# of per-image IoUs), and a class absent from both prediction and truth has no IoU (NaN).
+# of per-image IoUs), and a class absent from both prediction and truth has no IoU (NaN); one only
+# predicted has IoU 0 and counts in the mean.
 
 def segmentation_confusion(pred, truth, n_classes: int) -> np.ndarray:
     """[n_classes, n_classes] pixel counts, rows = true class, columns = predicted class."""
@@ -334,8 +335,10 @@ def iou_per_class(confusion) -> np.ndarray:
         return np.where(union > 0, tp / union, np.nan)
 
 
-def mean_iou(confusion, present_only: bool = True) -> float:
-    """Mean IoU over the classes that occur in the truth (present_only) or in truth or prediction."""
+def mean_iou(confusion, present_only: bool = False) -> float:
+    """Mean IoU over the classes that occur in truth or prediction (the standard definition: a class
+    predicted where the truth never has it scores 0), or only over those in the truth (present_only,
+    which lets false detections of absent classes go unpunished)."""
     cm = np.asarray(confusion)
     iou = iou_per_class(cm)
     if present_only:
@@ -375,10 +378,19 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def class_boundary_counts(pred: np.ndarray, truth: np.ndarray, n: int, tolerance: int) -> np.ndarray:
     """boundary_counts for every class of a label map, [n, 4]: of the classes in the truth and of those
-    only predicted (their false boundaries count against their precision)."""
+    only predicted (their false boundaries count against their precision). Truth pixels < 0 are
+    ignored, as in segmentation_confusion: what is predicted there is not scored, and the edge of an
+    ignored region is no boundary (like the image's edge), for the truth and the prediction alike."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    ignored = truth < 0
     out = np.zeros((n, 4), np.int64)
-    for c in sorted(set(np.unique(truth).tolist()) | set(np.unique(pred).tolist())):
-        out[c] += boundary_counts(pred == c, truth == c, tolerance)
+    classes = set(np.unique(truth[~ignored]).tolist()) | set(np.unique(pred[~ignored]).tolist())
+    for c in sorted(c for c in classes if c >= 0):
+        # ignored pixels join the class's mask, so only a scored neighbour of another class makes a boundary
+        tb = _boundary((truth == c) | ignored) & (truth == c)
+        pb = _boundary((pred == c) | ignored) & (pred == c) & ~ignored
+        out[c] += (int((pb & _dilate(tb, tolerance)).sum()), int(pb.sum()),
+                   int((tb & _dilate(pb, tolerance)).sum()), int(tb.sum()))
     return out
 
 

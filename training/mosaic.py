@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from osgeo import gdal, ogr, osr
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 MOSAIC_CRS = "EPSG:32633"
 LAYOUTS = ("voronoi", "rectangles")
@@ -74,13 +74,19 @@ def rectangle_regions(size: int, n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def _scene(path: str, scene_px: int) -> np.ndarray:
-    """A scene image centre-cropped square and resized to scene_px: uint8 [3, s, s]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((scene_px, scene_px), Image.BICUBIC)
-        return np.asarray(im).transpose(2, 0, 1)
+    """A scene image centre-cropped square and resized to scene_px: uint8 [3, s, s]. An image that
+    cannot be read is a MosaicError naming it (the commands report it in one line)."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((scene_px, scene_px), Image.BICUBIC)
+            return np.asarray(im).transpose(2, 0, 1)
+    except UnidentifiedImageError:
+        raise MosaicError(f"scene image {path} is not an image file that can be read") from None
+    except OSError as e:    # missing, unreadable, truncated
+        raise MosaicError(f"cannot read scene image {path}: {e.strerror or e}") from None
 
 
 def build_mosaic(images_by_class: Mapping[str, Sequence[str]], seed: int, index: int, size: int = 512,

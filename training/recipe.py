@@ -52,6 +52,11 @@ class RecipeError(ValueError):
 def sources_from_args(recipe: str | None, folders: list[str], classnames: list[str], manifests: list[str],
                       shards: list[str], val_per_class: int) -> list[dict]:
     sources: list[dict] = []
+    if recipe and val_per_class:
+        # a recipe's sources each say what they hold out; one flag for all of them would be ignored or
+        # would override choices made in the file: refused, not silently dropped
+        raise RecipeError(f"--val-per-class {val_per_class} is for --folder/--manifest sources; a --recipe sets "
+                          'each source\'s own "val_per_class" in its file')
     if recipe:
         path = Path(recipe)
         if not path.is_file():

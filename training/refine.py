@@ -46,7 +46,7 @@ from backend.segment import relevance_map
 from . import recipe as recipes
 from .augment import AUGMENTATIONS
 from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
-from .mosaic import build_mosaic, build_mosaics
+from .mosaic import MosaicError, build_mosaic, build_mosaics
 from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
 
 PROMPT = "an aerial photo of {}."   # the class prompt of --class-prompts single
@@ -210,7 +210,8 @@ def _augment(images: torch.Tensor, labels: torch.Tensor, g: torch.Generator):
     return images, labels
 
 
-def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineConfig, device) -> dict:
+def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineConfig, device,
+            progress: bool = False) -> dict:
     from . import evaluate as ev
     from . import localization as L
 
@@ -224,16 +225,18 @@ def measure(model, tokenizer, val_sets: dict, bench: dict | None, cfg: RefineCon
         # the dense maps refinement trains, and the same maps refined along the image's edges as
         # Segment serves them (the labels never see the edges: the gain is the model's own)
         plain = f"sao{cfg.window}" if f"sao{cfg.window}-edges" in L.METHODS else f"sao{DEFAULT_SAO_WINDOW}"
-        r = L.evaluate_mosaics(direct, mosaics, text, [plain, f"{plain}-edges"], progress=False)
+        r = L.evaluate_mosaics(direct, mosaics, text, [plain, f"{plain}-edges"], progress=progress)
         edges = r[f"{plain}-edges"]
         row.update({"miou": r[plain]["miou"], "pixel_accuracy": r[plain]["pixel_accuracy"],
                     "boundary_f": r[plain]["boundary_f"], "miou_edges": edges["miou"],
                     "boundary_f_edges": edges["boundary_f"]})
     for name, vs in val_sets.items():
         if vs["kind"] == "zero-shot":
-            row[f"{name}/top1"] = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device)["top1"]
+            row[f"{name}/top1"] = ev.evaluate_zero_shot(model, tokenizer, vs["records"], vs["classnames"], device,
+                                                        progress=progress)["top1"]
         else:
-            row[f"{name}/mean_recall"] = ev.evaluate_retrieval(model, tokenizer, vs["records"], device)["mean_recall"]
+            row[f"{name}/mean_recall"] = ev.evaluate_retrieval(model, tokenizer, vs["records"], device,
+                                                               progress=progress)["mean_recall"]
     model.train()
     return row
 
@@ -306,7 +309,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
     metrics_path = out / "metrics.jsonl"
     rows = []
     if start_round == 0 and is_main():
-        row = {"round": 0, **measure(model, tokenizer, val_sets, bench, cfg, device)}
+        row = {"round": 0, **measure(model, tokenizer, val_sets, bench, cfg, device, progress=True)}
         log("round 0 " + json.dumps(row))
         _append_metrics(metrics_path, row)
         rows.append(row)
@@ -326,6 +329,9 @@ def refine(cfg: RefineConfig) -> list[dict]:
         right = labelled = 0  # pseudo-labels checked against the mosaics' masks (monitoring only)
         with torch.no_grad():
             text = [class_text(model, t, o) for t, o in zip(class_tokens, class_owner)]
+        # minutes of work at the default settings: shown (rank 0 counts its own share)
+        label_bar = tqdm(total=per_rank, desc=f"round {rnd} pseudo-labels", unit="mosaic", disable=not is_main(),
+                         dynamic_ncols=True)
         for start in range(0, per_rank, 32):
             chunk = range(start, min(start + 32, per_rank))
             made = []
@@ -346,6 +352,8 @@ def refine(cfg: RefineConfig) -> list[dict]:
                     sure = lab != IGNORE
                     right += int((lab == patch_classes(m.mask, mcfg.patch_size))[sure].sum())
                     labelled += int(sure.sum())
+                label_bar.update(len(group))
+        label_bar.close()
         kept = float(np.mean([(lab != IGNORE).float().mean().item() for _, _, lab in pool]))
         label_accuracy = right / labelled if labelled else None
         # 2. training
@@ -395,7 +403,8 @@ def refine(cfg: RefineConfig) -> list[dict]:
                                    extra={"refine_round": rnd, "refine_config": asdict(cfg)})
             row = {"round": rnd, "labelled_patch_fraction": kept, "pseudo_label_accuracy": label_accuracy,
                    **{f"train_{k}": v / cfg.steps_per_round for k, v in sums.items()},
-                   **measure(model, tokenizer, val_sets, bench, cfg, device), "seconds": round(time.time() - t0, 1)}
+                   **measure(model, tokenizer, val_sets, bench, cfg, device, progress=True),
+                   "seconds": round(time.time() - t0, 1)}
             log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
             _append_metrics(metrics_path, row)
             rows.append(row)
@@ -430,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("rounds", int, "refinement rounds"), ("steps_per_round", int, "optimizer steps per round"),
             ("batch_size", int, "caption pairs per step (global)"), ("dense_batch", int, "mosaics per step (global)"),
             ("mosaics_per_round", int, "pseudo-labelled mosaics made each round"),
-            ("regions", int, "regions per training mosaic"), ("window", int, "SAO window for labels and training"),
+            ("regions", int, "regions (distinct classes) per training mosaic, at least 2"), ("window", int, "SAO window for labels and training"),
             ("label_zoom", int, "pseudo-labels come from SAO maps of each mosaic upsampled this many times, "
                                 "tiled like Segment (1 = the training view itself)"),
             ("margin", float, "a patch's best class must beat the runner-up by this probability, else it is ignored"),
@@ -468,6 +477,11 @@ def main(argv=None) -> int:
         if getattr(cfg, name) < 1:
             print(f"python -m training.refine: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
+    if cfg.regions < 2:
+        # a mosaic of one region has nothing to localize (and build_mosaic refuses it): said before round 0
+        print(f"python -m training.refine: error: --regions must be at least 2 (distinct classes per training "
+              f"mosaic), not {cfg.regions}", file=sys.stderr)
+        return 2
     if cfg.keep_global < 0:
         print(f"python -m training.refine: error: --keep-global is a loss weight: give 0 (off) or more, "
               f"not {cfg.keep_global}", file=sys.stderr)
@@ -488,7 +502,7 @@ def main(argv=None) -> int:
         if cfg.export_fp16:   # checked now, not after the rounds
             check_checkpoint_target(Path(cfg.export_fp16))
         refine(cfg)
-    except (recipes.RecipeError, CheckpointError, RefineError) as e:
+    except (recipes.RecipeError, CheckpointError, RefineError, MosaicError) as e:
         print(f"python -m training.refine: error: {e}", file=sys.stderr)
         return 2
     return 0

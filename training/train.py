@@ -281,7 +281,7 @@ def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: i
             batches = 0
             for batch in DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
                                     drop_last=True, pin_memory=pin_memory):
-                batches += 1
+                batches += len(batch["images"]) > 0      # a batch of unreadable samples only is no batch
                 yield batch
             if batches == 0:
                 # else the next pass gives nothing either, and training waits forever
@@ -503,12 +503,15 @@ def train(cfg: TrainConfig) -> dict:
     precision = cfg.precision
     amp = autocast_context(device) if precision == "auto" else (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
-    micro = cfg.batch_size // world // cfg.grad_accum
     metrics_path = out / "metrics.jsonl"
     if is_main():
         (out / "train_config.json").write_text(json.dumps(config_record(cfg), indent=2) + "\n")
-        if start_step:
-            _truncate_metrics(metrics_path, start_step)
+        # also at step 0: rows of a run stopped before its first checkpoint (resumed or not) would
+        # otherwise stay, and this run would log steps 1, 2, 3... a second time
+        dropped = _truncate_metrics(metrics_path, start_step)
+        if dropped:
+            log(f"{metrics_path}: dropped {dropped} row(s) past step {start_step}, logged by an earlier run "
+                "after the checkpoint this run starts from (or with none)")
         size = "streaming shards" if streaming else f"{len(dataset)} samples, {len(dataset) // cfg.batch_size} steps/epoch"
         log(f"MaMMUT {mcfg.preset}: {model.num_params() / 1e6:.1f}M params | {size} | {world} process(es) on {device} | global batch {cfg.batch_size}"
             f" | {image_size}px | precision {precision}")
@@ -529,6 +532,10 @@ def train(cfg: TrainConfig) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = next(stream)
+        while len(batch["images"]) == 0:
+            # every sample of a streamed batch was unreadable: counted, and the step takes the next batch
+            skipped_total += batch["skipped"]
+            batch = next(stream)
         images = batch["images"].to(device, non_blocking=True)
         if bank is not None:   # bank rows -> this step's augmented pixels
             images = bank_augment(bank.images[images],
@@ -537,17 +544,29 @@ def train(cfg: TrainConfig) -> dict:
         labels = batch.get("labels")  # only with --class-aware (and sources that know classes)
         skipped_total += batch["skipped"]
         parts: dict[str, float] = {}
-        for i in range(cfg.grad_accum):
-            sl = slice(i * micro, (i + 1) * micro)
-            is_ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+        # micro-batches cut from the batch as it came: a streamed batch shortened by unreadable
+        # samples gives smaller (or fewer) ones, never an empty one, whose loss is NaN; each part's
+        # loss is weighted by its share of the batch, so the step's loss is the batch mean
+        n = len(images)
+        n_micro = min(cfg.grad_accum, n)
+        if streaming and world > 1:
+            # the same number on every rank: under FSDP each forward and backward is a collective
+            t = torch.tensor([n_micro], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            n_micro = int(t.item())
+        bounds = [n * i // n_micro for i in range(n_micro + 1)]     # n_micro parts, none empty
+        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        is_ddp = isinstance(train_model, torch.nn.parallel.DistributedDataParallel)
+        for i, sl in enumerate(slices):
             # gradients are all-reduced only on the last micro-batch
-            ctx = train_model.no_sync() if is_ddp and i < cfg.grad_accum - 1 else contextlib.nullcontext()
+            ctx = train_model.no_sync() if is_ddp and i < len(slices) - 1 else contextlib.nullcontext()
+            share = (sl.stop - sl.start) / n
             with ctx, amp:
                 losses = loss_fn(train_model(images[sl], tokens[sl]), tokens[sl],
                                  labels[sl] if labels is not None else None)
-            (losses["loss"] / cfg.grad_accum).backward()
+            (losses["loss"] * share).backward()
             for k, v in losses.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                parts[k] = parts.get(k, 0.0) + float(v.detach()) * share
         if cfg.fsdp and world > 1 and model.logit_scale.grad is not None:
             dist.all_reduce(model.logit_scale.grad)
             model.logit_scale.grad /= world
@@ -608,11 +627,11 @@ def train(cfg: TrainConfig) -> dict:
     return last
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: Path, step: int) -> int:
     """Drop rows past `step` (what a killed run logged after its last checkpoint), so a resumed
-    run's metrics.jsonl holds each step once."""
+    run's metrics.jsonl holds each step once; step 0 starts the file afresh. Returns the rows dropped."""
     if not path.is_file():
-        return
+        return 0
     lines = path.read_text().splitlines()
     keep = []
     for line in lines:
@@ -626,6 +645,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(k + "\n" for k in keep))
         os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def _append_metrics(path: Path, row: dict) -> None:
@@ -711,7 +731,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     data.add_argument("--shards", action="append", default=[], metavar="PATTERN",
                       help="WebDataset tar shards, e.g. 'data/shard-{000..099}.tar'")
     data.add_argument("--val-per-class", type=int, default=0,
-                      help="hold out this many images per class of each source for validation")
+                      help="hold out this many images per class of each --folder/--manifest source for "
+                           "validation (not with --recipe: its sources set their own \"val_per_class\")")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default=d.preset, help="tiny | small | base | large (default %(default)s)")
     model.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
@@ -773,7 +794,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     except recipes.RecipeError as e:
         p.error(str(e))
     for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1),
-                        ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0), ("vocab_size", 8)):
+                        ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0), ("vocab_size", 8),
+                        ("val_per_class", 0)):
         if getattr(a, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(a, name)}")
     if not a.lr > 0 or a.min_lr < 0 or a.min_lr > a.lr:

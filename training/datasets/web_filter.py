@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -120,12 +121,14 @@ def text_score(text: str, vocabulary: frozenset[str]) -> float:
 def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, bytes | None, str]]:
     """(key, image bytes or None when unreadable, text) from shards or a JSONL manifest
     (lines {"image": path relative to the manifest, "text", "caption" or "captions": ...}).
-    A pair's several captions are joined one a line, as the shard writer stores them."""
+    A pair's several captions are joined one a line, as the shard writer stores them. Shard members
+    are grouped into pairs as training groups them (WebDataset: the key ends at the file name's
+    first dot), so the filter scores exactly the samples training would read."""
     from training.data import expand_urls, tar_samples
 
     for shard in expand_urls(shards) if shards else []:
         try:
-            for key, parts in tar_samples(shard, split=_split_last_dot):
+            for key, parts in tar_samples(shard):
                 yield _pair(shard, key, parts)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"shard {shard} is not a readable tar file ({e}); pairs kept before it are "
@@ -145,12 +148,14 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
                 data = path.read_bytes()
             except OSError:
                 data = None
-            yield f"{Path(manifest).stem}-{n:07d}", data, text
+            yield safe_key(f"{Path(manifest).stem}-{n:07d}"), data, text
 
 
-def _split_last_dot(name: str) -> tuple[str, str]:
-    base, _, ext = name.rpartition(".")
-    return base, ext.lower()
+def safe_key(key: str) -> str:
+    """A written pair's key without dots: training's reader ends a key at the first dot of a member's
+    name, so a key with one (a shard or manifest named "web.v2", a member "img.000.jpg") would be
+    cut there and its pair lost."""
+    return key.replace(".", "_")
 
 
 def caption_text(meta: dict) -> str:
@@ -164,14 +169,16 @@ def caption_text(meta: dict) -> str:
 
 
 def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
-    image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+    from training.data import _SHARD_IMAGE_EXTS
+
+    image = next((parts[e] for e in _SHARD_IMAGE_EXTS if e in parts), None)    # the image training would read
     text = parts.get("txt", b"").decode("utf-8", "replace")
     if not text and "json" in parts:
         try:
             text = caption_text(json.loads(parts["json"]))
         except (json.JSONDecodeError, AttributeError):
             text = ""
-    return f"{Path(shard).stem}-{key}", image, text
+    return safe_key(f"{Path(shard).stem}-{key}"), image, text
 
 
 # ---- the filter ----------------------------------------------------------------------------------
@@ -230,6 +237,27 @@ def _hist(values: list[float]) -> dict:
     return {"edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}
 
 
+SHARD_PATTERN = re.compile(r"filtered-\d{6}\.tar(\.part)?")     # the writer's names, and nothing else
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier filter run wrote into `out`: its shards (finished or cut short), report and scores."""
+    found = [p for p in (out / "shards").glob("filtered-*") if SHARD_PATTERN.fullmatch(p.name)]
+    found += [out / name for name in ("report.json", "scores.jsonl", "report.json.part", "scores.jsonl.part")]
+    return sorted(p for p in found if p.is_file())
+
+
+def clear_earlier_run(out: Path) -> list[str]:
+    """Remove an earlier run's outputs (earlier_outputs), so shards/*.tar holds this run's pairs only: a
+    run with stricter thresholds writes fewer shards, and the earlier run's higher-numbered ones would
+    stay beside them with pairs it drops. Nothing else is touched. Returns the names removed."""
+    removed = []
+    for path in earlier_outputs(out):
+        path.unlink()
+        removed.append(str(path.relative_to(out)))
+    return removed
+
+
 class _ShardWriter:
     def __init__(self, folder: Path, size: int):
         self.folder, self.size, self.n, self.tar, self.index = folder, size, 0, None, 0
@@ -259,11 +287,27 @@ class _ShardWriter:
 def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
+    from training.data import expand_urls
+
     out = Path(cfg.out)
+    reading = {Path(p).resolve() for p in expand_urls(cfg.shards)} if cfg.shards else set()
+    if any(p.resolve() in reading for p in earlier_outputs(out)):
+        raise ValueError(f"--out {out} holds shards this run reads: a run replaces the shards of its --out, "
+                         "so write the result to another --out")
     out.mkdir(parents=True, exist_ok=True)
     vocabulary = read_vocabulary()
     contamination, n_eval = eval_hashes(cfg.eval_folders, cfg.dup_distance)
     scorer = ImageScorer(cfg.checkpoint, cfg.device)
+    removed = clear_earlier_run(out)    # only now: a run that fails to start leaves the earlier one whole
+    if removed:
+        files = [name for name in removed if "/" not in name]
+        print(f"removed the earlier run's outputs from {out}: {len(removed) - len(files)} shard file(s)"
+              + "".join(f", {name}" for name in files), file=sys.stderr)
+    others = sorted(p.name for p in (out / "shards").glob("*.tar") if not SHARD_PATTERN.fullmatch(p.name))
+    if others:
+        print(f"note: {out / 'shards'} also holds {len(others)} .tar file(s) the filter did not write "
+              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): left alone, but training on "
+              "shards/*.tar would read them too", file=sys.stderr)
     # duplicates are of pairs kept before: a pair dropped by the thresholds takes no later copy with it
     seen_bytes: set[str] = set()
     seen_hashes = HashIndex(cfg.dup_distance)
