@@ -185,6 +185,12 @@ def _box(value, what: str, wraps: bool = False) -> tuple[float, float, float, fl
     return box
 
 
+def crosses_antimeridian(west: float, east: float) -> bool:
+    """Whether longitudes west > east name a box across 180 degrees, as GDAL reports such boxes
+    (e.g. 179 to -179), rather than an inverted one (11 to 10)."""
+    return west > east and 0 < west <= 180 and -180 <= east < 0
+
+
 # The EPSG:4326 box stored for the tiles of a raster whose CRS has no longitude/latitude (a local
 # engineering CRS, or none): outside every longitude/latitude extent, so extent filters never match
 # them, and hits report no box and no footprint in EPSG:4326.
@@ -866,8 +872,12 @@ class TileIndex:
         box = None
         if bbox_wgs84 is not None:
             box = _box(bbox_wgs84, "the search extent (EPSG:4326)", wraps=True)
-            if box[0] > box[2]:     # across 180 degrees, as GDAL reports such boxes: continuous instead
-                box = (box[0], box[1], box[2] + 360.0, box[3])
+            if box[0] > box[2]:
+                if not crosses_antimeridian(box[0], box[2]):
+                    raise TileIndexError("invalid_argument", f"the search extent (EPSG:4326) {box} is inverted: "
+                                                             "xmin must be <= xmax (or east of 0 with xmax west of "
+                                                             "it, for a box across 180 degrees)")
+                box = (box[0], box[1], box[2] + 360.0, box[3])   # across 180 degrees: continuous instead
         selected = self._selected_rasters(raster_ids, raster_paths, checkpoint_hash)
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe <= 0:

@@ -866,8 +866,10 @@ class Raster:
         top, bottom = max(float(py.min()), 0.0), min(float(py.max()), float(self.height))
         if right <= left or bottom <= top:
             b = self.bounds
+            hint = "" if crs not in ("", None) else (" (an extent without a CRS is read in the raster's CRS: if it "
+                                                     "is in another, give that CRS, e.g. client --extent-crs)")
             raise RasterError("invalid_argument", f"{given} does not overlap {self._where()}, whose bounds are "
-                                                  f"({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+                                                  f"({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}{hint}")
         # Tolerance so an extent on pixel edges (up to float noise) does not grow by a pixel.
         col0 = int(math.floor(left + 1e-6))
         row0 = int(math.floor(top + 1e-6))

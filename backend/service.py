@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
-from .index import TileIndex, TileIndexError
+from .index import TileIndex, TileIndexError, crosses_antimeridian
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
                      raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
@@ -123,8 +123,10 @@ def check_text(field: str, text: str, limits: Limits) -> str:
     return text.strip()
 
 
-def extent_parts(message) -> tuple | None:
-    """An Extent message as (xmin, ymin, xmax, ymax, crs), or None when unset / all zero."""
+def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
+    """An Extent message as (xmin, ymin, xmax, ymax, crs), or None when unset / all zero.
+    `lonlat_default` (Search): an empty crs means EPSG:4326, whose extents must be longitudes and
+    latitudes, and may cross 180 degrees as xmin > xmax."""
     if message is None:
         return None
     values = (message.xmin, message.ymin, message.xmax, message.ymax)
@@ -132,9 +134,16 @@ def extent_parts(message) -> tuple | None:
         return None
     if not all(math.isfinite(v) for v in values):
         raise _bad(f"extent {values} has a coordinate that is not a finite number")
-    if not (values[0] < values[2] and values[1] < values[3]):
+    lonlat = lonlat_default and (message.crs or "EPSG:4326").upper() in ("EPSG:4326", "OGC:CRS84")
+    if lonlat and not (-90 <= values[1] <= 90 and -90 <= values[3] <= 90 and
+                       all(-540 <= v <= 540 for v in (values[0], values[2]))):
+        raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is not longitude/latitude in "
+                   f"EPSG:4326: if it is in another CRS, give that CRS (Extent.crs; client: --extent-crs)")
+    wraps = lonlat and crosses_antimeridian(values[0], values[2])
+    if not ((values[0] < values[2] or wraps) and values[1] < values[3]):
         raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is degenerate or inverted: "
-                   f"xmin must be < xmax and ymin < ymax")
+                   f"xmin must be < xmax and ymin < ymax" + (" (or xmin east of 0 and xmax west of it, for an "
+                                                             "extent across 180 degrees)" if lonlat else ""))
     if message.crs:
         parse_crs(message.crs)  # an unknown CRS fails here, with its own message
     return (*values, message.crs)
@@ -421,7 +430,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             raise _bad(f"min_score {min_score} must be a cosine similarity in [-1, 1]")
         bbox = None
         if request.HasField("extent"):
-            parts = extent_parts(request.extent)
+            parts = extent_parts(request.extent, lonlat_default=True)
             if parts is not None:
                 crs = parts[4] or "EPSG:4326"
                 bbox = parts[:4] if crs.upper() in ("EPSG:4326", "OGC:CRS84") else \

@@ -182,6 +182,8 @@ def test_tiles_across_180_degrees_match_only_extents_over_them(tmp_path, rng):
         assert cols((-178, -17, -177, -15)) == [2]
         assert cols((179, -17, 181, -15)) == [1]                    # continuous longitudes, as the tiles'
         assert cols((170, -17, -170, -15)) == [0, 1, 2]             # across 180, GDAL-style
+        with pytest.raises(TileIndexError, match="inverted"):       # west > east, but not across 180
+            cols((11, -17, 10, -15))
         assert cols((-184, -17, -183, -15)) == [0]                  # 176E..177E written as -184..-183
 
 

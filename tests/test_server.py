@@ -300,6 +300,11 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
 
     assert len(found(p.Extent(xmin=840000, ymin=20000, xmax=920000, ymax=90000, crs="EPSG:32660"))) == done.tile_count
     assert len(found(p.Extent(xmin=20, ymin=0, xmax=30, ymax=1, crs="EPSG:4326"))) == 0
+    # in longitude/latitude across 180 degrees, as xmin > xmax (no CRS: EPSG:4326 for a Search)
+    assert len(found(p.Extent(xmin=170, ymin=0, xmax=-170, ymax=2))) == done.tile_count
+    # projected numbers read as longitude/latitude: refused with the way out, not an empty answer
+    code, details = code_of(lambda: found(p.Extent(xmin=840000, ymin=20000, xmax=920000, ymax=90000)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "give that CRS" in details
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32660)
     to_wgs84 = wgs84_transform(srs)
@@ -423,8 +428,8 @@ def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server
         xmin=20, ymin=30, xmax=21, ymax=31, crs="EPSG:4326")), metadata=server.metadata)
     assert not placed.hits
     anywhere = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=p.Extent(
-        xmin=0, ymin=0, xmax=2000, ymax=2000, crs="EPSG:4326")), metadata=server.metadata)
-    assert not anywhere.hits                                   # not even a box around its stored numbers
+        xmin=-180, ymin=-90, xmax=180, ymax=90, crs="EPSG:4326")), metadata=server.metadata)
+    assert not anywhere.hits                                   # not even the whole globe
     out = client(server, "search", "--json", "x", "--k", "2", "--raster-id", done.raster_id)
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)["results"]
