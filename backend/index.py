@@ -851,7 +851,13 @@ class TileIndex:
             except _Stale:
                 pass
         with self._lock:  # no write can land now
-            return work()
+            try:
+                return work()
+            except _Stale:
+                # still inconsistent with no write landing: a raster whose embedding file could not
+                # be read (the server log names it) is in the tables but in no snapshot
+                raise TileIndexError("unavailable", "a raster asked for cannot be searched now: its embeddings "
+                                                    "could not be read (see the server log); re-index it") from None
 
     def _search_request(self, query, k, checkpoint_hash, raster_ids, raster_paths, bbox_wgs84, nprobe) -> tuple:
         """Checked search arguments: (unit queries [q, dim], k, checkpoint, raster ids or None, box or None, nprobe)."""
@@ -878,11 +884,14 @@ class TileIndex:
                                                              "xmin must be <= xmax (or east of 0 with xmax west of "
                                                              "it, for a box across 180 degrees)")
                 box = (box[0], box[1], box[2] + 360.0, box[3])   # across 180 degrees: continuous instead
-        selected = self._selected_rasters(raster_ids, raster_paths, checkpoint_hash)
+        # the filters are resolved to raster ids inside each attempt (`_rank`), so a raster removed or
+        # re-indexed meanwhile is found missing there, not left to fail every retry
+        filters = (list(raster_ids or ()), list(raster_paths or ()))
+        self._selected_rasters(*filters, checkpoint_hash)      # unknown ones: not_found at once
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe <= 0:
             raise TileIndexError("invalid_argument", f"nprobe must be positive, got {nprobe}")
-        return q, int(k), checkpoint_hash, selected, box, nprobe
+        return q, int(k), checkpoint_hash, filters, box, nprobe
 
     def _selected_rasters(self, raster_ids, raster_paths, checkpoint_hash: str) -> set | None:
         """Raster ids named by the filters (None = all); unknown or stale ones raise not_found."""
@@ -915,9 +924,10 @@ class TileIndex:
                                               "re-index it to search it")
         return row["id"]
 
-    def _rank(self, q: np.ndarray, k: int, checkpoint_hash: str, selected: set | None, box, nprobe: int,
+    def _rank(self, q: np.ndarray, k: int, checkpoint_hash: str, filters: tuple, box, nprobe: int,
               exact: bool, min_score: float | None, expand: int = 0,
               expand_weight: float = EXPAND_WEIGHT) -> list[Ranking]:
+        selected = self._selected_rasters(*filters, checkpoint_hash)
         snap = self._snapshot(checkpoint_hash)
         if snap is None:
             return [Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), 0, False) for _ in q]

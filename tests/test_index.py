@@ -187,6 +187,38 @@ def test_tiles_across_180_degrees_match_only_extents_over_them(tmp_path, rng):
         assert cols((-184, -17, -183, -15)) == [0]                  # 176E..177E written as -184..-183
 
 
+def test_a_filtered_raster_removed_mid_search_or_unreadable_is_a_clear_error(tmp_path, rng, monkeypatch):
+    """The filter's rasters are looked up in each attempt: one removed between the request's check and
+    the ranking is not_found (it used to fail every retry with an internal error), and one whose
+    embedding file went bad is unavailable, naming what to do."""
+    with TileIndex(tmp_path / "idx") as index:
+        a, b = add(index, tmp_path, "a", unit(rng, 20)), add(index, tmp_path, "b", unit(rng, 20))
+        query = unit(rng, 1)[0]
+        index.search(query, 5, CK)                       # a snapshot holding both
+        checked = index._selected_rasters
+        calls = []
+
+        def removing_after_the_first_check(*args):
+            out = checked(*args)
+            if not calls:
+                calls.append(1)
+                index.remove_raster(b)                   # another request's RemoveRaster lands here
+            return out
+
+        monkeypatch.setattr(index, "_selected_rasters", removing_after_the_first_check)
+        with pytest.raises(TileIndexError) as e:
+            index.search(query, 5, CK, raster_ids=[a, b])
+        assert e.value.kind == "not_found" and str(b) in str(e.value)
+        monkeypatch.undo()
+        c = add(index, tmp_path, "c", unit(rng, 20))
+        with open(tmp_path / "idx" / "embeddings" / index.raster(c)["embeddings_file"], "r+b") as f:
+            f.truncate(100)                               # damaged on disk while the index is open
+        with pytest.raises(TileIndexError) as e:
+            index.search(query, 5, CK, raster_ids=[c])
+        assert e.value.kind == "unavailable" and "re-index" in str(e.value)
+        assert {h.raster_id for h in index.search(query, 5, CK, raster_ids=[a])} == {a}
+
+
 def test_unchanged_is_a_noop_changed_is_replaced_and_remove_deletes(tmp_path, rng):
     directory = tmp_path / "idx"
     with TileIndex(directory) as index:

@@ -446,6 +446,13 @@ def test_read_window_checks_its_arguments(tmp_path):
 # Paths, permissions, changes on disk
 # ---------------------------------------------------------------------------------------------
 
+def test_a_raster_error_crosses_process_boundaries_whole():
+    import pickle
+
+    again = pickle.loads(pickle.dumps(RasterError("not_found", "raster 'x.tif' does not exist")))
+    assert isinstance(again, RasterError) and again.kind == "not_found" and str(again) == "raster 'x.tif' does not exist"
+
+
 def test_bad_paths_get_the_right_kinds(tmp_path):
     with pytest.raises(RasterError) as error:
         open_raster(tmp_path / "missing.tif")
