@@ -6,9 +6,11 @@ exits non-zero with the server's message on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -218,12 +220,37 @@ def check_polygon_output(path: str) -> str:
         raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
     if Path(path).is_dir():
         raise ClientError(f"--output {path} is a folder; give a file name")
+    if ext == ".gpkg" and Path(path).exists():
+        from osgeo import ogr
+
+        with _ogr_exceptions():
+            try:
+                ds = ogr.Open(str(path))
+            except RuntimeError:
+                ds = None
+        if ds is None or ds.GetDriver().GetName() != "GPKG":
+            raise ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
     return ext
 
 
-def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
+@contextlib.contextmanager
+def _ogr_exceptions():
+    from osgeo import ogr
+
+    before = ogr.GetUseExceptions()
+    ogr.UseExceptions()
+    try:
+        yield
+    finally:
+        if not before:
+            ogr.DontUseExceptions()
+
+
+def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str]:
     """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
-    CRS, written to a temporary file first and moved into place, so a failure leaves no half file."""
+    CRS, written to a temporary file first and moved into place, so a failure leaves no half file.
+    An existing GeoPackage keeps its other layers: the polygons go into a new layer ("skyprompt",
+    else "skyprompt (2)", ...). Returns (polygons written, layer name)."""
     from osgeo import ogr, osr
 
     ext = check_polygon_output(path)
@@ -232,38 +259,56 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> int:
     fd, tmp = tempfile.mkstemp(prefix=".skyprompt-", suffix=ext, dir=target.parent)
     os.close(fd)
     os.unlink(tmp)
-    ogr.UseExceptions()
-    written = 0
+    written, name = 0, "skyprompt"
     try:
-        ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
-        srs = None
-        if results and results[0].crs.wkt:
-            srs = osr.SpatialReference()
-            srs.ImportFromWkt(results[0].crs.wkt)
-            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        layer = ds.CreateLayer("skyprompt", srs=srs, geom_type=ogr.wkbPolygon)
-        for name, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
-                           ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
-            layer.CreateField(ogr.FieldDefn(name, kind))
-        layer.StartTransaction()
-        for result in results:
-            for polygon in result.polygons:
-                feature = ogr.Feature(layer.GetLayerDefn())
-                feature.SetField("prompt", result.prompt)
-                feature.SetField("score", float(polygon.score))
-                feature.SetField("max_score", float(polygon.max_score))
-                feature.SetField("area", float(polygon.area))
-                feature.SetField("area_m2", float(polygon.area_m2))
-                feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(polygon.wkb)))
-                layer.CreateFeature(feature)
-                written += 1
-        layer.CommitTransaction()
-        ds = None  # noqa: F841 - closing writes the file
+        with _ogr_exceptions():
+            if ext == ".gpkg" and target.exists():
+                shutil.copyfile(target, tmp)       # the user's layers stay; ours is added beside them
+                ds = ogr.Open(tmp, update=1)
+                taken = {ds.GetLayer(i).GetName().casefold() for i in range(ds.GetLayerCount())}
+                n = 1
+                while name.casefold() in taken:    # GeoPackage layer names ignore case
+                    n += 1
+                    name = f"skyprompt ({n})"
+            else:
+                ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
+            written = _write_layer(ds, name, results)
+            ds = None  # noqa: F841 - closing writes the file
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return written, name
+
+
+def _write_layer(ds, name: str, results: list[pb.SegmentResult]) -> int:
+    """One polygon layer `name` in the open data source: a feature per polygon of every prompt."""
+    from osgeo import ogr, osr
+
+    written = 0
+    srs = None
+    if results and results[0].crs.wkt:
+        srs = osr.SpatialReference()
+        srs.ImportFromWkt(results[0].crs.wkt)
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    layer = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbPolygon)
+    for field, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
+                        ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
+        layer.CreateField(ogr.FieldDefn(field, kind))
+    layer.StartTransaction()
+    for result in results:
+        for polygon in result.polygons:
+            feature = ogr.Feature(layer.GetLayerDefn())
+            feature.SetField("prompt", result.prompt)
+            feature.SetField("score", float(polygon.score))
+            feature.SetField("max_score", float(polygon.max_score))
+            feature.SetField("area", float(polygon.area))
+            feature.SetField("area_m2", float(polygon.area_m2))
+            feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(polygon.wkb)))
+            layer.CreateFeature(feature)
+            written += 1
+    layer.CommitTransaction()
     return written
 
 
@@ -297,13 +342,14 @@ def cmd_segment(stub, args) -> int:
             bar.update(event.progress.tiles_done - bar.n)
     if bar is not None:
         bar.close()
-    written = write_polygons(args.output, results) if args.output else 0
+    written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
     if args.relevance_map:
         stem = Path(args.relevance_map)
         for r in results:
             target = stem if len(results) == 1 else stem.with_name(f"{stem.stem}_{r.prompt_index}{stem.suffix}")
             target.write_bytes(r.relevance_map_tiff)
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
+           "layer": layer_name,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
            "results": [
                {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
@@ -323,7 +369,7 @@ def cmd_segment(stub, args) -> int:
             if r.unfamiliar_words:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
         if args.output:
-            print(f"wrote {written} polygons to {out['output']} ({out['crs']})")
+            print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({out['crs']})")
     return 0
 
 

@@ -944,6 +944,31 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert described["crs"] == "EPSG:32633" and described["mean_log_prob"] <= 0 and isinstance(described["caption"], str)
 
 
+def test_cli_segment_into_an_existing_geopackage_adds_a_layer(server, rasters, tmp_path):
+    target = tmp_path / "mywork.gpkg"
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(target))
+    mine = ds.CreateLayer("my_fields", geom_type=ogr.wkbPolygon)
+    feature = ogr.Feature(mine.GetLayerDefn())
+    feature.SetGeometry(ogr.CreateGeometryFromWkt("POLYGON ((0 0, 1 0, 1 1, 0 0))"))
+    mine.CreateFeature(feature)
+    ds = mine = feature = None
+    for _ in range(2):
+        out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees",
+                     "--threshold", "0.3", "--output", str(target))
+        assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["layer"] == "skyprompt (2)"
+    ds = ogr.Open(str(target))
+    names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+    assert sorted(names) == ["my_fields", "skyprompt", "skyprompt (2)"]    # the user's layer stays
+    assert ds.GetLayerByName("my_fields").GetFeatureCount() == 1
+    ds = None
+    not_gpkg = tmp_path / "notes.gpkg"
+    not_gpkg.write_text("my notes")
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--output", str(not_gpkg))
+    assert out.returncode != 0 and "not a GeoPackage" in out.stderr and "Traceback" not in out.stderr
+    assert not_gpkg.read_text() == "my notes"
+
+
 def test_remove_raster_by_path_and_id(server, rasters):
     p = pb()
     first = index(server, rasters["grey16"])[-1].result
