@@ -249,14 +249,16 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
     maxima = np.zeros(len(raw) + 1, np.float64)
     np.maximum.at(maxima, flat_labels, flat_rel)
     results, dropped = [], 0
+    pixel_area = abs(geotransform[1] * geotransform[5] - geotransform[2] * geotransform[4])
     for i, geometry in enumerate(raw):
         label = i + 1
         score = float(sums[label] / counts[label]) if counts[label] else float(relevance[mask].mean())
         top = float(maxima[label]) if counts[label] else score
         # a region of pixels that touch only at a corner comes back from make_valid in parts: they
-        # stand or fall together, by the region's area
-        parts = clean_polygon(geometry, tolerance)
-        if min_area > 0 and sum(part.area for part in parts) < min_area:
+        # stand or fall together, by the region's area. Simplifying a staircase edge can also leave
+        # half-pixel triangles (slivers): smaller than the one pixel every real part has, so they go
+        parts = [part for part in clean_polygon(geometry, tolerance) if part.area >= 0.75 * pixel_area]
+        if not parts or (min_area > 0 and sum(part.area for part in parts) < min_area):
             dropped += 1
             continue
         for part in parts:

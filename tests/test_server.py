@@ -414,6 +414,23 @@ def test_pixels_touching_at_a_corner_are_kept_or_dropped_as_one_region():
     assert kept == [] and dropped == 1
 
 
+def test_simplified_edges_leave_no_slivers_smaller_than_a_pixel():
+    from osgeo import osr
+
+    from backend.segment import polygons_for_prompt
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    field = np.random.default_rng(0).normal(size=(200, 200))
+    for _ in range(4):                       # a smooth relevance field: blobs with staircase edges
+        field = sum(np.roll(np.roll(field, dy, 0), dx, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    pixel = 0.5
+    kept, _ = polygons_for_prompt(field, np.ones(field.shape, bool), (500000.0, pixel, 0.0, 5000000.0, 0.0, -pixel),
+                                  srs, float(np.median(field)), 0.0, pixel, None)
+    assert min(r.area for r in kept) >= 0.75 * pixel ** 2          # no half-pixel triangles
+    assert sum(r.area for r in kept) == pytest.approx((field >= np.median(field)).sum() * pixel ** 2, rel=0.05)
+
+
 def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server, rasters):
     path = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=12),
                     geotransform=(10.0, 1.0, 0.0, 50.0, 0.0, -1.0), crs="LOCAL_CS[\"site grid\",UNIT[\"metre\",1]]")
