@@ -10,6 +10,7 @@ and the index is closed cleanly.
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import ipaddress
 import logging
@@ -106,6 +107,23 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
     return None
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (port 0 never is). The probe binds as gRPC
+    does (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server counts as free); any failure
+    other than "in use" is left for gRPC to report."""
+    if not port:
+        return False
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    return False
+
+
 class Server:
     """The model, the index and the gRPC server, started and stopped together.
 
@@ -158,6 +176,11 @@ class Server:
         names = (pb.DESCRIPTOR.services_by_name["SkyPrompt"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc_server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        if port_taken(host, port):
+            # asked before gRPC tries: its own failure also prints a C-core log line beside ours
+            self._close_resources()
+            raise ServerSetupError(f"cannot listen on {address}: the port is in use; is another server using the "
+                                   "port? try --port")
         try:
             if tls_cert:
                 creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])

@@ -706,6 +706,7 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
                              text=True, timeout=120)
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr, out.stderr
     assert "try --port" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr           # one line, no gRPC log beside it
 
 
 @pytest.mark.parametrize("flags, message", [
