@@ -203,8 +203,10 @@ def cmd_search(stub, args) -> int:
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
         for h in hits:
             b = h["extent"]
-            print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']}  window {h['window']}  "
-                  f"[{b[0]:.2f}, {b[1]:.2f}, {b[2]:.2f}, {b[3]:.2f}] {h['crs']}")
+            # the tile id is what --like-tile takes; coordinates to 10 digits (degrees need decimals)
+            print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']} (raster id {h['raster_id']})  "
+                  f"tile {h['tile_id']}  window {h['window']}  "
+                  f"[{b[0]:.10g}, {b[1]:.10g}, {b[2]:.10g}, {b[3]:.10g}] {h['crs']}")
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     return 0
@@ -509,6 +511,8 @@ def run_client(args: argparse.Namespace) -> int:
             detail = e.details() or ""
             if code == grpc.StatusCode.UNAVAILABLE and ("connect" in detail.lower() or "unavailable" in detail.lower()):
                 detail += f" (is the server running at {args.server}? start it with: python -m backend serve)"
+            elif code == grpc.StatusCode.CANCELLED:     # not ours (Ctrl-C is handled below): the server's
+                detail += " (the server cancelled the call, perhaps because it was stopped)"
             print(f"skyprompt client: {code.name}: {detail}", file=sys.stderr)
             return 1
         except (ClientError, OSError, RuntimeError) as e:

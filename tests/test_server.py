@@ -689,6 +689,10 @@ def test_search_for_tiles_like_a_tile(server, rasters):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["like_tile_id"] == target and [r["tile_id"] for r in data["results"]] == [h.tile_id for h in like.hits]
+    # the text answer shows the ids --like-tile and remove take
+    out = client(server, "search", "--k", "2", "--raster-id", result.raster_id, "--like-tile", str(target))
+    assert out.returncode == 0 and f"tile {like.hits[0].tile_id} " in out.stdout
+    assert f"(raster id {result.raster_id})" in out.stdout
     out = client(server, "search", "--like-tile", str(target), "green fields")
     assert out.returncode != 0 and "not both" in out.stderr and "Traceback" not in out.stderr
     out = client(server, "search")
