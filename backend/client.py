@@ -408,7 +408,25 @@ def cmd_remove(stub, args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "remove": cmd_remove, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
+def cmd_list(stub, args) -> int:
+    response = stub.ListRasters(pb.ListRastersRequest(all_checkpoints=args.all), metadata=_metadata(args.token),
+                                timeout=args.timeout)
+    rasters = [{"raster_id": r.raster_id, "raster_path": r.raster_path, "raster_name": r.raster_name,
+                "tile_count": r.tile_count, "crs": r.crs.authid or r.crs.wkt, "bounds": _box(r.bounds),
+                "bounds_wgs84": _lonlat_box(r),
+                "current_checkpoint": r.current_checkpoint, "indexed_at": r.indexed_at} for r in response.rasters]
+    if args.json:
+        _print_json(rasters)
+        return 0
+    print(f"{len(rasters)} raster(s) in the index" + ("" if args.all else " for the server's checkpoint"))
+    for r in rasters:
+        other = "" if r["current_checkpoint"] else "  (another checkpoint: not searched)"
+        print(f"{r['raster_id']:>6}  {r['raster_name']}  {r['tile_count']} tiles  {r['crs']}  "
+              f"{r['raster_path'] or '(pixels sent by a client)'}{other}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "list": cmd_list, "remove": cmd_remove, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -435,9 +453,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=None, choices=VIEW_COUNTS, metavar="N",
                    help=f"views per tile, their embeddings averaged: {VIEW_HELP}; more views search a little "
                         "better and index N times slower (default: the server's, see `client info`)")
+    p = sub.add_parser("list", parents=[common], help="the indexed rasters with their ids")
+    p.add_argument("--all", action="store_true", help="also rasters indexed with another checkpoint")
     p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")
     p.add_argument("rasters", nargs="+", metavar="RASTER",
-                   help="raster ids (from index or info) or paths; a name that is both a number and a file here is the file")
+                   help="raster ids (from list or index) or paths; a name that is both a number and a file here is the file")
     p = sub.add_parser("search", parents=[common], help="find indexed tiles matching a text")
     p.add_argument("query", nargs="?", default="", help="what to look for, e.g. \"tennis courts\" (or --like-tile)")
     p.add_argument("--like-tile", type=int, default=None, metavar="ID",

@@ -627,7 +627,7 @@ class TileIndex:
         row = self._reader().execute("SELECT * FROM rasters WHERE id=?", (rid,)).fetchone()
         if row is None:
             raise TileIndexError("not_found", f"raster id {raster_id} is not in the tile index; "
-                                              "list_rasters() shows the indexed rasters")
+                                              "`client list` (ListRasters) shows the indexed rasters")
         return _raster_dict(row)
 
     def raster_by_path(self, path: str | os.PathLike) -> dict | None:
@@ -667,7 +667,7 @@ class TileIndex:
                                                      f"not {type(raster_id).__name__} {raster_id!r}")
         if not 0 <= value < 2**63:
             raise TileIndexError("not_found", f"raster id {raster_id!r} is not in the tile index (ids are the whole "
-                                              f"numbers list_rasters() and IndexResult.raster_id give)")
+                                              f"numbers `client list` and IndexResult.raster_id give)")
         return value
 
     # -- writing --
@@ -703,7 +703,7 @@ class TileIndex:
                                        (normalise_raster_path(path_or_id),)).fetchone()
             if row is None:
                 raise TileIndexError("not_found", f"raster {path_or_id!s} is not in the tile index; nothing to remove "
-                                                  "(list_rasters() shows what is indexed)")
+                                                  "(`client list` shows what is indexed)")
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._delete_tiles(row["first_tile_id"], row["tile_count"], row["id"])

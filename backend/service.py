@@ -259,7 +259,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
-                        "query_expansion", "like_tile"]
+                        "query_expansion", "like_tile", "list_rasters"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:
@@ -651,6 +651,18 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         log.info("removed %s (%d tiles) from the index", entry["name"], entry["tile_count"])
         return pb.RemoveRasterResponse(raster_id=str(entry["id"]), raster_name=entry["name"],
                                        tiles_removed=entry["tile_count"])
+
+    # -- ListRasters --
+    @unary
+    def ListRasters(self, request, context):
+        self._check_serving()
+        current = self.engine.checkpoint_hash
+        entries = self.index.list_rasters(None if request.all_checkpoints else current)
+        return pb.ListRastersResponse(rasters=[pb.IndexedRaster(
+            raster_id=str(e["id"]), raster_path="" if e["path"].startswith("pixels:") else e["path"],
+            raster_name=e["name"], tile_count=e["tile_count"], crs=pb.Crs(authid=e["crs_authid"], wkt=e["crs_wkt"]),
+            bounds=_box(e["bounds"]), bounds_wgs84=_box(e["bounds_wgs84"]),
+            current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"]) for e in entries])
 
 
 def _tile_dict(tile) -> dict:

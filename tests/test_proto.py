@@ -31,6 +31,7 @@ EXPECTED_METHODS = {
     "Caption": ("CaptionRequest", "CaptionResponse", False, False),
     "EmbedText": ("EmbedTextRequest", "EmbedTextResponse", False, False),
     "RemoveRaster": ("RemoveRasterRequest", "RemoveRasterResponse", False, False),
+    "ListRasters": ("ListRastersRequest", "ListRastersResponse", False, False),
 }
 
 
@@ -167,7 +168,7 @@ def test_repo_stubs_are_current_and_import(package, built_stubs):
 
 # (c) ------------------------------------------------------------------------------------------
 
-def test_service_has_exactly_the_seven_methods(built_stubs):
+def test_service_has_exactly_the_expected_methods(built_stubs):
     _, pb2, _ = built_stubs
     service = descriptor_pb2.ServiceDescriptorProto()
     pb2.DESCRIPTOR.services_by_name["SkyPrompt"].CopyToProto(service)

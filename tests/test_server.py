@@ -994,6 +994,15 @@ def test_cli_segment_into_an_existing_geopackage_adds_a_layer(server, rasters, t
 def test_remove_raster_by_path_and_id(server, rasters):
     p = pb()
     first = index(server, rasters["grey16"])[-1].result
+    # list shows it, with the id remove takes
+    out = client(server, "list", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = {r["raster_id"]: r for r in json.loads(out.stdout)}
+    assert listed[first.raster_id]["raster_name"] == "grey16.tif"
+    assert listed[first.raster_id]["tile_count"] == first.tile_count and listed[first.raster_id]["current_checkpoint"]
+    assert listed[first.raster_id]["crs"] == "EPSG:3035" and len(listed[first.raster_id]["bounds"]) == 4
+    out = client(server, "list")
+    assert out.returncode == 0 and "grey16.tif" in out.stdout and first.raster_id in out.stdout
     out = client(server, "remove", "--json", str(rasters["grey16"]))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [{"raster_id": first.raster_id, "raster_name": "grey16.tif",
@@ -1001,6 +1010,8 @@ def test_remove_raster_by_path_and_id(server, rasters):
     code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_ids=[first.raster_id]),
                                                        metadata=server.metadata))
     assert code == grpc.StatusCode.NOT_FOUND
+    assert first.raster_id not in [r.raster_id for r in server.stub.ListRasters(
+        p.ListRastersRequest(all_checkpoints=True), metadata=server.metadata).rasters]
     assert rasters["grey16"].exists()          # the file itself is never touched
     again = index(server, rasters["grey16"])[-1].result
     assert again.outcome == p.INDEX_OUTCOME_INDEXED
