@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = sub.add_parser("serve", help="start the gRPC server",
                                   description="Start the SkyPrompt gRPC server (index, search, segment, caption).")
     add_serve_arguments(serve_parser)
-    client_parser = sub.add_parser("client", help="call a running server (info, index, remove, search, segment, caption)",
+    client_parser = sub.add_parser("client", help="call a running server (info, list, index, remove, search, segment, caption)",
                                    description="Call a running SkyPrompt server. Add --json for machine-readable output.")
     add_client_arguments(client_parser)
     args = parser.parse_args(argv)

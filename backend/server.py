@@ -328,7 +328,13 @@ def serve(args: argparse.Namespace) -> int:
     while not done.wait(0.5):
         pass
     server.stop()
-    return 0
+    # everything is closed and on disk: leave without interpreter finalization, during which gRPC's
+    # and torch's native threads could abort the process ("terminate called without an active
+    # exception", exit 134) after a clean stop
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
