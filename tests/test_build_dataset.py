@@ -4,6 +4,7 @@ skipped, the shards train, a re-run does nothing, and bad input gets clear messa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -229,6 +230,164 @@ def test_a_hanging_captioner_times_out(scene, vectors, tmp_path, monkeypatch, ca
                                "--out", str(tmp_path / "h"), "--tile-size", str(TILE), "--workers", "1",
                                "--captioner", f"{sys.executable} -c 'import time; time.sleep(30)'"])
     assert code == 2 and "gave no caption within 1 s" in capsys.readouterr().err
+
+
+# ---- rasters and vectors of other shapes ---------------------------------------------------------
+UTM32 = "EPSG:32632"
+ORIGIN = (500000.0, 5000128.0)          # top-left corner of the small rasters below
+NORTH_UP = (ORIGIN[0], 1.0, 0.0, ORIGIN[1], 0.0, -1.0)      # 1 m pixels
+
+
+def _srs(crs: str):
+    srs = osr.SpatialReference()
+    srs.SetFromUserInput(crs)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
+
+
+def _gpkg(path: Path, layers: dict) -> Path:
+    """A GeoPackage: {layer name: (CRS, [(WKT, {field: value}), ...])}."""
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    for name, (crs, features) in layers.items():
+        layer = ds.CreateLayer(name, _srs(crs), ogr.wkbUnknown)
+        for field in sorted({k for _, fields in features for k in fields}):
+            layer.CreateField(ogr.FieldDefn(field, ogr.OFTString))
+        for wkt, fields in features:
+            f = ogr.Feature(layer.GetLayerDefn())
+            for k, v in fields.items():
+                f.SetField(k, v)
+            f.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
+            layer.CreateFeature(f)
+    ds = None
+    return path
+
+
+def _build(raster, features, out, *extra) -> tuple[int, str]:
+    """The landmarks build in this process (faster than a subprocess): (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from training import build_dataset
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = build_dataset.main(["landmarks", "--raster", str(raster), "--features", str(features),
+                                   "--out", str(out), "--tile-size", str(TILE), *map(str, extra)])
+    return code, err.getvalue()
+
+
+def _tiles_naming(out: Path, name: str) -> set[int]:
+    """The tiles (index in the raster's grid: the key's last part) whose caption names `name`."""
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    return {int(r["key"].rsplit("-", 1)[1]) for r in rows if name in r["caption"]}
+
+
+def test_each_layer_of_a_geopackage_is_reprojected_with_its_own_crs(tmp_path):
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32)
+    lon, lat = _to_wgs84(_srs(UTM32).ExportToWkt())(ORIGIN[0] + 32, ORIGIN[1] - 32)      # tile 0's centre
+    gpkg = _gpkg(tmp_path / "two.gpkg", {
+        "in_wgs84": ("EPSG:4326", [(f"POINT ({lon!r} {lat!r})", {"name": "Alpha Tower"})]),
+        "in_utm": (UTM32, [(f"POINT ({ORIGIN[0] + 96} {ORIGIN[1] - 96})", {"name": "Beta Hall"})])})   # tile 3
+    code, err = _build(raster, gpkg, tmp_path / "out")
+    assert code == 0, err
+    assert _tiles_naming(tmp_path / "out", "Alpha Tower") == {0}
+    assert _tiles_naming(tmp_path / "out", "Beta Hall") == {3}
+
+
+def test_a_point_on_a_tile_edge_or_corner_counts_for_the_tiles_that_share_it(tmp_path):
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [
+        (f"POINT ({ORIGIN[0] + 64} {ORIGIN[1] - 64})", {"name": "Corner Stone"}),     # where all four tiles meet
+        (f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 64})", {"name": "Edge Well"})])})     # between tiles 0 and 2
+    code, err = _build(raster, gpkg, tmp_path / "out")
+    assert code == 0, err
+    assert _tiles_naming(tmp_path / "out", "Corner Stone") == {0, 1, 2, 3}
+    assert _tiles_naming(tmp_path / "out", "Edge Well") == {0, 2}
+
+
+def test_a_rotated_raster_captions_a_feature_in_its_own_tile_only(tmp_path):
+    c = s = math.sqrt(0.5)                                  # 1 m pixels, the grid turned 45 degrees
+    gt = (ORIGIN[0], c, s, ORIGIN[1], s, -c)
+    raster = make_tif(tmp_path / "rot.tif", noise((3, 128, 128)), geotransform=gt, crs=UTM32)
+    px, py = 70, 15             # in tile 1 (columns 64..127, rows 0..63), and in tile 0's bounding box
+    x, y = gt[0] + px * gt[1] + py * gt[2], gt[3] + px * gt[4] + py * gt[5]
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({x!r} {y!r})", {"name": "Gamma Mill"})])})
+    code, err = _build(raster, gpkg, tmp_path / "out")
+    assert code == 0, err
+    assert _tiles_naming(tmp_path / "out", "Gamma Mill") == {1}
+
+
+def test_a_raster_narrower_than_a_tile_is_padded_not_stretched(tmp_path):
+    import io
+    import tarfile
+
+    data = np.full((3, 40, 200), 50, np.uint8)              # 40 rows: shorter than one 64-pixel tile
+    data[:, 8:24, 10:26] = 250                              # a 16 x 16 m building
+    raster = make_tif(tmp_path / "strip.tif", data, geotransform=NORTH_UP, crs=UTM32)
+    x0, y0 = ORIGIN[0] + 10, ORIGIN[1] - 8
+    building = f"POLYGON (({x0} {y0}, {x0 + 16} {y0}, {x0 + 16} {y0 - 16}, {x0} {y0 - 16}, {x0} {y0}))"
+    gpkg = _gpkg(tmp_path / "b.gpkg", {"b": (UTM32, [(building, {"building": "yes"})])})
+    code, err = _build(raster, gpkg, tmp_path / "out")
+    assert code == 0, err
+    [shard] = (tmp_path / "out" / "shards").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        [member] = [m for m in tar.getnames() if m.endswith(".jpg")]
+        image = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())))
+    assert image.shape == (TILE, TILE, 3)
+    rows, cols = np.nonzero(image.mean(axis=2) > 150)
+    # the building keeps its 16 x 16 pixels at 1 m (stretched, it would be 16 x 26 lower down)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (8, 23, 10, 25)
+    assert image[44:].max() < 20                            # below the raster: padding, as the backend's tiler
+
+
+def test_a_damaged_raster_block_skips_its_unit_and_the_build_goes_on(tmp_path):
+    raster = make_tif(tmp_path / "damaged.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32,
+                      options=("TILED=YES", "BLOCKXSIZE=64", "BLOCKYSIZE=64", "COMPRESS=DEFLATE"))
+    ds = gdal.Open(str(raster))
+    offset, size = (int(ds.GetRasterBand(1).GetMetadataItem(f"BLOCK_{k}_1_1", "TIFF")) for k in ("OFFSET", "SIZE"))
+    ds = None
+    with open(raster, "r+b") as fh:                          # tile 3's compressed block, overwritten
+        fh.seek(offset)
+        fh.write(b"\xff" * size)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [
+        (f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})", {"name": "Alpha Tower"}),      # tile 0
+        (f"POINT ({ORIGIN[0] + 96} {ORIGIN[1] - 96})", {"name": "Beta Hall"})])})     # tile 3, unreadable
+    out = tmp_path / "out"
+    for attempt in range(2):        # a re-run tries the damaged unit again: it was not done
+        p = run("landmarks", "--raster", raster, "--features", gpkg, "--out", out, "--tile-size", TILE,
+                "--unit-tiles", 1, "--workers", 2)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+        assert f"skipping unreadable raster {raster} (tiles 3-3 of its grid): " in p.stderr
+        assert "damaged" in p.stderr and ("3 of 4 units already done" in p.stderr) == (attempt == 1)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(u["raster"], u["tiles"]) for u in summary["unreadable_rasters"]] == [(str(raster), [3, 4])]
+    assert _tiles_naming(out, "Alpha Tower") == {0} and _tiles_naming(out, "Beta Hall") == set()
+
+
+def test_features_with_no_transformation_to_the_rasters_crs_get_one_clear_line(tmp_path):
+    local_cs = 'LOCAL_CS["site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+    raster = make_tif(tmp_path / "local.tif", noise((3, 64, 64)), geotransform=(0.0, 1.0, 0.0, 64.0, 0.0, -1.0),
+                      crs=local_cs)
+    features = tmp_path / "office.geojson"
+    features.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties":
+                        {"name": "Site Office"}, "geometry": {"type": "Point", "coordinates": [10, 50]}}]}))
+    code, err = _build(raster, features, tmp_path / "out")
+    assert code == 2 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert str(features) in line and str(raster) in line and "EPSG:4326" in line and "'site grid'" in line
+    assert "no transformation" in line
+
+
+def test_ray_engine_reports_a_units_build_error_in_one_line(tmp_path):
+    pytest.importorskip("ray.data", exc_type=ImportError)
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
+                                                       {"name": "Alpha Tower"})])})
+    p = run("landmarks", "--raster", raster, "--features", gpkg, "--out", tmp_path / "out", "--tile-size", TILE,
+            "--engine", "ray", "--workers", 1, "--captioner", f"{sys.executable} -c 'import sys; sys.exit(3)'",
+            timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "error: captioner" in p.stderr and "failed (3)" in p.stderr
 
 
 # ---- filter ----------------------------------------------------------------------------------------

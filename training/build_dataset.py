@@ -17,6 +17,7 @@ cluster (--ray-address; default a local runtime).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -96,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _ray_unit(cfg, unit: dict) -> dict:
+    """One unit as a Ray task. A BuildError raised in a task reaches the driver as a Ray traceback:
+    it comes back as data instead, and every row has the same two string columns (stats as JSON)."""
+    try:
+        return {"stats": json.dumps(LM.run_unit(cfg, unit)), "error": ""}
+    except LM.BuildError as e:
+        return {"stats": "", "error": str(e)}
+
+
 def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: str | None) -> list[dict]:
     from tqdm import tqdm
 
@@ -108,9 +118,13 @@ def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: s
             import ray.data
 
             ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-            return list(ds.map(lambda u: LM.run_unit(cfg, u), num_cpus=1).take_all())
+            rows = ds.map(lambda u: _ray_unit(cfg, u), num_cpus=1).take_all()
         finally:
             ray.shutdown()
+        errors = [r["error"] for r in rows if r["error"]]
+        if errors:
+            raise LM.BuildError(errors[0])
+        return [json.loads(r["stats"]) for r in rows]
     if workers <= 1:
         return [LM.run_unit(cfg, u) for u in tqdm(units, desc="units", unit="unit")]
     from concurrent.futures import ProcessPoolExecutor
@@ -142,8 +156,8 @@ def landmarks(args) -> dict:
     LM.load_captioner(cfg.captioner)
     counts = {}
     for path in cfg.features:
-        feats, _, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
-        counts[path] = {"read": seen, "usable": len(feats)}
+        groups, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
+        counts[path] = {"read": seen, "usable": sum(len(feats) for _, _, feats in groups)}
     units, problems = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "
@@ -153,8 +167,19 @@ def landmarks(args) -> dict:
     pending = [u for u in units if not LM._done(Path(cfg.out), u)]
     if len(pending) < len(units):
         print(f"{len(units) - len(pending)} of {len(units)} units already done: skipped", file=sys.stderr)
-    _run_units(pending, cfg, args.engine, args.workers, args.ray_address)
-    summary = LM.summarize(cfg, units, problems, counts)
+    results = _run_units(pending, cfg, args.engine, args.workers, args.ray_address)
+    # units whose raster failed while being read: skipped like the unreadable rasters above (not done,
+    # so a re-run tries them again)
+    failed = [r["unreadable"] for r in results if "unreadable" in r]
+    for p in failed:
+        print(f"skipping unreadable raster {p['raster']} (tiles {p['tiles'][0]}-{p['tiles'][1] - 1} of its grid): "
+              f"{p['error']}", file=sys.stderr)
+    problems += failed
+    done = [u for u in units if LM._done(Path(cfg.out), u)]
+    if failed and not done:
+        raise LM.BuildError("no raster could be read: " + "; ".join(p["error"] for p in problems[:3])
+                            + ("; ..." if len(problems) > 3 else ""))
+    summary = LM.summarize(cfg, done, problems, counts)
     if summary["kept"] == 0:
         print("no tile had a usable feature: check that the vector sources overlap the rasters "
               "(their extents and CRSs) and that --layer/--where/--mapping select something", file=sys.stderr)

@@ -2,10 +2,12 @@
 
 Rasters are cut with the backend's tiler (`backend.raster.Raster.iter_tiles_with_pixels`: the one
 tiler of the project; tiles mostly nodata/alpha are skipped there). Vector features from any OGR
-source (GeoPackage, GeoJSON, Shapefile, OpenStreetMap .osm/.pbf) are reprojected to each raster's
-CRS and found per tile through a shapely STRtree. A feature counts for a tile when
+source (GeoPackage, GeoJSON, Shapefile, OpenStreetMap .osm/.pbf) are reprojected, each layer from
+its own CRS, to each raster's CRS and found per tile (its footprint) through a shapely STRtree.
+A feature counts for a tile when
 - an area covers at least `min_cover` of the tile, or lies wholly inside it and is small
-  (under `max_object` of the tile) - a named point or small object counts when inside;
+  (under `max_object` of the tile) - a named point or small object counts when inside (a point
+  on the tile's edge too);
 - a line (road, river) runs at least `min_line` tile sides inside it.
 Its words come from a tag -> phrase mapping (training/datasets/osm_tags.tsv, extendable) and its name.
 
@@ -30,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 import shapely
-from osgeo import ogr, osr
+from osgeo import gdal, ogr, osr
 from PIL import Image
 from shapely.strtree import STRtree
 
@@ -116,15 +118,16 @@ def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
 
 
 def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] | None = None,
-                  where: str | None = None) -> tuple[list[Feature], osr.SpatialReference | None, int]:
-    """Features with a name or a mapped phrase, their CRS, and how many were read in all."""
+                  where: str | None = None) -> tuple[list[tuple[str, osr.SpatialReference | None, list[Feature]]], int]:
+    """Features with a name or a mapped phrase, grouped by layer as (layer name, the layer's CRS, features),
+    and how many were read in all. Each layer keeps its own CRS: a GeoPackage's layers may differ."""
     path = str(path)
     ds = ogr.Open(path)
     if ds is None:
         raise BuildError(f"{path} is not a vector file OGR can open")
     names = layers or ([n for n in OSM_LAYERS if ds.GetLayerByName(n)] if ds.GetDriver().GetName() == "OSM"
                        else [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())])
-    out, srs, seen = [], None, 0
+    groups, seen = [], 0
     for name in names:
         layer = ds.GetLayerByName(name)
         if layer is None:
@@ -132,7 +135,7 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
                              f"{', '.join(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount()))})")
         if where and layer.SetAttributeFilter(where) != 0:
             raise BuildError(f"--where {where!r} is not a valid filter for {path} layer {name}")
-        srs = srs or layer.GetSpatialRef()
+        out = []
         defn = layer.GetLayerDefn()
         for f in layer:
             seen += 1
@@ -147,10 +150,20 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
             phrase, kind = hit if hit else (None, "object")
             geom = shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb())))
             out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path)))
-    return out, srs, seen
+        groups.append((name, layer.GetSpatialRef(), out))
+    return groups, seen
 
 
-def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: osr.SpatialReference) -> list[Feature]:
+def _crs_label(srs: osr.SpatialReference) -> str:
+    from backend.raster import crs_authid
+
+    return crs_authid(srs) or repr(srs.GetName() or "an unnamed CRS")
+
+
+def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: osr.SpatialReference,
+              source: str = "the features", target: str = "the raster") -> list[Feature]:
+    """Features moved from `src` to `dst`; BuildError (naming `source`, `target` and both CRSs) when
+    there is no transformation between them, e.g. a local engineering CRS and a geographic one."""
     if src is None:
         src = osr.SpatialReference()
         src.ImportFromEPSG(4326)        # OGR sources without a CRS: GeoJSON's default
@@ -159,7 +172,19 @@ def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: os
     b.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     if a.IsSame(b):
         return list(features)
-    ct = osr.CoordinateTransformation(a, b)
+    # Create... returns None (or raises, when GDAL exceptions are on) where the constructor would fail
+    # with a TypeError; the quiet handler keeps GDAL's own message off stderr: ours names the files
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        ct = osr.CreateCoordinateTransformation(a, b)
+    except RuntimeError:
+        ct = None
+    finally:
+        gdal.PopErrorHandler()
+    if ct is None:
+        raise BuildError(f"cannot reproject {source} from {_crs_label(a)} to {_crs_label(b)}, the CRS of {target}: "
+                         "there is no transformation between them; give features in the raster's CRS or one "
+                         "that can be transformed to it")
 
     def fwd(coords):
         pts = ct.TransformPoints([(float(x), float(y)) for x, y in coords])
@@ -182,7 +207,8 @@ class Thresholds:
 
 
 def features_in_tile(tree: STRtree, features: list[Feature], box, t: Thresholds) -> list[dict]:
-    """The features that count for a tile, each with its share of the tile (areas) or length (lines)."""
+    """The features that count for a tile (`box`: its footprint polygon), each with its share of the
+    tile (areas) or length (lines)."""
     area = box.area
     side = box.length / 4
     used = []
@@ -190,7 +216,9 @@ def features_in_tile(tree: STRtree, features: list[Feature], box, t: Thresholds)
         f = features[int(i)]
         g = f.geometry
         dim = shapely.get_dimensions(g)
-        inside = box.contains(g)
+        # covers, not contains: a point on a tile's edge or corner has no part in its interior, and
+        # would count for none of the tiles that share that edge
+        inside = box.covers(g)
         if dim == 0:
             ok, share = inside, 0.0
         elif dim == 1:
@@ -306,9 +334,7 @@ def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
             with open_raster(path) as raster:
                 n = raster.count_tiles(cfg.tile_size, cfg.overlap, cfg.resolution)
         except RasterError as e:
-            # the reader's words are a server's ("a path the server can see"): here the path is local
-            error = f"{path} does not exist" if e.kind == "not_found" else str(e)
-            problems.append({"raster": str(path), "error": error})
+            problems.append(raster_problem(path, e))
             continue
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
         for u, start in enumerate(range(0, n, cfg.unit_tiles)):
@@ -358,22 +384,33 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 _FEATURE_CACHE: dict = {}
 
 
-def _features_for(cfg: LandmarksConfig, rules: list[Rule], dst: osr.SpatialReference):
-    """All features reprojected to `dst` and their STRtree, read once per process and CRS."""
+def _features_for(cfg: LandmarksConfig, rules: list[Rule], dst: osr.SpatialReference, raster: str):
+    """All features reprojected to `dst` (the CRS of `raster`) and their STRtree, read once per process and CRS."""
     key = (tuple(cfg.features), tuple(cfg.layers or ()), cfg.where, tuple(rules), dst.ExportToWkt())
     if key not in _FEATURE_CACHE:
         feats = []
         for src_path in cfg.features:
-            fs, srs, _ = read_features(src_path, rules, cfg.layers, cfg.where)
-            feats += reproject(fs, srs, dst)
+            groups, _ = read_features(src_path, rules, cfg.layers, cfg.where)
+            for layer, srs, fs in groups:       # each layer with its own CRS
+                feats += reproject(fs, srs, dst, f"the features of {src_path} (layer {layer})", raster)
         _FEATURE_CACHE.clear()
         _FEATURE_CACHE[key] = (feats, STRtree([f.geometry for f in feats]) if feats else None)
     return _FEATURE_CACHE[key]
 
 
+def raster_problem(path: str, error) -> dict:
+    """How an unreadable raster (a RasterError) is reported: skipped, and listed in the summary."""
+    # the reader's words are a server's ("a path the server can see"): here the path is local
+    return {"raster": str(path), "error": f"{path} does not exist" if error.kind == "not_found" else str(error)}
+
+
 def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
-    """Tile one unit, caption its tiles, write its shard and manifest part (atomically). Returns its stats."""
-    from backend.raster import crs_authid, open_raster
+    """Tile one unit, caption its tiles, write its shard and manifest part (atomically). Returns its stats.
+
+    A raster that fails while its windows are read (a damaged block; a file changed since planning) is
+    skipped like a raster that cannot be opened: the result is {"unit", "unreadable": {"raster",
+    "error", "tiles"}} and no part is written, so the unit is not done and a re-run tries it again."""
+    from backend.raster import RasterError
 
     out = Path(cfg.out)
     if _done(out, unit):
@@ -381,29 +418,60 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
     rules = rules_for(cfg)
     captioner = load_captioner(cfg.captioner)
     t0 = time.time()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    shard = out / "shards" / f"{unit['name']}.tar"
+    tmp = shard.with_suffix(".tar.part")
+    try:
+        stats, rows = _tile_unit(cfg, unit, rules, captioner, shard, tmp)
+    except RasterError as e:
+        tmp.unlink(missing_ok=True)
+        return {"unit": unit["name"], "unreadable": {**raster_problem(unit["raster"], e), "tiles": unit["tiles"]}}
+    if rows:
+        os.replace(tmp, shard)
+    else:
+        tmp.unlink()
+    stats["seconds"] = round(time.time() - t0, 3)
+    part = out / "parts" / f"{unit['name']}.json"
+    tmp_part = part.with_suffix(".json.part")
+    tmp_part.write_text(json.dumps({"stats": stats, "rows": rows}))
+    os.replace(tmp_part, part)          # the unit counts as done only now
+    return stats
+
+
+def _tile_unit(cfg: LandmarksConfig, unit: dict, rules: list[Rule], captioner, shard: Path,
+               tmp: Path) -> tuple[dict, list[dict]]:
+    """The unit's tiles written to the tar `tmp`: (stats, manifest rows). Raises RasterError."""
+    from backend.raster import crs_authid, open_raster
+
+    out = Path(cfg.out)
     stats = {"unit": unit["name"], "planned": unit["tiles"][1] - unit["tiles"][0], "kept": 0,
              "skipped_nodata": 0, "skipped_no_features": 0, "skipped_empty_caption": 0}
     rows = []
     with open_raster(unit["raster"]) as raster:
         dst = raster.srs
-        feats, tree = _features_for(cfg, rules, dst)
+        feats, tree = _features_for(cfg, rules, dst, unit["raster"])
         crs = crs_authid(dst) or dst.ExportToWkt()
         start, stop = unit["tiles"]
         grid = raster.tiles(cfg.tile_size, cfg.overlap, cfg.resolution, min_valid_fraction=0.0)
-        full_w, full_h = max(t.width for t in grid), max(t.height for t in grid)
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        (out / "parts").mkdir(parents=True, exist_ok=True)
-        shard = out / "shards" / f"{unit['name']}.tar"
-        tmp = shard.with_suffix(".tar.part")
+        # the tiler's own plan sizes each window's read: a window cut short by a raster narrower than
+        # one tile keeps the ground resolution and is padded below, as iter_tiles_with_pixels does,
+        # rather than being stretched to the full tile
+        plan = raster._plan(cfg.tile_size, cfg.overlap, cfg.resolution, None)
         with tarfile.open(tmp, "w") as tar:
             for tile in grid[start:stop]:
-                size = (max(1, round(tile.width * cfg.tile_size / full_w)),
-                        max(1, round(tile.height * cfg.tile_size / full_h)))
-                rgb, valid = raster.read_window(*tile.window, out_size=size)
-                if valid.mean() < cfg.min_valid:
+                out_w, out_h = plan.out_size(tile.width, tile.height)
+                rgb, valid = raster.read_window(*tile.window, out_size=(out_w, out_h))
+                if valid.mean() < cfg.min_valid:        # of the pixels read: padding is not nodata
                     stats["skipped_nodata"] += 1
                     continue
-                box = shapely.box(*tile.bounds)
+                if (out_w, out_h) != (cfg.tile_size, cfg.tile_size):
+                    padded = np.zeros((3, cfg.tile_size, cfg.tile_size), np.uint8)
+                    padded[:, :out_h, :out_w] = rgb
+                    rgb = padded
+                # the footprint, not the bounding box: a rotated raster's tile is a rotated square, and
+                # its bounding box reaches into the neighbouring tiles
+                box = shapely.from_wkt(tile.footprint_wkt)
                 used = features_in_tile(tree, feats, box, cfg.thresholds) if tree is not None else []
                 if not used:
                     stats["skipped_no_features"] += 1
@@ -424,16 +492,7 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
                              "raster": unit["raster"], "shard": str(shard.relative_to(out)),
                              "features": len(used)})
                 stats["kept"] += 1
-        if rows:
-            os.replace(tmp, shard)
-        else:
-            tmp.unlink()
-    stats["seconds"] = round(time.time() - t0, 3)
-    part = out / "parts" / f"{unit['name']}.json"
-    tmp_part = part.with_suffix(".json.part")
-    tmp_part.write_text(json.dumps({"stats": stats, "rows": rows}))
-    os.replace(tmp_part, part)          # the unit counts as done only now
-    return stats
+    return stats, rows
 
 
 def summarize(cfg: LandmarksConfig, units: list[dict], problems: list[dict], feature_counts: dict) -> dict:
