@@ -258,7 +258,7 @@ def test_unchanged_is_a_noop_changed_is_replaced_and_remove_deletes(tmp_path, rn
         assert e.value.kind == "not_found"
         with pytest.raises(TileIndexError) as e:
             index.raster(rid)
-        assert e.value.kind == "not_found" and "list_rasters" in str(e.value)
+        assert e.value.kind == "not_found" and "client list" in str(e.value)
 
 
 def test_only_embeddings_of_the_given_checkpoint_are_searched(tmp_path, rng):
