@@ -58,6 +58,22 @@ def _lonlat_box(message) -> list[float] | None:
     return _box(message.bounds_wgs84) if message.HasField("bounds_wgs84") else None
 
 
+def _with_bands(request, args):
+    """`request` with its BandMapping from --bands / --stretch when given (else the server's choice)."""
+    bands, stretch = getattr(args, "bands", None), getattr(args, "stretch", None)
+    if bands is None and stretch is None:
+        return request
+    if bands is not None and min(bands) < 1:
+        raise ClientError(f"--bands {' '.join(map(str, bands))}: band numbers start at 1")
+    mapping = pb.BandMapping()
+    if bands is not None:
+        mapping.red, mapping.green, mapping.blue = bands
+    if stretch is not None:
+        mapping.stretch_low_percent, mapping.stretch_high_percent = stretch
+    request.bands.CopyFrom(mapping)
+    return request
+
+
 def _source(path: str) -> pb.RasterSource:
     # the server resolves paths on its own machine: send absolute ones so "./x.tif" means ours
     return pb.RasterSource(path=os.path.abspath(path))
@@ -113,8 +129,8 @@ def cmd_index(stub, args) -> int:
 
 def _index_each(stub, args, results: list[dict]) -> None:
     for path in args.rasters:
-        request = pb.IndexRasterRequest(source=_source(path), force=args.force,
-                                        target_resolution=args.resolution or 0.0)
+        request = _with_bands(pb.IndexRasterRequest(source=_source(path), force=args.force,
+                                                    target_resolution=args.resolution or 0.0), args)
         if args.overlap is not None:
             request.tile_overlap = args.overlap
         if args.views is not None:
@@ -323,6 +339,7 @@ def cmd_segment(stub, args) -> int:
     request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=args.min_area,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
                                 target_resolution=args.resolution or 0.0, raw_prompts=args.raw_prompts)
+    _with_bands(request, args)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
@@ -378,7 +395,8 @@ def cmd_segment(stub, args) -> int:
 def cmd_caption(stub, args) -> int:
     if args.max_len < 1 or args.beam < 1:
         raise ClientError(f"--max-len {args.max_len} and --beam {args.beam} must be at least 1")
-    request = pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len, beam_size=args.beam)
+    request = _with_bands(pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len, beam_size=args.beam),
+                          args)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
@@ -442,10 +460,17 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     extent.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                         help="area to work on (default: the whole raster)")
     extent.add_argument("--extent-crs", default="", help="CRS of --extent (default: the raster's own CRS)")
+    bands = argparse.ArgumentParser(add_help=False)
+    bands.add_argument("--bands", nargs=3, type=int, metavar=("RED", "GREEN", "BLUE"),
+                       help="1-based bands to show the model as red, green, blue, e.g. 3 2 1 for a sensor "
+                            "stored blue-green-red-NIR (default: the bands marked red/green/blue, else the first three)")
+    bands.add_argument("--stretch", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                       help="percentiles of the linear stretch (default 2 98, applied to non-8-bit data only; "
+                            "given, it applies to 8-bit data too)")
 
     sub = parser.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
     sub.add_parser("info", parents=[common], help="describe the server, its model and index")
-    p = sub.add_parser("index", parents=[common], help="index rasters for search")
+    p = sub.add_parser("index", parents=[common, bands], help="index rasters for search")
     p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster files (paths as the server sees them)")
     p.add_argument("--force", action="store_true", help="re-index even if unchanged")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
@@ -478,7 +503,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help="query expansion: rank, move the query toward the mean embedding of its N best tiles, "
                         "rank again; brings up more tiles like the best hits (scores are then similarities "
                         "to the expanded query; default: the server's, see `info`; 0 = off)")
-    p = sub.add_parser("segment", parents=[common, extent], help="turn prompts into polygons")
+    p = sub.add_parser("segment", parents=[common, extent, bands], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
     p.add_argument("--output", default=None, help="write polygons to this .gpkg or .geojson (raster's CRS)")
@@ -492,7 +517,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
     p.add_argument("--raw-prompts", action="store_true",
                    help="embed each prompt as typed (default: averaged over phrasings, as search does)")
-    p = sub.add_parser("caption", parents=[common, extent], help="describe an area in words")
+    p = sub.add_parser("caption", parents=[common, extent, bands], help="describe an area in words")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--max-len", type=int, default=32, help="most tokens (default 32)")
     p.add_argument("--beam", type=int, default=3, help="beam width (default 3; 1 = greedy)")

@@ -966,6 +966,24 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert described["crs"] == "EPSG:32633" and described["mean_log_prob"] <= 0 and isinstance(described["caption"], str)
 
 
+def test_cli_band_mapping_reaches_the_server(server, rasters):
+    out = client(server, "index", "--json", str(rasters["rgb"]))
+    assert out.returncode == 0, out.stderr
+    out = client(server, "index", "--json", "--bands", "3", "2", "1", str(rasters["rgb"]))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["outcome"] == "replaced"        # other bands: other tiles
+    out = client(server, "index", "--json", "--bands", "3", "2", "1", str(rasters["rgb"]))
+    assert json.loads(out.stdout)[0]["outcome"] == "unchanged"
+    out = client(server, "caption", "--raster", str(rasters["rgb"]), "--bands", "1", "2", "9")
+    assert out.returncode != 0 and "INVALID_ARGUMENT" in out.stderr and "9" in out.stderr
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--bands", "0", "1", "2")
+    assert out.returncode != 0 and "band numbers start at 1" in out.stderr and "Traceback" not in out.stderr
+    out = client(server, "index", "--json", "--stretch", "1", "99", str(rasters["rgb"]))
+    assert json.loads(out.stdout)[0]["outcome"] == "replaced"
+    out = client(server, "index", "--json", str(rasters["rgb"]))        # back to the server's choice, for the rest
+    assert json.loads(out.stdout)[0]["outcome"] == "replaced"
+
+
 def test_cli_segment_into_an_existing_geopackage_adds_a_layer(server, rasters, tmp_path):
     target = tmp_path / "mywork.gpkg"
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(target))
