@@ -495,6 +495,7 @@ def test_webdataset_in_dataloader_workers_and_bad_members(tmp_path, shards):
         ("ok", {"jpg": image_bytes(1), "txt": b"fine"}),
         ("corrupt", {"jpg": b"not an image", "txt": b"never"}),
         ("nocaption", {"jpg": image_bytes(2)}),
+        ("numbers", {"jpg": image_bytes(3), "json": json.dumps({"captions": [1, 2]}).encode()}),
     ])
     good = tmp_path / "shard-000.tar"
     (tmp_path / "shard-cut.tar").write_bytes(good.read_bytes()[:2000])
@@ -504,7 +505,7 @@ def test_webdataset_in_dataloader_workers_and_bad_members(tmp_path, shards):
         items = list(ds)
     captions = [item[1] for item in items if item is not None]
     assert "fine" in captions and "never" not in captions
-    assert ds.skipped == items.count(None) == 3  # corrupt image, no caption, truncated shard
+    assert ds.skipped == items.count(None) == 4  # corrupt image, no caption, captions of numbers, truncated shard
 
     loader = torch.utils.data.DataLoader(WebDatasetShards(shards, eval_transform(SIZE, MEAN, STD), shuffle_buffer=4),
                                          batch_size=5, num_workers=2,

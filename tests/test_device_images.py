@@ -128,11 +128,12 @@ def test_bank_holds_centre_squares_and_skips_unreadable_images_like_the_files_do
     sharing = D.CaptionDataset([records[3], records[0]], lambda image, rng: torch.zeros(1))
     with pytest.warns(D.SkippedImageWarning):
         bank = ImageBank.build([in_bank, sharing], side=16, device="cpu", workers=2, progress=False)
-    assert bank.images.shape == (4, 3, 16, 16) and bank.unreadable == 1
-    assert in_bank.image_rows.tolist() == [0, 1, -1, 2, 3] and sharing.image_rows.tolist() == [2, 0]
+    # the unreadable image's row stays (zero, never used): dropping it would copy the whole bank
+    assert bank.images.shape == (5, 3, 16, 16) and bank.unreadable == 1 and not bank.images[2].any()
+    assert in_bank.image_rows.tolist() == [0, 1, -1, 3, 4] and sharing.image_rows.tolist() == [3, 0]
     expected = Image.open(records[3].image).convert("RGB").resize((16, 16), Image.Resampling.BICUBIC,
                                                                     box=(5, 0, 35, 30))
-    assert np.array_equal(bank.images[2].permute(1, 2, 0).numpy(), np.asarray(expected))
+    assert np.array_equal(bank.images[3].permute(1, 2, 0).numpy(), np.asarray(expected))
     with pytest.warns(D.SkippedImageWarning):      # the file path warns, once; the bank warned when built
         for index in range(5):
             for epoch in (0, 1):

@@ -928,7 +928,7 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
         image = next((parts[e] for e in _SHARD_IMAGE_EXTS if e in parts), None)
         try:
             captions = _member_captions(parts)
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+        except (ValueError, AttributeError, TypeError) as e:   # bad text, JSON or caption values
             self._skip(where, e)
             return None
         if image is None or not captions:
@@ -960,7 +960,7 @@ def shard_captions(urls: str | Sequence[str]) -> Iterator[str]:
 def _safe_captions(parts: dict[str, bytes]) -> list[str]:
     try:
         return _member_captions(parts)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError):
+    except (ValueError, AttributeError, TypeError):   # bad text, JSON or caption values
         return []
 
 

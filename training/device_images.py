@@ -76,8 +76,10 @@ class ImageBank:
         dataset at its rows (`dataset.image_rows`); unreadable images get row -1, and the datasets
         replace them as they replace unreadable files.
 
-        Under DDP (`world` > 1, every rank calls this) each rank decodes every world-th image and the
-        ranks all-gather the rest, so a node decodes each image once, not once per GPU."""
+        Under DDP (`world` > 1, every rank calls this) each rank decodes one contiguous share of the
+        images and the ranks all-gather the rest, so a node decodes each image once, not once per GPU.
+        Rows of unreadable images stay in the bank, zero and never used: dropping them would copy the
+        whole bank on the device."""
         from tqdm import tqdm
 
         if side < 8:
@@ -121,15 +123,12 @@ class ImageBank:
         kept = [j for j in range(len(paths)) if readable[j]]
         if not kept:
             raise ImageBankError(f"none of the {len(paths)} training images could be read (first: {paths[0]})")
-        row_of = {paths[j]: row for row, j in enumerate(kept)}
+        row_of = {paths[j]: j for j in kept}
         for d in datasets:
             d.image_rows = np.array([row_of.get(r.image, -1) for r in d.records], dtype=np.int64)
             # warned about above: the dataset counts their stand-ins without warning again
             d._warned = d._warned | {r.image for r in d.records if r.image not in row_of}
-        # a copy only when some image was unreadable (drops its row); else the padding is sliced off
-        images = decoded[:len(kept)] if len(kept) == len(paths) else \
-            decoded.index_select(0, torch.tensor(kept, dtype=torch.long, device=decoded.device))
-        return cls(images.to(device), unreadable=len(paths) - len(kept))
+        return cls(decoded[:len(paths)].to(device), unreadable=len(paths) - len(kept))   # padding sliced off
 
 
 def _all_gather_rows(part: torch.Tensor, device) -> torch.Tensor:

@@ -425,8 +425,9 @@ def train(cfg: TrainConfig) -> dict:
             break
         else:
             log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
-        if unreadable:
-            set_aside_checkpoints(out, unreadable)
+        # on every rank, whatever it saw: the lists differ when one rank lists the folder after
+        # rank 0 renamed, and the barrier inside must be reached by all
+        set_aside_checkpoints(out, unreadable)
     train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
     if is_main() and val_sets:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
@@ -462,7 +463,7 @@ def train(cfg: TrainConfig) -> dict:
         bank = device_images.ImageBank.build(parts, cfg.bank_size or image_size, device, workers=cfg.workers,
                                              progress=is_main(), rank=rank, world=world)
         bank_augment = device_images.BankAugment(parts[0].transform)    # what the loader would have done
-        log(f"image bank: {bank.images.shape[0]} images at {bank.side} px on {device} "
+        log(f"image bank: {bank.images.shape[0] - bank.unreadable} images at {bank.side} px on {device} "
             f"({bank.images.numel() / 2**20:.0f} MiB)" + (f", {bank.unreadable} unreadable (skipped)"
                                                           if bank.unreadable else ""))
 
@@ -606,6 +607,8 @@ def train(cfg: TrainConfig) -> dict:
         if save_now:
             save_training_checkpoint(out, train_model if cfg.fsdp else model, optimizer, tokenizer, cfg, step,
                                      cfg.fsdp, words, gathered=gathered)
+        if step < cfg.steps:    # only the last step's are kept, for the export: a whole model's copy
+            whole = gathered = None
     bar.close()
     if cfg.export_fp16 and cfg.fsdp and step == start_step:
         gathered = full_state_dict(train_model, True)   # no step ran here (resumed at the last one)
