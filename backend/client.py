@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -238,17 +237,22 @@ def check_polygon_output(path: str) -> str:
         raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
     if Path(path).is_dir():
         raise ClientError(f"--output {path} is a folder; give a file name")
-    if ext == ".gpkg" and Path(path).exists():
-        from osgeo import ogr
-
-        with _ogr_exceptions():
-            try:
-                ds = ogr.Open(str(path))
-            except RuntimeError:
-                ds = None
-        if ds is None or ds.GetDriver().GetName() != "GPKG":
-            raise ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
+    if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
+        raise ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
     return ext
+
+
+def _open_gpkg(path, update: bool):
+    """An existing GeoPackage opened for vector layers (one holding only raster tiles too), or None."""
+    from osgeo import gdal
+
+    # read-only, a GeoPackage with no vector table opens as a raster only
+    flags = gdal.OF_VECTOR | (gdal.OF_UPDATE if update else gdal.OF_RASTER)
+    with _ogr_exceptions():
+        try:
+            return gdal.OpenEx(str(path), flags, allowed_drivers=["GPKG"])
+        except RuntimeError:
+            return None
 
 
 @contextlib.contextmanager
@@ -268,11 +272,31 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
     CRS, written to a temporary file first and moved into place, so a failure leaves no half file.
     An existing GeoPackage keeps its other layers: the polygons go into a new layer ("skyprompt",
-    else "skyprompt (2)", ...). Returns (polygons written, layer name)."""
+    else "skyprompt (2)", ...), added in one transaction. Returns (polygons written, layer name)."""
     from osgeo import ogr, osr
 
     ext = check_polygon_output(path)
     target = Path(path).resolve()
+    if ext == ".gpkg" and target.exists():
+        # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
+        # keeps a write-ahead log beside it) is written through SQLite, not replaced under it
+        ds = _open_gpkg(target, update=True)
+        taken = {ds.GetLayer(i).GetName().casefold() for i in range(ds.GetLayerCount())}
+        name, n = "skyprompt", 1
+        while name.casefold() in taken:            # GeoPackage layer names ignore case
+            n += 1
+            name = f"skyprompt ({n})"
+        with _ogr_exceptions():
+            ds.StartTransaction()
+            try:
+                written = _write_layer(ds, name, results, own_transaction=False)
+                ds.CommitTransaction()
+            except BaseException:
+                ds.RollbackTransaction()
+                raise
+            finally:
+                ds = None  # noqa: F841 - closing writes the file
+        return written, name
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".skyprompt-", suffix=ext, dir=target.parent)
     os.close(fd)
@@ -280,16 +304,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     written, name = 0, "skyprompt"
     try:
         with _ogr_exceptions():
-            if ext == ".gpkg" and target.exists():
-                shutil.copyfile(target, tmp)       # the user's layers stay; ours is added beside them
-                ds = ogr.Open(tmp, update=1)
-                taken = {ds.GetLayer(i).GetName().casefold() for i in range(ds.GetLayerCount())}
-                n = 1
-                while name.casefold() in taken:    # GeoPackage layer names ignore case
-                    n += 1
-                    name = f"skyprompt ({n})"
-            else:
-                ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
+            ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
             written = _write_layer(ds, name, results)
             ds = None  # noqa: F841 - closing writes the file
         os.replace(tmp, target)
@@ -300,8 +315,9 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     return written, name
 
 
-def _write_layer(ds, name: str, results: list[pb.SegmentResult]) -> int:
-    """One polygon layer `name` in the open data source: a feature per polygon of every prompt."""
+def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction: bool = True) -> int:
+    """One polygon layer `name` in the open data source: a feature per polygon of every prompt
+    (in a layer transaction of its own unless the caller holds the data source's)."""
     from osgeo import ogr, osr
 
     written = 0
@@ -314,7 +330,8 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult]) -> int:
     for field, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
                         ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
         layer.CreateField(ogr.FieldDefn(field, kind))
-    layer.StartTransaction()
+    if own_transaction:
+        layer.StartTransaction()
     for result in results:
         for polygon in result.polygons:
             feature = ogr.Feature(layer.GetLayerDefn())
@@ -326,7 +343,8 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult]) -> int:
             feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(polygon.wkb)))
             layer.CreateFeature(feature)
             written += 1
-    layer.CommitTransaction()
+    if own_transaction:
+        layer.CommitTransaction()
     return written
 
 

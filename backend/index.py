@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import os
 import re
@@ -697,7 +698,8 @@ class TileIndex:
         self._check_open()
         with self._lock:
             if isinstance(path_or_id, (int, np.integer)):
-                row = self._db.execute("SELECT * FROM rasters WHERE id=?", (int(path_or_id),)).fetchone()
+                row = self._db.execute("SELECT * FROM rasters WHERE id=?",
+                                       (self._raster_id_arg(path_or_id),)).fetchone()
             else:
                 row = self._db.execute("SELECT * FROM rasters WHERE source_key=?",
                                        (normalise_raster_path(path_or_id),)).fetchone()
@@ -884,6 +886,9 @@ class TileIndex:
                                                              "xmin must be <= xmax (or east of 0 with xmax west of "
                                                              "it, for a box across 180 degrees)")
                 box = (box[0], box[1], box[2] + 360.0, box[3])   # across 180 degrees: continuous instead
+            # west edge into [-180, 180), as the tiles' boxes start: then a turn either way reaches them all
+            turn = 360.0 * math.floor((box[0] + 180.0) / 360.0)
+            box = (box[0] - turn, box[1], box[2] - turn, box[3])
         # the filters are resolved to raster ids inside each attempt (`_rank`), so a raster removed or
         # re-indexed meanwhile is found missing there, not left to fail every retry
         filters = (list(raster_ids or ()), list(raster_paths or ()))

@@ -74,11 +74,11 @@ class RasterError(Exception):
             raise ValueError(f"unknown RasterError kind {kind!r}; expected one of {sorted(ERROR_KINDS)}")
         super().__init__(message)
         self.kind = kind
+        self.message = message
 
     def __reduce__(self):
         # pickled whole (kind and message), so it crosses process pools as itself
-        return type(self), (self.kind, str(self))
-        self.message = message
+        return type(self), (self.kind, self.message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,9 +256,11 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         top = float(maxima[label]) if counts[label] else score
         # a region of pixels that touch only at a corner comes back from make_valid in parts: they
         # stand or fall together, by the region's area. Simplifying a staircase edge can also leave
-        # half-pixel triangles (slivers): smaller than the one pixel every real part has, so they go
-        parts = [part for part in clean_polygon(geometry, tolerance) if part.area >= 0.75 * pixel_area]
-        if not parts or (min_area > 0 and sum(part.area for part in parts) < min_area):
+        # half-pixel triangles (slivers) beside a region's real parts: those go. A region that is
+        # all small (a pixel or two, simplified) stays as it is: it is a detection, not a sliver
+        parts = clean_polygon(geometry, tolerance)
+        parts = [part for part in parts if part.area >= 0.75 * pixel_area] or parts
+        if min_area > 0 and sum(part.area for part in parts) < min_area:
             dropped += 1
             continue
         for part in parts:

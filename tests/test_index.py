@@ -132,6 +132,9 @@ def test_filters_by_raster_id_path_union_and_wgs84_extent(tmp_path, rng):
             with pytest.raises(TileIndexError) as e:
                 index.raster(never)
             assert e.value.kind == "not_found", never
+        with pytest.raises(TileIndexError) as e:
+            index.remove_raster(2**63)                          # no raster can have it: not an overflow
+        assert e.value.kind == "not_found"
         for wrong_type in (None, 1.0, True):
             with pytest.raises(TileIndexError) as e:
                 index.raster(wrong_type)
@@ -185,6 +188,7 @@ def test_tiles_across_180_degrees_match_only_extents_over_them(tmp_path, rng):
         with pytest.raises(TileIndexError, match="inverted"):       # west > east, but not across 180
             cols((11, -17, 10, -15))
         assert cols((-184, -17, -183, -15)) == [0]                  # 176E..177E written as -184..-183
+        assert cols((-539.9, -17, -539.5, -15)) == [1]              # east of 180, two turns west
 
 
 def test_a_filtered_raster_removed_mid_search_or_unreadable_is_a_clear_error(tmp_path, rng, monkeypatch):

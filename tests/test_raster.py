@@ -451,6 +451,7 @@ def test_a_raster_error_crosses_process_boundaries_whole():
 
     again = pickle.loads(pickle.dumps(RasterError("not_found", "raster 'x.tif' does not exist")))
     assert isinstance(again, RasterError) and again.kind == "not_found" and str(again) == "raster 'x.tif' does not exist"
+    assert again.message == str(again)
 
 
 def test_bad_paths_get_the_right_kinds(tmp_path):

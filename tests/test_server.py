@@ -427,8 +427,17 @@ def test_simplified_edges_leave_no_slivers_smaller_than_a_pixel():
     pixel = 0.5
     kept, _ = polygons_for_prompt(field, np.ones(field.shape, bool), (500000.0, pixel, 0.0, 5000000.0, 0.0, -pixel),
                                   srs, float(np.median(field)), 0.0, pixel, None)
-    assert min(r.area for r in kept) >= 0.75 * pixel ** 2          # no half-pixel triangles
+    small = [r.geometry for r in kept if r.area < 0.75 * pixel ** 2]
+    large = shapely.union_all([r.geometry for r in kept if r.area >= 0.75 * pixel ** 2])
+    # no half-pixel triangle beside a region's real parts: what small parts stay are whole tiny regions,
+    # which touch no other region (corner-touching pixels are one region)
+    assert not any(part.intersects(large) for part in small)
     assert sum(r.area for r in kept) == pytest.approx((field >= np.median(field)).sum() * pixel ** 2, rel=0.05)
+    lone = np.zeros((6, 6))
+    lone[3, 3] = 1.0                                                # one pixel: a detection, kept
+    alone, dropped = polygons_for_prompt(lone, np.ones((6, 6), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0),
+                                         srs, 0.5, 0.0, 1.0, None)
+    assert len(alone) == 1 and dropped == 0
 
 
 def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server, rasters):
@@ -1007,6 +1016,39 @@ def test_cli_segment_into_an_existing_geopackage_adds_a_layer(server, rasters, t
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--output", str(not_gpkg))
     assert out.returncode != 0 and "not a GeoPackage" in out.stderr and "Traceback" not in out.stderr
     assert not_gpkg.read_text() == "my notes"
+
+
+def test_polygons_join_a_geopackage_another_program_holds_open(tmp_path):
+    """QGIS keeps a GeoPackage open in write-ahead-log mode: the layer is added through SQLite, in
+    place, so neither its new layer nor the other program's recent one is lost. A GeoPackage of
+    raster tiles only takes a polygon layer too."""
+    import shapely as shp
+
+    from backend.client import write_polygons
+
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    result = pb().SegmentResult(prompt="a", crs=pb().Crs(authid="EPSG:32633", wkt=srs.ExportToWkt()),
+                                polygons=[pb().SegmentPolygon(wkb=shp.to_wkb(shp.box(0, 0, 1, 1)), score=1.0)])
+    path = tmp_path / "work.gpkg"
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    ds.CreateLayer("first", srs=srs)
+    ds = None
+    other = ogr.Open(str(path), update=1)
+    other.ExecuteSQL("PRAGMA journal_mode=WAL")
+    other.CreateLayer("edited_elsewhere", srs=srs)
+    other.FlushCache()
+    assert write_polygons(str(path), [result]) == (1, "skyprompt")
+    other = None
+    listing = subprocess.run([sys.executable, "-c", "import sys; from osgeo import ogr; ds = ogr.Open(sys.argv[1]); "
+                              "print(sorted(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())))", str(path)],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.stdout.strip() == "['edited_elsewhere', 'first', 'skyprompt']", listing.stderr
+    tiles = tmp_path / "tiles.gpkg"
+    raster = gdal.GetDriverByName("GPKG").Create(str(tiles), 8, 8, 3, gdal.GDT_Byte)
+    raster.SetGeoTransform((0, 1, 0, 0, 0, -1))
+    raster = None
+    assert write_polygons(str(tiles), [result]) == (1, "skyprompt")
 
 
 def test_remove_raster_by_path_and_id(server, rasters):
