@@ -19,6 +19,7 @@ switched on only around this module's own calls and the caller's setting is rest
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -1028,23 +1029,26 @@ class Raster:
         return [tile for batch in self._iter_tile_batches(plan, windows) for tile in batch]
 
     def iter_tiles_with_pixels(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
-                               extent=None, min_valid_fraction: float = 0.5, resample: str = "average"
+                               extent=None, min_valid_fraction: float = 0.5, resample: str = "average",
+                               tile_range: tuple[int, int] | None = None
                                ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
         """Yield (tile, rgb uint8 [3, S, S], valid bool [S, S]) with S = tile_size, reading lazily.
 
         The same grid as tiles(); a tile is skipped when the valid fraction of its own read is below
         min_valid_fraction. A tile cut short by a small raster is padded (invalid) at its right and
-        bottom so the ground resolution stays the requested one. Raises RasterError("aborted") as
-        soon as the file changes on disk. Arguments are checked when this is called, not on first use.
+        bottom so the ground resolution stays the requested one. `tile_range` (start, stop) keeps to
+        those tile indices of the grid. Raises RasterError("aborted") as soon as the file changes on
+        disk. Arguments are checked when this is called, not on first use.
         """
         plan = self._plan(tile_size, overlap, target_resolution, extent)
         minimum = _check_number("min_valid_fraction", min_valid_fraction, 0.0, 1.0)
         alg = _check_resample(resample)
-        return self._tiles_with_pixels(plan, minimum, alg)
+        windows = None if tile_range is None else itertools.islice(plan.windows(), *tile_range)
+        return self._tiles_with_pixels(plan, minimum, alg, windows)
 
-    def _tiles_with_pixels(self, plan: _TilePlan, minimum: float, alg: int):
+    def _tiles_with_pixels(self, plan: _TilePlan, minimum: float, alg: int, windows=None):
         size = plan.tile_size
-        for batch in self._iter_tile_batches(plan, batch_size=64):
+        for batch in self._iter_tile_batches(plan, windows, batch_size=64):
             for tile in batch:
                 self.check_unchanged()
                 out_w, out_h = plan.out_size(tile.width, tile.height)

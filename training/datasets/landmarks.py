@@ -452,23 +452,14 @@ def _tile_unit(cfg: LandmarksConfig, unit: dict, rules: list[Rule], captioner, s
         dst = raster.srs
         feats, tree = _features_for(cfg, rules, dst, unit["raster"])
         crs = crs_authid(dst) or dst.ExportToWkt()
-        start, stop = unit["tiles"]
-        grid = raster.tiles(cfg.tile_size, cfg.overlap, cfg.resolution, min_valid_fraction=0.0)
-        # the tiler's own plan sizes each window's read: a window cut short by a raster narrower than
-        # one tile keeps the ground resolution and is padded below, as iter_tiles_with_pixels does,
-        # rather than being stretched to the full tile
-        plan = raster._plan(cfg.tile_size, cfg.overlap, cfg.resolution, None)
+        # the backend's tiler reads the unit's tiles: a tile cut short by a raster narrower than one
+        # tile keeps the ground resolution and is padded, and mostly-nodata tiles are skipped
+        read = 0
         with tarfile.open(tmp, "w") as tar:
-            for tile in grid[start:stop]:
-                out_w, out_h = plan.out_size(tile.width, tile.height)
-                rgb, valid = raster.read_window(*tile.window, out_size=(out_w, out_h))
-                if valid.mean() < cfg.min_valid:        # of the pixels read: padding is not nodata
-                    stats["skipped_nodata"] += 1
-                    continue
-                if (out_w, out_h) != (cfg.tile_size, cfg.tile_size):
-                    padded = np.zeros((3, cfg.tile_size, cfg.tile_size), np.uint8)
-                    padded[:, :out_h, :out_w] = rgb
-                    rgb = padded
+            for tile, rgb, _ in raster.iter_tiles_with_pixels(cfg.tile_size, cfg.overlap, cfg.resolution,
+                                                              min_valid_fraction=cfg.min_valid,
+                                                              tile_range=tuple(unit["tiles"])):
+                read += 1
                 # the footprint, not the bounding box: a rotated raster's tile is a rotated square, and
                 # its bounding box reaches into the neighbouring tiles
                 box = shapely.from_wkt(tile.footprint_wkt)
@@ -492,6 +483,7 @@ def _tile_unit(cfg: LandmarksConfig, unit: dict, rules: list[Rule], captioner, s
                              "raster": unit["raster"], "shard": str(shard.relative_to(out)),
                              "features": len(used)})
                 stats["kept"] += 1
+        stats["skipped_nodata"] = stats["planned"] - read
     return stats, rows
 
 
