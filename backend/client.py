@@ -6,7 +6,6 @@ exits non-zero with the server's message on stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -246,26 +245,15 @@ def _open_gpkg(path, update: bool):
     """An existing GeoPackage opened for vector layers (one holding only raster tiles too), or None."""
     from osgeo import gdal
 
+    from .raster import _gdal_exceptions
+
     # read-only, a GeoPackage with no vector table opens as a raster only
     flags = gdal.OF_VECTOR | (gdal.OF_UPDATE if update else gdal.OF_RASTER)
-    with _ogr_exceptions():
+    with _gdal_exceptions():
         try:
             return gdal.OpenEx(str(path), flags, allowed_drivers=["GPKG"])
         except RuntimeError:
             return None
-
-
-@contextlib.contextmanager
-def _ogr_exceptions():
-    from osgeo import ogr
-
-    before = ogr.GetUseExceptions()
-    ogr.UseExceptions()
-    try:
-        yield
-    finally:
-        if not before:
-            ogr.DontUseExceptions()
 
 
 def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str]:
@@ -273,7 +261,9 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     CRS, written to a temporary file first and moved into place, so a failure leaves no half file.
     An existing GeoPackage keeps its other layers: the polygons go into a new layer ("skyprompt",
     else "skyprompt (2)", ...), added in one transaction. Returns (polygons written, layer name)."""
-    from osgeo import ogr, osr
+    from osgeo import ogr
+
+    from .raster import _gdal_exceptions
 
     ext = check_polygon_output(path)
     target = Path(path).resolve()
@@ -286,7 +276,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
         while name.casefold() in taken:            # GeoPackage layer names ignore case
             n += 1
             name = f"skyprompt ({n})"
-        with _ogr_exceptions():
+        with _gdal_exceptions():
             ds.StartTransaction()
             try:
                 written = _write_layer(ds, name, results, own_transaction=False)
@@ -303,7 +293,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     os.unlink(tmp)
     written, name = 0, "skyprompt"
     try:
-        with _ogr_exceptions():
+        with _gdal_exceptions():
             ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
             written = _write_layer(ds, name, results)
             ds = None  # noqa: F841 - closing writes the file

@@ -30,7 +30,7 @@ from stat import S_ISREG
 from typing import Iterator, Sequence
 
 import numpy as np
-from osgeo import gdal, osr
+from osgeo import gdal, ogr, osr
 
 ERROR_KINDS = frozenset({"invalid_argument", "not_found", "permission_denied", "resource_exhausted", "aborted"})
 
@@ -99,7 +99,7 @@ def _gdal_exceptions():
     with _exceptions_lock:
         if _exceptions_depth == 0:
             _exceptions_turned_on.clear()
-            for module in (gdal, osr):
+            for module in (gdal, ogr, osr):
                 if not module.GetUseExceptions():
                     module.UseExceptions()
                     _exceptions_turned_on.append(module)
