@@ -816,17 +816,16 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def tar_samples(shard: str, split: Callable[[str], tuple[str, str]] = _split_key,
-                exts: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def tar_samples(shard: str, exts: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample of a WebDataset tar: its file members grouped by key
-    (`split(name)` -> (key, extension)) in stream order; with `exts`, only those members are read.
+    (`_split_key`) in stream order; with `exts`, only those members are read.
     A damaged tar raises to the caller after the samples read before the damage."""
     key, parts = None, {}
     with tarfile.open(shard, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            k, ext = split(member.name)
+            k, ext = _split_key(member.name)
             if exts is not None and ext not in exts:
                 continue
             if k != key:

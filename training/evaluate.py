@@ -888,9 +888,7 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
         named = ", ".join(unknown) if unknown else repr(args.methods)
         raise EvalError(f"unknown --methods {named}; choose from "
                         f"{', '.join(L.METHODS)} or 'all'")
-    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-    if not 0.0 <= threshold <= 1.0:
-        raise EvalError(f"--threshold {threshold} must be between 0 and 1")
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold   # checked above
     records = scan_folder(args.data, names, files=args.files)
     if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
         raise EvalError(f"--keep {args.keep} is a file; give a folder for the mosaics (new or existing)")

@@ -389,15 +389,18 @@ def class_boundary_counts(pred: np.ndarray, truth: np.ndarray, n: int, tolerance
         # ignored pixels join the class's mask, so only a scored neighbour of another class makes a boundary
         tb = _boundary((truth == c) | ignored) & (truth == c)
         pb = _boundary((pred == c) | ignored) & (pred == c) & ~ignored
-        out[c] += (int((pb & _dilate(tb, tolerance)).sum()), int(pb.sum()),
-                   int((tb & _dilate(pb, tolerance)).sum()), int(tb.sum()))
+        out[c] += _match_counts(pb, tb, tolerance)
     return out
 
 
 def boundary_counts(pred_mask, truth_mask, tolerance: int) -> tuple[int, int, int, int]:
     """(matched predicted boundary px, predicted boundary px, matched true boundary px, true boundary
     px): a boundary pixel is matched when the other boundary lies within `tolerance` pixels."""
-    pb, tb = _boundary(np.asarray(pred_mask, bool)), _boundary(np.asarray(truth_mask, bool))
+    return _match_counts(_boundary(np.asarray(pred_mask, bool)), _boundary(np.asarray(truth_mask, bool)), tolerance)
+
+
+def _match_counts(pb: np.ndarray, tb: np.ndarray, tolerance: int) -> tuple[int, int, int, int]:
+    """boundary_counts' four numbers from the predicted and true boundary pixels."""
     return (int((pb & _dilate(tb, tolerance)).sum()), int(pb.sum()),
             int((tb & _dilate(pb, tolerance)).sum()), int(tb.sum()))
 

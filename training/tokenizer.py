@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from backend.model.checkpoint import WEIGHTS
 from backend.model.tokenizer import TokenizerError, train_tokenizer
 from training.data import caption_field, caption_list, karpathy_sentence
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{path} is a directory; pass the caption files in it (e.g. {path}/*_train_caps.txt)")
     out = Path(args.out)
     target = out / "tokenizer.json" if out.is_dir() else out
-    if (target.parent / "model.safetensors").is_file():
+    if (target.parent / WEIGHTS).is_file():
         parser.error(f"--out {args.out} is in a checkpoint folder: writing there would replace the tokenizer its "
                      "model was trained with; write the new tokenizer elsewhere")
     blocking = next((d for d in target.parents if d.exists() and not d.is_dir()), None)

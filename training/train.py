@@ -596,7 +596,6 @@ def train(cfg: TrainConfig) -> dict:
             _append_metrics(metrics_path, {"kind": "train", **last})
         evaluate_now = bool(cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and val_sets)
         save_now = step % cfg.save_every == 0 or step == cfg.steps
-        whole = gathered = None
         if cfg.fsdp and (evaluate_now or save_now or (cfg.export_fp16 and step == cfg.steps)):
             # the whole weights, gathered once for this step's validation, checkpoint and export
             gathered = full_state_dict(train_model, True)

@@ -209,7 +209,7 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         raise CheckpointError(f"{weights} is truncated or corrupt ({e}); copy or re-download the checkpoint") from None
     try:
         model = MaMMUT(cfg)
-    except (ConfigError, TypeError, ValueError, RuntimeError) as e:   # e.g. a 1-channel mean, a float size
+    except (ConfigError, TypeError, ValueError, RuntimeError) as e:   # values read_config's checks let by, e.g. a negative mlp_ratio
         raise CheckpointError(f"{directory / CONFIG}: its model settings cannot make a model ({e}); the "
                               "checkpoint is damaged, copy it again") from None
     expected = model.state_dict()
