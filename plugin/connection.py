@@ -58,7 +58,11 @@ class BackendConnection:
         if tls_ca is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
-            root = open(tls_ca, "rb").read() if tls_ca else None
+            try:
+                root = open(tls_ca, "rb").read() if tls_ca else None
+            except OSError as e:   # every caller (panel tasks, Processing, the local backend) says this alike
+                raise BackendError("INVALID_ARGUMENT", f"cannot read the TLS CA file {tls_ca} ({e.strerror or e}); "
+                                                       "fix it in SkyPrompt settings") from None
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
         self.stub = pb_grpc.SkyPromptStub(self.channel)
         self._health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=lambda b: b,

@@ -76,12 +76,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         QgsProcessingException with one line for the user."""
         BackendError = _backend_error()
         try:
-            conn = settings.connection()
-        except OSError as e:   # the CA certificate file of the settings
-            raise QgsProcessingException(f"cannot connect to the SkyPrompt backend at {settings.address}: {e}; "
-                                         "fix it in SkyPrompt settings") from None
-        try:
-            with conn:
+            with settings.connection() as conn:     # an unreadable TLS CA file: BackendError too
                 return fn(conn)
         except BackendError as e:
             if e.code == "CANCELLED" and feedback.isCanceled():
