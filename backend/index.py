@@ -862,7 +862,8 @@ class TileIndex:
                                                     "could not be read (see the server log); re-index it") from None
 
     def _search_request(self, query, k, checkpoint_hash, raster_ids, raster_paths, bbox_wgs84, nprobe) -> tuple:
-        """Checked search arguments: (unit queries [q, dim], k, checkpoint, raster ids or None, box or None, nprobe)."""
+        """Checked search arguments: (unit queries [q, dim], k, checkpoint, filters (raster ids, paths),
+        the search box as given and a turn of the globe either way (or None), nprobe)."""
         self._check_open()
         q = np.asarray(query, dtype=np.float32)
         if q.ndim not in (1, 2) or q.shape[-1] == 0 or (q.ndim == 2 and q.shape[0] == 0):
@@ -888,11 +889,11 @@ class TileIndex:
                 box = (box[0], box[1], box[2] + 360.0, box[3])   # across 180 degrees: continuous instead
             # west edge into [-180, 180), as the tiles' boxes start: then a turn either way reaches them all
             turn = 360.0 * math.floor((box[0] + 180.0) / 360.0)
-            box = (box[0] - turn, box[1], box[2] - turn, box[3])
+            # and a turn of the globe either way, worked out once for every raster the search tests
+            box = tuple((box[0] - turn + t, box[1], box[2] - turn + t, box[3]) for t in (-360.0, 0.0, 360.0))
         # the filters are resolved to raster ids inside each attempt (`_rank`), so a raster removed or
         # re-indexed meanwhile is found missing there, not left to fail every retry
         filters = (list(raster_ids or ()), list(raster_paths or ()))
-        self._selected_rasters(*filters, checkpoint_hash)      # unknown ones: not_found at once
         nprobe = self.nprobe if nprobe is None else int(nprobe)
         if nprobe <= 0:
             raise TileIndexError("invalid_argument", f"nprobe must be positive, got {nprobe}")
@@ -929,7 +930,7 @@ class TileIndex:
                                               "re-index it to search it")
         return row["id"]
 
-    def _rank(self, q: np.ndarray, k: int, checkpoint_hash: str, filters: tuple, box, nprobe: int,
+    def _rank(self, q: np.ndarray, k: int, checkpoint_hash: str, filters: tuple, boxes_turned, nprobe: int,
               exact: bool, min_score: float | None, expand: int = 0,
               expand_weight: float = EXPAND_WEIGHT) -> list[Ranking]:
         selected = self._selected_rasters(*filters, checkpoint_hash)
@@ -948,10 +949,10 @@ class TileIndex:
             if row is None or row[0] > 0:
                 raise _Stale()
         masks = {}
-        if box is not None:
+        if boxes_turned is not None:
             kept = []
             for slot in slots:
-                mask = self._box_mask(snap, slot, box)
+                mask = self._box_mask(snap, slot, boxes_turned)
                 if mask is False:
                     continue
                 kept.append(slot)
@@ -981,15 +982,14 @@ class TileIndex:
             out.append(Ranking(tile_ids, scores, snap.raster_of_slot[owner], searched, approximate))
         return out
 
-    def _box_mask(self, snap: _Snapshot, slot: _Slot, box):
+    def _box_mask(self, snap: _Snapshot, slot: _Slot, boxes_turned):
         """True (every tile of the raster intersects the box), False (none does) or a per-tile mask.
-        Longitudes are continuous, so a box or a tile may reach past 180 degrees: the box is tried
-        as given and a turn of the globe either way."""
+        Longitudes are continuous, so a box or a tile may reach past 180 degrees: `boxes_turned` is
+        the box as given and a turn of the globe either way (from _search_request)."""
         env = slot.envelope
         if env == NO_LONLAT_BOX:
             return False    # a raster without longitude/latitude lies in no EPSG:4326 box, whatever its numbers
-        shifted = [(box[0] + turn, box[1], box[2] + turn, box[3]) for turn in (-360.0, 0.0, 360.0)]
-        shifted = [b for b in shifted if not (env[0] > b[2] or env[2] < b[0] or env[1] > b[3] or env[3] < b[1])]
+        shifted = [b for b in boxes_turned if not (env[0] > b[2] or env[2] < b[0] or env[1] > b[3] or env[3] < b[1])]
         if not shifted:
             return False
         if any(env[0] >= b[0] and env[2] <= b[2] and env[1] >= b[1] and env[3] <= b[3] for b in shifted):

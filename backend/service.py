@@ -123,6 +123,14 @@ def check_text(field: str, text: str, limits: Limits) -> str:
     return text.strip()
 
 
+LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores
+
+
+def _shown_path(path: str) -> str:
+    """A raster's path as clients see it: empty for pixels a client sent (stored as "pixels:<hash>")."""
+    return "" if path.startswith("pixels:") else path
+
+
 def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
     """An Extent message as (xmin, ymin, xmax, ymax, crs), or None when unset / all zero.
     `lonlat_default` (Search): an empty crs means EPSG:4326, whose extents must be longitudes and
@@ -134,7 +142,7 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
         return None
     if not all(math.isfinite(v) for v in values):
         raise _bad(f"extent {values} has a coordinate that is not a finite number")
-    lonlat = lonlat_default and (message.crs or "EPSG:4326").upper() in ("EPSG:4326", "OGC:CRS84")
+    lonlat = lonlat_default and (message.crs or "EPSG:4326").upper() in LONLAT_CRS
     if lonlat and not (-90 <= values[1] <= 90 and -90 <= values[3] <= 90 and
                        all(-540 <= v <= 540 for v in (values[0], values[2]))):
         raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is not longitude/latitude in "
@@ -433,7 +441,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             parts = extent_parts(request.extent, lonlat_default=True)
             if parts is not None:
                 crs = parts[4] or "EPSG:4326"
-                bbox = parts[:4] if crs.upper() in ("EPSG:4326", "OGC:CRS84") else \
+                bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
@@ -456,7 +464,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
         for hit in hits:
             out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
-                               raster_path="" if hit.raster_path.startswith("pixels:") else hit.raster_path,
+                               raster_path=_shown_path(hit.raster_path),
                                raster_name=hit.raster_name, tile_id=hit.tile_id,
                                window=pb.PixelWindow(x_off=hit.col, y_off=hit.row, width=hit.width, height=hit.height),
                                crs=pb.Crs(authid=hit.crs_authid, wkt=hit.crs_wkt), bounds=_box(hit.bounds),
@@ -659,7 +667,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         current = self.engine.checkpoint_hash
         entries = self.index.list_rasters(None if request.all_checkpoints else current)
         return pb.ListRastersResponse(rasters=[pb.IndexedRaster(
-            raster_id=str(e["id"]), raster_path="" if e["path"].startswith("pixels:") else e["path"],
+            raster_id=str(e["id"]), raster_path=_shown_path(e["path"]),
             raster_name=e["name"], tile_count=e["tile_count"], crs=pb.Crs(authid=e["crs_authid"], wkt=e["crs_wkt"]),
             bounds=_box(e["bounds"]), bounds_wgs84=_box(e["bounds_wgs84"]),
             current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"]) for e in entries])
