@@ -12,7 +12,7 @@ name (directory fsynced), and only then registered in SQLite together with all i
 transaction. Whatever moment a process dies, the raster is either completely in SQLite with a
 complete file, or absent; opening the index deletes the files no row refers to (temporary files,
 a file renamed just before the crash, a replaced raster's old file) and drops rows whose file is
-missing or has the wrong shape.
+missing or has the wrong shape (a file unreadable for another reason, e.g. permissions, is kept).
 
 Search keeps, per checkpoint, an in-memory float32 copy of every raster's matrix laid out
 dimension-major ([dim, tiles]): one contiguous matrix-vector product over it is the fastest exact
@@ -134,7 +134,8 @@ def normalise_raster_path(path: str | os.PathLike) -> str:
 
 
 def raster_identity(path: str | os.PathLike) -> dict:
-    """{"path", "size", "mtime_ns"} of a raster file, the identity `needs_indexing` compares."""
+    """{"path", "size", "mtime_ns"} of a raster that is one file, the identity `needs_indexing` compares
+    (backend.raster's Raster.identity adds "sources" for one that reads more files, e.g. a VRT)."""
     real = normalise_raster_path(path)
     try:
         st = os.stat(real)
@@ -158,15 +159,21 @@ def canonical_settings(settings: dict | str | None) -> str:
         raise TileIndexError("invalid_argument", f"indexing settings must be JSON-serialisable: {e}") from None
 
 
-def _identity_fields(identity: dict) -> tuple[str, int, int]:
+def _identity_fields(identity: dict) -> tuple[str, int, int, str]:
+    """(key, size, mtime_ns, sources): "sources" is optional text standing for the other files the
+    raster reads (a VRT's sources), "" for a raster that is one file."""
     try:
         key = normalise_raster_path(identity["path"])
         size = int(identity.get("size", identity.get("size_bytes")))
         mtime_ns = int(identity["mtime_ns"])
+        sources = identity.get("sources") or ""
+        if not isinstance(sources, str):
+            raise TypeError
     except (KeyError, TypeError, ValueError):
-        raise TileIndexError("invalid_argument", "a raster identity needs 'path', 'size' (bytes) and 'mtime_ns'; "
-                                                 "raster_identity(path) builds one") from None
-    return key, size, mtime_ns
+        raise TileIndexError("invalid_argument", "a raster identity needs 'path', 'size' (bytes) and 'mtime_ns' "
+                                                 "(and text 'sources', if any); raster_identity(path) builds "
+                                                 "one") from None
+    return key, size, mtime_ns, sources
 
 
 def _box(value, what: str, wraps: bool = False) -> tuple[float, float, float, float]:
@@ -257,6 +264,7 @@ CREATE TABLE IF NOT EXISTS rasters (
     source_key TEXT NOT NULL UNIQUE,        -- normalised path (or "scheme:..." key)
     size_bytes INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
+    sources TEXT NOT NULL DEFAULT '',       -- stands for the other files it reads (a VRT's); '' for one file
     checkpoint_hash TEXT NOT NULL,
     settings TEXT NOT NULL,                 -- canonical JSON
     name TEXT NOT NULL,
@@ -376,6 +384,7 @@ class _Quantiser:
     """A trained coarse quantiser for one checkpoint, with each raster's list assignments."""
     centroids: np.ndarray
     trained_on: int
+    trained_rasters: frozenset = frozenset()         # (raster id, file) of the rasters it was trained on
     labels: dict = field(default_factory=dict)       # (raster id, file) -> [tile_count] int32
 
 
@@ -500,6 +509,10 @@ class TileIndex:
             self._db = _connect(self.directory / DB_NAME)
             self._db.row_factory = sqlite3.Row
             self._db.executescript(SCHEMA)
+            if "sources" not in {r["name"] for r in self._db.execute("PRAGMA table_info(rasters)")}:
+                # added within schema version 1 (older versions ignore it): rows written before it
+                # read as rasters that are one file, so they stay "unchanged" and only VRTs re-index
+                self._db.execute("ALTER TABLE rasters ADD COLUMN sources TEXT NOT NULL DEFAULT ''")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_tile_id', '1')")
             version = int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
@@ -533,7 +546,11 @@ class TileIndex:
             self._lock_file = None
 
     def _recover(self) -> None:
-        """Drop rows whose matrix is missing or malformed, then delete files no row refers to."""
+        """Drop rows whose matrix is missing or malformed, then delete files no row refers to.
+
+        A matrix that cannot be read for any other reason (permission denied, too many open files,
+        an I/O error) may be intact, and the only copy of a long indexing run: its row and file are
+        kept, and searches report that raster unavailable until the file can be read."""
         rows = self._db.execute(
             "SELECT id, source_key, tile_count, dim, first_tile_id, embeddings_file FROM rasters").fetchall()
         referenced, broken = set(), []
@@ -545,11 +562,16 @@ class TileIndex:
                     raise ValueError(f"has shape {matrix.shape}, ({row['tile_count']}, {row['dim']}) expected")
                 del matrix
                 referenced.add(row["embeddings_file"])
-            except (OSError, ValueError) as e:
+            except (FileNotFoundError, ValueError) as e:
                 problem = "is missing" if isinstance(e, FileNotFoundError) else e
                 log.warning("tile index: dropping raster %s (%s): its embedding file %s %s; re-index it",
                             row["id"], row["source_key"], path, problem)
                 broken.append(row)
+            except OSError as e:
+                referenced.add(row["embeddings_file"])
+                log.error("tile index: raster %s (%s) is kept but cannot be searched: its embedding file %s cannot "
+                          "be read (%s); give the server's user read access to it (or fix the disk) and restart "
+                          "the server", row["id"], row["source_key"], path, e.strerror or e)
         if broken:
             self._db.execute("BEGIN IMMEDIATE")
             for row in broken:
@@ -606,13 +628,13 @@ class TileIndex:
     # -- queries about rasters --
     def needs_indexing(self, identity: dict, checkpoint_hash: str, settings: dict | str | None) -> str:
         """"unchanged" (same file, checkpoint and settings: nothing to do), "new", or "changed"."""
-        key, size, mtime_ns = _identity_fields(identity)
-        row = self._reader().execute(
-            "SELECT size_bytes, mtime_ns, checkpoint_hash, settings FROM rasters WHERE source_key=?", (key,)).fetchone()
+        key, size, mtime_ns, sources = _identity_fields(identity)
+        row = self._reader().execute("SELECT size_bytes, mtime_ns, sources, checkpoint_hash, settings FROM rasters "
+                                     "WHERE source_key=?", (key,)).fetchone()
         if row is None:
             return NEW
-        same = (row["size_bytes"] == size and row["mtime_ns"] == mtime_ns and row["checkpoint_hash"] == checkpoint_hash
-                and row["settings"] == canonical_settings(settings))
+        same = (row["size_bytes"] == size and row["mtime_ns"] == mtime_ns and row["sources"] == sources
+                and row["checkpoint_hash"] == checkpoint_hash and row["settings"] == canonical_settings(settings))
         return UNCHANGED if same else CHANGED
 
     def list_rasters(self, checkpoint_hash: str | None = None) -> list[dict]:
@@ -741,7 +763,8 @@ class TileIndex:
                 env = w.envelope()
                 m = w.meta
                 values = dict(
-                    source_key=w.key, size_bytes=w.size, mtime_ns=w.mtime_ns, checkpoint_hash=w.checkpoint_hash,
+                    source_key=w.key, size_bytes=w.size, mtime_ns=w.mtime_ns, sources=w.sources,
+                    checkpoint_hash=w.checkpoint_hash,
                     settings=w.settings, name=m["name"], crs_authid=m["crs_authid"], crs_wkt=m["crs_wkt"],
                     width=m["width"], height=m["height"], band_count=m["band_count"],
                     xmin=m["bounds"][0] if m["bounds"] else None, ymin=m["bounds"][1] if m["bounds"] else None,
@@ -859,7 +882,8 @@ class TileIndex:
                 # still inconsistent with no write landing: a raster whose embedding file could not
                 # be read (the server log names it) is in the tables but in no snapshot
                 raise TileIndexError("unavailable", "a raster asked for cannot be searched now: its embeddings "
-                                                    "could not be read (see the server log); re-index it") from None
+                                                    "could not be read (the server log says why); re-index it, or "
+                                                    "make its embedding file readable") from None
 
     def _search_request(self, query, k, checkpoint_hash, raster_ids, raster_paths, bbox_wgs84, nprobe) -> tuple:
         """Checked search arguments: (unit queries [q, dim], k, checkpoint, filters (raster ids, paths),
@@ -1157,9 +1181,14 @@ class TileIndex:
                     matrix = _read_matrix(self.embeddings_dir / row["embeddings_file"])
                     if matrix.shape != (row["tile_count"], dim):
                         raise ValueError(f"has shape {matrix.shape}")
-                except (OSError, ValueError) as e:
+                except (FileNotFoundError, ValueError) as e:
                     log.error("tile index: raster %s is not searchable: its embedding file %s: %s; re-index it",
                               row["id"], row["embeddings_file"], e)
+                    continue
+                except OSError as e:  # e.g. permission denied: the file may be intact, so no re-index
+                    log.error("tile index: raster %s is not searchable: its embedding file %s cannot be read (%s); "
+                              "give the server's user read access to it (or fix the disk) and restart the server",
+                              row["id"], self.embeddings_dir / row["embeddings_file"], e.strerror or e)
                     continue
             else:
                 matrix = None
@@ -1184,8 +1213,11 @@ class TileIndex:
                          {s.raster_id: i for i, s in enumerate(slots)})
 
     def _ivf(self, snap: _Snapshot) -> _Ivf:
-        """The snapshot's inverted-file index; trains the quantiser when there is none yet or the
-        index has grown or shrunk 4x since, and assigns only rasters it has not seen."""
+        """The snapshot's inverted-file index; trains the quantiser when there is none yet, when
+        fewer than half of today's tiles were among those it was trained on (rasters added, replaced
+        or removed since: its centroids describe data mostly gone, lists grow unbalanced and recall
+        drops; this also covers growing past 2x), or when the index has shrunk 4x (too many lists
+        for what is left). Assigns only rasters it has not seen."""
         if snap.ivf is not None:
             return snap.ivf
         with self._lock:
@@ -1193,13 +1225,16 @@ class TileIndex:
                 return snap.ivf
             quant = self._quantisers.get(snap.checkpoint_hash)
             n = snap.size
+            known = 0 if quant is None else sum(s.stop - s.start for s in snap.slots
+                                                if (s.raster_id, s.file) in quant.trained_rasters)
             if (quant is None or quant.centroids.shape[1] != snap.dim
-                    or not quant.trained_on / 4 <= n <= quant.trained_on * 4):
+                    or n * 4 < quant.trained_on or known * 2 < n):
                 nlist = lists_for(n)
                 rng = np.random.default_rng(0)
                 sample = np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))
                 train = np.ascontiguousarray(snap.vectors_t[:, sample].T)
-                quant = _Quantiser(spherical_kmeans(train, nlist), trained_on=n)
+                quant = _Quantiser(spherical_kmeans(train, nlist), trained_on=n,
+                                   trained_rasters=frozenset((s.raster_id, s.file) for s in snap.slots))
                 self._quantisers[snap.checkpoint_hash] = quant
             labels = np.empty(n, np.int32)
             live = set()
@@ -1226,7 +1261,7 @@ class RasterWriter:
     """Streams one raster's tiles and embeddings into a temporary file; see TileIndex.writer."""
 
     def __init__(self, index: TileIndex, identity: dict, checkpoint_hash: str, settings, raster_meta: dict, dim: int):
-        self.key, self.size, self.mtime_ns = _identity_fields(identity)
+        self.key, self.size, self.mtime_ns, self.sources = _identity_fields(identity)
         if not checkpoint_hash or not isinstance(checkpoint_hash, str):
             raise TileIndexError("invalid_argument", "a checkpoint hash is required: embeddings are only "
                                                      "comparable within one checkpoint")

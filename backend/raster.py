@@ -484,7 +484,7 @@ class Raster:
     """An open raster with a resolved band mapping. Build with open_raster() or raster_from_pixels()."""
 
     def __init__(self, dataset: gdal.Dataset, *, path: str, real_path: str, name: str, bands: BandMapping,
-                 stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = ""):
+                 stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = "", sources: str = ""):
         self._ds = dataset
         self._lock = threading.RLock()
         self.path = path
@@ -495,6 +495,7 @@ class Raster:
         self.band_count = dataset.RasterCount
         self._digest = digest
         self._stat = stat  # taken before GDAL opened the file, so a change during the open is caught too
+        self._sources = sources  # the other files it reads, as at open (_sources_digest)
         where = self._where()
 
         if self.band_count < 1:
@@ -559,14 +560,19 @@ class Raster:
         return [self._dataset().GetRasterBand(b).GetNoDataValue() for b in range(1, self.band_count + 1)]
 
     def identity(self) -> dict:
-        """Key of this raster's content: real path, size in bytes and mtime in ns as at open.
+        """Key of this raster's content: real path, size in bytes and mtime in ns as at open, plus
+        ``sources`` when GDAL reads other files for it (a VRT's sources, sidecar files): a digest of
+        their paths, sizes and mtimes, so editing a file behind a VRT changes the key.
 
         Pixel sources have no file: path "", size and mtime_ns 0, plus a ``sha256`` of their pixels
         and georeferencing.
         """
         if self._stat is None:
             return {"path": "", "size": 0, "mtime_ns": 0, "sha256": self._digest}
-        return {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
+        identity = {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
+        if self._sources:  # absent for a raster that is one file: its key stays what it always was
+            identity["sources"] = self._sources
+        return identity
 
     def _stat_now(self) -> os.stat_result:
         return os.stat(self.real_path)
@@ -1109,6 +1115,38 @@ def _check_referenced_files(dataset: gdal.Dataset, shown: str, roots: list[str],
         _check_referenced_files(nested, shown, roots, seen, depth + 1)
 
 
+def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
+    """sha256 of (path, size, mtime) of every file but `real` that the dataset reads (a VRT's sources,
+    nested VRTs' sources too, sidecar files such as .ovr or .tfw, but not .aux.xml); "" when it
+    reads no other."""
+    found, pending = set(), [dataset]
+    while pending:
+        for name in pending.pop().GetFileList() or []:
+            local = not (name.startswith("/vsi") or "://" in name)
+            file = os.path.realpath(name) if local else name
+            if file == real or file in found or file.lower().endswith(".aux.xml"):
+                # .aux.xml holds statistics and histograms that QGIS and GDAL (re)write when they
+                # merely look at a raster: counting it would re-index unchanged pixels
+                continue
+            found.add(file)
+            if local and _is_vrt(file):  # a VRT's file list stops at its own sources: read theirs too
+                try:
+                    with _gdal_exceptions():
+                        pending.append(gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_READONLY))
+                except RuntimeError:
+                    pass  # reading it fails later with GDAL's own message; its stat is still in the key
+    if not found:
+        return ""
+    entries = []
+    for file in sorted(found):
+        try:
+            st = os.stat(file)
+            entries.append(f"{file}\0{st.st_size}\0{st.st_mtime_ns}")
+        except (OSError, ValueError):
+            entries.append(f"{file}\0-\0-")  # missing or not a local file: known by its name alone
+    return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
                 allowed_roots: Sequence[str | os.PathLike] | None = None) -> Raster:
     """Open a raster file read-only, with its band mapping resolved.
@@ -1159,6 +1197,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
         raise RasterError("invalid_argument", not_raster)
     if roots:
         _check_referenced_files(dataset, shown, roots, seen={real})
+    sources = _sources_digest(dataset, real)  # before pixels are read, like `stat`
     first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
     if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
         # a colour-table image: its values are palette entries, not grey levels; read it as the colours
@@ -1167,7 +1206,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
             # otherwise be stretched as if it were 16-bit data)
             dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
     name = os.path.basename(absolute)
-    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat)
+    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, sources=sources)
 
 
 def _data_type_name(dtype) -> str:

@@ -1,9 +1,11 @@
 """Tile index: real SQLite and embedding files under tmp_path, crashes by SIGKILL in subprocesses."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from osgeo import gdal, osr
 
+from backend import index as index_module
 from backend.index import TileIndex, TileIndexError, _top_k, raster_identity
+from backend.raster import open_raster
 
 REPO = Path(__file__).resolve().parents[1]
 CK = "ckpt-a"
@@ -263,6 +268,73 @@ def test_unchanged_is_a_noop_changed_is_replaced_and_remove_deletes(tmp_path, rn
         with pytest.raises(TileIndexError) as e:
             index.raster(rid)
         assert e.value.kind == "not_found" and "client list" in str(e.value)
+
+
+def write_geotiff(path, value, size=64):
+    """A 3-band Byte GeoTIFF in UTM 33N filled with `value`: rewriting it keeps its size in bytes."""
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetSpatialRef(srs)
+    for band in range(1, 4):
+        ds.GetRasterBand(band).WriteArray(np.full((size, size), value, np.uint8))
+    ds = None
+
+
+def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
+    """A VRT's own size and mtime stay the same when a GeoTIFF behind it is rewritten; its identity
+    also covers every file GDAL reads for it (nested VRTs' sources too), so re-indexing it is no longer
+    skipped as "unchanged". A raster that is one file keeps the identity it always had."""
+    source, vrt, outer = tmp_path / "source.tif", tmp_path / "mosaic.vrt", tmp_path / "outer.vrt"
+    write_geotiff(source, 10)
+    gdal.BuildVRT(str(vrt), [str(source)]).FlushCache()
+    gdal.BuildVRT(str(outer), [str(vrt)]).FlushCache()
+    settings = {"tile": 224}
+    with TileIndex(tmp_path / "idx") as index:
+        for path in (source, vrt, outer):
+            with open_raster(path) as raster:
+                identity = raster.identity()
+                index.add_raster(identity, CK, settings, meta(path.stem), make_tiles(3), unit(rng, 3))
+                assert index.needs_indexing(identity, CK, settings) == "unchanged"
+            if path == source:   # one file: the same keys as ever, so existing indexes stay "unchanged"
+                assert identity == raster_identity(source)
+        # QGIS and GDAL write statistics to an .aux.xml when they only display a raster: not a change
+        (tmp_path / "source.tif.aux.xml").write_text("<PAMDataset></PAMDataset>")
+        for path in (source, vrt, outer):
+            with open_raster(path) as raster:
+                assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged", path.name
+        vrt_before, outer_before = vrt.stat(), outer.stat()
+        source_before = source.stat()
+
+        write_geotiff(source, 200)
+        os.utime(source, ns=(source_before.st_atime_ns, source_before.st_mtime_ns + 10**9))
+        assert source.stat().st_size == source_before.st_size
+        for path, before in ((vrt, vrt_before), (outer, outer_before)):
+            assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        for path in (source, vrt, outer):
+            with open_raster(path) as raster:
+                assert raster.read_window(0, 0, 8, 8)[0][:, 0, 0].tolist() == [200, 200, 200]
+                assert index.needs_indexing(raster.identity(), CK, settings) == "changed", path.name
+
+
+def test_an_index_written_before_the_sources_column_opens_with_its_rasters_unchanged(tmp_path, rng):
+    """Indexes made before rasters' identities covered a VRT's sources gain the column on open; the
+    rasters in them (one file each: no sources) stay "unchanged", so nothing is indexed again."""
+    directory = tmp_path / "idx"
+    emb = unit(rng, 10)
+    with TileIndex(directory) as index:
+        rid = add(index, tmp_path, "a", emb)
+    with sqlite3.connect(directory / "index.sqlite3") as conn:
+        conn.execute("ALTER TABLE rasters DROP COLUMN sources")
+    with TileIndex(directory) as index:
+        assert index.needs_indexing(ident(tmp_path, "a"), CK, {"tile": 224}) == "unchanged"
+        assert index.search(emb[4], 1, CK)[0].raster_id == rid
+        vrt = dict(ident(tmp_path, "v"), sources="digest-1")
+        index.add_raster(vrt, CK, {}, meta("v"), make_tiles(2), unit(rng, 2))
+        assert index.needs_indexing(vrt, CK, {}) == "unchanged"
+        assert index.needs_indexing(dict(vrt, sources="digest-2"), CK, {}) == "changed"
+        assert index.needs_indexing(ident(tmp_path, "v"), CK, {}) == "changed"
 
 
 def test_only_embeddings_of_the_given_checkpoint_are_searched(tmp_path, rng):
@@ -526,6 +598,48 @@ def test_open_drops_rows_whose_file_is_missing_or_malformed(tmp_path, rng, caplo
     assert "a.tif" in warnings and "b.tif" in warnings and "re-index" in warnings
 
 
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EIO, "Input/output error"),
+                                   OSError(errno.EMFILE, "Too many open files")])
+def test_open_keeps_a_raster_whose_file_cannot_be_read_for_another_reason(tmp_path, rng, monkeypatch, caplog, error):
+    """Only a missing or malformed matrix drops its raster: one that cannot be read for another reason
+    (permissions, an I/O error, too many open files) may be intact, so its row and file survive the
+    open, searches report it unavailable, and once it can be read it is searched again.
+
+    The tests run as root, where chmod 000 does not stop a read, so the failure is raised by replacing
+    the module's _read_matrix for that one file: the only honest way to get EACCES here."""
+    directory = tmp_path / "idx"
+    emb_a, emb_b = unit(rng, 10), unit(rng, 10)
+    with TileIndex(directory) as index:
+        a, b = add(index, tmp_path, "a", emb_a), add(index, tmp_path, "b", emb_b)
+        file_a = directory / "embeddings" / index.raster(a)["embeddings_file"]
+    before = embedding_files(directory)
+    read_matrix = index_module._read_matrix
+
+    def unreadable_a(path):
+        if Path(path) == file_a:
+            raise type(error)(error.errno, error.strerror, str(path))
+        return read_matrix(path)
+
+    monkeypatch.setattr(index_module, "_read_matrix", unreadable_a)
+    with caplog.at_level(logging.WARNING, logger="backend.index"), TileIndex(directory) as index:
+        assert [r["id"] for r in index.list_rasters()] == [a, b]
+        assert {h.raster_id for h in index.search(emb_a[3], 5, CK)} == {b}
+        with pytest.raises(TileIndexError) as e:
+            index.search(emb_a[3], 5, CK, raster_ids=[a])
+        assert e.value.kind == "unavailable" and "readable" in str(e.value)
+    assert embedding_files(directory) == before
+    logged = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert file_a.name in logged and error.strerror in logged and "dropping" not in logged
+
+    monkeypatch.undo()                                   # readable again
+    with TileIndex(directory) as index:
+        hits = index.search(emb_a[3], 1, CK)
+        assert hits[0].raster_id == a and hits[0].col == 3 * 256
+        assert index._reader().execute("SELECT COUNT(*) FROM tiles").fetchone()[0] == 20
+    assert embedding_files(directory) == before
+
+
 def test_concurrent_readers_never_see_a_partial_raster(tmp_path, rng):
     with TileIndex(tmp_path / "idx") as index:
         add(index, tmp_path, "base", unit(rng, 200))
@@ -599,6 +713,40 @@ def test_ann_recall_at_10_against_exact_on_clustered_data(tmp_path):
         extra = clustered(rng, 100, 64, centers=1, noise=0.3)
         new_id = add(index, tmp_path, "new", extra)
         assert index.search(extra[0], 1, CK, exact=False)[0].raster_id == new_id
+
+
+def around_axis(rng, n, axis, dim=DIM):
+    """Unit vectors in 50 clusters near one coordinate axis: one region of the sphere."""
+    centres = np.eye(dim, dtype=np.float32)[axis] + 0.5 * unit(rng, 50, dim)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, 50, n)] + 0.3 / np.sqrt(dim) * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_quantiser_is_retrained_when_most_tiles_are_new_though_their_count_is_the_same(tmp_path):
+    """Replacing every raster with other content keeps the tile count, but the old centroids describe
+    data that is gone: most new tiles fall in a few lists and an approximate search scans a large
+    part of the index. Fewer than half of the tiles known at training time retrains the quantiser;
+    an unchanged index, or one raster of four replaced, keeps it."""
+    rng = np.random.default_rng(0)
+    with TileIndex(tmp_path / "idx", ann_threshold=1000, nprobe=2) as index:
+        for i in range(4):
+            add(index, tmp_path, f"r{i}", around_axis(rng, 1000, axis=0))
+        assert index.search(around_axis(rng, 1, axis=0)[0], 10, CK, exact=False).approximate
+        trained = index._quantisers[CK]
+        index.search(around_axis(rng, 1, axis=0)[0], 10, CK, exact=False)
+        assert index._quantisers[CK] is trained                    # unchanged: not trained again
+
+        add(index, tmp_path, "r0", around_axis(rng, 1000, axis=1), mtime_ns=2)
+        index.search(around_axis(rng, 1, axis=1)[0], 10, CK, exact=False)
+        assert index._quantisers[CK] is trained                    # 3 of 4 rasters still known
+
+        for i in range(1, 4):
+            add(index, tmp_path, f"r{i}", around_axis(rng, 1000, axis=1), mtime_ns=2)
+        assert index.stats(CK)["tiles"] == 4000
+        scanned = [index.search(q, 10, CK, exact=False).tiles_searched for q in around_axis(rng, 50, axis=1)]
+        assert index._quantisers[CK] is not trained
+        assert np.mean(scanned) < 400, f"an approximate search scans {np.mean(scanned):.0f} of 4000 tiles"
 
 
 @pytest.mark.parametrize("n,k", [(10, 3), (5000, 10), (100_000, 7), (100_000, 64), (3000, 3000)])
