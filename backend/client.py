@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -338,13 +339,38 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction
     return written
 
 
+def drop_smaller_than(results: list[pb.SegmentResult], min_area_m2: float) -> int:
+    """Each result without its polygons of fewer than `min_area_m2` square metres (area_m2, as the
+    plugin's minimum area), counted in its dropped_small. A polygon whose area_m2 is unknown (0 for
+    a positive area) stays: its size cannot be judged. Returns how many such polygons stayed."""
+    if min_area_m2 <= 0:
+        return 0
+    unmeasured = 0
+    for result in results:
+        kept = []
+        for polygon in result.polygons:
+            if polygon.area_m2 <= 0 < polygon.area:
+                unmeasured += 1
+            elif polygon.area_m2 < min_area_m2:
+                result.dropped_small += 1
+                continue
+            kept.append(polygon)
+        del result.polygons[:]
+        result.polygons.extend(kept)
+    return unmeasured
+
+
 def cmd_segment(stub, args) -> int:
     # outputs are checked before the server works, not after
     if args.output:
         check_polygon_output(args.output)
     if args.relevance_map and not Path(args.relevance_map).resolve().parent.is_dir():
         raise ClientError(f"--relevance-map {args.relevance_map}: its folder does not exist")
-    request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=args.min_area,
+    if not math.isfinite(args.min_area) or args.min_area < 0:
+        raise ClientError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
+    # the server's min_area is in map units squared (square degrees on a lon/lat raster): the
+    # square metres given here are compared with each polygon's area_m2 below instead
+    request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=0.0,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
                                 target_resolution=args.resolution or 0.0, raw_prompts=args.raw_prompts)
     _with_bands(request, args)
@@ -369,6 +395,10 @@ def cmd_segment(stub, args) -> int:
             bar.update(event.progress.tiles_done - bar.n)
     if bar is not None:
         bar.close()
+    unmeasured = drop_smaller_than(results, args.min_area)
+    if unmeasured:
+        print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
+              f"longitude/latitude) and were kept whatever their size", file=sys.stderr)
     written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
     if args.relevance_map:
         stem = Path(args.relevance_map)
@@ -390,8 +420,10 @@ def cmd_segment(stub, args) -> int:
     else:
         for r in out["results"]:
             area = sum(p["area"] for p in r["polygons"])
-            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2, "
-                  f"max relevance {r['max_relevance']:.2f}")
+            area_m2 = sum(p["area_m2"] for p in r["polygons"])
+            dropped = f", {r['dropped_small']} smaller than --min-area dropped" if r["dropped_small"] else ""
+            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2 "
+                  f"({area_m2:.1f} m^2), max relevance {r['max_relevance']:.2f}{dropped}")
         for r in results:
             if r.unfamiliar_words:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
@@ -455,15 +487,30 @@ def cmd_list(stub, args) -> int:
 COMMANDS = {"info": cmd_info, "list": cmd_list, "remove": cmd_remove, "index": cmd_index, "search": cmd_search, "segment": cmd_segment, "caption": cmd_caption}
 
 
-def add_client_arguments(parser: argparse.ArgumentParser) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get(SERVER_ENV, "127.0.0.1:50051"),
+def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command shares. They go on the client parser (with their defaults) and on
+    each command's (defaults suppressed), so they may come before or after the command: a value
+    given after it wins, and one given before it is not reset by the command's defaults."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default(os.environ.get(SERVER_ENV, "127.0.0.1:50051")),
                         help=f"host:port of the server (default 127.0.0.1:50051; env {SERVER_ENV})")
-    common.add_argument("--token", default=os.environ.get(TOKEN_ENV), help=f"bearer token (env {TOKEN_ENV})")
-    common.add_argument("--tls-ca", nargs="?", const="", default=None, metavar="PEM",
-                        help="use TLS; optionally with this CA certificate (default: system roots)")
-    common.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
-    common.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    parser.add_argument("--token", default=default(os.environ.get(TOKEN_ENV)), help=f"bearer token (env {TOKEN_ENV})")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="use TLS, trusting the system's root certificates (see --tls-ca for a CA of your own)")
+    # a value is required: an optional one would take a raster path that follows as the CA file
+    parser.add_argument("--tls-ca", default=default(None), metavar="PEM",
+                        help="use TLS, trusting this CA certificate (a PEM file)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print JSON (for scripts) instead of text")
+    parser.add_argument("--timeout", type=float, default=default(None), help="give up after this many seconds")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_connection_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(common, defaults=False)
     extent = argparse.ArgumentParser(add_help=False)
     extent.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                         help="area to work on (default: the whole raster)")
@@ -516,7 +563,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
     p.add_argument("--output", default=None, help="write polygons to this .gpkg or .geojson (raster's CRS)")
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (map units^2)")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="M2",
+                   help="drop polygons smaller than this many square metres (ground area, whatever the "
+                        "raster's CRS, as in the plugin; default 0: keep all)")
     p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
     p.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
                    help="radius of the edge refinement that makes masks follow the image's edges, in pixels "
@@ -550,8 +599,12 @@ def run_client(args: argparse.Namespace) -> int:
     if problem:
         print(f"skyprompt client: {problem}", file=sys.stderr)
         return 2
+    if args.tls_ca == "":
+        print("skyprompt client: --tls-ca needs a PEM file; for the system's root certificates give --tls",
+              file=sys.stderr)
+        return 2
     try:
-        channel = connect(args.server, args.tls_ca)
+        channel = connect(args.server, args.tls_ca if args.tls_ca is not None else ("" if args.tls else None))
     except OSError as e:
         print(f"skyprompt client: cannot read --tls-ca: {e}", file=sys.stderr)
         return 2

@@ -66,7 +66,8 @@ def segment_features(results, min_area_m2: float = 0.0) -> list[QgsFeature]:
     out = []
     for result in results:
         for p in result.polygons:
-            if p.area_m2 < min_area_m2:
+            unmeasured = p.area_m2 <= 0 < p.area  # no ground area (a CRS without lon/lat): cannot be judged
+            if not unmeasured and p.area_m2 < min_area_m2:
                 continue
             f = QgsFeature(fields)
             geom = QgsGeometry()

@@ -908,10 +908,10 @@ def test_sigterm_mid_index_cancels_it_at_once_and_stores_nothing(checkpoint, ras
 
 # ---- command-line client ----------------------------------------------------------------------
 
-def client(server, *args) -> subprocess.CompletedProcess:
+def client(server, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "backend", "client", *args, "--server", server.address],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+                          env={**os.environ, "SKYPROMPT_TOKEN": server.token, **(env or {})})
 
 
 def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp_path):
@@ -973,6 +973,67 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert out.returncode == 0, out.stderr
     described = json.loads(out.stdout)
     assert described["crs"] == "EPSG:32633" and described["mean_log_prob"] <= 0 and isinstance(described["caption"], str)
+
+
+def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_path):
+    """--min-area is ground area in m^2, as the plugin's minimum area: on a lon/lat raster (where map
+    units^2 are square degrees) and on Web Mercator at 60 N (where they are four times the ground's)."""
+    geographic = make_tif(rasters["folder"] / "lonlat_60n.tif", noise((3, 64, 64), seed=21),
+                          geotransform=(10.0, 0.0001, 0.0, 60.0032, 0.0, -0.0001), crs="EPSG:4326")
+    mercator = make_tif(rasters["folder"] / "mercator_60n.tif", noise((3, 64, 64), seed=22),
+                        geotransform=(1113194.9, 10.0, 0.0, 8399737.9, 0.0, -10.0), crs="EPSG:3857")
+
+    def segment_with(path, *flags):
+        # threshold 0: the whole raster is one polygon, of a known ground area
+        out = client(server, "segment", "--json", "--raster", str(path), "--prompt", "fields", "--threshold", "0",
+                     *flags)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    for path, m2_per_map_unit2 in ((geographic, 6.18e9), (mercator, 0.25)):
+        whole = segment_with(path)["results"][0]["polygons"]
+        assert len(whole) == 1
+        area_m2 = whole[0]["area_m2"]
+        assert area_m2 / whole[0]["area"] == pytest.approx(m2_per_map_unit2, rel=0.02)
+        target = tmp_path / f"{path.stem}.gpkg"
+        kept = segment_with(path, "--min-area", str(0.5 * area_m2), "--output", str(target))
+        assert len(kept["results"][0]["polygons"]) == 1 and kept["results"][0]["dropped_small"] == 0
+        assert kept["polygons_written"] == 1 == ogr.Open(str(target)).GetLayer(0).GetFeatureCount()
+        dropped = segment_with(path, "--min-area", str(1.5 * area_m2))
+        assert dropped["results"][0]["polygons"] == [] and dropped["results"][0]["dropped_small"] == 1
+    text = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--threshold", "0",
+                  "--min-area", "1e9")
+    assert text.returncode == 0 and "1 smaller than --min-area dropped" in text.stdout, text.stderr
+    # a CRS without longitude/latitude has no area_m2: its polygons stay, and the user is told so
+    local = make_tif(rasters["folder"] / "local_grid_min_area.tif", noise((3, 64, 64), seed=23),
+                     geotransform=(10.0, 1.0, 0.0, 50.0, 0.0, -1.0), crs="LOCAL_CS[\"site grid\",UNIT[\"metre\",1]]")
+    out = client(server, "segment", "--json", "--raster", str(local), "--prompt", "fields", "--threshold", "0",
+                 "--min-area", "1e9")
+    assert out.returncode == 0 and "1 polygon(s) have no known area in square metres" in out.stderr, out.stderr
+    assert len(json.loads(out.stdout)["results"][0]["polygons"]) == 1
+    out = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--min-area", "-1")
+    assert out.returncode == 1 and "--min-area -1" in out.stderr and "square metres" in out.stderr
+    assert "segment:" not in out.stderr                                         # refused before the work
+
+
+def test_cli_connection_options_go_before_or_after_the_command(server):
+    """--server, --token, --json (and the TLS options and --timeout) work on either side of the
+    command; given on both sides, the one after it wins."""
+    def run(*args, token=server.token):
+        return subprocess.run([sys.executable, "-m", "backend", "client", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "SKYPROMPT_TOKEN": token})
+
+    for args in (["--server", server.address, "--json", "--timeout", "60", "info"],
+                 ["info", "--server", server.address, "--json", "--timeout", "60"],
+                 ["--server", "127.0.0.1:1", "info", "--server", server.address, "--json"]):
+        out = run(*args)
+        assert out.returncode == 0, (args, out.stderr)
+        assert json.loads(out.stdout)["model_preset"] == "tiny"
+    # a token given before the command is not replaced by the command's default (the environment's)
+    out = run("--token", "bad", "info", "--server", server.address)
+    assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr
+    out = run("--server", server.address, "--token", server.token, "list", token="bad")
+    assert out.returncode == 0 and "raster(s) in the index" in out.stdout, out.stderr
 
 
 def test_cli_band_mapping_reaches_the_server(server, rasters):
@@ -1183,5 +1244,17 @@ def test_tls_server_with_the_cli(checkpoint, rasters, tmp_path):
         assert "tls" in json.loads(out.stdout)["capabilities"]
         plain = client(live, "info", "--json")
         assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+        # --tls (the system's roots, here made our certificate) takes no value: the raster after it
+        # is the raster to index, not a CA file
+        out = client(live, "index", "--json", "--tls", str(rasters["grey16"]),
+                     env={"GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(cert)})
+        assert out.returncode == 0, out.stderr
+        assert [Path(r["raster_path"]).name for r in json.loads(out.stdout)] == ["grey16.tif"]
+        out = client(live, "--tls-ca", str(cert), "list", "--json")                 # before the command too
+        assert out.returncode == 0 and len(json.loads(out.stdout)) == 1, out.stderr
+        out = client(live, "index", str(rasters["grey16"]), "--tls-ca")
+        assert out.returncode == 2 and "--tls-ca: expected one argument" in out.stderr
+        out = client(live, "info", "--tls-ca", "")
+        assert out.returncode == 2 and "give --tls" in out.stderr and "Traceback" not in out.stderr
     finally:
         live.stop()
