@@ -21,7 +21,8 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
-from .sources import SourceError, has_no_resolution, local_path, native_pixels, prepare_source, to_layer_crs
+from .sources import (PixelReader, SourceError, has_no_resolution, local_path, native_pixels, prepare_source,
+                      to_layer_crs)
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
@@ -682,6 +683,11 @@ class SkyPromptDock(QDockWidget):
             if not in_layer.intersects(layer.extent()):
                 raise SourceError(f"the view does not overlap layer {layer.name()!r}: pan to it to describe it")
             prepared = prepare_source(layer)
+            native = file_reader = None
+            if isinstance(prepared, str):
+                # a file's pixels in the view and a reader of it, made here (layers belong to the main
+                # thread): the task reads the view coarser through it if over the backend's limit
+                native, file_reader = native_pixels(layer, in_layer), PixelReader(layer)
         except SourceError as e:
             self._message(str(e), Qgis.Warning)
             self.taskDone.emit("caption", e)
@@ -689,7 +695,8 @@ class SkyPromptDock(QDockWidget):
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
 
         def work(conn, task):
-            return operations.caption(conn, prepared, rect, crs, in_layer, max_side, resolution, notes=task.notes)
+            return operations.caption(conn, prepared, rect, crs, in_layer, max_side, resolution, notes=task.notes,
+                                      native=native, file_reader=file_reader)
 
         def shown(answer):
             self.caption.setPlainText(answer.caption)

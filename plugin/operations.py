@@ -150,10 +150,35 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                         cancelled=cancelled)
 
 
+# Caption takes this many times ServerInfo.limits.max_extent_pixels (backend/service.py, model_input):
+# it resamples the area to one model input, reading it decimated
+CAPTION_LIMIT_FACTOR = 16
+
+
 def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_crs, max_side: int,
-            resolution: float | None = None, notes: list | None = None):
+            resolution: float | None = None, notes: list | None = None,
+            native: tuple[float, float] | None = None, file_reader=None):
+    """The CaptionResponse for `rect` (in `rect_crs`; None = the whole layer). `resolution` is what a
+    pixel source is read at. A layer sent by path is described at its own resolution unless `native`
+    (sources.native_pixels) is over the backend's Caption limit; CaptionRequest has no
+    target_resolution, so the area is then read through `file_reader` (a sources.PixelReader of the
+    same layer) at the coarser resolution that fits and sent as pixels (said in `notes`)."""
     pb = conn.pb
+    coarser = None
+    if isinstance(prepared, str) and native is not None and file_reader is not None:
+        pixels, own = native
+        limit = conn.info().limits.max_extent_pixels * CAPTION_LIMIT_FACTOR
+        coarser = fitting_resolution(pixels, own, limit)
+        if coarser is not None:
+            prepared, resolution = file_reader, coarser
     source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    if coarser is not None:
+        # one note with the resolution actually read (the max_side cap may have made it coarser still)
+        gt = source.pixels.geotransform
+        note = (f"the area is {pixels / 1e6:.3g} million pixels at the layer's resolution ({own:.3g} map units "
+                f"per pixel), over the backend's limit of {limit / 1e6:.3g} million for a caption: described "
+                f"from its pixels read at a coarser {math.sqrt(abs(gt[1] * gt[5])):.3g} map units per pixel "
+                "(a smaller area is described at full detail)")
     if note and notes is not None:
         notes.append(note)
     request = pb.CaptionRequest(source=source)

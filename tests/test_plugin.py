@@ -944,6 +944,40 @@ def test_segment_of_a_file_area_over_the_backends_limit_is_read_coarser(dock, if
     dock.area.setCurrentIndex(0)
 
 
+def test_describe_of_a_file_area_over_the_caption_limit_is_read_coarser(dock, iface, rasters, own_backend):  # noqa: F811
+    """CaptionRequest has no target_resolution: a file layer's view with more pixels than the backend
+    takes for a caption (16 x max_extent_pixels) is read in QGIS at the coarser resolution that fits
+    and sent as pixels, so the user gets a caption (and the message bar says so), not the refusal."""
+    from plugin.connection import BackendError
+
+    limit = 50 * 50                                       # a caption: 16 x 2,500 = 40,000 px
+    _, address = own_backend.start(limits=Limits(max_extent_pixels=limit))
+    dock.settings.address = address
+    layer = QgsRasterLayer(str(rasters["rgb"]), "ortho")                  # 400 x 300 px of 10 m
+    QgsProject.instance().addMapLayer(layer)
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    dock.describe_layer.setLayer(layer)
+    with dock.settings.connection() as conn:              # the file sent by path, as it was: refused
+        with pytest.raises(BackendError) as refused:
+            conn.caption(conn.pb.CaptionRequest(source=conn.pb.RasterSource(path=str(rasters["rgb"]))))
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "caption", dock.describe) is None
+    assert dock.caption.toPlainText().strip()
+    said = [text or "" for _, text, _ in iface.message_bar.messages[before:]]
+    # 120,000 px over 40,000: 10 m x sqrt(3) x 1.02 = 17.7 m, read as 226 x 170 px
+    assert any("over the backend's limit of 0.04 million for a caption" in t
+               and "coarser 17.7 map units per pixel" in t for t in said), said
+    # a view under the limit is sent by path at the layer's own resolution, with nothing said
+    dock.caption.clear()
+    iface.canvas.setExtent(layer_rect(layer, (0.1, 0.1, 0.35, 0.4)))          # about 100 x 90 px
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "caption", dock.describe) is None
+    assert dock.caption.toPlainText().strip()
+    assert not [t for _, t, _ in iface.message_bar.messages[before:] if "coarser" in (t or "")]
+
+
 def test_processing_prompt_to_polygons_resolution(skyprompt_processing, rasters, own_backend, tmp_path):  # noqa: F811
     """Automatic: an extent over the backend's limit is segmented coarser, and the log says so;
     RESOLUTION (advanced) sets it: too fine is the backend's refusal, coarse enough works."""
@@ -1150,3 +1184,20 @@ def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app,
     settings.python = f"{sys.executable} -X utf8"                # not a file: a command line, split
     assert launcher.command(settings) == (sys.executable, ["-X", "utf8", "-m", "backend", "serve", "--host",
                                                            "127.0.0.1", "--port", "50999", "--device", "auto"])
+
+
+def test_segment_features_minimum_area_is_ground_area_and_keeps_unmeasured_polygons(qgis_app):
+    """The panel's minimum area compares each polygon's m² on the ground; a polygon the server could
+    give no ground area (area_m2 0 beside a real area: a CRS without lon/lat) is kept, as the command-
+    line client keeps it, instead of being dropped by any minimum."""
+    from plugin.rpc import skyprompt_pb2 as pb
+    from plugin.results import segment_features
+
+    def polygon(area, area_m2):
+        return pb.SegmentPolygon(wkb=bytes(ogr.CreateGeometryFromWkt("POLYGON ((0 0,1 0,1 1,0 0))").ExportToWkb()),
+                                 score=0.9, max_score=0.95, area=area, area_m2=area_m2)
+
+    result = pb.SegmentResult(prompt="roofs", polygons=[polygon(1e-8, 90.0), polygon(2e-8, 250.0),
+                                                        polygon(40.0, 0.0)])
+    assert [f["area_m2"] for f in segment_features([result], 100.0)] == [250.0, 0.0]
+    assert len(segment_features([result], 0.0)) == 3
