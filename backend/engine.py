@@ -29,6 +29,7 @@ from .defaults import BUNDLED_CHECKPOINT, check_views
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 from .model.prompts import ensemble_prompts, pool_ensemble
+from .model.tokenizer import SPECIAL_TOKENS
 from .model.vocabulary import TrainingWords, VocabularyError
 
 log = logging.getLogger("skyprompt.engine")
@@ -162,7 +163,8 @@ class ModelEngine:
 
     def caption(self, image: np.ndarray, max_len: int, beam_size: int,
                 cancelled: Callable[[], bool] = lambda: False) -> tuple[str, float]:
-        """uint8 [3, S, S] -> (caption, mean log-probability per generated token)."""
+        """uint8 [3, S, S] -> (caption, mean log-probability per token of the caption, with its <eos>;
+        see _mean_log_prob)."""
         return self._call("caption", [image], (int(max_len), int(beam_size)), cancelled)[0]
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -303,17 +305,31 @@ class ModelEngine:
                 max_len, beam_size = settings
                 images = self._images_tensor(items)
                 ids = self.model.caption(images, max_len=max_len, beam_size=beam_size)
-                return [(self.tokenizer.decode(seq), self._mean_log_prob(images[i:i + 1], seq))
+                # model.caption strips the <eos>; a caption shorter than its step limit stopped at one
+                steps = max(1, min(max_len, self.config.context_length - 1))
+                return [(self.tokenizer.decode(seq), self._mean_log_prob(images[i:i + 1], seq, len(seq) < steps))
                         for i, seq in enumerate(ids)]
         raise EngineError("internal", f"unknown model job kind {kind!r}")
 
-    def _mean_log_prob(self, image: torch.Tensor, ids: list[int]) -> float:
-        """Mean log-probability per token of `ids` (+ <eos>) given the image, teacher-forced."""
+    def _mean_log_prob(self, image: torch.Tensor, ids: list[int], ended: bool) -> float:
+        """Mean log-probability per token of the caption the user sees, given the image, teacher-forced.
+
+        `ids` are the generated tokens without <eos>; `ended`: the model generated an <eos> after
+        them (False for a caption cut at max_len). The mean covers the tokens `tokenizer.decode`
+        keeps (not <unk> or ids past the tokenizer's vocabulary, which it drops from the text) and
+        that <eos>, when generated: as in sequence likelihood, choosing to stop is part of the caption.
+        Every generated token stays in the decoder's input, so each counted one is scored in the
+        context it was generated in. A caption with nothing to count scores -1e9, as a non-finite
+        mean does.
+        """
         cfg = self.config
-        seq = [cfg.bos_id, *ids, cfg.eos_id][: cfg.context_length]
+        seq = [cfg.bos_id, *ids, *([cfg.eos_id] if ended else [])]
+        shown = [len(SPECIAL_TOKENS) <= t < self.tokenizer.vocab_size for t in ids] + ([True] if ended else [])
+        if not any(shown):
+            return -1e9
         tokens = torch.tensor([seq], device=self.device)
         logits = self.model.text.generative(tokens[:, :-1], self.model.visual(image)).float()
-        logits[..., [cfg.bos_id, cfg.pad_id]] = float("-inf")
+        logits[..., [cfg.bos_id, cfg.pad_id]] = float("-inf")     # as in generation: never chosen
         logp = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[0, :, 0]
-        value = float(logp.mean())
+        value = float(logp[torch.tensor(shown, device=self.device)].mean())
         return value if math.isfinite(value) else -1e9

@@ -330,10 +330,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     "bounds": raster.bounds, "bounds_wgs84": raster.bounds_wgs84}
             kept = 0
             throttle = _Progress()
+            # progress is reported once a batch: with `views` views a tile costs `views` images of
+            # model work, so a batch holds fewer tiles and each report stands for the same work.
+            # The engine cuts a job into passes of MAX_BATCH_IMAGES // views tiles anyway, so the
+            # passes, and the embeddings, are the same as with whole batches.
+            batch = max(1, INDEX_BATCH // views)
             writer = self.index.writer(identity, self.engine.checkpoint_hash, settings, meta, self.engine.embed_dim)
             try:
                 for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
-                                                            total, cancelled):
+                                                            total, cancelled, batch):
                     if tiles:
                         embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled, views=views)
                         writer.add([_tile_dict(t) for t in tiles], embeddings)
@@ -360,9 +365,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                      time.monotonic() - started)
             yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
 
-    def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, plan_total, cancelled):
-        """Yield (tiles, pixels, tiles seen so far) in batches, read by a background thread, so
-        GDAL reads of the next batch overlap with embedding this one."""
+    def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, plan_total, cancelled,
+                    batch: int = INDEX_BATCH):
+        """Yield (tiles, pixels, tiles seen so far) in batches of `batch` tiles, read by a background
+        thread, so GDAL reads of the next batch overlap with embedding this one."""
         tile_iter = raster.iter_tiles_with_pixels(size, overlap, resolution, extent, min_valid)
         batches: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
@@ -377,7 +383,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     tiles.append(tile)
                     pixels.append(rgb)
                     last_index = tile.index
-                    if len(tiles) == INDEX_BATCH:
+                    if len(tiles) == batch:
                         batches.put(("batch", tiles, pixels, last_index + 1))
                         tiles, pixels = [], []
                 batches.put(("batch", tiles, pixels, plan_total))

@@ -7,7 +7,8 @@ Sections (bench/README.md has the details):
 - training step: forward + backward + fused AdamW under bf16 autocast, eager and torch.compile, with
   MFU (analytic FLOPs / time / the GPU's bf16 peak) for the default recipe's model and for `base`;
 - backend engine: the bundled checkpoint in `backend.engine.ModelEngine` (what `python -m backend serve`
-  runs) on the GPU and on this machine's CPU: tiles/s embedded, SAO relevance maps/s, caption latency.
+  runs) on the GPU and on this machine's CPU: tiles/s embedded, SAO relevance tiles/s (each tile one map a
+  prompt; gpu.json has maps/s too), caption latency.
 
 Without CUDA the module reports that it was skipped and writes that to gpu.json.
 Run: `python -m bench.gpu_bench` (or `python -m bench.run --only gpu`).
@@ -129,7 +130,13 @@ def time_edge_refinement(device, side: int, prompts: int, radius: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64, prompts: int = 5,
+def sao_rates(tiles: int, prompts: int, seconds: float) -> dict:
+    """Rates of one relevance call over `tiles` tiles and `prompts` prompts: it makes one map per tile
+    and prompt, so maps/s is `prompts` times tiles/s."""
+    return {"sao_tiles_per_s": tiles / seconds, "sao_maps_per_s": tiles * prompts / seconds}
+
+
+def bench_engine(device: str, checkpoint=None, tiles: int = 512, sao_tiles: int = 64, prompts: int = 5,
                  caption_iters: int = 5, edge_side: int = 4096, edge_prompts: int = 16) -> dict | None:
     """The serving path on `device` and on the CPU, one after the other (each engine owns its worker);
     edge refinement of `edge_prompts` maps over an edge_side^2 extent (the largest Segment reads)."""
@@ -139,7 +146,7 @@ def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64,
     directory = Path(checkpoint) if checkpoint else BUNDLED_CHECKPOINT
     if not directory.is_dir():
         return None
-    out = {"checkpoint": str(directory), "tiles": tiles, "maps": maps, "prompts": prompts,
+    out = {"checkpoint": str(directory), "tiles": tiles, "sao_tiles": sao_tiles, "prompts": prompts,
            "edge_side": edge_side, "edge_prompts": edge_prompts}
     for where in dict.fromkeys((device, "cpu")):
         engine = ModelEngine(directory, device=where)
@@ -155,8 +162,8 @@ def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64,
             text = engine.embed_texts(texts)
             engine.relevance(batch[:8], text, window=7, sigma=0.0)
             t0 = time.perf_counter()
-            engine.relevance(batch[:maps], text, window=7, sigma=0.0)
-            maps_s = time.perf_counter() - t0
+            engine.relevance(batch[:sao_tiles], text, window=7, sigma=0.0)
+            sao_s = time.perf_counter() - t0
             engine.caption(batch[0], max_len=30, beam_size=3)
             times = []
             for i in range(caption_iters):
@@ -164,7 +171,7 @@ def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64,
                 engine.caption(batch[i + 1], max_len=30, beam_size=3)
                 times.append(time.perf_counter() - t0)
             edge_s = time_edge_refinement(engine.device, edge_side, edge_prompts, edge_radius_for(None, size))
-            out[engine.device.type] = {"tiles_per_s": tiles / embed_s, "maps_per_s": maps / maps_s,
+            out[engine.device.type] = {"tiles_per_s": tiles / embed_s, **sao_rates(sao_tiles, len(texts), sao_s),
                                        "caption_ms": 1e3 * float(np.median(times)), "edge_refine_s": edge_s,
                                        "threads": torch.get_num_threads()}
         finally:
@@ -172,7 +179,7 @@ def bench_engine(device: str, checkpoint=None, tiles: int = 512, maps: int = 64,
     gpu, cpu = out.get("cuda"), out["cpu"]
     if gpu:
         out["gpu_vs_cpu"] = {k: (gpu[k] / cpu[k] if k.endswith("_per_s") else cpu[k] / gpu[k])
-                             for k in ("tiles_per_s", "maps_per_s", "caption_ms", "edge_refine_s")}
+                             for k in ("tiles_per_s", "sao_tiles_per_s", "caption_ms", "edge_refine_s")}
     return out
 
 
@@ -196,17 +203,18 @@ def report(results: dict) -> str:
     parts += [f"not measured: {err}" for err in results.get("errors", [])]
     e = results.get("engine")
     if e:
-        rows = [[where, _f(e[where]["tiles_per_s"], ".0f"), _f(e[where]["maps_per_s"], ".0f"),
+        rows = [[where, _f(e[where]["tiles_per_s"], ".0f"), _f(e[where]["sao_tiles_per_s"], ".0f"),
                  _f(e[where]["caption_ms"], ".0f"), _f(e[where]["edge_refine_s"], ".2f"), str(e[where]["threads"])]
                 for where in ("cuda", "cpu") if where in e]
         if "gpu_vs_cpu" in e:
             r = e["gpu_vs_cpu"]
-            rows.append(["GPU / CPU", _f(r["tiles_per_s"], ".1f") + "x", _f(r["maps_per_s"], ".1f") + "x",
+            rows.append(["GPU / CPU", _f(r["tiles_per_s"], ".1f") + "x", _f(r["sao_tiles_per_s"], ".1f") + "x",
                          _f(r["caption_ms"], ".1f") + "x", _f(r["edge_refine_s"], ".1f") + "x", ""])
         parts.append(f"backend engine, {Path(e['checkpoint']).name} checkpoint ({e['tiles']} tiles; "
-                     f"{e['maps']} tiles x {e['prompts']} prompts SAO window 7; caption beam 3; edge refinement "
-                     f"of {e['edge_prompts']} maps over {e['edge_side']}^2 px)\n"
-                     + _table(["device", "tiles/s", "maps/s", "caption ms", "edge refine s", "CPU threads"], rows))
+                     f"{e['sao_tiles']} tiles x {e['prompts']} prompts SAO window 7; caption beam 3; edge "
+                     f"refinement of {e['edge_prompts']} maps over {e['edge_side']}^2 px)\n"
+                     + _table(["device", "tiles/s", f"SAO tiles/s ({e['prompts']} maps each)", "caption ms",
+                               "edge refine s", "CPU threads"], rows))
     return "\n\n".join(parts)
 
 
@@ -260,7 +268,7 @@ def run(quick: bool = False, compile_model: bool = True, peers: bool = True, dev
         results["train"].append(r)
         echo(f"train small-128 eager, batch {LARGE_BATCH}: {r['ms_per_step']:.1f} ms/step, MFU {100 * r['mfu']:.1f}%")
         save()
-    results["engine"] = bench_engine(device, tiles=64 if quick else 512, maps=8 if quick else 64,
+    results["engine"] = bench_engine(device, tiles=64 if quick else 512, sao_tiles=8 if quick else 64,
                                      caption_iters=2 if quick else 5, edge_side=512 if quick else 4096,
                                      edge_prompts=2 if quick else 16)
     save()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from bench import model_bench
 
 
@@ -243,5 +245,13 @@ def test_gpu_bench_skips_without_cuda_and_runs_its_sections_on_the_cpu(tmp_path,
         assert set(res["engine"]) >= {"cpu", "checkpoint"} and "cuda" not in res["engine"]
         assert res["engine"]["cpu"]["tiles_per_s"] > 0 and res["engine"]["cpu"]["caption_ms"] > 0
         assert res["engine"]["cpu"]["edge_refine_s"] > 0 and res["engine"]["edge_side"] == 512
-        assert "edge refine s" in printed[-1]
+        cpu = res["engine"]["cpu"]      # 8 tiles x 5 prompts: 40 maps per timed call
+        assert res["engine"]["sao_tiles"] == 8 and cpu["sao_maps_per_s"] == pytest.approx(5 * cpu["sao_tiles_per_s"])
+        assert "edge refine s" in printed[-1] and "SAO tiles/s (5 maps each)" in printed[-1]
     assert "training step, bf16 autocast" in printed[-1]
+
+
+def test_gpu_bench_counts_a_relevance_map_per_tile_and_prompt():
+    from bench.gpu_bench import sao_rates
+
+    assert sao_rates(tiles=64, prompts=5, seconds=2.0) == {"sao_tiles_per_s": 32.0, "sao_maps_per_s": 160.0}

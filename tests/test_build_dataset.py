@@ -164,6 +164,27 @@ def test_rerun_is_a_no_op(built, scene, vectors):
     assert (out / "summary.json").read_text() == summary
 
 
+def test_a_summary_write_that_fails_midway_leaves_the_previous_summary_whole(built, scene, vectors, monkeypatch):
+    """A run that dies while writing summary.json (disk full: part of the text written, then an error)
+    leaves the previous run's summary.json as it was, not a truncated file."""
+    out, _ = built
+    before = (out / "summary.json").read_text()
+    write_text = Path.write_text
+
+    def disk_fills(self, text, *args, **kwargs):
+        if not self.name.startswith("summary.json"):
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        _build(scene["raster"], vectors["osm"], out, "--features", vectors["gpkg"], "--unit-tiles", 8)
+    monkeypatch.undo()
+    assert (out / "summary.json").read_text() == before
+    json.loads(before)
+
+
 def test_bad_input(scene, vectors, tmp_path):
     far = tmp_path / "far.geojson"
     far.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties":

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from backend.defaults import BUNDLED_CHECKPOINT
 from backend.model import MaMMUT, MaMMUTLoss, PRESETS, ConfigError, get_preset
 
 
@@ -321,3 +322,89 @@ def test_a_model_loaded_in_bf16_takes_preprocessed_images(tiny_model, tiny_confi
     assert x.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(model.encode_image(x).float()).all()
+
+
+def _log_probs_as_generated(model, image, tokens):
+    """Log-probability of each of `tokens` at the step greedy decoding chose it (bos/pad ruled out, as
+    in generation), recomputing the decoder over the whole prefix each step; checks each was the argmax."""
+    cfg = model.config
+    image_tokens, seq, out = model.visual(image), [cfg.bos_id], []
+    for token in tokens:
+        logits = model.text.generative(torch.tensor([seq], device=image.device), image_tokens)[0, -1].float()
+        logits[[cfg.bos_id, cfg.pad_id]] = float("-inf")
+        assert int(logits.argmax()) == token
+        out.append(float(logits.log_softmax(-1)[token]))
+        seq.append(token)
+    return out
+
+
+def _next_is_eos(model, image, ids) -> bool:
+    cfg = model.config
+    seq = torch.tensor([[cfg.bos_id, *ids]], device=image.device)
+    logits = model.text.generative(seq, model.visual(image))[0, -1].float()
+    logits[[cfg.bos_id, cfg.pad_id]] = float("-inf")
+    return int(logits.argmax()) == cfg.eos_id
+
+
+def _shown_tokens(tokenizer, ids):
+    """The ids Tokenizer.decode turns into text: not the special ids, not ids past its vocabulary."""
+    from backend.model.tokenizer import SPECIAL_TOKENS
+
+    return [t for t in ids if len(SPECIAL_TOKENS) <= t < tokenizer.vocab_size]
+
+
+@pytest.mark.skipif(not BUNDLED_CHECKPOINT.is_dir(), reason="no bundled checkpoint")
+def test_caption_mean_log_prob_covers_the_shown_caption_and_a_generated_eos_only():
+    """The bundled model: a caption cut at max_len has no <eos> in its mean (the old mean added the
+    log-probability of an <eos> the model never chose); one that stopped by itself has."""
+    import numpy as np
+
+    from backend.engine import ModelEngine
+    from backend.model.precision import autocast_context
+
+    engine = ModelEngine(None, "cpu")
+    try:
+        image = np.random.default_rng(0).integers(0, 256, (3, engine.image_size, engine.image_size), dtype=np.uint8)
+        x = engine._images_tensor([image])
+        for max_len, stopped in ((3, False), (30, True)):
+            text, mean_log_prob = engine.caption(image, max_len=max_len, beam_size=1)
+            with torch.inference_mode(), autocast_context(engine.device):
+                ids = engine.model.caption(x, max_len=max_len)[0]
+                assert _next_is_eos(engine.model, x, ids) == stopped and (len(ids) == max_len) != stopped
+                ended = [engine.config.eos_id] if stopped else []
+                logp = _log_probs_as_generated(engine.model, x, ids + ended)
+            assert engine.tokenizer.decode(_shown_tokens(engine.tokenizer, ids)) == text
+            expected = sum(logp) / len(logp)      # every id here is shown: the trained model makes no <unk>
+            assert mean_log_prob == pytest.approx(expected, abs=2e-3)
+    finally:
+        engine.stop()
+
+
+def test_caption_mean_log_prob_leaves_out_tokens_decode_drops(tmp_path, tokenizer):
+    """A model whose vocabulary is larger than its tokenizer's (allowed: the embedding table may be
+    larger) generates ids that decode drops from the text; the mean leaves them out too."""
+    import numpy as np
+
+    from backend.engine import ModelEngine
+    from backend.model.checkpoint import save_checkpoint
+    from backend.model.precision import autocast_context
+
+    torch.manual_seed(0)
+    config = get_preset("tiny", vocab_size=2 * tokenizer.vocab_size)
+    engine = ModelEngine(save_checkpoint(MaMMUT(config).eval(), tokenizer, tmp_path / "wide"), "cpu")
+    try:
+        image = np.random.default_rng(3).integers(0, 256, (3, engine.image_size, engine.image_size), dtype=np.uint8)
+        x = engine._images_tensor([image])
+        text, mean_log_prob = engine.caption(image, max_len=12, beam_size=1)
+        with torch.inference_mode(), autocast_context(engine.device):
+            ids = engine.model.caption(x, max_len=12)[0]
+            assert len(ids) == 12 and not _next_is_eos(engine.model, x, ids)    # cut, so no <eos> counted
+            logp = _log_probs_as_generated(engine.model, x, ids)
+        shown = _shown_tokens(tokenizer, ids)
+        assert 0 < len(shown) < len(ids), ids           # some generated ids are not in the text
+        assert tokenizer.decode(shown) == text
+        kept = [lp for t, lp in zip(ids, logp) if t in shown]      # shown is a rule on the id
+        assert mean_log_prob == pytest.approx(sum(kept) / len(kept), abs=2e-3)
+        assert abs(mean_log_prob - sum(logp) / len(logp)) > 0.01     # not the mean over every generated id
+    finally:
+        engine.stop()

@@ -133,6 +133,48 @@ def test_index_raster_views_over_the_wire(checkpoint_dir, tmp_path, tiny_config)
 
 
 
+def test_index_progress_with_views_moves_once_per_batch_of_model_work(checkpoint_dir, tmp_path, monkeypatch,
+                                                                      tiny_config):
+    """With 8 views a tile is 8 images of model work: progress comes after every few tiles (a batch
+    of INDEX_BATCH images), not once per INDEX_BATCH tiles. The stored embeddings are still those of
+    embedding all tiles together. An in-process server (real gRPC) with the throttle off, so every
+    batch's message is seen."""
+    from test_raster import make_tif, noise
+
+    from backend import service
+    from backend.raster import open_raster
+    from backend.rpc import skyprompt_pb2 as pb
+    from backend.rpc import skyprompt_pb2_grpc as pb_grpc
+    from backend.server import Server
+
+    monkeypatch.setattr(service, "PROGRESS_INTERVAL_S", 0.0)
+    size = tiny_config.image_size
+    path = make_tif(tmp_path / "grid.tif", noise((3, 8 * size, 5 * size), seed=11))       # 40 tiles
+    server = Server(checkpoint_dir, port=0, device="cpu", data_dir=tmp_path / "data", allowed_roots=[tmp_path])
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            request = pb.IndexRasterRequest(source=pb.RasterSource(path=str(path)), tile_overlap=0.0, views=8)
+            messages = list(pb_grpc.SkyPromptStub(channel).IndexRaster(request, timeout=120))
+        assert messages[-1].result.tile_count == 40
+        done = [m.tiles_done for m in messages if m.stage == pb.INDEX_STAGE_EMBEDDING]
+        steps = np.diff(done)
+        assert done[-1] == 40 and (steps >= 0).all()
+        assert steps.max() == service.INDEX_BATCH // 8, done        # 4 tiles = 32 images a message
+        with open_raster(str(path)) as raster:
+            tiles = list(raster.iter_tiles_with_pixels(size, 0.0))
+        together = server.engine.embed_images(np.stack([rgb for _, rgb, _ in tiles]), views=8)
+        query = together[17]
+        hits = server.index.search(query, 40, server.engine.checkpoint_hash)
+        expected = {(t.col, t.row): float(e @ query) for (t, _, _), e in zip(tiles, together)}
+        assert len(hits) == 40
+        for hit in hits:        # stored as float16
+            assert hit.score == pytest.approx(expected[hit.col, hit.row], abs=2e-3)
+    finally:
+        server.stop(grace=1.0)
+
+
+
 def test_a_call_racing_engine_stop_is_answered_not_left_waiting(checkpoint_dir):
     """A job put on the queue while stop() runs: it gets an answer (here UNAVAILABLE), not a wait
     that only its caller's cancellation could end. The put is slowed to open the window."""

@@ -512,5 +512,8 @@ def summarize(cfg: LandmarksConfig, units: list[dict], problems: list[dict], fea
         "vocabulary": len(set(words)), "shards": len({r["shard"] for r in rows}),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("rasters", "features")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # written beside and renamed over: a crash mid-write leaves the previous summary.json whole
+    tmp = out / "summary.json.part"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
     return summary
