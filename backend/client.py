@@ -420,10 +420,11 @@ def cmd_segment(stub, args) -> int:
     else:
         for r in out["results"]:
             area = sum(p["area"] for p in r["polygons"])
-            area_m2 = sum(p["area_m2"] for p in r["polygons"])
+            known = all(p["area_m2"] > 0 for p in r["polygons"])   # 0: no ground area (no lon/lat)
+            area_m2 = f" ({sum(p['area_m2'] for p in r['polygons']):.1f} m^2)" if known else ""
             dropped = f", {r['dropped_small']} smaller than --min-area dropped" if r["dropped_small"] else ""
-            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2 "
-                  f"({area_m2:.1f} m^2), max relevance {r['max_relevance']:.2f}{dropped}")
+            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2"
+                  f"{area_m2}, max relevance {r['max_relevance']:.2f}{dropped}")
         for r in results:
             if r.unfamiliar_words:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
@@ -501,7 +502,7 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
                         help="use TLS, trusting the system's root certificates (see --tls-ca for a CA of your own)")
     # a value is required: an optional one would take a raster path that follows as the CA file
     parser.add_argument("--tls-ca", default=default(None), metavar="PEM",
-                        help="use TLS, trusting this CA certificate (a PEM file)")
+                        help="use TLS, trusting this CA certificate (a PEM file; for the system's roots: --tls)")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print JSON (for scripts) instead of text")
     parser.add_argument("--timeout", type=float, default=default(None), help="give up after this many seconds")
@@ -564,8 +565,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="write polygons to this .gpkg or .geojson (raster's CRS)")
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="M2",
-                   help="drop polygons smaller than this many square metres (ground area, whatever the "
-                        "raster's CRS, as in the plugin; default 0: keep all)")
+                   help="drop each polygon smaller than this many square metres (ground area, whatever "
+                        "the raster's CRS, as in the plugin; default 0: keep all)")
     p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
     p.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
                    help="radius of the edge refinement that makes masks follow the image's edges, in pixels "

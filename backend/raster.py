@@ -484,7 +484,8 @@ class Raster:
     """An open raster with a resolved band mapping. Build with open_raster() or raster_from_pixels()."""
 
     def __init__(self, dataset: gdal.Dataset, *, path: str, real_path: str, name: str, bands: BandMapping,
-                 stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = "", sources: str = ""):
+                 stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = "",
+                 vrt: gdal.Dataset | None = None):
         self._ds = dataset
         self._lock = threading.RLock()
         self.path = path
@@ -495,7 +496,9 @@ class Raster:
         self.band_count = dataset.RasterCount
         self._digest = digest
         self._stat = stat  # taken before GDAL opened the file, so a change during the open is caught too
-        self._sources = sources  # the other files it reads, as at open (_sources_digest)
+        # a VRT's files are stat-ed when its identity is first asked for (indexing, before pixels are
+        # read), not at open: a mosaic of thousands would cost Segment, Caption and thumbnails as much
+        self._vrt, self._sources = vrt, None
         where = self._where()
 
         if self.band_count < 1:
@@ -561,8 +564,8 @@ class Raster:
 
     def identity(self) -> dict:
         """Key of this raster's content: real path, size in bytes and mtime in ns as at open, plus
-        ``sources`` when GDAL reads other files for it (a VRT's sources, sidecar files): a digest of
-        their paths, sizes and mtimes, so editing a file behind a VRT changes the key.
+        ``sources`` for a VRT: a digest of its sources' paths, sizes and mtimes, so editing a file
+        behind it changes the key (taken at the first call).
 
         Pixel sources have no file: path "", size and mtime_ns 0, plus a ``sha256`` of their pixels
         and georeferencing.
@@ -570,6 +573,9 @@ class Raster:
         if self._stat is None:
             return {"path": "", "size": 0, "mtime_ns": 0, "sha256": self._digest}
         identity = {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
+        with self._lock:
+            if self._sources is None:
+                self._sources = _sources_digest(self._vrt, self.real_path) if self._vrt is not None else ""
         if self._sources:  # absent for a raster that is one file: its key stays what it always was
             identity["sources"] = self._sources
         return identity
@@ -601,7 +607,7 @@ class Raster:
 
     def close(self) -> None:
         with self._lock:
-            self._ds = None
+            self._ds = self._vrt = None
 
     def __enter__(self) -> "Raster":
         return self
@@ -1115,10 +1121,14 @@ def _check_referenced_files(dataset: gdal.Dataset, shown: str, roots: list[str],
         _check_referenced_files(nested, shown, roots, seen, depth + 1)
 
 
+# archive members GDAL reads in place: VSIStatL gives their size and time (a network name is known
+# by its name alone: stat-ing it would cost a request)
+_ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
+
+
 def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
-    """sha256 of (path, size, mtime) of every file but `real` that the dataset reads (a VRT's sources,
-    nested VRTs' sources too, sidecar files such as .ovr or .tfw, but not .aux.xml); "" when it
-    reads no other."""
+    """sha256 of (path, size, mtime) of every file but `real` that a VRT reads (its sources, nested
+    VRTs' sources too, its overviews; not .aux.xml); "" when it reads no other."""
     found, pending = set(), [dataset]
     while pending:
         for name in pending.pop().GetFileList() or []:
@@ -1129,7 +1139,7 @@ def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
                 # merely look at a raster: counting it would re-index unchanged pixels
                 continue
             found.add(file)
-            if local and _is_vrt(file):  # a VRT's file list stops at its own sources: read theirs too
+            if local and file.lower().endswith(".vrt"):  # its file list stops at its own sources: read theirs
                 try:
                     with _gdal_exceptions():
                         pending.append(gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_READONLY))
@@ -1139,6 +1149,10 @@ def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
         return ""
     entries = []
     for file in sorted(found):
+        if file.startswith(_ARCHIVE_PREFIXES):
+            st = gdal.VSIStatL(file)
+            entries.append(f"{file}\0{st.size}\0{st.mtime}" if st is not None else f"{file}\0-\0-")
+            continue
         try:
             st = os.stat(file)
             entries.append(f"{file}\0{st.st_size}\0{st.st_mtime_ns}")
@@ -1197,7 +1211,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
         raise RasterError("invalid_argument", not_raster)
     if roots:
         _check_referenced_files(dataset, shown, roots, seen={real})
-    sources = _sources_digest(dataset, real)  # before pixels are read, like `stat`
+    vrt = dataset if dataset.GetDriver().ShortName == "VRT" else None  # before a palette is expanded
     first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
     if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
         # a colour-table image: its values are palette entries, not grey levels; read it as the colours
@@ -1206,7 +1220,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
             # otherwise be stretched as if it were 16-bit data)
             dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
     name = os.path.basename(absolute)
-    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, sources=sources)
+    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, vrt=vrt)
 
 
 def _data_type_name(dtype) -> str:

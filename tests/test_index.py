@@ -318,6 +318,39 @@ def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
                 assert index.needs_indexing(raster.identity(), CK, settings) == "changed", path.name
 
 
+
+def test_only_a_vrt_has_sources_in_its_identity_and_an_archive_member_behind_one_counts(tmp_path):
+    """A GeoTIFF with external overviews (QGIS's "Build pyramids") or a mask keeps the identity it
+    always had: building pyramids does not re-index it, nor does an upgrade re-index every raster
+    with a sidecar. A VRT over a member of a zip notices the zip rewritten."""
+    import zipfile
+    tif = tmp_path / "pyramids.tif"
+    write_geotiff(tif, 10, size=256)
+    ds = gdal.Open(str(tif))
+    ds.BuildOverviews("AVERAGE", [2, 4])     # read-only open: written as pyramids.tif.ovr
+    ds = None
+    assert (tmp_path / "pyramids.tif.ovr").exists()
+    with open_raster(tif) as raster:
+        assert raster.identity() == raster_identity(tif)
+
+    member = tmp_path / "t.tif"
+    zipped = tmp_path / "z.zip"
+    vrt = tmp_path / "zip.vrt"
+    identities = []
+    for value, stamp in ((10, (2020, 1, 1, 0, 0, 0)), (200, (2021, 1, 1, 0, 0, 0))):
+        write_geotiff(member, value)
+        with zipfile.ZipFile(zipped, "w") as z:
+            z.writestr(zipfile.ZipInfo("t.tif", date_time=stamp), member.read_bytes())
+        # GDAL keeps an archive's listing while its size and mtime (in seconds) stay the same
+        os.utime(zipped, (1_600_000_000 + value, 1_600_000_000 + value))
+        if not vrt.exists():
+            gdal.BuildVRT(str(vrt), [f"/vsizip/{zipped}/t.tif"]).FlushCache()
+        with open_raster(vrt) as raster:
+            assert raster.read_window(0, 0, 4, 4)[0][:, 0, 0].tolist() == [value] * 3
+            identities.append(raster.identity())
+    assert identities[0]["sources"] != identities[1]["sources"]
+
+
 def test_an_index_written_before_the_sources_column_opens_with_its_rasters_unchanged(tmp_path, rng):
     """Indexes made before rasters' identities covered a VRT's sources gain the column on open; the
     rasters in them (one file each: no sources) stay "unchanged", so nothing is indexed again."""

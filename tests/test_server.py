@@ -1011,6 +1011,8 @@ def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_pat
                  "--min-area", "1e9")
     assert out.returncode == 0 and "1 polygon(s) have no known area in square metres" in out.stderr, out.stderr
     assert len(json.loads(out.stdout)["results"][0]["polygons"]) == 1
+    text = client(server, "segment", "--raster", str(local), "--prompt", "fields", "--threshold", "0")
+    assert text.returncode == 0 and "1 polygons" in text.stdout and "m^2)" not in text.stdout, text.stdout
     out = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--min-area", "-1")
     assert out.returncode == 1 and "--min-area -1" in out.stderr and "square metres" in out.stderr
     assert "segment:" not in out.stderr                                         # refused before the work
