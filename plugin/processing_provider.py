@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 
-from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingParameterBoolean, QgsProcessingParameterEnum, QgsProcessingParameterExtent,
-                       QgsProcessingParameterFeatureSink, QgsProcessingParameterMultipleLayers,
-                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
-                       QgsProcessingParameterString, QgsProcessingProvider, QgsProcessingOutputNumber,
-                       QgsProcessingOutputString, QgsProcessingParameterDefinition, QgsWkbTypes)
+from qgis.core import (QgsDataSourceUri, QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm,
+                       QgsProcessingException, QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
+                       QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
+                       QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterDefinition,
+                       QgsProperty, QgsRasterLayer, QgsWkbTypes)
 from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
@@ -69,6 +70,32 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             return prepare_source(layer)
         except SourceError as e:
             raise QgsProcessingException(str(e)) from None
+
+    def _sink(self, parameters, context, fields, crs):
+        """parameterAsSink for OUTPUT, where a path to an existing GeoPackage means a layer in it named
+        after the file (replaced on a rerun): Processing would otherwise replace the whole file, and the
+        file's other layers with it."""
+        given = parameters.get("OUTPUT")
+        sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
+        # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
+        path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
+            else str(sink_value or "")
+        if path.lower().endswith(".gpkg") and os.path.isfile(path) and os.path.getsize(path) > 0:
+            try:
+                results.gpkg_layer_names(path)          # refuses a file that is not a GeoPackage
+            except OSError as e:
+                raise QgsProcessingException(str(e)) from None
+            uri = QgsDataSourceUri()
+            uri.setDatabase(path)
+            uri.setDataSource("", os.path.splitext(os.path.basename(path))[0], "geom")
+            output = QgsProcessingOutputLayerDefinition(given) \
+                if isinstance(given, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition()
+            output.sink = QgsProperty.fromValue("ogr:" + uri.uri())
+            parameters = {**parameters, "OUTPUT": output}
+        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.MultiPolygon, crs)
+        if sink is None:
+            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        return sink, dest
 
     def _call(self, settings, fn, feedback):
         """Run fn(conn); None when the user cancelled. Backend failures (a cancel the user did not ask
@@ -187,6 +214,10 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         k = self.parameterAsInt(parameters, "K", context)
         settings = self._settings(parameters, context)
         layers = self.parameterAsLayerList(parameters, "LAYERS", context)
+        not_rasters = [l.name() for l in layers if not isinstance(l, QgsRasterLayer)]
+        if not_rasters:
+            raise QgsProcessingException(f"{', '.join(not_rasters)}: not a raster layer; 'Only in these layers' "
+                                         "takes indexed raster layers")
         path_of = [(l, local_path(l)) for l in layers]
         names = {path: l.name() for l, path in path_of if path}
         paths = list(names)
@@ -210,12 +241,11 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             return conn.search(request)
 
         response = self._call(settings, run, feedback)
-        hits = list(response.hits) if response else []
+        if response is None:        # cancelled: the output is left as it was
+            return {}
+        hits = list(response.hits)
         crs = results.hits_crs(hits) if hits else context.project().crs()
-        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.search_fields(),
-                                          QgsWkbTypes.MultiPolygon, crs)
-        if sink is None:
-            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        sink, dest = self._sink(parameters, context, results.search_fields(), crs)
         for f in results.search_features(hits, crs, names):
             sink.addFeature(f, QgsFeatureSink.FastInsert)
         feedback.pushInfo(f"{len(hits)} tiles for {query!r}" if like < 0 else f"{len(hits)} tiles like tile {like}")
@@ -291,13 +321,13 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
             settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes,
             edge_radius=None if edge_radius < 0 else edge_radius, resolution=resolution, native=native,
-            path_resolution=resolution), feedback) or []
+            path_resolution=resolution), feedback)
         for note in notes:
             feedback.pushInfo(note)
-        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, results.segment_fields(),
-                                          QgsWkbTypes.MultiPolygon, layer.crs())
-        if sink is None:
-            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+        if answers is None:         # cancelled: the output is left as it was, not replaced by an empty layer
+            feedback.pushInfo("cancelled: nothing written")
+            return {}
+        sink, dest = self._sink(parameters, context, results.segment_fields(), layer.crs())
         features = results.segment_features(answers, self.parameterAsDouble(parameters, "MIN_AREA", context))
         for f in features:
             g = f.geometry()

@@ -67,6 +67,9 @@ class PixelReader:
         provider = layer.dataProvider()
         if provider is None or not layer.isValid():
             raise SourceError(f"layer {layer.name()!r} is not valid: it cannot be read")
+        if not self.crs.isValid():      # its pixels would land nowhere on the ground
+            raise SourceError(f"layer {layer.name()!r} has no CRS: set one in its Layer Properties (Source), "
+                              "then run again")
         self.provider = provider.clone()
         self.band_count = provider.bandCount()
         self.data_type = provider.dataType(1)

@@ -1168,6 +1168,100 @@ def test_processing_errors_the_user_can_fix_are_one_line_not_a_traceback(skyprom
         del in_memory
 
 
+
+def test_processing_a_layer_with_no_crs_or_not_a_raster_is_named_as_such(skyprompt_processing, tmp_path):
+    """A raster read as pixels with no CRS, and a vector layer among the search's layers: the error
+    says what is wrong with the layer (not a backend field, nor "does not overlap")."""
+    import processing
+    from qgis.core import QgsProcessingException, QgsVectorLayer
+
+    path = "/vsimem/skyprompt-no-crs.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(path, 64, 64, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((1000.0, 1.0, 0.0, 2000.0, 0.0, -1.0))
+    ds = None
+    no_crs = QgsProject.instance().addMapLayer(QgsRasterLayer(path, "scan"))
+    roads = QgsProject.instance().addMapLayer(QgsVectorLayer("LineString?crs=EPSG:4326", "roads", "memory"))
+    try:
+        assert not no_crs.crs().isValid()
+        for algorithm, params in (("indexraster", {}),
+                                  ("prompttopolygons", {"PROMPTS": "trees", "OUTPUT": str(tmp_path / "a.gpkg")}),
+                                  ("prompttopolygons", {"PROMPTS": "trees", "EXTENT": "1010,1050,1910,1990 [EPSG:32633]",
+                                                        "OUTPUT": str(tmp_path / "b.gpkg")})):
+            with pytest.raises(QgsProcessingException) as err:
+                processing.run(f"skyprompt:{algorithm}", {"INPUT": no_crs, **params})
+            assert str(err.value).startswith("layer 'scan' has no CRS: set one"), (algorithm, str(err.value))
+        with pytest.raises(QgsProcessingException) as err:
+            processing.run("skyprompt:searchtiles", {"QUERY": "trees", "LAYERS": [roads],
+                                                     "OUTPUT": str(tmp_path / "c.gpkg")})
+        assert str(err.value).startswith("roads: not a raster layer"), str(err.value)
+    finally:
+        QgsProject.instance().removeMapLayers([no_crs.id(), roads.id()])
+        gdal.Unlink(path)
+        del no_crs, roads, err
+
+
+def gpkg_contents(path: Path) -> dict:
+    """{layer name: feature count} of a GeoPackage."""
+    ds = gdal.OpenEx(str(path), gdal.OF_VECTOR)
+    try:
+        return {ds.GetLayer(i).GetName(): ds.GetLayer(i).GetFeatureCount() for i in range(ds.GetLayerCount())}
+    finally:
+        ds = None
+
+
+def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyprompt_processing, rasters, tmp_path):  # noqa: F811
+    """OUTPUT as the path of a GeoPackage that holds other layers: the result is a layer of that file
+    named after it (replaced on a rerun), the others stay; Processing alone replaces the whole file."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    out = tmp_path / "survey.gpkg"
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(out))
+    roads = ds.CreateLayer("roads", geom_type=ogr.wkbLineString)
+    feature = ogr.Feature(roads.GetLayerDefn())
+    feature.SetGeometry(ogr.CreateGeometryFromWkt("LINESTRING (0 0, 1 1)"))
+    roads.CreateFeature(feature)
+    ds = roads = feature = None
+    params = {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields, houses", "THRESHOLD": 0.0, "OUTPUT": str(out)}
+    dest = processing.run("skyprompt:prompttopolygons", params)["OUTPUT"]
+    first = gpkg_contents(out)
+    assert first.keys() == {"roads", "survey"} and first["roads"] == 1 and first["survey"] >= 2, first
+    assert dest.endswith("|layername=survey")
+    # the rerun replaces its layer, not appended to it, and what is loaded is that layer alone
+    before = set(QgsProject.instance().mapLayers())
+    processing.runAndLoadResults("skyprompt:prompttopolygons", params)
+    assert gpkg_contents(out) == first
+    loaded = [layer for i, layer in QgsProject.instance().mapLayers().items() if i not in before]
+    try:
+        assert [layer.source() for layer in loaded] == [f"{out}|layername=survey"]
+        assert loaded[0].featureCount() == first["survey"] and loaded[0].crs().authid() == "EPSG:32633"
+    finally:
+        QgsProject.instance().removeMapLayers([layer.id() for layer in loaded])
+        del loaded
+    (tmp_path / "notes.gpkg").write_text("not a GeoPackage")
+    with pytest.raises(QgsProcessingException, match="exists and is not a GeoPackage"):
+        processing.run("skyprompt:prompttopolygons", {**params, "OUTPUT": str(tmp_path / "notes.gpkg")})
+    assert (tmp_path / "notes.gpkg").read_text() == "not a GeoPackage"
+
+
+def test_processing_cancelled_prompt_to_polygons_leaves_the_output_as_it_was(skyprompt_processing, rasters,  # noqa: F811
+                                                                              tmp_path):
+    """A cancel while the backend segments: no output is written (an existing file is not replaced by an
+    empty layer), and the log says it was cancelled, not "0 polygons"."""
+    import processing
+
+    out = tmp_path / "earlier.geojson"
+    earlier = '{"type": "FeatureCollection", "features": []}\n'
+    out.write_text(earlier)
+    feedback = RecordingFeedback()
+    feedback.on_progress = feedback.cancel
+    outputs = processing.run("skyprompt:prompttopolygons", {"INPUT": str(slow_raster(rasters)), "PROMPTS": "fields",
+                                                            "OUTPUT": str(out)}, feedback=feedback)
+    assert feedback.isCanceled() and "OUTPUT" not in outputs, outputs
+    assert out.read_text() == earlier
+    assert "cancelled: nothing written" in feedback.infos and not [t for t in feedback.infos if "polygons for" in t]
+
+
 def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app, tmp_path):
     from plugin.local_backend import LocalBackend
 
