@@ -26,7 +26,7 @@ from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCo
 
 from desktop_iface import DesktopIface
 from test_raster import GEOTIFF_DIR, make_tif, noise
-from test_server import REPO, TOKEN, LiveServer, checkpoint, rasters  # noqa: F401 - fixtures
+from test_server import REPO, TOKEN, LiveServer, checkpoint, geopackage_with_a_layer, rasters  # noqa: F401 - fixtures
 
 from backend.defaults import Limits
 from plugin import deps
@@ -1215,13 +1215,7 @@ def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyp
     import processing
     from qgis.core import QgsProcessingException
 
-    out = tmp_path / "survey.gpkg"
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(out))
-    roads = ds.CreateLayer("roads", geom_type=ogr.wkbLineString)
-    feature = ogr.Feature(roads.GetLayerDefn())
-    feature.SetGeometry(ogr.CreateGeometryFromWkt("LINESTRING (0 0, 1 1)"))
-    roads.CreateFeature(feature)
-    ds = roads = feature = None
+    out = geopackage_with_a_layer(tmp_path / "survey.gpkg", "roads", "LINESTRING (0 0, 1 1)")
     params = {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields, houses", "THRESHOLD": 0.0, "OUTPUT": str(out)}
     dest = processing.run("skyprompt:prompttopolygons", params)["OUTPUT"]
     first = gpkg_contents(out)

@@ -1056,14 +1056,19 @@ def test_cli_band_mapping_reaches_the_server(server, rasters):
     assert json.loads(out.stdout)[0]["outcome"] == "replaced"
 
 
+def geopackage_with_a_layer(path: Path, name: str, wkt: str) -> Path:
+    """A GeoPackage holding one layer `name` with one feature: the user's work an output must keep."""
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    geometry = ogr.CreateGeometryFromWkt(wkt)
+    layer = ds.CreateLayer(name, geom_type=geometry.GetGeometryType())
+    feature = ogr.Feature(layer.GetLayerDefn())
+    feature.SetGeometry(geometry)
+    layer.CreateFeature(feature)
+    ds = layer = feature = None
+    return path
+
 def test_cli_segment_into_an_existing_geopackage_adds_a_layer(server, rasters, tmp_path):
-    target = tmp_path / "mywork.gpkg"
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(target))
-    mine = ds.CreateLayer("my_fields", geom_type=ogr.wkbPolygon)
-    feature = ogr.Feature(mine.GetLayerDefn())
-    feature.SetGeometry(ogr.CreateGeometryFromWkt("POLYGON ((0 0, 1 0, 1 1, 0 0))"))
-    mine.CreateFeature(feature)
-    ds = mine = feature = None
+    target = geopackage_with_a_layer(tmp_path / "mywork.gpkg", "my_fields", "POLYGON ((0 0, 1 0, 1 1, 0 0))")
     for _ in range(2):
         out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees",
                      "--threshold", "0.3", "--output", str(target))
