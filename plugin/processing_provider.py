@@ -15,7 +15,7 @@ from qgis.core import (QgsDataSourceUri, QgsFeatureSink, QgsProcessing, QgsProce
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
                        QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterDefinition,
-                       QgsProperty, QgsRasterLayer, QgsWkbTypes)
+                       QgsProperty, QgsRasterLayer, QgsWkbTypes, QgsCoordinateReferenceSystem)
 from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
@@ -245,6 +245,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             return {}
         hits = list(response.hits)
         crs = results.hits_crs(hits) if hits else context.project().crs()
+        if not crs.isValid():       # no hits, and no project CRS (a script): an empty layer needs one too
+            crs = QgsCoordinateReferenceSystem(results.WGS84)
         sink, dest = self._sink(parameters, context, results.search_fields(), crs)
         for f in results.search_features(hits, crs, names):
             sink.addFeature(f, QgsFeatureSink.FastInsert)

@@ -17,16 +17,23 @@ WGS84 = "EPSG:4326"
 _PALETTE = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999"]
 
 
-def _fields(spec: list[tuple[str, QVariant.Type]]) -> QgsFields:
+def _fields(spec: list[tuple]) -> QgsFields:
+    """Fields from (name, type) or (name, type, length) tuples."""
     out = QgsFields()
-    for name, kind in spec:
-        out.append(QgsField(name, kind))
+    for name, kind, *length in spec:
+        out.append(QgsField(name, kind, len=length[0] if length else 0))
     return out
+
+
+# a shapefile keeps a 64-bit integer as one only up to 18 digits: QGIS writes one with no length as
+# 20 digits, which GDAL reads back as a decimal (418.0)
+_INTEGER64_DIGITS = 18
 
 
 def search_fields() -> QgsFields:
     return _fields([("rank", QVariant.Int), ("score", QVariant.Double), ("layer", QVariant.String),
-                    ("raster_id", QVariant.String), ("tile_id", QVariant.LongLong), ("path", QVariant.String)])
+                    ("raster_id", QVariant.String), ("tile_id", QVariant.LongLong, _INTEGER64_DIGITS),
+                    ("path", QVariant.String)])
 
 
 def segment_fields() -> QgsFields:

@@ -2,7 +2,9 @@
 
 A layer the backend can open itself (a GDAL file on a local disk) is sent by path. Any other layer
 (XYZ/WMS tiles, /vsimem or remote rasters, rasters of other providers) is read here through a clone
-of its data provider and sent as pixels + geotransform + CRS, capped at a maximum side. The clone is
+of its data provider and sent as pixels + geotransform + CRS, capped at a maximum side (a colour-table
+image as its colours, as the backend reads such a file). So is a file with no CRS of its own that was
+given one in QGIS: the backend refuses the file, not its pixels with the layer's CRS. The clone is
 made on the main thread (`PixelReader(layer)`); `read()` then runs safely inside a QgsTask.
 """
 from __future__ import annotations
@@ -11,8 +13,8 @@ import math
 import os
 
 import numpy as np
-from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject, QgsRasterLayer,
-                       QgsRectangle)
+from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject, QgsRaster,
+                       QgsRasterDataProvider, QgsRasterLayer, QgsRectangle)
 
 # Qgis.DataType -> (numpy dtype, wire DataType name)
 _NUMERIC = {
@@ -38,11 +40,30 @@ def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
 
 
 def local_path(layer: QgsRasterLayer) -> str | None:
-    """The file behind a GDAL layer, when it is on a local disk the backend can read; else None."""
+    """The file behind a GDAL layer, when it is on a local disk the backend can read; else None. A
+    georeferenced file with no CRS of its own, given one in QGIS, is None too: the backend would refuse
+    the file, while its pixels sent with the layer's CRS land where QGIS shows them."""
     if layer.providerType() != "gdal":
         return None
     path = layer.source().split("|")[0]
-    return os.path.abspath(path) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    return None if layer.crs().isValid() and _has_no_crs(path) else os.path.abspath(path)
+
+
+def _has_no_crs(path: str) -> bool:
+    """Whether the raster file at `path` has a geotransform but no CRS (GDAL opens only its header).
+    A file GDAL cannot open, or one with no geotransform at all, is left to the backend to refuse with
+    its own advice."""
+    from osgeo import gdal
+
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_READONLY)
+    except RuntimeError:        # with gdal.UseExceptions() on
+        return False
+    if dataset is None:
+        return False
+    return dataset.GetGeoTransform(can_return_null=True) is not None and dataset.GetSpatialRef() is None
 
 
 def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
@@ -55,6 +76,20 @@ def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: Q
         return QgsRectangle(rect)
     transform = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance())
     return transform.transformBoundingBox(rect)
+
+
+def _palette(provider) -> np.ndarray | None:
+    """A colour-table band's entries as an RGBA lookup table ([n, 4] uint8, row = index; entries the
+    table lacks are transparent), or None when band 1 holds no palette indices."""
+    if provider.colorInterpretation(1) != QgsRaster.PaletteIndex:
+        return None
+    entries = [(int(item.value), item.color) for item in provider.colorTable(1) if item.value >= 0]
+    if not entries:
+        return None
+    lookup = np.zeros((max(i for i, _ in entries) + 1, 4), np.uint8)
+    for i, colour in entries:
+        lookup[i] = (colour.red(), colour.green(), colour.blue(), colour.alpha())
+    return lookup
 
 
 class PixelReader:
@@ -73,6 +108,12 @@ class PixelReader:
         self.provider = provider.clone()
         self.band_count = provider.bandCount()
         self.data_type = provider.dataType(1)
+        # a colour-table image is sent as its colours, as the backend reads such a file (open_raster)
+        self.palette = _palette(provider) if self.band_count == 1 and self.data_type in _NUMERIC else None
+        if self.palette is not None:        # indices are entries, never averaged into other ones
+            nearest = QgsRasterDataProvider.ResamplingMethod.Nearest
+            self.provider.setZoomedInResamplingMethod(nearest)
+            self.provider.setZoomedOutResamplingMethod(nearest)
         # native ground resolution when the provider has one (tile services report none)
         self.native_resolution = (layer.rasterUnitsPerPixelX()
                                   if provider.capabilities() & provider.Size and layer.width() > 0 else None)
@@ -112,6 +153,18 @@ class PixelReader:
                 bgra[..., :3] = np.clip(bgra[..., :3] * 255.0 / a, 0, 255)
             rgba = bgra[..., [2, 1, 0, 3]].astype(np.uint8)
             data, bands, dtype, alpha = np.ascontiguousarray(rgba.transpose(2, 0, 1)), 4, "DATA_TYPE_UINT8", 4
+        elif self.palette is not None:
+            block = self.provider.block(1, extent, width, height)
+            index = np.frombuffer(bytes(block.data()), dtype=_NUMERIC[self.data_type][0]).reshape(height, width)
+            index = index.astype(np.int64)
+            known = (index >= 0) & (index < len(self.palette))
+            rgba = self.palette[np.where(known, index, 0)]
+            rgba[~known] = 0
+            if self.provider.sourceHasNoDataValue(1):
+                rgba[index == self.provider.sourceNoDataValue(1)] = 0
+            # an alpha band only when some pixel is no data (alpha 0) or see-through
+            bands = 3 if (rgba[..., 3] == 255).all() else 4
+            data, dtype, alpha = rgba[..., :bands].transpose(2, 0, 1), "DATA_TYPE_UINT8", 0 if bands == 3 else 4
         elif self.data_type in _NUMERIC:
             np_type, dtype = _NUMERIC[self.data_type]
             bands = min(self.band_count, 4)

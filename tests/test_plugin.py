@@ -547,6 +547,82 @@ def test_layer_the_backend_cannot_open_is_sent_as_pixels(dock, iface):
     gdal.Unlink(path)
 
 
+def paletted_tif(path: Path) -> Path:
+    """A colour-table GeoTIFF, 40 x 30 px: index 0 green (0, 200, 0) on the left half, 1 blue
+    (0, 0, 255) on the right, one pixel of the no-data index 7 at the top left."""
+    indices = np.zeros((30, 40), np.uint8)
+    indices[:, 20:] = 1
+    indices[0, 0] = 7
+    make_tif(path, indices, nodata=7)
+    ds = gdal.Open(str(path), gdal.GA_Update)
+    table = gdal.ColorTable()
+    table.SetColorEntry(0, (0, 200, 0, 255))
+    table.SetColorEntry(1, (0, 0, 255, 255))
+    band = ds.GetRasterBand(1)
+    band.SetColorTable(table)
+    band.SetColorInterpretation(gdal.GCI_PaletteIndex)
+    ds = None
+    return path
+
+
+def test_a_paletted_layer_is_sent_as_its_colours_as_the_backend_reads_the_file(qgis_app, tmp_path):
+    """A colour-table raster read as pixels (a file read coarser for a caption, a GeoPackage raster, a
+    service) is sent as the palette's colours, not its indices: the backend sees the same image as
+    when it opens the file itself."""
+    from backend.raster import open_raster, raster_from_pixels
+    from plugin.rpc import skyprompt_pb2 as pb
+    from plugin.sources import PixelReader
+
+    path = paletted_tif(tmp_path / "paletted.tif")
+    layer = QgsRasterLayer(str(path), "paletted")
+    assert layer.isValid()
+    source, note = PixelReader(layer).read(pb, layer.extent(), 1000)
+    pixels = source.pixels
+    assert not note and (pixels.width, pixels.height, pixels.band_count, pixels.alpha_band) == (40, 30, 4, 4)
+    sent = raster_from_pixels(pixels.data, pixels.width, pixels.height, pixels.band_count, int(pixels.data_type),
+                              list(pixels.geotransform), pixels.crs, alpha_band=pixels.alpha_band)
+    opened = open_raster(path)
+    try:
+        rgb, valid = sent.read_window(0, 0, 40, 30)
+        file_rgb, file_valid = opened.read_window(0, 0, 40, 30)
+    finally:
+        sent.close()
+        opened.close()
+    assert (rgb[:, 5, 5].tolist(), rgb[:, 5, 30].tolist()) == ([0, 200, 0], [0, 0, 255])
+    assert not valid[0, 0] and valid.sum() == 40 * 30 - 1
+    assert np.array_equal(rgb, file_rgb) and np.array_equal(valid, file_valid)
+    # read coarser (the caption's path for a file over its limit), inside the no-data pixel's corner:
+    # entries picked, never indices averaged into other colours, and no alpha band when all is valid
+    inside = layer_rect(layer, (0.1, 0.0, 0.9, 0.9))
+    coarse = PixelReader(layer).read(pb, inside, 16)[0].pixels
+    colours = np.frombuffer(coarse.data, np.uint8).reshape(3, coarse.height, coarse.width)
+    assert coarse.band_count == 3 and coarse.alpha_band == 0
+    assert {tuple(c) for c in colours.reshape(3, -1).T} == {(0, 200, 0), (0, 0, 255)}
+
+
+def test_a_file_with_no_crs_given_one_in_qgis_is_segmented_there(dock, iface, rasters):  # noqa: F811
+    """A georeferenced file with no CRS, to which the user assigned one in QGIS: sent as pixels with
+    that CRS (the backend refuses the file itself), so Segment works and lands where QGIS shows it."""
+    from plugin.sources import prepare_source
+
+    path = rasters["folder"] / "no_crs_utm.tif"          # where the backend may read files
+    if not path.exists():
+        make_tif(path, noise((3, 60, 80), seed=11), geotransform=(300000.0, 5.0, 0.0, 4000000.0, 0.0, -5.0),
+                 crs=None)
+    layer = QgsRasterLayer(str(path), "no crs")
+    assert layer.isValid() and not layer.crs().isValid()
+    assert prepare_source(layer) == str(path)        # nothing assigned: the path, for the backend's advice
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    segment_whole_layer_setup(dock, iface, layer, prompts="fields")
+    dock.threshold.setValue(0.0)
+    assert run_dock(dock, "segment", dock.segment) is None
+    out = dock.last_layer
+    assert out.crs().authid() == "EPSG:32633" and out.featureCount() >= 1
+    grown = layer.extent()
+    grown.grow(10.0)
+    assert grown.contains(out.extent()), (out.extent().toString(), layer.extent().toString())
+
+
 def test_a_layer_read_error_in_a_task_is_the_users_to_fix_not_internal(settings):
     from plugin.sources import SourceError
     from plugin.tasks import BackendTask, start
@@ -1254,6 +1330,55 @@ def test_processing_cancelled_prompt_to_polygons_leaves_the_output_as_it_was(sky
     assert feedback.isCanceled() and "OUTPUT" not in outputs, outputs
     assert out.read_text() == earlier
     assert "cancelled: nothing written" in feedback.infos and not [t for t in feedback.infos if "polygons for" in t]
+
+
+def test_processing_search_with_no_hits_and_no_project_crs_writes_wgs84(skyprompt_processing, own_backend,
+                                                                          tmp_path):
+    """A script has no project CRS: a search with no hits (an empty index) still writes a layer with
+    a CRS, WGS 84, instead of one with none."""
+    import processing
+
+    _, address = own_backend.start()
+    project = QgsProject.instance()
+    before = project.crs()
+    project.setCrs(QgsCoordinateReferenceSystem())
+    try:
+        out = processing.run("skyprompt:searchtiles", {"QUERY": "fields", "SERVER": address,
+                                                       "OUTPUT": str(tmp_path / "none.gpkg")})["OUTPUT"]
+    finally:
+        project.setCrs(before)
+    ds = gdal.OpenEx(out.split("|")[0], gdal.OF_VECTOR)
+    try:
+        layer = ds.GetLayer(0)
+        assert layer.GetFeatureCount() == 0
+        srs = layer.GetSpatialRef()
+        assert srs is not None and srs.GetAuthorityCode(None) == "4326"
+    finally:
+        ds = None
+
+
+def test_processing_search_to_a_shapefile_keeps_tile_id_an_integer(skyprompt_processing, rasters, own_backend,  # noqa: F811
+                                                                   tmp_path):
+    """QGIS writes a 64-bit integer with no length to a shapefile as a decimal (418.0): tile_id is
+    written with a length a shapefile keeps as an integer, and a GeoPackage output stays Integer64."""
+    import processing
+
+    _, address = own_backend.start()
+    processing.run("skyprompt:indexraster", {"INPUT": str(rasters["rgb"]), "SERVER": address})
+    types = {}
+    for name in ("tiles.shp", "tiles.gpkg"):
+        out = processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 5, "SERVER": address,
+                                                       "OUTPUT": str(tmp_path / name)})["OUTPUT"]
+        ds = ogr.Open(out.split("|")[0])
+        try:
+            layer = ds.GetLayer(0)
+            defn = layer.GetLayerDefn().GetFieldDefn(layer.GetLayerDefn().GetFieldIndex("tile_id"))
+            types[name] = defn.GetType()
+            values = [f.GetField("tile_id") for f in layer]
+        finally:
+            ds = None
+        assert len(values) == 5 and all(isinstance(v, int) and v > 0 for v in values), (name, values)
+    assert types == {"tiles.shp": ogr.OFTInteger64, "tiles.gpkg": ogr.OFTInteger64}, types
 
 
 def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app, tmp_path):
