@@ -45,6 +45,8 @@ class SettingsDialog(QDialog):
         self.tls_ca = QgsFileWidget()
         self.tls_ca.setFilePath(settings.tls_ca)
         self.tls_ca.setFilter("PEM certificates (*.pem *.crt)")
+        self.tls_ca.setEnabled(settings.use_tls)          # the CA file is read only over TLS
+        self.use_tls.toggled.connect(self.tls_ca.setEnabled)
         self.python = QLineEdit(settings.python)
         self.python.setToolTip("Python (or command) that runs `-m backend serve`, e.g. /path/to/.venv/bin/python")
         self.backend_dir = QgsFileWidget()
@@ -72,6 +74,7 @@ class SettingsDialog(QDialog):
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
+        self.setMinimumWidth(520)      # room for a whole path in the file fields
 
     def accept(self) -> None:
         s = self.settings
@@ -168,12 +171,14 @@ class SkyPromptDock(QDockWidget):
     def _search_tab(self) -> QWidget:
         tab = QWidget()
         v = QVBoxLayout(tab)
-        v.addWidget(QLabel("Raster layers to search"))
+        self.layers_label = QLabel()
+        self.layers_label.setWordWrap(True)
+        v.addWidget(self.layers_label)
         self.layer_list = QListWidget()
         self.layer_list.setMaximumHeight(110)
+        self.layer_list.itemChanged.connect(lambda _: self._update_actions())   # a tick or an untick
         v.addWidget(self.layer_list)
         self.index_button = QPushButton("Index")
-        self.index_button.setToolTip("Tile the checked layers and store their embeddings in the backend")
         self.index_button.clicked.connect(self.index_layers)
         self.rotation_views = QCheckBox("Rotation views")
         self.rotation_views.setToolTip(f"Store each tile's embedding averaged over its {operations.ROTATION_VIEWS} "
@@ -220,10 +225,13 @@ class SkyPromptDock(QDockWidget):
     def _segment_tab(self) -> QWidget:
         tab = QWidget()
         form = QFormLayout(tab)
+        # a narrow dock puts a label above its field instead of pushing the panel wider than the screen
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.prompts = QLineEdit()
         self.prompts.setPlaceholderText("buildings, trees")
         self.segment_layer = QgsMapLayerComboBox()
         self.segment_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.segment_layer.layerChanged.connect(lambda _: self._update_actions())
         self.area = QComboBox()
         self.area.addItems(["Canvas extent", "Drawn rectangle"])
         self.draw_button = QPushButton("Draw rectangle")
@@ -248,10 +256,8 @@ class SkyPromptDock(QDockWidget):
         self.segment_button.clicked.connect(self.segment)
         form.addRow("Prompts", self.prompts)
         form.addRow("Layer", self.segment_layer)
-        area_row = QHBoxLayout()
-        area_row.addWidget(self.area, 1)
-        area_row.addWidget(self.draw_button)
-        form.addRow("Area", area_row)
+        form.addRow("Area", self.area)
+        form.addRow("", self.draw_button)     # under the choice, not beside it: both stay readable at ~300 px
         form.addRow("Threshold", self.threshold)
         form.addRow("Minimum area", self.min_area)
         form.addRow("", self.follow_edges)
@@ -264,6 +270,7 @@ class SkyPromptDock(QDockWidget):
         v = QVBoxLayout(tab)
         self.describe_layer = QgsMapLayerComboBox()
         self.describe_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.describe_layer.layerChanged.connect(lambda _: self._update_actions())
         self.describe_button = QPushButton("Describe current view")
         self.describe_button.clicked.connect(self.describe)
         self.caption = QPlainTextEdit()
@@ -280,14 +287,19 @@ class SkyPromptDock(QDockWidget):
 
     def _show_light(self, state: str) -> None:
         colour, words = LIGHTS.get(state, LIGHTS["UNKNOWN"])
-        self.light.setText(f"<span style='color:{colour}; font-size:16px'>●</span>")
+        self.light.setText(f"<span style='color:{colour}; font-size:16px'>●</span> {words}")
         self.light.setToolTip(words)
         self.health_state = state
 
     def _set_busy(self, busy: bool) -> None:
         self.progress.setVisible(busy)
         self.cancel_button.setVisible(busy)
-        if not busy:
+        if busy:
+            # a moving bar until the task reports a percentage: search and describe never do, and a
+            # bar standing at 0% looks stuck
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 100)
             self.progress.setValue(0)
 
     def _task(self, kind: str, description: str, work, shown) -> BackendTask | None:
@@ -296,6 +308,8 @@ class SkyPromptDock(QDockWidget):
             self._message(f"cannot call the backend: {self.deps_problem}", Qgis.Warning)
             self.taskDone.emit(kind, self.deps_problem)
             return None
+
+        what = description.removeprefix("SkyPrompt: ")    # the message bar's title already says SkyPrompt
 
         def done(result, error):
             if self._closed:        # the plugin was unloaded meanwhile: its widgets are gone
@@ -306,9 +320,9 @@ class SkyPromptDock(QDockWidget):
                     shown(result)
                 except Exception as e:  # a bad answer must not leave the dock half-updated silently
                     error = e
-                    self._message(f"{description}: {e}", Qgis.Critical)
+                    self._message(f"{what}: {e}", Qgis.Critical)
             elif not (error.code == "CANCELLED" and task.isCanceled()):   # a backend that stopped is an error
-                self._message(f"{description} failed: {error.message}", Qgis.Critical)
+                self._message(f"{what} failed: {error.message}", Qgis.Critical)
             for note in task.notes:
                 self._message(note, Qgis.Warning)
             self.taskDone.emit(kind, error)
@@ -320,6 +334,8 @@ class SkyPromptDock(QDockWidget):
 
     def _show_progress(self, percent: float) -> None:
         if not self._closed:     # a task's last progress can arrive after the plugin was unloaded
+            if percent > 0:
+                self.progress.setRange(0, 100)
             self.progress.setValue(int(percent))
 
     def cancel_all(self) -> None:
@@ -341,9 +357,22 @@ class SkyPromptDock(QDockWidget):
         if self.deps_problem:
             self.deps_label.setText(f"SkyPrompt needs grpcio and protobuf: {self.deps_problem}.")
             self._show_light("MISSING")
-        for w in (self.check_button, self.start_button, self.index_button, self.search_button,
-                  self.segment_button, self.describe_button):
+        for w in (self.check_button, self.start_button, self.search_button):
             w.setEnabled(not self.deps_problem)
+        self._update_actions()
+
+    def _update_actions(self) -> None:
+        """Index, Segment and Describe are on only when they have a raster layer to work on."""
+        if not hasattr(self, "describe_button"):    # signals while the tabs are still being built
+            return
+        ready = not getattr(self, "deps_problem", None)
+        self.index_button.setEnabled(ready and bool(self.checked_layers()))
+        self.segment_button.setEnabled(ready and self.segment_layer.currentLayer() is not None)
+        self.describe_button.setEnabled(ready and self.describe_layer.currentLayer() is not None)
+        no_layer = "Add a raster layer to the project first" if not self.layer_list.count() else ""
+        self.index_button.setToolTip(no_layer or "Tile the checked layers and store their embeddings in the backend")
+        self.segment_button.setToolTip(no_layer)
+        self.describe_button.setToolTip(no_layer)
 
     def install_dependencies(self) -> None:
         folder = self.deps_folder
@@ -432,6 +461,9 @@ class SkyPromptDock(QDockWidget):
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
                 item.setCheckState(checked.get(layer.id(), Qt.Checked))
                 self.layer_list.addItem(item)
+        self.layers_label.setText("Raster layers to search" if self.layer_list.count() else
+                                  "No raster layers in the project: add one to index and search it")
+        self._update_actions()
 
     def checked_layers(self) -> list[QgsRasterLayer]:
         project = QgsProject.instance()

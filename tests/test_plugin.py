@@ -644,8 +644,70 @@ def test_backend_down_gives_a_clear_message_without_hanging(dock, layers, iface)
     started = time.monotonic()
     error = run_dock(dock, "search", dock.search, timeout=30)
     assert error is not None and error.code == "UNAVAILABLE" and time.monotonic() - started < 30
-    assert any("no SkyPrompt backend answers" in (text or "") for _, text, _ in iface.message_bar.messages)
+    failed = [text or "" for _, text, _ in iface.message_bar.messages if "no SkyPrompt backend answers" in (text or "")]
+    # the bar's title is SkyPrompt already: the text does not say it again
+    assert failed and not [t for t in failed if t.startswith("SkyPrompt")], failed
     assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "UNREACHABLE"
+    assert "no backend" in dock.light.text()          # in words, not by colour alone
+
+
+# -- the panel as a user sees it --
+def test_the_panel_fits_a_narrow_dock_and_says_its_state_in_words(dock, iface):
+    from qgis.PyQt.QtCore import Qt
+
+    # QGIS docks are often ~300 px wide: the widest tab must not force the panel wider
+    assert dock.widget().minimumSizeHint().width() <= 320, dock.widget().minimumSizeHint()
+    assert run_dock(dock, "health", dock.refresh_health) is None and "serving" in dock.light.text()
+    iface.addDockWidget(Qt.RightDockWidgetArea, dock)
+    iface.main_window.resizeDocks([dock], [320], Qt.Horizontal)
+    dock.tabs.setCurrentIndex(1)
+    QgsApplication.processEvents()
+    for w in (dock.area, dock.draw_button, dock.min_area, dock.follow_edges, dock.segment_button):
+        assert w.width() >= w.minimumSizeHint().width(), (w, w.width(), w.minimumSizeHint())
+
+
+def test_index_segment_describe_are_off_without_a_raster_layer(dock, rasters):  # noqa: F811
+    from qgis.core import QgsVectorLayer
+    from qgis.PyQt.QtCore import Qt
+
+    project = QgsProject.instance()
+    buttons = (dock.index_button, dock.segment_button, dock.describe_button)
+    project.addMapLayer(QgsVectorLayer("Polygon?crs=EPSG:4326", "fields", "memory"))   # not a raster
+    assert not any(b.isEnabled() for b in buttons)
+    assert "No raster layers" in dock.layers_label.text()
+    raster = QgsRasterLayer(str(rasters["rgb"]), "rgb")
+    project.addMapLayer(raster)
+    assert all(b.isEnabled() for b in buttons) and dock.layers_label.text() == "Raster layers to search"
+    dock.layer_list.item(0).setCheckState(Qt.Unchecked)       # nothing ticked: nothing to index
+    assert not dock.index_button.isEnabled() and dock.segment_button.isEnabled()
+    dock.layer_list.item(0).setCheckState(Qt.Checked)
+    assert dock.index_button.isEnabled()
+    project.removeMapLayer(raster.id())
+    assert not any(b.isEnabled() for b in buttons)
+
+
+def test_work_without_a_percentage_shows_a_moving_bar_not_zero(dock, layers, iface):
+    iface.canvas.setDestinationCrs(layers[0].crs())
+    iface.canvas.setExtent(layers[0].extent())
+    dock.describe_layer.setLayer(layers[0])
+    got = []
+    dock.taskDone.connect(lambda kind, error: got.append(error) if kind == "caption" else None)
+    assert dock.describe() is not None
+    # a caption reports no progress: the bar moves until the answer, instead of standing at 0%
+    assert not dock.progress.isHidden() and dock.progress.maximum() == 0
+    wait_until(lambda: got, 120, "the caption")
+    assert got == [None] and dock.progress.isHidden() and dock.progress.maximum() == 100
+    assert dock.caption.toPlainText()
+
+
+def test_settings_ca_file_is_editable_only_with_tls(qgis_app):
+    from plugin.dock import SettingsDialog
+
+    dialog = SettingsDialog(PluginSettings())
+    assert not dialog.use_tls.isChecked() and not dialog.tls_ca.isEnabled()    # read only over TLS
+    dialog.use_tls.setChecked(True)
+    assert dialog.tls_ca.isEnabled()
+    dialog.deleteLater()
 
 
 # -- Processing --
