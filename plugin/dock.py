@@ -97,6 +97,7 @@ class SkyPromptDock(QDockWidget):
         self.deps_folder = deps_folder
         self.settings = PluginSettings.load()
         self.tasks: set[QgsTask] = set()
+        self.running: dict[str, int] = {}      # task kind -> how many run: its button waits for them
         # layer id -> the raster ids it was indexed under: a tile service indexed in several views
         # is several rasters (the backend names pixels by their hash), all of them searchable
         self.indexed: dict[str, set[str]] = {}
@@ -314,6 +315,8 @@ class SkyPromptDock(QDockWidget):
         def done(result, error):
             if self._closed:        # the plugin was unloaded meanwhile: its widgets are gone
                 return
+            self.running[kind] -= 1
+            self._update_actions()
             self._set_busy(any(t.status() in (QgsTask.Queued, QgsTask.Running) for t in self.tasks if t is not task))
             if error is None:
                 try:
@@ -330,6 +333,9 @@ class SkyPromptDock(QDockWidget):
         task = BackendTask(description, self.settings, work, done)
         task.progressChanged.connect(self._show_progress)
         self._set_busy(True)
+        # a second press while the first runs would start a second task and add a second layer
+        self.running[kind] = self.running.get(kind, 0) + 1
+        self._update_actions()
         return start(task, self.tasks)
 
     def _show_progress(self, percent: float) -> None:
@@ -366,13 +372,18 @@ class SkyPromptDock(QDockWidget):
         if not hasattr(self, "describe_button"):    # signals while the tabs are still being built
             return
         ready = not getattr(self, "deps_problem", None)
-        self.index_button.setEnabled(ready and bool(self.checked_layers()))
-        self.segment_button.setEnabled(ready and self.segment_layer.currentLayer() is not None)
-        self.describe_button.setEnabled(ready and self.describe_layer.currentLayer() is not None)
+        running = {kind for kind, count in getattr(self, "running", {}).items() if count > 0}
+        self.index_button.setEnabled(ready and bool(self.checked_layers()) and "index" not in running)
+        self.segment_button.setEnabled(ready and self.segment_layer.currentLayer() is not None
+                                       and "segment" not in running)
+        self.describe_button.setEnabled(ready and self.describe_layer.currentLayer() is not None
+                                        and "caption" not in running)
         no_layer = "Add a raster layer to the project first" if not self.layer_list.count() else ""
-        self.index_button.setToolTip(no_layer or "Tile the checked layers and store their embeddings in the backend")
-        self.segment_button.setToolTip(no_layer)
-        self.describe_button.setToolTip(no_layer)
+        wait = "Running: wait for it to finish, or Cancel"
+        self.index_button.setToolTip(no_layer or ("index" in running and wait)
+                                     or "Tile the checked layers and store their embeddings in the backend")
+        self.segment_button.setToolTip(no_layer or ("segment" in running and wait) or "")
+        self.describe_button.setToolTip(no_layer or ("caption" in running and wait) or "")
 
     def install_dependencies(self) -> None:
         folder = self.deps_folder

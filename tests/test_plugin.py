@@ -695,8 +695,12 @@ def test_work_without_a_percentage_shows_a_moving_bar_not_zero(dock, layers, ifa
     assert dock.describe() is not None
     # a caption reports no progress: the bar moves until the answer, instead of standing at 0%
     assert not dock.progress.isHidden() and dock.progress.maximum() == 0
+    # a second press would start a second task: the button waits for the first
+    assert not dock.describe_button.isEnabled() and "Running" in dock.describe_button.toolTip()
+    assert dock.segment_button.isEnabled()
     wait_until(lambda: got, 120, "the caption")
     assert got == [None] and dock.progress.isHidden() and dock.progress.maximum() == 100
+    assert dock.describe_button.isEnabled() and dock.running == {"caption": 0}
     assert dock.caption.toPlainText()
 
 
