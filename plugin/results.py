@@ -108,7 +108,8 @@ def style_by_score(layer: QgsVectorLayer) -> None:
     symbol = QgsFillSymbol.createSimple({"color": "255,0,0,90", "outline_color": "200,0,0", "outline_width": "0.6"})
     renderer = QgsGraduatedSymbolRenderer("score")
     renderer.setSourceSymbol(symbol)
-    renderer.setSourceColorRamp(QgsGradientColorRamp(QColor(255, 245, 200, 120), QColor(200, 0, 0, 160)))
+    # light fills: hits overlap (tiles overlap), and the imagery under them is what the user checks
+    renderer.setSourceColorRamp(QgsGradientColorRamp(QColor(255, 245, 200, 50), QColor(200, 0, 0, 100)))
     renderer.setClassificationMethod(QgsClassificationEqualInterval())
     renderer.updateClasses(layer, 5)
     layer.setRenderer(renderer)
