@@ -119,6 +119,18 @@ def test_folder_records_names_unmapped_classes(class_folder):
     assert "bPort" in str(e.value) and "cRoad" in str(e.value) and "2 class folder" in str(e.value)
 
 
+def test_folder_records_name_a_mistyped_or_file_path_as_such(class_folder, tmp_path):
+    with pytest.raises(DataError, match=r"data folder .*scenez does not exist"):
+        folder_records(tmp_path / "scenez", CLASSNAMES)
+    not_a_folder = make_image(tmp_path / "one.jpg")
+    with pytest.raises(DataError, match=r"one\.jpg is a file; give the folder that holds the class sub-folders"):
+        folder_records(not_a_folder, CLASSNAMES)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no class sub-folders with images"):
+        folder_records(empty, CLASSNAMES)
+
+
 def test_folder_records_ucm_layout(tmp_path):
     root = tmp_path / "ucm"
     make_image(root / "images" / "beach" / "beach00.jpg")
@@ -316,6 +328,12 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     msg = str(e.value)
     assert "9 of 10 images do not exist" in msg and "missing.jsonl:2:" in msg and "gone0.jpg" in msg
     assert "gone5.jpg" not in msg and "... and 4 more" in msg
+
+    # an object cut short is located on its own line, where it ends (not "column 1" of the next line)
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2: not valid JSON \(Expecting .*, column 20\)"):
+        manifest_records(bad_json)
+    with pytest.raises(ManifestError, match=r"manifest .*nope\.jsonl does not exist"):
+        manifest_records(tmp_path / "nope.jsonl")
 
     (tmp_path / "nohead.csv").write_text("path,text\na.jpg,x\n")
     with pytest.raises(ManifestError, match=r"nohead\.csv:1: the header"):

@@ -155,6 +155,7 @@ def test_retrieval_table_output(setup, capsys):
 @pytest.mark.parametrize("case, message", [
     ("no_checkpoint", "does not exist"),
     ("bad_checkpoint", "config.json is missing"),
+    ("run_folder", "run is a training run's folder: give one of its checkpoints, e.g. "),
     ("no_data", "does not exist"),
     ("no_classnames", "does not exist"),
     ("unmapped_class", "no entry in the class-name map"),
@@ -170,6 +171,10 @@ def test_errors_exit_2_with_one_line(setup, tmp_path, capsys, case, message):
         args = ["retrieval", "--checkpoint", tmp_path / "nope", "--manifest", setup["manifest"]]
     elif case == "bad_checkpoint":
         args = ["retrieval", "--checkpoint", tmp_path, "--manifest", setup["manifest"]]
+    elif case == "run_folder":   # training's --out, where its checkpoints are
+        (tmp_path / "run" / "checkpoints" / "step_0000020").mkdir(parents=True)
+        args = ["retrieval", "--checkpoint", tmp_path / "run", "--manifest", setup["manifest"]]
+        message += str(tmp_path / "run" / "checkpoints" / "step_0000020")
     elif case == "no_data":
         args = zero_shot + ["--data", tmp_path / "missing", "--classnames", names]
     elif case == "no_classnames":
@@ -223,6 +228,8 @@ def test_help_names_every_subcommand_and_option():
     sub = parser._subparsers._group_actions[0].choices
     assert "--classnames" in sub["zero-shot"].format_help() and "--files" in sub["zero-shot"].format_help()
     assert "--beam-size" in sub["caption"].format_help() and "--ties" in sub["retrieval"].format_help()
+    # an example cut over two lines keeps its break, as a shell line continuation
+    assert "--classnames aid \\\n      --files runs/default/val/aid.txt" in text
 
 
 def test_rerank_with_captioner_reorders_inside_each_top_k_only(setup, tokenizer, tiny_config):

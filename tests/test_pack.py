@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +117,29 @@ def test_an_unreadable_training_image_is_named_and_no_recipe_is_written(tmp_path
     assert r.returncode == 2 and "1 training image(s) could not be read" in r.stderr
     assert "red_1.jpg" in r.stderr and "Traceback" not in r.stderr
     assert not (out / "recipe.json").exists()
+
+
+def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path):
+    """Ctrl-C reaches the whole process group (the pool's workers too): one line, no tracebacks, and no
+    half-written --out, which would have no recipe.json and be refused as not empty by the next pack."""
+    scenes = make_scene_folder(tmp_path / "data" / "scenes", per_class=1)
+    for cls in ("red", "green", "blue"):   # enough images to interrupt: links to the one of each class
+        for i in range(1500):
+            (scenes / cls / f"{cls}_link{i}.jpg").symlink_to(scenes / cls / f"{cls}_0.jpg")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": "data/scenes",
+                                               "classnames": "data/classes.json"}]}))
+    out = tmp_path / "pack"
+    proc = subprocess.Popen([sys.executable, "-m", "training.pack", "--recipe", str(recipe), "--out", str(out),
+                             "--size", "16", "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(out.glob("scenes/*/*.webp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: removed the partial copy" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not out.exists()
+    r = _pack("--recipe", str(recipe), "--out", str(out), "--size", "16", "--workers", "2")
+    assert r.returncode == 0 and "packed 4503 images" in r.stdout, r.stderr[-3000:]

@@ -68,6 +68,7 @@ def test_tiny_run_end_to_end(folder, tmp_path):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert evals and 0.0 <= evals[-1][f"{folder.name}/top1"] <= 100.0
+    assert "eval {" in r.stderr and "]eval {" not in r.stderr   # its own line, not run on from the bar's
     model, tok = load_checkpoint(tmp_path / "fp16")
     assert model.config.preset == "tiny" and tok.vocab_size <= 300
     assert (out / "tokenizer.json").is_file() and (out / "train_config.json").is_file()
@@ -143,6 +144,55 @@ def test_a_run_stopped_before_its_first_checkpoint_leaves_no_rows_behind(folder,
         assert "dropped 4 row(s) past step 0" in r.stderr
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [1, 2] and all(row["loss"] != 9.9 for row in rows)
+
+
+def test_help_examples_keep_their_line_breaks():
+    r = _run(["--help"])
+    assert r.returncode == 0 and "--master_port=29500 \\\n" in r.stdout, r.stdout[:1500]
+
+
+def test_a_tokenizer_left_by_an_earlier_attempt_is_reused_only_for_the_same_captions(folder, tmp_path):
+    """An attempt that stops before its first checkpoint (here: a batch larger than the data) leaves its
+    tokenizer in --out; the next run there on other data must not tokenize with it."""
+    out = tmp_path / "run"
+    r = _run(_args(folder, out, 1, "--batch-size", "100"))
+    assert r.returncode == 2 and "fewer than one batch" in r.stderr and (out / "tokenizer.json").is_file()
+    earlier = (out / "tokenizer.json").read_text()
+    lines = [json.dumps({"image": str(p), "caption": f"a harbour with {p.stem.split('_')[0]} boats"})
+             for p in sorted(folder.glob("*/*.jpg"))]
+    manifest = tmp_path / "harbour.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    other_data = [*_args(folder, out, 1)[4:], "--manifest", str(manifest)]   # the manifest, not the folder
+    r = _run(other_data)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not from this run's captions" in r.stderr and "training a tokenizer on 3 captions" in r.stderr
+    assert (out / "tokenizer.json").read_text() != earlier
+    _, tok = load_checkpoint(out / "checkpoints" / "step_0000001")
+    assert tok.decode(tok.encode("harbour boats")).strip() == "harbour boats"
+    # the same captions again (a stopped first attempt, resumed): its tokenizer is kept, not retrained
+    r = _run([*other_data, "--resume", "--steps", "2"])
+    assert r.returncode == 0 and "training a tokenizer" not in r.stderr, r.stderr[-3000:]
+
+
+def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, tiny_model, tokenizer):
+    """The model comes from the checkpoint a run continues or starts from: another --preset or
+    --conv-stem asked for with it is refused, not dropped; a mistyped preset is refused before any work."""
+    from backend.model.checkpoint import save_checkpoint
+
+    r = _run(_args(folder, tmp_path / "typo", 1, "--preset", "smal"))
+    assert r.returncode == 2 and "invalid choice: 'smal'" in r.stderr and not (tmp_path / "typo").exists()
+    out = tmp_path / "run"
+    assert _run(_args(folder, out, 3)).returncode == 0                     # a tiny model, linear stem
+    for flags, message in ((["--preset", "small"], "--preset small: "), (["--conv-stem"], "--conv-stem: ")):
+        r = _run(_args(folder, out, 4, "--resume", *flags))
+        assert r.returncode == 2 and message in r.stderr and "step_0000003 is a" in r.stderr, r.stderr[-2000:]
+        assert "give another --out for a new one" in r.stderr and "Traceback" not in r.stderr
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
+    r = _run(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(init), "--preset", "base"))
+    assert r.returncode == 2 and "--preset base: " in r.stderr and "is a tiny model" in r.stderr
+    assert not (tmp_path / "tuned" / "checkpoints").exists()
+    r = _run(_args(folder, out, 4, "--resume"))                            # _args' own --preset tiny
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"], ["--fsdp"]],
@@ -269,6 +319,10 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
     r = _run(_args(folder, done, 1))
     assert r.returncode == 2 and "already holds a run (checkpoints up to step_0000003)" in r.stderr
     assert "add --resume" in r.stderr
+    # that run's folder given as the checkpoint to fine-tune: its checkpoints are named
+    r = _run(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(done)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"give one of its checkpoints, e.g. {done / 'checkpoints' / 'step_0000003'}" in r.stderr
 
 
 def _write_shards(folder: Path, dest: Path, per_shard: int) -> None:

@@ -252,6 +252,9 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
     the class folder's parent ("gParking/g001.jpg", "images/beach/beach03.jpg").
     """
     root = Path(os.path.abspath(root))
+    if not root.is_dir():   # a mistyped path, named as such rather than as a folder without classes
+        raise DataError(f"data folder {root} does not exist" if not root.exists() else
+                        f"{root} is a file; give the folder that holds the class sub-folders")
     class_root = find_class_root(root)
     dirs = _class_dirs(class_root)
     if not dirs:
@@ -464,6 +467,9 @@ def manifest_records(path: str | os.PathLike) -> list[Record]:
     file:line: bad JSON, a missing image, empty captions.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist" if not path.exists() else
+                            f"manifest {path} is a folder; give the JSONL/CSV file")
     builder = _ManifestBuilder(path)
     if path.suffix.lower() in (".csv", ".tsv"):
         _read_csv_manifest(path, builder)
@@ -478,7 +484,9 @@ def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder) -> None:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                # without its newline: an object cut short is then reported where the line ends,
+                # not as column 1 of a line after it
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 builder.problem(line_no, f"not valid JSON ({e.msg}, column {e.colno})")
                 continue

@@ -507,7 +507,7 @@ examples:
       --classnames training/classnames/rsscn7.json --files val.txt
   python -m training.evaluate zero-shot --checkpoint CKPT --data ../shared/data/ucm --classnames ucm
   python -m training.evaluate caption --checkpoint CKPT --manifest val.jsonl --beam-size 3
-  python -m training.evaluate probe --checkpoint CKPT --data ../shared/data/aid --classnames aid \
+  python -m training.evaluate probe --checkpoint CKPT --data ../shared/data/aid --classnames aid \\
       --files runs/default/val/aid.txt
 
 Recall and accuracy are in percent. Tied retrieval scores (identical captions) count as the average
@@ -998,7 +998,12 @@ def run(args: argparse.Namespace) -> dict:
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise EvalError(f"checkpoint directory {ckpt} does not exist")
-    model, tokenizer = load_checkpoint(ckpt, device=device)
+    try:
+        model, tokenizer = load_checkpoint(ckpt, device=device)
+    except CheckpointError as e:
+        from .export import run_folder_hint
+
+        raise CheckpointError(f"{e}{run_folder_hint(ckpt)}") from None
     start = time.perf_counter()
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,

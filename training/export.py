@@ -30,6 +30,16 @@ from backend.model.config import ConfigError
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
 
+def run_folder_hint(path: str | Path) -> str:
+    """For a checkpoint path that is a training run's --out (or its checkpoints folder): which of its
+    checkpoints to give instead; "" otherwise. The run folder is the path a user has at hand."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return ""
+    steps = sorted((path / "checkpoints").glob("step_*")) or sorted(path.glob("step_*"))
+    return f"; {path} is a training run's folder: give one of its checkpoints, e.g. {steps[-1]}" if steps else ""
+
+
 def stored_dtype(directory: str | Path) -> torch.dtype:
     """The dtype a checkpoint stores its floating-point weights in."""
     with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                              torch.float16 if args.fp16 else torch.float32 if args.fp32 else None,
                                              average=args.average)
     except CheckpointError as e:
-        print(f"training.export: {e}", file=sys.stderr)
+        print(f"training.export: {e}{run_folder_hint(args.src)}", file=sys.stderr)
         return 2
     averaged = f", mean of {len(args.average) + 1} checkpoints" if args.average else ""
     print(f"wrote {out} ({size} px, {str(dtype).replace('torch.', '')}{averaged})")

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import signal
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -48,6 +50,21 @@ def _shrink(job: tuple[str, str, int, str, int]) -> int | str:
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     im.save(dst, FORMATS[fmt][0], quality=quality)
     return Path(dst).stat().st_size
+
+
+def _ignore_interrupt() -> None:
+    """Pool workers leave Ctrl-C to the main process, which stops them and removes the partial copy
+    (a terminal's Ctrl-C reaches every process of the group; each would print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _remove_partial(out: Path, created: bool) -> None:
+    """What this run wrote into --out (new or empty when it started, so everything in it is ours)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def _class_pool(source: dict) -> dict[str, list[str]]:
@@ -127,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="processes resizing images (default: %(default)s)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    created = not out.exists()
     try:
         if args.size < 8:
             raise PackError(f"--size {args.size} is too small; give the training image size, e.g. 128")
@@ -141,15 +159,28 @@ def main(argv: list[str] | None = None) -> int:
     except (R.RecipeError, D.DataError, PackError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if out.is_dir():
+            _remove_partial(out, created)
+        print("interrupted: nothing was written; pack again", file=sys.stderr)
+        return 130
     from tqdm import tqdm
     total, bad = 0, []
-    with ProcessPoolExecutor(max(1, args.workers)) as pool:
-        for n in tqdm(pool.map(_shrink, jobs, chunksize=64), total=len(jobs), desc="images", unit="img",
-                      file=sys.stderr):
-            if isinstance(n, str):
-                bad.append(n)
-            else:
-                total += n
+    with ProcessPoolExecutor(max(1, args.workers), initializer=_ignore_interrupt) as pool:
+        try:
+            for n in tqdm(pool.map(_shrink, jobs, chunksize=64), total=len(jobs), desc="images", unit="img",
+                          file=sys.stderr):
+                if isinstance(n, str):
+                    bad.append(n)
+                else:
+                    total += n
+        except KeyboardInterrupt:
+            # the queued images are dropped and the running ones finish before the copy is removed:
+            # a half-written --out would have no recipe.json and refuse the next pack into it
+            pool.shutdown(wait=True, cancel_futures=True)
+            _remove_partial(out, created)
+            print(f"\ninterrupted: removed the partial copy in {out}; pack again", file=sys.stderr)
+            return 130
     if bad:
         # no recipe.json: a copy missing images must not be trained on by mistake
         print(f"error: {len(bad)} training image(s) could not be read, so {out} has no recipe.json; fix or "

@@ -2,7 +2,7 @@
 
 One process:   python -m training.train --folder ../shared/data/rsscn7 --classnames rsscn7 --out runs/rsscn7
 Several:       torchrun --nproc_per_node=2 -m training.train ...        (DDP: gloo on CPU, NCCL on GPU)
-Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 \
+Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_port=29500 \\
                    --nproc_per_node=8 -m training.train ...
 
 `--batch-size` is the GLOBAL batch of one optimizer step; each rank takes its slice of the same
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import hashlib
 import json
 import math
 import os
@@ -32,8 +33,8 @@ from torch.utils.data import DataLoader
 from backend.engine import EngineError, resolve_device
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_checkpoint_target, load_checkpoint,
-                                     save_checkpoint)
-from backend.model.config import ConfigError
+                                     read_config, save_checkpoint)
+from backend.model.config import PRESETS, ConfigError
 from backend.model.precision import autocast_context
 from backend.model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from backend.model.vocabulary import TrainingWords, VocabularyError
@@ -43,6 +44,7 @@ from . import recipe as recipes
 from .data import DataError
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
+from .export import run_folder_hint
 
 
 @dataclass
@@ -122,7 +124,12 @@ def is_main() -> bool:
 
 def log(msg: str) -> None:
     if is_main():
-        print(msg, file=sys.stderr, flush=True)
+        # through tqdm: a line logged while the progress bar runs (a validation's) starts a line of its
+        # own instead of running on from the bar's, and the bar is drawn again below it
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+        sys.stderr.flush()
 
 
 # ---- optimisation ---------------------------------------------------------------------------------
@@ -433,7 +440,10 @@ def train(cfg: TrainConfig) -> dict:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if model is None:
         if cfg.init_checkpoint:
-            model, tokenizer = load_checkpoint(cfg.init_checkpoint)
+            try:
+                model, tokenizer = load_checkpoint(cfg.init_checkpoint)
+            except CheckpointError as e:
+                raise CheckpointError(f"--init-checkpoint: {e}{run_folder_hint(cfg.init_checkpoint)}") from None
             if cfg.image_size and cfg.image_size != model.config.image_size:
                 # the checkpoint records the resolution it learned at (measured better than serving
                 # a 128 px-trained model at its starting checkpoint's 224 px)
@@ -703,15 +713,30 @@ def _get_tokenizer(cfg: TrainConfig, out: Path, sources) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
     path = out / "tokenizer.json"
-    if path.is_file():
-        return Tokenizer.load(path)
     if dist.is_initialized() and not is_main():
         dist.barrier()
         return Tokenizer.load(path)
     texts = list(recipes.caption_texts(sources))
-    log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
-    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-    tok.save(path)
+    # what the tokenizer was trained from, beside it: one left by an earlier attempt into this --out
+    # (stopped before its first checkpoint) is reused only for the same captions and vocabulary size
+    source = {"captions": len(texts), "vocab_size": cfg.vocab_size,
+              "sha256": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()}
+    source_path = out / "tokenizer_source.json"
+    tok = None
+    if path.is_file():
+        try:
+            same = json.loads(source_path.read_text()) == source
+        except (OSError, ValueError):
+            same = False
+        if same:
+            tok = Tokenizer.load(path)
+        else:
+            log(f"{path} is not from this run's captions and --vocab-size (an earlier run's): replacing it")
+    if tok is None:
+        log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
+        tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+        tok.save(path)
+        source_path.write_text(json.dumps(source) + "\n")
     if dist.is_initialized():
         dist.barrier()
     return tok
@@ -736,7 +761,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                       help="hold out this many images per class of each --folder/--manifest source for "
                            "validation (not with --recipe: its sources set their own \"val_per_class\")")
     model = p.add_argument_group("model")
-    model.add_argument("--preset", default=d.preset, help="tiny | small | base | large (default %(default)s)")
+    # no default here: a preset given beside --resume or --init-checkpoint is checked against the checkpoint's
+    model.add_argument("--preset", choices=list(PRESETS),
+                       help=f"model size (default {d.preset}; with --resume or --init-checkpoint: the checkpoint's)")
     model.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
     model.add_argument("--tokenizer", help="tokenizer.json (default: train one on the training captions)")
     model.add_argument("--vocab-size", type=int, default=d.vocab_size)
@@ -815,6 +842,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if earlier and not a.resume:
         p.error(f"--out {a.out} already holds a run (checkpoints up to {earlier[-1].name}): add --resume "
                 "to continue it, or give another --out (a new run there would mix the two)")
+    start = earlier[-1] if earlier and a.resume else Path(a.init_checkpoint) if a.init_checkpoint else None
+    if start is not None and (a.preset is not None or a.conv_stem):
+        # the model's shape comes from that checkpoint: another one asked for here would be dropped unsaid
+        try:
+            shape = read_config(start)
+        except CheckpointError:
+            shape = None   # training names it (--resume sets an unreadable checkpoint aside)
+        if shape is not None:
+            keep = ("leave it out to continue this run, or give another --out for a new one" if start in earlier
+                    else "leave it out to fine-tune this model, or leave --init-checkpoint out to train from scratch")
+            if a.preset is not None and a.preset != shape.preset:
+                p.error(f"--preset {a.preset}: {start} is a {shape.preset} model; {keep}")
+            if a.conv_stem and shape.patch_stem != "conv":
+                p.error(f"--conv-stem: {start} is a model with a {shape.patch_stem} patch stem; {keep}")
+    a.preset = a.preset or d.preset
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
@@ -843,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: resume with --resume", file=sys.stderr)
+        log("interrupted: resume with --resume")
         return 130
     return 0
 
