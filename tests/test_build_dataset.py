@@ -479,7 +479,8 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
     brighter.save(images / "leak.jpg", quality=70)
     pairs.append({"image": "images/leak.jpg", "text": rows[5]["captions"][0]})
     leak_line = len(pairs)
-    pairs.append({"image": "images/missing.jpg", "text": "an aerial photo of a river"})
+    (images / "broken.jpg").write_bytes(b"not an image")     # unreadable: counted, and the run goes on
+    pairs.append({"image": "images/broken.jpg", "text": "an aerial photo of a river"})
     manifest = tmp_path / "pairs.jsonl"
     manifest.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
     out = tmp_path / "out"
@@ -553,6 +554,55 @@ def test_filter_bad_shards_give_one_clear_line(tmp_path):
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     p = run("filter", "--shards", tmp_path / "notatar.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o3")
     assert p.returncode == 2 and "notatar.tar is not a readable tar file" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_bad_manifest_line_stops_the_filter_before_the_model_loads(tmp_path):
+    _web_pairs(tmp_path)
+    good = (tmp_path / "all.jsonl").read_text().splitlines()
+    for name, last, problem in (("json", '{"image": "images/p0.jpg", ', "not valid JSON"),
+                                ("image", json.dumps({"image": "images/gone.jpg", "text": "a river"}),
+                                 f"image {tmp_path / 'images' / 'gone.jpg'} does not exist"),
+                                ("caption", json.dumps({"image": "images/p1.jpg", "captions": [" "]}), "empty captions")):
+        manifest, out = tmp_path / f"{name}.jsonl", tmp_path / f"out-{name}"
+        manifest.write_text("\n".join(good + [last]) + "\n")           # the last of 6 lines is bad
+        p = run("filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        (line,) = p.stderr.strip().splitlines()
+        assert f"error: {manifest}:6: {problem}" in line and "fix the manifest and run again" in line, line
+        # --out is made just before the model loads: no folder, so no model and no pair scored
+        assert not out.exists()
+    # several bad lines: the first is named, the others counted
+    (tmp_path / "two.jsonl").write_text("\n".join(["not json"] + good + ["{}"]) + "\n")
+    p = run("filter", "--manifest", tmp_path / "two.jsonl", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o")
+    assert p.returncode == 2 and f"{tmp_path / 'two.jsonl'}:1: not valid JSON" in p.stderr and "(and 1 more)" in p.stderr
+
+
+def test_a_shard_damaged_mid_run_says_what_it_leaves_and_a_rerun_starts_clean(tmp_path):
+    import tarfile
+
+    shard, _ = _web_pairs(tmp_path)
+    intact = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        cut = tar.getmember("scene2.jpg").offset_data + 100
+    damaged = tmp_path / "web.v1-001.tar"
+    damaged.write_bytes(intact[:cut])               # cut inside the last pair: the two pairs before it are read
+    out = tmp_path / "out"
+    p = run("filter", "--shards", damaged, "--checkpoint", CHECKPOINT, "--out", out, "--text-threshold", "0",
+            "--batch-size", "1")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    line = p.stderr.strip().splitlines()[-1]           # after the progress bar
+    assert line.startswith("python -m training.build_dataset filter: error: shard ")
+    assert "web.v1-001.tar is not a readable tar file" in line and "fix or drop this shard and run again" in line
+    assert f"stopped after 2 pairs and leaves partial outputs in {out} (no report.json)" in line
+    assert "a re-run replaces, starting from the first pair" in line
+    assert [json.loads(x)["kept"] for x in (out / "scores.jsonl.part").read_text().splitlines()] == [True, True]
+    assert not (out / "report.json").exists()
+    damaged.write_bytes(intact)                     # fixed: the re-run filters every pair, from the first
+    p = run("filter", "--shards", damaged, "--checkpoint", CHECKPOINT, "--out", out, "--text-threshold", "0")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "report.json").read_text())["counts"]["kept"] == 3
+    assert len((out / "scores.jsonl").read_text().splitlines()) == 3
+    assert not [q for q in out.rglob("*.part")]
 
 
 def _web_pairs(tmp_path: Path) -> tuple[Path, Path]:

@@ -212,6 +212,42 @@ def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
     assert recipes.sources_from_args(str(recipe), [], [], [], [], 0)[0]["urls"] == [str(tmp_path / "web/part-{0..1}.tar")]
 
 
+def test_a_caption_source_missing_its_file_or_image_folder_is_named_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from training import recipe as recipes
+
+    make_image(tmp_path / "bench" / "images" / "parking_1.jpg")
+    write_precomp(tmp_path / "bench" / "captions", "rsicd", "train", ["parking_1.jpg"], ["cars ."] * 5)
+    (tmp_path / "bench" / "dataset_rsicd.json").write_text(json.dumps(
+        {"images": [{"filename": "parking_1.jpg", "split": "train", "sentences": [{"raw": "cars ."}]}]}))
+    sources = {"precomp": {"kind": "precomp", "captions": "bench/captions", "dataset": "rsicd", "images": "bench/images"},
+               "karpathy": {"kind": "karpathy", "path": "bench/dataset_rsicd.json", "images": "bench/images"}}
+    recipe = tmp_path / "recipe.json"
+    for kind, key, wrong, what in (("precomp", "captions", "bench/caps", "caption folder"),
+                                   ("precomp", "images", "bench/imgs", "image folder"),
+                                   ("karpathy", "path", "bench/dataset_rsitmd.json", "Karpathy caption file"),
+                                   ("karpathy", "images", "bench/imgs", "image folder")):
+        other = "karpathy" if kind == "precomp" else "precomp"      # a good source first: the bad one is source 2
+        recipe.write_text(json.dumps({"sources": [{**sources[other], "name": "good"},
+                                                  {**sources[kind], key: wrong, "name": "bench"}]}))
+        r = subprocess.run([sys.executable, "-m", "training.train", "--recipe", str(recipe), "--device", "cpu",
+                            "--out", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"error: {kind} source 2 'bench': {what} {tmp_path / wrong} does not exist: give the "
+            + ("path of its dataset_*.json" if key == "path" else "folder that holds "
+               + ("rsicd_train_caps.txt and rsicd_train_filename.txt" if key == "captions" else
+                  f"the images {'rsicd_train_filename.txt' if kind == 'precomp' else 'dataset_rsicd.json'} lists"))]
+    # a dataset or split the caption folder has no files for: the ones it has are named
+    recipe.write_text(json.dumps({"sources": [{**sources["precomp"], "split": "val"}]}))
+    with pytest.raises(recipes.RecipeError, match=r"^precomp source 1: caption file .*rsicd_val_caps\.txt does not "
+                                                  r"exist: the folder has the captions of rsicd/train \(dataset/split\)"):
+        recipes.build_sources(recipes.sources_from_args(str(recipe), [], [], [], [], 0), seed=0)
+
+
 def test_val_per_class_is_for_flag_sources_and_refused_with_a_recipe(tmp_path, class_folder):
     from training import recipe as recipes
 

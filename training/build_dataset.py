@@ -207,6 +207,11 @@ def web_filter(args) -> dict:
             check_shards_exist(expand_urls(args.shards))
         except DataError as e:
             raise LM.BuildError(str(e)) from None
+    if args.manifest:
+        try:    # every line and image, before the model loads: not after the pairs above a bad line are scored
+            WF.check_manifest(args.manifest)
+        except ValueError as e:
+            raise LM.BuildError(str(e)) from None
     if not Path(args.checkpoint).is_dir():
         raise LM.BuildError(f"checkpoint {args.checkpoint} does not exist")
     cfg = WF.FilterConfig(checkpoint=args.checkpoint, out=args.out, shards=args.shards, manifest=args.manifest,
@@ -237,8 +242,9 @@ def main(argv=None) -> int:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{parser.prog} {args.command}: interrupted (finished units are kept; run again to resume)",
-              file=sys.stderr)
+        done = ("partial outputs are left in --out; a re-run replaces them, starting from the first pair"
+                if args.command == "filter" else "finished units are kept; run again to resume")
+        print(f"{parser.prog} {args.command}: interrupted ({done})", file=sys.stderr)
         return 130
     print(f"kept {summary['kept']} of {summary['tiles_seen']} tiles "
           f"(nodata {summary['skipped']['skipped_nodata']}, no features {summary['skipped']['skipped_no_features']}); "

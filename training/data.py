@@ -142,6 +142,16 @@ def _problems(source: str, problems: Sequence[str], what: str) -> str:
     return "\n".join(lines)
 
 
+def _need_path(path: Path, what: str, folder: bool, fix: str) -> None:
+    """A path a reader needs, named as missing (or as a file where a folder goes, or the reverse)
+    with what to give instead, rather than left to fail as an OSError."""
+    if path.is_dir() if folder else path.is_file():
+        return
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist: {fix}")
+    raise DataError(f"{what} {path} is a {'file' if folder else 'folder'}: {fix}")
+
+
 def _check_images_exist(records: Sequence[Record], source: str) -> None:
     """Raise one DataError naming the first few missing images and the total."""
     missing = [r.image for r in records if not os.path.isfile(r.image)]
@@ -320,6 +330,15 @@ def read_precomp(captions_dir: str | os.PathLike, dataset: str, split: str) -> l
     """
     caps_path = Path(captions_dir) / f"{dataset}_{split}_caps.txt"
     names_path = Path(captions_dir) / f"{dataset}_{split}_filename.txt"
+    _need_path(Path(captions_dir), "caption folder", True,
+               f"give the folder that holds {caps_path.name} and {names_path.name}")
+    for path in (caps_path, names_path):
+        if not path.is_file():   # a dataset or split the folder has no files for: name the ones it has
+            found = [m.group(1) + "/" + m.group(2) for q in sorted(Path(captions_dir).glob("*_caps.txt"))
+                     if (m := re.fullmatch(r"(.+)_([^_]+)_caps\.txt", q.name))]
+            raise DataError(f"caption file {path} does not exist: "
+                            + (f"the folder has the captions of {_listing(found)} (dataset/split); give one of them"
+                               if found else "the folder has no <dataset>_<split>_caps.txt files"))
     caps, names = _read_lines(caps_path), _read_lines(names_path)
     if not names:
         raise DataError(f"{names_path}: no file names")
@@ -344,8 +363,11 @@ def precomp_records(captions_dir: str | os.PathLike, dataset: str, split: str,
     """Records from the precomp caption files of `dataset` ("rsicd", "rsitmd", "ucm", "sydney")
     and the folder that holds its images under the names the files list."""
     image_dir = Path(os.path.abspath(image_dir))
+    pairs = read_precomp(captions_dir, dataset, split)
+    _need_path(image_dir, "image folder", True,
+               f"give the folder that holds the images {dataset}_{split}_filename.txt lists")
     records = []
-    for name, caps in read_precomp(captions_dir, dataset, split):
+    for name, caps in pairs:
         captions = _nonblank(caps)
         if not captions:
             raise DataError(f"{Path(captions_dir) / f'{dataset}_{split}_caps.txt'}: {name} has only empty captions")
@@ -360,6 +382,8 @@ def karpathy_records(json_path: str | os.PathLike, image_dir: str | os.PathLike,
     "sentences": [{"raw"}], optional "filepath"}]}); `split` keeps one split ("train", "val",
     "test"; "restval" is its own split, as in the file)."""
     json_path, image_dir = Path(json_path), Path(os.path.abspath(image_dir))
+    _need_path(json_path, "Karpathy caption file", False, "give the path of its dataset_*.json")
+    _need_path(image_dir, "image folder", True, f"give the folder that holds the images {json_path.name} lists")
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -447,12 +471,16 @@ class _ManifestBuilder:
         else:
             self.rows[path] = (list(captions), class_name or None, line)
 
+    def missing(self) -> list[tuple[int, str]]:
+        """(first line, path) of each image that is not a file."""
+        return [(line, p) for p, (_, _, line) in self.rows.items() if not os.path.isfile(p)]
+
     def records(self) -> list[Record]:
         if self.problems:
             raise ManifestError(_problems(str(self.path), self.problems, "bad lines"))
         if not self.rows:
             raise ManifestError(f"{self.path}: no records")
-        missing = [f"{self.path}:{line}: {p}" for p, (_, _, line) in self.rows.items() if not os.path.isfile(p)]
+        missing = [f"{self.path}:{line}: {p}" for line, p in self.missing()]
         if missing:
             raise ManifestError(_problems(str(self.path), missing, f"of {len(self.rows)} images do not exist"))
         return [Record(p, tuple(c), k) for p, (c, k, _) in self.rows.items()]
@@ -478,7 +506,18 @@ def manifest_records(path: str | os.PathLike) -> list[Record]:
     return builder.records()
 
 
-def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder) -> None:
+def jsonl_manifest_problems(path: str | os.PathLike, captions: Callable[[dict], Any] = caption_field) -> list[str]:
+    """What manifest_records refuses in a JSONL manifest, each as "file:line: what": its bad lines,
+    then the lines whose image does not exist; empty when every line reads. `captions` gives a
+    line's captions from its object (the web-pair filter also takes a "text")."""
+    path = Path(path)
+    builder = _ManifestBuilder(path)
+    _read_jsonl_manifest(path, builder, captions)
+    return builder.problems + [f"{path}:{line}: image {p} does not exist" for line, p in builder.missing()]
+
+
+def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder,
+                         captions: Callable[[dict], Any] = caption_field) -> None:
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -493,7 +532,7 @@ def _read_jsonl_manifest(path: Path, builder: _ManifestBuilder) -> None:
             if not isinstance(obj, dict):
                 builder.problem(line_no, "expected a JSON object")
                 continue
-            builder.add(line_no, obj.get("image"), caption_field(obj), obj.get("class"))
+            builder.add(line_no, obj.get("image"), captions(obj), obj.get("class"))
 
 
 def _read_csv_manifest(path: Path, builder: _ManifestBuilder) -> None:

@@ -160,6 +160,11 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
                 else:
                     records = D.manifest_records(s["path"])
         except (FileNotFoundError, ValueError) as e:
+            if s["kind"] in ("precomp", "karpathy"):
+                # a path resolved against the recipe, or a caption file found inside a folder: say which
+                # source it is (its place in the recipe, and its name)
+                label = f"{s['kind']} source {i + 1}" + (f" {s['name']!r}" if s.get("name") else "")
+                raise RecipeError(f"{label}: {e}") from None
             raise RecipeError(str(e)) from None
         n_val = int(s.get("val_per_class", 0))
         held = []

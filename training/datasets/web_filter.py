@@ -131,24 +131,38 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
             for key, parts in tar_samples(shard):
                 yield _pair(shard, key, parts)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise ValueError(f"shard {shard} is not a readable tar file ({e}); pairs kept before it are "
-                             "written, fix or drop this shard and run again") from None
+            raise ValueError(f"shard {shard} is not a readable tar file ({e}): fix or drop this shard and "
+                             "run again") from None
     if manifest:
-        folder = Path(manifest).resolve().parent
+        folder = Path(manifest).absolute().parent     # image paths as check_manifest (and training) join them
         for n, line in enumerate(Path(manifest).read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
                 text = caption_text(row)
-                path = folder / row["image"]
+                path = Path(os.path.normpath(folder / row["image"].strip()))
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-                raise ValueError(f"{manifest} line {n}: {type(e).__name__}: {e}") from None
+                # check_manifest read this line before the run: the file changed since
+                raise ValueError(f"{manifest}:{n}: {type(e).__name__}: {e} (the manifest changed during the run): "
+                                 "fix the line and run again") from None
             try:
                 data = path.read_bytes()
             except OSError:
                 data = None
             yield safe_key(f"{Path(manifest).stem}-{n:07d}"), data, text
+
+
+def check_manifest(manifest: str) -> None:
+    """Read every line of a pairs manifest by the rules training reads manifests with (a "text"
+    counts as its caption) and find every image: a bad line or a missing image stops the run here,
+    before the model loads, not when all the pairs above it have been scored."""
+    from training.data import caption_field, jsonl_manifest_problems
+
+    problems = jsonl_manifest_problems(manifest, lambda row: row.get("text") or caption_field(row))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{problems[0]}{more}: fix the manifest and run again (no pair was scored)")
 
 
 def safe_key(key: str) -> str:
@@ -352,8 +366,16 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
         pending_bytes.clear()
         pending_hashes = HashIndex(cfg.dup_distance)
 
-    for key, data, text in tqdm(read_pairs(cfg.shards, cfg.manifest), desc="pairs", unit="pair",
-                                disable=not progress):
+    def pairs():
+        """read_pairs, saying where a pair that cannot be read (a damaged shard) leaves the run."""
+        try:
+            yield from read_pairs(cfg.shards, cfg.manifest)
+        except ValueError as e:
+            scores_file.close()     # the pairs scored so far, whole
+            raise ValueError(f"{e}; this run stopped after {counts['seen']} pairs and leaves partial outputs in "
+                             f"{out} (no report.json), which a re-run replaces, starting from the first pair") from None
+
+    for key, data, text in tqdm(pairs(), desc="pairs", unit="pair", disable=not progress):
         counts["seen"] += 1
         if data is None:
             counts["unreadable"] += 1
