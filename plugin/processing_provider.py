@@ -72,22 +72,22 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(str(e)) from None
 
     def _sink(self, parameters, context, fields, crs):
-        """parameterAsSink for OUTPUT, where a path to an existing GeoPackage means a layer in it named
-        after the file (replaced on a rerun): Processing would otherwise replace the whole file, and the
-        file's other layers with it."""
+        """parameterAsSink for OUTPUT, where a path to an existing GeoPackage means a new layer in it,
+        named after the file (" (2)", ... when taken, as the panel does): Processing would otherwise
+        replace the whole file, and the file's other layers with it."""
         given = parameters.get("OUTPUT")
         sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
         # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
         path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
             else str(sink_value or "")
         if path.lower().endswith(".gpkg") and os.path.isfile(path) and os.path.getsize(path) > 0:
-            try:
-                results.gpkg_layer_names(path)          # refuses a file that is not a GeoPackage
+            try:        # refuses a file that is not a GeoPackage
+                name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
             except OSError as e:
                 raise QgsProcessingException(str(e)) from None
             uri = QgsDataSourceUri()
             uri.setDatabase(path)
-            uri.setDataSource("", os.path.splitext(os.path.basename(path))[0], "geom")
+            uri.setDataSource("", name, "geom")
             output = QgsProcessingOutputLayerDefinition(given) \
                 if isinstance(given, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition()
             output.sink = QgsProperty.fromValue("ogr:" + uri.uri())

@@ -126,27 +126,41 @@ def style_by_prompt(layer: QgsVectorLayer, prompts: list[str]) -> None:
 
 
 def gpkg_layer_names(path: str) -> list[str]:
-    """The layers of the GeoPackage at `path` ([] when there is no file); OSError when the file is
-    there but is not a GeoPackage (it is never overwritten)."""
+    """The tables of the GeoPackage at `path`, vector layers and raster tiles alike ([] when there is
+    no file); OSError when the file is there but is not a GeoPackage (it is never overwritten)."""
     if not os.path.exists(path):
         return []
+    import sqlite3
+    from contextlib import closing
+    from pathlib import Path
+
     from osgeo import gdal
 
-    ds = gdal.OpenEx(path, gdal.OF_VECTOR, allowed_drivers=["GPKG"])
-    if ds is None:
+    if gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_RASTER, allowed_drivers=["GPKG"]) is None:
         raise OSError(f"{path} exists and is not a GeoPackage: choose another output file")
-    return [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+    try:    # gpkg_contents names raster tables too, which no vector layer may take
+        with closing(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)) as db:
+            return [row[0] for row in db.execute("SELECT table_name FROM gpkg_contents")]
+    except sqlite3.Error as e:
+        raise OSError(f"{path}: its layers cannot be read ({e}): choose another output file") from None
+
+
+def free_gpkg_layer_name(path: str, wanted: str) -> str:
+    """`wanted`, or "wanted (2)", ...: the first name no table of the GeoPackage at `path` has, so an
+    output never replaces the user's layer (GeoPackage names are case-insensitive: "Trees" would
+    overwrite "trees")."""
+    taken = {n.casefold() for n in gpkg_layer_names(path)}
+    name, n = wanted, 1
+    while name.casefold() in taken:
+        n += 1
+        name = f"{wanted} ({n})"
+    return name
 
 
 def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     """Save `layer` into the GeoPackage at `path` as a layer of its own and open it: the file's other
     layers stay, and a name already there gets a number (" (2)", ...) instead of being replaced."""
-    # GeoPackage layer names are case-insensitive: "Trees" would overwrite "trees"
-    taken = {n.casefold() for n in gpkg_layer_names(path)}
-    name, n = layer.name(), 1
-    while name.casefold() in taken:
-        n += 1
-        name = f"{layer.name()} ({n})"
+    name = free_gpkg_layer_name(path, layer.name())
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.layerName = name

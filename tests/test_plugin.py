@@ -1352,8 +1352,10 @@ def gpkg_contents(path: Path) -> dict:
 
 
 def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyprompt_processing, rasters, tmp_path):  # noqa: F811
-    """OUTPUT as the path of a GeoPackage that holds other layers: the result is a layer of that file
-    named after it (replaced on a rerun), the others stay; Processing alone replaces the whole file."""
+    """OUTPUT as the path of a GeoPackage that holds other layers: the result is a new layer of that
+    file named after it (" (2)" on a rerun, or when the user's own layer has that name, as in a file
+    QGIS's "Save Features As" made), the others stay; Processing alone replaces the whole file. A
+    GeoPackage of raster tiles alone takes the polygons beside its raster."""
     import processing
     from qgis.core import QgsProcessingException
 
@@ -1363,17 +1365,27 @@ def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyp
     first = gpkg_contents(out)
     assert first.keys() == {"roads", "survey"} and first["roads"] == 1 and first["survey"] >= 2, first
     assert dest.endswith("|layername=survey")
-    # the rerun replaces its layer, not appended to it, and what is loaded is that layer alone
+    # the rerun adds a layer of its own, and what is loaded is that layer alone
     before = set(QgsProject.instance().mapLayers())
     processing.runAndLoadResults("skyprompt:prompttopolygons", params)
-    assert gpkg_contents(out) == first
+    assert gpkg_contents(out) == {**first, "survey (2)": first["survey"]}
     loaded = [layer for i, layer in QgsProject.instance().mapLayers().items() if i not in before]
     try:
-        assert [layer.source() for layer in loaded] == [f"{out}|layername=survey"]
+        assert [layer.source() for layer in loaded] == [f"{out}|layername=survey (2)"]
         assert loaded[0].featureCount() == first["survey"] and loaded[0].crs().authid() == "EPSG:32633"
     finally:
         QgsProject.instance().removeMapLayers([layer.id() for layer in loaded])
         del loaded
+    # a one-layer file named after its layer: the user's layer is never the one replaced
+    parcels = geopackage_with_a_layer(tmp_path / "Parcels.gpkg", "parcels", "POINT (1 2)")
+    processing.run("skyprompt:prompttopolygons", {**params, "OUTPUT": str(parcels)})
+    assert gpkg_contents(parcels)["parcels"] == 1 and gpkg_contents(parcels)["Parcels (2)"] == first["survey"]
+    # raster tiles only: the polygons go in beside them
+    ortho = tmp_path / "ortho.gpkg"
+    gdal.Translate(str(ortho), str(rasters["rgb"]), format="GPKG")
+    processing.run("skyprompt:prompttopolygons", {**params, "OUTPUT": str(ortho)})
+    assert gpkg_contents(ortho) == {"ortho (2)": first["survey"]}
+    assert gdal.OpenEx(str(ortho), gdal.OF_RASTER) is not None
     (tmp_path / "notes.gpkg").write_text("not a GeoPackage")
     with pytest.raises(QgsProcessingException, match="exists and is not a GeoPackage"):
         processing.run("skyprompt:prompttopolygons", {**params, "OUTPUT": str(tmp_path / "notes.gpkg")})
