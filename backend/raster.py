@@ -485,7 +485,7 @@ class Raster:
 
     def __init__(self, dataset: gdal.Dataset, *, path: str, real_path: str, name: str, bands: BandMapping,
                  stat: os.stat_result | None = None, alpha_band: int = 0, digest: str = "",
-                 vrt: gdal.Dataset | None = None):
+                 files_of: gdal.Dataset | None = None):
         self._ds = dataset
         self._lock = threading.RLock()
         self.path = path
@@ -496,9 +496,10 @@ class Raster:
         self.band_count = dataset.RasterCount
         self._digest = digest
         self._stat = stat  # taken before GDAL opened the file, so a change during the open is caught too
-        # a VRT's files are stat-ed when its identity is first asked for (indexing, before pixels are
-        # read), not at open: a mosaic of thousands would cost Segment, Caption and thumbnails as much
-        self._vrt, self._sources = vrt, None
+        # the other files it reads are stat-ed when its identity is first asked for (indexing, before
+        # pixels are read), not at open: a VRT mosaic of thousands would cost Segment, Caption and
+        # thumbnails as much
+        self._files_of, self._sources = files_of, None
         where = self._where()
 
         if self.band_count < 1:
@@ -575,7 +576,7 @@ class Raster:
         identity = {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
         with self._lock:
             if self._sources is None:
-                self._sources = _sources_digest(self._vrt, self.real_path) if self._vrt is not None else ""
+                self._sources = _sources_digest(self._files_of, self.real_path) if self._files_of is not None else ""
         if self._sources:  # absent for a raster that is one file: its key stays what it always was
             identity["sources"] = self._sources
         return identity
@@ -607,7 +608,7 @@ class Raster:
 
     def close(self) -> None:
         with self._lock:
-            self._ds = self._vrt = None
+            self._ds = self._files_of = None
 
     def __enter__(self) -> "Raster":
         return self
@@ -1126,17 +1127,22 @@ def _check_referenced_files(dataset: gdal.Dataset, shown: str, roots: list[str],
 _ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 
 
+# files beside a raster that hold no pixels or georeferencing of their own: statistics QGIS and GDAL
+# (re)write when they merely display a raster, and pyramids ("Build pyramids") of the same pixels;
+# counting them would re-index unchanged rasters
+_DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd")
+
+
 def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
-    """sha256 of (path, size, mtime) of every file but `real` that a VRT reads (its sources, nested
-    VRTs' sources too, its overviews; not .aux.xml); "" when it reads no other."""
+    """sha256 of (path, size, mtime) of every file but `real` that the dataset reads, but for
+    _DERIVED_SUFFIXES: a VRT's sources (nested VRTs' too), a world file, a .prj or .msk beside a
+    raster; "" when it reads no other (a GeoTIFF alone: its key stays what it always was)."""
     found, pending = set(), [dataset]
     while pending:
         for name in pending.pop().GetFileList() or []:
             local = not (name.startswith("/vsi") or "://" in name)
             file = os.path.realpath(name) if local else name
-            if file == real or file in found or file.lower().endswith(".aux.xml"):
-                # .aux.xml holds statistics and histograms that QGIS and GDAL (re)write when they
-                # merely look at a raster: counting it would re-index unchanged pixels
+            if file == real or file in found or file.lower().endswith(_DERIVED_SUFFIXES):
                 continue
             found.add(file)
             if local and file.lower().endswith(".vrt"):  # its file list stops at its own sources: read theirs
@@ -1211,7 +1217,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
         raise RasterError("invalid_argument", not_raster)
     if roots:
         _check_referenced_files(dataset, shown, roots, seen={real})
-    vrt = dataset if dataset.GetDriver().ShortName == "VRT" else None  # before a palette is expanded
+    files_of = dataset      # its file list, as opened: a palette's expansion below is a VRT in memory
     first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
     if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
         # a colour-table image: its values are palette entries, not grey levels; read it as the colours
@@ -1220,7 +1226,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
             # otherwise be stretched as if it were 16-bit data)
             dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
     name = os.path.basename(absolute)
-    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, vrt=vrt)
+    return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, files_of=files_of)
 
 
 def _data_type_name(dtype) -> str:

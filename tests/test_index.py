@@ -319,10 +319,10 @@ def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
 
 
 
-def test_only_a_vrt_has_sources_in_its_identity_and_an_archive_member_behind_one_counts(tmp_path):
-    """A GeoTIFF with external overviews (QGIS's "Build pyramids") or a mask keeps the identity it
-    always had: building pyramids does not re-index it, nor does an upgrade re-index every raster
-    with a sidecar. A VRT over a member of a zip notices the zip rewritten."""
+def test_pyramids_leave_the_identity_a_world_file_or_archive_member_changes_it(tmp_path):
+    """A GeoTIFF with external overviews (QGIS's "Build pyramids") keeps the identity it always had:
+    building pyramids re-indexes nothing. A world file moved beside a raster moves its tiles on the
+    ground, so it counts; so does a zip rewritten behind a VRT that reads a member of it."""
     import zipfile
     tif = tmp_path / "pyramids.tif"
     write_geotiff(tif, 10, size=256)
@@ -332,6 +332,20 @@ def test_only_a_vrt_has_sources_in_its_identity_and_an_archive_member_behind_one
     assert (tmp_path / "pyramids.tif.ovr").exists()
     with open_raster(tif) as raster:
         assert raster.identity() == raster_identity(tif)
+
+    placed = tmp_path / "placed.tif"      # its CRS inside, its place on the ground in placed.tfw alone
+    ds = gdal.GetDriverByName("GTiff").Create(str(placed), 64, 64, 3, gdal.GDT_Byte)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    ds.SetSpatialRef(srs)
+    ds = None
+    keys = []
+    for origin in (500000.0, 600000.0):
+        (tmp_path / "placed.tfw").write_text(f"10\n0\n0\n-10\n{origin}\n5000000\n")
+        with open_raster(placed) as raster:
+            assert raster.geotransform[0] == origin - 5.0     # the world file names pixel centres
+            keys.append(raster.identity())
+    assert keys[0]["size"] == keys[1]["size"] and keys[0]["sources"] != keys[1]["sources"]
 
     member = tmp_path / "t.tif"
     zipped = tmp_path / "z.zip"
