@@ -420,7 +420,7 @@ def cmd_segment(stub, args) -> int:
     else:
         for r in out["results"]:
             area = sum(p["area"] for p in r["polygons"])
-            known = all(p["area_m2"] > 0 for p in r["polygons"])   # 0: no ground area (no lon/lat)
+            known = r["polygons"] and all(p["area_m2"] > 0 for p in r["polygons"])  # 0: no ground area
             area_m2 = f" ({sum(p['area_m2'] for p in r['polygons']):.1f} m^2)" if known else ""
             dropped = f", {r['dropped_small']} smaller than --min-area dropped" if r["dropped_small"] else ""
             print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2"

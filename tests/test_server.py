@@ -1004,6 +1004,7 @@ def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_pat
     text = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--threshold", "0",
                   "--min-area", "1e9")
     assert text.returncode == 0 and "1 smaller than --min-area dropped" in text.stdout, text.stderr
+    assert "0 polygons" in text.stdout and "m^2)" not in text.stdout        # no ground area of nothing
     # a CRS without longitude/latitude has no area_m2: its polygons stay, and the user is told so
     local = make_tif(rasters["folder"] / "local_grid_min_area.tif", noise((3, 64, 64), seed=23),
                      geotransform=(10.0, 1.0, 0.0, 50.0, 0.0, -1.0), crs="LOCAL_CS[\"site grid\",UNIT[\"metre\",1]]")

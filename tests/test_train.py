@@ -195,6 +195,19 @@ def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, t
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-2000:]
 
 
+
+def test_without_preset_a_run_from_a_checkpoint_records_the_checkpoint_preset(folder, tmp_path, tiny_model,
+                                                                              tokenizer):
+    """--preset left out beside --init-checkpoint is the checkpoint's, not the default's ("small"),
+    so train_config.json names the model the run trains."""
+    from backend.model.checkpoint import save_checkpoint
+    from training.train import parse_args
+
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
+    without_preset = [a for a in _args(folder, tmp_path / "a", 1) if a not in ("--preset", "tiny")]
+    assert parse_args([*without_preset, "--init-checkpoint", str(init)]).preset == "tiny"
+    assert parse_args(without_preset).preset == "small"
+
 @pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"], ["--fsdp"]],
                          ids=["plain", "class-aware", "image-bank", "fsdp"])
 def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):

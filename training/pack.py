@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="processes resizing images (default: %(default)s)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    created = not out.exists()
+    created, ours = not out.exists(), False     # ours: --out checked new or empty, so what is in it is ours
     try:
         if args.size < 8:
             raise PackError(f"--size {args.size} is too small; give the training image size, e.g. 128")
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PackError(f"--quality {args.quality} is outside 1..100")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise PackError(f"{out} exists and is not an empty folder; give a new --out (nothing was written)")
+        ours = True
         sources = R.sources_from_args(args.recipe, [], [], [], [], 0)
         train, _ = R.build_sources(sources, seed=args.seed)
         out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if out.is_dir():
+        if ours and out.is_dir():     # never a folder of the user's, interrupted while being checked
             _remove_partial(out, created)
         print("interrupted: nothing was written; pack again", file=sys.stderr)
         return 130

@@ -843,13 +843,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"--out {a.out} already holds a run (checkpoints up to {earlier[-1].name}): add --resume "
                 "to continue it, or give another --out (a new run there would mix the two)")
     start = earlier[-1] if earlier and a.resume else Path(a.init_checkpoint) if a.init_checkpoint else None
-    if start is not None and (a.preset is not None or a.conv_stem):
-        # the model's shape comes from that checkpoint: another one asked for here would be dropped unsaid
+    if start is not None:
+        # the model's shape comes from that checkpoint: another one asked for here would be dropped
+        # unsaid, and the run's records name the checkpoint's preset
         try:
             shape = read_config(start)
         except CheckpointError:
             shape = None   # training names it (--resume sets an unreadable checkpoint aside)
         if shape is not None:
+            a.preset = a.preset or shape.preset
             keep = ("leave it out to continue this run, or give another --out for a new one" if start in earlier
                     else "leave it out to fine-tune this model, or leave --init-checkpoint out to train from scratch")
             if a.preset is not None and a.preset != shape.preset:
