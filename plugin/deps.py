@@ -140,8 +140,11 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
         cmd = [pip_python, "-m", "pip", "install", "--upgrade", "--target", str(folder),
                "--disable-pip-version-check", "--no-warn-script-location", *(pip_args or []), *packages]
         if _run(cmd, keep) != 0:
-            tail = "\n".join(lines[-5:])
-            raise DependencyError(f"pip could not install {' '.join(packages)} into {folder}:\n{tail}")
+            # one line for the message bar: pip's own last error (its whole output went to `log`)
+            errors = [line[len("ERROR:"):].strip() for line in lines if line.startswith("ERROR:")]
+            reason = errors[-1] if errors else (lines[-1].strip() if lines else "no output")
+            raise DependencyError(f"pip could not install {' '.join(packages)} into {folder}: {reason}; check the "
+                                  "network connection and try again (pip's output is in the SkyPrompt log)")
     # Python drops modules whose import failed, so the next import finds the new packages; a
     # protobuf that did load (too old) stays loaded: missing() then still says so, and only a
     # QGIS restart replaces it (unloading C extensions in a running process is not safe).

@@ -389,6 +389,8 @@ class SkyPromptDock(QDockWidget):
         self.describe_button.setToolTip(no_layer or ("caption" in running and wait) or "")
 
     def install_dependencies(self) -> None:
+        if not self.install_button.isEnabled():   # one install at a time: two pips in one folder corrupt it
+            return
         folder = self.deps_folder
         lines: list[str] = []
 
@@ -401,6 +403,7 @@ class SkyPromptDock(QDockWidget):
                 return
             for line in lines:
                 QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
+            self.install_button.setEnabled(True)
             self._set_busy(False)
             self.check_dependencies()
             if exception is not None:
@@ -414,6 +417,7 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("install", exception or (self.deps_problem or None))
 
         task = QgsTask.fromFunction("SkyPrompt: installing grpcio and protobuf", work, on_finished=finished)
+        self.install_button.setEnabled(False)
         self._set_busy(True)
         start(task, self.tasks)
 
@@ -442,11 +446,11 @@ class SkyPromptDock(QDockWidget):
         if self.deps_problem:
             self._message(f"cannot start the backend: {self.deps_problem}", Qgis.Warning)
             return
-        self.start_button.setText("Starting…")
-        self.start_button.setEnabled(False)
+        # the button stays live: a start with wrong settings, or a slow one, can be cancelled before
+        # its timeout
+        self.start_button.setText("Cancel start")
         if not self.backend.start(self.settings):
             self.start_button.setText("Start local backend")
-            self.start_button.setEnabled(True)
 
     def _backend_serving(self, address: str) -> None:
         self.start_button.setEnabled(True)
@@ -458,6 +462,8 @@ class SkyPromptDock(QDockWidget):
         self.start_button.setEnabled(True)
         self.start_button.setText("Start local backend")
         self._show_light("UNKNOWN")
+        if not self._closed and not self.deps_problem:
+            self.refresh_health()   # the light says whether a backend still answers (another one may)
 
     def open_settings(self) -> None:
         if SettingsDialog(self.settings, self).exec_():

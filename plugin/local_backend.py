@@ -7,6 +7,7 @@ or times out. If a backend already serves at the address, it is used and not sta
 from __future__ import annotations
 
 import os
+import re
 import shlex
 
 from qgis.core import Qgis, QgsMessageLog
@@ -31,6 +32,7 @@ class LocalBackend(QObject):
         self._waited_ms = 0
         self._log_tail: list[str] = []
         self._probe = None   # (connection, health future) in flight while waiting for the backend
+        self._stopping = False   # stop() asked for the exit: not a crash to report
 
     def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
         host = settings.address.rsplit(":", 1)[0] or "127.0.0.1"
@@ -52,6 +54,11 @@ class LocalBackend(QObject):
         if self.running:
             return False
         self.settings = settings
+        if not re.fullmatch(r".+:\d+", settings.address.strip()):
+            # the backend would serve on its default port while the checks ask another, until the timeout
+            self.failed.emit(f"the address {settings.address!r} has no port: write it as host:port, e.g. "
+                             "127.0.0.1:50051, in the SkyPrompt address field")
+            return False
         try:
             with settings.connection() as conn:
                 if conn.health(timeout=1.0) == "SERVING":
@@ -98,12 +105,17 @@ class LocalBackend(QObject):
             self.process = None
             return
         process = self.process
-        process.terminate()
-        if not process.waitForFinished(wait_ms):
-            process.kill()
-            process.waitForFinished(5000)
-        self.process = None
-        self.stopped.emit()
+        self._stopping = True
+        try:
+            process.terminate()
+            if not process.waitForFinished(wait_ms):
+                process.kill()
+                process.waitForFinished(5000)
+        finally:
+            self._stopping = False
+        if self.process is process:   # finished() (sent inside waitForFinished) has not said so already
+            self.process = None
+            self.stopped.emit()
 
     def _read_output(self) -> None:
         if self.process is None:
@@ -122,11 +134,29 @@ class LocalBackend(QObject):
             self.process = None
             self.stopped.emit()   # Qt sends no `finished` for a process that never started
 
+    def _why(self) -> str:
+        """The backend's last log line, and what to change in the settings where the cause is a known one."""
+        last = self._log_tail[-1] if self._log_tail else "no output"
+        text = "\n".join(self._log_tail)
+        missing = re.search(r"No module named '?([\w.]+)'?", text)
+        if missing and missing.group(1).split(".")[0] == "backend":
+            return (f"{last}; set Backend folder to the SkyPrompt project folder (the one that holds backend/) "
+                    "in SkyPrompt settings")
+        if missing:
+            return (f"{last}; this Python lacks the backend's packages: set Backend Python to the Python of "
+                    "SkyPrompt's environment (e.g. <project>/.venv/bin/python) in SkyPrompt settings")
+        if "port is in use" in text:
+            return f"{last}; change the port in the SkyPrompt address field, or stop the program that uses it"
+        return last
+
     def _process_finished(self, code, status) -> None:
+        how = "crashed" if status == QProcess.CrashExit else f"exited with code {code}"
         if self._timer.isActive():  # died before it served
             self._stop_polling()
-            last = self._log_tail[-1] if self._log_tail else "no output"
-            self.failed.emit(f"the backend exited with code {code} before serving: {last} (see the SkyPrompt log)")
+            self.failed.emit(f"the backend {how} before serving: {self._why()} (see the SkyPrompt log)")
+        elif not self._stopping:    # it served, then died (killed, out of memory): the panel must say so
+            self.failed.emit(f"the backend {how} while serving (its last log line: {self._why()}); press "
+                             "'Start local backend' to start it again")
         self.process = None
         self.stopped.emit()
 

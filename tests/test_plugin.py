@@ -863,7 +863,7 @@ def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
     dock.toggle_backend()
     wait_until(lambda: failures, 30, "the launcher to give up")
     assert "could not run" in failures[0] and not dock.backend.running
-    # the button is usable again, not stuck at "Starting…"
+    # the button is usable again, not stuck at "Cancel start"
     wait_until(lambda: dock.start_button.isEnabled(), 5, "the start button to come back")
     assert dock.start_button.text() == "Start local backend"
 
@@ -882,6 +882,131 @@ def test_local_backend_with_an_unreadable_ca_file_fails_clearly(dock, iface, tmp
         assert dock.start_button.isEnabled() and dock.start_button.text() == "Start local backend"
     finally:
         dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca = address, use_tls, tls_ca
+
+
+def _use_local_backend(dock, python: str, folder, checkpoint_dir=None) -> list[str]:  # noqa: F811
+    """Point the dock's launcher at a free port and this command; the failures it reports, as a list."""
+    from backend.server import free_port
+
+    dock.settings.address, dock.settings.token = f"127.0.0.1:{free_port()}", ""
+    dock.settings.python, dock.settings.backend_dir, dock.settings.device = python, str(folder), "cpu"
+    dock.settings.checkpoint = str(checkpoint_dir or "")
+    failures = []
+    dock.backend.failed.connect(failures.append)
+    return failures
+
+
+def _listens(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_local_backend_that_dies_while_serving_is_reported_and_starts_again(dock, iface, checkpoint, tmp_path,  # noqa: F811
+                                                                            monkeypatch):
+    import signal
+
+    monkeypatch.setenv("SKYPROMPT_DATA_DIR", str(tmp_path / "data"))
+    failures = _use_local_backend(dock, sys.executable, REPO, checkpoint)
+    stops = []
+    dock.backend.stopped.connect(lambda: stops.append(1))
+    dock.start_button.click()
+    wait_until(lambda: dock.health_state == "SERVING", 180, "the local backend to serve")
+    pid = dock.backend.process.processId()
+    os.kill(pid, signal.SIGKILL)            # out of memory, or killed from a terminal
+    wait_until(lambda: failures, 10, "the panel to notice")
+    assert "crashed while serving" in failures[0] and "Start local backend" in failures[0], failures
+    assert any("crashed while serving" in text for _, text, _ in iface.message_bar.messages)
+    assert not dock.backend.running and dock.start_button.text() == "Start local backend" and stops == [1]
+    wait_until(lambda: dock.health_state == "UNREACHABLE", 10, "the light to say no backend answers")
+    dock.start_button.click()               # and it starts again
+    wait_until(lambda: dock.health_state == "SERVING", 180, "the local backend to serve again")
+    pid = dock.backend.process.processId()
+    dock.start_button.click()               # a stop the user asked for is no failure, and says so once
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert len(failures) == 1 and stops == [1, 1] and dock.start_button.text() == "Start local backend"
+
+
+def test_local_backend_failures_name_the_setting_to_change(dock, iface, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SKYPROMPT_DATA_DIR", str(tmp_path / "data"))
+    no_site = f"{sys.executable} -S"        # a Python without the backend's packages (no site-packages)
+
+    def start_and_fail(python, folder, checkpoint_dir=None) -> str:
+        failures = _use_local_backend(dock, python, folder, checkpoint_dir)
+        dock.start_button.click()
+        wait_until(lambda: failures, 180, "the launcher to give up")
+        wait_until(lambda: not dock.backend.running, 5, "the launcher to stop")
+        return failures[0]
+
+    # the default settings' folder: one without backend/
+    assert "set Backend folder" in start_and_fail(no_site, tmp_path)
+    assert "set Backend Python" in start_and_fail(no_site, REPO)
+    # another program holds the port
+    with_port = _use_local_backend(dock, sys.executable, REPO, checkpoint)
+    port = dock.settings.port
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listens(port), 10, "the other program to listen")
+        dock.start_button.click()
+        wait_until(lambda: with_port, 180, "the launcher to give up")
+        assert "port is in use" in with_port[0] and "address field" in with_port[0], with_port
+        assert not dock.backend.running and dock.start_button.text() == "Start local backend"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_local_backend_refuses_an_address_with_no_port(dock, iface, tmp_path):
+    failures = _use_local_backend(dock, sys.executable, REPO)
+    dock.settings.address = "127.0.0.1"     # the backend would serve on 50051; the checks would ask port 443
+    dock.start_button.click()
+    assert failures and "has no port" in failures[0] and "host:port" in failures[0], failures
+    assert not dock.backend.running and dock.start_button.text() == "Start local backend"
+
+
+def test_a_start_that_does_not_serve_can_be_cancelled(dock, iface, tmp_path):
+    never_serves = tmp_path / "python"
+    never_serves.write_text("#!/bin/sh\nexec sleep 600\n")
+    never_serves.chmod(0o755)
+    failures = _use_local_backend(dock, str(never_serves), tmp_path)
+    dock.start_button.click()
+    assert dock.backend.running and dock.start_button.isEnabled() and dock.start_button.text() == "Cancel start"
+    pid = dock.backend.process.processId()
+    dock.start_button.click()
+    assert not dock.backend.running and dock.start_button.text() == "Start local backend"
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    QgsApplication.processEvents()
+    assert failures == []                  # the user's own cancel is no failure
+
+
+def test_dependency_installer_runs_once_at_a_time_and_fails_in_one_line(dock, iface, monkeypatch):
+    # nothing is downloaded: pip looks in no index for a package that exists nowhere
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setattr(deps, "requirements", lambda: ["skyprompt-no-such-package==9"])
+    logged, got = [], []
+
+    def log(text, tag, level):
+        logged.append((tag, text))
+
+    QgsApplication.messageLog().messageReceived.connect(log)
+    dock.taskDone.connect(lambda kind, error: got.append(error) if kind == "install" else None)
+    try:
+        dock.install_dependencies()
+        assert not dock.install_button.isEnabled()
+        dock.install_dependencies()         # a second press while pip runs starts no second pip
+        assert len(dock.tasks) == 1
+        wait_until(lambda: got, 120, "the installer")
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(log)
+    message = str(got[0])
+    assert "pip could not install skyprompt-no-such-package==9" in message and "\n" not in message, message
+    assert "No matching distribution" in message and dock.install_button.isEnabled()
+    assert any(tag == "SkyPrompt" and text.startswith("ERROR:") for tag, text in logged)   # pip's own words
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason=f"shared rasters not found in {GEOTIFF_DIR}")
