@@ -23,6 +23,7 @@ index (spherical k-means coarse quantiser, `nprobe` lists scanned) answers appro
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -65,6 +66,11 @@ DEFAULT_ANN_THRESHOLD = 200_000
 DEFAULT_NPROBE = 32
 
 UNCHANGED, NEW, CHANGED = "unchanged", "new", "changed"
+
+
+# SQLite errors of the storage under a database rather than of its content (sqlite3's error names)
+STORAGE_ERRORS = ("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_PERM", "SQLITE_BUSY",
+                  "SQLITE_LOCKED", "SQLITE_NOMEM")
 
 
 class TileIndexError(Exception):
@@ -235,6 +241,25 @@ def _discard_file(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _close_quietly(file) -> None:
+    """Close a file about to be discarded: a failing flush (a full disk) must not hide why, nor keep
+    the file from being deleted (the descriptor is closed either way)."""
+    try:
+        file.close()
+    except OSError:
+        pass
+
+
+def _out_of_space(error: BaseException, directory: Path) -> TileIndexError | None:
+    """A clear RESOURCE_EXHAUSTED error for a write that failed because the index's disk is full."""
+    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            getattr(error, "sqlite_errorname", "") == "SQLITE_FULL":
+        return TileIndexError("resource_exhausted", f"the disk holding the tile index ({directory}) is full, so "
+                                                    "nothing was changed; free space there (or start the server "
+                                                    "with another --data-dir) and try again")
+    return None
 
 
 def _read_matrix(path: Path) -> np.ndarray:
@@ -500,6 +525,13 @@ class TileIndex:
         except sqlite3.DatabaseError as e:
             # never repaired or replaced here: the file may be the only copy of a long indexing run
             # (_open_database has closed it and released the folder's lock)
+            if getattr(e, "sqlite_errorname", "").startswith(STORAGE_ERRORS):
+                # a sound file the server cannot write (read-only, full disk, I/O error): calling it
+                # damaged would have the operator move a good index aside
+                raise TileIndexError("unavailable", f"the tile index database {self.directory / DB_NAME} cannot be "
+                                                    f"opened for writing ({e}); give the server's user write access "
+                                                    "to it and its folder, or free disk space, and start again; it "
+                                                    "was left as it is") from None
             raise TileIndexError("unavailable", f"the tile index database {self.directory / DB_NAME} cannot be read "
                                                 f"({e}): it is damaged or not a SkyPrompt index; move it aside "
                                                 "(keep it) to start a new index, or use another --data-dir") from None
@@ -511,7 +543,8 @@ class TileIndex:
             self._db.executescript(SCHEMA)
             if "sources" not in {r["name"] for r in self._db.execute("PRAGMA table_info(rasters)")}:
                 # added within schema version 1 (older versions ignore it): rows written before it
-                # read as rasters that are one file, so they stay "unchanged" and only VRTs re-index
+                # read as rasters that are one file, so they stay "unchanged": only rasters that read other files
+                # (VRTs, world files) re-index, once
                 self._db.execute("ALTER TABLE rasters ADD COLUMN sources TEXT NOT NULL DEFAULT ''")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('next_tile_id', '1')")
@@ -529,7 +562,11 @@ class TileIndex:
 
     # -- opening and recovery --
     def _acquire_directory_lock(self):
-        lock_file = open(self.directory / LOCK_NAME, "a+")
+        try:
+            lock_file = open(self.directory / LOCK_NAME, "a+")
+        except OSError as e:   # a read-only folder or disk: as unusable as one that cannot be made
+            raise TileIndexError("unavailable", f"cannot use {self.directory} for the tile index: "
+                                                f"{e.strerror or e}; give a writable folder (--data-dir)") from None
         if fcntl is not None:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -733,10 +770,10 @@ class TileIndex:
                 self._delete_tiles(row["first_tile_id"], row["tile_count"], row["id"])
                 self._db.execute("DELETE FROM rasters WHERE id=?", (row["id"],))
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                raise
+                raise _out_of_space(e, self.directory) or e
             self._generation += 1
             try:
                 _discard_file(self.embeddings_dir / row["embeddings_file"])
@@ -1279,8 +1316,17 @@ class RasterWriter:
         self.replaced = False
         self._done = False
         self._temp = index.embeddings_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}.npy"
-        self._file = open(self._temp, "wb")
-        self._file.write(_npy_header(0, self.dim))  # rewritten with the real count on commit
+        try:
+            self._file = open(self._temp, "wb")
+        except OSError as e:
+            raise _out_of_space(e, index.directory) or e
+        self._write(_npy_header(0, self.dim))  # rewritten with the real count on commit
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise _out_of_space(e, self.index.directory) or e
 
     def _raster_meta(self, meta: dict) -> dict:
         unknown = {k: v for k, v in meta.items() if k not in RASTER_FIELDS}
@@ -1330,7 +1376,7 @@ class RasterWriter:
             row = int(np.flatnonzero(norms[:, 0] == 0)[0])
             raise TileIndexError("invalid_argument", f"embedding row {row} is all zeros")
         rows = [self._tile_row(t, self.rows + i) for i, t in enumerate(tiles)]
-        self._file.write((emb / norms).astype("<f2").tobytes())
+        self._write((emb / norms).astype("<f2").tobytes())
         self.tile_rows.extend(rows)
         if rows:
             boxes = np.array([r[8:12] for r in rows])
@@ -1358,10 +1404,10 @@ class RasterWriter:
             _publish_file(self._temp, final)
             published = True
             self.raster_id, self.replaced = self.index._register(self, final.name, final.stat().st_size)
-        except BaseException:
-            self._file.close()
+        except BaseException as e:
+            _close_quietly(self._file)
             _discard_file(final if published else self._temp)
-            raise
+            raise _out_of_space(e, self.index.directory) or e
         return self.raster_id
 
     def abort(self) -> None:
@@ -1369,7 +1415,7 @@ class RasterWriter:
         if self._done:
             return
         self._done = True
-        self._file.close()
+        _close_quietly(self._file)
         _discard_file(self._temp)
 
     def __enter__(self) -> "RasterWriter":

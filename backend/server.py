@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -203,8 +204,15 @@ class Server:
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("SkyPrompt server listening on %s (model %s on %s, checkpoint %s, data %s)", self.address,
-                 self.engine.config.preset, self.engine.device, self.engine.checkpoint_hash[:12], self.data_dir)
+        log.info("SkyPrompt server listening on %s (model %s on %s, checkpoint %s at %s, data %s)", self.address,
+                 self.engine.config.preset, self.engine.device, self.engine.checkpoint_hash[:12],
+                 self.engine.checkpoint_dir, self.data_dir)
+        ours, everyone = self.index.stats(self.engine.checkpoint_hash), self.index.stats()
+        log.info("tile index: %d raster(s), %d tiles for this checkpoint", ours["rasters"], ours["tiles"])
+        if everyone["rasters"] > ours["rasters"]:
+            # after a checkpoint switch searches look empty: say why before the analysts ask
+            log.warning("tile index: %d raster(s) indexed with another checkpoint are not searched; index them again "
+                        "with this one (client list --all shows them)", everyone["rasters"] - ours["rasters"])
 
     def stop(self, grace: float = GRACE_S) -> None:
         if self._stopped.is_set():
@@ -283,10 +291,37 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path and not os.access(path, os.R_OK):
             return f"{flag} {path} cannot be read: {'no such file' if not Path(path).exists() else 'permission denied'}"
+        if path and Path(path).is_dir():
+            return f"{flag} {path} is a folder; give the PEM file"
+    if args.tls_cert and args.tls_key:
+        problem = tls_pair_problem(args.tls_cert, args.tls_key)
+        if problem:
+            return problem
     if args.port_file and not Path(args.port_file).resolve().parent.is_dir():
         return f"--port-file {args.port_file}: its folder does not exist"
     return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
                                    args.index_views, args.search_expand, serve_limits(args))
+
+
+def tls_pair_problem(cert: str, key: str) -> str | None:
+    """Whether a PEM certificate chain and private key load as a pair, in one line (None: they do).
+    Checked here because gRPC finds out only after the model has loaded, and says just that it
+    failed to bind."""
+    def no_passphrase():
+        raise ValueError("encrypted")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=no_passphrase)
+    except ValueError:
+        return f"--tls-key {key} is encrypted; gRPC needs an unencrypted PEM key (openssl pkey -in KEY -out PLAIN)"
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e) or "key values mismatch" in str(e):
+            return f"--tls-key {key} does not belong to --tls-cert {cert}; give the key the certificate was made with"
+        return (f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its private key; "
+                "check that the two are not swapped and are PEM files (-----BEGIN ...)")
+    except OSError as e:
+        return f"--tls-cert {cert} / --tls-key {key} cannot be read: {e.strerror or e}"
+    return None
 
 
 def serve_limits(args: argparse.Namespace) -> Limits:
@@ -294,8 +329,6 @@ def serve_limits(args: argparse.Namespace) -> Limits:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .engine import EngineError
-    from .index import TileIndexError
     problem = check_serve_arguments(args)
     if problem:
         print(f"skyprompt serve: {problem}", file=sys.stderr)
@@ -303,14 +336,22 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
-                        data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
-                        tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
-                        sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
-                        search_expand=args.search_expand, limits=serve_limits(args))
-    except (EngineError, TileIndexError, ServerSetupError) as e:
-        print(f"skyprompt serve: {e}", file=sys.stderr)
-        return 2
+        from .engine import EngineError
+        from .index import TileIndexError
+        try:
+            server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+                            data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
+                            sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
+                            search_expand=args.search_expand, limits=serve_limits(args))
+        except (EngineError, TileIndexError, ServerSetupError) as e:
+            print(f"skyprompt serve: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        # Ctrl-C while torch imports or the model loads (seconds to minutes): the index is not
+        # served yet and is crash-safe; leave at once, as below, without a traceback
+        print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
+        os._exit(130)
     done = threading.Event()
 
     def on_signal(signum, _frame):

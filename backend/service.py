@@ -357,7 +357,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             except BaseException as error:
                 writer.abort()
                 log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept,
-                         getattr(error, "message", None) or type(error).__name__)
+                         getattr(error, "message", None) or str(error) or type(error).__name__)
                 raise
             outcome = pb.INDEX_OUTCOME_INDEXED if state == "new" and not writer.replaced else pb.INDEX_OUTCOME_REPLACED
             entry = self.index.raster(writer.raster_id)

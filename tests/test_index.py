@@ -815,3 +815,62 @@ def test_index_benchmark_smoke_writes_results(tmp_path):
     assert size["faiss_flat"] == "N/A" or size["faiss_flat"]["p50_ms"] > 0
     assert {t["result"] for t in res["targets"]} <= {"PASS", "FAIL", "N/A"}
     assert (tmp_path / "index.json").exists()
+
+
+def test_a_folder_the_index_cannot_write_is_one_clear_error(tmp_path):
+    """A data folder that cannot be written (read-only disk, another user's folder) is a TileIndexError
+    naming it, not an OSError traceback; here the lock file cannot be opened for writing."""
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "index.lock").mkdir()           # opening it for writing fails, as on a read-only disk
+    with pytest.raises(TileIndexError, match="cannot use .* for the tile index: .*give a writable folder"):
+        TileIndex(tmp_path)
+
+
+def test_a_sound_database_that_cannot_be_opened_for_writing_is_not_called_damaged(tmp_path, rng):
+    """SQLite cannot open a good index for writing (here its WAL file cannot be made, as on a
+    read-only disk): the message must not tell the operator to move a sound index aside."""
+    with TileIndex(tmp_path) as index:
+        add(index, tmp_path, "a", unit(rng, 5))
+    db = tmp_path / index_module.DB_NAME
+    before = db.read_bytes()
+    (tmp_path / f"{index_module.DB_NAME}-wal").mkdir()
+    with pytest.raises(TileIndexError) as error:
+        TileIndex(tmp_path)
+    assert "write access" in str(error.value) and "damaged" not in str(error.value)
+    assert db.read_bytes() == before
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a disk that really fills up (root only)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_resource_exhausted_and_changes_nothing(tiny_disk, tmp_path, rng):
+    index = TileIndex(tiny_disk / "index")
+    try:
+        first = unit(rng, 20)
+        add(index, tmp_path, "a", first)
+        filler = tiny_disk / "filler"
+        with open(filler, "wb", buffering=0) as f:     # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+        with pytest.raises(TileIndexError, match="disk holding the tile index .* is full") as error:
+            add(index, tmp_path, "a", unit(rng, 3000), mtime_ns=2)     # a re-index that does not fit
+        assert error.value.kind == "resource_exhausted"
+        assert not list((tiny_disk / "index" / "embeddings").glob(".tmp-*"))   # no partial file left behind
+        assert [r["tile_count"] for r in index.list_rasters()] == [20]       # the old embeddings stay
+        assert index.search(first[0], 1, CK)[0].score > 0.99
+        filler.unlink()
+        add(index, tmp_path, "b", unit(rng, 5))                               # room again: it works
+    finally:
+        index.close()

@@ -1266,3 +1266,72 @@ def test_tls_server_with_the_cli(checkpoint, rasters, tmp_path):
         assert out.returncode == 2 and "give --tls" in out.stderr and "Traceback" not in out.stderr
     finally:
         live.stop()
+
+
+def openssl_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other-key", "does not belong to --tls-cert"), ("swapped", "are not a PEM certificate chain"),
+    ("folder", "is a folder"), ("encrypted", "is encrypted"),
+])
+def test_tls_files_that_are_not_a_pair_are_refused_before_the_model_loads(tmp_path, case, message):
+    """gRPC finds a wrong key only after the model has loaded and says just that it failed to bind,
+    with C-core log lines beside it: the pair is checked first, in one line."""
+    cert, key = openssl_pair(tmp_path, "a")
+    other_cert, other_key = openssl_pair(tmp_path, "b")
+    if case == "encrypted":
+        subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:x", "-out",
+                        str(tmp_path / "enc.key")], check=True, capture_output=True)
+    flags = {"other-key": [cert, other_key], "swapped": [key, cert], "folder": [tmp_path, key],
+             "encrypted": [cert, tmp_path / "enc.key"]}[case]
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--checkpoint", str(tmp_path / "no-checkpoint"),
+                          "--data-dir", str(tmp_path / "data"), "--port", "0", "--tls-cert", str(flags[0]),
+                          "--tls-key", str(flags[1])], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc for torch being loaded")
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(checkpoint, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+                             "--data-dir", str(tmp_path / "data"), "--device", "cpu"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():   # torch is being imported
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted while starting" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "serving on" not in out
+
+
+def test_the_start_log_names_the_checkpoint_and_rasters_another_checkpoint_indexed(checkpoint, rasters, tiny_config,
+                                                                                tokenizer, tmp_path):
+    """After a checkpoint switch searches find nothing that the old one indexed: the log says so."""
+    import torch
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+
+    data = tmp_path / "data"
+    live = LiveServer(checkpoint, data, [rasters["folder"]]).start()
+    index(live, rasters["rgb"])
+    assert live.stop() == 0
+    assert f"at {checkpoint.resolve()}" in live.log_text()
+    torch.manual_seed(7)
+    other = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "other")
+    live = LiveServer(other, data, [rasters["folder"]]).start()
+    live.stop()
+    text = live.log_text().split("SkyPrompt server stopped")[1]          # the second start
+    assert f"at {Path(other).resolve()}" in text and "0 raster(s), 0 tiles for this checkpoint" in text
+    assert "1 raster(s) indexed with another checkpoint are not searched" in text
