@@ -360,6 +360,7 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
     server.start()
     if args.port_file:
         tmp = f"{args.port_file}.tmp"
@@ -376,6 +377,31 @@ def serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# set by a launcher (the QGIS plugin) to its own process id: a server it started stops when it ends,
+# even when it ends without stopping the server (killed, crashed)
+PARENT_PID_ENV = "SKYPROMPT_PARENT_PID"
+
+
+def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> None:
+    """Set `done` once process `pid_text` no longer exists (POSIX; elsewhere, and for "", nothing:
+    on Windows os.kill(pid, 0) would end that process instead of probing it)."""
+    if os.name != "posix" or not pid_text.strip().isdigit():
+        return
+    pid = int(pid_text)
+
+    def watch():
+        while not done.wait(every_s):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                log.warning("the program that started this server (process %d) has ended: shutting down", pid)
+                done.set()
+            except PermissionError:
+                pass    # alive, another user's
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def free_port() -> int:

@@ -80,6 +80,9 @@ class LocalBackend(QObject):
         env = QProcessEnvironment.systemEnvironment()
         if settings.token:
             env.insert("SKYPROMPT_TOKEN", settings.token)
+        # the backend watches QGIS's process: killed or crashed, QGIS never unloads the plugin that
+        # would stop it, and an orphan would hold the port (backend.server.PARENT_PID_ENV)
+        env.insert("SKYPROMPT_PARENT_PID", str(os.getpid()))
         self.process.setProcessEnvironment(env)
         self.process.setProcessChannelMode(QProcess.MergedChannels)
         self.process.readyReadStandardOutput.connect(self._read_output)

@@ -847,6 +847,9 @@ def test_start_local_backend_then_unload_stops_it(iface, checkpoint, tmp_path, m
         assert dock.backend.running and dock.start_button.text() == "Stop local backend"
         pid = process.processId()
         assert pid > 0 and Path(f"/proc/{pid}").exists()
+        # it watches QGIS's process, so a QGIS killed without unloading leaves no backend on the port
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"SKYPROMPT_PARENT_PID={os.getpid()}".encode() in environ
     finally:
         plugin.unload()
         QgsSettings().remove("skyprompt")

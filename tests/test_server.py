@@ -1335,3 +1335,27 @@ def test_the_start_log_names_the_checkpoint_and_rasters_another_checkpoint_index
     text = live.log_text().split("SkyPrompt server stopped")[1]          # the second start
     assert f"at {Path(other).resolve()}" in text and "0 raster(s), 0 tiles for this checkpoint" in text
     assert "1 raster(s) indexed with another checkpoint are not searched" in text
+
+
+def test_server_stops_when_the_program_that_started_it_ends(checkpoint, tmp_path):
+    """A launcher (the QGIS plugin) names itself in SKYPROMPT_PARENT_PID; when it dies without
+    stopping the server (killed, crashed), the server shuts down cleanly instead of holding the port."""
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], token=None)
+    os.environ["SKYPROMPT_PARENT_PID"] = str(launcher.pid)
+    try:
+        live.start()
+    finally:
+        del os.environ["SKYPROMPT_PARENT_PID"]
+    try:
+        time.sleep(1.5)
+        assert live.proc.poll() is None                   # serves while its launcher lives
+        launcher.kill()
+        launcher.wait()
+        assert live.proc.wait(30) == 0
+        assert "has ended: shutting down" in live.log_text()
+    finally:
+        launcher.kill()
+        if live.proc.poll() is None:
+            live.stop()
+        live.log.close()
