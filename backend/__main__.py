@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .client import add_client_arguments, run_client
-from .server import add_serve_arguments, serve
+if sys.argv[1:2] == ["client"]:
+    # gRPC's own log lines (e.g. a failed TLS handshake) beside the client's one-line error only
+    # repeat it; read by gRPC when it is first imported, below
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+from .client import add_client_arguments, run_client  # noqa: E402
+from .server import add_serve_arguments, serve  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

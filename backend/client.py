@@ -616,7 +616,14 @@ def run_client(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             code = e.code()
             detail = e.details() or ""
-            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in detail.lower() or "unavailable" in detail.lower()):
+            low = detail.lower()
+            if code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
+                detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
+                           "that certificate: --tls-ca PEM)")
+            elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
+                detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
+                           "--tls-ca PEM)")
+            elif code == grpc.StatusCode.UNAVAILABLE and ("connect" in low or "unavailable" in low):
                 detail += f" (is the server running at {args.server}? start it with: python -m backend serve)"
             elif code == grpc.StatusCode.CANCELLED:     # not ours (Ctrl-C is handled below): the server's
                 detail += " (the server cancelled the call, perhaps because it was stopped)"

@@ -272,6 +272,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIN_MESSAGE_MB = 1 / 16
 
 
 def check_serve_arguments(args: argparse.Namespace) -> str | None:
@@ -284,6 +285,9 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
         return f"--sao-window {args.sao_window} must be odd (1, 3, 5, ...) so the window centres on a patch"
     if not (args.max_message_mb > 0 and math.isfinite(args.max_message_mb)):
         return f"--max-message-mb {args.max_message_mb} must be a positive size in MiB"
+    if args.max_message_mb < MIN_MESSAGE_MB:
+        # the limit also caps answers: under it, even GetInfo and ListRasters fail to send
+        return f"--max-message-mb {args.max_message_mb:g} is below {MIN_MESSAGE_MB:g} (64 KiB), too small for the server's own answers"
     if str(args.log_level).upper() not in LOG_LEVELS:
         return f"--log-level {args.log_level}: use one of {', '.join(LOG_LEVELS)}"
     if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():

@@ -725,13 +725,14 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--port", "-5"], "--port -5 must be 0"), (["--workers", "0"], "--workers 0 must be at least 1"),
     (["--sao-window", "4"], "--sao-window 4 must be odd"), (["--max-message-mb", "0"], "--max-message-mb 0"),
+    (["--max-message-mb", "0.001"], "--max-message-mb 0.001 is below 0.0625 (64 KiB)"),
     (["--log-level", "LOUD"], "--log-level LOUD: use one of"), (["--data-dir", "FILE"], "is a file"),
     (["--port-file", "MISSING/port"], "its folder does not exist"),
     (["--tls-cert", "MISSING/c.pem", "--tls-key", "MISSING/k.pem"], "--tls-cert MISSING/c.pem cannot be read"),
     (["--tls-cert", "FILE"], "give both --tls-cert and --tls-key"),
     (["--host", "0.0.0.0"], "off loopback a token is required"), (["--index-views", "3"], "--index-views 3"),
     (["--edge-radius", "-2"], "--edge-radius -2"), (["--search-expand", "-1"], "--search-expand -1"),
-], ids=["port", "workers", "sao-window", "max-message", "log-level", "data-dir", "port-file", "tls", "tls-pair",
+], ids=["port", "workers", "sao-window", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "tls", "tls-pair",
         "token", "views", "edge-radius", "search-expand"])
 def test_serve_checks_its_options_before_loading_the_model(tmp_path, flags, message):
     # the checkpoint does not exist: a message about the option shows it was checked before the model loaded
@@ -1251,7 +1252,10 @@ def test_tls_server_with_the_cli(checkpoint, rasters, tmp_path):
         assert out.returncode == 0, out.stderr
         assert "tls" in json.loads(out.stdout)["capabilities"]
         plain = client(live, "info", "--json")
-        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr and "add --tls or --tls-ca" in plain.stderr
+        untrusted = client(live, "info", "--json", "--tls")        # the system's roots do not know it
+        assert untrusted.returncode == 1 and "needs that certificate: --tls-ca PEM" in untrusted.stderr
+        assert len(untrusted.stderr.strip().splitlines()) == 1, untrusted.stderr    # no gRPC log beside it
         # --tls (the system's roots, here made our certificate) takes no value: the raster after it
         # is the raster to index, not a CA file
         out = client(live, "index", "--json", "--tls", str(rasters["grey16"]),
