@@ -1130,7 +1130,7 @@ _ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 # files beside a raster that hold no pixels or georeferencing of their own: statistics QGIS and GDAL
 # (re)write when they merely display a raster, and pyramids ("Build pyramids") of the same pixels;
 # counting them would re-index unchanged rasters
-_DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd")
+_DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd", ".aux")     # .aux: Erdas-style pyramids (USE_RRD)
 
 
 def _sources_digest(dataset: gdal.Dataset, real: str) -> str:

@@ -130,19 +130,20 @@ def gpkg_layer_names(path: str) -> list[str]:
     no file); OSError when the file is there but is not a GeoPackage (it is never overwritten)."""
     if not os.path.exists(path):
         return []
-    import sqlite3
-    from contextlib import closing
-    from pathlib import Path
-
     from osgeo import gdal
 
-    if gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_RASTER, allowed_drivers=["GPKG"]) is None:
+    ds = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_RASTER, allowed_drivers=["GPKG"])
+    if ds is None:
         raise OSError(f"{path} exists and is not a GeoPackage: choose another output file")
-    try:    # gpkg_contents names raster tables too, which no vector layer may take
-        with closing(sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)) as db:
-            return [row[0] for row in db.execute("SELECT table_name FROM gpkg_contents")]
-    except sqlite3.Error as e:
-        raise OSError(f"{path}: its layers cannot be read ({e}): choose another output file") from None
+    # gpkg_contents names raster tables too, which no vector layer may take (through GDAL, not a
+    # sqlite3 URI: those cannot name a file on a network share)
+    table = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")
+    if table is None:
+        raise OSError(f"{path}: its layers cannot be read: choose another output file")
+    try:
+        return [feature.GetField(0) for feature in table]
+    finally:
+        ds.ReleaseResultSet(table)
 
 
 def free_gpkg_layer_name(path: str, wanted: str) -> str:

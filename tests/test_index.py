@@ -330,8 +330,19 @@ def test_pyramids_leave_the_identity_a_world_file_or_archive_member_changes_it(t
     ds.BuildOverviews("AVERAGE", [2, 4])     # read-only open: written as pyramids.tif.ovr
     ds = None
     assert (tmp_path / "pyramids.tif.ovr").exists()
-    with open_raster(tif) as raster:
-        assert raster.identity() == raster_identity(tif)
+    erdas = tmp_path / "erdas.tif"        # QGIS's "External (Erdas Imagine)" pyramids: erdas.aux
+    write_geotiff(erdas, 10, size=256)
+    gdal.SetConfigOption("USE_RRD", "YES")
+    try:
+        ds = gdal.Open(str(erdas))
+        ds.BuildOverviews("AVERAGE", [2, 4])
+        ds = None
+    finally:
+        gdal.SetConfigOption("USE_RRD", None)
+    assert (tmp_path / "erdas.aux").exists()
+    for path in (tif, erdas):
+        with open_raster(path) as raster:
+            assert raster.identity() == raster_identity(path)
 
     placed = tmp_path / "placed.tif"      # its CRS inside, its place on the ground in placed.tfw alone
     ds = gdal.GetDriverByName("GTiff").Create(str(placed), 64, 64, 3, gdal.GDT_Byte)
