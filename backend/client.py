@@ -617,7 +617,12 @@ def run_client(args: argparse.Namespace) -> int:
             code = e.code()
             detail = e.details() or ""
             low = detail.lower()
-            if code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
+            if code == grpc.StatusCode.UNAVAILABLE and "wrong_version_number" in low:
+                detail += f" (the server at {args.server} does not serve TLS: leave out --tls and --tls-ca)"
+            elif "hostname verification" in low or "does not match ssl server name" in low:
+                detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]}: connect by "
+                           "a name or address the certificate holds)")
+            elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
                 detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
                            "that certificate: --tls-ca PEM)")
             elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):

@@ -1304,6 +1304,47 @@ def test_tls_files_that_are_not_a_pair_are_refused_before_the_model_loads(tmp_pa
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_tls_pair_check_takes_what_grpc_serves(tmp_path):
+    """The pair check is about the two files belonging together, not their strength: a 1024-bit RSA
+    key with a SHA-1 signature (which OpenSSL's default security level refuses, and gRPC serves) and
+    EC keys in SEC1 or PKCS#8 form pass; a key of another certificate still does not."""
+    from backend.server import tls_pair_problem
+
+    cert, key = openssl_pair(tmp_path, "a")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:1024", "-sha1", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(tmp_path / "weak.key"), "-out", str(tmp_path / "weak.pem")],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(tmp_path / "ec.key")],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(tmp_path / "ec.key"), "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-out", str(tmp_path / "ec.pem")], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", str(tmp_path / "ec.key"), "-out", str(tmp_path / "ec8.key")],
+                   check=True, capture_output=True)
+    for c, k in (("weak.pem", "weak.key"), ("ec.pem", "ec.key"), ("ec.pem", "ec8.key")):
+        assert tls_pair_problem(str(tmp_path / c), str(tmp_path / k)) is None, (c, k)
+    assert "does not belong" in tls_pair_problem(str(tmp_path / "weak.pem"), str(key))
+
+
+def test_client_says_when_tls_is_the_wrong_way_round(server, checkpoint, tmp_path):
+    """TLS asked of a plaintext server, and a certificate that does not name the address: each says
+    what to change instead of asking whether the server runs."""
+    out = client(server, "info", "--tls")
+    assert out.returncode == 1 and "does not serve TLS: leave out --tls and --tls-ca" in out.stderr, out.stderr
+    named = openssl_pair(tmp_path, "named")                     # CN only: no subjectAltName for 127.0.0.1
+    other = tmp_path / "other.pem", tmp_path / "other.key"     # names another address only
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=10.1.2.3",
+                    "-addext", "subjectAltName=IP:10.1.2.3", "-keyout", str(other[1]), "-out", str(other[0])],
+                   check=True, capture_output=True)
+    for cert, key in (named, other):
+        live = LiveServer(checkpoint, tmp_path / "data", [tmp_path],
+                          extra=("--tls-cert", str(cert), "--tls-key", str(key))).start()
+        try:
+            out = client(live, "info", "--tls-ca", str(cert))
+            assert out.returncode == 1 and "certificate does not name 127.0.0.1" in out.stderr, out.stderr
+        finally:
+            live.stop()
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="watches /proc for torch being loaded")
 def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(checkpoint, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--checkpoint", str(checkpoint), "--port", "0",
