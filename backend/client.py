@@ -272,7 +272,9 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
         # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
         # keeps a write-ahead log beside it) is written through SQLite, not replaced under it
         ds = _open_gpkg(target, update=True)
-        taken = {ds.GetLayer(i).GetName().casefold() for i in range(ds.GetLayerCount())}
+        contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
+        taken = {row.GetField(0).casefold() for row in contents}
+        ds.ReleaseResultSet(contents)
         name, n = "skyprompt", 1
         while name.casefold() in taken:            # GeoPackage layer names ignore case
             n += 1
@@ -566,7 +568,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="M2",
                    help="drop each polygon smaller than this many square metres (ground area, whatever "
-                        "the raster's CRS, as in the plugin; default 0: keep all)")
+                        "the raster's CRS, as in the plugin; one with no known ground area is kept; "
+                        "default 0: keep all)")
     p.add_argument("--window", type=int, default=0, help="SAO window in patches (default: the server's)")
     p.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
                    help="radius of the edge refinement that makes masks follow the image's edges, in pixels "

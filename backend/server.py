@@ -247,7 +247,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require this bearer token on every call (env {TOKEN_ENV}); required off loopback")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
-    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert, unencrypted")
     parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
     parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
                         help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
@@ -265,7 +265,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "of its N best tiles, rank again (more of the best hits' kind, for better or "
                              f"worse); 0 = off (default {DEFAULT_SEARCH_EXPAND}; a request's expand overrides it)")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
-                        help=f"largest request accepted, in MiB (default {Limits.max_message_bytes // 2**20})")
+                        help=f"largest message received or sent, in MiB (default {Limits.max_message_bytes // 2**20}; "
+                             f"at least {MIN_MESSAGE_MB:g}, 64 KiB)")
     parser.add_argument("--port-file", default=None,
                         help="write the bound port to this file once serving (for launchers using --port 0)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)")

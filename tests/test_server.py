@@ -1119,6 +1119,13 @@ def test_polygons_join_a_geopackage_another_program_holds_open(tmp_path):
     raster.SetGeoTransform((0, 1, 0, 0, 0, -1))
     raster = None
     assert write_polygons(str(tiles), [result]) == (1, "skyprompt")
+    named = tmp_path / "named.gpkg"     # a raster table may hold the name too: the polygons take another
+    raster = gdal.GetDriverByName("GPKG").Create(str(named), 8, 8, 3, gdal.GDT_Byte,
+                                                 options=["RASTER_TABLE=SkyPrompt"])
+    raster.SetGeoTransform((0, 1, 0, 0, 0, -1))
+    raster = None
+    assert write_polygons(str(named), [result]) == (1, "skyprompt (2)")
+    assert gdal.OpenEx(str(named), gdal.OF_RASTER).RasterXSize == 8
 
 
 def test_remove_raster_by_path_and_id(server, rasters):
