@@ -3,8 +3,9 @@
 A layer the backend can open itself (a GDAL file on a local disk) is sent by path. Any other layer
 (XYZ/WMS tiles, /vsimem or remote rasters, rasters of other providers) is read here through a clone
 of its data provider and sent as pixels + geotransform + CRS, capped at a maximum side (a colour-table
-image as its colours, as the backend reads such a file). So is a file with no CRS of its own that was
-given one in QGIS: the backend refuses the file, not its pixels with the layer's CRS. The clone is
+image as its colours, as the backend reads such a file). So is a file whose CRS the user set in QGIS
+(none of its own, or an overridden one): the backend would use the file's own CRS, or refuse a file with
+none, while its pixels go with the layer's CRS. The clone is
 made on the main thread (`PixelReader(layer)`); `read()` then runs safely inside a QgsTask.
 """
 from __future__ import annotations
@@ -41,29 +42,50 @@ def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
 
 def local_path(layer: QgsRasterLayer) -> str | None:
     """The file behind a GDAL layer, when it is on a local disk the backend can read; else None. A
-    georeferenced file with no CRS of its own, given one in QGIS, is None too: the backend would refuse
-    the file, while its pixels sent with the layer's CRS land where QGIS shows them."""
+    georeferenced file whose CRS the user set in QGIS (it has none of its own, or the layer's CRS was
+    overridden) is None too: the backend would refuse the file or use its own CRS, while its pixels sent
+    with the layer's CRS land where QGIS shows them."""
     if layer.providerType() != "gdal":
         return None
     path = layer.source().split("|")[0]
     if not os.path.isfile(path):
         return None
-    return None if layer.crs().isValid() and _has_no_crs(path) else os.path.abspath(path)
+    if layer.crs().isValid():
+        georeferenced, file_wkt = _file_crs(path)
+        if georeferenced and (not file_wkt or not _same_crs(QgsCoordinateReferenceSystem.fromWkt(file_wkt),
+                                                           layer.crs())):
+            return None
+    return os.path.abspath(path)
 
 
-def _has_no_crs(path: str) -> bool:
-    """Whether the raster file at `path` has a geotransform but no CRS (GDAL opens only its header).
-    A file GDAL cannot open, or one with no geotransform at all, is left to the backend to refuse with
-    its own advice."""
+def _file_crs(path: str) -> tuple[bool, str]:
+    """(georeferenced, wkt) of the raster file at `path`, from its header only: whether it has a
+    geotransform, and its CRS as WKT ("" when it has none). A file GDAL cannot open is (False, ""), left
+    to the backend to refuse with its own advice, as is one with no geotransform at all."""
     from osgeo import gdal
 
     try:
         dataset = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_READONLY)
     except RuntimeError:        # with gdal.UseExceptions() on
-        return False
+        return False, ""
     if dataset is None:
-        return False
-    return dataset.GetGeoTransform(can_return_null=True) is not None and dataset.GetSpatialRef() is None
+        return False, ""
+    srs = dataset.GetSpatialRef()
+    # WKT2, as QGIS's GDAL provider reads it: WKT1 renames a local CRS's axes, so it would not match
+    wkt = srs.ExportToWkt(["FORMAT=WKT2_2018"]) if srs is not None else ""
+    return dataset.GetGeoTransform(can_return_null=True) is not None, wkt
+
+
+def _same_crs(file_crs: QgsCoordinateReferenceSystem, layer_crs: QgsCoordinateReferenceSystem) -> bool:
+    """Whether the file's CRS is the layer's. Only a clear difference counts: a false one would send
+    every file layer as pixels, capped in size, instead of by path. A file CRS QGIS cannot read is no
+    clear difference."""
+    if not file_crs.isValid() or file_crs == layer_crs:
+        return True
+    if file_crs.authid() and file_crs.authid() == layer_crs.authid():
+        return True
+    return file_crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) == \
+        layer_crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
 
 
 def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):

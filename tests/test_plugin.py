@@ -623,6 +623,30 @@ def test_a_file_with_no_crs_given_one_in_qgis_is_segmented_there(dock, iface, ra
     assert grown.contains(out.extent()), (out.extent().toString(), layer.extent().toString())
 
 
+
+def test_a_file_whose_crs_was_overridden_in_qgis_is_segmented_in_that_crs(dock, iface, rasters):  # noqa: F811
+    """A file with a wrong CRS of its own, which the user overrode in QGIS (Layer Properties > Source):
+    sent as pixels with the layer's CRS, so Segment lands where QGIS shows it; unchanged, it goes by path."""
+    from plugin.sources import prepare_source
+
+    path = rasters["folder"] / "wrong_crs_utm.tif"       # where the backend may read files
+    if not path.exists():
+        make_tif(path, noise((3, 60, 80), seed=12), geotransform=(500000.0, 5.0, 0.0, 5000000.0, 0.0, -5.0),
+                 crs="EPSG:32633")
+    layer = QgsRasterLayer(str(path), "wrong crs")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:32633"
+    assert prepare_source(layer) == str(path)        # the file's own CRS: by path, at full resolution
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32634"))
+    assert not isinstance(prepare_source(layer), str)
+    segment_whole_layer_setup(dock, iface, layer, prompts="fields")
+    dock.threshold.setValue(0.0)
+    assert run_dock(dock, "segment", dock.segment) is None
+    out = dock.last_layer
+    assert out.crs().authid() == "EPSG:32634" and out.featureCount() >= 1
+    grown = layer.extent()
+    grown.grow(10.0)
+    assert grown.contains(out.extent()), (out.extent().toString(), layer.extent().toString())
+
 def test_a_layer_read_error_in_a_task_is_the_users_to_fix_not_internal(settings):
     from plugin.sources import SourceError
     from plugin.tasks import BackendTask, start
