@@ -142,14 +142,14 @@ def _problems(source: str, problems: Sequence[str], what: str) -> str:
     return "\n".join(lines)
 
 
-def _need_path(path: Path, what: str, folder: bool, fix: str) -> None:
+def _need_path(path: Path, what: str, folder: bool, fix: str, error: type[DataError] = DataError) -> None:
     """A path a reader needs, named as missing (or as a file where a folder goes, or the reverse)
     with what to give instead, rather than left to fail as an OSError."""
     if path.is_dir() if folder else path.is_file():
         return
     if not path.exists():
-        raise DataError(f"{what} {path} does not exist: {fix}")
-    raise DataError(f"{what} {path} is a {'file' if folder else 'folder'}: {fix}")
+        raise error(f"{what} {path} does not exist: {fix}")
+    raise error(f"{what} {path} is a {'file' if folder else 'folder'}; {fix}")
 
 
 def _check_images_exist(records: Sequence[Record], source: str) -> None:
@@ -262,9 +262,8 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
     the class folder's parent ("gParking/g001.jpg", "images/beach/beach03.jpg").
     """
     root = Path(os.path.abspath(root))
-    if not root.is_dir():   # a mistyped path, named as such rather than as a folder without classes
-        raise DataError(f"data folder {root} does not exist" if not root.exists() else
-                        f"{root} is a file; give the folder that holds the class sub-folders")
+    # a mistyped path, named as such rather than as a folder without classes
+    _need_path(root, "data folder", True, "give the folder that holds the class sub-folders")
     class_root = find_class_root(root)
     dirs = _class_dirs(class_root)
     if not dirs:
@@ -495,9 +494,7 @@ def manifest_records(path: str | os.PathLike) -> list[Record]:
     file:line: bad JSON, a missing image, empty captions.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist" if not path.exists() else
-                            f"manifest {path} is a folder; give the JSONL/CSV file")
+    _need_path(path, "manifest", False, "give the JSONL/CSV file", ManifestError)
     builder = _ManifestBuilder(path)
     if path.suffix.lower() in (".csv", ".tsv"):
         _read_csv_manifest(path, builder)

@@ -285,10 +285,16 @@ def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: i
         epoch = start_step
         while True:
             dataset.set_epoch(epoch)
-            batches = 0
+            batches, skipped = 0, 0
             for batch in DataLoader(dataset, batch_size=per_rank, num_workers=cfg.workers, collate_fn=collate,
                                     drop_last=True, pin_memory=pin_memory):
-                batches += len(batch["images"]) > 0      # a batch of unreadable samples only is no batch
+                if len(batch["images"]) == 0:
+                    # a batch of unreadable samples only is no batch: its count goes with the next one
+                    skipped += batch["skipped"]
+                    continue
+                batches += 1
+                batch["skipped"] += skipped
+                skipped = 0
                 yield batch
             if batches == 0:
                 # else the next pass gives nothing either, and training waits forever
@@ -543,10 +549,6 @@ def train(cfg: TrainConfig) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = next(stream)
-        while len(batch["images"]) == 0:
-            # every sample of a streamed batch was unreadable: counted, and the step takes the next batch
-            skipped_total += batch["skipped"]
-            batch = next(stream)
         images = batch["images"].to(device, non_blocking=True)
         if bank is not None:   # bank rows -> this step's augmented pixels
             images = bank_augment(bank.images[images],
