@@ -606,9 +606,7 @@ class TileIndex:
                 broken.append(row)
             except OSError as e:
                 referenced.add(row["embeddings_file"])
-                log.error("tile index: raster %s (%s) is kept but cannot be searched: its embedding file %s cannot "
-                          "be read (%s); give the server's user read access to it (or fix the disk) and restart "
-                          "the server", row["id"], row["source_key"], path, e.strerror or e)
+                _log_unreadable(row, path, e)
         if broken:
             self._db.execute("BEGIN IMMEDIATE")
             for row in broken:
@@ -1223,9 +1221,7 @@ class TileIndex:
                               row["id"], row["embeddings_file"], e)
                     continue
                 except OSError as e:  # e.g. permission denied: the file may be intact, so no re-index
-                    log.error("tile index: raster %s is not searchable: its embedding file %s cannot be read (%s); "
-                              "give the server's user read access to it (or fix the disk) and restart the server",
-                              row["id"], self.embeddings_dir / row["embeddings_file"], e.strerror or e)
+                    _log_unreadable(row, self.embeddings_dir / row["embeddings_file"], e)
                     continue
             else:
                 matrix = None
@@ -1292,6 +1288,13 @@ class TileIndex:
                 vectors[s:s + CONVERT_ROWS] = snap.vectors_t[:, columns[s:s + CONVERT_ROWS]].T
             snap.ivf = _Ivf(quant.centroids, vectors, columns, offsets)
             return snap.ivf
+
+
+def _log_unreadable(row, path: Path, error: OSError) -> None:
+    """A raster kept, though its embedding file cannot be read now (permission, I/O): what to do."""
+    log.error("tile index: raster %s is kept but cannot be searched: its embedding file %s cannot be read (%s); "
+              "give the server's user read access to it (or fix the disk) and restart the server",
+              row["id"], path, error.strerror or error)
 
 
 class RasterWriter:

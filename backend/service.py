@@ -126,9 +126,15 @@ def check_text(field: str, text: str, limits: Limits) -> str:
 LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores
 
 
+# how a pixel source is stored in the index, as a path no file can have
+PIXELS_PREFIX = "pixels:"
+# Caption takes this many times Limits.max_extent_pixels (Segment's): it reads one model input, decimated
+CAPTION_EXTENT_FACTOR = 16
+
+
 def _shown_path(path: str) -> str:
     """A raster's path as clients see it: empty for pixels a client sent (stored as "pixels:<hash>")."""
-    return "" if path.startswith("pixels:") else path
+    return "" if path.startswith(PIXELS_PREFIX) else path
 
 
 def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
@@ -257,7 +263,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def _identity(raster: Raster) -> dict:
         identity = raster.identity()
         if not identity["path"]:
-            identity = {"path": f"pixels:{identity['sha256']}", "size": 0, "mtime_ns": 0}
+            identity = {"path": f"{PIXELS_PREFIX}{identity['sha256']}", "size": 0, "mtime_ns": 0}
         return identity
 
     # -- GetInfo --
@@ -366,7 +372,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
 
     def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, plan_total, cancelled,
-                    batch: int = INDEX_BATCH):
+                    batch: int):
         """Yield (tiles, pixels, tiles seen so far) in batches of `batch` tiles, read by a background
         thread, so GDAL reads of the next batch overlap with embedding this one."""
         tile_iter = raster.iter_tiles_with_pixels(size, overlap, resolution, extent, min_valid)
@@ -501,7 +507,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         return [pb.UnfamiliarWord(word=w, close_spellings=words.close_spellings(w)) for w in words.unfamiliar(text)]
 
     def _thumbnail(self, hit, side: int, mappings: dict) -> bytes:
-        if hit.raster_path.startswith("pixels:"):
+        if hit.raster_path.startswith(PIXELS_PREFIX):
             return b""
         try:
             if hit.raster_id not in mappings:
@@ -689,10 +695,10 @@ def model_input(raster: Raster, extent, size: int, max_pixels: int) -> tuple[np.
     """One model input [3, size, size] covering `extent`, aspect kept, padded right/bottom; and the
     extent actually covered, in the raster's CRS."""
     col, row, width, height = raster.window_for_extent(extent)
-    if width * height > max_pixels * 16:
-        # reading is decimated by GDAL, but an absurd extent still costs; 16x the Segment limit
+    if width * height > max_pixels * CAPTION_EXTENT_FACTOR:
+        # reading is decimated by GDAL, but an absurd extent still costs
         raise RequestError("resource_exhausted", f"the extent covers {width} x {height} pixels; zoom in to at most "
-                                                 f"{max_pixels * 16} pixels for a caption")
+                                                 f"{max_pixels * CAPTION_EXTENT_FACTOR} pixels for a caption")
     scale = size / max(width, height)
     out = (max(1, round(width * scale)), max(1, round(height * scale)))
     rgb, _ = raster.read_window(col, row, width, height, out)

@@ -150,8 +150,8 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                         cancelled=cancelled)
 
 
-# Caption takes this many times ServerInfo.limits.max_extent_pixels (backend/service.py, model_input):
-# it resamples the area to one model input, reading it decimated
+# Caption takes this many times ServerInfo.limits.max_extent_pixels (backend.service.CAPTION_EXTENT_FACTOR;
+# the plugin ships without the backend): it resamples the area to one model input, reading it decimated
 CAPTION_LIMIT_FACTOR = 16
 
 

@@ -1643,3 +1643,11 @@ def test_segment_features_minimum_area_is_ground_area_and_keeps_unmeasured_polyg
                                                         polygon(40.0, 0.0)])
     assert [f["area_m2"] for f in segment_features([result], 100.0)] == [250.0, 0.0]
     assert len(segment_features([result], 0.0)) == 3
+
+
+def test_plugin_caption_limit_factor_is_the_backends(qgis_app):
+    """The plugin ships without the backend, so it names the factor itself: kept in step here."""
+    from backend.service import CAPTION_EXTENT_FACTOR
+    from plugin.operations import CAPTION_LIMIT_FACTOR
+
+    assert CAPTION_LIMIT_FACTOR == CAPTION_EXTENT_FACTOR
