@@ -98,6 +98,7 @@ class SkyPromptDock(QDockWidget):
         self.settings = PluginSettings.load()
         self.tasks: set[QgsTask] = set()
         self.running: dict[str, int] = {}      # task kind -> how many run: its button waits for them
+        self.deps_problem: str | None = None   # set by check_dependencies, once the widgets exist
         # layer id -> the raster ids it was indexed under: a tile service indexed in several views
         # is several rasters (the backend names pixels by their hash), all of them searchable
         self.indexed: dict[str, set[str]] = {}
@@ -374,8 +375,8 @@ class SkyPromptDock(QDockWidget):
         """Index, Segment and Describe are on only when they have a raster layer to work on."""
         if not hasattr(self, "describe_button"):    # signals while the tabs are still being built
             return
-        ready = not getattr(self, "deps_problem", None)
-        running = {kind for kind, count in getattr(self, "running", {}).items() if count > 0}
+        ready = not self.deps_problem
+        running = {kind for kind, count in self.running.items() if count > 0}
         self.index_button.setEnabled(ready and bool(self.checked_layers()) and "index" not in running)
         self.segment_button.setEnabled(ready and self.segment_layer.currentLayer() is not None
                                        and "segment" not in running)

@@ -316,7 +316,8 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         # Resolution (map units per pixel; empty or 0 = automatic): a pixel source is read at it, a
         # file segmented at it; automatic, a file's area over the backend's limit is coarsened
         resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
-        native = native_pixels(layer, in_layer) if isinstance(prepared, str) else None
+        # a RESOLUTION given is the working resolution: the layer's own pixel count is not needed then
+        native = native_pixels(layer, in_layer) if isinstance(prepared, str) and not resolution else None
         notes: list[str] = []
         edge_radius = self.parameterAsInt(parameters, "EDGE_RADIUS", context)
         answers = self._call(settings, lambda conn: operations.segment(
