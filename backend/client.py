@@ -230,15 +230,25 @@ def cmd_search(stub, args) -> int:
 POLYGON_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 
-def check_polygon_output(path: str) -> str:
-    """The file's extension when write_polygons can write it, else ClientError (asked before the work)."""
+def _polygon_output_ext(path: str) -> str:
+    """The file's extension when write_polygons can write such a file, else ClientError."""
     ext = Path(path).suffix.lower()
     if ext not in POLYGON_DRIVERS:
         raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
     if Path(path).is_dir():
         raise ClientError(f"--output {path} is a folder; give a file name")
+    return ext
+
+
+def _not_a_geopackage(path) -> ClientError:
+    return ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
+
+
+def check_polygon_output(path: str) -> str:
+    """The file's extension when write_polygons can write it, else ClientError (asked before the work)."""
+    ext = _polygon_output_ext(path)
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
-        raise ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
+        raise _not_a_geopackage(path)
     return ext
 
 
@@ -266,12 +276,14 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
 
     from .raster import _gdal_exceptions
 
-    ext = check_polygon_output(path)
+    ext = _polygon_output_ext(path)
     target = Path(path).resolve()
     if ext == ".gpkg" and target.exists():
         # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
         # keeps a write-ahead log beside it) is written through SQLite, not replaced under it
         ds = _open_gpkg(target, update=True)
+        if ds is None:
+            raise _not_a_geopackage(path)
         contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
         taken = {row.GetField(0).casefold() for row in contents}
         ds.ReleaseResultSet(contents)
@@ -341,25 +353,10 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction
     return written
 
 
-def drop_smaller_than(results: list[pb.SegmentResult], min_area_m2: float) -> int:
-    """Each result without its polygons of fewer than `min_area_m2` square metres (area_m2, as the
-    plugin's minimum area), counted in its dropped_small. A polygon whose area_m2 is unknown (0 for
-    a positive area) stays: its size cannot be judged. Returns how many such polygons stayed."""
-    if min_area_m2 <= 0:
-        return 0
-    unmeasured = 0
-    for result in results:
-        kept = []
-        for polygon in result.polygons:
-            if polygon.area_m2 <= 0 < polygon.area:
-                unmeasured += 1
-            elif polygon.area_m2 < min_area_m2:
-                result.dropped_small += 1
-                continue
-            kept.append(polygon)
-        del result.polygons[:]
-        result.polygons.extend(kept)
-    return unmeasured
+def unmeasured_polygons(results: list[pb.SegmentResult]) -> int:
+    """Polygons with no known ground area (area_m2 0 for a positive area, as where the raster's CRS
+    has no transform to longitude/latitude): a minimum area in square metres keeps them."""
+    return sum(1 for result in results for polygon in result.polygons if polygon.area_m2 <= 0 < polygon.area)
 
 
 def cmd_segment(stub, args) -> int:
@@ -370,9 +367,8 @@ def cmd_segment(stub, args) -> int:
         raise ClientError(f"--relevance-map {args.relevance_map}: its folder does not exist")
     if not math.isfinite(args.min_area) or args.min_area < 0:
         raise ClientError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
-    # the server's min_area is in map units squared (square degrees on a lon/lat raster): the
-    # square metres given here are compared with each polygon's area_m2 below instead
-    request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area=0.0,
+    # min_area_m2, not min_area: that one is in map units squared (square degrees on a lon/lat raster)
+    request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area_m2=args.min_area,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),
                                 target_resolution=args.resolution or 0.0, raw_prompts=args.raw_prompts)
     _with_bands(request, args)
@@ -397,7 +393,7 @@ def cmd_segment(stub, args) -> int:
             bar.update(event.progress.tiles_done - bar.n)
     if bar is not None:
         bar.close()
-    unmeasured = drop_smaller_than(results, args.min_area)
+    unmeasured = unmeasured_polygons(results) if args.min_area > 0 else 0
     if unmeasured:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
               f"longitude/latitude) and were kept whatever their size", file=sys.stderr)

@@ -179,8 +179,11 @@ def polygonize(mask: np.ndarray, geotransform, srs: osr.SpatialReference) -> tup
     return polygons, label_image
 
 
-def clean_polygon(geometry, tolerance: float) -> list[Polygon]:
-    """make_valid, simplify (topology preserved), make_valid again; Polygon parts only."""
+def clean_polygon(geometry, tolerance: float, min_part_area: float = 0.0) -> list[Polygon]:
+    """make_valid, simplify (topology preserved), make_valid again; Polygon parts only. Simplifying
+    a staircase edge can leave slivers (triangles of half a pixel) beside a region's real parts:
+    parts under `min_part_area` go, unless every part is that small (a region of a pixel or two,
+    simplified, is a detection, not a sliver)."""
     geometry = make_valid(geometry)
     if tolerance > 0:
         geometry = make_valid(geometry.simplify(tolerance, preserve_topology=True))
@@ -193,7 +196,7 @@ def clean_polygon(geometry, tolerance: float) -> list[Polygon]:
                 parts.append(g)
         elif hasattr(g, "geoms"):
             stack.extend(g.geoms)
-    return parts
+    return [part for part in parts if part.area >= min_part_area] or parts
 
 
 _AUTHALIC_RADIUS = 6371007.181  # metres: the sphere with the WGS84 ellipsoid's area
@@ -236,8 +239,12 @@ def wgs84_transform(srs: osr.SpatialReference) -> osr.CoordinateTransformation |
 
 def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, srs: osr.SpatialReference,
                         threshold: float, min_area: float, tolerance: float,
-                        to_wgs84: osr.CoordinateTransformation | None) -> tuple[list[PolygonResult], int]:
-    """Polygons where relevance >= threshold, scored, cleaned, small ones dropped (and counted)."""
+                        to_wgs84: osr.CoordinateTransformation | None,
+                        min_area_m2: float = 0.0) -> tuple[list[PolygonResult], int]:
+    """Polygons where relevance >= threshold, scored, cleaned, small ones dropped (and counted):
+    a region under `min_area` map units squared or under `min_area_m2` square metres of ground. A
+    region whose ground area is unknown (no transform to longitude/latitude) is not judged by
+    `min_area_m2`: it stays."""
     mask = (relevance >= threshold) & valid
     raw, labels = polygonize(mask, geotransform, srs)
     if not raw:
@@ -255,16 +262,18 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         score = float(sums[label] / counts[label]) if counts[label] else float(relevance[mask].mean())
         top = float(maxima[label]) if counts[label] else score
         # a region of pixels that touch only at a corner comes back from make_valid in parts: they
-        # stand or fall together, by the region's area. Simplifying a staircase edge can also leave
-        # half-pixel triangles (slivers) beside a region's real parts: those go. A region that is
-        # all small (a pixel or two, simplified) stays as it is: it is a detection, not a sliver
-        parts = clean_polygon(geometry, tolerance)
-        parts = [part for part in parts if part.area >= 0.75 * pixel_area] or parts
+        # stand or fall together, by the region's area
+        parts = clean_polygon(geometry, tolerance, min_part_area=0.75 * pixel_area)
         if min_area > 0 and sum(part.area for part in parts) < min_area:
             dropped += 1
             continue
-        for part in parts:
-            results.append(PolygonResult(part, score, top, float(part.area), geodesic_area_m2(part, to_wgs84)))
+        ground = [geodesic_area_m2(part, to_wgs84) for part in parts]
+        measured = all(area > 0 for area in ground)
+        if min_area_m2 > 0 and measured and sum(ground) < min_area_m2:
+            dropped += 1
+            continue
+        for part, area_m2 in zip(parts, ground):
+            results.append(PolygonResult(part, score, top, float(part.area), area_m2))
     results.sort(key=lambda r: (-r.score, -r.area))
     return results, dropped
 
@@ -297,7 +306,8 @@ def prompt_embeddings(engine, prompts: Sequence[str], ensemble: bool = True,
 
 
 def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, threshold: float = DEFAULT_THRESHOLD,
-            min_area: float = 0.0, simplify_tolerance: float | None = None, window: int = DEFAULT_SAO_WINDOW,
+            min_area: float = 0.0, min_area_m2: float = 0.0, simplify_tolerance: float | None = None,
+            window: int = DEFAULT_SAO_WINDOW,
             sigma: float = 0.0, target_resolution: float | None = None, overlap: float = 0.25,
             max_pixels: int = 4096 * 4096, keep_relevance: bool = False, ensemble: bool = True,
             edge_radius: int | None = None, progress: Callable[[str, int, int], None] | None = None,
@@ -344,7 +354,8 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         rel[:, ~inside] = 0.0
     for i, prompt in enumerate(prompts):
         raise_if_cancelled(cancelled)
-        polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84)
+        polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84,
+                                                min_area_m2)
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))
     # the extent segmented: the request's, also when the model saw more around it

@@ -543,6 +543,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             raise _bad(f"threshold {threshold} must be in [0, 1]")
         if not math.isfinite(request.min_area) or request.min_area < 0:
             raise _bad(f"min_area {request.min_area} must be 0 or a positive area in map units squared")
+        if not math.isfinite(request.min_area_m2) or request.min_area_m2 < 0:
+            raise _bad(f"min_area_m2 {request.min_area_m2} must be 0 or a positive area in square metres")
         tolerance = request.simplify_tolerance if request.HasField("simplify_tolerance") else None
         if tolerance is not None and (not math.isfinite(tolerance) or tolerance < 0):
             raise _bad(f"simplify_tolerance {tolerance} must be 0 (none) or a positive distance in map units")
@@ -584,6 +586,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             try:
                 outcome["output"] = segment(
                     raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
+                    min_area_m2=request.min_area_m2,
                     simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
                     overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
                     ensemble=not request.raw_prompts, edge_radius=edge_radius, progress=progress,

@@ -702,10 +702,10 @@ class SkyPromptDock(QDockWidget):
         def work(conn, task):
             return operations.segment(conn, prepared, prompts, rect, crs, in_layer, threshold, max_side,
                                       task.setProgress, task.isCanceled, resolution=resolution, notes=task.notes,
-                                      edge_radius=edge_radius, native=native)
+                                      edge_radius=edge_radius, native=native, min_area_m2=min_area)
 
         def shown(answers):
-            features = results.segment_features(answers, min_area)
+            features = results.segment_features(answers)
             out_crs = layer_crs
             if answers and answers[0].crs.wkt:
                 out_crs = QgsCoordinateReferenceSystem.fromWkt(answers[0].crs.wkt)
@@ -716,7 +716,8 @@ class SkyPromptDock(QDockWidget):
                 out = results.write_gpkg(out, output)
             QgsProject.instance().addMapLayer(out)
             self.last_layer = out
-            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}", Qgis.Success, 4)
+            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}{results.dropped_note(answers)}",
+                          Qgis.Success, 4)
             unfamiliar = operations.distinct_unfamiliar(answers)
             if unfamiliar:
                 self._message(operations.unfamiliar_note(unfamiliar), Qgis.Warning, 12)

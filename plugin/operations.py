@@ -116,9 +116,11 @@ def fitting_resolution(pixels: float, native: float, limit: int) -> float | None
 def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_crs, rect_in_layer_crs,
             threshold: float, max_side: int, progress: Progress, cancelled: Cancelled,
             resolution: float | None = None, notes: list | None = None, edge_radius: int | None = None,
-            native: tuple[float, float] | None = None, path_resolution: float | None = None) -> list:
+            native: tuple[float, float] | None = None, path_resolution: float | None = None,
+            min_area_m2: float = 0.0) -> list:
     """SegmentResults (one per prompt) over `rect` (in `rect_crs`; None = the whole layer).
     `edge_radius`: the edge refinement radius in pixels (None = the server's default, 0 = off).
+    `min_area_m2`: polygons under this ground area are dropped by the backend (0 = keep all).
     `resolution` is what a pixel source is read at; a layer sent by path is segmented at
     `path_resolution`, else at its own resolution, or, when `native` (sources.native_pixels: the
     area's pixel count and the layer's resolution) is over the server's limit, coarser (said in `notes`)."""
@@ -126,7 +128,7 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
     source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
-    request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold)
+    request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold, min_area_m2=min_area_m2)
     if edge_radius is not None:
         request.edge_radius = edge_radius
     if extent is not None:

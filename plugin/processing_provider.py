@@ -324,20 +324,21 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
             settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes,
             edge_radius=None if edge_radius < 0 else edge_radius, resolution=resolution, native=native,
-            path_resolution=resolution), feedback)
+            path_resolution=resolution, min_area_m2=self.parameterAsDouble(parameters, "MIN_AREA", context)),
+            feedback)
         for note in notes:
             feedback.pushInfo(note)
         if answers is None:         # cancelled: the output is left as it was, not replaced by an empty layer
             feedback.pushInfo("cancelled: nothing written")
             return {}
         sink, dest = self._sink(parameters, context, results.segment_fields(), layer.crs())
-        features = results.segment_features(answers, self.parameterAsDouble(parameters, "MIN_AREA", context))
+        features = results.segment_features(answers)
         for f in features:
             g = f.geometry()
             g.convertToMultiType()
             f.setGeometry(g)
             sink.addFeature(f, QgsFeatureSink.FastInsert)
-        feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}")
+        feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}{results.dropped_note(answers)}")
         unfamiliar = operations.distinct_unfamiliar(answers)
         if unfamiliar:
             feedback.pushWarning(operations.unfamiliar_note(unfamiliar))

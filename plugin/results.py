@@ -68,14 +68,19 @@ def search_features(hits, crs: QgsCoordinateReferenceSystem, layer_names: dict |
     return out
 
 
-def segment_features(results, min_area_m2: float = 0.0) -> list[QgsFeature]:
+def dropped_note(results) -> str:
+    """', N smaller than the minimum area dropped' when the backend dropped any, else ''."""
+    dropped = sum(r.dropped_small for r in results)
+    return f", {dropped} smaller than the minimum area dropped" if dropped else ""
+
+
+def segment_features(results) -> list[QgsFeature]:
+    """A feature per polygon of every SegmentResult (the backend already dropped those under the
+    request's minimum area)."""
     fields = segment_fields()
     out = []
     for result in results:
         for p in result.polygons:
-            unmeasured = p.area_m2 <= 0 < p.area  # no ground area (a CRS without lon/lat): cannot be judged
-            if not unmeasured and p.area_m2 < min_area_m2:
-                continue
             f = QgsFeature(fields)
             geom = QgsGeometry()
             geom.fromWkb(p.wkb)

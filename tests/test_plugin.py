@@ -492,8 +492,12 @@ def test_drawn_rectangle_and_min_area(dock, layers, iface):
     assert QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layer.getFeatures()]).boundingBox().width() \
         <= rect.width() + 2 * layer.rasterUnitsPerPixelX()
     dock.min_area.setValue(area * 10)                             # bigger than everything found
+    before = len(iface.message_bar.messages)
     assert run_dock(dock, "segment", dock.segment) is None
     assert dock.last_layer.featureCount() == 0
+    # dropped by the backend (the request's min_area_m2), which counts them for the message
+    assert any(text.startswith("0 polygon(s) for fields, ") and "smaller than the minimum area dropped" in text
+               for _, text, _ in iface.message_bar.messages[before:]), iface.message_bar.messages[before:]
     remembered = PluginSettings.load()                             # what the next QGIS session starts with
     assert (remembered.threshold, remembered.min_area_m2) == (0.0, pytest.approx(area * 10))
     dock.min_area.setValue(0.0)
@@ -775,6 +779,9 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
             def pushWarning(self, text):  # noqa: N802 - QGIS API
                 self.seen.append(text)
 
+            def pushInfo(self, text):  # noqa: N802 - QGIS API
+                self.seen.append(text)
+
         feedback = Warnings()
         processing.run("skyprompt:searchtiles", {"QUERY": "quarries", "K": 2, "LAYERS": [layer],
                                                  "OUTPUT": str(tmp_path / "q.gpkg")}, feedback=feedback)
@@ -828,6 +835,16 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         grown = QgsRectangle(e)
         grown.grow(2 * layer.rasterUnitsPerPixelX())
         assert grown.contains(result.extent())
+        # the minimum area (m² of ground) goes to the backend, which drops and counts what is smaller
+        found_m2 = sum(f["area_m2"] for f in result.getFeatures())
+        feedback = Warnings()
+        small = QgsVectorLayerFrom(processing.run("skyprompt:prompttopolygons", {
+            "INPUT": layer, "PROMPTS": "houses, water", "EXTENT": extent, "THRESHOLD": 0.0,
+            "MIN_AREA": 10 * found_m2, "OUTPUT": str(tmp_path / "none_big_enough.gpkg")}, feedback=feedback)["OUTPUT"])
+        assert small.featureCount() == 0
+        assert any(w.startswith("0 polygons for houses, water, ") and "smaller than the minimum area dropped" in w
+                   for w in feedback.seen), feedback.seen
+        del small
         # the edge refinement radius reaches the backend: one above its limit is refused by name
         with pytest.raises(QgsProcessingException, match="edge_radius 5000"):
             processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "houses", "EXTENT": extent,
@@ -1626,23 +1643,6 @@ def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app,
     settings.python = f"{sys.executable} -X utf8"                # not a file: a command line, split
     assert launcher.command(settings) == (sys.executable, ["-X", "utf8", "-m", "backend", "serve", "--host",
                                                            "127.0.0.1", "--port", "50999", "--device", "auto"])
-
-
-def test_segment_features_minimum_area_is_ground_area_and_keeps_unmeasured_polygons(qgis_app):
-    """The panel's minimum area compares each polygon's m² on the ground; a polygon the server could
-    give no ground area (area_m2 0 beside a real area: a CRS without lon/lat) is kept, as the command-
-    line client keeps it, instead of being dropped by any minimum."""
-    from plugin.rpc import skyprompt_pb2 as pb
-    from plugin.results import segment_features
-
-    def polygon(area, area_m2):
-        return pb.SegmentPolygon(wkb=bytes(ogr.CreateGeometryFromWkt("POLYGON ((0 0,1 0,1 1,0 0))").ExportToWkb()),
-                                 score=0.9, max_score=0.95, area=area, area_m2=area_m2)
-
-    result = pb.SegmentResult(prompt="roofs", polygons=[polygon(1e-8, 90.0), polygon(2e-8, 250.0),
-                                                        polygon(40.0, 0.0)])
-    assert [f["area_m2"] for f in segment_features([result], 100.0)] == [250.0, 0.0]
-    assert len(segment_features([result], 0.0)) == 3
 
 
 def test_plugin_caption_limit_factor_is_the_backends(qgis_app):

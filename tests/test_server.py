@@ -4,6 +4,7 @@ safety, not model quality), called over real gRPC and through the real command-l
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -581,6 +582,9 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
         (lambda: segment(server, rgb, []), grpc.StatusCode.INVALID_ARGUMENT, "prompts is empty"),
         (lambda: segment(server, rgb, ["ok", "  "]), grpc.StatusCode.INVALID_ARGUMENT, "prompts[1]"),
         (lambda: segment(server, rgb, ["trees"], threshold=1.5), grpc.StatusCode.INVALID_ARGUMENT, "threshold"),
+        (lambda: segment(server, rgb, ["trees"], min_area_m2=-1.0), grpc.StatusCode.INVALID_ARGUMENT,
+         "min_area_m2 -1.0 must be 0 or a positive area in square metres"),
+        (lambda: segment(server, rgb, ["trees"], min_area_m2=math.inf), grpc.StatusCode.INVALID_ARGUMENT, "min_area_m2"),
         (lambda: segment(server, rgb, ["trees"], bands=p.BandMapping(red=7)), grpc.StatusCode.INVALID_ARGUMENT, "7"),
         (lambda: stub.Caption(p.CaptionRequest(source=src(rgb), beam_size=99), metadata=md),
          grpc.StatusCode.INVALID_ARGUMENT, "beam_size"),
