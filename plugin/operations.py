@@ -113,6 +113,21 @@ def fitting_resolution(pixels: float, native: float, limit: int) -> float | None
     return native * math.sqrt(pixels / limit) * RESOLUTION_MARGIN
 
 
+class CoarserRead:
+    """A file layer's area over one of the backend's pixel limits: the resolution it fits at, and
+    the note that tells the user what was done instead of refusing it."""
+
+    def __init__(self, native: tuple[float, float], limit: int):
+        self.pixels, self.own = native
+        self.limit = limit
+        self.resolution = fitting_resolution(self.pixels, self.own, limit)
+
+    def note(self, limit_of: str, done: str, resolution: float, full_detail: str) -> str:
+        return (f"the area is {self.pixels / 1e6:.3g} million pixels at the layer's resolution ({self.own:.3g} map "
+                f"units per pixel), over the backend's limit of {self.limit / 1e6:.3g} million{limit_of}: {done} "
+                f"at a coarser {resolution:.3g} map units per pixel (a smaller area is {full_detail} at full detail)")
+
+
 def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_crs, rect_in_layer_crs,
             threshold: float, max_side: int, progress: Progress, cancelled: Cancelled,
             resolution: float | None = None, notes: list | None = None, edge_radius: int | None = None,
@@ -138,16 +153,11 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
             request.target_resolution = path_resolution
         elif native is not None:
             # the backend refuses an area over its limit at full resolution: read it coarser instead
-            pixels, own = native
-            limit = conn.info().limits.max_extent_pixels
-            coarser = fitting_resolution(pixels, own, limit)
-            if coarser is not None:
-                request.target_resolution = coarser
+            coarser = CoarserRead(native, conn.info().limits.max_extent_pixels)
+            if coarser.resolution is not None:
+                request.target_resolution = coarser.resolution
                 if notes is not None:
-                    notes.append(f"the area is {pixels / 1e6:.1f} million pixels at the layer's resolution "
-                                 f"({own:.3g} map units per pixel), over the backend's limit of {limit / 1e6:.1f} "
-                                 f"million: segmented at a coarser {coarser:.3g} map units per pixel (a smaller "
-                                 "area is segmented at full detail)")
+                    notes.append(coarser.note("", "segmented", coarser.resolution, "segmented"))
     return conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
                         cancelled=cancelled)
 
@@ -168,19 +178,15 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
     pb = conn.pb
     coarser = None
     if isinstance(prepared, str) and native is not None and file_reader is not None:
-        pixels, own = native
-        limit = conn.info().limits.max_extent_pixels * CAPTION_LIMIT_FACTOR
-        coarser = fitting_resolution(pixels, own, limit)
-        if coarser is not None:
-            prepared, resolution = file_reader, coarser
+        coarser = CoarserRead(native, conn.info().limits.max_extent_pixels * CAPTION_LIMIT_FACTOR)
+        if coarser.resolution is not None:
+            prepared, resolution = file_reader, coarser.resolution
     source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
-    if coarser is not None:
+    if coarser is not None and coarser.resolution is not None:
         # one note with the resolution actually read (the max_side cap may have made it coarser still)
         gt = source.pixels.geotransform
-        note = (f"the area is {pixels / 1e6:.3g} million pixels at the layer's resolution ({own:.3g} map units "
-                f"per pixel), over the backend's limit of {limit / 1e6:.3g} million for a caption: described "
-                f"from its pixels read at a coarser {math.sqrt(abs(gt[1] * gt[5])):.3g} map units per pixel "
-                "(a smaller area is described at full detail)")
+        note = coarser.note(" for a caption", "described from its pixels read", math.sqrt(abs(gt[1] * gt[5])),
+                            "described")
     if note and notes is not None:
         notes.append(note)
     request = pb.CaptionRequest(source=source)
