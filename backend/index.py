@@ -693,21 +693,26 @@ class TileIndex:
                                      (normalise_raster_path(path),)).fetchone()
         return None if row is None else _raster_dict(row)
 
-    def stats(self, checkpoint_hash: str | None = None) -> dict:
-        """{"rasters", "tiles", "bytes"}: counts for one checkpoint (or all); bytes the whole index holds on disk."""
+    def counts(self, checkpoint_hash: str | None = None) -> dict:
+        """{"rasters", "tiles"} for one checkpoint (or all): one query, no walk of the embedding files."""
         sql, args = "SELECT COUNT(*), COALESCE(SUM(tile_count), 0) FROM rasters", ()
         if checkpoint_hash is not None:
             sql, args = sql + " WHERE checkpoint_hash=?", (checkpoint_hash,)
         rasters, tiles = self._reader().execute(sql, args).fetchone()
+        return {"rasters": rasters, "tiles": tiles}
+
+    def stats(self, checkpoint_hash: str | None = None) -> dict:
+        """counts() and "bytes": what the whole index holds on disk (a walk of its files)."""
+        out = self.counts(checkpoint_hash)
         disk = 0
         for path in [*self.directory.glob(DB_NAME + "*"), *self.embeddings_dir.iterdir()]:
             try:
                 disk += path.stat().st_size
             except FileNotFoundError:
                 pass  # a replaced raster's file deleted meanwhile
-        out = {"rasters": rasters, "tiles": tiles, "bytes": disk}
+        out["bytes"] = disk
         if checkpoint_hash is not None:
-            out["ann_active"] = tiles >= self.ann_threshold
+            out["ann_active"] = out["tiles"] >= self.ann_threshold
         return out
 
     @staticmethod

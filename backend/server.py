@@ -16,11 +16,13 @@ import ipaddress
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -54,11 +56,38 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def peer_host(peer: str) -> str:
+    """The address in a gRPC peer name without its port ("ipv4:127.0.0.1:50312" -> "127.0.0.1",
+    "ipv6:[::1]:50312" -> "::1"); other kinds ("unix:/path") as they are."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return peer
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (health checks excepted)."""
+    """Rejects calls without `authorization: Bearer <token>` (health checks excepted), and logs each
+    rejection: at WARNING the first time for an address, then at DEBUG (a client retrying with a
+    stale token must not flood the log). The token sent is never logged."""
+
+    # addresses already warned about; past this many, new ones are logged at DEBUG too
+    MAX_WARNED_PEERS = 1024
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
+        self._warned: set[str] = set()
+        self._warned_lock = threading.Lock()
+
+    def _log_rejection(self, peer: str, method: str, had_token: bool) -> None:
+        host = peer_host(peer)
+        with self._warned_lock:
+            first = host not in self._warned and len(self._warned) < self.MAX_WARNED_PEERS
+            if first:
+                self._warned.add(host)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "refused a call to %s from %s: %s%s", method, peer,
+                "wrong token" if had_token else "no token",
+                " (further refusals from this address are logged at DEBUG)" if first else "")
 
     def intercept_service(self, continuation, details):
         if details.method.startswith(HEALTH_PREFIX):
@@ -69,10 +98,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
         if hmac.compare_digest(given, self._expected):
             return continuation(details)
         handler = continuation(details)
+        had_token = bool(given)
         message = ("missing or wrong token: send the metadata 'authorization: Bearer <token>' with the token the "
                    "server was started with (client: --token or $SKYPROMPT_TOKEN)")
 
         def deny(request, context):
+            self._log_rejection(context.peer(), details.method, had_token)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
         if handler is None:
@@ -141,6 +172,12 @@ class Server:
                                           limits or Limits())
         if problem:
             raise ServerSetupError(problem)
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        if port_taken(host, port):
+            # asked before the model loads and the data dir is made (a taken port leaves no new folder
+            # behind), and before gRPC tries: its own failure also prints a C-core log line beside ours
+            raise ServerSetupError(f"cannot listen on {address}: the port is in use; is another server using the "
+                                   "port? try --port")
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
@@ -176,12 +213,6 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         names = (pb.DESCRIPTOR.services_by_name["SkyPrompt"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.grpc_server)
-        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-        if port_taken(host, port):
-            # asked before gRPC tries: its own failure also prints a C-core log line beside ours
-            self._close_resources()
-            raise ServerSetupError(f"cannot listen on {address}: the port is in use; is another server using the "
-                                   "port? try --port")
         try:
             if tls_cert:
                 creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
@@ -207,7 +238,7 @@ class Server:
         log.info("SkyPrompt server listening on %s (model %s on %s, checkpoint %s at %s, data %s)", self.address,
                  self.engine.config.preset, self.engine.device, self.engine.checkpoint_hash[:12],
                  self.engine.checkpoint_dir, self.data_dir)
-        ours, everyone = self.index.stats(self.engine.checkpoint_hash), self.index.stats()
+        ours, everyone = self.index.counts(self.engine.checkpoint_hash), self.index.counts()
         log.info("tile index: %d raster(s), %d tiles for this checkpoint", ours["rasters"], ours["tiles"])
         if everyone["rasters"] > ours["rasters"]:
             # after a checkpoint switch searches look empty: say why before the analysts ask
@@ -394,23 +425,49 @@ PARENT_PID_ENV = "SKYPROMPT_PARENT_PID"
 
 
 def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> None:
-    """Set `done` once process `pid_text` no longer exists (POSIX; elsewhere, and for "", nothing:
-    on Windows os.kill(pid, 0) would end that process instead of probing it)."""
+    """Set `done` once process `pid_text` has ended (POSIX; elsewhere, and for "", nothing: on
+    Windows os.kill(pid, 0) would end that process instead of probing it)."""
     if os.name != "posix" or not pid_text.strip().isdigit():
         return
     pid = int(pid_text)
+    ended = process_end_probe(pid)
 
     def watch():
         while not done.wait(every_s):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if ended():
                 log.warning("the program that started this server (process %d) has ended: shutting down", pid)
                 done.set()
-            except PermissionError:
-                pass    # alive, another user's
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def process_end_probe(pid: int) -> Callable[[], bool]:
+    """A function telling whether process `pid` has ended. On Linux a pidfd: it names that very
+    process, so an ended parent that nobody reaps (a zombie) counts as ended, and its number given
+    to a new process later does not keep the server up. Elsewhere (or on kernels without pidfds)
+    os.kill(pid, 0), which sees a zombie or a reused number as alive."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return lambda: True
+    except (AttributeError, OSError):
+        pass
+    else:
+        # readable once the process has ended, reaped or not; open for the server's whole life
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return lambda: bool(poller.poll(0))
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass    # alive, another user's
+        return False
+
+    return gone
 
 
 def free_port() -> int:

@@ -885,3 +885,17 @@ def test_a_full_disk_is_resource_exhausted_and_changes_nothing(tiny_disk, tmp_pa
         add(index, tmp_path, "b", unit(rng, 5))                               # room again: it works
     finally:
         index.close()
+
+
+def test_counts_are_those_of_stats_without_reading_the_embedding_files(tmp_path, rng):
+    """The server's start-up log counts rasters per checkpoint: a query, not a walk of every embedding file."""
+    with TileIndex(tmp_path / "idx") as index:
+        add(index, tmp_path, "a", unit(rng, 20), checkpoint="ckpt-a")
+        add(index, tmp_path, "b", unit(rng, 7, dim=64), checkpoint="ckpt-b")
+        for checkpoint in ("ckpt-a", "ckpt-b", None):
+            stats = index.stats(checkpoint)
+            assert index.counts(checkpoint) == {"rasters": stats["rasters"], "tiles": stats["tiles"]}
+        assert index.counts() == {"rasters": 2, "tiles": 27} and index.counts("never") == {"rasters": 0, "tiles": 0}
+        index.embeddings_dir.rename(tmp_path / "moved")       # stats would need these files; counts does not
+        assert index.counts("ckpt-a") == {"rasters": 1, "tiles": 20}
+        (tmp_path / "moved").rename(index.embeddings_dir)

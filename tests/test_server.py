@@ -713,7 +713,7 @@ def test_search_for_tiles_like_a_tile(server, rasters):
 
 
 def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
-    """Setup errors found after the model loads (here: the port is taken) exit 2 like the option checks."""
+    """Setup errors Server finds (here: the port is taken) exit 2 like the option checks."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -1412,6 +1412,69 @@ def test_server_stops_when_the_program_that_started_it_ends(checkpoint, tmp_path
         assert "has ended: shutting down" in live.log_text()
     finally:
         launcher.kill()
+        if live.proc.poll() is None:
+            live.stop()
+        live.log.close()
+
+
+def test_serve_on_a_port_in_use_leaves_no_data_dir_behind(checkpoint, tmp_path):
+    """The port is checked before the data dir is made: a start that cannot listen creates nothing."""
+    data = tmp_path / "new" / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "backend", "serve", "--port", str(port), "--checkpoint",
+                              str(checkpoint), "--data-dir", str(data)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: the port is in use" in out.stderr, out.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_refused_tokens_are_logged_once_per_address_without_the_token(checkpoint, tmp_path):
+    """An operator sees who was refused (address and method) once at WARNING, later refusals from the
+    same address at DEBUG only; the token the client sent never reaches the log."""
+    sent = "not-the-token-5f3a91"
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--log-level", "DEBUG")).start()
+    try:
+        p, wrong = pb(), (("authorization", f"Bearer {sent}"),)
+        for call in (lambda: live.stub.GetInfo(p.GetInfoRequest(), metadata=wrong),
+                     lambda: live.stub.IndexRaster(p.IndexRasterRequest(), metadata=wrong),
+                     lambda: live.stub.GetInfo(p.GetInfoRequest())):
+            assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        assert live.stop() == 0
+    refusals = [line for line in live.log_text().splitlines() if "refused a call" in line]
+    assert len(refusals) == 3, refusals
+    assert "WARNING" in refusals[0] and "/skyprompt.v1.SkyPrompt/GetInfo from ipv4:127.0.0.1:" in refusals[0]
+    assert "wrong token" in refusals[0]
+    assert "DEBUG" in refusals[1] and "/skyprompt.v1.SkyPrompt/IndexRaster" in refusals[1]
+    assert "DEBUG" in refusals[2] and "no token" in refusals[2]
+    assert sent not in live.log_text() and TOKEN not in live.log_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfds are Linux-only")
+def test_server_stops_when_the_program_that_started_it_ends_unreaped(checkpoint, tmp_path):
+    """A launcher that ends but is never reaped (a zombie: its own parent is busy or careless) has
+    ended all the same: the server shuts down instead of serving on until the zombie is reaped."""
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], token=None)
+    os.environ["SKYPROMPT_PARENT_PID"] = str(launcher.pid)
+    try:
+        live.start()
+    finally:
+        del os.environ["SKYPROMPT_PARENT_PID"]
+    try:
+        launcher.kill()                   # and not waited for: this test, its parent, leaves it a zombie
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{launcher.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the launcher did not end"
+            time.sleep(0.05)
+        assert live.proc.wait(30) == 0
+        assert "has ended: shutting down" in live.log_text()
+    finally:
+        launcher.kill()
+        launcher.wait()
         if live.proc.poll() is None:
             live.stop()
         live.log.close()
