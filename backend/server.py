@@ -301,6 +301,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-file", default=None,
                         help="write the bound port to this file once serving (for launchers using --port 0)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)")
+    parser.add_argument("--stop-on-stdin-close", action="store_true",
+                        help="shut down cleanly when standard input closes: for a launcher that holds its write "
+                             "end (the QGIS plugin), so the server stops when the launcher closes it or ends, on "
+                             "every OS (a launcher's own end is also watched through $SKYPROMPT_PARENT_PID on POSIX)")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -401,6 +405,8 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
+    if args.stop_on_stdin_close:
+        watch_stdin(done)
     server.start()
     if args.port_file:
         tmp = f"{args.port_file}.tmp"
@@ -439,6 +445,22 @@ def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> 
                 done.set()
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def watch_stdin(done: threading.Event) -> None:
+    """Set `done` once standard input reaches its end. A launcher stops the server by closing the
+    pipe (Windows has no SIGTERM: QProcess.terminate() there sends WM_CLOSE, which a console program
+    never sees), and a launcher that ends in any way closes it too."""
+    def watch():
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass    # what a launcher writes means nothing; only the end does
+        except (OSError, ValueError):
+            pass        # no usable standard input: closed, as far as this server can tell
+        log.info("standard input closed: shutting down")
+        done.set()
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def process_end_probe(pid: int) -> Callable[[], bool]:

@@ -56,7 +56,7 @@ class LiveServer:
         self.proc = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self, timeout: float = 120.0) -> "LiveServer":
+    def start(self, timeout: float = 120.0, stdin=None) -> "LiveServer":
         port_file = self.data_dir.parent / f"{self.data_dir.name}.port"
         port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "backend", "serve", "--checkpoint", str(self.checkpoint), "--port", "0",
@@ -69,7 +69,7 @@ class LiveServer:
         if not self.token:
             env.pop("SKYPROMPT_TOKEN")
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=stdin, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while not port_file.exists():
             if self.proc.poll() is not None:
@@ -1477,4 +1477,25 @@ def test_server_stops_when_the_program_that_started_it_ends_unreaped(checkpoint,
         launcher.wait()
         if live.proc.poll() is None:
             live.stop()
+        live.log.close()
+
+
+def test_server_with_stop_on_stdin_close_stops_cleanly_when_its_launcher_closes_the_pipe(checkpoint, tmp_path):
+    """--stop-on-stdin-close: the launcher's way to stop the server on every OS (no SIGTERM on
+    Windows), and the server's way to end with a launcher that ends: what it writes changes nothing,
+    closing the pipe shuts it down cleanly, the index closed."""
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], token=None, extra=("--stop-on-stdin-close",))
+    live.start(stdin=subprocess.PIPE)
+    try:
+        live.proc.stdin.write(b"anything\n")
+        live.proc.stdin.flush()
+        assert live.stub.GetInfo(pb().GetInfoRequest(), timeout=30).api_version == "skyprompt.v1"
+        assert live.proc.poll() is None
+        live.proc.stdin.close()
+        assert live.proc.wait(30) == 0
+        assert "standard input closed: shutting down" in live.log_text()
+    finally:
+        if live.proc.poll() is None:
+            live.stop()
+        live.channel.close()
         live.log.close()
