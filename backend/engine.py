@@ -29,7 +29,6 @@ from .defaults import BUNDLED_CHECKPOINT, check_views
 from .model.checkpoint import CheckpointError, checkpoint_hash, load_checkpoint
 from .model.precision import autocast_context
 from .model.prompts import ensemble_prompts, pool_ensemble
-from .model.tokenizer import SPECIAL_TOKENS
 from .model.vocabulary import TrainingWords, VocabularyError
 
 log = logging.getLogger("skyprompt.engine")
@@ -304,11 +303,9 @@ class ModelEngine:
             if kind == "caption":
                 max_len, beam_size = settings
                 images = self._images_tensor(items)
-                ids = self.model.caption(images, max_len=max_len, beam_size=beam_size)
-                # model.caption strips the <eos>; a caption shorter than its step limit stopped at one
-                steps = max(1, min(max_len, self.config.context_length - 1))
-                return [(self.tokenizer.decode(seq), self._mean_log_prob(images[i:i + 1], seq, len(seq) < steps))
-                        for i, seq in enumerate(ids)]
+                captions = self.model.caption(images, max_len=max_len, beam_size=beam_size, with_ended=True)
+                return [(self.tokenizer.decode(ids), self._mean_log_prob(images[i:i + 1], ids, ended))
+                        for i, (ids, ended) in enumerate(captions)]
         raise EngineError("internal", f"unknown model job kind {kind!r}")
 
     def _mean_log_prob(self, image: torch.Tensor, ids: list[int], ended: bool) -> float:
@@ -316,15 +313,15 @@ class ModelEngine:
 
         `ids` are the generated tokens without <eos>; `ended`: the model generated an <eos> after
         them (False for a caption cut at max_len). The mean covers the tokens `tokenizer.decode`
-        keeps (not <unk> or ids past the tokenizer's vocabulary, which it drops from the text) and
-        that <eos>, when generated: as in sequence likelihood, choosing to stop is part of the caption.
+        shows (`tokenizer.is_shown`: not <unk> or ids past its vocabulary) and that <eos>, when
+        generated: as in sequence likelihood, choosing to stop is part of the caption.
         Every generated token stays in the decoder's input, so each counted one is scored in the
         context it was generated in. A caption with nothing to count scores -1e9, as a non-finite
         mean does.
         """
         cfg = self.config
         seq = [cfg.bos_id, *ids, *([cfg.eos_id] if ended else [])]
-        shown = [len(SPECIAL_TOKENS) <= t < self.tokenizer.vocab_size for t in ids] + ([True] if ended else [])
+        shown = [self.tokenizer.is_shown(t) for t in ids] + ([True] if ended else [])
         if not any(shown):
             return -1e9
         tokens = torch.tensor([seq], device=self.device)

@@ -233,13 +233,25 @@ def test_non_finite_weights_are_named(saved):
 
 def test_corrupt_tokenizer(saved):
     """A checkpoint's damaged tokenizer is to be copied again, not retrained: a new one would not
-    match the weights."""
-    text = (saved / "tokenizer.json").read_text()
-    for damaged in ("[]", text[:1000]):
-        (saved / "tokenizer.json").write_text(damaged)
-        with pytest.raises(CheckpointError, match="tokenizer.json") as error:
+    match the weights. The message names the file, what is wrong with it and that advice."""
+    path = saved / "tokenizer.json"
+    text = path.read_text()
+    foreign = json.loads(text)          # valid, but with <pad> and <eos> swapped
+    vocab = foreign["model"]["vocab"]
+    vocab["<pad>"], vocab["<eos>"] = vocab["<eos>"], vocab["<pad>"]
+    for added in foreign["added_tokens"]:
+        added["id"] = vocab[added["content"]]
+    for damaged, problem in ((b"[]", "the tokenizers library cannot read it"),
+                             (text[:1000].encode(), "it is not valid JSON"),
+                             (b"\x89PNG\r\n\x1a\n\x00\xff", "it is not UTF-8 text"),
+                             (json.dumps(foreign).encode(), "<pad> has id 2")):
+        path.write_bytes(damaged)
+        with pytest.raises(CheckpointError) as error:
             load_checkpoint(saved)
-        assert "copy the checkpoint folder again" in str(error.value) and "retrain" not in str(error.value)
+        message = str(error.value)
+        assert f"tokenizer.json at {path} is not a SkyPrompt tokenizer" in message and problem in message
+        assert message.endswith("it belongs to these weights: copy the checkpoint folder again from where it came")
+        assert "retrain" not in message
 
 
 def test_set_image_size_serves_the_same_model_at_another_resolution(tiny_model, tiny_config):

@@ -81,6 +81,16 @@ def test_decode_stops_at_eos_and_skips_specials(tok):
     assert tok.decode([]) == ""
 
 
+def test_is_shown_says_which_ids_decode_turns_into_text(tok):
+    # model output may hold special ids and ids past the vocabulary (its embedding table can be larger)
+    hidden = [*range(len(SPECIAL_TOKENS)), tok.vocab_size, tok.vocab_size + 7]
+    assert not any(tok.is_shown(i) for i in hidden)
+    assert all(tok.is_shown(i) for i in range(len(SPECIAL_TOKENS), tok.vocab_size))
+    words = tok.encode("a river")
+    mixed = [words[0], tok.unk_id, tok.vocab_size + 7, *words[1:], tok.bos_id]
+    assert tok.decode(mixed) == tok.decode([i for i in mixed if tok.is_shown(i)]) == "a river"
+
+
 def test_special_token_names_in_text_are_text(tok):
     # a query that says "<eos>" or "<pad>" is words, not an early end or a hole in the pooled text
     for text in ("a <eos> b", "<pad> road", "<bos><unk>"):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, ConfigError, MaMMUTConfig
 from .mammut import MaMMUT
-from .tokenizer import RETRAIN_HINT, Tokenizer, TokenizerError
+from .tokenizer import Tokenizer, TokenizerError
 
 FORMAT = "skyprompt-mammut"
 FORMAT_VERSION = 1
@@ -189,11 +189,11 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
     try:
-        tokenizer = Tokenizer.load(tok_path)
-    except TokenizerError as e:
         # a checkpoint's tokenizer was trained with its weights: a new one would not match them
-        raise CheckpointError(str(e).replace(RETRAIN_HINT, "it belongs to these weights: copy the checkpoint "
-                                                           "folder again from where it came")) from None
+        tokenizer = Tokenizer.load(tok_path, hint="it belongs to these weights: copy the checkpoint folder "
+                                                  "again from where it came")
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tok_path} has {tokenizer.vocab_size} tokens but {CONFIG} says vocab_size "
                               f"{cfg.vocab_size}: the tokenizer does not belong to these weights")

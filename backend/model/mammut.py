@@ -131,10 +131,13 @@ class MaMMUT(nn.Module):
         return (logp * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     @torch.no_grad()
-    def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1) -> list[list[int]]:
+    def caption(self, images: torch.Tensor, max_len: int = 30, beam_size: int = 1,
+                with_ended: bool = False) -> list[list[int]] | list[tuple[list[int], bool]]:
         """Token ids of a caption for each normalised image (without <bos>/<eos>/<pad>).
 
         Greedy for beam_size 1, else beam search with length-normalised log-probabilities.
+        `with_ended` gives (ids, ended) pairs instead: `ended` says the model generated an <eos>
+        after the ids (False for a caption cut at the step limit).
         """
         cfg = self.config
         max_len = max(1, min(max_len, cfg.context_length - 1))
@@ -151,8 +154,10 @@ class MaMMUT(nn.Module):
                 done |= nxt == cfg.eos_id
                 if bool(done.all()):
                     break
-            return [self._strip(s) for s in seqs.tolist()]
-        return self._beam_search(image_tokens, max_len, beam_size)
+            captions = [self._strip(s) for s in seqs.tolist()]
+        else:
+            captions = self._beam_search(image_tokens, max_len, beam_size)
+        return captions if with_ended else [ids for ids, _ in captions]
 
     def _next_token_logits(self, seqs: torch.Tensor, image_tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """Logits for the token after `seqs`; `caches` already hold every position but the last."""
@@ -162,16 +167,17 @@ class MaMMUT(nn.Module):
         logits[:, [self.config.bos_id, self.config.pad_id]] = float("-inf")
         return logits
 
-    def _strip(self, ids: list[int]) -> list[int]:
+    def _strip(self, ids: list[int]) -> tuple[list[int], bool]:
+        """(the generated ids after <bos> up to <eos> or <pad>, whether an <eos> ended them)."""
         cfg = self.config
         out = []
         for t in ids[1:]:
             if t in (cfg.eos_id, cfg.pad_id):
-                break
+                return out, t == cfg.eos_id
             out.append(t)
-        return out
+        return out, False
 
-    def _beam_search(self, image_tokens: torch.Tensor, max_len: int, beam: int) -> list[list[int]]:
+    def _beam_search(self, image_tokens: torch.Tensor, max_len: int, beam: int) -> list[tuple[list[int], bool]]:
         cfg = self.config
         b, dev = image_tokens.shape[0], image_tokens.device
         ctx = image_tokens.repeat_interleave(beam, 0)

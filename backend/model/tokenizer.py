@@ -38,8 +38,10 @@ class TokenizerError(ValueError):
 class Tokenizer:
     """A trained byte-level BPE tokenizer with SkyPrompt's fixed special-token ids."""
 
-    def __init__(self, backend: HFTokenizer, source: str = "<in memory>"):
-        _check_special_tokens(backend, source)
+    def __init__(self, backend: HFTokenizer, source: str = "<in memory>", hint: str = RETRAIN_HINT):
+        """`source` names the tokenizer and `hint` says what to do, in the error for one that is
+        not a SkyPrompt tokenizer."""
+        _check_special_tokens(backend, source, hint)
         # "<eos>" typed in a query is text, not the end of it: special ids are placed by __call__ alone
         # (an in-memory setting: tokenizer.json and the checkpoint's hash stay as they are)
         backend.encode_special_tokens = True
@@ -48,27 +50,32 @@ class Tokenizer:
     # --- loading and saving ---------------------------------------------------------------
 
     @classmethod
-    def from_str(cls, json_text: str, source: str = "<in memory>") -> "Tokenizer":
-        """A tokenizer from the text of a tokenizer.json; `source` names it in error messages."""
+    def from_str(cls, json_text: str, source: str = "<in memory>", hint: str = RETRAIN_HINT) -> "Tokenizer":
+        """A tokenizer from the text of a tokenizer.json; `source` names it in error messages and
+        `hint` ends the error for text that is not a SkyPrompt tokenizer: what to do about it."""
         try:
             json.loads(json_text)
         except json.JSONDecodeError as e:
             raise TokenizerError(
                 f"tokenizer.json at {source} is not a SkyPrompt tokenizer: it is not valid JSON "
-                f"({e.msg} at line {e.lineno}, column {e.colno}); {RETRAIN_HINT}"
+                f"({e.msg} at line {e.lineno}, column {e.colno}); {hint}"
             ) from None
         try:
             backend = HFTokenizer.from_str(json_text)
         except Exception as e:  # the tokenizers library raises a bare Exception on bad content
             raise TokenizerError(
                 f"tokenizer.json at {source} is not a SkyPrompt tokenizer: the tokenizers library "
-                f"cannot read it ({e}); {RETRAIN_HINT}"
+                f"cannot read it ({e}); {hint}"
             ) from None
-        return cls(backend, source)
+        return cls(backend, source, hint)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a tokenizer.json, or the tokenizer.json inside a checkpoint directory."""
+    def load(cls, path: str | os.PathLike, hint: str = RETRAIN_HINT) -> "Tokenizer":
+        """Load a tokenizer.json, or the tokenizer.json inside a checkpoint directory.
+
+        `hint` ends the error for a file that is not a SkyPrompt tokenizer: what to do about it
+        (a checkpoint's tokenizer belongs to its weights, so retraining is no advice there).
+        """
         path = _tokenizer_file(path)
         if not path.is_file():
             raise TokenizerError(
@@ -80,11 +87,11 @@ class Tokenizer:
         except UnicodeDecodeError:
             raise TokenizerError(
                 f"tokenizer.json at {path} is not a SkyPrompt tokenizer: it is not UTF-8 text "
-                f"(a corrupt or binary file?); {RETRAIN_HINT}"
+                f"(a corrupt or binary file?); {hint}"
             ) from None
         except OSError as e:
             raise TokenizerError(f"cannot read tokenizer at {path}: {e.strerror or e}") from None
-        return cls.from_str(text, source=str(path))
+        return cls.from_str(text, source=str(path), hint=hint)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json atomically: a crash mid-write never leaves a truncated file.
@@ -147,19 +154,21 @@ class Tokenizer:
         """The BPE pieces of one text (byte-level: 'Ġ' marks a leading space); for inspection."""
         return self._backend.encode(text, add_special_tokens=False).tokens
 
-    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
-        """Text of a token sequence: stops at the first <eos>, skips other special tokens.
+    def is_shown(self, token_id: int) -> bool:
+        """Whether `decode` turns this id into text: special ids and ids past the end of this
+        vocabulary are dropped (model output may hold those: the embedding table can be larger
+        than the trained vocabulary)."""
+        return len(SPECIAL_TOKENS) <= token_id < self.vocab_size
 
-        Model output may hold ids past the end of this vocabulary (the embedding table can be
-        larger than the trained vocabulary); those are dropped.
-        """
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of a token sequence: stops at the first <eos>, keeps the ids `is_shown` keeps."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         kept = []
         for i in ids:
             if i == EOS_ID:
                 break
-            if i >= len(SPECIAL_TOKENS):
+            if self.is_shown(i):
                 kept.append(i)
         text = self._backend.decode(kept, skip_special_tokens=True)
         # undo add_prefix_space: the byte-level decoder keeps the space it added in front
@@ -233,7 +242,7 @@ def _tokenizer_file(path: str | os.PathLike) -> Path:
     return path / "tokenizer.json" if path.is_dir() else path
 
 
-def _check_special_tokens(backend: HFTokenizer, source: str) -> None:
+def _check_special_tokens(backend: HFTokenizer, source: str, hint: str) -> None:
     wrong = [
         f"{tok} has id {backend.token_to_id(tok)}" if backend.token_to_id(tok) is not None else f"{tok} is missing"
         for want, tok in enumerate(SPECIAL_TOKENS)
@@ -242,10 +251,10 @@ def _check_special_tokens(backend: HFTokenizer, source: str) -> None:
     if wrong:
         raise TokenizerError(
             f"tokenizer.json at {source} is not a SkyPrompt tokenizer: special tokens must be "
-            f"{', '.join(f'{t}={i}' for i, t in enumerate(SPECIAL_TOKENS))} but {'; '.join(wrong)}; {RETRAIN_HINT}"
+            f"{', '.join(f'{t}={i}' for i, t in enumerate(SPECIAL_TOKENS))} but {'; '.join(wrong)}; {hint}"
         )
     if backend.normalizer is None or backend.decoder is None:
         raise TokenizerError(
             f"tokenizer.json at {source} is not a SkyPrompt tokenizer: it has no "
-            f"{'normalizer' if backend.normalizer is None else 'decoder'}; {RETRAIN_HINT}"
+            f"{'normalizer' if backend.normalizer is None else 'decoder'}; {hint}"
         )
