@@ -566,7 +566,8 @@ class Raster:
     def identity(self) -> dict:
         """Key of this raster's content: real path, size in bytes and mtime in ns as at open, plus
         ``sources`` for a VRT: a digest of its sources' paths, sizes and mtimes, so editing a file
-        behind it changes the key (taken at the first call).
+        behind it changes the key (taken at the first call; RasterError where referenced_files()
+        cannot follow its VRTs).
 
         Pixel sources have no file: path "", size and mtime_ns 0, plus a ``sha256`` of their pixels
         and georeferencing.
@@ -576,7 +577,8 @@ class Raster:
         identity = {"path": self.real_path, "size": self._stat.st_size, "mtime_ns": self._stat.st_mtime_ns}
         with self._lock:
             if self._sources is None:
-                self._sources = _sources_digest(self._files_of, self.real_path) if self._files_of is not None else ""
+                files_of = self._files_of
+                self._sources = _sources_digest(files_of, self.real_path, self.path) if files_of is not None else ""
         if self._sources:  # absent for a raster that is one file: its key stays what it always was
             identity["sources"] = self._sources
         return identity
@@ -1096,30 +1098,65 @@ def _check_roots(what: str, real: str, roots: list[str]) -> None:
                                                f"move it under one of them or allow its folder when starting the server")
 
 
+def _is_local(name: str) -> bool:
+    """Whether a name GDAL reads is a local file, not a /vsi (virtual) or URL name."""
+    return not (name.startswith("/vsi") or "://" in name)
+
+
 def _is_vrt(path: str) -> bool:
+    """Whether GDAL reads `path` as a VRT: decided by its start, as GDAL's VRT driver does, not by
+    its name (a VRT saved as .xml, or with an XML declaration first, is one all the same)."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(512).lstrip().startswith(b"<VRTDataset")
+            return b"<VRTDataset" in handle.read(1024)
     except OSError:
         return False
 
 
-def _check_referenced_files(dataset: gdal.Dataset, shown: str, roots: list[str], seen: set[str], depth: int = 0) -> None:
+# VRTs inside VRTs: GDAL follows any depth, but each nested one is opened again to list its files
+_MAX_VRT_NESTING = 8
+
+
+def referenced_files(dataset: gdal.Dataset, real: str, shown: str) -> Iterator[str]:
+    """Every file but `real` (the dataset's own) that the dataset reads, each once: the real path of
+    a local file, the name as GDAL lists it of a /vsi or URL one. A nested VRT's files follow it
+    (a VRT lists only its own sources); a cycle of VRTs is followed once round.
+
+    A file is yielded before it is opened, so a caller may refuse it first. Raises RasterError
+    (invalid_argument) where VRTs nest more than _MAX_VRT_NESTING deep or a nested one cannot be opened.
+    """
+    seen = {real}
+
+    def walk(names: list[str], depth: int) -> Iterator[str]:
+        for name in names:
+            local = _is_local(name)
+            file = os.path.realpath(name) if local else name
+            if file in seen:
+                continue
+            seen.add(file)
+            yield file
+            if not local or not _is_vrt(file):
+                continue
+            if depth >= _MAX_VRT_NESTING:
+                raise RasterError("invalid_argument", f"raster '{shown}' nests VRT files more than "
+                                                      f"{_MAX_VRT_NESTING} deep; build one VRT from the source files "
+                                                      f"themselves (gdalbuildvrt) or write it out as a GeoTIFF")
+            # only its file list is kept: an open dataset would stay open while the caller works on
+            # each file (and, after an error, for as long as its traceback lives)
+            with _gdal("invalid_argument", f"raster '{shown}' refers to '{file}', which GDAL cannot open"):
+                nested = gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_READONLY).GetFileList() or []
+            yield from walk(nested, depth + 1)
+
+    return walk(dataset.GetFileList() or [], 0)
+
+
+def _check_referenced_files(dataset: gdal.Dataset, real: str, shown: str, roots: list[str]) -> None:
     """Every file a dataset reads (VRT sources, nested VRTs included) must be under the roots too."""
-    for referenced in dataset.GetFileList() or []:
-        if referenced.startswith("/vsi") or "://" in referenced:
-            raise RasterError("permission_denied", f"raster '{shown}' refers to '{_short(referenced)}', which is not a "
+    for file in referenced_files(dataset, real, shown):
+        if not _is_local(file):
+            raise RasterError("permission_denied", f"raster '{shown}' refers to '{_short(file)}', which is not a "
                                                    f"local file under the allowed roots")
-        real = os.path.realpath(referenced)
-        _check_roots(f"file '{referenced}', which raster '{shown}' refers to,", real, roots)
-        if real in seen or not _is_vrt(real):
-            continue
-        seen.add(real)
-        if depth >= 8:
-            raise RasterError("invalid_argument", f"raster '{shown}' nests VRT files more than 8 deep; flatten it")
-        with _gdal("invalid_argument", f"raster '{shown}' refers to '{referenced}', which GDAL cannot open"):
-            nested = gdal.OpenEx(real, gdal.OF_RASTER | gdal.OF_READONLY)
-        _check_referenced_files(nested, shown, roots, seen, depth + 1)
+        _check_roots(f"file '{file}', which raster '{shown}' refers to,", file, roots)
 
 
 # archive members GDAL reads in place: VSIStatL gives their size and time (a network name is known
@@ -1133,24 +1170,11 @@ _ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 _DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd", ".aux")     # .aux: Erdas-style pyramids (USE_RRD)
 
 
-def _sources_digest(dataset: gdal.Dataset, real: str) -> str:
-    """sha256 of (path, size, mtime) of every file but `real` that the dataset reads, but for
-    _DERIVED_SUFFIXES: a VRT's sources (nested VRTs' too), a world file, a .prj or .msk beside a
-    raster; "" when it reads no other (a GeoTIFF alone: its key stays what it always was)."""
-    found, pending = set(), [dataset]
-    while pending:
-        for name in pending.pop().GetFileList() or []:
-            local = not (name.startswith("/vsi") or "://" in name)
-            file = os.path.realpath(name) if local else name
-            if file == real or file in found or file.lower().endswith(_DERIVED_SUFFIXES):
-                continue
-            found.add(file)
-            if local and file.lower().endswith(".vrt"):  # its file list stops at its own sources: read theirs
-                try:
-                    with _gdal_exceptions():
-                        pending.append(gdal.OpenEx(file, gdal.OF_RASTER | gdal.OF_READONLY))
-                except RuntimeError:
-                    pass  # reading it fails later with GDAL's own message; its stat is still in the key
+def _sources_digest(dataset: gdal.Dataset, real: str, shown: str) -> str:
+    """sha256 of (path, size, mtime) of every file in referenced_files() but for _DERIVED_SUFFIXES:
+    a VRT's sources (nested VRTs' too), a world file, a .prj or .msk beside a raster; "" when it
+    reads no other (a GeoTIFF alone: its key stays what it always was)."""
+    found = [file for file in referenced_files(dataset, real, shown) if not file.lower().endswith(_DERIVED_SUFFIXES)]
     if not found:
         return ""
     entries = []
@@ -1181,7 +1205,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
     shown = os.fspath(path)
     if isinstance(shown, bytes) or not shown.strip() or "\x00" in shown:
         raise RasterError("invalid_argument", f"raster path {shown!r} is empty or malformed; give the path of a raster file")
-    if shown.startswith("/vsi") or "://" in shown:
+    if not _is_local(shown):
         raise RasterError("invalid_argument", f"raster path '{_short(shown)}' is a GDAL virtual or remote name; "
                                               f"only local files can be opened: copy it to a local file first")
     mapping = _as_band_mapping(bands)
@@ -1216,7 +1240,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
     if dataset is None:
         raise RasterError("invalid_argument", not_raster)
     if roots:
-        _check_referenced_files(dataset, shown, roots, seen={real})
+        _check_referenced_files(dataset, real, shown, roots)
     files_of = dataset      # its file list, as opened: a palette's expansion below is a VRT in memory
     first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
     if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():

@@ -6,6 +6,7 @@ rest build their rasters in tmp_path with GDAL's GTiff driver.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import threading
@@ -71,6 +72,16 @@ def make_tif(path: Path, bands: np.ndarray, geotransform=(500000.0, 10.0, 0.0, 5
     ds.FlushCache()
     ds = None
     return path
+
+
+@pytest.fixture(autouse=True)
+def free_gdal_objects_before_the_session_ends():
+    """A caught error's traceback holds the frames it passed through, and pytest.raises' record of it
+    makes a reference cycle: the GDAL datasets in those frames wait for the garbage collector. Freed
+    after pytest-qgis has shut QGIS (and GDAL's drivers) down at the session's end, they crash the
+    interpreter; collect them after each test instead."""
+    yield
+    gc.collect()
 
 
 def noise(shape, dtype=np.uint8, low=1, high=255, seed=0) -> np.ndarray:
@@ -529,6 +540,97 @@ def test_allowed_roots_resolve_symlinks(tmp_path):
     with pytest.raises(RasterError) as error:
         open_raster(outer, allowed_roots=[root])
     assert error.value.kind == "permission_denied" and "out.tif" in str(error.value)
+
+
+def write_vrt(path: Path, source: Path, declaration: bool = False) -> Path:
+    """A VRT of `source` (any name: GDAL knows a VRT by its content), optionally led by an XML declaration."""
+    text = gdal.BuildVRT("", [str(source)]).GetMetadata("xml:VRT")[0]
+    path.write_text(('<?xml version="1.0" encoding="UTF-8"?>\n' if declaration else "") + text)
+    return path
+
+
+def rewrite_in_place(source: Path, seed: int) -> None:
+    """New pixels, same size, and an mtime a second on: what a VRT's own size and mtime never show."""
+    before = source.stat()
+    make_tif(source, noise((8, 8), seed=seed))
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert source.stat().st_size == before.st_size
+
+
+@pytest.mark.parametrize("inner_name, declaration", [("inner.xml", False), ("inner.vrt", True)],
+                         ids=["not-named-vrt", "xml-declaration"])
+def test_a_nested_vrt_is_followed_by_its_content_for_the_identity_and_the_roots(tmp_path, inner_name, declaration):
+    """A VRT inside a VRT is known by its content, not its name, both where its sources join the
+    raster's identity and where they are checked against the allowed roots."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    source = make_tif(root / "source.tif", noise((8, 8)))
+    inner = write_vrt(root / inner_name, source, declaration)
+    outer = root / "outer.vrt"
+    gdal.BuildVRT(str(outer), [str(inner)]).FlushCache()
+    with open_raster(outer, allowed_roots=[root]) as raster:
+        before = raster.identity()
+    rewrite_in_place(source, seed=1)
+    with open_raster(outer, allowed_roots=[root]) as raster:
+        assert raster.read_window(0, 0, 8, 8)[0][:, 0, 0].tolist() == [noise((8, 8), seed=1)[0, 0]] * 3
+        after = raster.identity()
+    assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    assert after["sources"] != before["sources"]
+
+    source.rename(outside / "source.tif")
+    write_vrt(inner, outside / "source.tif", declaration)
+    with pytest.raises(RasterError) as error:
+        open_raster(outer, allowed_roots=[root])
+    assert error.value.kind == "permission_denied" and "source.tif" in str(error.value)
+
+
+def vrt_chain(folder: Path, source: Path, nested: int) -> Path:
+    """A VRT of a VRT of ... `source`, with `nested` VRTs below the one returned."""
+    below = source
+    for level in range(nested + 1):
+        below = write_vrt(folder / f"level{level}.vrt", below)
+    return below
+
+
+def test_vrt_nesting_is_limited_alike_for_the_identity_and_the_roots(tmp_path):
+    source = make_tif(tmp_path / "source.tif", noise((8, 8)))
+    deepest_allowed = vrt_chain(tmp_path, source, nested=8)
+    with open_raster(deepest_allowed, allowed_roots=[tmp_path]) as raster:
+        before = raster.identity()
+    rewrite_in_place(source, seed=1)
+    with open_raster(deepest_allowed, allowed_roots=[tmp_path]) as raster:
+        assert raster.identity()["sources"] != before["sources"]
+
+    too_deep = write_vrt(tmp_path / "too_deep.vrt", deepest_allowed)
+    with pytest.raises(RasterError) as refused:
+        open_raster(too_deep, allowed_roots=[tmp_path])
+    assert refused.value.kind == "invalid_argument" and "more than 8 deep" in str(refused.value)
+    # without roots it opens (GDAL reads any depth), but its identity cannot cover its sources either
+    with open_raster(too_deep) as raster:
+        with pytest.raises(RasterError) as error:
+            raster.identity()
+    assert (error.value.kind, str(error.value)) == (refused.value.kind, str(refused.value))
+
+
+def test_a_cycle_of_vrts_is_followed_once_round(tmp_path):
+    """GDAL opens VRTs that refer to themselves (reading them fails); listing their files must end."""
+    source = make_tif(tmp_path / "source.tif", noise((8, 8)))
+    first, second, looped = tmp_path / "first.vrt", tmp_path / "second.vrt", tmp_path / "self.vrt"
+    for vrt, refers_to in ((first, second), (second, first), (looped, looped)):
+        text = gdal.BuildVRT("", [str(source)]).GetMetadata("xml:VRT")[0]
+        vrt.write_text(text.replace(str(source), str(refers_to)))
+    top = tmp_path / "top.vrt"
+    gdal.BuildVRT(str(top), [str(first)]).FlushCache()
+    for path, reads_others in ((top, True), (first, True), (looped, False)):
+        for roots in ([tmp_path], None):
+            with open_raster(path, allowed_roots=roots) as raster:
+                assert ("sources" in raster.identity()) == reads_others, path.name
+    with open_raster(top) as raster:
+        before = raster.identity()
+    os.utime(second, ns=(second.stat().st_atime_ns, second.stat().st_mtime_ns + 10**9))
+    with open_raster(top) as raster:
+        assert raster.identity()["sources"] != before["sources"]    # second.vrt is read through first.vrt
 
 
 def test_unreadable_file_is_permission_denied(tmp_path, monkeypatch):
