@@ -1092,8 +1092,15 @@ def _inside(path: str, root: str) -> bool:
     return path == root or os.path.commonpath([path, root]) == root
 
 
-def _check_roots(what: str, real: str, roots: list[str]) -> None:
+def _check_roots(what: str, real: str, roots: list[str], given: str | None = None) -> None:
+    """`real` (a resolved path) must lie under one of `roots`. `given`: the path as asked for, before
+    links were resolved: when that one lies under a root, the refusal says a link leads out (the
+    target is not named, so a request learns nothing of the files outside the roots)."""
     if roots and not any(_inside(real, root) for root in roots):
+        if given is not None and any(_inside(given, root) for root in roots):
+            raise RasterError("permission_denied", f"{what} is a link (or lies under one) that leads outside the "
+                                                   f"allowed roots ({', '.join(roots)}); copy the file itself under "
+                                                   f"one of them or allow its folder when starting the server")
         raise RasterError("permission_denied", f"{what} is outside the allowed roots ({', '.join(roots)}); "
                                                f"move it under one of them or allow its folder when starting the server")
 
@@ -1214,7 +1221,7 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
     roots = [os.path.realpath(os.fspath(root)) for root in (allowed_roots or [])]
     # Roots first, so a request cannot learn which files exist outside them.
     real = os.path.realpath(absolute)
-    _check_roots(f"raster '{shown}'", real, roots)
+    _check_roots(f"raster '{shown}'", real, roots, given=os.path.normpath(absolute))
     try:
         if not os.path.exists(real):
             raise RasterError("not_found", f"raster '{shown}' does not exist on the server machine; check the path "

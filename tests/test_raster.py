@@ -514,11 +514,20 @@ def test_allowed_roots_resolve_symlinks(tmp_path):
             open_raster(path, allowed_roots=[root])
         assert error.value.kind == "permission_denied" and "allowed roots" in str(error.value)
 
+    for path in (outside_tif, root / ".." / "outside" / "out.tif"):          # not links: not called one
+        with pytest.raises(RasterError, match="is outside the allowed roots"):
+            open_raster(path, allowed_roots=[root])
     escape = root / "escape.tif"
     escape.symlink_to(outside_tif)
     with pytest.raises(RasterError) as error:
         open_raster(escape, allowed_roots=[str(root)])
-    assert error.value.kind == "permission_denied"
+    # named as a link that leads out, without saying where to (nothing of the files outside is told)
+    assert error.value.kind == "permission_denied" and "is a link (or lies under one) that leads outside" in str(error.value)
+    assert "outside/out.tif" not in str(error.value) and str(outside) not in str(error.value)
+    linked_folder = root / "linked"
+    linked_folder.symlink_to(outside)
+    with pytest.raises(RasterError, match="is a link \\(or lies under one\\)"):
+        open_raster(linked_folder / "out.tif", allowed_roots=[root])
     alias = root / "alias.tif"
     alias.symlink_to(inside_tif)
     open_raster(alias, allowed_roots=[root]).close()
