@@ -304,6 +304,11 @@ def bench_mfu(cfg, device, batch: int = MFU_BATCH, warmup: int = 3, iters: int =
 
 
 # ---- targets ----------------------------------------------------------------------------------
+def clip_not_measured(peers: bool) -> str:
+    """Why transformers' CLIP has no numbers: its encode rows' status and its targets' N/A reason."""
+    return "transformers not installed" if peers else "peers off (--no-peers)"
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     enc = {(r["preset"], r["model"], r["dtype"]): r for r in results["encode"] if "images_per_s" in r}
     fp32, bf16 = enc.get(("base", "skyprompt", "fp32")), enc.get(("base", "skyprompt", "bf16"))
@@ -317,7 +322,7 @@ def evaluate_targets(results: dict) -> list[dict]:
                 "result": "PASS" if value >= threshold else "FAIL", "reason": None}
 
     no_base = "base not measured"
-    no_clip = "transformers not installed" if results["settings"].get("peers", True) else "peers off (--no-peers)"
+    no_clip = clip_not_measured(results["settings"].get("peers", True))
     no_bf16 = no_base if native else f"bf16 {NOT_SUPPORTED}"
     return [
         target("base fp32 images/s vs transformers CLIP fp32", fp32, "vs_clip", TARGETS["fp32_vs_clip"],
@@ -424,7 +429,7 @@ def run(presets=("small", "base"), quick: bool = False, force_bf16: bool = False
                 rows = bench_encode(cfg, dtype, have_clip, warm, enc_iters, results["matmul"][dtype]["gflops"])
                 if not have_clip:
                     rows.append({"preset": name, "model": "hf-clip", "dtype": dtype,
-                                 "status": "skipped: " + ("transformers not installed" if peers else "--no-peers")})
+                                 "status": "skipped: " + clip_not_measured(peers)})
                 results["encode"] += rows
                 echo(f"encode {name} {dtype}: " + ", ".join(f"{r['model']} {r['images_per_s']:.1f} img/s"
                                                              for r in rows if "images_per_s" in r))

@@ -29,13 +29,17 @@ def run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _to_wgs84(srs_wkt: str):
-    src, dst = osr.SpatialReference(), osr.SpatialReference()
-    src.ImportFromWkt(srs_wkt)
-    dst.ImportFromEPSG(4326)
-    for s in (src, dst):
-        s.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    ct = osr.CoordinateTransformation(src, dst)
+def _srs(crs: str):
+    """A CRS from anything GDAL reads as one ("EPSG:32632", WKT), in x, y (lon, lat) axis order."""
+    srs = osr.SpatialReference()
+    srs.SetFromUserInput(crs)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
+
+
+def _to_wgs84(crs: str):
+    """(x, y) in `crs` -> (lon, lat)."""
+    ct = osr.CoordinateTransformation(_srs(crs), _srs("EPSG:4326"))
     return lambda x, y: ct.TransformPoint(x, y)[:2]
 
 
@@ -53,13 +57,9 @@ def scene(tmp_path_factory):
         gt, wkt = (519467.5, 0.15, 0.0, 4311669.8, 0.0, -0.15), None
     data = np.maximum(data, 1)
     data[:, :, :TILE] = 0                                                   # a nodata strip: one column of tiles
-    srs = osr.SpatialReference()
-    if wkt:
-        srs.ImportFromWkt(wkt)
-    else:
-        srs.ImportFromEPSG(26913)
-    raster = make_tif(root / "scene.tif", data, geotransform=gt, crs=srs.ExportToWkt(), nodata=0)
-    to_wgs = _to_wgs84(srs.ExportToWkt())
+    crs = _srs(wkt or "EPSG:26913").ExportToWkt()
+    raster = make_tif(root / "scene.tif", data, geotransform=gt, crs=crs, nodata=0)
+    to_wgs = _to_wgs84(crs)
 
     def centre(col, row):   # the centre of tile (col, row) of the TILE-pixel grid, in WGS 84
         return to_wgs(gt[0] + (col + 0.5) * TILE * gt[1], gt[3] + (row + 0.5) * TILE * gt[5])
@@ -88,10 +88,8 @@ def vectors(scene):
 </osm>
 """)
     gpkg = root / "landuse.gpkg"
-    wgs = osr.SpatialReference()
-    wgs.ImportFromEPSG(4326)
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(gpkg))
-    layer = ds.CreateLayer("landuse", wgs, ogr.wkbPolygon)
+    layer = ds.CreateLayer("landuse", _srs("EPSG:4326"), ogr.wkbPolygon)
     layer.CreateField(ogr.FieldDefn("landuse", ogr.OFTString))
     ring = ogr.Geometry(ogr.wkbLinearRing)
     for px, py in ((64, 0), (scene["width"], 0), (scene["width"], 64), (64, 64), (64, 0)):  # tile row 0
@@ -259,13 +257,6 @@ ORIGIN = (500000.0, 5000128.0)          # top-left corner of the small rasters b
 NORTH_UP = (ORIGIN[0], 1.0, 0.0, ORIGIN[1], 0.0, -1.0)      # 1 m pixels
 
 
-def _srs(crs: str):
-    srs = osr.SpatialReference()
-    srs.SetFromUserInput(crs)
-    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    return srs
-
-
 def _gpkg(path: Path, layers: dict) -> Path:
     """A GeoPackage: {layer name: (CRS, [(WKT, {field: value}), ...])}."""
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
@@ -305,7 +296,7 @@ def _tiles_naming(out: Path, name: str) -> set[int]:
 
 def test_each_layer_of_a_geopackage_is_reprojected_with_its_own_crs(tmp_path):
     raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32)
-    lon, lat = _to_wgs84(_srs(UTM32).ExportToWkt())(ORIGIN[0] + 32, ORIGIN[1] - 32)      # tile 0's centre
+    lon, lat = _to_wgs84(UTM32)(ORIGIN[0] + 32, ORIGIN[1] - 32)      # tile 0's centre
     gpkg = _gpkg(tmp_path / "two.gpkg", {
         "in_wgs84": ("EPSG:4326", [(f"POINT ({lon!r} {lat!r})", {"name": "Alpha Tower"})]),
         "in_utm": (UTM32, [(f"POINT ({ORIGIN[0] + 96} {ORIGIN[1] - 96})", {"name": "Beta Hall"})])})   # tile 3

@@ -174,6 +174,47 @@ def test_a_tokenizer_left_by_an_earlier_attempt_is_reused_only_for_the_same_capt
     assert r.returncode == 0 and "training a tokenizer" not in r.stderr, r.stderr[-3000:]
 
 
+def test_a_tokenizer_of_unchanged_shard_files_is_reused_without_reading_their_text(folder, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A tokenizer left in --out is checked against the shard files' sizes and times first; their
+    text is read only when those differ, and the tokenizer is still reused only for the same text."""
+    import io
+    import tarfile
+
+    from training import data, train
+
+    _write_shards(folder, tmp_path / "shards", per_shard=6)
+    sources = [{"kind": "shards", "urls": [str(tmp_path / "shards" / "*.tar")], "name": "shards"}]
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def tokenizer_of_this_run(vocab_size: int = 300) -> tuple[int, bool]:
+        """(shard passes so far, whether a tokenizer was trained)"""
+        train._get_tokenizer(train.TrainConfig(out=str(out), vocab_size=vocab_size), out, sources)
+        return len(reads), "training a tokenizer" in capsys.readouterr().err
+
+    reads = []
+    read_shard_captions = data.shard_captions
+    monkeypatch.setattr(data, "shard_captions", lambda urls: reads.append(urls) or read_shard_captions(urls))
+    assert tokenizer_of_this_run() == (1, True)
+    assert tokenizer_of_this_run() == (1, False)      # the same shard files: their text is not read
+    # a shard touched, its text the same: read once, reused, and the next check is cheap again
+    shard = sorted((tmp_path / "shards").glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert tokenizer_of_this_run() == (2, False)
+    assert tokenizer_of_this_run() == (2, False)
+    # another --vocab-size, or another caption in the shards: a new tokenizer
+    assert tokenizer_of_this_run(vocab_size=280) == (3, True)
+    assert tokenizer_of_this_run() == (4, True)
+    with tarfile.open(tmp_path / "shards" / "part-999.tar", "w") as tar:
+        payload = b"a harbour with moored boats"
+        info = tarfile.TarInfo("harbour.txt")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    assert tokenizer_of_this_run() == (5, True)
+    assert json.loads((out / "tokenizer_source.json").read_text())["captions"] == 4     # the 3 and the harbour
+
+
 def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, tiny_model, tokenizer):
     """The model comes from the checkpoint a run continues or starts from: another --preset or
     --conv-stem asked for with it is refused, not dropped; a mistyped preset is refused before any work."""
@@ -521,3 +562,25 @@ def test_a_validation_set_gone_bad_is_logged_not_fatal(tiny_model, tokenizer, tm
               torch.device("cpu"), metrics, step=7)
     row = json.loads(metrics.read_text())
     assert row["step"] == 7 and "not in the class-name map" in row["scenes/error"]
+
+
+def test_the_held_out_list_of_an_unnamed_manifest_is_not_named_like_it(folder, tmp_path):
+    """`--manifest train.jsonl` holds out part of it; its list must not be `val/train.jsonl`, which
+    reads as the training manifest. A named source keeps `<name>.jsonl` (runs/default/val/ucm.jsonl)."""
+    from training import ablate
+    from training import recipe as recipes
+
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(p), "class": p.parent.name, "caption": f"{p.stem} seen"})
+                                + "\n" for p in sorted(folder.glob("*/*.jpg"))))
+    classes = str(folder.parent / "classes.json")
+    sources = [{"kind": "manifest", "path": str(manifest), "classnames": classes, "val_per_class": 1},
+               {"kind": "manifest", "path": str(manifest), "name": "ucm", "classnames": classes, "val_per_class": 1}]
+    _, val = recipes.build_sources(sources, seed=0)
+    written = recipes.write_validation_lists(sources, val, tmp_path / "val")
+    assert sorted(p.name for p in written) == ["train.val.jsonl", "ucm.jsonl"]
+    # the ablation's evaluation finds each list's source (its class map) and names the metrics after it
+    cmds = ablate.evaluation_commands(tmp_path / "val", sources)
+    assert cmds["train top-1"] == ["zero-shot", "--manifest", str(tmp_path / "val" / "train.val.jsonl"),
+                                   "--classnames", classes]
+    assert {"train mR", "train CIDEr-D", "ucm top-1", "ucm mR", "ucm CIDEr-D"} <= set(cmds)

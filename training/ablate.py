@@ -96,16 +96,17 @@ def evaluation_commands(val_dir: Path, sources: list[dict]) -> dict[str, list[st
     by_name = {recipes.source_name(s): s for s in sources}
     cmds: dict[str, list[str]] = {}
     for path in sorted(val_dir.iterdir()):
-        source = by_name.get(path.stem, {})
+        name = recipes.validation_list_source(path)
+        source = by_name.get(name, {})
         if path.suffix == ".txt" and source.get("kind") == "folder":
-            cmds[f"{path.stem} top-1"] = ["zero-shot", "--data", source["root"], "--classnames",
-                                          str(source["classnames"]), "--files", str(path)]
+            cmds[f"{name} top-1"] = ["zero-shot", "--data", source["root"], "--classnames",
+                                     str(source["classnames"]), "--files", str(path)]
         elif path.suffix == ".jsonl":
             if source.get("classnames"):
-                cmds[f"{path.stem} top-1"] = ["zero-shot", "--manifest", str(path), "--classnames",
-                                              str(source["classnames"])]
-            cmds[f"{path.stem} mR"] = ["retrieval", "--manifest", str(path)]
-            cmds[f"{path.stem} CIDEr-D"] = ["caption", "--manifest", str(path)]
+                cmds[f"{name} top-1"] = ["zero-shot", "--manifest", str(path), "--classnames",
+                                         str(source["classnames"])]
+            cmds[f"{name} mR"] = ["retrieval", "--manifest", str(path)]
+            cmds[f"{name} CIDEr-D"] = ["caption", "--manifest", str(path)]
     return cmds
 
 

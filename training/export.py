@@ -30,13 +30,21 @@ from backend.model.config import ConfigError
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
 
+def step_dirs(folder: Path) -> list[Path]:
+    """The checkpoints training saved in `folder` (a run's OUT/checkpoints): its `step_NNNNNNN`
+    folders, oldest first. Here because training.train imports this module, not the other way round."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
 def run_folder_hint(path: str | Path) -> str:
     """For a checkpoint path that is a training run's --out (or its checkpoints folder): which of its
     checkpoints to give instead; "" otherwise. The run folder is the path a user has at hand."""
     path = Path(path)
     if (path / CONFIG).is_file():
         return ""
-    steps = sorted((path / "checkpoints").glob("step_*")) or sorted(path.glob("step_*"))
+    steps = step_dirs(path / "checkpoints") or step_dirs(path)
     return f"; {path} is a training run's folder: give one of its checkpoints, e.g. {steps[-1]}" if steps else ""
 
 

@@ -227,10 +227,15 @@ def source_name(source: dict) -> str:
     return source.get("name") or Path(source.get("root") or source.get("path") or "").stem
 
 
+HELD_OUT_SUFFIX = ".val"
+
+
 def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[Path]:
     """Write each validation split so the evaluation CLI can reproduce the training's numbers:
     `<name>.txt` (image paths relative to the source's folder, for `evaluate zero-shot --files`) and,
-    for manifest sources, `<name>.jsonl` (a manifest for `evaluate retrieval --manifest`)."""
+    for caption-file sources, `<name>.jsonl` (a manifest for `evaluate retrieval --manifest`), or
+    `<name>.val.jsonl` when the source has no "name": its name is then its caption file's, and
+    `val/train.jsonl` would read as the training manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     roots = {source_name(s): s for s in sources}
@@ -245,7 +250,7 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
             path = out / f"{base}.txt"
             path.write_text("\n".join(lines) + "\n")
         elif vs["kind"] == "retrieval":
-            path = out / f"{base}.jsonl"
+            path = out / (f"{base}.jsonl" if source.get("name") else f"{base}{HELD_OUT_SUFFIX}.jsonl")
             with open(path, "w") as fh:
                 for r in vs["records"]:
                     fh.write(json.dumps({"image": str(Path(r.image).resolve()), "class": r.class_name,
@@ -254,6 +259,11 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
             continue
         written.append(path)
     return written
+
+
+def validation_list_source(path: Path) -> str:
+    """The name of the source a list of `write_validation_lists` holds out images of."""
+    return path.stem.removesuffix(HELD_OUT_SUFFIX) if path.suffix == ".jsonl" else path.stem
 
 
 def caption_texts(train_sources: list[dict]):
@@ -346,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "file lists and manifests for `python -m training.evaluate`.")
     parser.add_argument("recipe", help="recipe JSON, e.g. training/recipes/default.json")
     parser.add_argument("--seed", type=int, default=0, help="the training run's --seed (default 0)")
-    parser.add_argument("--out", required=True, help="folder for <source>.txt / <source>.jsonl")
+    parser.add_argument("--out", required=True,
+                        help="folder for <source>.txt / <source>.jsonl (<source>.val.jsonl for a source with no name)")
     args = parser.parse_args(argv)
     try:
         sources = sources_from_args(args.recipe, [], [], [], [], 0)

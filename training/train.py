@@ -41,10 +41,10 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
 from . import recipe as recipes
-from .data import DataError
+from .data import DataError, expand_urls
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
-from .export import run_folder_hint
+from .export import run_folder_hint, step_dirs
 
 
 @dataclass
@@ -309,10 +309,7 @@ def batch_stream(dataset, cfg: TrainConfig, rank: int, world: int, start_step: i
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 def checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    return step_dirs(out / "checkpoints")
 
 
 def clean_partial_checkpoints(out: Path) -> None:
@@ -718,30 +715,65 @@ def _get_tokenizer(cfg: TrainConfig, out: Path, sources) -> Tokenizer:
     if dist.is_initialized() and not is_main():
         dist.barrier()
         return Tokenizer.load(path)
-    texts = list(recipes.caption_texts(sources))
     # what the tokenizer was trained from, beside it: one left by an earlier attempt into this --out
     # (stopped before its first checkpoint) is reused only for the same captions and vocabulary size
-    source = {"captions": len(texts), "vocab_size": cfg.vocab_size,
-              "sha256": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()}
     source_path = out / "tokenizer_source.json"
+    stored = _read_tokenizer_source(source_path) if path.is_file() else None
+    inputs = _caption_inputs(sources)
     tok = None
-    if path.is_file():
-        try:
-            same = json.loads(source_path.read_text()) == source
-        except (OSError, ValueError):
-            same = False
-        if same:
-            tok = Tokenizer.load(path)
-        else:
+    if stored is not None and stored.get("vocab_size") == cfg.vocab_size and stored.get("inputs") == inputs:
+        # the same shard files and the same other captions: the same captions, known without a
+        # pass over the shards' text
+        tok = Tokenizer.load(path)
+    else:
+        texts = list(recipes.caption_texts(sources))
+        source = {"captions": len(texts), "vocab_size": cfg.vocab_size,
+                  "sha256": hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()}
+        if stored is not None and {k: stored.get(k) for k in source} == source:
+            tok = Tokenizer.load(path)      # shard files copied or touched, their text the same
+        elif path.is_file():
             log(f"{path} is not from this run's captions and --vocab-size (an earlier run's): replacing it")
-    if tok is None:
-        log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
-        tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-        tok.save(path)
-        source_path.write_text(json.dumps(source) + "\n")
+        if tok is None:
+            log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
+            tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+            tok.save(path)
+        # with the inputs as they are now, so the next run compares them, not the text
+        source_path.write_text(json.dumps({**source, "inputs": inputs}) + "\n")
     if dist.is_initialized():
         dist.barrier()
     return tok
+
+
+def _caption_inputs(sources) -> list[dict]:
+    """Where each training source's captions come from, in a form cheap to compare between runs:
+    each shard file's path, size and modification time (reading their text is a pass over the
+    shards), and a hash of another source's captions (read into memory already)."""
+    inputs = []
+    for s in sources:
+        if s["kind"] == "shards":
+            files = []
+            for shard in expand_urls(s["urls"]):
+                try:
+                    st = os.stat(shard)
+                    files.append([os.path.abspath(shard), st.st_size, st.st_mtime_ns])
+                except OSError:
+                    files.append([os.path.abspath(shard), None, None])   # missing: read as no captions
+            inputs.append({"shards": files})
+        else:
+            digest = hashlib.sha256()
+            for r in s.get("records", []):
+                for c in r.captions:
+                    digest.update(c.encode("utf-8") + b"\n")
+            inputs.append({"captions_sha256": digest.hexdigest()})
+    return inputs
+
+
+def _read_tokenizer_source(path: Path) -> dict | None:
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 # ---- command line ---------------------------------------------------------------------------------
