@@ -20,6 +20,13 @@ SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
 CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
 
+# ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
+# and Describe read its limits on every call, and GetInfo walks the index. A health check that finds
+# no backend serving forgets it (the next backend at that address may have other limits), as does a
+# call that finds none; info(fresh=True) asks again.
+_server_info: dict[tuple, object] = {}
+_server_info_lock = threading.Lock()
+
 
 class BackendError(Exception):
     """A failed call: `code` is the gRPC status name ("INVALID_ARGUMENT", ...), `message` the server's words."""
@@ -52,6 +59,7 @@ class BackendConnection:
         from .rpc import skyprompt_pb2_grpc as pb_grpc
 
         self.address = address
+        self._backend = (address, token, tls_ca)     # the key of its cached ServerInfo
         self._grpc, self.pb = grpc, pb
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
@@ -82,8 +90,10 @@ class BackendConnection:
         message = error.details() if hasattr(error, "details") and error.details() else str(error)
         if code == "CANCELLED":   # the user's own cancel never gets here (see _stream): the backend's doing
             message = f"the backend cancelled the call, perhaps because it was stopped ({message})"
-        if code == "UNAVAILABLE" and "connect" in message.lower():
-            message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
+        if code == "UNAVAILABLE":
+            self._forget_info()
+            if "connect" in message.lower():
+                message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
         return BackendError(code, message)
 
     # -- health --
@@ -98,9 +108,12 @@ class BackendConnection:
 
     def health_result(self, future) -> str:
         try:
-            return _parse_health(future.result())
+            state = _parse_health(future.result())
         except self._grpc.RpcError as e:
-            return NOT_SERVING if e.code() == self._grpc.StatusCode.NOT_FOUND else UNREACHABLE
+            state = NOT_SERVING if e.code() == self._grpc.StatusCode.NOT_FOUND else UNREACHABLE
+        if state != SERVING:
+            self._forget_info()
+        return state
 
     def wait_until_serving(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         deadline = time.monotonic() + timeout
@@ -119,8 +132,9 @@ class BackendConnection:
 
     def _stream(self, method: str, request, cancelled: Callable[[], bool]) -> Iterator:
         call = getattr(self.stub, method)(request, metadata=self._metadata)
-        # the backend sends nothing for long stretches (edge refinement, polygonizing): a watcher
-        # cancels the call within CANCEL_POLL_S of the user's cancel, not at the next message
+        # the one cancel path: the backend sends nothing for long stretches (edge refinement,
+        # polygonizing), so a watcher cancels the call within CANCEL_POLL_S of the user's cancel
+        # rather than at the next message
         done = threading.Event()
 
         def watch():
@@ -132,9 +146,6 @@ class BackendConnection:
         threading.Thread(target=watch, name="skyprompt-cancel-watch", daemon=True).start()
         try:
             for message in call:
-                if cancelled():
-                    call.cancel()
-                    raise BackendError("CANCELLED", "cancelled")
                 yield message
         except self._grpc.RpcError as e:
             if cancelled():     # our own call.cancel(), not a failure
@@ -143,8 +154,22 @@ class BackendConnection:
         finally:
             done.set()
 
-    def info(self, timeout: float = 10.0):
-        return self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)
+    def info(self, timeout: float = 10.0, fresh: bool = False):
+        """The backend's ServerInfo (read it, do not change it: it is shared). Asked once per backend
+        and kept; `fresh` asks again (its index counts change with every index)."""
+        if not fresh:
+            with _server_info_lock:
+                known = _server_info.get(self._backend)
+            if known is not None:
+                return known
+        info = self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)
+        with _server_info_lock:
+            _server_info[self._backend] = info
+        return info
+
+    def _forget_info(self) -> None:
+        with _server_info_lock:
+            _server_info.pop(self._backend, None)
 
     def index(self, request, progress: Callable[[object], None] | None = None,
               cancelled: Callable[[], bool] = lambda: False):

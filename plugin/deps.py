@@ -108,6 +108,27 @@ def _run(cmd: list[str], log: Callable[[str], None]) -> int:
     return proc.wait()
 
 
+# pip's words when it could not reach the package index (or found nothing there to install)
+NETWORK_SIGNS = ("Could not find a version", "No matching distribution", "ConnectionError", "Max retries",
+                 "Temporary failure in name resolution", "Failed to establish a new connection", "Read timed out",
+                 "Network is unreachable")
+DISK_FULL_SIGN = "No space left on device"
+
+
+def pip_failure(packages: list[str], folder: str | os.PathLike, output: list[str]) -> str:
+    """One line for the message bar from a failed pip's output: its cause, and what to do about it."""
+    text = "\n".join(output)
+    errors = [line[len("ERROR:"):].strip() for line in output if line.startswith("ERROR:")]
+    reason = errors[-1] if errors else (output[-1].strip() if output else "no output")
+    where = f"pip could not install {' '.join(packages)} into {folder}"
+    log = "(pip's output is in the SkyPrompt log)"
+    if DISK_FULL_SIGN.lower() in text.lower():
+        return f"{where}: no space left on device; free some space on that disk and try again {log}"
+    if any(sign.lower() in text.lower() for sign in NETWORK_SIGNS):
+        return f"{where}: {reason}; check the network connection and try again {log}"
+    return f"{where}: {reason} {log}"
+
+
 def _pip_works(python: str) -> bool:
     return subprocess.run([python, "-m", "pip", "--version"], capture_output=True).returncode == 0
 
@@ -117,7 +138,8 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
     """pip install `packages` (default: requirements()) into `folder`, then make them importable.
 
     Uses `python -m pip` of QGIS's interpreter; where that has no pip (Debian without python3-pip),
-    a throwaway virtual environment supplies one. Raises DependencyError with pip's last words.
+    a throwaway virtual environment supplies one. Raises DependencyError with pip's last words
+    (see pip_failure).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,12 +161,8 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
 
         cmd = [pip_python, "-m", "pip", "install", "--upgrade", "--target", str(folder),
                "--disable-pip-version-check", "--no-warn-script-location", *(pip_args or []), *packages]
-        if _run(cmd, keep) != 0:
-            # one line for the message bar: pip's own last error (its whole output went to `log`)
-            errors = [line[len("ERROR:"):].strip() for line in lines if line.startswith("ERROR:")]
-            reason = errors[-1] if errors else (lines[-1].strip() if lines else "no output")
-            raise DependencyError(f"pip could not install {' '.join(packages)} into {folder}: {reason}; check the "
-                                  "network connection and try again (pip's output is in the SkyPrompt log)")
+        if _run(cmd, keep) != 0:      # pip's whole output went to `log`
+            raise DependencyError(pip_failure(packages, folder, lines))
     # Python drops modules whose import failed, so the next import finds the new packages; a
     # protobuf that did load (too old) stays loaded: missing() then still says so, and only a
     # QGIS restart replaces it (unloading C extensions in a running process is not safe).

@@ -15,8 +15,9 @@ from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidget, QDoubleSpinBox, QFormLayout,
-                                 QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPlainTextEdit,
-                                 QProgressBar, QPushButton, QSpinBox, QTabWidget, QCheckBox, QVBoxLayout, QWidget)
+                                 QHBoxLayout, QLabel, QLineEdit, QListView, QListWidget, QListWidgetItem,
+                                 QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QStyledItemDelegate,
+                                 QTabWidget, QCheckBox, QVBoxLayout, QWidget)
 
 from . import deps, operations, results
 from .local_backend import LocalBackend
@@ -28,6 +29,15 @@ from .tasks import BackendTask, start
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
           "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
           "MISSING": ("#999999", "packages missing")}
+
+
+class RowsFitTheList(QStyledItemDelegate):
+    """Rows no wider than the list they are in: a long row ends in an ellipsis, where the list would
+    otherwise scroll sideways and cut it off."""
+
+    def sizeHint(self, option, index):  # noqa: N802 - Qt API
+        hint = super().sizeHint(option, index)
+        return QSize(min(hint.width(), self.parent().viewport().width()), hint.height())
 
 
 class SettingsDialog(QDialog):
@@ -106,6 +116,10 @@ class SkyPromptDock(QDockWidget):
         self.hits = []
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        # health checks can answer out of order: each is numbered, and one older than the answer the
+        # light shows is stale
+        self._health_asked = 0
+        self._health_shown = 0
         self.backend = LocalBackend(self)
         self.backend.serving.connect(self._backend_serving)
         self.backend.failed.connect(lambda m: self._message(m, Qgis.Critical))
@@ -191,19 +205,21 @@ class SkyPromptDock(QDockWidget):
         row.addWidget(self.index_button, 1)
         row.addWidget(self.rotation_views)
         v.addLayout(row)
-        row = QHBoxLayout()
         self.query = QLineEdit()
         self.query.setPlaceholderText("e.g. parking lots next to a highway")
         self.query.returnPressed.connect(self.search)
+        self.query.textChanged.connect(self.query.setToolTip)     # a query longer than the box, whole
+        # a row of its own: beside k and Search it was a few words wide in a narrow dock
+        v.addWidget(self.query)
+        row = QHBoxLayout()
         self.k = QSpinBox()
         self.k.setRange(1, 1000)
         self.k.setValue(self.settings.k)
         self.k.setPrefix("k ")
         self.search_button = QPushButton("Search")
         self.search_button.clicked.connect(self.search)
-        row.addWidget(self.query, 1)
         row.addWidget(self.k)
-        row.addWidget(self.search_button)
+        row.addWidget(self.search_button, 1)
         v.addLayout(row)
         self.expand_query = QCheckBox("More like the best hits")
         self.expand_query.setToolTip(f"Search twice: the second time for the query moved toward its "
@@ -213,6 +229,10 @@ class SkyPromptDock(QDockWidget):
         v.addWidget(self.expand_query)
         self.result_list = QListWidget()
         self.result_list.setIconSize(QSize(64, 64))
+        self.result_list.setItemDelegate(RowsFitTheList(self.result_list))
+        self.result_list.setTextElideMode(Qt.ElideRight)
+        self.result_list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.result_list.setResizeMode(QListView.Adjust)     # rows follow the list's width
         self.result_list.itemClicked.connect(self.zoom_to_result)
         v.addWidget(self.result_list, 1)
         self.like_button = QPushButton("More like this tile")
@@ -423,11 +443,18 @@ class SkyPromptDock(QDockWidget):
         start(task, self.tasks)
 
     def refresh_health(self) -> BackendTask | None:
+        self._health_asked += 1
+        number = self._health_asked
+
         def work(conn, task):
             state = conn.health(timeout=2.0)
-            return state, (conn.info(timeout=5.0) if state == "SERVING" else None)
+            # fresh: the counts shown change with every index; the limits kept for Segment and Describe too
+            return state, (conn.info(timeout=5.0, fresh=True) if state == "SERVING" else None)
 
         def shown(result):
+            if number < self._health_shown:      # a later check's answer is on the light already
+                return
+            self._health_shown = number
             state, info = result
             self._show_light(state)
             if info is not None:
@@ -606,9 +633,9 @@ class SkyPromptDock(QDockWidget):
         self.hits = hits
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
-            item = QListWidgetItem(f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n"
-                                   f"{names.get(h.raster_path, h.raster_name)}")
-            item.setToolTip(h.raster_path)
+            text = f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n{names.get(h.raster_path, h.raster_name)}"
+            item = QListWidgetItem(text)
+            item.setToolTip(f"{text}\n{h.raster_path}")      # the whole row, which a narrow list elides
             item.setData(Qt.UserRole, rank - 1)
             if h.thumbnail_png:
                 pixmap = QPixmap()

@@ -9,6 +9,10 @@ PREFIX = "skyprompt/"
 LOG_TAG = "SkyPrompt"
 
 
+class AddressError(ValueError):
+    """The backend address is not HOST:PORT; the message says how to write it."""
+
+
 @dataclass
 class PluginSettings:
     address: str = "127.0.0.1:50051"  # host:port of the backend
@@ -48,10 +52,13 @@ class PluginSettings:
 
     @property
     def port(self) -> int:
-        try:
-            return int(self.address.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
-            return 50051
+        """The address's port; AddressError when it has none (a backend started on a default port
+        would not be the one the plugin asks)."""
+        _, _, port = self.address.strip().rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise AddressError(f"the address {self.address!r} has no port: give the address as HOST:PORT, "
+                               "e.g. 127.0.0.1:50051, in the SkyPrompt address field")
+        return int(port)
 
     def connection(self):
         """A BackendConnection with these settings (imports grpc: call only once dependencies are in)."""

@@ -10,6 +10,7 @@ made on the main thread (`PixelReader(layer)`); `read()` then runs safely inside
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -51,17 +52,32 @@ def local_path(layer: QgsRasterLayer) -> str | None:
     if not os.path.isfile(path):
         return None
     if layer.crs().isValid():
-        georeferenced, file_wkt = _file_crs(path)
+        georeferenced, file_wkt = _file_crs(path, _file_version(path))
         if georeferenced and (not file_wkt or not _same_crs(QgsCoordinateReferenceSystem.fromWkt(file_wkt),
                                                            layer.crs())):
             return None
     return os.path.abspath(path)
 
 
-def _file_crs(path: str) -> tuple[bool, str]:
+def _file_version(path: str) -> tuple:
+    """(mtime, size) of the file and of the sidecars its CRS may come from (.aux.xml, .prj): a change
+    to any of them is a new version of the file's georeferencing."""
+    version = []
+    for name in (path, path + ".aux.xml", os.path.splitext(path)[0] + ".prj"):
+        try:
+            stat = os.stat(name)
+            version.append((stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            version.append(None)
+    return tuple(version)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_crs(path: str, version: tuple) -> tuple[bool, str]:
     """(georeferenced, wkt) of the raster file at `path`, from its header only: whether it has a
     geotransform, and its CRS as WKT ("" when it has none). A file GDAL cannot open is (False, ""), left
-    to the backend to refuse with its own advice, as is one with no geotransform at all."""
+    to the backend to refuse with its own advice, as is one with no geotransform at all. Kept per
+    file version (`_file_version`): every Search, Segment and Describe asks, and the file rarely changes."""
     from osgeo import gdal
 
     try:

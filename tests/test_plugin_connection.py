@@ -115,3 +115,52 @@ def test_cancel_reaches_a_backend_that_sends_nothing_for_a_while():
         assert not [t for t in threading.enumerate() if t.name == "skyprompt-cancel-watch"]
     finally:
         silent.server.stop(0)
+
+
+def _info_backend(model_name: str, asked: list, port: int = 0):
+    """(server, port): a gRPC server that serves health and a GetInfo naming `model_name`, noting each
+    GetInfo in `asked`."""
+    from plugin.rpc import skyprompt_pb2 as pb
+    from plugin.rpc import skyprompt_pb2_grpc as pb_grpc
+
+    class Servicer(pb_grpc.SkyPromptServicer):
+        def GetInfo(self, request, context):  # noqa: N802 - gRPC API
+            asked.append(model_name)
+            return pb.ServerInfo(model_name=model_name)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_SkyPromptServicer_to_server(Servicer(), server)
+    serving = grpc.unary_unary_rpc_method_handler(lambda request, context: b"\x08\x01")   # SERVING
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.health.v1.Health",
+                                                                          {"Check": serving}),))
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away():
+    asked = []
+    first, port = _info_backend("first", asked)
+    address = f"127.0.0.1:{port}"
+    try:
+        for _ in range(2):                          # every task makes a connection of its own
+            with BackendConnection(address) as conn:
+                assert conn.info().model_name == "first"
+        assert asked == ["first"]
+        with BackendConnection(address, token="other") as conn:     # another token: another answer
+            conn.info()
+        with BackendConnection(address) as conn:
+            assert conn.info(fresh=True).model_name == "first"
+        assert asked == ["first"] * 3
+    finally:
+        first.stop(0)
+    # a backend restarted at the same address may have other limits: a health check that finds
+    # none there forgets what the last one said
+    with BackendConnection(address) as conn:
+        assert conn.health(timeout=1.0) == UNREACHABLE
+    second, _ = _info_backend("second", asked, port)
+    try:
+        with BackendConnection(address) as conn:
+            assert conn.info().model_name == "second" and asked[-1] == "second"
+    finally:
+        second.stop(0)
