@@ -13,7 +13,7 @@ import shlex
 from qgis.core import Qgis, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
-from .settings import LOG_TAG, PluginSettings
+from .settings import LOG_TAG, AddressError, PluginSettings
 
 
 class LocalBackend(QObject):
@@ -35,8 +35,12 @@ class LocalBackend(QObject):
         self._stopping = False   # stop() asked for the exit: not a crash to report
 
     def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
-        host = settings.address.rsplit(":", 1)[0] or "127.0.0.1"
-        args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device]
+        """(program, arguments) that serve at settings.address; AddressError when it has no port."""
+        host = settings.address.strip().rpartition(":")[0] or "127.0.0.1"
+        # --stop-on-stdin-close: stop() closes the pipe to stop it, on Windows too (no SIGTERM there),
+        # and a QGIS that ends in any way closes it as well
+        args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device,
+                "--stop-on-stdin-close"]
         if settings.checkpoint:
             args += ["--checkpoint", settings.checkpoint]
         # a path to an interpreter as it is (spaces, Windows backslashes); else a command line to split
@@ -54,10 +58,10 @@ class LocalBackend(QObject):
         if self.running:
             return False
         self.settings = settings
-        if not re.fullmatch(r".+:\d+", settings.address.strip()):
-            # the backend would serve on its default port while the checks ask another, until the timeout
-            self.failed.emit(f"the address {settings.address!r} has no port: write it as host:port, e.g. "
-                             "127.0.0.1:50051, in the SkyPrompt address field")
+        try:
+            program, args = self.command(settings)
+        except AddressError as e:
+            self.failed.emit(str(e))
             return False
         try:
             with settings.connection() as conn:
@@ -69,7 +73,6 @@ class LocalBackend(QObject):
         except Exception as e:  # a bad address, or a TLS CA file that cannot be read
             self.failed.emit(f"cannot reach the backend at {settings.address}: {e}; fix it in SkyPrompt settings")
             return False
-        program, args = self.command(settings)
         self.process = QProcess(self)
         if settings.backend_dir:
             if not os.path.isdir(settings.backend_dir):
@@ -85,9 +88,12 @@ class LocalBackend(QObject):
         env.insert("SKYPROMPT_PARENT_PID", str(os.getpid()))
         self.process.setProcessEnvironment(env)
         self.process.setProcessChannelMode(QProcess.MergedChannels)
-        self.process.readyReadStandardOutput.connect(self._read_output)
-        self.process.errorOccurred.connect(self._process_error)
-        self.process.finished.connect(self._process_finished)
+        # each handler is told which process spoke: one from an earlier start (that stop() gave up
+        # waiting for) must not read as, or end, the current one
+        process = self.process
+        process.readyReadStandardOutput.connect(lambda: self._read_output(process))
+        process.errorOccurred.connect(lambda error: self._process_error(process, error))
+        process.finished.connect(lambda code, status: self._process_finished(process, code, status))
         self._log_tail = []
         QgsMessageLog.logMessage(f"starting backend: {program} {' '.join(args)}", LOG_TAG, Qgis.Info)
         self.process.start(program, args)
@@ -102,7 +108,8 @@ class LocalBackend(QObject):
             self._probe = None
 
     def stop(self, wait_ms: int = 15000) -> None:
-        """SIGTERM (the server drains and closes its index), then kill if it does not exit in time."""
+        """Close the backend's standard input (it then drains and closes its index: `serve
+        --stop-on-stdin-close`), then kill it if it does not exit in time."""
         self._stop_polling()
         if not self.running:
             self.process = None
@@ -110,7 +117,7 @@ class LocalBackend(QObject):
         process = self.process
         self._stopping = True
         try:
-            process.terminate()
+            process.closeWriteChannel()
             if not process.waitForFinished(wait_ms):
                 process.kill()
                 process.waitForFinished(5000)
@@ -120,17 +127,17 @@ class LocalBackend(QObject):
             self.process = None
             self.stopped.emit()
 
-    def _read_output(self) -> None:
-        if self.process is None:
+    def _read_output(self, process: QProcess) -> None:
+        if process is not self.process:
             return
-        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        text = bytes(process.readAllStandardOutput()).decode("utf-8", "replace")
         for line in text.splitlines():
             if line.strip():
                 self._log_tail = (self._log_tail + [line])[-20:]
                 QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
 
-    def _process_error(self, error) -> None:
-        if error == QProcess.FailedToStart:
+    def _process_error(self, process: QProcess, error) -> None:
+        if process is self.process and error == QProcess.FailedToStart:
             self._stop_polling()
             self.failed.emit(f"could not run {self.settings.python!r}: set the Python that has SkyPrompt's backend "
                              "in SkyPrompt settings")
@@ -152,7 +159,9 @@ class LocalBackend(QObject):
             return f"{last}; change the port in the SkyPrompt address field, or stop the program that uses it"
         return last
 
-    def _process_finished(self, code, status) -> None:
+    def _process_finished(self, process: QProcess, code, status) -> None:
+        if process is not self.process:    # an earlier start's process: the current one still runs
+            return
         how = "crashed" if status == QProcess.CrashExit else f"exited with code {code}"
         if self._timer.isActive():  # died before it served
             self._stop_polling()

@@ -890,10 +890,20 @@ def test_start_local_backend_then_unload_stops_it(iface, checkpoint, tmp_path, m
         # it watches QGIS's process, so a QGIS killed without unloading leaves no backend on the port
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert f"SKYPROMPT_PARENT_PID={os.getpid()}".encode() in environ
+        logged = []
+
+        def log(text, tag, level):
+            logged.append(text)
+
+        QgsApplication.messageLog().messageReceived.connect(log)
     finally:
         plugin.unload()
         QgsSettings().remove("skyprompt")
+    QgsApplication.messageLog().messageReceived.disconnect(log)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    # stopped by closing its standard input, the way that works on every OS, and cleanly: not killed
+    assert any("standard input closed: shutting down" in line for line in logged), logged[-5:]
+    assert process.exitStatus() == process.NormalExit and process.exitCode() == 0
 
 
 def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
@@ -1008,7 +1018,7 @@ def test_local_backend_refuses_an_address_with_no_port(dock, iface, tmp_path):
     failures = _use_local_backend(dock, sys.executable, REPO)
     dock.settings.address = "127.0.0.1"     # the backend would serve on 50051; the checks would ask port 443
     dock.start_button.click()
-    assert failures and "has no port" in failures[0] and "host:port" in failures[0], failures
+    assert failures and "has no port" in failures[0] and "HOST:PORT" in failures[0], failures
     assert not dock.backend.running and dock.start_button.text() == "Start local backend"
 
 
@@ -1642,7 +1652,8 @@ def test_backend_python_path_with_spaces_or_backslashes_is_one_program(qgis_app,
         assert subprocess.run([got, "-c", "print(42)"], capture_output=True, text=True).stdout == "42\n"
     settings.python = f"{sys.executable} -X utf8"                # not a file: a command line, split
     assert launcher.command(settings) == (sys.executable, ["-X", "utf8", "-m", "backend", "serve", "--host",
-                                                           "127.0.0.1", "--port", "50999", "--device", "auto"])
+                                                           "127.0.0.1", "--port", "50999", "--device", "auto",
+                                                           "--stop-on-stdin-close"])
 
 
 def test_plugin_caption_limit_factor_is_the_backends(qgis_app):
@@ -1651,3 +1662,197 @@ def test_plugin_caption_limit_factor_is_the_backends(qgis_app):
     from plugin.operations import CAPTION_LIMIT_FACTOR
 
     assert CAPTION_LIMIT_FACTOR == CAPTION_EXTENT_FACTOR
+
+
+# -- the settings' address, the launcher's processes, the health light, a narrow panel, pip's failures --
+def test_an_address_with_no_port_is_refused_where_the_port_is_read(qgis_app):
+    from plugin.local_backend import LocalBackend
+    from plugin.settings import AddressError
+
+    for address in ("127.0.0.1", "localhost:", "127.0.0.1:port", "127.0.0.1:70000"):
+        with pytest.raises(AddressError) as err:
+            PluginSettings(address=address).port
+        assert "give the address as HOST:PORT, e.g. 127.0.0.1:50051" in str(err.value), err.value
+        with pytest.raises(AddressError):       # the launcher never starts a backend on a port of its own
+            LocalBackend().command(PluginSettings(address=address))
+    assert PluginSettings(address=" 127.0.0.1:50999 ").port == 50999 and PluginSettings(address="[::1]:7").port == 7
+
+
+def test_a_late_finish_of_an_earlier_backend_process_leaves_the_current_one_alone(qgis_app, tmp_path):
+    from qgis.PyQt.QtCore import QProcess
+    from backend.server import free_port
+    from plugin.local_backend import LocalBackend
+
+    never_serves = tmp_path / "python"
+    never_serves.write_text("#!/bin/sh\nexec sleep 600\n")
+    never_serves.chmod(0o755)
+    settings = PluginSettings(address=f"127.0.0.1:{free_port()}", python=str(never_serves), backend_dir=str(tmp_path))
+    launcher = LocalBackend()
+    failures, stops = [], []
+    launcher.failed.connect(failures.append)
+    launcher.stopped.connect(lambda: stops.append(1))
+    try:
+        assert launcher.start(settings)
+        first = launcher.process
+        launcher.stop()
+        assert launcher.start(settings)                     # the second start
+        second = launcher.process
+        assert second is not first and stops == [1]
+        # the first process's finished() arriving now, as it does when stop() gave up waiting for it
+        first.finished.emit(0, QProcess.NormalExit)
+        QgsApplication.processEvents()
+        assert launcher.process is second and launcher.running and failures == [] and stops == [1]
+    finally:
+        launcher.stop()
+    assert failures == [] and stops == [1, 1]
+
+
+def test_a_health_check_that_answers_late_does_not_replace_a_newer_answer(dock):
+    """Two checks, the older one answering last: the light keeps the newer answer."""
+    import dataclasses
+    from concurrent import futures
+
+    import grpc
+
+    def slow_not_serving(request, context):
+        time.sleep(1.0)
+        return b"\x08\x02"                                 # HealthCheckResponse{status: NOT_SERVING}
+
+    slow = grpc.server(futures.ThreadPoolExecutor(2))
+    slow.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(slow_not_serving)}),))
+    port = slow.add_insecure_port("127.0.0.1:0")
+    slow.start()
+    serving = dock.settings
+    answers = []
+    dock.taskDone.connect(lambda kind, error: answers.append(error) if kind == "health" else None)
+    try:
+        dock.settings = dataclasses.replace(serving, address=f"127.0.0.1:{port}")
+        dock.refresh_health()                                 # the older check: NOT_SERVING, in a second
+        dock.settings = serving
+        dock.refresh_health()                                 # the newer one: SERVING at once
+        wait_until(lambda: len(answers) == 2, 30, "both health checks")
+        assert answers == [None, None] and dock.health_state == "SERVING" and "serving" in dock.light.text()
+        assert "rasters" in dock.info.text()
+    finally:
+        dock.settings = serving
+        slow.stop(0)
+
+
+def test_server_info_is_asked_once_per_backend_across_segments(dock, iface, rasters, own_backend,  # noqa: F811
+                                                                monkeypatch):
+    """GetInfo walks the index: two Segments of a file layer ask it once; a health check asks afresh."""
+    from backend.service import SkyPromptService
+
+    asked = []
+    get_info = SkyPromptService.GetInfo
+
+    def counted(self, request, context):
+        asked.append(1)
+        return get_info(self, request, context)
+
+    monkeypatch.setattr(SkyPromptService, "GetInfo", counted)      # before the server binds its methods
+    _, address = own_backend.start()
+    dock.settings.address = address
+    segment_whole_layer_setup(dock, iface, QgsRasterLayer(str(rasters["rgb"]), "ortho"))
+    assert run_dock(dock, "segment", dock.segment) is None and run_dock(dock, "segment", dock.segment) is None
+    assert len(asked) == 1, asked
+    assert run_dock(dock, "health", dock.refresh_health) is None and len(asked) == 2
+    assert run_dock(dock, "segment", dock.segment) is None and len(asked) == 2
+
+
+def test_a_narrow_panel_keeps_the_query_readable_and_elides_long_result_rows(dock, iface, rasters):  # noqa: F811
+    from qgis.PyQt.QtCore import Qt
+
+    name = "orthophoto of the northern districts, spring flight, second pass, corrected"
+    layer = QgsRasterLayer(str(rasters["rgb"]), name)
+    QgsProject.instance().addMapLayer(layer)
+    assert dock.tabs.widget(0).minimumSizeHint().width() <= 260, dock.tabs.widget(0).minimumSizeHint()
+    iface.addDockWidget(Qt.RightDockWidgetArea, dock)
+    iface.main_window.resizeDocks([dock], [260], Qt.Horizontal)
+    dock.tabs.setCurrentIndex(0)
+    QgsApplication.processEvents()
+    for w in (dock.query, dock.k, dock.search_button, dock.result_list):
+        assert w.width() >= w.minimumSizeHint().width(), (w, w.width(), w.minimumSizeHint())
+    # the query has the row to itself, and a longer one than it shows is whole in its tooltip
+    assert dock.query.width() >= dock.result_list.width() - 2, (dock.query.width(), dock.result_list.width())
+    dock.query.setText("parking lots next to a highway with trees along both sides of it")
+    assert dock.query.toolTip() == dock.query.text()
+    assert run_dock(dock, "index", dock.index_layers) is None
+    dock.query.setText("roads")
+    assert run_dock(dock, "search", dock.search) is None and dock.result_list.count()
+    QgsApplication.processEvents()
+    item, rows = dock.result_list.item(0), dock.result_list
+    row, room = rows.visualItemRect(item), rows.viewport().width()
+    # the row is cut to the list, which the delegate paints with an ellipsis, not scrolled sideways
+    assert rows.textElideMode() == Qt.ElideRight and row.right() < room and rows.horizontalScrollBar().maximum() == 0
+    assert rows.fontMetrics().horizontalAdvance(name) > row.width(), (row, name)
+    tip = item.toolTip()
+    assert item.text().endswith(name) and tip.startswith(item.text()) and str(rasters["rgb"]) in tip
+
+
+def test_pip_failures_say_network_only_when_pip_could_not_reach_the_index(tmp_path):
+    """pip's own output, as it printed it: the message bar line names the cause it shows."""
+    folder, packages = tmp_path / "deps", ["grpcio>=1.85.1", "protobuf>=6.31.1,<7"]
+    refused = [
+        "Looking in indexes: http://127.0.0.1:9/simple",
+        "WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection "
+        "broken by 'NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new "
+        "connection: [Errno 111] Connection refused\")': /simple/grpcio/",
+        "ERROR: Could not find a version that satisfies the requirement grpcio (from versions: none)",
+        "ERROR: No matching distribution found for grpcio"]
+    no_dns = [
+        "Collecting grpcio>=1.85.1",
+        "ERROR: Could not install packages due to an OSError: HTTPSConnectionPool(host='files.pythonhosted.org', "
+        "port=443): Max retries exceeded with url: /packages/grpcio-1.85.1-cp311-cp311-manylinux_2_17_x86_64.whl "
+        "(Caused by NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f3a2c1b5d50>: "
+        "Failed to establish a new connection: [Errno -3] Temporary failure in name resolution'))",
+        ""]
+    disk_full = [
+        "Installing collected packages: typing-extensions, protobuf, grpcio",
+        "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device: "
+        f"'{folder}/grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so'",
+        ""]
+    bad_requirement = [
+        "ERROR: Invalid requirement: 'grpcio>>1': Expected semicolon (after name with no version specifier) or end",
+        "    grpcio>>1",
+        "          ^"]
+    for output in (refused, no_dns):
+        message = deps.pip_failure(packages, folder, output)
+        assert "check the network connection" in message and "\n" not in message, message
+    assert "No matching distribution found for grpcio" in deps.pip_failure(packages, folder, refused)
+    message = deps.pip_failure(packages, folder, disk_full)
+    assert "no space left on device" in message and "check the network" not in message, message
+    message = deps.pip_failure(packages, folder, bad_requirement)
+    assert "Invalid requirement: 'grpcio>>1'" in message and "check the network" not in message, message
+    assert f"pip could not install {' '.join(packages)} into {folder}" in message
+
+
+def test_a_file_layer_is_opened_with_gdal_once_per_version_of_the_file(qgis_app, rasters, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    from osgeo import gdal as osgeo_gdal
+    from plugin.sources import local_path
+
+    path = tmp_path / "ortho.tif"
+    shutil.copy(rasters["rgb"], path)
+    layer = QgsRasterLayer(str(path), "ortho")
+    opened = []
+    open_ex = osgeo_gdal.OpenEx
+
+    def counted(*args, **kw):
+        opened.append(args[0])
+        return open_ex(*args, **kw)
+
+    monkeypatch.setattr(osgeo_gdal, "OpenEx", counted)
+    assert local_path(layer) == str(path) and local_path(layer) == str(path)
+    assert opened == [str(path)]
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime, mtime + 2_000_000_000))          # the file written again
+    assert local_path(layer) == str(path) and opened == [str(path)] * 2
+    # a sidecar a CRS may come from (.prj, .aux.xml) is part of the file's georeferencing: a new or
+    # changed one is asked about again (whether GDAL takes the CRS from it depends on the format)
+    (tmp_path / "ortho.prj").write_text(QgsCoordinateReferenceSystem("EPSG:3035").toWkt())
+    assert local_path(layer) == str(path) and opened == [str(path)] * 3
+    (tmp_path / "ortho.prj").unlink()
+    (tmp_path / "ortho.tif.aux.xml").write_text("<PAMDataset></PAMDataset>")
+    assert local_path(layer) == str(path) and opened == [str(path)] * 4
