@@ -297,6 +297,27 @@ def relevance_geotiff(relevance: np.ndarray, geotransform, srs: osr.SpatialRefer
     return bytes(data)
 
 
+def crop_to_extent(relevance: np.ndarray, geotransform, extent) -> tuple[np.ndarray, tuple]:
+    """The part of a north-up map on the working grid whose pixel centres lie in `extent` (xmin,
+    ymin, xmax, ymax), and its geotransform: a small extent is segmented with the ground around it,
+    but its relevance map is the extent's own. A rotated grid is returned whole (its extent is a box
+    around it)."""
+    gt = tuple(geotransform)
+    if gt[2] != 0 or gt[4] != 0 or extent is None:
+        return relevance, gt
+    height, width = relevance.shape[-2:]
+    xs = gt[0] + (np.arange(width) + 0.5) * gt[1]
+    ys = gt[3] + (np.arange(height) + 0.5) * gt[5]
+    cols = np.flatnonzero((xs >= extent[0]) & (xs <= extent[2]))
+    rows = np.flatnonzero((ys >= extent[1]) & (ys <= extent[3]))
+    if cols.size == 0 or rows.size == 0:
+        return relevance, gt
+    c0, c1, r0, r1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
+    if (c0, r0, c1, r1) == (0, 0, width, height):
+        return relevance, gt
+    return relevance[..., r0:r1, c0:c1], (gt[0] + c0 * gt[1], gt[1], 0.0, gt[3] + r0 * gt[5], 0.0, gt[5])
+
+
 def prompt_embeddings(engine, prompts: Sequence[str], ensemble: bool = True,
                       cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
     """[len(prompts) + len(BACKGROUND_PROMPTS), E]: the prompts (ensembled unless `ensemble` is
@@ -400,6 +421,6 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     return rgb, valid & inside, wide_gt, inside, bounds
 
 
-__all__ = ["segment", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
+__all__ = ["segment", "crop_to_extent", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
            "tile_starts", "relevance_geotiff", "BACKGROUND_PROMPTS", "DEFAULT_SAO_WINDOW", "DEFAULT_THRESHOLD",
            "SegmentOutput", "PromptResult", "PolygonResult"]

@@ -29,7 +29,7 @@ from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND,
                        DEFAULT_THRESHOLD, Limits, check_edge_radius, check_expand, check_views, edge_radius_for)
-from .segment import relevance_geotiff, segment
+from .segment import crop_to_extent, relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
 
@@ -621,7 +621,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
                                  bounds=_box(g.bounds))
             if request.return_relevance_map and result.relevance is not None:
-                msg.relevance_map_tiff = relevance_geotiff(result.relevance, output.geotransform, srs)
+                # the extent's own map, not the ground read around a small extent
+                relevance, gt = crop_to_extent(result.relevance, output.geotransform, output.extent)
+                msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
             yield pb.SegmentEvent(result=msg)
 
     # -- Caption --

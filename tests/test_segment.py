@@ -4,6 +4,7 @@ import pytest
 from osgeo import osr
 
 from backend.segment import clean_polygon, polygons_for_prompt, wgs84_transform
+from test_server import checkpoint, rasters, server  # noqa: F401 - fixtures: a live server on a tiny checkpoint
 
 
 def _srs(definition: str) -> osr.SpatialReference:
@@ -69,3 +70,48 @@ def test_clean_polygon_drops_slivers_but_keeps_a_region_that_is_all_small():
     tiny = clean_polygon(sliver, 0.0, min_part_area=0.75)      # alone it is a detection: kept
     assert len(tiny) == 1 and tiny[0].area == pytest.approx(0.08)
     assert len(clean_polygon(shapely.MultiPolygon([big, sliver]), 0.0)) == 2     # no minimum: both
+
+
+def test_crop_to_extent_keeps_the_pixels_whose_centres_lie_in_it():
+    from backend.segment import crop_to_extent
+
+    rel = np.arange(100, dtype=np.float32).reshape(10, 10)
+    gt = (1000.0, 2.0, 0.0, 5000.0, 0.0, -2.0)
+    cropped, new_gt = crop_to_extent(rel, gt, (1004.0, 4984.0, 1010.0, 4996.0))   # cols 2..4, rows 2..7
+    assert cropped.shape == (6, 3) and cropped[0, 0] == rel[2, 2]
+    assert new_gt == (1004.0, 2.0, 0.0, 4996.0, 0.0, -2.0)
+    stacked, _ = crop_to_extent(np.stack([rel, rel]), gt, (1004.0, 4984.0, 1010.0, 4996.0))
+    assert stacked.shape == (2, 6, 3)
+    whole = (1000.0, 4980.0, 1020.0, 5000.0)
+    assert crop_to_extent(rel, gt, whole)[0] is rel
+    rotated = (1000.0, 2.0, 0.5, 5000.0, 0.5, -2.0)                     # a box around it: kept whole
+    assert crop_to_extent(rel, rotated, (1004.0, 4984.0, 1010.0, 4996.0))[0] is rel
+
+
+def test_the_relevance_map_of_a_small_extent_covers_that_extent(server, rasters):
+    """A small extent is segmented with a tile of ground around it; the relevance GeoTIFF the server
+    returns is the extent's own (as SegmentRequest.return_relevance_map says), not the wider read."""
+    from osgeo import gdal
+
+    from backend.rpc import skyprompt_pb2 as pb
+
+    ds = gdal.Open(str(rasters["rgb"]))
+    gt = ds.GetGeoTransform()
+    ds = None
+    x0, y0 = gt[0] + 180 * gt[1], gt[3] + 130 * gt[5]                  # a 24 x 24 pixel extent inside
+    extent = (x0, y0 + 24 * gt[5], x0 + 24 * gt[1], y0)
+    request = pb.SegmentRequest(source=pb.RasterSource(path=str(rasters["rgb"])), prompts=["trees"],
+                                extent=pb.Extent(xmin=extent[0], ymin=extent[1], xmax=extent[2], ymax=extent[3]),
+                                return_relevance_map=True, edge_radius=0)
+    (result,) = [e.result for e in server.stub.Segment(request, metadata=server.metadata, timeout=120)
+                 if e.HasField("result")]
+    name = "/vsimem/test-relevance.tif"
+    gdal.FileFromMemBuffer(name, result.relevance_map_tiff)
+    try:
+        ds = gdal.Open(name)
+        t, w, h = ds.GetGeoTransform(), ds.RasterXSize, ds.RasterYSize
+        ds = None
+    finally:
+        gdal.Unlink(name)
+    assert (w, h) == (24, 24)
+    assert (t[0], t[3] + h * t[5], t[0] + w * t[1], t[3]) == pytest.approx(extent)
