@@ -432,9 +432,11 @@ def cmd_segment(stub, args) -> int:
 
 
 def cmd_caption(stub, args) -> int:
-    if args.max_len < 1 or args.beam < 1:
-        raise ClientError(f"--max-len {args.max_len} and --beam {args.beam} must be at least 1")
-    request = _with_bands(pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len, beam_size=args.beam),
+    if args.max_len is not None and args.max_len < 1:
+        raise ClientError(f"--max-len {args.max_len} must be at least 1")
+    if args.beam < 1:
+        raise ClientError(f"--beam {args.beam} must be at least 1")
+    request = _with_bands(pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len or 0, beam_size=args.beam),
                           args)
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
@@ -576,7 +578,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help="embed each prompt as typed (default: averaged over phrasings, as search does)")
     p = sub.add_parser("caption", parents=[common, extent, bands], help="describe an area in words")
     p.add_argument("--raster", required=True, help="raster file")
-    p.add_argument("--max-len", type=int, default=32, help="most tokens (default 32)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="most tokens to generate (default: the server's, 32 or the model's text context less one)")
     p.add_argument("--beam", type=int, default=3, help="beam width (default 3; 1 = greedy)")
 
 

@@ -422,7 +422,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
 
     def _index_done(self, raster: Raster, entry: dict, outcome, started, total, message) -> pb.IndexProgress:
         result = pb.IndexResult(
-            raster_id=str(entry["id"]), raster_path=raster.path, raster_name=entry["name"], outcome=outcome,
+            # the path the index keys it by (links followed), as Search and ListRasters answer
+            raster_id=str(entry["id"]), raster_path=_shown_path(entry["path"]), raster_name=entry["name"],
+            outcome=outcome,
             tile_count=entry["tile_count"], tiles_skipped=entry["tiles_skipped"], width=raster.width,
             height=raster.height, band_count=raster.band_count, crs=_crs_message(raster), bounds=_box(raster.bounds),
             bounds_wgs84=_box(raster.bounds_wgs84), seconds=time.monotonic() - started)
@@ -443,7 +445,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if k > self.limits.max_k:
             raise _bad(f"k={k} is above the limit of {self.limits.max_k} hits")
         thumb = request.thumbnail_size or 128
-        if request.include_thumbnails and thumb > self.limits.max_thumbnail_side:
+        if thumb > self.limits.max_thumbnail_side:
             raise _bad(f"thumbnail_size {thumb} is above the limit of {self.limits.max_thumbnail_side} pixels")
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not (-1.0 <= min_score <= 1.0):
@@ -631,9 +633,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def Caption(self, request, context):
         self._check_serving()
         started = time.monotonic()
-        max_len = request.max_len or 32
-        if max_len > self.engine.config.context_length:
-            raise _bad(f"max_len {max_len} is above the model's text context of {self.engine.config.context_length} tokens")
+        # the start token takes one place of the model's text context: the rest is what a caption can fill
+        longest = self.engine.config.context_length - 1
+        max_len = request.max_len or min(32, longest)
+        if max_len > longest:
+            raise _bad(f"max_len {max_len} is more than this model can generate: at most {longest} tokens "
+                       f"(its text context of {longest + 1} less the start token)")
         beam = max(1, request.beam_size)
         if beam > self.limits.max_beam_size:
             raise _bad(f"beam_size {beam} is above the limit of {self.limits.max_beam_size}")

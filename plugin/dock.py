@@ -22,8 +22,8 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
-from .sources import (PixelReader, SourceError, has_no_resolution, local_path, native_pixels, prepare_source,
-                      to_layer_crs)
+from .sources import (PixelReader, SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels,
+                      prepare_source, to_layer_crs)
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
@@ -597,7 +597,7 @@ class SkyPromptDock(QDockWidget):
         query = title if like_tile_id is None else ""
         layers = self.checked_layers()
         path_of = {layer.id(): local_path(layer) for layer in layers}
-        names = {path_of[layer.id()]: layer.name() for layer in layers if path_of[layer.id()]}
+        names = names_by_real_path((layer, path_of[layer.id()]) for layer in layers)
         # the ticked layers, by the id this session indexed them under, else by file path (indexed in
         # an earlier session: the server says NOT_FOUND if it never was); a layer read as pixels has
         # no path, so one not indexed in this session cannot be searched alone

@@ -20,10 +20,21 @@ def _percent(done: int, total: int) -> float:
     return 100.0 * done / total if total else 0.0
 
 
-def _source_and_extent(pb, prepared, rect: QgsRectangle | None, rect_crs: QgsCoordinateReferenceSystem | None,
+def pixel_side(conn, max_side: int) -> int:
+    """The side a pixel source is read at most: `max_side` (the user's setting), but no more than the
+    backend takes (ServerInfo.limits.max_pixel_source_side; larger is refused, RESOURCE_EXHAUSTED)."""
+    limit = conn.info().limits.max_pixel_source_side
+    return min(max_side, limit) if limit > 0 else max_side
+
+
+def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsCoordinateReferenceSystem | None,
                        rect_in_layer_crs: QgsRectangle | None, max_side: int, resolution: float | None):
     """(RasterSource, Extent or None, note). Paths get the extent as drawn (any CRS: the backend
-    reprojects it); pixel sources are read over the extent in the layer's CRS and need none."""
+    reprojects it); pixel sources are read over the extent in the layer's CRS and need none, at
+    most `max_side` a side as `pixel_side` caps it."""
+    pb = conn.pb
+    if not isinstance(prepared, str):       # a path is read by the backend: no side to cap
+        max_side = pixel_side(conn, max_side)
     source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution)
     extent = None
     if rect is not None and source.WhichOneof("kind") == "path":
@@ -52,7 +63,7 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
     `views`: views per tile averaged (1, 2, 4 or 8; None = the server's default,
     ServerInfo.default_index_views)."""
     pb = conn.pb
-    source, _, note = _source_and_extent(pb, prepared, None, None, view, max_side, resolution)
+    source, _, note = _source_and_extent(conn, prepared, None, None, view, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
     request = pb.IndexRasterRequest(source=source, force=force)
@@ -140,7 +151,7 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
     `path_resolution`, else at its own resolution, or, when `native` (sources.native_pixels: the
     area's pixel count and the layer's resolution) is over the server's limit, coarser (said in `notes`)."""
     pb = conn.pb
-    source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
     request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold, min_area_m2=min_area_m2)
@@ -181,7 +192,7 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
         coarser = CoarserRead(native, conn.info().limits.max_extent_pixels * CAPTION_LIMIT_FACTOR)
         if coarser.resolution is not None:
             prepared, resolution = file_reader, coarser.resolution
-    source, extent, note = _source_and_extent(pb, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if coarser is not None and coarser.resolution is not None:
         # one note with the resolution actually read (the max_side cap may have made it coarser still)
         gt = source.pixels.geotransform

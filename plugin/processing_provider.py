@@ -20,7 +20,8 @@ from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
-from .sources import SourceError, has_no_resolution, local_path, native_pixels, prepare_source, to_layer_crs
+from .sources import (SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels, prepare_source,
+                      to_layer_crs)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 
@@ -219,8 +220,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             raise QgsProcessingException(f"{', '.join(not_rasters)}: not a raster layer; 'Only in these layers' "
                                          "takes indexed raster layers")
         path_of = [(l, local_path(l)) for l in layers]
-        names = {path: l.name() for l, path in path_of if path}
-        paths = list(names)
+        names = names_by_real_path(path_of)
+        paths = [path for _, path in path_of if path]
         # a layer read as pixels (tile services, memory rasters) has no path to restrict the search to
         unreachable = [l.name() for l, path in path_of if not path]
         if unreachable and not paths:

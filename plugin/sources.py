@@ -29,6 +29,9 @@ _NUMERIC = {
     Qgis.DataType.Float64: (np.float64, "DATA_TYPE_FLOAT64"),
 }
 _ARGB = (Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied)
+# the backend refuses a PixelSource.label longer than this, counted in characters (code points, as
+# Python's len and slicing count them)
+MAX_LABEL_CHARS = 256
 
 
 class SourceError(ValueError):
@@ -57,6 +60,13 @@ def local_path(layer: QgsRasterLayer) -> str | None:
                                                            layer.crs())):
             return None
     return os.path.abspath(path)
+
+
+def names_by_real_path(layer_paths) -> dict[str, str]:
+    """{real path: layer name} of (layer, local_path(layer)) pairs that have a path. The backend
+    names a raster in its answers by its real path (links followed), whichever path the layer was
+    opened through, so hits are matched back to layers by that."""
+    return {os.path.realpath(path): layer.name() for layer, path in layer_paths if path}
 
 
 def _file_version(path: str) -> tuple:
@@ -220,7 +230,7 @@ class PixelReader:
         pixels = pb.PixelSource(width=width, height=height, band_count=bands, data_type=dtype,
                                 data=np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(),
                                 interleave=pb.INTERLEAVE_BAND, geotransform=geotransform, crs=crs_text(self.crs),
-                                alpha_band=alpha, label=self.name)
+                                alpha_band=alpha, label=self.name[:MAX_LABEL_CHARS])
         if nodata is not None:
             pixels.nodata = nodata
         return pb.RasterSource(pixels=pixels), note

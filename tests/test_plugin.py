@@ -1856,3 +1856,79 @@ def test_a_file_layer_is_opened_with_gdal_once_per_version_of_the_file(qgis_app,
     (tmp_path / "ortho.prj").unlink()
     (tmp_path / "ortho.tif.aux.xml").write_text("<PAMDataset></PAMDataset>")
     assert local_path(layer) == str(path) and opened == [str(path)] * 4
+
+
+def test_a_layer_opened_through_a_link_is_named_in_search_results(dock, iface, rasters, own_backend,  # noqa: F811
+                                                                  skyprompt_processing, tmp_path):
+    """The backend answers with a raster's real path (links followed): a layer opened through a link
+    is matched to its hits all the same, in the panel's list and results layer and in Processing's."""
+    import processing
+
+    _, address = own_backend.start()
+    dock.settings.address = address
+    link = tmp_path / "linked.tif"
+    link.symlink_to(rasters["rgb"])
+    layer = QgsRasterLayer(str(link), "through a link")
+    QgsProject.instance().addMapLayer(layer)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    dock.query.setText("fields")
+    dock.k.setValue(3)
+    assert run_dock(dock, "search", dock.search) is None
+    assert {f["layer"] for f in dock.last_layer.getFeatures()} == {"through a link"}
+    assert dock.result_list.item(0).text().endswith("through a link")
+    found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+        "QUERY": "fields", "K": 3, "LAYERS": [layer], "SERVER": address,
+        "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])
+    assert found.featureCount() == 3 and {f["layer"] for f in found.getFeatures()} == {"through a link"}
+
+
+def vsimem_layer(path: str, name: str, width: int = 160, height: int = 120) -> QgsRasterLayer:
+    """A GeoTIFF in GDAL's memory, which the backend cannot open: the plugin sends it as pixels."""
+    ds = gdal.GetDriverByName("GTiff").Create(path, width, height, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
+    ds.SetProjection(QgsCoordinateReferenceSystem("EPSG:32633").toWkt())
+    data = noise((3, height, width), seed=6)
+    for i in range(3):
+        ds.GetRasterBand(i + 1).WriteArray(data[i])
+    ds = None
+    layer = QgsRasterLayer(path, name)
+    assert layer.isValid()
+    return layer
+
+
+def test_a_max_side_above_the_backends_pixel_limit_reads_at_the_limit(dock, iface, own_backend):
+    """The Max side setting goes up to 16384, a backend takes pixel sources up to its
+    limits.max_pixel_source_side: a layer sent as pixels is read at most that, not refused."""
+    _, address = own_backend.start(limits=Limits(max_pixel_source_side=64))
+    dock.settings.address = address
+    dock.settings.max_pixel_side = 1000
+    layer = vsimem_layer("/vsimem/skyprompt-pixel-limit.tif", "in memory")          # 160 x 120 px
+    try:
+        segment_whole_layer_setup(dock, iface, layer, "water")
+        dock.threshold.setValue(0.0)
+        assert run_dock(dock, "segment", dock.segment) is None
+        assert dock.last_layer.featureCount() >= 1
+        assert any("capped at 64 px" in (text or "") for _, text, _ in iface.message_bar.messages)
+    finally:
+        gdal.Unlink("/vsimem/skyprompt-pixel-limit.tif")
+
+
+def test_a_layer_name_longer_than_the_backends_label_limit_is_cut_to_it(dock, iface, own_backend):
+    """PixelSource.label takes 256 characters (code points, as the backend counts them): a longer
+    layer name is cut to that, so the layer is indexed under it rather than refused."""
+    import grpc
+    from backend.rpc import skyprompt_pb2, skyprompt_pb2_grpc
+
+    _, address = own_backend.start()
+    dock.settings.address = address
+    name = "satellite \U0001F6F0 " * 40                # 480 code points, each satellite two UTF-16 units
+    layer = vsimem_layer("/vsimem/skyprompt-long-name.tif", name)
+    try:
+        QgsProject.instance().addMapLayer(layer)
+        assert run_dock(dock, "index", dock.index_layers) is None
+    finally:
+        gdal.Unlink("/vsimem/skyprompt-long-name.tif")
+    with grpc.insecure_channel(address) as channel:
+        listed = skyprompt_pb2_grpc.SkyPromptStub(channel).ListRasters(
+            skyprompt_pb2.ListRastersRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
+    assert [r.raster_name for r in listed.rasters] == [name[:256]]

@@ -555,6 +555,7 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
     src = lambda path: p.RasterSource(path=str(path))  # noqa: E731
     outside = make_tif(tmp_path / "outside.tif", noise((3, 32, 32)))
     rgb = rasters["rgb"]
+    context = stub.GetInfo(p.GetInfoRequest(), metadata=md).text_context_length
     cases = [
         (lambda: index(server, rasters["folder"] / "missing.tif"), grpc.StatusCode.NOT_FOUND, "does not exist"),
         (lambda: index(server, rasters["folder"] / "not_a_raster.tif"), grpc.StatusCode.INVALID_ARGUMENT, "not a raster"),
@@ -588,6 +589,12 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
         (lambda: segment(server, rgb, ["trees"], bands=p.BandMapping(red=7)), grpc.StatusCode.INVALID_ARGUMENT, "7"),
         (lambda: stub.Caption(p.CaptionRequest(source=src(rgb), beam_size=99), metadata=md),
          grpc.StatusCode.INVALID_ARGUMENT, "beam_size"),
+        # the start token takes one place of the text context: a caption fills the rest at most
+        (lambda: stub.Caption(p.CaptionRequest(source=src(rgb), max_len=context), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, f"at most {context - 1} tokens"),
+        # a thumbnail size over the limit is refused whether thumbnails were asked for or not
+        (lambda: stub.Search(p.SearchRequest(query="roads", thumbnail_size=100_000), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, "thumbnail_size 100000"),
         (lambda: stub.EmbedText(p.EmbedTextRequest(), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "texts is empty"),
         (lambda: stub.IndexRaster(p.IndexRasterRequest(), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "source"),
         (lambda: stub.Segment(p.SegmentRequest(source=p.RasterSource(pixels=p.PixelSource(
@@ -1499,3 +1506,22 @@ def test_server_with_stop_on_stdin_close_stops_cleanly_when_its_launcher_closes_
             live.stop()
         live.channel.close()
         live.log.close()
+
+
+def test_a_raster_indexed_through_a_link_is_answered_by_its_real_path(server, rasters, tmp_path):
+    """IndexResult, ListRasters and Search name a raster by the one path the index keys it by: the
+    file a link leads to, whichever path it was indexed through."""
+    p = pb()
+    real = make_tif(rasters["folder"] / "link_target.tif", noise((3, 64, 64), seed=21))
+    link = tmp_path / "through_a_link.tif"
+    link.symlink_to(real)
+    result = index(server, link)[-1].result
+    assert result.raster_path == str(real.resolve())
+    listed = {r.raster_id: r for r in server.stub.ListRasters(p.ListRastersRequest(), metadata=server.metadata).rasters}
+    assert listed[result.raster_id].raster_path == result.raster_path
+    hits = server.stub.Search(p.SearchRequest(query="fields", raster_ids=[result.raster_id]),
+                              metadata=server.metadata).hits
+    assert hits and {h.raster_path for h in hits} == {result.raster_path}
+    # indexed again through the link: unchanged, and still the real path
+    again = index(server, link)[-1].result
+    assert again.outcome == p.INDEX_OUTCOME_UNCHANGED and again.raster_path == result.raster_path
