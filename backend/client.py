@@ -331,7 +331,8 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction
         srs = osr.SpatialReference()
         srs.ImportFromWkt(results[0].crs.wkt)
         srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    layer = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbPolygon)
+    # multi: a region whose pixels touch only at corners is one feature of several parts
+    layer = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbMultiPolygon)
     for field, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
                         ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
         layer.CreateField(ogr.FieldDefn(field, kind))
@@ -345,7 +346,7 @@ def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction
             feature.SetField("max_score", float(polygon.max_score))
             feature.SetField("area", float(polygon.area))
             feature.SetField("area_m2", float(polygon.area_m2))
-            feature.SetGeometry(ogr.CreateGeometryFromWkb(bytes(polygon.wkb)))
+            feature.SetGeometry(ogr.ForceToMultiPolygon(ogr.CreateGeometryFromWkb(bytes(polygon.wkb))))
             layer.CreateFeature(feature)
             written += 1
     if own_transaction:

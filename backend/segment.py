@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from osgeo import gdal, ogr, osr
 from shapely import wkb as shapely_wkb
-from shapely.geometry import Polygon
+from shapely.geometry import MultiPolygon, Polygon
 from shapely.validation import make_valid
 
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
@@ -43,7 +43,8 @@ BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an 
 
 @dataclass
 class PolygonResult:
-    geometry: Polygon            # in the raster's CRS
+    geometry: Polygon | MultiPolygon   # in the raster's CRS; one region: a MultiPolygon when its pixels
+                                       # touch only at corners (make_valid parts them)
     score: float                 # mean relevance inside
     max_score: float
     area: float                  # map units squared
@@ -261,8 +262,9 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         label = i + 1
         score = float(sums[label] / counts[label]) if counts[label] else float(relevance[mask].mean())
         top = float(maxima[label]) if counts[label] else score
-        # a region of pixels that touch only at a corner comes back from make_valid in parts: they
-        # stand or fall together, by the region's area
+        # a region of pixels that touch only at a corner comes back from make_valid in parts (a
+        # diagonal road one pixel wide: a chain of squares): they stand or fall together, by the
+        # region's area, and are one result, so every result is at least the minimum area
         parts = clean_polygon(geometry, tolerance, min_part_area=0.75 * pixel_area)
         if min_area > 0 and sum(part.area for part in parts) < min_area:
             dropped += 1
@@ -272,8 +274,9 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         if min_area_m2 > 0 and measured and sum(ground) < min_area_m2:
             dropped += 1
             continue
-        for part, area_m2 in zip(parts, ground):
-            results.append(PolygonResult(part, score, top, float(part.area), area_m2))
+        region = parts[0] if len(parts) == 1 else MultiPolygon(parts)
+        results.append(PolygonResult(region, score, top, float(sum(part.area for part in parts)),
+                                     float(sum(ground)) if measured else 0.0))
     results.sort(key=lambda r: (-r.score, -r.area))
     return results, dropped
 

@@ -26,8 +26,9 @@ def test_min_area_m2_drops_whole_regions_by_their_ground_area():
     args = (np.ones((6, 6), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 0.0,
             wgs84_transform(srs))
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=7.5)
-    assert dropped == 0 and len(kept) == 2                   # the two parts stand together
-    assert sum(r.area_m2 for r in kept) == pytest.approx(8.0, rel=0.01)
+    assert dropped == 0 and len(kept) == 1                   # the two parts stand together, as one result
+    assert kept[0].geometry.geom_type == "MultiPolygon" and len(kept[0].geometry.geoms) == 2
+    assert kept[0].area_m2 == pytest.approx(8.0, rel=0.01) and kept[0].area == 8.0
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=8.5)
     assert kept == [] and dropped == 1                        # fall together: one region counted
 
@@ -115,3 +116,18 @@ def test_the_relevance_map_of_a_small_extent_covers_that_extent(server, rasters)
         gdal.Unlink(name)
     assert (w, h) == (24, 24)
     assert (t[0], t[3] + h * t[5], t[0] + w * t[1], t[3]) == pytest.approx(extent)
+
+
+def test_every_result_is_at_least_the_minimum_area():
+    """A minimum area is kept by each result a user sees: a large region's corner-touching specks
+    are parts of that region's result, not results of their own under the minimum."""
+    srs = _srs("EPSG:32633")
+    rng = np.random.default_rng(3)
+    relevance = (rng.random((60, 60)) > 0.55).astype(float)          # speckle: many corner contacts
+    relevance[10:40, 10:40] = 1.0
+    args = (np.ones((60, 60), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 1.0,
+            wgs84_transform(srs))
+    kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=20.0)
+    assert kept and dropped > 0
+    assert all(r.area_m2 >= 20.0 for r in kept), sorted(r.area_m2 for r in kept)[:5]
+    assert all(r.area == pytest.approx(r.geometry.area) for r in kept)
