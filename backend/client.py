@@ -118,15 +118,25 @@ def cmd_info(stub, args) -> int:
 def cmd_index(stub, args) -> int:
     results: list[dict] = []
     try:
-        _index_each(stub, args, results)
+        failed = _index_each(stub, args, results)
     finally:
         # rasters indexed before a failure (or Ctrl-C) stay indexed: a script still gets their JSON
         if args.json:
             _print_json(results)
+    if failed:
+        print(f"skyprompt client: {failed} of {len(args.rasters)} rasters could not be indexed", file=sys.stderr)
+        return 1
     return 0
 
 
-def _index_each(stub, args, results: list[dict]) -> None:
+# failures of the connection or the whole server, not of one raster: the next raster would fail the same way
+STOP_INDEXING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED)
+
+
+def _index_each(stub, args, results: list[dict]) -> int:
+    """Index every raster of args.rasters, appending an item per raster to `results` (a "failed" one
+    for a raster that failed, which does not stop the rest). Returns how many failed."""
+    failed = 0
     for path in args.rasters:
         request = _with_bands(pb.IndexRasterRequest(source=_source(path), force=args.force,
                                                     target_resolution=args.resolution or 0.0), args)
@@ -134,21 +144,22 @@ def _index_each(stub, args, results: list[dict]) -> None:
             request.tile_overlap = args.overlap
         if args.views is not None:
             request.views = args.views
-        bar = None
-        final = None
-        for progress in stub.IndexRaster(request, metadata=_metadata(args.token), timeout=args.timeout):
-            if progress.done:
-                final = progress.result
-            elif not args.json and progress.tiles_total:
-                if bar is None:
-                    from tqdm import tqdm
-                    bar = tqdm(total=progress.tiles_total, desc=os.path.basename(path), unit="tile", file=sys.stderr)
-                bar.update(progress.tiles_done - bar.n)
-        if bar is not None:
-            bar.update(bar.total - bar.n)
-            bar.close()
-        if final is None:
-            raise ClientError(f"the server ended the IndexRaster stream for {path} without a result")
+        try:
+            final = _index_one(stub, args, request, path)
+        except grpc.RpcError as e:
+            if e.code() in STOP_INDEXING:
+                raise
+            error = f"{e.code().name}: {rpc_error_detail(e, args)}"
+        except ClientError as e:
+            error = str(e)
+        else:
+            error = None
+        if error is not None:
+            failed += 1
+            results.append({"raster_path": request.source.path, "raster_name": os.path.basename(path),
+                            "outcome": "failed", "error": error})
+            print(f"skyprompt client: {path}: {error}", file=sys.stderr)
+            continue
         outcome = pb.IndexOutcome.Name(final.outcome).removeprefix("INDEX_OUTCOME_").lower()
         item = {"raster_id": final.raster_id, "raster_path": final.raster_path, "raster_name": final.raster_name,
                 "outcome": outcome, "tile_count": final.tile_count, "tiles_skipped": final.tiles_skipped,
@@ -159,6 +170,30 @@ def _index_each(stub, args, results: list[dict]) -> None:
         if not args.json:
             print(f"{item['raster_name']}: {outcome}, {item['tile_count']} tiles "
                   f"({item['tiles_skipped']} skipped as empty), id {item['raster_id']}, {item['seconds']:.1f} s")
+    return failed
+
+
+def _index_one(stub, args, request, path: str):
+    """The IndexResult of one IndexRaster call, with a progress bar in text mode."""
+    bar = None
+    final = None
+    try:
+        for progress in stub.IndexRaster(request, metadata=_metadata(args.token), timeout=args.timeout):
+            if progress.done:
+                final = progress.result
+            elif not args.json and progress.tiles_total:
+                if bar is None:
+                    from tqdm import tqdm
+                    bar = tqdm(total=progress.tiles_total, desc=os.path.basename(path), unit="tile", file=sys.stderr)
+                bar.update(progress.tiles_done - bar.n)
+        if bar is not None:
+            bar.update(bar.total - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    if final is None:
+        raise ClientError(f"the server ended the IndexRaster stream for {path} without a result")
+    return final
 
 
 def unfamiliar_words(words) -> list[dict]:
@@ -209,6 +244,7 @@ def cmd_search(stub, args) -> int:
             target.write_bytes(hit.thumbnail_png)
             item["thumbnail"] = str(target)
         hits.append(item)
+    saved = [h["thumbnail"] for h in hits if "thumbnail" in h]
     if args.json:
         _print_json({"query": args.query, "like_tile_id": args.like_tile, "results": hits, "tiles_searched": response.tiles_searched,
                      "approximate": response.approximate, "seconds": round(response.seconds, 4),
@@ -222,6 +258,8 @@ def cmd_search(stub, args) -> int:
             print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']} (raster id {h['raster_id']})  "
                   f"tile {h['tile_id']}  window {h['window']}  "
                   f"[{b[0]:.10g}, {b[1]:.10g}, {b[2]:.10g}, {b[3]:.10g}] {h['crs']}")
+        if saved:
+            print(f"thumbnails saved in {Path(args.thumbnails).resolve()}")
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     return 0
@@ -249,6 +287,9 @@ def check_polygon_output(path: str) -> str:
     ext = _polygon_output_ext(path)
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
         raise _not_a_geopackage(path)
+    if ext != ".gpkg" and Path(path).exists():
+        # a GeoJSON holds one layer: writing would replace the user's file, not add to it
+        raise ClientError(f"--output {path} exists; give a new file name, or a .gpkg to add a layer to")
     return ext
 
 
@@ -399,11 +440,13 @@ def cmd_segment(stub, args) -> int:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
               f"longitude/latitude) and were kept whatever their size", file=sys.stderr)
     written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
+    relevance_maps = []
     if args.relevance_map:
         stem = Path(args.relevance_map)
         for r in results:
             target = stem if len(results) == 1 else stem.with_name(f"{stem.stem}_{r.prompt_index}{stem.suffix}")
             target.write_bytes(r.relevance_map_tiff)
+            relevance_maps.append(str(target.resolve()))
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
            "layer": layer_name,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
@@ -429,6 +472,8 @@ def cmd_segment(stub, args) -> int:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
         if args.output:
             print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({out['crs']})")
+        if relevance_maps:
+            print(f"relevance map(s) saved: {', '.join(relevance_maps)}")
     return 0
 
 
@@ -598,6 +643,32 @@ def check_server_address(server: str) -> str | None:
     return None
 
 
+def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
+    """A failed call's message, with a hint at the likely cause where the message alone gives none."""
+    code = e.code()
+    detail = e.details() or ""
+    low = detail.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and "wrong_version_number" in low:
+        detail += f" (the server at {args.server} does not serve TLS: leave out --tls and --tls-ca)"
+    elif "hostname verification" in low or "does not match ssl server name" in low:
+        detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]}: connect by "
+                   "a name or address the certificate holds)")
+    elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
+        detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
+                   "that certificate: --tls-ca PEM)")
+    elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
+        detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
+                   "--tls-ca PEM)")
+    elif code == grpc.StatusCode.UNAVAILABLE and ("resolving" in low or "dns resolution" in low):
+        detail += (f" (no such host: check the host name in --server {args.server}; is the server running "
+                   "there?)")
+    elif code == grpc.StatusCode.UNAVAILABLE and ("connect" in low or "unavailable" in low):
+        detail += f" (is the server running at {args.server}? start it with: python -m backend serve)"
+    elif code == grpc.StatusCode.CANCELLED:     # not ours (Ctrl-C is handled in run_client): the server's
+        detail += " (the server cancelled the call, perhaps because it was stopped)"
+    return detail
+
+
 def run_client(args: argparse.Namespace) -> int:
     problem = check_server_address(args.server)
     if problem:
@@ -617,25 +688,7 @@ def run_client(args: argparse.Namespace) -> int:
         try:
             return COMMANDS[args.client_command](stub, args)
         except grpc.RpcError as e:
-            code = e.code()
-            detail = e.details() or ""
-            low = detail.lower()
-            if code == grpc.StatusCode.UNAVAILABLE and "wrong_version_number" in low:
-                detail += f" (the server at {args.server} does not serve TLS: leave out --tls and --tls-ca)"
-            elif "hostname verification" in low or "does not match ssl server name" in low:
-                detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]}: connect by "
-                           "a name or address the certificate holds)")
-            elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
-                detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
-                           "that certificate: --tls-ca PEM)")
-            elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
-                detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
-                           "--tls-ca PEM)")
-            elif code == grpc.StatusCode.UNAVAILABLE and ("connect" in low or "unavailable" in low):
-                detail += f" (is the server running at {args.server}? start it with: python -m backend serve)"
-            elif code == grpc.StatusCode.CANCELLED:     # not ours (Ctrl-C is handled below): the server's
-                detail += " (the server cancelled the call, perhaps because it was stopped)"
-            print(f"skyprompt client: {code.name}: {detail}", file=sys.stderr)
+            print(f"skyprompt client: {e.code().name}: {rpc_error_detail(e, args)}", file=sys.stderr)
             return 1
         except (ClientError, OSError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)

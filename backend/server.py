@@ -416,6 +416,8 @@ def serve(args: argparse.Namespace) -> int:
     while not done.wait(0.5):
         pass
     server.stop()
+    if args.port_file:
+        remove_port_file(args.port_file, server.port)
     # everything is closed and on disk: leave without interpreter finalization, during which gRPC's
     # and torch's native threads could abort the process ("terminate called without an active
     # exception", exit 134) after a clean stop
@@ -423,6 +425,16 @@ def serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def remove_port_file(path: str, port: int) -> None:
+    """Remove the port file of a server that has stopped, so a launcher does not take it for a running
+    one's; left alone when it no longer holds this server's port (another server has written it since)."""
+    try:
+        if Path(path).read_text().strip() == str(port):
+            os.unlink(path)
+    except OSError:
+        pass    # gone already, or not ours to remove
 
 
 # set by a launcher (the QGIS plugin) to its own process id: a server it started stops when it ends,

@@ -137,6 +137,12 @@ def _shown_path(path: str) -> str:
     return "" if path.startswith(PIXELS_PREFIX) else path
 
 
+def _is_lonlat(xmin: float, ymin: float, xmax: float, ymax: float) -> bool:
+    """Whether a box's coordinates can be longitudes (x, up to one turn past 180 degrees, for a box
+    across it) and latitudes (y)."""
+    return -90 <= ymin <= 90 and -90 <= ymax <= 90 and all(-540 <= x <= 540 for x in (xmin, xmax))
+
+
 def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
     """An Extent message as (xmin, ymin, xmax, ymax, crs), or None when unset / all zero.
     `lonlat_default` (Search): an empty crs means EPSG:4326, whose extents must be longitudes and
@@ -149,8 +155,12 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
     if not all(math.isfinite(v) for v in values):
         raise _bad(f"extent {values} has a coordinate that is not a finite number")
     lonlat = lonlat_default and (message.crs or "EPSG:4326").upper() in LONLAT_CRS
-    if lonlat and not (-90 <= values[1] <= 90 and -90 <= values[3] <= 90 and
-                       all(-540 <= v <= 540 for v in (values[0], values[2]))):
+    if lonlat and not _is_lonlat(*values):
+        if _is_lonlat(values[1], values[0], values[3], values[2]):
+            # latitude first, as coordinates are often spoken: say so rather than suggest another CRS
+            raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) gives latitude first: longitude "
+                       f"comes first (xmin, ymin, xmax, ymax = LON0, LAT0, LON1, LAT1; client: "
+                       f"--extent LON0 LAT0 LON1 LAT1)")
         raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is not longitude/latitude in "
                    f"EPSG:4326: if it is in another CRS, give that CRS (Extent.crs; client: --extent-crs)")
     wraps = lonlat and crosses_antimeridian(values[0], values[2])

@@ -1201,7 +1201,7 @@ def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     # a later raster's failure: the JSON of the rasters indexed before it still comes out
     out = client(server, "index", "--json", str(rasters["rgb"]), str(rasters["folder"] / "nope.tif"))
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
-    assert [Path(r["raster_path"]).name for r in json.loads(out.stdout)] == ["rgb_utm.tif"]
+    assert [Path(r["raster_path"]).name for r in json.loads(out.stdout) if r["outcome"] != "failed"] == ["rgb_utm.tif"]
     out = client(server, "caption", "--raster", str(rasters["rgb"]), "--max-len", "-3")
     assert out.returncode == 1 and "--max-len -3" in out.stderr and "Traceback" not in out.stderr
     for flags, message in ((["--output", "masks.shp"], "use a .gpkg or .geojson"),
@@ -1530,3 +1530,69 @@ def test_a_raster_indexed_through_a_link_is_answered_by_its_real_path(server, ra
     # indexed again through the link: unchanged, and still the real path
     again = index(server, link)[-1].result
     assert again.outcome == p.INDEX_OUTCOME_UNCHANGED and again.raster_path == result.raster_path
+
+
+# ---- the command line: outputs, partial failures, hints ----------------------------------------
+
+@pytest.mark.parametrize("suffix", [".geojson", ".json"])
+def test_cli_segment_refuses_to_replace_an_existing_geojson(server, rasters, tmp_path, suffix):
+    """A GeoJSON holds one layer: an existing one is refused before the work, not silently replaced."""
+    target = tmp_path / f"mine{suffix}"
+    target.write_text('{"type": "FeatureCollection", "features": []}')
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--output", str(target))
+    assert out.returncode == 1 and "segment:" not in out.stderr                 # refused before the work
+    assert f"--output {target} exists; give a new file name, or a .gpkg to add a layer to" in out.stderr
+    assert target.read_text() == '{"type": "FeatureCollection", "features": []}'
+
+
+def test_cli_index_goes_on_past_a_raster_that_fails(server, rasters):
+    missing = rasters["folder"] / "missing.tif"
+    out = client(server, "index", str(rasters["rgb"]), str(missing), str(rasters["grey16"]))
+    assert out.returncode == 1, out.stderr
+    assert "rgb_utm.tif:" in out.stdout and "grey16.tif:" in out.stdout        # the raster after it was indexed
+    assert f"{missing}: NOT_FOUND" in out.stderr and "1 of 3 rasters could not be indexed" in out.stderr
+    out = client(server, "index", "--json", str(missing), str(rasters["rgb"]), str(rasters["folder"] / "not_a_raster.tif"))
+    assert out.returncode == 1 and "2 of 3 rasters could not be indexed" in out.stderr
+    items = json.loads(out.stdout)
+    assert [(Path(i["raster_path"]).name, i["outcome"]) for i in items] == [
+        ("missing.tif", "failed"), ("rgb_utm.tif", "unchanged"), ("not_a_raster.tif", "failed")]
+    assert items[0]["error"].startswith("NOT_FOUND: ") and items[2]["error"]
+
+
+def test_cli_unknown_host_gets_a_hint():
+    out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", "nosuchhost.invalid:50051",
+                          "--timeout", "60"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "UNAVAILABLE" in out.stderr, out.stderr
+    assert "check the host name in --server nosuchhost.invalid:50051; is the server running there?" in out.stderr
+
+
+def test_search_extent_with_latitude_first_says_longitude_comes_first(server):
+    out = client(server, "search", "roads", "--extent", "47.01", "-99.16", "47.02", "-99.14")
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
+    assert "longitude comes first" in out.stderr and "--extent LON0 LAT0 LON1 LAT1" in out.stderr
+    assert "give that CRS" not in out.stderr
+    # numbers that are no longitudes and latitudes either way still get the hint to name their CRS
+    out = client(server, "search", "roads", "--extent", "500000", "5000000", "501000", "5001000")
+    assert out.returncode == 1 and "give that CRS" in out.stderr and "longitude comes first" not in out.stderr
+
+
+def test_cli_says_where_thumbnails_and_relevance_maps_were_saved(server, rasters, tmp_path):
+    assert client(server, "index", str(rasters["rgb"])).returncode == 0
+    folder = tmp_path / "thumbs"
+    out = client(server, "search", "roads", "--k", "2", "--raster", str(rasters["rgb"]), "--thumbnails", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert f"thumbnails saved in {folder}" in out.stdout and len(list(folder.glob("*.png"))) == 2
+    stem = tmp_path / "relevance.tif"
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--prompt", "roads",
+                 "--relevance-map", str(stem))
+    assert out.returncode == 0, out.stderr
+    saved = [tmp_path / "relevance_0.tif", tmp_path / "relevance_1.tif"]
+    assert f"relevance map(s) saved: {saved[0]}, {saved[1]}" in out.stdout and all(p.exists() for p in saved)
+
+
+def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path):
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path]).start()
+    port_file = tmp_path / "data.port"
+    assert port_file.read_text() == live.address.rsplit(":", 1)[1]
+    assert live.stop() == 0
+    assert not port_file.exists()
