@@ -401,6 +401,9 @@ def unmeasured_polygons(results: list[pb.SegmentResult]) -> int:
     return sum(1 for result in results for polygon in result.polygons if polygon.area_m2 <= 0 < polygon.area)
 
 
+MIN_AREA_CAPABILITY = "min_area_m2"
+
+
 def cmd_segment(stub, args) -> int:
     # outputs are checked before the server works, not after
     if args.output:
@@ -409,6 +412,12 @@ def cmd_segment(stub, args) -> int:
         raise ClientError(f"--relevance-map {args.relevance_map}: its folder does not exist")
     if not math.isfinite(args.min_area) or args.min_area < 0:
         raise ClientError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
+    if args.min_area > 0:
+        info = stub.GetInfo(pb.GetInfoRequest(), metadata=_metadata(args.token), timeout=args.timeout)
+        if MIN_AREA_CAPABILITY not in info.capabilities:
+            # an older server ignores the field it does not know: every small polygon would come back
+            raise ClientError(f"the server at {args.server} does not apply --min-area (it predates "
+                              "SegmentRequest.min_area_m2): update it, or leave --min-area out")
     # min_area_m2, not min_area: that one is in map units squared (square degrees on a lon/lat raster)
     request = pb.SegmentRequest(source=_source(args.raster), prompts=args.prompt, min_area_m2=args.min_area,
                                 include_wkt=args.json, return_relevance_map=bool(args.relevance_map),

@@ -69,6 +69,9 @@ class SegmentOutput:
     crs_wkt: str
     shape: tuple[int, int]                       # (height, width) of the working grid
     tiles: int = 0
+    # (col, row, width, height) of the extent's own pixels on the working grid when the model saw
+    # ground around it (a small extent), else None
+    window: tuple[int, int, int, int] | None = None
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -300,25 +303,16 @@ def relevance_geotiff(relevance: np.ndarray, geotransform, srs: osr.SpatialRefer
     return bytes(data)
 
 
-def crop_to_extent(relevance: np.ndarray, geotransform, extent) -> tuple[np.ndarray, tuple]:
-    """The part of a north-up map on the working grid whose pixel centres lie in `extent` (xmin,
-    ymin, xmax, ymax), and its geotransform: a small extent is segmented with the ground around it,
-    but its relevance map is the extent's own. A rotated grid is returned whole (its extent is a box
-    around it)."""
+def crop_to_window(relevance: np.ndarray, geotransform, window) -> tuple[np.ndarray, tuple]:
+    """`relevance` ([..., H, W] on the working grid) cut to `window` (col, row, width, height; None
+    = whole) and the geotransform of the cut: a small extent is segmented with the ground around it,
+    but its relevance map is the extent's own."""
     gt = tuple(geotransform)
-    if gt[2] != 0 or gt[4] != 0 or extent is None:
+    if window is None:
         return relevance, gt
-    height, width = relevance.shape[-2:]
-    xs = gt[0] + (np.arange(width) + 0.5) * gt[1]
-    ys = gt[3] + (np.arange(height) + 0.5) * gt[5]
-    cols = np.flatnonzero((xs >= extent[0]) & (xs <= extent[2]))
-    rows = np.flatnonzero((ys >= extent[1]) & (ys <= extent[3]))
-    if cols.size == 0 or rows.size == 0:
-        return relevance, gt
-    c0, c1, r0, r1 = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-    if (c0, r0, c1, r1) == (0, 0, width, height):
-        return relevance, gt
-    return relevance[..., r0:r1, c0:c1], (gt[0] + c0 * gt[1], gt[1], 0.0, gt[3] + r0 * gt[5], 0.0, gt[5])
+    c0, r0, w, h = window
+    return (relevance[..., r0:r0 + h, c0:c0 + w],
+            (gt[0] + c0 * gt[1] + r0 * gt[2], gt[1], gt[2], gt[3] + c0 * gt[4] + r0 * gt[5], gt[4], gt[5]))
 
 
 def prompt_embeddings(engine, prompts: Sequence[str], ensemble: bool = True,
@@ -389,7 +383,12 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         processed = tuple(clip.intersection(grid).bounds) if clip.intersects(grid) else tuple(grid.bounds)
     elif processed is None:
         processed = bounds_from_geotransform(gt, width, height)
-    return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles)
+    window = None
+    if wider is not None:     # the pixels that are the extent's own, as `inside` marks them
+        rows, cols = np.flatnonzero(wider[3].any(axis=1)), np.flatnonzero(wider[3].any(axis=0))
+        if rows.size and cols.size:
+            window = (int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+    return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles, window)
 
 
 def _context_read(raster: Raster, extent, target_resolution: float | None, size: int, max_pixels: int):
@@ -424,6 +423,6 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     return rgb, valid & inside, wide_gt, inside, bounds
 
 
-__all__ = ["segment", "crop_to_extent", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
+__all__ = ["segment", "crop_to_window", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
            "tile_starts", "relevance_geotiff", "BACKGROUND_PROMPTS", "DEFAULT_SAO_WINDOW", "DEFAULT_THRESHOLD",
            "SegmentOutput", "PromptResult", "PolygonResult"]

@@ -20,6 +20,7 @@ import select
 import signal
 import socket
 import ssl
+import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -459,20 +460,33 @@ def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def watch_stdin(done: threading.Event) -> None:
-    """Set `done` once standard input reaches its end. A launcher stops the server by closing the
-    pipe (Windows has no SIGTERM: QProcess.terminate() there sends WM_CLOSE, which a console program
-    never sees), and a launcher that ends in any way closes it too."""
+def watch_stdin(done: threading.Event) -> bool:
+    """Set `done` once standard input, a pipe or socket a launcher holds, reaches its end. A
+    launcher stops the server by closing the pipe (Windows has no SIGTERM: QProcess.terminate()
+    there sends WM_CLOSE, which a console program never sees), and a launcher that ends in any way
+    closes it too. Any other standard input is not watched (returns False, with a warning): /dev/null
+    would end at once, and a terminal read from a background job would suspend the server."""
+    try:
+        fd = sys.stdin.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        mode = None
+    if mode is None or not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        log.warning("--stop-on-stdin-close: standard input is not a pipe (a terminal, a file or none), so it is "
+                    "not watched; the flag is for a launcher that starts the server with a pipe")
+        return False
+
     def watch():
         try:
-            while os.read(sys.stdin.fileno(), 4096):
+            while os.read(fd, 4096):
                 pass    # what a launcher writes means nothing; only the end does
-        except (OSError, ValueError):
-            pass        # no usable standard input: closed, as far as this server can tell
+        except OSError:
+            pass        # the pipe broke: closed, as far as this server can tell
         log.info("standard input closed: shutting down")
         done.set()
 
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
+    return True
 
 
 def process_end_probe(pid: int) -> Callable[[], bool]:

@@ -29,7 +29,7 @@ from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND,
                        DEFAULT_THRESHOLD, Limits, check_edge_radius, check_expand, check_views, edge_radius_for)
-from .segment import crop_to_extent, relevance_geotiff, segment
+from .segment import crop_to_window, relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
 
@@ -283,7 +283,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
-                        "query_expansion", "like_tile", "list_rasters"]
+                        "query_expansion", "like_tile", "list_rasters", "min_area_m2"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:
@@ -454,7 +454,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         k = request.k or 10
         if k > self.limits.max_k:
             raise _bad(f"k={k} is above the limit of {self.limits.max_k} hits")
-        thumb = request.thumbnail_size or 128
+        thumb = request.thumbnail_size or min(128, self.limits.max_thumbnail_side)
         if thumb > self.limits.max_thumbnail_side:
             raise _bad(f"thumbnail_size {thumb} is above the limit of {self.limits.max_thumbnail_side} pixels")
         min_score = request.min_score if request.HasField("min_score") else None
@@ -634,7 +634,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                  bounds=_box(g.bounds))
             if request.return_relevance_map and result.relevance is not None:
                 # the extent's own map, not the ground read around a small extent
-                relevance, gt = crop_to_extent(result.relevance, output.geotransform, output.extent)
+                relevance, gt = crop_to_window(result.relevance, output.geotransform, output.window)
                 msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
             yield pb.SegmentEvent(result=msg)
 

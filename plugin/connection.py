@@ -90,8 +90,10 @@ class BackendConnection:
         message = error.details() if hasattr(error, "details") and error.details() else str(error)
         if code == "CANCELLED":   # the user's own cancel never gets here (see _stream): the backend's doing
             message = f"the backend cancelled the call, perhaps because it was stopped ({message})"
-        if code == "UNAVAILABLE":
+        if code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
+            # gone, or a refusal the cached limits may explain (a backend restarted with others)
             self._forget_info()
+        if code == "UNAVAILABLE":
             if "connect" in message.lower():
                 message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
         return BackendError(code, message)

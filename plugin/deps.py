@@ -109,9 +109,12 @@ def _run(cmd: list[str], log: Callable[[str], None]) -> int:
 
 
 # pip's words when it could not reach the package index (or found nothing there to install)
-NETWORK_SIGNS = ("Could not find a version", "No matching distribution", "ConnectionError", "Max retries",
-                 "Temporary failure in name resolution", "Failed to establish a new connection", "Read timed out",
-                 "Network is unreachable")
+# pip could not talk to the index (its "no matching distribution" alone is also what a reachable
+# index says when no version fits this Python or platform: that one lists the versions it saw)
+NETWORK_SIGNS = ("ConnectionError", "Max retries", "Temporary failure in name resolution",
+                 "Failed to establish a new connection", "Read timed out", "Network is unreachable",
+                 "(from versions: none)")
+NO_FIT_SIGN = "No matching distribution"
 DISK_FULL_SIGN = "No space left on device"
 
 
@@ -126,6 +129,9 @@ def pip_failure(packages: list[str], folder: str | os.PathLike, output: list[str
         return f"{where}: no space left on device; free some space on that disk and try again {log}"
     if any(sign.lower() in text.lower() for sign in NETWORK_SIGNS):
         return f"{where}: {reason}; check the network connection and try again {log}"
+    if NO_FIT_SIGN.lower() in text.lower():
+        return (f"{where}: {reason}; no version of it fits this QGIS's Python or platform: install a QGIS with a "
+                f"newer Python, or the packages by hand {log}")
     return f"{where}: {reason} {log}"
 
 

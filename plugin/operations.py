@@ -10,6 +10,7 @@ from typing import Callable
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
 
+from .connection import BackendError
 from .sources import build_source, wire_extent
 
 Progress = Callable[[float], None]
@@ -154,6 +155,10 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
     source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
+    if min_area_m2 > 0 and "min_area_m2" not in conn.info().capabilities:
+        # an older backend ignores the field it does not know: every small polygon would come back
+        raise BackendError("FAILED_PRECONDITION", f"the backend at {conn.address} does not apply a minimum area "
+                                                  "(it is older than this plugin): update it, or set Minimum area to 0")
     request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold, min_area_m2=min_area_m2)
     if edge_radius is not None:
         request.edge_radius = edge_radius

@@ -1694,7 +1694,7 @@ def test_a_late_finish_of_an_earlier_backend_process_leaves_the_current_one_alon
     try:
         assert launcher.start(settings)
         first = launcher.process
-        launcher.stop()
+        launcher.stop(wait_ms=500)          # sleep ignores its closed stdin: killed
         assert launcher.start(settings)                     # the second start
         second = launcher.process
         assert second is not first and stops == [1]
@@ -1703,7 +1703,7 @@ def test_a_late_finish_of_an_earlier_backend_process_leaves_the_current_one_alon
         QgsApplication.processEvents()
         assert launcher.process is second and launcher.running and failures == [] and stops == [1]
     finally:
-        launcher.stop()
+        launcher.stop(wait_ms=500)
     assert failures == [] and stops == [1, 1]
 
 
@@ -1823,6 +1823,13 @@ def test_pip_failures_say_network_only_when_pip_could_not_reach_the_index(tmp_pa
     assert "No matching distribution found for grpcio" in deps.pip_failure(packages, folder, refused)
     message = deps.pip_failure(packages, folder, disk_full)
     assert "no space left on device" in message and "check the network" not in message, message
+    # the index answered, but no wheel fits this Python (an older QGIS): not the network's fault
+    no_fit = ["Collecting grpcio>=1.85.1",
+              "ERROR: Could not find a version that satisfies the requirement grpcio>=1.85.1 (from versions: 1.60.0, "
+              "1.62.1)",
+              "ERROR: No matching distribution found for grpcio>=1.85.1"]
+    message = deps.pip_failure(packages, folder, no_fit)
+    assert "check the network" not in message and "fits this QGIS's Python" in message, message
     message = deps.pip_failure(packages, folder, bad_requirement)
     assert "Invalid requirement: 'grpcio>>1'" in message and "check the network" not in message, message
     assert f"pip could not install {' '.join(packages)} into {folder}" in message

@@ -128,6 +128,9 @@ def _info_backend(model_name: str, asked: list, port: int = 0):
             asked.append(model_name)
             return pb.ServerInfo(model_name=model_name)
 
+        def Caption(self, request, context):  # noqa: N802 - gRPC API
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the extent is over the limit")
+
     server = grpc.server(futures.ThreadPoolExecutor(2))
     pb_grpc.add_SkyPromptServicer_to_server(Servicer(), server)
     serving = grpc.unary_unary_rpc_method_handler(lambda request, context: b"\x08\x01")   # SERVING
@@ -152,6 +155,12 @@ def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away():
         with BackendConnection(address) as conn:
             assert conn.info(fresh=True).model_name == "first"
         assert asked == ["first"] * 3
+        # a refusal the cached limits may explain (the backend restarted with others) forgets them
+        with BackendConnection(address) as conn:
+            with pytest.raises(BackendError, match="RESOURCE_EXHAUSTED|over the limit"):
+                conn.caption(conn.pb.CaptionRequest())
+            conn.info()
+        assert asked == ["first"] * 4
     finally:
         first.stop(0)
     # a backend restarted at the same address may have other limits: a health check that finds
@@ -164,3 +173,29 @@ def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away():
             assert conn.info().model_name == "second" and asked[-1] == "second"
     finally:
         second.stop(0)
+
+
+def test_a_minimum_area_is_refused_by_name_by_a_backend_that_would_ignore_it(tmp_path):
+    """A backend older than SegmentRequest.min_area_m2 ignores the field: the plugin and the client
+    say so before segmenting, instead of returning every small polygon as if filtered."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from plugin import operations
+
+    asked = []
+    old, port = _info_backend("old", asked)          # its ServerInfo names no capabilities
+    address = f"127.0.0.1:{port}"
+    try:
+        with BackendConnection(address) as conn:
+            with pytest.raises(BackendError, match="does not apply a minimum area"):
+                operations.segment(conn, str(tmp_path / "a.tif"), ["trees"], None, None, None, 0.5, 1024,
+                                   lambda p: None, lambda: False, min_area_m2=100.0)
+        out = subprocess.run([sys.executable, "-m", "backend", "client", "--server", address, "segment",
+                              "--raster", str(tmp_path / "a.tif"), "--prompt", "trees", "--min-area", "100"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "does not apply --min-area" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    finally:
+        old.stop(0)

@@ -73,20 +73,44 @@ def test_clean_polygon_drops_slivers_but_keeps_a_region_that_is_all_small():
     assert len(clean_polygon(shapely.MultiPolygon([big, sliver]), 0.0)) == 2     # no minimum: both
 
 
-def test_crop_to_extent_keeps_the_pixels_whose_centres_lie_in_it():
-    from backend.segment import crop_to_extent
+def test_crop_to_window_cuts_the_map_and_moves_its_origin():
+    from backend.segment import crop_to_window
 
     rel = np.arange(100, dtype=np.float32).reshape(10, 10)
     gt = (1000.0, 2.0, 0.0, 5000.0, 0.0, -2.0)
-    cropped, new_gt = crop_to_extent(rel, gt, (1004.0, 4984.0, 1010.0, 4996.0))   # cols 2..4, rows 2..7
-    assert cropped.shape == (6, 3) and cropped[0, 0] == rel[2, 2]
-    assert new_gt == (1004.0, 2.0, 0.0, 4996.0, 0.0, -2.0)
-    stacked, _ = crop_to_extent(np.stack([rel, rel]), gt, (1004.0, 4984.0, 1010.0, 4996.0))
-    assert stacked.shape == (2, 6, 3)
-    whole = (1000.0, 4980.0, 1020.0, 5000.0)
-    assert crop_to_extent(rel, gt, whole)[0] is rel
-    rotated = (1000.0, 2.0, 0.5, 5000.0, 0.5, -2.0)                     # a box around it: kept whole
-    assert crop_to_extent(rel, rotated, (1004.0, 4984.0, 1010.0, 4996.0))[0] is rel
+    cropped, new_gt = crop_to_window(rel, gt, (2, 3, 3, 6))
+    assert cropped.shape == (6, 3) and cropped[0, 0] == rel[3, 2]
+    assert new_gt == (1004.0, 2.0, 0.0, 4994.0, 0.0, -2.0)
+    assert crop_to_window(np.stack([rel, rel]), gt, (2, 3, 3, 6))[0].shape == (2, 6, 3)
+    assert crop_to_window(rel, gt, None)[0] is rel
+
+
+def test_the_cut_map_is_the_extent_segmented_also_on_a_resampled_grid(checkpoint, tmp_path):
+    """The window of a small extent's own pixels is the one its polygons come from (`inside`),
+    also where working pixels are coarser than the raster's and their centres fall on its edges."""
+    from backend.engine import ModelEngine
+    from backend.raster import open_raster
+    from backend.segment import segment
+    from test_raster import make_tif, noise
+
+    path = make_tif(tmp_path / "scene.tif", noise((3, 300, 400), seed=2))
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        with open_raster(path) as raster:
+            gt = raster.geotransform
+            x0, y0 = gt[0] + 181 * gt[1], gt[3] + 131 * gt[5]        # odd offsets, 2x coarser working pixels
+            extent = (x0, y0 + 30 * gt[5], x0 + 30 * gt[1], y0)
+            out = segment(raster, ["trees"], engine, extent=extent, threshold=0.0, edge_radius=0,
+                          keep_relevance=True, target_resolution=2 * abs(gt[1]))
+    finally:
+        engine.stop()
+    c0, r0, w, h = out.window
+    relevance = out.results[0].relevance
+    outside = np.ones(relevance.shape, bool)
+    outside[r0:r0 + h, c0:c0 + w] = False
+    assert (relevance[outside] == 0).all()                            # nothing of the extent is cut off
+    assert (relevance[r0:r0 + h, c0:c0 + w] > 0).all()                # and no zero row or column is kept
+    assert abs(w * out.geotransform[1] - 30 * gt[1]) <= 2 * abs(gt[1])
 
 
 def test_the_relevance_map_of_a_small_extent_covers_that_extent(server, rasters):

@@ -1596,3 +1596,17 @@ def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path):
     assert port_file.read_text() == live.address.rsplit(":", 1)[1]
     assert live.stop() == 0
     assert not port_file.exists()
+
+
+def test_stop_on_stdin_close_leaves_a_standard_input_that_is_no_pipe_alone(checkpoint, tmp_path):
+    """/dev/null (a service manager, nohup) would end at once: the server serves on, and says the
+    flag is not in force, instead of stopping right after it started."""
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], token=None, extra=("--stop-on-stdin-close",))
+    live.start(stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)
+        assert live.proc.poll() is None
+        assert live.stub.GetInfo(pb().GetInfoRequest(), timeout=30).api_version == "skyprompt.v1"
+        assert "standard input is not a pipe" in live.log_text()
+    finally:
+        assert live.stop() == 0
