@@ -1939,3 +1939,29 @@ def test_a_layer_name_longer_than_the_backends_label_limit_is_cut_to_it(dock, if
         listed = skyprompt_pb2_grpc.SkyPromptStub(channel).ListRasters(
             skyprompt_pb2.ListRastersRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
     assert [r.raster_name for r in listed.rasters] == [name[:256]]
+
+
+def test_search_without_a_thumbnail_size_uses_the_backends_smaller_limit(own_backend, rasters):  # noqa: F811
+    """A backend whose limits.max_thumbnail_side is under the default of 128 px sends thumbnails at
+    its limit when none is asked for, rather than refusing a request that named no size."""
+    import grpc
+    from PyQt5.QtGui import QImage
+    from backend.rpc import skyprompt_pb2, skyprompt_pb2_grpc
+
+    _, address = own_backend.start(limits=Limits(max_thumbnail_side=48))
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(address) as channel:
+        stub = skyprompt_pb2_grpc.SkyPromptStub(channel)
+        for _ in stub.IndexRaster(skyprompt_pb2.IndexRasterRequest(
+                source=skyprompt_pb2.RasterSource(path=str(rasters["rgb"]))), metadata=metadata, timeout=120):
+            pass
+        hits = stub.Search(skyprompt_pb2.SearchRequest(query="fields", k=2, include_thumbnails=True),
+                           metadata=metadata, timeout=30).hits
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Search(skyprompt_pb2.SearchRequest(query="fields", k=2, include_thumbnails=True, thumbnail_size=64),
+                        metadata=metadata, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit of 48" in refused.value.details()
+    assert len(hits) == 2
+    for hit in hits:
+        image = QImage.fromData(hit.thumbnail_png, "PNG")
+        assert not image.isNull() and max(image.width(), image.height()) == 48
