@@ -165,12 +165,20 @@ def _index_each(stub, args, results: list[dict]) -> int:
                 "outcome": outcome, "tile_count": final.tile_count, "tiles_skipped": final.tiles_skipped,
                 "width": final.width, "height": final.height, "band_count": final.band_count,
                 "crs": final.crs.authid or final.crs.wkt, "bounds": _box(final.bounds),
-                "bounds_wgs84": _lonlat_box(final), "seconds": round(final.seconds, 3)}
+                "bounds_wgs84": _lonlat_box(final), "seconds": round(final.seconds, 3), "band_note": final.band_note}
         results.append(item)
         if not args.json:
             print(f"{item['raster_name']}: {outcome}, {item['tile_count']} tiles "
                   f"({item['tiles_skipped']} skipped as empty), id {item['raster_id']}, {item['seconds']:.1f} s")
+            _print_band_note(final.band_note)
     return failed
+
+
+def _print_band_note(note: str) -> None:
+    """The server's word on colour bands it had to guess (IndexResult/SegmentResult/CaptionResponse
+    band_note), on stderr as the other notes."""
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _index_one(stub, args, request, path: str):
@@ -459,6 +467,7 @@ def cmd_segment(stub, args) -> int:
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
            "layer": layer_name,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
+           "band_note": results[0].band_note if results else "",
            "results": [
                {"prompt": r.prompt, "prompt_index": r.prompt_index, "extent": _box(r.extent),
                 "max_relevance": round(r.max_relevance, 6), "dropped_small": r.dropped_small,
@@ -479,6 +488,7 @@ def cmd_segment(stub, args) -> int:
         for r in results:
             if r.unfamiliar_words:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
+        _print_band_note(out["band_note"])
         if args.output:
             print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({out['crs']})")
         if relevance_maps:
@@ -500,9 +510,10 @@ def cmd_caption(stub, args) -> int:
     if args.json:
         _print_json({"caption": response.caption, "mean_log_prob": response.mean_log_prob,
                      "extent": _box(response.extent), "crs": response.crs.authid or response.crs.wkt,
-                     "seconds": round(response.seconds, 3)})
+                     "seconds": round(response.seconds, 3), "band_note": response.band_note})
     else:
         print(response.caption)
+        _print_band_note(response.band_note)
     return 0
 
 

@@ -532,7 +532,7 @@ class Raster:
         self.bands = bands
         self._percentiles = bands.percentiles()
         self._alpha_band = alpha_band or self._find_alpha_band()
-        self.rgb_bands = self._resolve_bands(bands)
+        self.rgb_bands, self.band_note = self._resolve_bands(bands)
         self._unique_bands = sorted(set(self.rgb_bands))
         self._mask_parts = self._plan_mask()
         self._float = any(dataset.GetRasterBand(b).DataType in (gdal.GDT_Float32, gdal.GDT_Float64)
@@ -644,17 +644,22 @@ class Raster:
                 return index
         return 0
 
-    def _resolve_bands(self, mapping: BandMapping) -> tuple[int, int, int]:
+    def _resolve_bands(self, mapping: BandMapping) -> tuple[tuple[int, int, int], str]:
+        """The (red, green, blue) bands read, and a note when a colour was guessed: a raster of four or
+        more bands marks none as red, green or blue (a stack of blue, green, red and near infrared
+        would be read in the wrong colour order), so the answer says which bands it read."""
         ds = self._dataset()
         by_colour: dict[int, int] = {}
         for index in range(1, self.band_count + 1):
             by_colour.setdefault(ds.GetRasterBand(index).GetColorInterpretation(), index)
         colour = [by_colour.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+        candidates = [b for b in range(1, self.band_count + 1) if b != self._alpha_band] or [1]
         if all(colour):
             automatic = tuple(colour)
         else:
-            candidates = [b for b in range(1, self.band_count + 1) if b != self._alpha_band] or [1]
             automatic = tuple(candidates[:3]) if len(candidates) >= 3 else (candidates[0],) * 3
+        # a guess worth a word: more than three colour bands to choose from and none marked
+        guessed = len(candidates) > 3 and not any(colour)
         chosen = []
         for channel, value, auto in zip(("red", "green", "blue"), (mapping.red, mapping.green, mapping.blue), automatic):
             value = _check_int(f"band mapping {channel}", value, 0)
@@ -668,7 +673,13 @@ class Raster:
                 raise RasterError("invalid_argument", f"band mapping {channel}={value}: band {value} of {self._where()} "
                                                       f"is its alpha band; choose a colour band")
             chosen.append(value)
-        return tuple(chosen)  # type: ignore[return-value]
+        note = ""
+        if guessed and 0 in (mapping.red, mapping.green, mapping.blue):
+            shown = ", ".join(str(b) for b in chosen)
+            note = (f"{self._where()} has {len(candidates)} bands and marks none as red, green or blue: bands "
+                    f"{shown} were read as red, green, blue. If those are not its colours, give the bands "
+                    f"(BandMapping; the client's --bands R G B, e.g. --bands 3 2 1)")
+        return tuple(chosen), note  # type: ignore[return-value]
 
     def _plan_mask(self) -> list[tuple[str, object]]:
         """Which reads decide validity. A pixel is valid when every part says so."""

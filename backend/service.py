@@ -437,7 +437,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             outcome=outcome,
             tile_count=entry["tile_count"], tiles_skipped=entry["tiles_skipped"], width=raster.width,
             height=raster.height, band_count=raster.band_count, crs=_crs_message(raster), bounds=_box(raster.bounds),
-            bounds_wgs84=_box(raster.bounds_wgs84), seconds=time.monotonic() - started)
+            bounds_wgs84=_box(raster.bounds_wgs84), seconds=time.monotonic() - started, band_note=raster.band_note)
         return pb.IndexProgress(stage=pb.INDEX_STAGE_DONE, tiles_done=total, tiles_total=total,
                                 tiles_skipped=entry["tiles_skipped"], message=message, done=True, result=result)
 
@@ -626,7 +626,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
                                    extent=_box(output.extent), max_relevance=result.max_relevance,
                                    dropped_small=result.dropped_small,
-                                   unfamiliar_words=self._unfamiliar(result.prompt))
+                                   unfamiliar_words=self._unfamiliar(result.prompt), band_note=raster.band_note)
             for polygon in result.polygons:
                 g = polygon.geometry
                 msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
@@ -657,7 +657,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             image, box = model_input(raster, extent, self.engine.image_size, self.limits.max_extent_pixels)
             text, logp = self.engine.caption(image, max_len, beam, cancelled=self._cancelled(context))
             return pb.CaptionResponse(caption=text, mean_log_prob=min(0.0, logp), extent=_box(box),
-                                      crs=_crs_message(raster), seconds=time.monotonic() - started)
+                                      crs=_crs_message(raster), seconds=time.monotonic() - started,
+                                      band_note=raster.band_note)
 
     # -- EmbedText --
     @unary

@@ -11,7 +11,7 @@ from typing import Callable
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
 
 from .connection import BackendError
-from .sources import build_source, wire_extent
+from .sources import band_mapping, build_source, wire_extent
 
 Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
@@ -43,6 +43,21 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
     return source, extent, note
 
 
+def _for_layer(pb, request, prepared):
+    """`request` with the bands the layer shows (sources.band_mapping) when it is sent by path; a
+    layer sent as pixels is read in those bands already."""
+    mapping = band_mapping(pb, prepared)
+    if mapping is not None:
+        request.bands.CopyFrom(mapping)
+    return request
+
+
+def _keep_band_note(notes: list | None, note: str) -> None:
+    """The backend's word on colour bands it had to guess (band_note of an answer), said once."""
+    if note and notes is not None and note not in notes:
+        notes.append(note)
+
+
 def outcome_word(result) -> str:
     """An IndexResult's outcome as a word ("indexed", "unchanged", "replaced"), from the wire enum's
     own names, as the command-line client writes it."""
@@ -67,11 +82,13 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
     source, _, note = _source_and_extent(conn, prepared, None, None, view, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
-    request = pb.IndexRasterRequest(source=source, force=force)
+    request = _for_layer(pb, pb.IndexRasterRequest(source=source, force=force), prepared)
     if views is not None:
         request.views = views
-    return conn.index(request, progress=lambda m: progress(_percent(m.tiles_done, m.tiles_total)),
-                      cancelled=cancelled)
+    result = conn.index(request, progress=lambda m: progress(_percent(m.tiles_done, m.tiles_total)),
+                        cancelled=cancelled)
+    _keep_band_note(notes, result.band_note)
+    return result
 
 
 def unfamiliar_note(words) -> str:
@@ -159,7 +176,8 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
         # an older backend ignores the field it does not know: every small polygon would come back
         raise BackendError("FAILED_PRECONDITION", f"the backend at {conn.address} does not apply a minimum area "
                                                   "(it is older than this plugin): update it, or set Minimum area to 0")
-    request = pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold, min_area_m2=min_area_m2)
+    request = _for_layer(pb, pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold,
+                                               min_area_m2=min_area_m2), prepared)
     if edge_radius is not None:
         request.edge_radius = edge_radius
     if extent is not None:
@@ -174,8 +192,11 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                 request.target_resolution = coarser.resolution
                 if notes is not None:
                     notes.append(coarser.note("", "segmented", coarser.resolution, "segmented"))
-    return conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
-                        cancelled=cancelled)
+    results = conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
+                           cancelled=cancelled)
+    for result in results:
+        _keep_band_note(notes, result.band_note)
+    return results
 
 
 # Caption takes this many times ServerInfo.limits.max_extent_pixels (backend.service.CAPTION_EXTENT_FACTOR;
@@ -205,7 +226,9 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
                             "described")
     if note and notes is not None:
         notes.append(note)
-    request = pb.CaptionRequest(source=source)
+    request = _for_layer(pb, pb.CaptionRequest(source=source), prepared)
     if extent is not None:
         request.extent.CopyFrom(extent)
-    return conn.caption(request)
+    response = conn.caption(request)
+    _keep_band_note(notes, response.band_note)
+    return response

@@ -15,8 +15,9 @@ import math
 import os
 
 import numpy as np
-from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject, QgsRaster,
-                       QgsRasterDataProvider, QgsRasterLayer, QgsRectangle)
+from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsMultiBandColorRenderer,
+                       QgsProject, QgsRaster, QgsRasterDataProvider, QgsRasterLayer, QgsRectangle,
+                       QgsSingleBandGrayRenderer, QgsSingleBandPseudoColorRenderer)
 
 # Qgis.DataType -> (numpy dtype, wire DataType name)
 _NUMERIC = {
@@ -60,6 +61,52 @@ def local_path(layer: QgsRasterLayer) -> str | None:
                                                            layer.crs())):
             return None
     return os.path.abspath(path)
+
+
+def shown_bands(layer: QgsRasterLayer) -> tuple[int, ...] | None:
+    """On the main thread: the bands the layer's renderer shows of a multiband layer, as the model
+    should see them: (red, green, blue) of a multiband colour renderer, (band,) of a single-band one
+    (grey or pseudocolour). None for a single-band layer (the backend repeats its band, or reads its
+    colour table) or a renderer that shows no bands as such: the backend then chooses.
+
+    A stack of blue, green, red and near infrared marks no band as a colour, and the backend would
+    read bands 1, 2, 3 as red, green, blue; once it is shown as true colour in QGIS (3, 2, 1), that is
+    what the model sees too."""
+    provider = layer.dataProvider()
+    if provider is None or provider.bandCount() < 2:
+        return None
+    renderer = layer.renderer()
+    if isinstance(renderer, QgsMultiBandColorRenderer):
+        bands = (renderer.redBand(), renderer.greenBand(), renderer.blueBand())
+    elif isinstance(renderer, QgsSingleBandGrayRenderer):
+        bands = (renderer.grayBand(),)
+    elif isinstance(renderer, QgsSingleBandPseudoColorRenderer):
+        bands = (renderer.band(),)
+    else:
+        return None
+    # a colour the renderer leaves out (-1) leaves the choice to the backend
+    return bands if all(1 <= b <= provider.bandCount() for b in bands) else None
+
+
+class LayerPath(str):
+    """A layer's local file (a str: it goes wherever a path goes) and the bands its renderer shows
+    (shown_bands), which the requests name in their BandMapping."""
+
+    bands: tuple[int, ...] | None
+
+    def __new__(cls, path: str, bands: tuple[int, ...] | None = None):
+        self = super().__new__(cls, path)
+        self.bands = bands
+        return self
+
+
+def band_mapping(pb, prepared):
+    """The BandMapping for a request about `prepared` (a LayerPath with shown bands), else None."""
+    bands = getattr(prepared, "bands", None) if isinstance(prepared, str) else None
+    if not bands:
+        return None
+    red, green, blue = bands if len(bands) == 3 else bands * 3
+    return pb.BandMapping(red=red, green=green, blue=blue)
 
 
 def names_by_real_path(layer_paths) -> dict[str, str]:
@@ -155,6 +202,10 @@ class PixelReader:
                               "then run again")
         self.provider = provider.clone()
         self.band_count = provider.bandCount()
+        self.shown = shown_bands(layer)      # the bands read of a multiband layer (None: the first four)
+        alpha = layer.renderer().alphaBand() if self.shown and layer.renderer() is not None else -1
+        # the renderer's transparency band goes along as the alpha band (alpha 0: no data)
+        self.shown_alpha = alpha if 1 <= alpha <= self.band_count and alpha not in self.shown else 0
         self.data_type = provider.dataType(1)
         # a colour-table image is sent as its colours, as the backend reads such a file (open_raster)
         self.palette = _palette(provider) if self.band_count == 1 and self.data_type in _NUMERIC else None
@@ -215,13 +266,18 @@ class PixelReader:
             data, dtype, alpha = rgba[..., :bands].transpose(2, 0, 1), "DATA_TYPE_UINT8", 0 if bands == 3 else 4
         elif self.data_type in _NUMERIC:
             np_type, dtype = _NUMERIC[self.data_type]
-            bands = min(self.band_count, 4)
+            if self.shown:
+                read = self.shown + ((self.shown_alpha,) if self.shown_alpha else ())
+            else:
+                read = tuple(range(1, min(self.band_count, 4) + 1))
+            bands = len(read)
+            alpha = bands if self.shown_alpha else 0
             planes = []
-            for b in range(1, bands + 1):
+            for b in read:
                 block = self.provider.block(b, extent, width, height)
                 planes.append(np.frombuffer(bytes(block.data()), dtype=np_type).reshape(height, width))
-                if b == 1 and self.provider.sourceHasNoDataValue(1):
-                    nodata = float(self.provider.sourceNoDataValue(1))
+            if self.provider.sourceHasNoDataValue(read[0]):
+                nodata = float(self.provider.sourceNoDataValue(read[0]))
             data = np.stack(planes)
         else:
             raise SourceError(f"layer {self.name!r} has pixel type {self.data_type}, which SkyPrompt cannot send")
@@ -254,7 +310,7 @@ def native_pixels(layer: QgsRasterLayer, area: QgsRectangle | None = None) -> tu
 def prepare_source(layer: QgsRasterLayer):
     """On the main thread: the layer's path, or a PixelReader for layers the backend cannot open."""
     path = local_path(layer)
-    return path if path else PixelReader(layer)
+    return LayerPath(path, shown_bands(layer)) if path else PixelReader(layer)
 
 
 def build_source(pb, prepared, extent: QgsRectangle | None, max_side: int, resolution: float | None = None):

@@ -1965,3 +1965,51 @@ def test_search_without_a_thumbnail_size_uses_the_backends_smaller_limit(own_bac
     for hit in hits:
         image = QImage.fromData(hit.thumbnail_png, "PNG")
         assert not image.isNull() and max(image.width(), image.height()) == 48
+
+
+def test_the_model_sees_the_bands_the_layer_shows(qgis_app, own_backend, rasters):  # noqa: F811
+    """A stack of four 16-bit bands marks no colours: the backend alone would read bands 1, 2, 3 as
+    red, green, blue. The plugin sends the bands the layer's renderer shows, by path (BandMapping:
+    other bands are another index entry) and as pixels (those bands, in that order); a bare path
+    gets the backend's word on its guess, which the plugin passes on."""
+    from qgis.core import QgsMultiBandColorRenderer, QgsSingleBandGrayRenderer
+
+    from plugin import operations
+    from plugin.connection import BackendConnection
+    from plugin.rpc import skyprompt_pb2 as pb
+    from plugin.sources import LayerPath, PixelReader, prepare_source
+
+    bands = noise((4, 64, 64), np.uint16, 100, 3000, seed=21)
+    path = make_tif(rasters["folder"] / "four_band_stack.tif", bands,
+                    geotransform=(300000.0, 2.0, 0.0, 4000000.0, 0.0, -2.0))
+    layer = QgsRasterLayer(str(path), "stack")
+    assert layer.isValid()
+    _, address = own_backend.start()
+
+    def index(prepared) -> tuple[str, list]:
+        notes = []
+        result = operations.index_layer(conn, prepared, 1024, lambda p: None, lambda: False, notes=notes)
+        return operations.outcome_word(result), notes
+
+    with BackendConnection(address, token=TOKEN) as conn:
+        layer.setRenderer(QgsMultiBandColorRenderer(layer.dataProvider(), 1, 2, 3))
+        shown = prepare_source(layer)
+        assert isinstance(shown, LayerPath) and shown.bands == (1, 2, 3)
+        assert index(shown) == ("indexed", [])
+        layer.setRenderer(QgsMultiBandColorRenderer(layer.dataProvider(), 3, 2, 1))
+        assert index(prepare_source(layer)) == ("replaced", [])
+        assert index(prepare_source(layer)) == ("unchanged", [])
+        outcome, notes = index(str(path))                              # no bands named: the backend guesses
+        assert outcome == "replaced" and len(notes) == 1 and "bands 1, 2, 3 were read" in notes[0]
+
+    sent = PixelReader(layer).read(pb, layer.extent(), 1000)[0].pixels
+    planes = np.frombuffer(sent.data, np.uint16).reshape(sent.band_count, sent.height, sent.width)
+    assert sent.band_count == 3 and np.array_equal(planes, bands[[2, 1, 0]])
+    layer.setRenderer(QgsSingleBandGrayRenderer(layer.dataProvider(), 4))
+    assert prepare_source(layer).bands == (4,)
+    sent = PixelReader(layer).read(pb, layer.extent(), 1000)[0].pixels
+    assert sent.band_count == 1 and np.array_equal(np.frombuffer(sent.data, np.uint16).reshape(64, 64), bands[3])
+    layer.renderer().setAlphaBand(2)            # the renderer's transparency band goes along as alpha
+    sent = PixelReader(layer).read(pb, layer.extent(), 1000)[0].pixels
+    planes = np.frombuffer(sent.data, np.uint16).reshape(2, 64, 64)
+    assert (sent.band_count, sent.alpha_band) == (2, 2) and np.array_equal(planes, bands[[3, 1]])

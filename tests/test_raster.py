@@ -164,6 +164,32 @@ def test_colour_interpretation_chooses_rgb(tmp_path):
         assert rgb[:, 0, 0].tolist() == [10, 20, 30]
 
 
+def test_colour_bands_guessed_from_four_unmarked_bands_are_named_in_a_note(tmp_path):
+    """Blue, green, red and infrared stored with no colour marks: the first three are read as red,
+    green, blue, and the raster says so, so a user can give the bands; given bands, or marked
+    colours, or no more than three colour bands to choose from, leave nothing to say."""
+    data = np.stack([np.full((8, 8), v, np.uint8) for v in (30, 20, 10, 40)])
+    plain = ["PHOTOMETRIC=MINISBLACK"]        # else GeoTIFF marks 3 or 4 bytes a pixel as RGB(A)
+    unmarked = make_tif(tmp_path / "bgrn.tif", data, options=plain)
+    with open_raster(unmarked) as raster:
+        assert raster.rgb_bands == (1, 2, 3)
+        assert "4 bands" in raster.band_note and "bands 1, 2, 3 were read as red, green, blue" in raster.band_note
+        assert "bgrn.tif" in raster.band_note
+    with open_raster(unmarked, bands=BandMapping(red=3, green=2, blue=1)) as raster:
+        assert raster.rgb_bands == (3, 2, 1) and raster.band_note == ""
+        assert raster.read_window(0, 0, 8, 8)[0][:, 0, 0].tolist() == [10, 20, 30]
+    with open_raster(unmarked, bands=BandMapping(red=3)) as raster:       # green and blue still guessed
+        assert raster.rgb_bands == (3, 2, 3) and "bands 3, 2, 3 were read" in raster.band_note
+    marked = [gdal.GCI_BlueBand, gdal.GCI_GreenBand, gdal.GCI_RedBand, gdal.GCI_Undefined]
+    with open_raster(make_tif(tmp_path / "marked.tif", data, colours=marked)) as raster:
+        assert raster.band_note == ""
+    with_alpha = [gdal.GCI_Undefined, gdal.GCI_Undefined, gdal.GCI_Undefined, gdal.GCI_AlphaBand]
+    with open_raster(make_tif(tmp_path / "alpha.tif", data, colours=with_alpha, options=plain)) as raster:
+        assert raster.rgb_bands == (1, 2, 3) and raster.band_note == ""
+    with open_raster(make_tif(tmp_path / "three.tif", data[:3], options=plain)) as raster:
+        assert raster.band_note == ""
+
+
 @needs_shared
 @pytest.mark.parametrize("index_type", [gdal.GDT_Byte, gdal.GDT_UInt16], ids=["byte", "uint16"])
 def test_a_colour_table_image_is_read_as_its_colours(tmp_path, index_type):

@@ -1074,6 +1074,20 @@ def test_cli_band_mapping_reaches_the_server(server, rasters):
     assert json.loads(out.stdout)[0]["outcome"] == "replaced"
 
 
+def test_cli_says_which_bands_the_server_guessed_for_four_unmarked_bands(server, rasters):
+    """A 16-bit stack of four bands marks no colours: the server reads bands 1, 2, 3 as red, green and
+    blue, and every answer about it says so (band_note), until the bands are given."""
+    stack = make_tif(rasters["folder"] / "four_bands.tif", noise((4, 96, 96), np.uint16, 100, 3000, seed=7))
+    out = client(server, "index", "--json", str(stack))
+    assert out.returncode == 0, out.stderr
+    assert "bands 1, 2, 3 were read as red, green, blue" in json.loads(out.stdout)[0]["band_note"]
+    out = client(server, "caption", "--raster", str(stack))
+    assert out.returncode == 0 and "note: raster" in out.stderr and "--bands 3 2 1" in out.stderr, out.stderr
+    out = client(server, "segment", "--json", "--raster", str(stack), "--prompt", "fields", "--bands", "3", "2", "1")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["band_note"] == "" and "note:" not in out.stderr
+
+
 def geopackage_with_a_layer(path: Path, name: str, wkt: str) -> Path:
     """A GeoPackage holding one layer `name` with one feature: the user's work an output must keep."""
     ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
