@@ -155,6 +155,10 @@ class LocalBackend(QObject):
         if missing:
             return (f"{last}; this Python lacks the backend's packages: set Backend Python to the Python of "
                     "SkyPrompt's environment (e.g. <project>/.venv/bin/python) in SkyPrompt settings")
+        if re.search(r"unrecognized arguments:.*--stop-on-stdin-close", text):
+            # the plugin stops its backend by closing that pipe: a backend without the option predates it
+            return (f"{last}; the backend in the Backend folder is older than this plugin: update it "
+                    "(e.g. git pull there), or point Backend folder at a newer one in SkyPrompt settings")
         if "port is in use" in text:
             return f"{last}; change the port in the SkyPrompt address field, or stop the program that uses it"
         return last

@@ -998,6 +998,15 @@ def test_local_backend_failures_name_the_setting_to_change(dock, iface, checkpoi
     # the default settings' folder: one without backend/
     assert "set Backend folder" in start_and_fail(no_site, tmp_path)
     assert "set Backend Python" in start_and_fail(no_site, REPO)
+    # a backend from before serve --stop-on-stdin-close: its argparse refuses the option
+    older = tmp_path / "older"
+    (older / "backend").mkdir(parents=True)
+    (older / "backend" / "__init__.py").write_text("")
+    (older / "backend" / "__main__.py").write_text(
+        "import argparse\nparser = argparse.ArgumentParser(prog='skyprompt')\ncommands = parser.add_subparsers()\n"
+        "serve = commands.add_parser('serve')\nfor name in ('--host', '--port', '--device', '--checkpoint'):\n"
+        "    serve.add_argument(name)\nparser.parse_args()\n")
+    assert "older than this plugin" in start_and_fail(sys.executable, older)
     # another program holds the port
     with_port = _use_local_backend(dock, sys.executable, REPO, checkpoint)
     port = dock.settings.port
