@@ -62,6 +62,8 @@ class Limits:
     max_beam_size: int = 8
     max_edge_radius: int = 1024
     max_expand: int = 100
+    # PixelSource.label, in characters (code points): it names the raster in answers and the index
+    max_label_chars: int = 256
 
 
 def check_views(views: int, name: str = "views") -> int:

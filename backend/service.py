@@ -261,8 +261,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                      f"limit is {side} a side: send a smaller view or a coarser render")
         if pixels.data_type == pb.DATA_TYPE_UNSPECIFIED:
             raise _bad("pixel source data_type is not set; give e.g. DATA_TYPE_UINT8")
-        if len(pixels.label) > 256:
-            raise _bad(f"pixel source label is {len(pixels.label)} characters; the limit is 256")
+        if len(pixels.label) > self.limits.max_label_chars:
+            raise _bad(f"pixel source label is {len(pixels.label)} characters; the limit is "
+                       f"{self.limits.max_label_chars}")
         return raster_from_pixels(pixels.data, pixels.width, pixels.height, pixels.band_count, int(pixels.data_type),
                                   list(pixels.geotransform), pixels.crs,
                                   nodata=pixels.nodata if pixels.HasField("nodata") else None,

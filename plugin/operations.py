@@ -11,7 +11,7 @@ from typing import Callable
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
 
 from .connection import BackendError
-from .sources import band_mapping, build_source, wire_extent
+from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, wire_extent
 
 Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
@@ -34,9 +34,11 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
     reprojects it); pixel sources are read over the extent in the layer's CRS and need none, at
     most `max_side` a side as `pixel_side` caps it."""
     pb = conn.pb
-    if not isinstance(prepared, str):       # a path is read by the backend: no side to cap
+    label_chars = DEFAULT_LABEL_CHARS
+    if not isinstance(prepared, str):       # a path is read by the backend: no side to cap, no label
         max_side = pixel_side(conn, max_side)
-    source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution)
+        label_chars = conn.info().limits.max_label_chars or DEFAULT_LABEL_CHARS
+    source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution, label_chars)
     extent = None
     if rect is not None and source.WhichOneof("kind") == "path":
         extent = wire_extent(pb, rect, rect_crs)

@@ -30,9 +30,9 @@ _NUMERIC = {
     Qgis.DataType.Float64: (np.float64, "DATA_TYPE_FLOAT64"),
 }
 _ARGB = (Qgis.DataType.ARGB32, Qgis.DataType.ARGB32_Premultiplied)
-# the backend refuses a PixelSource.label longer than this, counted in characters (code points, as
-# Python's len and slicing count them)
-MAX_LABEL_CHARS = 256
+# the longest PixelSource.label a backend takes when its ServerInfo.limits.max_label_chars is 0 (one
+# older than that field), counted in characters (code points, as Python's len and slicing count them)
+DEFAULT_LABEL_CHARS = 256
 
 
 class SourceError(ValueError):
@@ -237,8 +237,10 @@ class PixelReader:
                     f"{extent.width() / width:.3g} map units per pixel instead of {res:.3g}")
         return width, height, note
 
-    def read(self, pb, extent: QgsRectangle, max_side: int, resolution: float | None = None):
-        """(RasterSource with pixels, note). `extent` is in the layer's CRS."""
+    def read(self, pb, extent: QgsRectangle, max_side: int, resolution: float | None = None,
+             label_chars: int = DEFAULT_LABEL_CHARS):
+        """(RasterSource with pixels, note). `extent` is in the layer's CRS; the layer's name is cut to
+        `label_chars` characters for its label (ServerInfo.limits.max_label_chars)."""
         extent = self.clip(extent)
         width, height, note = self.plan(extent, max_side, resolution)
         nodata = None
@@ -286,7 +288,7 @@ class PixelReader:
         pixels = pb.PixelSource(width=width, height=height, band_count=bands, data_type=dtype,
                                 data=np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<")).tobytes(),
                                 interleave=pb.INTERLEAVE_BAND, geotransform=geotransform, crs=crs_text(self.crs),
-                                alpha_band=alpha, label=self.name[:MAX_LABEL_CHARS])
+                                alpha_band=alpha, label=self.name[:label_chars])
         if nodata is not None:
             pixels.nodata = nodata
         return pb.RasterSource(pixels=pixels), note
@@ -313,8 +315,10 @@ def prepare_source(layer: QgsRasterLayer):
     return LayerPath(path, shown_bands(layer)) if path else PixelReader(layer)
 
 
-def build_source(pb, prepared, extent: QgsRectangle | None, max_side: int, resolution: float | None = None):
+def build_source(pb, prepared, extent: QgsRectangle | None, max_side: int, resolution: float | None = None,
+                 label_chars: int = DEFAULT_LABEL_CHARS):
     """In a task: (RasterSource, note). `extent` (layer CRS) is needed only for pixel sources."""
     if isinstance(prepared, str):
         return pb.RasterSource(path=prepared), ""
-    return prepared.read(pb, extent if extent is not None else prepared.full_extent, max_side, resolution)
+    return prepared.read(pb, extent if extent is not None else prepared.full_extent, max_side, resolution,
+                         label_chars)

@@ -1929,13 +1929,15 @@ def test_a_max_side_above_the_backends_pixel_limit_reads_at_the_limit(dock, ifac
         gdal.Unlink("/vsimem/skyprompt-pixel-limit.tif")
 
 
-def test_a_layer_name_longer_than_the_backends_label_limit_is_cut_to_it(dock, iface, own_backend):
-    """PixelSource.label takes 256 characters (code points, as the backend counts them): a longer
-    layer name is cut to that, so the layer is indexed under it rather than refused."""
+@pytest.mark.parametrize("limit", [None, 100])
+def test_a_layer_name_longer_than_the_backends_label_limit_is_cut_to_it(dock, iface, own_backend, limit):
+    """PixelSource.label takes limits.max_label_chars characters (code points, as the backend counts
+    them; 256 by default): a longer layer name is cut to the backend's limit, so the layer is indexed
+    under it rather than refused."""
     import grpc
     from backend.rpc import skyprompt_pb2, skyprompt_pb2_grpc
 
-    _, address = own_backend.start()
+    _, address = own_backend.start(**({} if limit is None else {"limits": Limits(max_label_chars=limit)}))
     dock.settings.address = address
     name = "satellite \U0001F6F0 " * 40                # 480 code points, each satellite two UTF-16 units
     layer = vsimem_layer("/vsimem/skyprompt-long-name.tif", name)
@@ -1947,7 +1949,7 @@ def test_a_layer_name_longer_than_the_backends_label_limit_is_cut_to_it(dock, if
     with grpc.insecure_channel(address) as channel:
         listed = skyprompt_pb2_grpc.SkyPromptStub(channel).ListRasters(
             skyprompt_pb2.ListRastersRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)
-    assert [r.raster_name for r in listed.rasters] == [name[:256]]
+    assert [r.raster_name for r in listed.rasters] == [name[:limit or 256]]
 
 
 def test_search_without_a_thumbnail_size_uses_the_backends_smaller_limit(own_backend, rasters):  # noqa: F811
