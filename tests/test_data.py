@@ -204,7 +204,10 @@ def test_recipe_trains_from_precomp_and_karpathy_caption_files(tmp_path):
                           ({"sources": [{"kind": "manifest", "path": "m.jsonl", "weight": -1}]}, "weight -1"),
                           ({"sources": [{"kind": "manifest", "path": "m.jsonl", "weight": "2"}]}, "weight '2'"),
                           ({"sources": [{"kind": "manifest", "path": "m.jsonl", "val_per_class": 1.5}]},
-                           "val_per_class 1.5")):
+                           "val_per_class 1.5"),
+                          # its held-out list would be read back as that of a source named "ucm"
+                          ({"sources": [{"kind": "manifest", "path": "m.jsonl", "name": "ucm.val"}]},
+                           "named 'ucm.val'; a name may not end in '.val'")):
         recipe.write_text(json.dumps(spec))
         with pytest.raises(recipes.RecipeError, match=message):
             recipes.sources_from_args(str(recipe), [], [], [], [], 0)

@@ -76,6 +76,10 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
                 raise RecipeError(f"recipe {recipe}: source {n} has weight {weight!r}; a weight is a share of "
                                   "each epoch, a number >= 0 (0: left out)")
+            if isinstance(s.get("name"), str) and s["name"].endswith(HELD_OUT_SUFFIX):
+                # its held-out list "<name>.jsonl" would read as that of a source named without the suffix
+                raise RecipeError(f"recipe {recipe}: source {n} is named {s['name']!r}; a name may not end in "
+                                  f"{HELD_OUT_SUFFIX!r} (the suffix of held-out lists): choose another")
             val = s.get("val_per_class", 0)
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise RecipeError(f"recipe {recipe}: source {n} has val_per_class {val!r}; give a whole number >= 0")
