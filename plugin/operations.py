@@ -54,10 +54,17 @@ def _for_layer(pb, request, prepared):
     return request
 
 
+# what a QGIS user does about the backend's band_note (its own advice names the wire and the client)
+BAND_NOTE_ADVICE = ("in QGIS, show the layer's red, green and blue bands with a Multiband color renderer "
+                    "(Layer Properties > Symbology) and SkyPrompt sends those")
+
+
 def _keep_band_note(notes: list | None, note: str) -> None:
     """The backend's word on colour bands it had to guess (band_note of an answer), said once."""
-    if note and notes is not None and note not in notes:
-        notes.append(note)
+    if note and notes is not None:
+        said = f"{note}; {BAND_NOTE_ADVICE}"
+        if said not in notes:
+            notes.append(said)
 
 
 def outcome_word(result) -> str:

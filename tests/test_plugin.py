@@ -2012,6 +2012,7 @@ def test_the_model_sees_the_bands_the_layer_shows(qgis_app, own_backend, rasters
         assert index(prepare_source(layer)) == ("unchanged", [])
         outcome, notes = index(str(path))                              # no bands named: the backend guesses
         assert outcome == "replaced" and len(notes) == 1 and "bands 1, 2, 3 were read" in notes[0]
+        assert notes[0].endswith(operations.BAND_NOTE_ADVICE)
 
     sent = PixelReader(layer).read(pb, layer.extent(), 1000)[0].pixels
     planes = np.frombuffer(sent.data, np.uint16).reshape(sent.band_count, sent.height, sent.width)
