@@ -23,8 +23,10 @@ CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cance
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
 # and Describe read its limits on every call, and GetInfo walks the index. A health check that finds
 # no backend serving forgets it (the next backend at that address may have other limits), as does a
-# call that finds none; info(fresh=True) asks again.
-_server_info: dict[tuple, object] = {}
+# call that finds none; info(fresh=True) asks again. A backend restarted between two health checks
+# leaves no trace, so an answer is also kept no longer than INFO_MAX_AGE_S.
+INFO_MAX_AGE_S = 60.0
+_server_info: dict[tuple, tuple[float, object]] = {}
 _server_info_lock = threading.Lock()
 
 
@@ -158,15 +160,15 @@ class BackendConnection:
 
     def info(self, timeout: float = 10.0, fresh: bool = False):
         """The backend's ServerInfo (read it, do not change it: it is shared). Asked once per backend
-        and kept; `fresh` asks again (its index counts change with every index)."""
+        and kept up to INFO_MAX_AGE_S; `fresh` asks again (its index counts change with every index)."""
         if not fresh:
             with _server_info_lock:
-                known = _server_info.get(self._backend)
-            if known is not None:
+                asked_at, known = _server_info.get(self._backend, (0.0, None))
+            if known is not None and time.monotonic() - asked_at < INFO_MAX_AGE_S:
                 return known
         info = self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)
         with _server_info_lock:
-            _server_info[self._backend] = info
+            _server_info[self._backend] = (time.monotonic(), info)
         return info
 
     def _forget_info(self) -> None:

@@ -141,7 +141,9 @@ def _info_backend(model_name: str, asked: list, port: int = 0):
     return server, port
 
 
-def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away():
+def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away(monkeypatch):
+    from plugin import connection
+
     asked = []
     first, port = _info_backend("first", asked)
     address = f"127.0.0.1:{port}"
@@ -161,6 +163,11 @@ def test_server_info_is_asked_once_per_backend_and_again_after_it_went_away():
                 conn.caption(conn.pb.CaptionRequest())
             conn.info()
         assert asked == ["first"] * 4
+        # a backend restarted between two health checks leaves no trace: an answer ages out
+        monkeypatch.setattr(connection, "INFO_MAX_AGE_S", 0.0)
+        with BackendConnection(address) as conn:
+            conn.info()
+        assert asked == ["first"] * 5
     finally:
         first.stop(0)
     # a backend restarted at the same address may have other limits: a health check that finds
