@@ -585,7 +585,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     bands = argparse.ArgumentParser(add_help=False)
     bands.add_argument("--bands", nargs=3, type=int, metavar=("RED", "GREEN", "BLUE"),
                        help="1-based bands to show the model as red, green, blue, e.g. 3 2 1 for a sensor "
-                            "stored blue-green-red-NIR (default: the bands marked red/green/blue, else the first three, with a note naming them when four or more bands mark no colour)")
+                            "stored blue-green-red-NIR (default: the bands marked red/green/blue, else the first "
+                            "three, with a note naming them when four or more bands mark no colour)")
     bands.add_argument("--stretch", nargs=2, type=float, metavar=("LOW", "HIGH"),
                        help="percentiles of the linear stretch (default 2 98, applied to non-8-bit data only; "
                             "given, it applies to 8-bit data too)")
