@@ -178,6 +178,7 @@ def _print_band_note(note: str) -> None:
     """The server's word on colour bands it had to guess (IndexResult/SegmentResult/CaptionResponse
     band_note), on stderr as the other notes."""
     if note:
+        sys.stdout.flush()      # after the answer it is about, where both streams share a terminal or file
         print(f"note: {note}", file=sys.stderr)
 
 
