@@ -95,7 +95,7 @@ def cmd_info(stub, args) -> int:
                   "disk_bytes": info.index_stats.disk_bytes, "ann_active": info.index_stats.ann_active},
         "default_sao_window": info.default_sao_window.size, "default_tile_overlap": info.default_tile_overlap,
         "default_edge_radius": info.default_edge_radius, "default_index_views": info.default_index_views,
-        "default_search_expand": info.default_search_expand,
+        "default_search_expand": info.default_search_expand, "default_keyword_weight": round(info.default_keyword_weight, 6),
         "limits": {f.name: getattr(info.limits, f.name) for f in info.limits.DESCRIPTOR.fields},
     }
     if args.json:
@@ -109,7 +109,9 @@ def cmd_info(stub, args) -> int:
         print(f"index defaults: tile overlap {data['default_tile_overlap']:g}, "
               f"{data['default_index_views']} view(s) per tile")
         expand = data["default_search_expand"]
-        print(f"search defaults: query expansion {f'from the {expand} best tiles' if expand else 'off'}")
+        weight = data["default_keyword_weight"]
+        print(f"search defaults: query expansion {f'from the {expand} best tiles' if expand else 'off'}, "
+              f"keyword matching {f'weight {weight:g}' if weight else 'off'}")
         print(f"segment defaults: SAO window {data['default_sao_window']} patches, "
               f"edge refinement radius {data['default_edge_radius']} px")
     return 0
@@ -235,6 +237,8 @@ def cmd_search(stub, args) -> int:
         request.min_score = args.min_score
     if args.expand is not None:
         request.expand = args.expand
+    if args.keyword_weight is not None:
+        request.keyword_weight = args.keyword_weight
     if args.like_tile is not None:
         request.like_tile_id = args.like_tile
     what = repr(args.query) if args.like_tile is None else f"tiles like tile {args.like_tile}"
@@ -245,7 +249,8 @@ def cmd_search(stub, args) -> int:
                 "raster_name": hit.raster_name, "tile_id": hit.tile_id,
                 "window": [hit.window.x_off, hit.window.y_off, hit.window.width, hit.window.height],
                 "crs": hit.crs.authid or hit.crs.wkt, "extent": _box(hit.bounds),
-                "bounds_wgs84": _lonlat_box(hit), "footprint_wkt": hit.footprint_wkt}
+                "bounds_wgs84": _lonlat_box(hit), "footprint_wkt": hit.footprint_wkt,
+                "keyword_score": round(hit.keyword_score, 6), "caption": hit.caption}
         if args.thumbnails and hit.thumbnail_png:
             folder = Path(args.thumbnails)
             folder.mkdir(parents=True, exist_ok=True)
@@ -267,6 +272,9 @@ def cmd_search(stub, args) -> int:
             print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']} (raster id {h['raster_id']})  "
                   f"tile {h['tile_id']}  window {h['window']}  "
                   f"[{b[0]:.10g}, {b[1]:.10g}, {b[2]:.10g}, {b[3]:.10g}] {h['crs']}")
+            if h["caption"]:
+                matched = f" (keywords +{h['keyword_score']:.3f})" if h["keyword_score"] else ""
+                print(f"       {h['caption']}{matched}")
         if saved:
             print(f"thumbnails saved in {Path(args.thumbnails).resolve()}")
         if response.unfamiliar_words:
@@ -627,6 +635,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help="query expansion: rank, move the query toward the mean embedding of its N best tiles, "
                         "rank again; brings up more tiles like the best hits (scores are then similarities "
                         "to the expanded query; default: the server's, see `info`; 0 = off)")
+    p.add_argument("--keyword-weight", type=float, default=None, metavar="W",
+                   help="keyword matching: the query's words looked up in each tile's caption (written by the "
+                        "model at indexing), added to the similarity with weight W (0 = embeddings alone; "
+                        "default: the server's, see `info`)")
     p = sub.add_parser("segment", parents=[common, extent, bands], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")

@@ -2,6 +2,7 @@
 `python -m backend client` and `--help` must start fast)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,13 @@ DEFAULT_INDEX_VIEWS = 1
 DEFAULT_SEARCH_EXPAND = 0
 EXPAND_WEIGHT = 2.0
 
+# Keyword matching (backend.keywords): a search's words against each tile's generated caption, BM25
+# over the best KEYWORD_POOL tiles by cosine, added with this weight (in standard deviations of
+# the two scores; 0 = embeddings alone). The search benchmark measures it (README model card).
+DEFAULT_KEYWORD_WEIGHT = 0.5
+MAX_KEYWORD_WEIGHT = 10.0
+KEYWORD_POOL = 1000
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -64,6 +72,13 @@ class Limits:
     max_expand: int = 100
     # PixelSource.label, in characters (code points): it names the raster in answers and the index
     max_label_chars: int = 256
+
+
+def check_keyword_weight(weight: float, name: str = "keyword_weight") -> float:
+    """weight, or ValueError naming the setting (`name`) and the range."""
+    if not (math.isfinite(weight) and 0.0 <= weight <= MAX_KEYWORD_WEIGHT):
+        raise ValueError(f"{name} {weight:g} must be in [0, {MAX_KEYWORD_WEIGHT:g}] (0: embeddings alone)")
+    return weight
 
 
 def check_views(views: int, name: str = "views") -> int:

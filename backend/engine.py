@@ -36,6 +36,8 @@ log = logging.getLogger("skyprompt.engine")
 
 MAX_BATCH_IMAGES = 32       # images per forward pass (tiles of several requests share one)
 MAX_BATCH_TEXTS = 256
+# a tile's caption for keyword matching: the captions it trained on have about 12 words
+TILE_CAPTION_TOKENS = 24
 MERGE_WAIT_S = 0.002        # how long the worker waits for more jobs to join a batch
 
 
@@ -77,7 +79,7 @@ def _chunks(items: list, size: int):
 
 @dataclass
 class _Job:
-    kind: str                      # "image" | "text" | "relevance" | "caption"
+    kind: str                      # "image" | "text" | "relevance" | "caption" | "describe"
     items: list                    # one entry per image / text
     settings: tuple = ()           # jobs merge only with equal kind and settings
     cancelled: Callable[[], bool] = lambda: False
@@ -165,6 +167,12 @@ class ModelEngine:
         """uint8 [3, S, S] -> (caption, mean log-probability per token of the caption, with its <eos>;
         see _mean_log_prob)."""
         return self._call("caption", [image], (int(max_len), int(beam_size)), cancelled)[0]
+
+    def describe(self, images: np.ndarray, max_len: int = TILE_CAPTION_TOKENS,
+                 cancelled: Callable[[], bool] = lambda: False) -> list[str]:
+        """uint8 [N, 3, S, S] tiles -> one greedy caption each, batched (no log-probability): the
+        words keyword matching finds a tile by (backend.keywords)."""
+        return self._call("describe", list(images), (int(max_len),), cancelled) if len(images) else []
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the job in hand, fail the queued ones with UNAVAILABLE, stop the worker."""
@@ -300,6 +308,10 @@ class ModelEngine:
                 return [m for chunk in _chunks(items, MAX_BATCH_IMAGES)
                         for m in self.model.sao_relevance_map(self._images_tensor(chunk), text, window, gaussian=sigma > 0,
                                                               sigma=sigma if sigma > 0 else None).float().cpu().numpy()]
+            if kind == "describe":
+                (max_len,) = settings
+                return [self.tokenizer.decode(ids) for chunk in _chunks(items, MAX_BATCH_IMAGES)
+                        for ids in self.model.caption(self._images_tensor(chunk), max_len=max_len, beam_size=1)]
             if kind == "caption":
                 max_len, beam_size = settings
                 images = self._images_tensor(items)

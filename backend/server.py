@@ -29,8 +29,9 @@ from pathlib import Path
 
 import grpc
 
-from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW,
-                       DEFAULT_SEARCH_EXPAND, SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius, check_expand,
+from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
+                       DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius,
+                       check_expand, check_keyword_weight,
                        check_views)
 
 log = logging.getLogger("skyprompt.server")
@@ -123,7 +124,8 @@ class ServerSetupError(ValueError):
 
 
 def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edge_radius: int | None,
-                            index_views: int, search_expand: int, limits: Limits) -> str | None:
+                            index_views: int, search_expand: int, limits: Limits,
+                            keyword_weight: float = DEFAULT_KEYWORD_WEIGHT) -> str | None:
     """What is wrong with the settings `Server` is given, in one line, or None (cheap: no model, no files)."""
     if not is_loopback(host) and not token:
         return (f"refusing to listen on {host}: off loopback a token is required (--token or ${TOKEN_ENV}); "
@@ -135,6 +137,7 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
             check_edge_radius(edge_radius, "--edge-radius", limits.max_edge_radius)
         check_views(index_views, "--index-views")
         check_expand(search_expand, "--search-expand", limits.max_expand)
+        check_keyword_weight(keyword_weight, "--keyword-weight")
     except ValueError as e:
         return str(e)
     return None
@@ -168,9 +171,10 @@ class Server:
                  data_dir=None, allowed_roots=(), token: str | None = None, tls_cert=None, tls_key=None,
                  workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
                  edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS,
-                 search_expand: int = DEFAULT_SEARCH_EXPAND):
+                 search_expand: int = DEFAULT_SEARCH_EXPAND, keyword_weight: float = DEFAULT_KEYWORD_WEIGHT,
+                 tile_captions: bool = True):
         problem = server_settings_problem(host, token, tls_cert, tls_key, edge_radius, index_views, search_expand,
-                                          limits or Limits())
+                                          limits or Limits(), keyword_weight)
         if problem:
             raise ServerSetupError(problem)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -201,7 +205,8 @@ class Server:
         self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
                                         auth=bool(token), edge_radius=edge_radius, index_views=index_views,
-                                        search_expand=search_expand)
+                                        search_expand=search_expand, keyword_weight=keyword_weight,
+                                        tile_captions=tile_captions)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -296,6 +301,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default query expansion of Search: rank, move the query toward the mean embedding "
                              "of its N best tiles, rank again (more of the best hits' kind, for better or "
                              f"worse); 0 = off (default {DEFAULT_SEARCH_EXPAND}; a request's expand overrides it)")
+    parser.add_argument("--keyword-weight", type=float, default=DEFAULT_KEYWORD_WEIGHT, metavar="W",
+                        help="default weight of keyword matching in Search: the query's words looked up in the "
+                             "caption the model wrote for each tile at indexing, added to the similarity "
+                             f"(0 = embeddings alone; default {DEFAULT_KEYWORD_WEIGHT:g}; a request's keyword_weight "
+                             "overrides it)")
+    parser.add_argument("--no-tile-captions", action="store_true",
+                        help="index without writing a caption per tile: indexing on a CPU is about 3x faster, "
+                             "and keyword matching then has no words to match (rasters indexed with captions "
+                             "are indexed again)")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
                         help=f"largest message received or sent, in MiB (default {Limits.max_message_bytes // 2**20}; "
                              f"at least {MIN_MESSAGE_MB:g}, 64 KiB)")
@@ -341,7 +355,7 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
     if args.port_file and not Path(args.port_file).resolve().parent.is_dir():
         return f"--port-file {args.port_file}: its folder does not exist"
     return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
-                                   args.index_views, args.search_expand, serve_limits(args))
+                                   args.index_views, args.search_expand, serve_limits(args), args.keyword_weight)
 
 
 def tls_pair_problem(cert: str, key: str) -> str | None:
@@ -388,7 +402,8 @@ def serve(args: argparse.Namespace) -> int:
                             data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
                             sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
-                            search_expand=args.search_expand, limits=serve_limits(args))
+                            search_expand=args.search_expand, limits=serve_limits(args),
+                            keyword_weight=args.keyword_weight, tile_captions=not args.no_tile_captions)
         except (EngineError, TileIndexError, ServerSetupError) as e:
             print(f"skyprompt serve: {e}", file=sys.stderr)
             return 2

@@ -27,8 +27,11 @@ from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform,
                      raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND,
-                       DEFAULT_THRESHOLD, Limits, check_edge_radius, check_expand, check_views, edge_radius_for)
+from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
+                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, Limits, check_edge_radius,
+                       check_expand, check_keyword_weight, check_views, edge_radius_for)
+from .engine import TILE_CAPTION_TOKENS
+from .keywords import keyword_bonus
 from .segment import crop_to_window, relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
@@ -223,7 +226,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def __init__(self, engine: ModelEngine, index: TileIndex, allowed_roots: list[str] | None = None,
                  limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
                  auth: bool = False, io_threads: int = 4, edge_radius: int | None = None,
-                 index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND):
+                 index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND,
+                 keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, tile_captions: bool = True):
         self.engine = engine
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
@@ -234,6 +238,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         self.edge_radius = edge_radius_for(edge_radius, engine.image_size)
         self.index_views = index_views     # checked by Server, like the radius
         self.search_expand = search_expand  # checked by Server too
+        self.keyword_weight = keyword_weight  # checked by Server too
+        self.tile_captions = tile_captions
+        # a tile's caption fits the model's text context (less the start token)
+        self._tile_caption_tokens = min(TILE_CAPTION_TOKENS, engine.config.context_length - 1)
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)
@@ -284,7 +292,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
-                        "query_expansion", "like_tile", "list_rasters", "min_area_m2"]
+                        "query_expansion", "like_tile", "list_rasters", "min_area_m2", "keyword_matching"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:
@@ -301,7 +309,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             default_sao_window=pb.SaoWindow(size=self.sao_window), default_tile_overlap=DEFAULT_TILE_OVERLAP,
             limits=pb.Limits(**{k: getattr(self.limits, k) for k in self.limits.__dataclass_fields__}),
             default_edge_radius=self.edge_radius, default_index_views=self.index_views,
-            default_search_expand=self.search_expand)
+            default_search_expand=self.search_expand, default_keyword_weight=self.keyword_weight)
 
     # -- IndexRaster --
     @streaming
@@ -331,6 +339,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                         "extent": list(extent) if extent else None}
             if views != 1:      # absent for one view, so rasters indexed before views existed stay unchanged
                 settings["views"] = views
+            if self.tile_captions:
+                # each tile's caption, for keyword matching: a raster indexed without them is indexed again
+                settings["tile_captions"] = True
             identity = self._identity(raster)
             state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
             total = raster.count_tiles(size, overlap, resolution, extent)
@@ -357,8 +368,13 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
                                                             total, cancelled, batch):
                     if tiles:
-                        embeddings = self.engine.embed_images(np.stack(pixels), cancelled=cancelled, views=views)
-                        writer.add([_tile_dict(t) for t in tiles], embeddings)
+                        stack = np.stack(pixels)
+                        embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)
+                        dicts = [_tile_dict(t) for t in tiles]
+                        if self.tile_captions:
+                            captions = self.engine.describe(stack, self._tile_caption_tokens, cancelled=cancelled)
+                            dicts = [{**d, "caption": c} for d, c in zip(dicts, captions)]
+                        writer.add(dicts, embeddings)
                         kept += len(tiles)
                     if cancelled():
                         raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
@@ -474,6 +490,13 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             check_expand(expand, limit=self.limits.max_expand)
         except ValueError as e:
             raise _bad(f"{e}; leave it unset for the server's default ({self.search_expand})") from None
+        weight = request.keyword_weight if request.HasField("keyword_weight") else self.keyword_weight
+        try:
+            check_keyword_weight(weight)
+        except ValueError as e:
+            raise _bad(f"{e}; leave it unset for the server's default ({self.keyword_weight:g})") from None
+        if like is not None:
+            weight = 0.0        # no words to match
         cancelled = self._cancelled(context)
         if like is None:
             vector = self.engine.embed_prompts([query], ensemble=not request.raw_query, cancelled=cancelled)[0]
@@ -481,14 +504,23 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             vector = self.index.tile_embedding(like, self.engine.checkpoint_hash)
         # unspecified = the server's choice: the index is exact below its ANN threshold anyway
         exact = request.mode == pb.SEARCH_MODE_EXACT
-        hits = self.index.search(vector, k, self.engine.checkpoint_hash,
+        # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
+        pool = max(k, KEYWORD_POOL) if weight > 0 else k
+        hits = self.index.search(vector, pool, self.engine.checkpoint_hash,
                                  raster_ids=raster_ids or None,
                                  raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
                                  min_score=min_score, expand=expand)
+        bonus = np.zeros(len(hits))
+        if weight > 0 and len(hits):
+            bonus = keyword_bonus([h.score for h in hits], query, [h.extra.get("caption") for h in hits], weight)
+            order = sorted(range(len(hits)), key=lambda i: -(hits[i].score + bonus[i]))[:k]
+            hits, bonus = type(hits)([hits[i] for i in order], tiles_searched=hits.tiles_searched,
+                                     approximate=hits.approximate), bonus[order]
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
-        for hit in hits:
-            out.hits.add(score=hit.score, raster_id=str(hit.raster_id),
+        for hit, extra in zip(hits, bonus):
+            out.hits.add(score=hit.score + float(extra), keyword_score=float(extra),
+                         caption=str(hit.extra.get("caption") or ""), raster_id=str(hit.raster_id),
                                raster_path=_shown_path(hit.raster_path),
                                raster_name=hit.raster_name, tile_id=hit.tile_id,
                                window=pb.PixelWindow(x_off=hit.col, y_off=hit.row, width=hit.width, height=hit.height),

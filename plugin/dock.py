@@ -635,7 +635,9 @@ class SkyPromptDock(QDockWidget):
         for rank, h in enumerate(hits, 1):
             text = f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n{names.get(h.raster_path, h.raster_name)}"
             item = QListWidgetItem(text)
-            item.setToolTip(f"{text}\n{h.raster_path}")      # the whole row, which a narrow list elides
+            # the whole row, which a narrow list elides, and what the model saw in the tile
+            said = f"\n“{h.caption}”" if h.caption else ""
+            item.setToolTip(f"{text}\n{h.raster_path}{said}")
             item.setData(Qt.UserRole, rank - 1)
             if h.thumbnail_png:
                 pixmap = QPixmap()

@@ -33,7 +33,7 @@ _INTEGER64_DIGITS = 18
 def search_fields() -> QgsFields:
     return _fields([("rank", QVariant.Int), ("score", QVariant.Double), ("layer", QVariant.String),
                     ("raster_id", QVariant.String), ("tile_id", QVariant.LongLong, _INTEGER64_DIGITS),
-                    ("path", QVariant.String)])
+                    ("path", QVariant.String), ("caption", QVariant.String)])
 
 
 def segment_fields() -> QgsFields:
@@ -63,7 +63,7 @@ def search_features(hits, crs: QgsCoordinateReferenceSystem, layer_names: dict |
         f = QgsFeature(fields)
         f.setGeometry(QgsGeometry.fromWkt(h.footprint_wgs84_wkt if wgs84 else h.footprint_wkt))
         name = (layer_names or {}).get(h.raster_path) or h.raster_name
-        f.setAttributes([rank, float(h.score), name, h.raster_id, int(h.tile_id), h.raster_path])
+        f.setAttributes([rank, float(h.score), name, h.raster_id, int(h.tile_id), h.raster_path, h.caption])
         out.append(f)
     return out
 

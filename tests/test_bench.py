@@ -170,6 +170,8 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
         assert 0.0 <= v["p_at_10"] <= 1.0 and 0.0 <= v["ap"] <= 1.0 and v["images"] == 4
     # the peer in the same run: the same queries embedded as typed, reported beside the default
     assert result["raw_query"]["classes"] == 2 and set(result["raw_query"]["per_class"]) == {"red", "blue"}
+    # and the default queries without keyword matching against the tiles' captions
+    assert set(result["no_keywords"]["per_class"]) == {"red", "blue"}
     # and the mosaic indexed again with four views per tile, timed beside the one-view index
     views = result["views"]
     assert views["views"] == sq.VIEWS_PEER == 4 and set(views["per_class"]) == {"red", "blue"}
@@ -189,7 +191,7 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     text = sq.report({"sets": {"toy": result}, "targets": []})
     assert "class names as queries" in text
     assert "query as typed" in text and "N views per tile" in text and "| 4: " in text
-    assert "expanded from N tiles" in text and "| 3: " in text
+    assert "expanded from N tiles" in text and "| 3: " in text and "no keyword matching" in text
 
 
 def test_dataset_bench_quick_writes_results(tmp_path):

@@ -763,6 +763,7 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
             "QUERY": "farmland", "K": 4, "LAYERS": [layer], "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])
         assert found.featureCount() == 4 and {f["layer"] for f in found.getFeatures()} == {layer.name()}
+        assert all(f["caption"] for f in found.getFeatures())      # what the model wrote for each tile
         # query expansion reaches the backend: it changes the scores, and one above the limit is refused
         expanded = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
             "QUERY": "farmland", "K": 4, "LAYERS": [layer], "EXPAND": 2, "OUTPUT": str(tmp_path / "x.gpkg")})["OUTPUT"])

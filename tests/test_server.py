@@ -931,6 +931,77 @@ def client(server, *args, env: dict | None = None) -> subprocess.CompletedProces
                           env={**os.environ, "SKYPROMPT_TOKEN": server.token, **(env or {})})
 
 
+def ground_cover_raster(path: Path) -> Path:
+    """Eight 128 px tiles of four kinds of ground, twice each: water, grass, a grey jumble and sand,
+    which the bundled checkpoint captions differently ("... river or lake.", "... meadow.", ...)."""
+    rng = np.random.default_rng(0)
+    colours = {"water": (20, 60, 110, 6), "grass": (40, 110, 40, 25), "jumble": (128, 128, 128, 60),
+               "sand": (210, 190, 150, 0)}
+    bands = np.zeros((3, 256, 512), np.uint8)
+    for i, (r, g, b, noise_sd) in enumerate(list(colours.values()) * 2):
+        row, col = divmod(i, 4)
+        tile = np.array([r, g, b], np.float64)[:, None, None] + rng.normal(0, noise_sd, (3, 128, 128))
+        bands[:, row * 128:(row + 1) * 128, col * 128:(col + 1) * 128] = np.clip(tile, 0, 255)
+    return make_tif(path, bands, geotransform=(500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0))
+
+
+def test_search_matches_query_words_against_tile_captions(tmp_path):
+    """Indexing writes a caption per tile (the bundled checkpoint's: the test checkpoint's random
+    decoder writes one caption for everything); a search adds BM25 of its words in those captions
+    to the cosine (keyword_score), so tiles whose caption holds the query's words move up, and
+    weight 0 gives the embeddings' order alone."""
+    from backend.defaults import BUNDLED_CHECKPOINT
+    from backend.keywords import words
+
+    p = pb()
+    raster = ground_cover_raster(tmp_path / "ground.tif")
+    live = LiveServer(BUNDLED_CHECKPOINT, tmp_path / "data", [tmp_path]).start()
+    try:
+        assert index(live, raster)[-1].result.tile_count == 8
+
+        def search(query, **kw):
+            return list(live.stub.Search(p.SearchRequest(query=query, k=8, **kw), metadata=live.metadata).hits)
+
+        plain = search("a lake", keyword_weight=0.0)
+        assert len({h.caption for h in plain}) >= 3 and not any(h.keyword_score for h in plain)
+        assert [h.score for h in plain] == sorted((h.score for h in plain), reverse=True)
+        lake = {h.tile_id for h in plain if "lake" in words(h.caption)}
+        assert len(lake) == 2, [h.caption for h in plain]            # the two water tiles
+        cosine = {h.tile_id: h.score for h in plain}
+        matched = search("a lake", keyword_weight=5.0)
+        assert {h.tile_id for h in matched[:2]} == lake
+        assert [h.score for h in matched] == sorted((h.score for h in matched), reverse=True)
+        for h in matched:
+            assert (h.keyword_score > 0) == (h.tile_id in lake)
+            assert h.score == pytest.approx(cosine[h.tile_id] + h.keyword_score, abs=1e-5)
+        # unset: the server's default weight, which the answer to GetInfo names
+        info = live.stub.GetInfo(p.GetInfoRequest(), metadata=live.metadata)
+        assert "keyword_matching" in info.capabilities and info.default_keyword_weight > 0
+        assert all((h.keyword_score > 0) == (h.tile_id in lake) for h in search("a lake"))
+        with pytest.raises(grpc.RpcError) as refused:
+            search("a lake", keyword_weight=-1.0)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "keyword_weight -1" in refused.value.details()
+        out = client(live, "search", "--json", "a lake", "--keyword-weight", "5", "--k", "3")
+        assert out.returncode == 0, out.stderr
+        first = json.loads(out.stdout)["results"][0]
+        assert first["tile_id"] in lake and "lake" in first["caption"] and first["keyword_score"] > 0
+    finally:
+        live.stop()
+    # a server that writes no captions (faster indexing) indexes the raster again, without them
+    bare = LiveServer(BUNDLED_CHECKPOINT, tmp_path / "data", [tmp_path],
+                      extra=("--no-tile-captions", "--keyword-weight", "2")).start()
+    try:
+        assert index(bare, raster)[-1].result.outcome == p.INDEX_OUTCOME_REPLACED
+        assert bare.stub.GetInfo(p.GetInfoRequest(), metadata=bare.metadata).default_keyword_weight == 2.0
+        hits = list(bare.stub.Search(p.SearchRequest(query="a lake", k=8), metadata=bare.metadata).hits)
+        assert len(hits) == 8 and not any(h.caption or h.keyword_score for h in hits)
+    finally:
+        bare.stop()
+    out = subprocess.run([sys.executable, "-m", "backend", "serve", "--keyword-weight", "11"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--keyword-weight 11 must be in [0, 10]" in out.stderr, out.stderr
+
+
 def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp_path):
     """Thumbnails of many hits can outgrow the message limit: the answer keeps every hit, with
     thumbnails for the best ones that fit, instead of failing to send at all."""
