@@ -91,6 +91,7 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     res = json.loads((tmp_path / "backend.json").read_text())
     assert res["indexing"]["tiles"] == (256 // tiny_config.image_size) ** 2
     assert res["indexing"]["tiles_per_s"] > 0 and res["indexing"]["ratio_to_bare_model"] > 0
+    assert res["indexing"]["bare_model_with_captions_tiles_per_s"] > 0
     assert res["segment"]["tiles"] > 0 and res["segment"]["median_s"] > 0
     assert res["segment"]["no_edge_refinement_median_s"] > 0 and len(res["segment"]["no_edge_refinement_runs_s"]) == 1
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
