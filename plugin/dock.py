@@ -227,6 +227,12 @@ class SkyPromptDock(QDockWidget):
                                      "(better when the first hits are right, worse when they are not). Off: the "
                                      "backend's default")
         v.addWidget(self.expand_query)
+        self.match_captions = QCheckBox("Match tile captions")
+        self.match_captions.setChecked(True)
+        self.match_captions.setToolTip("Also look the query's words up in the caption the model wrote for each tile "
+                                       "when it was indexed (better for everyday wording; a class name such as "
+                                       "'storage tanks' may do better without). On: the backend's default")
+        v.addWidget(self.match_captions)
         self.result_list = QListWidget()
         self.result_list.setIconSize(QSize(64, 64))
         self.result_list.setItemDelegate(RowsFitTheList(self.result_list))
@@ -614,10 +620,12 @@ class SkyPromptDock(QDockWidget):
         self.settings.k = k
         self.settings.save()        # the next QGIS session starts with this k
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
+        keyword_weight = None if self.match_captions.isChecked() else 0.0
 
         def work(conn, task):
             return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
-                                     like_tile_id=like_tile_id, raster_paths=raster_paths)
+                                     like_tile_id=like_tile_id, raster_paths=raster_paths,
+                                     keyword_weight=keyword_weight)
 
         def shown(response):
             self.show_hits(title, list(response.hits), names)

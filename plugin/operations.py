@@ -120,11 +120,13 @@ def distinct_unfamiliar(answers) -> list:
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,
            min_score: float | None = None, expand: int | None = None, like_tile_id: int | None = None,
-           raster_paths: list[str] = ()):
+           raster_paths: list[str] = (), keyword_weight: float | None = None):
     """The SearchResponse, over the union of `raster_ids` and `raster_paths` (both empty: the whole
     index). `expand`: query expansion from that many best tiles (SearchRequest.expand; None = the
-    server's default, ServerInfo.default_search_expand; 0 = off). `like_tile_id`: tiles like that
-    one instead of the text (`query` is then ignored)."""
+    server's default, ServerInfo.default_search_expand; 0 = off). `keyword_weight`: matching the
+    query's words against the tiles' captions (SearchRequest.keyword_weight; None = the server's
+    default; 0 = off). `like_tile_id`: tiles like that one instead of the text (`query` is then
+    ignored)."""
     pb = conn.pb
     request = pb.SearchRequest(query=query if like_tile_id is None else "", k=k, raster_ids=list(raster_ids),
                                raster_paths=list(raster_paths), include_thumbnails=thumbnails,
@@ -135,6 +137,8 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
         request.min_score = min_score
     if expand is not None:
         request.expand = expand
+    if keyword_weight is not None:
+        request.keyword_weight = keyword_weight
     return conn.search(request)
 
 

@@ -2026,3 +2026,43 @@ def test_the_model_sees_the_bands_the_layer_shows(qgis_app, own_backend, rasters
     sent = PixelReader(layer).read(pb, layer.extent(), 1000)[0].pixels
     planes = np.frombuffer(sent.data, np.uint16).reshape(2, 64, 64)
     assert (sent.band_count, sent.alpha_band) == (2, 2) and np.array_equal(planes, bands[[3, 1]])
+
+
+def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, tmp_path):  # noqa: F811
+    """The Search tab's "Match tile captions" (on: the backend's default keyword matching;
+    off: keyword_weight 0), on the bundled checkpoint, whose captions tell the made raster's water
+    tiles ("... river or lake.") from its grass, jumble and sand."""
+    from test_server import ground_cover_raster
+
+    from backend.defaults import BUNDLED_CHECKPOINT
+
+    backends = OwnBackends(BUNDLED_CHECKPOINT, [rasters["folder"]], tmp_path)
+    try:
+        _, address = backends.start()
+        dock.settings.address = address
+        layer = QgsRasterLayer(str(ground_cover_raster(rasters["folder"] / "ground_cover.tif")), "ground")
+        assert layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        assert run_dock(dock, "index", dock.index_layers) is None
+        dock.query.setText("a lake")
+        dock.k.setValue(8)
+
+        def dock_hits():
+            assert run_dock(dock, "search", dock.search) is None
+            return [(f["score"], f["caption"]) for f in dock.last_layer.getFeatures()]
+
+        assert dock.match_captions.isChecked()
+        matched = dock_hits()
+        dock.match_captions.setChecked(False)
+        try:
+            plain = dock_hits()
+        finally:
+            dock.match_captions.setChecked(True)
+        lake = [score for score, caption in matched if "lake" in caption]
+        assert len(lake) == 2 and [s for s, _ in matched][:2] == lake
+        # off: the cosines alone, so the water tiles score less than with their words matched
+        assert sorted(s for s, c in plain if "lake" in c)[-1] < min(lake)
+        assert [s for s, _ in plain] == sorted((s for s, _ in plain), reverse=True)
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        backends.close()
