@@ -46,6 +46,16 @@ def wait_until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def with_checked(box, checked: bool, action):
+    """action() with a dock check box set to `checked`, then set back."""
+    before = box.isChecked()
+    box.setChecked(checked)
+    try:
+        return action()
+    finally:
+        box.setChecked(before)
+
+
 def run_dock(dock, kind: str, start, timeout: float = 120.0):
     """Call start() (a dock action), process events until its taskDone(kind) arrives; the error."""
     got = []
@@ -368,11 +378,7 @@ def test_more_like_the_best_hits_expands_the_query(dock, layers, live):
         return [h.score for h in live.stub.Search(request, metadata=live.metadata).hits]
 
     plain = dock_hits()
-    dock.expand_query.setChecked(True)
-    try:
-        expanded = dock_hits()
-    finally:
-        dock.expand_query.setChecked(False)
+    expanded = with_checked(dock.expand_query, True, dock_hits)
     assert [s for s, _ in plain] == pytest.approx(wire_scores(), abs=1e-5)
     assert [s for s, _ in expanded] == pytest.approx(wire_scores(expand=operations.EXPAND_TILES), abs=1e-5)
     assert [s for s, _ in expanded] != pytest.approx([s for s, _ in plain], abs=1e-5)
@@ -2053,11 +2059,7 @@ def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, 
 
         assert dock.match_captions.isChecked()
         matched = dock_hits()
-        dock.match_captions.setChecked(False)
-        try:
-            plain = dock_hits()
-        finally:
-            dock.match_captions.setChecked(True)
+        plain = with_checked(dock.match_captions, False, dock_hits)
         lake = [score for score, caption in matched if "lake" in caption]
         assert len(lake) == 2 and [s for s, _ in matched][:2] == lake
         # off: the cosines alone, so the water tiles score less than with their words matched
