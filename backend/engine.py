@@ -79,7 +79,7 @@ def _chunks(items: list, size: int):
 
 @dataclass
 class _Job:
-    kind: str                      # "image" | "text" | "relevance" | "caption" | "describe"
+    kind: str                      # "image" | "text" | "relevance" | "caption" | "index"
     items: list                    # one entry per image / text
     settings: tuple = ()           # jobs merge only with equal kind and settings
     cancelled: Callable[[], bool] = lambda: False
@@ -168,11 +168,18 @@ class ModelEngine:
         see _mean_log_prob)."""
         return self._call("caption", [image], (int(max_len), int(beam_size)), cancelled)[0]
 
-    def describe(self, images: np.ndarray, max_len: int = TILE_CAPTION_TOKENS,
-                 cancelled: Callable[[], bool] = lambda: False) -> list[str]:
-        """uint8 [N, 3, S, S] tiles -> one greedy caption each, batched (no log-probability): the
-        words keyword matching finds a tile by (backend.keywords)."""
-        return self._call("describe", list(images), (int(max_len),), cancelled) if len(images) else []
+    def embed_and_describe(self, images: np.ndarray, views: int = 1, max_len: int = TILE_CAPTION_TOKENS,
+                           cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, list[str]]:
+        """uint8 [N, 3, S, S] tiles -> (embed_images' embeddings, one greedy caption each: the words
+        keyword matching finds a tile by, backend.keywords), from one pass of the image tower."""
+        try:
+            check_views(views)
+        except ValueError as e:
+            raise EngineError("invalid_argument", str(e)) from None
+        if not len(images):
+            return np.zeros((0, self.embed_dim), np.float32), []
+        pairs = self._call("index", list(images), (views, int(max_len)), cancelled)
+        return np.stack([e for e, _ in pairs]), [c for _, c in pairs]
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish the job in hand, fail the queued ones with UNAVAILABLE, stop the worker."""
@@ -308,10 +315,13 @@ class ModelEngine:
                 return [m for chunk in _chunks(items, MAX_BATCH_IMAGES)
                         for m in self.model.sao_relevance_map(self._images_tensor(chunk), text, window, gaussian=sigma > 0,
                                                               sigma=sigma if sigma > 0 else None).float().cpu().numpy()]
-            if kind == "describe":
-                (max_len,) = settings
-                return [self.tokenizer.decode(ids) for chunk in _chunks(items, MAX_BATCH_IMAGES)
-                        for ids in self.model.caption(self._images_tensor(chunk), max_len=max_len, beam_size=1)]
+            if kind == "index":
+                views, max_len = settings
+                out = []
+                for chunk in _chunks(items, max(1, MAX_BATCH_IMAGES // views)):
+                    emb, ids = self.model.encode_image_and_caption(self._images_tensor(chunk), max_len, views)
+                    out += zip(emb.float().cpu().numpy(), (self.tokenizer.decode(i) for i in ids))
+                return out
             if kind == "caption":
                 max_len, beam_size = settings
                 images = self._images_tensor(items)

@@ -307,7 +307,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(0 = embeddings alone; default {DEFAULT_KEYWORD_WEIGHT:g}; a request's keyword_weight "
                              "overrides it)")
     parser.add_argument("--no-tile-captions", action="store_true",
-                        help="index without writing a caption per tile: indexing on a CPU is about 3x faster, "
+                        help="index without writing a caption per tile: indexing on a CPU is about 1.8x faster, "
                              "and keyword matching then has no words to match (rasters indexed with captions "
                              "are indexed again)")
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,

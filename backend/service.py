@@ -369,11 +369,13 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                             total, cancelled, batch):
                     if tiles:
                         stack = np.stack(pixels)
-                        embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)
                         dicts = [_tile_dict(t) for t in tiles]
                         if self.tile_captions:
-                            captions = self.engine.describe(stack, self._tile_caption_tokens, cancelled=cancelled)
+                            embeddings, captions = self.engine.embed_and_describe(
+                                stack, views, self._tile_caption_tokens, cancelled=cancelled)
                             dicts = [{**d, "caption": c} for d, c in zip(dicts, captions)]
+                        else:
+                            embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)
                         writer.add(dicts, embeddings)
                         kept += len(tiles)
                     if cancelled():

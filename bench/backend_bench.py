@@ -150,10 +150,9 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
     engine.embed_images(tiles)
     model_tps = n_tiles / (time.perf_counter() - t)
     # and with each tile's caption too, as the server indexes by default (keyword matching)
-    engine.describe(tiles[:8])
+    engine.embed_and_describe(tiles[:8])
     t = time.perf_counter()
-    engine.embed_images(tiles)
-    engine.describe(tiles)
+    engine.embed_and_describe(tiles)
     captioned_tps = n_tiles / (time.perf_counter() - t)
     results["model"] = {"preset": engine.config.preset, "image_size": size}
     engine.stop()

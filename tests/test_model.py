@@ -430,3 +430,13 @@ def test_caption_mean_log_prob_leaves_out_tokens_decode_drops(tmp_path, tokenize
         assert abs(mean_log_prob - sum(logp) / len(logp)) > 0.01     # not the mean over every generated id
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("views", [1, 4])
+def test_one_tower_pass_gives_the_embedding_and_the_caption(tiny_model, images, views):
+    """Indexing takes both from one pass of the image tower: the same embeddings as encode_image,
+    the same greedy captions as caption (of the image as it is, whatever the views)."""
+    with torch.no_grad():
+        embeddings, captions = tiny_model.encode_image_and_caption(images, max_len=12, views=views)
+        assert torch.allclose(embeddings, tiny_model.encode_image(images, views=views), atol=1e-5)
+        assert captions == tiny_model.caption(images, max_len=12)

@@ -139,13 +139,28 @@ class MaMMUT(nn.Module):
         `with_ended` gives (ids, ended) pairs instead: `ended` says the model generated an <eos>
         after the ids (False for a caption cut at the step limit).
         """
+        captions = self._generate(self.visual(images), max_len, beam_size)
+        return captions if with_ended else [ids for ids, _ in captions]
+
+    def encode_image_and_caption(self, images: torch.Tensor, max_len: int = 30,
+                                 views: int = 1) -> tuple[torch.Tensor, list[list[int]]]:
+        """encode_image(images, views=views) and a greedy caption of each image (as `caption` gives),
+        from one pass of the image tower: indexing needs both, and the tower is most of the work.
+        The caption reads the image as it is (view 0 of `dihedral_views`)."""
+        b = images.shape[0]
+        image_tokens = self.visual(dihedral_views(images, views) if views != 1 else images)
+        per_view = F.normalize(self.attn_pool(image_tokens).float(), dim=-1)
+        embeddings = per_view if views == 1 else F.normalize(per_view.view(views, b, -1).mean(0), dim=-1)
+        return embeddings, [ids for ids, _ in self._generate(image_tokens[:b], max_len, 1)]
+
+    def _generate(self, image_tokens: torch.Tensor, max_len: int, beam_size: int) -> list[tuple[list[int], bool]]:
+        """(ids, ended) of a caption for each image's tokens: greedy, or beam search."""
         cfg = self.config
         max_len = max(1, min(max_len, cfg.context_length - 1))
-        image_tokens = self.visual(images)
-        b = images.shape[0]
+        b = image_tokens.shape[0]
         if beam_size <= 1:
-            seqs = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=images.device)
-            done = torch.zeros(b, dtype=torch.bool, device=images.device)
+            seqs = torch.full((b, 1), cfg.bos_id, dtype=torch.long, device=image_tokens.device)
+            done = torch.zeros(b, dtype=torch.bool, device=image_tokens.device)
             caches = self.text.new_caches()
             for _ in range(max_len):
                 nxt = self._next_token_logits(seqs, image_tokens, caches).argmax(-1)
@@ -154,10 +169,8 @@ class MaMMUT(nn.Module):
                 done |= nxt == cfg.eos_id
                 if bool(done.all()):
                     break
-            captions = [self._strip(s) for s in seqs.tolist()]
-        else:
-            captions = self._beam_search(image_tokens, max_len, beam_size)
-        return captions if with_ended else [ids for ids, _ in captions]
+            return [self._strip(s) for s in seqs.tolist()]
+        return self._beam_search(image_tokens, max_len, beam_size)
 
     def _next_token_logits(self, seqs: torch.Tensor, image_tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
         """Logits for the token after `seqs`; `caches` already hold every position but the last."""
