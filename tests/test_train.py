@@ -344,13 +344,26 @@ def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, to
     assert "Traceback" not in r.stderr
 
 
-def test_bad_arguments_give_clear_errors(folder, tmp_path):
-    r = _run(["--folder", str(folder), "--out", str(tmp_path / "x")])
+def _refused(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """training.train's main in this process (a refusal never gets as far as training, and a new
+    interpreter per case would cost seconds each): its exit code and stderr, as _run gives them."""
+    from training import train as training_main
+
+    capsys.readouterr()
+    try:
+        code = training_main.main(args)
+    except SystemExit as e:      # argparse's refusals
+        code = e.code
+    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+
+def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
+    r = _refused(["--folder", str(folder), "--out", str(tmp_path / "x")], capsys)
     assert r.returncode == 2 and "one --classnames per --folder" in r.stderr
-    r = _run(["--folder", str(folder), "--classnames", "nonexistent_map", "--out", str(tmp_path / "x"),
-              "--preset", "tiny", "--steps", "1"])
+    r = _refused(["--folder", str(folder), "--classnames", "nonexistent_map", "--out", str(tmp_path / "x"),
+                  "--preset", "tiny", "--steps", "1"], capsys)
     assert r.returncode == 2 and "class-name map nonexistent_map does not exist" in r.stderr and "Traceback" not in r.stderr
-    r = _run(_args(folder, tmp_path / "x", 1, "--template-mix", "1.5"))
+    r = _refused(_args(folder, tmp_path / "x", 1, "--template-mix", "1.5"), capsys)
     assert r.returncode == 2 and "--template-mix is a probability" in r.stderr and "Traceback" not in r.stderr
     for flags, message in ((["--steps", "0"], "--steps must be at least 1"),
                            (["--batch-size", "0"], "--batch-size must be at least 1"),
@@ -361,20 +374,20 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path):
                            (["--recipe", str(folder.parent / "classes.json"), "--val-per-class", "2"],
                             "--val-per-class 2 is for --folder/--manifest sources"),
                            (["--device", "gpu"], "use auto, cpu or cuda[:N]")):
-        r = _run(_args(folder, tmp_path / "y", 1, *flags))
+        r = _refused(_args(folder, tmp_path / "y", 1, *flags), capsys)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
     assert not (tmp_path / "y").exists()     # refused before anything is written
     (tmp_path / "file").write_text("")
-    r = _run(_args(folder, tmp_path / "file", 1))
+    r = _refused(_args(folder, tmp_path / "file", 1), capsys)
     assert r.returncode == 2 and "is a file" in r.stderr
     # a second run into a run directory: refused unless it resumes
     done = tmp_path / "done"
     (done / "checkpoints" / "step_0000003").mkdir(parents=True)
-    r = _run(_args(folder, done, 1))
+    r = _refused(_args(folder, done, 1), capsys)
     assert r.returncode == 2 and "already holds a run (checkpoints up to step_0000003)" in r.stderr
     assert "add --resume" in r.stderr
     # that run's folder given as the checkpoint to fine-tune: its checkpoints are named
-    r = _run(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(done)))
+    r = _refused(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(done)), capsys)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"give one of its checkpoints, e.g. {done / 'checkpoints' / 'step_0000003'}" in r.stderr
 
