@@ -22,6 +22,10 @@ class LocalBackend(QObject):
     stopped = pyqtSignal()
 
     POLL_MS = 500
+    # how long stop() waits for a backend to exit before killing it: one that serves drains its calls
+    # and closes its index; one still starting has none to drain, and QGIS waits meanwhile
+    STOP_WAIT_MS = 15000
+    CANCEL_START_WAIT_MS = 2000
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -52,6 +56,11 @@ class LocalBackend(QObject):
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.state() != QProcess.NotRunning
+
+    @property
+    def starting(self) -> bool:
+        """Started and not yet serving (its health is still being polled)."""
+        return self.running and self._timer.isActive()
 
     def start(self, settings: PluginSettings) -> bool:
         """Start (asynchronous): `serving` or `failed` follows. False when one of ours already runs."""
@@ -107,7 +116,7 @@ class LocalBackend(QObject):
             self._probe[0].close()
             self._probe = None
 
-    def stop(self, wait_ms: int = 15000) -> None:
+    def stop(self, wait_ms: int = STOP_WAIT_MS) -> None:
         """Close the backend's standard input (it then drains and closes its index: `serve
         --stop-on-stdin-close`), then kill it if it does not exit in time."""
         self._stop_polling()
