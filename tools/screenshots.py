@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             settings = PluginSettings.load()
             settings.address, settings.k = address, 8
             settings.save()
-            iface = DesktopIface(900, 640)
+            iface = DesktopIface(900, 720)
             layers = [QgsRasterLayer(str(GEOTIFFS / n), Path(n).stem) for n in LAYERS]
             QgsProject.instance().addMapLayers(layers)
             iface.canvas.setDestinationCrs(layers[0].crs())
