@@ -197,6 +197,10 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                                               defaultValue=-1, minValue=-1)
         expand.setFlags(expand.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(expand)
+        captions = QgsProcessingParameterBoolean("MATCH_CAPTIONS", "Match the query's words in tile captions "
+                                                 "(off: embeddings alone)", defaultValue=True)
+        captions.setFlags(captions.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(captions)
         like = QgsProcessingParameterNumber("LIKE_TILE", "Tiles like this tile id instead of a query (-1 = none)",
                                             QgsProcessingParameterNumber.Integer, defaultValue=-1, minValue=-1)
         like.setFlags(like.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -232,11 +236,14 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             feedback.pushWarning(f"not searched: {', '.join(unreachable)} (read as pixels, not searchable by layer)")
 
         expand = self.parameterAsInt(parameters, "EXPAND", context)
+        match_captions = self.parameterAsBool(parameters, "MATCH_CAPTIONS", context)
 
         def run(conn):
             request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
             if expand >= 0:
                 request.expand = expand
+            if not match_captions:      # on: the backend's default keyword matching
+                request.keyword_weight = 0.0
             if like >= 0:
                 request.like_tile_id = like
             return conn.search(request)

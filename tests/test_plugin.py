@@ -2034,7 +2034,8 @@ def test_the_model_sees_the_bands_the_layer_shows(qgis_app, own_backend, rasters
     assert (sent.band_count, sent.alpha_band) == (2, 2) and np.array_equal(planes, bands[[3, 1]])
 
 
-def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, tmp_path):  # noqa: F811
+def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, tmp_path,  # noqa: F811
+                                                         qgis_processing):
     """The Search tab's "Match tile captions" (on: the backend's default keyword matching;
     off: keyword_weight 0), on the bundled checkpoint, whose captions tell the made raster's water
     tiles ("... river or lake.") from its grass, jumble and sand."""
@@ -2065,6 +2066,24 @@ def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, 
         # off: the cosines alone, so the water tiles score less than with their words matched
         assert sorted(s for s, c in plain if "lake" in c)[-1] < min(lake)
         assert [s for s, _ in plain] == sorted((s for s, _ in plain), reverse=True)
+        # Processing's Search tiles by text: the same switch (MATCH_CAPTIONS, on by default)
+        import processing
+        from plugin.processing_provider import SkyPromptProvider
+
+        provider = SkyPromptProvider()
+        QgsApplication.processingRegistry().addProvider(provider)
+        try:
+            def processing_hits(**extra):
+                out = processing.run("skyprompt:searchtiles", {"QUERY": "a lake", "K": 8, "LAYERS": [layer],
+                                                               "SERVER": address,
+                                                               "OUTPUT": str(tmp_path / f"p{len(extra)}.gpkg"), **extra})
+                return [(f["score"], f["caption"]) for f in QgsVectorLayerFrom(out["OUTPUT"]).getFeatures()]
+
+            assert [s for s, _ in processing_hits()] == pytest.approx([s for s, _ in matched], abs=1e-5)
+            assert [s for s, _ in processing_hits(MATCH_CAPTIONS=False)] == pytest.approx([s for s, _ in plain],
+                                                                                         abs=1e-5)
+        finally:
+            QgsApplication.processingRegistry().removeProvider(provider)
     finally:
         QgsProject.instance().removeAllMapLayers()
         backends.close()
