@@ -72,6 +72,13 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _check_views(views: int) -> None:
+    try:
+        check_views(views)
+    except ValueError as e:
+        raise EngineError("invalid_argument", str(e)) from None
+
+
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -134,10 +141,7 @@ class ModelEngine:
                      views: int = 1) -> np.ndarray:
         """uint8 [N, 3, S, S] tiles -> L2-normalised float32 embeddings [N, E]; `views` > 1 averages
         each tile's flips / rotations (backend.model.views)."""
-        try:
-            check_views(views)
-        except ValueError as e:
-            raise EngineError("invalid_argument", str(e)) from None
+        _check_views(views)
         return np.stack(self._call("image", list(images), (views,), cancelled)) if len(images) else \
             np.zeros((0, self.embed_dim), np.float32)
 
@@ -172,10 +176,7 @@ class ModelEngine:
                            cancelled: Callable[[], bool] = lambda: False) -> tuple[np.ndarray, list[str]]:
         """uint8 [N, 3, S, S] tiles -> (embed_images' embeddings, one greedy caption each: the words
         keyword matching finds a tile by, backend.keywords), from one pass of the image tower."""
-        try:
-            check_views(views)
-        except ValueError as e:
-            raise EngineError("invalid_argument", str(e)) from None
+        _check_views(views)
         if not len(images):
             return np.zeros((0, self.embed_dim), np.float32), []
         pairs = self._call("index", list(images), (views, int(max_len)), cancelled)

@@ -30,7 +30,6 @@ from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
                        DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, Limits, check_edge_radius,
                        check_expand, check_keyword_weight, check_views, edge_radius_for)
-from .engine import TILE_CAPTION_TOKENS
 from .keywords import keyword_bonus
 from .segment import crop_to_window, relevance_geotiff, segment
 
@@ -240,8 +239,6 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         self.search_expand = search_expand  # checked by Server too
         self.keyword_weight = keyword_weight  # checked by Server too
         self.tile_captions = tile_captions
-        # a tile's caption fits the model's text context (less the start token)
-        self._tile_caption_tokens = min(TILE_CAPTION_TOKENS, engine.config.context_length - 1)
         self.tls = tls
         self.auth = auth
         self.io_threads = max(1, io_threads)
@@ -371,8 +368,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                         stack = np.stack(pixels)
                         dicts = [_tile_dict(t) for t in tiles]
                         if self.tile_captions:
-                            embeddings, captions = self.engine.embed_and_describe(
-                                stack, views, self._tile_caption_tokens, cancelled=cancelled)
+                            embeddings, captions = self.engine.embed_and_describe(stack, views, cancelled=cancelled)
                             dicts = [{**d, "caption": c} for d, c in zip(dicts, captions)]
                         else:
                             embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)

@@ -475,7 +475,7 @@ class SkyPromptDock(QDockWidget):
 
     def toggle_backend(self) -> None:
         if self.backend.running:
-            self.backend.stop(self.backend.CANCEL_START_WAIT_MS if self.backend.starting else self.backend.STOP_WAIT_MS)
+            self.backend.stop()
             return
         if self.deps_problem:
             self._message(f"cannot start the backend: {self.deps_problem}", Qgis.Warning)

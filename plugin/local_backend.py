@@ -116,9 +116,12 @@ class LocalBackend(QObject):
             self._probe[0].close()
             self._probe = None
 
-    def stop(self, wait_ms: int = STOP_WAIT_MS) -> None:
+    def stop(self, wait_ms: int | None = None) -> None:
         """Close the backend's standard input (it then drains and closes its index: `serve
-        --stop-on-stdin-close`), then kill it if it does not exit in time."""
+        --stop-on-stdin-close`), then kill it if it does not exit within `wait_ms` (None:
+        CANCEL_START_WAIT_MS for one still starting, else STOP_WAIT_MS)."""
+        if wait_ms is None:
+            wait_ms = self.CANCEL_START_WAIT_MS if self.starting else self.STOP_WAIT_MS
         self._stop_polling()
         if not self.running:
             self.process = None

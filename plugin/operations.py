@@ -182,13 +182,14 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
     `path_resolution`, else at its own resolution, or, when `native` (sources.native_pixels: the
     area's pixel count and the layer's resolution) is over the server's limit, coarser (said in `notes`)."""
     pb = conn.pb
+    if min_area_m2 > 0 and "min_area_m2" not in conn.info().capabilities:
+        # an older backend ignores the field it does not know: every small polygon would come back
+        # (asked before a layer sent as pixels is read)
+        raise BackendError("FAILED_PRECONDITION", f"the backend at {conn.address} does not apply a minimum area "
+                                                  "(it is older than this plugin): update it, or set Minimum area to 0")
     source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
     if note and notes is not None:
         notes.append(note)
-    if min_area_m2 > 0 and "min_area_m2" not in conn.info().capabilities:
-        # an older backend ignores the field it does not know: every small polygon would come back
-        raise BackendError("FAILED_PRECONDITION", f"the backend at {conn.address} does not apply a minimum area "
-                                                  "(it is older than this plugin): update it, or set Minimum area to 0")
     request = _for_layer(pb, pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold,
                                                min_area_m2=min_area_m2), prepared)
     if edge_radius is not None:

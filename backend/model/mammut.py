@@ -75,14 +75,23 @@ class MaMMUT(nn.Module):
     def encode_image(self, images: torch.Tensor, normalize: bool = True, views: int = 1) -> torch.Tensor:
         """Normalised images [B, 3, H, W] -> image embeddings [B, embed_dim]. views > 1: the mean of
         the normalised embeddings of that many flips / rotations of each image (`views.py`), normalised."""
-        if views != 1:
-            if not normalize:
-                raise ValueError("embeddings of several views are averaged after normalising; use normalize=True")
-            per_view = self.encode_image(dihedral_views(images, views))
-            return F.normalize(per_view.view(views, images.shape[0], -1).mean(0), dim=-1)
-        x = self.attn_pool(self.visual(images))
+        if views != 1 and not normalize:
+            raise ValueError("embeddings of several views are averaged after normalising; use normalize=True")
+        return self._pool_views(self._view_tokens(images, views), images.shape[0], views, normalize)
+
+    def _view_tokens(self, images: torch.Tensor, views: int) -> torch.Tensor:
+        """The image tower's tokens of each view (`dihedral_views` order: view 0, the image as it is, first)."""
+        return self.visual(dihedral_views(images, views) if views != 1 else images)
+
+    def _pool_views(self, image_tokens: torch.Tensor, b: int, views: int, normalize: bool = True) -> torch.Tensor:
+        """Embeddings of `b` images from their views' tokens: the mean of the views' normalised
+        embeddings, normalised again (views > 1 are always normalised)."""
+        x = self.attn_pool(image_tokens)
+        if views == 1 and not normalize:
+            return x
         # normalised in fp32: under bf16 autocast a bf16 norm is off by up to ~0.5%
-        return F.normalize(x.float(), dim=-1) if normalize else x
+        per_view = F.normalize(x.float(), dim=-1)
+        return per_view if views == 1 else F.normalize(per_view.view(views, b, -1).mean(0), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Token ids [B, T] (<bos> ... <eos> <pad>...) -> text embeddings [B, embed_dim]."""
@@ -148,10 +157,8 @@ class MaMMUT(nn.Module):
         from one pass of the image tower: indexing needs both, and the tower is most of the work.
         The caption reads the image as it is (view 0 of `dihedral_views`)."""
         b = images.shape[0]
-        image_tokens = self.visual(dihedral_views(images, views) if views != 1 else images)
-        per_view = F.normalize(self.attn_pool(image_tokens).float(), dim=-1)
-        embeddings = per_view if views == 1 else F.normalize(per_view.view(views, b, -1).mean(0), dim=-1)
-        return embeddings, [ids for ids, _ in self._generate(image_tokens[:b], max_len, 1)]
+        image_tokens = self._view_tokens(images, views)
+        return self._pool_views(image_tokens, b, views), [ids for ids, _ in self._generate(image_tokens[:b], max_len, 1)]
 
     def _generate(self, image_tokens: torch.Tensor, max_len: int, beam_size: int) -> list[tuple[list[int], bool]]:
         """(ids, ended) of a caption for each image's tokens: greedy, or beam search."""
