@@ -808,6 +808,7 @@ def big_raster(folder: Path, side: int = 3000) -> Path:
 def test_cancelled_index_stops_within_a_second_and_stores_nothing(server, rasters):
     path = big_raster(rasters["folder"])
     p = pb()
+    index(server, rasters["rgb"])   # an index the cancel must leave searchable (unchanged if an earlier test made it)
     call = server.stub.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(path))),
                                    metadata=server.metadata)
     for progress in call:
