@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import shapely
@@ -385,17 +385,25 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         processed = bounds_from_geotransform(gt, width, height)
     window = None
     if wider is not None:     # the pixels that are the extent's own, as `inside` marks them
-        rows, cols = np.flatnonzero(wider[3].any(axis=1)), np.flatnonzero(wider[3].any(axis=0))
+        rows, cols = np.flatnonzero(wider.inside.any(axis=1)), np.flatnonzero(wider.inside.any(axis=0))
         if rows.size and cols.size:
             window = (int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
     return SegmentOutput(results, processed, tuple(gt), raster.crs_wkt, (height, width), tiles, window)
 
 
-def _context_read(raster: Raster, extent, target_resolution: float | None, size: int, max_pixels: int):
-    """For an extent under one model tile a side on a north-up raster: (rgb, valid, geotransform,
-    inside, bounds) of a read widened to a tile of real ground around it (kept within the raster),
-    `inside` marking the extent's own pixels (`valid` only there) and `bounds` the extent's native
-    window; None when the extent is large enough, the raster is rotated, or the widened read would
+class ContextRead(NamedTuple):
+    """A read widened around an extent smaller than one model tile (`_context_read`)."""
+    rgb: np.ndarray
+    valid: np.ndarray          # valid pixels of the extent's own (False on the ground around it)
+    geotransform: tuple
+    inside: np.ndarray         # the working-grid pixels whose centres lie in the extent's window
+    bounds: tuple              # the extent's native window, in the raster's CRS
+
+
+def _context_read(raster: Raster, extent, target_resolution: float | None, size: int,
+                  max_pixels: int) -> ContextRead | None:
+    """For an extent under one model tile a side on a north-up raster: a ContextRead of a read
+    widened to a tile of real ground around it (kept within the raster); None when the extent is large enough, the raster is rotated, or the widened read would
     pass `max_pixels` (read_extent then reads the extent itself, under that limit)."""
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:
@@ -420,7 +428,7 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     cy = wide_row + (np.arange(out_h) + 0.5) * wide_h / out_h
     inside = ((cy >= row) & (cy < row + h))[:, None] & ((cx >= col) & (cx < col + w))[None, :]
     bounds = bounds_from_geotransform(raster.window_geotransform(col, row, w, h, w, h), w, h)
-    return rgb, valid & inside, wide_gt, inside, bounds
+    return ContextRead(rgb, valid & inside, wide_gt, inside, bounds)
 
 
 __all__ = ["segment", "crop_to_window", "prompt_embeddings", "relevance_map", "polygons_for_prompt", "polygonize", "clean_polygon", "blend_weights",
