@@ -202,10 +202,10 @@ class PixelReader:
                               "then run again")
         self.provider = provider.clone()
         self.band_count = provider.bandCount()
-        self.shown = shown_bands(layer)      # the bands read of a multiband layer (None: the first four)
-        alpha = layer.renderer().alphaBand() if self.shown and layer.renderer() is not None else -1
+        self.bands = shown_bands(layer)      # shown_bands, as LayerPath.bands (None: the first four)
+        alpha = layer.renderer().alphaBand() if self.bands and layer.renderer() is not None else -1
         # the renderer's transparency band goes along as the alpha band (alpha 0: no data)
-        self.shown_alpha = alpha if 1 <= alpha <= self.band_count and alpha not in self.shown else 0
+        self.alpha_band = alpha if 1 <= alpha <= self.band_count and alpha not in self.bands else 0
         self.data_type = provider.dataType(1)
         # a colour-table image is sent as its colours, as the backend reads such a file (open_raster)
         self.palette = _palette(provider) if self.band_count == 1 and self.data_type in _NUMERIC else None
@@ -268,12 +268,12 @@ class PixelReader:
             data, dtype, alpha = rgba[..., :bands].transpose(2, 0, 1), "DATA_TYPE_UINT8", 0 if bands == 3 else 4
         elif self.data_type in _NUMERIC:
             np_type, dtype = _NUMERIC[self.data_type]
-            if self.shown:
-                read = self.shown + ((self.shown_alpha,) if self.shown_alpha else ())
+            if self.bands:
+                read = self.bands + ((self.alpha_band,) if self.alpha_band else ())
             else:
                 read = tuple(range(1, min(self.band_count, 4) + 1))
             bands = len(read)
-            alpha = bands if self.shown_alpha else 0
+            alpha = bands if self.alpha_band else 0
             planes = []
             for b in read:
                 block = self.provider.block(b, extent, width, height)
