@@ -78,6 +78,24 @@ def test_ablation_trains_scores_and_resumes(tmp_path, tokenizer):
     again = _ablate(*args)
     assert again.returncode == 0 and "$ " not in again.stderr
     assert (out / "results.md").read_text() == table
+    # other settings into the same --out: refused, not the old scores under the new settings
+    changed = [a if a != "4" else "8" for a in args]
+    r = _ablate(*changed)
+    assert r.returncode == 2 and "holds variants trained with other settings: --steps 4 (now 8)" in r.stderr
+    assert "$ " not in r.stderr and json.loads((out / "results.json").read_text())["settings"]["steps"] == 4
+
+
+def test_an_ablation_folder_from_before_the_settings_record_is_checked_against_its_results(tmp_path):
+    from training.ablate import build_parser, check_settings
+
+    args = build_parser().parse_args(["--out", str(tmp_path), "--steps", "8"])
+    old = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
+    (tmp_path / "results.json").write_text(json.dumps({"settings": dict(old, steps=4), "variants": []}))
+    assert "--steps 4 (now 8)" in check_settings(tmp_path, args)
+    assert not (tmp_path / "settings.json").exists()
+    (tmp_path / "results.json").write_text(json.dumps({"settings": old, "variants": []}))
+    assert check_settings(tmp_path, args) is None
+    assert json.loads((tmp_path / "settings.json").read_text())["steps"] == 8
 
 
 def test_ablation_bad_arguments(tmp_path):

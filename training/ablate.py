@@ -25,8 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.model.config import PRESETS
+
 from . import evaluate as E
 from . import recipe as recipes
+
+# the options that change what a variant learns or how it is scored: a rerun into the same --out
+# must use the same, or finished variants would be reported under settings they were not trained with
+TRAINING_SETTINGS = ("recipe", "tokenizer", "preset", "steps", "image_size", "batch_size", "lr", "warmup_steps",
+                     "caption_weight", "class_aware", "seed")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,42 @@ def train_variant(name: str, args: argparse.Namespace) -> tuple[Path, float]:
     return root / "fp16", seconds
 
 
+def training_settings(args: argparse.Namespace) -> dict:
+    wanted = {k: getattr(args, k) for k in TRAINING_SETTINGS}
+    for k in ("recipe", "tokenizer"):
+        wanted[k] = str(Path(wanted[k]).resolve())
+    return wanted
+
+
+def check_settings(out: Path, args: argparse.Namespace) -> str | None:
+    """None when OUT's variants (if any) were trained with these settings, which are then recorded
+    in OUT/settings.json; else what differs, as an error. An OUT from before the record keeps its
+    settings in results.json."""
+    wanted = training_settings(args)
+    recorded = None
+    for name, key in (("settings.json", None), ("results.json", "settings")):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        recorded = data.get(key) if key else data
+        if isinstance(recorded, dict):
+            recorded = {k: recorded.get(k) for k in TRAINING_SETTINGS}
+            for k in ("recipe", "tokenizer"):
+                if isinstance(recorded[k], str):
+                    recorded[k] = str(Path(recorded[k]).resolve()) if key else recorded[k]
+            break
+        recorded = None
+    if recorded is not None and recorded != wanted:
+        changed = ", ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {wanted[k]})"
+                            for k in TRAINING_SETTINGS if recorded[k] != wanted[k])
+        return (f"{out} holds variants trained with other settings: {changed}. Give another --out for these "
+                "settings, or the same settings to finish that ablation")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(wanted, indent=2) + "\n")
+    return None
+
+
 def evaluation_commands(val_dir: Path, sources: list[dict]) -> dict[str, list[str]]:
     """Metric name -> `training.evaluate` arguments (without --checkpoint), for every held-out set."""
     by_name = {recipes.source_name(s): s for s in sources}
@@ -117,16 +160,19 @@ def _score(command: str, result: dict) -> float:
 
 def evaluate_variant(checkpoint: Path, cmds: dict[str, list[str]], device: str) -> dict[str, float]:
     cache = checkpoint.parent / "eval.json"
-    if cache.is_file():
+    try:
         cached = json.loads(cache.read_text())
-        if set(cached) == set(cmds):
-            return cached
+    except (OSError, ValueError):
+        cached = None
+    # scores of these very commands (the same metrics on the same validation lists), else measured again
+    if isinstance(cached, dict) and cached.get("commands") == cmds:
+        return cached["scores"]
     parser = E.build_parser()
     scores = {}
     for metric, cmd in cmds.items():
         result = E.run(parser.parse_args([*cmd, "--checkpoint", str(checkpoint), "--device", device, "--quiet"]))
         scores[metric] = round(_score(cmd[0], result), 2)
-    cache.write_text(json.dumps(scores, indent=2) + "\n")
+    cache.write_text(json.dumps({"commands": cmds, "scores": scores}, indent=2) + "\n")
     return scores
 
 
@@ -145,14 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and results (default %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (default: all)")
-    p.add_argument("--recipe", default="training/recipes/default.json")
+    p.add_argument("--recipe", default="training/recipes/default.json",
+                   help="the data every variant trains on, and its validation split (default %(default)s)")
     p.add_argument("--tokenizer", default="backend/checkpoints/default/tokenizer.json",
                    help="one tokenizer for every variant (default: the default checkpoint's)")
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model size (default %(default)s)")
     p.add_argument("--steps", type=int, default=250, help="optimizer steps per variant (default %(default)s)")
     p.add_argument("--image-size", type=int, default=128, help="full training resolution (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="warm-up steps of each training phase (default: a tenth of the phase's steps)")
     p.add_argument("--caption-weight", type=float, default=1.0,
@@ -161,9 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain image-text contrastive loss instead of the class-aware one (same-class pairs positive)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the initialisation, data order and validation split (default %(default)s)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--device", default="auto", help="evaluation device: auto | cpu | cuda[:N]")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint every N steps, what an interrupted variant resumes from (default %(default)s)")
+    p.add_argument("--device", default="auto", help="evaluation device: auto | cpu | cuda[:N] (default %(default)s)")
     return p
 
 
@@ -184,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             parser.error(f"{what} file {path} does not exist")
     out = Path(args.out)
+    problem = check_settings(out, args)
+    if problem:
+        print(f"{parser.prog}: {problem}", file=sys.stderr)
+        return 2
     try:
         sources = recipes.sources_from_args(args.recipe, [], [], [], [], 0)
         _, val = recipes.build_sources(sources, seed=args.seed)
