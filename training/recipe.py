@@ -96,11 +96,19 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             if isinstance(s.get("caption_pool"), dict) and "dir" in s["caption_pool"]:
                 s["caption_pool"] = {**s["caption_pool"], "dir": str(base / s["caption_pool"]["dir"])}
             sources.append(s)
-    if len(classnames) != len(folders):
-        raise RecipeError(f"give one --classnames per --folder ({len(folders)} folders, {len(classnames)} maps)")
+    # each --classnames names the classes of one --folder; with no folder, of one --manifest (its
+    # lines' "class" fields), in the order given
+    manifest_maps: list = [None] * len(manifests)
+    if not folders and classnames and len(classnames) == len(manifests):
+        manifest_maps, classnames = list(classnames), []
+    elif len(classnames) != len(folders):
+        raise RecipeError(f"give one --classnames per --folder ({len(folders)} folders, {len(classnames)} maps), "
+                          "or, with no --folder, one per --manifest; to mix both, write a --recipe whose "
+                          'manifest sources each name their "classnames"')
     sources += [{"kind": "folder", "root": r, "classnames": c, "val_per_class": val_per_class}
                 for r, c in zip(folders, classnames)]
-    sources += [{"kind": "manifest", "path": m, "val_per_class": val_per_class} for m in manifests]
+    sources += [{"kind": "manifest", "path": m, "val_per_class": val_per_class,
+                 **({"classnames": c} if c else {})} for m, c in zip(manifests, manifest_maps)]
     if shards:
         sources.append({"kind": "shards", "urls": shards})
     if not sources:
@@ -175,10 +183,11 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         if n_val > 0:
             records, held = D.split_records(records, n_val, seed)
         # class_map: the resolved map (folder key -> human name), for class-aware training
+        if mapping is not None:
+            _check_classes(name, records + held, mapping)
         train.append({**s, "name": name, "records": records, "class_map": mapping})
         if held:
             if mapping is not None:
-                _check_held_out_classes(name, held, mapping)
                 val[name] = {"kind": "zero-shot", "records": held, "classnames": mapping}
             if s["kind"] in CAPTION_FILE_KINDS:
                 val[name + "/retrieval"] = {"kind": "retrieval", "records": held}
@@ -186,12 +195,14 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
     return train, val
 
 
-def _check_held_out_classes(name: str, held: list, mapping: dict) -> None:
-    """Every held-out image's class must be named by the class map (by key or by one of its names):
-    checked before training, not at its first validation."""
-    unknown = sorted({str(r.class_name) for r in held if D.class_key(r.class_name, mapping) is None})
+def _check_classes(name: str, records: list, mapping: dict) -> None:
+    """Every class of a source's images must be named by its class map (by key or by one of its
+    names): checked before training, not at its first validation; a class the map leaves out would
+    train under a made-up name, apart from the same concept in other sets, and get no templates."""
+    unknown = sorted({str(r.class_name) for r in records
+                      if r.class_name is not None and D.class_key(r.class_name, mapping) is None})
     if unknown:
-        raise RecipeError(f"source {name}: held-out images have classes its class-name map does not name: "
+        raise RecipeError(f"source {name}: images have classes its class-name map does not name: "
                           f"{', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}; add them to the map")
 
 
@@ -323,7 +334,8 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
     templates = [class_templates(s) if template_mix else None for s in train_sources]
     if template_mix and not any(templates):
         raise RecipeError("--template-mix needs sources whose images have classes named by a class map "
-                          "(folder sources, or manifests with a class field and \"classnames\")")
+                          "(--folder with --classnames, or a --manifest with a class field on its lines and a "
+                          "--classnames for it)")
     datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i,
                                  labels=class_labels(s) if class_aware else None,
                                  class_templates=templates[i], template_mix=template_mix)
