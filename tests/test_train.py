@@ -66,6 +66,7 @@ def test_tiny_run_end_to_end(folder, tmp_path):
     assert sorted(losses) == list(range(1, 7))
     assert all(np.isfinite(v) for v in losses.values())
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
+    assert f"the final checkpoint is {out / 'checkpoints' / 'step_0000006'}" in r.stderr
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert evals and 0.0 <= evals[-1][f"{folder.name}/top1"] <= 100.0
     assert "eval {" in r.stderr and "]eval {" not in r.stderr   # its own line, not run on from the bar's
@@ -318,7 +319,8 @@ def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_mod
     words = TrainingWords.load(tmp_path / "fp16b")
     assert words.count("quarry") == 7 and words.count("roofs") >= 3 and "earlier run" in words.source
     r = _run(_args(folder, tmp_path / "bad", 1, "--init-checkpoint", str(init), "--image-size", "30"))
-    assert r.returncode == 2 and "multiple of patch_size" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "give a positive multiple of the model's patch size, 8" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, tokenizer):
@@ -373,7 +375,12 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
                            (["--val-per-class", "-1"], "--val-per-class must be at least 0"),
                            (["--recipe", str(folder.parent / "classes.json"), "--val-per-class", "2"],
                             "--val-per-class 2 is for --folder/--manifest sources"),
-                           (["--device", "gpu"], "use auto, cpu or cuda[:N]")):
+                           (["--device", "gpu"], "use auto, cpu or cuda[:N]"),
+                           # checked here, not after a tokenizer was trained or the data read
+                           (["--image-size", "65"], "--image-size 65: give a positive multiple of the model's patch size, 8"),
+                           (["--image-size", "0"], "--image-size 0: give a positive multiple"),
+                           (["--vocab-size", "10"], "--vocab-size must be at least 260"),
+                           (["--grad-accum", "3"], "--batch-size 8 must be divisible by processes x --grad-accum (1 x 3)")):
         r = _refused(_args(folder, tmp_path / "y", 1, *flags), capsys)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
     assert not (tmp_path / "y").exists()     # refused before anything is written
@@ -386,10 +393,46 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     r = _refused(_args(folder, done, 1), capsys)
     assert r.returncode == 2 and "already holds a run (checkpoints up to step_0000003)" in r.stderr
     assert "add --resume" in r.stderr
+    # a checkpoint folder as --out: the run's tokenizer would replace the one its model reads with
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "config.json").write_text("{}")
+    (served / "tokenizer.json").write_text("the model's tokenizer")
+    r = _refused(_args(folder, served, 1), capsys)
+    assert r.returncode == 2 and f"give --init-checkpoint {served} and a new --out" in r.stderr
+    assert (served / "tokenizer.json").read_text() == "the model's tokenizer"
     # that run's folder given as the checkpoint to fine-tune: its checkpoints are named
     r = _refused(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(done)), capsys)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"give one of its checkpoints, e.g. {done / 'checkpoints' / 'step_0000003'}" in r.stderr
+
+
+def test_an_interrupted_run_says_whether_there_is_a_checkpoint_to_resume(folder, tmp_path, capsys, monkeypatch):
+    from training import train as training_main
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_main, "train", interrupted)
+    out = tmp_path / "run"
+    assert training_main.main(_args(folder, out, 6)) == 130
+    assert "interrupted before the first checkpoint (one every --save-every 3 steps): nothing to resume" in \
+        capsys.readouterr().err
+    (out / "checkpoints" / "step_0000003").mkdir(parents=True)
+    assert training_main.main(_args(folder, out, 6, "--resume")) == 130
+    assert "interrupted: continue from step_0000003 with the same command and --resume" in capsys.readouterr().err
+
+
+def test_the_default_warm_up_is_a_tenth_of_a_short_run_and_a_longer_one_is_pointed_out(folder, tmp_path, capsys):
+    from training.train import parse_args
+
+    base = [a for a in _args(folder, tmp_path / "x", 1) if a not in ("--warmup-steps", "2")]
+    assert parse_args(base + ["--steps", "50"]).warmup_steps == 5
+    assert parse_args(base + ["--steps", "5000"]).warmup_steps == 100
+    assert parse_args(base + ["--steps", "50", "--warmup-steps", "0"]).warmup_steps == 0
+    capsys.readouterr()
+    assert parse_args(base + ["--steps", "50", "--warmup-steps", "100"]).warmup_steps == 100
+    assert "--warmup-steps 100 is longer than --steps 50" in capsys.readouterr().err
 
 
 def _write_shards(folder: Path, dest: Path, per_shard: int) -> None:

@@ -36,12 +36,12 @@ from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_che
                                      read_config, save_checkpoint)
 from backend.model.config import PRESETS, ConfigError
 from backend.model.precision import autocast_context
-from backend.model.tokenizer import Tokenizer, TokenizerError, train_tokenizer
+from backend.model.tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
 from . import recipe as recipes
-from .data import DataError, expand_urls
+from .data import DataError, expand_urls, show_skipped_images_plainly
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 from .export import run_folder_hint, step_dirs
@@ -628,6 +628,11 @@ def train(cfg: TrainConfig) -> dict:
                         extra={"step": step, "train_config": config_record(cfg)},
                         write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
+    if is_main():
+        saved = checkpoint_dirs(out)
+        if saved:
+            log(f"done: the final checkpoint is {saved[-1]}; `python -m training.export {saved[-1]} DIR --fp16` "
+                "makes a serving checkpoint of it")
     if dist.is_initialized():
         # the DDP/FSDP wrapper holds the process group: drop it first, so no gloo work object outlives
         # the group into interpreter shutdown (a rank aborted there at exit, once, after training)
@@ -786,7 +791,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     data.add_argument("--folder", action="append", default=[], metavar="ROOT",
                       help="folder of class sub-folders; pair each with a --classnames")
     data.add_argument("--classnames", action="append", default=[], metavar="MAP",
-                      help="class-name map: a JSON file (folder -> name) or a bundled one (rsscn7, ucm, aid)")
+                      help="class-name map: a JSON file (folder -> name) or a bundled one (rsscn7, ucm, aid); one "
+                           "per --folder, in order, or, with no --folder, one per --manifest (its lines' \"class\")")
     data.add_argument("--manifest", action="append", default=[], metavar="FILE",
                       help="JSONL/CSV manifest of image paths and captions")
     data.add_argument("--shards", action="append", default=[], metavar="PATTERN",
@@ -800,18 +806,34 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                        help=f"model size (default {d.preset}; with --resume or --init-checkpoint: the checkpoint's)")
     model.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
     model.add_argument("--tokenizer", help="tokenizer.json (default: train one on the training captions)")
-    model.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    model.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                       help="tokens of the tokenizer trained on the captions (default %(default)s; not with "
+                            "--tokenizer or --init-checkpoint, whose tokenizer is used)")
     model.add_argument("--conv-stem", action="store_true", help="convolutional stem instead of one patch conv")
     model.add_argument("--image-size", type=int,
                        help="training resolution, which the checkpoint records and the backend tiles at "
                             "(default: the preset's, or the --init-checkpoint's)")
     opt = p.add_argument_group("optimisation")
-    for name in ("steps", "batch_size", "grad_accum", "warmup_steps", "seed", "workers"):
-        opt.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "min_lr", "weight_decay", "beta2", "grad_clip"):
-        opt.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    opt.add_argument("--contrastive-weight", type=float)
-    opt.add_argument("--caption-weight", type=float)
+    opt.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size,
+                     help="images per step, over all processes (default %(default)s)")
+    opt.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                     help="micro-batches each step's batch is split into, to fit memory (default %(default)s)")
+    opt.add_argument("--warmup-steps", type=int,
+                     help=f"steps of linear learning-rate warm-up before the cosine decay (default: a tenth of "
+                          f"--steps, at most {d.warmup_steps})")
+    opt.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and the weights (default %(default)s)")
+    opt.add_argument("--workers", type=int, default=d.workers, help="data loader processes (default %(default)s)")
+    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    opt.add_argument("--min-lr", type=float, default=d.min_lr,
+                     help="learning rate at the end of the cosine decay (default %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    opt.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2 (default %(default)s)")
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                     help="gradient norm clip, 0: off (default %(default)s)")
+    opt.add_argument("--contrastive-weight", type=float,
+                     help="weight of the contrastive loss (default: the loss's, 1)")
+    opt.add_argument("--caption-weight", type=float, help="weight of the captioning loss (default: the loss's, 2)")
     opt.add_argument("--class-aware", action="store_true",
                      help="contrastive positives include every in-batch pair of the same class (UniCL): "
                           "class-template captions stop being false negatives of each other. Classes come "
@@ -833,18 +855,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     opt.add_argument("--bank-size", type=int, metavar="PX",
                      help="side of the bank's images with --images-on-device (default: --image-size); a larger "
                           "one keeps detail for crops at a low training resolution")
-    opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N] (default %(default)s: a GPU if there is one)")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
                      help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     opt.add_argument("--grad-checkpointing", action="store_true")
     opt.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard) for base/large")
     run = p.add_argument_group("run")
-    run.add_argument("--out", default=d.out, help="run directory (checkpoints, metrics.jsonl)")
-    run.add_argument("--save-every", type=int, default=d.save_every)
-    run.add_argument("--keep-last", type=int, default=d.keep_last)
-    run.add_argument("--eval-every", type=int, default=d.eval_every, help="validate every N steps (0: off)")
-    run.add_argument("--log-every", type=int, default=d.log_every)
+    run.add_argument("--out", default=d.out,
+                     help="run directory: checkpoints/step_*, metrics.jsonl, the tokenizer (default %(default)s)")
+    run.add_argument("--save-every", type=int, default=d.save_every,
+                     help="save a checkpoint every N steps, and at the end (default %(default)s)")
+    run.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default %(default)s)")
+    run.add_argument("--eval-every", type=int, default=d.eval_every,
+                     help="validate every N steps (0: off; default %(default)s)")
+    run.add_argument("--log-every", type=int, default=d.log_every, help="log every N steps (default %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     run.add_argument("--export-fp16", metavar="DIR", help="also write the final model as an fp16 checkpoint")
     run.add_argument("--time-budget", type=float, default=d.time_budget, metavar="MIN",
@@ -857,10 +882,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     except recipes.RecipeError as e:
         p.error(str(e))
     for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1),
-                        ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0), ("vocab_size", 8),
-                        ("val_per_class", 0)):
-        if getattr(a, name) < least:
-            p.error(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(a, name)}")
+                        ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0),
+                        ("vocab_size", len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE), ("val_per_class", 0)):
+        if getattr(a, name) is not None and getattr(a, name) < least:
+            why = " (the special tokens and the 256 byte tokens)" if name == "vocab_size" else ""
+            p.error(f"--{name.replace('_', '-')} must be at least {least}{why}, not {getattr(a, name)}")
+    if a.warmup_steps is None:
+        a.warmup_steps = min(d.warmup_steps, a.steps // 10)
+    elif a.warmup_steps > a.steps:
+        print(f"warning: --warmup-steps {a.warmup_steps} is longer than --steps {a.steps}: the learning rate "
+              f"never reaches --lr {a.lr:g}; a tenth of the steps ({a.steps // 10}) is usual", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if a.batch_size % (world * a.grad_accum):
+        p.error(f"--batch-size {a.batch_size} must be divisible by processes x --grad-accum ({world} x {a.grad_accum})")
     if not a.lr > 0 or a.min_lr < 0 or a.min_lr > a.lr:
         p.error(f"learning rates: give --lr > 0 and 0 <= --min-lr <= --lr (got {a.lr} and {a.min_lr})")
     if a.weight_decay < 0 or a.grad_clip < 0 or not 0 < a.beta2 < 1:
@@ -872,11 +906,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out} is a file; the run directory must be a folder")
+    if (out / "config.json").is_file() or (out / "model.safetensors").is_file():
+        # a run there would write its own tokenizer.json over the one the checkpoint's model reads with
+        p.error(f"--out {a.out} is a checkpoint folder: a run there would replace its tokenizer. To fine-tune "
+                f"that model, give --init-checkpoint {a.out} and a new --out")
     earlier = checkpoint_dirs(out)
     if earlier and not a.resume:
         p.error(f"--out {a.out} already holds a run (checkpoints up to {earlier[-1].name}): add --resume "
                 "to continue it, or give another --out (a new run there would mix the two)")
     start = earlier[-1] if earlier and a.resume else Path(a.init_checkpoint) if a.init_checkpoint else None
+    shape = None
     if start is not None:
         # the model's shape comes from that checkpoint: another one asked for here would be dropped
         # unsaid, and the run's records name the checkpoint's preset
@@ -893,6 +932,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if a.conv_stem and shape.patch_stem != "conv":
                 p.error(f"--conv-stem: {start} is a model with a {shape.patch_stem} patch stem; {keep}")
     a.preset = a.preset or d.preset
+    if a.image_size is not None:
+        patch = (shape or get_preset(a.preset)).patch_size
+        if a.image_size < patch or a.image_size % patch:
+            p.error(f"--image-size {a.image_size}: give a positive multiple of the model's patch size, {patch} "
+                    f"(for example {max(patch, round(a.image_size / patch) * patch)})")
     if a.time_budget < 0:
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
@@ -915,13 +959,19 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    show_skipped_images_plainly()
     try:
         train(cfg)
     except (CheckpointError, recipes.RecipeError, ConfigError, DataError, TokenizerError, VocabularyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        log("interrupted: resume with --resume")
+        saved = checkpoint_dirs(Path(cfg.out))
+        if saved:
+            log(f"interrupted: continue from {saved[-1].name} with the same command and --resume")
+        else:
+            log(f"interrupted before the first checkpoint (one every --save-every {cfg.save_every} steps): "
+                "nothing to resume; run the command again")
         return 130
     return 0
 
