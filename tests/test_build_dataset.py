@@ -477,6 +477,7 @@ def test_filter_keeps_remote_sensing_pairs_dedups_and_decontaminates(tmp_path):
     out = tmp_path / "out"
     p = run("filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out, "--eval-folder", evaluation)
     assert p.returncode == 0, p.stderr
+    assert "hashing evaluation images" in p.stderr     # a bar while the evaluation folder is read
     report = json.loads((out / "report.json").read_text())
     c = report["counts"]
     assert c["seen"] == len(pairs) and c["unreadable"] == 1 and c["eval_match"] >= 1 and c["duplicate"] >= 1

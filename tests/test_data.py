@@ -439,6 +439,25 @@ def test_unreadable_image_is_replaced_counted_and_warned_once(tmp_path):
         f"skipping unreadable image {bad}", f"skipping unreadable image {truncated}"]
 
 
+def test_a_skipped_image_is_shown_as_one_warning_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    from training.data import show_skipped_images_plainly
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)   # restored after the test
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    show_skipped_images_plainly()
+    show_skipped_images_plainly()      # once is enough: a second call wraps nothing again
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0] is None
+    lines = capsys.readouterr().err.splitlines()
+    # no "file:line: SkippedImageWarning" and no source line under it, which read like a traceback
+    assert lines[0].startswith(f"warning: skipping unreadable image {bad}: ") and "data.py" not in lines[0]
+    assert len(lines) == 1
+
+
 class StubDataset(torch.utils.data.Dataset):
     def __init__(self, name: str, n: int):
         self.name, self.n, self.epoch = name, n, None
@@ -787,6 +806,14 @@ def test_recipe_problems_are_found_before_training(class_folder, tmp_path):
     # a held-out class the map does not name: found now, not at the first validation of a long run
     with pytest.raises(recipes.RecipeError, match="classes its class-name map does not name: b"):
         recipes.build_sources([dict(named[0], classnames={"a": "the a class"})], seed=0)
+    # ... and a class of the training images alone, with nothing held out
+    with pytest.raises(recipes.RecipeError, match="classes its class-name map does not name: b"):
+        recipes.build_sources([dict(named[0], classnames={"a": "the a class"}, val_per_class=0)], seed=0)
+    # on the command line, with no --folder, each --classnames names one --manifest's classes
+    given = recipes.sources_from_args(None, [], [str(tmp_path / "map.json")], [str(one)], [], 0)
+    assert given == [{"kind": "manifest", "path": str(one), "val_per_class": 0, "classnames": str(tmp_path / "map.json")}]
+    with pytest.raises(recipes.RecipeError, match="one per --manifest; to mix both, write a --recipe"):
+        recipes.sources_from_args(None, [str(class_folder)], ["rsscn7", "ucm"], [str(one)], [], 0)
     # a class folder of links to images elsewhere: its validation list names the links
     linked = tmp_path / "linked"
     for cls in ("x", "y"):

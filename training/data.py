@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import sys
 import tarfile
 import warnings
 import zlib
@@ -106,6 +107,24 @@ class ManifestError(DataError):
 
 class SkippedImageWarning(UserWarning):
     """An image that could not be decoded and was left out of training."""
+
+
+def show_skipped_images_plainly() -> None:
+    """Print SkippedImageWarnings as one "warning: ..." line, without the file, line and source line
+    of the code that warned (which read like a traceback to someone training); others as before.
+    For command-line entry points; data loader processes forked after it inherit it."""
+    shown = warnings.showwarning
+    if getattr(shown, "plain_skipped_images", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SkippedImageWarning):
+            print(f"warning: {message}", file=file or sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.plain_skipped_images = True
+    warnings.showwarning = show
 
 
 @dataclass(frozen=True)

@@ -510,7 +510,8 @@ examples:
   python -m training.evaluate probe --checkpoint CKPT --data ../shared/data/aid --classnames aid \\
       --files runs/default/val/aid.txt
 
-Recall and accuracy are in percent. Tied retrieval scores (identical captions) count as the average
+Recall and accuracy are in percent, except segmentation's --json, whose IoU, pixel accuracy and
+boundary F are fractions in [0, 1] (its table shows them in percent). Tied retrieval scores (identical captions) count as the average
 of a random tie-break, computed exactly (--ties pessimistic: as misses); a class tied with the true
 one for the top score counts as a miss.
 Exit status: 0 on success, 2 on unusable input (missing checkpoint, data or class-name map, a class
@@ -541,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.evaluate",
         description="Evaluate a SkyPrompt checkpoint: text<->image retrieval recall, zero-shot scene "
-                    "classification with class-name prompts, or caption quality (BLEU-4, CIDEr-D).",
+                    "classification with class-name prompts, caption quality (BLEU-4, CIDEr-D), localization "
+                    "(segmentation mIoU), or zero-shot beside image-only classifiers (probe).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{retrieval,zero-shot,caption,segmentation,probe}")
 

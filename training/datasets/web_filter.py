@@ -82,20 +82,24 @@ class HashIndex:
         return False
 
 
-def eval_hashes(folders: list[str], distance: int) -> tuple[HashIndex, int]:
-    index, n = HashIndex(distance), 0
+def eval_hashes(folders: list[str], distance: int, progress: bool = False) -> tuple[HashIndex, int]:
+    """The perceptual hashes of every image under `folders` (the evaluation images whose near-copies
+    are dropped), and how many there are; `progress`: a bar on stderr, since large folders take minutes."""
+    from tqdm import tqdm
+
     for folder in folders:
         if not Path(folder).is_dir():
             raise ValueError(f"evaluation folder {folder} does not exist")
-        for root, _, files in os.walk(folder):
-            for name in sorted(files):
-                if name.lower().endswith(IMAGE_EXTS):
-                    try:
-                        with Image.open(os.path.join(root, name)) as im:
-                            index.add(dhash(im))
-                            n += 1
-                    except (UnidentifiedImageError, OSError):
-                        continue
+    paths = [os.path.join(root, name) for folder in folders for root, _, files in os.walk(folder)
+             for name in sorted(files) if name.lower().endswith(IMAGE_EXTS)]
+    index, n = HashIndex(distance), 0
+    for path in tqdm(paths, desc="hashing evaluation images", unit="image", disable=not progress or not paths):
+        try:
+            with Image.open(path) as im:
+                index.add(dhash(im))
+                n += 1
+        except (UnidentifiedImageError, OSError):
+            continue
     return index, n
 
 
@@ -310,7 +314,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
                          "so write the result to another --out")
     out.mkdir(parents=True, exist_ok=True)
     vocabulary = read_vocabulary()
-    contamination, n_eval = eval_hashes(cfg.eval_folders, cfg.dup_distance)
+    contamination, n_eval = eval_hashes(cfg.eval_folders, cfg.dup_distance, progress)
     scorer = ImageScorer(cfg.checkpoint, cfg.device)
     removed = clear_earlier_run(out)    # only now: a run that fails to start leaves the earlier one whole
     if removed:
