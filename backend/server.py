@@ -394,6 +394,19 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    interrupted, done = threading.Event(), threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        done.set()
+
+    def on_interrupt_while_starting(signum, frame):
+        # remembered as well as raised: native code of the libraries loading now (gRPC, torch) can
+        # check for signals and drop the KeyboardInterrupt, and the server would then start anyway
+        interrupted.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt_while_starting)
     try:
         from .engine import EngineError
         from .index import TileIndexError
@@ -407,19 +420,15 @@ def serve(args: argparse.Namespace) -> int:
         except (EngineError, TileIndexError, ServerSetupError) as e:
             print(f"skyprompt serve: {e}", file=sys.stderr)
             return 2
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, on_signal)     # from here on, Ctrl-C stops the server cleanly
+        signal.signal(signal.SIGTERM, on_signal)
     except KeyboardInterrupt:
         # Ctrl-C while torch imports or the model loads (seconds to minutes): the index is not
         # served yet and is crash-safe; leave at once, as below, without a traceback
         print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
         os._exit(130)
-    done = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("received %s: shutting down", signal.Signals(signum).name)
-        done.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
     if args.stop_on_stdin_close:
         watch_stdin(done)

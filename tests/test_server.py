@@ -1470,6 +1470,37 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(checkpoint, 
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "serving on" not in out
 
 
+def test_ctrl_c_that_library_code_swallows_while_starting_still_exits_130(tmp_path, monkeypatch, capsys):
+    """Native code of the libraries that load at start can check for signals and drop the
+    KeyboardInterrupt; the server must not then start as if nothing happened. That race cannot be
+    timed from a test, so a stand-in for Server does what such code does: takes the Ctrl-C and
+    swallows it."""
+    import backend.server as server_module
+    from backend.__main__ import main
+
+    class SwallowingServer:
+        def __init__(self, **kw):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)            # the handler runs here, and its KeyboardInterrupt is dropped
+            except KeyboardInterrupt:
+                pass
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(server_module, "Server", SwallowingServer)
+    monkeypatch.setattr(server_module.os, "_exit", exit_now)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", "--port", "0", "--data-dir", str(tmp_path / "data")])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert stopped.value.code == 130
+    assert "interrupted while starting; nothing was served" in capsys.readouterr().err
+
+
 def test_the_start_log_names_the_checkpoint_and_rasters_another_checkpoint_indexed(checkpoint, rasters, tiny_config,
                                                                                 tokenizer, tmp_path):
     """After a checkpoint switch searches find nothing that the old one indexed: the log says so."""
