@@ -606,7 +606,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster files (paths as the server sees them)")
     p.add_argument("--force", action="store_true", help="re-index even if unchanged")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
-    p.add_argument("--resolution", type=float, default=None, help="ground resolution to tile at (map units/pixel)")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="ground size of one pixel of the tiles the model sees, in the raster's map units (metres "
+                        "for UTM, degrees for EPSG:4326); default: the raster's own pixels")
     p.add_argument("--views", type=int, default=None, choices=VIEW_COUNTS, metavar="N",
                    help=f"views per tile, their embeddings averaged: {VIEW_HELP}; more views search a little "
                         "better and index N times slower (default: the server's, see `client info`)")
@@ -652,7 +654,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",
                    help="radius of the edge refinement that makes masks follow the image's edges, in pixels "
                         "of the working grid (default: the server's, see `info`; 0 = off)")
-    p.add_argument("--resolution", type=float, default=None, help="work at this ground resolution")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="work at this ground size of a pixel, in the raster's map units (metres for UTM, degrees "
+                        "for EPSG:4326); default: the raster's own pixels")
     p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
     p.add_argument("--raw-prompts", action="store_true",
                    help="embed each prompt as typed (default: averaged over phrasings, as search does)")

@@ -386,6 +386,13 @@ def _check_resample(resample: str) -> int:
     return RESAMPLING[resample]
 
 
+# a target resolution that would show the whole raster in fewer pixels a side, or enlarge each of its
+# pixels more than this, is taken for a mistake of units (metres given for a raster in degrees, or
+# the other way round) rather than honoured with one meaningless tile or an hour of tiles
+MIN_WORKING_SIDE_PX = 8
+MAX_UPSAMPLING = 100
+
+
 def _check_resolution(target_resolution) -> float | None:
     if target_resolution is None or target_resolution == 0:
         return None  # 0 is the wire contract's "native resolution"
@@ -553,6 +560,34 @@ class Raster:
     def srs(self) -> osr.SpatialReference:
         """A copy of the raster's CRS (traditional GIS axis order)."""
         return _traditional(self._srs.Clone())
+
+    @property
+    def map_units(self) -> str:
+        """What the CRS measures ground in: "degrees", "metre", "US survey foot", ..."""
+        if self._srs is None:
+            return "map units"
+        return "degrees" if self._srs.IsGeographic() else (self._srs.GetLinearUnitsName() or "map units")
+
+    def check_target_resolution(self, target_resolution) -> float | None:
+        """A request's target resolution (map units per working pixel; 0 or None: native) as a float,
+        or None for native; RasterError("invalid_argument") when it is no number, or so far from this
+        raster's own pixels that its units must be wrong (MIN_WORKING_SIDE_PX, MAX_UPSAMPLING)."""
+        resolution = _check_resolution(target_resolution)
+        if resolution is None:
+            return None
+        native = min(self.pixel_size)
+        ground = max(self.width * self.pixel_size[0], self.height * self.pixel_size[1])
+        units, crs = self.map_units, self.crs_authid or "its CRS"
+        advice = (f"give the ground size of one working pixel in the raster's own units ({units}, for {crs}); "
+                  f"its own pixels are {native:.4g} {units}, 0 keeps them")
+        if resolution * MIN_WORKING_SIDE_PX > ground:
+            raise RasterError("invalid_argument", f"target resolution {resolution:g} {units} per pixel would show the "
+                                                  f"whole raster ({ground:.4g} {units} across) in under "
+                                                  f"{MIN_WORKING_SIDE_PX} pixels: {advice}")
+        if resolution * MAX_UPSAMPLING < native:
+            raise RasterError("invalid_argument", f"target resolution {resolution:g} {units} per pixel would enlarge "
+                                                  f"each of the raster's pixels {native / resolution:,.0f} times: {advice}")
+        return resolution
 
     @property
     def mask_kind(self) -> str:
@@ -919,7 +954,7 @@ class Raster:
         if out_size is not None and target_resolution not in (None, 0):
             raise RasterError("invalid_argument", "give out_size or target_resolution, not both")
         col, row, width, height = self.window_for_extent(extent)
-        resolution = _check_resolution(target_resolution)
+        resolution = self.check_target_resolution(target_resolution)
         if out_size is not None:
             out_w = _check_int("out_size width", out_size[0], 1)
             out_h = _check_int("out_size height", out_size[1], 1)
@@ -941,7 +976,7 @@ class Raster:
     def _plan(self, tile_size, overlap, target_resolution, extent) -> _TilePlan:
         tile_size = _check_int("tile_size", tile_size, 1, MAX_TILE_SIZE)
         overlap = _check_number("overlap", overlap, 0.0, 0.9, high_inclusive=False)
-        resolution = _check_resolution(target_resolution)
+        resolution = self.check_target_resolution(target_resolution)
         if resolution is None:
             window_w = window_h = tile_size
         else:

@@ -34,7 +34,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _check_resolution, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
+from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -408,7 +408,7 @@ def _context_read(raster: Raster, extent, target_resolution: float | None, size:
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:
         return None
-    resolution = _check_resolution(target_resolution)
+    resolution = raster.check_target_resolution(target_resolution)
     col, row, w, h = raster.window_for_extent(extent)
     # native px per working px along each axis, as read_extent resamples (pixels need not be square)
     per_x, per_y = (resolution / raster.pixel_size[0], resolution / raster.pixel_size[1]) if resolution else (1.0, 1.0)

@@ -394,6 +394,27 @@ def test_target_resolution_sets_the_native_window(tmp_path):
             raster.tiles(target_resolution=-5)
 
 
+def test_a_target_resolution_in_the_wrong_units_is_refused_with_the_rasters_own(tmp_path):
+    # about 30 m pixels in degrees (EPSG:4326): "30" meant as metres would be 30 degrees, one tile
+    degrees = make_tif(tmp_path / "deg.tif", noise((3, 400, 600)), geotransform=(-74.6, 0.00027, 0, -8.3, 0, -0.00027),
+                       crs="EPSG:4326")
+    with open_raster(degrees) as raster:
+        assert raster.map_units == "degrees"
+        with pytest.raises(RasterError, match=r"30 degrees per pixel would show the whole raster \(0\.162 degrees "
+                                              r"across\) in under 8 pixels") as error:
+            raster.tiles(tile_size=128, target_resolution=30)
+        assert error.value.kind == "invalid_argument" and "its own pixels are 0.00027 degrees" in str(error.value)
+        with pytest.raises(RasterError, match="in under 8 pixels"):
+            raster.read_extent(target_resolution=30)
+        assert raster.count_tiles(tile_size=128, target_resolution=0.00054) == 6    # twice the pixel: fine
+    # 10 m pixels in metres: 0.01 (centimetres meant as metres?) would make a thousand pixels of each
+    with open_raster(make_tif(tmp_path / "m.tif", noise((3, 800, 800)))) as raster:
+        assert raster.map_units == "metre"
+        with pytest.raises(RasterError, match="would enlarge each of the raster's pixels 1,000 times"):
+            raster.count_tiles(tile_size=128, target_resolution=0.01)
+        assert raster.count_tiles(tile_size=128, target_resolution=0.5) > 0    # 20x: allowed
+
+
 def test_raster_smaller_than_a_tile_gives_one_padded_tile(tmp_path):
     with open_raster(make_tif(tmp_path / "small.tif", noise((3, 60, 100)))) as raster:
         tiles = raster.tiles(tile_size=224)
