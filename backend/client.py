@@ -12,11 +12,12 @@ import os
 import re
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
-from .defaults import VIEW_COUNTS, VIEW_HELP
+from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -131,7 +132,8 @@ def cmd_index(stub, args) -> int:
     return 0
 
 
-# failures of the connection or the whole server, not of one raster: the next raster would fail the same way
+# failures of the connection or the whole server, not of one raster: the next raster would fail the same
+# way (index and remove stop there)
 STOP_INDEXING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED)
 
 
@@ -257,6 +259,8 @@ def cmd_search(stub, args) -> int:
             target = folder / f"{rank:03d}_tile{hit.tile_id}.png"
             target.write_bytes(hit.thumbnail_png)
             item["thumbnail"] = str(target)
+        elif args.thumbnails and hit.thumbnail_error:
+            item["thumbnail_error"] = hit.thumbnail_error
         hits.append(item)
     saved = [h["thumbnail"] for h in hits if "thumbnail" in h]
     if args.json:
@@ -279,7 +283,23 @@ def cmd_search(stub, args) -> int:
             print(f"thumbnails saved in {Path(args.thumbnails).resolve()}")
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
+    if extent is not None and response.tiles_searched == 0:
+        print(f"note: {empty_extent_note(args.extent, args.extent_crs)}", file=sys.stderr)
+    if args.thumbnails:
+        for reason, count in Counter(h.thumbnail_error for h in response.hits if h.thumbnail_error).items():
+            print(f"note: no thumbnail for {count} of {len(hits)} hits: {reason}", file=sys.stderr)
     return 0
+
+
+def empty_extent_note(values, crs: str) -> str:
+    """Why a search in --extent found no tile at all, and, for longitude/latitude, the swap to try."""
+    crs = crs or "EPSG:4326"
+    note = f"no indexed tile lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})"
+    if crs.upper() in LONLAT_CRS:
+        xmin, ymin, xmax, ymax = values
+        note += (f"; longitude comes first: if these numbers are latitude first, give --extent "
+                 f"{ymin:g} {xmin:g} {ymax:g} {xmax:g}")
+    return note + "; `client list` shows each indexed raster's extent"
 
 
 POLYGON_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
@@ -527,18 +547,33 @@ def cmd_caption(stub, args) -> int:
 
 
 def cmd_remove(stub, args) -> int:
-    removed = []
+    """Remove each of args.rasters; one that fails (not indexed, a typo) is reported and the rest are
+    still removed, as `index` goes on past a raster that fails."""
+    removed, failed = [], 0
     for item in args.rasters:
         # digits are an id, unless a file here has that name (a raster called "2020")
         by_id = item.isascii() and item.isdigit() and not os.path.exists(item)
         request = pb.RemoveRasterRequest(raster_id=item) if by_id else \
             pb.RemoveRasterRequest(raster_path=os.path.abspath(item))
-        r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
-        removed.append({"raster_id": r.raster_id, "raster_name": r.raster_name, "tiles_removed": r.tiles_removed})
+        try:
+            r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
+        except grpc.RpcError as e:
+            if e.code() in STOP_INDEXING:
+                raise
+            failed += 1
+            error = f"{e.code().name}: {rpc_error_detail(e, args)}"
+            removed.append({"raster": item, "outcome": "failed", "error": error})
+            print(f"skyprompt client: {item}: {error}", file=sys.stderr)
+            continue
+        removed.append({"raster_id": r.raster_id, "raster_name": r.raster_name, "tiles_removed": r.tiles_removed,
+                        "outcome": "removed"})
         if not args.json:
             print(f"removed {r.raster_name} (id {r.raster_id}, {r.tiles_removed} tiles) from the index")
     if args.json:
         _print_json(removed)
+    if failed:
+        print(f"skyprompt client: {failed} of {len(args.rasters)} rasters could not be removed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -100,3 +100,6 @@ def check_expand(expand: int, name: str = "expand", limit: int = Limits.max_expa
     if not 0 <= expand <= limit:
         raise ValueError(f"{name} {expand} must be 0 (no query expansion) or a number of tiles up to {limit}")
     return expand
+
+
+LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores

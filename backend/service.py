@@ -28,7 +28,7 @@ from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform,
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
-                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, Limits, check_edge_radius,
+                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, Limits, check_edge_radius,
                        check_expand, check_keyword_weight, check_views, edge_radius_for)
 from .keywords import keyword_bonus
 from .segment import crop_to_window, relevance_geotiff, segment
@@ -123,9 +123,6 @@ def check_text(field: str, text: str, limits: Limits) -> str:
     if "\x00" in text:
         raise _bad(f"{field} contains a NUL character; send plain text")
     return text.strip()
-
-
-LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores
 
 
 # how a pixel source is stored in the index, as a path no file can have
@@ -531,13 +528,18 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
             mappings: dict = {}   # raster id -> its band mapping, looked up once per search
             for i, (hit, msg) in enumerate(zip(hits, out.hits)):
-                png = self._thumbnail(hit, thumb, mappings)
+                png, error = self._thumbnail(hit, thumb, mappings)
                 if len(png) + 16 > room:
                     log.info("search: thumbnails for the first %d of %d hits; more would pass the message limit "
                              "of %d bytes", i, len(out.hits), self.limits.max_message_bytes)
+                    for rest in out.hits[i:]:
+                        rest.thumbnail_error = (f"left out: more thumbnails would pass the message limit of "
+                                                f"{self.limits.max_message_bytes} bytes (ask for fewer hits or a "
+                                                "smaller thumbnail_size)")
                     break
                 msg.thumbnail_png = png
-                room -= len(png) + 16
+                msg.thumbnail_error = error
+                room -= len(png) + 16 + len(error)
         out.seconds = time.monotonic() - started
         return out
 
@@ -549,9 +551,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             return []
         return [pb.UnfamiliarWord(word=w, close_spellings=words.close_spellings(w)) for w in words.unfamiliar(text)]
 
-    def _thumbnail(self, hit, side: int, mappings: dict) -> bytes:
+    def _thumbnail(self, hit, side: int, mappings: dict) -> tuple[bytes, str]:
+        """(PNG of the hit's tile, "") or (b"", why there is none; "" for a pixel source's tile)."""
         if hit.raster_path.startswith(PIXELS_PREFIX):
-            return b""
+            return b"", ""
         try:
             if hit.raster_id not in mappings:
                 settings = self.index.raster(hit.raster_id).get("settings") or {}
@@ -565,10 +568,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 scale = side / max(hit.width, hit.height)
                 out = (max(1, round(hit.width * scale)), max(1, round(hit.height * scale)))
                 rgb, _ = raster.read_window(hit.col, hit.row, hit.width, hit.height, out)
-            return _png(rgb)
+            return _png(rgb), ""
         except (RasterError, TileIndexError, TypeError, ValueError) as e:
             log.info("no thumbnail for tile %s: %s", hit.tile_id, e)
-            return b""
+            return b"", str(e)
 
     # -- Segment --
     @streaming

@@ -1019,6 +1019,8 @@ def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp
     assert len(hits) == n and 0 < sum(with_png) < n
     assert with_png == sorted(with_png, reverse=True)               # the best hits have theirs
     assert sum(len(h.thumbnail_png) for h in hits) < 0.25 * 2**20
+    # ... and the others say why they have none
+    assert all(("message limit" in h.thumbnail_error) != bool(h.thumbnail_png) for h in hits)
 
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
@@ -1245,7 +1247,7 @@ def test_remove_raster_by_path_and_id(server, rasters):
     out = client(server, "remove", "--json", str(rasters["grey16"]))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [{"raster_id": first.raster_id, "raster_name": "grey16.tif",
-                                       "tiles_removed": first.tile_count}]
+                                       "tiles_removed": first.tile_count, "outcome": "removed"}]
     code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_ids=[first.raster_id]),
                                                        metadata=server.metadata))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -1272,6 +1274,12 @@ def test_remove_raster_by_path_and_id(server, rasters):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["raster_id"] == indexed.raster_id
     numbered.unlink()
+    # one that is not indexed among several: said, and the others are still removed
+    kept = index(server, rasters["grey16"])[-1].result
+    out = client(server, "remove", "--json", "999999", kept.raster_id)
+    assert out.returncode == 1 and "999999: NOT_FOUND" in out.stderr and "1 of 2 rasters could not be removed" in out.stderr
+    items = json.loads(out.stdout)
+    assert [i["outcome"] for i in items] == ["failed", "removed"] and items[1]["raster_id"] == kept.raster_id
 
 
 def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
@@ -1705,6 +1713,27 @@ def test_cli_says_where_thumbnails_and_relevance_maps_were_saved(server, rasters
     assert out.returncode == 0, out.stderr
     saved = [tmp_path / "relevance_0.tif", tmp_path / "relevance_1.tif"]
     assert f"relevance map(s) saved: {saved[0]}, {saved[1]}" in out.stdout and all(p.exists() for p in saved)
+
+
+def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(server, rasters):
+    import shutil
+
+    gone = rasters["folder"] / "gone.tif"
+    shutil.copy(rasters["rgb"], gone)
+    assert client(server, "index", str(gone)).returncode == 0
+    gone.unlink()       # moved away after indexing: the hits stay, their pixels are gone
+    out = client(server, "search", "roads", "--k", "2", "--raster", str(gone), "--thumbnails",
+                 str(rasters["folder"] / "thumbs_gone"), "--json")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["results"]
+    assert len(hits) == 2 and all("does not exist" in h["thumbnail_error"] and "thumbnail" not in h for h in hits)
+    assert "note: no thumbnail for 2 of 2 hits: " in out.stderr and "does not exist" in out.stderr
+    assert client(server, "remove", str(gone)).returncode == 0
+    # longitudes and latitudes both ways, with no raster there: the search says so, and offers the swap
+    out = client(server, "search", "roads", "--extent", "-8.5", "-74.5", "-8.4", "-74.3")
+    assert out.returncode == 0 and out.stdout.startswith("0 hits") and "among 0 tiles" in out.stdout
+    assert "note: no indexed tile lies in --extent -8.5 -74.5 -8.4 -74.3 (EPSG:4326)" in out.stderr
+    assert "give --extent -74.5 -8.5 -74.3 -8.4" in out.stderr
 
 
 def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path):
