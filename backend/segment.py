@@ -183,14 +183,21 @@ def polygonize(mask: np.ndarray, geotransform, srs: osr.SpatialReference) -> tup
     return polygons, label_image
 
 
+SIMPLIFY_MAX_AREA_CHANGE = 0.25   # of a region's area: more, and its simplified outline is not the region
+
+
 def clean_polygon(geometry, tolerance: float, min_part_area: float = 0.0) -> list[Polygon]:
     """make_valid, simplify (topology preserved), make_valid again; Polygon parts only. Simplifying
     a staircase edge can leave slivers (triangles of half a pixel) beside a region's real parts:
     parts under `min_part_area` go, unless every part is that small (a region of a pixel or two,
-    simplified, is a detection, not a sliver)."""
+    simplified, is a detection, not a sliver). A region that simplifying would shrink or grow by
+    over a quarter (a pixel's square, which becomes a triangle of half its area) keeps its pixel
+    edges instead."""
     geometry = make_valid(geometry)
     if tolerance > 0:
-        geometry = make_valid(geometry.simplify(tolerance, preserve_topology=True))
+        simplified = make_valid(geometry.simplify(tolerance, preserve_topology=True))
+        if abs(simplified.area - geometry.area) <= SIMPLIFY_MAX_AREA_CHANGE * geometry.area:
+            geometry = simplified
     parts = []
     stack = [geometry]
     while stack:

@@ -1,6 +1,7 @@
 """Polygons from a relevance map: the minimum ground area and the sliver rule (backend.segment)."""
 import numpy as np
 import pytest
+import shapely
 from osgeo import osr
 
 from backend.segment import clean_polygon, polygons_for_prompt, wgs84_transform
@@ -71,6 +72,23 @@ def test_clean_polygon_drops_slivers_but_keeps_a_region_that_is_all_small():
     tiny = clean_polygon(sliver, 0.0, min_part_area=0.75)      # alone it is a detection: kept
     assert len(tiny) == 1 and tiny[0].area == pytest.approx(0.08)
     assert len(clean_polygon(shapely.MultiPolygon([big, sliver]), 0.0)) == 2     # no minimum: both
+
+
+def test_a_region_of_a_pixel_or_a_diagonal_chain_keeps_its_area_through_simplification():
+    """Simplified at the pixel size, a pixel's square would become a triangle of half its area: a
+    region that simplifying would change by over a quarter keeps its pixel outline."""
+    srs = _srs("EPSG:32614")
+    gt = (487000.0, 5.0, 0.0, 5206000.0, 0.0, -5.0)                 # 5 m pixels, as NAIP resampled
+    relevance = np.zeros((12, 12))
+    relevance[1, 1] = 1.0                                            # one pixel: 25 m²
+    for i in range(4):
+        relevance[5 + i, 5 + i] = 1.0                                # a diagonal chain of four pixels
+    relevance[8:12, 0:4] = 1.0                                       # a 4 x 4 block, simplified as before
+    kept, _ = polygons_for_prompt(relevance, np.ones((12, 12), bool), gt, srs, 0.5, 0.0, 5.0, wgs84_transform(srs))
+    areas = sorted(r.area for r in kept)
+    assert areas == [25.0, 100.0, 400.0]
+    pixel = min(kept, key=lambda r: r.area).geometry
+    assert pixel.equals(shapely.box(487005.0, 5205990.0, 487010.0, 5205995.0))
 
 
 def test_crop_to_window_cuts_the_map_and_moves_its_origin():
