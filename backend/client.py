@@ -235,6 +235,12 @@ def cmd_search(stub, args) -> int:
     extent = _extent(args.extent, args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
+    if args.thumbnails:
+        try:    # before the search: a path that cannot be a folder is told now, naming the option
+            Path(args.thumbnails).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ClientError(f"--thumbnails {args.thumbnails}: cannot make that folder ({e.strerror or e}); "
+                              "give a folder for the PNGs") from None
     if args.min_score is not None:
         request.min_score = args.min_score
     if args.expand is not None:
@@ -322,6 +328,9 @@ def _not_a_geopackage(path) -> ClientError:
 def check_polygon_output(path: str) -> str:
     """The file's extension when write_polygons can write it, else ClientError (asked before the work)."""
     ext = _polygon_output_ext(path)
+    if not Path(path).resolve().parent.is_dir():
+        # not made for it: a mistyped folder would be made and the file lost in it
+        raise ClientError(f"--output {path}: its folder does not exist; make it first, or give another path")
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
         raise _not_a_geopackage(path)
     if ext != ".gpkg" and Path(path).exists():
@@ -441,12 +450,30 @@ def unmeasured_polygons(results: list[pb.SegmentResult]) -> int:
 MIN_AREA_CAPABILITY = "min_area_m2"
 
 
+def relevance_map_paths(stem: str, prompts: int) -> list[Path]:
+    """Where --relevance-map STEM saves each prompt's map: STEM itself for one prompt, else
+    STEM_0.tif, STEM_1.tif, ... (numbered in prompt order)."""
+    path = Path(stem)
+    return [path] if prompts == 1 else [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(prompts)]
+
+
+def check_relevance_map_outputs(stem: str, prompts: int) -> None:
+    """ClientError, before any work, for relevance-map files that could not be written as asked."""
+    if Path(stem).suffix.lower() not in (".tif", ".tiff"):
+        raise ClientError(f"--relevance-map {stem}: the maps are GeoTIFFs; give a name ending in .tif")
+    if not Path(stem).resolve().parent.is_dir():
+        raise ClientError(f"--relevance-map {stem}: its folder does not exist; make it first, or give another path")
+    taken = [str(p) for p in relevance_map_paths(stem, prompts) if p.exists()]
+    if taken:
+        raise ClientError(f"--relevance-map: {', '.join(taken)} exist(s); give a new name (files are never replaced)")
+
+
 def cmd_segment(stub, args) -> int:
     # outputs are checked before the server works, not after
     if args.output:
         check_polygon_output(args.output)
-    if args.relevance_map and not Path(args.relevance_map).resolve().parent.is_dir():
-        raise ClientError(f"--relevance-map {args.relevance_map}: its folder does not exist")
+    if args.relevance_map:
+        check_relevance_map_outputs(args.relevance_map, len(args.prompt))
     if not math.isfinite(args.min_area) or args.min_area < 0:
         raise ClientError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
     if args.min_area > 0:
@@ -488,9 +515,9 @@ def cmd_segment(stub, args) -> int:
     written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
     relevance_maps = []
     if args.relevance_map:
-        stem = Path(args.relevance_map)
+        targets = relevance_map_paths(args.relevance_map, len(args.prompt))
         for r in results:
-            target = stem if len(results) == 1 else stem.with_name(f"{stem.stem}_{r.prompt_index}{stem.suffix}")
+            target = targets[r.prompt_index]
             target.write_bytes(r.relevance_map_tiff)
             relevance_maps.append(str(target.resolve()))
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
@@ -692,7 +719,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=float, default=None,
                    help="work at this ground size of a pixel, in the raster's map units (metres for UTM, degrees "
                         "for EPSG:4326); default: the raster's own pixels")
-    p.add_argument("--relevance-map", default=None, metavar="TIF", help="also save the relevance map GeoTIFF")
+    p.add_argument("--relevance-map", default=None, metavar="TIF",
+                   help="also save each prompt's relevance map as a GeoTIFF: TIF itself for one prompt, else "
+                        "TIF's name with _0, _1, ... (prompt order); existing files are not replaced")
     p.add_argument("--raw-prompts", action="store_true",
                    help="embed each prompt as typed (default: averaged over phrasings, as search does)")
     p = sub.add_parser("caption", parents=[common, extent, bands], help="describe an area in words")
@@ -759,10 +788,17 @@ def run_client(args: argparse.Namespace) -> int:
     with channel:
         stub = pb_grpc.SkyPromptStub(channel)
         try:
-            return COMMANDS[args.client_command](stub, args)
+            status = COMMANDS[args.client_command](stub, args)
+            sys.stdout.flush()      # here, where a reader that stopped reading is handled (below)
+            return status
         except grpc.RpcError as e:
             print(f"skyprompt client: {e.code().name}: {rpc_error_detail(e, args)}", file=sys.stderr)
             return 1
+        except BrokenPipeError:
+            # the reader stopped reading (`| head`): what it took was printed, nothing went wrong;
+            # stdout goes to /dev/null so the interpreter's last flush does not fail the same way
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (ClientError, OSError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 1

@@ -1736,6 +1736,38 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert "give --extent -74.5 -8.5 -74.3 -8.4" in out.stderr
 
 
+def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, rasters, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = client(server, "search", "roads", "--thumbnails", str(a_file))
+    assert out.returncode == 1 and f"--thumbnails {a_file}: cannot make that folder" in out.stderr
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x",
+                 "--output", str(tmp_path / "no" / "such" / "x.geojson"))
+    assert out.returncode == 1 and "its folder does not exist" in out.stderr and not (tmp_path / "no").exists()
+    for stem, message in ((tmp_path / "map.png", "give a name ending in .tif"),
+                          (tmp_path / "none" / "map.tif", "its folder does not exist")):
+        out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--relevance-map", str(stem))
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+    (tmp_path / "map_1.tif").write_bytes(b"the user's")
+    out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--prompt", "y",
+                 "--relevance-map", str(tmp_path / "map.tif"))
+    assert out.returncode == 1 and f"{tmp_path / 'map_1.tif'} exist(s)" in out.stderr
+    assert (tmp_path / "map_1.tif").read_bytes() == b"the user's" and not (tmp_path / "map_0.tif").exists()
+
+
+def test_cli_output_read_by_a_reader_that_stops_early_ends_quietly(server, rasters):
+    """`client search ... | head -1`: the reader closes the pipe; no "Broken pipe" error, status 0."""
+    assert client(server, "index", str(rasters["rgb"])).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "client", "search", "roads", "--server", server.address],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+    proc.stdout.close()             # the reader is gone before anything is printed
+    with proc.stderr:
+        err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err
+
+
 def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path):
     live = LiveServer(checkpoint, tmp_path / "data", [tmp_path]).start()
     port_file = tmp_path / "data.port"
