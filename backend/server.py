@@ -143,21 +143,29 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
     return None
 
 
-def port_taken(host: str, port: int) -> bool:
-    """Whether something already listens on host:port (port 0 never is). The probe binds as gRPC
-    does (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server counts as free); any failure
-    other than "in use" is left for gRPC to report."""
-    if not port:
-        return False
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found by binding a probe socket as gRPC would
+    (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server counts as free): a host name that
+    does not resolve, an address of another machine, a port in use; else None (any other failure
+    is left for gRPC to report)."""
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        return (f"cannot listen on {address}: --host {host} does not resolve ({e.strerror}); give an address of "
+                "this machine (127.0.0.1 for this machine only, 0.0.0.0 for every network) or its host name")
+    try:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind(sockaddr)
     except OSError as e:
-        return e.errno == errno.EADDRINUSE
-    return False
+        if e.errno == errno.EADDRINUSE and port:
+            return f"cannot listen on {address}: the port is in use; is another server using the port? try --port"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return (f"cannot listen on {address}: --host {host} is not an address of this machine; give one of its "
+                    "own (127.0.0.1 for this machine only, 0.0.0.0 for every network)")
+    return None
 
 
 class Server:
@@ -178,11 +186,11 @@ class Server:
         if problem:
             raise ServerSetupError(problem)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-        if port_taken(host, port):
-            # asked before the model loads and the data dir is made (a taken port leaves no new folder
-            # behind), and before gRPC tries: its own failure also prints a C-core log line beside ours
-            raise ServerSetupError(f"cannot listen on {address}: the port is in use; is another server using the "
-                                   "port? try --port")
+        # asked before the model loads and the data dir is made (a taken port leaves no new folder
+        # behind), and before gRPC tries: its own failure also prints a C-core log line beside ours
+        problem = listen_problem(host, port)
+        if problem:
+            raise ServerSetupError(problem)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast

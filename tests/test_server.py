@@ -1568,6 +1568,16 @@ def test_serve_on_a_port_in_use_leaves_no_data_dir_behind(checkpoint, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_host_that_does_not_resolve_or_is_another_machines_is_told_apart_from_a_taken_port():
+    from backend.server import listen_problem
+
+    assert listen_problem("127.0.0.1", 0) is None
+    problem = listen_problem("nosuchhost.invalid", 0)
+    assert "--host nosuchhost.invalid does not resolve" in problem and "port" not in problem.split(";")[0]
+    problem = listen_problem("192.0.2.1", 0)          # TEST-NET-1: never an address of this machine
+    assert "--host 192.0.2.1 is not an address of this machine" in problem and "try --port" not in problem
+
+
 def test_refused_tokens_are_logged_once_per_address_without_the_token(checkpoint, tmp_path):
     """An operator sees who was refused (address and method) once at WARNING, later refusals from the
     same address at DEBUG only; the token the client sent never reaches the log."""
