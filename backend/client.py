@@ -34,6 +34,9 @@ def connect(server: str, tls_ca: str | None = None) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
     if tls_ca is not None:
         root = Path(tls_ca).read_bytes() if tls_ca else None
+        if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
+            raise ValueError(f"--tls-ca {tls_ca} is not a PEM certificate (it has no -----BEGIN CERTIFICATE----- "
+                             "line): give the server's certificate, or its CA's")
         return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=root), options=options)
     return grpc.insecure_channel(server, options=options)
 
@@ -642,7 +645,9 @@ def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> 
                         help="use TLS, trusting this CA certificate (a PEM file; for the system's roots: --tls)")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print JSON (for scripts) instead of text")
-    parser.add_argument("--timeout", type=float, default=default(None), help="give up after this many seconds")
+    parser.add_argument("--timeout", type=float, default=default(None),
+                        help="give up on a call after this many seconds (index: on each raster; default: wait as "
+                             "long as the work takes)")
 
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -755,9 +760,15 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     elif "hostname verification" in low or "does not match ssl server name" in low:
         detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]}: connect by "
                    "a name or address the certificate holds)")
+    elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low) and args.tls_ca:
+        detail += (f" (TLS failed: the server's certificate is not signed by --tls-ca {args.tls_ca}, nor is it "
+                   "that certificate: give the server's own certificate or its CA's)")
     elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
         detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
                    "that certificate: --tls-ca PEM)")
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout:
+        detail += (f" (the call took longer than --timeout {args.timeout:g} s: give a larger one, or leave it "
+                   "out to wait as long as the work takes)")
     elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
         detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
                    "--tls-ca PEM)")
@@ -780,10 +791,17 @@ def run_client(args: argparse.Namespace) -> int:
         print("skyprompt client: --tls-ca needs a PEM file; for the system's root certificates give --tls",
               file=sys.stderr)
         return 2
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        print(f"skyprompt client: --timeout {args.timeout:g}: give a positive number of seconds, or leave it out "
+              "to wait as long as the work takes", file=sys.stderr)
+        return 2
     try:
         channel = connect(args.server, args.tls_ca if args.tls_ca is not None else ("" if args.tls else None))
     except OSError as e:
         print(f"skyprompt client: cannot read --tls-ca: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"skyprompt client: {e}", file=sys.stderr)
         return 2
     with channel:
         stub = pb_grpc.SkyPromptStub(channel)

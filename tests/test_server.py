@@ -1385,6 +1385,13 @@ def test_tls_server_with_the_cli(checkpoint, rasters, tmp_path):
         assert out.returncode == 2 and "--tls-ca: expected one argument" in out.stderr
         out = client(live, "info", "--tls-ca", "")
         assert out.returncode == 2 and "give --tls" in out.stderr and "Traceback" not in out.stderr
+        # a file that is no certificate, and the certificate of another server
+        out = client(live, "info", "--tls-ca", str(key))
+        assert out.returncode == 2 and f"--tls-ca {key} is not a PEM certificate" in out.stderr, out.stderr
+        other, _ = openssl_pair(tmp_path, "other")
+        out = client(live, "info", "--tls-ca", str(other))
+        assert out.returncode == 1 and f"is not signed by --tls-ca {other}" in out.stderr, out.stderr
+        assert "needs that certificate" not in out.stderr
     finally:
         live.stop()
 
@@ -1763,6 +1770,15 @@ def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, 
                  "--relevance-map", str(tmp_path / "map.tif"))
     assert out.returncode == 1 and f"{tmp_path / 'map_1.tif'} exist(s)" in out.stderr
     assert (tmp_path / "map_1.tif").read_bytes() == b"the user's" and not (tmp_path / "map_0.tif").exists()
+
+
+def test_cli_timeout_must_be_positive_and_a_deadline_passed_says_which(server):
+    for bad in ("0", "-1", "nan"):
+        out = client(server, "search", "roads", "--timeout", bad)
+        assert out.returncode == 2 and "give a positive number of seconds" in out.stderr, out.stderr
+    out = client(server, "search", "roads", "--timeout", "0.000001")
+    assert out.returncode == 1 and "DEADLINE_EXCEEDED" in out.stderr
+    assert "the call took longer than --timeout 1e-06 s" in out.stderr
 
 
 def test_cli_output_read_by_a_reader_that_stops_early_ends_quietly(server, rasters):
