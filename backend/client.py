@@ -47,6 +47,9 @@ def _metadata(token: str | None):
 
 def _extent(values, crs: str) -> pb.Extent | None:
     if not values:
+        if crs:   # an --extent-crs alone says the user meant an extent that is not there
+            raise ClientError(f"--extent-crs {crs} is the CRS of --extent: give --extent XMIN YMIN XMAX YMAX "
+                              "too, or leave --extent-crs out")
         return None
     xmin, ymin, xmax, ymax = values
     return pb.Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs=crs or "")
@@ -267,7 +270,7 @@ def cmd_search(stub, args) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{rank:03d}_tile{hit.tile_id}.png"
             target.write_bytes(hit.thumbnail_png)
-            item["thumbnail"] = str(target)
+            item["thumbnail"] = str(target.resolve())
         elif args.thumbnails and hit.thumbnail_error:
             item["thumbnail_error"] = hit.thumbnail_error
         hits.append(item)
@@ -318,7 +321,7 @@ def _polygon_output_ext(path: str) -> str:
     """The file's extension when write_polygons can write such a file, else ClientError."""
     ext = Path(path).suffix.lower()
     if ext not in POLYGON_DRIVERS:
-        raise ClientError(f"--output {path}: use a .gpkg or .geojson file name")
+        raise ClientError(f"--output {path}: use a .gpkg, .geojson or .json file name")
     if Path(path).is_dir():
         raise ClientError(f"--output {path} is a folder; give a file name")
     return ext
@@ -542,7 +545,8 @@ def cmd_segment(stub, args) -> int:
             known = r["polygons"] and all(p["area_m2"] > 0 for p in r["polygons"])  # 0: no ground area
             area_m2 = f" ({sum(p['area_m2'] for p in r['polygons']):.1f} m^2)" if known else ""
             dropped = f", {r['dropped_small']} smaller than --min-area dropped" if r["dropped_small"] else ""
-            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.1f} map units^2"
+            # to 4 significant digits: square degrees of a longitude/latitude raster are tiny numbers
+            print(f"{r['prompt']!r}: {len(r['polygons'])} polygons, total area {area:.4g} map units^2"
                   f"{area_m2}, max relevance {r['max_relevance']:.2f}{dropped}")
         for r in results:
             if r.unfamiliar_words:

@@ -616,7 +616,10 @@ class TileIndex:
         for path in self.embeddings_dir.iterdir():
             if path.name in referenced or not (path.name.endswith(".npy") or path.name.startswith(TEMP_PREFIX)):
                 continue
-            log.info("tile index: deleting %s (left by an interrupted write)", path)
+            # a temporary file of a write that was interrupted, or the file of a raster dropped above
+            # (unreadable or damaged): no row refers to it any more
+            log.info("tile index: deleting %s, which no indexed raster uses (an interrupted write's, or a "
+                     "damaged raster's)", path)
             _discard_file(path)
 
     def _delete_tiles(self, first_tile_id: int, tile_count: int, raster_id: int) -> None:

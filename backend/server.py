@@ -191,6 +191,9 @@ class Server:
         problem = listen_problem(host, port)
         if problem:
             raise ServerSetupError(problem)
+        for root in allowed_roots:
+            if not Path(root).is_dir():     # a typo, or a share not mounted yet: nothing under it can be read
+                log.warning("--allow-root %s is not a folder: no raster under it can be opened until it exists", root)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast

@@ -176,7 +176,7 @@ def _overlap(value: float | None, default: float, field: str) -> float:
     if value is None:
         return default
     if not (math.isfinite(value) and 0.0 <= value < 0.9):
-        raise _bad(f"{field} {value} is out of range: give a fraction of the tile side in [0, 0.9)")
+        raise _bad(f"{field} {value:.6g} is out of range: give a fraction of the tile side in [0, 0.9)")
     return float(value)
 
 
@@ -601,7 +601,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         grid = self.engine.grid
         window = min(window, grid)
         if window < grid and window % 2 == 0:
-            raise _bad(f"sao_window.size {window} must be odd (3, 5, 7, ...) so the window centres on a patch")
+            raise _bad(f"sao_window.size {window} must be odd (1, 3, 5, ...) so the window centres on a patch")
         edge_radius = request.edge_radius if request.HasField("edge_radius") else self.edge_radius
         try:
             check_edge_radius(edge_radius, limit=limits.max_edge_radius)

@@ -1298,7 +1298,7 @@ def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     assert [Path(r["raster_path"]).name for r in json.loads(out.stdout) if r["outcome"] != "failed"] == ["rgb_utm.tif"]
     out = client(server, "caption", "--raster", str(rasters["rgb"]), "--max-len", "-3")
     assert out.returncode == 1 and "--max-len -3" in out.stderr and "Traceback" not in out.stderr
-    for flags, message in ((["--output", "masks.shp"], "use a .gpkg or .geojson"),
+    for flags, message in ((["--output", "masks.shp"], "use a .gpkg, .geojson or .json"),
                            (["--relevance-map", "/nowhere/map.tif"], "its folder does not exist")):
         out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", *flags)
         assert out.returncode == 1 and message in out.stderr and "segment:" not in out.stderr    # no progress bar ran
@@ -1724,6 +1724,14 @@ def test_cli_says_where_thumbnails_and_relevance_maps_were_saved(server, rasters
     out = client(server, "search", "roads", "--k", "2", "--raster", str(rasters["rgb"]), "--thumbnails", str(folder))
     assert out.returncode == 0, out.stderr
     assert f"thumbnails saved in {folder}" in out.stdout and len(list(folder.glob("*.png"))) == 2
+    # a relative folder: the JSON names each PNG by its absolute path, as the text says where they went
+    out = subprocess.run([sys.executable, "-m", "backend", "client", "search", "roads", "--k", "1", "--json",
+                          "--raster", str(rasters["rgb"]), "--thumbnails", "relative", "--server", server.address],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SKYPROMPT_TOKEN": server.token, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    hit = json.loads(out.stdout)["results"][0]
+    assert hit["thumbnail"] == str(tmp_path / "relative" / f"001_tile{hit['tile_id']}.png")
     stem = tmp_path / "relevance.tif"
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--prompt", "roads",
                  "--relevance-map", str(stem))
@@ -1770,6 +1778,20 @@ def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, 
                  "--relevance-map", str(tmp_path / "map.tif"))
     assert out.returncode == 1 and f"{tmp_path / 'map_1.tif'} exist(s)" in out.stderr
     assert (tmp_path / "map_1.tif").read_bytes() == b"the user's" and not (tmp_path / "map_0.tif").exists()
+
+
+def test_an_allowed_root_that_is_no_folder_is_warned_about_at_start(checkpoint, tmp_path):
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path / "not_mounted"]).start()
+    try:
+        assert f"--allow-root {tmp_path / 'not_mounted'} is not a folder" in live.log_text()
+    finally:
+        live.stop()
+
+
+def test_cli_extent_crs_without_an_extent_is_refused(server, rasters):
+    for command in (["search", "roads"], ["caption", "--raster", str(rasters["rgb"])]):
+        out = client(server, *command, "--extent-crs", "EPSG:99999")
+        assert out.returncode == 1 and "--extent-crs EPSG:99999 is the CRS of --extent: give --extent" in out.stderr
 
 
 def test_cli_timeout_must_be_positive_and_a_deadline_passed_says_which(server):
