@@ -611,6 +611,12 @@ class SkyPromptDock(QDockWidget):
         earlier = [l for l in layers if l.id() not in self.indexed]
         raster_paths = [path_of[l.id()] for l in earlier if path_of[l.id()]]
         unreachable = [l.name() for l in earlier if not path_of[l.id()]]
+        if not layers and self.layer_list.count():
+            # nothing ticked would search the whole index, rasters of no layer here too: asked for
+            self._message("tick the layers to search in the list above (Index adds them to the index)",
+                          Qgis.Warning)
+            self.taskDone.emit("search", "no layer ticked")
+            return None
         if layers and not raster_ids and not raster_paths:
             self._message(f"{', '.join(unreachable)}: index the ticked layers first (press Index), then search",
                           Qgis.Warning)
@@ -703,7 +709,7 @@ class SkyPromptDock(QDockWidget):
         return max(rect_in_layer.width() / max(size.width(), 1), rect_in_layer.height() / max(size.height(), 1))
 
     def segment(self) -> BackendTask | None:
-        prompts = [p.strip() for p in self.prompts.text().replace(";", ",").split(",") if p.strip()]
+        prompts = operations.split_prompts(self.prompts.text())
         layer = self.segment_layer.currentLayer()
         try:
             if not prompts:
@@ -717,7 +723,8 @@ class SkyPromptDock(QDockWidget):
             output = self.output.filePath().strip()
             if output:
                 output = output if output.lower().endswith(".gpkg") else output + ".gpkg"
-                try:   # before the work: a file that is not a GeoPackage is refused, never replaced
+                try:   # before the work: a missing folder, or a file that is no GeoPackage (never replaced)
+                    results.check_output_folder(output)
                     results.gpkg_layer_names(output)
                 except OSError as e:
                     raise SourceError(str(e)) from None

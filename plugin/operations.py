@@ -17,6 +17,12 @@ Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
 
 
+def split_prompts(text: str) -> list[str]:
+    """The prompts of what the user typed: separated by commas or semicolons ("buildings; trees"),
+    blanks dropped. The dock and Processing read prompts alike."""
+    return [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+
+
 def _percent(done: int, total: int) -> float:
     return 100.0 * done / total if total else 0.0
 

@@ -8,6 +8,7 @@ address for one run (handy in models and scripts).
 from __future__ import annotations
 
 import os
+import re
 
 from qgis.core import (QgsDataSourceUri, QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm,
                        QgsProcessingException, QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
@@ -24,6 +25,8 @@ from .sources import (SourceError, has_no_resolution, local_path, names_by_real_
                       to_layer_crs)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
+# "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
+_PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 
 
 def _backend_error():
@@ -72,15 +75,34 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         except SourceError as e:
             raise QgsProcessingException(str(e)) from None
 
+    @staticmethod
+    def _output_path(parameters, context) -> str:
+        """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or ""."""
+        given = parameters.get("OUTPUT")
+        sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
+        # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
+        return sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
+            else str(sink_value or "")
+
+    def _check_output(self, parameters, context) -> None:
+        """Before the backend works: a file OUTPUT in a folder that does not exist, or an existing file
+        named .gpkg that is no GeoPackage, is refused now, not after the work is done."""
+        path = self._output_path(parameters, context)
+        if not path or path == QgsProcessing.TEMPORARY_OUTPUT or _PROVIDER_URI.match(path):
+            return
+        try:
+            results.check_output_folder(path)
+            if path.lower().endswith(".gpkg"):
+                results.gpkg_layer_names(path)
+        except OSError as e:
+            raise QgsProcessingException(str(e)) from None
+
     def _sink(self, parameters, context, fields, crs):
         """parameterAsSink for OUTPUT, where a path to an existing GeoPackage means a new layer in it,
         named after the file (" (2)", ... when taken, as the panel does): Processing would otherwise
         replace the whole file, and the file's other layers with it."""
         given = parameters.get("OUTPUT")
-        sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
-        # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
-        path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
-            else str(sink_value or "")
+        path = self._output_path(parameters, context)
         if path.lower().endswith(".gpkg") and os.path.isfile(path) and os.path.getsize(path) > 0:
             try:        # refuses a file that is not a GeoPackage
                 name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
@@ -93,9 +115,12 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
                 if isinstance(given, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition()
             output.sink = QgsProperty.fromValue("ogr:" + uri.uri())
             parameters = {**parameters, "OUTPUT": output}
-        sink, dest = self.parameterAsSink(parameters, "OUTPUT", context, fields, QgsWkbTypes.MultiPolygon, crs)
+        # OUTPUT alone: the others may hold a layer removed from the project while the backend worked,
+        # which handing the whole map to QGIS would touch
+        sink, dest = self.parameterAsSink({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT", context, fields,
+                                          QgsWkbTypes.MultiPolygon, crs)
         if sink is None:
-            raise QgsProcessingException(self.invalidSinkError(parameters, "OUTPUT"))
+            raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
         return sink, dest
 
     def _call(self, settings, fn, feedback):
@@ -142,7 +167,8 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
         self.addParameter(views)
         self._add_server()
         self.addOutput(QgsProcessingOutputString("RASTER_ID", "Raster id"))
-        self.addOutput(QgsProcessingOutputNumber("TILE_COUNT", "Tiles indexed"))
+        self.addOutput(QgsProcessingOutputNumber("TILE_COUNT", "Tiles in the index for this raster "
+                                                               "(also when unchanged)"))
         self.addOutput(QgsProcessingOutputString("OUTCOME", "What happened: indexed, unchanged or replaced"))
 
     def processAlgorithm(self, parameters, context, feedback):
@@ -162,7 +188,8 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
             views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0]), feedback)
         for note in notes:
             feedback.pushInfo(note)
-        if result is None:
+        if result is None:          # cancelled: the backend keeps nothing of a raster it did not finish
+            feedback.pushInfo("cancelled: nothing indexed")
             return {}
         outcome = operations.outcome_word(result)
         feedback.pushInfo(f"{result.raster_name}: {outcome}, {result.tile_count} tiles ({result.seconds:.1f} s)")
@@ -237,6 +264,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
         expand = self.parameterAsInt(parameters, "EXPAND", context)
         match_captions = self.parameterAsBool(parameters, "MATCH_CAPTIONS", context)
+        self._check_output(parameters, context)
 
         def run(conn):
             request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
@@ -272,8 +300,10 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         return "Prompt to polygons"
 
     def shortHelpString(self):
-        return ("Turns text prompts (comma-separated: 'buildings, trees') into polygons where the raster shows "
-                "them, over an extent (default: the whole layer). Attributes: prompt, score, area in m². "
+        return ("Turns text prompts (separated by commas or semicolons: 'buildings, trees') into polygons where "
+                "the raster shows them, over an extent (default: the whole layer; an extent typed without "
+                "[EPSG:...] is in the project's CRS). Attributes: prompt, score (mean relevance), max_score, "
+                "area_m2 (ground area in m²). "
                 "Masks follow the image's own edges (edge refinement); the advanced Edge refinement radius "
                 "sets how far, in pixels, or turns it off (0). A tile service (XYZ, WMS) needs an extent. "
                 "The advanced Resolution is the ground size of a working pixel in the layer's map units; "
@@ -282,7 +312,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
-        self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (comma-separated)"))
+        self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (separated by commas or semicolons)"))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent", optional=True))
         self.addParameter(QgsProcessingParameterNumber("THRESHOLD", "Threshold", QgsProcessingParameterNumber.Double,
                                                        defaultValue=0.5, minValue=0.0, maxValue=1.0))
@@ -306,7 +336,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
         if layer is None:
             raise QgsProcessingException("Prompt to polygons needs a raster layer")
-        prompts = [p.strip() for p in self.parameterAsString(parameters, "PROMPTS", context).split(",") if p.strip()]
+        prompts = operations.split_prompts(self.parameterAsString(parameters, "PROMPTS", context))
         if not prompts:
             raise QgsProcessingException("no prompt given: type what to outline, e.g. 'buildings, trees'")
         settings = self._settings(parameters, context)
@@ -321,6 +351,9 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         if rect is None and has_no_resolution(prepared):
             raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "
                                          "to segment whole: set Extent to the area to segment")
+        self._check_output(parameters, context)
+        # read now: the layer may be removed from the project while the backend works
+        layer_crs = QgsCoordinateReferenceSystem(layer.crs())
         # Resolution (map units per pixel; empty or 0 = automatic): a pixel source is read at it, a
         # file segmented at it; automatic, a file's area over the backend's limit is coarsened
         resolution = self.parameterAsDouble(parameters, "RESOLUTION", context) or None
@@ -339,7 +372,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         if answers is None:         # cancelled: the output is left as it was, not replaced by an empty layer
             feedback.pushInfo("cancelled: nothing written")
             return {}
-        sink, dest = self._sink(parameters, context, results.segment_fields(), layer.crs())
+        sink, dest = self._sink(parameters, context, results.segment_fields(), layer_crs)
         features = results.segment_features(answers)
         for f in features:
             g = f.geometry()

@@ -130,6 +130,15 @@ def style_by_prompt(layer: QgsVectorLayer, prompts: list[str]) -> None:
     layer.setRenderer(QgsCategorizedSymbolRenderer("prompt", categories))
 
 
+def check_output_folder(path: str) -> None:
+    """OSError unless the folder `path` would be written in exists: checked before any work, so a
+    mistyped folder is said at once, not after the backend has segmented the area."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OSError(f"cannot write {path}: its folder {folder} does not exist; make it first or choose "
+                      "another file")
+
+
 def gpkg_layer_names(path: str) -> list[str]:
     """The tables of the GeoPackage at `path`, vector layers and raster tiles alike ([] when there is
     no file); OSError when the file is there but is not a GeoPackage (it is never overwritten)."""

@@ -198,8 +198,7 @@ class PixelReader:
         if provider is None or not layer.isValid():
             raise SourceError(f"layer {layer.name()!r} is not valid: it cannot be read")
         if not self.crs.isValid():      # its pixels would land nowhere on the ground
-            raise SourceError(f"layer {layer.name()!r} has no CRS: set one in its Layer Properties (Source), "
-                              "then run again")
+            raise no_crs_error(layer)
         self.provider = provider.clone()
         self.band_count = provider.bandCount()
         self.bands = shown_bands(layer)      # shown_bands, as LayerPath.bands (None: the first four)
@@ -309,8 +308,18 @@ def native_pixels(layer: QgsRasterLayer, area: QgsRectangle | None = None) -> tu
     return (extent.width() / rx) * (extent.height() / ry), math.sqrt(rx * ry)
 
 
+def no_crs_error(layer: QgsRasterLayer) -> SourceError:
+    """What to tell about a layer with no CRS, whether it goes as a file or as pixels."""
+    return SourceError(f"layer {layer.name()!r} has no CRS, so its pixels have no place on the ground: set one "
+                       "in its Layer Properties (Source) if the file is georeferenced, or georeference it first "
+                       "(Raster > Georeferencer), then run again")
+
+
 def prepare_source(layer: QgsRasterLayer):
-    """On the main thread: the layer's path, or a PixelReader for layers the backend cannot open."""
+    """On the main thread: the layer's path, or a PixelReader for layers the backend cannot open.
+    SourceError for a layer with no CRS: sent as a file, the backend would refuse it in other words."""
+    if layer.isValid() and not layer.crs().isValid():
+        raise no_crs_error(layer)
     path = local_path(layer)
     return LayerPath(path, shown_bands(layer)) if path else PixelReader(layer)
 

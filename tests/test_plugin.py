@@ -337,6 +337,13 @@ def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, ifac
     assert run_dock(dock, "search", dock.search) is None
     assert dock.last_layer.featureCount() > 0
     assert {f["layer"] for f in dock.last_layer.getFeatures()} == {keep.name()}
+    # none ticked: refused with a message, not the whole index searched
+    for i in range(dock.layer_list.count()):
+        dock.layer_list.item(i).setCheckState(Qt.Unchecked)
+    before, searched = len(iface.message_bar.messages), dock.last_layer
+    assert run_dock(dock, "search", dock.search) == "no layer ticked"
+    assert dock.last_layer is searched
+    assert "tick the layers to search" in " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
 
 
 def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
@@ -613,7 +620,7 @@ def test_a_paletted_layer_is_sent_as_its_colours_as_the_backend_reads_the_file(q
 def test_a_file_with_no_crs_given_one_in_qgis_is_segmented_there(dock, iface, rasters):  # noqa: F811
     """A georeferenced file with no CRS, to which the user assigned one in QGIS: sent as pixels with
     that CRS (the backend refuses the file itself), so Segment works and lands where QGIS shows it."""
-    from plugin.sources import prepare_source
+    from plugin.sources import SourceError, prepare_source
 
     path = rasters["folder"] / "no_crs_utm.tif"          # where the backend may read files
     if not path.exists():
@@ -621,7 +628,10 @@ def test_a_file_with_no_crs_given_one_in_qgis_is_segmented_there(dock, iface, ra
                  crs=None)
     layer = QgsRasterLayer(str(path), "no crs")
     assert layer.isValid() and not layer.crs().isValid()
-    assert prepare_source(layer) == str(path)        # nothing assigned: the path, for the backend's advice
+    # nothing assigned: refused with the advice a QGIS user can follow, as for a layer read as pixels
+    with pytest.raises(SourceError, match="has no CRS, so its pixels have no place on the ground: set one in its "
+                                          "Layer Properties"):
+        prepare_source(layer)
     layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
     assert_segmented_where_qgis_shows_it(dock, iface, layer)
 
@@ -1337,6 +1347,34 @@ def test_processing_prompt_to_polygons_resolution(skyprompt_processing, rasters,
                                                       "OUTPUT": str(tmp_path / "fine.gpkg")})
 
 
+def test_processing_prompt_to_polygons_survives_its_layer_removed_and_checks_its_output_first(
+        skyprompt_processing, rasters, own_backend, tmp_path):  # noqa: F811
+    """The input layer removed from the project while the backend works: the polygons are still
+    written, in the layer's CRS (read before the call). An output in a folder that does not exist is
+    refused before any work: with no backend at the address, the folder is what the error names.
+    Prompts split on semicolons too, as in the panel."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    with pytest.raises(QgsProcessingException, match="its folder .* does not exist"):
+        processing.run("skyprompt:prompttopolygons", {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields",
+                                                      "SERVER": "127.0.0.1:9", "OUTPUT": str(tmp_path / "no" / "x.gpkg")})
+    with pytest.raises(QgsProcessingException, match="its folder .* does not exist"):
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "SERVER": "127.0.0.1:9",
+                                                 "OUTPUT": str(tmp_path / "no" / "y.gpkg")})
+    _, address = own_backend.start()
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "going"))
+    crs = layer.crs().authid()
+    feedback = RecordingFeedback(on_progress=lambda: QgsProject.instance().removeMapLayer(layer.id()))
+    out = QgsVectorLayerFrom(processing.run("skyprompt:prompttopolygons", {
+        "INPUT": layer, "PROMPTS": "fields; water", "THRESHOLD": 0.0, "SERVER": address,
+        "OUTPUT": str(tmp_path / "kept.gpkg")}, feedback=feedback)["OUTPUT"])
+    assert not QgsProject.instance().mapLayersByName("going")     # it was removed mid-run
+    assert out.crs().authid() == crs and out.featureCount() >= 2
+    assert {f["prompt"] for f in out.getFeatures()} == {"fields", "water"}
+    del out, feedback, layer     # before QGIS exits: a wrapper of the removed layer must not outlive the test
+
+
 def test_gpkg_layer_names_differing_only_in_case_do_not_replace_each_other(qgis_app, tmp_path):
     from plugin import results
 
@@ -1525,7 +1563,18 @@ def test_processing_a_layer_with_no_crs_or_not_a_raster_is_named_as_such(skyprom
                                                         "OUTPUT": str(tmp_path / "b.gpkg")})):
             with pytest.raises(QgsProcessingException) as err:
                 processing.run(f"skyprompt:{algorithm}", {"INPUT": no_crs, **params})
-            assert str(err.value).startswith("layer 'scan' has no CRS: set one"), (algorithm, str(err.value))
+            assert str(err.value).startswith("layer 'scan' has no CRS, so its pixels have no place on the ground: "
+                                             "set one in its Layer Properties"), (algorithm, str(err.value))
+        # the same file on disk (sent by path, were it georeferenced): the same words, not the backend's
+        on_disk = tmp_path / "scan.tif"
+        gdal.Translate(str(on_disk), path)
+        file_layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(on_disk), "scan"))
+        try:
+            with pytest.raises(QgsProcessingException) as err:
+                processing.run("skyprompt:indexraster", {"INPUT": file_layer})
+            assert "has no CRS, so its pixels have no place on the ground" in str(err.value)
+        finally:
+            QgsProject.instance().removeMapLayer(file_layer.id())
         with pytest.raises(QgsProcessingException) as err:
             processing.run("skyprompt:searchtiles", {"QUERY": "trees", "LAYERS": [roads],
                                                      "OUTPUT": str(tmp_path / "c.gpkg")})
