@@ -10,6 +10,7 @@ the status), so the plugin needs no grpcio-health-checking package.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Callable, Iterator
@@ -18,6 +19,7 @@ MAX_MESSAGE = 256 * 1024 * 1024
 HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
+PORT_AT_END = re.compile(r":\d+$")   # "host:50051", "[::1]:50051"
 CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
 
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
@@ -96,8 +98,15 @@ class BackendConnection:
             # gone, or a refusal the cached limits may explain (a backend restarted with others)
             self._forget_info()
         if code == "UNAVAILABLE":
-            if "connect" in message.lower():
-                message = f"no SkyPrompt backend answers at {self.address} ({message}); start it or check the address"
+            low = message.lower()
+            if "connect" in low:
+                # with no port, gRPC tries 443: the address is the likely mistake, not the backend
+                advice = ("give the address as HOST:PORT, e.g. 127.0.0.1:50051" if not PORT_AT_END.search(self.address)
+                          else "start it or check the address")
+                message = f"no SkyPrompt backend answers at {self.address} ({message}); {advice}"
+            elif "stream removed" in low or "socket closed" in low:
+                message = (f"the backend at {self.address} stopped answering in the middle of the call: it may have "
+                           f"crashed or been killed (see its log), so start it again ({message})")
         return BackendError(code, message)
 
     # -- health --

@@ -66,6 +66,56 @@ def test_unreachable_backend_is_reported_not_raised():
         assert err.value.code == "UNAVAILABLE"
 
 
+def test_an_address_with_no_port_is_named_as_the_likely_mistake():
+    """gRPC takes "127.0.0.1" as port 443: nothing answers there, and the address is what to fix."""
+    with BackendConnection("127.0.0.1") as conn:
+        with pytest.raises(BackendError) as err:
+            conn.info(timeout=5)
+    assert err.value.code == "UNAVAILABLE" and "give the address as HOST:PORT" in err.value.message
+
+
+# a backend process that dies in the middle of a Segment: one progress message, then gone
+_DYING_BACKEND = """
+import os, sys, time
+from concurrent import futures
+import grpc
+from plugin.rpc import skyprompt_pb2 as pb, skyprompt_pb2_grpc as pb_grpc
+
+class Servicer(pb_grpc.SkyPromptServicer):
+    def Segment(self, request, context):
+        yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING))
+        time.sleep(0.5)
+        os._exit(1)
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+pb_grpc.add_SkyPromptServicer_to_server(Servicer(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_a_backend_that_dies_mid_call_is_said_to_have_stopped_answering():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_BACKEND], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        port = int(proc.stdout.readline())
+        with BackendConnection(f"127.0.0.1:{port}") as conn:
+            request = conn.pb.SegmentRequest(source=conn.pb.RasterSource(path="/x.tif"), prompts=["trees"])
+            with pytest.raises(BackendError) as err:
+                conn.segment(request)
+        assert err.value.code == "UNAVAILABLE", err.value
+        assert "stopped answering in the middle of the call: it may have crashed" in err.value.message
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 SILENT_S = 8.0
 
 
