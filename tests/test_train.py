@@ -537,6 +537,21 @@ def test_fit_steps_to_budget_arithmetic():
     assert fit_steps_to_budget(1000, 0.1, 200, 100, 10.0, 0.1) == 201
 
 
+def test_a_time_budget_shorter_than_the_warm_up_is_pointed_out(monkeypatch, capsys):
+    from training import train as T
+
+    cfg = T.TrainConfig(steps=1000, warmup_steps=100, time_budget=0.05)      # 3 s
+    clock = [1000.0]
+    monkeypatch.setattr(T.time, "time", lambda: clock[0])
+    budget = T.TimeBudget(cfg, 0)
+    for step in range(1, 120):
+        clock[0] += 0.5                 # 0.5 s a step: 3 s hold 6 steps, not the 100 of the warm-up
+        budget.update(step, "cpu")
+    assert cfg.steps == 101
+    err = capsys.readouterr().err
+    assert err.count("holds fewer steps than the warm-up (100): the run goes on to step 101") == 1
+
+
 def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
     out = tmp_path / "run"
     # the tiny model takes far more than 18 seconds for 5,000 steps on this CPU, and far less for 60

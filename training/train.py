@@ -192,6 +192,7 @@ class TimeBudget:
         self.t0: float | None = None
         self.t_last = 0.0
         self.frozen = False
+        self.warned_warmup = False
 
     def update(self, step: int, device) -> bool:
         """Call after each step; True when cfg.steps changed."""
@@ -209,6 +210,12 @@ class TimeBudget:
         recent = (now - self.t_last) / self.EVERY
         self.t_last = now
         steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step, spent, recent)
+        if steps == self.cfg.warmup_steps + 1 < self.asked and not self.warned_warmup and is_main():
+            # the floor of fit_steps_to_budget: the budget holds fewer steps than the warm-up
+            self.warned_warmup = True
+            log(f"warning: time budget {self.cfg.time_budget:g} min holds fewer steps than the warm-up "
+                f"({self.cfg.warmup_steps}): the run goes on to step {steps}, past the budget, and ends at the "
+                "peak learning rate, with no decay; give a longer --time-budget or a shorter --warmup-steps")
         frozen = elapsed >= self.cfg.time_budget * 30   # half the budget (minutes x 60 / 2)
         if dist.is_initialized():
             # rank 0's estimate and its decision to stop estimating, together: ranks that froze at
