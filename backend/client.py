@@ -504,16 +504,18 @@ def cmd_segment(stub, args) -> int:
         request.edge_radius = args.edge_radius
     results = []
     bar = None
-    for event in stub.Segment(request, metadata=_metadata(args.token), timeout=args.timeout):
-        if event.HasField("result"):
-            results.append(event.result)
-        elif not args.json and event.progress.tiles_total:
-            if bar is None:
-                from tqdm import tqdm
-                bar = tqdm(total=event.progress.tiles_total, desc="segment", unit="tile", file=sys.stderr)
-            bar.update(event.progress.tiles_done - bar.n)
-    if bar is not None:
-        bar.close()
+    try:
+        for event in stub.Segment(request, metadata=_metadata(args.token), timeout=args.timeout):
+            if event.HasField("result"):
+                results.append(event.result)
+            elif not args.json and event.progress.tiles_total:
+                if bar is None:
+                    from tqdm import tqdm
+                    bar = tqdm(total=event.progress.tiles_total, desc="segment", unit="tile", file=sys.stderr)
+                bar.update(event.progress.tiles_done - bar.n)
+    finally:
+        if bar is not None:     # also on a failure: its message then starts a line of its own
+            bar.close()
     unmeasured = unmeasured_polygons(results) if args.min_area > 0 else 0
     if unmeasured:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "

@@ -1794,6 +1794,32 @@ def test_cli_extent_crs_without_an_extent_is_refused(server, rasters):
         assert out.returncode == 1 and "--extent-crs EPSG:99999 is the CRS of --extent: give --extent" in out.stderr
 
 
+def test_a_segment_that_fails_mid_stream_closes_its_progress_bar_first(rasters, capsys):
+    """The failure's message starts a line of its own, not the end of the bar's. The stub stands in
+    for a server that fails after its first progress message (a real one cannot be made to, on cue)."""
+    import argparse
+
+    from backend.client import add_client_arguments, cmd_segment
+
+    class Failed(grpc.RpcError):
+        pass
+
+    class Stub:
+        def Segment(self, request, metadata=None, timeout=None):  # noqa: N802 - gRPC API
+            yield pb().SegmentEvent(progress=pb().SegmentProgress(tiles_done=1, tiles_total=4))
+            raise Failed()
+
+    parser = argparse.ArgumentParser()
+    add_client_arguments(parser)
+    args = parser.parse_args(["segment", "--raster", str(rasters["rgb"]), "--prompt", "trees"])
+    try:
+        cmd_segment(Stub(), args)
+    except Failed:      # as run_client reports it: while the failed call's frames are still alive
+        print("skyprompt client: UNAVAILABLE: gone", file=sys.stderr)
+    err = capsys.readouterr().err
+    assert "segment:" in err and "\nskyprompt client: UNAVAILABLE: gone\n" in err, repr(err)
+
+
 def test_cli_timeout_must_be_positive_and_a_deadline_passed_says_which(server):
     for bad in ("0", "-1", "nan"):
         out = client(server, "search", "roads", "--timeout", bad)
