@@ -15,7 +15,7 @@ help:
 	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
 	@echo "make test    run the whole test suite (runs setup first when needed)"
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
-	@echo "make gpu-check  on a CUDA machine: the GPU tests and the GPU benchmark (GPU_PY=python with CUDA torch)"
+	@echo "make gpu-check  on a CUDA machine: the GPU tests, the GPU benchmark and the training-data benchmark (GPU_PY=python with CUDA torch)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
 	@echo "make train-default  stage 1 of the CPU-trained checkpoints (small preset, training/recipes/default.json) into runs/default"
 	@echo "make train-default-stage2  continue it for 1,000 steps"

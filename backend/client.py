@@ -676,7 +676,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
     sub.add_parser("info", parents=[common], help="describe the server, its model and index")
     p = sub.add_parser("index", parents=[common, bands], help="index rasters for search")
-    p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster files (paths as the server sees them)")
+    p.add_argument("rasters", nargs="+", metavar="RASTER", help="raster files as paths on the server's machine (a relative path is made absolute here, "
+                        "against this folder)")
     p.add_argument("--force", action="store_true", help="re-index even if unchanged")
     p.add_argument("--overlap", type=float, default=None, help="tile overlap fraction in [0, 0.9)")
     p.add_argument("--resolution", type=float, default=None,
@@ -717,7 +718,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("segment", parents=[common, extent, bands], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
     p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
-    p.add_argument("--output", default=None, help="write polygons to this .gpkg or .geojson (raster's CRS)")
+    p.add_argument("--output", default=None, help="write polygons to this .gpkg, .geojson or .json (raster's CRS; an existing .gpkg gets a "
+                        "new layer, an existing GeoJSON is refused)")
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="M2",
                    help="drop each polygon smaller than this many square metres (ground area, whatever "

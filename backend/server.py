@@ -289,7 +289,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"checkpoint directory (default: the bundled one, {BUNDLED_CHECKPOINT})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: a GPU when present)")
     parser.add_argument("--data-dir", default=None,
-                        help=f"where the tile index lives (default {default_data_dir()}; env SKYPROMPT_DATA_DIR)")
+                        help=f"where the tile index lives (default $SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, "
+                             f"else ~/.local/share/skyprompt: here {default_data_dir()})")
     parser.add_argument("--allow-root", action="append", default=[], metavar="PATH",
                         help="only open rasters under this folder (repeatable); default: any local path")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
