@@ -27,6 +27,7 @@ from .sources import (PixelReader, SourceError, has_no_resolution, local_path, n
 from .tasks import BackendTask, start
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
+          "REFUSED": ("#ff7f0e", "answers, but refuses this plugin"),
           "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
           "MISSING": ("#999999", "packages missing")}
 
@@ -384,7 +385,16 @@ class SkyPromptDock(QDockWidget):
         if address and address != self.settings.address:
             self.settings.address = address
             self.settings.save()
+            self._forget_backend_state()
             self.refresh_health()
+
+    def _forget_backend_state(self) -> None:
+        """Raster and tile ids are numbers each backend's index gives out on its own: those of the
+        backend before (this session's indexed layers, the results shown) would name other rasters
+        and tiles on the next, so they go when the address changes."""
+        self.indexed.clear()
+        self.hits = []
+        self.result_list.clear()
 
     def check_dependencies(self) -> None:
         deps.activate(self.deps_folder)
@@ -453,17 +463,26 @@ class SkyPromptDock(QDockWidget):
         number = self._health_asked
 
         def work(conn, task):
+            from .connection import BackendError   # here: grpc may be missing when the panel is built
+
             state = conn.health(timeout=2.0)
-            # fresh: the counts shown change with every index; the limits kept for Segment and Describe too
-            return state, (conn.info(timeout=5.0, fresh=True) if state == "SERVING" else None)
+            if state != "SERVING":
+                return state, None, ""
+            try:    # fresh: the counts shown change with every index; the limits kept for Segment and Describe too
+                return state, conn.info(timeout=5.0, fresh=True), ""
+            except BackendError as e:     # health needs no token: a wrong one shows only here
+                return "REFUSED", None, e.message
 
         def shown(result):
             if number < self._health_shown:      # a later check's answer is on the light already
                 return
             self._health_shown = number
-            state, info = result
+            state, info, refusal = result
             self._show_light(state)
-            if info is not None:
+            if refusal:
+                self.info.setText(f"the backend at {self.settings.address} refuses this plugin: {refusal}; "
+                                  "fix it in SkyPrompt settings (Token, TLS)")
+            elif info is not None:
                 stats = info.index_stats
                 self.info.setText(f"{info.model_name} ({info.model_preset}, {info.image_size} px) on {info.device} · "
                                   f"{stats.raster_count} rasters, {stats.tile_count} tiles indexed")
@@ -500,7 +519,11 @@ class SkyPromptDock(QDockWidget):
             self.refresh_health()   # the light says whether a backend still answers (another one may)
 
     def open_settings(self) -> None:
+        before = self.settings.address
         if SettingsDialog(self.settings, self).exec_():
+            if self.settings.address != before:
+                self.address.setText(self.settings.address)
+                self._forget_backend_state()
             self.refresh_health()
 
     # -- search --
@@ -604,13 +627,13 @@ class SkyPromptDock(QDockWidget):
         layers = self.checked_layers()
         path_of = {layer.id(): local_path(layer) for layer in layers}
         names = names_by_real_path((layer, path_of[layer.id()]) for layer in layers)
-        # the ticked layers, by the id this session indexed them under, else by file path (indexed in
-        # an earlier session: the server says NOT_FOUND if it never was); a layer read as pixels has
-        # no path, so one not indexed in this session cannot be searched alone
-        raster_ids = sorted({rid for l in layers for rid in self.indexed.get(l.id(), ())})
-        earlier = [l for l in layers if l.id() not in self.indexed]
-        raster_paths = [path_of[l.id()] for l in earlier if path_of[l.id()]]
-        unreachable = [l.name() for l in earlier if not path_of[l.id()]]
+        # the ticked layers: a file by its path (whoever indexed it, this session or an earlier one;
+        # the server says NOT_FOUND if nobody did), a layer read as pixels by the id this session
+        # indexed it under: it has no path, so one not indexed in this session cannot be searched alone
+        raster_paths = [path_of[l.id()] for l in layers if path_of[l.id()]]
+        as_pixels = [l for l in layers if not path_of[l.id()]]
+        raster_ids = sorted({rid for l in as_pixels for rid in self.indexed.get(l.id(), ())})
+        unreachable = [l.name() for l in as_pixels if l.id() not in self.indexed]
         if not layers and self.layer_list.count():
             # nothing ticked would search the whole index, rasters of no layer here too: asked for
             self._message("tick the layers to search in the list above (Index adds them to the index)",
@@ -628,10 +651,22 @@ class SkyPromptDock(QDockWidget):
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
         keyword_weight = None if self.match_captions.isChecked() else 0.0
 
+        address = self.settings.address
+
         def work(conn, task):
-            return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
-                                     like_tile_id=like_tile_id, raster_paths=raster_paths,
-                                     keyword_weight=keyword_weight)
+            from .connection import BackendError
+
+            try:
+                return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
+                                         like_tile_id=like_tile_id, raster_paths=raster_paths,
+                                         keyword_weight=keyword_weight)
+            except BackendError as e:
+                # the server names the raster it does not know by its path: say which layer, in the panel's words
+                missing = [names[p] for p in names if e.code == "NOT_FOUND" and p in e.message]
+                if missing:
+                    raise BackendError(e.code, f"layer {missing[0]!r} is not indexed on the backend at {address}: "
+                                               "tick it and press Index, then search") from None
+                raise
 
         def shown(response):
             self.show_hits(title, list(response.hits), names)

@@ -6,6 +6,7 @@ or times out. If a backend already serves at the address, it is used and not sta
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -66,7 +67,13 @@ class LocalBackend(QObject):
         """Start (asynchronous): `serving` or `failed` follows. False when one of ours already runs."""
         if self.running:
             return False
-        self.settings = settings
+        if settings.use_tls:
+            # it serves plaintext (the plugin has no certificate to give it): every call over TLS would fail
+            self.failed.emit("Use TLS is on in SkyPrompt settings, but a local backend serves without TLS: untick "
+                             "it to start one here (TLS is for a backend on another machine)")
+            return False
+        # a copy: the address it starts at and is checked at, whatever the panel's fields say meanwhile
+        self.settings = settings = dataclasses.replace(settings)
         try:
             program, args = self.command(settings)
         except AddressError as e:

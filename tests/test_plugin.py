@@ -346,6 +346,72 @@ def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, ifac
     assert "tick the layers to search" in " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
 
 
+def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
+                                                                                      tmp_path):  # noqa: F811
+    """Raster and tile ids are each backend's own: a file layer is searched by its path, and a new
+    address forgets this session's ids and the results shown (their tile ids are the old backend's).
+    A ticked file layer no backend indexed is named, with what to do, in the panel's words."""
+    import shutil
+
+    live_address = dock.settings.address
+    assert run_dock(dock, "index", dock.index_layers) is None
+    for layer in layers:
+        dock.indexed[layer.id()] = {"999999"}        # ids that name nothing, or another raster, here
+    dock.query.setText("roads")
+    assert run_dock(dock, "search", dock.search) is None
+    assert {f["layer"] for f in dock.last_layer.getFeatures()} <= {layer.name() for layer in layers}
+    assert dock.result_list.count() > 0
+    dock.address.setText("127.0.0.1:1")
+    dock.address.editingFinished.emit()
+    assert dock.indexed == {} and dock.result_list.count() == 0 and dock.hits == []
+    dock.address.setText(live_address)
+    dock.address.editingFinished.emit()
+    # a file no backend indexed, ticked alone
+    fresh = rasters["folder"] / "never_indexed.tif"
+    shutil.copy(rasters["rgb"], fresh)
+    never = QgsProject.instance().addMapLayer(QgsRasterLayer(str(fresh), "never indexed"))
+    try:
+        from qgis.PyQt.QtCore import Qt
+
+        for i in range(dock.layer_list.count()):
+            item = dock.layer_list.item(i)
+            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == never.id() else Qt.Unchecked)
+        before = len(iface.message_bar.messages)
+        error = run_dock(dock, "search", dock.search)
+        assert error is not None and error.code == "NOT_FOUND"
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert "layer 'never indexed' is not indexed on the backend at" in said and "press Index" in said, said
+    finally:
+        QgsProject.instance().removeMapLayer(never.id())
+        fresh.unlink()
+
+
+def test_the_local_backend_refuses_tls_and_keeps_the_settings_it_started_with(qgis_app, settings):
+    """It serves plaintext: with Use TLS on, every call would fail after it started. The address it
+    started at is the one it is checked at, whatever the panel's fields say meanwhile."""
+    import dataclasses
+
+    from plugin.local_backend import LocalBackend
+
+    backend, failures, served = LocalBackend(), [], []
+    backend.failed.connect(failures.append)
+    backend.serving.connect(served.append)
+    assert backend.start(dataclasses.replace(settings, use_tls=True)) is False
+    assert "Use TLS is on" in failures[0] and "untick it" in failures[0] and not backend.running
+    asked = dataclasses.replace(settings)
+    assert backend.start(asked) is True and served == [settings.address]     # one serves there already
+    asked.address = "127.0.0.1:1"                                            # the field edited afterwards
+    assert backend.settings is not asked and backend.settings.address == settings.address
+
+
+def test_a_backend_that_refuses_the_plugins_token_shows_on_the_light(dock, iface):
+    assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "SERVING"
+    dock.settings.token = "not-the-token"
+    assert run_dock(dock, "health", dock.refresh_health) is None
+    assert dock.health_state == "REFUSED" and "refuses this plugin" in dock.light.text()
+    assert "fix it in SkyPrompt settings" in dock.info.text() and "token" in dock.info.text()
+
+
 def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
     """The dock's "Rotation views" box asks for 4 views per tile: other views than the layers' index
     holds re-index them, the same again does not, and unticked goes back to the backend's default."""
@@ -938,7 +1004,9 @@ def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
     assert dock.start_button.text() == "Start local backend"
 
 
-def test_local_backend_with_an_unreadable_ca_file_fails_clearly(dock, iface, tmp_path):
+def test_local_backend_with_tls_on_is_refused_clearly_from_the_panel(dock, iface, tmp_path):
+    """TLS left on (with a CA file that is not even there): the start is refused with advice, no
+    exception reaches QGIS, and the button is ready for the next try."""
     from backend.server import free_port
 
     address, use_tls, tls_ca = dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca
@@ -948,7 +1016,7 @@ def test_local_backend_with_an_unreadable_ca_file_fails_clearly(dock, iface, tmp
     dock.backend.failed.connect(failures.append)
     try:
         dock.toggle_backend()                                      # no exception reaches QGIS
-        assert failures and "missing-ca.pem" in failures[0] and not dock.backend.running
+        assert failures and "Use TLS is on" in failures[0] and not dock.backend.running
         assert dock.start_button.isEnabled() and dock.start_button.text() == "Start local backend"
     finally:
         dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca = address, use_tls, tls_ca
