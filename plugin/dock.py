@@ -7,6 +7,7 @@ fires after each answer is shown, with the kind ("health", "index", "search", "s
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
@@ -519,11 +520,18 @@ class SkyPromptDock(QDockWidget):
             self.refresh_health()   # the light says whether a backend still answers (another one may)
 
     def open_settings(self) -> None:
-        before = self.settings.address
+        before = dataclasses.replace(self.settings)
         if SettingsDialog(self.settings, self).exec_():
-            if self.settings.address != before:
+            if self.settings.address != before.address:
                 self.address.setText(self.settings.address)
                 self._forget_backend_state()
+            changed = [label for label, name in (("Checkpoint", "checkpoint"), ("Device", "device"),
+                                                 ("Backend Python", "python"), ("Backend folder", "backend_dir"))
+                       if getattr(self.settings, name) != getattr(before, name)]
+            if changed and self.backend.running:
+                # the running backend was started with the earlier ones
+                self._message(f"{', '.join(changed)} changed: stop and start the local backend to use "
+                              f"{'it' if len(changed) == 1 else 'them'}", Qgis.Info, 8)
             self.refresh_health()
 
     # -- search --

@@ -17,6 +17,10 @@ from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyq
 from .settings import LOG_TAG, AddressError, PluginSettings
 
 
+# addresses of this machine only: a backend the plugin starts listens on loopback, without TLS
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
+
+
 class LocalBackend(QObject):
     serving = pyqtSignal(str)   # address
     failed = pyqtSignal(str)    # what went wrong, for the message bar
@@ -67,11 +71,6 @@ class LocalBackend(QObject):
         """Start (asynchronous): `serving` or `failed` follows. False when one of ours already runs."""
         if self.running:
             return False
-        if settings.use_tls:
-            # it serves plaintext (the plugin has no certificate to give it): every call over TLS would fail
-            self.failed.emit("Use TLS is on in SkyPrompt settings, but a local backend serves without TLS: untick "
-                             "it to start one here (TLS is for a backend on another machine)")
-            return False
         # a copy: the address it starts at and is checked at, whatever the panel's fields say meanwhile
         self.settings = settings = dataclasses.replace(settings)
         try:
@@ -87,7 +86,20 @@ class LocalBackend(QObject):
                     self.serving.emit(settings.address)
                     return True
         except Exception as e:  # a bad address, or a TLS CA file that cannot be read
-            self.failed.emit(f"cannot reach the backend at {settings.address}: {e}; fix it in SkyPrompt settings")
+            advice = "" if "SkyPrompt settings" in str(e) else "; fix it in SkyPrompt settings"
+            self.failed.emit(f"cannot reach the backend at {settings.address}: {e}{advice}")
+            return False
+        # none serves there: one is started, on this machine
+        if settings.use_tls:
+            # it serves plaintext (the plugin has no certificate to give it): every call over TLS would fail
+            self.failed.emit("Use TLS is on in SkyPrompt settings, but a local backend serves without TLS: untick "
+                             "it to start one here (TLS is for a backend on another machine)")
+            return False
+        host = settings.address.strip().rpartition(":")[0].strip("[]").lower()
+        if host not in LOCAL_HOSTS:
+            self.failed.emit(f"'Start local backend' starts a backend on this machine, for this QGIS only: give the "
+                             f"address as 127.0.0.1:PORT (now {settings.address}); a backend for other machines is "
+                             "started by hand with a token and TLS (see the README)")
             return False
         self.process = QProcess(self)
         if settings.backend_dir:
@@ -180,6 +192,8 @@ class LocalBackend(QObject):
                     "(e.g. git pull there), or point Backend folder at a newer one in SkyPrompt settings")
         if "port is in use" in text:
             return f"{last}; change the port in the SkyPrompt address field, or stop the program that uses it"
+        if "--checkpoint" in last:
+            return f"{last}; set Checkpoint in SkyPrompt settings (empty: the bundled one)"
         return last
 
     def _process_finished(self, process: QProcess, code, status) -> None:

@@ -398,10 +398,30 @@ def test_the_local_backend_refuses_tls_and_keeps_the_settings_it_started_with(qg
     backend.serving.connect(served.append)
     assert backend.start(dataclasses.replace(settings, use_tls=True)) is False
     assert "Use TLS is on" in failures[0] and "untick it" in failures[0] and not backend.running
+    assert backend.start(dataclasses.replace(settings, address="192.0.2.1:50051")) is False   # another machine's
+    assert "starts a backend on this machine" in failures[1] and "127.0.0.1:PORT" in failures[1]
     asked = dataclasses.replace(settings)
     assert backend.start(asked) is True and served == [settings.address]     # one serves there already
     asked.address = "127.0.0.1:1"                                            # the field edited afterwards
     assert backend.settings is not asked and backend.settings.address == settings.address
+
+
+def test_settings_the_running_local_backend_started_with_are_said_to_need_a_restart(dock, iface, monkeypatch):
+    """The dialog's exec_ stands in for the user changing Device and pressing OK (a modal loop
+    cannot run in a test); the rest is the panel's own code."""
+    import plugin.dock as dock_module
+
+    def changed_and_ok(dialog):
+        dock.settings.device = "cuda"
+        return True
+
+    before = len(iface.message_bar.messages)
+    with monkeypatch.context() as patched:
+        patched.setattr(dock_module.SettingsDialog, "exec_", changed_and_ok)
+        patched.setattr(type(dock.backend), "running", property(lambda self: True))   # as if it had started one
+        dock.open_settings()
+    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+    assert "Device changed: stop and start the local backend to use it" in said
 
 
 def test_a_backend_that_refuses_the_plugins_token_shows_on_the_light(dock, iface):
@@ -1004,9 +1024,7 @@ def test_local_backend_with_a_wrong_python_fails_clearly(dock, iface):
     assert dock.start_button.text() == "Start local backend"
 
 
-def test_local_backend_with_tls_on_is_refused_clearly_from_the_panel(dock, iface, tmp_path):
-    """TLS left on (with a CA file that is not even there): the start is refused with advice, no
-    exception reaches QGIS, and the button is ready for the next try."""
+def test_local_backend_with_an_unreadable_ca_file_fails_clearly(dock, iface, tmp_path):
     from backend.server import free_port
 
     address, use_tls, tls_ca = dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca
@@ -1016,7 +1034,8 @@ def test_local_backend_with_tls_on_is_refused_clearly_from_the_panel(dock, iface
     dock.backend.failed.connect(failures.append)
     try:
         dock.toggle_backend()                                      # no exception reaches QGIS
-        assert failures and "Use TLS is on" in failures[0] and not dock.backend.running
+        assert failures and "missing-ca.pem" in failures[0] and not dock.backend.running
+        assert failures[0].count("fix it in SkyPrompt settings") == 1
         assert dock.start_button.isEnabled() and dock.start_button.text() == "Start local backend"
     finally:
         dock.settings.address, dock.settings.use_tls, dock.settings.tls_ca = address, use_tls, tls_ca
