@@ -1111,6 +1111,8 @@ def test_local_backend_failures_name_the_setting_to_change(dock, iface, checkpoi
         "serve = commands.add_parser('serve')\nfor name in ('--host', '--port', '--device', '--checkpoint'):\n"
         "    serve.add_argument(name)\nparser.parse_args()\n")
     assert "older than this plugin" in start_and_fail(sys.executable, older)
+    # a checkpoint folder that is not there: the setting, not the command-line option, is named
+    assert "set Checkpoint in SkyPrompt settings" in start_and_fail(sys.executable, REPO, tmp_path / "no_such_ckpt")
     # another program holds the port
     with_port = _use_local_backend(dock, sys.executable, REPO, checkpoint)
     port = dock.settings.port
