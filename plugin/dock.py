@@ -116,6 +116,7 @@ class SkyPromptDock(QDockWidget):
         self.indexed: dict[str, set[str]] = {}
         self._closed = False                   # shutdown() ran: callbacks must not touch the widgets
         self.hits = []
+        self._watched_names: set[str] = set()   # layers whose renaming refreshes the list of layers to search
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
         # health checks can answer out of order: each is numbered, and one older than the answer the
@@ -132,6 +133,8 @@ class SkyPromptDock(QDockWidget):
         self._build()
         QgsProject.instance().layersAdded.connect(self.refresh_layers)
         QgsProject.instance().layersRemoved.connect(self.refresh_layers)
+        # the Layers panel's order, which the list follows (new layers reach the tree after layersAdded)
+        QgsProject.instance().layerTreeRoot().layerOrderChanged.connect(self.refresh_layers)
         self.refresh_layers()
         self.check_dependencies()
 
@@ -536,11 +539,20 @@ class SkyPromptDock(QDockWidget):
 
     # -- search --
     def refresh_layers(self, *args) -> None:
+        if self._closed:        # a layer renamed after the panel closed
+            return
         checked = {self.layer_list.item(i).data(Qt.UserRole): self.layer_list.item(i).checkState()
                    for i in range(self.layer_list.count())}
         self.layer_list.clear()
-        for layer in QgsProject.instance().mapLayers().values():
+        project = QgsProject.instance()
+        # in the Layers panel's order (then any layer not in it), each listed under its current name
+        ordered = project.layerTreeRoot().layerOrder()
+        shown = {layer.id() for layer in ordered}
+        for layer in ordered + [l for l in project.mapLayers().values() if l.id() not in shown]:
             if isinstance(layer, QgsRasterLayer):
+                if layer.id() not in self._watched_names:
+                    self._watched_names.add(layer.id())
+                    layer.nameChanged.connect(self.refresh_layers)
                 item = QListWidgetItem(layer.name())
                 item.setData(Qt.UserRole, layer.id())
                 item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
@@ -856,6 +868,7 @@ class SkyPromptDock(QDockWidget):
         try:
             QgsProject.instance().layersAdded.disconnect(self.refresh_layers)
             QgsProject.instance().layersRemoved.disconnect(self.refresh_layers)
+            QgsProject.instance().layerTreeRoot().layerOrderChanged.disconnect(self.refresh_layers)
         except TypeError:
             pass
         if self.canvas.mapTool() is self.extent_tool:

@@ -90,9 +90,21 @@ def segment_features(results) -> list[QgsFeature]:
     return out
 
 
+def unused_layer_name(name: str) -> str:
+    """`name`, or "name (2)", ...: the first no layer of the project has, so a search run twice gives
+    two layers told apart (the later one numbered), as the GeoPackage outputs are."""
+    taken = {layer.name() for layer in QgsProject.instance().mapLayers().values()}
+    out, n = name, 1
+    while out in taken:
+        n += 1
+        out = f"{name} ({n})"
+    return out
+
+
 def memory_layer(name: str, crs: QgsCoordinateReferenceSystem, fields: QgsFields,
                  features: list[QgsFeature]) -> QgsVectorLayer:
-    layer = QgsVectorLayer(f"MultiPolygon?crs={crs.authid() or 'EPSG:4326'}", name, "memory")
+    """A memory layer of `features`, named `name` or, when a layer has that name already, numbered."""
+    layer = QgsVectorLayer(f"MultiPolygon?crs={crs.authid() or 'EPSG:4326'}", unused_layer_name(name), "memory")
     if not crs.authid():
         layer.setCrs(crs)
     provider = layer.dataProvider()

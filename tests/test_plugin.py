@@ -303,6 +303,8 @@ def test_index_search_results_layer_and_zoom(dock, layers, iface):
     assert run_dock(dock, "search", dock.search) is None
     result = dock.last_layer
     assert result.name() == "SkyPrompt: roads and houses" and result.featureCount() == 7
+    assert run_dock(dock, "search", dock.search) is None          # the same search again: told apart
+    assert dock.last_layer.name() == "SkyPrompt: roads and houses (2)"
     assert PluginSettings.load().k == 7
     assert dock.result_list.count() == 7 and not dock.result_list.item(0).icon().isNull()
     scores = [f["score"] for f in result.getFeatures()]
@@ -422,6 +424,23 @@ def test_settings_the_running_local_backend_started_with_are_said_to_need_a_rest
         dock.open_settings()
     said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
     assert "Device changed: stop and start the local backend to use it" in said
+
+
+def test_the_layers_to_search_follow_the_layers_panel_and_renames(dock, iface, rasters):  # noqa: F811
+    from qgis.PyQt.QtCore import Qt
+
+    project = QgsProject.instance()
+    first = project.addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "zeta imagery"))
+    second = project.addMapLayer(QgsRasterLayer(str(rasters["rgba"]), "alpha imagery"))
+    listed = lambda: [dock.layer_list.item(i).text() for i in range(dock.layer_list.count())]  # noqa: E731
+    order = [layer.name() for layer in project.layerTreeRoot().layerOrder()]
+    assert listed() == order                 # as in the Layers panel, not by id
+    dock.layer_list.item(order.index("alpha imagery")).setCheckState(Qt.Unchecked)
+    second.setName("wheat fields 2020")
+    assert "wheat fields 2020" in listed() and "alpha imagery" not in listed()
+    renamed = dock.layer_list.item(listed().index("wheat fields 2020"))
+    assert renamed.checkState() == Qt.Unchecked       # its tick kept through the rename
+    assert first in dock.checked_layers() and second not in dock.checked_layers()
 
 
 def test_a_backend_that_refuses_the_plugins_token_shows_on_the_light(dock, iface):
