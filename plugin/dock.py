@@ -8,6 +8,7 @@ fires after each answer is shown, with the kind ("health", "index", "search", "s
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 
 from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
@@ -581,8 +582,17 @@ class SkyPromptDock(QDockWidget):
         try:
             prepared, seen = [], []
             canvas_rect, canvas_crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
+            by_file: dict[str, tuple] = {}        # real path -> (layer name, bands shown) of a ticked file layer
             for layer in layers:
                 source, view, resolution = prepare_source(layer), None, None
+                if isinstance(source, str):
+                    # the backend keeps one index per file: two layers of it in other bands would each
+                    # replace the other's on every Index (minutes of embedding for nothing)
+                    other = by_file.setdefault(os.path.realpath(source), (layer.name(), source.bands))
+                    if other[1] != source.bands:
+                        raise SourceError(f"layers {other[0]!r} and {layer.name()!r} show different bands of one "
+                                          "file, and the backend keeps one index per file: untick one of them, or "
+                                          "show the same bands in both")
                 if has_no_resolution(source):
                     # a tile service has no extent or resolution to index whole: the current view at
                     # the canvas resolution, as Segment reads it

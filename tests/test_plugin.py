@@ -443,6 +443,25 @@ def test_the_layers_to_search_follow_the_layers_panel_and_renames(dock, iface, r
     assert first in dock.checked_layers() and second not in dock.checked_layers()
 
 
+def test_two_layers_of_one_file_in_other_bands_are_not_indexed_over_each_other(dock, iface, rasters):  # noqa: F811
+    from qgis.core import QgsMultiBandColorRenderer
+    from qgis.PyQt.QtCore import Qt
+
+    project = QgsProject.instance()
+    natural = project.addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "natural"))
+    swapped = project.addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "swapped"))
+    swapped.setRenderer(QgsMultiBandColorRenderer(swapped.dataProvider(), 3, 2, 1))
+    for i in range(dock.layer_list.count()):
+        dock.layer_list.item(i).setCheckState(Qt.Checked)
+    before = len(iface.message_bar.messages)
+    error = run_dock(dock, "index", dock.index_layers)
+    assert error is not None and "show different bands of one file" in str(error)
+    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+    assert "'natural' and 'swapped'" in said or "'swapped' and 'natural'" in said, said
+    swapped.setRenderer(QgsMultiBandColorRenderer(swapped.dataProvider(), 1, 2, 3))    # the same bands: fine
+    assert run_dock(dock, "index", dock.index_layers) is None
+
+
 def test_a_backend_that_refuses_the_plugins_token_shows_on_the_light(dock, iface):
     assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "SERVING"
     dock.settings.token = "not-the-token"
