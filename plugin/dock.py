@@ -207,6 +207,7 @@ class SkyPromptDock(QDockWidget):
                                        "rotations, so a search does not depend on which way the ground faces: "
                                        "a little better search, indexing about 4 times slower. Off: the "
                                        "backend's default")
+        self._remember(self.rotation_views, "rotation_views")
         row = QHBoxLayout()
         row.addWidget(self.index_button, 1)
         row.addWidget(self.rotation_views)
@@ -220,7 +221,7 @@ class SkyPromptDock(QDockWidget):
         row = QHBoxLayout()
         self.k = QSpinBox()
         self.k.setRange(1, 1000)
-        self.k.setValue(self.settings.k)
+        self._remember(self.k, "k")
         self.k.setPrefix("k ")
         self.search_button = QPushButton("Search")
         self.search_button.clicked.connect(self.search)
@@ -232,9 +233,10 @@ class SkyPromptDock(QDockWidget):
                                      f"{operations.EXPAND_TILES} best tiles, which brings up more tiles like them "
                                      "(better when the first hits are right, worse when they are not). Off: the "
                                      "backend's default")
+        self._remember(self.expand_query, "expand_query")
         v.addWidget(self.expand_query)
         self.match_captions = QCheckBox("Match tile captions")
-        self.match_captions.setChecked(True)
+        self._remember(self.match_captions, "match_captions")
         self.match_captions.setToolTip("Also look the query's words up in the caption the model wrote for each tile "
                                        "when it was indexed (better for everyday wording; a class name such as "
                                        "'storage tanks' may do better without). On: the backend's default")
@@ -273,13 +275,13 @@ class SkyPromptDock(QDockWidget):
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setValue(self.settings.threshold)
+        self._remember(self.threshold, "threshold")
         self.min_area = QDoubleSpinBox()
         self.min_area.setRange(0.0, 1e9)
         self.min_area.setSuffix(" m²")
-        self.min_area.setValue(self.settings.min_area_m2)
+        self._remember(self.min_area, "min_area_m2")
         self.follow_edges = QCheckBox("Follow the image's edges")
-        self.follow_edges.setChecked(True)
+        self._remember(self.follow_edges, "follow_edges")
         self.follow_edges.setToolTip("Refine each mask along edges in the image (field borders, shores, roofs) "
                                      "instead of the model's 16-pixel patches; the backend chooses the radius")
         self.output = QgsFileWidget()
@@ -321,6 +323,22 @@ class SkyPromptDock(QDockWidget):
     def _message(self, text: str, level=Qgis.Info, duration: int = 8) -> None:
         self.iface.messageBar().pushMessage("SkyPrompt", text, level, duration)
         QgsMessageLog.logMessage(text, LOG_TAG, level)
+
+    def _remember(self, widget, name: str) -> None:
+        """Show the setting `name` in `widget` and save every change of it: the next QGIS session starts
+        with the panel as it was left, whether or not it was used."""
+        if isinstance(widget, QCheckBox):
+            widget.setChecked(getattr(self.settings, name))
+            changed = widget.toggled
+        else:
+            widget.setValue(getattr(self.settings, name))
+            changed = widget.valueChanged
+
+        def save(value) -> None:
+            setattr(self.settings, name, value)
+            self.settings.save()
+
+        changed.connect(save)
 
     def _show_light(self, state: str) -> None:
         colour, words = LIGHTS.get(state, LIGHTS["UNKNOWN"])
@@ -676,8 +694,6 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("search", "not indexed")
             return None
         k = self.k.value()
-        self.settings.k = k
-        self.settings.save()        # the next QGIS session starts with this k
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
         keyword_weight = None if self.match_captions.isChecked() else 0.0
 
@@ -799,8 +815,6 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("segment", e)
             return None
         threshold, min_area = self.threshold.value(), self.min_area.value()
-        self.settings.threshold, self.settings.min_area_m2 = threshold, min_area
-        self.settings.save()        # the next QGIS session starts with these
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
         layer_crs = layer.crs()
         edge_radius = None if self.follow_edges.isChecked() else 0      # None: the backend's default radius

@@ -26,6 +26,11 @@ class PluginSettings:
     k: int = 20
     threshold: float = 0.5
     min_area_m2: float = 0.0
+    # the panel's switches, as the user left them
+    rotation_views: bool = False
+    expand_query: bool = False
+    match_captions: bool = True
+    follow_edges: bool = True
     max_pixel_side: int = 2048        # cap for layers sent as pixels (XYZ, WMS, in-memory)
     start_timeout_s: float = 180.0
 
