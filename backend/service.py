@@ -31,7 +31,7 @@ from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
                        DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, Limits, check_edge_radius,
                        check_expand, check_keyword_weight, check_views, edge_radius_for)
 from .keywords import keyword_bonus
-from .segment import crop_to_window, relevance_geotiff, segment
+from .segment import crop_to_window, raise_if_cancelled, relevance_geotiff, segment
 
 log = logging.getLogger("skyprompt.server")
 
@@ -184,6 +184,24 @@ def _resolution(value: float, field: str = "target_resolution") -> float | None:
     if not math.isfinite(value) or value < 0:
         raise _bad(f"{field} {value} must be 0 (native resolution) or a positive ground size in map units per pixel")
     return value or None
+
+
+def _changed_since_indexing(row: dict) -> str:
+    """Why an indexed raster's file is no longer what was indexed ("" when it still is): its size or
+    modification time differ from the index's record, or it is gone. A file that reads others (a
+    VRT) is judged by itself alone here; indexing again compares them all."""
+    path = row["path"]
+    if path.startswith(PIXELS_PREFIX):
+        return ""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (f"raster {path!r} was moved or deleted since it was indexed: index it where it is now, and "
+                "remove the old entry (client remove)")
+    if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+        return (f"raster {path!r} changed on disk since it was indexed: index it again (client index) to search "
+                "what it holds now")
+    return ""
 
 
 def _crs_message(raster: Raster) -> pb.Crs:
@@ -523,11 +541,13 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
                                footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
         if request.include_thumbnails:
+            cancelled = self._cancelled(context)
             # best first, as many as the message limit holds: k=1000 at 512 px would pass it, and the
             # whole answer would then fail to send
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
             mappings: dict = {}   # raster id -> its band mapping, looked up once per search
             for i, (hit, msg) in enumerate(zip(hits, out.hits)):
+                raise_if_cancelled(cancelled)   # a client gone, or the server stopping: no more reads for it
                 png, error = self._thumbnail(hit, thumb, mappings)
                 if len(png) + 16 > room:
                     log.info("search: thumbnails for the first %d of %d hits; more would pass the message limit "
@@ -557,13 +577,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             return b"", ""
         try:
             if hit.raster_id not in mappings:
-                settings = self.index.raster(hit.raster_id).get("settings") or {}
+                row = self.index.raster(hit.raster_id)
+                settings = row.get("settings") or {}
                 red, green, blue = settings.get("bands") or (0, 0, 0)
                 stretch = settings.get("stretch")
-                mappings[hit.raster_id] = BandMapping(red=red, green=green, blue=blue,
-                                                      stretch_low=stretch[0] if stretch else None,
-                                                      stretch_high=stretch[1] if stretch else None)
-            mapping = mappings[hit.raster_id]
+                mappings[hit.raster_id] = (BandMapping(red=red, green=green, blue=blue,
+                                                       stretch_low=stretch[0] if stretch else None,
+                                                       stretch_high=stretch[1] if stretch else None),
+                                           _changed_since_indexing(row))
+            mapping, changed = mappings[hit.raster_id]
+            if changed:     # its pixels at the tile's window would be another image's, or nothing
+                return b"", changed
             with open_raster(hit.raster_path, bands=mapping, allowed_roots=self.allowed_roots) as raster:
                 scale = side / max(hit.width, hit.height)
                 out = (max(1, round(hit.width * scale)), max(1, round(hit.height * scale)))

@@ -1751,9 +1751,23 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
                  str(rasters["folder"] / "thumbs_gone"), "--json")
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["results"]
-    assert len(hits) == 2 and all("does not exist" in h["thumbnail_error"] and "thumbnail" not in h for h in hits)
-    assert "note: no thumbnail for 2 of 2 hits: " in out.stderr and "does not exist" in out.stderr
+    assert len(hits) == 2 and all("was moved or deleted since it was indexed" in h["thumbnail_error"]
+                                  and "thumbnail" not in h for h in hits)
+    assert "note: no thumbnail for 2 of 2 hits: " in out.stderr and "moved or deleted" in out.stderr
     assert client(server, "remove", str(gone)).returncode == 0
+    # overwritten with another image after indexing: no thumbnail cut from the new pixels at the old windows
+    changed = rasters["folder"] / "changed.tif"
+    shutil.copy(rasters["rgb"], changed)
+    assert client(server, "index", str(changed)).returncode == 0
+    make_tif(changed, noise((3, 300, 500), seed=77))
+    out = client(server, "search", "roads", "--k", "2", "--raster", str(changed), "--thumbnails",
+                 str(rasters["folder"] / "thumbs_changed"), "--json")
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)["results"]
+    assert all("changed on disk since it was indexed: index it again" in h["thumbnail_error"] for h in hits)
+    assert not (rasters["folder"] / "thumbs_changed").exists() or not list((rasters["folder"] / "thumbs_changed").iterdir())
+    assert client(server, "remove", str(changed)).returncode == 0
+    changed.unlink()
     # longitudes and latitudes both ways, with no raster there: the search says so, and offers the swap
     out = client(server, "search", "roads", "--extent", "-8.5", "-74.5", "-8.4", "-74.3")
     assert out.returncode == 0 and out.stdout.startswith("0 hits") and "among 0 tiles" in out.stdout
@@ -1818,6 +1832,45 @@ def test_a_segment_that_fails_mid_stream_closes_its_progress_bar_first(rasters, 
         print("skyprompt client: UNAVAILABLE: gone", file=sys.stderr)
     err = capsys.readouterr().err
     assert "segment:" in err and "\nskyprompt client: UNAVAILABLE: gone\n" in err, repr(err)
+
+
+def test_a_search_whose_client_is_gone_cuts_no_more_thumbnails(checkpoint, rasters, tmp_path):
+    """In process, with the real model and index: the gRPC context stands in for a client that gave up
+    after the search began (a real one cannot be made to leave at that line)."""
+    from backend.engine import ModelEngine
+    from backend.index import TileIndex
+    from backend.service import SkyPromptService
+
+    class Context:
+        def __init__(self, active_calls: int):
+            self.left, self.aborted = active_calls, None
+
+        def is_active(self):
+            self.left -= 1
+            return self.left >= 0
+
+        def abort(self, code, message):
+            self.aborted = (code, message)
+            raise grpc.RpcError(message)
+
+    engine = ModelEngine(checkpoint, device="cpu")
+    index = TileIndex(tmp_path / "index")
+    try:
+        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])])
+        p = pb()
+        list(service.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(rasters["rgb"]))), Context(10**6)))
+        cut = []
+        original = service._thumbnail
+        service._thumbnail = lambda *a: cut.append(1) or original(*a)
+        request = p.SearchRequest(query="roads", k=50, include_thumbnails=True)
+        answer = service.Search(request, Context(10**6))
+        assert len(cut) == len(answer.hits) > 2 and all(h.thumbnail_png for h in answer.hits)
+        cut.clear()
+        assert service.Search(request, Context(2)) is None     # gone after two checks: nobody to answer
+        assert len(cut) < 3
+    finally:
+        engine.stop()
+        index.close()
 
 
 def test_cli_timeout_must_be_positive_and_a_deadline_passed_says_which(server):
