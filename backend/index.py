@@ -567,11 +567,23 @@ class TileIndex:
         except OSError as e:   # a read-only folder or disk: as unusable as one that cannot be made
             raise TileIndexError("unavailable", f"cannot use {self.directory} for the tile index: "
                                                 f"{e.strerror or e}; give a writable folder (--data-dir)") from None
+        self._folder_fd = None
         if fcntl is not None:
+            # the folder itself is locked too: index.lock is an empty file an operator may take for a
+            # stale one and delete, and a second server would then lock a new one beside the first
+            try:
+                self._folder_fd = os.open(self.directory, os.O_RDONLY)
+            except OSError:
+                self._folder_fd = None     # a platform that cannot open folders: index.lock alone
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self._folder_fd is not None:
+                    fcntl.flock(self._folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock_file.close()
+                if self._folder_fd is not None:
+                    os.close(self._folder_fd)
+                    self._folder_fd = None
                 raise TileIndexError("unavailable", f"the tile index in {self.directory} is open in another "
                                                     "process (or another TileIndex); stop that server or use "
                                                     "another --data-dir") from None
@@ -581,6 +593,9 @@ class TileIndex:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file releases the flock
             self._lock_file = None
+        if getattr(self, "_folder_fd", None) is not None:
+            os.close(self._folder_fd)
+            self._folder_fd = None
 
     def _recover(self) -> None:
         """Drop rows whose matrix is missing or malformed, then delete files no row refers to.

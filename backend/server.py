@@ -207,11 +207,12 @@ class Server:
         from .service import SkyPromptService
         self.limits = limits or Limits()
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
-        self.engine = ModelEngine(checkpoint, device)
+        # the index first: one that another server holds is refused at once, not after the model loaded
+        self.index = TileIndex(self.data_dir / "index")
         try:
-            self.index = TileIndex(self.data_dir / "index")
+            self.engine = ModelEngine(checkpoint, device)
         except BaseException:
-            self.engine.stop()
+            self.index.close()
             raise
         self.service = SkyPromptService(self.engine, self.index, allowed_roots=list(allowed_roots),
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),

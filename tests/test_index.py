@@ -441,6 +441,10 @@ def test_bad_arguments_get_actionable_errors(tmp_path, rng):
         with pytest.raises(TileIndexError) as e:
             TileIndex(tmp_path / "idx")  # one owner per directory
         assert e.value.kind == "unavailable" and "another process" in str(e.value)
+        # index.lock deleted as if stale: the folder's own lock still keeps a second owner out
+        (tmp_path / "idx" / "index.lock").unlink()
+        with pytest.raises(TileIndexError, match="another process"):
+            TileIndex(tmp_path / "idx")
     with pytest.raises(TileIndexError, match="closed"):
         index.search(emb[0], 3, CK)
 
