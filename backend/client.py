@@ -619,7 +619,8 @@ def cmd_list(stub, args) -> int:
     rasters = [{"raster_id": r.raster_id, "raster_path": r.raster_path, "raster_name": r.raster_name,
                 "tile_count": r.tile_count, "crs": r.crs.authid or r.crs.wkt, "bounds": _box(r.bounds),
                 "bounds_wgs84": _lonlat_box(r),
-                "current_checkpoint": r.current_checkpoint, "indexed_at": r.indexed_at} for r in response.rasters]
+                "current_checkpoint": r.current_checkpoint, "indexed_at": r.indexed_at,
+                "changed_on_disk": r.changed_on_disk} for r in response.rasters]
     if args.json:
         _print_json(rasters)
         return 0
@@ -628,6 +629,8 @@ def cmd_list(stub, args) -> int:
         other = "" if r["current_checkpoint"] else "  (another checkpoint: not searched)"
         print(f"{r['raster_id']:>6}  {r['raster_name']}  {r['tile_count']} tiles  {r['crs']}  "
               f"{r['raster_path'] or '(pixels sent by a client)'}{other}")
+        if r["changed_on_disk"]:
+            print(f"        note: {r['changed_on_disk']}")
     return 0
 
 

@@ -761,7 +761,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             raster_id=str(e["id"]), raster_path=_shown_path(e["path"]),
             raster_name=e["name"], tile_count=e["tile_count"], crs=pb.Crs(authid=e["crs_authid"], wkt=e["crs_wkt"]),
             bounds=_box(e["bounds"]), bounds_wgs84=_box(e["bounds_wgs84"]),
-            current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"]) for e in entries])
+            current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"],
+            changed_on_disk=_changed_since_indexing(e)) for e in entries])
 
 
 def _tile_dict(tile) -> dict:

@@ -1765,6 +1765,13 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["results"]
     assert all("changed on disk since it was indexed: index it again" in h["thumbnail_error"] for h in hits)
+    listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
+    assert "changed on disk since it was indexed" in listed[str(changed.resolve())]["changed_on_disk"]
+    assert client(server, "index", str(rasters["rgb"])).returncode == 0
+    listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
+    assert listed[str(rasters["rgb"].resolve())]["changed_on_disk"] == ""       # one as it was indexed
+    out = client(server, "list")
+    assert out.returncode == 0 and "note: raster" in out.stdout and "changed on disk" in out.stdout
     assert not (rasters["folder"] / "thumbs_changed").exists() or not list((rasters["folder"] / "thumbs_changed").iterdir())
     assert client(server, "remove", str(changed)).returncode == 0
     changed.unlink()
