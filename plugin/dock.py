@@ -28,6 +28,8 @@ from .sources import (PixelReader, SourceError, has_no_resolution, local_path, n
                       prepare_source, to_layer_crs)
 from .tasks import BackendTask, start
 
+MIN_DESCRIBE_PIXELS = 8    # of the layer's own, a side: Describe refuses a view of fewer
+
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
           "REFUSED": ("#ff7f0e", "answers, but refuses this plugin"),
           "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
@@ -860,6 +862,15 @@ class SkyPromptDock(QDockWidget):
             if not in_layer.intersects(layer.extent()):
                 raise SourceError(f"the view does not overlap layer {layer.name()!r}: pan to it to describe it")
             prepared = prepare_source(layer)
+            if not has_no_resolution(prepared):
+                # a view of a few of the layer's pixels, enlarged to the model's input, is a blur that
+                # still gets a confident caption
+                seen = in_layer.intersect(layer.extent())
+                across = (seen.width() / layer.rasterUnitsPerPixelX(), seen.height() / layer.rasterUnitsPerPixelY())
+                if min(across) < MIN_DESCRIBE_PIXELS:
+                    raise SourceError(f"the view shows only {across[0]:.1f} x {across[1]:.1f} pixels of layer "
+                                      f"{layer.name()!r}: zoom out to describe it (at least {MIN_DESCRIBE_PIXELS} "
+                                      f"x {MIN_DESCRIBE_PIXELS})")
             native = file_reader = None
             if isinstance(prepared, str):
                 # a file's pixels in the view and a reader of it, made here (layers belong to the main

@@ -1448,6 +1448,22 @@ def test_segment_of_a_file_area_over_the_backends_limit_is_read_coarser(dock, if
     dock.area.setCurrentIndex(0)
 
 
+def test_describe_of_a_view_a_few_pixels_wide_is_refused(dock, iface, rasters):  # noqa: F811
+    """Enlarged to the model's input, three pixels are a blur that still gets a confident caption."""
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "rgb"))
+    pixel = layer.rasterUnitsPerPixelX()
+    centre = layer.extent().center()
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(QgsRectangle(centre.x(), centre.y(), centre.x() + 3 * pixel, centre.y() + 3 * pixel))
+    dock.describe_layer.setLayer(layer)
+    before = len(iface.message_bar.messages)
+    assert dock.describe() is None
+    shown = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+    assert "pixels of layer 'rgb': zoom out to describe it (at least 8 x 8)" in shown, shown
+    iface.canvas.setExtent(layer.extent())
+    assert run_dock(dock, "caption", dock.describe) is None and dock.caption.toPlainText().strip()
+
+
 def test_describe_of_a_file_area_over_the_caption_limit_is_read_coarser(dock, iface, rasters, own_backend):  # noqa: F811
     """CaptionRequest has no target_resolution: a file layer's view with more pixels than the backend
     takes for a caption (16 x max_extent_pixels) is read in QGIS at the coarser resolution that fits
