@@ -334,9 +334,7 @@ def _not_a_geopackage(path) -> ClientError:
 def check_polygon_output(path: str) -> str:
     """The file's extension when write_polygons can write it, else ClientError (asked before the work)."""
     ext = _polygon_output_ext(path)
-    if not Path(path).resolve().parent.is_dir():
-        # not made for it: a mistyped folder would be made and the file lost in it
-        raise ClientError(f"--output {path}: its folder does not exist; make it first, or give another path")
+    _check_output_folder("--output", path)
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
         raise _not_a_geopackage(path)
     if ext != ".gpkg" and Path(path).exists():
@@ -456,6 +454,13 @@ def unmeasured_polygons(results: list[pb.SegmentResult]) -> int:
 MIN_AREA_CAPABILITY = "min_area_m2"
 
 
+def _check_output_folder(option: str, path: str) -> None:
+    """ClientError unless the folder an output goes in exists: it is not made for it, so a mistyped
+    folder is said before the work instead of made, with the file lost in it."""
+    if not Path(path).resolve().parent.is_dir():
+        raise ClientError(f"{option} {path}: its folder does not exist; make it first, or give another path")
+
+
 def relevance_map_paths(stem: str, prompts: int) -> list[Path]:
     """Where --relevance-map STEM saves each prompt's map: STEM itself for one prompt, else
     STEM_0.tif, STEM_1.tif, ... (numbered in prompt order)."""
@@ -467,8 +472,7 @@ def check_relevance_map_outputs(stem: str, prompts: int) -> None:
     """ClientError, before any work, for relevance-map files that could not be written as asked."""
     if Path(stem).suffix.lower() not in (".tif", ".tiff"):
         raise ClientError(f"--relevance-map {stem}: the maps are GeoTIFFs; give a name ending in .tif")
-    if not Path(stem).resolve().parent.is_dir():
-        raise ClientError(f"--relevance-map {stem}: its folder does not exist; make it first, or give another path")
+    _check_output_folder("--relevance-map", stem)
     taken = [str(p) for p in relevance_map_paths(stem, prompts) if p.exists()]
     if taken:
         raise ClientError(f"--relevance-map: {', '.join(taken)} exist(s); give a new name (files are never replaced)")

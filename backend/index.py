@@ -519,6 +519,7 @@ class TileIndex:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
+        self._folder_fd: int | None = None   # the index folder, flocked beside index.lock
         self._lock_file = self._acquire_directory_lock()
         try:
             self._open_database()
@@ -567,23 +568,20 @@ class TileIndex:
         except OSError as e:   # a read-only folder or disk: as unusable as one that cannot be made
             raise TileIndexError("unavailable", f"cannot use {self.directory} for the tile index: "
                                                 f"{e.strerror or e}; give a writable folder (--data-dir)") from None
-        self._folder_fd = None
         if fcntl is not None:
             # the folder itself is locked too: index.lock is an empty file an operator may take for a
             # stale one and delete, and a second server would then lock a new one beside the first
             try:
                 self._folder_fd = os.open(self.directory, os.O_RDONLY)
             except OSError:
-                self._folder_fd = None     # a platform that cannot open folders: index.lock alone
+                pass     # a platform that cannot open folders: index.lock alone
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if self._folder_fd is not None:
                     fcntl.flock(self._folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                lock_file.close()
-                if self._folder_fd is not None:
-                    os.close(self._folder_fd)
-                    self._folder_fd = None
+                self._lock_file = lock_file
+                self._release_directory_lock()
                 raise TileIndexError("unavailable", f"the tile index in {self.directory} is open in another "
                                                     "process (or another TileIndex); stop that server or use "
                                                     "another --data-dir") from None
@@ -593,7 +591,7 @@ class TileIndex:
         if self._lock_file is not None:
             self._lock_file.close()  # closing the file releases the flock
             self._lock_file = None
-        if getattr(self, "_folder_fd", None) is not None:
+        if self._folder_fd is not None:
             os.close(self._folder_fd)
             self._folder_fd = None
 

@@ -410,7 +410,8 @@ class ContextRead(NamedTuple):
 def _context_read(raster: Raster, extent, target_resolution: float | None, size: int,
                   max_pixels: int) -> ContextRead | None:
     """For an extent under one model tile a side on a north-up raster: a ContextRead of a read
-    widened to a tile of real ground around it (kept within the raster); None when the extent is large enough, the raster is rotated, or the widened read would
+    widened to a tile of real ground around it (kept within the raster); None when the extent is
+    large enough, the raster is rotated, or the widened read would
     pass `max_pixels` (read_extent then reads the extent itself, under that limit)."""
     gt = raster.geotransform
     if gt[2] != 0 or gt[4] != 0:

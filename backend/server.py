@@ -143,12 +143,17 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
     return None
 
 
+def listen_address(host: str, port: int) -> str:
+    """host:port as gRPC takes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def listen_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on host:port, found by binding a probe socket as gRPC would
     (SO_REUSEADDR: a port left in TIME_WAIT by a stopped server counts as free): a host name that
     does not resolve, an address of another machine, a port in use; else None (any other failure
     is left for gRPC to report)."""
-    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    address = listen_address(host, port)
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE)[0]
@@ -185,7 +190,7 @@ class Server:
                                           limits or Limits(), keyword_weight)
         if problem:
             raise ServerSetupError(problem)
-        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+        address = listen_address(host, port)
         # asked before the model loads and the data dir is made (a taken port leaves no new folder
         # behind), and before gRPC tries: its own failure also prints a C-core log line beside ours
         problem = listen_problem(host, port)

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
-from .index import TileIndex, TileIndexError, crosses_antimeridian
+from .index import TileIndex, TileIndexError, crosses_antimeridian, raster_identity
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
                      raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
@@ -194,11 +194,11 @@ def _changed_since_indexing(row: dict) -> str:
     if path.startswith(PIXELS_PREFIX):
         return ""
     try:
-        st = os.stat(path)
-    except OSError:
+        now = raster_identity(path)
+    except (TileIndexError, OSError):
         return (f"raster {path!r} was moved or deleted since it was indexed: index it where it is now, and "
                 "remove the old entry (client remove)")
-    if (st.st_size, st.st_mtime_ns) != (row["size"], row["mtime_ns"]):
+    if (now["size"], now["mtime_ns"]) != (row["size"], row["mtime_ns"]):
         return (f"raster {path!r} changed on disk since it was indexed: index it again (client index) to search "
                 "what it holds now")
     return ""

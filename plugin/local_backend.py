@@ -45,7 +45,7 @@ class LocalBackend(QObject):
 
     def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
         """(program, arguments) that serve at settings.address; AddressError when it has no port."""
-        host = settings.address.strip().rpartition(":")[0] or "127.0.0.1"
+        host = settings.host or "127.0.0.1"
         # --stop-on-stdin-close: stop() closes the pipe to stop it, on Windows too (no SIGTERM there),
         # and a QGIS that ends in any way closes it as well
         args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device,
@@ -95,8 +95,7 @@ class LocalBackend(QObject):
             self.failed.emit("Use TLS is on in SkyPrompt settings, but a local backend serves without TLS: untick "
                              "it to start one here (TLS is for a backend on another machine)")
             return False
-        host = settings.address.strip().rpartition(":")[0].strip("[]").lower()
-        if host not in LOCAL_HOSTS:
+        if settings.host.lower() not in LOCAL_HOSTS:
             self.failed.emit(f"'Start local backend' starts a backend on this machine, for this QGIS only: give the "
                              f"address as 127.0.0.1:PORT (now {settings.address}); a backend for other machines is "
                              "started by hand with a token and TLS (see the README)")

@@ -56,6 +56,11 @@ class PluginSettings:
             s.setValue(PREFIX + f.name, getattr(self, f.name))
 
     @property
+    def host(self) -> str:
+        """The address's host ("" when it has none), without an IPv6 address's brackets."""
+        return self.address.strip().rpartition(":")[0].strip("[]")
+
+    @property
     def port(self) -> int:
         """The address's port; AddressError when it has none (a backend started on a default port
         would not be the one the plugin asks)."""

@@ -116,12 +116,12 @@ def check_settings(out: Path, args: argparse.Namespace) -> str | None:
             data = json.loads((out / name).read_text())
         except (OSError, ValueError):
             continue
-        recorded = data.get(key) if key else data
+        recorded = (data.get(key) if key else data) if isinstance(data, dict) else None
         if isinstance(recorded, dict):
             recorded = {k: recorded.get(k) for k in TRAINING_SETTINGS}
-            for k in ("recipe", "tokenizer"):
+            for k in ("recipe", "tokenizer"):     # results.json kept them as given; settings.json resolved
                 if isinstance(recorded[k], str):
-                    recorded[k] = str(Path(recorded[k]).resolve()) if key else recorded[k]
+                    recorded[k] = str(Path(recorded[k]).resolve())
             break
         recorded = None
     if recorded is not None and recorded != wanted:

@@ -36,7 +36,7 @@ from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_che
                                      read_config, save_checkpoint)
 from backend.model.config import PRESETS, ConfigError
 from backend.model.precision import autocast_context
-from backend.model.tokenizer import BYTE_ALPHABET_SIZE, SPECIAL_TOKENS, Tokenizer, TokenizerError, train_tokenizer
+from backend.model.tokenizer import MIN_VOCAB_SIZE, Tokenizer, TokenizerError, train_tokenizer
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
@@ -838,9 +838,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     opt.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2 (default %(default)s)")
     opt.add_argument("--grad-clip", type=float, default=d.grad_clip,
                      help="gradient norm clip, 0: off (default %(default)s)")
+    shipped = get_preset(d.preset)     # the weights every preset has, and --init-checkpoint's config may change
     opt.add_argument("--contrastive-weight", type=float,
-                     help="weight of the contrastive loss (default: the loss's, 1)")
-    opt.add_argument("--caption-weight", type=float, help="weight of the captioning loss (default: the loss's, 2)")
+                     help=f"weight of the contrastive loss (default: the model config's, "
+                          f"{shipped.contrastive_weight:g} in the presets)")
+    opt.add_argument("--caption-weight", type=float,
+                     help=f"weight of the captioning loss (default: the model config's, {shipped.caption_weight:g} "
+                          "in the presets)")
     opt.add_argument("--class-aware", action="store_true",
                      help="contrastive positives include every in-batch pair of the same class (UniCL): "
                           "class-template captions stop being false negatives of each other. Classes come "
@@ -890,7 +894,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(str(e))
     for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1),
                         ("keep_last", 1), ("warmup_steps", 0), ("workers", 0), ("eval_every", 0),
-                        ("vocab_size", len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE), ("val_per_class", 0)):
+                        ("vocab_size", MIN_VOCAB_SIZE), ("val_per_class", 0)):
         if getattr(a, name) is not None and getattr(a, name) < least:
             why = " (the special tokens and the 256 byte tokens)" if name == "vocab_size" else ""
             p.error(f"--{name.replace('_', '-')} must be at least {least}{why}, not {getattr(a, name)}")

@@ -28,6 +28,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE   # the smallest vocabulary train_tokenizer makes
 RETRAIN_HINT = "retrain it with `python -m training.tokenizer`"
 
 
@@ -201,11 +202,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency:
     The result may have fewer than `vocab_size` tokens when the corpus has too few pairs seen
     `min_frequency` times; the model's vocab_size must be at least `Tokenizer.vocab_size`.
     """
-    floor = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE
-    if vocab_size < floor:
+    if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(
             f"vocab_size {vocab_size} is too small: the special tokens and the 256 byte tokens "
-            f"alone take {floor}"
+            f"alone take {MIN_VOCAB_SIZE}"
         )
     if min_frequency < 1:
         raise TokenizerError(f"min_frequency must be at least 1, got {min_frequency}")
