@@ -200,6 +200,8 @@ def _index_one(stub, args, request, path: str):
         for progress in stub.IndexRaster(request, metadata=_metadata(args.token), timeout=args.timeout):
             if progress.done:
                 final = progress.result
+            elif progress.stage == pb.INDEX_STAGE_QUEUED and not args.json:
+                print(f"{os.path.basename(path)}: {progress.message}", file=sys.stderr)
             elif not args.json and progress.tiles_total:
                 if bar is None:
                     from tqdm import tqdm
@@ -264,7 +266,8 @@ def cmd_search(stub, args) -> int:
                 "window": [hit.window.x_off, hit.window.y_off, hit.window.width, hit.window.height],
                 "crs": hit.crs.authid or hit.crs.wkt, "extent": _box(hit.bounds),
                 "bounds_wgs84": _lonlat_box(hit), "footprint_wkt": hit.footprint_wkt,
-                "keyword_score": round(hit.keyword_score, 6), "caption": hit.caption}
+                "keyword_score": round(hit.keyword_score, 6), "caption": hit.caption,
+                "changed_on_disk": hit.changed_on_disk}
         if args.thumbnails and hit.thumbnail_png:
             folder = Path(args.thumbnails)
             folder.mkdir(parents=True, exist_ok=True)
@@ -297,8 +300,13 @@ def cmd_search(stub, args) -> int:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and response.tiles_searched == 0:
         print(f"note: {empty_extent_note(args.extent, args.extent_crs)}", file=sys.stderr)
+    stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
+    for reason, count in stale.items():
+        print(f"note: {count} of {len(hits)} hits show a raster as it was when indexed: {reason}", file=sys.stderr)
     if args.thumbnails:
-        for reason, count in Counter(h.thumbnail_error for h in response.hits if h.thumbnail_error).items():
+        # (a raster changed since indexing has no thumbnails, for the reason just given)
+        missing = Counter(h.thumbnail_error for h in response.hits if h.thumbnail_error and h.thumbnail_error not in stale)
+        for reason, count in missing.items():
             print(f"note: no thumbnail for {count} of {len(hits)} hits: {reason}", file=sys.stderr)
     return 0
 
@@ -606,9 +614,14 @@ def cmd_remove(stub, args) -> int:
             print(f"skyprompt client: {item}: {error}", file=sys.stderr)
             continue
         removed.append({"raster_id": r.raster_id, "raster_name": r.raster_name, "tiles_removed": r.tiles_removed,
-                        "outcome": "removed"})
-        if not args.json:
-            print(f"removed {r.raster_name} (id {r.raster_id}, {r.tiles_removed} tiles) from the index")
+                        "indexing_stopped": r.indexing_stopped, "outcome": "removed"})
+        if args.json:
+            continue
+        if r.raster_id:
+            print(f"removed {r.raster_name} (id {r.raster_id}, {r.tiles_removed} tiles) from the index"
+                  + ("; the indexing of it under way was stopped" if r.indexing_stopped else ""))
+        else:
+            print(f"stopped the indexing of {r.raster_name} under way; it had no tiles in the index yet")
     if args.json:
         _print_json(removed)
     if failed:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from stat import S_ISREG
 from typing import Iterator, Sequence
+from xml.etree import ElementTree
 
 import numpy as np
 from osgeo import gdal, ogr, osr
@@ -1223,14 +1224,49 @@ _ARCHIVE_PREFIXES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 _DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd", ".aux")     # .aux: Erdas-style pyramids (USE_RRD)
 
 
-def _sources_digest(dataset: gdal.Dataset, real: str, shown: str) -> str:
-    """sha256 of (path, size, mtime) of every file in referenced_files() but for _DERIVED_SUFFIXES:
-    a VRT's sources (nested VRTs' too), a world file, a .prj or .msk beside a raster; "" when it
-    reads no other (a GeoTIFF alone: its key stays what it always was)."""
-    found = [file for file in referenced_files(dataset, real, shown) if not file.lower().endswith(_DERIVED_SUFFIXES)]
-    if not found:
+# what GDAL takes from an .aux.xml beside a raster that changes its tiles: where they lie, which
+# pixels are nodata, which bands are red, green and blue
+_PAM_GEOREFERENCING = ("SRS", "GeoTransform", "GCPList")
+_PAM_BAND_FIELDS = ("NoDataValue", "ColorInterp", "Offset", "Scale")
+_MAX_PAM_BYTES = 16 << 20
+
+
+def _pam_georeferencing(path: str) -> str:
+    """The parts of an .aux.xml that change what a raster's tiles are (_PAM_GEOREFERENCING and
+    each band's _PAM_BAND_FIELDS), as text; "" for statistics and histograms alone, which QGIS and
+    GDAL write when they merely display a raster, or for a file that is not PAM XML."""
+    try:
+        if os.path.getsize(path) > _MAX_PAM_BYTES:
+            return ""
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
         return ""
+    held = [ElementTree.tostring(child, encoding="unicode").strip() for child in root
+            if child.tag in _PAM_GEOREFERENCING]
+    for band in root.iter("PAMRasterBand"):
+        for child in band:
+            if child.tag in _PAM_BAND_FIELDS:
+                held.append(f"band {band.get('band')}: " + ElementTree.tostring(child, encoding="unicode").strip())
+    return "\n".join(held)
+
+
+def _sources_digest(dataset: gdal.Dataset, real: str, shown: str) -> str:
+    """sha256 of (path, size, mtime) of every file in referenced_files() but for _DERIVED_SUFFIXES
+    (a VRT's sources, nested VRTs' too, a world file, a .prj or .msk beside a raster), and of the
+    georeferencing an .aux.xml gives (its statistics are left out); "" when it reads nothing else
+    that counts (a GeoTIFF alone, or with statistics beside it: its key stays what it always was)."""
+    files = list(referenced_files(dataset, real, shown))
+    found = [file for file in files if not file.lower().endswith(_DERIVED_SUFFIXES)]
     entries = []
+    # (with PAM off, GDAL reads no .aux.xml: then neither does the identity)
+    pam = gdal.GetConfigOption("GDAL_PAM_ENABLED", "YES").upper() not in ("NO", "FALSE", "OFF", "0")
+    auxiliary = [file for file in files if pam and file.lower().endswith(".aux.xml") and _is_local(file)]
+    for file in sorted(auxiliary):
+        held = _pam_georeferencing(file)
+        if held:
+            entries.append(f"{file}\0georeferencing\0{held}")
+    if not found and not entries:
+        return ""
     for file in sorted(found):
         if file.startswith(_ARCHIVE_PREFIXES):
             st = gdal.VSIStatL(file)

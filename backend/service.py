@@ -16,13 +16,14 @@ import queue
 import threading
 import time
 from functools import wraps
+from typing import NamedTuple
 
 import grpc
 import numpy as np
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
-from .index import TileIndex, TileIndexError, crosses_antimeridian, raster_identity
+from .index import TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
                      raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
@@ -234,6 +235,95 @@ class _Progress:
         return False
 
 
+class _IndexJob:
+    """One raster being indexed; `removed` is set when RemoveRaster asks for that raster meanwhile."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.lock = threading.Lock()
+        self.users = 0                  # requests holding or waiting for `lock`
+        self.removed = threading.Event()
+
+
+class _TilePlan(NamedTuple):
+    """How a raster is cut into tiles for the index."""
+    size: int
+    overlap: float
+    resolution: float | None
+    extent: tuple | None
+    min_valid: float
+    views: int
+
+
+class _RasterJobs:
+    """Work on one raster's index entry, one request at a time.
+
+    Two requests indexing the same raster used to embed it twice, minutes of model work each on a
+    CPU, and the later one replaced the other's entry. Now the second waits for the first and then
+    finds the raster up to date. A RemoveRaster that comes while a raster is being indexed stops
+    that indexing: otherwise its commit would put back the entry the user just removed.
+    `commit_lock` makes "was it removed?" and the index's commit one step, so a removal cannot fall
+    between the two.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _IndexJob] = {}
+        self.commit_lock = threading.Lock()
+
+    def wait_for(self, key: str, name: str, cancelled):
+        """Generator: yields progress while another request indexes `key`, returns its _IndexJob,
+        held until `release`."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.removed.is_set():
+                job = self._jobs[key] = _IndexJob(key)
+            job.users += 1
+        try:
+            told = False
+            while not job.lock.acquire(timeout=0.2):
+                if cancelled():
+                    raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
+                if not told:
+                    told = True
+                    yield pb.IndexProgress(stage=pb.INDEX_STAGE_QUEUED,
+                                           message=f"waiting: another request is indexing {name}")
+        except BaseException:
+            self._leave(job)
+            raise
+        if job.removed.is_set():        # removed while this request waited: it asked before the removal
+            self.release(job)
+            raise _removed_while_indexing(name)
+        return job
+
+    def release(self, job: _IndexJob) -> None:
+        job.lock.release()
+        self._leave(job)
+
+    def _leave(self, job: _IndexJob) -> None:
+        with self._lock:
+            job.users -= 1
+            if job.users == 0 and self._jobs.get(job.key) is job:
+                del self._jobs[job.key]
+
+    def mark_removed(self, key: str) -> bool:
+        """Stop the indexing of `key` that is under way, if any (call with `commit_lock` held)."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None:
+                return False
+            job.removed.set()
+            # requests still waiting for it were made before the removal and stop too; later ones
+            # start a job of their own
+            del self._jobs[key]
+            return True
+
+
+def _removed_while_indexing(name: str) -> RequestError:
+    return RequestError("aborted", f"{name} was removed from the index (client remove) while it was being "
+                                   "indexed; nothing was stored. Index it again if you still want to search it")
+
+
 # ---- the service -----------------------------------------------------------------------------
 
 class SkyPromptService(pb_grpc.SkyPromptServicer):
@@ -258,6 +348,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         self.auth = auth
         self.io_threads = max(1, io_threads)
         self.stopping = threading.Event()
+        self.raster_jobs = _RasterJobs()
 
     # -- shared pieces --
     def _cancelled(self, context) -> "callable":
@@ -355,61 +446,81 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 # each tile's caption, for keyword matching: a raster indexed without them is indexed again
                 settings["tile_captions"] = True
             identity = self._identity(raster)
-            state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
-            total = raster.count_tiles(size, overlap, resolution, extent)
-            # (a RemoveRaster between the two lookups leaves no entry: then it is indexed again)
-            entry = self.index.raster_by_path(identity["path"]) if state == "unchanged" and not request.force else None
-            if entry is not None:
-                yield self._index_done(raster, entry, pb.INDEX_OUTCOME_UNCHANGED, started, total,
-                                       f"{raster.name} is already indexed with this model; nothing to do")
-                return
-            yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_total=total,
-                                   message=f"embedding {total} tiles of {raster.name}")
-            meta = {"name": raster.name, "crs_authid": raster.crs_authid, "crs_wkt": raster.crs_wkt,
-                    "width": raster.width, "height": raster.height, "band_count": raster.band_count,
-                    "bounds": raster.bounds, "bounds_wgs84": raster.bounds_wgs84}
-            kept = 0
-            throttle = _Progress()
-            # progress is reported once a batch: with `views` views a tile costs `views` images of
-            # model work, so a batch holds fewer tiles and each report stands for the same work.
-            # The engine cuts a job into passes of MAX_BATCH_IMAGES // views tiles anyway, so the
-            # passes, and the embeddings, are the same as with whole batches.
-            batch = max(1, INDEX_BATCH // views)
-            writer = self.index.writer(identity, self.engine.checkpoint_hash, settings, meta, self.engine.embed_dim)
+            # one request at a time per raster: a second waits, then finds it indexed already
+            job = yield from self.raster_jobs.wait_for(identity["path"], raster.name, cancelled)
             try:
-                for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
-                                                            total, cancelled, batch):
-                    if tiles:
-                        stack = np.stack(pixels)
-                        dicts = [_tile_dict(t) for t in tiles]
-                        if self.tile_captions:
-                            embeddings, captions = self.engine.embed_and_describe(stack, views, cancelled=cancelled)
-                            dicts = [{**d, "caption": c} for d, c in zip(dicts, captions)]
-                        else:
-                            embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)
-                        writer.add(dicts, embeddings)
-                        kept += len(tiles)
-                    if cancelled():
-                        raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
-                    if throttle.due():
-                        yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_done=seen, tiles_total=total,
-                                               tiles_skipped=seen - kept,
-                                               message=f"embedding tiles {seen}/{total}")
-                raster.check_unchanged()
-                writer.meta["tiles_skipped"] = total - kept
-                yield pb.IndexProgress(stage=pb.INDEX_STAGE_WRITING, tiles_done=total, tiles_total=total,
-                                       tiles_skipped=total - kept, message=f"writing {kept} tiles to the index")
+                plan = _TilePlan(self.engine.image_size, overlap, resolution, extent, min_valid, views)
+                yield from self._index_held(request, raster, identity, job, settings, plan, started, cancelled)
+            finally:
+                self.raster_jobs.release(job)
+
+    def _index_held(self, request, raster: Raster, identity: dict, job: _IndexJob, settings: dict, plan: "_TilePlan",
+                    started: float, cancelled_by_client):
+        """IndexRaster's work once this request holds the raster's job."""
+        def cancelled():
+            return cancelled_by_client() or job.removed.is_set()
+
+        size, overlap, resolution, extent, min_valid, views = plan
+        state = self.index.needs_indexing(identity, self.engine.checkpoint_hash, settings)
+        total = raster.count_tiles(size, overlap, resolution, extent)
+        # (a RemoveRaster between the two lookups leaves no entry: then it is indexed again)
+        entry = self.index.raster_by_path(identity["path"]) if state == "unchanged" and not request.force else None
+        if entry is not None:
+            yield self._index_done(raster, entry, pb.INDEX_OUTCOME_UNCHANGED, started, total,
+                                   f"{raster.name} is already indexed with this model; nothing to do")
+            return
+        yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_total=total,
+                               message=f"embedding {total} tiles of {raster.name}")
+        meta = {"name": raster.name, "crs_authid": raster.crs_authid, "crs_wkt": raster.crs_wkt,
+                "width": raster.width, "height": raster.height, "band_count": raster.band_count,
+                "bounds": raster.bounds, "bounds_wgs84": raster.bounds_wgs84}
+        kept = 0
+        throttle = _Progress()
+        # progress is reported once a batch: with `views` views a tile costs `views` images of
+        # model work, so a batch holds fewer tiles and each report stands for the same work.
+        # The engine cuts a job into passes of MAX_BATCH_IMAGES // views tiles anyway, so the
+        # passes, and the embeddings, are the same as with whole batches.
+        batch = max(1, INDEX_BATCH // views)
+        writer = self.index.writer(identity, self.engine.checkpoint_hash, settings, meta, self.engine.embed_dim)
+        try:
+            for tiles, pixels, seen in self._read_ahead(raster, size, overlap, resolution, extent, min_valid,
+                                                        total, cancelled, batch):
+                if tiles:
+                    stack = np.stack(pixels)
+                    dicts = [_tile_dict(t) for t in tiles]
+                    if self.tile_captions:
+                        embeddings, captions = self.engine.embed_and_describe(stack, views, cancelled=cancelled)
+                        dicts = [{**d, "caption": c} for d, c in zip(dicts, captions)]
+                    else:
+                        embeddings = self.engine.embed_images(stack, cancelled=cancelled, views=views)
+                    writer.add(dicts, embeddings)
+                    kept += len(tiles)
+                if cancelled():
+                    raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
+                if throttle.due():
+                    yield pb.IndexProgress(stage=pb.INDEX_STAGE_EMBEDDING, tiles_done=seen, tiles_total=total,
+                                           tiles_skipped=seen - kept,
+                                           message=f"embedding tiles {seen}/{total}")
+            raster.check_unchanged()
+            writer.meta["tiles_skipped"] = total - kept
+            yield pb.IndexProgress(stage=pb.INDEX_STAGE_WRITING, tiles_done=total, tiles_total=total,
+                                   tiles_skipped=total - kept, message=f"writing {kept} tiles to the index")
+            with self.raster_jobs.commit_lock:
+                if job.removed.is_set():
+                    raise _removed_while_indexing(raster.name)
                 writer.commit()
-            except BaseException as error:
-                writer.abort()
-                log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept,
-                         getattr(error, "message", None) or str(error) or type(error).__name__)
-                raise
-            outcome = pb.INDEX_OUTCOME_INDEXED if state == "new" and not writer.replaced else pb.INDEX_OUTCOME_REPLACED
-            entry = self.index.raster(writer.raster_id)
-            log.info("indexed %s: %d tiles (%d skipped) in %.1f s", raster.name, kept, total - kept,
-                     time.monotonic() - started)
-            yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
+                entry = self.index.raster(writer.raster_id)
+        except BaseException as error:
+            writer.abort()
+            log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept,
+                     getattr(error, "message", None) or str(error) or type(error).__name__)
+            if job.removed.is_set() and not isinstance(error, RequestError):
+                raise _removed_while_indexing(raster.name) from None
+            raise
+        outcome = pb.INDEX_OUTCOME_INDEXED if state == "new" and not writer.replaced else pb.INDEX_OUTCOME_REPLACED
+        log.info("indexed %s: %d tiles (%d skipped) in %.1f s", raster.name, kept, total - kept,
+                 time.monotonic() - started)
+        yield self._index_done(raster, entry, outcome, started, total, f"indexed {kept} tiles of {raster.name}")
 
     def _read_ahead(self, raster: Raster, size, overlap, resolution, extent, min_valid, plan_total, cancelled,
                     batch: int):
@@ -531,8 +642,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                      approximate=hits.approximate), bonus[order]
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
+        rows = {}       # raster id -> its index entry, looked up once per search
+        for hit in hits:
+            if hit.raster_id not in rows:
+                try:
+                    rows[hit.raster_id] = self.index.raster(hit.raster_id)
+                except TileIndexError:      # removed since the search: its hits are answered as they are
+                    rows[hit.raster_id] = None
+        changed = {rid: _changed_since_indexing(row) if row else "" for rid, row in rows.items()}
         for hit, extra in zip(hits, bonus):
             out.hits.add(score=hit.score + float(extra), keyword_score=float(extra),
+                         changed_on_disk=changed[hit.raster_id],
                          caption=str(hit.extra.get("caption") or ""), raster_id=str(hit.raster_id),
                                raster_path=_shown_path(hit.raster_path),
                                raster_name=hit.raster_name, tile_id=hit.tile_id,
@@ -545,10 +665,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             # best first, as many as the message limit holds: k=1000 at 512 px would pass it, and the
             # whole answer would then fail to send
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
-            mappings: dict = {}   # raster id -> its band mapping, looked up once per search
             for i, (hit, msg) in enumerate(zip(hits, out.hits)):
                 raise_if_cancelled(cancelled)   # a client gone, or the server stopping: no more reads for it
-                png, error = self._thumbnail(hit, thumb, mappings)
+                png, error = self._thumbnail(hit, thumb, rows[hit.raster_id], changed[hit.raster_id])
                 if len(png) + 16 > room:
                     log.info("search: thumbnails for the first %d of %d hits; more would pass the message limit "
                              "of %d bytes", i, len(out.hits), self.limits.max_message_bytes)
@@ -571,23 +690,22 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             return []
         return [pb.UnfamiliarWord(word=w, close_spellings=words.close_spellings(w)) for w in words.unfamiliar(text)]
 
-    def _thumbnail(self, hit, side: int, mappings: dict) -> tuple[bytes, str]:
-        """(PNG of the hit's tile, "") or (b"", why there is none; "" for a pixel source's tile)."""
+    def _thumbnail(self, hit, side: int, row: dict | None, changed: str) -> tuple[bytes, str]:
+        """(PNG of the hit's tile, "") or (b"", why there is none; "" for a pixel source's tile).
+        `row` is the hit's raster's index entry (None: removed meanwhile), `changed` why its file is no
+        longer what was indexed ("" when it is)."""
         if hit.raster_path.startswith(PIXELS_PREFIX):
             return b"", ""
+        if changed:     # its pixels at the tile's window would be another image's, or nothing
+            return b"", changed
+        if row is None:
+            return b"", "its raster was removed from the index during the search"
         try:
-            if hit.raster_id not in mappings:
-                row = self.index.raster(hit.raster_id)
-                settings = row.get("settings") or {}
-                red, green, blue = settings.get("bands") or (0, 0, 0)
-                stretch = settings.get("stretch")
-                mappings[hit.raster_id] = (BandMapping(red=red, green=green, blue=blue,
-                                                       stretch_low=stretch[0] if stretch else None,
-                                                       stretch_high=stretch[1] if stretch else None),
-                                           _changed_since_indexing(row))
-            mapping, changed = mappings[hit.raster_id]
-            if changed:     # its pixels at the tile's window would be another image's, or nothing
-                return b"", changed
+            settings = row.get("settings") or {}
+            red, green, blue = settings.get("bands") or (0, 0, 0)
+            stretch = settings.get("stretch")
+            mapping = BandMapping(red=red, green=green, blue=blue, stretch_low=stretch[0] if stretch else None,
+                                  stretch_high=stretch[1] if stretch else None)
             with open_raster(hit.raster_path, bands=mapping, allowed_roots=self.allowed_roots) as raster:
                 scale = side / max(hit.width, hit.height)
                 out = (max(1, round(hit.width * scale)), max(1, round(hit.height * scale)))
@@ -740,16 +858,25 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         rid, path = request.raster_id.strip(), request.raster_path.strip()
         if bool(rid) == bool(path):
             raise _bad("give exactly one of raster_id and raster_path")
-        if rid:
-            entry = self.index.raster(rid)
-        else:
-            entry = self.index.raster_by_path(os.path.abspath(path))
+        with self.raster_jobs.commit_lock:
+            if rid:
+                entry = self.index.raster(rid)
+                key = entry["path"]
+            else:
+                key = normalise_raster_path(os.path.abspath(path))
+                entry = self.index.raster_by_path(key)
+            stopped = self.raster_jobs.mark_removed(key)
             if entry is None:
-                raise RequestError("not_found", f"raster '{path}' is not in the index; nothing to remove")
-        self.index.remove_raster(int(entry["id"]))
-        log.info("removed %s (%d tiles) from the index", entry["name"], entry["tile_count"])
+                if not stopped:
+                    raise RequestError("not_found", f"raster '{path}' is not in the index; nothing to remove")
+                log.info("stopped indexing %s: it was removed before its first index was stored", _shown_path(key))
+                return pb.RemoveRasterResponse(raster_name=os.path.basename(key), tiles_removed=0,
+                                               indexing_stopped=True)
+            self.index.remove_raster(int(entry["id"]))
+        log.info("removed %s (%d tiles) from the index%s", entry["name"], entry["tile_count"],
+                 "; its indexing under way was stopped" if stopped else "")
         return pb.RemoveRasterResponse(raster_id=str(entry["id"]), raster_name=entry["name"],
-                                       tiles_removed=entry["tile_count"])
+                                       tiles_removed=entry["tile_count"], indexing_stopped=stopped)
 
     # -- ListRasters --
     @unary

@@ -197,7 +197,17 @@ class SkyPromptDock(QDockWidget):
         v = QVBoxLayout(tab)
         self.layers_label = QLabel()
         self.layers_label.setWordWrap(True)
-        v.addWidget(self.layers_label)
+        self.tick_all = QPushButton("All")
+        self.tick_all.setToolTip("Tick every raster layer")
+        self.tick_all.clicked.connect(lambda: self.tick_layers(True))
+        self.tick_none = QPushButton("None")
+        self.tick_none.setToolTip("Untick every raster layer")
+        self.tick_none.clicked.connect(lambda: self.tick_layers(False))
+        row = QHBoxLayout()
+        row.addWidget(self.layers_label, 1)
+        row.addWidget(self.tick_all)
+        row.addWidget(self.tick_none)
+        v.addLayout(row)
         self.layer_list = QListWidget()
         self.layer_list.setMaximumHeight(110)
         self.layer_list.itemChanged.connect(lambda _: self._update_actions())   # a tick or an untick
@@ -581,7 +591,15 @@ class SkyPromptDock(QDockWidget):
                 self.layer_list.addItem(item)
         self.layers_label.setText("Raster layers to search" if self.layer_list.count() else
                                   "No raster layers in the project: add one to index and search it")
+        for button in (self.tick_all, self.tick_none):
+            button.setEnabled(self.layer_list.count() > 0)
         self._update_actions()
+
+    def tick_layers(self, ticked: bool) -> None:
+        """Tick or untick every layer in the list (the All and None buttons)."""
+        state = Qt.Checked if ticked else Qt.Unchecked
+        for i in range(self.layer_list.count()):
+            self.layer_list.item(i).setCheckState(state)
 
     def checked_layers(self) -> list[QgsRasterLayer]:
         project = QgsProject.instance()
@@ -720,6 +738,8 @@ class SkyPromptDock(QDockWidget):
             self.show_hits(title, list(response.hits), names)
             if response.unfamiliar_words:
                 self._message(operations.unfamiliar_note(response.unfamiliar_words), Qgis.Warning, 12)
+            for note in operations.stale_notes(response.hits, names):
+                self._message(note, Qgis.Warning, 12)
 
         if unreachable:
             self._message(f"not searched: {', '.join(unreachable)} (read as pixels and not indexed in this "
@@ -731,6 +751,8 @@ class SkyPromptDock(QDockWidget):
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
             text = f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n{names.get(h.raster_path, h.raster_name)}"
+            if h.changed_on_disk:
+                text += "  (changed since indexed)"
             item = QListWidgetItem(text)
             # the whole row, which a narrow list elides, and what the model saw in the tile
             said = f"\n“{h.caption}”" if h.caption else ""

@@ -115,6 +115,19 @@ def unfamiliar_note(words) -> str:
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
+def stale_notes(hits, names: dict | None = None) -> list[str]:
+    """One line per raster whose file changed, moved or went since it was indexed
+    (SearchHit.changed_on_disk): its hits show it as it was."""
+    stale: dict[str, int] = {}
+    for h in hits:
+        if h.changed_on_disk:
+            stale[h.raster_path] = stale.get(h.raster_path, 0) + 1
+    shown = {h.raster_path: h.raster_name for h in hits}
+    return [f"{count} of {len(hits)} hits are from {(names or {}).get(path) or shown[path]!r}, which was changed, "
+            "moved or deleted on disk since it was indexed: they show it as it was. Index it again to search what "
+            "it holds now" for path, count in stale.items()]
+
+
 def distinct_unfamiliar(answers) -> list:
     """The UnfamiliarWord messages of several SegmentResults, each word once."""
     seen = {}

@@ -282,6 +282,42 @@ def write_geotiff(path, value, size=64):
     ds = None
 
 
+def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng, monkeypatch):
+    """GDAL takes a GeoTIFF's georeferencing, nodata and band colours from an .aux.xml beside it
+    before its own: one that moves the raster (gdal_edit on a read-only file, a georeferencer) makes
+    it "changed", and the old tiles would lie elsewhere. Statistics alone, which QGIS writes on
+    display, leave it "unchanged"."""
+    path, aux = tmp_path / "ortho.tif", tmp_path / "ortho.tif.aux.xml"
+    write_geotiff(path, 10)
+    monkeypatch.setenv("GDAL_PAM_ENABLED", "YES")      # the tests turn it off (conftest); GDAL's default is on
+    settings = {"tile": 224}
+    with TileIndex(tmp_path / "idx") as index:
+        with open_raster(path) as raster:
+            identity = raster.identity()
+            index.add_raster(identity, CK, settings, meta("ortho"), make_tiles(3), unit(rng, 3))
+        stats = ('<PAMRasterBand band="1"><Metadata><MDI key="STATISTICS_MEAN">10</MDI></Metadata>'
+                 '</PAMRasterBand>')
+        aux.write_text(f"<PAMDataset>{stats}</PAMDataset>")
+        with open_raster(path) as raster:
+            assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
+        changes = {"moved": "<GeoTransform>600000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0</GeoTransform>",
+                   "nodata": '<PAMRasterBand band="2"><NoDataValue>10</NoDataValue></PAMRasterBand>'}
+        for what, element in changes.items():
+            aux.write_text(f"<PAMDataset>{element}{stats}</PAMDataset>")
+            with open_raster(path) as raster:
+                if what == "moved":
+                    assert raster.bounds[0] == 600000.0      # GDAL does read it
+                assert index.needs_indexing(raster.identity(), CK, settings) == "changed", what
+        aux.write_text("not xml at all")                     # GDAL ignores it: so does the identity
+        with open_raster(path) as raster:
+            assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
+        aux.write_text(f"<PAMDataset>{changes['moved']}</PAMDataset>")
+        monkeypatch.setenv("GDAL_PAM_ENABLED", "NO")      # GDAL then reads no .aux.xml, nor does the identity
+        with open_raster(path) as raster:
+            assert raster.bounds[0] == 500000.0
+            assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
+
+
 def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
     """A VRT's own size and mtime stay the same when a GeoTIFF behind it is rewritten; its identity
     also covers every file GDAL reads for it (nested VRTs' sources too), so re-indexing it is no longer

@@ -445,6 +445,13 @@ def test_the_layers_to_search_follow_the_layers_panel_and_renames(dock, iface, r
     renamed = dock.layer_list.item(listed().index("wheat fields 2020"))
     assert renamed.checkState() == Qt.Unchecked       # its tick kept through the rename
     assert first in dock.checked_layers() and second not in dock.checked_layers()
+    # All and None tick and untick every layer listed; Index follows
+    dock.tick_none.click()
+    assert dock.checked_layers() == [] and not dock.index_button.isEnabled()
+    dock.tick_all.click()
+    assert len(dock.checked_layers()) == dock.layer_list.count() >= 2 and dock.index_button.isEnabled()
+    project.removeAllMapLayers()
+    assert dock.layer_list.count() == 0 and not dock.tick_all.isEnabled() and not dock.tick_none.isEnabled()
 
 
 def test_two_layers_of_one_file_in_other_bands_are_not_indexed_over_each_other(dock, iface, rasters):  # noqa: F811
@@ -2126,6 +2133,45 @@ def test_a_layer_opened_through_a_link_is_named_in_search_results(dock, iface, r
         "QUERY": "fields", "K": 3, "LAYERS": [layer], "SERVER": address,
         "OUTPUT": str(tmp_path / "tiles.gpkg")})["OUTPUT"])
     assert found.featureCount() == 3 and {f["layer"] for f in found.getFeatures()} == {"through a link"}
+
+
+def test_hits_from_a_file_changed_since_indexing_are_flagged(dock, iface, rasters, own_backend,  # noqa: F811
+                                                           skyprompt_processing, tmp_path):
+    """A layer's file written again after Index: its hits show it as it was. The panel and Processing
+    say so, naming the layer and what to do, and the panel's list marks those hits."""
+    import shutil
+
+    import processing
+    from qgis.PyQt.QtCore import Qt
+
+    _, address = own_backend.start()
+    dock.settings.address = address
+    path = rasters["folder"] / "edited_later.tif"
+    shutil.copy(rasters["rgb"], path)
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(path), "edited later"))
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+    try:
+        assert run_dock(dock, "index", dock.index_layers) is None
+        dock.query.setText("fields")
+        dock.k.setValue(3)
+        assert run_dock(dock, "search", dock.search) is None
+        assert not any("changed" in dock.result_list.item(i).text() for i in range(dock.result_list.count()))
+        make_tif(path, noise((3, 300, 400), seed=78))      # the file written again, with other pixels
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "search", dock.search) is None
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert "3 of 3 hits are from 'edited later', which was changed, moved or deleted" in said, said
+        assert "Index it again" in said
+        assert all(dock.result_list.item(i).text().endswith("(changed since indexed)") for i in range(3))
+        feedback = RecordingFeedback()
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 3, "LAYERS": [layer], "SERVER": address,
+                                                  "OUTPUT": str(tmp_path / "tiles.gpkg")}, feedback=feedback)
+        assert any("'edited later', which was changed" in w for w in feedback.warnings), feedback.warnings
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        path.unlink()
 
 
 def vsimem_layer(path: str, name: str, width: int = 160, height: int = 120) -> QgsRasterLayer:

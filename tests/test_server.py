@@ -854,6 +854,65 @@ def test_ctrl_c_in_the_cli_cancels_indexing_on_the_server(server, rasters):
     assert code == grpc.StatusCode.NOT_FOUND
 
 
+def _until_embedding(call, p):
+    """Read an IndexRaster stream until it has embedded some tiles; the rest of the stream."""
+    for progress in call:
+        if progress.stage == p.INDEX_STAGE_EMBEDDING and progress.tiles_done > 0:
+            return call
+    raise AssertionError("the stream ended before it embedded a tile")
+
+
+def test_two_requests_indexing_one_raster_embed_it_once(server, rasters):
+    path = big_raster(rasters["folder"], 2200)
+    p = pb()
+    request = p.IndexRasterRequest(source=p.RasterSource(path=str(path)))
+    first = _until_embedding(server.stub.IndexRaster(request, metadata=server.metadata, timeout=300), p)
+    second = list(server.stub.IndexRaster(request, metadata=server.metadata, timeout=300))
+    first = list(first)
+    assert first[-1].result.outcome == p.INDEX_OUTCOME_INDEXED
+    # the second waited for the first, then found the raster indexed already
+    assert [m.stage for m in second][:2] == [p.INDEX_STAGE_OPENING, p.INDEX_STAGE_QUEUED]
+    assert "waiting: another request is indexing" in second[1].message
+    assert second[-1].result.outcome == p.INDEX_OUTCOME_UNCHANGED
+    assert second[-1].result.tile_count == first[-1].result.tile_count
+    assert server.log_text().count(f"indexed {path.name}:") == 1
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_path=str(path)), metadata=server.metadata)
+
+
+def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
+    path = big_raster(rasters["folder"], 2100)
+    p = pb()
+    first = index(server, path)[-1].result
+    request = p.IndexRasterRequest(source=p.RasterSource(path=str(path)), force=True)
+    call = _until_embedding(server.stub.IndexRaster(request, metadata=server.metadata, timeout=300), p)
+    removed = server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=first.raster_id), metadata=server.metadata)
+    assert removed.indexing_stopped and removed.tiles_removed == first.tile_count
+    code, details = code_of(lambda: call)
+    assert code == grpc.StatusCode.ABORTED and "removed from the index" in details and "nothing was stored" in details
+    listed = server.stub.ListRasters(p.ListRastersRequest(), metadata=server.metadata).rasters
+    assert str(path) not in {r.raster_path for r in listed}
+    # indexing it afterwards works as for any raster not in the index
+    assert index(server, path)[-1].result.outcome == p.INDEX_OUTCOME_INDEXED
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_path=str(path)), metadata=server.metadata)
+
+
+def test_remove_by_path_stops_a_first_indexing_through_the_client(server, rasters):
+    path = big_raster(rasters["folder"], 2000)
+    p = pb()
+    call = _until_embedding(server.stub.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(path))),
+                                                    metadata=server.metadata, timeout=300), p)
+    out = subprocess.run([sys.executable, "-m", "backend", "client", "remove", str(path), "--server", server.address],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "SKYPROMPT_TOKEN": server.token},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"stopped the indexing of {path.name} under way" in out.stdout
+    code, details = code_of(lambda: call)
+    assert code == grpc.StatusCode.ABORTED and "removed from the index" in details
+    code, _ = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_paths=[str(path)]),
+                                                 metadata=server.metadata))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
 def test_raster_rewritten_mid_index_is_aborted(server, rasters):
     path = big_raster(rasters["folder"], 2500)
     p = pb()
@@ -1247,7 +1306,8 @@ def test_remove_raster_by_path_and_id(server, rasters):
     out = client(server, "remove", "--json", str(rasters["grey16"]))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [{"raster_id": first.raster_id, "raster_name": "grey16.tif",
-                                       "tiles_removed": first.tile_count, "outcome": "removed"}]
+                                       "tiles_removed": first.tile_count, "indexing_stopped": False,
+                                       "outcome": "removed"}]
     code, details = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_ids=[first.raster_id]),
                                                        metadata=server.metadata))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -1753,7 +1813,13 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     hits = json.loads(out.stdout)["results"]
     assert len(hits) == 2 and all("was moved or deleted since it was indexed" in h["thumbnail_error"]
                                   and "thumbnail" not in h for h in hits)
-    assert "note: no thumbnail for 2 of 2 hits: " in out.stderr and "moved or deleted" in out.stderr
+    assert all(h["changed_on_disk"] == h["thumbnail_error"] for h in hits)     # flagged, thumbnails or not
+    # one note says why, not a second one for the thumbnails as well
+    assert "note: 2 of 2 hits show a raster as it was when indexed: " in out.stderr
+    assert "moved or deleted" in out.stderr and "no thumbnail" not in out.stderr
+    out = client(server, "search", "roads", "--k", "2", "--raster", str(gone), "--json")
+    assert all("was moved or deleted since it was indexed" in h["changed_on_disk"]
+               for h in json.loads(out.stdout)["results"])
     assert client(server, "remove", str(gone)).returncode == 0
     # overwritten with another image after indexing: no thumbnail cut from the new pixels at the old windows
     changed = rasters["folder"] / "changed.tif"
@@ -1765,11 +1831,15 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["results"]
     assert all("changed on disk since it was indexed: index it again" in h["thumbnail_error"] for h in hits)
+    assert all("changed on disk since it was indexed" in h["changed_on_disk"] for h in hits)
     listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
     assert "changed on disk since it was indexed" in listed[str(changed.resolve())]["changed_on_disk"]
     assert client(server, "index", str(rasters["rgb"])).returncode == 0
     listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
     assert listed[str(rasters["rgb"].resolve())]["changed_on_disk"] == ""       # one as it was indexed
+    unchanged = json.loads(client(server, "search", "roads", "--k", "2", "--raster", str(rasters["rgb"]),
+                                  "--json").stdout)["results"]
+    assert unchanged and all(h["changed_on_disk"] == "" for h in unchanged)
     out = client(server, "list")
     assert out.returncode == 0 and "note: raster" in out.stdout and "changed on disk" in out.stdout
     assert not (rasters["folder"] / "thumbs_changed").exists() or not list((rasters["folder"] / "thumbs_changed").iterdir())
