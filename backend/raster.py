@@ -254,6 +254,16 @@ def transform_bounds(bounds: Sequence[float], src_crs: str | osr.SpatialReferenc
     return tuple(float(v) for v in result)  # type: ignore[return-value]
 
 
+def densified_box(xmin: float, ymin: float, xmax: float, ymax: float, points_per_edge: int) -> tuple[np.ndarray, np.ndarray]:
+    """A box's outline as x and y arrays, `points_per_edge` points an edge: reprojected point by
+    point, it keeps the curved shape of the box in the other CRS."""
+    t = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
+    w, h = xmax - xmin, ymax - ymin
+    xs = np.concatenate([xmin + w * t, np.full_like(t, xmax), xmax - w * t, np.full_like(t, xmin)])
+    ys = np.concatenate([np.full_like(t, ymin), ymin + h * t, np.full_like(t, ymax), ymax - h * t])
+    return xs, ys
+
+
 def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:
     """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
     in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
@@ -896,11 +906,7 @@ class Raster:
                            min(ymax, over[3] + my))
                 if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
                     xmin, ymin, xmax, ymax = clipped
-        t = np.linspace(0.0, 1.0, points_per_edge + 1)[:-1]
-        xs = np.concatenate([xmin + (xmax - xmin) * t, np.full_like(t, xmax), xmax - (xmax - xmin) * t,
-                             np.full_like(t, xmin)])
-        ys = np.concatenate([np.full_like(t, ymin), ymin + (ymax - ymin) * t, np.full_like(t, ymax),
-                             ymax - (ymax - ymin) * t])
+        xs, ys = densified_box(xmin, ymin, xmax, ymax, points_per_edge)
         if not same:
             with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
                 ct = osr.CoordinateTransformation(source, self._srs)

@@ -20,12 +20,14 @@ from typing import NamedTuple
 
 import grpc
 import numpy as np
+import shapely
+from osgeo import osr
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
 from .index import TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
-from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
-                     raster_from_pixels, transform_bounds)
+from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, open_raster,
+                     parse_crs, raster_from_pixels, transform_bounds)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
@@ -171,6 +173,52 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
     if message.crs:
         parse_crs(message.crs)  # an unknown CRS fails here, with its own message
     return (*values, message.crs)
+
+
+class _ExtentShape:
+    """A search extent as a shape in each hit's raster CRS, to keep only the tiles whose footprint
+    meets it. The index filters by longitude/latitude boxes: the box round an extent in a projected
+    CRS, and the boxes round tiles, reach past their corners (far past them in a polar or otherwise
+    rotated CRS), so tiles outside the extent would be found too."""
+
+    POINTS_PER_EDGE = 16
+    EXPAND_LIMIT = 1 << 16       # the most candidates taken from the index to fill k
+
+    def __init__(self, parts: tuple):
+        self.xmin, self.ymin, self.xmax, self.ymax, crs = parts
+        self.srs = parse_crs(crs or "EPSG:4326")
+        self._shapes: dict[str, object] = {}
+
+    def _shape(self, crs_wkt: str):
+        """The extent in `crs_wkt`, or None where it cannot be judged there (no CRS, a box across
+        180 degrees, or one reaching where that CRS is not defined): the index's box then decides."""
+        if crs_wkt not in self._shapes:
+            self._shapes[crs_wkt] = self._transformed(crs_wkt)
+        return self._shapes[crs_wkt]
+
+    def _transformed(self, crs_wkt: str):
+        if not crs_wkt or self.xmin > self.xmax:
+            return None
+        try:
+            target = parse_crs(crs_wkt)
+        except RasterError:
+            return None
+        if target.IsSame(self.srs):
+            return shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
+        xs, ys = densified_box(self.xmin, self.ymin, self.xmax, self.ymax, self.POINTS_PER_EDGE)
+        try:
+            moved = np.asarray(osr.CoordinateTransformation(self.srs, target).TransformPoints(
+                np.column_stack([xs, ys]).tolist()), float)
+        except (RuntimeError, TypeError, ValueError):
+            return None
+        if not np.isfinite(moved[:, :2]).all():
+            return None
+        shape = shapely.make_valid(shapely.Polygon(moved[:, :2]))
+        return shape if not shape.is_empty else None
+
+    def meets(self, hit) -> bool:
+        shape = self._shape(hit.crs_wkt)
+        return shape is None or shape.intersects(shapely.from_wkt(hit.footprint_wkt))
 
 
 def _overlap(value: float | None, default: float, field: str) -> float:
@@ -601,13 +649,14 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not (-1.0 <= min_score <= 1.0):
             raise _bad(f"min_score {min_score} must be a cosine similarity in [-1, 1]")
-        bbox = None
+        bbox = shape = None
         if request.HasField("extent"):
             parts = extent_parts(request.extent, lonlat_default=True)
             if parts is not None:
                 crs = parts[4] or "EPSG:4326"
                 bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
+                shape = _ExtentShape(parts)
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:
@@ -630,10 +679,20 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         exact = request.mode == pb.SEARCH_MODE_EXACT
         # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
         pool = max(k, KEYWORD_POOL) if weight > 0 else k
-        hits = self.index.search(vector, pool, self.engine.checkpoint_hash,
-                                 raster_ids=raster_ids or None,
-                                 raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
-                                 min_score=min_score, expand=expand)
+        wanted = pool
+        while True:
+            hits = self.index.search(vector, wanted, self.engine.checkpoint_hash,
+                                     raster_ids=raster_ids or None,
+                                     raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
+                                     min_score=min_score, expand=expand)
+            if shape is None:
+                break
+            kept = [h for h in hits if shape.meets(h)]
+            # the index's box let in tiles outside the extent: take more candidates until `pool` are in it
+            if len(kept) >= pool or len(hits) < wanted or wanted >= _ExtentShape.EXPAND_LIMIT:
+                hits = type(hits)(kept[:pool], tiles_searched=hits.tiles_searched, approximate=hits.approximate)
+                break
+            wanted = min(_ExtentShape.EXPAND_LIMIT, wanted * 4)
         bonus = np.zeros(len(hits))
         if weight > 0 and len(hits):
             bonus = keyword_bonus([h.score for h in hits], query, [h.extra.get("caption") for h in hits], weight)

@@ -255,6 +255,29 @@ def test_extent_in_another_crs_and_search_extent_filter(server, rasters):
     assert results[0].extent.xmax < (b.xmin + b.xmax) / 2 + 20  # roughly the west half, in metres
 
 
+def test_search_extent_in_a_rotated_crs_keeps_to_the_extent_itself(server, rasters):
+    """A box in a polar stereographic CRS is a rotated quadrilateral in longitude/latitude: the index's
+    longitude/latitude box round it takes in tiles well outside it, which the search then drops."""
+    path = make_tif(rasters["folder"] / "polar_3413.tif", noise((3, 300, 400), seed=21),
+                    geotransform=(1_000_000.0, 500.0, 0.0, -850_000.0, 0.0, -500.0), crs="EPSG:3413")
+    result = index(server, path)[-1].result
+    p = pb()
+    west = p.Extent(xmin=1_000_000.0, ymin=-1_000_000.0, xmax=1_100_000.0, ymax=-850_000.0, crs="EPSG:3413")
+    response = server.stub.Search(p.SearchRequest(query="roads", k=1000, raster_ids=[result.raster_id], extent=west),
+                                  metadata=server.metadata)
+    everything = server.stub.Search(p.SearchRequest(query="roads", k=1000, raster_ids=[result.raster_id]),
+                                    metadata=server.metadata).hits
+    inside = {h.tile_id for h in everything if h.bounds.xmin < west.xmax}
+    assert 0 < len(inside) < len(everything)
+    assert {h.tile_id for h in response.hits} == inside
+    assert response.tiles_searched > len(inside)        # what the longitude/latitude box alone let in
+    # k below the tiles in the extent: the best k of those in it, not fewer
+    few = server.stub.Search(p.SearchRequest(query="roads", k=5, raster_ids=[result.raster_id], extent=west),
+                             metadata=server.metadata).hits
+    assert [h.tile_id for h in few] == [h.tile_id for h in response.hits][:5]
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=result.raster_id), metadata=server.metadata)
+
+
 def test_caption_and_embed_text(server, rasters):
     response = server.stub.Caption(pb().CaptionRequest(source=pb().RasterSource(path=str(rasters["rgb"])),
                                                        max_len=8, beam_size=2), metadata=server.metadata)
