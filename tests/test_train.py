@@ -550,6 +550,16 @@ def test_a_time_budget_shorter_than_the_warm_up_is_pointed_out(monkeypatch, caps
     assert cfg.steps == 101
     err = capsys.readouterr().err
     assert err.count("holds fewer steps than the warm-up (100): the run goes on to step 101") == 1
+    # a budget that holds the warm-up and one step more ends at the same step, but is no mistake
+    cfg = T.TrainConfig(steps=1000, warmup_steps=100, time_budget=50.75 / 60)      # 101.5 steps of 0.5 s
+    budget = T.TimeBudget(cfg, 0)
+    step = 0
+    while step + 1 < cfg.steps:             # the run ends at cfg.steps, as the budget sets it
+        step += 1
+        clock[0] += 0.5
+        budget.update(step, "cpu")
+    assert cfg.steps == 101
+    assert "holds fewer steps than the warm-up" not in capsys.readouterr().err
 
 
 def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):

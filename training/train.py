@@ -165,14 +165,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def steps_in_budget(budget_min: float, step: int, spent_s: float, s_per_step: float) -> int | None:
+    """How many steps in all end within `budget_min` minutes: the steps up to `step` took `spent_s`
+    seconds, the rest go at `s_per_step`. None without a budget or a pace."""
+    if budget_min <= 0 or s_per_step <= 0:
+        return None
+    return step + int(max(0.0, budget_min * 60 - spent_s) / s_per_step)
+
+
 def fit_steps_to_budget(asked: int, budget_min: float, warmup: int, step: int, spent_s: float,
                         s_per_step: float) -> int:
-    """The run's total steps so that this process's steps end within `budget_min` minutes: the steps
-    up to `step` took `spent_s` seconds, the rest go at `s_per_step`. Never more than `asked`, never
-    fewer than the steps already done or the warm-up plus one."""
-    if budget_min <= 0 or s_per_step <= 0:
+    """The run's total steps so that this process's steps end within `budget_min` minutes
+    (steps_in_budget). Never more than `asked`, never fewer than the steps already done or the
+    warm-up plus one."""
+    fit = steps_in_budget(budget_min, step, spent_s, s_per_step)
+    if fit is None:
         return asked
-    fit = step + int(max(0.0, budget_min * 60 - spent_s) / s_per_step)
     return max(min(asked, fit), step, min(asked, warmup + 1))
 
 
@@ -210,8 +218,9 @@ class TimeBudget:
         recent = (now - self.t_last) / self.EVERY
         self.t_last = now
         steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step, spent, recent)
-        if steps == self.cfg.warmup_steps + 1 < self.asked and not self.warned_warmup and is_main():
-            # the floor of fit_steps_to_budget: the budget holds fewer steps than the warm-up
+        fit = steps_in_budget(self.cfg.time_budget, step, spent, recent)
+        if fit is not None and fit < self.cfg.warmup_steps + 1 < self.asked and not self.warned_warmup and is_main():
+            # fit_steps_to_budget's floor: the run goes on to the end of the warm-up and a step more
             self.warned_warmup = True
             log(f"warning: time budget {self.cfg.time_budget:g} min holds fewer steps than the warm-up "
                 f"({self.cfg.warmup_steps}): the run goes on to step {steps}, past the budget, and ends at the "
