@@ -25,7 +25,7 @@ from . import deps, operations, results
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
 from .sources import (PixelReader, SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels,
-                      prepare_source, to_layer_crs)
+                      prepare_source, to_layer_crs, within_crs_area)
 from .tasks import BackendTask, start
 
 MIN_DESCRIBE_PIXELS = 8    # of the layer's own, a side: Describe refuses a view of fewer
@@ -253,6 +253,10 @@ class SkyPromptDock(QDockWidget):
                                        "when it was indexed (better for everyday wording; a class name such as "
                                        "'storage tanks' may do better without). On: the backend's default")
         v.addWidget(self.match_captions)
+        self.search_in_view = QCheckBox("Only in the map view")
+        self._remember(self.search_in_view, "search_in_view")
+        self.search_in_view.setToolTip("Find tiles in the area the map shows now, not everywhere in the ticked layers")
+        v.addWidget(self.search_in_view)
         self.result_list = QListWidget()
         self.result_list.setIconSize(QSize(64, 64))
         self.result_list.setItemDelegate(RowsFitTheList(self.result_list))
@@ -716,6 +720,17 @@ class SkyPromptDock(QDockWidget):
         k = self.k.value()
         expand = operations.EXPAND_TILES if self.expand_query.isChecked() else None
         keyword_weight = None if self.match_captions.isChecked() else 0.0
+        area = None
+        if self.search_in_view.isChecked():
+            # read here, on the main thread: the map may move while the backend works
+            crs = QgsCoordinateReferenceSystem(self.canvas.mapSettings().destinationCrs())
+            view = within_crs_area(self.canvas.extent(), crs)
+            if view.isEmpty():
+                self._message("the map view lies outside the area its CRS covers: pan to the layers, or untick "
+                              "'Only in the map view'", Qgis.Warning)
+                self.taskDone.emit("search", "view outside the CRS")
+                return None
+            area = (view, crs)
 
         address = self.settings.address
 
@@ -725,7 +740,7 @@ class SkyPromptDock(QDockWidget):
             try:
                 return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
                                          like_tile_id=like_tile_id, raster_paths=raster_paths,
-                                         keyword_weight=keyword_weight)
+                                         keyword_weight=keyword_weight, area=area)
             except BackendError as e:
                 # the server names the raster it does not know by its path: say which layer, in the panel's words
                 missing = [names[p] for p in names if e.code == "NOT_FOUND" and p in e.message]
@@ -735,6 +750,9 @@ class SkyPromptDock(QDockWidget):
                 raise
 
         def shown(response):
+            if area is not None and not response.tiles_searched:
+                self.show_hits(title, [], names, empty_note=operations.empty_area_note("the map view"))
+                return
             self.show_hits(title, list(response.hits), names)
             if response.unfamiliar_words:
                 self._message(operations.unfamiliar_note(response.unfamiliar_words), Qgis.Warning, 12)
@@ -746,7 +764,7 @@ class SkyPromptDock(QDockWidget):
                           "session: press Index first)", Qgis.Warning, 8)
         return self._task("search", f"SkyPrompt: searching {title!r}", work, shown)
 
-    def show_hits(self, query: str, hits: list, names: dict) -> None:
+    def show_hits(self, query: str, hits: list, names: dict, empty_note: str = "") -> None:
         self.hits = hits
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
@@ -764,7 +782,7 @@ class SkyPromptDock(QDockWidget):
                 item.setIcon(QIcon(pixmap))
             self.result_list.addItem(item)
         if not hits:
-            self._message(f"no tiles match {query!r}: index some layers first", Qgis.Warning)
+            self._message(empty_note or f"no tiles match {query!r}: index some layers first", Qgis.Warning)
             return
         crs = results.hits_crs(hits)
         layer = results.memory_layer(f"SkyPrompt: {query}", crs, results.search_fields(),

@@ -115,6 +115,11 @@ def unfamiliar_note(words) -> str:
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
+def empty_area_note(where: str) -> str:
+    """Why a search in an area found nothing, when the index has no tile there."""
+    return f"no indexed tile of the layers searched lies in {where}: pan or zoom out to where they are, or Index them"
+
+
 def stale_notes(hits, names: dict | None = None) -> list[str]:
     """One line per raster whose file changed, moved or went since it was indexed
     (SearchHit.changed_on_disk): its hits show it as it was."""
@@ -139,17 +144,19 @@ def distinct_unfamiliar(answers) -> list:
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,
            min_score: float | None = None, expand: int | None = None, like_tile_id: int | None = None,
-           raster_paths: list[str] = (), keyword_weight: float | None = None):
+           raster_paths: list[str] = (), keyword_weight: float | None = None, area=None):
     """The SearchResponse, over the union of `raster_ids` and `raster_paths` (both empty: the whole
     index). `expand`: query expansion from that many best tiles (SearchRequest.expand; None = the
     server's default, ServerInfo.default_search_expand; 0 = off). `keyword_weight`: matching the
     query's words against the tiles' captions (SearchRequest.keyword_weight; None = the server's
     default; 0 = off). `like_tile_id`: tiles like that one instead of the text (`query` is then
-    ignored)."""
+    ignored). `area`: (QgsRectangle, its CRS) that hits must lie in, e.g. the map view; None: anywhere."""
     pb = conn.pb
     request = pb.SearchRequest(query=query if like_tile_id is None else "", k=k, raster_ids=list(raster_ids),
                                raster_paths=list(raster_paths), include_thumbnails=thumbnails,
                                thumbnail_size=96 if thumbnails else 0)
+    if area is not None:
+        request.extent.CopyFrom(wire_extent(pb, *area))
     if like_tile_id is not None:
         request.like_tile_id = like_tile_id
     if min_score is not None:

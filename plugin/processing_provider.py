@@ -22,7 +22,7 @@ from qgis.PyQt.QtGui import QIcon
 from . import operations, results
 from .settings import PluginSettings
 from .sources import (SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels, prepare_source,
-                      to_layer_crs)
+                      to_layer_crs, within_crs_area, wire_extent)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
@@ -211,7 +211,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
                 "Query words the model rarely or never saw in training are named in a warning. The advanced "
                 "Like tile searches for tiles that look like one tile (a tile_id of an earlier result) "
-                "instead of a query; leave Query empty then.")
+                "instead of a query; leave Query empty then. With Extent, only tiles that lie in it are found.")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))
@@ -219,6 +219,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                                                        maxValue=1000))
         self.addParameter(QgsProcessingParameterMultipleLayers("LAYERS", "Only in these layers",
                                                                QgsProcessing.TypeRaster, optional=True))
+        self.addParameter(QgsProcessingParameterExtent("EXTENT", "Only in this extent", optional=True))
         expand = QgsProcessingParameterNumber("EXPAND", "Query expansion from the N best tiles (-1 = the backend's "
                                               "default, 0 = off)", QgsProcessingParameterNumber.Integer,
                                               defaultValue=-1, minValue=-1)
@@ -264,10 +265,13 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
         expand = self.parameterAsInt(parameters, "EXPAND", context)
         match_captions = self.parameterAsBool(parameters, "MATCH_CAPTIONS", context)
+        area = self._search_area(parameters, context)
         self._check_output(parameters, context)
 
         def run(conn):
             request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
+            if area is not None:
+                request.extent.CopyFrom(wire_extent(conn.pb, *area))
             if expand >= 0:
                 request.expand = expand
             if not match_captions:      # on: the backend's default keyword matching
@@ -279,6 +283,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         response = self._call(settings, run, feedback)
         if response is None:        # cancelled: the output is left as it was
             return {}
+        if area is not None and not response.tiles_searched:
+            feedback.pushWarning(operations.empty_area_note("Extent"))
         hits = list(response.hits)
         crs = results.hits_crs(hits) if hits else context.project().crs()
         if not crs.isValid():       # no hits, and no project CRS (a script): an empty layer needs one too
@@ -292,6 +298,22 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         for note in operations.stale_notes(hits, names):
             feedback.pushWarning(note)
         return {"OUTPUT": dest}
+
+
+    def _search_area(self, parameters, context):
+        """(rectangle, CRS) of the Extent parameter, clipped to where its CRS is defined; None when unset."""
+        if not parameters.get("EXTENT"):
+            return None
+        crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
+        if not crs.isValid():
+            crs = context.project().crs() if context.project() else QgsCoordinateReferenceSystem()
+        if not crs.isValid():
+            raise QgsProcessingException("Extent has no CRS, and there is no project CRS to take: give it as "
+                                         "'xmin,xmax,ymin,ymax [EPSG:code]'")
+        rect = within_crs_area(self.parameterAsExtent(parameters, "EXTENT", context, crs), crs)
+        if rect.isEmpty():
+            raise QgsProcessingException(f"Extent lies outside the area {crs.authid() or 'its CRS'} covers")
+        return rect, crs
 
 
 class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):

@@ -30,6 +30,7 @@ class PluginSettings:
     rotation_views: bool = False
     expand_query: bool = False
     match_captions: bool = True
+    search_in_view: bool = False
     follow_edges: bool = True
     max_pixel_side: int = 2048        # cap for layers sent as pixels (XYZ, WMS, in-memory)
     start_timeout_s: float = 180.0

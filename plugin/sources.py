@@ -166,6 +166,22 @@ def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
                      crs=crs_text(crs))
 
 
+def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
+    """`rect` clipped to where `crs` is defined (its area of use): a map zoomed out past the world
+    shows longitudes past 180 degrees, or Web Mercator past its latitudes, which the backend cannot
+    turn into longitude/latitude. Unchanged when the CRS gives no area of use."""
+    from qgis.core import QgsCsException
+
+    valid = crs.bounds()
+    if valid.isEmpty():
+        return QgsRectangle(rect)
+    try:
+        to_crs = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), crs, QgsProject.instance())
+        return rect.intersect(to_crs.transformBoundingBox(valid))
+    except QgsCsException:
+        return QgsRectangle(rect)
+
+
 def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:
     if crs == layer.crs():
         return QgsRectangle(rect)

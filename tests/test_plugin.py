@@ -352,6 +352,65 @@ def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, ifac
     assert "tick the layers to search" in " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
 
 
+def test_a_map_zoomed_out_past_the_world_is_clipped_to_where_its_crs_is_defined(qgis_app):
+    """A zoomed-out map shows longitudes past 180 degrees, or Web Mercator past its latitudes: the
+    backend refuses such an extent, so the view is clipped to the CRS's area of use first."""
+    from plugin.sources import within_crs_area
+
+    wgs84, mercator = QgsCoordinateReferenceSystem("EPSG:4326"), QgsCoordinateReferenceSystem("EPSG:3857")
+    clipped = within_crs_area(QgsRectangle(-400, -120, 400, 120), wgs84)
+    assert (clipped.xMinimum(), clipped.yMinimum(), clipped.xMaximum(), clipped.yMaximum()) == (-180, -90, 180, 90)
+    clipped = within_crs_area(QgsRectangle(-6e7, -6e7, 6e7, 6e7), mercator)
+    assert -2.01e7 < clipped.xMinimum() < -1.99e7 and 1.99e7 < clipped.yMaximum() < 2.1e7
+    inside = QgsRectangle(500000, 5000000, 510000, 5010000)
+    assert within_crs_area(inside, mercator) == inside                  # a view inside it: unchanged
+
+
+def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, tmp_path):
+    """'Only in the map view' keeps hits to the tiles the map shows; Processing's Extent does the same.
+    A view with no indexed tile says so, rather than 'index some layers'."""
+    import processing
+    from qgis.PyQt.QtCore import Qt
+
+    layer = layers[0]
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    QgsProject.instance().setCrs(layer.crs())
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer_rect(layer, (0.0, 0.0, 0.3, 0.3)))     # (widened to the map's shape)
+    view = QgsGeometry.fromRect(iface.canvas.extent())
+    assert not view.contains(QgsGeometry.fromRect(layer.extent()))
+    dock.query.setText("roads and houses")
+    dock.k.setValue(1000)
+    assert run_dock(dock, "search", dock.search) is None
+    everywhere = dock.last_layer.featureCount()
+    dock.search_in_view.setChecked(True)
+    assert run_dock(dock, "search", dock.search) is None
+    shown = list(dock.last_layer.getFeatures())
+    assert 0 < len(shown) < everywhere
+    assert all(f.geometry().intersects(view) for f in shown)
+    assert PluginSettings.load().search_in_view          # remembered for the next session
+    # Processing: the same area as its Extent
+    e = iface.canvas.extent()
+    found = QgsVectorLayerFrom(processing.run("skyprompt:searchtiles", {
+        "QUERY": "roads and houses", "K": 1000, "LAYERS": [layer],
+        "EXTENT": f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]",
+        "OUTPUT": str(tmp_path / "in_view.gpkg")})["OUTPUT"])
+    assert {f["tile_id"] for f in found.getFeatures()} == {f["tile_id"] for f in shown}
+    # far from every layer: said so
+    far = layer_rect(layer, (0.0, 0.0, 1.0, 1.0))
+    far.setXMinimum(far.xMinimum() + 50 * far.width())
+    far.setXMaximum(far.xMinimum() + 1000)
+    iface.canvas.setExtent(far)
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "search", dock.search) is None
+    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+    assert "no indexed tile of the layers searched lies in the map view" in said, said
+    assert dock.result_list.count() == 0
+
+
 def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
                                                                                       tmp_path):  # noqa: F811
     """Raster and tile ids are each backend's own: a file layer is searched by its path, and a new
