@@ -190,8 +190,8 @@ class _ExtentShape:
         self._shapes: dict[str, object] = {}
 
     def _shape(self, crs_wkt: str):
-        """The extent in `crs_wkt`, or None where it cannot be judged there (no CRS, a box across
-        180 degrees, or one reaching where that CRS is not defined): the index's box then decides."""
+        """The extent in `crs_wkt`, or None where it cannot be judged there (no CRS, a box across or
+        past 180 degrees, or one reaching where that CRS is not defined): the index's box then decides."""
         if crs_wkt not in self._shapes:
             self._shapes[crs_wkt] = self._transformed(crs_wkt)
         return self._shapes[crs_wkt]
@@ -199,6 +199,8 @@ class _ExtentShape:
     def _transformed(self, crs_wkt: str):
         if not crs_wkt or self.xmin > self.xmax:
             return None
+        if self.srs.IsGeographic() and (self.xmin < -180 or self.xmax > 180):
+            return None     # longitudes past 180 degrees: a raster's own coordinates would not match them
         try:
             target = parse_crs(crs_wkt)
         except RasterError:

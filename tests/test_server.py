@@ -327,6 +327,15 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     assert len(found(p.Extent(xmin=20, ymin=0, xmax=30, ymax=1, crs="EPSG:4326"))) == 0
     # in longitude/latitude across 180 degrees, as xmin > xmax (no CRS: EPSG:4326 for a Search)
     assert len(found(p.Extent(xmin=170, ymin=0, xmax=-170, ymax=2))) == done.tile_count
+    # ... or with longitudes past 180, which reach a longitude/latitude raster west of it too
+    west = make_tif(rasters["folder"] / "west_of_180.tif", noise((3, 100, 100), seed=12),
+                    geotransform=(-176.0, 0.02, 0.0, 1.0, 0.0, -0.02), crs="EPSG:4326")
+    west_done = index(server, west)[-1].result
+    past = server.stub.Search(p.SearchRequest(query="fields", k=100, raster_ids=[west_done.raster_id],
+                                              extent=p.Extent(xmin=170, ymin=0, xmax=190, ymax=2)),
+                              metadata=server.metadata).hits
+    assert len(past) == west_done.tile_count > 0
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=west_done.raster_id), metadata=server.metadata)
     # projected numbers read as longitude/latitude: refused with the way out, not an empty answer
     code, details = code_of(lambda: found(p.Extent(xmin=840000, ymin=20000, xmax=920000, ymax=90000)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "give that CRS" in details
