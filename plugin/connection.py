@@ -213,3 +213,6 @@ class BackendConnection:
 
     def remove(self, request, timeout: float | None = 30.0):
         return self._unary("RemoveRaster", request, timeout)
+
+    def list_rasters(self, request, timeout: float | None = 30.0):
+        return self._unary("ListRasters", request, timeout)

@@ -19,9 +19,10 @@ from qgis.PyQt.QtGui import QIcon, QPixmap
 from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidget, QDoubleSpinBox, QFormLayout,
                                  QHBoxLayout, QLabel, QLineEdit, QListView, QListWidget, QListWidgetItem,
                                  QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QStyledItemDelegate,
-                                 QTabWidget, QCheckBox, QVBoxLayout, QWidget)
+                                 QTabWidget, QCheckBox, QToolButton, QVBoxLayout, QWidget)
 
 from . import deps, operations, results
+from .index_dialog import IndexedRastersDialog
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
 from .sources import (PixelReader, SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels,
@@ -122,6 +123,7 @@ class SkyPromptDock(QDockWidget):
         self._watched_names: set[str] = set()   # layers whose renaming refreshes the list of layers to search
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
+        self.index_dialog: IndexedRastersDialog | None = None
         # health checks can answer out of order: each is numbered, and one older than the answer the
         # light shows is stale
         self._health_asked = 0
@@ -197,10 +199,13 @@ class SkyPromptDock(QDockWidget):
         v = QVBoxLayout(tab)
         self.layers_label = QLabel()
         self.layers_label.setWordWrap(True)
-        self.tick_all = QPushButton("All")
+        # small buttons: the panel must fit a narrow dock
+        self.tick_all = QToolButton()
+        self.tick_all.setText("All")
         self.tick_all.setToolTip("Tick every raster layer")
         self.tick_all.clicked.connect(lambda: self.tick_layers(True))
-        self.tick_none = QPushButton("None")
+        self.tick_none = QToolButton()
+        self.tick_none.setText("None")
         self.tick_none.setToolTip("Untick every raster layer")
         self.tick_none.clicked.connect(lambda: self.tick_layers(False))
         row = QHBoxLayout()
@@ -222,8 +227,13 @@ class SkyPromptDock(QDockWidget):
         self._remember(self.rotation_views, "rotation_views")
         row = QHBoxLayout()
         row.addWidget(self.index_button, 1)
-        row.addWidget(self.rotation_views)
+        self.indexed_button = QPushButton("Indexed…")
+        self.indexed_button.setToolTip("What the backend has indexed: remove rasters from its index, or add them to "
+                                       "the map")
+        self.indexed_button.clicked.connect(self.open_index_dialog)
+        row.addWidget(self.indexed_button)
         v.addLayout(row)
+        v.addWidget(self.rotation_views)
         self.query = QLineEdit()
         self.query.setPlaceholderText("e.g. parking lots next to a highway")
         self.query.returnPressed.connect(self.search)
@@ -434,6 +444,45 @@ class SkyPromptDock(QDockWidget):
         self.indexed.clear()
         self.hits = []
         self.result_list.clear()
+        if self.index_dialog is not None:
+            self.index_dialog.clear("The backend address changed: press Refresh for this backend's index")
+
+    # -- the backend's index --
+    def open_index_dialog(self) -> BackendTask | None:
+        """Show the Indexed rasters window and ask the backend for its list."""
+        if self.index_dialog is None:
+            self.index_dialog = IndexedRastersDialog(self, self.list_indexed, self.remove_indexed, self._message)
+        self.index_dialog.show()
+        self.index_dialog.raise_()
+        return self.list_indexed()
+
+    def list_indexed(self) -> BackendTask | None:
+        dialog = self.index_dialog
+
+        def shown(rasters):
+            if dialog is not None:
+                dialog.show_rasters(rasters)
+
+        return self._task("list", "SkyPrompt: listing the backend's index",
+                          lambda conn, task: operations.indexed_rasters(conn), shown)
+
+    def remove_indexed(self, raster_ids: list[str]) -> BackendTask | None:
+        def work(conn, task):
+            return operations.remove_rasters(conn, raster_ids, task.isCanceled)
+
+        def shown(answer):
+            removed, failed = answer
+            gone = {r.raster_id for r in removed}
+            for ids in self.indexed.values():      # this session's layers indexed under those ids: no more
+                ids -= gone
+            tiles = sum(r.tiles_removed for r in removed)
+            self._message(f"removed {len(removed)} raster(s), {tiles} tiles, from the index", Qgis.Success, 4)
+            for line in failed:
+                self._message(f"not removed: {line}", Qgis.Warning)
+            self.list_indexed()
+            self.refresh_health()       # the index counts in the connection bar
+
+        return self._task("remove", f"SkyPrompt: removing {len(raster_ids)} raster(s) from the index", work, shown)
 
     def check_dependencies(self) -> None:
         deps.activate(self.deps_folder)
@@ -442,7 +491,7 @@ class SkyPromptDock(QDockWidget):
         if self.deps_problem:
             self.deps_label.setText(f"SkyPrompt needs grpcio and protobuf: {self.deps_problem}.")
             self._show_light("MISSING")
-        for w in (self.check_button, self.start_button, self.search_button):
+        for w in (self.check_button, self.start_button, self.search_button, self.indexed_button):
             w.setEnabled(not self.deps_problem)
         self._update_actions()
 
@@ -948,4 +997,6 @@ class SkyPromptDock(QDockWidget):
             pass
         if self.canvas.mapTool() is self.extent_tool:
             self.canvas.unsetMapTool(self.extent_tool)
+        if self.index_dialog is not None:
+            self.index_dialog.close()
         self.backend.stop()

@@ -115,6 +115,41 @@ def unfamiliar_note(words) -> str:
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
+def indexed_rasters(conn) -> list:
+    """The backend's IndexedRaster entries, those of other checkpoints too (they take disk space and
+    are not searched: worth seeing, to remove or index again)."""
+    return list(conn.list_rasters(conn.pb.ListRastersRequest(all_checkpoints=True)).rasters)
+
+
+def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[list, list[str]]:
+    """RemoveRaster for each id: (the RemoveRasterResponses, one "id: why" line per id that failed).
+    One that fails (removed meanwhile by another client, say) does not stop the others; a backend
+    that cannot be reached does."""
+    from .connection import BackendError
+
+    removed, failed = [], []
+    for raster_id in raster_ids:
+        if cancelled():
+            break
+        try:
+            removed.append(conn.remove(conn.pb.RemoveRasterRequest(raster_id=raster_id)))
+        except BackendError as e:
+            if e.code in ("UNAVAILABLE", "UNAUTHENTICATED"):    # the backend, not this raster: the rest would fail too
+                raise
+            failed.append(f"{raster_id}: {e.message}")
+    return removed, failed
+
+
+def raster_state(entry) -> str:
+    """What an IndexedRaster's row says about it: whether searches use it and whether it is still
+    what was indexed."""
+    if entry.changed_on_disk:
+        return "changed on disk since indexed: index it again"
+    if not entry.current_checkpoint:
+        return "indexed with another model: not searched (index it again, or remove it)"
+    return "up to date"
+
+
 def empty_area_note(where: str) -> str:
     """Why a search in an area found nothing, when the index has no tile there."""
     return f"no indexed tile of the layers searched lies in {where}: pan or zoom out to where they are, or Index them"

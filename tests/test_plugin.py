@@ -411,6 +411,63 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
     assert dock.result_list.count() == 0
 
 
+def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, iface, rasters, own_backend,  # noqa: F811
+                                                                       monkeypatch):
+    """Indexed…: the backend's index as a table (one raster changed on disk since, marked so), Remove
+    from index after a question (the files stay; this session forgets the ids), Add to map."""
+    import shutil
+
+    from qgis.PyQt.QtCore import QItemSelectionModel
+    from qgis.PyQt.QtWidgets import QMessageBox
+
+    _, address = own_backend.start()
+    dock.settings.address = address
+    kept, edited = rasters["folder"] / "kept_in_index.tif", rasters["folder"] / "edited_in_index.tif"
+    shutil.copy(rasters["rgb"], kept)
+    shutil.copy(rasters["rgba"], edited)
+    project = QgsProject.instance()
+    for path in (kept, edited):
+        project.addMapLayer(QgsRasterLayer(str(path), path.stem))
+    try:
+        assert run_dock(dock, "index", dock.index_layers) is None
+        make_tif(edited, noise((4, 160, 160), seed=79))              # written again after Index
+        assert run_dock(dock, "list", dock.open_index_dialog) is None
+        window = dock.index_dialog
+        rows = {window.table.item(r, 0).text(): r for r in range(window.table.rowCount())}
+        assert set(rows) == {"kept_in_index.tif", "edited_in_index.tif"}
+        assert window.table.item(rows["kept_in_index.tif"], 4).text() == "up to date"
+        assert window.table.item(rows["edited_in_index.tif"], 4).text().startswith("changed on disk")
+        assert "2 raster(s)" in window.summary.text() and "1 not up to date" in window.summary.text()
+        assert not window.remove_button.isEnabled()                   # nothing selected yet
+        window.table.selectionModel().select(window.table.model().index(rows["edited_in_index.tif"], 0),
+                                             QItemSelectionModel.Select | QItemSelectionModel.Rows)
+        assert window.remove_button.isEnabled()
+        # answered No: nothing is removed, no task starts
+        monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.No)
+        window.remove_selected()
+        assert dock.running.get("remove", 0) == 0
+        monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+        edited_id = window.selected()[0].raster_id
+        assert run_dock(dock, "remove", window.remove_selected) is None
+        wait_until(lambda: window.table.rowCount() == 1, 60, "the list after the removal")
+        assert window.table.item(0, 0).text() == "kept_in_index.tif" and edited.exists()
+        assert all(edited_id not in ids for ids in dock.indexed.values())
+        # Add to map: the kept raster as a new layer
+        window.table.selectRow(0)
+        before = len(project.mapLayers())
+        window.add_selected()
+        added = [l for l in project.mapLayers().values() if l.name() == "kept_in_index.tif"]
+        assert len(project.mapLayers()) == before + 1 and added and added[0].isValid()
+        # another backend address: the list is not that backend's
+        dock.address.setText("127.0.0.1:1")
+        dock._address_edited()
+        assert window.table.rowCount() == 0 and "address changed" in window.summary.text()
+    finally:
+        project.removeAllMapLayers()
+        kept.unlink()
+        edited.unlink()
+
+
 def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
                                                                                       tmp_path):  # noqa: F811
     """Raster and tile ids are each backend's own: a file layer is searched by its path, and a new
