@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -298,7 +299,7 @@ def cmd_search(stub, args) -> int:
             print(f"thumbnails saved in {Path(args.thumbnails).resolve()}")
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
-    if extent is not None and response.tiles_searched == 0:
+    if extent is not None and not response.hits and args.min_score is None:
         print(f"note: {empty_extent_note(args.extent, args.extent_crs)}", file=sys.stderr)
     stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
     for reason, count in stale.items():
@@ -810,6 +811,13 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     return detail
 
 
+def _interrupted(signum, frame):
+    """Ctrl-C: a KeyboardInterrupt once. A second press while the client stops is ignored: raised
+    inside gRPC's clean-up, it printed a traceback and could leave the client hanging."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def run_client(args: argparse.Namespace) -> int:
     problem = check_server_address(args.server)
     if problem:
@@ -831,6 +839,7 @@ def run_client(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"skyprompt client: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGINT, _interrupted)
     with channel:
         stub = pb_grpc.SkyPromptStub(channel)
         try:
@@ -852,6 +861,13 @@ def run_client(args: argparse.Namespace) -> int:
             print(f"skyprompt client: {e}; check the numbers given (see --help)", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            # closing the channel cancels the call: the server drops the work in progress
+            # the process ends here, without closing the channel: gRPC's close could take the
+            # interrupt again and hang for good, waiting on the call it broke off. The connection
+            # closes with the process, and the server drops the work in progress (it watches for that)
             print("skyprompt client: interrupted; the server cancels the call in progress", file=sys.stderr)
-            return 130
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)

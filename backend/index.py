@@ -345,7 +345,7 @@ def _raster_dict(row: sqlite3.Row) -> dict:
         return None if values[0] is None else values
     return {
         "id": row["id"], "path": row["source_key"], "name": row["name"], "size": row["size_bytes"],
-        "mtime_ns": row["mtime_ns"], "checkpoint_hash": row["checkpoint_hash"], "settings": json.loads(row["settings"]),
+        "mtime_ns": row["mtime_ns"], "sources": row["sources"] or "", "checkpoint_hash": row["checkpoint_hash"], "settings": json.loads(row["settings"]),
         "crs_authid": row["crs_authid"], "crs_wkt": row["crs_wkt"], "width": row["width"], "height": row["height"],
         "band_count": row["band_count"], "bounds": box(""), "bounds_wgs84": box("wgs84_"),
         "tile_count": row["tile_count"], "tiles_skipped": row["tiles_skipped"], "dim": row["dim"],

@@ -1234,25 +1234,33 @@ _DERIVED_SUFFIXES = (".aux.xml", ".ovr", ".rrd", ".aux")     # .aux: Erdas-style
 # pixels are nodata, which bands are red, green and blue
 _PAM_GEOREFERENCING = ("SRS", "GeoTransform", "GCPList")
 _PAM_BAND_FIELDS = ("NoDataValue", "ColorInterp", "Offset", "Scale")
-_MAX_PAM_BYTES = 16 << 20
 
 
 def _pam_georeferencing(path: str) -> str:
     """The parts of an .aux.xml that change what a raster's tiles are (_PAM_GEOREFERENCING and
     each band's _PAM_BAND_FIELDS), as text; "" for statistics and histograms alone, which QGIS and
-    GDAL write when they merely display a raster, or for a file that is not PAM XML."""
+    GDAL write when they merely display a raster, or for a file that is not PAM XML (GDAL ignores
+    it then). Read as a stream, so histograms of any size cost no memory."""
+    held: list[str] = []
+    depth, band = 0, None
     try:
-        if os.path.getsize(path) > _MAX_PAM_BYTES:
-            return ""
-        root = ElementTree.parse(path).getroot()
+        for event, element in ElementTree.iterparse(path, events=("start", "end")):
+            if event == "start":
+                depth += 1
+                if depth == 2 and element.tag == "PAMRasterBand":
+                    band = element.get("band")
+                continue
+            if depth == 2 and element.tag in _PAM_GEOREFERENCING:
+                held.append(ElementTree.tostring(element, encoding="unicode").strip())
+            elif depth == 3 and band is not None and element.tag in _PAM_BAND_FIELDS:
+                held.append(f"band {band}: " + ElementTree.tostring(element, encoding="unicode").strip())
+            if depth == 2:
+                band = None
+            if depth == 2 or band is not None:
+                element.clear()     # read: its histograms and metadata need not stay in memory
+            depth -= 1
     except (OSError, ElementTree.ParseError):
         return ""
-    held = [ElementTree.tostring(child, encoding="unicode").strip() for child in root
-            if child.tag in _PAM_GEOREFERENCING]
-    for band in root.iter("PAMRasterBand"):
-        for child in band:
-            if child.tag in _PAM_BAND_FIELDS:
-                held.append(f"band {band.get('band')}: " + ElementTree.tostring(child, encoding="unicode").strip())
     return "\n".join(held)
 
 
@@ -1284,6 +1292,17 @@ def _sources_digest(dataset: gdal.Dataset, real: str, shown: str) -> str:
         except (OSError, ValueError):
             entries.append(f"{file}\0-\0-")  # missing or not a local file: known by its name alone
     return hashlib.sha256("\n".join(entries).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def sources_digest_of(real_path: str) -> str:
+    """What Raster.identity() gives as "sources" for the raster file at `real_path` now ("" for a file
+    that reads no other and has no georeferencing beside it), without the rest of open_raster's work.
+    RasterError when GDAL cannot open it."""
+    with _gdal("invalid_argument", f"GDAL cannot open '{real_path}'"):
+        dataset = gdal.OpenEx(real_path, gdal.OF_RASTER | gdal.OF_READONLY)
+    if dataset is None:
+        raise RasterError("invalid_argument", f"GDAL cannot open '{real_path}'")
+    return _sources_digest(dataset, real_path, real_path)
 
 
 def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,

@@ -21,13 +21,14 @@ from typing import NamedTuple
 import grpc
 import numpy as np
 import shapely
+import shapely.affinity
 from osgeo import osr
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
 from .index import TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, open_raster,
-                     parse_crs, raster_from_pixels, transform_bounds)
+                     parse_crs, raster_from_pixels, sources_digest_of, transform_bounds, unwrap_longitudes)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
@@ -179,48 +180,69 @@ class _ExtentShape:
     """A search extent as a shape in each hit's raster CRS, to keep only the tiles whose footprint
     meets it. The index filters by longitude/latitude boxes: the box round an extent in a projected
     CRS, and the boxes round tiles, reach past their corners (far past them in a polar or otherwise
-    rotated CRS), so tiles outside the extent would be found too."""
+    rotated CRS), so tiles outside the extent would be found too.
+
+    Only a local extent is judged so. One that spans more than MAX_SPAN_DEGREES of longitude or
+    latitude, or reaches past MAX_LATITUDE (the whole world, a box round a pole), would fold or wrap
+    when its outline is reprojected, and lose tiles it holds: the index's box decides alone there."""
 
     POINTS_PER_EDGE = 16
+    MAX_SPAN_DEGREES = 30.0
+    MAX_LATITUDE = 84.0
     EXPAND_LIMIT = 1 << 16       # the most candidates taken from the index to fill k
 
-    def __init__(self, parts: tuple):
+    def __init__(self, parts: tuple, lonlat_box: tuple):
         self.xmin, self.ymin, self.xmax, self.ymax, crs = parts
         self.srs = parse_crs(crs or "EPSG:4326")
-        self._shapes: dict[str, object] = {}
+        if self.srs.IsGeographic() and self.xmin > self.xmax:      # across 180 degrees: continuous longitudes
+            self.xmax += 360.0
+        west, south, east, north = lonlat_box
+        span = east - west if west <= east else east + 360.0 - west
+        self.local = (span <= self.MAX_SPAN_DEGREES and north - south <= self.MAX_SPAN_DEGREES
+                      and max(abs(south), abs(north)) <= self.MAX_LATITUDE)
+        self._shapes: dict[str, list] = {}
 
-    def _shape(self, crs_wkt: str):
-        """The extent in `crs_wkt`, or None where it cannot be judged there (no CRS, a box across or
-        past 180 degrees, or one reaching where that CRS is not defined): the index's box then decides."""
+    def _shape(self, crs_wkt: str) -> list:
+        """The extent in `crs_wkt` (with its turns of the globe either way for a longitude/latitude
+        CRS, whose tiles may reach past 180 degrees); [] where it cannot be judged there: no CRS, or
+        an outline that does not reproject into a simple polygon."""
         if crs_wkt not in self._shapes:
             self._shapes[crs_wkt] = self._transformed(crs_wkt)
         return self._shapes[crs_wkt]
 
-    def _transformed(self, crs_wkt: str):
-        if not crs_wkt or self.xmin > self.xmax:
-            return None
-        if self.srs.IsGeographic() and (self.xmin < -180 or self.xmax > 180):
-            return None     # longitudes past 180 degrees: a raster's own coordinates would not match them
+    def _transformed(self, crs_wkt: str) -> list:
+        if not crs_wkt:
+            return []
         try:
             target = parse_crs(crs_wkt)
         except RasterError:
-            return None
+            return []
         if target.IsSame(self.srs):
-            return shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
-        xs, ys = densified_box(self.xmin, self.ymin, self.xmax, self.ymax, self.POINTS_PER_EDGE)
-        try:
-            moved = np.asarray(osr.CoordinateTransformation(self.srs, target).TransformPoints(
-                np.column_stack([xs, ys]).tolist()), float)
-        except (RuntimeError, TypeError, ValueError):
-            return None
-        if not np.isfinite(moved[:, :2]).all():
-            return None
-        shape = shapely.make_valid(shapely.Polygon(moved[:, :2]))
-        return shape if not shape.is_empty else None
+            shape = shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
+        else:
+            xs, ys = densified_box(self.xmin, self.ymin, self.xmax, self.ymax, self.POINTS_PER_EDGE)
+            try:
+                moved = np.asarray(osr.CoordinateTransformation(self.srs, target).TransformPoints(
+                    np.column_stack([xs, ys]).tolist()), float)[:, :2]
+            except (RuntimeError, TypeError, ValueError):
+                return []
+            if not np.isfinite(moved).all():
+                return []
+            if target.IsGeographic():
+                moved[:, 0] = unwrap_longitudes(moved[:, 0])
+            shape = shapely.Polygon(moved)
+            if not shape.is_valid:      # folded on the way: not the extent any more
+                return []
+        if target.IsGeographic():
+            return [shapely.affinity.translate(shape, turn) for turn in (-360.0, 0.0, 360.0)]
+        return [shape]
 
     def meets(self, hit) -> bool:
-        shape = self._shape(hit.crs_wkt)
-        return shape is None or shape.intersects(shapely.from_wkt(hit.footprint_wkt))
+        shapes = self._shape(hit.crs_wkt) if self.local else []
+        if not shapes:
+            return True
+        footprint = shapely.from_wkt(hit.footprint_wkt)
+        return any(shape.intersects(footprint) for shape in shapes)
 
 
 def _overlap(value: float | None, default: float, field: str) -> float:
@@ -252,6 +274,16 @@ def _changed_since_indexing(row: dict) -> str:
     if (now["size"], now["mtime_ns"]) != (row["size"], row["mtime_ns"]):
         return (f"raster {path!r} changed on disk since it was indexed: index it again (client index) to search "
                 "what it holds now")
+    # the files it reads besides (a VRT's sources, a world file) and georeferencing set in an .aux.xml:
+    # opened with GDAL only where there are any, so a raster that is one file costs one stat more
+    if row.get("sources") or os.path.exists(path + ".aux.xml"):
+        try:
+            sources = sources_digest_of(path)
+        except RasterError:
+            return ""       # not to be judged here; indexing it again says what is wrong
+        if sources != row.get("sources", ""):
+            return (f"raster {path!r}: a file it reads, or the georeferencing in its .aux.xml, changed since it "
+                    "was indexed: index it again (client index) to search what it holds now")
     return ""
 
 
@@ -343,7 +375,7 @@ class _RasterJobs:
             raise
         if job.removed.is_set():        # removed while this request waited: it asked before the removal
             self.release(job)
-            raise _removed_while_indexing(name)
+            raise _removed_while_indexing(name, waiting=True)
         return job
 
     def release(self, job: _IndexJob) -> None:
@@ -369,9 +401,10 @@ class _RasterJobs:
             return True
 
 
-def _removed_while_indexing(name: str) -> RequestError:
-    return RequestError("aborted", f"{name} was removed from the index (client remove) while it was being "
-                                   "indexed; nothing was stored. Index it again if you still want to search it")
+def _removed_while_indexing(name: str, waiting: bool = False) -> RequestError:
+    when = "while this request waited to index it" if waiting else "while it was being indexed"
+    return RequestError("aborted", f"{name} was removed from the index (client remove) {when}; nothing was "
+                                   "stored. Index it again if you still want to search it")
 
 
 # ---- the service -----------------------------------------------------------------------------
@@ -562,8 +595,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 entry = self.index.raster(writer.raster_id)
         except BaseException as error:
             writer.abort()
-            log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept,
-                     getattr(error, "message", None) or str(error) or type(error).__name__)
+            why = ("it was removed from the index meanwhile" if job.removed.is_set()
+                   else getattr(error, "message", None) or str(error) or type(error).__name__)
+            log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept, why)
             if job.removed.is_set() and not isinstance(error, RequestError):
                 raise _removed_while_indexing(raster.name) from None
             raise
@@ -658,7 +692,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 crs = parts[4] or "EPSG:4326"
                 bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
-                shape = _ExtentShape(parts)
+                shape = _ExtentShape(parts, bbox)
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:

@@ -799,7 +799,7 @@ class SkyPromptDock(QDockWidget):
                 raise
 
         def shown(response):
-            if area is not None and not response.tiles_searched:
+            if area is not None and not response.hits:
                 self.show_hits(title, [], names, empty_note=operations.empty_area_note("the map view"))
                 return
             self.show_hits(title, list(response.hits), names)

@@ -283,7 +283,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         response = self._call(settings, run, feedback)
         if response is None:        # cancelled: the output is left as it was
             return {}
-        if area is not None and not response.tiles_searched:
+        if area is not None and not response.hits:
             feedback.pushWarning(operations.empty_area_note("Extent"))
         hits = list(response.hits)
         crs = results.hits_crs(hits) if hits else context.project().crs()

@@ -285,8 +285,10 @@ def write_geotiff(path, value, size=64):
 def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng, monkeypatch):
     """GDAL takes a GeoTIFF's georeferencing, nodata and band colours from an .aux.xml beside it
     before its own: one that moves the raster (gdal_edit on a read-only file, a georeferencer) makes
-    it "changed", and the old tiles would lie elsewhere. Statistics alone, which QGIS writes on
-    display, leave it "unchanged"."""
+    it "changed", and the old tiles would lie elsewhere, and its search hits and `list` say so.
+    Statistics alone, which QGIS writes on display, leave it "unchanged"."""
+    from backend.service import _changed_since_indexing
+
     path, aux = tmp_path / "ortho.tif", tmp_path / "ortho.tif.aux.xml"
     write_geotiff(path, 10)
     monkeypatch.setenv("GDAL_PAM_ENABLED", "YES")      # the tests turn it off (conftest); GDAL's default is on
@@ -300,6 +302,8 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
         aux.write_text(f"<PAMDataset>{stats}</PAMDataset>")
         with open_raster(path) as raster:
             assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
+        entry = index.list_rasters()[0]
+        assert _changed_since_indexing(entry) == ""         # what search hits and `list` say about it
         changes = {"moved": "<GeoTransform>600000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0</GeoTransform>",
                    "nodata": '<PAMRasterBand band="2"><NoDataValue>10</NoDataValue></PAMRasterBand>'}
         for what, element in changes.items():
@@ -308,6 +312,16 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
                 if what == "moved":
                     assert raster.bounds[0] == 600000.0      # GDAL does read it
                 assert index.needs_indexing(raster.identity(), CK, settings) == "changed", what
+            assert "georeferencing in its .aux.xml, changed since it was indexed" in _changed_since_indexing(entry)
+        # histograms of any size are read past (QGIS writes large ones), the georeferencing kept
+        histogram = "<Histograms>" + "<HistItem>" + "0|" * 9_000_000 + "</HistItem></Histograms>"
+        aux.write_text(f'<PAMDataset><PAMRasterBand band="1">{histogram}</PAMRasterBand></PAMDataset>')
+        assert aux.stat().st_size > 16 << 20
+        with open_raster(path) as raster:
+            assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
+        aux.write_text(f'<PAMDataset><PAMRasterBand band="1">{histogram}</PAMRasterBand>{changes["moved"]}</PAMDataset>')
+        with open_raster(path) as raster:
+            assert index.needs_indexing(raster.identity(), CK, settings) == "changed"
         aux.write_text("not xml at all")                     # GDAL ignores it: so does the identity
         with open_raster(path) as raster:
             assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
@@ -352,6 +366,11 @@ def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
             with open_raster(path) as raster:
                 assert raster.read_window(0, 0, 8, 8)[0][:, 0, 0].tolist() == [200, 200, 200]
                 assert index.needs_indexing(raster.identity(), CK, settings) == "changed", path.name
+        # and its search hits and `list` say so, though the VRT's own file is as it was
+        from backend.service import _changed_since_indexing
+        said = {Path(entry["path"]).name: _changed_since_indexing(entry) for entry in index.list_rasters()}
+        assert "source.tif' changed on disk since it was indexed" in said["source.tif"]
+        assert "a file it reads" in said["mosaic.vrt"] and "a file it reads" in said["outer.vrt"]
 
 
 

@@ -275,7 +275,38 @@ def test_search_extent_in_a_rotated_crs_keeps_to_the_extent_itself(server, raste
     few = server.stub.Search(p.SearchRequest(query="roads", k=5, raster_ids=[result.raster_id], extent=west),
                              metadata=server.metadata).hits
     assert [h.tile_id for h in few] == [h.tile_id for h in response.hits][:5]
+    # extents that are no local box keep every tile they hold: the whole world, and a box round the
+    # pole in the raster's own CRS (reprojected, their outlines would fold or wrap)
+    for extent in (p.Extent(xmin=-180, ymin=-90, xmax=180, ymax=90),
+                   p.Extent(xmin=-2e6, ymin=-2e6, xmax=2e6, ymax=2e6, crs="EPSG:3413"),
+                   p.Extent(xmin=-2e7, ymin=-2e7, xmax=2e7, ymax=2e7, crs="EPSG:3857")):
+        held = server.stub.Search(p.SearchRequest(query="roads", k=1000, raster_ids=[result.raster_id], extent=extent),
+                                  metadata=server.metadata).hits
+        assert len(held) == len(everything), extent
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=result.raster_id), metadata=server.metadata)
+
+
+def test_a_world_or_polar_search_extent_keeps_every_tile_it_holds(server, rasters):
+    """Reprojected, the outline of the whole world, or of a box round a pole, folds or wraps: such an
+    extent is left to the index's longitude/latitude box, and every tile in it is found."""
+    p = pb()
+    utm = index(server, rasters["rgb"])[-1].result
+    arctic_path = make_tif(rasters["folder"] / "arctic_4326.tif", noise((3, 100, 200), seed=22),
+                           geotransform=(-40.0, 0.05, 0.0, 87.0, 0.0, -0.01), crs="EPSG:4326")
+    arctic = index(server, arctic_path)[-1].result
+
+    def hits(raster, extent=None):
+        request = p.SearchRequest(query="roads", k=1000, raster_ids=[raster.raster_id])
+        if extent is not None:
+            request.extent.CopyFrom(extent)
+        return len(server.stub.Search(request, metadata=server.metadata).hits)
+
+    world = p.Extent(xmin=-180, ymin=-90, xmax=180, ymax=90)
+    assert hits(utm, world) == hits(utm) == utm.tile_count
+    assert hits(utm, p.Extent(xmin=-2.0e7, ymin=-2.0e7, xmax=2.0e7, ymax=2.0e7, crs="EPSG:3857")) == utm.tile_count
+    pole = p.Extent(xmin=-6e5, ymin=-6e5, xmax=6e5, ymax=6e5, crs="EPSG:3413")
+    assert hits(arctic, pole) == hits(arctic) == arctic.tile_count
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=arctic.raster_id), metadata=server.metadata)
 
 
 def test_caption_and_embed_text(server, rasters):
@@ -336,6 +367,18 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
                               metadata=server.metadata).hits
     assert len(past) == west_done.tile_count > 0
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=west_done.raster_id), metadata=server.metadata)
+    # a longitude/latitude raster whose own coordinates run past 180: its tiles east of 180 lie in
+    # an extent given west of -179, as longitudes are usually written
+    over = make_tif(rasters["folder"] / "over_180.tif", noise((3, 100, 100), seed=13),
+                    geotransform=(179.8, 0.005, 0.0, 0.5, 0.0, -0.005), crs="EPSG:4326")
+    over_done = index(server, over)[-1].result
+    every = server.stub.Search(p.SearchRequest(query="fields", k=1000, raster_ids=[over_done.raster_id]),
+                               metadata=server.metadata).hits
+    east = server.stub.Search(p.SearchRequest(query="fields", k=1000, raster_ids=[over_done.raster_id],
+                                              extent=p.Extent(xmin=-180, ymin=0, xmax=-179, ymax=1)),
+                              metadata=server.metadata).hits
+    assert {h.tile_id for h in east} == {h.tile_id for h in every if h.bounds.xmax > 180} != set()
+    server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=over_done.raster_id), metadata=server.metadata)
     # projected numbers read as longitude/latitude: refused with the way out, not an empty answer
     code, details = code_of(lambda: found(p.Extent(xmin=840000, ymin=20000, xmax=920000, ymax=90000)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "give that CRS" in details
@@ -865,21 +908,29 @@ def test_ctrl_c_in_the_cli_cancels_indexing_on_the_server(server, rasters):
     import signal
 
     path = big_raster(rasters["folder"], side=2900)
-    proc = subprocess.Popen([sys.executable, "-m", "backend", "client", "index", str(path), "--server", server.address],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "SKYPROMPT_TOKEN": server.token})
-    shown, deadline = b"", time.monotonic() + 120
-    while b"%|" not in shown:                      # the progress bar: the server is working on it
-        assert time.monotonic() < deadline and proc.poll() is None, shown
-        if select.select([proc.stderr], [], [], 0.1)[0]:
-            shown += os.read(proc.stderr.fileno(), 4096)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err
-    marker, stopped = f"indexing {path.name} stopped after", time.monotonic()
-    while marker not in server.log_text():
-        assert time.monotonic() - stopped < 5, "the server went on indexing"
-        time.sleep(0.05)
+    marker = f"indexing {path.name} stopped after"
+    for attempt in range(3):     # Ctrl-C pressed twice once made the client hang now and then, closing its channel
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "client", "index", str(path), "--server",
+                                 server.address], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+        shown, deadline = b"", time.monotonic() + 120
+        while b"%|" not in shown:                      # the progress bar: the server is working on it
+            assert time.monotonic() < deadline and proc.poll() is None, shown
+            if select.select([proc.stderr], [], [], 0.1)[0]:
+                shown += os.read(proc.stderr.fileno(), 4096)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02 * attempt)
+        proc.send_signal(signal.SIGINT)         # pressed twice, as an impatient user does
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"the client hung after Ctrl-C (attempt {attempt + 1})") from None
+        assert proc.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+        stopped = time.monotonic()
+        while server.log_text().count(marker) < attempt + 1:
+            assert time.monotonic() - stopped < 5, "the server went on indexing"
+            time.sleep(0.05)
     p = pb()
     code, _ = code_of(lambda: server.stub.Search(p.SearchRequest(query="x", raster_paths=[str(path)]),
                                                  metadata=server.metadata))
@@ -917,10 +968,18 @@ def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
     first = index(server, path)[-1].result
     request = p.IndexRasterRequest(source=p.RasterSource(path=str(path)), force=True)
     call = _until_embedding(server.stub.IndexRaster(request, metadata=server.metadata, timeout=300), p)
+    waiter = server.stub.IndexRaster(request, metadata=server.metadata, timeout=300)
+    assert next(m for m in waiter if m.stage == p.INDEX_STAGE_QUEUED)       # waiting for the first
     removed = server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=first.raster_id), metadata=server.metadata)
     assert removed.indexing_stopped and removed.tiles_removed == first.tile_count
     code, details = code_of(lambda: call)
     assert code == grpc.StatusCode.ABORTED and "removed from the index" in details and "nothing was stored" in details
+    assert "while it was being indexed" in details
+    # the request that waited was made before the removal too: it stops, and says it only waited
+    code, details = code_of(lambda: waiter)
+    assert code == grpc.StatusCode.ABORTED and "while this request waited to index it" in details
+    assert f"indexing {path.name} stopped after" in server.log_text() and "removed from the index meanwhile" in \
+        server.log_text()
     listed = server.stub.ListRasters(p.ListRastersRequest(), metadata=server.metadata).rasters
     assert str(path) not in {r.raster_path for r in listed}
     # indexing it afterwards works as for any raster not in the index
