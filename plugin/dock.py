@@ -412,6 +412,7 @@ class SkyPromptDock(QDockWidget):
 
         task = BackendTask(description, self.settings, work, done)
         task.progressChanged.connect(self._show_progress)
+        task.said.connect(lambda text: None if self._closed else self._message(text, Qgis.Info, 6))
         self._set_busy(True)
         # a second press while the first runs would start a second task and add a second layer
         self.running[kind] = self.running.get(kind, 0) + 1
@@ -711,7 +712,7 @@ class SkyPromptDock(QDockWidget):
                 step = lambda p, i=i: task.setProgress((i + p / 100.0) * 100.0 / len(prepared))  # noqa: E731
                 out[layer_id] = operations.index_layer(conn, source, max_side, step, task.isCanceled,
                                                        notes=task.notes, views=views, view=view,
-                                                       resolution=resolution)
+                                                       resolution=resolution, said=task.said.emit)
             return out
 
         def shown(indexed):

@@ -89,10 +89,12 @@ EXPAND_TILES = 3
 
 def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Cancelled,
                 force: bool = False, notes: list | None = None, views: int | None = None,
-                view: QgsRectangle | None = None, resolution: float | None = None):
+                view: QgsRectangle | None = None, resolution: float | None = None,
+                said: Callable[[str], None] | None = None):
     """Index a whole layer, or for a pixel source `view` (layer CRS) at `resolution`; the IndexResult.
     `views`: views per tile averaged (1, 2, 4 or 8; None = the server's default,
-    ServerInfo.default_index_views)."""
+    ServerInfo.default_index_views). `said(text)` hears what the user should know while it runs:
+    that the backend waits for another client indexing the same file."""
     pb = conn.pb
     source, _, note = _source_and_extent(conn, prepared, None, None, view, max_side, resolution)
     if note and notes is not None:
@@ -100,8 +102,12 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
     request = _for_layer(pb, pb.IndexRasterRequest(source=source, force=force), prepared)
     if views is not None:
         request.views = views
-    result = conn.index(request, progress=lambda m: progress(_percent(m.tiles_done, m.tiles_total)),
-                        cancelled=cancelled)
+    def on_progress(message):
+        if message.stage == pb.INDEX_STAGE_QUEUED and said is not None:
+            said(message.message)
+        progress(_percent(message.tiles_done, message.tiles_total))
+
+    result = conn.index(request, progress=on_progress, cancelled=cancelled)
     _keep_band_note(notes, result.band_note)
     return result
 

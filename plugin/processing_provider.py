@@ -185,7 +185,8 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
         result = self._call(settings, lambda conn: operations.index_layer(
             conn, prepared, settings.max_pixel_side, feedback.setProgress, feedback.isCanceled,
             force=self.parameterAsBool(parameters, "FORCE", context), notes=notes,
-            views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0]), feedback)
+            views=VIEW_CHOICES[self.parameterAsEnum(parameters, "VIEWS", context)][0],
+            said=feedback.pushInfo), feedback)
         for note in notes:
             feedback.pushInfo(note)
         if result is None:          # cancelled: the backend keeps nothing of a raster it did not finish

@@ -6,6 +6,7 @@ import traceback
 from typing import Any, Callable
 
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
 
 from .settings import LOG_TAG
 from .sources import SourceError
@@ -14,7 +15,10 @@ from .sources import SourceError
 class BackendTask(QgsTask):
     """`work(conn, task)` runs in the worker thread with a fresh connection; `done(result, error)` on the
     main thread, error being a BackendError (code, message) or None. `work` reports progress with
-    task.setProgress(0..100) and checks task.isCanceled()."""
+    task.setProgress(0..100), checks task.isCanceled(), and may tell the user something while it
+    runs with task.said.emit(text) (shown on the main thread)."""
+
+    said = pyqtSignal(str)
 
     def __init__(self, description: str, settings, work: Callable[[Any, "BackendTask"], Any],
                  done: Callable[[Any, Any], None] | None = None):

@@ -468,6 +468,29 @@ def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, ifac
         edited.unlink()
 
 
+def test_index_says_so_while_another_client_indexes_the_same_file(dock, iface, rasters, live):  # noqa: F811
+    """The backend indexes one file for one request at a time: Index waiting for another client's
+    indexing of the same file says so, rather than sitting at 0%, then finds it indexed."""
+    from qgis.PyQt.QtCore import Qt
+
+    from backend.rpc import skyprompt_pb2 as pb
+
+    path = slow_raster(rasters)
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(path), "being indexed elsewhere"))
+    dock.tick_none.click()
+    dock.layer_list.item(0).setCheckState(Qt.Checked)
+    assert dock.checked_layers() == [layer]
+    other = live.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(path)), force=True),
+                                  metadata=live.metadata, timeout=300)
+    next(m for m in other if m.stage == pb.INDEX_STAGE_EMBEDDING and m.tiles_done > 0)
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    said = [text for _, text, _ in iface.message_bar.messages[before:]]
+    assert any(f"waiting: another request is indexing {path.name}" in (t or "") for t in said), said
+    assert list(other)[-1].result.outcome in (pb.INDEX_OUTCOME_INDEXED, pb.INDEX_OUTCOME_REPLACED)
+    assert any("1 unchanged" in (t or "") for t in said), said          # found indexed by the other
+
+
 def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
                                                                                       tmp_path):  # noqa: F811
     """Raster and tile ids are each backend's own: a file layer is searched by its path, and a new
