@@ -383,8 +383,10 @@ class SkyPromptDock(QDockWidget):
             self.progress.setRange(0, 100)
             self.progress.setValue(0)
 
-    def _task(self, kind: str, description: str, work, shown) -> BackendTask | None:
-        """Start a BackendTask whose answer goes to shown(result) and ends with taskDone(kind, error)."""
+    def _task(self, kind: str, description: str, work, shown, failed=None, settings=None) -> BackendTask | None:
+        """Start a BackendTask whose answer goes to shown(result) and ends with taskDone(kind, error);
+        failed(error) also hears an error that is no cancel. `settings`: a copy to call the backend
+        with, where the call must go to the backend of that moment (default: the panel's own)."""
         if self.deps_problem:
             self._message(f"cannot call the backend: {self.deps_problem}", Qgis.Warning)
             self.taskDone.emit(kind, self.deps_problem)
@@ -406,11 +408,13 @@ class SkyPromptDock(QDockWidget):
                     self._message(f"{what}: {e}", Qgis.Critical)
             elif not (error.code == "CANCELLED" and task.isCanceled()):   # a backend that stopped is an error
                 self._message(f"{what} failed: {error.message}", Qgis.Critical)
+                if failed is not None:
+                    failed(error)
             for note in task.notes:
                 self._message(note, Qgis.Warning)
             self.taskDone.emit(kind, error)
 
-        task = BackendTask(description, self.settings, work, done)
+        task = BackendTask(description, settings or self.settings, work, done)
         task.progressChanged.connect(self._show_progress)
         task.said.connect(lambda text: None if self._closed else self._message(text, Qgis.Info, 6))
         self._set_busy(True)
@@ -459,31 +463,54 @@ class SkyPromptDock(QDockWidget):
 
     def list_indexed(self) -> BackendTask | None:
         dialog = self.index_dialog
+        settings = dataclasses.replace(self.settings)       # this backend's list, whatever the address becomes
+        address = settings.address
+
+        def current() -> bool:
+            # an answer from the backend before an address change is not this backend's: its ids
+            # would name other rasters here
+            return dialog is not None and address == self.settings.address
 
         def shown(rasters):
-            if dialog is not None:
-                dialog.show_rasters(rasters)
+            if current():
+                dialog.show_rasters(rasters, address)
+
+        def failed(error):
+            if current():
+                dialog.clear(f"Could not list the index of the backend at {address}: {error.message}")
 
         return self._task("list", "SkyPrompt: listing the backend's index",
-                          lambda conn, task: operations.indexed_rasters(conn), shown)
+                          lambda conn, task: operations.indexed_rasters(conn), shown, failed, settings)
 
-    def remove_indexed(self, raster_ids: list[str]) -> BackendTask | None:
+    def remove_indexed(self, entries: list, address: str) -> BackendTask | None:
+        """Remove IndexedRaster `entries`, listed from the backend at `address`, from its index."""
+        if address != self.settings.address:
+            self._message(f"that list is of the backend at {address}, not of the one at {self.settings.address}: "
+                          "nothing removed; look at the list again", Qgis.Warning)
+            self.taskDone.emit("remove", "another backend")
+            self.list_indexed()
+            return None
+        settings = dataclasses.replace(self.settings)
+        names = {e.raster_id: e.raster_name for e in entries}
+
         def work(conn, task):
-            return operations.remove_rasters(conn, raster_ids, task.isCanceled)
+            return operations.remove_rasters(conn, list(names), task.isCanceled)
 
         def shown(answer):
             removed, failed = answer
             gone = {r.raster_id for r in removed}
             for ids in self.indexed.values():      # this session's layers indexed under those ids: no more
                 ids -= gone
-            tiles = sum(r.tiles_removed for r in removed)
-            self._message(f"removed {len(removed)} raster(s), {tiles} tiles, from the index", Qgis.Success, 4)
-            for line in failed:
-                self._message(f"not removed: {line}", Qgis.Warning)
+            if removed:
+                tiles = sum(r.tiles_removed for r in removed)
+                self._message(f"removed {len(removed)} raster(s), {tiles} tiles, from the index", Qgis.Success, 4)
+            for raster_id, why in failed:
+                self._message(f"{names[raster_id]} not removed: {why}", Qgis.Warning)
             self.list_indexed()
             self.refresh_health()       # the index counts in the connection bar
 
-        return self._task("remove", f"SkyPrompt: removing {len(raster_ids)} raster(s) from the index", work, shown)
+        return self._task("remove", f"SkyPrompt: removing {len(names)} raster(s) from the index", work, shown,
+                          settings=settings)
 
     def check_dependencies(self) -> None:
         deps.activate(self.deps_folder)
@@ -774,6 +801,11 @@ class SkyPromptDock(QDockWidget):
         if self.search_in_view.isChecked():
             # read here, on the main thread: the map may move while the backend works
             crs = QgsCoordinateReferenceSystem(self.canvas.mapSettings().destinationCrs())
+            if not crs.isValid():
+                self._message("the map has no CRS, so its view cannot be placed: set the project's CRS (Project > "
+                              "Properties > CRS), or untick 'Only in the map view'", Qgis.Warning)
+                self.taskDone.emit("search", "map without a CRS")
+                return None
             view = within_crs_area(self.canvas.extent(), crs)
             if view.isEmpty():
                 self._message("the map view lies outside the area its CRS covers: pan to the layers, or untick "

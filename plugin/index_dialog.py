@@ -25,12 +25,14 @@ def indexed_when(seconds: float) -> str:
 
 class IndexedRastersDialog(QDialog):
     def __init__(self, parent, refresh, remove, message):
-        """`refresh()` asks the dock for the list, `remove(ids)` to remove those rasters, `message(text,
-        level)` shows a message as the dock does."""
+        """`refresh()` asks the dock for the list, `remove(entries, address)` to remove those rasters
+        from the index of the backend at `address`, `message(text, level)` shows a message as the dock
+        does."""
         super().__init__(parent)
         self.setWindowTitle("SkyPrompt: indexed rasters")
         self._refresh, self._remove, self._message = refresh, remove, message
         self.rasters: list = []
+        self.address = ""           # the backend the list is of
         self.summary = QLabel("Asking the backend…")
         self.summary.setWordWrap(True)
         self.table = QTableWidget(0, len(COLUMNS))
@@ -62,16 +64,18 @@ class IndexedRastersDialog(QDialog):
         self.resize(760, 360)
         self._update_buttons()
 
-    def show_rasters(self, rasters: list) -> None:
-        """Fill the table with IndexedRaster entries (ListRastersResponse.rasters)."""
-        self.rasters = list(rasters)
+    def show_rasters(self, rasters: list, address: str) -> None:
+        """Fill the table with IndexedRaster entries (ListRastersResponse.rasters) of the backend at
+        `address`."""
+        self.table.clearSelection()     # the rows are about to hold other rasters
+        self.rasters, self.address = list(rasters), address
         self.table.setRowCount(len(self.rasters))
         for row, r in enumerate(self.rasters):
             cells = (r.raster_name, str(r.tile_count), r.crs.authid or "(custom)", indexed_when(r.indexed_at),
                      operations.raster_state(r), r.raster_path or "(sent as pixels)")
             for column, text in enumerate(cells):
                 item = QTableWidgetItem(text)
-                item.setToolTip(r.changed_on_disk or text)
+                item.setToolTip(operations.in_panel_words(r.changed_on_disk) or text)
                 if column == 1:
                     item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(row, column, item)
@@ -84,8 +88,9 @@ class IndexedRastersDialog(QDialog):
         self._update_buttons()
 
     def clear(self, note: str) -> None:
-        """Empty the table, with `note` saying why (another backend: its list is not this one)."""
-        self.rasters = []
+        """Empty the table, with `note` saying why (another backend, or no answer)."""
+        self.table.clearSelection()
+        self.rasters, self.address = [], ""
         self.table.setRowCount(0)
         self.summary.setText(note)
         self._update_buttons()
@@ -109,7 +114,8 @@ class IndexedRastersDialog(QDialog):
                 self, "Remove from index", f"Remove {names} ({tiles} tiles) from the backend's index? The files stay; "
                                            "searching them again needs Index.") != QMessageBox.Yes:
             return
-        self._remove([r.raster_id for r in chosen])
+        self._remove(chosen, self.address)
+        self.table.clearSelection()     # removed or refused: a second press must not send them again
 
     def add_selected(self) -> None:
         added, missing = [], []

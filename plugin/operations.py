@@ -6,6 +6,7 @@ plain values and two callbacks, progress(percent) and cancelled() -> bool.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
@@ -127,8 +128,8 @@ def indexed_rasters(conn) -> list:
     return list(conn.list_rasters(conn.pb.ListRastersRequest(all_checkpoints=True)).rasters)
 
 
-def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[list, list[str]]:
-    """RemoveRaster for each id: (the RemoveRasterResponses, one "id: why" line per id that failed).
+def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[list, list[tuple[str, str]]]:
+    """RemoveRaster for each id: (the RemoveRasterResponses, (id, why) for each id that failed).
     One that fails (removed meanwhile by another client, say) does not stop the others; a backend
     that cannot be reached does."""
     from .connection import BackendError
@@ -142,18 +143,25 @@ def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[l
         except BackendError as e:
             if e.code in ("UNAVAILABLE", "UNAUTHENTICATED"):    # the backend, not this raster: the rest would fail too
                 raise
-            failed.append(f"{raster_id}: {e.message}")
+            failed.append((raster_id, e.message))
     return removed, failed
 
 
 def raster_state(entry) -> str:
     """What an IndexedRaster's row says about it: whether searches use it and whether it is still
     what was indexed."""
+    if "moved or deleted" in entry.changed_on_disk:
+        return "moved or deleted since indexed: remove it, or index it where it is now"
     if entry.changed_on_disk:
         return "changed on disk since indexed: index it again"
     if not entry.current_checkpoint:
         return "indexed with another model: not searched (index it again, or remove it)"
     return "up to date"
+
+
+def in_panel_words(text: str) -> str:
+    """A backend message without the command-line client's commands it names, "(client index)"."""
+    return re.sub(r" \(client \w+\)", "", text)
 
 
 def empty_area_note(where: str) -> str:

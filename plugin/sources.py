@@ -167,17 +167,29 @@ def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
 
 
 def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
-    """`rect` clipped to where `crs` is defined (its area of use): a map zoomed out past the world
-    shows longitudes past 180 degrees, or Web Mercator past its latitudes, which the backend cannot
-    turn into longitude/latitude. Unchanged when the CRS gives no area of use."""
+    """`rect` as an area the backend can turn into longitude/latitude. A longitude/latitude map
+    zoomed out past the world shows latitudes past 90 degrees: clipped to the world. A projected
+    map is sent as it is, however far it reaches past the CRS's area of use (a layer in the next UTM
+    zone is still in view), unless it cannot be transformed at all: then it is clipped to that area
+    of use."""
+    import math
+
     from qgis.core import QgsCsException
 
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    if crs.isGeographic():
+        return rect.intersect(QgsRectangle(-180.0, -90.0, 180.0, 90.0))
+    try:
+        box = QgsCoordinateTransform(crs, wgs84, QgsProject.instance()).transformBoundingBox(rect)
+        if all(math.isfinite(v) for v in (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())):
+            return QgsRectangle(rect)
+    except QgsCsException:
+        pass
     valid = crs.bounds()
     if valid.isEmpty():
         return QgsRectangle(rect)
     try:
-        to_crs = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"), crs, QgsProject.instance())
-        return rect.intersect(to_crs.transformBoundingBox(valid))
+        return rect.intersect(QgsCoordinateTransform(wgs84, crs, QgsProject.instance()).transformBoundingBox(valid))
     except QgsCsException:
         return QgsRectangle(rect)
 

@@ -352,18 +352,23 @@ def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, ifac
     assert "tick the layers to search" in " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
 
 
-def test_a_map_zoomed_out_past_the_world_is_clipped_to_where_its_crs_is_defined(qgis_app):
-    """A zoomed-out map shows longitudes past 180 degrees, or Web Mercator past its latitudes: the
-    backend refuses such an extent, so the view is clipped to the CRS's area of use first."""
-    from plugin.sources import within_crs_area
+def test_a_map_view_is_sent_as_an_area_the_backend_can_take(qgis_app, live):
+    """A longitude/latitude map zoomed out past the world shows latitudes past 90 degrees, which the
+    backend refuses: clipped to the world. A projected view goes as it is, also past its CRS's area
+    of use (a layer in the next UTM zone is still in view), and the backend takes it."""
+    from backend.rpc import skyprompt_pb2 as pb
+    from plugin.sources import within_crs_area, wire_extent
 
-    wgs84, mercator = QgsCoordinateReferenceSystem("EPSG:4326"), QgsCoordinateReferenceSystem("EPSG:3857")
+    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
     clipped = within_crs_area(QgsRectangle(-400, -120, 400, 120), wgs84)
     assert (clipped.xMinimum(), clipped.yMinimum(), clipped.xMaximum(), clipped.yMaximum()) == (-180, -90, 180, 90)
-    clipped = within_crs_area(QgsRectangle(-6e7, -6e7, 6e7, 6e7), mercator)
-    assert -2.01e7 < clipped.xMinimum() < -1.99e7 and 1.99e7 < clipped.yMaximum() < 2.1e7
-    inside = QgsRectangle(500000, 5000000, 510000, 5010000)
-    assert within_crs_area(inside, mercator) == inside                  # a view inside it: unchanged
+    views = [(QgsRectangle(-6e7, -6e7, 6e7, 6e7), QgsCoordinateReferenceSystem("EPSG:3857")),
+             # EPSG:32614's area of use ends at 96 degrees west; this view reaches 93.7
+             (QgsRectangle(600000, 5000000, 900000, 5200000), QgsCoordinateReferenceSystem("EPSG:32614"))]
+    for rect, crs in views:
+        assert within_crs_area(rect, crs) == rect
+        request = pb.SearchRequest(query="fields", k=1, extent=wire_extent(pb, rect, crs))
+        live.stub.Search(request, metadata=live.metadata)          # taken: no error
 
 
 def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, tmp_path):
@@ -409,6 +414,13 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
     said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
     assert "no indexed tile of the layers searched lies in the map view" in said, said
     assert dock.result_list.count() == 0
+    # a map with no CRS: its view cannot be placed, and the panel says so in its own words
+    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem())
+    iface.canvas.setDestinationCrs(QgsCoordinateReferenceSystem())
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "search", dock.search) == "map without a CRS"
+    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+    assert "the map has no CRS" in said and "Extent.crs" not in said
 
 
 def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, iface, rasters, own_backend,  # noqa: F811
@@ -423,21 +435,31 @@ def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, ifac
     _, address = own_backend.start()
     dock.settings.address = address
     kept, edited = rasters["folder"] / "kept_in_index.tif", rasters["folder"] / "edited_in_index.tif"
+    gone = rasters["folder"] / "gone_from_disk.tif"
     shutil.copy(rasters["rgb"], kept)
     shutil.copy(rasters["rgba"], edited)
+    shutil.copy(rasters["grey16"], gone)
     project = QgsProject.instance()
-    for path in (kept, edited):
+    for path in (kept, edited, gone):
         project.addMapLayer(QgsRasterLayer(str(path), path.stem))
     try:
         assert run_dock(dock, "index", dock.index_layers) is None
         make_tif(edited, noise((4, 160, 160), seed=79))              # written again after Index
+        project.removeMapLayer(project.mapLayersByName("gone_from_disk")[0].id())
+        gone.unlink()                                                 # deleted after Index
         assert run_dock(dock, "list", dock.open_index_dialog) is None
         window = dock.index_dialog
         rows = {window.table.item(r, 0).text(): r for r in range(window.table.rowCount())}
-        assert set(rows) == {"kept_in_index.tif", "edited_in_index.tif"}
+        assert set(rows) == {"kept_in_index.tif", "edited_in_index.tif", "gone_from_disk.tif"}
         assert window.table.item(rows["kept_in_index.tif"], 4).text() == "up to date"
         assert window.table.item(rows["edited_in_index.tif"], 4).text().startswith("changed on disk")
-        assert "2 raster(s)" in window.summary.text() and "1 not up to date" in window.summary.text()
+        assert window.table.item(rows["gone_from_disk.tif"], 4).text().startswith("moved or deleted")
+        assert "(client" not in window.table.item(rows["gone_from_disk.tif"], 4).toolTip()   # the panel's words
+        assert "3 raster(s)" in window.summary.text() and "2 not up to date" in window.summary.text()
+        window.table.selectRow(rows["gone_from_disk.tif"])
+        assert run_dock(dock, "list", dock.list_indexed) is None
+        assert window.selected() == []          # a refreshed list may hold other rasters in those rows
+        rows = {window.table.item(r, 0).text(): r for r in range(window.table.rowCount())}
         assert not window.remove_button.isEnabled()                   # nothing selected yet
         window.table.selectionModel().select(window.table.model().index(rows["edited_in_index.tif"], 0),
                                              QItemSelectionModel.Select | QItemSelectionModel.Rows)
@@ -449,19 +471,30 @@ def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, ifac
         monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
         edited_id = window.selected()[0].raster_id
         assert run_dock(dock, "remove", window.remove_selected) is None
-        wait_until(lambda: window.table.rowCount() == 1, 60, "the list after the removal")
-        assert window.table.item(0, 0).text() == "kept_in_index.tif" and edited.exists()
+        wait_until(lambda: window.table.rowCount() == 2, 60, "the list after the removal")
+        assert "edited_in_index.tif" not in {window.table.item(r, 0).text() for r in range(2)} and edited.exists()
         assert all(edited_id not in ids for ids in dock.indexed.values())
         # Add to map: the kept raster as a new layer
-        window.table.selectRow(0)
+        window.table.selectRow([window.table.item(r, 0).text() for r in range(2)].index("kept_in_index.tif"))
         before = len(project.mapLayers())
         window.add_selected()
         added = [l for l in project.mapLayers().values() if l.name() == "kept_in_index.tif"]
         assert len(project.mapLayers()) == before + 1 and added and added[0].isValid()
-        # another backend address: the list is not that backend's
+        # another backend address: the list is not that backend's, nor is an answer still on its way
+        listed, old = list(window.rasters), dock.settings.address
+        dock.list_indexed()
         dock.address.setText("127.0.0.1:1")
         dock._address_edited()
         assert window.table.rowCount() == 0 and "address changed" in window.summary.text()
+        wait_until(lambda: dock.running.get("list", 0) == 0, 60, "the listing begun before the change")
+        assert window.table.rowCount() == 0
+        # and a list of the old backend never removes from the new one (its ids are other rasters there)
+        window.show_rasters(listed, old)
+        window.table.selectRow(0)
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "remove", window.remove_selected) == "another backend"
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert f"that list is of the backend at {old}" in said and "nothing removed" in said
     finally:
         project.removeAllMapLayers()
         kept.unlink()
