@@ -720,7 +720,7 @@ class SkyPromptDock(QDockWidget):
                         raise SourceError(f"layer {layer.name()!r} is a tile service: pan to the area to index")
                     resolution = self._canvas_resolution(view)
                     seen.append(layer.name())
-                prepared.append((layer.id(), source, view, resolution))
+                prepared.append((layer.id(), layer.name(), source, view, resolution))
         except SourceError as e:
             self._message(str(e), Qgis.Critical)
             self.taskDone.emit("index", e)
@@ -732,23 +732,37 @@ class SkyPromptDock(QDockWidget):
                           Qgis.Info, 6)
 
         def work(conn, task):
-            out = {}
-            for i, (layer_id, source, view, resolution) in enumerate(prepared):
+            from .connection import BackendError
+
+            out, failed = {}, []
+            for i, (layer_id, name, source, view, resolution) in enumerate(prepared):
                 if task.isCanceled():
                     break
                 step = lambda p, i=i: task.setProgress((i + p / 100.0) * 100.0 / len(prepared))  # noqa: E731
-                out[layer_id] = operations.index_layer(conn, source, max_side, step, task.isCanceled,
-                                                       notes=task.notes, views=views, view=view,
-                                                       resolution=resolution, said=task.said.emit)
-            return out
+                try:
+                    out[layer_id] = operations.index_layer(conn, source, max_side, step, task.isCanceled,
+                                                           notes=task.notes, views=views, view=view,
+                                                           resolution=resolution, said=task.said.emit)
+                except BackendError as e:
+                    # one layer the backend refuses (or that was removed while it indexed it) leaves
+                    # the others to index; a backend gone, a refused token or a cancel stops them all
+                    if e.code in operations.STOP_ALL or len(prepared) == 1:
+                        raise
+                    failed.append(f"{name} not indexed: {e.message}")
+            if failed and not out:
+                raise BackendError("", "; ".join(failed))
+            return out, failed
 
-        def shown(indexed):
+        def shown(answer):
+            indexed, failed = answer
             for lid, r in indexed.items():
                 self.indexed.setdefault(lid, set()).add(r.raster_id)
             tiles = sum(r.tile_count for r in indexed.values())
             counts = Counter(operations.outcome_word(r) for r in indexed.values())
             what = ", ".join(f"{n} {word}" for word, n in counts.items())
             self._message(f"indexed {len(indexed)} layer(s), {tiles} tiles ({what})", Qgis.Success, 4)
+            for line in failed:
+                self._message(line, Qgis.Warning)
             self.refresh_health()   # the index counts in the connection bar
 
         return self._task("index", f"SkyPrompt: indexing {len(layers)} layer(s)", work, shown)

@@ -128,6 +128,10 @@ def indexed_rasters(conn) -> list:
     return list(conn.list_rasters(conn.pb.ListRastersRequest(all_checkpoints=True)).rasters)
 
 
+# errors of the backend or the call, not of one raster: work over several rasters stops at them
+STOP_ALL = ("UNAVAILABLE", "UNAUTHENTICATED", "CANCELLED", "DEADLINE_EXCEEDED")
+
+
 def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[list, list[tuple[str, str]]]:
     """RemoveRaster for each id: (the RemoveRasterResponses, (id, why) for each id that failed).
     One that fails (removed meanwhile by another client, say) does not stop the others; a backend
@@ -141,7 +145,7 @@ def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[l
         try:
             removed.append(conn.remove(conn.pb.RemoveRasterRequest(raster_id=raster_id)))
         except BackendError as e:
-            if e.code in ("UNAVAILABLE", "UNAUTHENTICATED"):    # the backend, not this raster: the rest would fail too
+            if e.code in STOP_ALL:      # the backend, not this raster: the rest would fail too
                 raise
             failed.append((raster_id, e.message))
     return removed, failed

@@ -524,6 +524,33 @@ def test_index_says_so_while_another_client_indexes_the_same_file(dock, iface, r
     assert any("1 unchanged" in (t or "") for t in said), said          # found indexed by the other
 
 
+def test_index_goes_on_past_a_layer_the_backend_refuses(dock, iface, rasters, tmp_path):  # noqa: F811
+    """Of several ticked layers, one the backend refuses (here: a file outside its allowed folders)
+    is named with the reason, and the others are indexed all the same."""
+    import shutil
+
+    from qgis.PyQt.QtCore import Qt
+
+    project = QgsProject.instance()
+    outside = tmp_path / "outside_the_roots.tif"
+    shutil.copy(rasters["rgb"], outside)
+    good = project.addMapLayer(QgsRasterLayer(str(rasters["rgba"]), "allowed"))
+    refused = project.addMapLayer(QgsRasterLayer(str(outside), "not allowed"))
+    dock.tick_all.click()
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    said = [(text or "", level) for _, text, level in iface.message_bar.messages[before:]]
+    assert any(t.startswith("indexed 1 layer(s)") for t, _ in said), said
+    assert any(t.startswith("not allowed not indexed: ") and "outside the allowed roots" in t
+               and level == int(Qgis.Warning) for t, level in said), said
+    assert good.id() in dock.indexed and refused.id() not in dock.indexed
+    # alone, it is the task's error, as before
+    dock.tick_none.click()
+    dock.layer_list.item([dock.layer_list.item(i).text() for i in range(dock.layer_list.count())]
+                         .index("not allowed")).setCheckState(Qt.Checked)
+    assert run_dock(dock, "index", dock.index_layers) is not None
+
+
 def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
                                                                                       tmp_path):  # noqa: F811
     """Raster and tile ids are each backend's own: a file layer is searched by its path, and a new
