@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             settings = PluginSettings.load()
             settings.address, settings.k = address, 8
             settings.save()
-            iface = DesktopIface(900, 720)
+            iface = DesktopIface(900, 840)
             layers = [QgsRasterLayer(str(GEOTIFFS / n), Path(n).stem) for n in LAYERS]
             QgsProject.instance().addMapLayers(layers)
             iface.canvas.setDestinationCrs(layers[0].crs())
@@ -86,7 +86,9 @@ def main(argv=None) -> int:
             wait(dock, "search", dock.search)
             wait(dock, "health", dock.refresh_health)   # index counts in the connection bar
             iface.canvas.setLayers([dock.last_layer] + layers)
-            iface.canvas.setExtent(layers[0].extent())
+            shown = layers[0].extent()
+            shown.scale(0.8)        # the map is taller than the layer: filled with it, not with blank margins
+            iface.canvas.setExtent(shown)
             iface.canvas.refresh()
             iface.canvas.waitWhileRendering()
             for _ in range(50):
