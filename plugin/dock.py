@@ -306,7 +306,7 @@ class SkyPromptDock(QDockWidget):
         self.min_area.setRange(0.0, 1e9)
         self.min_area.setSuffix(" m²")
         self._remember(self.min_area, "min_area_m2")
-        self.follow_edges = QCheckBox("Follow the image's edges")
+        self.follow_edges = QCheckBox("Follow image edges")
         self._remember(self.follow_edges, "follow_edges")
         self.follow_edges.setToolTip("Refine each mask along edges in the image (field borders, shores, roofs) "
                                      "instead of the model's 16-pixel patches; the backend chooses the radius")
@@ -322,7 +322,7 @@ class SkyPromptDock(QDockWidget):
         form.addRow("", self.draw_button)     # under the choice, not beside it: both stay readable at ~300 px
         form.addRow("Threshold", self.threshold)
         form.addRow("Minimum area", self.min_area)
-        form.addRow("", self.follow_edges)
+        form.addRow(self.follow_edges)      # the whole row: beside an empty label it was cut short
         form.addRow("Output", self.output)
         form.addRow(self.segment_button)
         return tab
