@@ -259,6 +259,39 @@ def _resolution(value: float, field: str = "target_resolution") -> float | None:
     return value or None
 
 
+class _RecentDigests:
+    """sources_digest_of(path), remembered for `ttl_s` seconds per (path, size, mtime) of the file
+    and of its .aux.xml: a VRT of thousands of files takes tens of milliseconds to digest, once per
+    search that hits it otherwise. A change to the file or its .aux.xml shows at once, a change to
+    a file behind a VRT within `ttl_s`."""
+
+    def __init__(self, ttl_s: float = 30.0):
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._known: dict[tuple, tuple[float, str]] = {}
+
+    def digest(self, path: str, size: int, mtime_ns: int) -> str:
+        try:
+            aux = os.stat(path + ".aux.xml")
+            beside = (aux.st_size, aux.st_mtime_ns)
+        except OSError:
+            beside = None
+        key, now = (path, size, mtime_ns, beside), time.monotonic()
+        with self._lock:
+            seen = self._known.get(key)
+        if seen is not None and now - seen[0] < self.ttl_s:
+            return seen[1]
+        digest = sources_digest_of(path)
+        with self._lock:
+            if len(self._known) > 4096:      # old keys of rasters since changed: start afresh
+                self._known.clear()
+            self._known[key] = (now, digest)
+        return digest
+
+
+_RECENT_DIGESTS = _RecentDigests()
+
+
 def _changed_since_indexing(row: dict) -> str:
     """Why an indexed raster's file is no longer what was indexed ("" when it still is): its size or
     modification time differ from the index's record, or it is gone. A file that reads others (a
@@ -278,7 +311,7 @@ def _changed_since_indexing(row: dict) -> str:
     # opened with GDAL only where there are any, so a raster that is one file costs one stat more
     if row.get("sources") or os.path.exists(path + ".aux.xml"):
         try:
-            sources = sources_digest_of(path)
+            sources = _RECENT_DIGESTS.digest(path, now["size"], now["mtime_ns"])
         except RasterError:
             return ""       # not to be judged here; indexing it again says what is wrong
         if sources != row.get("sources", ""):

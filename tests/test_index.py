@@ -332,6 +332,30 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
             assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
 
 
+def test_a_vrts_sources_are_digested_once_a_while_not_once_a_search(tmp_path, monkeypatch):
+    """Search flags hits from a raster changed since indexing: for a VRT that means reading every
+    file behind it, tens of milliseconds for thousands of files. The digest is kept for a while per
+    VRT, so searches do not pay it each time; a change behind the VRT shows when it runs out."""
+    import backend.service as service
+
+    source, vrt = tmp_path / "source.tif", tmp_path / "mosaic.vrt"
+    write_geotiff(source, 10)
+    gdal.BuildVRT(str(vrt), [str(source)]).FlushCache()
+    digested = []
+    real_digest = service.sources_digest_of
+    monkeypatch.setattr(service, "sources_digest_of", lambda path: digested.append(path) or real_digest(path))
+    recent = service._RecentDigests(ttl_s=3600)
+    st = vrt.stat()
+    first = recent.digest(str(vrt), st.st_size, st.st_mtime_ns)
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) == first and len(digested) == 1
+    before = source.stat()
+    write_geotiff(source, 200)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) == first        # kept for its while
+    recent.ttl_s = 0.0
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) != first and len(digested) == 2
+
+
 def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
     """A VRT's own size and mtime stay the same when a GeoTIFF behind it is rewritten; its identity
     also covers every file GDAL reads for it (nested VRTs' sources too), so re-indexing it is no longer
