@@ -611,9 +611,10 @@ class Raster:
 
     def identity(self) -> dict:
         """Key of this raster's content: real path, size in bytes and mtime in ns as at open, plus
-        ``sources`` for a VRT: a digest of its sources' paths, sizes and mtimes, so editing a file
-        behind it changes the key (taken at the first call; RasterError where referenced_files()
-        cannot follow its VRTs).
+        ``sources`` where it reads other files or has georeferencing in an .aux.xml (_sources_digest:
+        a VRT's sources, a world file, the .aux.xml's georeferencing), so editing one of those
+        changes the key (taken at the first call; RasterError where referenced_files() cannot
+        follow its VRTs).
 
         Pixel sources have no file: path "", size and mtime_ns 0, plus a ``sha256`` of their pixels
         and georeferencing.

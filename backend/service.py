@@ -293,9 +293,10 @@ _RECENT_DIGESTS = _RecentDigests()
 
 
 def _changed_since_indexing(row: dict) -> str:
-    """Why an indexed raster's file is no longer what was indexed ("" when it still is): its size or
-    modification time differ from the index's record, or it is gone. A file that reads others (a
-    VRT) is judged by itself alone here; indexing again compares them all."""
+    """Why an indexed raster's file is no longer what was indexed ("" when it still is): it is gone,
+    its size or modification time differ from the index's record, or so do those of a file it reads
+    (a VRT's sources, a world file) or the georeferencing in its .aux.xml (_RecentDigests: a change
+    behind a VRT shows within 30 s)."""
     path = row["path"]
     if path.startswith(PIXELS_PREFIX):
         return ""
@@ -358,6 +359,7 @@ class _IndexJob:
         self.lock = threading.Lock()
         self.users = 0                  # requests holding or waiting for `lock`
         self.removed = threading.Event()
+        self.committed = False          # the holder's tiles are in the index: a removal now removes them
 
 
 class _TilePlan(NamedTuple):
@@ -431,7 +433,8 @@ class _RasterJobs:
             # requests still waiting for it were made before the removal and stop too; later ones
             # start a job of their own
             del self._jobs[key]
-            return True
+            # stopped: an indexing not yet stored, or requests waiting (users counts the holder too)
+            return not job.committed or job.users > 1
 
 
 def _removed_while_indexing(name: str, waiting: bool = False) -> RequestError:
@@ -625,6 +628,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 if job.removed.is_set():
                     raise _removed_while_indexing(raster.name)
                 writer.commit()
+                job.committed = True
                 entry = self.index.raster(writer.raster_id)
         except BaseException as error:
             writer.abort()

@@ -212,7 +212,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
                 "Query words the model rarely or never saw in training are named in a warning. The advanced "
                 "Like tile searches for tiles that look like one tile (a tile_id of an earlier result) "
-                "instead of a query; leave Query empty then. With Extent, only tiles that lie in it are found.")
+                "instead of a query; leave Query empty then. With Only in this extent, only tiles that lie in "
+                "it or overlap it are found (an extent typed without [EPSG:code] is in the project's CRS).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))

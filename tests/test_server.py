@@ -987,6 +987,54 @@ def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_path=str(path)), metadata=server.metadata)
 
 
+def test_a_removal_right_after_an_indexing_was_stored_reports_nothing_stopped():
+    """Between storing a raster's tiles and its last progress message an indexing still holds the
+    raster: a removal then removes the stored tiles and stops nothing, which it must not claim.
+    Requests still waiting to index the raster are stopped all the same."""
+    import threading
+
+    from backend.service import RequestError, _RasterJobs
+
+    jobs = _RasterJobs()
+
+    def take():
+        waiting = jobs.wait_for("/data/r.tif", "r.tif", lambda: False)
+        try:
+            while True:
+                next(waiting)
+        except StopIteration as done:
+            return done.value
+
+    job = take()
+    assert jobs.mark_removed("/data/r.tif") is True          # not stored yet: stopped
+    jobs.release(job)
+    job = take()
+    job.committed = True
+    assert jobs.mark_removed("/data/r.tif") is False         # stored: nothing to stop
+    jobs.release(job)
+    job = take()
+    job.committed = True
+    outcome = []
+
+    def waiter():
+        try:
+            outcome.append(take())
+        except RequestError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while job.users < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert jobs.mark_removed("/data/r.tif") is True          # the waiting request is stopped
+    jobs.release(job)
+    thread.join(10)
+    assert isinstance(outcome[0], RequestError) and "waited to index it" in outcome[0].message
+    assert jobs.mark_removed("/data/r.tif") is False and not jobs._jobs   # nothing left behind
+
+
 def test_remove_by_path_stops_a_first_indexing_through_the_client(server, rasters):
     path = big_raster(rasters["folder"], 2000)
     p = pb()
