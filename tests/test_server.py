@@ -946,7 +946,7 @@ def _until_embedding(call, p):
 
 
 def test_two_requests_indexing_one_raster_embed_it_once(server, rasters):
-    path = big_raster(rasters["folder"], 2200)
+    path = big_raster(rasters["folder"], 1500)
     p = pb()
     request = p.IndexRasterRequest(source=p.RasterSource(path=str(path)))
     first = _until_embedding(server.stub.IndexRaster(request, metadata=server.metadata, timeout=300), p)
@@ -963,7 +963,7 @@ def test_two_requests_indexing_one_raster_embed_it_once(server, rasters):
 
 
 def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
-    path = big_raster(rasters["folder"], 2100)
+    path = big_raster(rasters["folder"], 1400)
     p = pb()
     first = index(server, path)[-1].result
     request = p.IndexRasterRequest(source=p.RasterSource(path=str(path)), force=True)
@@ -1036,7 +1036,7 @@ def test_a_removal_right_after_an_indexing_was_stored_reports_nothing_stopped():
 
 
 def test_remove_by_path_stops_a_first_indexing_through_the_client(server, rasters):
-    path = big_raster(rasters["folder"], 2000)
+    path = big_raster(rasters["folder"], 1300)
     p = pb()
     call = _until_embedding(server.stub.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(path))),
                                                     metadata=server.metadata, timeout=300), p)
