@@ -388,40 +388,42 @@ class _RasterJobs:
         self._jobs: dict[str, _IndexJob] = {}
         self.commit_lock = threading.Lock()
 
-    def wait_for(self, key: str, name: str, cancelled):
-        """Generator: yields progress while another request indexes `key`, returns its _IndexJob,
-        held until `release`."""
+    def join(self, key: str) -> _IndexJob:
+        """Count a request in on `key`'s job, as soon as the request knows its raster (before opening
+        it, which for a large VRT takes a while): a removal from then on stops it. Every join is
+        matched by one `leave`."""
         with self._lock:
             job = self._jobs.get(key)
             if job is None or job.removed.is_set():
                 job = self._jobs[key] = _IndexJob(key)
             job.users += 1
-        try:
-            told = False
-            while not job.lock.acquire(timeout=0.2):
-                if cancelled():
-                    raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
-                if not told:
-                    told = True
-                    yield pb.IndexProgress(stage=pb.INDEX_STAGE_QUEUED,
-                                           message=f"waiting: another request is indexing {name}")
-        except BaseException:
-            self._leave(job)
-            raise
-        if job.removed.is_set():        # removed while this request waited: it asked before the removal
-            self.release(job)
-            raise _removed_while_indexing(name, waiting=True)
-        return job
+            return job
 
-    def release(self, job: _IndexJob) -> None:
-        job.lock.release()
-        self._leave(job)
-
-    def _leave(self, job: _IndexJob) -> None:
+    def leave(self, job: _IndexJob) -> None:
         with self._lock:
             job.users -= 1
             if job.users == 0 and self._jobs.get(job.key) is job:
                 del self._jobs[job.key]
+
+    def acquire(self, job: _IndexJob, name: str, cancelled):
+        """Generator: yields progress while another request indexes the raster, then holds the job's
+        lock until `release`. Raises, holding nothing, when the request is cancelled or the raster
+        was removed since the request joined (it asked before the removal)."""
+        told = False
+        while not job.lock.acquire(timeout=0.2):
+            if cancelled():
+                raise EngineError("cancelled", "indexing was cancelled; nothing was stored")
+            if not told:
+                told = True
+                yield pb.IndexProgress(stage=pb.INDEX_STAGE_QUEUED,
+                                       message=f"waiting: another request is indexing {name}")
+        if job.removed.is_set():
+            job.lock.release()
+            raise _removed_while_indexing(name, waiting=True)
+
+    @staticmethod
+    def release(job: _IndexJob) -> None:
+        job.lock.release()
 
     def mark_removed(self, key: str) -> bool:
         """Stop the indexing of `key` that is under way, if any (call with `commit_lock` held)."""
@@ -433,12 +435,24 @@ class _RasterJobs:
             # requests still waiting for it were made before the removal and stop too; later ones
             # start a job of their own
             del self._jobs[key]
-            # stopped: an indexing not yet stored, or requests waiting (users counts the holder too)
+            # stopped: an indexing not yet stored, or requests opening the raster or waiting for it
+            # (users counts the holder too)
             return not job.committed or job.users > 1
 
 
+def _path_key(source) -> str | None:
+    """The key the index will store a raster sent by path under (its real path), known before the
+    raster is opened; None for a pixel source or a path that is no path."""
+    if source is None or source.WhichOneof("kind") != "path" or not source.path.strip():
+        return None
+    try:
+        return normalise_raster_path(source.path)
+    except (TileIndexError, OSError, ValueError):
+        return None
+
+
 def _removed_while_indexing(name: str, waiting: bool = False) -> RequestError:
-    when = "while this request waited to index it" if waiting else "while it was being indexed"
+    when = "while this request opened it or waited to index it" if waiting else "while it was being indexed"
     return RequestError("aborted", f"{name} was removed from the index (client remove) {when}; nothing was "
                                    "stored. Index it again if you still want to search it")
 
@@ -551,27 +565,41 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             check_views(views)
         except ValueError as e:
             raise _bad(f"{e}; leave it unset for the server's default ({self.index_views})") from None
-        yield pb.IndexProgress(stage=pb.INDEX_STAGE_OPENING, message="opening the raster")
-        raster = self._open(request.source, request.bands if request.HasField("bands") else None)
-        with raster:
-            size = self.engine.image_size
-            settings = {"tile_size": size, "overlap": overlap, "target_resolution": resolution,
-                        "min_valid_fraction": min_valid, "bands": list(raster.rgb_bands),
-                        "stretch": list(raster.bands.percentiles()) if raster.bands.stretch_requested else None,
-                        "extent": list(extent) if extent else None}
-            if views != 1:      # absent for one view, so rasters indexed before views existed stay unchanged
-                settings["views"] = views
-            if self.tile_captions:
-                # each tile's caption, for keyword matching: a raster indexed without them is indexed again
-                settings["tile_captions"] = True
-            identity = self._identity(raster)
-            # one request at a time per raster: a second waits, then finds it indexed already
-            job = yield from self.raster_jobs.wait_for(identity["path"], raster.name, cancelled)
-            try:
-                plan = _TilePlan(self.engine.image_size, overlap, resolution, extent, min_valid, views)
-                yield from self._index_held(request, raster, identity, job, settings, plan, started, cancelled)
-            finally:
-                self.raster_jobs.release(job)
+        jobs = self.raster_jobs
+        # counted in on its raster before opening it (a large VRT takes a while to open): a removal
+        # from now on stops this request, as it does one that waits or works
+        early = _path_key(request.source)
+        job = jobs.join(early) if early else None
+        try:
+            yield pb.IndexProgress(stage=pb.INDEX_STAGE_OPENING, message="opening the raster")
+            raster = self._open(request.source, request.bands if request.HasField("bands") else None)
+            with raster:
+                size = self.engine.image_size
+                settings = {"tile_size": size, "overlap": overlap, "target_resolution": resolution,
+                            "min_valid_fraction": min_valid, "bands": list(raster.rgb_bands),
+                            "stretch": list(raster.bands.percentiles()) if raster.bands.stretch_requested else None,
+                            "extent": list(extent) if extent else None}
+                if views != 1:      # absent for one view, so rasters indexed before views existed stay unchanged
+                    settings["views"] = views
+                if self.tile_captions:
+                    # each tile's caption, for keyword matching: a raster indexed without them is indexed again
+                    settings["tile_captions"] = True
+                identity = self._identity(raster)
+                if job is None or job.key != identity["path"]:      # a pixel source, known by its pixels
+                    if job is not None:
+                        jobs.leave(job)
+                        job = None
+                    job = jobs.join(identity["path"])
+                # one request at a time per raster: a second waits, then finds it indexed already
+                yield from jobs.acquire(job, raster.name, cancelled)
+                try:
+                    plan = _TilePlan(self.engine.image_size, overlap, resolution, extent, min_valid, views)
+                    yield from self._index_held(request, raster, identity, job, settings, plan, started, cancelled)
+                finally:
+                    jobs.release(job)
+        finally:
+            if job is not None:
+                jobs.leave(job)
 
     def _index_held(self, request, raster: Raster, identity: dict, job: _IndexJob, settings: dict, plan: "_TilePlan",
                     started: float, cancelled_by_client):

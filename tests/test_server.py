@@ -977,7 +977,7 @@ def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
     assert "while it was being indexed" in details
     # the request that waited was made before the removal too: it stops, and says it only waited
     code, details = code_of(lambda: waiter)
-    assert code == grpc.StatusCode.ABORTED and "while this request waited to index it" in details
+    assert code == grpc.StatusCode.ABORTED and "waited to index it" in details
     assert f"indexing {path.name} stopped after" in server.log_text() and "removed from the index meanwhile" in \
         server.log_text()
     listed = server.stub.ListRasters(p.ListRastersRequest(), metadata=server.metadata).rasters
@@ -987,40 +987,55 @@ def test_remove_during_a_forced_reindex_stays_removed(server, rasters):
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_path=str(path)), metadata=server.metadata)
 
 
-def test_a_removal_right_after_an_indexing_was_stored_reports_nothing_stopped():
-    """Between storing a raster's tiles and its last progress message an indexing still holds the
-    raster: a removal then removes the stored tiles and stops nothing, which it must not claim.
-    Requests still waiting to index the raster are stopped all the same."""
+def test_a_removal_stops_requests_opening_waiting_or_indexing_and_nothing_stored():
+    """How a removal meets the requests on one raster: one still opening it (a large VRT takes a
+    while) or waiting for another is stopped when it comes to work; one indexing is stopped; one
+    whose tiles are already stored stops nothing, and the removal must not claim it did."""
     import threading
 
     from backend.service import RequestError, _RasterJobs
 
     jobs = _RasterJobs()
+    key = "/data/r.tif"
 
-    def take():
-        waiting = jobs.wait_for("/data/r.tif", "r.tif", lambda: False)
+    def take(job):
+        holding = jobs.acquire(job, "r.tif", lambda: False)
         try:
             while True:
-                next(waiting)
-        except StopIteration as done:
-            return done.value
+                next(holding)
+        except StopIteration:
+            return job
 
-    job = take()
-    assert jobs.mark_removed("/data/r.tif") is True          # not stored yet: stopped
+    # opening: counted in before the raster is opened, stopped when it comes to work
+    opening = jobs.join(key)
+    assert jobs.mark_removed(key) is True
+    with pytest.raises(RequestError, match="while this request opened it or waited to index it"):
+        take(opening)
+    jobs.leave(opening)
+    # indexing, not stored yet: stopped
+    job = take(jobs.join(key))
+    assert jobs.mark_removed(key) is True and job.removed.is_set()
     jobs.release(job)
-    job = take()
+    jobs.leave(job)
+    # stored already: the removal removes its tiles and stops nothing
+    job = take(jobs.join(key))
     job.committed = True
-    assert jobs.mark_removed("/data/r.tif") is False         # stored: nothing to stop
+    assert jobs.mark_removed(key) is False
     jobs.release(job)
-    job = take()
+    jobs.leave(job)
+    # stored, with a request waiting for it: that one is stopped
+    job = take(jobs.join(key))
     job.committed = True
     outcome = []
 
     def waiter():
+        queued = jobs.join(key)
         try:
-            outcome.append(take())
+            outcome.append(take(queued))
         except RequestError as e:
             outcome.append(e)
+        finally:
+            jobs.leave(queued)
 
     thread = threading.Thread(target=waiter)
     thread.start()
@@ -1028,11 +1043,12 @@ def test_a_removal_right_after_an_indexing_was_stored_reports_nothing_stopped():
     while job.users < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert jobs.mark_removed("/data/r.tif") is True          # the waiting request is stopped
+    assert jobs.mark_removed(key) is True
     jobs.release(job)
+    jobs.leave(job)
     thread.join(10)
     assert isinstance(outcome[0], RequestError) and "waited to index it" in outcome[0].message
-    assert jobs.mark_removed("/data/r.tif") is False and not jobs._jobs   # nothing left behind
+    assert jobs.mark_removed(key) is False and not jobs._jobs          # nothing left behind
 
 
 def test_remove_by_path_stops_a_first_indexing_through_the_client(server, rasters):
