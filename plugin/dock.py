@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections import Counter
 
-from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
@@ -156,7 +156,12 @@ class SkyPromptDock(QDockWidget):
         self.check_button.clicked.connect(self.refresh_health)
         self.start_button = QPushButton("Start local backend")
         self.start_button.clicked.connect(self.toggle_backend)
-        self.settings_button = QPushButton("Settings…")
+        # a gear, as QGIS's own options: with its words the row set the panel's width past a narrow dock
+        self.settings_button = QToolButton()
+        self.settings_button.setText("Settings…")
+        self.settings_button.setIcon(QgsApplication.getThemeIcon("/mActionOptions.svg"))
+        self.settings_button.setToolButtonStyle(Qt.ToolButtonIconOnly)
+        self.settings_button.setToolTip("Settings… (backend address, token, TLS, local backend, checkpoint)")
         self.settings_button.clicked.connect(self.open_settings)
         for w in (self.light, self.address, self.check_button):
             bar.addWidget(w)

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
             from qgis.PyQt.QtCore import Qt
 
             iface.addDockWidget(Qt.RightDockWidgetArea, dock)
+            iface.mainWindow().resizeDocks([dock], [400], Qt.Horizontal)     # as wide as a dock usually is
             wait(dock, "health", dock.refresh_health)
             wait(dock, "index", dock.index_layers)
             dock.query.setText(args.query)
