@@ -264,6 +264,17 @@ def densified_box(xmin: float, ymin: float, xmax: float, ymax: float, points_per
     return xs, ys
 
 
+def reprojected_box(box: Sequence[float], source: osr.SpatialReference, target: osr.SpatialReference,
+                    points_per_edge: int, what: str) -> np.ndarray:
+    """The densified outline of `box` (densified_box) moved from `source` to `target`, as an (n, 2)
+    array; non-finite where `target` is not defined. RasterError(invalid_argument, `what`) when GDAL
+    refuses the transformation."""
+    xs, ys = densified_box(*box, points_per_edge)
+    with _gdal("invalid_argument", what):
+        moved = osr.CoordinateTransformation(source, target).TransformPoints(np.column_stack([xs, ys]).tolist())
+    return np.asarray(moved, float)[:, :2]
+
+
 def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:
     """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
     in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
@@ -907,13 +918,12 @@ class Raster:
                            min(ymax, over[3] + my))
                 if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
                     xmin, ymin, xmax, ymax = clipped
-        xs, ys = densified_box(xmin, ymin, xmax, ymax, points_per_edge)
-        if not same:
-            with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
-                ct = osr.CoordinateTransformation(source, self._srs)
-                moved = np.asarray(ct.TransformPoints(np.column_stack([xs, ys]).tolist()), float)
-            xs, ys = moved[:, 0], moved[:, 1]
-        return shapely.Polygon(np.column_stack([xs, ys])), False
+        if same:
+            outline = np.column_stack(densified_box(xmin, ymin, xmax, ymax, points_per_edge))
+        else:
+            outline = reprojected_box((xmin, ymin, xmax, ymax), source, self._srs, points_per_edge,
+                                      f"cannot transform the extent into the CRS of {self._where()}")
+        return shapely.Polygon(outline), False
 
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.

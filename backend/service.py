@@ -22,13 +22,12 @@ import grpc
 import numpy as np
 import shapely
 import shapely.affinity
-from osgeo import osr
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
 from .index import TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
-from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, open_raster,
-                     parse_crs, raster_from_pixels, sources_digest_of, transform_bounds, unwrap_longitudes)
+from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
+                     raster_from_pixels, reprojected_box, sources_digest_of, transform_bounds, unwrap_longitudes)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
@@ -220,11 +219,10 @@ class _ExtentShape:
         if target.IsSame(self.srs):
             shape = shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
         else:
-            xs, ys = densified_box(self.xmin, self.ymin, self.xmax, self.ymax, self.POINTS_PER_EDGE)
             try:
-                moved = np.asarray(osr.CoordinateTransformation(self.srs, target).TransformPoints(
-                    np.column_stack([xs, ys]).tolist()), float)[:, :2]
-            except (RuntimeError, TypeError, ValueError):
+                moved = reprojected_box((self.xmin, self.ymin, self.xmax, self.ymax), self.srs, target,
+                                        self.POINTS_PER_EDGE, "cannot transform the search extent")
+            except RasterError:
                 return []
             if not np.isfinite(moved).all():
                 return []
@@ -238,7 +236,7 @@ class _ExtentShape:
         return [shape]
 
     def meets(self, hit) -> bool:
-        shapes = self._shape(hit.crs_wkt) if self.local else []
+        shapes = self._shape(hit.crs_wkt)
         if not shapes:
             return True
         footprint = shapely.from_wkt(hit.footprint_wkt)
@@ -270,12 +268,8 @@ class _RecentDigests:
         self._lock = threading.Lock()
         self._known: dict[tuple, tuple[float, str]] = {}
 
-    def digest(self, path: str, size: int, mtime_ns: int) -> str:
-        try:
-            aux = os.stat(path + ".aux.xml")
-            beside = (aux.st_size, aux.st_mtime_ns)
-        except OSError:
-            beside = None
+    def digest(self, path: str, size: int, mtime_ns: int, beside: tuple | None) -> str:
+        """`beside`: (size, mtime_ns) of its .aux.xml, None when it has none."""
         key, now = (path, size, mtime_ns, beside), time.monotonic()
         with self._lock:
             seen = self._known.get(key)
@@ -310,9 +304,14 @@ def _changed_since_indexing(row: dict) -> str:
                 "what it holds now")
     # the files it reads besides (a VRT's sources, a world file) and georeferencing set in an .aux.xml:
     # opened with GDAL only where there are any, so a raster that is one file costs one stat more
-    if row.get("sources") or os.path.exists(path + ".aux.xml"):
+    try:
+        aux = os.stat(path + ".aux.xml")
+        beside = (aux.st_size, aux.st_mtime_ns)
+    except OSError:
+        beside = None
+    if row.get("sources") or beside is not None:
         try:
-            sources = _RECENT_DIGESTS.digest(path, now["size"], now["mtime_ns"])
+            sources = _RECENT_DIGESTS.digest(path, now["size"], now["mtime_ns"], beside)
         except RasterError:
             return ""       # not to be judged here; indexing it again says what is wrong
         if sources != row.get("sources", ""):
@@ -357,7 +356,7 @@ class _IndexJob:
     def __init__(self, key: str):
         self.key = key
         self.lock = threading.Lock()
-        self.users = 0                  # requests holding or waiting for `lock`
+        self.users = 0                  # requests counted in: opening the raster, waiting for `lock` or holding it
         self.removed = threading.Event()
         self.committed = False          # the holder's tiles are in the index: a removal now removes them
 
@@ -758,6 +757,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
                     transform_bounds(parts[:4], crs, "EPSG:4326")
                 shape = _ExtentShape(parts, bbox)
+                if not shape.local:     # the index's box alone decides for it
+                    shape = None
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:

@@ -22,7 +22,7 @@ from qgis.PyQt.QtGui import QIcon
 from . import operations, results
 from .settings import PluginSettings
 from .sources import (SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels, prepare_source,
-                      to_layer_crs, within_crs_area, wire_extent)
+                      to_layer_crs, within_crs_area)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
@@ -271,16 +271,10 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         self._check_output(parameters, context)
 
         def run(conn):
-            request = conn.pb.SearchRequest(query=query, k=k, raster_paths=paths)
-            if area is not None:
-                request.extent.CopyFrom(wire_extent(conn.pb, *area))
-            if expand >= 0:
-                request.expand = expand
-            if not match_captions:      # on: the backend's default keyword matching
-                request.keyword_weight = 0.0
-            if like >= 0:
-                request.like_tile_id = like
-            return conn.search(request)
+            # -1 and on: the backend's defaults (query expansion, keyword matching)
+            return operations.search(conn, query, k, raster_paths=paths, expand=expand if expand >= 0 else None,
+                                     like_tile_id=like if like >= 0 else None,
+                                     keyword_weight=None if match_captions else 0.0, area=area)
 
         response = self._call(settings, run, feedback)
         if response is None:        # cancelled: the output is left as it was
@@ -300,7 +294,6 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         for note in operations.stale_notes(hits, names):
             feedback.pushWarning(note)
         return {"OUTPUT": dest}
-
 
     def _search_area(self, parameters, context):
         """(rectangle, CRS) of the Extent parameter, clipped to where its CRS is defined; None when unset."""

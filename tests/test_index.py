@@ -346,14 +346,14 @@ def test_a_vrts_sources_are_digested_once_a_while_not_once_a_search(tmp_path, mo
     monkeypatch.setattr(service, "sources_digest_of", lambda path: digested.append(path) or real_digest(path))
     recent = service._RecentDigests(ttl_s=3600)
     st = vrt.stat()
-    first = recent.digest(str(vrt), st.st_size, st.st_mtime_ns)
-    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) == first and len(digested) == 1
+    first = recent.digest(str(vrt), st.st_size, st.st_mtime_ns, None)
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns, None) == first and len(digested) == 1
     before = source.stat()
     write_geotiff(source, 200)
     os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
-    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) == first        # kept for its while
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns, None) == first        # kept for its while
     recent.ttl_s = 0.0
-    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns) != first and len(digested) == 2
+    assert recent.digest(str(vrt), st.st_size, st.st_mtime_ns, None) != first and len(digested) == 2
 
 
 def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
