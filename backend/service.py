@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import shapely
 import shapely.affinity
+from osgeo import osr
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
@@ -176,71 +177,106 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
 
 
 class _ExtentShape:
-    """A search extent as a shape in each hit's raster CRS, to keep only the tiles whose footprint
-    meets it. The index filters by longitude/latitude boxes: the box round an extent in a projected
-    CRS, and the boxes round tiles, reach past their corners (far past them in a polar or otherwise
-    rotated CRS), so tiles outside the extent would be found too.
+    """A search extent as a shape, to keep only the tiles whose footprint meets it. The index filters
+    by longitude/latitude boxes: the box round an extent in a projected CRS, and the boxes round
+    tiles, reach past their corners (far past them in a polar or otherwise rotated CRS), so tiles
+    outside the extent would be found too.
 
-    Only a local extent is judged so. One that spans more than MAX_SPAN_DEGREES of longitude or
-    latitude, or reaches past MAX_LATITUDE (the whole world, a box round a pole), would fold or wrap
-    when its outline is reprojected, and lose tiles it holds: the index's box decides alone there."""
+    A local extent is moved into each hit's raster CRS, once per CRS, and met there. One that is not
+    local, spanning more than MAX_SPAN_DEGREES of longitude or latitude or reaching past
+    MAX_LATITUDE (the whole world, a box round a pole), or one that reaches past where its CRS is
+    defined (a zoomed-out orthographic view, whose corners lie off the globe), would fold, wrap or
+    break when moved: there each hit's footprint is moved into the extent's CRS instead, where a
+    tile is small and a point off the visible globe has no place."""
 
     POINTS_PER_EDGE = 16
+    POINTS_PER_TILE = 16         # a tile's outline, moved into the extent's CRS: small, hardly curved
     MAX_SPAN_DEGREES = 30.0
     MAX_LATITUDE = 84.0
     EXPAND_LIMIT = 1 << 16       # the most candidates taken from the index to fill k
 
-    def __init__(self, parts: tuple, lonlat_box: tuple):
+    def __init__(self, parts: tuple, lonlat_box: tuple | None):
+        """`lonlat_box`: the extent's (west, south, east, north), None when it cannot be had."""
         self.xmin, self.ymin, self.xmax, self.ymax, crs = parts
         self.srs = parse_crs(crs or "EPSG:4326")
         if self.srs.IsGeographic() and self.xmin > self.xmax:      # across 180 degrees: continuous longitudes
             self.xmax += 360.0
-        west, south, east, north = lonlat_box
-        span = east - west if west <= east else east + 360.0 - west
-        self.local = (span <= self.MAX_SPAN_DEGREES and north - south <= self.MAX_SPAN_DEGREES
-                      and max(abs(south), abs(north)) <= self.MAX_LATITUDE)
-        self._shapes: dict[str, list] = {}
+        self._boxes = self._turns(self.srs, shapely.box(self.xmin, self.ymin, self.xmax, self.ymax))
+        self.local = False
+        if lonlat_box is not None:
+            west, south, east, north = lonlat_box
+            span = east - west if west <= east else east + 360.0 - west
+            self.local = (span <= self.MAX_SPAN_DEGREES and north - south <= self.MAX_SPAN_DEGREES
+                          and max(abs(south), abs(north)) <= self.MAX_LATITUDE)
+        self._judges: dict = {}     # raster CRS WKT -> hit -> bool
 
-    def _shape(self, crs_wkt: str) -> list:
-        """The extent in `crs_wkt` (with its turns of the globe either way for a longitude/latitude
-        CRS, whose tiles may reach past 180 degrees); [] where it cannot be judged there: no CRS, or
-        an outline that does not reproject into a simple polygon."""
-        if crs_wkt not in self._shapes:
-            self._shapes[crs_wkt] = self._transformed(crs_wkt)
-        return self._shapes[crs_wkt]
+    def meets(self, hit) -> bool:
+        if hit.crs_wkt not in self._judges:
+            self._judges[hit.crs_wkt] = self._judge(hit.crs_wkt)
+        return self._judges[hit.crs_wkt](hit)
 
-    def _transformed(self, crs_wkt: str) -> list:
-        if not crs_wkt:
-            return []
+    def _judge(self, crs_wkt: str):
         try:
-            target = parse_crs(crs_wkt)
+            raster_srs = parse_crs(crs_wkt) if crs_wkt else None
         except RasterError:
-            return []
-        if target.IsSame(self.srs):
-            shape = shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
-        else:
-            try:
-                moved = reprojected_box((self.xmin, self.ymin, self.xmax, self.ymax), self.srs, target,
-                                        self.POINTS_PER_EDGE, "cannot transform the search extent")
-            except RasterError:
-                return []
-            if not np.isfinite(moved).all():
-                return []
-            if target.IsGeographic():
-                moved[:, 0] = unwrap_longitudes(moved[:, 0])
-            shape = shapely.Polygon(moved)
-            if not shape.is_valid:      # folded on the way: not the extent any more
-                return []
-        if target.IsGeographic():
+            raster_srs = None
+        if raster_srs is None or self._whole_world():
+            return lambda hit: True         # nothing to judge it in, or nothing outside: the index's box decided
+        if raster_srs.IsSame(self.srs) or self.local:
+            shapes = self._boxes if raster_srs.IsSame(self.srs) else self._moved_extent(raster_srs)
+            if not shapes:
+                return lambda hit: True
+            return lambda hit: any(s.intersects(shapely.from_wkt(hit.footprint_wkt)) for s in shapes)
+        try:
+            transform = osr.CoordinateTransformation(raster_srs, self.srs)
+        except (RuntimeError, TypeError):
+            return lambda hit: True
+        return lambda hit: self._moved_footprint_meets(transform, hit)
+
+    def _whole_world(self) -> bool:
+        return self.srs.IsGeographic() and self.xmax - self.xmin >= 360.0 and self.ymin <= -90.0 and self.ymax >= 90.0
+
+    @staticmethod
+    def _turns(srs, shape) -> list:
+        """A shape in a longitude/latitude CRS with its turns of the globe either way (tiles and
+        extents may reach past 180 degrees); in a projected CRS, itself."""
+        if srs.IsGeographic():
             return [shapely.affinity.translate(shape, turn) for turn in (-360.0, 0.0, 360.0)]
         return [shape]
 
-    def meets(self, hit) -> bool:
-        shapes = self._shape(hit.crs_wkt)
-        if not shapes:
-            return True
+    def _moved_extent(self, target) -> list:
+        """The extent in `target`; [] where its outline does not reproject into a simple polygon."""
+        try:
+            moved = reprojected_box((self.xmin, self.ymin, self.xmax, self.ymax), self.srs, target,
+                                    self.POINTS_PER_EDGE, "cannot transform the search extent")
+        except RasterError:
+            return []
+        if not np.isfinite(moved).all():
+            return []
+        if target.IsGeographic():
+            moved[:, 0] = unwrap_longitudes(moved[:, 0])
+        shape = shapely.Polygon(moved)
+        if not shape.is_valid:      # folded on the way: not the extent any more
+            return []
+        return self._turns(target, shape)
+
+    def _moved_footprint_meets(self, transform, hit) -> bool:
         footprint = shapely.from_wkt(hit.footprint_wkt)
-        return any(shape.intersects(footprint) for shape in shapes)
+        outline = shapely.segmentize(footprint.exterior, max(footprint.length, 1e-12) / self.POINTS_PER_TILE)
+        try:
+            moved = np.asarray(transform.TransformPoints(np.asarray(outline.coords)[:, :2].tolist()), float)[:, :2]
+        except RuntimeError:
+            return False        # no place in the extent's CRS at all
+        finite = np.isfinite(moved).all(axis=1)
+        if not finite.any():
+            return False        # wholly where the extent's CRS has no place: off its visible globe
+        moved = moved[finite]
+        if self.srs.IsGeographic():
+            moved[:, 0] = unwrap_longitudes(moved[:, 0])
+        shape = shapely.Polygon(moved) if finite.all() and len(moved) >= 4 else None
+        if shape is None or not shape.is_valid:     # cut by the CRS's edge or torn by its seam: its points
+            shape = shapely.MultiPoint(moved)
+        return any(box.intersects(shape) for box in self._boxes)
 
 
 def _overlap(value: float | None, default: float, field: str) -> float:
@@ -754,11 +790,14 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             parts = extent_parts(request.extent, lonlat_default=True)
             if parts is not None:
                 crs = parts[4] or "EPSG:4326"
-                bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
-                    transform_bounds(parts[:4], crs, "EPSG:4326")
+                try:
+                    bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
+                        transform_bounds(parts[:4], crs, "EPSG:4326")
+                except RasterError:
+                    # it reaches past where its CRS is defined (an orthographic view zoomed out past
+                    # the globe): no box for the index, the shape judges each candidate
+                    bbox = None
                 shape = _ExtentShape(parts, bbox)
-                if not shape.local:     # the index's box alone decides for it
-                    shape = None
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:

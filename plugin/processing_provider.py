@@ -296,7 +296,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         return {"OUTPUT": dest}
 
     def _search_area(self, parameters, context):
-        """(rectangle, CRS) of the Extent parameter, clipped to where its CRS is defined; None when unset."""
+        """(rectangle, CRS) of the Extent parameter (a longitude/latitude one clipped to the world); None when unset."""
         if not parameters.get("EXTENT"):
             return None
         crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)

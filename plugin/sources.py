@@ -167,31 +167,14 @@ def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
 
 
 def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
-    """`rect` as an area the backend can turn into longitude/latitude. A longitude/latitude map
-    zoomed out past the world shows latitudes past 90 degrees: clipped to the world. A projected
-    map is sent as it is, however far it reaches past the CRS's area of use (a layer in the next UTM
-    zone is still in view), unless it cannot be transformed at all: then it is clipped to that area
-    of use."""
-    import math
-
-    from qgis.core import QgsCsException
-
-    wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+    """`rect` as an area the backend takes. A longitude/latitude map zoomed out past the world shows
+    latitudes past 90 degrees, which are no coordinates: clipped to the world. A projected map is sent
+    as it is, however far it reaches past the CRS's area of use (a layer in the next UTM zone is still
+    in view) or past where the CRS is defined at all (an orthographic view's corners off the globe):
+    the backend judges each tile in the view's own CRS."""
     if crs.isGeographic():
         return rect.intersect(QgsRectangle(-180.0, -90.0, 180.0, 90.0))
-    try:
-        box = QgsCoordinateTransform(crs, wgs84, QgsProject.instance()).transformBoundingBox(rect)
-        if all(math.isfinite(v) for v in (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())):
-            return QgsRectangle(rect)
-    except QgsCsException:
-        pass
-    valid = crs.bounds()
-    if valid.isEmpty():
-        return QgsRectangle(rect)
-    try:
-        return rect.intersect(QgsCoordinateTransform(wgs84, crs, QgsProject.instance()).transformBoundingBox(valid))
-    except QgsCsException:
-        return QgsRectangle(rect)
+    return QgsRectangle(rect)
 
 
 def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:

@@ -355,7 +355,8 @@ def test_search_keeps_to_the_ticked_layers_in_a_later_session(dock, layers, ifac
 def test_a_map_view_is_sent_as_an_area_the_backend_can_take(qgis_app, live):
     """A longitude/latitude map zoomed out past the world shows latitudes past 90 degrees, which the
     backend refuses: clipped to the world. A projected view goes as it is, also past its CRS's area
-    of use (a layer in the next UTM zone is still in view), and the backend takes it."""
+    of use (a layer in the next UTM zone is still in view) or past the globe (an orthographic view
+    zoomed out), and the backend takes it."""
     from backend.rpc import skyprompt_pb2 as pb
     from plugin.sources import within_crs_area, wire_extent
 
@@ -364,7 +365,9 @@ def test_a_map_view_is_sent_as_an_area_the_backend_can_take(qgis_app, live):
     assert (clipped.xMinimum(), clipped.yMinimum(), clipped.xMaximum(), clipped.yMaximum()) == (-180, -90, 180, 90)
     views = [(QgsRectangle(-6e7, -6e7, 6e7, 6e7), QgsCoordinateReferenceSystem("EPSG:3857")),
              # EPSG:32614's area of use ends at 96 degrees west; this view reaches 93.7
-             (QgsRectangle(600000, 5000000, 900000, 5200000), QgsCoordinateReferenceSystem("EPSG:32614"))]
+             (QgsRectangle(600000, 5000000, 900000, 5200000), QgsCoordinateReferenceSystem("EPSG:32614")),
+             # North Pole orthographic: the corners of this view lie off the globe
+             (QgsRectangle(-3e7, -3e7, 3e7, 3e7), QgsCoordinateReferenceSystem("ESRI:102035"))]
     for rect, crs in views:
         assert within_crs_area(rect, crs) == rect
         request = pb.SearchRequest(query="fields", k=1, extent=wire_extent(pb, rect, crs))

@@ -309,6 +309,38 @@ def test_a_world_or_polar_search_extent_keeps_every_tile_it_holds(server, raster
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=arctic.raster_id), metadata=server.metadata)
 
 
+def test_a_search_extent_past_its_crs_or_round_a_pole_keeps_to_the_extent(server, rasters):
+    """An orthographic view zoomed out past the globe has corners with no longitude/latitude: it is
+    searched, not refused, and holds the tiles on the visible globe only. An extent round a pole in a
+    polar CRS is judged in that CRS, so tiles inside its longitude/latitude cap but outside the
+    extent itself are left out."""
+    p = pb()
+    north = index(server, rasters["rgb"])[-1].result            # UTM 33N, about 45 degrees north
+    south_path = make_tif(rasters["folder"] / "south_4326.tif", noise((3, 64, 64), seed=23),
+                          geotransform=(20.0, 0.001, 0.0, -30.0, 0.0, -0.001), crs="EPSG:4326")
+    south = index(server, south_path)[-1].result
+    polar_path = make_tif(rasters["folder"] / "polar_east_3413.tif", noise((3, 64, 64), seed=24),
+                          geotransform=(1_000_000.0, 500.0, 0.0, -850_000.0, 0.0, -500.0), crs="EPSG:3413")
+    polar = index(server, polar_path)[-1].result
+    ids = [north.raster_id, south.raster_id, polar.raster_id]
+
+    def rasters_hit(extent):
+        request = p.SearchRequest(query="roads", k=1000, raster_ids=ids, extent=extent)
+        hits = server.stub.Search(request, metadata=server.metadata).hits
+        return {h.raster_id: sum(g.raster_id == h.raster_id for g in hits) for h in hits}
+
+    # North Pole orthographic, out past the globe: the northern hemisphere is in view, whole
+    globe = p.Extent(xmin=-3e7, ymin=-3e7, xmax=3e7, ymax=3e7, crs="ESRI:102035")
+    assert rasters_hit(globe) == {north.raster_id: north.tile_count, polar.raster_id: polar.tile_count}
+    # the polar raster lies east of the pole (x from 1,000 km): the western half round the pole misses it
+    west_of_pole = p.Extent(xmin=-3e6, ymin=-3e6, xmax=0.0, ymax=3e6, crs="EPSG:3413")
+    east_of_pole = p.Extent(xmin=0.0, ymin=-3e6, xmax=3e6, ymax=3e6, crs="EPSG:3413")
+    assert polar.raster_id not in rasters_hit(west_of_pole)
+    assert rasters_hit(east_of_pole)[polar.raster_id] == polar.tile_count
+    for raster in (south, polar):
+        server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=raster.raster_id), metadata=server.metadata)
+
+
 def test_caption_and_embed_text(server, rasters):
     response = server.stub.Caption(pb().CaptionRequest(source=pb().RasterSource(path=str(rasters["rgb"])),
                                                        max_len=8, beam_size=2), metadata=server.metadata)
