@@ -268,7 +268,7 @@ def cmd_search(stub, args) -> int:
                 "crs": hit.crs.authid or hit.crs.wkt, "extent": _box(hit.bounds),
                 "bounds_wgs84": _lonlat_box(hit), "footprint_wkt": hit.footprint_wkt,
                 "keyword_score": round(hit.keyword_score, 6), "caption": hit.caption,
-                "changed_on_disk": hit.changed_on_disk}
+                "changed_on_disk": hit.changed_on_disk, "file_state": _file_state(hit)}
         if args.thumbnails and hit.thumbnail_png:
             folder = Path(args.thumbnails)
             folder.mkdir(parents=True, exist_ok=True)
@@ -631,6 +631,12 @@ def cmd_remove(stub, args) -> int:
     return 0
 
 
+def _file_state(message) -> str:
+    """FileState as JSON words: "unchanged", "changed", "missing", "pixels" ("unspecified" from an
+    older server)."""
+    return pb.FileState.Name(message.file_state).removeprefix("FILE_STATE_").lower()
+
+
 def cmd_list(stub, args) -> int:
     response = stub.ListRasters(pb.ListRastersRequest(all_checkpoints=args.all), metadata=_metadata(args.token),
                                 timeout=args.timeout)
@@ -638,7 +644,7 @@ def cmd_list(stub, args) -> int:
                 "tile_count": r.tile_count, "crs": r.crs.authid or r.crs.wkt, "bounds": _box(r.bounds),
                 "bounds_wgs84": _lonlat_box(r),
                 "current_checkpoint": r.current_checkpoint, "indexed_at": r.indexed_at,
-                "changed_on_disk": r.changed_on_disk} for r in response.rasters]
+                "changed_on_disk": r.changed_on_disk, "file_state": _file_state(r)} for r in response.rasters]
     if args.json:
         _print_json(rasters)
         return 0

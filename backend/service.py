@@ -322,22 +322,28 @@ class _RecentDigests:
 _RECENT_DIGESTS = _RecentDigests()
 
 
-def _changed_since_indexing(row: dict) -> str:
-    """Why an indexed raster's file is no longer what was indexed ("" when it still is): it is gone,
-    its size or modification time differ from the index's record, or so do those of a file it reads
-    (a VRT's sources, a world file) or the georeferencing in its .aux.xml (_RecentDigests: a change
+class _FileCheck(NamedTuple):
+    """What became of an indexed raster's file: a FileState, and why in words ("" when unchanged)."""
+    state: int
+    reason: str = ""
+
+
+def _changed_since_indexing(row: dict) -> _FileCheck:
+    """Whether an indexed raster's file is still what was indexed: it may be gone, its size or
+    modification time may differ from the index's record, or so may those of a file it reads (a
+    VRT's sources, a world file) or the georeferencing in its .aux.xml (_RecentDigests: a change
     behind a VRT shows within 30 s)."""
     path = row["path"]
     if path.startswith(PIXELS_PREFIX):
-        return ""
+        return _FileCheck(pb.FILE_STATE_PIXELS)
     try:
         now = raster_identity(path)
     except (TileIndexError, OSError):
-        return (f"raster {path!r} was moved or deleted since it was indexed: index it where it is now, and "
-                "remove the old entry (client remove)")
+        return _FileCheck(pb.FILE_STATE_MISSING, f"raster {path!r} was moved or deleted since it was indexed: "
+                                                 "index it where it is now, and remove the old entry (client remove)")
     if (now["size"], now["mtime_ns"]) != (row["size"], row["mtime_ns"]):
-        return (f"raster {path!r} changed on disk since it was indexed: index it again (client index) to search "
-                "what it holds now")
+        return _FileCheck(pb.FILE_STATE_CHANGED, f"raster {path!r} changed on disk since it was indexed: index it "
+                                                 "again (client index) to search what it holds now")
     # the files it reads besides (a VRT's sources, a world file) and georeferencing set in an .aux.xml:
     # opened with GDAL only where there are any, so a raster that is one file costs one stat more
     try:
@@ -349,11 +355,13 @@ def _changed_since_indexing(row: dict) -> str:
         try:
             sources = _RECENT_DIGESTS.digest(path, now["size"], now["mtime_ns"], beside)
         except RasterError:
-            return ""       # not to be judged here; indexing it again says what is wrong
+            # not to be judged here; indexing it again says what is wrong
+            return _FileCheck(pb.FILE_STATE_UNCHANGED)
         if sources != row.get("sources", ""):
-            return (f"raster {path!r}: a file it reads, or the georeferencing in its .aux.xml, changed since it "
-                    "was indexed: index it again (client index) to search what it holds now")
-    return ""
+            return _FileCheck(pb.FILE_STATE_CHANGED, f"raster {path!r}: a file it reads, or the georeferencing in "
+                                                     "its .aux.xml, changed since it was indexed: index it again "
+                                                     "(client index) to search what it holds now")
+    return _FileCheck(pb.FILE_STATE_UNCHANGED)
 
 
 def _crs_message(raster: Raster) -> pb.Crs:
@@ -849,10 +857,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     rows[hit.raster_id] = self.index.raster(hit.raster_id)
                 except TileIndexError:      # removed since the search: its hits are answered as they are
                     rows[hit.raster_id] = None
-        changed = {rid: _changed_since_indexing(row) if row else "" for rid, row in rows.items()}
+        # a raster removed since the search is not judged: its hits are answered as they are
+        changed = {rid: _changed_since_indexing(row) if row else _FileCheck(pb.FILE_STATE_UNSPECIFIED)
+                   for rid, row in rows.items()}
         for hit, extra in zip(hits, bonus):
             out.hits.add(score=hit.score + float(extra), keyword_score=float(extra),
-                         changed_on_disk=changed[hit.raster_id],
+                         changed_on_disk=changed[hit.raster_id].reason, file_state=changed[hit.raster_id].state,
                          caption=str(hit.extra.get("caption") or ""), raster_id=str(hit.raster_id),
                                raster_path=_shown_path(hit.raster_path),
                                raster_name=hit.raster_name, tile_id=hit.tile_id,
@@ -867,7 +877,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
             for i, (hit, msg) in enumerate(zip(hits, out.hits)):
                 raise_if_cancelled(cancelled)   # a client gone, or the server stopping: no more reads for it
-                png, error = self._thumbnail(hit, thumb, rows[hit.raster_id], changed[hit.raster_id])
+                png, error = self._thumbnail(hit, thumb, rows[hit.raster_id], changed[hit.raster_id].reason)
                 if len(png) + 16 > room:
                     log.info("search: thumbnails for the first %d of %d hits; more would pass the message limit "
                              "of %d bytes", i, len(out.hits), self.limits.max_message_bytes)
@@ -1084,12 +1094,16 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         self._check_serving()
         current = self.engine.checkpoint_hash
         entries = self.index.list_rasters(None if request.all_checkpoints else current)
-        return pb.ListRastersResponse(rasters=[pb.IndexedRaster(
-            raster_id=str(e["id"]), raster_path=_shown_path(e["path"]),
-            raster_name=e["name"], tile_count=e["tile_count"], crs=pb.Crs(authid=e["crs_authid"], wkt=e["crs_wkt"]),
-            bounds=_box(e["bounds"]), bounds_wgs84=_box(e["bounds_wgs84"]),
-            current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"],
-            changed_on_disk=_changed_since_indexing(e)) for e in entries])
+        out = pb.ListRastersResponse()
+        for e in entries:
+            check = _changed_since_indexing(e)
+            out.rasters.add(
+                raster_id=str(e["id"]), raster_path=_shown_path(e["path"]), raster_name=e["name"],
+                tile_count=e["tile_count"], crs=pb.Crs(authid=e["crs_authid"], wkt=e["crs_wkt"]),
+                bounds=_box(e["bounds"]), bounds_wgs84=_box(e["bounds_wgs84"]),
+                current_checkpoint=e["checkpoint_hash"] == current, indexed_at=e["indexed_at"],
+                changed_on_disk=check.reason, file_state=check.state)
+        return out
 
 
 def _tile_dict(tile) -> dict:

@@ -870,8 +870,9 @@ class SkyPromptDock(QDockWidget):
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
             text = f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n{names.get(h.raster_path, h.raster_name)}"
-            if h.changed_on_disk:
-                text += "  (changed since indexed)"
+            change = operations.file_change(h)
+            if change:
+                text += f"  ({change} since indexed)"
             item = QListWidgetItem(text)
             # the whole row, which a narrow list elides, and what the model saw in the tile
             said = f"\n“{h.caption}”" if h.caption else ""

@@ -81,7 +81,7 @@ class IndexedRastersDialog(QDialog):
                 self.table.setItem(row, column, item)
         self.table.resizeColumnsToContents()
         tiles = sum(r.tile_count for r in self.rasters)
-        stale = sum(1 for r in self.rasters if r.changed_on_disk or not r.current_checkpoint)
+        stale = sum(1 for r in self.rasters if operations.file_change(r) or not r.current_checkpoint)
         self.summary.setText(f"{len(self.rasters)} raster(s), {tiles} tiles in the backend's index"
                              + (f"; {stale} not up to date (see State)" if stale else "")
                              if self.rasters else "The backend's index is empty: tick layers and press Index")

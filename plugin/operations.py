@@ -151,13 +151,27 @@ def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[l
     return removed, failed
 
 
+def file_change(entry) -> str:
+    """What became of the file of an IndexedRaster or SearchHit since it was indexed, in a few words:
+    "" (unchanged, or a pixel source), "moved or deleted", or "changed"."""
+    from .rpc import skyprompt_pb2 as pb    # here, not at import: the plugin loads before its dependencies may
+
+    if entry.file_state == pb.FILE_STATE_MISSING:
+        return "moved or deleted"
+    if entry.file_state == pb.FILE_STATE_CHANGED:
+        return "changed"
+    # a backend older than file_state says it only in words
+    return "changed, moved or deleted" if entry.changed_on_disk else ""
+
+
 def raster_state(entry) -> str:
     """What an IndexedRaster's row says about it: whether searches use it and whether it is still
     what was indexed."""
-    if "moved or deleted" in entry.changed_on_disk:
+    change = file_change(entry)
+    if change == "moved or deleted":
         return "moved or deleted since indexed: remove it, or index it where it is now"
-    if entry.changed_on_disk:
-        return "changed on disk since indexed: index it again"
+    if change:
+        return f"{change} on disk since indexed: index it again"
     if not entry.current_checkpoint:
         return "indexed with another model: not searched (index it again, or remove it)"
     return "up to date"
@@ -175,15 +189,18 @@ def empty_area_note(where: str) -> str:
 
 def stale_notes(hits, names: dict | None = None) -> list[str]:
     """One line per raster whose file changed, moved or went since it was indexed
-    (SearchHit.changed_on_disk): its hits show it as it was."""
-    stale: dict[str, int] = {}
+    (SearchHit.file_state): its hits show it as it was."""
+    stale: dict[str, list] = {}
     for h in hits:
-        if h.changed_on_disk:
-            stale[h.raster_path] = stale.get(h.raster_path, 0) + 1
+        change = file_change(h)
+        if change:
+            stale.setdefault(h.raster_path, [change, 0])[1] += 1
     shown = {h.raster_path: h.raster_name for h in hits}
-    return [f"{count} of {len(hits)} hits are from {(names or {}).get(path) or shown[path]!r}, which was changed, "
-            "moved or deleted on disk since it was indexed: they show it as it was. Index it again to search what "
-            "it holds now" for path, count in stale.items()]
+    todo = {"moved or deleted": "Index it where it is now, and remove the old entry (Indexed…)"}
+    return [f"{count} of {len(hits)} hits are from {(names or {}).get(path) or shown[path]!r}, which was {change} "
+            f"on disk since it was indexed: they show it as it was. "
+            + todo.get(change, "Index it again to search what it holds now")
+            for path, (change, count) in stale.items()]
 
 
 def distinct_unfamiliar(answers) -> list:

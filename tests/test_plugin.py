@@ -2364,16 +2364,23 @@ def test_hits_from_a_file_changed_since_indexing_are_flagged(dock, iface, raster
         before = len(iface.message_bar.messages)
         assert run_dock(dock, "search", dock.search) is None
         said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
-        assert "3 of 3 hits are from 'edited later', which was changed, moved or deleted" in said, said
+        assert "3 of 3 hits are from 'edited later', which was changed on disk" in said, said
         assert "Index it again" in said
         assert all(dock.result_list.item(i).text().endswith("(changed since indexed)") for i in range(3))
         feedback = RecordingFeedback()
         processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 3, "LAYERS": [layer], "SERVER": address,
                                                   "OUTPUT": str(tmp_path / "tiles.gpkg")}, feedback=feedback)
         assert any("'edited later', which was changed" in w for w in feedback.warnings), feedback.warnings
+        # then deleted: said so, with what to do about it
+        path.unlink()
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "search", dock.search) is None
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert "which was moved or deleted on disk" in said and "remove the old entry" in said, said
+        assert all(dock.result_list.item(i).text().endswith("(moved or deleted since indexed)") for i in range(3))
     finally:
         QgsProject.instance().removeMapLayer(layer.id())
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def vsimem_layer(path: str, name: str, width: int = 160, height: int = 120) -> QgsRasterLayer:

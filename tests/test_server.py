@@ -655,6 +655,10 @@ def test_pixel_source_round_trip(server):
     hits = server.stub.Search(pb().SearchRequest(query="houses", raster_ids=[done.result.raster_id],
                                                  include_thumbnails=True), metadata=server.metadata).hits
     assert hits and all(h.raster_path == "" and h.thumbnail_png == b"" for h in hits)
+    # no file to have changed: no note, and the state says why
+    assert all(h.changed_on_disk == "" and h.file_state == pb().FILE_STATE_PIXELS for h in hits)
+    listed = {r.raster_id: r for r in server.stub.ListRasters(pb().ListRastersRequest(), metadata=server.metadata).rasters}
+    assert listed[done.result.raster_id].file_state == pb().FILE_STATE_PIXELS
     events = list(server.stub.Segment(pb().SegmentRequest(source=source, prompts=["houses"], threshold=0.0),
                                       metadata=server.metadata))
     assert events[-1].result.crs.authid == "EPSG:32631" and events[-1].result.polygons
@@ -2001,6 +2005,7 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert len(hits) == 2 and all("was moved or deleted since it was indexed" in h["thumbnail_error"]
                                   and "thumbnail" not in h for h in hits)
     assert all(h["changed_on_disk"] == h["thumbnail_error"] for h in hits)     # flagged, thumbnails or not
+    assert all(h["file_state"] == "missing" for h in hits)
     # one note says why, not a second one for the thumbnails as well
     assert "note: 2 of 2 hits show a raster as it was when indexed: " in out.stderr
     assert "moved or deleted" in out.stderr and "no thumbnail" not in out.stderr
@@ -2018,15 +2023,18 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["results"]
     assert all("changed on disk since it was indexed: index it again" in h["thumbnail_error"] for h in hits)
-    assert all("changed on disk since it was indexed" in h["changed_on_disk"] for h in hits)
+    assert all("changed on disk since it was indexed" in h["changed_on_disk"] and h["file_state"] == "changed"
+               for h in hits)
     listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
     assert "changed on disk since it was indexed" in listed[str(changed.resolve())]["changed_on_disk"]
+    assert listed[str(changed.resolve())]["file_state"] == "changed"
     assert client(server, "index", str(rasters["rgb"])).returncode == 0
     listed = {r["raster_path"]: r for r in json.loads(client(server, "list", "--json").stdout)}
     assert listed[str(rasters["rgb"].resolve())]["changed_on_disk"] == ""       # one as it was indexed
+    assert listed[str(rasters["rgb"].resolve())]["file_state"] == "unchanged"
     unchanged = json.loads(client(server, "search", "roads", "--k", "2", "--raster", str(rasters["rgb"]),
                                   "--json").stdout)["results"]
-    assert unchanged and all(h["changed_on_disk"] == "" for h in unchanged)
+    assert unchanged and all(h["changed_on_disk"] == "" and h["file_state"] == "unchanged" for h in unchanged)
     out = client(server, "list")
     assert out.returncode == 0 and "note: raster" in out.stdout and "changed on disk" in out.stdout
     assert not (rasters["folder"] / "thumbs_changed").exists() or not list((rasters["folder"] / "thumbs_changed").iterdir())
