@@ -523,18 +523,21 @@ def test_refinement_rounds_are_ordered_by_number(tmp_path):
 
 
 def test_fit_steps_to_budget_arithmetic():
-    from training.train import fit_steps_to_budget
+    from training.train import fit_steps_to_budget, steps_in_budget
+
+    def fit(asked, budget_min, warmup, step, spent_s, s_per_step):
+        return fit_steps_to_budget(asked, steps_in_budget(budget_min, step, spent_s, s_per_step), warmup, step)
 
     # 100 steps took 10 s; at 0.1 s a step the other 50 s of a minute hold 500 more
-    assert fit_steps_to_budget(1000, 1.0, 10, 100, 10.0, 0.1) == 600
+    assert steps_in_budget(1.0, 100, 10.0, 0.1) == 600 == fit(1000, 1.0, 10, 100, 10.0, 0.1)
     # a slow start counts as time spent, and the rest goes at the recent pace
-    assert fit_steps_to_budget(1000, 1.0, 10, 100, 30.0, 0.1) == 400
+    assert fit(1000, 1.0, 10, 100, 30.0, 0.1) == 400
     # never more than asked; off (0) leaves it alone
-    assert fit_steps_to_budget(500, 1.0, 10, 100, 10.0, 0.1) == 500
-    assert fit_steps_to_budget(1000, 0.0, 10, 100, 10.0, 0.1) == 1000
+    assert fit(500, 1.0, 10, 100, 10.0, 0.1) == 500
+    assert steps_in_budget(0.0, 100, 10.0, 0.1) is None and fit(1000, 0.0, 10, 100, 10.0, 0.1) == 1000
     # never below the steps done or the warm-up, also when the budget is already spent
-    assert fit_steps_to_budget(1000, 0.1, 10, 100, 10.0, 0.1) == 100
-    assert fit_steps_to_budget(1000, 0.1, 200, 100, 10.0, 0.1) == 201
+    assert fit(1000, 0.1, 10, 100, 10.0, 0.1) == 100
+    assert fit(1000, 0.1, 200, 100, 10.0, 0.1) == 201
 
 
 def test_a_time_budget_shorter_than_the_warm_up_is_pointed_out(monkeypatch, capsys):

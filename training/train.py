@@ -173,12 +173,10 @@ def steps_in_budget(budget_min: float, step: int, spent_s: float, s_per_step: fl
     return step + int(max(0.0, budget_min * 60 - spent_s) / s_per_step)
 
 
-def fit_steps_to_budget(asked: int, budget_min: float, warmup: int, step: int, spent_s: float,
-                        s_per_step: float) -> int:
-    """The run's total steps so that this process's steps end within `budget_min` minutes
-    (steps_in_budget). Never more than `asked`, never fewer than the steps already done or the
+def fit_steps_to_budget(asked: int, fit: int | None, warmup: int, step: int) -> int:
+    """The run's total steps, given the `fit` that end within the time budget (steps_in_budget; None:
+    no budget). Never more than `asked`, never fewer than the steps already done (`step`) or the
     warm-up plus one."""
-    fit = steps_in_budget(budget_min, step, spent_s, s_per_step)
     if fit is None:
         return asked
     return max(min(asked, fit), step, min(asked, warmup + 1))
@@ -217,8 +215,8 @@ class TimeBudget:
         spent = elapsed * (step - self.start_step) / measured   # the skipped steps at the measured pace
         recent = (now - self.t_last) / self.EVERY
         self.t_last = now
-        steps = fit_steps_to_budget(self.asked, self.cfg.time_budget, self.cfg.warmup_steps, step, spent, recent)
         fit = steps_in_budget(self.cfg.time_budget, step, spent, recent)
+        steps = fit_steps_to_budget(self.asked, fit, self.cfg.warmup_steps, step)
         if fit is not None and fit < self.cfg.warmup_steps + 1 < self.asked and not self.warned_warmup and is_main():
             # fit_steps_to_budget's floor: the run goes on to the end of the warm-up and a step more
             self.warned_warmup = True
