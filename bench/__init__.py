@@ -13,13 +13,16 @@ def save_results(results: dict, name: str, out_dir) -> None:
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
-def write_geotiff(path, data, origin: tuple[float, float], pixel: float = 0.5, epsg: int = 32633):
-    """A tiled GeoTIFF of uint8 bands `data` [bands, rows, cols], north-up, `pixel` map units per
-    pixel, top-left corner at `origin` in EPSG:`epsg` (benchmark inputs: real rasters, real CRSs)."""
-    from osgeo import gdal, osr
+def write_geotiff(path, data, origin: tuple[float, float], pixel: float = 0.5, epsg: int = 32633,
+                  options: tuple = ()):
+    """A tiled GeoTIFF of bands `data` [bands, rows, cols] (its dtype: uint8, uint16, ...), north-up,
+    `pixel` map units per pixel, top-left corner at `origin` in EPSG:`epsg` (benchmark inputs: real
+    rasters, real CRSs); `options` adds GTiff creation options ("COMPRESS=DEFLATE")."""
+    from osgeo import gdal, gdal_array, osr
 
     bands, rows, cols = data.shape
-    ds = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, bands, gdal.GDT_Byte, ["TILED=YES"])
+    kind = gdal_array.NumericTypeCodeToGDALTypeCode(data.dtype)
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), cols, rows, bands, kind, ["TILED=YES", *options])
     ds.SetGeoTransform((origin[0], pixel, 0.0, origin[1], 0.0, -pixel))
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(epsg)

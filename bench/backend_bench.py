@@ -11,7 +11,10 @@ Measures
     generated GeoTIFF; target: under 1.5 GB), at a coarser target resolution so the run is short
     on CPU: the reads are still windowed over the full-size raster;
   - end-to-end Search latency through gRPC (query embedding + index lookup) on what was indexed,
-    with the query's prompt ensemble (the default) and as typed (`raw_query`).
+    with the query's prompt ensemble (the default) and as typed (`raw_query`);
+  - Search with thumbnails, as the plugin asks for them: 50 hits from a 16-bit, DEFLATE-compressed
+    5000 x 5000 GeoTIFF (its stretch is worked out from a read of the whole raster, decimated, when
+    it is opened), next to the same search without thumbnails.
 Search latency of the index alone at 10k / 100k / 1M embeddings next to FAISS is in index.json.
 
 Uses the bundled checkpoint when present, else a random-weight `small` (conv stem, 128 px): speed
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,14 @@ def _geotiff(path: Path, side: int, seed: int = 0) -> Path:
     data = np.repeat(np.repeat(base, 32, 1), 32, 2)[:, :side, :side]
     data = np.clip(data.astype(np.int16) + rng.integers(-20, 20, data.shape), 0, 255).astype(np.uint8)
     return write_geotiff(path, data, origin=(500000.0, 4000000.0))
+
+
+def _geotiff16(path: Path, side: int, seed: int = 1) -> Path:
+    """A 16-bit, DEFLATE-compressed GeoTIFF, as satellite imagery is often delivered."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(200, 3000, (3, side // 32 + 1, side // 32 + 1)).astype(np.uint16)
+    data = np.repeat(np.repeat(base, 32, 1), 32, 2)[:, :side, :side] + rng.integers(0, 200, (3, side, side), np.uint16)
+    return write_geotiff(path, data, origin=(600000.0, 4000000.0), options=("COMPRESS=DEFLATE",))
 
 
 def _mosaic_vrt(path: Path, tile: Path, tile_side: int, side: int) -> Path:
@@ -125,9 +137,9 @@ class _Server:
 
 
 def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Path | None = None,
-        index_side: int | None = None, big_side: int = 20000, echo=print) -> dict:
-    """Measure everything (see the module docstring); `checkpoint`, `index_side` and `big_side` make
-    smaller runs for tests."""
+        index_side: int | None = None, big_side: int = 20000, deep_side: int | None = None, echo=print) -> dict:
+    """Measure everything (see the module docstring); `checkpoint`, `index_side`, `big_side` and
+    `deep_side` (the 16-bit raster's) make smaller runs for tests."""
     import torch
     from backend.engine import ModelEngine
     from backend.rpc import skyprompt_pb2 as pb
@@ -205,6 +217,27 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
                                   "raw_query_p50_ms": float(np.percentile(raw_ms, 50)),
                                   "raw_query_p99_ms": float(np.percentile(raw_ms, 99))}
 
+        # Search with thumbnails of 50 hits from a 16-bit raster, against the same search without
+        deep_side = deep_side or (2000 if quick else 5000)
+        deep = _geotiff16(work / "deep16.tif", deep_side)
+        deep_done = list(server.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(deep)),
+                                                                        target_resolution=2.0)))[-1]
+        k = min(50, deep_done.result.tile_count)
+        plain = pb.SearchRequest(query="fields", k=k, raster_ids=[deep_done.result.raster_id])
+        with_thumbs = pb.SearchRequest(query="fields", k=k, raster_ids=[deep_done.result.raster_id],
+                                       include_thumbnails=True, thumbnail_size=128)
+        server.stub.Search(with_thumbs)      # warm-up
+        timed = {False: [], True: []}
+        for _ in range(3 if quick else 5):   # interleaved: both see the same machine load
+            for thumbs, request in ((False, plain), (True, with_thumbs)):
+                t = time.perf_counter()
+                answer = server.stub.Search(request)
+                timed[thumbs].append(time.perf_counter() - t)
+        results["search_thumbnails"] = {
+            "raster_pixels": f"{deep_side}x{deep_side}", "data_type": "UInt16, DEFLATE", "hits": len(answer.hits),
+            "thumbnails": sum(1 for h in answer.hits if h.thumbnail_png), "thumbnail_size": 128,
+            "median_ms": float(np.median(timed[True]) * 1000), "no_thumbnails_median_ms": float(np.median(timed[False]) * 1000)}
+
         # Peak RSS while indexing a big raster: whole index tiles of the mosaic, so a little under big_side
         side = big_side
         vrt = _mosaic_vrt(work / "big.vrt", raster, index_side, side - side % index_side)
@@ -227,11 +260,12 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
     ]
     save_results(results, NAME, out_dir)
     echo(report(results))
+    shutil.rmtree(work, ignore_errors=True)     # rasters, index, server log: kept only when the run fails
     return results
 
 
 def report(r: dict) -> str:
-    i, s, q, big = r["indexing"], r["segment"], r["search_grpc"], r["large_raster"]
+    i, s, q, th, big = r["indexing"], r["segment"], r["search_grpc"], r["search_thumbnails"], r["large_raster"]
     lines = [
         f"model: {r['model']['preset']} @ {r['model']['image_size']} px ({r['checkpoint']})",
         "",
@@ -247,6 +281,9 @@ def report(r: dict) -> str:
         f"| Search over gRPC, {q['tiles']} tiles | p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms | query as "
         f"typed: p50 {q['raw_query_p50_ms']:.1f} ms, p99 {q['raw_query_p99_ms']:.1f} ms "
         f"(p50 ratio {q['p50_ms'] / q['raw_query_p50_ms']:.2f}) |",
+        f"| Search with {th['thumbnails']} thumbnails ({th['thumbnail_size']} px) from a {th['raster_pixels']} "
+        f"{th['data_type']} raster | {th['median_ms']:.0f} ms | without thumbnails {th['no_thumbnails_median_ms']:.0f} ms "
+        f"(ratio {th['median_ms'] / th['no_thumbnails_median_ms']:.1f}) |",
         f"| peak RSS indexing {big['raster_pixels']} px at {big['target_resolution']} m ({big['tiles']} tiles, "
         f"{big['seconds']:.0f} s) | {big['peak_rss_mb']:.0f} MB | < {big['target_mb']} MB |",
         "",

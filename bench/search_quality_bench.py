@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -198,6 +199,7 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
                            "result": "PASS" if overall and min(overall) >= TARGET_P10 else "FAIL"}]
     save_results(results, NAME, out_dir)
     echo(report(results))
+    shutil.rmtree(work, ignore_errors=True)     # rasters, index, server log: kept only when the run fails
     return results
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -86,8 +88,11 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "tiny")
-    backend_bench.run(quick=True, out_dir=tmp_path, checkpoint=ckpt, index_side=256, big_side=1024,
+    folders = lambda: set(Path(tempfile.gettempdir()).glob("skyprompt-bench-*"))  # noqa: E731
+    before = folders()
+    backend_bench.run(quick=True, out_dir=tmp_path, checkpoint=ckpt, index_side=256, big_side=1024, deep_side=512,
                       echo=lambda *a: None)
+    assert folders() == before          # its rasters, index and server log removed after a run that worked
     res = json.loads((tmp_path / "backend.json").read_text())
     assert res["indexing"]["tiles"] == (256 // tiny_config.image_size) ** 2
     assert res["indexing"]["tiles_per_s"] > 0 and res["indexing"]["ratio_to_bare_model"] > 0
@@ -97,6 +102,8 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
     assert 0 < res["search_grpc"]["raw_query_p50_ms"] <= res["search_grpc"]["raw_query_p99_ms"]
     assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100
+    thumbs = res["search_thumbnails"]
+    assert thumbs["thumbnails"] == thumbs["hits"] > 0 and thumbs["median_ms"] > 0 < thumbs["no_thumbnails_median_ms"]
     assert [t["result"] in ("PASS", "FAIL") for t in res["targets"]] == [True, True]
 
 

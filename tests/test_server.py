@@ -2140,6 +2140,28 @@ def test_a_search_whose_client_is_gone_cuts_no_more_thumbnails(checkpoint, raste
         cut.clear()
         assert service.Search(request, Context(2)) is None     # gone after two checks: nobody to answer
         assert len(cut) < 3
+        # each raster is opened once a search for all its thumbnails, and closed after: a 16-bit one works
+        # out its stretch on opening, from a read of the whole raster
+        import backend.service as service_module
+
+        list(service.IndexRaster(p.IndexRasterRequest(source=p.RasterSource(path=str(rasters["grey16"]))),
+                                 Context(10**6)))
+        opened = []
+        real_open = service_module.open_raster
+
+        def counted_open(*args, **kw):
+            opened.append(real_open(*args, **kw))
+            return opened[-1]
+
+        service_module.open_raster = counted_open
+        try:
+            answer = service.Search(request, Context(10**6))
+        finally:
+            service_module.open_raster = real_open
+        assert {h.raster_path for h in answer.hits} == {str(rasters["rgb"]), str(rasters["grey16"])}
+        assert all(h.thumbnail_png for h in answer.hits) and len(answer.hits) > 2
+        assert sorted(r.path for r in opened) == sorted({h.raster_path for h in answer.hits})
+        assert all(r._ds is None for r in opened)       # closed when the search is answered
     finally:
         engine.stop()
         index.close()
