@@ -254,6 +254,17 @@ def transform_bounds(bounds: Sequence[float], src_crs: str | osr.SpatialReferenc
     return tuple(float(v) for v in result)  # type: ignore[return-value]
 
 
+def transformation(source: osr.SpatialReference, target: osr.SpatialReference | None = None
+                   ) -> osr.CoordinateTransformation | None:
+    """The transformation from `source` to `target` (EPSG:4326, longitude first, when None); None
+    where there is none, e.g. from an engineering CRS (a site grid has no place on the globe)."""
+    try:
+        with _gdal_exceptions():
+            return osr.CoordinateTransformation(source, target if target is not None else _wgs84())
+    except (RuntimeError, RasterError):
+        return None
+
+
 def densified_box(xmin: float, ymin: float, xmax: float, ymax: float, points_per_edge: int) -> tuple[np.ndarray, np.ndarray]:
     """A box's outline as x and y arrays, `points_per_edge` points an edge: reprojected point by
     point, it keeps the curved shape of the box in the other CRS."""
@@ -555,7 +566,7 @@ class Raster:
         gt = self.geotransform
         self.pixel_size = (math.hypot(gt[1], gt[4]), math.hypot(gt[2], gt[5]))
         self.bounds = bounds_from_geotransform(gt, self.width, self.height)
-        self._to_wgs84 = self._wgs84_transform()
+        self._to_wgs84 = transformation(self._srs)
         self.bounds_wgs84 = self._bounds_wgs84(self.bounds)
 
         self.bands = bands
@@ -677,13 +688,6 @@ class Raster:
         self.close()
 
     # -- setup ---------------------------------------------------------------------------------
-
-    def _wgs84_transform(self) -> osr.CoordinateTransformation | None:
-        try:
-            with _gdal_exceptions():
-                return osr.CoordinateTransformation(self._srs, _wgs84())
-        except (RuntimeError, RasterError):
-            return None  # e.g. an engineering CRS: the raster is usable, it just has no place on the globe
 
     def _bounds_wgs84(self, bounds) -> tuple[float, float, float, float] | None:
         if self._to_wgs84 is None:
@@ -828,6 +832,15 @@ class Raster:
         """(lo, hi) mapped to 0..255 for each of the red, green, blue channels; None = Byte used as is."""
         ranges = self._stretch_ranges()
         return tuple(ranges.get(b) for b in self.rgb_bands)
+
+    def keep_stretch_ranges(self, ranges) -> None:
+        """Take `ranges`, the stretch_ranges() of an earlier opening of this file unchanged with the
+        same band mapping, instead of working them out again from a read of the whole raster."""
+        if len(ranges) != len(self.rgb_bands):
+            raise ValueError(f"{len(ranges)} stretch ranges given for {len(self.rgb_bands)} channels")
+        kept = {band: (float(r[0]), float(r[1])) for band, r in zip(self.rgb_bands, ranges) if r is not None}
+        with self._lock:
+            self._stretch = kept
 
     def _to_rgb(self, data: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         _, out_h, out_w = data.shape

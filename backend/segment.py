@@ -34,7 +34,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform
+from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform, transformation
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -237,17 +237,6 @@ def geodesic_area_m2(geometry: Polygon, to_wgs84: osr.CoordinateTransformation |
     return max(area, 0.0)
 
 
-def wgs84_transform(srs: osr.SpatialReference) -> osr.CoordinateTransformation | None:
-    wgs = osr.SpatialReference()
-    wgs.ImportFromEPSG(4326)
-    wgs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    try:
-        with _gdal_exceptions():
-            return osr.CoordinateTransformation(srs, wgs)
-    except RuntimeError:
-        return None
-
-
 def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, srs: osr.SpatialReference,
                         threshold: float, min_area: float, tolerance: float,
                         to_wgs84: osr.CoordinateTransformation | None,
@@ -373,7 +362,7 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         progress("polygonizing", tiles, tiles)
     pixel = math.hypot(gt[1], gt[4])
     tolerance = pixel if simplify_tolerance is None else float(simplify_tolerance)
-    to_wgs84 = wgs84_transform(srs)
+    to_wgs84 = transformation(srs)
     results = []
     if inside is not None:
         rel[:, ~inside] = 0.0

@@ -287,6 +287,7 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
     before its own: one that moves the raster (gdal_edit on a read-only file, a georeferencer) makes
     it "changed", and the old tiles would lie elsewhere, and its search hits and `list` say so.
     Statistics alone, which QGIS writes on display, leave it "unchanged"."""
+    from backend.rpc import skyprompt_pb2 as pb
     from backend.service import _changed_since_indexing
 
     path, aux = tmp_path / "ortho.tif", tmp_path / "ortho.tif.aux.xml"
@@ -303,7 +304,7 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
         with open_raster(path) as raster:
             assert index.needs_indexing(raster.identity(), CK, settings) == "unchanged"
         entry = index.list_rasters()[0]
-        assert _changed_since_indexing(entry) == ""         # what search hits and `list` say about it
+        assert _changed_since_indexing(entry) == (pb.FILE_STATE_UNCHANGED, "")   # what search hits and `list` say
         changes = {"moved": "<GeoTransform>600000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0</GeoTransform>",
                    "nodata": '<PAMRasterBand band="2"><NoDataValue>10</NoDataValue></PAMRasterBand>'}
         for what, element in changes.items():
@@ -312,7 +313,8 @@ def test_georeferencing_set_in_an_aux_xml_makes_the_raster_changed(tmp_path, rng
                 if what == "moved":
                     assert raster.bounds[0] == 600000.0      # GDAL does read it
                 assert index.needs_indexing(raster.identity(), CK, settings) == "changed", what
-            assert "georeferencing in its .aux.xml, changed since it was indexed" in _changed_since_indexing(entry)
+            state, reason = _changed_since_indexing(entry)
+            assert state == pb.FILE_STATE_CHANGED and "georeferencing in its .aux.xml, changed since it was indexed" in reason
         # histograms of any size are read past (QGIS writes large ones), the georeferencing kept
         histogram = "<Histograms>" + "<HistItem>" + "0|" * 9_000_000 + "</HistItem></Histograms>"
         aux.write_text(f'<PAMDataset><PAMRasterBand band="1">{histogram}</PAMRasterBand></PAMDataset>')
@@ -392,7 +394,7 @@ def test_a_source_rewritten_behind_a_vrt_makes_the_vrt_changed(tmp_path, rng):
                 assert index.needs_indexing(raster.identity(), CK, settings) == "changed", path.name
         # and its search hits and `list` say so, though the VRT's own file is as it was
         from backend.service import _changed_since_indexing
-        said = {Path(entry["path"]).name: _changed_since_indexing(entry) for entry in index.list_rasters()}
+        said = {Path(entry["path"]).name: _changed_since_indexing(entry).reason for entry in index.list_rasters()}
         assert "source.tif' changed on disk since it was indexed" in said["source.tif"]
         assert "a file it reads" in said["mosaic.vrt"] and "a file it reads" in said["outer.vrt"]
 

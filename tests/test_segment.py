@@ -4,7 +4,8 @@ import pytest
 import shapely
 from osgeo import osr
 
-from backend.segment import clean_polygon, polygons_for_prompt, wgs84_transform
+from backend.raster import transformation
+from backend.segment import clean_polygon, polygons_for_prompt
 from test_server import checkpoint, rasters, server  # noqa: F401 - fixtures: a live server on a tiny checkpoint
 
 
@@ -25,7 +26,7 @@ def test_min_area_m2_drops_whole_regions_by_their_ground_area():
     srs = _srs("EPSG:32633")                                  # 1 m pixels: 8 m² for the region
     relevance = _corner_blocks()
     args = (np.ones((6, 6), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 0.0,
-            wgs84_transform(srs))
+            transformation(srs))
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=7.5)
     assert dropped == 0 and len(kept) == 1                   # the two parts stand together, as one result
     assert kept[0].geometry.geom_type == "MultiPolygon" and len(kept[0].geometry.geoms) == 2
@@ -40,7 +41,7 @@ def test_min_area_m2_is_ground_area_on_a_longitude_latitude_raster():
     relevance = np.zeros((8, 8))
     relevance[2:5, 2:5] = 1.0
     gt = (10.0, degree, 0.0, 60.0, 0.0, -degree)
-    args = (np.ones((8, 8), bool), gt, srs, 0.5, 0.0, 0.0, wgs84_transform(srs))
+    args = (np.ones((8, 8), bool), gt, srs, 0.5, 0.0, 0.0, transformation(srs))
     (whole,), _ = polygons_for_prompt(relevance, *args)
     assert whole.area == pytest.approx(9 * degree ** 2)       # map units: square degrees
     assert 500 < whole.area_m2 < 600                          # 9 x 11.1 m x 5.57 m
@@ -52,7 +53,7 @@ def test_min_area_m2_is_ground_area_on_a_longitude_latitude_raster():
 
 def test_min_area_m2_keeps_regions_whose_ground_area_is_unknown():
     srs = _srs('LOCAL_CS["site grid",UNIT["metre",1]]')       # no transform to longitude/latitude
-    assert wgs84_transform(srs) is None
+    assert transformation(srs) is None
     kept, dropped = polygons_for_prompt(_corner_blocks(), np.ones((6, 6), bool), (10.0, 1.0, 0.0, 50.0, 0.0, -1.0),
                                         srs, 0.5, 0.0, 0.0, None, min_area_m2=1e9)
     assert dropped == 0 and sum(r.area for r in kept) == 8.0 and all(r.area_m2 == 0.0 for r in kept)
@@ -84,7 +85,7 @@ def test_a_region_of_a_pixel_or_a_diagonal_chain_keeps_its_area_through_simplifi
     for i in range(4):
         relevance[5 + i, 5 + i] = 1.0                                # a diagonal chain of four pixels
     relevance[8:12, 0:4] = 1.0                                       # a 4 x 4 block, simplified as before
-    kept, _ = polygons_for_prompt(relevance, np.ones((12, 12), bool), gt, srs, 0.5, 0.0, 5.0, wgs84_transform(srs))
+    kept, _ = polygons_for_prompt(relevance, np.ones((12, 12), bool), gt, srs, 0.5, 0.0, 5.0, transformation(srs))
     areas = sorted(r.area for r in kept)
     assert areas == [25.0, 100.0, 400.0]
     pixel = min(kept, key=lambda r: r.area).geometry
@@ -168,7 +169,7 @@ def test_every_result_is_at_least_the_minimum_area():
     relevance = (rng.random((60, 60)) > 0.55).astype(float)          # speckle: many corner contacts
     relevance[10:40, 10:40] = 1.0
     args = (np.ones((60, 60), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 1.0,
-            wgs84_transform(srs))
+            transformation(srs))
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=20.0)
     assert kept and dropped > 0
     assert all(r.area_m2 >= 20.0 for r in kept), sorted(r.area_m2 for r in kept)[:5]

@@ -371,7 +371,8 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     from osgeo import osr
     from shapely.geometry import box as shapely_box
 
-    from backend.segment import geodesic_area_m2, wgs84_transform
+    from backend.raster import transformation
+    from backend.segment import geodesic_area_m2
 
     # UTM zone 60 north from 830 km to 930 km east: the 180th meridian runs through it
     path = make_tif(rasters["folder"] / "antimeridian.tif", noise((3, 100, 100), seed=11),
@@ -416,7 +417,7 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "give that CRS" in details
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(32660)
-    to_wgs84 = wgs84_transform(srs)
+    to_wgs84 = transformation(srs)
     across, west = shapely_box(880000, 50000, 890000, 60000), shapely_box(760000, 50000, 770000, 60000)
     assert geodesic_area_m2(across, to_wgs84) == pytest.approx(1e8, rel=0.02)   # 10 km x 10 km, give or take
     assert geodesic_area_m2(across, to_wgs84) == pytest.approx(geodesic_area_m2(west, to_wgs84), rel=0.02)
@@ -569,6 +570,11 @@ def test_a_raster_without_longitude_latitude_is_never_placed_on_the_globe(server
     anywhere = server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=p.Extent(
         xmin=-180, ymin=-90, xmax=180, ymax=90, crs="EPSG:4326")), metadata=server.metadata)
     assert not anywhere.hits                                   # not even the whole globe
+    # nor an extent with no longitude/latitude box of its own (corners off the globe), nor a box round a pole
+    for extent in (p.Extent(xmin=-3e7, ymin=-3e7, xmax=3e7, ymax=3e7, crs="ESRI:102035"),
+                   p.Extent(xmin=-3e6, ymin=-3e6, xmax=3e6, ymax=3e6, crs="EPSG:3413")):
+        assert not server.stub.Search(p.SearchRequest(query="x", k=5, raster_ids=only, extent=extent),
+                                      metadata=server.metadata).hits
     out = client(server, "search", "--json", "x", "--k", "2", "--raster-id", done.raster_id)
     assert out.returncode == 0, out.stderr
     found = json.loads(out.stdout)["results"]
@@ -2162,6 +2168,24 @@ def test_a_search_whose_client_is_gone_cuts_no_more_thumbnails(checkpoint, raste
         assert all(h.thumbnail_png for h in answer.hits) and len(answer.hits) > 2
         assert sorted(r.path for r in opened) == sorted({h.raster_path for h in answer.hits})
         assert all(r._ds is None for r in opened)       # closed when the search is answered
+        # the 16-bit raster's thumbnails take the stretch its tiles were indexed with, kept in the index:
+        # not worked out again from a read of the whole raster, and the same pixels as working it out
+        from backend.raster import Raster
+
+        worked_out = []
+        real_compute = Raster._compute_stretch
+        Raster._compute_stretch = lambda self: worked_out.append(self.path) or real_compute(self)
+        try:
+            again = service.Search(request, Context(10**6))
+        finally:
+            Raster._compute_stretch = real_compute
+        assert str(rasters["grey16"]) not in worked_out and all(h.thumbnail_png for h in again.hits)
+        grey16_id = next(h.raster_id for h in again.hits if h.raster_path == str(rasters["grey16"]))
+        from backend.raster import open_raster as fresh_open
+
+        with fresh_open(rasters["grey16"]) as fresh:
+            assert service.index.raster(int(grey16_id))["extra"]["stretch_ranges"] == \
+                [list(r) for r in fresh.stretch_ranges()]
     finally:
         engine.stop()
         index.close()
