@@ -16,7 +16,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import grpc
+if __name__ == "__main__":
+    # run as `python -m backend.client`: gRPC's own log lines quiet, as `python -m backend client`
+    # has them (read by gRPC when it is first imported, just below)
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402
 
 from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP
 from .rpc import skyprompt_pb2 as pb
@@ -877,3 +882,9 @@ def run_client(args: argparse.Namespace) -> int:
                 except (OSError, ValueError):
                     pass
             os._exit(130)
+
+
+if __name__ == "__main__":
+    from .__main__ import main
+
+    sys.exit(main(["client", *sys.argv[1:]]))

@@ -33,6 +33,7 @@ from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT
                        DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius,
                        check_expand, check_keyword_weight,
                        check_views)
+from .files import write_text_atomically
 
 log = logging.getLogger("skyprompt.server")
 
@@ -370,8 +371,14 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
         problem = tls_pair_problem(args.tls_cert, args.tls_key)
         if problem:
             return problem
-    if args.port_file and not Path(args.port_file).resolve().parent.is_dir():
-        return f"--port-file {args.port_file}: its folder does not exist"
+    if args.port_file:
+        port_file = Path(args.port_file)
+        if not port_file.resolve().parent.is_dir():
+            return f"--port-file {args.port_file}: its folder does not exist"
+        if port_file.is_dir():
+            return f"--port-file {args.port_file} is a folder: give a file name in it, e.g. {port_file / 'port'}"
+        if not os.access(port_file.resolve().parent, os.W_OK | os.X_OK):
+            return f"--port-file {args.port_file}: its folder is not writable (read-only, or not yours)"
     return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
                                    args.index_views, args.search_expand, serve_limits(args), args.keyword_weight)
 
@@ -452,9 +459,14 @@ def serve(args: argparse.Namespace) -> int:
         watch_stdin(done)
     server.start()
     if args.port_file:
-        tmp = f"{args.port_file}.tmp"
-        Path(tmp).write_text(str(server.port))
-        os.replace(tmp, args.port_file)
+        try:
+            write_text_atomically(args.port_file, str(server.port))
+        except OSError as e:    # checked before the model loaded; the disk may have filled since
+            print(f"skyprompt serve: cannot write --port-file {args.port_file}: {e.strerror or e}; stopped",
+                  file=sys.stderr, flush=True)
+            server.stop()
+            logging.shutdown()
+            os._exit(2)
     print(f"SkyPrompt serving on {server.address}", flush=True)
     while not done.wait(0.5):
         pass
@@ -564,3 +576,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    # `python -m backend.server ...` is `python -m backend serve ...`
+    from .__main__ import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))

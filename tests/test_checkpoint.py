@@ -289,6 +289,10 @@ def test_export_cli_changes_the_resolution_and_keeps_dtype_and_metadata(tmp_path
     assert "--image-size 30" in err and "multiple of patch_size" in err and not (tmp_path / "bad").exists()
     assert main([str(tmp_path / "missing"), str(tmp_path / "bad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a DST in a folder where nothing can be made (/sys refuses even root; a read-only disk does the same)
+    assert main([str(src), "/sys/skyprompt-export"]) == 2
+    err = capsys.readouterr().err
+    assert "/sys/skyprompt-export" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_export_average_writes_the_mean_of_checkpoints(tmp_path, tiny_config, tokenizer, capsys):

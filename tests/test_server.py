@@ -861,11 +861,12 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
     (["--max-message-mb", "0.001"], "--max-message-mb 0.001 is below 0.0625 (64 KiB)"),
     (["--log-level", "LOUD"], "--log-level LOUD: use one of"), (["--data-dir", "FILE"], "is a file"),
     (["--port-file", "MISSING/port"], "its folder does not exist"),
+    (["--port-file", "."], "--port-file . is a folder: give a file name in it"),
     (["--tls-cert", "MISSING/c.pem", "--tls-key", "MISSING/k.pem"], "--tls-cert MISSING/c.pem cannot be read"),
     (["--tls-cert", "FILE"], "give both --tls-cert and --tls-key"),
     (["--host", "0.0.0.0"], "off loopback a token is required"), (["--index-views", "3"], "--index-views 3"),
     (["--edge-radius", "-2"], "--edge-radius -2"), (["--search-expand", "-1"], "--search-expand -1"),
-], ids=["port", "workers", "sao-window", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "tls", "tls-pair",
+], ids=["port", "workers", "sao-window", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "port-file-folder", "tls", "tls-pair",
         "token", "views", "edge-radius", "search-expand"])
 def test_serve_checks_its_options_before_loading_the_model(tmp_path, flags, message):
     # the checkpoint does not exist: a message about the option shows it was checked before the model loaded
@@ -1186,6 +1187,18 @@ def client(server, *args, env: dict | None = None) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "backend", "client", *args, "--server", server.address],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "SKYPROMPT_TOKEN": server.token, **(env or {})})
+
+
+def test_the_client_and_server_modules_run_as_the_backend_commands(server):
+    """`python -m backend.client ...` and `python -m backend.server ...` are what a user types after
+    `python -m training.train`: they run the client and the server, not nothing with exit status 0."""
+    out = subprocess.run([sys.executable, "-m", "backend.client", "info", "--json", "--server", server.address],
+                         cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SKYPROMPT_TOKEN": server.token})
+    assert out.returncode == 0 and json.loads(out.stdout)["model_preset"] == "tiny", out.stderr
+    out = subprocess.run([sys.executable, "-m", "backend.server", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "usage: python -m backend serve" in out.stdout
 
 
 def ground_cover_raster(path: Path) -> Path:

@@ -126,6 +126,9 @@ def test_save_then_load_gives_identical_ids(tok, tmp_path):
     path = tok.save(tmp_path / "ckpt" / "tokenizer.json")
     assert path.is_file()
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"], "no temp file may be left behind"
+    # readable as any new file is (a server running as another user loads it), not owner-only
+    from backend.files import current_umask
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     for loaded in (Tokenizer.load(path), Tokenizer.load(path.parent), Tokenizer.from_str(path.read_text())):
         assert loaded.vocab_size == tok.vocab_size
         for text in CORPUS + HELD_OUT:
@@ -264,6 +267,20 @@ def test_cli_writes_a_loadable_tokenizer(tmp_path):
         assert tok.decode(tok.encode(text)) == text.lower()
     # extra words were in the corpus, so BPE learned them as whole words
     assert len(tok.encode("railway station")) == 2
+
+
+def test_cli_out_ending_with_a_slash_is_a_folder(tmp_path, capsys):
+    """`--out runs/tok/`, a folder not made yet, gets runs/tok/tokenizer.json, as --help says, not a
+    file named runs/tok."""
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(CORPUS * 10) + "\n")
+    assert cli_main(["--captions", str(caps), "--vocab-size", "300", "--out", f"{tmp_path / 'tok'}/"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert Tokenizer.load(tmp_path / "tok").vocab_size > 0
+    # where nothing can be written (/sys refuses even root; a read-only disk does the same): one line
+    assert cli_main(["--captions", str(caps), "--vocab-size", "300", "--out", "/sys/skyprompt-tokenizer.json"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write --out /sys/skyprompt-tokenizer.json" in err and "Traceback" not in err, err
 
 
 def test_cli_missing_captions_path(tmp_path):

@@ -387,6 +387,10 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     r = _refused(_args(folder, tmp_path / "file", 1), capsys)
     assert r.returncode == 2 and "is a file" in r.stderr
+    # a folder that cannot be made (/sys refuses even root; a read-only disk does the same)
+    r = _refused(_args(folder, Path("/sys/skyprompt-run"), 1), capsys)
+    assert r.returncode == 2 and "cannot make --out /sys/skyprompt-run" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
     # a second run into a run directory: refused unless it resumes
     done = tmp_path / "done"
     (done / "checkpoints" / "step_0000003").mkdir(parents=True)

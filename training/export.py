@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"training.export: {e}{run_folder_hint(args.src)}", file=sys.stderr)
         return 2
+    except OSError as e:    # reading SRC is checked above: this is DST's folder (read-only, full, not yours)
+        print(f"training.export: cannot write {args.dst}: {e.strerror or e}", file=sys.stderr)
+        return 2
     averaged = f", mean of {len(args.average) + 1} checkpoints" if args.average else ""
     print(f"wrote {out} ({size} px, {str(dtype).replace('torch.', '')}{averaged})")
     return 0

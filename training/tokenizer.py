@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_dir():
             parser.error(f"{path} is a directory; pass the caption files in it (e.g. {path}/*_train_caps.txt)")
     out = Path(args.out)
-    target = out / "tokenizer.json" if out.is_dir() else out
+    # a folder, or one to be made when the name ends with a slash ("runs/tok/")
+    target = out / "tokenizer.json" if out.is_dir() or args.out.endswith(("/", os.sep)) else out
     if (target.parent / WEIGHTS).is_file():
         parser.error(f"--out {args.out} is in a checkpoint folder: writing there would replace the tokenizer its "
                      "model was trained with; write the new tokenizer elsewhere")
@@ -181,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizerError as e:
         parser.error(str(e))
     seconds = time.perf_counter() - start
-    out = tok.save(args.out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = tok.save(target)
+    except OSError as e:
+        print(f"training.tokenizer: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
     lengths = [len(ids) for ids in (tok.encode(t) for t in texts)]
     cut = sum(n + 2 > args.context_length for n in lengths)

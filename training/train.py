@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from backend.engine import EngineError, resolve_device
+from backend.files import write_text_atomically
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_checkpoint_target, load_checkpoint,
                                      read_config, save_checkpoint)
@@ -408,6 +409,10 @@ def save_training_checkpoint(out: Path, model, optimizer, tokenizer: Tokenizer, 
     return path
 
 
+class OutputError(Exception):
+    """--out cannot be written."""
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
@@ -417,7 +422,12 @@ def train(cfg: TrainConfig) -> dict:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} must be divisible by processes x --grad-accum "
                          f"({world} x {cfg.grad_accum})")
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot make --out {out}: {e.strerror or e}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write in --out {out}: read-only or not yours; give another folder")
         clean_partial_checkpoints(out)
     if dist.is_initialized():
         dist.barrier()
@@ -672,9 +682,7 @@ def _truncate_metrics(path: Path, step: int) -> int:
             continue   # a line cut short by the kill
         keep.append(line)
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(k + "\n" for k in keep))
     return len(lines) - len(keep)
 
 
@@ -980,7 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     show_skipped_images_plainly()
     try:
         train(cfg)
-    except (CheckpointError, recipes.RecipeError, ConfigError, DataError, TokenizerError, VocabularyError) as e:
+    except (CheckpointError, recipes.RecipeError, ConfigError, DataError, OutputError, TokenizerError,
+            VocabularyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

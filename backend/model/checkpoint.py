@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..files import current_umask
 from .config import PRESETS, ConfigError, MaMMUTConfig
 from .mammut import MaMMUT
 from .tokenizer import Tokenizer, TokenizerError
@@ -73,7 +74,7 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
             write_extra(tmp)
         # mkdtemp makes a private (0700) folder and some writers private files: give the checkpoint
         # the permissions any new file would get, so a server running as another user can read it
-        umask = _current_umask()
+        umask = current_umask()
         tmp.chmod(0o777 & ~umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
@@ -84,20 +85,6 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _current_umask() -> int:
-    # Linux reports it without changing it; os.umask would set it process-wide for a moment, which
-    # another thread creating files (a server saving while it serves) could observe
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def check_checkpoint_target(target: Path, training_state: bool = False) -> None:

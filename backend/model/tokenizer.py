@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+from ..files import write_text_atomically
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
@@ -102,18 +103,7 @@ class Tokenizer:
         """
         path = _tokenizer_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # the temp file lives in the target's directory so os.replace is a rename, never a copy
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_str())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomically(path, self.to_str())
 
     def to_str(self) -> str:
         """The tokenizer.json text."""

@@ -17,11 +17,12 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from ..files import write_text_atomically
 
 WORDS_FILE = "words.json"
 FORMAT = "skyprompt-words"
@@ -114,17 +115,7 @@ class TrainingWords:
         path = Path(directory) / WORDS_FILE
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
                 "words": dict(sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])))}
-        fd, tmp = tempfile.mkstemp(prefix=".words-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=0, ensure_ascii=False)
-                fh.write("\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomically(path, json.dumps(data, indent=0, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TrainingWords | None":

@@ -1,0 +1,40 @@
+"""Files written whole or not at all, readable as any new file of the user's is."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def current_umask() -> int:
+    # Linux reports it without changing it; os.umask would set it process-wide for a moment, which
+    # another thread creating files (a server saving while it serves) could observe
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file beside it, renamed into place: a crash
+    mid-write never leaves a truncated file. The file gets the permissions the umask gives a new
+    file (mkstemp's own are owner-only), so a server running as another user can read it."""
+    path = Path(path)
+    # in the target's folder, so os.replace is a rename, never a copy
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
