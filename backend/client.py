@@ -638,7 +638,7 @@ def cmd_remove(stub, args) -> int:
 
 def _file_state(message) -> str:
     """FileState as JSON words: "unchanged", "changed", "missing", "pixels" ("unspecified" from an
-    older server)."""
+    older server, or for a hit whose raster was removed while the search ran)."""
     return pb.FileState.Name(message.file_state).removeprefix("FILE_STATE_").lower()
 
 

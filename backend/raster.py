@@ -286,12 +286,51 @@ def reprojected_box(box: Sequence[float], source: osr.SpatialReference, target: 
     return np.asarray(moved, float)[:, :2]
 
 
-def unwrap_longitudes(lon: np.ndarray) -> np.ndarray:
+def unwrap_longitudes(lon: np.ndarray, period: float = 360.0) -> np.ndarray:
     """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
     in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
-    globe. Its box may then end past 180; searches test boxes at -360, 0 and +360 degrees."""
-    lon = np.degrees(np.unwrap(np.radians(np.asarray(lon, float))))
-    return lon - 360.0 * np.floor((lon.min() + 180.0) / 360.0)
+    globe. Its box may then end past 180; searches test boxes at -360, 0 and +360 degrees. With
+    another `period`, the same for x in a CRS whose world repeats that far east (world_width)."""
+    lon = np.unwrap(np.asarray(lon, float), period=period)
+    return lon - period * np.floor((lon.min() + period / 2) / period)
+
+
+def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0) -> np.ndarray:
+    """An outline's points (not closed) as an (n, 2) ring a polygon can be made of: x continuous
+    (unwrap_longitudes), and an outline that goes once round a pole, as that of a tile holding the
+    pole does, closed over the pole, so its shape covers the pole and not a band of latitude beside
+    it. `lat` of the pole is +-90 (`period` 360: longitude/latitude)."""
+    x, y = unwrap_longitudes(lon, period), np.asarray(lat, float)
+    closing = (x[0] - x[-1] + period / 2) % period - period / 2      # the last point back to the first
+    turn = x[-1] + closing - x[0]
+    if abs(turn) > period / 2 and period == 360.0:
+        pole = 90.0 if y.mean() > 0 else -90.0
+        x = np.concatenate([x, [x[0] + turn, x[0] + turn, x[0]]])
+        y = np.concatenate([y, [y[0], pole, pole]])
+    return np.column_stack([x, y])
+
+
+def world_width(srs: osr.SpatialReference) -> float | None:
+    """How far east a projected CRS's map repeats (Web Mercator: 40,075 km), or None where it does
+    not repeat (polar, conic, orthographic, UTM): x at its central meridian +-180 degrees on the
+    equator, taken when x grows with longitude there as it does in a cylindrical map."""
+    if srs.IsGeographic():
+        return 360.0
+    lon0 = srs.GetProjParm(osr.SRS_PP_CENTRAL_MERIDIAN, 0.0) or srs.GetProjParm(osr.SRS_PP_LONGITUDE_OF_CENTER, 0.0)
+    to_map = transformation(_wgs84(), srs)
+    if to_map is None:
+        return None
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        x = [p[0] for p in to_map.TransformPoints([[lon0 + d, 0.0] for d in (-179.9, -90.0, 90.0, 179.9)])]
+    except RuntimeError:
+        return None
+    finally:
+        gdal.PopErrorHandler()
+    if not all(math.isfinite(v) for v in x) or not x[0] < x[1] < x[2] < x[3]:
+        return None
+    width = (x[3] - x[0]) * 180.0 / 179.9
+    return width if abs(width - 2.0 * (x[2] - x[1])) <= 0.02 * width else None
 
 
 def bounds_from_geotransform(geotransform: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
@@ -1055,7 +1094,8 @@ class Raster:
             xs, ys = cx[i].tolist(), cy[i].tolist()
             bounds_wgs84, footprint_wgs84 = None, ""
             if wgs is not None and np.isfinite(wgs[i]).all():
-                lon, lat = unwrap_longitudes(wgs[i, :, 0]), wgs[i, :, 1]
+                ring = lonlat_ring(wgs[i, :, 0], wgs[i, :, 1])      # a tile holding a pole covers it
+                lon, lat = ring[:, 0], ring[:, 1]
                 bounds_wgs84 = (float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max()))
                 footprint_wgs84 = _polygon_wkt(lon.tolist(), lat.tolist())
             tiles.append(Tile(index=index, col=col, row=row, width=width, height=height,

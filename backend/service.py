@@ -22,13 +22,14 @@ import grpc
 import numpy as np
 import shapely
 import shapely.affinity
+from osgeo import gdal
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
-from .index import TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
-from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, open_raster, parse_crs,
-                     raster_from_pixels, reprojected_box, sources_digest_of, transform_bounds, transformation,
-                     unwrap_longitudes)
+from .index import SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
+from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
+                     open_raster, parse_crs, raster_from_pixels, reprojected_box, sources_digest_of, transform_bounds,
+                     transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
@@ -184,10 +185,11 @@ class _ExtentShape:
 
     A local extent is moved into each hit's raster CRS, once per CRS, and met there. One that is not
     local, spanning more than MAX_SPAN_DEGREES of longitude or latitude or reaching past
-    MAX_LATITUDE (the whole world, a box round a pole), or one that reaches past where its CRS is
-    defined (a zoomed-out orthographic view, whose corners lie off the globe), would fold, wrap or
-    break when moved: there each hit's footprint is moved into the extent's CRS instead, where a
-    tile is small and a point off the visible globe has no place."""
+    MAX_LATITUDE (the whole world, a box round a pole), one that reaches past where its CRS is
+    defined (a zoomed-out orthographic view, whose corners lie off the globe), or one whose outline
+    tears when moved, is judged in its own CRS instead, each hit's footprint moved there: a tile is
+    small, and a point off the visible globe has no place. Where the extent's map repeats east and
+    west (longitude/latitude, Web Mercator), a footprint is met one world either way too."""
 
     POINTS_PER_EDGE = 16
     POINTS_PER_TILE = 16         # a tile's outline, moved into the extent's CRS: small, hardly curved
@@ -195,13 +197,16 @@ class _ExtentShape:
     MAX_LATITUDE = 84.0
     EXPAND_LIMIT = 1 << 16       # the most candidates taken from the index to fill k
 
-    def __init__(self, parts: tuple, lonlat_box: tuple | None):
-        """`lonlat_box`: the extent's (west, south, east, north), None when it cannot be had."""
+    def __init__(self, parts: tuple, lonlat_box: tuple | None, on_globe: bool = True):
+        """`lonlat_box`: the extent's (west, south, east, north), None when it cannot be had.
+        `on_globe`: False when no point of the extent has a place on the globe."""
         self.xmin, self.ymin, self.xmax, self.ymax, crs = parts
         self.srs = parse_crs(crs or "EPSG:4326")
         if self.srs.IsGeographic() and self.xmin > self.xmax:      # across 180 degrees: continuous longitudes
             self.xmax += 360.0
-        self._boxes = self._turns(self.srs, shapely.box(self.xmin, self.ymin, self.xmax, self.ymax))
+        self.period = world_width(self.srs)
+        self._boxes = self._turns(shapely.box(self.xmin, self.ymin, self.xmax, self.ymax), self.period)
+        self.on_globe = on_globe
         self.local = False
         if lonlat_box is not None:
             west, south, east, north = lonlat_box
@@ -209,11 +214,14 @@ class _ExtentShape:
             self.local = (span <= self.MAX_SPAN_DEGREES and north - south <= self.MAX_SPAN_DEGREES
                           and max(abs(south), abs(north)) <= self.MAX_LATITUDE)
         self._judges: dict = {}     # raster CRS WKT -> hit -> bool
+        self._met: dict = {}        # tile id -> bool: a search taking more candidates meets them again
 
     def meets(self, hit) -> bool:
-        if hit.crs_wkt not in self._judges:
-            self._judges[hit.crs_wkt] = self._judge(hit.crs_wkt)
-        return self._judges[hit.crs_wkt](hit)
+        if hit.tile_id not in self._met:
+            if hit.crs_wkt not in self._judges:
+                self._judges[hit.crs_wkt] = self._judge(hit.crs_wkt)
+            self._met[hit.tile_id] = self._judges[hit.crs_wkt](hit)
+        return self._met[hit.tile_id]
 
     def _judge(self, crs_wkt: str):
         try:
@@ -224,13 +232,11 @@ class _ExtentShape:
             return lambda hit: False        # no place on the globe, so in no extent (nor in the index's box)
         if self._whole_world():
             return lambda hit: True
-        if raster_srs.IsSame(self.srs) or self.local:
-            shapes = self._boxes if raster_srs.IsSame(self.srs) else self._moved_extent(raster_srs)
-            if not shapes:
-                return lambda hit: True
+        shapes = self._boxes if raster_srs.IsSame(self.srs) else self._moved_extent(raster_srs) if self.local else []
+        if shapes:
             return lambda hit: any(s.intersects(shapely.from_wkt(hit.footprint_wkt)) for s in shapes)
         transform = transformation(raster_srs, self.srs)
-        if transform is None:       # no way from its CRS to the extent's (a local grid): not in it
+        if transform is None:       # no way from its CRS to the extent's (a site grid): not in it
             return lambda hit: False
         return lambda hit: self._moved_footprint_meets(transform, hit)
 
@@ -238,11 +244,11 @@ class _ExtentShape:
         return self.srs.IsGeographic() and self.xmax - self.xmin >= 360.0 and self.ymin <= -90.0 and self.ymax >= 90.0
 
     @staticmethod
-    def _turns(srs, shape) -> list:
-        """A shape in a longitude/latitude CRS with its turns of the globe either way (tiles and
-        extents may reach past 180 degrees); in a projected CRS, itself."""
-        if srs.IsGeographic():
-            return [shapely.affinity.translate(shape, turn) for turn in (-360.0, 0.0, 360.0)]
+    def _turns(shape, period: float | None) -> list:
+        """A shape with its copies one world east and west, where the map repeats (tiles and
+        extents may reach past 180 degrees); else itself."""
+        if period:
+            return [shapely.affinity.translate(shape, turn) for turn in (-period, 0.0, period)]
         return [shape]
 
     def _moved_extent(self, target) -> list:
@@ -257,27 +263,95 @@ class _ExtentShape:
         if target.IsGeographic():
             moved[:, 0] = unwrap_longitudes(moved[:, 0])
         shape = shapely.Polygon(moved)
-        if not shape.is_valid:      # folded on the way: not the extent any more
+        if not shape.is_valid:      # folded or torn on the way: not the extent any more
             return []
-        return self._turns(target, shape)
+        return self._turns(shape, 360.0 if target.IsGeographic() else None)
 
     def _moved_footprint_meets(self, transform, hit) -> bool:
         footprint = shapely.from_wkt(hit.footprint_wkt)
         outline = shapely.segmentize(footprint.exterior, max(footprint.length, 1e-12) / self.POINTS_PER_TILE)
+        points = np.asarray(outline.coords)[:-1, :2]
+        gdal.PushErrorHandler("CPLQuietErrorHandler")   # points off an orthographic globe are expected here
         try:
-            moved = np.asarray(transform.TransformPoints(np.asarray(outline.coords)[:, :2].tolist()), float)[:, :2]
+            moved = np.asarray(transform.TransformPoints(points.tolist()), float)[:, :2]
         except RuntimeError:
             return False        # no place in the extent's CRS at all
+        finally:
+            gdal.PopErrorHandler()
         finite = np.isfinite(moved).all(axis=1)
         if not finite.any():
             return False        # wholly where the extent's CRS has no place: off its visible globe
         moved = moved[finite]
-        if self.srs.IsGeographic():
-            moved[:, 0] = unwrap_longitudes(moved[:, 0])
-        shape = shapely.Polygon(moved) if finite.all() and len(moved) >= 4 else None
-        if shape is None or not shape.is_valid:     # cut by the CRS's edge or torn by its seam: its points
+        if self.period:     # continuous across the map's east-west seam; round a pole, closed over it
+            moved = lonlat_ring(moved[:, 0], moved[:, 1], self.period)
+        shape = shapely.Polygon(moved) if finite.all() and len(moved) >= 3 else None
+        if shape is None or not shape.is_valid:     # cut by the CRS's edge: its points
             shape = shapely.MultiPoint(moved)
         return any(box.intersects(shape) for box in self._boxes)
+
+
+def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
+    """The longitude/latitude box a search extent gives the index (None: none can be had, every
+    tile is a candidate) and the shape each candidate is then met with."""
+    crs = parts[4] or "EPSG:4326"
+    if crs.upper() in LONLAT_CRS:
+        return _box_and_shape(parts, parts[:4], aligned=True)
+    srs = parse_crs(crs)
+    # its outline and inside, placed on the globe: an orthographic view's corners may lie off it, and
+    # the box GDAL gives round the rest would leave out the globe's edge
+    xs, ys = densified_box(*parts[:4], _ExtentShape.POINTS_PER_EDGE)
+    gx, gy = np.meshgrid(np.linspace(parts[0], parts[2], 9), np.linspace(parts[1], parts[3], 9))
+    points = np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
+    to_lonlat = transformation(srs)
+    if to_lonlat is None:
+        raise _bad(f"the search extent's CRS {crs!r} has no longitude/latitude (a local grid): give the extent in "
+                   "a CRS placed on the globe")
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        placed = np.asarray(to_lonlat.TransformPoints(points.tolist()), float)[:, :2]
+    except RuntimeError:
+        placed = np.full_like(points, np.nan)
+    finally:
+        gdal.PopErrorHandler()
+    finite = np.isfinite(placed).all(axis=1)
+    if not finite.all():
+        return None, _ExtentShape(parts, None, on_globe=bool(finite.any()))
+    try:
+        west, south, east, north = transform_bounds(parts[:4], srs, "EPSG:4326")
+    except RasterError:
+        return None, _ExtentShape(parts, None)
+    if west > east and not crosses_antimeridian(west, east):
+        # (-29.7, .., -30.3): round the globe east to west, nearly all of it (a wide view in a CRS
+        # centred on 150 degrees east)
+        west, east = -180.0, 180.0
+    return _box_and_shape(parts, (west, south, east, north), aligned=_along_meridians_and_parallels(placed[:len(xs)]))
+
+
+def _along_meridians_and_parallels(outline: np.ndarray) -> bool:
+    """Whether a box's outline (densified_box order, in longitude/latitude) runs along two meridians
+    and two parallels, as a box in a cylindrical map (Web Mercator) does: its longitude/latitude box
+    is then the box itself."""
+    n = len(outline) // 4
+    lon, lat = outline[:, 0], outline[:, 1]
+
+    def same(values: np.ndarray, turn: float | None = None) -> bool:
+        spread = values - values[0]
+        if turn:
+            spread = (spread + turn / 2) % turn - turn / 2
+        return bool(np.abs(spread).max() <= 1e-7)
+
+    return (same(lat[:n + 1]) and same(lat[2 * n:3 * n + 1])
+            and same(lon[n:2 * n + 1], 360.0) and same(np.append(lon[3 * n:], lon[0]), 360.0))
+
+
+def _box_and_shape(parts: tuple, box: tuple, aligned: bool) -> tuple[tuple, _ExtentShape | None]:
+    shape = _ExtentShape(parts, box)
+    if aligned and not shape.local:
+        # a wide extent along meridians and parallels is its own longitude/latitude box: the index's
+        # box decides, and only tiles at its very edge, whose boxes reach past their corners, could
+        # be let in that a footprint would not; a local one is met exactly, at the cost of one shape
+        return box, None
+    return box, shape
 
 
 def _overlap(value: float | None, default: float, field: str) -> float:
@@ -803,15 +877,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if request.HasField("extent"):
             parts = extent_parts(request.extent, lonlat_default=True)
             if parts is not None:
-                crs = parts[4] or "EPSG:4326"
-                try:
-                    bbox = parts[:4] if crs.upper() in LONLAT_CRS else \
-                        transform_bounds(parts[:4], crs, "EPSG:4326")
-                except RasterError:
-                    # it reaches past where its CRS is defined (an orthographic view zoomed out past
-                    # the globe): no box for the index, the shape judges each candidate
-                    bbox = None
-                shape = _ExtentShape(parts, bbox)
+                bbox, shape = _search_extent(parts)
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:
@@ -835,7 +901,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
         pool = max(k, KEYWORD_POOL) if weight > 0 else k
         wanted = pool
-        while True:
+        while shape is None or shape.on_globe:      # an orthographic view wholly off its globe holds nothing
             hits = self.index.search(vector, wanted, self.engine.checkpoint_hash,
                                      raster_ids=raster_ids or None,
                                      raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
@@ -848,6 +914,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                 hits = type(hits)(kept[:pool], tiles_searched=hits.tiles_searched, approximate=hits.approximate)
                 break
             wanted = min(_ExtentShape.EXPAND_LIMIT, wanted * 4)
+        else:
+            hits = SearchHits()
         bonus = np.zeros(len(hits))
         if weight > 0 and len(hits):
             bonus = keyword_bonus([h.score for h in hits], query, [h.extra.get("caption") for h in hits], weight)

@@ -168,12 +168,19 @@ def wire_extent(pb, rect: QgsRectangle, crs: QgsCoordinateReferenceSystem):
 
 def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
     """`rect` as an area the backend takes. A longitude/latitude map zoomed out past the world shows
-    latitudes past 90 degrees, which are no coordinates: clipped to the world. A projected map is sent
+    latitudes past 90 degrees, which are no coordinates: clipped to the world; one panned across 180
+    degrees keeps its longitudes past 180 (tiles on both sides are in view). A projected map is sent
     as it is, however far it reaches past the CRS's area of use (a layer in the next UTM zone is still
     in view) or past where the CRS is defined at all (an orthographic view's corners off the globe):
     the backend judges each tile in the view's own CRS."""
     if crs.isGeographic():
-        return rect.intersect(QgsRectangle(-180.0, -90.0, 180.0, 90.0))
+        south, north = max(rect.yMinimum(), -90.0), min(rect.yMaximum(), 90.0)
+        if rect.width() >= 360.0:
+            return QgsRectangle(-180.0, south, 180.0, north) if south < north else QgsRectangle()
+        # a view across 180 degrees (175..185) keeps its longitudes, one turn at most past 180
+        shift = -360.0 * math.floor((rect.xMinimum() + 180.0) / 360.0)
+        west = rect.xMinimum() + shift
+        return QgsRectangle(west, south, west + rect.width(), north) if south < north else QgsRectangle()
     return QgsRectangle(rect)
 
 

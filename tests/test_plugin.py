@@ -363,6 +363,13 @@ def test_a_map_view_is_sent_as_an_area_the_backend_can_take(qgis_app, live):
     wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
     clipped = within_crs_area(QgsRectangle(-400, -120, 400, 120), wgs84)
     assert (clipped.xMinimum(), clipped.yMinimum(), clipped.xMaximum(), clipped.yMaximum()) == (-180, -90, 180, 90)
+    # panned across 180 degrees, either way: the longitudes past it are kept, not cut off at 180
+    for west, east, sent in ((175, 185, (175, 185)), (-185, -175, (175, 185)), (530, 545, (170, 185))):
+        across = within_crs_area(QgsRectangle(west, -10, east, 10), wgs84)
+        assert (across.xMinimum(), across.xMaximum()) == pytest.approx(sent), (west, east)
+        request = pb.SearchRequest(query="fields", k=1, extent=wire_extent(pb, across, wgs84))
+        live.stub.Search(request, metadata=live.metadata)          # taken: no error
+    assert within_crs_area(QgsRectangle(0, 95, 10, 120), wgs84).isEmpty()     # wholly past the pole
     views = [(QgsRectangle(-6e7, -6e7, 6e7, 6e7), QgsCoordinateReferenceSystem("EPSG:3857")),
              # EPSG:32614's area of use ends at 96 degrees west; this view reaches 93.7
              (QgsRectangle(600000, 5000000, 900000, 5200000), QgsCoordinateReferenceSystem("EPSG:32614")),

@@ -341,6 +341,72 @@ def test_a_search_extent_past_its_crs_or_round_a_pole_keeps_to_the_extent(server
         server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=raster.raster_id), metadata=server.metadata)
 
 
+def test_search_extents_across_the_maps_seam_round_a_pole_and_at_the_globes_edge(server, rasters):
+    """Extents whose longitude/latitude box is no simple box, each checked against the tiles that truly
+    meet them (each tile's outline, 20 points an edge, moved into the extent's CRS):
+    an orthographic view out past the globe's edge (the box GDAL gives round its on-globe corners
+    left out the edge), a Web Mercator view panned past 180 degrees, a wide view in a CRS centred on
+    150 degrees east (refused as an "inverted" box before), a box round the south pole in
+    longitude/latitude, and a local polar box across 180 degrees, which tears when moved into a
+    longitude/latitude raster CRS (and then let in every candidate)."""
+    from osgeo import osr
+    from shapely.geometry import box as shapely_box, shape as shapely_shape  # noqa: F401
+    import shapely
+
+    from backend.raster import densified_box, parse_crs
+
+    p = pb()
+    folder = rasters["folder"]
+    pacific = index(server, make_tif(folder / "pacific_4326.tif", noise((3, 100, 100), seed=31),
+                                     geotransform=(-176.0, 0.01, 0.0, -20.0, 0.0, -0.01), crs="EPSG:4326"))[-1].result
+    hidden = index(server, make_tif(folder / "atlantic_4326.tif", noise((3, 64, 64), seed=32),
+                                    geotransform=(0.0, 0.01, 0.0, 21.0, 0.0, -0.01), crs="EPSG:4326"))[-1].result
+    pole = index(server, make_tif(folder / "south_pole_3031.tif", noise((3, 64, 64), seed=33),
+                                  geotransform=(-1000.0, 100.0, 0.0, 1000.0, 0.0, -100.0), crs="EPSG:3031"))[-1].result
+    ross = index(server, make_tif(folder / "ross_sea_4326.tif", noise((3, 100, 800), seed=34),
+                                  geotransform=(140.0, 0.1, 0.0, -65.0, 0.0, -0.1), crs="EPSG:4326"))[-1].result
+    ids = [r.raster_id for r in (pacific, hidden, pole, ross)]
+    everything = server.stub.Search(p.SearchRequest(query="roads", k=1000, raster_ids=ids),
+                                    metadata=server.metadata).hits
+
+    def truly_in(extent, hit) -> bool:
+        target = parse_crs(extent.crs or "EPSG:4326")
+        xs, ys = densified_box(hit.bounds.xmin, hit.bounds.ymin, hit.bounds.xmax, hit.bounds.ymax, 20)
+        moved = np.asarray(osr.CoordinateTransformation(parse_crs(hit.crs.wkt), target).TransformPoints(
+            np.column_stack([xs, ys]).tolist()))[:, :2]
+        moved = moved[np.isfinite(moved).all(axis=1)]
+        inside = (moved[:, 0] >= extent.xmin) & (moved[:, 0] <= extent.xmax) & \
+                 (moved[:, 1] >= extent.ymin) & (moved[:, 1] <= extent.ymax)
+        return bool(inside.any())
+
+    def found(extent) -> set:
+        request = p.SearchRequest(query="roads", k=1000, raster_ids=ids, extent=extent)
+        return {h.tile_id for h in server.stub.Search(request, metadata=server.metadata).hits}
+
+    ortho = "+proj=ortho +lat_0=-30 +lon_0=100 +datum=WGS84 +units=m +no_defs"
+    by_raster = lambda raster: {h.tile_id for h in everything if h.raster_id == raster.raster_id}  # noqa: E731
+    # the Pacific raster lies near the visible globe's edge, the Atlantic one on its hidden side
+    past_the_edge = p.Extent(xmin=5e6, ymin=-3e6, xmax=3e7, ymax=3e6, crs=ortho)
+    assert found(past_the_edge) == by_raster(pacific)
+    # Web Mercator panned east past 180 degrees: the Pacific raster at 184 degrees east is in view
+    past_180 = p.Extent(xmin=1.0e7, ymin=-3e6, xmax=3.0e7, ymax=-1e6, crs="EPSG:3857")
+    assert found(past_180) == by_raster(pacific)
+    # nearly the whole world in a CRS centred on 150 degrees east
+    assert found(p.Extent(xmin=-2e7, ymin=-1.5e7, xmax=2e7, ymax=1.5e7, crs="EPSG:3832")) >= \
+        by_raster(pacific) | by_raster(hidden)
+    # the tile holding the south pole, in a box round the pole
+    cap = p.Extent(xmin=-180, ymin=-90, xmax=180, ymax=-89.95, crs="EPSG:4326")
+    at_pole = found(cap)
+    assert at_pole and at_pole == {h.tile_id for h in everything if truly_in(cap, h)}
+    assert all(h.bounds_wgs84.ymin == -90.0 for h in everything if h.tile_id in at_pole)
+    # a local box across 180 degrees in the south polar CRS, over a longitude/latitude raster
+    across = p.Extent(xmin=-5e5, ymin=-2.5e6, xmax=5e5, ymax=-2.0e6, crs="EPSG:3031")
+    truth = {h.tile_id for h in everything if h.raster_id == ross.raster_id and truly_in(across, h)}
+    assert truth and found(across) == truth and len(truth) < len(by_raster(ross))
+    for raster in (pacific, hidden, pole, ross):
+        server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=raster.raster_id), metadata=server.metadata)
+
+
 def test_caption_and_embed_text(server, rasters):
     response = server.stub.Caption(pb().CaptionRequest(source=pb().RasterSource(path=str(rasters["rgb"])),
                                                        max_len=8, beam_size=2), metadata=server.metadata)
