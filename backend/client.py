@@ -36,6 +36,10 @@ class ClientError(Exception):
     pass
 
 
+class UsageError(ClientError):
+    """An option given wrongly: exit status 2, as argparse's own checks have."""
+
+
 def connect(server: str, tls_ca: str | None = None) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
     if tls_ca is not None:
@@ -54,7 +58,7 @@ def _metadata(token: str | None):
 def _extent(values, crs: str) -> pb.Extent | None:
     if not values:
         if crs:   # an --extent-crs alone says the user meant an extent that is not there
-            raise ClientError(f"--extent-crs {crs} is the CRS of --extent: give --extent XMIN YMIN XMAX YMAX "
+            raise UsageError(f"--extent-crs {crs} is the CRS of --extent: give --extent XMIN YMIN XMAX YMAX "
                               "too, or leave --extent-crs out")
         return None
     xmin, ymin, xmax, ymax = values
@@ -76,7 +80,7 @@ def _with_bands(request, args):
     if bands is None and stretch is None:
         return request
     if bands is not None and min(bands) < 1:
-        raise ClientError(f"--bands {' '.join(map(str, bands))}: band numbers start at 1")
+        raise UsageError(f"--bands {' '.join(map(str, bands))}: band numbers start at 1")
     mapping = pb.BandMapping()
     if bands is not None:
         mapping.red, mapping.green, mapping.blue = bands
@@ -239,10 +243,10 @@ def unfamiliar_note(words) -> str:
 def cmd_search(stub, args) -> int:
     for name in ("k", "expand", "like_tile"):
         if (getattr(args, name) or 0) < 0:
-            raise ClientError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
     # a blank QUERY goes to the server, which says what is wrong with it; none at all is told here
     if bool(args.query) == (args.like_tile is not None):
-        raise ClientError("give what to look for as QUERY, or --like-tile ID for tiles like one tile (not both)")
+        raise UsageError("give what to look for as QUERY, or --like-tile ID for tiles like one tile (not both)")
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[os.path.abspath(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
@@ -335,9 +339,9 @@ def _polygon_output_ext(path: str) -> str:
     """The file's extension when write_polygons can write such a file, else ClientError."""
     ext = Path(path).suffix.lower()
     if ext not in POLYGON_DRIVERS:
-        raise ClientError(f"--output {path}: use a .gpkg, .geojson or .json file name")
+        raise UsageError(f"--output {path}: use a .gpkg, .geojson or .json file name")
     if Path(path).is_dir():
-        raise ClientError(f"--output {path} is a folder; give a file name")
+        raise UsageError(f"--output {path} is a folder; give a file name")
     return ext
 
 
@@ -353,7 +357,7 @@ def check_polygon_output(path: str) -> str:
         raise _not_a_geopackage(path)
     if ext != ".gpkg" and Path(path).exists():
         # a GeoJSON holds one layer: writing would replace the user's file, not add to it
-        raise ClientError(f"--output {path} exists; give a new file name, or a .gpkg to add a layer to")
+        raise UsageError(f"--output {path} exists; give a new file name, or a .gpkg to add a layer to")
     return ext
 
 
@@ -472,7 +476,7 @@ def _check_output_folder(option: str, path: str) -> None:
     """ClientError unless the folder an output goes in exists: it is not made for it, so a mistyped
     folder is said before the work instead of made, with the file lost in it."""
     if not Path(path).resolve().parent.is_dir():
-        raise ClientError(f"{option} {path}: its folder does not exist; make it first, or give another path")
+        raise UsageError(f"{option} {path}: its folder does not exist; make it first, or give another path")
 
 
 def relevance_map_paths(stem: str, prompts: int) -> list[Path]:
@@ -485,11 +489,11 @@ def relevance_map_paths(stem: str, prompts: int) -> list[Path]:
 def check_relevance_map_outputs(stem: str, prompts: int) -> None:
     """ClientError, before any work, for relevance-map files that could not be written as asked."""
     if Path(stem).suffix.lower() not in (".tif", ".tiff"):
-        raise ClientError(f"--relevance-map {stem}: the maps are GeoTIFFs; give a name ending in .tif")
+        raise UsageError(f"--relevance-map {stem}: the maps are GeoTIFFs; give a name ending in .tif")
     _check_output_folder("--relevance-map", stem)
     taken = [str(p) for p in relevance_map_paths(stem, prompts) if p.exists()]
     if taken:
-        raise ClientError(f"--relevance-map: {', '.join(taken)} exist(s); give a new name (files are never replaced)")
+        raise UsageError(f"--relevance-map: {', '.join(taken)} exist(s); give a new name (files are never replaced)")
 
 
 def cmd_segment(stub, args) -> int:
@@ -499,7 +503,7 @@ def cmd_segment(stub, args) -> int:
     if args.relevance_map:
         check_relevance_map_outputs(args.relevance_map, len(args.prompt))
     if not math.isfinite(args.min_area) or args.min_area < 0:
-        raise ClientError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
+        raise UsageError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
     if args.min_area > 0:
         info = stub.GetInfo(pb.GetInfoRequest(), metadata=_metadata(args.token), timeout=args.timeout)
         if MIN_AREA_CAPABILITY not in info.capabilities:
@@ -581,9 +585,9 @@ def cmd_segment(stub, args) -> int:
 
 def cmd_caption(stub, args) -> int:
     if args.max_len is not None and args.max_len < 1:
-        raise ClientError(f"--max-len {args.max_len} must be at least 1")
+        raise UsageError(f"--max-len {args.max_len} must be at least 1")
     if args.beam < 1:
-        raise ClientError(f"--beam {args.beam} must be at least 1")
+        raise UsageError(f"--beam {args.beam} must be at least 1")
     request = _with_bands(pb.CaptionRequest(source=_source(args.raster), max_len=args.max_len or 0, beam_size=args.beam),
                           args)
     extent = _extent(args.extent, args.extent_crs)
@@ -865,6 +869,9 @@ def run_client(args: argparse.Namespace) -> int:
             # stdout goes to /dev/null so the interpreter's last flush does not fail the same way
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except UsageError as e:
+            print(f"skyprompt client: {e}", file=sys.stderr)
+            return 2
         except (ClientError, OSError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 1

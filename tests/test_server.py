@@ -1441,7 +1441,7 @@ def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_pat
     text = client(server, "segment", "--raster", str(local), "--prompt", "fields", "--threshold", "0")
     assert text.returncode == 0 and "1 polygons" in text.stdout and "m^2)" not in text.stdout, text.stdout
     out = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--min-area", "-1")
-    assert out.returncode == 1 and "--min-area -1" in out.stderr and "square metres" in out.stderr
+    assert out.returncode == 2 and "--min-area -1" in out.stderr and "square metres" in out.stderr
     assert "segment:" not in out.stderr                                         # refused before the work
 
 
@@ -1633,11 +1633,11 @@ def test_cli_errors_exit_non_zero_with_the_message(server, rasters):
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
     assert [Path(r["raster_path"]).name for r in json.loads(out.stdout) if r["outcome"] != "failed"] == ["rgb_utm.tif"]
     out = client(server, "caption", "--raster", str(rasters["rgb"]), "--max-len", "-3")
-    assert out.returncode == 1 and "--max-len -3" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "--max-len -3" in out.stderr and "Traceback" not in out.stderr
     for flags, message in ((["--output", "masks.shp"], "use a .gpkg, .geojson or .json"),
                            (["--relevance-map", "/nowhere/map.tif"], "its folder does not exist")):
         out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", *flags)
-        assert out.returncode == 1 and message in out.stderr and "segment:" not in out.stderr    # no progress bar ran
+        assert out.returncode == 2 and message in out.stderr and "segment:" not in out.stderr    # no progress bar ran
     for address in ("localhost", "127.0.0.1:-5", "127.0.0.1:70000"):
         out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", address],
                              cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -2018,7 +2018,7 @@ def test_cli_segment_refuses_to_replace_an_existing_geojson(server, rasters, tmp
     target = tmp_path / f"mine{suffix}"
     target.write_text('{"type": "FeatureCollection", "features": []}')
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "trees", "--output", str(target))
-    assert out.returncode == 1 and "segment:" not in out.stderr                 # refused before the work
+    assert out.returncode == 2 and "segment:" not in out.stderr                 # refused before the work
     assert f"--output {target} exists; give a new file name, or a .gpkg to add a layer to" in out.stderr
     assert target.read_text() == '{"type": "FeatureCollection", "features": []}'
 
@@ -2139,15 +2139,15 @@ def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, 
     assert out.returncode == 1 and f"--thumbnails {a_file}: cannot make that folder" in out.stderr
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x",
                  "--output", str(tmp_path / "no" / "such" / "x.geojson"))
-    assert out.returncode == 1 and "its folder does not exist" in out.stderr and not (tmp_path / "no").exists()
+    assert out.returncode == 2 and "its folder does not exist" in out.stderr and not (tmp_path / "no").exists()
     for stem, message in ((tmp_path / "map.png", "give a name ending in .tif"),
                           (tmp_path / "none" / "map.tif", "its folder does not exist")):
         out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--relevance-map", str(stem))
-        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert out.returncode == 2 and message in out.stderr, out.stderr
     (tmp_path / "map_1.tif").write_bytes(b"the user's")
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--prompt", "y",
                  "--relevance-map", str(tmp_path / "map.tif"))
-    assert out.returncode == 1 and f"{tmp_path / 'map_1.tif'} exist(s)" in out.stderr
+    assert out.returncode == 2 and f"{tmp_path / 'map_1.tif'} exist(s)" in out.stderr
     assert (tmp_path / "map_1.tif").read_bytes() == b"the user's" and not (tmp_path / "map_0.tif").exists()
 
 
@@ -2162,7 +2162,7 @@ def test_an_allowed_root_that_is_no_folder_is_warned_about_at_start(checkpoint, 
 def test_cli_extent_crs_without_an_extent_is_refused(server, rasters):
     for command in (["search", "roads"], ["caption", "--raster", str(rasters["rgb"])]):
         out = client(server, *command, "--extent-crs", "EPSG:99999")
-        assert out.returncode == 1 and "--extent-crs EPSG:99999 is the CRS of --extent: give --extent" in out.stderr
+        assert out.returncode == 2 and "--extent-crs EPSG:99999 is the CRS of --extent: give --extent" in out.stderr
 
 
 def test_a_segment_that_fails_mid_stream_closes_its_progress_bar_first(rasters, capsys):
