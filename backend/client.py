@@ -23,7 +23,7 @@ if __name__ == "__main__":
 
 import grpc  # noqa: E402
 
-from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP
+from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -135,6 +135,14 @@ def cmd_info(stub, args) -> int:
 
 
 def cmd_index(stub, args) -> int:
+    # checked once here, not refused by the server once a raster
+    try:
+        if args.overlap is not None:
+            check_tile_overlap(args.overlap, "--overlap")
+        if args.resolution is not None:
+            check_target_resolution(args.resolution, "--resolution")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     results: list[dict] = []
     try:
         failed = _index_each(stub, args, results)
@@ -293,7 +301,7 @@ def cmd_search(stub, args) -> int:
                      "approximate": response.approximate, "seconds": round(response.seconds, 4),
                      "unfamiliar_words": unfamiliar_words(response.unfamiliar_words)})
     else:
-        print(f"{len(hits)} hits for {what} among {response.tiles_searched} tiles "
+        print(f"{len(hits)} hit{'' if len(hits) == 1 else 's'} for {what} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
         for h in hits:
             b = h["extent"]
@@ -325,8 +333,9 @@ def empty_extent_note(values, crs: str) -> str:
     """Why a search in --extent found no tile at all, and, for longitude/latitude, the swap to try."""
     crs = crs or "EPSG:4326"
     note = f"no indexed tile lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})"
-    if crs.upper() in LONLAT_CRS:
-        xmin, ymin, xmax, ymax = values
+    xmin, ymin, xmax, ymax = values
+    swapped = (ymin, xmin, ymax, xmax)
+    if crs.upper() in LONLAT_CRS and swapped != tuple(values) and all(-90 <= v <= 90 for v in (xmin, xmax)):
         note += (f"; longitude comes first: if these numbers are latitude first, give --extent "
                  f"{ymin:g} {xmin:g} {ymax:g} {xmax:g}")
     return note + "; `client list` shows each indexed raster's extent"
@@ -813,6 +822,9 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout:
         detail += (f" (the call took longer than --timeout {args.timeout:g} s: give a larger one, or leave it "
                    "out to wait as long as the work takes)")
+    elif code == grpc.StatusCode.UNAVAILABLE and "failed parsing http/2" in low:
+        detail += (f" (something other than a SkyPrompt server answers at {args.server}, a web server for "
+                   "one: check the port)")
     elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
         detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
                    "--tls-ca PEM)")

@@ -102,4 +102,19 @@ def check_expand(expand: int, name: str = "expand", limit: int = Limits.max_expa
     return expand
 
 
+def check_tile_overlap(overlap: float, name: str = "tile_overlap") -> float:
+    """overlap, or ValueError naming the setting (`name`) and the range."""
+    if not (math.isfinite(overlap) and 0.0 <= overlap < 0.9):
+        raise ValueError(f"{name} {overlap:.6g} is out of range: give a fraction of the tile side in [0, 0.9)")
+    return float(overlap)
+
+
+def check_target_resolution(resolution: float, name: str = "target_resolution") -> float:
+    """resolution (0: native), or ValueError naming the setting (`name`)."""
+    if not math.isfinite(resolution) or resolution < 0:
+        raise ValueError(f"{name} {resolution} must be 0 (native resolution) or a positive ground size in map "
+                         "units per pixel")
+    return float(resolution)
+
+
 LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores

@@ -34,7 +34,8 @@ from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
                        DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, Limits, check_edge_radius,
-                       check_expand, check_keyword_weight, check_views, edge_radius_for)
+                       check_expand, check_keyword_weight, check_target_resolution, check_tile_overlap, check_views,
+                       edge_radius_for)
 from .keywords import keyword_bonus
 from .segment import crop_to_window, raise_if_cancelled, relevance_geotiff, segment
 
@@ -357,15 +358,17 @@ def _box_and_shape(parts: tuple, box: tuple, aligned: bool) -> tuple[tuple, _Ext
 def _overlap(value: float | None, default: float, field: str) -> float:
     if value is None:
         return default
-    if not (math.isfinite(value) and 0.0 <= value < 0.9):
-        raise _bad(f"{field} {value:.6g} is out of range: give a fraction of the tile side in [0, 0.9)")
-    return float(value)
+    try:
+        return check_tile_overlap(value, field)
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 def _resolution(value: float, field: str = "target_resolution") -> float | None:
-    if not math.isfinite(value) or value < 0:
-        raise _bad(f"{field} {value} must be 0 (native resolution) or a positive ground size in map units per pixel")
-    return value or None
+    try:
+        return check_target_resolution(value, field) or None
+    except ValueError as e:
+        raise _bad(str(e)) from None
 
 
 class _RecentDigests:
@@ -785,7 +788,9 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             writer.abort()
             why = ("it was removed from the index meanwhile" if job.removed.is_set()
                    else getattr(error, "message", None) or str(error) or type(error).__name__)
-            log.info("indexing %s stopped after %d tiles, nothing stored: %s", raster.name, kept, why)
+            # the reason often says "nothing was stored" itself (a cancel): said once
+            said = why if "nothing was stored" in why else f"nothing stored: {why}"
+            log.info("indexing %s stopped after %d tiles, %s", raster.name, kept, said)
             if job.removed.is_set() and not isinstance(error, RequestError):
                 raise _removed_while_indexing(raster.name) from None
             raise

@@ -2044,6 +2044,23 @@ def test_cli_unknown_host_gets_a_hint():
     assert "check the host name in --server nosuchhost.invalid:50051; is the server running there?" in out.stderr
 
 
+def test_cli_pointed_at_a_web_server_says_something_else_answers(tmp_path):
+    import http.server
+    import threading
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{web.server_address[1]}"
+        out = subprocess.run([sys.executable, "-m", "backend", "client", "info", "--server", address, "--timeout", "30"],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert out.returncode == 1 and f"something other than a SkyPrompt server answers at {address}" in out.stderr, \
+        out.stderr
+
+
 def test_search_extent_with_latitude_first_says_longitude_comes_first(server):
     out = client(server, "search", "roads", "--extent", "47.01", "-99.16", "47.02", "-99.14")
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr
@@ -2130,6 +2147,16 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert out.returncode == 0 and out.stdout.startswith("0 hits") and "among 0 tiles" in out.stdout
     assert "note: no indexed tile lies in --extent -8.5 -74.5 -8.4 -74.3 (EPSG:4326)" in out.stderr
     assert "give --extent -74.5 -8.5 -74.3 -8.4" in out.stderr
+    # where the swap gives the same numbers, or no latitudes, none is offered
+    for extent in (["0", "0", "1", "1"], ["-120", "10", "-119", "11"]):
+        out = client(server, "search", "roads", "--extent", *extent)
+        assert out.returncode == 0 and "no indexed tile lies in --extent" in out.stderr, out.stderr
+        assert "latitude first" not in out.stderr, (extent, out.stderr)
+    # index options checked once, before any raster, and said once
+    out = client(server, "index", "--overlap", "0.95", str(rasters["rgb"]), str(rasters["grey16"]))
+    assert out.returncode == 2 and out.stderr.count("--overlap 0.95 is out of range") == 1, out.stderr
+    out = client(server, "index", "--resolution", "-1", str(rasters["rgb"]))
+    assert out.returncode == 2 and "--resolution -1.0 must be 0 (native resolution)" in out.stderr, out.stderr
 
 
 def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, rasters, tmp_path):

@@ -224,7 +224,10 @@ def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, t
     r = _run(_args(folder, tmp_path / "typo", 1, "--preset", "smal"))
     assert r.returncode == 2 and "invalid choice: 'smal'" in r.stderr and not (tmp_path / "typo").exists()
     out = tmp_path / "run"
-    assert _run(_args(folder, out, 3)).returncode == 0                     # a tiny model, linear stem
+    r = _run(_args(folder, out, 3, "--eval-every", "1"))                  # a tiny model, linear stem
+    assert r.returncode == 0, r.stderr[-2000:]
+    # nothing held out to validate on: said, not silently skipped
+    assert "--eval-every 1 has nothing to validate: no images are held out" in r.stdout + r.stderr
     for flags, message in ((["--preset", "small"], "--preset small: "), (["--conv-stem"], "--conv-stem: ")):
         r = _run(_args(folder, out, 4, "--resume", *flags))
         assert r.returncode == 2 and message in r.stderr and "step_0000003 is a" in r.stderr, r.stderr[-2000:]

@@ -465,6 +465,9 @@ def train(cfg: TrainConfig) -> dict:
     train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
     if is_main() and val_sets:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
+    if is_main() and cfg.eval_every and not val_sets:
+        log(f"warning: --eval-every {cfg.eval_every} has nothing to validate: no images are held out (give "
+            "--val-per-class N, or a recipe source with val_per_class)")
     if model is None:
         if cfg.init_checkpoint:
             try:
@@ -894,7 +897,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                      help="save a checkpoint every N steps, and at the end (default %(default)s)")
     run.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept (default %(default)s)")
     run.add_argument("--eval-every", type=int, default=d.eval_every,
-                     help="validate every N steps (0: off; default %(default)s)")
+                     help="validate every N steps on the held-out images (--val-per-class, or a recipe's "
+                          "val_per_class; 0: off; default %(default)s)")
     run.add_argument("--log-every", type=int, default=d.log_every, help="log every N steps (default %(default)s)")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     run.add_argument("--export-fp16", metavar="DIR", help="also write the final model as an fp16 checkpoint")
