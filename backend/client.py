@@ -85,6 +85,9 @@ def _with_bands(request, args):
     if bands is not None:
         mapping.red, mapping.green, mapping.blue = bands
     if stretch is not None:
+        low, high = stretch
+        if not (0 <= low < high <= 100):
+            raise UsageError(f"--stretch {low:g} {high:g}: give LOW then HIGH, percentiles with 0 <= LOW < HIGH <= 100")
         mapping.stretch_low_percent, mapping.stretch_high_percent = stretch
     request.bands.CopyFrom(mapping)
     return request

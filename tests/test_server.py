@@ -1477,6 +1477,8 @@ def test_cli_band_mapping_reaches_the_server(server, rasters):
     assert out.returncode != 0 and "INVALID_ARGUMENT" in out.stderr and "9" in out.stderr
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x", "--bands", "0", "1", "2")
     assert out.returncode != 0 and "band numbers start at 1" in out.stderr and "Traceback" not in out.stderr
+    out = client(server, "index", "--json", "--stretch", "98", "2", str(rasters["rgb"]))
+    assert out.returncode == 2 and "--stretch 98 2: give LOW then HIGH" in out.stderr, out.stderr
     out = client(server, "index", "--json", "--stretch", "1", "99", str(rasters["rgb"]))
     assert json.loads(out.stdout)[0]["outcome"] == "replaced"
     out = client(server, "index", "--json", str(rasters["rgb"]))        # back to the server's choice, for the rest
