@@ -321,9 +321,11 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
         west, south, east, north = transform_bounds(parts[:4], srs, "EPSG:4326")
     except RasterError:
         return None, _ExtentShape(parts, None)
-    if west > east and not crosses_antimeridian(west, east):
-        # (-29.7, .., -30.3): round the globe east to west, nearly all of it (a wide view in a CRS
-        # centred on 150 degrees east)
+    period = world_width(srs)
+    if (period and parts[2] - parts[0] >= period) or (west > east and not crosses_antimeridian(west, east)):
+        # a map that repeats, shown more than once across (GDAL's box of a Web Mercator view of x
+        # +-8e7 is -164..164, as its ends wrap), or one round the globe east to west, nearly all of it,
+        # as (-29.7, .., -30.3) says of a wide view in a CRS centred on 150 degrees east: every longitude
         west, east = -180.0, 180.0
     return _box_and_shape(parts, (west, south, east, north), aligned=_along_meridians_and_parallels(placed[:len(xs)]))
 

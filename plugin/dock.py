@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections import Counter
 
-from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform,
+from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException,
                        QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
@@ -26,7 +26,7 @@ from .index_dialog import IndexedRastersDialog
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings
 from .sources import (PixelReader, SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels,
-                      prepare_source, to_layer_crs, within_crs_area)
+                      prepare_source, to_layer_crs)
 from .tasks import BackendTask, start
 
 MIN_DESCRIBE_PIXELS = 8    # of the layer's own, a side: Describe refuses a view of fewer
@@ -751,8 +751,10 @@ class SkyPromptDock(QDockWidget):
                 except BackendError as e:
                     # one layer the backend refuses (or that was removed while it indexed it) leaves
                     # the others to index; a backend gone, a refused token or a cancel stops them all
-                    if e.code in operations.STOP_ALL or len(prepared) == 1:
+                    if e.code in operations.STOP_ALL:
                         raise
+                    if len(prepared) == 1:
+                        raise BackendError(e.code, f"{name!r}: {e.message}") from None
                     failed.append(f"{name} not indexed: {e.message}")
             if failed and not out:
                 raise BackendError("", "; ".join(failed))
@@ -820,18 +822,14 @@ class SkyPromptDock(QDockWidget):
         if self.search_in_view.isChecked():
             # read here, on the main thread: the map may move while the backend works
             crs = QgsCoordinateReferenceSystem(self.canvas.mapSettings().destinationCrs())
-            if not crs.isValid():
-                self._message("the map has no CRS, so its view cannot be placed: set the project's CRS (Project > "
-                              "Properties > CRS), or untick 'Only in the map view'", Qgis.Warning)
-                self.taskDone.emit("search", "map without a CRS")
+            view = operations.search_area(self.canvas.extent(), crs)
+            if view.problem:
+                remedy = {"no_crs": "set the project's CRS (Project > Properties > CRS)",
+                          "local": "set a CRS placed on the globe"}.get(view.problem, "pan to the layers")
+                self._message(f"the map view {view.words}: {remedy}, or untick 'Only in the map view'", Qgis.Warning)
+                self.taskDone.emit("search", f"map view: {view.problem}")
                 return None
-            view = within_crs_area(self.canvas.extent(), crs)
-            if view.isEmpty():
-                self._message("the map view lies outside the area its CRS covers: pan to the layers, or untick "
-                              "'Only in the map view'", Qgis.Warning)
-                self.taskDone.emit("search", "view outside the CRS")
-                return None
-            area = (view, crs)
+            area = (view.rect, crs)
 
         address = self.settings.address
 
@@ -901,7 +899,13 @@ class SkyPromptDock(QDockWidget):
             rect = QgsRectangle(h.bounds_wgs84.xmin, h.bounds_wgs84.ymin, h.bounds_wgs84.xmax, h.bounds_wgs84.ymax)
         target = self.canvas.mapSettings().destinationCrs()
         if crs != target:
-            rect = QgsCoordinateTransform(crs, target, QgsProject.instance()).transformBoundingBox(rect)
+            try:
+                rect = QgsCoordinateTransform(crs, target, QgsProject.instance()).transformBoundingBox(rect)
+            except QgsCsException:
+                self._message(f"tile {h.tile_id} cannot be shown in this map: it has no place in the map's CRS "
+                              f"({target.authid() or target.description()}), e.g. on the far side of an "
+                              "orthographic globe", Qgis.Warning)
+                return
         rect.scale(1.5)
         self.canvas.setExtent(rect)
         self.canvas.refresh()

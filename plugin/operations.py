@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
 
 from .connection import BackendError
-from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, wire_extent
+from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, wire_extent, within_crs_area
 
 Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
@@ -182,9 +182,50 @@ def in_panel_words(text: str) -> str:
     return re.sub(r" \(client \w+\)", "", text)
 
 
-def empty_area_note(where: str) -> str:
-    """Why a search in an area found nothing, when the index has no tile there."""
-    return f"no indexed tile of the layers searched lies in {where}: pan or zoom out to where they are, or Index them"
+def empty_area_note(where: str, remedy: str = "pan or zoom out to where they are, or Index them",
+                    of_layers: bool = True) -> str:
+    """Why a search in an area found nothing, when the index has no tile there (of the layers
+    searched, or, `of_layers` False, at all)."""
+    return f"no indexed tile {'of the layers searched ' if of_layers else ''}lies in {where}: {remedy}"
+
+
+class SearchArea(NamedTuple):
+    """A map view or Extent as a search area: `rect` as the backend takes it (within_crs_area), or
+    `problem` ("no_crs", "local", "outside") and `words` saying it, for the panel's and Processing's
+    own sentences."""
+    rect: QgsRectangle
+    problem: str = ""
+    words: str = ""
+
+
+def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bool = False) -> SearchArea:
+    """`rect` in `crs` as a search area. `typed`: its numbers were typed (Processing's Extent), so
+    latitude may have come first."""
+    from qgis.core import QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject
+
+    if not crs.isValid():
+        return SearchArea(QgsRectangle(), "no_crs", "has no CRS, so it cannot be placed")
+    to_lonlat = QgsCoordinateTransform(crs, QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    placed = crs.isGeographic()
+    for attempt in (lambda: to_lonlat.transform(QgsPointXY(rect.center())), lambda: to_lonlat.transformBoundingBox(rect)):
+        if placed or not to_lonlat.isValid():   # no way to longitude/latitude (QGIS would pass points through)
+            break
+        try:    # the centre may be off an orthographic globe whose rim is in view: then the box
+            attempt()
+            placed = True
+        except QgsCsException:
+            pass
+    if not placed:
+        return SearchArea(QgsRectangle(), "local",
+                          f"is in {crs.description() or crs.authid()}, a CRS with no place on the globe (a local grid)")
+    area = within_crs_area(rect, crs)
+    if area.isEmpty():
+        swapped = QgsRectangle(rect.yMinimum(), rect.xMinimum(), rect.yMaximum(), rect.xMaximum())
+        if typed and crs.isGeographic() and not within_crs_area(swapped, crs).isEmpty():
+            return SearchArea(area, "outside", "lies past the poles: were its latitudes given first? Longitude comes "
+                                               "first (xmin,xmax,ymin,ymax = west,east,south,north)")
+        return SearchArea(area, "outside", f"lies outside the area {crs.authid() or 'its CRS'} covers")
+    return SearchArea(area)
 
 
 def stale_notes(hits, names: dict | None = None) -> list[str]:
@@ -197,7 +238,8 @@ def stale_notes(hits, names: dict | None = None) -> list[str]:
             stale.setdefault(h.raster_path, [change, 0])[1] += 1
     shown = {h.raster_path: h.raster_name for h in hits}
     todo = {"moved or deleted": "Index it where it is now, and remove the old entry (Indexed…)"}
-    return [f"{count} of {len(hits)} hits are from {(names or {}).get(path) or shown[path]!r}, which was {change} "
+    return [f"{count} of {len(hits)} hit{'s' if len(hits) != 1 else ''} {'is' if count == 1 else 'are'} from "
+            f"{(names or {}).get(path) or shown[path]!r}, which was {change} "
             f"on disk since it was indexed: they show it as it was. "
             + todo.get(change, "Index it again to search what it holds now")
             for path, (change, count) in stale.items()]

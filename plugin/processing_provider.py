@@ -16,13 +16,13 @@ from qgis.core import (QgsDataSourceUri, QgsFeatureSink, QgsProcessing, QgsProce
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
                        QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterDefinition,
-                       QgsProperty, QgsRasterLayer, QgsWkbTypes, QgsCoordinateReferenceSystem)
+                       QgsProperty, QgsRasterLayer, QgsRectangle, QgsWkbTypes, QgsCoordinateReferenceSystem)
 from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
 from .sources import (SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels, prepare_source,
-                      to_layer_crs, within_crs_area)
+                      to_layer_crs)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
@@ -213,7 +213,9 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 "Query words the model rarely or never saw in training are named in a warning. The advanced "
                 "Like tile searches for tiles that look like one tile (a tile_id of an earlier result) "
                 "instead of a query; leave Query empty then. With Only in this extent, only tiles that lie in "
-                "it or overlap it are found (an extent typed without [EPSG:code] is in the project's CRS).")
+                "it or overlap it are found (an extent typed without [EPSG:code] is in the project's CRS; in "
+                "longitude/latitude, a west edge typed east of the east edge, \"170,-170,-30,-10 [EPSG:4326]\", "
+                "is an extent across 180 degrees).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))
@@ -280,7 +282,9 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         if response is None:        # cancelled: the output is left as it was
             return {}
         if area is not None and not response.hits:
-            feedback.pushWarning(operations.empty_area_note("Extent"))
+            feedback.pushWarning(operations.empty_area_note(
+                "Extent", "give an Extent where they are, or index them first" if paths else
+                "give an Extent where rasters are indexed", of_layers=bool(paths)))
         hits = list(response.hits)
         crs = results.hits_crs(hits) if hits else context.project().crs()
         if not crs.isValid():       # no hits, and no project CRS (a script): an empty layer needs one too
@@ -302,13 +306,22 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
         if not crs.isValid():
             crs = context.project().crs() if context.project() else QgsCoordinateReferenceSystem()
-        if not crs.isValid():
+        rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
+        typed = parameters["EXTENT"]
+        west_east = re.match(r"\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*,", typed) if isinstance(typed, str) else None
+        if west_east and crs.isGeographic() and float(west_east[1]) > float(west_east[2]):
+            # typed west > east ("170,-170,..."): across 180 degrees, as the client's --extent takes it;
+            # QGIS would swap them into the 340 degrees between
+            rect = QgsRectangle(float(west_east[1]), rect.yMinimum(), float(west_east[2]) + 360.0, rect.yMaximum())
+        area = operations.search_area(rect, crs, typed=True)
+        if area.problem == "no_crs":
             raise QgsProcessingException("Extent has no CRS, and there is no project CRS to take: give it as "
                                          "'xmin,xmax,ymin,ymax [EPSG:code]'")
-        rect = within_crs_area(self.parameterAsExtent(parameters, "EXTENT", context, crs), crs)
-        if rect.isEmpty():
-            raise QgsProcessingException(f"Extent lies outside the area {crs.authid() or 'its CRS'} covers")
-        return rect, crs
+        if area.problem:
+            raise QgsProcessingException(f"Extent {area.words}" + (": give it in a CRS placed on the globe, as "
+                                                                   "'xmin,xmax,ymin,ymax [EPSG:code]'"
+                                                                   if area.problem == "local" else ""))
+        return area.rect, crs
 
 
 class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):

@@ -61,7 +61,10 @@ def search_features(hits, crs: QgsCoordinateReferenceSystem, layer_names: dict |
     out = []
     for rank, h in enumerate(hits, 1):
         f = QgsFeature(fields)
-        f.setGeometry(QgsGeometry.fromWkt(h.footprint_wgs84_wkt if wgs84 else h.footprint_wkt))
+        # a raster in EPSG:4326 keeps its own longitudes (180.0..180.5 where its layer is drawn), not
+        # the -180..180 of footprint_wgs84_wkt
+        native = not wgs84 or h.crs.authid == WGS84
+        f.setGeometry(QgsGeometry.fromWkt(h.footprint_wkt if native else h.footprint_wgs84_wkt))
         name = (layer_names or {}).get(h.raster_path) or h.raster_name
         f.setAttributes([rank, float(h.score), name, h.raster_id, int(h.tile_id), h.raster_path, h.caption])
         out.append(f)

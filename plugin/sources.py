@@ -46,7 +46,8 @@ def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
 
 
 def local_path(layer: QgsRasterLayer) -> str | None:
-    """The file behind a GDAL layer, when it is on a local disk the backend can read; else None. A
+    """The file behind a GDAL layer, when it is on a local disk the backend can read (or was, before it
+    was moved or deleted); else None. A
     georeferenced file whose CRS the user set in QGIS (it has none of its own, or the layer's CRS was
     overridden) is None too: the backend would refuse the file or use its own CRS, while its pixels sent
     with the layer's CRS land where QGIS shows them."""
@@ -54,7 +55,12 @@ def local_path(layer: QgsRasterLayer) -> str | None:
         return None
     path = layer.source().split("|")[0]
     if not os.path.isfile(path):
-        return None
+        # a file moved or deleted since the layer was added is still that file's layer: its index entry
+        # and hits are under this path, and indexing it is refused by name ("does not exist"), not
+        # made from the pixels QGIS still holds. A GDAL name that is no path ("PG:...", "/vsizip/...",
+        # "NETCDF:...") is no file layer.
+        gone = os.path.isabs(path) and not path.startswith("/vsi") and not os.path.exists(path)
+        return os.path.abspath(path) if gone else None
     if layer.crs().isValid():
         georeferenced, file_wkt = _file_crs(path, _file_version(path))
         if georeferenced and (not file_wkt or not _same_crs(QgsCoordinateReferenceSystem.fromWkt(file_wkt),

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature,
-                       QgsGeometry, QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
+                       QgsGeometry, QgsProcessingException, QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
                        QgsTask)
 
 from desktop_iface import DesktopIface
@@ -424,13 +424,32 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
     said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
     assert "no indexed tile of the layers searched lies in the map view" in said, said
     assert dock.result_list.count() == 0
-    # a map with no CRS: its view cannot be placed, and the panel says so in its own words
-    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem())
-    iface.canvas.setDestinationCrs(QgsCoordinateReferenceSystem())
-    before = len(iface.message_bar.messages)
-    assert run_dock(dock, "search", dock.search) == "map without a CRS"
-    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
-    assert "the map has no CRS" in said and "Extent.crs" not in said
+    # a map with no CRS, or in a local grid: its view cannot be placed, and the panel says so in its own words
+    site_grid = QgsCoordinateReferenceSystem.fromWkt(
+        'ENGCRS["Site grid",EDATUM["Site"],CS[Cartesian,2],AXIS["x",east,ORDER[1],LENGTHUNIT["metre",1]],'
+        'AXIS["y",north,ORDER[2],LENGTHUNIT["metre",1]]]')
+    for crs, why, words in ((QgsCoordinateReferenceSystem(), "no_crs", "the map view has no CRS"),
+                            (site_grid, "local", "the map view is in Site grid, a CRS with no place on the globe")):
+        QgsProject.instance().setCrs(crs)
+        iface.canvas.setDestinationCrs(crs)
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "search", dock.search) == f"map view: {why}"
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert words in said and "Extent.crs" not in said and "ENGCRS" not in said, said
+    # Processing: latitude typed first is pointed out; a west edge east of the east edge is across 180
+    # degrees, as the client takes it (QGIS alone would swap them, and search the 340 degrees between)
+    with pytest.raises(QgsProcessingException, match="were its latitudes given first"):
+        processing.run("skyprompt:searchtiles", {"QUERY": "roads", "EXTENT": "10,20,100,110 [EPSG:4326]",
+                                                 "OUTPUT": str(tmp_path / "lat_first.gpkg")})
+    lonlat = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
+                                    QgsProject.instance()).transformBoundingBox(layer.extent())
+    feedback = RecordingFeedback()
+    across = processing.run("skyprompt:searchtiles", {
+        "QUERY": "roads", "K": 1000, "LAYERS": [layer], "OUTPUT": str(tmp_path / "across.gpkg"),
+        "EXTENT": f"170,-170,{lonlat.yMinimum()},{lonlat.yMaximum()} [EPSG:4326]"}, feedback=feedback)["OUTPUT"]
+    assert QgsVectorLayerFrom(across).featureCount() == 0
+    assert any("no indexed tile of the layers searched lies in Extent: give an Extent where they are" in w
+               for w in feedback.warnings), feedback.warnings
 
 
 def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, iface, rasters, own_backend,  # noqa: F811
@@ -2344,6 +2363,40 @@ def test_a_layer_opened_through_a_link_is_named_in_search_results(dock, iface, r
     assert found.featureCount() == 3 and {f["layer"] for f in found.getFeatures()} == {"through a link"}
 
 
+def test_hits_of_a_raster_across_180_lie_on_it_and_a_tile_the_map_cannot_show_is_said(dock, iface, rasters):
+    """A raster stored in longitudes 179.5..180.5: its result footprints lie where QGIS draws it, not
+    360 degrees away; clicking a result the map cannot show (on the far side of an orthographic globe)
+    says so, rather than raising in the click's slot."""
+    from qgis.PyQt.QtCore import Qt
+
+    path = make_tif(rasters["folder"] / "across_180_east.tif", noise((3, 128, 512), seed=9),
+                    geotransform=(179.488, 0.002, 0.0, -17.0, 0.0, -0.002), crs="EPSG:4326")
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(path), "across 180"))
+    try:
+        for i in range(dock.layer_list.count()):
+            item = dock.layer_list.item(i)
+            item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+        assert run_dock(dock, "index", dock.index_layers) is None
+        dock.search_in_view.setChecked(False)
+        dock.query.setText("fields")
+        dock.k.setValue(100)
+        assert run_dock(dock, "search", dock.search) is None
+        footprints = [f.geometry() for f in dock.last_layer.getFeatures()]
+        assert len(footprints) > 4
+        assert all(g.intersects(QgsGeometry.fromRect(layer.extent())) for g in footprints)
+        assert any(g.boundingBox().xMaximum() > 180.0 for g in footprints)     # east of 180, as drawn
+        # the map in an orthographic CRS centred on the other side of the globe
+        far_side = QgsCoordinateReferenceSystem.fromProj("+proj=ortho +lat_0=0 +lon_0=0 +datum=WGS84 +units=m")
+        iface.canvas.setDestinationCrs(far_side)
+        before = len(iface.message_bar.messages)
+        dock.zoom_to_result(dock.result_list.item(0))
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert "cannot be shown in this map" in said, said
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        iface.canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+
+
 def test_hits_from_a_file_changed_since_indexing_are_flagged(dock, iface, rasters, own_backend,  # noqa: F811
                                                            skyprompt_processing, tmp_path):
     """A layer's file written again after Index: its hits show it as it was. The panel and Processing
@@ -2383,8 +2436,26 @@ def test_hits_from_a_file_changed_since_indexing_are_flagged(dock, iface, raster
         before = len(iface.message_bar.messages)
         assert run_dock(dock, "search", dock.search) is None
         said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
-        assert "which was moved or deleted on disk" in said and "remove the old entry" in said, said
+        assert "from 'edited later', which was moved or deleted on disk" in said, said      # named by its layer
+        assert "remove the old entry" in said
         assert all(dock.result_list.item(i).text().endswith("(moved or deleted since indexed)") for i in range(3))
+        assert {f["layer"] for f in dock.last_layer.getFeatures()} == {"edited later"}
+        # Index of it is refused by name, not made from the pixels QGIS still holds of the file
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "index", dock.index_layers) is not None
+        said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
+        assert "edited later" in said and "does not exist" in said, said
+        from plugin import operations
+        from plugin.connection import BackendConnection
+
+        with BackendConnection(address, token=TOKEN) as conn:
+            listed = operations.indexed_rasters(conn)
+        assert not any(r.raster_name == "edited later" and not r.raster_path for r in listed)   # no pixel copy
+        # Processing searches it as that file's layer too, flagging its hits
+        feedback = RecordingFeedback()
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 3, "LAYERS": [layer], "SERVER": address,
+                                                  "OUTPUT": str(tmp_path / "gone.gpkg")}, feedback=feedback)
+        assert any("'edited later', which was moved or deleted" in w for w in feedback.warnings), feedback.warnings
     finally:
         QgsProject.instance().removeMapLayer(layer.id())
         path.unlink(missing_ok=True)

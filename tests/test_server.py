@@ -391,6 +391,10 @@ def test_search_extents_across_the_maps_seam_round_a_pole_and_at_the_globes_edge
     # Web Mercator panned east past 180 degrees: the Pacific raster at 184 degrees east is in view
     past_180 = p.Extent(xmin=1.0e7, ymin=-3e6, xmax=3.0e7, ymax=-1e6, crs="EPSG:3857")
     assert found(past_180) == by_raster(pacific)
+    # a Web Mercator or Pacific-centred map zoomed out past one world: GDAL's box of it wraps its ends
+    for wide in (p.Extent(xmin=-8e7, ymin=-3e7, xmax=8e7, ymax=3e7, crs="EPSG:3857"),
+                 p.Extent(xmin=-2.84e7, ymin=-1.5e7, xmax=2.84e7, ymax=1.5e7, crs="EPSG:3832")):
+        assert found(wide) >= by_raster(pacific) | by_raster(hidden), wide
     # nearly the whole world in a CRS centred on 150 degrees east
     assert found(p.Extent(xmin=-2e7, ymin=-1.5e7, xmax=2e7, ymax=1.5e7, crs="EPSG:3832")) >= \
         by_raster(pacific) | by_raster(hidden)
