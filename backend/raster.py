@@ -300,7 +300,14 @@ def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0) -> np.n
     (unwrap_longitudes), and an outline that goes once round a pole, as that of a tile holding the
     pole does, closed over the pole, so its shape covers the pole and not a band of latitude beside
     it. `lat` of the pole is +-90 (`period` 360: longitude/latitude)."""
-    x, y = unwrap_longitudes(lon, period), np.asarray(lat, float)
+    lon, y = np.asarray(lon, float), np.asarray(lat, float)
+    if period == 360.0:
+        # a point on a pole has any longitude (PROJ gives 0): in longitude/latitude it is an edge along
+        # the pole, from the longitude the outline comes in on to the one it leaves on
+        at_pole = np.abs(y) >= 90.0 - 1e-9
+        if at_pole.any() and not at_pole.all():
+            lon, y = _pole_points_as_edges(lon, y, at_pole)
+    x = unwrap_longitudes(lon, period)
     closing = (x[0] - x[-1] + period / 2) % period - period / 2      # the last point back to the first
     turn = x[-1] + closing - x[0]
     if abs(turn) > period / 2 and period == 360.0:
@@ -308,6 +315,20 @@ def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0) -> np.n
         x = np.concatenate([x, [x[0] + turn, x[0] + turn, x[0]]])
         y = np.concatenate([y, [y[0], pole, pole]])
     return np.column_stack([x, y])
+
+
+def _pole_points_as_edges(lon: np.ndarray, lat: np.ndarray, at_pole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    n, out_lon, out_lat = len(lon), [], []
+    for i in range(n):
+        if not at_pole[i]:
+            out_lon.append(lon[i])
+            out_lat.append(lat[i])
+            continue
+        before = next(lon[(i - j) % n] for j in range(1, n) if not at_pole[(i - j) % n])
+        after = next(lon[(i + j) % n] for j in range(1, n) if not at_pole[(i + j) % n])
+        out_lon += [before, after]
+        out_lat += [lat[i], lat[i]]
+    return np.asarray(out_lon), np.asarray(out_lat)
 
 
 def world_width(srs: osr.SpatialReference) -> float | None:

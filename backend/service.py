@@ -178,6 +178,26 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
     return (*values, message.crs)
 
 
+def _outline_and_inside(xmin: float, ymin: float, xmax: float, ymax: float) -> np.ndarray:
+    """(n, 2) points of a box: its densified outline (densified_box order, the first
+    4 * POINTS_PER_EDGE) and a 9 x 9 grid inside it."""
+    xs, ys = densified_box(xmin, ymin, xmax, ymax, _ExtentShape.POINTS_PER_EDGE)
+    gx, gy = np.meshgrid(np.linspace(xmin, xmax, 9), np.linspace(ymin, ymax, 9))
+    return np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
+
+
+def _moved_quietly(transform, points: np.ndarray) -> np.ndarray:
+    """`points` through `transform`, non-finite where they have no place (off an orthographic
+    globe: expected here, so GDAL's complaint stays out of the log)."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        return np.asarray(transform.TransformPoints(np.asarray(points).tolist()), float)[:, :2]
+    except RuntimeError:
+        return np.full((len(points), 2), np.nan)
+    finally:
+        gdal.PopErrorHandler()
+
+
 class _ExtentShape:
     """A search extent as a shape, to keep only the tiles whose footprint meets it. The index filters
     by longitude/latitude boxes: the box round an extent in a projected CRS, and the boxes round
@@ -239,7 +259,27 @@ class _ExtentShape:
         transform = transformation(raster_srs, self.srs)
         if transform is None:       # no way from its CRS to the extent's (a site grid): not in it
             return lambda hit: False
-        return lambda hit: self._moved_footprint_meets(transform, hit)
+        inside = self._points_in(raster_srs)
+        # a tile larger than the part of the extent on the globe (a view at an orthographic globe's
+        # rim, inside one tile) has no outline point in it: the extent's own points are in the tile
+        return lambda hit: self._moved_footprint_meets(transform, hit) or (
+            inside is not None and bool(shapely.contains_properly(shapely.from_wkt(hit.footprint_wkt), inside).any()))
+
+    def _points_in(self, target):
+        """Points of the extent (its outline and a grid inside) moved into `target`, one world either
+        way too where that map repeats, as an array of points; None where none has a place there. A
+        tile counts as meeting them when one lies inside it, not on its edge (touching is not meeting)."""
+        to_target = transformation(self.srs, target)
+        if to_target is None:
+            return None
+        moved = _moved_quietly(to_target, _outline_and_inside(self.xmin, self.ymin, self.xmax, self.ymax))
+        moved = moved[np.isfinite(moved).all(axis=1)]
+        if not len(moved):
+            return None
+        period = world_width(target)
+        if period:
+            moved = np.concatenate([moved + [turn, 0.0] for turn in (-period, 0.0, period)])
+        return shapely.points(moved)
 
     def _whole_world(self) -> bool:
         return self.srs.IsGeographic() and self.xmax - self.xmin >= 360.0 and self.ymin <= -90.0 and self.ymax >= 90.0
@@ -261,24 +301,18 @@ class _ExtentShape:
             return []
         if not np.isfinite(moved).all():
             return []
-        if target.IsGeographic():
-            moved[:, 0] = unwrap_longitudes(moved[:, 0])
+        period = world_width(target)     # a raster in a repeating map may run past its seam (165..195 E)
+        if period:
+            moved[:, 0] = unwrap_longitudes(moved[:, 0], period)
         shape = shapely.Polygon(moved)
         if not shape.is_valid:      # folded or torn on the way: not the extent any more
             return []
-        return self._turns(shape, 360.0 if target.IsGeographic() else None)
+        return self._turns(shape, period)
 
     def _moved_footprint_meets(self, transform, hit) -> bool:
         footprint = shapely.from_wkt(hit.footprint_wkt)
         outline = shapely.segmentize(footprint.exterior, max(footprint.length, 1e-12) / self.POINTS_PER_TILE)
-        points = np.asarray(outline.coords)[:-1, :2]
-        gdal.PushErrorHandler("CPLQuietErrorHandler")   # points off an orthographic globe are expected here
-        try:
-            moved = np.asarray(transform.TransformPoints(points.tolist()), float)[:, :2]
-        except RuntimeError:
-            return False        # no place in the extent's CRS at all
-        finally:
-            gdal.PopErrorHandler()
+        moved = _moved_quietly(transform, np.asarray(outline.coords)[:-1, :2])
         finite = np.isfinite(moved).all(axis=1)
         if not finite.any():
             return False        # wholly where the extent's CRS has no place: off its visible globe
@@ -300,20 +334,11 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
     srs = parse_crs(crs)
     # its outline and inside, placed on the globe: an orthographic view's corners may lie off it, and
     # the box GDAL gives round the rest would leave out the globe's edge
-    xs, ys = densified_box(*parts[:4], _ExtentShape.POINTS_PER_EDGE)
-    gx, gy = np.meshgrid(np.linspace(parts[0], parts[2], 9), np.linspace(parts[1], parts[3], 9))
-    points = np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
     to_lonlat = transformation(srs)
     if to_lonlat is None:
         raise _bad(f"the search extent's CRS {crs!r} has no longitude/latitude (a local grid): give the extent in "
                    "a CRS placed on the globe")
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        placed = np.asarray(to_lonlat.TransformPoints(points.tolist()), float)[:, :2]
-    except RuntimeError:
-        placed = np.full_like(points, np.nan)
-    finally:
-        gdal.PopErrorHandler()
+    placed = _moved_quietly(to_lonlat, _outline_and_inside(*parts[:4]))
     finite = np.isfinite(placed).all(axis=1)
     if not finite.all():
         return None, _ExtentShape(parts, None, on_globe=bool(finite.any()))
@@ -321,13 +346,22 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
         west, south, east, north = transform_bounds(parts[:4], srs, "EPSG:4326")
     except RasterError:
         return None, _ExtentShape(parts, None)
+    outline = placed[:4 * _ExtentShape.POINTS_PER_EDGE]
+    aligned = _along_meridians_and_parallels(outline)
     period = world_width(srs)
-    if (period and parts[2] - parts[0] >= period) or (west > east and not crosses_antimeridian(west, east)):
-        # a map that repeats, shown more than once across (GDAL's box of a Web Mercator view of x
-        # +-8e7 is -164..164, as its ends wrap), or one round the globe east to west, nearly all of it,
-        # as (-29.7, .., -30.3) says of a wide view in a CRS centred on 150 degrees east: every longitude
+    if period and aligned:
+        # a cylindrical map (Web Mercator): longitude grows with x, so the box runs from the west edge's
+        # longitude as far east as the view is wide. GDAL's box wraps the ends of a view wider than one
+        # world (x +-8e7 gave -164..164), and of one nearly a world wide it cannot tell the side shown
+        span = (parts[2] - parts[0]) / period * 360.0
+        west = float(outline[-1, 0]) - 360.0 * math.floor((float(outline[-1, 0]) + 180.0) / 360.0)
+        west, east = (-180.0, 180.0) if span >= 360.0 else (west, west + span)
+    elif (period and parts[2] - parts[0] >= period) or (west > east and not crosses_antimeridian(west, east)):
+        # a repeating map shown more than once across, or a box round the globe east to west, nearly all
+        # of it, as (-29.7, .., -30.3) says of a wide view in a CRS centred on 150 degrees east: every
+        # longitude, and the shape judges each tile
         west, east = -180.0, 180.0
-    return _box_and_shape(parts, (west, south, east, north), aligned=_along_meridians_and_parallels(placed[:len(xs)]))
+    return _box_and_shape(parts, (west, south, east, north), aligned=aligned)
 
 
 def _along_meridians_and_parallels(outline: np.ndarray) -> bool:
@@ -347,12 +381,16 @@ def _along_meridians_and_parallels(outline: np.ndarray) -> bool:
             and same(lon[n:2 * n + 1], 360.0) and same(np.append(lon[3 * n:], lon[0]), 360.0))
 
 
+POLAR_LATITUDE = 89.0     # past it, a tile's longitude/latitude box is far larger than the tile
+
+
 def _box_and_shape(parts: tuple, box: tuple, aligned: bool) -> tuple[tuple, _ExtentShape | None]:
     shape = _ExtentShape(parts, box)
-    if aligned and not shape.local:
+    if aligned and not shape.local and max(abs(box[1]), abs(box[3])) <= POLAR_LATITUDE:
         # a wide extent along meridians and parallels is its own longitude/latitude box: the index's
         # box decides, and only tiles at its very edge, whose boxes reach past their corners, could
-        # be let in that a footprint would not; a local one is met exactly, at the cost of one shape
+        # be let in that a footprint would not; a local one is met exactly, at the cost of one shape,
+        # and so is one reaching within a degree of a pole, where tiles' boxes span wide longitudes
         return box, None
     return box, shape
 
