@@ -123,8 +123,8 @@ def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path
     """Ctrl-C reaches the whole process group (the pool's workers too): one line, no tracebacks, and no
     half-written --out, which would have no recipe.json and be refused as not empty by the next pack."""
     scenes = make_scene_folder(tmp_path / "data" / "scenes", per_class=1)
-    for cls in ("red", "green", "blue"):   # enough images to interrupt: links to the one of each class
-        for i in range(1500):
+    for cls in ("red", "green", "blue"):   # enough images to interrupt (seconds of work): links to the one of each
+        for i in range(5000):
             (scenes / cls / f"{cls}_link{i}.jpg").symlink_to(scenes / cls / f"{cls}_0.jpg")
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": "data/scenes",
@@ -134,12 +134,15 @@ def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path
                              "--size", "16", "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 120
-    while not any(out.glob("scenes/*/*.webp")) and proc.poll() is None and time.monotonic() < deadline:
+    # the copy has begun once its folders are there (a glob of the files written would itself take a while)
+    while not (out / "scenes").is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    time.sleep(0.2)
+    assert proc.poll() is None, "the pack ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted: removed the partial copy" in stderr and "Traceback" not in stderr, stderr[-3000:]
     assert not out.exists()
     r = _pack("--recipe", str(recipe), "--out", str(out), "--size", "16", "--workers", "2")
-    assert r.returncode == 0 and "packed 4503 images" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "packed 15003 images" in r.stdout, r.stderr[-3000:]

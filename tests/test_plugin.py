@@ -436,20 +436,31 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
         assert run_dock(dock, "search", dock.search) == f"map view: {why}"
         said = " ".join(text or "" for _, text, _ in iface.message_bar.messages[before:])
         assert words in said and "Extent.crs" not in said and "ENGCRS" not in said, said
-    # Processing: latitude typed first is pointed out; a west edge east of the east edge is across 180
-    # degrees, as the client takes it (QGIS alone would swap them, and search the 340 degrees between)
+
+
+def test_processing_extent_typed_with_latitude_first_or_across_180(layers, skyprompt_processing, tmp_path):
+    """Processing's Extent, typed: latitudes first (past 90) are pointed out; a west edge east of the
+    east edge is across 180 degrees, as the client takes it (QGIS alone would swap the two, and search
+    the 340 degrees between)."""
+    import processing
+
+    layer = layers[0]
     with pytest.raises(QgsProcessingException, match="were its latitudes given first"):
         processing.run("skyprompt:searchtiles", {"QUERY": "roads", "EXTENT": "10,20,100,110 [EPSG:4326]",
                                                  "OUTPUT": str(tmp_path / "lat_first.gpkg")})
+    processing.run("skyprompt:indexraster", {"INPUT": layer})
     lonlat = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
                                     QgsProject.instance()).transformBoundingBox(layer.extent())
-    feedback = RecordingFeedback()
-    across = processing.run("skyprompt:searchtiles", {
-        "QUERY": "roads", "K": 1000, "LAYERS": [layer], "OUTPUT": str(tmp_path / "across.gpkg"),
-        "EXTENT": f"170,-170,{lonlat.yMinimum()},{lonlat.yMaximum()} [EPSG:4326]"}, feedback=feedback)["OUTPUT"]
-    assert QgsVectorLayerFrom(across).featureCount() == 0
-    assert any("no indexed tile of the layers searched lies in Extent: give an Extent where they are" in w
-               for w in feedback.warnings), feedback.warnings
+    south_north = f"{lonlat.yMinimum()},{lonlat.yMaximum()} [EPSG:4326]"
+    for west_east, finds in (("170,-170", False), (f"{lonlat.xMinimum()},{lonlat.xMaximum()}", True)):
+        feedback = RecordingFeedback()
+        found = processing.run("skyprompt:searchtiles", {
+            "QUERY": "roads", "K": 1000, "LAYERS": [layer], "OUTPUT": str(tmp_path / f"{finds}.gpkg"),
+            "EXTENT": f"{west_east},{south_north}"}, feedback=feedback)["OUTPUT"]
+        assert (QgsVectorLayerFrom(found).featureCount() > 0) == finds, west_east
+        if not finds:
+            assert any("no indexed tile of the layers searched lies in Extent: give an Extent where they are" in w
+                       for w in feedback.warnings), feedback.warnings
 
 
 def test_the_indexed_rasters_window_lists_removes_and_adds_to_the_map(dock, iface, rasters, own_backend,  # noqa: F811
