@@ -132,7 +132,9 @@ def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path
     out = tmp_path / "pack"
     proc = subprocess.Popen([sys.executable, "-m", "training.pack", "--recipe", str(recipe), "--out", str(out),
                              "--size", "16", "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # a suite started in the background has SIGINT ignored, and its children with it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     # the copy has begun once its folders are there (a glob of the files written would itself take a while)
     while not (out / "scenes").is_dir() and proc.poll() is None and time.monotonic() < deadline:
