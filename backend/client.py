@@ -251,6 +251,20 @@ def unfamiliar_note(words) -> str:
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
+THUMBNAIL_NAME = re.compile(r"\d{3}_tile\d+\.png")     # "001_tile42.png", as cmd_search names them
+
+
+def _clear_thumbnails(folder: Path) -> int:
+    """Remove the thumbnails an earlier search wrote in `folder` (only files named as this client names
+    them), so its PNGs are this search's alone, not mixed with more of an earlier one. How many."""
+    removed = 0
+    for old in folder.glob("*_tile*.png"):
+        if THUMBNAIL_NAME.fullmatch(old.name) and old.is_file():
+            old.unlink()
+            removed += 1
+    return removed
+
+
 def cmd_search(stub, args) -> int:
     for name in ("k", "expand", "like_tile"):
         if (getattr(args, name) or 0) < 0:
@@ -280,6 +294,7 @@ def cmd_search(stub, args) -> int:
         request.like_tile_id = args.like_tile
     what = repr(args.query) if args.like_tile is None else f"tiles like tile {args.like_tile}"
     response = stub.Search(request, metadata=_metadata(args.token), timeout=args.timeout)
+    replaced = _clear_thumbnails(Path(args.thumbnails)) if args.thumbnails else 0
     hits = []
     for rank, hit in enumerate(response.hits, 1):
         item = {"rank": rank, "score": round(hit.score, 6), "raster": hit.raster_path, "raster_id": hit.raster_id,
@@ -316,7 +331,8 @@ def cmd_search(stub, args) -> int:
                 matched = f" (keywords +{h['keyword_score']:.3f})" if h["keyword_score"] else ""
                 print(f"       {h['caption']}{matched}")
         if saved:
-            print(f"thumbnails saved in {Path(args.thumbnails).resolve()}")
+            print(f"thumbnails saved in {Path(args.thumbnails).resolve()}"
+                  + (f" (the {replaced} of an earlier search removed)" if replaced else ""))
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and not response.hits and args.min_score is None:
@@ -751,7 +767,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help="only tiles intersecting this box")
     p.add_argument("--extent-crs", default="", help="CRS of --extent (default EPSG:4326 lon/lat)")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
-    p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR")
+    p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR, as NNN_tileID.png (those of an earlier "
+                        "search there are removed first; other files stay)")
     p.add_argument("--raw-query", action="store_true",
                    help="embed the query as typed (default: averaged over phrasings such as "
                         "\"an aerial photo of QUERY.\", which ranks better)")

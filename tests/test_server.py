@@ -2109,6 +2109,12 @@ def test_cli_says_where_thumbnails_and_relevance_maps_were_saved(server, rasters
     out = client(server, "search", "roads", "--k", "2", "--raster", str(rasters["rgb"]), "--thumbnails", str(folder))
     assert out.returncode == 0, out.stderr
     assert f"thumbnails saved in {folder}" in out.stdout and len(list(folder.glob("*.png"))) == 2
+    # a second search into the same folder: its PNGs alone, not mixed with the first one's; other files stay
+    (folder / "my_notes.png").write_bytes(b"the user's")
+    out = client(server, "search", "fields", "--k", "1", "--raster", str(rasters["rgb"]), "--thumbnails", str(folder))
+    assert out.returncode == 0 and "(the 2 of an earlier search removed)" in out.stdout, out.stdout
+    assert sorted(p.name for p in folder.glob("*.png"))[0].startswith("001_tile")
+    assert len(list(folder.glob("*_tile*.png"))) == 1 and (folder / "my_notes.png").read_bytes() == b"the user's"
     # a relative folder: the JSON names each PNG by its absolute path, as the text says where they went
     out = subprocess.run([sys.executable, "-m", "backend", "client", "search", "roads", "--k", "1", "--json",
                           "--raster", str(rasters["rgb"]), "--thumbnails", "relative", "--server", server.address],
