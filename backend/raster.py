@@ -18,6 +18,7 @@ switched on only around this module's own calls and the caller's setting is rest
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -331,27 +332,38 @@ def _pole_points_as_edges(lon: np.ndarray, lat: np.ndarray, at_pole: np.ndarray)
     return np.asarray(out_lon), np.asarray(out_lat)
 
 
+def transform_points_quietly(transform: osr.CoordinateTransformation, points) -> np.ndarray:
+    """(n, 2) `points` through `transform`, non-finite where they have no place (off an orthographic
+    globe: expected by the callers, so GDAL's complaint stays out of the log)."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        return np.asarray(transform.TransformPoints(np.asarray(points, float).tolist()), float)[:, :2]
+    except RuntimeError:
+        return np.full((len(points), 2), np.nan)
+    finally:
+        gdal.PopErrorHandler()
+
+
 def world_width(srs: osr.SpatialReference) -> float | None:
     """How far east a projected CRS's map repeats (Web Mercator: 40,075 km), or None where it does
     not repeat (polar, conic, orthographic, UTM): x at its central meridian +-180 degrees on the
-    equator, taken when x grows with longitude there as it does in a cylindrical map."""
-    if srs.IsGeographic():
-        return 360.0
+    equator, taken when x grows with longitude there as it does in a cylindrical map. Remembered
+    per CRS: a search asks it of the extent's CRS and of each hit raster's."""
+    return 360.0 if srs.IsGeographic() else _projected_world_width(srs.ExportToWkt())
+
+
+@functools.lru_cache(maxsize=256)
+def _projected_world_width(wkt: str) -> float | None:
+    srs = parse_crs(wkt)
     lon0 = srs.GetProjParm(osr.SRS_PP_CENTRAL_MERIDIAN, 0.0) or srs.GetProjParm(osr.SRS_PP_LONGITUDE_OF_CENTER, 0.0)
     to_map = transformation(_wgs84(), srs)
     if to_map is None:
         return None
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        x = [p[0] for p in to_map.TransformPoints([[lon0 + d, 0.0] for d in (-179.9, -90.0, 90.0, 179.9)])]
-    except RuntimeError:
+    x = transform_points_quietly(to_map, [[lon0 + d, 0.0] for d in (-179.9, -90.0, 90.0, 179.9)])[:, 0]
+    if not np.isfinite(x).all() or not x[0] < x[1] < x[2] < x[3]:
         return None
-    finally:
-        gdal.PopErrorHandler()
-    if not all(math.isfinite(v) for v in x) or not x[0] < x[1] < x[2] < x[3]:
-        return None
-    width = (x[3] - x[0]) * 180.0 / 179.9
-    return width if abs(width - 2.0 * (x[2] - x[1])) <= 0.02 * width else None
+    width = float(x[3] - x[0]) * 180.0 / 179.9
+    return width if abs(width - 2.0 * float(x[2] - x[1])) <= 0.02 * width else None
 
 
 def bounds_from_geotransform(geotransform: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:

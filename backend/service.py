@@ -22,14 +22,13 @@ import grpc
 import numpy as np
 import shapely
 import shapely.affinity
-from osgeo import gdal
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
 from .index import SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
                      open_raster, parse_crs, raster_from_pixels, reprojected_box, sources_digest_of, transform_bounds,
-                     transformation, unwrap_longitudes, world_width)
+                     transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
@@ -186,18 +185,6 @@ def _outline_and_inside(xmin: float, ymin: float, xmax: float, ymax: float) -> n
     return np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
 
 
-def _moved_quietly(transform, points: np.ndarray) -> np.ndarray:
-    """`points` through `transform`, non-finite where they have no place (off an orthographic
-    globe: expected here, so GDAL's complaint stays out of the log)."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        return np.asarray(transform.TransformPoints(np.asarray(points).tolist()), float)[:, :2]
-    except RuntimeError:
-        return np.full((len(points), 2), np.nan)
-    finally:
-        gdal.PopErrorHandler()
-
-
 class _ExtentShape:
     """A search extent as a shape, to keep only the tiles whose footprint meets it. The index filters
     by longitude/latitude boxes: the box round an extent in a projected CRS, and the boxes round
@@ -272,7 +259,7 @@ class _ExtentShape:
         to_target = transformation(self.srs, target)
         if to_target is None:
             return None
-        moved = _moved_quietly(to_target, _outline_and_inside(self.xmin, self.ymin, self.xmax, self.ymax))
+        moved = transform_points_quietly(to_target, _outline_and_inside(self.xmin, self.ymin, self.xmax, self.ymax))
         moved = moved[np.isfinite(moved).all(axis=1)]
         if not len(moved):
             return None
@@ -312,7 +299,7 @@ class _ExtentShape:
     def _moved_footprint_meets(self, transform, hit) -> bool:
         footprint = shapely.from_wkt(hit.footprint_wkt)
         outline = shapely.segmentize(footprint.exterior, max(footprint.length, 1e-12) / self.POINTS_PER_TILE)
-        moved = _moved_quietly(transform, np.asarray(outline.coords)[:-1, :2])
+        moved = transform_points_quietly(transform, np.asarray(outline.coords)[:-1, :2])
         finite = np.isfinite(moved).all(axis=1)
         if not finite.any():
             return False        # wholly where the extent's CRS has no place: off its visible globe
@@ -338,7 +325,7 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
     if to_lonlat is None:
         raise _bad(f"the search extent's CRS {crs!r} has no longitude/latitude (a local grid): give the extent in "
                    "a CRS placed on the globe")
-    placed = _moved_quietly(to_lonlat, _outline_and_inside(*parts[:4]))
+    placed = transform_points_quietly(to_lonlat, _outline_and_inside(*parts[:4]))
     finite = np.isfinite(placed).all(axis=1)
     if not finite.all():
         return None, _ExtentShape(parts, None, on_globe=bool(finite.any()))

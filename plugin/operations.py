@@ -206,15 +206,19 @@ def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bo
     if not crs.isValid():
         return SearchArea(QgsRectangle(), "no_crs", "has no CRS, so it cannot be placed")
     to_lonlat = QgsCoordinateTransform(crs, QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
-    placed = crs.isGeographic()
-    for attempt in (lambda: to_lonlat.transform(QgsPointXY(rect.center())), lambda: to_lonlat.transformBoundingBox(rect)):
-        if placed or not to_lonlat.isValid():   # no way to longitude/latitude (QGIS would pass points through)
-            break
-        try:    # the centre may be off an orthographic globe whose rim is in view: then the box
-            attempt()
-            placed = True
+
+    def transforms(call) -> bool:
+        try:
+            call()
+            return True
         except QgsCsException:
-            pass
+            return False
+
+    # an invalid transformation (a local grid) passes points through unchanged; the centre may be off
+    # an orthographic globe whose rim is in view, and then the box is placed
+    placed = crs.isGeographic() or (to_lonlat.isValid() and (
+        transforms(lambda: to_lonlat.transform(QgsPointXY(rect.center())))
+        or transforms(lambda: to_lonlat.transformBoundingBox(rect))))
     if not placed:
         return SearchArea(QgsRectangle(), "local",
                           f"is in {crs.description() or crs.authid()}, a CRS with no place on the globe (a local grid)")

@@ -179,15 +179,16 @@ def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> Qg
     as it is, however far it reaches past the CRS's area of use (a layer in the next UTM zone is still
     in view) or past where the CRS is defined at all (an orthographic view's corners off the globe):
     the backend judges each tile in the view's own CRS."""
-    if crs.isGeographic():
-        south, north = max(rect.yMinimum(), -90.0), min(rect.yMaximum(), 90.0)
-        if rect.width() >= 360.0:
-            return QgsRectangle(-180.0, south, 180.0, north) if south < north else QgsRectangle()
-        # a view across 180 degrees (175..185) keeps its longitudes, one turn at most past 180
-        shift = -360.0 * math.floor((rect.xMinimum() + 180.0) / 360.0)
-        west = rect.xMinimum() + shift
-        return QgsRectangle(west, south, west + rect.width(), north) if south < north else QgsRectangle()
-    return QgsRectangle(rect)
+    if not crs.isGeographic():
+        return QgsRectangle(rect)
+    south, north = max(rect.yMinimum(), -90.0), min(rect.yMaximum(), 90.0)
+    if south >= north:
+        return QgsRectangle()
+    if rect.width() >= 360.0:
+        return QgsRectangle(-180.0, south, 180.0, north)
+    # a view across 180 degrees (175..185) keeps its longitudes, one turn at most past 180
+    west = rect.xMinimum() - 360.0 * math.floor((rect.xMinimum() + 180.0) / 360.0)
+    return QgsRectangle(west, south, west + rect.width(), north)
 
 
 def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:
