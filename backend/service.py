@@ -328,7 +328,8 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
     placed = transform_points_quietly(to_lonlat, _outline_and_inside(*parts[:4]))
     finite = np.isfinite(placed).all(axis=1)
     if not finite.all():
-        return None, _ExtentShape(parts, None, on_globe=bool(finite.any()))
+        box = _box_of_part_on_globe(parts, srs, to_lonlat)
+        return box, _ExtentShape(parts, box, on_globe=box is not None)
     try:
         west, south, east, north = transform_bounds(parts[:4], srs, "EPSG:4326")
     except RasterError:
@@ -349,6 +350,68 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
         # longitude, and the shape judges each tile
         west, east = -180.0, 180.0
     return _box_and_shape(parts, (west, south, east, north), aligned=aligned)
+
+
+GLOBE_PART_SAMPLES = 65      # a grid this many points a side finds the part of an extent on the globe
+
+
+def _box_of_part_on_globe(parts: tuple, srs, to_lonlat) -> tuple | None:
+    """A longitude/latitude box round the part of an extent that lies on the globe, where the rest lies
+    off it (an orthographic view past the globe's rim, a Mollweide view past its corners); None where no
+    sample of it is on the globe. Without a box every tile in the index is a candidate, each met with
+    the extent one by one: seconds for a view at the rim of a world-wide index.
+
+    A grid of samples is placed on the globe, and where a grid line leaves it, the rim is found by
+    bisection. The box holds them all, widened by the largest step between neighbouring samples, as
+    the rim may bulge out between two of them; the extent's shape still judges each candidate."""
+    xmin, ymin, xmax, ymax = parts[:4]
+    n = GLOBE_PART_SAMPLES
+    gx, gy = np.meshgrid(np.linspace(xmin, xmax, n), np.linspace(ymin, ymax, n))
+    grid = np.stack([gx, gy], axis=-1)
+    placed = transform_points_quietly(to_lonlat, grid.reshape(-1, 2)).reshape(n, n, 2)
+    finite = np.isfinite(placed).all(axis=-1)
+    if not finite.any():
+        return None
+    on, off, neighbours = [], [], []      # grid points on the globe beside one off it; neighbours on it
+    for axis in (0, 1):
+        a = (slice(None, -1), slice(None)) if axis == 0 else (slice(None), slice(None, -1))
+        b = (slice(1, None), slice(None)) if axis == 0 else (slice(None), slice(1, None))
+        both = finite[a] & finite[b]
+        neighbours.append(np.stack([placed[a][both], placed[b][both]], axis=1))
+        for first, second in ((a, b), (b, a)):
+            leaving = finite[first] & ~finite[second]
+            on.append(grid[first][leaving])
+            off.append(grid[second][leaving])
+    on, off = np.concatenate(on), np.concatenate(off)
+    for _ in range(30):
+        middle = (on + off) / 2.0
+        there = np.isfinite(transform_points_quietly(to_lonlat, middle)).all(axis=1) if len(middle) else \
+            np.zeros(0, bool)
+        on[there], off[~there] = middle[there], middle[~there]
+    rim = transform_points_quietly(to_lonlat, on) if len(on) else np.zeros((0, 2))
+    rim = rim[np.isfinite(rim).all(axis=1)]
+    points = np.concatenate([placed[finite], rim])
+    pairs = np.concatenate(neighbours)
+    step_lon = step_lat = 0.0
+    if len(pairs):
+        step_lon = float(np.abs((pairs[:, 1, 0] - pairs[:, 0, 0] + 180.0) % 360.0 - 180.0).max())
+        step_lat = float(np.abs(pairs[:, 1, 1] - pairs[:, 0, 1]).max())
+    south = max(-90.0, float(points[:, 1].min()) - step_lat)
+    north = min(90.0, float(points[:, 1].max()) + step_lat)
+    from_lonlat = transformation(parse_crs("EPSG:4326"), srs)
+    poles = transform_points_quietly(from_lonlat, [[0.0, -90.0], [0.0, 90.0]]) if from_lonlat else np.full((2, 2), np.nan)
+    within = np.isfinite(poles).all(axis=1) & (poles[:, 0] >= xmin) & (poles[:, 0] <= xmax) & \
+        (poles[:, 1] >= ymin) & (poles[:, 1] <= ymax)
+    south, north = (-90.0 if within[0] else south), (90.0 if within[1] else north)
+    # the least run of longitudes holding every sample: round the globe from the end of its widest gap
+    lon = np.sort((points[:, 0] + 180.0) % 360.0 - 180.0)
+    gaps = np.diff(np.append(lon, lon[0] + 360.0))
+    widest = int(np.argmax(gaps))
+    span = 360.0 - float(gaps[widest]) + 2.0 * step_lon
+    if within.any() or span >= 360.0:
+        return -180.0, south, 180.0, north
+    west = float(lon[(widest + 1) % len(lon)]) - step_lon
+    return west, south, west + span, north
 
 
 def _along_meridians_and_parallels(outline: np.ndarray) -> bool:

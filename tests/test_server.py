@@ -309,6 +309,51 @@ def test_a_world_or_polar_search_extent_keeps_every_tile_it_holds(server, raster
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=arctic.raster_id), metadata=server.metadata)
 
 
+def test_an_extent_partly_off_the_globe_gets_a_box_round_its_part_on_it():
+    """A view partly past the globe's rim (orthographic) or past a Mollweide map's edge gets a
+    longitude/latitude box for the index, holding every point of the view that lies on the globe
+    (checked on a grid four times as fine as the one the box is made from), and small where the view
+    is: without one, every tile in the index was met with the view one by one."""
+    from backend import service
+    from backend.raster import parse_crs, transform_points_quietly, transformation
+
+    rng = np.random.default_rng(7)
+    radius = 6.371e6
+    checked = 0
+    for i in range(44):
+        if i % 2 == 0:      # an orthographic globe anywhere, poles and 180 degrees included
+            crs = f"+proj=ortho +lat_0={rng.uniform(-90, 90):.3f} +lon_0={rng.uniform(-180, 180):.3f} +datum=WGS84"
+            rim = np.array([radius, radius])
+        else:
+            crs = f"+proj=moll +lon_0={rng.uniform(-180, 180):.2f} +datum=WGS84"
+            rim = np.array([2 * math.sqrt(2) * radius, math.sqrt(2) * radius])
+        angle = rng.uniform(0, 2 * math.pi)
+        centre = rim * [math.cos(angle), math.sin(angle)] * rng.uniform(0.9, 1.1)
+        half = np.exp(rng.uniform(math.log(radius / 400), math.log(radius), 2))
+        parts = (*(centre - half), *(centre + half), crs)
+        fine = 257
+        gx, gy = np.meshgrid(np.linspace(parts[0], parts[2], fine), np.linspace(parts[1], parts[3], fine))
+        placed = transform_points_quietly(transformation(parse_crs(crs)), np.column_stack([gx.ravel(), gy.ravel()]))
+        placed = placed[np.isfinite(placed).all(axis=1)]
+        if not 0 < len(placed) < fine * fine:
+            continue
+        checked += 1
+        box, shape = service._search_extent(parts)
+        assert box is not None and shape.on_globe, parts
+        west, south, east, north = box
+        lon = (placed[:, 0] - west) % 360.0 + west
+        outside = (lon > east + 1e-9) | (placed[:, 1] < south - 1e-9) | (placed[:, 1] > north + 1e-9)
+        assert not outside.any(), (parts, box, placed[outside][:3])
+    assert checked >= 20
+    # a small view at the rim of a globe centred on Europe: a box of tens of degrees, not the world
+    rim_view = (4e6, -2e6, 9e6, 2e6, "+proj=ortho +lat_0=40 +lon_0=10 +datum=WGS84")
+    west, south, east, north = service._search_extent(rim_view)[0]
+    assert 40 < west and east < 125 and -25 < south and north < 55
+    # wholly off the globe: no box, and nothing on the globe to find
+    box, shape = service._search_extent((2e7, 2e7, 3e7, 3e7, "+proj=ortho +lat_0=40 +lon_0=10 +datum=WGS84"))
+    assert box is None and not shape.on_globe
+
+
 def test_a_search_extent_past_its_crs_or_round_a_pole_keeps_to_the_extent(server, rasters):
     """An orthographic view zoomed out past the globe has corners with no longitude/latitude: it is
     searched, not refused, and holds the tiles on the visible globe only. An extent round a pole in a
