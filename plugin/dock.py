@@ -753,9 +753,10 @@ class SkyPromptDock(QDockWidget):
                     # the others to index; a backend gone, a refused token or a cancel stops them all
                     if e.code in operations.STOP_ALL:
                         raise
+                    refused = f"{name!r} not indexed: {e.message}"
                     if len(prepared) == 1:
-                        raise BackendError(e.code, f"{name!r}: {e.message}") from None
-                    failed.append(f"{name} not indexed: {e.message}")
+                        raise BackendError(e.code, refused) from None
+                    failed.append(refused)
             if failed and not out:
                 raise BackendError("", "; ".join(failed))
             return out, failed

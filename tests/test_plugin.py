@@ -581,14 +581,15 @@ def test_index_goes_on_past_a_layer_the_backend_refuses(dock, iface, rasters, tm
     assert run_dock(dock, "index", dock.index_layers) is None
     said = [(text or "", level) for _, text, level in iface.message_bar.messages[before:]]
     assert any(t.startswith("indexed 1 layer(s)") for t, _ in said), said
-    assert any(t.startswith("not allowed not indexed: ") and "outside the allowed roots" in t
+    assert any(t.startswith("'not allowed' not indexed: ") and "outside the allowed roots" in t
                and level == int(Qgis.Warning) for t, level in said), said
     assert good.id() in dock.indexed and refused.id() not in dock.indexed
     # alone, it is the task's error, as before
     dock.tick_none.click()
     dock.layer_list.item([dock.layer_list.item(i).text() for i in range(dock.layer_list.count())]
                          .index("not allowed")).setCheckState(Qt.Checked)
-    assert run_dock(dock, "index", dock.index_layers) is not None
+    error = run_dock(dock, "index", dock.index_layers)
+    assert error.message.startswith("'not allowed' not indexed: ") and "outside the allowed roots" in error.message
 
 
 def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_path(dock, layers, iface, rasters,
