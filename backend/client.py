@@ -65,6 +65,21 @@ def _extent(values, crs: str) -> pb.Extent | None:
     return pb.Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs=crs or "")
 
 
+def _polygon_box(wkt: str | None) -> list[float] | None:
+    """The box round --within's polygon, the extent that holds it when --extent is not given."""
+    if not wkt:
+        return None
+    import shapely
+
+    try:
+        shape = shapely.from_wkt(wkt)
+    except shapely.errors.GEOSException as e:
+        raise UsageError(f"--within is not WKT ({e}): give a polygon, e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
+    if shape.is_empty:
+        raise UsageError("--within is an empty geometry: give a polygon with its corners")
+    return list(shape.bounds)
+
+
 def _box(b) -> list[float]:
     return [b.xmin, b.ymin, b.xmax, b.ymax]
 
@@ -275,9 +290,10 @@ def cmd_search(stub, args) -> int:
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[os.path.abspath(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
-    extent = _extent(args.extent, args.extent_crs)
+    extent = _extent(args.extent or _polygon_box(args.within), args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)
+    request.extent_polygon_wkt = args.within or ""
     if args.thumbnails:
         try:    # before the search: a path that cannot be a folder is told now, naming the option
             Path(args.thumbnails).mkdir(parents=True, exist_ok=True)
@@ -336,7 +352,7 @@ def cmd_search(stub, args) -> int:
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and not response.hits and args.min_score is None:
-        print(f"note: {empty_extent_note(args.extent, args.extent_crs)}", file=sys.stderr)
+        print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within))}", file=sys.stderr)
     stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
     for reason, count in stale.items():
         print(f"note: {count} of {len(hits)} hits show a raster as it was when indexed: {reason}", file=sys.stderr)
@@ -348,10 +364,14 @@ def cmd_search(stub, args) -> int:
     return 0
 
 
-def empty_extent_note(values, crs: str) -> str:
-    """Why a search in --extent found no tile at all, and, for longitude/latitude, the swap to try."""
+def empty_extent_note(values, crs: str, within: bool = False) -> str:
+    """Why a search in --extent (or --within, `within`) found no tile at all, and, for
+    longitude/latitude, the swap to try."""
     crs = crs or "EPSG:4326"
-    note = f"no indexed tile lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})"
+    if not values:
+        return f"no indexed tile lies in the --within polygon ({crs}); `client list` shows each indexed raster's extent"
+    note = f"no indexed tile lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})" + (
+        " and the --within polygon" if within else "")
     xmin, ymin, xmax, ymax = values
     swapped = (ymin, xmin, ymax, xmax)
     if crs.upper() in LONLAT_CRS and swapped != tuple(values) and all(-90 <= v <= 90 for v in (xmin, xmax)):
@@ -765,7 +785,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--raster", action="append", default=[], help="only this raster path (repeatable)")
     p.add_argument("--extent", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"),
                    help="only tiles intersecting this box")
-    p.add_argument("--extent-crs", default="", help="CRS of --extent (default EPSG:4326 lon/lat)")
+    p.add_argument("--extent-crs", default="", help="CRS of --extent and --within (default EPSG:4326 lon/lat)")
+    p.add_argument("--within", metavar="WKT", default=None,
+                   help="only tiles meeting this polygon (WKT POLYGON in --extent-crs), e.g. an area of interest or a "
+                        "rotated view; --extent, if given, must hold it (default: the polygon's box)")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
     p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR, as NNN_tileID.png (those of an earlier "
                         "search there are removed first; other files stay)")

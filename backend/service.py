@@ -27,7 +27,7 @@ from PIL import Image
 from .engine import EngineError, ModelEngine
 from .index import SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
-                     open_raster, parse_crs, raster_from_pixels, reprojected_box, sources_digest_of, transform_bounds,
+                     open_raster, parse_crs, raster_from_pixels, sources_digest_of, transform_bounds,
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
@@ -197,7 +197,9 @@ class _ExtentShape:
     defined (a zoomed-out orthographic view, whose corners lie off the globe), or one whose outline
     tears when moved, is judged in its own CRS instead, each hit's footprint moved there: a tile is
     small, and a point off the visible globe has no place. Where the extent's map repeats east and
-    west (longitude/latitude, Web Mercator), a footprint is met one world either way too."""
+    west (longitude/latitude, Web Mercator), a footprint is met one world either way too. With a
+    `polygon` (SearchRequest.extent_polygon_wkt, e.g. a rotated map view), that polygon is met instead
+    of the box, which still gives the index its longitude/latitude box."""
 
     POINTS_PER_EDGE = 16
     POINTS_PER_TILE = 16         # a tile's outline, moved into the extent's CRS: small, hardly curved
@@ -205,15 +207,18 @@ class _ExtentShape:
     MAX_LATITUDE = 84.0
     EXPAND_LIMIT = 1 << 16       # the most candidates taken from the index to fill k
 
-    def __init__(self, parts: tuple, lonlat_box: tuple | None, on_globe: bool = True):
+    def __init__(self, parts: tuple, lonlat_box: tuple | None, on_globe: bool = True, polygon=None):
         """`lonlat_box`: the extent's (west, south, east, north), None when it cannot be had.
-        `on_globe`: False when no point of the extent has a place on the globe."""
+        `on_globe`: False when no point of the extent has a place on the globe. `polygon`: a shapely
+        polygon within the extent (search_polygon), or None for the box itself."""
         self.xmin, self.ymin, self.xmax, self.ymax, crs = parts
         self.srs = parse_crs(crs or "EPSG:4326")
         if self.srs.IsGeographic() and self.xmin > self.xmax:      # across 180 degrees: continuous longitudes
             self.xmax += 360.0
         self.period = world_width(self.srs)
-        self._boxes = self._turns(shapely.box(self.xmin, self.ymin, self.xmax, self.ymax), self.period)
+        self.polygon = polygon
+        area = polygon if polygon is not None else shapely.box(self.xmin, self.ymin, self.xmax, self.ymax)
+        self._boxes = self._turns(area, self.period)
         self.on_globe = on_globe
         self.local = False
         if lonlat_box is not None:
@@ -259,7 +264,7 @@ class _ExtentShape:
         to_target = transformation(self.srs, target)
         if to_target is None:
             return None
-        moved = transform_points_quietly(to_target, _outline_and_inside(self.xmin, self.ymin, self.xmax, self.ymax))
+        moved = transform_points_quietly(to_target, self._outline_and_inside())
         moved = moved[np.isfinite(moved).all(axis=1)]
         if not len(moved):
             return None
@@ -269,7 +274,24 @@ class _ExtentShape:
         return shapely.points(moved)
 
     def _whole_world(self) -> bool:
-        return self.srs.IsGeographic() and self.xmax - self.xmin >= 360.0 and self.ymin <= -90.0 and self.ymax >= 90.0
+        return (self.polygon is None and self.srs.IsGeographic() and self.xmax - self.xmin >= 360.0
+                and self.ymin <= -90.0 and self.ymax >= 90.0)
+
+    def _outline(self) -> np.ndarray:
+        """The extent's outline, densified to be moved into another CRS, as (n, 2) points (not closed)."""
+        if self.polygon is None:
+            return np.column_stack(densified_box(self.xmin, self.ymin, self.xmax, self.ymax, self.POINTS_PER_EDGE))
+        ring = self.polygon.exterior
+        return np.asarray(shapely.segmentize(ring, ring.length / (4 * self.POINTS_PER_EDGE)).coords)[:-1, :2]
+
+    def _outline_and_inside(self) -> np.ndarray:
+        """Points of the extent: its outline and a grid inside."""
+        points = _outline_and_inside(self.xmin, self.ymin, self.xmax, self.ymax)
+        if self.polygon is None:
+            return points
+        inside = points[4 * self.POINTS_PER_EDGE:]
+        inside = inside[shapely.contains_xy(self.polygon, inside[:, 0], inside[:, 1])]
+        return np.concatenate([self._outline(), inside])
 
     @staticmethod
     def _turns(shape, period: float | None) -> list:
@@ -281,11 +303,10 @@ class _ExtentShape:
 
     def _moved_extent(self, target) -> list:
         """The extent in `target`; [] where its outline does not reproject into a simple polygon."""
-        try:
-            moved = reprojected_box((self.xmin, self.ymin, self.xmax, self.ymax), self.srs, target,
-                                    self.POINTS_PER_EDGE, "cannot transform the search extent")
-        except RasterError:
+        to_target = transformation(self.srs, target)
+        if to_target is None:
             return []
+        moved = transform_points_quietly(to_target, self._outline())
         if not np.isfinite(moved).all():
             return []
         period = world_width(target)     # a raster in a repeating map may run past its seam (165..195 E)
@@ -312,12 +333,45 @@ class _ExtentShape:
         return any(box.intersects(shape) for box in self._boxes)
 
 
-def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
+def search_polygon(wkt: str, parts: tuple | None):
+    """SearchRequest.extent_polygon_wkt as a shapely polygon within the extent `parts`; None when empty."""
+    if not wkt.strip():
+        return None
+    if parts is None:
+        raise _bad("extent_polygon_wkt needs an extent that holds it (its box, in the same CRS): set `extent`")
+    try:
+        polygon = shapely.from_wkt(wkt)
+    except shapely.errors.GEOSException as e:
+        raise _bad(f"extent_polygon_wkt is not WKT: {e}") from None
+    if polygon.geom_type != "Polygon" or polygon.is_empty:
+        raise _bad(f"extent_polygon_wkt must be one POLYGON, not {polygon.geom_type.upper()}"
+                   + (" EMPTY" if polygon.is_empty else ""))
+    if len(polygon.interiors):
+        raise _bad("extent_polygon_wkt must be a polygon without holes")
+    if not np.isfinite(np.asarray(polygon.exterior.coords)).all():
+        raise _bad("extent_polygon_wkt has a coordinate that is not a finite number")
+    if not polygon.is_valid:
+        raise _bad(f"extent_polygon_wkt is not a valid polygon ({shapely.is_valid_reason(polygon)}): "
+                   "its outline must not cross itself")
+    xmin, ymin, xmax, ymax, crs = parts
+    if parse_crs(crs or "EPSG:4326").IsGeographic() and xmin > xmax:
+        xmax += 360.0       # an extent across 180 degrees: the polygon's longitudes run on past 180
+    slack = 1e-9 * max(1.0, *(abs(v) for v in (xmin, ymin, xmax, ymax)))
+    west, south, east, north = polygon.bounds
+    if west < xmin - slack or south < ymin - slack or east > xmax + slack or north > ymax + slack:
+        raise _bad(f"extent_polygon_wkt ({west:.10g}, {south:.10g}, {east:.10g}, {north:.10g}) reaches past the "
+                   f"extent ({xmin:.10g}, {ymin:.10g}, {xmax:.10g}, {ymax:.10g}): the extent must hold it, in the "
+                   "same CRS (for an extent across 180 degrees, longitudes past 180)")
+    return polygon
+
+
+def _search_extent(parts: tuple, polygon=None) -> tuple[tuple | None, _ExtentShape]:
     """The longitude/latitude box a search extent gives the index (None: none can be had, every
-    tile is a candidate) and the shape each candidate is then met with."""
+    tile is a candidate) and the shape each candidate is then met with (None: the box decides).
+    `polygon`: the shape within the extent that hits must meet (search_polygon)."""
     crs = parts[4] or "EPSG:4326"
     if crs.upper() in LONLAT_CRS:
-        return _box_and_shape(parts, parts[:4], aligned=True)
+        return _box_and_shape(parts, parts[:4], aligned=True, polygon=polygon)
     srs = parse_crs(crs)
     # its outline and inside, placed on the globe: an orthographic view's corners may lie off it, and
     # the box GDAL gives round the rest would leave out the globe's edge
@@ -329,11 +383,11 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
     finite = np.isfinite(placed).all(axis=1)
     if not finite.all():
         box = _box_of_part_on_globe(parts, srs, to_lonlat)
-        return box, _ExtentShape(parts, box, on_globe=box is not None)
+        return box, _ExtentShape(parts, box, on_globe=box is not None, polygon=polygon)
     try:
         west, south, east, north = transform_bounds(parts[:4], srs, "EPSG:4326")
     except RasterError:
-        return None, _ExtentShape(parts, None)
+        return None, _ExtentShape(parts, None, polygon=polygon)
     outline = placed[:4 * _ExtentShape.POINTS_PER_EDGE]
     aligned = _along_meridians_and_parallels(outline)
     period = world_width(srs)
@@ -349,7 +403,7 @@ def _search_extent(parts: tuple) -> tuple[tuple | None, _ExtentShape]:
         # of it, as (-29.7, .., -30.3) says of a wide view in a CRS centred on 150 degrees east: every
         # longitude, and the shape judges each tile
         west, east = -180.0, 180.0
-    return _box_and_shape(parts, (west, south, east, north), aligned=aligned)
+    return _box_and_shape(parts, (west, south, east, north), aligned=aligned, polygon=polygon)
 
 
 GLOBE_PART_SAMPLES = 65      # a grid this many points a side finds the part of an extent on the globe
@@ -434,9 +488,9 @@ def _along_meridians_and_parallels(outline: np.ndarray) -> bool:
 POLAR_LATITUDE = 89.0     # past it, a tile's longitude/latitude box is far larger than the tile
 
 
-def _box_and_shape(parts: tuple, box: tuple, aligned: bool) -> tuple[tuple, _ExtentShape | None]:
-    shape = _ExtentShape(parts, box)
-    if aligned and not shape.local and max(abs(box[1]), abs(box[3])) <= POLAR_LATITUDE:
+def _box_and_shape(parts: tuple, box: tuple, aligned: bool, polygon=None) -> tuple[tuple, _ExtentShape | None]:
+    shape = _ExtentShape(parts, box, polygon=polygon)
+    if aligned and polygon is None and not shape.local and max(abs(box[1]), abs(box[3])) <= POLAR_LATITUDE:
         # a wide extent along meridians and parallels is its own longitude/latitude box: the index's
         # box decides, and only tiles at its very edge, whose boxes reach past their corners, could
         # be let in that a footprint would not; a local one is met exactly, at the cost of one shape,
@@ -739,7 +793,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         stats = self.index.stats(self.engine.checkpoint_hash)
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
-                        "query_expansion", "like_tile", "list_rasters", "min_area_m2", "keyword_matching"]
+                        "query_expansion", "like_tile", "list_rasters", "min_area_m2", "keyword_matching",
+                        "extent_polygon"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:
@@ -968,11 +1023,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not (-1.0 <= min_score <= 1.0):
             raise _bad(f"min_score {min_score} must be a cosine similarity in [-1, 1]")
-        bbox = shape = None
+        bbox = shape = parts = None
         if request.HasField("extent"):
             parts = extent_parts(request.extent, lonlat_default=True)
-            if parts is not None:
-                bbox, shape = _search_extent(parts)
+        polygon = search_polygon(request.extent_polygon_wkt, parts)
+        if parts is not None:
+            bbox, shape = _search_extent(parts, polygon)
         raster_ids = list(request.raster_ids)  # the index checks them: an id it cannot hold is not_found
         expand = request.expand if request.HasField("expand") else self.search_expand
         try:

@@ -823,14 +823,16 @@ class SkyPromptDock(QDockWidget):
         if self.search_in_view.isChecked():
             # read here, on the main thread: the map may move while the backend works
             crs = QgsCoordinateReferenceSystem(self.canvas.mapSettings().destinationCrs())
-            view = operations.search_area(self.canvas.extent(), crs)
+            # a rotated map shows a turned rectangle: its box holds tiles beside the view too
+            shown = results.visible_polygon(self.canvas.mapSettings()) if self.canvas.rotation() else None
+            view = operations.search_area(self.canvas.extent(), crs, shown=shown)
             if view.problem:
                 remedy = {"no_crs": "set the project's CRS (Project > Properties > CRS)",
                           "local": "set a CRS placed on the globe"}.get(view.problem, "pan to the layers")
                 self._message(f"the map view {view.words}: {remedy}, or untick 'Only in the map view'", Qgis.Warning)
                 self.taskDone.emit("search", f"map view: {view.problem}")
                 return None
-            area = (view.rect, crs)
+            area = view.wire(crs)
 
         address = self.settings.address
 

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Callable, NamedTuple
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
 
 from .connection import BackendError
 from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, wire_extent, within_crs_area
@@ -192,15 +192,23 @@ def empty_area_note(where: str, remedy: str = "pan or zoom out to where they are
 class SearchArea(NamedTuple):
     """A map view or Extent as a search area: `rect` as the backend takes it (within_crs_area), or
     `problem` ("no_crs", "local", "outside") and `words` saying it, for the panel's and Processing's
-    own sentences."""
+    own sentences. `polygon`: WKT of the shape within `rect` that hits must meet (a rotated map
+    view), or "" for the whole rectangle."""
     rect: QgsRectangle
     problem: str = ""
     words: str = ""
+    polygon: str = ""
+
+    def wire(self, crs: QgsCoordinateReferenceSystem) -> tuple:
+        """The `area` operations.search takes."""
+        return (self.rect, crs, self.polygon)
 
 
-def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bool = False) -> SearchArea:
+def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bool = False,
+                shown: QgsGeometry | None = None) -> SearchArea:
     """`rect` in `crs` as a search area. `typed`: its numbers were typed (Processing's Extent), so
-    latitude may have come first."""
+    latitude may have come first. `shown`: what a rotated map shows (its visible polygon, in `crs`),
+    of which `rect` is the box."""
     from qgis.core import QgsCoordinateTransform, QgsCsException, QgsPointXY, QgsProject
 
     if not crs.isValid():
@@ -229,7 +237,13 @@ def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bo
             return SearchArea(area, "outside", "lies past the poles: were its latitudes given first? Longitude comes "
                                                "first (xmin,xmax,ymin,ymax = west,east,south,north)")
         return SearchArea(area, "outside", f"lies outside the area {crs.authid() or 'its CRS'} covers")
-    return SearchArea(area)
+    if shown is None or shown.isEmpty() or shown.isGeosEqual(QgsGeometry.fromRect(rect)):
+        return SearchArea(area)
+    # moved as the rectangle was (a longitude/latitude view panned a turn round the globe), and kept
+    # to it (latitudes past the poles): the backend takes a polygon its extent holds
+    shown = QgsGeometry(shown)
+    shown.translate(area.xMinimum() - rect.xMinimum(), 0.0)
+    return SearchArea(area, polygon=shown.intersection(QgsGeometry.fromRect(area)).asWkt(17))
 
 
 def stale_notes(hits, names: dict | None = None) -> list[str]:
@@ -266,13 +280,17 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
     server's default, ServerInfo.default_search_expand; 0 = off). `keyword_weight`: matching the
     query's words against the tiles' captions (SearchRequest.keyword_weight; None = the server's
     default; 0 = off). `like_tile_id`: tiles like that one instead of the text (`query` is then
-    ignored). `area`: (QgsRectangle, its CRS) that hits must lie in, e.g. the map view; None: anywhere."""
+    ignored). `area`: (QgsRectangle, its CRS[, WKT of a polygon within it]) that hits must lie in, e.g.
+    the map view (SearchArea.wire); None: anywhere. A backend without the capability "extent_polygon"
+    searches the rectangle."""
     pb = conn.pb
     request = pb.SearchRequest(query=query if like_tile_id is None else "", k=k, raster_ids=list(raster_ids),
                                raster_paths=list(raster_paths), include_thumbnails=thumbnails,
                                thumbnail_size=96 if thumbnails else 0)
     if area is not None:
-        request.extent.CopyFrom(wire_extent(pb, *area))
+        request.extent.CopyFrom(wire_extent(pb, *area[:2]))
+        if len(area) > 2 and area[2]:
+            request.extent_polygon_wkt = area[2]
     if like_tile_id is not None:
         request.like_tile_id = like_tile_id
     if min_score is not None:

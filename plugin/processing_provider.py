@@ -321,7 +321,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             raise QgsProcessingException(f"Extent {area.words}" + (": give it in a CRS placed on the globe, as "
                                                                    "'xmin,xmax,ymin,ymax [EPSG:code]'"
                                                                    if area.problem == "local" else ""))
-        return area.rect, crs
+        return area.wire(crs)
 
 
 class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):

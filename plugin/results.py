@@ -9,7 +9,7 @@ import os
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem, QgsFeature, QgsField,
                        QgsFields, QgsFillSymbol, QgsGeometry, QgsGradientColorRamp, QgsGraduatedSymbolRenderer,
-                       QgsRendererCategory, QgsVectorFileWriter, QgsVectorLayer, QgsProject, QgsWkbTypes)
+                       QgsPointXY, QgsRendererCategory, QgsVectorFileWriter, QgsVectorLayer, QgsProject, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
@@ -28,6 +28,13 @@ def _fields(spec: list[tuple]) -> QgsFields:
 # a shapefile keeps a 64-bit integer as one only up to 18 digits: QGIS writes one with no length as
 # 20 digits, which GDAL reads back as a decimal (418.0)
 _INTEGER64_DIGITS = 18
+
+
+def visible_polygon(settings) -> QgsGeometry:
+    """What a map (QgsMapSettings) shows, as a polygon in its CRS: a turned rectangle where the map
+    is rotated (QgsMapSettings.visiblePolygon gives its corners, not closed)."""
+    corners = [QgsPointXY(p) for p in settings.visiblePolygon()]
+    return QgsGeometry.fromPolygonXY([corners + corners[:1]])
 
 
 def search_fields() -> QgsFields:

@@ -387,6 +387,8 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
     import processing
     from qgis.PyQt.QtCore import Qt
 
+    from plugin import results
+
     layer = layers[0]
     for i in range(dock.layer_list.count()):
         item = dock.layer_list.item(i)
@@ -414,6 +416,25 @@ def test_search_only_in_the_map_view(dock, layers, iface, skyprompt_processing, 
         "EXTENT": f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [{layer.crs().authid()}]",
         "OUTPUT": str(tmp_path / "in_view.gpkg")})["OUTPUT"])
     assert {f["tile_id"] for f in found.getFeatures()} == {f["tile_id"] for f in shown}
+    # a map turned 30 degrees shows a turned rectangle: the tiles in the box round it but beside it
+    # are not in view (they were before: the box was searched)
+    iface.canvas.setExtent(layer_rect(layer, (0.1, 0.1, 0.6, 0.6)))
+    iface.canvas.setRotation(30.0)
+    try:
+        turned = results.visible_polygon(iface.canvas.mapSettings())
+        box = QgsGeometry.fromRect(iface.canvas.extent())
+        assert run_dock(dock, "search", dock.search) is None
+        shown = list(dock.last_layer.getFeatures())
+        assert shown and all(f.geometry().intersects(turned) for f in shown)
+        dock.search_in_view.setChecked(False)
+        assert run_dock(dock, "search", dock.search) is None
+        beside = [f for f in dock.last_layer.getFeatures()
+                  if f.geometry().intersects(box) and not f.geometry().intersects(turned)]
+        assert beside and {f["tile_id"] for f in shown} == {f["tile_id"] for f in dock.last_layer.getFeatures()
+                                                             if f.geometry().intersects(turned)}
+        dock.search_in_view.setChecked(True)
+    finally:
+        iface.canvas.setRotation(0.0)
     # far from every layer: said so
     far = layer_rect(layer, (0.0, 0.0, 1.0, 1.0))
     far.setXMinimum(far.xMinimum() + 50 * far.width())

@@ -309,6 +309,76 @@ def test_a_world_or_polar_search_extent_keeps_every_tile_it_holds(server, raster
     server.stub.RemoveRaster(p.RemoveRasterRequest(raster_id=arctic.raster_id), metadata=server.metadata)
 
 
+def test_a_search_polygon_within_the_extent_keeps_hits_to_it(server, rasters):
+    """SearchRequest.extent_polygon_wkt (a rotated map view): hits meet the polygon, not only the box
+    round it, in the raster's CRS and moved from another; a polygon that is no polygon, crosses
+    itself, has holes or reaches past the extent is refused by name."""
+    from osgeo import osr
+
+    from backend.raster import parse_crs
+
+    p = pb()
+    path = make_tif(rasters["folder"] / "rotated_view_utm.tif", noise((3, 640, 640), seed=41),
+                    geotransform=(500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0))
+    raster = index(server, path)[-1].result
+    extent = p.Extent(xmin=500000.0, ymin=4999360.0, xmax=500640.0, ymax=5000000.0, crs="EPSG:32633")
+
+    def found(extent, polygon=""):
+        request = p.SearchRequest(query="roads", k=1000, raster_ids=[raster.raster_id], extent=extent,
+                                  extent_polygon_wkt=polygon)
+        return {h.tile_id: shapely.from_wkt(h.footprint_wkt) for h in
+                server.stub.Search(request, metadata=server.metadata).hits}
+
+    everything = found(extent)
+    assert len(everything) == raster.tile_count >= 16
+    # the view turned 45 degrees: a diamond touching the middle of each edge of the box
+    diamond = shapely.Polygon([(500320.0, 4999360.0), (500640.0, 4999680.0), (500320.0, 5000000.0),
+                               (500000.0, 4999680.0)])
+    kept = found(extent, diamond.wkt)
+    assert set(kept) == {t for t, footprint in everything.items() if footprint.intersects(diamond)}
+    assert len(kept) < len(everything)          # the corners' tiles are in the box, not the view
+    # the same diamond in longitude/latitude, over the raster in UTM
+    to_lonlat = osr.CoordinateTransformation(parse_crs("EPSG:32633"), parse_crs("EPSG:4326"))
+    ring = shapely.segmentize(diamond.exterior, 10.0)
+    lonlat = shapely.Polygon(np.asarray(to_lonlat.TransformPoints(np.asarray(ring.coords)[:, :2].tolist()))[:, :2])
+    west, south, east, north = lonlat.bounds
+    moved = found(p.Extent(xmin=west, ymin=south, xmax=east, ymax=north, crs="EPSG:4326"), lonlat.wkt)
+    for tile, footprint in everything.items():
+        if footprint.centroid.within(diamond) or footprint.intersection(diamond).area > 1000.0:
+            assert tile in moved
+        if footprint.distance(diamond) > 5.0:
+            assert tile not in moved
+
+    def refused(polygon, on=extent) -> str:
+        request = p.SearchRequest(query="roads", raster_ids=[raster.raster_id], extent_polygon_wkt=polygon)
+        if on is not None:
+            request.extent.CopyFrom(on)
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.Search(request, metadata=server.metadata)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return e.value.details()
+
+    assert "not WKT" in refused("POLYGON((1 2, 3")
+    assert "one POLYGON, not MULTIPOLYGON" in refused(shapely.MultiPolygon([diamond, diamond]).wkt)
+    bowtie = "POLYGON((500000 4999400, 500600 4999900, 500600 4999400, 500000 4999900, 500000 4999400))"
+    assert "must not cross itself" in refused(bowtie)
+    assert "without holes" in refused(shapely.Polygon(diamond.exterior.coords, [
+        [(500300.0, 4999660.0), (500340.0, 4999660.0), (500340.0, 4999700.0)]]).wkt)
+    assert "reaches past the extent" in refused(shapely.affinity.translate(diamond, 100.0).wkt)
+    assert "needs an extent" in refused(diamond.wkt, on=None)
+    # the client's --within: the polygon's box is the extent
+    out = client(server, "search", "roads", "--k", "1000", "--raster", str(path), "--within", diamond.wkt,
+                 "--extent-crs", "EPSG:32633", "--json")
+    assert out.returncode == 0, out.stderr
+    assert {h["tile_id"] for h in json.loads(out.stdout)["results"]} == set(kept)
+    out = client(server, "search", "roads", "--raster", str(path), "--within", "POLYGON((0 0, 1", "--extent-crs",
+                 "EPSG:32633")
+    assert out.returncode == 2 and "--within is not WKT" in out.stderr and "Traceback" not in out.stderr
+    far = shapely.affinity.translate(diamond, 1e5)
+    out = client(server, "search", "roads", "--raster", str(path), "--within", far.wkt, "--extent-crs", "EPSG:32633")
+    assert out.returncode == 0 and "no indexed tile lies in the --within polygon (EPSG:32633)" in out.stderr
+
+
 def test_an_extent_partly_off_the_globe_gets_a_box_round_its_part_on_it():
     """A view partly past the globe's rim (orthographic) or past a Mollweide map's edge gets a
     longitude/latitude box for the index, holding every point of the view that lies on the globe
