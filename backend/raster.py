@@ -1001,8 +1001,13 @@ class Raster:
                 mx, my = 0.05 * (over[2] - over[0]), 0.05 * (over[3] - over[1])
                 clipped = (max(xmin, over[0] - mx), max(ymin, over[1] - my), min(xmax, over[2] + mx),
                            min(ymax, over[3] + my))
-                if clipped[0] < clipped[2] and clipped[1] < clipped[3]:
-                    xmin, ymin, xmax, ymax = clipped
+                if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+                    b = self.bounds
+                    raise RasterError("invalid_argument", f"extent ({xmin}, {ymin}, {xmax}, {ymax}) in "
+                                                          f"{_crs_label(source)} does not overlap {self._where()}, "
+                                                          f"whose bounds are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in "
+                                                          f"{_crs_label(self._srs)}")
+                xmin, ymin, xmax, ymax = clipped
         if same:
             outline = np.column_stack(densified_box(xmin, ymin, xmax, ymax, points_per_edge))
         else:

@@ -34,7 +34,7 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, _gdal_exceptions, _grid_to_map, bounds_from_geotransform, transformation
+from .raster import Raster, RasterError, _gdal_exceptions, _grid_to_map, bounds_from_geotransform, transformation
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -347,6 +347,10 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     if not exact:
         rows, cols = np.mgrid[0:height, 0:width] + 0.5
         in_clip = shapely.contains_xy(clip, *_grid_to_map(gt, cols, rows))
+        if not in_clip.any():       # the box round it meets the raster, the extent itself does not
+            raise RasterError("invalid_argument", f"the extent covers no pixel of {raster.path or raster.name!r}: it "
+                                                  "lies beside the raster, within the box round it, or is smaller "
+                                                  "than one pixel; give an extent over the raster")
         inside = in_clip if inside is None else inside & in_clip
         valid = valid & in_clip
     srs = raster.srs

@@ -697,7 +697,7 @@ def test_segment_of_a_rotated_raster_keeps_to_the_requested_extent(checkpoint, r
     import shapely
 
     from backend.engine import ModelEngine
-    from backend.raster import open_raster
+    from backend.raster import RasterError, open_raster
     from backend.segment import segment
 
     c, s_ = math.cos(math.radians(30)), math.sin(math.radians(30))
@@ -710,6 +710,16 @@ def test_segment_of_a_rotated_raster_keeps_to_the_requested_extent(checkpoint, r
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             extent = (cx - 40, cy - 40, cx + 40, cy + 40)
             out = segment(raster, ["trees"], engine, extent=extent, threshold=0.0, edge_radius=0)
+            # just off the raster's first corner, where the box round the extent in the raster's grid
+            # still takes in a few pixels: refused, where it gave no polygons and named those pixels
+            # as the extent segmented
+            with pytest.raises(RasterError, match="the extent covers no pixel of .*rotated_scene.tif"):
+                segment(raster, ["trees"], engine, extent=(499983.1, 4999996.9, 499995.1, 5000008.9))
+        # an Arctic raster and the southern hemisphere: the box round it in the raster's CRS is all of it
+        arctic = make_tif(rasters["folder"] / "arctic_segment_3413.tif", noise((3, 64, 64), seed=5),
+                          geotransform=(1_000_000.0, 500.0, 0.0, -850_000.0, 0.0, -500.0), crs="EPSG:3413")
+        with open_raster(arctic) as raster, pytest.raises(RasterError, match="does not overlap"):
+            segment(raster, ["trees"], engine, extent=(-180.0, -90.0, 180.0, 0.0, "EPSG:4326"))
     finally:
         engine.stop()
     assert out.extent == pytest.approx(extent)
