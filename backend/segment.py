@@ -311,6 +311,23 @@ def crop_to_window(relevance: np.ndarray, geotransform, window) -> tuple[np.ndar
             (gt[0] + c0 * gt[1] + r0 * gt[2], gt[1], gt[2], gt[3] + c0 * gt[4] + r0 * gt[5], gt[4], gt[5]))
 
 
+SAME_PROMPT_COSINE = 0.9999     # "houses", "Houses" and "houses." embed alike: one prompt to the model
+
+
+def check_distinct_prompts(prompts: Sequence[str], embeddings: np.ndarray) -> None:
+    """Refuse prompts the model reads as one (EngineError invalid_argument): each pixel's relevance
+    is shared among the prompts, so two alike would each get half, under any usual threshold, and
+    neither would give a polygon."""
+    similar = embeddings @ embeddings.T
+    for j in range(1, len(prompts)):
+        for i in range(j):
+            if similar[i, j] >= SAME_PROMPT_COSINE:
+                raise EngineError("invalid_argument", f"prompts {i + 1} ({prompts[i]!r}) and {j + 1} ({prompts[j]!r}) "
+                                                      "read the same to the model, and would split each pixel "
+                                                      "between them so that neither reaches the threshold: give "
+                                                      "each prompt once")
+
+
 def prompt_embeddings(engine, prompts: Sequence[str], ensemble: bool = True,
                       cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
     """[len(prompts) + len(BACKGROUND_PROMPTS), E]: the prompts (ensembled unless `ensemble` is
@@ -332,6 +349,8 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     the guided filter's radius in working-grid pixels (None = `default_edge_radius`, 0 = off)."""
     if progress:
         progress("reading", 0, 0)
+    text_embeddings = prompt_embeddings(engine, prompts, ensemble, cancelled)
+    check_distinct_prompts(prompts, text_embeddings[:len(prompts)])
     # an extent smaller than one model tile: the model sees the ground around it rather than a tile
     # padded with black, and only the extent's own pixels (`inside`) become polygons
     wider = _context_read(raster, extent, target_resolution, engine.image_size, max_pixels)
@@ -354,7 +373,6 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         inside = in_clip if inside is None else inside & in_clip
         valid = valid & in_clip
     srs = raster.srs
-    text_embeddings = prompt_embeddings(engine, prompts, ensemble, cancelled)
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,
                                cancelled=cancelled)

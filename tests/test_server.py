@@ -691,6 +691,18 @@ def test_the_ground_around_a_small_extent_keeps_square_working_pixels_and_the_pi
         strip.close()
 
 
+def test_segment_refuses_prompts_the_model_reads_as_one(server, rasters):
+    """"houses" and "Houses." embed alike: relevance is shared among the prompts, so each would get
+    half of every pixel and neither a polygon; the request is refused, naming both."""
+    p = pb()
+    request = p.SegmentRequest(source=p.RasterSource(path=str(rasters["rgb"])), prompts=["trees", "houses", "Houses."])
+    code, details = code_of(lambda: server.stub.Segment(request, metadata=server.metadata, timeout=120))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompts 2 ('houses') and 3 ('Houses.') read the same to the model" in details, details
+    results, _ = segment(server, rasters["rgb"], ["trees", "houses"], threshold=0.0)
+    assert [r.prompt for r in results] == ["trees", "houses"]
+
+
 def test_segment_of_a_rotated_raster_keeps_to_the_requested_extent(checkpoint, rasters):
     import math
 
