@@ -24,6 +24,7 @@ if __name__ == "__main__":
 import grpc  # noqa: E402
 
 from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
+from .files import staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -403,6 +404,9 @@ def check_polygon_output(path: str) -> str:
     _check_output_folder("--output", path)
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
         raise _not_a_geopackage(path)
+    if ext == ".gpkg" and Path(path).exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"--output {path}: this GeoPackage cannot be written to (permission denied); give another "
+                         "file name, or make it writable")
     if ext != ".gpkg" and Path(path).exists():
         # a GeoJSON holds one layer: writing would replace the user's file, not add to it
         raise UsageError(f"--output {path} exists; give a new file name, or a .gpkg to add a layer to")
@@ -440,6 +444,9 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
         # keeps a write-ahead log beside it) is written through SQLite, not replaced under it
         ds = _open_gpkg(target, update=True)
         if ds is None:
+            if _open_gpkg(target, update=False) is not None:
+                raise ClientError(f"--output {path}: this GeoPackage cannot be opened for writing; give another "
+                                  "file name, or make it writable")
             raise _not_a_geopackage(path)
         contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
         taken = {row.GetField(0).casefold() for row in contents}
@@ -523,8 +530,15 @@ MIN_AREA_CAPABILITY = "min_area_m2"
 def _check_output_folder(option: str, path: str) -> None:
     """ClientError unless the folder an output goes in exists: it is not made for it, so a mistyped
     folder is said before the work instead of made, with the file lost in it."""
-    if not Path(path).resolve().parent.is_dir():
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
         raise UsageError(f"{option} {path}: its folder does not exist; make it first, or give another path")
+    try:    # by writing there: permission bits do not tell for root, nor on a read-only or special file system
+        with tempfile.TemporaryFile(dir=folder, prefix=".skyprompt-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: its folder {folder} cannot be written in ({e.strerror or e}); give "
+                         "another path") from None
 
 
 def relevance_map_paths(stem: str, prompts: int) -> list[Path]:
@@ -552,6 +566,17 @@ def cmd_segment(stub, args) -> int:
         check_relevance_map_outputs(args.relevance_map, len(args.prompt))
     if not math.isfinite(args.min_area) or args.min_area < 0:
         raise UsageError(f"--min-area {args.min_area:g}: give 0 or a positive area in square metres")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
+        raise UsageError(f"--threshold {args.threshold:g} must be a relevance in [0, 1]")
+    if args.edge_radius is not None and args.edge_radius < 0:
+        raise UsageError(f"--edge-radius {args.edge_radius} must be 0 (no edge refinement) or a radius in pixels")
+    if args.window < 0:
+        raise UsageError(f"--window {args.window} must be 0 (the server's) or an odd number of patches (1, 3, 5, ...)")
+    if args.resolution is not None:
+        try:
+            check_target_resolution(args.resolution, "--resolution")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.min_area > 0:
         info = stub.GetInfo(pb.GetInfoRequest(), metadata=_metadata(args.token), timeout=args.timeout)
         if MIN_AREA_CAPABILITY not in info.capabilities:
@@ -590,14 +615,21 @@ def cmd_segment(stub, args) -> int:
     if unmeasured:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
               f"longitude/latitude) and were kept whatever their size", file=sys.stderr)
-    written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
-    relevance_maps = []
-    if args.relevance_map:
-        targets = relevance_map_paths(args.relevance_map, len(args.prompt))
-        for r in results:
-            target = targets[r.prompt_index]
-            target.write_bytes(r.relevance_map_tiff)
-            relevance_maps.append(str(target.resolve()))
+    # the maps are staged beside their names and renamed once the polygons are written: a failure
+    # leaves neither, nor half of the maps
+    staged = []
+    try:
+        if args.relevance_map:
+            targets = relevance_map_paths(args.relevance_map, len(args.prompt))
+            for r in results:
+                staged.append((staged_file(targets[r.prompt_index], r.relevance_map_tiff), targets[r.prompt_index]))
+        written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    relevance_maps = [str(target.resolve()) for _, target in staged]
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
            "layer": layer_name,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,

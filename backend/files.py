@@ -20,21 +20,33 @@ def current_umask() -> int:
     return mask
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file beside it, renamed into place: a crash
-    mid-write never leaves a truncated file. The file gets the permissions the umask gives a new
-    file (mkstemp's own are owner-only), so a server running as another user can read it."""
+def staged_file(path: str | os.PathLike, data: bytes) -> Path:
+    """`data` written to a temporary file beside `path`, for the caller to rename into place
+    (os.replace) once everything it writes is ready, or to delete. The file gets the permissions the
+    umask gives a new file (mkstemp's own are owner-only), so a server running as another user can
+    read it."""
     path = Path(path)
     # in the target's folder, so os.replace is a rename, never a copy
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file beside it, renamed into place: a crash
+    mid-write never leaves a truncated file."""
+    tmp = staged_file(path, text.encode("utf-8"))
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Path(path)

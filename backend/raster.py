@@ -1075,7 +1075,7 @@ class Raster:
             at = f" at {resolution} map units per pixel" if resolution else ""
             raise RasterError("resource_exhausted", f"the extent would be read as {out_w} x {out_h} = {out_w * out_h} pixels"
                                                     f"{at}; the limit is {max_pixels}: choose a smaller extent or a "
-                                                    f"coarser target resolution")
+                                                    f"coarser target resolution (target_resolution; the client's --resolution)")
         rgb, valid = self.read_window(col, row, width, height, (out_w, out_h), resample)
         return rgb, valid, self.window_geotransform(col, row, width, height, out_w, out_h)
 

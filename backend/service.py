@@ -158,7 +158,9 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
         return None
     if not all(math.isfinite(v) for v in values):
         raise _bad(f"extent {values} has a coordinate that is not a finite number")
-    lonlat = lonlat_default and (message.crs or "EPSG:4326").upper() in LONLAT_CRS
+    # given in longitude/latitude: checked as such, so latitude first is said, not left to fail later as
+    # a box GDAL "cannot reproject"; only Search's extents, over every raster, may cross 180 degrees
+    lonlat = (message.crs or ("EPSG:4326" if lonlat_default else "")).upper() in LONLAT_CRS
     if lonlat and not _is_lonlat(*values):
         if _is_lonlat(values[1], values[0], values[3], values[2]):
             # latitude first, as coordinates are often spoken: say so rather than suggest another CRS
@@ -167,11 +169,12 @@ def extent_parts(message, lonlat_default: bool = False) -> tuple | None:
                        f"--extent LON0 LAT0 LON1 LAT1)")
         raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is not longitude/latitude in "
                    f"EPSG:4326: if it is in another CRS, give that CRS (Extent.crs; client: --extent-crs)")
-    wraps = lonlat and crosses_antimeridian(values[0], values[2])
+    wraps_allowed = lonlat and lonlat_default
+    wraps = wraps_allowed and crosses_antimeridian(values[0], values[2])
     if not ((values[0] < values[2] or wraps) and values[1] < values[3]):
         raise _bad(f"extent ({values[0]}, {values[1]}, {values[2]}, {values[3]}) is degenerate or inverted: "
                    f"xmin must be < xmax and ymin < ymax" + (" (or xmin east of 0 and xmax west of it, for an "
-                                                             "extent across 180 degrees)" if lonlat else ""))
+                                                             "extent across 180 degrees)" if wraps_allowed else ""))
     if message.crs:
         parse_crs(message.crs)  # an unknown CRS fails here, with its own message
     return (*values, message.crs)

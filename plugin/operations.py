@@ -48,6 +48,10 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
     source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution, label_chars)
     extent = None
     if rect is not None and source.WhichOneof("kind") == "path":
+        if rect_crs is not None and rect_crs.isGeographic():
+            # a longitude/latitude map zoomed out past the poles shows latitudes that are no coordinates
+            rect = QgsRectangle(rect.xMinimum(), max(rect.yMinimum(), -90.0), rect.xMaximum(),
+                                min(rect.yMaximum(), 90.0))
         extent = wire_extent(pb, rect, rect_crs)
     return source, extent, note
 

@@ -1561,7 +1561,7 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert prompts <= {"trees", "roads"}
     out = client(server, "segment", "--json", "--raster", str(rasters["rgb"]), "--prompt", "trees",
                  "--edge-radius", "-3")
-    assert out.returncode != 0 and "edge_radius -3" in out.stderr
+    assert out.returncode == 2 and "--edge-radius -3" in out.stderr
     out = client(server, "caption", "--json", "--raster", str(rasters["rgb"]))
     assert out.returncode == 0, out.stderr
     described = json.loads(out.stdout)
@@ -1610,6 +1610,45 @@ def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_pat
     out = client(server, "segment", "--raster", str(mercator), "--prompt", "fields", "--min-area", "-1")
     assert out.returncode == 2 and "--min-area -1" in out.stderr and "square metres" in out.stderr
     assert "segment:" not in out.stderr                                         # refused before the work
+
+
+def test_cli_segment_checks_options_and_outputs_before_the_work_and_leaves_no_half_output(server, rasters, tmp_path):
+    """Options given wrongly and outputs that cannot be written are said before the server works
+    (exit status 2); a failure writing the polygons leaves no relevance map behind, nor a temporary
+    file (the maps were written one by one, before, and stayed)."""
+    import sqlite3
+
+    rgb = str(rasters["rgb"])
+    for option, said in ((["--threshold", "1.5"], "--threshold 1.5 must be a relevance in [0, 1]"),
+                         (["--resolution", "-1"], "--resolution -1.0 must be 0"),
+                         (["--window", "-1"], "--window -1 must be 0"),
+                         (["--output", "/sys/skyprompt.gpkg"], "cannot be written in"),
+                         (["--relevance-map", "/sys/skyprompt.tif"], "cannot be written in")):
+        out = client(server, "segment", "--raster", rgb, "--prompt", "trees", *option)
+        assert out.returncode == 2 and said in out.stderr and "segment:" not in out.stderr, (option, out.stderr)
+    # latitude first, in longitude/latitude: said as Search says it
+    out = client(server, "segment", "--raster", rgb, "--prompt", "trees", "--extent", "30", "120", "31", "121",
+                 "--extent-crs", "EPSG:4326")
+    assert out.returncode == 1 and "gives latitude first: longitude comes first" in out.stderr, out.stderr
+    # a GeoPackage another program holds locked: the polygons fail after the work, and the maps go too
+    target = tmp_path / "locked.gpkg"
+    ogr.GetDriverByName("GPKG").CreateDataSource(str(target)).CreateLayer("theirs")
+    holder = sqlite3.connect(target, timeout=0.1)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        out = client(server, "segment", "--raster", rgb, "--prompt", "trees", "--prompt", "roads", "--threshold",
+                     "0.3", "--output", str(target), "--relevance-map", str(tmp_path / "maps.tif"))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.gpkg"]
+    assert [layer.GetName() for layer in ogr.Open(str(target))] == ["theirs"]
+    out = client(server, "segment", "--raster", rgb, "--prompt", "trees", "--prompt", "roads", "--threshold", "0.3",
+                 "--output", str(target), "--relevance-map", str(tmp_path / "maps.tif"))
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.gpkg", "maps_0.tif", "maps_1.tif"]
+    assert gdal.Open(str(tmp_path / "maps_1.tif")).RasterXSize > 0
 
 
 def test_cli_connection_options_go_before_or_after_the_command(server):
