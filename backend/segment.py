@@ -34,7 +34,8 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import Raster, RasterError, _gdal_exceptions, _grid_to_map, bounds_from_geotransform, transformation
+from .raster import (Raster, RasterError, _gdal_exceptions, _grid_to_map, bounds_from_geotransform,
+                     transform_points_quietly, transformation)
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -210,41 +211,56 @@ def clean_polygon(geometry, tolerance: float, min_part_area: float = 0.0) -> lis
     return [part for part in parts if part.area >= min_part_area] or parts
 
 
-_AUTHALIC_RADIUS = 6371007.181  # metres: the sphere with the WGS84 ellipsoid's area
-
-
-def geodesic_area_m2(geometry: Polygon, to_wgs84: osr.CoordinateTransformation | None) -> float:
-    """Area on the authalic sphere of WGS84 (within ~0.5% of the ellipsoidal area), 0 if unknown."""
+def equal_area_transformation(srs: osr.SpatialReference, x: float, y: float) -> osr.CoordinateTransformation | None:
+    """From `srs` into a Lambert azimuthal equal-area projection of the WGS84 ellipsoid centred on
+    (x, y) of `srs`: areas there are ground areas on the ellipsoid, near the poles and across 180
+    degrees as anywhere else; None where `srs` has no place on the globe (a site grid)."""
+    to_wgs84 = transformation(srs)
     if to_wgs84 is None:
-        return 0.0
-
-    def ring_area(coords) -> float:
-        pts = np.asarray(to_wgs84.TransformPoints([c[:2] for c in coords]), float)[:, :2]
-        if not np.isfinite(pts).all():
-            raise ValueError("not transformable")
-        # unwrapped: a ring across 180 degrees of longitude jumps by 2 pi between two of its points
-        lon, lat = np.unwrap(np.radians(pts[:, 0])), np.radians(pts[:, 1])
-        # spherical polygon area by the trapezoid rule on (lon, sin lat): exact for a sphere
-        # along parallels, accurate for the short edges of pixel polygons
-        s = np.sum((lon[1:] - lon[:-1]) * (2 + np.sin(lat[:-1]) + np.sin(lat[1:])))
-        return abs(s) * _AUTHALIC_RADIUS ** 2 / 2.0
-
+        return None
     try:
         with _gdal_exceptions():
-            area = ring_area(geometry.exterior.coords) - sum(ring_area(r.coords) for r in geometry.interiors)
-    except (RuntimeError, ValueError):
+            lon, lat = to_wgs84.TransformPoint(float(x), float(y))[:2]
+    except RuntimeError:
+        return None
+    if not (math.isfinite(lon) and math.isfinite(lat)):
+        return None
+    target = osr.SpatialReference()
+    target.ImportFromProj4(f"+proj=laea +lat_0={lat:.9f} +lon_0={lon:.9f} +datum=WGS84 +units=m +no_defs")
+    return transformation(srs, target)
+
+
+def geodesic_area_m2(geometry: Polygon, to_equal_area: osr.CoordinateTransformation | None) -> float:
+    """Ground area in square metres on the WGS84 ellipsoid: `geometry`'s rings moved by
+    `to_equal_area` (equal_area_transformation, centred near it); 0 where unknown."""
+    if to_equal_area is None:
+        return 0.0
+
+    def ring_area(ring) -> float:
+        # edges straight in the raster's CRS curve in the projection (a parallel of a longitude/latitude
+        # raster): densified, so the area is the region's, not that of chords between its corners
+        xmin, ymin, xmax, ymax = ring.bounds
+        coords = shapely.segmentize(ring, max(math.hypot(xmax - xmin, ymax - ymin) / 64.0, 1e-12)).coords
+        moved = transform_points_quietly(to_equal_area, np.asarray(coords)[:, :2])
+        if not np.isfinite(moved).all():
+            raise ValueError("not transformable")
+        return shapely.Polygon(moved).area      # shoelace: the ring's orientation does not matter
+
+    try:
+        area = ring_area(geometry.exterior) - sum(ring_area(r) for r in geometry.interiors)
+    except ValueError:
         return 0.0
     return max(area, 0.0)
 
 
 def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, srs: osr.SpatialReference,
                         threshold: float, min_area: float, tolerance: float,
-                        to_wgs84: osr.CoordinateTransformation | None,
+                        to_equal_area: osr.CoordinateTransformation | None,
                         min_area_m2: float = 0.0) -> tuple[list[PolygonResult], int]:
     """Polygons where relevance >= threshold, scored, cleaned, small ones dropped (and counted):
-    a region under `min_area` map units squared or under `min_area_m2` square metres of ground. A
-    region whose ground area is unknown (no transform to longitude/latitude) is not judged by
-    `min_area_m2`: it stays."""
+    a region under `min_area` map units squared or under `min_area_m2` square metres of ground
+    (geodesic_area_m2 by `to_equal_area`). A region whose ground area is unknown (None: no
+    transform to longitude/latitude) is not judged by `min_area_m2`: it stays."""
     mask = (relevance >= threshold) & valid
     raw, labels = polygonize(mask, geotransform, srs)
     if not raw:
@@ -268,7 +284,7 @@ def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, 
         if min_area > 0 and sum(part.area for part in parts) < min_area:
             dropped += 1
             continue
-        ground = [geodesic_area_m2(part, to_wgs84) for part in parts]
+        ground = [geodesic_area_m2(part, to_equal_area) for part in parts]
         measured = all(area > 0 for area in ground)
         if min_area_m2 > 0 and measured and sum(ground) < min_area_m2:
             dropped += 1
@@ -384,13 +400,15 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
         progress("polygonizing", tiles, tiles)
     pixel = math.hypot(gt[1], gt[4])
     tolerance = pixel if simplify_tolerance is None else float(simplify_tolerance)
-    to_wgs84 = transformation(srs)
+    # ground areas in an equal-area projection centred on the extent: exact on the ellipsoid there
+    to_equal_area = equal_area_transformation(srs, *(float(v[0]) for v in _grid_to_map(gt, np.array([width / 2]),
+                                                                                           np.array([height / 2]))))
     results = []
     if inside is not None:
         rel[:, ~inside] = 0.0
     for i, prompt in enumerate(prompts):
         raise_if_cancelled(cancelled)
-        polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_wgs84,
+        polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_equal_area,
                                                 min_area_m2)
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))

@@ -5,7 +5,7 @@ import shapely
 from osgeo import osr
 
 from backend.raster import transformation
-from backend.segment import clean_polygon, polygons_for_prompt
+from backend.segment import clean_polygon, equal_area_transformation, polygons_for_prompt
 from test_server import checkpoint, rasters, server  # noqa: F401 - fixtures: a live server on a tiny checkpoint
 
 
@@ -26,7 +26,7 @@ def test_min_area_m2_drops_whole_regions_by_their_ground_area():
     srs = _srs("EPSG:32633")                                  # 1 m pixels: 8 m² for the region
     relevance = _corner_blocks()
     args = (np.ones((6, 6), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 0.0,
-            transformation(srs))
+            equal_area_transformation(srs, 500003.0, 4999997.0))
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=7.5)
     assert dropped == 0 and len(kept) == 1                   # the two parts stand together, as one result
     assert kept[0].geometry.geom_type == "MultiPolygon" and len(kept[0].geometry.geoms) == 2
@@ -41,7 +41,7 @@ def test_min_area_m2_is_ground_area_on_a_longitude_latitude_raster():
     relevance = np.zeros((8, 8))
     relevance[2:5, 2:5] = 1.0
     gt = (10.0, degree, 0.0, 60.0, 0.0, -degree)
-    args = (np.ones((8, 8), bool), gt, srs, 0.5, 0.0, 0.0, transformation(srs))
+    args = (np.ones((8, 8), bool), gt, srs, 0.5, 0.0, 0.0, equal_area_transformation(srs, 10.0004, 59.9996))
     (whole,), _ = polygons_for_prompt(relevance, *args)
     assert whole.area == pytest.approx(9 * degree ** 2)       # map units: square degrees
     assert 500 < whole.area_m2 < 600                          # 9 x 11.1 m x 5.57 m
@@ -85,7 +85,8 @@ def test_a_region_of_a_pixel_or_a_diagonal_chain_keeps_its_area_through_simplifi
     for i in range(4):
         relevance[5 + i, 5 + i] = 1.0                                # a diagonal chain of four pixels
     relevance[8:12, 0:4] = 1.0                                       # a 4 x 4 block, simplified as before
-    kept, _ = polygons_for_prompt(relevance, np.ones((12, 12), bool), gt, srs, 0.5, 0.0, 5.0, transformation(srs))
+    kept, _ = polygons_for_prompt(relevance, np.ones((12, 12), bool), gt, srs, 0.5, 0.0, 5.0,
+                                  equal_area_transformation(srs, 487030.0, 5205970.0))
     areas = sorted(r.area for r in kept)
     assert areas == [25.0, 100.0, 400.0]
     pixel = min(kept, key=lambda r: r.area).geometry
@@ -169,8 +170,50 @@ def test_every_result_is_at_least_the_minimum_area():
     relevance = (rng.random((60, 60)) > 0.55).astype(float)          # speckle: many corner contacts
     relevance[10:40, 10:40] = 1.0
     args = (np.ones((60, 60), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 1.0,
-            transformation(srs))
+            equal_area_transformation(srs, 500030.0, 4999970.0))
     kept, dropped = polygons_for_prompt(relevance, *args, min_area_m2=20.0)
     assert kept and dropped > 0
     assert all(r.area_m2 >= 20.0 for r in kept), sorted(r.area_m2 for r in kept)[:5]
     assert all(r.area == pytest.approx(r.geometry.area) for r in kept)
+
+
+def _zone_area_m2(lat1: float, lat2: float, dlon: float) -> float:
+    """Area of the WGS84 ellipsoid between two parallels over `dlon` degrees of longitude, in closed form."""
+    import math
+
+    a, f = 6378137.0, 1 / 298.257223563
+    e = math.sqrt(f * (2 - f))
+    b = a * (1 - f)
+
+    def q(lat):
+        s = math.sin(math.radians(lat))
+        return s / (1 - (e * s) ** 2) + math.log((1 + e * s) / (1 - e * s)) / (2 * e)
+    return math.radians(dlon) * b ** 2 / 2 * (q(lat2) - q(lat1))
+
+
+def test_ground_areas_are_right_at_the_poles_and_along_parallels():
+    """Ground areas against the ellipsoid's in closed form: a longitude/latitude box near the north
+    pole (its edges along parallels), a disc round the south pole in a polar CRS, and a square round
+    the pole that equals its four quarters (the square holding the pole was 59% too large)."""
+    import math
+
+    from backend.segment import geodesic_area_m2
+
+    lonlat = _srs("EPSG:4326")
+    box = shapely.box(10.0, 88.0, 20.0, 89.0)
+    assert geodesic_area_m2(box, equal_area_transformation(lonlat, 15.0, 88.5)) == pytest.approx(
+        _zone_area_m2(88.0, 89.0, 10.0), rel=1e-4)
+    polar = _srs("EPSG:3031")
+    to_area = equal_area_transformation(polar, 0.0, 0.0)
+    # the parallel of 89.9 S, as points in EPSG:3031
+    to_polar = osr.CoordinateTransformation(lonlat, polar)
+    ring = np.asarray(to_polar.TransformPoints([[lon, -89.9] for lon in np.linspace(0, 360, 721)[:-1]]))[:, :2]
+    assert geodesic_area_m2(shapely.Polygon(ring), to_area) == pytest.approx(_zone_area_m2(-90.0, -89.9, 360.0),
+                                                                           rel=1e-4)
+    square = geodesic_area_m2(shapely.box(-1000.0, -1000.0, 1000.0, 1000.0), to_area)
+    quarters = [geodesic_area_m2(shapely.box(x, y, x + 1000.0, y + 1000.0), to_area)
+                for x in (-1000.0, 0.0) for y in (-1000.0, 0.0)]
+    assert square == pytest.approx(sum(quarters), rel=1e-6)
+    assert all(q == pytest.approx(quarters[0], rel=1e-6) for q in quarters)
+    # true to scale at 71 S, the map is about 3% too small at the pole: a 2 km square there is more ground
+    assert math.isfinite(square) and 4.0e6 < square < 4.5e6
