@@ -572,6 +572,23 @@ def test_a_time_budget_shorter_than_the_warm_up_is_pointed_out(monkeypatch, caps
     assert "holds fewer steps than the warm-up" not in capsys.readouterr().err
 
 
+def test_a_time_budget_of_a_few_dozen_steps_is_kept(monkeypatch):
+    """The budget is estimated from the first steps after start-up, not first at step 60: 30 s of
+    1 s steps end near step 30 (it ran to 60, twice the budget, at the peak of a 1,000-step schedule)."""
+    from training import train as T
+
+    cfg = T.TrainConfig(steps=1000, warmup_steps=5, time_budget=0.5)
+    clock = [1000.0]
+    monkeypatch.setattr(T.time, "time", lambda: clock[0])
+    budget = T.TimeBudget(cfg, 0)
+    step = 0
+    while step < cfg.steps:
+        step += 1
+        clock[0] += 1.0
+        budget.update(step, "cpu")
+    assert 28 <= step <= 32, step
+
+
 def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
     out = tmp_path / "run"
     # the tiny model takes far more than 18 seconds for 5,000 steps on this CPU, and far less for 60

@@ -186,10 +186,12 @@ def fit_steps_to_budget(asked: int, fit: int | None, warmup: int, step: int) -> 
 class TimeBudget:
     """Shortens cfg.steps so that this process's training steps fit --time-budget minutes; the
     cosine schedule follows the new total. From step SKIP on (the first steps include start-up work:
-    they are counted at the measured pace) it re-estimates every EVERY steps, with the time spent so
-    far and the pace of the last EVERY steps for the rest, until half the budget is spent: later
-    changes would bend the schedule near its end. Every process takes rank 0's estimate, so all stop
-    at the same step."""
+    they are counted at the measured pace) it estimates after 1, 2, 4, ... measured steps and then
+    every EVERY steps, with the time spent so far and the pace since the last estimate for the rest,
+    until half the budget is spent: later changes would bend the schedule near its end. (Estimates
+    come early, so a budget that holds a few dozen slow steps is kept, and its schedule decays.) The
+    cadence counts steps, not seconds, and every process takes rank 0's estimate, so all stop at the
+    same step."""
 
     SKIP, EVERY = 10, 50
 
@@ -198,6 +200,7 @@ class TimeBudget:
         self.logged = cfg.steps
         self.t0: float | None = None
         self.t_last = 0.0
+        self.measured_last = 0
         self.frozen = False
         self.warned_warmup = False
 
@@ -210,12 +213,13 @@ class TimeBudget:
             self.t0 = self.t_last = now
             return False
         measured = step - self.start_step - self.SKIP
-        if measured % self.EVERY:
+        early = measured < self.EVERY and measured & (measured - 1) == 0      # 1, 2, 4, ... 32
+        if not early and measured % self.EVERY:
             return False
         elapsed = now - self.t0
         spent = elapsed * (step - self.start_step) / measured   # the skipped steps at the measured pace
-        recent = (now - self.t_last) / self.EVERY
-        self.t_last = now
+        recent = (now - self.t_last) / (measured - self.measured_last)
+        self.t_last, self.measured_last = now, measured
         fit = steps_in_budget(self.cfg.time_budget, step, spent, recent)
         steps = fit_steps_to_budget(self.asked, fit, self.cfg.warmup_steps, step)
         if fit is not None and fit < self.cfg.warmup_steps + 1 < self.asked and not self.warned_warmup and is_main():
