@@ -24,7 +24,7 @@ if __name__ == "__main__":
 import grpc  # noqa: E402
 
 from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
-from .files import staged_file
+from .files import reader_stopped_reading, staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -952,9 +952,7 @@ def run_client(args: argparse.Namespace) -> int:
             print(f"skyprompt client: {e.code().name}: {rpc_error_detail(e, args)}", file=sys.stderr)
             return 1
         except BrokenPipeError:
-            # the reader stopped reading (`| head`): what it took was printed, nothing went wrong;
-            # stdout goes to /dev/null so the interpreter's last flush does not fail the same way
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            reader_stopped_reading()
             return 0
         except UsageError as e:
             print(f"skyprompt client: {e}", file=sys.stderr)

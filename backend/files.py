@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,3 +51,10 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return Path(path)
+
+
+def reader_stopped_reading() -> None:
+    """For a BrokenPipeError on stdout: its reader stopped (`| head`), having taken what it wanted, and
+    nothing went wrong. stdout goes to /dev/null, so the interpreter's last flush does not fail the
+    same way on exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -91,6 +91,10 @@ def test_an_ablation_folder_from_before_the_settings_record_is_checked_against_i
     args = build_parser().parse_args(["--out", str(tmp_path), "--steps", "8"])
     old = {k: v for k, v in vars(args).items() if k not in ("variants", "out")}
     (tmp_path / "results.json").write_text(json.dumps({"settings": dict(old, steps=4), "variants": []}))
+    # settings no variant trained with bind nothing (a command that failed before training)
+    assert check_settings(tmp_path, args) is None
+    (tmp_path / "settings.json").unlink()
+    (tmp_path / "baseline" / "fp16").mkdir(parents=True)
     assert "--steps 4 (now 8)" in check_settings(tmp_path, args)
     assert not (tmp_path / "settings.json").exists()
     (tmp_path / "results.json").write_text(json.dumps({"settings": old, "variants": []}))
@@ -105,6 +109,13 @@ def test_ablation_bad_arguments(tmp_path):
     assert r.returncode == 2 and "--caption-weight must be 0 or more" in r.stderr
     r = _ablate("--out", str(tmp_path), "--recipe", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "recipe file" in r.stderr and "does not exist" in r.stderr
+    # a resolution the model's patches do not divide: said before OUT is written, not by the first run
+    r = _ablate("--out", str(tmp_path / "sized"), "--image-size", "60", "--preset", "tiny", "--variants", "baseline")
+    assert r.returncode == 2 and "--image-size 60: give a multiple of 8" in r.stderr, r.stderr
+    r = _ablate("--out", str(tmp_path / "sized"), "--image-size", "72", "--preset", "tiny", "--variants",
+                "baseline,low-then-full")
+    assert r.returncode == 2 and "give a multiple of 16 (and half of it" in r.stderr, r.stderr
+    assert not (tmp_path / "sized").exists()
 
 
 def test_markdown_table_rounds_per_metric():

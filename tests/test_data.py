@@ -109,7 +109,7 @@ def test_folder_records_templates_pool_and_files(class_folder):
 
     subset = folder_records(class_folder, CLASSNAMES, files=["aPark/aPark_1.jpg", "cRoad/cRoad_3.jpg"])
     assert [Path(r.image).name for r in subset] == ["aPark_1.jpg", "cRoad_3.jpg"]
-    with pytest.raises(DataError, match="1 listed files"):
+    with pytest.raises(DataError, match="1 listed file is not"):
         folder_records(class_folder, CLASSNAMES, files=["aPark/aPark_1.jpg", "aPark/nope.jpg"])
 
 
@@ -169,7 +169,7 @@ def test_precomp_records_train_and_test_layouts(tmp_path):
     write_precomp(caps_dir, "rsicd", "val", [f"river_{i}.jpg" for i in range(8)], [f"c{i}" for i in range(8)])
     with pytest.raises(DataError) as e:
         precomp_records(caps_dir, "rsicd", "val", img_dir)
-    assert "8 of 8 images do not exist" in str(e.value) and "river_0.jpg" in str(e.value)
+    assert "8 of 8 images are not files (missing, or folders)" in str(e.value) and "river_0.jpg" in str(e.value)
     assert "... and 3 more" in str(e.value)
 
 
@@ -365,8 +365,17 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     with pytest.raises(ManifestError) as e:
         manifest_records(missing)
     msg = str(e.value)
-    assert "9 of 10 images do not exist" in msg and "missing.jsonl:2:" in msg and "gone0.jpg" in msg
+    assert "9 of 10 images are not files (missing, or folders)" in msg and "missing.jsonl:2:" in msg and "gone0.jpg" in msg
     assert "gone5.jpg" not in msg and "... and 4 more" in msg
+    # one problem is worded as one, and an image that is a folder is not called missing
+    (tmp_path / "a_folder.jpg").mkdir()
+    one = write_jsonl(tmp_path / "one.jsonl", [{"image": "a.jpg", "caption": "ok"},
+                                               {"image": "a_folder.jpg", "caption": "x"}])
+    with pytest.raises(ManifestError, match=r"1 of 2 images is not a file \(missing, or a folder\)"):
+        manifest_records(one)
+    with pytest.raises(ManifestError, match=r"1 bad line:"):
+        manifest_records(write_jsonl(tmp_path / "one_bad.jsonl", [{"image": "a.jpg", "caption": "ok"},
+                                                                  {"image": "a.jpg"}]))
 
     # an object cut short is located on its own line, where it ends (not "column 1" of the next line)
     with pytest.raises(ManifestError, match=r"bad\.jsonl:2: not valid JSON \(Expecting .*, column 20\)"):

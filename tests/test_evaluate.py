@@ -81,6 +81,20 @@ def test_retrieval_cli_json(setup):
     assert "images" in p.stderr                                  # progress bar on stderr
 
 
+def test_scores_read_by_a_reader_that_stops_early_end_quietly(setup):
+    """`evaluate retrieval ... | head -1`: the reader is gone before the scores are printed; no
+    "Broken pipe" traceback, status 0."""
+    proc = subprocess.Popen([sys.executable, "-m", "training.evaluate", "retrieval", "--checkpoint",
+                             str(setup["ckpt"]), "--manifest", str(setup["manifest"]), "--quiet"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    with proc.stderr:
+        err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err
+
+
 def test_zero_shot_cli_json_rsscn7_layout(setup):
     p = run_cli("zero-shot", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes",
                 "--classnames", setup["names"], "--json", "--quiet")

@@ -267,6 +267,11 @@ def test_cli_writes_a_loadable_tokenizer(tmp_path):
         assert tok.decode(tok.encode(text)) == text.lower()
     # extra words were in the corpus, so BPE learned them as whole words
     assert len(tok.encode("railway station")) == 2
+    # a mistyped file name is refused, not learnt as a phrase
+    for typo in (str(tmp_path / "clases.txt"), "classes.txt"):
+        result = run_cli("--captions", str(caps), "--extra-words", typo, "--out", str(tmp_path / "typo.json"))
+        assert result.returncode == 2 and f"--extra-words {typo}: no such file" in result.stderr, result.stderr
+    assert not (tmp_path / "typo.json").exists()
 
 
 def test_cli_out_ending_with_a_slash_is_a_folder(tmp_path, capsys):

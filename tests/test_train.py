@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -40,8 +41,10 @@ def folder(tmp_path_factory):
 
 
 def _args(folder: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    # a checkpoint or a tokenizer given brings its own vocabulary: a --vocab-size beside it is refused
+    vocab = [] if {"--init-checkpoint", "--tokenizer"} & set(extra) else ["--vocab-size", "300"]
     return ["--folder", str(folder), "--classnames", str(folder.parent / "classes.json"), "--preset", "tiny",
-            "--vocab-size", "300", "--out", str(out), "--steps", str(steps), "--batch-size", "8",
+            *vocab, "--out", str(out), "--steps", str(steps), "--batch-size", "8",
             "--warmup-steps", "2", "--lr", "1e-3", "--workers", "0", "--log-every", "1", "--save-every", "3",
             "--keep-last", "5", "--device", "cpu", "--precision", "fp32", *extra]
 
@@ -249,9 +252,34 @@ def test_without_preset_a_run_from_a_checkpoint_records_the_checkpoint_preset(fo
     from training.train import parse_args
 
     init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
-    without_preset = [a for a in _args(folder, tmp_path / "a", 1) if a not in ("--preset", "tiny")]
-    assert parse_args([*without_preset, "--init-checkpoint", str(init)]).preset == "tiny"
-    assert parse_args(without_preset).preset == "small"
+    without_preset = [a for a in _args(folder, tmp_path / "a", 1, "--init-checkpoint", str(init))
+                      if a not in ("--preset", "tiny")]
+    assert parse_args(without_preset).preset == "tiny"
+    assert parse_args([a for a in _args(folder, tmp_path / "a", 1) if a not in ("--preset", "tiny")]).preset == "small"
+
+
+def test_a_tokenizer_option_a_run_would_not_use_is_refused(folder, tmp_path, tiny_model, tokenizer, capsys):
+    """--init-checkpoint brings its own tokenizer: a --tokenizer or --vocab-size beside it was dropped
+    unsaid; so was --vocab-size beside --tokenizer. A resume with the first run's own command goes on."""
+    from backend.model.checkpoint import save_checkpoint
+
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
+    other = tmp_path / "other.json"
+    other.write_text((init / "tokenizer.json").read_text())
+    base = _args(folder, tmp_path / "run", 1, "--tokenizer", str(other))       # no --vocab-size in it
+    for extra, said in ((["--vocab-size", "300"], "--vocab-size 300 sizes the tokenizer a run trains"),
+                        (["--init-checkpoint", str(init)], "--tokenizer: --init-checkpoint"),):
+        r = _refused([*base, *extra], capsys)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+    fine_tune = _args(folder, tmp_path / "run", 1, "--init-checkpoint", str(init))
+    r = _refused([*fine_tune, "--vocab-size", "500"], capsys)
+    assert r.returncode == 2 and "--vocab-size: --init-checkpoint" in r.stderr and "brings its own tokenizer" in r.stderr
+    assert not (tmp_path / "run").exists()
+    # shards carry no classes: --class-aware is refused before a tokenizer is trained over them
+    r = _refused(["--shards", str(tmp_path / "pairs-{000000..000001}.tar"), "--class-aware", "--preset", "tiny",
+                  "--out", str(tmp_path / "shards")], capsys)
+    assert r.returncode == 2 and "--class-aware needs the class of each image" in r.stderr, r.stderr
+    assert not (tmp_path / "shards").exists()
 
 @pytest.mark.parametrize("loss_flags", [[], ["--class-aware"], ["--images-on-device"], ["--fsdp"]],
                          ids=["plain", "class-aware", "image-bank", "fsdp"])
@@ -519,6 +547,34 @@ def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):
     assert "moved it aside" in r.stderr
     r = _run(_args(folder, out, 8, "--resume", "--image-size", "32"))
     assert r.returncode == 2 and "--image-size 32 with --resume would mix the two" in r.stderr
+
+
+def test_resume_refuses_another_held_out_split(folder, tmp_path):
+    """--resume with another --seed or --val-per-class would hold out other images: those held out
+    before would be trained on from there, and the run's val/ lists rewritten to say otherwise."""
+    out = tmp_path / "run"
+    assert _run(_args(folder, out, 3, "--val-per-class", "2")).returncode == 0
+    held_out = (out / "val" / f"{folder.name}.txt").read_text()
+    for change in (["--val-per-class", "2", "--seed", "5"], ["--val-per-class", "3"], []):
+        r = _run(_args(folder, out, 4, "--resume", *change))
+        assert r.returncode == 2 and "--resume would hold out other images than the run" in r.stderr, r.stderr[-2000:]
+        assert f"{folder.name}.txt" in r.stderr and "Traceback" not in r.stderr
+        assert (out / "val" / f"{folder.name}.txt").read_text() == held_out
+    r = _run(_args(folder, out, 4, "--resume", "--val-per-class", "2"))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-2000:]
+
+
+def test_recipe_source_names_stay_inside_the_run(tmp_path, folder):
+    """A source's name becomes a folder of a packed copy and a file in val/: "..", a path or
+    "recipe.json" are refused by name."""
+    from training.recipe import RecipeError, sources_from_args
+
+    for name in ("..", "a/b", "recipe.json", ".hidden", ""):
+        recipe = tmp_path / "recipe.json"
+        recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": str(folder), "name": name,
+                                                   "classnames": str(folder.parent / "classes.json")}]}))
+        with pytest.raises(RecipeError, match=f"is named {re.escape(repr(name))}; a name is letters"):
+            sources_from_args(str(recipe), [], [], [], [], 0)
 
 
 def test_refinement_rounds_are_ordered_by_number(tmp_path):

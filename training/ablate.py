@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace, out: Path, steps: int, image_size: int, ext
            init: Path | None = None, lr: float | None = None) -> None:
     if (out / "fp16" / "model.safetensors").is_file():
         return  # this phase finished before (e.g. the low-resolution phase of an interrupted variant)
-    cmd = [sys.executable, "-m", "training.train", "--recipe", args.recipe, "--tokenizer", args.tokenizer,
+    cmd = [sys.executable, "-m", "training.train", "--recipe", args.recipe,
            "--steps", str(steps), "--image-size", str(image_size), "--batch-size", str(args.batch_size),
            "--lr", str(lr or args.lr), "--warmup-steps",
            # None means "not given"; an explicit 0 (no warm-up) is a value, not a default
@@ -72,7 +72,8 @@ def _train(args: argparse.Namespace, out: Path, steps: int, image_size: int, ext
            "--seed", str(args.seed), "--workers", str(args.workers),
            "--save-every", str(args.save_every), "--keep-last", "1", "--out", str(out),
            "--export-fp16", str(out / "fp16"), "--resume", *extra]
-    cmd += ["--init-checkpoint", str(init)] if init else ["--preset", args.preset]
+    # a phase from an earlier one's weights goes on with their tokenizer (the same one)
+    cmd += ["--init-checkpoint", str(init)] if init else ["--preset", args.preset, "--tokenizer", args.tokenizer]
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     subprocess.run(cmd, check=True)
 
@@ -105,6 +106,12 @@ def training_settings(args: argparse.Namespace) -> dict:
     return wanted
 
 
+def _trained_any(out: Path) -> bool:
+    """Whether any variant in OUT has trained (a checkpoint or an export): settings recorded by a
+    command that then failed before training bind nothing."""
+    return any(out.glob("*/checkpoints")) or any(out.glob("*/fp16")) or any(out.glob("*/*px/checkpoints"))
+
+
 def check_settings(out: Path, args: argparse.Namespace) -> str | None:
     """None when OUT's variants (if any) were trained with these settings, which are then recorded
     in OUT/settings.json; else what differs, as an error. An OUT from before the record keeps its
@@ -124,7 +131,7 @@ def check_settings(out: Path, args: argparse.Namespace) -> str | None:
                     recorded[k] = str(Path(recorded[k]).resolve())
             break
         recorded = None
-    if recorded is not None and recorded != wanted:
+    if recorded is not None and recorded != wanted and _trained_any(out):
         changed = ", ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {wanted[k]})"
                             for k in TRAINING_SETTINGS if recorded[k] != wanted[k])
         return (f"{out} holds variants trained with other settings: {changed}. Give another --out for these "
@@ -228,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--caption-weight must be 0 or more")
     if args.steps < 4:
         parser.error("--steps must be at least 4 (the low-resolution variant trains a quarter of them at full size)")
+    patch = PRESETS[args.preset].patch_size
+    sizes = {args.image_size} | {args.image_size // 2 for n in names if VARIANTS[n].low_res}
+    if any(size < patch or size % patch for size in sizes):
+        # said now, not by the first training run after OUT and its settings are written
+        low = " (and half of it, for the low-resolution variant)" if len(sizes) > 1 else ""
+        step = 2 * patch if len(sizes) > 1 else patch
+        parser.error(f"--image-size {args.image_size}: give a multiple of {step}{low}, the {args.preset} model's patch "
+                     f"size being {patch} (for example {max(step, round(args.image_size / step) * step)})")
     for path, what in ((args.recipe, "recipe"), (args.tokenizer, "tokenizer")):
         if not Path(path).is_file():
             parser.error(f"{what} file {path} does not exist")
@@ -259,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"variant": name, "about": VARIANTS[name].about, "train_seconds": seconds, "scores": scores})
             print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in scores.items()), file=sys.stderr, flush=True)
     except subprocess.CalledProcessError as e:
+        if e.returncode == 2:       # training.train refused its options or data: rerunning would too
+            print(f"{parser.prog}: training refused the run (exit 2, its message is above): fix that and rerun",
+                  file=sys.stderr)
+            return 2
         print(f"{parser.prog}: training failed (exit {e.returncode}); rerun the command to resume", file=sys.stderr)
         return 1
     except (E.EvalError, E.CheckpointError) as e:

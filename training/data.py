@@ -153,7 +153,10 @@ def _listing(items: Sequence[str], total: int | None = None) -> str:
     return shown if total <= FIRST_FEW else f"{shown}, ... ({total} in all)"
 
 
-def _problems(source: str, problems: Sequence[str], what: str) -> str:
+def _problems(source: str, problems: Sequence[str], what: str | tuple[str, str]) -> str:
+    """`what` the problems are, or (one, several) where one problem is worded otherwise."""
+    if isinstance(what, tuple):
+        what = what[0] if len(problems) == 1 else what[1]
     lines = [f"{source}: {len(problems)} {what}:"]
     lines += [f"  {p}" for p in problems[:FIRST_FEW]]
     if len(problems) > FIRST_FEW:
@@ -175,7 +178,9 @@ def _check_images_exist(records: Sequence[Record], source: str) -> None:
     """Raise one DataError naming the first few missing images and the total."""
     missing = [r.image for r in records if not os.path.isfile(r.image)]
     if missing:
-        raise DataError(_problems(source, missing, f"of {len(records)} images do not exist"))
+        raise DataError(_problems(source, missing, (f"of {len(records)} images is not a file (missing, or a "
+                                                    "folder)", f"of {len(records)} images are not files (missing, "
+                                                    "or folders)")))
 
 
 def caption_field(obj: dict):
@@ -233,7 +238,8 @@ def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, IsADirectoryError):
         shipped = ", ".join(sorted(p.stem for p in CLASSNAMES_DIR.glob("*.json")))
-        raise DataError(f"class-name map {name_or_path} does not exist: give a JSON file of folder -> name, or a "
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(f"class-name map {name_or_path} {what}: give a JSON file of folder -> name, or a "
                         f"shipped map ({shipped})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: class-name map is not valid JSON ({e})") from None
@@ -312,7 +318,8 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
             records.append(Record(str(path), tuple(captions), d.name))
     if wanted is not None and len(found) < len(wanted):
         missing = sorted(wanted - found)
-        raise DataError(_problems(str(root), missing, "listed files are not images of a class folder"))
+        raise DataError(_problems(str(root), missing, ("listed file is not an image of a class folder",
+                                                       "listed files are not images of a class folder")))
     return records
 
 
@@ -495,12 +502,15 @@ class _ManifestBuilder:
 
     def records(self) -> list[Record]:
         if self.problems:
-            raise ManifestError(_problems(str(self.path), self.problems, "bad lines"))
+            raise ManifestError(_problems(str(self.path), self.problems, ("bad line", "bad lines")))
         if not self.rows:
             raise ManifestError(f"{self.path}: no records")
         missing = [f"{self.path}:{line}: {p}" for line, p in self.missing()]
         if missing:
-            raise ManifestError(_problems(str(self.path), missing, f"of {len(self.rows)} images do not exist"))
+            raise ManifestError(_problems(str(self.path), missing, (f"of {len(self.rows)} images is not a file "
+                                                                    "(missing, or a folder)",
+                                                                    f"of {len(self.rows)} images are not files "
+                                                                    "(missing, or folders)")))
         return [Record(p, tuple(c), k) for p, (c, k, _) in self.rows.items()]
 
 

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from backend.defaults import VIEW_COUNTS, VIEW_HELP, check_edge_radius
+from backend.files import reader_stopped_reading
 from backend.model.checkpoint import CheckpointError, load_checkpoint
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 
@@ -122,7 +123,8 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
     if files is not None:
         lst = Path(files)
         if not lst.is_file():
-            raise EvalError(f"file list {lst} does not exist")
+            raise EvalError(f"file list {lst} " + ("is a folder: give the list file (one image path a line)"
+                                                    if lst.is_dir() else "does not exist"))
         wanted = [ln.strip() for ln in lst.read_text(encoding="utf-8").splitlines()
                   if ln.strip() and not ln.strip().startswith("#")]
     first_names = {k: (v if isinstance(v, str) else v[0]) for k, v in classnames.items()}
@@ -447,7 +449,8 @@ def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequenc
     text_search = P.class_search_precision(text, held_emb, held_y)
     centroid_search = P.class_search_precision(centroids, held_emb, hy)
     return {
-        "n_images": len(held_out), "n_train": len(train), "classes": keys, "k": k, "views": views,
+        # the neighbours voted: no more than there are training images
+        "n_images": len(held_out), "n_train": len(train), "classes": keys, "k": min(k, len(train)), "views": views,
         "zero_shot_top1": P.top1(held_emb @ text.T, held_y),
         "zero_shot_train_top1": P.top1(train_emb @ text.T, train_y),
         "centroid_top1": P.top1(held_emb @ centroids.T, hy),
@@ -866,7 +869,9 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     from . import localization as L
     from .mosaic import MosaicError, build_mosaics, write_mosaic
 
-    _positive(args, "mosaics", "size", "regions", "scene_px")
+    _positive(args, "mosaics", "size", "scene_px")
+    if args.regions < 2:
+        raise EvalError(f"--regions must be at least 2 (a mosaic's regions are of distinct classes), got {args.regions}")
     if args.tolerance < 0:
         raise EvalError("--tolerance must be 0 or more")
     if args.edge_radius is not None:
@@ -915,6 +920,11 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
                   file=sys.stderr)
             names = {k: v for k, v in names.items() if k not in missing}
         by_class = {k: by_class[k] for k in names}       # the map's order = class indices
+        if args.regions > len(names):
+            # a mosaic's regions are of distinct classes: the summary and JSON say what was built
+            print(f"note: --regions {args.regions}: only {len(names)} classes have images, so the mosaics have "
+                  f"{len(names)} regions", file=sys.stderr)
+            args.regions = len(names)
         try:
             mosaics = build_mosaics(by_class, args.seed, args.mosaics, size=args.size, regions=args.regions,
                                     scene_px=scene_px, layout=args.layout)
@@ -1037,11 +1047,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption,
-         "segmentation": _print_segmentation, "probe": _print_probe}[args.command](result)
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            {"retrieval": _print_retrieval, "zero-shot": _print_zero_shot, "caption": _print_caption,
+             "segmentation": _print_segmentation, "probe": _print_probe}[args.command](result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_stopped_reading()
     return 0
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -47,6 +48,9 @@ CAPTION_FILE_KINDS = ("manifest", "precomp", "karpathy")
 
 class RecipeError(ValueError):
     """A data recipe that cannot be used; the message says what to fix."""
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_. -]*")
 
 
 def sources_from_args(recipe: str | None, folders: list[str], classnames: list[str], manifests: list[str],
@@ -76,6 +80,14 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
                 raise RecipeError(f"recipe {recipe}: source {n} has weight {weight!r}; a weight is a share of "
                                   "each epoch, a number >= 0 (0: left out)")
+            name = s.get("name")
+            if name is not None and (not isinstance(name, str) or not SOURCE_NAME.fullmatch(name)
+                                     or name.casefold() == "recipe.json"):
+                # the name is a folder of a packed copy and a file name in the run's val/: a path, or
+                # "..", would put them outside it
+                raise RecipeError(f"recipe {recipe}: source {n} is named {name!r}; a name is letters, digits, "
+                                  "'_', '-', '.' and spaces, starting with a letter, digit or '_' (no '/'), and not "
+                                  "'recipe.json'")
             if isinstance(s.get("name"), str) and s["name"].endswith(HELD_OUT_SUFFIX):
                 # its held-out list "<name>.jsonl" would read as that of a source named without the suffix
                 raise RecipeError(f"recipe {recipe}: source {n} is named {s['name']!r}; a name may not end in "
@@ -245,6 +257,25 @@ def source_name(source: dict) -> str:
 HELD_OUT_SUFFIX = ".val"
 
 
+def validation_list_texts(sources: list[dict], val_sets: dict[str, dict]) -> dict[str, str]:
+    """Each validation split as the file write_validation_lists writes: file name -> its text."""
+    roots = {source_name(s): s for s in sources}
+    texts = {}
+    for name, vs in val_sets.items():
+        base = name.split("/")[0]
+        source = roots.get(base, {})
+        if vs["kind"] == "zero-shot" and source.get("kind") == "folder":
+            # relative without resolving links: an image may be a link to a file elsewhere
+            root = os.path.abspath(source["root"])
+            lines = [Path(os.path.relpath(os.path.abspath(r.image), root)).as_posix() for r in vs["records"]]
+            texts[f"{base}.txt"] = "\n".join(lines) + "\n"
+        elif vs["kind"] == "retrieval":
+            texts[f"{base}.jsonl" if source.get("name") else f"{base}{HELD_OUT_SUFFIX}.jsonl"] = "".join(
+                json.dumps({"image": str(Path(r.image).resolve()), "class": r.class_name,
+                            "captions": list(r.captions)}) + "\n" for r in vs["records"])
+    return texts
+
+
 def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[Path]:
     """Write each validation split so the evaluation CLI can reproduce the training's numbers:
     `<name>.txt` (image paths relative to the source's folder, for `evaluate zero-shot --files`) and,
@@ -253,27 +284,22 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
     `val/train.jsonl` would read as the training manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    roots = {source_name(s): s for s in sources}
     written = []
-    for name, vs in val_sets.items():
-        base = name.split("/")[0]
-        source = roots.get(base, {})
-        if vs["kind"] == "zero-shot" and source.get("kind") == "folder":
-            # relative without resolving links: an image may be a link to a file elsewhere
-            root = os.path.abspath(source["root"])
-            lines = [Path(os.path.relpath(os.path.abspath(r.image), root)).as_posix() for r in vs["records"]]
-            path = out / f"{base}.txt"
-            path.write_text("\n".join(lines) + "\n")
-        elif vs["kind"] == "retrieval":
-            path = out / (f"{base}.jsonl" if source.get("name") else f"{base}{HELD_OUT_SUFFIX}.jsonl")
-            with open(path, "w") as fh:
-                for r in vs["records"]:
-                    fh.write(json.dumps({"image": str(Path(r.image).resolve()), "class": r.class_name,
-                                         "captions": list(r.captions)}) + "\n")
-        else:
-            continue
-        written.append(path)
+    for file_name, text in validation_list_texts(sources, val_sets).items():
+        (out / file_name).write_text(text)
+        written.append(out / file_name)
     return written
+
+
+def changed_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[str]:
+    """The validation lists in `out_dir` (a run's val/) that these sources and seed would not write
+    again as they are, and those they would add: resuming with them would train on images held out
+    before, or hold out images already trained on."""
+    out = Path(out_dir)
+    texts = validation_list_texts(sources, val_sets)
+    there = {p.name for p in out.iterdir() if p.is_file()} if out.is_dir() else set()
+    return sorted(name for name in there | set(texts)
+                  if name not in there or name not in texts or (out / name).read_text() != texts[name])
 
 
 def validation_list_source(path: Path) -> str:
@@ -314,6 +340,17 @@ def class_templates(source: dict) -> dict[str, list[str]]:
             if isinstance(mapping.get(k), str) and mapping[k].strip()}
 
 
+def check_source_mix(sources: list[dict], class_aware: bool) -> None:
+    """RecipeError for sources one run cannot train on together (asked before any data is read)."""
+    shards = [s for s in sources if s["kind"] == "shards"]
+    if shards and class_aware:
+        raise RecipeError("--class-aware needs the class of each image, and shards carry none: "
+                          "train from folder or manifest sources, or without --class-aware")
+    if shards and len(shards) != len(sources):
+        raise RecipeError("shards cannot be mixed with folder/manifest sources in one run yet: "
+                          "write those into shards too")
+
+
 def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int,
                  class_aware: bool = False, augment: str = "overhead", template_mix: float = 0.0):
     """The training dataset of a recipe's sources; with `class_aware`, items carry class label ids.
@@ -321,14 +358,9 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
     `augment` picks the image augmentation (training.augment.AUGMENTATIONS); `template_mix` is the
     probability that an item of a known class is captioned with one of its class templates instead."""
     transform = train_transform(image_size, model_config.image_mean, model_config.image_std, augment=augment)
+    check_source_mix(train_sources, class_aware)
     shards = [s for s in train_sources if s["kind"] == "shards"]
     if shards:
-        if class_aware:
-            raise RecipeError("--class-aware needs the class of each image, and shards carry none: "
-                              "train from folder or manifest sources, or without --class-aware")
-        if len(shards) != len(train_sources):
-            raise RecipeError("shards cannot be mixed with folder/manifest sources in one run yet: "
-                              "write those into shards too")
         urls = [u for s in shards for u in s["urls"]]
         return D.WebDatasetShards(urls, transform, seed=seed)
     templates = [class_templates(s) if template_mix else None for s in train_sources]

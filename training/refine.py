@@ -290,6 +290,10 @@ def refine(cfg: RefineConfig) -> list[dict]:
     if not mosaic_sources:
         raise RefineError("the recipe has no folder-of-classes source with two or more classes to make "
                           "mosaics of")
+    fewest = min(sum(1 for paths in s["by_class"].values() if paths) for s in mosaic_sources)
+    if cfg.regions > fewest:
+        log(f"note: --regions {cfg.regions}: a source has only {fewest} classes with images, and a mosaic's regions "
+            f"are of distinct classes: its mosaics have {fewest} regions")
     bench = _benchmark_set(val_sets, cfg.benchmark)
     mcfg = model.config
     size = mcfg.image_size
@@ -395,7 +399,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
             optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(losses['loss']):.3f}", dense=f"{float(losses['dense_loss']):.3f}")
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", dense=f"{losses['dense_loss'].item():.3f}")
         bar.close()
         # 3. save, measure
         if is_main():
@@ -481,6 +485,19 @@ def main(argv=None) -> int:
         # a mosaic of one region has nothing to localize (and build_mosaic refuses it): said before round 0
         print(f"python -m training.refine: error: --regions must be at least 2 (distinct classes per training "
               f"mosaic), not {cfg.regions}", file=sys.stderr)
+        return 2
+    problem = None
+    if cfg.window < 1 or cfg.window % 2 == 0:
+        problem = f"--window {cfg.window}: give an odd number of patches (1, 3, 5, ...), so the window centres on one"
+    elif not 0.0 <= cfg.margin < 1.0:
+        problem = (f"--margin {cfg.margin:g} is a gap between two class probabilities: give a value in [0, 1) "
+                   "(at 1 or more no patch is labelled)")
+    elif cfg.dense_weight < 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        problem = "give --dense-weight >= 0, --weight-decay >= 0 and --grad-clip >= 0 (0: off)"
+    elif not cfg.lr > 0:
+        problem = f"--lr {cfg.lr:g}: give a positive learning rate"
+    if problem:
+        print(f"python -m training.refine: error: {problem}", file=sys.stderr)
         return 2
     if cfg.keep_global < 0:
         print(f"python -m training.refine: error: --keep-global is a loss weight: give 0 (off) or more, "

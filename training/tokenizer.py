@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -135,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def looks_like_a_path(arg: str) -> bool:
+    """An --extra-words argument meant as a file (a folder in it, or a file extension), not a phrase."""
+    return "/" in arg or os.sep in arg or bool(re.search(r"\.(txt|json|jsonl|csv|tsv)$", arg.strip(), re.I))
+
+
 def read_extra_words(args: list[str]) -> list[str]:
     """Each argument is a file of words/phrases (one a line) or a phrase itself."""
     words = []
@@ -154,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"captions file {path} does not exist")
         if path.is_dir():
             parser.error(f"{path} is a directory; pass the caption files in it (e.g. {path}/*_train_caps.txt)")
+    for arg in args.extra_words:
+        if not Path(arg).is_file() and looks_like_a_path(arg):
+            # else it would become a phrase of the vocabulary, unsaid
+            parser.error(f"--extra-words {arg}: no such file (a phrase is words, not a path): give a file that "
+                         "exists, or the words themselves")
     out = Path(args.out)
     # a folder, or one to be made when the name ends with a slash ("runs/tok/")
     target = out / "tokenizer.json" if out.is_dir() or args.out.endswith(("/", os.sep)) else out

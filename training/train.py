@@ -462,11 +462,21 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.steps, cfg.time_budget = fitted, 0.0
             break
         else:
-            log(f"no checkpoint in {out / 'checkpoints'}: starting from scratch")
+            log(f"no checkpoint in {out / 'checkpoints'}: starting from "
+                + (f"--init-checkpoint {cfg.init_checkpoint}" if cfg.init_checkpoint else "scratch"))
         # on every rank, whatever it saw: the lists differ when one rank lists the folder after
         # rank 0 renamed, and the barrier inside must be reached by all
         set_aside_checkpoints(out, unreadable)
     train_sources, val_sets = recipes.build_sources(cfg.sources, seed=cfg.seed)
+    if model is not None and cfg.resume:
+        changed = recipes.changed_validation_lists(cfg.sources, val_sets, out / "val")
+        if changed:
+            # another --seed, --val-per-class or data than the run's: its held-out images would be
+            # trained on from here, and images it trained on would be held out
+            raise recipes.RecipeError(
+                f"--resume would hold out other images than the run in {out} did ({', '.join(changed)} in "
+                f"{out / 'val'} would change): give the --seed, --val-per-class and data the run started with, "
+                "or start a new --out (with --init-checkpoint to start from its weights)")
     if is_main() and val_sets:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if is_main() and cfg.eval_every and not val_sets:
@@ -835,8 +845,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                        help=f"model size (default {d.preset}; with --resume or --init-checkpoint: the checkpoint's)")
     model.add_argument("--init-checkpoint", help="start from these weights (fine-tuning)")
     model.add_argument("--tokenizer", help="tokenizer.json (default: train one on the training captions)")
-    model.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                       help="tokens of the tokenizer trained on the captions (default %(default)s; not with "
+    model.add_argument("--vocab-size", type=int, default=None,
+                       help=f"tokens of the tokenizer trained on the captions (default {d.vocab_size}; not with "
                             "--tokenizer or --init-checkpoint, whose tokenizer is used)")
     model.add_argument("--conv-stem", action="store_true", help="convolutional stem instead of one patch conv")
     model.add_argument("--image-size", type=int,
@@ -913,6 +923,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     a = p.parse_args(argv)
     try:
         sources = recipes.sources_from_args(a.recipe, a.folder, a.classnames, a.manifest, a.shards, a.val_per_class)
+        recipes.check_source_mix(sources, a.class_aware)     # before a tokenizer is trained on them
     except recipes.RecipeError as e:
         p.error(str(e))
     for name, least in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("save_every", 1), ("log_every", 1),
@@ -949,6 +960,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"--out {a.out} already holds a run (checkpoints up to {earlier[-1].name}): add --resume "
                 "to continue it, or give another --out (a new run there would mix the two)")
     start = earlier[-1] if earlier and a.resume else Path(a.init_checkpoint) if a.init_checkpoint else None
+    check_tokenizer_options(p, a, start, resuming=bool(earlier and a.resume))
+    a.vocab_size = a.vocab_size or d.vocab_size
     shape = None
     if start is not None:
         # the model's shape comes from that checkpoint: another one asked for here would be dropped
@@ -989,6 +1002,34 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             p.error(f"--export-fp16: {e}")
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
     return TrainConfig(**kw, sources=sources)
+
+
+def check_tokenizer_options(p: argparse.ArgumentParser, a, start: Path | None, resuming: bool) -> None:
+    """--tokenizer and --vocab-size where a run would use them, refused (not dropped) where it would not:
+    a checkpoint brings its own tokenizer, whose tokens its model's embeddings index."""
+    if a.tokenizer and a.vocab_size is not None:
+        p.error(f"--vocab-size {a.vocab_size} sizes the tokenizer a run trains on its captions; --tokenizer gives one: "
+                "leave --vocab-size out")
+    if start is None:
+        return
+    if not resuming:
+        for option, given in (("--tokenizer", a.tokenizer), ("--vocab-size", a.vocab_size)):
+            if given is not None:
+                p.error(f"{option}: --init-checkpoint {a.init_checkpoint} brings its own tokenizer, which its model's "
+                        f"embeddings index: leave {option} out")
+        return
+    # resuming: the run's own tokenizer; the first run's command given again is fine
+    own = Path(a.out) / "tokenizer.json"
+    if a.tokenizer and own.is_file() and Path(a.tokenizer).is_file() and Path(a.tokenizer).read_bytes() != own.read_bytes():
+        p.error(f"--tokenizer {a.tokenizer} is not the tokenizer of the run in --out ({own}), which --resume goes on "
+                "with: leave --tokenizer out")
+    try:
+        recorded = json.loads((Path(a.out) / "train_config.json").read_text()).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if a.vocab_size is not None and not a.tokenizer and recorded is not None and a.vocab_size != recorded:
+        p.error(f"--vocab-size {a.vocab_size}: the run in --out trained its tokenizer with {recorded}, and --resume "
+                "goes on with it: leave --vocab-size out")
 
 
 def main(argv: list[str] | None = None) -> int:
