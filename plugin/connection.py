@@ -20,6 +20,7 @@ HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
 PORT_AT_END = re.compile(r":\d+$")   # "host:50051", "[::1]:50051"
+URL_SCHEME = re.compile(r"^(https?|grpcs?)://", re.IGNORECASE)    # an address copied from a browser or a URL
 CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
 
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
@@ -97,6 +98,10 @@ class BackendConnection:
         if code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
             # gone, or a refusal the cached limits may explain (a backend restarted with others)
             self._forget_info()
+        scheme = URL_SCHEME.match(self.address)
+        if scheme:      # "http://host:port" reaches gRPC as a host name it cannot resolve
+            return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
+                                      f"HOST:PORT, e.g. {self.address[scheme.end():].rstrip('/')} ({message})")
         if code == "UNAVAILABLE":
             low = message.lower()
             if "connect" in low:

@@ -19,9 +19,10 @@ Cancelled = Callable[[], bool]
 
 
 def split_prompts(text: str) -> list[str]:
-    """The prompts of what the user typed: separated by commas or semicolons ("buildings; trees"),
-    blanks dropped. The dock and Processing read prompts alike."""
-    return [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
+    """The prompts of what the user typed: separated by commas, semicolons ("buildings; trees") or
+    line breaks (a list pasted into a batch or a script's), blanks dropped. The dock and Processing
+    read prompts alike."""
+    return [p.strip() for p in re.split(r"[,;\r\n]", text) if p.strip()]
 
 
 def _percent(done: int, total: int) -> float:

@@ -27,6 +27,8 @@ from .sources import (SourceError, has_no_resolution, local_path, names_by_real_
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
 _PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+# the longest text a shapefile (dBase) field holds, in bytes
+SHAPEFILE_TEXT_BYTES = 254
 
 
 def _backend_error():
@@ -75,14 +77,19 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         except SourceError as e:
             raise QgsProcessingException(str(e)) from None
 
-    @staticmethod
-    def _output_path(parameters, context) -> str:
-        """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or ""."""
+    def _output_path(self, parameters, context) -> str:
+        """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or "".
+        A file path typed without an extension gets the one Processing will add (.gpkg), so that an
+        existing "survey.gpkg" typed as "survey" is found as one."""
         given = parameters.get("OUTPUT")
         sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
         # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
-        return sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
+        path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
             else str(sink_value or "")
+        if path and path != QgsProcessing.TEMPORARY_OUTPUT and not _PROVIDER_URI.match(path) \
+                and not os.path.splitext(path)[1]:
+            path += "." + self.parameterDefinition("OUTPUT").defaultFileExtension()
+        return path
 
     def _check_output(self, parameters, context) -> None:
         """Before the backend works: a file OUTPUT in a folder that does not exist, or an existing file
@@ -122,6 +129,24 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
         return sink, dest
+
+    def _write(self, parameters, context, feedback, features, fields, crs):
+        """The features into OUTPUT (see _sink), each a MultiPolygon as the sink's type says (a memory
+        layer keeps what it is given). A shapefile keeps 254 bytes of a text value: cut values are
+        said in the log, not left to a GDAL line on the console."""
+        sink, dest = self._sink(parameters, context, fields, crs)
+        cut = set()
+        for f in features:
+            g = f.geometry()
+            g.convertToMultiType()
+            f.setGeometry(g)
+            cut |= {fields.at(i).name() for i, v in enumerate(f.attributes())
+                    if isinstance(v, str) and len(v.encode("utf-8")) > SHAPEFILE_TEXT_BYTES}
+            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        if cut and self._output_path(parameters, context).lower().endswith(".shp"):
+            feedback.pushWarning(f"a shapefile keeps {SHAPEFILE_TEXT_BYTES} bytes of text: {', '.join(sorted(cut))} "
+                                 "values longer than that were cut short; write a GeoPackage (.gpkg) to keep them whole")
+        return dest
 
     def _call(self, settings, fn, feedback):
         """Run fn(conn); None when the user cancelled. Backend failures (a cancel the user did not ask
@@ -256,7 +281,11 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             raise QgsProcessingException(f"{', '.join(not_rasters)}: not a raster layer; 'Only in these layers' "
                                          "takes indexed raster layers")
         path_of = [(l, local_path(l)) for l in layers]
-        names = names_by_real_path(path_of)
+        # hits are named after the project's layers of their files, those given in Layers first
+        project = context.project()
+        shown = [l for l in (project.mapLayers().values() if project else ()) if isinstance(l, QgsRasterLayer)
+                 and l not in layers]
+        names = {**names_by_real_path((l, local_path(l)) for l in shown), **names_by_real_path(path_of)}
         paths = [path for _, path in path_of if path]
         # a layer read as pixels (tile services, memory rasters) has no path to restrict the search to
         unreachable = [l.name() for l, path in path_of if not path]
@@ -278,8 +307,12 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                                      like_tile_id=like if like >= 0 else None,
                                      keyword_weight=None if match_captions else 0.0, area=area)
 
+        if feedback.isCanceled():
+            feedback.pushInfo("cancelled: nothing written")
+            return {}
         response = self._call(settings, run, feedback)
-        if response is None:        # cancelled: the output is left as it was
+        if response is None or feedback.isCanceled():      # cancelled: the output is left as it was
+            feedback.pushInfo("cancelled: nothing written")
             return {}
         if area is not None and not response.hits:
             feedback.pushWarning(operations.empty_area_note(
@@ -289,9 +322,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         crs = results.hits_crs(hits) if hits else context.project().crs()
         if not crs.isValid():       # no hits, and no project CRS (a script): an empty layer needs one too
             crs = QgsCoordinateReferenceSystem(results.WGS84)
-        sink, dest = self._sink(parameters, context, results.search_fields(), crs)
-        for f in results.search_features(hits, crs, names):
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        dest = self._write(parameters, context, feedback, results.search_features(hits, crs, names),
+                           results.search_fields(), crs)
         feedback.pushInfo(f"{len(hits)} tiles for {query!r}" if like < 0 else f"{len(hits)} tiles like tile {like}")
         if response and response.unfamiliar_words:
             feedback.pushWarning(operations.unfamiliar_note(response.unfamiliar_words))
@@ -332,7 +364,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         return "Prompt to polygons"
 
     def shortHelpString(self):
-        return ("Turns text prompts (separated by commas or semicolons: 'buildings, trees') into polygons where "
+        return ("Turns text prompts (separated by commas, semicolons or line breaks: 'buildings, trees') into polygons where "
                 "the raster shows them, over an extent (default: the whole layer; an extent typed without "
                 "[EPSG:...] is in the project's CRS). Attributes: prompt, score (mean relevance), max_score, "
                 "area_m2 (ground area in m²). "
@@ -344,7 +376,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
-        self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (separated by commas or semicolons)"))
+        self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (separated by commas, semicolons or line breaks)"))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent", optional=True))
         self.addParameter(QgsProcessingParameterNumber("THRESHOLD", "Threshold", QgsProcessingParameterNumber.Double,
                                                        defaultValue=0.5, minValue=0.0, maxValue=1.0))
@@ -404,13 +436,8 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         if answers is None:         # cancelled: the output is left as it was, not replaced by an empty layer
             feedback.pushInfo("cancelled: nothing written")
             return {}
-        sink, dest = self._sink(parameters, context, results.segment_fields(), layer_crs)
         features = results.segment_features(answers)
-        for f in features:
-            g = f.geometry()
-            g.convertToMultiType()
-            f.setGeometry(g)
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        dest = self._write(parameters, context, feedback, features, results.segment_fields(), layer_crs)
         feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}{results.dropped_note(answers)}")
         unfamiliar = operations.distinct_unfamiliar(answers)
         if unfamiliar:

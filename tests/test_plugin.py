@@ -1954,6 +1954,73 @@ def test_processing_prompt_to_polygons_on_a_tile_service_needs_an_extent(skyprom
         del tiles
 
 
+def test_processing_outputs_as_a_user_types_them(skyprompt_processing, settings, rasters, tmp_path):
+    """An existing GeoPackage typed without .gpkg keeps its other layers (Processing adds the
+    extension, and would replace the file); a memory output holds MultiPolygons, as its type says;
+    a shapefile's cut text is said in the log; prompts split on line breaks; a cancelled search
+    writes nothing; hits are named after the project's layer of their file, Layers given or not."""
+    import processing
+    from osgeo import ogr
+    from qgis.core import QgsProcessingContext, QgsProcessingException, QgsWkbTypes
+    from plugin.results import gpkg_layer_names
+
+    survey = tmp_path / "survey.gpkg"
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(survey))
+    roads = ds.CreateLayer("roads", geom_type=ogr.wkbLineString)
+    f = ogr.Feature(roads.GetLayerDefn())
+    f.SetGeometry(ogr.CreateGeometryFromWkt("LINESTRING (0 0, 1 1)"))
+    roads.CreateFeature(f)
+    ds = roads = f = None
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "Survey ortho"))
+    try:
+        processing.run("skyprompt:indexraster", {"INPUT": layer})
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 2, "OUTPUT": str(tmp_path / "survey")})
+        processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "fields\nwater", "THRESHOLD": 0.0,
+                                                      "OUTPUT": str(tmp_path / "survey")})
+        assert sorted(gpkg_layer_names(str(survey))) == ["roads", "survey", "survey (2)"]
+        polygons = QgsVectorLayerFrom(f"{survey}|layername=survey (2)")
+        assert {f["prompt"] for f in polygons.getFeatures()} == {"fields", "water"}      # two prompts, not one
+        # hits named after the project's layer of their file, with no Layers given
+        hits = QgsVectorLayerFrom(f"{survey}|layername=survey")
+        assert {f["layer"] for f in hits.getFeatures()} == {"Survey ortho"}
+        del polygons, hits
+        # a memory output, read from the run's own context (a layer handed back by processing.run
+        # would outlive QGIS's exit)
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        out = processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 3, "OUTPUT": "memory:"},
+                             context=context)["OUTPUT"]
+        memory = out if not isinstance(out, str) else context.getMapLayer(out)
+        kinds = {QgsWkbTypes.isMultiType(f.geometry().wkbType()) for f in memory.getFeatures()}
+        assert memory.featureCount() == 3 and kinds == {True}, kinds
+        del memory, out
+        context.temporaryLayerStore().removeAllMapLayers()
+        # a prompt a shapefile cuts short: said in the log
+        feedback = RecordingFeedback()
+        long_prompt = "fields " + "with hedges and farm tracks " * 10
+        processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": long_prompt, "THRESHOLD": 0.0,
+                                                      "OUTPUT": str(tmp_path / "long.shp")}, feedback=feedback)
+        assert any("a shapefile keeps 254 bytes of text: prompt values" in w for w in feedback.warnings), \
+            feedback.warnings
+        feedback = RecordingFeedback()
+        processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "fields", "THRESHOLD": 0.0,
+                                                      "OUTPUT": str(tmp_path / "short.shp")}, feedback=feedback)
+        assert not any("shapefile" in w for w in feedback.warnings), feedback.warnings
+        # cancelled before the call: nothing written
+        feedback = RecordingFeedback()
+        feedback.cancel()
+        assert processing.run("skyprompt:searchtiles", {"QUERY": "fields", "OUTPUT": str(tmp_path / "c.gpkg")},
+                              feedback=feedback) == {}
+        assert not (tmp_path / "c.gpkg").exists() and "cancelled: nothing written" in feedback.infos
+        # an address copied with its scheme is named as the mistake
+        with pytest.raises(QgsProcessingException, match=r"starts with 'http://': give it as HOST:PORT, e.g. 127.0.0.1:9"):
+            processing.run("skyprompt:searchtiles", {"QUERY": "fields", "SERVER": "http://127.0.0.1:9/",
+                                                     "OUTPUT": str(tmp_path / "d.gpkg")})
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        del layer
+
+
 def test_processing_errors_the_user_can_fix_are_one_line_not_a_traceback(skyprompt_processing, settings, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
