@@ -334,7 +334,10 @@ def cmd_search(stub, args) -> int:
     if args.json:
         _print_json({"query": args.query, "like_tile_id": args.like_tile, "results": hits, "tiles_searched": response.tiles_searched,
                      "approximate": response.approximate, "seconds": round(response.seconds, 4),
-                     "unfamiliar_words": unfamiliar_words(response.unfamiliar_words)})
+                     "unfamiliar_words": unfamiliar_words(response.unfamiliar_words),
+                     "unsearchable_rasters": [{"raster_id": r.raster_id, "raster": r.raster_path,
+                                               "raster_name": r.raster_name, "reason": r.reason}
+                                              for r in response.unsearchable_rasters]})
     else:
         print(f"{len(hits)} hit{'' if len(hits) == 1 else 's'} for {what} among {response.tiles_searched} tiles "
               f"({response.seconds * 1000:.1f} ms{', approximate' if response.approximate else ''})")
@@ -354,6 +357,9 @@ def cmd_search(stub, args) -> int:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and not response.hits and args.min_score is None:
         print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within))}", file=sys.stderr)
+    for r in response.unsearchable_rasters:     # on stderr with --json too: hits are missing from the answer
+        print(f"note: not searched: {r.raster_name} ({r.raster_path or 'raster id ' + r.raster_id}): {r.reason}",
+              file=sys.stderr)
     stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
     for reason, count in stale.items():
         print(f"note: {count} of {len(hits)} hits show a raster as it was when indexed: {reason}", file=sys.stderr)

@@ -6,13 +6,18 @@ Layout under the index directory:
     index.lock                  flock held while a TileIndex is open: one owner per directory
     embeddings/<token>.npy      float16 [tile_count, dim]; row i is tile `first_tile_id + i`
     embeddings/.tmp-<token>.npy a matrix being written; SQLite never refers to one
+    embeddings/unused/          files no row refers to, set aside (never deleted) when the index opens
 
 Crash safety: a raster's matrix is written under a temporary name, fsynced, renamed to its final
 name (directory fsynced), and only then registered in SQLite together with all its tiles in one
 transaction. Whatever moment a process dies, the raster is either completely in SQLite with a
-complete file, or absent; opening the index deletes the files no row refers to (temporary files,
-a file renamed just before the crash, a replaced raster's old file) and drops rows whose file is
-missing or has the wrong shape (a file unreadable for another reason, e.g. permissions, is kept).
+complete file, or absent; opening the index deletes temporary files and the files the database
+noted as disposable (one renamed just before the crash, a replaced or removed raster's old file),
+sets aside in unused/ any other file no row refers to (those of a database that was moved aside:
+they come back when their rows do) and drops rows whose
+file is missing or has the wrong shape (a file unreadable for another reason, e.g. permissions, is
+kept). When no row's file is there at all (embeddings/ moved, or not yet copied back) it refuses to
+open rather than drop every row.
 
 Search keeps, per checkpoint, an in-memory float32 copy of every raster's matrix laid out
 dimension-major ([dim, tiles]): one contiguous matrix-vector product over it is the fastest exact
@@ -54,6 +59,10 @@ DB_NAME = "index.sqlite3"
 LOCK_NAME = "index.lock"
 EMBEDDINGS_DIR = "embeddings"
 TEMP_PREFIX = ".tmp-"
+UNUSED_DIR = "unused"       # under embeddings/: files no row refers to, kept for the operator to judge
+# meta keys "disposable:<file>": an embedding file the database itself let go of (replaced, removed)
+# or is about to take (published, not yet registered); opening deletes it when no row refers to it
+DISPOSABLE = "disposable:"
 SCHEMA_VERSION = 1
 # Fixed header size for the .npy files, so a streaming writer can reserve it before the tile count
 # is known and fill it in at the end (numpy pads headers to 64-byte multiples; any length reads).
@@ -506,6 +515,7 @@ class TileIndex:
         self.embeddings_dir = self.directory / EMBEDDINGS_DIR
         self.ann_threshold = int(ann_threshold)
         self.nprobe = int(nprobe)
+        self._made_embeddings_dir = not self.embeddings_dir.exists()
         try:
             self.embeddings_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -520,6 +530,7 @@ class TileIndex:
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
         self._folder_fd: int | None = None   # the index folder, flocked beside index.lock
+        self._unsearchable: dict[str, tuple[int, dict]] = {}   # checkpoint -> (generation, {raster id: why})
         self._lock_file = self._acquire_directory_lock()
         try:
             self._open_database()
@@ -585,6 +596,14 @@ class TileIndex:
                 raise TileIndexError("unavailable", f"the tile index in {self.directory} is open in another "
                                                     "process (or another TileIndex); stop that server or use "
                                                     "another --data-dir") from None
+            except OSError as e:
+                # a file system without locks (NFS without its lock service): two servers could
+                # then write one index, which would corrupt it
+                self._lock_file = lock_file
+                self._release_directory_lock()
+                raise TileIndexError("unavailable", f"the tile index folder {self.directory} cannot be locked "
+                                                    f"({e.strerror or e}), so another server could write it at the "
+                                                    "same time: give a --data-dir on a local disk") from None
         return lock_file
 
     def _release_directory_lock(self) -> None:
@@ -596,44 +615,101 @@ class TileIndex:
             self._folder_fd = None
 
     def _recover(self) -> None:
-        """Drop rows whose matrix is missing or malformed, then delete files no row refers to.
+        """Drop rows whose matrix is missing or malformed, delete temporary files, and set aside the
+        files no row refers to (in embeddings/unused/, from where a row's file returns).
 
         A matrix that cannot be read for any other reason (permission denied, too many open files,
         an I/O error) may be intact, and the only copy of a long indexing run: its row and file are
-        kept, and searches report that raster unavailable until the file can be read."""
+        kept, and searches report that raster unavailable until the file can be read. Files are
+        never deleted here but temporary ones: a database moved aside (as a damaged one is) or one
+        cut short leaves every file unreferenced, and they are the index's only copy."""
+        unused = self.embeddings_dir / UNUSED_DIR
+        disposable = {r[0][len(DISPOSABLE):] for r in self._db.execute(
+            "SELECT key FROM meta WHERE key LIKE ?", (DISPOSABLE + "%",))}
         rows = self._db.execute(
             "SELECT id, source_key, tile_count, dim, first_tile_id, embeddings_file FROM rasters").fetchall()
-        referenced, broken = set(), []
+        referenced, broken, missing = set(), [], []
         for row in rows:
             path = self.embeddings_dir / row["embeddings_file"]
+            if not path.exists() and (unused / row["embeddings_file"]).is_file():
+                # set aside by an open without this row (its database moved aside, then put back)
+                try:
+                    os.replace(unused / row["embeddings_file"], path)
+                    log.warning("tile index: raster %s (%s): its embedding file is back from %s", row["id"],
+                                row["source_key"], unused)
+                except OSError as e:
+                    log.warning("tile index: could not move %s back from %s: %s", row["embeddings_file"], unused, e)
             try:
                 matrix = _read_matrix(path)
                 if matrix.shape != (row["tile_count"], row["dim"]):
                     raise ValueError(f"has shape {matrix.shape}, ({row['tile_count']}, {row['dim']}) expected")
                 del matrix
                 referenced.add(row["embeddings_file"])
-            except (FileNotFoundError, ValueError) as e:
-                problem = "is missing" if isinstance(e, FileNotFoundError) else e
+            except FileNotFoundError:
+                missing.append(row)
+            except ValueError as e:
                 log.warning("tile index: dropping raster %s (%s): its embedding file %s %s; re-index it",
-                            row["id"], row["source_key"], path, problem)
+                            row["id"], row["source_key"], path, e)
                 broken.append(row)
             except OSError as e:
                 referenced.add(row["embeddings_file"])
                 _log_unreadable(row, path, e)
-        if broken:
+        if missing and len(missing) == len(rows) and (len(rows) > 1 or self._made_embeddings_dir):
+            # not files lost one by one: the folder is elsewhere (moved, renamed, still being copied)
+            if self._made_embeddings_dir:
+                try:
+                    self.embeddings_dir.rmdir()
+                except OSError:
+                    pass
+            raise TileIndexError("unavailable", f"none of the embedding files of the {len(rows)} indexed rasters is "
+                                                f"in {self.embeddings_dir}: if that folder was moved, renamed or is "
+                                                "still being copied back, put it back and start again (nothing was "
+                                                f"changed); to start a new index instead, move {DB_NAME} aside")
+        for row in missing:
+            log.warning("tile index: dropping raster %s (%s): its embedding file %s is missing; re-index it",
+                        row["id"], row["source_key"], self.embeddings_dir / row["embeddings_file"])
+        if broken or missing:
             self._db.execute("BEGIN IMMEDIATE")
-            for row in broken:
+            for row in broken + missing:
                 self._delete_tiles(row["first_tile_id"], row["tile_count"], row["id"])
                 self._db.execute("DELETE FROM rasters WHERE id=?", (row["id"],))
             self._db.execute("COMMIT")
+        set_aside = 0
         for path in self.embeddings_dir.iterdir():
-            if path.name in referenced or not (path.name.endswith(".npy") or path.name.startswith(TEMP_PREFIX)):
+            if path.name in referenced or path.name == UNUSED_DIR:
                 continue
-            # a temporary file of a write that was interrupted, or the file of a raster dropped above
-            # (unreadable or damaged): no row refers to it any more
-            log.info("tile index: deleting %s, which no indexed raster uses (an interrupted write's, or a "
-                     "damaged raster's)", path)
-            _discard_file(path)
+            try:
+                if (path.name.startswith(TEMP_PREFIX) or path.name in disposable) and path.is_file():
+                    # a write that was interrupted, or a file the database let go of
+                    path.unlink()
+                elif path.name.endswith(".npy") and path.is_file():
+                    unused.mkdir(exist_ok=True)
+                    os.replace(path, unused / path.name)
+                    set_aside += 1
+            except OSError as e:        # left where it is: the index works without it
+                log.warning("tile index: could not delete or set aside %s, which no indexed raster uses (%s)",
+                            path, e.strerror or e)
+        if disposable:
+            self._db.execute("DELETE FROM meta WHERE key LIKE ?", (DISPOSABLE + "%",))
+        kept = sum(1 for p in unused.iterdir() if p.is_file()) if unused.is_dir() else 0
+        if kept:
+            log.warning("tile index: %d embedding file(s) that no indexed raster uses are kept in %s (%d set aside "
+                        "now): an interrupted write's, a replaced raster's, or those of a database moved aside, "
+                        "which come back when it is put back; delete them if the index lists what you expect",
+                        kept, unused, set_aside)
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """Indexing writes in embeddings/: one that cannot be written in is said when the index opens,
+        not by every later indexing."""
+        probe = self.embeddings_dir / f"{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise _out_of_space(e, self.directory) or TileIndexError(
+                "unavailable", f"cannot write in {self.embeddings_dir} ({e.strerror or e}): give the server's user "
+                               "write access to it") from None
 
     def _delete_tiles(self, first_tile_id: int, tile_count: int, raster_id: int) -> None:
         self._db.execute("DELETE FROM tiles WHERE id BETWEEN ? AND ? AND raster_id=?",
@@ -788,16 +864,27 @@ class TileIndex:
             try:
                 self._delete_tiles(row["first_tile_id"], row["tile_count"], row["id"])
                 self._db.execute("DELETE FROM rasters WHERE id=?", (row["id"],))
+                self._note_disposable(row["embeddings_file"])
                 self._db.execute("COMMIT")
             except BaseException as e:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise _out_of_space(e, self.directory) or e
             self._generation += 1
-            try:
-                _discard_file(self.embeddings_dir / row["embeddings_file"])
-            except OSError as e:  # committed already: a leftover file is deleted on the next open
-                log.warning("tile index: could not delete embedding file %s: %s", row["embeddings_file"], e)
+            self._dispose(row["embeddings_file"])
+
+    def _note_disposable(self, file_name: str) -> None:
+        """Note in the database that `file_name` may be deleted whenever no row refers to it."""
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, '')", (DISPOSABLE + file_name,))
+
+    def _dispose(self, file_name: str) -> None:
+        """Delete a file noted disposable, then the note; what fails is left to the next open."""
+        try:
+            _discard_file(self.embeddings_dir / file_name)
+            self._db.execute("DELETE FROM meta WHERE key=?", (DISPOSABLE + file_name,))
+        except (OSError, sqlite3.Error) as e:   # committed already: the next open deletes it
+            log.warning("tile index: could not delete embedding file %s now (%s); it goes when the index next "
+                        "opens", file_name, e)
 
     def _register(self, w: "RasterWriter", final_name: str, file_bytes: int) -> tuple[int, bool]:
         """Put a published raster into SQLite, replacing an earlier entry, in one transaction."""
@@ -845,6 +932,9 @@ class TileIndex:
                 db.executemany("INSERT INTO tiles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                ((first + i, raster_id, *t) for i, t in enumerate(w.tile_rows)))
                 db.execute("UPDATE meta SET value=? WHERE key='next_tile_id'", (str(first + w.rows),))
+                db.execute("DELETE FROM meta WHERE key=?", (DISPOSABLE + final_name,))   # a row's own now
+                if old is not None:
+                    self._note_disposable(old["embeddings_file"])
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:  # a failed COMMIT may have rolled back already
@@ -852,11 +942,7 @@ class TileIndex:
                 raise
             self._generation += 1
             if old is not None:
-                try:
-                    _discard_file(self.embeddings_dir / old["embeddings_file"])
-                except OSError as e:  # committed already: a leftover file is deleted on the next open
-                    log.warning("tile index: could not delete replaced embedding file %s: %s",
-                                old["embeddings_file"], e)
+                self._dispose(old["embeddings_file"])
             return raster_id, old is not None
 
     # -- search --
@@ -1015,6 +1101,15 @@ class TileIndex:
               expand_weight: float = EXPAND_WEIGHT) -> list[Ranking]:
         selected = self._selected_rasters(*filters, checkpoint_hash)
         snap = self._snapshot(checkpoint_hash)
+        for r in () if selected is None else selected - set(snap.slot_by_raster if snap else ()):
+            # an empty raster (every tile skipped) is in no snapshot; nor is one whose embeddings
+            # could not be read; any other was added after this one
+            why = self._unsearchable.get(checkpoint_hash, (None, {}))[1].get(r)
+            row = self._reader().execute("SELECT tile_count, source_key FROM rasters WHERE id=?", (r,)).fetchone()
+            if why and row is not None:
+                raise TileIndexError("unavailable", f"raster {row['source_key']!r} (id {r}) cannot be searched: {why}")
+            if row is None or row[0] > 0:
+                raise _Stale()
         if snap is None:
             return [Ranking(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), 0, False) for _ in q]
         if snap.dim != q.shape[1]:
@@ -1023,11 +1118,6 @@ class TileIndex:
                                                      "embed the query with that checkpoint")
         slots = snap.slots if selected is None else [snap.slots[snap.slot_by_raster[r]] for r in sorted(selected)
                                                      if r in snap.slot_by_raster]
-        for r in () if selected is None else selected - set(snap.slot_by_raster):
-            # an empty raster (every tile skipped) is in no snapshot; any other was added after this one
-            row = self._reader().execute("SELECT tile_count FROM rasters WHERE id=?", (r,)).fetchone()
-            if row is None or row[0] > 0:
-                raise _Stale()
         masks = {}
         if boxes_turned is not None:
             kept = []
@@ -1200,6 +1290,18 @@ class TileIndex:
         if ann and snap is not None and snap.size >= self.ann_threshold:
             self._ivf(snap)
 
+    def unsearchable_rasters(self, checkpoint_hash: str) -> list[dict]:
+        """The rasters of `checkpoint_hash` that searches leave out now, as {"id", "path", "name",
+        "reason"}: their embedding file could not be read or is damaged (the server log has more)."""
+        self._snapshot(checkpoint_hash)
+        _, reasons = self._unsearchable.get(checkpoint_hash, (None, {}))
+        out = []
+        for raster_id, reason in sorted(reasons.items()):
+            row = self._reader().execute("SELECT source_key, name FROM rasters WHERE id=?", (raster_id,)).fetchone()
+            if row is not None:     # removed since
+                out.append({"id": raster_id, "path": row["source_key"], "name": row["name"], "reason": reason})
+        return out
+
     def _snapshot(self, checkpoint_hash: str) -> _Snapshot | None:
         snap = self._snapshots.get(checkpoint_hash)
         if snap is not None and snap.generation == self._generation:
@@ -1222,6 +1324,8 @@ class TileIndex:
             "SELECT id, embeddings_file, tile_count, dim, first_tile_id, tiles_wgs84_xmin, tiles_wgs84_ymin, "
             "tiles_wgs84_xmax, tiles_wgs84_ymax FROM rasters WHERE checkpoint_hash=? AND tile_count>0 ORDER BY id",
             (checkpoint_hash,)).fetchall()
+        unsearchable: dict[int, str] = {}
+        self._unsearchable[checkpoint_hash] = (self._generation, unsearchable)
         if not rows:
             return None
         dim = rows[0]["dim"]
@@ -1237,12 +1341,19 @@ class TileIndex:
                     matrix = _read_matrix(self.embeddings_dir / row["embeddings_file"])
                     if matrix.shape != (row["tile_count"], dim):
                         raise ValueError(f"has shape {matrix.shape}")
+                    if not all(np.isfinite(matrix[i:i + CONVERT_ROWS]).all() for i in range(0, len(matrix), CONVERT_ROWS)):
+                        # the right size, but overwritten: every score with it would be NaN
+                        raise ValueError("holds values that are not numbers (it was overwritten)")
                 except (FileNotFoundError, ValueError) as e:
                     log.error("tile index: raster %s is not searchable: its embedding file %s: %s; re-index it",
                               row["id"], row["embeddings_file"], e)
+                    lost = "missing" if isinstance(e, FileNotFoundError) else "damaged"
+                    unsearchable[row["id"]] = f"its embedding file is {lost}: re-index it"
                     continue
                 except OSError as e:  # e.g. permission denied: the file may be intact, so no re-index
                     _log_unreadable(row, self.embeddings_dir / row["embeddings_file"], e)
+                    unsearchable[row["id"]] = (f"its embedding file cannot be read ({e.strerror or e}): make it readable "
+                                               "and restart the server")
                     continue
             else:
                 matrix = None
@@ -1425,6 +1536,9 @@ class RasterWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            with self.index._lock:      # noted first: a crash between renaming and registering leaves no stray file
+                self.index._check_open()
+                self.index._note_disposable(final.name)
             _publish_file(self._temp, final)
             published = True
             self.raster_id, self.replaced = self.index._register(self, final.name, final.stat().st_size)

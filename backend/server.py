@@ -3,7 +3,7 @@
 Binds to loopback by default. Off loopback a token is required (the server refuses to start
 without one), and it is worth adding TLS. Health (grpc.health.v1) answers without a token so
 launchers can wait for the server; every other call needs `authorization: Bearer <token>` when a
-token is set. SIGINT/SIGTERM: health goes NOT_SERVING, new calls are refused with UNAVAILABLE,
+token is set. SIGINT/SIGTERM/SIGHUP: health goes NOT_SERVING, new calls are refused with UNAVAILABLE,
 in-flight calls see cancellation at once (gRPC gets a grace period to deliver their last messages),
 and the index is closed cleanly.
 """
@@ -45,7 +45,8 @@ GRACE_S = 10.0
 def default_data_dir() -> Path:
     """$SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, else ~/.local/share/skyprompt."""
     if os.environ.get("SKYPROMPT_DATA_DIR"):
-        return Path(os.environ["SKYPROMPT_DATA_DIR"])
+        # "~/skyprompt" set where no shell expands it (a service unit, QGIS's environment settings)
+        return Path(os.environ["SKYPROMPT_DATA_DIR"]).expanduser()
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(base) / "skyprompt"
 
@@ -212,7 +213,7 @@ class Server:
         from .rpc import skyprompt_pb2_grpc as pb_grpc
         from .service import SkyPromptService
         self.limits = limits or Limits()
-        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
         # the index first: one that another server holds is refused at once, not after the model loaded
         self.index = TileIndex(self.data_dir / "index")
         try:
@@ -360,7 +361,7 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
         return f"--max-message-mb {args.max_message_mb:g} is below {MIN_MESSAGE_MB:g} (64 KiB), too small for the server's own answers"
     if str(args.log_level).upper() not in LOG_LEVELS:
         return f"--log-level {args.log_level}: use one of {', '.join(LOG_LEVELS)}"
-    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+    if args.data_dir and Path(args.data_dir).expanduser().exists() and not Path(args.data_dir).expanduser().is_dir():
         return f"--data-dir {args.data_dir} is a file; give a folder for the tile index"
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path and not os.access(path, os.R_OK):
@@ -449,6 +450,9 @@ def serve(args: argparse.Namespace) -> int:
             raise KeyboardInterrupt
         signal.signal(signal.SIGINT, on_signal)     # from here on, Ctrl-C stops the server cleanly
         signal.signal(signal.SIGTERM, on_signal)
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            # its terminal closed: stop as for SIGTERM (under nohup, SIGHUP stays ignored)
+            signal.signal(signal.SIGHUP, on_signal)
     except KeyboardInterrupt:
         # Ctrl-C while torch imports or the model loads (seconds to minutes): the index is not
         # served yet and is crash-safe; leave at once, as below, without a traceback

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import queue
+import sqlite3
 import threading
 import time
 from functools import wraps
@@ -25,7 +26,8 @@ import shapely.affinity
 from PIL import Image
 
 from .engine import EngineError, ModelEngine
-from .index import SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path, raster_identity
+from .index import (DB_NAME, SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path,
+                    raster_identity)
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
                      open_raster, parse_crs, raster_from_pixels, sources_digest_of, transform_bounds,
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
@@ -83,6 +85,14 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     kind = getattr(error, "kind", None)
     if isinstance(error, (RequestError, RasterError, TileIndexError, EngineError)) and kind in _STATUS:
         return _STATUS[kind], str(error)
+    if isinstance(error, sqlite3.DatabaseError) and (
+            getattr(error, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(error)):
+        # damage inside the file, which opening it did not reach: the operator's to act on, not a bug
+        log.error("the tile index database is damaged: %s", error)
+        return grpc.StatusCode.DATA_LOSS, (
+            f"the tile index database is damaged ({error}): stop the server, move {DB_NAME} in its --data-dir aside "
+            "(keep it), start it again and re-index; the embedding files are kept, and come back if the file is put "
+            "back")
     log.exception("internal error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}: {error}"
 
@@ -1078,6 +1088,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                      approximate=hits.approximate), bonus[order]
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
+        if not raster_ids and not request.raster_paths:     # a filtered search names such a raster as an error
+            for r in self.index.unsearchable_rasters(self.engine.checkpoint_hash):
+                out.unsearchable_rasters.add(raster_id=str(r["id"]), raster_path=_shown_path(r["path"]),
+                                             raster_name=r["name"], reason=r["reason"])
         rows = {}       # raster id -> its index entry, looked up once per search
         for hit in hits:
             if hit.raster_id not in rows:

@@ -852,6 +852,8 @@ class SkyPromptDock(QDockWidget):
                 raise
 
         def shown(response):
+            for note in operations.unsearchable_notes(response, names):
+                self._message(note, Qgis.Warning, 12)
             if area is not None and not response.hits:
                 self.show_hits(title, [], names, empty_note=operations.empty_area_note("the map view"))
                 return

@@ -191,8 +191,16 @@ class LocalBackend(QObject):
                     "(e.g. git pull there), or point Backend folder at a newer one in SkyPrompt settings")
         if "port is in use" in text:
             return f"{last}; change the port in the SkyPrompt address field, or stop the program that uses it"
-        if "--checkpoint" in last:
+        if "is open in another process" in last:
+            return (f"{last}; another SkyPrompt backend (a `serve` started in a terminal, or another QGIS) uses this "
+                    "index: stop it, or put its address in the SkyPrompt panel and use it instead")
+        if "--checkpoint" in last or re.search(r"checkpoint|model\.safetensors|config\.json|tokenizer\.json", last):
             return f"{last}; set Checkpoint in SkyPrompt settings (empty: the bundled one)"
+        if "--data-dir" in last:
+            # the plugin starts the backend without --data-dir: its index is at the default place
+            return (f"{last} (a backend started from QGIS keeps its index in $SKYPROMPT_DATA_DIR, else "
+                    "~/.local/share/skyprompt: set SKYPROMPT_DATA_DIR in QGIS's Settings > Options > System > "
+                    "Environment for another)")
         return last
 
     def _process_finished(self, process: QProcess, code, status) -> None:

@@ -268,6 +268,13 @@ def stale_notes(hits, names: dict | None = None) -> list[str]:
             for path, (change, count) in stale.items()]
 
 
+def unsearchable_notes(response, names: dict | None = None) -> list[str]:
+    """One line per indexed raster a search left out (SearchResponse.unsearchable_rasters): its
+    embeddings cannot be read on the backend, so its tiles are missing from the hits."""
+    return [f"not searched: {(names or {}).get(r.raster_path) or r.raster_name!r} on the backend: {r.reason}"
+            for r in response.unsearchable_rasters]
+
+
 def distinct_unfamiliar(answers) -> list:
     """The UnfamiliarWord messages of several SegmentResults, each word once."""
     seen = {}

@@ -327,7 +327,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         feedback.pushInfo(f"{len(hits)} tiles for {query!r}" if like < 0 else f"{len(hits)} tiles like tile {like}")
         if response and response.unfamiliar_words:
             feedback.pushWarning(operations.unfamiliar_note(response.unfamiliar_words))
-        for note in operations.stale_notes(hits, names):
+        for note in operations.stale_notes(hits, names) + operations.unsearchable_notes(response, names):
             feedback.pushWarning(note)
         return {"OUTPUT": dest}
 

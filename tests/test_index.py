@@ -58,7 +58,13 @@ def add(index, tmp_path, name, emb, checkpoint=CK, mtime_ns=1, settings=None, **
 
 
 def embedding_files(directory):
-    return sorted(p.name for p in (Path(directory) / "embeddings").iterdir())
+    """The files in embeddings/ (not those set aside in embeddings/unused/)."""
+    return sorted(p.name for p in (Path(directory) / "embeddings").iterdir() if p.is_file())
+
+
+def unused_files(directory):
+    unused = Path(directory) / "embeddings" / "unused"
+    return sorted(p.name for p in unused.iterdir()) if unused.is_dir() else []
 
 
 @pytest.fixture
@@ -717,6 +723,9 @@ def test_kill_9_while_indexing_leaves_each_raster_complete_or_absent(tmp_path, r
             assert index.search(keep[3], 1, CK)[0].col == 3 * 256
         referenced = sorted(r["embeddings_file"] for r in rasters.values())
         assert embedding_files(directory) == referenced  # no orphans, no temp files
+        # a file renamed just before the kill, or a replaced raster's old one, was noted disposable
+        # by the database: deleted, not set aside for the operator
+        assert unused_files(directory) == []
         tiles = index._reader().execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
         assert tiles == sum(r["tile_count"] for r in rasters.values())
 
@@ -737,8 +746,123 @@ def test_open_drops_rows_whose_file_is_missing_or_malformed(tmp_path, rng, caplo
         assert index.search(keep[2], 1, CK)[0].col == 2 * 256
         assert index._reader().execute("SELECT COUNT(*) FROM tiles").fetchone()[0] == 10
         assert len(embedding_files(directory)) == 1
+    # files no row refers to are set aside, not deleted: the database may not be the one they belong to
+    assert unused_files(directory) == sorted(["stray.npy", files[b].name])
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "a.tif" in warnings and "b.tif" in warnings and "re-index" in warnings
+    assert "2 embedding file(s) that no indexed raster uses are kept in" in warnings
+
+
+@pytest.mark.parametrize("how", ["moved_aside", "emptied"])
+def test_a_database_moved_aside_or_emptied_loses_no_embedding_file(tmp_path, rng, how):
+    """A damaged database's message says to move it aside: the new index that starts then sets the
+    old files aside (it has no row for them), and they come back, searchable, when it is put back."""
+    directory = tmp_path / "idx"
+    emb = unit(rng, 10)
+    with TileIndex(directory) as index:
+        add(index, tmp_path, "a", emb)
+        add(index, tmp_path, "b", unit(rng, 10))
+    files = embedding_files(directory)
+    db = directory / "index.sqlite3"
+    for extra in ("-wal", "-shm"):
+        Path(str(db) + extra).unlink(missing_ok=True)
+    os.replace(db, tmp_path / "kept.sqlite3")
+    if how == "emptied":
+        db.write_bytes(b"")             # a restore cut short
+    with TileIndex(directory) as index:
+        assert index.list_rasters() == []
+    assert embedding_files(directory) == [] and unused_files(directory) == files
+    db.unlink()
+    os.replace(tmp_path / "kept.sqlite3", db)
+    with TileIndex(directory) as index:
+        assert sorted(Path(r["path"]).name for r in index.list_rasters()) == ["a.tif", "b.tif"]
+        assert index.search(emb[4], 1, CK)[0].col == 4 * 256
+    assert embedding_files(directory) == files and unused_files(directory) == []
+
+
+def test_an_index_whose_embeddings_folder_is_gone_is_refused_not_emptied(tmp_path, rng):
+    """embeddings/ moved, renamed or not yet copied back: every row's file missing at once is not
+    files lost one by one; the open is refused, and the rows are all kept for when it is back."""
+    directory = tmp_path / "idx"
+    emb = unit(rng, 10)
+    with TileIndex(directory) as index:
+        add(index, tmp_path, "a", emb)
+    os.replace(directory / "embeddings", tmp_path / "elsewhere")
+    with pytest.raises(TileIndexError, match=r"none of the embedding files of the 1 indexed rasters is in .*put it "
+                                             r"back and start again \(nothing was changed\)"):
+        TileIndex(directory)
+    assert not (directory / "embeddings").exists()
+    os.replace(tmp_path / "elsewhere", directory / "embeddings")
+    with TileIndex(directory) as index:
+        assert index.search(emb[2], 1, CK)[0].col == 2 * 256
+    # two rasters, embeddings/ there but empty (a copy not finished): refused too
+    with TileIndex(directory) as index:
+        add(index, tmp_path, "b", unit(rng, 10))
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for f in embedding_files(directory):
+        os.replace(directory / "embeddings" / f, aside / f)
+    with pytest.raises(TileIndexError, match="none of the embedding files of the 2 indexed rasters"):
+        TileIndex(directory)
+    for f in os.listdir(aside):
+        os.replace(aside / f, directory / "embeddings" / f)
+    with TileIndex(directory) as index:
+        assert len(index.list_rasters()) == 2
+
+
+def test_leftovers_that_cannot_be_deleted_do_not_stop_the_index_opening(tmp_path, rng, caplog):
+    directory = tmp_path / "idx"
+    with TileIndex(directory) as index:
+        add(index, tmp_path, "a", unit(rng, 10))
+    (directory / "embeddings" / "a_folder.npy").mkdir()
+    (directory / "embeddings" / ".tmp-left").mkdir()
+    with caplog.at_level(logging.WARNING, logger="backend.index"), TileIndex(directory) as index:
+        assert len(index.list_rasters()) == 1
+    assert (directory / "embeddings" / "a_folder.npy").is_dir()
+
+
+def test_an_index_that_cannot_be_locked_or_written_is_refused_at_open(tmp_path, monkeypatch):
+    """A file system without locks (NFS without its lock service) and an embeddings folder the
+    server cannot write in are said when the index opens, not as a traceback or by each indexing.
+    Both are raised by replacing one call: the tests run as root, whom chmod does not stop."""
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+    with monkeypatch.context() as m:
+        m.setattr(index_module.fcntl, "flock", no_locks)
+        with pytest.raises(TileIndexError, match=r"cannot be locked \(No locks available\).*on a local disk"):
+            TileIndex(tmp_path / "nolock")
+    real_touch = Path.touch
+
+    def read_only(self, *a, **kw):
+        if self.parent.name == "embeddings":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_touch(self, *a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "touch", read_only)
+        with pytest.raises(TileIndexError, match=r"cannot write in .*embeddings \(Permission denied\): give the "):
+            TileIndex(tmp_path / "ro")
+    with TileIndex(tmp_path / "ro") as index:       # the refusal left it usable
+        assert index.list_rasters() == []
+
+
+def test_a_raster_whose_embeddings_were_overwritten_is_named_not_scored_nan(tmp_path, rng):
+    directory = tmp_path / "idx"
+    keep = unit(rng, 10)
+    with TileIndex(directory) as index:
+        a = add(index, tmp_path, "a", keep)
+        b = add(index, tmp_path, "b", unit(rng, 10))
+        path = directory / "embeddings" / index.raster(b)["embeddings_file"]
+    data = bytearray(path.read_bytes())
+    data[-40:] = b"\xff" * 40              # float16 NaNs where embeddings were, the size unchanged
+    path.write_bytes(bytes(data))
+    with TileIndex(directory) as index:
+        hits = index.search(keep[1], 20, CK)
+        assert {h.raster_id for h in hits} == {a} and all(np.isfinite(h.score) for h in hits)
+        skipped = index.unsearchable_rasters(CK)
+        assert [(s["id"], Path(s["path"]).name) for s in skipped] == [(b, "b.tif")]
+        assert "damaged: re-index it" in skipped[0]["reason"]
+        with pytest.raises(TileIndexError, match=r"b\.tif.*cannot be searched: its embedding file is damaged"):
+            index.search(keep[1], 5, CK, raster_ids=[b])
 
 
 @pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),

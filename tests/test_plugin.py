@@ -2743,3 +2743,47 @@ def test_match_words_in_tile_captions_reaches_the_backend(dock, iface, rasters, 
     finally:
         QgsProject.instance().removeAllMapLayers()
         backends.close()
+
+
+def test_a_raster_the_backend_left_out_of_a_search_is_named_after_its_layer(qgis_app):
+    """SearchResponse.unsearchable_rasters become one warning each, naming the project's layer of the
+    file where there is one (the panel and Processing show these lines)."""
+    from plugin import operations
+    from plugin.rpc import skyprompt_pb2 as pb
+
+    response = pb.SearchResponse()
+    response.unsearchable_rasters.add(raster_id="3", raster_path="/data/north.tif", raster_name="north.tif",
+                                      reason="its embedding file is damaged: re-index it")
+    response.unsearchable_rasters.add(raster_id="4", raster_path="", raster_name="scan",
+                                      reason="its embedding file cannot be read (Permission denied)")
+    assert operations.unsearchable_notes(response, {"/data/north.tif": "North ortho"}) == [
+        "not searched: 'North ortho' on the backend: its embedding file is damaged: re-index it",
+        "not searched: 'scan' on the backend: its embedding file cannot be read (Permission denied)"]
+    assert operations.unsearchable_notes(pb.SearchResponse()) == []
+
+
+def test_start_local_backend_failures_get_advice_for_what_the_plugin_can_change(qgis_app, checkpoint, tmp_path):  # noqa: F811
+    """The backend's own last lines for a damaged checkpoint, and for an index another backend holds,
+    get what to do in QGIS (the Checkpoint setting; stop the other backend or use it), not only advice
+    about command-line options the plugin does not show."""
+    import shutil
+
+    from backend.index import TileIndex
+    from plugin.local_backend import LocalBackend
+
+    def last_line(*args):
+        r = subprocess.run([sys.executable, "-m", "backend", "serve", "--port", "0", "--device", "cpu", *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        return r.stderr.strip().splitlines()[-1]
+
+    launcher = LocalBackend()
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    launcher._log_tail = [last_line("--checkpoint", str(broken), "--data-dir", str(tmp_path / "d1"))]
+    assert launcher._why().endswith("set Checkpoint in SkyPrompt settings (empty: the bundled one)"), launcher._why()
+    with TileIndex(tmp_path / "d2" / "index"):
+        launcher._log_tail = [last_line("--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "d2"))]
+    assert "another SkyPrompt backend" in launcher._why() and "put its address in the SkyPrompt panel" in \
+        launcher._why(), launcher._why()

@@ -2532,12 +2532,29 @@ def test_cli_output_read_by_a_reader_that_stops_early_ends_quietly(server, raste
     assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err
 
 
-def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path):
-    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path]).start()
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_serve_removes_its_port_file_on_a_clean_stop(checkpoint, tmp_path, sig):
+    """SIGTERM, and SIGHUP (the terminal that ran it closed), stop the server cleanly."""
+    # a suite started under nohup ignores SIGHUP, and its children with it (as the server then should)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        live = LiveServer(checkpoint, tmp_path / "data", [tmp_path]).start()
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
     port_file = tmp_path / "data.port"
     assert port_file.read_text() == live.address.rsplit(":", 1)[1]
-    assert live.stop() == 0
+    assert live.stop(sig) == 0
     assert not port_file.exists()
+
+
+def test_a_data_dir_given_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    """SKYPROMPT_DATA_DIR="~/skyprompt" set where no shell expands it (a service unit, QGIS's
+    environment settings) is the home folder's, not a folder named "~" in the working folder."""
+    from backend.server import default_data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKYPROMPT_DATA_DIR", "~/skyprompt")
+    assert default_data_dir() == tmp_path / "skyprompt"
 
 
 def test_stop_on_stdin_close_leaves_a_standard_input_that_is_no_pipe_alone(checkpoint, tmp_path):
@@ -2552,3 +2569,53 @@ def test_stop_on_stdin_close_leaves_a_standard_input_that_is_no_pipe_alone(check
         assert "standard input is not a pipe" in live.log_text()
     finally:
         assert live.stop() == 0
+
+
+def test_search_names_a_raster_it_cannot_read_and_a_damaged_database_is_data_loss(checkpoint, rasters, tmp_path):
+    """An embedding file overwritten on disk (the right size, values no number): a search of the whole
+    index leaves that raster out and says so (JSON and stderr), a search of it alone names it as the
+    error; damage inside the database that opening it does not reach is DATA_LOSS with what to do,
+    not an internal error."""
+    import sqlite3
+    live = LiveServer(checkpoint, tmp_path / "data", [rasters["folder"]])
+    live.start()
+    try:
+        for name in ("rgb", "rgba"):
+            assert client(live, "index", str(rasters[name])).returncode == 0
+    finally:
+        live.stop()
+    index_dir = tmp_path / "data" / "index"
+    db = sqlite3.connect(index_dir / "index.sqlite3")
+    (file_name,) = db.execute("SELECT embeddings_file FROM rasters WHERE source_key LIKE '%rgba_3857.tif'").fetchone()
+    db.close()
+    damaged = index_dir / "embeddings" / file_name
+    data = bytearray(damaged.read_bytes())
+    data[128:] = b"\xff" * (len(data) - 128)
+    damaged.write_bytes(bytes(data))
+    live.start()
+    try:
+        r = client(live, "search", "fields", "--k", "50", "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert [u["raster_name"] for u in out["unsearchable_rasters"]] == ["rgba_3857.tif"]
+        assert out["results"] and {h["raster_name"] for h in out["results"]} == {"rgb_utm.tif"}
+        assert "note: not searched: rgba_3857.tif (" in r.stderr and "damaged: re-index it" in r.stderr
+        r = client(live, "search", "fields", "--raster", str(rasters["rgba"]))
+        assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+        assert "cannot be searched: its embedding file is damaged: re-index it" in r.stderr, r.stderr
+    finally:
+        live.stop()
+    db = sqlite3.connect(index_dir / "index.sqlite3")
+    (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name='tiles'").fetchone()
+    (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    db.close()
+    with open(index_dir / "index.sqlite3", "r+b") as f:        # the tiles table's first page, garbage
+        f.seek((root - 1) * page_size)
+        f.write(b"\x0d\xff" * (page_size // 2))
+    live.start()
+    try:
+        r = client(live, "search", "fields")
+        assert r.returncode == 1 and "DATA_LOSS: the tile index database is damaged" in r.stderr, r.stderr
+        assert "move index.sqlite3 in its --data-dir aside" in r.stderr and "internal" not in r.stderr
+    finally:
+        live.stop()
