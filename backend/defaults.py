@@ -16,6 +16,9 @@ API_VERSION = "skyprompt.v1"
 # CPU-trained defaults before it)
 DEFAULT_SAO_WINDOW = 5
 DEFAULT_THRESHOLD = 0.5
+# percentiles of the linear stretch that turns data of more than 8 bits into 0..255 (rasters' non-Byte
+# bands, training's 16-bit images), unless a request sets its own
+DEFAULT_STRETCH = (2.0, 98.0)
 # Edge refinement (backend.edges): the guided filter's radius as a fraction of the model's input
 # side, so 64 pixels of the working grid at 128-pixel tiles. Half a tile had the best mIoU of the
 # localization benchmark's radius sweep on RSSCN7 and AID mosaics (README); 0 turns it off.

@@ -34,9 +34,10 @@ from xml.etree import ElementTree
 import numpy as np
 from osgeo import gdal, ogr, osr
 
+from .defaults import DEFAULT_STRETCH
+
 ERROR_KINDS = frozenset({"invalid_argument", "not_found", "permission_denied", "resource_exhausted", "aborted"})
 
-DEFAULT_STRETCH = (2.0, 98.0)     # percentiles of the linear stretch for non-Byte data
 STATS_SIDE = 1024                 # long side of the decimated read behind the stretch and tile masks
 DEFAULT_MAX_PIXELS = 4096 * 4096  # cap on the output of read_extent
 MAX_TILE_SIZE = 8192

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -662,6 +664,36 @@ def test_filter_reads_pairs_as_training_does_and_writes_keys_it_reads(tmp_path):
     assert len(samples) == 5 and all(caption for _, caption in samples)
 
 
+def test_filter_keeps_pairs_apart_whose_shards_share_a_name(tmp_path):
+    """Two crawls' "00000.tar" in two folders hold pairs of one key each: written under one key, the
+    training reader would group them into one sample and lose a pair."""
+    import io
+    import tarfile
+
+    from training.data import WebDatasetShards
+
+    rng = np.random.default_rng(3)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        with tarfile.open(tmp_path / folder / "00000.tar", "w") as tar:
+            for key in ("000", "001", "002"):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+                for name, data in ((f"{key}.png", buf.getvalue()), (f"{key}.txt", f"fields {folder}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    p = run("filter", "--shards", tmp_path / "a" / "00000.tar", "--shards", tmp_path / "b" / "00000.tar",
+            "--checkpoint", CHECKPOINT, "--out", out, "--text-threshold", "0")
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["kept"] == 6 and len(set(report["kept_keys"])) == 6, report
+    samples = [x for x in WebDatasetShards([str(s) for s in sorted((out / "shards").glob("*.tar"))],
+                                           transform=lambda im: im, seed=0, shuffle_buffer=1) if x]
+    assert len(samples) == 6
+
+
 def test_filter_rerun_replaces_its_own_shards_only(tmp_path):
     _web_pairs(tmp_path)
     manifest = tmp_path / "all.jsonl"
@@ -710,3 +742,68 @@ def test_ray_engine_resumes_a_half_done_run_and_writes_the_same_dataset(built, s
     def rows(folder):
         return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
     assert [(r["key"], r["caption"]) for r in rows(out)] == [(r["key"], r["caption"]) for r in rows(local)]
+
+
+def test_ctrl_c_with_workers_drops_the_units_not_started(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during a --workers 2 build: the units not
+    started yet are dropped at once; before, the pool ran every queued unit before exiting."""
+    import signal
+
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 640)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32 + 64 * i} {ORIGIN[1] - 32})",
+                                                       {"name": f"Tower {i}"}) for i in range(10)])})
+    slow = tmp_path / "slow_captioner.py"      # half a second a tile: 20 one-tile units, ~5 s on 2 workers
+    slow.write_text("import json, sys, time\ninfo = json.load(sys.stdin)\ntime.sleep(0.5)\nprint('a tile')\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "training.build_dataset", "landmarks", "--raster", str(raster),
+                             "--features", str(gpkg), "--out", str(out), "--tile-size", str(TILE), "--unit-tiles", "1",
+                             "--workers", "2", "--captioner", f"{sys.executable} {slow}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            # a suite started in the background has SIGINT ignored, and its children with it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((out / "parts").glob("*.json")) if (out / "parts").is_dir() else True:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    done = len(list((out / "parts").glob("*.json")))
+    assert done <= 6, f"{done} of 20 units ran after Ctrl-C"      # the first, and those running then
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".shp"])
+def test_a_where_filter_naming_no_field_is_refused_before_anything_is_built(tmp_path, suffix):
+    """A GeoPackage takes any --where and fails only at the first read: the build said "kept 0 of N
+    tiles", exit 0, and the --out then counted as built with that filter, refusing the corrected one."""
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
+                                                       {"name": "Alpha Tower"})])})
+    features = gpkg
+    if suffix == ".shp":
+        features = tmp_path / "p.shp"
+        ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(gpkg)), str(features))
+    out = tmp_path / "out"
+    code, err = _build(raster, features, out, "--where", "nosuchfield = 1")
+    assert code == 2 and "--where 'nosuchfield = 1' is not a valid filter for" in err, err
+    assert not (out / "summary.json").exists()
+    code, err = _build(raster, features, out, "--where", "name = 'Alpha Tower'")
+    assert code == 0, err
+    assert _tiles_naming(out, "Alpha Tower") == {0}
+
+
+def test_landmark_options_given_wrongly_are_named_and_a_source_without_a_crs_is_noted(tmp_path):
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
+                                                       {"name": "Alpha Tower"})])})
+    code, err = _build(raster, gpkg, tmp_path / "out", "--resolution", "-5")
+    assert code == 2 and "--resolution -5.0 must be a ground size above 0" in err, err
+    code, err = _build(raster, gpkg, tmp_path / "out", "--min-line", "-1")
+    assert code == 2 and "--min-line -1.0 must be 0 or more" in err, err
+    # a shapefile without its .prj: read as longitude/latitude, and said so
+    shp = tmp_path / "noprj.shp"
+    ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(gpkg)), str(shp))
+    (tmp_path / "noprj.prj").unlink()
+    code, err = _build(raster, shp, tmp_path / "out2")
+    assert f"note: {shp} (layer noprj) says no CRS" in err and "taken as longitude/latitude" in err, err

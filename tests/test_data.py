@@ -888,3 +888,54 @@ def test_validation_lists_cli(class_folder, tmp_path, capsys):
     assert len(lines) == 2 * 3 and all((class_folder / line).is_file() for line in lines)
     assert recipes.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "v2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".png", np.uint16), (".tif", np.uint16), (".tif", np.float32)])
+def test_images_wider_than_8_bits_are_stretched_not_clipped_white(tmp_path, suffix, dtype):
+    """16-bit (and float) single-band images: PIL's own conversion clips every value above 255, so
+    500..3500 came out one flat white; they are stretched between their 2nd and 98th percentiles."""
+    from PIL import Image
+
+    from training.data import load_image
+
+    values = np.linspace(500, 3500, 64 * 64).reshape(64, 64).astype(dtype)
+    path = tmp_path / f"wide{suffix}"
+    Image.fromarray(values).save(path)
+    rgb = np.asarray(load_image(str(path)))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    grey = rgb[..., 0].astype(int).ravel()
+    assert grey.min() == 0 and grey.max() == 255          # the 2nd and 98th percentiles and past them
+    assert np.all(np.diff(grey) >= 0) and len(np.unique(grey)) > 200   # order kept, levels kept
+
+
+@pytest.mark.parametrize("source, message", [
+    # a typo: the held-out split it was to set would be dropped unnoticed, and validated on images trained on
+    ({"kind": "manifest", "path": "c.jsonl", "val_per_clas": 2},
+     r"source 1 \(manifest\) has 'val_per_clas', which no manifest source takes; its keys are kind, name, weight, "
+     r"val_per_class, path, classnames"),
+    ({"kind": "folder", "root": 5, "classnames": "rsscn7"}, r"source 1 has root 5; give it as a string"),
+    ({"kind": "manifest", "path": ["a.jsonl"]}, r"has path \[\"a.jsonl\"\]; give it as a string"),
+    ({"kind": "shards", "urls": 5}, r"has urls 5; give a shard path or pattern, or a list of them"),
+    ({"kind": "folder", "root": "r", "classnames": {}}, r"has classnames \{\}; give a class-name map file"),
+    ({"kind": "folder", "root": "r", "classnames": ["a"]}, r"has classnames \[\"a\"\]"),
+    ({"kind": "folder", "root": "r", "classnames": "rsscn7", "caption_pool": {"dir": "caps"}},
+     r"has caption_pool \{\"dir\": \"caps\"\}; give"),
+    ({"kind": "folder", "root": "r", "classnames": "rsscn7", "caption_pool": "caps"}, r"has caption_pool \"caps\""),
+    ({"kind": "folder", "root": "r", "classnames": "rsscn7",
+      "caption_pool": {"dir": "caps", "mapping": "rsscn7", "max_per_class": "x"}}, r"has caption_pool"),
+    ({"kind": "folders", "root": "r"}, r"source 1 has kind 'folders'; a kind is one of folder, shards"),
+])
+def test_recipe_sources_with_unknown_keys_or_wrong_types_are_refused_by_name(tmp_path, source, message):
+    from training import recipe as recipes
+
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"sources": [source]}))
+    with pytest.raises(recipes.RecipeError, match=message):
+        recipes.sources_from_args(str(path), [], [], [], [], 0)
+
+
+def test_the_shipped_recipe_passes_the_source_checks():
+    from training import recipe as recipes
+
+    sources = recipes.sources_from_args(str(Path(recipes.__file__).parent / "recipes" / "default.json"), [], [], [], [], 0)
+    assert {s["kind"] for s in sources} == {"folder", "manifest"}

@@ -119,6 +119,47 @@ def test_an_unreadable_training_image_is_named_and_no_recipe_is_written(tmp_path
     assert not (out / "recipe.json").exists()
 
 
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (its pixels are those of a 1 x 1 image): past PIL's
+    size limit, opening it raises DecompressionBombError, without the test making a huge image."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 4 + 4                                   # signature, chunk length, "IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_images_too_large_or_too_long_for_the_format_are_named_or_fitted(tmp_path):
+    """An image past PIL's size limit is named among the unreadable ones (not a traceback with half a
+    copy left); a strip longer than WebP holds (16383 px) is packed with its longer side fitted."""
+    from PIL import Image
+
+    scenes = make_scene_folder(tmp_path / "data" / "scenes", per_class=2)
+    Image.new("RGB", (100, 20000), (200, 30, 30)).save(scenes / "red" / "strip.png")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": "data/scenes",
+                                               "classnames": "data/classes.json"}]}))
+    out = tmp_path / "pack"
+    r = _pack("--recipe", str(recipe), "--out", str(out), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    with Image.open(next((out / "scenes" / "red").glob("strip*.webp"))) as im:
+        assert max(im.size) <= 16383 and im.size[0] >= 80
+    _png_claiming(scenes / "green" / "huge.png", 20000, 20000)
+    r = _pack("--recipe", str(recipe), "--out", str(tmp_path / "pack2"), "--workers", "1")
+    assert r.returncode == 2 and "1 training image(s) could not be read" in r.stderr, r.stderr
+    assert "huge.png" in r.stderr and "Traceback" not in r.stderr
+    # an --out that cannot be made: one line, nothing left
+    r = _pack("--recipe", str(recipe), "--out", str(tmp_path / "recipe.json" / "pack"), "--workers", "1")
+    assert r.returncode == 2 and "cannot write the copy in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path):
     """Ctrl-C reaches the whole process group (the pool's workers too): one line, no tracebacks, and no
     half-written --out, which would have no recipe.json and be refused as not empty by the next pack."""

@@ -288,6 +288,26 @@ def test_cli_out_ending_with_a_slash_is_a_folder(tmp_path, capsys):
     assert "cannot write --out /sys/skyprompt-tokenizer.json" in err and "Traceback" not in err, err
 
 
+def test_cli_out_that_is_an_input_or_no_tokenizer_is_refused(tmp_path, capsys):
+    """`--captions caps.txt --out caps.txt` replaced the captions with the tokenizer; an --out that is
+    an earlier tokenizer may be replaced, any other existing file is refused."""
+    caps = tmp_path / "caps.txt"
+    caps.write_text("\n".join(CORPUS * 10) + "\n")
+    kept = caps.read_text()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--captions", str(caps), "--vocab-size", "300", "--out", str(caps)])
+    assert e.value.code == 2 and "is one of the input files" in capsys.readouterr().err
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    with pytest.raises(SystemExit):
+        cli_main(["--captions", str(caps), "--vocab-size", "300", "--out", str(notes)])
+    assert "exists and is not a tokenizer file" in capsys.readouterr().err
+    assert caps.read_text() == kept and notes.read_text() == '{"mine": 1}'
+    out = tmp_path / "tokenizer.json"
+    assert cli_main(["--captions", str(caps), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert cli_main(["--captions", str(caps), "--vocab-size", "320", "--out", str(out)]) == 0   # a rerun replaces it
+
+
 def test_cli_missing_captions_path(tmp_path):
     missing = tmp_path / "no_such_caps.txt"
     result = run_cli("--captions", str(missing), "--out", str(tmp_path / "tokenizer.json"))

@@ -665,8 +665,9 @@ def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"keeping the {last} steps" in r.stderr
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == last
-    r = _run(_args(folder, tmp_path / "y", 1, "--time-budget", "-1"))
-    assert r.returncode == 2 and "--time-budget is in minutes" in r.stderr and "Traceback" not in r.stderr
+    for bad in ("-1", "nan", "inf"):      # nan was taken as no budget, unsaid
+        r = _run(_args(folder, tmp_path / "y", 1, "--time-budget", bad))
+        assert r.returncode == 2 and "--time-budget is in minutes" in r.stderr and "Traceback" not in r.stderr
 
 
 class _EpochEcho(torch.utils.data.Dataset):

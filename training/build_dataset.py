@@ -39,7 +39,7 @@ def _landmarks_parser(sub) -> None:
                    help=f"extra tag -> phrase rules, tried before the default ({LM.DEFAULT_MAPPING.name}); "
                         "format: TAG<TAB>PHRASE<TAB>KIND (object|line|cover)")
     p.add_argument("--tile-size", type=int, default=256, metavar="PX", help="tile side in pixels (default: %(default)s)")
-    p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction 0..0.9 (default: %(default)s)")
+    p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction, 0 or more and under 0.9 (default: %(default)s)")
     p.add_argument("--resolution", type=float, default=None, metavar="M",
                    help="ground resolution in map units per pixel (default: the raster's)")
     p.add_argument("--min-valid", type=float, default=0.9,
@@ -129,9 +129,14 @@ def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: s
         return [LM.run_unit(cfg, u) for u in tqdm(units, desc="units", unit="unit")]
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers) as pool:
+    pool = ProcessPoolExecutor(workers)
+    try:
         futures = [pool.submit(LM.run_unit, cfg, u) for u in units]
         return [f.result() for f in tqdm(futures, desc="units", unit="unit")]
+    finally:
+        # on Ctrl-C or a unit's failure, the units not started yet are dropped rather than run to
+        # the end first (hours, on a real job); those running finish or stop with their worker
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def landmarks(args) -> dict:
@@ -143,6 +148,11 @@ def landmarks(args) -> dict:
             raise LM.BuildError(f"--{name.replace('_', '-')} must be between 0 and 1")
     if not 0.0 <= args.overlap < 0.9:
         raise LM.BuildError("--overlap must be in [0, 0.9)")
+    if args.resolution is not None and not 0 < args.resolution < float("inf"):
+        raise LM.BuildError(f"--resolution {args.resolution} must be a ground size above 0, in the raster's map units "
+                            "per pixel (leave it out for the raster's own)")
+    if args.min_line < 0:
+        raise LM.BuildError(f"--min-line {args.min_line} must be 0 or more")
     for path in args.features:
         if not Path(path).exists():
             raise LM.BuildError(f"vector source {path} does not exist")
@@ -158,6 +168,11 @@ def landmarks(args) -> dict:
     for path in cfg.features:
         groups, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
         counts[path] = {"read": seen, "usable": sum(len(feats) for _, _, feats in groups)}
+        for layer, srs, _ in groups:
+            if srs is None and not str(path).lower().endswith((".geojson", ".json", ".osm", ".pbf")):
+                # GeoJSON and OSM data are longitude/latitude by definition; a shapefile without its .prj is not
+                print(f"note: {path} (layer {layer}) says no CRS (a shapefile without its .prj?): its coordinates "
+                      "are taken as longitude/latitude (EPSG:4326)", file=sys.stderr)
     units, problems = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "

@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from backend.defaults import DEFAULT_STRETCH
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from training.templates import TEMPLATES, fill
@@ -221,10 +223,31 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def load_image(path: str) -> Image.Image:
-    """An RGB PIL image, fully decoded (so a truncated file fails here, not later)."""
-    with Image.open(path) as im:
+# what PIL raises for a file it cannot read as an image: not one, truncated, damaged, or past its
+# size limit (DecompressionBombError is none of the others)
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+
+# PIL modes of one value per pixel wider than 8 bits (16-bit PNG and TIFF, 32-bit integer or float)
+WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+def rgb_image(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB. Values wider than 8 bits (16-bit imagery is common in remote sensing) are
+    stretched linearly between their 2nd and 98th percentiles, as the backend shows such rasters:
+    PIL's own conversion clips them at 255, which makes most 16-bit images one flat white."""
+    if im.mode not in WIDE_MODES:
         return im.convert("RGB")
+    values = np.asarray(im, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, DEFAULT_STRETCH) if finite.size else (0.0, 1.0)
+    scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image."""
+    with Image.open(path) as im:
+        return rgb_image(im)
 
 
 def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:
@@ -978,7 +1001,7 @@ class WebDatasetShards(_CountsSkips, IterableDataset):
         caption = captions[rng.randrange(len(captions))]
         try:
             with Image.open(io.BytesIO(data)) as im:
-                image = im.convert("RGB")
+                image = rgb_image(im)
         except Exception as e:
             self._skip(where, e)
             return None

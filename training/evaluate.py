@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from backend.defaults import VIEW_COUNTS, VIEW_HELP, check_edge_radius
@@ -35,7 +35,8 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import CLASSNAMES_DIR, DataError, class_key, manifest_records, read_classnames_file
+from .data import (CLASSNAMES_DIR, UNREADABLE_IMAGE, DataError, class_key, manifest_records, read_classnames_file,
+                   rgb_image)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -171,10 +172,10 @@ class _EvalMode:
 def _load_image(path: str, transform) -> torch.Tensor:
     try:
         with Image.open(path) as im:
-            return transform(im)
+            return transform(rgb_image(im))
     except FileNotFoundError:
         raise EvalError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise EvalError(f"cannot read image {path}: {e}") from None
 
 

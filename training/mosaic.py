@@ -20,6 +20,8 @@ import numpy as np
 from osgeo import gdal, ogr, osr
 from PIL import Image, UnidentifiedImageError
 
+from .data import rgb_image
+
 MOSAIC_CRS = "EPSG:32633"
 LAYOUTS = ("voronoi", "rectangles")
 
@@ -78,15 +80,15 @@ def _scene(path: str, scene_px: int) -> np.ndarray:
     cannot be read is a MosaicError naming it (the commands report it in one line)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = rgb_image(im)
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((scene_px, scene_px), Image.BICUBIC)
             return np.asarray(im).transpose(2, 0, 1)
     except UnidentifiedImageError:
         raise MosaicError(f"scene image {path} is not an image file that can be read") from None
-    except OSError as e:    # missing, unreadable, truncated
-        raise MosaicError(f"cannot read scene image {path}: {e.strerror or e}") from None
+    except (OSError, Image.DecompressionBombError) as e:    # missing, unreadable, truncated, too large
+        raise MosaicError(f"cannot read scene image {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def build_mosaic(images_by_class: Mapping[str, Sequence[str]], seed: int, index: int, size: int = 512,

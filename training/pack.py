@@ -30,7 +30,8 @@ from . import data as D
 from . import recipe as R
 from .templates import TEMPLATES, fill
 
-FORMATS = {"webp": ("WEBP", ".webp"), "jpeg": ("JPEG", ".jpg")}
+# name: (PIL format, file suffix, the longest side the format holds)
+FORMATS = {"webp": ("WEBP", ".webp", 16383), "jpeg": ("JPEG", ".jpg", 65500)}
 
 
 class PackError(ValueError):
@@ -42,13 +43,18 @@ def _shrink(job: tuple[str, str, int, str, int]) -> int | str:
     src, dst, size, fmt, quality = job
     try:
         im = D.load_image(src)
-    except (OSError, ValueError) as e:   # PIL: unreadable, truncated or not an image
+    except D.UNREADABLE_IMAGE as e:   # PIL: unreadable, truncated, not an image, or past its size limit
         return f"{src}: {e}"
-    scale = size / min(im.size)
+    # the shorter side to `size`, and the longer one within what the format holds (a strip image)
+    scale = min(size / min(im.size), FORMATS[fmt][2] / max(im.size))
     if scale < 1:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    im.save(dst, FORMATS[fmt][0], quality=quality)
+    try:
+        im.save(dst, FORMATS[fmt][0], quality=quality)
+    except (OSError, ValueError) as e:
+        Path(dst).unlink(missing_ok=True)
+        return f"{src}: cannot be written as {fmt} ({e})"
     return Path(dst).stat().st_size
 
 
@@ -160,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     except (R.RecipeError, D.DataError, PackError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:        # --out where no folder can be made (a file in its path, /proc, read-only)
+        if ours and out.is_dir():
+            _remove_partial(out, created)
+        print(f"error: cannot write the copy in {out} ({e.strerror or e}); give an --out in a folder you can "
+              "write in", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if ours and out.is_dir():     # never a folder of the user's, interrupted while being checked
             _remove_partial(out, created)
@@ -182,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             _remove_partial(out, created)
             print(f"\ninterrupted: removed the partial copy in {out}; pack again", file=sys.stderr)
             return 130
+        except Exception as e:  # noqa: BLE001 - a worker's failure (a full disk, a crash): no half copy left
+            pool.shutdown(wait=True, cancel_futures=True)
+            _remove_partial(out, created)
+            print(f"\nerror: {type(e).__name__}: {e}; removed the partial copy in {out}", file=sys.stderr)
+            return 1
     if bad:
         # no recipe.json: a copy missing images must not be trained on by mistake
         print(f"error: {len(bad)} training image(s) could not be read, so {out} has no recipe.json; fix or "

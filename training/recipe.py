@@ -44,6 +44,12 @@ from .templates import TEMPLATES, fill
 SOURCE_KEYS = {"folder": ("root", "classnames"), "shards": ("urls",), "manifest": ("path",),
                "precomp": ("captions", "dataset", "images"), "karpathy": ("path", "images")}
 CAPTION_FILE_KINDS = ("manifest", "precomp", "karpathy")
+# the keys a recipe's source may have besides those it needs (SOURCE_KEYS); any other is a typo
+# ("val_per_clas") that would otherwise be dropped unnoticed, and with it a held-out split
+COMMON_KEYS = ("kind", "name", "weight", "val_per_class")
+OPTIONAL_KEYS = {"folder": ("caption_pool", "exclude_manifest"), "shards": (), "manifest": ("classnames",),
+                 "precomp": ("classnames", "split"), "karpathy": ("classnames", "split")}
+PATH_KEYS = ("root", "path", "exclude_manifest", "captions", "images", "dataset", "split")
 
 
 class RecipeError(ValueError):
@@ -76,6 +82,7 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
         for n, s in enumerate(spec["sources"], 1):
             if not isinstance(s, dict):
                 raise RecipeError(f"recipe {recipe}: source {n} must be an object, not {json.dumps(s)[:60]}")
+            _check_source_fields(f"recipe {recipe}: source {n}", s)
             weight = s.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
                 raise RecipeError(f"recipe {recipe}: source {n} has weight {weight!r}; a weight is a share of "
@@ -133,6 +140,40 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             raise RecipeError(f"a {s['kind']} source needs {', '.join(repr(k) for k in missing)}: "
                               f"{json.dumps(s)[:200]}")
     return sources
+
+
+def _check_source_fields(where: str, s: dict) -> None:
+    """A recipe source's keys and their types, checked before anything is read: a key no source of
+    its kind takes is refused by name, and a value of the wrong type is said, not a traceback."""
+    kind = s.get("kind")
+    if kind not in SOURCE_KEYS:
+        raise RecipeError(f"{where} has kind {kind!r}; a kind is one of {', '.join(SOURCE_KEYS)}")
+    allowed = (*COMMON_KEYS, *SOURCE_KEYS[kind], *OPTIONAL_KEYS[kind])
+    unknown = [k for k in s if k not in allowed]
+    if unknown:
+        raise RecipeError(f"{where} ({kind}) has {', '.join(repr(k) for k in unknown)}, which no {kind} source "
+                          f"takes; its keys are {', '.join(allowed)}")
+    for key in PATH_KEYS:
+        if key in s and (not isinstance(s[key], str) or not s[key].strip()):
+            raise RecipeError(f"{where} has {key} {json.dumps(s[key])[:60]}; give it as a string")
+    urls = s.get("urls")
+    if "urls" in s and not (isinstance(urls, str) or (isinstance(urls, list) and urls
+                                                      and all(isinstance(u, str) for u in urls))):
+        raise RecipeError(f"{where} has urls {json.dumps(urls)[:60]}; give a shard path or pattern, or a list of them")
+    names = s.get("classnames")
+    if "classnames" in s and not (isinstance(names, str) or (isinstance(names, dict) and names and all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in names.items()))):
+        raise RecipeError(f"{where} has classnames {json.dumps(names)[:60]}; give a class-name map file (or a shipped "
+                          'map\'s name), or an object of "folder": "human name" with one entry per class')
+    pool = s.get("caption_pool")
+    if "caption_pool" in s:
+        inline = isinstance(pool, dict) and isinstance(pool.get("captions"), dict)
+        read = isinstance(pool, dict) and isinstance(pool.get("dir"), str) and isinstance(pool.get("mapping"), (str, dict))
+        cap = pool.get("max_per_class", 1) if isinstance(pool, dict) else 1
+        if not (inline or read) or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise RecipeError(f"{where} has caption_pool {json.dumps(pool)[:80]}; give "
+                              '{"dir": CAPTION_FOLDER, "mapping": CLASS_WORDS (a shipped name or an object), '
+                              '"max_per_class": N (optional, a whole number >= 1)}')
 
 
 def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str, dict]]:

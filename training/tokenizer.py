@@ -152,6 +152,17 @@ def read_extra_words(args: list[str]) -> list[str]:
     return words
 
 
+def _is_tokenizer_file(path: Path) -> bool:
+    """Whether `path` holds a tokenizer (one an earlier run wrote, which a new run may replace)."""
+    try:
+        if path.stat().st_size > 256 << 20:        # far larger than any tokenizer
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model" in data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     blocking = next((d for d in target.parents if d.exists() and not d.is_dir()), None)
     if blocking is not None:
         parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
+    inputs = [Path(p) for p in [*args.captions, *args.extra_words] if Path(p).is_file()]
+    if target.is_file() and any(target.samefile(p) for p in inputs):
+        parser.error(f"--out {args.out} is one of the input files: it would be replaced by the tokenizer; "
+                     "give another --out")
+    if target.is_file() and not _is_tokenizer_file(target):
+        parser.error(f"--out {args.out} exists and is not a tokenizer file: give a new path (or delete it first)")
     if args.vocab_size < 1 or args.min_frequency < 1 or args.extra_repeat < 0 or args.context_length < 2:
         parser.error("--vocab-size and --min-frequency must be positive, --extra-repeat non-negative, "
                      "--context-length at least 2")

@@ -984,7 +984,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if a.image_size < patch or a.image_size % patch:
             p.error(f"--image-size {a.image_size}: give a positive multiple of the model's patch size, {patch} "
                     f"(for example {max(patch, round(a.image_size / patch) * patch)})")
-    if a.time_budget < 0:
+    if not a.time_budget >= 0 or a.time_budget == float("inf"):     # nan too
         p.error(f"--time-budget is in minutes: give a positive number (or 0 for none), not {a.time_budget}")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         p.error("--fsdp shards the model across processes: start the run with torchrun --nproc_per_node=N "

@@ -117,6 +117,28 @@ def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
     return tags
 
 
+def _set_filter(layer, where: str, what: str) -> None:
+    """--where on a layer, or BuildError: some drivers (GeoPackage) take any filter and fail only on
+    the first read, printing a GDAL error and reading nothing, so the first feature is read here."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        gdal.ErrorReset()
+        try:
+            bad = layer.SetAttributeFilter(where) != 0
+            if not bad:
+                layer.GetNextFeature()
+                bad = gdal.GetLastErrorType() >= gdal.CE_Failure
+        except RuntimeError:      # with GDAL exceptions on
+            bad = True
+        detail = gdal.GetLastErrorMsg()
+    finally:
+        gdal.PopErrorHandler()
+    if bad:
+        raise BuildError(f"--where {where!r} is not a valid filter for {what}" + (f" ({detail})" if detail else "")
+                         + ": use the layer's own field names, in SQL (e.g. \"highway = 'primary'\")")
+    layer.ResetReading()
+
+
 def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] | None = None,
                   where: str | None = None) -> tuple[list[tuple[str, osr.SpatialReference | None, list[Feature]]], int]:
     """Features with a name or a mapped phrase, grouped by layer as (layer name, the layer's CRS, features),
@@ -133,8 +155,8 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
         if layer is None:
             raise BuildError(f"{path} has no layer {name!r} (it has: "
                              f"{', '.join(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount()))})")
-        if where and layer.SetAttributeFilter(where) != 0:
-            raise BuildError(f"--where {where!r} is not a valid filter for {path} layer {name}")
+        if where:
+            _set_filter(layer, where, f"{path} layer {name}")
         out = []
         defn = layer.GetLayerDefn()
         for f in layer:

@@ -21,12 +21,15 @@ import re
 import sys
 import tarfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from training.data import UNREADABLE_IMAGE, rgb_image
 
 VOCABULARY = Path(__file__).resolve().parent / "rs_vocabulary.txt"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -98,7 +101,7 @@ def eval_hashes(folders: list[str], distance: int, progress: bool = False) -> tu
             with Image.open(path) as im:
                 index.add(dhash(im))
                 n += 1
-        except (UnidentifiedImageError, OSError):
+        except UNREADABLE_IMAGE:
             continue
     return index, n
 
@@ -130,10 +133,15 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
     first dot), so the filter scores exactly the samples training would read."""
     from training.data import expand_urls, tar_samples
 
-    for shard in expand_urls(shards) if shards else []:
+    expanded = expand_urls(shards) if shards else []
+    stems = Counter(Path(s).stem for s in expanded)
+    for n, shard in enumerate(expanded):
+        # shards of one name in two folders ("a/00000.tar", "b/00000.tar") would give their pairs
+        # one key, and the written shard would hold both under it: training reads them as one
+        prefix = Path(shard).stem if stems[Path(shard).stem] == 1 else f"{Path(shard).stem}_{n}"
         try:
             for key, parts in tar_samples(shard):
-                yield _pair(shard, key, parts)
+                yield _pair(prefix, key, parts)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"shard {shard} is not a readable tar file ({e}): fix or drop this shard and "
                              "run again") from None
@@ -186,7 +194,7 @@ def caption_text(meta: dict) -> str:
     return str(text)
 
 
-def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
+def _pair(prefix: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
     from training.data import _SHARD_IMAGE_EXTS
 
     image = next((parts[e] for e in _SHARD_IMAGE_EXTS if e in parts), None)    # the image training would read
@@ -196,7 +204,7 @@ def _pair(shard: str, key: str, parts: dict) -> tuple[str, bytes | None, str]:
             text = caption_text(json.loads(parts["json"]))
         except (json.JSONDecodeError, AttributeError):
             text = ""
-    return safe_key(f"{Path(shard).stem}-{key}"), image, text
+    return safe_key(f"{prefix}-{key}"), image, text
 
 
 # ---- the filter ----------------------------------------------------------------------------------
@@ -234,7 +242,7 @@ class ImageScorer:
     def tensor(self, image: Image.Image):
         import torch
 
-        im = image.convert("RGB")
+        im = rgb_image(image)
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC)
@@ -387,7 +395,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
         try:
             im = Image.open(io.BytesIO(data))
             im.load()
-        except (UnidentifiedImageError, OSError):
+        except UNREADABLE_IMAGE:
             counts["unreadable"] += 1
             continue
         h = dhash(im)
