@@ -253,6 +253,21 @@ def test_a_hanging_captioner_times_out(scene, vectors, tmp_path, monkeypatch, ca
     assert code == 2 and "gave no caption within 1 s" in capsys.readouterr().err
 
 
+def test_a_python_captioner_that_raises_is_one_line_and_leaves_no_part_file(scene, vectors, tmp_path, monkeypatch,
+                                                                           capsys):
+    from training import build_dataset
+
+    (tmp_path / "my_captioner.py").write_text("def caption(info):\n    raise KeyError('phrase')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "p"
+    code = build_dataset.main(["landmarks", "--raster", str(scene["raster"]), "--features", str(vectors["osm"]),
+                               "--out", str(out), "--tile-size", str(TILE), "--workers", "1",
+                               "--captioner", "my_captioner:caption"])
+    err = capsys.readouterr().err
+    assert code == 2 and "captioner my_captioner:caption failed on tile" in err and "(KeyError: 'phrase')" in err, err
+    assert not list(out.rglob("*.part"))
+
+
 # ---- rasters and vectors of other shapes ---------------------------------------------------------
 UTM32 = "EPSG:32632"
 ORIGIN = (500000.0, 5000128.0)          # top-left corner of the small rasters below
@@ -807,3 +822,21 @@ def test_landmark_options_given_wrongly_are_named_and_a_source_without_a_crs_is_
     (tmp_path / "noprj.prj").unlink()
     code, err = _build(raster, shp, tmp_path / "out2")
     assert f"note: {shp} (layer noprj) says no CRS" in err and "taken as longitude/latitude" in err, err
+
+
+def test_a_rerun_from_another_folder_naming_the_same_files_resumes(tmp_path, monkeypatch):
+    """The same raster and features given by other paths (relative from another working folder): the
+    same settings, so the run resumes, where it was refused as built with other settings."""
+    (tmp_path / "data").mkdir()
+    raster = make_tif(tmp_path / "data" / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "data" / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
+                                                               {"name": "Alpha Tower"})])})
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "data")
+    code, err = _build("scene.tif", "p.gpkg", out)
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code, err = _build("data/scene.tif", str(gpkg), out)
+    assert code == 0 and "units already done" in err, err
+    code, err = _build(raster, gpkg, out, "--overlap", "0.5")      # other settings are still refused
+    assert code == 2 and "built with other settings" in err

@@ -299,11 +299,20 @@ def load_captioner(spec: str | None) -> Callable[[dict], str]:
     if re.fullmatch(r"[\w.]+:\w+", spec):
         import importlib
 
-        module, fn = spec.split(":")
+        module, name = spec.split(":")
         try:
-            return getattr(importlib.import_module(module), fn)
+            fn = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
             raise BuildError(f"--captioner {spec}: {e}") from None
+
+        def call(info: dict) -> str:
+            try:
+                return str(fn(info))
+            except Exception as e:  # noqa: BLE001 - the user's code: said in one line, as a command's failure is
+                raise BuildError(f"captioner {spec} failed on tile {info.get('key')} ({type(e).__name__}: {e}); "
+                                 "finished units are kept, fix it and run again to resume") from None
+
+        return call
     cmd = shlex.split(spec)
 
     def run(info: dict) -> str:
@@ -373,11 +382,14 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
     named by raster and number, not by settings): refused, naming what changed. The first run writes
     OUT/settings.json; the captioner and worker settings may change between runs."""
     out = Path(cfg.out)
-    ours = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "captioner")}))
+    ours = _real_paths(json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "captioner")})))
     path = out / SETTINGS_FILE
     built = (out / "parts").is_dir() and any((out / "parts").glob("*.json"))
     if path.is_file() and built:
-        theirs = json.loads(path.read_text())
+        # files as paths from the root, links followed: "scene.tif" from its folder and "data/scene.tif"
+        # from the one above are the same raster (a record from before kept relative paths: read
+        # from here, the best guess)
+        theirs = _real_paths(json.loads(path.read_text()))
         changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if changed:
             shown = "; ".join(f"{k}: {theirs.get(k)!r} before, {ours.get(k)!r} now" for k in changed[:4])
@@ -390,6 +402,17 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
     tmp = path.with_suffix(".json.part")
     tmp.write_text(json.dumps(ours, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _real_paths(settings: dict) -> dict:
+    """Settings with their file paths (rasters, features, the mapping) made real: absolute, links followed."""
+    out = dict(settings)
+    for key in ("rasters", "features"):
+        if isinstance(out.get(key), list):
+            out[key] = [os.path.realpath(p) for p in out[key]]
+    if isinstance(out.get("mapping"), str):
+        out["mapping"] = os.path.realpath(out["mapping"])
+    return out
 
 
 def _done(out: Path, unit: dict) -> bool:
@@ -449,6 +472,9 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
     except RasterError as e:
         tmp.unlink(missing_ok=True)
         return {"unit": unit["name"], "unreadable": {**raster_problem(unit["raster"], e), "tiles": unit["tiles"]}}
+    except BaseException:       # a captioner's failure, Ctrl-C: the unit is not done, and leaves nothing
+        tmp.unlink(missing_ok=True)
+        raise
     if rows:
         os.replace(tmp, shard)
     else:
