@@ -104,7 +104,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
         handler = continuation(details)
         had_token = bool(given)
         message = ("missing or wrong token: send the metadata 'authorization: Bearer <token>' with the token the "
-                   "server was started with (client: --token or $SKYPROMPT_TOKEN)")
+                   "server was started with (client: --token or $SKYPROMPT_TOKEN; QGIS: Token in SkyPrompt "
+                   "settings)")
 
         def deny(request, context):
             self._log_rejection(context.peer(), details.method, had_token)

@@ -1112,28 +1112,38 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                crs=pb.Crs(authid=hit.crs_authid, wkt=hit.crs_wkt), bounds=_box(hit.bounds),
                                footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
                                footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
+        size, limit = out.ByteSize(), self.limits.max_message_bytes - 1024
+        if size > limit:
+            # said now, as what to ask for, not as gRPC's "Sent message larger than max" after the work
+            fit = int(limit / (size / len(out.hits)))
+            raise RequestError("resource_exhausted", f"{len(out.hits)} hits take {size} bytes, more than this server's "
+                                                     f"message limit of {self.limits.max_message_bytes} bytes "
+                                                     f"(--max-message-mb): ask for at most {fit} hits")
         if request.include_thumbnails:
             cancelled = self._cancelled(context)
             # best first, as many as the message limit holds: k=1000 at 512 px would pass it, and the
             # whole answer would then fail to send
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
+            left_out = (f"left out: more thumbnails would pass the message limit of {self.limits.max_message_bytes} "
+                        "bytes (ask for fewer hits or a smaller thumbnail_size)")
+            note = len(left_out.encode()) + 8       # a hit's note, with its field's tag and length
             opened: dict = {}       # raster id -> that raster, open for all its hits' thumbnails, or why not
             try:
                 for i, (hit, msg) in enumerate(zip(hits, out.hits)):
                     raise_if_cancelled(cancelled)   # a client gone, or the server stopping: no more reads for it
                     png, error = self._thumbnail(hit, thumb, rows[hit.raster_id], changed[hit.raster_id].reason,
                                                  opened)
-                    if len(png) + 16 > room:
+                    cost = len(png) + 16 + len(error.encode())
+                    # room kept for the notes of the hits after this one, should they be left out
+                    if cost + (len(out.hits) - i - 1) * note > room:
                         log.info("search: thumbnails for the first %d of %d hits; more would pass the message "
                                  "limit of %d bytes", i, len(out.hits), self.limits.max_message_bytes)
                         for rest in out.hits[i:]:
-                            rest.thumbnail_error = (f"left out: more thumbnails would pass the message limit of "
-                                                    f"{self.limits.max_message_bytes} bytes (ask for fewer hits or "
-                                                    "a smaller thumbnail_size)")
+                            rest.thumbnail_error = left_out
                         break
                     msg.thumbnail_png = png
                     msg.thumbnail_error = error
-                    room -= len(png) + 16 + len(error)
+                    room -= cost
             finally:
                 for raster in opened.values():
                     if isinstance(raster, Raster):

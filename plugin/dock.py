@@ -30,6 +30,15 @@ from .sources import (PixelReader, SourceError, has_no_resolution, local_path, n
 from .tasks import BackendTask, start
 
 MIN_DESCRIBE_PIXELS = 8    # of the layer's own, a side: Describe refuses a view of fewer
+# tasks whose answer goes onto the map or names the backend's rasters and tiles: dropped when it comes
+# after the backend address changed or the project was closed
+RESULT_KINDS = ("index", "search", "segment", "caption")
+
+
+def shortened(text: str, limit: int = 120) -> str:
+    """`text` cut to `limit` characters with an ellipsis: a 2,000-character query or prompt echoed
+    whole made a message nobody can read."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
           "REFUSED": ("#ff7f0e", "answers, but refuses this plugin"),
@@ -138,6 +147,9 @@ class SkyPromptDock(QDockWidget):
         self._build()
         QgsProject.instance().layersAdded.connect(self.refresh_layers)
         QgsProject.instance().layersRemoved.connect(self.refresh_layers)
+        # a project closed (or a new one) while a task runs: its answer belongs to no project now
+        self._project_generation = 0
+        QgsProject.instance().cleared.connect(self._project_cleared)
         # the Layers panel's order, which the list follows (new layers reach the tree after layersAdded)
         QgsProject.instance().layerTreeRoot().layerOrderChanged.connect(self.refresh_layers)
         self.refresh_layers()
@@ -355,6 +367,11 @@ class SkyPromptDock(QDockWidget):
         self.iface.messageBar().pushMessage("SkyPrompt", text, level, duration)
         QgsMessageLog.logMessage(text, LOG_TAG, level)
 
+    def _project_cleared(self) -> None:
+        self._project_generation += 1
+        self.hits = []
+        self.result_list.clear()
+
     def _remember(self, widget, name: str) -> None:
         """Show the setting `name` in `widget` and save every change of it: the next QGIS session starts
         with the panel as it was left, whether or not it was used."""
@@ -397,7 +414,9 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit(kind, self.deps_problem)
             return None
 
-        what = description.removeprefix("SkyPrompt: ")    # the message bar's title already says SkyPrompt
+        what = shortened(description.removeprefix("SkyPrompt: "))   # the message bar's title already says SkyPrompt
+        # an answer is the backend's of that moment, for the project of that moment
+        address, generation = (settings or self.settings).address, self._project_generation
 
         def done(result, error):
             if self._closed:        # the plugin was unloaded meanwhile: its widgets are gone
@@ -405,6 +424,15 @@ class SkyPromptDock(QDockWidget):
             self.running[kind] -= 1
             self._update_actions()
             self._set_busy(any(t.status() in (QgsTask.Queued, QgsTask.Running) for t in self.tasks if t is not task))
+            moved = settings is None and self.settings.address != address
+            if error is None and kind in RESULT_KINDS and (moved or self._project_generation != generation):
+                # its ids name another backend's rasters and tiles, or its layer would land in another project
+                why = "the backend address changed" if moved else "the project was closed"
+                self._message(f"{what}: the answer came after {why}, so it was dropped", Qgis.Info, 6)
+                self.taskDone.emit(kind, None)
+                return
+            if error is not None and error.code == "UNAVAILABLE" and kind != "health":
+                self.refresh_health()       # the light must not stay on "serving" for a backend gone
             if error is None:
                 try:
                     shown(result)
@@ -412,7 +440,7 @@ class SkyPromptDock(QDockWidget):
                     error = e
                     self._message(f"{what}: {e}", Qgis.Critical)
             elif not (error.code == "CANCELLED" and task.isCanceled()):   # a backend that stopped is an error
-                self._message(f"{what} failed: {error.message}", Qgis.Critical)
+                self._message(f"{what} failed: {shortened(error.message, 600)}", Qgis.Critical)
                 if failed is not None:
                     failed(error)
             for note in task.notes:
@@ -539,6 +567,8 @@ class SkyPromptDock(QDockWidget):
                                        and "segment" not in running)
         self.describe_button.setEnabled(ready and self.describe_layer.currentLayer() is not None
                                         and "caption" not in running)
+        # a second search while one runs would show whichever answer came last under the query box
+        self.search_button.setEnabled(ready and "search" not in running)
         no_layer = "Add a raster layer to the project first" if not self.layer_list.count() else ""
         wait = "Running: wait for it to finish, or Cancel"
         self.index_button.setToolTip(no_layer or ("index" in running and wait)
@@ -794,6 +824,10 @@ class SkyPromptDock(QDockWidget):
         return self._search(f"like tile {tile_id}", tile_id)
 
     def _search(self, title: str, like_tile_id: int | None) -> BackendTask | None:
+        if self.running.get("search"):      # Enter in the query box while the button is off
+            self._message("a search is running: wait for its answer, or Cancel it", Qgis.Info, 4)
+            self.taskDone.emit("search", "a search is running")
+            return None
         query = title if like_tile_id is None else ""
         layers = self.checked_layers()
         path_of = {layer.id(): local_path(layer) for layer in layers}
@@ -1008,8 +1042,8 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("caption", "no layer")
             return None
         rect, crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
-        in_layer = to_layer_crs(rect, crs, layer)
         try:
+            in_layer = to_layer_crs(rect, crs, layer)
             if not in_layer.intersects(layer.extent()):
                 raise SourceError(f"the view does not overlap layer {layer.name()!r}: pan to it to describe it")
             prepared = prepare_source(layer)
@@ -1052,6 +1086,7 @@ class SkyPromptDock(QDockWidget):
             task.waitForFinished(5000)
         self.tasks.clear()
         try:
+            QgsProject.instance().cleared.disconnect(self._project_cleared)
             QgsProject.instance().layersAdded.disconnect(self.refresh_layers)
             QgsProject.instance().layersRemoved.disconnect(self.refresh_layers)
             QgsProject.instance().layerTreeRoot().layerOrderChanged.disconnect(self.refresh_layers)

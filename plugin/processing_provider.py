@@ -410,7 +410,10 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             if not crs.isValid():
                 crs = layer.crs()
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
-            in_layer = to_layer_crs(rect, crs, layer)
+            try:
+                in_layer = to_layer_crs(rect, crs, layer)
+            except SourceError as e:
+                raise QgsProcessingException(str(e)) from None
         prepared = self._prepare(layer)
         if rect is None and has_no_resolution(prepared):
             raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "

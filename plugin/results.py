@@ -197,7 +197,8 @@ def free_gpkg_layer_name(path: str, wanted: str) -> str:
 def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
     """Save `layer` into the GeoPackage at `path` as a layer of its own and open it: the file's other
     layers stay, and a name already there gets a number (" (2)", ...) instead of being replaced."""
-    name = free_gpkg_layer_name(path, layer.name())
+    # "|" would end the path in the layer's source, "path|layername=NAME", and the layer opened invalid
+    name = free_gpkg_layer_name(path, layer.name().replace("|", "/"))
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.layerName = name

@@ -15,8 +15,8 @@ import math
 import os
 
 import numpy as np
-from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsMultiBandColorRenderer,
-                       QgsProject, QgsRaster, QgsRasterDataProvider, QgsRasterLayer, QgsRectangle,
+from qgis.core import (Qgis, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException,
+                       QgsMultiBandColorRenderer, QgsProject, QgsRaster, QgsRasterDataProvider, QgsRasterLayer, QgsRectangle,
                        QgsSingleBandGrayRenderer, QgsSingleBandPseudoColorRenderer)
 
 # Qgis.DataType -> (numpy dtype, wire DataType name)
@@ -192,10 +192,17 @@ def within_crs_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> Qg
 
 
 def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:
+    """`rect` (in `crs`) as a rectangle in the layer's CRS; SourceError where it has none there (a map
+    panned off its globe, in an orthographic view)."""
     if crs == layer.crs():
         return QgsRectangle(rect)
     transform = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance())
-    return transform.transformBoundingBox(rect)
+    try:
+        return transform.transformBoundingBox(rect)
+    except QgsCsException:
+        where = layer.crs().authid() or "its own"
+        raise SourceError(f"the area cannot be placed in layer {layer.name()!r}'s CRS ({where}): the map may show no "
+                          "part of the globe there; pan or zoom to the layer") from None
 
 
 def _palette(provider) -> np.ndarray | None:

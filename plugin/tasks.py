@@ -49,12 +49,13 @@ class BackendTask(QgsTask):
 
         if not ok and self.error is None:
             self.error = BackendError("CANCELLED", "cancelled")
+        if self.done:       # it tells the user (message bar and log), once
+            self.done(self.result if ok else None, self.error)
+            return
         for note in self.notes:
             QgsMessageLog.logMessage(note, LOG_TAG, Qgis.Info)
         if self.error is not None:
             QgsMessageLog.logMessage(f"{self.description()}: {self.error}", LOG_TAG, Qgis.Warning)
-        if self.done:
-            self.done(self.result if ok else None, self.error)
 
 
 def start(task: QgsTask, keep: set) -> QgsTask:

@@ -1839,6 +1839,11 @@ def test_gpkg_layer_names_differing_only_in_case_do_not_replace_each_other(qgis_
     del first, second                  # no layer alive in a failure's traceback (a crash at exit)
     assert got == ("SkyPrompt: trees (2)", 5, 2)
     assert sorted(results.gpkg_layer_names(path)) == ["SkyPrompt: Trees", "SkyPrompt: trees (2)"]
+    # a prompt with "|" (which ends the path in an OGR layer source): the layer opened is the one written
+    piped = results.write_gpkg(result("SkyPrompt: roads | highways", 3), path)
+    got = (piped.isValid(), piped.featureCount(), piped.name())
+    del piped
+    assert got == (True, 3, "SkyPrompt: roads / highways")
 
 
 def test_a_backend_that_stops_during_segment_is_an_error_in_the_panel(dock, iface, rasters, own_backend):  # noqa: F811
@@ -2787,3 +2792,68 @@ def test_start_local_backend_failures_get_advice_for_what_the_plugin_can_change(
         launcher._log_tail = [last_line("--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "d2"))]
     assert "another SkyPrompt backend" in launcher._why() and "put its address in the SkyPrompt panel" in \
         launcher._why(), launcher._why()
+
+
+def test_answers_that_come_too_late_are_dropped_and_a_search_runs_once(dock, layers, iface, live, monkeypatch):
+    """Search is off while a search runs (Enter in the query box too); an answer that comes after
+    the backend address changed, or after the project was closed, is dropped rather than shown for
+    the new backend or added to the new project; a failure is logged once."""
+    from qgis.core import QgsMessageLog
+    from qgis.PyQt.QtCore import Qt
+
+    layer = layers[0]
+    source = layer.source()
+    for i in range(dock.layer_list.count()):
+        item = dock.layer_list.item(i)
+        item.setCheckState(Qt.Checked if item.data(Qt.UserRole) == layer.id() else Qt.Unchecked)
+    assert run_dock(dock, "index", dock.index_layers) is None
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(layer.extent())
+    dock.query.setText("roads and houses")
+    got = []
+    dock.taskDone.connect(lambda kind, error: got.append(kind))
+    task = dock.search()
+    assert task is not None and not dock.search_button.isEnabled()
+    assert dock._search("again", None) is None              # what Enter in the query box calls
+    dock.address.setText("127.0.0.1:1")
+    dock._address_edited()
+    wait_until(lambda: got.count("search") == 2, 60, "the search begun before the address changed")
+    assert dock.result_list.count() == 0 and dock.search_button.isEnabled()
+    said = " ".join(text or "" for _, text, _ in iface.message_bar.messages)
+    assert "a search is running" in said and "the answer came after the backend address changed" in said
+    # back to the backend: a Segment whose project is closed while it runs adds nothing to the next one
+    dock.address.setText(live.address)
+    dock._address_edited()
+    dock.segment_layer.setLayer(layer)
+    dock.area.setCurrentIndex(0)
+    dock.prompts.setText("fields")
+    dock.output.setFilePath("")
+    logged = []
+    monkeypatch.setattr(QgsMessageLog, "logMessage", staticmethod(lambda text, *a, **k: logged.append(text)))
+    assert run_dock(dock, "segment", lambda: (dock.segment(), QgsProject.instance().clear())) is None
+    assert not [l for l in QgsProject.instance().mapLayers().values() if l.name().startswith("SkyPrompt")]
+    assert any("the project was closed" in t for t in logged), logged
+    # a failing call: one line in the log, not the task's and the panel's
+    logged.clear()
+    dock.address.setText("127.0.0.1:1")
+    dock._address_edited()
+    QgsProject.instance().addMapLayer(QgsRasterLayer(source, "again"))     # the clear deleted the others
+    dock.query.setText("fields")
+    asked = dock._health_asked
+    assert run_dock(dock, "search", dock.search) is not None
+    assert sum("no SkyPrompt backend answers" in t for t in logged) == 1, logged
+    # the backend unreachable: the light is checked again, not left as it was
+    assert dock._health_asked == asked + 1
+
+
+def test_describe_of_a_map_off_its_globe_is_one_line(dock, layers, iface):
+    """An orthographic map panned into empty space: the view has no place in the layer's CRS. A
+    message, not a Python error out of the button."""
+    layer = layers[0]
+    ortho = QgsCoordinateReferenceSystem()
+    ortho.createFromProj("+proj=ortho +lat_0=0 +lon_0=0 +R=6370997 +units=m +no_defs")
+    iface.canvas.setDestinationCrs(ortho)
+    iface.canvas.setExtent(QgsRectangle(2e7, 2e7, 2.1e7, 2.1e7))
+    dock.describe_layer.setLayer(layer)
+    error = run_dock(dock, "caption", dock.describe)
+    assert error is not None and "cannot be placed in layer" in str(error), error

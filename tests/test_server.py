@@ -1506,20 +1506,32 @@ def test_search_matches_query_words_against_tile_captions(tmp_path):
 
 def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp_path):
     """Thumbnails of many hits can outgrow the message limit: the answer keeps every hit, with
-    thumbnails for the best ones that fit, instead of failing to send at all."""
+    thumbnails for the best ones that fit, instead of failing to send at all. The notes of the hits
+    left without one count too: with many hits left, they passed the limit the thumbnails had filled."""
     p = pb()
-    raster = make_tif(tmp_path / "noisy.tif", noise((3, 512, 512), seed=12))   # noise: PNGs barely compress
-    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--max-message-mb", "0.25")).start()
+    raster = make_tif(tmp_path / "noisy.tif", noise((3, 1024, 1024), seed=12))   # noise: PNGs barely compress
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--max-message-mb", "1")).start()
     try:
         n = index(live, raster)[-1].result.tile_count
         hits = live.stub.Search(p.SearchRequest(query="fields", k=n, include_thumbnails=True, thumbnail_size=128),
                                 metadata=live.metadata).hits
     finally:
         live.stop()
+    # hits alone past a lower limit: what to ask for, not gRPC's "Sent message larger than max"
+    low = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--max-message-mb", "0.25")).start()
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            low.stub.Search(p.SearchRequest(query="fields", k=n), metadata=low.metadata)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"{n} hits take" in e.value.details() and "ask for at most" in e.value.details(), e.value.details()
+        fit = int(e.value.details().rsplit("at most ", 1)[1].split()[0])
+        assert 0 < fit < n and len(low.stub.Search(p.SearchRequest(query="fields", k=fit), metadata=low.metadata).hits) == fit
+    finally:
+        low.stop()
     with_png = [bool(h.thumbnail_png) for h in hits]
     assert len(hits) == n and 0 < sum(with_png) < n
     assert with_png == sorted(with_png, reverse=True)               # the best hits have theirs
-    assert sum(len(h.thumbnail_png) for h in hits) < 0.25 * 2**20
+    assert sum(len(h.thumbnail_png) for h in hits) < 2**20
     # ... and the others say why they have none
     assert all(("message limit" in h.thumbnail_error) != bool(h.thumbnail_png) for h in hits)
 
