@@ -2857,3 +2857,28 @@ def test_describe_of_a_map_off_its_globe_is_one_line(dock, layers, iface):
     dock.describe_layer.setLayer(layer)
     error = run_dock(dock, "caption", dock.describe)
     assert error is not None and "cannot be placed in layer" in str(error), error
+
+
+def test_segment_and_describe_of_a_layer_across_180_degrees_on_a_pacific_map(dock, iface, rasters, live):  # noqa: F811
+    """A longitude/latitude layer across 180 degrees on a Pacific Mercator map (EPSG:3832): the
+    backend cannot take the map's rectangle to the layer's CRS; the panel then sends the rectangle
+    QGIS placed in the layer's CRS, and both work, as QGIS shows the layer."""
+    from qgis.core import QgsCoordinateTransform
+
+    path = rasters["folder"] / "across_180.tif"
+    if not path.exists():
+        make_tif(path, noise((3, 400, 400), seed=31), geotransform=(179.9, 0.0005, 0.0, -16.0, 0.0, -0.0005),
+                 crs="EPSG:4326")
+    layer = QgsRasterLayer(str(path), "across 180")
+    segment_whole_layer_setup(dock, iface, layer, "trees")
+    pacific = QgsCoordinateReferenceSystem("EPSG:3832")
+    iface.canvas.setDestinationCrs(pacific)
+    iface.canvas.setExtent(QgsCoordinateTransform(layer.crs(), pacific, QgsProject.instance())
+                           .transformBoundingBox(layer.extent()))
+    dock.describe_layer.setLayer(layer)
+    try:
+        assert run_dock(dock, "segment", dock.segment) is None
+        assert run_dock(dock, "caption", dock.describe) is None and dock.caption.toPlainText()
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+        del layer
