@@ -41,6 +41,14 @@ TILE_CAPTION_TOKENS = 24
 MERGE_WAIT_S = 0.002        # how long the worker waits for more jobs to join a batch
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether torch ran out of memory (CUDA's own error, or the CPU allocator's RuntimeError)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    text = str(error)
+    return (bool(oom) and isinstance(error, oom)) or isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 class EngineError(Exception):
     """Model work that cannot be done; `kind` is the gRPC status it maps to."""
 
@@ -267,8 +275,18 @@ class ModelEngine:
             try:
                 outputs = self._compute(job.kind, [item for j in live for item in j.items], job.settings)
             except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
-                log.exception("model work failed")
-                error = e if isinstance(e, EngineError) else EngineError("internal", f"model computation failed: {e}")
+                if _out_of_memory(e):
+                    # the request's size, not a bug: said as what to ask for instead
+                    log.error("model work ran out of memory on %s: %s", self.device, e)
+                    error = EngineError("resource_exhausted", f"the model ran out of memory on {self.device} for this "
+                                                              "request: ask for a smaller extent, fewer prompts or a "
+                                                              "smaller SAO window, or try again when the server is "
+                                                              "less busy")
+                else:
+                    log.exception("model work failed")
+                    error = e if isinstance(e, EngineError) else EngineError("internal",
+                                                                             f"model computation failed: {e}")
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
                 for j in live:
                     j.future.set_exception(error)
                 continue

@@ -45,6 +45,9 @@ log = logging.getLogger("skyprompt.server")
 DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
 DEFAULT_SEGMENT_OVERLAP = 0.125  # segmentation tiles overlap so seams can be blended away
 DEFAULT_MIN_VALID = 0.5
+# Segments computed at once; more wait, queued. The largest (4096 x 4096 pixels, 16 prompts) holds
+# about 4.5 GB of planes after the model, so unbounded concurrency could end the server on memory
+SEGMENTS_AT_ONCE = 2
 INDEX_BATCH = 32                 # tiles read ahead and embedded together
 PROGRESS_INTERVAL_S = 0.25       # at most four progress messages a second
 
@@ -744,6 +747,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                  index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND,
                  keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, tile_captions: bool = True):
         self.engine = engine
+        self._segment_slots = threading.BoundedSemaphore(SEGMENTS_AT_ONCE)
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or Limits()
@@ -1240,65 +1244,86 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         resolution = _resolution(request.target_resolution)
         extent = extent_parts(request.extent) if request.HasField("extent") else None
         cancelled = self._cancelled(context)
+        # the work after the model holds several full-size planes a prompt (gigabytes at the largest
+        # extents): a few Segments at a time, the others queued, so many at once cannot exhaust memory
+        if not self._segment_slots.acquire(blocking=False):
+            yield pb.SegmentEvent(progress=pb.SegmentProgress(
+                stage=pb.SEGMENT_STAGE_QUEUED, message=f"waiting: {SEGMENTS_AT_ONCE} segmentations are running, "
+                                                       "the most this server runs at once"))
+            while not self._segment_slots.acquire(timeout=0.25):
+                raise_if_cancelled(cancelled)
+        try:
+            yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING,
+                                                              message="reading the extent"))
+            raster = self._open(request.source, request.bands if request.HasField("bands") else None)
+            events: queue.Queue = queue.Queue()
+            throttle = _Progress()
 
-        yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING, message="reading the extent"))
-        raster = self._open(request.source, request.bands if request.HasField("bands") else None)
-        events: queue.Queue = queue.Queue()
-        throttle = _Progress()
+            def progress(stage, done, total):
+                if stage == "relevance" and throttle.due(done == total):
+                    events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_RELEVANCE, tiles_done=done, tiles_total=total,
+                                                  message=f"relevance maps: tile {done}/{total}"))
+                elif stage == "polygonizing":
+                    events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_POLYGONIZING, tiles_done=done, tiles_total=total,
+                                                  message="thresholding and polygonizing"))
 
-        def progress(stage, done, total):
-            if stage == "relevance" and throttle.due(done == total):
-                events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_RELEVANCE, tiles_done=done, tiles_total=total,
-                                              message=f"relevance maps: tile {done}/{total}"))
-            elif stage == "polygonizing":
-                events.put(pb.SegmentProgress(stage=pb.SEGMENT_STAGE_POLYGONIZING, tiles_done=done, tiles_total=total,
-                                              message="thresholding and polygonizing"))
+            outcome: dict = {}
 
-        outcome: dict = {}
+            def work():
+                try:
+                    outcome["output"] = segment(
+                        raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
+                        min_area_m2=request.min_area_m2,
+                        simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
+                        overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
+                        ensemble=not request.raw_prompts, edge_radius=edge_radius, progress=progress,
+                        cancelled=cancelled)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
+                    outcome["error"] = e
+                finally:
+                    events.put(None)
 
-        def work():
-            try:
-                outcome["output"] = segment(
-                    raster, prompts, self.engine, extent=extent, threshold=threshold, min_area=request.min_area,
-                    min_area_m2=request.min_area_m2,
-                    simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
-                    overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
-                    ensemble=not request.raw_prompts, edge_radius=edge_radius, progress=progress,
-                    cancelled=cancelled)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
-                outcome["error"] = e
-            finally:
-                events.put(None)
-
-        with raster:
-            thread = threading.Thread(target=work, name="skyprompt-segment", daemon=True)
-            thread.start()
-            while True:
-                event = events.get()
-                if event is None:
-                    break
-                yield pb.SegmentEvent(progress=event)
-            thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        output = outcome["output"]
-        srs = raster.srs
-        crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
-        for result in output.results:
-            msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
-                                   extent=_box(output.extent), max_relevance=result.max_relevance,
-                                   dropped_small=result.dropped_small,
-                                   unfamiliar_words=self._unfamiliar(result.prompt), band_note=raster.band_note)
-            for polygon in result.polygons:
-                g = polygon.geometry
-                msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
-                                 max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
-                                 bounds=_box(g.bounds))
-            if request.return_relevance_map and result.relevance is not None:
-                # the extent's own map, not the ground read around a small extent
-                relevance, gt = crop_to_window(result.relevance, output.geotransform, output.window)
-                msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
-            yield pb.SegmentEvent(result=msg)
+            with raster:
+                thread = threading.Thread(target=work, name="skyprompt-segment", daemon=True)
+                thread.start()
+                while True:
+                    event = events.get()
+                    if event is None:
+                        break
+                    yield pb.SegmentEvent(progress=event)
+                thread.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            output = outcome["output"]
+            srs = raster.srs
+            crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
+            for result in output.results:
+                msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
+                                       extent=_box(output.extent), max_relevance=result.max_relevance,
+                                       dropped_small=result.dropped_small,
+                                       unfamiliar_words=self._unfamiliar(result.prompt), band_note=raster.band_note)
+                for polygon in result.polygons:
+                    g = polygon.geometry
+                    msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
+                                     max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
+                                     bounds=_box(g.bounds))
+                if request.return_relevance_map and result.relevance is not None:
+                    # the extent's own map, not the ground read around a small extent
+                    relevance, gt = crop_to_window(result.relevance, output.geotransform, output.window)
+                    msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
+                size = msg.ByteSize()
+                if size > self.limits.max_message_bytes - 1024:
+                    # said as what to change, not as gRPC's "Sent message larger than max" after the work
+                    parts = (["its relevance map (leave return_relevance_map off)"] if msg.relevance_map_tiff else []) + (
+                        ["the WKT copies (leave include_wkt off)"] if request.include_wkt else [])
+                    raise RequestError("resource_exhausted", f"the answer for prompt {result.prompt!r} is {size} bytes, more "
+                                                             f"than this server's message limit of "
+                                                             f"{self.limits.max_message_bytes} bytes (--max-message-mb): "
+                                                             f"ask without {' or '.join(parts) or 'so many polygons'}, or "
+                                                             "for a smaller extent or a coarser target_resolution")
+                yield pb.SegmentEvent(result=msg)
+        finally:
+            self._segment_slots.release()
 
     # -- Caption --
     @unary
@@ -1398,7 +1423,11 @@ def model_input(raster: Raster, extent, size: int, max_pixels: int) -> tuple[np.
                                                  f"{max_pixels * CAPTION_EXTENT_FACTOR} pixels for a caption")
     scale = size / max(width, height)
     out = (max(1, round(width * scale)), max(1, round(height * scale)))
-    rgb, _ = raster.read_window(col, row, width, height, out)
+    rgb, valid = raster.read_window(col, row, width, height, out)
+    if valid is not None and not valid.any():
+        # black pixels would still get a confident caption ("a place with farmland")
+        raise _bad("the extent holds no valid pixels of the raster (nodata, or transparent): describe an area "
+                   "with imagery")
     image = np.zeros((3, size, size), np.uint8)
     image[:, :rgb.shape[1], :rgb.shape[2]] = rgb
     gt = raster.window_geotransform(col, row, width, height, width, height)

@@ -440,3 +440,65 @@ def test_one_tower_pass_gives_the_embedding_and_the_caption(tiny_model, images, 
         embeddings, captions = tiny_model.encode_image_and_caption(images, max_len=12, views=views)
         assert torch.allclose(embeddings, tiny_model.encode_image(images, views=views), atol=1e-5)
         assert captions == tiny_model.caption(images, max_len=12)
+
+
+def _unfolded_sao(scores, values, grid, window, sigma):
+    """The windowed pool by explicit loops over positions: the definition sao_pool must match."""
+    b, h, n = scores.shape
+    r = min(window // 2, grid - 1)
+    out = torch.zeros(b, grid, grid, h, values.shape[-1])
+    for y in range(grid):
+        for x in range(grid):
+            idx = [j for j in range(n) if abs(j // grid - y) <= r and abs(j % grid - x) <= r]
+            logits = scores[:, :, idx].double()
+            if sigma is not None:
+                d2 = torch.tensor([(j // grid - y) ** 2 + (j % grid - x) ** 2 for j in idx], dtype=torch.float64)
+                logits = logits - d2 / (2 * sigma * sigma)
+            w = logits.softmax(-1).float()
+            out[:, y, x] = torch.einsum("bhk,bhkd->bhd", w, values[:, :, idx])
+    return out
+
+
+@pytest.mark.parametrize("grid, window, sigma", [(6, 3, None), (6, 5, 1.2), (6, 11, 2.0), (6, 99, None), (5, 5, 1e-30)])
+def test_sao_pool_matches_its_definition_for_every_window_width(grid, window, sigma):
+    """Windows as wide as the grid take a dense [N, N] path (unfolding wider windows cost gigabytes at
+    14 x 14 patches); both match the per-position definition, and a tiny sigma gives the centre patch,
+    not NaN (2 sigma^2 underflowed in float32)."""
+    from backend.model.sao import sao_pool
+
+    torch.manual_seed(0)
+    scores, values = torch.randn(2, 3, grid * grid), torch.randn(2, 3, grid * grid, 4)
+    got = sao_pool(scores, values, grid, window, gaussian=sigma is not None, sigma=sigma)
+    if window >= grid and sigma is None:      # one global softmax, as the whole-grid window is
+        sigma_used = None
+    else:
+        sigma_used = sigma
+    want = _unfolded_sao(scores, values, grid, window if window < grid else 2 * grid, sigma_used)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
+    if sigma == 1e-30:
+        assert torch.allclose(got, values.permute(0, 2, 1, 3).reshape(2, grid, grid, 3, 4), atol=1e-6)
+
+
+def test_a_gaussian_window_over_the_whole_grid_stays_small_in_memory(monkeypatch):
+    """14 x 14 patches (224-pixel presets), a Gaussian window as wide as the grid: gathering each
+    position's 27 x 27 offsets held 32 tiles x 8 heads x 64 values x 729 x 196 floats (gigabytes);
+    the pool now weighs 196 x 196 patches per head. Every gathered tensor is counted."""
+    import torch.nn.functional as F
+
+    from backend.model import sao
+
+    gathered = []
+    unfold = F.unfold
+
+    def counting_unfold(*args, **kwargs):
+        out = unfold(*args, **kwargs)
+        gathered.append(out.numel())
+        return out
+    monkeypatch.setattr(sao.F, "unfold", counting_unfold)
+    grid, n = 14, 196
+    scores, values = torch.randn(4, 8, n), torch.randn(4, 8, n, 64)
+    got = sao.sao_pool(scores, values, grid, 99, gaussian=True, sigma=3.0)
+    assert got.shape == (4, grid, grid, 8, 64) and torch.isfinite(got).all()
+    assert sum(gathered) < 4 * 8 * n * n * 4, gathered      # at most a few [N, N] weightings per head
+    sao.sao_pool(scores, values, grid, 5, gaussian=True)    # a small window still gathers its 25 offsets
+    assert gathered and max(gathered) == 4 * 8 * 64 * 25 * n

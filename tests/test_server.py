@@ -564,6 +564,39 @@ def test_caption_and_embed_text(server, rasters):
     assert embedded.checkpoint_hash == info.checkpoint_hash and info.model_preset == "tiny"
 
 
+def test_a_segment_answer_past_the_message_limit_says_what_to_leave_out(checkpoint, rasters, tmp_path):
+    p = pb()
+    live = LiveServer(checkpoint, tmp_path / "data", [rasters["folder"]], extra=("--max-message-mb", "0.0625")).start()
+    try:
+        request = p.SegmentRequest(source=p.RasterSource(path=str(rasters["rgb"])), prompts=["trees"],
+                                   return_relevance_map=True, threshold=0.0)
+        with pytest.raises(grpc.RpcError) as e:
+            list(live.stub.Segment(request, metadata=live.metadata, timeout=120))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than this server's message limit" in e.value.details()
+        assert "leave return_relevance_map off" in e.value.details(), e.value.details()
+        request.return_relevance_map = False
+        assert [ev for ev in live.stub.Segment(request, metadata=live.metadata, timeout=120) if ev.HasField("result")]
+    finally:
+        live.stop()
+
+
+def test_caption_of_an_extent_with_no_valid_pixel_is_refused(server, rasters):
+    """The transparent half of a raster: black pixels got a confident caption; now INVALID_ARGUMENT.
+    The half with imagery is described."""
+    p = pb()
+    x0, y0 = 1113194.9, 6800000.0          # rgba_3857.tif: 160 x 160 pixels of 5 m, the left 80 columns transparent
+
+    def caption(x1, x2):
+        return server.stub.Caption(p.CaptionRequest(source=p.RasterSource(path=str(rasters["rgba"])),
+                                                    extent=p.Extent(xmin=x1, ymin=y0 - 700, xmax=x2, ymax=y0 - 100)),
+                                   metadata=server.metadata)
+    with pytest.raises(grpc.RpcError) as e:
+        caption(x0 + 10, x0 + 350)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds no valid pixels" in e.value.details()
+    assert caption(x0 + 450, x0 + 750).caption
+
+
 def test_caption_extent_of_a_rotated_raster_covers_all_four_corners(server, rasters):
     import math
 
@@ -631,6 +664,28 @@ def test_a_raster_across_180_degrees_indexes_and_measures_areas_there(server, ra
     across, west = shapely_box(880000, 50000, 890000, 60000), shapely_box(760000, 50000, 770000, 60000)
     assert geodesic_area_m2(across, to_area) == pytest.approx(1e8, rel=0.02)   # 10 km x 10 km, give or take
     assert geodesic_area_m2(across, to_area) == pytest.approx(geodesic_area_m2(west, to_area), rel=0.02)
+
+
+def test_model_work_that_runs_out_of_memory_is_resource_exhausted_with_what_to_ask(checkpoint):
+    """The allocator's failure is raised by replacing the engine's compute step (memory cannot be
+    exhausted safely in a test): the caller gets RESOURCE_EXHAUSTED saying what to ask for, not an
+    internal error, and the engine goes on serving."""
+    from backend.engine import EngineError, ModelEngine
+
+    engine = ModelEngine(checkpoint, "cpu")
+    real = engine._compute
+    try:
+        engine._compute = lambda *a: (_ for _ in ()).throw(RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to "
+            "allocate 14763950080 bytes"))
+        with pytest.raises(EngineError) as e:
+            engine.embed_texts(["fields"])
+        assert e.value.kind == "resource_exhausted" and "ran out of memory on cpu" in e.value.message
+        assert "smaller extent, fewer prompts" in e.value.message
+        engine._compute = real
+        assert engine.embed_texts(["fields"]).shape[0] == 1
+    finally:
+        engine.stop()
 
 
 def test_a_small_extent_is_segmented_with_the_ground_around_it(checkpoint, rasters):
@@ -2443,24 +2498,27 @@ def test_a_segment_that_fails_mid_stream_closes_its_progress_bar_first(rasters, 
     assert "segment:" in err and "\nskyprompt client: UNAVAILABLE: gone\n" in err, repr(err)
 
 
+class Context:
+    """A gRPC servicer context for calls made in process: active for `active_calls` checks."""
+
+    def __init__(self, active_calls: int = 10**6):
+        self.left, self.aborted = active_calls, None
+
+    def is_active(self):
+        self.left -= 1
+        return self.left >= 0
+
+    def abort(self, code, message):
+        self.aborted = (code, message)
+        raise grpc.RpcError(message)
+
+
 def test_a_search_whose_client_is_gone_cuts_no_more_thumbnails(checkpoint, rasters, tmp_path):
     """In process, with the real model and index: the gRPC context stands in for a client that gave up
     after the search began (a real one cannot be made to leave at that line)."""
     from backend.engine import ModelEngine
     from backend.index import TileIndex
     from backend.service import SkyPromptService
-
-    class Context:
-        def __init__(self, active_calls: int):
-            self.left, self.aborted = active_calls, None
-
-        def is_active(self):
-            self.left -= 1
-            return self.left >= 0
-
-        def abort(self, code, message):
-            self.aborted = (code, message)
-            raise grpc.RpcError(message)
 
     engine = ModelEngine(checkpoint, device="cpu")
     index = TileIndex(tmp_path / "index")
@@ -2631,3 +2689,39 @@ def test_search_names_a_raster_it_cannot_read_and_a_damaged_database_is_data_los
         assert "move index.sqlite3 in its --data-dir aside" in r.stderr and "internal" not in r.stderr
     finally:
         live.stop()
+
+
+def test_segments_past_the_few_run_at_once_wait_queued_and_then_run(checkpoint, rasters, tmp_path):
+    """Segments hold gigabytes at the largest extents: SEGMENTS_AT_ONCE run, the next waits with a
+    QUEUED message until one ends, then runs; one whose client goes while it waits stops."""
+    from backend.engine import ModelEngine
+    from backend.index import TileIndex
+    from backend.service import SEGMENTS_AT_ONCE, SkyPromptService
+
+    engine = ModelEngine(checkpoint, device="cpu")
+    index = TileIndex(tmp_path / "index")
+    try:
+        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])])
+        p = pb()
+        request = p.SegmentRequest(source=p.RasterSource(path=str(rasters["rgb"])), prompts=["trees"])
+        for _ in range(SEGMENTS_AT_ONCE):          # as if that many were running
+            service._segment_slots.acquire()
+        events = service.Segment(request, Context())
+        first = next(events)
+        assert first.progress.stage == p.SEGMENT_STAGE_QUEUED and "segmentations are running" in first.progress.message
+        service._segment_slots.release()           # one ends: this one runs to its result
+        rest = list(events)
+        assert any(e.HasField("result") for e in rest)
+        gone = Context()
+        waiting = service.Segment(request, gone)
+        assert service._segment_slots.acquire(blocking=False)     # all taken again (one is still ours)
+        assert next(waiting).progress.stage == p.SEGMENT_STAGE_QUEUED
+        gone.left = 0
+        with pytest.raises(Exception):              # cancelled while waiting: it ends, holding no slot
+            next(waiting)
+        for _ in range(SEGMENTS_AT_ONCE):
+            service._segment_slots.release()
+        assert service._segment_slots.acquire(blocking=False)
+    finally:
+        index.close()
+        engine.stop()

@@ -24,11 +24,35 @@ def _window_radius(window: int, grid: int) -> int:
     return window // 2
 
 
+def _gaussian_log(d2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log of a Gaussian of squared distances `d2`, in float64: 2 sigma^2 of a tiny sigma underflows to
+    0 in float32, and the centre's 0 / 0 made every weight NaN."""
+    return (-d2.double() / (2.0 * sigma * sigma)).float()
+
+
 def gaussian_log_weights(radius: int, sigma: float, device=None) -> torch.Tensor:
     """log of a 2-D Gaussian over the (2r+1)^2 window offsets, flattened in unfold order."""
     offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     d2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
-    return (-d2 / (2 * sigma * sigma)).flatten()
+    return _gaussian_log(d2, sigma).flatten()
+
+
+def _sao_pool_dense(scores: torch.Tensor, values: torch.Tensor, grid: int, radius: int,
+                    sigma: float | None) -> torch.Tensor:
+    """sao_pool as one [N, N] weighting per head: for a window as wide as the grid, unfolding
+    (2r+1)^2 > N offsets per position costs N (2r+1)^2 values (gigabytes at 14 x 14 patches)."""
+    b, h, n = scores.shape
+    d = values.shape[-1]
+    rows, cols = torch.meshgrid(torch.arange(grid, device=scores.device), torch.arange(grid, device=scores.device),
+                                indexing="ij")
+    dy = rows.flatten()[:, None] - rows.flatten()[None, :]             # [N position, N patch]
+    dx = cols.flatten()[:, None] - cols.flatten()[None, :]
+    inside = (dy.abs() <= radius) & (dx.abs() <= radius)
+    logits = scores.reshape(b * h, 1, n).expand(b * h, n, n).masked_fill(~inside, float("-inf"))
+    if sigma is not None:
+        logits = logits + _gaussian_log((dy ** 2 + dx ** 2).float(), sigma)
+    pooled = logits.softmax(-1) @ values.reshape(b * h, n, d)          # [B*h, N, d]
+    return pooled.view(b, h, grid, grid, d).permute(0, 2, 3, 1, 4)
 
 
 def sao_pool(scores: torch.Tensor, values: torch.Tensor, grid: int, window: int,
@@ -51,6 +75,9 @@ def sao_pool(scores: torch.Tensor, values: torch.Tensor, grid: int, window: int,
         return pooled[:, None, None].expand(b, grid, grid, h, d)
 
     k = 2 * radius + 1
+    if k * k >= n:
+        sig = (sigma if sigma is not None else max(window if window < grid else grid, 1) / 2.0) if gaussian else None
+        return _sao_pool_dense(scores, values, grid, radius, sig)
     # Gather each position's window explicitly so the softmax is exact (and stable) per window.
     s = F.unfold(scores.reshape(b * h, 1, grid, grid), k, padding=radius)          # [B*h, k*k, N]
     inside = F.unfold(torch.ones(1, 1, grid, grid, device=scores.device), k, padding=radius) > 0.5
