@@ -121,6 +121,10 @@ class ModelEngine:
             self.checkpoint_hash = checkpoint_hash(directory)
         except CheckpointError as e:
             raise EngineError("invalid_argument", str(e)) from None
+        except (RuntimeError, MemoryError) as e:
+            # the device refused the model (a GPU busy in exclusive mode, a driver mismatch, no memory)
+            raise EngineError("unavailable", f"cannot load the model on {self.device}: {e}; free the device, or "
+                                             "start with another --device (e.g. cpu)") from None
         self.checkpoint_dir = directory.resolve()
         try:
             # optional: which words the checkpoint trained on, to tell a user which query words it barely knows

@@ -2725,3 +2725,19 @@ def test_segments_past_the_few_run_at_once_wait_queued_and_then_run(checkpoint, 
     finally:
         index.close()
         engine.stop()
+
+
+def test_a_device_that_refuses_the_model_is_one_line_at_start(checkpoint, monkeypatch):
+    """A GPU busy in exclusive mode or a driver mismatch raises a RuntimeError when the weights move
+    to it; it is raised here by replacing the checkpoint loader (there is no GPU to refuse). Start-up
+    says it, with what to do, as an EngineError the server prints in one line."""
+    from backend import engine as engine_module
+    from backend.engine import EngineError, ModelEngine
+
+    def refusing(*a, **kw):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+    monkeypatch.setattr(engine_module, "load_checkpoint", refusing)
+    with pytest.raises(EngineError) as e:
+        ModelEngine(checkpoint, "cpu")
+    assert e.value.kind == "unavailable" and "cannot load the model on cpu" in e.value.message
+    assert "another --device" in e.value.message
