@@ -828,7 +828,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                    help="only tiles meeting this polygon (WKT POLYGON in --extent-crs), e.g. an area of interest or a "
                         "rotated view; --extent, if given, must hold it (default: the polygon's box)")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
-    p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR, as NNN_tileID.png (those of an earlier "
+    p.add_argument("--thumbnails", metavar="DIR", default=None, help="save a PNG of each hit into DIR, as NNN_tile<ID>.png, e.g. 001_tile71.png (those of an earlier "
                         "search there are removed first; other files stay)")
     p.add_argument("--raw-query", action="store_true",
                    help="embed the query as typed (default: averaged over phrasings such as "

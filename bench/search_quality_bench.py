@@ -247,9 +247,13 @@ def main(args) -> dict | None:
 
 if __name__ == "__main__":
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--sets", default=None, help="comma-separated: rsscn7,ucm,aid")
+    parser = argparse.ArgumentParser(prog="python -m bench.search_quality_bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint folder to search with (default: the bundled one)")
+    parser.add_argument("--sets", default=None, help="comma-separated: rsscn7,ucm,aid (default: all three)")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR),
+                        help="where search_quality.json is written (default: %(default)s)")
     a = parser.parse_args()
-    run(checkpoint=a.checkpoint, sets=a.sets.split(",") if a.sets else None)
+    run(checkpoint=a.checkpoint, out_dir=Path(a.results_dir), sets=a.sets.split(",") if a.sets else None)
     sys.exit(0)

@@ -109,6 +109,11 @@ def test_ablation_bad_arguments(tmp_path):
     assert r.returncode == 2 and "--caption-weight must be 0 or more" in r.stderr
     r = _ablate("--out", str(tmp_path), "--recipe", str(tmp_path / "none.json"))
     assert r.returncode == 2 and "recipe file" in r.stderr and "does not exist" in r.stderr
+    # the low-resolution variant needs 4 steps (a quarter at full size); other variants do not
+    r = _ablate("--out", str(tmp_path / "few"), "--steps", "2", "--variants", "low-then-full")
+    assert r.returncode == 2 and "--steps must be at least 4 with low-then-full" in r.stderr, r.stderr
+    r = _ablate("--out", str(tmp_path / "few"), "--steps", "0", "--variants", "baseline")
+    assert r.returncode == 2 and "--steps must be at least 1" in r.stderr, r.stderr
     # a resolution the model's patches do not divide: said before OUT is written, not by the first run
     r = _ablate("--out", str(tmp_path / "sized"), "--image-size", "60", "--preset", "tiny", "--variants", "baseline")
     assert r.returncode == 2 and "--image-size 60: give a multiple of 8" in r.stderr, r.stderr

@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup-steps must be 0 or more")
     if args.caption_weight < 0:
         parser.error("--caption-weight must be 0 or more")
-    if args.steps < 4:
-        parser.error("--steps must be at least 4 (the low-resolution variant trains a quarter of them at full size)")
+    low_res = [n for n in names if VARIANTS[n].low_res]
+    if args.steps < (4 if low_res else 1):
+        parser.error(f"--steps must be at least 4 with {low_res[0]} (it trains a quarter of them at full size)"
+                     if low_res else "--steps must be at least 1")
     patch = PRESETS[args.preset].patch_size
     sizes = {args.image_size} | {args.image_size // 2 for n in names if VARIANTS[n].low_res}
     if any(size < patch or size % patch for size in sizes):
