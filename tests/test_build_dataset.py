@@ -670,6 +670,10 @@ def test_filter_reads_pairs_as_training_does_and_writes_keys_it_reads(tmp_path):
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["seen"] == 5 and report["counts"]["kept"] == 5    # scene0.seg.png is scene0's
+    # each scored pair says which image it is: a shard's member, a manifest line's file
+    sources = sorted(json.loads(line)["source"] for line in (out / "scores.jsonl").read_text().splitlines())
+    assert sources[:2] == sorted(str((tmp_path / "images" / f"p{i}.jpg").resolve()) for i in (3, 4))
+    assert sources[2:] == [f"{shard}#scene{i}" for i in range(3)]
     # no dot in a written key: training's reader ends a key at the first one
     names = _members(out / "shards")
     assert len(names) == 15 and all(n.count(".") == 1 for n in names), names

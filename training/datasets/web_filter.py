@@ -125,8 +125,9 @@ def text_score(text: str, vocabulary: frozenset[str]) -> float:
 
 
 # ---- inputs --------------------------------------------------------------------------------------
-def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, bytes | None, str]]:
-    """(key, image bytes or None when unreadable, text) from shards or a JSONL manifest
+def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, bytes | None, str, str]]:
+    """(key, image bytes or None when unreadable, text, where it came from: "shard#member key" or the
+    image's path) from shards or a JSONL manifest
     (lines {"image": path relative to the manifest, "text", "caption" or "captions": ...}).
     A pair's several captions are joined one a line, as the shard writer stores them. Shard members
     are grouped into pairs as training groups them (WebDataset: the key ends at the file name's
@@ -141,7 +142,7 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
         prefix = Path(shard).stem if stems[Path(shard).stem] == 1 else f"{Path(shard).stem}_{n}"
         try:
             for key, parts in tar_samples(shard):
-                yield _pair(prefix, key, parts)
+                yield *_pair(prefix, key, parts), f"{shard}#{key}"
         except (tarfile.TarError, OSError, EOFError) as e:
             raise ValueError(f"shard {shard} is not a readable tar file ({e}): fix or drop this shard and "
                              "run again") from None
@@ -162,7 +163,7 @@ def read_pairs(shards: list[str], manifest: str | None) -> Iterator[tuple[str, b
                 data = path.read_bytes()
             except OSError:
                 data = None
-            yield safe_key(f"{Path(manifest).stem}-{n:07d}"), data, text
+            yield safe_key(f"{Path(manifest).stem}-{n:07d}"), data, text, str(path)
 
 
 def check_manifest(manifest: str) -> None:
@@ -344,15 +345,15 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
               "low_text_score": 0}
     image_scores, text_scores, near, kept_keys = [], [], {"kept": [], "dropped": []}, []
     t0 = time.time()
-    batch: list[tuple[str, bytes, str, Image.Image, float, str, int]] = []   # ..., text score, digest, hash
+    batch: list[tuple] = []     # (key, bytes, text, image, text score, digest, hash, where it came from)
     scores_file = open(out / "scores.jsonl.part", "w")      # every scored pair: for tuning thresholds
 
     def flush():
         nonlocal pending_hashes
         if not batch:
             return
-        scores = scorer.scores([scorer.tensor(im) for _, _, _, im, _, _, _ in batch])
-        for (key, data, text, im, ts, digest, h), score in zip(batch, scores):
+        scores = scorer.scores([scorer.tensor(im) for _, _, _, im, *_ in batch])
+        for (key, data, text, im, ts, digest, h, source), score in zip(batch, scores):
             score = float(score)
             image_scores.append(score)
             keep = score >= cfg.image_threshold and ts >= cfg.text_threshold
@@ -365,8 +366,9 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
                 if len(side) < 5:
                     side.append({"key": key, "text": text[:200], "image_score": round(score, 3),
                                  "text_score": round(ts, 3)})
-            scores_file.write(json.dumps({"key": key, "image_score": round(score, 4), "text_score": round(ts, 4),
-                                          "kept": keep}) + "\n")
+            # "source": which image it is (the key names only its place in the input)
+            scores_file.write(json.dumps({"key": key, "source": source, "image_score": round(score, 4),
+                                          "text_score": round(ts, 4), "kept": keep}) + "\n")
             if keep:
                 ext, payload = shard_image(im, data)
                 writer.add(key, payload, ext, text, {"image_score": score, "text_score": ts, "text": text})
@@ -387,7 +389,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
             raise ValueError(f"{e}; this run stopped after {counts['seen']} pairs and leaves partial outputs in "
                              f"{out} (no report.json), which a re-run replaces, starting from the first pair") from None
 
-    for key, data, text in tqdm(pairs(), desc="pairs", unit="pair", disable=not progress):
+    for key, data, text, source in tqdm(pairs(), desc="pairs", unit="pair", disable=not progress):
         counts["seen"] += 1
         if data is None:
             counts["unreadable"] += 1
@@ -412,7 +414,7 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
         pending_hashes.add(h)
         ts = text_score(text, vocabulary)
         text_scores.append(ts)
-        batch.append((key, data, text, im, ts, digest, h))
+        batch.append((key, data, text, im, ts, digest, h, source))
         if len(batch) >= cfg.batch_size:
             flush()
     flush()
