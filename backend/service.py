@@ -1268,6 +1268,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                   message="thresholding and polygonizing"))
 
             outcome: dict = {}
+            closing = threading.Event()     # the answer is no longer wanted: the work stops at its next check
 
             def work():
                 try:
@@ -1277,7 +1278,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                         simplify_tolerance=tolerance, window=window, sigma=sigma, target_resolution=resolution,
                         overlap=overlap, max_pixels=limits.max_extent_pixels, keep_relevance=request.return_relevance_map,
                         ensemble=not request.raw_prompts, edge_radius=edge_radius, progress=progress,
-                        cancelled=cancelled)
+                        cancelled=lambda: closing.is_set() or cancelled())
                 except BaseException as e:  # noqa: BLE001 - re-raised in the handler thread
                     outcome["error"] = e
                 finally:
@@ -1286,12 +1287,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             with raster:
                 thread = threading.Thread(target=work, name="skyprompt-segment", daemon=True)
                 thread.start()
-                while True:
-                    event = events.get()
-                    if event is None:
-                        break
-                    yield pb.SegmentEvent(progress=event)
-                thread.join()
+                try:
+                    while True:
+                        event = events.get()
+                        if event is None:
+                            break
+                        yield pb.SegmentEvent(progress=event)
+                finally:
+                    # also when the stream is closed at a yield (its client gone): the work ends before
+                    # the raster it reads is closed, and before its memory slot is given to another
+                    closing.set()
+                    thread.join()
             if "error" in outcome:
                 raise outcome["error"]
             output = outcome["output"]

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -2741,3 +2742,32 @@ def test_a_device_that_refuses_the_model_is_one_line_at_start(checkpoint, monkey
         ModelEngine(checkpoint, "cpu")
     assert e.value.kind == "unavailable" and "cannot load the model on cpu" in e.value.message
     assert "another --device" in e.value.message
+
+
+def test_a_segment_stream_closed_midway_ends_its_work_before_closing_the_raster(checkpoint, rasters, tmp_path):
+    """gRPC closes a Segment's stream at a yield when its client goes: the worker thread stopped
+    only when it next saw the context, while the raster it read was being closed under it (GDAL then
+    reads a closed dataset). Now closing waits for the work, which stops at its next check."""
+    from backend.engine import ModelEngine
+    from backend.index import TileIndex
+    from backend.service import SkyPromptService
+
+    path = rasters["folder"] / "closing.tif"
+    if not path.exists():
+        make_tif(path, noise((3, 1024, 1024), seed=41))
+    engine = ModelEngine(checkpoint, device="cpu")
+    index = TileIndex(tmp_path / "index")
+    try:
+        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])])
+        p = pb()
+        events = service.Segment(p.SegmentRequest(source=p.RasterSource(path=str(path)), prompts=["trees"]),
+                                 Context())
+        stages = [next(events).progress.stage for _ in range(3)]         # reading, then the work's progress
+        assert p.SEGMENT_STAGE_RELEVANCE in stages or p.SEGMENT_STAGE_POLYGONIZING in stages, stages
+        events.close()                                                   # the client is gone
+        assert not [t for t in threading.enumerate() if t.name == "skyprompt-segment" and t.is_alive()]
+        assert service._segment_slots.acquire(blocking=False)            # its slot is free again
+        service._segment_slots.release()
+    finally:
+        index.close()
+        engine.stop()
