@@ -502,3 +502,23 @@ def test_a_gaussian_window_over_the_whole_grid_stays_small_in_memory(monkeypatch
     assert sum(gathered) < 4 * 8 * n * n * 4, gathered      # at most a few [N, N] weightings per head
     sao.sao_pool(scores, values, grid, 5, gaussian=True)    # a small window still gathers its 25 offsets
     assert gathered and max(gathered) == 4 * 8 * 64 * 25 * n
+
+
+def test_bf16_autocast_only_on_gpus_that_compute_bf16(monkeypatch):
+    """V100 / T4 (compute capability 7.x) emulate bf16, slower than fp32: no autocast there; Ampere
+    and later (8.x, 9.x) get it. There is no GPU here: the capability is given by replacing
+    torch.cuda.get_device_capability (a mock, since a real GPU cannot run in this test)."""
+    import contextlib
+    import warnings
+
+    from backend.model import precision
+
+    for capability, autocast in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        precision.cuda_supports_bf16.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        with warnings.catch_warnings():         # torch says it disables a CUDA autocast made without CUDA
+            warnings.simplefilter("ignore", UserWarning)
+            context = precision.autocast_context("cuda")
+        assert isinstance(context, torch.autocast) == autocast, capability
+        assert isinstance(context, contextlib.nullcontext) != autocast
+    precision.cuda_supports_bf16.cache_clear()

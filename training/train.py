@@ -900,7 +900,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                           "one keeps detail for crops at a low training resolution")
     opt.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N] (default %(default)s: a GPU if there is one)")
     opt.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
-                     help="auto = bf16 autocast on GPUs and on CPUs with native bf16, else fp32")
+                     help="auto = bf16 autocast on GPUs and CPUs that compute bf16 natively (Ampere or later; AVX512-BF16/AMX), "
+                          "else fp32")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     opt.add_argument("--grad-checkpointing", action="store_true")
     opt.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard) for base/large")
