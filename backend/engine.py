@@ -41,7 +41,7 @@ TILE_CAPTION_TOKENS = 24
 MERGE_WAIT_S = 0.002        # how long the worker waits for more jobs to join a batch
 
 
-def _out_of_memory(error: BaseException) -> bool:
+def out_of_memory(error: BaseException) -> bool:
     """Whether torch ran out of memory (CUDA's own error, or the CPU allocator's RuntimeError)."""
     oom = getattr(torch.cuda, "OutOfMemoryError", ())
     text = str(error)
@@ -279,7 +279,7 @@ class ModelEngine:
             try:
                 outputs = self._compute(job.kind, [item for j in live for item in j.items], job.settings)
             except Exception as e:  # noqa: BLE001 - every failure must reach the waiting callers
-                if _out_of_memory(e):
+                if out_of_memory(e):
                     # the request's size, not a bug: said as what to ask for instead
                     log.error("model work ran out of memory on %s: %s", self.device, e)
                     error = EngineError("resource_exhausted", f"the model ran out of memory on {self.device} for this "

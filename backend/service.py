@@ -25,7 +25,7 @@ import shapely
 import shapely.affinity
 from PIL import Image
 
-from .engine import EngineError, ModelEngine
+from .engine import EngineError, ModelEngine, out_of_memory
 from .index import (DB_NAME, SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path,
                     raster_identity)
 from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
@@ -88,6 +88,11 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     kind = getattr(error, "kind", None)
     if isinstance(error, (RequestError, RasterError, TileIndexError, EngineError)) and kind in _STATUS:
         return _STATUS[kind], str(error)
+    if out_of_memory(error):
+        # outside the model too (edge refinement, polygons on a huge extent): the request's size, not a bug
+        log.error("a request ran out of memory: %s", error)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, ("the server ran out of memory for this request: ask for a smaller "
+                                                    "extent or fewer prompts, or try again when it is less busy")
     if isinstance(error, sqlite3.DatabaseError) and (
             getattr(error, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(error)):
         # damage inside the file, which opening it did not reach: the operator's to act on, not a bug

@@ -2771,3 +2771,18 @@ def test_a_segment_stream_closed_midway_ends_its_work_before_closing_the_raster(
     finally:
         index.close()
         engine.stop()
+
+
+def test_running_out_of_memory_outside_the_model_is_resource_exhausted_too():
+    """Edge refinement and polygons run in the request's thread, outside the engine: the allocator's
+    failure there is the request's size too, said as RESOURCE_EXHAUSTED (the error is made here, as
+    memory cannot be exhausted safely in a test)."""
+    from backend.service import _status_for
+
+    code, message = _status_for(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                             "9663676416 bytes"))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "smaller extent or fewer prompts" in message
+    code, _ = _status_for(MemoryError())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    code, message = _status_for(RuntimeError("something else"))
+    assert code == grpc.StatusCode.INTERNAL and "something else" in message
