@@ -16,6 +16,10 @@ API_VERSION = "skyprompt.v1"
 # CPU-trained defaults before it)
 DEFAULT_SAO_WINDOW = 5
 DEFAULT_THRESHOLD = 0.5
+# Segment requests computed at once unless `serve --segments-at-once` says otherwise; more wait,
+# queued. The largest (4096 x 4096 pixels, 16 prompts) holds about 4.5 GB of planes after the model,
+# so unbounded concurrency could end the server on memory
+SEGMENTS_AT_ONCE = 2
 # percentiles of the linear stretch that turns data of more than 8 bits into 0..255 (rasters' non-Byte
 # bands, training's 16-bit images), unless a request sets its own
 DEFAULT_STRETCH = (2.0, 98.0)

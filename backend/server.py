@@ -30,9 +30,8 @@ from pathlib import Path
 import grpc
 
 from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
-                       DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SERVICE_NAME, VIEW_HELP, Limits, check_edge_radius,
-                       check_expand, check_keyword_weight,
-                       check_views)
+                       DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SEGMENTS_AT_ONCE, SERVICE_NAME, VIEW_HELP, Limits,
+                       check_edge_radius, check_expand, check_keyword_weight, check_views)
 from .files import write_text_atomically
 
 log = logging.getLogger("skyprompt.server")
@@ -128,7 +127,8 @@ class ServerSetupError(ValueError):
 
 def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edge_radius: int | None,
                             index_views: int, search_expand: int, limits: Limits,
-                            keyword_weight: float = DEFAULT_KEYWORD_WEIGHT) -> str | None:
+                            keyword_weight: float = DEFAULT_KEYWORD_WEIGHT,
+                            segments_at_once: int = SEGMENTS_AT_ONCE) -> str | None:
     """What is wrong with the settings `Server` is given, in one line, or None (cheap: no model, no files)."""
     if not is_loopback(host) and not token:
         return (f"refusing to listen on {host}: off loopback a token is required (--token or ${TOKEN_ENV}); "
@@ -143,6 +143,8 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
         check_keyword_weight(keyword_weight, "--keyword-weight")
     except ValueError as e:
         return str(e)
+    if segments_at_once < 1:
+        return f"--segments-at-once {segments_at_once} must be 1 or more"
     return None
 
 
@@ -188,9 +190,9 @@ class Server:
                  workers: int = 32, sao_window: int = DEFAULT_SAO_WINDOW, limits: Limits | None = None,
                  edge_radius: int | None = None, index_views: int = DEFAULT_INDEX_VIEWS,
                  search_expand: int = DEFAULT_SEARCH_EXPAND, keyword_weight: float = DEFAULT_KEYWORD_WEIGHT,
-                 tile_captions: bool = True):
+                 tile_captions: bool = True, segments_at_once: int = SEGMENTS_AT_ONCE):
         problem = server_settings_problem(host, token, tls_cert, tls_key, edge_radius, index_views, search_expand,
-                                          limits or Limits(), keyword_weight)
+                                          limits or Limits(), keyword_weight, segments_at_once)
         if problem:
             raise ServerSetupError(problem)
         address = listen_address(host, port)
@@ -226,7 +228,7 @@ class Server:
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
                                         auth=bool(token), edge_radius=edge_radius, index_views=index_views,
                                         search_expand=search_expand, keyword_weight=keyword_weight,
-                                        tile_captions=tile_captions)
+                                        tile_captions=tile_captions, segments_at_once=segments_at_once)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -327,6 +329,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "caption the model wrote for each tile at indexing, added to the similarity "
                              f"(0 = embeddings alone; default {DEFAULT_KEYWORD_WEIGHT:g}; a request's keyword_weight "
                              "overrides it)")
+    parser.add_argument("--segments-at-once", type=int, default=SEGMENTS_AT_ONCE, metavar="N",
+                        help="Segment requests computed at once; more wait, queued (default %(default)s: the largest, "
+                             "4096 x 4096 pixels with 16 prompts, holds about 4.5 GB after the model; raise it on "
+                             "a machine with the memory)")
     parser.add_argument("--no-tile-captions", action="store_true",
                         help="index without writing a caption per tile: indexing on a CPU is about 1.8x faster, "
                              "and keyword matching then has no words to match (rasters indexed with captions "
@@ -382,7 +388,8 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
         if not os.access(port_file.resolve().parent, os.W_OK | os.X_OK):
             return f"--port-file {args.port_file}: its folder is not writable (read-only, or not yours)"
     return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
-                                   args.index_views, args.search_expand, serve_limits(args), args.keyword_weight)
+                                   args.index_views, args.search_expand, serve_limits(args), args.keyword_weight,
+                                   args.segments_at_once)
 
 
 def tls_pair_problem(cert: str, key: str) -> str | None:
@@ -443,7 +450,8 @@ def serve(args: argparse.Namespace) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
                             sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
                             search_expand=args.search_expand, limits=serve_limits(args),
-                            keyword_weight=args.keyword_weight, tile_captions=not args.no_tile_captions)
+                            keyword_weight=args.keyword_weight, tile_captions=not args.no_tile_captions,
+                            segments_at_once=args.segments_at_once)
         except (EngineError, TileIndexError, ServerSetupError) as e:
             print(f"skyprompt serve: {e}", file=sys.stderr)
             return 2

@@ -34,7 +34,8 @@ from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform,
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
-                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, Limits, check_edge_radius,
+                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, SEGMENTS_AT_ONCE, Limits,
+                       check_edge_radius,
                        check_expand, check_keyword_weight, check_target_resolution, check_tile_overlap, check_views,
                        edge_radius_for)
 from .keywords import keyword_bonus
@@ -45,9 +46,7 @@ log = logging.getLogger("skyprompt.server")
 DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
 DEFAULT_SEGMENT_OVERLAP = 0.125  # segmentation tiles overlap so seams can be blended away
 DEFAULT_MIN_VALID = 0.5
-# Segments computed at once; more wait, queued. The largest (4096 x 4096 pixels, 16 prompts) holds
-# about 4.5 GB of planes after the model, so unbounded concurrency could end the server on memory
-SEGMENTS_AT_ONCE = 2
+
 INDEX_BATCH = 32                 # tiles read ahead and embedded together
 PROGRESS_INTERVAL_S = 0.25       # at most four progress messages a second
 
@@ -750,9 +749,11 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                  limits: Limits | None = None, sao_window: int = DEFAULT_SAO_WINDOW, tls: bool = False,
                  auth: bool = False, io_threads: int = 4, edge_radius: int | None = None,
                  index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND,
-                 keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, tile_captions: bool = True):
+                 keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, tile_captions: bool = True,
+                 segments_at_once: int = SEGMENTS_AT_ONCE):
         self.engine = engine
-        self._segment_slots = threading.BoundedSemaphore(SEGMENTS_AT_ONCE)
+        self.segments_at_once = segments_at_once
+        self._segment_slots = threading.BoundedSemaphore(segments_at_once)
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or Limits()
@@ -1253,8 +1254,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # extents): a few Segments at a time, the others queued, so many at once cannot exhaust memory
         if not self._segment_slots.acquire(blocking=False):
             yield pb.SegmentEvent(progress=pb.SegmentProgress(
-                stage=pb.SEGMENT_STAGE_QUEUED, message=f"waiting: {SEGMENTS_AT_ONCE} segmentations are running, "
-                                                       "the most this server runs at once"))
+                stage=pb.SEGMENT_STAGE_QUEUED, message=f"waiting: {self.segments_at_once} segmentations are running, "
+                                                       "the most this server runs at once (serve --segments-at-once)"))
             while not self._segment_slots.acquire(timeout=0.25):
                 raise_if_cancelled(cancelled)
         try:

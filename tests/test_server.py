@@ -1145,7 +1145,8 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--port", "-5"], "--port -5 must be 0"), (["--workers", "0"], "--workers 0 must be at least 1"),
-    (["--sao-window", "4"], "--sao-window 4 must be odd"), (["--max-message-mb", "0"], "--max-message-mb 0"),
+    (["--sao-window", "4"], "--sao-window 4 must be odd"),
+    (["--segments-at-once", "0"], "--segments-at-once 0 must be 1 or more"), (["--max-message-mb", "0"], "--max-message-mb 0"),
     (["--max-message-mb", "0.001"], "--max-message-mb 0.001 is below 0.0625 (64 KiB)"),
     (["--log-level", "LOUD"], "--log-level LOUD: use one of"), (["--data-dir", "FILE"], "is a file"),
     (["--port-file", "MISSING/port"], "its folder does not exist"),
@@ -1154,7 +1155,7 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
     (["--tls-cert", "FILE"], "give both --tls-cert and --tls-key"),
     (["--host", "0.0.0.0"], "off loopback a token is required"), (["--index-views", "3"], "--index-views 3"),
     (["--edge-radius", "-2"], "--edge-radius -2"), (["--search-expand", "-1"], "--search-expand -1"),
-], ids=["port", "workers", "sao-window", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "port-file-folder", "tls", "tls-pair",
+], ids=["port", "workers", "sao-window", "segments-at-once", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "port-file-folder", "tls", "tls-pair",
         "token", "views", "edge-radius", "search-expand"])
 def test_serve_checks_its_options_before_loading_the_model(tmp_path, flags, message):
     # the checkpoint does not exist: a message about the option shows it was checked before the model loaded
@@ -2697,19 +2698,22 @@ def test_segments_past_the_few_run_at_once_wait_queued_and_then_run(checkpoint, 
     QUEUED message until one ends, then runs; one whose client goes while it waits stops."""
     from backend.engine import ModelEngine
     from backend.index import TileIndex
-    from backend.service import SEGMENTS_AT_ONCE, SkyPromptService
+    from backend.service import SkyPromptService
+
+    SEGMENTS_AT_ONCE = 3      # serve --segments-at-once 3
 
     engine = ModelEngine(checkpoint, device="cpu")
     index = TileIndex(tmp_path / "index")
     try:
-        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])])
+        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])],
+                                   segments_at_once=SEGMENTS_AT_ONCE)
         p = pb()
         request = p.SegmentRequest(source=p.RasterSource(path=str(rasters["rgb"])), prompts=["trees"])
         for _ in range(SEGMENTS_AT_ONCE):          # as if that many were running
             service._segment_slots.acquire()
         events = service.Segment(request, Context())
         first = next(events)
-        assert first.progress.stage == p.SEGMENT_STAGE_QUEUED and "segmentations are running" in first.progress.message
+        assert first.progress.stage == p.SEGMENT_STAGE_QUEUED and "3 segmentations are running" in first.progress.message
         service._segment_slots.release()           # one ends: this one runs to its result
         rest = list(events)
         assert any(e.HasField("result") for e in rest)
