@@ -290,7 +290,8 @@ class ModelEngine:
                     log.exception("model work failed")
                     error = e if isinstance(e, EngineError) else EngineError("internal",
                                                                              f"model computation failed: {e}")
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 for j in live:
                     j.future.set_exception(error)
                 continue

@@ -530,7 +530,8 @@ class TileIndex:
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
         self._folder_fd: int | None = None   # the index folder, flocked beside index.lock
-        self._unsearchable: dict[str, tuple[int, dict]] = {}   # checkpoint -> (generation, {raster id: why})
+        # checkpoint -> {raster id: why its embeddings are left out}, as of that checkpoint's snapshot
+        self._unsearchable: dict[str, dict[int, str]] = {}
         self._lock_file = self._acquire_directory_lock()
         try:
             self._open_database()
@@ -1104,7 +1105,7 @@ class TileIndex:
         for r in () if selected is None else selected - set(snap.slot_by_raster if snap else ()):
             # an empty raster (every tile skipped) is in no snapshot; nor is one whose embeddings
             # could not be read; any other was added after this one
-            why = self._unsearchable.get(checkpoint_hash, (None, {}))[1].get(r)
+            why = self._unsearchable.get(checkpoint_hash, {}).get(r)
             row = self._reader().execute("SELECT tile_count, source_key FROM rasters WHERE id=?", (r,)).fetchone()
             if why and row is not None:
                 raise TileIndexError("unavailable", f"raster {row['source_key']!r} (id {r}) cannot be searched: {why}")
@@ -1294,7 +1295,7 @@ class TileIndex:
         """The rasters of `checkpoint_hash` that searches leave out now, as {"id", "path", "name",
         "reason"}: their embedding file could not be read or is damaged (the server log has more)."""
         self._snapshot(checkpoint_hash)
-        _, reasons = self._unsearchable.get(checkpoint_hash, (None, {}))
+        reasons = self._unsearchable.get(checkpoint_hash, {})
         out = []
         for raster_id, reason in sorted(reasons.items()):
             row = self._reader().execute("SELECT source_key, name FROM rasters WHERE id=?", (raster_id,)).fetchone()
@@ -1325,7 +1326,7 @@ class TileIndex:
             "tiles_wgs84_xmax, tiles_wgs84_ymax FROM rasters WHERE checkpoint_hash=? AND tile_count>0 ORDER BY id",
             (checkpoint_hash,)).fetchall()
         unsearchable: dict[int, str] = {}
-        self._unsearchable[checkpoint_hash] = (self._generation, unsearchable)
+        self._unsearchable[checkpoint_hash] = unsearchable
         if not rows:
             return None
         dim = rows[0]["dim"]

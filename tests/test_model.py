@@ -469,11 +469,7 @@ def test_sao_pool_matches_its_definition_for_every_window_width(grid, window, si
     torch.manual_seed(0)
     scores, values = torch.randn(2, 3, grid * grid), torch.randn(2, 3, grid * grid, 4)
     got = sao_pool(scores, values, grid, window, gaussian=sigma is not None, sigma=sigma)
-    if window >= grid and sigma is None:      # one global softmax, as the whole-grid window is
-        sigma_used = None
-    else:
-        sigma_used = sigma
-    want = _unfolded_sao(scores, values, grid, window if window < grid else 2 * grid, sigma_used)
+    want = _unfolded_sao(scores, values, grid, window if window < grid else 2 * grid, sigma)
     assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
     if sigma == 1e-30:
         assert torch.allclose(got, values.permute(0, 2, 1, 3).reshape(2, grid, grid, 3, 4), atol=1e-6)

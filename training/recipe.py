@@ -49,7 +49,8 @@ CAPTION_FILE_KINDS = ("manifest", "precomp", "karpathy")
 COMMON_KEYS = ("kind", "name", "weight", "val_per_class")
 OPTIONAL_KEYS = {"folder": ("caption_pool", "exclude_manifest"), "shards": (), "manifest": ("classnames",),
                  "precomp": ("classnames", "split"), "karpathy": ("classnames", "split")}
-PATH_KEYS = ("root", "path", "exclude_manifest", "captions", "images", "dataset", "split")
+# keys whose value is one string (paths, a dataset name, a split)
+STRING_KEYS = ("root", "path", "exclude_manifest", "captions", "images", "dataset", "split")
 
 
 class RecipeError(ValueError):
@@ -153,7 +154,7 @@ def _check_source_fields(where: str, s: dict) -> None:
     if unknown:
         raise RecipeError(f"{where} ({kind}) has {', '.join(repr(k) for k in unknown)}, which no {kind} source "
                           f"takes; its keys are {', '.join(allowed)}")
-    for key in PATH_KEYS:
+    for key in STRING_KEYS:
         if key in s and (not isinstance(s[key], str) or not s[key].strip()):
             raise RecipeError(f"{where} has {key} {json.dumps(s[key])[:60]}; give it as a string")
     urls = s.get("urls")
