@@ -277,17 +277,6 @@ def densified_box(xmin: float, ymin: float, xmax: float, ymax: float, points_per
     return xs, ys
 
 
-def reprojected_box(box: Sequence[float], source: osr.SpatialReference, target: osr.SpatialReference,
-                    points_per_edge: int, what: str) -> np.ndarray:
-    """The densified outline of `box` (densified_box) moved from `source` to `target`, as an (n, 2)
-    array; non-finite where `target` is not defined. RasterError(invalid_argument, `what`) when GDAL
-    refuses the transformation."""
-    xs, ys = densified_box(*box, points_per_edge)
-    with _gdal("invalid_argument", what):
-        moved = osr.CoordinateTransformation(source, target).TransformPoints(np.column_stack([xs, ys]).tolist())
-    return np.asarray(moved, float)[:, :2]
-
-
 def unwrap_longitudes(lon: np.ndarray, period: float = 360.0) -> np.ndarray:
     """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
     in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
@@ -990,31 +979,99 @@ class Raster:
         same = source is None or source.IsSame(self._srs)
         if same and self.geotransform[2] == 0 and self.geotransform[4] == 0:
             return shapely.box(xmin, ymin, xmax, ymax), True
-        if not same:
-            # a zoomed-out view in another CRS reaches far past the raster, to where the raster's CRS
-            # may not be defined: only its part over the raster's bounds (in the view's CRS) matters
-            try:
-                over = transform_bounds(self.bounds, self._srs, source)
-            except RasterError:
-                over = None
-            if over is not None and over[0] < over[2]:      # not across the antimeridian
-                # with a margin: the box's edges come back curved, and must not cut into the raster
-                mx, my = 0.05 * (over[2] - over[0]), 0.05 * (over[3] - over[1])
-                clipped = (max(xmin, over[0] - mx), max(ymin, over[1] - my), min(xmax, over[2] + mx),
-                           min(ymax, over[3] + my))
-                if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
-                    b = self.bounds
-                    raise RasterError("invalid_argument", f"extent ({xmin}, {ymin}, {xmax}, {ymax}) in "
-                                                          f"{_crs_label(source)} does not overlap {self._where()}, "
-                                                          f"whose bounds are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in "
-                                                          f"{_crs_label(self._srs)}")
-                xmin, ymin, xmax, ymax = clipped
         if same:
-            outline = np.column_stack(densified_box(xmin, ymin, xmax, ymax, points_per_edge))
-        else:
-            outline = reprojected_box((xmin, ymin, xmax, ymax), source, self._srs, points_per_edge,
-                                      f"cannot transform the extent into the CRS of {self._where()}")
+            return shapely.Polygon(np.column_stack(densified_box(xmin, ymin, xmax, ymax, points_per_edge))), False
+        box = self._cut_to_raster((xmin, ymin, xmax, ymax), source)
+        with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
+            transform = osr.CoordinateTransformation(source, self._srs)
+        outline = self._placed(transform_points_quietly(transform, np.column_stack(densified_box(*box, points_per_edge))))
+        if outline is None:
+            # part of the extent has no place in the raster's CRS (off an orthographic globe, say):
+            # the window round the part that has one is the area
+            col, row, width, height = self.window_for_extent(extent)
+            x, y = _grid_to_map(self.geotransform, np.array([col, col + width, col + width, col], float),
+                                np.array([row, row, row + height, row + height], float))
+            return shapely.Polygon(np.column_stack([x, y])), False
         return shapely.Polygon(outline), False
+
+    def _cut_to_raster(self, box: Sequence[float], source: osr.SpatialReference) -> tuple[float, float, float, float]:
+        """`box` (in `source`) cut to the raster's bounds as `source` sees them, with a margin: a
+        zoomed-out view in another CRS reaches far past the raster, to where the raster's CRS may not
+        be defined, and only its part over the raster matters. `box` itself where those bounds cannot
+        be had in `source` or wrap round its world."""
+        xmin, ymin, xmax, ymax = box
+        try:
+            over = transform_bounds(self.bounds, self._srs, source)
+        except RasterError:
+            return xmin, ymin, xmax, ymax
+        if not over[0] < over[2]:       # across the antimeridian
+            return xmin, ymin, xmax, ymax
+        # with a margin: the box's edges come back curved, and must not cut into the raster
+        mx, my = 0.05 * (over[2] - over[0]), 0.05 * (over[3] - over[1])
+        clipped = (max(xmin, over[0] - mx), max(ymin, over[1] - my), min(xmax, over[2] + mx), min(ymax, over[3] + my))
+        if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+            b = self.bounds
+            raise RasterError("invalid_argument", f"extent ({xmin}, {ymin}, {xmax}, {ymax}) in {_crs_label(source)} "
+                                                  f"does not overlap {self._where()}, whose bounds are ({b[0]}, {b[1]}, "
+                                                  f"{b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        return clipped
+
+    def _placed(self, outline: np.ndarray) -> np.ndarray | None:
+        """An outline moved into the raster's CRS ((n, 2), in order round it), placed over the raster:
+        where that CRS repeats east and west (longitude/latitude, Web Mercator) its x made continuous
+        across the world's edge (a box across 180 degrees comes back as 179.9 and -179.9) and moved by
+        the whole worlds that bring it over the raster. None where a point of it has no place there."""
+        if not np.isfinite(outline).all():
+            return None
+        period = world_width(self._srs)
+        if not period:
+            return outline
+        x = unwrap_longitudes(outline[:, 0], period)
+        return np.column_stack([x + self._world_turn(float(x.min()), float(x.max()), period), outline[:, 1]])
+
+    def _world_turn(self, xmin: float, xmax: float, period: float) -> float:
+        """The whole worlds (-period, 0 or +period) that move x from xmin to xmax most over the raster,
+        in a CRS whose map repeats every `period` east: a raster may lie past 180 degrees (179.9 to
+        180.1), where GDAL gives a box round it as -179.95 to -179.9."""
+        west, east = self.bounds[0], self.bounds[2]
+        return max((0.0, -period, period), key=lambda t: min(xmax + t, east) - max(xmin + t, west))
+
+    def _turned_over_raster(self, bounds: Sequence[float]) -> tuple[float, float, float, float]:
+        """Bounds in the raster's CRS moved by whole worlds over the raster (_world_turn); bounds a
+        world or more wide (a zoomed-out view) reach every x of it."""
+        xmin, ymin, xmax, ymax = bounds
+        period = world_width(self._srs)
+        if not period:
+            return xmin, ymin, xmax, ymax
+        if xmax - xmin >= period * (1.0 - 1e-9):
+            return min(xmin, self.bounds[0]), ymin, max(xmax, self.bounds[2]), ymax
+        turn = self._world_turn(xmin, xmax, period)
+        return xmin + turn, ymin, xmax + turn, ymax
+
+    def _lattice_window(self, box: Sequence[float], source: osr.SpatialReference, points: int = 65
+                        ) -> tuple[float, float, float, float] | None:
+        """(left, top, right, bottom) in pixels round the raster's part in `box` (in `source`), judged
+        in `source`: a lattice of the raster's points moved there, a lattice step of margin kept. For
+        an extent that has no place in the raster's CRS while the raster has one in the extent's (an
+        orthographic view with the raster at the globe's rim). None where no point lies in `box`."""
+        to_source = transformation(self._srs, source)
+        if to_source is None:
+            return None
+        cols, rows = np.meshgrid(np.linspace(0.0, self.width, points), np.linspace(0.0, self.height, points))
+        cols, rows = cols.ravel(), rows.ravel()
+        moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(self.geotransform, cols, rows)))
+        xmin, ymin, xmax, ymax = box
+        period = world_width(source) or 0.0
+        with np.errstate(invalid="ignore"):
+            in_rows = (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax)
+            inside = np.zeros(len(moved), bool)
+            for turn in sorted({-period, 0.0, period}):
+                inside |= in_rows & (moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
+        if not inside.any():
+            return None
+        step_c, step_r = self.width / (points - 1), self.height / (points - 1)
+        return (float(cols[inside].min()) - step_c, float(rows[inside].min()) - step_r,
+                float(cols[inside].max()) + step_c, float(rows[inside].max()) + step_r)
 
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.
@@ -1027,18 +1084,20 @@ class Raster:
             return 0, 0, self.width, self.height
         xmin, ymin, xmax, ymax, crs = parts
         given = f"extent ({xmin}, {ymin}, {xmax}, {ymax})"
+        pixels = None
         if crs != "" and crs is not None:
             source = parse_crs(crs)
             given += f" in {_crs_label(source)}"
             if not source.IsSame(self._srs):
-                xmin, ymin, xmax, ymax = transform_bounds((xmin, ymin, xmax, ymax), source, self._srs)
-                if not (xmin < xmax and ymin < ymax):
+                pixels = self._pixels_of_extent_in((xmin, ymin, xmax, ymax), source)
+                if pixels is None:
                     raise RasterError("invalid_argument", f"{given} does not map to a usable rectangle in the raster's "
                                                           f"CRS {_crs_label(self._srs)}; give it in that CRS instead")
-        inverse = gdal.InvGeoTransform(self.geotransform)
-        px, py = _grid_to_map(inverse, np.array([xmin, xmax, xmax, xmin]), np.array([ymin, ymin, ymax, ymax]))
-        left, right = max(float(px.min()), 0.0), min(float(px.max()), float(self.width))
-        top, bottom = max(float(py.min()), 0.0), min(float(py.max()), float(self.height))
+        if pixels is None:
+            pixels = self._pixels_of_box((xmin, ymin, xmax, ymax))
+        left, top, right, bottom = pixels
+        left, right = max(left, 0.0), min(right, float(self.width))
+        top, bottom = max(top, 0.0), min(bottom, float(self.height))
         if right <= left or bottom <= top:
             b = self.bounds
             hint = "" if crs not in ("", None) else (" (an extent without a CRS is read in the raster's CRS: if it "
@@ -1051,6 +1110,42 @@ class Raster:
         col1 = max(col0 + 1, int(math.ceil(right - 1e-6)))
         row1 = max(row0 + 1, int(math.ceil(bottom - 1e-6)))
         return col0, row0, min(col1, self.width) - col0, min(row1, self.height) - row0
+
+    def _pixels_of_box(self, box: Sequence[float]) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in pixels round `box` (in the raster's CRS), not yet cut to the raster."""
+        xmin, ymin, xmax, ymax = box
+        px, py = _grid_to_map(gdal.InvGeoTransform(self.geotransform), np.array([xmin, xmax, xmax, xmin]),
+                              np.array([ymin, ymin, ymax, ymax]))
+        return float(px.min()), float(py.min()), float(px.max()), float(py.max())
+
+    def _pixels_of_extent_in(self, box: Sequence[float], source: osr.SpatialReference
+                             ) -> tuple[float, float, float, float] | None:
+        """(left, top, right, bottom) in pixels round `box`, given in `source`; None where it has no
+        usable place in the raster's CRS. Its bounding box there where GDAL gives one; else, as a map
+        across 180 degrees in a Pacific projection or a whole-globe orthographic view that QGIS shows
+        the raster in: the box cut to the raster's part, its outline moved and placed over the raster,
+        or failing that the raster's own points judged in `source`."""
+        try:
+            bounds = transform_bounds(box, source, self._srs)
+            if bounds[0] < bounds[2] and bounds[1] < bounds[3]:
+                return self._pixels_of_box(self._turned_over_raster(bounds))
+        except RasterError:
+            pass
+        cut = self._cut_to_raster(box, source)
+        transform = transformation(source, self._srs)
+        if transform is None:
+            return None
+        outline = self._placed(transform_points_quietly(transform, np.column_stack(densified_box(*cut, 64))))
+        if outline is not None:
+            return self._pixels_of_box((outline[:, 0].min(), outline[:, 1].min(), outline[:, 0].max(),
+                                        outline[:, 1].max()))
+        pixels = self._lattice_window(cut, source)
+        if pixels is None and transformation(self._srs, source) is not None:
+            b = self.bounds
+            raise RasterError("invalid_argument", f"extent {tuple(box)} in {_crs_label(source)} does not overlap "
+                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
+                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        return pixels
 
     def read_extent(self, extent=None, out_size: tuple[int, int] | None = None, target_resolution: float | None = None,
                     resample: str = "average", max_pixels: int = DEFAULT_MAX_PIXELS

@@ -57,25 +57,6 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
     return source, extent, note
 
 
-# the backend's words for an extent its CRS cannot take to the raster's (a map across 180 degrees in a
-# Pacific projection, an orthographic view of the whole globe), which QGIS placed on the layer already
-_UNMAPPABLE = re.compile(r"does not map to a usable rectangle|cannot reproject")
-
-
-def _in_layer_crs_if_unmappable(pb, call, request, rect_in_layer_crs: QgsRectangle | None):
-    """call(request); where the backend cannot take the request's extent to the raster's CRS, again
-    with the extent QGIS placed in the layer's CRS (an empty crs: the raster's own)."""
-    try:
-        return call(request)
-    except BackendError as e:
-        if (e.code != "INVALID_ARGUMENT" or not _UNMAPPABLE.search(e.message) or rect_in_layer_crs is None
-                or not request.HasField("extent") or not request.extent.crs or rect_in_layer_crs.isEmpty()):
-            raise
-    r = rect_in_layer_crs
-    request.extent.CopyFrom(pb.Extent(xmin=r.xMinimum(), ymin=r.yMinimum(), xmax=r.xMaximum(), ymax=r.yMaximum()))
-    return call(request)
-
-
 def _for_layer(pb, request, prepared):
     """`request` with the bands the layer shows (sources.band_mapping) when it is sent by path; a
     layer sent as pixels is read in those bands already."""
@@ -397,9 +378,8 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                 request.target_resolution = coarser.resolution
                 if notes is not None:
                     notes.append(coarser.note("", "segmented", coarser.resolution, "segmented"))
-    results = _in_layer_crs_if_unmappable(
-        pb, lambda r: conn.segment(r, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
-                                   cancelled=cancelled), request, rect_in_layer_crs)
+    results = conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
+                           cancelled=cancelled)
     for result in results:
         _keep_band_note(notes, result.band_note)
     return results
@@ -435,6 +415,6 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
     request = _for_layer(pb, pb.CaptionRequest(source=source), prepared)
     if extent is not None:
         request.extent.CopyFrom(extent)
-    response = _in_layer_crs_if_unmappable(pb, conn.caption, request, rect_in_layer_crs)
+    response = conn.caption(request)
     _keep_band_note(notes, response.band_note)
     return response

@@ -2860,9 +2860,9 @@ def test_describe_of_a_map_off_its_globe_is_one_line(dock, layers, iface):
 
 
 def test_segment_and_describe_of_a_layer_across_180_degrees_on_a_pacific_map(dock, iface, rasters, live):  # noqa: F811
-    """A longitude/latitude layer across 180 degrees on a Pacific Mercator map (EPSG:3832): the
-    backend cannot take the map's rectangle to the layer's CRS; the panel then sends the rectangle
-    QGIS placed in the layer's CRS, and both work, as QGIS shows the layer."""
+    """A longitude/latitude layer across 180 degrees on a Pacific Mercator map (EPSG:3832): GDAL's
+    box of the map's rectangle in the layer's CRS wraps round the world; the backend places it on the
+    raster (backend.raster), and both work, as QGIS shows the layer."""
     from qgis.core import QgsCoordinateTransform
 
     path = rasters["folder"] / "across_180.tif"

@@ -459,6 +459,63 @@ def test_a_world_view_in_another_crs_is_clipped_to_the_raster_before_it_is_trans
         assert not exact and polygon.contains(shapely.box(*raster.bounds))
 
 
+def _pixel_centres_in(raster, extent) -> np.ndarray:
+    """Which pixel centres of the raster the extent's polygon (extent_polygon) holds, as a mask."""
+    polygon, _ = raster.extent_polygon(extent)
+    rows, cols = np.mgrid[0:raster.height, 0:raster.width] + 0.5
+    gt = raster.geotransform
+    return shapely.contains_xy(polygon, gt[0] + cols * gt[1], gt[3] + rows * gt[5])
+
+
+def test_a_map_across_180_degrees_in_a_pacific_projection_is_placed_on_the_raster(tmp_path):
+    """A longitude/latitude raster at 180 degrees (stored past it, 179.9 to 180.1, or before it,
+    -180.1 to -179.9) on a Pacific Mercator map (EPSG:3832): the map's rectangle comes back from GDAL
+    as a box across the antimeridian or one world away from the raster, and was refused or missed it."""
+    to_pacific = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:3832"))
+    for west in (179.9, -180.1):
+        path = make_tif(tmp_path / f"at_{west}.tif", noise((3, 400, 400)), crs="EPSG:4326",
+                        geotransform=(west, 0.0005, 0.0, -16.0, 0.0, -0.0005))
+        with open_raster(path) as raster:
+            whole = (*to_pacific.TransformBounds(179.9, -16.2, 180.1, -16.0, 21), "EPSG:3832")
+            assert raster.window_for_extent(whole) == (0, 0, 400, 400)
+            assert _pixel_centres_in(raster, whole).all()
+            # the map showing only the part east of 180 degrees: the raster's east half
+            east = (*to_pacific.TransformBounds(180.0, -16.2, 180.2, -16.1, 21), "EPSG:3832")
+            assert raster.window_for_extent(east) == (200, 200, 200, 200)
+            inside = _pixel_centres_in(raster, east)
+            assert inside[200:, 200:].all() and not inside[:, :199].any() and not inside[:199].any()
+            # and only the part east of 180.05 degrees: GDAL's box, -179.95 to -179.9, one world away
+            far_east = (*to_pacific.TransformBounds(180.05, -16.2, 180.2, -16.1, 21), "EPSG:3832")
+            assert raster.window_for_extent(far_east)[0] == 300
+            # a Web Mercator map zoomed out past one world shows all of it
+            assert raster.window_for_extent((-2.5e7, -3e6, 2.5e7, 3e6, "EPSG:3857")) == (0, 0, 400, 400)
+            beside = (*to_pacific.TransformBounds(181.0, -16.2, 181.2, -16.1, 21), "EPSG:3832")
+            with pytest.raises(RasterError, match="does not overlap"):
+                raster.window_for_extent(beside)
+
+
+def test_a_whole_globe_orthographic_view_is_placed_on_the_raster_it_shows(tmp_path):
+    """An orthographic map zoomed out to the whole globe: the view's corners lie off the globe, so
+    GDAL gives no box for it in longitude/latitude. A raster in view is read where the globe shows
+    it; one at the rim only as far as the rim; one on the hidden side is said not to be in the view."""
+    facing_180 = "+proj=ortho +lat_0=-10 +lon_0=170 +R=6370997 +units=m +no_defs"
+    facing_0 = "+proj=ortho +lat_0=0 +lon_0=0 +R=6370997 +units=m +no_defs"
+    globe = (-1.5e7, -1.5e7, 1.5e7, 1.5e7)
+    across = make_tif(tmp_path / "across.tif", noise((3, 400, 400)), crs="EPSG:4326",
+                      geotransform=(179.9, 0.0005, 0.0, -16.0, 0.0, -0.0005))
+    with open_raster(across) as raster:
+        assert raster.window_for_extent((*globe, facing_180)) == (0, 0, 400, 400)
+        assert _pixel_centres_in(raster, (*globe, facing_180)).all()
+        with pytest.raises(RasterError, match="does not overlap .*no point of the raster lies in it"):
+            raster.window_for_extent((*globe, facing_0))
+    # 80 to 100 degrees east, seen from 0 degrees: the globe's rim is at 90 degrees
+    rim = make_tif(tmp_path / "rim.tif", noise((3, 200, 200)), crs="EPSG:4326",
+                   geotransform=(80.0, 0.1, 0.0, 10.0, 0.0, -0.1))
+    with open_raster(rim) as raster:
+        col, row, width, height = raster.window_for_extent((*globe, facing_0))
+        assert (col, row, height) == (0, 0, 200) and 100 <= width <= 110
+
+
 @pytest.mark.parametrize("extent, words", [
     ((504000.0, 4995000.0, 502000.0, 4997000.0, UTM), ["inverted", "xmin=504000.0"]),
     ((502000.0, 4997000.0, 504000.0, 4995000.0, ""), ["inverted", "ymin=4997000.0"]),
