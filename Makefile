@@ -10,10 +10,12 @@ export QT_QPA_PLATFORM ?= offscreen
 
 .PHONY: help setup check-debian proto test bench clean train-default train-default-stage2 train-default-stage3 train-default-stage4 train-default-stage5 train-default-stage6 train-default-stage7 train-default-stage8 average-default pack-default train-default-gpu train-default-gpu-bank ablate-recipe refine-default serve plugin-zip screenshots gpu-check
 TRAIN_STEPS ?= 1200
+# test processes side by side (pytest-xdist); 0 runs the suite in this one process
+TEST_WORKERS ?= 2
 
 help:
 	@echo "make setup   create .venv (system site packages), install pinned deps, build gRPC stubs"
-	@echo "make test    run the whole test suite (runs setup first when needed)"
+	@echo "make test    run the whole test suite (runs setup first when needed; TEST_WORKERS=2 processes)"
 	@echo "make bench   run the benchmarks; tables printed, results in bench/results/"
 	@echo "make gpu-check  on a CUDA machine: the GPU tests, the GPU benchmark and the training-data benchmark (GPU_PY=python with CUDA torch)"
 	@echo "make proto   regenerate the gRPC stubs from proto/"
@@ -67,7 +69,7 @@ proto: $(SETUP_STAMP)
 	@mkdir -p build && touch $(PROTO_STAMP)
 
 test: setup
-	$(PY) -m pytest -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS)
 
 bench: setup
 	$(PY) -m pip install --quiet -e ".[dev,bench]"

@@ -12,7 +12,9 @@ import numpy as np
 from PIL import Image
 
 from backend.model.checkpoint import load_checkpoint
+from conftest import run_main
 from training.ablate import VARIANTS, markdown_table
+from training.ablate import main as ablate_main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"red": "red roofs", "green": "green fields", "blue": "blue water"}
@@ -102,7 +104,11 @@ def test_an_ablation_folder_from_before_the_settings_record_is_checked_against_i
     assert json.loads((tmp_path / "settings.json").read_text())["steps"] == 8
 
 
-def test_ablation_bad_arguments(tmp_path):
+def test_ablation_bad_arguments(tmp_path, capsys):
+    def _ablate(*args):     # in this process: refusals stop before any training run
+        return run_main(ablate_main, args, capsys)
+
+
     r = _ablate("--out", str(tmp_path), "--variants", "baseline,bigger-model")
     assert r.returncode == 2 and "unknown variant(s) bigger-model" in r.stderr and "Traceback" not in r.stderr
     r = _ablate("--out", str(tmp_path), "--caption-weight", "-1")

@@ -394,19 +394,26 @@ def test_keep_loss_is_zero_at_the_teacher_and_pulls_back_towards_it(tiny_model, 
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def _refine(refine_setup, out, rounds, launcher=(), extra=()):
+def _refine(refine_setup, out, rounds, launcher=(), extra=(), capsys=None):
+    """training.refine on the test setup; with `capsys`, its main in this process (conftest.run_main),
+    for refusals that stop before any work."""
     import os
     import subprocess
     import sys
 
     from test_server import REPO
 
+    args = ["--checkpoint", str(refine_setup["ckpt"]), "--recipe", str(refine_setup["recipe"]), "--out", str(out),
+            "--rounds", str(rounds), "--steps-per-round", "2", "--batch-size", "4", "--dense-batch", "2",
+            "--mosaics-per-round", "4", "--eval-mosaics", "1", "--window", "3", "--device", "cpu",
+            "--workers", "0", "--export-fp16", str(out / "fp16"), *extra]
+    if capsys is not None:
+        from conftest import run_main
+        from training.refine import main
+
+        return run_main(main, args, capsys)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    return subprocess.run([sys.executable, *launcher, "-m", "training.refine", "--checkpoint", str(refine_setup["ckpt"]),
-                           "--recipe", str(refine_setup["recipe"]), "--out", str(out), "--rounds", str(rounds),
-                           "--steps-per-round", "2", "--batch-size", "4", "--dense-batch", "2",
-                           "--mosaics-per-round", "4", "--eval-mosaics", "1", "--window", "3", "--device", "cpu",
-                           "--workers", "0", "--export-fp16", str(out / "fp16"), *extra],
+    return subprocess.run([sys.executable, *launcher, "-m", "training.refine", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -438,16 +445,16 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
-def test_refinement_setup_errors_are_one_line(refine_setup, tmp_path):
+def test_refinement_setup_errors_are_one_line(refine_setup, tmp_path, capsys):
     missing = {**refine_setup, "ckpt": tmp_path / "no-such-checkpoint"}
-    p = _refine(missing, tmp_path / "typo", 1)
+    p = _refine(missing, tmp_path / "typo", 1, capsys=capsys)
     assert p.returncode == 2 and "--checkpoint" in p.stderr and "is not a checkpoint folder" in p.stderr
     assert not (tmp_path / "typo").exists() and "Traceback" not in p.stderr
-    p = _refine(refine_setup, tmp_path / "bench", 1, extra=("--benchmark", "nope"))
+    p = _refine(refine_setup, tmp_path / "bench", 1, extra=("--benchmark", "nope"), capsys=capsys)
     assert p.returncode == 2 and "error: --benchmark 'nope' is not a validation set" in p.stderr
     assert "Traceback" not in p.stderr
     # a mosaic needs two regions: said at once, not after round 0's measurement
-    p = _refine(refine_setup, tmp_path / "one", 1, extra=("--regions", "1"))
+    p = _refine(refine_setup, tmp_path / "one", 1, extra=("--regions", "1"), capsys=capsys)
     assert p.returncode == 2 and "--regions must be at least 2" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "one").exists()
 

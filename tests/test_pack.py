@@ -73,7 +73,13 @@ def test_pack_keeps_the_training_split_and_drops_the_held_out(tmp_path):
             assert im.size in ((32, 32), (43, 32))
 
 
-def test_pack_refuses_bad_input_without_writing(tmp_path):
+def test_pack_refuses_bad_input_without_writing(tmp_path, capsys):
+    from conftest import run_main
+    from training.pack import main
+
+    def _pack(*args):       # in this process: refusals stop before any copy is made
+        return run_main(main, args, capsys)
+
     recipe = _make_recipe(tmp_path)
     out = tmp_path / "pack"
     (out / "keep.txt").parent.mkdir()

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from backend.model.checkpoint import load_checkpoint
+from conftest import run_main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"red": "red roofs", "green": "green fields", "blue": "blue water"}
@@ -219,12 +220,12 @@ def test_a_tokenizer_of_unchanged_shard_files_is_reused_without_reading_their_te
     assert json.loads((out / "tokenizer_source.json").read_text())["captions"] == 4     # the 3 and the harbour
 
 
-def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, tiny_model, tokenizer):
+def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, tiny_model, tokenizer, capsys):
     """The model comes from the checkpoint a run continues or starts from: another --preset or
     --conv-stem asked for with it is refused, not dropped; a mistyped preset is refused before any work."""
     from backend.model.checkpoint import save_checkpoint
 
-    r = _run(_args(folder, tmp_path / "typo", 1, "--preset", "smal"))
+    r = _refused(_args(folder, tmp_path / "typo", 1, "--preset", "smal"), capsys)
     assert r.returncode == 2 and "invalid choice: 'smal'" in r.stderr and not (tmp_path / "typo").exists()
     out = tmp_path / "run"
     r = _run(_args(folder, out, 3, "--eval-every", "1"))                  # a tiny model, linear stem
@@ -232,11 +233,11 @@ def test_preset_and_stem_beside_a_checkpoint_must_be_its_own(folder, tmp_path, t
     # nothing held out to validate on: said, not silently skipped
     assert "--eval-every 1 has nothing to validate: no images are held out" in r.stdout + r.stderr
     for flags, message in ((["--preset", "small"], "--preset small: "), (["--conv-stem"], "--conv-stem: ")):
-        r = _run(_args(folder, out, 4, "--resume", *flags))
+        r = _refused(_args(folder, out, 4, "--resume", *flags), capsys)
         assert r.returncode == 2 and message in r.stderr and "step_0000003 is a" in r.stderr, r.stderr[-2000:]
         assert "give another --out for a new one" in r.stderr and "Traceback" not in r.stderr
     init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
-    r = _run(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(init), "--preset", "base"))
+    r = _refused(_args(folder, tmp_path / "tuned", 1, "--init-checkpoint", str(init), "--preset", "base"), capsys)
     assert r.returncode == 2 and "--preset base: " in r.stderr and "is a tiny model" in r.stderr
     assert not (tmp_path / "tuned" / "checkpoints").exists()
     r = _run(_args(folder, out, 4, "--resume"))                            # _args' own --preset tiny
@@ -299,8 +300,8 @@ def test_two_process_ddp_matches_one_process(folder, tmp_path, loss_flags):
         assert b[step] == pytest.approx(a[step], rel=2e-3)
 
 
-def test_fsdp_run_validates_and_exports_a_whole_model(folder, tmp_path):
-    r = _run(_args(folder, tmp_path / "alone", 2, "--fsdp"))
+def test_fsdp_run_validates_and_exports_a_whole_model(folder, tmp_path, capsys):
+    r = _refused(_args(folder, tmp_path / "alone", 2, "--fsdp"), capsys)
     assert r.returncode == 2 and "start the run with torchrun" in r.stderr and "Traceback" not in r.stderr
     out = tmp_path / "fsdp"
     # training.train's own main, with its weight gathers counted (each is a collective over every rank
@@ -327,7 +328,7 @@ def test_fsdp_run_validates_and_exports_a_whole_model(folder, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_model, tokenizer):
+def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_model, tokenizer, capsys):
     """A checkpoint records the resolution it learned at: the backend tiles at it."""
     from backend.model.checkpoint import save_checkpoint
 
@@ -349,12 +350,12 @@ def test_fine_tuning_at_another_resolution_records_it(folder, tmp_path, tiny_mod
     assert r.returncode == 0, r.stderr[-3000:]
     words = TrainingWords.load(tmp_path / "fp16b")
     assert words.count("quarry") == 7 and words.count("roofs") >= 3 and "earlier run" in words.source
-    r = _run(_args(folder, tmp_path / "bad", 1, "--init-checkpoint", str(init), "--image-size", "30"))
+    r = _refused(_args(folder, tmp_path / "bad", 1, "--init-checkpoint", str(init), "--image-size", "30"), capsys)
     assert r.returncode == 2 and "give a positive multiple of the model's patch size, 8" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, tokenizer):
+def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, tokenizer, capsys):
     """Locked-image tuning: image tower and attention pool come out bit for bit as they went in, so
     every image embedding is unchanged; the text decoder and the temperature learn."""
     from backend.model.checkpoint import save_checkpoint
@@ -372,22 +373,17 @@ def test_freeze_image_trains_the_text_side_only(folder, tmp_path, tiny_model, to
     assert sum(not torch.equal(b[k], a[k]) for k in text) > len(text) // 2
     assert not torch.equal(b["logit_scale"], a["logit_scale"])
     # a random image tower would stay random: refused before anything runs
-    r = _run(_args(folder, tmp_path / "bad", 1, "--freeze-image"))
+    r = _refused(_args(folder, tmp_path / "bad", 1, "--freeze-image"), capsys)
     assert r.returncode == 2 and "--freeze-image keeps the image tower of --init-checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def _refused(args: list[str], capsys) -> subprocess.CompletedProcess:
-    """training.train's main in this process (a refusal never gets as far as training, and a new
-    interpreter per case would cost seconds each): its exit code and stderr, as _run gives them."""
+    """training.train's main in this process (conftest.run_main): a refusal never gets as far as
+    training, and a new interpreter per case would cost seconds each."""
     from training import train as training_main
 
-    capsys.readouterr()
-    try:
-        code = training_main.main(args)
-    except SystemExit as e:      # argparse's refusals
-        code = e.code
-    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+    return run_main(training_main.main, args, capsys)
 
 
 def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
@@ -549,14 +545,14 @@ def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):
     assert r.returncode == 2 and "--image-size 32 with --resume would mix the two" in r.stderr
 
 
-def test_resume_refuses_another_held_out_split(folder, tmp_path):
+def test_resume_refuses_another_held_out_split(folder, tmp_path, capsys):
     """--resume with another --seed or --val-per-class would hold out other images: those held out
     before would be trained on from there, and the run's val/ lists rewritten to say otherwise."""
     out = tmp_path / "run"
     assert _run(_args(folder, out, 3, "--val-per-class", "2")).returncode == 0
     held_out = (out / "val" / f"{folder.name}.txt").read_text()
     for change in (["--val-per-class", "2", "--seed", "5"], ["--val-per-class", "3"], []):
-        r = _run(_args(folder, out, 4, "--resume", *change))
+        r = _refused(_args(folder, out, 4, "--resume", *change), capsys)
         assert r.returncode == 2 and "--resume would hold out other images than the run" in r.stderr, r.stderr[-2000:]
         assert f"{folder.name}.txt" in r.stderr and "Traceback" not in r.stderr
         assert (out / "val" / f"{folder.name}.txt").read_text() == held_out
@@ -645,28 +641,29 @@ def test_a_time_budget_of_a_few_dozen_steps_is_kept(monkeypatch):
     assert 28 <= step <= 32, step
 
 
-def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path):
+def test_time_budget_shortens_the_run_and_its_schedule(folder, tmp_path, capsys):
     out = tmp_path / "run"
-    # the tiny model takes far more than 18 seconds for 5,000 steps on this CPU, and far less for 60
-    r = _run(_args(folder, out, 5000, "--time-budget", "0.3", "--save-every", "100000",
+    # the tiny model takes far more than 12 seconds for 5,000 steps on this CPU, and far less for 30
+    # (about 150 fit alone, half as many with other tests beside it)
+    r = _run(_args(folder, out, 5000, "--time-budget", "0.2", "--save-every", "100000",
                    "--export-fp16", str(tmp_path / "fp16")))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "time budget" in r.stderr and "steps fit (asked for 5000)" in r.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]["step"]
-    assert 60 < last < 5000
+    assert 30 < last < 5000
     # the learning rate followed the shortened schedule down to its floor at the last step
     assert rows[-1]["lr"] < 1e-4
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{last:07d}"]
     _, _ = load_checkpoint(tmp_path / "fp16")
     assert json.loads((tmp_path / "fp16" / "config.json").read_text())["training"]["step"] == last
     # resumed with the same command: the fitted schedule is finished, not a new budget begun
-    r = _run(_args(folder, out, 5000, "--time-budget", "0.3", "--save-every", "100000", "--resume"))
+    r = _run(_args(folder, out, 5000, "--time-budget", "0.2", "--save-every", "100000", "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"keeping the {last} steps" in r.stderr
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()][-1] == last
     for bad in ("-1", "nan", "inf"):      # nan was taken as no budget, unsaid
-        r = _run(_args(folder, tmp_path / "y", 1, "--time-budget", bad))
+        r = _refused(_args(folder, tmp_path / "y", 1, "--time-budget", bad), capsys)
         assert r.returncode == 2 and "--time-budget is in minutes" in r.stderr and "Traceback" not in r.stderr
 
 
