@@ -965,7 +965,7 @@ class Raster:
 
     # -- extents -------------------------------------------------------------------------------
 
-    def extent_polygon(self, extent, points_per_edge: int = 16):
+    def extent_polygon(self, extent, points_per_edge: int = 64):
         """The requested extent as a polygon in the raster's CRS (its edges densified, so a box in
         another CRS keeps its curved shape), or None for the whole raster; and whether it is an exact
         pixel-aligned box of this raster (same CRS, north-up grid), where the window alone is exact."""
@@ -981,25 +981,24 @@ class Raster:
             return shapely.box(xmin, ymin, xmax, ymax), True
         if same:
             return shapely.Polygon(np.column_stack(densified_box(xmin, ymin, xmax, ymax, points_per_edge))), False
-        box = self._cut_to_raster((xmin, ymin, xmax, ymax), source)
-        with _gdal("invalid_argument", f"cannot transform the extent into the CRS of {self._where()}"):
-            transform = osr.CoordinateTransformation(source, self._srs)
-        outline = self._placed(transform_points_quietly(transform, np.column_stack(densified_box(*box, points_per_edge))))
-        if outline is None:
-            # part of the extent has no place in the raster's CRS (off an orthographic globe, say):
-            # the window round the part that has one is the area
-            col, row, width, height = self.window_for_extent(extent)
-            x, y = _grid_to_map(self.geotransform, np.array([col, col + width, col + width, col], float),
-                                np.array([row, row, row + height, row + height], float))
-            return shapely.Polygon(np.column_stack([x, y])), False
-        return shapely.Polygon(outline), False
+        area = self._extent_area((xmin, ymin, xmax, ymax), source, points_per_edge)
+        if area is None:
+            raise RasterError("invalid_argument", f"extent ({xmin}, {ymin}, {xmax}, {ymax}) in {_crs_label(source)} "
+                                                  f"has no place in the raster's CRS {_crs_label(self._srs)}; give it "
+                                                  "in that CRS instead")
+        return area, False
 
     def _cut_to_raster(self, box: Sequence[float], source: osr.SpatialReference) -> tuple[float, float, float, float]:
         """`box` (in `source`) cut to the raster's bounds as `source` sees them, with a margin: a
         zoomed-out view in another CRS reaches far past the raster, to where the raster's CRS may not
         be defined, and only its part over the raster matters. `box` itself where those bounds cannot
-        be had in `source` or wrap round its world."""
+        be had in `source`, wrap round its world, or reach where `source` is not defined (GDAL's box
+        of a world raster in an orthographic CRS is a line)."""
         xmin, ymin, xmax, ymax = box
+        to_source = transformation(self._srs, source)
+        if to_source is None or not np.isfinite(transform_points_quietly(
+                to_source, np.column_stack(densified_box(*self.bounds, 16)))).all():
+            return xmin, ymin, xmax, ymax
         try:
             over = transform_bounds(self.bounds, self._srs, source)
         except RasterError:
@@ -1016,62 +1015,84 @@ class Raster:
                                                   f"{b[2]}, {b[3]}) in {_crs_label(self._srs)}")
         return clipped
 
-    def _placed(self, outline: np.ndarray) -> np.ndarray | None:
-        """An outline moved into the raster's CRS ((n, 2), in order round it), placed over the raster:
-        where that CRS repeats east and west (longitude/latitude, Web Mercator) its x made continuous
-        across the world's edge (a box across 180 degrees comes back as 179.9 and -179.9) and moved by
-        the whole worlds that bring it over the raster. None where a point of it has no place there."""
-        if not np.isfinite(outline).all():
+    def _extent_area(self, box: Sequence[float], source: osr.SpatialReference, points_per_edge: int = 64):
+        """The part of `box` (given in `source`) over the raster, as a shapely area in the raster's
+        CRS; None where the extent's CRS has no way to the raster's (a site grid).
+
+        Its outline (`points_per_edge` points an edge) is moved point by point. Where the raster's CRS
+        repeats east and west (longitude/latitude, Web Mercator), the outline is made continuous
+        across the world's edge (GDAL gives a box across 180 degrees as 179.9 and -179.9), an outline
+        that goes round a pole takes in the pole, and each copy of the area a world east or west that
+        meets the raster is kept (a raster of the whole world meets both ends of a Pacific view).
+        Where part of the outline has no place in the raster's CRS (an orthographic view's corners,
+        off the globe), the raster's own points are judged in `source` instead (_lattice_area)."""
+        import shapely
+        import shapely.affinity
+
+        cut = self._cut_to_raster(box, source)
+        transform = transformation(source, self._srs)
+        if transform is None:
             return None
+        outline = transform_points_quietly(transform, np.column_stack(densified_box(*cut, points_per_edge)))
+        if not np.isfinite(outline).all():
+            return self._lattice_area(cut, source, box)
         period = world_width(self._srs)
         if not period:
-            return outline
-        x = unwrap_longitudes(outline[:, 0], period)
-        return np.column_stack([x + self._world_turn(float(x.min()), float(x.max()), period), outline[:, 1]])
+            return shapely.make_valid(shapely.Polygon(outline))
+        ring = unwrap_longitudes(np.append(outline[:, 0], outline[0, 0]), period)
+        points = np.column_stack([ring[:-1], outline[:, 1]])
+        if abs(ring[-1] - ring[0]) > period / 2:        # once round a pole: the area on the pole's side
+            pole = 90.0 if outline[:, 1].mean() > 0 else -90.0
+            points = np.vstack([points, [[ring[-1], pole], [ring[0], pole]]])
+        area = shapely.make_valid(shapely.Polygon(points))
+        footprint = shapely.box(*self.bounds)
+        copies = [shapely.affinity.translate(area, turn) for turn in (0.0, -period, period)]
+        meeting = [c for c in copies if c.intersects(footprint)]
+        return shapely.union_all(meeting) if meeting else area
 
-    def _world_turn(self, xmin: float, xmax: float, period: float) -> float:
-        """The whole worlds (-period, 0 or +period) that move x from xmin to xmax most over the raster,
-        in a CRS whose map repeats every `period` east: a raster may lie past 180 degrees (179.9 to
-        180.1), where GDAL gives a box round it as -179.95 to -179.9."""
-        west, east = self.bounds[0], self.bounds[2]
-        return max((0.0, -period, period), key=lambda t: min(xmax + t, east) - max(xmin + t, west))
+    def _lattice_area(self, box: Sequence[float], source: osr.SpatialReference, given: Sequence[float],
+                      cells: int = 64):
+        """The cells of a `cells` x `cells` lattice over the raster whose centres lie in `box` (in
+        `source`, a world east or west too where that CRS repeats), with the cells beside them (the
+        box's edge, or the globe's rim, may cross those), as an area in the raster's CRS: judged in
+        the extent's CRS, where the raster has a place while the extent has none in the raster's (an
+        orthographic view with the raster at the globe's rim). RasterError when no centre lies in
+        it (`given`: the extent as asked, for the message)."""
+        import shapely
 
-    def _turned_over_raster(self, bounds: Sequence[float]) -> tuple[float, float, float, float]:
-        """Bounds in the raster's CRS moved by whole worlds over the raster (_world_turn); bounds a
-        world or more wide (a zoomed-out view) reach every x of it."""
-        xmin, ymin, xmax, ymax = bounds
-        period = world_width(self._srs)
-        if not period:
-            return xmin, ymin, xmax, ymax
-        if xmax - xmin >= period * (1.0 - 1e-9):
-            return min(xmin, self.bounds[0]), ymin, max(xmax, self.bounds[2]), ymax
-        turn = self._world_turn(xmin, xmax, period)
-        return xmin + turn, ymin, xmax + turn, ymax
-
-    def _lattice_window(self, box: Sequence[float], source: osr.SpatialReference, points: int = 65
-                        ) -> tuple[float, float, float, float] | None:
-        """(left, top, right, bottom) in pixels round the raster's part in `box` (in `source`), judged
-        in `source`: a lattice of the raster's points moved there, a lattice step of margin kept. For
-        an extent that has no place in the raster's CRS while the raster has one in the extent's (an
-        orthographic view with the raster at the globe's rim). None where no point lies in `box`."""
         to_source = transformation(self._srs, source)
         if to_source is None:
             return None
-        cols, rows = np.meshgrid(np.linspace(0.0, self.width, points), np.linspace(0.0, self.height, points))
-        cols, rows = cols.ravel(), rows.ravel()
-        moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(self.geotransform, cols, rows)))
+        col_edges, row_edges = np.linspace(0.0, self.width, cells + 1), np.linspace(0.0, self.height, cells + 1)
+        cols, rows = np.meshgrid((col_edges[:-1] + col_edges[1:]) / 2, (row_edges[:-1] + row_edges[1:]) / 2)
+        moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(self.geotransform, cols.ravel(),
+                                                                                 rows.ravel())))
         xmin, ymin, xmax, ymax = box
         period = world_width(source) or 0.0
         with np.errstate(invalid="ignore"):
-            in_rows = (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax)
             inside = np.zeros(len(moved), bool)
             for turn in sorted({-period, 0.0, period}):
-                inside |= in_rows & (moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
+                inside |= ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
+                           & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax))
+        inside = inside.reshape(cells, cells)
         if not inside.any():
-            return None
-        step_c, step_r = self.width / (points - 1), self.height / (points - 1)
-        return (float(cols[inside].min()) - step_c, float(rows[inside].min()) - step_r,
-                float(cols[inside].max()) + step_c, float(rows[inside].max()) + step_r)
+            b = self.bounds
+            raise RasterError("invalid_argument", f"extent {tuple(given)} in {_crs_label(source)} does not overlap "
+                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
+                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        grown = inside.copy()
+        grown[1:] |= inside[:-1]
+        grown[:-1] |= inside[1:]
+        widened = grown.copy()
+        widened[:, 1:] |= grown[:, :-1]
+        widened[:, :-1] |= grown[:, 1:]
+        boxes = []
+        for i in np.nonzero(widened.any(axis=1))[0]:        # a box per run of cells along each row
+            steps = np.diff(np.concatenate([[0], widened[i].astype(np.int8), [0]]))
+            for j0, j1 in zip(np.nonzero(steps == 1)[0], np.nonzero(steps == -1)[0]):
+                x, y = _grid_to_map(self.geotransform, col_edges[[j0, j1, j1, j0]], row_edges[[i, i, i + 1, i + 1]])
+                boxes.append(shapely.Polygon(np.column_stack([x, y])))
+        return shapely.union_all(boxes)
 
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.
@@ -1079,6 +1100,8 @@ class Raster:
         ``extent`` is (xmin, ymin, xmax, ymax[, crs]) or an Extent-like object; an empty crs means
         the raster's CRS; None (or the all-zero unset Extent) means the whole raster.
         """
+        import shapely
+
         parts = _extent_parts(extent)
         if parts is None:
             return 0, 0, self.width, self.height
@@ -1089,10 +1112,15 @@ class Raster:
             source = parse_crs(crs)
             given += f" in {_crs_label(source)}"
             if not source.IsSame(self._srs):
-                pixels = self._pixels_of_extent_in((xmin, ymin, xmax, ymax), source)
-                if pixels is None:
+                area = self._extent_area((xmin, ymin, xmax, ymax), source)
+                if area is None:
                     raise RasterError("invalid_argument", f"{given} does not map to a usable rectangle in the raster's "
                                                           f"CRS {_crs_label(self._srs)}; give it in that CRS instead")
+                over = area.intersection(shapely.box(*self.bounds))
+                if not over.is_empty:
+                    pixels = self._pixels_of_box(over.bounds)
+                else:       # beside the raster: said below
+                    pixels = (-1.0, -1.0, -1.0, -1.0)
         if pixels is None:
             pixels = self._pixels_of_box((xmin, ymin, xmax, ymax))
         left, top, right, bottom = pixels
@@ -1117,35 +1145,6 @@ class Raster:
         px, py = _grid_to_map(gdal.InvGeoTransform(self.geotransform), np.array([xmin, xmax, xmax, xmin]),
                               np.array([ymin, ymin, ymax, ymax]))
         return float(px.min()), float(py.min()), float(px.max()), float(py.max())
-
-    def _pixels_of_extent_in(self, box: Sequence[float], source: osr.SpatialReference
-                             ) -> tuple[float, float, float, float] | None:
-        """(left, top, right, bottom) in pixels round `box`, given in `source`; None where it has no
-        usable place in the raster's CRS. Its bounding box there where GDAL gives one; else, as a map
-        across 180 degrees in a Pacific projection or a whole-globe orthographic view that QGIS shows
-        the raster in: the box cut to the raster's part, its outline moved and placed over the raster,
-        or failing that the raster's own points judged in `source`."""
-        try:
-            bounds = transform_bounds(box, source, self._srs)
-            if bounds[0] < bounds[2] and bounds[1] < bounds[3]:
-                return self._pixels_of_box(self._turned_over_raster(bounds))
-        except RasterError:
-            pass
-        cut = self._cut_to_raster(box, source)
-        transform = transformation(source, self._srs)
-        if transform is None:
-            return None
-        outline = self._placed(transform_points_quietly(transform, np.column_stack(densified_box(*cut, 64))))
-        if outline is not None:
-            return self._pixels_of_box((outline[:, 0].min(), outline[:, 1].min(), outline[:, 0].max(),
-                                        outline[:, 1].max()))
-        pixels = self._lattice_window(cut, source)
-        if pixels is None and transformation(self._srs, source) is not None:
-            b = self.bounds
-            raise RasterError("invalid_argument", f"extent {tuple(box)} in {_crs_label(source)} does not overlap "
-                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
-                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
-        return pixels
 
     def read_extent(self, extent=None, out_size: tuple[int, int] | None = None, target_resolution: float | None = None,
                     resample: str = "average", max_pixels: int = DEFAULT_MAX_PIXELS

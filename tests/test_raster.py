@@ -516,6 +516,59 @@ def test_a_whole_globe_orthographic_view_is_placed_on_the_raster_it_shows(tmp_pa
         assert (col, row, height) == (0, 0, 200) and 100 <= width <= 110
 
 
+def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_globe_shows_it(tmp_path):
+    """A longitude/latitude raster of the whole world (1-degree pixels): a Pacific view meets both
+    of its ends (one of them was read); a band across an orthographic globe reaches the rim (GDAL's
+    box of its part on the globe stopped at 61 degrees); a whole-globe view holds the visible
+    hemisphere and not the hidden one (to a lattice cell of 1/64 of the raster)."""
+    world = make_tif(tmp_path / "world.tif", noise((3, 180, 360)), crs="EPSG:4326",
+                     geotransform=(-180.0, 1.0, 0.0, 90.0, 0.0, -1.0))
+    to_pacific = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:3832"))
+    facing_0 = "+proj=ortho +lat_0=0 +lon_0=0 +R=6370997 +units=m +no_defs"
+    lon, lat = np.meshgrid(np.arange(-179.5, 180.0), np.arange(89.5, -90.0, -1.0))
+    with open_raster(world) as raster:
+        pacific = (*to_pacific.TransformBounds(170.0, -10.0, 190.0, 10.0, 21), "EPSG:3832")
+        assert raster.window_for_extent(pacific) == (0, 80, 360, 20)
+        inside = _pixel_centres_in(raster, pacific)
+        assert inside[80:100, :10].all() and inside[80:100, 350:].all() and not inside[:, 11:349].any()
+        col, row, width, height = raster.window_for_extent((-1.5e7, -1e6, 1.5e7, 1e6, facing_0))
+        assert col <= 90 and col + width >= 270 and 75 <= row <= 81 and row + height <= 105
+        inside = _pixel_centres_in(raster, (-1.5e7, -1.5e7, 1.5e7, 1.5e7, facing_0))
+        visible = np.abs(lon) < 90
+        assert inside[visible].all() and inside[~visible].mean() < 0.1
+
+
+def test_an_extent_round_the_pole_holds_the_pole_on_a_longitude_latitude_raster(tmp_path):
+    """A polar stereographic box round the North Pole over a longitude/latitude raster of the Arctic:
+    its outline there goes once round the world, and the area is what it encloses on the pole's
+    side (the polygon was a band along the outline, which left the pole out)."""
+    arctic = make_tif(tmp_path / "arctic.tif", noise((3, 30, 360)), crs="EPSG:4326",
+                      geotransform=(-180.0, 1.0, 0.0, 90.0, 0.0, -1.0))
+    with open_raster(arctic) as raster:
+        round_pole = (-5e5, -5e5, 5e5, 5e5, "EPSG:3413")       # 500 km each way: north of 83.5 degrees
+        assert raster.window_for_extent(round_pole) == (0, 0, 360, 7)
+        inside = _pixel_centres_in(raster, round_pole)
+        assert inside[:4].all() and not inside[8:].any()
+
+
+def test_a_web_mercator_raster_past_the_world_edge_is_read_whole_and_one_far_from_it_is_not(tmp_path):
+    """GDAL's box of an extent across 180 degrees in Web Mercator runs from one edge of the world to
+    the other: a raster stored past the edge (x 19.94e6 to 20.14e6) was half read, and one at 0
+    degrees was read whole for a Pacific view that does not show it."""
+    edge = 20037508.342789244
+    past = make_tif(tmp_path / "past.tif", noise((3, 100, 200)), crs="EPSG:3857",
+                    geotransform=(edge - 1e5, 1000.0, 0.0, -1.7e6, 0.0, -1000.0))
+    with open_raster(past) as raster:
+        assert raster.window_for_extent((179.0, -17.0, 181.0, -15.0, "EPSG:4326")) == (0, 0, 200, 100)
+        assert _pixel_centres_in(raster, (179.0, -17.0, 181.0, -15.0, "EPSG:4326")).all()
+    at_0 = make_tif(tmp_path / "at_0.tif", noise((3, 100, 100)), crs="EPSG:3857",
+                    geotransform=(0.0, 1000.0, 0.0, 0.0, 0.0, -1000.0))
+    to_pacific = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:3832"))
+    with open_raster(at_0) as raster:
+        with pytest.raises(RasterError, match="does not overlap"):
+            raster.window_for_extent((*to_pacific.TransformBounds(178.0, -1.0, 182.0, 1.0, 21), "EPSG:3832"))
+
+
 @pytest.mark.parametrize("extent, words", [
     ((504000.0, 4995000.0, 502000.0, 4997000.0, UTM), ["inverted", "xmin=504000.0"]),
     ((502000.0, 4997000.0, 504000.0, 4995000.0, ""), ["inverted", "ymin=4997000.0"]),
