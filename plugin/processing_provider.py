@@ -356,6 +356,9 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         return area.wire(crs)
 
 
+NO_PROMPT = "no prompt given: type what to outline, e.g. 'buildings, trees'"
+
+
 class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
     def name(self):
         return "prompttopolygons"
@@ -396,13 +399,19 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Polygons", QgsProcessing.TypeVectorPolygon))
 
+    def checkParameterValues(self, parameters, context):
+        # QGIS's own check of an empty PROMPTS says only "Incorrect parameter value for PROMPTS"
+        if not operations.split_prompts(self.parameterAsString(parameters, "PROMPTS", context)):
+            return False, NO_PROMPT
+        return super().checkParameterValues(parameters, context)
+
     def processAlgorithm(self, parameters, context, feedback):
         layer = self.parameterAsRasterLayer(parameters, "INPUT", context)
         if layer is None:
             raise QgsProcessingException("Prompt to polygons needs a raster layer")
         prompts = operations.split_prompts(self.parameterAsString(parameters, "PROMPTS", context))
         if not prompts:
-            raise QgsProcessingException("no prompt given: type what to outline, e.g. 'buildings, trees'")
+            raise QgsProcessingException(NO_PROMPT)
         settings = self._settings(parameters, context)
         rect = crs = in_layer = None
         if parameters.get("EXTENT"):

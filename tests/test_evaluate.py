@@ -242,6 +242,9 @@ def test_help_names_every_subcommand_and_option():
     sub = parser._subparsers._group_actions[0].choices
     assert "--classnames" in sub["zero-shot"].format_help() and "--files" in sub["zero-shot"].format_help()
     assert "--beam-size" in sub["caption"].format_help() and "--ties" in sub["retrieval"].format_help()
+    # every value --methods takes is named, 'default' (its default) among them
+    methods = " ".join(sub["segmentation"].format_help().split())
+    assert "comma-separated, 'default' or 'all'" in methods and "'default' (the default) is what the" in methods
     # an example cut over two lines keeps its break, as a shell line continuation
     assert "--classnames aid \\\n      --files runs/default/val/aid.txt" in text
 

@@ -2882,3 +2882,19 @@ def test_segment_and_describe_of_a_layer_across_180_degrees_on_a_pacific_map(doc
     finally:
         QgsProject.instance().removeAllMapLayers()
         del layer
+
+
+def test_processing_without_prompt_or_query_says_what_to_type(skyprompt_processing, rasters, tmp_path):  # noqa: F811
+    """Empty PROMPTS (or only separators) and an empty QUERY: the message says what to type, not
+    QGIS's 'Incorrect parameter value for PROMPTS'; no backend is asked (none answers here)."""
+    import processing
+    from qgis.core import QgsProcessingException
+
+    for prompts in ("", " ,; \n"):
+        with pytest.raises(QgsProcessingException, match="no prompt given: type what to outline"):
+            processing.run("skyprompt:prompttopolygons", {"INPUT": str(rasters["rgb"]), "PROMPTS": prompts,
+                                                          "SERVER": "127.0.0.1:9", "OUTPUT": str(tmp_path / "p.gpkg")})
+    for query in ("", "   "):
+        with pytest.raises(QgsProcessingException, match="the query is empty: type what to look for"):
+            processing.run("skyprompt:searchtiles", {"QUERY": query, "SERVER": "127.0.0.1:9",
+                                                     "OUTPUT": str(tmp_path / "s.gpkg")})

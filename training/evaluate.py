@@ -645,10 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scene images are resized to this side before filling regions "
                         "(default: the checkpoint's image size: one tile shows about one scene)")
     g.add_argument("--methods", default="default", metavar="LIST",
-                   help="dense methods, comma-separated, or 'all' (global, maskclip, sao3, sao5, sao7, "
+                   help="dense methods, comma-separated, 'default' or 'all' (global, maskclip, sao3, sao5, sao7, "
                         "sao3-gauss, sao5-gauss, sao7-gauss, sao7-zoom2: SAO 7x7 on the mosaic upsampled twice, "
-                        "sao3-edges, sao5-edges, sao7-edges: refined along the image's edges); default: what the backend's "
-                        "Segment does (sao5-edges)")
+                        "sao3-edges, sao5-edges, sao7-edges: refined along the image's edges); 'default' (the default) is "
+                        "what the backend's Segment does (sao5-edges)")
     g.add_argument("--edge-radius", type=int, default=None, metavar="PX",
                    help="guided-filter radius of the -edges methods and of --end-to-end / --raster with them "
                         "(default: the backend's, half the checkpoint's image size; 0 = off)")
