@@ -81,7 +81,11 @@ def missing() -> str | None:
         if "protobuf" in str(e).lower() or "google" in str(e).lower():
             return f"the Python package protobuf is missing or too old in QGIS's Python ({e})"
         return f"the plugin's gRPC stubs do not import ({e}); reinstall the plugin"
-    except Exception as e:  # protobuf's gencode check raises VersionError, a plain Exception subclass
+    except Exception as e:
+        # the gRPC stubs check grpcio's version with a RuntimeError that names "grpc"; protobuf's
+        # gencode check raises VersionError, a plain Exception subclass
+        if isinstance(e, RuntimeError) and "grpc package" in str(e):
+            return f"the installed grpcio is older than the plugin needs ({e})"
         return f"the installed protobuf is older than the plugin needs ({e})"
     return None
 
@@ -170,7 +174,7 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
         if _run(cmd, keep) != 0:      # pip's whole output went to `log`
             raise DependencyError(pip_failure(packages, folder, lines))
     # Python drops modules whose import failed, so the next import finds the new packages; a
-    # protobuf that did load (too old) stays loaded: missing() then still says so, and only a
+    # protobuf or grpcio that did load (too old) stays loaded: missing() then still says so, and only a
     # QGIS restart replaces it (unloading C extensions in a running process is not safe).
     activate(folder)
 

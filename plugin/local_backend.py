@@ -50,13 +50,15 @@ class LocalBackend(QObject):
         # and a QGIS that ends in any way closes it as well
         args = ["-m", "backend", "serve", "--host", host, "--port", str(settings.port), "--device", settings.device,
                 "--stop-on-stdin-close"]
+        # QProcess runs no shell: a "~" typed in a setting is expanded here, or it names no file
         if settings.checkpoint:
-            args += ["--checkpoint", settings.checkpoint]
+            args += ["--checkpoint", os.path.expanduser(settings.checkpoint)]
         # a path to an interpreter as it is (spaces, Windows backslashes); else a command line to split
-        if os.path.isfile(settings.python):
-            return settings.python, args
+        python = os.path.expanduser(settings.python)
+        if os.path.isfile(python):
+            return python, args
         program, *pre = shlex.split(settings.python) or ["python3"]
-        return program, pre + args
+        return os.path.expanduser(program), pre + args
 
     @property
     def running(self) -> bool:
@@ -102,11 +104,12 @@ class LocalBackend(QObject):
             return False
         self.process = QProcess(self)
         if settings.backend_dir:
-            if not os.path.isdir(settings.backend_dir):
+            folder = os.path.expanduser(settings.backend_dir)
+            if not os.path.isdir(folder):
                 self.failed.emit(f"backend folder {settings.backend_dir} does not exist: fix it in SkyPrompt settings")
                 self.process = None
                 return False
-            self.process.setWorkingDirectory(settings.backend_dir)
+            self.process.setWorkingDirectory(folder)
         env = QProcessEnvironment.systemEnvironment()
         if settings.token:
             env.insert("SKYPROMPT_TOKEN", settings.token)
@@ -199,8 +202,10 @@ class LocalBackend(QObject):
         if "--data-dir" in last:
             # the plugin starts the backend without --data-dir: its index is at the default place
             return (f"{last} (a backend started from QGIS keeps its index in $SKYPROMPT_DATA_DIR, else "
-                    "~/.local/share/skyprompt: set SKYPROMPT_DATA_DIR in QGIS's Settings > Options > System > "
-                    "Environment for another)")
+                    "$XDG_DATA_HOME/skyprompt, else ~/.local/share/skyprompt: set SKYPROMPT_DATA_DIR in QGIS's "
+                    "Settings > Options > System > Environment for another)")
+        if re.search(r"\bdevice '[^']*'", last) or "cannot load the model on" in last:
+            return f"{last}; set Device in SkyPrompt settings (auto, cpu, or cuda:N for a GPU this machine has)"
         return last
 
     def _process_finished(self, process: QProcess, code, status) -> None:

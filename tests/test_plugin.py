@@ -279,6 +279,19 @@ def _hand_made_wheel(folder: Path) -> Path:
     return path
 
 
+def test_an_old_grpcio_is_named_as_grpcio_not_protobuf(monkeypatch):
+    """The stubs refuse a grpcio older than they were generated for; the panel said protobuf."""
+    import grpc
+
+    import plugin.rpc
+
+    monkeypatch.setattr(grpc, "__version__", "1.0.0")
+    monkeypatch.delitem(sys.modules, "plugin.rpc.skyprompt_pb2_grpc", raising=False)
+    monkeypatch.delattr(plugin.rpc, "skyprompt_pb2_grpc", raising=False)
+    problem = deps.missing()
+    assert problem.startswith("the installed grpcio is older than the plugin needs") and "1.0.0" in problem
+
+
 def test_dependency_installer_pip_installs_into_the_private_folder_and_imports(tmp_path, monkeypatch):
     wheel = _hand_made_wheel(tmp_path)
     folder = deps.private_folder(tmp_path / "settings")
@@ -1464,6 +1477,30 @@ def test_local_backend_failures_name_the_setting_to_change(dock, iface, checkpoi
     finally:
         other.kill()
         other.wait()
+
+
+def test_local_backend_settings_with_a_tilde_and_the_advice_for_device_and_data_folder(dock, tmp_path, monkeypatch):
+    """QProcess runs no shell: '~' in Backend Python or Checkpoint named no file. A device the
+    machine lacks names the Device setting, not the backend's --device; the data folder advice
+    names every place the backend looks, in its order."""
+    from plugin.local_backend import LocalBackend
+    from plugin.settings import PluginSettings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "venvpy").symlink_to(sys.executable)
+    program, args = LocalBackend.command(dock.backend, PluginSettings(python="~/venvpy", checkpoint="~/ckpt"))
+    assert program == str(tmp_path / "venvpy") and args[args.index("--checkpoint") + 1] == str(tmp_path / "ckpt")
+    program, args = LocalBackend.command(dock.backend, PluginSettings(python="~/bin/python -X utf8"))
+    assert program == str(tmp_path / "bin" / "python") and args[:2] == ["-X", "utf8"]
+    backend = dock.backend
+    backend._log_tail = ["skyprompt serve: device 'cuda:7' asked for, but this machine (or this torch build) has "
+                         "no CUDA GPU; use --device cpu"]
+    assert backend._why().endswith("; set Device in SkyPrompt settings (auto, cpu, or cuda:N for a GPU this "
+                                   "machine has)")
+    backend._log_tail = ["skyprompt serve: cannot use /ro/skyprompt/index: Permission denied; give a writable "
+                         "folder (--data-dir)"]
+    assert "$SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, else ~/.local/share/skyprompt" in backend._why()
+    backend._log_tail = []
 
 
 def test_local_backend_refuses_an_address_with_no_port(dock, iface, tmp_path):
