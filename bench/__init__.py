@@ -1,6 +1,28 @@
 """SkyPrompt benchmarks: `python -m bench.run` (or `make bench`); see bench/README.md."""
 
 
+class BenchError(Exception):
+    """A benchmark's arguments or inputs are wrong: one line for the user, exit status 2."""
+
+
+def check_results_dir(out_dir):
+    """`out_dir` made and written to once now, before any benchmark runs: one that cannot take the
+    results would otherwise be found after the whole run. BenchError names it."""
+    import os
+    from pathlib import Path
+
+    out = Path(out_dir)
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BenchError(f"--results-dir {out_dir}: cannot write results there ({e.strerror or e}); "
+                         "give a writable folder") from None
+    return out
+
+
 def save_results(results: dict, name: str, out_dir) -> None:
     """Write `<out_dir>/<name>.json` (nothing when out_dir is None)."""
     if out_dir is None:

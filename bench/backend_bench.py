@@ -296,7 +296,7 @@ def main(args) -> dict:
     return run(quick=getattr(args, "quick", False), out_dir=getattr(args, "results_dir", RESULTS_DIR))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    sys.exit(0 if main(parser.parse_args()) else 1)
+if __name__ == "__main__":      # `python -m bench.backend_bench [bench.run's options]`
+    from bench.run import run_one
+
+    sys.exit(run_one(NAME))

@@ -133,3 +133,11 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, echo=print, ray
 
 def main(args) -> dict:
     return run(quick=getattr(args, "quick", False), out_dir=getattr(args, "results_dir", RESULTS_DIR))
+
+
+if __name__ == "__main__":      # `python -m bench.<name>_bench [bench.run's options]`
+    import sys
+
+    from bench.run import run_one
+
+    sys.exit(run_one(NAME))

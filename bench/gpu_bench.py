@@ -28,6 +28,7 @@ import torch
 from backend.defaults import BUNDLED_CHECKPOINT
 from backend.model import MaMMUT, get_preset
 from backend.model.precision import autocast_context
+from bench import BenchError, check_results_dir
 
 from .model_bench import (GPU_BF16_PEAK, _f, _have, _table, autocast_train_step, clip_vision, encoder_flops,
                           machine_info, make_batch, time_interleaved, train_flops_per_sample)
@@ -290,5 +291,11 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke runs; noisier numbers)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where gpu.json goes")
     add_arguments(parser)
-    main(parser.parse_args())
+    args = parser.parse_args()
+    try:
+        check_results_dir(args.results_dir)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main(args)
     sys.exit(0)

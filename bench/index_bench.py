@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.index import TileIndex, lists_for
+from bench import BenchError, check_results_dir
 
 NAME = "index"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -247,8 +248,14 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--no-ann", action="store_true", help="skip the inverted-file (approximate) search")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where index.json goes")
+    parser.add_argument("--results-dir", "--out-dir", dest="out_dir", type=Path, default=RESULTS_DIR,
+                        help="where index.json goes")
     args = parser.parse_args(argv)
+    try:
+        check_results_dir(args.out_dir)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run(sizes=args.sizes, dim=args.dim, out_dir=args.out_dir, queries=args.queries, ann=not args.no_ann)
     return 0
 

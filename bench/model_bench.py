@@ -458,3 +458,11 @@ def add_arguments(parser) -> None:
 def main(args) -> dict:
     return run(presets=[p for p in args.presets.split(",") if p], quick=args.quick, force_bf16=args.force_bf16,
                peers=not args.no_peers, results_dir=args.results_dir)
+
+
+if __name__ == "__main__":      # `python -m bench.<name>_bench [bench.run's options]`
+    import sys
+
+    from bench.run import run_one
+
+    sys.exit(run_one(NAME))

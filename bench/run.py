@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import bench
+from bench import BenchError, check_results_dir
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -34,11 +35,35 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, module in modules.items():
         if args.only in (None, name):
             print(f"== {name} benchmark ==", flush=True)
             module.main(args)
     return 0
+
+
+def check_arguments(args) -> None:
+    """What can be checked before any benchmark runs (a long run would fail at its end): the
+    results folder, and the model presets named."""
+    from backend.model import PRESETS
+
+    check_results_dir(args.results_dir)
+    for option in ("presets", "training_presets"):
+        names = [n.strip() for n in str(getattr(args, option, "") or "").split(",") if n.strip()]
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            raise BenchError(f"--{option.replace('_', '-')}: unknown preset(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(PRESETS)}")
+
+
+def run_one(name: str, argv: list[str] | None = None) -> int:
+    """`python -m bench.<name>_bench [options]`: bench.run with --only <name>."""
+    return main(["--only", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

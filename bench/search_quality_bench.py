@@ -213,7 +213,7 @@ def report(results: dict) -> str:
              "| expanded from N tiles: P@10 | mAP | P@10 ratio "
              "| N views per tile: P@10 | mAP | P@10 ratio | index time ratio "
              "| class names as queries: P@10 | mAP | P@10 ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|" + "---|" * 21]
     for name, r in results["sets"].items():
         raw, x, v, c = r["raw_query"], r.get("expanded"), r.get("views"), r.get("class_names")
         nk = r.get("no_keywords")
@@ -245,8 +245,34 @@ def main(args) -> dict | None:
     return run(out_dir=getattr(args, "results_dir", RESULTS_DIR))
 
 
+def check_inputs(checkpoint, sets, out_dir) -> list[str]:
+    """The sets to run, once the checkpoint, the shared data and `out_dir` are there to run them:
+    BenchError names what is wrong before the server starts."""
+    from backend.defaults import BUNDLED_CHECKPOINT
+
+    from . import BenchError, check_results_dir
+
+    known = ("rsscn7", "ucm", "aid")
+    names = [n.strip() for n in (sets or ",".join(known)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise BenchError(f"--sets: unknown set(s) {', '.join(unknown) or repr(sets)}; choose from {', '.join(known)}")
+    folder = Path(checkpoint or BUNDLED_CHECKPOINT)
+    if not (folder / "model.safetensors").is_file():
+        raise BenchError(f"--checkpoint {folder}: not a checkpoint folder (no model.safetensors in it)")
+    data = REPO.parent / "shared" / "data"
+    missing = [n for n in names if not (data / n).is_dir()]
+    if missing:
+        raise BenchError(f"the validation images of {', '.join(missing)} are not in {data} (see its README)")
+    check_results_dir(out_dir)
+    return names
+
+
 if __name__ == "__main__":
     import argparse
+
+    from . import BenchError
+
     parser = argparse.ArgumentParser(prog="python -m bench.search_quality_bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None,
@@ -255,5 +281,10 @@ if __name__ == "__main__":
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="where search_quality.json is written (default: %(default)s)")
     a = parser.parse_args()
-    run(checkpoint=a.checkpoint, out_dir=Path(a.results_dir), sets=a.sets.split(",") if a.sets else None)
+    try:
+        chosen = check_inputs(a.checkpoint, a.sets, Path(a.results_dir))
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(checkpoint=a.checkpoint, out_dir=Path(a.results_dir), sets=chosen)
     sys.exit(0)

@@ -110,3 +110,11 @@ def main(args) -> dict:
     presets = [p for p in getattr(args, "training_presets", "tiny,small").split(",") if p]
     return run(presets=presets, quick=args.quick, peers=not getattr(args, "no_peers", False),
                force_bf16=getattr(args, "force_bf16", False), results_dir=args.results_dir)
+
+
+if __name__ == "__main__":      # `python -m bench.<name>_bench [bench.run's options]`
+    import sys
+
+    from bench.run import run_one
+
+    sys.exit(run_one(NAME))

@@ -200,6 +200,9 @@ def test_search_quality_metrics_and_mosaic_geometry(tmp_path, tokenizer, tiny_co
     assert "class names as queries" in text
     assert "query as typed" in text and "N views per tile" in text and "| 4: " in text
     assert "expanded from N tiles" in text and "| 3: " in text and "no keyword matching" in text
+    # a Markdown table: header, separator and rows of one width (a wider separator showed it as text)
+    header, separator, row = text.splitlines()[:3]
+    assert header.count("|") == separator.count("|") == row.count("|")
 
 
 def test_dataset_bench_quick_writes_results(tmp_path):
@@ -259,3 +262,25 @@ def test_gpu_bench_skips_without_cuda_and_runs_its_sections_on_the_cpu(tmp_path,
         assert res["engine"]["sao_tiles"] == 8 and cpu["sao_maps_per_s"] == pytest.approx(5 * cpu["sao_tiles_per_s"])
         assert "edge refine s" in printed[-1] and "SAO tiles/s (5 maps each)" in printed[-1]
     assert "training step, bf16 autocast" in printed[-1]
+
+
+def test_bench_arguments_are_checked_before_any_benchmark_runs(tmp_path, capsys):
+    """A results folder that cannot be written, or an unknown preset, was found after the whole run
+    (a traceback at its end); each is one line and exit status 2 before anything runs."""
+    from bench import run as bench_run
+    from bench import search_quality_bench
+    from bench import BenchError
+    from conftest import run_main
+
+    (tmp_path / "a_file").write_text("")
+    r = run_main(bench_run.main, ["--only", "index", "--quick", "--results-dir", tmp_path / "a_file" / "sub"], capsys)
+    assert r.returncode == 2 and r.stdout == "" and "--results-dir" in r.stderr and "cannot write results" in r.stderr
+    r = run_main(bench_run.main, ["--only", "model", "--quick", "--presets", "small,bogus",
+                                  "--results-dir", tmp_path / "out"], capsys)
+    assert r.returncode == 2 and "--presets: unknown preset(s) bogus; known: tiny" in r.stderr and r.stdout == ""
+    r = run_main(lambda argv: bench_run.run_one("model", argv), ["--help"], capsys)   # python -m bench.model_bench --help
+    assert r.returncode == 0 and "--presets" in r.stdout
+    with pytest.raises(BenchError, match="--sets: unknown set.s. bogus"):
+        search_quality_bench.check_inputs(None, "ucm,bogus", tmp_path / "out")
+    with pytest.raises(BenchError, match="not a checkpoint folder"):
+        search_quality_bench.check_inputs(tmp_path, "ucm", tmp_path / "out")
