@@ -157,6 +157,14 @@ def test_zero_shot_from_a_manifest_with_classes(setup, capsys, tmp_path):
     assert rc == 2 and "--data FOLDER or as --manifest FILE" in err
     rc, out, err = run_main(capsys, *args, "--manifest", setup["manifest"], "--files", tmp_path / "x.txt")
     assert rc == 2 and "--files" in err
+    # a map of one class: every image would be right (top-1 100%, said as a result)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"beach": "beach"}))
+    (tmp_path / "one_class").mkdir()
+    (tmp_path / "one_class" / "beach").symlink_to(ucm / "images" / "beach")
+    rc, out, err = run_main(capsys, "zero-shot", "--checkpoint", setup["ckpt"], "--classnames", one, "--data",
+                            tmp_path / "one_class", "--quiet")
+    assert rc == 2 and "the class-name map has 1 class(es)" in err and "2 or more" in err and out == ""
 
 
 def test_retrieval_table_output(setup, capsys):

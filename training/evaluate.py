@@ -376,6 +376,10 @@ def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=N
     in `encode_images`.
     """
     names = load_classnames(classnames)
+    if len(names) < 2:
+        # every image would be "right": top-1 100% says nothing
+        raise EvalError(f"the class-name map has {len(names)} class(es); zero-shot classification chooses among "
+                        "the map's classes, so give a map of 2 or more")
     if isinstance(records_or_folder, (str, os.PathLike)):
         records = scan_folder(records_or_folder, names, files=files, limit_per_class=limit_per_class)
     else:
