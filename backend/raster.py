@@ -286,11 +286,16 @@ def unwrap_longitudes(lon: np.ndarray, period: float = 360.0) -> np.ndarray:
     return lon - period * np.floor((lon.min() + period / 2) / period)
 
 
-def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0) -> np.ndarray:
+def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0,
+                poles: tuple[float, float] | None = None) -> np.ndarray:
     """An outline's points (not closed) as an (n, 2) ring a polygon can be made of: x continuous
     (unwrap_longitudes), and an outline that goes once round a pole, as that of a tile holding the
     pole does, closed over the pole, so its shape covers the pole and not a band of latitude beside
-    it. `lat` of the pole is +-90 (`period` 360: longitude/latitude)."""
+    it. `poles`: the (south, north) y it is closed at, +-90 for `period` 360 (longitude/latitude);
+    in another CRS that repeats east and west (Web Mercator) the y past which the map ends for the
+    caller, or None: not closed."""
+    if poles is None and period == 360.0:
+        poles = (-90.0, 90.0)
     lon, y = np.asarray(lon, float), np.asarray(lat, float)
     if period == 360.0:
         # a point on a pole has any longitude (PROJ gives 0): in longitude/latitude it is an edge along
@@ -301,8 +306,8 @@ def lonlat_ring(lon: np.ndarray, lat: np.ndarray, period: float = 360.0) -> np.n
     x = unwrap_longitudes(lon, period)
     closing = (x[0] - x[-1] + period / 2) % period - period / 2      # the last point back to the first
     turn = x[-1] + closing - x[0]
-    if abs(turn) > period / 2 and period == 360.0:
-        pole = 90.0 if y.mean() > 0 else -90.0
+    if abs(turn) > period / 2 and poles is not None:
+        pole = poles[1] if y.mean() > 0 else poles[0]
         x = np.concatenate([x, [x[0] + turn, x[0] + turn, x[0]]])
         y = np.concatenate([y, [y[0], pole, pole]])
     return np.column_stack([x, y])
@@ -1039,12 +1044,11 @@ class Raster:
         period = world_width(self._srs)
         if not period:
             return shapely.make_valid(shapely.Polygon(outline))
-        ring = unwrap_longitudes(np.append(outline[:, 0], outline[0, 0]), period)
-        points = np.column_stack([ring[:-1], outline[:, 1]])
-        if abs(ring[-1] - ring[0]) > period / 2:        # once round a pole: the area on the pole's side
-            pole = 90.0 if outline[:, 1].mean() > 0 else -90.0
-            points = np.vstack([points, [[ring[-1], pole], [ring[0], pole]]])
-        area = shapely.make_valid(shapely.Polygon(points))
+        # once round a pole, the area is on the pole's side: up to it in longitude/latitude, and in
+        # a projected map (Web Mercator) past the raster's edge, where the map has no more
+        y = outline[:, 1]
+        poles = None if self._srs.IsGeographic() else (min(self.bounds[1], y.min()), max(self.bounds[3], y.max()))
+        area = shapely.make_valid(shapely.Polygon(lonlat_ring(outline[:, 0], y, period, poles)))
         footprint = shapely.box(*self.bounds)
         copies = [shapely.affinity.translate(area, turn) for turn in (0.0, -period, period)]
         meeting = [c for c in copies if c.intersects(footprint)]
@@ -1076,10 +1080,8 @@ class Raster:
                            & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax))
         inside = inside.reshape(cells, cells)
         if not inside.any():
-            b = self.bounds
-            raise RasterError("invalid_argument", f"extent {tuple(given)} in {_crs_label(source)} does not overlap "
-                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
-                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+            # a view smaller than a lattice cell (zoomed in at the rim): its own points on the globe
+            return self._hull_of_points_in(box, source, given)
         grown = inside.copy()
         grown[1:] |= inside[:-1]
         grown[:-1] |= inside[1:]
@@ -1093,6 +1095,39 @@ class Raster:
                 x, y = _grid_to_map(self.geotransform, col_edges[[j0, j1, j1, j0]], row_edges[[i, i, i + 1, i + 1]])
                 boxes.append(shapely.Polygon(np.column_stack([x, y])))
         return shapely.union_all(boxes)
+
+    def _hull_of_points_in(self, box: Sequence[float], source: osr.SpatialReference, given: Sequence[float]):
+        """The hull of `box`'s points (its outline and a 17 x 17 grid inside it, in `source`) that have a
+        place in the raster's CRS (where that CRS repeats, taken across its world's edge when that
+        makes it narrower, and met one world either way too); RasterError where it misses the raster."""
+        import shapely
+        import shapely.affinity
+
+        xs, ys = densified_box(*box, 16)
+        gx, gy = np.meshgrid(np.linspace(box[0], box[2], 17), np.linspace(box[1], box[3], 17))
+        points = np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
+        transform = transformation(source, self._srs)
+        moved = transform_points_quietly(transform, points) if transform is not None else np.empty((0, 2))
+        moved = moved[np.isfinite(moved).all(axis=1)]
+        period = world_width(self._srs)
+        footprint = shapely.box(*self.bounds)
+        hull = None
+        if len(moved):
+            if period:
+                wrapped = np.mod(moved[:, 0], period)       # a small view across 180 degrees: one piece
+                if np.ptp(wrapped) < np.ptp(moved[:, 0]):
+                    moved[:, 0] = wrapped
+            hull = shapely.MultiPoint(moved).convex_hull
+            if period:
+                copies = [shapely.affinity.translate(hull, turn) for turn in (0.0, -period, period)]
+                hull = shapely.union_all([c for c in copies if c.intersects(footprint)] or [hull])
+        if hull is None or not hull.intersects(footprint):
+            b = self.bounds
+            raise RasterError("invalid_argument", f"extent {tuple(given)} in {_crs_label(source)} does not overlap "
+                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
+                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        # a hull of one point or a line has no area: a pixel round it
+        return hull if hull.area > 0 else hull.buffer(max(abs(self.geotransform[1]), abs(self.geotransform[5])))
 
     def window_for_extent(self, extent) -> tuple[int, int, int, int]:
         """Native window (col, row, width, height) covering ``extent`` clipped to the raster.

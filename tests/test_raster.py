@@ -536,6 +536,11 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         inside = _pixel_centres_in(raster, (-1.5e7, -1.5e7, 1.5e7, 1.5e7, facing_0))
         visible = np.abs(lon) < 90
         assert inside[visible].all() and inside[~visible].mean() < 0.1
+        # zoomed in at the rim, 20 km across: smaller than a 64th of the raster, so no lattice point
+        # of it lies in the view; the view's own points on the globe place it (it was refused)
+        radius = 6370997.0
+        col, row, width, height = raster.window_for_extent((radius - 1e4, -1e4, radius + 1e4, 1e4, facing_0))
+        assert 260 <= col and col + width <= 271 and 85 <= row and row + height <= 95
 
 
 def test_an_extent_round_the_pole_holds_the_pole_on_a_longitude_latitude_raster(tmp_path):
@@ -549,6 +554,16 @@ def test_an_extent_round_the_pole_holds_the_pole_on_a_longitude_latitude_raster(
         assert raster.window_for_extent(round_pole) == (0, 0, 360, 7)
         inside = _pixel_centres_in(raster, round_pole)
         assert inside[:4].all() and not inside[8:].any()
+    # the same box over a Web Mercator raster of the world: closed past the map's top edge, not at
+    # y = 90 (metres: the equator), which took in the whole northern half
+    edge = 20037508.342789244
+    mercator = make_tif(tmp_path / "mercator.tif", noise((3, 400, 400)), crs="EPSG:3857",
+                        geotransform=(-edge, 2 * edge / 400, 0.0, edge, 0.0, -2 * edge / 400))
+    with open_raster(mercator) as raster:
+        col, row, width, height = raster.window_for_extent(round_pole)
+        assert (col, row, width) == (0, 0, 400) and height <= 20
+        inside = _pixel_centres_in(raster, round_pole)
+        assert inside[0].any() and not inside[20:].any()
 
 
 def test_a_web_mercator_raster_past_the_world_edge_is_read_whole_and_one_far_from_it_is_not(tmp_path):
