@@ -817,7 +817,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         capabilities = ["index", "search", "segment", "caption", "embed_text", "pixel_source", "relevance_map",
                         "thumbnails", "ann", "prompt_ensemble", "edge_refinement", "index_views",
                         "query_expansion", "like_tile", "list_rasters", "min_area_m2", "keyword_matching",
-                        "extent_polygon"]
+                        "extent_polygon", "extent_placement"]
         if self.engine.words:
             capabilities.append("unfamiliar_words")
         if self.tls:

@@ -22,7 +22,6 @@ does not depend on the weights' values.
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import shutil
 import subprocess

@@ -57,6 +57,28 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
     return source, extent, note
 
 
+# an older backend's words for an extent it cannot take to the raster's CRS (a map across 180 degrees
+# in a Pacific projection, an orthographic view of the whole globe); one with the capability
+# "extent_placement" places such extents itself
+_UNMAPPABLE = re.compile(r"does not map to a usable rectangle|cannot reproject")
+
+
+def _placed_for_older_backend(conn, call, request, rect_in_layer_crs: QgsRectangle | None):
+    """call(request); where a backend without "extent_placement" cannot take the request's extent to
+    the raster's CRS, again with the extent QGIS placed in the layer's CRS (an empty crs: the raster's)."""
+    try:
+        return call(request)
+    except BackendError as e:
+        if (e.code != "INVALID_ARGUMENT" or not _UNMAPPABLE.search(e.message) or rect_in_layer_crs is None
+                or not request.HasField("extent") or not request.extent.crs or rect_in_layer_crs.isEmpty()
+                or "extent_placement" in conn.info().capabilities):
+            raise
+    r = rect_in_layer_crs
+    request.extent.CopyFrom(conn.pb.Extent(xmin=r.xMinimum(), ymin=r.yMinimum(), xmax=r.xMaximum(),
+                                           ymax=r.yMaximum()))
+    return call(request)
+
+
 def _for_layer(pb, request, prepared):
     """`request` with the bands the layer shows (sources.band_mapping) when it is sent by path; a
     layer sent as pixels is read in those bands already."""
@@ -378,8 +400,9 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                 request.target_resolution = coarser.resolution
                 if notes is not None:
                     notes.append(coarser.note("", "segmented", coarser.resolution, "segmented"))
-    results = conn.segment(request, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
-                           cancelled=cancelled)
+    results = _placed_for_older_backend(
+        conn, lambda r: conn.segment(r, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
+                                     cancelled=cancelled), request, rect_in_layer_crs)
     for result in results:
         _keep_band_note(notes, result.band_note)
     return results
@@ -415,6 +438,6 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
     request = _for_layer(pb, pb.CaptionRequest(source=source), prepared)
     if extent is not None:
         request.extent.CopyFrom(extent)
-    response = conn.caption(request)
+    response = _placed_for_older_backend(conn, conn.caption, request, rect_in_layer_crs)
     _keep_band_note(notes, response.band_note)
     return response

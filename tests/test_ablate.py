@@ -105,9 +105,8 @@ def test_an_ablation_folder_from_before_the_settings_record_is_checked_against_i
 
 
 def test_ablation_bad_arguments(tmp_path, capsys):
-    def _ablate(*args):     # in this process: refusals stop before any training run
+    def _ablate(*args):     # in this process (not the subprocess helper): refusals stop before any run
         return run_main(ablate_main, args, capsys)
-
 
     r = _ablate("--out", str(tmp_path), "--variants", "baseline,bigger-model")
     assert r.returncode == 2 and "unknown variant(s) bigger-model" in r.stderr and "Traceback" not in r.stderr

@@ -1493,14 +1493,14 @@ def test_local_backend_settings_with_a_tilde_and_the_advice_for_device_and_data_
     program, args = LocalBackend.command(dock.backend, PluginSettings(python="~/bin/python -X utf8"))
     assert program == str(tmp_path / "bin" / "python") and args[:2] == ["-X", "utf8"]
     backend = dock.backend
-    backend._log_tail = ["skyprompt serve: device 'cuda:7' asked for, but this machine (or this torch build) has "
-                         "no CUDA GPU; use --device cpu"]
+    monkeypatch.setattr(backend, "_log_tail", [
+        "skyprompt serve: device 'cuda:7' asked for, but this machine (or this torch build) has no CUDA GPU; use "
+        "--device cpu"])
     assert backend._why().endswith("; set Device in SkyPrompt settings (auto, cpu, or cuda:N for a GPU this "
                                    "machine has)")
     backend._log_tail = ["skyprompt serve: cannot use /ro/skyprompt/index: Permission denied; give a writable "
                          "folder (--data-dir)"]
     assert "$SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, else ~/.local/share/skyprompt" in backend._why()
-    backend._log_tail = []
 
 
 def test_local_backend_refuses_an_address_with_no_port(dock, iface, tmp_path):
@@ -2935,3 +2935,38 @@ def test_processing_without_prompt_or_query_says_what_to_type(skyprompt_processi
         with pytest.raises(QgsProcessingException, match="the query is empty: type what to look for"):
             processing.run("skyprompt:searchtiles", {"QUERY": query, "SERVER": "127.0.0.1:9",
                                                      "OUTPUT": str(tmp_path / "s.gpkg")})
+
+
+def test_segment_and_describe_fall_back_to_the_layers_rectangle_with_an_older_backend():
+    """A backend from before "extent_placement" refused a Pacific map's rectangle ("does not map to a
+    usable rectangle"): the plugin then sends the rectangle QGIS placed in the layer's CRS. Such a
+    backend is another version, which cannot run here: a stand-in gives its answers."""
+    from backend.rpc import skyprompt_pb2 as pb
+
+    from plugin.connection import BackendError
+    from plugin.operations import _placed_for_older_backend
+
+    class OlderBackend:
+        def __init__(self, capabilities):
+            self.pb, self.sent, self._capabilities = pb, [], capabilities
+
+        def info(self):
+            return pb.ServerInfo(capabilities=self._capabilities)
+
+        def caption(self, request):
+            self.sent.append(pb.Extent.FromString(request.extent.SerializeToString()))
+            if request.extent.crs:
+                raise BackendError("INVALID_ARGUMENT", "extent (1, 2, 3, 4) in EPSG:3832 does not map to a usable "
+                                                       "rectangle in the raster's CRS EPSG:4326; give it in that CRS instead")
+            return pb.CaptionResponse(caption="a forest")
+
+    in_layer = QgsRectangle(179.9, -16.2, 180.1, -16.0)
+    request = pb.CaptionRequest(extent=pb.Extent(xmin=1, ymin=2, xmax=3, ymax=4, crs="EPSG:3832"))
+    older = OlderBackend(["caption"])
+    assert _placed_for_older_backend(older, older.caption, request, in_layer).caption == "a forest"
+    assert [e.crs for e in older.sent] == ["EPSG:3832", ""] and older.sent[1].xmax == pytest.approx(180.1)
+    # a backend that places extents itself: its refusal is its answer
+    current = OlderBackend(["caption", "extent_placement"])
+    request = pb.CaptionRequest(extent=pb.Extent(xmin=1, ymin=2, xmax=3, ymax=4, crs="EPSG:3832"))
+    with pytest.raises(BackendError, match="does not map"):
+        _placed_for_older_backend(current, current.caption, request, in_layer)

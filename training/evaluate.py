@@ -376,10 +376,6 @@ def evaluate_zero_shot(model, tokenizer, records_or_folder, classnames, device=N
     in `encode_images`.
     """
     names = load_classnames(classnames)
-    if len(names) < 2:
-        # every image would be "right": top-1 100% says nothing
-        raise EvalError(f"the class-name map has {len(names)} class(es); zero-shot classification chooses among "
-                        "the map's classes, so give a map of 2 or more")
     if isinstance(records_or_folder, (str, os.PathLike)):
         records = scan_folder(records_or_folder, names, files=files, limit_per_class=limit_per_class)
     else:
@@ -990,6 +986,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.command in ("probe", "zero-shot"):
         names = load_classnames(args.classnames)
         templates = _templates(args.templates)
+        if len(names) < 2:
+            # every image would be "right": a top-1 of 100% that says nothing (a training run's
+            # validation of a one-class source still reports it, as a check that it runs)
+            raise EvalError(f"the class-name map has {len(names)} class(es); {args.command} chooses among the "
+                            "map's classes, so give a map of 2 or more")
     if args.command == "probe":
         if (args.files is None) == (args.manifest is None):
             raise EvalError("give the held-out images as --files LISTFILE (of --data) or as --manifest FILE "
