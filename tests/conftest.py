@@ -67,9 +67,10 @@ def images(tiny_config):
 
 def run_main(main, args, capsys) -> subprocess.CompletedProcess:
     """A command's `main(argv)` run in this process, as its console sees it: the exit status (an
-    argparse refusal's SystemExit included), stdout and stderr. For refusals, which stop before any
-    work: a new Python, torch imported again, costs seconds each. An exception out of `main` fails
-    the test, as a traceback would fail it in a subprocess."""
+    argparse refusal's SystemExit included), stdout and stderr (`capsys`, or `capfd` to see what C
+    libraries such as GDAL write too). For refusals, which stop before any work: a new Python, torch
+    imported again, costs seconds each. An exception out of `main` fails the test by itself, where a
+    subprocess's traceback had to be looked for in its stderr."""
     capsys.readouterr()
     try:
         code = main([str(a) for a in args])

@@ -32,12 +32,12 @@ def run(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def refused(capsys, *args):
+def refused(capfd, *args):
     """training.build_dataset's main in this process (conftest.run_main), for refusals: no new
-    interpreter and torch import per case."""
+    interpreter and torch import per case; `capfd` sees what GDAL writes to stderr too."""
     from training.build_dataset import main
 
-    return run_main(main, args, capsys)
+    return run_main(main, args, capfd)
 
 
 def _srs(crs: str):
@@ -194,7 +194,7 @@ def test_a_summary_write_that_fails_midway_leaves_the_previous_summary_whole(bui
     json.loads(before)
 
 
-def test_bad_input(scene, vectors, tmp_path, capsys):
+def test_bad_input(scene, vectors, tmp_path, capfd):
     far = tmp_path / "far.geojson"
     far.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties":
                    {"name": "Elsewhere", "amenity": "school"}, "geometry": {"type": "Point", "coordinates": [10, 50]}}]}))
@@ -207,14 +207,14 @@ def test_bad_input(scene, vectors, tmp_path, capsys):
     assert summary["kept"] == 0 and len(summary["unreadable_rasters"]) == 1
     mapping = tmp_path / "tags.tsv"
     mapping.write_text("# my tags\nshop=bakery\ta bakery\tobject\nshop=butcher a butcher object\n")
-    p = refused(capsys, "landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
+    p = refused(capfd, "landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
             "--mapping", mapping)
     assert p.returncode == 2 and f"{mapping} line 3" in p.stderr and "Traceback" not in p.stderr
-    p = refused(capsys, "landmarks", "--raster", scene["raster"], "--features", far, "--out", mapping, "--tile-size", TILE)
+    p = refused(capfd, "landmarks", "--raster", scene["raster"], "--features", far, "--out", mapping, "--tile-size", TILE)
     assert p.returncode == 2 and "is a file" in p.stderr and "Traceback" not in p.stderr
     assert mapping.read_text().startswith("# my tags")
     # every raster unreadable: an error, not an empty dataset and exit 0
-    p = refused(capsys, "landmarks", "--raster", broken, "--raster", tmp_path / "missing.tif", "--features", far,
+    p = refused(capfd, "landmarks", "--raster", broken, "--raster", tmp_path / "missing.tif", "--features", far,
             "--out", tmp_path / "o3", "--tile-size", TILE)
     assert p.returncode == 2 and "none of the 2 raster(s) could be read" in p.stderr
     assert f"{tmp_path / 'missing.tif'} does not exist" in p.stderr and "server" not in p.stderr
@@ -563,18 +563,18 @@ def test_kept_images_are_stored_in_formats_training_reads():
             assert back.size == (32, 32)
 
 
-def test_filter_bad_shards_give_one_clear_line(tmp_path, capsys):
+def test_filter_bad_shards_give_one_clear_line(tmp_path, capfd):
     (tmp_path / "notatar.tar").write_text("just text")
-    p = refused(capsys, "filter", "--shards", tmp_path / "web-*.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o1")
+    p = refused(capfd, "filter", "--shards", tmp_path / "web-*.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o1")
     assert p.returncode == 2 and "no shard matches" in p.stderr and "Traceback" not in p.stderr
-    p = refused(capsys, "filter", "--shards", tmp_path / "web-{000..002}.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o2")
+    p = refused(capfd, "filter", "--shards", tmp_path / "web-{000..002}.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o2")
     assert p.returncode == 2 and "3 of 3 shards are not files" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
-    p = refused(capsys, "filter", "--shards", tmp_path / "notatar.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o3")
+    p = refused(capfd, "filter", "--shards", tmp_path / "notatar.tar", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o3")
     assert p.returncode == 2 and "notatar.tar is not a readable tar file" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_a_bad_manifest_line_stops_the_filter_before_the_model_loads(tmp_path, capsys):
+def test_a_bad_manifest_line_stops_the_filter_before_the_model_loads(tmp_path, capfd):
     _web_pairs(tmp_path)
     good = (tmp_path / "all.jsonl").read_text().splitlines()
     for name, last, problem in (("json", '{"image": "images/p0.jpg", ', "not valid JSON"),
@@ -583,7 +583,7 @@ def test_a_bad_manifest_line_stops_the_filter_before_the_model_loads(tmp_path, c
                                 ("caption", json.dumps({"image": "images/p1.jpg", "captions": [" "]}), "empty captions")):
         manifest, out = tmp_path / f"{name}.jsonl", tmp_path / f"out-{name}"
         manifest.write_text("\n".join(good + [last]) + "\n")           # the last of 6 lines is bad
-        p = refused(capsys, "filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out)
+        p = refused(capfd, "filter", "--manifest", manifest, "--checkpoint", CHECKPOINT, "--out", out)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         (line,) = p.stderr.strip().splitlines()
         assert f"error: {manifest}:6: {problem}" in line and "fix the manifest and run again" in line, line
@@ -591,7 +591,7 @@ def test_a_bad_manifest_line_stops_the_filter_before_the_model_loads(tmp_path, c
         assert not out.exists()
     # several bad lines: the first is named, the others counted
     (tmp_path / "two.jsonl").write_text("\n".join(["not json"] + good + ["{}"]) + "\n")
-    p = refused(capsys, "filter", "--manifest", tmp_path / "two.jsonl", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o")
+    p = refused(capfd, "filter", "--manifest", tmp_path / "two.jsonl", "--checkpoint", CHECKPOINT, "--out", tmp_path / "o")
     assert p.returncode == 2 and f"{tmp_path / 'two.jsonl'}:1: not valid JSON" in p.stderr and "(and 1 more)" in p.stderr
 
 
