@@ -152,7 +152,13 @@ def test_zero_shot_from_a_manifest_with_classes(setup, capsys, tmp_path):
     bad = tmp_path / "noclass.jsonl"
     bad.write_text(json.dumps({"image": str(ucm / "images/beach/beach00.png"), "captions": ["a beach"]}) + "\n")
     rc, out, err = run_main(capsys, *args, "--manifest", bad)
-    assert rc == 2 and "not in the class-name map" in err
+    assert rc == 2 and f"{bad}:1: image " in err and 'has no "class"' in err
+    bad.write_text(json.dumps({"image": str(ucm / "images/forest/forest00.png"), "class": "forest",
+                               "captions": ["woods"]}) + "\n" + json.dumps(
+        {"image": "ucm/images/beach/beach00.png", "class": "volcano", "captions": ["a beach"]}) + "\n")
+    (tmp_path / "ucm").symlink_to(ucm)
+    rc, out, err = run_main(capsys, *args, "--manifest", bad)
+    assert rc == 2 and f"{bad}:2: image " in err and "has class 'volcano', which is not in the class-name map" in err
     rc, out, err = run_main(capsys, *args)
     assert rc == 2 and "--data FOLDER or as --manifest FILE" in err
     rc, out, err = run_main(capsys, *args, "--manifest", setup["manifest"], "--files", tmp_path / "x.txt")

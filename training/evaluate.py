@@ -965,11 +965,39 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
 
 
 def _manifest_with_classes(path, names: Mapping) -> list:
-    """A manifest's records, each checked to have a class of the map (before a model is loaded)."""
+    """A manifest's records, each checked to have a class of the map (before a model is loaded); a
+    record without one is named by its manifest line where the manifest is JSONL."""
     records = read_manifest(path)
     for r in records:
-        _class_key(r, names)
+        try:
+            _class_key(r, names)
+        except EvalError as e:
+            line = _jsonl_line_of(path, r.image)
+            if line is None:
+                raise
+            c = getattr(r, "class_name", None)
+            what = "has no \"class\"" if c is None else f"has class {c!r}, which is not in the class-name map"
+            raise EvalError(f"{path}:{line}: image {r.image} {what}; give each line a class of the map") from e
     return records
+
+
+def _jsonl_line_of(path, image) -> int | None:
+    """The number of the first line of JSONL manifest `path` whose "image" is `image` (resolved
+    from the manifest's folder, as the reader does), or None."""
+    folder, wanted = Path(path).absolute().parent, os.path.normpath(image)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, text in enumerate(f, 1):
+                try:
+                    row = json.loads(text)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("image"), str) and \
+                        os.path.normpath(folder / row["image"].strip()) == wanted:
+                    return number
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def run(args: argparse.Namespace) -> dict:
