@@ -178,6 +178,10 @@ def test_retrieval_table_output(setup, capsys):
                             "--limit", "4", "--ties", "pessimistic", "--quiet")
     assert rc == 0, err
     assert "R@10" in out and "mean recall" in out and "class-oracle" in out
+    # one image is every caption's first hit: refused, not 100% recall
+    rc, out, err = run_main(capsys, "retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"],
+                            "--limit", "1", "--quiet")
+    assert rc == 2 and "1 image; retrieval ranks images against each other" in err and out == ""
 
 
 @pytest.mark.parametrize("case, message", [

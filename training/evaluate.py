@@ -1041,6 +1041,10 @@ def run(args: argparse.Namespace) -> dict:
             records = _manifest_with_classes(args.manifest, names)
     else:
         records = read_manifest(args.manifest, limit=args.limit)
+        if args.command == "retrieval" and len(records) < 2:
+            # one image is every caption's top hit: recalls of 100% that say nothing
+            raise EvalError(f"{args.manifest}: {len(records)} image; retrieval ranks images against each other, "
+                            "so give a manifest of 2 or more (--limit too)")
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise EvalError(f"checkpoint directory {ckpt} does not exist")
