@@ -1010,17 +1010,54 @@ class Raster:
             return xmin, ymin, xmax, ymax
         if not over[0] < over[2]:       # across the antimeridian
             return xmin, ymin, xmax, ymax
+        period = world_width(source)
+        if period:      # a box past 180 degrees (179.95 to 180.05) over a raster stored before it, or after
+            turn = max((0.0, -period, period), key=lambda t: min(xmax + t, over[2]) - max(xmin + t, over[0]))
+            xmin, xmax = xmin + turn, xmax + turn
         # with a margin: the box's edges come back curved, and must not cut into the raster
         mx, my = 0.05 * (over[2] - over[0]), 0.05 * (over[3] - over[1])
         clipped = (max(xmin, over[0] - mx), max(ymin, over[1] - my), min(xmax, over[2] + mx), min(ymax, over[3] + my))
         if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
             b = self.bounds
+            xmin, ymin, xmax, ymax = box
             raise RasterError("invalid_argument", f"extent ({xmin}, {ymin}, {xmax}, {ymax}) in {_crs_label(source)} "
                                                   f"does not overlap {self._where()}, whose bounds are ({b[0]}, {b[1]}, "
                                                   f"{b[2]}, {b[3]}) in {_crs_label(self._srs)}")
         return clipped
 
     def _extent_area(self, box: Sequence[float], source: osr.SpatialReference, points_per_edge: int = 64):
+        """The part of `box` (given in `source`) over the raster, as a shapely area in the raster's
+        CRS (_placed_area), confirmed the other way round: some point of the raster in it must lie in
+        `box` when moved back into `source`. A CRS that gives the far side of the globe finite
+        coordinates (polar stereographic, transverse Mercator) places an orthographic view's hidden
+        side over a raster too; such a raster is said not to overlap. None where the extent's CRS
+        has no way to the raster's (a site grid)."""
+        import shapely
+
+        area = self._placed_area(box, source, points_per_edge)
+        over = None if area is None else area.intersection(shapely.box(*self.bounds))
+        to_source = transformation(self._srs, source)
+        if over is None or over.is_empty or to_source is None:      # beside the raster: said by the caller
+            return area
+        x0, y0, x1, y1 = over.bounds
+        gx, gy = np.meshgrid(np.linspace(x0, x1, 33), np.linspace(y0, y1, 33))
+        points = np.column_stack([gx.ravel(), gy.ravel()])
+        points = points[shapely.contains_xy(over, points[:, 0], points[:, 1])]
+        inner = over.representative_point()
+        moved = transform_points_quietly(to_source, np.vstack([points, [[inner.x, inner.y]]]))
+        xmin, ymin, xmax, ymax = box
+        period = world_width(source) or 0.0
+        with np.errstate(invalid="ignore"):
+            for turn in sorted({-period, 0.0, period}):
+                if ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
+                        & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax)).any():
+                    return area
+        b = self.bounds
+        raise RasterError("invalid_argument", f"extent {tuple(box)} in {_crs_label(source)} does not overlap "
+                                              f"{self._where()} (no point of the raster lies in it), whose bounds "
+                                              f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+
+    def _placed_area(self, box: Sequence[float], source: osr.SpatialReference, points_per_edge: int = 64):
         """The part of `box` (given in `source`) over the raster, as a shapely area in the raster's
         CRS; None where the extent's CRS has no way to the raster's (a site grid).
 

@@ -543,6 +543,36 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         assert 260 <= col and col + width <= 271 and 85 <= row and row + height <= 95
 
 
+def test_a_raster_on_the_hidden_side_is_not_in_the_view_whatever_its_crs(tmp_path):
+    """Polar stereographic and UTM give the far side of the globe finite coordinates: an
+    orthographic view of the other hemisphere was placed over such a raster, which was then read,
+    segmented and indexed whole. Each is now said not to overlap, and read where it is in view."""
+    polar = make_tif(tmp_path / "polar.tif", noise((3, 300, 300)), crs="EPSG:3413",
+                     geotransform=(-1.5e6, 1e4, 0.0, 1.5e6, 0.0, -1e4))
+    utm = make_tif(tmp_path / "utm.tif", noise((3, 100, 100)))        # UTM 33N, about 15 E 45 N
+    south_pole = "+proj=ortho +lat_0=-90 +lon_0=0 +datum=WGS84"
+    facing_180 = "+proj=ortho +lat_0=0 +lon_0=180 +datum=WGS84"
+    with open_raster(polar) as raster:
+        with pytest.raises(RasterError, match="does not overlap .*no point of the raster lies in it"):
+            raster.window_for_extent((-1e5, -1e5, 1e5, 1e5, south_pole))
+        assert raster.window_for_extent((-7e6, -7e6, 7e6, 7e6, "+proj=ortho +lat_0=90 +lon_0=0 +datum=WGS84")) \
+            == (0, 0, 300, 300)
+    with open_raster(utm) as raster:
+        with pytest.raises(RasterError, match="does not overlap"):
+            raster.window_for_extent((-7e6, -7e6, 7e6, 7e6, facing_180))
+        assert raster.window_for_extent((-7e6, -7e6, 7e6, 7e6, "+proj=ortho +lat_0=45 +lon_0=15 +datum=WGS84")) \
+            == (0, 0, 100, 100)
+
+
+def test_a_longitude_latitude_extent_past_180_meets_a_raster_stored_before_it(tmp_path):
+    """179.95 to 180.05 degrees in EPSG:4269 over a raster stored as -180.1 to -179.9: the box was
+    cut to the raster's bounds without going round the world, and refused."""
+    west = make_tif(tmp_path / "west.tif", noise((3, 400, 400)), crs="EPSG:4326",
+                    geotransform=(-180.1, 0.0005, 0.0, -16.0, 0.0, -0.0005))
+    with open_raster(west) as raster:
+        assert raster.window_for_extent((179.95, -16.15, 180.05, -16.05, "EPSG:4269")) == (100, 100, 200, 200)
+
+
 def test_an_extent_round_the_pole_holds_the_pole_on_a_longitude_latitude_raster(tmp_path):
     """A polar stereographic box round the North Pole over a longitude/latitude raster of the Arctic:
     its outline there goes once round the world, and the area is what it encloses on the pole's
