@@ -993,6 +993,34 @@ class Raster:
                                                   "in that CRS instead")
         return area, False
 
+    def grid_in_extent(self, extent, gt: Sequence[float], width: int, height: int, most: int = 250_000
+                       ) -> np.ndarray | None:
+        """Which cells of a `width` x `height` grid (geotransform `gt`, in the raster's CRS) have their
+        centre in `extent` once moved into the extent's CRS (a world either way where that CRS
+        repeats), as a [height, width] mask; None for an extent in the raster's own CRS (or none).
+        Exact where extent_polygon is an approximation: an orthographic view's rim, which the
+        polygon follows only to a 64th of the raster. Cells are judged in blocks of one centre each
+        where the grid has more than `most` cells (a block a side: the rim to within that)."""
+        parts = _extent_parts(extent)
+        if parts is None or parts[4] in ("", None):
+            return None
+        source = parse_crs(parts[4])
+        to_source = None if source.IsSame(self._srs) else transformation(self._srs, source)
+        if to_source is None:
+            return None
+        step = max(1, math.ceil(math.sqrt(width * height / most)))
+        rows, cols = np.mgrid[0:height:step, 0:width:step] + step / 2.0
+        moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(gt, cols.ravel(), rows.ravel())))
+        xmin, ymin, xmax, ymax = parts[:4]
+        period = world_width(source) or 0.0
+        inside = np.zeros(len(moved), bool)
+        with np.errstate(invalid="ignore"):
+            for turn in sorted({-period, 0.0, period}):
+                inside |= ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
+                           & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax))
+        blocks = inside.reshape(rows.shape)
+        return np.repeat(np.repeat(blocks, step, axis=0), step, axis=1)[:height, :width]
+
     def _cut_to_raster(self, box: Sequence[float], source: osr.SpatialReference) -> tuple[float, float, float, float]:
         """`box` (in `source`) cut to the raster's bounds as `source` sees them, with a margin: a
         zoomed-out view in another CRS reaches far past the raster, to where the raster's CRS may not

@@ -382,6 +382,9 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     if not exact:
         rows, cols = np.mgrid[0:height, 0:width] + 0.5
         in_clip = shapely.contains_xy(clip, *_grid_to_map(gt, cols, rows))
+        in_view = raster.grid_in_extent(extent, gt, width, height)
+        if in_view is not None:         # the polygon of an orthographic view's rim is a lattice's
+            in_clip &= in_view
         if not in_clip.any():       # the box round it meets the raster, the extent itself does not
             raise RasterError("invalid_argument", f"the extent covers no pixel of {raster.path or raster.name!r}: it "
                                                   "lies beside the raster, within the box round it, or is smaller "

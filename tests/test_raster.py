@@ -536,6 +536,14 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         inside = _pixel_centres_in(raster, (-1.5e7, -1.5e7, 1.5e7, 1.5e7, facing_0))
         visible = np.abs(lon) < 90
         assert inside[visible].all() and inside[~visible].mean() < 0.1
+        # Segment's cell by cell judgement of the same view: the visible hemisphere exactly, and in
+        # blocks (here 7 cells a side, for at most 1,500 judged) to within a block
+        whole_globe = (-1.5e7, -1.5e7, 1.5e7, 1.5e7, facing_0)
+        exact = raster.grid_in_extent(whole_globe, raster.geotransform, 360, 180)
+        assert exact.shape == (180, 360) and (exact == visible).all()
+        blocks = raster.grid_in_extent(whole_globe, raster.geotransform, 360, 180, most=1500)
+        assert blocks.shape == (180, 360) and (blocks != visible).mean() < 0.05
+        assert raster.grid_in_extent((-10.0, -10.0, 10.0, 10.0, "EPSG:4326"), raster.geotransform, 360, 180) is None
         # zoomed in at the rim, 20 km across: smaller than a 64th of the raster, so no lattice point
         # of it lies in the view; the view's own points on the globe place it (it was refused)
         radius = 6370997.0

@@ -217,3 +217,29 @@ def test_ground_areas_are_right_at_the_poles_and_along_parallels():
     assert all(q == pytest.approx(quarters[0], rel=1e-6) for q in quarters)
     # true to scale at 71 S, the map is about 3% too small at the pole: a 2 km square there is more ground
     assert math.isfinite(square) and 4.0e6 < square < 4.5e6
+
+
+def test_segment_of_a_whole_globe_view_stops_at_the_rim(checkpoint, tmp_path):
+    """A world raster under an orthographic view of the whole globe: the pixels kept are those whose
+    centres the globe shows, to the pixel (the area's polygon follows the rim only to a 64th of the
+    raster, and polygons reached 6 pixels onto the hidden side)."""
+    import shapely
+
+    from backend.engine import ModelEngine
+    from backend.raster import open_raster
+    from backend.segment import segment
+    from test_raster import make_tif, noise
+
+    path = make_tif(tmp_path / "world.tif", noise((3, 180, 360), seed=4), crs="EPSG:4326",
+                    geotransform=(-180.0, 1.0, 0.0, 90.0, 0.0, -1.0))
+    view = (-7e6, -7e6, 7e6, 7e6, "+proj=ortho +lat_0=0 +lon_0=0 +datum=WGS84")
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        with open_raster(path) as raster:
+            out = segment(raster, ["trees"], engine, extent=view, threshold=0.0, edge_radius=0, min_area_m2=0.0)
+    finally:
+        engine.stop()
+    polygons = [p.geometry for r in out.results for p in r.polygons]
+    assert polygons
+    west, _, east, _ = shapely.union_all(polygons).bounds
+    assert -91.0 <= west < -85.0 and 85.0 < east <= 91.0, (west, east)
