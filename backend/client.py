@@ -868,8 +868,12 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="most tokens to generate (default: the server's, 32 or the model's text context less one)")
     p.add_argument("--beam", type=int, default=3, help="beam width (default 3; 1 = greedy)")
+    for command in sub.choices.values():
+        # argparse takes only "-2" and "-2.5" for negative numbers: "--extent -2e7 ..." was an unknown option
+        command._negative_number_matcher = NEGATIVE_NUMBER
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 SERVER_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/]+):(\d{1,5})")
 
 

@@ -2790,3 +2790,17 @@ def test_running_out_of_memory_outside_the_model_is_resource_exhausted_too():
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     code, message = _status_for(RuntimeError("something else"))
     assert code == grpc.StatusCode.INTERNAL and "something else" in message
+
+
+def test_client_extent_takes_negative_numbers_written_with_an_exponent():
+    """argparse knows "-2" and "-2.5" as negative numbers only: "--extent -2e7 ..." (a Web Mercator
+    world, as a user copies it) was refused as "expected 4 arguments"."""
+    import argparse
+
+    from backend.client import add_client_arguments
+
+    parser = argparse.ArgumentParser()
+    add_client_arguments(parser)
+    for command in (["caption", "--raster", "x.tif"], ["segment", "--raster", "x.tif", "--prompt", "trees"]):
+        args = parser.parse_args([*command, "--extent", "-2e7", "-1.5E7", "2e7", "-.5", "--extent-crs", "EPSG:3857"])
+        assert args.extent == [-2e7, -1.5e7, 2e7, -0.5]
