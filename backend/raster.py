@@ -982,6 +982,10 @@ class Raster:
         xmin, ymin, xmax, ymax, crs = parts
         source = None if crs in ("", None) else parse_crs(crs)
         same = source is None or source.IsSame(self._srs)
+        if same:
+            turns = self._world_turns(xmin, xmax)
+            if turns != [0.0]:      # past the world's edge: where it meets the raster, a world over
+                return shapely.union_all([shapely.box(xmin + t, ymin, xmax + t, ymax) for t in turns]), False
         if same and self.geotransform[2] == 0 and self.geotransform[4] == 0:
             return shapely.box(xmin, ymin, xmax, ymax), True
         if same:
@@ -1222,7 +1226,9 @@ class Raster:
                 else:       # beside the raster: said below
                     pixels = (-1.0, -1.0, -1.0, -1.0)
         if pixels is None:
-            pixels = self._pixels_of_box((xmin, ymin, xmax, ymax))
+            boxes = [self._pixels_of_box((xmin + t, ymin, xmax + t, ymax)) for t in self._world_turns(xmin, xmax)]
+            pixels = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                      max(b[3] for b in boxes))
         left, top, right, bottom = pixels
         left, right = max(left, 0.0), min(right, float(self.width))
         top, bottom = max(top, 0.0), min(bottom, float(self.height))
@@ -1238,6 +1244,18 @@ class Raster:
         col1 = max(col0 + 1, int(math.ceil(right - 1e-6)))
         row1 = max(row0 + 1, int(math.ceil(bottom - 1e-6)))
         return col0, row0, min(col1, self.width) - col0, min(row1, self.height) - row0
+
+    def _world_turns(self, xmin: float, xmax: float) -> list[float]:
+        """For x from xmin to xmax in the raster's own CRS: the whole worlds (0, -period, +period) that
+        bring it over the raster where that CRS repeats east and west, as a search extent is met
+        (170 to 190 degrees over a world raster meets both its ends; 179.95 to 180.05 one stored as
+        -180.1 to -179.9). [0.0] where it does not repeat, or where only the box as given meets it."""
+        period = world_width(self._srs)
+        if not period:
+            return [0.0]
+        west, east = self.bounds[0], self.bounds[2]
+        meeting = [t for t in (0.0, -period, period) if xmin + t < east and xmax + t > west]
+        return meeting or [0.0]
 
     def _pixels_of_box(self, box: Sequence[float]) -> tuple[float, float, float, float]:
         """(left, top, right, bottom) in pixels round `box` (in the raster's CRS), not yet cut to the raster."""

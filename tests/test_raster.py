@@ -579,6 +579,17 @@ def test_a_longitude_latitude_extent_past_180_meets_a_raster_stored_before_it(tm
                     geotransform=(-180.1, 0.0005, 0.0, -16.0, 0.0, -0.0005))
     with open_raster(west) as raster:
         assert raster.window_for_extent((179.95, -16.15, 180.05, -16.05, "EPSG:4269")) == (100, 100, 200, 200)
+        # in the raster's own CRS too, as a search extent is met (it was read literally, and refused)
+        for crs in ("EPSG:4326", ""):
+            assert raster.window_for_extent((179.95, -16.15, 180.05, -16.05, crs)) == (100, 100, 200, 200)
+    world = make_tif(tmp_path / "world.tif", noise((3, 180, 360)), crs="EPSG:4326",
+                     geotransform=(-180.0, 1.0, 0.0, 90.0, 0.0, -1.0))
+    with open_raster(world) as raster:
+        across = (170.0, -30.0, 190.0, -10.0, "EPSG:4326")        # both ends of the raster: 170 to 180, -180 to -170
+        assert raster.window_for_extent(across) == (0, 100, 360, 20)
+        inside = _pixel_centres_in(raster, across)
+        assert inside[100:120, :10].all() and inside[100:120, 350:].all() and not inside[:, 10:350].any()
+        assert raster.extent_polygon((10.0, -30.0, 20.0, -10.0, "EPSG:4326")) == (shapely.box(10, -30, 20, -10), True)
 
 
 def test_an_extent_round_the_pole_holds_the_pole_on_a_longitude_latitude_raster(tmp_path):
