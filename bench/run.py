@@ -53,6 +53,12 @@ def check_arguments(args) -> None:
     from backend.model import PRESETS
 
     check_results_dir(args.results_dir)
+    from bench.search_quality_bench import SETS
+
+    sets = [n.strip() for n in str(getattr(args, "search_sets", "") or "").split(",") if n.strip()]
+    unknown = [n for n in sets if n not in SETS]
+    if unknown:
+        raise BenchError(f"--search-sets: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
     for option in ("presets", "training_presets"):
         names = [n.strip() for n in str(getattr(args, option, "") or "").split(",") if n.strip()]
         unknown = [n for n in names if n not in PRESETS]

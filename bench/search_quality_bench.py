@@ -35,6 +35,7 @@ import numpy as np
 from bench import save_results
 
 NAME = "search_quality"
+SETS = ("rsscn7", "ucm", "aid")      # the validation sets searched, each as its own mosaic
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = Path(__file__).resolve().parent / "search_queries.json"
@@ -179,7 +180,7 @@ def run(checkpoint: Path | None = None, out_dir: Path | None = RESULTS_DIR, sets
     server = _Server(checkpoint, work / "data", work)
     results = {"checkpoint": str(checkpoint), "sets": {}}
     try:
-        for name in sets or [n for n in ("rsscn7", "ucm", "aid") if n in val]:
+        for name in sets or [n for n in SETS if n in val]:
             t = time.perf_counter()
             results["sets"][name] = evaluate_set(server.stub, pb, name, val[name], queries[name], work,
                                                  class_queries=class_name_queries(name))
@@ -242,7 +243,15 @@ def main(args) -> dict | None:
     if not (REPO.parent / "shared" / "data").is_dir() or not (BUNDLED_CHECKPOINT / "model.safetensors").exists():
         print("search quality: skipped (needs ../shared/data and the bundled checkpoint)")
         return None
-    return run(out_dir=getattr(args, "results_dir", RESULTS_DIR))
+    # a smoke run (--quick) searches the UC Merced mosaic only, the smallest of the three
+    sets = getattr(args, "search_sets", None) or ("ucm" if getattr(args, "quick", False) else None)
+    return run(out_dir=getattr(args, "results_dir", RESULTS_DIR), sets=sets.split(",") if sets else None)
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("search quality benchmark")
+    g.add_argument("--search-sets", default=None, metavar="SETS",
+                   help="comma-separated: rsscn7,ucm,aid (default: all three; ucm with --quick)")
 
 
 def check_inputs(checkpoint, sets, out_dir) -> list[str]:
@@ -252,7 +261,7 @@ def check_inputs(checkpoint, sets, out_dir) -> list[str]:
 
     from . import BenchError, check_results_dir
 
-    known = ("rsscn7", "ucm", "aid")
+    known = SETS
     names = [n.strip() for n in (sets or ",".join(known)).split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:

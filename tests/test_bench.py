@@ -284,3 +284,23 @@ def test_bench_arguments_are_checked_before_any_benchmark_runs(tmp_path, capsys)
         search_quality_bench.check_inputs(None, "ucm,bogus", tmp_path / "out")
     with pytest.raises(BenchError, match="not a checkpoint folder"):
         search_quality_bench.check_inputs(tmp_path, "ucm", tmp_path / "out")
+
+
+def test_search_quality_in_bench_run_takes_its_sets_and_quick_searches_one(tmp_path, capsys, monkeypatch):
+    """bench.run --quick ran all three search mosaics (minutes); it runs UC Merced's, --search-sets
+    chooses, and an unknown set is refused before anything runs. The searches themselves are
+    stood in for here (they take minutes; test_search_quality_metrics_and_mosaic_geometry runs one)."""
+    from bench import run as bench_run
+    from bench import search_quality_bench as sq
+    from conftest import run_main
+
+    asked = []
+    monkeypatch.setattr(sq, "run", lambda out_dir=None, sets=None, **kw: asked.append(sets) or {})
+    monkeypatch.setattr(sq, "REPO", tmp_path / "repo")                    # shared data "there"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    for extra, sets in ((["--quick"], ["ucm"]), ([], None), (["--search-sets", "aid,rsscn7"], ["aid", "rsscn7"])):
+        r = run_main(bench_run.main, ["--only", "search_quality", "--results-dir", tmp_path / "out", *extra], capsys)
+        assert r.returncode == 0 and asked[-1] == sets, (extra, asked, r.stderr)
+    r = run_main(bench_run.main, ["--only", "search_quality", "--search-sets", "ucm,mars",
+                                  "--results-dir", tmp_path / "out"], capsys)
+    assert r.returncode == 2 and "--search-sets: unknown set(s) mars; choose from rsscn7, ucm, aid" in r.stderr
