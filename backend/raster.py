@@ -339,6 +339,18 @@ def transform_points_quietly(transform: osr.CoordinateTransformation, points) ->
         gdal.PopErrorHandler()
 
 
+def points_in_box(points: np.ndarray, box: Sequence[float], period: float | None) -> np.ndarray:
+    """Which of (n, 2) `points` lie in `box` (xmin, ymin, xmax, ymax), also a world east or west where
+    its CRS repeats every `period` (world_width); non-finite points lie in none."""
+    xmin, ymin, xmax, ymax = box
+    inside = np.zeros(len(points), bool)
+    with np.errstate(invalid="ignore"):
+        in_rows = (points[:, 1] >= ymin) & (points[:, 1] <= ymax)
+        for turn in sorted({-(period or 0.0), 0.0, period or 0.0}):
+            inside |= in_rows & (points[:, 0] + turn >= xmin) & (points[:, 0] + turn <= xmax)
+    return inside
+
+
 def world_width(srs: osr.SpatialReference) -> float | None:
     """How far east a projected CRS's map repeats (Web Mercator: 40,075 km), or None where it does
     not repeat (polar, conic, orthographic, UTM): x at its central meridian +-180 degrees on the
@@ -595,6 +607,9 @@ class Raster:
                  files_of: gdal.Dataset | None = None):
         self._ds = dataset
         self._lock = threading.RLock()
+        # extent in another CRS -> its area here: a Segment asks for the window and the clip of one
+        # extent, each from the same area (_extent_area)
+        self._extent_areas: dict = {}
         self.path = path
         self.real_path = real_path
         self.name = name
@@ -1015,14 +1030,7 @@ class Raster:
         step = max(1, math.ceil(math.sqrt(width * height / most)))
         rows, cols = np.mgrid[0:height:step, 0:width:step] + step / 2.0
         moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(gt, cols.ravel(), rows.ravel())))
-        xmin, ymin, xmax, ymax = parts[:4]
-        period = world_width(source) or 0.0
-        inside = np.zeros(len(moved), bool)
-        with np.errstate(invalid="ignore"):
-            for turn in sorted({-period, 0.0, period}):
-                inside |= ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
-                           & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax))
-        blocks = inside.reshape(rows.shape)
+        blocks = points_in_box(moved, parts[:4], world_width(source)).reshape(rows.shape)
         return np.repeat(np.repeat(blocks, step, axis=0), step, axis=1)[:height, :width]
 
     def _cut_to_raster(self, box: Sequence[float], source: osr.SpatialReference) -> tuple[float, float, float, float]:
@@ -1066,10 +1074,16 @@ class Raster:
         has no way to the raster's (a site grid)."""
         import shapely
 
+        key = (tuple(box), source.ExportToWkt(), points_per_edge)
+        if key in self._extent_areas:
+            return self._extent_areas[key]
+        if len(self._extent_areas) >= 16:        # a raster kept open serves many requests: a few extents
+            self._extent_areas.clear()
         area = self._placed_area(box, source, points_per_edge)
         over = None if area is None else area.intersection(shapely.box(*self.bounds))
         to_source = transformation(self._srs, source)
         if over is None or over.is_empty or to_source is None:      # beside the raster: said by the caller
+            self._extent_areas[key] = area
             return area
         x0, y0, x1, y1 = over.bounds
         gx, gy = np.meshgrid(np.linspace(x0, x1, 33), np.linspace(y0, y1, 33))
@@ -1077,17 +1091,26 @@ class Raster:
         points = points[shapely.contains_xy(over, points[:, 0], points[:, 1])]
         inner = over.representative_point()
         moved = transform_points_quietly(to_source, np.vstack([points, [[inner.x, inner.y]]]))
-        xmin, ymin, xmax, ymax = box
-        period = world_width(source) or 0.0
-        with np.errstate(invalid="ignore"):
-            for turn in sorted({-period, 0.0, period}):
-                if ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
-                        & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax)).any():
-                    return area
+        if points_in_box(moved, box, world_width(source)).any():
+            self._extent_areas[key] = area
+            return area
+        raise self._no_point_in(box, source)
+
+    def _no_point_in(self, given: Sequence[float], source: osr.SpatialReference) -> RasterError:
         b = self.bounds
-        raise RasterError("invalid_argument", f"extent {tuple(box)} in {_crs_label(source)} does not overlap "
-                                              f"{self._where()} (no point of the raster lies in it), whose bounds "
-                                              f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+        return RasterError("invalid_argument", f"extent {tuple(given)} in {_crs_label(source)} does not overlap "
+                                               f"{self._where()} (no point of the raster lies in it), whose bounds "
+                                               f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+
+    def _copies_meeting(self, area, period: float):
+        """`area` (in the raster's CRS, which repeats every `period` east) with its copies a world east
+        and west, those that meet the raster; `area` itself where none does."""
+        import shapely
+        import shapely.affinity
+
+        footprint = shapely.box(*self.bounds)
+        copies = [shapely.affinity.translate(area, turn) for turn in (0.0, -period, period)]
+        return shapely.union_all([c for c in copies if c.intersects(footprint)] or [area])
 
     def _placed_area(self, box: Sequence[float], source: osr.SpatialReference, points_per_edge: int = 64):
         """The part of `box` (given in `source`) over the raster, as a shapely area in the raster's
@@ -1101,7 +1124,6 @@ class Raster:
         Where part of the outline has no place in the raster's CRS (an orthographic view's corners,
         off the globe), the raster's own points are judged in `source` instead (_lattice_area)."""
         import shapely
-        import shapely.affinity
 
         cut = self._cut_to_raster(box, source)
         transform = transformation(source, self._srs)
@@ -1117,11 +1139,8 @@ class Raster:
         # a projected map (Web Mercator) past the raster's edge, where the map has no more
         y = outline[:, 1]
         poles = None if self._srs.IsGeographic() else (min(self.bounds[1], y.min()), max(self.bounds[3], y.max()))
-        area = shapely.make_valid(shapely.Polygon(lonlat_ring(outline[:, 0], y, period, poles)))
-        footprint = shapely.box(*self.bounds)
-        copies = [shapely.affinity.translate(area, turn) for turn in (0.0, -period, period)]
-        meeting = [c for c in copies if c.intersects(footprint)]
-        return shapely.union_all(meeting) if meeting else area
+        return self._copies_meeting(shapely.make_valid(shapely.Polygon(lonlat_ring(outline[:, 0], y, period, poles))),
+                                    period)
 
     def _lattice_area(self, box: Sequence[float], source: osr.SpatialReference, given: Sequence[float],
                       cells: int = 64):
@@ -1140,14 +1159,7 @@ class Raster:
         cols, rows = np.meshgrid((col_edges[:-1] + col_edges[1:]) / 2, (row_edges[:-1] + row_edges[1:]) / 2)
         moved = transform_points_quietly(to_source, np.column_stack(_grid_to_map(self.geotransform, cols.ravel(),
                                                                                  rows.ravel())))
-        xmin, ymin, xmax, ymax = box
-        period = world_width(source) or 0.0
-        with np.errstate(invalid="ignore"):
-            inside = np.zeros(len(moved), bool)
-            for turn in sorted({-period, 0.0, period}):
-                inside |= ((moved[:, 0] + turn >= xmin) & (moved[:, 0] + turn <= xmax)
-                           & (moved[:, 1] >= ymin) & (moved[:, 1] <= ymax))
-        inside = inside.reshape(cells, cells)
+        inside = points_in_box(moved, box, world_width(source)).reshape(cells, cells)
         if not inside.any():
             # a view smaller than a lattice cell (zoomed in at the rim): its own points on the globe
             return self._hull_of_points_in(box, source, given)
@@ -1170,7 +1182,6 @@ class Raster:
         place in the raster's CRS (where that CRS repeats, taken across its world's edge when that
         makes it narrower, and met one world either way too); RasterError where it misses the raster."""
         import shapely
-        import shapely.affinity
 
         xs, ys = densified_box(*box, 16)
         gx, gy = np.meshgrid(np.linspace(box[0], box[2], 17), np.linspace(box[1], box[3], 17))
@@ -1188,13 +1199,9 @@ class Raster:
                     moved[:, 0] = wrapped
             hull = shapely.MultiPoint(moved).convex_hull
             if period:
-                copies = [shapely.affinity.translate(hull, turn) for turn in (0.0, -period, period)]
-                hull = shapely.union_all([c for c in copies if c.intersects(footprint)] or [hull])
+                hull = self._copies_meeting(hull, period)
         if hull is None or not hull.intersects(footprint):
-            b = self.bounds
-            raise RasterError("invalid_argument", f"extent {tuple(given)} in {_crs_label(source)} does not overlap "
-                                                  f"{self._where()} (no point of the raster lies in it), whose bounds "
-                                                  f"are ({b[0]}, {b[1]}, {b[2]}, {b[3]}) in {_crs_label(self._srs)}")
+            raise self._no_point_in(given, source)
         # a hull of one point or a line has no area: a pixel round it
         return hull if hull.area > 0 else hull.buffer(max(abs(self.geotransform[1]), abs(self.geotransform[5])))
 
