@@ -46,7 +46,6 @@ log = logging.getLogger("skyprompt.server")
 DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
 DEFAULT_SEGMENT_OVERLAP = 0.125  # segmentation tiles overlap so seams can be blended away
 DEFAULT_MIN_VALID = 0.5
-
 INDEX_BATCH = 32                 # tiles read ahead and embedded together
 PROGRESS_INTERVAL_S = 0.25       # at most four progress messages a second
 

@@ -23,6 +23,18 @@ def check_results_dir(out_dir):
     return out
 
 
+def checked_or_exit(check, *args):
+    """check(*args), or its BenchError as one line on stderr and exit status 2: a benchmark command
+    line refuses its arguments before any work."""
+    import sys
+
+    try:
+        return check(*args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def save_results(results: dict, name: str, out_dir) -> None:
     """Write `<out_dir>/<name>.json` (nothing when out_dir is None)."""
     if out_dir is None:

@@ -28,7 +28,7 @@ import torch
 from backend.defaults import BUNDLED_CHECKPOINT
 from backend.model import MaMMUT, get_preset
 from backend.model.precision import autocast_context
-from bench import BenchError, check_results_dir
+from bench import check_results_dir, checked_or_exit
 
 from .model_bench import (GPU_BF16_PEAK, _f, _have, _table, autocast_train_step, clip_vision, encoder_flops,
                           machine_info, make_batch, time_interleaved, train_flops_per_sample)
@@ -292,10 +292,6 @@ if __name__ == "__main__":
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where gpu.json goes")
     add_arguments(parser)
     args = parser.parse_args()
-    try:
-        check_results_dir(args.results_dir)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    checked_or_exit(check_results_dir, args.results_dir)
     main(args)
     sys.exit(0)

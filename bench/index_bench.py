@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.index import TileIndex, lists_for
-from bench import BenchError, check_results_dir
+from bench import check_results_dir, checked_or_exit
 
 NAME = "index"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -251,11 +251,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", "--out-dir", dest="out_dir", type=Path, default=RESULTS_DIR,
                         help="where index.json goes")
     args = parser.parse_args(argv)
-    try:
-        check_results_dir(args.out_dir)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    checked_or_exit(check_results_dir, args.out_dir)
     run(sizes=args.sizes, dim=args.dim, out_dir=args.out_dir, queries=args.queries, ann=not args.no_ann)
     return 0
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import bench
-from bench import BenchError, check_results_dir
+from bench import BenchError, check_results_dir, checked_or_exit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -35,11 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(module, "add_arguments"):
             module.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        check_arguments(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    checked_or_exit(check_arguments, args)
     for name, module in modules.items():
         if args.only in (None, name):
             print(f"== {name} benchmark ==", flush=True)
@@ -53,12 +49,10 @@ def check_arguments(args) -> None:
     from backend.model import PRESETS
 
     check_results_dir(args.results_dir)
-    from bench.search_quality_bench import SETS
+    from bench.search_quality_bench import check_sets
 
-    sets = [n.strip() for n in str(getattr(args, "search_sets", "") or "").split(",") if n.strip()]
-    unknown = [n for n in sets if n not in SETS]
-    if unknown:
-        raise BenchError(f"--search-sets: unknown set(s) {', '.join(unknown)}; choose from {', '.join(SETS)}")
+    if getattr(args, "search_sets", None):
+        check_sets(args.search_sets, "--search-sets")
     for option in ("presets", "training_presets"):
         names = [n.strip() for n in str(getattr(args, option, "") or "").split(",") if n.strip()]
         unknown = [n for n in names if n not in PRESETS]

@@ -254,6 +254,17 @@ def add_arguments(parser) -> None:
                    help="comma-separated: rsscn7,ucm,aid (default: all three; ucm with --quick)")
 
 
+def check_sets(sets: str | None, option: str = "--sets") -> list[str]:
+    """The comma-separated set names (all of SETS when None); BenchError names an unknown one."""
+    from . import BenchError
+
+    names = [n.strip() for n in (sets or ",".join(SETS)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETS]
+    if unknown or not names:
+        raise BenchError(f"{option}: unknown set(s) {', '.join(unknown) or repr(sets)}; choose from {', '.join(SETS)}")
+    return names
+
+
 def check_inputs(checkpoint, sets, out_dir) -> list[str]:
     """The sets to run, once the checkpoint, the shared data and `out_dir` are there to run them:
     BenchError names what is wrong before the server starts."""
@@ -261,11 +272,7 @@ def check_inputs(checkpoint, sets, out_dir) -> list[str]:
 
     from . import BenchError, check_results_dir
 
-    known = SETS
-    names = [n.strip() for n in (sets or ",".join(known)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise BenchError(f"--sets: unknown set(s) {', '.join(unknown) or repr(sets)}; choose from {', '.join(known)}")
+    names = check_sets(sets)
     folder = Path(checkpoint or BUNDLED_CHECKPOINT)
     if not (folder / "model.safetensors").is_file():
         raise BenchError(f"--checkpoint {folder}: not a checkpoint folder (no model.safetensors in it)")
@@ -280,7 +287,7 @@ def check_inputs(checkpoint, sets, out_dir) -> list[str]:
 if __name__ == "__main__":
     import argparse
 
-    from . import BenchError
+    from . import checked_or_exit
 
     parser = argparse.ArgumentParser(prog="python -m bench.search_quality_bench",
                                      description=__doc__.splitlines()[0])
@@ -290,10 +297,6 @@ if __name__ == "__main__":
     parser.add_argument("--results-dir", default=str(RESULTS_DIR),
                         help="where search_quality.json is written (default: %(default)s)")
     a = parser.parse_args()
-    try:
-        chosen = check_inputs(a.checkpoint, a.sets, Path(a.results_dir))
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    chosen = checked_or_exit(check_inputs, a.checkpoint, a.sets, Path(a.results_dir))
     run(checkpoint=a.checkpoint, out_dir=Path(a.results_dir), sets=chosen)
     sys.exit(0)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import BenchError, check_results_dir, save_results
+from . import check_results_dir, checked_or_exit, save_results
 
 NAME = "training_data"
 REPO = Path(__file__).resolve().parent.parent
@@ -173,15 +173,10 @@ def main(args) -> dict:
 
 if __name__ == "__main__":   # alone, e.g. on a GPU machine without GDAL (bench.run imports every benchmark)
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m bench.training_data_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and batches")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where training_data.json goes")
     args = parser.parse_args()
-    try:
-        check_results_dir(args.results_dir)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    checked_or_exit(check_results_dir, args.results_dir)
     main(args)
