@@ -610,6 +610,7 @@ class Raster:
         # extent in another CRS -> its area here: a Segment asks for the window and the clip of one
         # extent, each from the same area (_extent_area)
         self._extent_areas: dict = {}
+        self._judged_by_points: set = set()    # those of them placed by the raster's points (_lattice_area)
         self.path = path
         self.real_path = real_path
         self.name = name
@@ -1016,16 +1017,20 @@ class Raster:
                        ) -> np.ndarray | None:
         """Which cells of a `width` x `height` grid (geotransform `gt`, in the raster's CRS) have their
         centre in `extent` once moved into the extent's CRS (a world either way where that CRS
-        repeats), as a [height, width] mask; None for an extent in the raster's own CRS (or none).
-        Exact where extent_polygon is an approximation: an orthographic view's rim, which the
-        polygon follows only to a 64th of the raster. Cells are judged in blocks of one centre each
-        where the grid has more than `most` cells (a block a side: the rim to within that)."""
+        repeats), as a [height, width] mask, where extent_polygon is an approximation: an extent
+        placed by the raster's own points (an orthographic view's rim, which the polygon follows only
+        to a 64th of the raster); None where the polygon is the extent's own outline, or the extent is
+        in the raster's CRS. Cells are judged in blocks of one centre each where the grid has more
+        than `most` cells (a block a side: the rim to within that)."""
         parts = _extent_parts(extent)
         if parts is None or parts[4] in ("", None):
             return None
         source = parse_crs(parts[4])
         to_source = None if source.IsSame(self._srs) else transformation(self._srs, source)
         if to_source is None:
+            return None
+        self._extent_area(parts[:4], source)        # placed once: by its outline, or by points
+        if (tuple(parts[:4]), source.ExportToWkt()) not in self._judged_by_points:
             return None
         step = max(1, math.ceil(math.sqrt(width * height / most)))
         rows, cols = np.mgrid[0:height:step, 0:width:step] + step / 2.0
@@ -1079,6 +1084,7 @@ class Raster:
             return self._extent_areas[key]
         if len(self._extent_areas) >= 16:        # a raster kept open serves many requests: a few extents
             self._extent_areas.clear()
+            self._judged_by_points.clear()
         area = self._placed_area(box, source, points_per_edge)
         over = None if area is None else area.intersection(shapely.box(*self.bounds))
         to_source = transformation(self._srs, source)
@@ -1131,6 +1137,7 @@ class Raster:
             return None
         outline = transform_points_quietly(transform, np.column_stack(densified_box(*cut, points_per_edge)))
         if not np.isfinite(outline).all():
+            self._judged_by_points.add((tuple(box), source.ExportToWkt()))
             return self._lattice_area(cut, source, box)
         period = world_width(self._srs)
         if not period:

@@ -544,6 +544,8 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         blocks = raster.grid_in_extent(whole_globe, raster.geotransform, 360, 180, most=1500)
         assert blocks.shape == (180, 360) and (blocks != visible).mean() < 0.05
         assert raster.grid_in_extent((-10.0, -10.0, 10.0, 10.0, "EPSG:4326"), raster.geotransform, 360, 180) is None
+        # an extent placed by its own outline: the polygon is exact, no cell by cell judgement is paid for
+        assert raster.grid_in_extent(pacific, raster.geotransform, 360, 180) is None
         # zoomed in at the rim, 20 km across: smaller than a 64th of the raster, so no lattice point
         # of it lies in the view; the view's own points on the globe place it (it was refused)
         radius = 6370997.0
