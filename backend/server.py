@@ -293,21 +293,27 @@ class Server:
         self.grpc_server.wait_for_termination()
 
 
+def local_path(text: str) -> str:
+    """A path option with ~ expanded: a launcher that runs no shell (QProcess, systemd) passes it as typed,
+    and so does a shell for --option=~/path."""
+    return os.path.expanduser(text)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
-    parser.add_argument("--checkpoint", default=None,
+    parser.add_argument("--checkpoint", default=None, type=local_path,
                         help=f"checkpoint directory (default: the bundled one, {BUNDLED_CHECKPOINT})")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto: a GPU when present)")
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", default=None, type=local_path,
                         help=f"where the tile index lives (default $SKYPROMPT_DATA_DIR, else $XDG_DATA_HOME/skyprompt, "
                              f"else ~/.local/share/skyprompt: here {default_data_dir()})")
-    parser.add_argument("--allow-root", action="append", default=[], metavar="PATH",
+    parser.add_argument("--allow-root", action="append", default=[], type=local_path, metavar="PATH",
                         help="only open rasters under this folder (repeatable); default: any local path")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
                         help=f"require this bearer token on every call (env {TOKEN_ENV}); required off loopback")
-    parser.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve over TLS")
-    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert, unencrypted")
+    parser.add_argument("--tls-cert", default=None, type=local_path, help="PEM certificate chain: serve over TLS")
+    parser.add_argument("--tls-key", default=None, type=local_path, help="PEM private key for --tls-cert, unencrypted")
     parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
     parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
                         help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
@@ -340,7 +346,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, default=Limits.max_message_bytes / 2**20,
                         help=f"largest message received or sent, in MiB (default {Limits.max_message_bytes // 2**20}; "
                              f"at least {MIN_MESSAGE_MB:g}, 64 KiB)")
-    parser.add_argument("--port-file", default=None,
+    parser.add_argument("--port-file", default=None, type=local_path,
                         help="write the bound port to this file once serving (for launchers using --port 0)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR (default INFO)")
     parser.add_argument("--stop-on-stdin-close", action="store_true",

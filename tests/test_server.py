@@ -2629,6 +2629,30 @@ def test_a_data_dir_given_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_pa
     assert default_data_dir() == tmp_path / "skyprompt"
 
 
+def test_serve_path_options_given_with_a_tilde_are_in_the_home_folder(checkpoint, tmp_path):
+    """--checkpoint=~/... (no shell expands a tilde after '=', nor a launcher that runs no shell)
+    loads the home folder's checkpoint, and the data dir, allowed root and port file are there too."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ckpt").symlink_to(checkpoint, target_is_directory=True)
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--checkpoint=~/ckpt", "--port", "0",
+                             "--port-file=~/port", "--data-dir=~/data", "--allow-root=~/maps", "--device", "cpu"],
+                            cwd=tmp_path, env={**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (home / "port").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (home / "port").exists(), proc.stderr.read() if proc.poll() is not None else "no port file"
+        assert (home / "data").is_dir() and not (tmp_path / "~").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err
+    assert f"at {checkpoint}" in err, err                 # the start log names the checkpoint it loaded
+    assert f"{home / 'maps'}" in err, err                 # the allowed root that is no folder, warned about by its path
+
+
 def test_stop_on_stdin_close_leaves_a_standard_input_that_is_no_pipe_alone(checkpoint, tmp_path):
     """/dev/null (a service manager, nohup) would end at once: the server serves on, and says the
     flag is not in force, instead of stopping right after it started."""
