@@ -550,15 +550,19 @@ class _TilePlan:
     window_width: int             # native pixels a full tile spans
     window_height: int
     tile_size: int
+    # which tiles of the grid (row-major) meet the extent, where its window holds more than it (an
+    # extent in another CRS, or a world raster met at both ends); None: all of them
+    meets: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.cols) * len(self.rows)
+        return len(self.cols) * len(self.rows) if self.meets is None else int(self.meets.sum())
 
     def windows(self) -> Iterator[tuple[int, tuple[int, int, int, int]]]:
         index = 0
         for row, height in self.rows:
             for col, width in self.cols:
-                yield index, (col, row, width, height)
+                if self.meets is None or self.meets[index]:
+                    yield index, (col, row, width, height)
                 index += 1
 
     def out_size(self, width: int, height: int) -> tuple[int, int]:
@@ -1320,9 +1324,27 @@ class Raster:
         col, row, width, height = self.window_for_extent(extent)
         step_w = max(1, round(window_w * (1.0 - overlap)))
         step_h = max(1, round(window_h * (1.0 - overlap)))
-        return _TilePlan(cols=_axis_windows(col, col + width, self.width, window_w, step_w),
-                         rows=_axis_windows(row, row + height, self.height, window_h, step_h),
-                         window_width=window_w, window_height=window_h, tile_size=tile_size)
+        cols = _axis_windows(col, col + width, self.width, window_w, step_w)
+        rows = _axis_windows(row, row + height, self.height, window_h, step_h)
+        return _TilePlan(cols=cols, rows=rows, window_width=window_w, window_height=window_h, tile_size=tile_size,
+                         meets=self._tiles_meeting(extent, cols, rows))
+
+    def _tiles_meeting(self, extent, cols: list[tuple[int, int]], rows: list[tuple[int, int]]) -> np.ndarray | None:
+        """Which tiles of the grid (row-major) meet the extent's area in the raster's CRS, or None
+        where its window is the extent itself. An extent in another CRS is curved in this one, and a
+        Pacific view over a world raster meets it at both ends: the window holding it (one band)
+        holds tiles the extent does not reach."""
+        import shapely
+
+        area, exact = self.extent_polygon(extent)
+        if area is None or exact:
+            return None
+        starts = np.array([(c, r, w, h) for r, h in rows for c, w in cols], float)
+        c, r, w, h = starts.T
+        xs, ys = _grid_to_map(self.geotransform, np.stack([c, c + w, c + w, c, c], axis=1),
+                              np.stack([r, r, r + h, r + h, r], axis=1))
+        boxes = shapely.polygons(np.stack([xs, ys], axis=-1))
+        return shapely.intersects(area, boxes) & ~shapely.touches(area, boxes)   # a shared edge is no overlap
 
     def count_tiles(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
                     extent=None) -> int:

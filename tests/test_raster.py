@@ -553,6 +553,38 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         assert 260 <= col and col + width <= 271 and 85 <= row and row + height <= 95
 
 
+def test_tiles_of_an_extent_in_another_crs_are_those_that_meet_it(tmp_path):
+    """Index's tiles for an extent are those that meet it, not all of the window that holds it: a
+    Pacific view over a world raster (a window 360 degrees wide) gives tiles at both ends only, and
+    a UTM box over a longitude/latitude raster (a curved, tilted shape there) leaves out the corner
+    tiles it misses. An extent in the raster's own CRS keeps the whole window, as before."""
+    world = make_tif(tmp_path / "world.tif", noise((3, 180, 360)), crs="EPSG:4326",
+                     geotransform=(-180.0, 1.0, 0.0, 90.0, 0.0, -1.0))
+    to_pacific = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:3832"))
+    pacific = (*to_pacific.TransformBounds(170.0, -10.0, 190.0, 10.0, 21), "EPSG:3832")
+    with open_raster(world) as raster:
+        tiles = raster.tiles(tile_size=10, extent=pacific, min_valid_fraction=0)
+        assert len(tiles) == raster.count_tiles(tile_size=10, extent=pacific) == 4       # 2 a side, 2 rows
+        assert sorted({t.col for t in tiles}) == [0, 350] and {t.row for t in tiles} == {80, 90}
+        read = [t for t, _, _ in raster.iter_tiles_with_pixels(tile_size=10, extent=pacific, min_valid_fraction=0)]
+        assert [t.index for t in read] == [t.index for t in tiles]        # grid positions, as the whole window numbers them
+        assert len(raster.tiles(tile_size=10, extent=(-20.0, -10.0, 40.0, 10.0, "EPSG:4326"),
+                                min_valid_fraction=0)) == 6 * 2
+    # a square in UTM 33N, tilted over degrees
+    degrees = make_tif(tmp_path / "degrees.tif", noise((3, 200, 200)), crs="EPSG:4326",
+                       geotransform=(10.0, 0.05, 0.0, 50.0, 0.0, -0.05))
+    to_utm = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:32633"))
+    cx, cy, _ = to_utm.TransformPoint(12.5, 46.0)           # 2.5 degrees west of the zone's meridian: tilted
+    utm_box = (cx - 150e3, cy - 150e3, cx + 150e3, cy + 150e3, "EPSG:32633")
+    with open_raster(degrees) as raster:
+        window = raster.window_for_extent(utm_box)
+        tiles = raster.tiles(tile_size=4, extent=utm_box, min_valid_fraction=0)
+        in_window = math.ceil(window[2] / 4) * math.ceil(window[3] / 4)
+        assert 0 < len(tiles) < in_window
+        area, _ = raster.extent_polygon(utm_box)
+        assert all(area.intersects(shapely.box(*t.bounds)) for t in tiles)
+
+
 def test_a_raster_on_the_hidden_side_is_not_in_the_view_whatever_its_crs(tmp_path):
     """Polar stereographic and UTM give the far side of the globe finite coordinates: an
     orthographic view of the other hemisphere was placed over such a raster, which was then read,
