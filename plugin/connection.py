@@ -51,6 +51,11 @@ def _parse_health(data: bytes) -> str:
     return "UNKNOWN"
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 class BackendConnection:
     """A channel to `address` ("host:port"), with the bearer token and TLS settings of the plugin.
 
@@ -63,6 +68,9 @@ class BackendConnection:
         from .rpc import skyprompt_pb2 as pb
         from .rpc import skyprompt_pb2_grpc as pb_grpc
 
+        if not address.strip():
+            raise BackendError("INVALID_ARGUMENT", "no backend address is set: give it as HOST:PORT "
+                                                   "(e.g. 127.0.0.1:50051) in SkyPrompt settings")
         self.address = address
         self._backend = (address, token, tls_ca)     # the key of its cached ServerInfo
         self._grpc, self.pb = grpc, pb
@@ -72,10 +80,15 @@ class BackendConnection:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
             try:
-                root = open(tls_ca, "rb").read() if tls_ca else None
+                root = _read_file(tls_ca) if tls_ca else None
             except OSError as e:   # every caller (panel tasks, Processing, the local backend) says this alike
                 raise BackendError("INVALID_ARGUMENT", f"cannot read the TLS CA file {tls_ca} ({e.strerror or e}); "
                                                        "fix it in SkyPrompt settings") from None
+            if root is not None and b"-----BEGIN CERTIFICATE-----" not in root:
+                # gRPC would only say it failed to create a security handshaker, as for no backend at all
+                raise BackendError("INVALID_ARGUMENT", f"the TLS CA file {tls_ca} holds no PEM certificate "
+                                                       "(-----BEGIN CERTIFICATE-----): choose the backend's "
+                                                       "certificate, or its CA's, in SkyPrompt settings")
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root), options=options)
         self.stub = pb_grpc.SkyPromptStub(self.channel)
         self._health = self.channel.unary_unary(HEALTH_METHOD, request_serializer=lambda b: b,
@@ -104,7 +117,10 @@ class BackendConnection:
                                       f"HOST:PORT, e.g. {self.address[scheme.end():].rstrip('/')} ({message})")
         if code == "UNAVAILABLE":
             low = message.lower()
-            if "connect" in low:
+            if "tls handshake failed" in low or "wrong_version_number" in low:
+                message = (f"the backend at {self.address} does not speak TLS as SkyPrompt settings ask: turn TLS "
+                           f"off there, or start the backend with --tls-cert and --tls-key ({message})")
+            elif "connect" in low:
                 # with no port, gRPC tries 443: the address is the likely mistake, not the backend
                 advice = ("give the address as HOST:PORT, e.g. 127.0.0.1:50051" if not PORT_AT_END.search(self.address)
                           else "start it or check the address")
@@ -112,6 +128,9 @@ class BackendConnection:
             elif "stream removed" in low or "socket closed" in low:
                 message = (f"the backend at {self.address} stopped answering in the middle of the call: it may have "
                            f"crashed or been killed (see its log), so start it again ({message})")
+        elif code == "DEADLINE_EXCEEDED":
+            message = (f"the backend at {self.address} did not answer in time ({message}): check that the address "
+                       "is a SkyPrompt backend's, and that it is running and not stuck (see its log)")
         return BackendError(code, message)
 
     # -- health --

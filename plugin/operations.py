@@ -231,6 +231,18 @@ class SearchArea(NamedTuple):
         return (self.rect, crs, self.polygon)
 
 
+LATITUDES_FIRST = ("were its latitudes given first? Longitude comes first "
+                   "(xmin,xmax,ymin,ymax = west,east,south,north)")
+
+
+def latitudes_first(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> bool:
+    """Whether a typed longitude/latitude rectangle lies past the poles only because its latitudes came first."""
+    if not crs.isGeographic() or not within_crs_area(rect, crs).isEmpty():
+        return False
+    swapped = QgsRectangle(rect.yMinimum(), rect.xMinimum(), rect.yMaximum(), rect.xMaximum())
+    return not within_crs_area(swapped, crs).isEmpty()
+
+
 def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bool = False,
                 shown: QgsGeometry | None = None) -> SearchArea:
     """`rect` in `crs` as a search area. `typed`: its numbers were typed (Processing's Extent), so
@@ -259,10 +271,8 @@ def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bo
                           f"is in {crs.description() or crs.authid()}, a CRS with no place on the globe (a local grid)")
     area = within_crs_area(rect, crs)
     if area.isEmpty():
-        swapped = QgsRectangle(rect.yMinimum(), rect.xMinimum(), rect.yMaximum(), rect.xMaximum())
-        if typed and crs.isGeographic() and not within_crs_area(swapped, crs).isEmpty():
-            return SearchArea(area, "outside", "lies past the poles: were its latitudes given first? Longitude comes "
-                                               "first (xmin,xmax,ymin,ymax = west,east,south,north)")
+        if typed and latitudes_first(rect, crs):
+            return SearchArea(area, "outside", f"lies past the poles: {LATITUDES_FIRST}")
         return SearchArea(area, "outside", f"lies outside the area {crs.authid() or 'its CRS'} covers")
     if shown is None or shown.isEmpty() or shown.isGeosEqual(QgsGeometry.fromRect(rect)):
         return SearchArea(area)

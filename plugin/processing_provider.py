@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from qgis.core import (QgsDataSourceUri, QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm,
-                       QgsProcessingException, QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
+from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingUtils, QgsVectorFileWriter, QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
@@ -64,9 +64,9 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(f"SkyPrompt cannot reach its backend: {problem}. Open the SkyPrompt "
                                          "panel to install the missing packages.")
         settings = PluginSettings.load()
-        server = self.parameterAsString(parameters, "SERVER", context)
-        if server:
-            settings.address = server.strip()
+        server = self.parameterAsString(parameters, "SERVER", context).strip()
+        if server:      # blanks (a batch cell) are empty: the plugin settings' address, as the label says
+            settings.address = server
         return settings
 
     @staticmethod
@@ -79,16 +79,19 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
 
     def _output_path(self, parameters, context) -> str:
         """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or "".
-        A file path typed without an extension gets the one Processing will add (.gpkg), so that an
-        existing "survey.gpkg" typed as "survey" is found as one."""
+        A file path whose suffix names no vector format gets the extension Processing will add (.gpkg),
+        so that an existing "survey.gpkg" typed as "survey", or "site.v2.gpkg" as "site.v2", is found
+        as one."""
         given = parameters.get("OUTPUT")
         sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
         # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
         path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
             else str(sink_value or "")
+        definition = self.parameterDefinition("OUTPUT")
+        suffix = os.path.splitext(path)[1][1:].lower()
         if path and path != QgsProcessing.TEMPORARY_OUTPUT and not _PROVIDER_URI.match(path) \
-                and not os.path.splitext(path)[1]:
-            path += "." + self.parameterDefinition("OUTPUT").defaultFileExtension()
+                and suffix not in definition.supportedOutputVectorLayerExtensions():
+            path += "." + definition.defaultFileExtension()
         return path
 
     def _check_output(self, parameters, context) -> None:
@@ -115,13 +118,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
                 name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
             except OSError as e:
                 raise QgsProcessingException(str(e)) from None
-            uri = QgsDataSourceUri()
-            uri.setDatabase(path)
-            uri.setDataSource("", name, "geom")
-            output = QgsProcessingOutputLayerDefinition(given) \
-                if isinstance(given, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition()
-            output.sink = QgsProperty.fromValue("ogr:" + uri.uri())
-            parameters = {**parameters, "OUTPUT": output}
+            return self._gpkg_layer_sink(given, path, name, context, fields, crs)
         # OUTPUT alone: the others may hold a layer removed from the project while the backend worked,
         # which handing the whole map to QGIS would touch
         sink, dest = self.parameterAsSink({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT", context, fields,
@@ -129,6 +126,26 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
         return sink, dest
+
+    @staticmethod
+    def _gpkg_layer_sink(given, path: str, name: str, context, fields, crs):
+        """A writer of a new layer `name` in the existing GeoPackage `path`, and its layer source,
+        loaded at the end where OUTPUT asks for it, as parameterAsSink would. Not Processing's own sink
+        for an "ogr:dbname=..." address: QGIS takes the format from all after the file name's first
+        dot, and finds none for "site.v2.gpkg"."""
+        options = QgsVectorFileWriter.SaveVectorOptions()
+        options.driverName = "GPKG"
+        options.layerName = name
+        options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+        writer = QgsVectorFileWriter.create(path, fields, QgsWkbTypes.MultiPolygon, crs, context.transformContext(),
+                                            options)
+        if writer.hasError():
+            raise QgsProcessingException(f"could not add a layer to {path}: {writer.errorMessage()}")
+        dest = f"{path}|layername={name}"
+        if isinstance(given, QgsProcessingOutputLayerDefinition) and given.destinationProject is not None:
+            context.addLayerToLoadOnCompletion(dest, QgsProcessingContext.LayerDetails(
+                given.destinationName or name, given.destinationProject, "OUTPUT", QgsProcessingUtils.LayerHint.Vector))
+        return writer, dest
 
     def _write(self, parameters, context, feedback, features, fields, crs):
         """The features into OUTPUT (see _sink), each a MultiPolygon as the sink's type says (a memory
@@ -143,6 +160,8 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             cut |= {fields.at(i).name() for i, v in enumerate(f.attributes())
                     if isinstance(v, str) and len(v.encode("utf-8")) > SHAPEFILE_TEXT_BYTES}
             sink.addFeature(f, QgsFeatureSink.FastInsert)
+        sink.flushBuffer()
+        del sink        # a file writer of our own (_gpkg_layer_sink) closes its layer here, before it is loaded
         if cut and self._output_path(parameters, context).lower().endswith(".shp"):
             feedback.pushWarning(f"a shapefile keeps {SHAPEFILE_TEXT_BYTES} bytes of text: {', '.join(sorted(cut))} "
                                  "values longer than that were cut short; write a GeoPackage (.gpkg) to keep them whole")
@@ -159,7 +178,8 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         except BackendError as e:
             if e.code == "CANCELLED" and feedback.isCanceled():
                 return None
-            raise QgsProcessingException(f"SkyPrompt backend at {settings.address}: {e.message} ({e.code})") from None
+            where = f" at {settings.address}" if settings.address.strip() else ""
+            raise QgsProcessingException(f"SkyPrompt backend{where}: {e.message} ({e.code})") from None
         except SourceError as e:   # the layer's pixels could not be read as asked: the user's to fix
             raise QgsProcessingException(str(e)) from None
 
@@ -319,7 +339,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
                 "Extent", "give an Extent where they are, or index them first" if paths else
                 "give an Extent where rasters are indexed", of_layers=bool(paths)))
         hits = list(response.hits)
-        crs = results.hits_crs(hits) if hits else context.project().crs()
+        crs = results.hits_crs(hits) if hits else \
+            context.project().crs() if context.project() else QgsCoordinateReferenceSystem()
         if not crs.isValid():       # no hits, and no project CRS (a script): an empty layer needs one too
             crs = QgsCoordinateReferenceSystem(results.WGS84)
         dest = self._write(parameters, context, feedback, results.search_features(hits, crs, names),
@@ -419,6 +440,8 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             if not crs.isValid():
                 crs = layer.crs()
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
+            if operations.latitudes_first(rect, crs):
+                raise QgsProcessingException(f"Extent lies past the poles: {operations.LATITUDES_FIRST}")
             try:
                 in_layer = to_layer_crs(rect, crs, layer)
             except SourceError as e:

@@ -482,6 +482,11 @@ def test_processing_extent_typed_with_latitude_first_or_across_180(layers, skypr
     with pytest.raises(QgsProcessingException, match="were its latitudes given first"):
         processing.run("skyprompt:searchtiles", {"QUERY": "roads", "EXTENT": "10,20,100,110 [EPSG:4326]",
                                                  "OUTPUT": str(tmp_path / "lat_first.gpkg")})
+    # Prompt to polygons too (it told the user to pan the map, which Processing has not)
+    with pytest.raises(QgsProcessingException, match="Extent lies past the poles: were its latitudes given first"):
+        processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "roads",
+                                                      "EXTENT": "10,20,100,110 [EPSG:4326]",
+                                                      "OUTPUT": str(tmp_path / "lat_first_segment.gpkg")})
     processing.run("skyprompt:indexraster", {"INPUT": layer})
     lonlat = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
                                     QgsProject.instance()).transformBoundingBox(layer.extent())
@@ -1996,23 +2001,27 @@ def test_processing_prompt_to_polygons_on_a_tile_service_needs_an_extent(skyprom
         del tiles
 
 
+def gpkg_with_a_roads_layer(path: Path) -> Path:
+    """A user's GeoPackage with one layer of their own ("roads", one line) in it."""
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    roads = ds.CreateLayer("roads", geom_type=ogr.wkbLineString)
+    f = ogr.Feature(roads.GetLayerDefn())
+    f.SetGeometry(ogr.CreateGeometryFromWkt("LINESTRING (0 0, 1 1)"))
+    roads.CreateFeature(f)
+    ds = roads = f = None
+    return path
+
+
 def test_processing_outputs_as_a_user_types_them(skyprompt_processing, settings, rasters, tmp_path):
     """An existing GeoPackage typed without .gpkg keeps its other layers (Processing adds the
     extension, and would replace the file); a memory output holds MultiPolygons, as its type says;
     a shapefile's cut text is said in the log; prompts split on line breaks; a cancelled search
     writes nothing; hits are named after the project's layer of their file, Layers given or not."""
     import processing
-    from osgeo import ogr
     from qgis.core import QgsProcessingContext, QgsProcessingException, QgsWkbTypes
     from plugin.results import gpkg_layer_names
 
-    survey = tmp_path / "survey.gpkg"
-    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(survey))
-    roads = ds.CreateLayer("roads", geom_type=ogr.wkbLineString)
-    f = ogr.Feature(roads.GetLayerDefn())
-    f.SetGeometry(ogr.CreateGeometryFromWkt("LINESTRING (0 0, 1 1)"))
-    roads.CreateFeature(f)
-    ds = roads = f = None
+    survey = gpkg_with_a_roads_layer(tmp_path / "survey.gpkg")
     layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "Survey ortho"))
     try:
         processing.run("skyprompt:indexraster", {"INPUT": layer})
@@ -2058,6 +2067,49 @@ def test_processing_outputs_as_a_user_types_them(skyprompt_processing, settings,
         with pytest.raises(QgsProcessingException, match=r"starts with 'http://': give it as HOST:PORT, e.g. 127.0.0.1:9"):
             processing.run("skyprompt:searchtiles", {"QUERY": "fields", "SERVER": "http://127.0.0.1:9/",
                                                      "OUTPUT": str(tmp_path / "d.gpkg")})
+    finally:
+        QgsProject.instance().removeMapLayer(layer.id())
+        del layer
+
+
+def test_processing_outputs_to_geopackages_with_dots_in_their_names(skyprompt_processing, settings, rasters, tmp_path):
+    """"site.v2.gpkg" typed as "site.v2" is the existing GeoPackage (Processing adds .gpkg to a
+    suffix that names no format): its other layers stay, as for "survey"; a rerun into a dotted
+    name adds a layer (QGIS found no format for "v2.gpkg" and failed), loaded into the project as
+    OUTPUT asks; a search with no hits from a script's context without a project writes an empty
+    WGS 84 layer (it raised AttributeError)."""
+    import processing
+    from qgis.core import QgsProcessingContext, QgsProcessingOutputLayerDefinition
+    from plugin.results import gpkg_layer_names
+
+    site = gpkg_with_a_roads_layer(tmp_path / "site.v2.gpkg")
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "Survey ortho"))
+    try:
+        processing.run("skyprompt:indexraster", {"INPUT": layer})
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 2, "OUTPUT": str(tmp_path / "site.v2"),
+                                                 "SERVER": "  "})      # blanks: the settings' address
+        assert sorted(gpkg_layer_names(str(site))) == ["roads", "site.v2"]
+        assert QgsVectorLayerFrom(f"{site}|layername=site.v2").featureCount() == 2
+        ortho = tmp_path / "ortho_0.15m.gpkg"
+        for _ in range(2):
+            processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "fields", "THRESHOLD": 0.0,
+                                                          "OUTPUT": str(ortho)})
+        assert len(gpkg_layer_names(str(ortho))) == 2
+        # the second run's layer is loaded at the end, as Processing loads its own outputs
+        context = QgsProcessingContext()
+        context.setProject(QgsProject.instance())
+        output = QgsProcessingOutputLayerDefinition(str(ortho), QgsProject.instance())
+        dest = processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "water", "THRESHOLD": 0.0,
+                                                             "OUTPUT": output}, context=context)["OUTPUT"]
+        assert len(gpkg_layer_names(str(ortho))) == 3 and dest in context.layersToLoadOnCompletion()
+        assert {f["prompt"] for f in QgsVectorLayerFrom(dest).getFeatures()} == {"water"}
+        # no hits, no project: an empty layer in WGS 84
+        empty = tmp_path / "nothing.gpkg"
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "EXTENT": "0,1,0,1 [EPSG:4326]",
+                                                 "OUTPUT": str(empty)}, context=QgsProcessingContext())
+        out = QgsVectorLayerFrom(str(empty))
+        assert out.featureCount() == 0 and out.crs().authid() == "EPSG:4326"
+        del out
     finally:
         QgsProject.instance().removeMapLayer(layer.id())
         del layer

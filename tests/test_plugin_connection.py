@@ -74,6 +74,33 @@ def test_an_address_with_no_port_is_named_as_the_likely_mistake():
     assert err.value.code == "UNAVAILABLE" and "give the address as HOST:PORT" in err.value.message
 
 
+def test_connection_mistakes_are_named_as_what_to_fix(live, tmp_path):
+    """A CA file that is no certificate, TLS against a plaintext backend, no address at all and a port
+    where something listens but never answers gRPC were each "no backend answers ... start it", or a
+    bare gRPC text."""
+    import socket
+
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("this is not a certificate\n")
+    with pytest.raises(BackendError, match=r"ca.pem holds no PEM certificate .* in SkyPrompt settings"):
+        BackendConnection(live.address, token=TOKEN, tls_ca=str(not_pem))
+    with BackendConnection(live.address, token=TOKEN, tls_ca="") as conn:
+        with pytest.raises(BackendError) as err:
+            conn.info(timeout=10)
+    assert err.value.code == "UNAVAILABLE" and "does not speak TLS as SkyPrompt settings ask" in err.value.message
+    for blank in ("", "  "):
+        with pytest.raises(BackendError, match="no backend address is set: give it as HOST:PORT"):
+            BackendConnection(blank)
+    with socket.socket() as silent:         # accepts, never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with BackendConnection(f"127.0.0.1:{silent.getsockname()[1]}") as conn:
+            with pytest.raises(BackendError) as err:
+                conn.info(timeout=1)
+    assert err.value.code == "DEADLINE_EXCEEDED" and "did not answer in time" in err.value.message
+    assert "is a SkyPrompt backend's" in err.value.message
+
+
 # a backend process that dies in the middle of a Segment: one progress message, then gone
 _DYING_BACKEND = """
 import os, sys, time
