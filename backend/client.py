@@ -63,6 +63,9 @@ def _extent(values, crs: str) -> pb.Extent | None:
                               "too, or leave --extent-crs out")
         return None
     xmin, ymin, xmax, ymax = values
+    if xmin == xmax or ymin >= ymax:    # all zeros would reach the server as no extent at all: the whole index
+        raise UsageError(f"--extent {xmin:g} {ymin:g} {xmax:g} {ymax:g} has no area: give XMIN YMIN XMAX YMAX with "
+                         "YMIN below YMAX and XMIN not XMAX (XMIN past XMAX is an extent across 180 degrees)")
     return pb.Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs=crs or "")
 
 
@@ -78,6 +81,9 @@ def _polygon_box(wkt: str | None) -> list[float] | None:
         raise UsageError(f"--within is not WKT ({e}): give a polygon, e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
     if shape.is_empty:
         raise UsageError("--within is an empty geometry: give a polygon with its corners")
+    if shape.geom_type != "Polygon":    # its box would be no extent to hold it, and the server's word would be about that
+        raise UsageError(f"--within must be one POLYGON, not {shape.geom_type.upper()}: give the area's corners, "
+                         "e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
     return list(shape.bounds)
 
 
@@ -109,9 +115,24 @@ def _with_bands(request, args):
     return request
 
 
+def server_path(path: str) -> str:
+    """A raster path as the server gets it: absolute, since the server resolves paths on its own
+    machine and "./x.tif" means ours; a GDAL virtual or remote name (/vsizip/..., http://...) as
+    given, for the server to name as one (made absolute, "http://h/x.tif" became a local path)."""
+    if not path.strip():
+        raise UsageError("a raster path is empty: give the path of a raster file")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:      # a file name in another encoding, which the request's text cannot carry
+        raise ClientError(f"raster path {path!r} is not valid UTF-8, and requests carry paths as UTF-8: rename "
+                          "the file (or the folder that has such a name)") from None
+    if path.startswith("/vsi") or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
 def _source(path: str) -> pb.RasterSource:
-    # the server resolves paths on its own machine: send absolute ones so "./x.tif" means ours
-    return pb.RasterSource(path=os.path.abspath(path))
+    return pb.RasterSource(path=server_path(path))
 
 
 def _print_json(value) -> None:
@@ -185,13 +206,13 @@ def _index_each(stub, args, results: list[dict]) -> int:
     for a raster that failed, which does not stop the rest). Returns how many failed."""
     failed = 0
     for path in args.rasters:
-        request = _with_bands(pb.IndexRasterRequest(source=_source(path), force=args.force,
-                                                    target_resolution=args.resolution or 0.0), args)
+        request = _with_bands(pb.IndexRasterRequest(force=args.force, target_resolution=args.resolution or 0.0), args)
         if args.overlap is not None:
             request.tile_overlap = args.overlap
         if args.views is not None:
             request.views = args.views
         try:
+            request.source.CopyFrom(_source(path))
             final = _index_one(stub, args, request, path)
         except grpc.RpcError as e:
             if e.code() in STOP_INDEXING:
@@ -203,7 +224,7 @@ def _index_each(stub, args, results: list[dict]) -> int:
             error = None
         if error is not None:
             failed += 1
-            results.append({"raster_path": request.source.path, "raster_name": os.path.basename(path),
+            results.append({"raster_path": request.source.path or path, "raster_name": os.path.basename(path),
                             "outcome": "failed", "error": error})
             print(f"skyprompt client: {path}: {error}", file=sys.stderr)
             continue
@@ -289,7 +310,7 @@ def cmd_search(stub, args) -> int:
     if bool(args.query) == (args.like_tile is not None):
         raise UsageError("give what to look for as QUERY, or --like-tile ID for tiles like one tile (not both)")
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
-                               raster_paths=[os.path.abspath(p) for p in args.raster],
+                               raster_paths=[server_path(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
     extent = _extent(args.extent or _polygon_box(args.within), args.extent_crs)
     if extent is not None:
@@ -299,7 +320,7 @@ def cmd_search(stub, args) -> int:
         try:    # before the search: a path that cannot be a folder is told now, naming the option
             Path(args.thumbnails).mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ClientError(f"--thumbnails {args.thumbnails}: cannot make that folder ({e.strerror or e}); "
+            raise UsageError(f"--thumbnails {args.thumbnails}: cannot make that folder ({e.strerror or e}); "
                               "give a folder for the PNGs") from None
     if args.min_score is not None:
         request.min_score = args.min_score
@@ -400,8 +421,19 @@ def _polygon_output_ext(path: str) -> str:
     return ext
 
 
-def _not_a_geopackage(path) -> ClientError:
-    return ClientError(f"--output {path} exists and is not a GeoPackage; give a new file name")
+def _not_a_geopackage(path, before_the_work: bool) -> ClientError:
+    """An --output GDAL cannot open as a GeoPackage: a database another program holds locked (exit 1),
+    or no GeoPackage at all, which before the work is an option given wrongly (exit 2)."""
+    try:
+        with open(path, "rb") as handle:
+            sqlite = handle.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        sqlite = False
+    if sqlite:
+        return ClientError(f"--output {path} cannot be opened now: another program may hold it locked (close it "
+                           "there), or it is damaged; or give another file name")
+    return (UsageError if before_the_work else ClientError)(
+        f"--output {path} exists and is not a GeoPackage; give a new file name")
 
 
 def check_polygon_output(path: str) -> str:
@@ -409,7 +441,7 @@ def check_polygon_output(path: str) -> str:
     ext = _polygon_output_ext(path)
     _check_output_folder("--output", path)
     if ext == ".gpkg" and Path(path).exists() and _open_gpkg(path, update=False) is None:
-        raise _not_a_geopackage(path)
+        raise _not_a_geopackage(path, before_the_work=True)
     if ext == ".gpkg" and Path(path).exists() and not os.access(path, os.W_OK):
         raise UsageError(f"--output {path}: this GeoPackage cannot be written to (permission denied); give another "
                          "file name, or make it writable")
@@ -453,7 +485,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
             if _open_gpkg(target, update=False) is not None:
                 raise ClientError(f"--output {path}: this GeoPackage cannot be opened for writing; give another "
                                   "file name, or make it writable")
-            raise _not_a_geopackage(path)
+            raise _not_a_geopackage(path, before_the_work=False)
         contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
         taken = {row.GetField(0).casefold() for row in contents}
         ds.ReleaseResultSet(contents)
@@ -697,15 +729,15 @@ def cmd_remove(stub, args) -> int:
     for item in args.rasters:
         # digits are an id, unless a file here has that name (a raster called "2020")
         by_id = item.isascii() and item.isdigit() and not os.path.exists(item)
-        request = pb.RemoveRasterRequest(raster_id=item) if by_id else \
-            pb.RemoveRasterRequest(raster_path=os.path.abspath(item))
         try:
+            request = pb.RemoveRasterRequest(raster_id=item) if by_id else \
+                pb.RemoveRasterRequest(raster_path=server_path(item))
             r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
-        except grpc.RpcError as e:
-            if e.code() in STOP_INDEXING:
+        except (grpc.RpcError, ClientError) as e:
+            if isinstance(e, grpc.RpcError) and e.code() in STOP_INDEXING:
                 raise
             failed += 1
-            error = f"{e.code().name}: {rpc_error_detail(e, args)}"
+            error = f"{e.code().name}: {rpc_error_detail(e, args)}" if isinstance(e, grpc.RpcError) else str(e)
             removed.append({"raster": item, "outcome": "failed", "error": error})
             print(f"skyprompt client: {item}: {error}", file=sys.stderr)
             continue

@@ -256,6 +256,20 @@ def transform_bounds(bounds: Sequence[float], src_crs: str | osr.SpatialReferenc
     return tuple(float(v) for v in result)  # type: ignore[return-value]
 
 
+def wrapped_lonlat_box(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A longitude/latitude box with its longitudes in [-180, 180]: one stored past 180 degrees (a
+    raster in EPSG:4326 from 179.99 to 180.02, which GDAL hands back as it is) becomes a box across
+    the antimeridian as GDAL gives those from other CRSs, xmin > xmax (179.99 to -179.98); one a
+    whole turn or wider, -180 to 180."""
+    xmin, ymin, xmax, ymax = box
+    if xmin > xmax or (xmin >= -180.0 and xmax <= 180.0):
+        return box
+    if xmax - xmin >= 360.0:
+        return -180.0, ymin, 180.0, ymax
+    west, east = (xmin + 180.0) % 360.0 - 180.0, (xmax + 180.0) % 360.0 - 180.0
+    return west, ymin, (180.0 if east == -180.0 else east), ymax
+
+
 def transformation(source: osr.SpatialReference, target: osr.SpatialReference | None = None
                    ) -> osr.CoordinateTransformation | None:
     """The transformation from `source` to `target` (EPSG:4326, longitude first, when None); None
@@ -784,7 +798,9 @@ class Raster:
                 result = self._to_wgs84.TransformBounds(*bounds, BOUNDS_DENSIFY)
         except RuntimeError:
             return None
-        return tuple(float(v) for v in result) if all(math.isfinite(v) for v in result) else None
+        if not all(math.isfinite(v) for v in result):
+            return None
+        return wrapped_lonlat_box(tuple(float(v) for v in result))
 
     def _find_alpha_band(self) -> int:
         ds = self._dataset()

@@ -295,7 +295,10 @@ class Server:
 
 def local_path(text: str) -> str:
     """A path option with ~ expanded: a launcher that runs no shell (QProcess, systemd) passes it as typed,
-    and so does a shell for --option=~/path."""
+    and so does a shell for --option=~/path. An empty one is refused: a launcher's setting left empty
+    would otherwise be the default data dir (a user's own index) or, as a root, the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a path, or leave the option out for its default")
     return os.path.expanduser(text)
 
 

@@ -1155,8 +1155,9 @@ def test_serve_on_a_port_in_use_names_the_port(checkpoint, tmp_path):
     (["--tls-cert", "FILE"], "give both --tls-cert and --tls-key"),
     (["--host", "0.0.0.0"], "off loopback a token is required"), (["--index-views", "3"], "--index-views 3"),
     (["--edge-radius", "-2"], "--edge-radius -2"), (["--search-expand", "-1"], "--search-expand -1"),
+    (["--data-dir", ""], "argument --data-dir: empty: give a path"), (["--allow-root", " "], "argument --allow-root: empty"),
 ], ids=["port", "workers", "sao-window", "segments-at-once", "max-message", "max-message-tiny", "log-level", "data-dir", "port-file", "port-file-folder", "tls", "tls-pair",
-        "token", "views", "edge-radius", "search-expand"])
+        "token", "views", "edge-radius", "search-expand", "empty-data-dir", "empty-root"])
 def test_serve_checks_its_options_before_loading_the_model(tmp_path, flags, message):
     # the checkpoint does not exist: a message about the option shows it was checked before the model loaded
     (tmp_path / "FILE").write_text("not a folder")
@@ -1710,6 +1711,7 @@ def test_cli_segment_checks_options_and_outputs_before_the_work_and_leaves_no_ha
         holder.rollback()
         holder.close()
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "may hold it locked" in out.stderr and "is not a GeoPackage" not in out.stderr, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.gpkg"]
     assert [layer.GetName() for layer in ogr.Open(str(target))] == ["theirs"]
     out = client(server, "segment", "--raster", rgb, "--prompt", "trees", "--prompt", "roads", "--threshold", "0.3",
@@ -2445,7 +2447,7 @@ def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, 
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     out = client(server, "search", "roads", "--thumbnails", str(a_file))
-    assert out.returncode == 1 and f"--thumbnails {a_file}: cannot make that folder" in out.stderr
+    assert out.returncode == 2 and f"--thumbnails {a_file}: cannot make that folder" in out.stderr     # an option
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x",
                  "--output", str(tmp_path / "no" / "such" / "x.geojson"))
     assert out.returncode == 2 and "its folder does not exist" in out.stderr and not (tmp_path / "no").exists()
@@ -2828,3 +2830,40 @@ def test_client_extent_takes_negative_numbers_written_with_an_exponent():
     for command in (["caption", "--raster", "x.tif"], ["segment", "--raster", "x.tif", "--prompt", "trees"]):
         args = parser.parse_args([*command, "--extent", "-2e7", "-1.5E7", "2e7", "-.5", "--extent-crs", "EPSG:3857"])
         assert args.extent == [-2e7, -1.5e7, 2e7, -0.5]
+
+
+def test_client_paths_and_options_a_user_gets_wrong_are_named(server, rasters, tmp_path):
+    """A file name that is not UTF-8 is named, and `index` goes on to the next raster (it stopped the
+    run as "check the numbers given", exit 2); a URL reaches the server as the remote name it is (it
+    became a local path under the working folder); an empty path, --within a point, an --extent with
+    no area (all zeros searched the whole index) and outputs that cannot be written are usage errors,
+    exit 2. A longitude/latitude raster stored past 180 degrees reports its bounds_wgs84 within
+    [-180, 180], across the antimeridian as xmin > xmax."""
+    folder = rasters["folder"] / "client_paths"
+    folder.mkdir(exist_ok=True)
+    bad = folder / os.fsdecode(b"caf\xe9-latin1.tif")          # a Latin-1 name, not UTF-8
+    os.replace(make_tif(folder / "cafe.tif", noise((3, 64, 64), seed=9)), os.fsencode(bad))
+    past_180 = make_tif(folder / "past_180.tif", noise((3, 40, 40), seed=10), crs="EPSG:4326",
+                        geotransform=(179.99, 0.001, 0.0, 10.0, 0.0, -0.001))
+    out = client(server, "index", "--json", str(bad), str(past_180))
+    assert out.returncode == 1 and "is not valid UTF-8" in out.stderr and "rename the file" in out.stderr, out.stderr
+    assert "check the numbers" not in out.stderr and "1 of 2 rasters could not be indexed" in out.stderr
+    failed, indexed = json.loads(out.stdout)
+    assert failed["outcome"] == "failed" and indexed["outcome"] == "indexed"
+    west, _, east, _ = indexed["bounds_wgs84"]
+    assert west == pytest.approx(179.99) and east == pytest.approx(-179.97), indexed["bounds_wgs84"]
+    listed = json.loads(client(server, "list", "--json").stdout)
+    assert [r["bounds_wgs84"] for r in listed if r["raster_path"] == str(past_180)] == [indexed["bounds_wgs84"]]
+    out = client(server, "index", "http://127.0.0.1:9/x.tif")
+    assert out.returncode == 1 and "http://127.0.0.1:9/x.tif' is a GDAL virtual or remote name" in out.stderr, out.stderr
+    out = client(server, "remove", "")
+    assert out.returncode == 1 and "a raster path is empty" in out.stderr, out.stderr
+    for args, message in ((["search", "fields", "--within", "POINT (0 0)"], "--within must be one POLYGON, not POINT"),
+                          (["search", "fields", "--extent", "0", "0", "0", "0"], "--extent 0 0 0 0 has no area"),
+                          (["search", "fields", "--thumbnails", str(past_180)], "cannot make that folder"),
+                          (["segment", "--raster", str(past_180), "--prompt", "trees", "--output", str(bad)[:-4] + ".gpkg"],
+                           "exists and is not a GeoPackage")):
+        if args[0] == "segment":
+            Path(args[-1]).write_text("not a GeoPackage")
+        out = client(server, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
