@@ -21,6 +21,13 @@ def current_umask() -> int:
     return mask
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The file (no folder) that `path` or one of its parents is, where a folder would have to be made
+    for it ("out.txt/run"), else None: found before long work, not when its result is written."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
 def staged_file(path: str | os.PathLike, data: bytes) -> Path:
     """`data` written to a temporary file beside `path`, for the caller to rename into place
     (os.replace) once everything it writes is ready, or to delete. The file gets the permissions the

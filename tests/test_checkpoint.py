@@ -325,3 +325,13 @@ def test_export_average_writes_the_mean_of_checkpoints(tmp_path, tiny_config, to
     c = save_checkpoint(models[1], retrained, tmp_path / "c")
     assert main([str(a), str(tmp_path / "bad"), "--average", str(c)]) == 2
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_checkpoint_target_under_a_file_is_refused_before_the_work(tmp_path):
+    """--export-fp16 notes.txt/fp16 passed the check and failed only when training had ended."""
+    from backend.model.checkpoint import check_checkpoint_target
+
+    (tmp_path / "notes.txt").write_text("notes")
+    with pytest.raises(CheckpointError, match="notes.txt is a file, not a folder"):
+        check_checkpoint_target(tmp_path / "notes.txt" / "fp16")
+    check_checkpoint_target(tmp_path / "new" / "fp16")         # folders yet to be made are fine

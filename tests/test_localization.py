@@ -440,6 +440,12 @@ def test_refinement_round_changes_weights_logs_metrics_and_resumes(refine_setup,
     assert any(n.startswith("visual.") for n in changed) and any(n.startswith("attn_pool.") for n in changed)
     fp16, _ = load_checkpoint(out / "fp16")
     assert next(iter(fp16.state_dict().values())).dtype in (torch.float16, torch.float32)
+    # other settings over its rounds: refused, the first run's record kept (it was overwritten, and the
+    # rounds and metrics mixed two runs)
+    before = (out / "refine_config.json").read_text()
+    p = _refine(refine_setup, out, 2, extra=("--lr", "1e-3"))
+    assert p.returncode == 2 and "holds rounds of a run with other settings (--lr 5e-05 -> 0.001)" in p.stderr, p.stderr
+    assert (out / "refine_config.json").read_text() == before and not (out / "rounds" / "round_2").exists()
     p = _refine(refine_setup, out, 2)                       # continues after round 1
     assert p.returncode == 0 and "resuming after round 1" in p.stderr
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
@@ -457,6 +463,14 @@ def test_refinement_setup_errors_are_one_line(refine_setup, tmp_path, capsys):
     p = _refine(refine_setup, tmp_path / "one", 1, extra=("--regions", "1"), capsys=capsys)
     assert p.returncode == 2 and "--regions must be at least 2" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "one").exists()
+    # a file where a folder must be made: said before the rounds (--out), not after them (--export-fp16)
+    (tmp_path / "a_file").write_text("notes")
+    p = _refine(refine_setup, tmp_path / "a_file" / "run", 1, capsys=capsys)
+    assert p.returncode == 2 and "a_file is a file; the run's folder must be a folder" in p.stderr, p.stderr
+    p = _refine(refine_setup, tmp_path / "run", 1, extra=("--export-fp16", str(tmp_path / "a_file" / "fp16")),
+                capsys=capsys)
+    assert p.returncode == 2 and "a_file is a file, not a folder" in p.stderr and not (tmp_path / "run").exists()
+    assert (tmp_path / "a_file").read_text() == "notes"
 
 
 def test_refinement_unreadable_scene_image_is_one_line(refine_setup, tmp_path):

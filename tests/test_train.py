@@ -537,6 +537,7 @@ def test_resume_keeps_its_checkpoints_and_its_resolution(folder, tmp_path):
     (out / "checkpoints" / "step_0000006" / "train_state.pt").write_bytes(b"")   # damaged: resume skips it
     r = _run(_args(folder, out, 5, "--resume", "--save-every", "1", "--keep-last", "1"))
     assert r.returncode == 0 and "skipping unreadable checkpoint" in r.stderr, r.stderr[-2000:]
+    assert "its train_state.pt cannot be read" in r.stderr              # the damaged file named
     # the damaged one is set aside, not deleted, and never pushes this run's newest save out
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step_0000005", "unreadable_step_0000006"], names
@@ -746,3 +747,59 @@ def test_the_held_out_list_of_an_unnamed_manifest_is_not_named_like_it(folder, t
     assert cmds["train top-1"] == ["zero-shot", "--manifest", str(tmp_path / "val" / "train.val.jsonl"),
                                    "--classnames", classes]
     assert {"train mR", "train CIDEr-D", "ucm top-1", "ucm mR", "ucm CIDEr-D"} <= set(cmds)
+
+
+def test_a_set_of_nothing_but_unreadable_images_is_said_to_be_so(tmp_path, capsys):
+    """Every image unreadable: each batch came out empty and the step divided by zero (a traceback)."""
+    bad = tmp_path / "scenes"
+    for cls in CLASSES:
+        (bad / cls).mkdir(parents=True)
+        for i in range(3):
+            (bad / cls / f"{cls}_{i}.jpg").write_bytes(b"not an image")
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    r = _refused(_args(bad, tmp_path / "run", 2), capsys)
+    assert r.returncode == 2 and "no image could be read in 50 batches in a row" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_recipe_weight_0_leaves_a_source_out_and_a_caption_pool_mapping_must_be_shipped(folder, tmp_path):
+    """"weight": 0 is "left out", as the weight check says: a lone weight-0 source was trained on, and
+    all at 0 ended in a traceback. An unknown caption-pool mapping name was a KeyError."""
+    from training.recipe import RecipeError, sources_from_args
+
+    def recipe(*sources) -> str:
+        path = tmp_path / f"recipe_{len(list(tmp_path.glob('recipe_*')))}.json"
+        path.write_text(json.dumps({"sources": list(sources)}))
+        return str(path)
+
+    classes = str(folder.parent / "classes.json")
+    kept = {"kind": "folder", "root": str(folder), "classnames": classes, "name": "kept", "weight": 1.0}
+    dropped = {**kept, "name": "dropped", "weight": 0}
+    assert [s["name"] for s in sources_from_args(recipe(dropped, kept), [], [], [], [], 0)] == ["kept"]
+    with pytest.raises(RecipeError, match="every source has weight 0"):
+        sources_from_args(recipe(dropped), [], [], [], [], 0)
+    from training.recipe import build_sources      # two folders of one name on the command line: no "name" to give there
+    with pytest.raises(RecipeError, match="on the command line give folders or files of different names"):
+        build_sources(sources_from_args(None, [str(folder)] * 2, [classes] * 2, [], [], 0), seed=0)
+    pooled = {**kept, "caption_pool": {"dir": str(tmp_path), "mapping": "nosuch"}}
+    with pytest.raises(RecipeError, match="caption_pool mapping 'nosuch', which is no shipped one .*rsscn7"):
+        sources_from_args(recipe(pooled), [], [], [], [], 0)
+
+
+def test_recipe_command_names_a_file_in_the_way_and_a_folder_given_as_the_recipe(folder, tmp_path, capsys):
+    """`training.recipe R --out F` with F a file (or under one) ended in a traceback; a folder given as
+    the recipe was said not to exist."""
+    from training.recipe import main as recipe_main
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": str(folder), "val_per_class": 1,
+                                               "classnames": str(folder.parent / "classes.json")}]}))
+    (tmp_path / "a_file").write_text("notes")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "val"):
+        r = run_main(recipe_main, [str(recipe), "--out", str(out)], capsys)
+        assert r.returncode == 2 and "a_file is a file; give a folder for the lists" in r.stderr, r.stderr
+    assert (tmp_path / "a_file").read_text() == "notes"
+    r = run_main(recipe_main, [str(folder), "--out", str(tmp_path / "val")], capsys)
+    assert r.returncode == 2 and "is a folder; give the recipe's JSON file" in r.stderr, r.stderr
+    r = run_main(recipe_main, [str(recipe), "--out", str(tmp_path / "val")], capsys)
+    assert r.returncode == 0 and (tmp_path / "val" / "scenes.txt").is_file(), r.stderr

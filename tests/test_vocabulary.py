@@ -107,6 +107,13 @@ def test_training_vocabulary_command_counts_captions_and_templates(tmp_path, tin
     assert out.returncode == 2 and "not a checkpoint directory" in out.stderr and "Traceback" not in out.stderr
     out = run("--recipe", str(tmp_path / "none.json"), "--checkpoint", str(ckpt))
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    # shards' captions are not listed ahead of training: the list there is kept (an empty one replaced it)
+    sharded = tmp_path / "sharded.json"
+    sharded.write_text(json.dumps({"sources": [{"kind": "shards", "urls": ["pairs-{000..001}.tar"]}]}))
+    before = (ckpt / "words.json").read_bytes()
+    out = run("--recipe", str(sharded), "--checkpoint", str(ckpt))
+    assert out.returncode == 2 and "has shard sources" in out.stderr and "left as it is" in out.stderr, out.stderr
+    assert (ckpt / "words.json").read_bytes() == before
 
 
 def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):

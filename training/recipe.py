@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from backend.files import file_in_the_way
+
 from . import data as D
 from .augment import train_transform
 from .templates import TEMPLATES, fill
@@ -71,7 +73,8 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
     if recipe:
         path = Path(recipe)
         if not path.is_file():
-            raise RecipeError(f"recipe file {recipe} does not exist")
+            raise RecipeError(f"recipe {recipe} is a folder; give the recipe's JSON file" if path.is_dir()
+                              else f"recipe file {recipe} does not exist")
         try:
             spec = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -115,7 +118,11 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
                 s["classnames"] = str(base / s["classnames"])
             if isinstance(s.get("caption_pool"), dict) and "dir" in s["caption_pool"]:
                 s["caption_pool"] = {**s["caption_pool"], "dir": str(base / s["caption_pool"]["dir"])}
-            sources.append(s)
+            if s.get("weight", 1.0) > 0:    # weight 0: left out, of training, packing, word lists and validation
+                sources.append(s)
+        if spec["sources"] and not sources and not (folders or manifests or shards):
+            raise RecipeError(f"recipe {recipe}: every source has weight 0 (left out), so nothing would be read; "
+                              "give at least one a positive weight")
     # each --classnames names the classes of one --folder; with no folder, of one --manifest (its
     # lines' "class" fields), in the order given
     manifest_maps: list = [None] * len(manifests)
@@ -175,6 +182,10 @@ def _check_source_fields(where: str, s: dict) -> None:
             raise RecipeError(f"{where} has caption_pool {json.dumps(pool)[:80]}; give "
                               '{"dir": CAPTION_FOLDER, "mapping": CLASS_WORDS (a shipped name or an object), '
                               '"max_per_class": N (optional, a whole number >= 1)}')
+        if read and not inline and isinstance(pool["mapping"], str) and pool["mapping"] not in D.CAPTION_CLASS_WORDS:
+            raise RecipeError(f"{where} has caption_pool mapping {pool['mapping']!r}, which is no shipped one "
+                              f"({', '.join(sorted(D.CAPTION_CLASS_WORDS))}); give one of those, or an object of "
+                              '"class folder": "caption class word"')
 
 
 def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str, dict]]:
@@ -189,7 +200,8 @@ def build_sources(sources: list[dict], seed: int) -> tuple[list[dict], dict[str,
         if name in names:
             # validation sets, their lists and packed copies are kept by source name: one would replace the other
             raise RecipeError(f"two sources are named {name!r} (named after their folder or file when no \"name\" "
-                              "is given): give each a distinct \"name\"")
+                              "is given): in a --recipe give each a distinct \"name\"; on the command line give "
+                              "folders or files of different names")
         names.add(name)
         if s["kind"] == "shards":
             train.append({**s, "name": name})
@@ -449,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True,
                         help="folder for <source>.txt / <source>.jsonl (<source>.val.jsonl for a source with no name)")
     args = parser.parse_args(argv)
+    blocking = file_in_the_way(args.out)
+    if blocking is not None:
+        print(f"training.recipe: --out {args.out}: {blocking} is a file; give a folder for the lists", file=sys.stderr)
+        return 2
     try:
         sources = sources_from_args(args.recipe, [], [], [], [], 0)
         _, val = build_sources(sources, seed=args.seed)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from backend.defaults import DEFAULT_SAO_WINDOW
+from backend.files import file_in_the_way
 from backend.model import MaMMUTLoss
 from backend.model.checkpoint import CheckpointError, check_checkpoint_target, load_checkpoint, save_checkpoint
 from backend.model.precision import autocast_context
@@ -270,11 +272,39 @@ def _rounds_done(out: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[6:]))     # by number: round_10 after round_9
 
 
+# settings a resumed run may change: the rounds to reach, and where and how it runs
+RESUME_MAY_CHANGE = ("out", "rounds", "device", "workers", "export_fp16")
+PATH_SETTINGS = ("checkpoint", "recipe", "benchmark")
+
+
+def settings_changed(out: Path, cfg: RefineConfig) -> list[str]:
+    """The settings of `cfg` that differ from those of the rounds already in `out` ("--lr 5e-05 ->
+    0.001"): a resume continues their run, and its rounds and metrics would mix two."""
+    try:
+        first = json.loads((out / "refine_config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(first, dict) or not _rounds_done(out):
+        return []
+
+    def same(key, a, b) -> bool:
+        if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and a and b:
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+
+    return [f"--{k.replace('_', '-')} {first[k]} -> {v}" for k, v in asdict(cfg).items()
+            if k not in RESUME_MAY_CHANGE and k in first and not same(k, first[k], v)]
+
+
 def refine(cfg: RefineConfig) -> list[dict]:
     rank, world, device = setup_distributed(cfg.device)
     out = Path(cfg.out)
     if cfg.batch_size % world or cfg.dense_batch % world:
         raise RefineError(f"--batch-size and --dense-batch must be divisible by the {world} processes")
+    changed = settings_changed(out, cfg)
+    if changed:
+        raise RefineError(f"--out {out} holds rounds of a run with other settings ({'; '.join(changed)}): resume "
+                          "it with its own (its refine_config.json), or give a new --out")
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -509,6 +539,11 @@ def main(argv=None) -> int:
         return 2
     if not Path(cfg.recipe).is_file():
         print(f"python -m training.refine: error: recipe {cfg.recipe} does not exist", file=sys.stderr)
+        return 2
+    blocking = file_in_the_way(cfg.out)
+    if blocking is not None:
+        print(f"python -m training.refine: error: --out {cfg.out}: {blocking} is a file; the run's folder must be a "
+              "folder", file=sys.stderr)
         return 2
     if not _rounds_done(Path(cfg.out)) and not Path(cfg.checkpoint).is_dir():
         # checked before the run folder is made: a typo leaves nothing behind

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from backend.files import file_in_the_way
 from backend.model.checkpoint import WEIGHTS
 from backend.model.tokenizer import TokenizerError, train_tokenizer
 from training.data import caption_field, caption_list, karpathy_sentence
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if (target.parent / WEIGHTS).is_file():
         parser.error(f"--out {args.out} is in a checkpoint folder: writing there would replace the tokenizer its "
                      "model was trained with; write the new tokenizer elsewhere")
-    blocking = next((d for d in target.parents if d.exists() and not d.is_dir()), None)
+    blocking = file_in_the_way(target.parent)
     if blocking is not None:
         parser.error(f"--out {args.out}: {blocking} is a file, not a folder")
     inputs = [Path(p) for p in [*args.captions, *args.extra_words] if Path(p).is_file()]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -443,9 +444,16 @@ def train(cfg: TrainConfig) -> dict:
         for ckpt in reversed(checkpoint_dirs(out)):
             try:
                 model, tokenizer = load_checkpoint(ckpt)
-                state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
             except (CheckpointError, OSError, RuntimeError, EOFError) as e:
                 log(f"skipping unreadable checkpoint {ckpt}: {e}")
+                unreadable.append(ckpt)
+                model = None
+                continue
+            try:
+                state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                # torch names no file ("Ran out of input" for an empty one)
+                log(f"skipping unreadable checkpoint {ckpt}: its {TRAINING_STATE} cannot be read ({e})")
                 unreadable.append(ckpt)
                 model = None
                 continue
@@ -586,7 +594,7 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step - 1, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        batch = next(stream)
+        batch = _readable_batch(stream, world, device)
         images = batch["images"].to(device, non_blocking=True)
         if bank is not None:   # bank rows -> this step's augmented pixels
             images = bank_augment(bank.images[images],
@@ -1031,6 +1039,29 @@ def check_tokenizer_options(p: argparse.ArgumentParser, a, start: Path | None, r
     if a.vocab_size is not None and not a.tokenizer and recorded is not None and a.vocab_size != recorded:
         p.error(f"--vocab-size {a.vocab_size}: the run in --out trained its tokenizer with {recorded}, and --resume "
                 "goes on with it: leave --vocab-size out")
+
+
+# consecutive batches of nothing but unreadable images after which a run stops: its images are not there
+EMPTY_BATCHES_LIMIT = 50
+
+
+def _readable_batch(stream, world: int, device) -> dict:
+    """The next batch with an image in it. A batch whose every image was unreadable is drawn again (on
+    every rank at once, since each step is a collective there); after EMPTY_BATCHES_LIMIT of them in a
+    row the images are said to be unreadable, instead of a step on nothing (a division by zero)."""
+    skipped = 0
+    for _ in range(EMPTY_BATCHES_LIMIT):
+        batch = next(stream)
+        empty = torch.tensor([int(len(batch["images"]) == 0)], device=device)
+        if world > 1:
+            dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        if not int(empty.item()):
+            batch["skipped"] += skipped
+            return batch
+        skipped += batch["skipped"]
+    raise DataError(f"no image could be read in {EMPTY_BATCHES_LIMIT} batches in a row ({skipped} images skipped as "
+                    "unreadable, see the warnings above): check that the training images are image files (PNG, "
+                    "JPEG, TIFF, ...) and not damaged")
 
 
 def main(argv: list[str] | None = None) -> int:

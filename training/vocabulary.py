@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         sources = recipes.sources_from_args(args.recipe, [], [], [], [], 0)
+        if any(s["kind"] == "shards" for s in sources):
+            # their captions are not read ahead of training: a list without them would call every word of
+            # the shards unfamiliar, and no list beats that (a run on shards writes none either)
+            raise recipes.RecipeError(f"recipe {args.recipe} has shard sources, whose captions are not listed ahead "
+                                      f"of training: no word list is written, and {ckpt}'s is left as it is")
         train, _ = recipes.build_sources(sources, seed=args.seed)
     except (recipes.RecipeError, D.DataError) as e:
         print(f"training.vocabulary: {e}", file=sys.stderr)

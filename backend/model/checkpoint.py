@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..files import current_umask
+from ..files import current_umask, file_in_the_way
 from .config import PRESETS, ConfigError, MaMMUTConfig
 from .mammut import MaMMUT
 from .tokenizer import Tokenizer, TokenizerError
@@ -95,6 +95,9 @@ def check_checkpoint_target(target: Path, training_state: bool = False) -> None:
     replace a training checkpoint: its optimizer state, which `--resume` needs, would go with it;
     only a training save (`training_state`, which writes that state again) may.
     """
+    blocking = file_in_the_way(target.parent)
+    if blocking is not None:
+        raise CheckpointError(f"{target}: {blocking} is a file, not a folder; pick a new output path")
     if not target.exists() and not target.is_symlink():
         return
     if not target.is_dir():
