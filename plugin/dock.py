@@ -469,7 +469,12 @@ class SkyPromptDock(QDockWidget):
     # -- connection --
     def _address_edited(self) -> None:
         address = self.address.text().strip()
-        if address and address != self.settings.address:
+        if not address:     # the address in use stays, and the field shows it, never one it does not call
+            self.address.setText(self.settings.address)
+            self._message("the backend address cannot be empty: give it as HOST:PORT, e.g. 127.0.0.1:50051",
+                          Qgis.Warning, 6)
+            return
+        if address != self.settings.address:
             self.settings.address = address
             self.settings.save()
             self._forget_backend_state()
@@ -1019,11 +1024,11 @@ class SkyPromptDock(QDockWidget):
             out_crs = layer_crs
             if answers and answers[0].crs.wkt:
                 out_crs = QgsCoordinateReferenceSystem.fromWkt(answers[0].crs.wkt)
-            out = results.memory_layer(f"SkyPrompt: {', '.join(prompts)}", out_crs, results.segment_fields(),
-                                       features)
+            name = f"SkyPrompt: {', '.join(prompts)}"
+            out = results.memory_layer(name, out_crs, results.segment_fields(), features)
             results.style_by_prompt(out, prompts)
-            if output:
-                out = results.write_gpkg(out, output)
+            if output:      # numbered against the file's tables only, not also the project's layers
+                out = results.write_gpkg(out, output, name)
             QgsProject.instance().addMapLayer(out)
             self.last_layer = out
             self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}{results.dropped_note(answers)}",

@@ -6,6 +6,7 @@ a Processing algorithm, which writes the same features into its sink.
 from __future__ import annotations
 
 import os
+import re
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem, QgsFeature, QgsField,
                        QgsFields, QgsFillSymbol, QgsGeometry, QgsGradientColorRamp, QgsGraduatedSymbolRenderer,
@@ -104,10 +105,14 @@ def unused_layer_name(name: str) -> str:
     """`name`, or "name (2)", ...: the first no layer of the project has, so a search run twice gives
     two layers told apart (the later one numbered), as the GeoPackage outputs are."""
     taken = {layer.name() for layer in QgsProject.instance().mapLayers().values()}
-    out, n = name, 1
+    if name not in taken:
+        return name
+    numbered = re.fullmatch(r"(.*) \((\d+)\)", name)      # "x (2)" taken goes on as "x (3)", not "x (2) (2)"
+    base, n = (numbered[1], int(numbered[2])) if numbered else (name, 1)
+    out = name
     while out in taken:
         n += 1
-        out = f"{name} ({n})"
+        out = f"{base} ({n})"
     return out
 
 
@@ -194,11 +199,12 @@ def free_gpkg_layer_name(path: str, wanted: str) -> str:
     return name
 
 
-def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
-    """Save `layer` into the GeoPackage at `path` as a layer of its own and open it: the file's other
-    layers stay, and a name already there gets a number (" (2)", ...) instead of being replaced."""
+def write_gpkg(layer: QgsVectorLayer, path: str, name: str | None = None) -> QgsVectorLayer:
+    """Save `layer` into the GeoPackage at `path` as a layer of its own, named `name` (default: the
+    layer's), and open it: the file's other layers stay, and a name already in the file gets a number
+    (" (2)", ...) instead of being replaced; the layer opened is numbered against the project's."""
     # "|" would end the path in the layer's source, "path|layername=NAME", and the layer opened invalid
-    name = free_gpkg_layer_name(path, layer.name().replace("|", "/"))
+    name = free_gpkg_layer_name(path, (name or layer.name()).replace("|", "/"))
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.layerName = name
@@ -208,7 +214,7 @@ def write_gpkg(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
         layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
         raise OSError(f"could not write {path}: {message}")
-    out = QgsVectorLayer(f"{path}|layername={name}", name, "ogr")
+    out = QgsVectorLayer(f"{path}|layername={name}", unused_layer_name(name), "ogr")
     out.setRenderer(layer.renderer().clone())
     return out
 

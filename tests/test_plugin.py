@@ -22,7 +22,7 @@ import pytest
 from osgeo import gdal, ogr
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeature,
                        QgsGeometry, QgsProcessingException, QgsProcessingFeedback, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings,
-                       QgsTask)
+                       QgsTask, QgsVectorLayer)
 
 from desktop_iface import DesktopIface
 from test_raster import GEOTIFF_DIR, make_tif, noise
@@ -651,6 +651,10 @@ def test_another_backend_gets_none_of_the_last_ones_ids_and_file_layers_go_by_pa
     assert dock.indexed == {} and dock.result_list.count() == 0 and dock.hits == []
     dock.address.setText(live_address)
     dock.address.editingFinished.emit()
+    # emptied: the address in use stays, and the field shows it again (it showed "" and called the old one)
+    dock.address.setText("  ")
+    dock.address.editingFinished.emit()
+    assert dock.address.text() == dock.settings.address == PluginSettings.load().address == live_address
     # a file no backend indexed, ticked alone
     fresh = rasters["folder"] / "never_indexed.tif"
     shutil.copy(rasters["rgb"], fresh)
@@ -899,8 +903,14 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     kept.CreateLayer("roads", None, ogr.wkbLineString)
     kept = None
     dock.output.setFilePath(str(target))
+    # a layer of that name in the project (an earlier run kept in memory) numbers the map layer, not the
+    # file's new table (it was "... (2)" in a file that had no table of that name)
+    earlier = QgsProject.instance().addMapLayer(QgsVectorLayer("Point?crs=EPSG:4326", "SkyPrompt: buildings, trees",
+                                                               "memory"))
     assert run_dock(dock, "segment", dock.segment) is None
+    QgsProject.instance().removeMapLayer(earlier.id())
     out = dock.last_layer
+    assert out.name() == "SkyPrompt: buildings, trees (2)"
     assert out.providerType() == "ogr" and target.is_file()
     layers_in = lambda: sorted(l.GetName() for l in ogr.Open(str(target)))   # noqa: E731
     assert layers_in() == ["SkyPrompt: buildings, trees", "roads"]
@@ -917,7 +927,8 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     first_count = out.featureCount()
     assert run_dock(dock, "segment", dock.segment) is None
     assert layers_in() == ["SkyPrompt: buildings, trees", "SkyPrompt: buildings, trees (2)", "roads"]
-    assert dock.last_layer.name() == "SkyPrompt: buildings, trees (2)" and out.featureCount() == first_count
+    # the file's second table is its "(2)"; on the map, after the first run's "(2)", the next number
+    assert dock.last_layer.name() == "SkyPrompt: buildings, trees (3)" and out.featureCount() == first_count
     # a file that is not a GeoPackage is refused before any work, and left as it was
     other = tmp_path / "notes.gpkg"
     other.write_text("my notes")
