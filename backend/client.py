@@ -81,9 +81,10 @@ def _polygon_box(wkt: str | None) -> list[float] | None:
         raise UsageError(f"--within is not WKT ({e}): give a polygon, e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
     if shape.is_empty:
         raise UsageError("--within is an empty geometry: give a polygon with its corners")
-    if shape.geom_type != "Polygon":    # its box would be no extent to hold it, and the server's word would be about that
-        raise UsageError(f"--within must be one POLYGON, not {shape.geom_type.upper()}: give the area's corners, "
-                         "e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
+    if shape.geom_type != "Polygon" or not shape.area > 0:
+        # its box would be no extent to hold it, and the word would be about an --extent not given
+        raise UsageError(f"--within must be one POLYGON with an area, not {shape.wkt[:60]}: give the area's "
+                         "corners, e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
     return list(shape.bounds)
 
 
@@ -421,17 +422,32 @@ def _polygon_output_ext(path: str) -> str:
     return ext
 
 
+def _locked(path) -> bool:
+    """Whether `path` is an SQLite database (a GeoPackage is one) that another program holds locked."""
+    import sqlite3
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(16) != b"SQLite format 3\x00":
+                return False
+        db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=0.1)
+    except (OSError, sqlite3.Error):
+        return False
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return False
+    except sqlite3.OperationalError as e:
+        return "locked" in str(e)
+    finally:
+        db.close()
+
+
 def _not_a_geopackage(path, before_the_work: bool) -> ClientError:
     """An --output GDAL cannot open as a GeoPackage: a database another program holds locked (exit 1),
     or no GeoPackage at all, which before the work is an option given wrongly (exit 2)."""
-    try:
-        with open(path, "rb") as handle:
-            sqlite = handle.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        sqlite = False
-    if sqlite:
-        return ClientError(f"--output {path} cannot be opened now: another program may hold it locked (close it "
-                           "there), or it is damaged; or give another file name")
+    if _locked(path):
+        return ClientError(f"--output {path} cannot be opened now: another program holds it locked; close it "
+                           "there, or give another file name")
     return (UsageError if before_the_work else ClientError)(
         f"--output {path} exists and is not a GeoPackage; give a new file name")
 

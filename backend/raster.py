@@ -1367,6 +1367,16 @@ class Raster:
         """Number of tiles in the grid before empty ones are skipped (for progress totals)."""
         return len(self._plan(tile_size, overlap, target_resolution, extent))
 
+    def tiles_done_counter(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
+                           extent=None):
+        """A function of a grid index: how many of count_tiles' tiles come up to and including it (the
+        tiles done, for progress, where an extent leaves some of the grid out)."""
+        meets = self._plan(tile_size, overlap, target_resolution, extent).meets
+        if meets is None:
+            return lambda index: index + 1
+        done = np.cumsum(meets)
+        return lambda index: int(done[index])
+
     def _make_tiles(self, batch: list[tuple[int, tuple[int, int, int, int]]]) -> list[Tile]:
         """Tiles with their footprints; the EPSG:4326 reprojection is done for the whole batch at once."""
         gt = self.geotransform
@@ -1478,7 +1488,11 @@ class Raster:
         plan = self._plan(tile_size, overlap, target_resolution, extent)
         minimum = _check_number("min_valid_fraction", min_valid_fraction, 0.0, 1.0)
         alg = _check_resample(resample)
-        windows = None if tile_range is None else itertools.islice(plan.windows(), *tile_range)
+        windows = None
+        if tile_range is not None:      # by grid index: the windows of an extent skip the tiles it does not meet
+            start, stop = tile_range
+            windows = itertools.takewhile(lambda item: item[0] < stop,
+                                          itertools.dropwhile(lambda item: item[0] < start, plan.windows()))
         return self._tiles_with_pixels(plan, minimum, alg, windows)
 
     def _tiles_with_pixels(self, plan: _TilePlan, minimum: float, alg: int, windows=None):

@@ -971,6 +971,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         """Yield (tiles, pixels, tiles seen so far) in batches of `batch` tiles, read by a background
         thread, so GDAL reads of the next batch overlap with embedding this one."""
         tile_iter = raster.iter_tiles_with_pixels(size, overlap, resolution, extent, min_valid)
+        tiles_done = raster.tiles_done_counter(size, overlap, resolution, extent)
         batches: queue.Queue = queue.Queue(maxsize=2)
         stop = threading.Event()
 
@@ -985,7 +986,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     pixels.append(rgb)
                     last_index = tile.index
                     if len(tiles) == batch:
-                        batches.put(("batch", tiles, pixels, last_index + 1))
+                        batches.put(("batch", tiles, pixels, tiles_done(last_index)))
                         tiles, pixels = [], []
                 batches.put(("batch", tiles, pixels, plan_total))
                 batches.put(("end", None, None, None))

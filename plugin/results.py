@@ -6,7 +6,6 @@ a Processing algorithm, which writes the same features into its sink.
 from __future__ import annotations
 
 import os
-import re
 
 from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem, QgsFeature, QgsField,
                        QgsFields, QgsFillSymbol, QgsGeometry, QgsGradientColorRamp, QgsGraduatedSymbolRenderer,
@@ -105,14 +104,10 @@ def unused_layer_name(name: str) -> str:
     """`name`, or "name (2)", ...: the first no layer of the project has, so a search run twice gives
     two layers told apart (the later one numbered), as the GeoPackage outputs are."""
     taken = {layer.name() for layer in QgsProject.instance().mapLayers().values()}
-    if name not in taken:
-        return name
-    numbered = re.fullmatch(r"(.*) \((\d+)\)", name)      # "x (2)" taken goes on as "x (3)", not "x (2) (2)"
-    base, n = (numbered[1], int(numbered[2])) if numbered else (name, 1)
-    out = name
+    out, n = name, 1
     while out in taken:
         n += 1
-        out = f"{base} ({n})"
+        out = f"{name} ({n})"
     return out
 
 

@@ -564,3 +564,25 @@ def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):
     assert p.returncode == 2 and "--template-mix is a probability" in p.stderr and "Traceback" not in p.stderr
     p = _refine(refine_setup, tmp_path / "bad", 1, extra=("--keep-global", "-1"))
     assert p.returncode == 2 and "--keep-global is a loss weight" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_refinement_resume_compares_settings_not_how_paths_were_written(tmp_path, monkeypatch):
+    """The first run's paths are recorded absolute: a resume from another folder naming the same
+    files goes on (a relative path read from elsewhere named other files), and a relative one recorded
+    by an earlier version is not compared; a changed setting is named."""
+    from training.refine import RefineConfig, _recorded, settings_changed
+
+    out = tmp_path / "run"
+    (out / "rounds" / "round_1").mkdir(parents=True)
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = RefineConfig(checkpoint="ckpt", recipe="recipe.json", out=str(out))
+    (out / "refine_config.json").write_text(json.dumps(_recorded(first)))
+    assert json.loads((out / "refine_config.json").read_text())["checkpoint"] == str(tmp_path / "ckpt")
+    monkeypatch.chdir(out)
+    again = RefineConfig(checkpoint=str(tmp_path / "ckpt"), recipe=str(tmp_path / "recipe.json"), out=str(out))
+    assert settings_changed(out, again) == []
+    assert settings_changed(out, RefineConfig(**{**vars(again), "lr": 1e-3})) == ["--lr 5e-05 -> 0.001"]
+    older = {**json.loads((out / "refine_config.json").read_text()), "checkpoint": "ckpt"}   # relative: an earlier version
+    (out / "refine_config.json").write_text(json.dumps(older))
+    assert settings_changed(out, again) == []

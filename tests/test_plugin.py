@@ -925,10 +925,10 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     assert all(f["area_m2"] > 0 for f in out.getFeatures())
     # again into the same file: a new layer beside the first, which keeps its polygons
     first_count = out.featureCount()
+    out.setName("first run")                    # on the map: the next run's layer is then the file's own name
     assert run_dock(dock, "segment", dock.segment) is None
     assert layers_in() == ["SkyPrompt: buildings, trees", "SkyPrompt: buildings, trees (2)", "roads"]
-    # the file's second table is its "(2)"; on the map, after the first run's "(2)", the next number
-    assert dock.last_layer.name() == "SkyPrompt: buildings, trees (3)" and out.featureCount() == first_count
+    assert dock.last_layer.name() == "SkyPrompt: buildings, trees (2)" and out.featureCount() == first_count
     # a file that is not a GeoPackage is refused before any work, and left as it was
     other = tmp_path / "notes.gpkg"
     other.write_text("my notes")

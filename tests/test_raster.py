@@ -567,7 +567,11 @@ def test_tiles_of_an_extent_in_another_crs_are_those_that_meet_it(tmp_path):
         assert len(tiles) == raster.count_tiles(tile_size=10, extent=pacific) == 4       # 2 a side, 2 rows
         assert sorted({t.col for t in tiles}) == [0, 350] and {t.row for t in tiles} == {80, 90}
         read = [t for t, _, _ in raster.iter_tiles_with_pixels(tile_size=10, extent=pacific, min_valid_fraction=0)]
-        assert [t.index for t in read] == [t.index for t in tiles]        # grid positions, as the whole window numbers them
+        assert [t.index for t in read] == [t.index for t in tiles] == [0, 35, 36, 71]    # grid positions, as before
+        done = raster.tiles_done_counter(tile_size=10, extent=pacific)         # progress counts the tiles that meet it
+        assert [done(t.index) for t in tiles] == [1, 2, 3, 4]
+        first_row = raster.iter_tiles_with_pixels(tile_size=10, extent=pacific, min_valid_fraction=0, tile_range=(0, 36))
+        assert [t.index for t, _, _ in first_row] == [0, 35]                   # a range of grid indices, not of positions
         assert len(raster.tiles(tile_size=10, extent=(-20.0, -10.0, 40.0, 10.0, "EPSG:4326"),
                                 min_valid_fraction=0)) == 6 * 2
     # a square in UTM 33N, tilted over degrees

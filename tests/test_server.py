@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -1711,7 +1712,7 @@ def test_cli_segment_checks_options_and_outputs_before_the_work_and_leaves_no_ha
         holder.rollback()
         holder.close()
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert "may hold it locked" in out.stderr and "is not a GeoPackage" not in out.stderr, out.stderr
+    assert "another program holds it locked" in out.stderr and "is not a GeoPackage" not in out.stderr, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.gpkg"]
     assert [layer.GetName() for layer in ogr.Open(str(target))] == ["theirs"]
     out = client(server, "segment", "--raster", rgb, "--prompt", "trees", "--prompt", "roads", "--threshold", "0.3",
@@ -2858,12 +2859,43 @@ def test_client_paths_and_options_a_user_gets_wrong_are_named(server, rasters, t
     assert out.returncode == 1 and "http://127.0.0.1:9/x.tif' is a GDAL virtual or remote name" in out.stderr, out.stderr
     out = client(server, "remove", "")
     assert out.returncode == 1 and "a raster path is empty" in out.stderr, out.stderr
-    for args, message in ((["search", "fields", "--within", "POINT (0 0)"], "--within must be one POLYGON, not POINT"),
+    for args, message in ((["search", "fields", "--within", "POINT (0 0)"], "--within must be one POLYGON with an area, not POINT"),
+                          (["search", "fields", "--within", "POLYGON ((1 1, 1 2, 1 3, 1 1))"],
+                           "--within must be one POLYGON with an area"),
                           (["search", "fields", "--extent", "0", "0", "0", "0"], "--extent 0 0 0 0 has no area"),
                           (["search", "fields", "--thumbnails", str(past_180)], "cannot make that folder"),
                           (["segment", "--raster", str(past_180), "--prompt", "trees", "--output", str(bad)[:-4] + ".gpkg"],
-                           "exists and is not a GeoPackage")):
+                           "exists and is not a GeoPackage"),
+                          (["segment", "--raster", str(past_180), "--prompt", "trees", "--output",
+                            str(tmp_path / "notes.sqlite.gpkg")], "exists and is not a GeoPackage")):
         if args[0] == "segment":
             Path(args[-1]).write_text("not a GeoPackage")
+        if args[0] == "segment" and "sqlite" in args[-1]:       # an SQLite database, not a GeoPackage, nor locked
+            Path(args[-1]).unlink()
+            with sqlite3.connect(args[-1]) as db:
+                db.execute("CREATE TABLE notes (text)")
         out = client(server, *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_index_of_an_extent_in_another_crs_stores_the_tiles_that_meet_it_and_counts_them(server, rasters):
+    """A Pacific map (EPSG:3832) over a world raster: the tiles at its two ends are stored, none between
+    (the whole band was), and progress counts those tiles (it counted grid positions: past its total)."""
+    world = make_tif(rasters["folder"] / "world_pacific.tif", noise((3, 800, 4000), seed=11), crs="EPSG:4326",
+                     geotransform=(-180.0, 0.09, 0.0, 36.0, 0.0, -0.09))
+    from backend.raster import parse_crs
+
+    to_pacific = osr.CoordinateTransformation(parse_crs("EPSG:4326"), parse_crs("EPSG:3832"))
+    xmin, ymin, xmax, ymax = to_pacific.TransformBounds(170.0, -35.0, 190.0, 35.0, 21)
+    extent = pb().Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs="EPSG:3832")
+    events = index(server, world, extent=extent, force=True)
+    progress = [e for e in events if not e.done]
+    assert all(p.tiles_done <= p.tiles_total for p in progress), [(p.tiles_done, p.tiles_total) for p in progress]
+    result = events[-1].result
+    assert 32 < result.tile_count == max(p.tiles_total for p in progress)     # more than one batch of them
+    hits = server.stub.Search(pb().SearchRequest(query="water", k=1000, raster_ids=[result.raster_id]),
+                              metadata=server.metadata, timeout=60).hits
+    assert len(hits) == result.tile_count
+    lons = sorted({round((h.bounds.xmin + h.bounds.xmax) / 2) for h in hits})
+    assert lons and all(abs(lon) > 165 for lon in lons), lons               # at the two ends only
+    assert min(lons) < 0 < max(lons)

@@ -274,7 +274,7 @@ def _rounds_done(out: Path) -> list[Path]:
 
 # settings a resumed run may change: the rounds to reach, and where and how it runs
 RESUME_MAY_CHANGE = ("out", "rounds", "device", "workers", "export_fp16")
-PATH_SETTINGS = ("checkpoint", "recipe", "benchmark")
+PATH_SETTINGS = ("checkpoint", "recipe")      # recorded as absolute paths: a resume may run from another folder
 
 
 def settings_changed(out: Path, cfg: RefineConfig) -> list[str]:
@@ -288,12 +288,19 @@ def settings_changed(out: Path, cfg: RefineConfig) -> list[str]:
         return []
 
     def same(key, a, b) -> bool:
-        if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str) and a and b:
-            return os.path.realpath(a) == os.path.realpath(b)
+        if key in PATH_SETTINGS and isinstance(a, str) and isinstance(b, str):
+            # a relative path recorded by an earlier version was relative to a folder not known here
+            return not os.path.isabs(a) or os.path.realpath(a) == os.path.realpath(b)
         return a == b
 
-    return [f"--{k.replace('_', '-')} {first[k]} -> {v}" for k, v in asdict(cfg).items()
+    return [f"--{k.replace('_', '-')} {first[k]} -> {v}" for k, v in _recorded(cfg).items()
             if k not in RESUME_MAY_CHANGE and k in first and not same(k, first[k], v)]
+
+
+def _recorded(cfg: RefineConfig) -> dict:
+    """The settings as refine_config.json keeps them: paths absolute, so a resume from another folder
+    compares the same files."""
+    return {**asdict(cfg), **{k: os.path.abspath(getattr(cfg, k)) for k in PATH_SETTINGS}}
 
 
 def refine(cfg: RefineConfig) -> list[dict]:
@@ -307,7 +314,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
                           "it with its own (its refine_config.json), or give a new --out")
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "refine_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out / "refine_config.json").write_text(json.dumps(_recorded(cfg), indent=2) + "\n")
     done = _rounds_done(out)
     start_round = int(done[-1].name.split("_")[1]) if done else 0
     source = done[-1] if done else Path(cfg.checkpoint)

@@ -1059,9 +1059,9 @@ def _readable_batch(stream, world: int, device) -> dict:
             batch["skipped"] += skipped
             return batch
         skipped += batch["skipped"]
-    raise DataError(f"no image could be read in {EMPTY_BATCHES_LIMIT} batches in a row ({skipped} images skipped as "
-                    "unreadable, see the warnings above): check that the training images are image files (PNG, "
-                    "JPEG, TIFF, ...) and not damaged")
+    raise DataError(f"no image could be read in {EMPTY_BATCHES_LIMIT} batches in a row (see the warnings about "
+                    "unreadable images above): check that the training images are image files (PNG, JPEG, TIFF, "
+                    "...) and not damaged")
 
 
 def main(argv: list[str] | None = None) -> int:
