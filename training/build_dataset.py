@@ -2,7 +2,7 @@
 filtered out of web image/text pairs.
 
     python -m training.build_dataset landmarks --raster ortho.tif --features city.osm.pbf --out data/landmarks
-    python -m training.build_dataset filter --shards 'web/{000000..000099}.tar' --eval-folder ../shared/data/ucm \
+    python -m training.build_dataset filter --shards 'web/{000000..000099}.tar' --eval-folder ../shared/data/ucm \\
         --checkpoint backend/checkpoints/default --out data/rs-web
 
 Writes OUT/shards/*.tar (WebDataset: key.jpg, key.txt, key.json with footprint, CRS, source raster
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
+
+from backend.files import file_in_the_way
 
 from .datasets import landmarks as LM
 
@@ -106,6 +109,32 @@ def _ray_unit(cfg, unit: dict) -> dict:
         return {"stats": "", "error": str(e)}
 
 
+# a worker process's own state: whether it is running a unit, and whether Ctrl-C has been pressed
+_worker = {"running": False, "interrupted": False}
+
+
+def _worker_start() -> None:
+    """Ctrl-C reaches the workers too (the terminal signals the whole process group). A worker stops
+    the unit it runs, and from then on refuses the units already queued to it: cancel_futures cannot
+    take those back, and it would run each to the end, after the user asked to stop."""
+    def on_interrupt(signum, frame):
+        _worker["interrupted"] = True
+        if _worker["running"]:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def _worker_unit(cfg, unit: dict) -> dict:
+    if _worker["interrupted"]:
+        raise KeyboardInterrupt
+    _worker["running"] = True
+    try:
+        return LM.run_unit(cfg, unit)
+    finally:
+        _worker["running"] = False
+
+
 def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: str | None) -> list[dict]:
     from tqdm import tqdm
 
@@ -129,9 +158,9 @@ def _run_units(units: list[dict], cfg, engine: str, workers: int, ray_address: s
         return [LM.run_unit(cfg, u) for u in tqdm(units, desc="units", unit="unit")]
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers)
+    pool = ProcessPoolExecutor(workers, initializer=_worker_start)
     try:
-        futures = [pool.submit(LM.run_unit, cfg, u) for u in units]
+        futures = [pool.submit(_worker_unit, cfg, u) for u in units]
         return [f.result() for f in tqdm(futures, desc="units", unit="unit")]
     finally:
         # on Ctrl-C or a unit's failure, the units not started yet are dropped rather than run to
@@ -148,9 +177,9 @@ def landmarks(args) -> dict:
             raise LM.BuildError(f"--{name.replace('_', '-')} must be between 0 and 1")
     if not 0.0 <= args.overlap < 0.9:
         raise LM.BuildError("--overlap must be in [0, 0.9)")
-    if args.resolution is not None and not 0 < args.resolution < float("inf"):
+    if args.resolution is not None and not 0 <= args.resolution < float("inf"):
         raise LM.BuildError(f"--resolution {args.resolution} must be a ground size above 0, in the raster's map units "
-                            "per pixel (leave it out for the raster's own)")
+                            "per pixel, or 0 (or left out) for the raster's own")
     if args.min_line < 0:
         raise LM.BuildError(f"--min-line {args.min_line} must be 0 or more")
     for path in args.features:
@@ -158,7 +187,7 @@ def landmarks(args) -> dict:
             raise LM.BuildError(f"vector source {path} does not exist")
     cfg = LM.LandmarksConfig(rasters=args.raster, features=args.features, out=args.out, layers=args.layers,
                              where=args.where, mapping=args.mapping, tile_size=args.tile_size, overlap=args.overlap,
-                             resolution=args.resolution, min_valid=args.min_valid,
+                             resolution=args.resolution or None, min_valid=args.min_valid,
                              thresholds=LM.Thresholds(args.min_cover, args.max_object, args.min_line),
                              captioner=args.captioner, unit_tiles=args.unit_tiles)
     rules = LM.rules_for(cfg)                        # bad mapping files fail here, before any work
@@ -183,6 +212,11 @@ def landmarks(args) -> dict:
     if len(pending) < len(units):
         print(f"{len(units) - len(pending)} of {len(units)} units already done: skipped", file=sys.stderr)
     results = _run_units(pending, cfg, args.engine, args.workers, args.ray_address)
+    empty = [r for r in results if r.get("empty_captions")]
+    if empty:
+        print(f"the captioner gave an empty caption for every tile with features in {len(empty)} unit(s) "
+              f"({sum(r['skipped_empty_caption'] for r in empty)} tiles): they are not counted as done, so a run "
+              "with a fixed --captioner does them", file=sys.stderr)
     # units whose raster failed while being read: skipped like the unreadable rasters above (not done,
     # so a re-run tries them again)
     failed = [r["unreadable"] for r in results if "unreadable" in r]
@@ -195,7 +229,9 @@ def landmarks(args) -> dict:
         raise LM.BuildError("no raster could be read: " + "; ".join(p["error"] for p in problems[:3])
                             + ("; ..." if len(problems) > 3 else ""))
     summary = LM.summarize(cfg, done, problems, counts)
-    if summary["kept"] == 0:
+    if summary["kept"] == 0 and empty:
+        print("no tile was kept: check that --captioner prints a caption for a tile's JSON", file=sys.stderr)
+    elif summary["kept"] == 0:
         print("no tile had a usable feature: check that the vector sources overlap the rasters "
               "(their extents and CRSs) and that --layer/--where/--mapping select something", file=sys.stderr)
     return summary
@@ -243,8 +279,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise LM.BuildError(f"--out {args.out} is a file; give a folder (new, or an earlier run's to resume)")
+        blocking = file_in_the_way(args.out)
+        if blocking is not None:
+            raise LM.BuildError(f"--out {args.out}: {blocking} is a file; give a folder (new, or an earlier run's to "
+                                "resume)")
         if args.command == "filter":
             report = web_filter(args)
             c = report["counts"]
@@ -261,8 +299,9 @@ def main(argv=None) -> int:
                 if args.command == "filter" else "finished units are kept; run again to resume")
         print(f"{parser.prog} {args.command}: interrupted ({done})", file=sys.stderr)
         return 130
-    print(f"kept {summary['kept']} of {summary['tiles_seen']} tiles "
-          f"(nodata {summary['skipped']['skipped_nodata']}, no features {summary['skipped']['skipped_no_features']}); "
+    skipped = summary["skipped"]
+    print(f"kept {summary['kept']} of {summary['tiles_seen']} tiles (nodata {skipped['skipped_nodata']}, no features "
+          f"{skipped['skipped_no_features']}, empty captions {skipped['skipped_empty_caption']}); "
           f"{summary['shards']} shard(s), vocabulary {summary['vocabulary']} words -> {args.out}")
     return 0
 

@@ -103,17 +103,32 @@ class Feature:
     source: str
 
 
+def _text(value: str) -> str:
+    """Field text as Unicode: GDAL hands bytes that are not UTF-8 (a Latin-1 shapefile whose .cpg says
+    UTF-8, a GeoJSON saved in Latin-1) through as surrogates, which no caption file can hold; they
+    are read as Latin-1, the likeliest encoding of such files."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogateescape")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+
 def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
     tags = {}
     for i in range(defn.GetFieldCount()):
-        name = defn.GetFieldDefn(i).GetName()
+        name = _text(defn.GetFieldDefn(i).GetName())
         if not feature.IsFieldSetAndNotNull(i):
             continue
         if name == "other_tags":        # the OSM driver's hstore of the remaining tags
             tags.update({k.replace('\\"', '"'): v.replace('\\"', '"')
-                         for k, v in _HSTORE.findall(feature.GetFieldAsString(i))})
+                         for k, v in _HSTORE.findall(_text(feature.GetFieldAsString(i)))})
         elif name not in ("osm_id", "osm_way_id", "fid"):
-            tags[name] = feature.GetFieldAsString(i)
+            tags[name] = _text(feature.GetFieldAsString(i))
     return tags
 
 
@@ -149,14 +164,20 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
         raise BuildError(f"{path} is not a vector file OGR can open")
     names = layers or ([n for n in OSM_LAYERS if ds.GetLayerByName(n)] if ds.GetDriver().GetName() == "OSM"
                        else [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())])
-    groups, seen = [], 0
+    groups, seen, refused = [], 0, []
     for name in names:
         layer = ds.GetLayerByName(name)
         if layer is None:
             raise BuildError(f"{path} has no layer {name!r} (it has: "
                              f"{', '.join(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount()))})")
         if where:
-            _set_filter(layer, where, f"{path} layer {name}")
+            try:
+                _set_filter(layer, where, f"{path} layer {name}")
+            except BuildError as e:
+                if layers:              # a layer asked for by name must take the filter
+                    raise
+                refused.append(e)       # one of several (an OSM file's points, lines, ...) without its fields
+                continue
         out = []
         defn = layer.GetLayerDefn()
         for f in layer:
@@ -170,10 +191,22 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
             if hit is None and not name_tag:
                 continue
             phrase, kind = hit if hit else (None, "object")
+            if g.HasCurveGeometry():        # circular arcs and curve polygons: as straight segments
+                g = g.GetLinearGeometry()
             geom = shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb())))
             out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path)))
-        groups.append((name, layer.GetSpatialRef(), out))
+        groups.append((name, _defined(layer.GetSpatialRef()), out))
+    if refused and not groups:
+        raise BuildError(f"{refused[0]}; no layer of {path} takes it (give --layer for the one whose fields it names)")
     return groups, seen
+
+
+def _defined(srs: osr.SpatialReference | None) -> osr.SpatialReference | None:
+    """A layer's CRS, or None where it says none: GDAL gives a GeoPackage layer of no CRS (srs_id 0 or
+    -1) an "Undefined geographic/cartesian SRS", which would be taken as longitude/latitude unsaid."""
+    if srs is None or (srs.GetName() or "").startswith("Undefined "):
+        return None
+    return srs
 
 
 def _crs_label(srs: osr.SpatialReference) -> str:
@@ -213,10 +246,19 @@ def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: os
         return np.array([(p[0], p[1]) for p in pts])
 
     out = []
-    for f in features:
-        g = shapely.transform(f.geometry, fwd)
-        if g.is_valid and not g.is_empty and np.isfinite(shapely.bounds(g)).all():
-            out.append(Feature(g, f.name, f.phrase, f.kind, f.tags, f.source))
+    # points with no place in the target (numbers of another CRS read as degrees) become infinite and
+    # the feature is dropped below; GDAL's own line per point would only repeat that
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        for f in features:
+            try:
+                g = shapely.transform(f.geometry, fwd)
+            except RuntimeError:        # with GDAL exceptions on
+                continue
+            if g.is_valid and not g.is_empty and np.isfinite(shapely.bounds(g)).all():
+                out.append(Feature(g, f.name, f.phrase, f.kind, f.tags, f.source))
+    finally:
+        gdal.PopErrorHandler()
     return out
 
 
@@ -363,6 +405,11 @@ def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
     for r, path in enumerate(cfg.rasters):
         try:
             with open_raster(path) as raster:
+                try:
+                    raster.check_target_resolution(cfg.resolution)
+                except RasterError as e:    # a setting, not the raster, is wrong: said, not skipped as unreadable
+                    raise BuildError(f"--resolution {cfg.resolution:g} does not suit {path}: {e} (rasters of other "
+                                     "map units are built in runs of their own)") from None
                 n = raster.count_tiles(cfg.tile_size, cfg.overlap, cfg.resolution)
         except RasterError as e:
             problems.append(raster_problem(path, e))
@@ -410,8 +457,10 @@ def _real_paths(settings: dict) -> dict:
     for key in ("rasters", "features"):
         if isinstance(out.get(key), list):
             out[key] = [os.path.realpath(p) for p in out[key]]
-    if isinstance(out.get("mapping"), str):
-        out["mapping"] = os.path.realpath(out["mapping"])
+    if isinstance(out.get("mapping"), str):     # a record from when one mapping file was taken
+        out["mapping"] = [out["mapping"]]
+    if isinstance(out.get("mapping"), list):
+        out["mapping"] = [os.path.realpath(p) for p in out["mapping"]]
     return out
 
 
@@ -480,6 +529,9 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
     else:
         tmp.unlink()
     stats["seconds"] = round(time.time() - t0, 3)
+    if not rows and stats["skipped_empty_caption"]:
+        # the captioner gave nothing for any of its tiles: not done, so a run with a fixed one does them
+        return {**stats, "empty_captions": True}
     part = out / "parts" / f"{unit['name']}.json"
     tmp_part = part.with_suffix(".json.part")
     tmp_part.write_text(json.dumps({"stats": stats, "rows": rows}))

@@ -92,9 +92,14 @@ def eval_hashes(folders: list[str], distance: int, progress: bool = False) -> tu
 
     for folder in folders:
         if not Path(folder).is_dir():
-            raise ValueError(f"evaluation folder {folder} does not exist")
+            raise ValueError(f"evaluation folder {folder} " + ("is a file; give the folder of the evaluation images"
+                                                               if Path(folder).exists() else "does not exist"))
     paths = [os.path.join(root, name) for folder in folders for root, _, files in os.walk(folder)
              for name in sorted(files) if name.lower().endswith(IMAGE_EXTS)]
+    for folder in folders:      # no image in it: decontamination against it would quietly do nothing
+        if not any(p.startswith(os.path.join(folder, "")) for p in paths):
+            raise ValueError(f"evaluation folder {folder} holds no image ({', '.join(IMAGE_EXTS)}); give the folder "
+                             "of the evaluation images")
     index, n = HashIndex(distance), 0
     for path in tqdm(paths, desc="hashing evaluation images", unit="image", disable=not progress or not paths):
         try:
