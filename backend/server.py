@@ -228,7 +228,8 @@ class Server:
                                         limits=self.limits, sao_window=sao_window, tls=bool(tls_cert),
                                         auth=bool(token), edge_radius=edge_radius, index_views=index_views,
                                         search_expand=search_expand, keyword_weight=keyword_weight,
-                                        tile_captions=tile_captions, segments_at_once=segments_at_once)
+                                        tile_captions=tile_captions, segments_at_once=segments_at_once,
+                                        workers=workers)
         self.health = health.HealthServicer()
         limit = self.limits.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
@@ -317,7 +318,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"require this bearer token on every call (env {TOKEN_ENV}); required off loopback")
     parser.add_argument("--tls-cert", default=None, type=local_path, help="PEM certificate chain: serve over TLS")
     parser.add_argument("--tls-key", default=None, type=local_path, help="PEM private key for --tls-cert, unencrypted")
-    parser.add_argument("--workers", type=int, default=32, help="concurrent calls served (default 32)")
+    parser.add_argument("--workers", type=int, default=32,
+                        help="concurrent calls served (default 32); Segment and IndexRaster calls, running or "
+                             "queued, take at most N - max(2, N/4) of them (24 of 32), so searches and health "
+                             "checks still get an answer: past that they are refused as busy")
     parser.add_argument("--sao-window", type=int, default=DEFAULT_SAO_WINDOW,
                         help=f"default SAO window in patches for Segment (default {DEFAULT_SAO_WINDOW})")
     parser.add_argument("--edge-radius", type=int, default=None, metavar="PIXELS",

@@ -8,6 +8,7 @@ serving after every error.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -119,6 +120,9 @@ def unary(method):
             if isinstance(error, grpc.RpcError):
                 raise
             _abort(context, error)
+            # the client is gone: no answer, but no None either, which gRPC would try to serialize and
+            # log as a traceback; an abort ends the call quietly
+            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
     return handler
 
 
@@ -749,10 +753,16 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                  auth: bool = False, io_threads: int = 4, edge_radius: int | None = None,
                  index_views: int = DEFAULT_INDEX_VIEWS, search_expand: int = DEFAULT_SEARCH_EXPAND,
                  keyword_weight: float = DEFAULT_KEYWORD_WEIGHT, tile_captions: bool = True,
-                 segments_at_once: int = SEGMENTS_AT_ONCE):
+                 segments_at_once: int = SEGMENTS_AT_ONCE, workers: int | None = None):
         self.engine = engine
         self.segments_at_once = segments_at_once
         self._segment_slots = threading.BoundedSemaphore(segments_at_once)
+        # Segment and IndexRaster calls hold a call thread while they run and while they wait (for a
+        # Segment slot, for their raster): with no bound they could take all `workers` threads, and a
+        # health check or a search would get no answer. Some threads are kept for the short calls.
+        self.workers = workers
+        self.long_calls = None if workers is None else max(1, workers - max(2, workers // 4))
+        self._long_call_slots = None if workers is None else threading.BoundedSemaphore(self.long_calls)
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
         self.limits = limits or Limits()
@@ -777,6 +787,23 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     def _check_serving(self) -> None:
         if self.stopping.is_set():
             raise RequestError("unavailable", "the server is shutting down; retry later")
+
+    @contextlib.contextmanager
+    def _long_call(self, what: str):
+        """One of the Segment and IndexRaster calls the server takes at once (see __init__), or
+        RESOURCE_EXHAUSTED at once, saying so, where that many are under way or queued."""
+        if self._long_call_slots is None:
+            yield
+            return
+        if not self._long_call_slots.acquire(blocking=False):
+            raise RequestError("resource_exhausted", f"the server is busy: {self.long_calls} Segment and IndexRaster "
+                                                     f"calls are under way or queued, the most it takes at once so that "
+                                                     f"searches and health checks still get an answer (serve --workers "
+                                                     f"{self.workers}); {what} again when one has ended")
+        try:
+            yield
+        finally:
+            self._long_call_slots.release()
 
     def _open(self, source, bands_message) -> Raster:
         bands = BandMapping.from_message(bands_message) if bands_message is not None else None
@@ -839,6 +866,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     @streaming
     def IndexRaster(self, request, context):
         self._check_serving()
+        with self._long_call("index it"):
+            yield from self._index_raster(request, context)
+
+    def _index_raster(self, request, context):
         started = time.monotonic()
         cancelled = self._cancelled(context)
         overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
@@ -1215,6 +1246,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
     @streaming
     def Segment(self, request, context):
         self._check_serving()
+        with self._long_call("segment"):
+            yield from self._segment(request, context)
+
+    def _segment(self, request, context):
         limits = self.limits
         prompts = list(request.prompts)
         if not prompts:
@@ -1258,6 +1293,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                        "the most this server runs at once (serve --segments-at-once)"))
             while not self._segment_slots.acquire(timeout=0.25):
                 raise_if_cancelled(cancelled)
+        slot = [True]       # held: given back once the answers are made, before a slow client reads them
+
+        def give_back_slot():
+            if slot:
+                slot.clear()
+                self._segment_slots.release()
         try:
             yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING,
                                                               message="reading the extent"))
@@ -1306,9 +1347,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     thread.join()
             if "error" in outcome:
                 raise outcome["error"]
-            output = outcome["output"]
+            output = outcome.pop("output")
             srs = raster.srs
             crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
+            answers = []
             for result in output.results:
                 msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
                                        extent=_box(output.extent), max_relevance=result.max_relevance,
@@ -1333,9 +1375,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                              f"{self.limits.max_message_bytes} bytes (--max-message-mb): "
                                                              f"ask without {' or '.join(parts) or 'so many polygons'}, or "
                                                              "for a smaller extent or a coarser target_resolution")
+                answers.append(msg)
+            # the working planes go, and with them the memory the slot stands for: a client that reads
+            # its answers slowly (or not at all, frozen) no longer keeps the next Segment waiting
+            output = result = None
+            give_back_slot()
+            for msg in answers:
                 yield pb.SegmentEvent(result=msg)
         finally:
-            self._segment_slots.release()
+            give_back_slot()
 
     # -- Caption --
     @unary

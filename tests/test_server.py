@@ -2538,8 +2538,10 @@ def test_a_search_whose_client_is_gone_cuts_no_more_thumbnails(checkpoint, raste
         answer = service.Search(request, Context(10**6))
         assert len(cut) == len(answer.hits) > 2 and all(h.thumbnail_png for h in answer.hits)
         cut.clear()
-        assert service.Search(request, Context(2)) is None     # gone after two checks: nobody to answer
-        assert len(cut) < 3
+        gone = Context(2)           # gone after two checks: nobody to answer, and the call ends in an abort
+        with pytest.raises(grpc.RpcError):
+            service.Search(request, gone)
+        assert gone.aborted[0] == grpc.StatusCode.CANCELLED and len(cut) < 3
         # each raster is opened once a search for all its thumbnails, and closed after: a 16-bit one works
         # out its stretch on opening, from a read of the whole raster
         import backend.service as service_module
@@ -2899,3 +2901,57 @@ def test_index_of_an_extent_in_another_crs_stores_the_tiles_that_meet_it_and_cou
     lons = sorted({round((h.bounds.xmin + h.bounds.xmax) / 2) for h in hits})
     assert lons and all(abs(lon) > 165 for lon in lons), lons               # at the two ends only
     assert min(lons) < 0 < max(lons)
+
+
+def test_long_calls_are_bounded_and_a_segment_frees_its_slot_before_its_answers_are_read(checkpoint, rasters,
+                                                                                           tmp_path):
+    """In process, with the real model and index (a client that stops reading cannot be made to stop
+    at a given line). Segment and IndexRaster calls beyond workers - max(2, workers/4) are refused as
+    busy (queued ones took every call thread: health checks went unanswered); a Segment gives its slot
+    back once its answers are made (a client that read them slowly kept every other Segment waiting);
+    a unary call whose client has gone ends in an abort, not None (gRPC logged a traceback)."""
+    from backend.engine import ModelEngine
+    from backend.index import TileIndex
+    from backend.service import SkyPromptService
+
+    engine = ModelEngine(checkpoint, device="cpu")
+    index = TileIndex(tmp_path / "index")
+    try:
+        service = SkyPromptService(engine, index, allowed_roots=[str(rasters["folder"])], segments_at_once=1,
+                                   workers=6)
+        assert service.long_calls == 4
+        p = pb()
+        request = p.SegmentRequest(source=p.RasterSource(path=str(rasters["rgb"])), prompts=["trees", "roads"],
+                                   threshold=0.0)
+        slow_reader = service.Segment(request, Context())
+        for event in slow_reader:           # up to its first answer; its client reads no further
+            if event.HasField("result"):
+                break
+        assert service._segment_slots.acquire(blocking=False)      # its slot is free meanwhile
+        service._segment_slots.release()
+        other = list(service.Segment(request, Context()))
+        assert [e.result.prompt for e in other if e.HasField("result")] == ["trees", "roads"]
+        assert not any(e.HasField("progress") and e.progress.stage == p.SEGMENT_STAGE_QUEUED for e in other)
+        slow_reader.close()
+        assert service._segment_slots.acquire(blocking=False)      # given back once, not twice
+        assert not service._segment_slots.acquire(blocking=False)
+        service._segment_slots.release()
+        for _ in range(service.long_calls):                         # as if that many were under way or queued
+            service._long_call_slots.acquire()
+        index_request = p.IndexRasterRequest(source=p.RasterSource(path=str(rasters["rgb"])))
+        for call, req in ((service.Segment, request), (service.IndexRaster, index_request)):
+            context = Context()
+            with pytest.raises(grpc.RpcError):
+                list(call(req, context))
+            code, message = context.aborted
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the server is busy: 4 Segment and IndexRaster" \
+                in message and "serve --workers 6" in message, message
+        for _ in range(service.long_calls):
+            service._long_call_slots.release()
+        gone = Context(active_calls=0)
+        with pytest.raises(grpc.RpcError):
+            service.EmbedText(p.EmbedTextRequest(texts=["trees"]), gone)
+        assert gone.aborted[0] == grpc.StatusCode.CANCELLED
+    finally:
+        index.close()
+        engine.stop()
