@@ -202,6 +202,13 @@ def cmd_index(stub, args) -> int:
 STOP_INDEXING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED)
 
 
+def stops_all(e: grpc.RpcError) -> bool:
+    """Whether a failed call is the connection's or the whole server's: one of STOP_INDEXING, or a
+    server busy with as many long calls as it takes (RESOURCE_EXHAUSTED, "the server is busy")."""
+    return e.code() in STOP_INDEXING or (e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                        and (e.details() or "").startswith("the server is busy"))
+
+
 def _index_each(stub, args, results: list[dict]) -> int:
     """Index every raster of args.rasters, appending an item per raster to `results` (a "failed" one
     for a raster that failed, which does not stop the rest). Returns how many failed."""
@@ -216,7 +223,7 @@ def _index_each(stub, args, results: list[dict]) -> int:
             request.source.CopyFrom(_source(path))
             final = _index_one(stub, args, request, path)
         except grpc.RpcError as e:
-            if e.code() in STOP_INDEXING:
+            if stops_all(e):
                 raise
             error = f"{e.code().name}: {rpc_error_detail(e, args)}"
         except ClientError as e:
@@ -750,7 +757,7 @@ def cmd_remove(stub, args) -> int:
                 pb.RemoveRasterRequest(raster_path=server_path(item))
             r = stub.RemoveRaster(request, metadata=_metadata(args.token), timeout=args.timeout)
         except (grpc.RpcError, ClientError) as e:
-            if isinstance(e, grpc.RpcError) and e.code() in STOP_INDEXING:
+            if isinstance(e, grpc.RpcError) and stops_all(e):
                 raise
             failed += 1
             error = f"{e.code().name}: {rpc_error_detail(e, args)}" if isinstance(e, grpc.RpcError) else str(e)

@@ -761,7 +761,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # Segment slot, for their raster): with no bound they could take all `workers` threads, and a
         # health check or a search would get no answer. Some threads are kept for the short calls.
         self.workers = workers
-        self.long_calls = None if workers is None else max(1, workers - max(2, workers // 4))
+        self.long_calls = None if workers is None else max(1, workers - max(2, workers // 4))    # 1 at least
         self._long_call_slots = None if workers is None else threading.BoundedSemaphore(self.long_calls)
         self.index = index
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
@@ -1347,43 +1347,47 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                     thread.join()
             if "error" in outcome:
                 raise outcome["error"]
-            output = outcome.pop("output")
-            srs = raster.srs
-            crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
-            answers = []
-            for result in output.results:
-                msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
-                                       extent=_box(output.extent), max_relevance=result.max_relevance,
-                                       dropped_small=result.dropped_small,
-                                       unfamiliar_words=self._unfamiliar(result.prompt), band_note=raster.band_note)
-                for polygon in result.polygons:
-                    g = polygon.geometry
-                    msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
-                                     max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
-                                     bounds=_box(g.bounds))
-                if request.return_relevance_map and result.relevance is not None:
-                    # the extent's own map, not the ground read around a small extent
-                    relevance, gt = crop_to_window(result.relevance, output.geotransform, output.window)
-                    msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
-                size = msg.ByteSize()
-                if size > self.limits.max_message_bytes - 1024:
-                    # said as what to change, not as gRPC's "Sent message larger than max" after the work
-                    parts = (["its relevance map (leave return_relevance_map off)"] if msg.relevance_map_tiff else []) + (
-                        ["the WKT copies (leave include_wkt off)"] if request.include_wkt else [])
-                    raise RequestError("resource_exhausted", f"the answer for prompt {result.prompt!r} is {size} bytes, more "
-                                                             f"than this server's message limit of "
-                                                             f"{self.limits.max_message_bytes} bytes (--max-message-mb): "
-                                                             f"ask without {' or '.join(parts) or 'so many polygons'}, or "
-                                                             "for a smaller extent or a coarser target_resolution")
-                answers.append(msg)
-            # the working planes go, and with them the memory the slot stands for: a client that reads
-            # its answers slowly (or not at all, frozen) no longer keeps the next Segment waiting
-            output = result = None
+            answers = self._segment_answers(outcome.pop("output"), raster, request)
+            # the working planes went with the function's locals, and with them the memory the slot
+            # stands for: a client that reads its answers slowly (or not at all, frozen) no longer
+            # keeps the next Segment waiting
             give_back_slot()
             for msg in answers:
                 yield pb.SegmentEvent(result=msg)
         finally:
             give_back_slot()
+
+    def _segment_answers(self, output, raster: Raster, request) -> list:
+        """The SegmentResult of each prompt of a Segment's output."""
+        srs = raster.srs
+        crs = pb.Crs(authid=raster.crs_authid, wkt=raster.crs_wkt)
+        answers = []
+        for result in output.results:
+            msg = pb.SegmentResult(prompt=result.prompt, prompt_index=result.index, crs=crs,
+                                   extent=_box(output.extent), max_relevance=result.max_relevance,
+                                   dropped_small=result.dropped_small,
+                                   unfamiliar_words=self._unfamiliar(result.prompt), band_note=raster.band_note)
+            for polygon in result.polygons:
+                g = polygon.geometry
+                msg.polygons.add(wkb=g.wkb, wkt=g.wkt if request.include_wkt else "", score=polygon.score,
+                                 max_score=polygon.max_score, area=polygon.area, area_m2=polygon.area_m2,
+                                 bounds=_box(g.bounds))
+            if request.return_relevance_map and result.relevance is not None:
+                # the extent's own map, not the ground read around a small extent
+                relevance, gt = crop_to_window(result.relevance, output.geotransform, output.window)
+                msg.relevance_map_tiff = relevance_geotiff(relevance, gt, srs)
+            size = msg.ByteSize()
+            if size > self.limits.max_message_bytes - 1024:
+                # said as what to change, not as gRPC's "Sent message larger than max" after the work
+                parts = (["its relevance map (leave return_relevance_map off)"] if msg.relevance_map_tiff else []) + (
+                    ["the WKT copies (leave include_wkt off)"] if request.include_wkt else [])
+                raise RequestError("resource_exhausted", f"the answer for prompt {result.prompt!r} is {size} bytes, more "
+                                                         f"than this server's message limit of "
+                                                         f"{self.limits.max_message_bytes} bytes (--max-message-mb): "
+                                                         f"ask without {' or '.join(parts) or 'so many polygons'}, or "
+                                                         "for a smaller extent or a coarser target_resolution")
+            answers.append(msg)
+        return answers
 
     # -- Caption --
     @unary

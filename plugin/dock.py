@@ -786,7 +786,7 @@ class SkyPromptDock(QDockWidget):
                 except BackendError as e:
                     # one layer the backend refuses (or that was removed while it indexed it) leaves
                     # the others to index; a backend gone, a refused token or a cancel stops them all
-                    if e.code in operations.STOP_ALL:
+                    if operations.stops_all(e):
                         raise
                     refused = f"{name!r} not indexed: {e.message}"
                     if len(prepared) == 1:

@@ -157,6 +157,13 @@ def indexed_rasters(conn) -> list:
 
 # errors of the backend or the call, not of one raster: work over several rasters stops at them
 STOP_ALL = ("UNAVAILABLE", "UNAUTHENTICATED", "CANCELLED", "DEADLINE_EXCEEDED")
+BUSY = "the server is busy"     # RESOURCE_EXHAUSTED for as many long calls as the backend takes (the wire contract)
+
+
+def stops_all(error) -> bool:
+    """Whether a BackendError is the backend's or the call's (the rest of the rasters would fail the
+    same way), not one raster's."""
+    return error.code in STOP_ALL or (error.code == "RESOURCE_EXHAUSTED" and error.message.startswith(BUSY))
 
 
 def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[list, list[tuple[str, str]]]:
@@ -172,7 +179,7 @@ def remove_rasters(conn, raster_ids: list[str], cancelled: Cancelled) -> tuple[l
         try:
             removed.append(conn.remove(conn.pb.RemoveRasterRequest(raster_id=raster_id)))
         except BackendError as e:
-            if e.code in STOP_ALL:      # the backend, not this raster: the rest would fail too
+            if stops_all(e):        # the backend, not this raster: the rest would fail too
                 raise
             failed.append((raster_id, e.message))
     return removed, failed

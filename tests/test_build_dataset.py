@@ -772,24 +772,23 @@ def test_ray_engine_resumes_a_half_done_run_and_writes_the_same_dataset(built, s
     assert [(r["key"], r["caption"]) for r in rows(out)] == [(r["key"], r["caption"]) for r in rows(local)]
 
 
-def test_ctrl_c_with_workers_drops_the_units_not_started(tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) during a --workers 2 build: the units not
-    started yet are dropped at once; before, the pool ran every queued unit before exiting."""
+def _slow_build_interrupted(tmp_path: Path, towers: int, sigint) -> tuple[subprocess.Popen, Path, int, str]:
+    """A --workers 2 build of one-tile units, half a second a tile, started with SIGINT's disposition
+    `sigint` and sent SIGINT (as Ctrl-C sends it, to the process group) once its first unit is done:
+    (the process, OUT, units done then, its stderr)."""
     import signal
 
-    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 640)), geotransform=NORTH_UP, crs=UTM32)
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 64 * towers)), geotransform=NORTH_UP, crs=UTM32)
     gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32 + 64 * i} {ORIGIN[1] - 32})",
-                                                       {"name": f"Tower {i}"}) for i in range(10)])})
-    slow = tmp_path / "slow_captioner.py"      # half a second a tile: 20 one-tile units, ~5 s on 2 workers
+                                                       {"name": f"Tower {i}"}) for i in range(towers)])})
+    slow = tmp_path / "slow_captioner.py"
     slow.write_text("import json, sys, time\ninfo = json.load(sys.stdin)\ntime.sleep(0.5)\nprint('a tile')\n")
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "training.build_dataset", "landmarks", "--raster", str(raster),
                              "--features", str(gpkg), "--out", str(out), "--tile-size", str(TILE), "--unit-tiles", "1",
                              "--workers", "2", "--captioner", f"{sys.executable} {slow}"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            # a suite started in the background has SIGINT ignored, and its children with it
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     deadline = time.monotonic() + 120
     while not list((out / "parts").glob("*.json")) if (out / "parts").is_dir() else True:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
@@ -797,11 +796,30 @@ def test_ctrl_c_with_workers_drops_the_units_not_started(tmp_path):
     at_signal = len(list((out / "parts").glob("*.json")))
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    return proc, out, at_signal, err
+
+
+def test_ctrl_c_with_workers_drops_the_units_not_started(tmp_path):
+    """Ctrl-C during a --workers 2 build of 20 units: the units not started yet are dropped at once;
+    before, the pool ran every queued unit before exiting."""
+    import signal
+
+    # a suite started in the background has SIGINT ignored, and its children with it: the build's is the default
+    proc, out, at_signal, err = _slow_build_interrupted(tmp_path, 10, signal.SIG_DFL)
     assert proc.returncode == 130, err
     done = len(list((out / "parts").glob("*.json")))
     # the units running stop, and those queued to the workers are not run (3 more ran, after Ctrl-C);
     # one may have finished between the look and the signal
     assert done <= at_signal + 1, f"{done - at_signal} units finished after Ctrl-C"
+
+
+def test_a_build_started_to_ignore_ctrl_c_with_workers_goes_on(tmp_path):
+    """A build started with SIGINT ignored (`cmd &` in a script, nohup) ignores it in its worker
+    processes too, as with one worker: the workers' own handler made it stop."""
+    import signal
+
+    proc, out, _, err = _slow_build_interrupted(tmp_path, 2, signal.SIG_IGN)
+    assert proc.returncode == 0 and len(list((out / "parts").glob("*.json"))) == 4, err
 
 
 @pytest.mark.parametrize("suffix", [".gpkg", ".shp"])
@@ -918,9 +936,9 @@ def test_landmark_inputs_of_the_field(tmp_path, capfd):
     assert code == 2 and "a_file is a file; give a folder" in err and "Traceback" not in err, err
 
 
-def test_a_captioner_that_gives_nothing_is_named_and_its_units_are_done_again(tmp_path):
-    """Empty captions for every tile: "no tile had a usable feature: check ... CRSs", and the units
-    counted as done, so a run with a working captioner found nothing to do."""
+def test_a_captioner_that_gives_nothing_is_named(tmp_path):
+    """Empty captions for every tile: "no tile had a usable feature: check ... CRSs", with the empty
+    captions in no count of the summary line."""
     raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
     gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
                                                        {"name": "Alpha Tower"})])})
@@ -928,10 +946,10 @@ def test_a_captioner_that_gives_nothing_is_named_and_its_units_are_done_again(tm
     silent.write_text("import sys\nsys.stdin.read()\n")
     out = tmp_path / "out"
     code, err = _build(raster, gpkg, out, "--captioner", f"{sys.executable} {silent}")
-    assert code == 0 and "the captioner gave an empty caption for every tile with features in 1 unit" in err, err
-    assert "check that --captioner prints a caption" in err and "CRSs" not in err
-    code, err = _build(raster, gpkg, out)
-    assert code == 0 and "already done" not in err and _tiles_naming(out, "Alpha Tower") == {0}, err
+    assert code == 0 and "the captioner gave an empty caption for all 1 tiles with features" in err, err
+    assert "build into a new --out" in err and "CRSs" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == 0 and summary["skipped"]["skipped_empty_caption"] == 1
 
 
 def test_an_evaluation_folder_with_no_image_is_refused(tmp_path):

@@ -283,3 +283,13 @@ def test_a_minimum_area_is_refused_by_name_by_a_backend_that_would_ignore_it(tmp
         assert "Traceback" not in out.stderr
     finally:
         old.stop(0)
+
+
+def test_a_busy_backend_stops_work_over_several_layers():
+    """RESOURCE_EXHAUSTED "the server is busy" (as many long calls as the backend takes) is the backend's,
+    not one layer's: indexing and removing several stop at it, as at a backend gone."""
+    from plugin.operations import stops_all
+
+    assert stops_all(BackendError("RESOURCE_EXHAUSTED", "the server is busy: 24 Segment and IndexRaster calls"))
+    assert stops_all(BackendError("UNAVAILABLE", "no SkyPrompt backend answers"))
+    assert not stops_all(BackendError("RESOURCE_EXHAUSTED", "the extent is over the pixel limit"))

@@ -2933,11 +2933,10 @@ def test_long_calls_are_bounded_and_a_segment_frees_its_slot_before_its_answers_
         assert [e.result.prompt for e in other if e.HasField("result")] == ["trees", "roads"]
         assert not any(e.HasField("progress") and e.progress.stage == p.SEGMENT_STAGE_QUEUED for e in other)
         slow_reader.close()
-        assert service._segment_slots.acquire(blocking=False)      # given back once, not twice
-        assert not service._segment_slots.acquire(blocking=False)
+        assert service._segment_slots.acquire(blocking=False)      # given back when the stream closed
         service._segment_slots.release()
-        for _ in range(service.long_calls):                         # as if that many were under way or queued
-            service._long_call_slots.acquire()
+        for _ in range(service.long_calls):     # as if that many were under way or queued: every slot free again
+            assert service._long_call_slots.acquire(timeout=5)
         index_request = p.IndexRasterRequest(source=p.RasterSource(path=str(rasters["rgb"])))
         for call, req in ((service.Segment, request), (service.IndexRaster, index_request)):
             context = Context()
@@ -2955,3 +2954,25 @@ def test_long_calls_are_bounded_and_a_segment_frees_its_slot_before_its_answers_
     finally:
         index.close()
         engine.stop()
+
+
+def test_a_busy_server_stops_a_run_over_several_rasters_and_other_refusals_do_not():
+    """RESOURCE_EXHAUSTED "the server is busy" is the whole server's: `client index` and `remove` over
+    several rasters stop at it (each raster failed in turn); other RESOURCE_EXHAUSTED (one raster over
+    the pixel limit) stay one raster's."""
+    from backend.client import stops_all
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    busy = Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is busy: 24 Segment and IndexRaster calls ...")
+    assert stops_all(busy) and stops_all(Refusal(grpc.StatusCode.UNAVAILABLE, "gone"))
+    assert not stops_all(Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "the extent is over the pixel limit"))
+    assert not stops_all(Refusal(grpc.StatusCode.NOT_FOUND, "no such raster"))

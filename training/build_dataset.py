@@ -122,7 +122,8 @@ def _worker_start() -> None:
         if _worker["running"]:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # a run started to ignore it (`&`, nohup) still does
+        signal.signal(signal.SIGINT, on_interrupt)
 
 
 def _worker_unit(cfg, unit: dict) -> dict:
@@ -212,11 +213,6 @@ def landmarks(args) -> dict:
     if len(pending) < len(units):
         print(f"{len(units) - len(pending)} of {len(units)} units already done: skipped", file=sys.stderr)
     results = _run_units(pending, cfg, args.engine, args.workers, args.ray_address)
-    empty = [r for r in results if r.get("empty_captions")]
-    if empty:
-        print(f"the captioner gave an empty caption for every tile with features in {len(empty)} unit(s) "
-              f"({sum(r['skipped_empty_caption'] for r in empty)} tiles): they are not counted as done, so a run "
-              "with a fixed --captioner does them", file=sys.stderr)
     # units whose raster failed while being read: skipped like the unreadable rasters above (not done,
     # so a re-run tries them again)
     failed = [r["unreadable"] for r in results if "unreadable" in r]
@@ -229,8 +225,11 @@ def landmarks(args) -> dict:
         raise LM.BuildError("no raster could be read: " + "; ".join(p["error"] for p in problems[:3])
                             + ("; ..." if len(problems) > 3 else ""))
     summary = LM.summarize(cfg, done, problems, counts)
+    empty = summary["skipped"]["skipped_empty_caption"]
     if summary["kept"] == 0 and empty:
-        print("no tile was kept: check that --captioner prints a caption for a tile's JSON", file=sys.stderr)
+        print(f"no tile was kept: the captioner gave an empty caption for all {empty} tiles with features; check "
+              "that --captioner prints a caption for a tile's JSON, then build into a new --out (the units built "
+              "here count as done and are not built again)", file=sys.stderr)
     elif summary["kept"] == 0:
         print("no tile had a usable feature: check that the vector sources overlap the rasters "
               "(their extents and CRSs) and that --layer/--where/--mapping select something", file=sys.stderr)

@@ -529,9 +529,6 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
     else:
         tmp.unlink()
     stats["seconds"] = round(time.time() - t0, 3)
-    if not rows and stats["skipped_empty_caption"]:
-        # the captioner gave nothing for any of its tiles: not done, so a run with a fixed one does them
-        return {**stats, "empty_captions": True}
     part = out / "parts" / f"{unit['name']}.json"
     tmp_part = part.with_suffix(".json.part")
     tmp_part.write_text(json.dumps({"stats": stats, "rows": rows}))
