@@ -586,3 +586,29 @@ def test_refinement_resume_compares_settings_not_how_paths_were_written(tmp_path
     older = {**json.loads((out / "refine_config.json").read_text()), "checkpoint": "ckpt"}   # relative: an earlier version
     (out / "refine_config.json").write_text(json.dumps(older))
     assert settings_changed(out, again) == []
+
+
+def test_refinement_interrupted_while_a_round_is_measured_does_that_round_again(refine_setup, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Ctrl-C in round 1's measuring (here: raised by the measuring itself, at that line): one line
+    saying how to go on, not a traceback; and the round is not saved, so the same command does it again
+    with its metrics row (saved before its measuring, a resume went past it and the row was lost)."""
+    import training.refine as refine_module
+
+    real_measure, calls = refine_module.measure, []
+
+    def measure_then_interrupt(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:         # round 0's measuring, then round 1's
+            raise KeyboardInterrupt
+        return real_measure(*args, **kw)
+
+    monkeypatch.setattr(refine_module, "measure", measure_then_interrupt)
+    out = tmp_path / "run"
+    p = _refine(refine_setup, out, 1, capsys=capsys)
+    assert p.returncode == 130 and "interrupted; the same command goes on from the start" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not (out / "rounds" / "round_1").exists()
+    monkeypatch.setattr(refine_module, "measure", real_measure)
+    p = _refine(refine_setup, out, 1)
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 0, 1]

@@ -803,3 +803,28 @@ def test_recipe_command_names_a_file_in_the_way_and_a_folder_given_as_the_recipe
     assert r.returncode == 2 and "is a folder; give the recipe's JSON file" in r.stderr, r.stderr
     r = run_main(recipe_main, [str(recipe), "--out", str(tmp_path / "val")], capsys)
     assert r.returncode == 0 and (tmp_path / "val" / "scenes.txt").is_file(), r.stderr
+
+
+def test_resume_with_fsdp_of_a_run_without_it_is_refused_and_rank_1_says_nothing(folder, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A checkpoint trained without --fsdp keys its optimizer state by number: resumed with --fsdp it
+    ended in a KeyError traceback on every rank. Mistakes found while parsing are said by rank 0 only
+    (under torchrun every process printed them), and a file in the way of OUT/val is one of them
+    (found by rank 0 alone, the others failed with a gloo traceback)."""
+    out = tmp_path / "run"
+    assert _run(_args(folder, out, 2)).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "training.train", *_args(folder, out, 4, "--resume", "--fsdp")],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"},
+                       capture_output=True, text=True, timeout=300)
+    said = "was trained without --fsdp: resume it without --fsdp"
+    assert r.returncode != 0 and r.stderr.count(said) == 1, r.stderr[-3000:]      # once, by rank 0
+    assert "KeyError" not in r.stderr and "train.py" not in r.stderr
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "val").write_text("notes")
+    r = _refused(_args(folder, blocked, 2, "--val-per-class", "1"), capsys)
+    assert r.returncode == 2 and "val is a file, where the run's folders go" in r.stderr, r.stderr
+    monkeypatch.setenv("RANK", "1")
+    r = _refused(_args(folder, blocked, 2, "--val-per-class", "1"), capsys)
+    assert r.returncode == 2 and r.stderr == ""

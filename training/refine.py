@@ -438,14 +438,15 @@ def refine(cfg: RefineConfig) -> list[dict]:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{losses['loss'].item():.3f}", dense=f"{losses['dense_loss'].item():.3f}")
         bar.close()
-        # 3. save, measure
+        # 3. measure, then save: a round stopped while it is measured is not saved, and starts over
+        # (saved first, a resume went past it, and its metrics row was never written)
         if is_main():
-            path = save_checkpoint(model, tokenizer, out / "rounds" / f"round_{rnd}",
-                                   extra={"refine_round": rnd, "refine_config": asdict(cfg)})
             row = {"round": rnd, "labelled_patch_fraction": kept, "pseudo_label_accuracy": label_accuracy,
                    **{f"train_{k}": v / cfg.steps_per_round for k, v in sums.items()},
                    **measure(model, tokenizer, val_sets, bench, cfg, device, progress=True),
                    "seconds": round(time.time() - t0, 1)}
+            path = save_checkpoint(model, tokenizer, out / "rounds" / f"round_{rnd}",
+                                   extra={"refine_round": rnd, "refine_config": asdict(cfg)})
             log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
             _append_metrics(metrics_path, row)
             rows.append(row)
@@ -562,8 +563,16 @@ def main(argv=None) -> int:
             check_checkpoint_target(Path(cfg.export_fp16))
         refine(cfg)
     except (recipes.RecipeError, CheckpointError, RefineError, MosaicError) as e:
-        print(f"python -m training.refine: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:       # each process finds the same: said once
+            print(f"python -m training.refine: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            done = _rounds_done(Path(cfg.out))
+            where = f"after {done[-1].name.replace('_', ' ')}" if done else "from the start"
+            print(f"python -m training.refine: interrupted; the same command goes on {where} (a round stopped "
+                  "midway starts over)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,7 +6,9 @@ Several nodes: torchrun --nnodes=2 --node_rank=R --master_addr=HOST --master_por
                    --nproc_per_node=8 -m training.train ...
 
 `--batch-size` is the GLOBAL batch of one optimizer step; each rank takes its slice of the same
-global batch, so a 2-process run follows the same loss curve as a 1-process run with the same seed.
+global batch, so a 2-process run follows the same loss curve as a 1-process run with the same seed
+(without --grad-accum: with it, each process cuts its own slice into micro-batches, so the contrastive
+loss of a micro-batch sees other rows than one process's would, and the curves differ a little).
 Checkpoints are atomic directories `OUT/checkpoints/step_NNNNNNN` (the last K kept); `--resume`
 continues from the newest readable one exactly where it stopped (unreadable newer ones are set aside).
 """
@@ -32,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from backend.engine import EngineError, resolve_device
-from backend.files import write_text_atomically
+from backend.files import file_in_the_way, write_text_atomically
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_checkpoint_target, load_checkpoint,
                                      read_config, save_checkpoint)
@@ -458,6 +460,11 @@ def train(cfg: TrainConfig) -> dict:
                 model = None
                 continue
             start_step, opt_state = state["step"], state["optimizer"]
+            saved_fsdp = bool(state.get("config", {}).get("fsdp"))
+            if cfg.fsdp and not saved_fsdp:
+                # its optimizer state is keyed by parameter number, FSDP's by name: they do not load
+                raise CheckpointError(f"{ckpt} was trained without --fsdp: resume it without --fsdp, or start a "
+                                      "new --out from it with --init-checkpoint (the optimizer state starts afresh)")
             log(f"resuming from {ckpt} (step {start_step})")
             if cfg.image_size and cfg.image_size != model.config.image_size:
                 raise CheckpointError(f"{out} trains at {model.config.image_size} px (its checkpoints); --image-size "
@@ -648,6 +655,10 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.time() - t_log
             last["samples_per_s"] = samples_since / max(dt, 1e-9)
             last["skipped_images"] = skipped_total
+            if world > 1:       # every rank's, as one process would count them
+                t = torch.tensor([skipped_total], device=device)
+                dist.all_reduce(t)
+                last["skipped_images"] = int(t.item())
             t_log, samples_since = time.time(), 0
             bar.set_postfix(loss=f"{parts['loss']:.3f}", con=f"{parts['contrastive_loss']:.3f}",
                             cap=f"{parts['caption_loss']:.3f}", sps=f"{last['samples_per_s']:.1f}")
@@ -829,8 +840,18 @@ def _read_tokenizer_source(path: Path) -> dict | None:
 
 
 # ---- command line ---------------------------------------------------------------------------------
+class RankZeroArgumentParser(argparse.ArgumentParser):
+    """Under torchrun every process parses the same command line: its mistakes are said once, by rank
+    0, and every process exits with the same status."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", "0")) == 0:
+            super().error(message)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(
+    p = RankZeroArgumentParser(
         prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = TrainConfig()
     data = p.add_argument_group("data (combine freely; or give a --recipe JSON file)")
@@ -960,6 +981,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {a.out} is a file; the run directory must be a folder")
+    # checked by every process, before they meet: found by rank 0 alone, the others would fail at
+    # their next collective with a gloo traceback
+    blocking = file_in_the_way(out / "val")
+    if blocking is not None:
+        p.error(f"--out {a.out}: {blocking} is a file, where the run's folders go; give another --out")
     if (out / "config.json").is_file() or (out / "model.safetensors").is_file():
         # a run there would write its own tokenizer.json over the one the checkpoint's model reads with
         p.error(f"--out {a.out} is a checkpoint folder: a run there would replace its tokenizer. To fine-tune "
@@ -1071,7 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (CheckpointError, recipes.RecipeError, ConfigError, DataError, OutputError, TokenizerError,
             VocabularyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:       # each process finds the same: said once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         saved = checkpoint_dirs(Path(cfg.out))
