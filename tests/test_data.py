@@ -117,6 +117,14 @@ def test_folder_records_names_unmapped_classes(class_folder):
     with pytest.raises(DataError) as e:
         folder_records(class_folder, {"aPark": "park"})
     assert "bPort" in str(e.value) and "cRoad" in str(e.value) and "2 class folder" in str(e.value)
+    assert "list only the images of the named classes (--files)" in str(e.value)
+    # a map of some of the classes, with files of those only (zero-shot of a few classes of a set): the
+    # other folders need no name (they were refused, whatever the files)
+    few = folder_records(class_folder, {"aPark": "green space", "cRoad": "street"},
+                         files=["aPark/aPark_1.jpg", "cRoad/cRoad_3.jpg"])
+    assert [(Path(r.image).name, r.class_name) for r in few] == [("aPark_1.jpg", "aPark"), ("cRoad_3.jpg", "cRoad")]
+    with pytest.raises(DataError, match="1 class folder.*bPort"):
+        folder_records(class_folder, {"aPark": "park"}, files=["aPark/aPark_1.jpg", "bPort/bPort_0.jpg"])
 
 
 def test_folder_records_name_a_mistyped_or_file_path_as_such(class_folder, tmp_path):

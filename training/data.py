@@ -316,15 +316,19 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
     dirs = _class_dirs(class_root)
     if not dirs:
         raise DataError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    wanted = None if files is None else {Path(f).as_posix() for f in files}
+    if wanted is not None:      # only the folders of the listed files need a name: a map of a few classes
+        dirs = [d for d in dirs if any(f.startswith(prefix) for f in wanted for prefix in
+                                       (d.relative_to(root).as_posix() + "/", d.relative_to(class_root).as_posix() + "/"))]
     unnamed = [d.name for d in dirs if d.name not in classnames]
     if unnamed:
         raise DataError(
             f"{root}: {len(unnamed)} class folder(s) have no entry in the class-name map: "
             f"{', '.join(unnamed)}; add them as \"folder\": \"human name\""
+            + ("" if wanted is not None else ", or list only the images of the named classes (--files)")
         )
     templates = TEMPLATES if templates is None else templates
     caption_pool = caption_pool or {}
-    wanted = None if files is None else {Path(f).as_posix() for f in files}
     found: set[str] = set()
     records = []
     for d in dirs:
