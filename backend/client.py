@@ -23,7 +23,7 @@ if __name__ == "__main__":
 
 import grpc  # noqa: E402
 
-from .defaults import LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
+from .defaults import BUSY, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
 from .files import reader_stopped_reading, staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
@@ -206,7 +206,7 @@ def stops_all(e: grpc.RpcError) -> bool:
     """Whether a failed call is the connection's or the whole server's: one of STOP_INDEXING, or a
     server busy with as many long calls as it takes (RESOURCE_EXHAUSTED, "the server is busy")."""
     return e.code() in STOP_INDEXING or (e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                                        and (e.details() or "").startswith("the server is busy"))
+                                        and (e.details() or "").startswith(BUSY))
 
 
 def _index_each(stub, args, results: list[dict]) -> int:

@@ -20,6 +20,9 @@ DEFAULT_THRESHOLD = 0.5
 # queued. The largest (4096 x 4096 pixels, 16 prompts) holds about 4.5 GB of planes after the model,
 # so unbounded concurrency could end the server on memory
 SEGMENTS_AT_ONCE = 2
+# how the RESOURCE_EXHAUSTED refusal of a server taking all the long calls it takes begins (the wire
+# contract): the whole server's state, so clients stop work over several rasters at it
+BUSY = "the server is busy"
 # percentiles of the linear stretch that turns data of more than 8 bits into 0..255 (rasters' non-Byte
 # bands, training's 16-bit images), unless a request sets its own
 DEFAULT_STRETCH = (2.0, 98.0)

@@ -34,7 +34,7 @@ from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform,
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
+from .defaults import (API_VERSION, BUSY, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
                        DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, SEGMENTS_AT_ONCE, Limits,
                        check_edge_radius,
                        check_expand, check_keyword_weight, check_target_resolution, check_tile_overlap, check_views,
@@ -105,10 +105,9 @@ def _status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _abort(context: grpc.ServicerContext, error: BaseException):
-    code, message = _status_for(error)
-    if code == grpc.StatusCode.CANCELLED and not context.is_active():
-        return  # the client is gone: nobody to tell
-    context.abort(code, message)
+    # also where the client is gone (cancelled): the abort tells nobody, but ends the call quietly, where
+    # a unary handler's None would be serialized by gRPC and logged as a traceback
+    context.abort(*_status_for(error))
 
 
 def unary(method):
@@ -120,9 +119,6 @@ def unary(method):
             if isinstance(error, grpc.RpcError):
                 raise
             _abort(context, error)
-            # the client is gone: no answer, but no None either, which gRPC would try to serialize and
-            # log as a traceback; an abort ends the call quietly
-            context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the call")
     return handler
 
 
@@ -796,7 +792,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             yield
             return
         if not self._long_call_slots.acquire(blocking=False):
-            raise RequestError("resource_exhausted", f"the server is busy: {self.long_calls} Segment and IndexRaster "
+            raise RequestError("resource_exhausted", f"{BUSY}: {self.long_calls} Segment and IndexRaster "
                                                      f"calls are under way or queued, the most it takes at once so that "
                                                      f"searches and health checks still get an answer (serve --workers "
                                                      f"{self.workers}); {what} again when one has ended")
@@ -1293,11 +1289,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                                        "the most this server runs at once (serve --segments-at-once)"))
             while not self._segment_slots.acquire(timeout=0.25):
                 raise_if_cancelled(cancelled)
-        slot = [True]       # held: given back once the answers are made, before a slow client reads them
+        held = True         # given back once the answers are made, before a slow client reads them
 
         def give_back_slot():
-            if slot:
-                slot.clear()
+            nonlocal held
+            if held:
+                held = False
                 self._segment_slots.release()
         try:
             yield pb.SegmentEvent(progress=pb.SegmentProgress(stage=pb.SEGMENT_STAGE_READING,
