@@ -318,8 +318,8 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
         raise DataError(f"{root}: no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}) found")
     wanted = None if files is None else {Path(f).as_posix() for f in files}
     if wanted is not None:      # only the folders of the listed files need a name: a map of a few classes
-        dirs = [d for d in dirs if any(f.startswith(prefix) for f in wanted for prefix in
-                                       (d.relative_to(root).as_posix() + "/", d.relative_to(class_root).as_posix() + "/"))]
+        dirs = [d for d in dirs if any(f.startswith((f"{d.relative_to(root).as_posix()}/",
+                                                     f"{d.relative_to(class_root).as_posix()}/")) for f in wanted)]
     unnamed = [d.name for d in dirs if d.name not in classnames]
     if unnamed:
         raise DataError(

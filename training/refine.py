@@ -49,7 +49,7 @@ from . import recipe as recipes
 from .augment import AUGMENTATIONS
 from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
 from .mosaic import MosaicError, build_mosaic, build_mosaics
-from .train import _append_metrics, batch_stream, is_main, log, param_groups, setup_distributed
+from .train import _append_metrics, batch_stream, is_main, launched_as_rank_zero, log, param_groups, setup_distributed
 
 PROMPT = "an aerial photo of {}."   # the class prompt of --class-prompts single
 IGNORE = -1
@@ -563,11 +563,11 @@ def main(argv=None) -> int:
             check_checkpoint_target(Path(cfg.export_fp16))
         refine(cfg)
     except (recipes.RecipeError, CheckpointError, RefineError, MosaicError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:       # each process finds the same: said once
+        if launched_as_rank_zero():         # each process finds the same: said once
             print(f"python -m training.refine: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_as_rank_zero():
             done = _rounds_done(Path(cfg.out))
             where = f"after {done[-1].name.replace('_', ' ')}" if done else "from the start"
             print(f"python -m training.refine: interrupted; the same command goes on {where} (a round stopped "

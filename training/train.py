@@ -446,16 +446,13 @@ def train(cfg: TrainConfig) -> dict:
         for ckpt in reversed(checkpoint_dirs(out)):
             try:
                 model, tokenizer = load_checkpoint(ckpt)
+                try:
+                    state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
+                except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                    # torch names no file ("Ran out of input" for an empty one)
+                    raise CheckpointError(f"its {TRAINING_STATE} cannot be read ({e})") from None
             except (CheckpointError, OSError, RuntimeError, EOFError) as e:
                 log(f"skipping unreadable checkpoint {ckpt}: {e}")
-                unreadable.append(ckpt)
-                model = None
-                continue
-            try:
-                state = torch.load(ckpt / TRAINING_STATE, map_location="cpu", weights_only=False)
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-                # torch names no file ("Ran out of input" for an empty one)
-                log(f"skipping unreadable checkpoint {ckpt}: its {TRAINING_STATE} cannot be read ({e})")
                 unreadable.append(ckpt)
                 model = None
                 continue
@@ -840,12 +837,18 @@ def _read_tokenizer_source(path: Path) -> dict | None:
 
 
 # ---- command line ---------------------------------------------------------------------------------
+def launched_as_rank_zero() -> bool:
+    """Whether torchrun started this process as rank 0 (or no launcher did), known before the process
+    group exists: what every process finds alike (a command line's mistake) is said by this one only."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RankZeroArgumentParser(argparse.ArgumentParser):
     """Under torchrun every process parses the same command line: its mistakes are said once, by rank
     0, and every process exits with the same status."""
 
     def error(self, message):
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_as_rank_zero():
             super().error(message)
         sys.exit(2)
 
@@ -1097,7 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (CheckpointError, recipes.RecipeError, ConfigError, DataError, OutputError, TokenizerError,
             VocabularyError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:       # each process finds the same: said once
+        if launched_as_rank_zero():         # each process finds the same: said once
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

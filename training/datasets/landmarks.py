@@ -103,19 +103,14 @@ class Feature:
     source: str
 
 
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _text(value: str) -> str:
     """Field text as Unicode: GDAL hands bytes that are not UTF-8 (a Latin-1 shapefile whose .cpg says
-    UTF-8, a GeoJSON saved in Latin-1) through as surrogates, which no caption file can hold; they
-    are read as Latin-1, the likeliest encoding of such files."""
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        raw = value.encode("utf-8", "surrogateescape")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return raw.decode("latin-1")
+    UTF-8, a GeoJSON saved in Latin-1) through as surrogates, which no caption file can hold; each is
+    read as the Latin-1 character of its byte, the likeliest encoding, and the text around it stays."""
+    return _UNDECODED_BYTE.sub(lambda m: chr(ord(m.group()) - 0xDC00), value)
 
 
 def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
@@ -457,8 +452,6 @@ def _real_paths(settings: dict) -> dict:
     for key in ("rasters", "features"):
         if isinstance(out.get(key), list):
             out[key] = [os.path.realpath(p) for p in out[key]]
-    if isinstance(out.get("mapping"), str):     # a record from when one mapping file was taken
-        out["mapping"] = [out["mapping"]]
     if isinstance(out.get("mapping"), list):
         out["mapping"] = [os.path.realpath(p) for p in out["mapping"]]
     return out
