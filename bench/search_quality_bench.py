@@ -245,7 +245,8 @@ def main(args) -> dict | None:
         return None
     # a smoke run (--quick) searches the UC Merced mosaic only, the smallest of the three
     sets = getattr(args, "search_sets", None) or ("ucm" if getattr(args, "quick", False) else None)
-    return run(out_dir=getattr(args, "results_dir", RESULTS_DIR), sets=sets.split(",") if sets else None)
+    # the names as bench.run checked them ("ucm, aid" has a space to strip), not split again by hand
+    return run(out_dir=getattr(args, "results_dir", RESULTS_DIR), sets=check_sets(sets, "--search-sets") if sets else None)
 
 
 def add_arguments(parser) -> None:

@@ -298,7 +298,8 @@ def test_search_quality_in_bench_run_takes_its_sets_and_quick_searches_one(tmp_p
     monkeypatch.setattr(sq, "run", lambda out_dir=None, sets=None, **kw: asked.append(sets) or {})
     monkeypatch.setattr(sq, "REPO", tmp_path / "repo")                    # shared data "there"
     (tmp_path / "shared" / "data").mkdir(parents=True)
-    for extra, sets in ((["--quick"], ["ucm"]), ([], None), (["--search-sets", "aid,rsscn7"], ["aid", "rsscn7"])):
+    for extra, sets in ((["--quick"], ["ucm"]), ([], None), (["--search-sets", "aid,rsscn7"], ["aid", "rsscn7"]),
+                        (["--search-sets", "ucm, aid"], ["ucm", "aid"])):     # checked " aid" reached run() as is
         r = run_main(bench_run.main, ["--only", "search_quality", "--results-dir", tmp_path / "out", *extra], capsys)
         assert r.returncode == 0 and asked[-1] == sets, (extra, asked, r.stderr)
     r = run_main(bench_run.main, ["--only", "search_quality", "--search-sets", "ucm,mars",
