@@ -1020,8 +1020,11 @@ class Raster:
         same = source is None or source.IsSame(self._srs)
         if same:
             turns = self._world_turns(xmin, xmax)
-            if turns != [0.0]:      # past the world's edge: where it meets the raster, a world over
+            if len(turns) > 1:      # past the world's edge, meeting the raster a world over too: both parts
                 return shapely.union_all([shapely.box(xmin + t, ymin, xmax + t, ymax) for t in turns]), False
+            # met a world over only (181 to 182 over a raster stored from -180): that box, as exact as
+            # any, and the window holds it
+            xmin, xmax = xmin + turns[0], xmax + turns[0]
         if same and self.geotransform[2] == 0 and self.geotransform[4] == 0:
             return shapely.box(xmin, ymin, xmax, ymax), True
         if same:

@@ -544,6 +544,9 @@ def test_a_world_raster_is_read_on_both_sides_of_180_degrees_and_only_where_the_
         blocks = raster.grid_in_extent(whole_globe, raster.geotransform, 360, 180, most=1500)
         assert blocks.shape == (180, 360) and (blocks != visible).mean() < 0.05
         assert raster.grid_in_extent((-10.0, -10.0, 10.0, 10.0, "EPSG:4326"), raster.geotransform, 360, 180) is None
+        # a box met a world over only is that box, exact (its window holds it): no per-pixel or per-tile test
+        area, exact = raster.extent_polygon((180.5, -10.0, 182.5, 10.0, ""))
+        assert exact and area.bounds == (-179.5, -10.0, -177.5, 10.0)
         # an extent placed by its own outline: the polygon is exact, no cell by cell judgement is paid for
         assert raster.grid_in_extent(pacific, raster.geotransform, 360, 180) is None
         # zoomed in at the rim, 20 km across: smaller than a 64th of the raster, so no lattice point
