@@ -629,6 +629,9 @@ class Raster:
         # extent, each from the same area (_extent_area)
         self._extent_areas: dict = {}
         self._judged_by_points: set = set()    # those of them placed by the raster's points (_lattice_area)
+        # the last tile plan made (_plan), by its arguments: an Index counts, reads and reports progress
+        # over one plan, which tests every tile against an extent in another CRS
+        self._last_plan: tuple | None = None
         self.path = path
         self.real_path = real_path
         self.name = name
@@ -1340,13 +1343,19 @@ class Raster:
         else:
             window_w = max(1, round(tile_size * resolution / self.pixel_size[0]))
             window_h = max(1, round(tile_size * resolution / self.pixel_size[1]))
+        key = (tile_size, overlap, resolution, _extent_parts(extent))
+        last = self._last_plan
+        if last is not None and last[0] == key:
+            return last[1]
         col, row, width, height = self.window_for_extent(extent)
         step_w = max(1, round(window_w * (1.0 - overlap)))
         step_h = max(1, round(window_h * (1.0 - overlap)))
         cols = _axis_windows(col, col + width, self.width, window_w, step_w)
         rows = _axis_windows(row, row + height, self.height, window_h, step_h)
-        return _TilePlan(cols=cols, rows=rows, window_width=window_w, window_height=window_h, tile_size=tile_size,
+        plan = _TilePlan(cols=cols, rows=rows, window_width=window_w, window_height=window_h, tile_size=tile_size,
                          meets=self._tiles_meeting(extent, cols, rows))
+        self._last_plan = (key, plan)
+        return plan
 
     def _tiles_meeting(self, extent, cols: list[tuple[int, int]], rows: list[tuple[int, int]]) -> np.ndarray | None:
         """Which tiles of the grid (row-major) meet the extent's area in the raster's CRS, or None
