@@ -11,7 +11,8 @@ import os
 import re
 
 from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingUtils, QgsVectorFileWriter, QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
+                       QgsProcessingException, QgsProcessingUtils, QgsVectorFileWriter,
+                       QgsProcessingOutputLayerDefinition, QgsProcessingParameterBoolean,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
@@ -133,12 +134,8 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         loaded at the end where OUTPUT asks for it, as parameterAsSink would. Not Processing's own sink
         for an "ogr:dbname=..." address: QGIS takes the format from all after the file name's first
         dot, and finds none for "site.v2.gpkg"."""
-        options = QgsVectorFileWriter.SaveVectorOptions()
-        options.driverName = "GPKG"
-        options.layerName = name
-        options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
         writer = QgsVectorFileWriter.create(path, fields, QgsWkbTypes.MultiPolygon, crs, context.transformContext(),
-                                            options)
+                                            results.gpkg_layer_options(path, name))
         if writer.hasError():
             raise QgsProcessingException(f"could not add a layer to {path}: {writer.errorMessage()}")
         dest = f"{path}|layername={name}"

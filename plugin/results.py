@@ -194,19 +194,25 @@ def free_gpkg_layer_name(path: str, wanted: str) -> str:
     return name
 
 
+def gpkg_layer_options(path: str, name: str) -> QgsVectorFileWriter.SaveVectorOptions:
+    """Writer options for a new layer `name` in the GeoPackage at `path`, the file's other layers kept
+    (a new file where there is none)."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.layerName = name
+    options.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path)
+                                    else QgsVectorFileWriter.CreateOrOverwriteFile)
+    return options
+
+
 def write_gpkg(layer: QgsVectorLayer, path: str, name: str | None = None) -> QgsVectorLayer:
     """Save `layer` into the GeoPackage at `path` as a layer of its own, named `name` (default: the
     layer's), and open it: the file's other layers stay, and a name already in the file gets a number
     (" (2)", ...) instead of being replaced; the layer opened is numbered against the project's."""
     # "|" would end the path in the layer's source, "path|layername=NAME", and the layer opened invalid
     name = free_gpkg_layer_name(path, (name or layer.name()).replace("|", "/"))
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.layerName = name
-    options.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path)
-                                    else QgsVectorFileWriter.CreateOrOverwriteFile)
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, path, QgsProject.instance().transformContext(), options)
+        layer, path, QgsProject.instance().transformContext(), gpkg_layer_options(path, name))
     if error != QgsVectorFileWriter.NoError:
         raise OSError(f"could not write {path}: {message}")
     out = QgsVectorLayer(f"{path}|layername={name}", unused_layer_name(name), "ogr")
