@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -254,11 +255,17 @@ def _uneven_rank(rank: int, init: str, feats, labels, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         rows = slice(0, 3) if rank == 0 else slice(3, 5)    # rank 1 lost a streamed sample
-        img = feats[rows].clone().requires_grad_(True)
+        n = rows.stop - rows.start
         for lab in (None, labels[rows]):
-            loss = contrastive_loss(img, feats[rows], torch.tensor(3.0), lab)
-            loss.backward()
-            out[f"{rank}:{lab is not None}"] = (loss.item(), rows.stop - rows.start)
+            img = feats[rows].clone().requires_grad_(True)
+            txt = feats[rows].clone().requires_grad_(True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = contrastive_loss(img, txt, torch.tensor(3.0), lab)
+                # row-weighted, so the ranks' sum is 5 times the whole batch's mean
+                (loss * n).backward()
+            out[f"{rank}:{lab is not None}"] = (loss.item(), n, img.grad.clone(), txt.grad.clone(),
+                                                [str(w.message) for w in caught])
         # both ranks done before either tears the group down: a rank that destroys it while the
         # other's gloo pair is still closing can abort that process (seen once under load)
         dist.barrier()
@@ -272,7 +279,8 @@ def _uneven_rank(rank: int, init: str, feats, labels, out):
 
 
 def test_distributed_contrastive_loss_with_uneven_rank_batches(tmp_path):
-    """Two gloo processes with 3 and 2 rows give the loss of the whole 5-row batch (row-weighted)."""
+    """Two gloo processes with 3 and 2 rows give the loss and the gradients of the whole 5-row
+    batch (row-weighted)."""
     import torch.multiprocessing as mp
 
     from backend.model import contrastive_loss
@@ -282,9 +290,17 @@ def test_distributed_contrastive_loss_with_uneven_rank_batches(tmp_path):
     out = mp.Manager().dict()
     mp.spawn(_uneven_rank, args=(f"file://{tmp_path / 'pg'}", feats, labels, out), nprocs=2, join=True)
     for with_labels in (False, True):
-        whole = contrastive_loss(feats, feats, torch.tensor(3.0), labels if with_labels else None).item()
+        img = feats.clone().requires_grad_(True)
+        txt = feats.clone().requires_grad_(True)
+        whole = contrastive_loss(img, txt, torch.tensor(3.0), labels if with_labels else None)
+        (whole * 5).backward()
         parts = [out[f"{r}:{with_labels}"] for r in (0, 1)]
-        assert sum(loss * n for loss, n in parts) / 5 == pytest.approx(whole, rel=1e-5)
+        assert sum(p[0] * p[1] for p in parts) / 5 == pytest.approx(whole.item(), rel=1e-5)
+        # each rank's rows get the gradient of every rank's loss (the gather's backward sums them)
+        assert torch.allclose(torch.cat([p[2] for p in parts]), img.grad, atol=1e-6)
+        assert torch.allclose(torch.cat([p[3] for p in parts]), txt.grad, atol=1e-6)
+        # and the gather warns of no deprecation: under torchrun it was one warning per rank per step
+        assert not [m for p in parts for m in p[4] if "deprecated" in m]
 
 
 def test_caption_log_likelihood_is_minus_the_captioning_loss(tiny_model, images, tokenizer, tiny_config):

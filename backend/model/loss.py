@@ -1,8 +1,9 @@
 """MaMMUT's training losses: symmetric contrastive (InfoNCE) + captioning cross-entropy.
 
 Under DDP the contrastive loss sees every rank's embeddings: features are all-gathered *with*
-gradients (torch.distributed.nn.all_gather), so each rank's loss covers the global batch and the
-gradient reaches the features computed on every rank.
+gradients (a functional all-gather, whose backward sums every rank's gradient into the rows it
+gathered), so each rank's loss covers the global batch and the gradient reaches the features
+computed on every rank.
 
 With class labels (UniCL, Yang et al. 2022) every in-batch pair of the same class is a positive:
 captions made from class templates say the same thing for every image of a class, so plain InfoNCE
@@ -29,15 +30,26 @@ def _rank_sizes(n: int, device: torch.device) -> list[int]:
     return [int(s) for s in sizes]
 
 
+def _all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's x (one shape on all ranks), with gradients flowing back to each rank's rows.
+    The functional collective first; torch.distributed.nn.all_gather, its older form, warns of its
+    deprecation on every call (every step of every rank) in the torch versions that have both."""
+    import torch.distributed._functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
+    if gather is None:
+        import torch.distributed.nn.functional as dist_fn
+        return list(dist_fn.all_gather(x))
+    return list(gather(x, 0, dist.group.WORLD).chunk(dist.get_world_size(), 0))
+
+
 def _gather_rows(x: torch.Tensor, sizes: list[int], pad: float = 0) -> torch.Tensor:
     """x of every rank, concatenated (differentiably); all_gather needs one shape on every rank,
     so rows are padded to the largest count and stripped after gathering."""
-    import torch.distributed.nn.functional as dist_fn
-
     rows = max(sizes)
     if x.shape[0] < rows:
         x = torch.cat([x, x.new_full((rows - x.shape[0], *x.shape[1:]), pad)])
-    parts = dist_fn.all_gather(x.contiguous())
+    parts = _all_gather_with_grad(x.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0)
 
 
