@@ -499,6 +499,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     from .raster import _gdal_exceptions
 
     ext = _polygon_output_ext(path)
+    lonlat = ext != ".gpkg" and geojson_in_lonlat(path, results)
     target = Path(path).resolve()
     if ext == ".gpkg" and target.exists():
         # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
@@ -535,7 +536,7 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     try:
         with _gdal_exceptions():
             ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
-            written = _write_layer(ds, name, results)
+            written = _write_layer(ds, name, results, options=["RFC7946=YES"] if lonlat else [])
             ds = None  # noqa: F841 - closing writes the file
         os.replace(tmp, target)
     except BaseException:
@@ -545,19 +546,54 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     return written, name
 
 
-def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction: bool = True) -> int:
+def _polygon_srs(results: list[pb.SegmentResult]):
+    """The raster's CRS the polygons are in (x east, y north), or None when the answer names none."""
+    from osgeo import osr
+
+    if not (results and results[0].crs.wkt):
+        return None
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(results[0].crs.wkt)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return srs
+
+
+def geojson_in_lonlat(path: str, results: list[pb.SegmentResult]) -> bool:
+    """Whether GeoJSON --output `path` gets the polygons in longitude/latitude (RFC 7946) instead of
+    the raster's CRS: GDAL's GeoJSON writer names a CRS only by its EPSG code, and without one the
+    file named none, so every reader took the raster's metres for WGS 84 degrees. ClientError when
+    the CRS has no transform to longitude/latitude either (a local engineering CRS)."""
+    from osgeo import osr
+
+    from .raster import crs_authid
+
+    srs = _polygon_srs(results)
+    if srs is None or crs_authid(srs):
+        return False
+    wgs84 = osr.SpatialReference()
+    wgs84.ImportFromEPSG(4326)
+    wgs84.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    try:
+        transform = None if srs.IsLocal() else osr.CoordinateTransformation(srs, wgs84)
+    except RuntimeError:
+        transform = None
+    if transform is None:
+        raise ClientError(f"--output {path}: GeoJSON can name no CRS but an EPSG one, and the raster's CRS "
+                          f"({results[0].crs.authid or srs.GetName() or 'unnamed'}) is a local one with no "
+                          "longitude/latitude; give a .gpkg file name, which keeps any CRS")
+    return True
+
+
+def _write_layer(ds, name: str, results: list[pb.SegmentResult], own_transaction: bool = True,
+                 options: list[str] | None = None) -> int:
     """One polygon layer `name` in the open data source: a feature per polygon of every prompt
     (in a layer transaction of its own unless the caller holds the data source's)."""
-    from osgeo import ogr, osr
+    from osgeo import ogr
 
     written = 0
-    srs = None
-    if results and results[0].crs.wkt:
-        srs = osr.SpatialReference()
-        srs.ImportFromWkt(results[0].crs.wkt)
-        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    srs = _polygon_srs(results)
     # multi: a region whose pixels touch only at corners is one feature of several parts
-    layer = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbMultiPolygon)
+    layer = ds.CreateLayer(name, srs=srs, geom_type=ogr.wkbMultiPolygon, options=options or [])
     for field, kind in (("prompt", ogr.OFTString), ("score", ogr.OFTReal), ("max_score", ogr.OFTReal),
                         ("area", ogr.OFTReal), ("area_m2", ogr.OFTReal)):
         layer.CreateField(ogr.FieldDefn(field, kind))
@@ -676,6 +712,7 @@ def cmd_segment(stub, args) -> int:
     if unmeasured:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
               f"longitude/latitude) and were kept whatever their size", file=sys.stderr)
+    lonlat = bool(args.output) and _polygon_output_ext(args.output) != ".gpkg" and geojson_in_lonlat(args.output, results)
     # the maps are staged beside their names and renamed once the polygons are written: a failure
     # leaves neither, nor half of the maps
     staged = []
@@ -692,7 +729,7 @@ def cmd_segment(stub, args) -> int:
             tmp.unlink(missing_ok=True)
     relevance_maps = [str(target.resolve()) for _, target in staged]
     out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
-           "layer": layer_name,
+           "layer": layer_name, "output_crs": "EPSG:4326" if lonlat else None,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
            "band_note": results[0].band_note if results else "",
            "results": [
@@ -718,7 +755,9 @@ def cmd_segment(stub, args) -> int:
                 print(f"note: {unfamiliar_note(r.unfamiliar_words)}", file=sys.stderr)
         _print_band_note(out["band_note"])
         if args.output:
-            print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({out['crs']})")
+            crs = ("EPSG:4326, longitude/latitude: GeoJSON names no CRS without an EPSG code, and the raster's "
+                   "has none; a .gpkg keeps it") if lonlat else out["crs"]
+            print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({crs})")
         if relevance_maps:
             print(f"relevance map(s) saved: {', '.join(relevance_maps)}")
     return 0

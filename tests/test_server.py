@@ -1638,6 +1638,47 @@ def test_cli_index_search_segment_caption(server, rasters, tmp_path, suffix):
     assert described["crs"] == "EPSG:32633" and described["mean_log_prob"] <= 0 and isinstance(described["caption"], str)
 
 
+CUSTOM_LCC = ('PROJCS["site grid",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+              'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Lambert_Conformal_Conic_2SP"],'
+              'PARAMETER["standard_parallel_1",44],PARAMETER["standard_parallel_2",46],'
+              'PARAMETER["latitude_of_origin",45],PARAMETER["central_meridian",11.3],PARAMETER["false_easting",5000],'
+              'PARAMETER["false_northing",7000],UNIT["metre",1]]')
+
+
+def test_cli_geojson_of_a_crs_without_an_epsg_code_is_longitude_latitude(server, rasters, tmp_path):
+    """GDAL's GeoJSON writer names a CRS by its EPSG code only: the polygons of a raster in a custom
+    CRS went out in its metres with no CRS named, which every reader takes for WGS 84 degrees. They
+    are written in longitude/latitude (RFC 7946) now, and a local CRS, with none, is refused."""
+    custom = make_tif(rasters["folder"] / "site_grid.tif", noise((3, 64, 64), seed=31),
+                      geotransform=(5000.0, 2.0, 0.0, 7128.0, 0.0, -2.0), crs=CUSTOM_LCC)
+    target = tmp_path / "site.geojson"
+    out = client(server, "segment", "--json", "--raster", str(custom), "--prompt", "trees", "--threshold", "0",
+                 "--output", str(target))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["output_crs"] == "EPSG:4326" and summary["polygons_written"] >= 1
+    ds = ogr.Open(str(target))      # held: a layer outlives no data source
+    layer = ds.GetLayer(0)
+    assert layer.GetSpatialRef().GetAuthorityCode(None) == "4326"
+    xmin, xmax, ymin, ymax = layer.GetExtent()
+    # the raster's 128 m square starts at its grid's false origin (5000, 7000 m), which is 11.3 E, 45 N
+    assert 11.2999 < xmin < xmax < 11.3017 and 44.9999 < ymin < ymax < 45.0012
+    text = client(server, "segment", "--raster", str(custom), "--prompt", "trees", "--threshold", "0",
+                  "--output", str(tmp_path / "again.geojson"))
+    assert text.returncode == 0 and "EPSG:4326, longitude/latitude" in text.stdout, text.stdout + text.stderr
+    kept = tmp_path / "site.gpkg"       # a GeoPackage keeps the CRS itself
+    assert client(server, "segment", "--raster", str(custom), "--prompt", "trees", "--threshold", "0",
+                  "--output", str(kept)).returncode == 0
+    ds = ogr.Open(str(kept))
+    assert same_crs(ds.GetLayer(0).GetSpatialRef(), srs_of(CUSTOM_LCC))
+    local = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=32),
+                     geotransform=(0.0, 1.0, 0.0, 64.0, 0.0, -1.0), crs='LOCAL_CS["plant floor",UNIT["metre",1]]')
+    refused = client(server, "segment", "--raster", str(local), "--prompt", "trees", "--threshold", "0",
+                     "--output", str(tmp_path / "local.geojson"))
+    assert refused.returncode == 1 and "give a .gpkg file name" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "local.geojson").exists()
+
+
 def test_cli_min_area_is_square_metres_whatever_the_crs(server, rasters, tmp_path):
     """--min-area is ground area in m^2, as the plugin's minimum area: on a lon/lat raster (where map
     units^2 are square degrees) and on Web Mercator at 60 N (where they are four times the ground's)."""
