@@ -660,8 +660,13 @@ class Raster:
                                                   f"(a pixel size of 0); fix its georeferencing")
         srs = dataset.GetSpatialRef()
         if srs is None:
-            raise RasterError("invalid_argument", f"{where} has a geotransform but no CRS; assign one, "
-                                                  f"e.g. with gdal_edit.py -a_srs EPSG:<code> <file>")
+            driver = dataset.GetDriver()
+            if driver is not None and driver.GetMetadataItem(gdal.DCAP_CREATE) == "YES":
+                how = "e.g. with gdal_edit.py -a_srs EPSG:<code> <file>"
+            else:       # JPEG, PNG (a world file) and the like cannot be opened for update by gdal_edit
+                how = (f"in a GeoTIFF copy, e.g. gdal_translate -a_srs EPSG:<code> <file> <copy>.tif "
+                       f"({driver.ShortName if driver else 'its format'} files cannot be edited in place)")
+            raise RasterError("invalid_argument", f"{where} has a geotransform but no CRS; assign one, {how}")
         self._srs = _traditional(srs.Clone())
         with _gdal("invalid_argument", f"cannot describe the CRS of {where}"):
             self.crs_wkt = self._srs.ExportToWkt(["FORMAT=WKT2_2019"])

@@ -350,6 +350,12 @@ def test_raster_without_georeferencing_is_refused(tmp_path):
     with pytest.raises(RasterError, match="no CRS") as error:
         open_raster(no_crs)
     assert error.value.kind == "invalid_argument" and "gdal_edit" in str(error.value)
+    # a JPEG with a world file: gdal_edit cannot open it for update, so a GeoTIFF copy is what works
+    jpeg = tmp_path / "photo.jpg"
+    gdal.GetDriverByName("JPEG").CreateCopy(str(jpeg), gdal.Open(str(no_crs)), options=["WORLDFILE=YES"])
+    with pytest.raises(RasterError, match="no CRS") as error:
+        open_raster(jpeg)
+    assert "gdal_translate -a_srs" in str(error.value) and "gdal_edit" not in str(error.value)
     nothing = make_tif(tmp_path / "plain.tif", noise((4, 4)), geotransform=None, crs=None)
     with pytest.raises(RasterError, match="no georeferencing") as error:
         open_raster(nothing)
