@@ -67,6 +67,11 @@ _PROTO_DATA_TYPES = {1: "Byte", 2: "UInt16", 3: "Int16", 4: "UInt32", 5: "Int32"
 _NUMPY_DATA_TYPES = {np.dtype(np_type).name: name for name, (_, np_type) in DATA_TYPES.items()}
 
 
+# an extent whose pixels are all nodata or transparent: a caption or polygons of it would describe black
+NO_VALID_PIXELS = ("the extent holds no valid pixels of the raster (nodata, or transparent): give an area "
+                   "with imagery")
+
+
 class RasterError(Exception):
     """A raster request that cannot be served; ``kind`` is the gRPC status it maps to.
 

@@ -34,8 +34,8 @@ from shapely.validation import make_valid
 from .defaults import DEFAULT_SAO_WINDOW, DEFAULT_THRESHOLD, edge_radius_for
 from .edges import edge_refined
 from .engine import EngineError
-from .raster import (Raster, RasterError, _gdal_exceptions, _grid_to_map, bounds_from_geotransform,
-                     transform_points_quietly, transformation)
+from .raster import (NO_VALID_PIXELS, Raster, RasterError, _gdal_exceptions, _grid_to_map,
+                     bounds_from_geotransform, transform_points_quietly, transformation)
 
 # Generic texts every prompt competes with: what any overhead image "is" when nothing specific is.
 BACKGROUND_PROMPTS = ("an aerial image", "a satellite image of the ground", "an overhead view of land")
@@ -391,6 +391,9 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
                                                   "than one pixel; give an extent over the raster")
         inside = in_clip if inside is None else inside & in_clip
         valid = valid & in_clip
+    if not valid.any():
+        # "0 polygons" would read as "nothing of the kind here" where there is nothing to look at
+        raise RasterError("invalid_argument", NO_VALID_PIXELS)
     srs = raster.srs
     rel, tiles = relevance_map(rgb, valid, text_embeddings, len(prompts), engine, window, sigma, overlap,
                                progress=(lambda d, t: progress("relevance", d, t)) if progress else None,

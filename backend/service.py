@@ -29,7 +29,7 @@ from PIL import Image
 from .engine import EngineError, ModelEngine, out_of_memory
 from .index import (DB_NAME, SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path,
                     raster_identity)
-from .raster import (BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
+from .raster import (NO_VALID_PIXELS, BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
                      open_raster, parse_crs, raster_from_pixels, sources_digest_of, transform_bounds,
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
@@ -1487,8 +1487,7 @@ def model_input(raster: Raster, extent, size: int, max_pixels: int) -> tuple[np.
     rgb, valid = raster.read_window(col, row, width, height, out)
     if valid is not None and not valid.any():
         # black pixels would still get a confident caption ("a place with farmland")
-        raise _bad("the extent holds no valid pixels of the raster (nodata, or transparent): describe an area "
-                   "with imagery")
+        raise _bad(NO_VALID_PIXELS)
     image = np.zeros((3, size, size), np.uint8)
     image[:, :rgb.shape[1], :rgb.shape[2]] = rgb
     gt = raster.window_geotransform(col, row, width, height, width, height)

@@ -583,9 +583,10 @@ def test_a_segment_answer_past_the_message_limit_says_what_to_leave_out(checkpoi
         live.stop()
 
 
-def test_caption_of_an_extent_with_no_valid_pixel_is_refused(server, rasters):
+def test_caption_and_segment_of_an_extent_with_no_valid_pixel_are_refused(server, rasters):
     """The transparent half of a raster: black pixels got a confident caption; now INVALID_ARGUMENT.
-    The half with imagery is described."""
+    The half with imagery is described. Segment said "0 polygons" there, as if nothing of the kind
+    were on the ground; it is refused alike."""
     p = pb()
     x0, y0 = 1113194.9, 6800000.0          # rgba_3857.tif: 160 x 160 pixels of 5 m, the left 80 columns transparent
 
@@ -597,6 +598,15 @@ def test_caption_of_an_extent_with_no_valid_pixel_is_refused(server, rasters):
         caption(x0 + 10, x0 + 350)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds no valid pixels" in e.value.details()
     assert caption(x0 + 450, x0 + 750).caption
+    # a large extent (read as it is) and one smaller than a model tile (read with the ground around it)
+    for x1, x2 in ((x0 + 10, x0 + 390), (x0 + 100, x0 + 200)):
+        with pytest.raises(grpc.RpcError) as e:
+            segment(server, rasters["rgba"], ["trees"], extent=p.Extent(xmin=x1, ymin=y0 - 790, xmax=x2, ymax=y0 - 10),
+                    threshold=0.0)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds no valid pixels" in e.value.details()
+    results, _ = segment(server, rasters["rgba"], ["trees"], threshold=0.0,
+                         extent=p.Extent(xmin=x0 + 10, ymin=y0 - 790, xmax=x0 + 750, ymax=y0 - 10))
+    assert results[0].polygons
 
 
 def test_caption_extent_of_a_rotated_raster_covers_all_four_corners(server, rasters):
