@@ -23,7 +23,8 @@ if __name__ == "__main__":
 
 import grpc  # noqa: E402
 
-from .defaults import BUSY, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_target_resolution, check_tile_overlap
+from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_min_valid,
+                       check_target_resolution, check_tile_overlap)
 from .files import reader_stopped_reading, staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
@@ -182,6 +183,8 @@ def cmd_index(stub, args) -> int:
             check_tile_overlap(args.overlap, "--overlap")
         if args.resolution is not None:
             check_target_resolution(args.resolution, "--resolution")
+        if args.min_valid is not None:
+            check_min_valid(args.min_valid, "--min-valid")
     except ValueError as e:
         raise UsageError(str(e)) from None
     results: list[dict] = []
@@ -219,6 +222,8 @@ def _index_each(stub, args, results: list[dict]) -> int:
             request.tile_overlap = args.overlap
         if args.views is not None:
             request.views = args.views
+        if args.min_valid is not None:
+            request.min_valid_fraction = args.min_valid
         try:
             request.source.CopyFrom(_source(path))
             final = _index_one(stub, args, request, path)
@@ -902,6 +907,10 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=int, default=None, choices=VIEW_COUNTS, metavar="N",
                    help=f"views per tile, their embeddings averaged: {VIEW_HELP}; more views search a little "
                         "better and index N times slower (default: the server's, see `client info`)")
+    p.add_argument("--min-valid", type=float, default=None, metavar="F",
+                   help="fraction of a tile that must be valid (not nodata, not transparent) for it to be stored, "
+                        f"in (0, 1] (default {DEFAULT_MIN_VALID:g}); lower keeps the tiles along a ragged "
+                        "nodata edge, whose imagery is otherwise in no tile (or give --overlap 0.5)")
     p = sub.add_parser("list", parents=[common], help="the indexed rasters with their ids")
     p.add_argument("--all", action="store_true", help="also rasters indexed with another checkpoint")
     p = sub.add_parser("remove", parents=[common], help="drop rasters from the index (the files stay)")

@@ -119,6 +119,19 @@ def check_tile_overlap(overlap: float, name: str = "tile_overlap") -> float:
     return float(overlap)
 
 
+# Fraction of a tile that must be valid (not nodata, not transparent) for Index to store it: a tile
+# mostly of black padding embeds as "dark ground" and is found by no query
+DEFAULT_MIN_VALID = 0.5
+
+
+def check_min_valid(fraction: float, name: str = "min_valid_fraction") -> float:
+    """fraction, or ValueError naming the setting (`name`) and the range."""
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"{name} {fraction:.6g} is out of range: give the fraction of a tile that must be valid, "
+                         f"in (0, 1] (default {DEFAULT_MIN_VALID:g})")
+    return float(fraction)
+
+
 def check_target_resolution(resolution: float, name: str = "target_resolution") -> float:
     """resolution (0: native), or ValueError naming the setting (`name`)."""
     if not math.isfinite(resolution) or resolution < 0:

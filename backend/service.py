@@ -34,11 +34,10 @@ from .raster import (NO_VALID_PIXELS, BandMapping, Raster, RasterError, bounds_f
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
-from .defaults import (API_VERSION, BUSY, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_SAO_WINDOW,
-                       DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS, SEGMENTS_AT_ONCE, Limits,
-                       check_edge_radius,
-                       check_expand, check_keyword_weight, check_target_resolution, check_tile_overlap, check_views,
-                       edge_radius_for)
+from .defaults import (API_VERSION, BUSY, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_MIN_VALID,
+                       DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, DEFAULT_THRESHOLD, KEYWORD_POOL, LONLAT_CRS,
+                       SEGMENTS_AT_ONCE, Limits, check_edge_radius, check_expand, check_keyword_weight,
+                       check_min_valid, check_target_resolution, check_tile_overlap, check_views, edge_radius_for)
 from .keywords import keyword_bonus
 from .segment import crop_to_window, raise_if_cancelled, relevance_geotiff, segment
 
@@ -46,7 +45,6 @@ log = logging.getLogger("skyprompt.server")
 
 DEFAULT_TILE_OVERLAP = 0.0       # search tiles side by side: each ground point in one tile
 DEFAULT_SEGMENT_OVERLAP = 0.125  # segmentation tiles overlap so seams can be blended away
-DEFAULT_MIN_VALID = 0.5
 INDEX_BATCH = 32                 # tiles read ahead and embedded together
 PROGRESS_INTERVAL_S = 0.25       # at most four progress messages a second
 
@@ -871,9 +869,10 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         overlap = _overlap(request.tile_overlap if request.HasField("tile_overlap") else None,
                            DEFAULT_TILE_OVERLAP, "tile_overlap")
         resolution = _resolution(request.target_resolution)
-        min_valid = request.min_valid_fraction or DEFAULT_MIN_VALID
-        if not (0.0 <= min_valid <= 1.0):
-            raise _bad(f"min_valid_fraction {request.min_valid_fraction} must be in [0, 1]")
+        try:
+            min_valid = check_min_valid(request.min_valid_fraction or DEFAULT_MIN_VALID)
+        except ValueError as e:
+            raise _bad(f"{e}; 0 means the default") from None
         extent = extent_parts(request.extent) if request.HasField("extent") else None
         views = request.views if request.HasField("views") else self.index_views
         try:

@@ -1655,6 +1655,26 @@ CUSTOM_LCC = ('PROJCS["site grid",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS
               'PARAMETER["false_northing",7000],UNIT["metre",1]]')
 
 
+def test_cli_index_min_valid_keeps_the_tiles_along_a_ragged_nodata_edge(server, rasters):
+    """A tile less than half valid is not stored, so imagery along a nodata edge was in no tile and no
+    search found it; `index --min-valid F` (the request's min_valid_fraction) keeps such tiles."""
+    data = noise((4, 128, 128), seed=33)
+    data[3] = 0
+    data[3, :, 108:] = 255          # only the right 20 columns are imagery: under a third of their tile
+    edge = make_tif(rasters["folder"] / "ragged_edge.tif", data, colours=[gdal.GCI_RedBand, gdal.GCI_GreenBand,
+                                                                          gdal.GCI_BlueBand, gdal.GCI_AlphaBand])
+    out = client(server, "index", "--json", str(edge))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["tile_count"] == 0
+    out = client(server, "index", "--json", "--min-valid", "0.25", str(edge))
+    assert out.returncode == 0, out.stderr
+    kept = json.loads(out.stdout)[0]
+    assert kept["tile_count"] == 2 and kept["outcome"] == "replaced"      # the two tiles of the right column
+    for bad in ("0", "1.5", "nan"):
+        out = client(server, "index", "--min-valid", bad, str(edge))
+        assert out.returncode == 2 and "--min-valid" in out.stderr and "(0, 1]" in out.stderr, out.stderr
+
+
 def test_cli_geojson_of_a_crs_without_an_epsg_code_is_longitude_latitude(server, rasters, tmp_path):
     """GDAL's GeoJSON writer names a CRS by its EPSG code only: the polygons of a raster in a custom
     CRS went out in its metres with no CRS named, which every reader takes for WGS 84 degrees. They
