@@ -441,7 +441,12 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    interrupted, done = threading.Event(), threading.Event()
+    interrupted, done = threading.Event(), StopRequest()
+    # watched from the start: a launcher that gives up or ends while the model loads (minutes on a slow
+    # disk) would otherwise wait for the load, then for a server nobody asked for any more
+    watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
+    if args.stop_on_stdin_close:
+        watch_stdin(done)
 
     def on_signal(signum, _frame):
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -480,9 +485,6 @@ def serve(args: argparse.Namespace) -> int:
         # served yet and is crash-safe; leave at once, as below, without a traceback
         print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
         os._exit(130)
-    watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
-    if args.stop_on_stdin_close:
-        watch_stdin(done)
     server.start()
     if args.port_file:
         try:
@@ -493,6 +495,7 @@ def serve(args: argparse.Namespace) -> int:
             server.stop()
             logging.shutdown()
             os._exit(2)
+    done.serving()
     print(f"SkyPrompt serving on {server.address}", flush=True)
     while not done.wait(0.5):
         pass
@@ -523,7 +526,29 @@ def remove_port_file(path: str, port: int) -> None:
 PARENT_PID_ENV = "SKYPROMPT_PARENT_PID"
 
 
-def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> None:
+class StopRequest(threading.Event):
+    """The server's end, asked by a signal or by a launcher (its pipe closed, its process ended). Asked
+    by a launcher before the server serves, while torch imports or the model loads, the process leaves
+    at once: nothing is served yet and the index is crash-safe (as for Ctrl-C then)."""
+
+    def __init__(self):
+        super().__init__()
+        self._lock = threading.Lock()
+        self._serving = False
+
+    def serving(self) -> None:
+        with self._lock:
+            self._serving = True
+
+    def launcher_ended(self, why: str) -> None:
+        with self._lock:
+            if not self._serving:
+                print(f"skyprompt serve: {why} while starting; nothing was served", file=sys.stderr, flush=True)
+                os._exit(0)
+        self.set()
+
+
+def watch_parent(pid_text: str, done: StopRequest, every_s: float = 1.0) -> None:
     """Set `done` once process `pid_text` has ended (POSIX; elsewhere, and for "", nothing: on
     Windows os.kill(pid, 0) would end that process instead of probing it)."""
     if os.name != "posix" or not pid_text.strip().isdigit():
@@ -535,12 +560,12 @@ def watch_parent(pid_text: str, done: threading.Event, every_s: float = 1.0) -> 
         while not done.wait(every_s):
             if ended():
                 log.warning("the program that started this server (process %d) has ended: shutting down", pid)
-                done.set()
+                done.launcher_ended(f"the program that started it (process {pid}) ended")
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def watch_stdin(done: threading.Event) -> bool:
+def watch_stdin(done: StopRequest) -> bool:
     """Set `done` once standard input, a pipe or socket a launcher holds, reaches its end. A
     launcher stops the server by closing the pipe (Windows has no SIGTERM: QProcess.terminate()
     there sends WM_CLOSE, which a console program never sees), and a launcher that ends in any way
@@ -563,7 +588,7 @@ def watch_stdin(done: threading.Event) -> bool:
         except OSError:
             pass        # the pipe broke: closed, as far as this server can tell
         log.info("standard input closed: shutting down")
-        done.set()
+        done.launcher_ended("standard input closed")
 
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
     return True

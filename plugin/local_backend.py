@@ -14,7 +14,7 @@ import shlex
 from qgis.core import Qgis, QgsMessageLog
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
-from .settings import LOG_TAG, AddressError, PluginSettings
+from .settings import LOG_TAG, PluginSettings, SettingError
 
 
 # addresses of this machine only: a backend the plugin starts listens on loopback, without TLS
@@ -44,7 +44,8 @@ class LocalBackend(QObject):
         self._stopping = False   # stop() asked for the exit: not a crash to report
 
     def command(self, settings: PluginSettings) -> tuple[str, list[str]]:
-        """(program, arguments) that serve at settings.address; AddressError when it has no port."""
+        """(program, arguments) that serve at settings.address; SettingError when it has no port, or
+        Backend Python is a command line that does not split (an unmatched quote)."""
         host = settings.host or "127.0.0.1"
         # --stop-on-stdin-close: stop() closes the pipe to stop it, on Windows too (no SIGTERM there),
         # and a QGIS that ends in any way closes it as well
@@ -57,7 +58,11 @@ class LocalBackend(QObject):
         python = os.path.expanduser(settings.python)
         if os.path.isfile(python):
             return python, args
-        program, *pre = shlex.split(settings.python) or ["python3"]
+        try:
+            program, *pre = shlex.split(settings.python) or ["python3"]
+        except ValueError as e:     # "No closing quotation"
+            raise SettingError(f"Backend Python {settings.python!r} is not a command line ({str(e).lower()}): "
+                               "fix it in SkyPrompt settings, e.g. /path/to/.venv/bin/python") from None
         return os.path.expanduser(program), pre + args
 
     @property
@@ -77,7 +82,7 @@ class LocalBackend(QObject):
         self.settings = settings = dataclasses.replace(settings)
         try:
             program, args = self.command(settings)
-        except AddressError as e:
+        except SettingError as e:
             self.failed.emit(str(e))
             return False
         try:
@@ -160,6 +165,19 @@ class LocalBackend(QObject):
             self.process = None
             self.stopped.emit()
 
+    def _give_up_start(self) -> None:
+        """Leave a start that failed (timed out, or cannot be checked) without blocking QGIS: the pipe is
+        closed, which a backend still loading its model leaves on, and the process is killed if it
+        has not left within CANCEL_START_WAIT_MS. Whatever it does after, it is no longer ours."""
+        self._stop_polling()
+        process, self.process = self.process, None
+        if process is not None and process.state() != QProcess.NotRunning:
+            process.closeWriteChannel()
+            QTimer.singleShot(self.CANCEL_START_WAIT_MS,
+                              lambda: process.kill() if process.state() != QProcess.NotRunning else None)
+            process.finished.connect(process.deleteLater)
+        self.stopped.emit()
+
     def _read_output(self, process: QProcess) -> None:
         if process is not self.process:
             return
@@ -236,15 +254,14 @@ class LocalBackend(QObject):
                 conn = self.settings.connection()
                 self._probe = (conn, conn.health_async(timeout=self.POLL_MS / 1000 * 4))
             except Exception as e:  # a bad address or TLS file: report it rather than wait for the timeout
-                self._stop_polling()
                 self.failed.emit(f"cannot reach the backend at {self.settings.address}: {e}")
-                self.stop()
+                self._give_up_start()
                 return
         if healthy:
             self._stop_polling()
             self.serving.emit(self.settings.address)
         elif self._waited_ms >= self.settings.start_timeout_s * 1000:
-            self._stop_polling()
             self.failed.emit(f"the backend did not answer at {self.settings.address} within "
-                             f"{self.settings.start_timeout_s:.0f} s (see the SkyPrompt log)")
-            self.stop()
+                             f"{self.settings.start_timeout_s:.0f} s (see the SkyPrompt log; a model that loads "
+                             "slowly needs a longer Start timeout in SkyPrompt settings)")
+            self._give_up_start()

@@ -9,7 +9,11 @@ PREFIX = "skyprompt/"
 LOG_TAG = "SkyPrompt"
 
 
-class AddressError(ValueError):
+class SettingError(ValueError):
+    """A setting that cannot be used as it is; the message names it and says how to fix it."""
+
+
+class AddressError(SettingError):
     """The backend address is not HOST:PORT; the message says how to write it."""
 
 
@@ -33,7 +37,13 @@ class PluginSettings:
     search_in_view: bool = False
     follow_edges: bool = True
     max_pixel_side: int = 2048        # cap for layers sent as pixels (XYZ, WMS, in-memory)
-    start_timeout_s: float = 180.0
+    start_timeout_s: float = 180.0    # how long a local backend may take to load its model
+
+    # what the panel's and the settings dialog's fields allow: a stored value outside (a hand-edited
+    # QGIS3.ini, a setting from another version) is read as the default, not passed on to a widget
+    # that cannot hold it, or to the backend (a 0 px side, a k past 2^31)
+    RANGES = {"k": (1, 1000), "threshold": (0.0, 1.0), "min_area_m2": (0.0, 1e9),
+              "max_pixel_side": (256, 16384), "start_timeout_s": (10.0, 3600.0)}
 
     @classmethod
     def load(cls) -> "PluginSettings":
@@ -46,7 +56,10 @@ class PluginSettings:
                     value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
                 else:
                     value = type(default)(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
+                value = default
+            low, high = cls.RANGES.get(f.name, (None, None))
+            if low is not None and not low <= value <= high:     # NaN too
                 value = default
             setattr(out, f.name, value)
         return out

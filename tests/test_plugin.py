@@ -1508,6 +1508,15 @@ def test_local_backend_settings_with_a_tilde_and_the_advice_for_device_and_data_
     assert program == str(tmp_path / "venvpy") and args[args.index("--checkpoint") + 1] == str(tmp_path / "ckpt")
     program, args = LocalBackend.command(dock.backend, PluginSettings(python="~/bin/python -X utf8"))
     assert program == str(tmp_path / "bin" / "python") and args[:2] == ["-X", "utf8"]
+    # an unmatched quote: a message naming the setting, where shlex's ValueError was a traceback that
+    # left the button reading "Cancel start"
+    failures = []
+    dock.backend.failed.connect(failures.append)
+    try:
+        assert dock.backend.start(PluginSettings(python='python3 -X "utf8')) is False
+    finally:
+        dock.backend.failed.disconnect(failures.append)
+    assert "Backend Python" in failures[0] and "no closing quotation" in failures[0] and not dock.backend.running
     backend = dock.backend
     monkeypatch.setattr(backend, "_log_tail", [
         "skyprompt serve: device 'cuda:7' asked for, but this machine (or this torch build) has no CUDA GPU; use "
@@ -2384,6 +2393,59 @@ def test_a_late_finish_of_an_earlier_backend_process_leaves_the_current_one_alon
     finally:
         launcher.stop(wait_ms=500)
     assert failures == [] and stops == [1, 1]
+
+
+def test_stored_settings_out_of_range_are_read_as_the_defaults(qgis_app):
+    """A hand-edited QGIS3.ini or another version's value: k 99999999999 overflowed the panel's spin
+    box at every opening (the panel never opened), a max pixel side of 0 sent layers as one pixel."""
+    stored = {"k": "99999999999", "threshold": "nan", "min_area_m2": "-5", "max_pixel_side": "0",
+              "start_timeout_s": "-1"}
+    try:
+        for name, value in stored.items():
+            QgsSettings().setValue(f"skyprompt/{name}", value)
+        loaded, defaults = PluginSettings.load(), PluginSettings()
+        assert [getattr(loaded, n) for n in stored] == [getattr(defaults, n) for n in stored]
+        QgsSettings().setValue("skyprompt/k", "50")
+        QgsSettings().setValue("skyprompt/start_timeout_s", "600")
+        assert (PluginSettings.load().k, PluginSettings.load().start_timeout_s) == (50, 600.0)
+    finally:
+        QgsSettings().remove("skyprompt")
+
+
+def test_a_start_that_times_out_gives_up_without_blocking_qgis(qgis_app, tmp_path):
+    """The start timeout passed: the failure is said and the process given up on at once. stop()
+    waited there for up to STOP_WAIT_MS (15 s) on QGIS's main thread, for a backend that loads its
+    model and does not yet answer. One that does not leave when its pipe closes is killed later."""
+    from backend.server import free_port
+    from plugin.local_backend import LocalBackend
+
+    never_serves = tmp_path / "python"
+    never_serves.write_text("#!/bin/sh\nexec sleep 600\n")
+    never_serves.chmod(0o755)
+    settings = PluginSettings(address=f"127.0.0.1:{free_port()}", python=str(never_serves), backend_dir=str(tmp_path),
+                              start_timeout_s=1)
+    launcher = LocalBackend()
+    launcher.CANCEL_START_WAIT_MS = 300
+    failures, stops = [], []
+    launcher.failed.connect(failures.append)
+    launcher.stopped.connect(lambda: stops.append(1))
+    assert launcher.start(settings)
+    process = launcher.process
+    longest, last, deadline = 0.0, time.monotonic(), time.monotonic() + 20
+    while not failures and time.monotonic() < deadline:
+        QgsApplication.processEvents()
+        now = time.monotonic()
+        longest, last = max(longest, now - last), now
+        time.sleep(0.01)
+    assert failures and "did not answer" in failures[0] and "Start timeout" in failures[0], failures
+    assert longest < 1.0 and stops == [1] and launcher.process is None and not launcher.running
+    ended = []
+    process.finished.connect(lambda *_: ended.append(1))
+    while not ended and time.monotonic() < deadline:
+        QgsApplication.processEvents()          # the kill comes from a timer
+        time.sleep(0.05)
+    assert ended
+    assert len(failures) == 1                   # its end, after the timeout, is not a second failure
 
 
 def test_a_health_check_that_answers_late_does_not_replace_a_newer_answer(dock):

@@ -2341,6 +2341,21 @@ def test_server_with_stop_on_stdin_close_stops_cleanly_when_its_launcher_closes_
         live.log.close()
 
 
+def test_server_whose_launcher_closes_the_pipe_while_it_starts_leaves_without_serving(checkpoint, tmp_path):
+    """A launcher that gives up on a start (the plugin's start timeout, 'Cancel start') closes the pipe
+    while torch imports or the model loads: the server leaves then, instead of loading, serving and
+    only then seeing the pipe closed while the launcher waited (or killed it) meanwhile."""
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--port", "0", "--port-file", str(port_file),
+                             "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"),
+                             "--stop-on-stdin-close"], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(input="", timeout=120)     # the pipe closed at once: the server is still importing
+    assert proc.returncode == 0, err
+    assert "standard input closed while starting; nothing was served" in err, err
+    assert "SkyPrompt serving on" not in out and not port_file.exists()
+
+
 def test_a_raster_indexed_through_a_link_is_answered_by_its_real_path(server, rasters, tmp_path):
     """IndexResult, ListRasters and Search name a raster by the one path the index keys it by: the
     file a link leads to, whichever path it was indexed through."""
