@@ -786,6 +786,29 @@ def test_recipe_weight_0_leaves_a_source_out_and_a_caption_pool_mapping_must_be_
         sources_from_args(recipe(pooled), [], [], [], [], 0)
 
 
+def test_recipe_lists_never_replace_a_file_the_recipe_reads(folder, tmp_path, capsys):
+    """A manifest source named as its file ({"name": "train", "path": "train.jsonl"}), its lists
+    asked for in the manifest's own folder: the held-out lines replaced the training manifest."""
+    from training.recipe import main as recipe_main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    manifest = work / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(p), "captions": [f"{p.parent.name} scene {i}"],
+                                            "class": p.parent.name}) + "\n"
+                                for i, p in enumerate(sorted(folder.glob("*/*.jpg")))))
+    before = manifest.read_text()
+    recipe = work / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"name": "train", "kind": "manifest", "path": "train.jsonl",
+                                               "classnames": str(folder.parent / "classes.json"),
+                                               "val_per_class": 2}]}))
+    r = run_main(recipe_main, [str(recipe), "--out", str(work)], capsys)
+    assert r.returncode == 2 and "train.jsonl is a file the recipe reads" in r.stderr, r.stderr
+    assert manifest.read_text() == before
+    r = run_main(recipe_main, [str(recipe), "--out", str(work / "val")], capsys)
+    assert r.returncode == 0 and len((work / "val" / "train.jsonl").read_text().splitlines()) == 6, r.stderr
+
+
 def test_recipe_command_names_a_file_in_the_way_and_a_folder_given_as_the_recipe(folder, tmp_path, capsys):
     """`training.recipe R --out F` with F a file (or under one) ended in a traceback; a folder given as
     the recipe was said not to exist."""

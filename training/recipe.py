@@ -337,12 +337,38 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
     `<name>.val.jsonl` when the source has no "name": its name is then its caption file's, and
     `val/train.jsonl` would read as the training manifest."""
     out = Path(out_dir)
+    texts = validation_list_texts(sources, val_sets)
+    read = _files_read(sources)
+    for file_name in texts:
+        if os.path.realpath(out / file_name) in read:
+            # a manifest source named as its file ({"name": "train", "path": "train.jsonl"}) listed in
+            # its own folder: its held-out lines would replace the training manifest itself
+            raise RecipeError(f"{out / file_name} is a file the recipe reads, where its held-out list of that name "
+                              "would go; give another --out (or another name to the source)")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, text in validation_list_texts(sources, val_sets).items():
+    for file_name, text in texts.items():
         (out / file_name).write_text(text)
         written.append(out / file_name)
     return written
+
+
+def _files_read(sources: list[dict]) -> set[str]:
+    """Real paths of the files the sources name (manifests, class maps, caption pools), at any depth."""
+    found: set[str] = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, (str, Path)) and str(value) and os.path.isfile(value):
+            found.add(os.path.realpath(value))
+
+    walk(sources)
+    return found
 
 
 def changed_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[str]:
