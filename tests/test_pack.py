@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from training import recipe as R
@@ -93,6 +94,19 @@ def test_pack_refuses_bad_input_without_writing(tmp_path, capsys):
     shards.write_text(json.dumps({"sources": [{"kind": "shards", "urls": ["x-{000..001}.tar"]}]}))
     r = _pack("--recipe", str(shards), "--out", str(tmp_path / "p3"))
     assert r.returncode == 2 and "shards are packed already" in r.stderr and "Traceback" not in r.stderr
+    # found after --out was made and a source's manifest written: that partial copy is removed, so the
+    # same command, its recipe mended, runs (it was refused as "not an empty folder ... nothing was written")
+    mixed = json.loads(recipe.read_text())
+    mixed["sources"].insert(1, {"name": "web", "kind": "shards", "urls": ["x-{000..001}.tar"]})
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    r = _pack("--recipe", str(tmp_path / "mixed.json"), "--out", str(tmp_path / "p4"))
+    assert r.returncode == 2 and "shards are packed already" in r.stderr and not (tmp_path / "p4").exists()
+    r = _pack("--recipe", str(tmp_path / "mixed.json"), "--out", str(out))       # into a folder of the user's
+    assert r.returncode == 2 and [p.name for p in out.iterdir()] == ["keep.txt"]
+    # a copy a killed pack left (no recipe.json) is named as such
+    (tmp_path / "p5" / "scenes").mkdir(parents=True)
+    r = _pack("--recipe", str(recipe), "--out", str(tmp_path / "p5"))
+    assert r.returncode == 2 and "holds no recipe.json: a pack stopped before its end" in r.stderr
 
 
 def test_a_packed_copy_trains_and_records_its_pool_by_size(tmp_path):
@@ -166,9 +180,11 @@ def test_images_too_large_or_too_long_for_the_format_are_named_or_fitted(tmp_pat
     assert r.returncode == 2 and "cannot write the copy in" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path, stop):
     """Ctrl-C reaches the whole process group (the pool's workers too): one line, no tracebacks, and no
-    half-written --out, which would have no recipe.json and be refused as not empty by the next pack."""
+    half-written --out, which would have no recipe.json and be refused as not empty by the next pack.
+    SIGTERM to the pack alone (`timeout`, a job scheduler) does the same; it left the partial copy."""
     scenes = make_scene_folder(tmp_path / "data" / "scenes", per_class=1)
     for cls in ("red", "green", "blue"):   # enough images to interrupt (seconds of work): links to the one of each
         for i in range(5000):
@@ -188,7 +204,10 @@ def test_ctrl_c_removes_the_partial_copy_so_the_same_pack_can_run_again(tmp_path
         time.sleep(0.02)
     time.sleep(0.2)
     assert proc.poll() is None, "the pack ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGINT)
+    if stop == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted: removed the partial copy" in stderr and "Traceback" not in stderr, stderr[-3000:]

@@ -58,10 +58,27 @@ def _shrink(job: tuple[str, str, int, str, int]) -> int | str:
     return Path(dst).stat().st_size
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def _ignore_interrupt() -> None:
-    """Pool workers leave Ctrl-C to the main process, which stops them and removes the partial copy
-    (a terminal's Ctrl-C reaches every process of the group; each would print a traceback)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Pool workers leave Ctrl-C (and a scheduler's or `timeout`'s SIGTERM, a closed terminal's SIGHUP)
+    to the main process, which stops them and removes the partial copy (a signal to the process group
+    reaches every process; each would print a traceback)."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _stop_as_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP stop the main process as Ctrl-C does: the partial copy is removed, so the same
+    command can run again (a half copy has no recipe.json, and a non-empty --out is refused)."""
+    for number in STOP_SIGNALS[1:]:
+        if signal.getsignal(number) is not signal.SIG_IGN:     # started under nohup: stays ignored
+            signal.signal(number, _stop_as_interrupt)
 
 
 def _remove_partial(out: Path, created: bool) -> None:
@@ -149,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=85, help="1..100 (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="processes resizing images (default: %(default)s)")
     args = p.parse_args(argv)
+    _stop_signals_interrupt()
     out = Path(args.out)
     created, ours = not out.exists(), False     # ours: --out checked new or empty, so what is in it is ours
     try:
@@ -157,13 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.quality <= 100:
             raise PackError(f"--quality {args.quality} is outside 1..100")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise PackError(f"{out} exists and is not an empty folder; give a new --out (nothing was written)")
+            left = (" It holds no recipe.json: a pack stopped before its end (killed) left it; remove it and pack "
+                    "again" if out.is_dir() and not (out / "recipe.json").exists() else "")
+            raise PackError(f"{out} exists and is not an empty folder; give a new --out (nothing was written).{left}")
         ours = True
         sources = R.sources_from_args(args.recipe, [], [], [], [], 0)
         train, _ = R.build_sources(sources, seed=args.seed)
         out.mkdir(parents=True, exist_ok=True)
         packed, jobs = pack_sources(train, out, args.size, args.format, args.quality)
     except (R.RecipeError, D.DataError, PackError) as e:
+        if ours and out.is_dir():     # found after --out was made (a shards source, a class of mixed captions)
+            _remove_partial(out, created)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:        # --out where no folder can be made (a file in its path, /proc, read-only)
