@@ -35,8 +35,27 @@ def checked_or_exit(check, *args):
         raise SystemExit(2) from None
 
 
+def write_atomically(path, text: str) -> None:
+    """`text` into `path` whole or not at all: written to a temporary file in the same folder, then
+    renamed over `path` (os.replace), so a run killed or failing midway (a full disk) leaves the
+    earlier file as it was, and a reader never sees half a file. The temporary file is removed
+    when the write fails."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_results(results: dict, name: str, out_dir) -> None:
-    """Write `<out_dir>/<name>.json` (nothing when out_dir is None)."""
+    """Write `<out_dir>/<name>.json` atomically (nothing when out_dir is None)."""
     if out_dir is None:
         return
     import json
@@ -44,7 +63,27 @@ def save_results(results: dict, name: str, out_dir) -> None:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(out / f"{name}.json", json.dumps(results, indent=2) + "\n")
+
+
+def names_option(value, option: str, known, noun: str) -> list[str]:
+    """The names of a comma-separated option (spaces around a name stripped): BenchError when it names
+    none ('' or ',': a run that would measure nothing) or a `noun` not in `known`, with the names accepted."""
+    names = [n.strip() for n in str(value or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise BenchError(f"{option}: unknown {noun}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if not names:
+        raise BenchError(f"{option}: {value!r} names no {noun}; give one or more of {', '.join(known)}, "
+                         "comma-separated")
+    return names
+
+
+def preset_names(value, option: str) -> list[str]:
+    """The model presets a comma-separated option names (see names_option)."""
+    from backend.model import PRESETS
+
+    return names_option(value, option, list(PRESETS), "preset")
 
 
 def write_geotiff(path, data, origin: tuple[float, float], pixel: float = 0.5, epsg: int = 32633,

@@ -9,7 +9,9 @@ Measures
     the default edge refinement next to the same request without it (`edge_radius` 0);
   - peak RSS of the server while indexing a raster of about 20000 x 20000 pixels (18432^2: a VRT mosaic of one
     generated GeoTIFF; target: under 1.5 GB), at a coarser target resolution so the run is short
-    on CPU: the reads are still windowed over the full-size raster;
+    on CPU: the reads are still windowed over the full-size raster. The server's peak is reset just
+    before (Linux: /proc/<pid>/clear_refs), so what the earlier sections reached does not count;
+    where it cannot be reset the row says it is the server's peak so far;
   - end-to-end Search latency through gRPC (query embedding + index lookup) on what was indexed,
     with the query's prompt ensemble (the default) and as typed (`raw_query`);
   - Search with thumbnails, as the plugin asks for them: 50 hits from a 16-bit, DEFLATE-compressed
@@ -97,6 +99,42 @@ def _checkpoint(work: Path) -> Path:
     return save_checkpoint(MaMMUT(cfg).eval(), tok, work / "small-random")
 
 
+def _status_mb(pid: int, field: str) -> float:
+    """A memory field of /proc/<pid>/status in MB; NaN where there is none (not Linux)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith(field + ":")), float("nan"))
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Process `pid`'s peak resident set size (VmHWM): over its whole life, or since reset_peak_rss."""
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Set process `pid`'s peak RSS (VmHWM) back to its RSS now (Linux: 5 into /proc/<pid>/clear_refs),
+    so a later peak_rss_mb is the peak of what it did in between; False where that cannot be done
+    (not Linux, another user's process), and the peak stays the process's lifetime peak."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+# what the large-raster row's peak RSS is the peak of: indexing alone when the peak could be reset
+# before it, else everything the server did until then (the earlier sections too)
+PEAK_WHILE_INDEXING = "while indexing the large raster (reset just before it)"
+PEAK_SO_FAR = "so far, the earlier sections' included (it could not be reset here)"
+
+
 class _Server:
     def __init__(self, checkpoint: Path, data_dir: Path, root: Path):
         self.port_file = data_dir.parent / "port"
@@ -117,17 +155,11 @@ class _Server:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port_file.read_text()}")
         self.stub = pb_grpc.SkyPromptStub(self.channel)
 
-    def _status_mb(self, field: str) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
     def peak_rss_mb(self) -> float:
-        return self._status_mb("VmHWM")
+        return peak_rss_mb(self.proc.pid)
 
     def rss_mb(self) -> float:
-        return self._status_mb("VmRSS")
+        return rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         self.channel.close()
@@ -241,20 +273,26 @@ def run(quick: bool = False, out_dir: Path | None = RESULTS_DIR, checkpoint: Pat
         side = big_side
         vrt = _mosaic_vrt(work / "big.vrt", raster, index_side, side - side % index_side)
         resolution = 0.5 * (16 if quick else 4)
-        before = server.peak_rss_mb()
+        earlier_peak = server.peak_rss_mb()         # reached in the sections above
+        reset = reset_peak_rss(server.proc.pid)
+        rss_before = server.rss_mb()
         t = time.perf_counter()
         big = list(server.stub.IndexRaster(pb.IndexRasterRequest(source=pb.RasterSource(path=str(vrt)),
                                                                   target_resolution=resolution)))[-1]
         results["large_raster"] = {"raster_pixels": f"{side - side % index_side}^2", "target_resolution": resolution,
                                    "tiles": big.result.tile_count, "seconds": time.perf_counter() - t,
-                                   "server_rss_at_start_mb": baseline_rss, "peak_rss_before_mb": before,
-                                   "peak_rss_mb": server.peak_rss_mb(), "target_mb": RSS_TARGET_MB}
+                                   "server_rss_at_start_mb": baseline_rss,
+                                   "server_peak_rss_earlier_sections_mb": earlier_peak,
+                                   "rss_before_indexing_mb": rss_before, "peak_rss_mb": server.peak_rss_mb(),
+                                   "peak_rss_of": PEAK_WHILE_INDEXING if reset else PEAK_SO_FAR,
+                                   "target_mb": RSS_TARGET_MB}
     finally:
         server.stop()
     results["targets"] = [
         {"target": f"Segment 1024x1024 under {SEGMENT_TARGET_S} s",
          "result": "PASS" if results["segment"]["median_s"] < SEGMENT_TARGET_S else "FAIL"},
-        {"target": f"peak RSS indexing a {results['large_raster']['raster_pixels']} raster under {RSS_TARGET_MB} MB",
+        {"target": f"server peak RSS {results['large_raster']['peak_rss_of']}, a "
+                   f"{results['large_raster']['raster_pixels']} raster, under {RSS_TARGET_MB} MB",
          "result": "PASS" if results["large_raster"]["peak_rss_mb"] < RSS_TARGET_MB else "FAIL"},
     ]
     save_results(results, NAME, out_dir)
@@ -283,8 +321,10 @@ def report(r: dict) -> str:
         f"| Search with {th['thumbnails']} thumbnails ({th['thumbnail_size']} px) from a {th['raster_pixels']} "
         f"{th['data_type']} raster | {th['median_ms']:.0f} ms | without thumbnails {th['no_thumbnails_median_ms']:.0f} ms "
         f"(ratio {th['median_ms'] / th['no_thumbnails_median_ms']:.1f}) |",
-        f"| peak RSS indexing {big['raster_pixels']} px at {big['target_resolution']} m ({big['tiles']} tiles, "
-        f"{big['seconds']:.0f} s) | {big['peak_rss_mb']:.0f} MB | < {big['target_mb']} MB |",
+        f"| server peak RSS {big['peak_rss_of']}; large raster {big['raster_pixels']} px at "
+        f"{big['target_resolution']} m ({big['tiles']} tiles, {big['seconds']:.0f} s) | {big['peak_rss_mb']:.0f} MB "
+        f"(RSS before it {big['rss_before_indexing_mb']:.0f} MB; earlier sections' peak "
+        f"{big['server_peak_rss_earlier_sections_mb']:.0f} MB) | < {big['target_mb']} MB |",
         "",
     ]
     lines += [f"{t['result']:>4}  {t['target']}" for t in r["targets"]]

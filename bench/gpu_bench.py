@@ -10,7 +10,8 @@ Sections (bench/README.md has the details):
   runs) on the GPU and on this machine's CPU: tiles/s embedded, SAO relevance tiles/s (each tile one map a
   prompt; gpu.json has maps/s too), caption latency.
 
-Without CUDA the module reports that it was skipped and writes that to gpu.json.
+Without CUDA the module reports that it was skipped and writes that to gpu.json, unless gpu.json already
+holds a GPU run's results: those are kept.
 Run: `python -m bench.gpu_bench` (or `python -m bench.run --only gpu`).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from backend.defaults import BUNDLED_CHECKPOINT
 from backend.model import MaMMUT, get_preset
 from backend.model.precision import autocast_context
-from bench import check_results_dir, checked_or_exit
+from bench import check_results_dir, checked_or_exit, save_results
 
 from .model_bench import (GPU_BF16_PEAK, _f, _have, _table, autocast_train_step, clip_vision, encoder_flops,
                           machine_info, make_batch, time_interleaved, train_flops_per_sample)
@@ -219,6 +220,22 @@ def report(results: dict) -> str:
     return "\n\n".join(parts)
 
 
+def skip(path: Path, echo=print) -> dict:
+    """No CUDA here: a skip record in `path`, unless it holds a GPU run's results, which are kept
+    (a CPU machine running every benchmark replaced the numbers a GPU machine wrote)."""
+    results = {"skipped": "no CUDA GPU on this machine", "machine": machine_info()}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and "skipped" not in earlier:
+        echo(f"GPU benchmark skipped: no CUDA GPU on this machine; kept the GPU results already in {path}")
+        return results
+    save_results(results, NAME, path.parent)
+    echo("GPU benchmark skipped: no CUDA GPU on this machine")
+    return results
+
+
 def run(quick: bool = False, compile_model: bool = True, peers: bool = True, device: str = "cuda",
         models=tuple(MODELS), results_dir: str | os.PathLike = RESULTS_DIR, echo=print) -> dict:
     """Run the GPU benchmark on `device` (the CPU only for smoke tests) and write gpu.json."""
@@ -226,10 +243,7 @@ def run(quick: bool = False, compile_model: bool = True, peers: bool = True, dev
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        results = {"skipped": "no CUDA GPU on this machine", "machine": machine_info()}
-        (out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")
-        echo("GPU benchmark skipped: no CUDA GPU on this machine")
-        return results
+        return skip(out / "gpu.json", echo)
     torch.set_num_threads(os.cpu_count())
     torch.backends.cuda.matmul.allow_tf32 = True      # fp32 rows use TF32 tensor cores, as training does
     torch.backends.cudnn.allow_tf32 = True
@@ -246,7 +260,7 @@ def run(quick: bool = False, compile_model: bool = True, peers: bool = True, dev
         rows = bench_encode(label, dev, warm, iters, peers, ENCODE_BATCH if dev.type == "cuda" else 4)
         results["encode"] += rows
         echo(f"encode {label}: " + ", ".join(f"{r['model']} {r['dtype']} {r['images_per_s']:.0f} img/s" for r in rows))
-    save = lambda: (out / "gpu.json").write_text(json.dumps(results, indent=2) + "\n")  # noqa: E731
+    save = lambda: save_results(results, NAME, out)  # noqa: E731
     save()
     for label in models:
         for compiled in ((False, True) if compile_model else (False,)):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.index import TileIndex, lists_for
-from bench import check_results_dir, checked_or_exit
+from bench import BenchError, check_results_dir, checked_or_exit, save_results
 
 NAME = "index"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -216,18 +215,37 @@ def report(results: dict) -> str:
 
 def run(sizes=(10_000, 100_000, 1_000_000), dim: int = 256, out_dir: str | os.PathLike | None = RESULTS_DIR,
         queries: int = 100, warmup: int = 5, ann: bool = True, work_dir=None, echo=print) -> dict:
-    """Measure every size; write `<out_dir>/index.json` (unless out_dir is None) and return the results."""
+    """Measure every size; write `<out_dir>/index.json` (unless out_dir is None) and return the results.
+    BenchError (before any work) for a size, `dim` or `queries` under 1."""
+    check_arguments(sizes, dim, queries)
     results = {"machine": machine_info(),
                "settings": {"dim": dim, "k": K, "queries": queries, "raster_tiles": RASTER_TILES,
                             "centers": CENTERS, "noise": NOISE},
                "sizes": [bench_size(int(n), dim, queries, warmup, ann, work_dir, echo) for n in sizes]}
     results["targets"] = evaluate_targets(results)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_results(results, NAME, out_dir)
     echo(report(results))
     return results
+
+
+def _at_least_one(option: str, values, what: str) -> None:
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise BenchError(f"{option} {' '.join(map(str, bad))}: {what} must be 1 or more")
+
+
+def check_sizes(sizes, option: str = "--sizes") -> None:
+    """BenchError naming `option` for a stored-embedding count under 1 (numpy failed on a negative
+    one; 0 measured nothing and wrote it down)."""
+    _at_least_one(option, sizes, "the number of stored embeddings")
+
+
+def check_arguments(sizes, dim: int, queries: int) -> None:
+    """What the index benchmark's options accept: sizes, --dim and --queries of 1 or more (--dim 0
+    failed in TileIndex, --queries 0 in the percentiles, both after the index was built)."""
+    check_sizes(sizes)
+    _at_least_one("--dim", [dim], "the embedding dimension")
+    _at_least_one("--queries", [queries], "the number of timed queries")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +269,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", "--out-dir", dest="out_dir", type=Path, default=RESULTS_DIR,
                         help="where index.json goes")
     args = parser.parse_args(argv)
+    checked_or_exit(check_arguments, args.sizes, args.dim, args.queries)
     checked_or_exit(check_results_dir, args.out_dir)
     run(sizes=args.sizes, dim=args.dim, out_dir=args.out_dir, queries=args.queries, ann=not args.no_ann)
     return 0

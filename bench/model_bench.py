@@ -8,7 +8,6 @@ See bench/README.md for what each number means.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from torch import nn
 
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.precision import autocast_context, cpu_supports_bf16
+from bench import preset_names, save_results
 
 NAME = "model"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -440,10 +440,8 @@ def run(presets=("small", "base"), quick: bool = False, force_bf16: bool = False
     if torch.cuda.is_available() if mfu is None else mfu:
         results["mfu"] = bench_mfu(get_preset("base"), "cuda", warmup=2 if quick else 3, iters=3 if quick else 10)
     results["targets"] = evaluate_targets(results)
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").write_text(json.dumps(results, indent=2) + "\n")
-    echo("\n" + report(results) + f"\n\nresults: {out / 'model.json'}")
+    save_results(results, NAME, results_dir)
+    echo("\n" + report(results) + f"\n\nresults: {Path(results_dir) / 'model.json'}")
     return results
 
 
@@ -456,7 +454,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> dict:
-    return run(presets=[p for p in args.presets.split(",") if p], quick=args.quick, force_bf16=args.force_bf16,
+    return run(presets=preset_names(args.presets, "--presets"), quick=args.quick, force_bf16=args.force_bf16,
                peers=not args.no_peers, results_dir=args.results_dir)
 
 

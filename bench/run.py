@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import bench
-from bench import BenchError, check_results_dir, checked_or_exit
+from bench import check_results_dir, checked_or_exit, preset_names
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -44,21 +44,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_arguments(args) -> None:
-    """What can be checked before any benchmark runs (a long run would fail at its end): the
-    results folder, and the model presets named."""
-    from backend.model import PRESETS
-
-    check_results_dir(args.results_dir)
+    """What can be checked before any benchmark runs (a long run would fail at its end, or one that
+    measures nothing would replace good results): the results folder, the model presets and search
+    sets named (none named is refused too), the index sizes."""
+    from bench.index_bench import check_sizes
     from bench.search_quality_bench import check_sets
 
-    if getattr(args, "search_sets", None):
+    check_results_dir(args.results_dir)
+    if getattr(args, "search_sets", None) is not None:
         check_sets(args.search_sets, "--search-sets")
     for option in ("presets", "training_presets"):
-        names = [n.strip() for n in str(getattr(args, option, "") or "").split(",") if n.strip()]
-        unknown = [n for n in names if n not in PRESETS]
-        if unknown:
-            raise BenchError(f"--{option.replace('_', '-')}: unknown preset(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(PRESETS)}")
+        if getattr(args, option, None) is not None:
+            preset_names(getattr(args, option), f"--{option.replace('_', '-')}")
+    if getattr(args, "index_sizes", None) is not None:
+        check_sizes(args.index_sizes, "--index-sizes")
 
 
 def run_one(name: str, argv: list[str] | None = None) -> int:

@@ -256,14 +256,11 @@ def add_arguments(parser) -> None:
 
 
 def check_sets(sets: str | None, option: str = "--sets") -> list[str]:
-    """The comma-separated set names (all of SETS when None); BenchError names an unknown one."""
-    from . import BenchError
+    """The comma-separated set names (all of SETS when None, the option not given); BenchError names an
+    unknown one, or an option given that names none ('' as ',')."""
+    from . import names_option
 
-    names = [n.strip() for n in (sets or ",".join(SETS)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in SETS]
-    if unknown or not names:
-        raise BenchError(f"{option}: unknown set(s) {', '.join(unknown) or repr(sets)}; choose from {', '.join(SETS)}")
-    return names
+    return names_option(",".join(SETS) if sets is None else sets, option, SETS, "set")
 
 
 def check_inputs(checkpoint, sets, out_dir) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.precision import autocast_context, cpu_supports_bf16
 
-from . import save_results
+from . import preset_names, save_results
 from .model_bench import NOT_SUPPORTED, _have, machine_info, make_batch, mammut_pytorch, time_interleaved
 
 NAME = "training"
@@ -107,7 +107,7 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> dict:
-    presets = [p for p in getattr(args, "training_presets", "tiny,small").split(",") if p]
+    presets = preset_names(getattr(args, "training_presets", "tiny,small"), "--training-presets")
     return run(presets=presets, quick=args.quick, peers=not getattr(args, "no_peers", False),
                force_bf16=getattr(args, "force_bf16", False), results_dir=args.results_dir)
 

@@ -1,8 +1,11 @@
 """Smoke test of the model benchmark: `tiny` preset, quick mode, results JSON in a temp dir."""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,7 +104,12 @@ def test_backend_bench_small_run_writes_results(tmp_path, tokenizer, tiny_config
     assert res["segment"]["no_edge_refinement_median_s"] > 0 and len(res["segment"]["no_edge_refinement_runs_s"]) == 1
     assert res["search_grpc"]["p50_ms"] <= res["search_grpc"]["p99_ms"]
     assert 0 < res["search_grpc"]["raw_query_p50_ms"] <= res["search_grpc"]["raw_query_p99_ms"]
-    assert res["large_raster"]["tiles"] > 0 and res["large_raster"]["peak_rss_mb"] > 100
+    big = res["large_raster"]
+    assert big["tiles"] > 0 and big["peak_rss_mb"] > 100
+    # the peak is the large raster's indexing alone (reset before it), not what earlier sections reached
+    assert big["peak_rss_of"] == (backend_bench.PEAK_WHILE_INDEXING if sys.platform == "linux"
+                                  else backend_bench.PEAK_SO_FAR)
+    assert big["rss_before_indexing_mb"] <= big["peak_rss_mb"] and "peak_rss_before_mb" not in big
     thumbs = res["search_thumbnails"]
     assert thumbs["thumbnails"] == thumbs["hits"] > 0 and thumbs["median_ms"] > 0 < thumbs["no_thumbnails_median_ms"]
     assert [t["result"] in ("PASS", "FAIL") for t in res["targets"]] == [True, True]
@@ -277,7 +285,7 @@ def test_bench_arguments_are_checked_before_any_benchmark_runs(tmp_path, capsys)
     assert r.returncode == 2 and r.stdout == "" and "--results-dir" in r.stderr and "cannot write results" in r.stderr
     r = run_main(bench_run.main, ["--only", "model", "--quick", "--presets", "small,bogus",
                                   "--results-dir", tmp_path / "out"], capsys)
-    assert r.returncode == 2 and "--presets: unknown preset(s) bogus; known: tiny" in r.stderr and r.stdout == ""
+    assert r.returncode == 2 and "--presets: unknown preset(s) bogus; choose from tiny" in r.stderr and r.stdout == ""
     r = run_main(lambda argv: bench_run.run_one("model", argv), ["--help"], capsys)   # python -m bench.model_bench --help
     assert r.returncode == 0 and "--presets" in r.stdout
     with pytest.raises(BenchError, match="--sets: unknown set.s. bogus"):
@@ -305,3 +313,164 @@ def test_search_quality_in_bench_run_takes_its_sets_and_quick_searches_one(tmp_p
     r = run_main(bench_run.main, ["--only", "search_quality", "--search-sets", "ucm,mars",
                                   "--results-dir", tmp_path / "out"], capsys)
     assert r.returncode == 2 and "--search-sets: unknown set(s) mars; choose from rsscn7, ucm, aid" in r.stderr
+
+
+def _disk_full_midway(monkeypatch):
+    """Path.write_text of a .json file writes half of its text, then fails as a full disk does."""
+    real = Path.write_text
+
+    def half(self, data, *args, **kwargs):
+        if ".json" not in self.name:
+            return real(self, data, *args, **kwargs)
+        real(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", half)
+
+
+def _write_model(out, monkeypatch):
+    from bench import model_bench
+
+    monkeypatch.setattr(model_bench, "matmul_gflops", lambda *a: {"gflops": 1.0})       # nothing timed
+    monkeypatch.setattr(model_bench, "bench_encode", lambda *a: [])
+    model_bench.run(presets=["tiny"], train_presets=[], peers=False, mfu=False, threads=1, results_dir=out,
+                    echo=lambda *a: None)
+
+
+def _write_index(out, monkeypatch):
+    from bench import index_bench
+
+    index_bench.run(sizes=[20], dim=8, queries=2, warmup=1, ann=False, out_dir=out, echo=lambda *a, **k: None)
+
+
+def _write_gpu(out, monkeypatch):
+    from bench import gpu_bench
+
+    # nothing timed: rows as the sections give them
+    monkeypatch.setattr(gpu_bench, "bench_matmul", lambda *a: {"n": 1, "tflops": 1.0})
+    monkeypatch.setattr(gpu_bench, "bench_encode", lambda label, *a: [
+        {"model_label": label, "model": "skyprompt", "dtype": "fp32", "batch": 1, "images_per_s": 1.0,
+         "ms_per_batch": 1.0, "tflops": 1.0}])
+    monkeypatch.setattr(gpu_bench, "bench_train", lambda label, dev, warm, iters, compiled, batch: {
+        "model_label": label, "batch": batch, "compiled": compiled, "ms_per_step": 1.0, "samples_per_s": 1.0,
+        "tflops": 1.0, "mfu": 0.1, "peak_memory_gib": None, "first_step_s": 1.0})
+    monkeypatch.setattr(gpu_bench, "bench_engine", lambda *a, **k: None)
+    gpu_bench.run(quick=True, compile_model=False, peers=False, device="cpu", models=("small-128",), results_dir=out,
+                  echo=lambda *a: None)
+
+
+def _write_saved(out, monkeypatch):
+    from bench import save_results
+
+    save_results({"new": 1}, "saved", out)
+
+
+@pytest.mark.parametrize("name, write", [("saved", _write_saved), ("model", _write_model), ("index", _write_index),
+                                         ("gpu", _write_gpu)])
+def test_results_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, name, write):
+    """save_results, model, index and gpu wrote the results file itself: a write that failed midway
+    (a full disk, a killed run) left half a JSON file where the last run's results were. Now the
+    text goes to a temporary file beside it, renamed over it once whole."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / f"{name}.json").write_text('{"earlier": true}\n')
+    _disk_full_midway(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        write(out, monkeypatch)
+    assert json.loads((out / f"{name}.json").read_text()) == {"earlier": True}
+    assert [p.name for p in out.iterdir()] == [f"{name}.json"]        # no temporary file left behind
+    monkeypatch.undo()
+    write(out, monkeypatch)                                             # and a write that works replaces it
+    assert "earlier" not in json.loads((out / f"{name}.json").read_text())
+    assert [p.name for p in out.iterdir()] == [f"{name}.json"]
+
+
+def test_gpu_bench_without_cuda_keeps_a_gpu_runs_results(tmp_path, monkeypatch):
+    """On a machine without CUDA, running every benchmark replaced the gpu.json a GPU machine wrote
+    with {"skipped": ...}; it is kept, and the run says so. With no results (or a skip record) there,
+    the skip record is written as before."""
+    from bench import gpu_bench
+
+    monkeypatch.setattr(gpu_bench.torch.cuda, "is_available", lambda: False)
+    gpu = {"machine": {"gpu": "H100"}, "matmul": {"n": 8192, "tflops": 748.0}, "encode": [], "train": []}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    printed = []
+    res = gpu_bench.run(results_dir=tmp_path, echo=printed.append)
+    assert res["skipped"] and json.loads((tmp_path / "gpu.json").read_text()) == gpu
+    assert printed == [f"GPU benchmark skipped: no CUDA GPU on this machine; kept the GPU results already in "
+                       f"{tmp_path / 'gpu.json'}"]
+    for earlier in ('{"skipped": "no CUDA GPU on this machine"}', None):
+        if earlier is None:
+            (tmp_path / "gpu.json").unlink()
+        else:
+            (tmp_path / "gpu.json").write_text(earlier)
+        gpu_bench.run(results_dir=tmp_path, echo=lambda *a: None)
+        assert json.loads((tmp_path / "gpu.json").read_text())["skipped"] == "no CUDA GPU on this machine"
+
+
+def test_bench_list_options_that_name_nothing_are_refused(tmp_path, capsys, monkeypatch):
+    """`--presets ,` or `--presets ''` ran a model benchmark that measured nothing and replaced
+    model.json with it; `--training-presets` alike; `--search-sets ''` and search_quality_bench
+    `--sets ''` quietly ran all three sets where `,` was refused. Each is one line and exit status 2."""
+    from bench import BenchError
+    from bench import model_bench
+    from bench import run as bench_run
+    from bench import search_quality_bench as sq
+    from conftest import run_main
+
+    out = tmp_path / "out"
+    for only, option, value in (("model", "--presets", ","), ("model", "--presets", ""), ("model", "--presets", " , "),
+                                ("training", "--training-presets", ","), ("training", "--training-presets", ""),
+                                ("search_quality", "--search-sets", ""), ("search_quality", "--search-sets", ",")):
+        r = run_main(lambda argv: bench_run.run_one(only, argv), [option, value, "--results-dir", out], capsys)
+        assert r.returncode == 2 and r.stdout == "", (option, value, r)
+        assert r.stderr == f"error: {option}: {value!r} names no {option.split('-')[-1][:-1]}; give one or more of " \
+            f"{'rsscn7, ucm, aid' if only == 'search_quality' else 'tiny, small, base, large'}, comma-separated\n"
+    assert not list(out.glob("*.json"))
+    for value in ("", ","):                             # python -m bench.search_quality_bench --sets ...
+        with pytest.raises(BenchError, match=f"--sets: {value!r} names no set"):
+            sq.check_inputs(None, value, out)
+    # the names as checked reach the run: "tiny, small" was run as "tiny" and " small"
+    asked = []
+    monkeypatch.setattr(model_bench, "run", lambda presets, **kw: asked.append(presets))
+    r = run_main(bench_run.main, ["--only", "model", "--presets", "tiny, small", "--results-dir", out], capsys)
+    assert r.returncode == 0 and asked == [["tiny", "small"]]
+
+
+def test_index_bench_arguments_are_checked(tmp_path, capsys):
+    """--sizes -5 was a numpy traceback, --queries 0 an IndexError and --dim 0 a TileIndexError, each
+    after the work began; --sizes 0 ran and wrote n=0. One line naming the option, exit status 2."""
+    from bench import index_bench
+    from bench import run as bench_run
+    from conftest import run_main
+
+    out = tmp_path / "out"
+    for args, line in ((["--sizes", "-5"], "--sizes -5: the number of stored embeddings must be 1 or more"),
+                       (["--sizes", "10", "0"], "--sizes 0: the number of stored embeddings must be 1 or more"),
+                       (["--sizes", "10", "--queries", "0"], "--queries 0: the number of timed queries must be 1 or more"),
+                       (["--sizes", "10", "--dim", "0"], "--dim 0: the embedding dimension must be 1 or more")):
+        r = run_main(index_bench.cli, [*args, "--results-dir", out], capsys)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", f"error: {line}\n"), args
+    r = run_main(bench_run.main, ["--only", "index", "--index-sizes", "0", "--results-dir", out], capsys)
+    assert (r.returncode, r.stderr) == (2, "error: --index-sizes 0: the number of stored embeddings must be 1 or more\n")
+    assert not (out / "index.json").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="resetting a process's peak RSS is Linux's /proc/<pid>/clear_refs")
+def test_backend_bench_resets_the_servers_peak_rss_before_the_large_raster():
+    """The large-raster row reported the server's lifetime peak RSS (reached in earlier sections) as
+    its peak while indexing. reset_peak_rss sets a process's peak back to its RSS now, so the peak
+    read after a section is that section's; here a child that held 200 MB earlier."""
+    from bench import backend_bench
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * (200 << 20); del b; print(flush=True); "
+                              "sys.stdin.readline()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child.stdout.readline()                         # it has held 200 MB and freed them
+        before = backend_bench.peak_rss_mb(child.pid)
+        assert before > 200
+        assert backend_bench.reset_peak_rss(child.pid)
+        after = backend_bench.peak_rss_mb(child.pid)
+        assert after < before - 150 and after == pytest.approx(backend_bench.rss_mb(child.pid), abs=5)
+    finally:
+        child.communicate("\n", timeout=30)
+    assert not backend_bench.reset_peak_rss(child.pid)   # gone: the row then says "server peak so far"
