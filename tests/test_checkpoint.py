@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -325,6 +328,67 @@ def test_export_average_writes_the_mean_of_checkpoints(tmp_path, tiny_config, to
     c = save_checkpoint(models[1], retrained, tmp_path / "c")
     assert main([str(a), str(tmp_path / "bad"), "--average", str(c)]) == 2
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_export_arguments_links_and_what_killed_saves_left(tmp_path, tiny_config, tokenizer, capsys, monkeypatch):
+    """--average after DST or before it; a checkpoint counted twice, an absurd --image-size, a full
+    disk and Ctrl-C are one line each; a link as DST updates the checkpoint it leads to; "." names a
+    folder; the temporary copies of saves killed before their end are removed by the next save, and a
+    checkpoint set aside by one killed between its renames is put back."""
+    from safetensors import SafetensorError
+
+    from training.export import main, stored_dtype
+
+    torch.manual_seed(1)
+    a = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "a")
+    torch.manual_seed(2)
+    b = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "b")
+    assert main([str(a), "--average", str(b), str(tmp_path / "mean")]) == 0       # SRC --average X DST
+    assert "mean of 2 checkpoints" in capsys.readouterr().out
+    for argv, said in (([str(a), str(tmp_path / "x"), "--average", str(a)], "is given twice"),
+                       ([str(a), str(tmp_path / "x"), "--image-size", "100000"], "--image-size 100000")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a link to a checkpoint: the checkpoint is replaced, the link stays a link, nothing stray beside it
+    (tmp_path / "link").symlink_to(tmp_path / "mean")
+    assert main([str(a), str(tmp_path / "link"), "--fp16"]) == 0
+    assert (tmp_path / "link").is_symlink() and json.loads((tmp_path / "mean" / "config.json").read_text())
+    assert stored_dtype(tmp_path / "mean") == torch.float16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "link", "mean"]
+    monkeypatch.chdir(tmp_path / "mean")
+    assert main([".", ".", "--fp16"]) == 0
+    monkeypatch.chdir(tmp_path)
+    # what killed saves left: a temporary copy (removed) and the checkpoint set aside, DST gone (put back)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".mean.tmp-{dead.pid}-abc").mkdir()
+    (tmp_path / f".mean.tmp-{dead.pid}-abc" / "model.safetensors").write_bytes(b"x" * 10)
+    shutil.rmtree(tmp_path / "mean")
+    (tmp_path / "b").rename(tmp_path / f".mean.old-{dead.pid}")     # the only copy of "mean" there is
+    assert main([str(a), str(tmp_path / "mean")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "link", "mean"]
+    (tmp_path / f".mean.old-{dead.pid}").mkdir()         # DST there: an aside copy is only old, removed
+    assert main([str(a), str(tmp_path / "b2")]) == 0
+    assert main([str(a), str(tmp_path / "mean")]) == 0
+    assert not (tmp_path / f".mean.old-{dead.pid}").exists()
+    capsys.readouterr()
+    # a full disk, as safetensors reports it (a real one needs a small file system mounted as root)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr("backend.model.checkpoint.save_file", full_disk)
+    assert main([str(a), str(tmp_path / "mean")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "No space left" in err and "Traceback" not in err
+    assert load_checkpoint(tmp_path / "mean")[0] is not None
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("backend.model.checkpoint.save_file", ctrl_c)
+    assert main([str(a), str(tmp_path / "mean")]) == 130
+    assert "interrupted" in capsys.readouterr().err and load_checkpoint(tmp_path / "mean")[0] is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b2", "link", "mean"]
 
 
 def test_a_checkpoint_target_under_a_file_is_refused_before_the_work(tmp_path):

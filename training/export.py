@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from backend.model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
 from backend.model.config import ConfigError
 from backend.model.vocabulary import TrainingWords, VocabularyError
+
+
+# a resolution past any this model family serves: its position embedding alone would take gigabytes
+MAX_IMAGE_SIZE = 4096
 
 
 def step_dirs(folder: Path) -> list[Path]:
@@ -131,14 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                     "backend tiles at and evaluation uses) and/or with other weights (--fp16: half the file; default: as SRC stores them).")
     parser.add_argument("src", help="checkpoint directory to read")
     parser.add_argument("dst", help="checkpoint directory to write (may be SRC: it is replaced atomically)")
-    parser.add_argument("--image-size", type=int, help="new input resolution in px, a multiple of the patch size")
-    parser.add_argument("--average", nargs="+", metavar="CKPT", default=(),
-                        help="also average in these checkpoints' weights (same model and tokenizer): DST gets the "
-                             "uniform mean of SRC and them")
+    parser.add_argument("--image-size", type=int,
+                        help=f"new input resolution in px, a multiple of the patch size, at most {MAX_IMAGE_SIZE}")
+    parser.add_argument("--average", action="append", metavar="CKPT", default=[],
+                        help="also average in this checkpoint's weights (same model and tokenizer; repeat the option "
+                             "for more): DST gets the uniform mean of SRC and them")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--fp16", action="store_true", help="store the weights in fp16")
     kind.add_argument("--fp32", action="store_true", help="store the weights in fp32 (default: as SRC stores them)")
     args = parser.parse_args(argv)
+    if args.image_size is not None and not 0 < args.image_size <= MAX_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size}: give a size in px from the patch size to {MAX_IMAGE_SIZE}")
+    given = [os.path.realpath(p) for p in (args.src, *args.average)]
+    twice = sorted({p for p in given if given.count(p) > 1})
+    if twice:
+        parser.error(f"{twice[0]} is given twice among SRC and --average: each checkpoint counts once in the mean")
     try:
         out, size, dtype = export_checkpoint(args.src, args.dst, args.image_size,
                                              torch.float16 if args.fp16 else torch.float32 if args.fp32 else None,
@@ -146,9 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"training.export: {e}{run_folder_hint(args.src)}", file=sys.stderr)
         return 2
-    except OSError as e:    # reading SRC is checked above: this is DST's folder (read-only, full, not yours)
-        print(f"training.export: cannot write {args.dst}: {e.strerror or e}", file=sys.stderr)
+    except (OSError, SafetensorError) as e:
+        # reading SRC is checked above: this is DST's folder (read-only, full, not yours); safetensors
+        # says a full disk as "Error while serializing: I/O error: ..."
+        if isinstance(e, SafetensorError) and "serializ" not in str(e):
+            print(f"training.export: cannot read {args.src}: {e}", file=sys.stderr)
+            return 2
+        print(f"training.export: cannot write {args.dst}: {getattr(e, 'strerror', None) or e}; {args.dst} is "
+              "as it was", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"training.export: interrupted; {args.dst} is as it was", file=sys.stderr)
+        return 130
     averaged = f", mean of {len(args.average) + 1} checkpoints" if args.average else ""
     print(f"wrote {out} ({size} px, {str(dtype).replace('torch.', '')}{averaged})")
     return 0

@@ -47,7 +47,8 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
     that must appear together with the weights or not at all; `training_state` says that they include
     the optimizer state (a training checkpoint may then replace an earlier one).
     """
-    directory = Path(directory)
+    # a link to a checkpoint replaces the checkpoint it leads to, not itself; "." names its folder
+    directory = Path(os.path.realpath(directory))
     check_checkpoint_target(directory, training_state=training_state)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         state[k] = v.contiguous()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    _remove_stale_saves(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(directory)}{os.getpid()}-", dir=directory.parent))
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
@@ -123,6 +125,36 @@ def check_checkpoint_target(target: Path, training_state: bool = False) -> None:
 def _aside_prefix(target: Path) -> str:
     """The name a checkpoint being replaced takes while the new one is renamed in, less the pid."""
     return f".{target.name}.old-"
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _remove_stale_saves(target: Path) -> None:
+    """Remove the temporary folders that saves of `target` killed before their end left beside it (a
+    whole copy of the weights each), known by the process id in their names: never another live
+    save's. Folders of earlier versions' saves, without an id, are left alone."""
+    prefix, aside = _tmp_prefix(target), _aside_prefix(target)
+    try:
+        leftovers = [p for p in target.parent.iterdir() if p.name.startswith((prefix, aside)) and p.is_dir()]
+    except OSError:
+        return
+    for folder in leftovers:
+        is_aside = folder.name.startswith(aside)
+        pid = folder.name[len(aside if is_aside else prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if is_aside and not target.exists():
+                # killed between its two renames: the checkpoint set aside is the only one there is
+                os.replace(folder, target)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+        except (PermissionError, OverflowError, OSError):
+            pass    # alive (another user's), or not a number a process has
 
 
 def _replace_dir(new: Path, target: Path) -> None:
