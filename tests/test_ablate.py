@@ -126,6 +126,13 @@ def test_ablation_bad_arguments(tmp_path, capsys):
                 "baseline,low-then-full")
     assert r.returncode == 2 and "give a multiple of 16 (and half of it" in r.stderr, r.stderr
     assert not (tmp_path / "sized").exists()
+    # an --out that is a file, or where nothing can be written (root may write anywhere but /proc)
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, said in ((tmp_path / "notes.txt", "notes.txt is a file; give a folder"),
+                      (Path("/proc/skyprompt-ablation"), "cannot write there")):
+        r = _ablate("--out", str(out), "--variants", "baseline")
+        assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_markdown_table_rounds_per_metric():

@@ -807,6 +807,8 @@ def test_recipe_lists_never_replace_a_file_the_recipe_reads(folder, tmp_path, ca
     assert manifest.read_text() == before
     r = run_main(recipe_main, [str(recipe), "--out", str(work / "val")], capsys)
     assert r.returncode == 0 and len((work / "val" / "train.jsonl").read_text().splitlines()) == 6, r.stderr
+    r = run_main(recipe_main, [str(recipe), "--out", "/proc/skyprompt-val"], capsys)    # unwritable, even for root
+    assert r.returncode == 2 and "cannot write the held-out lists" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_recipe_command_names_a_file_in_the_way_and_a_folder_given_as_the_recipe(folder, tmp_path, capsys):

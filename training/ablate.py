@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.files import file_in_the_way
 from backend.model.config import PRESETS
 
 from . import evaluate as E
@@ -136,8 +137,14 @@ def check_settings(out: Path, args: argparse.Namespace) -> str | None:
                             for k in TRAINING_SETTINGS if recorded[k] != wanted[k])
         return (f"{out} holds variants trained with other settings: {changed}. Give another --out for these "
                 "settings, or the same settings to finish that ablation")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(wanted, indent=2) + "\n")
+    blocking = file_in_the_way(out)
+    if blocking is not None:
+        return f"--out {out}: {blocking} is a file; give a folder for the ablation"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(wanted, indent=2) + "\n")
+    except OSError as e:
+        return f"--out {out}: cannot write there ({e.strerror or e}); give a folder you can write in"
     return None
 
 

@@ -345,11 +345,15 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
             # its own folder: its held-out lines would replace the training manifest itself
             raise RecipeError(f"{out / file_name} is a file the recipe reads, where its held-out list of that name "
                               "would go; give another --out (or another name to the source)")
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, text in texts.items():
-        (out / file_name).write_text(text)
-        written.append(out / file_name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for file_name, text in texts.items():
+            (out / file_name).write_text(text)
+            written.append(out / file_name)
+    except OSError as e:
+        raise RecipeError(f"cannot write the held-out lists in {out} ({e.strerror or e}); give a folder you can "
+                          "write in") from None
     return written
 
 
