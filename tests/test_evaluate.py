@@ -340,3 +340,148 @@ def test_views_average_each_images_turns_in_every_evaluation(setup, tokenizer, t
     with pytest.raises(SystemExit):
         ev.main(["retrieval", "--checkpoint", str(setup["ckpt"]), "--manifest", str(setup["manifest"]), "--views", "3"])
     assert "invalid choice: 3" in capsys.readouterr().err
+
+
+# ---- inputs refused before a model is loaded, and notes on what is not read ----------------------
+def _one_line_error(rc, out, err, *parts):
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and all(p in err for p in parts), err
+
+
+def test_caption_references_without_a_word_are_refused_before_the_model(setup, tmp_path, capsys):
+    """References of punctuation alone ("...", "!!!") have no n-gram: with no word in any of them
+    pycocoevalcap's CIDEr failed (max() of an empty sequence) after every caption was generated."""
+    ucm = setup["root"] / "ucm"
+    image = ucm / "images/beach/beach00.png"
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": str(image), "captions": ["...", "!!!"]}) + "\n"
+                        + json.dumps({"image": str(ucm / "images/forest/forest00.png"), "captions": ["- -"]}) + "\n")
+    # a checkpoint that does not exist: the references are refused first, so no model is loaded
+    rc, out, err = run_main(capsys, "caption", "--checkpoint", tmp_path / "nope", "--manifest", manifest)
+    _one_line_error(rc, out, err, f"{manifest}:1: image {image}", "no reference caption with a word",
+                    "'...'", "1 more image")
+    # one image without a word among images with words: the same, at its line
+    manifest.write_text(json.dumps({"image": str(ucm / "images/forest/forest00.png"), "captions": ["woods"]}) + "\n"
+                        + json.dumps({"image": str(image), "captions": ["?!"]}) + "\n")
+    rc, out, err = run_main(capsys, "caption", "--checkpoint", setup["ckpt"], "--manifest", manifest)
+    _one_line_error(rc, out, err, f"{manifest}:2: image {image}", "no reference caption with a word")
+
+
+def test_caption_of_one_image_warns_that_cider_is_0(setup, capsys):
+    args = ("caption", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--max-len", "3",
+            "--json", "--quiet")
+    rc, out, err = run_main(capsys, *args, "--limit", "1")
+    assert rc == 0, err
+    assert json.loads(out)["cider"] == 0.0
+    assert "warning:" in err and "1 image: CIDEr-D is 0" in err and "2 or more" in err
+    rc, out, err = run_main(capsys, *args, "--limit", "2")
+    assert rc == 0 and "CIDEr-D" not in err
+
+
+def test_caption_scores_only_the_references_with_a_word(setup, tokenizer, tiny_config, monkeypatch, tmp_path):
+    """A reference of punctuation alone beside real ones is not scored: kept, it lowered CIDEr-D as
+    a reference nothing can match."""
+    from backend.model import MaMMUT
+
+    ucm = setup["root"] / "ucm"
+    refs = [("images/beach/beach00.png", ["a sandy beach", "..."]), ("images/forest/forest00.png", ["dense woods"])]
+    records = [ev.ImageRecord(str(ucm / p), tuple(c)) for p, c in refs]
+    clean = [ev.ImageRecord(r.image, tuple(c for c in r.captions if c != "...")) for r in records]
+    monkeypatch.setattr(ev, "generate_captions", lambda *a, **kw: ["a sandy beach", "dense woods"])
+    model = MaMMUT(tiny_config)
+    with_dots = ev.evaluate_captions(model, tokenizer, records, "cpu")
+    without = ev.evaluate_captions(model, tokenizer, clean, "cpu")
+    assert with_dots["cider"] == pytest.approx(without["cider"]) and without["cider"] > 0
+    assert with_dots["n_references"] == 2 and with_dots["examples"][0]["references"] == ["a sandy beach"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--rerank-weight", "nan"), ("--rerank-weight", "inf"), ("--rerank-weight", "-1"),
+    ("--threshold", "nan"), ("--threshold", "inf"), ("--threshold", "1.5"),
+])
+def test_float_options_must_be_finite_and_in_range(setup, capsys, option, value):
+    """NaN passes `< 0`: a --rerank-weight nan re-ranked with NaN scores and changed the recalls."""
+    if option == "--rerank-weight":
+        args = ["retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--rerank", "2"]
+        bound = "must be 0 or more (a finite number)"
+    else:
+        args = ["segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes", "--classnames",
+                setup["names"], "--end-to-end"]
+        bound = "must be between 0 and 1 (a finite number)"
+    rc, out, err = run_main(capsys, *args, option, value, "--quiet")
+    _one_line_error(rc, out, err, f"{option} {float(value)} {bound}")
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu:0", "nonsense"])
+def test_devices_other_than_cpu_and_cuda_are_one_line(setup, capsys, device):
+    for command in (["retrieval", "--manifest", setup["manifest"]],
+                    ["segmentation", "--data", setup["root"] / "scenes", "--classnames", setup["names"]]):
+        rc, out, err = run_main(capsys, *command, "--checkpoint", setup["ckpt"], "--device", device, "--quiet")
+        _one_line_error(rc, out, err, f"--device {device!r} is not supported: give cpu, cuda or cuda:N")
+
+
+def test_a_cuda_device_past_the_visible_gpus_is_one_line(setup, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc, out, err = run_main(capsys, "retrieval", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"],
+                            "--device", "cuda:3")
+    _one_line_error(rc, out, err, "--device cuda:3: only 1 GPU(s) visible")
+
+
+@pytest.mark.parametrize("tolerance", ["100000", "97", "-1"])
+def test_segmentation_tolerance_is_checked_before_any_work(setup, tmp_path, capsys, tolerance):
+    """--tolerance 100000 asked for a 37 GiB array after every mosaic was scored."""
+    rc, out, err = run_main(capsys, "segmentation", "--checkpoint", tmp_path / "nope", "--data",
+                            setup["root"] / "scenes", "--classnames", setup["names"], "--size", "96",
+                            "--tolerance", tolerance)
+    _one_line_error(rc, out, err, f"--tolerance {tolerance} must be 0 or more and at most the mosaic's side "
+                                  "(--size 96)")
+
+
+def test_files_may_name_images_by_absolute_paths_under_the_folder(setup, tmp_path, capsys):
+    scenes = setup["root"] / "scenes"
+    listing = tmp_path / "val.txt"
+    listing.write_text(f"{scenes / 'forest' / 'forest_0.jpg'}\nriver/river_1.jpg\n")
+    args = ("zero-shot", "--checkpoint", setup["ckpt"], "--data", scenes, "--classnames", setup["names"],
+            "--files", listing, "--json", "--quiet")
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["n_images"] == 2 and sum(res["confusion"][res["classes"].index("forest")]) == 1
+    outside = tmp_path / "elsewhere" / "forest_0.jpg"
+    listing.write_text(f"{outside}\n")
+    rc, out, err = run_main(capsys, *args)
+    _one_line_error(rc, out, err, f"{outside} is not under the data folder {scenes}", "relative to the folder")
+
+
+def test_images_in_sub_folders_of_class_folders_are_named_not_dropped_silently(setup, tmp_path, capsys):
+    scenes = setup["root"] / "scenes"
+    data = tmp_path / "data"
+    for cls in CLASSES:
+        (data / cls).mkdir(parents=True)
+        for f in (scenes / cls).iterdir():
+            (data / cls / f.name).symlink_to(f)
+    # river's images one level down, plus one two levels down under forest
+    river = data / "river"
+    (river / "2019").mkdir()
+    for f in list(river.glob("*.jpg")):
+        f.rename(river / "2019" / f.name)
+    (data / "forest" / "a" / "b").mkdir(parents=True)
+    (data / "forest" / "a" / "b" / "extra.jpg").symlink_to(next((scenes / "forest").iterdir()))
+    args = ("zero-shot", "--checkpoint", setup["ckpt"], "--classnames", setup["names"], "--json", "--quiet")
+    rc, out, err = run_main(capsys, *args, "--data", data)
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "sub-folders" in line]
+    assert len(notes) == 1, err
+    assert "3 image(s) in sub-folders of class folders are not read (forest: 1, river: 2)" in notes[0]
+    assert "FOLDER/<class>/*" in notes[0]
+    assert json.loads(out)["n_images"] == 8
+    # every class's images one level down: the error says why no class folder was found
+    nested = tmp_path / "nested"
+    for cls in CLASSES:
+        (nested / cls / "tiles").mkdir(parents=True)
+        for f in (scenes / cls).iterdir():
+            (nested / cls / "tiles" / f.name).symlink_to(f)
+    rc, out, err = run_main(capsys, *args, "--data", nested)
+    _one_line_error(rc, out, err, "no class sub-folders with images found: its 10 images are in sub-folders of "
+                                  "the class folders", "move each class's images into its folder")

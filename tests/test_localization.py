@@ -557,6 +557,11 @@ def test_labelled_raster_mode_reprojects_labels_and_scores(setup, tmp_path):  # 
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels,
                 "--prompt", "buildings", "--threshold", "50")
     assert p.returncode == 2 and "--threshold 50.0 must be between 0 and 1" in p.stderr
+    # a boundary match distance past the raster's side (200 px) says nothing: refused before Segment runs
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", labels,
+                "--prompt", "buildings", "--tolerance", "100000")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "--tolerance 100000 must be 0 or more and at most the raster's side (200 px on its grid)" in p.stderr
 
 
 def test_refinement_rejects_a_template_mix_outside_0_1(refine_setup, tmp_path):

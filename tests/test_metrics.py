@@ -270,7 +270,48 @@ def test_caption_scores_need_matching_ids_and_references():
         cider({"a": "x"}, {"a": []})
 
 
+def test_references_without_a_word_are_not_scored():
+    """A reference of punctuation alone has no n-gram. With none with a word anywhere, pycocoevalcap's
+    CIDEr failed on max() of an empty sequence; beside real references it counted as one nothing can
+    match, dividing an image's CIDEr-D by one more reference."""
+    cands = {"a": "a piece of farmland", "b": "cars in the parking lot", "c": "a river and trees",
+             "d": "two tennis courts"}
+    dotted = {k: v + ["...", " !!! "] if k in "ab" else v for k, v in REFS.items()}
+    assert cider(cands, dotted) == pytest.approx(cider(cands, REFS))
+    assert bleu4(cands, dotted) == pytest.approx(bleu4(cands, REFS))
+    for refs in ({k: ["...", "!!!"] for k in REFS}, {**REFS, "c": ["--"]}):
+        for score in (cider, bleu4):
+            with pytest.raises(ValueError, match="has no reference caption with a word"):
+                score(cands, refs)
+
+
 # ---- segmentation ----------------------------------------------------------------------------------
+def _dilate_by_shifts(mask, radius):
+    """Square dilation the slow, obvious way: OR of every shift within `radius`."""
+    h, w = mask.shape
+    padded = np.pad(mask, radius)
+    out = np.zeros_like(mask)
+    for dy, dx in itertools.product(range(2 * radius + 1), repeat=2):
+        out |= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def test_dilation_is_the_square_neighbourhood_and_costs_the_same_at_any_radius():
+    from training.metrics import _dilate
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = rng.integers(1, 25, 2)
+        mask = rng.random((h, w)) < rng.uniform(0, 0.2)
+        radius = int(rng.integers(0, 30))
+        assert np.array_equal(_dilate(mask, radius), _dilate_by_shifts(mask, radius)), (h, w, radius)
+    # a match distance far past the side: every pixel, without a (2r+1)^2 loop or an r-wide padding
+    # (--tolerance 100000 asked for 37 GiB)
+    mask = np.zeros((300, 200), bool)
+    mask[150, 20] = True
+    assert _dilate(mask, 100_000).all() and not _dilate(np.zeros_like(mask), 100_000).any()
+
+
 def test_class_boundaries_leave_the_ignored_truth_out():
     from training.metrics import class_boundary_counts
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -35,8 +36,8 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import (CLASSNAMES_DIR, UNREADABLE_IMAGE, DataError, class_key, manifest_records, read_classnames_file,
-                   rgb_image)
+from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, class_key, find_class_root,
+                   manifest_records, read_classnames_file, rgb_image)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -110,10 +111,12 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
     """Images of a folder of classes: `<class>/...` (RSSCN7, AID) or `images/<class>/...` (UCM),
     read with the training reader (`training.data.folder_records`), so splits mean the same here.
 
-    Every class folder with images must be in `classnames` (folder -> name). `files` is a list file
-    (one path a line, relative to `root` or to the class folders' parent; blank lines and lines
-    starting with # are skipped) restricting to a split; `limit_per_class` keeps the first N images
-    (sorted by name) of each class. Records come back in the map's class order.
+    Every class folder with images must be in `classnames` (folder -> name). Only the images directly
+    in a class folder are read (`<class>/*.jpg`); those in its sub-folders are not, and a note on
+    stderr counts them (without `files`). `files` is a list file (one path a line, relative to `root`
+    or to the class folders' parent, or absolute under `root`; blank lines and lines starting with #
+    are skipped) restricting to a split; `limit_per_class` keeps the first N images (sorted by name)
+    of each class. Records come back in the map's class order.
     """
     from .data import folder_records
 
@@ -126,13 +129,26 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
         if not lst.is_file():
             raise EvalError(f"file list {lst} " + ("is a folder: give the list file (one image path a line)"
                                                     if lst.is_dir() else "does not exist"))
-        wanted = [ln.strip() for ln in lst.read_text(encoding="utf-8").splitlines()
+        wanted = [_listed_under(ln.strip(), root, lst) for ln in lst.read_text(encoding="utf-8").splitlines()
                   if ln.strip() and not ln.strip().startswith("#")]
+    class_root = find_class_root(root)
+    if not any(_has_images(d) for d in _subfolders(class_root)):
+        nested_root = root / "images" if (root / "images").is_dir() else root
+        nested = _images_in_sub_folders(nested_root)
+        if nested:
+            raise EvalError(f"{root}: no class sub-folders with images found: its {sum(nested.values())} images are "
+                            f"in sub-folders of the class folders ({_counts(nested)}), and only "
+                            f"{_read_pattern(nested_root, root)} is read; move each class's images into its folder")
     first_names = {k: (v if isinstance(v, str) else v[0]) for k, v in classnames.items()}
     try:
         found = folder_records(root, first_names, templates=("{}",), files=wanted)
     except (OSError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
+    if files is None:
+        nested = _images_in_sub_folders(class_root)
+        if nested:
+            print(f"note: {sum(nested.values())} image(s) in sub-folders of class folders are not read "
+                  f"({_counts(nested)}): only {_read_pattern(class_root, root)} is", file=sys.stderr)
     by_class: dict[str, list] = {}
     for r in found:
         by_class.setdefault(r.class_name, []).append(r)
@@ -143,6 +159,63 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
     if not records:
         raise EvalError(f"no images to evaluate in {root}" + (f" from the list {files}" if files else ""))
     return records
+
+
+def _listed_under(line: str, root: Path, listing: Path) -> str:
+    """A --files line as a path relative to `root`: relative lines as they are, an absolute path
+    under `root` made relative to it; an absolute path elsewhere is an EvalError."""
+    if not os.path.isabs(line):
+        return line
+    for base, path in ((os.path.abspath(root), os.path.abspath(line)),
+                       (os.path.realpath(root), os.path.realpath(line))):
+        rel = os.path.relpath(path, base)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return Path(rel).as_posix()
+    raise EvalError(f"file list {listing}: {line} is not under the data folder {root}; give paths relative to "
+                    "the folder (e.g. forest/forest_001.jpg) or absolute paths under it")
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return []
+
+
+def _has_images(folder: Path) -> bool:
+    try:
+        return any(_is_image_name(f) for f in os.listdir(folder))
+    except OSError:
+        return False
+
+
+def _images_in_sub_folders(class_root: Path) -> dict[str, int]:
+    """Class folder name -> how many images lie in its sub-folders (at any depth), which the
+    folder reader does not read; classes with none are left out."""
+    out = {}
+    for d in _subfolders(class_root):
+        n = 0
+        for where, dirs, names in os.walk(d):
+            dirs[:] = [x for x in dirs if not x.startswith(".")]
+            if where != str(d):
+                n += sum(map(_is_image_name, names))
+        if n:
+            out[d.name] = n
+    return out
+
+
+def _counts(by_class: Mapping[str, int], most: int = 5) -> str:
+    items = [f"{k}: {n}" for k, n in by_class.items()]
+    return ", ".join(items[:most]) + (f", ... {len(items) - most} more" if len(items) > most else "")
+
+
+def _read_pattern(class_root: Path, root: Path) -> str:
+    prefix = "FOLDER/images" if class_root != root else "FOLDER"
+    return f"{prefix}/<class>/*{{{','.join(IMAGE_EXTENSIONS)}}}"
 
 
 def _unwrap(model):
@@ -466,6 +539,31 @@ def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequenc
     }
 
 
+def scored_references(record) -> list[str]:
+    """The reference captions of a record that BLEU and CIDEr score: those with a word (a caption
+    of punctuation alone, "...", has no n-gram to match; `training.metrics`)."""
+    return [c for c in (record.captions or ()) if c and M.caption_tokenize(c)]
+
+
+def check_references(records: Sequence, manifest=None) -> None:
+    """EvalError naming the first image (and its manifest line where `manifest` is JSONL) that has no
+    reference caption with a word, and how many such images there are; before a model is loaded."""
+    if not records:
+        raise EvalError("no images to evaluate")
+    bad = [r for r in records if not scored_references(r)]
+    if not bad:
+        return
+    r = bad[0]
+    caps = [c for c in (r.captions or ()) if c and c.strip()]
+    line = _jsonl_line_of(manifest, r.image) if manifest is not None else None
+    where = f"{manifest}:{line}: " if line is not None else f"{manifest}: " if manifest is not None else ""
+    what = f"no reference caption with a word (only {', '.join(map(repr, caps[:3]))})" if caps else \
+        "no reference captions"
+    more = f" (and {len(bad) - 1} more image(s) like it)" if len(bad) > 1 else ""
+    raise EvalError(f"{where}image {r.image} has {what}{more}; BLEU-4 and CIDEr-D score words, so give each "
+                    "image a caption with words")
+
+
 def generate_captions(model, tokenizer, paths: Sequence[str], device=None, batch_size: int = 32,
                       beam_size: int = 1, max_len: int = 24, progress: bool = False) -> list[str]:
     """One generated caption per image file."""
@@ -478,17 +576,14 @@ def evaluate_captions(model, tokenizer, records: Sequence, device=None, batch_si
                       beam_size: int = 1, max_len: int = 24, n_examples: int = 5,
                       progress: bool = False) -> dict:
     """Generate a caption per image and score BLEU-4 (0..1) and CIDEr-D (0..10) against all its
-    reference captions, over the whole set at once."""
+    reference captions that have a word (`scored_references`), over the whole set at once. Every
+    image needs one (`check_references`, called first)."""
     records = list(records)
-    if not records:
-        raise EvalError("no images to evaluate")
-    for r in records:
-        if not [c for c in (r.captions or ()) if c and c.strip()]:
-            raise EvalError(f"image {r.image} has no reference captions")
+    check_references(records)
     generated = generate_captions(model, tokenizer, [str(r.image) for r in records], device, batch_size,
                                   beam_size, max_len, progress)
     cands = {i: g for i, g in enumerate(generated)}
-    refs = {i: [c for c in r.captions if c and c.strip()] for i, r in enumerate(records)}
+    refs = {i: scored_references(r) for i, r in enumerate(records)}
     picks = sorted({int(i) for i in np.linspace(0, len(records) - 1, num=min(n_examples, len(records))).round()})
     return {
         "bleu4": M.bleu4(cands, refs),
@@ -519,7 +614,8 @@ boundary F are fractions in [0, 1] (its table shows them in percent). Tied retri
 of a random tie-break, computed exactly (--ties pessimistic: as misses); a class tied with the true
 one for the top score counts as a miss.
 Exit status: 0 on success, 2 on unusable input (missing checkpoint, data or class-name map, a class
-folder missing from the map, an empty set).
+folder missing from the map, an empty set, an image whose reference captions have no word, an option
+out of its range).
 """
 
 MANIFEST_HELP = ("JSONL manifest, one image a line: {\"image\": \"images/beach/beach03.jpg\", \"class\": \"beach\", "
@@ -529,7 +625,7 @@ MANIFEST_HELP = ("JSONL manifest, one image a line: {\"image\": \"images/beach/b
 def _common(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="checkpoint directory (model.safetensors + config.json + tokenizer.json)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help=f"torch device: {DEVICES} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
                    help="images per forward pass (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -581,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(z, 64)
     z.add_argument("--data", metavar="FOLDER",
                    help="folder of class folders: FOLDER/<class>/*.jpg (RSSCN7, AID) or "
-                        "FOLDER/images/<class>/*.jpg (UC Merced)")
+                        "FOLDER/images/<class>/*.jpg (UC Merced); images in sub-folders of a class folder "
+                        "are not read (a note counts them)")
     z.add_argument("--manifest", metavar="FILE.jsonl",
                    help="instead of --data: a JSONL/CSV manifest whose lines have a \"class\" (a key or name "
                         "of the map), e.g. a validation split written by training (runs/NAME/val/ucm.jsonl)")
@@ -594,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a file with one template a line, '{}' marking the name (default: %%(default)s)"
                         % len(TEMPLATE_SETS["default"]))
     z.add_argument("--files", metavar="LISTFILE",
-                   help="evaluate only these images: one path a line, relative to FOLDER (e.g. a validation split)")
+                   help="evaluate only these images: one path a line, relative to FOLDER or absolute under it (e.g. a "
+                        "validation split)")
     z.add_argument("--limit-per-class", type=int, metavar="N", help="only the first N images (by name) of each class")
     _views_option(z)
 
@@ -682,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--classnames", required=True, metavar="FILE.json",
                    help="JSON object folder -> human name, or a bundled map (as for zero-shot)")
     b.add_argument("--files", metavar="LISTFILE",
-                   help="the held-out images: one path a line, relative to FOLDER (e.g. runs/default/val/aid.txt)")
+                   help="the held-out images: one path a line, relative to FOLDER or absolute under it (e.g. "
+                        "runs/default/val/aid.txt)")
     b.add_argument("--manifest", metavar="FILE.jsonl",
                    help="instead of --files: the held-out images as a manifest whose lines have a \"class\" "
                         "(e.g. runs/default/val/ucm.jsonl)")
@@ -711,14 +810,36 @@ def _templates(spec: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
+DEVICES = "cpu, cuda or cuda:N"
+
+
 def _device(spec: str) -> torch.device:
+    """The --device as a torch device: the CPU or a CUDA GPU this machine has; else an EvalError."""
     try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise EvalError(f"--device {spec!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        dev = torch.device(spec.strip().lower())
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {spec!r} is not supported: give {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise EvalError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def _finite(args, name: str, low: float, high: float | None = None) -> None:
+    """A float option (absent or None: not given) that must be a finite number in [low, high]; NaN
+    passes every `<`/`>` test, so each is checked here."""
+    value = getattr(args, name, None)
+    if value is None:
+        return
+    if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+        option = f"--{name.replace('_', '-')}"
+        bound = f"between {low:g} and {high:g}" if high is not None else f"{low:g} or more"
+        raise EvalError(f"{option} {value} must be {bound} (a finite number)")
 
 
 def _positive(args, *names) -> None:
@@ -873,15 +994,17 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     _positive(args, "mosaics", "size", "scene_px")
     if args.regions < 2:
         raise EvalError(f"--regions must be at least 2 (a mosaic's regions are of distinct classes), got {args.regions}")
-    if args.tolerance < 0:
-        raise EvalError("--tolerance must be 0 or more")
+    if args.tolerance < 0 or (not args.raster and args.tolerance > args.size):
+        # past the mosaic's side every boundary pixel matches, and boundary F would say nothing (a
+        # raster's side is known once it is read: training.localization checks it there)
+        raise EvalError(f"--tolerance {args.tolerance} must be 0 or more and at most the mosaic's side "
+                        f"(--size {args.size}), in pixels")
     if args.edge_radius is not None:
         try:
             check_edge_radius(args.edge_radius, "--edge-radius")
         except ValueError as e:
             raise EvalError(str(e)) from None
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise EvalError(f"--threshold {args.threshold} must be between 0 and 1")
+    _finite(args, "threshold", 0.0, 1.0)
     if args.raster:
         return _run_labelled_raster(args)
     if not args.data or not args.classnames:
@@ -1006,8 +1129,9 @@ def run(args: argparse.Namespace) -> dict:
     _positive(args, "batch_size", "limit", "limit_per_class", "beam_size", "max_len")
     if getattr(args, "examples", 0) < 0:
         raise EvalError("--examples must be 0 or more")
-    if getattr(args, "rerank", 0) < 0 or getattr(args, "rerank_weight", 0.0) < 0:
-        raise EvalError("--rerank K and --rerank-weight W must be >= 0 (K 0: no re-ranking)")
+    if getattr(args, "rerank", 0) < 0:
+        raise EvalError(f"--rerank K must be 0 or more (0: no re-ranking), got {args.rerank}")
+    _finite(args, "rerank_weight", 0.0)
     device = _device(args.device)
     progress = not args.quiet
     # inputs first: a bad path fails before a model is loaded
@@ -1045,6 +1169,14 @@ def run(args: argparse.Namespace) -> dict:
             # one image is every caption's top hit: recalls of 100% that say nothing
             raise EvalError(f"{args.manifest}: {len(records)} image; retrieval ranks images against each other, "
                             "so give a manifest of 2 or more (--limit too)")
+        if args.command == "caption":
+            check_references(records, args.manifest)
+            if len(records) < 2:
+                # CIDEr's document frequencies come from the set scored: alone, every n-gram of the
+                # image's references is in every document, and CIDEr-D is 0 whatever the caption
+                print(f"warning: {args.manifest}: 1 image: CIDEr-D is 0 for one image whatever its caption (its "
+                      "n-gram weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that "
+                      "means something (BLEU-4 is unaffected)", file=sys.stderr)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise EvalError(f"checkpoint directory {ckpt} does not exist")

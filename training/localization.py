@@ -290,6 +290,10 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
 
     raster = open_raster(raster_path)
     _, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
+    if not 0 <= tolerance <= max(valid.shape):
+        # past the raster's side every boundary pixel matches: boundary F would say nothing
+        raise ValueError(f"--tolerance {tolerance} must be 0 or more and at most the raster's side "
+                         f"({max(valid.shape)} px on its grid), in pixels")
     truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
     if not (truth & valid).any():
         # scoring would report IoU 0 for a mistake in the inputs, not for the model

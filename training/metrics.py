@@ -27,7 +27,10 @@ BLEU and CIDEr are pycocoevalcap's scorers (the coco-caption reference code): `B
 "closest" reference length, and `Cider`, which is CIDEr-D (clipped n-gram counts, Gaussian length
 penalty with sigma 6, x10 scale, document frequencies from the reference set being scored). Text
 is tokenized here, not with its Java PTB tokenizer: lowercased, NFKC-normalised, apostrophes
-dropped, then split into runs of letters and digits (all punctuation removed).
+dropped, then split into runs of letters and digits (all punctuation removed). A reference with no
+word left ("...", "!!!") is not scored: kept, it would count as a reference nothing can match
+(lowering CIDEr's mean over references and moving BLEU's closest length); an id with no reference
+that has a word is a ValueError, as one with no reference at all is.
 """
 from __future__ import annotations
 
@@ -281,8 +284,12 @@ def _prepare(candidates: Mapping, references: Mapping) -> tuple[dict, dict]:
             refs = [refs]
         if not refs:
             raise ValueError(f"id {key!r} has no reference captions")
+        words = [t for t in map(caption_tokenize, refs) if t]
+        if not words:
+            raise ValueError(f"id {key!r} has no reference caption with a word (all punctuation or blank, "
+                             f"e.g. {refs[0]!r})")
         res[key] = [caption_tokenize(candidates[key])]
-        gts[key] = [caption_tokenize(r) for r in refs]
+        gts[key] = words
     return res, gts
 
 
@@ -364,16 +371,27 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Square dilation by `radius` pixels (Chebyshev distance)."""
+    """Square dilation by `radius` pixels (Chebyshev distance): a pixel is set when a set pixel lies
+    within `radius` rows and `radius` columns of it. Separable, by running sums along each axis, so
+    time and memory do not grow with `radius` (a radius past the mask's side sets every pixel of a
+    mask with any set pixel)."""
+    out = np.asarray(mask, bool)
     if radius <= 0:
-        return mask.copy()
-    h, w = mask.shape
-    padded = np.pad(mask, radius)
-    out = np.zeros_like(mask)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            out |= padded[dy:dy + h, dx:dx + w]
+        return out.copy()
+    for axis in (0, 1):
+        out = _dilate_axis(out, radius, axis)
     return out
+
+
+def _dilate_axis(mask: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """1-D dilation of each line of `mask` along `axis`: any set pixel within `radius` of it."""
+    n = mask.shape[axis]
+    counts = np.cumsum(mask, axis=axis, dtype=np.int64)
+    counts = np.concatenate([np.zeros_like(np.take(counts, [0], axis=axis)), counts], axis=axis)
+    i = np.arange(n)
+    high = np.take(counts, np.minimum(i + radius + 1, n), axis=axis)
+    low = np.take(counts, np.maximum(i - radius, 0), axis=axis)
+    return high > low
 
 
 def class_boundary_counts(pred: np.ndarray, truth: np.ndarray, n: int, tolerance: int) -> np.ndarray:
