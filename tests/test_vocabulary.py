@@ -114,6 +114,22 @@ def test_training_vocabulary_command_counts_captions_and_templates(tmp_path, tin
     out = run("--recipe", str(sharded), "--checkpoint", str(ckpt))
     assert out.returncode == 2 and "has shard sources" in out.stderr and "left as it is" in out.stderr, out.stderr
     assert (ckpt / "words.json").read_bytes() == before
+    # a checkpoint that records its run: another --seed, or a recipe of other sources, would count words
+    # it never trained on (its list was replaced without a word)
+    meta = json.loads((ckpt / "config.json").read_text())
+    names = [s.get("name") for s in json.loads(recipe.read_text())["sources"]]
+    meta["training"] = {"train_config": {"seed": 3, "sources": [{"name": n} for n in names]}}
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    out = run("--recipe", str(recipe), "--checkpoint", str(ckpt))
+    assert out.returncode == 2 and "trained with --seed 3" in out.stderr and "give --seed 3" in out.stderr, out.stderr
+    meta["training"]["train_config"]["sources"] = [{"name": "elsewhere"}]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    out = run("--recipe", str(recipe), "--checkpoint", str(ckpt), "--seed", "3")
+    assert out.returncode == 2 and "trained on the sources elsewhere" in out.stderr, out.stderr
+    assert (ckpt / "words.json").read_bytes() == before
+    meta["training"]["train_config"]["sources"] = [{"name": n} for n in names]
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    assert run("--recipe", str(recipe), "--checkpoint", str(ckpt), "--seed", "3").returncode == 0
 
 
 def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,6 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_recorded_run(ckpt: Path, seed: int, sources: list[dict], recipe: str) -> None:
+    """RecipeError when the checkpoint records a training run of another seed or other sources (by
+    name: a packed copy of a recipe keeps its sources' names) than these: its word list would then
+    count words it never trained on, and leave out some it did."""
+    try:
+        run = json.loads((ckpt / "config.json").read_text()).get("training", {}).get("train_config", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(run, dict):
+        return
+    recorded_seed = run.get("seed")
+    if isinstance(recorded_seed, int) and recorded_seed != seed:
+        raise recipes.RecipeError(f"{ckpt} was trained with --seed {recorded_seed}, which drew its held-out split: "
+                                  f"give --seed {recorded_seed} (now {seed}); {ckpt}'s word list is left as it is")
+    recorded = run.get("sources")
+    if isinstance(recorded, list) and all(isinstance(r, dict) and r.get("name") for r in recorded):
+        theirs, ours = sorted(r["name"] for r in recorded), sorted(str(s.get("name")) for s in sources)
+        if theirs != ours:
+            raise recipes.RecipeError(f"{ckpt} was trained on the sources {', '.join(theirs)}, and {recipe} has "
+                                      f"{', '.join(ours)}: give the recipe it trained on; {ckpt}'s word list is "
+                                      "left as it is")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ckpt = Path(args.checkpoint)
@@ -65,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # the shards unfamiliar, and no list beats that (a run on shards writes none either)
             raise recipes.RecipeError(f"recipe {args.recipe} has shard sources, whose captions are not listed ahead "
                                       f"of training: no word list is written, and {ckpt}'s is left as it is")
+        _check_recorded_run(ckpt, args.seed, sources, args.recipe)
         train, _ = recipes.build_sources(sources, seed=args.seed)
     except (recipes.RecipeError, D.DataError) as e:
         print(f"training.vocabulary: {e}", file=sys.stderr)
