@@ -916,6 +916,47 @@ def test_images_wider_than_8_bits_are_stretched_not_clipped_white(tmp_path, suff
     assert np.all(np.diff(grey) >= 0) and len(np.unique(grey)) > 200   # order kept, levels kept
 
 
+def test_multi_band_16_bit_tiffs_are_read_as_the_backend_shows_them(tmp_path):
+    """Three or more bands of 16-bit data, the chips most sensors give: PIL cannot decode them
+    ("cannot identify image file"), so they could be neither trained on nor evaluated. They are read
+    through GDAL: the bands marked red, green and blue (else the first three), each stretched."""
+    from osgeo import gdal
+
+    from training.data import load_image
+
+    ramp = np.linspace(300, 3300, 48 * 48).reshape(48, 48)
+    planes = [ramp, ramp[::-1], ramp.T, np.full((48, 48), 9000.0)]     # 4th: a near-infrared band
+
+    def tif(name, colours=None, nodata=None, georeferenced=True):
+        ds = gdal.GetDriverByName("GTiff").Create(str(tmp_path / name), 48, 48, 4, gdal.GDT_UInt16)
+        if georeferenced:
+            ds.SetGeoTransform((500000, 1, 0, 4000000, 0, -1))
+        for i, plane in enumerate(planes):
+            band = ds.GetRasterBand(i + 1)
+            band.WriteArray(plane.astype(np.uint16))
+            if colours:
+                band.SetColorInterpretation(colours[i])
+            if nodata is not None:
+                band.SetNoDataValue(nodata)
+        ds = None
+        return str(tmp_path / name)
+
+    with pytest.raises(Exception):
+        Image.open(tif("plain.tif")).convert("RGB")        # what PIL alone does with it
+    rgb = np.asarray(load_image(tif("plain.tif", georeferenced=False))).astype(int)
+    assert rgb.shape == (48, 48, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert rgb[0, 0].tolist() == [0, 255, 0] and rgb[-1, -1].tolist() == [255, 0, 255]   # bands 1, 2, 3 stretched
+    # marked blue-green-red-NIR: the marked ones, in colour order
+    marked = tif("bgrn.tif", colours=[gdal.GCI_BlueBand, gdal.GCI_GreenBand, gdal.GCI_RedBand, gdal.GCI_Undefined])
+    assert np.asarray(load_image(marked))[0, 0].tolist() == [0, 255, 0][::-1]
+    planes[0][:8] = 0                                           # nodata rows are black, out of the stretch
+    rgb = np.asarray(load_image(tif("nodata.tif", nodata=0)))
+    assert (rgb[:8] == 0).all() and rgb[8:, :, 0].max() == 255
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    with pytest.raises(OSError):
+        load_image(str(tmp_path / "broken.tif"))
+
+
 @pytest.mark.parametrize("source, message", [
     # a typo: the held-out split it was to set would be dropped unnoticed, and validated on images trained on
     ({"kind": "manifest", "path": "c.jsonl", "val_per_clas": 2},

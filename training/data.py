@@ -244,10 +244,60 @@ def rgb_image(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
 def load_image(path: str) -> Image.Image:
-    """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image."""
-    with Image.open(path) as im:
-        return rgb_image(im)
+    """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image.
+    A TIFF PIL cannot decode (three or more bands of 16-bit or float data, the chips of most sensors)
+    is read through GDAL, as the backend reads rasters (gdal_rgb_image)."""
+    try:
+        with Image.open(path) as im:
+            return rgb_image(im)
+    except UNREADABLE_IMAGE:
+        if not str(path).lower().endswith(TIFF_SUFFIXES):
+            raise
+        try:
+            return gdal_rgb_image(path)
+        except (ImportError, OSError, ValueError):
+            pass
+        raise
+
+
+def gdal_rgb_image(path: str) -> Image.Image:
+    """A raster file as 8-bit RGB the way the backend shows a raster by default: the bands marked red,
+    green and blue, else the first three (one band: grey); each band not 8-bit stretched linearly
+    between its 2nd and 98th percentiles of valid values; nodata black. OSError when GDAL cannot read it,
+    ImportError where GDAL's Python bindings are not installed."""
+    from osgeo import gdal
+
+    gdal.UseExceptions()
+    try:
+        ds = gdal.Open(str(path), gdal.GA_ReadOnly)
+    except RuntimeError as e:
+        raise OSError(f"GDAL cannot read it ({e})") from None
+    colours = {ds.GetRasterBand(i).GetColorInterpretation(): i for i in range(1, ds.RasterCount + 1)}
+    marked = [colours.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+    bands = marked if all(marked) else [1, 2, 3] if ds.RasterCount >= 3 else [1, 1, 1]
+    valid = np.ones((ds.RasterYSize, ds.RasterXSize), bool)
+    planes = []
+    try:
+        for number in bands:
+            band = ds.GetRasterBand(number)
+            plane = band.ReadAsArray().astype(np.float64)
+            valid &= band.GetMaskBand().ReadAsArray() > 0
+            planes.append((plane, band.DataType == gdal.GDT_Byte))
+    except RuntimeError as e:
+        raise OSError(f"GDAL cannot read its pixels ({e})") from None
+    rgb = np.zeros((ds.RasterYSize, ds.RasterXSize, 3), np.uint8)
+    for channel, (plane, is_byte) in enumerate(planes):
+        finite = valid & np.isfinite(plane)
+        if not is_byte:
+            values = plane[finite]
+            low, high = np.percentile(values, DEFAULT_STRETCH) if values.size else (0.0, 1.0)
+            plane = (plane - low) * (255.0 / max(high - low, 1e-12))
+        rgb[..., channel] = np.where(finite, np.clip(np.nan_to_num(plane) + 0.5, 0, 255), 0).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB")
 
 
 def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from backend.defaults import VIEW_COUNTS, VIEW_HELP, check_edge_radius
@@ -37,7 +36,7 @@ from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
 from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, class_key, find_class_root,
-                   manifest_records, read_classnames_file, rgb_image)
+                   load_image, manifest_records, read_classnames_file)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -244,8 +243,7 @@ class _EvalMode:
 
 def _load_image(path: str, transform) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
-            return transform(rgb_image(im))
+        return transform(load_image(path))
     except FileNotFoundError:
         raise EvalError(f"image {path} does not exist") from None
     except UNREADABLE_IMAGE as e:

@@ -20,7 +20,7 @@ import numpy as np
 from osgeo import gdal, ogr, osr
 from PIL import Image, UnidentifiedImageError
 
-from .data import rgb_image
+from .data import load_image
 
 MOSAIC_CRS = "EPSG:32633"
 LAYOUTS = ("voronoi", "rectangles")
@@ -79,8 +79,7 @@ def _scene(path: str, scene_px: int) -> np.ndarray:
     """A scene image centre-cropped square and resized to scene_px: uint8 [3, s, s]. An image that
     cannot be read is a MosaicError naming it (the commands report it in one line)."""
     try:
-        with Image.open(path) as im:
-            im = rgb_image(im)
+        with load_image(path) as im:
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((scene_px, scene_px), Image.BICUBIC)
