@@ -852,7 +852,11 @@ class Raster:
                                                       f"is its alpha band; choose a colour band")
             chosen.append(value)
         note = ""
-        if guessed and 0 in (mapping.red, mapping.green, mapping.blue):
+        if len(candidates) == 2 and not any(colour) and (mapping.red, mapping.green, mapping.blue) == (0, 0, 0):
+            # two bands with no colour mark (a radar pair, two indices): one of them is shown, the other dropped
+            note = (f"{self._where()} has 2 bands and marks none as a colour: band 1 was read as grey and band 2 is "
+                    f"not used. To see band 2, give the bands (BandMapping; the client's --bands, e.g. --bands 2 2 2)")
+        elif guessed and 0 in (mapping.red, mapping.green, mapping.blue):
             shown = ", ".join(str(b) for b in chosen)
             note = (f"{self._where()} has {len(candidates)} bands and marks none as red, green or blue: bands "
                     f"{shown} were read as red, green, blue. If those are not its colours, give the bands "

@@ -188,6 +188,14 @@ def test_colour_bands_guessed_from_four_unmarked_bands_are_named_in_a_note(tmp_p
         assert raster.rgb_bands == (1, 2, 3) and raster.band_note == ""
     with open_raster(make_tif(tmp_path / "three.tif", data[:3], options=plain)) as raster:
         assert raster.band_note == ""
+    # two unmarked bands: band 1 shown as grey, band 2 dropped without a word before
+    with open_raster(make_tif(tmp_path / "two.tif", data[:2], options=plain)) as raster:
+        assert raster.rgb_bands == (1, 1, 1) and "2 bands" in raster.band_note and "band 2 is not used" in raster.band_note
+    with open_raster(make_tif(tmp_path / "two.tif", data[:2], options=plain), bands=BandMapping(2, 2, 2)) as raster:
+        assert raster.rgb_bands == (2, 2, 2) and raster.band_note == ""
+    grey_alpha = make_tif(tmp_path / "grey_alpha.tif", data[:2], colours=[gdal.GCI_GrayIndex, gdal.GCI_AlphaBand])
+    with open_raster(grey_alpha) as raster:
+        assert raster.band_note == ""
 
 
 @needs_shared
