@@ -910,8 +910,13 @@ class Raster:
 
     def _read_failed(self, error: BaseException) -> RasterError:
         self.check_unchanged()  # a file rewritten under us is the likelier cause: say so (aborted)
+        reason = _gdal_reason(error)
+        if "No such file or directory" in reason:
+            # a file it reads (a VRT's source, a mosaic's tile) is gone: nothing is damaged
+            return RasterError("not_found", f"cannot read pixels of {self._where()}: a file it reads is missing "
+                                            f"(GDAL: {reason}); put it back, or rebuild {self.name}")
         return RasterError("invalid_argument", f"cannot read pixels of {self._where()}: the file may be damaged "
-                                               f"(GDAL: {_gdal_reason(error)})")
+                                               f"(GDAL: {reason})")
 
     def _guarded(self, work):
         with self._lock, _gdal_exceptions():

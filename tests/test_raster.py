@@ -1132,3 +1132,16 @@ def test_large_vrt_is_read_by_windows_with_flat_memory(tmp_path):
         tracemalloc.stop()
     assert peak < 64 * 2**20, f"Python allocations peaked at {peak / 2**20:.0f} MiB"
     assert _rss_bytes() - rss_before < 300 * 2**20
+
+
+def test_a_vrt_whose_source_is_missing_says_so_rather_than_damaged(tmp_path):
+    """A VRT (or a mosaic) whose source file was moved away: the message said the file may be damaged."""
+    source = make_tif(tmp_path / "src.tif", noise((3, 32, 32)))
+    vrt = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(vrt), [str(source)]).FlushCache()
+    source.unlink()
+    with open_raster(vrt) as raster:
+        with pytest.raises(RasterError) as error:
+            raster.read_window(0, 0, 32, 32)
+    assert error.value.kind == "not_found" and "a file it reads is missing" in str(error.value)
+    assert "src.tif" in str(error.value) and "damaged" not in str(error.value)
