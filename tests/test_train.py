@@ -809,6 +809,11 @@ def test_recipe_lists_never_replace_a_file_the_recipe_reads(folder, tmp_path, ca
     assert r.returncode == 0 and len((work / "val" / "train.jsonl").read_text().splitlines()) == 6, r.stderr
     r = run_main(recipe_main, [str(recipe), "--out", "/proc/skyprompt-val"], capsys)    # unwritable, even for root
     assert r.returncode == 2 and "cannot write the held-out lists" in r.stderr and "Traceback" not in r.stderr
+    # a recipe that holds nothing out (a packed copy's): said, where nothing at all was printed
+    whole = work / "whole.json"
+    whole.write_text(json.dumps({"sources": [{"name": "train", "kind": "manifest", "path": "train.jsonl"}]}))
+    r = run_main(recipe_main, [str(whole), "--out", str(work / "none")], capsys)
+    assert r.returncode == 0 and r.stdout == "" and "holds out no images" in r.stderr, r.stderr
 
 
 def test_recipe_command_names_a_file_in_the_way_and_a_folder_given_as_the_recipe(folder, tmp_path, capsys):

@@ -498,8 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = sources_from_args(args.recipe, [], [], [], [], 0)
         _, val = build_sources(sources, seed=args.seed)
-        for path in write_validation_lists(sources, val, args.out):
+        written = write_validation_lists(sources, val, args.out)
+        for path in written:
             print(path)
+        if not written:     # a packed recipe (its held-out images left behind), or no val_per_class
+            print(f"training.recipe: {args.recipe} holds out no images (no source sets val_per_class): no lists "
+                  "were written", file=sys.stderr)
     except (RecipeError, D.DataError) as e:
         print(f"training.recipe: {e}", file=sys.stderr)
         return 2
