@@ -286,6 +286,15 @@ def test_export_cli_changes_the_resolution_and_keeps_dtype_and_metadata(tmp_path
     # in place, to fp32: the directory is replaced atomically
     assert main([str(src), str(src), "--fp32"]) == 0
     assert stored_dtype(src) == torch.float32 and load_checkpoint(src)[0].config.image_size == 64
+    # in place and losing what SRC holds (no way back: 64 -> 32 -> 64 px is not the same embedding)
+    capsys.readouterr()
+    before = (src / "model.safetensors").read_bytes()
+    for flags, said in ((["--image-size", "32"], "position embedding"), (["--fp16"], "float32 weights, narrowed"),
+                        (["--average", str(tmp_path / "out")], "averaged")):
+        assert main([str(src), str(src), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "DST is SRC" in err and said in err and "write it to a new folder" in err, err
+    assert (src / "model.safetensors").read_bytes() == before
     # bad input: one clear line, exit 2, nothing written
     assert main([str(src), str(tmp_path / "bad"), "--image-size", "30"]) == 2
     err = capsys.readouterr().err

@@ -7,7 +7,9 @@ A checkpoint's `image_size` is the resolution the backend tiles at and evaluatio
 model fine-tuned at another resolution than its starting checkpoint's, or one that measures better
 at another size, is re-exported here: the position embedding is resampled to the new patch grid
 (`MaMMUT.set_image_size`) and the config says the new size. The training metadata is kept, with a
-note of what the export changed. Writing is atomic, so DST may be SRC.
+note of what the export changed. Writing is atomic, so DST may be SRC for a change that loses
+nothing (--fp32); one that does (--average, another --image-size, --fp16 of wider weights) is
+refused there.
 
 `--average` writes the uniform mean of SRC's weights and those of other checkpoints of the same
 model and tokenizer (e.g. two stages of one training run): averaged weights of nearby points of one
@@ -26,7 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from backend.model.checkpoint import CONFIG, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint
+from backend.model.checkpoint import (CONFIG, WEIGHTS, CheckpointError, check_checkpoint_target, load_checkpoint,
+                                     read_config, save_checkpoint)
 from backend.model.config import ConfigError
 from backend.model.vocabulary import TrainingWords, VocabularyError
 
@@ -129,13 +132,34 @@ def export_checkpoint(src: str | Path, dst: str | Path, image_size: int | None =
             model.config.image_size, dtype)
 
 
+def _check_not_lossy_in_place(args: argparse.Namespace) -> None:
+    """CheckpointError for an export over SRC itself that loses what SRC holds: weights averaged with
+    others, a position embedding resampled (another size and back is not the same), weights narrowed
+    to fp16. Writing is atomic, but the old folder is gone afterwards, the bundled checkpoint's too."""
+    if os.path.realpath(args.dst) != os.path.realpath(args.src) or not (Path(args.src) / CONFIG).is_file():
+        return
+    check_checkpoint_target(Path(os.path.realpath(args.dst)))     # a training checkpoint is refused as such
+    lost = []
+    if args.average:
+        lost.append("its weights, averaged with --average")
+    if args.image_size is not None and args.image_size != read_config(args.src).image_size:
+        lost.append("its position embedding, resampled to --image-size")
+    if args.fp16 and stored_dtype(args.src) != torch.float16:
+        lost.append(f"its {str(stored_dtype(args.src)).replace('torch.', '')} weights, narrowed to fp16")
+    if lost:
+        raise CheckpointError(f"DST is SRC ({args.src}), and this export would replace {' and '.join(lost)}, with no "
+                              "way back: write it to a new folder (DST may be SRC for a change that loses nothing, "
+                              "such as --fp32)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.export",
         description="Re-export a SkyPrompt checkpoint at another serving resolution (--image-size: the size the "
                     "backend tiles at and evaluation uses) and/or with other weights (--fp16: half the file; default: as SRC stores them).")
     parser.add_argument("src", help="checkpoint directory to read")
-    parser.add_argument("dst", help="checkpoint directory to write (may be SRC: it is replaced atomically)")
+    parser.add_argument("dst", help="checkpoint directory to write (may be SRC, replaced atomically, for a change "
+                                     "that loses nothing such as --fp32)")
     parser.add_argument("--image-size", type=int,
                         help=f"new input resolution in px, a multiple of the patch size, at most {MAX_IMAGE_SIZE}")
     parser.add_argument("--average", action="append", metavar="CKPT", default=[],
@@ -152,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if twice:
         parser.error(f"{twice[0]} is given twice among SRC and --average: each checkpoint counts once in the mean")
     try:
+        _check_not_lossy_in_place(args)
         out, size, dtype = export_checkpoint(args.src, args.dst, args.image_size,
                                              torch.float16 if args.fp16 else torch.float32 if args.fp32 else None,
                                              average=args.average)
