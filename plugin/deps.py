@@ -20,6 +20,12 @@ from typing import Callable
 
 RPC_DIR = Path(__file__).resolve().parent / "rpc"
 
+# The grpcio and protobuf the shipped stubs need (requirements()) have no release for an older Python,
+# so no package installed into such a QGIS makes the plugin work: it needs a QGIS whose Python is newer
+# (some Windows builds of QGIS 3.22 to 3.28 ship Python 3.9; QGIS 3.22 on Debian 12 has 3.11)
+MIN_PYTHON = (3, 10)
+_VERSION = tuple(sys.version_info[:3])     # this QGIS's Python (a name of its own, for the tests)
+
 
 class DependencyError(RuntimeError):
     """The dependencies could not be installed; the message says why and what to do."""
@@ -57,6 +63,19 @@ def _stub_versions() -> tuple[str | None, str | None]:
     return proto, grpc
 
 
+def python_problem(version: tuple | None = None) -> str | None:
+    """None when QGIS's Python (or `version`) is new enough for the plugin; else the sentence that
+    says it is not, and that only another QGIS helps."""
+    major, minor = tuple(version or _VERSION)[:2]
+    if (major, minor) >= MIN_PYTHON:
+        return None
+    need = ".".join(map(str, MIN_PYTHON))
+    return (f"the plugin needs QGIS's Python to be {need} or newer, and this QGIS runs Python {major}.{minor}: the "
+            f"grpcio and protobuf it needs ({', '.join(requirements())}) have no release for Python {major}.{minor}, so "
+            f"no install can make it work here; use a QGIS whose Python is {need} or newer (QGIS 3.22 on Debian 12 "
+            "has 3.11; some Windows builds of QGIS 3.22 to 3.28 ship 3.9)")
+
+
 def requirements() -> list[str]:
     """pip requirement strings that satisfy the bundled stubs."""
     proto, grpc = _stub_versions()
@@ -71,6 +90,9 @@ def requirements() -> list[str]:
 
 def missing() -> str | None:
     """None when grpc and the stubs import; else a sentence saying what is wrong."""
+    too_old = python_problem()
+    if too_old:     # first: grpcio or protobuf missing would offer an install that cannot work
+        return too_old
     try:
         import grpc  # noqa: F401
     except ImportError:
@@ -134,6 +156,8 @@ def pip_failure(packages: list[str], folder: str | os.PathLike, output: list[str
     if any(sign.lower() in text.lower() for sign in NETWORK_SIGNS):
         return f"{where}: {reason}; check the network connection and try again {log}"
     if NO_FIT_SIGN.lower() in text.lower():
+        if python_problem():
+            return f"{where}: {reason}; {python_problem()} {log}"
         return (f"{where}: {reason}; no version of it fits this QGIS's Python or platform: install a QGIS with a "
                 f"newer Python, or the packages by hand {log}")
     return f"{where}: {reason} {log}"
@@ -151,6 +175,8 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
     a throwaway virtual environment supplies one. Raises DependencyError with pip's last words
     (see pip_failure).
     """
+    if python_problem():    # pip would look for releases that do not exist, and say only that
+        raise DependencyError(python_problem())
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     python = python or python_executable()

@@ -24,7 +24,7 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
 from . import deps, operations, results
 from .index_dialog import IndexedRastersDialog
 from .local_backend import LocalBackend
-from .settings import LOG_TAG, PluginSettings
+from .settings import LOG_TAG, PluginSettings, address_problem
 from .sources import (PixelReader, SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels,
                       prepare_source, to_layer_crs)
 from .tasks import BackendTask, start
@@ -146,6 +146,7 @@ class SkyPromptDock(QDockWidget):
         self._health_shown = 0
         self.backend = LocalBackend(self)
         self.backend.serving.connect(self._backend_serving)
+        self.backend.already_serving.connect(self._backend_already_serving)
         self.backend.failed.connect(lambda m: self._message(m, Qgis.Critical))
         self.backend.stopped.connect(self._backend_stopped)
         self.extent_tool = QgsMapToolExtent(self.canvas)
@@ -485,6 +486,9 @@ class SkyPromptDock(QDockWidget):
             self.settings.address = address
             self.settings.save()
             self._forget_backend_state()
+            problem = address_problem(address)
+            if problem:     # kept as typed, to be corrected there: every call to it would fail
+                self._message(problem, Qgis.Warning, 10)
             self.refresh_health()
 
     def _forget_backend_state(self) -> None:
@@ -561,8 +565,11 @@ class SkyPromptDock(QDockWidget):
         deps.activate(self.deps_folder)
         self.deps_problem = deps.missing()
         self.deps_box.setVisible(bool(self.deps_problem))
+        # no install helps a Python too old for the packages: the button is not offered then
+        self.install_button.setVisible(not deps.python_problem())
         if self.deps_problem:
-            self.deps_label.setText(f"SkyPrompt needs grpcio and protobuf: {self.deps_problem}.")
+            what = "cannot work in this QGIS" if deps.python_problem() else "needs grpcio and protobuf"
+            self.deps_label.setText(f"SkyPrompt {what}: {self.deps_problem}.")
             self._show_light("MISSING")
         for w in (self.check_button, self.start_button, self.search_button, self.indexed_button):
             w.setEnabled(not self.deps_problem)
@@ -649,6 +656,8 @@ class SkyPromptDock(QDockWidget):
                 stats = info.index_stats
                 self.info.setText(f"{info.model_name} ({info.model_preset}, {info.image_size} px) on {info.device} · "
                                   f"{stats.raster_count} rasters, {stats.tile_count} tiles indexed")
+            elif address_problem(self.settings.address):    # no backend answers at a URL: it is no address
+                self.info.setText(address_problem(self.settings.address))
             else:
                 self.info.setText(f"no backend answers at {self.settings.address}: start one with "
                                   "'Start local backend' or check the address")
@@ -672,6 +681,19 @@ class SkyPromptDock(QDockWidget):
         self.start_button.setEnabled(True)
         self.start_button.setText("Stop local backend" if self.backend.running else "Start local backend")
         self._message(f"backend serving at {address}", Qgis.Success, 4)
+        self.refresh_health()
+
+    def _backend_already_serving(self, address: str) -> None:
+        """'Start local backend' found a backend serving at the address, started elsewhere (a terminal,
+        another QGIS): it is used as it is, with its own checkpoint and device, not the settings'."""
+        self.start_button.setEnabled(True)
+        self.start_button.setText("Start local backend")
+        host, _, port = address.rpartition(":")
+        other = f"{host}:{int(port) + 1}" if port.isdigit() and int(port) < 65535 else "127.0.0.1:50052"
+        self._message(f"a backend already runs at {address}, so none was started: SkyPrompt uses that one, with "
+                      "the checkpoint and device it was started with, not your Checkpoint and Device settings. "
+                      "To use yours, stop that backend and press 'Start local backend' again, or give another "
+                      f"port in the address field (e.g. {other})", Qgis.Warning, 15)
         self.refresh_health()
 
     def _backend_stopped(self) -> None:

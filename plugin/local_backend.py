@@ -2,7 +2,11 @@
 
 `python -m backend serve` runs under QProcess (no thread of ours blocks); its log lines go to the
 QGIS log panel under the SkyPrompt tag; a timer polls the health service until it serves, fails
-or times out. If a backend already serves at the address, it is used and not started again.
+or times out. If a backend already serves at the address, it is used and not started again
+(`already_serving`, not `serving`: it runs with its own checkpoint and device, not the settings').
+The backend's WARNING lines are logged as warnings, its ERROR and CRITICAL lines and tracebacks as
+critical. QGIS may end without unloading the plugin: the process's last signals, sent while this
+object is destroyed, are then ignored.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import re
 import shlex
 
 from qgis.core import Qgis, QgsMessageLog
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, pyqtSignal
 
 from .settings import LOG_TAG, PluginSettings, SettingError
@@ -20,9 +25,27 @@ from .settings import LOG_TAG, PluginSettings, SettingError
 # addresses of this machine only: a backend the plugin starts listens on loopback, without TLS
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "")
 
+# the backend logs "%(asctime)s %(levelname)s %(name)s: %(message)s" (backend.server); its level
+# field, after a date and time, decides the QGIS log level of the line
+LOG_LEVEL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:[,.]\d+)? (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+QGIS_LEVEL = {"WARNING": Qgis.Warning, "ERROR": Qgis.Critical, "CRITICAL": Qgis.Critical}
+TRACEBACK = "Traceback (most recent call last):"
+# the lines that join two tracebacks of one chained exception
+CHAINED = ("During handling of the above exception, another exception occurred:",
+           "The above exception was the direct cause of the following exception:")
+
+
+def _gone(obj) -> bool:
+    """True when the Qt object behind `obj` has been deleted, or is being (a parent deleting its children)."""
+    try:
+        return sip.isdeleted(obj)
+    except TypeError:
+        return False
+
 
 class LocalBackend(QObject):
-    serving = pyqtSignal(str)   # address
+    serving = pyqtSignal(str)   # address: the backend this object started serves there
+    already_serving = pyqtSignal(str)   # address: one started elsewhere served there already, and is used
     failed = pyqtSignal(str)    # what went wrong, for the message bar
     stopped = pyqtSignal()
 
@@ -31,6 +54,7 @@ class LocalBackend(QObject):
     # and closes its index; one still starting has none to drain, and QGIS waits meanwhile
     STOP_WAIT_MS = 15000
     CANCEL_START_WAIT_MS = 2000
+    MAX_LINE = 1 << 16      # bytes of output kept while waiting for the end of a line
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -40,6 +64,8 @@ class LocalBackend(QObject):
         self._timer.timeout.connect(self._poll)
         self._waited_ms = 0
         self._log_tail: list[str] = []
+        self._pending = b""     # the backend's output after its last newline: the start of a line
+        self._in_traceback = False
         self._probe = None   # (connection, health future) in flight while waiting for the backend
         self._stopping = False   # stop() asked for the exit: not a crash to report
 
@@ -88,9 +114,9 @@ class LocalBackend(QObject):
         try:
             with settings.connection() as conn:
                 if conn.health(timeout=1.0) == "SERVING":
-                    QgsMessageLog.logMessage(f"a backend already serves at {settings.address}: using it", LOG_TAG,
-                                             Qgis.Info)
-                    self.serving.emit(settings.address)
+                    QgsMessageLog.logMessage(f"a backend already serves at {settings.address}: using it, not one "
+                                             "started with the Checkpoint and Device settings", LOG_TAG, Qgis.Warning)
+                    self.already_serving.emit(settings.address)
                     return True
         except Exception as e:  # a bad address, or a TLS CA file that cannot be read
             advice = "" if "SkyPrompt settings" in str(e) else "; fix it in SkyPrompt settings"
@@ -129,7 +155,7 @@ class LocalBackend(QObject):
         process.readyReadStandardOutput.connect(lambda: self._read_output(process))
         process.errorOccurred.connect(lambda error: self._process_error(process, error))
         process.finished.connect(lambda code, status: self._process_finished(process, code, status))
-        self._log_tail = []
+        self._log_tail, self._pending, self._in_traceback = [], b"", False
         QgsMessageLog.logMessage(f"starting backend: {program} {' '.join(args)}", LOG_TAG, Qgis.Info)
         self.process.start(program, args)
         self._waited_ms = 0
@@ -173,22 +199,51 @@ class LocalBackend(QObject):
         process, self.process = self.process, None
         if process is not None and process.state() != QProcess.NotRunning:
             process.closeWriteChannel()
+            # the process is this object's child: gone with it if QGIS ends meanwhile
             QTimer.singleShot(self.CANCEL_START_WAIT_MS,
-                              lambda: process.kill() if process.state() != QProcess.NotRunning else None)
+                              lambda: process.kill() if not _gone(process) and process.state() != QProcess.NotRunning
+                              else None)
             process.finished.connect(process.deleteLater)
         self.stopped.emit()
 
-    def _read_output(self, process: QProcess) -> None:
-        if process is not self.process:
-            return
-        text = bytes(process.readAllStandardOutput()).decode("utf-8", "replace")
-        for line in text.splitlines():
+    def _ours(self, process: QProcess) -> bool:
+        """`process` is the current one, and neither it nor this object is being destroyed: QGIS that
+        exits without unloading the plugin deletes this object, then its child QProcess, whose
+        destructor kills the backend and sends its last signals to handlers whose timer is gone."""
+        return not _gone(self) and not _gone(process) and process is self.process
+
+    def _level(self, line: str):
+        """The QGIS log level of one line of the backend's output: its level field, or a traceback's."""
+        if line.startswith(TRACEBACK) or line in CHAINED:
+            self._in_traceback = True
+            return Qgis.Critical
+        level = LOG_LEVEL.match(line)
+        if self._in_traceback and not level:
+            # a traceback's frames are indented; its last line, the exception, is not
+            self._in_traceback = line[:1].isspace()
+            return Qgis.Critical
+        self._in_traceback = False
+        return QGIS_LEVEL.get(level.group(1), Qgis.Info) if level else Qgis.Info
+
+    def _log_lines(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
             if line.strip():
                 self._log_tail = (self._log_tail + [line])[-20:]
-                QgsMessageLog.logMessage(line, LOG_TAG, Qgis.Info)
+                QgsMessageLog.logMessage(line, LOG_TAG, self._level(line))
+
+    def _read_output(self, process: QProcess, flush: bool = False) -> None:
+        if not self._ours(process):
+            return
+        # whole lines only: a read can end inside one (its level field, or a UTF-8 character, cut in two)
+        data = self._pending + bytes(process.readAllStandardOutput())
+        data, newline, self._pending = data.rpartition(b"\n")
+        data += newline
+        if flush or len(self._pending) > self.MAX_LINE:     # the last line; one without end, in pieces
+            data, self._pending = data + self._pending, b""
+        self._log_lines(data)
 
     def _process_error(self, process: QProcess, error) -> None:
-        if process is self.process and error == QProcess.FailedToStart:
+        if self._ours(process) and error == QProcess.FailedToStart:
             self._stop_polling()
             self.failed.emit(f"could not run {self.settings.python!r}: set the Python that has SkyPrompt's backend "
                              "in SkyPrompt settings")
@@ -227,8 +282,9 @@ class LocalBackend(QObject):
         return last
 
     def _process_finished(self, process: QProcess, code, status) -> None:
-        if process is not self.process:    # an earlier start's process: the current one still runs
+        if not self._ours(process):    # an earlier start's process (the current one still runs), or QGIS exits
             return
+        self._read_output(process, flush=True)     # its last line, if it ended with no newline
         how = "crashed" if status == QProcess.CrashExit else f"exited with code {code}"
         if self._timer.isActive():  # died before it served
             self._stop_polling()

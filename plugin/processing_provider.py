@@ -58,9 +58,11 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(p)
 
     def _settings(self, parameters, context) -> PluginSettings:
-        from .deps import missing
+        from .deps import missing, python_problem
 
         problem = missing()
+        if python_problem():    # no install helps: the panel has nothing to offer either
+            raise QgsProcessingException(f"SkyPrompt cannot work in this QGIS: {problem}.")
         if problem:
             raise QgsProcessingException(f"SkyPrompt cannot reach its backend: {problem}. Open the SkyPrompt "
                                          "panel to install the missing packages.")

@@ -1,6 +1,7 @@
 """The plugin's settings, kept in QgsSettings under "skyprompt/"."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
 from qgis.core import QgsSettings
@@ -15,6 +16,25 @@ class SettingError(ValueError):
 
 class AddressError(SettingError):
     """The backend address is not HOST:PORT; the message says how to write it."""
+
+
+# "http://", "grpc://", "dns:///": an address copied from a browser or written as a URL
+URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def address_problem(address: str) -> str | None:
+    """Why `address` is not HOST:PORT with a scheme or a path (a URL, where gRPC wants
+    "127.0.0.1:50051"), else None. Nothing is stripped from it: the user's field stays as typed."""
+    address = address.strip()
+    scheme = URL_SCHEME.match(address)
+    rest = address[scheme.end():] if scheme else address
+    if not scheme and "/" not in rest:
+        return None
+    what = " and ".join(w for w, there in (("a scheme", bool(scheme)), ("a path", "/" in rest)) if there)
+    bare = rest.split("/", 1)[0]
+    example = bare if re.fullmatch(r"[^\s:/]+:\d+|\[[^\]/]+\]:\d+", bare) else "127.0.0.1:50051"
+    return (f"the address {address!r} has {what}: give it as HOST:PORT, without a scheme (http://) or a path "
+            f"(/...), e.g. {example}, in the SkyPrompt address field")
 
 
 @dataclass
@@ -77,7 +97,10 @@ class PluginSettings:
     @property
     def port(self) -> int:
         """The address's port; AddressError when it has none (a backend started on a default port
-        would not be the one the plugin asks)."""
+        would not be the one the plugin asks), or is a URL (a scheme, a path) rather than HOST:PORT."""
+        problem = address_problem(self.address)
+        if problem:
+            raise AddressError(problem)
         _, _, port = self.address.strip().rpartition(":")
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise AddressError(f"the address {self.address!r} has no port: give the address as HOST:PORT, "

@@ -158,6 +158,8 @@ def test_zip_layout_and_metadata(tmp_path):
                    if line.startswith("version"))
     assert general["version"] == version and general["hasProcessingProvider"] == "yes"
     assert f"skyprompt/{general['icon']}" in names       # the Plugin Manager shows the plugin's own icon
+    # the stubs' grpcio and protobuf exist for Python 3.10 and newer only: said before installing
+    assert "needs QGIS's Python to be 3.10 or newer" in general["about"]
     assert "from . import skyprompt_pb2" in grpc_stub and "from skyprompt.v1" not in grpc_stub
 
 
@@ -682,15 +684,17 @@ def test_the_local_backend_refuses_tls_and_keeps_the_settings_it_started_with(qg
 
     from plugin.local_backend import LocalBackend
 
-    backend, failures, served = LocalBackend(), [], []
+    backend, failures, served, found = LocalBackend(), [], [], []
     backend.failed.connect(failures.append)
     backend.serving.connect(served.append)
+    backend.already_serving.connect(found.append)
     assert backend.start(dataclasses.replace(settings, use_tls=True)) is False
     assert "Use TLS is on" in failures[0] and "untick it" in failures[0] and not backend.running
     assert backend.start(dataclasses.replace(settings, address="192.0.2.1:50051")) is False   # another machine's
     assert "starts a backend on this machine" in failures[1] and "127.0.0.1:PORT" in failures[1]
     asked = dataclasses.replace(settings)
-    assert backend.start(asked) is True and served == [settings.address]     # one serves there already
+    # one serves there already: used, and said to be one of its own settings, not started with these
+    assert backend.start(asked) is True and found == [settings.address] and served == []
     asked.address = "127.0.0.1:1"                                            # the field edited afterwards
     assert backend.settings is not asked and backend.settings.address == settings.address
 
@@ -3095,3 +3099,201 @@ def test_segment_and_describe_fall_back_to_the_layers_rectangle_with_an_older_ba
     request = pb.CaptionRequest(extent=pb.Extent(xmin=1, ymin=2, xmax=3, ymax=4, crs="EPSG:3832"))
     with pytest.raises(BackendError, match="does not map"):
         _placed_for_older_backend(current, current.caption, request, in_layer)
+
+
+# -- a backend found serving, a URL for an address, the backend's log levels, the zip's files, teardown, old Pythons --
+def test_start_local_backend_where_one_already_serves_says_its_settings_are_not_used(dock, iface):
+    """'Start local backend' with a backend (started elsewhere) at the address uses that one: the
+    message bar said "backend serving at ...", as for one started with the Checkpoint and Device settings."""
+    dock.settings.checkpoint, dock.settings.device = "/nowhere/my-checkpoint", "cuda:0"
+    iface.message_bar.messages.clear()
+    dock.start_button.click()
+    assert not dock.backend.running and dock.start_button.text() == "Start local backend"
+    said = [(text, level) for _, text, level in iface.message_bar.messages]
+    assert len(said) == 1 and said[0][1] == int(Qgis.Warning), said
+    text = said[0][0]
+    assert f"a backend already runs at {dock.settings.address}" in text and "none was started" in text, text
+    assert "not your Checkpoint and Device settings" in text and "stop that backend" in text, text
+    host, port = dock.settings.address.rsplit(":", 1)
+    assert f"another port in the address field (e.g. {host}:{int(port) + 1})" in text, text
+    assert not any("backend serving at" in t for t, _ in said)
+    wait_until(lambda: dock.health_state == "SERVING", 10, "the light to show the backend used")
+
+
+def test_an_address_with_a_scheme_or_a_path_is_said_to_be_host_port(dock, iface):
+    """"http://127.0.0.1:50051/" was "has no port": it has one; it is a URL, and the address is HOST:PORT."""
+    from plugin.settings import AddressError
+
+    for address, what in (("http://127.0.0.1:50051/", "a scheme and a path"), ("grpc://localhost:7", "a scheme"),
+                          ("127.0.0.1:50051/skyprompt", "a path")):
+        with pytest.raises(AddressError) as err:
+            PluginSettings(address=address).port
+        message = str(err.value)
+        assert "has no port" not in message and f"has {what}" in message, message
+        assert "give it as HOST:PORT, without a scheme (http://) or a path (/...)" in message, message
+    from plugin.settings import address_problem
+
+    assert "e.g. 127.0.0.1:50051," in address_problem("http://127.0.0.1:50051/")
+    assert "e.g. localhost:7," in address_problem("grpc://localhost:7")
+    assert "e.g. 127.0.0.1:50051," in address_problem("https://example.org/")     # no port in it: the default's
+    assert address_problem("127.0.0.1:50051") is None and address_problem("[::1]:7") is None
+    assert address_problem("backend.lan") is None      # no port is said where the port is read, as before
+    # the panel: the field keeps what was typed, the message bar and the line below the light say what to write
+    iface.message_bar.messages.clear()
+    dock.address.setText("http://127.0.0.1:50051/")
+    dock.address.editingFinished.emit()
+    assert dock.address.text() == "http://127.0.0.1:50051/" == dock.settings.address
+    assert any(level == int(Qgis.Warning) and "without a scheme (http://)" in text
+               for _, text, level in iface.message_bar.messages), iface.message_bar.messages
+    wait_until(lambda: "without a scheme" in dock.info.text(), 10, "the health check's line")
+    assert "no backend answers" not in dock.info.text()
+    failures = []
+    dock.backend.failed.connect(failures.append)
+    dock.start_button.click()
+    assert failures and "without a scheme" in failures[0] and "has no port" not in failures[0], failures
+    assert not dock.backend.running and dock.start_button.text() == "Start local backend"
+
+
+def test_the_backends_warnings_errors_and_tracebacks_are_logged_at_their_level(qgis_app, tmp_path):
+    """Every line the backend wrote was Info in the SkyPrompt log. A line cut in two by a read (here
+    by a pause in the middle of its level field), and a last line with no newline, are whole lines."""
+    from backend.server import free_port
+    from plugin.local_backend import LocalBackend
+
+    stamp = "2025-01-02 03:04:05,678"
+    backend = tmp_path / "python"
+    backend.write_text(
+        "#!/bin/sh\n"
+        f"echo '{stamp} INFO backend.server: loading the model'\n"
+        f"echo '{stamp} WARNING backend.service: slow tile'\n"
+        f"echo '{stamp} ERROR backend.service: Segment failed'\n"
+        "echo 'Traceback (most recent call last):'\n"
+        "echo '  File \"/x/backend/service.py\", line 1, in segment'\n"
+        "echo '    raise ValueError(\"boom\")'\n"
+        "echo 'ValueError: boom'\n"
+        "echo 'a plain line'\n"
+        f"printf '{stamp} WARN'\nsleep 0.5\nprintf 'ING backend.index: split in two\\n'\n"
+        f"echo '{stamp} CRITICAL backend.server: cannot serve'\n"
+        f"printf '{stamp} WARNING backend.server: no newline at the end'\n"
+        "exit 3\n")
+    backend.chmod(0o755)
+    logged = []
+
+    def log(text, tag, level):
+        if tag == "SkyPrompt" and not text.startswith("starting backend"):
+            logged.append((text.split(" backend.")[-1] if text.startswith(stamp) else text, int(level)))
+
+    launcher = LocalBackend()
+    failures = []
+    launcher.failed.connect(failures.append)
+    QgsApplication.messageLog().messageReceived.connect(log)
+    try:
+        assert launcher.start(PluginSettings(address=f"127.0.0.1:{free_port()}", python=str(backend),
+                                             backend_dir=str(tmp_path)))
+        wait_until(lambda: failures, 30, "the backend to exit")
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(log)
+        launcher.stop(wait_ms=500)
+    info, warning, critical = int(Qgis.Info), int(Qgis.Warning), int(Qgis.Critical)
+    assert logged == [("server: loading the model", info), ("service: slow tile", warning),
+                      ("service: Segment failed", critical), ("Traceback (most recent call last):", critical),
+                      ('  File "/x/backend/service.py", line 1, in segment', critical),
+                      ('    raise ValueError("boom")', critical), ("ValueError: boom", critical),
+                      ("a plain line", info), ("index: split in two", warning), ("server: cannot serve", critical),
+                      ("server: no newline at the end", warning)], logged
+    assert "exited with code 3" in failures[0] and "no newline at the end" in failures[0], failures
+
+
+def _plugin_source_copy(root: Path) -> Path:
+    """The files tools/build_plugin_zip.py reads, copied to `root` (a source tree of its own)."""
+    for name in ("metadata.txt", "LICENSE", "pyproject.toml", ".gitignore", "tools/build_plugin_zip.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / "plugin", root / "plugin", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_the_zip_ships_the_files_git_tracks_readable_by_all(tmp_path):
+    """A scratch file beside the plugin's modules went into the zip; metadata.txt was rw------- there."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    source = _plugin_source_copy(tmp_path / "src")
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    subprocess.run(["git", "-C", str(source), "add", "plugin"], check=True)     # plugin/rpc is ignored: generated
+    (source / "plugin" / "scratch_notes.py").write_text("# notes\n")
+    (source / "plugin" / "rpc" / "scratch_rpc.py").write_text("# notes\n")
+
+    def build() -> dict:
+        out = tmp_path / "skyprompt.zip"
+        subprocess.run([sys.executable, str(source / "tools" / "build_plugin_zip.py"), "--out", str(out)],
+                       check=True, capture_output=True, cwd=tmp_path)
+        with zipfile.ZipFile(out) as z:
+            return {i.filename: i.external_attr >> 16 for i in z.infolist()}
+
+    modes = build()
+    assert "skyprompt/scratch_notes.py" not in modes and "skyprompt/rpc/scratch_rpc.py" not in modes, sorted(modes)
+    for name in ("skyprompt/__init__.py", "skyprompt/dock.py", "skyprompt/icon.svg", "skyprompt/metadata.txt",
+                 "skyprompt/LICENSE", "skyprompt/rpc/__init__.py", "skyprompt/rpc/skyprompt_pb2.py",
+                 "skyprompt/rpc/skyprompt_pb2_grpc.py"):
+        assert modes.get(name) == 0o100644, (name, oct(modes.get(name, 0)))
+    assert {n: m for n, m in modes.items() if n.endswith("/")} == {"skyprompt/": 0o040755, "skyprompt/rpc/": 0o040755}
+    assert all(m in (0o100644, 0o040755) for m in modes.values()), {n: oct(m) for n, m in modes.items()}
+    # a source tarball has no repository: every file that matches is shipped
+    shutil.rmtree(source / ".git")
+    assert "skyprompt/scratch_notes.py" in build()
+
+
+def test_tearing_the_launcher_down_while_its_backend_runs_raises_nothing(qgis_app, tmp_path, monkeypatch):
+    """QGIS exiting without unloading the plugin deletes the launcher and its QProcess, whose
+    destructor kills the backend and sends finished() to handlers whose QTimer was deleted first."""
+    from qgis.PyQt import sip
+    from qgis.PyQt.QtCore import QObject
+    from backend.server import free_port
+    from plugin.local_backend import LocalBackend
+
+    never_serves = tmp_path / "python"
+    never_serves.write_text("#!/bin/sh\necho 'loading'\nexec sleep 600\n")
+    never_serves.chmod(0o755)
+    errors = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: errors.append(f"{kind.__name__}: {value}"))
+    for starting in (True, False):
+        window = QObject()          # the main window, say, that the panel and its launcher live in
+        launcher = LocalBackend(window)
+        failures, stops = [], []
+        launcher.failed.connect(failures.append)
+        launcher.stopped.connect(lambda: stops.append(1))
+        assert launcher.start(PluginSettings(address=f"127.0.0.1:{free_port()}", python=str(never_serves),
+                                             backend_dir=str(tmp_path)))
+        pid = launcher.process.processId()
+        wait_until(lambda: launcher.process.bytesAvailable() or launcher._log_tail, 10, "its first line")
+        if not starting:
+            launcher._stop_polling()     # as one that serves: its timer no longer runs
+        sip.delete(window)
+        QgsApplication.processEvents()
+        assert errors == [] and failures == [] and stops == [], (errors, failures)
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_a_qgis_python_older_than_3_10_is_told_it_cannot_work_not_to_install_by_hand(dock, iface, monkeypatch):
+    """grpcio and protobuf as new as the stubs need have no release for Python 3.9 (some Windows builds
+    of QGIS 3.22 to 3.28): pip found none, and the message said to install them by hand."""
+    problem = deps.python_problem((3, 9, 18))
+    assert problem.startswith("the plugin needs QGIS's Python to be 3.10 or newer, and this QGIS runs Python 3.9")
+    assert "QGIS 3.22 on Debian 12 has 3.11" in problem and "some Windows builds of QGIS 3.22 to 3.28 ship 3.9" in problem
+    assert "by hand" not in problem and deps.python_problem((3, 10, 0)) is None and deps.python_problem() is None
+    monkeypatch.setattr(deps, "_VERSION", (3, 9, 18))
+    assert deps.missing() == problem
+    with pytest.raises(deps.DependencyError) as err:    # no pip is run for releases that do not exist
+        deps.install(Path(dock.deps_folder), python="/nonexistent/python3.9", log=pytest.fail)
+    assert str(err.value) == problem
+    no_fit = ["ERROR: Could not find a version that satisfies the requirement grpcio>=1.85.4 (from versions: 1.70.0)",
+              "ERROR: No matching distribution found for grpcio>=1.85.4"]
+    message = deps.pip_failure(["grpcio>=1.85.4"], "/deps", no_fit)
+    assert problem in message and "by hand" not in message, message
+    dock.check_dependencies()
+    assert dock.deps_box.isVisibleTo(dock) and dock.install_button.isHidden()
+    assert dock.deps_label.text() == f"SkyPrompt cannot work in this QGIS: {problem}."
+    assert not dock.start_button.isEnabled() and dock.health_state == "MISSING"
+    monkeypatch.undo()
+    dock.check_dependencies()
+    assert not dock.deps_box.isVisibleTo(dock) and not dock.install_button.isHidden()

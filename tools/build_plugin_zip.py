@@ -3,15 +3,22 @@
 
 The zip holds one folder, `skyprompt/`: metadata.txt (with `version=` taken from pyproject.toml,
 the project's one version), LICENSE, the plugin's Python modules, its icon and the generated gRPC
-stubs (plugin/rpc, relative imports). Nothing else: no tests, caches or weights.
+stubs (plugin/rpc, relative imports). Nothing else: no tests, caches or weights. In a git checkout
+only the plugin files git tracks are shipped (a scratch file beside them is not), plus the stubs,
+which are generated and ignored by git; without git or a repository (a source tarball) every file
+that matches is. Every file in the zip is readable by all (0644), every folder 0755, whatever the
+working tree's modes or umask.
 
 Usage:  python tools/build_plugin_zip.py [--out dist/skyprompt.zip]
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
+import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -19,6 +26,9 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugin"
 TOP = "skyprompt"
 SHIPPED = ("*.py", "icon.svg", "rpc/*.py")
+# what tools/build_proto.py writes into plugin/rpc (git ignores them): shipped whether tracked or not
+GENERATED = ("rpc/__init__.py", "rpc/skyprompt_pb2.py", "rpc/skyprompt_pb2_grpc.py")
+FILE_MODE, FOLDER_MODE = 0o644, 0o755
 
 
 def project_version() -> str:
@@ -35,21 +45,55 @@ def metadata_text() -> str:
     return text.replace("[general]\n", f"[general]\nversion={project_version()}\n", 1)
 
 
+def tracked_files() -> list[str] | None:
+    """The files under plugin/ that git tracks, relative to it; None where git or the repository is absent."""
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--", "plugin"], capture_output=True,
+                                check=True)
+    except (OSError, subprocess.CalledProcessError):    # no git, or not a checkout (a source tarball)
+        return None
+    return [name[len("plugin/"):] for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0")
+            if name.startswith("plugin/")]
+
+
 def plugin_files() -> list[Path]:
     if not (PLUGIN / "rpc" / "skyprompt_pb2.py").is_file():
         raise SystemExit("plugin/rpc has no generated stubs: run `make proto` first")
-    files = sorted({p for pattern in SHIPPED for p in PLUGIN.glob(pattern)})
-    return [p for p in files if "__pycache__" not in p.parts]
+    tracked = tracked_files()
+    if tracked is None:
+        files = {p for pattern in SHIPPED for p in PLUGIN.glob(pattern)}
+    else:
+        files = {PLUGIN / name for name in [*tracked, *GENERATED]
+                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in SHIPPED)}
+    return sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts)
+
+
+def _entry(name: str, mode: int, date_time=None) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time or time.localtime()[:6])
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.create_system = 3      # Unix: external_attr's high bits are its mode, which unzip and pip apply
+    if name.endswith("/"):
+        info.external_attr = ((0o040000 | mode) << 16) | 0x10   # a folder (MS-DOS directory bit too)
+        info.compress_type = zipfile.ZIP_STORED
+    else:
+        info.external_attr = (0o100000 | mode) << 16
+    return info
 
 
 def build(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".zip.part")
+    files = {"metadata.txt": (metadata_text().encode(), None), "LICENSE": ((REPO / "LICENSE").read_bytes(),
+                                                                           REPO / "LICENSE")}
+    for path in plugin_files():
+        files[path.relative_to(PLUGIN).as_posix()] = (path.read_bytes(), path)
+    folders = sorted({f"{TOP}/"} | {f"{TOP}/{name.rsplit('/', 1)[0]}/" for name in files if "/" in name})
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(f"{TOP}/metadata.txt", metadata_text())
-        z.write(REPO / "LICENSE", f"{TOP}/LICENSE")
-        for path in plugin_files():
-            z.write(path, f"{TOP}/{path.relative_to(PLUGIN).as_posix()}")
+        for folder in folders:
+            z.writestr(_entry(folder, FOLDER_MODE), b"")
+        for name, (data, source) in files.items():
+            stamp = time.localtime(source.stat().st_mtime)[:6] if source else None
+            z.writestr(_entry(f"{TOP}/{name}", FILE_MODE, stamp), data)
     tmp.replace(out)
     return out
 
