@@ -255,6 +255,13 @@ def _index_each(stub, args, results: list[dict]) -> int:
     return failed
 
 
+def crs_text(crs: str) -> str:
+    """A CRS as a line of text shows it: its id ("EPSG:32611"), or for one without (JSON keeps its
+    whole WKT) the name the WKT gives it, where the WKT filled a screen on every line."""
+    match = re.match(r"\s*[A-Z_0-9]+\[\s*\"([^\"]*)\"", crs)
+    return f"{match.group(1) or 'unnamed'!r} (a CRS with no EPSG code)" if match else crs
+
+
 def _print_band_note(note: str) -> None:
     """The server's word on colour bands it had to guess (IndexResult/SegmentResult/CaptionResponse
     band_note), on stderr as the other notes."""
@@ -380,7 +387,7 @@ def cmd_search(stub, args) -> int:
             # the tile id is what --like-tile takes; coordinates to 10 digits (degrees need decimals)
             print(f"{h['rank']:3d}. {h['score']:.3f}  {h['raster_name']} (raster id {h['raster_id']})  "
                   f"tile {h['tile_id']}  window {h['window']}  "
-                  f"[{b[0]:.10g}, {b[1]:.10g}, {b[2]:.10g}, {b[3]:.10g}] {h['crs']}")
+                  f"[{b[0]:.10g}, {b[1]:.10g}, {b[2]:.10g}, {b[3]:.10g}] {crs_text(h['crs'])}")
             if h["caption"]:
                 matched = f" (keywords +{h['keyword_score']:.3f})" if h["keyword_score"] else ""
                 print(f"       {h['caption']}{matched}")
@@ -761,7 +768,7 @@ def cmd_segment(stub, args) -> int:
         _print_band_note(out["band_note"])
         if args.output:
             crs = ("EPSG:4326, longitude/latitude: GeoJSON names no CRS without an EPSG code, and the raster's "
-                   "has none; a .gpkg keeps it") if lonlat else out["crs"]
+                   "has none; a .gpkg keeps it") if lonlat else crs_text(out["crs"])
             print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({crs})")
         if relevance_maps:
             print(f"relevance map(s) saved: {', '.join(relevance_maps)}")
@@ -845,7 +852,7 @@ def cmd_list(stub, args) -> int:
     print(f"{len(rasters)} raster(s) in the index" + ("" if args.all else " for the server's checkpoint"))
     for r in rasters:
         other = "" if r["current_checkpoint"] else "  (another checkpoint: not searched)"
-        print(f"{r['raster_id']:>6}  {r['raster_name']}  {r['tile_count']} tiles  {r['crs']}  "
+        print(f"{r['raster_id']:>6}  {r['raster_name']}  {r['tile_count']} tiles  {crs_text(r['crs'])}  "
               f"{r['raster_path'] or '(pixels sent by a client)'}{other}")
         if r["changed_on_disk"]:
             print(f"        note: {r['changed_on_disk']}")

@@ -1697,8 +1697,15 @@ def test_cli_geojson_of_a_crs_without_an_epsg_code_is_longitude_latitude(server,
                   "--output", str(tmp_path / "again.geojson"))
     assert text.returncode == 0 and "EPSG:4326, longitude/latitude" in text.stdout, text.stdout + text.stderr
     kept = tmp_path / "site.gpkg"       # a GeoPackage keeps the CRS itself
-    assert client(server, "segment", "--raster", str(custom), "--prompt", "trees", "--threshold", "0",
-                  "--output", str(kept)).returncode == 0
+    text = client(server, "segment", "--raster", str(custom), "--prompt", "trees", "--threshold", "0",
+                  "--output", str(kept))
+    assert text.returncode == 0 and "('site grid' (a CRS with no EPSG code))" in text.stdout, text.stdout
+    # lines of text name such a CRS, where its whole WKT filled the screen on each of them (JSON keeps it)
+    assert client(server, "index", str(custom)).returncode == 0
+    for command in (["list"], ["search", "trees", "--raster", str(custom), "--k", "2"]):
+        text = client(server, *command)
+        assert text.returncode == 0 and "'site grid' (a CRS with no EPSG code)" in text.stdout, text.stdout
+        assert "PROJCRS[" not in text.stdout and "PROJCS[" not in text.stdout
     ds = ogr.Open(str(kept))
     assert same_crs(ds.GetLayer(0).GetSpatialRef(), srs_of(CUSTOM_LCC))
     local = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=32),
