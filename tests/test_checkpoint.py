@@ -295,6 +295,9 @@ def test_export_cli_changes_the_resolution_and_keeps_dtype_and_metadata(tmp_path
         err = capsys.readouterr().err
         assert "DST is SRC" in err and said in err and "write it to a new folder" in err, err
     assert (src / "model.safetensors").read_bytes() == before
+    assert main([str(tmp_path / "out"), str(src), "--average", str(src)]) == 2      # DST an averaged-in one
+    assert "is one of the --average checkpoints" in capsys.readouterr().err
+    assert (src / "model.safetensors").read_bytes() == before
     # bad input: one clear line, exit 2, nothing written
     assert main([str(src), str(tmp_path / "bad"), "--image-size", "30"]) == 2
     err = capsys.readouterr().err
@@ -368,19 +371,36 @@ def test_export_arguments_links_and_what_killed_saves_left(tmp_path, tiny_config
     monkeypatch.chdir(tmp_path / "mean")
     assert main([".", ".", "--fp16"]) == 0
     monkeypatch.chdir(tmp_path)
-    # what killed saves left: a temporary copy (removed) and the checkpoint set aside, DST gone (put back)
+    # what killed saves left: a temporary copy (removed) and the checkpoint set aside, DST gone (put back);
+    # a folder of a process alive, or of another machine, is left alone
+    from backend.model.checkpoint import _this_process
+
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / f".mean.tmp-{dead.pid}-abc").mkdir()
-    (tmp_path / f".mean.tmp-{dead.pid}-abc" / "model.safetensors").write_bytes(b"x" * 10)
+    host = _this_process().partition("@")[2]
+    gone, elsewhere, mine = f"{dead.pid}@{host}", f"{dead.pid}@another_machine", f"{os.getppid()}@{host}"
+    for owner in (gone, elsewhere, mine):
+        (tmp_path / f".mean.tmp-{owner}-abc").mkdir()
+        (tmp_path / f".mean.tmp-{owner}-abc" / "model.safetensors").write_bytes(b"x" * 10)
     shutil.rmtree(tmp_path / "mean")
-    (tmp_path / "b").rename(tmp_path / f".mean.old-{dead.pid}")     # the only copy of "mean" there is
+    (tmp_path / "b").rename(tmp_path / f".mean.old-{gone}")     # the only copy of "mean" there is
     assert main([str(a), str(tmp_path / "mean")]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "link", "mean"]
-    (tmp_path / f".mean.old-{dead.pid}").mkdir()         # DST there: an aside copy is only old, removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".mean.tmp-{elsewhere}-abc",
+                                                                 f".mean.tmp-{mine}-abc", "a", "link", "mean"])
+    (tmp_path / f".mean.old-{gone}").mkdir()         # DST there: an aside copy is only old, removed
     assert main([str(a), str(tmp_path / "b2")]) == 0
     assert main([str(a), str(tmp_path / "mean")]) == 0
-    assert not (tmp_path / f".mean.old-{dead.pid}").exists()
+    assert not (tmp_path / f".mean.old-{gone}").exists()
+    for owner in (elsewhere, mine):
+        shutil.rmtree(tmp_path / f".mean.tmp-{owner}-abc")
+    # put back, a training checkpoint is judged as one: an export may not replace it (its optimizer state)
+    training = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "run_step",
+                               write_extra=lambda d: (d / "train_state.pt").write_bytes(b"state"), training_state=True)
+    training.rename(tmp_path / f".trained.old-{gone}")
+    assert main([str(a), str(tmp_path / "trained")]) == 2
+    assert "is a training checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "trained" / "train_state.pt").read_bytes() == b"state"
+    shutil.rmtree(tmp_path / "trained")
     capsys.readouterr()
     # a full disk, as safetensors reports it (a real one needs a small file system mounted as root)
 

@@ -136,6 +136,9 @@ def _check_not_lossy_in_place(args: argparse.Namespace) -> None:
     """CheckpointError for an export over SRC itself that loses what SRC holds: weights averaged with
     others, a position embedding resampled (another size and back is not the same), weights narrowed
     to fp16. Writing is atomic, but the old folder is gone afterwards, the bundled checkpoint's too."""
+    if os.path.realpath(args.dst) in {os.path.realpath(p) for p in args.average}:
+        raise CheckpointError(f"DST {args.dst} is one of the --average checkpoints: the mean would replace it, with "
+                              "no way back; write it to a new folder")
     if os.path.realpath(args.dst) != os.path.realpath(args.src) or not (Path(args.src) / CONFIG).is_file():
         return
     check_checkpoint_target(Path(os.path.realpath(args.dst)))     # a training checkpoint is refused as such

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -49,6 +50,8 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
     """
     # a link to a checkpoint replaces the checkpoint it leads to, not itself; "." names its folder
     directory = Path(os.path.realpath(directory))
+    # first: a checkpoint a killed save set aside is put back, and then judged as the target it is
+    _remove_stale_saves(directory)
     check_checkpoint_target(directory, training_state=training_state)
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +66,7 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         state[k] = v.contiguous()
-    _remove_stale_saves(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(directory)}{os.getpid()}-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(directory)}{_this_process()}-", dir=directory.parent))
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
@@ -131,10 +133,34 @@ def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
+def _this_process() -> str:
+    """"PID@HOST": whose save a temporary folder is. The host, because a folder on shared storage may
+    be another machine's, whose process numbers say nothing here."""
+    return f"{os.getpid()}@{socket.gethostname().replace('-', '_').replace('/', '_')}"
+
+
+def _ended_here(owner: str) -> bool:
+    """Whether "PID@HOST" names a process of this machine that has ended (POSIX only: on Windows
+    os.kill(pid, 0) would end the process instead of probing it)."""
+    pid, _, host = owner.partition("@")
+    if os.name != "posix" or not pid.isdigit() or f"{pid}@{host}" == _this_process() \
+            or host != _this_process().partition("@")[2]:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        pass    # alive (another user's), or no number a process has
+    return False
+
+
 def _remove_stale_saves(target: Path) -> None:
     """Remove the temporary folders that saves of `target` killed before their end left beside it (a
-    whole copy of the weights each), known by the process id in their names: never another live
-    save's. Folders of earlier versions' saves, without an id, are left alone."""
+    whole copy of the weights each), known by the process and machine in their names: never another
+    live save's, nor another machine's. A checkpoint one such save set aside, killed between its two
+    renames, is put back when it is the only one there is. Folders without an owner (earlier
+    versions') are left alone."""
     prefix, aside = _tmp_prefix(target), _aside_prefix(target)
     try:
         leftovers = [p for p in target.parent.iterdir() if p.name.startswith((prefix, aside)) and p.is_dir()]
@@ -142,25 +168,20 @@ def _remove_stale_saves(target: Path) -> None:
         return
     for folder in leftovers:
         is_aside = folder.name.startswith(aside)
-        pid = folder.name[len(aside if is_aside else prefix):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        rest = folder.name[len(aside if is_aside else prefix):]
+        owner = rest if is_aside else rest.rpartition("-")[0]     # mkdtemp's own letters follow the last "-"
+        if not _ended_here(owner):
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            if is_aside and not target.exists():
-                # killed between its two renames: the checkpoint set aside is the only one there is
-                os.replace(folder, target)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
-        except (PermissionError, OverflowError, OSError):
-            pass    # alive (another user's), or not a number a process has
+        if is_aside and not target.exists():
+            os.replace(folder, target)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap `new` into place of `target` with renames (the old one is removed only afterwards)."""
     if target.exists():
-        old = target.with_name(f"{_aside_prefix(target)}{os.getpid()}")
+        old = target.with_name(f"{_aside_prefix(target)}{_this_process()}")
         os.replace(target, old)
         os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
