@@ -485,6 +485,8 @@ def serve(args: argparse.Namespace) -> int:
         # served yet and is crash-safe; leave at once, as below, without a traceback
         print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
         os._exit(130)
+    # from here a launcher's end is a shutdown like a signal's (the port file removed), not an exit
+    done.serving()
     server.start()
     if args.port_file:
         try:
@@ -495,7 +497,6 @@ def serve(args: argparse.Namespace) -> int:
             server.stop()
             logging.shutdown()
             os._exit(2)
-    done.serving()
     print(f"SkyPrompt serving on {server.address}", flush=True)
     while not done.wait(0.5):
         pass
