@@ -924,6 +924,7 @@ def test_multi_band_16_bit_tiffs_are_read_as_the_backend_shows_them(tmp_path):
 
     from training.data import load_image
 
+    exceptions_before = gdal.GetUseExceptions()
     ramp = np.linspace(300, 3300, 48 * 48).reshape(48, 48)
     planes = [ramp, ramp[::-1], ramp.T, np.full((48, 48), 9000.0)]     # 4th: a near-infrared band
 
@@ -952,6 +953,18 @@ def test_multi_band_16_bit_tiffs_are_read_as_the_backend_shows_them(tmp_path):
     planes[0][:8] = 0                                           # nodata rows are black, out of the stretch
     rgb = np.asarray(load_image(tif("nodata.tif", nodata=0)))
     assert (rgb[:8] == 0).all() and rgb[8:, :, 0].max() == 255
+    # marked RGB (PHOTOMETRIC=RGB, the usual 48-bit TIFF): PIL decodes it, keeping each sample's high
+    # byte unstretched (12-bit data near black); it is read as the backend reads it too
+    twelve_bit = np.stack([ramp, ramp[::-1], ramp.T]).astype(np.uint16)
+    ds = gdal.GetDriverByName("GTiff").Create(str(tmp_path / "rgb48.tif"), 48, 48, 3, gdal.GDT_UInt16,
+                                              ["PHOTOMETRIC=RGB"])
+    for i in range(3):
+        ds.GetRasterBand(i + 1).WriteArray(twelve_bit[i])
+    ds = None
+    assert np.asarray(Image.open(tmp_path / "rgb48.tif").convert("RGB")).mean() < 20    # what PIL alone gives
+    rgb = np.asarray(load_image(str(tmp_path / "rgb48.tif"))).astype(int)
+    assert rgb.min() == 0 and rgb.max() == 255 and rgb[0, 0].tolist() == [0, 255, 0]
+    assert gdal.GetUseExceptions() == exceptions_before        # left as it was
     (tmp_path / "broken.tif").write_bytes(b"II*\x00 not a tiff")
     with pytest.raises(OSError):
         load_image(str(tmp_path / "broken.tif"))

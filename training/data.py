@@ -253,7 +253,8 @@ def load_image(path: str) -> Image.Image:
     is read through GDAL, as the backend reads rasters (gdal_rgb_image)."""
     try:
         with Image.open(path) as im:
-            return rgb_image(im)
+            if not _wide_colour_tiff(im):
+                return rgb_image(im)
     except UNREADABLE_IMAGE:
         if not str(path).lower().endswith(TIFF_SUFFIXES):
             raise
@@ -262,6 +263,19 @@ def load_image(path: str) -> Image.Image:
         except (ImportError, OSError, ValueError):
             pass
         raise
+    return gdal_rgb_image(path)
+
+
+def _wide_colour_tiff(im: Image.Image) -> bool:
+    """A TIFF of several samples a pixel wider than 8 bits, or of floats: PIL decodes some of them (a
+    48-bit RGB) by keeping each sample's high byte, unstretched, so 12-bit data comes out near black."""
+    tags = getattr(im, "tag_v2", None)
+    if im.format != "TIFF" or tags is None or int(tags.get(277, 1)) < 2:       # SamplesPerPixel
+        return False
+    bits = tags.get(258, (8,))                                                  # BitsPerSample
+    formats = tags.get(339, (1,))                                               # SampleFormat: 3 = float
+    as_tuple = lambda v: v if isinstance(v, tuple) else (v,)    # noqa: E731
+    return max(as_tuple(bits)) > 8 or 3 in as_tuple(formats)
 
 
 def gdal_rgb_image(path: str) -> Image.Image:
@@ -271,24 +285,25 @@ def gdal_rgb_image(path: str) -> Image.Image:
     ImportError where GDAL's Python bindings are not installed."""
     from osgeo import gdal
 
-    gdal.UseExceptions()
-    try:
-        ds = gdal.Open(str(path), gdal.GA_ReadOnly)
-    except RuntimeError as e:
-        raise OSError(f"GDAL cannot read it ({e})") from None
-    colours = {ds.GetRasterBand(i).GetColorInterpretation(): i for i in range(1, ds.RasterCount + 1)}
-    marked = [colours.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
-    bands = marked if all(marked) else [1, 2, 3] if ds.RasterCount >= 3 else [1, 1, 1]
-    valid = np.ones((ds.RasterYSize, ds.RasterXSize), bool)
-    planes = []
-    try:
-        for number in bands:
-            band = ds.GetRasterBand(number)
-            plane = band.ReadAsArray().astype(np.float64)
-            valid &= band.GetMaskBand().ReadAsArray() > 0
-            planes.append((plane, band.DataType == gdal.GDT_Byte))
-    except RuntimeError as e:
-        raise OSError(f"GDAL cannot read its pixels ({e})") from None
+    from backend.raster import _gdal_exceptions     # on for this read only, as the backend does it
+
+    with _gdal_exceptions():
+        try:
+            ds = gdal.Open(str(path), gdal.GA_ReadOnly)
+            colours: dict[int, int] = {}
+            for i in range(1, ds.RasterCount + 1):      # the first band of each colour, as the backend
+                colours.setdefault(ds.GetRasterBand(i).GetColorInterpretation(), i)
+            marked = [colours.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+            bands = marked if all(marked) else [1, 2, 3] if ds.RasterCount >= 3 else [1, 1, 1]
+            valid = np.ones((ds.RasterYSize, ds.RasterXSize), bool)
+            planes = []
+            for number in bands:
+                band = ds.GetRasterBand(number)
+                plane = band.ReadAsArray().astype(np.float64)
+                valid &= band.GetMaskBand().ReadAsArray() > 0
+                planes.append((plane, band.DataType == gdal.GDT_Byte))
+        except RuntimeError as e:
+            raise OSError(f"GDAL cannot read it ({e})") from None
     rgb = np.zeros((ds.RasterYSize, ds.RasterXSize, 3), np.uint8)
     for channel, (plane, is_byte) in enumerate(planes):
         finite = valid & np.isfinite(plane)
