@@ -854,8 +854,11 @@ class Raster:
         note = ""
         if len(candidates) == 2 and not any(colour) and (mapping.red, mapping.green, mapping.blue) == (0, 0, 0):
             # two bands with no colour mark (a radar pair, two indices): one of them is shown, the other dropped
-            note = (f"{self._where()} has 2 bands and marks none as a colour: band 1 was read as grey and band 2 is "
-                    f"not used. To see band 2, give the bands (BandMapping; the client's --bands, e.g. --bands 2 2 2)")
+            shown, unused = candidates
+            alpha = f" besides its alpha band {self._alpha_band}" if self._alpha_band else ""
+            note = (f"{self._where()} has 2 bands{alpha} and marks none as a colour: band {shown} was read as grey "
+                    f"and band {unused} is not used. To see band {unused}, give the bands (BandMapping; the "
+                    f"client's --bands, e.g. --bands {unused} {unused} {unused})")
         elif guessed and 0 in (mapping.red, mapping.green, mapping.blue):
             shown = ", ".join(str(b) for b in chosen)
             note = (f"{self._where()} has {len(candidates)} bands and marks none as red, green or blue: bands "

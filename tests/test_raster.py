@@ -193,6 +193,11 @@ def test_colour_bands_guessed_from_four_unmarked_bands_are_named_in_a_note(tmp_p
         assert raster.rgb_bands == (1, 1, 1) and "2 bands" in raster.band_note and "band 2 is not used" in raster.band_note
     with open_raster(make_tif(tmp_path / "two.tif", data[:2], options=plain), bands=BandMapping(2, 2, 2)) as raster:
         assert raster.rgb_bands == (2, 2, 2) and raster.band_note == ""
+    alpha_first = make_tif(tmp_path / "alpha_first.tif", data[:3], options=plain,
+                           colours=[gdal.GCI_AlphaBand, gdal.GCI_Undefined, gdal.GCI_Undefined])
+    with open_raster(alpha_first) as raster:        # the two others named, not "band 1" (the alpha)
+        assert raster.rgb_bands == (2, 2, 2) and "band 2 was read as grey and band 3 is not used" in raster.band_note
+        assert "besides its alpha band 1" in raster.band_note and "--bands 3 3 3" in raster.band_note
     grey_alpha = make_tif(tmp_path / "grey_alpha.tif", data[:2], colours=[gdal.GCI_GrayIndex, gdal.GCI_AlphaBand])
     with open_raster(grey_alpha) as raster:
         assert raster.band_note == ""
