@@ -564,8 +564,16 @@ def _polygon_srs(results: list[pb.SegmentResult]):
 
     if not (results and results[0].crs.wkt):
         return None
+    from .raster import crs_authid
+
     srs = osr.SpatialReference()
     srs.ImportFromWkt(results[0].crs.wkt)
+    authid = crs_authid(srs)
+    if authid.startswith("EPSG:") and not srs.GetAuthorityCode(None):
+        # a WKT without its id that GDAL recognises (WKT1 files often lack it): the layer gets the EPSG
+        # definition, which a GeoJSON names (its writer names no CRS without an id) as the answer does
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(int(authid.partition(":")[2]))
     srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     return srs
 

@@ -1708,6 +1708,21 @@ def test_cli_geojson_of_a_crs_without_an_epsg_code_is_longitude_latitude(server,
         assert "PROJCRS[" not in text.stdout and "PROJCS[" not in text.stdout
     ds = ogr.Open(str(kept))
     assert same_crs(ds.GetLayer(0).GetSpatialRef(), srs_of(CUSTOM_LCC))
+    # a WKT without its id that GDAL recognises (a VRT's WKT1, often): the GeoJSON names its EPSG code,
+    # where it named no CRS, its metres read as degrees, while the answer said EPSG:32611
+    utm = osr.SpatialReference()
+    utm.ImportFromEPSG(32611)
+    no_id = utm.ExportToWkt().replace(',AUTHORITY["EPSG","32611"]', "")
+    assert srs_of(no_id).GetAuthorityCode(None) is None
+    plain = make_tif(rasters["folder"] / "utm_plain.tif", noise((3, 64, 64), seed=34))
+    vrt = rasters["folder"] / "utm_no_id.vrt"
+    gdal.Translate(str(vrt), str(plain), format="VRT", outputSRS=no_id).FlushCache()
+    target = tmp_path / "utm.geojson"
+    out = client(server, "segment", "--json", "--raster", str(vrt), "--prompt", "trees", "--threshold", "0",
+                 "--output", str(target))
+    assert out.returncode == 0 and json.loads(out.stdout)["crs"] == "EPSG:32611", out.stderr
+    assert json.loads(out.stdout)["output_crs"] is None
+    assert "32611" in json.dumps(json.loads(target.read_text()).get("crs")), target.read_text()[:300]
     local = make_tif(rasters["folder"] / "local_grid.tif", noise((3, 64, 64), seed=32),
                      geotransform=(0.0, 1.0, 0.0, 64.0, 0.0, -1.0), crs='LOCAL_CS["plant floor",UNIT["metre",1]]')
     refused = client(server, "segment", "--raster", str(local), "--prompt", "trees", "--threshold", "0",
