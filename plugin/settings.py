@@ -18,14 +18,18 @@ class AddressError(SettingError):
     """The backend address is not HOST:PORT; the message says how to write it."""
 
 
-# "http://", "grpc://", "dns:///": an address copied from a browser or written as a URL
+# "http://", "grpc://": an address copied from a browser or written as a URL
 URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# the name schemes gRPC itself resolves, which a channel takes as they are
+GRPC_SCHEME = re.compile(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", re.IGNORECASE)
 
 
 def address_problem(address: str) -> str | None:
     """Why `address` is not HOST:PORT with a scheme or a path (a URL, where gRPC wants
     "127.0.0.1:50051"), else None. Nothing is stripped from it: the user's field stays as typed."""
     address = address.strip()
+    if GRPC_SCHEME.match(address):      # a gRPC target name ("dns:///host:50051", "unix:///run/sp.sock") is fine
+        return None
     scheme = URL_SCHEME.match(address)
     rest = address[scheme.end():] if scheme else address
     if not scheme and "/" not in rest:

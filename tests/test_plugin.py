@@ -3138,6 +3138,8 @@ def test_an_address_with_a_scheme_or_a_path_is_said_to_be_host_port(dock, iface)
     assert "e.g. 127.0.0.1:50051," in address_problem("https://example.org/")     # no port in it: the default's
     assert address_problem("127.0.0.1:50051") is None and address_problem("[::1]:7") is None
     assert address_problem("backend.lan") is None      # no port is said where the port is read, as before
+    # gRPC's own target names, which a channel takes as they are
+    assert address_problem("dns:///backend.lan:50051") is None and address_problem("unix:///run/sp.sock") is None
     # the panel: the field keeps what was typed, the message bar and the line below the light say what to write
     iface.message_bar.messages.clear()
     dock.address.setText("http://127.0.0.1:50051/")
@@ -3223,15 +3225,19 @@ def test_the_zip_ships_the_files_git_tracks_readable_by_all(tmp_path):
     (source / "plugin" / "scratch_notes.py").write_text("# notes\n")
     (source / "plugin" / "rpc" / "scratch_rpc.py").write_text("# notes\n")
 
+    said = []
+
     def build() -> dict:
         out = tmp_path / "skyprompt.zip"
-        subprocess.run([sys.executable, str(source / "tools" / "build_plugin_zip.py"), "--out", str(out)],
-                       check=True, capture_output=True, cwd=tmp_path)
+        done = subprocess.run([sys.executable, str(source / "tools" / "build_plugin_zip.py"), "--out", str(out)],
+                              check=True, capture_output=True, text=True, cwd=tmp_path)
+        said.append(done.stderr)
         with zipfile.ZipFile(out) as z:
             return {i.filename: i.external_attr >> 16 for i in z.infolist()}
 
     modes = build()
     assert "skyprompt/scratch_notes.py" not in modes and "skyprompt/rpc/scratch_rpc.py" not in modes, sorted(modes)
+    assert "plugin/scratch_notes.py" in said[-1] and "git does not track" in said[-1]      # said, not dropped silently
     for name in ("skyprompt/__init__.py", "skyprompt/dock.py", "skyprompt/icon.svg", "skyprompt/metadata.txt",
                  "skyprompt/LICENSE", "skyprompt/rpc/__init__.py", "skyprompt/rpc/skyprompt_pb2.py",
                  "skyprompt/rpc/skyprompt_pb2_grpc.py"):
@@ -3241,6 +3247,11 @@ def test_the_zip_ships_the_files_git_tracks_readable_by_all(tmp_path):
     # a source tarball has no repository: every file that matches is shipped
     shutil.rmtree(source / ".git")
     assert "skyprompt/scratch_notes.py" in build()
+    # nor has a tree inside another repository that tracks none of it (a home folder's): it shipped
+    # no plugin module at all
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    modes = build()
+    assert "skyprompt/__init__.py" in modes and "skyprompt/dock.py" in modes, sorted(modes)
 
 
 def test_tearing_the_launcher_down_while_its_backend_runs_raises_nothing(qgis_app, tmp_path, monkeypatch):

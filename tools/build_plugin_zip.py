@@ -45,27 +45,44 @@ def metadata_text() -> str:
     return text.replace("[general]\n", f"[general]\nversion={project_version()}\n", 1)
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, check=True).stdout.decode(
+        "utf-8", "surrogateescape")
+
+
 def tracked_files() -> list[str] | None:
-    """The files under plugin/ that git tracks, relative to it; None where git or the repository is absent."""
+    """The files under plugin/ that git tracks, relative to it; None where git is absent or this tree
+    is not a checkout of its own (a source tarball, or a tree inside another repository, e.g. a home
+    folder's, which tracks none of it)."""
     try:
-        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--", "plugin"], capture_output=True,
-                                check=True)
-    except (OSError, subprocess.CalledProcessError):    # no git, or not a checkout (a source tarball)
+        if Path(_git("rev-parse", "--show-toplevel").strip()).resolve() != REPO:
+            return None
+        listed = _git("ls-files", "-z", "--", "plugin")
+    except (OSError, subprocess.CalledProcessError):    # no git, or not a checkout
         return None
-    return [name[len("plugin/"):] for name in listed.stdout.decode("utf-8", "surrogateescape").split("\0")
-            if name.startswith("plugin/")]
+    return [name[len("plugin/"):] for name in listed.split("\0") if name.startswith("plugin/")]
+
+
+def _shipped(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SHIPPED) and "__pycache__" not in name
 
 
 def plugin_files() -> list[Path]:
     if not (PLUGIN / "rpc" / "skyprompt_pb2.py").is_file():
         raise SystemExit("plugin/rpc has no generated stubs: run `make proto` first")
+    present = {p.relative_to(PLUGIN).as_posix() for pattern in SHIPPED for p in PLUGIN.glob(pattern) if p.is_file()}
     tracked = tracked_files()
     if tracked is None:
-        files = {p for pattern in SHIPPED for p in PLUGIN.glob(pattern)}
+        names = {n for n in present if _shipped(n)}
     else:
-        files = {PLUGIN / name for name in [*tracked, *GENERATED]
-                 if any(fnmatch.fnmatchcase(name, pattern) for pattern in SHIPPED)}
-    return sorted(p for p in files if p.is_file() and "__pycache__" not in p.parts)
+        names = {n for n in [*tracked, *GENERATED] if _shipped(n) and (PLUGIN / n).is_file()}
+        left = sorted(n for n in present - names if _shipped(n))
+        if left:    # a new module not yet added would be missing from the plugin, which then fails to import
+            print(f"note: not shipped, as git does not track them: {', '.join('plugin/' + n for n in left)} "
+                  "(git add them if the plugin needs them)", file=sys.stderr)
+    if "__init__.py" not in names:
+        raise SystemExit("plugin/__init__.py is not among the files to ship: the zip would hold no plugin")
+    return sorted(PLUGIN / n for n in names)
 
 
 def _entry(name: str, mode: int, date_time=None) -> zipfile.ZipInfo:
