@@ -27,8 +27,8 @@ import shapely.affinity
 from PIL import Image
 
 from .engine import EngineError, ModelEngine, out_of_memory
-from .index import (DB_NAME, SearchHits, TileIndex, TileIndexError, crosses_antimeridian, normalise_raster_path,
-                    raster_identity)
+from .index import (DB_NAME, EXPAND_WEIGHT, SearchHits, TileIndex, TileIndexError, crosses_antimeridian,
+                    expanded_queries, normalise_raster_path, raster_identity)
 from .raster import (NO_VALID_PIXELS, BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
                      open_raster, parse_crs, raster_from_pixels, sources_digest_of, transform_bounds,
                      transform_points_quietly, transformation, unwrap_longitudes, world_width)
@@ -1100,22 +1100,35 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         exact = request.mode == pb.SEARCH_MODE_EXACT
         # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
         pool = max(k, KEYWORD_POOL) if weight > 0 else k
-        wanted = pool
-        while shape is None or shape.on_globe:      # an orthographic view wholly off its globe holds nothing
-            hits = self.index.search(vector, wanted, self.engine.checkpoint_hash,
-                                     raster_ids=raster_ids or None,
-                                     raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox, exact=exact,
-                                     min_score=min_score, expand=expand)
-            if shape is None:
-                break
-            kept = [h for h in hits if shape.meets(h)]
-            # the index's box let in tiles outside the extent: take more candidates until `pool` are in it
-            if len(kept) >= pool or len(hits) < wanted or wanted >= _ExtentShape.EXPAND_LIMIT:
-                hits = type(hits)(kept[:pool], tiles_searched=hits.tiles_searched, approximate=hits.approximate)
-                break
-            wanted = min(_ExtentShape.EXPAND_LIMIT, wanted * 4)
+
+        def in_the_area(vec: np.ndarray, n: int, expand_n: int) -> SearchHits:
+            """The best `n` hits for `vec` that meet the extent (or polygon), if any."""
+            wanted = n
+            while shape is None or shape.on_globe:      # an orthographic view wholly off its globe holds nothing
+                found = self.index.search(vec, wanted, self.engine.checkpoint_hash,
+                                          raster_ids=raster_ids or None,
+                                          raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox,
+                                          exact=exact, min_score=min_score, expand=expand_n)
+                if shape is None:
+                    return found
+                kept = [h for h in found if shape.meets(h)]
+                # the index's box let in tiles outside the extent: take more candidates until `n` are in it
+                if len(kept) >= n or len(found) < wanted or wanted >= _ExtentShape.EXPAND_LIMIT:
+                    return type(found)(kept[:n], tiles_searched=found.tiles_searched, approximate=found.approximate)
+                wanted = min(_ExtentShape.EXPAND_LIMIT, wanted * 4)
+            return SearchHits()
+
+        if shape is None or not expand:
+            hits = in_the_area(vector, pool, 0 if shape is not None else expand)
         else:
-            hits = SearchHits()
+            # expanded from the best tiles in the area itself: the index's expansion knows only the box
+            # round it, whose best tiles may all lie outside a polygon or a rotated view
+            best = in_the_area(vector, expand, 0)
+            if len(best):
+                found = np.stack([self.index.tile_embedding(h.tile_id, self.engine.checkpoint_hash) for h in best])
+                vector = expanded_queries(np.asarray(vector, np.float32)[None], found.T,
+                                          [np.arange(len(best))], len(best), EXPAND_WEIGHT)[0]
+            hits = in_the_area(vector, pool, 0)
         bonus = np.zeros(len(hits))
         if weight > 0 and len(hits):
             bonus = keyword_bonus([h.score for h in hits], query, [h.extra.get("caption") for h in hits], weight)

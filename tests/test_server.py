@@ -1105,6 +1105,41 @@ def test_search_query_expansion_over_the_wire(checkpoint, tmp_path):
             np.testing.assert_allclose([h.score for h in local], [s for _, s in wire], atol=1e-5)
 
 
+def test_query_expansion_within_a_polygon_expands_from_tiles_in_it(checkpoint, tmp_path):
+    """--expand with a polygon (a rotated view, --within): the index expanded from the best tiles of the
+    box round the polygon, which may all lie outside it, so tiles the user never sees steered the
+    search. It expands from the best tiles that meet the polygon, as the hits returned do."""
+    from backend.index import TileIndex, expanded_queries
+
+    p = pb()
+    path = make_tif(tmp_path / "view.tif", noise((3, 512, 512), seed=43),
+                    geotransform=(500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0))
+    extent = p.Extent(xmin=500000.0, ymin=4999488.0, xmax=500512.0, ymax=5000000.0, crs="EPSG:32633")
+    corner = shapely.Polygon([(500000.0, 4999488.0), (500200.0, 4999488.0), (500000.0, 4999688.0)])
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path]).start()
+    try:
+        info = live.stub.GetInfo(p.GetInfoRequest(), metadata=live.metadata)
+        n = index(live, path)[-1].result.tile_count
+
+        def search(**kw):
+            request = p.SearchRequest(query="a quarry", k=n, raw_query=True, extent=extent, keyword_weight=0.0, **kw)
+            return [(h.tile_id, h.score) for h in live.stub.Search(request, metadata=live.metadata).hits]
+        inside = search(extent_polygon_wkt=corner.wkt, expand=0)
+        expanded = search(extent_polygon_wkt=corner.wkt, expand=2)
+        whole = search(expand=0)
+        vector = np.array(live.stub.EmbedText(p.EmbedTextRequest(texts=["a quarry"]),
+                                              metadata=live.metadata).embeddings[0].values, np.float32)
+    finally:
+        live.stop()
+    assert 2 <= len(inside) < len(whole) and [t for t, _ in whole[:2]] != [t for t, _ in inside[:2]]
+    with TileIndex(tmp_path / "data" / "index") as tiles:
+        best = np.stack([tiles.tile_embedding(t, info.checkpoint_hash) for t, _ in inside[:2]])
+        moved = expanded_queries(vector[None], best.T, [np.arange(2)], 2, 2.0)[0]
+        ranked = tiles.search(moved, n, info.checkpoint_hash)
+    in_corner = {t for t, _ in inside}
+    assert [t for t, _ in expanded] == [h.tile_id for h in ranked if h.tile_id in in_corner]
+
+
 def test_search_for_tiles_like_a_tile(server, rasters):
     """like_tile_id: that tile's stored embedding is the query, so it comes first with score 1; with a
     query too, or an unknown tile, the call fails by name; the client's --like-tile does the same."""
