@@ -255,6 +255,9 @@ def _index_each(stub, args, results: list[dict]) -> int:
     return failed
 
 
+NOTES_SHOWN = 5     # notes of one kind a search prints before it counts the rest
+
+
 def crs_text(crs: str) -> str:
     """A CRS as a line of text shows it: its id ("EPSG:32611"), or for one without (JSON keeps its
     whole WKT) the name the WKT gives it, where the WKT filled a screen on every line."""
@@ -398,9 +401,13 @@ def cmd_search(stub, args) -> int:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and not response.hits and args.min_score is None:
         print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within))}", file=sys.stderr)
-    for r in response.unsearchable_rasters:     # on stderr with --json too: hits are missing from the answer
+    left_out = response.unsearchable_rasters
+    for r in left_out[:NOTES_SHOWN]:     # on stderr with --json too: hits are missing from the answer
         print(f"note: not searched: {r.raster_name} ({r.raster_path or 'raster id ' + r.raster_id}): {r.reason}",
               file=sys.stderr)
+    if len(left_out) > NOTES_SHOWN:     # after a checkpoint change, every raster indexed: a screenful a search
+        print(f"note: ... and {len(left_out) - NOTES_SHOWN} more rasters not searched (`client list --all` shows "
+              "each; --json lists them)", file=sys.stderr)
     stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
     for reason, count in stale.items():
         print(f"note: {count} of {len(hits)} hits show a raster as it was when indexed: {reason}", file=sys.stderr)

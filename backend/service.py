@@ -1138,9 +1138,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         out = pb.SearchResponse(tiles_searched=hits.tiles_searched, approximate=hits.approximate,
                                 unfamiliar_words=self._unfamiliar(query) if like is None else [])
         if not raster_ids and not request.raster_paths:     # a filtered search names such a raster as an error
-            for r in self.index.unsearchable_rasters(self.engine.checkpoint_hash):
+            current = self.engine.checkpoint_hash
+            for r in self.index.unsearchable_rasters(current):
                 out.unsearchable_rasters.add(raster_id=str(r["id"]), raster_path=_shown_path(r["path"]),
                                              raster_name=r["name"], reason=r["reason"])
+            # after a checkpoint change every raster is of the other one: "0 hits among 0 tiles" said
+            # nothing of why
+            for r in self.index.other_checkpoint_rasters(current):
+                out.unsearchable_rasters.add(
+                    raster_id=str(r["id"]), raster_path=_shown_path(r["path"]), raster_name=r["name"],
+                    reason=f"indexed with checkpoint {r['checkpoint_hash'][:12]}, not this server's "
+                           f"({current[:12]}): index it again to search it")
         rows = {}       # raster id -> its index entry, looked up once per search
         for hit in hits:
             if hit.raster_id not in rows:

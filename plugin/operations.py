@@ -307,11 +307,17 @@ def stale_notes(hits, names: dict | None = None) -> list[str]:
             for path, (change, count) in stale.items()]
 
 
-def unsearchable_notes(response, names: dict | None = None) -> list[str]:
-    """One line per indexed raster a search left out (SearchResponse.unsearchable_rasters): its
-    embeddings cannot be read on the backend, so its tiles are missing from the hits."""
-    return [f"not searched: {(names or {}).get(r.raster_path) or r.raster_name!r} on the backend: {r.reason}"
-            for r in response.unsearchable_rasters]
+def unsearchable_notes(response, names: dict | None = None, shown: int = 3) -> list[str]:
+    """A line per indexed raster a search left out (SearchResponse.unsearchable_rasters: its embeddings
+    cannot be read on the backend, or it was indexed with another checkpoint), the first `shown` of
+    them and a count of the rest: after a checkpoint change that is every raster indexed."""
+    left_out = list(response.unsearchable_rasters)
+    notes = [f"not searched: {(names or {}).get(r.raster_path) or r.raster_name!r} on the backend: {r.reason}"
+             for r in left_out[:shown]]
+    if len(left_out) > shown:
+        notes.append(f"... and {len(left_out) - shown} more rasters not searched (the Indexed rasters window "
+                     "shows each)")
+    return notes
 
 
 def distinct_unfamiliar(answers) -> list:

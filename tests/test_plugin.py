@@ -2931,6 +2931,11 @@ def test_a_raster_the_backend_left_out_of_a_search_is_named_after_its_layer(qgis
         "not searched: 'North ortho' on the backend: its embedding file is damaged: re-index it",
         "not searched: 'scan' on the backend: its embedding file cannot be read (Permission denied)"]
     assert operations.unsearchable_notes(pb.SearchResponse()) == []
+    # after a checkpoint change every raster is left out: three named, the rest counted
+    for i in range(5, 12):
+        response.unsearchable_rasters.add(raster_id=str(i), raster_name=f"r{i}.tif", reason="indexed with checkpoint x")
+    notes = operations.unsearchable_notes(response)
+    assert len(notes) == 4 and notes[-1].startswith("... and 6 more rasters not searched")
 
 
 def test_start_local_backend_failures_get_advice_for_what_the_plugin_can_change(qgis_app, checkpoint, tmp_path):  # noqa: F811

@@ -2274,7 +2274,15 @@ def test_the_start_log_names_the_checkpoint_and_rasters_another_checkpoint_index
     torch.manual_seed(7)
     other = save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "other")
     live = LiveServer(other, data, [rasters["folder"]]).start()
-    live.stop()
+    try:
+        # a search says why it found nothing, where "0 hits among 0 tiles" said nothing
+        response = live.stub.Search(pb().SearchRequest(query="fields"), metadata=live.metadata)
+        assert not response.hits and [r.raster_name for r in response.unsearchable_rasters] == ["rgb_utm.tif"]
+        assert "indexed with checkpoint" in response.unsearchable_rasters[0].reason
+        out = client(live, "search", "fields")
+        assert out.returncode == 0 and "not searched: rgb_utm.tif" in out.stderr and "index it again" in out.stderr
+    finally:
+        live.stop()
     text = live.log_text().split("SkyPrompt server stopped")[1]          # the second start
     assert f"at {Path(other).resolve()}" in text and "0 raster(s), 0 tiles for this checkpoint" in text
     assert "1 raster(s) indexed with another checkpoint are not searched" in text
