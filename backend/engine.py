@@ -172,6 +172,11 @@ class ModelEngine:
         pooled = pool_ensemble(torch.from_numpy(self.embed_texts(prompts, cancelled)), owner, len(texts))
         return pooled.numpy()
 
+    def text_tokens(self, text: str) -> tuple[int, int]:
+        """(tokens of `text` as typed, the most the text tower reads): past that the tokenizer cuts
+        the text off without a word (under a prompt template, a few tokens sooner)."""
+        return len(self.tokenizer.encode(text)), self.config.context_length - 2
+
     def relevance(self, images: np.ndarray, text_embeddings: np.ndarray, window: int, sigma: float,
                   cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
         """uint8 [N, 3, S, S] tiles x [T, E] texts -> cosine maps [N, T, G, G] (SAO, window in patches)."""

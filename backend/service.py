@@ -1061,6 +1061,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         like = request.like_tile_id if request.HasField("like_tile_id") else None
         if like is None:
             query = check_text("query", request.query, self.limits)
+            self._check_fits("query", query)
         elif request.query.strip():
             raise _bad("give a query or like_tile_id, not both: like_tile_id searches by that tile's embedding")
         k = request.k or 10
@@ -1208,6 +1209,14 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         out.seconds = time.monotonic() - started
         return out
 
+    def _check_fits(self, field: str, text: str) -> None:
+        """INVALID_ARGUMENT for a text longer than the text tower reads: its end would be cut off
+        without a word, and two long queries that differ only there searched alike."""
+        tokens, room = self.engine.text_tokens(text)
+        if tokens > room:
+            raise _bad(f"{field} is {tokens} tokens; the model reads at most {room}, so its end would be ignored: "
+                       "shorten it to the words that matter (a phrase, not a paragraph)")
+
     def _unfamiliar(self, text: str) -> list:
         """The words of a query or prompt the checkpoint barely trained on, with close spellings it
         knows (none without its word list)."""
@@ -1273,6 +1282,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if len(prompts) > limits.max_prompts:
             raise _bad(f"{len(prompts)} prompts given; the limit is {limits.max_prompts} per request")
         prompts = [check_text(f"prompts[{i}]", p, limits) for i, p in enumerate(prompts)]
+        for i, p in enumerate(prompts):
+            self._check_fits(f"prompts[{i}]", p)
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise _bad(f"threshold {threshold} must be in [0, 1]")
@@ -1438,6 +1449,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if len(texts) > self.limits.max_texts:
             raise _bad(f"{len(texts)} texts given; the limit is {self.limits.max_texts} per request")
         texts = [check_text(f"texts[{i}]", t, self.limits) for i, t in enumerate(texts)]
+        for i, t in enumerate(texts):
+            self._check_fits(f"texts[{i}]", t)
         vectors = self.engine.embed_texts(texts, cancelled=self._cancelled(context))
         return pb.EmbedTextResponse(dim=vectors.shape[1], checkpoint_hash=self.engine.checkpoint_hash,
                                     embeddings=[pb.Embedding(values=v.tolist()) for v in vectors])

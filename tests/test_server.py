@@ -983,6 +983,13 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
         (lambda: index(server, outside), grpc.StatusCode.PERMISSION_DENIED, "allowed roots"),
         (lambda: stub.Search(p.SearchRequest(query=""), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         (lambda: stub.Search(p.SearchRequest(query="x" * 5000), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        # past the text tower's context: its end was cut off without a word (searches alike whatever it said)
+        (lambda: stub.Search(p.SearchRequest(query="a long field " * context, raw_query=True), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, f"the model reads at most {context - 2}"),
+        (lambda: next(stub.Segment(p.SegmentRequest(source=src(rgb), prompts=["trees", "a road " * context]),
+                                   metadata=md)), grpc.StatusCode.INVALID_ARGUMENT, "prompts[1] is"),
+        (lambda: stub.EmbedText(p.EmbedTextRequest(texts=["a field " * context]), metadata=md),
+         grpc.StatusCode.INVALID_ARGUMENT, "texts[0] is"),
         (lambda: stub.Search(p.SearchRequest(query="roads", k=10**6), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "k="),
         (lambda: stub.Search(p.SearchRequest(query="roads", raster_ids=["999999"]), metadata=md),
          grpc.StatusCode.NOT_FOUND, "999999"),
