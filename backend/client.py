@@ -345,6 +345,8 @@ def cmd_search(stub, args) -> int:
         except OSError as e:
             raise UsageError(f"--thumbnails {args.thumbnails}: cannot make that folder ({e.strerror or e}); "
                               "give a folder for the PNGs") from None
+        # written in now, before the search: a folder that takes no file lost the answer after it
+        _check_output_folder("--thumbnails", str(Path(args.thumbnails) / "001_tile0.png"))
     if args.min_score is not None:
         request.min_score = args.min_score
     if args.expand is not None:

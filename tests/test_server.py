@@ -2607,6 +2607,10 @@ def test_cli_outputs_that_cannot_be_written_are_refused_before_the_work(server, 
     a_file.write_text("")
     out = client(server, "search", "roads", "--thumbnails", str(a_file))
     assert out.returncode == 2 and f"--thumbnails {a_file}: cannot make that folder" in out.stderr     # an option
+    # a folder that is there and takes no file (root may write anywhere but such): refused before the
+    # search, where its answer was lost after it with a bare "[Errno 13] Permission denied"
+    out = client(server, "search", "roads", "--thumbnails", "/proc/self")
+    assert out.returncode == 2 and "cannot be written in" in out.stderr and "Errno" not in out.stderr, out.stderr
     out = client(server, "segment", "--raster", str(rasters["rgb"]), "--prompt", "x",
                  "--output", str(tmp_path / "no" / "such" / "x.geojson"))
     assert out.returncode == 2 and "its folder does not exist" in out.stderr and not (tmp_path / "no").exists()
