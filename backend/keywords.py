@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from typing import Sequence
 
@@ -32,10 +33,11 @@ STOP_WORDS = frozenset(
 
 
 def words(text: str) -> list[str]:
-    """The content words of `text`: lower case, letters only, stop words dropped, a plural's final
-    "s" cut ("tanks" matches "tank")."""
+    """The content words of `text`: NFKC-normalised as the tokenizer reads it (full-width "ｔｅｎｎｉｓ", as
+    CJK input methods type it, is "tennis"), lower case, letters only, stop words dropped, a plural's
+    final "s" cut ("tanks" matches "tank")."""
     out = []
-    for w in re.findall(r"[a-z]+", text.lower()):
+    for w in re.findall(r"[a-z]+", unicodedata.normalize("NFKC", text).lower()):
         if w in STOP_WORDS:
             continue
         out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)

@@ -13,6 +13,8 @@ def test_words_keep_what_is_on_the_ground():
     assert words("There are many white storage tanks.") == ["white", "storage", "tank"]
     assert words("An aerial photo of the GRASS, next to 2 roads") == ["grass", "road"]
     assert words("a satellite image of a place with airport.") == ["airport"]
+    # full-width letters, as CJK input methods type them, read as the tokenizer reads them (NFKC)
+    assert words("ｔｅｎｎｉｓ　ｃｏｕｒｔｓ") == ["tennis", "court"]
 
 
 def test_bm25_by_hand():
