@@ -202,6 +202,13 @@ def _outline_and_inside(xmin: float, ymin: float, xmax: float, ymax: float) -> n
     return np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
 
 
+def _shares_ground(area, footprint) -> bool:
+    """Whether a tile's footprint shares ground with an extent: a tile that only touches it (its edge
+    on the extent's edge, as each of the 8 neighbours of a tile searched with that tile's extent) is
+    not in it."""
+    return area.intersects(footprint) and not area.touches(footprint)
+
+
 class _ExtentShape:
     """A search extent as a shape, to keep only the tiles whose footprint meets it. The index filters
     by longitude/latitude boxes: the box round an extent in a projected CRS, and the boxes round
@@ -264,7 +271,7 @@ class _ExtentShape:
             return lambda hit: True
         shapes = self._boxes if raster_srs.IsSame(self.srs) else self._moved_extent(raster_srs) if self.local else []
         if shapes:
-            return lambda hit: any(s.intersects(shapely.from_wkt(hit.footprint_wkt)) for s in shapes)
+            return lambda hit: any(_shares_ground(s, shapely.from_wkt(hit.footprint_wkt)) for s in shapes)
         transform = transformation(raster_srs, self.srs)
         if transform is None:       # no way from its CRS to the extent's (a site grid): not in it
             return lambda hit: False
@@ -347,7 +354,7 @@ class _ExtentShape:
         shape = shapely.Polygon(moved) if finite.all() and len(moved) >= 3 else None
         if shape is None or not shape.is_valid:     # cut by the CRS's edge: its points
             shape = shapely.MultiPoint(moved)
-        return any(box.intersects(shape) for box in self._boxes)
+        return any(_shares_ground(box, shape) for box in self._boxes)
 
 
 def search_polygon(wkt: str, parts: tuple | None):

@@ -337,8 +337,14 @@ def test_a_search_polygon_within_the_extent_keeps_hits_to_it(server, rasters):
     diamond = shapely.Polygon([(500320.0, 4999360.0), (500640.0, 4999680.0), (500320.0, 5000000.0),
                                (500000.0, 4999680.0)])
     kept = found(extent, diamond.wkt)
-    assert set(kept) == {t for t, footprint in everything.items() if footprint.intersects(diamond)}
+    # tiles that share ground with it: one that only touches it (a corner on its edge) is not in the view
+    assert set(kept) == {t for t, footprint in everything.items()
+                         if footprint.intersects(diamond) and not footprint.touches(diamond)}
     assert len(kept) < len(everything)          # the corners' tiles are in the box, not the view
+    # a tile's own extent finds that tile, not its 8 neighbours whose edges touch it
+    tile, footprint = next((t, f) for t, f in everything.items() if f.bounds[0] > 500000.0 and f.bounds[1] > 4999360.0)
+    x0, y0, x1, y1 = footprint.bounds
+    assert set(found(p.Extent(xmin=x0, ymin=y0, xmax=x1, ymax=y1, crs="EPSG:32633"))) == {tile}
     # the same diamond in longitude/latitude, over the raster in UTM
     to_lonlat = osr.CoordinateTransformation(parse_crs("EPSG:32633"), parse_crs("EPSG:4326"))
     ring = shapely.segmentize(diamond.exterior, 10.0)
