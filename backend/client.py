@@ -402,7 +402,9 @@ def cmd_search(stub, args) -> int:
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
     if extent is not None and not response.hits and args.min_score is None:
-        print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within))}", file=sys.stderr)
+        filtered = bool(args.raster or args.raster_id)
+        print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within), filtered=filtered)}",
+              file=sys.stderr)
     left_out = response.unsearchable_rasters
     for r in left_out[:NOTES_SHOWN]:     # on stderr with --json too: hits are missing from the answer
         print(f"note: not searched: {r.raster_name} ({r.raster_path or 'raster id ' + r.raster_id}): {r.reason}",
@@ -421,13 +423,15 @@ def cmd_search(stub, args) -> int:
     return 0
 
 
-def empty_extent_note(values, crs: str, within: bool = False) -> str:
+def empty_extent_note(values, crs: str, within: bool = False, filtered: bool = False) -> str:
     """Why a search in --extent (or --within, `within`) found no tile at all, and, for
-    longitude/latitude, the swap to try."""
+    longitude/latitude, the swap to try. `filtered`: the search kept to the rasters given (--raster,
+    --raster-id), whose tiles are then the ones said to lie elsewhere, not the whole index's."""
     crs = crs or "EPSG:4326"
+    which = "no tile of the rasters given (--raster, --raster-id)" if filtered else "no indexed tile"
     if not values:
-        return f"no indexed tile lies in the --within polygon ({crs}); `client list` shows each indexed raster's extent"
-    note = f"no indexed tile lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})" + (
+        return f"{which} lies in the --within polygon ({crs}); `client list` shows each indexed raster's extent"
+    note = f"{which} lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})" + (
         " and the --within polygon" if within else "")
     xmin, ymin, xmax, ymax = values
     swapped = (ymin, xmin, ymax, xmax)

@@ -2596,6 +2596,9 @@ def test_cli_says_why_a_hit_has_no_thumbnail_and_when_an_extent_holds_no_tile(se
     assert out.returncode == 0 and out.stdout.startswith("0 hits") and "among 0 tiles" in out.stdout
     assert "note: no indexed tile lies in --extent -8.5 -74.5 -8.4 -74.3 (EPSG:4326)" in out.stderr
     assert "give --extent -74.5 -8.5 -74.3 -8.4" in out.stderr
+    # kept to a raster elsewhere: its tiles are the ones said to lie elsewhere, not the whole index's
+    out = client(server, "search", "roads", "--extent", "-8.5", "-74.5", "-8.4", "-74.3", "--raster", str(rasters["rgb"]))
+    assert out.returncode == 0 and "no tile of the rasters given (--raster, --raster-id) lies in" in out.stderr
     # where the swap gives the same numbers, or no latitudes, none is offered
     for extent in (["0", "0", "1", "1"], ["-120", "10", "-119", "11"]):
         out = client(server, "search", "roads", "--extent", *extent)
