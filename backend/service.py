@@ -17,6 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
+import unicodedata
 from functools import wraps
 from typing import NamedTuple
 
@@ -142,6 +143,14 @@ def check_text(field: str, text: str, limits: Limits) -> str:
     if "\x00" in text:
         raise _bad(f"{field} contains a NUL character; send plain text")
     return text.strip()
+
+
+def _check_has_words(field: str, text: str) -> None:
+    """INVALID_ARGUMENT for a query or prompt with no letter of any script ("...", "123", an emoji):
+    it still embeds, and its hits looked like any search's, matching nothing it said."""
+    if not any(unicodedata.category(c).startswith("L") for c in text):
+        raise _bad(f"{field} {text!r} has no word to look for (no letters); describe what to find in words, "
+                   "e.g. \"parking lots\"")
 
 
 # how a pixel source is stored in the index, as a path no file can have
@@ -1069,6 +1078,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if like is None:
             query = check_text("query", request.query, self.limits)
             self._check_fits("query", query)
+            _check_has_words("query", query)
         elif request.query.strip():
             raise _bad("give a query or like_tile_id, not both: like_tile_id searches by that tile's embedding")
         k = request.k or 10
@@ -1291,6 +1301,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         prompts = [check_text(f"prompts[{i}]", p, limits) for i, p in enumerate(prompts)]
         for i, p in enumerate(prompts):
             self._check_fits(f"prompts[{i}]", p)
+            _check_has_words(f"prompts[{i}]", p)
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise _bad(f"threshold {threshold} must be in [0, 1]")

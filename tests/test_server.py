@@ -989,6 +989,11 @@ def test_bad_requests_get_clear_statuses(server, rasters, tmp_path):
         (lambda: index(server, outside), grpc.StatusCode.PERMISSION_DENIED, "allowed roots"),
         (lambda: stub.Search(p.SearchRequest(query=""), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
         (lambda: stub.Search(p.SearchRequest(query="x" * 5000), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        # nothing to look for: it embedded, and its hits looked like any search's
+        (lambda: stub.Search(p.SearchRequest(query="!!! 123"), metadata=md), grpc.StatusCode.INVALID_ARGUMENT,
+         "has no word to look for"),
+        (lambda: next(stub.Segment(p.SegmentRequest(source=src(rgb), prompts=["trees", "\U0001F3DF\uFE0F"]),
+                                   metadata=md)), grpc.StatusCode.INVALID_ARGUMENT, "prompts[1]"),
         # past the text tower's context: its end was cut off without a word (searches alike whatever it said)
         (lambda: stub.Search(p.SearchRequest(query="a long field " * context, raw_query=True), metadata=md),
          grpc.StatusCode.INVALID_ARGUMENT, f"the model reads at most {context - 2}"),
