@@ -22,6 +22,7 @@ if __name__ == "__main__":
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
+import numpy as np  # noqa: E402
 
 from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_min_valid,
                        check_target_resolution, check_tile_overlap)
@@ -87,6 +88,28 @@ def _polygon_box(wkt: str | None) -> list[float] | None:
         raise UsageError(f"--within must be one POLYGON with an area, not {shape.wkt[:60]}: give the area's "
                          "corners, e.g. 'POLYGON((x1 y1, x2 y2, x3 y3, x1 y1))'")
     return list(shape.bounds)
+
+
+def _the_short_way(wkt: str) -> str:
+    """A longitude/latitude --within polygon with an edge more than 180 degrees long taken the short
+    way, across 180 degrees (its longitudes then run on past 180), as --extent's xmin > xmax is: it
+    went the long way round, a band round the globe that left out the area meant."""
+    import shapely
+
+    try:
+        shape = shapely.from_wkt(wkt)
+    except shapely.errors.GEOSException:
+        return wkt      # said by _polygon_box, or by the server
+    if shape.geom_type != "Polygon" or shape.is_empty or len(shape.interiors):
+        return wkt
+    ring = np.asarray(shape.exterior.coords, dtype=float)
+    steps = np.diff(ring[:, 0])
+    if not (np.abs(steps) > 180.0).any():
+        return wkt
+    ring[1:, 0] = ring[0, 0] + np.cumsum(steps - 360.0 * np.round(steps / 360.0))
+    if ring[:, 0].min() < -180.0:
+        ring[:, 0] += 360.0
+    return shapely.Polygon(ring).wkt
 
 
 def _box(b) -> list[float]:
@@ -335,6 +358,8 @@ def cmd_search(stub, args) -> int:
     request = pb.SearchRequest(query=args.query, k=args.k, raster_ids=args.raster_id,
                                raster_paths=[server_path(p) for p in args.raster],
                                include_thumbnails=bool(args.thumbnails), raw_query=args.raw_query)
+    if args.within and (args.extent_crs or "EPSG:4326").upper() in LONLAT_CRS:
+        args.within = _the_short_way(args.within)
     extent = _extent(args.extent or _polygon_box(args.within), args.extent_crs)
     if extent is not None:
         request.extent.CopyFrom(extent)

@@ -1708,6 +1708,23 @@ CUSTOM_LCC = ('PROJCS["site grid",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS
               'PARAMETER["false_northing",7000],UNIT["metre",1]]')
 
 
+def test_cli_within_across_180_degrees_takes_the_short_way(server, rasters):
+    """A --within polygon whose corners lie either side of 180 degrees, written with -179.99: it went
+    the long way round (a band round the globe leaving out the area meant); taken the short way, as
+    --extent's xmin > xmax is, it finds what the same polygon written past 180 finds."""
+    dateline = make_tif(rasters["folder"] / "dateline.tif", noise((3, 128, 256), seed=35),
+                        geotransform=(179.9872, 0.0001, 0.0, -16.99, 0.0, -0.0001), crs="EPSG:4326")
+    assert client(server, "index", str(dateline)).returncode == 0
+
+    def tiles(polygon):
+        out = client(server, "search", "--json", "fields", "--k", "50", "--raster", str(dateline), "--within", polygon)
+        assert out.returncode == 0, out.stderr
+        return sorted(h["tile_id"] for h in json.loads(out.stdout)["results"])
+    past = tiles("POLYGON((179.995 -17.002, 180.005 -17.002, 180.005 -16.995, 179.995 -16.995, 179.995 -17.002))")
+    wrapped = tiles("POLYGON((179.995 -17.002, -179.995 -17.002, -179.995 -16.995, 179.995 -16.995, 179.995 -17.002))")
+    assert past and wrapped == past
+
+
 def test_cli_index_min_valid_keeps_the_tiles_along_a_ragged_nodata_edge(server, rasters):
     """A tile less than half valid is not stored, so imagery along a nodata edge was in no tile and no
     search found it; `index --min-valid F` (the request's min_valid_fraction) keeps such tiles."""
