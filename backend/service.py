@@ -1187,7 +1187,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                crs=pb.Crs(authid=hit.crs_authid, wkt=hit.crs_wkt), bounds=_box(hit.bounds),
                                footprint_wkt=hit.footprint_wkt, bounds_wgs84=_box(hit.bounds_wgs84),
                                footprint_wgs84_wkt=hit.footprint_wgs84_wkt)
+        left_out = (f"left out: more thumbnails would pass the message limit of {self.limits.max_message_bytes} "
+                    "bytes (ask for fewer hits or a smaller thumbnail_size)")
+        note = len(left_out.encode()) + 8       # a hit's note, with its field's tag and length
         size, limit = out.ByteSize(), self.limits.max_message_bytes - 1024
+        if request.include_thumbnails:
+            size += note * len(out.hits)        # room for a note on every hit, should no thumbnail fit
         if size > limit:
             # said now, as what to ask for, not as gRPC's "Sent message larger than max" after the work
             fit = int(limit / (size / len(out.hits)))
@@ -1199,9 +1204,6 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             # best first, as many as the message limit holds: k=1000 at 512 px would pass it, and the
             # whole answer would then fail to send
             room = self.limits.max_message_bytes - out.ByteSize() - 1024
-            left_out = (f"left out: more thumbnails would pass the message limit of {self.limits.max_message_bytes} "
-                        "bytes (ask for fewer hits or a smaller thumbnail_size)")
-            note = len(left_out.encode()) + 8       # a hit's note, with its field's tag and length
             opened: dict = {}       # raster id -> that raster, open for all its hits' thumbnails, or why not
             try:
                 for i, (hit, msg) in enumerate(zip(hits, out.hits)):

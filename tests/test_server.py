@@ -1648,6 +1648,14 @@ def test_thumbnails_stop_where_the_message_limit_would_be_passed(checkpoint, tmp
         assert f"{n} hits take" in e.value.details() and "ask for at most" in e.value.details(), e.value.details()
         fit = int(e.value.details().rsplit("at most ", 1)[1].split()[0])
         assert 0 < fit < n and len(low.stub.Search(p.SearchRequest(query="fields", k=fit), metadata=low.metadata).hits) == fit
+        # as many with thumbnails: the notes of the hits left without one take room too; what to ask
+        # for counts them, where gRPC's own "Sent message larger than max" came back
+        with pytest.raises(grpc.RpcError) as e:
+            low.stub.Search(p.SearchRequest(query="fields", k=fit, include_thumbnails=True), metadata=low.metadata)
+        assert "ask for at most" in e.value.details(), e.value.details()
+        fewer = int(e.value.details().rsplit("at most ", 1)[1].split()[0])
+        got = low.stub.Search(p.SearchRequest(query="fields", k=fewer, include_thumbnails=True), metadata=low.metadata)
+        assert 0 < fewer < fit and len(got.hits) == fewer
     finally:
         low.stop()
     with_png = [bool(h.thumbnail_png) for h in hits]
