@@ -106,10 +106,20 @@ def _the_short_way(wkt: str) -> str:
     steps = np.diff(ring[:, 0])
     if not (np.abs(steps) > 180.0).any():
         return wkt
-    ring[1:, 0] = ring[0, 0] + np.cumsum(steps - 360.0 * np.round(steps / 360.0))
-    if ring[:, 0].min() < -180.0:
-        ring[:, 0] += 360.0
-    return shapely.Polygon(ring).wkt
+    short = steps - 360.0 * np.round(steps / 360.0)
+    unwrapped = ring.copy()
+    unwrapped[1:, 0] = ring[0, 0] + np.cumsum(short)
+    if unwrapped[:, 0].min() < -180.0:
+        unwrapped[:, 0] += 360.0
+    west, _, east, _ = shape.bounds
+    width = np.ptp(unwrapped[:, 0])
+    # only a polygon nearly round the globe whose short way is a small area (corners typed either side
+    # of 180): one 200 degrees wide, a polar cap (whose ring would no longer close), or one ending on
+    # 180 itself is meant as written
+    if not (east - west > 270.0 and width < 90.0 and abs(short.sum()) < 1e-9):
+        return wkt
+    turned = shapely.Polygon(unwrapped)
+    return turned.wkt if turned.is_valid and turned.area > 0 else wkt
 
 
 def _box(b) -> list[float]:
@@ -334,7 +344,7 @@ def unfamiliar_note(words) -> str:
             f"{'it' if len(words) == 1 else 'them'}; other words for the same thing may work better")
 
 
-THUMBNAIL_NAME = re.compile(r"\d{3}_tile\d+\.png")     # "001_tile42.png", as cmd_search names them
+THUMBNAIL_NAME = re.compile(r"\d{3,}_tile\d+\.png")     # "001_tile42.png", as cmd_search names them
 
 
 def _clear_thumbnails(folder: Path) -> int:
@@ -426,14 +436,14 @@ def cmd_search(stub, args) -> int:
                   + (f" (the {replaced} of an earlier search removed)" if replaced else ""))
         if response.unfamiliar_words:
             print(f"note: {unfamiliar_note(response.unfamiliar_words)}", file=sys.stderr)
-    if extent is not None and not response.hits and args.min_score is None:
+    if extent is not None and not response.hits and args.min_score is None and not response.unsearchable_rasters:
         filtered = bool(args.raster or args.raster_id)
         print(f"note: {empty_extent_note(args.extent, args.extent_crs, within=bool(args.within), filtered=filtered)}",
               file=sys.stderr)
     left_out = response.unsearchable_rasters
     for r in left_out[:NOTES_SHOWN]:     # on stderr with --json too: hits are missing from the answer
-        print(f"note: not searched: {r.raster_name} ({r.raster_path or 'raster id ' + r.raster_id}): {r.reason}",
-              file=sys.stderr)
+        where = f" ({r.raster_path or 'raster id ' + r.raster_id})" if r.raster_path or r.raster_id else ""
+        print(f"note: not searched: {r.raster_name}{where}: {r.reason}", file=sys.stderr)
     if len(left_out) > NOTES_SHOWN:     # after a checkpoint change, every raster indexed: a screenful a search
         print(f"note: ... and {len(left_out) - NOTES_SHOWN} more rasters not searched (`client list --all` shows "
               "each; --json lists them)", file=sys.stderr)

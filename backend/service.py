@@ -145,6 +145,10 @@ def check_text(field: str, text: str, limits: Limits) -> str:
     return text.strip()
 
 
+# rasters of another checkpoint a search names one by one; more are counted in one more entry
+OTHER_CHECKPOINT_LISTED = 20
+
+
 def _check_has_words(field: str, text: str) -> None:
     """INVALID_ARGUMENT for a query or prompt with no letter of any script ("...", "123", an emoji):
     it still embeds, and its hits looked like any search's, matching nothing it said."""
@@ -1119,14 +1123,14 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
         pool = max(k, KEYWORD_POOL) if weight > 0 else k
 
-        def in_the_area(vec: np.ndarray, n: int, expand_n: int) -> SearchHits:
-            """The best `n` hits for `vec` that meet the extent (or polygon), if any."""
+        def in_the_area(vec: np.ndarray, n: int, expand_n: int, floor: float | None = min_score) -> SearchHits:
+            """The best `n` hits for `vec` that meet the extent (or polygon), if any, none under `floor`."""
             wanted = n
             while shape is None or shape.on_globe:      # an orthographic view wholly off its globe holds nothing
                 found = self.index.search(vec, wanted, self.engine.checkpoint_hash,
                                           raster_ids=raster_ids or None,
                                           raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox,
-                                          exact=exact, min_score=min_score, expand=expand_n)
+                                          exact=exact, min_score=floor, expand=expand_n)
                 if shape is None:
                     return found
                 kept = [h for h in found if shape.meets(h)]
@@ -1141,11 +1145,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         else:
             # expanded from the best tiles in the area itself: the index's expansion knows only the box
             # round it, whose best tiles may all lie outside a polygon or a rotated view
-            best = in_the_area(vector, expand, 0)
-            if len(best):
-                found = np.stack([self.index.tile_embedding(h.tile_id, self.engine.checkpoint_hash) for h in best])
-                vector = expanded_queries(np.asarray(vector, np.float32)[None], found.T,
-                                          [np.arange(len(best))], len(best), EXPAND_WEIGHT)[0]
+            # (min_score is for the expanded query's scores, as the index's own expansion applies it)
+            best = in_the_area(vector, expand, 0, floor=None)
+            try:
+                found = [self.index.tile_embedding(h.tile_id, self.engine.checkpoint_hash) for h in best]
+            except TileIndexError:      # re-indexed or removed since: expanded from none, the query as it is
+                found = []
+            if found:
+                vector = expanded_queries(np.asarray(vector, np.float32)[None], np.stack(found).T,
+                                          [np.arange(len(found))], len(found), EXPAND_WEIGHT)[0]
             hits = in_the_area(vector, pool, 0)
         bonus = np.zeros(len(hits))
         if weight > 0 and len(hits):
@@ -1162,11 +1170,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                              raster_name=r["name"], reason=r["reason"])
             # after a checkpoint change every raster is of the other one: "0 hits among 0 tiles" said
             # nothing of why
-            for r in self.index.other_checkpoint_rasters(current):
+            others = self.index.other_checkpoint_rasters(current)
+            for r in others[:OTHER_CHECKPOINT_LISTED]:
                 out.unsearchable_rasters.add(
                     raster_id=str(r["id"]), raster_path=_shown_path(r["path"]), raster_name=r["name"],
                     reason=f"indexed with checkpoint {r['checkpoint_hash'][:12]}, not this server's "
                            f"({current[:12]}): index it again to search it")
+            if len(others) > OTHER_CHECKPOINT_LISTED:     # counted in one entry: thousands would fill the answer
+                out.unsearchable_rasters.add(
+                    raster_name=f"{len(others) - OTHER_CHECKPOINT_LISTED} more rasters",
+                    reason="indexed with another checkpoint than this server's: index them again to search them "
+                           "(ListRasters with all_checkpoints names each)")
         rows = {}       # raster id -> its index entry, looked up once per search
         for hit in hits:
             if hit.raster_id not in rows:
@@ -1195,7 +1209,8 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             size += note * len(out.hits)        # room for a note on every hit, should no thumbnail fit
         if size > limit:
             # said now, as what to ask for, not as gRPC's "Sent message larger than max" after the work
-            fit = int(limit / (size / len(out.hits)))
+            hits_part = size - (out.ByteSize() - sum(h.ByteSize() + 3 for h in out.hits))
+            fit = max(0, int((limit - (size - hits_part)) / (hits_part / len(out.hits)))) if len(out.hits) else 0
             raise RequestError("resource_exhausted", f"{len(out.hits)} hits take {size} bytes, more than this server's "
                                                      f"message limit of {self.limits.max_message_bytes} bytes "
                                                      f"(--max-message-mb): ask for at most {fit} hits")
@@ -1469,8 +1484,6 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         if len(texts) > self.limits.max_texts:
             raise _bad(f"{len(texts)} texts given; the limit is {self.limits.max_texts} per request")
         texts = [check_text(f"texts[{i}]", t, self.limits) for i, t in enumerate(texts)]
-        for i, t in enumerate(texts):
-            self._check_fits(f"texts[{i}]", t)
         vectors = self.engine.embed_texts(texts, cancelled=self._cancelled(context))
         return pb.EmbedTextResponse(dim=vectors.shape[1], checkpoint_hash=self.engine.checkpoint_hash,
                                     embeddings=[pb.Embedding(values=v.tolist()) for v in vectors])

@@ -2070,13 +2070,19 @@ def test_processing_outputs_as_a_user_types_them(skyprompt_processing, settings,
         assert memory.featureCount() == 3 and kinds == {True}, kinds
         del memory, out
         context.temporaryLayerStore().removeAllMapLayers()
-        # a prompt a shapefile cuts short: said in the log
+        # a path a shapefile cuts short (a raster deep in folders): said in the log (prompts that long are
+        # past what the model reads, and refused)
+        deep = rasters["folder"].joinpath(*[f"survey_{i}_" + "x" * 50 for i in range(5)])
+        deep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(rasters["rgb"], deep / "ortho.tif")
+        deep_layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(deep / "ortho.tif"), "Deep ortho"))
+        processing.run("skyprompt:indexraster", {"INPUT": deep_layer})
         feedback = RecordingFeedback()
-        long_prompt = "fields " + "with hedges and farm tracks " * 10
-        processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": long_prompt, "THRESHOLD": 0.0,
-                                                      "OUTPUT": str(tmp_path / "long.shp")}, feedback=feedback)
-        assert any("a shapefile keeps 254 bytes of text: prompt values" in w for w in feedback.warnings), \
+        processing.run("skyprompt:searchtiles", {"QUERY": "fields", "K": 50, "OUTPUT": str(tmp_path / "long.shp")},
+                       feedback=feedback)
+        assert any("a shapefile keeps 254 bytes of text: path values" in w for w in feedback.warnings), \
             feedback.warnings
+        QgsProject.instance().removeMapLayer(deep_layer.id())
         feedback = RecordingFeedback()
         processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "fields", "THRESHOLD": 0.0,
                                                       "OUTPUT": str(tmp_path / "short.shp")}, feedback=feedback)
