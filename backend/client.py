@@ -444,9 +444,9 @@ def cmd_search(stub, args) -> int:
     for r in left_out[:NOTES_SHOWN]:     # on stderr with --json too: hits are missing from the answer
         where = f" ({r.raster_path or 'raster id ' + r.raster_id})" if r.raster_path or r.raster_id else ""
         print(f"note: not searched: {r.raster_name}{where}: {r.reason}", file=sys.stderr)
-    if len(left_out) > NOTES_SHOWN:     # after a checkpoint change, every raster indexed: a screenful a search
-        print(f"note: ... and {len(left_out) - NOTES_SHOWN} more rasters not searched (`client list --all` shows "
-              "each; --json lists them)", file=sys.stderr)
+    rest = sum(max(1, r.raster_count) for r in left_out[NOTES_SHOWN:])
+    if rest:     # after a checkpoint change, every raster indexed: a screenful a search
+        print(f"note: ... and {rest} more rasters not searched (`client list --all` shows each)", file=sys.stderr)
     stale = Counter(h.changed_on_disk for h in response.hits if h.changed_on_disk)
     for reason, count in stale.items():
         print(f"note: {count} of {len(hits)} hits show a raster as it was when indexed: {reason}", file=sys.stderr)

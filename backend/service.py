@@ -1179,6 +1179,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             if len(others) > OTHER_CHECKPOINT_LISTED:     # counted in one entry: thousands would fill the answer
                 out.unsearchable_rasters.add(
                     raster_name=f"{len(others) - OTHER_CHECKPOINT_LISTED} more rasters",
+                    raster_count=len(others) - OTHER_CHECKPOINT_LISTED,
                     reason="indexed with another checkpoint than this server's: index them again to search them "
                            "(ListRasters with all_checkpoints names each)")
         rows = {}       # raster id -> its index entry, looked up once per search

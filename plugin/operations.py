@@ -314,9 +314,9 @@ def unsearchable_notes(response, names: dict | None = None, shown: int = 3) -> l
     left_out = list(response.unsearchable_rasters)
     notes = [f"not searched: {(names or {}).get(r.raster_path) or r.raster_name!r} on the backend: {r.reason}"
              for r in left_out[:shown]]
-    if len(left_out) > shown:
-        notes.append(f"... and {len(left_out) - shown} more rasters not searched (the Indexed rasters window "
-                     "shows each)")
+    rest = sum(max(1, r.raster_count) for r in left_out[shown:])     # a counting entry stands for many
+    if rest:
+        notes.append(f"... and {rest} more rasters not searched (the Indexed rasters window shows each)")
     return notes
 
 

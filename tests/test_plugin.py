@@ -2942,6 +2942,8 @@ def test_a_raster_the_backend_left_out_of_a_search_is_named_after_its_layer(qgis
         response.unsearchable_rasters.add(raster_id=str(i), raster_name=f"r{i}.tif", reason="indexed with checkpoint x")
     notes = operations.unsearchable_notes(response)
     assert len(notes) == 4 and notes[-1].startswith("... and 6 more rasters not searched")
+    response.unsearchable_rasters.add(raster_name="40 more rasters", reason="indexed with checkpoint x", raster_count=40)
+    assert operations.unsearchable_notes(response)[-1].startswith("... and 46 more rasters not searched")
 
 
 def test_start_local_backend_failures_get_advice_for_what_the_plugin_can_change(qgis_app, checkpoint, tmp_path):  # noqa: F811

@@ -2345,10 +2345,11 @@ def test_the_start_log_names_the_checkpoint_and_rasters_another_checkpoint_index
         named = [r.raster_name for r in response.unsearchable_rasters]
         assert not response.hits and named[:2] == ["rgb_utm.tif", "small_00.tif"] and len(named) == 21
         assert named[-1] == "2 more rasters" and "another checkpoint" in response.unsearchable_rasters[-1].reason
+        assert [r.raster_count for r in response.unsearchable_rasters] == [0] * 20 + [2]
         assert "indexed with checkpoint" in response.unsearchable_rasters[0].reason
         out = client(live, "search", "fields")
         assert out.returncode == 0 and "not searched: rgb_utm.tif" in out.stderr and "index it again" in out.stderr
-        assert "... and 16 more rasters not searched" in out.stderr, out.stderr
+        assert "... and 17 more rasters not searched" in out.stderr, out.stderr      # 21 entries, 22 rasters
     finally:
         live.stop()
     text = live.log_text().split("SkyPrompt server stopped")[1]          # the second start
