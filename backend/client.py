@@ -106,9 +106,8 @@ def _the_short_way(wkt: str) -> str:
     steps = np.diff(ring[:, 0])
     if not (np.abs(steps) > 180.0).any():
         return wkt
-    short = steps - 360.0 * np.round(steps / 360.0)
     unwrapped = ring.copy()
-    unwrapped[1:, 0] = ring[0, 0] + np.cumsum(short)
+    unwrapped[:, 0] = np.unwrap(ring[:, 0], period=360.0)
     if unwrapped[:, 0].min() < -180.0:
         unwrapped[:, 0] += 360.0
     west, _, east, _ = shape.bounds
@@ -116,7 +115,7 @@ def _the_short_way(wkt: str) -> str:
     # only a polygon nearly round the globe whose short way is a small area (corners typed either side
     # of 180): one 200 degrees wide, a polar cap (whose ring would no longer close), or one ending on
     # 180 itself is meant as written
-    if not (east - west > 270.0 and width < 90.0 and abs(short.sum()) < 1e-9):
+    if not (east - west > 270.0 and width < 90.0 and abs(unwrapped[-1, 0] - unwrapped[0, 0]) < 1e-9):
         return wkt
     turned = shapely.Polygon(unwrapped)
     return turned.wkt if turned.is_valid and turned.area > 0 else wkt
@@ -549,7 +548,7 @@ def _open_gpkg(path, update: bool):
             return None
 
 
-def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str]:
+def write_polygons(path: str, results: list[pb.SegmentResult], lonlat: bool | None = None) -> tuple[int, str]:
     """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
     CRS, written to a temporary file first and moved into place, so a failure leaves no half file.
     An existing GeoPackage keeps its other layers: the polygons go into a new layer ("skyprompt",
@@ -559,7 +558,8 @@ def write_polygons(path: str, results: list[pb.SegmentResult]) -> tuple[int, str
     from .raster import _gdal_exceptions
 
     ext = _polygon_output_ext(path)
-    lonlat = ext != ".gpkg" and geojson_in_lonlat(path, results)
+    if lonlat is None:      # the caller's answer of geojson_in_lonlat, where it has one
+        lonlat = ext != ".gpkg" and geojson_in_lonlat(path, results)
     target = Path(path).resolve()
     if ext == ".gpkg" and target.exists():
         # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
@@ -789,7 +789,7 @@ def cmd_segment(stub, args) -> int:
             targets = relevance_map_paths(args.relevance_map, len(args.prompt))
             for r in results:
                 staged.append((staged_file(targets[r.prompt_index], r.relevance_map_tiff), targets[r.prompt_index]))
-        written, layer_name = write_polygons(args.output, results) if args.output else (0, None)
+        written, layer_name = write_polygons(args.output, results, lonlat) if args.output else (0, None)
         for tmp, target in staged:
             os.replace(tmp, target)
     finally:

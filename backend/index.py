@@ -772,13 +772,16 @@ class TileIndex:
             sql, args = sql + " WHERE checkpoint_hash=?", (checkpoint_hash,)
         return [_raster_dict(r) for r in self._reader().execute(sql + " ORDER BY id", args)]
 
-    def other_checkpoint_rasters(self, checkpoint_hash: str) -> list[dict]:
-        """The rasters indexed with another checkpoint than `checkpoint_hash` (searches of it leave them
-        out), as {"id", "path", "name", "checkpoint_hash"}, by id."""
-        rows = self._reader().execute("SELECT id, source_key, name, checkpoint_hash FROM rasters "
-                                      "WHERE checkpoint_hash != ? ORDER BY id", (checkpoint_hash,))
-        return [{"id": r["id"], "path": r["source_key"], "name": r["name"], "checkpoint_hash": r["checkpoint_hash"]}
-                for r in rows]
+    def other_checkpoint_rasters(self, checkpoint_hash: str, limit: int) -> tuple[list[dict], int]:
+        """The first `limit` rasters indexed with another checkpoint than `checkpoint_hash` (searches of
+        it leave them out), as {"id", "path", "name", "checkpoint_hash"} by id, and how many there are."""
+        conn = self._reader()
+        rows = conn.execute("SELECT id, source_key, name, checkpoint_hash FROM rasters WHERE checkpoint_hash != ? "
+                            "ORDER BY id LIMIT ?", (checkpoint_hash, limit))
+        listed = [{"id": r["id"], "path": r["source_key"], "name": r["name"], "checkpoint_hash": r["checkpoint_hash"]}
+                  for r in rows]
+        total = conn.execute("SELECT COUNT(*) FROM rasters WHERE checkpoint_hash != ?", (checkpoint_hash,)).fetchone()[0]
+        return listed, total
 
     def raster(self, raster_id: int | str) -> dict:
         """One raster by id; TileIndexError(not_found) when it is not in the index."""

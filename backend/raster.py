@@ -296,6 +296,14 @@ def densified_box(xmin: float, ymin: float, xmax: float, ymax: float, points_per
     return xs, ys
 
 
+def shares_ground(area, shapes):
+    """Whether each of `shapes` shares ground with `area` (vectorised, as shapely's predicates): a
+    shape that only touches it, an edge or a corner on its edge, does not."""
+    import shapely
+
+    return shapely.intersects(area, shapes) & ~shapely.touches(area, shapes)
+
+
 def unwrap_longitudes(lon: np.ndarray, period: float = 360.0) -> np.ndarray:
     """Longitudes along one outline made continuous (no 360-degree jumps), shifted so the least lies
     in [-180, 180): a tile across 180 degrees spans e.g. 179.7..180.3, not -179.7..180 round the
@@ -1394,7 +1402,7 @@ class Raster:
         xs, ys = _grid_to_map(self.geotransform, np.stack([c, c + w, c + w, c, c], axis=1),
                               np.stack([r, r, r + h, r + h, r], axis=1))
         boxes = shapely.polygons(np.stack([xs, ys], axis=-1))
-        return shapely.intersects(area, boxes) & ~shapely.touches(area, boxes)   # a shared edge is no overlap
+        return shares_ground(area, boxes)
 
     def count_tiles(self, tile_size: int = 224, overlap: float = 0.0, target_resolution: float | None = None,
                     extent=None) -> int:

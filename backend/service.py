@@ -30,9 +30,9 @@ from PIL import Image
 from .engine import EngineError, ModelEngine, out_of_memory
 from .index import (DB_NAME, EXPAND_WEIGHT, SearchHits, TileIndex, TileIndexError, crosses_antimeridian,
                     expanded_queries, normalise_raster_path, raster_identity)
-from .raster import (NO_VALID_PIXELS, BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box, lonlat_ring,
-                     open_raster, parse_crs, raster_from_pixels, sources_digest_of, transform_bounds,
-                     transform_points_quietly, transformation, unwrap_longitudes, world_width)
+from .raster import (NO_VALID_PIXELS, BandMapping, Raster, RasterError, bounds_from_geotransform, densified_box,
+                     lonlat_ring, open_raster, parse_crs, raster_from_pixels, shares_ground, sources_digest_of,
+                     transform_bounds, transform_points_quietly, transformation, unwrap_longitudes, world_width)
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 from .defaults import (API_VERSION, BUSY, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT, DEFAULT_MIN_VALID,
@@ -215,13 +215,6 @@ def _outline_and_inside(xmin: float, ymin: float, xmax: float, ymax: float) -> n
     return np.column_stack([np.concatenate([xs, gx.ravel()]), np.concatenate([ys, gy.ravel()])])
 
 
-def _shares_ground(area, footprint) -> bool:
-    """Whether a tile's footprint shares ground with an extent: a tile that only touches it (its edge
-    on the extent's edge, as each of the 8 neighbours of a tile searched with that tile's extent) is
-    not in it."""
-    return area.intersects(footprint) and not area.touches(footprint)
-
-
 class _ExtentShape:
     """A search extent as a shape, to keep only the tiles whose footprint meets it. The index filters
     by longitude/latitude boxes: the box round an extent in a projected CRS, and the boxes round
@@ -284,7 +277,7 @@ class _ExtentShape:
             return lambda hit: True
         shapes = self._boxes if raster_srs.IsSame(self.srs) else self._moved_extent(raster_srs) if self.local else []
         if shapes:
-            return lambda hit: any(_shares_ground(s, shapely.from_wkt(hit.footprint_wkt)) for s in shapes)
+            return lambda hit: bool(shares_ground(shapely.from_wkt(hit.footprint_wkt), shapes).any())
         transform = transformation(raster_srs, self.srs)
         if transform is None:       # no way from its CRS to the extent's (a site grid): not in it
             return lambda hit: False
@@ -367,7 +360,7 @@ class _ExtentShape:
         shape = shapely.Polygon(moved) if finite.all() and len(moved) >= 3 else None
         if shape is None or not shape.is_valid:     # cut by the CRS's edge: its points
             shape = shapely.MultiPoint(moved)
-        return any(_shares_ground(box, shape) for box in self._boxes)
+        return bool(shares_ground(shape, self._boxes).any())
 
 
 def search_polygon(wkt: str, parts: tuple | None):
@@ -1080,9 +1073,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         started = time.monotonic()
         like = request.like_tile_id if request.HasField("like_tile_id") else None
         if like is None:
-            query = check_text("query", request.query, self.limits)
-            self._check_fits("query", query)
-            _check_has_words("query", query)
+            query = self._check_prompt("query", request.query)
         elif request.query.strip():
             raise _bad("give a query or like_tile_id, not both: like_tile_id searches by that tile's embedding")
         k = request.k or 10
@@ -1170,16 +1161,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
                                              raster_name=r["name"], reason=r["reason"])
             # after a checkpoint change every raster is of the other one: "0 hits among 0 tiles" said
             # nothing of why
-            others = self.index.other_checkpoint_rasters(current)
-            for r in others[:OTHER_CHECKPOINT_LISTED]:
+            others, total = self.index.other_checkpoint_rasters(current, limit=OTHER_CHECKPOINT_LISTED)
+            for r in others:
                 out.unsearchable_rasters.add(
                     raster_id=str(r["id"]), raster_path=_shown_path(r["path"]), raster_name=r["name"],
                     reason=f"indexed with checkpoint {r['checkpoint_hash'][:12]}, not this server's "
                            f"({current[:12]}): index it again to search it")
-            if len(others) > OTHER_CHECKPOINT_LISTED:     # counted in one entry: thousands would fill the answer
+            if total > len(others):     # counted in one entry: thousands would fill the answer
                 out.unsearchable_rasters.add(
-                    raster_name=f"{len(others) - OTHER_CHECKPOINT_LISTED} more rasters",
-                    raster_count=len(others) - OTHER_CHECKPOINT_LISTED,
+                    raster_name=f"{total - len(others)} more rasters", raster_count=total - len(others),
                     reason="indexed with another checkpoint than this server's: index them again to search them "
                            "(ListRasters with all_checkpoints names each)")
         rows = {}       # raster id -> its index entry, looked up once per search
@@ -1244,13 +1234,17 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         out.seconds = time.monotonic() - started
         return out
 
-    def _check_fits(self, field: str, text: str) -> None:
-        """INVALID_ARGUMENT for a text longer than the text tower reads: its end would be cut off
-        without a word, and two long queries that differ only there searched alike."""
+    def _check_prompt(self, field: str, text: str) -> str:
+        """A query or prompt as check_text has it, or INVALID_ARGUMENT for one with no letter, or
+        longer than the text tower reads: its end would be cut off without a word, and two long
+        queries that differ only there searched alike."""
+        text = check_text(field, text, self.limits)
+        _check_has_words(field, text)
         tokens, room = self.engine.text_tokens(text)
         if tokens > room:
             raise _bad(f"{field} is {tokens} tokens; the model reads at most {room}, so its end would be ignored: "
                        "shorten it to the words that matter (a phrase, not a paragraph)")
+        return text
 
     def _unfamiliar(self, text: str) -> list:
         """The words of a query or prompt the checkpoint barely trained on, with close spellings it
@@ -1316,10 +1310,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             raise _bad("prompts is empty; give at least one, e.g. [\"buildings\"]")
         if len(prompts) > limits.max_prompts:
             raise _bad(f"{len(prompts)} prompts given; the limit is {limits.max_prompts} per request")
-        prompts = [check_text(f"prompts[{i}]", p, limits) for i, p in enumerate(prompts)]
-        for i, p in enumerate(prompts):
-            self._check_fits(f"prompts[{i}]", p)
-            _check_has_words(f"prompts[{i}]", p)
+        prompts = [self._check_prompt(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
         threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
         if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise _bad(f"threshold {threshold} must be in [0, 1]")

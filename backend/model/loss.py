@@ -31,16 +31,11 @@ def _rank_sizes(n: int, device: torch.device) -> list[int]:
 
 
 def _all_gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's x (one shape on all ranks), with gradients flowing back to each rank's rows.
-    The functional collective first; torch.distributed.nn.all_gather, its older form, warns of its
-    deprecation on every call (every step of every rank) in the torch versions that have both."""
+    """Every rank's x (one shape on all ranks), with gradients flowing back to each rank's rows (the
+    functional collective: torch.distributed.nn.all_gather warns of its deprecation on every call)."""
     import torch.distributed._functional_collectives as fc
 
-    gather = getattr(fc, "all_gather_single_autograd", None) or getattr(fc, "all_gather_tensor_autograd", None)
-    if gather is None:
-        import torch.distributed.nn.functional as dist_fn
-        return list(dist_fn.all_gather(x))
-    return list(gather(x, 0, dist.group.WORLD).chunk(dist.get_world_size(), 0))
+    return list(fc.all_gather_single_autograd(x, 0, dist.group.WORLD).chunk(dist.get_world_size(), 0))
 
 
 def _gather_rows(x: torch.Tensor, sizes: list[int], pad: float = 0) -> torch.Tensor:
