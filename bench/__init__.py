@@ -35,25 +35,6 @@ def checked_or_exit(check, *args):
         raise SystemExit(2) from None
 
 
-def write_atomically(path, text: str) -> None:
-    """`text` into `path` whole or not at all: written to a temporary file in the same folder, then
-    renamed over `path` (os.replace), so a run killed or failing midway (a full disk) leaves the
-    earlier file as it was, and a reader never sees half a file. The temporary file is removed
-    when the write fails."""
-    import os
-    import secrets
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_results(results: dict, name: str, out_dir) -> None:
     """Write `<out_dir>/<name>.json` atomically (nothing when out_dir is None)."""
     if out_dir is None:
@@ -61,9 +42,12 @@ def save_results(results: dict, name: str, out_dir) -> None:
     import json
     from pathlib import Path
 
+    from backend.files import write_text_atomically
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    # whole or not at all: a run killed or failing midway (a full disk) leaves the earlier file as it was
+    write_text_atomically(out / f"{name}.json", json.dumps(results, indent=2) + "\n")
 
 
 def names_option(value, option: str, known, noun: str) -> list[str]:

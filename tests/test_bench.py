@@ -316,15 +316,16 @@ def test_search_quality_in_bench_run_takes_its_sets_and_quick_searches_one(tmp_p
 
 
 def _disk_full_midway(monkeypatch):
-    """Path.write_text of a .json file writes half of its text, then fails as a full disk does."""
-    real = Path.write_text
+    """A results file's bytes are written, and putting them on disk fails as a full disk does (the
+    other files a benchmark writes, a tile index's, are left to work)."""
+    import os
+    real = os.fsync
 
-    def half(self, data, *args, **kwargs):
-        if ".json" not in self.name:
-            return real(self, data, *args, **kwargs)
-        real(self, data[:len(data) // 2], *args, **kwargs)
+    def full(fd):
+        if ".json." not in os.readlink(f"/proc/self/fd/{fd}"):
+            return real(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(Path, "write_text", half)
+    monkeypatch.setattr(os, "fsync", full)
 
 
 def _write_model(out, monkeypatch):
