@@ -238,10 +238,16 @@ def rgb_image(im: Image.Image) -> Image.Image:
     if im.mode not in WIDE_MODES:
         return im.convert("RGB")
     values = np.asarray(im, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    low, high = np.percentile(finite, DEFAULT_STRETCH) if finite.size else (0.0, 1.0)
-    scaled = (np.nan_to_num(values, nan=low) - low) * (255.0 / max(high - low, 1e-12))
-    return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return Image.fromarray(_stretched(values, np.isfinite(values)), "L").convert("RGB")
+
+
+def _stretched(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """uint8 of `values` stretched linearly between the 2nd and 98th percentiles of its `valid`
+    (finite) ones; the others 0."""
+    kept = values[valid]
+    low, high = np.percentile(kept, DEFAULT_STRETCH) if kept.size else (0.0, 1.0)
+    scaled = (np.where(valid, values, low) - low) * (255.0 / max(high - low, 1e-12))
+    return np.where(valid, np.clip(scaled + 0.5, 0, 255), 0).astype(np.uint8)
 
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -253,8 +259,12 @@ def load_image(path: str) -> Image.Image:
     is read through GDAL, as the backend reads rasters (gdal_rgb_image)."""
     try:
         with Image.open(path) as im:
-            if not _wide_colour_tiff(im):
-                return rgb_image(im)
+            if _wide_colour_tiff(im):
+                try:
+                    return gdal_rgb_image(path)
+                except ImportError:     # no GDAL bindings (a training machine): PIL's reading, as before
+                    pass
+            return rgb_image(im)
     except UNREADABLE_IMAGE:
         if not str(path).lower().endswith(TIFF_SUFFIXES):
             raise
@@ -263,7 +273,6 @@ def load_image(path: str) -> Image.Image:
         except (ImportError, OSError, ValueError):
             pass
         raise
-    return gdal_rgb_image(path)
 
 
 def _wide_colour_tiff(im: Image.Image) -> bool:
@@ -296,23 +305,18 @@ def gdal_rgb_image(path: str) -> Image.Image:
             marked = [colours.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
             bands = marked if all(marked) else [1, 2, 3] if ds.RasterCount >= 3 else [1, 1, 1]
             valid = np.ones((ds.RasterYSize, ds.RasterXSize), bool)
-            planes = []
-            for number in bands:
+            planes = {}     # each band read once (a grey one is all three channels)
+            for number in dict.fromkeys(bands):
                 band = ds.GetRasterBand(number)
-                plane = band.ReadAsArray().astype(np.float64)
+                planes[number] = (band.ReadAsArray().astype(np.float64), band.DataType == gdal.GDT_Byte)
                 valid &= band.GetMaskBand().ReadAsArray() > 0
-                planes.append((plane, band.DataType == gdal.GDT_Byte))
         except RuntimeError as e:
             raise OSError(f"GDAL cannot read it ({e})") from None
-    rgb = np.zeros((ds.RasterYSize, ds.RasterXSize, 3), np.uint8)
-    for channel, (plane, is_byte) in enumerate(planes):
+    channels = {}
+    for number, (plane, is_byte) in planes.items():
         finite = valid & np.isfinite(plane)
-        if not is_byte:
-            values = plane[finite]
-            low, high = np.percentile(values, DEFAULT_STRETCH) if values.size else (0.0, 1.0)
-            plane = (plane - low) * (255.0 / max(high - low, 1e-12))
-        rgb[..., channel] = np.where(finite, np.clip(np.nan_to_num(plane) + 0.5, 0, 255), 0).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
+        channels[number] = np.where(finite, plane, 0).astype(np.uint8) if is_byte else _stretched(plane, finite)
+    return Image.fromarray(np.stack([channels[b] for b in bands], axis=-1), "RGB")
 
 
 def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:

@@ -53,6 +53,8 @@ OPTIONAL_KEYS = {"folder": ("caption_pool", "exclude_manifest"), "shards": (), "
                  "precomp": ("classnames", "split"), "karpathy": ("classnames", "split")}
 # keys whose value is one string (paths, a dataset name, a split)
 STRING_KEYS = ("root", "path", "exclude_manifest", "captions", "images", "dataset", "split")
+# the keys of a source that name files or folders, relative to the recipe's folder
+PATH_KEYS = ("root", "path", "exclude_manifest", "captions", "images")
 
 
 class RecipeError(ValueError):
@@ -109,7 +111,7 @@ def sources_from_args(recipe: str | None, folders: list[str], classnames: list[s
             s = dict(s)
             if isinstance(s.get("urls"), str):     # one pattern given as a string, not a list
                 s["urls"] = [s["urls"]]
-            for key in ("root", "path", "exclude_manifest", "captions", "images"):
+            for key in PATH_KEYS:
                 if key in s and not Path(s[key]).is_absolute():
                     s[key] = str(base / s[key])
             if "urls" in s:
@@ -358,21 +360,9 @@ def write_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_d
 
 
 def _files_read(sources: list[dict]) -> set[str]:
-    """Real paths of the files the sources name (manifests, class maps, caption pools), at any depth."""
-    found: set[str] = set()
-
-    def walk(value):
-        if isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-        elif isinstance(value, (str, Path)) and str(value) and os.path.isfile(value):
-            found.add(os.path.realpath(value))
-
-    walk(sources)
-    return found
+    """Real paths of the files the sources name (manifests, caption files, class maps)."""
+    named = [s.get(key) for s in sources for key in (*PATH_KEYS, "classnames")]
+    return {os.path.realpath(p) for p in named if isinstance(p, (str, Path)) and str(p) and os.path.isfile(p)}
 
 
 def changed_validation_lists(sources: list[dict], val_sets: dict[str, dict], out_dir: str | Path) -> list[str]:
