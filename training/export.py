@@ -57,13 +57,17 @@ def run_folder_hint(path: str | Path) -> str:
 
 
 def stored_dtype(directory: str | Path) -> torch.dtype:
-    """The dtype a checkpoint stores its floating-point weights in."""
-    with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
-        for key in f.keys():
-            t = f.get_slice(key)
-            if t.get_dtype() in ("F16", "BF16", "F32", "F64"):
-                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                        "F64": torch.float64}[t.get_dtype()]
+    """The dtype a checkpoint stores its floating-point weights in; CheckpointError when its weights
+    file cannot be read."""
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                if t.get_dtype() in ("F16", "BF16", "F32", "F64"):
+                    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                            "F64": torch.float64}[t.get_dtype()]
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{Path(directory) / WEIGHTS} cannot be read ({e})") from None
     return torch.float32
 
 
@@ -147,8 +151,9 @@ def _check_not_lossy_in_place(args: argparse.Namespace) -> None:
         lost.append("its weights, averaged with --average")
     if args.image_size is not None and args.image_size != read_config(args.src).image_size:
         lost.append("its position embedding, resampled to --image-size")
-    if args.fp16 and stored_dtype(args.src) != torch.float16:
-        lost.append(f"its {str(stored_dtype(args.src)).replace('torch.', '')} weights, narrowed to fp16")
+    stored = stored_dtype(args.src)
+    if args.fp16 and stored != torch.float16:
+        lost.append(f"its {str(stored).replace('torch.', '')} weights, narrowed to fp16")
     if lost:
         raise CheckpointError(f"DST is SRC ({args.src}), and this export would replace {' and '.join(lost)}, with no "
                               "way back: write it to a new folder (DST may be SRC for a change that loses nothing, "
@@ -186,14 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"training.export: {e}{run_folder_hint(args.src)}", file=sys.stderr)
         return 2
-    except (OSError, SafetensorError) as e:
-        # reading SRC is checked above: this is DST's folder (read-only, full, not yours); safetensors
-        # says a full disk as "Error while serializing: I/O error: ..."
-        if isinstance(e, SafetensorError) and "serializ" not in str(e):
-            print(f"training.export: cannot read {args.src}: {e}", file=sys.stderr)
-            return 2
-        print(f"training.export: cannot write {args.dst}: {getattr(e, 'strerror', None) or e}; {args.dst} is "
-              "as it was", file=sys.stderr)
+    except OSError as e:    # reading SRC is checked above: this is DST's folder (read-only, full, not yours)
+        print(f"training.export: cannot write {args.dst}: {e.strerror or e}; {args.dst} is as it was",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"training.export: interrupted; {args.dst} is as it was", file=sys.stderr)

@@ -982,11 +982,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     except EngineError as e:
         p.error(f"--device: {e}")
     out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {a.out} is a file; the run directory must be a folder")
     # checked by every process, before they meet: found by rank 0 alone, the others would fail at
     # their next collective with a gloo traceback
     blocking = file_in_the_way(out / "val")
+    if blocking == out:
+        p.error(f"--out {a.out} is a file; the run directory must be a folder")
     if blocking is not None:
         p.error(f"--out {a.out}: {blocking} is a file, where the run's folders go; give another --out")
     if (out / "config.json").is_file() or (out / "model.safetensors").is_file():

@@ -68,7 +68,10 @@ def save_checkpoint(model: MaMMUT, tokenizer: Tokenizer, directory: str | os.Pat
         state[k] = v.contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(directory)}{_this_process()}-", dir=directory.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        try:
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        except SafetensorError as e:    # its I/O errors (a full disk) as what they are, for every caller
+            raise OSError(f"cannot write {WEIGHTS}: {e}") from None
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict()}
         if extra:
             meta["training"] = extra
