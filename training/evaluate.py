@@ -35,8 +35,8 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, class_key, find_class_root,
-                   load_image, manifest_records, read_classnames_file)
+from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, _class_dirs, _is_image, class_key,
+                   find_class_root, load_image, manifest_records, read_classnames_file)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -131,7 +131,7 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
         wanted = [_listed_under(ln.strip(), root, lst) for ln in lst.read_text(encoding="utf-8").splitlines()
                   if ln.strip() and not ln.strip().startswith("#")]
     class_root = find_class_root(root)
-    if not any(_has_images(d) for d in _subfolders(class_root)):
+    if not _class_dirs(class_root):
         nested_root = root / "images" if (root / "images").is_dir() else root
         nested = _images_in_sub_folders(nested_root)
         if nested:
@@ -174,22 +174,11 @@ def _listed_under(line: str, root: Path, listing: Path) -> str:
                     "the folder (e.g. forest/forest_001.jpg) or absolute paths under it")
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
 def _subfolders(folder: Path) -> list[Path]:
     try:
         return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     except OSError:
         return []
-
-
-def _has_images(folder: Path) -> bool:
-    try:
-        return any(_is_image_name(f) for f in os.listdir(folder))
-    except OSError:
-        return False
 
 
 def _images_in_sub_folders(class_root: Path) -> dict[str, int]:
@@ -201,7 +190,7 @@ def _images_in_sub_folders(class_root: Path) -> dict[str, int]:
         for where, dirs, names in os.walk(d):
             dirs[:] = [x for x in dirs if not x.startswith(".")]
             if where != str(d):
-                n += sum(map(_is_image_name, names))
+                n += sum(map(_is_image, names))
         if n:
             out[d.name] = n
     return out
