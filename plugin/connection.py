@@ -20,7 +20,10 @@ HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
 PORT_AT_END = re.compile(r":\d+$")   # "host:50051", "[::1]:50051"
-URL_SCHEME = re.compile(r"^(https?|grpcs?)://", re.IGNORECASE)    # an address copied from a browser or a URL
+# "http://", "grpc://": an address copied from a browser or written as a URL
+URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# the name schemes gRPC itself resolves, which a channel takes as they are
+GRPC_SCHEME = re.compile(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", re.IGNORECASE)
 CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
 
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
@@ -111,8 +114,9 @@ class BackendConnection:
         if code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
             # gone, or a refusal the cached limits may explain (a backend restarted with others)
             self._forget_info()
-        scheme = URL_SCHEME.match(self.address)
-        if scheme:      # "http://host:port" reaches gRPC as a host name it cannot resolve
+        # "http://host:port" reaches gRPC as a host name it cannot resolve (its own "dns:///" names do not)
+        scheme = None if GRPC_SCHEME.match(self.address) else URL_SCHEME.match(self.address)
+        if scheme:
             return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
                                       f"HOST:PORT, e.g. {self.address[scheme.end():].rstrip('/')} ({message})")
         if code == "UNAVAILABLE":

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 from qgis.core import QgsSettings
 
+from .connection import GRPC_SCHEME, URL_SCHEME
+
 PREFIX = "skyprompt/"
 LOG_TAG = "SkyPrompt"
 
@@ -18,10 +20,6 @@ class AddressError(SettingError):
     """The backend address is not HOST:PORT; the message says how to write it."""
 
 
-# "http://", "grpc://": an address copied from a browser or written as a URL
-URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-# the name schemes gRPC itself resolves, which a channel takes as they are
-GRPC_SCHEME = re.compile(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", re.IGNORECASE)
 
 
 def address_problem(address: str) -> str | None:

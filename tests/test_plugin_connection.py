@@ -293,3 +293,7 @@ def test_a_busy_backend_stops_work_over_several_layers():
     assert stops_all(BackendError("RESOURCE_EXHAUSTED", "the server is busy: 24 Segment and IndexRaster calls"))
     assert stops_all(BackendError("UNAVAILABLE", "no SkyPrompt backend answers"))
     assert not stops_all(BackendError("RESOURCE_EXHAUSTED", "the extent is over the pixel limit"))
+    # the plugin ships without the backend, so it keeps its own copy of the words: the two must agree
+    from backend.defaults import BUSY
+    from plugin.operations import BUSY as plugin_busy
+    assert plugin_busy == BUSY
