@@ -3221,7 +3221,8 @@ def test_the_backends_warnings_errors_and_tracebacks_are_logged_at_their_level(q
 
 def _plugin_source_copy(root: Path) -> Path:
     """The files tools/build_plugin_zip.py reads, copied to `root` (a source tree of its own)."""
-    for name in ("metadata.txt", "LICENSE", "pyproject.toml", ".gitignore", "tools/build_plugin_zip.py"):
+    for name in ("metadata.txt", "LICENSE", "pyproject.toml", ".gitignore", "tools/build_plugin_zip.py",
+                 "tools/build_proto.py"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "plugin", root / "plugin", ignore=shutil.ignore_patterns("__pycache__"))

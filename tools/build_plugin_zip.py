@@ -22,12 +22,16 @@ import time
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # its sibling, run as a script or imported
+from build_proto import GENERATED_FILES  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugin"
 TOP = "skyprompt"
 SHIPPED = ("*.py", "icon.svg", "rpc/*.py")
 # what tools/build_proto.py writes into plugin/rpc (git ignores them): shipped whether tracked or not
-GENERATED = ("rpc/__init__.py", "rpc/skyprompt_pb2.py", "rpc/skyprompt_pb2_grpc.py")
+# (the .pyi among them matches no SHIPPED pattern)
+GENERATED = ("rpc/__init__.py", *(f"rpc/{name}" for name in GENERATED_FILES))
 FILE_MODE, FOLDER_MODE = 0o644, 0o755
 
 
@@ -73,7 +77,7 @@ def plugin_files() -> list[Path]:
     present = {p.relative_to(PLUGIN).as_posix() for pattern in SHIPPED for p in PLUGIN.glob(pattern) if p.is_file()}
     tracked = tracked_files()
     if tracked is None:
-        names = {n for n in present if _shipped(n)}
+        names = present
     else:
         names = {n for n in [*tracked, *GENERATED] if _shipped(n) and (PLUGIN / n).is_file()}
         left = sorted(n for n in present - names if _shipped(n))
