@@ -155,9 +155,8 @@ def pip_failure(packages: list[str], folder: str | os.PathLike, output: list[str
         return f"{where}: no space left on device; free some space on that disk and try again {log}"
     if any(sign.lower() in text.lower() for sign in NETWORK_SIGNS):
         return f"{where}: {reason}; check the network connection and try again {log}"
+    # no fit on a Python too old for every release is not seen here: install() refuses it before pip runs
     if NO_FIT_SIGN.lower() in text.lower():
-        if python_problem():
-            return f"{where}: {reason}; {python_problem()} {log}"
         return (f"{where}: {reason}; no version of it fits this QGIS's Python or platform: install a QGIS with a "
                 f"newer Python, or the packages by hand {log}")
     return f"{where}: {reason} {log}"
@@ -175,8 +174,9 @@ def install(folder: str | os.PathLike, packages: list[str] | None = None, pip_ar
     a throwaway virtual environment supplies one. Raises DependencyError with pip's last words
     (see pip_failure).
     """
-    if python_problem():    # pip would look for releases that do not exist, and say only that
-        raise DependencyError(python_problem())
+    too_old = python_problem()
+    if too_old:     # pip would look for releases that do not exist, and say only that
+        raise DependencyError(too_old)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     python = python or python_executable()

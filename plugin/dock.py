@@ -565,10 +565,11 @@ class SkyPromptDock(QDockWidget):
         deps.activate(self.deps_folder)
         self.deps_problem = deps.missing()
         self.deps_box.setVisible(bool(self.deps_problem))
+        too_old = deps.python_problem()
         # no install helps a Python too old for the packages: the button is not offered then
-        self.install_button.setVisible(not deps.python_problem())
+        self.install_button.setVisible(not too_old)
         if self.deps_problem:
-            what = "cannot work in this QGIS" if deps.python_problem() else "needs grpcio and protobuf"
+            what = "cannot work in this QGIS" if too_old else "needs grpcio and protobuf"
             self.deps_label.setText(f"SkyPrompt {what}: {self.deps_problem}.")
             self._show_light("MISSING")
         for w in (self.check_button, self.start_button, self.search_button, self.indexed_button):
