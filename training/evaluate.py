@@ -526,20 +526,16 @@ def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequenc
     }
 
 
-def scored_references(record) -> list[str]:
-    """The reference captions of a record that BLEU and CIDEr score: those with a word (a caption
-    of punctuation alone, "...", has no n-gram to match; `training.metrics`)."""
-    return [c for c in (record.captions or ()) if c and M.caption_tokenize(c)]
-
-
-def check_references(records: Sequence, manifest=None) -> None:
-    """EvalError naming the first image (and its manifest line where `manifest` is JSONL) that has no
-    reference caption with a word, and how many such images there are; before a model is loaded."""
+def references_to_score(records: Sequence, manifest=None) -> list[list[str]]:
+    """Each record's reference captions that BLEU and CIDEr score (`training.metrics.scored_references`).
+    EvalError naming the first image (and its manifest line where `manifest` is JSONL) that has none,
+    and how many such images there are: the command checks this before a model is loaded."""
     if not records:
         raise EvalError("no images to evaluate")
-    bad = [r for r in records if not scored_references(r)]
+    references = [M.scored_references(r.captions or ()) for r in records]
+    bad = [r for r, scored in zip(records, references) if not scored]
     if not bad:
-        return
+        return references
     r = bad[0]
     caps = [c for c in (r.captions or ()) if c and c.strip()]
     line = _jsonl_line_of(manifest, r.image) if manifest is not None else None
@@ -561,16 +557,18 @@ def generate_captions(model, tokenizer, paths: Sequence[str], device=None, batch
 
 def evaluate_captions(model, tokenizer, records: Sequence, device=None, batch_size: int = 32,
                       beam_size: int = 1, max_len: int = 24, n_examples: int = 5,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, references: Sequence[list[str]] | None = None) -> dict:
     """Generate a caption per image and score BLEU-4 (0..1) and CIDEr-D (0..10) against all its
-    reference captions that have a word (`scored_references`), over the whole set at once. Every
-    image needs one (`check_references`, called first)."""
+    reference captions that have a word, over the whole set at once. Every image needs one:
+    `references` is what `references_to_score(records)` returned (the command checks before it
+    loads the model), and is checked here when not given, before any caption is generated."""
     records = list(records)
-    check_references(records)
+    if references is None:
+        references = references_to_score(records)
     generated = generate_captions(model, tokenizer, [str(r.image) for r in records], device, batch_size,
                                   beam_size, max_len, progress)
     cands = {i: g for i, g in enumerate(generated)}
-    refs = {i: scored_references(r) for i, r in enumerate(records)}
+    refs = dict(enumerate(references))
     picks = sorted({int(i) for i in np.linspace(0, len(records) - 1, num=min(n_examples, len(records))).round()})
     return {
         "bleu4": M.bleu4(cands, refs),
@@ -1157,7 +1155,7 @@ def run(args: argparse.Namespace) -> dict:
             raise EvalError(f"{args.manifest}: {len(records)} image; retrieval ranks images against each other, "
                             "so give a manifest of 2 or more (--limit too)")
         if args.command == "caption":
-            check_references(records, args.manifest)
+            references = references_to_score(records, args.manifest)
             if len(records) < 2:
                 # CIDEr's document frequencies come from the set scored: alone, every n-gram of the
                 # image's references is in every document, and CIDEr-D is 0 whatever the caption
@@ -1187,7 +1185,7 @@ def run(args: argparse.Namespace) -> dict:
                                  progress=progress, views=args.views)
     else:
         out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
-                                args.max_len, args.examples, progress)
+                                args.max_len, args.examples, progress, references=references)
     out["checkpoint"] = str(ckpt)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out

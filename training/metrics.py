@@ -269,6 +269,12 @@ def caption_tokenize(text: str) -> str:
     return " ".join(_WORD.findall(text))
 
 
+def scored_references(references: Sequence[str]) -> list[str]:
+    """The references that BLEU and CIDEr score, as given: those with a word once tokenized (one of
+    punctuation alone, "...", has no n-gram to match; module docstring)."""
+    return [r for r in references if caption_tokenize(r)]
+
+
 def _prepare(candidates: Mapping, references: Mapping) -> tuple[dict, dict]:
     if set(candidates) != set(references):
         missing = set(references) - set(candidates)
@@ -284,12 +290,12 @@ def _prepare(candidates: Mapping, references: Mapping) -> tuple[dict, dict]:
             refs = [refs]
         if not refs:
             raise ValueError(f"id {key!r} has no reference captions")
-        words = [t for t in map(caption_tokenize, refs) if t]
-        if not words:
+        scored = scored_references(refs)
+        if not scored:
             raise ValueError(f"id {key!r} has no reference caption with a word (all punctuation or blank, "
                              f"e.g. {refs[0]!r})")
         res[key] = [caption_tokenize(candidates[key])]
-        gts[key] = words
+        gts[key] = [caption_tokenize(r) for r in scored]
     return res, gts
 
 
