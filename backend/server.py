@@ -441,7 +441,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    interrupted, done = threading.Event(), StopRequest()
+    done = StopRequest()
     # watched from the start: a launcher that gives up or ends while the model loads (minutes on a slow
     # disk) would otherwise wait for the load, then for a server nobody asked for any more
     watch_parent(os.environ.get(PARENT_PID_ENV, ""), done)
@@ -452,39 +452,33 @@ def serve(args: argparse.Namespace) -> int:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         done.set()
 
-    def on_interrupt_while_starting(signum, frame):
-        # remembered as well as raised: native code of the libraries loading now (gRPC, torch) can
-        # check for signals and drop the KeyboardInterrupt, and the server would then start anyway
-        interrupted.set()
-        signal.default_int_handler(signum, frame)
-
-    signal.signal(signal.SIGINT, on_interrupt_while_starting)
-    try:
-        from .engine import EngineError
-        from .index import TileIndexError
-        try:
-            server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
-                            data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
-                            sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
-                            search_expand=args.search_expand, limits=serve_limits(args),
-                            keyword_weight=args.keyword_weight, tile_captions=not args.no_tile_captions,
-                            segments_at_once=args.segments_at_once)
-        except (EngineError, TileIndexError, ServerSetupError) as e:
-            print(f"skyprompt serve: {e}", file=sys.stderr)
-            return 2
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGINT, on_signal)     # from here on, Ctrl-C stops the server cleanly
-        signal.signal(signal.SIGTERM, on_signal)
-        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-            # its terminal closed: stop as for SIGTERM (under nohup, SIGHUP stays ignored)
-            signal.signal(signal.SIGHUP, on_signal)
-    except KeyboardInterrupt:
-        # Ctrl-C while torch imports or the model loads (seconds to minutes): the index is not
-        # served yet and is crash-safe; leave at once, as below, without a traceback
+    def on_interrupt_while_starting(_signum, _frame):
+        # Ctrl-C while torch imports or the model loads (seconds to minutes): nothing is served yet and
+        # the index is crash-safe, so leave from the handler itself. A KeyboardInterrupt raised here
+        # would have to unwind through the native code loading now (gRPC, torch), which can drop it
+        # (the server would then start anyway) or abort the process on it
         print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
         os._exit(130)
+
+    signal.signal(signal.SIGINT, on_interrupt_while_starting)
+    from .engine import EngineError
+    from .index import TileIndexError
+    try:
+        server = Server(checkpoint=args.checkpoint, host=args.host, port=args.port, device=args.device,
+                        data_dir=args.data_dir, allowed_roots=args.allow_root, token=args.token,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, workers=args.workers,
+                        sao_window=args.sao_window, edge_radius=args.edge_radius, index_views=args.index_views,
+                        search_expand=args.search_expand, limits=serve_limits(args),
+                        keyword_weight=args.keyword_weight, tile_captions=not args.no_tile_captions,
+                        segments_at_once=args.segments_at_once)
+    except (EngineError, TileIndexError, ServerSetupError) as e:
+        print(f"skyprompt serve: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, on_signal)     # from here on, Ctrl-C stops the server cleanly
+    signal.signal(signal.SIGTERM, on_signal)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        # its terminal closed: stop as for SIGTERM (under nohup, SIGHUP stays ignored)
+        signal.signal(signal.SIGHUP, on_signal)
     # from here a launcher's end is a shutdown like a signal's (the port file removed), not an exit
     done.serving()
     server.start()
