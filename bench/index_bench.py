@@ -216,8 +216,8 @@ def report(results: dict) -> str:
 def run(sizes=(10_000, 100_000, 1_000_000), dim: int = 256, out_dir: str | os.PathLike | None = RESULTS_DIR,
         queries: int = 100, warmup: int = 5, ann: bool = True, work_dir=None, echo=print) -> dict:
     """Measure every size; write `<out_dir>/index.json` (unless out_dir is None) and return the results.
-    BenchError (before any work) for a size, `dim` or `queries` under 1."""
-    check_arguments(sizes, dim, queries)
+    Sizes, `dim` and `queries` must be 1 or more: the command lines check them before any work
+    (`cli` with `check_arguments`, bench.run's --index-sizes with `check_sizes`)."""
     results = {"machine": machine_info(),
                "settings": {"dim": dim, "k": K, "queries": queries, "raster_tiles": RASTER_TILES,
                             "centers": CENTERS, "noise": NOISE},
