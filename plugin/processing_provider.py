@@ -32,6 +32,18 @@ _PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 SHAPEFILE_TEXT_BYTES = 254
 
 
+def _setting_number(name: str, description: str, setting: str, open_above: bool = False):
+    """A number parameter for the PluginSettings field `setting`: its default, and the range the panel's
+    field allows (PluginSettings.RANGES), Integer or Double as the field is, so that the two cannot
+    drift apart. `open_above`: no maximum (QGIS's own), for a value a script may give past what the
+    panel's spin box holds."""
+    default = getattr(PluginSettings, setting)
+    low, high = PluginSettings.RANGES[setting]
+    kind = QgsProcessingParameterNumber.Integer if isinstance(default, int) else QgsProcessingParameterNumber.Double
+    bounds = {"minValue": low} if open_above else {"minValue": low, "maxValue": high}
+    return QgsProcessingParameterNumber(name, description, kind, defaultValue=default, **bounds)
+
+
 def _backend_error():
     from .connection import BackendError
 
@@ -263,8 +275,7 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))
-        self.addParameter(QgsProcessingParameterNumber("K", "Number of tiles", defaultValue=20, minValue=1,
-                                                       maxValue=1000))
+        self.addParameter(_setting_number("K", "Number of tiles", "k"))
         self.addParameter(QgsProcessingParameterMultipleLayers("LAYERS", "Only in these layers",
                                                                QgsProcessing.TypeRaster, optional=True))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Only in this extent", optional=True))
@@ -401,11 +412,8 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
         self.addParameter(QgsProcessingParameterString("PROMPTS", "Prompts (separated by commas, semicolons or line breaks)"))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent", optional=True))
-        self.addParameter(QgsProcessingParameterNumber("THRESHOLD", "Threshold", QgsProcessingParameterNumber.Double,
-                                                       defaultValue=0.5, minValue=0.0, maxValue=1.0))
-        self.addParameter(QgsProcessingParameterNumber("MIN_AREA", "Minimum area (m²)",
-                                                       QgsProcessingParameterNumber.Double, defaultValue=0.0,
-                                                       minValue=0.0))
+        self.addParameter(_setting_number("THRESHOLD", "Threshold", "threshold"))
+        self.addParameter(_setting_number("MIN_AREA", "Minimum area (m²)", "min_area_m2", open_above=True))
         edges = QgsProcessingParameterNumber("EDGE_RADIUS", "Edge refinement radius in pixels (-1 = the backend's "
                                              "default, 0 = off)", QgsProcessingParameterNumber.Integer,
                                              defaultValue=-1, minValue=-1)

@@ -1214,6 +1214,30 @@ def test_settings_ca_file_is_editable_only_with_tls(qgis_app):
 
 
 # -- Processing --
+def test_processing_numbers_have_the_panels_defaults_and_ranges(qgis_app):
+    """K, Threshold and Minimum area of the algorithms offer what the panel's fields do
+    (PluginSettings' defaults and RANGES); Minimum area is open above, for scripts."""
+    from qgis.core import QgsProcessingParameterNumber
+    from plugin.processing_provider import SkyPromptProvider
+
+    provider = SkyPromptProvider()
+    QgsApplication.processingRegistry().addProvider(provider)
+    try:
+        integer, double = QgsProcessingParameterNumber.Integer, QgsProcessingParameterNumber.Double
+        for algorithm, name, setting, kind in (("searchtiles", "K", "k", integer),
+                                               ("prompttopolygons", "THRESHOLD", "threshold", double),
+                                               ("prompttopolygons", "MIN_AREA", "min_area_m2", double)):
+            parameter = provider.algorithm(algorithm).parameterDefinition(name)
+            default, (low, high) = getattr(PluginSettings(), setting), PluginSettings.RANGES[setting]
+            assert (parameter.dataType(), parameter.defaultValue(), parameter.minimum()) == (kind, default, low), name
+            if name == "MIN_AREA":
+                assert parameter.maximum() > high
+            else:
+                assert parameter.maximum() == high, name
+    finally:
+        QgsApplication.processingRegistry().removeProvider(provider)
+
+
 def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
