@@ -168,20 +168,29 @@ class LocalBackend(QObject):
             self._probe[0].close()
             self._probe = None
 
+    def _ask_to_exit(self) -> QProcess | None:
+        """What stop() and _give_up_start() both do first: stop polling, and close the running backend's
+        standard input, which asks it to exit (`serve --stop-on-stdin-close`). Returns that process, still
+        self.process; None, with self.process cleared, when none of ours runs. Waiting for the exit, and
+        the kill if it does not come, are the caller's: stop() may block QGIS, _give_up_start() may not."""
+        self._stop_polling()
+        if not self.running:
+            self.process = None
+            return None
+        self.process.closeWriteChannel()
+        return self.process
+
     def stop(self, wait_ms: int | None = None) -> None:
         """Close the backend's standard input (it then drains and closes its index: `serve
         --stop-on-stdin-close`), then kill it if it does not exit within `wait_ms` (None:
         CANCEL_START_WAIT_MS for one still starting, else STOP_WAIT_MS)."""
         if wait_ms is None:
             wait_ms = self.CANCEL_START_WAIT_MS if self.starting else self.STOP_WAIT_MS
-        self._stop_polling()
-        if not self.running:
-            self.process = None
+        process = self._ask_to_exit()
+        if process is None:
             return
-        process = self.process
         self._stopping = True
         try:
-            process.closeWriteChannel()
             if not process.waitForFinished(wait_ms):
                 process.kill()
                 process.waitForFinished(5000)
@@ -195,10 +204,9 @@ class LocalBackend(QObject):
         """Leave a start that failed (timed out, or cannot be checked) without blocking QGIS: the pipe is
         closed, which a backend still loading its model leaves on, and the process is killed if it
         has not left within CANCEL_START_WAIT_MS. Whatever it does after, it is no longer ours."""
-        self._stop_polling()
-        process, self.process = self.process, None
-        if process is not None and process.state() != QProcess.NotRunning:
-            process.closeWriteChannel()
+        process = self._ask_to_exit()
+        self.process = None     # its signals are no longer read as the current backend's (_ours)
+        if process is not None:
             # the process is this object's child: gone with it if QGIS ends meanwhile
             QTimer.singleShot(self.CANCEL_START_WAIT_MS,
                               lambda: process.kill() if not _gone(process) and process.state() != QProcess.NotRunning
