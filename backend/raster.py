@@ -630,6 +630,188 @@ def _decimated_size(width: int, height: int, side: int = STATS_SIDE) -> tuple[in
     return max(1, round(width / scale)), max(1, round(height / scale))
 
 
+# ---------------------------------------------------------------------------------------------
+# Band choice and stretch: how a GDAL dataset's bands become RGB bytes. Raster reads by them, and
+# so does training (training.data.gdal_rgb_image), which reads image files that may have no
+# georeferencing: none of these needs any.
+# ---------------------------------------------------------------------------------------------
+
+def expand_palette(dataset: gdal.Dataset, shown: str) -> gdal.Dataset:
+    """`dataset`, or for one band of colour-table entries (a palette image) a VRT of its colours as
+    RGBA bytes: its values are palette entries, not grey levels. `shown` names it in errors."""
+    first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
+    if first is None or first.GetColorInterpretation() != gdal.GCI_PaletteIndex or not first.GetColorTable():
+        return dataset
+    with _gdal("invalid_argument", f"cannot expand the colour table of '{shown}'"):
+        # as bytes: colour-table entries are 0-255 whatever the index type (a UInt16 index would
+        # otherwise be stretched as if it were 16-bit data)
+        return gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
+
+
+def find_alpha_band(dataset: gdal.Dataset) -> int:
+    """The first band marked alpha (1-based), or 0."""
+    for index in range(1, dataset.RasterCount + 1):
+        if dataset.GetRasterBand(index).GetColorInterpretation() == gdal.GCI_AlphaBand:
+            return index
+    return 0
+
+
+def choose_rgb_bands(dataset: gdal.Dataset, mapping: BandMapping, alpha_band: int,
+                     where: str) -> tuple[tuple[int, int, int], str]:
+    """The (red, green, blue) bands read, and a note when a colour was guessed: a raster of four or
+    more bands marks none as red, green or blue (a stack of blue, green, red and near infrared
+    would be read in the wrong colour order), so the answer says which bands it read.
+
+    Automatic (0 in `mapping`): the bands marked red, green and blue, else the first three bands
+    but `alpha_band`; with fewer than three of those, the first one as grey. `where` names the
+    raster in errors and the note ("raster '/data/a.tif'")."""
+    band_count = dataset.RasterCount
+    by_colour: dict[int, int] = {}
+    for index in range(1, band_count + 1):
+        by_colour.setdefault(dataset.GetRasterBand(index).GetColorInterpretation(), index)
+    colour = [by_colour.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
+    candidates = [b for b in range(1, band_count + 1) if b != alpha_band] or [1]
+    if all(colour):
+        automatic = tuple(colour)
+    else:
+        automatic = tuple(candidates[:3]) if len(candidates) >= 3 else (candidates[0],) * 3
+    # a guess worth a word: more than three colour bands to choose from and none marked
+    guessed = len(candidates) > 3 and not any(colour)
+    chosen = []
+    for channel, value, auto in zip(("red", "green", "blue"), (mapping.red, mapping.green, mapping.blue), automatic):
+        value = _check_int(f"band mapping {channel}", value, 0)
+        if value == 0:
+            chosen.append(auto)
+            continue
+        if value > band_count:
+            raise RasterError("invalid_argument", f"band mapping {channel}={value}: {where} has "
+                                                  f"{band_count} band(s); use 1..{band_count} (0 = automatic)")
+        if value == alpha_band:
+            raise RasterError("invalid_argument", f"band mapping {channel}={value}: band {value} of {where} "
+                                                  f"is its alpha band; choose a colour band")
+        chosen.append(value)
+    note = ""
+    if len(candidates) == 2 and not any(colour) and (mapping.red, mapping.green, mapping.blue) == (0, 0, 0):
+        # two bands with no colour mark (a radar pair, two indices): one of them is shown, the other dropped
+        shown, unused = candidates
+        alpha = f" besides its alpha band {alpha_band}" if alpha_band else ""
+        note = (f"{where} has 2 bands{alpha} and marks none as a colour: band {shown} was read as grey "
+                f"and band {unused} is not used. To see band {unused}, give the bands (BandMapping; the "
+                f"client's --bands, e.g. --bands {unused} {unused} {unused})")
+    elif guessed and 0 in (mapping.red, mapping.green, mapping.blue):
+        shown = ", ".join(str(b) for b in chosen)
+        note = (f"{where} has {len(candidates)} bands and marks none as red, green or blue: bands "
+                f"{shown} were read as red, green, blue. If those are not its colours, give the bands "
+                f"(BandMapping; the client's --bands R G B, e.g. --bands 3 2 1)")
+    return tuple(chosen), note  # type: ignore[return-value]
+
+
+def plan_mask(dataset: gdal.Dataset, rgb_bands: Sequence[int], alpha_band: int) -> list[tuple[str, object]]:
+    """Which reads decide validity (read_valid). A pixel is valid when every part says so."""
+    parts: list[tuple[str, object]] = []
+    unique_bands = sorted(set(rgb_bands))
+    flags = dataset.GetRasterBand(rgb_bands[0]).GetMaskFlags()
+    if flags & gdal.GMF_PER_DATASET and not flags & gdal.GMF_ALL_VALID:
+        parts.append(("dataset", rgb_bands[0]))   # alpha band or internal mask, shared by all bands
+    elif alpha_band:
+        parts.append(("alpha", alpha_band))
+    nodata_bands = [b for b in unique_bands if dataset.GetRasterBand(b).GetMaskFlags() == gdal.GMF_NODATA]
+    if nodata_bands and len(nodata_bands) == len(unique_bands):
+        # Like GDAL's warper, a pixel is no-data only when all its colour bands are: a dark
+        # pixel that is 0 in one band but not the others is real.
+        parts.append(("nodata", nodata_bands))
+    return parts
+
+
+def read_valid(dataset: gdal.Dataset, mask_parts: list[tuple[str, object]], col: int, row: int, width: int,
+               height: int, out_w: int, out_h: int) -> np.ndarray | None:
+    """Validity of a window by `mask_parts` (plan_mask; nearest sampling), or None when every pixel is valid."""
+    valid = None
+    nearest = gdal.GRIORA_NearestNeighbour
+    for kind, detail in mask_parts:
+        if kind == "dataset":
+            part = dataset.GetRasterBand(detail).GetMaskBand().ReadAsArray(
+                col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+        elif kind == "alpha":
+            part = dataset.GetRasterBand(detail).ReadAsArray(
+                col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+        else:
+            part = np.zeros((out_h, out_w), bool)
+            for band in detail:
+                part |= dataset.GetRasterBand(band).GetMaskBand().ReadAsArray(
+                    col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
+        valid = part if valid is None else valid & part
+    return valid
+
+
+def read_bands(dataset: gdal.Dataset, bands: list[int], col: int, row: int, width: int, height: int,
+               out_w: int, out_h: int, resample_alg: int) -> np.ndarray:
+    """`bands` of a window, resampled by GDAL to out_w x out_h: [len(bands), out_h, out_w]."""
+    data = dataset.ReadAsArray(col, row, width, height, buf_xsize=out_w, buf_ysize=out_h,
+                               band_list=bands, resample_alg=resample_alg)
+    return np.asarray(data).reshape(len(bands), out_h, out_w)
+
+
+def stretch_range(values: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) of the linear stretch of one band's valid `values`: their `percentiles`, the
+    non-finite ones left out; (0, 1) when none is left, and one level wide for a flat band."""
+    if values.dtype.kind == "f":
+        values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    return low, high if high > low else low + 1.0
+
+
+def compute_stretch(dataset: gdal.Dataset, rgb_bands: Sequence[int], mask_parts: list[tuple[str, object]],
+                    mapping: BandMapping) -> dict[int, tuple[float, float]]:
+    """Per band (low, high) of the stretch (stretch_range) of each of `rgb_bands` that is stretched
+    (every band but Byte ones, and those too where `mapping` sets a percentile), from one
+    decimated read of the whole dataset (STATS_SIDE; a small image whole) by `mask_parts`."""
+    bands = [b for b in sorted(set(rgb_bands))
+             if mapping.stretch_requested or dataset.GetRasterBand(b).DataType != gdal.GDT_Byte]
+    if not bands:
+        return {}
+    width, height = dataset.RasterXSize, dataset.RasterYSize
+    out_w, out_h = _decimated_size(width, height)
+    data = read_bands(dataset, bands, 0, 0, width, height, out_w, out_h, gdal.GRIORA_NearestNeighbour)
+    valid = read_valid(dataset, mask_parts, 0, 0, width, height, out_w, out_h)
+    percentiles = mapping.percentiles()
+    return {band: stretch_range(plane[valid] if valid is not None else plane.ravel(), percentiles)
+            for plane, band in zip(data, bands)}
+
+
+def stretched(plane: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`plane` mapped linearly from low..high to 0..255 bytes (clipped; NaN 0)."""
+    # float32 is exact for 8- and 16-bit values; wider ones (Int32, Float64) far from zero lose
+    # levels in it (a step of 8 at 1e8), so they are offset in float64 first
+    wide = plane.dtype.itemsize > 2 and plane.dtype != np.float32
+    scaled = ((plane.astype(np.float64) - low).astype(np.float32) if wide else
+              plane.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
+    np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return (scaled + 0.5).astype(np.uint8)
+
+
+def to_rgb(data: np.ndarray, valid: np.ndarray | None, rgb_bands: Sequence[int],
+           ranges: dict[int, tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """RGB bytes [3, H, W] and validity [H, W] of `data`, the read (read_bands) of the sorted
+    distinct `rgb_bands`: each band stretched by its `ranges` (compute_stretch), one without a range
+    (Byte) used as is; a pixel not `valid`, or not finite in some band, is 0 in every channel."""
+    _, out_h, out_w = data.shape
+    if valid is None:
+        valid = np.ones((out_h, out_w), bool)
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    unique_bands = sorted(set(rgb_bands))
+    rgb = np.empty((3, out_h, out_w), np.uint8)
+    for channel, band in enumerate(rgb_bands):
+        plane = data[unique_bands.index(band)]
+        rgb[channel] = stretched(plane, *ranges[band]) if band in ranges else plane
+    rgb[:, ~valid] = 0
+    return rgb, valid
+
+
 class Raster:
     """An open raster with a resolved band mapping. Build with open_raster() or raster_from_pixels()."""
 
@@ -692,11 +874,11 @@ class Raster:
         self.bounds_wgs84 = self._bounds_wgs84(self.bounds)
 
         self.bands = bands
-        self._percentiles = bands.percentiles()
-        self._alpha_band = alpha_band or self._find_alpha_band()
-        self.rgb_bands, self.band_note = self._resolve_bands(bands)
+        bands.percentiles()     # validated here, not at the first read
+        self._alpha_band = alpha_band or find_alpha_band(dataset)
+        self.rgb_bands, self.band_note = choose_rgb_bands(dataset, bands, self._alpha_band, where)
         self._unique_bands = sorted(set(self.rgb_bands))
-        self._mask_parts = self._plan_mask()
+        self._mask_parts = plan_mask(dataset, self.rgb_bands, self._alpha_band)
         self._float = any(dataset.GetRasterBand(b).DataType in (gdal.GDT_Float32, gdal.GDT_Float64)
                           for b in self._unique_bands)
         self._stretch: dict[int, tuple[float, float]] | None = None
@@ -823,101 +1005,14 @@ class Raster:
             return None
         return wrapped_lonlat_box(tuple(float(v) for v in result))
 
-    def _find_alpha_band(self) -> int:
-        ds = self._dataset()
-        for index in range(1, self.band_count + 1):
-            if ds.GetRasterBand(index).GetColorInterpretation() == gdal.GCI_AlphaBand:
-                return index
-        return 0
-
-    def _resolve_bands(self, mapping: BandMapping) -> tuple[tuple[int, int, int], str]:
-        """The (red, green, blue) bands read, and a note when a colour was guessed: a raster of four or
-        more bands marks none as red, green or blue (a stack of blue, green, red and near infrared
-        would be read in the wrong colour order), so the answer says which bands it read."""
-        ds = self._dataset()
-        by_colour: dict[int, int] = {}
-        for index in range(1, self.band_count + 1):
-            by_colour.setdefault(ds.GetRasterBand(index).GetColorInterpretation(), index)
-        colour = [by_colour.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
-        candidates = [b for b in range(1, self.band_count + 1) if b != self._alpha_band] or [1]
-        if all(colour):
-            automatic = tuple(colour)
-        else:
-            automatic = tuple(candidates[:3]) if len(candidates) >= 3 else (candidates[0],) * 3
-        # a guess worth a word: more than three colour bands to choose from and none marked
-        guessed = len(candidates) > 3 and not any(colour)
-        chosen = []
-        for channel, value, auto in zip(("red", "green", "blue"), (mapping.red, mapping.green, mapping.blue), automatic):
-            value = _check_int(f"band mapping {channel}", value, 0)
-            if value == 0:
-                chosen.append(auto)
-                continue
-            if value > self.band_count:
-                raise RasterError("invalid_argument", f"band mapping {channel}={value}: {self._where()} has "
-                                                      f"{self.band_count} band(s); use 1..{self.band_count} (0 = automatic)")
-            if value == self._alpha_band:
-                raise RasterError("invalid_argument", f"band mapping {channel}={value}: band {value} of {self._where()} "
-                                                      f"is its alpha band; choose a colour band")
-            chosen.append(value)
-        note = ""
-        if len(candidates) == 2 and not any(colour) and (mapping.red, mapping.green, mapping.blue) == (0, 0, 0):
-            # two bands with no colour mark (a radar pair, two indices): one of them is shown, the other dropped
-            shown, unused = candidates
-            alpha = f" besides its alpha band {self._alpha_band}" if self._alpha_band else ""
-            note = (f"{self._where()} has 2 bands{alpha} and marks none as a colour: band {shown} was read as grey "
-                    f"and band {unused} is not used. To see band {unused}, give the bands (BandMapping; the "
-                    f"client's --bands, e.g. --bands {unused} {unused} {unused})")
-        elif guessed and 0 in (mapping.red, mapping.green, mapping.blue):
-            shown = ", ".join(str(b) for b in chosen)
-            note = (f"{self._where()} has {len(candidates)} bands and marks none as red, green or blue: bands "
-                    f"{shown} were read as red, green, blue. If those are not its colours, give the bands "
-                    f"(BandMapping; the client's --bands R G B, e.g. --bands 3 2 1)")
-        return tuple(chosen), note  # type: ignore[return-value]
-
-    def _plan_mask(self) -> list[tuple[str, object]]:
-        """Which reads decide validity. A pixel is valid when every part says so."""
-        ds = self._dataset()
-        parts: list[tuple[str, object]] = []
-        first = ds.GetRasterBand(self.rgb_bands[0])
-        flags = first.GetMaskFlags()
-        if flags & gdal.GMF_PER_DATASET and not flags & gdal.GMF_ALL_VALID:
-            parts.append(("dataset", self.rgb_bands[0]))   # alpha band or internal mask, shared by all bands
-        elif self._alpha_band:
-            parts.append(("alpha", self._alpha_band))
-        nodata_bands = [b for b in self._unique_bands if ds.GetRasterBand(b).GetMaskFlags() == gdal.GMF_NODATA]
-        if nodata_bands and len(nodata_bands) == len(self._unique_bands):
-            # Like GDAL's warper, a pixel is no-data only when all its colour bands are: a dark
-            # pixel that is 0 in one band but not the others is real.
-            parts.append(("nodata", nodata_bands))
-        return parts
-
     # -- reading -------------------------------------------------------------------------------
 
     def _read_valid(self, col: int, row: int, width: int, height: int, out_w: int, out_h: int) -> np.ndarray | None:
-        """Validity from masks (nearest sampling), or None when every pixel is valid."""
-        ds = self._dataset()
-        valid = None
-        nearest = gdal.GRIORA_NearestNeighbour
-        for kind, detail in self._mask_parts:
-            if kind == "dataset":
-                part = ds.GetRasterBand(detail).GetMaskBand().ReadAsArray(
-                    col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
-            elif kind == "alpha":
-                part = ds.GetRasterBand(detail).ReadAsArray(
-                    col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
-            else:
-                part = np.zeros((out_h, out_w), bool)
-                for band in detail:
-                    part |= ds.GetRasterBand(band).GetMaskBand().ReadAsArray(
-                        col, row, width, height, out_w, out_h, resample_alg=nearest) > 0
-            valid = part if valid is None else valid & part
-        return valid
+        return read_valid(self._dataset(), self._mask_parts, col, row, width, height, out_w, out_h)
 
     def _read_bands(self, bands: list[int], col: int, row: int, width: int, height: int,
                     out_w: int, out_h: int, resample_alg: int) -> np.ndarray:
-        data = self._dataset().ReadAsArray(col, row, width, height, buf_xsize=out_w, buf_ysize=out_h,
-                                           band_list=bands, resample_alg=resample_alg)
-        return np.asarray(data).reshape(len(bands), out_h, out_w)
+        return read_bands(self._dataset(), bands, col, row, width, height, out_w, out_h, resample_alg)
 
     def _read_failed(self, error: BaseException) -> RasterError:
         self.check_unchanged()  # a file rewritten under us is the likelier cause: say so (aborted)
@@ -944,25 +1039,7 @@ class Raster:
             return self._stretch
 
     def _compute_stretch(self) -> dict[int, tuple[float, float]]:
-        ds = self._dataset()
-        bands = [b for b in self._unique_bands
-                 if self.bands.stretch_requested or ds.GetRasterBand(b).DataType != gdal.GDT_Byte]
-        if not bands:
-            return {}
-        out_w, out_h = _decimated_size(self.width, self.height)
-        data = self._read_bands(bands, 0, 0, self.width, self.height, out_w, out_h, gdal.GRIORA_NearestNeighbour)
-        valid = self._read_valid(0, 0, self.width, self.height, out_w, out_h)
-        ranges = {}
-        for plane, band in zip(data, bands):
-            values = plane[valid] if valid is not None else plane.ravel()
-            if values.dtype.kind == "f":
-                values = values[np.isfinite(values)]
-            if values.size == 0:
-                ranges[band] = (0.0, 1.0)
-                continue
-            low, high = (float(v) for v in np.percentile(values, self._percentiles))
-            ranges[band] = (low, high if high > low else low + 1.0)
-        return ranges
+        return compute_stretch(self._dataset(), self.rgb_bands, self._mask_parts, self.bands)
 
     def stretch_ranges(self) -> tuple[tuple[float, float] | None, ...]:
         """(lo, hi) mapped to 0..255 for each of the red, green, blue channels; None = Byte used as is."""
@@ -979,29 +1056,7 @@ class Raster:
             self._stretch = kept
 
     def _to_rgb(self, data: np.ndarray, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        _, out_h, out_w = data.shape
-        if valid is None:
-            valid = np.ones((out_h, out_w), bool)
-        if self._float:
-            valid &= np.isfinite(data).all(axis=0)
-        ranges = self._stretch_ranges()
-        rgb = np.empty((3, out_h, out_w), np.uint8)
-        for channel, band in enumerate(self.rgb_bands):
-            plane = data[self._unique_bands.index(band)]
-            if band not in ranges:
-                rgb[channel] = plane
-                continue
-            low, high = ranges[band]
-            # float32 is exact for 8- and 16-bit values; wider ones (Int32, Float64) far from zero lose
-            # levels in it (a step of 8 at 1e8), so they are offset in float64 first
-            wide = plane.dtype.itemsize > 2 and plane.dtype != np.float32
-            scaled = ((plane.astype(np.float64) - low).astype(np.float32) if wide else
-                      plane.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
-            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-            np.clip(scaled, 0.0, 255.0, out=scaled)
-            rgb[channel] = (scaled + 0.5).astype(np.uint8)
-        rgb[:, ~valid] = 0
-        return rgb, valid
+        return to_rgb(data, valid, self.rgb_bands, self._stretch_ranges())
 
     def _check_window(self, col, row, width, height) -> tuple[int, int, int, int]:
         col = _check_int("window col", col, 0, self.width - 1)
@@ -1778,14 +1833,8 @@ def open_raster(path: str | os.PathLike, bands: BandMapping | None = None,
         raise RasterError("invalid_argument", not_raster)
     if roots:
         _check_referenced_files(dataset, real, shown, roots)
-    files_of = dataset      # its file list, as opened: a palette's expansion below is a VRT in memory
-    first = dataset.GetRasterBand(1) if dataset.RasterCount == 1 else None
-    if first is not None and first.GetColorInterpretation() == gdal.GCI_PaletteIndex and first.GetColorTable():
-        # a colour-table image: its values are palette entries, not grey levels; read it as the colours
-        with _gdal("invalid_argument", f"cannot expand the colour table of '{shown}'"):
-            # as bytes: colour-table entries are 0-255 whatever the index type (a UInt16 index would
-            # otherwise be stretched as if it were 16-bit data)
-            dataset = gdal.Translate("", dataset, format="VRT", rgbExpand="rgba", outputType=gdal.GDT_Byte)
+    files_of = dataset      # its file list, as opened: a palette's expansion is a VRT in memory
+    dataset = expand_palette(dataset, shown)
     name = os.path.basename(absolute)
     return Raster(dataset, path=absolute, real_path=real, name=name, bands=mapping, stat=stat, files_of=files_of)
 

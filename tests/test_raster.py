@@ -1150,3 +1150,95 @@ def test_a_vrt_whose_source_is_missing_says_so_rather_than_damaged(tmp_path):
             raster.read_window(0, 0, 32, 32)
     assert error.value.kind == "not_found" and "a file it reads is missing" in str(error.value)
     assert "src.tif" in str(error.value) and "damaged" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training reads image files as the backend shows them (training.data.gdal_rgb_image)
+# ---------------------------------------------------------------------------------------------
+
+def _alpha_first(count: int) -> tuple[np.ndarray, dict]:
+    data = noise((count, 24, 32), np.uint16, 100, 60000, seed=count)
+    data[0] = 65535
+    data[0, :6, :10] = 0                # a transparent corner
+    return data, {"colours": [gdal.GCI_AlphaBand] + [gdal.GCI_Undefined] * (count - 1)}
+
+
+def _float_near_flat_and_nan() -> tuple[np.ndarray, dict]:
+    data = noise((3, 24, 32), np.float32, 0, 1000, seed=1) / np.float32(7)
+    data[1] = 5.0
+    data[1, 0, :5] = 5.3                # under 2% of the band: its 2nd and 98th percentiles are both 5.0
+    data[2, 10, 10] = np.nan            # not finite in one band: black in every channel
+    return data, {}
+
+
+def _nodata_in_one_band() -> tuple[np.ndarray, dict]:
+    data = noise((3, 24, 32), np.uint16, 1, 4000, seed=2)
+    data[0, :4] = 0                     # nodata in band 1 alone: a dark pixel, not a hole
+    data[:, 20:] = 0                    # nodata in every band: a hole
+    return data, {"nodata": 0}
+
+
+def _wider_than_the_statistics_read() -> tuple[np.ndarray, dict]:
+    # its stretch comes from a decimated read of STATS_SIDE columns, not from every pixel
+    return noise((1, 30, 1100), np.uint16, 1, 60000, seed=3), {}
+
+
+def _uint16_palette() -> tuple[np.ndarray, dict]:
+    return (np.arange(24 * 32) % 4).reshape(1, 24, 32).astype(np.uint16), {"palette": True}
+
+
+def _byte_rgb_with_alpha() -> tuple[np.ndarray, dict]:
+    data = noise((4, 24, 32), seed=4)
+    data[3] = 255
+    data[3, 5:9, 3:20] = 0
+    return data, {"options": ["PHOTOMETRIC=RGB", "ALPHA=YES"]}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _alpha_first(4), lambda: _alpha_first(2), _float_near_flat_and_nan, _nodata_in_one_band,
+    _wider_than_the_statistics_read, _uint16_palette, _byte_rgb_with_alpha,
+], ids=["uint16-alpha-first-4-bands", "uint16-alpha-first-2-bands", "float-near-flat-band-and-nan",
+        "nodata-in-one-band", "wider-than-STATS_SIDE", "uint16-palette", "byte-rgb-alpha"])
+def test_training_reads_a_chip_as_the_backend_shows_it(tmp_path, make):
+    """Training's reading of a wide TIFF chip (which may have no georeferencing) gives the pixels the
+    backend shows for the same file: the same band choice (an alpha band never a colour), masks and
+    stretch (percentiles from the same statistics read, a flat band's range one level wide)."""
+    from training.data import gdal_rgb_image
+
+    data, options = make()
+    palette = options.pop("palette", False)
+
+    def write(path: Path, georeferenced: bool) -> Path:
+        extra = {} if georeferenced else {"geotransform": None, "crs": None}
+        make_tif(path, data, **extra, **options)
+        if palette:
+            ds = gdal.Open(str(path), gdal.GA_Update)
+            table = gdal.ColorTable()
+            for i, rgb in enumerate([(0, 0, 255), (0, 160, 0), (128, 128, 128), (255, 0, 0)]):
+                table.SetColorEntry(i, (*rgb, 255))
+            ds.GetRasterBand(1).SetColorTable(table)
+            ds.GetRasterBand(1).SetColorInterpretation(gdal.GCI_PaletteIndex)
+            ds = None
+        return path
+
+    with open_raster(write(tmp_path / "geo.tif", georeferenced=True)) as raster:
+        shown, valid = raster.read_window(0, 0, raster.width, raster.height)
+    trained = np.asarray(gdal_rgb_image(str(write(tmp_path / "chip.tif", georeferenced=False))))
+    assert gdal.Open(str(tmp_path / "chip.tif")).GetGeoTransform(can_return_null=True) is None
+    assert trained.shape == (*data.shape[1:], 3) and shown.max() > 0
+    np.testing.assert_array_equal(trained, shown.transpose(1, 2, 0))
+
+
+def test_training_loads_a_one_band_16_bit_tiff_with_nodata_as_the_backend_shows_it(tmp_path):
+    """One band of 16-bit data PIL decodes, but knowing nothing of its nodata value: the nodata
+    border was stretched with the rest (it set the 2nd percentile) and not black. Read through GDAL
+    as the backend reads it, it is."""
+    from training.data import load_image
+
+    data = noise((24, 32), np.uint16, 1000, 5000, seed=5)
+    data[:, :8] = 0
+    path = make_tif(tmp_path / "dem.tif", data, nodata=0)
+    with open_raster(path) as raster:
+        shown, valid = raster.read_window(0, 0, raster.width, raster.height)
+    assert not valid[:, :8].any() and valid[:, 8:].all()
+    np.testing.assert_array_equal(np.asarray(load_image(str(path))), shown.transpose(1, 2, 0))

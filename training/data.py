@@ -233,21 +233,17 @@ WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 def rgb_image(im: Image.Image) -> Image.Image:
     """`im` as 8-bit RGB. Values wider than 8 bits (16-bit imagery is common in remote sensing) are
-    stretched linearly between their 2nd and 98th percentiles, as the backend shows such rasters:
-    PIL's own conversion clips them at 255, which makes most 16-bit images one flat white."""
+    stretched linearly between their 2nd and 98th percentiles: PIL's own conversion clips them at
+    255, which makes most 16-bit images one flat white. (load_image reads TIFFs of such data through
+    GDAL instead, as the backend shows them, where GDAL's bindings are installed.)"""
     if im.mode not in WIDE_MODES:
         return im.convert("RGB")
     values = np.asarray(im, dtype=np.float64)
-    return Image.fromarray(_stretched(values, np.isfinite(values)), "L").convert("RGB")
-
-
-def _stretched(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """uint8 of `values` stretched linearly between the 2nd and 98th percentiles of its `valid`
-    (finite) ones; the others 0."""
-    kept = values[valid]
-    low, high = np.percentile(kept, DEFAULT_STRETCH) if kept.size else (0.0, 1.0)
+    valid = np.isfinite(values)
+    low, high = np.percentile(values[valid], DEFAULT_STRETCH) if valid.any() else (0.0, 1.0)
     scaled = (np.where(valid, values, low) - low) * (255.0 / max(high - low, 1e-12))
-    return np.where(valid, np.clip(scaled + 0.5, 0, 255), 0).astype(np.uint8)
+    grey = np.where(valid, np.clip(scaled + 0.5, 0, 255), 0).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -255,11 +251,12 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image.
-    A TIFF PIL cannot decode (three or more bands of 16-bit or float data, the chips of most sensors)
-    is read through GDAL, as the backend reads rasters (gdal_rgb_image)."""
+    A TIFF of data wider than 8 bits (16-bit or float, one band or the several of most sensors'
+    chips, which PIL often cannot decode) is read through GDAL as the backend reads rasters
+    (gdal_rgb_image), so training sees the pixels the server shows."""
     try:
         with Image.open(path) as im:
-            if _wide_colour_tiff(im):
+            if _wide_tiff(im):
                 try:
                     return gdal_rgb_image(path)
                 except ImportError:     # no GDAL bindings (a training machine): PIL's reading, as before
@@ -275,11 +272,12 @@ def load_image(path: str) -> Image.Image:
         raise
 
 
-def _wide_colour_tiff(im: Image.Image) -> bool:
-    """A TIFF of several samples a pixel wider than 8 bits, or of floats: PIL decodes some of them (a
-    48-bit RGB) by keeping each sample's high byte, unstretched, so 12-bit data comes out near black."""
+def _wide_tiff(im: Image.Image) -> bool:
+    """A TIFF of samples wider than 8 bits, or of floats: PIL decodes some of them (a 48-bit RGB) by
+    keeping each sample's high byte, unstretched, so 12-bit data comes out near black, and knows
+    nothing of their nodata values."""
     tags = getattr(im, "tag_v2", None)
-    if im.format != "TIFF" or tags is None or int(tags.get(277, 1)) < 2:       # SamplesPerPixel
+    if im.format != "TIFF" or tags is None:
         return False
     bits = tags.get(258, (8,))                                                  # BitsPerSample
     formats = tags.get(339, (1,))                                               # SampleFormat: 3 = float
@@ -288,35 +286,33 @@ def _wide_colour_tiff(im: Image.Image) -> bool:
 
 
 def gdal_rgb_image(path: str) -> Image.Image:
-    """A raster file as 8-bit RGB the way the backend shows a raster by default: the bands marked red,
-    green and blue, else the first three (one band: grey); each band not 8-bit stretched linearly
-    between its 2nd and 98th percentiles of valid values; nodata black. OSError when GDAL cannot read it,
-    ImportError where GDAL's Python bindings are not installed."""
+    """A raster file as 8-bit RGB the way the backend shows a raster by default, by the backend's
+    own band choice and stretch (backend.raster): the bands marked red, green and blue, else the
+    first three but an alpha band (fewer: the first as grey); each band not 8-bit stretched
+    linearly between the 2nd and 98th percentiles of its valid values; nodata and transparent
+    pixels black. No georeferencing is needed. OSError when GDAL cannot read it, ImportError where
+    GDAL's Python bindings are not installed."""
     from osgeo import gdal
 
-    from backend.raster import _gdal_exceptions     # on for this read only, as the backend does it
+    from backend import raster as R
 
-    with _gdal_exceptions():
+    shown, default = str(path), R.BandMapping()
+    with R._gdal_exceptions():     # on for this read only, as the backend does it
         try:
-            ds = gdal.Open(str(path), gdal.GA_ReadOnly)
-            colours: dict[int, int] = {}
-            for i in range(1, ds.RasterCount + 1):      # the first band of each colour, as the backend
-                colours.setdefault(ds.GetRasterBand(i).GetColorInterpretation(), i)
-            marked = [colours.get(c) for c in (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)]
-            bands = marked if all(marked) else [1, 2, 3] if ds.RasterCount >= 3 else [1, 1, 1]
-            valid = np.ones((ds.RasterYSize, ds.RasterXSize), bool)
-            planes = {}     # each band read once (a grey one is all three channels)
-            for number in dict.fromkeys(bands):
-                band = ds.GetRasterBand(number)
-                planes[number] = (band.ReadAsArray().astype(np.float64), band.DataType == gdal.GDT_Byte)
-                valid &= band.GetMaskBand().ReadAsArray() > 0
-        except RuntimeError as e:
+            ds = R.expand_palette(gdal.Open(shown, gdal.GA_ReadOnly), shown)
+            if ds.RasterCount < 1:
+                raise OSError(f"'{shown}' has no raster bands")
+            alpha = R.find_alpha_band(ds)
+            bands, _ = R.choose_rgb_bands(ds, default, alpha, f"'{shown}'")
+            mask = R.plan_mask(ds, bands, alpha)
+            whole = (0, 0, ds.RasterXSize, ds.RasterYSize, ds.RasterXSize, ds.RasterYSize)
+            data = R.read_bands(ds, sorted(set(bands)), *whole, gdal.GRIORA_NearestNeighbour)
+            valid = R.read_valid(ds, mask, *whole)
+            ranges = R.compute_stretch(ds, bands, mask, default)
+        except (RuntimeError, R.RasterError) as e:
             raise OSError(f"GDAL cannot read it ({e})") from None
-    channels = {}
-    for number, (plane, is_byte) in planes.items():
-        finite = valid & np.isfinite(plane)
-        channels[number] = np.where(finite, plane, 0).astype(np.uint8) if is_byte else _stretched(plane, finite)
-    return Image.fromarray(np.stack([channels[b] for b in bands], axis=-1), "RGB")
+    rgb, _ = R.to_rgb(data, valid, bands, ranges)
+    return Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0)), "RGB")
 
 
 def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:
