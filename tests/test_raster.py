@@ -1242,3 +1242,21 @@ def test_training_loads_a_one_band_16_bit_tiff_with_nodata_as_the_backend_shows_
         shown, valid = raster.read_window(0, 0, raster.width, raster.height)
     assert not valid[:, :8].any() and valid[:, 8:].all()
     np.testing.assert_array_equal(np.asarray(load_image(str(path))), shown.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("options", [["PHOTOMETRIC=RGB", "ALPHA=YES"], ["ALPHA=YES"]], ids=["rgba", "grey-alpha"])
+def test_training_loads_an_8_bit_image_with_alpha_as_the_backend_shows_it(tmp_path, options):
+    """8-bit imagery with an alpha band is decoded by PIL, whose conversion to RGB dropped the alpha:
+    transparent pixels kept whatever colour they stored, where the backend shows them black."""
+    from training.data import load_image
+
+    bands = 4 if "PHOTOMETRIC=RGB" in options else 2
+    data = noise((bands, 24, 32), seed=6)
+    data[-1] = 255
+    data[-1, 5:9, 3:20] = 0                 # transparent, over stored colours that are not black
+    data[:-1, 5:9, 3:20] = 200
+    path = make_tif(tmp_path / "rgba.tif", data, options=options)
+    with open_raster(path) as raster:
+        shown, valid = raster.read_window(0, 0, raster.width, raster.height)
+    assert not valid[5:9, 3:20].any() and valid.sum() == 24 * 32 - 4 * 17
+    np.testing.assert_array_equal(np.asarray(load_image(str(path))), shown.transpose(1, 2, 0))

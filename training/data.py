@@ -235,7 +235,13 @@ def rgb_image(im: Image.Image) -> Image.Image:
     """`im` as 8-bit RGB. Values wider than 8 bits (16-bit imagery is common in remote sensing) are
     stretched linearly between their 2nd and 98th percentiles: PIL's own conversion clips them at
     255, which makes most 16-bit images one flat white. (load_image reads TIFFs of such data through
-    GDAL instead, as the backend shows them, where GDAL's bindings are installed.)"""
+    GDAL instead, as the backend shows them, where GDAL's bindings are installed.) Transparent pixels
+    of an image with alpha are black, as the backend shows them."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        # transparent pixels black, as the backend shows them (PIL's conversion keeps their stored colour)
+        rgb = np.array(im.convert("RGB"))
+        rgb[np.asarray(im.getchannel("A")) == 0] = 0
+        return Image.fromarray(rgb, "RGB")
     if im.mode not in WIDE_MODES:
         return im.convert("RGB")
     values = np.asarray(im, dtype=np.float64)
