@@ -25,6 +25,7 @@ URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # the name schemes gRPC itself resolves, which a channel takes as they are
 GRPC_SCHEME = re.compile(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", re.IGNORECASE)
 CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
+PORTS = (1, 65535)    # gRPC takes a port past these modulo 65536 (99999 is 34463) and calls whoever listens there
 
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
 # and Describe read its limits on every call, and GetInfo walks the index. A health check that finds
@@ -34,6 +35,23 @@ CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cance
 INFO_MAX_AGE_S = 60.0
 _server_info: dict[tuple, tuple[float, object]] = {}
 _server_info_lock = threading.Lock()
+
+
+def port_problem(address: str) -> str | None:
+    """Why the port of `address` ("host:port", "[v6]:port", also after "dns:///") is no port, else None.
+    An address without a port, a bare IPv6 address ("::1") and a socket path are left to gRPC."""
+    address = address.strip()
+    scheme = GRPC_SCHEME.match(address)
+    if scheme and scheme[1].lower() in ("unix", "unix-abstract", "vsock"):
+        return None
+    host, colon, port = address[scheme.end() if scheme else 0:].lstrip("/").rpartition(":")
+    if not colon or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return None
+    low, high = PORTS
+    if low <= int(port) <= high:
+        return None
+    return (f"the address {address!r} has port {int(port)}, outside {low}..{high}: give the backend's port, "
+            "e.g. 127.0.0.1:50051")
 
 
 class BackendError(Exception):
@@ -74,6 +92,9 @@ class BackendConnection:
         if not address.strip():
             raise BackendError("INVALID_ARGUMENT", "no backend address is set: give it as HOST:PORT "
                                                    "(e.g. 127.0.0.1:50051) in SkyPrompt settings")
+        bad_port = port_problem(address)
+        if bad_port:
+            raise BackendError("INVALID_ARGUMENT", bad_port)
         self.address = address
         self._backend = (address, token, tls_ca)     # the key of its cached ServerInfo
         self._grpc, self.pb = grpc, pb

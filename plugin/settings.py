@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 from qgis.core import QgsSettings
 
-from .connection import GRPC_SCHEME, URL_SCHEME
+from .connection import GRPC_SCHEME, URL_SCHEME, port_problem
 
 PREFIX = "skyprompt/"
 LOG_TAG = "SkyPrompt"
@@ -24,14 +24,15 @@ class AddressError(SettingError):
 
 def address_problem(address: str) -> str | None:
     """Why `address` is not HOST:PORT with a scheme or a path (a URL, where gRPC wants
-    "127.0.0.1:50051"), else None. Nothing is stripped from it: the user's field stays as typed."""
+    "127.0.0.1:50051") or a port outside 1..65535, else None. Nothing is stripped from it: the user's field
+    stays as typed."""
     address = address.strip()
     if GRPC_SCHEME.match(address):      # a gRPC target name ("dns:///host:50051", "unix:///run/sp.sock") is fine
-        return None
+        return port_problem(address)
     scheme = URL_SCHEME.match(address)
     rest = address[scheme.end():] if scheme else address
     if not scheme and "/" not in rest:
-        return None
+        return port_problem(address)
     what = " and ".join(w for w, there in (("a scheme", bool(scheme)), ("a path", "/" in rest)) if there)
     bare = rest.split("/", 1)[0]
     example = bare if re.fullmatch(r"[^\s:/]+:\d+|\[[^\]/]+\]:\d+", bare) else "127.0.0.1:50051"

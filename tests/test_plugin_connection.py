@@ -297,3 +297,20 @@ def test_a_busy_backend_stops_work_over_several_layers():
     from backend.defaults import BUSY
     from plugin.operations import BUSY as plugin_busy
     assert plugin_busy == BUSY
+
+
+def test_a_port_out_of_range_is_refused_by_name():
+    """gRPC takes port 99999 as 34463 (modulo 65536) and would call whatever listens there: the
+    address check refuses it, naming the port and the range, for every caller (panel, Processing)."""
+    from plugin.settings import address_problem
+
+    for address, port in (("127.0.0.1:99999", 99999), ("[::1]:70000", 70000), ("backend.lan:0", 0),
+                          ("dns:///127.0.0.1:65536", 65536)):
+        with pytest.raises(BackendError) as err:
+            BackendConnection(address)
+        assert err.value.code == "INVALID_ARGUMENT", err.value
+        assert f"has port {port}, outside 1..65535" in err.value.message, err.value.message
+        assert address_problem(address) == err.value.message
+    for fine in ("127.0.0.1:1", "127.0.0.1:65535", "[::1]:50051", "::1", "127.0.0.1", "unix:///run/sp.sock:99999"):
+        BackendConnection(fine).close()
+        assert address_problem(fine) is None, fine
