@@ -20,6 +20,7 @@ HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
 _HEALTH_STATUS = {0: "UNKNOWN", 1: SERVING, 2: NOT_SERVING, 3: "SERVICE_UNKNOWN"}
 PORT_AT_END = re.compile(r":\d+$")   # "host:50051", "[::1]:50051"
+HOST_PORT = re.compile(r"(\[[^\]\s]+\]|[^\s:/\[\]]+):\d+")   # the same, with one host (which may be unknown)
 # "http://", "grpc://": an address copied from a browser or written as a URL
 URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # the name schemes gRPC itself resolves, which a channel takes as they are
@@ -141,22 +142,30 @@ class BackendConnection:
             return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
                                       f"HOST:PORT, e.g. {self.address[scheme.end():].rstrip('/')} ({message})")
         if code == "UNAVAILABLE":
-            low = message.lower()
-            if "tls handshake failed" in low or "wrong_version_number" in low:
-                message = (f"the backend at {self.address} does not speak TLS as SkyPrompt settings ask: turn TLS "
-                           f"off there, or start the backend with --tls-cert and --tls-key ({message})")
-            elif "connect" in low:
-                # with no port, gRPC tries 443: the address is the likely mistake, not the backend
-                advice = ("give the address as HOST:PORT, e.g. 127.0.0.1:50051" if not PORT_AT_END.search(self.address)
-                          else "start it or check the address")
-                message = f"no SkyPrompt backend answers at {self.address} ({message}); {advice}"
-            elif "stream removed" in low or "socket closed" in low:
-                message = (f"the backend at {self.address} stopped answering in the middle of the call: it may have "
-                           f"crashed or been killed (see its log), so start it again ({message})")
+            message = self._unavailable(message)
         elif code == "DEADLINE_EXCEEDED":
             message = (f"the backend at {self.address} did not answer in time ({message}): check that the address "
                        "is a SkyPrompt backend's, and that it is running and not stuck (see its log)")
         return BackendError(code, message)
+
+    def _unavailable(self, message: str) -> str:
+        """What an UNAVAILABLE call's gRPC message means for the user, and what to do."""
+        low = message.lower()
+        if "tls handshake failed" in low or "wrong_version_number" in low:
+            return (f"the backend at {self.address} does not speak TLS as SkyPrompt settings ask: turn TLS "
+                    f"off there, or start the backend with --tls-cert and --tls-key ({message})")
+        if "resolv" in low and not GRPC_SCHEME.match(self.address) and not HOST_PORT.fullmatch(self.address.strip()):
+            # "::::", "a:b:c", ":50051": gRPC's resolver says only "[field:hostname lookup error:...]"
+            return f"the backend address {self.address!r} is not HOST:PORT, e.g. 127.0.0.1:50051"
+        if "connect" in low:
+            # with no port, gRPC tries 443: the address is the likely mistake, not the backend
+            advice = ("give the address as HOST:PORT, e.g. 127.0.0.1:50051" if not PORT_AT_END.search(self.address)
+                      else "start it or check the address")
+            return f"no SkyPrompt backend answers at {self.address} ({message}); {advice}"
+        if "stream removed" in low or "socket closed" in low:
+            return (f"the backend at {self.address} stopped answering in the middle of the call: it may have "
+                    f"crashed or been killed (see its log), so start it again ({message})")
+        return message
 
     # -- health --
     def health(self, timeout: float = 2.0) -> str:

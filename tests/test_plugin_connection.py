@@ -314,3 +314,13 @@ def test_a_port_out_of_range_is_refused_by_name():
     for fine in ("127.0.0.1:1", "127.0.0.1:65535", "[::1]:50051", "::1", "127.0.0.1", "unix:///run/sp.sock:99999"):
         BackendConnection(fine).close()
         assert address_problem(fine) is None, fine
+
+
+def test_an_address_that_is_no_host_port_is_said_to_be_so_in_one_line():
+    """"::::" showed gRPC's resolver text, "errors resolving ::::: [field:hostname lookup error:...]"."""
+    for garbage in ("::::", "a:b:c", ":50051", "back end:50051"):
+        with BackendConnection(garbage) as conn:
+            with pytest.raises(BackendError) as err:
+                conn.info(timeout=5)
+        assert err.value.code == "UNAVAILABLE", err.value
+        assert err.value.message == f"the backend address {garbage!r} is not HOST:PORT, e.g. 127.0.0.1:50051"
