@@ -123,17 +123,10 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(str(e)) from None
 
     def _sink(self, parameters, context, fields, crs):
-        """parameterAsSink for OUTPUT, where a path to an existing GeoPackage means a new layer in it,
-        named after the file (" (2)", ... when taken, as the panel does): Processing would otherwise
-        replace the whole file, and the file's other layers with it."""
-        given = parameters.get("OUTPUT")
+        """parameterAsSink for OUTPUT, but a GeoPackage file is written by _gpkg_layer_sink."""
         path = self._output_path(parameters, context)
-        if path.lower().endswith(".gpkg") and os.path.isfile(path) and os.path.getsize(path) > 0:
-            try:        # refuses a file that is not a GeoPackage
-                name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
-            except OSError as e:
-                raise QgsProcessingException(str(e)) from None
-            return self._gpkg_layer_sink(given, path, name, context, fields, crs)
+        if path.lower().endswith(".gpkg") and not _PROVIDER_URI.match(path):
+            return self._gpkg_layer_sink(parameters.get("OUTPUT"), path, context, fields, crs)
         # OUTPUT alone: the others may hold a layer removed from the project while the backend worked,
         # which handing the whole map to QGIS would touch
         sink, dest = self.parameterAsSink({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT", context, fields,
@@ -142,20 +135,33 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
         return sink, dest
 
-    @staticmethod
-    def _gpkg_layer_sink(given, path: str, name: str, context, fields, crs):
-        """A writer of a new layer `name` in the existing GeoPackage `path`, and its layer source,
-        loaded at the end where OUTPUT asks for it, as parameterAsSink would. Not Processing's own sink
-        for an "ogr:dbname=..." address: QGIS takes the format from all after the file name's first
-        dot, and finds none for "site.v2.gpkg"."""
+    def _gpkg_layer_sink(self, given, path: str, context, fields, crs):
+        """A writer of a new layer in the GeoPackage `path`, named after the file (" (2)", ... when the
+        file has that name, as the panel does), and its layer source "path|layername=NAME", loaded at
+        the end where OUTPUT asks for it, as parameterAsSink would.
+
+        Processing's own sink would replace an existing file whole, and its other layers with it; and
+        the layer it writes in a new file is loaded as the bare file name, which QGIS 3.22 keeps open
+        and reuses for the file without seeing what was added since: the layer a rerun adds was then
+        "not correctly generated" ("Cannot find layer r (2)"). A layer loaded by its name is reopened
+        once the file changed. Not Processing's sink for an "ogr:dbname=..." address either: QGIS takes
+        the format from all after the file name's first dot, and finds none for "site.v2.gpkg"."""
+        new_file = not os.path.exists(path)
+        try:        # refuses a file that is not a GeoPackage
+            name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
+        except OSError as e:
+            raise QgsProcessingException(str(e)) from None
         writer = QgsVectorFileWriter.create(path, fields, QgsWkbTypes.MultiPolygon, crs, context.transformContext(),
                                             results.gpkg_layer_options(path, name))
         if writer.hasError():
             raise QgsProcessingException(f"could not add a layer to {path}: {writer.errorMessage()}")
         dest = f"{path}|layername={name}"
         if isinstance(given, QgsProcessingOutputLayerDefinition) and given.destinationProject is not None:
+            # a new file's layer under the output's name, as Processing shows its own; one added to a
+            # file under its numbered name, told apart from the file's earlier results
+            shown = given.destinationName or (self.parameterDefinition("OUTPUT").description() if new_file else name)
             context.addLayerToLoadOnCompletion(dest, QgsProcessingContext.LayerDetails(
-                given.destinationName or name, given.destinationProject, "OUTPUT", QgsProcessingUtils.LayerHint.Vector))
+                shown, given.destinationProject, "OUTPUT", QgsProcessingUtils.LayerHint.Vector))
         return writer, dest
 
     def _write(self, parameters, context, feedback, features, fields, crs):

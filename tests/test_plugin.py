@@ -2292,6 +2292,31 @@ def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyp
     assert (tmp_path / "notes.gpkg").read_text() == "not a GeoPackage"
 
 
+def test_processing_reruns_into_one_new_geopackage_each_load_into_the_project(skyprompt_processing, rasters,  # noqa: F811
+                                                                              tmp_path):
+    """Prompt to polygons run again into the GeoPackage its first run made, its output opened as the
+    toolbox opens it: each run's layer is loaded (the rerun's was "not correctly generated": QGIS
+    reused the file as it had opened it for the first layer, loaded by the file's name alone, and
+    found no layer "r (2)" in it)."""
+    import processing
+
+    out = tmp_path / "r.gpkg"
+    params = {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields", "THRESHOLD": 0.0, "OUTPUT": str(out)}
+    before = set(QgsProject.instance().mapLayers())
+    loaded = []
+    try:
+        for _ in range(2):
+            processing.runAndLoadResults("skyprompt:prompttopolygons", params)
+        loaded = [layer for i, layer in QgsProject.instance().mapLayers().items() if i not in before]
+        assert sorted(layer.source() for layer in loaded) == [f"{out}|layername=r", f"{out}|layername=r (2)"]
+        assert all(layer.isValid() and layer.featureCount() > 0 for layer in loaded)
+        # the first run's layer keeps the output's name, as Processing shows its own; the rerun's is numbered
+        assert sorted(layer.name() for layer in loaded) == ["Polygons", "r (2)"]
+    finally:
+        QgsProject.instance().removeMapLayers([layer.id() for layer in loaded])
+        del loaded
+
+
 def test_processing_cancelled_prompt_to_polygons_leaves_the_output_as_it_was(skyprompt_processing, rasters,  # noqa: F811
                                                                               tmp_path):
     """A cancel while the backend segments: no output is written (an existing file is not replaced by an
