@@ -132,6 +132,41 @@ def test_training_vocabulary_command_counts_captions_and_templates(tmp_path, tin
     assert run("--recipe", str(recipe), "--checkpoint", str(ckpt), "--seed", "3").returncode == 0
 
 
+def test_a_caption_counts_once_per_image_that_carries_it(tmp_path):
+    """A user's caption repeated across a class ("golf fairways ..." on 12 images) trained 12 times:
+    its words are familiar; a word of one image's caption is not. The captions every image of a
+    folder class shares (its templates, its caption pool) are drawn at random: counted once each."""
+    from PIL import Image
+
+    from training import vocabulary
+
+    for cls, n in (("golf", 12), ("harbor", 4), ("tank", 5)):
+        (tmp_path / "scenes" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (10 * i, 60, 90)).save(tmp_path / "scenes" / cls / f"{cls}{i}.png")
+    lines = [{"image": f"scenes/golf/golf{i}.png", "captions": ["golf fairways between rows of trees"]}
+             for i in range(12)]
+    lines += [{"image": "scenes/harbor/harbor0.png", "captions": ["boats moored at a marina"]}]
+    lines += [{"image": f"scenes/harbor/harbor{i}.png", "captions": ["boats along a quay", "boats along a quay"]}
+              for i in (1, 2, 3)]                               # twice on one image: once for it
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    pool = {"captions": {"tank": ["a refinery with round tanks"]}}
+    recipe = {"sources": [{"name": "caps", "kind": "manifest", "path": "captions.jsonl"},
+                          {"name": "tanks", "kind": "folder", "root": "scenes", "caption_pool": pool,
+                           "classnames": {"golf": "golf course", "harbor": "harbour", "tank": "storage tank"}}]}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    assert vocabulary.main(["--recipe", str(tmp_path / "recipe.json"), "--checkpoint", str(ckpt)]) == 0
+    words = TrainingWords.load(ckpt)
+    assert words.count("fairways") == 12 and words.count("quay") == 3
+    assert words.unfamiliar("golf fairways by a quay") == ["by"]
+    assert words.count("marina") == 1 and words.unfamiliar("a marina") == ["marina"]
+    # the pool's caption is drawn for the 5 tank images, not trained on by each: once
+    assert words.count("refinery") == 1 and words.unfamiliar("a refinery") == ["refinery"]
+
+
 def test_export_carries_the_word_list(tmp_path, tiny_model, tokenizer):
     from backend.model.checkpoint import checkpoint_hash, save_checkpoint
     from training.export import export_checkpoint

@@ -6,15 +6,17 @@ it for a checkpoint trained before that, or on other data, from the same recipe 
 
   python -m training.vocabulary --recipe training/recipes/default.json --checkpoint backend/checkpoints/default
 
-Counted: every distinct caption of the recipe's training split (human captions, caption pools) and
-the class templates filled with each class's human name (template mixing trains on them). Shard sources are
-streamed at training time and not counted here. The validation split is left out, as training
-leaves it out.
+Counted as the recipe's training split holds them: the captions of a caption file (manifest,
+precomp, Karpathy) once per image that carries them, so a caption repeated on twelve images counts
+twelve times (an image listing one caption twice counts it once); and once each, the captions every
+image of a folder's class shares and training draws from at random (the class templates filled with
+the class's human name, and the class's caption pool), and the class templates that template mixing
+draws. Shard sources are streamed at training time and not counted here. The validation split is
+left out, as training leaves it out.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -27,15 +29,24 @@ from . import recipe as recipes
 
 
 def training_texts(train_sources: list[dict]) -> Iterable[str]:
-    """The distinct captions a run on these sources trains on: the records' own (class templates
-    already, for images with no caption) and the class templates that template mixing draws."""
-    seen: set[str] = set()
-    templated = (c for source in train_sources for captions in recipes.class_templates(source).values()
-                 for c in captions)
-    for caption in itertools.chain(recipes.caption_texts(train_sources), templated):
-        if caption not in seen:
-            seen.add(caption)
-            yield caption
+    """The captions a run on these sources trains on, each as often as the training data holds it:
+    a caption file's captions once per image that carries them (each distinct caption of an image
+    once); the captions of a folder source (its classes' filled templates and caption pools, which
+    every image of a class shares and training draws from at random) and the class templates that
+    template mixing draws, each distinct one once. Shard sources give none."""
+    drawn: dict[str, None] = {}     # the captions counted once, in first-seen order
+    for source in train_sources:
+        if source["kind"] == "shards":
+            continue
+        for record in source.get("records", []):
+            captions = dict.fromkeys(record.captions)
+            if source["kind"] == "folder":
+                drawn.update(captions)
+            else:
+                yield from captions
+        for templates in recipes.class_templates(source).values():
+            drawn.update(dict.fromkeys(templates))
+    yield from drawn
 
 
 def training_words(train_sources: list[dict], source: str = "") -> TrainingWords:

@@ -3,8 +3,10 @@
 A text tower learns a word only from the captions it trained on: a query word that never appeared
 there ("shrubland", "trailers") still gets an embedding, from its sub-word pieces, but one that
 means little, and the search then quietly follows the other words. `TrainingWords` keeps how often
-each word appeared in the training captions (`words.json` beside the weights, written by training
-and by `python -m training.vocabulary`); `unfamiliar(text)` lists the words of a text seen fewer
+each word appeared in the training captions, counted as the training data holds them: a caption once
+per image that carries it, and each class template and class caption pool caption (drawn at random
+for the images of a class) once (`words.json` beside the weights, written by training and by
+`python -m training.vocabulary`); `unfamiliar(text)` lists the words of a text seen fewer
 than `RARE_COUNT` times, counting a word's plural and singular together ("tank" / "tanks"), and
 `close_spellings(word)` the familiar words spelled nearly like it, which catches typing errors
 ("parkng" -> "parking", "resedential" -> "residential").
@@ -70,7 +72,7 @@ def _forms(word: str) -> set[str]:
 
 
 class TrainingWords:
-    """How often each word appeared in a checkpoint's training captions."""
+    """How often each word appeared in a checkpoint's training captions (see the module's doc)."""
 
     def __init__(self, counts: Mapping[str, int], source: str = ""):
         self.counts = {str(w): int(n) for w, n in counts.items()}
