@@ -25,7 +25,7 @@ HOST_PORT = re.compile(r"(\[[^\]\s]+\]|[^\s:/\[\]]+):\d+")   # the same, with on
 URL_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 # the name schemes gRPC itself resolves, which a channel takes as they are
 GRPC_SCHEME = re.compile(r"^(dns|unix|unix-abstract|ipv4|ipv6|vsock):", re.IGNORECASE)
-CANCEL_POLL_S = 0.1   # how often a streaming call checks whether the user cancelled it
+CANCEL_POLL_S = 0.1   # how often a call checks whether the user cancelled it
 PORTS = (1, 65535)    # gRPC takes a port past these modulo 65536 (99999 is 34463) and calls whoever listens there
 
 # ServerInfo per backend (address, token, TLS CA), shared by the connections every task makes: Segment
@@ -76,6 +76,19 @@ def _parse_health(data: bytes) -> str:
 def _read_file(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def _wait(call, cancelled: Callable[[], bool]) -> bool:
+    """Wait for a gRPC future to end: True when it did, False when cancelled() came first (the call is
+    cancelled then). Asked every CANCEL_POLL_S: gRPC alone waits out the deadline, or 20 s for a host
+    that accepts the connection and never answers."""
+    ended = threading.Event()
+    call.add_done_callback(lambda _: ended.set())
+    while not ended.wait(CANCEL_POLL_S):
+        if cancelled():
+            call.cancel()
+            return False
+    return True
 
 
 class BackendConnection:
@@ -131,7 +144,7 @@ class BackendConnection:
     def _error(self, error) -> BackendError:
         code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
         message = error.details() if hasattr(error, "details") and error.details() else str(error)
-        if code == "CANCELLED":   # the user's own cancel never gets here (see _stream): the backend's doing
+        if code == "CANCELLED":   # the user's own cancel never gets here (see _wait, _stream): the backend's doing
             message = f"the backend cancelled the call, perhaps because it was stopped ({message})"
         if code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"):
             # gone, or a refusal the cached limits may explain (a backend restarted with others)
@@ -189,23 +202,28 @@ class BackendConnection:
     def wait_until_serving(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not cancelled():
-            if self.health(timeout=1.0) == SERVING:
+            check = self.health_async(timeout=1.0)
+            if not _wait(check, cancelled):
+                return False
+            if self.health_result(check) == SERVING:
                 return True
             time.sleep(0.2)
         return False
 
     # -- calls --
-    def _unary(self, method: str, request, timeout: float | None):
+    def _unary(self, method: str, request, timeout: float | None, cancelled: Callable[[], bool] = lambda: False):
+        call = getattr(self.stub, method).future(request, metadata=self._metadata, timeout=timeout)
+        if not _wait(call, cancelled):
+            raise BackendError("CANCELLED", "cancelled")
         try:
-            return getattr(self.stub, method)(request, metadata=self._metadata, timeout=timeout)
+            return call.result()
         except self._grpc.RpcError as e:
             raise self._error(e) from None
 
     def _stream(self, method: str, request, cancelled: Callable[[], bool]) -> Iterator:
         call = getattr(self.stub, method)(request, metadata=self._metadata)
-        # the one cancel path: the backend sends nothing for long stretches (edge refinement,
-        # polygonizing), so a watcher cancels the call within CANCEL_POLL_S of the user's cancel
-        # rather than at the next message
+        # the backend sends nothing for long stretches (edge refinement, polygonizing), so a watcher
+        # cancels the call within CANCEL_POLL_S of the user's cancel rather than at the next message
         done = threading.Event()
 
         def watch():
@@ -225,15 +243,16 @@ class BackendConnection:
         finally:
             done.set()
 
-    def info(self, timeout: float = 10.0, fresh: bool = False):
+    def info(self, timeout: float = 10.0, fresh: bool = False, cancelled: Callable[[], bool] = lambda: False):
         """The backend's ServerInfo (read it, do not change it: it is shared). Asked once per backend
-        and kept up to INFO_MAX_AGE_S; `fresh` asks again (its index counts change with every index)."""
+        and kept up to INFO_MAX_AGE_S; `fresh` asks again (its index counts change with every index).
+        A BackendError CANCELLED once cancelled() is true, as search, index and segment end."""
         if not fresh:
             with _server_info_lock:
                 asked_at, known = _server_info.get(self._backend, (0.0, None))
             if known is not None and time.monotonic() - asked_at < INFO_MAX_AGE_S:
                 return known
-        info = self._unary("GetInfo", self.pb.GetInfoRequest(), timeout)
+        info = self._unary("GetInfo", self.pb.GetInfoRequest(), timeout, cancelled)
         with _server_info_lock:
             _server_info[self._backend] = (time.monotonic(), info)
         return info
@@ -252,8 +271,8 @@ class BackendConnection:
                 return message.result
         raise BackendError("UNKNOWN", "the server ended indexing without a result")
 
-    def search(self, request, timeout: float | None = 60.0):
-        return self._unary("Search", request, timeout)
+    def search(self, request, timeout: float | None = 60.0, cancelled: Callable[[], bool] = lambda: False):
+        return self._unary("Search", request, timeout, cancelled)
 
     def segment(self, request, progress: Callable[[object], None] | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> list:

@@ -911,7 +911,7 @@ class SkyPromptDock(QDockWidget):
             try:
                 return operations.search(conn, query, k, raster_ids, thumbnails=True, expand=expand,
                                          like_tile_id=like_tile_id, raster_paths=raster_paths,
-                                         keyword_weight=keyword_weight, area=area)
+                                         keyword_weight=keyword_weight, area=area, cancelled=task.isCanceled)
             except BackendError as e:
                 # the server names the raster it does not know by its path: say which layer, in the panel's words
                 missing = [names[p] for p in names if e.code == "NOT_FOUND" and p in e.message]

@@ -29,23 +29,29 @@ def _percent(done: int, total: int) -> float:
     return 100.0 * done / total if total else 0.0
 
 
-def pixel_side(conn, max_side: int) -> int:
+def never() -> bool:
+    """The cancelled() of work that cannot be cancelled."""
+    return False
+
+
+def pixel_side(conn, max_side: int, cancelled: Cancelled = never) -> int:
     """The side a pixel source is read at most: `max_side` (the user's setting), but no more than the
     backend takes (ServerInfo.limits.max_pixel_source_side; larger is refused, RESOURCE_EXHAUSTED)."""
-    limit = conn.info().limits.max_pixel_source_side
+    limit = conn.info(cancelled=cancelled).limits.max_pixel_source_side
     return min(max_side, limit) if limit > 0 else max_side
 
 
 def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsCoordinateReferenceSystem | None,
-                       rect_in_layer_crs: QgsRectangle | None, max_side: int, resolution: float | None):
+                       rect_in_layer_crs: QgsRectangle | None, max_side: int, resolution: float | None,
+                       cancelled: Cancelled = never):
     """(RasterSource, Extent or None, note). Paths get the extent as drawn (any CRS: the backend
     reprojects it); pixel sources are read over the extent in the layer's CRS and need none, at
     most `max_side` a side as `pixel_side` caps it."""
     pb = conn.pb
     label_chars = DEFAULT_LABEL_CHARS
     if not isinstance(prepared, str):       # a path is read by the backend: no side to cap, no label
-        max_side = pixel_side(conn, max_side)
-        label_chars = conn.info().limits.max_label_chars or DEFAULT_LABEL_CHARS
+        max_side = pixel_side(conn, max_side, cancelled)
+        label_chars = conn.info(cancelled=cancelled).limits.max_label_chars or DEFAULT_LABEL_CHARS
     source, note = build_source(pb, prepared, rect_in_layer_crs, max_side, resolution, label_chars)
     extent = None
     if rect is not None and source.WhichOneof("kind") == "path":
@@ -124,7 +130,7 @@ def index_layer(conn, prepared, max_side: int, progress: Progress, cancelled: Ca
     ServerInfo.default_index_views). `said(text)` hears what the user should know while it runs:
     that the backend waits for another client indexing the same file."""
     pb = conn.pb
-    source, _, note = _source_and_extent(conn, prepared, None, None, view, max_side, resolution)
+    source, _, note = _source_and_extent(conn, prepared, None, None, view, max_side, resolution, cancelled)
     if note and notes is not None:
         notes.append(note)
     request = _for_layer(pb, pb.IndexRasterRequest(source=source, force=force), prepared)
@@ -331,7 +337,8 @@ def distinct_unfamiliar(answers) -> list:
 
 def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: bool = False,
            min_score: float | None = None, expand: int | None = None, like_tile_id: int | None = None,
-           raster_paths: list[str] = (), keyword_weight: float | None = None, area=None):
+           raster_paths: list[str] = (), keyword_weight: float | None = None, area=None,
+           cancelled: Cancelled = never):
     """The SearchResponse, over the union of `raster_ids` and `raster_paths` (both empty: the whole
     index). `expand`: query expansion from that many best tiles (SearchRequest.expand; None = the
     server's default, ServerInfo.default_search_expand; 0 = off). `keyword_weight`: matching the
@@ -339,7 +346,7 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
     default; 0 = off). `like_tile_id`: tiles like that one instead of the text (`query` is then
     ignored). `area`: (QgsRectangle, its CRS[, WKT of a polygon within it]) that hits must lie in, e.g.
     the map view (SearchArea.wire); None: anywhere. A backend without the capability "extent_polygon"
-    searches the rectangle."""
+    searches the rectangle. CANCELLED (BackendError) once cancelled() is true."""
     pb = conn.pb
     request = pb.SearchRequest(query=query if like_tile_id is None else "", k=k, raster_ids=list(raster_ids),
                                raster_paths=list(raster_paths), include_thumbnails=thumbnails,
@@ -356,7 +363,7 @@ def search(conn, query: str, k: int, raster_ids: list[str] = (), thumbnails: boo
         request.expand = expand
     if keyword_weight is not None:
         request.keyword_weight = keyword_weight
-    return conn.search(request)
+    return conn.search(request, cancelled=cancelled)
 
 
 # how much coarser than the bare limit an automatic resolution is: the backend's window rounds out to
@@ -399,12 +406,13 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
     `path_resolution`, else at its own resolution, or, when `native` (sources.native_pixels: the
     area's pixel count and the layer's resolution) is over the server's limit, coarser (said in `notes`)."""
     pb = conn.pb
-    if min_area_m2 > 0 and "min_area_m2" not in conn.info().capabilities:
+    if min_area_m2 > 0 and "min_area_m2" not in conn.info(cancelled=cancelled).capabilities:
         # an older backend ignores the field it does not know: every small polygon would come back
         # (asked before a layer sent as pixels is read)
         raise BackendError("FAILED_PRECONDITION", f"the backend at {conn.address} does not apply a minimum area "
                                                   "(it is older than this plugin): update it, or set Minimum area to 0")
-    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution,
+                                              cancelled)
     if note and notes is not None:
         notes.append(note)
     request = _for_layer(pb, pb.SegmentRequest(source=source, prompts=prompts, threshold=threshold,
@@ -418,7 +426,7 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
             request.target_resolution = path_resolution
         elif native is not None:
             # the backend refuses an area over its limit at full resolution: read it coarser instead
-            coarser = CoarserRead(native, conn.info().limits.max_extent_pixels)
+            coarser = CoarserRead(native, conn.info(cancelled=cancelled).limits.max_extent_pixels)
             if coarser.resolution is not None:
                 request.target_resolution = coarser.resolution
                 if notes is not None:

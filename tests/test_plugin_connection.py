@@ -324,3 +324,59 @@ def test_an_address_that_is_no_host_port_is_said_to_be_so_in_one_line():
                 conn.info(timeout=5)
         assert err.value.code == "UNAVAILABLE", err.value
         assert err.value.message == f"the backend address {garbage!r} is not HOST:PORT, e.g. 127.0.0.1:50051"
+
+
+class _HungBackend:
+    """A port that accepts connections and never answers: gRPC waits 20 s for its first frame, and a
+    unary call its whole deadline."""
+
+    def __init__(self):
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.address = f"127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def __enter__(self) -> "_HungBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.socket.close()
+
+
+def _cancelled_after(seconds: float):
+    """cancelled() as the user's Cancel makes it: false, then true from `seconds` on."""
+    pressed = threading.Event()
+    threading.Timer(seconds, pressed.set).start()
+    return pressed.is_set
+
+
+def _stops_at_cancel(call) -> None:
+    """call(cancelled) ends with CANCELLED within a moment of the cancel, not at gRPC's own timeout."""
+    started = time.monotonic()
+    with pytest.raises(BackendError) as err:
+        call(_cancelled_after(0.3))
+    took = time.monotonic() - started
+    assert err.value.code == "CANCELLED" and took < 1.5, (err.value, took)
+
+
+def test_cancel_stops_calls_to_a_backend_that_never_answers(tmp_path):
+    """Search waited 20 s, and Prompt to polygons its first GetInfo's 10 s, for a backend that accepts
+    and never answers, whatever the user's Cancel."""
+    from plugin import operations
+
+    with _HungBackend() as hung, BackendConnection(hung.address) as conn:
+        pb = conn.pb
+        _stops_at_cancel(lambda cancelled: conn.info(cancelled=cancelled))
+        _stops_at_cancel(lambda cancelled: conn.search(pb.SearchRequest(query="trees", k=5), cancelled=cancelled))
+        _stops_at_cancel(lambda cancelled: operations.search(conn, "trees", 5, cancelled=cancelled))
+        # a file's area is checked against the backend's pixel limit (GetInfo) before Segment
+        _stops_at_cancel(lambda cancelled: operations.segment(
+            conn, str(tmp_path / "a.tif"), ["trees"], None, None, None, 0.5, 1024, lambda p: None, cancelled,
+            native=(1e6, 1.0)))
+        # a layer read as pixels is capped to the backend's side limit (GetInfo) before it is read
+        _stops_at_cancel(lambda cancelled: operations.pixel_side(conn, 1024, cancelled))
+        started = time.monotonic()
+        assert not conn.wait_until_serving(10, _cancelled_after(0.3))
+        assert time.monotonic() - started < 1.0
