@@ -190,7 +190,7 @@ def test_retrieval_table_output(setup, capsys):
     ("run_folder", "run is a training run's folder: give one of its checkpoints, e.g. "),
     ("no_data", "does not exist"),
     ("no_classnames", "does not exist"),
-    ("unmapped_class", "no entry in the class-name map"),
+    ("unmapped_class", "; add them as \"folder\": \"human name\", or list only the images of the named classes (--files)"),
     ("empty_folder", "no class sub-folders with images"),
     ("empty_list", "no images to evaluate"),
     ("empty_manifest", "no records"),

@@ -438,6 +438,16 @@ def test_bad_arguments_give_clear_errors(folder, tmp_path, capsys):
     assert f"give one of its checkpoints, e.g. {done / 'checkpoints' / 'step_0000003'}" in r.stderr
 
 
+def test_a_class_folder_missing_from_the_map_is_named_in_training_s_terms(folder, tmp_path, capsys):
+    """training has no --files (evaluate has): its refusal says to add the folder to the map, and no more."""
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({k: v for k, v in CLASSES.items() if k != "blue"}))
+    args = [a if a != str(folder.parent / "classes.json") else str(partial) for a in _args(folder, tmp_path / "x", 1)]
+    r = _refused(args, capsys)
+    assert r.returncode == 2 and "1 class folder(s) have no entry in the class-name map: blue" in r.stderr, r.stderr
+    assert 'add them as "folder": "human name"' in r.stderr and "--files" not in r.stderr
+
+
 def test_an_interrupted_run_says_whether_there_is_a_checkpoint_to_resume(folder, tmp_path, capsys, monkeypatch):
     from training import train as training_main
 

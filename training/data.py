@@ -107,6 +107,11 @@ class ManifestError(DataError):
     """A manifest line that cannot be used; the message names the file and line numbers."""
 
 
+class UnnamedClassesError(DataError):
+    """Class folders with images that the class-name map does not name. The message says to add
+    them to the map; a command that can leave them out says how (evaluate's --files)."""
+
+
 class SkippedImageWarning(UserWarning):
     """An image that could not be decoded and was left out of training."""
 
@@ -393,11 +398,8 @@ def folder_records(root: str | os.PathLike, classnames: Mapping[str, str],
                                                      f"{d.relative_to(class_root).as_posix()}/")) for f in wanted)]
     unnamed = [d.name for d in dirs if d.name not in classnames]
     if unnamed:
-        raise DataError(
-            f"{root}: {len(unnamed)} class folder(s) have no entry in the class-name map: "
-            f"{', '.join(unnamed)}; add them as \"folder\": \"human name\""
-            + ("" if wanted is not None else ", or list only the images of the named classes (--files)")
-        )
+        raise UnnamedClassesError(f"{root}: {len(unnamed)} class folder(s) have no entry in the class-name map: "
+                                  f"{', '.join(unnamed)}; add them as \"folder\": \"human name\"")
     templates = TEMPLATES if templates is None else templates
     caption_pool = caption_pool or {}
     found: set[str] = set()

@@ -35,8 +35,8 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, _class_dirs, _is_image, class_key,
-                   find_class_root, load_image, manifest_records, read_classnames_file)
+from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, UnnamedClassesError, _class_dirs,
+                   _is_image, class_key, find_class_root, load_image, manifest_records, read_classnames_file)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -141,6 +141,10 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
     first_names = {k: (v if isinstance(v, str) else v[0]) for k, v in classnames.items()}
     try:
         found = folder_records(root, first_names, templates=("{}",), files=wanted)
+    except UnnamedClassesError as e:
+        # without a list, the images of the named classes can be listed instead (--files)
+        more = "" if files is not None else ", or list only the images of the named classes (--files)"
+        raise EvalError(_one_line(e) + more) from None
     except (OSError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
     if files is None:
