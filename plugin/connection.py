@@ -51,8 +51,8 @@ def port_problem(address: str) -> str | None:
     low, high = PORTS
     if low <= int(port) <= high:
         return None
-    return (f"the address {address!r} has port {int(port)}, outside {low}..{high}: give the backend's port, "
-            "e.g. 127.0.0.1:50051")
+    return (f"the address {address!r} has port {int(port)}, outside {low}..{high}: give the address as HOST:PORT, "
+            "e.g. 127.0.0.1:50051, with the port the backend serves on")
 
 
 class BackendError(Exception):
