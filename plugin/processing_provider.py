@@ -30,6 +30,8 @@ ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 _PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
 # the longest text a shapefile (dBase) field holds, in bytes
 SHAPEFILE_TEXT_BYTES = 254
+# an Extent typed as "xmin,xmax,ymin,ymax [CRS]": the CRS text in its brackets
+_TYPED_EXTENT_CRS = re.compile(r"^\s*(?:[-+0-9.eE]+\s*,\s*){3}[-+0-9.eE]+\s*\[(.*)\]\s*$")
 
 
 def _setting_number(name: str, description: str, setting: str, open_above: bool = False):
@@ -42,6 +44,15 @@ def _setting_number(name: str, description: str, setting: str, open_above: bool 
     kind = QgsProcessingParameterNumber.Integer if isinstance(default, int) else QgsProcessingParameterNumber.Double
     bounds = {"minValue": low} if open_above else {"minValue": low, "maxValue": high}
     return QgsProcessingParameterNumber(name, description, kind, defaultValue=default, **bounds)
+
+
+def _crs_advice(text: str) -> str:
+    """What to write for an Extent's [CRS] that QGIS cannot read: the EPSG code it seems to mean
+    ("4326", "EPSG 4326", an OGC URN), else the form QGIS reads."""
+    codes = re.findall(r"\d{4,}", text)
+    if len(codes) == 1 and QgsCoordinateReferenceSystem(f"EPSG:{codes[0]}").isValid():
+        return f"write it as [EPSG:{codes[0]}]"
+    return "name one QGIS knows, as [EPSG:code] (e.g. [EPSG:4326] for longitude/latitude)"
 
 
 def _backend_error():
@@ -83,6 +94,18 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         if server:      # blanks (a batch cell) are empty: the plugin settings' address, as the label says
             settings.address = server
         return settings
+
+    def _extent_crs(self, parameters, context, unnamed: QgsCoordinateReferenceSystem) -> QgsCoordinateReferenceSystem:
+        """The CRS of the Extent parameter, `unnamed` where it names none. A CRS typed in its brackets
+        that QGIS cannot read ("[4326]", "[EPSG 4326]") is refused: QGIS would take the project's CRS
+        instead, and the extent would be placed on other ground."""
+        typed = parameters.get("EXTENT")
+        named = _TYPED_EXTENT_CRS.match(typed) if isinstance(typed, str) else None
+        if named and named[1].strip() and not QgsCoordinateReferenceSystem(named[1]).isValid():
+            raise QgsProcessingException(f"Extent's CRS {named[1]!r} is not recognised: "
+                                         f"{_crs_advice(named[1])}")
+        crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
+        return crs if crs.isValid() else unnamed
 
     @staticmethod
     def _prepare(layer):
@@ -372,9 +395,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
         """(rectangle, CRS) of the Extent parameter (a longitude/latitude one clipped to the world); None when unset."""
         if not parameters.get("EXTENT"):
             return None
-        crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
-        if not crs.isValid():
-            crs = context.project().crs() if context.project() else QgsCoordinateReferenceSystem()
+        crs = self._extent_crs(parameters, context,
+                               context.project().crs() if context.project() else QgsCoordinateReferenceSystem())
         rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
         typed = parameters["EXTENT"]
         west_east = re.match(r"\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)\s*,", typed) if isinstance(typed, str) else None
@@ -449,9 +471,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         settings = self._settings(parameters, context)
         rect = crs = in_layer = None
         if parameters.get("EXTENT"):
-            crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
-            if not crs.isValid():
-                crs = layer.crs()
+            crs = self._extent_crs(parameters, context, layer.crs())
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
             if operations.latitudes_first(rect, crs):
                 raise QgsProcessingException(f"Extent lies past the poles: {operations.LATITUDES_FIRST}")

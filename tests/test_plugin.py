@@ -130,6 +130,40 @@ def dock(iface, settings, tmp_path):
     d.deleteLater()
 
 
+def test_processing_extent_crs_that_qgis_cannot_read_is_refused(layers, skyprompt_processing, tmp_path):
+    """An Extent typed with a CRS QGIS cannot read ("[4326]", "[EPSG 4326]", "[garbage]", an unknown
+    code) is refused, naming the text and what to write: QGIS put the project's CRS in its place, and
+    the algorithms ran on other ground. What QGIS reads ([EPSG:4326], [epsg:4326]) still works."""
+    import processing
+
+    layer = layers[0]
+    before = QgsCoordinateReferenceSystem(QgsProject.instance().crs())
+    QgsProject.instance().setCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    lonlat = QgsCoordinateTransform(layer.crs(), QgsCoordinateReferenceSystem("EPSG:4326"),
+                                    QgsProject.instance()).transformBoundingBox(layer_rect(layer, (0.4, 0.4, 0.6, 0.6)))
+    numbers = f"{lonlat.xMinimum()},{lonlat.xMaximum()},{lonlat.yMinimum()},{lonlat.yMaximum()}"
+    algorithms = {"searchtiles": {"QUERY": "roads"}, "prompttopolygons": {"INPUT": layer, "PROMPTS": "roads"}}
+    try:
+        for typed, advice in (("4326", "write it as [EPSG:4326]"), ("EPSG 4326", "write it as [EPSG:4326]"),
+                              ("garbage", "name one QGIS knows, as [EPSG:code]"),
+                              ("EPSG:999999", "name one QGIS knows, as [EPSG:code]")):
+            for algorithm, params in algorithms.items():
+                with pytest.raises(QgsProcessingException) as err:
+                    processing.run(f"skyprompt:{algorithm}", {**params, "EXTENT": f"{numbers} [{typed}]",
+                                                              "OUTPUT": str(tmp_path / "refused.gpkg")})
+                assert str(err.value).startswith(f"Extent's CRS '{typed}' is not recognised: {advice}"), \
+                    (algorithm, str(err.value))
+                del err
+        assert not (tmp_path / "refused.gpkg").exists()
+        for i, typed in enumerate(("EPSG:4326", "epsg:4326")):
+            out = processing.run("skyprompt:prompttopolygons", {**algorithms["prompttopolygons"], "THRESHOLD": 0.0,
+                                                                "EXTENT": f"{numbers} [{typed}]",
+                                                                "OUTPUT": str(tmp_path / f"read{i}.gpkg")})
+            assert QgsVectorLayerFrom(out["OUTPUT"]).featureCount() > 0, typed
+    finally:
+        QgsProject.instance().setCrs(before)
+
+
 @pytest.fixture()
 def layers(rasters):  # noqa: F811
     paths = SHARED if HAVE_SHARED else [rasters["rgb"], rasters["rgba"]]
