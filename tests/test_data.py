@@ -91,6 +91,22 @@ def test_shipped_classnames_cover_every_shared_class_folder():
         load_classnames("nosuchset")
 
 
+def test_a_training_class_map_with_synonym_lists_names_the_entry(tmp_path):
+    """Evaluation takes "class": ["name", "synonym"]; training takes one name a class, and says which
+    class has a list (the file is one JSON object: that is not what is wrong)."""
+    synonyms = tmp_path / "synonyms.json"
+    synonyms.write_text(json.dumps({"forest": "forest", "Golf Course": ["golf course", "golf links"]}))
+    with pytest.raises(DataError) as e:
+        load_classnames(synonyms)
+    assert str(e.value) == (f"{synonyms}: class 'Golf Course' has [\"golf course\", \"golf links\"]: lists of names "
+                            "are for evaluation (each a prompt); training takes one name per class: give it one, "
+                            "e.g. \"Golf Course\": \"golf course\"")
+    blank = tmp_path / "blank.json"
+    blank.write_text(json.dumps({"forest": "  "}))
+    with pytest.raises(DataError, match=r"class 'forest' has \"  \"; give each class one human name"):
+        load_classnames(blank)
+
+
 # --- folder of classes ----------------------------------------------------------------------------
 
 
@@ -986,6 +1002,10 @@ def test_multi_band_16_bit_tiffs_are_read_as_the_backend_shows_them(tmp_path):
     ({"kind": "shards", "urls": 5}, r"has urls 5; give a shard path or pattern, or a list of them"),
     ({"kind": "folder", "root": "r", "classnames": {}}, r"has classnames \{\}; give a class-name map file"),
     ({"kind": "folder", "root": "r", "classnames": ["a"]}, r"has classnames \[\"a\"\]"),
+    # evaluation's synonym lists: the class is named, and the one name training wants suggested
+    ({"kind": "folder", "root": "r", "classnames": {"beach": "beach", "golf": ["golf course", "golf links"]}},
+     r"source 1: classnames: class 'golf' has \[\"golf course\", \"golf links\"\]: lists of names are for "
+     r"evaluation \(each a prompt\); training takes one name per class: give it one, e.g. \"golf\": \"golf course\""),
     ({"kind": "folder", "root": "r", "classnames": "rsscn7", "caption_pool": {"dir": "caps"}},
      r"has caption_pool \{\"dir\": \"caps\"\}; give"),
     ({"kind": "folder", "root": "r", "classnames": "rsscn7", "caption_pool": "caps"}, r"has caption_pool \"caps\""),

@@ -350,9 +350,22 @@ def read_classnames_file(name_or_path: str | os.PathLike) -> tuple[dict, Path]:
 def load_classnames(name_or_path: str | os.PathLike) -> dict[str, str]:
     """A class-name map (folder key -> human name) for training."""
     mapping, path = read_classnames_file(name_or_path)
-    if not all(isinstance(v, str) and v.strip() for v in mapping.values()):
-        raise DataError(f"{path}: a class-name map must be one JSON object of \"folder\": \"human name\"")
+    check_training_names(mapping, str(path))
     return mapping
+
+
+def check_training_names(mapping: Mapping, where: str) -> None:
+    """DataError naming the first class of a map that has no one human name. Training captions each
+    image with its class's name; evaluation's maps may give a list of synonyms, which training has
+    no use for: such a class is named, with its first synonym as the name to give."""
+    for key, name in mapping.items():
+        if isinstance(name, str) and name.strip():
+            continue
+        shown = f"{where}: class {key!r} has {json.dumps(name, ensure_ascii=False)[:80]}"
+        if isinstance(name, list) and name and isinstance(name[0], str) and name[0].strip():
+            raise DataError(f"{shown}: lists of names are for evaluation (each a prompt); training takes one name "
+                            f"per class: give it one, e.g. {json.dumps({key: name[0]}, ensure_ascii=False)[1:-1]}")
+        raise DataError(f"{shown}; give each class one human name, as \"folder\": \"human name\"")
 
 
 # --- folder of classes -------------------------------------------------------------------------

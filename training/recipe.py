@@ -171,10 +171,14 @@ def _check_source_fields(where: str, s: dict) -> None:
                                                       and all(isinstance(u, str) for u in urls))):
         raise RecipeError(f"{where} has urls {json.dumps(urls)[:60]}; give a shard path or pattern, or a list of them")
     names = s.get("classnames")
-    if "classnames" in s and not (isinstance(names, str) or (isinstance(names, dict) and names and all(
-            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in names.items()))):
+    if "classnames" in s and not (isinstance(names, str) or (isinstance(names, dict) and names)):
         raise RecipeError(f"{where} has classnames {json.dumps(names)[:60]}; give a class-name map file (or a shipped "
                           'map\'s name), or an object of "folder": "human name" with one entry per class')
+    if isinstance(names, dict):
+        try:
+            D.check_training_names(names, f"{where}: classnames")
+        except D.DataError as e:
+            raise RecipeError(str(e)) from None
     pool = s.get("caption_pool")
     if "caption_pool" in s:
         inline = isinstance(pool, dict) and isinstance(pool.get("captions"), dict)
