@@ -169,7 +169,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         "not correctly generated" ("Cannot find layer r (2)"). A layer loaded by its name is reopened
         once the file changed. Not Processing's sink for an "ogr:dbname=..." address either: QGIS takes
         the format from all after the file name's first dot, and finds none for "site.v2.gpkg"."""
-        new_file = not os.path.exists(path)
+        new_file = results.nothing_to_keep(path)
         try:        # refuses a file that is not a GeoPackage
             name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
         except OSError as e:

@@ -161,10 +161,16 @@ def check_output_folder(path: str) -> None:
                       "another file")
 
 
+def nothing_to_keep(path: str) -> bool:
+    """Whether there is no file at `path`, or an empty one (a 0-byte file that tempfile.mkstemp or
+    `touch` made): nothing in it is lost when a new GeoPackage is written there."""
+    return not os.path.exists(path) or (os.path.isfile(path) and os.path.getsize(path) == 0)
+
+
 def gpkg_layer_names(path: str) -> list[str]:
     """The tables of the GeoPackage at `path`, vector layers and raster tiles alike ([] when there is
-    no file); OSError when the file is there but is not a GeoPackage (it is never overwritten)."""
-    if not os.path.exists(path):
+    no file, or an empty one); OSError when the file holds something else (it is never overwritten)."""
+    if nothing_to_keep(path):
         return []
     from osgeo import gdal
 
@@ -196,12 +202,12 @@ def free_gpkg_layer_name(path: str, wanted: str) -> str:
 
 def gpkg_layer_options(path: str, name: str) -> QgsVectorFileWriter.SaveVectorOptions:
     """Writer options for a new layer `name` in the GeoPackage at `path`, the file's other layers kept
-    (a new file where there is none)."""
+    (a new file where there is none, or an empty one)."""
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"
     options.layerName = name
-    options.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path)
-                                    else QgsVectorFileWriter.CreateOrOverwriteFile)
+    options.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteFile if nothing_to_keep(path)
+                                    else QgsVectorFileWriter.CreateOrOverwriteLayer)
     return options
 
 

@@ -2326,6 +2326,23 @@ def test_processing_output_to_an_existing_geopackage_keeps_its_other_layers(skyp
     assert (tmp_path / "notes.gpkg").read_text() == "not a GeoPackage"
 
 
+def test_processing_output_to_an_empty_gpkg_file_writes_a_new_geopackage(skyprompt_processing, rasters,  # noqa: F811
+                                                                           tmp_path):
+    """An empty file named .gpkg (tempfile.mkstemp's) is no file: the output is written there (it was
+    refused as "exists and is not a GeoPackage", though it holds nothing to lose)."""
+    import tempfile
+
+    import processing
+
+    handle, path = tempfile.mkstemp(suffix=".gpkg", dir=tmp_path)
+    os.close(handle)
+    dest = processing.run("skyprompt:prompttopolygons", {"INPUT": str(rasters["rgb"]), "PROMPTS": "fields",
+                                                         "THRESHOLD": 0.0, "OUTPUT": path})["OUTPUT"]
+    name = Path(path).stem
+    assert dest == f"{path}|layername={name}"
+    assert list(gpkg_contents(Path(path))) == [name] and QgsVectorLayerFrom(dest).featureCount() > 0
+
+
 def test_processing_reruns_into_one_new_geopackage_each_load_into_the_project(skyprompt_processing, rasters,  # noqa: F811
                                                                               tmp_path):
     """Prompt to polygons run again into the GeoPackage its first run made, its output opened as the
