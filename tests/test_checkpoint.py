@@ -148,6 +148,37 @@ def test_missing_directory(tmp_path):
         load_checkpoint(tmp_path / "nope")
 
 
+def test_a_run_folder_or_a_weights_file_given_as_the_checkpoint_names_what_to_give(tmp_path, tiny_model, tokenizer):
+    """A training run's --out, where its fp16 export is the one to serve; a file of a checkpoint, whose
+    folder is the checkpoint. The backend's engine says it as training and evaluation do."""
+    from backend.engine import EngineError, ModelEngine
+
+    run = tmp_path / "run"
+    for step in ("step_0000010", "step_0000020"):
+        (run / "checkpoints" / step).mkdir(parents=True)
+    newest = run / "checkpoints" / "step_0000020"
+    with pytest.raises(CheckpointError, match=f"{run} is a training run's folder: give one of its checkpoints, "
+                                              f"e.g. {newest}$"):
+        load_checkpoint(run)
+    # the export the run recorded (--export-fp16, anywhere), else RUN/fp16; here the recorded one
+    export = save_checkpoint(tiny_model, tokenizer, tmp_path / "served", dtype=torch.float16)
+    (run / "train_config.json").write_text(json.dumps({"export_fp16": str(export)}))
+    hint = f"{run} is a training run's folder: give its fp16 export {export} (the one to serve), or one of its " \
+           f"checkpoints, e.g. {newest}"
+    for given in (run, run / "checkpoints"):
+        with pytest.raises(EngineError) as e:
+            ModelEngine(given, device="cpu")
+        assert str(e.value).endswith(hint.replace(f"{run} is", f"{given} is")), str(e.value)
+    (run / "train_config.json").write_text(json.dumps({"export_fp16": None}))
+    save_checkpoint(tiny_model, tokenizer, run / "fp16", dtype=torch.float16)
+    with pytest.raises(CheckpointError, match=f"give its fp16 export {run / 'fp16'} "):
+        load_checkpoint(run)
+    with pytest.raises(EngineError) as e:
+        ModelEngine(export / "model.safetensors", device="cpu")
+    assert str(e.value) == (f"checkpoint {export / 'model.safetensors'} is a file; a checkpoint is the folder that "
+                            f"holds model.safetensors, config.json and tokenizer.json: give its folder, {export}")
+
+
 def test_truncated_weights(saved):
     w = saved / "model.safetensors"
     data = w.read_bytes()

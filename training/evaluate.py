@@ -1013,8 +1013,6 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     if args.keep and Path(args.keep).exists() and not Path(args.keep).is_dir():
         raise EvalError(f"--keep {args.keep} is a file; give a folder for the mosaics (new or existing)")
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise EvalError(f"checkpoint directory {ckpt} does not exist")
     _device(args.device)
     try:
         engine = ModelEngine(ckpt, device=args.device)
@@ -1167,14 +1165,7 @@ def run(args: argparse.Namespace) -> dict:
                       "n-gram weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that "
                       "means something (BLEU-4 is unaffected)", file=sys.stderr)
     ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise EvalError(f"checkpoint directory {ckpt} does not exist")
-    try:
-        model, tokenizer = load_checkpoint(ckpt, device=device)
-    except CheckpointError as e:
-        from .export import run_folder_hint
-
-        raise CheckpointError(f"{e}{run_folder_hint(ckpt)}") from None
+    model, tokenizer = load_checkpoint(ckpt, device=device)     # its errors say what to give instead
     start = time.perf_counter()
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,

@@ -38,24 +38,6 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 MAX_IMAGE_SIZE = 4096
 
 
-def step_dirs(folder: Path) -> list[Path]:
-    """The checkpoints training saved in `folder` (a run's OUT/checkpoints): its `step_NNNNNNN`
-    folders, oldest first. Here because training.train imports this module, not the other way round."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
-def run_folder_hint(path: str | Path) -> str:
-    """For a checkpoint path that is a training run's --out (or its checkpoints folder): which of its
-    checkpoints to give instead; "" otherwise. The run folder is the path a user has at hand."""
-    path = Path(path)
-    if (path / CONFIG).is_file():
-        return ""
-    steps = step_dirs(path / "checkpoints") or step_dirs(path)
-    return f"; {path} is a training run's folder: give one of its checkpoints, e.g. {steps[-1]}" if steps else ""
-
-
 def stored_dtype(directory: str | Path) -> torch.dtype:
     """The dtype a checkpoint stores its floating-point weights in; CheckpointError when its weights
     file cannot be read."""
@@ -189,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                              torch.float16 if args.fp16 else torch.float32 if args.fp32 else None,
                                              average=args.average)
     except CheckpointError as e:
-        print(f"training.export: {e}{run_folder_hint(args.src)}", file=sys.stderr)
+        print(f"training.export: {e}", file=sys.stderr)
         return 2
     except OSError as e:    # reading SRC is checked above: this is DST's folder (read-only, full, not yours)
         print(f"training.export: cannot write {args.dst}: {e.strerror or e}; {args.dst} is as it was",

@@ -37,7 +37,7 @@ from backend.engine import EngineError, resolve_device
 from backend.files import file_in_the_way, write_text_atomically
 from backend.model import MaMMUT, MaMMUTLoss, get_preset
 from backend.model.checkpoint import (TRAINING_STATE, CheckpointError, check_checkpoint_target, load_checkpoint,
-                                     read_config, save_checkpoint)
+                                     read_config, save_checkpoint, step_dirs)
 from backend.model.config import PRESETS, ConfigError
 from backend.model.precision import autocast_context
 from backend.model.tokenizer import MIN_VOCAB_SIZE, Tokenizer, TokenizerError, train_tokenizer
@@ -48,7 +48,6 @@ from . import recipe as recipes
 from .data import DataError, expand_urls, show_skipped_images_plainly
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
-from .export import run_folder_hint, step_dirs
 
 
 @dataclass
@@ -499,7 +498,7 @@ def train(cfg: TrainConfig) -> dict:
             try:
                 model, tokenizer = load_checkpoint(cfg.init_checkpoint)
             except CheckpointError as e:
-                raise CheckpointError(f"--init-checkpoint: {e}{run_folder_hint(cfg.init_checkpoint)}") from None
+                raise CheckpointError(f"--init-checkpoint: {e}") from None
             if cfg.image_size and cfg.image_size != model.config.image_size:
                 # the checkpoint records the resolution it learned at (measured better than serving
                 # a 128 px-trained model at its starting checkpoint's 224 px)

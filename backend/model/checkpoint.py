@@ -192,11 +192,53 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.replace(new, target)
 
 
+def step_dirs(folder: Path) -> list[Path]:
+    """The checkpoints training saved in `folder` (a run's OUT/checkpoints): its `step_NNNNNNN`
+    folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+# what training writes in its run folder (--out) beside checkpoints/: the run's settings
+RUN_CONFIG = "train_config.json"
+
+
+def run_folder_hint(path: str | os.PathLike) -> str:
+    """For a checkpoint path that is a training run's --out (or its checkpoints folder): which
+    checkpoint to give instead, as the end of a message; "" otherwise. The run folder is the path a
+    user has at hand. The run's fp16 export, where it wrote one, is the one to serve; its newest
+    checkpoint is the one to fine-tune or evaluate otherwise."""
+    path = Path(path)
+    if (path / CONFIG).is_file():
+        return ""
+    steps = step_dirs(path / "checkpoints") or step_dirs(path)
+    if not steps:
+        return ""
+    newest = f"one of its checkpoints, e.g. {steps[-1]}"
+    export = _run_export(steps[-1].parent.parent)
+    if export is None:
+        return f"; {path} is a training run's folder: give {newest}"
+    return f"; {path} is a training run's folder: give its fp16 export {export} (the one to serve), or {newest}"
+
+
+def _run_export(run: Path) -> Path | None:
+    """The fp16 checkpoint a training run exported (its --export-fp16, as its settings record it, or
+    RUN/fp16, where the README's examples put it), when it is there."""
+    try:
+        recorded = json.loads((run / RUN_CONFIG).read_text()).get("export_fp16")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    candidates = ([Path(recorded)] if isinstance(recorded, str) and recorded else []) + [run / "fp16"]
+    return next((c for c in candidates if (c / CONFIG).is_file()), None)
+
+
 def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
     directory = Path(directory)
     path = directory / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}")
+        raise CheckpointError(f"{path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}"
+                              f"{run_folder_hint(directory)}")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -229,6 +271,10 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
             newest = max(aside, key=lambda p: p.stat().st_mtime)
             raise CheckpointError(f"checkpoint directory {directory} does not exist: a save into it was interrupted, "
                                   f"and the checkpoint before it is {newest}; rename that back to use it")
+        if directory.is_file():
+            raise CheckpointError(f"checkpoint {directory} is a file; a checkpoint is the folder that holds {WEIGHTS}, "
+                                  f"{CONFIG} and {TOKENIZER}: give " + (f"its folder, {directory.parent}" if directory.name
+                                                                       in (WEIGHTS, CONFIG, TOKENIZER) else "that folder"))
         raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
     cfg = read_config(directory)
     tok_path = directory / TOKENIZER
