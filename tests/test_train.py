@@ -448,6 +448,20 @@ def test_a_class_folder_missing_from_the_map_is_named_in_training_s_terms(folder
     assert 'add them as "folder": "human name"' in r.stderr and "--files" not in r.stderr
 
 
+def test_classes_of_the_map_without_images_are_named(tmp_path, capsys):
+    """An empty class folder, or a map entry with no folder, trains nothing but stays a candidate of the
+    zero-shot validation: most often a mistake, said before training."""
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=4)
+    (scenes / "grey").mkdir()
+    (scenes / "grey" / "notes.txt").write_text("no images yet")
+    (tmp_path / "classes.json").write_text(json.dumps({**CLASSES, "grey": "grey roofs", "white": "snow"}))
+    r = _refused(_args(scenes, tmp_path / "run", 1, "--val-per-class", "1"), capsys)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: source scenes: 2 class(es) of its class-name map have no images: grey (no images in its "
+            "folder), white (no folder); they are not trained on, but are candidates in its zero-shot validation: "
+            "add their images, or leave them out of the map") in r.stderr, r.stderr[-2000:]
+
+
 def test_an_interrupted_run_says_whether_there_is_a_checkpoint_to_resume(folder, tmp_path, capsys, monkeypatch):
     from training import train as training_main
 

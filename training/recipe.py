@@ -278,6 +278,21 @@ def _check_classes(name: str, records: list, mapping: dict) -> None:
                           f"{', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}; add them to the map")
 
 
+def classes_without_images(source: dict, held_out: list) -> list[str]:
+    """The classes of a source's class map that none of its images, trained or `held_out`, has; for a
+    folder source each says why (no folder, or no images in it). Such a class is not trained on, yet
+    its name is one of the candidates of the source's zero-shot validation."""
+    mapping = source.get("class_map")
+    if not mapping:
+        return []
+    used = {D.class_key(r.class_name, mapping) for r in [*source.get("records", []), *held_out]}
+    missing = [k for k in mapping if k not in used]
+    if source["kind"] != "folder":
+        return missing
+    class_root = D.find_class_root(source["root"])
+    return [f"{k} ({'no folder' if not (class_root / k).is_dir() else 'no images in its folder'})" for k in missing]
+
+
 def _inline_pool(captions) -> dict[str, list[str]]:
     if not (isinstance(captions, dict) and all(isinstance(v, list) and all(isinstance(c, str) for c in v)
                                                for v in captions.values())):

@@ -490,6 +490,8 @@ def train(cfg: TrainConfig) -> dict:
                 "or start a new --out (with --init-checkpoint to start from its weights)")
     if is_main() and val_sets:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
+    if is_main():
+        warn_of_classes_without_images(train_sources, val_sets)
     if is_main() and cfg.eval_every and not val_sets:
         log(f"warning: --eval-every {cfg.eval_every} has nothing to validate: no images are held out (give "
             "--val-per-class N, or a recipe source with val_per_class)")
@@ -745,6 +747,19 @@ def _evaluate(model: MaMMUT, tokenizer: Tokenizer, val_sets: dict, device, metri
             row[f"{name}/error"] = str(e)
     log("eval " + json.dumps(row))
     _append_metrics(metrics_path, row)
+
+
+def warn_of_classes_without_images(train_sources: list[dict], val_sets: dict) -> None:
+    """Name the classes of each source's class map that have no image (an empty folder, a map entry
+    with no folder): most often a mistake, and one a run would not show, as such a class has nothing
+    to train but still lowers its source's zero-shot validation as a candidate."""
+    for s in train_sources:
+        held_out = val_sets.get(s["name"], {}).get("records", [])
+        missing = recipes.classes_without_images(s, held_out)
+        if missing:
+            log(f"warning: source {s['name']}: {len(missing)} class(es) of its class-name map have no images: "
+                f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}; they are not trained on, but are "
+                "candidates in its zero-shot validation: add their images, or leave them out of the map")
 
 
 def run_words(cfg: TrainConfig, train_sources: list[dict]) -> TrainingWords | None:
