@@ -71,6 +71,8 @@ def test_tiny_run_end_to_end(folder, tmp_path):
     assert all(np.isfinite(v) for v in losses.values())
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_0000003", "step_0000006"]
     assert f"the final checkpoint is {out / 'checkpoints' / 'step_0000006'}" in r.stderr
+    # the export is written: the last line says where, rather than how to make one
+    assert f"its fp16 export, to serve, is {tmp_path / 'fp16'}" in r.stderr and "training.export" not in r.stderr
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert evals and 0.0 <= evals[-1][f"{folder.name}/top1"] <= 100.0
     assert "eval {" in r.stderr and "]eval {" not in r.stderr   # its own line, not run on from the bar's

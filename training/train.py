@@ -688,7 +688,9 @@ def train(cfg: TrainConfig) -> dict:
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if is_main():
         saved = checkpoint_dirs(out)
-        if saved:
+        if saved and cfg.export_fp16:
+            log(f"done: the final checkpoint is {saved[-1]}; its fp16 export, to serve, is {cfg.export_fp16}")
+        elif saved:
             log(f"done: the final checkpoint is {saved[-1]}; `python -m training.export {saved[-1]} DIR --fp16` "
                 "makes a serving checkpoint of it")
     if dist.is_initialized():
