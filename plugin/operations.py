@@ -12,7 +12,7 @@ from typing import Callable, NamedTuple
 from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
 
 from .connection import BackendError
-from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, wire_extent, within_crs_area
+from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, crs_name, wire_extent, within_crs_area
 
 Progress = Callable[[float], None]
 Cancelled = Callable[[], bool]
@@ -274,14 +274,15 @@ def search_area(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, typed: bo
         except QgsCsException:
             return False
 
-    # an invalid transformation (a local grid) passes points through unchanged; the centre may be off
-    # an orthographic globe whose rim is in view, and then the box is placed
-    placed = crs.isGeographic() or (to_lonlat.isValid() and (
-        transforms(lambda: to_lonlat.transform(QgsPointXY(rect.center())))
-        or transforms(lambda: to_lonlat.transformBoundingBox(rect))))
-    if not placed:
+    # an invalid transformation (a local grid) passes points through unchanged
+    if not crs.isGeographic() and not to_lonlat.isValid():
         return SearchArea(QgsRectangle(), "local",
-                          f"is in {crs.description() or crs.authid()}, a CRS with no place on the globe (a local grid)")
+                          f"is in {crs_name(crs)}, a CRS with no place on the globe (a local grid)")
+    # the centre may be off an orthographic globe whose rim is in view, and then the box is placed
+    placed = crs.isGeographic() or transforms(lambda: to_lonlat.transform(QgsPointXY(rect.center()))) \
+        or transforms(lambda: to_lonlat.transformBoundingBox(rect))
+    if not placed:
+        return SearchArea(QgsRectangle(), "outside", f"lies outside what its CRS ({crs_name(crs)}) places on the globe")
     area = within_crs_area(rect, crs)
     if area.isEmpty():
         if typed and latitudes_first(rect, crs):

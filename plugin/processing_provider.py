@@ -22,8 +22,8 @@ from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
 from .settings import PluginSettings
-from .sources import (SourceError, has_no_resolution, local_path, names_by_real_path, native_pixels, prepare_source,
-                      to_layer_crs)
+from .sources import (SourceError, crs_name, has_no_resolution, local_path, names_by_real_path, native_pixels,
+                      prepare_source, to_layer_crs)
 
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
@@ -455,6 +455,18 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         self._add_server()
         self.addParameter(QgsProcessingParameterFeatureSink("OUTPUT", "Polygons", QgsProcessing.TypeVectorPolygon))
 
+    @staticmethod
+    def _in_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer) -> QgsRectangle:
+        """The Extent `rect` (in `crs`) in the layer's CRS (to_layer_crs); where it cannot be placed
+        there, a refusal in Processing's words (to_layer_crs's speak of a map to pan)."""
+        try:
+            return to_layer_crs(rect, crs, layer)
+        except SourceError:
+            area = operations.search_area(rect, crs)      # off its own CRS's globe: its words say so
+            where = area.words if area.problem else (f"lies off the part of the globe the CRS of layer "
+                                                     f"{layer.name()!r} ({crs_name(layer.crs())}) holds")
+            raise QgsProcessingException(f"Extent {where}: give an Extent over the layer") from None
+
     def checkParameterValues(self, parameters, context):
         # QGIS's own check of an empty PROMPTS says only "Incorrect parameter value for PROMPTS"
         if not operations.split_prompts(self.parameterAsString(parameters, "PROMPTS", context)):
@@ -475,10 +487,7 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             rect = self.parameterAsExtent(parameters, "EXTENT", context, crs)
             if operations.latitudes_first(rect, crs):
                 raise QgsProcessingException(f"Extent lies past the poles: {operations.LATITUDES_FIRST}")
-            try:
-                in_layer = to_layer_crs(rect, crs, layer)
-            except SourceError as e:
-                raise QgsProcessingException(str(e)) from None
+            in_layer = self._in_layer_crs(rect, crs, layer)
         prepared = self._prepare(layer)
         if rect is None and has_no_resolution(prepared):
             raise QgsProcessingException(f"layer {layer.name()!r} is a tile service, with no extent or resolution "

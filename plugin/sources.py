@@ -45,6 +45,16 @@ def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
         crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
 
 
+def crs_name(crs: QgsCoordinateReferenceSystem) -> str:
+    """A CRS as a message names it: its authority id, else its description, else its PROJ string (a
+    CRS made from one has neither, or a description of "unknown", as GDAL names it in a file)."""
+    if crs.authid() and not crs.authid().startswith("USER:"):
+        return crs.authid()
+    if crs.description() and crs.description() != "unknown":
+        return crs.description()
+    return crs.toProj() or "a CRS with no name"
+
+
 def local_path(layer: QgsRasterLayer) -> str | None:
     """The file behind a GDAL layer, when it is on a local disk the backend can read (or was, before it
     was moved or deleted); else None. A
@@ -200,9 +210,8 @@ def to_layer_crs(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: Q
     try:
         return transform.transformBoundingBox(rect)
     except QgsCsException:
-        where = layer.crs().authid() or "its own"
-        raise SourceError(f"the area cannot be placed in layer {layer.name()!r}'s CRS ({where}): the map may show no "
-                          "part of the globe there; pan or zoom to the layer") from None
+        raise SourceError(f"the area cannot be placed in the CRS of layer {layer.name()!r} ({crs_name(layer.crs())}): "
+                          "the map may show no part of the globe there; pan or zoom to the layer") from None
 
 
 def _palette(provider) -> np.ndarray | None:

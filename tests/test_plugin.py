@@ -164,6 +164,45 @@ def test_processing_extent_crs_that_qgis_cannot_read_is_refused(layers, skypromp
         QgsProject.instance().setCrs(before)
 
 
+def test_processing_extent_off_its_globe_is_said_in_processings_words(skyprompt_processing, rasters,  # noqa: F811
+                                                                      tmp_path):
+    """An Extent in an orthographic CRS made from a PROJ string, wholly off its globe: both algorithms
+    name the Extent, and that CRS by its PROJ string (Search named it "" and called it a local grid;
+    Prompt to polygons said "layer 'x''s CRS" and told the user to pan a map Processing has not).
+    An Extent on the far side of the globe from a layer in such a CRS is said to be off what the
+    layer's CRS holds."""
+    import processing
+    from qgis.core import QgsReferencedRectangle
+
+    proj = "+proj=ortho +lat_0=0 +lon_0=0 +datum=WGS84 +units=m"
+    ortho = QgsCoordinateReferenceSystem.fromProj(proj)
+    off_globe = QgsReferencedRectangle(QgsRectangle(-8.3e6, -9.5e5, -8.2e6, -9.0e5), ortho)
+    outside = f"Extent lies outside what its CRS ({ortho.toProj()}) places on the globe"
+    assert ortho.toProj().startswith(proj)
+    for algorithm, params, said in (
+            ("prompttopolygons", {"INPUT": str(rasters["rgb"]), "PROMPTS": "roads"},
+             f"{outside}: give an Extent over the layer"),
+            ("searchtiles", {"QUERY": "roads"}, outside)):
+        with pytest.raises(QgsProcessingException) as err:
+            processing.run(f"skyprompt:{algorithm}", {**params, "EXTENT": off_globe,
+                                                      "OUTPUT": str(tmp_path / "x.gpkg")})
+        assert str(err.value) == said, algorithm
+        del err
+    # a layer on that globe, and an Extent on its far side
+    from plugin.sources import crs_name
+
+    globe = QgsRasterLayer(str(make_tif(tmp_path / "globe.tif", noise((3, 64, 64), seed=4),
+                                        geotransform=(0.0, 10.0, 0.0, 640.0, 0.0, -10.0), crs=proj)), "globe")
+    assert globe.isValid() and crs_name(globe.crs()).startswith("+proj=ortho")      # not GDAL's "unknown"
+    with pytest.raises(QgsProcessingException) as err:
+        processing.run("skyprompt:prompttopolygons", {"INPUT": globe, "PROMPTS": "roads",
+                                                      "EXTENT": "170,171,0,1 [EPSG:4326]",
+                                                      "OUTPUT": str(tmp_path / "y.gpkg")})
+    assert str(err.value) == (f"Extent lies off the part of the globe the CRS of layer 'globe' "
+                              f"({crs_name(globe.crs())}) holds: give an Extent over the layer")
+    del err, globe
+
+
 @pytest.fixture()
 def layers(rasters):  # noqa: F811
     paths = SHARED if HAVE_SHARED else [rasters["rgb"], rasters["rgba"]]
@@ -3135,7 +3174,7 @@ def test_describe_of_a_map_off_its_globe_is_one_line(dock, layers, iface):
     iface.canvas.setExtent(QgsRectangle(2e7, 2e7, 2.1e7, 2.1e7))
     dock.describe_layer.setLayer(layer)
     error = run_dock(dock, "caption", dock.describe)
-    assert error is not None and "cannot be placed in layer" in str(error), error
+    assert error is not None and f"cannot be placed in the CRS of layer {layer.name()!r}" in str(error), error
 
 
 def test_segment_and_describe_of_a_layer_across_180_degrees_on_a_pacific_map(dock, iface, rasters, live):  # noqa: F811
