@@ -176,6 +176,9 @@ def test_a_tokenizer_left_by_an_earlier_attempt_is_reused_only_for_the_same_capt
     assert (out / "tokenizer.json").read_text() != earlier
     _, tok = load_checkpoint(out / "checkpoints" / "step_0000001")
     assert tok.decode(tok.encode("harbour boats")).strip() == "harbour boats"
+    # --vocab-size is a ceiling: three captions give fewer tokens, and the log says how many
+    assert tok.vocab_size < 300 and "(at most --vocab-size 300 tokens)" in r.stderr
+    assert f"the tokenizer has {tok.vocab_size} tokens (the captions have too few recurring pieces for more)" in r.stderr
     # the same captions again (a stopped first attempt, resumed): its tokenizer is kept, not retrained
     r = _run([*other_data, "--resume", "--steps", "2"])
     assert r.returncode == 0 and "training a tokenizer" not in r.stderr, r.stderr[-3000:]

@@ -810,9 +810,12 @@ def _get_tokenizer(cfg: TrainConfig, out: Path, sources) -> Tokenizer:
         elif path.is_file():
             log(f"{path} is not from this run's captions and --vocab-size (an earlier run's): replacing it")
         if tok is None:
-            log(f"training a tokenizer on {len(texts)} captions (vocab {cfg.vocab_size}) -> {path}")
+            log(f"training a tokenizer on {len(texts)} captions (at most --vocab-size {cfg.vocab_size} tokens) -> {path}")
             tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
             tok.save(path)
+            # a few captions give fewer tokens than asked (a piece must recur to become one): the size it got
+            log(f"the tokenizer has {tok.vocab_size} tokens" + (" (the captions have too few recurring pieces for "
+                                                                 "more)" if tok.vocab_size < cfg.vocab_size else ""))
         # with the inputs as they are now, so the next run compares them, not the text
         source_path.write_text(json.dumps({**source, "inputs": inputs}) + "\n")
     if dist.is_initialized():
