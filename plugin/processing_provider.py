@@ -238,10 +238,13 @@ class IndexRasterAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Cuts the raster into tiles and stores their embeddings in the backend's index, so "
-                "'Search tiles by text' can find them. Unchanged rasters are skipped unless Force is set. "
+                "'Search tiles by text' can find them. A raster indexed already and unchanged since is "
+                "skipped unless 'Re-index even if unchanged' is ticked. "
                 "Views per tile (advanced): the embeddings of each tile's rotations (and mirror images) are "
                 "averaged, so a search does not depend on which way the ground faces; a little better "
-                "search, one model pass per view.")
+                "search, one model pass per view. Outputs: RASTER_ID (the raster's id in the index), "
+                "TILE_COUNT (its tiles in the index, also when unchanged) and OUTCOME (indexed, unchanged "
+                "or replaced).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterRasterLayer("INPUT", "Raster layer"))
@@ -291,16 +294,19 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
 
     def shortHelpString(self):
         return ("Finds the indexed tiles that best match a text query and writes their footprints with "
-                "scores. Restrict the search to some layers with Layers (they must be indexed files; a layer read "
-                "as pixels, such as a tile service, cannot restrict it and is named in a warning). The advanced "
-                "Query expansion searches twice, the second time for the query moved toward its N best "
-                "tiles: more tiles like the best hits, and scores that are similarities to that moved query. "
-                "Query words the model rarely or never saw in training are named in a warning. The advanced "
-                "Like tile searches for tiles that look like one tile (a tile_id of an earlier result) "
-                "instead of a query; leave Query empty then. With Only in this extent, only tiles that lie in "
-                "it or overlap it are found (an extent typed without [EPSG:code] is in the project's CRS; in "
-                "longitude/latitude, a west edge typed east of the east edge, \"170,-170,-30,-10 [EPSG:4326]\", "
-                "is an extent across 180 degrees).")
+                "scores. Restrict the search to some layers with Only in these layers (they must be indexed "
+                "files; a layer read as pixels, such as a tile service, cannot restrict it and is named in a "
+                "warning). The advanced Query expansion searches twice, the second time for the query moved "
+                "toward its N best tiles: more tiles like the best hits, and scores that are similarities to "
+                "that moved query. Query words the model rarely or never saw in training are named in a "
+                "warning. The advanced Tiles like this tile id searches for tiles that look like one tile (a "
+                "tile_id of an earlier result) instead of a query; leave Query empty then. With Only in this extent, only "
+                "tiles that lie in it or overlap it are found (an extent typed without [EPSG:code] is in the "
+                "project's CRS; in longitude/latitude, a west edge typed east of the east edge, "
+                "\"170,-170,-30,-10 [EPSG:4326]\", is an extent across 180 degrees). Attributes: rank, score, "
+                "layer (the project's layer of the tile's file, else the raster's name in the index), "
+                "raster_id, tile_id, path (the raster's file) and caption (what the model wrote for the tile "
+                "when it was indexed).")
 
     def initAlgorithm(self, config=None):
         self.addParameter(QgsProcessingParameterString("QUERY", "Query", optional=True))

@@ -1311,6 +1311,34 @@ def test_processing_numbers_have_the_panels_defaults_and_ranges(qgis_app):
         QgsApplication.processingRegistry().removeProvider(provider)
 
 
+def test_processing_help_names_parameters_by_their_labels_and_lists_what_is_written(qgis_app):
+    """Each algorithm's help names the parameters it speaks of by their labels (Index raster said
+    "Force", Search "Layers" and "Like tile") and lists its outputs: Index raster's values, and the
+    attributes Search tiles by text and Prompt to polygons write."""
+    import re
+
+    from plugin import results
+    from plugin.processing_provider import SkyPromptProvider
+
+    provider = SkyPromptProvider()
+    QgsApplication.processingRegistry().addProvider(provider)
+    try:
+        index, search, segment = (provider.algorithm(name) for name in ("indexraster", "searchtiles",
+                                                                         "prompttopolygons"))
+        for algorithm, name in ((index, "FORCE"), (search, "LAYERS"), (search, "EXTENT")):
+            assert algorithm.parameterDefinition(name).description() in algorithm.shortHelpString(), name
+        label = search.parameterDefinition("LIKE_TILE").description()
+        assert label.split(" instead")[0] in search.shortHelpString()
+        assert "Force" not in index.shortHelpString() and "with Layers" not in search.shortHelpString()
+        written = ((index, [output.name() for output in index.outputDefinitions()]),
+                   (search, results.search_fields().names()), (segment, results.segment_fields().names()))
+        for algorithm, names in written:
+            missing = [n for n in names if not re.search(rf"\b{n}\b", algorithm.shortHelpString())]
+            assert not missing, (algorithm.name(), missing)
+    finally:
+        QgsApplication.processingRegistry().removeProvider(provider)
+
+
 def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path):
     import processing
     from qgis.core import QgsProcessingException
