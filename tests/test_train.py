@@ -139,6 +139,22 @@ def test_sigkill_mid_run_then_resume(folder, tmp_path):
     assert steps == list(range(1, last + 4))
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(folder, tmp_path):
+    """A scheduler's or `timeout`'s SIGTERM: the run says which checkpoint to resume from, as on Ctrl-C."""
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "training.train", *_args(folder, out, 400)], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "checkpoints").glob("step_*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert re.search(r"interrupted: continue from step_\d{7} with the same command and --resume", err), err[-2000:]
+    assert "Traceback" not in err
+
+
 def test_a_run_stopped_before_its_first_checkpoint_leaves_no_rows_behind(folder, tmp_path):
     """Its rows (steps 1, 2, 3 and a cut line) go when the next run starts at step 0, resumed or not:
     each step is in metrics.jsonl once."""

@@ -28,6 +28,7 @@ from PIL import Image
 
 from . import data as D
 from . import recipe as R
+from .signals import STOP_SIGNALS, stop_signals_interrupt
 from .templates import TEMPLATES, fill
 
 # name: (PIL format, file suffix, the longest side the format holds)
@@ -58,27 +59,12 @@ def _shrink(job: tuple[str, str, int, str, int]) -> int | str:
     return Path(dst).stat().st_size
 
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
 def _ignore_interrupt() -> None:
     """Pool workers leave Ctrl-C (and a scheduler's or `timeout`'s SIGTERM, a closed terminal's SIGHUP)
     to the main process, which stops them and removes the partial copy (a signal to the process group
     reaches every process; each would print a traceback)."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
-
-
-def _stop_as_interrupt(signum, _frame) -> None:
-    raise KeyboardInterrupt
-
-
-def _stop_signals_interrupt() -> None:
-    """SIGTERM and SIGHUP stop the main process as Ctrl-C does: the partial copy is removed, so the same
-    command can run again (a half copy has no recipe.json, and a non-empty --out is refused)."""
-    for number in STOP_SIGNALS[1:]:
-        if signal.getsignal(number) is not signal.SIG_IGN:     # started under nohup: stays ignored
-            signal.signal(number, _stop_as_interrupt)
 
 
 def _remove_partial(out: Path, created: bool) -> None:
@@ -166,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality", type=int, default=85, help="1..100 (default: %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="processes resizing images (default: %(default)s)")
     args = p.parse_args(argv)
-    _stop_signals_interrupt()
+    # SIGTERM and SIGHUP too remove the partial copy, so the same command can run again (a half copy
+    # has no recipe.json, and a non-empty --out is refused)
+    stop_signals_interrupt()
     out = Path(args.out)
     created, ours = not out.exists(), False     # ours: --out checked new or empty, so what is in it is ours
     try:

@@ -46,6 +46,7 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 from . import device_images
 from . import recipe as recipes
 from .data import DataError, expand_urls, show_skipped_images_plainly
+from .signals import stop_signals_interrupt
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
 
@@ -1115,6 +1116,9 @@ def _readable_batch(stream, world: int, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     show_skipped_images_plainly()
+    # a scheduler's or `timeout`'s SIGTERM (and a closed terminal's SIGHUP) stops the run as Ctrl-C does:
+    # it says which checkpoint to resume from, where the signal's default would end it without a word
+    stop_signals_interrupt()
     try:
         train(cfg)
     except (CheckpointError, recipes.RecipeError, ConfigError, DataError, OutputError, TokenizerError,
