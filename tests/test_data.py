@@ -430,6 +430,13 @@ def test_split_records_deterministic_disjoint_per_class():
     assert {r.image for r in split_records(records, 3, 8)[1]} != {r.image for r in val}
     with pytest.raises(DataError, match="a \\(10\\)"):
         split_records(records, per_class=10, seed=0)
+    # the classes too small are named, and the most that every class allows is said
+    uneven = records + [Record(f"/img/d/{i}.jpg", ("x",), "d") for i in range(15)]
+    with pytest.raises(DataError, match=r"cannot hold out 12 images per class and keep some for training: "
+                                        r"a \(10\), b \(10\), c \(10\); hold out at most 9 per class$"):
+        split_records(uneven, per_class=12, seed=0)
+    with pytest.raises(DataError, match=r"z \(1\); a class of one image can hold none out$"):
+        split_records(records + [Record("/img/z/0.jpg", ("x",), "z")], per_class=2, seed=0)
 
 
 # --- datasets ---------------------------------------------------------------------------------------

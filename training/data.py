@@ -703,8 +703,10 @@ def split_records(records: Sequence[Record], per_class: int, seed: int) -> tuple
         by_class[r.class_name].append(r.image)
     too_small = [f"{k} ({len(v)})" for k, v in by_class.items() if per_class and len(v) <= per_class]
     if too_small:
+        most = min(map(len, by_class.values())) - 1    # the smallest class keeps one image for training
+        fix = f"hold out at most {most} per class" if most else "a class of one image can hold none out"
         raise DataError(f"cannot hold out {per_class} images per class and keep some for training: "
-                        f"{_listing(too_small)}")
+                        f"{_listing(too_small)}; {fix}")
     val_images: set[str] = set()
     for class_name, images in by_class.items():
         images = sorted(set(images))
