@@ -13,7 +13,8 @@ cosines of a contrastive model sit in a narrow band that differs from prompt to 
 
 The blended map is then refined along the image's own edges (backend.edges, a guided filter with
 the extent's grey level as the guide), because the model sees the ground in 16-pixel patches and
-its maps blur across every boundary; the mask follows field edges and roof lines instead.
+its maps blur across every boundary; the mask follows field edges and roof lines instead. The
+thresholded mask loses its specks and pinholes (without_specks) before it becomes polygons.
 """
 from __future__ import annotations
 
@@ -155,6 +156,28 @@ def _mem_raster(array: np.ndarray, geotransform, srs: osr.SpatialReference, gdal
     return ds
 
 
+# regions (in or out) under this fraction of one model patch are below what the model resolves
+SPECK_PATCH_FRACTION = 1 / 4
+
+
+def speck_pixels_for(patch_size: int) -> int:
+    """The smallest region Segment keeps, in working-grid pixels (a tile's pixels are the model's)."""
+    return int(round(patch_size * patch_size * SPECK_PATCH_FRACTION))
+
+
+def without_specks(mask: np.ndarray, smallest: int) -> np.ndarray:
+    """`mask` with its regions of fewer than `smallest` pixels, in or out (8-connected, as polygonize
+    joins them), merged into the region around them: a speck or a pinhole far below the model's
+    patch is noise of the upsampled, edge-refined map, not something it saw."""
+    if smallest <= 1 or not mask.any() or mask.all():
+        return mask
+    with _gdal_exceptions():
+        src = _mem_raster(mask.astype(np.uint8), (0.0, 1.0, 0.0, 0.0, 0.0, 1.0), None, gdal.GDT_Byte)
+        band = src.GetRasterBand(1)
+        gdal.SieveFilter(band, None, band, int(smallest), 8)
+        return band.ReadAsArray().astype(bool)
+
+
 def polygonize(mask: np.ndarray, geotransform, srs: osr.SpatialReference) -> tuple[list[Polygon], np.ndarray]:
     """Connected regions of a boolean mask as polygons in map coordinates, plus a label image
     (0 = outside, i + 1 = polygon i) used to score each polygon."""
@@ -256,12 +279,13 @@ def geodesic_area_m2(geometry: Polygon, to_equal_area: osr.CoordinateTransformat
 def polygons_for_prompt(relevance: np.ndarray, valid: np.ndarray, geotransform, srs: osr.SpatialReference,
                         threshold: float, min_area: float, tolerance: float,
                         to_equal_area: osr.CoordinateTransformation | None,
-                        min_area_m2: float = 0.0) -> tuple[list[PolygonResult], int]:
+                        min_area_m2: float = 0.0, speck_pixels: int = 0) -> tuple[list[PolygonResult], int]:
     """Polygons where relevance >= threshold, scored, cleaned, small ones dropped (and counted):
     a region under `min_area` map units squared or under `min_area_m2` square metres of ground
     (geodesic_area_m2 by `to_equal_area`). A region whose ground area is unknown (None: no
-    transform to longitude/latitude) is not judged by `min_area_m2`: it stays."""
-    mask = (relevance >= threshold) & valid
+    transform to longitude/latitude) is not judged by `min_area_m2`: it stays. Specks and pinholes
+    of fewer than `speck_pixels` pixels are first merged into what surrounds them (without_specks)."""
+    mask = without_specks((relevance >= threshold) & valid, speck_pixels) & valid
     raw, labels = polygonize(mask, geotransform, srs)
     if not raw:
         return [], 0
@@ -415,7 +439,7 @@ def segment(raster: Raster, prompts: Sequence[str], engine, *, extent=None, thre
     for i, prompt in enumerate(prompts):
         raise_if_cancelled(cancelled)
         polygons, dropped = polygons_for_prompt(rel[i], valid, gt, srs, threshold, min_area, tolerance, to_equal_area,
-                                                min_area_m2)
+                                                min_area_m2, speck_pixels_for(engine.config.patch_size))
         results.append(PromptResult(prompt, i, polygons, float(rel[i].max()) if rel[i].size else 0.0, dropped,
                                     rel[i] if keep_relevance else None))
     # the extent segmented: the request's, also when the model saw more around it

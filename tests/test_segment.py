@@ -243,3 +243,46 @@ def test_segment_of_a_whole_globe_view_stops_at_the_rim(checkpoint, tmp_path):
     assert polygons
     west, _, east, _ = shapely.union_all(polygons).bounds
     assert -91.0 <= west < -85.0 and 85.0 < east <= 91.0, (west, east)
+
+
+def test_specks_and_pinholes_below_the_smallest_region_are_merged_into_their_surroundings():
+    """A one-pixel speck beside a region, and a one-pixel hole in it, are noise of the upsampled map:
+    merged away before polygons are made, while a region of the smallest size stays."""
+    srs = _srs("EPSG:32633")
+    relevance = np.zeros((30, 30))
+    relevance[2:14, 2:14] = 1.0
+    relevance[7, 7] = 0.0                       # a pinhole
+    relevance[20, 20] = 1.0                     # a speck
+    relevance[20:24, 25:29] = 1.0               # 16 pixels: the smallest region kept
+    args = (np.ones((30, 30), bool), (500000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0), srs, 0.5, 0.0, 0.0, None)
+    before, _ = polygons_for_prompt(relevance, *args)
+    assert sorted(r.area for r in before) == [1.0, 16.0, 143.0]
+    after, dropped = polygons_for_prompt(relevance, *args, speck_pixels=16)
+    assert sorted(r.area for r in after) == [16.0, 144.0] and dropped == 0
+    assert all(not r.geometry.interiors for r in after)
+
+
+def test_segment_makes_no_region_smaller_than_a_quarter_of_a_model_patch(checkpoint, tmp_path):
+    """Through Segment itself, on noise that a random model maps to a ragged relevance map: no
+    polygon is smaller than a quarter of the model's patch, in working pixels (one-pixel squares
+    were most of its polygons)."""
+    from backend.engine import ModelEngine
+    from backend.raster import open_raster
+    from backend.segment import segment
+    from test_raster import make_tif, noise
+
+    path = make_tif(tmp_path / "scene.tif", noise((3, 200, 260), seed=5))
+    engine = ModelEngine(checkpoint, "cpu")
+    try:
+        smallest = engine.config.patch_size ** 2 / 4
+        with open_raster(path) as raster:
+            pixel_area = abs(raster.geotransform[1] * raster.geotransform[5])
+            # the threshold at the map's median: half of it in, in the ragged pattern of noise
+            first = segment(raster, ["trees"], engine, threshold=1.0, keep_relevance=True)
+            median = float(np.median(first.results[0].relevance))
+            out = segment(raster, ["trees"], engine, threshold=median)
+    finally:
+        engine.stop()
+    areas = [p.area / pixel_area for result in out.results for p in result.polygons]
+    assert smallest > 1 and areas
+    assert min(areas) >= smallest - 0.5, sorted(areas)[:5]
