@@ -218,7 +218,9 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         except BackendError as e:
             if e.code == "CANCELLED" and feedback.isCanceled():
                 return None
-            where = f" at {settings.address}" if settings.address.strip() else ""
+            address = settings.address.strip()
+            # the connection's own messages name the address where it matters ("no backend answers at X")
+            where = f" at {address}" if address and address not in e.message else ""
             raise QgsProcessingException(f"SkyPrompt backend{where}: {e.message} ({e.code})") from None
         except SourceError as e:   # the layer's pixels could not be read as asked: the user's to fix
             raise QgsProcessingException(str(e)) from None
@@ -370,7 +372,8 @@ class SearchTilesAlgorithm(_SkyPromptAlgorithm):
             # -1 and on: the backend's defaults (query expansion, keyword matching)
             return operations.search(conn, query, k, raster_paths=paths, expand=expand if expand >= 0 else None,
                                      like_tile_id=like if like >= 0 else None,
-                                     keyword_weight=None if match_captions else 0.0, area=area)
+                                     keyword_weight=None if match_captions else 0.0, area=area,
+                                     cancelled=feedback.isCanceled)
 
         if feedback.isCanceled():
             feedback.pushInfo("cancelled: nothing written")

@@ -3485,3 +3485,36 @@ def test_a_qgis_python_older_than_3_10_is_told_it_cannot_work_not_to_install_by_
     monkeypatch.undo()
     dock.check_dependencies()
     assert not dock.deps_box.isVisibleTo(dock) and not dock.install_button.isHidden()
+
+
+def test_processing_search_stops_at_cancel_while_the_backend_does_not_answer(skyprompt_processing, tmp_path):
+    """Search tiles waited 20 s (gRPC's wait for a first frame) after Cancel for a backend that
+    accepts and never answers; and a failure names the backend's address once."""
+    import socket
+    import threading
+    import time
+
+    import processing
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()
+    address = f"127.0.0.1:{hung.getsockname()[1]}"
+    try:
+        feedback = QgsProcessingFeedback()
+        threading.Timer(0.5, feedback.cancel).start()
+        started = time.monotonic()
+        out = processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": address,
+                                                       "OUTPUT": str(tmp_path / "s.gpkg")}, feedback=feedback)
+        assert time.monotonic() - started < 3.0 and out == {}
+        assert not (tmp_path / "s.gpkg").exists()
+    finally:
+        hung.close()
+    from backend.server import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"
+    with pytest.raises(QgsProcessingException) as err:
+        processing.run("skyprompt:searchtiles", {"QUERY": "farmland", "SERVER": nobody,
+                                                 "OUTPUT": str(tmp_path / "none.gpkg")})
+    assert str(err.value).count(f"at {nobody}") == 1, str(err.value)     # (gRPC's own detail names it too)
+    del err
