@@ -108,6 +108,40 @@ def test_zero_shot_cli_json_rsscn7_layout(setup):
     assert out["top1"] == pytest.approx(100 * np.trace(cm) / 10)
 
 
+def test_unreadable_images_are_left_out_named_and_counted(setup, tmp_path, capsys):
+    """A folder training reads (it skips damaged files) evaluates too: the damaged files are named, every
+    one, left out, and the results say how many images were scored and how many were left out."""
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(setup["root"] / "scenes", scenes)
+    truncated = scenes / "grass" / "grass_cut.jpg"
+    truncated.write_bytes((scenes / "grass" / "grass_0.jpg").read_bytes()[:300])
+    fake = scenes / "river" / "river_fake.png"
+    fake.write_text("not an image")
+    zero_shot = ["zero-shot", "--checkpoint", setup["ckpt"], "--data", scenes, "--classnames", setup["names"], "--quiet"]
+    rc, out, err = run_main(capsys, *zero_shot, "--json")
+    assert rc == 0, err
+    assert "warning: 2 image(s) cannot be read and are left out; the results count the 10 scored:" in err
+    assert f"\n  {truncated}: OSError: " in err and f"\n  {fake}: UnidentifiedImageError: " in err
+    result = json.loads(out)
+    assert result["n_images"] == 10 and result["n_unreadable"] == 2
+    assert sorted(result["unreadable_images"]) == sorted([str(truncated), str(fake)])
+    rc, out, err = run_main(capsys, *zero_shot)
+    assert rc == 0 and "zero-shot classification: 10 images, 5 classes" in out
+    assert "prompt template(s); 2 unreadable image(s) left out\n" in out, err
+    # a probe's training images are checked as its held-out ones are
+    (tmp_path / "held.txt").write_text("grass/grass_1.jpg\nriver/river_1.jpg\n")
+    rc, out, err = run_main(capsys, "probe", *zero_shot[1:], "--files", tmp_path / "held.txt")
+    assert rc == 0 and "probe: 2 held-out images, 5 classes" in out and "; 2 unreadable image(s) left out\n" in out, err
+    # nothing readable: refused, every file named
+    for image in scenes.glob("*/*_[01].jpg"):
+        image.write_text("gone")
+    rc, out, err = run_main(capsys, *zero_shot)
+    assert rc == 2 and "none of the 12 images can be read: " in err and f"; {fake} (UnidentifiedImageError: " in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_caption_cli_json(setup):
     p = run_cli("caption", "--checkpoint", setup["ckpt"], "--manifest", setup["manifest"], "--json",
                 "--beam-size", "2", "--max-len", "6", "--examples", "2", "--quiet")

@@ -772,6 +772,22 @@ def test_a_validation_set_gone_bad_is_logged_not_fatal(tiny_model, tokenizer, tm
     assert row["step"] == 7 and "not in the class-name map" in row["scenes/error"]
 
 
+def test_an_unreadable_held_out_image_is_left_out_of_validation_and_named(tmp_path, capsys):
+    """It would fail every validation of its set; `training.evaluate` leaves it out alike."""
+    from training.data import Record
+    from training.train import leave_out_unreadable_held_out_images
+
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=1)
+    broken = scenes / "red" / "broken.jpg"
+    broken.write_bytes((scenes / "red" / "red_0.jpg").read_bytes()[:300])
+    held = [Record(str(p), ("a caption",), p.parent.name) for p in sorted(scenes.glob("*/*.jpg"))]
+    val_sets = {"scenes": {"kind": "zero-shot", "records": held, "classnames": CLASSES}}
+    leave_out_unreadable_held_out_images(val_sets)
+    assert [r.image for r in val_sets["scenes"]["records"]] == [r.image for r in held if r.image != str(broken)]
+    err = capsys.readouterr().err
+    assert f"warning: validation of scenes leaves out 1 unreadable held-out image(s): {broken} (OSError: " in err
+
+
 def test_the_held_out_list_of_an_unnamed_manifest_is_not_named_like_it(folder, tmp_path):
     """`--manifest train.jsonl` holds out part of it; its list must not be `val/train.jsonl`, which
     reads as the training manifest. A named source keeps `<name>.jsonl` (runs/default/val/ucm.jsonl)."""
@@ -792,6 +808,26 @@ def test_the_held_out_list_of_an_unnamed_manifest_is_not_named_like_it(folder, t
     assert cmds["train top-1"] == ["zero-shot", "--manifest", str(tmp_path / "val" / "train.val.jsonl"),
                                    "--classnames", classes]
     assert {"train mR", "train CIDEr-D", "ucm top-1", "ucm mR", "ucm CIDEr-D"} <= set(cmds)
+
+
+def test_each_unreadable_image_is_named_once_and_all_are_listed_at_the_end(tmp_path):
+    """Two loader processes, each with its copy of the dataset, meet the same damaged files: each is
+    named once, on a line of its own (not run on from the progress bar's), and the end sums them up."""
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=4)
+    truncated = scenes / "red" / "red_cut.jpg"
+    truncated.write_bytes((scenes / "red" / "red_0.jpg").read_bytes()[:300])
+    not_an_image = scenes / "blue" / "blue_fake.png"
+    not_an_image.write_text("not an image")
+    out = tmp_path / "run"
+    r = _run(_args(scenes, out, 8, "--workers", "2", "--save-every", "8"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for bad in (truncated, not_an_image):
+        named = re.findall(rf"^warning: skipping unreadable image {re.escape(str(bad))}: \w+", r.stderr, re.M)
+        assert len(named) == 1, r.stderr[-3000:]
+    listing = out / "unreadable_images.txt"
+    assert f"2 unreadable image(s) were left out of training" in r.stderr and f"all are listed in {listing}" in r.stderr
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
+        [str(truncated), str(not_an_image)])
 
 
 def test_a_set_of_nothing_but_unreadable_images_is_said_to_be_so(tmp_path, capsys):

@@ -17,8 +17,9 @@ hands the same generator to the transform. Nothing depends on worker count or on
 Unreadable images never stop a run: each is counted in `skipped` and warned about once per file.
 CaptionDataset replaces it with the next readable record, so batches stay full (every DDP rank must
 add the same number of rows to the gathered contrastive loss) and the item says how many it
-replaced; a streamed sample comes back as None instead. collate_captions drops None items and
-reports both counts as the batch's "skipped".
+replaced, and which (path, why); a streamed sample comes back as None instead. collate_captions
+drops None items and reports both counts as the batch's "skipped", and the replaced images as its
+"unreadable".
 Set the epoch with set_epoch in each epoch before iterating; DataLoader workers get a copy of the
 dataset when they start, so use persistent_workers=False (the default) or the epoch will not
 reach them.
@@ -114,6 +115,13 @@ class UnnamedClassesError(DataError):
 
 class SkippedImageWarning(UserWarning):
     """An image that could not be decoded and was left out of training."""
+
+
+class ReplacedImageWarning(SkippedImageWarning):
+    """An unreadable image a CaptionDataset replaced by the next readable one. Its item names it too
+    (collate_captions puts it in the batch's "unreadable"), so that training names each such image
+    once from its batches, in the main process, and silences this warning: each DataLoader worker
+    holds its own copy of the dataset, and would warn of the image once per copy."""
 
 
 def show_skipped_images_plainly() -> None:
@@ -731,9 +739,11 @@ def _accepts_rng(transform: Callable) -> bool:
 
 
 class Item(tuple):
-    """A dataset item (image, caption[, label]) that stood in for `replaced` unreadable images."""
+    """A dataset item (image, caption[, label]) that stood in for `replaced` unreadable images, each
+    in `unreadable` as (path, why it could not be read)."""
 
     replaced: int = 0
+    unreadable: tuple[tuple[str, str], ...] = ()
 
 
 class _CountsSkips:
@@ -744,12 +754,14 @@ class _CountsSkips:
     skipped: int = 0
     _warned: frozenset[str] = frozenset()
 
-    def _skip(self, what: str, error: BaseException) -> None:
+    def _skip(self, what: str, error: BaseException, category: type[Warning] = SkippedImageWarning) -> str:
+        """Count an unusable sample, warn of it the first time; returns why it is unusable."""
         self.skipped += 1
+        why = f"{type(error).__name__}: {error}"
         if what not in self._warned:
             self._warned = self._warned | {what}
-            warnings.warn(f"skipping unreadable image {what}: {type(error).__name__}: {error}",
-                          SkippedImageWarning, stacklevel=3)
+            warnings.warn(f"skipping unreadable image {what}: {why}", category, stacklevel=3)
+        return why
 
 
 def karpathy_sentence(sentence: dict) -> str:
@@ -833,6 +845,7 @@ class CaptionDataset(_CountsSkips, Dataset):
         (deterministically), so batches stay full: under DDP every rank must contribute the same
         number of rows to the gathered contrastive loss. None only when no record can be read."""
         n = len(self.records)
+        unreadable = []      # (path, why) of each record this item stands in for
         for k in range(n):   # k: how many unreadable records this item stands in for
             index_k = (index + k) % n
             record = self.records[index_k]
@@ -840,13 +853,15 @@ class CaptionDataset(_CountsSkips, Dataset):
             caption = self._pick_caption(record, rng)
             if self.image_rows is not None:
                 if self.image_rows[index_k] < 0:
-                    self._skip(record.image, OSError("it could not be decoded into the image bank"))
+                    why = self._skip(record.image, OSError("it could not be decoded into the image bank"),
+                                     ReplacedImageWarning)
+                    unreadable.append((record.image, why))
                     continue
                 break
             try:
                 image = load_image(record.image)
             except Exception as e:  # any decoder failure: a long run must not die on one bad file
-                self._skip(record.image, e)
+                unreadable.append((record.image, self._skip(record.image, e, ReplacedImageWarning)))
                 continue
             break
         else:
@@ -857,7 +872,7 @@ class CaptionDataset(_CountsSkips, Dataset):
             tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
         item = Item((tensor, caption) if self.labels is None else
                     (tensor, caption, self.labels.get(record.class_name, -1)))
-        item.replaced = k
+        item.replaced, item.unreadable = k, tuple(unreadable)
         return item
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
@@ -1160,8 +1175,8 @@ def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
 
     Items are (image, caption) or (image, caption, class label id). Returns {"images": [B,3,H,W],
     "tokens": LongTensor [B,T], "captions": list[str], "skipped": how many unreadable images the
-    batch dropped or replaced, and "labels": LongTensor [B] for labelled items}, or None when every
-    item was dropped. Use it with
+    batch dropped or replaced, "unreadable": (path, why) of each image it replaced (Item.unreadable),
+    and "labels": LongTensor [B] for labelled items}, or None when every item was dropped. Use it with
     functools.partial(collate_captions, tokenizer=..., context_length=...).
     """
     kept = [item for item in batch if item is not None]
@@ -1173,6 +1188,7 @@ def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
         "tokens": tokenizer(captions, context_length),
         "captions": captions,
         "skipped": len(batch) - len(kept) + sum(getattr(item, "replaced", 0) for item in kept),
+        "unreadable": [pair for item in kept for pair in getattr(item, "unreadable", ())],
     }
     if len(kept[0]) > 2:
         out["labels"] = torch.tensor([item[2] for item in kept], dtype=torch.long)

@@ -252,6 +252,27 @@ def _image_batches(paths: Sequence[str], transform, batch_size: int) -> Iterator
             yield torch.stack(list(pool.map(lambda p: _load_image(p, transform), chunk)))
 
 
+def unreadable_images(paths: Sequence[str], progress: bool = False) -> dict[str, str]:
+    """path -> why, for each of `paths` that cannot be read as an image (missing, damaged, not an
+    image): each is decoded once, on threads, as the evaluation would decode it."""
+    def problem(path: str) -> str | None:
+        try:
+            load_image(path)
+        except UNREADABLE_IMAGE as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    paths = list(dict.fromkeys(map(str, paths)))
+    found = {}
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool, \
+            _bar(len(paths), "reading images", "img", progress) as bar:
+        for path, why in zip(paths, pool.map(problem, paths)):
+            if why is not None:
+                found[path] = why
+            bar.update(1)
+    return found
+
+
 def _bar(total: int, desc: str, unit: str, progress: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False,
                 dynamic_ncols=True)
@@ -604,7 +625,8 @@ of a random tie-break, computed exactly (--ties pessimistic: as misses); a class
 one for the top score counts as a miss.
 Exit status: 0 on success, 2 on unusable input (missing checkpoint, data or class-name map, a class
 folder missing from the map, an empty set, an image whose reference captions have no word, an option
-out of its range).
+out of its range). An image that cannot be read is left out, named on stderr, and counted
+(n_unreadable); with none readable, the status is 2.
 """
 
 MANIFEST_HELP = ("JSONL manifest, one image a line: {\"image\": \"images/beach/beach03.jpg\", \"class\": \"beach\", "
@@ -846,8 +868,14 @@ def _views_note(r: dict) -> str:
     return f", {r['views']} views per image" if r.get("views", 1) != 1 else ""
 
 
+def _left_out(r: dict) -> str:
+    """The end of a headline: how many images could not be read and were left out, if any."""
+    return f"; {r['n_unreadable']} unreadable image(s) left out" if r.get("n_unreadable") else ""
+
+
 def _print_retrieval(r: dict) -> None:
-    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']}{_views_note(r)})")
+    print(f"retrieval: {r['n_images']} images, {r['n_captions']} captions (ties: {r['ties']}{_views_note(r)})"
+          f"{_left_out(r)}")
     print(f"{'':14}{'R@1':>7}{'R@5':>7}{'R@10':>7}")
     for label, key in (("image -> text", "i2t"), ("text -> image", "t2i")):
         print(f"{label:14}" + "".join(f"{r[f'{key}_r{k}']:7.1f}" for k in (1, 5, 10)))
@@ -861,7 +889,7 @@ def _print_retrieval(r: dict) -> None:
 
 def _print_zero_shot(r: dict) -> None:
     print(f"zero-shot classification: {r['n_images']} images, {len(r['classes'])} classes, "
-          f"{r['n_templates']} prompt template(s){_views_note(r)}")
+          f"{r['n_templates']} prompt template(s){_views_note(r)}{_left_out(r)}")
     print(f"top-1: {r['top1']:.2f}%" + (f"   top-5: {r['top5']:.2f}%" if "top5" in r else "")
           + f"   mean per class: {r['mean_per_class']:.2f}%")
     width = max(len(k) for k in r["classes"])
@@ -881,7 +909,7 @@ def _print_zero_shot(r: dict) -> None:
 
 def _print_probe(r: dict) -> None:
     print(f"probe: {r['n_images']} held-out images, {len(r['classes'])} classes; image-only classifiers learnt "
-          f"from {r['n_train']} other images{_views_note(r)}")
+          f"from {r['n_train']} other images{_views_note(r)}{_left_out(r)}")
     rows = (("zero-shot (class-name prompts)", r["zero_shot_top1"]),
             ("nearest class centroid", r["centroid_top1"]),
             (f"{r['k']} nearest neighbours", r["knn_top1"]),
@@ -903,7 +931,7 @@ def _print_probe(r: dict) -> None:
 
 def _print_caption(r: dict) -> None:
     print(f"captioning: {r['n_images']} images, {r['n_references']} reference captions, "
-          f"beam size {r['beam_size']}")
+          f"beam size {r['beam_size']}{_left_out(r)}")
     print(f"BLEU-4: {r['bleu4']:.4f}   CIDEr-D: {r['cider']:.4f}")
     for ex in r["examples"]:
         print(f"\n{ex['image']}\n  generated: {ex['caption']}\n  reference: {ex['references'][0]}")
@@ -1110,6 +1138,23 @@ def _jsonl_line_of(path, image) -> int | None:
     return None
 
 
+def _leave_out_unreadable(records: list, folder: list, progress: bool) -> tuple[list, list, dict[str, str]]:
+    """The records (and a probe's training `folder`) less those whose image cannot be read, and those
+    images (path -> why), each named on stderr: as training leaves such an image out, evaluation
+    scores the others and says how many it scored, rather than stopping at the first one's batch."""
+    unreadable = unreadable_images([r.image for r in (*records, *folder)], progress)
+    if not unreadable:
+        return records, folder, {}
+    kept = [r for r in records if str(r.image) not in unreadable]
+    named = "".join(f"\n  {path}: {why}" for path, why in unreadable.items())
+    if not kept:    # an error is one line
+        raise EvalError(f"none of the {len(records)} images can be read: "
+                        + "; ".join(f"{path} ({why})" for path, why in unreadable.items()))
+    print(f"warning: {len(unreadable)} image(s) cannot be read and are left out; the results count the "
+          f"{len(kept)} scored:{named}", file=sys.stderr)
+    return kept, [r for r in folder if str(r.image) not in unreadable], unreadable
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.command == "segmentation":
         return run_segmentation(args, not args.quiet)
@@ -1122,6 +1167,7 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     progress = not args.quiet
     # inputs first: a bad path fails before a model is loaded
+    folder: list = []       # probe's: the folder's images that train its image-only classifiers
     if args.command in ("probe", "zero-shot"):
         names = load_classnames(args.classnames)
         templates = _templates(args.templates)
@@ -1165,6 +1211,10 @@ def run(args: argparse.Namespace) -> dict:
                       "n-gram weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that "
                       "means something (BLEU-4 is unaffected)", file=sys.stderr)
     ckpt = Path(args.checkpoint)
+    # the images last of the inputs (it decodes each one), and before the model loads
+    records, folder, unreadable = _leave_out_unreadable(records, folder, progress)
+    if args.command == "caption":
+        references = references_to_score(records, args.manifest)
     model, tokenizer = load_checkpoint(ckpt, device=device)     # its errors say what to give instead
     start = time.perf_counter()
     if args.command == "retrieval":
@@ -1181,6 +1231,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
                                 args.max_len, args.examples, progress, references=references)
+    out["n_unreadable"], out["unreadable_images"] = len(unreadable), unreadable
     out["checkpoint"] = str(ckpt)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out

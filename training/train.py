@@ -25,6 +25,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
 from . import recipe as recipes
-from .data import DataError, expand_urls, show_skipped_images_plainly
+from .data import DataError, ReplacedImageWarning, expand_urls, show_skipped_images_plainly
 from .signals import stop_signals_interrupt
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
@@ -420,6 +421,57 @@ class OutputError(Exception):
     """--out cannot be written."""
 
 
+class UnreadableImages:
+    """The unreadable training images a run meets: each named once in the log as it is first met (the
+    first NAMED of them; past that they are counted), and all listed at the end, in OUT/FILE. The
+    batches carry them (collate_captions' "unreadable") to the main process: the datasets' own warnings
+    name an image once per DataLoader worker, each with its own copy of the dataset, and print over the
+    progress bar. Under DDP each process's are gathered to the main one at the log steps."""
+
+    NAMED = 20
+    FILE = "unreadable_images.txt"
+
+    def __init__(self, named_before: dict[str, str] | None = None):
+        # path -> why, in the order met; those named before training (by the image bank) are not again
+        self.met: dict[str, str] = dict(named_before or {})
+        self.named = len(self.met)
+        self.pending: list = []       # this process's, not yet reported
+
+    def add(self, batch: dict) -> None:
+        self.pending += batch.get("unreadable", ())
+
+    def report(self, world: int) -> None:
+        """Name the images met since the last report; under DDP a collective, which every rank calls at
+        the same step."""
+        pending, self.pending = self.pending, []
+        if world > 1:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, pending)
+            pending = [pair for part in parts for pair in part]
+        if not is_main():
+            return
+        for path, why in pending:
+            if path in self.met:
+                continue
+            self.met[path] = why
+            self.named += 1
+            if self.named <= self.NAMED:
+                log(f"warning: skipping unreadable image {path}: {why}")
+            elif self.named == self.NAMED + 1:
+                log(f"warning: more than {self.NAMED} unreadable images: the others are counted, not named here; "
+                    "the end of the run lists them all")
+
+    def summary(self, out: Path) -> None:
+        """Main process, at the end of the run: how many unreadable images it met, and where the list is."""
+        if not self.met:
+            return
+        listing = out / self.FILE
+        write_text_atomically(listing, "".join(f"{path}\t{why}\n" for path, why in self.met.items()))
+        shown = ", ".join(list(self.met)[:3]) + (", ..." if len(self.met) > 3 else "")
+        log(f"{len(self.met)} unreadable image(s) were left out of training, each replaced by another image "
+            f"({shown}): all are listed in {listing}; remove or replace them")
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed(cfg.device)
@@ -493,6 +545,8 @@ def train(cfg: TrainConfig) -> dict:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if is_main():
         warn_of_classes_without_images(train_sources, val_sets)
+    if is_main() and cfg.eval_every:
+        leave_out_unreadable_held_out_images(val_sets)
     if is_main() and cfg.eval_every and not val_sets:
         log(f"warning: --eval-every {cfg.eval_every} has nothing to validate: no images are held out (give "
             "--val-per-class N, or a recipe source with val_per_class)")
@@ -526,6 +580,7 @@ def train(cfg: TrainConfig) -> dict:
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
     bank = bank_augment = None
+    unreadable = UnreadableImages()
     if cfg.images_on_device:
         parts = device_images.caption_datasets(dataset)
         bank = device_images.ImageBank.build(parts, cfg.bank_size or image_size, device, workers=cfg.workers,
@@ -534,6 +589,9 @@ def train(cfg: TrainConfig) -> dict:
         log(f"image bank: {bank.images.shape[0] - bank.unreadable} images at {bank.side} px on {device} "
             f"({bank.images.numel() / 2**20:.0f} MiB)" + (f", {bank.unreadable} unreadable (skipped)"
                                                           if bank.unreadable else ""))
+        # the bank named its unreadable images as it decoded them
+        unreadable = UnreadableImages({r.image: "it could not be decoded into the image bank" for d in parts
+                                       for r, row in zip(d.records, d.image_rows) if row < 0})
 
     model.to(device).train()
     if cfg.freeze_image:
@@ -608,6 +666,9 @@ def train(cfg: TrainConfig) -> dict:
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch.get("labels")  # only with --class-aware (and sources that know classes)
         skipped_total += batch["skipped"]
+        unreadable.add(batch)
+        if world == 1 or step % cfg.log_every == 0 or step == cfg.steps:
+            unreadable.report(world)    # under DDP a collective: at the log steps, which every rank shares
         parts: dict[str, float] = {}
         # micro-batches cut from the batch as it came: a streamed batch shortened by unreadable
         # samples gives smaller (or fewer) ones, never an empty one, whose loss is NaN; each part's
@@ -688,6 +749,7 @@ def train(cfg: TrainConfig) -> dict:
                         write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if is_main():
+        unreadable.summary(out)
         saved = checkpoint_dirs(out)
         if saved and cfg.export_fp16:
             log(f"done: the final checkpoint is {saved[-1]}; its fp16 export, to serve, is {cfg.export_fp16}")
@@ -763,6 +825,20 @@ def warn_of_classes_without_images(train_sources: list[dict], val_sets: dict) ->
             log(f"warning: source {s['name']}: {len(missing)} class(es) of its class-name map have no images: "
                 f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}; they are not trained on, but are "
                 "candidates in its zero-shot validation: add their images, or leave them out of the map")
+
+
+def leave_out_unreadable_held_out_images(val_sets: dict) -> None:
+    """Validation scores the held-out images that can be read, as `training.evaluate` scores them: one
+    that cannot is named here and left out (the held-out lists in OUT/val keep it), where it would fail
+    every validation of its set."""
+    from .evaluate import unreadable_images
+
+    for name, vs in val_sets.items():
+        unreadable = unreadable_images([r.image for r in vs["records"]])
+        if unreadable:
+            vs["records"] = [r for r in vs["records"] if r.image not in unreadable]
+            log(f"warning: validation of {name} leaves out {len(unreadable)} unreadable held-out image(s): "
+                + "; ".join(f"{path} ({why})" for path, why in unreadable.items()))
 
 
 def run_words(cfg: TrainConfig, train_sources: list[dict]) -> TrainingWords | None:
@@ -1116,6 +1192,9 @@ def _readable_batch(stream, world: int, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     show_skipped_images_plainly()
+    # the training loop names these images once, from the batches (UnreadableImages); set before the
+    # data loader's processes start, which inherit it
+    warnings.filterwarnings("ignore", category=ReplacedImageWarning)
     # a scheduler's or `timeout`'s SIGTERM (and a closed terminal's SIGHUP) stops the run as Ctrl-C does:
     # it says which checkpoint to resume from, where the signal's default would end it without a word
     stop_signals_interrupt()
