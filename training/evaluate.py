@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from backend.defaults import VIEW_COUNTS, VIEW_HELP, check_edge_radius
 from backend.files import reader_stopped_reading
-from backend.model.checkpoint import CheckpointError, load_checkpoint
+from backend.model.checkpoint import CheckpointError, load_checkpoint, read_config
 from backend.model.prompts import ensemble_prompts, pool_ensemble
 
 from . import metrics as M
@@ -1211,11 +1211,12 @@ def run(args: argparse.Namespace) -> dict:
                       "n-gram weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that "
                       "means something (BLEU-4 is unaffected)", file=sys.stderr)
     ckpt = Path(args.checkpoint)
+    read_config(ckpt)       # a quick look: its errors say what to give instead
     # the images last of the inputs (it decodes each one), and before the model loads
     records, folder, unreadable = _leave_out_unreadable(records, folder, progress)
     if args.command == "caption":
         references = references_to_score(records, args.manifest)
-    model, tokenizer = load_checkpoint(ckpt, device=device)     # its errors say what to give instead
+    model, tokenizer = load_checkpoint(ckpt, device=device)
     start = time.perf_counter()
     if args.command == "retrieval":
         out = evaluate_retrieval(model, tokenizer, records, device, args.batch_size, progress, ties=args.ties,

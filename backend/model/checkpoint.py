@@ -233,8 +233,28 @@ def _run_export(run: Path) -> Path | None:
     return next((c for c in candidates if (c / CONFIG).is_file()), None)
 
 
+def _check_is_a_folder(directory: Path) -> None:
+    """CheckpointError for a checkpoint path that is no folder: missing (or set aside by a save that was
+    interrupted), or one of a checkpoint's files."""
+    if directory.is_dir():
+        return
+    aside = list(directory.parent.glob(f"{_aside_prefix(directory)}*")) if directory.name else []
+    if aside and not directory.exists():
+        newest = max(aside, key=lambda p: p.stat().st_mtime)
+        raise CheckpointError(f"checkpoint directory {directory} does not exist: a save into it was interrupted, "
+                              f"and the checkpoint before it is {newest}; rename that back to use it")
+    if directory.is_file():
+        folder = f"its folder, {directory.parent}" if directory.name in (WEIGHTS, CONFIG, TOKENIZER) else "that folder"
+        raise CheckpointError(f"checkpoint {directory} is a file; a checkpoint is the folder that holds {WEIGHTS}, "
+                              f"{CONFIG} and {TOKENIZER}: give {folder}")
+    raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
+
+
 def read_config(directory: str | os.PathLike) -> MaMMUTConfig:
+    """The model config of the checkpoint in `directory`, a quick check that it is one; CheckpointError
+    saying what is wrong and what to give instead (a file, a run's folder)."""
     directory = Path(directory)
+    _check_is_a_folder(directory)
     path = directory / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a checkpoint directory needs {WEIGHTS}, {CONFIG} and {TOKENIZER}"
@@ -265,17 +285,6 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
                     dtype: torch.dtype = torch.float32) -> tuple[MaMMUT, Tokenizer]:
     """Load (model in eval mode, tokenizer) from a checkpoint directory, checking everything."""
     directory = Path(directory)
-    if not directory.is_dir():
-        aside = list(directory.parent.glob(f"{_aside_prefix(directory)}*")) if directory.name else []
-        if aside and not directory.exists():
-            newest = max(aside, key=lambda p: p.stat().st_mtime)
-            raise CheckpointError(f"checkpoint directory {directory} does not exist: a save into it was interrupted, "
-                                  f"and the checkpoint before it is {newest}; rename that back to use it")
-        if directory.is_file():
-            raise CheckpointError(f"checkpoint {directory} is a file; a checkpoint is the folder that holds {WEIGHTS}, "
-                                  f"{CONFIG} and {TOKENIZER}: give " + (f"its folder, {directory.parent}" if directory.name
-                                                                       in (WEIGHTS, CONFIG, TOKENIZER) else "that folder"))
-        raise CheckpointError(f"checkpoint directory {directory} does not exist (or is not a directory)")
     cfg = read_config(directory)
     tok_path = directory / TOKENIZER
     if not tok_path.is_file():
