@@ -51,6 +51,20 @@ def test_close_spellings_catch_typing_errors():
     assert "park" not in words.close_spellings("parkng", n=5)      # seen twice: not familiar
 
 
+def test_two_swapped_letters_are_one_typing_error_and_trees_has_no_treees():
+    """"hosues", "fiedls" and "rvier" (two letters swapped) got no suggestion, and "treees" passed as
+    a plural of "tree" (and "tree" counted "treees" as its own)."""
+    words = TrainingWords(count_words(["houses beside fields and a river with trees and churches"] * 3
+                                      + ["a box", "two boxes", "one box"]))
+    assert words.close_spellings("hosues") == ["houses"]
+    assert words.close_spellings("fiedls") == ["fields"]
+    assert words.close_spellings("rvier") == ["river"]
+    assert words.unfamiliar("treees") == ["treees"] and words.close_spellings("treees") == ["trees"]
+    assert words.count("tree") == 3 and TrainingWords({"treees": 5}).count("tree") == 0
+    assert words.count("church") == 3 and words.count("box") == 3        # -es plurals still count
+    assert words.close_spellings("cat") == []                            # three letters: too many words are one edit away
+
+
 def test_word_file_round_trip_and_errors(tmp_path):
     assert TrainingWords.load(tmp_path) is None                       # optional: absent is no list
     words = TrainingWords({"pier": 4, "tank": 9}, "toy")

@@ -15,7 +15,6 @@ The file is optional: a checkpoint without it works as before and reports no wor
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -31,9 +30,6 @@ FORMAT = "skyprompt-words"
 FORMAT_VERSION = 1
 # a word seen once or twice in ten thousand captions has not been learned
 RARE_COUNT = 3
-# difflib's similarity ratio a familiar word needs to be offered as a close spelling: one letter
-# missing, doubled or swapped in a word of six or more letters passes, an unrelated word does not
-CLOSE_SPELLING_RATIO = 0.85
 # letters of any script (not digits or "_"), with an inner apostrophe: "bird's", "são", "großstadt"
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
@@ -57,18 +53,49 @@ def count_words(texts: Iterable[str]) -> Counter:
     return counts
 
 
+# "-es" makes a plural only after these endings (boxes, churches, buses); after others ("trees") it
+# is "-s" after an "e", so "treees" is a typo of "trees", not a plural of "tree"
+_ES_PLURAL_AFTER = ("s", "x", "z", "ch", "sh")
+
+
 def _forms(word: str) -> set[str]:
-    """The word and its likely singular / plural ("tanks" -> tank; "ches" / "sses" -> -ch, -ss; "y" <-> "ies")."""
-    forms = {word, word + "s", word + "es"}
+    """The word and its likely singular / plural ("tanks" -> tank; "churches" -> church; "y" <-> "ies")."""
+    forms = {word, word + "s"}
+    if word.endswith(_ES_PLURAL_AFTER):
+        forms.add(word + "es")
     if word.endswith("ies"):
         forms.add(word[:-3] + "y")
     if word.endswith("y"):
         forms.add(word[:-1] + "ies")
-    if word.endswith("es"):
+    if word.endswith("es") and word[:-2].endswith(_ES_PLURAL_AFTER):
         forms.add(word[:-2])
     if word.endswith("s"):
         forms.add(word[:-1])
     return forms
+
+
+def spelling_distance(a: str, b: str, most: int) -> int:
+    """Edits between two words, a swap of two neighbouring letters being one edit (the optimal string
+    alignment distance), or most + 1 when it is more than `most`."""
+    if abs(len(a) - len(b)) > most:
+        return most + 1
+    before, row = None, list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (ca != cb))
+            if before is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                current[j] = min(current[j], before[j - 2] + 1)
+        if min(current) > most:
+            return most + 1
+        before, row = row, current
+    return min(row[-1], most + 1)
+
+
+def _edits_allowed(word: str) -> int:
+    """How many typing errors a word of this length may hold and still be recognised: none in a word
+    of three letters or fewer (one edit reaches too many words), one from four letters, two from ten."""
+    return 0 if len(word) < 4 else 1 if len(word) < 10 else 2
 
 
 class TrainingWords:
@@ -98,15 +125,21 @@ class TrainingWords:
         return out
 
     def close_spellings(self, word: str, n: int = 2) -> list[str]:
-        """Up to n familiar words (seen at least RARE_COUNT times) spelled nearly like `word`, closest
-        first; none that is only a form of the word itself or of a word already offered."""
+        """Up to n familiar words (seen at least RARE_COUNT times) within _edits_allowed(word) typing
+        errors of `word` (a letter missing, extra, wrong, or two swapped: "hosues" -> houses), fewest
+        edits first, then the most often seen; none that is only a form of the word itself or of a
+        word already offered."""
         if self._familiar is None:
             self._familiar = sorted(w for w in self.counts if len(w) > 2 and self.count(w) >= RARE_COUNT)
         word = word.lower()
-        own = _forms(word)
+        most = _edits_allowed(word)
+        if not most:
+            return []
+        near = sorted((d, -self.count(w), w) for w in self._familiar
+                      if (d := spelling_distance(word, w, most)) <= most)
         out: list[str] = []
-        taken = set(own)
-        for close in difflib.get_close_matches(word, self._familiar, n=3 * n + len(own), cutoff=CLOSE_SPELLING_RATIO):
+        taken = set(_forms(word))
+        for _, _, close in near:
             if not _forms(close) & taken:   # neither the word's own forms nor another form of one offered
                 out.append(close)
                 taken |= _forms(close)
