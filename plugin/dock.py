@@ -439,8 +439,11 @@ class SkyPromptDock(QDockWidget):
                 self._message(f"{what}: the answer came after {why}, so it was dropped", Qgis.Info, 6)
                 self.taskDone.emit(kind, None)
                 return
-            if error is not None and error.code == "UNAVAILABLE" and kind != "health":
-                self.refresh_health()       # the light must not stay on "serving" for a backend gone
+            # the light must not stay on "serving" for a backend gone, or one that cancelled the call
+            # because it was stopping (a cancel the user did not ask for)
+            backend_cancelled = error is not None and error.code == "CANCELLED" and not task.isCanceled()
+            if error is not None and (error.code == "UNAVAILABLE" or backend_cancelled) and kind != "health":
+                self.refresh_health()
             if error is None:
                 try:
                     shown(result)

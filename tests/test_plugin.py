@@ -2039,9 +2039,11 @@ def test_gpkg_layer_names_differing_only_in_case_do_not_replace_each_other(qgis_
 
 def test_a_backend_that_stops_during_segment_is_an_error_in_the_panel(dock, iface, rasters, own_backend):  # noqa: F811
     """The backend cancels running calls when it stops (Stop local backend, SIGTERM): not the user's
-    cancel, so the panel says Segment failed instead of showing nothing."""
+    cancel, so the panel says Segment failed instead of showing nothing, and checks the light again
+    (it stayed on "serving")."""
     server, address = own_backend.start()
     dock.settings.address = address
+    assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "SERVING"
     layer = QgsRasterLayer(str(slow_raster(rasters)), "slow")
     segment_whole_layer_setup(dock, iface, layer)
     stopping = []
@@ -2059,6 +2061,7 @@ def test_a_backend_that_stops_during_segment_is_an_error_in_the_panel(dock, ifac
     assert stopping and error is not None and error.code == "CANCELLED"
     failed = [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Critical)]
     assert len(failed) == 1 and "failed: the backend cancelled the call" in failed[0], failed
+    wait_until(lambda: dock.health_state != "SERVING", 30, "the light checked again after the backend stopped")
 
 
 def test_processing_a_backend_that_stops_mid_run_is_an_error(skyprompt_processing, rasters, own_backend, tmp_path):  # noqa: F811
