@@ -12,7 +12,8 @@ import os
 from collections import Counter
 
 from qgis.core import (Qgis, QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCsException,
-                       QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle, QgsTask)
+                       QgsGeometry, QgsMapLayerProxyModel, QgsMessageLog, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsTask)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMapToolExtent
 from qgis.PyQt.QtCore import QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QIcon, QPixmap
@@ -1009,6 +1010,14 @@ class SkyPromptDock(QDockWidget):
             return self.drawn_rect
         return QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
 
+    def _rotated_view(self) -> QgsGeometry | None:
+        """What a rotated map shows, a turned rectangle in the map's CRS, when the area is the map's
+        (canvas.extent() is then the box round it: up to twice the ground the map shows); None for a
+        map not rotated, or a drawn rectangle."""
+        if self.area.currentIndex() == 1 or not self.canvas.rotation():
+            return None
+        return results.visible_polygon(self.canvas.mapSettings())
+
     def _canvas_resolution(self, rect_in_layer: QgsRectangle) -> float:
         """Map units (of the layer) per screen pixel: what a tile service is read at."""
         size = self.canvas.mapSettings().outputSize()
@@ -1023,6 +1032,7 @@ class SkyPromptDock(QDockWidget):
             if layer is None:
                 raise SourceError("choose a raster layer to segment")
             rect, crs = self._area()
+            rotated_view = self._rotated_view()
             in_layer = to_layer_crs(rect, crs, layer)
             if not in_layer.intersects(layer.extent()):
                 raise SourceError(f"the area does not overlap layer {layer.name()!r}: pan to it or draw another")
@@ -1057,6 +1067,10 @@ class SkyPromptDock(QDockWidget):
             out_crs = layer_crs
             if answers and answers[0].crs.wkt:
                 out_crs = QgsCoordinateReferenceSystem.fromWkt(answers[0].crs.wkt)
+            cut_note = ""
+            if rotated_view is not None:    # the box round the view was segmented: kept to the view
+                features = results.keep_within(features, results.in_crs(rotated_view, crs, out_crs), min_area)
+                cut_note = " (the map is rotated: its box was segmented, and the polygons cut to what it shows)"
             name = f"SkyPrompt: {', '.join(prompts)}"
             out = results.memory_layer(name, out_crs, results.segment_fields(), features)
             results.style_by_prompt(out, prompts)
@@ -1064,8 +1078,8 @@ class SkyPromptDock(QDockWidget):
                 out = results.write_gpkg(out, output, name)
             QgsProject.instance().addMapLayer(out)
             self.last_layer = out
-            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}{results.dropped_note(answers)}",
-                          Qgis.Success, 4)
+            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}{results.dropped_note(answers)}"
+                          f"{cut_note}", Qgis.Success, 4)
             unfamiliar = operations.distinct_unfamiliar(answers)
             if unfamiliar:
                 self._message(operations.unfamiliar_note(unfamiliar), Qgis.Warning, 12)
@@ -1104,6 +1118,7 @@ class SkyPromptDock(QDockWidget):
             self.taskDone.emit("caption", e)
             return None
         max_side, resolution = self.settings.max_pixel_side, self._canvas_resolution(in_layer)
+        rotated = bool(self.canvas.rotation())
 
         def work(conn, task):
             return operations.caption(conn, prepared, rect, crs, in_layer, max_side, resolution, notes=task.notes,
@@ -1111,6 +1126,9 @@ class SkyPromptDock(QDockWidget):
 
         def shown(answer):
             self.caption.setPlainText(answer.caption)
+            if rotated:     # a caption is of one rectangle (CaptionRequest.extent): no polygon can be sent
+                self._message("the map is rotated: the caption is of the box round the view, which holds ground "
+                              "beside what the map shows", Qgis.Info, 6)
 
         return self._task("caption", f"SkyPrompt: describing {layer.name()}", work, shown)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem, QgsFeature, QgsField,
-                       QgsFields, QgsFillSymbol, QgsGeometry, QgsGradientColorRamp, QgsGraduatedSymbolRenderer,
-                       QgsPointXY, QgsRendererCategory, QgsVectorFileWriter, QgsVectorLayer, QgsProject, QgsWkbTypes)
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsClassificationEqualInterval, QgsCoordinateReferenceSystem,
+                       QgsCoordinateTransform, QgsFeature, QgsField, QgsFields, QgsFillSymbol, QgsGeometry,
+                       QgsGradientColorRamp, QgsGraduatedSymbolRenderer, QgsPointXY, QgsRendererCategory,
+                       QgsVectorFileWriter, QgsVectorLayer, QgsProject, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QColor
 
@@ -98,6 +99,42 @@ def segment_features(results) -> list[QgsFeature]:
             f.setAttributes([result.prompt, float(p.score), float(p.max_score), float(p.area_m2)])
             out.append(f)
     return out
+
+
+def in_crs(geometry: QgsGeometry, source: QgsCoordinateReferenceSystem,
+           target: QgsCoordinateReferenceSystem) -> QgsGeometry:
+    """A polygon of `source` in `target`, its sides given points along them first: a straight side
+    in one CRS is a curve in another."""
+    out = geometry.densifyByCount(16)
+    if source != target:
+        out.transform(QgsCoordinateTransform(source, target, QgsProject.instance()))
+    return out
+
+
+def keep_within(features: list[QgsFeature], area: QgsGeometry, min_area_m2: float = 0.0) -> list[QgsFeature]:
+    """Segment features (segment_features) cut to `area`, a polygon in their CRS: what a rotated map
+    shows of the box round it that was segmented. Those wholly outside go; the others lose their parts
+    outside, and their area_m2 in proportion. One cut smaller than `min_area_m2` goes too, as the
+    backend drops a polygon cut small at the edge of the area it segments (an area_m2 of 0 is unknown,
+    and kept)."""
+    kept = []
+    for feature in features:
+        geometry = feature.geometry()
+        if area.contains(geometry):
+            kept.append(feature)
+            continue
+        cut = geometry.intersection(area)
+        cut.convertGeometryCollectionToSubclass(QgsWkbTypes.PolygonGeometry)   # not the points and lines it touches
+        if cut.isEmpty() or cut.area() <= 0:
+            continue
+        area_m2 = feature["area_m2"] * cut.area() / geometry.area()
+        if 0 < area_m2 < min_area_m2:
+            continue
+        out = QgsFeature(feature)
+        out.setGeometry(cut)
+        out["area_m2"] = area_m2
+        kept.append(out)
+    return kept
 
 
 def unused_layer_name(name: str) -> str:

@@ -1016,6 +1016,46 @@ def test_segment_canvas_extent_in_another_project_crs_lands_on_the_right_ground(
     dock.output.setFilePath("")
 
 
+def test_segment_and_describe_of_a_rotated_map_keep_to_what_it_shows(dock, iface, rasters):  # noqa: F811
+    """A rotated map's extent is the box round the turned view (up to twice the ground it shows):
+    Segment's polygons are cut to what the map shows, none lies beside it, and the message says the
+    box was segmented; Describe, whose request takes a rectangle only, says its caption is of the box."""
+    layer = QgsRasterLayer(str(rasters["rgb"]), "ortho")
+    QgsProject.instance().addMapLayer(layer)
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    iface.canvas.setDestinationCrs(mercator)
+    to_map = QgsCoordinateTransform(layer.crs(), mercator, QgsProject.instance())
+    iface.canvas.setExtent(to_map.transformBoundingBox(layer_rect(layer, (0.35, 0.35, 0.65, 0.65))))
+    iface.canvas.setRotation(30.0)
+    try:
+        from plugin.results import in_crs, visible_polygon
+
+        view = in_crs(visible_polygon(iface.canvas.mapSettings()), mercator, layer.crs())
+        box = to_map.transformBoundingBox(iface.canvas.extent(), QgsCoordinateTransform.ReverseTransform)
+        assert box.width() * box.height() > 1.3 * view.area()           # the box holds ground beside the view
+        dock.area.setCurrentIndex(0)
+        dock.segment_layer.setLayer(layer)
+        dock.prompts.setText("fields")
+        dock.threshold.setValue(0.0)                                     # everything passes: the area covered
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "segment", dock.segment) is None
+        said = [text for _, text, _ in iface.message_bar.messages[before:]]
+        assert any("the map is rotated: its box was segmented" in t for t in said), said
+        union = QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layer.getFeatures()])
+        pixel = layer.rasterUnitsPerPixelX()
+        assert view.buffer(pixel, 4).contains(union)                     # nothing beside the view...
+        assert union.area() > 0.9 * view.area()                          # ...and the view covered
+        assert all(0 < f["area_m2"] < 1.01 * view.area() for f in dock.last_layer.getFeatures())
+        dock.describe_layer.setLayer(layer)
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "caption", dock.describe) is None
+        said = [text for _, text, _ in iface.message_bar.messages[before:]]
+        assert any("the caption is of the box round the view" in t for t in said), said
+    finally:
+        iface.canvas.setRotation(0.0)
+        dock.threshold.setValue(0.5)
+
+
 def test_drawn_rectangle_and_min_area(dock, layers, iface):
     layer = layers[0]
     iface.canvas.setDestinationCrs(layer.crs())
