@@ -41,6 +41,27 @@ def shortened(text: str, limit: int = 120) -> str:
     whole made a message nobody can read."""
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
+def search_refusal(error, names: dict, address: str, like_tile_id: int | None):
+    """A search's BackendError in the panel's words where the backend does not know what it was asked
+    about (NOT_FOUND): a ticked layer, which it names by its real path (`names`: real path -> layer
+    name), or the result "More like this tile" started from; else `error` itself."""
+    from .connection import BackendError
+
+    if error.code != "NOT_FOUND":
+        return error
+    missing = [names[p] for p in names if p in error.message]
+    if missing:
+        if "was indexed with checkpoint" in error.message:     # the Indexed window's words for it
+            return BackendError(error.code, f"layer {missing[0]!r} on the backend at {address} is indexed with "
+                                            "another model: press Index, then search")
+        return BackendError(error.code, f"layer {missing[0]!r} is not indexed on the backend at {address}: "
+                                        "tick it and press Index, then search")
+    if like_tile_id is not None and f"tile {like_tile_id} is not" in error.message:
+        # indexing a raster again gives its tiles new ids (IndexResult: a raster replaced)
+        return BackendError(error.code, "this result is from before the raster was indexed again: search again")
+    return error
+
+
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
           "REFUSED": ("#ff7f0e", "answers, but refuses this plugin"),
           "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
@@ -137,6 +158,10 @@ class SkyPromptDock(QDockWidget):
         self.indexed: dict[str, set[str]] = {}
         self._closed = False                   # shutdown() ran: callbacks must not touch the widgets
         self.hits = []
+        # the checkpoint the backend ran at its last health check, and the one of the results listed
+        # (when known): a backend restarted with another at the same address knows none of their tiles
+        self.checkpoint_hash = ""
+        self.hits_checkpoint = ""
         self._watched_names: set[str] = set()   # layers whose renaming refreshes the list of layers to search
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
@@ -658,6 +683,7 @@ class SkyPromptDock(QDockWidget):
                 self.info.setText(f"the backend at {self.settings.address} refuses this plugin: {refusal}; "
                                   "fix it in SkyPrompt settings (Token, TLS)")
             elif info is not None:
+                self._checkpoint_seen(info.checkpoint_hash)
                 stats = info.index_stats
                 self.info.setText(f"{info.model_name} ({info.model_preset}, {info.image_size} px) on {info.device} · "
                                   f"{stats.raster_count} rasters, {stats.tile_count} tiles indexed")
@@ -668,6 +694,17 @@ class SkyPromptDock(QDockWidget):
                                   "'Start local backend' or check the address")
 
         return self._task("health", "SkyPrompt: checking the backend", work, shown)
+
+    def _checkpoint_seen(self, checkpoint: str) -> None:
+        """A health check saw the backend run `checkpoint`: results listed from another one (it was
+        restarted with another model at this address) name tiles and scores it does not have, so
+        they are cleared rather than left to fail."""
+        if self.hits and self.hits_checkpoint and checkpoint != self.hits_checkpoint:
+            self.hits = []
+            self.result_list.clear()
+            self._message(f"the backend at {self.settings.address} now runs another model than the one the results "
+                          "listed came from: they were cleared; search again", Qgis.Info, 8)
+        self.checkpoint_hash = checkpoint
 
     def toggle_backend(self) -> None:
         if self.backend.running:
@@ -917,12 +954,7 @@ class SkyPromptDock(QDockWidget):
                                          like_tile_id=like_tile_id, raster_paths=raster_paths,
                                          keyword_weight=keyword_weight, area=area, cancelled=task.isCanceled)
             except BackendError as e:
-                # the server names the raster it does not know by its path: say which layer, in the panel's words
-                missing = [names[p] for p in names if e.code == "NOT_FOUND" and p in e.message]
-                if missing:
-                    raise BackendError(e.code, f"layer {missing[0]!r} is not indexed on the backend at {address}: "
-                                               "tick it and press Index, then search") from None
-                raise
+                raise search_refusal(e, names, address, like_tile_id) from None
 
         def shown(response):
             for note in operations.unsearchable_notes(response, names):
@@ -943,6 +975,7 @@ class SkyPromptDock(QDockWidget):
 
     def show_hits(self, query: str, hits: list, names: dict, empty_note: str = "") -> None:
         self.hits = hits
+        self.hits_checkpoint = self.checkpoint_hash
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):
             text = f"{rank}.  score {h.score:.3f}  ·  tile {h.tile_id}\n{names.get(h.raster_path, h.raster_name)}"

@@ -930,6 +930,55 @@ def test_more_like_this_tile_searches_by_the_selected_result(dock, layers):
     assert not dock.like_button.isEnabled()                       # a new list, nothing selected
 
 
+def test_results_of_a_backend_restarted_with_another_model_are_cleared(dock, iface, rasters, checkpoint,  # noqa: F811
+                                                                     tiny_config, tokenizer, tmp_path):
+    """Results name tiles of the index of the backend that found them: "More like this tile" on one
+    whose raster was indexed again says so in the panel's words (not the wire's SearchHit.tile_id);
+    a health check that finds the backend restarted with another model at the same address clears
+    them; and searching a layer indexed with the model before says to press Index, as the Indexed
+    window says "indexed with another model"."""
+    import torch
+    from backend.model import MaMMUT
+    from backend.model.checkpoint import save_checkpoint
+    from backend.server import Server
+
+    def serve(model: Path, port: int = 0) -> Server:
+        server = Server(model, port=port, device="cpu", data_dir=tmp_path / "data", allowed_roots=[rasters["folder"]],
+                        token=TOKEN)
+        server.start()
+        return server
+
+    server = serve(checkpoint)
+    try:
+        address = dock.settings.address = f"127.0.0.1:{server.port}"
+        QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "ortho"))
+        assert run_dock(dock, "index", dock.index_layers) is None
+        assert run_dock(dock, "health", dock.refresh_health) is None
+        dock.query.setText("fields")
+        assert run_dock(dock, "search", dock.search) is None and dock.hits
+        # indexed again with other settings: its tiles have new ids
+        assert with_checked(dock.rotation_views, True, lambda: run_dock(dock, "index", dock.index_layers)) is None
+        dock.result_list.setCurrentRow(0)
+        error = run_dock(dock, "search", dock.search_like_selected)
+        assert error.message == "this result is from before the raster was indexed again: search again"
+        assert dock.result_list.count() > 0                                 # the same model still: kept
+        assert run_dock(dock, "health", dock.refresh_health) is None and dock.result_list.count() > 0
+        # restarted at the same address with another model
+        server.stop(grace=1.0)
+        torch.manual_seed(7)
+        server = serve(save_checkpoint(MaMMUT(tiny_config).eval(), tokenizer, tmp_path / "other"), int(server.port))
+        before = len(iface.message_bar.messages)
+        assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "SERVING"
+        assert not dock.hits and dock.result_list.count() == 0
+        said = [text for _, text, _ in iface.message_bar.messages[before:]]
+        assert any("now runs another model than the one the results listed came from" in t for t in said), said
+        error = run_dock(dock, "search", dock.search)
+        assert error.message == (f"layer 'ortho' on the backend at {address} is indexed with another model: "
+                                 "press Index, then search")
+    finally:
+        server.stop(grace=1.0)
+
+
 def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
     """SearchResponse.unfamiliar_words (the test checkpoint's word list has "roads" and "houses", not
     "quarries") becomes a warning in the message bar; a query of familiar words gets none."""
