@@ -477,7 +477,8 @@ class SkyPromptDock(QDockWidget):
                     error = e
                     self._message(f"{what}: {e}", Qgis.Critical)
             elif not (error.code == "CANCELLED" and task.isCanceled()):   # a backend that stopped is an error
-                self._message(f"{what} failed: {shortened(error.message, 600)}", Qgis.Critical)
+                self._message(f"{what} failed: {shortened(operations.in_panel_words(error.message), 600)}",
+                              Qgis.Critical)
                 if failed is not None:
                     failed(error)
             for note in task.notes:
@@ -680,8 +681,10 @@ class SkyPromptDock(QDockWidget):
             state, info, refusal = result
             self._show_light(state)
             if refusal:
-                self.info.setText(f"the backend at {self.settings.address} refuses this plugin: {refusal}; "
-                                  "fix it in SkyPrompt settings (Token, TLS)")
+                refusal = operations.in_panel_words(refusal)
+                # the panel's own advice, where the refusal does not say what to fix in the settings
+                advice = "" if "SkyPrompt settings" in refusal else "; fix it in SkyPrompt settings (Token, TLS)"
+                self.info.setText(f"the backend at {self.settings.address} refuses this plugin: {refusal}{advice}")
             elif info is not None:
                 self._checkpoint_seen(info.checkpoint_hash)
                 stats = info.index_stats

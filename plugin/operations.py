@@ -217,8 +217,14 @@ def raster_state(entry) -> str:
     return "up to date"
 
 
+# the backend's refusal of a token tells any client what to send on the wire and which option sets it
+_TOKEN_ADVICE = re.compile(r"send the metadata '[^']*' with the token the server was started with \([^)]*\)")
+
+
 def in_panel_words(text: str) -> str:
-    """A backend message without the command-line client's commands it names, "(client index)"."""
+    """A backend message without the command-line client's commands it names, "(client index)", and
+    a refused token said as what to fix in SkyPrompt settings."""
+    text = _TOKEN_ADVICE.sub("fix it in SkyPrompt settings (Token: the one the backend was started with)", text)
     return re.sub(r" \(client \w+\)", "", text)
 
 

@@ -868,6 +868,22 @@ def test_a_backend_that_refuses_the_plugins_token_shows_on_the_light(dock, iface
     assert "fix it in SkyPrompt settings" in dock.info.text() and "token" in dock.info.text()
 
 
+def test_a_refused_token_is_said_in_the_panels_words(dock, iface):
+    """The backend's refusal of a token names the wire's metadata and the command-line client's
+    options: the info line and a failed call's message say what to fix in SkyPrompt settings instead."""
+    dock.settings.token = "not-the-token"
+    assert run_dock(dock, "health", dock.refresh_health) is None and dock.health_state == "REFUSED"
+    dock.query.setText("fields")
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "search", dock.search).code == "UNAUTHENTICATED"
+    failed = [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Critical)]
+    assert len(failed) == 1, failed
+    for said in (dock.info.text(), failed[0]):
+        assert "missing or wrong token: fix it in SkyPrompt settings (Token: the one the backend was started with)" \
+            in said, said
+        assert not any(jargon in said for jargon in ("metadata", "Bearer", "client", "--token")), said
+
+
 def test_index_with_rotation_views_reaches_the_backend(dock, layers, iface):
     """The dock's "Rotation views" box asks for 4 views per tile: other views than the layers' index
     holds re-index them, the same again does not, and unticked goes back to the backend's default."""
