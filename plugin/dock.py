@@ -481,8 +481,9 @@ class SkyPromptDock(QDockWidget):
                               Qgis.Critical)
                 if failed is not None:
                     failed(error)
-            for note in task.notes:
-                self._message(note, Qgis.Warning)
+            if error is None:   # the notes say how the work was done: a coarser read, a cap, bands guessed
+                for note in task.notes:
+                    self._message(note, Qgis.Warning)
             self.taskDone.emit(kind, error)
 
         task = BackendTask(description, settings or self.settings, work, done)

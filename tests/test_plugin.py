@@ -2012,6 +2012,18 @@ def test_segment_of_a_file_area_over_the_backends_limit_is_read_coarser(dock, if
     dock.area.setCurrentIndex(0)
 
 
+def test_a_segment_that_fails_does_not_say_it_was_read_coarser(dock, iface, rasters, own_backend):  # noqa: F811
+    """The note that an area over the backend's limit is segmented at a coarser resolution comes
+    only with polygons: a Segment the backend refuses did no such thing."""
+    _, address = own_backend.start(limits=Limits(max_extent_pixels=200 * 200))
+    dock.settings.address = address
+    segment_whole_layer_setup(dock, iface, QgsRasterLayer(str(rasters["rgb"]), "ortho"), "houses, Houses.")
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "segment", dock.segment).code == "INVALID_ARGUMENT"      # prompts the model reads as one
+    said = [text for _, text, _ in iface.message_bar.messages[before:]]
+    assert any("read the same to the model" in t for t in said) and not any("coarser" in t for t in said), said
+
+
 def test_describe_of_a_view_a_few_pixels_wide_is_refused(dock, iface, rasters):  # noqa: F811
     """Enlarged to the model's input, three pixels are a blur that still gets a confident caption."""
     layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "rgb"))
