@@ -462,7 +462,11 @@ class SkyPromptDock(QDockWidget):
             if error is None and kind in RESULT_KINDS and (moved or self._project_generation != generation):
                 # its ids name another backend's rasters and tiles, or its layer would land in another project
                 why = "the backend address changed" if moved else "the project was closed"
-                self._message(f"{what}: the answer came after {why}, so it was dropped", Qgis.Info, 6)
+                dropped = f"the answer came after {why}, so it was dropped"
+                if kind == "index":     # the backend's index has the rasters all the same
+                    dropped = (f"the backend at {address} indexed {len(result[0])} of them, but the answer came "
+                               f"after {why}, so only the panel's report of it was dropped")
+                self._message(f"{what}: {dropped}", Qgis.Info, 6)
                 self.taskDone.emit(kind, None)
                 return
             # the light must not stay on "serving" for a backend gone, or one that cancelled the call

@@ -3312,6 +3312,17 @@ def test_answers_that_come_too_late_are_dropped_and_a_search_runs_once(dock, lay
     assert dock._health_asked == asked + 1
 
 
+def test_an_index_answered_after_the_project_closed_says_the_backend_indexed_it(dock, iface, rasters):  # noqa: F811
+    """The panel drops an Index answer that comes after the project was closed, but the backend did
+    index the file: the message says so, not that the indexing was dropped."""
+    QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "ortho"))
+    before = len(iface.message_bar.messages)
+    assert run_dock(dock, "index", lambda: (dock.index_layers(), QgsProject.instance().clear())) is None
+    said = [text for _, text, _ in iface.message_bar.messages[before:]]
+    assert f"indexing 1 layer(s): the backend at {dock.settings.address} indexed 1 of them, but the answer came " \
+           "after the project was closed, so only the panel's report of it was dropped" in said, said
+
+
 def test_describe_of_a_map_off_its_globe_is_one_line(dock, layers, iface):
     """An orthographic map panned into empty space: the view has no place in the layer's CRS. A
     message, not a Python error out of the button."""
