@@ -457,7 +457,9 @@ def serve(args: argparse.Namespace) -> int:
         # the index is crash-safe, so leave from the handler itself. A KeyboardInterrupt raised here
         # would have to unwind through the native code loading now (gRPC, torch), which can drop it
         # (the server would then start anyway) or abort the process on it
-        print("skyprompt serve: interrupted while starting; nothing was served", file=sys.stderr, flush=True)
+        # os.write, not print: a print the main thread was in the middle of (a full pipe to a launcher)
+        # would make this one raise "reentrant call" instead of leaving
+        os.write(2, b"skyprompt serve: interrupted while starting; nothing was served\n")
         os._exit(130)
 
     signal.signal(signal.SIGINT, on_interrupt_while_starting)
