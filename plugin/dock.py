@@ -1104,28 +1104,40 @@ class SkyPromptDock(QDockWidget):
                                       edge_radius=edge_radius, native=native, min_area_m2=min_area)
 
         def shown(answers):
-            features = results.segment_features(answers)
+            found = results.segment_features(answers)
             out_crs = layer_crs
             if answers and answers[0].crs.wkt:
                 out_crs = QgsCoordinateReferenceSystem.fromWkt(answers[0].crs.wkt)
-            cut_note = ""
+            features, cut_note = found, ""
             if rotated_view is not None:    # the box round the view was segmented: kept to the view
-                features = results.keep_within(features, results.in_crs(rotated_view, crs, out_crs), min_area)
+                features = results.keep_within(found, results.in_crs(rotated_view, crs, out_crs), min_area)
                 cut_note = " (the map is rotated: its box was segmented, and the polygons cut to what it shows)"
-            name = f"SkyPrompt: {', '.join(prompts)}"
-            out = results.memory_layer(name, out_crs, results.segment_fields(), features)
-            results.style_by_prompt(out, prompts)
-            if output:      # numbered against the file's tables only, not also the project's layers
-                out = results.write_gpkg(out, output, name)
-            QgsProject.instance().addMapLayer(out)
-            self.last_layer = out
-            self._message(f"{len(features)} polygon(s) for {', '.join(prompts)}{results.dropped_note(answers)}"
-                          f"{cut_note}", Qgis.Success, 4)
+            said = ', '.join(prompts)
+            if features:
+                self._add_segments(features, out_crs, prompts, output)
+                self._message(f"{len(features)} polygon(s) for {said}{results.dropped_note(answers)}{cut_note}",
+                              Qgis.Success, 4)
+            elif found:     # no empty layer
+                self._message(f"0 polygon(s) for {said}: the {len(found)} found lie beside what the rotated map "
+                              "shows, in the box round it", Qgis.Warning, 10)
+            else:
+                self._message(results.no_polygons_message(prompts, answers, threshold), Qgis.Warning, 10)
             unfamiliar = operations.distinct_unfamiliar(answers)
             if unfamiliar:
                 self._message(operations.unfamiliar_note(unfamiliar), Qgis.Warning, 12)
 
         return self._task("segment", f"SkyPrompt: segmenting {', '.join(prompts)}", work, shown)
+
+    def _add_segments(self, features: list, crs: QgsCoordinateReferenceSystem, prompts: list[str],
+                      output: str) -> None:
+        """Segment's polygons as a layer on the map: in memory, or a new table of the GeoPackage `output`."""
+        name = f"SkyPrompt: {', '.join(prompts)}"
+        out = results.memory_layer(name, crs, results.segment_fields(), features)
+        results.style_by_prompt(out, prompts)
+        if output:      # numbered against the file's tables only, not also the project's layers
+            out = results.write_gpkg(out, output, name)
+        QgsProject.instance().addMapLayer(out)
+        self.last_layer = out
 
     # -- describe --
     def describe(self) -> BackendTask | None:

@@ -85,6 +85,18 @@ def dropped_note(results) -> str:
     return f", {dropped} smaller than the minimum area dropped" if dropped else ""
 
 
+def no_polygons_message(prompts: list[str], results, threshold: float) -> str:
+    """What to say of a Segment whose SegmentResults hold no polygon, and what to change: Minimum area
+    where every region was smaller (dropped_small), else the Threshold, which no pixel reached (each
+    prompt's max_relevance says how near it came)."""
+    said = f"0 polygon(s) for {', '.join(prompts)}"
+    if any(r.dropped_small for r in results):
+        return f"{said}{dropped_note(results)}: lower Minimum area to keep them"
+    highest = ", ".join(f"{r.max_relevance:.2f}" + (f" ({r.prompt})" if len(results) > 1 else "") for r in results)
+    return (f"{said}: no pixel reached the Threshold of {threshold:.2f} (the highest relevance was {highest}): "
+            "lower the Threshold to find some")
+
+
 def segment_features(results) -> list[QgsFeature]:
     """A feature per polygon of every SegmentResult (the backend already dropped those under the
     request's minimum area)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1139,12 +1140,13 @@ def test_drawn_rectangle_and_min_area(dock, layers, iface):
     assert QgsGeometry.unaryUnion([f.geometry() for f in dock.last_layer.getFeatures()]).boundingBox().width() \
         <= rect.width() + 2 * layer.rasterUnitsPerPixelX()
     dock.min_area.setValue(area * 10)                             # bigger than everything found
-    before = len(iface.message_bar.messages)
+    before, last = len(iface.message_bar.messages), dock.last_layer
     assert run_dock(dock, "segment", dock.segment) is None
-    assert dock.last_layer.featureCount() == 0
+    assert dock.last_layer is last                                # no empty layer
     # dropped by the backend (the request's min_area_m2), which counts them for the message
-    assert any(text.startswith("0 polygon(s) for fields, ") and "smaller than the minimum area dropped" in text
-               for _, text, _ in iface.message_bar.messages[before:]), iface.message_bar.messages[before:]
+    assert any(text.startswith("0 polygon(s) for fields, ") and "smaller than the minimum area dropped: lower "
+               "Minimum area to keep them" in text and level == int(Qgis.Warning)
+               for _, text, level in iface.message_bar.messages[before:]), iface.message_bar.messages[before:]
     remembered = PluginSettings.load()                             # what the next QGIS session starts with
     assert (remembered.threshold, remembered.min_area_m2) == (0.0, pytest.approx(area * 10))
     dock.min_area.setValue(0.0)
@@ -1156,6 +1158,25 @@ def test_drawn_rectangle_and_min_area(dock, layers, iface):
         scores[follow] = sorted(round(f["score"], 6) for f in dock.last_layer.getFeatures())
     dock.follow_edges.setChecked(True)
     assert scores[True] and scores[False] and scores[True] != scores[False]
+
+
+def test_a_segment_that_finds_nothing_says_how_near_it_came_and_adds_no_layer(dock, iface, rasters):  # noqa: F811
+    """No pixel over the threshold: a warning with each prompt's highest relevance and the advice to
+    lower the Threshold, not a success and an empty layer."""
+    segment_whole_layer_setup(dock, iface, QgsRasterLayer(str(rasters["rgb"]), "ortho"), "fields, roads")
+    dock.threshold.setValue(1.0)
+    layers_before = set(QgsProject.instance().mapLayers())
+    before = len(iface.message_bar.messages)
+    try:
+        assert run_dock(dock, "segment", dock.segment) is None
+    finally:
+        dock.threshold.setValue(0.5)
+    assert set(QgsProject.instance().mapLayers()) == layers_before
+    said = [(text, level) for _, text, level in iface.message_bar.messages[before:]]
+    assert len(said) == 1 and said[0][1] == int(Qgis.Warning), said
+    assert re.fullmatch(r"0 polygon\(s\) for fields, roads: no pixel reached the Threshold of 1\.00 \(the highest "
+                        r"relevance was 0\.\d\d \(fields\), 0\.\d\d \(roads\)\): lower the Threshold to find some",
+                        said[0][0]), said
 
 
 def test_layer_the_backend_cannot_open_is_sent_as_pixels(dock, iface):
