@@ -265,12 +265,16 @@ def write_gpkg(layer: QgsVectorLayer, path: str, name: str | None = None) -> Qgs
     layer's), and open it: the file's other layers stay, and a name already in the file gets a number
     (" (2)", ...) instead of being replaced; the layer opened is numbered against the project's."""
     # "|" would end the path in the layer's source, "path|layername=NAME", and the layer opened invalid
-    name = free_gpkg_layer_name(path, (name or layer.name()).replace("|", "/"))
+    wanted = (name or layer.name()).replace("|", "/")
+    name = free_gpkg_layer_name(path, wanted)
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), gpkg_layer_options(path, name))
     if error != QgsVectorFileWriter.NoError:
         raise OSError(f"could not write {path}: {message}")
-    out = QgsVectorLayer(f"{path}|layername={name}", unused_layer_name(name), "ogr")
+    # on the map: the table's name, or where a layer has it, the name wanted numbered against the
+    # project's layers (the table's "trees (2)" numbered again was "trees (2) (2)")
+    on_map = name if unused_layer_name(name) == name else unused_layer_name(wanted)
+    out = QgsVectorLayer(f"{path}|layername={name}", on_map, "ogr")
     out.setRenderer(layer.renderer().clone())
     return out
 

@@ -2173,6 +2173,16 @@ def test_gpkg_layer_names_differing_only_in_case_do_not_replace_each_other(qgis_
     got = (piped.isValid(), piped.featureCount(), piped.name())
     del piped
     assert got == (True, 3, "SkyPrompt: roads / highways")
+    # a layer in the project named as the file's next table ("trees (3)"): the layer opened is the
+    # name wanted, numbered against the project's layers, not the table's name numbered again
+    earlier = QgsProject.instance().addMapLayer(result("SkyPrompt: trees (3)", 1))
+    try:
+        third = results.write_gpkg(result("SkyPrompt: trees", 1), path)
+        got = third.name()
+        del third
+        assert got == "SkyPrompt: trees" and "SkyPrompt: trees (3)" in results.gpkg_layer_names(path)
+    finally:
+        QgsProject.instance().removeMapLayer(earlier.id())
 
 
 def test_a_backend_that_stops_during_segment_is_an_error_in_the_panel(dock, iface, rasters, own_backend):  # noqa: F811
