@@ -840,8 +840,8 @@ class SkyPromptDock(QDockWidget):
                     resolution = self._canvas_resolution(view)
                     seen.append(layer.name())
                 prepared.append((layer.id(), layer.name(), source, view, resolution))
-        except SourceError as e:
-            self._message(str(e), Qgis.Critical)
+        except SourceError as e:    # the user's to fix, as for Segment and Describe
+            self._message(str(e), Qgis.Warning)
             self.taskDone.emit("index", e)
             return None
         max_side = self.settings.max_pixel_side

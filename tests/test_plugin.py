@@ -1291,6 +1291,24 @@ def test_a_file_with_no_crs_given_one_in_qgis_is_segmented_there(dock, iface, ra
     assert_segmented_where_qgis_shows_it(dock, iface, layer)
 
 
+def test_a_layer_with_no_crs_is_the_same_warning_for_index_segment_and_describe(dock, iface, tmp_path):
+    """A layer with no CRS is refused before any call, at one level whichever button was pressed (Index
+    said it as critical, Segment and Describe as a warning)."""
+    path = make_tif(tmp_path / "scan.tif", noise((3, 40, 40), seed=12), crs=None,
+                    geotransform=(300000.0, 5.0, 0.0, 4000000.0, 0.0, -5.0))
+    layer = QgsProject.instance().addMapLayer(QgsRasterLayer(str(path), "scan"))
+    iface.canvas.setDestinationCrs(QgsCoordinateReferenceSystem())
+    iface.canvas.setExtent(layer.extent())
+    dock.segment_layer.setLayer(layer)
+    dock.describe_layer.setLayer(layer)
+    dock.prompts.setText("fields")
+    for kind, action in (("index", dock.index_layers), ("segment", dock.segment), ("caption", dock.describe)):
+        before = len(iface.message_bar.messages)
+        assert "layer 'scan' has no CRS" in str(run_dock(dock, kind, action))
+        levels = [level for _, text, level in iface.message_bar.messages[before:] if "has no CRS" in text]
+        assert levels == [int(Qgis.Warning)], (kind, levels)
+
+
 def assert_segmented_where_qgis_shows_it(dock, iface, layer):
     """Segment of the whole layer through the panel: polygons in the layer's CRS, within its extent."""
     segment_whole_layer_setup(dock, iface, layer, prompts="fields")
