@@ -62,6 +62,16 @@ def search_refusal(error, names: dict, address: str, like_tile_id: int | None):
     return error
 
 
+def score_words(hit) -> str:
+    """What a SearchHit's score is made of: a cosine similarity (at most 1), plus what matching the
+    query's words in the tile's caption added (SearchHit.keyword_score), which can take it past 1."""
+    if hit.keyword_score <= 0:
+        return "score: how like the query the tile is (cosine similarity, at most 1)"
+    return (f"score {hit.score:.3f} = {hit.score - hit.keyword_score:.3f} for how like the query the tile is (cosine "
+            f"similarity, at most 1) + {hit.keyword_score:.3f} for the query's words in its caption ('Match tile "
+            "captions'), which can take it past 1")
+
+
 LIGHTS = {"SERVING": ("#2ca02c", "serving"), "NOT_SERVING": ("#ff7f0e", "not serving"),
           "REFUSED": ("#ff7f0e", "answers, but refuses this plugin"),
           "UNREACHABLE": ("#d62728", "no backend"), "UNKNOWN": ("#999999", "unknown"),
@@ -87,6 +97,9 @@ class SettingsDialog(QDialog):
         form = QFormLayout(self)
         self.token = QLineEdit(settings.token)
         self.token.setEchoMode(QLineEdit.Password)
+        self.token.setToolTip("The token the backend was started with (its $SKYPROMPT_TOKEN or --token), sent with "
+                              "every call; empty for a backend started without one. 'Start local backend' starts "
+                              "its backend with this token")
         self.use_tls = QCheckBox("Use TLS")
         self.use_tls.setChecked(settings.use_tls)
         self.tls_ca = QgsFileWidget()
@@ -106,9 +119,15 @@ class SettingsDialog(QDialog):
         self.device.setEditable(True)
         self.device.addItems(["auto", "cpu", "cuda", "cuda:0", "cuda:1"])
         self.device.setCurrentText(settings.device)
+        self.device.setToolTip("Where 'Start local backend' runs the model: auto (a GPU when there is one), cpu, "
+                               "cuda, or cuda:N for the Nth GPU. A backend started elsewhere keeps its own")
         self.max_side = QSpinBox()
         self.max_side.setRange(*PluginSettings.RANGES["max_pixel_side"])
         self.max_side.setValue(settings.max_pixel_side)
+        self.max_side.setToolTip("Layers the backend cannot open as files (tile services, WMS, layers not on a local "
+                                 "disk, files whose CRS was set in QGIS) are read here and sent as pixels: at most "
+                                 "this many a side, and no more than the backend takes; a larger area is read "
+                                 "coarser")
         self.start_timeout = QSpinBox()
         self.start_timeout.setRange(*(int(v) for v in PluginSettings.RANGES["start_timeout_s"]))
         self.start_timeout.setSuffix(" s")
@@ -199,8 +218,13 @@ class SkyPromptDock(QDockWidget):
         self.address.editingFinished.connect(self._address_edited)
         self.light = QLabel()
         self.check_button = QPushButton("Check")
+        self.check_button.setToolTip("Ask the backend at this address whether it serves: the light, and its model, "
+                                     "device and index counts below")
         self.check_button.clicked.connect(self.refresh_health)
         self.start_button = QPushButton("Start local backend")
+        self.start_button.setToolTip("Start a backend on this computer at this address's port (127.0.0.1), with the "
+                                     "Backend Python, Backend folder, Checkpoint, Device and Token of the settings "
+                                     "(one already serving there is used as it is); press again to stop it")
         self.start_button.clicked.connect(self.toggle_backend)
         # a gear, as QGIS's own options: with its words the row set the panel's width past a narrow dock
         self.settings_button = QToolButton()
@@ -296,6 +320,8 @@ class SkyPromptDock(QDockWidget):
         self.k.setRange(*PluginSettings.RANGES["k"])
         self._remember(self.k, "k")
         self.k.setPrefix("k ")
+        self.k.setToolTip("How many of the best-matching tiles a search lists and draws (a backend refuses more "
+                          "than its limit)")
         self.search_button = QPushButton("Search")
         self.search_button.clicked.connect(self.search)
         row.addWidget(self.k)
@@ -342,20 +368,31 @@ class SkyPromptDock(QDockWidget):
         form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.prompts = QLineEdit()
         self.prompts.setPlaceholderText("buildings, trees")
+        self.prompts.setToolTip("What to outline: one or more prompts separated by commas, semicolons or line "
+                                "breaks, each with polygons of its own colour. Prompts the model reads as one "
+                                "('houses', 'Houses.') are refused: give each once")
         self.segment_layer = QgsMapLayerComboBox()
         self.segment_layer.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.segment_layer.layerChanged.connect(lambda _: self._update_actions())
         self.area = QComboBox()
         self.area.addItems(["Canvas extent", "Drawn rectangle"])
+        self.area.setToolTip("Canvas extent: what the map shows when Segment is pressed (a rotated map: the box "
+                             "round it, the polygons cut to what it shows). Drawn rectangle: the last one drawn "
+                             "with 'Draw rectangle'")
         self.draw_button = QPushButton("Draw rectangle")
         self.draw_button.clicked.connect(self.draw_rectangle)
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(*PluginSettings.RANGES["threshold"])
         self.threshold.setSingleStep(0.05)
+        self.threshold.setToolTip("How relevant to a prompt a pixel must be (0 to 1) to lie in its polygons: lower "
+                                  "outlines more, and looser; higher only the surest. A pixel's relevance is shared "
+                                  "among the prompts")
         self._remember(self.threshold, "threshold")
         self.min_area = QDoubleSpinBox()
         self.min_area.setRange(*PluginSettings.RANGES["min_area_m2"])
         self.min_area.setSuffix(" m²")
+        self.min_area.setToolTip("Polygons smaller than this on the ground are dropped (parts of a region that touch "
+                                 "at a corner count as one); 0 keeps them all")
         self._remember(self.min_area, "min_area_m2")
         self.follow_edges = QCheckBox("Follow image edges")
         self._remember(self.follow_edges, "follow_edges")
@@ -628,8 +665,11 @@ class SkyPromptDock(QDockWidget):
         wait = "Running: wait for it to finish, or Cancel"
         self.index_button.setToolTip(no_layer or ("index" in running and wait)
                                      or "Tile the checked layers and store their embeddings in the backend")
-        self.segment_button.setToolTip(no_layer or ("segment" in running and wait) or "")
-        self.describe_button.setToolTip(no_layer or ("caption" in running and wait) or "")
+        self.segment_button.setToolTip(no_layer or ("segment" in running and wait)
+                                       or "Outline the prompts in the area of the layer: a polygon layer, a colour "
+                                          "per prompt, in memory or in the Output GeoPackage")
+        self.describe_button.setToolTip(no_layer or ("caption" in running and wait)
+                                        or "A caption, by the model, of the layer's part in the map view")
 
     def install_dependencies(self) -> None:
         if not self.install_button.isEnabled():   # one install at a time: two pips in one folder corrupt it
@@ -993,7 +1033,7 @@ class SkyPromptDock(QDockWidget):
             item = QListWidgetItem(text)
             # the whole row, which a narrow list elides, and what the model saw in the tile
             said = f"\n“{h.caption}”" if h.caption else ""
-            item.setToolTip(f"{text}\n{h.raster_path}{said}")
+            item.setToolTip(f"{text}\n{h.raster_path}{said}\n{score_words(h)}")
             item.setData(Qt.UserRole, rank - 1)
             if h.thumbnail_png:
                 pixmap = QPixmap()

@@ -1420,6 +1420,34 @@ def test_work_without_a_percentage_shows_a_moving_bar_not_zero(dock, layers, ifa
     assert dock.caption.toPlainText()
 
 
+def test_controls_whose_use_is_not_obvious_have_tooltips(dock, iface, rasters):  # noqa: F811
+    """The numbers, fields and buttons whose effect the label does not tell say it in a tooltip (the
+    Segment and Describe buttons too once they are on), and a result's tooltip says what its score is
+    made of: a score past 1 is the keyword match added to the cosine similarity."""
+    from plugin.dock import SettingsDialog
+    from plugin.rpc import skyprompt_pb2 as pb
+
+    QgsProject.instance().addMapLayer(QgsRasterLayer(str(rasters["rgb"]), "ortho"))
+    assert dock.segment_button.isEnabled() and dock.describe_button.isEnabled()
+    settings = SettingsDialog(dock.settings, dock)
+    for control in (dock.k, dock.threshold, dock.min_area, dock.area, dock.prompts, dock.start_button,
+                    dock.check_button, dock.segment_button, dock.describe_button, settings.token, settings.device,
+                    settings.max_side):
+        assert control.toolTip(), control
+    assert "commas, semicolons or line breaks" in dock.prompts.toolTip()
+    settings.deleteLater()
+    square = "POLYGON((0 0,1 0,1 1,0 1,0 0))"
+    hits = [pb.SearchHit(score=1.25, keyword_score=0.5, tile_id=1, raster_name="a.tif", crs=pb.Crs(authid="EPSG:4326"),
+                         footprint_wkt=square, footprint_wgs84_wkt=square),
+            pb.SearchHit(score=0.5, tile_id=2, raster_name="a.tif", crs=pb.Crs(authid="EPSG:4326"),
+                         footprint_wkt=square, footprint_wgs84_wkt=square)]
+    dock.show_hits("roads", hits, {})
+    assert ("score 1.250 = 0.750 for how like the query the tile is (cosine similarity, at most 1) + 0.500 for "
+            "the query's words in its caption ('Match tile captions'), which can take it past 1") \
+        in dock.result_list.item(0).toolTip()
+    assert "cosine similarity, at most 1" in dock.result_list.item(1).toolTip()
+
+
 def test_settings_ca_file_is_editable_only_with_tls(qgis_app):
     from plugin.dock import SettingsDialog
 
