@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager, nullcontext
 
 from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
                        QgsProcessingException, QgsProcessingUtils, QgsVectorFileWriter,
@@ -53,6 +54,108 @@ def _crs_advice(text: str) -> str:
     if len(codes) == 1 and QgsCoordinateReferenceSystem(f"EPSG:{codes[0]}").isValid():
         return f"write it as [EPSG:{codes[0]}]"
     return "name one QGIS knows, as [EPSG:code] (e.g. [EPSG:4326] for longitude/latitude)"
+
+
+def _is_file(path: str) -> bool:
+    """Whether an OUTPUT path names a file: not "" (none), TEMPORARY_OUTPUT or a provider URI."""
+    return bool(path) and path != QgsProcessing.TEMPORARY_OUTPUT and not _PROVIDER_URI.match(path)
+
+
+def _add_features(sink, features, fields) -> tuple[int, set[str], str | None]:
+    """Add `features` to `sink`, each a MultiPolygon as the sink's type says (a memory layer keeps what
+    it is given), up to the first the sink cannot write: how many it took, the fields with a text
+    value longer than a shapefile keeps, and why the sink failed (None when it did not)."""
+    written, cut = 0, set()
+    for f in features:
+        g = f.geometry()
+        g.convertToMultiType()
+        f.setGeometry(g)
+        cut |= {fields.at(i).name() for i, v in enumerate(f.attributes())
+                if isinstance(v, str) and len(v.encode("utf-8")) > SHAPEFILE_TEXT_BYTES}
+        if not sink.addFeature(f, QgsFeatureSink.FastInsert):
+            return written, cut, _sink_problem(sink)
+        written += 1
+    if not sink.flushBuffer() or _sink_failed(sink):
+        return written, cut, _sink_problem(sink)
+    return written, cut, None
+
+
+def _sink_problem(sink) -> str:
+    """Why `sink` could not write, in its own words: a file writer's error message, else its last error."""
+    message = sink.errorMessage() if isinstance(sink, QgsVectorFileWriter) else ""
+    return message or sink.lastError() or "the features could not be written"
+
+
+def _sink_failed(sink) -> bool:
+    """Whether `sink` has failed since it was made (only a file writer of our own says so)."""
+    return isinstance(sink, QgsVectorFileWriter) and sink.hasError()
+
+
+@contextmanager
+def _gdal_errors():
+    """The messages of the GDAL errors raised in the block, in a list, for the user's message: QGIS
+    only logs them (a GeoPackage writer's failed commit among them)."""
+    from osgeo import gdal
+
+    errors: list[str] = []
+    gdal.PushErrorHandler(lambda level, _number, message: errors.append(message) if level >= gdal.CE_Failure
+                          else None)
+    try:
+        yield errors
+    finally:
+        gdal.PopErrorHandler()
+
+
+def _delete_written_file(path: str) -> None:
+    """Remove the file Processing's sink wrote at `path`, with its companions (a shapefile's .dbf,
+    .shx, ...): that sink replaces a file whole, so nothing of the user's was left in it."""
+    from osgeo import gdal
+
+    with _gdal_errors():
+        driver = gdal.IdentifyDriverEx(path, gdal.OF_VECTOR)
+        if driver is not None:
+            driver.Delete(path)
+
+
+class _NewGpkgLayer:
+    """The layer `name` that _gpkg_layer_sink adds to the GeoPackage `path`: checked once its writer
+    has closed, and taken out again when it was not written whole, so that no half-written layer is
+    left for the user to take for a result. The file's other layers are never touched."""
+
+    def __init__(self, path: str, name: str):
+        self.path, self.name = path, name
+        self.new_file = results.nothing_to_keep(path)
+        self.file_was_there = os.path.exists(path)      # an empty one (tempfile.mkstemp's) is left empty
+
+    def holds(self, count: int) -> bool:
+        """Whether the layer holds the `count` features written. A GeoPackage writer commits its
+        features as it closes, and a commit that fails ("database or disk is full") is no error of the
+        writer's: the layer is read back to see."""
+        from osgeo import gdal
+
+        with _gdal_errors():        # a file the failed commit left unreadable: said by the caller
+            ds = gdal.OpenEx(self.path, gdal.OF_VECTOR, allowed_drivers=["GPKG"])
+            layer = ds.GetLayerByName(self.name) if ds is not None else None
+            return layer is not None and layer.GetFeatureCount() == count
+
+    def discard(self) -> None:
+        """Take the layer out: a new file is removed (an empty one emptied again), a layer added to
+        an existing file is deleted from it where the file lets us (a full disk may not)."""
+        if self.new_file:
+            for leftover in (self.path, self.path + "-journal", self.path + "-wal", self.path + "-shm"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+            if self.file_was_there:
+                open(self.path, "wb").close()
+            return
+        from osgeo import gdal
+
+        with _gdal_errors():
+            ds = gdal.OpenEx(self.path, gdal.OF_VECTOR | gdal.OF_UPDATE, allowed_drivers=["GPKG"])
+            names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())] if ds is not None else []
+            if self.name in names:
+                ds.DeleteLayer(names.index(self.name))
+            ds = None
 
 
 def _backend_error():
@@ -127,8 +230,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             else str(sink_value or "")
         definition = self.parameterDefinition("OUTPUT")
         suffix = os.path.splitext(path)[1][1:].lower()
-        if path and path != QgsProcessing.TEMPORARY_OUTPUT and not _PROVIDER_URI.match(path) \
-                and suffix not in definition.supportedOutputVectorLayerExtensions():
+        if _is_file(path) and suffix not in definition.supportedOutputVectorLayerExtensions():
             path += "." + definition.defaultFileExtension()
         return path
 
@@ -136,7 +238,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         """Before the backend works: a file OUTPUT in a folder that does not exist, or an existing file
         named .gpkg that is no GeoPackage, is refused now, not after the work is done."""
         path = self._output_path(parameters, context)
-        if not path or path == QgsProcessing.TEMPORARY_OUTPUT or _PROVIDER_URI.match(path):
+        if not _is_file(path):
             return
         try:
             results.check_output_folder(path)
@@ -146,7 +248,8 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
             raise QgsProcessingException(str(e)) from None
 
     def _sink(self, parameters, context, fields, crs):
-        """parameterAsSink for OUTPUT, but a GeoPackage file is written by _gpkg_layer_sink."""
+        """parameterAsSink for OUTPUT, but a GeoPackage file is written by _gpkg_layer_sink: the sink,
+        the output's layer source, and the _NewGpkgLayer written (None for Processing's sink)."""
         path = self._output_path(parameters, context)
         if path.lower().endswith(".gpkg") and not _PROVIDER_URI.match(path):
             return self._gpkg_layer_sink(parameters.get("OUTPUT"), path, context, fields, crs)
@@ -156,7 +259,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
                                           QgsWkbTypes.MultiPolygon, crs)
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
-        return sink, dest
+        return sink, dest, None
 
     def _gpkg_layer_sink(self, given, path: str, context, fields, crs):
         """A writer of a new layer in the GeoPackage `path`, named after the file (" (2)", ... when the
@@ -169,11 +272,11 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         "not correctly generated" ("Cannot find layer r (2)"). A layer loaded by its name is reopened
         once the file changed. Not Processing's sink for an "ogr:dbname=..." address either: QGIS takes
         the format from all after the file name's first dot, and finds none for "site.v2.gpkg"."""
-        new_file = results.nothing_to_keep(path)
         try:        # refuses a file that is not a GeoPackage
             name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
         except OSError as e:
             raise QgsProcessingException(str(e)) from None
+        new_layer = _NewGpkgLayer(path, name)
         writer = QgsVectorFileWriter.create(path, fields, QgsWkbTypes.MultiPolygon, crs, context.transformContext(),
                                             results.gpkg_layer_options(path, name))
         if writer.hasError():
@@ -182,27 +285,32 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         if isinstance(given, QgsProcessingOutputLayerDefinition) and given.destinationProject is not None:
             # a new file's layer under the output's name, as Processing shows its own; one added to a
             # file under its numbered name, told apart from the file's earlier results
-            shown = given.destinationName or (self.parameterDefinition("OUTPUT").description() if new_file else name)
+            shown = given.destinationName or (self.parameterDefinition("OUTPUT").description() if new_layer.new_file
+                                              else name)
             context.addLayerToLoadOnCompletion(dest, QgsProcessingContext.LayerDetails(
                 shown, given.destinationProject, "OUTPUT", QgsProcessingUtils.LayerHint.Vector))
-        return writer, dest
+        return writer, dest, new_layer
 
     def _write(self, parameters, context, feedback, features, fields, crs):
-        """The features into OUTPUT (see _sink), each a MultiPolygon as the sink's type says (a memory
-        layer keeps what it is given). A shapefile keeps 254 bytes of a text value: cut values are
-        said in the log, not left to a GDAL line on the console."""
-        sink, dest = self._sink(parameters, context, fields, crs)
-        cut = set()
-        for f in features:
-            g = f.geometry()
-            g.convertToMultiType()
-            f.setGeometry(g)
-            cut |= {fields.at(i).name() for i, v in enumerate(f.attributes())
-                    if isinstance(v, str) and len(v.encode("utf-8")) > SHAPEFILE_TEXT_BYTES}
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
-        sink.flushBuffer()
-        del sink        # a file writer of our own (_gpkg_layer_sink) closes its layer here, before it is loaded
-        if cut and self._output_path(parameters, context).lower().endswith(".shp"):
+        """The features into OUTPUT (see _sink and _add_features). A shapefile keeps 254 bytes of a text
+        value: cut values are said in the log, not left to a GDAL line on the console. A write that
+        fails (a full disk) stops the run, and what it wrote is taken out again."""
+        sink, dest, new_layer = self._sink(parameters, context, fields, crs)
+        written, cut, problem = _add_features(sink, features, fields)
+        # a file writer of our own (_gpkg_layer_sink) closes its layer here, before it is loaded; what
+        # GDAL says as it does is the reason a failed commit gives (Processing's sinks log their own)
+        with _gdal_errors() if new_layer else nullcontext([]) as closing:
+            del sink
+        if problem is None and new_layer and not new_layer.holds(written):
+            problem = closing[0] if closing else f"its layer {new_layer.name!r} was not saved whole"
+        path = self._output_path(parameters, context)
+        if problem is not None:
+            if new_layer:
+                new_layer.discard()
+            elif _is_file(path):
+                _delete_written_file(path)
+            raise QgsProcessingException(f"could not write {path}: {problem}")
+        if cut and path.lower().endswith(".shp"):
             feedback.pushWarning(f"a shapefile keeps {SHAPEFILE_TEXT_BYTES} bytes of text: {', '.join(sorted(cut))} "
                                  "values longer than that were cut short; write a GeoPackage (.gpkg) to keep them whole")
         return dest
