@@ -81,13 +81,19 @@ def _read_file(path: str) -> bytes:
 def _wait(call, cancelled: Callable[[], bool]) -> bool:
     """Wait for a gRPC future to end: True when it did, False when cancelled() came first (the call is
     cancelled then). Asked every CANCEL_POLL_S: gRPC alone waits out the deadline, or 20 s for a host
-    that accepts the connection and never answers."""
+    that accepts the connection and never answers. Should cancelled() itself fail (its task deleted
+    under it: "wrapped C/C++ object ... has been deleted"), the call is cancelled before the error goes
+    on: no one would wait for it any more."""
     ended = threading.Event()
     call.add_done_callback(lambda _: ended.set())
-    while not ended.wait(CANCEL_POLL_S):
-        if cancelled():
-            call.cancel()
-            return False
+    try:
+        while not ended.wait(CANCEL_POLL_S):
+            if cancelled():
+                call.cancel()
+                return False
+    except BaseException:
+        call.cancel()
+        raise
     return True
 
 
@@ -227,10 +233,13 @@ class BackendConnection:
         done = threading.Event()
 
         def watch():
-            while not done.wait(CANCEL_POLL_S):
-                if cancelled():
-                    call.cancel()
-                    return
+            try:
+                while not done.wait(CANCEL_POLL_S):
+                    if cancelled():
+                        call.cancel()
+                        return
+            except Exception:       # cancelled() failed (see _wait): the call ends with the watch; the
+                call.cancel()       # reader meets the same error when it asks cancelled() whose end it was
 
         threading.Thread(target=watch, name="skyprompt-cancel-watch", daemon=True).start()
         try:

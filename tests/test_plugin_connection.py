@@ -361,6 +361,42 @@ def _stops_at_cancel(call) -> None:
     assert err.value.code == "CANCELLED" and took < 1.5, (err.value, took)
 
 
+def _deleted_after(seconds: float):
+    """cancelled() of a task deleted under its call: false, then from `seconds` on the error PyQt
+    raises for a deleted object."""
+    deleted = _cancelled_after(seconds)
+
+    def cancelled() -> bool:
+        if deleted():
+            raise RuntimeError("wrapped C/C++ object of type QgsTask has been deleted")
+        return False
+
+    return cancelled
+
+
+def test_a_cancel_check_that_fails_cancels_the_call_before_its_error_goes_on():
+    """cancelled() raising left the call running on, unwatched, to its deadline: the call is cancelled
+    first, a unary call (GetInfo) as a stream (Segment, which the backend then stops)."""
+    with _HungBackend() as hung, BackendConnection(hung.address) as conn:
+        calls = []
+        make_call = conn.stub.GetInfo.future
+        conn.stub.GetInfo.future = lambda *args, **kw: calls.append(make_call(*args, **kw)) or calls[-1]
+        with pytest.raises(RuntimeError, match="has been deleted"):
+            conn.info(timeout=30, fresh=True, cancelled=_deleted_after(0.3))
+        assert calls[-1].cancelled()
+    silent = _SilentBackend()
+    try:
+        with BackendConnection(silent.address) as conn:
+            request = conn.pb.SegmentRequest(source=conn.pb.RasterSource(path="/x.tif"), prompts=["trees"])
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="has been deleted"):
+                conn.segment(request, cancelled=_deleted_after(0.5))
+            took = time.monotonic() - started
+        assert took < 1.5 and silent.client_gone.wait(1.0), took
+    finally:
+        silent.server.stop(0)
+
+
 def test_cancel_stops_calls_to_a_backend_that_never_answers(tmp_path):
     """Search waited 20 s, and Prompt to polygons its first GetInfo's 10 s, for a backend that accepts
     and never answers, whatever the user's Cancel."""
