@@ -158,8 +158,11 @@ class BackendConnection:
         # "http://host:port" reaches gRPC as a host name it cannot resolve (its own "dns:///" names do not)
         scheme = None if GRPC_SCHEME.match(self.address) else URL_SCHEME.match(self.address)
         if scheme:
+            # the address without it is the example, unless its port would be refused in turn
+            bare = self.address[scheme.end():].rstrip("/")
+            example = bare if port_problem(bare) is None else "127.0.0.1:50051"
             return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
-                                      f"HOST:PORT, e.g. {self.address[scheme.end():].rstrip('/')} ({message})")
+                                      f"HOST:PORT, e.g. {example} ({message})")
         if code == "UNAVAILABLE":
             message = self._unavailable(message)
         elif code == "DEADLINE_EXCEEDED":

@@ -35,7 +35,9 @@ def address_problem(address: str) -> str | None:
         return port_problem(address)
     what = " and ".join(w for w, there in (("a scheme", bool(scheme)), ("a path", "/" in rest)) if there)
     bare = rest.split("/", 1)[0]
-    example = bare if re.fullmatch(r"[^\s:/]+:\d+|\[[^\]/]+\]:\d+", bare) else "127.0.0.1:50051"
+    # the address without them is the example, unless its port would be refused in turn
+    example = bare if re.fullmatch(r"[^\s:/]+:\d+|\[[^\]/]+\]:\d+", bare) and port_problem(bare) is None \
+        else "127.0.0.1:50051"
     return (f"the address {address!r} has {what}: give it as HOST:PORT, without a scheme (http://) or a path "
             f"(/...), e.g. {example}, in the SkyPrompt address field")
 

@@ -316,6 +316,21 @@ def test_a_port_out_of_range_is_refused_by_name():
         assert address_problem(fine) is None, fine
 
 
+def test_a_url_whose_port_is_out_of_range_is_not_its_own_example():
+    """"http://127.0.0.1:99999" was told to be written "e.g. 127.0.0.1:99999", which the port check then
+    refuses: the example is the usual address then, and the URL's own HOST:PORT where its port is one."""
+    from plugin.settings import address_problem
+
+    for url in ("http://127.0.0.1:99999", "127.0.0.1:0/skyprompt", "https://[::1]:70000/"):
+        assert "e.g. 127.0.0.1:50051," in address_problem(url), address_problem(url)
+    assert "e.g. 127.0.0.1:7," in address_problem("http://127.0.0.1:7/")
+    for url, example in (("http://127.0.0.1:99999", "127.0.0.1:50051"), ("http://127.0.0.1:7/", "127.0.0.1:7")):
+        with BackendConnection(url) as conn:
+            with pytest.raises(BackendError) as err:
+                conn.info(timeout=5)
+        assert f"starts with 'http://': give it as HOST:PORT, e.g. {example} (" in err.value.message, err.value
+
+
 def test_an_address_that_is_no_host_port_is_said_to_be_so_in_one_line():
     """"::::" showed gRPC's resolver text, "errors resolving ::::: [field:hostname lookup error:...]"."""
     for garbage in ("::::", "a:b:c", ":50051", "back end:50051"):
