@@ -412,6 +412,22 @@ def test_caption_of_one_image_warns_that_cider_is_0(setup, capsys):
     assert rc == 0 and "CIDEr-D" not in err
 
 
+def test_too_few_images_are_counted_after_the_unreadable_ones_are_left_out(setup, tmp_path, capsys):
+    """Two images, one unreadable: one is left to score, which retrieval refuses (every caption's top hit:
+    a mean recall of 100%) and captioning warns of (CIDEr-D 0), as they do for a manifest of one."""
+    (tmp_path / "bad.jpg").write_text("not an image")
+    good = setup["manifest"].parent / "images" / "beach" / "beach00.png"
+    captions = ["a beach seen from above", "there is a beach here"]
+    manifest = tmp_path / "two.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(image), "captions": captions}) + "\n"
+                                for image in (good, tmp_path / "bad.jpg")))
+    args = ("--checkpoint", setup["ckpt"], "--manifest", manifest, "--quiet")
+    rc, out, err = run_main(capsys, "retrieval", *args)
+    assert rc == 2 and "1 image that can be read (1 cannot); retrieval ranks images against each other" in err, err
+    rc, out, err = run_main(capsys, "caption", *args, "--max-len", "3")
+    assert rc == 0 and "1 image that can be read (1 cannot): CIDEr-D is 0 for one image" in err, err
+
+
 def test_caption_scores_only_the_references_with_a_word(setup, tokenizer, tiny_config, monkeypatch, tmp_path):
     """A reference of punctuation alone beside real ones is not scored: kept, it lowered CIDEr-D as
     a reference nothing can match."""

@@ -1155,6 +1155,23 @@ def _leave_out_unreadable(records: list, folder: list, progress: bool) -> tuple[
     return kept, [r for r in folder if str(r.image) not in unreadable], unreadable
 
 
+def _check_set_size(args: argparse.Namespace, records: list, unreadable: dict) -> None:
+    """Retrieval and captioning score the images against each other: too few for that is refused
+    (retrieval) or warned of (caption). Checked on the images left once the unreadable ones are out."""
+    if len(records) >= 2 or args.command not in ("retrieval", "caption"):
+        return
+    images = f"{len(records)} image" + (f" that can be read ({len(unreadable)} cannot)" if unreadable else "")
+    if args.command == "retrieval":
+        # one image is every caption's top hit: recalls of 100% that say nothing
+        raise EvalError(f"{args.manifest}: {images}; retrieval ranks images against each other, so give a manifest "
+                        "of 2 or more (--limit too)")
+    # CIDEr's document frequencies come from the set scored: alone, every n-gram of the image's
+    # references is in every document, and CIDEr-D is 0 whatever the caption
+    print(f"warning: {args.manifest}: {images}: CIDEr-D is 0 for one image whatever its caption (its n-gram "
+          "weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that means something "
+          "(BLEU-4 is unaffected)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.command == "segmentation":
         return run_segmentation(args, not args.quiet)
@@ -1198,22 +1215,13 @@ def run(args: argparse.Namespace) -> dict:
             records = _manifest_with_classes(args.manifest, names)
     else:
         records = read_manifest(args.manifest, limit=args.limit)
-        if args.command == "retrieval" and len(records) < 2:
-            # one image is every caption's top hit: recalls of 100% that say nothing
-            raise EvalError(f"{args.manifest}: {len(records)} image; retrieval ranks images against each other, "
-                            "so give a manifest of 2 or more (--limit too)")
         if args.command == "caption":
-            references = references_to_score(records, args.manifest)
-            if len(records) < 2:
-                # CIDEr's document frequencies come from the set scored: alone, every n-gram of the
-                # image's references is in every document, and CIDEr-D is 0 whatever the caption
-                print(f"warning: {args.manifest}: 1 image: CIDEr-D is 0 for one image whatever its caption (its "
-                      "n-gram weights come from the set scored); give 2 or more (--limit too) for a CIDEr-D that "
-                      "means something (BLEU-4 is unaffected)", file=sys.stderr)
+            references_to_score(records, args.manifest)     # each image's references have words
     ckpt = Path(args.checkpoint)
     read_config(ckpt)       # a quick look: its errors say what to give instead
     # the images last of the inputs (it decodes each one), and before the model loads
     records, folder, unreadable = _leave_out_unreadable(records, folder, progress)
+    _check_set_size(args, records, unreadable)
     if args.command == "caption":
         references = references_to_score(records, args.manifest)
     model, tokenizer = load_checkpoint(ckpt, device=device)
