@@ -29,6 +29,8 @@ from .sources import (SourceError, crs_name, has_no_resolution, local_path, name
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
 _PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+# "|layername=roads" in a layer's address ("x.gpkg|layername=roads"): the name of the layer in its file
+_LAYER_NAME_OPTION = re.compile(r"\|layername=([^|]*)", re.IGNORECASE)
 # the longest text a shapefile (dBase) field holds, in bytes
 SHAPEFILE_TEXT_BYTES = 254
 # an Extent typed as "xmin,xmax,ymin,ymax [CRS]": the CRS text in its brackets
@@ -78,6 +80,25 @@ def _add_features(sink, features, fields) -> tuple[int, set[str], str | None]:
     if not sink.flushBuffer() or _sink_failed(sink):
         return written, cut, _sink_problem(sink)
     return written, cut, None
+
+
+def _file_and_layer_name(address: str) -> tuple[str, str | None]:
+    """A layer's address as OUTPUT ("x.gpkg|layername=roads", a layer dragged from the Browser) as its
+    file and the layer's name; any other OUTPUT as it is, with no name (None)."""
+    if not _is_file(address) or "|" not in address:
+        return address, None
+    file, _, options = address.partition("|")
+    named = _LAYER_NAME_OPTION.search("|" + options)
+    return file, named[1] if named and named[1] else None
+
+
+def _writing_to(given, path: str):
+    """OUTPUT `given` (a QgsProcessingOutputLayerDefinition or a value) with the file `path` as its sink."""
+    if not isinstance(given, QgsProcessingOutputLayerDefinition):
+        return path
+    given = QgsProcessingOutputLayerDefinition(given)
+    given.sink = QgsProperty.fromValue(path)
+    return given
 
 
 def _sink_problem(sink) -> str:
@@ -218,16 +239,22 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         except SourceError as e:
             raise QgsProcessingException(str(e)) from None
 
-    def _output_path(self, parameters, context) -> str:
-        """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or "".
-        A file path whose suffix names no vector format gets the extension Processing will add (.gpkg),
-        so that an existing "survey.gpkg" typed as "survey", or "site.v2.gpkg" as "site.v2", is found
-        as one."""
+    @staticmethod
+    def _output_address(parameters, context) -> str:
+        """OUTPUT as given: a file path (or a layer's, "x.gpkg|layername=roads"), a provider URI
+        ("ogr:...", "memory:"), TEMPORARY_OUTPUT or ""."""
         given = parameters.get("OUTPUT")
         sink_value = given.sink if isinstance(given, QgsProcessingOutputLayerDefinition) else given
         # not parameterAsOutputLayer: it would also have the whole file loaded into the project at the end
-        path = sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
+        return sink_value.valueAsString(context.expressionContext())[0] if isinstance(sink_value, QgsProperty) \
             else str(sink_value or "")
+
+    def _output_path(self, parameters, context) -> str:
+        """What OUTPUT names: a file path, a provider URI ("ogr:...", "memory:"), TEMPORARY_OUTPUT or "";
+        a layer's address, its file (see _file_and_layer_name). A file path whose suffix names no
+        vector format gets the extension Processing will add (.gpkg), so that an existing "survey.gpkg"
+        typed as "survey", or "site.v2.gpkg" as "site.v2", is found as one."""
+        path, _ = _file_and_layer_name(self._output_address(parameters, context))
         definition = self.parameterDefinition("OUTPUT")
         suffix = os.path.splitext(path)[1][1:].lower()
         if _is_file(path) and suffix not in definition.supportedOutputVectorLayerExtensions():
@@ -251,20 +278,25 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         """parameterAsSink for OUTPUT, but a GeoPackage file is written by _gpkg_layer_sink: the sink,
         the output's layer source, and the _NewGpkgLayer written (None for Processing's sink)."""
         path = self._output_path(parameters, context)
+        address = self._output_address(parameters, context)
         if path.lower().endswith(".gpkg") and not _PROVIDER_URI.match(path):
-            return self._gpkg_layer_sink(parameters.get("OUTPUT"), path, context, fields, crs)
+            wanted = _file_and_layer_name(address)[1] or os.path.splitext(os.path.basename(path))[0]
+            return self._gpkg_layer_sink(parameters.get("OUTPUT"), path, wanted, context, fields, crs)
         # OUTPUT alone: the others may hold a layer removed from the project while the backend worked,
         # which handing the whole map to QGIS would touch
-        sink, dest = self.parameterAsSink({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT", context, fields,
-                                          QgsWkbTypes.MultiPolygon, crs)
+        output = {"OUTPUT": parameters.get("OUTPUT")}
+        if path != address:     # a layer's address: its file (Processing would take it all for a file's name)
+            output["OUTPUT"] = _writing_to(output["OUTPUT"], path)
+        sink, dest = self.parameterAsSink(output, "OUTPUT", context, fields, QgsWkbTypes.MultiPolygon, crs)
         if sink is None:
-            raise QgsProcessingException(self.invalidSinkError({"OUTPUT": parameters.get("OUTPUT")}, "OUTPUT"))
+            raise QgsProcessingException(self.invalidSinkError(output, "OUTPUT"))
         return sink, dest, None
 
-    def _gpkg_layer_sink(self, given, path: str, context, fields, crs):
-        """A writer of a new layer in the GeoPackage `path`, named after the file (" (2)", ... when the
-        file has that name, as the panel does), and its layer source "path|layername=NAME", loaded at
-        the end where OUTPUT asks for it, as parameterAsSink would.
+    def _gpkg_layer_sink(self, given, path: str, wanted: str, context, fields, crs):
+        """A writer of a new layer in the GeoPackage `path`, named `wanted` (the file's name, or the
+        layer's in a layer's address; " (2)", ... when the file has a layer of that name, as the panel
+        does: it is never replaced), and its layer source "path|layername=NAME", loaded at the end where
+        OUTPUT asks for it, as parameterAsSink would.
 
         Processing's own sink would replace an existing file whole, and its other layers with it; and
         the layer it writes in a new file is loaded as the bare file name, which QGIS 3.22 keeps open
@@ -273,7 +305,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         once the file changed. Not Processing's sink for an "ogr:dbname=..." address either: QGIS takes
         the format from all after the file name's first dot, and finds none for "site.v2.gpkg"."""
         try:        # refuses a file that is not a GeoPackage
-            name = results.free_gpkg_layer_name(path, os.path.splitext(os.path.basename(path))[0])
+            name = results.free_gpkg_layer_name(path, wanted)
         except OSError as e:
             raise QgsProcessingException(str(e)) from None
         new_layer = _NewGpkgLayer(path, name)

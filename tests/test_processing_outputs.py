@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsGeometry, QgsProcessingContext,
-                       QgsProcessingException, QgsProcessingFeedback, QgsProject)
+                       QgsProcessingException, QgsProcessingFeedback, QgsProcessingOutputLayerDefinition, QgsProject)
 
 from test_plugin import gpkg_with_a_roads_layer, QgsVectorLayerFrom
 
@@ -46,8 +46,9 @@ def polygons(count: int) -> list[QgsFeature]:
     return out
 
 
-def write(output: str, features: list[QgsFeature]) -> str:
-    """Prompt to polygons' writing of `features` into OUTPUT `output`: the layer source it returns."""
+def write(output, features: list[QgsFeature]) -> str:
+    """Prompt to polygons' writing of `features` into OUTPUT `output` (a path, or an output definition
+    as the Processing dialog gives): the layer source it returns."""
     algorithm = PromptToPolygonsAlgorithm()
     algorithm.initAlgorithm()
     context = QgsProcessingContext()
@@ -94,3 +95,27 @@ def test_a_feature_processings_own_sink_cannot_write_stops_the_run(qgis_processi
         write(str(path), polygons(4000))
     assert str(err.value).startswith(f"could not write {path}: "), err.value
     assert os.listdir(tmp_path) == []
+
+
+def test_a_layers_address_as_output_writes_a_layer_of_that_name_into_its_file(qgis_processing, tmp_path):
+    """A layer dragged from the Browser onto OUTPUT ("x.gpkg|layername=roads") made a file of that
+    name, "x.gpkg|layername=roads.gpkg", and returned a layer source that does not open. It names the
+    file and the layer to write there, numbered as a rerun's is: the user's layer is never replaced."""
+    survey = gpkg_with_a_roads_layer(tmp_path / "survey.gpkg")
+    assert write(f"{survey}|layername=roads", polygons(3)) == f"{survey}|layername=roads (2)"
+    assert write(f"{survey}|layername=fields", polygons(2)) == f"{survey}|layername=fields"
+    assert os.listdir(tmp_path) == ["survey.gpkg"]
+    assert sorted(results.gpkg_layer_names(str(survey))) == ["fields", "roads", "roads (2)"]
+    counts = {name: QgsVectorLayerFrom(f"{survey}|layername={name}").featureCount()
+              for name in ("roads", "roads (2)", "fields")}
+    assert counts == {"roads": 1, "roads (2)": 3, "fields": 2}, counts
+    # a new file; and another format's layer address: its file, written by Processing's sink
+    new = tmp_path / "new.gpkg"
+    assert write(f"{new}|layername=trees", polygons(1)) == f"{new}|layername=trees"
+    shapefile = tmp_path / "a.shp"
+    assert write(f"{shapefile}|layername=a", polygons(2)) == str(shapefile)
+    assert QgsVectorLayerFrom(str(shapefile)).featureCount() == 2
+    # as the Processing dialog gives it, an output definition
+    other = tmp_path / "b.shp"
+    assert write(QgsProcessingOutputLayerDefinition(f"{other}|layername=b"), polygons(2)) == str(other)
+    assert sorted(n for n in os.listdir(tmp_path) if "|" in n) == []
