@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import REPO
 from training import evaluate as ev
+from training.data import load_image
 
 RECALL_KEYS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"}
 CLASSES = {"grass": "grassland", "field": "farmland", "river": "river", "forest": "forest",
@@ -140,6 +141,40 @@ def test_unreadable_images_are_left_out_named_and_counted(setup, tmp_path, capsy
     rc, out, err = run_main(capsys, *zero_shot)
     assert rc == 2 and "none of the 12 images can be read: " in err and f"; {fake} (UnidentifiedImageError: " in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_probe_decodes_only_the_images_it_uses(setup, tmp_path, capsys, monkeypatch):
+    """Its check of the images decoded all of --data (8,000 AID images) where the probe learns from a
+    sample of them: only the held-out images and the sample are read. An unreadable image drawn into the
+    sample is left out and another drawn in its place."""
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(setup["root"] / "scenes", scenes)
+    for cls in CLASSES:
+        for j in range(2, 5):
+            _image(scenes / cls / f"{cls}_{j}.jpg", 100 + j)
+    bad = scenes / "grass" / "grass_bad.jpg"
+    bad.write_text("not an image")
+    for image in scenes.glob("grass/grass_[234].jpg"):
+        image.unlink()                  # grass learns from grass_0 or grass_bad, whichever is drawn
+    held = tmp_path / "held.txt"
+    held.write_text("".join(f"{cls}/{cls}_1.jpg\n" for cls in CLASSES))
+    decoded = []
+    monkeypatch.setattr(ev, "load_image", lambda path: decoded.append(str(path)) or load_image(path))
+    drawn_bad = set()
+    for seed in (0, 1):              # grass_0 drawn, then grass_bad
+        decoded.clear()
+        rc, out, err = run_main(capsys, "probe", "--checkpoint", setup["ckpt"], "--data", scenes, "--classnames",
+                                setup["names"], "--files", held, "--train-per-class", "1", "--seed", seed, "--json",
+                                "--quiet")
+        assert rc == 0, err
+        result = json.loads(out)
+        assert result["n_train"] == 5 and result["n_images"] == 5
+        drawn_bad.add(result["n_unreadable"] == 1)
+        # the 5 held out, the sample of 5 (and grass_bad, where drawn), each read to check it and to score it
+        assert len(set(decoded)) == 10 + result["n_unreadable"] and len(decoded) == 20 + result["n_unreadable"]
+    assert drawn_bad == {True, False}
 
 
 def test_caption_cli_json(setup):

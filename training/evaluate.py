@@ -501,6 +501,14 @@ def _sample_per_class(records: Sequence, per_class: int | None, seed: int) -> li
     return out
 
 
+def probe_training_images(held_out: Sequence, folder_records: Sequence, per_class: int | None, seed: int) -> list:
+    """The records a probe learns from: those of the folder that are not held out, at most `per_class`
+    of each class (a sample seeded by `seed`)."""
+    held_paths = {str(Path(r.image).resolve()) for r in held_out}
+    pool = [r for r in folder_records if str(Path(r.image).resolve()) not in held_paths]
+    return _sample_per_class(pool, per_class, seed)
+
+
 def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequence, classnames, device=None,
                    batch_size: int = 64, train_per_class: int | None = 100, k: int = 10, seed: int = 0,
                    templates: Sequence[str] = ZERO_SHOT_TEMPLATES, progress: bool = False, views: int = 1) -> dict:
@@ -513,9 +521,7 @@ def evaluate_probe(model, tokenizer, held_out: Sequence, folder_records: Sequenc
     keys = list(names)
     index = {c: i for i, c in enumerate(keys)}
     held_y = np.array([index[_class_key(r, names)] for r in held_out])
-    held_paths = {str(Path(r.image).resolve()) for r in held_out}
-    pool = [r for r in folder_records if str(Path(r.image).resolve()) not in held_paths]
-    train = _sample_per_class(pool, train_per_class, seed)
+    train = probe_training_images(held_out, folder_records, train_per_class, seed)
     train_y = np.array([index[_class_key(r, names)] for r in train])
     held_classes = set(held_y.tolist())
     missing = [c for i, c in enumerate(keys) if i in held_classes and not (train_y == i).any()]
@@ -1138,21 +1144,42 @@ def _jsonl_line_of(path, image) -> int | None:
     return None
 
 
-def _leave_out_unreadable(records: list, folder: list, progress: bool) -> tuple[list, list, dict[str, str]]:
-    """The records (and a probe's training `folder`) less those whose image cannot be read, and those
-    images (path -> why), each named on stderr: as training leaves such an image out, evaluation
-    scores the others and says how many it scored, rather than stopping at the first one's batch."""
-    unreadable = unreadable_images([r.image for r in (*records, *folder)], progress)
-    if not unreadable:
-        return records, folder, {}
+def _leave_out_unreadable(records: list, progress: bool) -> tuple[list, dict[str, str]]:
+    """The records less those whose image cannot be read, and those images (path -> why): as training
+    leaves such an image out, evaluation scores the others, rather than stopping at the first one's
+    batch. EvalError when none can be read."""
+    unreadable = unreadable_images([r.image for r in records], progress)
     kept = [r for r in records if str(r.image) not in unreadable]
-    named = "".join(f"\n  {path}: {why}" for path, why in unreadable.items())
     if not kept:    # an error is one line
         raise EvalError(f"none of the {len(records)} images can be read: "
                         + "; ".join(f"{path} ({why})" for path, why in unreadable.items()))
-    print(f"warning: {len(unreadable)} image(s) cannot be read and are left out; the results count the "
-          f"{len(kept)} scored:{named}", file=sys.stderr)
-    return kept, [r for r in folder if str(r.image) not in unreadable], unreadable
+    return kept, unreadable
+
+
+def _readable_probe_pool(held_out: list, folder: list, per_class: int | None, seed: int,
+                         progress: bool) -> tuple[list, dict[str, str]]:
+    """A probe's `folder` less the unreadable images of the sample it learns from, and those images
+    (path -> why). Only the sample is decoded, not the whole folder (AID's 8,000 images where it learns
+    from 100 of each of 30 classes); an unreadable one leaves the pool, and the sample is drawn again
+    from what is left, so that evaluate_probe, given the pool returned, draws the sample checked here."""
+    unreadable: dict[str, str] = {}
+    readable: set[str] = set()
+    while True:
+        sample = [str(r.image) for r in probe_training_images(held_out, folder, per_class, seed)]
+        found = unreadable_images([path for path in sample if path not in readable], progress)
+        if not found:
+            return folder, unreadable
+        unreadable.update(found)
+        readable.update(path for path in sample if path not in found)
+        folder = [r for r in folder if str(r.image) not in found]
+
+
+def _warn_of_unreadable(unreadable: dict[str, str], scored: int) -> None:
+    """Name on stderr the images left out as unreadable."""
+    if unreadable:
+        named = "".join(f"\n  {path}: {why}" for path, why in unreadable.items())
+        print(f"warning: {len(unreadable)} image(s) cannot be read and are left out; the results count the "
+              f"{scored} scored:{named}", file=sys.stderr)
 
 
 def _check_set_size(args: argparse.Namespace, records: list, unreadable: dict) -> None:
@@ -1219,8 +1246,14 @@ def run(args: argparse.Namespace) -> dict:
             references_to_score(records, args.manifest)     # each image's references have words
     ckpt = Path(args.checkpoint)
     read_config(ckpt)       # a quick look: its errors say what to give instead
-    # the images last of the inputs (it decodes each one), and before the model loads
-    records, folder, unreadable = _leave_out_unreadable(records, folder, progress)
+    # the images last of the inputs (it decodes each one it scores), and before the model loads
+    records, unreadable = _leave_out_unreadable(records, progress)
+    if args.command == "probe":
+        folder = [r for r in folder if str(r.image) not in unreadable]    # held out, though left out
+        folder, unreadable_training = _readable_probe_pool(records, folder, args.train_per_class or None,
+                                                           args.seed, progress)
+        unreadable = {**unreadable, **unreadable_training}
+    _warn_of_unreadable(unreadable, len(records))
     _check_set_size(args, records, unreadable)
     if args.command == "caption":
         references = references_to_score(records, args.manifest)
