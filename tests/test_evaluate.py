@@ -134,7 +134,8 @@ def test_unreadable_images_are_left_out_named_and_counted(setup, tmp_path, capsy
     # a probe's training images are checked as its held-out ones are
     (tmp_path / "held.txt").write_text("grass/grass_1.jpg\nriver/river_1.jpg\n")
     rc, out, err = run_main(capsys, "probe", *zero_shot[1:], "--files", tmp_path / "held.txt")
-    assert rc == 0 and "probe: 2 held-out images, 5 classes" in out and "; 2 unreadable image(s) left out\n" in out, err
+    assert rc == 0 and "probe: 2 held-out images, 5 classes" in out, err
+    assert "; 2 unreadable image(s) left out (0 held-out, 2 to learn from)\n" in out, out
     # nothing readable: refused, every file named
     for image in scenes.glob("*/*_[01].jpg"):
         image.write_text("gone")

@@ -483,6 +483,24 @@ def test_classes_of_the_map_without_images_are_named(tmp_path, capsys):
             "add their images, or leave them out of the map") in r.stderr, r.stderr[-2000:]
 
 
+def test_a_class_whose_images_are_all_excluded_says_so(tmp_path):
+    """A class folder with images, every one of them in the source's exclude_manifest, read as an empty
+    folder ("no images in its folder")."""
+    from training.recipe import build_sources, classes_without_images, sources_from_args
+
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=2)
+    taken = tmp_path / "blue.jsonl"
+    taken.write_text("".join(json.dumps({"image": str(p), "captions": ["blue roofs"]}) + "\n"
+                             for p in sorted((scenes / "blue").glob("*.jpg"))))
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"sources": [{"kind": "folder", "root": str(scenes), "name": "scenes",
+                                               "classnames": str(tmp_path / "classes.json"),
+                                               "exclude_manifest": str(taken)}]}))
+    train, _ = build_sources(sources_from_args(str(recipe), [], [], [], [], 0), seed=0)
+    assert classes_without_images(train[0], []) == [
+        f"blue (all its images are left out as images of its exclude_manifest {taken})"]
+
+
 def test_an_interrupted_run_says_whether_there_is_a_checkpoint_to_resume(folder, tmp_path, capsys, monkeypatch):
     from training import train as training_main
 

@@ -913,9 +913,18 @@ def _print_zero_shot(r: dict) -> None:
         print(f"{i:3d} " + "".join(f"{v:>{cell}}" for v in row))
 
 
+def _probe_left_out(r: dict) -> str:
+    """_left_out for a probe, whose unreadable images may be held-out ones or ones to learn from."""
+    if not r.get("n_unreadable"):
+        return ""
+    held_out = r.get("n_unreadable_held_out", 0)
+    return (f"; {r['n_unreadable']} unreadable image(s) left out ({held_out} held-out, "
+            f"{r['n_unreadable'] - held_out} to learn from)")
+
+
 def _print_probe(r: dict) -> None:
     print(f"probe: {r['n_images']} held-out images, {len(r['classes'])} classes; image-only classifiers learnt "
-          f"from {r['n_train']} other images{_views_note(r)}{_left_out(r)}")
+          f"from {r['n_train']} other images{_views_note(r)}{_probe_left_out(r)}")
     rows = (("zero-shot (class-name prompts)", r["zero_shot_top1"]),
             ("nearest class centroid", r["centroid_top1"]),
             (f"{r['k']} nearest neighbours", r["knn_top1"]),
@@ -1250,6 +1259,7 @@ def run(args: argparse.Namespace) -> dict:
     records, unreadable = _leave_out_unreadable(records, progress)
     if args.command == "probe":
         folder = [r for r in folder if str(r.image) not in unreadable]    # held out, though left out
+        held_out_unreadable = len(unreadable)
         folder, unreadable_training = _readable_probe_pool(records, folder, args.train_per_class or None,
                                                            args.seed, progress)
         unreadable = {**unreadable, **unreadable_training}
@@ -1274,6 +1284,8 @@ def run(args: argparse.Namespace) -> dict:
         out = evaluate_captions(model, tokenizer, records, device, args.batch_size, args.beam_size,
                                 args.max_len, args.examples, progress, references=references)
     out["n_unreadable"], out["unreadable_images"] = len(unreadable), unreadable
+    if args.command == "probe":     # n_unreadable counts the images it learns from too
+        out["n_unreadable_held_out"] = held_out_unreadable
     out["checkpoint"] = str(ckpt)
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out

@@ -280,8 +280,9 @@ def _check_classes(name: str, records: list, mapping: dict) -> None:
 
 def classes_without_images(source: dict, held_out: list) -> list[str]:
     """The classes of a source's class map that none of its images, trained or `held_out`, has; for a
-    folder source each says why (no folder, or no images in it). Such a class is not trained on, yet
-    its name is one of the candidates of the source's zero-shot validation."""
+    folder source each says why (no folder, no images in it, or all of them left out as images of its
+    exclude_manifest). Such a class is not trained on, yet its name is one of the candidates of the
+    source's zero-shot validation."""
     mapping = source.get("class_map")
     if not mapping:
         return []
@@ -290,7 +291,17 @@ def classes_without_images(source: dict, held_out: list) -> list[str]:
     if source["kind"] != "folder":
         return missing
     class_root = D.find_class_root(source["root"])
-    return [f"{k} ({'no folder' if not (class_root / k).is_dir() else 'no images in its folder'})" for k in missing]
+    return [f"{k} ({_why_no_images(class_root / k, source)})" for k in missing]
+
+
+def _why_no_images(class_folder: Path, source: dict) -> str:
+    """Why a folder source has no image of a class whose folder is `class_folder`."""
+    if not class_folder.is_dir():
+        return "no folder"
+    if source.get("exclude_manifest") and any(D._is_image(name) for name in os.listdir(class_folder)):
+        # the folder's images are there: build_sources dropped them all as the manifest's
+        return f"all its images are left out as images of its exclude_manifest {source['exclude_manifest']}"
+    return "no images in its folder"
 
 
 def _inline_pool(captions) -> dict[str, list[str]]:
