@@ -124,6 +124,12 @@ class ReplacedImageWarning(SkippedImageWarning):
     holds its own copy of the dataset, and would warn of the image once per copy."""
 
 
+def skipping_unreadable_image(what: str, why: str) -> str:
+    """How an unreadable image that is skipped is named: alike by the datasets, the image bank and
+    training's log, so that a search of a log finds every one."""
+    return f"skipping unreadable image {what}: {why}"
+
+
 def show_skipped_images_plainly() -> None:
     """Print SkippedImageWarnings as one "warning: ..." line, without the file, line and source line
     of the code that warned (which read like a traceback to someone training); others as before.
@@ -760,7 +766,7 @@ class _CountsSkips:
         why = f"{type(error).__name__}: {error}"
         if what not in self._warned:
             self._warned = self._warned | {what}
-            warnings.warn(f"skipping unreadable image {what}: {why}", category, stacklevel=3)
+            warnings.warn(skipping_unreadable_image(what, why), category, stacklevel=3)
         return why
 
 

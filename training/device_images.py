@@ -108,8 +108,7 @@ class ImageBank:
             results = pool.map(decode_square, jobs, chunksize=64) if pool else map(decode_square, jobs)
             for i, (path, result) in enumerate(zip(mine, results)):
                 if isinstance(result, str):
-                    warnings.warn(f"skipping unreadable image {path}: {result}", D.SkippedImageWarning,
-                                  stacklevel=2)
+                    warnings.warn(D.skipping_unreadable_image(path, result), D.SkippedImageWarning, stacklevel=2)
                 else:
                     decoded[i], readable[i] = torch.from_numpy(result), 1
                 bar.update(1)

@@ -273,6 +273,18 @@ def unreadable_images(paths: Sequence[str], progress: bool = False) -> dict[str,
     return found
 
 
+def leave_out_unreadable(records: Sequence, progress: bool = False) -> tuple[list, dict[str, str]]:
+    """The records less those whose image cannot be read, and those images (path -> why): evaluation
+    and training's validation score the others."""
+    unreadable = unreadable_images([r.image for r in records], progress)
+    return [r for r in records if str(r.image) not in unreadable], unreadable
+
+
+def unreadable_listing(unreadable: Mapping[str, str]) -> str:
+    """Unreadable images (path -> why) on one line, for an error or a warning."""
+    return "; ".join(f"{path} ({why})" for path, why in unreadable.items())
+
+
 def _bar(total: int, desc: str, unit: str, progress: bool):
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False,
                 dynamic_ncols=True)
@@ -1153,15 +1165,12 @@ def _jsonl_line_of(path, image) -> int | None:
     return None
 
 
-def _leave_out_unreadable(records: list, progress: bool) -> tuple[list, dict[str, str]]:
-    """The records less those whose image cannot be read, and those images (path -> why): as training
-    leaves such an image out, evaluation scores the others, rather than stopping at the first one's
-    batch. EvalError when none can be read."""
-    unreadable = unreadable_images([r.image for r in records], progress)
-    kept = [r for r in records if str(r.image) not in unreadable]
+def _records_to_score(records: list, progress: bool) -> tuple[list, dict[str, str]]:
+    """leave_out_unreadable for the command: as training leaves such an image out, evaluation scores
+    the others, rather than stopping at the first one's batch. EvalError when none can be read."""
+    kept, unreadable = leave_out_unreadable(records, progress)
     if not kept:    # an error is one line
-        raise EvalError(f"none of the {len(records)} images can be read: "
-                        + "; ".join(f"{path} ({why})" for path, why in unreadable.items()))
+        raise EvalError(f"none of the {len(records)} images can be read: {unreadable_listing(unreadable)}")
     return kept, unreadable
 
 
@@ -1256,7 +1265,7 @@ def run(args: argparse.Namespace) -> dict:
     ckpt = Path(args.checkpoint)
     read_config(ckpt)       # a quick look: its errors say what to give instead
     # the images last of the inputs (it decodes each one it scores), and before the model loads
-    records, unreadable = _leave_out_unreadable(records, progress)
+    records, unreadable = _records_to_score(records, progress)
     if args.command == "probe":
         folder = [r for r in folder if str(r.image) not in unreadable]    # held out, though left out
         held_out_unreadable = len(unreadable)

@@ -46,7 +46,8 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
 from . import recipe as recipes
-from .data import DataError, ReplacedImageWarning, expand_urls, show_skipped_images_plainly
+from .data import (DataError, ReplacedImageWarning, expand_urls, show_skipped_images_plainly,
+                   skipping_unreadable_image)
 from .signals import stop_signals_interrupt
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
@@ -456,7 +457,7 @@ class UnreadableImages:
             self.met[path] = why
             self.named += 1
             if self.named <= self.NAMED:
-                log(f"warning: skipping unreadable image {path}: {why}")
+                log(f"warning: {skipping_unreadable_image(path, why)}")
             elif self.named == self.NAMED + 1:
                 log(f"warning: more than {self.NAMED} unreadable images: the others are counted, not named here; "
                     "the end of the run lists them all")
@@ -831,14 +832,13 @@ def leave_out_unreadable_held_out_images(val_sets: dict) -> None:
     """Validation scores the held-out images that can be read, as `training.evaluate` scores them: one
     that cannot is named here and left out (the held-out lists in OUT/val keep it), where it would fail
     every validation of its set."""
-    from .evaluate import unreadable_images
+    from .evaluate import leave_out_unreadable, unreadable_listing
 
     for name, vs in val_sets.items():
-        unreadable = unreadable_images([r.image for r in vs["records"]])
+        vs["records"], unreadable = leave_out_unreadable(vs["records"])
         if unreadable:
-            vs["records"] = [r for r in vs["records"] if r.image not in unreadable]
             log(f"warning: validation of {name} leaves out {len(unreadable)} unreadable held-out image(s): "
-                + "; ".join(f"{path} ({why})" for path, why in unreadable.items()))
+                f"{unreadable_listing(unreadable)}")
 
 
 def run_words(cfg: TrainConfig, train_sources: list[dict]) -> TrainingWords | None:
