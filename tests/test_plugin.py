@@ -1020,6 +1020,7 @@ def test_search_warns_of_words_the_model_barely_knows(dock, layers, iface):
     dock.area.setCurrentIndex(0)                                  # the canvas extent
     dock.segment_layer.setLayer(layer)
     dock.prompts.setText("roads, quarries, scree")
+    dock.threshold.setValue(0.0)                                  # polygons found: no warning of none
     before = len(iface.message_bar.messages)
     assert run_dock(dock, "segment", dock.segment) is None
     warned = [text for _, text, level in iface.message_bar.messages[before:] if level == int(Qgis.Warning)]
