@@ -136,12 +136,31 @@ def test_unreadable_images_are_left_out_named_and_counted(setup, tmp_path, capsy
     rc, out, err = run_main(capsys, "probe", *zero_shot[1:], "--files", tmp_path / "held.txt")
     assert rc == 0 and "probe: 2 held-out images, 5 classes" in out, err
     assert "; 2 unreadable image(s) left out (0 held-out, 2 to learn from)\n" in out, out
-    # nothing readable: refused, every file named
+    # nothing readable: refused on one line, which names the first 5 and counts the others
     for image in scenes.glob("*/*_[01].jpg"):
         image.write_text("gone")
     rc, out, err = run_main(capsys, *zero_shot)
-    assert rc == 2 and "none of the 12 images can be read: " in err and f"; {fake} (UnidentifiedImageError: " in err
-    assert len(err.strip().splitlines()) == 1, err
+    assert rc == 2 and "none of the 12 images can be read: " in err and err.count("Error: ") == 5
+    assert "; and 7 more\n" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_long_list_of_unreadable_images_names_the_first_five(setup, tmp_path, capsys):
+    """600 Git LFS pointer files named .jpg were 600 lines of warning (and, when none could be read, one
+    error line of 86,501 characters): the first 5 are named, the others counted; --json lists them all."""
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(setup["root"] / "scenes", scenes)
+    pointers = [scenes / "field" / f"field_lfs{i}.jpg" for i in range(7)]
+    for pointer in pointers:
+        pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    rc, out, err = run_main(capsys, "zero-shot", "--checkpoint", setup["ckpt"], "--data", scenes, "--classnames",
+                            setup["names"], "--quiet", "--json")
+    assert rc == 0, err
+    assert "warning: 7 image(s) cannot be read and are left out; the results count the 10 scored:" in err
+    assert err.count(": UnidentifiedImageError: ") == 5, err
+    assert "\n  ... and 2 more: --json lists them all (unreadable_images)\n" in err
+    assert sorted(json.loads(out)["unreadable_images"]) == sorted(map(str, pointers))
 
 
 def test_a_probe_decodes_only_the_images_it_uses(setup, tmp_path, capsys, monkeypatch):

@@ -806,6 +806,29 @@ def test_an_unreadable_held_out_image_is_left_out_of_validation_and_named(tmp_pa
     assert f"warning: validation of scenes leaves out 1 unreadable held-out image(s): {broken} (OSError: " in err
 
 
+def test_many_unreadable_held_out_images_are_counted_past_the_first_five_and_listed(tmp_path, capsys):
+    """The warning named every one on one line (600 Git LFS pointers: 86,501 characters): it names five,
+    counts the others, and they are all in the run's unreadable_images.txt."""
+    from training.data import Record
+    from training.train import UnreadableImages
+
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=1)
+    pointers = [scenes / "red" / f"red_lfs{i}.jpg" for i in range(7)]
+    for pointer in pointers:
+        pointer.write_text("version https://git-lfs.github.com/spec/v1\n")
+    held = [Record(str(p), ("a caption",), p.parent.name) for p in sorted(scenes.glob("*/*.jpg"))]
+    val_sets = {"scenes": {"kind": "zero-shot", "records": held, "classnames": CLASSES}}
+    run = tmp_path / "run"
+    run.mkdir()
+    UnreadableImages(run).leave_out_of_validation(val_sets)
+    assert len(val_sets["scenes"]["records"]) == 3
+    err = capsys.readouterr().err
+    listing = run / "unreadable_images.txt"
+    assert "warning: validation of scenes leaves out 7 unreadable held-out image(s): " in err
+    assert err.count("(UnidentifiedImageError: ") == 5 and f"; and 2 more (all are listed in {listing})" in err, err
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(map(str, pointers))
+
+
 def test_the_held_out_list_of_an_unnamed_manifest_is_not_named_like_it(folder, tmp_path):
     """`--manifest train.jsonl` holds out part of it; its list must not be `val/train.jsonl`, which
     reads as the training manifest. A named source keeps `<name>.jsonl` (runs/default/val/ucm.jsonl)."""

@@ -423,20 +423,38 @@ class OutputError(Exception):
 
 
 class UnreadableImages:
-    """The unreadable training images a run meets: each named once in the log as it is first met (the
-    first NAMED of them; past that they are counted), and all listed at the end, in OUT/FILE. The
+    """The unreadable images a run meets. Training images: each named once in the log as it is first met
+    (the first NAMED of them; past that they are counted), and all listed at the end, in OUT/FILE. The
     batches carry them (collate_captions' "unreadable") to the main process: the datasets' own warnings
     name an image once per DataLoader worker, each with its own copy of the dataset, and print over the
-    progress bar. Under DDP each process's are gathered to the main one at the log steps."""
+    progress bar. Under DDP each process's are gathered to the main one at the log steps. Held-out
+    images that validation leaves out are listed in OUT/FILE too, as soon as they are found."""
 
     NAMED = 20
     FILE = "unreadable_images.txt"
 
-    def __init__(self, named_before: dict[str, str] | None = None):
-        # path -> why, in the order met; those named before training (by the image bank) are not again
-        self.met: dict[str, str] = dict(named_before or {})
-        self.named = len(self.met)
+    def __init__(self, out: Path):
+        self.listing = out / self.FILE
+        self.met: dict[str, str] = {}           # training images: path -> why, in the order met
+        self.held_out: dict[str, str] = {}      # held-out images validation leaves out
+        self.named = 0
         self.pending: list = []       # this process's, not yet reported
+
+    def named_before(self, images: dict[str, str]) -> None:
+        """Training images named before training (by the image bank): not named again."""
+        self.met.update(images)
+        self.named = len(self.met)
+
+    def leave_out_of_validation(self, val_sets: dict) -> None:
+        """Main process: leave the unreadable held-out images out of validation, name and list them."""
+        self.held_out = leave_out_unreadable_held_out_images(val_sets, self.listing)
+        self.write()
+
+    def write(self) -> None:
+        """Main process: list every unreadable image met so far in OUT/FILE (path and why, a tab between)."""
+        every = {**self.held_out, **self.met}
+        if every:
+            write_text_atomically(self.listing, "".join(f"{path}\t{why}\n" for path, why in every.items()))
 
     def add(self, batch: dict) -> None:
         self.pending += batch.get("unreadable", ())
@@ -462,15 +480,15 @@ class UnreadableImages:
                 log(f"warning: more than {self.NAMED} unreadable images: the others are counted, not named here; "
                     "the end of the run lists them all")
 
-    def summary(self, out: Path) -> None:
-        """Main process, at the end of the run: how many unreadable images it met, and where the list is."""
+    def summary(self) -> None:
+        """Main process, at the end of the run: how many unreadable training images it met, and where
+        the list is."""
         if not self.met:
             return
-        listing = out / self.FILE
-        write_text_atomically(listing, "".join(f"{path}\t{why}\n" for path, why in self.met.items()))
+        self.write()
         shown = ", ".join(list(self.met)[:3]) + (", ..." if len(self.met) > 3 else "")
         log(f"{len(self.met)} unreadable image(s) were left out of training, each replaced by another image "
-            f"({shown}): all are listed in {listing}; remove or replace them")
+            f"({shown}): all are listed in {self.listing}; remove or replace them")
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -546,8 +564,9 @@ def train(cfg: TrainConfig) -> dict:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if is_main():
         warn_of_classes_without_images(train_sources, val_sets)
+    unreadable_images = UnreadableImages(out)
     if is_main() and cfg.eval_every:
-        leave_out_unreadable_held_out_images(val_sets)
+        unreadable_images.leave_out_of_validation(val_sets)
     if is_main() and cfg.eval_every and not val_sets:
         log(f"warning: --eval-every {cfg.eval_every} has nothing to validate: no images are held out (give "
             "--val-per-class N, or a recipe source with val_per_class)")
@@ -581,7 +600,6 @@ def train(cfg: TrainConfig) -> dict:
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
     bank = bank_augment = None
-    unreadable = UnreadableImages()
     if cfg.images_on_device:
         parts = device_images.caption_datasets(dataset)
         bank = device_images.ImageBank.build(parts, cfg.bank_size or image_size, device, workers=cfg.workers,
@@ -591,8 +609,8 @@ def train(cfg: TrainConfig) -> dict:
             f"({bank.images.numel() / 2**20:.0f} MiB)" + (f", {bank.unreadable} unreadable (skipped)"
                                                           if bank.unreadable else ""))
         # the bank named its unreadable images as it decoded them
-        unreadable = UnreadableImages({r.image: "it could not be decoded into the image bank" for d in parts
-                                       for r, row in zip(d.records, d.image_rows) if row < 0})
+        unreadable_images.named_before({r.image: "it could not be decoded into the image bank" for d in parts
+                                        for r, row in zip(d.records, d.image_rows) if row < 0})
 
     model.to(device).train()
     if cfg.freeze_image:
@@ -667,9 +685,9 @@ def train(cfg: TrainConfig) -> dict:
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch.get("labels")  # only with --class-aware (and sources that know classes)
         skipped_total += batch["skipped"]
-        unreadable.add(batch)
+        unreadable_images.add(batch)
         if world == 1 or step % cfg.log_every == 0 or step == cfg.steps:
-            unreadable.report(world)    # under DDP a collective: at the log steps, which every rank shares
+            unreadable_images.report(world)    # under DDP a collective: at the log steps, which every rank shares
         parts: dict[str, float] = {}
         # micro-batches cut from the batch as it came: a streamed batch shortened by unreadable
         # samples gives smaller (or fewer) ones, never an empty one, whose loss is NaN; each part's
@@ -750,7 +768,7 @@ def train(cfg: TrainConfig) -> dict:
                         write_extra=words.save if words is not None else None)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if is_main():
-        unreadable.summary(out)
+        unreadable_images.summary()
         saved = checkpoint_dirs(out)
         if saved and cfg.export_fp16:
             log(f"done: the final checkpoint is {saved[-1]}; its fp16 export, to serve, is {cfg.export_fp16}")
@@ -828,17 +846,21 @@ def warn_of_classes_without_images(train_sources: list[dict], val_sets: dict) ->
                 "candidates in its zero-shot validation: add their images, or leave them out of the map")
 
 
-def leave_out_unreadable_held_out_images(val_sets: dict) -> None:
+def leave_out_unreadable_held_out_images(val_sets: dict, listing: Path | None = None) -> dict[str, str]:
     """Validation scores the held-out images that can be read, as `training.evaluate` scores them: one
     that cannot is named here and left out (the held-out lists in OUT/val keep it), where it would fail
-    every validation of its set."""
+    every validation of its set. Returns them (path -> why); the warning names the first few and says
+    they are all in `listing`."""
     from .evaluate import leave_out_unreadable, unreadable_listing
 
+    every = {}
     for name, vs in val_sets.items():
         vs["records"], unreadable = leave_out_unreadable(vs["records"])
         if unreadable:
             log(f"warning: validation of {name} leaves out {len(unreadable)} unreadable held-out image(s): "
-                f"{unreadable_listing(unreadable)}")
+                + unreadable_listing(unreadable, f"all are listed in {listing}" if listing else ""))
+        every.update(unreadable)
+    return every
 
 
 def run_words(cfg: TrainConfig, train_sources: list[dict]) -> TrainingWords | None:
