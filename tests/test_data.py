@@ -25,9 +25,10 @@ from training.augment import eval_transform, train_transform
 from training.data import (
     CAPTION_CLASS_WORDS, CaptionDataset, DataError, ManifestError, MixedDataset, Record,
     SkippedImageWarning, UnnamedClassesError, WebDatasetShards, caption_file_class, class_caption_pool, collate_captions,
-    expand_urls, folder_records, karpathy_records, load_classnames, manifest_records,
+    expand_urls, folder_records, has_image, karpathy_records, load_classnames, manifest_records,
     precomp_records, split_records,
 )
+from training.recipe import Collate
 from training.templates import TEMPLATES, ZERO_SHOT_TEMPLATES
 
 from conftest import SHARED_DATA
@@ -475,7 +476,13 @@ def test_unreadable_image_is_replaced_counted_and_warned_once(tmp_path):
     assert again.replaced == 2 and torch.equal(again[0], items[1][0])
     assert collate_captions([items[0], again, None], lambda c, n: torch.zeros(len(c), n), 4)["skipped"] == 3
     with pytest.warns(SkippedImageWarning):
-        assert CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0] is None
+        nothing = CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0]
+    # no record can be read: no image to train on, but the item names the one it could not read, and the
+    # batch carries it to training's log
+    assert not has_image(nothing) and [path for path, _ in nothing.unreadable] == [str(bad)]
+    assert collate_captions([nothing, None], lambda c, n: torch.zeros(len(c), n), 4) is None
+    batch = Collate(lambda c, n: torch.zeros(len(c), n, dtype=torch.long), 4)([pickle.loads(pickle.dumps(nothing))])
+    assert len(batch["images"]) == 0 and batch["skipped"] == 1 and batch["unreadable"][0][0] == str(bad)
     assert sorted(str(w.message).split(":")[0] for w in caught) == [
         f"skipping unreadable image {bad}", f"skipping unreadable image {truncated}"]
 
@@ -492,7 +499,7 @@ def test_a_skipped_image_is_shown_as_one_warning_line(tmp_path, capsys, monkeypa
     show_skipped_images_plainly()      # once is enough: a second call wraps nothing again
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        assert CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0] is None
+        assert not has_image(CaptionDataset([Record(str(bad), ("b",))], eval_transform(SIZE, MEAN, STD))[0])
     lines = capsys.readouterr().err.splitlines()
     # no "file:line: SkippedImageWarning" and no source line under it, which read like a traceback
     assert lines[0].startswith(f"warning: skipping unreadable image {bad}: ") and "data.py" not in lines[0]

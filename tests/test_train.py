@@ -882,6 +882,9 @@ def test_a_set_of_nothing_but_unreadable_images_is_said_to_be_so(tmp_path, capsy
     r = _refused(_args(bad, tmp_path / "run", 2), capsys)
     assert r.returncode == 2 and "no image could be read in 50 batches in a row" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+    # the loader's warnings of them are off (the batches name them): the error itself names the first few
+    assert f"(9 unreadable image(s) met: {bad}" in r.stderr, r.stderr
+    assert r.stderr.count("(UnidentifiedImageError: ") == 5 and "; and 4 more): check that" in r.stderr
 
 
 def test_recipe_weight_0_leaves_a_source_out_and_a_caption_pool_mapping_must_be_shipped(folder, tmp_path):

@@ -17,8 +17,9 @@ hands the same generator to the transform. Nothing depends on worker count or on
 Unreadable images never stop a run: each is counted in `skipped` and warned about once per file.
 CaptionDataset replaces it with the next readable record, so batches stay full (every DDP rank must
 add the same number of rows to the gathered contrastive loss) and the item says how many it
-replaced, and which (path, why); a streamed sample comes back as None instead. collate_captions
-drops None items and reports both counts as the batch's "skipped", and the replaced images as its
+replaced, and which (path, why); where none of its records can be read, it gives a NoImage that
+names them all, and a streamed sample comes back as None instead. collate_captions drops None and
+NoImage items and reports both counts as the batch's "skipped", and the images named as its
 "unreadable".
 Set the epoch with set_epoch in each epoch before iterating; DataLoader workers get a copy of the
 dataset when they start, so use persistent_workers=False (the default) or the epoch will not
@@ -172,6 +173,24 @@ def _listing(items: Sequence[str], total: int | None = None) -> str:
     total = len(items) if total is None else total
     shown = ", ".join(items[:FIRST_FEW])
     return shown if total <= FIRST_FEW else f"{shown}, ... ({total} in all)"
+
+
+def first_unreadable(unreadable: Mapping[str, str], form: str) -> tuple[list[str], int]:
+    """The first FIRST_FEW unreadable images (path -> why), each as `form` ("{path}", "{why}"), and how
+    many more there are: a message names a few (a folder of Git LFS pointers in place of its images
+    has hundreds), and says where they are all listed."""
+    shown = [form.format(path=path, why=why) for path, why in list(unreadable.items())[:FIRST_FEW]]
+    return shown, len(unreadable) - len(shown)
+
+
+def unreadable_listing(unreadable: Mapping[str, str], all_listed: str = "") -> str:
+    """Unreadable images (path -> why) on one line, for an error or a warning: the first few, and how
+    many more (and where `all_listed` they are)."""
+    shown, more = first_unreadable(unreadable, "{path} ({why})")
+    listing = "; ".join(shown)
+    if more:
+        listing += f"; and {more} more" + (f" ({all_listed})" if all_listed else "")
+    return listing
 
 
 def _problems(source: str, problems: Sequence[str], what: str | tuple[str, str]) -> str:
@@ -752,6 +771,23 @@ class Item(tuple):
     unreadable: tuple[tuple[str, str], ...] = ()
 
 
+class NoImage(Item):
+    """A CaptionDataset's item when none of its records can be read: no image and no caption, only the
+    `unreadable` ones, so that the batch carries them to training's log (collate_captions drops the
+    item itself)."""
+
+
+def has_image(item) -> bool:
+    """Whether a dataset item is one to train on: not None (a streamed sample that could not be used)
+    and not NoImage."""
+    return item is not None and not isinstance(item, NoImage)
+
+
+def unreadable_in(batch: Sequence) -> list[tuple[str, str]]:
+    """(path, why) of each unreadable image a batch's items stood in for (Item.unreadable)."""
+    return [pair for item in batch if item is not None for pair in getattr(item, "unreadable", ())]
+
+
 class _CountsSkips:
     """Mixin: `skipped` counts unusable samples seen by this copy of the dataset (each DataLoader
     worker has its own copy; collate_captions reports per-batch counts to the training process),
@@ -843,13 +879,13 @@ class CaptionDataset(_CountsSkips, Dataset):
             caption = templates[rng.randrange(len(templates))]
         return caption
 
-    def load(self, index: int, epoch: int, draw: int = 0) -> tuple[torch.Tensor, str] | None:
+    def load(self, index: int, epoch: int, draw: int = 0) -> tuple[torch.Tensor, str] | NoImage:
         """Item `index` as it is in `epoch`; `draw` tells apart repeats of one image in an epoch
         (MixedDataset oversampling) so that they get different captions and crops.
 
         An unreadable image is counted, warned about once, and replaced by the next readable record
         (deterministically), so batches stay full: under DDP every rank must contribute the same
-        number of rows to the gathered contrastive loss. None only when no record can be read."""
+        number of rows to the gathered contrastive loss. NoImage only when no record can be read."""
         n = len(self.records)
         unreadable = []      # (path, why) of each record this item stands in for
         for k in range(n):   # k: how many unreadable records this item stands in for
@@ -871,7 +907,9 @@ class CaptionDataset(_CountsSkips, Dataset):
                 continue
             break
         else:
-            return None
+            item = NoImage()
+            item.unreadable = tuple(unreadable)
+            return item
         if self.image_rows is not None:
             tensor = torch.tensor(int(self.image_rows[index_k]))   # BankAugment makes the pixels
         else:
@@ -881,7 +919,7 @@ class CaptionDataset(_CountsSkips, Dataset):
         item.replaced, item.unreadable = k, tuple(unreadable)
         return item
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | None:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | NoImage:
         return self.load(index, self.epoch)
 
 
@@ -1177,15 +1215,15 @@ def _safe_captions(parts: dict[str, bytes]) -> list[str]:
 
 def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
                      context_length: int) -> dict | None:
-    """Stack images and tokenize captions, dropping None items (unreadable images).
+    """Stack images and tokenize captions, dropping None and NoImage items (unreadable images).
 
     Items are (image, caption) or (image, caption, class label id). Returns {"images": [B,3,H,W],
     "tokens": LongTensor [B,T], "captions": list[str], "skipped": how many unreadable images the
-    batch dropped or replaced, "unreadable": (path, why) of each image it replaced (Item.unreadable),
-    and "labels": LongTensor [B] for labelled items}, or None when every item was dropped. Use it with
-    functools.partial(collate_captions, tokenizer=..., context_length=...).
+    batch dropped or replaced, "unreadable": (path, why) of each image it replaced or found none in
+    place of (unreadable_in), and "labels": LongTensor [B] for labelled items}, or None when every item
+    was dropped. Use it with functools.partial(collate_captions, tokenizer=..., context_length=...).
     """
-    kept = [item for item in batch if item is not None]
+    kept = [item for item in batch if has_image(item)]
     if not kept:
         return None
     captions = [item[1] for item in kept]
@@ -1194,7 +1232,7 @@ def collate_captions(batch: Sequence[tuple | None], tokenizer: Callable,
         "tokens": tokenizer(captions, context_length),
         "captions": captions,
         "skipped": len(batch) - len(kept) + sum(getattr(item, "replaced", 0) for item in kept),
-        "unreadable": [pair for item in kept for pair in getattr(item, "unreadable", ())],
+        "unreadable": unreadable_in(batch),
     }
     if len(kept[0]) > 2:
         out["labels"] = torch.tensor([item[2] for item in kept], dtype=torch.long)

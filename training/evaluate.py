@@ -35,9 +35,9 @@ from backend.model.prompts import ensemble_prompts, pool_ensemble
 from . import metrics as M
 from . import probe as P
 from .augment import eval_transform
-from .data import (CLASSNAMES_DIR, FIRST_FEW, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, UnnamedClassesError,
-                   _class_dirs, _is_image, class_key, find_class_root, load_image, manifest_records,
-                   read_classnames_file)
+from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, UnnamedClassesError, _class_dirs,
+                   _is_image, class_key, find_class_root, first_unreadable, load_image, manifest_records,
+                   read_classnames_file, unreadable_listing)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -279,24 +279,6 @@ def leave_out_unreadable(records: Sequence, progress: bool = False) -> tuple[lis
     and training's validation score the others."""
     unreadable = unreadable_images([r.image for r in records], progress)
     return [r for r in records if str(r.image) not in unreadable], unreadable
-
-
-def first_unreadable(unreadable: Mapping[str, str], form: str) -> tuple[list[str], int]:
-    """The first FIRST_FEW unreadable images (path -> why), each as `form` ("{path}", "{why}"), and how
-    many more there are: a message names a few (a folder of Git LFS pointers in place of its images
-    has hundreds), and says where they are all listed."""
-    shown = [form.format(path=path, why=why) for path, why in list(unreadable.items())[:FIRST_FEW]]
-    return shown, len(unreadable) - len(shown)
-
-
-def unreadable_listing(unreadable: Mapping[str, str], all_listed: str = "") -> str:
-    """Unreadable images (path -> why) on one line, for an error or a warning: the first few, and how
-    many more (and where `all_listed` they are)."""
-    shown, more = first_unreadable(unreadable, "{path} ({why})")
-    listing = "; ".join(shown)
-    if more:
-        listing += f"; and {more} more" + (f" ({all_listed})" if all_listed else "")
-    return listing
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool):

@@ -491,7 +491,8 @@ class Collate:
     def __call__(self, batch):
         out = D.collate_captions(batch, self.tokenizer, self.context_length)
         if out is None:
-            return {"images": torch.empty(0), "tokens": torch.empty(0, dtype=torch.long), "skipped": len(batch)}
+            return {"images": torch.empty(0), "tokens": torch.empty(0, dtype=torch.long), "skipped": len(batch),
+                    "unreadable": D.unreadable_in(batch)}
         # Drop the all-padding tail: the decoder then runs on the batch's longest caption rather than
         # the full context (captions average ~14 tokens of 64), and padding never changes the result.
         keep = int((out["tokens"] != self.tokenizer.pad_id).sum(1).max())

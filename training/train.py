@@ -47,7 +47,7 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 from . import device_images
 from . import recipe as recipes
 from .data import (DataError, ReplacedImageWarning, expand_urls, show_skipped_images_plainly,
-                   skipping_unreadable_image)
+                   skipping_unreadable_image, unreadable_listing)
 from .signals import stop_signals_interrupt
 from .vocabulary import training_words
 from .augment import AUGMENTATIONS
@@ -851,7 +851,7 @@ def leave_out_unreadable_held_out_images(val_sets: dict, listing: Path | None = 
     that cannot is named here and left out (the held-out lists in OUT/val keep it), where it would fail
     every validation of its set. Returns them (path -> why); the warning names the first few and says
     they are all in `listing`."""
-    from .evaluate import leave_out_unreadable, unreadable_listing
+    from .evaluate import leave_out_unreadable
 
     every = {}
     for name, vs in val_sets.items():
@@ -1195,8 +1195,9 @@ EMPTY_BATCHES_LIMIT = 50
 def _readable_batch(stream, world: int, device) -> dict:
     """The next batch with an image in it. A batch whose every image was unreadable is drawn again (on
     every rank at once, since each step is a collective there); after EMPTY_BATCHES_LIMIT of them in a
-    row the images are said to be unreadable, instead of a step on nothing (a division by zero)."""
-    skipped = 0
+    row the images are said to be unreadable, naming the first few, instead of a step on nothing (a
+    division by zero). The batches drawn again pass on their counts and unreadable images."""
+    skipped, unreadable = 0, []
     for _ in range(EMPTY_BATCHES_LIMIT):
         batch = next(stream)
         empty = torch.tensor([int(len(batch["images"]) == 0)], device=device)
@@ -1204,11 +1205,16 @@ def _readable_batch(stream, world: int, device) -> dict:
             dist.all_reduce(empty, op=dist.ReduceOp.MAX)
         if not int(empty.item()):
             batch["skipped"] += skipped
+            batch["unreadable"] = unreadable + list(batch.get("unreadable", ()))
             return batch
         skipped += batch["skipped"]
-    raise DataError(f"no image could be read in {EMPTY_BATCHES_LIMIT} batches in a row (see the warnings about "
-                    "unreadable images above): check that the training images are image files (PNG, JPEG, TIFF, "
-                    "...) and not damaged")
+        unreadable += batch.get("unreadable", ())
+    met = dict(unreadable)
+    # the loader processes' own warnings of these images are off (UnreadableImages names them): so here
+    which = (f"{len(met)} unreadable image(s) met: {unreadable_listing(met)}" if met else
+             "see the warnings about unreadable images above")
+    raise DataError(f"no image could be read in {EMPTY_BATCHES_LIMIT} batches in a row ({which}): check that the "
+                    "training images are image files (PNG, JPEG, TIFF, ...) and not damaged")
 
 
 def main(argv: list[str] | None = None) -> int:
