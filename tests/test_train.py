@@ -871,6 +871,23 @@ def test_each_unreadable_image_is_named_once_and_all_are_listed_at_the_end(tmp_p
         [str(truncated), str(not_an_image)])
 
 
+def test_loader_processes_started_afresh_do_not_warn_of_replaced_images_again(tmp_path):
+    """Loader processes started by spawn (macOS's and Windows' default) or forkserver inherit no warnings
+    filter of the main process: each named every unreadable image again, in Python's warning format. The
+    datasets themselves are made not to warn, and each worker's copy keeps that."""
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=3)
+    bad = scenes / "green" / "green_fake.jpg"
+    bad.write_text("not an image")
+    spawned = ("import sys, torch.multiprocessing as mp; mp.set_start_method('spawn'); "
+               "from training.train import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", spawned, *_args(scenes, tmp_path / "run", 3, "--workers", "2")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ReplacedImageWarning" not in r.stderr, r.stderr[-3000:]
+    assert len(re.findall(rf"^warning: skipping unreadable image {re.escape(str(bad))}: ", r.stderr, re.M)) == 1
+
+
 def test_a_set_of_nothing_but_unreadable_images_is_said_to_be_so(tmp_path, capsys):
     """Every image unreadable: each batch came out empty and the step divided by zero (a traceback)."""
     bad = tmp_path / "scenes"

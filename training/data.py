@@ -121,8 +121,9 @@ class SkippedImageWarning(UserWarning):
 class ReplacedImageWarning(SkippedImageWarning):
     """An unreadable image a CaptionDataset replaced by the next readable one. Its item names it too
     (collate_captions puts it in the batch's "unreadable"), so that training names each such image
-    once from its batches, in the main process, and silences this warning: each DataLoader worker
-    holds its own copy of the dataset, and would warn of the image once per copy."""
+    once from its batches, in the main process, and makes its datasets without this warning
+    (warn_of_replaced=False): each DataLoader worker holds its own copy of the dataset, and would warn
+    of the image once per copy."""
 
 
 def skipping_unreadable_image(what: str, why: str) -> str:
@@ -796,11 +797,12 @@ class _CountsSkips:
     skipped: int = 0
     _warned: frozenset[str] = frozenset()
 
-    def _skip(self, what: str, error: BaseException, category: type[Warning] = SkippedImageWarning) -> str:
-        """Count an unusable sample, warn of it the first time; returns why it is unusable."""
+    def _skip(self, what: str, error: BaseException, category: type[Warning] = SkippedImageWarning,
+              warn: bool = True) -> str:
+        """Count an unusable sample, warn of it the first time (where `warn`); returns why it is unusable."""
         self.skipped += 1
         why = f"{type(error).__name__}: {error}"
-        if what not in self._warned:
+        if warn and what not in self._warned:
             self._warned = self._warned | {what}
             warnings.warn(skipping_unreadable_image(what, why), category, stacklevel=3)
         return why
@@ -834,11 +836,15 @@ class CaptionDataset(_CountsSkips, Dataset):
 
     With `labels` (class key -> int id, e.g. from class_label_id) items are (image, caption, label),
     label -1 for a record whose class has no id; the class-aware contrastive loss uses them.
+    `warn_of_replaced` False: no ReplacedImageWarning, for a reader that names the images from the
+    items. An attribute of the dataset, it goes with every copy a DataLoader worker gets, however
+    the worker was started (a warnings filter of the main process reaches forked workers only).
     """
 
     def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0,
                  labels: Mapping[str, int] | None = None,
-                 class_templates: Mapping[str, Sequence[str]] | None = None, template_mix: float = 0.0):
+                 class_templates: Mapping[str, Sequence[str]] | None = None, template_mix: float = 0.0,
+                 warn_of_replaced: bool = True):
         if not 0.0 <= template_mix <= 1.0:
             raise ValueError(f"template_mix must be in [0, 1], got {template_mix}")
         # Template mixing ("caption dropout"): with probability `template_mix` an item whose class has
@@ -852,6 +858,7 @@ class CaptionDataset(_CountsSkips, Dataset):
         self.epoch = 0
         self._pass_rng = _accepts_rng(transform)
         self.skipped = 0
+        self.warn_of_replaced = warn_of_replaced
         self.labels = dict(labels) if labels is not None else None
         # With the images decoded once into a bank (training.device_images), each record's row in
         # it, -1 for an unreadable image: items then carry the row, not pixels.
@@ -896,14 +903,15 @@ class CaptionDataset(_CountsSkips, Dataset):
             if self.image_rows is not None:
                 if self.image_rows[index_k] < 0:
                     why = self._skip(record.image, OSError("it could not be decoded into the image bank"),
-                                     ReplacedImageWarning)
+                                     ReplacedImageWarning, self.warn_of_replaced)
                     unreadable.append((record.image, why))
                     continue
                 break
             try:
                 image = load_image(record.image)
             except Exception as e:  # any decoder failure: a long run must not die on one bad file
-                unreadable.append((record.image, self._skip(record.image, e, ReplacedImageWarning)))
+                unreadable.append((record.image, self._skip(record.image, e, ReplacedImageWarning,
+                                                            self.warn_of_replaced)))
                 continue
             break
         else:

@@ -456,11 +456,14 @@ def check_source_mix(sources: list[dict], class_aware: bool) -> None:
 
 
 def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int,
-                 class_aware: bool = False, augment: str = "overhead", template_mix: float = 0.0):
+                 class_aware: bool = False, augment: str = "overhead", template_mix: float = 0.0,
+                 warn_of_replaced: bool = True):
     """The training dataset of a recipe's sources; with `class_aware`, items carry class label ids.
 
     `augment` picks the image augmentation (training.augment.AUGMENTATIONS); `template_mix` is the
-    probability that an item of a known class is captioned with one of its class templates instead."""
+    probability that an item of a known class is captioned with one of its class templates instead;
+    `warn_of_replaced` False makes CaptionDatasets that do not warn of the unreadable images they
+    replace (training names them from the batches)."""
     transform = train_transform(image_size, model_config.image_mean, model_config.image_std, augment=augment)
     check_source_mix(train_sources, class_aware)
     shards = [s for s in train_sources if s["kind"] == "shards"]
@@ -474,7 +477,8 @@ def make_dataset(train_sources: list[dict], image_size: int, model_config, seed:
                           "--classnames for it)")
     datasets = [D.CaptionDataset(s["records"], transform, seed=seed + i,
                                  labels=class_labels(s) if class_aware else None,
-                                 class_templates=templates[i], template_mix=template_mix)
+                                 class_templates=templates[i], template_mix=template_mix,
+                                 warn_of_replaced=warn_of_replaced)
                 for i, s in enumerate(train_sources)]
     if len(datasets) == 1:
         return datasets[0]

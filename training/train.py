@@ -25,7 +25,6 @@ import pickle
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from backend.model.vocabulary import TrainingWords, VocabularyError
 
 from . import device_images
 from . import recipe as recipes
-from .data import (DataError, ReplacedImageWarning, expand_urls, show_skipped_images_plainly,
+from .data import (DataError, expand_urls, show_skipped_images_plainly,
                    skipping_unreadable_image, unreadable_listing)
 from .signals import stop_signals_interrupt
 from .vocabulary import training_words
@@ -594,8 +593,10 @@ def train(cfg: TrainConfig) -> dict:
     words = run_words(cfg, train_sources) if is_main() else None
     mcfg = model.config
     image_size = cfg.image_size or mcfg.image_size
+    # the training loop names replaced images once, from the batches (UnreadableImages): the datasets
+    # do not warn of them, in each loader process's copy
     dataset = recipes.make_dataset(train_sources, image_size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
-                                   augment=cfg.augment, template_mix=cfg.template_mix)
+                                   augment=cfg.augment, template_mix=cfg.template_mix, warn_of_replaced=False)
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     if not streaming and len(dataset) < cfg.batch_size:
         raise recipes.RecipeError(f"{len(dataset)} training samples are fewer than one batch of {cfg.batch_size}")
@@ -1220,9 +1221,6 @@ def _readable_batch(stream, world: int, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     show_skipped_images_plainly()
-    # the training loop names these images once, from the batches (UnreadableImages); set before the
-    # data loader's processes start, which inherit it
-    warnings.filterwarnings("ignore", category=ReplacedImageWarning)
     # a scheduler's or `timeout`'s SIGTERM (and a closed terminal's SIGHUP) stops the run as Ctrl-C does:
     # it says which checkpoint to resume from, where the signal's default would end it without a word
     stop_signals_interrupt()
