@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -820,7 +821,7 @@ def test_many_unreadable_held_out_images_are_counted_past_the_first_five_and_lis
     val_sets = {"scenes": {"kind": "zero-shot", "records": held, "classnames": CLASSES}}
     run = tmp_path / "run"
     run.mkdir()
-    UnreadableImages(run).leave_out_of_validation(val_sets)
+    UnreadableImages(run, resuming=False).leave_out_of_validation(val_sets)
     assert len(val_sets["scenes"]["records"]) == 3
     err = capsys.readouterr().err
     listing = run / "unreadable_images.txt"
@@ -869,6 +870,27 @@ def test_each_unreadable_image_is_named_once_and_all_are_listed_at_the_end(tmp_p
     assert f"2 unreadable image(s) were left out of training" in r.stderr and f"all are listed in {listing}" in r.stderr
     assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
         [str(truncated), str(not_an_image)])
+
+
+def test_the_list_of_unreadable_images_is_the_run_s(tmp_path, capsys):
+    """A resumed run that met unreadable images wrote over the list of its earlier part; a run started
+    afresh in the folder kept the list an earlier run left there."""
+    scenes = make_scene_folder(tmp_path / "scenes", per_class=3)
+    first, second = scenes / "red" / "red_fake.jpg", scenes / "blue" / "blue_fake.jpg"
+    first.write_text("not an image")
+    out = tmp_path / "run"
+    listing = out / "unreadable_images.txt"
+    assert _refused(_args(scenes, out, 3), capsys).returncode == 0
+    first.unlink()
+    second.write_text("not an image")
+    r = _refused(_args(scenes, out, 6, "--resume"), capsys)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "all are listed in " in r.stderr and "with those of the run's earlier part(s)" in r.stderr
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted([str(first), str(second)])
+    second.unlink()
+    shutil.rmtree(out / "checkpoints")
+    assert _refused(_args(scenes, out, 3), capsys).returncode == 0
+    assert not listing.exists()
 
 
 def test_loader_processes_started_afresh_do_not_warn_of_replaced_images_again(tmp_path):

@@ -427,17 +427,32 @@ class UnreadableImages:
     batches carry them (collate_captions' "unreadable") to the main process: the datasets' own warnings
     name an image once per DataLoader worker, each with its own copy of the dataset, and print over the
     progress bar. Under DDP each process's are gathered to the main one at the log steps. Held-out
-    images that validation leaves out are listed in OUT/FILE too, as soon as they are found."""
+    images that validation leaves out are listed in OUT/FILE too, as soon as they are found.
+
+    OUT/FILE is the run's: a resumed run lists the images of its earlier parts with its own, and a run
+    that starts afresh in OUT removes the list an earlier run left there."""
 
     NAMED = 20
     FILE = "unreadable_images.txt"
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, resuming: bool):
         self.listing = out / self.FILE
         self.met: dict[str, str] = {}           # training images: path -> why, in the order met
         self.held_out: dict[str, str] = {}      # held-out images validation leaves out
+        self.earlier: dict[str, str] = {}       # those the run's earlier parts listed
         self.named = 0
         self.pending: list = []       # this process's, not yet reported
+        if is_main() and resuming:
+            self.earlier = self._read_listing()
+        elif is_main():
+            self.listing.unlink(missing_ok=True)
+
+    def _read_listing(self) -> dict[str, str]:
+        try:
+            lines = self.listing.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return {}
+        return dict(line.split("\t", 1) for line in lines if "\t" in line)
 
     def named_before(self, images: dict[str, str]) -> None:
         """Training images named before training (by the image bank): not named again."""
@@ -451,7 +466,7 @@ class UnreadableImages:
 
     def write(self) -> None:
         """Main process: list every unreadable image met so far in OUT/FILE (path and why, a tab between)."""
-        every = {**self.held_out, **self.met}
+        every = {**self.earlier, **self.held_out, **self.met}
         if every:
             write_text_atomically(self.listing, "".join(f"{path}\t{why}\n" for path, why in every.items()))
 
@@ -486,8 +501,9 @@ class UnreadableImages:
             return
         self.write()
         shown = ", ".join(list(self.met)[:3]) + (", ..." if len(self.met) > 3 else "")
+        with_earlier = " with those of the run's earlier part(s)" if self.earlier else ""
         log(f"{len(self.met)} unreadable image(s) were left out of training, each replaced by another image "
-            f"({shown}): all are listed in {self.listing}; remove or replace them")
+            f"({shown}): all are listed in {self.listing}{with_earlier}; remove or replace them")
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
@@ -563,7 +579,7 @@ def train(cfg: TrainConfig) -> dict:
         recipes.write_validation_lists(cfg.sources, val_sets, out / "val")
     if is_main():
         warn_of_classes_without_images(train_sources, val_sets)
-    unreadable_images = UnreadableImages(out)
+    unreadable_images = UnreadableImages(out, resuming=start_step > 0)
     if is_main() and cfg.eval_every:
         unreadable_images.leave_out_of_validation(val_sets)
     if is_main() and cfg.eval_every and not val_sets:
