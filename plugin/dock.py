@@ -527,7 +527,9 @@ class SkyPromptDock(QDockWidget):
                     self._message(note, Qgis.Warning)
             self.taskDone.emit(kind, error)
 
-        task = BackendTask(description, settings or self.settings, work, done)
+        # a copy of this moment's settings: the task may start after the address or token changed, and
+        # must call the backend its answer will be judged against (done() drops it when that moved)
+        task = BackendTask(description, dataclasses.replace(settings or self.settings), work, done)
         task.progressChanged.connect(self._show_progress)
         task.said.connect(lambda text: None if self._closed else self._message(text, Qgis.Info, 6))
         self._set_busy(True)
