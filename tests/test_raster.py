@@ -1244,19 +1244,75 @@ def test_training_loads_a_one_band_16_bit_tiff_with_nodata_as_the_backend_shows_
     np.testing.assert_array_equal(np.asarray(load_image(str(path))), shown.transpose(1, 2, 0))
 
 
-@pytest.mark.parametrize("options", [["PHOTOMETRIC=RGB", "ALPHA=YES"], ["ALPHA=YES"]], ids=["rgba", "grey-alpha"])
-def test_training_loads_an_8_bit_image_with_alpha_as_the_backend_shows_it(tmp_path, options):
-    """8-bit imagery with an alpha band is decoded by PIL, whose conversion to RGB dropped the alpha:
-    transparent pixels kept whatever colour they stored, where the backend shows them black."""
+HIDDEN = (slice(5, 9), slice(3, 20))     # the pixels each case below makes transparent
+
+
+def _tiff_with_alpha(path: Path, options: list[str]) -> Path:
+    data = noise((4 if "PHOTOMETRIC=RGB" in options else 2, 24, 32), seed=6)
+    data[-1] = 255
+    data[-1][HIDDEN] = 0                    # transparent, over stored colours that are not black
+    data[:-1, HIDDEN[0], HIDDEN[1]] = 200
+    return make_tif(path / "alpha.tif", data, options=options)
+
+
+def _rgb_tiff_with_mask(path: Path, internal: bool) -> Path:
+    tif = make_tif(path / "masked.tif", noise((3, 24, 32), seed=7), options=["PHOTOMETRIC=RGB"])
+    gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", "YES" if internal else "NO")
+    try:
+        ds = gdal.Open(str(tif), gdal.GA_Update)
+        ds.CreateMaskBand(gdal.GMF_PER_DATASET)
+        mask = np.full((24, 32), 255, np.uint8)
+        mask[HIDDEN] = 0
+        ds.GetRasterBand(1).GetMaskBand().WriteArray(mask)
+        ds = None
+    finally:
+        gdal.SetConfigOption("GDAL_TIFF_INTERNAL_MASK", None)
+    assert os.path.exists(f"{tif}.msk") != internal
+    return tif
+
+
+def _rgb_tiff_with_nodata(path: Path) -> Path:
+    data = noise((3, 24, 32), low=10, seed=8)
+    data[:, HIDDEN[0], HIDDEN[1]] = 9       # nodata in every band: a hole
+    return make_tif(path / "nodata.tif", data, nodata=9, options=["PHOTOMETRIC=RGB"])
+
+
+def _palette_png_with_transparency(path: Path) -> Path:
+    from PIL import Image
+
+    index = (np.arange(24 * 32) % 3).reshape(24, 32).astype(np.uint8)
+    index[HIDDEN] = 3                       # the palette's transparent entry (tRNS), red
+    image = Image.fromarray(index, "P")
+    image.putpalette([0, 0, 255, 0, 160, 0, 128, 128, 128, 255, 0, 0])
+    png = path / "palette.png"
+    image.save(png, transparency=3)
+    ds = gdal.Open(str(png))                # georeferenced in an .aux.xml beside it, for open_raster
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.SetFromUserInput(UTM)
+    ds.SetSpatialRef(srs)
+    ds = None
+    return png
+
+
+@pytest.mark.parametrize("write", [
+    lambda path: _tiff_with_alpha(path, ["PHOTOMETRIC=RGB", "ALPHA=YES"]),
+    lambda path: _tiff_with_alpha(path, ["ALPHA=YES"]),
+    lambda path: _rgb_tiff_with_mask(path, internal=True),
+    lambda path: _rgb_tiff_with_mask(path, internal=False),
+    _rgb_tiff_with_nodata,
+    _palette_png_with_transparency,
+], ids=["rgba", "grey-alpha", "rgb-internal-mask", "rgb-mask-file", "rgb-nodata", "palette-png-transparency"])
+def test_training_loads_an_8_bit_image_with_transparent_pixels_as_the_backend_shows_it(tmp_path, write,
+                                                                                      monkeypatch):
+    """8-bit imagery that PIL decodes, with pixels the backend masks: PIL's conversion to RGB dropped an
+    alpha band and a PNG's transparent palette entry (the pixels kept their stored colour), and knows
+    nothing of a TIFF's nodata value or mask; the backend shows all of them black."""
     from training.data import load_image
 
-    bands = 4 if "PHOTOMETRIC=RGB" in options else 2
-    data = noise((bands, 24, 32), seed=6)
-    data[-1] = 255
-    data[-1, 5:9, 3:20] = 0                 # transparent, over stored colours that are not black
-    data[:-1, 5:9, 3:20] = 200
-    path = make_tif(tmp_path / "rgba.tif", data, options=options)
+    monkeypatch.setenv("GDAL_PAM_ENABLED", "YES")     # a PNG's georeferencing is in its .aux.xml
+    path = write(tmp_path)
     with open_raster(path) as raster:
         shown, valid = raster.read_window(0, 0, raster.width, raster.height)
-    assert not valid[5:9, 3:20].any() and valid.sum() == 24 * 32 - 4 * 17
+    assert not valid[HIDDEN].any() and valid.sum() == 24 * 32 - 4 * 17
     np.testing.assert_array_equal(np.asarray(load_image(str(path))), shown.transpose(1, 2, 0))

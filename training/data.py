@@ -275,7 +275,12 @@ def rgb_image(im: Image.Image) -> Image.Image:
     stretched linearly between their 2nd and 98th percentiles: PIL's own conversion clips them at
     255, which makes most 16-bit images one flat white. (load_image reads TIFFs of such data through
     GDAL instead, as the backend shows them, where GDAL's bindings are installed.) Transparent pixels
-    of an image with alpha are black, as the backend shows them."""
+    of an image with alpha, or of a transparent colour or palette entry (a PNG's tRNS), are black, as
+    the backend shows them."""
+    if "transparency" in im.info and im.mode not in WIDE_MODES:
+        # a transparent colour or palette entry: PIL's conversion to RGB keeps its colour, where GDAL
+        # masks it; as alpha it is made black below
+        im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
         # transparent pixels black, as the backend shows them (PIL's conversion keeps their stored colour)
         rgb = np.array(im.convert("RGB"))
@@ -297,11 +302,11 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image.
     A TIFF of data wider than 8 bits (16-bit or float, one band or the several of most sensors'
-    chips, which PIL often cannot decode) is read through GDAL as the backend reads rasters
-    (gdal_rgb_image), so training sees the pixels the server shows."""
+    chips, which PIL often cannot decode), or one with a nodata value or a mask, is read through GDAL
+    as the backend reads rasters (gdal_rgb_image), so training sees the pixels the server shows."""
     try:
         with Image.open(path) as im:
-            if _wide_tiff(im):
+            if _wide_tiff(im) or _masked_tiff(im, path):
                 try:
                     return gdal_rgb_image(path)
                 except ImportError:     # no GDAL bindings (a training machine): PIL's reading, as before
@@ -328,6 +333,19 @@ def _wide_tiff(im: Image.Image) -> bool:
     formats = tags.get(339, (1,))                                               # SampleFormat: 3 = float
     as_tuple = lambda v: v if isinstance(v, tuple) else (v,)    # noqa: E731
     return max(as_tuple(bits)) > 8 or 3 in as_tuple(formats)
+
+
+GDAL_NODATA_TAG = 42113     # the TIFF tag in which GDAL writes a nodata value
+
+
+def _masked_tiff(im: Image.Image, path: str) -> bool:
+    """A TIFF with pixels GDAL masks and PIL knows nothing of: a nodata value, or a mask, which GDAL
+    keeps as a further image in the file (only reading it tells it from an overview, which GDAL reads
+    past as PIL does, so any further image counts) or in a .msk file beside it."""
+    tags = getattr(im, "tag_v2", None)
+    if im.format != "TIFF" or tags is None:
+        return False
+    return GDAL_NODATA_TAG in tags or bool(getattr(tags, "next", 0)) or os.path.exists(f"{path}.msk")
 
 
 def gdal_rgb_image(path: str) -> Image.Image:
