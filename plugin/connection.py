@@ -297,8 +297,8 @@ class BackendConnection:
                 progress(event.progress)
         return results
 
-    def caption(self, request, timeout: float | None = 120.0):
-        return self._unary("Caption", request, timeout)
+    def caption(self, request, timeout: float | None = 120.0, cancelled: Callable[[], bool] = lambda: False):
+        return self._unary("Caption", request, timeout, cancelled)
 
     def remove(self, request, timeout: float | None = 30.0):
         return self._unary("RemoveRaster", request, timeout)

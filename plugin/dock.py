@@ -1217,7 +1217,7 @@ class SkyPromptDock(QDockWidget):
 
         def work(conn, task):
             return operations.caption(conn, prepared, rect, crs, in_layer, max_side, resolution, notes=task.notes,
-                                      native=native, file_reader=file_reader)
+                                      native=native, file_reader=file_reader, cancelled=task.isCanceled)
 
         def shown(answer):
             self.caption.setPlainText(answer.caption)

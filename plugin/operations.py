@@ -69,7 +69,8 @@ def _source_and_extent(conn, prepared, rect: QgsRectangle | None, rect_crs: QgsC
 _UNMAPPABLE = re.compile(r"does not map to a usable rectangle|cannot reproject")
 
 
-def _placed_for_older_backend(conn, call, request, rect_in_layer_crs: QgsRectangle | None):
+def _placed_for_older_backend(conn, call, request, rect_in_layer_crs: QgsRectangle | None,
+                              cancelled: Cancelled = never):
     """call(request); where a backend without "extent_placement" cannot take the request's extent to
     the raster's CRS, again with the extent QGIS placed in the layer's CRS (an empty crs: the raster's)."""
     try:
@@ -77,7 +78,7 @@ def _placed_for_older_backend(conn, call, request, rect_in_layer_crs: QgsRectang
     except BackendError as e:
         if (e.code != "INVALID_ARGUMENT" or not _UNMAPPABLE.search(e.message) or rect_in_layer_crs is None
                 or not request.HasField("extent") or not request.extent.crs or rect_in_layer_crs.isEmpty()
-                or "extent_placement" in conn.info().capabilities):
+                or "extent_placement" in conn.info(cancelled=cancelled).capabilities):
             raise
     r = rect_in_layer_crs
     request.extent.CopyFrom(conn.pb.Extent(xmin=r.xMinimum(), ymin=r.yMinimum(), xmax=r.xMaximum(),
@@ -440,7 +441,7 @@ def segment(conn, prepared, prompts: list[str], rect: QgsRectangle | None, rect_
                     notes.append(coarser.note("", "segmented", coarser.resolution, "segmented"))
     results = _placed_for_older_backend(
         conn, lambda r: conn.segment(r, progress=lambda p: progress(_percent(p.tiles_done, p.tiles_total)),
-                                     cancelled=cancelled), request, rect_in_layer_crs)
+                                     cancelled=cancelled), request, rect_in_layer_crs, cancelled)
     for result in results:
         _keep_band_note(notes, result.band_note)
     return results
@@ -453,7 +454,7 @@ CAPTION_LIMIT_FACTOR = 16
 
 def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_crs, max_side: int,
             resolution: float | None = None, notes: list | None = None,
-            native: tuple[float, float] | None = None, file_reader=None):
+            native: tuple[float, float] | None = None, file_reader=None, cancelled: Cancelled = never):
     """The CaptionResponse for `rect` (in `rect_crs`; None = the whole layer). `resolution` is what a
     pixel source is read at. A layer sent by path is described at its own resolution unless `native`
     (sources.native_pixels) is over the backend's Caption limit; CaptionRequest has no
@@ -462,10 +463,11 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
     pb = conn.pb
     coarser = None
     if isinstance(prepared, str) and native is not None and file_reader is not None:
-        coarser = CoarserRead(native, conn.info().limits.max_extent_pixels * CAPTION_LIMIT_FACTOR)
+        coarser = CoarserRead(native, conn.info(cancelled=cancelled).limits.max_extent_pixels * CAPTION_LIMIT_FACTOR)
         if coarser.resolution is not None:
             prepared, resolution = file_reader, coarser.resolution
-    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution)
+    source, extent, note = _source_and_extent(conn, prepared, rect, rect_crs, rect_in_layer_crs, max_side, resolution,
+                                              cancelled)
     if coarser is not None and coarser.resolution is not None:
         # one note with the resolution actually read (the max_side cap may have made it coarser still)
         gt = source.pixels.geotransform
@@ -476,6 +478,7 @@ def caption(conn, prepared, rect: QgsRectangle | None, rect_crs, rect_in_layer_c
     request = _for_layer(pb, pb.CaptionRequest(source=source), prepared)
     if extent is not None:
         request.extent.CopyFrom(extent)
-    response = _placed_for_older_backend(conn, conn.caption, request, rect_in_layer_crs)
+    response = _placed_for_older_backend(conn, lambda r: conn.caption(r, cancelled=cancelled), request,
+                                         rect_in_layer_crs, cancelled)
     _keep_band_note(notes, response.band_note)
     return response

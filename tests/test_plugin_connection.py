@@ -426,6 +426,12 @@ def test_cancel_stops_calls_to_a_backend_that_never_answers(tmp_path):
         _stops_at_cancel(lambda cancelled: operations.segment(
             conn, str(tmp_path / "a.tif"), ["trees"], None, None, None, 0.5, 1024, lambda p: None, cancelled,
             native=(1e6, 1.0)))
+        # Describe: the Caption call itself, and the GetInfo that sizes a large file's read first
+        _stops_at_cancel(lambda cancelled: operations.caption(conn, str(tmp_path / "a.tif"), None, None, None, 1024,
+                                                              cancelled=cancelled))
+        _stops_at_cancel(lambda cancelled: operations.caption(conn, str(tmp_path / "a.tif"), None, None, None, 1024,
+                                                              native=(1e6, 1.0), file_reader=object(),
+                                                              cancelled=cancelled))
         # a layer read as pixels is capped to the backend's side limit (GetInfo) before it is read
         _stops_at_cancel(lambda cancelled: operations.pixel_side(conn, 1024, cancelled))
         started = time.monotonic()
