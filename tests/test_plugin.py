@@ -3468,10 +3468,10 @@ def test_segment_and_describe_fall_back_to_the_layers_rectangle_with_an_older_ba
         def __init__(self, capabilities):
             self.pb, self.sent, self._capabilities = pb, [], capabilities
 
-        def info(self):
+        def info(self, cancelled=None):
             return pb.ServerInfo(capabilities=self._capabilities)
 
-        def caption(self, request):
+        def caption(self, request, cancelled=None):
             self.sent.append(pb.Extent.FromString(request.extent.SerializeToString()))
             if request.extent.crs:
                 raise BackendError("INVALID_ARGUMENT", "extent (1, 2, 3, 4) in EPSG:3832 does not map to a usable "
