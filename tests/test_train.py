@@ -872,6 +872,27 @@ def test_each_unreadable_image_is_named_once_and_all_are_listed_at_the_end(tmp_p
         [str(truncated), str(not_an_image)])
 
 
+def test_a_run_folder_names_its_export_from_another_directory(tmp_path, monkeypatch):
+    """A run's --export-fp16 was recorded as typed (relative to where training ran), and looked for from
+    wherever the run folder was given: not found from another directory. It is recorded absolute now,
+    and one recorded relative is found from the run folder."""
+    from backend.model.checkpoint import run_folder_hint
+    from training.train import TrainConfig, config_record
+
+    work = tmp_path / "work"
+    run, export = work / "runs" / "x", work / "exports" / "x16"
+    (run / "checkpoints" / "step_0000003").mkdir(parents=True)
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    monkeypatch.chdir(work)
+    recorded = config_record(TrainConfig(out="runs/x", export_fp16="exports/x16"))
+    assert recorded["export_fp16"] == str(export) and recorded["out"] == "runs/x"
+    (run / "train_config.json").write_text(json.dumps({**recorded, "export_fp16": "exports/x16"}))
+    monkeypatch.chdir(tmp_path)         # not where training ran
+    assert f"give its fp16 export {export} (the one to serve)" in run_folder_hint(run)
+    assert "give its fp16 export work/exports/x16 (the one to serve)" in run_folder_hint(Path("work/runs/x"))
+
+
 def test_the_list_of_unreadable_images_is_the_run_s(tmp_path, capsys):
     """A resumed run that met unreadable images wrote over the list of its earlier part; a run started
     afresh in the folder kept the list an earlier run left there."""

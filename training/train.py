@@ -113,8 +113,13 @@ def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
 
 def config_record(cfg: TrainConfig) -> dict:
     """The run's settings as checkpoints and train_config.json record them; a source's inline caption
-    pool (a packed recipe's, often thousands of captions) is recorded by its size alone."""
+    pool (a packed recipe's, often thousands of captions) is recorded by its size alone, and
+    --export-fp16 as an absolute path."""
     record = asdict(cfg)
+    if record["export_fp16"]:
+        # absolute: the run folder names its export to whoever looks from another directory
+        # (backend.model.checkpoint.run_folder_hint)
+        record["export_fp16"] = os.path.abspath(record["export_fp16"])
     for s in record["sources"]:
         pool = s.get("caption_pool")
         if isinstance(pool, dict) and isinstance(pool.get("captions"), dict):

@@ -226,11 +226,29 @@ def _run_export(run: Path) -> Path | None:
     """The fp16 checkpoint a training run exported (its --export-fp16, as its settings record it, or
     RUN/fp16, where the README's examples put it), when it is there."""
     try:
-        recorded = json.loads((run / RUN_CONFIG).read_text()).get("export_fp16")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    candidates = ([Path(recorded)] if isinstance(recorded, str) and recorded else []) + [run / "fp16"]
+        settings = json.loads((run / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        settings = {}
+    candidates = _recorded_export(settings.get("export_fp16"), settings.get("out"), run) + [run / "fp16"]
     return next((c for c in candidates if (c / CONFIG).is_file()), None)
+
+
+def _recorded_export(export, out, run: Path) -> list[Path]:
+    """Where a run's recorded --export-fp16 may be. Training records it absolute; an older run recorded
+    it as typed, relative to the directory training ran in, as its --out (`out`) was: its place relative
+    to the run folder holds from wherever one looks (and when the two were moved together), else it
+    is taken from the current directory."""
+    if not isinstance(export, str) or not export:
+        return []
+    if os.path.isabs(export):
+        return [Path(export)]
+    from_run = []
+    if isinstance(out, str) and out and not os.path.isabs(out):
+        # both relative to one directory: the path from the run folder to the export leaves it out
+        from_run = [Path(os.path.normpath(run / os.path.relpath(export, out)))]
+    return from_run + [Path(export)]
 
 
 def _check_is_a_folder(directory: Path) -> None:
