@@ -1265,7 +1265,7 @@ def run(args: argparse.Namespace) -> dict:
     # the images last of the inputs (it decodes each one it scores), and before the model loads
     records, unreadable = _records_to_score(records, progress)
     if args.command == "probe":
-        folder = [r for r in folder if str(r.image) not in unreadable]    # held out, though left out
+        folder = [r for r in folder if str(r.image) not in unreadable]    # held out: no training image either
         held_out_unreadable = len(unreadable)
         folder, unreadable_training = _readable_probe_pool(records, folder, args.train_per_class or None,
                                                            args.seed, progress)

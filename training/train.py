@@ -453,6 +453,7 @@ class UnreadableImages:
             self.listing.unlink(missing_ok=True)
 
     def _read_listing(self) -> dict[str, str]:
+        """The list the run's earlier parts wrote (path -> why); {} where there is none to read."""
         try:
             lines = self.listing.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError):
