@@ -18,7 +18,9 @@ from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, Qg
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
                        QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterDefinition,
-                       QgsProperty, QgsRasterLayer, QgsRectangle, QgsWkbTypes, QgsCoordinateReferenceSystem)
+                       QgsProperty, QgsRasterLayer, QgsRectangle, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsField,
+                       QgsFields)
+from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QIcon
 
 from . import operations, results
@@ -58,22 +60,29 @@ def _crs_advice(text: str) -> str:
     return "name one QGIS knows, as [EPSG:code] (e.g. [EPSG:4326] for longitude/latitude)"
 
 
+def _is_shapefile(path: str) -> bool:
+    return path.lower().endswith(".shp")
+
+
 def _is_file(path: str) -> bool:
     """Whether an OUTPUT path names a file: not "" (none), TEMPORARY_OUTPUT or a provider URI."""
     return bool(path) and path != QgsProcessing.TEMPORARY_OUTPUT and not _PROVIDER_URI.match(path)
 
 
-def _add_features(sink, features, fields) -> tuple[int, set[str], str | None]:
+def _add_features(sink, features, fields, text_bytes: int | None = None) -> tuple[int, set[str], str | None]:
     """Add `features` to `sink`, each a MultiPolygon as the sink's type says (a memory layer keeps what
-    it is given), up to the first the sink cannot write: how many it took, the fields with a text
-    value longer than a shapefile keeps, and why the sink failed (None when it did not)."""
+    it is given), up to the first the sink cannot write, text values cut to `text_bytes` of UTF-8 where
+    given (a shapefile's fields, declared that wide, refuse longer ones): how many it took, the fields
+    with a value cut, and why the sink failed (None when it did not)."""
     written, cut = 0, set()
     for f in features:
         g = f.geometry()
         g.convertToMultiType()
         f.setGeometry(g)
-        cut |= {fields.at(i).name() for i, v in enumerate(f.attributes())
-                if isinstance(v, str) and len(v.encode("utf-8")) > SHAPEFILE_TEXT_BYTES}
+        for i, v in enumerate(f.attributes()):
+            if text_bytes is not None and isinstance(v, str) and len(v.encode("utf-8")) > text_bytes:
+                cut.add(fields.at(i).name())
+                f.setAttribute(i, v.encode("utf-8")[:text_bytes].decode("utf-8", "ignore"))   # whole characters
         if not sink.addFeature(f, QgsFeatureSink.FastInsert):
             return written, cut, _sink_problem(sink)
         written += 1
@@ -99,6 +108,18 @@ def _writing_to(given, path: str):
     given = QgsProcessingOutputLayerDefinition(given)
     given.sink = QgsProperty.fromValue(path)
     return given
+
+
+def _shapefile_fields(fields: QgsFields) -> QgsFields:
+    """`fields` with each text field of no declared width as wide as a shapefile keeps: QGIS declares
+    such a field 255 bytes wide, which GDAL cuts to 254 with a console warning on every run."""
+    out = QgsFields()
+    for field in fields:
+        field = QgsField(field)
+        if field.type() == QVariant.String and field.length() <= 0:
+            field.setLength(SHAPEFILE_TEXT_BYTES)
+        out.append(field)
+    return out
 
 
 def _sink_problem(sink) -> str:
@@ -287,6 +308,8 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         output = {"OUTPUT": parameters.get("OUTPUT")}
         if path != address:     # a layer's address: its file (Processing would take it all for a file's name)
             output["OUTPUT"] = _writing_to(output["OUTPUT"], path)
+        if _is_shapefile(path):
+            fields = _shapefile_fields(fields)
         sink, dest = self.parameterAsSink(output, "OUTPUT", context, fields, QgsWkbTypes.MultiPolygon, crs)
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(output, "OUTPUT"))
@@ -327,22 +350,23 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         """The features into OUTPUT (see _sink and _add_features). A shapefile keeps 254 bytes of a text
         value: cut values are said in the log, not left to a GDAL line on the console. A write that
         fails (a full disk) stops the run, and what it wrote is taken out again."""
+        path = self._output_path(parameters, context)
         sink, dest, new_layer = self._sink(parameters, context, fields, crs)
-        written, cut, problem = _add_features(sink, features, fields)
+        written, cut, problem = _add_features(sink, features, fields,
+                                              SHAPEFILE_TEXT_BYTES if _is_shapefile(path) else None)
         # a file writer of our own (_gpkg_layer_sink) closes its layer here, before it is loaded; what
         # GDAL says as it does is the reason a failed commit gives (Processing's sinks log their own)
         with _gdal_errors() if new_layer else nullcontext([]) as closing:
             del sink
         if problem is None and new_layer and not new_layer.holds(written):
             problem = closing[0] if closing else f"its layer {new_layer.name!r} was not saved whole"
-        path = self._output_path(parameters, context)
         if problem is not None:
             if new_layer:
                 new_layer.discard()
             elif _is_file(path):
                 _delete_written_file(path)
             raise QgsProcessingException(f"could not write {path}: {problem}")
-        if cut and path.lower().endswith(".shp"):
+        if cut:
             feedback.pushWarning(f"a shapefile keeps {SHAPEFILE_TEXT_BYTES} bytes of text: {', '.join(sorted(cut))} "
                                  "values longer than that were cut short; write a GeoPackage (.gpkg) to keep them whole")
         return dest

@@ -119,3 +119,20 @@ def test_a_layers_address_as_output_writes_a_layer_of_that_name_into_its_file(qg
     other = tmp_path / "b.shp"
     assert write(QgsProcessingOutputLayerDefinition(f"{other}|layername=b"), polygons(2)) == str(other)
     assert sorted(n for n in os.listdir(tmp_path) if "|" in n) == []
+
+
+def test_a_shapefile_output_declares_its_text_fields_as_wide_as_it_keeps(tmp_path, capfd):
+    """Text fields declared with no width became 255-byte shapefile fields, which GDAL cut to 254 with
+    a warning on the console for every field of every run ("Field prompt of width 255 truncated to
+    254"); they are declared 254 bytes wide, short values stay whole, and a longer one is cut to
+    whole characters within 254 bytes (and said so in the log)."""
+    features = polygons(3)
+    features[0]["prompt"] = "trees"
+    features[1]["prompt"] = "é" * 200                  # 400 bytes of two-byte characters
+    source = write(str(tmp_path / "out.shp"), features)
+    assert "truncated to 254" not in capfd.readouterr().err
+    layer = QgsVectorLayerFrom(source)
+    assert layer.fields().field("prompt").length() == 254
+    prompts = sorted(f["prompt"] for f in layer.getFeatures())
+    assert prompts == sorted(["trees", "x" * 200, "é" * 127]), [len(p) for p in prompts]
+    del layer
