@@ -445,7 +445,6 @@ class UnreadableImages:
         self.met: dict[str, str] = {}           # training images: path -> why, in the order met
         self.held_out: dict[str, str] = {}      # held-out images validation leaves out
         self.earlier: dict[str, str] = {}       # those the run's earlier parts listed
-        self.named = 0
         self.pending: list = []       # this process's, not yet reported
         if is_main() and resuming:
             self.earlier = self._read_listing()
@@ -463,7 +462,6 @@ class UnreadableImages:
     def named_before(self, images: dict[str, str]) -> None:
         """Training images named before training (by the image bank): not named again."""
         self.met.update(images)
-        self.named = len(self.met)
 
     def leave_out_of_validation(self, val_sets: dict) -> None:
         """Main process: leave the unreadable held-out images out of validation, name and list them."""
@@ -493,10 +491,9 @@ class UnreadableImages:
             if path in self.met:
                 continue
             self.met[path] = why
-            self.named += 1
-            if self.named <= self.NAMED:
+            if len(self.met) <= self.NAMED:
                 log(f"warning: {skipping_unreadable_image(path, why)}")
-            elif self.named == self.NAMED + 1:
+            elif len(self.met) == self.NAMED + 1:
                 log(f"warning: more than {self.NAMED} unreadable images: the others are counted, not named here; "
                     "the end of the run lists them all")
 
