@@ -783,11 +783,15 @@ def _accepts_rng(transform: Callable) -> bool:
 
 
 class Item(tuple):
-    """A dataset item (image, caption[, label]) that stood in for `replaced` unreadable images, each
-    in `unreadable` as (path, why it could not be read)."""
+    """A dataset item (image, caption[, label]) that stood in for the unreadable images in
+    `unreadable`, each as (path, why it could not be read)."""
 
-    replaced: int = 0
     unreadable: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def replaced(self) -> int:
+        """How many unreadable images the item stood in for."""
+        return len(self.unreadable)
 
 
 class NoImage(Item):
@@ -942,7 +946,7 @@ class CaptionDataset(_CountsSkips, Dataset):
             tensor = self.transform(image, rng) if self._pass_rng else self.transform(image)
         item = Item((tensor, caption) if self.labels is None else
                     (tensor, caption, self.labels.get(record.class_name, -1)))
-        item.replaced, item.unreadable = k, tuple(unreadable)
+        item.unreadable = tuple(unreadable)
         return item
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str] | NoImage:
