@@ -22,7 +22,6 @@ if __name__ == "__main__":
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
-import numpy as np  # noqa: E402
 
 from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_min_valid,
                        check_target_resolution, check_tile_overlap)
@@ -94,6 +93,7 @@ def _the_short_way(wkt: str) -> str:
     """A longitude/latitude --within polygon with an edge more than 180 degrees long taken the short
     way, across 180 degrees (its longitudes then run on past 180), as --extent's xmin > xmax is: it
     went the long way round, a band round the globe that left out the area meant."""
+    import numpy as np      # here, as shapely: the client's other commands start without them
     import shapely
 
     try:

@@ -1114,14 +1114,15 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
         # keyword matching re-orders the best KEYWORD_POOL by cosine: it needs their captions
         pool = max(k, KEYWORD_POOL) if weight > 0 else k
 
-        def in_the_area(vec: np.ndarray, n: int, expand_n: int, floor: float | None = min_score) -> SearchHits:
-            """The best `n` hits for `vec` that meet the extent (or polygon), if any, none under `floor`."""
+        def in_the_area(vec: np.ndarray, n: int, floor: float | None = min_score) -> SearchHits:
+            """The best `n` hits for `vec` that meet the extent (or polygon), if any, none under `floor`;
+            expanded by the index where there is no area (within one, the query is expanded below)."""
             wanted = n
             while shape is None or shape.on_globe:      # an orthographic view wholly off its globe holds nothing
                 found = self.index.search(vec, wanted, self.engine.checkpoint_hash,
                                           raster_ids=raster_ids or None,
                                           raster_paths=list(request.raster_paths) or None, bbox_wgs84=bbox,
-                                          exact=exact, min_score=floor, expand=expand_n)
+                                          exact=exact, min_score=floor, expand=expand if shape is None else 0)
                 if shape is None:
                     return found
                 kept = [h for h in found if shape.meets(h)]
@@ -1132,12 +1133,12 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             return SearchHits()
 
         if shape is None or not expand:
-            hits = in_the_area(vector, pool, 0 if shape is not None else expand)
+            hits = in_the_area(vector, pool)
         else:
             # expanded from the best tiles in the area itself: the index's expansion knows only the box
             # round it, whose best tiles may all lie outside a polygon or a rotated view
             # (min_score is for the expanded query's scores, as the index's own expansion applies it)
-            best = in_the_area(vector, expand, 0, floor=None)
+            best = in_the_area(vector, expand, floor=None)
             try:
                 found = [self.index.tile_embedding(h.tile_id, self.engine.checkpoint_hash) for h in best]
             except TileIndexError:      # re-indexed or removed since: expanded from none, the query as it is
@@ -1145,7 +1146,7 @@ class SkyPromptService(pb_grpc.SkyPromptServicer):
             if found:
                 vector = expanded_queries(np.asarray(vector, np.float32)[None], np.stack(found).T,
                                           [np.arange(len(found))], len(found), EXPAND_WEIGHT)[0]
-            hits = in_the_area(vector, pool, 0)
+            hits = in_the_area(vector, pool)
         bonus = np.zeros(len(hits))
         if weight > 0 and len(hits):
             bonus = keyword_bonus([h.score for h in hits], query, [h.extra.get("caption") for h in hits], weight)

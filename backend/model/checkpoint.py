@@ -146,8 +146,8 @@ def _ended_here(owner: str) -> bool:
     """Whether "PID@HOST" names a process of this machine that has ended (POSIX only: on Windows
     os.kill(pid, 0) would end the process instead of probing it)."""
     pid, _, host = owner.partition("@")
-    if os.name != "posix" or not pid.isdigit() or f"{pid}@{host}" == _this_process() \
-            or host != _this_process().partition("@")[2]:
+    me = _this_process()
+    if os.name != "posix" or not pid.isdigit() or owner == me or host != me.partition("@")[2]:
         return False
     try:
         os.kill(int(pid), 0)

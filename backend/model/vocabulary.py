@@ -79,12 +79,12 @@ def spelling_distance(a: str, b: str, most: int) -> int:
     alignment distance), or most + 1 when it is more than `most`."""
     if abs(len(a) - len(b)) > most:
         return most + 1
-    before, row = None, list(range(len(b) + 1))
+    before = row = list(range(len(b) + 1))     # `before`: the row above `row`, read from the second row on
     for i, ca in enumerate(a, 1):
         current = [i] + [0] * len(b)
         for j, cb in enumerate(b, 1):
             current[j] = min(row[j] + 1, current[j - 1] + 1, row[j - 1] + (ca != cb))
-            if before is not None and i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
                 current[j] = min(current[j], before[j - 2] + 1)
         if min(current) > most:
             return most + 1
