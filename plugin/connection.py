@@ -55,6 +55,12 @@ def port_problem(address: str) -> str | None:
             "e.g. 127.0.0.1:50051, with the port the backend serves on")
 
 
+def address_example(bare: str) -> str:
+    """The example an address written as a URL is told to take: itself without the scheme and path
+    (`bare`), unless that is no HOST:PORT or its port would be refused in turn."""
+    return bare if HOST_PORT.fullmatch(bare) and port_problem(bare) is None else "127.0.0.1:50051"
+
+
 class BackendError(Exception):
     """A failed call: `code` is the gRPC status name ("INVALID_ARGUMENT", ...), `message` the server's words."""
 
@@ -158,9 +164,7 @@ class BackendConnection:
         # "http://host:port" reaches gRPC as a host name it cannot resolve (its own "dns:///" names do not)
         scheme = None if GRPC_SCHEME.match(self.address) else URL_SCHEME.match(self.address)
         if scheme:
-            # the address without it is the example, unless its port would be refused in turn
-            bare = self.address[scheme.end():].rstrip("/")
-            example = bare if port_problem(bare) is None else "127.0.0.1:50051"
+            example = address_example(self.address[scheme.end():].split("/", 1)[0])
             return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
                                       f"HOST:PORT, e.g. {example} ({message})")
         if code == "UNAVAILABLE":

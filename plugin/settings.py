@@ -1,12 +1,11 @@
 """The plugin's settings, kept in QgsSettings under "skyprompt/"."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 
 from qgis.core import QgsSettings
 
-from .connection import GRPC_SCHEME, URL_SCHEME, port_problem
+from .connection import GRPC_SCHEME, URL_SCHEME, address_example, port_problem
 
 PREFIX = "skyprompt/"
 LOG_TAG = "SkyPrompt"
@@ -18,8 +17,6 @@ class SettingError(ValueError):
 
 class AddressError(SettingError):
     """The backend address is not HOST:PORT; the message says how to write it."""
-
-
 
 
 def address_problem(address: str) -> str | None:
@@ -34,10 +31,7 @@ def address_problem(address: str) -> str | None:
     if not scheme and "/" not in rest:
         return port_problem(address)
     what = " and ".join(w for w, there in (("a scheme", bool(scheme)), ("a path", "/" in rest)) if there)
-    bare = rest.split("/", 1)[0]
-    # the address without them is the example, unless its port would be refused in turn
-    example = bare if re.fullmatch(r"[^\s:/]+:\d+|\[[^\]/]+\]:\d+", bare) and port_problem(bare) is None \
-        else "127.0.0.1:50051"
+    example = address_example(rest.split("/", 1)[0])
     return (f"the address {address!r} has {what}: give it as HOST:PORT, without a scheme (http://) or a path "
             f"(/...), e.g. {example}, in the SkyPrompt address field")
 
@@ -107,7 +101,7 @@ class PluginSettings:
         if problem:
             raise AddressError(problem)
         _, _, port = self.address.strip().rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not port.isdigit():      # (a port out of range is address_problem's)
             raise AddressError(f"the address {self.address!r} has no port: give the address as HOST:PORT, "
                                "e.g. 127.0.0.1:50051, in the SkyPrompt address field")
         return int(port)

@@ -324,7 +324,10 @@ def test_a_url_whose_port_is_out_of_range_is_not_its_own_example():
     for url in ("http://127.0.0.1:99999", "127.0.0.1:0/skyprompt", "https://[::1]:70000/"):
         assert "e.g. 127.0.0.1:50051," in address_problem(url), address_problem(url)
     assert "e.g. 127.0.0.1:7," in address_problem("http://127.0.0.1:7/")
-    for url, example in (("http://127.0.0.1:99999", "127.0.0.1:50051"), ("http://127.0.0.1:7/", "127.0.0.1:7")):
+    # the settings' check and a failed call give one example (a call's kept the path: 127.0.0.1:7/skyprompt)
+    for url, example in (("http://127.0.0.1:99999", "127.0.0.1:50051"), ("http://127.0.0.1:7/", "127.0.0.1:7"),
+                         ("http://127.0.0.1:7/skyprompt", "127.0.0.1:7"), ("http://127.0.0.1:99999/x", "127.0.0.1:50051")):
+        assert f"e.g. {example}," in address_problem(url), address_problem(url)
         with BackendConnection(url) as conn:
             with pytest.raises(BackendError) as err:
                 conn.info(timeout=5)
