@@ -61,6 +61,11 @@ def address_example(bare: str) -> str:
     return bare if HOST_PORT.fullmatch(bare) and port_problem(bare) is None else "127.0.0.1:50051"
 
 
+def never() -> bool:
+    """The cancelled() of work that cannot be cancelled: a call's default."""
+    return False
+
+
 class BackendError(Exception):
     """A failed call: `code` is the gRPC status name ("INVALID_ARGUMENT", ...), `message` the server's words."""
 
@@ -212,7 +217,7 @@ class BackendConnection:
             self._forget_info()
         return state
 
-    def wait_until_serving(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> bool:
+    def wait_until_serving(self, timeout: float, cancelled: Callable[[], bool] = never) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not cancelled():
             check = self.health_async(timeout=1.0)
@@ -224,7 +229,7 @@ class BackendConnection:
         return False
 
     # -- calls --
-    def _unary(self, method: str, request, timeout: float | None, cancelled: Callable[[], bool] = lambda: False):
+    def _unary(self, method: str, request, timeout: float | None, cancelled: Callable[[], bool] = never):
         call = getattr(self.stub, method).future(request, metadata=self._metadata, timeout=timeout)
         if not _wait(call, cancelled):
             raise BackendError("CANCELLED", "cancelled")
@@ -259,7 +264,7 @@ class BackendConnection:
         finally:
             done.set()
 
-    def info(self, timeout: float = 10.0, fresh: bool = False, cancelled: Callable[[], bool] = lambda: False):
+    def info(self, timeout: float = 10.0, fresh: bool = False, cancelled: Callable[[], bool] = never):
         """The backend's ServerInfo (read it, do not change it: it is shared). Asked once per backend
         and kept up to INFO_MAX_AGE_S; `fresh` asks again (its index counts change with every index).
         A BackendError CANCELLED once cancelled() is true, as search, index and segment end."""
@@ -278,7 +283,7 @@ class BackendConnection:
             _server_info.pop(self._backend, None)
 
     def index(self, request, progress: Callable[[object], None] | None = None,
-              cancelled: Callable[[], bool] = lambda: False):
+              cancelled: Callable[[], bool] = never):
         """Run IndexRaster; progress(IndexProgress) for every message; the IndexResult at the end."""
         for message in self._stream("IndexRaster", request, cancelled):
             if progress:
@@ -287,11 +292,11 @@ class BackendConnection:
                 return message.result
         raise BackendError("UNKNOWN", "the server ended indexing without a result")
 
-    def search(self, request, timeout: float | None = 60.0, cancelled: Callable[[], bool] = lambda: False):
+    def search(self, request, timeout: float | None = 60.0, cancelled: Callable[[], bool] = never):
         return self._unary("Search", request, timeout, cancelled)
 
     def segment(self, request, progress: Callable[[object], None] | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> list:
+                cancelled: Callable[[], bool] = never) -> list:
         """Run Segment; progress(SegmentProgress) while it works; the SegmentResults in prompt order."""
         results = []
         for event in self._stream("Segment", request, cancelled):
@@ -301,7 +306,7 @@ class BackendConnection:
                 progress(event.progress)
         return results
 
-    def caption(self, request, timeout: float | None = 120.0, cancelled: Callable[[], bool] = lambda: False):
+    def caption(self, request, timeout: float | None = 120.0, cancelled: Callable[[], bool] = never):
         return self._unary("Caption", request, timeout, cancelled)
 
     def remove(self, request, timeout: float | None = 30.0):

@@ -11,7 +11,7 @@ from typing import Callable, NamedTuple
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsRectangle
 
-from .connection import BackendError
+from .connection import BackendError, never
 from .sources import DEFAULT_LABEL_CHARS, band_mapping, build_source, crs_name, wire_extent, within_crs_area
 
 Progress = Callable[[float], None]
@@ -27,11 +27,6 @@ def split_prompts(text: str) -> list[str]:
 
 def _percent(done: int, total: int) -> float:
     return 100.0 * done / total if total else 0.0
-
-
-def never() -> bool:
-    """The cancelled() of work that cannot be cancelled."""
-    return False
 
 
 def pixel_side(conn, max_side: int, cancelled: Cancelled = never) -> int:

@@ -300,7 +300,7 @@ class _SkyPromptAlgorithm(QgsProcessingAlgorithm):
         the output's layer source, and the _NewGpkgLayer written (None for Processing's sink)."""
         path = self._output_path(parameters, context)
         address = self._output_address(parameters, context)
-        if path.lower().endswith(".gpkg") and not _PROVIDER_URI.match(path):
+        if path.lower().endswith(".gpkg") and _is_file(path):
             wanted = _file_and_layer_name(address)[1] or os.path.splitext(os.path.basename(path))[0]
             return self._gpkg_layer_sink(parameters.get("OUTPUT"), path, wanted, context, fields, crs)
         # OUTPUT alone: the others may hold a layer removed from the project while the backend worked,
