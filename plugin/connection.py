@@ -10,6 +10,7 @@ the status), so the plugin needs no grpcio-health-checking package.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -241,17 +242,12 @@ class BackendConnection:
     def _stream(self, method: str, request, cancelled: Callable[[], bool]) -> Iterator:
         call = getattr(self.stub, method)(request, metadata=self._metadata)
         # the backend sends nothing for long stretches (edge refinement, polygonizing), so a watcher
-        # cancels the call within CANCEL_POLL_S of the user's cancel rather than at the next message
-        done = threading.Event()
+        # cancels the call within CANCEL_POLL_S of the user's cancel rather than at the next message;
+        # it ends with the call (the reader's own end cancels it: see finally)
 
         def watch():
-            try:
-                while not done.wait(CANCEL_POLL_S):
-                    if cancelled():
-                        call.cancel()
-                        return
-            except Exception:       # cancelled() failed (see _wait): the call ends with the watch; the
-                call.cancel()       # reader meets the same error when it asks cancelled() whose end it was
+            with contextlib.suppress(Exception):    # cancelled() failed: _wait cancelled the call, and the
+                _wait(call, cancelled)              # reader meets the same error when it asks cancelled()
 
         threading.Thread(target=watch, name="skyprompt-cancel-watch", daemon=True).start()
         try:
@@ -262,7 +258,7 @@ class BackendConnection:
                 raise BackendError("CANCELLED", "cancelled") from None
             raise self._error(e) from None
         finally:
-            done.set()
+            call.cancel()       # a reader that stops early wants no more (a call that ended: no effect)
 
     def info(self, timeout: float = 10.0, fresh: bool = False, cancelled: Callable[[], bool] = never):
         """The backend's ServerInfo (read it, do not change it: it is shared). Asked once per backend
