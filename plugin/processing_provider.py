@@ -675,8 +675,9 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
         native = native_pixels(layer, in_layer) if isinstance(prepared, str) and not resolution else None
         notes: list[str] = []
         edge_radius = self.parameterAsInt(parameters, "EDGE_RADIUS", context)
+        threshold = self.parameterAsDouble(parameters, "THRESHOLD", context)
         answers = self._call(settings, lambda conn: operations.segment(
-            conn, prepared, prompts, rect, crs, in_layer, self.parameterAsDouble(parameters, "THRESHOLD", context),
+            conn, prepared, prompts, rect, crs, in_layer, threshold,
             settings.max_pixel_side, feedback.setProgress, feedback.isCanceled, notes=notes,
             edge_radius=None if edge_radius < 0 else edge_radius, resolution=resolution, native=native,
             path_resolution=resolution, min_area_m2=self.parameterAsDouble(parameters, "MIN_AREA", context)),
@@ -688,7 +689,10 @@ class PromptToPolygonsAlgorithm(_SkyPromptAlgorithm):
             return {}
         features = results.segment_features(answers)
         dest = self._write(parameters, context, feedback, features, results.segment_fields(), layer_crs)
-        feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}{results.dropped_note(answers)}")
+        if features:
+            feedback.pushInfo(f"{len(features)} polygons for {', '.join(prompts)}{results.dropped_note(answers)}")
+        else:   # the panel's words, with what to change: an empty layer alone says nothing of why
+            feedback.pushWarning(results.no_polygons_message(prompts, answers, threshold))
         unfamiliar = operations.distinct_unfamiliar(answers)
         if unfamiliar:
             feedback.pushWarning(operations.unfamiliar_note(unfamiliar))

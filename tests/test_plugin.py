@@ -1545,10 +1545,11 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
         class Warnings(QgsProcessingFeedback):
             def __init__(self):
                 super().__init__()
-                self.seen = []
+                self.seen, self.warnings = [], []
 
             def pushWarning(self, text):  # noqa: N802 - QGIS API
                 self.seen.append(text)
+                self.warnings.append(text)
 
             def pushInfo(self, text):  # noqa: N802 - QGIS API
                 self.seen.append(text)
@@ -1613,9 +1614,18 @@ def test_processing_algorithms(qgis_processing, settings, layers, live, tmp_path
             "INPUT": layer, "PROMPTS": "houses, water", "EXTENT": extent, "THRESHOLD": 0.0,
             "MIN_AREA": 10 * found_m2, "OUTPUT": str(tmp_path / "none_big_enough.gpkg")}, feedback=feedback)["OUTPUT"])
         assert small.featureCount() == 0
-        assert any(w.startswith("0 polygons for houses, water, ") and "smaller than the minimum area dropped" in w
-                   for w in feedback.seen), feedback.seen
-        del small
+        # no polygon is a warning that says why and what to change, in the algorithm's parameter names
+        assert any(w.startswith("0 polygon(s) for houses, water, ") and "smaller than the minimum area dropped: "
+                   "lower Minimum area" in w for w in feedback.warnings), feedback.seen
+        feedback = Warnings()
+        none_above = QgsVectorLayerFrom(processing.run("skyprompt:prompttopolygons", {
+            "INPUT": layer, "PROMPTS": "houses", "EXTENT": extent, "THRESHOLD": 1.0, "MIN_AREA": 0.0,
+            "OUTPUT": str(tmp_path / "none_above.gpkg")}, feedback=feedback)["OUTPUT"])
+        assert none_above.featureCount() == 0
+        assert any(re.fullmatch(r"0 polygon\(s\) for houses: no pixel reached the Threshold of 1\.00 \(the highest "
+                                r"relevance was 0\.\d\d\): lower the Threshold to find some", w)
+                   for w in feedback.warnings), feedback.seen
+        del small, none_above
         # the edge refinement radius reaches the backend: one above its limit is refused by name
         with pytest.raises(QgsProcessingException, match="edge_radius 5000"):
             processing.run("skyprompt:prompttopolygons", {"INPUT": layer, "PROMPTS": "houses", "EXTENT": extent,
