@@ -18,7 +18,7 @@ from qgis.core import (QgsFeatureSink, QgsProcessing, QgsProcessingAlgorithm, Qg
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString, QgsProcessingProvider,
                        QgsProcessingOutputNumber, QgsProcessingOutputString, QgsProcessingParameterDefinition,
-                       QgsProperty, QgsRasterLayer, QgsRectangle, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsField,
+                       QgsProperty, QgsProviderRegistry, QgsRasterLayer, QgsRectangle, QgsWkbTypes, QgsCoordinateReferenceSystem, QgsField,
                        QgsFields)
 from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QIcon
@@ -31,8 +31,6 @@ from .sources import (SourceError, crs_name, has_no_resolution, local_path, name
 ICON = os.path.join(os.path.dirname(__file__), "icon.svg")
 # "memory:", "ogr:...", "postgres://...": outputs that are no plain file (a drive letter, "C:", is one letter)
 _PROVIDER_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
-# "|layername=roads" in a layer's address ("x.gpkg|layername=roads"): the name of the layer in its file
-_LAYER_NAME_OPTION = re.compile(r"\|layername=([^|]*)", re.IGNORECASE)
 # the longest text a shapefile (dBase) field holds, in bytes
 SHAPEFILE_TEXT_BYTES = 254
 # an Extent typed as "xmin,xmax,ymin,ymax [CRS]": the CRS text in its brackets
@@ -96,9 +94,9 @@ def _file_and_layer_name(address: str) -> tuple[str, str | None]:
     file and the layer's name; any other OUTPUT as it is, with no name (None)."""
     if not _is_file(address) or "|" not in address:
         return address, None
-    file, _, options = address.partition("|")
-    named = _LAYER_NAME_OPTION.search("|" + options)
-    return file, named[1] if named and named[1] else None
+    parts = QgsProviderRegistry.instance().decodeUri("ogr", address)     # QGIS's own reading of it
+    name = parts.get("layerName")
+    return parts.get("path") or address, name if isinstance(name, str) and name else None
 
 
 def _writing_to(given, path: str):

@@ -119,6 +119,11 @@ def test_a_layers_address_as_output_writes_a_layer_of_that_name_into_its_file(qg
     other = tmp_path / "b.shp"
     assert write(QgsProcessingOutputLayerDefinition(f"{other}|layername=b"), polygons(2)) == str(other)
     assert sorted(n for n in os.listdir(tmp_path) if "|" in n) == []
+    # the file's own name may hold a "|": the address is read as QGIS reads it, not cut at the first one
+    piped = gpkg_with_a_roads_layer(tmp_path / "east|west.gpkg")
+    assert write(f"{piped}|layername=fields", polygons(2)) == f"{piped}|layername=fields"
+    assert sorted(results.gpkg_layer_names(str(piped))) == ["fields", "roads"]
+    assert not os.path.exists(tmp_path / "east")
 
 
 def test_a_shapefile_output_declares_its_text_fields_as_wide_as_it_keeps(tmp_path, capfd):
