@@ -1295,6 +1295,30 @@ def _palette_png_with_transparency(path: Path) -> Path:
     return png
 
 
+def _nodata_beside(path: Path, suffix: str) -> Path:
+    """An RGB image with its nodata value in the .aux.xml beside it, as `gdal_edit.py -a_nodata` leaves
+    it for a format with no place for one (PNG, JPEG) or a file it may not write to."""
+    from PIL import Image
+
+    data = noise((24, 32, 3), low=10, seed=9)
+    data[HIDDEN] = 9
+    image = path / f"nodata_beside{suffix}"
+    Image.fromarray(data, "RGB").save(image)
+    ds = gdal.Open(str(image))
+    ds.SetGeoTransform((500000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0))
+    srs = osr.SpatialReference()
+    srs.SetFromUserInput(UTM)
+    ds.SetSpatialRef(srs)
+    ds = None
+    aux = Path(f"{image}.aux.xml")
+    bands = "".join(f'<PAMRasterBand band="{i}"><NoDataValue>9</NoDataValue></PAMRasterBand>' for i in (1, 2, 3))
+    aux.write_text(aux.read_text().replace("</PAMDataset>", bands + "</PAMDataset>"))
+    ds = gdal.Open(str(image))
+    assert [ds.GetRasterBand(i).GetNoDataValue() for i in (1, 2, 3)] == [9, 9, 9]
+    ds = None
+    return image
+
+
 @pytest.mark.parametrize("write", [
     lambda path: _tiff_with_alpha(path, ["PHOTOMETRIC=RGB", "ALPHA=YES"]),
     lambda path: _tiff_with_alpha(path, ["ALPHA=YES"]),
@@ -1302,7 +1326,10 @@ def _palette_png_with_transparency(path: Path) -> Path:
     lambda path: _rgb_tiff_with_mask(path, internal=False),
     _rgb_tiff_with_nodata,
     _palette_png_with_transparency,
-], ids=["rgba", "grey-alpha", "rgb-internal-mask", "rgb-mask-file", "rgb-nodata", "palette-png-transparency"])
+    lambda path: _nodata_beside(path, ".png"),
+    lambda path: _nodata_beside(path, ".tif"),
+], ids=["rgba", "grey-alpha", "rgb-internal-mask", "rgb-mask-file", "rgb-nodata", "palette-png-transparency",
+        "png-nodata-in-aux-xml", "tiff-nodata-in-aux-xml"])
 def test_training_loads_an_8_bit_image_with_transparent_pixels_as_the_backend_shows_it(tmp_path, write,
                                                                                       monkeypatch):
     """8-bit imagery that PIL decodes, with pixels the backend masks: PIL's conversion to RGB dropped an

@@ -302,11 +302,12 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 def load_image(path: str) -> Image.Image:
     """An RGB PIL image, fully decoded (so a truncated file fails here, not later); see rgb_image.
     A TIFF of data wider than 8 bits (16-bit or float, one band or the several of most sensors'
-    chips, which PIL often cannot decode), or one with a nodata value or a mask, is read through GDAL
+    chips, which PIL often cannot decode), or one with a nodata value or a mask, and an image of any
+    format with a nodata value or a mask in files beside it, is read through GDAL
     as the backend reads rasters (gdal_rgb_image), so training sees the pixels the server shows."""
     try:
         with Image.open(path) as im:
-            if _wide_tiff(im) or _masked_tiff(im, path):
+            if _wide_tiff(im) or _masked_tiff(im, path) or _masked_beside(path):
                 try:
                     return gdal_rgb_image(path)
                 except ImportError:     # no GDAL bindings (a training machine): PIL's reading, as before
@@ -345,7 +346,20 @@ def _masked_tiff(im: Image.Image, path: str) -> bool:
     tags = getattr(im, "tag_v2", None)
     if im.format != "TIFF" or tags is None:
         return False
-    return GDAL_NODATA_TAG in tags or bool(getattr(tags, "next", 0)) or os.path.exists(f"{path}.msk")
+    return GDAL_NODATA_TAG in tags or bool(getattr(tags, "next", 0))
+
+
+def _masked_beside(path: str) -> bool:
+    """An image of any format whose masked pixels GDAL keeps beside it: a mask in a .msk file, or a
+    nodata value in its .aux.xml (where GDAL writes one set on a file opened read-only, or on a format
+    with no place for it, such as PNG or JPEG)."""
+    if os.path.exists(f"{path}.msk"):
+        return True
+    try:
+        with open(f"{path}.aux.xml", "rb") as f:
+            return b"<NoDataValue" in f.read()
+    except OSError:
+        return False
 
 
 def gdal_rgb_image(path: str) -> Image.Image:
