@@ -437,13 +437,16 @@ def check_training_names(mapping: Mapping, where: str) -> None:
 # --- folder of classes -------------------------------------------------------------------------
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
+def visible_subfolders(folder: Path) -> list[Path]:
+    """The sub-folders of `folder` not hidden (".name"), sorted; none where it cannot be listed."""
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
         return []
-    return sorted(
-        d for d in root.iterdir()
-        if d.is_dir() and not d.name.startswith(".") and any(_is_image(f) for f in os.listdir(d))
-    )
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return [d for d in visible_subfolders(root) if any(_is_image(f) for f in os.listdir(d))]
 
 
 def find_class_root(root: str | os.PathLike) -> Path:

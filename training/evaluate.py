@@ -37,7 +37,7 @@ from . import probe as P
 from .augment import eval_transform
 from .data import (CLASSNAMES_DIR, IMAGE_EXTENSIONS, UNREADABLE_IMAGE, DataError, UnnamedClassesError, _class_dirs,
                    _is_image, class_key, find_class_root, first_unreadable, load_image, manifest_records,
-                   read_classnames_file, unreadable_listing)
+                   read_classnames_file, unreadable_listing, visible_subfolders)
 from .templates import ZERO_SHOT_TEMPLATES
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
@@ -179,18 +179,11 @@ def _listed_under(line: str, root: Path, listing: Path) -> str:
                     "the folder (e.g. forest/forest_001.jpg) or absolute paths under it")
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    try:
-        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError:
-        return []
-
-
 def _images_in_sub_folders(class_root: Path) -> dict[str, int]:
     """Class folder name -> how many images lie in its sub-folders (at any depth), which the
     folder reader does not read; classes with none are left out."""
     out = {}
-    for d in _subfolders(class_root):
+    for d in visible_subfolders(class_root):
         n = 0
         for where, dirs, names in os.walk(d):
             dirs[:] = [x for x in dirs if not x.startswith(".")]
