@@ -23,6 +23,7 @@ from qgis.PyQt.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDockWidg
                                  QTabWidget, QCheckBox, QToolButton, QVBoxLayout, QWidget)
 
 from . import deps, operations, results
+from .connection import GRPC_SCHEME, PORT_AT_END
 from .index_dialog import IndexedRastersDialog
 from .local_backend import LocalBackend
 from .settings import LOG_TAG, PluginSettings, address_problem
@@ -442,6 +443,11 @@ class SkyPromptDock(QDockWidget):
         self._project_generation += 1
         self.hits = []
         self.result_list.clear()
+        # a reopened project brings its layers back with the same ids, as new layers to watch
+        self._watched_names.clear()
+        # a rectangle drawn on the last project's map is no area of the next one
+        self.drawn_rect = None
+        self.area.setCurrentIndex(0)
 
     def _remember(self, widget, name: str) -> None:
         """Show the setting `name` in `widget` and save every change of it: the next QGIS session starts
@@ -739,6 +745,10 @@ class SkyPromptDock(QDockWidget):
                                   f"{stats.raster_count} rasters, {stats.tile_count} tiles indexed")
             elif address_problem(self.settings.address):    # no backend answers at a URL: it is no address
                 self.info.setText(address_problem(self.settings.address))
+            elif not PORT_AT_END.search(self.settings.address.strip()) and not GRPC_SCHEME.match(self.settings.address):
+                # "127.0.0.1:abc", "backend.lan": starting a backend would not help (Start refuses it too)
+                self.info.setText(f"no backend answers at {self.settings.address}: the address has no port; give it "
+                                  "as HOST:PORT, e.g. 127.0.0.1:50051, in SkyPrompt settings")
             else:
                 self.info.setText(f"no backend answers at {self.settings.address}: start one with "
                                   "'Start local backend' or check the address")

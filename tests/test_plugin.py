@@ -3737,3 +3737,33 @@ def test_processing_search_stops_at_cancel_while_the_backend_does_not_answer(sky
                                                  "OUTPUT": str(tmp_path / "none.gpkg")})
     assert str(err.value).count(f"at {nobody}") == 1, str(err.value)     # (gRPC's own detail names it too)
     del err
+
+
+def test_an_address_with_no_port_is_said_on_the_light(dock):
+    """A hand-edited address with no port ("127.0.0.1:abc") was 'no backend answers: start one with
+    Start local backend', which Start then refused for having no port: the line says what Start says."""
+    for address in ("127.0.0.1:abc", "backend.lan"):
+        dock.settings.address = address
+        assert run_dock(dock, "health", dock.refresh_health) is None
+        assert dock.info.text() == (f"no backend answers at {address}: the address has no port; give it as HOST:PORT, "
+                                    "e.g. 127.0.0.1:50051, in SkyPrompt settings"), dock.info.text()
+
+
+def test_a_reopened_project_keeps_the_layers_list_following_renames_and_forgets_the_drawn_rectangle(
+        dock, layers, tmp_path):
+    """A project read again brings its layers back with their ids: the panel, which watched renames by
+    id, no longer heard the new layers' renames. And a rectangle drawn on the last project's map stayed
+    the Area of the next, where Segment silently used it."""
+    dock._rectangle_drawn(layer_rect(layers[0], (0.2, 0.2, 0.4, 0.4)))
+    assert dock.area.currentIndex() == 1 and dock.drawn_rect is not None
+    project = QgsProject.instance()
+    path, first = str(tmp_path / "day.qgz"), layers[0].id()
+    assert project.write(path)
+    project.clear()
+    assert dock.drawn_rect is None and dock.area.currentIndex() == 0
+    assert project.read(path)
+    again = project.mapLayer(first)
+    assert again is not None
+    again.setName("renamed after reopening")
+    listed = [dock.layer_list.item(i).text() for i in range(dock.layer_list.count())]
+    assert "renamed after reopening" in listed, listed
