@@ -204,6 +204,7 @@ class SkyPromptDock(QDockWidget):
         # a project closed (or a new one) while a task runs: its answer belongs to no project now
         self._project_generation = 0
         QgsProject.instance().cleared.connect(self._project_cleared)
+        QgsProject.instance().readProject.connect(self._project_read)
         # the Layers panel's order, which the list follows (new layers reach the tree after layersAdded)
         QgsProject.instance().layerTreeRoot().layerOrderChanged.connect(self.refresh_layers)
         self.refresh_layers()
@@ -448,6 +449,16 @@ class SkyPromptDock(QDockWidget):
         # a rectangle drawn on the last project's map is no area of the next one
         self.drawn_rect = None
         self.area.setCurrentIndex(0)
+
+    def _project_read(self, *args) -> None:
+        """A project read with result layers of this panel that were in memory: QGIS saves no features
+        of a memory layer, so they are back empty, which is said, with how to keep results next time."""
+        emptied = results.emptied_result_layers(QgsProject.instance())
+        if emptied:
+            self._message(f"{len(emptied)} SkyPrompt result layer(s) of this project were temporary (in memory) "
+                          f"and came back empty: {', '.join(emptied)}. Search or segment again; to keep results, "
+                          "give Segment an Output GeoPackage, or use Make Permanent on a layer before saving",
+                          Qgis.Warning, 15)
 
     def _remember(self, widget, name: str) -> None:
         """Show the setting `name` in `widget` and save every change of it: the next QGIS session starts
@@ -1248,6 +1259,7 @@ class SkyPromptDock(QDockWidget):
         self.tasks.clear()
         try:
             QgsProject.instance().cleared.disconnect(self._project_cleared)
+            QgsProject.instance().readProject.disconnect(self._project_read)
             QgsProject.instance().layersAdded.disconnect(self.refresh_layers)
             QgsProject.instance().layersRemoved.disconnect(self.refresh_layers)
             QgsProject.instance().layerTreeRoot().layerOrderChanged.disconnect(self.refresh_layers)

@@ -160,10 +160,15 @@ def unused_layer_name(name: str) -> str:
     return out
 
 
+# the custom property that marks a memory layer of results (kept in a saved project, its features not)
+RESULT_PROPERTY = "skyprompt/result"
+
+
 def memory_layer(name: str, crs: QgsCoordinateReferenceSystem, fields: QgsFields,
                  features: list[QgsFeature]) -> QgsVectorLayer:
     """A memory layer of `features`, named `name` or, when a layer has that name already, numbered."""
     layer = QgsVectorLayer(f"MultiPolygon?crs={crs.authid() or 'EPSG:4326'}", unused_layer_name(name), "memory")
+    layer.setCustomProperty(RESULT_PROPERTY, True)
     if not crs.authid():
         layer.setCrs(crs)
     provider = layer.dataProvider()
@@ -177,6 +182,14 @@ def memory_layer(name: str, crs: QgsCoordinateReferenceSystem, fields: QgsFields
     provider.addFeatures(features)
     layer.updateExtents()
     return layer
+
+
+def emptied_result_layers(project) -> list[str]:
+    """The names of `project`'s memory layers of results (memory_layer) that hold no feature: what a
+    project saved with them gives back."""
+    return [layer.name() for layer in project.mapLayers().values()
+            if isinstance(layer, QgsVectorLayer) and layer.providerType() == "memory"
+            and layer.customProperty(RESULT_PROPERTY) and layer.featureCount() == 0]
 
 
 def style_by_score(layer: QgsVectorLayer) -> None:

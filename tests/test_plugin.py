@@ -3750,10 +3750,15 @@ def test_an_address_with_no_port_is_said_on_the_light(dock):
 
 
 def test_a_reopened_project_keeps_the_layers_list_following_renames_and_forgets_the_drawn_rectangle(
-        dock, layers, tmp_path):
+        dock, layers, iface, tmp_path):
     """A project read again brings its layers back with their ids: the panel, which watched renames by
-    id, no longer heard the new layers' renames. And a rectangle drawn on the last project's map stayed
-    the Area of the next, where Segment silently used it."""
+    id, no longer heard the new layers' renames. A rectangle drawn on the last project's map stayed
+    the Area of the next, where Segment silently used it. And result layers in memory came back empty
+    (QGIS saves no memory layer's features) without a word."""
+    assert run_dock(dock, "index", dock.index_layers) is None
+    dock.query.setText("roads")
+    assert run_dock(dock, "search", dock.search) is None and dock.last_layer.featureCount() > 0
+    found = dock.last_layer.name()
     dock._rectangle_drawn(layer_rect(layers[0], (0.2, 0.2, 0.4, 0.4)))
     assert dock.area.currentIndex() == 1 and dock.drawn_rect is not None
     project = QgsProject.instance()
@@ -3761,7 +3766,12 @@ def test_a_reopened_project_keeps_the_layers_list_following_renames_and_forgets_
     assert project.write(path)
     project.clear()
     assert dock.drawn_rect is None and dock.area.currentIndex() == 0
+    before = len(iface.message_bar.messages)
     assert project.read(path)
+    said = [(text, level) for _, text, level in iface.message_bar.messages[before:]]
+    assert said == [(f"1 SkyPrompt result layer(s) of this project were temporary (in memory) and came back empty: "
+                     f"{found}. Search or segment again; to keep results, give Segment an Output GeoPackage, or use "
+                     "Make Permanent on a layer before saving", int(Qgis.Warning))], said
     again = project.mapLayer(first)
     assert again is not None
     again.setName("renamed after reopening")
