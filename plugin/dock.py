@@ -182,6 +182,7 @@ class SkyPromptDock(QDockWidget):
         # (when known): a backend restarted with another at the same address knows none of their tiles
         self.checkpoint_hash = ""
         self.hits_checkpoint = ""
+        self.hits_names: dict = {}      # raster path -> layer name, as the results list names them
         self._watched_names: set[str] = set()   # layers whose renaming refreshes the list of layers to search
         self.last_layer = None                 # the last result layer added
         self.drawn_rect: tuple[QgsRectangle, QgsCoordinateReferenceSystem] | None = None
@@ -967,8 +968,10 @@ class SkyPromptDock(QDockWidget):
             self._message("select a result first: the search looks for tiles like it", Qgis.Warning)
             self.taskDone.emit("search", "no result selected")
             return None
-        tile_id = self.hits[item.data(Qt.UserRole)].tile_id
-        return self._search(f"like tile {tile_id}", tile_id)
+        hit = self.hits[item.data(Qt.UserRole)]
+        # an index's tile number says nothing of where the tile lies: named with its raster, as listed
+        shown = self.hits_names.get(hit.raster_path, hit.raster_name)
+        return self._search(f"like tile {hit.tile_id} of {shown}", hit.tile_id)
 
     def _search(self, title: str, like_tile_id: int | None) -> BackendTask | None:
         if self.running.get("search"):      # Enter in the query box while the button is off
@@ -1045,7 +1048,7 @@ class SkyPromptDock(QDockWidget):
         return self._task("search", f"SkyPrompt: searching {title!r}", work, shown)
 
     def show_hits(self, query: str, hits: list, names: dict, empty_note: str = "") -> None:
-        self.hits = hits
+        self.hits, self.hits_names = hits, names
         self.hits_checkpoint = self.checkpoint_hash
         self.result_list.clear()
         for rank, h in enumerate(hits, 1):

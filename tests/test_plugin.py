@@ -942,7 +942,10 @@ def test_more_like_this_tile_searches_by_the_selected_result(dock, layers):
     assert dock.like_button.isEnabled()
     chosen = dock.hits[3]
     assert run_dock(dock, "search", dock.like_button.click) is None
-    assert dock.last_layer.name() == f"SkyPrompt: like tile {chosen.tile_id}"
+    # named with its raster, as the list names it: a tile number alone says nothing of where it lies
+    listed = dock.result_list.item(3).text().split("\n")[1]
+    assert dock.last_layer.name() == f"SkyPrompt: like tile {chosen.tile_id} of {listed}"
+    assert listed in {layer.name() for layer in layers}
     assert dock.hits[0].tile_id == chosen.tile_id and dock.hits[0].score == pytest.approx(1.0, abs=1e-3)
     assert not dock.like_button.isEnabled()                       # a new list, nothing selected
 
