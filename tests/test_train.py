@@ -1043,3 +1043,53 @@ def test_resume_with_fsdp_of_a_run_without_it_is_refused_and_rank_1_says_nothing
     monkeypatch.setenv("RANK", "1")
     r = _refused(_args(folder, blocked, 2, "--val-per-class", "1"), capsys)
     assert r.returncode == 2 and r.stderr == ""
+
+
+def test_a_fine_tune_starts_at_the_fine_tuning_rate_with_a_warm_up_unless_told_and_says_so(folder, tmp_path,
+                                                                                           tiny_model, tokenizer):
+    """With --init-checkpoint and no --lr the peak rate is training.train.FINE_TUNE_LR, not the pre-training
+    rate, which undid a trained model in a few steps; even a short run warms up; a line says which rate
+    and warm-up were chosen and why. Given values are kept exactly, and --resume goes on with its run's own."""
+    from backend.model.checkpoint import save_checkpoint
+    from training.train import FINE_TUNE_LR, parse_args
+
+    init = save_checkpoint(tiny_model, tokenizer, tmp_path / "init")
+    out = tmp_path / "tuned"
+    def without_schedule(args: list[str]) -> list[str]:      # _args gives --lr and --warmup-steps
+        at = [args.index("--lr"), args.index("--warmup-steps")]
+        return [a for i, a in enumerate(args) if i not in at and i - 1 not in at]
+
+    r = _run(without_schedule(_args(folder, out, 2, "--init-checkpoint", str(init))))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # two steps: both are warm-up (min(steps, 5)), so the first is at half the peak
+    assert [row["lr"] for row in rows if row["kind"] == "train"] == pytest.approx([FINE_TUNE_LR / 2, FINE_TUNE_LR])
+    assert json.loads((out / "train_config.json").read_text())["lr"] == FINE_TUNE_LR
+    assert f"learning rate: peak {FINE_TUNE_LR:g} (the fine-tuning default with --init-checkpoint" in r.stderr
+    assert "2 warm-up step(s) (the default" in r.stderr
+
+    def parsed(*extra, steps=50, out=tmp_path / "x"):
+        cfg = parse_args(without_schedule(_args(folder, out, steps, *extra)))   # the first --lr: _args's own
+        return cfg.lr, cfg.warmup_steps
+
+    assert parsed() == (5e-4, 5)                                              # from scratch: as before
+    assert parsed("--init-checkpoint", str(init)) == (FINE_TUNE_LR, 5)
+    assert parsed("--init-checkpoint", str(init), "--lr", "3e-4", "--warmup-steps", "0") == (3e-4, 0)
+    assert parsed("--lr", "1e-12", "--min-lr", "0", steps=3) == (1e-12, 3)   # a 3-step run warms up throughout
+    assert [parsed(steps=n)[1] for n in (1, 4, 20, 80, 5000)] == [1, 4, 5, 8, 100]
+    # --resume of a run goes on with the rate and warm-up it recorded (a run started with other defaults)
+    recorded = json.loads((out / "train_config.json").read_text())
+    (out / "train_config.json").write_text(json.dumps({**recorded, "lr": 5e-4, "warmup_steps": 0}))
+    assert parsed("--init-checkpoint", str(init), "--resume", steps=4, out=out) == (5e-4, 0)
+    assert parsed("--init-checkpoint", str(init), "--resume", "--lr", "2e-4", steps=4, out=out)[0] == 2e-4
+
+
+def test_shards_train_alone_and_the_help_and_the_refusal_say_what_to_do(folder, tmp_path, capsys):
+    _write_shards(folder, tmp_path / "shards", per_shard=6)
+    r = _refused(_args(folder, tmp_path / "run", 1, "--shards", str(tmp_path / "shards" / "*.tar")), capsys)
+    assert r.returncode == 2 and "shards train alone" in r.stderr, r.stderr
+    assert "with folder sources" in r.stderr and "--init-checkpoint" in r.stderr and "--manifest" in r.stderr
+    assert "write those into shards" not in r.stderr           # no tool does
+    r = _refused(["--help"], capsys)
+    assert r.returncode == 0 and "--shards train alone" in r.stdout and "combine freely; or" not in r.stdout
+    assert "with --init-checkpoint" in r.stdout   # --lr's default

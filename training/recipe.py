@@ -451,8 +451,13 @@ def check_source_mix(sources: list[dict], class_aware: bool) -> None:
         raise RecipeError("--class-aware needs the class of each image, and shards carry none: "
                           "train from folder or manifest sources, or without --class-aware")
     if shards and len(shards) != len(sources):
-        raise RecipeError("shards cannot be mixed with folder/manifest sources in one run yet: "
-                          "write those into shards too")
+        # shards stream (an IterableDataset); folder, manifest and caption-file sources are indexed
+        # datasets mixed by weight: one run reads either kind, not both
+        others = sorted({s["kind"] for s in sources if s["kind"] != "shards"})
+        raise RecipeError(f"shards train alone: they cannot be mixed with {'/'.join(others)} sources in one run. "
+                          "Train on the shards alone, from a model trained on the others (--init-checkpoint, e.g. "
+                          "backend/checkpoints/default); or, to mix them, extract the shards (tar -xf) and list "
+                          "each KEY.jpg with the caption of its KEY.txt in a JSONL --manifest (README, Training)")
 
 
 def make_dataset(train_sources: list[dict], image_size: int, model_config, seed: int,
