@@ -617,3 +617,30 @@ def test_refinement_interrupted_while_a_round_is_measured_does_that_round_again(
     p = _refine(refine_setup, out, 1)
     assert p.returncode == 0, p.stderr
     assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 0, 1]
+
+
+def test_refined_checkpoints_carry_the_words_they_know(refine_setup, tmp_path, capsys):
+    """Every round and the fp16 export get words.json, as training's checkpoints do: the starting
+    checkpoint's words and the recipe's training captions (served, it marks unfamiliar words)."""
+    import shutil
+
+    from backend.model.vocabulary import TrainingWords
+
+    start = tmp_path / "start"
+    shutil.copytree(refine_setup["ckpt"], start)
+    TrainingWords({"quarry": 7}, "earlier run").save(start)
+    out = tmp_path / "run"
+    p = _refine({**refine_setup, "ckpt": start}, out, 1, capsys=capsys)
+    assert p.returncode == 0, p.stderr
+    for folder in (out / "rounds" / "round_1", out / "fp16"):
+        words = TrainingWords.load(folder)
+        assert words is not None, f"{folder} has no words.json"
+        assert words.count("quarry") == 7 and words.count("forest") >= 1 and "earlier run" in words.source
+        assert words.unfamiliar("a forest, a quarry, a volcano") == ["volcano"]
+
+
+def test_refine_help_says_what_regions_takes():
+    from training.refine import build_parser
+
+    text = build_parser().format_help()
+    assert "2-3 regions" not in text and "--regions regions, 2 or more" in text

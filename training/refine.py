@@ -4,11 +4,11 @@
         --rounds 3 --steps-per-round 200 --out runs/refine --export-fp16 runs/refine/fp16
 
 Round r = 1..R:
-  1. Pseudo-labels. Training mosaics at the model's image size (2-3 regions of training images of the
-     recipe's folder-of-classes sources) get one label per patch from the current model's SAO maps,
-     restricted to the classes the mosaic is known to contain: image-level labels only, never its
-     mask. A patch whose best class does not beat the runner-up by --margin (in probability) is
-     ignored.
+  1. Pseudo-labels. Training mosaics at the model's image size (--regions regions, 2 or more, 3 by
+     default, of training images of the recipe's folder-of-classes sources) get one label per patch
+     from the current model's SAO maps, restricted to the classes the mosaic is known to contain:
+     image-level labels only, never its mask. A patch whose best class does not beat the runner-up
+     by --margin (in probability) is ignored.
   2. Training. --steps-per-round steps of the usual contrastive + captioning loss on the recipe's
      caption data (so retrieval does not collapse) plus --dense-weight x a per-patch cross-entropy:
      each patch's SAO embedding against every class's text embedding at the model's temperature (text
@@ -18,8 +18,9 @@ Round r = 1..R:
      validation mosaics, as `evaluate segmentation` computes it), zero-shot top-1 and retrieval mR on
      the recipe's validation split.
 Round 0 is the starting checkpoint, measured the same way. Rows go to OUT/metrics.jsonl, weights to
-OUT/rounds/round_N (atomic). A re-run resumes after the last complete round. Runs under torchrun
-like training.train (each rank labels and trains on its own slice of the mosaics).
+OUT/rounds/round_N (atomic), each with words.json as training writes it (the starting checkpoint's
+words and the recipe's training captions). A re-run resumes after the last complete round. Runs
+under torchrun like training.train (each rank labels and trains on its own slice of the mosaics).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ from . import recipe as recipes
 from .augment import AUGMENTATIONS
 from .localization import SEGMENT_OVERLAP, DirectModel, upsample_image
 from .mosaic import MosaicError, build_mosaic, build_mosaics
-from .train import _append_metrics, batch_stream, is_main, launched_as_rank_zero, log, param_groups, setup_distributed
+from .train import (TrainConfig, _append_metrics, batch_stream, is_main, launched_as_rank_zero, log, param_groups,
+                    run_words, setup_distributed)
 
 PROMPT = "an aerial photo of {}."   # the class prompt of --class-prompts single
 IGNORE = -1
@@ -332,6 +334,10 @@ def refine(cfg: RefineConfig) -> list[dict]:
         log(f"note: --regions {cfg.regions}: a source has only {fewest} classes with images, and a mosaic's regions "
             f"are of distinct classes: its mosaics have {fewest} regions")
     bench = _benchmark_set(val_sets, cfg.benchmark)
+    # every checkpoint written gets words.json, as training's do: the starting checkpoint's words and
+    # this run's captions (the backend tells a user which words of a search the model barely knows)
+    words = run_words(TrainConfig(init_checkpoint=cfg.checkpoint), train_sources) if is_main() else None
+    write_words = words.save if words is not None else None
     mcfg = model.config
     size = mcfg.image_size
     dataset = recipes.make_dataset(train_sources, size, mcfg, seed=cfg.seed, class_aware=cfg.class_aware,
@@ -446,7 +452,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
                    **measure(model, tokenizer, val_sets, bench, cfg, device, progress=True),
                    "seconds": round(time.time() - t0, 1)}
             path = save_checkpoint(model, tokenizer, out / "rounds" / f"round_{rnd}",
-                                   extra={"refine_round": rnd, "refine_config": asdict(cfg)})
+                                   extra={"refine_round": rnd, "refine_config": asdict(cfg)}, write_extra=write_words)
             log(f"round {rnd} " + json.dumps(row) + f" -> {path}")
             _append_metrics(metrics_path, row)
             rows.append(row)
@@ -454,7 +460,7 @@ def refine(cfg: RefineConfig) -> list[dict]:
             dist.barrier()
     if cfg.export_fp16 and is_main():
         save_checkpoint(model, tokenizer, cfg.export_fp16, dtype=torch.float16,
-                        extra={"refine_rounds": cfg.rounds, "refine_config": asdict(cfg)})
+                        extra={"refine_rounds": cfg.rounds, "refine_config": asdict(cfg)}, write_extra=write_words)
         log(f"wrote fp16 checkpoint {cfg.export_fp16}")
     if dist.is_initialized():
         dist.barrier()   # as in training: no rank tears the group down while another still uses it
