@@ -639,6 +639,146 @@ def test_refined_checkpoints_carry_the_words_they_know(refine_setup, tmp_path, c
         assert words.unfamiliar("a forest, a quarry, a volcano") == ["volcano"]
 
 
+# ---- a labelled raster: labels of any CRS, filters, layers, bands ------------------------------------
+def _scene(tmp_path, bands: int = 3):
+    """A 200 x 200 px UTM 33N raster (1 m pixels) with a bright 100 x 100 px square in its middle."""
+    from test_raster import make_tif
+
+    pixels = np.full((bands, 200, 200), 60, np.uint8)
+    pixels[:, 50:150, 50:150] = 220
+    # four bands: none marked as a colour (GeoTIFF's default would mark red, green, blue and alpha)
+    return make_tif(tmp_path / f"scene{bands}.tif", pixels, geotransform=(400000.0, 1.0, 0.0, 5000000.0, 0.0, -1.0),
+                    crs="EPSG:32633", options=("PHOTOMETRIC=MINISBLACK",) if bands > 3 else ())
+
+
+def _square(dx: float = 0.0, to_lonlat: bool = False):
+    """The scene's bright square as an OGR polygon in UTM 33N numbers (moved `dx` metres east), or in
+    longitude/latitude."""
+    ring = ogr.Geometry(ogr.wkbLinearRing)
+    for x, y in ((400050, 4999950), (400150, 4999950), (400150, 4999850), (400050, 4999850), (400050, 4999950)):
+        ring.AddPoint_2D(x + dx, y)
+    square = ogr.Geometry(ogr.wkbPolygon)
+    square.AddGeometry(ring)
+    if to_lonlat:
+        utm, wgs = osr.SpatialReference(), osr.SpatialReference()
+        utm.ImportFromEPSG(32633)
+        wgs.ImportFromEPSG(4326)
+        for s in (utm, wgs):
+            s.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        square.Transform(osr.CoordinateTransformation(utm, wgs))
+    return square
+
+
+def _write_labels(path, layers: dict, driver: str = "ESRI Shapefile", epsg: int | None = None):
+    """A vector file of `layers` (name -> polygons, each with class 'building'); no CRS with epsg None."""
+    srs = None
+    if epsg is not None:
+        srs = osr.SpatialReference()
+        srs.ImportFromEPSG(epsg)
+    for name, polygons in layers.items():
+        # one layer a session: a GeoPackage lists the layers of one session in no fixed order
+        ds = ogr.Open(str(path), 1) if path.exists() else ogr.GetDriverByName(driver).CreateDataSource(str(path))
+        layer = ds.CreateLayer(name, srs, ogr.wkbPolygon)
+        layer.CreateField(ogr.FieldDefn("class", ogr.OFTString))
+        for g in polygons:
+            f = ogr.Feature(layer.GetLayerDefn())
+            f.SetField("class", "building")
+            f.SetGeometry(g)
+            layer.CreateFeature(f)
+        ds = None
+    return path
+
+
+def _no_gdal_lines(stderr: str) -> bool:
+    return not any(word in stderr for word in ("Warning 1", "ERROR 1", "Traceback"))
+
+
+def test_assumed_label_crs_rule():
+    from training.labels import assumed_label_crs
+
+    utm = osr.SpatialReference()
+    utm.ImportFromEPSG(32633)
+    raster = (400000.0, 4999800.0, 400200.0, 5000000.0)
+    srs, note = assumed_label_crs((400050, 4999850, 400150, 4999950), utm, raster, "a.shp")
+    assert srs.IsSame(utm) and note.startswith("a.shp says no CRS") and "(EPSG:32633)" in note and "\n" not in note
+    srs, note = assumed_label_crs((14.9, 45.1, 15.0, 45.2), utm, raster, "a.shp")
+    assert srs.GetAuthorityCode(None) == "4326" and "longitude/latitude (EPSG:4326)" in note
+    with pytest.raises(ValueError, match=r"a.shp says no CRS.*give the file a CRS \(a .prj .*ogr2ogr -a_srs"):
+        assumed_label_crs((900000, 100, 900100, 200), utm, raster, "a.shp")
+
+
+def test_labelled_raster_labels_without_a_crs(setup, tmp_path):  # noqa: F811
+    """A layer with no CRS (a shapefile without its .prj): in the raster's CRS where it overlaps the
+    raster there, else longitude/latitude where its numbers can be, else refused; a note says which."""
+    raster = _scene(tmp_path)
+    common = ("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--prompt", "buildings",
+              "--threshold", "0.0")
+    utm = _write_labels(tmp_path / "utm.shp", {"utm": [_square()]})
+    p = run_cli(*common, "--labels", utm, "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["truth_fraction"] == pytest.approx(0.25, abs=0.01)
+    assert p.stderr.count("note: ") == 1 and "says no CRS" in p.stderr and "taken in it (EPSG:32633)" in p.stderr
+    assert _no_gdal_lines(p.stderr), p.stderr
+    # in degrees: read as longitude/latitude (the same rule as build_dataset's), and the text summary
+    deg = _write_labels(tmp_path / "deg.shp", {"deg": [_square(to_lonlat=True)]})
+    p = run_cli(*common, "--labels", deg)
+    assert p.returncode == 0, p.stderr
+    assert "taken as longitude/latitude (EPSG:4326)" in p.stderr and _no_gdal_lines(p.stderr), p.stderr
+    assert "labelled 25.0% of the raster's valid pixels" in p.stdout and "(1 polygon)" in p.stdout, p.stdout
+    far = _write_labels(tmp_path / "far.shp", {"far": [_square(dx=500000)]})
+    p = run_cli(*common, "--labels", far)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and _no_gdal_lines(p.stderr), p.stderr
+    assert "says no CRS" in p.stderr and "give the file a CRS" in p.stderr
+
+
+def test_labelled_raster_filters_layers_and_wrong_crs_are_one_line(setup, tmp_path):  # noqa: F811
+    raster = _scene(tmp_path)
+    gpkg = _write_labels(tmp_path / "labels.gpkg", {"empty": [], "landuse": [_square()]}, "GPKG", 32633)
+    common = ("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--prompt", "buildings",
+              "--labels", gpkg)
+    for extra, message in (
+            (("--label-layer", "landuse", "--where", "klass = 'farmland'"),
+             "--where \"klass = 'farmland'\" is not a valid filter for"),
+            (("--label-layer", "nope"), "has no layer 'nope' (it has: empty, landuse)"),
+            ((), "(layer 'empty') has no label features to score against; the file has 2 layers (empty, landuse): "
+                 "--label-layer picks one")):
+        p = run_cli(*common, *extra)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and _no_gdal_lines(p.stderr), p.stderr
+    assert "field names (class)" in run_cli(*common, "--label-layer", "landuse", "--where", "klass = 'x'").stderr
+    # UTM numbers tagged longitude/latitude: no place on the raster, said once, without GDAL's lines
+    wrong = _write_labels(tmp_path / "wrong.gpkg", {"landuse": [_square()]}, "GPKG", 4326)
+    p = run_cli(*common[:-1], wrong)
+    assert p.returncode == 2 and "none of the label features" in p.stderr and "EPSG:4326" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and _no_gdal_lines(p.stderr), p.stderr
+
+
+def test_labelled_raster_names_guessed_bands_and_takes_bands(setup, tmp_path):  # noqa: F811
+    raster = _scene(tmp_path, bands=4)
+    labels = _write_labels(tmp_path / "labels.gpkg", {"landuse": [_square()]}, "GPKG", 32633)
+    common = ("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--prompt", "buildings",
+              "--labels", labels, "--json")
+    p = run_cli(*common)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("note: ") == 1 and "has 4 bands and marks none as red, green or blue: bands 1, 2, 3" in p.stderr
+    assert json.loads(p.stdout)["settings"]["bands"] == [1, 2, 3]
+    p = run_cli(*common, "--bands", "3", "2", "1")
+    assert p.returncode == 0 and "note: " not in p.stderr, p.stderr
+    assert json.loads(p.stdout)["settings"]["bands"] == [3, 2, 1]
+    p = run_cli(*common, "--bands", "0", "1", "2")
+    assert p.returncode == 2 and "--bands 0 1 2: band numbers start at 1" in p.stderr
+
+
+def test_segmentation_refuses_mosaic_and_raster_options_together(setup, tmp_path):  # noqa: F811
+    raster = _scene(tmp_path)
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", raster,
+                "--prompt", "buildings", "--data", setup["root"] / "scenes")
+    assert p.returncode == 2 and "--data build mosaics, which --raster replaces" in p.stderr, p.stderr
+    p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes", "--classnames",
+                setup["names"], "--labels", raster)
+    assert p.returncode == 2 and "--labels: only with --raster" in p.stderr, p.stderr
+
+
 def test_refine_help_says_what_regions_takes():
     from training.refine import build_parser
 

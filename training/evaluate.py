@@ -749,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-layer", metavar="NAME", help="layer of --labels (default: the first)")
     g.add_argument("--where", metavar="SQL", help="attribute filter on --labels, e.g. \"building = 'yes'\"")
     g.add_argument("--prompt", metavar="TEXT", help="what the labels are, e.g. 'buildings' (with --raster)")
+    g.add_argument("--bands", nargs=3, type=int, metavar=("RED", "GREEN", "BLUE"),
+                   help="1-based bands of --raster to show the model as red, green, blue, e.g. 3 2 1 for a sensor "
+                        "stored blue-green-red-NIR (default: the bands marked red/green/blue, else the first "
+                        "three, with a note naming them when four or more bands mark no colour)")
     g.add_argument("--files", metavar="LISTFILE", help="build mosaics only from these images (e.g. a validation split)")
     g.add_argument("--seed", type=int, default=0, help="mosaic seed (default: %(default)s)")
     g.add_argument("--mosaics", type=int, default=20, metavar="N", help="number of mosaics (default: %(default)s)")
@@ -959,9 +963,10 @@ def _print_segmentation(r: dict) -> None:
         print(f"{r['prompt']!r} on {st['raster']} vs {st['labels']} ({r['method']}, threshold {st['threshold']})")
         iou = "-" if r["iou"] is None else f"{100 * r['iou']:.1f}"
         print(f"pixel IoU {iou}   pixel accuracy {100 * r['pixel_accuracy']:.1f}   boundary F "
-              f"{100 * r['boundary_f']:.1f}   labelled {100 * r['truth_fraction']:.1f}% of the raster")
+              f"{100 * r['boundary_f']:.1f}   labelled {100 * r['truth_fraction']:.1f}% of the raster's valid pixels")
+        n = r['end_to_end']['polygons']
         print(f"end to end: polygon IoU {100 * r['end_to_end']['polygon_iou']:.1f} "
-              f"({r['end_to_end']['polygons']} polygons)")
+              f"({n} polygon{'' if n == 1 else 's'})")
         return
     print(f"localization: {st['mosaics']} {st['layout']} mosaics of {st['size']} px, {st['regions']} regions, "
           f"{len(st['classes'])} classes, seed {st['seed']}")
@@ -986,6 +991,12 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
 
     if not args.labels or not (args.prompt or "").strip():
         raise EvalError("--raster needs --labels VECTOR and --prompt TEXT")
+    mosaic_only = [f"--{name}" for name in ("data", "classnames", "files", "keep") if getattr(args, name)]
+    if mosaic_only:
+        raise EvalError(f"{' and '.join(mosaic_only)} build mosaics, which --raster replaces: give one of the two "
+                        "(--raster with --labels and --prompt, or --data and --classnames)")
+    if args.bands is not None and min(args.bands) < 1:
+        raise EvalError(f"--bands {' '.join(map(str, args.bands))}: band numbers start at 1")
     for what, path in (("raster", args.raster), ("labels", args.labels)):
         if not Path(path).exists():
             raise EvalError(f"{what} {path} does not exist")
@@ -1006,7 +1017,7 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         out = L.evaluate_labelled_raster(engine, args.raster, args.labels, args.prompt.strip(), threshold,
                                          method.window, method.sigma, args.label_layer, args.where, args.tolerance,
                                          ensemble=not args.raw_prompts,
-                                         edge_radius=args.edge_radius if method.edges else 0)
+                                         edge_radius=args.edge_radius if method.edges else 0, bands=args.bands)
     except (RasterError, ValueError) as e:
         raise EvalError(_one_line(e)) from None
     finally:
@@ -1040,6 +1051,11 @@ def run_segmentation(args: argparse.Namespace, progress: bool) -> dict:
     _finite(args, "threshold", 0.0, 1.0)
     if args.raster:
         return _run_labelled_raster(args)
+    raster_only = [f"--{name.replace('_', '-')}" for name in ("labels", "label_layer", "where", "prompt", "bands")
+                   if getattr(args, name)]
+    if raster_only:
+        raise EvalError(f"{', '.join(raster_only)}: only with --raster FILE (a labelled raster); mosaics of --data "
+                        "take none of them")
     if not args.data or not args.classnames:
         raise EvalError("give --data FOLDER and --classnames FILE.json (mosaics), or --raster, --labels and "
                         "--prompt (a labelled raster)")

@@ -19,6 +19,7 @@ the image as the guide, radius `default_edge_radius` unless asked otherwise).
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -222,83 +223,104 @@ def first_names(names: Mapping[str, Sequence[str]]) -> list[str]:
     return [v if isinstance(v, str) else v[0] for v in names.values()]
 
 
+def _note(text: str) -> None:
+    sys.stdout.flush()      # after what it follows, where both streams share a terminal or file
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
 def _label_truth(labels_path: str | Path, layer_name: str | None, where: str | None, shape, geotransform,
-                 srs) -> tuple[np.ndarray, object]:
-    """(bool [H, W] mask of the labelled features on the grid, their union as shapely in the grid's CRS).
-    The vector may be in any CRS: it is reprojected to the raster's."""
+                 srs) -> tuple[np.ndarray, object, str]:
+    """(bool [H, W] mask of the labelled features on the grid, their union as shapely in the grid's CRS,
+    the labels' CRS as said in messages). The vector may be in any CRS: it is reprojected to the
+    raster's; a layer that says none is read as `training.labels.assumed_label_crs` says, with a note."""
     from osgeo import gdal, osr
+
+    from backend.raster import bounds_from_geotransform, crs_authid, transform_points_quietly, transformation
+
+    from .labels import assumed_label_crs, defined_crs, label_layer, layer_names, set_filter
 
     source = ogr.Open(str(labels_path))
     if source is None:
         raise ValueError(f"{labels_path} is not a vector file OGR can open")
-    layer = source.GetLayerByName(layer_name) if layer_name else source.GetLayer(0)
-    if layer is None:
-        raise ValueError(f"{labels_path} has no layer {layer_name!r}")
-    try:
-        bad_filter = bool(where) and layer.SetAttributeFilter(where) != 0
-    except RuntimeError:      # GDAL raises instead of returning a code when its exceptions are on
-        bad_filter = True
-    if bad_filter:
-        raise ValueError(f"--where {where!r} is not a valid filter for {labels_path} (fields: "
-                         f"{', '.join(_field_names(layer)) or 'none'})")
+    layer = label_layer(source, labels_path, layer_name)
+    what = f"{labels_path} (layer {layer.GetName()!r})"
+    if where:
+        set_filter(layer, where, what)
+    geoms = []
+    for feature in layer:
+        g = feature.GetGeometryRef()
+        if g is None or g.IsEmpty():
+            continue
+        if g.HasCurveGeometry():        # circular arcs and curve polygons: as straight segments
+            g = g.GetLinearGeometry()
+        geoms.append(shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb()))))
+    if not geoms:
+        layers = layer_names(source)
+        fix = (f"the file has {len(layers)} layers ({', '.join(layers)}): --label-layer picks one" if len(layers) > 1
+               else "check --where" if where else "the file's only layer is empty")
+        raise ValueError(f"{what} has no label features to score against" + (f" where {where}" if where else "")
+                         + f"; {fix}")
     height, width = shape
+    layer_srs = defined_crs(layer.GetSpatialRef())
+    if layer_srs is None:
+        layer_srs, note = assumed_label_crs(shapely.total_bounds(geoms), srs,
+                                            bounds_from_geotransform(geotransform, width, height), what)
+        _note(note)
+    layer_srs = layer_srs.Clone()
+    layer_srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    crs = crs_authid(layer_srs) or repr(layer_srs.GetName() or "an unnamed CRS")
+    if not layer_srs.IsSame(srs):
+        transform = transformation(layer_srs, srs)
+        if transform is None:
+            raise ValueError(f"cannot reproject {what} from {crs} to {crs_authid(srs) or 'the CRS'} of the raster: "
+                             "there is no transformation between them; give labels in the raster's CRS or one that "
+                             "can be transformed to it")
+        # a point with no place in the raster's CRS (numbers of another CRS read as degrees) becomes
+        # infinite and its feature is left out; GDAL's own line per point would only repeat that
+        moved = (shapely.transform(g, lambda xy: transform_points_quietly(transform, xy)) for g in geoms)
+        geoms = [g for g in moved if np.isfinite(shapely.bounds(g)).all()]
+    # burnt from the reprojected geometries: the mask and the union are the same features
     grid = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
     grid.SetGeoTransform(geotransform)
     grid.SetSpatialRef(srs)
-    gdal.RasterizeLayer(grid, [1], layer, burn_values=[1])
+    memory = ogr.GetDriverByName("Memory").CreateDataSource("")
+    burnt = memory.CreateLayer("labels", srs, ogr.wkbUnknown)
+    for g in geoms:
+        f = ogr.Feature(burnt.GetLayerDefn())
+        f.SetGeometry(ogr.CreateGeometryFromWkb(shapely.to_wkb(g)))
+        burnt.CreateFeature(f)
+    gdal.RasterizeLayer(grid, [1], burnt, burn_values=[1])
     mask = grid.GetRasterBand(1).ReadAsArray().astype(bool)
-    layer_srs = layer.GetSpatialRef()
-    transform = None
-    if layer_srs is not None and not layer_srs.IsSame(srs):
-        layer_srs = layer_srs.Clone()
-        layer_srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        target = srs.Clone()
-        target.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        transform = osr.CoordinateTransformation(layer_srs, target)
-    geoms = []
-    layer.ResetReading()
-    for feature in layer:
-        g = feature.GetGeometryRef()
-        if g is None:
-            continue
-        g = g.Clone()
-        if transform is not None:
-            g.Transform(transform)
-        geoms.append(shapely.make_valid(shapely.from_wkb(bytes(g.ExportToWkb()))))
-    if not geoms:
-        raise ValueError(f"{labels_path} has no label features to score against"
-                         + (f" where {where}" if where else "") + ": check --where and --label-layer")
-    return mask, shapely.union_all(geoms)
-
-
-def _field_names(layer) -> list[str]:
-    defn = layer.GetLayerDefn()
-    return [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
+    return mask, shapely.union_all(geoms), crs
 
 
 def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str | Path, prompt: str,
                              threshold: float = DEFAULT_THRESHOLD, window: int = DEFAULT_SAO_WINDOW,
                              sigma: float = 0.0, layer: str | None = None, where: str | None = None,
                              tolerance: int = 3, target_resolution: float | None = None, ensemble: bool = True,
-                             edge_radius: int | None = None) -> dict:
+                             edge_radius: int | None = None, bands: Sequence[int] | None = None) -> dict:
     """One prompt against labelled features (e.g. building footprints) on a real raster: pixel IoU,
     accuracy and boundary F of the thresholded relevance map, and polygon IoU of the backend's
     Segment against the label polygons (clipped to the raster), in map units. `edge_radius` as
-    Segment's (None = its default, 0 = no edge refinement), for both."""
-    from backend.raster import open_raster
+    Segment's (None = its default, 0 = no edge refinement), for both. `bands`: the raster's (red, green,
+    blue) bands, 1-based (None: the backend's choice, with a note when it had to guess)."""
+    from backend.raster import BandMapping, crs_authid, open_raster
     from backend.segment import segment
 
-    raster = open_raster(raster_path)
+    raster = open_raster(raster_path, BandMapping(*bands) if bands else None)
+    if raster.band_note:
+        _note(raster.band_note)
     _, valid, gt = raster.read_extent(None, target_resolution=target_resolution)
     if not 0 <= tolerance <= max(valid.shape):
         # past the raster's side every boundary pixel matches: boundary F would say nothing
         raise ValueError(f"--tolerance {tolerance} must be 0 or more and at most the raster's side "
                          f"({max(valid.shape)} px on its grid), in pixels")
-    truth, truth_geom = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
+    truth, truth_geom, labels_crs = _label_truth(labels_path, layer, where, valid.shape, gt, raster.srs)
     if not (truth & valid).any():
         # scoring would report IoU 0 for a mistake in the inputs, not for the model
         raise ValueError(f"none of the label features of {labels_path} fall on the valid pixels of {raster_path}: "
-                         "check that the two cover the same area (the labels are reprojected to the raster's CRS)")
+                         f"check that the two cover the same area (the labels, read in {labels_crs}, are reprojected "
+                         f"to the raster's CRS, {crs_authid(raster.srs) or 'its own'})")
     radius = edge_radius_for(edge_radius, engine.image_size)
     # one Segment call gives both: its relevance map (kept) for the pixel scores, its polygons
     result = segment(raster, [prompt], engine, threshold=threshold, window=window, sigma=sigma,
@@ -324,6 +346,7 @@ def evaluate_labelled_raster(engine, raster_path: str | Path, labels_path: str |
             "predicted_fraction": float(pred[valid].mean()),
             "end_to_end": {"polygon_iou": polygon_iou, "polygons": len(result.results[0].polygons)},
             "settings": {"raster": str(raster_path), "labels": str(labels_path), "layer": layer, "where": where,
+                         "bands": list(raster.rgb_bands),
                          "threshold": threshold, "window": window, "tolerance_px": tolerance,
                          "prompt_ensemble": ensemble, "edge_radius": radius,
                          "grid": list(valid.shape)}}
