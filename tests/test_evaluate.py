@@ -590,3 +590,15 @@ def test_images_in_sub_folders_of_class_folders_are_named_not_dropped_silently(s
     rc, out, err = run_main(capsys, *args, "--data", nested)
     _one_line_error(rc, out, err, "no class sub-folders with images found: its 10 images are in sub-folders of "
                                   "the class folders", "move each class's images into its folder")
+
+
+def test_a_missing_validation_list_names_the_command_that_writes_it(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = json.loads(setup["names"].read_text())
+    with pytest.raises(ev.EvalError, match=r"file list runs/default/val/rsscn7.txt does not exist: .*"
+                                           r"python -m training.recipe training/recipes/default.json --out runs/default/val"):
+        ev.scan_folder(setup["root"] / "scenes", names, files="runs/default/val/rsscn7.txt")
+    with pytest.raises(ev.EvalError, match=r"manifest runs/default/val/ucm.jsonl does not exist: .*training.recipe"):
+        ev.read_manifest("runs/default/val/ucm.jsonl")
+    with pytest.raises(ev.EvalError, match=r"file list elsewhere.txt does not exist$"):
+        ev.scan_folder(setup["root"] / "scenes", names, files="elsewhere.txt")

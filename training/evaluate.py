@@ -64,7 +64,8 @@ def read_manifest(path: str | os.PathLike, limit: int | None = None) -> list:
     duplicates included, as the retrieval protocol counts each). `limit` keeps the first N images."""
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"manifest {path} does not exist" if not path.exists() else f"manifest {path} is not a file")
+        raise EvalError(f"manifest {path} does not exist{_val_list_hint(path)}" if not path.exists()
+                        else f"manifest {path} is not a file")
     try:
         records = manifest_records(path)
     except DataError as e:
@@ -102,6 +103,16 @@ def load_classnames(spec: str | os.PathLike | Mapping) -> dict[str, tuple[str, .
     return out
 
 
+def _val_list_hint(path: Path) -> str:
+    """For a missing list of a run's validation split (runs/NAME/val/...): the command that writes it."""
+    parts = Path(path).parent.parts
+    if len(parts) < 3 or parts[-3] != "runs" or parts[-1] != "val":
+        return ""
+    recipe = "training/recipes/default.json" if parts[-2] == "default" else "RECIPE.json (the run's recipe)"
+    return (f": a run's validation lists are written by training, or by "
+            f"python -m training.recipe {recipe} --out {Path(path).parent}")
+
+
 def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
@@ -128,7 +139,7 @@ def scan_folder(root: str | os.PathLike, classnames: Mapping, files: str | os.Pa
         lst = Path(files)
         if not lst.is_file():
             raise EvalError(f"file list {lst} " + ("is a folder: give the list file (one image path a line)"
-                                                    if lst.is_dir() else "does not exist"))
+                                                    if lst.is_dir() else f"does not exist{_val_list_hint(lst)}"))
         wanted = [_listed_under(ln.strip(), root, lst) for ln in lst.read_text(encoding="utf-8").splitlines()
                   if ln.strip() and not ln.strip().startswith("#")]
     class_root = find_class_root(root)
