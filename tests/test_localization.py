@@ -773,7 +773,7 @@ def test_segmentation_refuses_mosaic_and_raster_options_together(setup, tmp_path
     raster = _scene(tmp_path)
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--raster", raster, "--labels", raster,
                 "--prompt", "buildings", "--data", setup["root"] / "scenes")
-    assert p.returncode == 2 and "--data build mosaics, which --raster replaces" in p.stderr, p.stderr
+    assert p.returncode == 2 and "--data is for mosaics, which --raster replaces" in p.stderr, p.stderr
     p = run_cli("segmentation", "--checkpoint", setup["ckpt"], "--data", setup["root"] / "scenes", "--classnames",
                 setup["names"], "--labels", raster)
     assert p.returncode == 2 and "--labels: only with --raster" in p.stderr, p.stderr

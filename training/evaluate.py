@@ -1004,8 +1004,9 @@ def _run_labelled_raster(args: argparse.Namespace) -> dict:
         raise EvalError("--raster needs --labels VECTOR and --prompt TEXT")
     mosaic_only = [f"--{name}" for name in ("data", "classnames", "files", "keep") if getattr(args, name)]
     if mosaic_only:
-        raise EvalError(f"{' and '.join(mosaic_only)} build mosaics, which --raster replaces: give one of the two "
-                        "(--raster with --labels and --prompt, or --data and --classnames)")
+        raise EvalError(f"{' and '.join(mosaic_only)} {'is' if len(mosaic_only) == 1 else 'are'} for mosaics, which "
+                        "--raster replaces: give one of the two (--raster with --labels and --prompt, or --data and "
+                        "--classnames)")
     if args.bands is not None and min(args.bands) < 1:
         raise EvalError(f"--bands {' '.join(map(str, args.bands))}: band numbers start at 1")
     for what, path in (("raster", args.raster), ("labels", args.labels)):
