@@ -31,6 +31,8 @@ from PIL import Image
 
 from training.data import UNREADABLE_IMAGE, rgb_image
 
+from .outputs import FILTER_SHARD, foreign_files, listed
+
 VOCABULARY = Path(__file__).resolve().parent / "rs_vocabulary.txt"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 OVERHEAD_PROMPTS = ("an aerial photo of the ground", "a satellite image", "an overhead view of land",
@@ -269,7 +271,7 @@ def _hist(values: list[float]) -> dict:
     return {"edges": [round(float(e), 2) for e in edges], "counts": counts.tolist()}
 
 
-SHARD_PATTERN = re.compile(r"filtered-\d{6}\.tar(\.part)?")     # the writer's names, and nothing else
+SHARD_PATTERN = FILTER_SHARD     # the writer's names, and nothing else
 
 
 def earlier_outputs(out: Path) -> list[Path]:
@@ -335,10 +337,10 @@ def run_filter(cfg: FilterConfig, progress: bool = True) -> dict:
         files = [name for name in removed if "/" not in name]
         print(f"removed the earlier run's outputs from {out}: {len(removed) - len(files)} shard file(s)"
               + "".join(f", {name}" for name in files), file=sys.stderr)
-    others = sorted(p.name for p in (out / "shards").glob("*.tar") if not SHARD_PATTERN.fullmatch(p.name))
+    others = [Path(name).name for name in foreign_files(out, SHARD_PATTERN)]
     if others:
         print(f"note: {out / 'shards'} also holds {len(others)} .tar file(s) the filter did not write "
-              f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): left alone, but training on "
+              f"({listed(others)}): left alone, but training on "
               "shards/*.tar would read them too", file=sys.stderr)
     # duplicates are of pairs kept before: a pair dropped by the thresholds takes no later copy with it
     seen_bytes: set[str] = set()
