@@ -202,9 +202,10 @@ def test_bad_input(scene, vectors, tmp_path, capfd):
     broken.write_text("not a raster")
     p = run("landmarks", "--raster", scene["raster"], "--raster", broken, "--features", far, "--out", tmp_path / "o",
             "--tile-size", TILE)
-    assert p.returncode == 0 and "no tile had a usable feature" in p.stderr and "unreadable raster" in p.stderr
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["kept"] == 0 and len(summary["unreadable_rasters"]) == 1
+    # nothing to build: an error before any tile is cut, saying why (and the unreadable raster skipped)
+    assert p.returncode == 2 and "none of the 1 feature(s) with a caption" in p.stderr, p.stderr
+    assert "lies on the rasters" in p.stderr and "unreadable raster" in p.stderr
+    assert not (tmp_path / "o" / "parts").exists()
     mapping = tmp_path / "tags.tsv"
     mapping.write_text("# my tags\nshop=bakery\ta bakery\tobject\nshop=butcher a butcher object\n")
     p = refused(capfd, "landmarks", "--raster", scene["raster"], "--features", vectors["osm"], "--out", tmp_path / "o2",
@@ -937,8 +938,8 @@ def test_landmark_inputs_of_the_field(tmp_path, capfd):
 
 
 def test_a_captioner_that_gives_nothing_is_named(tmp_path):
-    """Empty captions for every tile: "no tile had a usable feature: check ... CRSs", with the empty
-    captions in no count of the summary line."""
+    """Empty captions for every tile: said as such (not as "check ... CRSs"), and the build fails (exit
+    2): nothing was kept to train on."""
     raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
     gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
                                                        {"name": "Alpha Tower"})])})
@@ -946,7 +947,7 @@ def test_a_captioner_that_gives_nothing_is_named(tmp_path):
     silent.write_text("import sys\nsys.stdin.read()\n")
     out = tmp_path / "out"
     code, err = _build(raster, gpkg, out, "--captioner", f"{sys.executable} {silent}")
-    assert code == 0 and "the captioner gave an empty caption for all 1 tiles with features" in err, err
+    assert code == 2 and "the captioner gave an empty caption for all 1 tiles with features" in err, err
     assert "build into a new --out" in err and "CRSs" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kept"] == 0 and summary["skipped"]["skipped_empty_caption"] == 1
@@ -961,3 +962,141 @@ def test_an_evaluation_folder_with_no_image_is_refused(tmp_path):
         eval_hashes([str(tmp_path / "empty")], 4)
     with pytest.raises(ValueError, match="is a file; give the folder"):
         eval_hashes([str(tmp_path / "notes.txt")], 4)
+
+
+# ---- inputs changed, nothing to build, folders of other runs, captioner paths, colour bands ------
+def _point(name: str | None = None, px: float = 32, py: float = 32, **fields) -> tuple[str, dict]:
+    """A point `px`, `py` metres into the small rasters above (tile 0's centre by default)."""
+    return f"POINT ({ORIGIN[0] + px} {ORIGIN[1] - py})", {**({"name": name} if name else {}), **fields}
+
+
+def test_a_rerun_after_an_input_file_was_edited_is_refused_naming_it(tmp_path):
+    """A features file (a GeoPackage; a shapefile's .dbf) or --mapping file edited in place: the
+    finished units hold the old captions, so a re-run into the same --out is refused, naming the file;
+    one of unchanged inputs resumes, and an --out from before fingerprints were recorded resumes too."""
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "labels.gpkg", {"landuse": (UTM32, [_point(px=32, cls="farmland")])})
+    mapping = tmp_path / "map.tsv"
+    mapping.write_text("cls=*\t{value}\tobject\n")
+    out = tmp_path / "out"
+    code, err = _build(raster, gpkg, out, "--mapping", mapping)
+    assert code == 0 and _tiles_naming(out, "farmland") == {0}, err
+    code, err = _build(raster, gpkg, out, "--mapping", mapping)
+    assert code == 0 and "1 of 1 units already done" in err, err
+    _gpkg(gpkg.with_name("edit.gpkg"), {"landuse": (UTM32, [_point(px=32, cls="orchard")])})
+    os.replace(gpkg.with_name("edit.gpkg"), gpkg)
+    code, err = _build(raster, gpkg, out, "--mapping", mapping)
+    assert code == 2 and f"{gpkg} changed since {out} was built from it" in err, err
+    assert "give another --out, or delete" in err and "Traceback" not in err
+    code, err = _build(raster, gpkg, tmp_path / "fresh", "--mapping", mapping)
+    assert code == 0 and _tiles_naming(tmp_path / "fresh", "orchard") == {0}, err
+    mapping.write_text("cls=*\ta field of {value}\tobject\n")
+    code, err = _build(raster, gpkg, tmp_path / "fresh", "--mapping", mapping)
+    assert code == 2 and f"{mapping} changed since" in err, err
+    # a record written before fingerprints were kept: unknown, so the run resumes as it did then
+    settings = tmp_path / "fresh" / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "fingerprints"}))
+    code, err = _build(raster, gpkg, tmp_path / "fresh", "--mapping", mapping)
+    assert code == 0 and "units already done" in err, err
+    # a shapefile is several files: its attributes are in the .dbf
+    shp = tmp_path / "labels.shp"
+    ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(gpkg)), str(shp))
+    code, err = _build(raster, shp, tmp_path / "shp", "--mapping", mapping)
+    assert code == 0, err
+    ds = ogr.Open(str(shp), 1)
+    f = ds.GetLayer().GetNextFeature()
+    f.SetField("cls", "vineyard")
+    ds.GetLayer().SetFeature(f)
+    ds = f = None
+    code, err = _build(raster, shp, tmp_path / "shp", "--mapping", mapping)
+    assert code == 2 and f"{tmp_path / 'labels.dbf'} changed since" in err, err
+
+
+def test_a_build_that_keeps_no_tile_fails_saying_why_and_counts_features_honestly(tmp_path):
+    """0 tiles kept exits 2, saying why (nothing read; nothing a rule or name captions, with the
+    --mapping line a GIS field needs; nothing on the raster); summary.json counts features off the
+    raster and those no rule matched apart from the usable ones."""
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 128, 128)), geotransform=NORTH_UP, crs=UTM32)
+    empty = _gpkg(tmp_path / "empty.gpkg", {"labels": (UTM32, [])})
+    code, err = _build(raster, empty, tmp_path / "empty")
+    assert code == 2 and f"no feature was read from {empty}" in err, err
+    fields = _gpkg(tmp_path / "class.gpkg", {"labels": (UTM32, [_point(px=32, **{"class": "farm_building"}),
+                                                                _point(px=96, **{"class": "farmland"})])})
+    code, err = _build(raster, fields, tmp_path / "class")
+    assert code == 2 and "2 feature(s) have no name and match no caption rule" in err, err
+    assert "'class=*<TAB>a {value}<TAB>object'" in err
+    mapping = tmp_path / "map.tsv"
+    mapping.write_text("class=*\ta {value}\tobject\n")          # the line the README and the message give
+    code, err = _build(raster, fields, tmp_path / "mapped", "--mapping", mapping)
+    assert code == 0 and _tiles_naming(tmp_path / "mapped", "a farm building") == {0}, err
+    far = _gpkg(tmp_path / "far.gpkg", {"labels": (UTM32, [_point("Far Tower", px=5000, py=5000)])})
+    code, err = _build(raster, far, tmp_path / "far")
+    assert code == 2 and "none of the 1 feature(s) with a caption" in err and "lies on the rasters" in err, err
+    mixed = _gpkg(tmp_path / "mixed.gpkg", {"labels": (UTM32, [_point("Alpha Tower"), _point("Far Tower", px=5000),
+                                                               _point(px=96, **{"class": "farmland"})])})
+    code, err = _build(raster, mixed, tmp_path / "mixed")
+    assert code == 0, err
+    counts = json.loads((tmp_path / "mixed" / "summary.json").read_text())["features"][str(mixed)]
+    assert counts == {"read": 3, "usable": 1, "off_raster": 1, "no_rule": 1, "no_geometry": 0}, counts
+
+
+def test_a_landmarks_build_into_a_folder_of_another_kind_of_run_is_refused(tmp_path):
+    """A filter run's shards or a training run's files in --out: a build there would mix datasets."""
+    import tarfile
+
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [_point("Alpha Tower")])})
+    (tmp_path / "web" / "shards").mkdir(parents=True)
+    with tarfile.open(tmp_path / "web" / "shards" / "filtered-000000.tar", "w"):
+        pass
+    code, err = _build(raster, gpkg, tmp_path / "web")
+    assert code == 2 and "holds files of another kind of run (shards/filtered-000000.tar)" in err, err
+    assert not (tmp_path / "web" / "parts").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text("{}")
+    code, err = _build(raster, gpkg, tmp_path / "run")
+    assert code == 2 and "(train_config.json)" in err, err
+    code, err = _build(raster, gpkg, tmp_path / "out")      # and its own folder resumes
+    assert code == 0, err
+    code, err = _build(raster, gpkg, tmp_path / "out")
+    assert code == 0 and "units already done" in err, err
+
+
+def test_a_captioner_path_with_spaces_runs_and_a_split_one_is_explained(tmp_path):
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [_point("Alpha Tower")])})
+    tool = tmp_path / "my data" / "cap tool.sh"
+    tool.parent.mkdir()
+    tool.write_text('#!/bin/sh\ncat >/dev/null\necho "a tower by the ${1:-road}"\n')
+    tool.chmod(0o755)
+    code, err = _build(raster, gpkg, tmp_path / "out", "--captioner", tool)
+    assert code == 0 and _tiles_naming(tmp_path / "out", "a tower by the road") == {0}, err
+    code, err = _build(raster, gpkg, tmp_path / "out2", "--captioner", f"{tool} river")
+    assert code == 2 and f"tried the command {[str(tmp_path / 'my'), 'data/cap', 'tool.sh', 'river']}" in err, err
+    assert "quote a path with spaces inside the option" in err and "Traceback" not in err
+    code, err = _build(raster, gpkg, tmp_path / "out3", "--captioner", f"'{tool}' river")
+    assert code == 0 and _tiles_naming(tmp_path / "out3", "a tower by the river") == {0}, err
+
+
+def test_four_bands_of_no_colour_are_noted_once_and_bands_picks_them(tmp_path):
+    """Four bands marked as no colour: read as 1, 2, 3, and said once, as the backend says it;
+    --bands 3 2 1 reads band 3 as red."""
+    data = np.stack([np.full((64, 128), v, np.uint8) for v in (10, 100, 200, 50)])
+    raster = make_tif(tmp_path / "four.tif", data, geotransform=NORTH_UP, crs=UTM32,
+                      colours=[gdal.GCI_Undefined] * 4)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [_point("Alpha Tower"), _point("Beta Hall", px=96)])})
+
+    def red(out):
+        import tarfile
+        with tarfile.open(next((out / "shards").glob("*.tar"))) as tar:
+            jpg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+            return int(np.asarray(Image.open(tar.extractfile(jpg)))[..., 0].mean())
+
+    code, err = _build(raster, gpkg, tmp_path / "auto")
+    assert code == 0 and err.count("note: ") == 1, err
+    assert f"note: raster '{raster}' has 4 bands and marks none as red, green or blue: bands 1, 2, 3" in err
+    assert "--bands R G B" in err and abs(red(tmp_path / "auto") - 10) < 5
+    code, err = _build(raster, gpkg, tmp_path / "bands", "--bands", 3, 2, 1)
+    assert code == 0 and "note: " not in err and abs(red(tmp_path / "bands") - 200) < 5, err
+    code, err = _build(raster, gpkg, tmp_path / "bad", "--bands", 3, 2, 9)
+    assert code == 2 and "--bands 3 2 9: band mapping blue=9" in err and "has 4 band(s)" in err, err

@@ -2,7 +2,7 @@
 filtered out of web image/text pairs.
 
     python -m training.build_dataset landmarks --raster ortho.tif --features city.osm.pbf --out data/landmarks
-    python -m training.build_dataset filter --shards 'web/{000000..000099}.tar' --eval-folder ../shared/data/ucm \\
+    python -m training.build_dataset filter --shards 'web/{000000..000099}.tar' --eval-folder ../shared/data/ucm/images \\
         --checkpoint backend/checkpoints/default --out data/rs-web
 
 Writes OUT/shards/*.tar (WebDataset: key.jpg, key.txt, key.json with footprint, CRS, source raster
@@ -40,7 +40,9 @@ def _landmarks_parser(sub) -> None:
     p.add_argument("--where", metavar="SQL", help="attribute filter on the vector layers")
     p.add_argument("--mapping", action="append", default=[], metavar="FILE",
                    help=f"extra tag -> phrase rules, tried before the default ({LM.DEFAULT_MAPPING.name}); "
-                        "format: TAG<TAB>PHRASE<TAB>KIND (object|line|cover)")
+                        "format: TAG<TAB>PHRASE<TAB>KIND (object|line|cover), TAG key=value or key=* (any value, "
+                        "put in PHRASE as {value}); a GIS field of your own needs one, e.g. for a field named "
+                        "class: class=*<TAB>a {value}<TAB>object")
     p.add_argument("--tile-size", type=int, default=256, metavar="PX", help="tile side in pixels (default: %(default)s)")
     p.add_argument("--overlap", type=float, default=0.0, help="tile overlap fraction, 0 or more and under 0.9 (default: %(default)s)")
     p.add_argument("--resolution", type=float, default=None, metavar="M",
@@ -55,7 +57,13 @@ def _landmarks_parser(sub) -> None:
                    help="a line counts with this many tile sides of length inside the tile (default: %(default)s)")
     p.add_argument("--captioner", metavar="CMD|module:function",
                    help="caption with your own model: a command that reads the tile's JSON on stdin and prints "
-                        "the caption, or a Python function; default: the built-in templates")
+                        "the caption, or a Python function; default: the built-in templates. CMD is the path "
+                        "of a program (spaces and all), or a command line split as a shell splits it: quote a "
+                        "path with spaces inside it, e.g. --captioner \"'/data/my tools/cap.sh' --flag\"")
+    p.add_argument("--bands", nargs=3, type=int, metavar=("RED", "GREEN", "BLUE"),
+                   help="1-based bands to read as red, green, blue, e.g. 3 2 1 for a sensor stored "
+                        "blue-green-red-NIR (default: the bands marked red/green/blue, else the first three, "
+                        "with a note naming them when four or more mark no colour)")
     p.add_argument("--unit-tiles", type=int, default=256, metavar="N", help="tiles per unit of work/shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="local processes (default: %(default)s)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -183,6 +191,8 @@ def landmarks(args) -> dict:
                             "per pixel, or 0 (or left out) for the raster's own")
     if args.min_line < 0:
         raise LM.BuildError(f"--min-line {args.min_line} must be 0 or more")
+    if args.bands and min(args.bands) < 1:
+        raise LM.BuildError(f"--bands {' '.join(map(str, args.bands))}: band numbers start at 1")
     for path in args.features:
         if not Path(path).exists():
             raise LM.BuildError(f"vector source {path} does not exist")
@@ -190,25 +200,31 @@ def landmarks(args) -> dict:
                              where=args.where, mapping=args.mapping, tile_size=args.tile_size, overlap=args.overlap,
                              resolution=args.resolution or None, min_valid=args.min_valid,
                              thresholds=LM.Thresholds(args.min_cover, args.max_object, args.min_line),
-                             captioner=args.captioner, unit_tiles=args.unit_tiles)
+                             captioner=args.captioner, unit_tiles=args.unit_tiles, bands=args.bands)
     rules = LM.rules_for(cfg)                        # bad mapping files fail here, before any work
     LM.check_same_settings(cfg)                      # and a folder of another run's settings
     LM.load_captioner(cfg.captioner)
-    counts = {}
+    read = {}
     for path in cfg.features:
-        groups, seen = LM.read_features(path, rules, cfg.layers, cfg.where)
-        counts[path] = {"read": seen, "usable": sum(len(feats) for _, _, feats in groups)}
+        read[path] = LM.read_features(path, rules, cfg.layers, cfg.where)
+        groups = read[path][0]
         for layer, srs, _ in groups:
             if srs is None and not str(path).lower().endswith((".geojson", ".json", ".osm", ".pbf")):
                 # GeoJSON and OSM data are longitude/latitude by definition; a shapefile without its .prj is not
                 print(f"note: {path} (layer {layer}) says no CRS (a shapefile without its .prj?): its coordinates "
                       "are taken as longitude/latitude (EPSG:4326)", file=sys.stderr)
-    units, problems = LM.plan_units(cfg)
+    units, problems, notes = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "
                             + "; ".join(p["error"] for p in problems[:3]) + ("; ..." if len(problems) > 3 else ""))
     for p in problems:
         print(f"skipping unreadable raster {p['raster']}: {p['error']}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    counts = LM.count_features(cfg, read, units)
+    why = _nothing_to_tile(counts)
+    if why:
+        raise LM.BuildError(why)
     pending = [u for u in units if not LM._done(Path(cfg.out), u)]
     if len(pending) < len(units):
         print(f"{len(units) - len(pending)} of {len(units)} units already done: skipped", file=sys.stderr)
@@ -227,13 +243,41 @@ def landmarks(args) -> dict:
     summary = LM.summarize(cfg, done, problems, counts)
     empty = summary["skipped"]["skipped_empty_caption"]
     if summary["kept"] == 0 and empty:
-        print(f"no tile was kept: the captioner gave an empty caption for all {empty} tiles with features; check "
-              "that --captioner prints a caption for a tile's JSON, then build into a new --out (the units built "
-              "here count as done and are not built again)", file=sys.stderr)
-    elif summary["kept"] == 0:
-        print("no tile had a usable feature: check that the vector sources overlap the rasters "
-              "(their extents and CRSs) and that --layer/--where/--mapping select something", file=sys.stderr)
+        raise LM.BuildError(f"no tile was kept: the captioner gave an empty caption for all {empty} tiles with "
+                            "features; check that --captioner prints a caption for a tile's JSON, then build into "
+                            "a new --out (the units built here count as done and are not built again)")
+    if summary["kept"] == 0:
+        usable = sum(c["usable"] for c in counts.values())
+        raise LM.BuildError(f"no tile was kept: {usable} feature(s) lie on the rasters, but none counts for a "
+                            f"tile of {cfg.tile_size} px (an area must cover --min-cover of it or lie inside "
+                            "it, smaller than --max-object; a line run --min-line tile sides inside it), or "
+                            f"they lie on tiles of nodata ({summary['skipped']['skipped_nodata']} tiles); lower "
+                            "the thresholds or --tile-size, into a new --out" + _unmatched(counts))
     return summary
+
+
+def _unmatched(counts: dict) -> str:
+    """The word on features with no name that match no caption rule, or ''."""
+    n = sum(c["no_rule"] for c in counts.values())
+    return (f"; {n} feature(s) have no name and match no caption rule: a field of your own needs a --mapping "
+            "line, e.g. 'class=*<TAB>a {value}<TAB>object' for a field named class (the rules: "
+            f"{LM.DEFAULT_MAPPING.name}; see --mapping)") if n else ""
+
+
+def _nothing_to_tile(counts: dict) -> str:
+    """Why no tile can have a feature (none read, none captioned, none on the rasters), or ''."""
+    total = {k: sum(c[k] for c in counts.values()) for k in ("read", "no_rule", "usable", "off_raster")}
+    sources = ", ".join(counts)
+    if total["read"] == 0:
+        return (f"no feature was read from {sources}: it is empty, or --layer/--where select nothing; give a "
+                "source with features")
+    if total["usable"] + total["off_raster"] == 0:
+        return f"none of the {total['read']} feature(s) read from {sources} can be captioned" + _unmatched(counts)
+    if total["usable"] == 0:
+        return (f"none of the {total['off_raster']} feature(s) with a caption from {sources} lies on the rasters "
+                "once reprojected to their CRS: check that the vector sources overlap the rasters (their "
+                "extents, and the CRS each layer says it is in)")
+    return ""
 
 
 def web_filter(args) -> dict:

@@ -17,6 +17,7 @@ finished units and units run in parallel (local processes or Ray).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,7 +27,7 @@ import shlex
 import subprocess
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,8 @@ import shapely
 from osgeo import gdal, ogr, osr
 from PIL import Image
 from shapely.strtree import STRtree
+
+from .outputs import LANDMARKS_SHARD, foreign_files, listed
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "osm_tags.tsv"
 KINDS = ("object", "line", "cover")
@@ -101,6 +104,7 @@ class Feature:
     kind: str                   # object | line | cover
     tags: dict
     source: str
+    number: int = -1            # its place among the features read from its layer
 
 
 _UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
@@ -150,16 +154,19 @@ def _set_filter(layer, where: str, what: str) -> None:
 
 
 def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] | None = None,
-                  where: str | None = None) -> tuple[list[tuple[str, osr.SpatialReference | None, list[Feature]]], int]:
+                  where: str | None = None) -> tuple[list[tuple[str, osr.SpatialReference | None, list[Feature]]], dict]:
     """Features with a name or a mapped phrase, grouped by layer as (layer name, the layer's CRS, features),
-    and how many were read in all. Each layer keeps its own CRS: a GeoPackage's layers may differ."""
+    and counts of those read in all ("read") and of those left out for want of a geometry ("no_geometry")
+    or of a name and a caption rule they match ("no_rule"). Each layer keeps its own CRS: a GeoPackage's
+    layers may differ."""
     path = str(path)
     ds = ogr.Open(path)
     if ds is None:
         raise BuildError(f"{path} is not a vector file OGR can open")
     names = layers or ([n for n in OSM_LAYERS if ds.GetLayerByName(n)] if ds.GetDriver().GetName() == "OSM"
                        else [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())])
-    groups, seen, refused = [], 0, []
+    groups, refused = [], []
+    counts = {"read": 0, "no_geometry": 0, "no_rule": 0}
     for name in names:
         layer = ds.GetLayerByName(name)
         if layer is None:
@@ -176,24 +183,26 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
         out = []
         defn = layer.GetLayerDefn()
         for f in layer:
-            seen += 1
+            counts["read"] += 1
             g = f.GetGeometryRef()
             if g is None or g.IsEmpty():
+                counts["no_geometry"] += 1
                 continue
             tags = _tags_of(f, defn)
             hit = match(rules, tags)
             name_tag = tags.get("name", "").strip()
             if hit is None and not name_tag:
+                counts["no_rule"] += 1
                 continue
             phrase, kind = hit if hit else (None, "object")
             if g.HasCurveGeometry():        # circular arcs and curve polygons: as straight segments
                 g = g.GetLinearGeometry()
             geom = shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb())))
-            out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path)))
+            out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path), counts["read"]))
         groups.append((name, _defined(layer.GetSpatialRef()), out))
     if refused and not groups:
         raise BuildError(f"{refused[0]}; no layer of {path} takes it (give --layer for the one whose fields it names)")
-    return groups, seen
+    return groups, counts
 
 
 def _defined(srs: osr.SpatialReference | None) -> osr.SpatialReference | None:
@@ -251,7 +260,7 @@ def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: os
             except RuntimeError:        # with GDAL exceptions on
                 continue
             if g.is_valid and not g.is_empty and np.isfinite(shapely.bounds(g)).all():
-                out.append(Feature(g, f.name, f.phrase, f.kind, f.tags, f.source))
+                out.append(replace(f, geometry=g))
     finally:
         gdal.PopErrorHandler()
     return out
@@ -328,9 +337,35 @@ def template_caption(features: list[dict], seed: str) -> str:
 CAPTIONER_TIMEOUT_S = 300
 
 
+def captioner_command(spec: str) -> list[str]:
+    """The argv of a --captioner command: the whole string when it names a file (a path with spaces
+    needs no quotes), else the string split as a shell splits it ("python3 'my data/cap.py' --flag").
+    BuildError, showing the argv, when its program cannot be run."""
+    import shutil
+
+    if os.path.isfile(spec):
+        cmd = [spec]
+    else:
+        try:
+            cmd = shlex.split(spec)
+        except ValueError as e:
+            raise BuildError(f"--captioner {spec!r} cannot be read as a command ({e}): close its quotes") from None
+    if not cmd:
+        raise BuildError("--captioner is empty: give a command or module:function")
+    if shutil.which(cmd[0]) is None:
+        found = os.path.isfile(cmd[0])
+        raise BuildError(f"cannot run the captioner {spec!r}: tried the command {cmd}, and {cmd[0]!r} is "
+                         + ("not executable (make it so, or name its interpreter first: 'python3 cap.py')"
+                            if found else "no program or file")
+                         + "; quote a path with spaces inside the option, e.g. "
+                           "--captioner \"'/path/my data/cap tool.sh' --flag\"")
+    return cmd
+
+
 def load_captioner(spec: str | None) -> Callable[[dict], str]:
     """The template captioner (None), a Python function "module:function" (receives the tile's JSON
-    as a dict, returns text), or a command that reads the JSON on stdin and prints the caption."""
+    as a dict, returns text), or a command that reads the JSON on stdin and prints the caption
+    (captioner_command)."""
     if not spec:
         return lambda info: template_caption(info["features"], info["key"])
     if re.fullmatch(r"[\w.]+:\w+", spec):
@@ -350,7 +385,7 @@ def load_captioner(spec: str | None) -> Callable[[dict], str]:
                                  "finished units are kept, fix it and run again to resume") from None
 
         return call
-    cmd = shlex.split(spec)
+    cmd = captioner_command(spec)
 
     def run(info: dict) -> str:
         try:
@@ -360,7 +395,7 @@ def load_captioner(spec: str | None) -> Callable[[dict], str]:
             raise BuildError(f"captioner {spec!r} gave no caption within {CAPTIONER_TIMEOUT_S} s for tile "
                              f"{info.get('key')}; finished units are kept, run again to resume") from None
         except OSError as e:
-            raise BuildError(f"cannot run the captioner {spec!r}: {e.strerror or e}") from None
+            raise BuildError(f"cannot run the captioner {spec!r} (the command {cmd}): {e.strerror or e}") from None
         if p.returncode != 0:
             raise BuildError(f"captioner {spec!r} failed ({p.returncode}): {p.stderr.strip()[-300:]}")
         return p.stdout.strip()
@@ -385,21 +420,33 @@ class LandmarksConfig:
     captioner: str | None = None
     unit_tiles: int = 256
     jpeg_quality: int = 90
+    bands: list[int] | None = None                        # 1-based red, green, blue (default: the raster's)
+
+
+def _open(cfg: LandmarksConfig, path: str):
+    """open_raster with the run's --bands."""
+    from backend.raster import BandMapping, open_raster
+
+    return open_raster(path, BandMapping(*cfg.bands) if cfg.bands else None)
 
 
 def rules_for(cfg: LandmarksConfig) -> list[Rule]:
     return [r for p in [*cfg.mapping, DEFAULT_MAPPING] for r in read_mapping(p)]
 
 
-def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
-    """(units, problems): one unit per `unit_tiles` planned tiles of each readable raster; unreadable
-    rasters become problems (skipped and counted), not errors."""
-    from backend.raster import RasterError, open_raster
+def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict], list[str]]:
+    """(units, problems, notes): one unit per `unit_tiles` planned tiles of each readable raster; unreadable
+    rasters become problems (skipped and counted), not errors; notes: the reader's word on each raster
+    whose colour bands it guessed (Raster.band_note)."""
+    from backend.raster import RasterError
 
-    units, problems = [], []
+    units, problems, notes = [], [], []
     for r, path in enumerate(cfg.rasters):
         try:
-            with open_raster(path) as raster:
+            with _open(cfg, path) as raster:
+                if raster.band_note:
+                    # said as the option here is named
+                    notes.append(raster.band_note.replace("BandMapping; the client's ", ""))
                 try:
                     raster.check_target_resolution(cfg.resolution)
                 except RasterError as e:    # a setting, not the raster, is wrong: said, not skipped as unreadable
@@ -407,13 +454,15 @@ def plan_units(cfg: LandmarksConfig) -> tuple[list[dict], list[dict]]:
                                      "map units are built in runs of their own)") from None
                 n = raster.count_tiles(cfg.tile_size, cfg.overlap, cfg.resolution)
         except RasterError as e:
+            if cfg.bands and str(e).startswith("band mapping "):    # a setting, as --resolution above
+                raise BuildError(f"--bands {' '.join(map(str, cfg.bands))}: {e}") from None
             problems.append(raster_problem(path, e))
             continue
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).stem)
         for u, start in enumerate(range(0, n, cfg.unit_tiles)):
             units.append({"raster": str(path), "raster_index": r, "name": f"{r:03d}-{stem}-{u:05d}",
                           "tiles": [start, min(n, start + cfg.unit_tiles)]})
-    return units, problems
+    return units, problems, notes
 
 
 SETTINGS_FILE = "settings.json"
@@ -421,29 +470,93 @@ SETTINGS_FILE = "settings.json"
 
 def check_same_settings(cfg: LandmarksConfig) -> None:
     """A run into an OUT that holds units of a run with other settings would mix two datasets (units are
-    named by raster and number, not by settings): refused, naming what changed. The first run writes
-    OUT/settings.json; the captioner and worker settings may change between runs."""
+    named by raster and number, not by settings): refused, naming what changed. So is one whose inputs
+    changed since (an edited features or mapping file; a raster with finished units) and one into a
+    folder of another kind of run. The first run writes OUT/settings.json, with its inputs' fingerprints;
+    the captioner and worker settings may change between runs."""
     out = Path(cfg.out)
+    foreign = foreign_files(out, LANDMARKS_SHARD, training_run=True)
+    if foreign:
+        raise BuildError(f"--out {out} holds files of another kind of run ({listed(foreign)}): landmark tiles "
+                         "written there would be mixed with them (training reads every shards/*.tar); give "
+                         "another --out")
     ours = _real_paths(json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "captioner")})))
+    prints = fingerprints(cfg)
     path = out / SETTINGS_FILE
-    built = (out / "parts").is_dir() and any((out / "parts").glob("*.json"))
-    if path.is_file() and built:
+    parts = sorted((out / "parts").glob("*.json")) if (out / "parts").is_dir() else []
+    if path.is_file() and parts:
         # files as paths from the root, links followed: "scene.tif" from its folder and "data/scene.tif"
         # from the one above are the same raster (a record from before kept relative paths: read
         # from here, the best guess)
         theirs = _real_paths(json.loads(path.read_text()))
+        recorded = theirs.pop("fingerprints", None)     # none in a record from before they were kept: unknown
         changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         if changed:
             shown = "; ".join(f"{k}: {theirs.get(k)!r} before, {ours.get(k)!r} now" for k in changed[:4])
             raise BuildError(f"{out} holds a dataset built with other settings ({shown}); give another --out, "
                              "or remove it to rebuild")
-        return
-    if built:
+        if recorded is None or recorded == prints:
+            return
+        # a raster is compared only where units of it are done: one that could not be read may be
+        # mended before a re-run tries its units again
+        built = {ours["rasters"][int(p.name[:3])] for p in parts if p.name[:3].isdigit()
+                 and int(p.name[:3]) < len(ours["rasters"])}
+        edited = _changed_files(recorded.get("files", {}), prints["files"])
+        edited += _changed_files({k: v for k, v in recorded.get("rasters", {}).items() if k in built},
+                                 {k: v for k, v in prints["rasters"].items() if k in built})
+        if edited:
+            raise BuildError(f"{listed(edited)} changed since {out} was built from it: its finished units hold "
+                             "captions and tiles of the old contents, and a re-run would keep them; give another "
+                             f"--out, or delete {out} to rebuild")
+    elif parts:
         return   # built before settings were recorded: nothing to compare with
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(ours, indent=2) + "\n")
+    tmp.write_text(json.dumps({**ours, "fingerprints": prints}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+SMALL_FILE = 4 << 20        # files up to this size are told apart by their contents, larger ones by size and time
+
+
+def _fingerprint(path: str) -> str | None:
+    """A file's contents in a few words: the SHA-256 of a small file, the size and modification time of
+    a large one (a raster: re-reading it every run would take minutes); None when it cannot be read."""
+    try:
+        stat = os.stat(path)
+        if stat.st_size <= SMALL_FILE:
+            return "sha256 " + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
+
+
+def _source_files(path: str) -> list[str]:
+    """The files of a vector source: a shapefile's .shp, .dbf, .prj, .cpg... ; the path itself where OGR
+    names none."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        ds = gdal.OpenEx(str(path), gdal.OF_VECTOR)
+        files = (ds.GetFileList() if ds is not None else None) or [str(path)]
+    except RuntimeError:
+        files = [str(path)]
+    finally:
+        gdal.PopErrorHandler()
+    return sorted({os.path.realpath(f) for f in files})
+
+
+def fingerprints(cfg: LandmarksConfig) -> dict:
+    """{"rasters": {real path: fingerprint}, "files": {...}}: the files of the features and --mapping
+    sources under "files"."""
+    files = [f for src in cfg.features for f in _source_files(src)] + [os.path.realpath(p) for p in cfg.mapping]
+    return {"rasters": {os.path.realpath(p): _fingerprint(p) for p in cfg.rasters},
+            "files": {f: _fingerprint(f) for f in files}}
+
+
+def _changed_files(before: dict, now: dict) -> list[str]:
+    """The files whose fingerprints differ (one that is new or gone included; one unknown, None, not)."""
+    return sorted(f for f in set(before) | set(now)
+                  if before.get(f) != now.get(f) and None not in (before.get(f, ""), now.get(f, "")))
 
 
 def _real_paths(settings: dict) -> dict:
@@ -473,16 +586,50 @@ _FEATURE_CACHE: dict = {}
 
 def _features_for(cfg: LandmarksConfig, rules: list[Rule], dst: osr.SpatialReference, raster: str):
     """All features reprojected to `dst` (the CRS of `raster`) and their STRtree, read once per process and CRS."""
-    key = (tuple(cfg.features), tuple(cfg.layers or ()), cfg.where, tuple(rules), dst.ExportToWkt())
+    # the files as they are now: a process that builds twice (a library caller) reads an edited file again
+    stamps = tuple((f, st.st_size, st.st_mtime_ns, st.st_ino) for src in cfg.features for f in _source_files(src)
+                   for st in [os.stat(f)])
+    key = (tuple(cfg.features), stamps, tuple(cfg.layers or ()), cfg.where, tuple(rules), dst.ExportToWkt())
     if key not in _FEATURE_CACHE:
         feats = []
         for src_path in cfg.features:
-            groups, _ = read_features(src_path, rules, cfg.layers, cfg.where)
+            groups = read_features(src_path, rules, cfg.layers, cfg.where)[0]
             for layer, srs, fs in groups:       # each layer with its own CRS
                 feats += reproject(fs, srs, dst, f"the features of {src_path} (layer {layer})", raster)
         _FEATURE_CACHE.clear()
         _FEATURE_CACHE[key] = (feats, STRtree([f.geometry for f in feats]) if feats else None)
     return _FEATURE_CACHE[key]
+
+
+def count_features(cfg: LandmarksConfig, read: dict, units: list[dict]) -> dict:
+    """Per vector source, from `read` ({source: read_features' answer}): the features read, those left
+    out for want of a geometry or of a name and a caption rule, those with a caption that lie on no
+    raster of `units` once reprojected to its CRS ("off_raster"), and the rest ("usable")."""
+    from backend.raster import RasterError
+
+    outlines = {}                       # per CRS (its WKT): (a raster of it, its CRS, the rasters' outlines)
+    for path in dict.fromkeys(u["raster"] for u in units):
+        try:
+            with _open(cfg, path) as raster:
+                (x0, a, b, y0, d, e), w, h = raster.geotransform, raster.width, raster.height
+                outline = shapely.Polygon([(x0 + px * a + py * b, y0 + px * d + py * e)
+                                           for px, py in ((0, 0), (w, 0), (w, h), (0, h))])
+                outlines.setdefault(raster.srs.ExportToWkt(), (path, raster.srs, []))[2].append(outline)
+        except RasterError:
+            continue                    # failed since planning: its units say so
+    counts = {}
+    for src, (groups, c) in read.items():
+        on = set()
+        for layer, srs, feats in groups:
+            for path, dst, shapes in outlines.values():     # reprojected once per CRS, not per raster
+                moved = reproject(feats, srs, dst, f"the features of {src} (layer {layer})", path)
+                hits = shapely.intersects(shapely.union_all(shapes),
+                                          np.array([f.geometry for f in moved], dtype=object))
+                on.update(f.number for f, hit in zip(moved, hits) if hit)
+        captioned = sum(len(feats) for _, _, feats in groups)
+        counts[str(src)] = {"read": c["read"], "usable": len(on), "off_raster": captioned - len(on),
+                            "no_rule": c["no_rule"], "no_geometry": c["no_geometry"]}
+    return counts
 
 
 def raster_problem(path: str, error) -> dict:
@@ -532,13 +679,13 @@ def run_unit(cfg: LandmarksConfig, unit: dict) -> dict:
 def _tile_unit(cfg: LandmarksConfig, unit: dict, rules: list[Rule], captioner, shard: Path,
                tmp: Path) -> tuple[dict, list[dict]]:
     """The unit's tiles written to the tar `tmp`: (stats, manifest rows). Raises RasterError."""
-    from backend.raster import crs_authid, open_raster
+    from backend.raster import crs_authid
 
     out = Path(cfg.out)
     stats = {"unit": unit["name"], "planned": unit["tiles"][1] - unit["tiles"][0], "kept": 0,
              "skipped_nodata": 0, "skipped_no_features": 0, "skipped_empty_caption": 0}
     rows = []
-    with open_raster(unit["raster"]) as raster:
+    with _open(cfg, unit["raster"]) as raster:
         dst = raster.srs
         feats, tree = _features_for(cfg, rules, dst, unit["raster"])
         crs = crs_authid(dst) or dst.ExportToWkt()
