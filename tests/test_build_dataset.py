@@ -851,12 +851,25 @@ def test_landmark_options_given_wrongly_are_named_and_a_source_without_a_crs_is_
     assert code == 2 and "--resolution -5.0 must be a ground size above 0" in err, err
     code, err = _build(raster, gpkg, tmp_path / "out", "--min-line", "-1")
     assert code == 2 and "--min-line -1.0 must be 0 or more" in err, err
-    # a shapefile without its .prj: read as longitude/latitude, and said so
+    # a shapefile without its .prj, by the rule evaluate segmentation --raster follows (training.labels):
+    # numbers on the raster in its CRS are read in it; numbers off it that can be degrees, as
+    # longitude/latitude; each said so
     shp = tmp_path / "noprj.shp"
     ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(gpkg)), str(shp))
     (tmp_path / "noprj.prj").unlink()
     code, err = _build(raster, shp, tmp_path / "out2")
-    assert f"note: {shp} (layer noprj) says no CRS" in err and "taken as longitude/latitude" in err, err
+    assert code == 0 and f"note: {shp} (layer noprj) says no CRS" in err, err
+    assert "overlap the raster's extent in the raster's CRS, so they are taken in it (EPSG:32632)" in err, err
+    assert _tiles_naming(tmp_path / "out2", "Alpha Tower") == {0}
+    lon, lat = _to_wgs84(UTM32)(ORIGIN[0] + 32, ORIGIN[1] - 32)
+    in_degrees = _gpkg(tmp_path / "deg.gpkg", {"deg": ("EPSG:4326", [(f"POINT ({lon!r} {lat!r})",
+                                                                       {"name": "Alpha Tower"})])})
+    shp = tmp_path / "deg.shp"
+    ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(in_degrees)), str(shp))
+    (tmp_path / "deg.prj").unlink()
+    code, err = _build(raster, shp, tmp_path / "out3")
+    assert code == 0 and "so they are taken as longitude/latitude (EPSG:4326)" in err, err
+    assert _tiles_naming(tmp_path / "out3", "Alpha Tower") == {0}
 
 
 def test_a_rerun_from_another_folder_naming_the_same_files_resumes(tmp_path, monkeypatch):
@@ -918,7 +931,8 @@ def test_landmark_inputs_of_the_field(tmp_path, capfd):
     capfd.readouterr()
     code, err = _build(raster, no_crs, tmp_path / "no_crs")
     gdal_lines = capfd.readouterr().err
-    assert f"note: {no_crs} (layer p) says no CRS" in err, err
+    assert code == 0 and f"note: {no_crs} (layer p) says no CRS" in err, err
+    assert _tiles_naming(tmp_path / "no_crs", "Gamma Mill") == {0}     # its metres read in the raster's CRS
     assert "ERROR 1" not in gdal_lines and "Invalid" not in gdal_lines, gdal_lines
     mapping = tmp_path / "map.tsv"
     mapping.write_text("highway=primary\ta main road\tline\n")

@@ -208,11 +208,10 @@ def landmarks(args) -> dict:
     for path in cfg.features:
         read[path] = LM.read_features(path, rules, cfg.layers, cfg.where)
         groups = read[path][0]
-        for layer, srs, _ in groups:
-            if srs is None and not str(path).lower().endswith((".geojson", ".json", ".osm", ".pbf")):
-                # GeoJSON and OSM data are longitude/latitude by definition; a shapefile without its .prj is not
-                print(f"note: {path} (layer {layer}) says no CRS (a shapefile without its .prj?): its coordinates "
-                      "are taken as longitude/latitude (EPSG:4326)", file=sys.stderr)
+        for layer, srs, feats in groups:
+            _, note = LM.features_crs(cfg, path, layer, srs, feats)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
     units, problems, notes = LM.plan_units(cfg)
     if problems and not units:
         raise LM.BuildError(f"none of the {len(problems)} raster(s) could be read: "

@@ -37,6 +37,7 @@ from osgeo import gdal, ogr, osr
 from PIL import Image
 from shapely.strtree import STRtree
 
+from ..labels import assumed_label_crs, defined_crs, label_layer, layer_names, set_filter
 from .outputs import LANDMARKS_SHARD, foreign_files, listed
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "osm_tags.tsv"
@@ -131,28 +132,6 @@ def _tags_of(feature: ogr.Feature, defn: ogr.FeatureDefn) -> dict[str, str]:
     return tags
 
 
-def _set_filter(layer, where: str, what: str) -> None:
-    """--where on a layer, or BuildError: some drivers (GeoPackage) take any filter and fail only on
-    the first read, printing a GDAL error and reading nothing, so the first feature is read here."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        gdal.ErrorReset()
-        try:
-            bad = layer.SetAttributeFilter(where) != 0
-            if not bad:
-                layer.GetNextFeature()
-                bad = gdal.GetLastErrorType() >= gdal.CE_Failure
-        except RuntimeError:      # with GDAL exceptions on
-            bad = True
-        detail = gdal.GetLastErrorMsg()
-    finally:
-        gdal.PopErrorHandler()
-    if bad:
-        raise BuildError(f"--where {where!r} is not a valid filter for {what}" + (f" ({detail})" if detail else "")
-                         + ": use the layer's own field names, in SQL (e.g. \"highway = 'primary'\")")
-    layer.ResetReading()
-
-
 def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] | None = None,
                   where: str | None = None) -> tuple[list[tuple[str, osr.SpatialReference | None, list[Feature]]], dict]:
     """Features with a name or a mapped phrase, grouped by layer as (layer name, the layer's CRS, features),
@@ -164,17 +143,14 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
     if ds is None:
         raise BuildError(f"{path} is not a vector file OGR can open")
     names = layers or ([n for n in OSM_LAYERS if ds.GetLayerByName(n)] if ds.GetDriver().GetName() == "OSM"
-                       else [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())])
+                       else layer_names(ds))
     groups, refused = [], []
     counts = {"read": 0, "no_geometry": 0, "no_rule": 0}
     for name in names:
-        layer = ds.GetLayerByName(name)
-        if layer is None:
-            raise BuildError(f"{path} has no layer {name!r} (it has: "
-                             f"{', '.join(ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount()))})")
+        layer = label_layer(ds, path, name, BuildError)
         if where:
             try:
-                _set_filter(layer, where, f"{path} layer {name}")
+                set_filter(layer, where, f"{path} layer {name}", BuildError)
             except BuildError as e:
                 if layers:              # a layer asked for by name must take the filter
                     raise
@@ -199,18 +175,10 @@ def read_features(path: str | os.PathLike, rules: list[Rule], layers: list[str] 
                 g = g.GetLinearGeometry()
             geom = shapely.make_valid(shapely.from_wkb(bytes(g.ExportToIsoWkb())))
             out.append(Feature(geom, name_tag, phrase, kind, tags, os.path.basename(path), counts["read"]))
-        groups.append((name, _defined(layer.GetSpatialRef()), out))
+        groups.append((name, defined_crs(layer.GetSpatialRef()), out))
     if refused and not groups:
         raise BuildError(f"{refused[0]}; no layer of {path} takes it (give --layer for the one whose fields it names)")
     return groups, counts
-
-
-def _defined(srs: osr.SpatialReference | None) -> osr.SpatialReference | None:
-    """A layer's CRS, or None where it says none: GDAL gives a GeoPackage layer of no CRS (srs_id 0 or
-    -1) an "Undefined geographic/cartesian SRS", which would be taken as longitude/latitude unsaid."""
-    if srs is None or (srs.GetName() or "").startswith("Undefined "):
-        return None
-    return srs
 
 
 def _crs_label(srs: osr.SpatialReference) -> str:
@@ -219,13 +187,58 @@ def _crs_label(srs: osr.SpatialReference) -> str:
     return crs_authid(srs) or repr(srs.GetName() or "an unnamed CRS")
 
 
-def reproject(features: list[Feature], src: osr.SpatialReference | None, dst: osr.SpatialReference,
+# formats whose coordinates are longitude/latitude by definition, whatever their layers say
+LONLAT_FORMATS = (".geojson", ".json", ".osm", ".pbf")
+
+
+def _raster_frames(cfg: "LandmarksConfig") -> list[tuple[osr.SpatialReference, tuple]]:
+    """(CRS, bounds in it) of each of the run's rasters that can be read."""
+    from backend.raster import RasterError
+
+    frames = []
+    for path in cfg.rasters:
+        try:
+            with _open(cfg, path) as raster:
+                frames.append((raster.srs.Clone(), tuple(raster.bounds)))
+        except RasterError:
+            continue                    # unreadable: planning says so
+    return frames
+
+
+def features_crs(cfg: "LandmarksConfig", source: str, layer: str, srs: osr.SpatialReference | None,
+                 features: list[Feature]) -> tuple[osr.SpatialReference, str | None]:
+    """The CRS of a layer's features and a note where it was assumed (else None). A layer that says
+    none is read by the rule `evaluate segmentation --raster` follows (training.labels.assumed_label_crs),
+    for one build as a whole: in the CRS of the first raster whose extent its features overlap in
+    it, else as longitude/latitude where its numbers can be, else refused; GeoJSON and OSM data are
+    longitude/latitude by definition."""
+    if srs is not None:
+        return srs, None
+    if str(source).lower().endswith(LONLAT_FORMATS) or not features:
+        lonlat = osr.SpatialReference()
+        lonlat.ImportFromEPSG(4326)
+        lonlat.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        return lonlat, None
+    extent = shapely.total_bounds([f.geometry for f in features])
+    what, fallback, refusal = f"{source} (layer {layer})", None, None
+    for raster_srs, bounds in _raster_frames(cfg):
+        try:
+            chosen, note = assumed_label_crs(extent, raster_srs, bounds, what, BuildError)
+        except BuildError as e:
+            refusal = e
+            continue
+        if chosen.IsSame(raster_srs):
+            return chosen, note
+        fallback = fallback or (chosen, note)
+    if fallback:
+        return fallback
+    raise refusal or BuildError(f"{what} says no CRS, and no raster could be read to place it")
+
+
+def reproject(features: list[Feature], src: osr.SpatialReference, dst: osr.SpatialReference,
               source: str = "the features", target: str = "the raster") -> list[Feature]:
     """Features moved from `src` to `dst`; BuildError (naming `source`, `target` and both CRSs) when
     there is no transformation between them, e.g. a local engineering CRS and a geographic one."""
-    if src is None:
-        src = osr.SpatialReference()
-        src.ImportFromEPSG(4326)        # OGR sources without a CRS: GeoJSON's default
     a, b = src.Clone(), dst.Clone()
     a.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
     b.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
@@ -595,6 +608,7 @@ def _features_for(cfg: LandmarksConfig, rules: list[Rule], dst: osr.SpatialRefer
         for src_path in cfg.features:
             groups = read_features(src_path, rules, cfg.layers, cfg.where)[0]
             for layer, srs, fs in groups:       # each layer with its own CRS
+                srs, _ = features_crs(cfg, src_path, layer, srs, fs)
                 feats += reproject(fs, srs, dst, f"the features of {src_path} (layer {layer})", raster)
         _FEATURE_CACHE.clear()
         _FEATURE_CACHE[key] = (feats, STRtree([f.geometry for f in feats]) if feats else None)
@@ -621,6 +635,7 @@ def count_features(cfg: LandmarksConfig, read: dict, units: list[dict]) -> dict:
     for src, (groups, c) in read.items():
         on = set()
         for layer, srs, feats in groups:
+            srs, _ = features_crs(cfg, src, layer, srs, feats)
             for path, dst, shapes in outlines.values():     # reprojected once per CRS, not per raster
                 moved = reproject(feats, srs, dst, f"the features of {src} (layer {layer})", path)
                 hits = shapely.intersects(shapely.union_all(shapes),
