@@ -547,7 +547,9 @@ class TileIndex:
                                                     "was left as it is") from None
             raise TileIndexError("unavailable", f"the tile index database {self.directory / DB_NAME} cannot be read "
                                                 f"({e}): it is damaged or not a SkyPrompt index; move it aside "
-                                                "(keep it) to start a new index, or use another --data-dir") from None
+                                                f"with its {DB_NAME}-wal and {DB_NAME}-shm files, if any (keep "
+                                                "them: the -wal file holds its latest changes) to start a new "
+                                                "index, or use another --data-dir") from None
 
     def _open_database(self) -> None:
         try:
