@@ -178,6 +178,18 @@ def listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def nested_index_problem(data_dir: Path) -> str | None:
+    """What is wrong with a --data-dir that is itself another data dir's index folder (it holds
+    index.sqlite3 and embeddings/): the server would start a new, empty index nested in it. None for
+    an empty or new folder, a data dir, and one that already holds such a nested index."""
+    from .index import DB_NAME, EMBEDDINGS_DIR
+
+    if (data_dir / DB_NAME).is_file() and not (data_dir / "index" / DB_NAME).exists():
+        return (f"--data-dir {data_dir} holds an index itself ({DB_NAME}, {EMBEDDINGS_DIR}/): give the folder above "
+                f"it, {data_dir.resolve().parent}")
+    return None
+
+
 class Server:
     """The model, the index and the gRPC server, started and stopped together.
 
@@ -217,6 +229,9 @@ class Server:
         from .service import SkyPromptService
         self.limits = limits or Limits()
         self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        problem = nested_index_problem(self.data_dir)
+        if problem:
+            raise ServerSetupError(problem)
         # the index first: one that another server holds is refused at once, not after the model loaded
         self.index = TileIndex(self.data_dir / "index")
         try:
