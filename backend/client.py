@@ -6,6 +6,7 @@ exits non-zero with the server's message on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import re
 import signal
 import sys
 import tempfile
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -23,9 +25,9 @@ if __name__ == "__main__":
 
 import grpc  # noqa: E402
 
-from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, check_min_valid,
+from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, Limits, check_min_valid,
                        check_target_resolution, check_tile_overlap)
-from .files import reader_stopped_reading, staged_file
+from .files import move_without_replacing, reader_stopped_reading, staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -65,9 +67,18 @@ def _extent(values, crs: str) -> pb.Extent | None:
         return None
     xmin, ymin, xmax, ymax = values
     if xmin == xmax or ymin >= ymax:    # all zeros would reach the server as no extent at all: the whole index
-        raise UsageError(f"--extent {xmin:g} {ymin:g} {xmax:g} {ymax:g} has no area: give XMIN YMIN XMAX YMAX with "
-                         "YMIN below YMAX and XMIN not XMAX (XMIN past XMAX is an extent across 180 degrees)")
+        # XMIN past XMAX is an extent across 180 degrees, which only longitudes can be
+        degrees = (not crs or crs.upper() in LONLAT_CRS) and all(abs(x) <= 360 for x in (xmin, xmax)) and \
+            all(abs(y) <= 90 for y in (ymin, ymax))
+        xs = "XMIN not XMAX (XMIN past XMAX is an extent across 180 degrees)" if degrees else "XMIN below XMAX"
+        raise UsageError(f"--extent {given_numbers(values)} has no area: give XMIN YMIN XMAX YMAX with YMIN below "
+                         f"YMAX and {xs}")
     return pb.Extent(xmin=xmin, ymin=ymin, xmax=xmax, ymax=ymax, crs=crs or "")
+
+
+def given_numbers(values) -> str:
+    """Numbers as the user typed them (to 15 digits), not rounded to 6 as %g does: 4311660, not 4.31166e+06."""
+    return " ".join(f"{v:.15g}" for v in values)
 
 
 def _polygon_box(wkt: str | None) -> list[float] | None:
@@ -380,7 +391,7 @@ def cmd_search(stub, args) -> int:
             raise UsageError(f"--thumbnails {args.thumbnails}: cannot make that folder ({e.strerror or e}); "
                               "give a folder for the PNGs") from None
         # written in now, before the search: a folder that takes no file lost the answer after it
-        _check_output_folder("--thumbnails", str(Path(args.thumbnails) / "001_tile0.png"))
+        _check_writable_folder("--thumbnails", args.thumbnails, Path(args.thumbnails).resolve())
     if args.min_score is not None:
         request.min_score = args.min_score
     if args.expand is not None:
@@ -402,10 +413,13 @@ def cmd_search(stub, args) -> int:
                 "keyword_score": round(hit.keyword_score, 6), "caption": hit.caption,
                 "changed_on_disk": hit.changed_on_disk, "file_state": _file_state(hit)}
         if args.thumbnails and hit.thumbnail_png:
-            folder = Path(args.thumbnails)
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{rank:03d}_tile{hit.tile_id}.png"
-            target.write_bytes(hit.thumbnail_png)
+            target = Path(args.thumbnails) / f"{rank:03d}_tile{hit.tile_id}.png"
+            try:    # staged, so a failure leaves no half PNG
+                os.replace(staged_file(target, hit.thumbnail_png), target)
+            except OSError as e:
+                done = sum("thumbnail" in h for h in hits)
+                raise output_failure("--thumbnails", args.thumbnails, e, kept=f"{target.name} and those after it were "
+                                     f"not saved" + (f", the {done} before it were" if done else "")) from None
             item["thumbnail"] = str(target.resolve())
         elif args.thumbnails and hit.thumbnail_error:
             item["thumbnail_error"] = hit.thumbnail_error
@@ -465,7 +479,7 @@ def empty_extent_note(values, crs: str, within: bool = False, filtered: bool = F
     which = "no tile of the rasters given (--raster, --raster-id)" if filtered else "no indexed tile"
     if not values:
         return f"{which} lies in the --within polygon ({crs}); `client list` shows each indexed raster's extent"
-    note = f"{which} lies in --extent {' '.join(f'{v:g}' for v in values)} ({crs})" + (
+    note = f"{which} lies in --extent {given_numbers(values)} ({crs})" + (
         " and the --within polygon" if within else "")
     xmin, ymin, xmax, ymax = values
     swapped = (ymin, xmin, ymax, xmax)
@@ -550,10 +564,26 @@ def _open_gpkg(path, update: bool):
 
 def write_polygons(path: str, results: list[pb.SegmentResult], lonlat: bool | None = None) -> tuple[int, str]:
     """Polygons of every prompt into a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
-    CRS, written to a temporary file first and moved into place, so a failure leaves no half file.
+    CRS (stage_polygons), put in place: (polygons written, layer name). A file that appeared at
+    `path` meanwhile is not replaced: ClientError naming where the polygons were kept."""
+    written, name, staged = stage_polygons(path, results, lonlat)
+    if staged is not None:
+        kept = place_output("--output", staged, Path(path))
+        if kept != Path(path):
+            raise ClientError(appeared_note("--output", path, kept))
+    return written, name
+
+
+def stage_polygons(path: str, results: list[pb.SegmentResult],
+                   lonlat: bool | None = None) -> tuple[int, str, Path | None]:
+    """Polygons of every prompt for a GeoPackage (.gpkg) or GeoJSON (.geojson/.json) in the raster's
+    CRS: (polygons written, layer name, the staged file to put at `path` with place_output). A new file
+    is made in memory and staged beside `path` by one write the client checks, so a failure (a full
+    disk) leaves no half file and is said, naming the file: GDAL's writers let a failed write pass.
     An existing GeoPackage keeps its other layers: the polygons go into a new layer ("skyprompt",
-    else "skyprompt (2)", ...), added in one transaction. Returns (polygons written, layer name)."""
-    from osgeo import ogr
+    else "skyprompt (2)", ...), added in place in one transaction (nothing staged), which a failure
+    rolls back."""
+    from osgeo import gdal, ogr
 
     from .raster import _gdal_exceptions
 
@@ -562,48 +592,125 @@ def write_polygons(path: str, results: list[pb.SegmentResult], lonlat: bool | No
         lonlat = ext != ".gpkg" and geojson_in_lonlat(path, results)
     target = Path(path).resolve()
     if ext == ".gpkg" and target.exists():
-        # in place, in one transaction: the user's layers stay, and a GeoPackage open elsewhere (QGIS
-        # keeps a write-ahead log beside it) is written through SQLite, not replaced under it
-        ds = _open_gpkg(target, update=True)
-        if ds is None:
-            if _open_gpkg(target, update=False) is not None:
-                raise ClientError(f"--output {path}: this GeoPackage cannot be opened for writing; give another "
-                                  "file name, or make it writable")
-            raise _not_a_geopackage(path, before_the_work=False)
-        contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
-        taken = {row.GetField(0).casefold() for row in contents}
-        ds.ReleaseResultSet(contents)
-        name, n = "skyprompt", 1
-        while name.casefold() in taken:            # GeoPackage layer names ignore case
-            n += 1
-            name = f"skyprompt ({n})"
-        with _gdal_exceptions():
-            ds.StartTransaction()
-            try:
-                written = _write_layer(ds, name, results, own_transaction=False)
-                ds.CommitTransaction()
-            except BaseException:
-                ds.RollbackTransaction()
-                raise
-            finally:
-                ds = None  # noqa: F841 - closing writes the file
-        return written, name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".skyprompt-", suffix=ext, dir=target.parent)
-    os.close(fd)
-    os.unlink(tmp)
-    written, name = 0, "skyprompt"
+        written, name = _add_gpkg_layer(path, target, results)
+        return written, name, None
+    name = "skyprompt"
+    memory = f"/vsimem/skyprompt-{os.getpid()}-{id(results)}{ext}"
     try:
         with _gdal_exceptions():
-            ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(tmp)
+            ds = ogr.GetDriverByName(POLYGON_DRIVERS[ext]).CreateDataSource(memory)
             written = _write_layer(ds, name, results, options=["RFC7946=YES"] if lonlat else [])
             ds = None  # noqa: F841 - closing writes the file
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            handle = gdal.VSIFOpenL(memory, "rb")
+            try:
+                data = bytes(gdal.VSIFReadL(1, gdal.VSIStatL(memory).size, handle))
+            finally:
+                gdal.VSIFCloseL(handle)
+    finally:
+        gdal.Unlink(memory)
+    try:
+        return written, name, staged_file(Path(path), data)
+    except OSError as e:
+        raise output_failure("--output", path, e) from None
+
+
+def _add_gpkg_layer(path: str, target: Path, results: list[pb.SegmentResult]) -> tuple[int, str]:
+    """The polygons as a new layer of the existing GeoPackage `target`, in place, in one transaction:
+    the user's layers stay, and a GeoPackage open elsewhere (QGIS keeps a write-ahead log beside it)
+    is written through SQLite, not replaced under it. A failure rolls the layer back."""
+    from osgeo import gdal
+
+    from .raster import _gdal_exceptions
+
+    ds = _open_gpkg(target, update=True)
+    if ds is None:
+        if _open_gpkg(target, update=False) is not None:
+            raise ClientError(f"--output {path}: this GeoPackage cannot be opened for writing; give another "
+                              "file name, or make it writable")
+        raise _not_a_geopackage(path, before_the_work=False)
+    contents = ds.ExecuteSQL("SELECT table_name FROM gpkg_contents")    # raster tables' names too
+    taken = {row.GetField(0).casefold() for row in contents}
+    ds.ReleaseResultSet(contents)
+    name, n = "skyprompt", 1
+    while name.casefold() in taken:            # GeoPackage layer names ignore case
+        n += 1
+        name = f"skyprompt ({n})"
+    failure = None
+    with _gdal_exceptions():
+        try:
+            ds.StartTransaction()
+            written = _write_layer(ds, name, results, own_transaction=False)
+            # the layer's spatial index and triggers, which GDAL makes as it closes, made now, in the
+            # transaction: a failure there (a full disk) rolls back with the rest, and is said
+            ds.FlushCache()
+            ds.CommitTransaction()
+        except BaseException as e:
+            failure = e
+    # rolled back and closed without exceptions, which a data source's closing raised as a warning:
+    # SQLite may have rolled back by itself (a full disk), and closing a layer the rollback took
+    # tries to make its index again; the first error is the one to tell. (The failed call's frames
+    # hold the layer, and with it the data source, open.)
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        gdal.ErrorReset()
+        if failure is not None:
+            ds.RollbackTransaction()
+            traceback.clear_frames(failure.__traceback__)
+        ds = None  # noqa: F841 - closing writes the file
+        closing = gdal.GetLastErrorMsg() if gdal.GetLastErrorType() >= gdal.CE_Failure else ""
+    finally:
+        gdal.PopErrorHandler()
+    if isinstance(failure, RuntimeError) or (failure is None and closing):
+        raise ClientError(f"--output {path}: {_sqlite_cause(str(failure or closing))}; the layer {name!r} was "
+                          "not added, and the GeoPackage's other layers are as they were") from None
+    if failure is not None:
+        raise failure
     return written, name
+
+
+def _sqlite_cause(text: str) -> str:
+    """What a GDAL error from SQLite says went wrong, without the SQL statement it quotes (kilobytes)."""
+    text = text.strip()
+    cause = text.rpartition(" failed: ")[2] if " failed: " in text else text
+    if "disk is full" in cause:
+        return f"the disk is full ({cause})"
+    if "disk I/O error" in cause:
+        return f"the file could not be written ({cause}; is the disk full?)"
+    return cause.splitlines()[0][:200]
+
+
+# what a failed write of an output says, by errno
+WRITE_FAILURES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EFBIG: "the file would pass the largest size allowed here", errno.EROFS: "the disk is read-only",
+                  errno.EIO: "the disk could not be written (an input/output error)"}
+
+
+def output_failure(option: str, path, e: OSError, kept: str = "nothing was written") -> ClientError:
+    """A failed write of an output as one line naming the option, the file and the cause."""
+    cause = WRITE_FAILURES.get(e.errno, "it could not be written")
+    return ClientError(f"{option} {path}: {cause} ({e.strerror or e}); {kept}")
+
+
+def place_output(option: str, staged: Path, target: Path) -> Path:
+    """Move the staged output to `target`, never replacing a file there: one that appeared while the
+    server worked (another program, or another client given the same name) stays, and the output is
+    kept beside it as "NAME (2).EXT" (or 3, ...). Where it went."""
+    candidate, n = target, 1
+    while True:
+        try:
+            move_without_replacing(staged, candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
+        except OSError as e:
+            raise output_failure(option, target, e, kept="it was not written") from None
+
+
+def appeared_note(option: str, path, kept: Path) -> str:
+    """Why an output is not where it was asked for."""
+    return (f"{option} {path} appeared while the server worked (another program or client wrote it) and was left "
+            f"as it is; this output was saved as {kept} instead")
 
 
 def _polygon_srs(results: list[pb.SegmentResult]):
@@ -695,14 +802,23 @@ MIN_AREA_CAPABILITY = "min_area_m2"
 def _check_output_folder(option: str, path: str) -> None:
     """ClientError unless the folder an output goes in exists: it is not made for it, so a mistyped
     folder is said before the work instead of made, with the file lost in it."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UsageError(f"{option} {path} is a link to {os.readlink(path)}, which does not exist; give another "
+                         "path, or remove the link")
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         raise UsageError(f"{option} {path}: its folder does not exist; make it first, or give another path")
+    _check_writable_folder(option, path, folder)
+
+
+def _check_writable_folder(option: str, given: str, folder: Path) -> None:
+    """UsageError naming `option` and what was `given` for it unless a file can be made in `folder`."""
     try:    # by writing there: permission bits do not tell for root, nor on a read-only or special file system
         with tempfile.TemporaryFile(dir=folder, prefix=".skyprompt-check-"):
             pass
     except OSError as e:
-        raise UsageError(f"{option} {path}: its folder {folder} cannot be written in ({e.strerror or e}); give "
+        where = "this folder" if folder == Path(given).resolve() else f"its folder {folder}"
+        raise UsageError(f"{option} {given}: {where} cannot be written in ({e.strerror or e}); give "
                          "another path") from None
 
 
@@ -781,22 +897,32 @@ def cmd_segment(stub, args) -> int:
         print(f"note: {unmeasured} polygon(s) have no known area in square metres (as where the raster's CRS has no "
               f"longitude/latitude) and were kept whatever their size", file=sys.stderr)
     lonlat = bool(args.output) and _polygon_output_ext(args.output) != ".gpkg" and geojson_in_lonlat(args.output, results)
-    # the maps are staged beside their names and renamed once the polygons are written: a failure
-    # leaves neither, nor half of the maps
-    staged = []
+    # the maps are staged beside their names and put in place with the polygons once all are written:
+    # a failure leaves neither, nor half of the maps
+    staged, moved = [], []
     try:
         if args.relevance_map:
             targets = relevance_map_paths(args.relevance_map, len(args.prompt))
             for r in results:
-                staged.append((staged_file(targets[r.prompt_index], r.relevance_map_tiff), targets[r.prompt_index]))
-        written, layer_name = write_polygons(args.output, results, lonlat) if args.output else (0, None)
-        for tmp, target in staged:
-            os.replace(tmp, target)
+                try:
+                    staged.append(("--relevance-map", staged_file(targets[r.prompt_index], r.relevance_map_tiff),
+                                   targets[r.prompt_index]))
+                except OSError as e:
+                    raise output_failure("--relevance-map", targets[r.prompt_index], e) from None
+        written, layer_name, polygons = stage_polygons(args.output, results, lonlat) if args.output else (0, None, None)
+        if polygons is not None:
+            staged.insert(0, ("--output", polygons, Path(args.output)))
+        placed = {}
+        for option, tmp, target in staged:
+            placed[target] = place_output(option, tmp, target)
+            if placed[target] != target:
+                moved.append(appeared_note(option, target, placed[target]))
     finally:
-        for tmp, _ in staged:
+        for _, tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-    relevance_maps = [str(target.resolve()) for _, target in staged]
-    out = {"raster": os.path.abspath(args.raster), "output": str(Path(args.output).resolve()) if args.output else None,
+    relevance_maps = [str(placed[target].resolve()) for option, _, target in staged if option == "--relevance-map"]
+    output = placed.get(Path(args.output), Path(args.output)) if args.output else None
+    out = {"raster": os.path.abspath(args.raster), "output": str(output.resolve()) if output else None,
            "layer": layer_name, "output_crs": "EPSG:4326" if lonlat else None,
            "crs": (results[0].crs.authid or results[0].crs.wkt) if results else "", "polygons_written": written,
            "band_note": results[0].band_note if results else "",
@@ -828,7 +954,10 @@ def cmd_segment(stub, args) -> int:
             print(f"wrote {written} polygons to {out['output']}, layer {layer_name!r} ({crs})")
         if relevance_maps:
             print(f"relevance map(s) saved: {', '.join(relevance_maps)}")
-    return 0
+    for note in moved:      # after the answer, which names where each output went
+        sys.stdout.flush()
+        print(f"skyprompt client: {note}", file=sys.stderr)
+    return 1 if moved else 0
 
 
 def cmd_caption(stub, args) -> int:
@@ -1009,9 +1138,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: the server's, see `info`)")
     p = sub.add_parser("segment", parents=[common, extent, bands], help="turn prompts into polygons")
     p.add_argument("--raster", required=True, help="raster file")
-    p.add_argument("--prompt", action="append", required=True, help="what to outline (repeatable)")
-    p.add_argument("--output", default=None, help="write polygons to this .gpkg, .geojson or .json (raster's CRS; an existing .gpkg gets a "
-                        "new layer, an existing GeoJSON is refused)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help=f"what to outline (repeatable, up to {Limits().max_prompts} prompts a call)")
+    p.add_argument("--output", default=None, help="write polygons to this .gpkg, .geojson or .json (in the raster's CRS; a GeoJSON "
+                        "of a raster whose CRS has no EPSG code is in longitude/latitude, EPSG:4326; an existing "
+                        ".gpkg gets a new layer, an existing GeoJSON is refused)")
     p.add_argument("--threshold", type=float, default=None, help="relevance threshold in [0, 1] (default 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="M2",
                    help="drop each polygon smaller than this many square metres (ground area, whatever "
@@ -1089,6 +1220,27 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     return detail
 
 
+def _stdout_failed(e: OSError) -> bool:
+    """Whether `e`, out of a command, is standard output's failed write (a full disk under a
+    redirection): the commands' own files say their failures as ClientError, naming the file, and
+    an OSError of a file has its name."""
+    if e.filename is None and e.errno in WRITE_FAILURES:
+        return True
+    try:    # what it holds unwritten fails again
+        sys.stdout.flush()
+        return False
+    except OSError:
+        return True
+
+
+def _stdout_name() -> str:
+    """Where standard output goes, where the system says (Linux), for the message of a failed write."""
+    try:
+        return f"({os.path.realpath(os.readlink('/proc/self/fd/1'))})"
+    except OSError:
+        return ""
+
+
 def _interrupted(signum, frame):
     """Ctrl-C: a KeyboardInterrupt once. A second press while the client stops is ignored: raised
     inside gRPC's clean-up, it printed a traceback and could leave the client hanging."""
@@ -1133,7 +1285,15 @@ def run_client(args: argparse.Namespace) -> int:
         except UsageError as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 2
-        except (ClientError, OSError, RuntimeError) as e:
+        except OSError as e:
+            if _stdout_failed(e):
+                print(f"skyprompt client: {output_failure('standard output', _stdout_name(), e, kept='the answer was not written')}",
+                      file=sys.stderr)
+                reader_stopped_reading()    # the interpreter's last flush would fail the same way
+            else:
+                print(f"skyprompt client: {e}", file=sys.stderr)
+            return 1
+        except (ClientError, RuntimeError) as e:
             print(f"skyprompt client: {e}", file=sys.stderr)
             return 1
         except ValueError as e:     # a number the request's field cannot hold, e.g. --k 4294967296

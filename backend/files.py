@@ -1,7 +1,9 @@
 """Files written whole or not at all, readable as any new file of the user's is."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +60,35 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return Path(path)
+
+
+# a file system that takes no hard links (FAT, some network shares) answers os.link with one of these
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
+
+
+def move_without_replacing(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished temporary file `tmp` (staged_file's, beside `path`) at `path`, unless something
+    is there by now: FileExistsError then, `tmp` kept for the caller. A check before a rename leaves a
+    moment in which a file another program writes there would be replaced; a hard link is refused
+    atomically where the name is taken (a dangling link there too). Where the file system takes no
+    hard links, `path` is made with O_EXCL and the data copied in (a failure removes it)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as out, open(tmp, "rb") as data:
+                shutil.copyfileobj(data, out)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+    Path(tmp).unlink()
 
 
 def reader_stopped_reading() -> None:
