@@ -527,7 +527,13 @@ def test_the_default_warm_up_is_a_tenth_of_a_short_run_and_a_longer_one_is_point
     assert parse_args(base + ["--steps", "50", "--warmup-steps", "0"]).warmup_steps == 0
     capsys.readouterr()
     assert parse_args(base + ["--steps", "50", "--warmup-steps", "100"]).warmup_steps == 100
-    assert "--warmup-steps 100 is longer than --steps 50" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    # the advice is the default it would get (it said "a tenth of the steps (0)" for 2 steps)
+    assert "--warmup-steps 100 is longer than --steps 50" in said and "the default (5 here)" in said, said
+    parse_args(base + ["--steps", "2", "--warmup-steps", "100"])
+    assert "the default (2 here)" in capsys.readouterr().err
+    # the chosen rate and warm-up are said when training starts, not here: a data error is then the only line
+    assert "learning rate: peak" not in said
 
 
 def _write_shards(folder: Path, dest: Path, per_shard: int) -> None:

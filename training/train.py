@@ -93,6 +93,9 @@ class TrainConfig:
     resume: bool = False
     export_fp16: str | None = None           # also write the final weights as an fp16 checkpoint here
     sources: list = field(default_factory=list)   # data sources (see training/recipe.py)
+    # the command line's word on the learning rate and warm-up it chose, logged once the data is read
+    # (a data error is then the only line); no setting, so not recorded
+    schedule_note: str = ""
 
 
 # ---- distributed setup (torchrun env vars) --------------------------------------------------------
@@ -116,6 +119,7 @@ def config_record(cfg: TrainConfig) -> dict:
     pool (a packed recipe's, often thousands of captions) is recorded by its size alone, and
     --export-fp16 as an absolute path."""
     record = asdict(cfg)
+    del record["schedule_note"]
     if record["export_fp16"]:
         # absolute: the run folder names its export to whoever looks from another directory
         # (backend.model.checkpoint.run_folder_hint)
@@ -695,6 +699,8 @@ def train(cfg: TrainConfig) -> dict:
         size = "streaming shards" if streaming else f"{len(dataset)} samples, {len(dataset) // cfg.batch_size} steps/epoch"
         log(f"MaMMUT {mcfg.preset}: {model.num_params() / 1e6:.1f}M params | {size} | {world} process(es) on {device} | global batch {cfg.batch_size}"
             f" | {image_size}px | precision {precision}")
+        if cfg.schedule_note:
+            log(cfg.schedule_note)
 
     from tqdm import tqdm
 
@@ -1126,7 +1132,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     schedule_said = learning_rate_defaults(a, d)
     if a.warmup_steps > a.steps:
         print(f"warning: --warmup-steps {a.warmup_steps} is longer than --steps {a.steps}: the learning rate "
-              f"never reaches --lr {a.lr:g}; a tenth of the steps ({a.steps // 10}) is usual", file=sys.stderr)
+              f"never reaches --lr {a.lr:g}; leave --warmup-steps out for the default ({default_warmup(a.steps)} "
+              "here)", file=sys.stderr)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if a.batch_size % (world * a.grad_accum):
         p.error(f"--batch-size {a.batch_size} must be divisible by processes x --grad-accum ({world} x {a.grad_accum})")
@@ -1195,10 +1202,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             check_checkpoint_target(Path(a.export_fp16))
         except CheckpointError as e:
             p.error(f"--export-fp16: {e}")
-    if launched_as_rank_zero():
-        print(schedule_said, file=sys.stderr)
     kw = {k: v for k, v in vars(a).items() if k in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**kw, sources=sources)
+    return TrainConfig(**kw, sources=sources, schedule_note=schedule_said)
 
 
 def learning_rate_defaults(a, d: TrainConfig) -> str:
