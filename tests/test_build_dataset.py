@@ -1114,3 +1114,45 @@ def test_four_bands_of_no_colour_are_noted_once_and_bands_picks_them(tmp_path):
     assert code == 0 and "note: " not in err and abs(red(tmp_path / "bands") - 200) < 5, err
     code, err = _build(raster, gpkg, tmp_path / "bad", "--bands", 3, 2, 9)
     assert code == 2 and "--bands 3 2 9: band mapping blue=9" in err and "has 4 band(s)" in err, err
+
+
+def test_shards_of_a_thousandth_raster_are_the_builds_own():
+    """Units are numbered by raster from 000: the 1001st raster's shards ("1000-...") were taken for
+    another kind of run's, and every re-run of such a build was refused."""
+    from training.datasets.outputs import LANDMARKS_SHARD
+
+    assert LANDMARKS_SHARD.fullmatch("1000-ortho-00000.tar") and LANDMARKS_SHARD.fullmatch("007-a_b-00012.tar.part")
+    assert not LANDMARKS_SHARD.fullmatch("filtered-000000.tar")
+
+
+def test_a_captioner_in_the_working_folder_is_run_by_its_name(tmp_path, monkeypatch):
+    """An executable "cap.sh" in the working folder was refused as "not executable": a bare name is
+    looked for on PATH only. It runs from there; one that is not executable is still named so."""
+    script = tmp_path / "cap.sh"
+    script.write_text("#!/bin/sh\necho a caption\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    assert LM.captioner_command("cap.sh") == [str(script)]
+    assert LM.captioner_command("cap.sh --flag") == [str(script), "--flag"]
+    script.chmod(0o644)
+    with pytest.raises(LM.BuildError, match="is not executable"):
+        LM.captioner_command("cap.sh")
+
+
+def test_a_spatial_index_made_between_runs_is_no_edit(tmp_path):
+    """A shapefile's .qix, made by QGIS's "Create spatial index" between two runs, counted as an edit of
+    the features, and the resume was refused."""
+    raster = make_tif(tmp_path / "scene.tif", noise((3, 64, 64)), geotransform=NORTH_UP, crs=UTM32)
+    gpkg = _gpkg(tmp_path / "p.gpkg", {"p": (UTM32, [(f"POINT ({ORIGIN[0] + 32} {ORIGIN[1] - 32})",
+                                                       {"name": "Alpha Tower"})])})
+    shp = tmp_path / "p.shp"
+    ogr.GetDriverByName("ESRI Shapefile").CopyDataSource(ogr.Open(str(gpkg)), str(shp))
+    out = tmp_path / "out"
+    code, err = _build(raster, shp, out)
+    assert code == 0, err
+    ds = ogr.Open(str(shp), 1)
+    ds.ExecuteSQL("CREATE SPATIAL INDEX ON p")
+    ds = None
+    assert (tmp_path / "p.qix").exists()
+    code, err = _build(raster, shp, out)
+    assert code == 0 and "units already done" in err, err

@@ -365,6 +365,8 @@ def captioner_command(spec: str) -> list[str]:
             raise BuildError(f"--captioner {spec!r} cannot be read as a command ({e}): close its quotes") from None
     if not cmd:
         raise BuildError("--captioner is empty: give a command or module:function")
+    if shutil.which(cmd[0]) is None and os.path.isfile(cmd[0]) and os.access(cmd[0], os.X_OK):
+        cmd[0] = os.path.abspath(cmd[0])    # "cap.sh" in this folder: which() looks there only for "./cap.sh"
     if shutil.which(cmd[0]) is None:
         found = os.path.isfile(cmd[0])
         raise BuildError(f"cannot run the captioner {spec!r}: tried the command {cmd}, and {cmd[0]!r} is "
@@ -512,8 +514,8 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
             return
         # a raster is compared only where units of it are done: one that could not be read may be
         # mended before a re-run tries its units again
-        built = {ours["rasters"][int(p.name[:3])] for p in parts if p.name[:3].isdigit()
-                 and int(p.name[:3]) < len(ours["rasters"])}
+        numbered = [int(m[1]) for m in (re.match(r"(\d+)-", p.name) for p in parts) if m]
+        built = {ours["rasters"][r] for r in numbered if r < len(ours["rasters"])}
         edited = _changed_files(recorded.get("files", {}), prints["files"])
         edited += _changed_files({k: v for k, v in recorded.get("rasters", {}).items() if k in built},
                                  {k: v for k, v in prints["rasters"].items() if k in built})
@@ -532,21 +534,26 @@ def check_same_settings(cfg: LandmarksConfig) -> None:
 SMALL_FILE = 4 << 20        # files up to this size are told apart by their contents, larger ones by size and time
 
 
-def _fingerprint(path: str) -> str | None:
+def _fingerprint(path: str, contents: bool = True) -> str | None:
     """A file's contents in a few words: the SHA-256 of a small file, the size and modification time of
-    a large one (a raster: re-reading it every run would take minutes); None when it cannot be read."""
+    a large one, or of any with `contents` False (rasters: re-reading thousands of small tiles every run
+    would take minutes); None when it cannot be read."""
     try:
         stat = os.stat(path)
-        if stat.st_size <= SMALL_FILE:
+        if contents and stat.st_size <= SMALL_FILE:
             return "sha256 " + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
     return f"{stat.st_size} bytes, modified {stat.st_mtime_ns} ns"
 
 
+# a shapefile's spatial indexes (QGIS's "Create spatial index", ArcGIS's): made or dropped, no feature changes
+SPATIAL_INDEX_FILES = (".qix", ".sbn", ".sbx")
+
+
 def _source_files(path: str) -> list[str]:
-    """The files of a vector source: a shapefile's .shp, .dbf, .prj, .cpg... ; the path itself where OGR
-    names none."""
+    """The files of a vector source that hold its features: a shapefile's .shp, .dbf, .prj, .cpg... (not
+    its spatial indexes); the path itself where OGR names none."""
     gdal.PushErrorHandler("CPLQuietErrorHandler")
     try:
         ds = gdal.OpenEx(str(path), gdal.OF_VECTOR)
@@ -555,14 +562,14 @@ def _source_files(path: str) -> list[str]:
         files = [str(path)]
     finally:
         gdal.PopErrorHandler()
-    return sorted({os.path.realpath(f) for f in files})
+    return sorted({os.path.realpath(f) for f in files if not f.lower().endswith(SPATIAL_INDEX_FILES)})
 
 
 def fingerprints(cfg: LandmarksConfig) -> dict:
     """{"rasters": {real path: fingerprint}, "files": {...}}: the files of the features and --mapping
     sources under "files"."""
     files = [f for src in cfg.features for f in _source_files(src)] + [os.path.realpath(p) for p in cfg.mapping]
-    return {"rasters": {os.path.realpath(p): _fingerprint(p) for p in cfg.rasters},
+    return {"rasters": {os.path.realpath(p): _fingerprint(p, contents=False) for p in cfg.rasters},
             "files": {f: _fingerprint(f) for f in files}}
 
 

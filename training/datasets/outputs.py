@@ -8,7 +8,7 @@ from pathlib import Path
 
 # the writers' shard names (finished, or cut short), and nothing else
 FILTER_SHARD = re.compile(r"filtered-\d{6}\.tar(\.part)?")
-LANDMARKS_SHARD = re.compile(r"\d{3}-[A-Za-z0-9_-]+-\d{5}\.tar(\.part)?")
+LANDMARKS_SHARD = re.compile(r"\d{3,}-[A-Za-z0-9_-]+-\d{5,}\.tar(\.part)?")     # raster 1000 on: 4 digits
 TRAINING_RUN = ("train_config.json", "metrics.jsonl", "checkpoints")    # what training writes into its --out
 
 
