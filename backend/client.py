@@ -660,9 +660,12 @@ def _add_gpkg_layer(path: str, target: Path, results: list[pb.SegmentResult]) ->
         closing = gdal.GetLastErrorMsg() if gdal.GetLastErrorType() >= gdal.CE_Failure else ""
     finally:
         gdal.PopErrorHandler()
-    if isinstance(failure, RuntimeError) or (failure is None and closing):
-        raise ClientError(f"--output {path}: {_sqlite_cause(str(failure or closing))}; the layer {name!r} was "
+    if isinstance(failure, RuntimeError):
+        raise ClientError(f"--output {path}: {_sqlite_cause(str(failure))}; the layer {name!r} was "
                           "not added, and the GeoPackage's other layers are as they were") from None
+    if failure is None and closing:     # committed: the layer is in the file, whatever closing said
+        raise ClientError(f"--output {path}: the layer {name!r} was added, but closing the file reported: "
+                          f"{_sqlite_cause(closing)}; check the file in a GIS") from None
     if failure is not None:
         raise failure
     return written, name
@@ -704,6 +707,7 @@ def place_output(option: str, staged: Path, target: Path) -> Path:
             n += 1
             candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
         except OSError as e:
+            staged.unlink(missing_ok=True)      # the staged copy is no output either
             raise output_failure(option, target, e, kept="it was not written") from None
 
 
@@ -834,7 +838,7 @@ def check_relevance_map_outputs(stem: str, prompts: int) -> None:
     if Path(stem).suffix.lower() not in (".tif", ".tiff"):
         raise UsageError(f"--relevance-map {stem}: the maps are GeoTIFFs; give a name ending in .tif")
     _check_output_folder("--relevance-map", stem)
-    taken = [str(p) for p in relevance_map_paths(stem, prompts) if p.exists()]
+    taken = [str(p) for p in relevance_map_paths(stem, prompts) if os.path.lexists(p)]   # a dangling link too
     if taken:
         raise UsageError(f"--relevance-map: {', '.join(taken)} exist(s); give a new name (files are never replaced)")
 

@@ -307,3 +307,29 @@ def test_the_damaged_index_advice_moves_its_wal_and_shm_files_too(checkpoint, tm
                           str(tmp_path / "data"), "--port", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "move it aside" in out.stderr, out.stderr
     assert "index.sqlite3-wal" in out.stderr and "index.sqlite3-shm" in out.stderr
+
+
+def test_a_numbered_relevance_map_at_a_dangling_link_is_refused_before_the_work(rasters, tmp_path, capsys):
+    """With several prompts the maps are STEM_0.tif, STEM_1.tif: a dangling link at one of them passed
+    the check (exists() follows links), and its map was then saved as "STEM_0 (2).tif" with a note
+    that a file had appeared while the server worked."""
+    (tmp_path / "maps_0.tif").symlink_to(tmp_path / "gone.tif")
+    line = refused(["segment", "--raster", rasters["rgb"], "--prompt", "trees", "--prompt", "water",
+                    "--relevance-map", tmp_path / "maps.tif"], capsys)
+    assert f"{tmp_path / 'maps_0.tif'} exist(s)" in line, line
+
+
+def test_an_output_that_cannot_be_put_in_place_leaves_no_staged_file(tmp_path, monkeypatch):
+    """write_polygons raised, naming the file, when the finished output could not be moved into place,
+    but left its staged copy (".NAME.xxxx.tmp") beside it."""
+    from backend import client
+    from backend.client import ClientError, write_polygons
+
+    def disk_full(staged, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(client, "move_without_replacing", disk_full)
+    result = client.pb.SegmentResult(prompt="trees")
+    with pytest.raises(ClientError, match="the disk is full"):
+        write_polygons(str(tmp_path / "out.geojson"), [result])
+    assert os.listdir(tmp_path) == []
