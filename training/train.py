@@ -173,7 +173,7 @@ def freeze_image_tower(model: torch.nn.Module) -> None:
 
 # The command line's peak learning rate with --init-checkpoint and no --lr: the pre-training rate
 # (TrainConfig.lr) moves a trained model far in a few steps (RSSCN7 zero-shot top-1 of the default fell
-# from 92.9 to 18.6 in 3 steps of 8 at 5e-4 with no warm-up); the measured continuations of the default
+# from 92.9 to 18.6 and 25.7 in two runs of 3 steps of 8 at 5e-4 with no warm-up); the measured continuations of the default
 # ran at 8e-5 to 1.2e-4 (Makefile train-default-stage6..8, README "Training").
 FINE_TUNE_LR = 1e-4
 # The default warm-up: a tenth of --steps, at least WARMUP_FLOOR steps (all of a shorter run), at most
