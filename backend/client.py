@@ -26,7 +26,7 @@ if __name__ == "__main__":
 import grpc  # noqa: E402
 
 from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, Limits, check_min_valid,
-                       check_target_resolution, check_tile_overlap)
+                       check_target_resolution, check_tile_overlap, token_problem)
 from .files import move_without_replacing, reader_stopped_reading, staged_file
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
@@ -1189,6 +1189,16 @@ def check_server_address(server: str) -> str | None:
     return None
 
 
+# gRPC's texts for a TLS handshake the peer ended ("Handshake read failed (Socket closed)", "(recvmsg:Connection
+# reset by peer (104))"): the server, not its certificate, is the matter
+CLOSED_IN_HANDSHAKE = re.compile(r"socket closed|connection reset|broken pipe|end of file|eof")
+# and for a certificate the client does not trust
+CERTIFICATE_REFUSED = re.compile(r"certificate_verify_failed|certificate verify failed|unknown ca|bad certificate|"
+                                 r"self.signed|unable to get local issuer|certificate")
+SAN_EXAMPLE = ('openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=127.0.0.1" -addext '
+               '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout server.key -out server.pem')
+
+
 def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     """A failed call's message, with a hint at the likely cause where the message alone gives none."""
     code = e.code()
@@ -1197,12 +1207,17 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     if code == grpc.StatusCode.UNAVAILABLE and "wrong_version_number" in low:
         detail += f" (the server at {args.server} does not serve TLS: leave out --tls and --tls-ca)"
     elif "hostname verification" in low or "does not match ssl server name" in low:
-        detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]}: connect by "
-                   "a name or address the certificate holds)")
-    elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low) and args.tls_ca:
+        detail += (f" (the server's certificate does not name {args.server.rsplit(':', 1)[0]} in its "
+                   f"subjectAltName, the only part of it gRPC checks (a subject CN is not read): connect by a name "
+                   f"or address its subjectAltName holds, or make the certificate with one, e.g. {SAN_EXAMPLE})")
+    elif code == grpc.StatusCode.UNAVAILABLE and "handshake" in low and CLOSED_IN_HANDSHAKE.search(low):
+        detail += (f" (the server at {args.server} closed the connection during the TLS handshake: it is not "
+                   "running or is restarting, or a tunnel to it is up but its far end is not; check that the "
+                   "server runs, see its log)")
+    elif code == grpc.StatusCode.UNAVAILABLE and CERTIFICATE_REFUSED.search(low) and args.tls_ca:
         detail += (f" (TLS failed: the server's certificate is not signed by --tls-ca {args.tls_ca}, nor is it "
                    "that certificate: give the server's own certificate or its CA's)")
-    elif code == grpc.StatusCode.UNAVAILABLE and ("handshake" in low or "certificate" in low):
+    elif code == grpc.StatusCode.UNAVAILABLE and CERTIFICATE_REFUSED.search(low):
         detail += (" (TLS failed: a server whose certificate is self-signed or from a CA of your own needs "
                    "that certificate: --tls-ca PEM)")
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and args.timeout:
@@ -1211,6 +1226,9 @@ def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:
     elif code == grpc.StatusCode.UNAVAILABLE and "failed parsing http/2" in low:
         detail += (f" (something other than a SkyPrompt server answers at {args.server}, a web server for "
                    "one: check the port)")
+    elif code == grpc.StatusCode.UNAVAILABLE and "stream removed" in low:
+        detail += (f" (the server at {args.server} stopped answering in the middle of the call: it may have "
+                   "crashed or been killed, see its log; start it again)")
     elif code == grpc.StatusCode.UNAVAILABLE and "socket closed" in low and not (args.tls or args.tls_ca):
         detail += (f" (is the server running at {args.server}? if it serves TLS, add --tls or "
                    "--tls-ca PEM)")
@@ -1254,6 +1272,12 @@ def _interrupted(signum, frame):
 
 def run_client(args: argparse.Namespace) -> int:
     problem = check_server_address(args.server)
+    if problem:
+        print(f"skyprompt client: {problem}", file=sys.stderr)
+        return 2
+    given = any(a == "--token" or a.startswith("--token=") for a in sys.argv[1:])
+    problem = token_problem(args.token, "--token" if given or args.token != os.environ.get(TOKEN_ENV)
+                            else f"${TOKEN_ENV}")
     if problem:
         print(f"skyprompt client: {problem}", file=sys.stderr)
         return 2

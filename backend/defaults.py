@@ -141,3 +141,29 @@ def check_target_resolution(resolution: float, name: str = "target_resolution") 
 
 
 LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/latitude as the index stores
+
+
+# Bearer tokens travel as gRPC metadata, which takes printable ASCII only: a token with a line end
+# (read from a file) makes every call fail with gRPC's bare "Invalid metadata", and one of only spaces
+# is no secret. The plugin, which ships without this package, has its own copy (plugin/connection.py).
+def token_problem(token: str | None, name: str) -> str | None:
+    """What is wrong with a bearer token given as `name` (e.g. "--token"), in one line, or None.
+    None and "" are no token, which is no problem here."""
+    if not token:
+        return None
+    if not token.strip():
+        return f"{name}: the token is only spaces: give a token of visible characters (or none on loopback)"
+    if token.endswith("\r\n") or token.endswith("\r"):
+        return (f"{name}: the token ends with a carriage return (read from a file saved with Windows line "
+                "endings?): give it without")
+    if token.endswith("\n"):
+        return f"{name}: the token ends with a newline (read from a file?): give it without"
+    if token != token.strip():
+        where = "begins" if token[0].isspace() else "ends"
+        return f"{name}: the token {where} with a space or tab: give it without"
+    for i, c in enumerate(token):
+        if not " " <= c <= "~":
+            what = "a control character" if c < " " or c == "\x7f" else "a character that is not ASCII"
+            return (f"{name}: the token holds {what} ({c!r} at position {i + 1}): gRPC sends only printable "
+                    "ASCII; give one without")
+    return None

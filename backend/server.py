@@ -31,7 +31,7 @@ import grpc
 
 from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
                        DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SEGMENTS_AT_ONCE, SERVICE_NAME, VIEW_HELP, Limits,
-                       check_edge_radius, check_expand, check_keyword_weight, check_views)
+                       check_edge_radius, check_expand, check_keyword_weight, check_views, token_problem)
 from .files import write_text_atomically
 
 log = logging.getLogger("skyprompt.server")
@@ -130,6 +130,9 @@ def server_settings_problem(host: str, token: str | None, tls_cert, tls_key, edg
                             keyword_weight: float = DEFAULT_KEYWORD_WEIGHT,
                             segments_at_once: int = SEGMENTS_AT_ONCE) -> str | None:
     """What is wrong with the settings `Server` is given, in one line, or None (cheap: no model, no files)."""
+    problem = token_problem(token, f"--token (or ${TOKEN_ENV})")
+    if problem:
+        return problem
     if not is_loopback(host) and not token:
         return (f"refusing to listen on {host}: off loopback a token is required (--token or ${TOKEN_ENV}); "
                 "add TLS too (--tls-cert/--tls-key)")
@@ -216,6 +219,12 @@ class Server:
         for root in allowed_roots:
             if not Path(root).is_dir():     # a typo, or a share not mounted yet: nothing under it can be read
                 log.warning("--allow-root %s is not a folder: no raster under it can be opened until it exists", root)
+        if tls_cert and not certificate_has_san(tls_cert):
+            log.warning("--tls-cert %s has no subjectAltName: gRPC clients check only that, not the subject's CN, "
+                        "so every TLS client will refuse it as not naming the server. Make one with it, e.g. "
+                        "openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj \"/CN=127.0.0.1\" -addext "
+                        "\"subjectAltName=IP:127.0.0.1,DNS:localhost\" -keyout server.key -out server.pem",
+                        tls_cert)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
@@ -418,6 +427,32 @@ def check_serve_arguments(args: argparse.Namespace) -> str | None:
     return server_settings_problem(args.host, args.token, args.tls_cert, args.tls_key, args.edge_radius,
                                    args.index_views, args.search_expand, serve_limits(args), args.keyword_weight,
                                    args.segments_at_once)
+
+
+def certificate_has_san(cert: str) -> bool:
+    """Whether the first certificate of PEM file `cert` has a subjectAltName (True when it cannot be
+    told: no `cryptography` package and no openssl command, or a file neither reads)."""
+    try:
+        from cryptography import x509
+    except ImportError:
+        import shutil
+        import subprocess
+        if shutil.which("openssl") is None:
+            return True
+        try:
+            out = subprocess.run(["openssl", "x509", "-noout", "-in", str(cert), "-ext", "subjectAltName"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return True
+        return out.returncode != 0 or "Subject Alternative Name" in out.stdout
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+        certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    except (OSError, ValueError):
+        return True
+    return True
 
 
 def tls_pair_problem(cert: str, key: str) -> str | None:

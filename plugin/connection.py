@@ -109,6 +109,26 @@ def _wait(call, cancelled: Callable[[], bool]) -> bool:
     return True
 
 
+def token_problem(token: str | None) -> str | None:
+    """Why the Token of SkyPrompt settings cannot be sent, in one line, or None (the backend's
+    backend.defaults.token_problem, which the plugin does not ship with): gRPC metadata takes printable
+    ASCII only, and a token pasted from a file often ends with a line end."""
+    if not token:
+        return None
+    name = "the Token in SkyPrompt settings"
+    if not token.strip():
+        return f"{name} is only spaces: give the backend's token, or leave it empty for a backend without one"
+    if token.endswith(("\r", "\n")):
+        return (f"{name} ends with a line end (pasted from a file saved with Windows line endings?): "
+                "give it without")
+    if token != token.strip():
+        return f"{name} {'begins' if token[0].isspace() else 'ends'} with a space or tab: give it without"
+    bad = next((c for c in token if not " " <= c <= "~"), None)
+    if bad is not None:
+        return f"{name} holds {bad!r}, which gRPC cannot send (printable ASCII only): give it without"
+    return None
+
+
 class BackendConnection:
     """A channel to `address` ("host:port"), with the bearer token and TLS settings of the plugin.
 
@@ -128,6 +148,10 @@ class BackendConnection:
         if bad_port:
             raise BackendError("INVALID_ARGUMENT", bad_port)
         self.address = address
+        bad_token = token_problem(token)
+        if bad_token:
+            raise BackendError("INVALID_ARGUMENT", bad_token)
+        self._tls_ca = tls_ca
         self._backend = (address, token, tls_ca)     # the key of its cached ServerInfo
         self._grpc, self.pb = grpc, pb
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -173,7 +197,7 @@ class BackendConnection:
             example = address_example(self.address[scheme.end():].split("/", 1)[0])
             return BackendError(code, f"the backend address {self.address} starts with {scheme[0]!r}: give it as "
                                       f"HOST:PORT, e.g. {example} ({message})")
-        if code == "UNAVAILABLE":
+        if code == "UNAVAILABLE" or "ssl server name" in message.lower():   # the latter UNAUTHENTICATED
             message = self._unavailable(message)
         elif code == "DEADLINE_EXCEEDED":
             message = (f"the backend at {self.address} did not answer in time ({message}): check that the address "
@@ -183,9 +207,27 @@ class BackendConnection:
     def _unavailable(self, message: str) -> str:
         """What an UNAVAILABLE call's gRPC message means for the user, and what to do."""
         low = message.lower()
-        if "tls handshake failed" in low or "wrong_version_number" in low:
+        host = self.address.strip().rpartition(":")[0].strip("[]") or self.address
+        if "wrong_version_number" in low:
             return (f"the backend at {self.address} does not speak TLS as SkyPrompt settings ask: turn TLS "
                     f"off there, or start the backend with --tls-cert and --tls-key ({message})")
+        if "hostname verification" in low or "does not match ssl server name" in low:
+            return (f"the backend's certificate does not name {host} in its subjectAltName (the only part gRPC "
+                    "checks; a subject CN is not read): give an address it names in SkyPrompt settings, or "
+                    "start the backend with a certificate made for this one "
+                    "(openssl req ... -addext \"subjectAltName=IP:127.0.0.1,DNS:localhost\") "
+                    f"({message})")
+        if "handshake" in low and re.search(r"socket closed|connection reset|broken pipe|end of file", low):
+            return (f"the backend at {self.address} closed the connection during the TLS handshake: it is not "
+                    "running or is restarting, or a tunnel to it is up but its far end is not; start it or "
+                    f"check its log ({message})")
+        if "tls handshake failed" in low or "certificate" in low:
+            where = (f"the CA file {self._tls_ca}" if self._tls_ca else "the system's root certificates")
+            return (f"the backend's certificate is not trusted by {where}: in SkyPrompt settings give as CA file "
+                    f"the backend's own certificate (--tls-cert) or its CA's ({message})")
+        if "socket closed" in low and self._tls_ca is None and "stream removed" not in low:
+            return (f"the backend at {self.address} closed the connection at once: if it serves TLS, turn TLS on "
+                    f"in SkyPrompt settings (and give its CA file); else start it or check the address ({message})")
         if "resolv" in low and not GRPC_SCHEME.match(self.address) and not HOST_PORT.fullmatch(self.address.strip()):
             # "::::", "a:b:c", ":50051": gRPC's resolver says only "[field:hostname lookup error:...]"
             return f"the backend address {self.address!r} is not HOST:PORT, e.g. 127.0.0.1:50051"
