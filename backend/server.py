@@ -227,6 +227,9 @@ class Server:
                         tls_cert)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
+        if not is_loopback(host) and not tls_cert:
+            log.warning("listening on %s without TLS: the token, queries and imagery cross the network in the "
+                        "clear; add --tls-cert and --tls-key", host)
         # heavy imports (torch, GDAL) only when a server is really made: the CLI starts fast
         from grpc_health.v1 import health, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
@@ -543,7 +546,9 @@ def serve(args: argparse.Namespace) -> int:
             server.stop()
             logging.shutdown()
             os._exit(2)
-    print(f"SkyPrompt serving on {server.address}", flush=True)
+    # what a client needs to connect, said where an admin looks first
+    security = f"{'TLS' if args.tls_cert else 'no TLS'}, {'a token required' if args.token else 'no token'}"
+    print(f"SkyPrompt serving on {server.address} ({security})", flush=True)
     while not done.wait(0.5):
         pass
     server.stop()

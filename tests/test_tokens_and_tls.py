@@ -113,6 +113,7 @@ def test_tls_failures_are_told_by_their_cause(checkpoint, tmp_path):  # noqa: F8
     live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--tls-cert", str(cert), "--tls-key", str(key))).start()
     try:
         assert f"--tls-cert {cert} has no subjectAltName" in live.log_text(), live.log_text()
+        assert f"SkyPrompt serving on {live.address} (TLS, a token required)" in live.log_text()
         out = client(live, "info", "--tls-ca", str(cert))
         assert out.returncode == 1 and "certificate does not name 127.0.0.1" in out.stderr, out.stderr
         assert "subjectAltName=IP:127.0.0.1,DNS:localhost" in out.stderr and "CN is not read" in out.stderr
@@ -132,5 +133,18 @@ def test_tls_failures_are_told_by_their_cause(checkpoint, tmp_path):  # noqa: F8
         assert "turn TLS off" not in message
         message = plugin_error(None)
         assert "if it serves TLS, turn TLS on in SkyPrompt settings" in message, message
+    finally:
+        live.stop()
+
+
+def test_serve_says_how_it_is_secured_and_warns_of_no_tls_off_loopback(checkpoint, tmp_path):  # noqa: F811
+    """The start log did not say whether TLS and a token were on, and a server off loopback with a token
+    but no TLS started without a word of the token crossing the network in the clear."""
+    live = LiveServer(checkpoint, tmp_path / "data", [tmp_path], extra=("--host", "0.0.0.0")).start()
+    try:
+        text = live.log_text()
+        assert "listening on 0.0.0.0 without TLS: the token, queries and imagery cross the network in the clear; " \
+               "add --tls-cert and --tls-key" in text, text
+        assert "(no TLS, a token required)" in text, text
     finally:
         live.stop()
