@@ -191,10 +191,18 @@ def _crs_label(srs: osr.SpatialReference) -> str:
 LONLAT_FORMATS = (".geojson", ".json", ".osm", ".pbf")
 
 
+_FRAMES_CACHE: dict = {}
+
+
 def _raster_frames(cfg: "LandmarksConfig") -> list[tuple[osr.SpatialReference, tuple]]:
-    """(CRS, bounds in it) of each of the run's rasters that can be read."""
+    """(CRS, bounds in it) of each of the run's rasters that can be read; opened once per process for
+    every layer that says no CRS (keyed by the rasters as they are now, as _features_for's cache is)."""
     from backend.raster import RasterError
 
+    stamps = tuple((p, *((st.st_size, st.st_mtime_ns) if (st := _stat(p)) else ())) for p in cfg.rasters)
+    key = (stamps, tuple(cfg.bands or ()))
+    if key in _FRAMES_CACHE:
+        return _FRAMES_CACHE[key]
     frames = []
     for path in cfg.rasters:
         try:
@@ -202,7 +210,16 @@ def _raster_frames(cfg: "LandmarksConfig") -> list[tuple[osr.SpatialReference, t
                 frames.append((raster.srs.Clone(), tuple(raster.bounds)))
         except RasterError:
             continue                    # unreadable: planning says so
+    _FRAMES_CACHE.clear()
+    _FRAMES_CACHE[key] = frames
     return frames
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
 
 
 def features_crs(cfg: "LandmarksConfig", source: str, layer: str, srs: osr.SpatialReference | None,
