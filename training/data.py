@@ -307,7 +307,7 @@ def load_image(path: str) -> Image.Image:
     as the backend reads rasters (gdal_rgb_image), so training sees the pixels the server shows."""
     try:
         with Image.open(path) as im:
-            if _wide_tiff(im) or _masked_tiff(im, path) or _masked_beside(path):
+            if _wide_tiff(im) or _masked_tiff(im) or _masked_beside(path):
                 try:
                     return gdal_rgb_image(path)
                 except ImportError:     # no GDAL bindings (a training machine): PIL's reading, as before
@@ -339,7 +339,7 @@ def _wide_tiff(im: Image.Image) -> bool:
 GDAL_NODATA_TAG = 42113     # the TIFF tag in which GDAL writes a nodata value
 
 
-def _masked_tiff(im: Image.Image, path: str) -> bool:
+def _masked_tiff(im: Image.Image) -> bool:
     """A TIFF with pixels GDAL masks and PIL knows nothing of: a nodata value, or a mask, which GDAL
     keeps as a further image in the file (only reading it tells it from an overview, which GDAL reads
     past as PIL does, so any further image counts) or in a .msk file beside it."""

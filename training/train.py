@@ -1206,19 +1206,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**kw, sources=sources, schedule_note=schedule_said)
 
 
+def recorded_config(out: Path) -> dict:
+    """The settings a run in `out` recorded (train_config.json); {} where none can be read."""
+    try:
+        recorded = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def learning_rate_defaults(a, d: TrainConfig) -> str:
     """Set --lr and --warmup-steps where not given; the line that says which were chosen and why.
     Given ones are kept as they are. --resume of a run goes on with its own (OUT/train_config.json),
     so a changed default never changes a run's schedule halfway; otherwise a fine-tune
     (--init-checkpoint) peaks at FINE_TUNE_LR, a run from scratch at TrainConfig.lr, and the warm-up is
     default_warmup(--steps)."""
-    recorded = {}
-    if a.resume and checkpoint_dirs(Path(a.out)):
-        try:
-            recorded = json.loads((Path(a.out) / "train_config.json").read_text())
-        except (OSError, ValueError):
-            recorded = {}
-        recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = recorded_config(Path(a.out)) if a.resume and checkpoint_dirs(Path(a.out)) else {}
     own = f"the run's own ({Path(a.out) / 'train_config.json'})"
     if a.lr is not None:
         lr_why = "--lr"
@@ -1260,10 +1263,7 @@ def check_tokenizer_options(p: argparse.ArgumentParser, a, start: Path | None, r
     if a.tokenizer and own.is_file() and Path(a.tokenizer).is_file() and Path(a.tokenizer).read_bytes() != own.read_bytes():
         p.error(f"--tokenizer {a.tokenizer} is not the tokenizer of the run in --out ({own}), which --resume goes on "
                 "with: leave --tokenizer out")
-    try:
-        recorded = json.loads((Path(a.out) / "train_config.json").read_text()).get("vocab_size")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = recorded_config(Path(a.out)).get("vocab_size")
     if a.vocab_size is not None and not a.tokenizer and recorded is not None and a.vocab_size != recorded:
         p.error(f"--vocab-size {a.vocab_size}: the run in --out trained its tokenizer with {recorded}, and --resume "
                 "goes on with it: leave --vocab-size out")
