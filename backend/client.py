@@ -25,9 +25,9 @@ if __name__ == "__main__":
 
 import grpc  # noqa: E402
 
-from .defaults import (BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, Limits, check_min_valid,
+from .defaults import (SAN_EXAMPLE, BUSY, DEFAULT_MIN_VALID, LONLAT_CRS, VIEW_COUNTS, VIEW_HELP, Limits, check_min_valid,
                        check_target_resolution, check_tile_overlap, token_problem)
-from .files import move_without_replacing, reader_stopped_reading, staged_file
+from .files import move_without_replacing, reader_stopped_reading, staged_file, write_bytes_atomically
 from .rpc import skyprompt_pb2 as pb
 from .rpc import skyprompt_pb2_grpc as pb_grpc
 
@@ -415,7 +415,7 @@ def cmd_search(stub, args) -> int:
         if args.thumbnails and hit.thumbnail_png:
             target = Path(args.thumbnails) / f"{rank:03d}_tile{hit.tile_id}.png"
             try:    # staged, so a failure leaves no half PNG
-                os.replace(staged_file(target, hit.thumbnail_png), target)
+                write_bytes_atomically(target, hit.thumbnail_png)
             except OSError as e:
                 done = sum("thumbnail" in h for h in hits)
                 raise output_failure("--thumbnails", args.thumbnails, e, kept=f"{target.name} and those after it were "
@@ -1193,10 +1193,7 @@ def check_server_address(server: str) -> str | None:
 # reset by peer (104))"): the server, not its certificate, is the matter
 CLOSED_IN_HANDSHAKE = re.compile(r"socket closed|connection reset|broken pipe|end of file|eof")
 # and for a certificate the client does not trust
-CERTIFICATE_REFUSED = re.compile(r"certificate_verify_failed|certificate verify failed|unknown ca|bad certificate|"
-                                 r"self.signed|unable to get local issuer|certificate")
-SAN_EXAMPLE = ('openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=127.0.0.1" -addext '
-               '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout server.key -out server.pem')
+CERTIFICATE_REFUSED = re.compile(r"certificate|unknown ca|self.signed|unable to get local issuer")
 
 
 def rpc_error_detail(e: grpc.RpcError, args: argparse.Namespace) -> str:

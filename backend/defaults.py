@@ -146,6 +146,11 @@ LONLAT_CRS = ("EPSG:4326", "OGC:CRS84")    # extents in these are longitude/lati
 # Bearer tokens travel as gRPC metadata, which takes printable ASCII only: a token with a line end
 # (read from a file) makes every call fail with gRPC's bare "Invalid metadata", and one of only spaces
 # is no secret. The plugin, which ships without this package, has its own copy (plugin/connection.py).
+# how to make a certificate gRPC clients accept (they check its subjectAltName only, not the subject's CN)
+SAN_EXAMPLE = ('openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=127.0.0.1" -addext '
+               '"subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout server.key -out server.pem')
+
+
 def token_problem(token: str | None, name: str) -> str | None:
     """What is wrong with a bearer token given as `name` (e.g. "--token"), in one line, or None.
     None and "" are no token, which is no problem here."""

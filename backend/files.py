@@ -53,7 +53,12 @@ def staged_file(path: str | os.PathLike, data: bytes) -> Path:
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file beside it, renamed into place: a crash
     mid-write never leaves a truncated file."""
-    tmp = staged_file(path, text.encode("utf-8"))
+    return write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """write_text_atomically for bytes; a failure leaves neither a half file nor the temporary one."""
+    tmp = staged_file(path, data)
     try:
         os.replace(tmp, path)
     except BaseException:

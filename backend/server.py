@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from .defaults import (BUNDLED_CHECKPOINT, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
+from .defaults import (BUNDLED_CHECKPOINT, SAN_EXAMPLE, DEFAULT_EDGE_RADIUS_FRACTION, DEFAULT_INDEX_VIEWS, DEFAULT_KEYWORD_WEIGHT,
                        DEFAULT_SAO_WINDOW, DEFAULT_SEARCH_EXPAND, SEGMENTS_AT_ONCE, SERVICE_NAME, VIEW_HELP, Limits,
                        check_edge_radius, check_expand, check_keyword_weight, check_views, token_problem)
 from .files import write_text_atomically
@@ -183,7 +183,7 @@ def listen_problem(host: str, port: int) -> str | None:
 
 def nested_index_problem(data_dir: Path) -> str | None:
     """What is wrong with a --data-dir that is itself another data dir's index folder (it holds
-    index.sqlite3 and embeddings/): the server would start a new, empty index nested in it. None for
+    index.sqlite3, which is what is checked; embeddings/ is named to help recognise it): the server would start a new, empty index nested in it. None for
     an empty or new folder, a data dir, and one that already holds such a nested index."""
     from .index import DB_NAME, EMBEDDINGS_DIR
 
@@ -221,10 +221,8 @@ class Server:
                 log.warning("--allow-root %s is not a folder: no raster under it can be opened until it exists", root)
         if tls_cert and not certificate_has_san(tls_cert):
             log.warning("--tls-cert %s has no subjectAltName: gRPC clients check only that, not the subject's CN, "
-                        "so every TLS client will refuse it as not naming the server. Make one with it, e.g. "
-                        "openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj \"/CN=127.0.0.1\" -addext "
-                        "\"subjectAltName=IP:127.0.0.1,DNS:localhost\" -keyout server.key -out server.pem",
-                        tls_cert)
+                        "so every TLS client will refuse it as not naming the server. Make one with it, e.g. %s",
+                        tls_cert, SAN_EXAMPLE)
         if not is_loopback(host) and not allowed_roots:
             log.warning("listening on %s with no --allow-root: clients may open any raster this user can read", host)
         if not is_loopback(host) and not tls_cert:
