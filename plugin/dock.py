@@ -443,7 +443,7 @@ class SkyPromptDock(QDockWidget):
 
     def _project_cleared(self) -> None:
         self._project_generation += 1
-        self.hits = []
+        self.hits, self.hits_names = [], {}
         self.result_list.clear()
         # a reopened project brings its layers back with the same ids, as new layers to watch
         self._watched_names.clear()
